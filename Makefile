@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo  -- set everything up, then train a tiny LoRA in torch, validate it, load it into Keras
+#   make test  -- set everything up, then run the whole test suite
+# Both create the virtualenv at .venv (reused when present) with pinned versions (constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, alone: the pinned 2.13.0 is the local CPU build (any other spec pulls CUDA wheels)
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) examples/demo_torch_to_keras.py
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) benchmarks/bench_load.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

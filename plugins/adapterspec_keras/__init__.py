@@ -1,0 +1,1 @@
+"""adapterspec's keras backend (work in progress)."""

@@ -1,0 +1,1 @@
+"""Hook implementations of the keras backend (work in progress)."""

@@ -1,0 +1,1 @@
+"""adapterspec's torch backend (work in progress)."""

@@ -1,0 +1,272 @@
+"""Reading adapter folders: :class:`Adapter` and :func:`read_adapter`, with every check of the spec.
+
+Reading validates the config and checks every tensor's name, shape and dtype from the safetensors
+header; tensor data is read only when a backend asks (:meth:`Adapter.load_tensors`), straight
+into its framework and onto its device.
+
+>>> adapter = read_adapter("path/to/adapter")                       # doctest: +SKIP
+>>> adapter.config.peft_type, adapter.num_parameters                 # doctest: +SKIP
+('LORA', 1048576)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _safetensors
+from .checks import TensorInfo, tensor_errors
+from .config import AdapterConfig
+from .errors import (
+    AdapterSpecError,
+    FileFormatError,
+    IntegrityError,
+    UnsafeFileError,
+    UnsupportedError,
+)
+from .spec import (
+    CONFIG_NAME,
+    METADATA_SHA256,
+    METADATA_VERSION,
+    PICKLE_NAME,
+    SAFETENSORS_NAME,
+    check_version,
+)
+
+__all__ = ["Adapter", "check_adapter_name", "read_adapter", "validate_adapter"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def check_adapter_name(name: object) -> str:
+    """Refuse adapter names that are not safe as a folder name (``..``, ``a/b``, empty, too long).
+
+    >>> check_adapter_name("fr-v2")
+    'fr-v2'
+    >>> check_adapter_name("../x")
+    Traceback (most recent call last):
+    adapterspec.errors.UnsafeFileError: adapter name '../x': must match ... (fix: ...)
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise UnsafeFileError(
+            f"adapter name {name!r}: must match {_NAME_RE.pattern} (it becomes a folder name)",
+            hint="use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One adapter: its validated config and its tensors' names, shapes and dtypes.
+
+    :param config: the adapter's config.
+    :param tensors: canonical key -> :class:`~adapterspec.checks.TensorInfo`.
+    :param metadata: the safetensors metadata (``{}`` for pickles and in-memory adapters).
+    :param path: the adapter's folder, if read from disk.
+    :param weights_file: the file tensors are read from; ``None`` for in-memory adapters.
+    :param arrays: the tensors themselves, for in-memory adapters and opted-in pickles.
+    """
+
+    config: AdapterConfig
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    weights_file: Path | None = None
+    arrays: dict[str, Any] | None = None
+
+    @classmethod
+    def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
+        """An in-memory adapter from a config and NumPy (or framework) tensors, checked like a file.
+
+        >>> import numpy as np
+        >>> a = Adapter.from_tensors({"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []},
+        ...                          {"base_model.model.l.q.ia3_l": np.ones((4, 1), np.float32)})
+        >>> a.num_parameters
+        4
+        """
+        cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
+        infos = {k: TensorInfo(tuple(int(d) for d in v.shape), _dtype_name(v)) for k, v in tensors.items()}
+        errors = tensor_errors(cfg, infos)
+        if errors:
+            raise errors[0]
+        return cls(cfg, infos, arrays=dict(tensors))
+
+    @property
+    def num_parameters(self) -> int:
+        """The number of scalars in all tensors."""
+        return sum(math.prod(i.shape) for i in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        """The size of all tensor data in bytes."""
+        return sum(math.prod(i.shape) * _DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
+
+    def load_tensors(self, framework: str = "numpy", device: str = "cpu") -> dict[str, Any]:
+        """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
+        ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
+
+        :raises FileFormatError: the file changed or broke since it was read.
+        """
+        if self.arrays is not None:
+            return _convert(self.arrays, framework, device)
+        assert self.weights_file is not None
+        if framework in ("numpy", "np"):
+            return _safetensors.load_numpy(self.weights_file)
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.weights_file), framework=framework, device=device) as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise FileFormatError(f"cannot read tensors: {exc}", path=self.weights_file,
+                                  hint="the file is corrupt or changed; download or save it again") from None
+
+    def verify_checksum(self) -> bool:
+        """Check the tensor data against the sha256 in the metadata.
+
+        :returns: ``True`` if verified, ``False`` if the file records no checksum (PEFT writes none).
+        :raises IntegrityError: the data does not match: the file was corrupted or tampered with.
+        """
+        recorded = self.metadata.get(METADATA_SHA256)
+        if recorded is None or self.weights_file is None:
+            return False
+        actual = _safetensors.sha256_of_file(self.weights_file)
+        if actual != recorded:
+            raise IntegrityError(
+                f"tensor data sha256 {actual[:16]}... does not match {METADATA_SHA256} {recorded[:16]}... "
+                "recorded in the metadata", path=self.weights_file,
+                hint="the file was modified after it was written; get the original again")
+        return True
+
+
+def _dtype_name(tensor: Any) -> str:
+    name = str(getattr(tensor, "dtype", "")).rsplit(".", 1)[-1].replace("'>", "").lower()
+    mapping = {"float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16",
+               "half": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8",
+               "bool": "BOOL"}
+    return mapping.get(name, name.upper())
+
+
+def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str, Any]:
+    if framework in ("numpy", "np"):
+        out = {}
+        for k, v in arrays.items():
+            if type(v).__module__.startswith("torch"):
+                v = v.detach().cpu()
+                out[k] = v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy()
+            else:
+                out[k] = v.numpy() if hasattr(v, "numpy") else v
+        return out
+    if framework == "pt":
+        import torch
+
+        return {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device) for k, v in arrays.items()}
+    raise UnsupportedError(f"in-memory adapters convert to 'numpy' or 'pt', not {framework!r}",
+                           hint="load the tensors as NumPy and convert them in the backend")
+
+
+def _inside(folder: Path, file: Path) -> Path:
+    """``file``, unless it is a link (or under one) that leads out of ``folder``."""
+    resolved = file.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise UnsafeFileError(f"{file.name} leads outside the adapter folder (to {resolved})", path=file,
+                              hint="replace the symlink with the file itself")
+    return resolved
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise UnsupportedError("reading adapter_model.bin needs torch", path=path,
+                               hint="pip install torch, or convert the adapter to safetensors") from None
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+        raise UnsafeFileError(f"refused by torch.load(weights_only=True): {str(exc).splitlines()[0][:300]}",
+                              path=path, hint="the pickle holds more than tensors; never load it unrestricted") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FileFormatError("the pickle is not a flat dict of tensors", path=path,
+                              hint="save the adapter as safetensors")
+    return state
+
+
+def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adapter, list[AdapterSpecError]]:
+    folder = Path(source)
+    if folder.is_file() and folder.name == CONFIG_NAME:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FileFormatError("no such adapter folder", path=folder,
+                              hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+    config_file = folder / CONFIG_NAME
+    if not config_file.exists():
+        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
+                              hint="pass the adapter's own folder (use subfolder= for one of several)")
+    config = AdapterConfig.from_file(_inside(folder, config_file), strict=strict)
+    weights = folder / SAFETENSORS_NAME
+    if weights.exists():
+        infos, metadata = _safetensors.read_header(_inside(folder, weights))
+        check_version(metadata.get(METADATA_VERSION), pointer=f"metadata/{METADATA_VERSION}", path=str(weights))
+        adapter = Adapter(config, infos, metadata, folder, weights.resolve())
+    elif (folder / PICKLE_NAME).exists():
+        pickle_file = _inside(folder, folder / PICKLE_NAME)
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"only {PICKLE_NAME} (a pickle) is present; unpickling can run code", path=pickle_file,
+                hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
+                     "torch.load(weights_only=True)")
+        arrays = _load_pickle(pickle_file)
+        infos = {k: TensorInfo(tuple(v.shape), _dtype_name(v)) for k, v in arrays.items()}
+        adapter = Adapter(config, infos, {}, folder, None, arrays)
+    else:
+        raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
+                              hint="save the adapter's weights next to its config")
+    errors = tensor_errors(config, adapter.tensors)
+    for e in errors:
+        e.path = e.path or str(adapter.weights_file or folder)
+    return adapter, errors
+
+
+def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
+                 verify: bool = False) -> Adapter:
+    """Read and check an adapter folder (config and tensor headers; no tensor data).
+
+    :param source: the adapter's folder (or its ``adapter_config.json``).
+    :param allow_pickle: read a legacy ``adapter_model.bin`` when no safetensors file exists
+        (with ``torch.load(weights_only=True)``); refused otherwise.
+    :param strict: refuse config fields the schema does not know.
+    :param verify: also check the tensor data against the recorded sha256 (reads all data).
+    :raises AdapterSpecError: the first problem found, naming the field or tensor.
+
+    >>> read_adapter("my-lora").config["r"]                          # doctest: +SKIP
+    16
+    """
+    adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
+    if errors:
+        raise errors[0]
+    if verify:
+        adapter.verify_checksum()
+    return adapter
+
+
+def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False) -> list[AdapterSpecError]:
+    """Every problem with an adapter folder, the checksum included; ``[]`` when it is valid.
+
+    >>> validate_adapter("my-lora")                                   # doctest: +SKIP
+    []
+    """
+    try:
+        adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
+    except AdapterSpecError as exc:
+        return [exc]
+    try:
+        adapter.verify_checksum()
+    except IntegrityError as exc:
+        errors.append(exc)
+    return errors

@@ -1,0 +1,264 @@
+"""Adapter configs: parse, validate against the spec's JSON Schema, normalise, serialise.
+
+Validation is the schema (``spec/v1/adapter_config.schema.json``) run by :mod:`jsonschema`; this
+module only turns its findings into :class:`~adapterspec.errors.ConfigError` with a JSON pointer and
+a fix, fills PEFT's defaults from the schema's ``default`` keywords, and answers per-module questions
+(rank, alpha, scaling, targeting) by the rules in :mod:`adapterspec.targets`.
+
+>>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4, "lora_alpha": 8})
+>>> cfg.peft_type, cfg["lora_dropout"], cfg.scaling_for("model.layers.0.self_attn.q_proj")
+('LORA', 0.0, 2.0)
+>>> AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"], "r": 0})
+Traceback (most recent call last):
+adapterspec.errors.ConfigError: /r: 0 is less than the minimum of 1 (fix: ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match, relevance
+
+from .errors import AdapterSpecWarning, ConfigError, FileFormatError
+from .spec import SPEC_VERSION, check_version
+from .targets import is_feedforward, module_matches, pattern_value
+
+__all__ = ["AdapterConfig", "config_errors", "load_schema", "validate_config"]
+
+
+@functools.cache
+def load_schema(name: str = "adapter_config") -> dict[str, Any]:
+    """The spec's JSON Schema (``"adapter_config"`` or ``"manifest"``), as shipped with the package.
+
+    >>> load_schema()["$schema"]
+    'https://json-schema.org/draft/2020-12/schema'
+    """
+    text = resources.files("adapterspec").joinpath(f"_schema/{name}.v1.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@functools.cache
+def _validator(name: str = "adapter_config") -> jsonschema.protocols.Validator:
+    schema = load_schema(name)
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _pointer(error: ValidationError) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error.absolute_path)
+
+
+def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "required":
+        field = error.message.split("'")[1] if "'" in error.message else ""
+        properties = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        description = (properties.get(field) or {}).get("description") or description
+        hint = f"add {field!r}" + (f" ({description})" if description else "")
+    else:
+        hint = f"expected {description}" if description else "see spec/v1/SPEC.md"
+    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=hint)
+
+
+def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
+    """Every schema violation in ``data``, the most relevant first (jsonschema's ``best_match`` order).
+
+    >>> [e.pointer for e in config_errors({"peft_type": "LORA", "target_modules": 5})]
+    ['/target_modules']
+    """
+    errors = sorted(_validator().iter_errors(data), key=relevance, reverse=True)
+    if errors:
+        first = best_match(errors)
+        errors.remove(first)
+        errors.insert(0, first)
+    return [_to_config_error(e, path) for e in errors]
+
+
+def _known_fields(peft_type: str) -> set[str]:
+    schema = load_schema()
+    return set(schema["properties"]) | set(schema["$defs"].get(peft_type, {}).get("properties", {}))
+
+
+def validate_config(data: Any, *, strict: bool = False, path: str | None = None) -> list[str]:
+    """Validate a config; raise the first problem, return the fields the schema does not know.
+
+    :param strict: also refuse fields the schema does not know (a typo'd ``use_doar`` silently
+        changes nothing in PEFT; strict mode catches it).
+    :returns: the unknown fields (allowed when not strict: newer PEFT releases add fields).
+    :raises ConfigError: with the JSON pointer of the first violation.
+    :raises VersionError: ``adapterspec_version`` is of a newer major version.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"must be a JSON object, got {type(data).__name__}", pointer="", path=path,
+                          hint='write {"peft_type": "LORA", ...}')
+    check_version(data.get("adapterspec_version"), path=path)
+    errors = config_errors(data, path=path)
+    if errors:
+        raise errors[0]
+    unknown = sorted(set(data) - _known_fields(data["peft_type"]))
+    if unknown and strict:
+        raise ConfigError(
+            f"unknown field {unknown[0]!r} (strict mode)" + (f"; also {unknown[1:]}" if unknown[1:] else ""),
+            pointer="/" + unknown[0], path=path,
+            hint="remove it, fix its spelling, or validate without --strict",
+        )
+    return unknown
+
+
+def _defaults(peft_type: str) -> dict[str, Any]:
+    schema = load_schema()
+    props = {**schema["properties"], **schema["$defs"][peft_type].get("properties", {})}
+    return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v and k != "adapterspec_version"}
+
+
+class AdapterConfig(Mapping[str, Any]):
+    """A validated adapter config: a read-only mapping of its fields, PEFT's defaults filled in.
+
+    Build it with :meth:`from_dict` or :meth:`from_file`; serialise with :meth:`to_dict`/:meth:`to_json`.
+    Fields it does not know are kept (and written back), listed in :attr:`unknown_fields`.
+
+    >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": "q_proj", "r": 16,
+    ...                                "lora_alpha": 32, "use_rslora": True})
+    >>> cfg.rank_for("q_proj"), cfg.scaling_for("q_proj")
+    (16, 8.0)
+    """
+
+    __slots__ = ("_data", "unknown_fields")
+
+    def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
+        self._data = dict(data)
+        self.unknown_fields = unknown_fields
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False, path: str | Path | None = None) -> AdapterConfig:
+        """Validate ``data`` and fill PEFT's defaults.
+
+        :param strict: refuse fields the schema does not know.
+        :param path: the file it came from, for error messages.
+        :raises ConfigError: naming the JSON pointer of the problem.
+        """
+        where = str(path) if path is not None else None
+        unknown = validate_config(data, strict=strict, path=where)
+        if unknown:
+            warnings.warn(
+                f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
+                f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
+            )
+        merged = {**_defaults(data["peft_type"]), **copy.deepcopy(dict(data))}
+        return cls(merged, unknown_fields=tuple(unknown))
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, strict: bool = False) -> AdapterConfig:
+        """Read and validate an ``adapter_config.json``.
+
+        :raises FileFormatError: not readable, or not JSON.
+        :raises ConfigError: the JSON is not a valid config.
+        """
+        try:
+            text = Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FileFormatError(f"cannot read the config: {exc}", path=path,
+                                  hint="check the file exists and is UTF-8 JSON") from None
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise FileFormatError(f"not valid JSON: {exc}", path=path, hint="fix the JSON syntax") from None
+        return cls.from_dict(data, strict=strict, path=path)
+
+    # -- mapping ----------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        targets = self._data.get("target_modules")
+        return f"AdapterConfig(peft_type={self.peft_type!r}, r={self._data.get('r')!r}, target_modules={targets!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AdapterConfig):
+            return self._data == other._data
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as written to ``adapter_config.json``: PEFT-loadable, with ``adapterspec_version``.
+
+        ``inference_mode`` is written ``true``, as PEFT does on save.
+        """
+        out = copy.deepcopy(self._data)
+        out["adapterspec_version"] = SPEC_VERSION
+        out["inference_mode"] = True
+        return out
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as PEFT formats it: ``indent=2``, sorted keys, trailing newline."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A validated copy with some fields changed.
+
+        >>> AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"]}).replace(r=2)["r"]
+        2
+        """
+        return AdapterConfig.from_dict({**self._data, **changes})
+
+    # -- per-module answers -----------------------------------------------------------
+    @property
+    def peft_type(self) -> str:
+        """The method: ``"LORA"``, ``"IA3"``, ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"LOHA"``, ``"LOKR"``."""
+        return self._data["peft_type"]
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Whether the method adds virtual tokens rather than adapting layers."""
+        return self.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
+
+    def matches(self, module: str) -> bool:
+        """Whether the module at path ``module`` gets an adapter (SPEC.md 4, :func:`~adapterspec.targets.module_matches`)."""
+        return module_matches(self._data, module)
+
+    def rank_for(self, module: str) -> int:
+        """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
+        return int(pattern_value(self._data.get("rank_pattern"), module, default=self._data["r"]))
+
+    def alpha_for(self, module: str) -> float:
+        """``alpha_pattern``'s first matching key, else ``lora_alpha`` (``alpha`` for LoHa/LoKr)."""
+        default = self._data["lora_alpha"] if self.peft_type == "LORA" else self._data.get("alpha", self._data["r"])
+        return float(pattern_value(self._data.get("alpha_pattern"), module, default=default))
+
+    def scaling_for(self, module: str) -> float:
+        """The factor applied to the low-rank update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+        >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "r": 4, "lora_alpha": 8,
+        ...                                "rank_pattern": {"q": 16}})
+        >>> cfg.scaling_for("layers.0.q")
+        0.5
+        """
+        r, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(r) if self._data.get("use_rslora") else alpha / r
+
+    def is_feedforward(self, module: str) -> bool:
+        """IA3: whether ``module`` scales its input (feed-forward) rather than its output."""
+        return is_feedforward(self._data, module)
+
+
+def _refuse_constant(name: str) -> float:
+    # JSON has no NaN/Infinity; Python's json accepts them unless told otherwise.
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,167 @@
+"""The hooks a backend plugin implements -- the whole contract between adapterspec and a framework.
+
+A backend is a module (or object) with functions marked ``@adapterspec.hookimpl`` whose names match
+the hooks below, registered through the ``adapterspec`` entry-point group::
+
+    [project.entry-points.adapterspec]
+    myframework = "my_package.plugin"
+
+Every model-level hook is *first-result*: pluggy calls the plugins in turn and stops at the first one
+that returns something other than ``None``. A backend therefore returns ``None`` for a model it does
+not handle (see :func:`adapterspec_backend_name`) and a value -- even ``True`` or ``[]`` -- for one it does.
+
+Names used throughout:
+
+* *module path* -- the spec's name of a module, as PEFT and transformers name it
+  (``"model.layers.0.self_attn.q_proj"``); a backend maps it onto its own layers.
+* *canonical key* -- a tensor key exactly as stored in the file
+  (``"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"``), see :mod:`adapterspec.naming`.
+* *spec layout* -- tensors in the orientation SPEC.md fixes (PEFT/torch: ``lora_A`` is ``[r, in]``);
+  a backend whose kernels are ``[in, out]`` transposes when loading and when extracting.
+
+The hooks must be transactional: one that raises leaves the model exactly as it was.
+:func:`adapterspec.load_adapter` relies on that and on :func:`adapterspec_delete` to roll back an
+injection whose state failed to load.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .config import AdapterConfig
+    from .options import LoadOptions
+
+__all__ = ["hookimpl", "hookspec"]
+
+hookspec = pluggy.HookspecMarker("adapterspec")
+hookimpl = pluggy.HookimplMarker("adapterspec")
+
+
+@hookspec(firstresult=True)
+def adapterspec_backend_name(model: Any) -> str | None:
+    """Claim a model object: return this backend's name if it handles ``model``. Stops at first non-None result.
+
+    Must be cheap and must not import a framework the user has not imported (check
+    ``sys.modules`` first), so that claiming never costs a framework import.
+
+    :param model: any object the user passed to :func:`adapterspec.load_adapter` and friends.
+    :returns: the backend's name (``"torch"``, ``"keras"``), or ``None`` if not this backend's model.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str] | None:
+    """Add adapter layers named ``adapter_name`` to every module ``config`` targets. Stops at first non-None result.
+
+    New layers are initialised as the config says (``init_lora_weights``: LoRA's B is zero, so the
+    model's output is unchanged), placed on ``options.device`` or else the wrapped layer's device,
+    in ``options.dtype`` or else the wrapped layer's dtype, and are trainable only if
+    ``options.trainable``. Injection does not activate the adapter (see :func:`adapterspec_set_active`).
+
+    :param config: the validated adapter config; its target matching is in :meth:`AdapterConfig.matches`.
+    :param options: device, dtype, module-name mapping, trainability.
+    :returns: the module paths (spec names) that received an adapter, in model order.
+    :raises AdapterExistsError: ``adapter_name`` is already loaded.
+    :raises TargetNotFoundError: no module matches, or a target has no mapping onto this model.
+    :raises UnsupportedError: a target is a layer kind this backend cannot adapt with this method.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str] | None:
+    """Copy ``adapter``'s tensors into the layers injected for ``adapter_name``. Stops at first non-None result.
+
+    Reads the tensors itself (``adapter.open(framework, device)``) so that they go from the file
+    straight to their device. Every key must find its place and every place must be filled: all
+    checks run before the first assignment, so a raise leaves the adapter's tensors unchanged.
+
+    :returns: the canonical keys that were loaded.
+    :raises MissingTensorError: an injected parameter has no tensor in the file.
+    :raises UnexpectedTensorError: a tensor has no injected parameter to go to.
+    :raises ShapeMismatchError: a tensor's shape does not fit its layer.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[str, Any]] | None:
+    """Return ``adapter_name``'s config and tensors, canonical keys, spec layout. Stops at first non-None result.
+
+    Tensors may be framework tensors or NumPy arrays; :func:`adapterspec.write_adapter` accepts both.
+    The config is the one the adapter was injected with (so a save/load round trip is exact).
+
+    :raises AdapterNotFoundError: no adapter of that name is loaded.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_adapter_names(model: Any) -> list[str] | None:
+    """List the adapters loaded in ``model``, in load order. Stops at first non-None result.
+
+    :returns: the names, ``[]`` for a model this backend handles that has none.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_active_adapters(model: Any) -> list[str] | None:
+    """List the adapters that take part in ``model``'s forward pass now. Stops at first non-None result.
+
+    :returns: the active names, ``[]`` when adapters are disabled or none is loaded.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
+    """Make exactly ``adapter_names`` active (several at once add up; ``[]`` disables all). Stops at first non-None result.
+
+    Switching must not copy base weights. If adapters are merged, they are unmerged first.
+
+    :returns: ``True``.
+    :raises AdapterNotFoundError: a name is not loaded; nothing changes then.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_delete(model: Any, adapter_name: str) -> bool | None:
+    """Remove ``adapter_name``'s layers and tensors from ``model``. Stops at first non-None result.
+
+    When the last adapter on a module goes, the module is restored to the very object it was
+    before injection, so ``load`` followed by ``delete`` leaves the model as it was. A merged
+    adapter's delta stays in the base weights (that is how ``unload(merge=True)`` works);
+    :func:`adapterspec.delete_adapter` unmerges first when the user deletes a merged adapter.
+
+    :returns: ``True``.
+    :raises AdapterNotFoundError: no adapter of that name is loaded.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_merge(model: Any, adapter_names: list[str]) -> bool | None:
+    """Add the adapters' weight deltas into the base weights, in place. Stops at first non-None result.
+
+    The adapter layers stay (so :func:`adapterspec_unmerge` can subtract them again); the forward
+    pass then skips them. Methods without a weight delta (prefix and prompt tuning) raise.
+
+    :returns: ``True``.
+    :raises AdapterNotFoundError: a name is not loaded.
+    :raises UnsupportedError: a method or layer cannot be merged.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_unmerge(model: Any) -> bool | None:
+    """Subtract every merged adapter from the base weights again. Stops at first non-None result.
+
+    :returns: ``True`` (also when nothing was merged).
+    """
+
+
+@hookspec
+def adapterspec_conformance_implementations() -> list[Any]:
+    """Offer implementations for ``adapterspec conformance`` to test. Called on every plugin; results are collected.
+
+    :returns: objects following :class:`adapterspec.conformance.Implementation` (usually one per plugin).
+    """
