@@ -77,9 +77,9 @@ def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
     """
     errors = sorted(_validator().iter_errors(data), key=relevance, reverse=True)
     if errors:
+        # best_match may descend into an error's context (the failing branch of an if/then)
         first = best_match(errors)
-        errors.remove(first)
-        errors.insert(0, first)
+        errors = [first, *(e for e in errors if e is not first)]
     return [_to_config_error(e, path) for e in errors]
 
 

@@ -1,4 +1,4 @@
-"""Which modules an adapter config targets, and with which rank and alpha -- PEFT's rules, exactly.
+r"""Which modules an adapter config targets, and with which rank and alpha -- PEFT's rules, exactly.
 
 These functions are the single definition of target matching for every backend (SPEC.md section 4):
 

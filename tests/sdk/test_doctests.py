@@ -1,0 +1,16 @@
+"""The examples in the core's docstrings run."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "adapterspec.checks",
+           "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
+    assert result.failed == 0

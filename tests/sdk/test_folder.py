@@ -1,0 +1,132 @@
+"""Writing and reading adapter folders: round trip, checksum, manifest, refusal to overwrite, no half-writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import adapterspec
+from adapterspec import folder as folder_module
+
+CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+
+
+def tensors(offset: float = 0.0) -> dict[str, np.ndarray]:
+    """Element-unique values: a transpose or a swapped key cannot pass."""
+    a = np.sin(np.arange(2 * 6, dtype=np.float32) + offset).reshape(2, 6)
+    b = np.cos(np.arange(5 * 2, dtype=np.float32) + offset).reshape(5, 2)
+    return {"base_model.model.layers.0.q.lora_A.weight": a, "base_model.model.layers.0.q.lora_B.weight": b}
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors())
+    adapter = adapterspec.read_adapter(tmp_path / "a", verify=True)
+    loaded = adapter.load_tensors()
+    assert sorted(loaded) == sorted(tensors())
+    for key, value in tensors().items():
+        assert np.array_equal(loaded[key], value)
+    assert adapter.config["r"] == 2 and adapter.config["adapterspec_version"] == "1.0"
+    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.0"
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["inference_mode"] is True and config["lora_dropout"] == 0.0  # PEFT defaults filled
+
+
+def test_checksum_matches_spec_definition(tmp_path: Path) -> None:
+    import hashlib
+
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors())
+    expected = hashlib.sha256()
+    for key in sorted(tensors()):
+        expected.update(tensors()[key].tobytes())
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "numpy") as f:
+        assert f.metadata()["adapterspec_sha256"] == expected.hexdigest()
+
+
+def test_tampering_is_detected(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors())
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    errors = adapterspec.validate_adapter(tmp_path / "a")
+    assert [type(e).__name__ for e in errors] == ["IntegrityError"]
+    with pytest.raises(adapterspec.IntegrityError, match="adapter_model.safetensors: tensor data sha256"):
+        adapterspec.read_adapter(tmp_path / "a", verify=True)
+
+
+def test_invalid_adapter_is_never_written(tmp_path: Path) -> None:
+    bad = tensors()
+    bad["base_model.model.layers.0.q.lora_B.weight"] = bad["base_model.model.layers.0.q.lora_B.weight"].T.copy()
+    with pytest.raises(adapterspec.ShapeMismatchError, match="lora_B.weight"):
+        adapterspec.write_adapter(tmp_path / "a", CONFIG, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_adapter_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors())
+    with pytest.raises(adapterspec.AdapterExistsError, match="overwrite=True"):
+        adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors(1.0))
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors(1.0), overwrite=True)
+    loaded = adapterspec.read_adapter(tmp_path / "a", verify=True).load_tensors()
+    assert np.array_equal(loaded["base_model.model.layers.0.q.lora_A.weight"],
+                          tensors(1.0)["base_model.model.layers.0.q.lora_A.weight"])
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_failed_write_leaves_previous_adapter_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     exists: bool) -> None:
+    target = tmp_path / "a"
+    if exists:
+        adapterspec.write_adapter(target, CONFIG, tensors())
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    calls = []
+
+    def failing_write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        path.write_bytes(data)
+
+    monkeypatch.setattr(folder_module, "_fsynced_write", failing_write)
+    with pytest.raises(OSError, match="injected"):
+        adapterspec.write_adapter(target, CONFIG, tensors(1.0), overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temp litter
+    if exists:
+        loaded = adapterspec.read_adapter(target, verify=True).load_tensors()
+        assert np.array_equal(loaded["base_model.model.layers.0.q.lora_A.weight"],
+                              tensors()["base_model.model.layers.0.q.lora_A.weight"])
+
+
+def test_several_adapters_with_manifest(tmp_path: Path) -> None:
+    ia3 = {"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []}
+    ia3_tensors = {"base_model.model.layers.0.q.ia3_l": np.linspace(0.5, 1.5, 5, dtype=np.float32).reshape(5, 1)}
+    adapterspec.write_adapters(tmp_path / "m", {"default": (CONFIG, tensors()), "fr": (ia3, ia3_tensors)})
+    manifest = json.loads((tmp_path / "m" / "adapterspec.json").read_text())
+    assert manifest == {"adapterspec_version": "1.0", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
+    found = adapterspec.list_adapters(tmp_path / "m")
+    assert found == {"default": tmp_path / "m", "fr": tmp_path / "m" / "fr"}
+    assert adapterspec.read_adapters(tmp_path / "m")["fr"].config.peft_type == "IA3"
+
+
+def test_adapter_names_are_folder_safe(tmp_path: Path) -> None:
+    for name in ("../evil", "a/b", "", ".", "..", "x" * 200):
+        with pytest.raises(adapterspec.UnsafeFileError):
+            adapterspec.write_adapters(tmp_path / "m", {name: (CONFIG, tensors())})
+    assert not (tmp_path / "m").exists()
+
+
+def test_pickle_needs_opt_in(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(CONFIG))
+    torch.save({k: torch.from_numpy(v) for k, v in tensors().items()}, folder / "adapter_model.bin")
+    with pytest.raises(adapterspec.UnsafeFileError, match="allow_pickle=True"):
+        adapterspec.read_adapter(folder)
+    adapter = adapterspec.read_adapter(folder, allow_pickle=True)
+    loaded = adapter.load_tensors()
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors().items())
