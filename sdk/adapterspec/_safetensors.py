@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["read_header", "serialize", "sha256_of_file", "sha256_of_blob", "load_numpy"]
+__all__ = ["load_numpy", "read_header", "save_file", "sha256_of_blob", "sha256_of_file"]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -67,42 +68,48 @@ def sha256_of_file(path: Path) -> str:
         if fh.seek(0, 2) == 0:
             return hashlib.sha256().hexdigest()
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                return sha256_of_blob(view)
-            finally:
-                view.release()
+            return sha256_of_blob(mm)
 
 
-def _framework_save(tensors: Mapping[str, Any]) -> Any:
+def _framework_save_file(tensors: Mapping[str, Any]) -> Any:
     module = type(next(iter(tensors.values()))).__module__ if tensors else "numpy"
     if module.startswith("torch"):
-        from safetensors.torch import save
+        from safetensors.torch import save_file
     elif module.startswith(("tensorflow", "keras")):
-        from safetensors.tensorflow import save
+        from safetensors.tensorflow import save_file
     elif module.startswith(("jax", "jaxlib")):
-        from safetensors.flax import save
+        from safetensors.flax import save_file
     else:
-        from safetensors.numpy import save
-    return save
+        from safetensors.numpy import save_file
+    return save_file
 
 
-def serialize(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[bytes, str]:
-    """safetensors bytes of ``tensors`` (NumPy, torch, TensorFlow or JAX), with ``metadata`` and the checksum.
+def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str]) -> str:
+    """Write ``tensors`` (NumPy, torch, TensorFlow or JAX) to ``path`` with ``metadata`` and the spec's sha256.
 
-    :param metadata: string metadata; the spec's sha256 is added under ``adapterspec_sha256``.
-    :returns: the file's bytes and the checksum.
+    safetensors writes the file directly (no copy of the data in Python) with a fixed-width
+    placeholder for the checksum; the digest is then computed from the written data and patched
+    into the header in place -- same length, so no offset moves. The file is fsynced.
+
+    :returns: the checksum.
     """
     from .spec import METADATA_SHA256
 
-    blob = memoryview(_framework_save(tensors)(dict(tensors), metadata=dict(metadata)))
-    header, data = _split(blob)
-    digest = _digest(data, header)
-    header["__metadata__"] = {**header.get("__metadata__", {}), METADATA_SHA256: digest}
-    # Offsets are relative to the data section, so a new header leaves the data untouched.
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return b"".join((struct.pack("<Q", len(raw)), raw, data)), digest
+    placeholder = "0" * 64
+    _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
+    needle = json.dumps({METADATA_SHA256: placeholder}, separators=(",", ":"))[1:-1].encode()
+    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        digest = sha256_of_blob(mm)  # its views of the map are gone when it returns
+        n = struct.unpack("<Q", mm[:8])[0]
+        at = mm.find(needle, 8, 8 + n)
+        if at < 0 or mm.find(needle, at + 1, 8 + n) >= 0:
+            raise FileFormatError("could not place the checksum in the safetensors header", path=path,
+                                  hint="report this: the header layout was unexpected")
+        end = at + len(needle) - 1  # the closing quote
+        mm[end - 64 : end] = digest.encode("ascii")
+        mm.flush()
+        os.fsync(fh.fileno())
+    return digest
 
 
 def load_numpy(path: Path, keys: list[str] | None = None) -> dict[str, Any]:

@@ -15,13 +15,14 @@ PosixPath('out/ia3')
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from . import _safetensors
 from .adapter import Adapter, check_adapter_name
@@ -43,23 +44,33 @@ __all__ = ["list_adapters", "write_adapter", "write_adapters"]
 DEFAULT_ADAPTER = "default"
 
 
-def _fsynced_write(path: Path, data: bytes) -> None:
+#: What goes into a file: its bytes, or a function that writes (and fsyncs) the file at a path.
+Content = Union[bytes, Callable[[Path], object]]
+
+
+def _write_file(path: Path, content: Content) -> None:
+    if not isinstance(content, bytes):
+        content(path)
+        return
     with open(path, "wb") as fh:
-        fh.write(data)
+        fh.write(content)
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any],
-             metadata: Mapping[str, str] | None) -> tuple[bytes, bytes]:
+             metadata: Mapping[str, str] | None) -> dict[str, Content]:
+    """The files of one adapter folder, checked: a folder that would not validate is never written."""
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
     infos = {k: TensorInfo(tuple(int(d) for d in v.shape), _dtype(v)) for k, v in tensors.items()}
     errors = tensor_errors(cfg, infos)
     if errors:
         raise errors[0]
     meta = {**(metadata or {}), METADATA_FORMAT: "pt", METADATA_VERSION: SPEC_VERSION}
-    blob, _ = _safetensors.serialize(tensors, meta)
-    return cfg.to_json().encode("utf-8"), blob
+    return {
+        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, tensors, metadata=meta),
+        CONFIG_NAME: cfg.to_json().encode("utf-8"),
+    }
 
 
 def _dtype(tensor: Any) -> str:
@@ -72,7 +83,7 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / CONFIG_NAME).exists() or (folder / SAFETENSORS_NAME).exists()
 
 
-def _install(files: Mapping[str, bytes], folder: Path, *, overwrite: bool) -> None:
+def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> None:
     """Put ``files`` into ``folder`` all-or-nothing (config last: it is what readers look for first)."""
     if folder.exists() and not folder.is_dir():
         raise FileFormatError("exists and is not a folder", path=folder, hint="choose another path")
@@ -84,7 +95,7 @@ def _install(files: Mapping[str, bytes], folder: Path, *, overwrite: bool) -> No
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         try:
             for name, data in files.items():
-                _fsynced_write(staging / name, data)
+                _write_file(staging / name, data)
             os.rename(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -96,7 +107,7 @@ def _install(files: Mapping[str, bytes], folder: Path, *, overwrite: bool) -> No
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
             os.close(fd)
             written.append((Path(tmp), folder / name))
-            _fsynced_write(Path(tmp), data)
+            _write_file(Path(tmp), data)
         for tmp, final in written:
             os.replace(tmp, final)
     except BaseException:
@@ -118,8 +129,7 @@ def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], t
     :raises AdapterSpecError: the config or tensors are invalid (nothing is written).
     """
     folder = Path(path)
-    config_bytes, blob = _prepare(config, tensors, metadata)
-    _install({SAFETENSORS_NAME: blob, CONFIG_NAME: config_bytes}, folder, overwrite=overwrite)
+    _install(_prepare(config, tensors, metadata), folder, overwrite=overwrite)
     return folder
 
 
@@ -135,9 +145,8 @@ def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig 
     folder = Path(path)
     prepared = {check_adapter_name(name): _prepare(cfg, tensors, None) for name, (cfg, tensors) in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
-    for name, (config_bytes, blob) in prepared.items():
-        target = folder if name == DEFAULT_ADAPTER else folder / name
-        _install({SAFETENSORS_NAME: blob, CONFIG_NAME: config_bytes}, target, overwrite=overwrite)
+    for name, files in prepared.items():
+        _install(files, folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite)
     manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
     _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder, overwrite=True)
     return folder

@@ -85,13 +85,15 @@ def test_failed_write_leaves_previous_adapter_intact(tmp_path: Path, monkeypatch
     before = sorted(p.name for p in tmp_path.rglob("*"))
     calls = []
 
-    def failing_write(path: Path, data: bytes) -> None:
+    real_write = folder_module._write_file
+
+    def failing_write(path: Path, content: object) -> None:
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (injected)")
-        path.write_bytes(data)
+        real_write(path, content)
 
-    monkeypatch.setattr(folder_module, "_fsynced_write", failing_write)
+    monkeypatch.setattr(folder_module, "_write_file", failing_write)
     with pytest.raises(OSError, match="injected"):
         adapterspec.write_adapter(target, CONFIG, tensors(1.0), overwrite=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temp litter
