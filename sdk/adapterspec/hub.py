@@ -1,0 +1,547 @@
+"""Adapters on the Hugging Face Hub: download only the files an adapter needs, push only valid adapters.
+
+Everything goes through ``huggingface_hub`` (its cache, its token handling, its progress bars).
+
+Where an adapter is on the Hub (``source`` of :func:`adapterspec.load_adapter` and of the functions here):
+
+* ``"org/name"`` or ``"org/name@revision"`` -- a model repo, the adapter in its root;
+* ``"hf://org/name"``, ``"hf://org/name@revision"``, ``"hf://org/name/sub/folder"``,
+  ``"hf://org/name@revision/sub/folder"`` -- the same, with an optional subfolder in the path.
+
+A revision is a branch, a tag or a full commit sha; one with a ``/`` is percent-encoded
+(``hf://org/name@refs%2Fpr%2F1``). ``subfolder=`` and ``revision=`` arguments may be given instead
+(not both ways at once). In a repo of several adapters written by :func:`adapterspec.write_adapters`,
+``subfolder`` may also be an adapter *name* listed in its manifest ``adapterspec.json``.
+
+Environment, read at each call: ``HF_ENDPOINT`` (another Hub), ``HF_HUB_OFFLINE=1`` (no network:
+the adapter must be in the cache), ``HF_TOKEN``; and the rest of huggingface_hub's settings
+(``HF_HUB_CACHE``, ``HF_HUB_DISABLE_PROGRESS_BARS``, ...).
+
+>>> folder = download_adapter("hf://org/my-lora@v2/french")               # doctest: +SKIP
+>>> push_to_hub("out/my-lora", "org/my-lora", private=True)               # doctest: +SKIP
+'https://huggingface.co/org/my-lora/commit/0123abcd...'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
+
+from .errors import AdapterSpecError, HubError, UnsafeFileError
+from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
+
+if TYPE_CHECKING:
+    import argparse
+
+    from huggingface_hub import HfApi
+
+__all__ = [
+    "HubRef",
+    "add_push_parser",
+    "download_adapter",
+    "download_adapters",
+    "parse_hub_ref",
+    "push_to_hub",
+    "resolve_for_validation",
+    "run_push",
+]
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SOURCE_HELP = "name a Hub repo as 'org/name' or 'hf://org/name[@revision][/subfolder]'"
+
+
+# -- where -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HubRef:
+    """An adapter's place on the Hub: repo, revision (``None``: the default branch) and subfolder."""
+
+    repo_id: str
+    revision: str | None = None
+    subfolder: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``hf://`` form, e.g. ``hf://org/name@v2/fr``.
+
+        >>> HubRef("org/name", "refs/pr/1", "fr").url
+        'hf://org/name@refs%2Fpr%2F1/fr'
+        """
+        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
+        return f"hf://{self.repo_id}{rev}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+    def prefix(self, subfolder: str | None = None) -> str:
+        sub = self.subfolder if subfolder is None else subfolder
+        return f"{sub}/" if sub else ""
+
+
+def _clean_subfolder(subfolder: str | None, spec: str) -> str | None:
+    if subfolder is None:
+        return None
+    parts = [p for p in str(subfolder).replace("\\", "/").split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == ".." or not _SEGMENT.match(part):
+            raise UnsafeFileError(f"subfolder {subfolder!r} is not a safe path inside the repo", path=spec,
+                                  hint="use folder names of letters, digits, '.', '_' and '-', without '..'")
+    return "/".join(parts) or None
+
+
+def parse_hub_ref(source: str, *, subfolder: str | None = None, revision: str | None = None) -> HubRef:
+    """Parse ``"org/name"``, ``"org/name@rev"`` or ``"hf://org/name[@rev][/subfolder]"``.
+
+    :raises HubError: not a repo id, or the same thing given twice with different values.
+
+    >>> parse_hub_ref("hf://org/name@v2/fr")
+    HubRef(repo_id='org/name', revision='v2', subfolder='fr')
+    >>> parse_hub_ref("org/name", subfolder="fr/", revision="main")
+    HubRef(repo_id='org/name', revision='main', subfolder='fr')
+    """
+    text = str(source).strip()
+    is_url = text.startswith("hf://")
+    parts = text[5:].strip("/").split("/") if is_url else text.split("/")
+    if is_url and parts and parts[0] in ("datasets", "spaces", "buckets", "kernels"):
+        raise HubError(f"{parts[0]} repos do not hold adapters", path=text, hint="adapters live in model repos: hf://org/name")
+    if len(parts) < 2 or (not is_url and len(parts) != 2):
+        raise HubError("neither an existing local folder nor a Hub repo id", path=text,
+                       hint=f"check the local path, or {_SOURCE_HELP}")
+    name, _, url_rev = parts[1].partition("@")
+    repo_id = f"{parts[0]}/{name}"
+    if not (_SEGMENT.match(parts[0]) and _SEGMENT.match(name)) or len(repo_id) > 96 or ".." in repo_id or "--" in repo_id:
+        raise HubError(f"{repo_id!r} is not a valid Hub repo id", path=text, hint=_SOURCE_HELP)
+    url_sub = _clean_subfolder("/".join(parts[2:]), text) if len(parts) > 2 else None
+    url_revision = unquote(url_rev) if url_rev else None
+    if revision is not None and url_revision is not None and revision != url_revision:
+        raise HubError(f"two revisions given: {url_revision!r} in the source and revision={revision!r}", path=text,
+                       hint="give the revision once")
+    sub = _clean_subfolder(subfolder, text)
+    if sub is not None and url_sub is not None and sub != url_sub:
+        raise HubError(f"two subfolders given: {url_sub!r} in the source and subfolder={subfolder!r}", path=text,
+                       hint="give the subfolder once")
+    return HubRef(repo_id, revision or url_revision, sub or url_sub)
+
+
+# -- environment -----------------------------------------------------------------------------------
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(
+        os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _endpoint() -> str | None:
+    """``HF_ENDPOINT`` now (huggingface_hub reads it once, at import)."""
+    value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return value or None
+
+
+def _endpoint_name() -> str:
+    from huggingface_hub import constants
+
+    return _endpoint() or constants.ENDPOINT
+
+
+def _api(token: str | bool | None) -> HfApi:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=_endpoint(), token=token, library_name="adapterspec")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions meaning "the Hub cannot be reached" (huggingface_hub 1.x+ uses httpx / httpx2)."""
+    import importlib
+
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]  # OfflineModeIsEnabled is a ConnectionError
+    for module in ("httpx2", "httpx"):
+        try:
+            types.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+@contextmanager
+def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -> Iterator[None]:
+    """Turn huggingface_hub's exceptions for expected failures into :class:`HubError` naming what and the fix."""
+    from huggingface_hub import errors as hf
+
+    where = ref.url
+    try:
+        yield
+    except AdapterSpecError:
+        raise
+    except hf.GatedRepoError:
+        raise HubError(f"repository {ref.repo_id!r} is gated", path=where,
+                       hint="accept its conditions on its Hub page, then pass token= (or set HF_TOKEN)") from None
+    except hf.RepositoryNotFoundError:
+        local = f" (and there is no local folder {ref.repo_id!r})" if plain else ""
+        raise HubError(f"repository {ref.repo_id!r} not found on {_endpoint_name()}{local}", path=where,
+                       hint="check the repo id; a private repo needs token= (or HF_TOKEN / `hf auth login`)"
+                       + ("" if action == "download" else "; create it or pass create_repo=True")) from None
+    except hf.RevisionNotFoundError:
+        raise HubError(f"revision {ref.revision!r} not found in {ref.repo_id!r}", path=where,
+                       hint="use an existing branch, tag or full commit sha (HfApi().list_repo_refs lists them)") from None
+    except hf.RemoteEntryNotFoundError as exc:
+        raise HubError(f"file not found in {ref.repo_id!r} at revision {ref.revision or 'main'!r}: "
+                       f"{str(exc).splitlines()[-1][:200]}", path=where,
+                       hint="check subfolder= and the revision; the repo's files are listed on its Hub page") from None
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        raise _not_cached(ref, "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else
+                          f"{_endpoint_name()} cannot be reached") from None
+    except hf.HFValidationError as exc:
+        raise HubError(f"not a valid Hub repo id or revision: {exc}", path=where, hint=_SOURCE_HELP) from None
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if getattr(exc, "response", None) is not None else "?"
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        hint = ("your token is invalid or lacks write access: pass token= with write rights" if status in (401, 403)
+                else "retry later; if it persists, check HF_ENDPOINT and the Hub's status")
+        raise HubError(f"the Hub refused to {action} (HTTP {status}): {first}", path=where, hint=hint) from None
+    except _network_errors() as exc:
+        if action == "download":
+            raise _not_cached(ref, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})") from None
+        raise HubError(f"cannot reach {_endpoint_name()}: {exc}", path=where,
+                       hint="check your connection, proxy and HF_ENDPOINT") from None
+
+
+def _not_cached(ref: HubRef, reason: str) -> HubError:
+    return HubError(f"the adapter is not in the local Hugging Face cache and {reason}", path=ref.url,
+                    hint="download it once online (unset HF_HUB_OFFLINE), or pass cache_dir= where it is cached")
+
+
+# -- download ----------------------------------------------------------------------------------------
+def _manifest_adapters(text: str, where: str) -> dict[str, str]:
+    """name -> path (relative, ``""`` for the manifest's own folder) of a manifest's adapters; ``{}`` if unreadable
+    (the full check happens when the folder is read)."""
+    try:
+        data = json.loads(text)
+        entries = data["adapters"]
+        return {str(name): str(entry["path"]).strip("/").removeprefix(".").strip("/") for name, entry in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _adapter_folders(files: set[str], container: str) -> list[str]:
+    """The folders (relative to the repo root) under ``container`` that hold an adapter config."""
+    prefix = f"{container}/" if container else ""
+    return sorted(f[: -len(CONFIG_NAME)].rstrip("/") for f in files
+                  if f.startswith(prefix) and (f == prefix + CONFIG_NAME or f.endswith("/" + CONFIG_NAME)))
+
+
+def _pick_files(ref: HubRef, files: set[str], folder: str) -> list[str]:
+    """The files one adapter in ``folder`` needs: its config and its weights (safetensors, else the pickle)."""
+    prefix = f"{folder}/" if folder else ""
+    for weights in (SAFETENSORS_NAME, PICKLE_NAME):
+        if prefix + weights in files:
+            return [prefix + CONFIG_NAME, prefix + weights]
+    raise HubError(f"{prefix}{CONFIG_NAME} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}) beside it in {ref.repo_id!r}",
+                   path=ref.url, hint="push the adapter's weights too (adapterspec push uploads both)")
+
+
+def _locate(ref: HubRef, files: set[str], read_manifest: Any) -> tuple[str, list[str]]:
+    """The adapter's folder in the repo and the manifests consulted to find it."""
+    sub = ref.subfolder or ""
+    prefix = f"{sub}/" if sub else ""
+    if prefix + CONFIG_NAME in files:
+        return sub, [prefix + MANIFEST_NAME] if prefix + MANIFEST_NAME in files else []
+    # ``subfolder`` may name an adapter listed in a manifest of the folder above it
+    parent, _, name = sub.rpartition("/")
+    manifest = f"{parent}/{MANIFEST_NAME}" if parent else MANIFEST_NAME
+    if sub and manifest in files:
+        path = _manifest_adapters(read_manifest(manifest), ref.url).get(name)
+        if path is not None:
+            target = "/".join(p for p in (parent, path) if p)
+            if target + ("/" if target else "") + CONFIG_NAME in files:
+                return target, [manifest]
+    found = _adapter_folders(files, sub)
+    where = f"{sub!r}" if sub else "the repo root"
+    if found:
+        names = ", ".join(f"{f.removeprefix(prefix) or '.'}" for f in found[:10])
+        raise HubError(f"no {CONFIG_NAME} in {where} of {ref.repo_id!r}; it holds adapters in: {names}", path=ref.url,
+                       hint="choose one with subfolder= (or hf://org/name/<subfolder>)")
+    raise HubError(f"no adapter in {where} of {ref.repo_id!r} (no {CONFIG_NAME})", path=ref.url,
+                   hint="check the repo id, subfolder and revision; push an adapter with `adapterspec push`")
+
+
+def _cached(ref: HubRef, filename: str, cache_dir: str | Path | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref.repo_id, filename, cache_dir=cache_dir, revision=ref.revision or "main")
+    return found if isinstance(found, str) else None
+
+
+def _from_cache(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
+    """The adapter's folder in the cache, without any network call."""
+    sub = ref.subfolder or ""
+    prefix = f"{sub}/" if sub else ""
+    config = _cached(ref, prefix + CONFIG_NAME, cache_dir)
+    if config is None and sub:
+        parent, _, name = sub.rpartition("/")
+        manifest = _cached(ref, f"{parent}/{MANIFEST_NAME}" if parent else MANIFEST_NAME, cache_dir)
+        path = _manifest_adapters(Path(manifest).read_text("utf-8"), ref.url).get(name) if manifest else None
+        if path is not None:
+            prefix = "/".join(p for p in (parent, path) if p) + "/"
+            config = _cached(ref, prefix.lstrip("/") + CONFIG_NAME, cache_dir)
+    if config is None:
+        raise _not_cached(ref, reason)
+    prefix = prefix.lstrip("/")
+    if _cached(ref, prefix + SAFETENSORS_NAME, cache_dir) is None and _cached(ref, prefix + PICKLE_NAME, cache_dir) is None:
+        raise _not_cached(HubRef(ref.repo_id, ref.revision, prefix.rstrip("/") or None),
+                          f"only its config is cached, and {reason}")
+    return Path(config).parent
+
+
+def _snapshot(ref: HubRef, wanted: list[str], *, token: str | bool | None, cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=wanted, cache_dir=cache_dir,
+                                    token=token, endpoint=_endpoint(), library_name="adapterspec"))
+    missing = [f for f in wanted if not (folder / f).is_file()]
+    if missing:
+        raise HubError(f"{', '.join(missing)} changed on the Hub while downloading", path=ref.url,
+                       hint="retry, or pin revision= to a commit sha")
+    return folder
+
+
+def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,
+                     token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Download one adapter from the Hub (only its config and weights) and return its local folder.
+
+    Files go to huggingface_hub's cache and are reused: a cached adapter loads with no network call
+    when ``HF_HUB_OFFLINE=1`` (or when the Hub cannot be reached). Only ``adapter_config.json`` and
+    ``adapter_model.safetensors`` are fetched -- ``adapter_model.bin`` only when the repo has no
+    safetensors file -- plus the manifest ``adapterspec.json`` of a multi-adapter repo.
+
+    :param repo_id_or_hf_url: ``"org/name"``, ``"org/name@rev"`` or ``"hf://org/name[@rev][/subfolder]"``.
+    :param subfolder: the adapter's folder in the repo, or an adapter name from the repo's manifest.
+    :param revision: branch, tag or commit sha (default: the default branch).
+    :param token: Hub token (default: ``HF_TOKEN`` or the saved login); ``False`` sends none.
+    :param cache_dir: huggingface_hub cache folder (default: ``HF_HUB_CACHE``).
+    :raises HubError: repo, revision or file not found, not cached while offline, or the Hub failed;
+        the message names the repo, revision and file, and the fix.
+
+    >>> download_adapter("hf://org/my-lora@v2", subfolder="fr")                # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--org--my-lora/snapshots/<sha>/fr')
+    """
+    ref = parse_hub_ref(repo_id_or_hf_url, subfolder=subfolder, revision=revision)
+    plain = not str(repo_id_or_hf_url).startswith("hf://")
+    if _offline():
+        return _from_cache(ref, cache_dir, "offline mode is on (HF_HUB_OFFLINE=1)")
+    with _hub_errors(ref, plain=plain):
+        try:
+            info = _api(token).model_info(ref.repo_id, revision=ref.revision)
+        except _network_errors() as exc:  # the Hub is unreachable: use the cache, like huggingface_hub does
+            return _from_cache(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
+        files = {s.rfilename for s in info.siblings or []}
+        pinned = HubRef(ref.repo_id, ref.revision, ref.subfolder)
+
+        def read_manifest(name: str) -> str:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(ref.repo_id, name, revision=info.sha, cache_dir=cache_dir, token=token,
+                                        endpoint=_endpoint(), library_name="adapterspec")).read_text("utf-8")
+
+        folder, manifests = _locate(pinned, files, read_manifest)
+        wanted = _pick_files(pinned, files, folder) + manifests
+        snapshot = _snapshot(ref, wanted, token=token, cache_dir=cache_dir)
+    return snapshot / folder if folder else snapshot
+
+
+def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,
+                      token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Download every adapter of a repo (or of one of its subfolders) and return the local folder holding them.
+
+    The folder reads with :func:`adapterspec.read_adapters` / :func:`adapterspec.list_adapters`: its
+    manifest and each adapter it lists (or, without a manifest, the adapter at the top and those in
+    its immediate subfolders, PEFT's layout). Only config and weights files are fetched.
+
+    >>> adapterspec.read_adapters(download_adapters("org/several"))            # doctest: +SKIP
+    {'default': Adapter(...), 'fr': Adapter(...)}
+    """
+    ref = parse_hub_ref(repo_id_or_hf_url, subfolder=subfolder, revision=revision)
+    plain = not str(repo_id_or_hf_url).startswith("hf://")
+    if _offline():
+        return _cached_container(ref, cache_dir, "offline mode is on (HF_HUB_OFFLINE=1)")
+    with _hub_errors(ref, plain=plain):
+        try:
+            info = _api(token).model_info(ref.repo_id, revision=ref.revision)
+        except _network_errors() as exc:
+            return _cached_container(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
+        files = {s.rfilename for s in info.siblings or []}
+        container = ref.subfolder or ""
+        prefix = ref.prefix()
+        if prefix + MANIFEST_NAME in files:
+            from huggingface_hub import hf_hub_download
+
+            text = Path(hf_hub_download(ref.repo_id, prefix + MANIFEST_NAME, revision=info.sha, cache_dir=cache_dir,
+                                        token=token, endpoint=_endpoint())).read_text("utf-8")
+            folders = ["/".join(p for p in (container, path) if p) for path in _manifest_adapters(text, ref.url).values()]
+            extra = [prefix + MANIFEST_NAME]
+        else:
+            depth = container.count("/") + 1 if container else 0
+            folders = [f for f in _adapter_folders(files, container) if (f.count("/") + 1 if f else 0) <= depth + 1]
+            extra = []
+        if not folders:
+            _locate(ref, files, lambda name: "{}")  # raises the right "no adapter here" error
+        wanted = [f for folder in folders for f in _pick_files(ref, files, folder)] + extra
+        snapshot = _snapshot(ref, wanted, token=token, cache_dir=cache_dir)
+    return snapshot / container if container else snapshot
+
+
+def _cached_container(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
+    from huggingface_hub import constants
+
+    storage = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
+    revision = ref.revision or "main"
+    ref_file = storage / "refs" / revision
+    sha = revision if _COMMIT_SHA.match(revision) else (ref_file.read_text().strip() if ref_file.is_file() else None)
+    folder = storage / "snapshots" / sha / (ref.subfolder or "") if sha else None
+    if folder is None or not folder.is_dir():
+        raise _not_cached(ref, reason)
+    return folder
+
+
+def resolve_for_validation(spec: str, *, revision: str | None = None, token: str | bool | None = None,
+                           cache_dir: str | Path | None = None) -> Path:
+    """The local path to validate for ``spec``: itself if it exists locally, else every adapter of the
+    Hub repo (``hf://org/name[@rev][/subfolder]`` or ``org/name``) downloaded (see :func:`download_adapters`).
+
+    >>> resolve_for_validation("hf://org/my-lora")                              # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--org--my-lora/snapshots/<sha>')
+    """
+    if not spec.startswith("hf://") and Path(spec).exists():
+        return Path(spec)
+    return download_adapters(spec, revision=revision, token=token, cache_dir=cache_dir)
+
+
+# -- push --------------------------------------------------------------------------------------------
+def _upload_plan(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Validate every adapter in ``folder``; return (name -> Adapter, name -> relative path, files to upload).
+
+    :raises AdapterSpecError: the first validation error (nothing is uploaded).
+    """
+    from .adapter import read_adapter, validate_adapter
+    from .folder import list_adapters
+
+    if not folder.is_dir():
+        from .errors import FileFormatError
+
+        raise FileFormatError("no such adapter folder", path=folder, hint="pass a folder written by save_adapter")
+    adapters, paths, files = {}, {}, []
+    for name, path in list_adapters(folder).items():
+        errors = validate_adapter(path, allow_pickle=allow_pickle)
+        if errors:
+            raise errors[0]
+        adapters[name] = read_adapter(path, allow_pickle=allow_pickle)
+        rel = path.resolve().relative_to(folder.resolve()).as_posix()
+        paths[name] = rel
+        prefix = "" if rel == "." else rel + "/"
+        weights = SAFETENSORS_NAME if (path / SAFETENSORS_NAME).exists() else PICKLE_NAME
+        files += [prefix + CONFIG_NAME, prefix + weights]
+    if (folder / MANIFEST_NAME).exists():
+        files.append(MANIFEST_NAME)
+    return adapters, paths, files
+
+
+def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[str] = "default",
+                subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
+                private: bool | None = None, commit_message: str | None = None, create_repo: bool = True,
+                model_card: str | None = None, allow_pickle: bool = False) -> str:
+    """Validate an adapter (or a folder of several) and upload it to a Hub model repo, with a model card.
+
+    A model is first saved with :func:`adapterspec.save_adapter` (``adapter_name`` a list: with
+    :func:`adapterspec.save_adapters`) into a temporary folder. Every adapter is validated
+    (:func:`adapterspec.validate_adapter`, checksum included) before anything is sent: an invalid
+    one is refused with its validation error and nothing is uploaded. Only the adapter files go up
+    (config, weights, the manifest of a multi-adapter folder) plus a ``README.md`` model card, in one
+    commit; huggingface_hub shows upload progress bars.
+
+    :param folder_or_model: an adapter folder, a folder written by :func:`adapterspec.write_adapters`,
+        or a model holding adapters.
+    :param repo_id: ``"org/name"`` (or ``"hf://org/name"``).
+    :param subfolder: put the adapter(s) in this folder of the repo (several adapters can share a repo).
+    :param revision: the branch to commit to; created from the default branch if missing.
+    :param private: visibility of a repo created now (an existing repo keeps its own).
+    :param create_repo: create the repo if it does not exist.
+    :param model_card: the README.md text to upload instead of the generated card.
+    :param allow_pickle: push an adapter whose weights are only ``adapter_model.bin``.
+    :returns: the commit URL (a :class:`huggingface_hub.CommitInfo`, a ``str`` with ``.oid``).
+    :raises AdapterSpecError: the adapter is invalid (nothing uploaded).
+    :raises HubError: the Hub refused (no write access, repo missing with ``create_repo=False``, ...).
+
+    >>> push_to_hub(model, "org/my-lora", subfolder="fr", revision="v2")      # doctest: +SKIP
+    'https://huggingface.co/org/my-lora/commit/...'
+    """
+    ref = parse_hub_ref(repo_id, subfolder=subfolder, revision=revision)
+    with tempfile.TemporaryDirectory(prefix="adapterspec-push-") as tmp:
+        if isinstance(folder_or_model, (str, os.PathLike)):
+            folder = Path(folder_or_model)
+            if folder.is_file() and folder.name == CONFIG_NAME:
+                folder = folder.parent
+        elif isinstance(adapter_name, str):
+            from .api import save_adapter
+
+            folder = save_adapter(folder_or_model, Path(tmp) / "model", adapter_name)
+        else:
+            from .api import save_adapters
+
+            folder = save_adapters(folder_or_model, Path(tmp) / "model", list(adapter_name))
+        adapters, paths, files = _upload_plan(folder, allow_pickle=allow_pickle)
+        stage = Path(tmp) / "stage"
+        for rel in files:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / rel, stage / rel)
+        if model_card is None:
+            from ._modelcard import build_model_card
+
+            model_card = str(build_model_card(adapters, ref.repo_id, paths=paths, subfolder=ref.subfolder))
+        (stage / "README.md").write_text(model_card, "utf-8")
+        names = ", ".join(adapters)
+        message = commit_message or f"Upload adapter{'s' if len(adapters) > 1 else ''} {names} with adapterspec"
+        api = _api(token)
+        with _hub_errors(ref, action="upload"):
+            if create_repo:
+                api.create_repo(ref.repo_id, private=private, exist_ok=True)
+            if ref.revision and ref.revision != "main" and not _COMMIT_SHA.match(ref.revision):
+                api.create_branch(ref.repo_id, branch=ref.revision, exist_ok=True)
+            return api.upload_folder(repo_id=ref.repo_id, folder_path=stage, path_in_repo=ref.subfolder,
+                                     revision=ref.revision, commit_message=message)
+
+
+def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``adapterspec push FOLDER REPO_ID [--subfolder] [--revision] [--private] [--token] [-m]``."""
+    p = subparsers.add_parser("push", help="validate an adapter folder and upload it to the Hugging Face Hub",
+                              description="Validate every adapter in FOLDER (refused if invalid: nothing is uploaded), "
+                              "then upload its config and weights with a model card to the Hub model repo REPO_ID.")
+    p.add_argument("folder", metavar="FOLDER", help="an adapter folder, or a folder of several with adapterspec.json")
+    p.add_argument("repo_id", metavar="REPO_ID", help="org/name (created if missing)")
+    p.add_argument("--subfolder", help="folder inside the repo to upload into")
+    p.add_argument("--revision", help="branch to commit to (created if missing)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    p.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or the saved login)")
+    p.add_argument("-m", "--message", dest="commit_message", help="commit message")
+    p.add_argument("--no-create", dest="create_repo", action="store_false", help="fail if the repo does not exist")
+    p.add_argument("--allow-pickle", action="store_true", help="push adapters stored as adapter_model.bin")
+    p.set_defaults(func=run_push)
+    return p
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Run ``adapterspec push``: print the commit URL; 0 on success (errors propagate to the CLI's handler)."""
+    url = push_to_hub(args.folder, args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token,
+                      private=args.private, commit_message=args.commit_message, create_repo=args.create_repo,
+                      allow_pickle=args.allow_pickle)
+    print(url)
+    return 0
