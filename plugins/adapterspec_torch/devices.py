@@ -16,19 +16,55 @@ from typing import Any
 import torch
 
 from adapterspec import LoadOptions
+from adapterspec.errors import UnsupportedError
 
-__all__ = ["place", "target_of"]
+__all__ = ["as_dtype", "place", "target_of"]
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "f16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64, "f64": torch.float64,
+}
+
+
+def as_dtype(dtype: Any) -> torch.dtype | None:
+    """A torch dtype from a torch dtype or its name (``"float16"``, ``"bf16"``, ``"torch.float16"``).
+
+    >>> as_dtype("bf16")
+    torch.bfloat16
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise UnsupportedError(f"dtype {dtype!r} is not a floating dtype torch adapters can use",
+                               hint=f"pass one of {sorted(_DTYPE_NAMES)} or a torch.dtype")
+    return _DTYPE_NAMES[name]
+
+
+def _reference(like: torch.Tensor | torch.nn.Module) -> torch.Tensor | None:
+    if isinstance(like, torch.Tensor):
+        return like
+    weight = getattr(like, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return next(iter(like.parameters()), None)
 
 
 def target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tuple[torch.device, torch.dtype]:
     """The device and dtype adapter tensors of a layer get: the options', else ``like``'s.
 
-    :param like: the wrapped layer (its first parameter decides) or one of its tensors.
+    :param like: the wrapped layer (its ``weight``, else its first parameter, decides) or a tensor.
 
     >>> target_of(torch.nn.Linear(2, 2), LoadOptions(dtype="float16"))
     (device(type='cpu'), torch.float16)
     """
-    raise NotImplementedError
+    ref = _reference(like)
+    device = torch.device(options.device) if options.device is not None else (
+        ref.device if ref is not None else torch.device("cpu"))
+    dtype = as_dtype(options.dtype) or (ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    return device, dtype
 
 
 def place(tensor: torch.Tensor, like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> torch.Tensor:
@@ -37,9 +73,7 @@ def place(tensor: torch.Tensor, like: torch.Tensor | torch.nn.Module, options: L
     >>> place(torch.ones(2, dtype=torch.float64), torch.nn.Linear(2, 2), LoadOptions()).dtype
     torch.float32
     """
-    raise NotImplementedError
-
-
-def as_dtype(dtype: Any) -> torch.dtype | None:
-    """A torch dtype from a torch dtype or its name (``"float16"``, ``"bf16"``); ``None`` stays ``None``."""
-    raise NotImplementedError
+    device, dtype = target_of(like, options)
+    if device.type == "meta":
+        return torch.empty(tensor.shape, device="meta", dtype=dtype)
+    return tensor.to(device=device, dtype=dtype)

@@ -1,5 +1,15 @@
 """Injecting adapters: find the targeted modules, wrap them, save modules whole, attach virtual tokens.
 
+* LoRA/IA3/LoHa/LoKr: each targeted module is replaced in its parent by an
+  :class:`~adapterspec_torch.layers.AdapterLayer` wrapping the original object (one wrapper per module,
+  shared by all adapters on it);
+* ``modules_to_save``: each listed module is replaced by a
+  :class:`~adapterspec_torch.layers.ModulesToSaveLayer` holding one full copy per adapter;
+* prefix/prompt tuning (transformers decoder models): the virtual tokens live in
+  ``model._adapterspec_prompts`` and enter through a forward pre-hook on the model, as PEFT's
+  ``PeftModelForCausalLM.forward`` does (past key/values, or embeddings prepended to ``inputs_embeds``,
+  attention mask extended by ones).
+
 >>> inject(model, AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"]}),
 ...        "default", LoadOptions())                                  # doctest: +SKIP
 ['model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj']
@@ -7,60 +17,408 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
 import torch
+from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
-__all__ = ["find_targets", "inject", "remove_adapter_modules", "resolve_module", "unwrap", "wrap"]
+from .devices import target_of
+from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
+from .switch import ModelState, drop_state_if_empty, get_state
+
+__all__ = [
+    "PROMPTS_ATTR",
+    "find_modules_to_save",
+    "find_targets",
+    "inject",
+    "iter_modules",
+    "remove_adapter_modules",
+    "resolve_module",
+    "unwrap",
+    "wrap",
+]
+
+#: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
+PROMPTS_ATTR = "_adapterspec_prompts"
 
 
-def resolve_module(model: torch.nn.Module, path: str, options: LoadOptions) -> str | None:
-    """The model's own name for spec module ``path`` (through ``options.module_map``), or ``None``."""
-    raise NotImplementedError
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the spec sees them: a wrapper stands for the module it wraps (its
+    insides are not listed) and adapterspec's own prompt storage is left out.
+
+    >>> [name for name, _ in iter_modules(torch.nn.Sequential(torch.nn.Linear(1, 1)))]
+    ['', '0']
+    """
+    yield prefix, model
+    if isinstance(model, (AdapterLayer, ModulesToSaveLayer)):
+        return
+    for name, child in model._modules.items():
+        if child is None or (not prefix and name == PROMPTS_ATTR):
+            continue
+        yield from iter_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
-def find_targets(model: torch.nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
+def resolve_module(model: nn.Module, path: str, options: LoadOptions) -> str | None:
+    """The model's own name for spec module ``path`` (through ``options.module_map``), or ``None``.
+
+    >>> resolve_module(torch.nn.Linear(1, 1), "x", LoadOptions(module_map={"x": "y"}))
+    'y'
+    """
+    mapping = options.module_map
+    if mapping is None:
+        return path
+    if callable(mapping):
+        return mapping(path)
+    return mapping.get(path)
+
+
+def _universe(model: nn.Module, options: LoadOptions | None) -> list[tuple[str, str, nn.Module]]:
+    """(spec path, model name, module) for every module the spec can name."""
+    modules = dict(iter_modules(model))
+    mapping = options.module_map if options is not None else None
+    if mapping is None or callable(mapping):
+        out = []
+        for name, module in modules.items():
+            if not name:
+                continue
+            target = name if mapping is None else mapping(name)
+            if target is not None and target in modules:
+                out.append((name, target, modules[target]))
+        return out
+    return [(spec, own, modules[own]) for spec, own in mapping.items() if own in modules]
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
     """The module paths ``config`` adapts in ``model``, in model order (PEFT's matching rules).
 
-    Modules already wrapped by adapterspec are matched by their original path (never their inner
-    ``base_layer``).
+    A module already wrapped by adapterspec counts as the module it wraps (never its inner ``base_layer``).
 
     :raises TargetNotFoundError: nothing matches.
 
-    >>> find_targets(model, cfg)                                        # doctest: +SKIP
-    ['model.layers.0.self_attn.q_proj', ...]
+    >>> from adapterspec import AdapterConfig
+    >>> find_targets(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()),
+    ...              AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["0"]}))
+    ['0']
     """
-    raise NotImplementedError
+    found = [spec for spec, _, _ in _universe(model, options) if config.matches(spec)]
+    if not found:
+        raise TargetNotFoundError(
+            f"no module of the model matches target_modules={config.get('target_modules')!r}", key=None,
+            hint="check the adapter was trained for this architecture (module names), or pass module_map")
+    return found
 
 
-def inject(model: torch.nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
+def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
+    """The module paths saved whole (``modules_to_save``; PEFT matches them by plain name suffix).
+
+    Entries that match nothing are ignored, as PEFT does (it adds ``classifier`` and ``score`` for
+    sequence classification whether or not they exist).
+
+    >>> from adapterspec import AdapterConfig
+    >>> find_modules_to_save(torch.nn.Sequential(torch.nn.Linear(2, 2)),
+    ...     AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["x"], "modules_to_save": ["0"]}))
+    ['0']
+    """
+    entries = config.get("modules_to_save") or []
+    if isinstance(entries, str):
+        entries = [entries]
+    chosen: list[str] = []
+    for spec, _, _ in _universe(model, options):
+        if any(spec.endswith(entry) for entry in entries) and not any(spec.startswith(c + ".") for c in chosen):
+            chosen.append(spec)
+    return chosen
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module]) -> nn.Module:
+    """The wrapper at model module ``name``: the existing one, or a new ``wrapper_type(original)`` put in
+    its place (the original object is remembered for :func:`unwrap`).
+
+    :raises UnsupportedError: the module is already wrapped by the other kind of wrapper.
+    """
+    state = get_state(model, create=True)
+    module = model.get_submodule(name)
+    if isinstance(module, wrapper_type):
+        return module
+    if isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
+        what = "saved whole (modules_to_save)" if isinstance(module, ModulesToSaveLayer) else "adapted"
+        raise UnsupportedError(f"module is already {what} by another adapter", key=name,
+                               hint="an adapter cannot adapt a module another adapter saves whole, or vice versa")
+    wrapper = wrapper_type(module)
+    wrapper._switch = state.switch
+    wrapper.train(module.training)
+    parent, child = _parent(model, name)
+    setattr(parent, child, wrapper)
+    state.originals[name] = module
+    return wrapper
+
+
+def unwrap(model: nn.Module, name: str) -> None:
+    """Put the original module object back at model module ``name`` (its wrapper holds no adapter any more)."""
+    state = get_state(model)
+    original = state.originals.pop(name)
+    parent, child = _parent(model, name)
+    setattr(parent, child, original)
+
+
+def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                   options: LoadOptions) -> dict[str, str]:
+    universe = {spec: (own, module) for spec, own, module in _universe(model, options)}
+    targets = find_targets(model, config, options)
+    saved = find_modules_to_save(model, config, options)
+    for spec in targets:
+        module = universe[spec][1]
+        if isinstance(module, ModulesToSaveLayer):
+            raise UnsupportedError("module is saved whole (modules_to_save) by another adapter", key=spec,
+                                   hint="an adapter cannot adapt a module another adapter saves whole")
+        check_supported(module.base_layer if isinstance(module, AdapterLayer) else module, spec, config)
+    for spec in saved:
+        if isinstance(universe[spec][1], AdapterLayer):
+            raise UnsupportedError("module is adapted by another adapter; it cannot be saved whole too", key=spec,
+                                   hint="remove it from modules_to_save")
+    done: dict[str, str] = {}
+    try:
+        for spec in targets:
+            own = universe[spec][0]
+            layer = wrap(model, own, AdapterLayer)
+            done[spec] = own
+            layer.add_adapter(adapter_name, config, spec, options)
+        for spec in saved:
+            own = universe[spec][0]
+            layer = wrap(model, own, ModulesToSaveLayer)
+            done[spec] = own
+            layer.add_adapter(adapter_name, options)
+    except BaseException:
+        _remove_layers(model, state, adapter_name, done)
+        raise
+    return done
+
+
+def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modules: dict[str, str]) -> None:
+    for own in modules.values():
+        layer = model.get_submodule(own)
+        if not isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
+            continue
+        layer.remove_adapter(adapter_name)
+        if not layer.adapter_names():
+            unwrap(model, own)
+
+
+# -- prefix / prompt tuning -----------------------------------------------------------------
+def _prompt_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """``config`` with the fields PEFT derives from the model filled in (``_prepare_prompt_learning_config``)."""
+    model_config = getattr(model, "config", None)
+    if config.get("task_type") == "SEQ_2_SEQ_LM" or (config.get("num_transformer_submodules") or 1) != 1:
+        raise UnsupportedError(f"{config.peft_type} for encoder-decoder models is not implemented here",
+                               pointer="/num_transformer_submodules", hint="use a decoder-only model")
+    changes: dict[str, Any] = {}
+    if config.get("num_transformer_submodules") is None:
+        changes["num_transformer_submodules"] = 1
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+    def from_model(*names: str) -> Any:
+        for n in names:
+            value = getattr(text, n, None)
+            if value is not None:
+                return value
+        return None
+
+    for field, names in (("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
+                         ("token_dim", ("hidden_size", "n_embd", "d_model")),
+                         ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads"))):
+        if config.get(field) is None:
+            value = from_model(*names) if text is not None else None
+            if value is None:
+                raise UnsupportedError(f"{field} is not in the config and cannot be read from the model",
+                                       pointer=f"/{field}", hint=f"set {field} in adapter_config.json")
+            changes[field] = int(value)
+    if config.peft_type == "PREFIX_TUNING" and changes and text is not None \
+            and getattr(text, "num_key_value_heads", None) is not None:
+        token_dim = changes.get("token_dim", config.get("token_dim"))
+        heads = changes.get("num_attention_heads", config.get("num_attention_heads"))
+        head_dim = getattr(text, "head_dim", None) or token_dim // heads
+        changes["token_dim"] = int(head_dim * text.num_key_value_heads)
+        changes["num_attention_heads"] = int(text.num_key_value_heads)
+    return config.replace(**changes) if changes else config
+
+
+def _prompt_shape(config: AdapterConfig) -> tuple[int, int]:
+    nvt = config["num_virtual_tokens"]
+    if config.peft_type == "PREFIX_TUNING":
+        return nvt, config["num_layers"] * 2 * config["token_dim"]
+    return nvt * (config.get("num_transformer_submodules") or 1), config["token_dim"]
+
+
+def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                   options: LoadOptions) -> AdapterConfig:
+    if not hasattr(model, "get_input_embeddings") or getattr(model, "config", None) is None:
+        raise UnsupportedError(f"{config.peft_type} needs a transformers model (with .config and input embeddings)",
+                               key=type(model).__qualname__, hint="pass a transformers PreTrainedModel")
+    model_type = getattr(model.config, "model_type", "")
+    if config.peft_type == "PREFIX_TUNING" and any(t in model_type for t in ("gemma2", "gemma3_text", "gemma4")):
+        raise UnsupportedError(f"prefix tuning on {model_type} needs its special cache; not implemented here",
+                               key=model_type, hint="use a model with a plain DynamicCache")
+    config = _prompt_config(model, config)
+    embeddings = model.get_input_embeddings()
+    device, dtype = target_of(embeddings, options)
+    prompts = model._modules.get(PROMPTS_ATTR)
+    if prompts is None:
+        prompts = nn.ParameterDict()
+        model.add_module(PROMPTS_ATTR, prompts)
+    tensor = torch.empty(_prompt_shape(config), device=device, dtype=dtype)
+    if device.type != "meta":
+        with torch.no_grad():
+            tensor.normal_()
+    prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
+    if state.prompt_hook is None:
+        state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
+    return config
+
+
+@functools.cache
+def _positional_names(forward_type: type) -> tuple[str, ...]:
+    signature = inspect.signature(forward_type.forward)
+    names = []
+    for param in list(signature.parameters.values())[1:]:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+    return tuple(names)
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past:
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward."""
+    state = get_state(model)
+    if state is None:
+        return None
+    active = [n for n in state.switch.names if state.configs[n].is_prompt_learning]
+    if not active:
+        return None
+    name = active[0]
+    config = state.configs[name]
+    names = _positional_names(type(model))
+    if len(args) > len(names):
+        raise UnsupportedError("too many positional arguments for prompt learning", key=type(model).__qualname__,
+                               hint="pass the model's inputs as keyword arguments")
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if input_ids is None and inputs_embeds is None:
+        return None
+    batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    nvt = config["num_virtual_tokens"]
+    weight = model._modules[PROMPTS_ATTR][name]
+    continuing = _cache_length(kwargs.get("past_key_values")) > 0
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = None
+    if config.peft_type == "PREFIX_TUNING":
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + nvt
+        if not continuing:
+            kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
+        return (), kwargs
+    kwargs["position_ids"] = None
+    if continuing:
+        return (), kwargs
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    labels = kwargs.get("labels")
+    if labels is not None:
+        kwargs["labels"] = torch.cat((torch.full((batch, nvt), -100).to(labels.device), labels), dim=1)
+    prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)
+    kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
+    kwargs["input_ids"] = None
+    return (), kwargs
+
+
+def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor, batch: int) -> Any:
+    from transformers import DynamicCache
+
+    layers, heads, token_dim = config["num_layers"], config["num_attention_heads"], config["token_dim"]
+    past = weight.repeat(batch, 1, 1)
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None:
+        past = past.to(dtype)
+    past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
+    return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))
+
+
+def _remove_prompt(model: nn.Module, state: ModelState, adapter_name: str) -> None:
+    prompts = model._modules.get(PROMPTS_ATTR)
+    if prompts is not None and adapter_name in prompts:
+        del prompts[adapter_name]
+    if prompts is not None and len(prompts) == 0:
+        del model._modules[PROMPTS_ATTR]
+    still = any(state.configs[n].is_prompt_learning for n in state.names if n != adapter_name)
+    if not still and state.prompt_hook is not None:
+        state.prompt_hook.remove()
+        state.prompt_hook = None
+
+
+# -- the hook ------------------------------------------------------------------------------
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
 
-    LoRA/IA3/LoHa/LoKr wrap each target in an :class:`~adapterspec_torch.layers.AdapterLayer`;
-    ``modules_to_save`` wrap in a :class:`~adapterspec_torch.layers.ModulesToSaveLayer` (one full copy
-    per adapter); prefix/prompt tuning attach a forward pre-hook to the model.
-
-    :returns: the module paths that received the adapter ([] for prompt learning).
+    :returns: the module paths that received the adapter, adapted ones then saved-whole ones
+        (``[]`` for prefix/prompt tuning).
     :raises AdapterExistsError: the name is taken.
-    :raises TargetNotFoundError: no module matches, or a ``modules_to_save`` entry names none.
+    :raises TargetNotFoundError: no module matches.
     :raises UnsupportedError: a target's layer type cannot take this method (names the module).
 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
-    raise NotImplementedError
+    existing = get_state(model)
+    if existing is not None and adapter_name in existing.configs:
+        raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
+                                 hint="delete it first, or choose another name")
+    state = get_state(model, create=True)
+    try:
+        if config.is_prompt_learning:
+            config = _inject_prompt(model, state, config, adapter_name, options)
+            modules: dict[str, str] = {}
+        else:
+            modules = _inject_layers(model, state, config, adapter_name, options)
+    except BaseException:
+        drop_state_if_empty(model)
+        raise
+    state.names.append(adapter_name)
+    state.configs[adapter_name] = config
+    state.modules[adapter_name] = modules
+    return list(modules)
 
 
-def wrap(model: torch.nn.Module, path: str, wrapper_type: type[torch.nn.Module]) -> torch.nn.Module:
-    """The wrapper at ``path``: the existing one, or a new ``wrapper_type(original)`` put in its place."""
-    raise NotImplementedError
+def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
+    """Remove everything :func:`inject` added for ``adapter_name`` (layers, copies, prompts, hook), putting
+    back the original module objects (and base weights its file replaced) where nothing is left."""
+    state = get_state(model)
+    if state is None:
+        return
+    from .state import restore_base_weights
 
-
-def unwrap(model: torch.nn.Module, path: str) -> None:
-    """Put the original module object back at ``path`` (its wrapper holds no adapter any more)."""
-    raise NotImplementedError
-
-
-def remove_adapter_modules(model: torch.nn.Module, adapter_name: str) -> None:
-    """Remove everything :func:`inject` added for ``adapter_name`` (layers, copies, hooks), unwrapping emptied modules."""
-    raise NotImplementedError
+    restore_base_weights(model, adapter_name)
+    config = state.configs.get(adapter_name)
+    if config is not None and config.is_prompt_learning:
+        _remove_prompt(model, state, adapter_name)
+    _remove_layers(model, state, adapter_name, state.modules.get(adapter_name, {}))

@@ -1,114 +1,787 @@
 """The adapter layers: one wrapper per adapted module, holding any number of named adapters.
 
-:class:`AdapterLayer` wraps ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d``/``nn.Conv2d`` and
-transformers' ``Conv1D`` and runs PEFT's math exactly (LoRA, rsLoRA, DoRA, lora_bias, IA3, LoHa, LoKr).
-:class:`ModulesToSaveLayer` holds one full copy of a module per adapter (``modules_to_save``).
-Parameter names (``lora_A.weight``...) are the spec's, so canonical keys come from them directly.
+:class:`AdapterLayer` wraps ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``
+and transformers' ``Conv1D`` and runs PEFT's math exactly (LoRA, rsLoRA, DoRA, lora_bias, IA3, LoHa,
+LoKr). :class:`ModulesToSaveLayer` holds one full copy of a module per adapter (``modules_to_save``).
+Parameters are addressed by the spec's names (``lora_A.weight``, ``lora_magnitude_vector``...), so
+canonical keys come from them directly.
 
->>> layer = AdapterLayer(torch.nn.Linear(8, 4))                       # doctest: +SKIP
->>> layer.add_adapter("default", cfg, "q_proj", LoadOptions())        # doctest: +SKIP
->>> sorted(layer.adapter_params("default"))                           # doctest: +SKIP
+When one module holds adapters of several methods, a forward pass applies IA3's input scaling, the
+base layer, IA3's output scaling, then adds the LoRA/LoHa/LoKr terms in the active order (PEFT puts
+one method on a module at a time; for one method this is PEFT's computation).
+
+>>> import torch
+>>> from adapterspec import AdapterConfig, LoadOptions
+>>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "r": 2})
+>>> layer = AdapterLayer(torch.nn.Linear(8, 4))
+>>> layer.add_adapter("default", cfg, "q", LoadOptions())
+>>> sorted(layer.adapter_params("default"))
 ['lora_A.weight', 'lora_B.weight']
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.errors import UnsupportedError
 
-__all__ = ["AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind"]
+from .devices import target_of
+
+__all__ = ["ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind", "param_shapes"]
+
+_CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+_LINEAR_KINDS = ("linear", "conv1d_hf")
+_SUPPORTED = {
+    "LORA": ("linear", "conv1d_hf", "embedding", *_CONV_KINDS),
+    "IA3": ("linear", "conv1d_hf", "conv2d", "conv3d"),
+    "LOHA": ("linear", "conv1d", "conv2d"),
+    "LOKR": ("linear", "conv1d", "conv2d"),
+}
+
+
+def _hf_conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d_hf"`` (transformers Conv1D), ``"embedding"``, ``"conv1d"``, ``"conv2d"``, or ``None``."""
-    raise NotImplementedError
+    """``"linear"``, ``"conv1d_hf"`` (transformers Conv1D), ``"embedding"``, ``"conv1d"``, ``"conv2d"``,
+    ``"conv3d"``, or ``None`` for a layer kind this backend does not adapt.
+
+    >>> layer_kind(torch.nn.Conv2d(1, 1, 3)), layer_kind(torch.nn.ReLU())
+    ('conv2d', None)
+    """
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d_hf = _hf_conv1d_type()
+    if conv1d_hf is not None and isinstance(module, conv1d_hf):
+        return "conv1d_hf"
+    return None
 
 
 def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None:
     """Refuse a layer this backend cannot adapt with ``config``'s method.
 
     :raises UnsupportedError: naming ``path`` and the layer type.
+
+    >>> from adapterspec import AdapterConfig
+    >>> check_supported(torch.nn.ReLU(), "act", AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["act"]}))
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: act: ...
     """
-    raise NotImplementedError
+    kind = layer_kind(module)
+    method = config.peft_type
+    allowed = _SUPPORTED.get(method, ())
+    if kind not in allowed:
+        raise UnsupportedError(
+            f"{method} cannot adapt a {type(module).__module__}.{type(module).__qualname__} layer "
+            f"(this backend adapts: {', '.join(allowed) or 'nothing'})", key=path,
+            hint="remove the module from target_modules (or exclude it with exclude_modules)")
+    if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
+        raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
+                               hint="set lora_bias to false or do not target the embedding")
+    if method in ("LOHA", "LOKR") and kind in _CONV_KINDS and config.get("use_effective_conv2d"):
+        kernel = tuple(module.kernel_size)
+        if any(k != 1 for k in kernel):
+            raise UnsupportedError(f"{method} with use_effective_conv2d on a conv layer is not implemented here",
+                                   key=path, hint="set use_effective_conv2d to false")
+    if kind in _CONV_KINDS and method == "LORA" and config.rank_for(path) % module.groups != 0:
+        raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={module.groups}",
+                               key=path, hint="choose a rank divisible by groups, or do not target this layer")
+
+
+def _in_out(module: nn.Module, kind: str) -> tuple[int, int]:
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d_hf":
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    return module.in_channels, module.out_channels
+
+
+def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' (and PEFT's) factorization of a dimension for LoKr: ``m <= n``, ``m * n == dimension``."""
+    if factor > 0 and (dimension % factor) == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def param_shapes(module: nn.Module, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
+    """The spec parameter names and shapes adapter ``config`` gives module ``path`` (PEFT's layout).
+
+    >>> from adapterspec import AdapterConfig
+    >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "r": 2})
+    >>> param_shapes(torch.nn.Linear(8, 4), cfg, "q")
+    {'lora_A.weight': (2, 8), 'lora_B.weight': (4, 2)}
+    """
+    kind = layer_kind(module)
+    method = config.peft_type
+    in_f, out_f = _in_out(module, kind)
+    if method == "LORA":
+        r = config.rank_for(path)
+        if kind == "embedding":
+            shapes = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
+        elif kind in _CONV_KINDS:
+            ones = (1,) * (module.weight.dim() - 2)
+            shapes = {"lora_A.weight": (r, in_f, *module.kernel_size), "lora_B.weight": (out_f, r // module.groups, *ones)}
+        else:
+            shapes = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+        if config.get("lora_bias"):
+            shapes["lora_B.bias"] = (out_f,)
+        if config.get("use_dora"):
+            shapes["lora_magnitude_vector"] = (1, out_f) + (1,) * (module.weight.dim() - 2) if kind in _CONV_KINDS else (out_f,)
+        return shapes
+    if method == "IA3":
+        feedforward = config.is_feedforward(path)
+        if kind in _CONV_KINDS:
+            features = in_f if feedforward else out_f
+            return {"ia3_l": (1, features) + (1,) * (module.weight.dim() - 2)}
+        return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
+    weight_shape = tuple(module.weight.shape)
+    if method == "LOHA":
+        r = config.rank_for(path)
+        cols = math.prod(weight_shape[1:])
+        return {"hada_w1_a": (out_f, r), "hada_w1_b": (r, cols), "hada_w2_a": (out_f, r), "hada_w2_b": (r, cols)}
+    if method == "LOKR":
+        r = config.rank_for(path)
+        factor = int(config.get("decompose_factor", -1))
+        in_dim = in_f // module.groups if kind in _CONV_KINDS else in_f
+        in_m, in_n = _factorization(in_dim, factor)
+        out_l, out_k = _factorization(out_f, factor)
+        kernel = tuple(weight_shape[2:])
+        use_w1 = not (config.get("decompose_both", False) and r < max(out_l, in_m) / 2)
+        use_w2 = r >= max(out_k, in_n) / 2 if kernel else not (r < max(out_k, in_n) / 2)
+        shapes: dict[str, tuple[int, ...]] = {}
+        if use_w1:
+            shapes["lokr_w1"] = (out_l, in_m)
+        else:
+            shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, r), (r, in_m)
+        if use_w2:
+            shapes["lokr_w2"] = (out_k, in_n, *kernel)
+        else:
+            shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, r), (r, in_n * math.prod(kernel))
+        return shapes
+    raise UnsupportedError(f"{method} does not adapt layers", key=path, hint="use a layer-adapting method")
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def _kaiming(tensor: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+@dataclass
+class ActiveSet:
+    """The names of the active adapters, shared by every layer of one model (switching is one assignment).
+
+    >>> ActiveSet(("default",)).names
+    ('default',)
+    """
+
+    names: tuple[str, ...] = ()
+
+
+@dataclass
+class _Spec:
+    """What a layer needs to know about one of its adapters besides its tensors."""
+
+    method: str
+    r: int = 0
+    scaling: float = 1.0
+    use_dora: bool = False
+    lora_bias: bool = False
+    feedforward: bool = False
+    dropout: float = 0.0
+    names: dict[str, str] = field(default_factory=dict)  # spec parameter name -> attribute name
+
+
+class _Weights(nn.Module):
+    """The parameters of one adapter in one layer, registered under attribute-safe names."""
+
+    def get(self, attr: str) -> torch.Tensor | None:
+        return self._parameters.get(attr)
 
 
 class AdapterLayer(nn.Module):
     """A base layer plus named adapters; ``forward`` = base output plus the active adapters, PEFT's math.
 
     :param base_layer: the original module (kept as ``self.base_layer``, never copied).
+
+    >>> layer = AdapterLayer(torch.nn.Linear(8, 4))
+    >>> layer.adapter_names()
+    []
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        raise NotImplementedError
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise UnsupportedError(f"cannot wrap a {type(base_layer).__qualname__} layer",
+                                   hint="adapt Linear, Embedding, Conv1d/2d/3d or transformers Conv1D layers")
+        self.base_layer = base_layer
+        self.adapter_weights = nn.ModuleDict()
+        self.kind = kind
+        self.fan_in_fan_out = kind == "conv1d_hf"
+        self._specs: dict[str, _Spec] = {}
+        self._switch = ActiveSet()
+        self._plan_key: tuple[str, ...] | None = None
+        self._plan: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self._merged: list[str] = []
+        self._caches: dict[str, torch.Tensor] = {}
 
+    # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    # -- adapters -----------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions) -> None:
-        """Create adapter ``name``'s parameters for module ``path`` (initialised as ``config`` says, inactive)."""
-        raise NotImplementedError
+        """Create adapter ``name``'s parameters for module ``path``, initialised as ``config`` says.
+
+        Parameters go to ``options.device``/``options.dtype`` or the base layer's; they are trainable
+        only if ``options.trainable``. The adapter is not activated.
+
+        :raises UnsupportedError: the layer cannot take ``config``'s method (names ``path``).
+        """
+        check_supported(self.base_layer, path, config)
+        method = config.peft_type
+        shapes = param_shapes(self.base_layer, config, path)
+        device, dtype = target_of(self.base_layer, options)
+        spec = _Spec(method=method)
+        if method in ("LORA", "LOHA", "LOKR"):
+            spec.r = config.rank_for(path)
+            spec.scaling = config.scaling_for(path)
+        if method == "LORA":
+            spec.use_dora = bool(config.get("use_dora"))
+            spec.lora_bias = bool(config.get("lora_bias"))
+            spec.dropout = float(config.get("lora_dropout") or 0.0)
+        elif method == "IA3":
+            spec.feedforward = config.is_feedforward(path)
+        weights = _Weights()
+        for param, shape in shapes.items():
+            attr = param.replace(".", "_")
+            spec.names[param] = attr
+            tensor = torch.empty(shape, device=device, dtype=dtype)
+            weights.register_parameter(attr, nn.Parameter(tensor, requires_grad=bool(options.trainable)))
+        self.adapter_weights[name] = weights
+        self._specs[name] = spec
+        self._plan_key = None
+        if device.type != "meta":
+            try:
+                with torch.no_grad():
+                    self._initialise(name, config)
+            except BaseException:
+                self.remove_adapter(name)
+                raise
+
+    def _initialise(self, name: str, config: AdapterConfig) -> None:
+        spec, w = self._specs[name], self.adapter_weights[name]
+        p = {param: getattr(w, attr) for param, attr in spec.names.items()}
+        if spec.method == "LORA":
+            init = config.get("init_lora_weights", True)
+            if self.kind == "embedding":
+                a, b = p["lora_embedding_A"], p["lora_embedding_B"]
+                if init is False:
+                    a.normal_()
+                    b.normal_()
+                else:
+                    nn.init.zeros_(a)
+                    nn.init.normal_(b)
+            else:
+                a, b = p["lora_A.weight"], p["lora_B.weight"]
+                if init is False:  # the framework default init of the two layers
+                    _kaiming(a)
+                    _kaiming(b)
+                    if "lora_B.bias" in p:
+                        bound = 1 / math.sqrt(math.prod(b.shape[1:])) if b.numel() else 0
+                        nn.init.uniform_(p["lora_B.bias"], -bound, bound)
+                else:
+                    if isinstance(init, str) and init.lower() == "gaussian":
+                        nn.init.normal_(a, std=1 / spec.r)
+                    else:
+                        _kaiming(a)
+                    nn.init.zeros_(b)
+                    if "lora_B.bias" in p:
+                        nn.init.zeros_(p["lora_B.bias"])
+            if spec.use_dora:
+                p["lora_magnitude_vector"].copy_(self._weight_norm(name, detach=True).reshape(
+                    p["lora_magnitude_vector"].shape))
+        elif spec.method == "IA3":
+            if config.get("init_ia3_weights", True):
+                nn.init.ones_(p["ia3_l"])
+            else:
+                p["ia3_l"].normal_()
+        elif spec.method == "LOHA":
+            for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                _kaiming(p[key])
+            if config.get("init_weights", True):
+                nn.init.zeros_(p["hada_w2_b"])
+        elif spec.method == "LOKR":
+            init = config.get("init_weights", True)
+            for tensor in p.values():
+                _kaiming(tensor)
+            if init == "lycoris":
+                nn.init.zeros_(p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_b"])
+            elif init:
+                nn.init.zeros_(p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"])
 
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s parameters (it must not be merged)."""
-        raise NotImplementedError
+        """Drop adapter ``name``'s parameters; if it was merged, its delta stays in the base weight."""
+        if name in self.adapter_weights:
+            del self.adapter_weights[name]
+        self._specs.pop(name, None)
+        if name in self._merged:
+            self._merged.remove(name)
+        self._caches.pop(f"{name}-weight_norm", None)
+        self._plan_key = None
 
     def adapter_names(self) -> list[str]:
         """The adapters this layer holds, in insertion order."""
-        raise NotImplementedError
+        return list(self._specs)
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> parameter, for adapter ``name``."""
-        raise NotImplementedError
+        w = self.adapter_weights[name]
+        return {param: w._parameters[attr] for param, attr in self._specs[name].names.items()}
 
-    def set_active(self, names: list[str]) -> None:
-        """Run exactly these adapters (those this layer holds) in ``forward``."""
-        raise NotImplementedError
+    def set_active(self, names: Sequence[str]) -> None:
+        """Run exactly these adapters (those this layer holds) in ``forward``.
+
+        The set is shared with every layer injected into the same model (one assignment switches all).
+        """
+        self._switch.names = tuple(names)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters whose deltas are in the base weight now, in merge order."""
+        return list(self._merged)
+
+    # -- the math ---------------------------------------------------------------------
+    def _param(self, name: str, param: str) -> torch.Tensor:
+        return self.adapter_weights[name]._parameters[self._specs[name].names[param]]
+
+    def _has(self, name: str, param: str) -> bool:
+        return param in self._specs[name].names
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The change adapter ``name`` makes to the base weight, in the base weight's layout."""
-        raise NotImplementedError
+        """The change adapter ``name`` adds to the base weight, in the base weight's layout.
 
-    def merge(self, names: list[str]) -> None:
-        """Add the deltas of ``names`` into the base weight in place (DoRA: rescale by m/||W + dW||)."""
-        raise NotImplementedError
+        LoRA: ``scaling * B @ A`` (transposed for ``fan_in_fan_out``, a convolution for conv layers);
+        LoHa/LoKr: their reconstructed weight. IA3 scales instead (see :meth:`merge`).
+        """
+        spec = self._specs[name]
+        base_weight = self.base_layer.weight
+        if spec.method == "LORA":
+            if self.kind == "embedding":
+                a, b = self._param(name, "lora_embedding_A"), self._param(name, "lora_embedding_B")
+            else:
+                a, b = self._param(name, "lora_A.weight"), self._param(name, "lora_B.weight")
+            dtype = a.dtype if self.kind != "linear" and self.kind != "conv1d_hf" else b.dtype
+            cast = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+            if cast:
+                a, b = a.float(), b.float()
+            if self.kind == "embedding":
+                out = (b @ a).T * spec.scaling
+            elif self.kind in _CONV_KINDS:
+                if base_weight.size()[2:4] == (1, 1):
+                    out = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * spec.scaling
+                else:
+                    out = self._conv_fn()(a.transpose(0, 1), b)
+                    out = out * spec.scaling if self.base_layer.groups > 1 else out.transpose(0, 1) * spec.scaling
+            else:
+                out = _transpose(b @ a, self.fan_in_fan_out) * spec.scaling
+            return out.to(dtype) if cast else out
+        if spec.method == "LOHA":
+            weight = ((self._param(name, "hada_w1_a") @ self._param(name, "hada_w1_b"))
+                      * (self._param(name, "hada_w2_a") @ self._param(name, "hada_w2_b"))) * torch.tensor(spec.scaling)
+            return weight.reshape(base_weight.shape)
+        if spec.method == "LOKR":
+            w1 = self._param(name, "lokr_w1") if self._has(name, "lokr_w1") else (
+                self._param(name, "lokr_w1_a") @ self._param(name, "lokr_w1_b"))
+            w2 = self._param(name, "lokr_w2") if self._has(name, "lokr_w2") else (
+                self._param(name, "lokr_w2_a") @ self._param(name, "lokr_w2_b"))
+            if w2.dim() == 4:
+                w1 = w1.unsqueeze(2).unsqueeze(2)
+            weight = torch.kron(w1, w2.contiguous()) * spec.scaling
+            return weight.reshape(base_weight.shape)
+        raise UnsupportedError(f"{spec.method} has no additive weight delta", key=name, hint="use merge()")
+
+    def _conv_fn(self) -> Any:
+        return {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
+
+    def _lora_weight(self, name: str) -> torch.Tensor:
+        """``B @ A`` in the base weight's orientation, computed the way PEFT's DoRA computes it."""
+        if self.kind == "embedding":
+            a, b = self._param(name, "lora_embedding_A").T, self._param(name, "lora_embedding_B").T
+            return (a @ b).T
+        a, b = self._param(name, "lora_A.weight"), self._param(name, "lora_B.weight")
+        if self.kind in _CONV_KINDS:
+            r = a.shape[0]
+            return torch.mm(b.view([-1, r]), a.view([r, -1])).reshape(self.base_layer.weight.shape)
+        eye = torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+        return F.linear(F.linear(eye, a), b).T
+
+    def _norm_of(self, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+        """PEFT's DoRA weight norm of ``weight + scaling * lora_weight`` (per output channel)."""
+        if self.kind in _CONV_KINDS:
+            total = weight + scaling * lora_weight
+            return total.norm(p=2, dim=tuple(range(1, total.dim())), keepdim=True).transpose(1, 0)
+        total = _transpose(weight, self.fan_in_fan_out or self.kind == "embedding") + scaling * lora_weight
+        return torch.linalg.norm(total, dim=1).to(total.dtype)
+
+    def _weight_norm(self, name: str, *, detach: bool) -> torch.Tensor:
+        spec = self._specs[name]
+        lora_weight = self._lora_weight(name)
+        weight = self.base_layer.weight
+        if self.kind in _LINEAR_KINDS:
+            weight = weight.to(lora_weight.dtype)
+        norm = self._norm_of(weight, lora_weight.detach() if detach else lora_weight, spec.scaling)
+        return norm.detach()
+
+    def _plan_for(self, names: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+        ia3_in, ia3_out, additive = [], [], []
+        for n in names:
+            spec = self._specs.get(n)
+            if spec is None:
+                continue
+            if spec.method == "IA3":
+                (ia3_in if spec.feedforward else ia3_out).append(n)
+            else:
+                additive.append(n)
+        return ia3_in, ia3_out, additive
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self._switch.names
+        if names is not self._plan_key:
+            self._plan = self._plan_for(names)
+            self._plan_key = names
+        ia3_in, ia3_out, additive = self._plan
+        if self._merged or not (ia3_in or ia3_out or additive):
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        conv = self.kind in _CONV_KINDS
+        base_input = x
+        if ia3_in:
+            dtype, scaling = previous_dtype, 1
+            for n in ia3_in:
+                vector = self._param(n, "ia3_l")
+                dtype = vector.dtype
+                scaling = scaling * (vector if conv else vector.flatten())
+            target = self.base_layer.weight.dtype if conv else previous_dtype
+            base_input = (x.to(dtype) * scaling).to(target)
+        result = self.base_layer(base_input, *args, **kwargs)
+        if ia3_out:
+            dtype, scaling = result.dtype, 1
+            for n in ia3_out:
+                vector = self._param(n, "ia3_l")
+                dtype = vector.dtype
+                scaling = scaling * (vector if conv else vector.flatten())
+            result = result.to(dtype) * scaling if conv else (result * scaling).to(result.dtype)
+        if ia3_in or ia3_out:
+            result = result.to(previous_dtype)
+        if not additive:
+            return result
+        result_dtype = result.dtype
+        for n in additive:
+            spec = self._specs[n]
+            if spec.method == "LORA":
+                if self.kind == "embedding":
+                    result = self._embedding_lora(n, spec, x, result)
+                else:
+                    x = x.to(self._param(n, "lora_A.weight").dtype)
+                    result = self._lora(n, spec, x, result)
+            else:
+                delta = self.delta_weight(n)
+                x_in = x.to(delta.dtype)
+                if conv:
+                    base = self.base_layer
+                    delta_out = self._conv_fn()(x_in, delta, stride=base.stride, padding=base.padding,
+                                                dilation=base.dilation, groups=base.groups)
+                else:
+                    delta_out = F.linear(x_in, delta)
+                result = result + delta_out
+        return result.to(result_dtype)
+
+    def _lora_ab(self, name: str, spec: _Spec, x: torch.Tensor) -> torch.Tensor:
+        a = self._param(name, "lora_A.weight")
+        b = self._param(name, "lora_B.weight")
+        bias = self._param(name, "lora_B.bias") if spec.lora_bias else None
+        if self.kind in _CONV_KINDS:
+            base, conv = self.base_layer, self._conv_fn()
+            hidden = conv(x, a, None, base.stride, base.padding)
+            return conv(hidden, b, bias, 1, 0, 1, base.groups)
+        return F.linear(F.linear(x, a), b, bias)
+
+    def _lora(self, name: str, spec: _Spec, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        dropping = spec.dropout > 0 and self.training
+        if not spec.use_dora:
+            x_d = F.dropout(x, spec.dropout, training=True) if dropping else x
+            return result + self._lora_ab(name, spec, x_d) * spec.scaling
+        base = self.base_layer
+        magnitude = self._param(name, "lora_magnitude_vector")
+        lora_weight = self._lora_weight(name)
+        if self.kind in _CONV_KINDS:
+            weight = base.weight
+        else:
+            lora_weight = lora_weight.to(x.dtype)
+            weight = base.weight.to(x.dtype)
+        norm = self._norm_of(weight, lora_weight.detach(), spec.scaling).detach()
+        if self.kind in _CONV_KINDS:
+            scale = magnitude / norm
+        else:
+            scale = (magnitude / norm).view(1, -1)
+        if dropping:
+            x = F.dropout(x, spec.dropout, training=True)
+            if self.kind in _CONV_KINDS:
+                base_result = self._conv_fn()(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+            else:
+                base_result = F.linear(x, _transpose(weight, self.fan_in_fan_out))
+        else:
+            base_result = result
+            if base.bias is not None:
+                shape = (1, -1) + (1,) * (result.dim() - 2) if self.kind in _CONV_KINDS else (-1,)
+                base_result = base_result - base.bias.view(*shape)
+        lora_result = self._lora_ab(name, spec, x)
+        return result + ((scale - 1) * base_result + scale * lora_result * spec.scaling)
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def _embed_scale(self) -> torch.Tensor | None:
+        base = self.base_layer
+        scale = getattr(base, "embed_scale", None)
+        if scale is None:
+            return None
+        if isinstance(scale, (int, float)):
+            return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        return None
+
+    def _embedding_lora(self, name: str, spec: _Spec, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a = self._param(name, "lora_embedding_A").T
+        b = self._param(name, "lora_embedding_B").T
+        embed_scale = self._embed_scale()
+        if not spec.use_dora:
+            out = (self._embed(x, a) @ b) * spec.scaling
+            if embed_scale is not None:
+                out = out * embed_scale.to(out.dtype)
+            return result + out
+        magnitude = self._param(name, "lora_magnitude_vector")
+        lora_weight = (a @ b).T
+        norm = self._norm_of(self.base_layer.weight, lora_weight.detach(), spec.scaling).detach()
+        scale = magnitude / norm
+        dora = scale * (self._embed(x, a) @ b) * spec.scaling
+        if embed_scale is not None:
+            dora = dora * embed_scale.to(dora.dtype)
+        return scale * result + dora
+
+    # -- merging ----------------------------------------------------------------------
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the merged adapters (PEFT's ``_unmerged_base_weight``)."""
+        cached = self._caches.get("unmerged_base_weight")
+        if cached is not None:
+            return cached
+        merged = list(self._merged)
+        if merged:
+            self.unmerge()
+        weight = self.base_layer.weight.detach().clone()
+        if merged:
+            self._caches["unmerged_base_weight"] = weight
+            try:
+                self.merge(merged)
+            finally:
+                self._caches.pop("unmerged_base_weight", None)
+        return weight
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        factor = self._param(name, "lora_magnitude_vector") / norm
+        if self.kind in _CONV_KINDS:
+            return factor.view(-1, *([1] * (self.base_layer.weight.dim() - 1)))
+        if self.kind == "embedding":
+            return factor.view(1, -1)
+        return _transpose(factor.view(-1, 1), self.fan_in_fan_out)
+
+    def _ia3_for_weight(self, name: str) -> torch.Tensor:
+        vector = self._param(name, "ia3_l").data
+        if self.kind not in _CONV_KINDS:
+            return _transpose(vector, self.fan_in_fan_out)
+        if not self._specs[name].feedforward:
+            return vector.transpose(0, 1)
+        base = self.base_layer
+        if base.groups == 1:
+            return vector
+        per_in, per_out = base.in_channels // base.groups, base.out_channels // base.groups
+        vector = vector.reshape(base.groups, 1, per_in, *vector.shape[2:])
+        vector = vector.expand(base.groups, per_out, per_in, *vector.shape[3:])
+        return vector.reshape(base.out_channels, per_in, *vector.shape[3:])
+
+    def merge(self, names: Sequence[str]) -> None:
+        """Add the deltas of ``names`` into the base weight in place (DoRA rescales by ``m / ||W + dW||``,
+        IA3 multiplies); already merged ones and ones this layer does not hold are skipped.
+
+        :raises UnsupportedError: a conv layer with groups > 1, or lora_bias without a base bias.
+        """
+        base = self.base_layer
+        with torch.no_grad():
+            for name in names:
+                if name not in self._specs or name in self._merged:
+                    continue
+                spec = self._specs[name]
+                weight = base.weight
+                orig_dtype = weight.dtype
+                if self.kind in _CONV_KINDS and base.groups > 1 and spec.method == "LORA":
+                    raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
+                                           key=name, hint="keep the adapter unmerged")
+                if spec.method == "IA3":
+                    weight.data = torch.mul(weight.data, self._ia3_for_weight(name)).to(orig_dtype)
+                    if not spec.feedforward and base.bias is not None:
+                        vector = self._param(name, "ia3_l").reshape(base.bias.shape)
+                        base.bias.data = torch.mul(base.bias.data, vector.data).to(base.bias.dtype)
+                elif spec.method == "LORA" and spec.use_dora:
+                    delta = self.delta_weight(name)
+                    unmerged = self._unmerged_weight()
+                    lora_part = delta.T if self.kind == "embedding" else (
+                        delta if self.kind in _CONV_KINDS else _transpose(delta, self.fan_in_fan_out))
+                    norm = self._norm_of(unmerged, lora_part, 1).detach()
+                    self._caches[f"{name}-weight_norm"] = norm
+                    weight.data = (self._dora_factor(name, norm) * (weight.data + delta)).to(orig_dtype)
+                else:
+                    delta = self.delta_weight(name)
+                    weight.data += delta.to(orig_dtype)
+                    if spec.method == "LORA" and spec.lora_bias:
+                        if base.bias is None:
+                            raise UnsupportedError("lora_bias cannot be merged: the base layer has no bias",
+                                                   key=name, hint="keep the adapter unmerged")
+                        base.bias.data += self._param(name, "lora_B.bias") * spec.scaling
+                self._merged.append(name)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, in reverse order."""
-        raise NotImplementedError
+        base = self.base_layer
+        with torch.no_grad():
+            while self._merged:
+                name = self._merged.pop()
+                spec = self._specs[name]
+                weight = base.weight
+                orig_dtype = weight.dtype
+                if spec.method == "IA3":
+                    weight.data = torch.div(weight.data, self._ia3_for_weight(name) + 1e-8).to(orig_dtype)
+                    if not spec.feedforward and base.bias is not None:
+                        vector = self._param(name, "ia3_l").reshape(base.bias.shape)
+                        base.bias.data = torch.div(base.bias.data, vector.data + 1e-8).to(base.bias.dtype)
+                elif spec.method == "LORA" and spec.use_dora:
+                    delta = self.delta_weight(name)
+                    norm = self._caches.pop(f"{name}-weight_norm")
+                    weight.data = (weight.data / self._dora_factor(name, norm) - delta).to(orig_dtype)
+                else:
+                    weight.data -= self.delta_weight(name).to(orig_dtype)
+                    if spec.method == "LORA" and spec.lora_bias:
+                        base.bias.data -= self._param(name, "lora_B.bias") * spec.scaling
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        raise NotImplementedError
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, adapters={self.adapter_names()}"
 
 
 class ModulesToSaveLayer(nn.Module):
-    """A module saved whole: the original plus one trainable copy per adapter; the active adapter's copy runs.
+    """A module saved whole: the original plus one copy per adapter; the first active adapter's copy runs.
 
     :param original_module: the module as it was (kept, never modified).
+
+    >>> layer = ModulesToSaveLayer(torch.nn.Linear(2, 2))
+    >>> layer.add_adapter("default", LoadOptions())
+    >>> sorted(layer.adapter_params("default"))
+    ['bias', 'weight']
     """
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
-        raise NotImplementedError
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self._switch = ActiveSet()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.active_module(), name)
 
     def add_adapter(self, name: str, options: LoadOptions) -> None:
-        """Add a copy of the original module for adapter ``name``."""
-        raise NotImplementedError
+        """Add a copy of the original module for adapter ``name`` (on the original's device and dtype)."""
+        duplicate = copy.deepcopy(self.original_module)
+        duplicate.requires_grad_(bool(options.trainable))
+        self.modules_to_save[name] = duplicate
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s copy."""
-        raise NotImplementedError
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
 
     def adapter_names(self) -> list[str]:
         """The adapters holding a copy, in insertion order."""
-        raise NotImplementedError
+        return list(self.modules_to_save.keys())
 
     def adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state dict (parameter name -> tensor) for adapter ``name``."""
-        raise NotImplementedError
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
 
-    def set_active(self, names: list[str]) -> None:
-        """Run the copy of the (first) active adapter that has one, else the original."""
-        raise NotImplementedError
+    def set_active(self, names: Sequence[str]) -> None:
+        """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
+        self._switch.names = tuple(names)
 
-    def forward(self, *args: object, **kwargs: object) -> object:
-        raise NotImplementedError
+    def active_module(self) -> nn.Module:
+        """The module the forward pass runs now."""
+        copies = self._modules["modules_to_save"]._modules
+        for name in self._switch.names:
+            module = copies.get(name)
+            if module is not None:
+                return module
+        return self._modules["original_module"]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)

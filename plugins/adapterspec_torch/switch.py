@@ -1,20 +1,27 @@
 """Per-model bookkeeping and adapter switching: names, active set, delete, merge, unmerge.
 
 All bookkeeping lives in ONE place, :class:`ModelState` at ``model._adapterspec_state``; it is
-removed when the last adapter goes. Switching changes only which adapters each wrapper runs: base
-weights are never copied.
+removed when the last adapter goes. Every layer injected into a model shares the model's
+:class:`~adapterspec_torch.layers.ActiveSet`, so switching adapters is a single assignment: base weights
+are never copied.
 
->>> adapter_names(torch.nn.Linear(2, 2))                              # doctest: +SKIP
+>>> import torch
+>>> adapter_names(torch.nn.Linear(2, 2))
 []
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from adapterspec import AdapterConfig
+from adapterspec.errors import AdapterNotFoundError, UnsupportedError
+
+from .layers import ActiveSet, AdapterLayer, ModulesToSaveLayer
 
 __all__ = [
     "STATE_ATTR",
@@ -24,6 +31,7 @@ __all__ = [
     "delete",
     "get_state",
     "merge",
+    "require_state",
     "set_active",
     "unmerge",
 ]
@@ -36,24 +44,62 @@ class ModelState:
     """What adapterspec knows about one model's adapters.
 
     :param names: adapter names in load order.
-    :param active: the adapters taking part in the forward pass.
+    :param switch: the active adapters, shared by every injected layer.
     :param configs: name -> the config the adapter was injected with.
-    :param modules: name -> module paths (spec names) it adapts ([] for prompt learning).
+    :param modules: name -> {spec module path: the model's module name} it adapts or saves whole.
     :param merged: adapters whose deltas are in the base weights now, in merge order.
-    :param originals: module path -> the module object that was there before the first injection.
+    :param originals: model module name -> the module object that was there before the first injection.
+    :param base_weights: name -> {model module name: (previous, loaded) base weight parameters} where its file
+        held ``<module>.base_layer.weight``.
+    :param prompt_hook: the forward pre-hook of prefix/prompt tuning, while one such adapter is loaded.
     """
 
     names: list[str] = field(default_factory=list)
-    active: list[str] = field(default_factory=list)
+    switch: ActiveSet = field(default_factory=ActiveSet)
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    modules: dict[str, list[str]] = field(default_factory=dict)
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
+    base_weights: dict[str, dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = field(default_factory=dict)
+    prompt_hook: Any = None
+
+    @property
+    def active(self) -> list[str]:
+        """The active adapters, in the order they were activated."""
+        return list(self.switch.names)
 
 
 def get_state(model: torch.nn.Module, *, create: bool = False) -> ModelState | None:
-    """``model``'s :class:`ModelState` (created when ``create``), or ``None`` when it has no adapter."""
-    raise NotImplementedError
+    """``model``'s :class:`ModelState` (created when ``create``), or ``None`` when it has no adapter.
+
+    >>> get_state(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        state = ModelState()
+        object.__setattr__(model, STATE_ATTR, state)
+    return state
+
+
+def require_state(model: torch.nn.Module, adapter_name: str) -> ModelState:
+    """``model``'s state, checking that ``adapter_name`` is loaded.
+
+    :raises AdapterNotFoundError: it is not.
+    """
+    state = get_state(model)
+    if state is None or adapter_name not in state.configs:
+        loaded = state.names if state is not None else []
+        raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded (loaded: {loaded})",
+                                   key=adapter_name, hint="load_adapter() it first")
+    return state
+
+
+def drop_state_if_empty(model: torch.nn.Module) -> None:
+    """Remove the bookkeeping attribute once no adapter is left."""
+    state = get_state(model)
+    if state is not None and not state.names:
+        del model.__dict__[STATE_ATTR]
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:
@@ -62,7 +108,8 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     >>> adapter_names(model)                                            # doctest: +SKIP
     ['default', 'fr']
     """
-    raise NotImplementedError
+    state = get_state(model)
+    return list(state.names) if state is not None else []
 
 
 def active_adapters(model: torch.nn.Module) -> list[str]:
@@ -71,40 +118,90 @@ def active_adapters(model: torch.nn.Module) -> list[str]:
     >>> active_adapters(model)                                          # doctest: +SKIP
     ['default']
     """
-    raise NotImplementedError
+    state = get_state(model)
+    return state.active if state is not None else []
 
 
-def set_active(model: torch.nn.Module, adapter_names: list[str]) -> None:
+def set_active(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     """Make exactly ``adapter_names`` active (several add up; ``[]`` disables), unmerging first.
 
     :raises AdapterNotFoundError: a name is not loaded (nothing changes).
+    :raises UnsupportedError: two prefix/prompt-tuning adapters at once.
 
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
-    raise NotImplementedError
+    names = tuple(dict.fromkeys(adapter_names))
+    state = get_state(model)
+    if state is None:
+        if names:
+            require_state(model, names[0])
+        return
+    for name in names:
+        require_state(model, name)
+    prompts = [n for n in names if state.configs[n].is_prompt_learning]
+    if len(prompts) > 1:
+        raise UnsupportedError(f"only one prefix/prompt-tuning adapter can be active at a time, got {prompts}",
+                               key=prompts[1], hint="activate one of them (with any number of layer adapters)")
+    if state.merged:
+        unmerge(model)
+    state.switch.names = names
+
+
+def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
+    out = []
+    for model_name in state.modules.get(adapter_name, {}).values():
+        out.append((model_name, model.get_submodule(model_name)))
+    return out
 
 
 def delete(model: torch.nn.Module, adapter_name: str) -> None:
     """Remove an adapter; a module left without adapters gets its original object back.
 
-    A merged adapter's delta stays in the base weights (``unload(merge=True)``).
+    A merged adapter's delta stays in the base weights (``unload(merge=True)``). If the adapter
+    was the only active one, the first remaining adapter becomes active (as in PEFT).
 
     :raises AdapterNotFoundError: no adapter of that name.
 
     >>> delete(model, "fr")                                             # doctest: +SKIP
     """
-    raise NotImplementedError
+    from .inject import remove_adapter_modules
+
+    state = require_state(model, adapter_name)
+    was_active = adapter_name in state.switch.names
+    remove_adapter_modules(model, adapter_name)
+    state.names.remove(adapter_name)
+    state.configs.pop(adapter_name)
+    state.modules.pop(adapter_name, None)
+    if adapter_name in state.merged:
+        state.merged.remove(adapter_name)
+    remaining = tuple(n for n in state.switch.names if n != adapter_name)
+    if was_active and not remaining and state.names:
+        remaining = (state.names[0],)
+    state.switch.names = remaining
+    drop_state_if_empty(model)
 
 
-def merge(model: torch.nn.Module, adapter_names: list[str]) -> None:
+def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: prefix/prompt tuning (no weight delta).
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or a layer that cannot merge.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
-    raise NotImplementedError
+    state = get_state(model)
+    for name in adapter_names:
+        require_state(model, name)
+        if state.configs[name].is_prompt_learning:
+            raise UnsupportedError(f"{state.configs[name].peft_type} adds virtual tokens; it has no weights to merge",
+                                   key=name, hint="keep the adapter unmerged")
+    for name in adapter_names:
+        if name in state.merged:
+            continue
+        for _, layer in _wrappers(model, state, name):
+            if isinstance(layer, AdapterLayer):
+                layer.merge([name])
+        state.merged.append(name)
 
 
 def unmerge(model: torch.nn.Module) -> None:
@@ -112,4 +209,18 @@ def unmerge(model: torch.nn.Module) -> None:
 
     >>> unmerge(model)                                                  # doctest: +SKIP
     """
-    raise NotImplementedError
+    state = get_state(model)
+    if state is None or not state.merged:
+        return
+    seen = set()
+    for name in reversed(state.merged):
+        for model_name, layer in _wrappers(model, state, name):
+            if isinstance(layer, AdapterLayer) and model_name not in seen:
+                seen.add(model_name)
+                layer.unmerge()
+    state.merged.clear()
+
+
+def modules_to_save_layers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[ModulesToSaveLayer]:
+    """The :class:`ModulesToSaveLayer` wrappers holding a copy for ``adapter_name``."""
+    return [m for _, m in _wrappers(model, state, adapter_name) if isinstance(m, ModulesToSaveLayer)]
