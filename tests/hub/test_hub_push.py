@@ -1,0 +1,147 @@
+"""Pushing adapters: validated before anything is sent, only the adapter files plus a model card, one commit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TOKEN, lora_config, lora_tensors
+from safetensors.numpy import save_file
+
+import adapterspec
+from adapterspec import HubError, IntegrityError, ShapeMismatchError
+from adapterspec.cli import main
+from adapterspec.hub import download_adapter, push_to_hub
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # inside huggingface_hub's LFS upload
+
+
+def _bad_rank_folder(path: Path) -> Path:
+    """A PEFT-style folder whose config says r=4 while its tensors have rank 2."""
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(lora_config(4)))
+    save_file(lora_tensors(0.0, r=2), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_invalid_adapter_is_refused_and_nothing_uploaded(hub, tmp_path: Path) -> None:
+    bad = _bad_rank_folder(tmp_path / "bad")
+    with pytest.raises(ShapeMismatchError) as info:
+        push_to_hub(bad, "org/bad")
+    assert "lora_A.weight" in str(info.value)
+    assert hub.requests == [] and hub.commit_requests() == [] and "org/bad" not in hub.repos
+
+
+def test_tampered_checksum_is_refused(hub, make_lora) -> None:
+    folder = make_lora("tampered")
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of tensor data flipped after the sha256 was recorded
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        push_to_hub(folder, "org/tampered")
+    assert hub.requests == []
+
+
+def test_one_invalid_adapter_refuses_the_whole_folder(hub, tmp_path: Path) -> None:
+    several = adapterspec.write_adapters(tmp_path / "several", {"default": (lora_config(), lora_tensors()),
+                                                                 "fr": (lora_config(), lora_tensors(1.0))})
+    save_file(lora_tensors(1.0, r=3), str(several / "fr" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ShapeMismatchError):
+        push_to_hub(several, "org/several")
+    assert hub.requests == []
+
+
+def test_only_adapter_files_and_a_model_card_are_uploaded(hub, make_lora) -> None:
+    folder = make_lora("extras")
+    (folder / "optimizer.pt").write_bytes(b"training state, not part of the adapter")
+    (folder / "README.md").write_text("PEFT's template card")
+
+    commit = push_to_hub(folder, "org/extras")
+
+    files = hub.files("org/extras")
+    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert files["adapter_model.safetensors"] == (folder / "adapter_model.safetensors").read_bytes()
+    assert files["adapter_config.json"] == (folder / "adapter_config.json").read_bytes()
+    assert len(hub.commit_requests()) == 1 and commit.oid == hub.repos["org/extras"].branches["main"]
+    assert commit.startswith(hub.url + "/org/extras/commit/")
+
+
+def test_model_card_metadata_and_body(hub, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    folder = adapterspec.write_adapter(tmp_path / "dora", lora_config(use_dora=True, use_rslora=True), {
+        **lora_tensors(), "base_model.model.layers.0.q_proj.lora_magnitude_vector": np.arange(6, dtype=np.float32)})
+    push_to_hub(folder, "org/dora", subfolder="v1")
+
+    card = ModelCard(hub.files("org/dora")["v1/README.md"].decode())
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == "tiny-org/tiny-llama"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["adapterspec", "peft", "lora", "dora", "rslora"]
+    body = card.text
+    assert "| default | `.` | LORA | 2 | 2.82843 | q_proj | 1 | 3 | 34 | F32 |" in body  # alpha 4 / sqrt(2)
+    assert 'adapterspec.load_adapter(model, "org/dora", subfolder="v1")' in body
+    assert 'PeftModel.from_pretrained(model, "org/dora", subfolder="v1")' in body
+
+
+def test_model_card_of_several_adapters_and_custom_card(hub, tmp_path: Path, make_lora) -> None:
+    from huggingface_hub import ModelCard
+
+    several = adapterspec.write_adapters(tmp_path / "several", {"default": (lora_config(), lora_tensors()),
+                                                                 "fr": (lora_config(4), lora_tensors(1.0, r=4))})
+    push_to_hub(several, "org/several")
+    card = ModelCard(hub.files("org/several")["README.md"].decode())
+    assert "2 adapters (LORA)" in card.text and "| fr | `fr` | LORA | 4 |" in card.text
+    assert 'adapterspec.load_adapter(model, "org/several", "fr", subfolder="fr", activate=False)' in card.text
+
+    push_to_hub(make_lora("mine"), "org/mine", model_card="---\nlicense: mit\n---\n# My own card\n")
+    assert hub.files("org/mine")["README.md"] == b"---\nlicense: mit\n---\n# My own card\n"
+
+
+def test_pushing_the_same_files_again_makes_no_commit(hub, make_lora) -> None:
+    folder = make_lora("same")
+    first = push_to_hub(folder, "org/same")
+    again = push_to_hub(folder, "org/same")
+    assert again.oid == first.oid and len(hub.repos["org/same"].commits) == 2  # the initial commit + one
+
+
+def test_hub_refusals_become_hub_errors(hub, make_lora) -> None:
+    folder = make_lora("refused")
+    with pytest.raises(HubError, match="repository 'org/absent' not found.*create it or pass create_repo=True"):
+        push_to_hub(folder, "org/absent", create_repo=False)
+    with pytest.raises(HubError, match="HTTP 401.*token is invalid or lacks write access"):
+        push_to_hub(folder, "org/refused", token="hf_not_a_valid_token")
+    assert hub.commit_requests() == []
+
+
+def test_push_command(hub, make_lora, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_lora("cli")
+    code = main(["push", str(folder), "org/cli", "--subfolder", "fr", "--revision", "dev", "--private",
+                 "--token", TOKEN, "-m", "first French adapter"])
+    assert code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(hub.url + "/org/cli/commit/")
+    repo = hub.repos["org/cli"]
+    assert repo.private and repo.branches["dev"] == out.rsplit("/", 1)[-1]
+    assert repo.commits[repo.branches["dev"]].title == "first French adapter"
+    assert "fr/adapter_model.safetensors" in hub.files("org/cli", "dev")
+    assert "fr/adapter_model.safetensors" not in hub.files("org/cli", "main")
+    assert download_adapter("hf://org/cli@dev/fr").is_dir()
+
+    bad = _bad_rank_folder(tmp_path / "bad")
+    hub.requests.clear()
+    assert main(["push", str(bad), "org/cli"]) == 1
+    assert "lora_A.weight" in capsys.readouterr().err and hub.requests == []
+
+
+def test_progress_bars_for_uploads_and_downloads(hub, make_lora, capfd: pytest.CaptureFixture[str]) -> None:
+    """huggingface_hub's own tqdm bars show the transfers (HF_HUB_DISABLE_PROGRESS_BARS=1 hides them)."""
+    push_to_hub(make_lora("bars"), "org/bars")
+    upload = capfd.readouterr().err
+    assert "adapter_model.safetensors" in upload and "100%" in upload
+
+    download_adapter("org/bars")
+    assert "Fetching 2 files" in capfd.readouterr().err
