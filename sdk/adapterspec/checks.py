@@ -158,7 +158,9 @@ def _lora(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[
 def _ia3(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[AdapterSpecError]:
     info = p["ia3_l"]
     feedforward = config.is_feedforward(module)
-    ok = len(info.shape) >= 2 and (info.shape[0] == 1 if feedforward else info.shape[1] == 1)
+    # conv layers (PEFT): [1, channels, 1, 1(, 1)] -- in-channels if feed-forward, else out-channels
+    conv = len(info.shape) >= 3 and info.shape[0] == 1 and all(d == 1 for d in info.shape[2:])
+    ok = conv or (len(info.shape) >= 2 and (info.shape[0] == 1 if feedforward else info.shape[1] == 1))
     if ok:
         return []
     want = "[1, in] (feed-forward: scales the input)" if feedforward else "[out, 1] (scales the output)"

@@ -1,0 +1,103 @@
+"""Helpers of the torch backend tests: element-unique values, PEFT references, snapshots, comparisons."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ATOL = 1e-6
+
+_ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "prompt_encoder", "modules_to_save")
+
+
+def unique_values(shape: tuple[int, ...], salt: int, *, around: float = 0.0, scale: float = 0.05) -> Any:
+    """Deterministic values, different for every element and every ``salt`` (so a transpose or a swapped
+    key cannot go unnoticed): ``around + scale * sin(1 + salt * 0.37 + arange * 0.731)``."""
+    n = math.prod(shape)
+    values = torch.sin(1.0 + salt * 0.37 + torch.arange(n, dtype=torch.float64) * 0.731)
+    return (around + scale * values).reshape(shape).to(torch.float32)
+
+
+def fill_adapter_weights(peft_model: nn.Module, *, scale: float = 0.05) -> None:
+    """Give every adapter tensor of a PEFT model element-unique, deterministic values.
+
+    IA3 vectors and DoRA magnitudes stay near their natural values (1, and the weight norm) so the
+    model's outputs stay in a sane range.
+    """
+    with torch.no_grad():
+        for salt, (name, param) in enumerate(sorted(peft_model.named_parameters())):
+            if not any(m in name for m in _ADAPTER_MARKERS):
+                continue
+            if "ia3_l" in name:
+                param.copy_(unique_values(tuple(param.shape), salt, around=1.0, scale=0.3))
+            elif "lora_magnitude_vector" in name:
+                param.copy_(param * unique_values(tuple(param.shape), salt, around=1.0, scale=0.2))
+            elif "hada_" in name or "lokr_" in name:
+                param.copy_(unique_values(tuple(param.shape), salt, scale=0.4))
+            elif "modules_to_save" in name or "prompt_encoder" in name:
+                param.copy_(unique_values(tuple(param.shape), salt, scale=0.5))
+            else:
+                param.copy_(unique_values(tuple(param.shape), salt, scale=scale))
+
+
+def fresh(base: nn.Module) -> nn.Module:
+    """An independent copy of a base model (same state dict, new objects)."""
+    return copy.deepcopy(base)
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed operation must leave untouched: state dict values, module objects, adapters."""
+    import adapterspec
+
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": [(name, id(module)) for name, module in model.named_modules()],
+        "adapters": adapterspec.adapter_names(model),
+        "active": adapterspec.active_adapters(model),
+    }
+
+
+def assert_same_snapshot(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["adapters"] == before["adapters"]
+    assert after["active"] == before["active"]
+    assert list(after["state"]) == list(before["state"])
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+def assert_close(actual: Any, expected: Any, atol: float = ATOL) -> None:
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f"max abs difference {diff} > {atol}"
+    assert actual.shape == expected.shape
+
+
+def logits(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else (out.last_hidden_state if hasattr(out, "last_hidden_state")
+                                                       else out)
+
+
+def peft_reference(base: nn.Module, config: Any, folder: Path, *, fill: Callable[[nn.Module], None] | None = None,
+                   adapter_name: str = "default") -> nn.Module:
+    """A PEFT model over a copy of ``base`` with element-unique adapter weights, saved to ``folder``."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(fresh(base), config, adapter_name=adapter_name)
+    (fill or fill_adapter_weights)(model)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(folder))
+    return model
