@@ -13,6 +13,8 @@ import adapterspec
 from adapterspec import HubError, UnsafeFileError
 from adapterspec.hub import HubRef, download_adapter, download_adapters, parse_hub_ref, push_to_hub
 
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # inside huggingface_hub's LFS upload
+
 
 def _tensors(folder: Path) -> dict[str, np.ndarray]:
     return adapterspec.read_adapter(folder).load_tensors("numpy")
