@@ -37,6 +37,17 @@ from .spec import SPEC_VERSION
 
 __version__ = "0.1.0"
 
+_HUB = ("download_adapter", "download_adapters", "push_to_hub")
+
+
+def __getattr__(name: str) -> object:
+    # The Hub client is imported on first use, keeping `import adapterspec` light.
+    if name in _HUB:
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'adapterspec' has no attribute {name!r}")
+
 __all__ = [
     "SPEC_VERSION",
     "Adapter",
@@ -50,6 +61,8 @@ __all__ = [
     "check_adapter_name",
     "delete_adapter",
     "disabled_adapters",
+    "download_adapter",
+    "download_adapters",
     "extract_adapter",
     "hookimpl",
     "inject_adapter",
@@ -57,6 +70,7 @@ __all__ = [
     "load_adapter",
     "load_schema",
     "merge_adapters",
+    "push_to_hub",
     "read_adapter",
     "read_adapters",
     "save_adapter",

@@ -49,9 +49,9 @@ def _error(exc: AdapterSpecError) -> dict[str, Any]:
 
 def _local(target: str) -> Path:
     if target.startswith("hf://"):
-        from .hub import download_adapter
+        from .hub import resolve_for_validation
 
-        return Path(download_adapter(target))
+        return Path(resolve_for_validation(target))
     return Path(target)
 
 
