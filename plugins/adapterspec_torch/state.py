@@ -127,9 +127,15 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
 
 
 def restore_base_weights(model: nn.Module, adapter_name: str) -> None:
-    """Give the layers whose weight ``adapter_name``'s file replaced their previous weight parameter back."""
+    """Give the layers whose weight ``adapter_name``'s file replaced their previous weight parameter back.
+
+    A merged adapter keeps its weight (with its delta merged in): that is ``unload(merge=True)``.
+    """
     state = require_state(model, adapter_name)
-    for own, (old, new) in state.base_weights.pop(adapter_name, {}).items():
+    replaced = state.base_weights.pop(adapter_name, {})
+    if adapter_name in state.merged:
+        return
+    for own, (old, new) in replaced.items():
         base = model.get_submodule(own).base_layer
         if base._parameters["weight"] is new:
             base._parameters["weight"] = old

@@ -25,26 +25,27 @@ def unique_values(shape: tuple[int, ...], salt: int, *, around: float = 0.0, sca
     return (around + scale * values).reshape(shape).to(torch.float32)
 
 
-def fill_adapter_weights(peft_model: nn.Module, *, scale: float = 0.05) -> None:
+def fill_adapter_weights(peft_model: nn.Module, *, salt: int = 0, scale: float = 0.05) -> None:
     """Give every adapter tensor of a PEFT model element-unique, deterministic values.
 
     IA3 vectors and DoRA magnitudes stay near their natural values (1, and the weight norm) so the
     model's outputs stay in a sane range.
     """
     with torch.no_grad():
-        for salt, (name, param) in enumerate(sorted(peft_model.named_parameters())):
+        for index, (name, param) in enumerate(sorted(peft_model.named_parameters())):
+            salt_i = salt + index
             if not any(m in name for m in _ADAPTER_MARKERS):
                 continue
             if "ia3_l" in name:
-                param.copy_(unique_values(tuple(param.shape), salt, around=1.0, scale=0.3))
+                param.copy_(unique_values(tuple(param.shape), salt_i, around=1.0, scale=0.3))
             elif "lora_magnitude_vector" in name:
-                param.copy_(param * unique_values(tuple(param.shape), salt, around=1.0, scale=0.2))
+                param.copy_(param * unique_values(tuple(param.shape), salt_i, around=1.0, scale=0.2))
             elif "hada_" in name or "lokr_" in name:
-                param.copy_(unique_values(tuple(param.shape), salt, scale=0.4))
+                param.copy_(unique_values(tuple(param.shape), salt_i, scale=0.4))
             elif "modules_to_save" in name or "prompt_encoder" in name:
-                param.copy_(unique_values(tuple(param.shape), salt, scale=0.5))
+                param.copy_(unique_values(tuple(param.shape), salt_i, scale=0.5))
             else:
-                param.copy_(unique_values(tuple(param.shape), salt, scale=scale))
+                param.copy_(unique_values(tuple(param.shape), salt_i, scale=scale))
 
 
 def fresh(base: nn.Module) -> nn.Module:

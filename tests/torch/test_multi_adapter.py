@@ -1,0 +1,211 @@
+"""Several adapters in one model: switch, several active at once, disable, merge/unmerge, delete -- each
+compared with PEFT doing the same operations on the same folders."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from torch_helpers import assert_close, fill_adapter_weights, fresh, logits, peft_reference  # noqa: E402
+
+
+def _two_adapters(base: Any, tmp_path: Any) -> tuple[Any, Any]:
+    from peft import LoraConfig
+
+    peft_reference(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                   tmp_path / "a")
+    peft_reference(base, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "k_proj", "up_proj"]),
+                   tmp_path / "b", fill=lambda m: fill_adapter_weights(m, salt=1000, scale=0.08))
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _peft_model(base: Any, folders: dict[str, Any]) -> Any:
+    from peft import PeftModel
+
+    names = list(folders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(fresh(base), str(folders[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval()
+
+
+def test_switch_combine_disable_delete_like_peft(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    a, b = _two_adapters(llama, tmp_path)
+    reference = _peft_model(llama, {"a": a, "b": b})
+    model = fresh(llama)
+    before_ids = [(name, id(module)) for name, module in model.named_modules()]
+    adapterspec.load_adapter(model, a, "a")
+    adapterspec.load_adapter(model, b, "b")
+    assert adapterspec.adapter_names(model) == ["a", "b"]
+    assert adapterspec.active_adapters(model) == ["b"]
+
+    outputs = {}
+    for active in (["a"], ["b"], ["a", "b"], ["b", "a"]):
+        reference.base_model.set_adapter(active)
+        adapterspec.set_active_adapters(model, active)
+        assert adapterspec.active_adapters(model) == active
+        outputs[tuple(active)] = logits(model, token_inputs)
+        assert_close(outputs[tuple(active)], logits(reference, token_inputs))
+    assert (outputs[("a",)] - outputs[("b",)]).abs().max() > 1e-3
+
+    with reference.disable_adapter(), adapterspec.disabled_adapters(model):
+        assert adapterspec.active_adapters(model) == []
+        assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+        assert_close(logits(model, token_inputs), logits(llama, token_inputs), atol=0)
+    assert adapterspec.active_adapters(model) == ["b", "a"]
+
+    reference.delete_adapter("a")
+    adapterspec.delete_adapter(model, "a")
+    assert adapterspec.adapter_names(model) == ["b"]
+    assert adapterspec.active_adapters(model) == reference.base_model.active_adapters == ["b"]
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+
+    adapterspec.delete_adapter(model, "b")
+    assert adapterspec.adapter_names(model) == []
+    assert [(name, id(module)) for name, module in model.named_modules()] == before_ids
+    expected_state = llama.state_dict()
+    assert list(model.state_dict()) == list(expected_state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected_state[key]), key
+
+
+def test_deleting_the_active_adapter_activates_the_first_remaining(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    a, b = _two_adapters(llama, tmp_path)
+    reference = _peft_model(llama, {"a": a, "b": b})
+    reference.set_adapter("a")
+    model = fresh(llama)
+    adapterspec.load_adapter(model, a, "a")
+    adapterspec.load_adapter(model, b, "b", activate=False)
+    assert adapterspec.active_adapters(model) == ["a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.delete_adapter("a")
+    adapterspec.delete_adapter(model, "a")
+    assert adapterspec.active_adapters(model) == reference.base_model.active_adapters == ["b"]
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+
+
+def test_merge_several_and_unmerge_like_peft(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    a, b = _two_adapters(llama, tmp_path)
+    reference = _peft_model(llama, {"a": a, "b": b})
+    model = fresh(llama)
+    adapterspec.load_adapter(model, a, "a")
+    adapterspec.load_adapter(model, b, "b")
+    reference.base_model.set_adapter(["a", "b"])
+    adapterspec.set_active_adapters(model, ["a", "b"])
+    unmerged = logits(model, token_inputs)
+
+    reference.merge_adapter(["a", "b"])
+    adapterspec.merge_adapters(model, ["a", "b"])
+    merged = logits(model, token_inputs)
+    assert_close(merged, logits(reference, token_inputs), atol=1e-5)
+    assert_close(merged, unmerged, atol=1e-5)
+
+    reference.unmerge_adapter()
+    adapterspec.unmerge_adapters(model)
+    assert_close(logits(model, token_inputs), unmerged, atol=1e-5)
+    restored = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "adapter_weights" not in k}
+    for key, value in llama.state_dict().items():  # the base weights are back (to float rounding)
+        assert_close(restored[key], value, atol=1e-6)
+
+    # set_active unmerges first (the hook contract)
+    adapterspec.merge_adapters(model, ["a"])
+    adapterspec.set_active_adapters(model, ["b"])
+    reference.set_adapter("b")
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs), atol=1e-5)
+
+
+def _merge_cases() -> list[Any]:
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+
+    return [
+        pytest.param("gpt2", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                fan_in_fan_out=True, lora_bias=True), id="gpt2-lora-bias"),
+        pytest.param("llama", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                 use_dora=True), id="llama-dora"),
+        pytest.param("llama", lambda: IA3Config(target_modules=["k_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"]), id="llama-ia3"),
+        pytest.param("llama", lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"]), id="llama-loha"),
+        pytest.param("llama", lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"]), id="llama-lokr"),
+        pytest.param("gpt2", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                fan_in_fan_out=True, use_dora=True), id="gpt2-dora"),
+        pytest.param("gpt2", lambda: IA3Config(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
+                                               feedforward_modules=["mlp.c_proj"]), id="gpt2-ia3"),
+        pytest.param("cnn", lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "conv3", "head"],
+                                               use_dora=True), id="cnn-dora"),
+        pytest.param("cnn", lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"]),
+                     id="cnn-lora"),
+        pytest.param("cnn", lambda: IA3Config(target_modules=["conv1", "conv2"], feedforward_modules=["conv2"]),
+                     id="cnn-ia3"),
+    ]
+
+
+def _forward(model: Any, kind: str, request: pytest.FixtureRequest) -> Any:
+    if kind == "cnn":
+        with torch.no_grad():
+            return model(request.getfixturevalue("image_inputs"))
+    return logits(model, request.getfixturevalue("token_inputs"))
+
+
+@pytest.mark.parametrize(("kind", "make_config"), _merge_cases())
+def test_merge_unmerge_unload_like_peft(kind: str, make_config: Any, request: pytest.FixtureRequest,
+                                       tmp_path: Any) -> None:
+    base = request.getfixturevalue(kind)
+    peft_reference(base, make_config(), tmp_path)
+    reference = _peft_model(base, {"default": tmp_path})
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    unmerged = _forward(model, kind, request)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    adapterspec.merge_adapters(model)
+    assert_close(_forward(model, kind, request), _forward(reference, kind, request), atol=1e-5)
+    assert_close(_forward(model, kind, request), unmerged, atol=1e-4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.unmerge_adapter()
+    adapterspec.unmerge_adapters(model)
+    assert_close(_forward(model, kind, request), _forward(reference, kind, request), atol=1e-5)
+    assert_close(_forward(model, kind, request), unmerged, atol=1e-4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = reference.merge_and_unload()
+    adapterspec.unload(model, merge=True)
+    assert adapterspec.adapter_names(model) == []
+    assert sorted(model.state_dict()) == sorted(plain.state_dict())
+    assert_close(_forward(model, kind, request), _forward(plain, kind, request), atol=1e-5)
+
+
+def test_prefix_and_prompt_tuning_cannot_merge(llama: Any, tmp_path: Any) -> None:
+    from peft import PromptTuningConfig
+
+    peft_reference(llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), tmp_path)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path)
+    with pytest.raises(adapterspec.UnsupportedError, match="no weights to merge"):
+        adapterspec.merge_adapters(model)
+
+
+def test_unknown_adapter_names_are_refused(llama: Any, tmp_path: Any) -> None:
+    a, _ = _two_adapters(llama, tmp_path)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, a, "a")
+    with pytest.raises(adapterspec.AdapterNotFoundError, match="'x'"):
+        adapterspec.set_active_adapters(model, ["a", "x"])
+    assert adapterspec.active_adapters(model) == ["a"]
+    with pytest.raises(adapterspec.AdapterExistsError):
+        adapterspec.load_adapter(model, a, "a")
+    with pytest.raises(adapterspec.AdapterNotFoundError):
+        adapterspec.delete_adapter(model, "x")
