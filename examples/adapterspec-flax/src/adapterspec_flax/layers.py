@@ -1,0 +1,297 @@
+"""The NNX layers of the Flax backend: adapter weights, and the wrappers put in place of adapted layers.
+
+An adapted ``nnx.Linear`` (or ``nnx.Embed``) is replaced, at the same attribute path, by an
+:class:`AdaptedLinear` (:class:`AdaptedEmbed`) that holds the original layer object as ``base_layer``
+and one weights module per adapter in ``adapters`` (an ``nnx.Dict``). Tensors are kept in Flax
+layout -- kernels are ``[in, out]`` -- so ``lora_A`` is ``[in, r]`` here and ``[r, in]`` in the file.
+
+Which adapters run is static module data (``active``, ``merged``): switching reassigns two tuples,
+never copies a weight, and ``nnx.jit`` retraces on the change.
+
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> layer = AdaptedLinear(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+>>> layer.adapters["default"] = LoraWeights("q", jnp.ones((2, 1)), jnp.ones((1, 3)), scaling=0.5)
+>>> layer.active = ("default",)
+>>> bool(jnp.allclose(layer(jnp.ones((1, 2))), layer.base_layer(jnp.ones((1, 2))) + 1.0))
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from adapterspec.errors import UnsupportedError
+
+__all__ = [
+    "AdaptedEmbed",
+    "AdaptedLinear",
+    "AdapterVariable",
+    "DoraNorm",
+    "IA3Weights",
+    "LoraWeights",
+    "WRAPPERS",
+    "Weights",
+]
+
+#: PEFT adds this to IA3 vectors before dividing them out of a merged weight.
+IA3_UNMERGE_EPS = 1e-8
+
+
+class AdapterVariable(nnx.Variable):  # type: ignore[misc]
+    """A frozen adapter tensor: not an ``nnx.Param``, so ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves it alone."""
+
+
+class DoraNorm(nnx.Variable):  # type: ignore[misc]
+    """The weight norm a DoRA adapter was merged with (unmerging needs it: the merged weight has another norm)."""
+
+
+def _variable(value: jax.Array, trainable: bool) -> nnx.Variable:
+    return nnx.Param(value) if trainable else AdapterVariable(value)
+
+
+class LoraWeights(nnx.Module):
+    """One LoRA (or DoRA) adapter of one layer, Flax layout.
+
+    :param module: the spec module path it adapts (the key prefix on disk).
+    :param lora_a: ``[in, r]`` (``[num_embeddings, r]`` on an embedding).
+    :param lora_b: ``[r, out]`` (``[r, features]`` on an embedding).
+    :param scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    :param bias: ``lora_B``'s bias ``[out]`` (``lora_bias``), or ``None``.
+    :param magnitude: DoRA's magnitude vector ``[out]``, or ``None`` for plain LoRA.
+    :param trainable: ``nnx.Param`` variables if true, :class:`AdapterVariable` otherwise.
+    """
+
+    def __init__(self, module: str, lora_a: jax.Array, lora_b: jax.Array, *, scaling: float,
+                 bias: jax.Array | None = None, magnitude: jax.Array | None = None, trainable: bool = False) -> None:
+        self.module = module
+        self.scaling = float(scaling)
+        self.lora_A = _variable(lora_a, trainable)
+        self.lora_B = _variable(lora_b, trainable)
+        self.lora_B_bias = _variable(bias, trainable) if bias is not None else nnx.data(None)
+        self.magnitude = _variable(magnitude, trainable) if magnitude is not None else nnx.data(None)
+        self.merged_norm = nnx.data(None)
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether this is a DoRA adapter (it has a magnitude vector)."""
+        return self.magnitude is not None
+
+    def delta(self, dtype: Any) -> jax.Array:
+        """``scaling * A @ B`` in kernel layout (``[in, out]``; ``[num_embeddings, features]`` on an embedding)."""
+        return (self.scaling * (self.lora_A[...] @ self.lora_B[...])).astype(dtype)
+
+    def low_rank(self, x: jax.Array) -> jax.Array:
+        """``B(A(x))`` without the scaling (``lora_B``'s bias included), in the adapter's dtype."""
+        out = x.astype(self.lora_A.get_value().dtype) @ self.lora_A[...] @ self.lora_B[...]
+        return out + self.lora_B_bias[...] if self.lora_B_bias is not None else out
+
+
+class IA3Weights(nnx.Module):
+    """One IA3 adapter of one linear layer: the vector ``l`` scaling its output (or, feed-forward, its input).
+
+    :param module: the spec module path it adapts.
+    :param ia3_l: ``[out]``, or ``[in]`` when ``feedforward``.
+    """
+
+    def __init__(self, module: str, ia3_l: jax.Array, *, feedforward: bool, trainable: bool = False) -> None:
+        self.module = module
+        self.feedforward = bool(feedforward)
+        self.ia3_l = _variable(ia3_l, trainable)
+
+
+Weights = LoraWeights | IA3Weights
+
+
+def _live(layer: AdaptedLinear | AdaptedEmbed) -> list[Weights]:
+    """The weights that take part in the forward pass: active, loaded here, not merged."""
+    return [layer.adapters[n] for n in layer.active if n in layer.adapters and n not in layer.merged]
+
+
+class AdaptedLinear(nnx.Module):
+    """An ``nnx.Linear`` with adapters: ``base_layer`` is the very layer object that was at this path.
+
+    Forward pass (PEFT's): feed-forward IA3 vectors scale the input, the others the output; then each
+    live LoRA adds ``scaling * B(A(x))``, DoRA as in PEFT (``(m/||W + sBA|| - 1) * (base - bias) + m/||.|| * sBA x``).
+    Dropout is not applied (adapters loaded here are for inference).
+    """
+
+    def __init__(self, base_layer: nnx.Linear) -> None:
+        self.base_layer = base_layer
+        self.adapters: nnx.Dict = nnx.Dict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+
+    # read-only views of the wrapped layer, so code that reads them keeps working
+    @property
+    def kernel(self) -> nnx.Variable:
+        """The wrapped layer's kernel ``[in, out]``."""
+        return self.base_layer.kernel
+
+    @property
+    def bias(self) -> nnx.Variable | None:
+        """The wrapped layer's bias."""
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        """The wrapped layer's input size."""
+        return int(self.base_layer.in_features)
+
+    @property
+    def out_features(self) -> int:
+        """The wrapped layer's output size."""
+        return int(self.base_layer.out_features)
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        live = _live(self)
+        x = inputs
+        for w in live:
+            if isinstance(w, IA3Weights) and w.feedforward:
+                x = (x * w.ia3_l[...]).astype(inputs.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for w in live:
+            if isinstance(w, IA3Weights) and not w.feedforward:
+                result = (result * w.ia3_l[...]).astype(dtype)
+        for w in live:
+            if not isinstance(w, LoraWeights):
+                continue
+            low_rank = w.low_rank(inputs)
+            if not w.is_dora:
+                result = result + (low_rank * w.scaling).astype(dtype)
+                continue
+            weight = self.base_layer.kernel[...].astype(low_rank.dtype)
+            norm = jax.lax.stop_gradient(jnp.linalg.norm(weight + w.delta(weight.dtype), axis=0))
+            scale = w.magnitude[...] / norm
+            base_result = result
+            if self.base_layer.bias is not None:
+                base_result = base_result - self.base_layer.bias[...]
+            result = result + ((scale - 1) * base_result + scale * low_rank * w.scaling).astype(dtype)
+        return result
+
+    def weight_variables(self) -> tuple[nnx.Variable, nnx.Variable | None]:
+        """The base layer's kernel and bias variables (what merging writes)."""
+        return self.base_layer.kernel, self.base_layer.bias
+
+    def merged_state(self, names: tuple[str, ...]) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+        """Kernel and bias with ``names`` merged in turn into the current ones, and the norms of the DoRA
+        adapters among them -- computed, not assigned (the caller commits all layers at once).
+
+        :raises UnsupportedError: a ``lora_B`` bias would have to merge into a layer without bias.
+        """
+        norms: dict[str, jax.Array] = {}
+        kernel = self.base_layer.kernel[...]
+        bias = self.base_layer.bias[...] if self.base_layer.bias is not None else None
+        unmerged = self.unmerged_state()[0]
+        for name in names:
+            w = self.adapters[name]
+            if isinstance(w, IA3Weights):
+                l = w.ia3_l[...].astype(kernel.dtype)
+                kernel = kernel * (l[:, None] if w.feedforward else l[None, :])
+                if bias is not None and not w.feedforward:
+                    bias = bias * l.astype(bias.dtype)
+                continue
+            delta = w.delta(kernel.dtype)
+            if w.lora_B_bias is not None:
+                if bias is None:
+                    raise UnsupportedError(
+                        "cannot merge lora_B's bias into a layer without bias", key=w.module,
+                        hint="keep the adapter unmerged (use_bias=False layers cannot take lora_bias)")
+                bias = bias + (w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
+            if w.is_dora:
+                # PEFT: the norm is that of the unmerged weight plus this delta
+                norm = jnp.linalg.norm(unmerged + delta, axis=0)
+                norms[name] = norm
+                kernel = ((w.magnitude[...] / norm)[None, :] * (kernel + delta)).astype(kernel.dtype)
+            else:
+                kernel = kernel + delta
+        return kernel, bias, norms
+
+    def unmerged_state(self) -> tuple[jax.Array, jax.Array | None]:
+        """Kernel and bias with every merged adapter subtracted again, newest first -- no assignment."""
+        kernel = self.base_layer.kernel[...]
+        bias = self.base_layer.bias[...] if self.base_layer.bias is not None else None
+        for name in reversed(self.merged):
+            w = self.adapters[name]
+            if isinstance(w, IA3Weights):
+                l = w.ia3_l[...].astype(kernel.dtype) + IA3_UNMERGE_EPS
+                kernel = kernel / (l[:, None] if w.feedforward else l[None, :])
+                if bias is not None and not w.feedforward:
+                    bias = bias / l.astype(bias.dtype)
+                continue
+            delta = w.delta(kernel.dtype)
+            if w.is_dora:
+                factor = w.magnitude[...] / w.merged_norm[...]
+                kernel = (kernel / factor[None, :]).astype(kernel.dtype)
+            kernel = kernel - delta
+            if w.lora_B_bias is not None and bias is not None:
+                bias = bias - (w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
+        return kernel, bias
+
+
+class AdaptedEmbed(nnx.Module):
+    """An ``nnx.Embed`` with LoRA adapters (``lora_embedding_A``/``_B``): ``y = E[x] + scaling * A[x] @ B``.
+
+    ``attend`` (tied output layers) uses the base embedding only, as PEFT does for a tied head,
+    unless adapters are merged.
+    """
+
+    def __init__(self, base_layer: nnx.Embed) -> None:
+        self.base_layer = base_layer
+        self.adapters: nnx.Dict = nnx.Dict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+
+    @property
+    def embedding(self) -> nnx.Variable:
+        """The wrapped layer's embedding matrix ``[num_embeddings, features]``."""
+        return self.base_layer.embedding
+
+    @property
+    def num_embeddings(self) -> int:
+        """The wrapped layer's vocabulary size."""
+        return int(self.base_layer.num_embeddings)
+
+    @property
+    def features(self) -> int:
+        """The wrapped layer's embedding size."""
+        return int(self.base_layer.features)
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        result = self.base_layer(inputs, *args, **kwargs)
+        for w in _live(self):
+            assert isinstance(w, LoraWeights)
+            after_a = jnp.take(w.lora_A[...], inputs, axis=0)
+            result = result + (after_a @ w.lora_B[...] * w.scaling).astype(result.dtype)
+        return result
+
+    def attend(self, query: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The wrapped layer's ``attend``."""
+        return self.base_layer.attend(query, *args, **kwargs)
+
+    def weight_variables(self) -> tuple[nnx.Variable, None]:
+        """The base layer's embedding variable (what merging writes)."""
+        return self.base_layer.embedding, None
+
+    def merged_state(self, names: tuple[str, ...]) -> tuple[jax.Array, None, dict[str, jax.Array]]:
+        """The embedding matrix with ``names`` merged in -- computed, not assigned."""
+        table = self.base_layer.embedding[...]
+        for name in names:
+            table = table + self.adapters[name].delta(table.dtype)
+        return table, None, {}
+
+    def unmerged_state(self) -> tuple[jax.Array, None]:
+        """The embedding matrix with every merged adapter subtracted -- no assignment."""
+        table = self.base_layer.embedding[...]
+        for name in reversed(self.merged):
+            table = table - self.adapters[name].delta(table.dtype)
+        return table, None
+
+
+#: The wrapper class of each layer kind the backend adapts.
+WRAPPERS: dict[type, type] = {nnx.Linear: AdaptedLinear, nnx.Embed: AdaptedEmbed}

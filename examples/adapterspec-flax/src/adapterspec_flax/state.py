@@ -1,0 +1,157 @@
+"""Adapter tensors in and out: canonical keys and spec layout on disk, Flax layout in the model.
+
+Flax kernels are ``[in, out]``, the transpose of torch's, so every LoRA matrix is transposed on the
+way in and out: the file's ``lora_A.weight`` ``[r, in]`` is the model's ``lora_A`` ``[in, r]``.
+IA3 vectors are stored ``[out, 1]`` (``[1, in]`` feed-forward) and held flat.
+
+>>> load_state(model, adapterspec.read_adapter("my-lora"), "default", LoadOptions())  # doctest: +SKIP
+['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', ...]
+>>> config, tensors = extract_state(model, "default")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from adapterspec import Adapter, AdapterConfig, LoadOptions
+from adapterspec.errors import (
+    AdapterNotFoundError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+    UnsupportedError,
+)
+from adapterspec.naming import make_key, parse_key
+
+from .devices import place
+from .graph import get_state, iter_wrappers
+from .layers import AdaptedEmbed, IA3Weights, LoraWeights
+
+__all__ = ["Slot", "expected_params", "extract_state", "load_state"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one stored tensor lives in the model.
+
+    :param variable: the NNX variable holding it (Flax layout).
+    :param spec_shape: its shape on disk.
+    :param to_flax: file layout -> Flax layout.
+    :param to_spec: Flax layout -> file layout.
+    """
+
+    variable: nnx.Variable
+    spec_shape: tuple[int, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_spec: Callable[[np.ndarray], np.ndarray]
+
+
+def _transposed(variable: nnx.Variable) -> Slot:
+    shape = tuple(variable.get_value().shape[::-1])
+    return Slot(variable, shape, np.transpose, np.transpose)
+
+
+def _vector(variable: nnx.Variable, spec_shape: tuple[int, ...]) -> Slot:
+    return Slot(variable, spec_shape, lambda a: a.reshape(-1), lambda a: a.reshape(spec_shape))
+
+
+def _slots(weights: LoraWeights | IA3Weights, embedding: bool) -> dict[str, Slot]:
+    m = weights.module
+    if isinstance(weights, IA3Weights):
+        size = weights.ia3_l.get_value().shape[0]
+        return {make_key(m, "ia3_l"): _vector(weights.ia3_l, (1, size) if weights.feedforward else (size, 1))}
+    if embedding:
+        return {make_key(m, "lora_embedding_A"): _transposed(weights.lora_A),
+                make_key(m, "lora_embedding_B"): _transposed(weights.lora_B)}
+    slots = {make_key(m, "lora_A.weight"): _transposed(weights.lora_A),
+             make_key(m, "lora_B.weight"): _transposed(weights.lora_B)}
+    if weights.lora_B_bias is not None:
+        slots[make_key(m, "lora_B.bias")] = _vector(weights.lora_B_bias, weights.lora_B_bias.get_value().shape)
+    if weights.magnitude is not None:
+        slots[make_key(m, "lora_magnitude_vector")] = _vector(weights.magnitude, weights.magnitude.get_value().shape)
+    return slots
+
+
+def expected_params(model: nnx.Module, adapter_name: str) -> dict[str, Slot]:
+    """Canonical key -> the :class:`Slot` it fills, for every tensor adapter ``adapter_name`` stores.
+
+    :raises AdapterNotFoundError: no such adapter.
+
+    >>> sorted(expected_params(model, "default"))[:1]                   # doctest: +SKIP
+    ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight']
+    """
+    if adapter_name not in get_state(model).names:
+        raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded", key=adapter_name,
+                                   hint=f"loaded: {list(get_state(model).names)}")
+    slots: dict[str, Slot] = {}
+    for _, _, wrapper in iter_wrappers(model):
+        if adapter_name in wrapper.adapters:
+            slots.update(_slots(wrapper.adapters[adapter_name], isinstance(wrapper, AdaptedEmbed)))
+    return slots
+
+
+def _refuse_unexpected(key: str, config: AdapterConfig) -> None:
+    try:
+        role = parse_key(key, config.peft_type, config).role
+    except UnexpectedTensorError:
+        role = "adapter"
+    if role in ("base_layer", "modules_to_save"):
+        raise UnsupportedError("the file replaces base-model weights (a resized embedding or a module saved "
+                               "whole), which the flax backend does not do", key=key,
+                               hint="load this adapter with the torch backend")
+    raise UnexpectedTensorError("no injected layer takes this tensor", key=key,
+                                hint="the adapter was made for a model with other module names; pass module_map")
+
+
+def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
+    """Put ``adapter``'s tensors into the layers injected for ``adapter_name``: all checks first, then assign.
+
+    Names and shapes are checked from the header alone; the data is then read as NumPy
+    (``adapter.load_tensors("numpy")``), transposed to Flax layout and put on each variable's device
+    in its dtype (or ``options``').
+
+    :returns: the canonical keys loaded.
+    :raises MissingTensorError: an injected parameter has no tensor in the file.
+    :raises UnexpectedTensorError: a tensor has no injected parameter.
+    :raises ShapeMismatchError: a tensor's shape does not fit its parameter.
+    :raises UnsupportedError: the file holds base-layer or whole-module tensors.
+
+    >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
+    """
+    slots = expected_params(model, adapter_name)
+    for key in adapter.tensors:
+        if key not in slots:
+            _refuse_unexpected(key, adapter.config)
+    for key, slot in slots.items():
+        if key not in adapter.tensors:
+            raise MissingTensorError("the model has an injected parameter for it but the file has no such tensor",
+                                     key=key, hint="the file belongs to another config; check target_modules")
+        shape = tuple(adapter.tensors[key].shape)
+        if shape != slot.spec_shape:
+            raise ShapeMismatchError(f"shape {list(shape)} does not fit the layer, which needs {list(slot.spec_shape)}",
+                                     key=key, hint="the adapter was trained on a model of another size")
+    arrays = adapter.load_tensors("numpy")
+    new = {key: place(slot.to_flax(np.asarray(arrays[key])), slot.variable.get_value(), options)
+           for key, slot in slots.items()}
+    for key, slot in slots.items():
+        slot.variable.set_value(new[key])
+    return list(slots)
+
+
+def extract_state(model: nnx.Module, adapter_name: str) -> tuple[AdapterConfig, dict[str, Any]]:
+    """``adapter_name``'s config and tensors, canonical keys, spec layout, as contiguous NumPy arrays.
+
+    :raises AdapterNotFoundError: no such adapter.
+
+    >>> config, tensors = extract_state(model, "default")              # doctest: +SKIP
+    """
+    slots = expected_params(model, adapter_name)
+    tensors = {key: np.ascontiguousarray(slot.to_spec(np.asarray(jax.device_get(slot.variable.get_value()))))
+               for key, slot in slots.items()}
+    return get_state(model).config(adapter_name), tensors

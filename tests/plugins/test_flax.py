@@ -1,0 +1,434 @@
+"""The third-party Flax NNX backend (examples/adapterspec-flax), against PEFT itself.
+
+A small torch network and an NNX network with the same attribute paths (``embed``,
+``layers.0.q_proj``...) share their base weights (kernels transposed); adapters trained -- well,
+filled with element-unique values -- in PEFT load into the NNX model through the entry-point plugin,
+give PEFT's outputs, and save back into folders PEFT loads with no missing or unexpected key.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+nnx = pytest.importorskip("flax.nnx")
+pytest.importorskip("adapterspec_flax")
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from adapterspec.errors import (  # noqa: E402
+    AdapterNotFoundError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnsupportedError,
+)
+from adapterspec.plugins import get_plugin_manager, plugin_names  # noqa: E402
+from adapterspec_flax.layers import AdaptedEmbed, AdaptedLinear, AdapterVariable  # noqa: E402
+
+ATOL = 1e-5
+VOCAB, DIM, HID = 16, 8, 12
+
+
+# -- twin models -------------------------------------------------------------------------------------
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = torch.nn.Linear(DIM, HID)
+        self.o_proj = torch.nn.Linear(HID, DIM, bias=False)
+
+
+class TorchNet(torch.nn.Module):
+    """``embed`` -> per layer ``h += o_proj(tanh(q_proj(h)))``; returns ``h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.layers = torch.nn.ModuleList([TorchBlock(), TorchBlock()])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + layer.o_proj(torch.tanh(layer.q_proj(h)))
+        return h
+
+
+class FlaxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.q_proj = nnx.Linear(DIM, HID, rngs=rngs)
+        self.o_proj = nnx.Linear(HID, DIM, use_bias=False, rngs=rngs)
+
+
+class FlaxNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
+        self.layers = nnx.List([FlaxBlock(rngs), FlaxBlock(rngs)])
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + layer.o_proj(jnp.tanh(layer.q_proj(h)))
+        return h
+
+
+IDS = np.array([[0, 3, 5, 7, 15], [2, 4, 6, 8, 10]])
+
+
+def _fill(params: list[torch.nn.Parameter], scale: float, offset: float = 0.0) -> None:
+    """Element-unique values (a sine of the element index, shifted per tensor): a transpose cannot pass."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            idx = torch.arange(p.numel(), dtype=torch.float64)
+            p.copy_((torch.sin(idx * 0.37 + i + offset) * scale).reshape(p.shape).to(p.dtype))
+
+
+def torch_net() -> TorchNet:
+    net = TorchNet().eval()
+    _fill(list(net.parameters()), 0.5)
+    return net
+
+
+def flax_net() -> FlaxNet:
+    """The NNX twin of :func:`torch_net`: same weights, kernels transposed."""
+    net = FlaxNet(nnx.Rngs(0))
+    sd = {k: v.detach().numpy() for k, v in torch_net().state_dict().items()}
+    net.embed.embedding.set_value(jnp.asarray(sd["embed.weight"]))
+    for i, block in enumerate(net.layers):
+        block.q_proj.kernel.set_value(jnp.asarray(sd[f"layers.{i}.q_proj.weight"].T))
+        block.q_proj.bias.set_value(jnp.asarray(sd[f"layers.{i}.q_proj.bias"]))
+        block.o_proj.kernel.set_value(jnp.asarray(sd[f"layers.{i}.o_proj.weight"].T))
+    return net
+
+
+def run_torch(model: torch.nn.Module) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).numpy()
+
+
+def run_flax(model: nnx.Module) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(IDS)))
+
+
+def peft_model(config: peft.PeftConfig, offset: float = 0.0) -> peft.PeftModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(torch_net(), config)
+    adapter_params = [p for n, p in model.named_parameters() if "base_layer" not in n and any(
+        tag in n for tag in ("lora_", "ia3_"))]
+    _fill(adapter_params, 0.2, offset)
+    with torch.no_grad():  # IA3 vectors near 1 (as trained ones are), DoRA magnitudes positive
+        for n, p in model.named_parameters():
+            if "ia3_l" in n or "lora_magnitude_vector" in n:
+                p.add_(1.0)
+    return model.eval()
+
+
+CONFIGS = {
+    # rsLoRA, rank and alpha patterns, LoRA on the embedding
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["embed", "q_proj", "o_proj"],
+                                    rank_pattern={"o_proj": 2}, alpha_pattern={"layers.1.q_proj": 3},
+                                    init_lora_weights=False),
+    # lora_B with a bias (PEFT allows it on linear layers only)
+    "lora2": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_bias=True,
+                                     init_lora_weights=False),
+    "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True,
+                                    init_lora_weights=False),
+    "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "o_proj"], feedforward_modules=["o_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
+    """name -> (folder written by PEFT's save_pretrained, PEFT's output on IDS)."""
+    root = tmp_path_factory.mktemp("flax-peft")
+    out = {}
+    for offset, (name, make) in enumerate(CONFIGS.items()):
+        model = peft_model(make(), offset=offset)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, run_torch(model))
+    return out
+
+
+# -- the plugin is found like any third-party one ------------------------------------------------------
+
+def test_entry_point_registers_flax() -> None:
+    assert "flax" in plugin_names()
+    assert adapterspec.backend_name(flax_net()) == "flax"
+    impls = [i for batch in get_plugin_manager().hook.adapterspec_conformance_implementations() for i in batch]
+    assert "flax" in [i.name for i in impls]
+
+
+def test_claiming_does_not_import_jax() -> None:
+    code = ("import sys, adapterspec\n"
+            "from adapterspec.plugins import get_plugin_manager\n"
+            "assert 'flax' in [n for n, _ in get_plugin_manager().list_name_plugin()]\n"
+            "assert get_plugin_manager().hook.adapterspec_backend_name(model=object()) is None\n"
+            "assert 'jax' not in sys.modules and 'flax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"ADAPTERSPEC_DISABLE_PLUGINS": "torch,keras"})
+
+
+# -- numbers equal PEFT's -------------------------------------------------------------------------------
+
+def test_base_models_agree() -> None:
+    np.testing.assert_allclose(run_flax(flax_net()), run_torch(torch_net()), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "lora2", "dora", "ia3"])
+def test_peft_adapter_matches_torch(saved: dict, name: str) -> None:
+    folder, expected = saved[name]
+    model = flax_net()
+    base = run_flax(model)
+    modules = adapterspec.load_adapter(model, folder)
+    assert modules == sorted(modules, key=lambda m: (m != "embed", m))  # embed, then layers in order
+    assert "layers.0.q_proj" in modules and ("embed" in modules) == (name == "lora")
+    out = run_flax(model)
+    assert np.abs(out - base).max() > 1e-2  # the adapter does something
+    np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
+    assert isinstance(model.layers[0].q_proj, AdaptedLinear)
+    assert isinstance(model.embed, AdaptedEmbed) == (name == "lora")
+
+
+def test_loaded_adapter_is_frozen_and_injected_one_trainable(saved: dict) -> None:
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora2"][0])
+    weights = model.layers[0].q_proj.adapters["default"]
+    assert isinstance(weights.lora_A, AdapterVariable) and not isinstance(weights.lora_A, nnx.Param)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["o_proj"]}, "fresh")
+    assert isinstance(model.layers[1].o_proj.adapters["fresh"].lora_B, nnx.Param)
+    trainable = {".".join(map(str, p)) for p, _ in nnx.state(model, nnx.Param).flat_state()}
+    assert "layers.1.o_proj.adapters.fresh.lora_A" in trainable
+    assert not any("adapters.default" in p for p in trainable)
+    # a fresh LoRA starts as a no-op (B = 0)
+    adapterspec.set_active_adapters(model, "fresh")
+    np.testing.assert_array_equal(run_flax(model), run_flax(flax_net()))
+
+
+# -- round trip: Flax -> save -> PEFT ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lora", "lora2", "dora", "ia3"])
+def test_roundtrip_saved_folder_loads_in_peft(saved: dict, tmp_path: Path, name: str) -> None:
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    folder, expected = saved[name]
+    model = flax_net()
+    adapterspec.load_adapter(model, folder)
+    out = adapterspec.save_adapter(model, tmp_path / name)
+    a, b = load_file(folder / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+    config = peft.PeftConfig.from_pretrained(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = peft.get_peft_model(torch_net(), config)
+    result = set_peft_model_state_dict(reloaded, load_peft_weights(str(out)))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if any(t in k for t in ("lora_", "ia3_"))]
+    np.testing.assert_allclose(run_torch(reloaded.eval()), expected, atol=ATOL, rtol=0)
+    # and through PeftModel.from_pretrained, as a user would
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(torch_net(), out)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message).lower()
+                and "keyword arguments" not in str(w.message)]
+    np.testing.assert_allclose(run_torch(loaded.eval()), expected, atol=ATOL, rtol=0)
+
+
+def test_fresh_flax_adapter_roundtrips(tmp_path: Path) -> None:
+    model = flax_net()
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["q_proj"],
+                                       "init_lora_weights": False})
+    flax_out = run_flax(model)
+    adapterspec.save_adapter(model, tmp_path / "fresh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(torch_net(), tmp_path / "fresh")
+    np.testing.assert_allclose(run_torch(loaded.eval()), flax_out, atol=ATOL, rtol=0)
+
+
+# -- switching, disabling, deleting, merging -----------------------------------------------------------
+
+def test_switch_disable_and_combine_like_peft(saved: dict) -> None:
+    model = flax_net()
+    base = run_flax(model)
+    adapterspec.load_adapter(model, saved["lora"][0])
+    adapterspec.load_adapter(model, saved["lora2"][0], "second")
+    assert adapterspec.adapter_names(model) == ["default", "second"]
+    assert adapterspec.active_adapters(model) == ["second"]
+    np.testing.assert_allclose(run_flax(model), saved["lora2"][1], atol=ATOL, rtol=0)
+    adapterspec.set_active_adapters(model, "default")
+    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    with adapterspec.disabled_adapters(model):
+        assert adapterspec.active_adapters(model) == []
+        np.testing.assert_array_equal(run_flax(model), base)
+    assert adapterspec.active_adapters(model) == ["default"]
+
+    # both at once add up, as in PEFT
+    reference = peft_model(CONFIGS["lora"](), offset=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.load_adapter(saved["lora2"][0], "second")
+    reference.base_model.set_adapter(["default", "second"])
+    adapterspec.set_active_adapters(model, ["default", "second"])
+    np.testing.assert_allclose(run_flax(model), run_torch(reference), atol=ATOL, rtol=0)
+    with pytest.raises(AdapterNotFoundError):
+        adapterspec.set_active_adapters(model, ["default", "nope"])
+    assert adapterspec.active_adapters(model) == ["default", "second"]
+
+
+def test_jit_sees_switches(saved: dict) -> None:
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora"][0])
+
+    @nnx.jit
+    def forward(m: nnx.Module, ids: jax.Array) -> jax.Array:
+        return m(ids)
+
+    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(IDS))), saved["lora"][1], atol=ATOL, rtol=0)
+    with adapterspec.disabled_adapters(model):
+        np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(IDS))), run_flax(flax_net()), atol=ATOL)
+
+
+def test_delete_restores_the_original_layer_objects(saved: dict) -> None:
+    model = flax_net()
+    originals = {"embed": model.embed, "q0": model.layers[0].q_proj, "o1": model.layers[1].o_proj}
+    before = nnx.state(model)
+    adapterspec.load_adapter(model, saved["lora"][0])
+    adapterspec.load_adapter(model, saved["ia3"][0], "ia3")
+    adapterspec.delete_adapter(model, "default")
+    assert model.embed is originals["embed"]  # only the LoRA was on the embedding
+    assert isinstance(model.layers[0].q_proj, AdaptedLinear)  # the IA3 is still on it
+    adapterspec.delete_adapter(model, "ia3")
+    assert model.layers[0].q_proj is originals["q0"] and model.layers[1].o_proj is originals["o1"]
+    assert adapterspec.adapter_names(model) == [] and not hasattr(model, "_adapterspec_state")
+    after = nnx.state(model)
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(AdapterNotFoundError):
+        adapterspec.delete_adapter(model, "default")
+
+
+@pytest.mark.parametrize("name", ["lora", "lora2", "dora", "ia3"])
+def test_merge_unmerge_and_unload(saved: dict, name: str) -> None:
+    folder, expected = saved[name]
+    model = flax_net()
+    kernel = np.asarray(model.layers[0].q_proj.kernel[...])
+    adapterspec.load_adapter(model, folder)
+    adapterspec.merge_adapters(model)
+    assert np.abs(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]) - kernel).max() > 1e-3
+    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+    adapterspec.unmerge_adapters(model)
+    np.testing.assert_allclose(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]), kernel, atol=1e-6)
+    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+    # merge_and_unload: the plain layers keep the adapter's effect
+    adapterspec.unload(model, merge=True)
+    assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
+    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+
+
+def test_switching_unmerges_first(saved: dict) -> None:
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora"][0])
+    adapterspec.merge_adapters(model)
+    with adapterspec.disabled_adapters(model):
+        np.testing.assert_allclose(run_flax(model), run_flax(flax_net()), atol=1e-6)
+    assert adapterspec.active_adapters(model) == ["default"]
+    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+
+
+# -- all or nothing --------------------------------------------------------------------------------------
+
+def test_failed_load_leaves_the_model_unchanged(saved: dict, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((saved["lora2"][0] / "adapter_config.json").read_text())
+    tensors = load_file(saved["lora2"][0] / "adapter_model.safetensors")
+    key = "base_model.model.layers.1.q_proj.lora_A.weight"
+    tensors[key] = np.ascontiguousarray(np.zeros((2, DIM + 1), np.float32))  # does not fit the layer
+    tensors["base_model.model.layers.1.q_proj.lora_B.weight"] = np.zeros((HID, 2), np.float32)
+    save_file(tensors, bad / "adapter_model.safetensors")
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora"][0], "keep")
+    adapterspec.set_active_adapters(model, "keep")
+    layer = model.layers[1].q_proj
+    with pytest.raises(ShapeMismatchError) as info:
+        adapterspec.load_adapter(model, bad, "bad")
+    assert info.value.key == key
+    assert adapterspec.adapter_names(model) == ["keep"] and adapterspec.active_adapters(model) == ["keep"]
+    assert model.layers[1].q_proj is layer and "bad" not in layer.adapters
+    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+
+
+def test_unsupported_and_unmatched_targets_change_nothing() -> None:
+    model = flax_net()
+    with pytest.raises(TargetNotFoundError):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": ["k_proj"]})
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["q_proj", "embed"],
+                                           "feedforward_modules": []})
+    assert info.value.key == "embed"
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.inject_adapter(model, {"peft_type": "LOHA", "target_modules": ["q_proj"]})
+    assert info.value.pointer == "/peft_type"
+    with pytest.raises(UnsupportedError):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": ["q_proj"],
+                                           "modules_to_save": ["o_proj"]})
+    assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
+
+
+def test_module_map_renames_spec_paths(saved: dict) -> None:
+    class Renamed(nnx.Module):
+        def __init__(self, net: FlaxNet) -> None:
+            self.tok = net.embed
+            self.blocks = net.layers
+
+        def __call__(self, ids: jax.Array) -> jax.Array:
+            h = self.tok(ids)
+            for layer in self.blocks:
+                h = h + layer.o_proj(jnp.tanh(layer.q_proj(h)))
+            return h
+
+    model = Renamed(flax_net())
+    mapping = {"embed": "tok"} | {f"layers.{i}.{p}": f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "o_proj")}
+    modules = adapterspec.load_adapter(model, saved["lora"][0], module_map=mapping)
+    assert "layers.0.q_proj" in modules and "embed" in modules
+    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    config, tensors = adapterspec.extract_adapter(model).config, adapterspec.extract_adapter(model).tensors
+    assert config.peft_type == "LORA" and "base_model.model.layers.1.o_proj.lora_A.weight" in tensors
+
+
+def test_dtype_option_bfloat16(saved: dict, tmp_path: Path) -> None:
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora2"][0], dtype="bfloat16")
+    assert model.layers[0].q_proj.adapters["default"].lora_A.get_value().dtype == jnp.bfloat16
+    np.testing.assert_allclose(run_flax(model), saved["lora2"][1], atol=2e-2, rtol=0)
+    out = adapterspec.save_adapter(model, tmp_path / "bf16")
+    assert {i.dtype for i in adapterspec.read_adapter(out).tensors.values()} == {"BF16"}
+
+
+# -- conformance ---------------------------------------------------------------------------------------
+
+def test_conformance_numeric_and_roundtrip_pass() -> None:
+    runner = pytest.importorskip("adapterspec.conformance.runner")
+    from adapterspec.conformance.cases import default_corpus_dir
+    from adapterspec_flax.conformance import FlaxImplementation
+
+    if not (default_corpus_dir() / "numeric.json").exists():
+        pytest.skip("the conformance corpus is not generated")
+    report = runner.run_suite(FlaxImplementation(), include=["^numeric/", "^roundtrip/"])
+    counts = report.counts()
+    assert counts["failed"] == 0, [(r.name, r.message) for r in report.results if r.status.value == "failed"]
+    assert counts["passed"] >= 4, counts
