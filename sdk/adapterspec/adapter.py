@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from .spec import (
 
 __all__ = ["Adapter", "check_adapter_name", "read_adapter", "validate_adapter"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow "x\n"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -52,7 +53,7 @@ def check_adapter_name(name: object) -> str:
     Traceback (most recent call last):
     adapterspec.errors.UnsafeFileError: adapter name '../x': must match ... (fix: ...)
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise UnsafeFileError(
             f"adapter name {name!r}: must match {_NAME_RE.pattern} (it becomes a folder name)",
             hint="use letters, digits, '.', '_' and '-', starting with a letter or digit")
@@ -114,14 +115,14 @@ class Adapter:
         if self.arrays is not None:
             return _convert(self.arrays, framework, device)
         assert self.weights_file is not None
-        if framework in ("numpy", "np"):
-            return _safetensors.load_numpy(self.weights_file)
         from safetensors import SafetensorError, safe_open
 
         try:
+            if framework in ("numpy", "np"):
+                return _safetensors.load_numpy(self.weights_file)
             with safe_open(str(self.weights_file), framework=framework, device=device) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, TypeError, KeyError) as exc:
             raise FileFormatError(f"cannot read tensors: {exc}", path=self.weights_file,
                                   hint="the file is corrupt or changed; download or save it again") from None
 
@@ -170,12 +171,31 @@ def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str
 
 
 def _inside(folder: Path, file: Path) -> Path:
-    """``file``, unless it is a link (or under one) that leads out of ``folder``."""
-    resolved = file.resolve()
-    if not resolved.is_relative_to(folder.resolve()):
+    """``file`` resolved, if it is a regular file in ``folder``: not a link (or under one) leading out
+    of it -- except into the ``blobs/`` of a Hugging Face cache snapshot --, not a FIFO or device."""
+    try:
+        resolved, root = file.resolve(), folder.resolve()
+        regular = stat.S_ISREG(resolved.stat().st_mode)
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UnsafeFileError(f"{file.name} cannot be resolved: {exc}", path=file,
+                              hint="replace the symlink with the file itself") from None
+    if not any(resolved.is_relative_to(allowed) for allowed in (root, *_hub_blobs(root))):
         raise UnsafeFileError(f"{file.name} leads outside the adapter folder (to {resolved})", path=file,
                               hint="replace the symlink with the file itself")
+    if not regular:
+        raise UnsafeFileError(f"{file.name} is not a regular file", path=file,
+                              hint="replace it with the file itself (not a pipe, device or folder)")
     return resolved
+
+
+def _hub_blobs(root: Path) -> list[Path]:
+    """``<repo>/blobs`` if ``root`` (resolved) is in ``<repo>/snapshots/<revision>/`` of huggingface_hub's
+    cache, whose files are links into ``blobs/``."""
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            blobs = folder.parent.parent / "blobs"
+            return [blobs] if blobs.is_dir() and not blobs.is_symlink() else []
+    return []
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -188,10 +208,14 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
-        raise UnsafeFileError(f"refused by torch.load(weights_only=True): {str(exc).splitlines()[0][:300]}",
+    except pickle.UnpicklingError as exc:
+        raise UnsafeFileError(f"refused by torch.load(weights_only=True): {(str(exc).splitlines() or [''])[0][:300]}",
                               path=path, hint="the pickle holds more than tensors; never load it unrestricted") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as exc:  # a hostile or corrupt file may fail anywhere in the unpickler
+        raise FileFormatError(f"not a readable torch pickle: {type(exc).__name__}: {str(exc)[:300]}", path=path,
+                              hint="the file is truncated or corrupt; download or save it again") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise FileFormatError("the pickle is not a flat dict of tensors", path=path,
                               hint="save the adapter as safetensors")
     return state

@@ -13,6 +13,7 @@ adapter is as fast as validating a tiny one. Every problem is reported, not just
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +24,16 @@ from .errors import (
     DTypeMismatchError,
     MissingTensorError,
     ShapeMismatchError,
+    TensorError,
     UnexpectedTensorError,
 )
 from .naming import PROMPT_KEY, TensorName, make_key, parse_key
 
 __all__ = ["ALLOWED_DTYPES", "TensorInfo", "tensor_errors"]
+
+#: Seconds :func:`tensor_errors` may spend matching module paths against the config's regular
+#: expressions before it gives up (a hostile file: many long keys and a slow pattern).
+MATCH_BUDGET_S = 30.0
 
 #: safetensors dtype names the spec allows for adapter tensors.
 ALLOWED_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -69,7 +75,14 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
         errors.extend(_prompt_errors(config, tensors))
         return errors
     check = _CHECKS[config.peft_type]
+    give_up = time.monotonic() + MATCH_BUDGET_S
     for module, params in modules.items():
+        if time.monotonic() > give_up:  # only hostile files get here: a few thousand modules take milliseconds
+            errors.append(TensorError(
+                f"matching {len(modules)} modules against the config's patterns took over {MATCH_BUDGET_S:.0f} s",
+                key=make_key(module, next(iter(params))),
+                hint="use simpler regular expressions in the config (or a list of module names)"))
+            break
         if not config.matches(module):
             for param in params:
                 errors.append(UnexpectedTensorError(
@@ -171,6 +184,10 @@ def _ia3(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[A
 def _pair(config: AdapterConfig, module: str, p: dict[str, TensorInfo], a: str, b: str) -> list[AdapterSpecError]:
     if a not in p or b not in p:
         return [_missing(module, b if a in p else a, f"module {module!r} has {a if a in p else b}")]
+    for name in (a, b):
+        if len(p[name].shape) < 2:
+            return [_shape(module, name, p[name], "LoHa/LoKr factors have at least 2 dimensions",
+                           f"save {a} and {b} as matrices")]
     errors: list[AdapterSpecError] = []
     if p[a].shape[-1] != p[b].shape[0]:
         errors.append(_shape(module, b, p[b], f"dimension 0 must equal {a}'s last dimension {p[a].shape[-1]}",

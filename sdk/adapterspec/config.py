@@ -19,6 +19,8 @@ import copy
 import functools
 import json
 import math
+import os
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
@@ -30,9 +32,9 @@ from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from .errors import AdapterSpecWarning, ConfigError, FileFormatError
 from .spec import SPEC_VERSION, check_version
-from .targets import is_feedforward, module_matches, pattern_value
+from .targets import is_feedforward, module_matches, pattern_value, regex_problems
 
-__all__ = ["AdapterConfig", "config_errors", "load_schema", "validate_config"]
+__all__ = ["AdapterConfig", "config_errors", "load_schema", "read_json_file", "validate_config"]
 
 
 @functools.cache
@@ -100,10 +102,14 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
     if not isinstance(data, Mapping):
         raise ConfigError(f"must be a JSON object, got {type(data).__name__}", pointer="", path=path,
                           hint='write {"peft_type": "LORA", ...}')
+    _check_json_value(data, path)
     check_version(data.get("adapterspec_version"), path=path)
     errors = config_errors(data, path=path)
     if errors:
         raise errors[0]
+    for pointer, problem in regex_problems(data):
+        raise ConfigError(problem, pointer=pointer, path=path,
+                          hint="write a simpler regular expression, or list the module names instead")
     unknown = sorted(set(data) - _known_fields(data["peft_type"]))
     if unknown and strict:
         raise ConfigError(
@@ -112,6 +118,43 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
             hint="remove it, fix its spelling, or validate without --strict",
         )
     return unknown
+
+
+#: Limits on a config's JSON: deeper or bigger is refused before anything walks it recursively.
+MAX_DEPTH = 64
+MAX_VALUES = 1_000_000
+MAX_CONFIG_BYTES = 64 * 2**20
+_INT_LIMIT = 2**64
+
+
+def _check_json_value(data: Any, path: str | None) -> None:
+    """Refuse what JSON cannot hold, and what would exhaust a reader: nesting deeper than
+    :data:`MAX_DEPTH` (no ``RecursionError`` later), more than :data:`MAX_VALUES` values, NaN and
+    infinities (``1e999`` parses as ``inf``), integers beyond 64 bits, non-string keys, non-JSON types."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    count = 0
+    while stack:
+        value, pointer, depth = stack.pop()
+        count += 1
+        problem = None
+        if depth > MAX_DEPTH or count > MAX_VALUES:
+            problem = f"nested deeper than {MAX_DEPTH} levels" if depth > MAX_DEPTH else f"more than {MAX_VALUES} values"
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    problem = f"key {key!r} is not a string"
+                    break
+                stack.append((item, pointer + "/" + key.replace("~", "~0").replace("/", "~1"), depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{pointer}/{i}", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problem = f"{value} is not a finite number (JSON has no NaN or Infinity)"
+        elif isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT < value < _INT_LIMIT:
+            problem = "integer out of the 64-bit range"
+        elif not (value is None or isinstance(value, (str, int, float))):
+            problem = f"a {type(value).__name__} is not a JSON value"
+        if problem:
+            raise ConfigError(problem, pointer=pointer, path=path, hint="use plain JSON values (see spec/v1/SPEC.md)")
 
 
 def _defaults(peft_type: str) -> dict[str, Any]:
@@ -164,16 +207,7 @@ class AdapterConfig(Mapping[str, Any]):
         :raises FileFormatError: not readable, or not JSON.
         :raises ConfigError: the JSON is not a valid config.
         """
-        try:
-            text = Path(path).read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FileFormatError(f"cannot read the config: {exc}", path=path,
-                                  hint="check the file exists and is UTF-8 JSON") from None
-        try:
-            data = json.loads(text, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError) as exc:
-            raise FileFormatError(f"not valid JSON: {exc}", path=path, hint="fix the JSON syntax") from None
-        return cls.from_dict(data, strict=strict, path=path)
+        return cls.from_dict(read_json_file(path), strict=strict, path=path)
 
     # -- mapping ----------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -257,6 +291,35 @@ class AdapterConfig(Mapping[str, Any]):
     def is_feedforward(self, module: str) -> bool:
         """IA3: whether ``module`` scales its input (feed-forward) rather than its output."""
         return is_feedforward(self._data, module)
+
+
+def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> Any:
+    """The JSON value in ``path``: a regular UTF-8 file of at most ``limit`` bytes, without NaN/Infinity.
+
+    Never blocks (a FIFO is refused, not read) and never reads more than ``limit`` bytes.
+
+    :raises FileFormatError: naming the file: unreadable, not a regular file, too big, not JSON.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise FileFormatError(f"the {what} is not a regular file", path=path,
+                                      hint="replace it with the JSON file itself")
+            raw = fh.read(limit + 1)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileFormatError):
+            raise
+        raise FileFormatError(f"cannot read the {what}: {exc}", path=path,
+                              hint="check the file exists and is UTF-8 JSON") from None
+    if len(raw) > limit:
+        raise FileFormatError(f"the {what} is larger than {limit} bytes", path=path,
+                              hint="this is not an adapterspec file; check what was downloaded")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise FileFormatError(f"not valid JSON: {str(exc)[:300]}", path=path, hint="fix the JSON syntax") from None
 
 
 def _refuse_constant(name: str) -> float:

@@ -22,6 +22,7 @@ from .targets import is_modules_to_save
 
 __all__ = [
     "BASE_LAYER_PARAM",
+    "MAX_KEY_LENGTH",
     "PARAMETERS",
     "PROMPT_KEY",
     "TensorName",
@@ -47,6 +48,10 @@ PROMPT_KEY = "prompt_embeddings"
 
 #: PEFT saves the full weight of an adapted embedding (resized vocabulary) under this parameter name.
 BASE_LAYER_PARAM = "base_layer.weight"
+
+#: The longest key accepted. Real keys are under 200 characters; the bound keeps the regular
+#: expressions of a config (matched against module paths) from running on megabyte-long strings.
+MAX_KEY_LENGTH = 1024
 
 Role = Literal["adapter", "base_layer", "modules_to_save", "prompt"]
 
@@ -81,6 +86,9 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     :param config: the adapter config, to recognise ``modules_to_save`` tensors.
     :raises UnexpectedTensorError: the key does not follow the convention for this method.
     """
+    if len(key) > MAX_KEY_LENGTH:
+        raise UnexpectedTensorError(f"key is {len(key)} characters long, more than {MAX_KEY_LENGTH}",
+                                    key=key[:80] + "...", hint="this is not a module parameter; remove the tensor")
     if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING"):
         if key == PROMPT_KEY:
             return TensorName(key, "", PROMPT_KEY, "prompt")
