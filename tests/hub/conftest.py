@@ -10,14 +10,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hubdata import TOKEN, lora_config, lora_tensors  # noqa: E402
 from hubserver import HubServer  # noqa: E402
-
-TOKEN = "hf_test_write_token"
 
 
 @pytest.fixture
@@ -47,18 +45,6 @@ def hub(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     with HubServer(tokens={TOKEN}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
-
-
-def lora_tensors(offset: float = 0.0, r: int = 2) -> dict[str, np.ndarray]:
-    """A tiny LoRA's tensors with element-unique values (``offset`` makes two adapters differ everywhere)."""
-    a = np.arange(r * 8, dtype=np.float32).reshape(r, 8) / (r * 8) + offset
-    b = np.sin(np.arange(6 * r, dtype=np.float32).reshape(6, r)) + offset
-    return {"base_model.model.layers.0.q_proj.lora_A.weight": a, "base_model.model.layers.0.q_proj.lora_B.weight": b}
-
-
-def lora_config(r: int = 2, **extra: object) -> dict[str, object]:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"],
-            "base_model_name_or_path": "tiny-org/tiny-llama", **extra}
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import lora_config, lora_tensors
+from hubdata import lora_config, lora_tensors
 
 import adapterspec
 from adapterspec import HubError, UnsafeFileError
@@ -227,3 +227,35 @@ def test_load_adapter_and_validate_resolve_hub_sources(hub, make_lora) -> None:
     assert resolve_source("org/cli", subfolder="x") == download_adapter("hf://org/cli/x")
     assert main(["validate", "hf://org/cli/x"]) == 0
     assert main(["validate", "hf://org/cli/missing"]) == 1
+
+
+def test_resolve_for_validation_gets_every_adapter(hub, tmp_path: Path, make_lora,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adapterspec validate hf://org/name`` of a repo of several adapters checks them all."""
+    from adapterspec.hub import resolve_for_validation
+
+    local = make_lora("peft-layout")
+    files = {n: (local / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    hub.commit("org/peft-layout", {**files, **{f"fr/{n}": d for n, d in files.items()},
+                                   **{f"deep/er/{n}": d for n, d in files.items()}, "notes.txt": b"not fetched"})
+
+    folder = resolve_for_validation("hf://org/peft-layout")
+
+    assert sorted(adapterspec.list_adapters(folder)) == ["default", "fr"]  # PEFT's layout: root + one level down
+    assert not (folder / "deep").exists() and not (folder / "notes.txt").exists()
+    assert all(adapterspec.validate_adapter(p) == [] for p in adapterspec.list_adapters(folder).values())
+    assert resolve_for_validation(str(local)) == local  # local paths stay local
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_for_validation("hf://org/peft-layout") == folder
+    with pytest.raises(HubError, match="offline mode is on"):
+        resolve_for_validation("hf://org/other")
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    from adapterspec import _modelcard, hub
+
+    for module in (hub, _modelcard):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

@@ -163,6 +163,8 @@ def test_round_trip_keras(hub, base: Any, trained: dict[str, Path], tmp_path: Pa
     adapterspec.load_adapter(reference, folder)
     with torch.no_grad():
         want = reference.model(INPUT).last_hidden_state.numpy()
+        without = base.model(INPUT).last_hidden_state.numpy()
     inputs = {"token_ids": INPUT.numpy().astype("int32"), "padding_mask": np.ones(INPUT.shape, dtype="int32")}
     got = np.asarray(backbone(inputs))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - without).max() > 1e-2  # the adapter is applied, not just the base model matched

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOKEN, lora_config, lora_tensors
+from hubdata import TOKEN, lora_config, lora_tensors
 from safetensors.numpy import save_file
 
 import adapterspec
