@@ -1,0 +1,180 @@
+"""Tensor operations on one :class:`~adapterspec_keras.mapping.Piece`, in ``keras.ops`` (any backend).
+
+Adapter variables hold a whole spec module in Keras layout (``lora_A`` as ``[in_features, r]``,
+``lora_B`` as ``[r, out_features]``, vectors as ``[features]``). A piece sees its share of them:
+rows of ``lora_A`` by ``piece.in_index``, columns of ``lora_B`` by ``piece.out_index``, reshaped
+to the piece's kernel axes. The kernel itself is read as a 2-D ``[n_in, n_out]`` matrix.
+
+>>> from adapterspec_keras import _ops                                   # doctest: +SKIP
+>>> _ops.flat_kernel(piece).shape                                       # doctest: +SKIP
+(64, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+from .mapping import Piece
+
+__all__ = [
+    "add_out",
+    "contract_in",
+    "expand_out",
+    "flat_kernel",
+    "gather_in",
+    "gather_out",
+    "kernel_from_flat",
+    "lora_delta_flat",
+    "scale_in",
+    "scale_out",
+]
+
+_R = "Z"  # the rank letter in einsum equations (keras-hub equations use lowercase letters)
+
+
+def _rank_letter(piece: Piece) -> str:
+    used = set(piece.input_spec + piece.kernel_spec + piece.output_spec)
+    for letter in _R + "YXWVUTSRQPONMLKJIHGFEDCBA":
+        if letter not in used:
+            return letter
+    raise AssertionError("no free einsum letter")  # 52 letters; cannot happen
+
+
+def _is_identity(index: np.ndarray, total: int) -> bool:
+    return index.size == total and bool(np.array_equal(index.ravel(), np.arange(total)))
+
+
+def _contiguous(index: np.ndarray) -> int | None:
+    flat = index.ravel()
+    start = int(flat[0])
+    return start if np.array_equal(flat, np.arange(start, start + flat.size)) else None
+
+
+def gather_in(piece: Piece, value: Any, total: int) -> Any:
+    """The piece's rows (axis 0) of a ``[in_features, ...]`` tensor, flattened: ``[n_in, ...]``."""
+    if _is_identity(piece.in_index, total):
+        return value
+    start = _contiguous(piece.in_index)
+    if start is not None:
+        return value[start:start + piece.n_in]
+    return ops.take(value, piece.in_index.ravel(), axis=0)
+
+
+def gather_out(piece: Piece, value: Any, total: int) -> Any:
+    """The piece's entries (last axis) of a ``[..., out_features]`` tensor, flattened: ``[..., n_out]``."""
+    if _is_identity(piece.out_index, total):
+        return value
+    start = _contiguous(piece.out_index)
+    if start is not None:
+        return value[..., start:start + piece.n_out]
+    return ops.take(value, piece.out_index.ravel(), axis=-1)
+
+
+def _einsum_perm(piece: Piece) -> list[int]:
+    return [piece.kernel_spec.index(c) for c in piece.kin + piece.kout]
+
+
+def flat_kernel(piece: Piece) -> Any:
+    """The base kernel as ``[n_in, n_out]`` (conv: ``[spatial * in, out]``), in the kernel's dtype."""
+    if piece.kind == "reverse":
+        return ops.transpose(piece.layer.embeddings) if piece.tied else piece.layer.reverse_embeddings
+    variable = piece.kernel_variable
+    if piece.kind == "einsum":
+        return ops.reshape(ops.transpose(variable, _einsum_perm(piece)), (piece.n_in, piece.n_out))
+    if piece.kind == "conv":
+        return ops.reshape(variable, (-1, piece.n_out))
+    return variable
+
+
+def kernel_from_flat(piece: Piece, flat: Any) -> Any:
+    """Inverse of :func:`flat_kernel`: a ``[n_in, n_out]`` matrix in the kernel variable's own layout."""
+    if piece.kind == "reverse" and piece.tied:
+        return ops.transpose(flat)
+    if piece.kind == "einsum":
+        perm = _einsum_perm(piece)
+        inverse = [perm.index(i) for i in range(len(perm))]
+        return ops.transpose(ops.reshape(flat, piece.in_shape + piece.out_shape), inverse)
+    if piece.kind == "conv":
+        return ops.reshape(flat, tuple(piece.kernel_variable.shape))
+    return flat
+
+
+def lora_delta_flat(piece: Piece, a: Any, b: Any) -> Any:
+    """``A @ B`` over the piece, ``[n_in, n_out]`` like :func:`flat_kernel` (a: piece rows of lora_A, b: columns of lora_B)."""
+    if piece.kind == "conv":
+        rank = a.shape[-1]
+        return ops.matmul(ops.reshape(a, (-1, rank)), ops.reshape(b, (rank, -1)))
+    return ops.matmul(a, b)
+
+
+def contract_in(piece: Piece, x: Any, a: Any) -> Any:
+    """``x`` through the piece's share of lora_A (``a``: ``[n_in, r]``, conv: ``[*k, in, r]``): ``[..., r]``."""
+    layer = piece.layer
+    if piece.kind == "embedding":
+        ids = x if "int" in str(x.dtype) else ops.cast(x, "int32")
+        return ops.take(a, ids, axis=0)
+    if piece.kind == "einsum":
+        letter = _rank_letter(piece)
+        rest = "".join(c for c in piece.input_spec if c not in piece.kin)
+        a = ops.reshape(a, piece.in_shape + (a.shape[-1],))
+        return ops.einsum(f"{piece.input_spec},{piece.kin}{letter}->{rest}{letter}", x, a)
+    if piece.kind == "conv":
+        return ops.conv(x, a, strides=layer.strides, padding=layer.padding, data_format=layer.data_format,
+                        dilation_rate=layer.dilation_rate)
+    return ops.matmul(x, a)
+
+
+def expand_out(piece: Piece, u: Any, b: Any) -> Any:
+    """``u`` (``[..., r]``) through the piece's share of lora_B (``[r, n_out]``), shaped like the layer's output."""
+    if piece.kind == "einsum":
+        letter = _rank_letter(piece)
+        rest = "".join(c for c in piece.input_spec if c not in piece.kin)
+        b = ops.reshape(b, (b.shape[0],) + piece.out_shape)
+        return ops.einsum(f"{rest}{letter},{letter}{piece.kout}->{piece.output_spec}", u, b)
+    if piece.kind == "conv":
+        rank = b.shape[0]
+        kernel = ops.reshape(b, (1,) * len(piece.layer.kernel_size) + (rank, piece.n_out))
+        return ops.conv(u, kernel, strides=1, padding="valid", data_format=piece.layer.data_format)
+    return ops.matmul(u, b)
+
+
+def _broadcast_shape(spec: str, letters: str, dims: dict[str, int], ndim: int) -> tuple[list[int], list[int]]:
+    """(permutation of the vector's axes, broadcast shape) to line up ``letters`` with their place in ``spec``."""
+    named = spec.replace("...", "")
+    order = [c for c in named if c in letters]
+    perm = [letters.index(c) for c in order]
+    shape = [dims[c] if c in letters else 1 for c in named]
+    return perm, [1] * (ndim - len(shape)) + shape if spec.startswith("...") else shape
+
+
+def _along(piece: Piece, vector: Any, ndim: int, side: str) -> Any:
+    """A flat per-feature vector of the piece (``[n_in]`` or ``[n_out]``) shaped to broadcast against its input or output."""
+    if piece.kind == "einsum":
+        letters = piece.kin if side == "in" else piece.kout
+        shape = piece.in_shape if side == "in" else piece.out_shape
+        spec = piece.input_spec if side == "in" else piece.output_spec
+        dims = dict(zip(letters, shape))
+        perm, bshape = _broadcast_shape(spec, letters, dims, ndim)
+        return ops.reshape(ops.transpose(ops.reshape(vector, shape), perm), bshape)
+    if piece.kind == "conv" and piece.layer.data_format == "channels_first":
+        return ops.reshape(vector, (-1,) + (1,) * (ndim - 2))
+    return vector
+
+
+def scale_in(piece: Piece, x: Any, vector: Any) -> Any:
+    """``x`` times a per-input-feature vector of the piece (IA3 on a feed-forward module)."""
+    return x * ops.cast(_along(piece, vector, len(x.shape), "in"), x.dtype)
+
+
+def scale_out(piece: Piece, y: Any, vector: Any) -> Any:
+    """``y`` times a per-output-feature vector of the piece."""
+    return y * ops.cast(_along(piece, vector, len(y.shape), "out"), y.dtype)
+
+
+def add_out(piece: Piece, y: Any, vector: Any) -> Any:
+    """``y`` plus a per-output-feature vector of the piece (a bias)."""
+    return y + ops.cast(_along(piece, vector, len(y.shape), "out"), y.dtype)
+

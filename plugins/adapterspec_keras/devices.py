@@ -1,0 +1,103 @@
+"""Where adapter variables go: device and dtype rules of the keras backend.
+
+``options.device`` / ``options.dtype`` when given (``"/CPU:0"``, ``"/GPU:0"``, ``"float16"``), else the
+device and dtype of the kernel the adapter wraps.
+
+>>> from adapterspec import LoadOptions
+>>> as_dtype("bf16")
+'bfloat16'
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from adapterspec import LoadOptions
+from adapterspec.errors import UnsupportedError
+
+__all__ = ["as_dtype", "device_of", "device_scope", "place", "target_of"]
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
+}
+
+
+def as_dtype(dtype: Any) -> str | None:
+    """A Keras dtype name from a name (``"bf16"``, ``"torch.float16"``) or a framework/NumPy dtype.
+
+    >>> as_dtype("float16"), as_dtype(None)
+    ('float16', None)
+
+    :raises UnsupportedError: not a floating dtype.
+    """
+    if dtype is None:
+        return None
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    name = str(name or dtype).lower().rsplit(".", 1)[-1].removeprefix("<dtype: '").rstrip("'>")
+    if name not in _DTYPE_NAMES:
+        raise UnsupportedError(f"dtype {dtype!r} is not a floating dtype adapter variables can use",
+                               hint=f"pass one of {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[name]
+
+
+def device_of(variable: Any) -> str | None:
+    """The device a Keras variable lives on (TensorFlow backend: its ``tf.Variable``'s), else ``None``.
+
+    >>> import keras
+    >>> device_of(keras.Variable(np.zeros(2))) is None or "CPU" in device_of(keras.Variable(np.zeros(2)))
+    True
+    """
+    value = getattr(variable, "value", None)
+    device = getattr(value, "device", None)
+    return device if isinstance(device, str) and device else None
+
+
+def target_of(variable: Any, options: LoadOptions) -> tuple[str | None, str]:
+    """The device and dtype adapter variables of a layer get: the options', else ``variable``'s.
+
+    >>> import keras
+    >>> target_of(keras.Variable(np.zeros(2, "float32")), LoadOptions(dtype="float16"))[1]
+    'float16'
+    """
+    device = str(options.device) if options.device is not None else device_of(variable)
+    dtype = as_dtype(options.dtype) or as_dtype(getattr(variable, "dtype", "float32")) or "float32"
+    return device, dtype
+
+
+@contextlib.contextmanager
+def device_scope(device: str | None) -> Iterator[None]:
+    """Create variables and tensors on ``device`` inside the block (nothing when ``None``).
+
+    >>> with device_scope("/CPU:0"):
+    ...     pass
+    """
+    if device is None:
+        yield
+        return
+    import keras
+
+    with keras.device(device):
+        yield
+
+
+def place(value: Any, variable: Any) -> Any:
+    """``value`` (NumPy or framework array) as a NumPy array in ``variable``'s dtype, ready for ``assign``.
+
+    >>> import keras
+    >>> place(np.ones(2, np.float64), keras.Variable(np.zeros(2, "float32"))).dtype
+    dtype('float32')
+    """
+    array = np.asarray(value)
+    dtype = str(getattr(variable, "dtype", array.dtype))
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype(dtype, copy=False)

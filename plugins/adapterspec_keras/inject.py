@@ -1,0 +1,317 @@
+"""Injecting adapters: find the targeted modules, give them adapter layers, patch the Keras layers' ``call``.
+
+How a layer of a built (functional) keras-hub model is wrapped. Keras' own ``enable_lora`` adds
+variables to the layer and branches inside ``Dense.call``; keras-hub models call their sublayers
+from Python (``self._query_dense(x)``) and the functional graph calls its nodes' layers, all through
+``Layer.__call__``, which runs ``self.call``. So the layer object stays where it is and only its
+``call`` is replaced, on the instance, by a dispatcher that runs the original ``call`` (with the
+activation / logit soft-cap held back) and adds the active adapters' parts (PEFT adds the delta
+before the activation). The adapter variables live in an :class:`~adapterspec_keras.layers.AdapterLayer`
+tracked as a sublayer of the wrapped layer, so ``model.trainable_variables`` -- and ``fit`` -- see them.
+This works in eager calls, in ``tf.function``-traced ``fit``/``predict``/``generate`` (Python state is
+read at trace time; every change drops the traced functions) and needs no rebuild of the graph.
+:func:`unwrap` deletes the instance attribute (or restores a previous one), so the layer is the very
+object it was, with its original ``call`` and sublayers.
+
+>>> inject(model, AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"]}),
+...        "default", LoadOptions())                                  # doctest: +SKIP
+['model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from keras import ops
+
+from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
+
+from .layers import AdapterLayer, check_supported
+from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
+from .switch import ModelState, drop_state_if_empty, get_state, invalidate
+
+__all__ = ["find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key", "unwrap", "wrap"]
+
+
+def site_key(site: ModuleSite) -> tuple[Any, ...]:
+    """Identity of a module's Keras side: its pieces' layers and roles (two spec names may share it)."""
+    return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0])) for p in site.pieces)
+
+
+def resolve_module(model: Any, path: str, options: LoadOptions) -> ModuleSite | None:
+    """The Keras site of spec module ``path`` (through ``options.module_map``), or ``None``.
+
+    >>> resolve_module(model, "model.layers.0.self_attn.q_proj", LoadOptions()).pieces[0].layer.path  # doctest: +SKIP
+    'transformer_layer_0/self_attention/query'
+    """
+    return find_site(spec_sites(model, options), path)
+
+
+def _entry_matches(entry: str, path: str) -> bool:
+    return path == entry or path.endswith("." + entry)
+
+
+def find_targets(model: Any, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
+    """The spec module paths ``config`` adapts in ``model``, in model order (PEFT's matching rules).
+
+    Every entry of a list ``target_modules`` must name at least one mapped module: a module that
+    exists in the transformers model but has no Keras counterpart is an error, never skipped.
+
+    :raises TargetNotFoundError: nothing matches, or a ``target_modules`` entry has no mapped module.
+
+    >>> find_targets(model, cfg)                                        # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj', ...]
+    """
+    sites = spec_sites(model, options)
+    targets = [path for path in sites if config.matches(path)]
+    wanted = config.get("target_modules")
+    if isinstance(wanted, (list, tuple, set)):
+        missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
+        if missing:
+            raise TargetNotFoundError(
+                f"target_modules {missing} match no layer of this {type(model).__name__} "
+                f"(mapped modules: {_summary(sites)})", key=",".join(missing),
+                hint="pass module_map={spec module path: keras layer path} for them, or remove them from target_modules")
+    if not targets:
+        raise TargetNotFoundError(
+            f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
+            f"(mapped modules: {_summary(sites)})", key=str(wanted),
+            hint="check target_modules / layers_to_transform, or pass module_map for a hand-built model")
+    return targets
+
+
+def _summary(sites: dict[str, ModuleSite]) -> str:
+    names = sorted({re.sub(r"\.\d+\.", ".N.", p) for p in sites})
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
+
+
+def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
+    """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
+
+    Each targeted module gets (or shares) an :class:`~adapterspec_keras.layers.AdapterLayer`; the
+    Keras layers it maps to get their ``call`` patched (:func:`wrap`). With ``options.trainable``,
+    the adapter's variables are the only trainable ones afterwards.
+
+    :returns: the module paths that received the adapter.
+    :raises AdapterExistsError: the name is taken.
+    :raises TargetNotFoundError: no module matches, or a target has no Keras counterpart.
+    :raises UnsupportedError: a target's layer type cannot take this method (names the module).
+
+    >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj', ...]
+    """
+    state = get_state(model)
+    if state is not None and adapter_name in state.names:
+        raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
+                                 hint="delete it first, or choose another name")
+    if config.is_prompt_learning:
+        from .prompts import check_prompt_learning
+
+        check_prompt_learning(model, config)
+    if config.get("modules_to_save"):
+        raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",
+                               pointer="/modules_to_save",
+                               hint="drop modules_to_save from the config, or use the torch backend")
+    sites = spec_sites(model, options)
+    paths = find_targets(model, config, options)
+    for path in paths:
+        check_supported(sites[path], path, config)
+    state = get_state(model, create=True)
+    assert state is not None
+    state.names.append(adapter_name)
+    state.configs[adapter_name] = config
+    state.modules[adapter_name] = list(paths)
+    try:
+        for path in paths:
+            site = sites[path]
+            layer = _adapter_layer(model, state, site)
+            layer.add_adapter(adapter_name, config, path, options)
+            layer.set_active(state.active)
+        if options.trainable:
+            _train_only_adapters(model, state, adapter_name)
+    except BaseException:
+        remove_adapter_modules(model, adapter_name)
+        state.names.remove(adapter_name)
+        state.configs.pop(adapter_name, None)
+        state.modules.pop(adapter_name, None)
+        drop_state_if_empty(model)
+        raise
+    invalidate(model)
+    return list(paths)
+
+
+def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLayer:
+    key = site_key(site)
+    layer = state.adapter_layers.get(key)
+    if layer is not None:
+        return layer
+    layer = AdapterLayer(site)
+    host = site.pieces[0].layer
+    tracker = host._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        tracker.add_to_store("layers", layer)
+    finally:
+        if locked:
+            tracker.locked = True
+    state.adapter_layers[key] = layer
+    state.hosts[key] = host
+    for piece in site.pieces:
+        wrap(model, piece.layer)
+        state.entries[id(piece.layer)].append((layer, piece))
+    return layer
+
+
+def _train_only_adapters(model: Any, state: ModelState, adapter_name: str) -> None:
+    """Base variables frozen (remembered for :func:`_restore_trainable`), the adapter's trainable."""
+    if not state.trainable:
+        adapter_vars = {id(v) for layer in state.adapter_layers.values() for v in layer.variables}
+        layers = [model, *model_layers(model)]
+        for layer in layers:
+            if not isinstance(layer, AdapterLayer):
+                state.frozen.append((layer, "_trainable", layer.__dict__.get("_trainable", True)))
+        for variable in model.variables:
+            if id(variable) not in adapter_vars:
+                state.frozen.append((variable, "trainable", variable.trainable))
+        for layer in layers:
+            if not isinstance(layer, AdapterLayer):
+                object.__setattr__(layer, "_trainable", True)
+        for variable in model.variables:
+            if id(variable) not in adapter_vars:
+                variable.trainable = False
+    state.trainable.append(adapter_name)
+
+
+def _restore_trainable(state: ModelState) -> None:
+    for obj, attr, value in reversed(state.frozen):
+        if attr == "trainable":
+            obj.trainable = value
+        else:
+            object.__setattr__(obj, attr, value)
+    state.frozen.clear()
+
+
+def wrap(model: Any, layer: Any) -> None:
+    """Patch ``layer.call`` (once) to run the adapters :class:`ModelState` lists for it.
+
+    >>> wrap(model, model.get_layer("dense"))                           # doctest: +SKIP
+    """
+    state = get_state(model, create=True)
+    assert state is not None
+    if id(layer) in state.originals:
+        return
+    own = layer.__dict__.get("call")
+    original = own if own is not None else type(layer).call.__get__(layer)
+    entries: list[tuple[AdapterLayer, Piece]] = []
+    reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _dispatch(layer, original, entries, reversible, args, kwargs)
+
+    object.__setattr__(layer, "call", call)
+    state.originals[id(layer)] = (layer, own)
+    state.entries[id(layer)] = entries
+
+
+def unwrap(model: Any, layer: Any) -> None:
+    """Put ``layer``'s original ``call`` back (its adapters are all gone).
+
+    >>> unwrap(model, model.get_layer("dense"))                         # doctest: +SKIP
+    """
+    state = get_state(model)
+    if state is None or id(layer) not in state.originals:
+        return
+    _, own = state.originals.pop(id(layer))
+    state.entries.pop(id(layer), None)
+    if own is None:
+        object.__delattr__(layer, "call")
+    else:
+        object.__setattr__(layer, "call", own)
+
+
+def remove_adapter_modules(model: Any, adapter_name: str) -> None:
+    """Remove everything :func:`inject` added for ``adapter_name``, unwrapping layers left without adapters.
+
+    >>> remove_adapter_modules(model, "default")                         # doctest: +SKIP
+    """
+    state = get_state(model)
+    if state is None:
+        return
+    for key, layer in list(state.adapter_layers.items()):
+        if adapter_name in layer.adapter_names():
+            layer.remove_adapter(adapter_name)
+        if layer.adapter_names():
+            continue
+        host = state.hosts.pop(key)
+        host._tracker.untrack(layer)
+        del state.adapter_layers[key]
+        for keras_layer, _ in [state.originals[id(p.layer)] for p in layer.site.pieces if id(p.layer) in state.originals]:
+            entries = state.entries[id(keras_layer)]
+            entries[:] = [(al, p) for al, p in entries if al is not layer]
+            if not entries:
+                unwrap(model, keras_layer)
+    if adapter_name in state.trainable:
+        state.trainable.remove(adapter_name)
+        if not state.trainable:
+            _restore_trainable(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The patched call
+
+
+@contextlib.contextmanager
+def _held_back(layer: Any, reverse: bool) -> Iterator[Any]:
+    """Run the original call without its final non-linearity; yields the function that applies it."""
+    if reverse:
+        cap = getattr(layer, "logit_soft_cap", None)
+        if cap is None:
+            yield lambda y: y
+            return
+        object.__setattr__(layer, "logit_soft_cap", None)
+        try:
+            yield lambda y: ops.multiply(ops.tanh(ops.divide(y, cap)), cap)
+        finally:
+            object.__setattr__(layer, "logit_soft_cap", cap)
+        return
+    activation = layer.__dict__.get("activation")
+    if activation is None or getattr(activation, "__name__", "") == "linear":
+        yield lambda y: y
+        return
+    object.__setattr__(layer, "activation", None)
+    try:
+        yield activation
+    finally:
+        object.__setattr__(layer, "activation", activation)
+
+
+def _dispatch(layer: Any, original: Any, entries: list[tuple[AdapterLayer, Piece]], reversible: bool,
+              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    reverse = bool(kwargs.get("reverse", args[1] if len(args) > 1 else False)) if reversible else False
+    role = "reverse" if reverse else "forward"
+    running = [(al, p) for al, p in entries if p.role == role and al.runs()]
+    if not running:
+        return original(*args, **kwargs)
+    if args:
+        x, rest = args[0], args[1:]
+    else:
+        kwargs = dict(kwargs)
+        x, rest = kwargs.pop("inputs"), ()
+    for adapter_layer, piece in running:
+        x = adapter_layer.scale_input(piece, x)
+    with _held_back(layer, reverse) as finish:
+        y = original(x, *rest, **kwargs)
+        mask = getattr(y, "_keras_mask", None)
+        for adapter_layer, piece in running:
+            y = adapter_layer.apply(piece, x, y)
+    y = finish(y)
+    if mask is not None:
+        from keras.src.backend import set_keras_mask
+
+        set_keras_mask(y, mask)
+    return y

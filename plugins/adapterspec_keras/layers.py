@@ -1,0 +1,485 @@
+"""The adapter layers: one per adapted spec module, holding any number of named adapters.
+
+:class:`AdapterLayer` is a ``keras.layers.Layer`` that owns the adapter variables of one spec module
+(``model.layers.0.self_attn.q_proj``) -- in the spec's parametrization (PEFT's rank-``r`` factors over
+the module's flattened features), stored in Keras layout (``lora_A`` as ``[in, r]``, ``lora_B`` as
+``[r, out]``, the transposes of the file's ``[r, in]``/``[out, r]``; see :class:`Layout`). It runs
+PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3 -- on each Keras layer (*piece*) the
+module maps to, including einsum attention kernels ``(hidden, heads, head_dim)`` and GPT-2's fused
+``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split between them).
+
+It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
+``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
+
+>>> layer = AdapterLayer(site)                                          # doctest: +SKIP
+>>> layer.add_adapter("default", cfg, "model.layers.0.self_attn.q_proj", LoadOptions())  # doctest: +SKIP
+>>> sorted(layer.adapter_params("default"))                             # doctest: +SKIP
+['lora_A.weight', 'lora_B.weight']
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.errors import UnsupportedError
+
+from . import _ops
+from .devices import device_scope, target_of
+from .mapping import ModuleSite, Piece
+
+__all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "layer_kind"]
+
+#: IA3 unmerge divides by ``l + 1e-8``, as PEFT does.
+_IA3_EPS = 1e-8
+
+
+def layer_kind(layer: Any) -> str | None:
+    """``"dense"``, ``"einsum"``, ``"embedding"``, ``"conv"`` (what an adapter can wrap), or ``None``.
+
+    >>> layer_kind(keras.layers.EinsumDense("ab,bc->ac", output_shape=4))
+    'einsum'
+    """
+    from .mapping import layer_kind as kind
+
+    return kind(layer)
+
+
+def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
+    """Refuse a module this backend cannot adapt with ``config``'s method.
+
+    :raises UnsupportedError: naming ``path`` and the layer type.
+
+    >>> check_supported(site, "model.embed_tokens", ia3_config)         # doctest: +SKIP
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: model.embed_tokens: IA3 cannot adapt an embedding ...
+    """
+    method = config.peft_type
+    layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+    if method not in ("LORA", "IA3"):
+        raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers})",
+                               key=path, hint="use a LORA or IA3 adapter, or the torch backend")
+    if method == "IA3" and site.kind == "embedding":
+        raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers}); PEFT cannot either", key=path,
+                               hint="remove the module from target_modules")
+    for piece in site.pieces:
+        if piece.kind == "conv" and getattr(piece.layer, "groups", 1) != 1:
+            raise UnsupportedError(f"grouped convolution {piece.layer.path!r} cannot take an adapter", key=path,
+                                   hint="exclude it with exclude_modules")
+    if method == "LORA":
+        if config.get("lora_bias") and site.kind == "embedding":
+            raise UnsupportedError("lora_bias on an embedding is not defined by PEFT", key=path,
+                                   hint="set lora_bias to false")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one adapter tensor is laid out in Keras versus in the file.
+
+    ``spec = transpose(keras, perm).reshape(spec_shape)``; :meth:`to_keras` inverts it exactly.
+
+    >>> Layout((8, 4), (4, 8), (1, 0)).to_spec(np.zeros((8, 4))).shape
+    (4, 8)
+    """
+
+    keras_shape: tuple[int, ...]
+    spec_shape: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def to_spec(self, value: np.ndarray) -> np.ndarray:
+        """A Keras-layout array in the spec's layout (a new contiguous array)."""
+        return np.ascontiguousarray(np.transpose(np.asarray(value), self.perm).reshape(self.spec_shape))
+
+    def to_keras(self, value: np.ndarray) -> np.ndarray:
+        """A spec-layout array in Keras layout."""
+        transposed = tuple(self.keras_shape[i] for i in self.perm)
+        inverse = tuple(int(i) for i in np.argsort(self.perm))
+        return np.transpose(np.asarray(value).reshape(transposed), inverse)
+
+
+@dataclass
+class _Slot:
+    """One adapter on one module."""
+
+    path: str
+    method: str
+    rank: int
+    scaling: float
+    use_dora: bool
+    lora_bias: bool
+    dropout: float
+    feedforward: bool
+    params: dict[str, Any] = field(default_factory=dict)
+    layouts: dict[str, Layout] = field(default_factory=dict)
+
+
+def _lora_layouts(site: ModuleSite, r: int, use_dora: bool, lora_bias: bool) -> dict[str, Layout]:
+    n_in, n_out = site.in_features, site.out_features
+    if site.kind == "embedding":
+        out = {"lora_embedding_A": Layout((n_in, r), (r, n_in), (1, 0)),
+               "lora_embedding_B": Layout((r, n_out), (n_out, r), (1, 0))}
+    elif site.kind == "conv":
+        k = site.conv_spatial
+        nd = len(k)
+        perm = (nd + 1, nd) + tuple(range(nd))
+        out = {"lora_A.weight": Layout((*k, n_in, r), (r, n_in, *k), perm),
+               "lora_B.weight": Layout((*(1,) * nd, r, n_out), (n_out, r, *(1,) * nd), perm)}
+    else:
+        out = {"lora_A.weight": Layout((n_in, r), (r, n_in), (1, 0)),
+               "lora_B.weight": Layout((r, n_out), (n_out, r), (1, 0))}
+    if lora_bias:
+        out["lora_B.bias"] = Layout((n_out,), (n_out,), (0,))
+    if use_dora:
+        shape = (1, n_out, *(1,) * len(site.conv_spatial)) if site.kind == "conv" else (n_out,)
+        out["lora_magnitude_vector"] = Layout((n_out,), shape, (0,))
+    return out
+
+
+def _ia3_layout(site: ModuleSite, feedforward: bool) -> dict[str, Layout]:
+    n = site.in_features if feedforward else site.out_features
+    if site.kind == "conv":
+        shape: tuple[int, ...] = (1, n, *(1,) * len(site.conv_spatial))
+    else:
+        shape = (1, n) if feedforward else (n, 1)
+    return {"ia3_l": Layout((n,), shape, (0,))}
+
+
+def _training() -> bool:
+    from keras.src.backend.common.global_state import get_global_attribute
+
+    ctx = get_global_attribute("current_call_ctx")
+    return bool(getattr(ctx, "training", False))
+
+
+class AdapterLayer(keras.layers.Layer):
+    """The adapters of one spec module; the wrapped Keras layers call it from their patched ``call``.
+
+    :param site: the module's :class:`~adapterspec_keras.mapping.ModuleSite` (its Keras pieces).
+    """
+
+    def __init__(self, site: ModuleSite, **kwargs: Any) -> None:
+        name = "adapterspec_" + re.sub(r"[^A-Za-z0-9_]", "_", site.path)
+        super().__init__(name=name, **kwargs)
+        self.site = site
+        self._slots: dict[str, _Slot] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self._dora_norms: dict[tuple[str, int], Any] = {}
+        self._base_backups: dict[str, tuple[Any, np.ndarray]] = {}
+        self._seed = keras.random.SeedGenerator(0)
+        self.built = True
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions) -> None:
+        """Create adapter ``name``'s variables for module ``path``, initialised as ``config`` says, inactive.
+
+        LoRA: ``lora_A`` random (PEFT's kaiming-uniform bound ``1/sqrt(fan_in)``), ``lora_B`` zero (so the
+        output is unchanged), DoRA magnitude ``||W||`` per output row; IA3: ones.
+        """
+        check_supported(self.site, path, config)
+        site = self.site
+        device, dtype = target_of(site.pieces[0].kernel_variable, options)
+        if config.peft_type == "LORA":
+            r = config.rank_for(path)
+            slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
+                         bool(config.get("lora_bias")), float(config.get("lora_dropout") or 0.0), False)
+            slot.layouts = _lora_layouts(site, r, slot.use_dora, slot.lora_bias)
+            inits = self._lora_inits(config, slot, site)
+        else:
+            feedforward = config.is_feedforward(path)
+            slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
+            slot.layouts = _ia3_layout(site, feedforward)
+            ones = config.get("init_ia3_weights", True) is not False
+            inits = {"ia3_l": "ones" if ones else keras.initializers.RandomNormal()}
+        with device_scope(device):
+            for param, layout in slot.layouts.items():
+                slot.params[param] = self.add_weight(
+                    shape=layout.keras_shape, initializer=inits[param], dtype=dtype, trainable=options.trainable,
+                    name=f"{name}.{param}".replace("/", "_"))
+            if slot.use_dora:
+                slot.params["lora_magnitude_vector"].assign(
+                    ops.cast(self._weight_norm(slot, scaling=slot.scaling), dtype))
+        self._slots[name] = slot
+
+    @staticmethod
+    def _lora_inits(config: AdapterConfig, slot: _Slot, site: ModuleSite) -> dict[str, Any]:
+        init = config.get("init_lora_weights", True)
+        fan_in = site.in_features * math.prod(site.conv_spatial)
+        bound = 1.0 / math.sqrt(fan_in)
+        uniform = keras.initializers.RandomUniform(-bound, bound)
+        if site.kind == "embedding":  # PEFT: A zero, B normal
+            inits = {"lora_embedding_A": "zeros", "lora_embedding_B": keras.initializers.RandomNormal(stddev=1.0)}
+            if init is False:
+                inits["lora_embedding_A"] = keras.initializers.RandomNormal(stddev=1.0)
+        else:
+            a_init = keras.initializers.RandomNormal(stddev=1.0 / slot.rank) if init == "gaussian" else uniform
+            b_bound = 1.0 / math.sqrt(slot.rank)
+            b_init = keras.initializers.RandomUniform(-b_bound, b_bound) if init is False else "zeros"
+            inits = {"lora_A.weight": a_init, "lora_B.weight": b_init}
+        inits["lora_B.bias"] = "zeros"
+        inits["lora_magnitude_vector"] = "ones"
+        return inits
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s variables (it must not be merged)."""
+        slot = self._slots.pop(name)
+        for variable in slot.params.values():
+            self._tracker.untrack(variable)
+        self._active = [n for n in self._active if n != name]
+        self._merged = [n for n in self._merged if n != name]
+        backup = self._base_backups.pop(name, None)
+        if backup is not None:
+            backup[0].assign(backup[1])
+        for key in [k for k in self._dora_norms if k[0] == name]:
+            del self._dora_norms[key]
+
+    def _base_shape(self) -> tuple[int, ...]:
+        site = self.site
+        return (site.in_features, site.out_features) if site.kind == "embedding" else (site.out_features, site.in_features)
+
+    def check_base_weight(self, shape: tuple[int, ...], key: str) -> None:
+        """Refuse a full base weight (``<module>.base_layer.weight``) that does not fit this module.
+
+        :raises ShapeMismatchError: wrong shape.
+        :raises UnsupportedError: the module is split over several Keras layers or index-mapped.
+        """
+        from adapterspec.errors import ShapeMismatchError
+
+        site = self.site
+        piece = site.pieces[0]
+        simple = len(site.pieces) == 1 and piece.n_in == site.in_features and piece.n_out == site.out_features and \
+            np.array_equal(piece.in_index.ravel(), np.arange(piece.n_in)) and \
+            np.array_equal(piece.out_index.ravel(), np.arange(piece.n_out)) and site.kind != "conv"
+        if not simple:
+            raise UnsupportedError("a full base weight can only replace a module that is one plain Keras layer",
+                                   key=key, hint="drop the tensor and load a base model with those weights")
+        if tuple(shape) != self._base_shape():
+            raise ShapeMismatchError(f"shape {list(shape)} does not fit {piece.layer.path!r}: expected "
+                                     f"{list(self._base_shape())}", key=key,
+                                     hint="the adapter was trained for another base model (or vocabulary size)")
+
+    def replace_base_weight(self, name: str, value: np.ndarray) -> None:
+        """Make the module's base weight ``value`` (PEFT layout) unless it is that already; :meth:`remove_adapter`
+        restores the previous one (PEFT saves ``embed_tokens.base_layer.weight`` with a LoRA on embeddings)."""
+        piece = self.site.pieces[0]
+        variable = piece.kernel_variable
+        flat = np.asarray(value) if self.site.kind == "embedding" else np.asarray(value).T
+        new = ops.convert_to_numpy(_ops.kernel_from_flat(piece, ops.convert_to_tensor(flat)))
+        old = ops.convert_to_numpy(variable)
+        if old.shape == new.shape and np.array_equal(old, new.astype(old.dtype)):
+            return
+        self._base_backups.setdefault(name, (variable, old))
+        variable.assign(new.astype(old.dtype))
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds, in insertion order."""
+        return list(self._slots)
+
+    def path_of(self, name: str) -> str:
+        """The spec module path adapter ``name`` was given for this module (its keys use it)."""
+        return self._slots[name].path
+
+    def rename(self, name: str, path: str) -> None:
+        """Give adapter ``name`` another spec path for this module (a file names it ``h.0.attn.c_attn``...)."""
+        self._slots[name].path = path
+
+    def adapter_params(self, name: str) -> dict[str, Any]:
+        """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> Keras variable (Keras layout)."""
+        return dict(self._slots[name].params)
+
+    def layouts(self, name: str) -> dict[str, Layout]:
+        """Spec parameter name -> its :class:`Layout`, for adapter ``name``."""
+        return dict(self._slots[name].layouts)
+
+    def set_active(self, names: list[str]) -> None:
+        """Run exactly these adapters (those this layer holds), in this order."""
+        self._active = [n for n in names if n in self._slots]
+
+    @property
+    def merged(self) -> list[str]:
+        """The adapters whose deltas are in the base weights now, in merge order."""
+        return list(self._merged)
+
+    def runs(self, piece: Piece | None = None) -> bool:
+        """Whether any adapter takes part in the forward pass (active and not merged)."""
+        return any(n not in self._merged for n in self._active)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _running(self) -> list[tuple[str, _Slot]]:
+        return [(n, self._slots[n]) for n in self._active if n not in self._merged]
+
+    def scale_input(self, piece: Piece, x: Any) -> Any:
+        """The input the base layer sees: ``x`` times the product of active IA3 feed-forward vectors."""
+        for _, slot in self._running():
+            if slot.method == "IA3" and slot.feedforward:
+                x = _ops.scale_in(piece, x, _ops.gather_in(piece, slot.params["ia3_l"], self.site.in_features))
+        return x
+
+    def apply(self, piece: Piece, x: Any, result: Any) -> Any:
+        """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
+        for _, slot in self._running():
+            if slot.method == "IA3":
+                if not slot.feedforward:
+                    result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.params["ia3_l"],
+                                                                              self.site.out_features))
+                continue
+            result = self._apply_lora(piece, slot, x, result)
+        return result
+
+    def _views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        site = self.site
+        if site.kind == "embedding":
+            a, b = slot.params["lora_embedding_A"], slot.params["lora_embedding_B"]
+        else:
+            a, b = slot.params["lora_A.weight"], slot.params["lora_B.weight"]
+        if site.kind != "conv":
+            a = _ops.gather_in(piece, a, site.in_features)
+        b = _ops.gather_out(piece, b, site.out_features)
+        return ops.cast(a, dtype), ops.cast(b, dtype)
+
+    def _apply_lora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        dtype = result.dtype
+        a, b = self._views(piece, slot, dtype)
+        dropped = x
+        dropout_on = slot.dropout > 0 and _training() and piece.kind != "embedding"
+        if dropout_on:
+            dropped = keras.random.dropout(x, slot.dropout, seed=self._seed)
+        lora = _ops.expand_out(piece, _ops.contract_in(piece, dropped, a), b)
+        if slot.lora_bias:
+            lora = _ops.add_out(piece, lora, _ops.gather_out(piece, slot.params["lora_B.bias"], self.site.out_features))
+        if not slot.use_dora:
+            return result + lora * ops.cast(slot.scaling, dtype)
+        # DoRA (PEFT's DoraLinearLayer.forward): norm of W + s*BA per output, detached
+        flat = ops.cast(_ops.flat_kernel(piece), dtype)
+        norm = ops.sqrt(ops.sum(ops.square(flat + slot.scaling * _ops.lora_delta_flat(piece, a, b)), axis=0))
+        norm = ops.stop_gradient(norm)
+        magnitude = ops.cast(_ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features), dtype)
+        scale = _ops.scale_out(piece, ops.ones_like(result), magnitude / norm)
+        if dropout_on:
+            base = self._base_linear(piece, dropped, dtype)
+        else:
+            bias = piece.bias_variable
+            base = result if bias is None else result - ops.cast(_ops.add_out(piece, ops.zeros_like(result), bias), dtype)
+        return result + (scale - 1) * base + scale * lora * ops.cast(slot.scaling, dtype)
+
+    @staticmethod
+    def _base_linear(piece: Piece, x: Any, dtype: Any) -> Any:
+        """The base layer's pre-activation output without bias, for an input other than its own (dropout)."""
+        layer = piece.layer
+        if piece.kind == "einsum":
+            return ops.einsum(layer.equation, x, ops.cast(layer.kernel, dtype))
+        if piece.kind == "conv":
+            return ops.conv(x, ops.cast(layer.kernel, dtype), strides=layer.strides, padding=layer.padding,
+                            data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+        return ops.matmul(x, ops.cast(_ops.flat_kernel(piece), dtype))
+
+    # -- weight deltas and merging -----------------------------------------------------------------
+    def _weight_norm(self, slot: _Slot, *, scaling: float) -> Any:
+        """DoRA: ||W + scaling * B@A|| per output feature, over the whole module (all pieces)."""
+        norms = np.zeros(self.site.out_features, dtype=np.float64)
+        for piece in self.site.pieces:
+            dtype = piece.kernel_variable.dtype
+            a, b = self._views(piece, slot, dtype)
+            flat = _ops.flat_kernel(piece) + scaling * _ops.lora_delta_flat(piece, a, b)
+            norms[piece.out_index.ravel()] = ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(flat), axis=0)))
+        return norms
+
+    def delta_weight(self, name: str, piece: Piece) -> Any:
+        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`)."""
+        slot = self._slots[name]
+        a, b = self._views(piece, slot, piece.kernel_variable.dtype)
+        return _ops.lora_delta_flat(piece, a, b) * slot.scaling
+
+    def merge(self, names: list[str]) -> None:
+        """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
+        for name in names:
+            if name not in self._slots or name in self._merged:
+                continue
+            slot = self._slots[name]
+            for i, piece in enumerate(self.site.pieces):
+                self._merge_piece(name, slot, i, piece)
+            self._merged.append(name)
+
+    def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece) -> None:
+        variable = piece.kernel_variable
+        flat = _ops.flat_kernel(piece)
+        if slot.method == "IA3":
+            self._scale_piece(piece, slot, flat, inverse=False)
+            return
+        delta = self.delta_weight(name, piece)
+        if slot.lora_bias:
+            self._add_bias(piece, slot, sign=1.0)
+        if slot.use_dora:
+            norm = ops.sqrt(ops.sum(ops.square(flat + delta), axis=0))
+            self._dora_norms[(name, index)] = norm
+            magnitude = _ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features)
+            new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
+        else:
+            new = flat + delta
+        variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+
+    def _add_bias(self, piece: Piece, slot: _Slot, sign: float) -> None:
+        bias = piece.bias_variable
+        if bias is None:
+            raise UnsupportedError(f"lora_bias cannot merge into {piece.layer.path!r}, which has no bias",
+                                   key=self.site.path, hint="keep the adapter unmerged")
+        extra = _ops.gather_out(piece, slot.params["lora_B.bias"], self.site.out_features) * slot.scaling * sign
+        bias.assign(bias + ops.cast(ops.reshape(extra, tuple(bias.shape)), bias.dtype))
+
+    def _scale_piece(self, piece: Piece, slot: _Slot, flat: Any, *, inverse: bool) -> None:
+        variable = piece.kernel_variable
+        if slot.feedforward:
+            vector = _ops.gather_in(piece, slot.params["ia3_l"], self.site.in_features)
+            if piece.kind == "conv":
+                vector = ops.tile(vector, (math.prod(self.site.conv_spatial),))
+            vector = vector[:, None]
+        else:
+            vector = _ops.gather_out(piece, slot.params["ia3_l"], self.site.out_features)[None, :]
+        vector = ops.cast(vector, flat.dtype)
+        new = flat / (vector + _IA3_EPS) if inverse else flat * vector
+        variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+        bias = piece.bias_variable
+        if bias is not None and not slot.feedforward:
+            scale = ops.reshape(_ops.gather_out(piece, slot.params["ia3_l"], self.site.out_features), tuple(bias.shape))
+            scale = ops.cast(scale, bias.dtype)
+            bias.assign(bias / (scale + _IA3_EPS) if inverse else bias * scale)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide)."""
+        while self._merged:
+            name = self._merged.pop()
+            slot = self._slots[name]
+            for i, piece in enumerate(self.site.pieces):
+                variable = piece.kernel_variable
+                flat = _ops.flat_kernel(piece)
+                if slot.method == "IA3":
+                    self._scale_piece(piece, slot, flat, inverse=True)
+                    continue
+                delta = self.delta_weight(name, piece)
+                if slot.use_dora:
+                    norm = self._dora_norms.pop((name, i))
+                    magnitude = _ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features)
+                    new = flat / ops.cast(magnitude / norm, flat.dtype)[None, :] - delta
+                else:
+                    new = flat - delta
+                variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+                if slot.lora_bias:
+                    self._add_bias(piece, slot, sign=-1.0)
+
+
+class ModulesToSaveLayer:
+    """``modules_to_save`` (a module saved whole per adapter) -- not implemented by the keras backend yet.
+
+    :raises UnsupportedError: always, naming the modules.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        raise UnsupportedError(f"the keras backend cannot load modules_to_save ({paths}) yet", key=",".join(paths),
+                               hint="drop modules_to_save from the config, or use the torch backend")

@@ -1,0 +1,162 @@
+"""Adapter tensors in and out: load a file's tensors into injected layers, extract them with canonical keys.
+
+The file holds PEFT's layout (``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``...); the
+variables hold Keras layout (``[in, r]``, ``[r, out]``); :class:`~adapterspec_keras.layers.Layout`
+converts both ways, exactly (a transpose, no arithmetic).
+
+>>> load_state(model, adapterspec.read_adapter("my-lora"), "default", LoadOptions())  # doctest: +SKIP
+['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', ...]
+>>> config, tensors = extract_state(model, "default")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from adapterspec import Adapter, AdapterConfig, LoadOptions
+from adapterspec.errors import (
+    AdapterNotFoundError,
+    MissingTensorError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnexpectedTensorError,
+)
+from adapterspec.naming import make_key, parse_key
+
+from .devices import place
+from .layers import AdapterLayer, Layout
+from .mapping import _equivalent, find_site, spec_sites
+from .switch import get_state
+
+__all__ = ["expected_params", "extract_state", "load_state"]
+
+
+def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
+    state = get_state(model)
+    if state is None or adapter_name not in state.names:
+        loaded = state.names if state is not None else []
+        raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded (loaded: {loaded})",
+                                   key=adapter_name, hint="load or inject it first")
+    return [layer for layer in state.adapter_layers.values() if adapter_name in layer.adapter_names()]
+
+
+def expected_params(model: Any, adapter_name: str) -> dict[str, tuple[AdapterLayer, str, Layout]]:
+    """Canonical key -> (adapter layer, spec parameter name, layout), for every tensor adapter ``adapter_name`` stores.
+
+    >>> sorted(expected_params(model, "default"))[0]                    # doctest: +SKIP
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    out: dict[str, tuple[AdapterLayer, str, Layout]] = {}
+    for layer in _layers_of(model, adapter_name):
+        path = layer.path_of(adapter_name)
+        for param, layout in layer.layouts(adapter_name).items():
+            out[make_key(path, param)] = (layer, param, layout)
+    return out
+
+
+def _owner(module: str, by_path: dict[str, AdapterLayer]) -> AdapterLayer | None:
+    if module in by_path:
+        return by_path[module]
+    found = [layer for path, layer in by_path.items() if _equivalent(path, module)]
+    return found[0] if len(found) == 1 else None
+
+
+def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
+    """Put ``adapter``'s tensors into the layers injected for ``adapter_name``: all checks first, then assign.
+
+    A file may name modules relative to another root than the built-in mapping (``h.0.attn.c_attn``
+    for ``transformer.h.0.attn.c_attn``); such modules take the file's name, so saving gives the
+    same keys back.
+
+    :returns: the canonical keys loaded.
+    :raises TargetNotFoundError: a tensor's module has no counterpart in the Keras model.
+    :raises MissingTensorError: an injected parameter has no tensor in the file.
+    :raises UnexpectedTensorError: a tensor has no injected parameter.
+    :raises ShapeMismatchError: a tensor's shape does not fit its parameter.
+
+    >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
+    """
+    layers = _layers_of(model, adapter_name)
+    by_path = {layer.path_of(adapter_name): layer for layer in layers}
+    config = adapter.config
+    plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
+    renames: dict[int, tuple[AdapterLayer, str]] = {}
+    unmapped: list[str] = []
+    base_plan: dict[str, AdapterLayer] = {}
+    for key, info in adapter.tensors.items():
+        name = parse_key(key, config.peft_type, config)
+        if name.role == "base_layer" and _owner(name.module, by_path) is not None:
+            base_plan[key] = _owner(name.module, by_path)  # type: ignore[assignment]
+            continue
+        if name.role != "adapter":
+            raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
+                                        key=key, hint="drop the tensor, or add its module to target_modules")
+        layer = _owner(name.module, by_path)
+        if layer is None:
+            if find_site(spec_sites(model, options), name.module) is None:
+                unmapped.append(name.module)
+                continue
+            raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
+                                        hint="check target_modules / exclude_modules / layers_to_transform")
+        layouts = layer.layouts(adapter_name)
+        if name.param not in layouts:
+            raise UnexpectedTensorError(
+                f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
+                f"(expected: {sorted(layouts)})", key=key, hint="remove the tensor, or fix the config")
+        layout = layouts[name.param]
+        if tuple(info.shape) != layout.spec_shape:
+            raise ShapeMismatchError(
+                f"shape {list(info.shape)} does not fit the Keras layer(s) "
+                f"{[p.layer.path for p in layer.site.pieces]}: expected {list(layout.spec_shape)}", key=key,
+                hint="the adapter was trained for another base model (or a different size)")
+        plan[key] = (layer, name.param, layout)
+        if name.module != layer.path_of(adapter_name):
+            renames[id(layer)] = (layer, name.module)
+    if unmapped:
+        mods = sorted(set(unmapped))
+        raise TargetNotFoundError(f"modules {mods} of the adapter have no counterpart in this Keras model",
+                                  key=mods[0], hint="pass module_map={spec module path: keras layer path}")
+    covered = {(id(layer), param) for layer, param, _ in plan.values()}
+    for layer in layers:
+        for param in layer.layouts(adapter_name):
+            if (id(layer), param) not in covered:
+                raise MissingTensorError(f"the file has no {param!r} for module {layer.path_of(adapter_name)!r}",
+                                         key=make_key(layer.path_of(adapter_name), param),
+                                         hint="the adapter file is incomplete, or targets other modules")
+    for key, layer in base_plan.items():
+        layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
+    arrays = adapter.load_tensors("numpy")
+    for key, layer in base_plan.items():
+        layer.replace_base_weight(adapter_name, arrays[key])
+    for layer, path in renames.values():
+        layer.rename(adapter_name, path)
+    for key, (layer, param, layout) in plan.items():
+        variable = layer.adapter_params(adapter_name)[param]
+        variable.assign(place(layout.to_keras(arrays[key]), variable))
+        # DoRA/IA3 caches depend on values, not names; nothing else to refresh
+    state = get_state(model)
+    if state is not None:
+        state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
+    return list(plan)
+
+
+def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
+    """``adapter_name``'s config and tensors, canonical keys, spec (PEFT) layout, contiguous NumPy arrays.
+
+    :raises AdapterNotFoundError: no such adapter.
+
+    >>> config, tensors = extract_state(model, "default")              # doctest: +SKIP
+    """
+    layers = _layers_of(model, adapter_name)
+    state = get_state(model)
+    assert state is not None
+    tensors: dict[str, np.ndarray] = {}
+    for layer in layers:
+        path = layer.path_of(adapter_name)
+        layouts = layer.layouts(adapter_name)
+        for param, variable in layer.adapter_params(adapter_name).items():
+            value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
+            tensors[make_key(path, param)] = layouts[param].to_spec(value)
+    return state.configs[adapter_name], tensors

@@ -1,0 +1,209 @@
+"""Per-model bookkeeping and adapter switching: names, active set, delete, merge, unmerge.
+
+All bookkeeping lives in ONE place, :class:`ModelState` at ``model._adapterspec_state`` (set with
+``object.__setattr__`` so Keras does not track it); it is removed when the last adapter goes.
+Switching only changes which adapters each :class:`~adapterspec_keras.layers.AdapterLayer` runs:
+base weights are never copied. Compiled ``fit``/``predict``/``generate`` functions are dropped on every
+change, since Keras traces the Python-level adapter state into them.
+
+>>> import keras
+>>> adapter_names(keras.Sequential([keras.layers.Dense(2)]))
+[]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapterspec import AdapterConfig
+from adapterspec.errors import AdapterNotFoundError, UnsupportedError
+
+__all__ = [
+    "STATE_ATTR",
+    "ModelState",
+    "active_adapters",
+    "adapter_names",
+    "delete",
+    "get_state",
+    "invalidate",
+    "merge",
+    "set_active",
+    "unmerge",
+]
+
+STATE_ATTR = "_adapterspec_state"
+
+
+@dataclass
+class ModelState:
+    """What adapterspec knows about one Keras model's adapters.
+
+    :param names: adapter names in load order.
+    :param active: the adapters taking part in the forward pass.
+    :param configs: name -> the config the adapter was injected with.
+    :param modules: name -> module paths (spec names) it adapts.
+    :param merged: adapters whose deltas are in the base weights now, in merge order.
+    :param originals: id(Keras layer) -> (layer, its own ``call`` attribute before patching or ``None``).
+    :param entries: id(Keras layer) -> the (adapter layer, piece) pairs its patched ``call`` runs.
+    :param adapter_layers: site key -> :class:`~adapterspec_keras.layers.AdapterLayer`, in model order.
+    :param hosts: site key -> the Keras layer that tracks the adapter layer (so ``fit`` sees its variables).
+    :param trainable: adapters injected trainable.
+    :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
+    """
+
+    names: list[str] = field(default_factory=list)
+    active: list[str] = field(default_factory=list)
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    modules: dict[str, list[str]] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+    originals: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    entries: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
+    adapter_layers: dict[Any, Any] = field(default_factory=dict)
+    hosts: dict[Any, Any] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+
+def get_state(model: Any, *, create: bool = False) -> ModelState | None:
+    """``model``'s :class:`ModelState` (created when ``create``), or ``None`` when it has no adapter.
+
+    >>> import keras
+    >>> get_state(keras.Sequential()) is None
+    True
+    """
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        state = ModelState()
+        object.__setattr__(model, STATE_ATTR, state)
+    return state
+
+
+def drop_state_if_empty(model: Any) -> None:
+    """Remove the bookkeeping once no adapter is left (the model is then as it was)."""
+    state = get_state(model)
+    if state is not None and not state.names and not state.adapter_layers and not state.originals:
+        object.__delattr__(model, STATE_ATTR)
+
+
+def invalidate(model: Any) -> None:
+    """Drop Keras' compiled ``fit``/``evaluate``/``predict``/``generate`` functions so the next call retraces.
+
+    >>> import keras
+    >>> invalidate(keras.Sequential())
+    """
+    for obj in (model, getattr(model, "backbone", None)):
+        if obj is None:
+            continue
+        for attr in ("train_function", "test_function", "predict_function", "generate_function"):
+            if obj.__dict__.get(attr) is not None:
+                object.__setattr__(obj, attr, None)
+
+
+def _check(state: ModelState | None, names: list[str]) -> None:
+    loaded = state.names if state is not None else []
+    for name in names:
+        if name not in loaded:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (loaded: {loaded})", key=name,
+                                       hint="load_adapter() it first")
+
+
+def adapter_names(model: Any) -> list[str]:
+    """The adapters loaded in ``model``, in load order.
+
+    >>> adapter_names(model)                                            # doctest: +SKIP
+    ['default', 'fr']
+    """
+    state = get_state(model)
+    return list(state.names) if state is not None else []
+
+
+def active_adapters(model: Any) -> list[str]:
+    """The adapters in the forward pass now (``[]`` when disabled or none).
+
+    >>> active_adapters(model)                                          # doctest: +SKIP
+    ['default']
+    """
+    state = get_state(model)
+    return list(state.active) if state is not None else []
+
+
+def set_active(model: Any, adapter_names: list[str]) -> None:
+    """Make exactly ``adapter_names`` active (several add up; ``[]`` disables), unmerging first.
+
+    :raises AdapterNotFoundError: a name is not loaded (nothing changes).
+
+    >>> set_active(model, ["fr"])                                       # doctest: +SKIP
+    """
+    state = get_state(model)
+    _check(state, adapter_names)
+    if state is None:
+        return
+    if state.merged:
+        unmerge(model)
+    state.active = list(dict.fromkeys(adapter_names))
+    for layer in state.adapter_layers.values():
+        layer.set_active(state.active)
+    invalidate(model)
+
+
+def delete(model: Any, adapter_name: str) -> None:
+    """Remove an adapter; a Keras layer left without adapters gets its original ``call`` back.
+
+    A merged adapter's delta stays in the base weights (``unload(merge=True)``).
+
+    :raises AdapterNotFoundError: no adapter of that name.
+
+    >>> delete(model, "fr")                                             # doctest: +SKIP
+    """
+    from .inject import remove_adapter_modules
+
+    state = get_state(model)
+    _check(state, [adapter_name])
+    assert state is not None
+    remove_adapter_modules(model, adapter_name)
+    state.names.remove(adapter_name)
+    state.active = [n for n in state.active if n != adapter_name]
+    state.merged = [n for n in state.merged if n != adapter_name]
+    state.configs.pop(adapter_name, None)
+    state.modules.pop(adapter_name, None)
+    invalidate(model)
+    drop_state_if_empty(model)
+
+
+def merge(model: Any, adapter_names: list[str]) -> None:
+    """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
+
+    :raises AdapterNotFoundError: a name is not loaded.
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta).
+
+    >>> merge(model, ["default"])                                       # doctest: +SKIP
+    """
+    state = get_state(model)
+    _check(state, adapter_names)
+    assert state is not None or not adapter_names
+    if state is None:
+        return
+    for name in adapter_names:
+        if state.configs[name].is_prompt_learning:
+            raise UnsupportedError(f"{state.configs[name].peft_type} adapter {name!r} has no weight delta to merge",
+                                   key=name, hint="keep it unmerged")
+    todo = [n for n in adapter_names if n not in state.merged]
+    for layer in state.adapter_layers.values():
+        layer.merge(todo)
+    state.merged.extend(todo)
+    invalidate(model)
+
+
+def unmerge(model: Any) -> None:
+    """Subtract every merged adapter from the base weights again (no-op when none is merged).
+
+    >>> unmerge(model)                                                  # doctest: +SKIP
+    """
+    state = get_state(model)
+    if state is None or not state.merged:
+        return
+    for layer in state.adapter_layers.values():
+        layer.unmerge()
+    state.merged = []
+    invalidate(model)
