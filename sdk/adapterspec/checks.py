@@ -181,7 +181,9 @@ def _ia3(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[A
                    "fix feedforward_modules in the config, or save the vector in that layout")]
 
 
-def _pair(config: AdapterConfig, module: str, p: dict[str, TensorInfo], a: str, b: str) -> list[AdapterSpecError]:
+def _pair(config: AdapterConfig, module: str, p: dict[str, TensorInfo], a: str, b: str,
+          cp: bool = False) -> list[AdapterSpecError]:
+    # cp: the effective-conv (CP) form of SPEC 6.4/6.5, where a is [r, out] and b is [r, in]
     if a not in p or b not in p:
         return [_missing(module, b if a in p else a, f"module {module!r} has {a if a in p else b}")]
     for name in (a, b):
@@ -189,16 +191,19 @@ def _pair(config: AdapterConfig, module: str, p: dict[str, TensorInfo], a: str, 
             return [_shape(module, name, p[name], "LoHa/LoKr factors have at least 2 dimensions",
                            f"save {a} and {b} as matrices")]
     errors: list[AdapterSpecError] = []
-    if p[a].shape[-1] != p[b].shape[0]:
-        errors.append(_shape(module, b, p[b], f"dimension 0 must equal {a}'s last dimension {p[a].shape[-1]}",
-                             f"{a} is [out, r] and {b} is [r, in]"))
-    if config.peft_type == "LOHA" and p[a].shape[-1] != config.rank_for(module):
-        errors.append(_rank_error(config, module, a, p[a], p[a].shape[-1]))
+    rank = p[a].shape[0] if cp else p[a].shape[-1]
+    if rank != p[b].shape[0]:
+        errors.append(_shape(module, b, p[b], f"dimension 0 must equal {a}'s rank dimension {rank}",
+                             f"{a} is [r, out] and {b} is [r, in] (effective conv form)" if cp
+                             else f"{a} is [out, r] and {b} is [r, in]"))
+    if config.peft_type == "LOHA" and rank != config.rank_for(module):
+        errors.append(_rank_error(config, module, a, p[a], rank))
     return errors
 
 
 def _loha(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[AdapterSpecError]:
-    return _pair(config, module, p, "hada_w1_a", "hada_w1_b") + _pair(config, module, p, "hada_w2_a", "hada_w2_b")
+    cp = "hada_t1" in p
+    return _pair(config, module, p, "hada_w1_a", "hada_w1_b", cp) + _pair(config, module, p, "hada_w2_a", "hada_w2_b", cp)
 
 
 def _lokr(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[AdapterSpecError]:
@@ -207,7 +212,7 @@ def _lokr(config: AdapterConfig, module: str, p: dict[str, TensorInfo]) -> list[
         if w in p:
             continue
         if f"{w}_a" in p or f"{w}_b" in p:
-            errors.extend(_pair(config, module, p, f"{w}_a", f"{w}_b"))
+            errors.extend(_pair(config, module, p, f"{w}_a", f"{w}_b", cp=w == "lokr_w2" and "lokr_t2" in p))
         else:
             errors.append(_missing(module, w, f"LoKr needs {w} or {w}_a with {w}_b"))
     return errors

@@ -152,6 +152,22 @@ def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig 
     return folder
 
 
+def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
+    """SPEC 3.3 and 11.3: a hostile adapter name or a path leaving the folder is an UnsafeFileError, not a syntax error."""
+    adapters = manifest.get("adapters") if isinstance(manifest, dict) else None
+    for name, entry in (adapters.items() if isinstance(adapters, dict) else ()):
+        try:
+            check_adapter_name(name)
+        except UnsafeFileError as exc:
+            exc.path = str(manifest_file)
+            raise
+        where = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(where, str) and (where.startswith(("/", "\\")) or ".." in where.replace("\\", "/").split("/")
+                                       or where[1:2] == ":"):
+            raise UnsafeFileError(f"adapter {name!r} path {where!r} leaves the folder", path=manifest_file,
+                                  hint="use a relative subfolder path without '..'")
+
+
 def list_adapters(path: str | Path) -> dict[str, Path]:
     """The adapters in a folder: from its manifest, or else (PEFT folders) the root and its subfolders.
 
@@ -173,6 +189,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                                   hint="fix or delete the manifest") from None
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
+            _refuse_unsafe_entries(manifest, manifest_file)
             pointer = "".join(f"/{p}" for p in errors[0].absolute_path)
             raise FileFormatError(f"manifest: {errors[0].message}", path=manifest_file,
                                   hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
