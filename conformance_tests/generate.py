@@ -1,0 +1,790 @@
+"""Generate the adapterspec conformance corpus (``conformance_tests/v1``) -- its output is frozen and committed.
+
+    .venv/bin/python conformance_tests/generate.py            # rewrite v1/ (deterministic: same bytes each run)
+
+Needs torch, transformers and peft (the corpus itself needs none of them). Every numeric case's expected
+output is computed in float64 by :mod:`adapterspec.conformance.reference` from the stored (rounded) tensors,
+and checked here against PEFT twice: in float64 (must agree to 1e-9) and in the case's dtype (must stay
+within half the case's tolerance). Adapter tensors have PEFT's own keys and shapes (taken from a PEFT model
+built with the case's config) and deterministic, element-unique values (sines of a ramp), so a transposed
+or swapped tensor cannot pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import shutil
+import struct
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import adapterspec
+import adapterspec.errors
+from adapterspec.conformance import reference
+from adapterspec_torch.conformance import build_model, capture_model_inputs, prefix_tensor, run_modules
+
+HERE = Path(__file__).resolve().parent
+V1 = HERE / "v1"
+SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
+CORPUS_VERSION = "1.0.0"
+GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
+             "corpus.json")
+
+#: ``|actual - expected| <= atol + rtol * |expected|``; the expected values are float64.
+TOLERANCES = {
+    "float32": {"atol": 1e-5, "rtol": 1e-5},
+    "float16": {"atol": 1e-2, "rtol": 1e-2},
+    "bfloat16": {"atol": 4e-2, "rtol": 2e-2},
+}
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+# -- deterministic values --------------------------------------------------------------------------
+
+def det(shape: tuple[int, ...], seed: int, scale: float = 0.5, offset: float = 0.0) -> np.ndarray:
+    """Element-unique values: ``offset + scale * sin(0.61 k + 1.7 seed + 0.3)`` over the flat index ``k``."""
+    n = math.prod(shape)
+    return (offset + scale * np.sin(0.61 * np.arange(n) + 1.7 * seed + 0.3)).reshape(shape)
+
+
+def stored(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """``a`` rounded to ``dtype`` -- the tensor written to the corpus."""
+    return torch.from_numpy(np.asarray(a, dtype=np.float64)).to(_TORCH[dtype]).contiguous()
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy() if t.is_floating_point() else t.numpy()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata=metadata)
+    canonical_metadata(path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", "utf-8")
+
+
+def write_config(folder: Path, config: dict[str, Any] | str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = config if isinstance(config, str) else json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (folder / "adapter_config.json").write_text(text, "utf-8")
+
+
+# -- layers --------------------------------------------------------------------------------------------
+
+def linear(i: int, o: int, bias: bool = True) -> dict[str, Any]:
+    return {"kind": "linear", "in_features": i, "out_features": o, "bias": bias}
+
+
+def gpt2(i: int, o: int, bias: bool = True, split: list[int] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"kind": "gpt2_conv1d", "in_features": i, "out_features": o, "bias": bias}
+    if split:
+        spec["split"] = split
+    return spec
+
+
+def embedding(n: int, d: int) -> dict[str, Any]:
+    return {"kind": "embedding", "num_embeddings": n, "embedding_dim": d}
+
+
+def conv2d(i: int, o: int, k: list[int], stride: list[int] | None = None, padding: list[int] | None = None,
+           bias: bool = True) -> dict[str, Any]:
+    return {"kind": "conv2d", "in_channels": i, "out_channels": o, "kernel_size": k,
+            "stride": stride or [1, 1], "padding": padding or [0, 0], "bias": bias}
+
+
+def conv1d(i: int, o: int, k: int, stride: int = 1, padding: int = 0, bias: bool = True) -> dict[str, Any]:
+    return {"kind": "conv1d", "in_channels": i, "out_channels": o, "kernel_size": [k], "stride": [stride],
+            "padding": [padding], "bias": bias}
+
+
+def weight_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    kind = spec["kind"]
+    if kind == "linear":
+        shapes = {"weight": (spec["out_features"], spec["in_features"])}
+        bias = spec["out_features"]
+    elif kind == "gpt2_conv1d":
+        shapes = {"weight": (spec["in_features"], spec["out_features"])}
+        bias = spec["out_features"]
+    elif kind == "embedding":
+        return {"weight": (spec["num_embeddings"], spec["embedding_dim"])}
+    else:
+        shapes = {"weight": (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])}
+        bias = spec["out_channels"]
+    if spec.get("bias", True):
+        shapes["bias"] = (bias,)
+    return shapes
+
+
+def input_for(spec: dict[str, Any], seed: int, dtype: str) -> torch.Tensor:
+    kind = spec["kind"]
+    if kind == "embedding":
+        ids = np.array([[1, 4, 7, 2], [9, 0, 3, 5]]) % spec["num_embeddings"]
+        return torch.from_numpy(ids.astype(np.int64))
+    if kind in ("linear", "gpt2_conv1d"):
+        shape: tuple[int, ...] = (2, 3, spec["in_features"])
+    elif kind == "conv2d":
+        shape = (1, spec["in_channels"], 5, 6)
+    else:
+        shape = (2, spec["in_channels"], 7)
+    return stored(det(shape, 100 + seed, scale=1.0), dtype)
+
+
+# -- PEFT ----------------------------------------------------------------------------------------------
+
+def peft_config(config: dict[str, Any]) -> Any:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    fields = {k: v for k, v in config.items() if k not in ("peft_type", "adapterspec_version")}
+    return PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]](**fields)
+
+
+def peft_state_shapes(model_spec: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes PEFT saves for ``config`` on this model."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    model = build_model({**model_spec, "dtype": "float32"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, peft_config(config))
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def peft_loaded(model_spec: dict[str, Any], base: dict[str, torch.Tensor], adapter: Path, dtype: str) -> Any:
+    from peft import PeftModel
+
+    model = build_model({**model_spec, "dtype": dtype})
+    if base:
+        model.load_state_dict({k: v.to(_TORCH[dtype]) for k, v in base.items()}, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    if dtype == "float64":
+        peft_model = peft_model.double()
+    return peft_model.eval()
+
+
+def peft_outputs(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                 adapter: Path, dtype: str) -> dict[str, np.ndarray]:
+    peft_model = peft_loaded(case["model"], base, adapter, dtype)
+    cast = {k: (v.to(_TORCH[dtype]) if v.is_floating_point() else v) for k, v in inputs.items()}
+    inner = peft_model.get_base_model()
+    if case["compute"] == "modules":
+        return {k: f64(v) for k, v in run_modules(inner, cast).items()}
+    if case["compute"] == "prefix_key_values":
+        seen = capture_model_inputs(inner, via=peft_model, input_ids=torch.zeros((1, 1), dtype=torch.long))
+        return {"past_key_values": f64(prefix_tensor(seen["past_key_values"]))}
+    seen = capture_model_inputs(inner, via=peft_model, inputs_embeds=cast["inputs_embeds"])
+    return {"inputs_embeds": f64(seen["inputs_embeds"])}
+
+
+# -- numeric cases ---------------------------------------------------------------------------------------
+
+def lora(r: int, alpha: float, targets: Any, **extra: Any) -> dict[str, Any]:
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, **extra}
+
+
+def lycoris(method: str, r: int, alpha: float, targets: Any, **extra: Any) -> dict[str, Any]:
+    return {"peft_type": method, "r": r, "alpha": alpha, "target_modules": targets, **extra}
+
+
+DECODER = {"architecture": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32}
+DECODER_GQA = {**DECODER, "hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+# (id, description, method, layer, dtype, modules or decoder, config, tags)
+NUMERIC: list[dict[str, Any]] = []
+
+
+def numeric(id_: str, description: str, method: str, layer: str, dtype: str, modules: dict[str, Any],
+            config: dict[str, Any], tags: list[str], decoder: dict[str, Any] | None = None,
+            compute: str = "modules") -> None:
+    model: dict[str, Any] = {"dtype": dtype, "modules": modules}
+    if decoder:
+        model = {"dtype": dtype, "modules": {}, "decoder": decoder}
+    NUMERIC.append({"id": id_, "description": description, "method": method, "layer": layer, "dtype": dtype,
+                    "compute": compute, "model": model, "config": config,
+                    "tags": sorted({method.lower(), layer, _SHORT[dtype], *tags})})
+
+
+def _numeric_cases() -> None:
+    one = {"layer": linear(6, 5)}
+    for dtype in ("float32", "float16", "bfloat16"):
+        numeric(f"lora-linear-{_SHORT[dtype]}", f"LoRA on a Linear layer with bias, alpha/r = 3, lora_dropout ignored "
+                f"at inference, in {dtype}", "LORA", "linear", dtype, one,
+                lora(2, 6, ["layer"], lora_dropout=0.1), ["dropout"])
+    numeric("lora-embedding-f32", "LoRA on an Embedding: lora_embedding_A [r, num_embeddings], lora_embedding_B "
+            "[dim, r]", "LORA", "embedding", "float32", {"embed": embedding(10, 4)}, lora(2, 3, ["embed"]), [])
+    numeric("lora-conv2d-f32", "LoRA on a Conv2d with a 3x2 kernel, stride (2, 1), padding (1, 0): lora_A is a conv "
+            "with the base layer's kernel, stride and padding, lora_B a 1x1 conv", "LORA", "conv2d", "float32",
+            {"conv": conv2d(3, 4, [3, 2], stride=[2, 1], padding=[1, 0])}, lora(2, 5, ["conv"]), ["stride"])
+    numeric("lora-conv1d-f32", "LoRA on a torch Conv1d (kernel 3, padding 1)", "LORA", "conv1d", "float32",
+            {"conv": conv1d(3, 4, 3, padding=1)}, lora(2, 5, ["conv"]), [])
+    numeric("lora-gpt2-conv1d-f32", "LoRA on GPT-2's Conv1D (weight stored [in, out], fan_in_fan_out=true); "
+            "lora_A/B keep the [r, in] / [out, r] layout", "LORA", "gpt2_conv1d", "float32",
+            {"h.0.mlp.c_fc": gpt2(6, 5)}, lora(2, 6, ["c_fc"], fan_in_fan_out=True), ["fan_in_fan_out"])
+    numeric("lora-fused-qkv-gpt2-f32", "LoRA on a fused q/k/v projection (GPT-2 c_attn, output split in 3 equal "
+            "parts): one A and one B over the whole fused output; c_proj is not targeted", "LORA", "gpt2_conv1d",
+            "float32", {"h.0.attn.c_attn": gpt2(6, 12, split=[4, 4, 4]), "h.0.attn.c_proj": gpt2(4, 6)},
+            lora(2, 6, ["c_attn"], fan_in_fan_out=True), ["fan_in_fan_out", "fused", "untargeted"])
+    numeric("lora-fused-qkv-linear-f32", "LoRA on a fused Linear q/k/v projection with unequal parts (q 4, k 2, "
+            "v 2: grouped-query attention, like Phi-3's qkv_proj)", "LORA", "linear", "float32",
+            {"model.layers.0.self_attn.qkv_proj": linear(6, 8, bias=False) | {"split": [4, 2, 2]}},
+            lora(2, 6, ["qkv_proj"]), ["fused"])
+    numeric("lora-bias-f32", "LoRA with lora_bias=true: lora_B has a bias, scaled like the rest of the update",
+            "LORA", "linear", "float32", one, lora(2, 6, ["layer"], lora_bias=True), ["lora_bias"])
+    numeric("lora-regex-targets-f32", "LoRA whose target_modules is a regular expression matching the whole path: "
+            "layers.N.q_proj are adapted, layers.0.k_proj is not", "LORA", "linear", "float32",
+            {"layers.0.q_proj": linear(6, 5), "layers.0.k_proj": linear(6, 3), "layers.1.q_proj": linear(6, 5)},
+            lora(2, 6, r"layers\.\d+\.q_proj"), ["regex", "untargeted"])
+    numeric("rslora-patterns-f32", "rsLoRA (alpha / sqrt(r)) with rank_pattern and alpha_pattern: v_proj has r=2, "
+            "layers.1.q_proj alpha=3, the rest r=4 alpha=8", "LORA", "linear", "float32",
+            {"layers.0.q_proj": linear(6, 5), "layers.0.v_proj": linear(6, 3), "layers.1.q_proj": linear(6, 5),
+             "layers.1.v_proj": linear(6, 3)},
+            lora(4, 8, ["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2},
+                 alpha_pattern={r"layers\.1\.q_proj": 3}), ["rslora", "rank_pattern", "alpha_pattern"])
+    numeric("lora-patterns-f32", "plain LoRA (alpha / r) with rank_pattern and alpha_pattern", "LORA", "linear",
+            "float32", {"layers.0.q_proj": linear(6, 5), "layers.0.v_proj": linear(6, 3)},
+            lora(4, 6, ["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 10}),
+            ["rank_pattern", "alpha_pattern"])
+    for dtype in ("float32", "bfloat16"):
+        numeric(f"dora-linear-{_SHORT[dtype]}", f"DoRA on a Linear with bias: W' = m / ||W + s B A||_row * "
+                f"(W + s B A), bias unchanged, in {dtype}", "LORA", "linear", dtype, one,
+                lora(2, 6, ["layer"], use_dora=True), ["dora"])
+    numeric("dora-conv2d-f32", "DoRA on a Conv2d: the norm is over each output channel's whole kernel; "
+            "lora_magnitude_vector is [1, out, 1, 1]", "LORA", "conv2d", "float32",
+            {"conv": conv2d(3, 4, [3, 3], padding=[1, 1])}, lora(2, 5, ["conv"], use_dora=True), ["dora"])
+    numeric("dora-conv1d-f32", "DoRA on a torch Conv1d", "LORA", "conv1d", "float32",
+            {"conv": conv1d(3, 4, 3)}, lora(2, 5, ["conv"], use_dora=True), ["dora"])
+    numeric("dora-embedding-f32", "DoRA on an Embedding: one magnitude per embedding dimension", "LORA",
+            "embedding", "float32", {"embed": embedding(10, 4)}, lora(2, 3, ["embed"], use_dora=True), ["dora"])
+    numeric("dora-gpt2-conv1d-f32", "DoRA on GPT-2's Conv1D (fan_in_fan_out): the norm is per output feature",
+            "LORA", "gpt2_conv1d", "float32", {"h.0.mlp.c_fc": gpt2(6, 5)},
+            lora(2, 6, ["c_fc"], use_dora=True, fan_in_fan_out=True), ["dora", "fan_in_fan_out"])
+    ia3_modules = {"layers.0.self_attn.q_proj": linear(6, 5), "layers.0.mlp.down_proj": linear(6, 4)}
+    for dtype in ("float32", "float16"):
+        numeric(f"ia3-linear-{_SHORT[dtype]}", f"IA3 on Linear layers: q_proj scales its output (bias included), "
+                f"the feed-forward down_proj scales its input, in {dtype}", "IA3", "linear", dtype, ia3_modules,
+                {"peft_type": "IA3", "target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+                ["feedforward"])
+    numeric("ia3-conv2d-f32", "IA3 on Conv2d layers: ia3_l [1, out, 1, 1] scales the output channels, "
+            "[1, in, 1, 1] (feed-forward) the input channels", "IA3", "conv2d", "float32",
+            {"conv_a": conv2d(3, 4, [3, 3]), "conv_ff": conv2d(3, 2, [2, 2])},
+            {"peft_type": "IA3", "target_modules": ["conv_a", "conv_ff"], "feedforward_modules": ["conv_ff"]},
+            ["feedforward"])
+    numeric("ia3-gpt2-conv1d-f32", "IA3 on GPT-2's Conv1D layers (c_attn scales its output, mlp.c_proj its input)",
+            "IA3", "gpt2_conv1d", "float32", {"h.0.attn.c_attn": gpt2(6, 9), "h.0.mlp.c_proj": gpt2(5, 6)},
+            {"peft_type": "IA3", "target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"],
+             "fan_in_fan_out": True}, ["feedforward", "fan_in_fan_out"])
+    for dtype in ("float32", "bfloat16"):
+        numeric(f"loha-linear-{_SHORT[dtype]}", f"LoHa on a Linear: (w1_a w1_b) * (w2_a w2_b) * alpha / r, in {dtype}",
+                "LOHA", "linear", dtype, one, lycoris("LOHA", 2, 6, ["layer"]), [])
+    numeric("loha-conv2d-f32", "LoHa on a Conv2d, flattened kernel ([out, in*kh*kw] factors)", "LOHA", "conv2d",
+            "float32", {"conv": conv2d(3, 4, [3, 3], padding=[1, 1])}, lycoris("LOHA", 2, 6, ["conv"]), [])
+    numeric("loha-conv2d-effective-f32", "LoHa on a Conv2d with use_effective_conv2d (CP form: hada_t1/hada_t2 "
+            "[r, r, kh, kw], hada_w*_a [r, out], hada_w*_b [r, in])", "LOHA", "conv2d", "float32",
+            {"conv": conv2d(3, 4, [3, 3], padding=[1, 1])},
+            lycoris("LOHA", 2, 6, ["conv"], use_effective_conv2d=True), ["effective_conv2d"])
+    numeric("loha-conv1d-f32", "LoHa on a torch Conv1d", "LOHA", "conv1d", "float32",
+            {"conv": conv1d(3, 4, 3)}, lycoris("LOHA", 2, 6, ["conv"]), [])
+    for dtype in ("float32", "bfloat16"):
+        numeric(f"lokr-linear-{_SHORT[dtype]}", f"LoKr on a Linear 16->12: full lokr_w1, lokr_w2 = w2_a w2_b, "
+                f"kron(w1, w2) * alpha / r, in {dtype}", "LOKR", "linear", dtype, {"layer": linear(16, 12)},
+                lycoris("LOKR", 1, 3, ["layer"]), [])
+    numeric("lokr-linear-decompose-both-f32", "LoKr with decompose_both: lokr_w1 = w1_a w1_b as well", "LOKR",
+            "linear", "float32", {"layer": linear(16, 12)},
+            lycoris("LOKR", 1, 3, ["layer"], decompose_both=True, decompose_factor=4), ["decompose_both"])
+    numeric("lokr-linear-full-f32", "LoKr whose rank is large enough for full lokr_w1 and lokr_w2", "LOKR",
+            "linear", "float32", {"layer": linear(16, 12)}, lycoris("LOKR", 4, 6, ["layer"]), [])
+    numeric("lokr-conv2d-f32", "LoKr on a Conv2d (flattened kernel in lokr_w2_b)", "LOKR", "conv2d", "float32",
+            {"conv": conv2d(4, 6, [3, 3], padding=[1, 1])}, lycoris("LOKR", 1, 3, ["conv"]), [])
+    numeric("lokr-conv2d-effective-f32", "LoKr on a Conv2d with use_effective_conv2d (lokr_t2 core)", "LOKR",
+            "conv2d", "float32", {"conv": conv2d(4, 6, [3, 3], padding=[1, 1])},
+            lycoris("LOKR", 1, 3, ["conv"], use_effective_conv2d=True), ["effective_conv2d"])
+    prefix = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+              "num_attention_heads": 2, "num_layers": 2, "num_transformer_submodules": 1}
+    numeric("prefix-tuning-f32", "prefix tuning: the per-layer key/value prefixes [layers, 2, heads, nvt, head_dim] "
+            "read from prompt_embeddings [nvt, layers * 2 * token_dim]", "PREFIX_TUNING", "decoder", "float32", {},
+            prefix, [], decoder=DECODER, compute="prefix_key_values")
+    numeric("prefix-tuning-gqa-f32", "prefix tuning on a grouped-query-attention decoder: token_dim = head_dim * "
+            "num_key_value_heads, num_attention_heads = num_key_value_heads", "PREFIX_TUNING", "decoder", "float32",
+            {}, prefix | {"token_dim": 8, "num_attention_heads": 2}, ["gqa"], decoder=DECODER_GQA,
+            compute="prefix_key_values")
+    numeric("prompt-tuning-f32", "prompt tuning: the virtual tokens' embeddings are prepended to inputs_embeds",
+            "PROMPT_TUNING", "decoder", "float32", {},
+            {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+             "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2}, [],
+            decoder=DECODER, compute="prompt_concat")
+
+
+def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    if key.endswith("lora_magnitude_vector"):
+        return det(shape, seed, scale=0.3, offset=1.2)
+    if key.endswith("ia3_l"):
+        return det(shape, seed, scale=0.5, offset=1.0)
+    if key == "prompt_embeddings":
+        return det(shape, seed, scale=0.8)
+    if ".hada_" in key or ".lokr_" in key:  # products of several factors: larger, so the update shows
+        return det(shape, seed, scale=0.9)
+    return det(shape, seed, scale=0.5)
+
+
+def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+               tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    config = case["config"]
+    if case["compute"] == "prefix_key_values":
+        return {"past_key_values": reference.prefix_key_values(config, f64(tensors["prompt_embeddings"]))}
+    if case["compute"] == "prompt_concat":
+        return {"inputs_embeds": reference.prompt_concat(f64(tensors["prompt_embeddings"]), f64(inputs["inputs_embeds"]))}
+    out = {}
+    for path, spec in case["model"]["modules"].items():
+        prefix = f"base_model.model.{path}."
+        own = {k[len(prefix):]: f64(v) for k, v in tensors.items() if k.startswith(prefix)}
+        weights = {p: f64(base[f"{path}.{p}"]) for p in weight_shapes(spec)}
+        out[path] = reference.forward(spec, weights, f64(inputs[path]), config, path, own)
+    return out
+
+
+def _compare(name: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float, rtol: float) -> float:
+    """The largest error as a fraction of the tolerance; asserts the keys and shapes agree."""
+    assert set(got) == set(want), (name, sorted(got), sorted(want))
+    worst = 0.0
+    for k in want:
+        assert got[k].shape == want[k].shape, (name, k, got[k].shape, want[k].shape)
+        worst = max(worst, float(np.max(np.abs(got[k] - want[k]) / (atol + rtol * np.abs(want[k])))))
+    return worst
+
+
+def generate_numeric() -> list[dict[str, Any]]:
+    _numeric_cases()
+    index = []
+    for case in NUMERIC:
+        cid, dtype, config = case["id"], case["dtype"], case["config"]
+        folder = V1 / "numeric" / cid
+        spec_model = case["model"]
+        shapes = peft_state_shapes(spec_model, config)
+        tensors = {k: stored(_fill(k, s, i), dtype) for i, (k, s) in enumerate(sorted(shapes.items()))}
+        write_config(folder / "adapter", config)
+        save_tensors(folder / "adapter" / "adapter_model.safetensors", tensors, {"format": "pt"})
+        base: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        for j, (path, spec) in enumerate(spec_model["modules"].items()):
+            for p, shape in weight_shapes(spec).items():
+                base[f"{path}.{p}"] = stored(det(shape, 50 + 7 * j + len(p), scale=0.5), dtype)
+            inputs[path] = input_for(spec, j, dtype)
+        if case["compute"] == "prompt_concat":
+            inputs["inputs_embeds"] = stored(det((2, 4, config["token_dim"]), 77, scale=1.0), dtype)
+        entry: dict[str, Any] = {k: case[k] for k in ("id", "description", "method", "layer", "dtype", "compute")}
+        entry |= {"tags": case["tags"], "dir": f"numeric/{cid}", "model": dict(spec_model), "adapter": "adapter"}
+        if base:
+            save_tensors(folder / "base.safetensors", base)
+            entry["model"]["weights"] = "base.safetensors"
+        if inputs:
+            save_tensors(folder / "inputs.safetensors", inputs)
+            entry["inputs"] = "inputs.safetensors"
+        expected = _reference(case, base, inputs, tensors)
+        save_tensors(folder / "expected.safetensors", {k: torch.from_numpy(v) for k, v in expected.items()})
+        entry |= {"expected": "expected.safetensors", "tolerance": TOLERANCES[dtype]}
+        # The reference must be PEFT's math: exactly (float64), and within tolerance in the case's dtype.
+        exact = _compare(cid, peft_outputs(case, base, inputs, folder / "adapter", "float64"), expected, 1e-9, 1e-9)
+        assert exact <= 1, f"{cid}: the NumPy reference disagrees with PEFT in float64 ({exact:.3g} x 1e-9)"
+        tol = TOLERANCES[dtype]
+        used = _compare(cid, peft_outputs(case, base, inputs, folder / "adapter", dtype), expected, **tol)
+        assert used <= 0.5, f"{cid}: PEFT in {dtype} uses {used:.2f} of the tolerance; loosen it or shrink the case"
+        # A broken implementation must not pass: the adapter's contribution is well above the tolerance.
+        without = _reference({**case, "config": config}, base, inputs, {}) if case["compute"] == "modules" else None
+        if without is not None:
+            moved = _compare(cid, without, expected, **tol)
+            assert moved > 10, f"{cid}: the adapter barely changes the output ({moved:.1f} x tolerance)"
+        print(f"numeric/{cid}: PEFT float64 {exact:.2e} of 1e-9; PEFT {dtype} {used:.3f} of tolerance")
+        index.append(entry)
+    return index
+
+
+# -- folder cases ----------------------------------------------------------------------------------------
+
+ATTN = {"dtype": "float32", "modules": {
+    "model.layers.0.self_attn.q_proj": linear(8, 8, bias=False),
+    "model.layers.0.self_attn.k_proj": linear(8, 4, bias=False),
+    "model.layers.0.self_attn.v_proj": linear(8, 4, bias=False),
+    "model.layers.0.mlp.down_proj": linear(16, 8, bias=False)}}
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+K = "base_model.model.model.layers.0.self_attn.k_proj"
+V = "base_model.model.model.layers.0.self_attn.v_proj"
+DOWN = "base_model.model.model.layers.0.mlp.down_proj"
+LORA_CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+def lora_tensors(r: int = 2) -> dict[str, np.ndarray]:
+    return {f"{Q}.lora_A.weight": det((r, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, r), 2).astype(np.float32),
+            f"{V}.lora_A.weight": det((r, 8), 3).astype(np.float32), f"{V}.lora_B.weight": det((4, r), 4).astype(np.float32)}
+
+
+def np_save(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(dict(sorted(tensors.items())), str(path), metadata=metadata if metadata is not None else {"format": "pt"})
+    canonical_metadata(path)
+
+
+FOLDERS: list[dict[str, Any]] = []
+
+
+def folder(id_: str, description: str, *, valid: bool, model: dict[str, Any] = ATTN, error: str | None = None,
+           key: str | list[str] | None = None, pointer: str | None = None, options: dict[str, Any] | None = None,
+           multi: bool = False, tags: tuple[str, ...] = ()) -> Path:
+    entry: dict[str, Any] = {"id": id_, "description": description, "path": f"folders/{id_}", "valid": valid,
+                             "model": model}
+    if not valid:
+        entry["error"] = error
+        if key is not None:
+            entry["key"] = key
+        if pointer is not None:
+            entry["pointer"] = pointer
+    if options:
+        entry["options"] = options
+    if multi:
+        entry["multi"] = True
+    if tags:
+        entry["tags"] = list(tags)
+    FOLDERS.append(entry)
+    return V1 / "folders" / id_
+
+
+def plain(id_: str, description: str, config: dict[str, Any] | str, tensors: dict[str, np.ndarray],
+          metadata: dict[str, str] | None = None, **kw: Any) -> Path:
+    path = folder(id_, description, **kw)
+    write_config(path, config)
+    np_save(path / "adapter_model.safetensors", tensors, metadata)
+    return path
+
+
+def generate_folders() -> list[dict[str, Any]]:
+    # -- folders that must load ------------------------------------------------------------------------
+    path = folder("lora-adapterspec-written", "a LoRA folder written by adapterspec (adapterspec_version, sha256 "
+                  "in the safetensors metadata), checked with verify", valid=True, options={"verify": True})
+    adapterspec.write_adapter(path, LORA_CFG, lora_tensors())
+    canonical_metadata(path / "adapter_model.safetensors")
+    _peft_saved_lora(folder("lora-peft-written", "a LoRA folder written by PEFT 0.21 save_pretrained (no "
+                            "adapterspec fields, PEFT's full config)", valid=True, tags=("peft",)))
+    plain("dora", "DoRA: lora_magnitude_vector (no .weight suffix) beside lora_A/lora_B", LORA_CFG | {"use_dora": True},
+          lora_tensors() | {f"{Q}.lora_magnitude_vector": det((8,), 5, 0.2, 1.0).astype(np.float32),
+                            f"{V}.lora_magnitude_vector": det((4,), 6, 0.2, 1.0).astype(np.float32)}, valid=True)
+    plain("ia3", "IA3: ia3_l [out, 1] on q_proj, [1, in] on the feed-forward down_proj",
+          {"peft_type": "IA3", "target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+          {f"{Q}.ia3_l": det((8, 1), 1, 0.3, 1.0).astype(np.float32),
+           f"{DOWN}.ia3_l": det((1, 16), 2, 0.3, 1.0).astype(np.float32)}, valid=True)
+    plain("loha", "LoHa on q_proj", {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+          {f"{Q}.hada_w1_a": det((8, 2), 1).astype(np.float32), f"{Q}.hada_w1_b": det((2, 8), 2).astype(np.float32),
+           f"{Q}.hada_w2_a": det((8, 2), 3).astype(np.float32), f"{Q}.hada_w2_b": det((2, 8), 4).astype(np.float32)},
+          valid=True)
+    plain("lokr", "LoKr on q_proj (8 = 2 x 4: lokr_w1 [2, 2], lokr_w2 [4, 4])",
+          {"peft_type": "LOKR", "r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+          {f"{Q}.lokr_w1": det((2, 2), 1).astype(np.float32), f"{Q}.lokr_w2": det((4, 4), 2).astype(np.float32)},
+          valid=True)
+    decoder = {"dtype": "float32", "modules": {}, "decoder": DECODER}
+    prefix_cfg = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+                  "num_attention_heads": 2, "num_layers": 2, "num_transformer_submodules": 1}
+    plain("prefix", "prefix tuning: the single un-prefixed key prompt_embeddings [nvt, layers * 2 * token_dim]",
+          prefix_cfg, {"prompt_embeddings": det((3, 32), 1).astype(np.float32)}, valid=True, model=decoder)
+    plain("prompt", "prompt tuning: prompt_embeddings [nvt, token_dim]",
+          {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+           "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2},
+          {"prompt_embeddings": det((3, 8), 1).astype(np.float32)}, valid=True, model=decoder)
+    plain("newer-minor-version", "written for spec 1.9 with a field this reader does not know: loads (with a "
+          "warning), the unknown field is ignored", LORA_CFG | {"adapterspec_version": "1.9", "future_option": True},
+          lora_tensors(), {"format": "pt", "adapterspec_version": "1.9"}, valid=True)
+    path = folder("multi-manifest", "two adapters with a manifest: 'default' in the root, 'fr' in fr/", valid=True,
+                  multi=True)
+    adapterspec.write_adapters(path, {"default": (LORA_CFG, lora_tensors()),
+                                      "fr": (LORA_CFG | {"r": 4, "lora_alpha": 8}, lora_tensors(4))})
+    canonical_metadata(path / "adapter_model.safetensors")
+    canonical_metadata(path / "fr" / "adapter_model.safetensors")
+    path = folder("multi-peft-layout", "two adapters in PEFT's layout (no manifest): the root and a subfolder",
+                  valid=True, multi=True, tags=("peft",))
+    write_config(path, LORA_CFG)
+    np_save(path / "adapter_model.safetensors", lora_tensors())
+    write_config(path / "de", LORA_CFG)
+    np_save(path / "de" / "adapter_model.safetensors", lora_tensors())
+
+    # -- folders that must be refused ----------------------------------------------------------------------
+    t = lora_tensors()
+    del t[f"{Q}.lora_B.weight"]
+    plain("missing-tensor", "q_proj has lora_A but no lora_B", LORA_CFG, t, valid=False,
+          error="MissingTensorError", key=f"{Q}.lora_B.weight")
+    t = {k: v for k, v in lora_tensors().items() if not k.startswith(V)}
+    plain("missing-module", "the config targets v_proj, which the model has, but the file holds no tensor for it",
+          LORA_CFG, t, valid=False, error="MissingTensorError", key=[f"{V}.lora_A.weight", f"{V}.lora_B.weight"])
+    plain("unexpected-tensor-untargeted", "a LoRA pair for k_proj, which target_modules does not name", LORA_CFG,
+          lora_tensors() | {f"{K}.lora_A.weight": det((2, 8), 9).astype(np.float32),
+                            f"{K}.lora_B.weight": det((4, 2), 10).astype(np.float32)},
+          valid=False, error="UnexpectedTensorError", key=[f"{K}.lora_A.weight", f"{K}.lora_B.weight"])
+    plain("unexpected-tensor-name", "a parameter name LoRA does not have (lora_C.weight)", LORA_CFG,
+          lora_tensors() | {f"{Q}.lora_C.weight": det((2, 2), 9).astype(np.float32)},
+          valid=False, error="UnexpectedTensorError", key=f"{Q}.lora_C.weight")
+    plain("key-without-prefix", "keys without the base_model.model. prefix (PEFT loads this silently and keeps "
+          "its random init)", LORA_CFG, {k.removeprefix("base_model.model."): v for k, v in lora_tensors().items()},
+          valid=False, error="UnexpectedTensorError", key=sorted(k.removeprefix("base_model.model.") for k in lora_tensors()))
+    t = lora_tensors()
+    t[f"{V}.lora_A.weight"], t[f"{V}.lora_B.weight"] = det((3, 8), 3).astype(np.float32), det((4, 3), 4).astype(np.float32)
+    plain("rank-disagrees-with-r", "v_proj's tensors have rank 3, the config's r is 2", LORA_CFG, t, valid=False,
+          error="ShapeMismatchError", key=[f"{V}.lora_A.weight", f"{V}.lora_B.weight"])
+    t = lora_tensors()
+    t[f"{V}.lora_B.weight"] = det((2, 4), 4).astype(np.float32)
+    plain("lora-b-transposed", "v_proj's lora_B is stored [r, out] instead of [out, r]", LORA_CFG, t, valid=False,
+          error="ShapeMismatchError", key=f"{V}.lora_B.weight")
+    t = lora_tensors()
+    t[f"{Q}.lora_A.weight"] = det((2, 12), 1).astype(np.float32)
+    plain("shape-disagrees-with-model", "q_proj's lora_A is [2, 12] but the model's q_proj has 8 input features "
+          "(the file is consistent with itself; only the model can tell)", LORA_CFG, t, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.lora_A.weight")
+    t = lora_tensors()
+    t[f"{Q}.lora_A.weight"] = (det((2, 8), 1) * 100).astype(np.int32)
+    plain("dtype-int32", "q_proj's lora_A is stored as I32; adapter tensors are F64, F32, F16 or BF16", LORA_CFG, t,
+          valid=False, error="DTypeMismatchError", key=f"{Q}.lora_A.weight")
+    plain("major-version-2", "adapter_config.json says adapterspec_version 2.0: a newer major version must be "
+          "refused", LORA_CFG | {"adapterspec_version": "2.0"}, lora_tensors(), valid=False, error="VersionError",
+          pointer="/adapterspec_version")
+    plain("metadata-major-version-2", "the safetensors metadata says adapterspec_version 2.0", LORA_CFG,
+          lora_tensors(), {"format": "pt", "adapterspec_version": "2.0"}, valid=False, error="VersionError")
+    path = plain("truncated-data", "adapter_model.safetensors cut short inside the tensor data", LORA_CFG,
+                 lora_tensors(), valid=False, error="FileFormatError")
+    blob = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(blob[:-10])
+    path = plain("truncated-header", "adapter_model.safetensors cut short inside its JSON header", LORA_CFG,
+                 lora_tensors(), valid=False, error="FileFormatError")
+    (path / "adapter_model.safetensors").write_bytes(blob[:40])
+    path = folder("sha256-mismatch", "a byte of tensor data changed after writing: the sha256 in the metadata no "
+                  "longer matches (checked with verify)", valid=False, error="IntegrityError",
+                  options={"verify": True})
+    adapterspec.write_adapter(path, LORA_CFG, lora_tensors())
+    canonical_metadata(path / "adapter_model.safetensors")
+    blob = bytearray((path / "adapter_model.safetensors").read_bytes())
+    blob[-1] ^= 0x01
+    (path / "adapter_model.safetensors").write_bytes(bytes(blob))
+    path = folder("pickle-only", "only adapter_model.bin (a pickle) and no safetensors file: refused unless the "
+                  "caller opts in", valid=False, error="UnsafeFileError")
+    write_config(path, LORA_CFG)
+    torch.save({k: torch.from_numpy(v) for k, v in lora_tensors().items()}, path / "adapter_model.bin")
+    for id_, name, entry in (("manifest-name-dotdot", "../evil", "../evil"),
+                             ("manifest-path-escapes", "evil", "../outside")):
+        path = folder(id_, f"a manifest whose adapter {name!r} has path {entry!r}, leaving the folder",
+                      valid=False, error="UnsafeFileError", multi=True)
+        write_config(path, LORA_CFG)
+        np_save(path / "adapter_model.safetensors", lora_tensors())
+        manifest = {"adapterspec_version": "1.0", "adapters": {"default": {"path": "."}, name: {"path": entry}}}
+        write_json(path / "adapterspec.json", manifest)
+    plain("config-invalid-json", "adapter_config.json is not JSON", '{"peft_type": "LORA", "r": 2,\n',
+          lora_tensors(), valid=False, error="FileFormatError")
+    plain("config-nan", "adapter_config.json holds NaN, which JSON does not allow",
+          '{"peft_type": "LORA", "r": 2, "lora_alpha": NaN, "target_modules": ["q_proj", "v_proj"]}\n',
+          lora_tensors(), valid=False, error="FileFormatError")
+    plain("config-r-zero", "the config's r is 0", LORA_CFG | {"r": 0}, lora_tensors(), valid=False,
+          error="ConfigError", pointer="/r")
+    plain("target-not-in-model", "the config targets o_proj and the file holds its tensors, but the model has no "
+          "o_proj", LORA_CFG | {"target_modules": ["q_proj", "o_proj"]},
+          {f"{Q}.lora_A.weight": det((2, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, 2), 2).astype(np.float32),
+           "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": det((2, 8), 3).astype(np.float32),
+           "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": det((8, 2), 4).astype(np.float32)},
+          valid=False, error="TargetNotFoundError")
+    plain("lora-bias-without-flag", "a lora_B.bias tensor while the config does not set lora_bias", LORA_CFG,
+          lora_tensors() | {f"{Q}.lora_B.bias": det((8,), 7).astype(np.float32)}, valid=False,
+          error="UnexpectedTensorError", key=f"{Q}.lora_B.bias")
+    plain("dora-without-magnitude", "use_dora is set but v_proj has no lora_magnitude_vector",
+          LORA_CFG | {"use_dora": True}, lora_tensors() | {f"{Q}.lora_magnitude_vector": det((8,), 5, 0.2, 1.0).astype(np.float32)},
+          valid=False, error="MissingTensorError", key=f"{V}.lora_magnitude_vector")
+    plain("ia3-wrong-orientation", "q_proj (not feed-forward) has ia3_l [1, 8] instead of [8, 1]",
+          {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": []},
+          {f"{Q}.ia3_l": det((1, 8), 1, 0.3, 1.0).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{Q}.ia3_l")
+    plain("prompt-shape-disagrees", "prompt_embeddings [4, 8] while the config says num_virtual_tokens 3",
+          {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+           "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2},
+          {"prompt_embeddings": det((4, 8), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key="prompt_embeddings", model=decoder)
+    plain("no-tensors", "an adapter file that holds no tensor at all", LORA_CFG, {}, valid=False,
+          error="MissingTensorError")
+    return FOLDERS
+
+
+def _peft_saved_lora(path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(ATTN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.from_numpy(det(tuple(p.shape), len(name))).float())
+    peft_model.save_pretrained(str(path))
+    (path / "README.md").unlink(missing_ok=True)
+    # PEFT holds target_modules as a set: its saved order changes from run to run; fix it for a stable corpus.
+    config = json.loads((path / "adapter_config.json").read_text("utf-8"))
+    config["target_modules"] = sorted(config["target_modules"])
+    write_config(path, config)
+
+
+# -- schema cases ----------------------------------------------------------------------------------------
+
+LORA_MIN = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]] = {
+    # file: [(id, description, config, valid, error_pointer, error)]
+    "lora": [
+        ("lora-r-negative", "r must be >= 1", LORA_MIN | {"r": -2}, False, "/r", None),
+        ("lora-use-rslora-string", "use_rslora is a boolean", LORA_MIN | {"use_rslora": "yes"}, False, "/use_rslora", None),
+        ("lora-rank-pattern-string", "rank_pattern values are integers", LORA_MIN | {"rank_pattern": {"q_proj": "4"}},
+         False, "/rank_pattern/q_proj", None),
+        ("lora-target-modules-regex", "target_modules may be one regular expression", LORA_MIN | {"target_modules": r".*\.q_proj"},
+         True, None, None),
+        ("lora-layers-to-transform-int", "layers_to_transform may be a single index",
+         LORA_MIN | {"layers_to_transform": 1}, True, None, None),
+        ("lora-rslora-dora", "rsLoRA and DoRA combine", LORA_MIN | {"use_rslora": True, "use_dora": True}, True, None, None),
+        ("lora-dropout-half", "lora_dropout in [0, 1)", LORA_MIN | {"lora_dropout": 0.5}, True, None, None),
+    ],
+    "methods": [
+        ("ia3-feedforward-string", "feedforward_modules is a list or a regex string",
+         {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": 3}, False, "/feedforward_modules", None),
+        ("loha-alpha-string", "LoHa's alpha is a number",
+         {"peft_type": "LOHA", "r": 2, "alpha": "4", "target_modules": ["q_proj"]}, False, "/alpha", None),
+        ("lokr-decompose-both-string", "LoKr's decompose_both is a boolean",
+         {"peft_type": "LOKR", "r": 2, "target_modules": ["q_proj"], "decompose_both": "no"}, False, "/decompose_both", None),
+        ("prefix-token-dim-zero", "prefix tuning's token_dim is >= 1",
+         {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 0, "num_attention_heads": 2,
+          "num_layers": 2}, False, "/token_dim", None),
+        ("prompt-num-virtual-tokens-zero", "prompt tuning's num_virtual_tokens is >= 1",
+         {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0, "token_dim": 8}, False, "/num_virtual_tokens", None),
+    ],
+    "document": [
+        ("config-is-a-list", "a config is a JSON object", [LORA_MIN], False, "", None),
+        ("version-major-2", "a newer major adapterspec_version is refused", LORA_MIN | {"adapterspec_version": "2.0"},
+         False, "/adapterspec_version", "VersionError"),
+        ("version-minor-newer", "a newer minor adapterspec_version is read", LORA_MIN | {"adapterspec_version": "1.9"},
+         True, None, None),
+        ("version-malformed", "adapterspec_version is 'MAJOR.MINOR'", LORA_MIN | {"adapterspec_version": "v1"},
+         False, "/adapterspec_version", "VersionError"),
+    ],
+}
+
+
+def generate_schema() -> dict[str, list[dict[str, Any]]]:
+    files: dict[str, list[dict[str, Any]]] = {"spec-examples": []}
+    for kind in ("valid", "invalid"):
+        for example in sorted((SPEC_EXAMPLES / kind).glob("*.json")):
+            data = json.loads(example.read_text("utf-8"))
+            entry: dict[str, Any] = {"id": "example-" + example.stem.replace("_", "-"),
+                                     "source": f"spec/v1/examples/{kind}/{example.name}"}
+            if kind == "valid":
+                entry |= {"description": f"spec example {example.stem}", "config": data, "valid": True}
+            else:
+                entry |= {"description": data["description"], "config": data["config"], "valid": False,
+                          "error_pointer": data["error_pointer"]}
+            files["spec-examples"].append(entry)
+    for name, cases in SCHEMA_EXTRA.items():
+        files[name] = []
+        for id_, description, config, valid, pointer, error in cases:
+            entry = {"id": id_, "description": description, "config": config, "valid": valid}
+            if pointer is not None:
+                entry["error_pointer"] = pointer
+            if error is not None:
+                entry["error"] = error
+            files[name].append(entry)
+    for entries in files.values():  # the corpus must agree with the spec's schema
+        for entry in entries:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    adapterspec.validate_config(entry["config"])
+                    got = None
+                except adapterspec.ConfigError as exc:
+                    got = exc
+            assert (got is None) == entry["valid"], (entry["id"], got)
+            if got is not None:
+                assert got.pointer == entry["error_pointer"], (entry["id"], got.pointer, entry["error_pointer"])
+    return files
+
+
+# -- the rest --------------------------------------------------------------------------------------------
+
+def generate_errors() -> dict[str, Any]:
+    errors = {}
+    for name in sorted(adapterspec.errors.__all__):
+        cls = getattr(adapterspec.errors, name)
+        if not (inspect.isclass(cls) and issubclass(cls, adapterspec.errors.AdapterSpecError)):
+            continue
+        parent = next((b.__name__ for b in cls.__mro__[1:] if issubclass(b, adapterspec.errors.AdapterSpecError)), None)
+        errors[name] = {"parent": parent, "description": (cls.__doc__ or "").strip().splitlines()[0]}
+    return {"description": "The spec's error classes (language-neutral names) and their parents. A case that "
+            "expects class X passes with X or any class below it.", "errors": errors}
+
+
+def canonical_metadata(path: Path) -> None:
+    """Sort a safetensors file's metadata keys (safetensors writes them in hash order), so runs give equal bytes."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    for name in GENERATED:
+        target = V1 / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    V1.mkdir(parents=True, exist_ok=True)
+    for name, cases in generate_schema().items():
+        write_json(V1 / "schema" / f"{name}.json", cases)
+    write_json(V1 / "folders.json", generate_folders())
+    numeric_index = generate_numeric()
+    write_json(V1 / "numeric.json", numeric_index)
+    write_json(V1 / "roundtrip.json", [
+        {"id": f"roundtrip-{c['id']}", "description": f"load then save the adapter of numeric/{c['id']}: the same "
+         "tensors bit for bit, an equivalent config", "source": c["id"], "tags": c["tags"]} for c in numeric_index])
+    write_json(V1 / "errors.json", generate_errors())
+    import peft
+    import transformers
+
+    files = {p.relative_to(V1).as_posix(): sha256(p) for p in sorted(V1.rglob("*"))
+             if p.is_file() and p.name != "corpus.json"}
+    write_json(V1 / "corpus.json", {
+        "spec_version": adapterspec.SPEC_VERSION, "corpus_version": CORPUS_VERSION,
+        "generator": "conformance_tests/generate.py",
+        "generated_with": {"peft": peft.__version__, "torch": torch.__version__.split("+")[0],
+                           "transformers": transformers.__version__, "numpy": np.__version__},
+        "files": files})
+    size = sum(p.stat().st_size for p in V1.rglob("*") if p.is_file())
+    print(f"{len(files) + 1} files, {size / 1024:.0f} KiB")
+    assert size < 2 * 1024 * 1024, "the corpus must stay under 2 MB"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

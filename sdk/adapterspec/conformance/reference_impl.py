@@ -1,0 +1,183 @@
+"""The reference implementation: adapterspec's core reader and writer with the float64 NumPy math.
+
+It needs no deep-learning framework. It checks an adapter against a case's model description the
+way a backend would (every adapted module exists, every targeted module has its tensors, every
+shape fits the layer), so it passes every case of the corpus; the suite's own tests use it as the
+known-good implementation (``--impl reference``).
+
+>>> from adapterspec.conformance import load_corpus, run_suite
+>>> run_suite(ReferenceImplementation(), load_corpus()).ok             # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import list_adapters, read_adapter, validate_config, write_adapter
+from ..adapter import Adapter
+from ..errors import MissingTensorError, ShapeMismatchError, TargetNotFoundError
+from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
+from . import _io, reference
+from .cases import FolderCase, NumericCase, RoundtripCase
+
+__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors"]
+
+
+def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The adapter's tensors grouped by module path, keyed by parameter name (``"lora_A.weight"``)."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        name = parse_key(key, adapter.config.peft_type, adapter.config)
+        if name.role == "adapter":
+            grouped.setdefault(name.module, {})[name.param] = value
+    return grouped
+
+
+def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
+    """What the layer's LoRA A takes after its rank (in features, or in channels and kernel) and its output size."""
+    kind = spec["kind"]
+    if kind in ("linear", "gpt2_conv1d"):
+        return (spec["in_features"],), spec["out_features"]
+    if kind == "embedding":
+        return (spec["num_embeddings"],), spec["embedding_dim"]
+    return (spec["in_channels"], *spec["kernel_size"]), spec["out_channels"]
+
+
+def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    kind = spec["kind"]
+    if kind == "linear":
+        return spec["out_features"], spec["in_features"]
+    if kind == "gpt2_conv1d":
+        return spec["in_features"], spec["out_features"]
+    if kind == "embedding":
+        return spec["num_embeddings"], spec["embedding_dim"]
+    return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
+
+
+def _check_layer(adapter: Adapter, path: str, spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    config = adapter.config
+    fits, out = _in_out(spec)
+    method = config.peft_type
+
+    def refuse(param: str, message: str) -> ShapeMismatchError:
+        return ShapeMismatchError(f"shape {list(shapes[param])}: {message}", key=make_key(path, param),
+                                  hint="the adapter was made for another model")
+
+    if method == "LORA":
+        a, b = ("lora_embedding_A", "lora_embedding_B") if spec["kind"] == "embedding" else ("lora_A.weight", "lora_B.weight")
+        if a not in shapes or b not in shapes:
+            raise MissingTensorError(f"a {spec['kind']} layer takes {a} and {b}", key=make_key(path, a if a not in shapes else b))
+        if tuple(shapes[a][1:]) != fits:
+            raise refuse(a, f"module {path!r} takes {list(fits)} after the rank")
+        if shapes[b][0] != out:
+            raise refuse(b, f"module {path!r} has {out} outputs")
+    elif method == "IA3":
+        size = math.prod(shapes["ia3_l"])
+        want = fits[0] if config.is_feedforward(path) else out
+        if size != want:
+            raise refuse("ia3_l", f"module {path!r} needs {want} scales")
+    else:  # LoHa/LoKr: the update must have the weight's size
+        zero = {p: np.zeros(s) for p, s in shapes.items()}
+        try:
+            reference.adapted_weight(spec, np.zeros(_weight_shape(spec)), None, config, path, zero)
+        except ValueError:
+            raise refuse(sorted(shapes)[0], f"the {method} factors do not make a {list(_weight_shape(spec))} weight") from None
+
+def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
+    """Refuse ``adapter`` as a backend would for the model described by ``model``.
+
+    :raises TargetNotFoundError: an adapted module is not in the model.
+    :raises MissingTensorError: a module the config targets has no tensors.
+    :raises ShapeMismatchError: a tensor does not fit its layer.
+    """
+    config = adapter.config
+    if config.is_prompt_learning:
+        decoder = model.get("decoder") or {}
+        hidden, layers = decoder.get("hidden_size"), decoder.get("num_hidden_layers")
+        heads, kv = decoder.get("num_attention_heads"), decoder.get("num_key_value_heads")
+        if config.peft_type == "PROMPT_TUNING":
+            width = hidden
+        else:
+            width = hidden // heads * (kv or heads) if hidden and heads else None
+            if layers is not None and config.get("num_layers") not in (None, layers):
+                raise ShapeMismatchError(f"num_layers {config['num_layers']} but the model has {layers} layers",
+                                         key=PROMPT_KEY, hint="the adapter was made for another model")
+        if width is not None and config.get("token_dim") not in (None, width):
+            raise ShapeMismatchError(f"token_dim {config['token_dim']} but the model needs {width}", key=PROMPT_KEY,
+                                     hint="the adapter was made for another model")
+        return
+    modules = model.get("modules", {})
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, info in adapter.tensors.items():
+        name = parse_key(key, config.peft_type, config)
+        if name.role == "adapter":
+            shapes.setdefault(name.module, {})[name.param] = info.shape
+    for path in shapes:
+        if path not in modules:
+            raise TargetNotFoundError(f"the adapter has tensors for {path!r}, which the model does not have",
+                                      key=path, hint="load it into the model it was trained for")
+    for path in modules:
+        if config.matches(path) and path not in shapes:
+            raise MissingTensorError(f"the config targets {path!r} but the file holds no tensor for it",
+                                     key=make_key(path, PARAMETERS[config.peft_type][0]),
+                                     hint="save the adapter again from the trained model")
+    for path, params in shapes.items():
+        _check_layer(adapter, path, modules[path], params)
+
+
+class ReferenceImplementation:
+    """adapterspec's core (reading, checks, writing) with :mod:`adapterspec.conformance.reference` for the math."""
+
+    name = "reference"
+    checks_error_class = True
+
+    def supports(self, case: Any) -> bool | str:
+        return True
+
+    def validate_config(self, config: Mapping[str, Any]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            validate_config(config)
+
+    def _read(self, path: Path, model: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> Adapter:
+        options = options or {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapter = read_adapter(path, allow_pickle=bool(options.get("allow_pickle")),
+                                   verify=bool(options.get("verify")))
+        check_against_model(adapter, model)
+        return adapter
+
+    def load_folder(self, case: FolderCase, path: Path) -> None:
+        folders = list_adapters(path) if case.multi else {"default": path}
+        for folder in folders.values():
+            self._read(folder, case.model, case.options)
+
+    def run_numeric(self, case: NumericCase, case_dir: Path) -> dict[str, np.ndarray]:
+        adapter = self._read(case.adapter, case.model)
+        arrays = _io.read_arrays(adapter.weights_file)  # type: ignore[arg-type]
+        inputs = _io.read_arrays(case.inputs) if case.inputs else {}
+        config = adapter.config
+        if case.compute == "prefix_key_values":
+            return {"past_key_values": reference.prefix_key_values(config, arrays[PROMPT_KEY])}
+        if case.compute == "prompt_concat":
+            return {"inputs_embeds": reference.prompt_concat(arrays[PROMPT_KEY], inputs["inputs_embeds"])}
+        base = _io.read_arrays(case.weights) if case.weights else {}
+        grouped = module_tensors(adapter, arrays)
+        out = {}
+        for path, x in inputs.items():
+            weights = {p: base.get(f"{path}.{p}") for p in ("weight", "bias")}
+            out[path] = reference.forward(case.modules[path], weights, x, config, path, grouped.get(path, {}))
+        return out
+
+    def roundtrip(self, case: RoundtripCase, src: Path, dst: Path) -> None:
+        assert case.source is not None
+        adapter = self._read(src, case.source.model)
+        write_adapter(dst, adapter.config, adapter.load_tensors("numpy"))

@@ -1,0 +1,386 @@
+"""Run the corpus against an implementation and judge each case: passed, failed, unsupported, xfailed, xpassed.
+
+>>> from adapterspec.conformance import load_corpus, run_suite
+>>> from adapterspec.conformance.reference_impl import ReferenceImplementation
+>>> report = run_suite(ReferenceImplementation(), load_corpus(), include=["^numeric/lora-"])  # doctest: +SKIP
+>>> report.counts()["failed"]                                                                # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _io
+from .cases import Case, Corpus, FolderCase, NumericCase, RoundtripCase, SchemaCase, load_corpus
+from .contract import Refusal, Unsupported, call
+
+__all__ = ["CaseFailed", "Report", "Result", "Status", "compare_folders", "compare_outputs",
+           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select"]
+
+
+class Status(str, Enum):
+    """A case's outcome. Only FAILED and (with ``strict_xfail``) XPASSED make a run fail."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    UNSUPPORTED = "unsupported"
+    XFAILED = "xfailed"
+    XPASSED = "xpassed"
+
+
+@dataclass
+class Result:
+    """The outcome of one case: its status, a one-line reason, the time it took, and measured details."""
+
+    name: str
+    kind: str
+    status: Status
+    message: str = ""
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "status": self.status.value, "message": self.message,
+                "seconds": round(self.seconds, 4), "details": self.details}
+
+
+@dataclass
+class Report:
+    """All results of one run, with what was run against what."""
+
+    implementation: str
+    corpus: str
+    results: list[Result]
+    strict_xfail: bool = False
+
+    def counts(self) -> dict[str, int]:
+        """``{"passed": n, "failed": n, "unsupported": n, "xfailed": n, "xpassed": n, "total": n}``."""
+        c = Counter(r.status.value for r in self.results)
+        return {s.value: c.get(s.value, 0) for s in Status} | {"total": len(self.results)}
+
+    @property
+    def ok(self) -> bool:
+        """Whether no case failed (nor, with ``strict_xfail``, unexpectedly passed)."""
+        counts = self.counts()
+        return counts["failed"] == 0 and not (self.strict_xfail and counts["xpassed"])
+
+    def by_status(self, status: Status | str) -> list[str]:
+        """The names of the cases with this status."""
+        return [r.name for r in self.results if r.status == Status(status)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "corpus": self.corpus, "summary": self.counts(),
+                "ok": self.ok, "results": [r.to_json() for r in self.results]}
+
+
+# -- the error hierarchy, from the corpus -----------------------------------------------------------
+
+def load_error_hierarchy(root: Path) -> dict[str, str | None]:
+    """Error class name -> its parent's name, from the corpus' ``errors.json``."""
+    data = json.loads((root / "errors.json").read_text("utf-8"))
+    return {name: entry.get("parent") for name, entry in data["errors"].items()}
+
+
+def error_is_a(refusal: Refusal, expected: str, hierarchy: Mapping[str, str | None]) -> bool:
+    """Whether ``refusal`` is of class ``expected`` or a subclass of it (by its MRO or the corpus' hierarchy).
+
+    >>> error_is_a(Refusal("IntegrityError"), "FileFormatError", {"IntegrityError": "FileFormatError"})
+    True
+    """
+    if expected in refusal.ancestors:
+        return True
+    name: str | None = refusal.error
+    seen = set()
+    while name is not None and name not in seen:
+        if name == expected:
+            return True
+        seen.add(name)
+        name = hierarchy.get(name)
+    return False
+
+
+# -- judging one case ---------------------------------------------------------------------------------
+
+class CaseFailed(AssertionError):
+    """A case's check did not hold; ``details`` holds what was measured."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _names(refusal: Refusal, attr: str, expected: str | list[str] | None) -> bool:
+    """Whether the refusal names ``expected`` (one of them, for a list): as its key/pointer, or in its message."""
+    if expected is None:
+        return True
+    value = getattr(refusal, attr)
+    for want in [expected] if isinstance(expected, str) else expected:
+        if value == want or (attr == "pointer" and want == "" and value is None) or (want and want in refusal.message):
+            return True
+    return False
+
+
+def _check_refusal(impl: Any, refusal: Refusal, error: str | None, key: str | list[str] | None, pointer: str | None,
+                   hierarchy: Mapping[str, str | None]) -> str:
+    got = f"{refusal.error}: {refusal.message}"[:300]
+    if error and getattr(impl, "checks_error_class", True) and not error_is_a(refusal, error, hierarchy):
+        raise CaseFailed(f"refused with {got}; expected {error}", refusal=refusal.to_json())
+    if not _names(refusal, "key", key):
+        raise CaseFailed(f"the error must name key {key!r}; got key={refusal.key!r} ({got})", refusal=refusal.to_json())
+    if not _names(refusal, "pointer", pointer):
+        raise CaseFailed(f"the error must name pointer {pointer!r}; got pointer={refusal.pointer!r} ({got})",
+                    refusal=refusal.to_json())
+    checked = "" if getattr(impl, "checks_error_class", True) else " (error class not checked)"
+    return f"refused: {refusal.error}{checked}"
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[Any, Refusal | None]:
+    """Run an implementation call: (its result, None) or (None, the refusal it raised)."""
+    try:
+        return fn(*args), None
+    except (Unsupported, NotImplementedError, CaseFailed):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any exception from the implementation is its refusal
+        if type(exc).__name__ == "UnsupportedError":
+            raise Unsupported(str(exc)) from exc
+        return None, Refusal.from_exception(exc)
+
+
+def _schema(impl: Any, case: SchemaCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
+    _, refusal = _outcome(call, impl, "validate_config", case.config)
+    if case.valid:
+        if refusal is not None:
+            raise CaseFailed(f"refused a valid config: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
+        return "accepted"
+    if refusal is None:
+        raise CaseFailed(f"accepted an invalid config (expected {case.error} at {case.error_pointer!r})")
+    return _check_refusal(impl, refusal, case.error, None, case.error_pointer, hierarchy)
+
+
+def _folder(impl: Any, case: FolderCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
+    # Work on a copy: an implementation must not be able to change the corpus (nor see another case's leftovers).
+    path = workdir / "folder"
+    shutil.copytree(case.path, path, symlinks=True)
+    _, refusal = _outcome(call, impl, "load_folder", case, path)
+    if case.valid:
+        if refusal is not None:
+            raise CaseFailed(f"refused a valid adapter: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
+        return "loaded"
+    if refusal is None:
+        raise CaseFailed(f"loaded an adapter it must refuse (expected {case.error}"
+                    + (f" naming {case.key or case.pointer!r})" if case.key or case.pointer else ")"))
+    return _check_refusal(impl, refusal, case.error, case.key, case.pointer, hierarchy)
+
+
+def compare_outputs(outputs: Mapping[str, Any], expected_file: Path, atol: float, rtol: float) -> dict[str, Any]:
+    """Compare an implementation's outputs with the expected file; raise :class:`CaseFailed` naming the worst element.
+
+    :returns: measured details: the largest absolute error and the largest error relative to the tolerance.
+    """
+    expected = _io.read_arrays(expected_file)
+    missing = sorted(set(expected) - set(outputs))
+    if missing:
+        raise CaseFailed(f"no output for {missing} (returned: {sorted(outputs)})")
+    worst_abs, worst_ratio = 0.0, 0.0
+    for key in sorted(expected):
+        want = expected[key].astype(np.float64)
+        got = _io.to_float64(outputs[key])
+        if got.shape != want.shape:
+            raise CaseFailed(f"output {key!r} has shape {list(got.shape)}, expected {list(want.shape)}")
+        err = np.abs(got - want)
+        bound = atol + rtol * np.abs(want)
+        if not np.all(np.isfinite(got)):
+            raise CaseFailed(f"output {key!r} has non-finite values")
+        ratio = err / bound
+        worst_abs, worst_ratio = max(worst_abs, float(err.max(initial=0))), max(worst_ratio, float(ratio.max(initial=0)))
+        if np.any(ratio > 1):
+            idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+            raise CaseFailed(f"output {key!r} differs at {list(map(int, idx))}: got {got[idx]:.7g}, expected {want[idx]:.7g} "
+                        f"(|err| {err[idx]:.3g} > atol {atol:g} + rtol {rtol:g} * |expected|; "
+                        f"{int(np.sum(ratio > 1))}/{ratio.size} elements out of tolerance)",
+                        max_abs_error=float(err.max()), max_error_ratio=float(ratio.max()))
+    return {"max_abs_error": worst_abs, "max_error_ratio": worst_ratio}
+
+
+def _numeric(impl: Any, case: NumericCase, hierarchy: Mapping[str, str | None], workdir: Path) -> tuple[str, dict[str, Any]]:
+    outputs, refusal = _outcome(call, impl, "run_numeric", case, case.dir)
+    if refusal is not None:
+        raise CaseFailed(f"failed to run: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
+    if not isinstance(outputs, Mapping):
+        raise CaseFailed(f"run_numeric returned {type(outputs).__name__}, not a mapping of outputs")
+    tol = case.tolerance
+    details = compare_outputs(outputs, case.expected, tol.atol, tol.rtol)
+    return f"max |err| {details['max_abs_error']:.3g} ({details['max_error_ratio']:.2f} of tolerance)", details
+
+
+#: Config fields a writer may add or change without changing the adapter (PEFT writes them on save).
+INFORMATIONAL_FIELDS = frozenset({"inference_mode", "adapterspec_version", "peft_version", "base_model_name_or_path",
+                                  "revision", "auto_mapping", "task_type"})
+#: List fields PEFT holds as sets (their order is not kept on save).
+SET_FIELDS = frozenset({"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"})
+
+
+def _schema_defaults(peft_type: str) -> dict[str, Any]:
+    from ..config import load_schema
+
+    schema = load_schema()
+    props = {**schema.get("properties", {}), **schema.get("$defs", {}).get(peft_type, {}).get("properties", {})}
+    return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v}
+
+
+def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """How ``saved`` differs from ``source`` beyond what a faithful writer may change (empty: equivalent).
+
+    Every field of ``source`` must be in ``saved`` with an equal value (list fields PEFT holds as sets
+    compare as sets), except informational fields (:data:`INFORMATIONAL_FIELDS`); a field only in
+    ``saved`` must hold the schema's default.
+
+    >>> config_differences({"peft_type": "LORA", "r": 4, "target_modules": ["q", "v"]},
+    ...                    {"peft_type": "LORA", "r": 4, "target_modules": ["v", "q"], "inference_mode": True})
+    []
+    """
+    def same(field_: str, a: Any, b: Any) -> bool:
+        if field_ in SET_FIELDS and isinstance(a, list) and isinstance(b, list):
+            return sorted(map(str, a)) == sorted(map(str, b))
+        return bool(a == b)
+
+    diffs = []
+    for k, v in source.items():
+        if k in INFORMATIONAL_FIELDS:
+            continue
+        if k not in saved:
+            diffs.append(f"{k}: missing from the saved config (source: {v!r})")
+        elif not same(k, v, saved[k]):
+            diffs.append(f"{k}: saved {saved[k]!r}, source {v!r}")
+    defaults = _schema_defaults(str(source.get("peft_type")))
+    for k, v in saved.items():
+        if k in source or k in INFORMATIONAL_FIELDS:
+            continue
+        if k not in defaults:
+            diffs.append(f"{k}: added by the writer ({v!r}) and unknown to the schema")
+        elif not same(k, defaults[k], v):
+            diffs.append(f"{k}: added with {v!r}, not the default {defaults[k]!r}")
+    return diffs
+
+
+def compare_folders(src: Path, dst: Path) -> None:
+    """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit and an equivalent config."""
+    if not (dst / "adapter_config.json").exists() or not (dst / "adapter_model.safetensors").exists():
+        raise CaseFailed(f"the saved folder lacks adapter_config.json or adapter_model.safetensors: {sorted(p.name for p in dst.iterdir()) if dst.exists() else 'no folder'}")
+    a, _ = _io.read_raw(src / "adapter_model.safetensors")
+    b, _ = _io.read_raw(dst / "adapter_model.safetensors")
+    if set(a) != set(b):
+        raise CaseFailed(f"saved keys differ: missing {sorted(set(a) - set(b))}, unexpected {sorted(set(b) - set(a))}")
+    for key in sorted(a):
+        if (a[key].dtype, a[key].shape) != (b[key].dtype, b[key].shape):
+            raise CaseFailed(f"{key}: saved as {b[key].dtype}{list(b[key].shape)}, source {a[key].dtype}{list(a[key].shape)}")
+        if a[key].data != b[key].data:
+            diff = np.abs(a[key].to_numpy().astype(np.float64) - b[key].to_numpy().astype(np.float64))
+            raise CaseFailed(f"{key}: saved values differ from the source (max |diff| {diff.max():.3g}); a round trip must be exact")
+    source = json.loads((src / "adapter_config.json").read_text("utf-8"))
+    saved = json.loads((dst / "adapter_config.json").read_text("utf-8"))
+    diffs = config_differences(source, saved)
+    if diffs:
+        raise CaseFailed("saved config differs: " + "; ".join(diffs))
+
+
+def _roundtrip(impl: Any, case: RoundtripCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
+    if case.source is None:
+        raise CaseFailed(f"the corpus names no numeric case {case.data.get('source')!r}")
+    src = workdir / "source"
+    shutil.copytree(case.source.adapter, src)
+    dst = workdir / "saved"
+    _, refusal = _outcome(call, impl, "roundtrip", case, src, dst)
+    if refusal is not None:
+        raise CaseFailed(f"failed: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
+    compare_folders(src, dst)
+    return "same tensors, equivalent config"
+
+
+_JUDGES = {"schema": _schema, "folder": _folder, "numeric": _numeric, "roundtrip": _roundtrip}
+
+
+def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None] | None = None) -> Result:
+    """Run one case against ``impl`` in the empty folder ``workdir`` and judge it (xfail not applied)."""
+    hierarchy = hierarchy if hierarchy is not None else load_error_hierarchy(case.root)
+    start = time.perf_counter()
+    status, message, details = Status.PASSED, "", {}
+    try:
+        claim = impl.supports(case)
+        if claim is not True:
+            raise Unsupported(claim if isinstance(claim, str) and claim else f"not claimed by {impl.name}")
+        message = _JUDGES[case.kind](impl, case, hierarchy, workdir)
+        if isinstance(message, tuple):
+            message, details = message
+    except (Unsupported, NotImplementedError) as exc:
+        status, message = Status.UNSUPPORTED, str(exc) or type(exc).__name__
+    except CaseFailed as f:
+        status, message, details = Status.FAILED, str(f), f.details
+    except Exception as exc:  # noqa: BLE001 - a crash of the implementation (or its driver) fails the case
+        status = Status.FAILED
+        message = f"crashed: {type(exc).__name__}: {exc}"[:500]
+        details = {"traceback": traceback.format_exc(limit=6)}
+    return Result(case.name, case.kind, status, message, time.perf_counter() - start, details)
+
+
+def select(cases: Iterable[Case], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Case]:
+    """The cases whose name (``kind/id``) matches an ``include`` regex (all if none) and no ``exclude`` regex.
+
+    Patterns are searched (``re.search``), so ``"dora"`` selects every case with ``dora`` in its name.
+    """
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    return [c for c in cases
+            if (not inc or any(p.search(c.name) for p in inc)) and not any(p.search(c.name) for p in exc)]
+
+
+def run_suite(impl: Any, corpus: Corpus | str | Path | None = None, *, include: Sequence[str] = (),
+              exclude: Sequence[str] = (), xfail: Sequence[str] = (), strict_xfail: bool = False,
+              progress: Any = None) -> Report:
+    """Run the (selected) corpus against ``impl``.
+
+    :param impl: an object following :class:`~adapterspec.conformance.Implementation`.
+    :param corpus: a :class:`Corpus` or its folder; default: :func:`~adapterspec.conformance.default_corpus_dir`.
+    :param include, exclude: regexes selecting cases by name (``kind/id``).
+    :param xfail: regexes of cases expected to fail: a failure is XFAILED, a pass XPASSED.
+    :param strict_xfail: count an XPASSED case as a failure of the run.
+    :param progress: called with each :class:`Result` as it is known (the CLI prints the table row).
+    """
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    hierarchy = load_error_hierarchy(corpus.root)
+    xf = [re.compile(p) for p in xfail]
+    results = []
+    begin = getattr(impl, "begin", None)
+    if begin is not None:
+        begin(corpus)
+    with tempfile.TemporaryDirectory(prefix="adapterspec-conformance-") as tmp:
+        for i, case in enumerate(select(corpus.cases, include, exclude)):
+            workdir = Path(tmp) / f"{i:04d}"
+            workdir.mkdir()
+            result = run_case(impl, case, workdir, hierarchy)
+            if any(p.search(case.name) for p in xf):
+                if result.status is Status.FAILED:
+                    result.status, result.message = Status.XFAILED, f"xfail: {result.message}"
+                elif result.status is Status.PASSED:
+                    result.status, result.message = Status.XPASSED, f"xpass: {result.message}"
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    close = getattr(impl, "close", None)
+    if close is not None:
+        close()
+    return Report(getattr(impl, "name", str(impl)), str(corpus.root), results, strict_xfail)
