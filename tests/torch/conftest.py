@@ -11,13 +11,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from torch import nn  # noqa: E402
-from torch_helpers import unique_values  # noqa: E402
-
-def tiny_llama_config() -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+from torch_helpers import tiny_llama_config, unique_values  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,10 @@ def peft_reference(base: nn.Module, config: Any, folder: Path, *, fill: Callable
         warnings.simplefilter("ignore")
         model.save_pretrained(str(folder))
     return model
+
+
+def tiny_llama_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)

@@ -1,0 +1,125 @@
+"""Where adapter tensors go: the meta device, dtype casts, the wrapped layer's dtype, CUDA (marked gpu)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from adapterspec_torch.state import expected_params  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_same_snapshot,
+    fresh,
+    logits,
+    peft_reference,
+    snapshot,
+    tiny_llama_config,
+)
+
+
+@pytest.fixture(scope="module")
+def folder(llama: Any, tmp_path_factory: Any) -> Any:
+    from peft import LoraConfig
+
+    path = tmp_path_factory.mktemp("devices")
+    reference = peft_reference(llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                 use_dora=True), path)
+    return path, reference
+
+
+def _adapter_tensors(model: Any) -> dict[str, Any]:
+    return expected_params(model, "default")
+
+
+def test_meta_device_option(llama: Any, folder: Any) -> None:
+    path, _ = folder
+    model = fresh(llama)
+    before = snapshot(model)
+    adapterspec.load_adapter(model, path, device="meta")
+    params = _adapter_tensors(model)
+    assert params and all(p.is_meta for p in params.values())
+    assert not model.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight.is_meta
+    adapterspec.delete_adapter(model, "default")
+    assert_same_snapshot(model, before)
+
+
+def test_base_model_on_meta(folder: Any) -> None:
+    from transformers import LlamaForCausalLM
+
+    path, _ = folder
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_llama_config())
+    adapterspec.load_adapter(model, path)
+    params = _adapter_tensors(model)
+    assert all(p.is_meta for p in params.values())
+    file = load_file(path / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in params.items()} == {k: tuple(v.shape) for k, v in file.items()
+                                                             if not k.endswith("base_layer.weight")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "bfloat16"])
+def test_dtype_option_casts(llama: Any, folder: Any, token_inputs: Any, dtype: Any) -> None:
+    path, reference = folder
+    torch_dtype = torch.float16 if dtype is torch.float16 else torch.bfloat16
+    model = fresh(llama)
+    adapterspec.load_adapter(model, path, dtype=dtype)
+    file = load_file(path / "adapter_model.safetensors")
+    for key, param in _adapter_tensors(model).items():
+        assert param.dtype == torch_dtype
+        assert torch.equal(param, file[key].to(torch_dtype)), key
+    # the base stays fp32; PEFT's casts run the adapters in their dtype
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight.dtype == torch.float32
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs), atol=5e-2)
+
+
+def test_adapters_follow_the_layer_dtype(llama: Any, folder: Any, token_inputs: Any) -> None:
+    path, _ = folder
+    model = fresh(llama).to(torch.bfloat16)
+    adapterspec.load_adapter(model, path)
+    assert {p.dtype for p in _adapter_tensors(model).values()} == {torch.bfloat16}
+    assert logits(model, token_inputs).dtype == torch.bfloat16
+
+
+def test_device_must_be_a_device(llama: Any, folder: Any) -> None:
+    path, _ = folder
+    with pytest.raises(adapterspec.UnsupportedError, match="int8"):
+        adapterspec.load_adapter(fresh(llama), path, dtype="int8")
+
+
+@pytest.mark.gpu
+def test_cuda_model_loads_straight_to_cuda(llama: Any, folder: Any, token_inputs: Any, monkeypatch: Any) -> None:
+    path, reference = folder
+    seen = []
+    original = adapterspec.Adapter.load_tensors
+
+    def spy(self: Any, framework: str = "numpy", device: str = "cpu") -> Any:
+        seen.append(device)
+        return original(self, framework, device)
+
+    monkeypatch.setattr(adapterspec.Adapter, "load_tensors", spy)
+    model = fresh(llama).to("cuda")
+    adapterspec.load_adapter(model, path)
+    assert seen == ["cuda:0"]
+    assert all(p.is_cuda for p in _adapter_tensors(model).values())
+    inputs = {k: v.to("cuda") for k, v in token_inputs.items()}
+    assert_close(logits(model, inputs).cpu(), logits(reference, token_inputs), atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_device_option(llama: Any, folder: Any, tmp_path: Any) -> None:
+    path, _ = folder
+    model = fresh(llama).to("cuda")
+    adapterspec.load_adapter(model, path, device="cuda", dtype=torch.float16)
+    assert all(p.is_cuda and p.dtype == torch.float16 for p in _adapter_tensors(model).values())
+    adapterspec.save_adapter(model, tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    file = load_file(path / "adapter_model.safetensors")
+    for key, tensor in saved.items():
+        if not key.endswith("base_layer.weight"):
+            assert torch.equal(tensor, file[key].half()), key

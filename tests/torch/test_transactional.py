@@ -1,0 +1,124 @@
+"""A folder that does not fit the model is refused with a typed error naming the key, and the model is
+left exactly as it was: state dict values, module objects, loaded and active adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch_helpers import assert_same_snapshot, fresh, peft_reference, snapshot  # noqa: E402
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def good(llama: Any, tmp_path: Any) -> Any:
+    from peft import LoraConfig
+
+    peft_reference(llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+                   tmp_path / "good")
+    return tmp_path / "good"
+
+
+@pytest.fixture
+def model_with_adapter(llama: Any, tmp_path: Any) -> Any:
+    """A model that already has an active adapter ``first`` (IA3), so rollback of the active set is visible."""
+    from peft import IA3Config
+
+    peft_reference(llama, IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                   tmp_path / "first")
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "first", "first")
+    return model
+
+
+def _variant(good: Any, tmp_path: Any, edit: Any) -> Any:
+    folder = tmp_path / "bad"
+    shutil.copytree(good, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _drop_module(tensors: dict[str, Any]) -> None:
+    for param in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        del tensors[f"{Q0}.{param}"]
+
+
+def _widen(tensors: dict[str, Any]) -> None:
+    a = tensors[f"{Q0}.lora_A.weight"]
+    tensors[f"{Q0}.lora_A.weight"] = torch.cat([a, a[:, :1]], dim=1)  # in_features + 1: rank still fits
+
+
+def _extra_layer(tensors: dict[str, Any]) -> None:
+    for param in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        tensors[f"base_model.model.model.layers.7.self_attn.q_proj.{param}"] = tensors[f"{Q0}.{param}"].clone()
+
+
+@pytest.mark.parametrize(("edit", "error", "key"), [
+    (_drop_module, adapterspec.MissingTensorError, f"{Q0}.lora_A.weight"),
+    (_widen, adapterspec.ShapeMismatchError, f"{Q0}.lora_A.weight"),
+    (_extra_layer, adapterspec.UnexpectedTensorError, "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"),
+], ids=["missing", "shape", "unexpected"])
+def test_bad_folder_leaves_model_untouched(model_with_adapter: Any, good: Any, tmp_path: Any, edit: Any,
+                                           error: type, key: str) -> None:
+    bad = _variant(good, tmp_path, edit)
+    before = snapshot(model_with_adapter)
+    with pytest.raises(error) as info:
+        adapterspec.load_adapter(model_with_adapter, bad, "second")
+    assert info.value.key == key
+    assert key in str(info.value)
+    assert_same_snapshot(model_with_adapter, before)
+    # and the model still works with the good folder afterwards
+    adapterspec.load_adapter(model_with_adapter, good, "second")
+    assert adapterspec.active_adapters(model_with_adapter) == ["second"]
+
+
+def test_unsupported_target_names_the_module(llama: Any, good: Any, tmp_path: Any) -> None:
+    folder = tmp_path / "mlp"
+    shutil.copytree(good, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "v_proj", "mlp"]  # LlamaMLP is not a layer LoRA can adapt
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder)
+    assert info.value.key == "model.layers.0.mlp"
+    assert_same_snapshot(model, before)
+
+
+def test_no_matching_module(llama: Any, good: Any, tmp_path: Any) -> None:
+    folder = tmp_path / "none"
+    shutil.copytree(good, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "v_proj"]
+    config["layers_to_transform"] = [5]  # the tiny model has layers 0 and 1
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises((adapterspec.TargetNotFoundError, adapterspec.UnexpectedTensorError)):
+        adapterspec.load_adapter(model, folder)
+    assert_same_snapshot(model, before)
+
+
+def test_failure_after_injection_rolls_back(model_with_adapter: Any, good: Any, monkeypatch: Any) -> None:
+    """A failure while reading tensors (after the layers were injected) removes them again."""
+    before = snapshot(model_with_adapter)
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise adapterspec.FileFormatError("simulated read failure", key="x")
+
+    monkeypatch.setattr(adapterspec.Adapter, "load_tensors", broken)
+    with pytest.raises(adapterspec.FileFormatError, match="simulated"):
+        adapterspec.load_adapter(model_with_adapter, good, "second")
+    assert_same_snapshot(model_with_adapter, before)
