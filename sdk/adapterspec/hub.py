@@ -29,10 +29,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -78,10 +78,6 @@ class HubRef:
         """
         rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
         return f"hf://{self.repo_id}{rev}" + (f"/{self.subfolder}" if self.subfolder else "")
-
-    def prefix(self, subfolder: str | None = None) -> str:
-        sub = self.subfolder if subfolder is None else subfolder
-        return f"{sub}/" if sub else ""
 
 
 def _clean_subfolder(subfolder: str | None, spec: str) -> str | None:
@@ -199,6 +195,8 @@ def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -
                        f"{str(exc).splitlines()[-1][:200]}", path=where,
                        hint="check subfolder= and the revision; the repo's files are listed on its Hub page") from None
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        if action != "download":
+            raise _offline_error(ref, action) from None
         raise _not_cached(ref, "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else
                           f"{_endpoint_name()} cannot be reached") from None
     except hf.HFValidationError as exc:
@@ -216,61 +214,70 @@ def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -
                        hint="check your connection, proxy and HF_ENDPOINT") from None
 
 
+def _offline_error(ref: HubRef, action: str) -> HubError:
+    return HubError(f"cannot {action}: offline mode is on (HF_HUB_OFFLINE=1)", path=ref.url,
+                    hint="unset HF_HUB_OFFLINE (or set it to 0) to reach the Hub")
+
+
 def _not_cached(ref: HubRef, reason: str) -> HubError:
     return HubError(f"the adapter is not in the local Hugging Face cache and {reason}", path=ref.url,
                     hint="download it once online (unset HF_HUB_OFFLINE), or pass cache_dir= where it is cached")
 
 
 # -- download ----------------------------------------------------------------------------------------
-def _manifest_adapters(text: str, where: str) -> dict[str, str]:
-    """name -> path (relative, ``""`` for the manifest's own folder) of a manifest's adapters; ``{}`` if unreadable
-    (the full check happens when the folder is read)."""
+def _join(*parts: str | None) -> str:
+    """Repo paths joined with ``/``, empty parts (the root) left out."""
+    return "/".join(p for p in parts if p)
+
+
+def _manifest_adapters(text: str) -> dict[str, str]:
+    """name -> folder (relative to the manifest, ``""`` for its own) of a manifest's adapters; ``{}`` if
+    unreadable, and entries leaving the folder are left out (the full check happens when it is read)."""
     try:
-        data = json.loads(text)
-        entries = data["adapters"]
-        return {str(name): str(entry["path"]).strip("/").removeprefix(".").strip("/") for name, entry in entries.items()}
+        entries = json.loads(text)["adapters"]
+        paths = {str(name): PurePosixPath(str(entry["path"])).parts for name, entry in entries.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}
+    return {name: _join(*(p for p in parts if p != ".")) for name, parts in paths.items()
+            if ".." not in parts and not (parts and parts[0] == "/")}
 
 
 def _adapter_folders(files: set[str], container: str) -> list[str]:
-    """The folders (relative to the repo root) under ``container`` that hold an adapter config."""
+    """The folders (relative to the repo root) in or under ``container`` that hold an adapter config."""
     prefix = f"{container}/" if container else ""
     return sorted(f[: -len(CONFIG_NAME)].rstrip("/") for f in files
-                  if f.startswith(prefix) and (f == prefix + CONFIG_NAME or f.endswith("/" + CONFIG_NAME)))
+                  if f.startswith(prefix) and f.rpartition("/")[2] == CONFIG_NAME)
 
 
 def _pick_files(ref: HubRef, files: set[str], folder: str) -> list[str]:
     """The files one adapter in ``folder`` needs: its config and its weights (safetensors, else the pickle)."""
-    prefix = f"{folder}/" if folder else ""
     for weights in (SAFETENSORS_NAME, PICKLE_NAME):
-        if prefix + weights in files:
-            return [prefix + CONFIG_NAME, prefix + weights]
-    raise HubError(f"{prefix}{CONFIG_NAME} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}) beside it in {ref.repo_id!r}",
-                   path=ref.url, hint="push the adapter's weights too (adapterspec push uploads both)")
+        if _join(folder, weights) in files:
+            return [_join(folder, CONFIG_NAME), _join(folder, weights)]
+    raise HubError(f"{_join(folder, CONFIG_NAME)} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}) beside it in "
+                   f"{ref.repo_id!r}", path=ref.url, hint="push the adapter's weights too (adapterspec push uploads both)")
 
 
-def _locate(ref: HubRef, files: set[str], read_manifest: Any) -> tuple[str, list[str]]:
-    """The adapter's folder in the repo and the manifests consulted to find it."""
+def _locate(ref: HubRef, files: set[str], read: Callable[[str], str]) -> tuple[str, list[str]]:
+    """The adapter's folder in the repo, and the manifests to download with it.
+
+    :param read: repo path -> text of that file (to read a manifest).
+    """
     sub = ref.subfolder or ""
-    prefix = f"{sub}/" if sub else ""
-    if prefix + CONFIG_NAME in files:
-        return sub, [prefix + MANIFEST_NAME] if prefix + MANIFEST_NAME in files else []
-    # ``subfolder`` may name an adapter listed in a manifest of the folder above it
+    if _join(sub, CONFIG_NAME) in files:
+        return sub, [m for m in [_join(sub, MANIFEST_NAME)] if m in files]
+    # ``subfolder`` may name an adapter listed in the manifest of the folder above it
     parent, _, name = sub.rpartition("/")
-    manifest = f"{parent}/{MANIFEST_NAME}" if parent else MANIFEST_NAME
+    manifest = _join(parent, MANIFEST_NAME)
     if sub and manifest in files:
-        path = _manifest_adapters(read_manifest(manifest), ref.url).get(name)
-        if path is not None:
-            target = "/".join(p for p in (parent, path) if p)
-            if target + ("/" if target else "") + CONFIG_NAME in files:
-                return target, [manifest]
-    found = _adapter_folders(files, sub)
-    where = f"{sub!r}" if sub else "the repo root"
+        path = _manifest_adapters(read(manifest)).get(name)
+        if path is not None and _join(parent, path, CONFIG_NAME) in files:
+            return _join(parent, path), [manifest]
+    where = repr(sub) if sub else "the repo root"
+    found = [(f.removeprefix(f"{sub}/") if sub else f) or "." for f in _adapter_folders(files, sub)]
     if found:
-        names = ", ".join(f"{f.removeprefix(prefix) or '.'}" for f in found[:10])
-        raise HubError(f"no {CONFIG_NAME} in {where} of {ref.repo_id!r}; it holds adapters in: {names}", path=ref.url,
-                       hint="choose one with subfolder= (or hf://org/name/<subfolder>)")
+        raise HubError(f"no {CONFIG_NAME} in {where} of {ref.repo_id!r}; it holds adapters in: {', '.join(found[:10])}",
+                       path=ref.url, hint="choose one with subfolder= (or hf://org/name/<subfolder>)")
     raise HubError(f"no adapter in {where} of {ref.repo_id!r} (no {CONFIG_NAME})", path=ref.url,
                    hint="check the repo id, subfolder and revision; push an adapter with `adapterspec push`")
 
@@ -283,23 +290,20 @@ def _cached(ref: HubRef, filename: str, cache_dir: str | Path | None) -> str | N
 
 
 def _from_cache(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
-    """The adapter's folder in the cache, without any network call."""
-    sub = ref.subfolder or ""
-    prefix = f"{sub}/" if sub else ""
-    config = _cached(ref, prefix + CONFIG_NAME, cache_dir)
-    if config is None and sub:
-        parent, _, name = sub.rpartition("/")
-        manifest = _cached(ref, f"{parent}/{MANIFEST_NAME}" if parent else MANIFEST_NAME, cache_dir)
-        path = _manifest_adapters(Path(manifest).read_text("utf-8"), ref.url).get(name) if manifest else None
+    """The adapter's folder in the cache, found without any network call."""
+    folder = ref.subfolder or ""
+    config = _cached(ref, _join(folder, CONFIG_NAME), cache_dir)
+    if config is None and folder:  # an adapter name listed in the manifest above it?
+        parent, _, name = folder.rpartition("/")
+        manifest = _cached(ref, _join(parent, MANIFEST_NAME), cache_dir)
+        path = _manifest_adapters(Path(manifest).read_text("utf-8")).get(name) if manifest else None
         if path is not None:
-            prefix = "/".join(p for p in (parent, path) if p) + "/"
-            config = _cached(ref, prefix.lstrip("/") + CONFIG_NAME, cache_dir)
+            folder = _join(parent, path)
+            config = _cached(ref, _join(folder, CONFIG_NAME), cache_dir)
     if config is None:
         raise _not_cached(ref, reason)
-    prefix = prefix.lstrip("/")
-    if _cached(ref, prefix + SAFETENSORS_NAME, cache_dir) is None and _cached(ref, prefix + PICKLE_NAME, cache_dir) is None:
-        raise _not_cached(HubRef(ref.repo_id, ref.revision, prefix.rstrip("/") or None),
-                          f"only its config is cached, and {reason}")
+    if not any(_cached(ref, _join(folder, weights), cache_dir) for weights in (SAFETENSORS_NAME, PICKLE_NAME)):
+        raise _not_cached(ref, f"only its config is cached, and {reason}")
     return Path(config).parent
 
 
@@ -345,18 +349,17 @@ def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, re
         except _network_errors() as exc:  # the Hub is unreachable: use the cache, like huggingface_hub does
             return _from_cache(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
         files = {s.rfilename for s in info.siblings or []}
-        pinned = HubRef(ref.repo_id, ref.revision, ref.subfolder)
-
-        def read_manifest(name: str) -> str:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(ref.repo_id, name, revision=info.sha, cache_dir=cache_dir, token=token,
-                                        endpoint=_endpoint(), library_name="adapterspec")).read_text("utf-8")
-
-        folder, manifests = _locate(pinned, files, read_manifest)
-        wanted = _pick_files(pinned, files, folder) + manifests
-        snapshot = _snapshot(ref, wanted, token=token, cache_dir=cache_dir)
+        folder, manifests = _locate(ref, files, lambda name: _read(ref, name, info.sha, token, cache_dir))
+        snapshot = _snapshot(ref, _pick_files(ref, files, folder) + manifests, token=token, cache_dir=cache_dir)
     return snapshot / folder if folder else snapshot
+
+
+def _read(ref: HubRef, filename: str, commit: str | None, token: str | bool | None, cache_dir: str | Path | None) -> str:
+    """One (small) file of the repo at ``commit``, through the cache."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(ref.repo_id, filename, revision=commit, cache_dir=cache_dir, token=token,
+                                endpoint=_endpoint(), library_name="adapterspec")).read_text("utf-8")
 
 
 def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,
@@ -381,17 +384,13 @@ def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, r
             return _cached_container(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
         files = {s.rfilename for s in info.siblings or []}
         container = ref.subfolder or ""
-        prefix = ref.prefix()
-        if prefix + MANIFEST_NAME in files:
-            from huggingface_hub import hf_hub_download
-
-            text = Path(hf_hub_download(ref.repo_id, prefix + MANIFEST_NAME, revision=info.sha, cache_dir=cache_dir,
-                                        token=token, endpoint=_endpoint())).read_text("utf-8")
-            folders = ["/".join(p for p in (container, path) if p) for path in _manifest_adapters(text, ref.url).values()]
-            extra = [prefix + MANIFEST_NAME]
-        else:
-            depth = container.count("/") + 1 if container else 0
-            folders = [f for f in _adapter_folders(files, container) if (f.count("/") + 1 if f else 0) <= depth + 1]
+        manifest = _join(container, MANIFEST_NAME)
+        if manifest in files:
+            listed = _manifest_adapters(_read(ref, manifest, info.sha, token, cache_dir)).values()
+            folders, extra = [_join(container, path) for path in listed], [manifest]
+        else:  # PEFT's layout: the adapter on top and those one folder down
+            depth = len(container.split("/")) if container else 0
+            folders = [f for f in _adapter_folders(files, container) if len(f.split("/")) <= depth + 1 or not f]
             extra = []
         if not folders:
             _locate(ref, files, lambda name: "{}")  # raises the right "no adapter here" error
@@ -401,9 +400,11 @@ def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, r
 
 
 def _cached_container(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
+    """The snapshot folder of ``ref`` in the cache (whatever of it was downloaded), without network."""
     from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    storage = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
+    storage = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
     revision = ref.revision or "main"
     ref_file = storage / "refs" / revision
     sha = revision if _COMMIT_SHA.match(revision) else (ref_file.read_text().strip() if ref_file.is_file() else None)
@@ -508,6 +509,8 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
 
             model_card = str(build_model_card(adapters, ref.repo_id, paths=paths, subfolder=ref.subfolder))
         (stage / "README.md").write_text(model_card, "utf-8")
+        if _offline():
+            raise _offline_error(ref, "upload")
         names = ", ".join(adapters)
         message = commit_message or f"Upload adapter{'s' if len(adapters) > 1 else ''} {names} with adapterspec"
         api = _api(token)

@@ -118,6 +118,8 @@ def test_subfolders_hold_separate_adapters(hub, make_lora) -> None:
         download_adapter("org/langs")
     with pytest.raises(HubError, match="no adapter in 'it'"):
         download_adapter("org/langs", subfolder="it")
+    with pytest.raises(HubError, match=r"no adapter in 'f' of 'org/langs' \(no adapter_config.json\)"):
+        download_adapter("org/langs", subfolder="f")  # a prefix of "fr" is not "fr"
 
 
 def test_multi_adapter_folder_and_its_manifest(hub, tmp_path: Path) -> None:

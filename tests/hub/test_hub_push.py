@@ -145,3 +145,13 @@ def test_progress_bars_for_uploads_and_downloads(hub, make_lora, capfd: pytest.C
 
     download_adapter("org/bars")
     assert "Fetching 2 files" in capfd.readouterr().err
+
+
+def test_push_refused_offline_after_validation(hub, make_lora, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ShapeMismatchError):  # validation still runs offline
+        push_to_hub(_bad_rank_folder(tmp_path / "bad"), "org/offline")
+    with pytest.raises(HubError, match=r"cannot upload: offline mode is on .*fix: unset HF_HUB_OFFLINE"):
+        push_to_hub(make_lora("offline"), "org/offline")
+    assert hub.requests == []
