@@ -122,7 +122,10 @@ def parse_hub_ref(source: str, *, subfolder: str | None = None, revision: str | 
     if sub is not None and url_sub is not None and sub != url_sub:
         raise HubError(f"two subfolders given: {url_sub!r} in the source and subfolder={subfolder!r}", path=text,
                        hint="give the subfolder once")
-    return HubRef(repo_id, revision or url_revision, sub or url_sub)
+    rev = revision or url_revision
+    if rev is not None and (not rev.strip() or rev.startswith("/") or ".." in rev.split("/") or "\\" in rev):
+        raise HubError(f"{rev!r} is not a valid revision", path=text, hint="use a branch, tag or commit sha")
+    return HubRef(repo_id, rev, sub or url_sub)
 
 
 # -- environment -----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def test_parse_hub_ref(source: str, kwargs: dict[str, str], want: HubRef) -> Non
     ("hf://org/name/a", {"subfolder": "b"}, HubError, "two subfolders given"),
     ("hf://org/name/../x", {}, UnsafeFileError, "not a safe path"),
     ("org/name", {"subfolder": "a/../../b"}, UnsafeFileError, "not a safe path"),
+    ("org/name", {"revision": "../../etc"}, HubError, "not a valid revision"),
 ])
 def test_parse_hub_ref_refuses(source: str, kwargs: dict[str, str], error: type, text: str) -> None:
     with pytest.raises(error, match="fix:") as info:
