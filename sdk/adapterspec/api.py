@@ -128,7 +128,7 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or load under another adapter_name")
-    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable)
+    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable, initialize=False)
     previous = active_adapters(model)
     modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
     try:

@@ -61,6 +61,8 @@ def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, opt
     model's output is unchanged), placed on ``options.device`` or else the wrapped layer's device,
     in ``options.dtype`` or else the wrapped layer's dtype, and are trainable only if
     ``options.trainable``. Injection does not activate the adapter (see :func:`adapterspec_set_active`).
+    With ``options.initialize`` false (``load_adapter``: the state is loaded next) the initialisation
+    may be skipped: the variables only need their shape, dtype and device.
 
     :param config: the validated adapter config; its target matching is in :meth:`AdapterConfig.matches`.
     :param options: device, dtype, module-name mapping, trainability.

@@ -24,6 +24,9 @@ class LoadOptions:
     :param module_map: spec module path -> the framework's layer name, for models whose layer names
         differ from the spec's (Keras); ``None``: the backend's built-in mapping or identity.
     :param trainable: whether the injected adapter variables are trainable (base weights never are made so).
+    :param initialize: initialise new adapter variables as the config says; ``False`` when every one of
+        them is filled right after injection (:func:`adapterspec.load_adapter` does so), which spares
+        the random init -- the bulk of injection time.
 
     >>> LoadOptions(device="cpu").device
     'cpu'
@@ -33,3 +36,4 @@ class LoadOptions:
     dtype: Any = None
     module_map: ModuleMap | None = None
     trainable: bool = False
+    initialize: bool = True
