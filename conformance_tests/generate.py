@@ -29,7 +29,7 @@ import torch
 import adapterspec
 import adapterspec.errors
 from adapterspec.conformance import reference
-from adapterspec_torch.conformance import build_model, capture_model_inputs, prefix_tensor, run_modules
+from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
@@ -164,32 +164,11 @@ def peft_state_shapes(model_spec: dict[str, Any], config: dict[str, Any]) -> dic
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def peft_loaded(model_spec: dict[str, Any], base: dict[str, torch.Tensor], adapter: Path, dtype: str) -> Any:
-    from peft import PeftModel
-
-    model = build_model({**model_spec, "dtype": dtype})
-    if base:
-        model.load_state_dict({k: v.to(_TORCH[dtype]) for k, v in base.items()}, strict=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-    if dtype == "float64":
-        peft_model = peft_model.double()
-    return peft_model.eval()
-
-
 def peft_outputs(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                  adapter: Path, dtype: str) -> dict[str, np.ndarray]:
-    peft_model = peft_loaded(case["model"], base, adapter, dtype)
-    cast = {k: (v.to(_TORCH[dtype]) if v.is_floating_point() else v) for k, v in inputs.items()}
-    inner = peft_model.get_base_model()
-    if case["compute"] == "modules":
-        return {k: f64(v) for k, v in run_modules(inner, cast).items()}
-    if case["compute"] == "prefix_key_values":
-        seen = capture_model_inputs(inner, via=peft_model, input_ids=torch.zeros((1, 1), dtype=torch.long))
-        return {"past_key_values": f64(prefix_tensor(seen["past_key_values"]))}
-    seen = capture_model_inputs(inner, via=peft_model, inputs_embeds=cast["inputs_embeds"])
-    return {"inputs_embeds": f64(seen["inputs_embeds"])}
+    from adapterspec.conformance.peft_driver import peft_outputs as run
+
+    return run(case["model"], case["compute"], adapter, base, inputs, dtype)
 
 
 # -- numeric cases ---------------------------------------------------------------------------------------

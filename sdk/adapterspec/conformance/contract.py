@@ -96,7 +96,8 @@ class Implementation(Protocol):
     Optional lifecycle: ``begin(corpus)`` before the first case, ``close()`` after the last.
 
     ``checks_error_class`` (default ``True``): set ``False`` for an implementation whose errors do not
-    follow the spec's classes; refusals are then checked for having happened, not for their class.
+    follow the spec's classes; refusals are then checked for having happened, not for their class nor
+    for the key or pointer they name (the PEFT driver does this).
     """
 
     name: str

@@ -1,0 +1,192 @@
+"""The Keras backend under the conformance suite: builds each case's tiny model in Keras and uses the public API.
+
+The mirror of :mod:`adapterspec_torch.conformance`. A case's modules become Keras layers holding the
+case's base weights in Keras' layout (``Dense`` kernel = ``W.T``; GPT-2 ``Conv1D`` weight = the
+``Dense`` kernel as stored; ``Conv1D``/``Conv2D`` kernels channels-last), inputs in the torch layout of
+the corpus are transposed to channels-last (and zero-padded as the torch layer would) and outputs back.
+The adapter goes in through :func:`adapterspec.load_adapter` with ``module_map={spec path: layer}`` and
+comes out through :func:`adapterspec.save_adapter`. What the backend refuses as unsupported (LoHa,
+LoKr, prompt learning) is reported UNSUPPORTED by the runner.
+
+>>> from adapterspec.conformance import load_corpus, run_suite
+>>> report = run_suite(KerasImplementation(), load_corpus())        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import adapterspec
+
+__all__ = ["KerasImplementation", "build_model", "run_modules"]
+
+
+def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
+    import keras
+
+    kind = spec["kind"]
+    if kind in ("linear", "gpt2_conv1d"):
+        layer = keras.layers.Dense(spec["out_features"], use_bias=spec.get("bias", True), dtype=dtype)
+        layer.build((None, spec["in_features"]))
+    elif kind == "embedding":
+        layer = keras.layers.Embedding(spec["num_embeddings"], spec["embedding_dim"], dtype=dtype)
+        layer.build((None,))
+    elif kind in ("conv1d", "conv2d"):
+        cls = keras.layers.Conv1D if kind == "conv1d" else keras.layers.Conv2D
+        layer = cls(spec["out_channels"], tuple(spec["kernel_size"]), strides=tuple(spec["stride"]), padding="valid",
+                    use_bias=spec.get("bias", True), dtype=dtype)
+        layer.build((None, *([None] * len(spec["kernel_size"])), spec["in_channels"]))
+    else:
+        raise adapterspec.UnsupportedError(f"layer kind {kind!r} is unknown to this test harness", key=kind)
+    return layer
+
+
+def _keras_layout(kind: str, param: str, value: np.ndarray) -> np.ndarray:
+    """A base tensor in the corpus' (torch) layout, as the Keras layer holds it."""
+    if param == "bias" or kind in ("embedding", "gpt2_conv1d"):
+        return value
+    if kind == "linear":
+        return value.T
+    return np.transpose(value, (*range(2, value.ndim), 1, 0))  # [out, in, *k] -> [*k, in, out]
+
+
+def build_model(model: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A Keras model holding a case's layers, and the layers by spec module path (for ``module_map``).
+
+    Weights start deterministic; :func:`load_base` puts the case's base weights in.
+
+    >>> model, layers = build_model({"modules": {"q": {"kind": "linear", "in_features": 4, "out_features": 2}}})  # doctest: +SKIP
+    >>> tuple(layers["q"].kernel.shape)                                                                         # doctest: +SKIP
+    (4, 2)
+    """
+    import keras
+
+    if model.get("decoder") is not None:
+        return _decoder(model), {}
+    dtype = model.get("dtype", "float32")
+    layers = {path: _layer(spec, dtype) for path, spec in model.get("modules", {}).items()}
+    for i, layer in enumerate(layers.values()):
+        for j, variable in enumerate(layer.weights):
+            n = int(np.prod(variable.shape))
+            variable.assign((np.sin(np.arange(n) * 0.7 + i + j) * 0.3).reshape(tuple(variable.shape)))
+
+    class Holder(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="conformance_model")
+            self.held = list(layers.values())
+
+        def call(self, inputs: Any) -> Any:
+            return inputs
+
+    return Holder(), layers
+
+
+def _decoder(model: Mapping[str, Any]) -> Any:
+    try:
+        import keras_hub
+    except ImportError:
+        raise adapterspec.UnsupportedError("decoder cases need keras-hub") from None
+    d = model["decoder"]
+    if d.get("architecture") != "llama":
+        raise adapterspec.UnsupportedError(f"decoder architecture {d.get('architecture')!r}")
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=d["vocab_size"], num_layers=d["num_hidden_layers"], num_query_heads=d["num_attention_heads"],
+        hidden_dim=d["hidden_size"], intermediate_dim=d["intermediate_size"],
+        num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]), dtype=model.get("dtype", "float32"))
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]], weights: Path | None) -> None:
+    """Assign a case's base weights (torch layout, ``<path>.weight``/``<path>.bias``) to the Keras layers.
+
+    :raises ValueError: a key names no layer, or a shape does not fit.
+    """
+    if weights is None:
+        return
+    from adapterspec.conformance._io import read_arrays
+
+    for key, value in read_arrays(weights).items():
+        path, _, param = key.rpartition(".")
+        layer = layers[path]
+        if param == "bias":
+            variable = getattr(layer, "bias", None)
+        else:
+            variable = layer.embeddings if hasattr(layer, "embeddings") else getattr(layer, "kernel", None)
+        value = _keras_layout(modules[path]["kind"], param, value)
+        if variable is None or tuple(variable.shape) != value.shape:
+            raise ValueError(f"base weight {key!r} {value.shape} does not fit the Keras layer")
+        variable.assign(value)
+
+
+def run_modules(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
+                inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each module's output on its own input (corpus layout in, corpus layout out)."""
+    import keras
+
+    out = {}
+    for path, x in inputs.items():
+        spec, layer = modules[path], layers[path]
+        if spec["kind"] == "embedding":
+            y = layer(x.astype("int32"))
+        elif spec["kind"] in ("conv1d", "conv2d"):
+            pad = [(0, 0), (0, 0)] + [(p, p) for p in spec["padding"]]
+            xs = np.transpose(np.pad(x, pad), (0, *range(2, x.ndim), 1))  # channels last
+            y = layer(keras.ops.cast(xs, layer.compute_dtype))
+            y = keras.ops.transpose(y, (0, y.ndim - 1, *range(1, y.ndim - 1)))
+        else:
+            y = layer(keras.ops.cast(x, layer.compute_dtype))
+        out[path] = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")), dtype=np.float64)
+    return out
+
+
+class KerasImplementation:
+    """The built-in Keras backend, driven through :mod:`adapterspec`'s public API."""
+
+    name = "keras"
+    checks_error_class = True
+
+    def supports(self, case: Any) -> bool | str:
+        """Everything the backend does not refuse as unsupported at run time; needs keras."""
+        try:
+            import keras  # noqa: F401
+        except ImportError:
+            return "keras is not installed"
+        return True
+
+    def validate_config(self, config: Mapping[str, Any]) -> None:
+        adapterspec.validate_config(config)
+
+    def _load(self, model_spec: Mapping[str, Any], folder: Path, name: str = "default",
+              options: Mapping[str, Any] | None = None, built: tuple[Any, dict[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+        model, layers = built or build_model(model_spec)
+        options = options or {}
+        adapterspec.load_adapter(model, folder, adapter_name=name, module_map=layers or None,
+                                 verify=bool(options.get("verify")), allow_pickle=bool(options.get("allow_pickle")))
+        return model, layers
+
+    def load_folder(self, case: Any, path: Path) -> None:
+        built = build_model(case.model)
+        folders = adapterspec.list_adapters(path) if case.multi else {"default": path}
+        for name, folder in folders.items():
+            self._load(case.model, folder, name, case.options, built)
+
+    def _loaded(self, case: Any, adapter: Path) -> tuple[Any, dict[str, Any]]:
+        model, layers = build_model(case.model)
+        load_base(layers, case.modules, case.weights)
+        return self._load(case.model, adapter, built=(model, layers))
+
+    def run_numeric(self, case: Any, case_dir: Path) -> dict[str, np.ndarray]:
+        from adapterspec.conformance._io import read_arrays
+
+        model, layers = self._loaded(case, case.adapter)
+        if case.compute != "modules":
+            raise adapterspec.UnsupportedError(f"{case.compute} is not observable on a Keras model here")
+        return run_modules(layers, case.modules, read_arrays(case.inputs) if case.inputs else {})
+
+    def roundtrip(self, case: Any, src: Path, dst: Path) -> None:
+        model, _ = self._loaded(case.source, src)
+        adapterspec.save_adapter(model, dst)
