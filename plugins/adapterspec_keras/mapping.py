@@ -428,10 +428,14 @@ def backbone_of(model: Any) -> Any:
 
 
 def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
-    for module, model_types in _converters().values():
-        if type(backbone) is getattr(module, "backbone_cls", None):
-            return module, model_types
-    return None
+    """The converter of the most specific backbone class ``backbone`` is an instance of."""
+    mro = type(backbone).__mro__
+    found = [(mro.index(m.backbone_cls), m, types) for m, types in _converters().values()
+             if isinstance(getattr(m, "backbone_cls", None), type) and isinstance(backbone, m.backbone_cls)]
+    if not found:
+        return None
+    _, module, model_types = min(found, key=lambda f: f[0])
+    return module, model_types
 
 
 def _record(backbone: Any) -> tuple[list[_Record], str] | None:
@@ -439,7 +443,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
     if found is None:
         return None
     module, model_types = found
-    best: tuple[list[_Record], str] | None = None
+    best: tuple[tuple[int, int], list[_Record], str] | None = None
     for model_type in model_types:
         loader = _RecordingLoader()
         try:
@@ -447,9 +451,12 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
                 module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type))
         except Exception:  # noqa: BLE001 - the converter does not fit this backbone with this model type
             continue
-        if best is None or len(loader.records) > len(best[0]):
-            best = (loader.records, model_type)
-    return best
+        # the model type porting the most weights fits best; on a tie, the shortest HF names (a text-only
+        # Gemma 3 is "model.layers...", not the multimodal "model.language_model.layers...")
+        rank = (-len(loader.records), sum(len(r.key) for r in loader.records))
+        if best is None or rank < best[0]:
+            best = (rank, loader.records, model_type)
+    return None if best is None else (best[1], best[2])
 
 
 def _variable_owners(backbone: Any) -> dict[int, tuple[Any, str]]:

@@ -1,0 +1,43 @@
+"""Fixtures of the keras backend tests: tiny random transformers checkpoints and their keras-hub twins.
+
+The TensorFlow backend is required (set before keras is imported); every test file also runs on
+other Keras backends where the packages are there, with ``KERAS_BACKEND`` set by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+pytest.importorskip("keras")
+pytest.importorskip("keras_hub")
+
+from keras_helpers import ARCHS, build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> folder holding a tiny random transformers checkpoint (config.json + model.safetensors), built lazily."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict[str, Path] = {}
+
+    class _Lazy(dict):  # type: ignore[type-arg]
+        def __missing__(self, arch: str) -> Path:
+            cache[arch] = build_checkpoint(arch, root / arch)
+            self[arch] = cache[arch]
+            return cache[arch]
+
+    return _Lazy()
+
+
+@pytest.fixture(scope="session")
+def token_ids() -> Any:
+    import numpy as np
+
+    return (np.arange(2 * 9).reshape(2, 9) * 7 + 3) % ARCHS["llama"].vocab

@@ -1,0 +1,170 @@
+"""Helpers of the keras backend tests: tiny checkpoints, element-unique adapter values, PEFT references."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: logits tolerance between Keras and PEFT (fp32)
+ATOL = 1e-5
+
+_ADAPTER_MARKERS = ("lora_", "ia3_")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A tiny transformers architecture and its keras-hub causal LM class."""
+
+    model_type: str
+    keras_task: str
+    config: dict[str, Any]
+    linear_targets: tuple[str, ...]
+    embedding: str
+    vocab: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, head_dim=16, max_position_embeddings=64)
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", "Llama3CausalLM", dict(_SMALL, tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
+    "gemma": Arch("gemma", "GemmaCausalLM", dict(_SMALL), _LLAMA_TARGETS, "embed_tokens"),
+    "gpt2": Arch("gpt2", "GPT2CausalLM", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
+                 ("c_attn", "c_proj", "c_fc"), "wte"),
+    "mistral": Arch("mistral", "MistralCausalLM", dict(_SMALL, tie_word_embeddings=False), _LLAMA_TARGETS,
+                    "embed_tokens"),
+    "qwen2": Arch("qwen2", "QwenCausalLM", dict(_SMALL, tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
+    "qwen3": Arch("qwen3", "Qwen3CausalLM", dict(_SMALL, tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
+    "gemma2": Arch("gemma2", "GemmaCausalLM", dict(_SMALL, query_pre_attn_scalar=16), _LLAMA_TARGETS, "embed_tokens"),
+    "gemma3_text": Arch("gemma3_text", "Gemma3CausalLM", dict(_SMALL, query_pre_attn_scalar=16, sliding_window=16),
+                        _LLAMA_TARGETS, "embed_tokens"),
+    "smollm3": Arch("smollm3", "SmolLM3CausalLM", dict(_SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                        tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
+}
+
+
+def build_checkpoint(arch: str, folder: Path) -> Path:
+    """Save a tiny random ``*ForCausalLM`` of ``arch`` with ``save_pretrained`` (safetensors) into ``folder``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = ARCHS[arch]
+    torch.manual_seed(sum(map(ord, arch)))
+    config = AutoConfig.for_model(spec.model_type, **spec.config)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def hf_model(folder: Path) -> Any:
+    """The transformers model saved in ``folder`` (a fresh object each call), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def keras_model(arch: str, folder: Path) -> Any:
+    """The keras-hub causal LM converted from the transformers checkpoint in ``folder`` (no download)."""
+    import keras_hub
+
+    cls = getattr(keras_hub.models, ARCHS[arch].keras_task)
+    return cls.from_preset(str(folder), preprocessor=None)
+
+
+def unique_values(shape: tuple[int, ...], salt: int, *, around: float = 0.0, scale: float = 0.05) -> np.ndarray:
+    """Deterministic values, different for every element and every ``salt`` (a transpose or a swapped key cannot
+    go unnoticed): ``around + scale * sin(1 + salt * 0.37 + arange * 0.731)``, float32."""
+    n = math.prod(shape)
+    values = np.sin(1.0 + salt * 0.37 + np.arange(n, dtype=np.float64) * 0.731)
+    return (around + scale * values).reshape(shape).astype(np.float32)
+
+
+def fill_adapter_weights(peft_model: Any, *, salt: int = 0, scale: float = 0.05) -> None:
+    """Give every adapter tensor of a PEFT model element-unique values (IA3 near 1, DoRA magnitude near ||W||)."""
+    import torch
+
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(peft_model.named_parameters())):
+            if not any(m in name for m in _ADAPTER_MARKERS):
+                continue
+            shape = tuple(param.shape)
+            if "ia3_l" in name:
+                param.copy_(torch.from_numpy(unique_values(shape, salt + index, around=1.0, scale=0.3)))
+            elif "lora_magnitude_vector" in name:
+                param.copy_(param * torch.from_numpy(unique_values(shape, salt + index, around=1.0, scale=0.2)))
+            else:
+                param.copy_(torch.from_numpy(unique_values(shape, salt + index, scale=scale)))
+
+
+def peft_adapted_modules(peft_model: Any) -> set[str]:
+    """The module paths PEFT adapted, as they appear in the saved keys (``base_model.model.`` stripped)."""
+    out = set()
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and len(getattr(module, "lora_A")) or \
+                hasattr(module, "lora_embedding_A") and len(getattr(module, "lora_embedding_A")) or \
+                hasattr(module, "ia3_l") and len(getattr(module, "ia3_l")):
+            out.add(name.removeprefix("base_model.model."))
+    return out
+
+
+def make_peft_adapter(folder: Path, out: Path, peft_config: Any, *, salt: int = 0) -> tuple[Any, Path]:
+    """A PEFT model on the checkpoint in ``folder`` with element-unique adapter values, saved to ``out``."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(hf_model(folder), peft_config)
+    fill_adapter_weights(peft_model, salt=salt)
+    peft_model.eval()
+    peft_model.save_pretrained(out)
+    return peft_model, out
+
+
+def torch_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    """A transformers/PEFT model's logits for ``ids`` (no padding)."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.numpy()
+
+
+def keras_inputs(ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"token_ids": np.asarray(ids, dtype="int32"), "padding_mask": np.ones_like(ids, dtype="int32")}
+
+
+def keras_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    """A keras-hub causal LM's logits for ``ids`` (no padding)."""
+    from keras import ops
+
+    return ops.convert_to_numpy(model(keras_inputs(ids)))
+
+
+def snapshot(model: Any) -> dict[str, Any]:
+    """What a failed operation must leave untouched: every variable (object, value, trainable flag), every
+    layer's sublayers and ``call``, the adapter bookkeeping."""
+    import adapterspec
+    from keras import ops
+
+    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    return {
+        "variables": [(id(v), v.path, v.trainable, ops.convert_to_numpy(v).copy()) for v in model.variables],
+        "layers": [(id(layer), [id(s) for s in layer._layers], "call" in layer.__dict__, layer.trainable)
+                   for layer in layers],
+        "adapters": adapterspec.adapter_names(model),
+        "active": adapterspec.active_adapters(model),
+        "state": "_adapterspec_state" in model.__dict__,
+    }
+
+
+def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert [v[:3] for v in before["variables"]] == [v[:3] for v in after["variables"]]
+    for (_, path, _, a), (_, _, _, b) in zip(before["variables"], after["variables"]):
+        assert np.array_equal(a, b), path
+    assert before["layers"] == after["layers"]
+    assert before["adapters"] == after["adapters"]
+    assert before["active"] == after["active"]
+    assert before["state"] == after["state"]
