@@ -162,8 +162,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.
 def test_entry_point_registers_flax() -> None:
     assert "flax" in plugin_names()
     assert adapterspec.backend_name(flax_net()) == "flax"
-    impls = [i for batch in get_plugin_manager().hook.adapterspec_conformance_implementations() for i in batch]
-    assert "flax" in [i.name for i in impls]
+    plugin = get_plugin_manager().get_plugin("flax")  # the entry point's module, as pluggy loaded it
+    assert plugin.__name__ == "adapterspec_flax.plugin"
+    # (the hook on this plugin only: calling it on all plugins imports every framework)
+    assert [i.name for i in plugin.adapterspec_conformance_implementations()] == ["flax"]
 
 
 def test_claiming_does_not_import_jax() -> None:
@@ -421,14 +423,18 @@ def test_dtype_option_bfloat16(saved: dict, tmp_path: Path) -> None:
 
 # -- conformance ---------------------------------------------------------------------------------------
 
-def test_conformance_numeric_and_roundtrip_pass() -> None:
-    runner = pytest.importorskip("adapterspec.conformance.runner")
-    from adapterspec.conformance.cases import default_corpus_dir
-    from adapterspec_flax.conformance import FlaxImplementation
-
-    if not (default_corpus_dir() / "numeric.json").exists():
-        pytest.skip("the conformance corpus is not generated")
-    report = runner.run_suite(FlaxImplementation(), include=["^numeric/", "^roundtrip/"])
-    counts = report.counts()
-    assert counts["failed"] == 0, [(r.name, r.message) for r in report.results if r.status.value == "failed"]
-    assert counts["passed"] >= 4, counts
+def test_conformance_suite_passes() -> None:
+    """``adapterspec conformance --impl flax``: no failure; what the backend lacks is reported unsupported."""
+    conformance = pytest.importorskip("adapterspec.conformance")
+    if not (conformance.default_corpus_dir() / "numeric.json").exists():
+        pytest.skip("no conformance corpus in this checkout")
+    impl = conformance.resolve_implementation("flax")  # found through the plugin's hook
+    report = conformance.run_suite(impl, exclude=["^schema/"])
+    failed = [(r.name, r.message) for r in report.results if r.status.value == "failed"]
+    assert not failed
+    passed = set(report.by_status("passed"))
+    for method in ("lora-linear-f32", "lora-linear-bf16", "lora-embedding-f32", "rslora-patterns-f32",
+                   "lora-bias-f32", "dora-linear-f32", "ia3-linear-f32"):
+        assert {f"numeric/{method}", f"roundtrip/roundtrip-{method}"} <= passed, method
+    unsupported = report.by_status("unsupported")
+    assert "numeric/lora-conv2d-f32" in unsupported and "numeric/loha-linear-f32" in unsupported

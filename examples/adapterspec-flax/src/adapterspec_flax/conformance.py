@@ -29,21 +29,29 @@ METHODS = ("LORA", "IA3")
 def build_model(model: Mapping[str, Any]) -> Any:
     """An NNX module holding a case's layers at their module paths (nested ``nnx.Dict``), in its dtype.
 
-    Weights start deterministic (a sine of the index); load the case's base weights over them.
+    Weights start deterministic (a sine of the element index); load the case's base weights over them.
 
     >>> m = build_model({"modules": {"layers.0.q": {"kind": "linear", "in_features": 4, "out_features": 2}}})
     >>> type(m["layers"]["0"]["q"]).__name__
     'Linear'
     """
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
 
     dtype = jnp.dtype(model.get("dtype", "float32"))
+    count = iter(range(1 << 30))
+
+    def init(key: Any, shape: tuple[int, ...], dtype_: Any) -> Any:
+        # NumPy on the host: no XLA compile per shape (random initialisers cost seconds on CPU)
+        j = next(count)
+        return jnp.asarray((np.sin(np.arange(np.prod(shape)) * 0.7 + j) * 0.3).reshape(shape).astype(dtype_))
+
     if model.get("decoder") is not None:
         raise adapterspec.UnsupportedError("whole decoders are not built by the flax conformance driver")
     root = nnx.Dict()
     rngs = nnx.Rngs(0)
-    for i, (path, spec) in enumerate(model.get("modules", {}).items()):
+    for path, spec in model.get("modules", {}).items():
         parent = root
         *parents, leaf = path.split(".")
         for name in parents:
@@ -53,15 +61,12 @@ def build_model(model: Mapping[str, Any]) -> Any:
         kind = spec["kind"]
         if kind == "linear":
             layer = nnx.Linear(spec["in_features"], spec["out_features"], use_bias=spec.get("bias", True),
-                               dtype=dtype, param_dtype=dtype, rngs=rngs)
+                               dtype=dtype, param_dtype=dtype, kernel_init=init, bias_init=init, rngs=rngs)
         elif kind == "embedding":
-            layer = nnx.Embed(spec["num_embeddings"], spec["embedding_dim"], dtype=dtype, param_dtype=dtype, rngs=rngs)
+            layer = nnx.Embed(spec["num_embeddings"], spec["embedding_dim"], dtype=dtype, param_dtype=dtype,
+                              embedding_init=init, rngs=rngs)
         else:
             raise adapterspec.UnsupportedError(f"layer kind {kind!r} has no NNX counterpart here", key=path)
-        for j, (_, variable) in enumerate(sorted(nnx.state(layer, nnx.Param).flat_state())):
-            value = variable.get_value()
-            n = value.size
-            variable.set_value((jnp.sin(jnp.arange(n) * 0.7 + i + j) * 0.3).reshape(value.shape).astype(dtype))
         parent[leaf] = layer
     return root
 
@@ -102,15 +107,20 @@ def load_base(model: Any, weights: Path | None) -> None:
 
 
 def run_modules(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Each module's output on its own input (input key = module path), as NumPy arrays."""
+    """Each module's output on its own input (input key = module path), as NumPy arrays.
+
+    Each call is one ``nnx.jit`` (one XLA compile instead of one per eager operation).
+    """
     import numpy as np
+    from flax import nnx
 
     from .graph import get_node
 
+    apply = nnx.jit(lambda layer, x: layer(x))
     out = {}
     for path, x in inputs.items():
         layer = get_node(model, tuple(path.split(".")))
-        out[path] = np.asarray(layer(x), dtype=np.float64)
+        out[path] = np.asarray(apply(layer, x), dtype=np.float64)
     return out
 
 

@@ -68,5 +68,6 @@ def place(array: Any, like: jax.Array, options: LoadOptions) -> jax.Array:
     """``array`` (NumPy or JAX) as a JAX array in ``options.dtype`` or ``like``'s, on ``options.device`` or ``like``'s."""
     dtype = as_dtype(options.dtype) or like.dtype
     device = as_device(options.device) or next(iter(like.devices()))
-    return jax.device_put(jnp.asarray(np.asarray(array) if not isinstance(array, jax.Array) else array, dtype=dtype),
-                          device)
+    if not isinstance(array, jax.Array):  # convert on the host, then one transfer
+        return jax.device_put(np.asarray(array).astype(dtype, copy=False), device)
+    return jax.device_put(array.astype(dtype), device)

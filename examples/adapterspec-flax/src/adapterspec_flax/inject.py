@@ -14,8 +14,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from adapterspec import AdapterConfig, LoadOptions
@@ -25,7 +24,7 @@ from .devices import place
 from .graph import Key, check_settable, get_state, iter_modules, set_node, set_state
 from .layers import WRAPPERS, AdaptedEmbed, AdaptedLinear, IA3Weights, LoraWeights, Weights
 
-__all__ = ["SUPPORTED_METHODS", "check_supported", "find_targets", "inject"]
+__all__ = ["SUPPORTED_METHODS", "check_supported", "find_targets", "inject", "spec_names"]
 
 #: The methods this backend adapts layers with.
 SUPPORTED_METHODS = ("LORA", "IA3")
@@ -73,8 +72,15 @@ def check_supported(config: AdapterConfig) -> None:
                                pointer="/target_modules", hint="list the modules, e.g. [\"q_proj\", \"v_proj\"]")
 
 
-def _spec_names(model: nnx.Module, options: LoadOptions) -> Callable[[str], str | None]:
-    """Model path -> spec module path: the inverse of ``options.module_map`` (identity for unmapped paths)."""
+def spec_names(options: LoadOptions) -> Callable[[str], str]:
+    """Model path -> spec module path: the inverse of ``options.module_map`` (identity for unmapped paths).
+
+    :raises UnsupportedError: ``module_map`` is a function (it maps spec paths to model paths, and the
+        backend has only the model's paths to start from).
+
+    >>> spec_names(LoadOptions(module_map={"embed": "tok"}))("tok")
+    'embed'
+    """
     mapping = options.module_map
     if mapping is None:
         return lambda path: path
@@ -98,12 +104,12 @@ def find_targets(model: nnx.Module, config: AdapterConfig,
     ['model.layers.0.self_attn.q_proj', ...]
     """
     options = options or LoadOptions()
-    spec_of = _spec_names(model, options)
+    spec_of = spec_names(options)
     modules = list(iter_modules(model))
     found = []
     for dotted, path, node in modules:
         spec = spec_of(dotted)
-        if spec is not None and config.matches(spec):
+        if config.matches(spec):
             found.append((spec, path, node))
     if isinstance(options.module_map, Mapping):
         present = {dotted for dotted, _, _ in modules}
@@ -118,15 +124,17 @@ def find_targets(model: nnx.Module, config: AdapterConfig,
     return found
 
 
-def _key(adapter_name: str, module: str) -> jax.Array:
-    return jax.random.key(zlib.crc32(f"{adapter_name}/{module}".encode()))
+def _rng(adapter_name: str, module: str) -> np.random.Generator:
+    # NumPy, not jax.random: a fresh adapter is built on the host (no XLA compile per shape) and put
+    # on its device once; a deterministic seed per adapter and module keeps injection reproducible.
+    return np.random.default_rng(zlib.crc32(f"{adapter_name}/{module}".encode()))
 
 
 def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_name: str,
                   options: LoadOptions) -> LoraWeights:
     r = config.rank_for(spec)
     init = config["init_lora_weights"]
-    ka, kb = jax.random.split(_key(adapter_name, spec))
+    rng = _rng(adapter_name, spec)
     if isinstance(base, nnx.Embed):
         if config["use_dora"] or config["lora_bias"]:
             raise UnsupportedError("DoRA and lora_bias on an embedding are not implemented by the flax backend",
@@ -134,22 +142,22 @@ def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_na
         like = base.embedding[...]
         rows, cols = like.shape
         # PEFT: A zeros and B normal, or both normal with init_lora_weights=False
-        a = jax.random.normal(ka, (rows, r)) if init is False else jnp.zeros((rows, r))
-        b = jax.random.normal(kb, (r, cols))
+        a = rng.standard_normal((rows, r)) if init is False else np.zeros((rows, r))
+        b = rng.standard_normal((r, cols))
         return LoraWeights(spec, place(a, like, options), place(b, like, options), scaling=config.scaling_for(spec),
                            trainable=options.trainable)
     like = base.kernel[...]
     fan_in, out = like.shape
     if init == "gaussian":
-        a = jax.random.normal(ka, (fan_in, r)) / r
+        a = rng.standard_normal((fan_in, r)) / r
     else:  # kaiming_uniform(a=sqrt(5)) of torch's [r, in] A: U(-1/sqrt(in), 1/sqrt(in))
-        a = jax.random.uniform(ka, (fan_in, r), minval=-1, maxval=1) / math.sqrt(fan_in)
-    b = (jax.random.uniform(kb, (r, out), minval=-1, maxval=1) / math.sqrt(r)) if init is False else jnp.zeros((r, out))
-    bias = jnp.zeros((out,)) if config["lora_bias"] else None
+        a = rng.uniform(-1, 1, (fan_in, r)) / math.sqrt(fan_in)
+    b = rng.uniform(-1, 1, (r, out)) / math.sqrt(r) if init is False else np.zeros((r, out))
+    bias = np.zeros((out,)) if config["lora_bias"] else None
     scaling = config.scaling_for(spec)
     magnitude = None
-    if config["use_dora"]:
-        magnitude = jnp.linalg.norm(like.astype(jnp.float32) + scaling * (a @ b), axis=0)
+    if config["use_dora"]:  # PEFT: the norm of each output's weights, the (zero or random) delta included
+        magnitude = np.linalg.norm(np.asarray(like, dtype=np.float64) + scaling * (a @ b), axis=0)
     return LoraWeights(
         spec, place(a, like, options), place(b, like, options), scaling=scaling,
         bias=None if bias is None else place(bias, like, options),
@@ -163,7 +171,7 @@ def _ia3_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_nam
     like = base.kernel[...]
     feedforward = config.is_feedforward(spec)
     size = like.shape[0] if feedforward else like.shape[1]
-    init = jnp.ones((size,)) if config["init_ia3_weights"] else jax.random.normal(_key(adapter_name, spec), (size,))
+    init = np.ones((size,)) if config["init_ia3_weights"] else _rng(adapter_name, spec).standard_normal((size,))
     return IA3Weights(spec, place(init, like, options), feedforward=feedforward, trainable=options.trainable)
 
 

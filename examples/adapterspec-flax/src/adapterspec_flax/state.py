@@ -24,13 +24,15 @@ from adapterspec.errors import (
     AdapterNotFoundError,
     MissingTensorError,
     ShapeMismatchError,
+    TargetNotFoundError,
     UnexpectedTensorError,
     UnsupportedError,
 )
 from adapterspec.naming import make_key, parse_key
 
 from .devices import place
-from .graph import get_state, iter_wrappers
+from .graph import get_state, iter_modules, iter_wrappers
+from .inject import spec_names
 from .layers import AdaptedEmbed, IA3Weights, LoraWeights
 
 __all__ = ["Slot", "expected_params", "extract_state", "load_state"]
@@ -96,17 +98,21 @@ def expected_params(model: nnx.Module, adapter_name: str) -> dict[str, Slot]:
     return slots
 
 
-def _refuse_unexpected(key: str, config: AdapterConfig) -> None:
+def _refuse_unexpected(key: str, config: AdapterConfig, modules: set[str]) -> None:
     try:
-        role = parse_key(key, config.peft_type, config).role
+        name = parse_key(key, config.peft_type, config)
     except UnexpectedTensorError:
-        role = "adapter"
-    if role in ("base_layer", "modules_to_save"):
+        raise UnexpectedTensorError("no injected layer takes this tensor", key=key,
+                                    hint="the key does not follow the naming convention of the spec") from None
+    if name.module not in modules:
+        raise TargetNotFoundError(f"the file has tensors for module {name.module!r}, which the model does not have",
+                                  key=key, hint="load the adapter into the model it was made for, or pass module_map")
+    if name.role in ("base_layer", "modules_to_save"):
         raise UnsupportedError("the file replaces base-model weights (a resized embedding or a module saved "
                                "whole), which the flax backend does not do", key=key,
                                hint="load this adapter with the torch backend")
-    raise UnexpectedTensorError("no injected layer takes this tensor", key=key,
-                                hint="the adapter was made for a model with other module names; pass module_map")
+    raise UnexpectedTensorError(f"module {name.module!r} has no injected parameter for this tensor", key=key,
+                                hint="the config does not target this module; fix target_modules or remove the tensor")
 
 
 def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -120,14 +126,18 @@ def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: 
     :raises MissingTensorError: an injected parameter has no tensor in the file.
     :raises UnexpectedTensorError: a tensor has no injected parameter.
     :raises ShapeMismatchError: a tensor's shape does not fit its parameter.
+    :raises TargetNotFoundError: a tensor is for a module the model does not have.
     :raises UnsupportedError: the file holds base-layer or whole-module tensors.
 
     >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
     """
     slots = expected_params(model, adapter_name)
-    for key in adapter.tensors:
-        if key not in slots:
-            _refuse_unexpected(key, adapter.config)
+    unexpected = [key for key in adapter.tensors if key not in slots]
+    if unexpected:
+        spec_of = spec_names(options)
+        modules = {spec_of(dotted) for dotted, _, _ in iter_modules(model)}
+        for key in unexpected:
+            _refuse_unexpected(key, adapter.config, modules)
     for key, slot in slots.items():
         if key not in adapter.tensors:
             raise MissingTensorError("the model has an injected parameter for it but the file has no such tensor",
