@@ -1,0 +1,94 @@
+"""A conformance driver speaking the JSON-lines protocol, for the tests (runs as its own process).
+
+It wraps the reference implementation (adapterspec's core + the float64 NumPy math), the way a
+driver in another language would wrap its own library. Flags make it misbehave on purpose:
+
+    python protocol_driver.py                  # correct
+    python protocol_driver.py --transpose-b    # reads lora_B as if it were stored [r, out]
+    python protocol_driver.py --no-roundtrip   # answers "unsupported" to roundtrip requests
+    python protocol_driver.py --crash-on ID    # exits in the middle of the case with this id
+    python protocol_driver.py --hang-on ID     # never answers the case with this id
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapterspec.conformance import load_corpus
+from adapterspec.conformance.contract import Refusal
+from adapterspec.conformance.protocol import encode_outputs
+from adapterspec.conformance.reference_impl import ReferenceImplementation
+
+
+class TransposedB(ReferenceImplementation):
+    """Reads every lora_B as if stored [r, out]: the same shape after the misreading, wrong values."""
+
+    def tensors(self, adapter: Any) -> dict[str, np.ndarray]:
+        arrays = super().tensors(adapter)
+        for key, value in arrays.items():
+            if key.endswith(("lora_B.weight", "lora_embedding_B")):
+                flat = value.reshape(value.shape[0], -1)
+                arrays[key] = flat.reshape(flat.shape[1], flat.shape[0]).T.reshape(value.shape)
+        return arrays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transpose-b", action="store_true")
+    parser.add_argument("--no-roundtrip", action="store_true")
+    parser.add_argument("--crash-on", default=None)
+    parser.add_argument("--hang-on", default=None)
+    args = parser.parse_args()
+    impl = TransposedB() if args.transpose_b else ReferenceImplementation()
+    cases: dict[str, Any] = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        reply: dict[str, Any] = {"id": request["id"]}
+        if op == "shutdown":
+            return 0
+        if op == "hello":
+            cases = {c.name: c for c in load_corpus(request["corpus"]).cases}
+            reply |= {"status": "ok", "name": "protocol-test-driver"}
+        else:
+            case = cases.get(request.get("case", {}).get("name", ""))
+            cid = request.get("case", {}).get("id")
+            if cid is not None and cid == args.crash_on:
+                print("crashing on purpose", file=sys.stderr, flush=True)
+                return 3
+            if cid is not None and cid == args.hang_on:
+                time.sleep(3600)
+            try:
+                if op == "validate_config":
+                    impl.validate_config(request["config"])
+                    reply["status"] = "ok"
+                elif op == "load_folder":
+                    impl.load_folder(case, Path(request["path"]))
+                    reply["status"] = "ok"
+                elif op == "run_numeric":
+                    outputs = impl.run_numeric(case, Path(request["case_dir"]))
+                    reply |= {"status": "ok", "outputs": encode_outputs(outputs)}
+                elif op == "roundtrip":
+                    if args.no_roundtrip:
+                        reply |= {"status": "unsupported", "reason": "this driver cannot save"}
+                    else:
+                        impl.roundtrip(case, Path(request["src"]), Path(request["dst"]))
+                        reply["status"] = "ok"
+                else:
+                    reply |= {"status": "error", "message": f"unknown op {op!r}"}
+            except Exception as exc:  # noqa: BLE001 - every refusal goes back to the runner
+                refusal = Refusal.from_exception(exc)
+                reply |= {"status": "refused", **refusal.to_json()}
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

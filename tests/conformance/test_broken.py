@@ -1,0 +1,41 @@
+"""Deliberately broken implementations fail the suite, and the report names exactly the cases they break."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broken_impls import AcceptsTruncatedFiles, IgnoresAlpha, TransposesLoraB
+
+from adapterspec.conformance import Corpus, NumericCase, Status, run_suite
+
+
+def _failed(report: Any) -> set[str]:
+    return set(report.by_status(Status.FAILED))
+
+
+def test_transposed_lora_b_fails_every_lora_case(corpus: Corpus) -> None:
+    report = run_suite(TransposesLoraB(), corpus, include=["^numeric/"])
+    lora = {c.name for c in corpus.cases if isinstance(c, NumericCase) and c.method == "LORA"}
+    assert len(lora) >= 15
+    assert _failed(report) == lora
+    assert all("differs at" in r.message for r in report.results if r.status is Status.FAILED)
+    assert not report.ok
+
+
+def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
+    report = run_suite(IgnoresAlpha(), corpus, include=["^numeric/"])
+    scaled = {c.name for c in corpus.cases if isinstance(c, NumericCase) and c.method in ("LORA", "LOHA", "LOKR")}
+    assert _failed(report) == scaled
+    assert "numeric/rslora-patterns-f32" in scaled and "numeric/lokr-linear-bf16" in scaled
+    # IA3 and prompt learning have no alpha: they still pass
+    assert set(report.by_status(Status.PASSED)) == {f"numeric/{i}" for i in (
+        "ia3-linear-f32", "ia3-linear-f16", "ia3-conv2d-f32", "ia3-gpt2-conv1d-f32", "prefix-tuning-f32",
+        "prefix-tuning-gqa-f32", "prompt-tuning-f32")}
+
+
+def test_accepting_a_truncated_file_fails_that_case(corpus: Corpus) -> None:
+    report = run_suite(AcceptsTruncatedFiles(), corpus, include=["^folder/"])
+    assert _failed(report) == {"folder/truncated-data"}
+    (result,) = [r for r in report.results if r.name == "folder/truncated-data"]
+    assert result.message.startswith("loaded an adapter it must refuse (expected FileFormatError")
+    assert "folder/truncated-header" in report.by_status(Status.PASSED)

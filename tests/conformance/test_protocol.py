@@ -1,0 +1,67 @@
+"""The JSON-lines protocol, with a driver running as a separate process (tests/conformance/protocol_driver.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterspec.conformance import Corpus, Status, resolve_implementation, run_suite
+from adapterspec.conformance.protocol import ProcessImplementation, decode_outputs, encode_outputs
+
+DRIVER = Path(__file__).with_name("protocol_driver.py")
+
+
+def _driver(*flags: str, timeout: float = 60.0) -> ProcessImplementation:
+    return ProcessImplementation([sys.executable, str(DRIVER), *flags], timeout=timeout)
+
+
+def test_a_driver_process_passes_the_whole_corpus(corpus: Corpus) -> None:
+    impl = _driver()
+    report = run_suite(impl, corpus)
+    assert impl._proc is None  # shut down after the run
+    assert report.implementation == "protocol-test-driver"
+    assert {r.name: r.message for r in report.results if r.status is not Status.PASSED} == {}
+
+
+def test_a_broken_driver_fails_through_the_protocol(corpus: Corpus) -> None:
+    report = run_suite(_driver("--transpose-b", "--no-roundtrip"), corpus,
+                       include=["^numeric/(lora-linear-f32|ia3-linear-f32)$", "^roundtrip/roundtrip-lora-linear-f32$",
+                                "^folder/(missing-tensor|truncated-data)$", "^schema/lora-r-negative$"])
+    status = {r.name: r.status for r in report.results}
+    assert status == {"numeric/lora-linear-f32": Status.FAILED, "numeric/ia3-linear-f32": Status.PASSED,
+                      "roundtrip/roundtrip-lora-linear-f32": Status.UNSUPPORTED,
+                      "folder/missing-tensor": Status.PASSED, "folder/truncated-data": Status.PASSED,
+                      "schema/lora-r-negative": Status.PASSED}
+
+
+def test_cmd_form_and_crash_recovery(corpus: Corpus) -> None:
+    impl = resolve_implementation(f"cmd:{sys.executable} {DRIVER} --crash-on lora-linear-f16")
+    assert isinstance(impl, ProcessImplementation)
+    report = run_suite(impl, corpus, include=["^numeric/lora-linear-"])
+    status = {r.name: r.status for r in report.results}
+    assert status == {"numeric/lora-linear-f32": Status.PASSED, "numeric/lora-linear-f16": Status.FAILED,
+                      "numeric/lora-linear-bf16": Status.PASSED}  # restarted after the crash
+    (crash,) = [r for r in report.results if r.status is Status.FAILED]
+    assert "the driver exited during run_numeric" in crash.message and "crashing on purpose" in crash.message
+
+
+def test_a_hanging_driver_times_out(corpus: Corpus) -> None:
+    report = run_suite(_driver("--hang-on", "lora-linear-f32", timeout=3.0), corpus,
+                       include=["^numeric/lora-linear-(f32|f16)$"])
+    status = {r.name: r.status for r in report.results}
+    assert status == {"numeric/lora-linear-f32": Status.FAILED, "numeric/lora-linear-f16": Status.PASSED}
+    assert "no reply to run_numeric within 3s" in report.results[0].message
+
+
+def test_outputs_travel_inline_or_as_a_file(tmp_path: Path) -> None:
+    from adapterspec.conformance import _io
+
+    y = np.arange(6, dtype=np.float64).reshape(2, 3) / 7
+    assert np.array_equal(decode_outputs({"outputs": encode_outputs({"y": y})})["y"], y)
+    _io.write_arrays(tmp_path / "out.safetensors", {"y": y})
+    assert np.array_equal(decode_outputs({"outputs_file": str(tmp_path / "out.safetensors")})["y"], y)
+    with pytest.raises(RuntimeError, match="not"):
+        decode_outputs({"outputs": {"y": {"shape": [5], "data": [1, 2]}}})

@@ -1,0 +1,171 @@
+"""The runner and its reports: the reference passes everything; filters, xfail, unsupported, JSON, JUnit, CLI."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broken_impls import TransposesLoraB
+
+from adapterspec.conformance import (
+    Corpus,
+    Refused,
+    Status,
+    Unsupported,
+    resolve_implementation,
+    run_suite,
+    select,
+)
+from adapterspec.conformance.reference_impl import ReferenceImplementation
+
+
+def test_reference_passes_every_case(corpus: Corpus, reference: ReferenceImplementation) -> None:
+    report = run_suite(reference, corpus)
+    failed = {r.name: r.message for r in report.results if r.status is not Status.PASSED}
+    assert failed == {}
+    assert report.ok and report.counts()["passed"] == len(corpus.cases) > 150
+
+
+def test_select_include_exclude(corpus: Corpus) -> None:
+    names = [c.name for c in select(corpus.cases, include=["^numeric/lora-", "dora"], exclude=["bf16"])]
+    assert "numeric/lora-linear-f32" in names and "numeric/dora-conv2d-f32" in names
+    assert "roundtrip/roundtrip-dora-linear-f32" in names
+    assert not any("bf16" in n for n in names) and "numeric/ia3-linear-f32" not in names
+
+
+class OnlyConfigs:
+    """Claims the schema cases only; refuses r=0 the way a non-Python implementation would."""
+
+    name = "only-configs"
+
+    def supports(self, case: Any) -> bool | str:
+        return True if case.kind == "schema" else "configs only"
+
+    def validate_config(self, config: Any) -> None:
+        ReferenceImplementation().validate_config(config)
+
+
+class RaisesUnsupported(ReferenceImplementation):
+    name = "raises-unsupported"
+
+    def run_numeric(self, case: Any, case_dir: Path) -> Any:
+        if case.method != "LORA":
+            raise Unsupported(f"no {case.method}")
+        return super().run_numeric(case, case_dir)
+
+
+def test_unsupported_is_never_passed(corpus: Corpus) -> None:
+    report = run_suite(OnlyConfigs(), corpus)
+    counts = report.counts()
+    schema = sum(c.kind == "schema" for c in corpus.cases)
+    assert counts["passed"] == schema and counts["unsupported"] == len(corpus.cases) - schema
+    assert counts["failed"] == 0 and report.ok
+    report = run_suite(RaisesUnsupported(), corpus, include=["^numeric/"])
+    assert set(report.by_status(Status.UNSUPPORTED)) == {
+        c.name for c in corpus.cases if c.kind == "numeric" and c.data["method"] != "LORA"}
+    assert all(r.message.startswith("no ") for r in report.results if r.status is Status.UNSUPPORTED)
+
+
+class WrongErrors(ReferenceImplementation):
+    """Refuses everything it should, but with the wrong class, or without naming the key."""
+
+    name = "wrong-errors"
+
+    def load_folder(self, case: Any, path: Path) -> None:
+        try:
+            super().load_folder(case, path)
+        except Exception as exc:
+            if case.id == "missing-tensor":
+                raise Refused("MissingTensorError", message="something is missing") from exc
+            if case.id == "dtype-int32":
+                raise ValueError("bad dtype") from exc
+            if case.id == "sha256-mismatch":  # a more specific class is fine... and this one is its parent
+                raise Refused("FileFormatError", message=str(exc)) from exc
+            raise
+
+
+def test_error_class_and_key_are_checked(corpus: Corpus) -> None:
+    report = run_suite(WrongErrors(), corpus, include=["^folder/"])
+    failed = {r.name: r.message for r in report.results if r.status is Status.FAILED}
+    assert set(failed) == {"folder/missing-tensor", "folder/dtype-int32", "folder/sha256-mismatch"}
+    assert "must name key 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'" in failed["folder/missing-tensor"]
+    assert "refused with ValueError: bad dtype; expected DTypeMismatchError" in failed["folder/dtype-int32"]
+    assert "expected IntegrityError" in failed["folder/sha256-mismatch"]
+
+
+def test_xfail(corpus: Corpus) -> None:
+    patterns = ["numeric/lora-linear-f32", "numeric/ia3-linear-f32"]
+    report = run_suite(TransposesLoraB(), corpus, include=["^numeric/(lora|ia3)-linear-f32$"], xfail=patterns)
+    assert report.by_status(Status.XFAILED) == ["numeric/lora-linear-f32"]
+    assert report.by_status(Status.XPASSED) == ["numeric/ia3-linear-f32"]
+    assert report.ok
+    strict = run_suite(TransposesLoraB(), corpus, include=["^numeric/ia3-linear-f32$"], xfail=patterns,
+                       strict_xfail=True)
+    assert not strict.ok
+
+
+def test_json_and_junit_reports(corpus: Corpus, tmp_path: Path) -> None:
+    import argparse
+
+    from adapterspec.conformance.cli import add_parser, run
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["conformance", "--impl", "adapterspec.conformance.reference_impl:ReferenceImplementation",
+                              "--include", "^numeric/lora-linear", "--include", "^folder/missing-tensor$",
+                              "--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml"), "-q"])
+    assert run(args) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["implementation"] == "reference" and data["ok"] is True
+    assert data["summary"] == {"passed": 4, "failed": 0, "unsupported": 0, "xfailed": 0, "xpassed": 0, "total": 4}
+    assert {r["name"] for r in data["results"]} == {"numeric/lora-linear-f32", "numeric/lora-linear-f16",
+                                                   "numeric/lora-linear-bf16", "folder/missing-tensor"}
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert {c.get("name") for c in suite.iter("testcase")} == {r["name"] for r in data["results"]}
+
+
+def test_cli_exit_status_and_junit_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from adapterspec.cli import main
+
+    code = main(["conformance", "--impl", "broken_impls:IgnoresAlpha", "--include", "^numeric/lora-linear-f32$",
+                 "--include", "^numeric/ia3-linear-f32$", "--junit", str(tmp_path / "r.xml")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL   numeric/lora-linear-f32" in out and "PASS   numeric/ia3-linear-f32" in out
+    assert "ignores-alpha: 1 passed, 1 failed, 0 unsupported" in out
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    failures = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert failures == ["numeric/lora-linear-f32"]
+
+
+def test_cli_check_and_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from adapterspec.cli import main
+
+    assert main(["conformance", "check"]) == 0
+    assert "ok (" in capsys.readouterr().out
+    assert main(["conformance", "list", "--include", "^folder/truncated"]) == 0
+    out = capsys.readouterr().out
+    assert "folder/truncated-data" in out and "folder/truncated-header" in out and "numeric/" not in out
+    assert "reference" in out and "peft" in out and "torch" in out
+
+
+def test_unknown_implementation_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from adapterspec.cli import main
+
+    assert main(["conformance", "--impl", "nonesuch"]) == 2
+    assert "unknown implementation 'nonesuch'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot load implementation"):
+        resolve_implementation("no_such_module:Impl")
+
+
+@pytest.mark.parametrize("name", ["reference", "runner", "contract", "report", "protocol", "implementations", "cli"])
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(f"adapterspec.conformance.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
+    assert result.failed == 0
