@@ -124,6 +124,11 @@ def find_targets(model: nnx.Module, config: AdapterConfig,
     return found
 
 
+def _initialize(options: LoadOptions) -> bool:
+    # LoadOptions.initialize is False when the file fills every variable right after (load_adapter)
+    return bool(getattr(options, "initialize", True))
+
+
 def _rng(adapter_name: str, module: str) -> np.random.Generator:
     # NumPy, not jax.random: a fresh adapter is built on the host (no XLA compile per shape) and put
     # on its device once; a deterministic seed per adapter and module keeps injection reproducible.
@@ -133,7 +138,7 @@ def _rng(adapter_name: str, module: str) -> np.random.Generator:
 def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_name: str,
                   options: LoadOptions) -> LoraWeights:
     r = config.rank_for(spec)
-    init = config["init_lora_weights"]
+    init = config["init_lora_weights"] if _initialize(options) else None  # None: zeros, the file fills them next
     rng = _rng(adapter_name, spec)
     if isinstance(base, nnx.Embed):
         if config["use_dora"] or config["lora_bias"]:
@@ -143,12 +148,14 @@ def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_na
         rows, cols = like.shape
         # PEFT: A zeros and B normal, or both normal with init_lora_weights=False
         a = rng.standard_normal((rows, r)) if init is False else np.zeros((rows, r))
-        b = rng.standard_normal((r, cols))
+        b = np.zeros((r, cols)) if init is None else rng.standard_normal((r, cols))
         return LoraWeights(spec, place(a, like, options), place(b, like, options), scaling=config.scaling_for(spec),
                            trainable=options.trainable)
     like = base.kernel[...]
     fan_in, out = like.shape
-    if init == "gaussian":
+    if init is None:
+        a = np.zeros((fan_in, r))
+    elif init == "gaussian":
         a = rng.standard_normal((fan_in, r)) / r
     else:  # kaiming_uniform(a=sqrt(5)) of torch's [r, in] A: U(-1/sqrt(in), 1/sqrt(in))
         a = rng.uniform(-1, 1, (fan_in, r)) / math.sqrt(fan_in)
@@ -157,7 +164,8 @@ def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_na
     scaling = config.scaling_for(spec)
     magnitude = None
     if config["use_dora"]:  # PEFT: the norm of each output's weights, the (zero or random) delta included
-        magnitude = np.linalg.norm(np.asarray(like, dtype=np.float64) + scaling * (a @ b), axis=0)
+        magnitude = (np.zeros((out,)) if init is None
+                     else np.linalg.norm(np.asarray(like, dtype=np.float64) + scaling * (a @ b), axis=0))
     return LoraWeights(
         spec, place(a, like, options), place(b, like, options), scaling=scaling,
         bias=None if bias is None else place(bias, like, options),
@@ -171,7 +179,8 @@ def _ia3_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_nam
     like = base.kernel[...]
     feedforward = config.is_feedforward(spec)
     size = like.shape[0] if feedforward else like.shape[1]
-    init = np.ones((size,)) if config["init_ia3_weights"] else _rng(adapter_name, spec).standard_normal((size,))
+    random = _initialize(options) and not config["init_ia3_weights"]
+    init = _rng(adapter_name, spec).standard_normal((size,)) if random else np.ones((size,))
     return IA3Weights(spec, place(init, like, options), feedforward=feedforward, trainable=options.trainable)
 
 
@@ -181,7 +190,8 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
     Each target (an ``nnx.Linear`` or ``nnx.Embed``) is replaced at its attribute path by an
     :class:`~adapterspec_flax.layers.AdaptedLinear` / :class:`~adapterspec_flax.layers.AdaptedEmbed`
     holding it, unless already wrapped. New weights follow ``init_lora_weights`` (LoRA's B is zero)
-    or ``init_ia3_weights`` (ones), in the layer's dtype and on its device unless ``options`` say otherwise.
+    or ``init_ia3_weights`` (ones) -- or are zeros when ``options.initialize`` is false (the file fills
+    them next) -- in the layer's dtype and on its device unless ``options`` say otherwise.
 
     :returns: the spec module paths that received the adapter.
     :raises AdapterExistsError: ``adapter_name`` is loaded already.
