@@ -117,7 +117,11 @@ def _inputs(path: Path | None) -> dict[str, Any]:
 
 
 def run_modules(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Each module's output on its own input (input key = module path)."""
+    """Each module's output on its own input (input key = module path).
+
+    >>> run_modules(model, {"layers.0.q": torch.ones(1, 4)})["layers.0.q"].shape      # doctest: +SKIP
+    torch.Size([1, 2])
+    """
     import torch
 
     with torch.no_grad():
@@ -134,6 +138,9 @@ def capture_model_inputs(model: Any, via: Any = None, **kwargs: Any) -> dict[str
     The forward itself is not run: a last pre-hook records its arguments and stops it.
 
     :param via: call this instead of ``model`` (a wrapper such as a ``PeftModel`` that calls ``model``).
+
+    >>> capture_model_inputs(llama, inputs_embeds=x)["inputs_embeds"].shape            # doctest: +SKIP
+    torch.Size([2, 7, 8])
     """
     import torch
 
@@ -155,7 +162,11 @@ def capture_model_inputs(model: Any, via: Any = None, **kwargs: Any) -> dict[str
 
 
 def prefix_tensor(cache: Any) -> Any:
-    """A decoder cache's contents as ``[layers, 2, heads, nvt, head_dim]`` (batch item 0)."""
+    """A decoder cache's contents as ``[layers, 2, heads, nvt, head_dim]`` (batch item 0).
+
+    >>> prefix_tensor(seen["past_key_values"]).shape                                  # doctest: +SKIP
+    torch.Size([2, 2, 2, 3, 4])
+    """
     import torch
 
     if hasattr(cache, "layers"):

@@ -78,23 +78,25 @@ def resolve_module(model: nn.Module, path: str, options: LoadOptions) -> str | N
     return mapping.get(path)
 
 
-def _universe(model: nn.Module, options: LoadOptions | None) -> list[tuple[str, str, nn.Module]]:
+def _universe(model: nn.Module, options: LoadOptions | None,
+              modules: dict[str, nn.Module] | None = None) -> list[tuple[str, str, nn.Module]]:
     """(spec path, model name, module) for every module the spec can name."""
-    modules = dict(iter_modules(model))
+    modules = dict(iter_modules(model)) if modules is None else modules
     mapping = options.module_map if options is not None else None
-    if mapping is None or callable(mapping):
+    if mapping is None:
+        return [(name, name, module) for name, module in modules.items() if name]
+    if callable(mapping):
         out = []
-        for name, module in modules.items():
-            if not name:
-                continue
-            target = name if mapping is None else mapping(name)
+        for name in modules:
+            target = mapping(name) if name else None
             if target is not None and target in modules:
                 out.append((name, target, modules[target]))
         return out
     return [(spec, own, modules[own]) for spec, own in mapping.items() if own in modules]
 
 
-def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
+def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None, *,
+                 universe: list[tuple[str, str, nn.Module]] | None = None) -> list[str]:
     """The module paths ``config`` adapts in ``model``, in model order (PEFT's matching rules).
 
     A module already wrapped by adapterspec counts as the module it wraps (never its inner ``base_layer``).
@@ -106,7 +108,8 @@ def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions |
     ...              AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["0"]}))
     ['0']
     """
-    found = [spec for spec, _, _ in _universe(model, options) if config.matches(spec)]
+    universe = _universe(model, options) if universe is None else universe
+    found = [spec for spec, _, _ in universe if config.matches(spec)]
     if not found:
         raise TargetNotFoundError(
             f"no module of the model matches target_modules={config.get('target_modules')!r}", key=None,
@@ -114,7 +117,8 @@ def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions |
     return found
 
 
-def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> list[str]:
+def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None, *,
+                         universe: list[tuple[str, str, nn.Module]] | None = None) -> list[str]:
     """The module paths saved whole (``modules_to_save``; PEFT matches them by plain name suffix).
 
     Entries that match nothing are ignored, as PEFT does (it adds ``classifier`` and ``score`` for
@@ -128,26 +132,34 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadO
     entries = config.get("modules_to_save") or []
     if isinstance(entries, str):
         entries = [entries]
+    if not entries:
+        return []
     chosen: list[str] = []
-    for spec, _, _ in _universe(model, options):
+    for spec, _, _ in _universe(model, options) if universe is None else universe:
         if any(spec.endswith(entry) for entry in entries) and not any(spec.startswith(c + ".") for c in chosen):
             chosen.append(spec)
     return chosen
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def _parent(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = None) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
+    if modules is not None and parent_name in modules:
+        return modules[parent_name], child
     return model.get_submodule(parent_name), child
 
 
-def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module]) -> nn.Module:
+def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module], *,
+         modules: dict[str, nn.Module] | None = None) -> nn.Module:
     """The wrapper at model module ``name``: the existing one, or a new ``wrapper_type(original)`` put in
     its place (the original object is remembered for :func:`unwrap`).
 
+    :param modules: the model's modules by name, if the caller has them (saves lookups).
     :raises UnsupportedError: the module is already wrapped by the other kind of wrapper.
     """
     state = get_state(model, create=True)
-    module = model.get_submodule(name)
+    module = modules.get(name) if modules is not None else None
+    if module is None:
+        module = model.get_submodule(name)
     if isinstance(module, wrapper_type):
         return module
     if isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
@@ -156,10 +168,14 @@ def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module]) -> nn.Modul
                                hint="an adapter cannot adapt a module another adapter saves whole, or vice versa")
     wrapper = wrapper_type(module)
     wrapper._switch = state.switch
-    wrapper.train(module.training)
-    parent, child = _parent(model, name)
-    setattr(parent, child, wrapper)
+    if wrapper.training != module.training:
+        wrapper.train(module.training)
+    parent, child = _parent(model, name, modules)
+    parent._modules[child] = wrapper
     state.originals[name] = module
+    state.wrappers[name] = wrapper
+    if modules is not None:
+        modules[name] = wrapper
     return wrapper
 
 
@@ -167,15 +183,18 @@ def unwrap(model: nn.Module, name: str) -> None:
     """Put the original module object back at model module ``name`` (its wrapper holds no adapter any more)."""
     state = get_state(model)
     original = state.originals.pop(name)
+    state.wrappers.pop(name, None)
     parent, child = _parent(model, name)
-    setattr(parent, child, original)
+    parent._modules[child] = original
 
 
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
                    options: LoadOptions) -> dict[str, str]:
-    universe = {spec: (own, module) for spec, own, module in _universe(model, options)}
-    targets = find_targets(model, config, options)
-    saved = find_modules_to_save(model, config, options)
+    modules = dict(iter_modules(model))
+    universe_list = _universe(model, options, modules)
+    universe = {spec: (own, module) for spec, own, module in universe_list}
+    targets = find_targets(model, config, options, universe=universe_list)
+    saved = find_modules_to_save(model, config, options, universe=universe_list)
     for spec in targets:
         module = universe[spec][1]
         if isinstance(module, ModulesToSaveLayer):
@@ -190,12 +209,12 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     try:
         for spec in targets:
             own = universe[spec][0]
-            layer = wrap(model, own, AdapterLayer)
+            layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
-            layer.add_adapter(adapter_name, config, spec, options)
+            layer.add_adapter(adapter_name, config, spec, options, checked=True)
         for spec in saved:
             own = universe[spec][0]
-            layer = wrap(model, own, ModulesToSaveLayer)
+            layer = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
             layer.add_adapter(adapter_name, options)
     except BaseException:
@@ -206,8 +225,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
 
 def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modules: dict[str, str]) -> None:
     for own in modules.values():
-        layer = model.get_submodule(own)
-        if not isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
+        layer = state.wrappers.get(own)
+        if layer is None:
             continue
         layer.remove_adapter(adapter_name)
         if not layer.adapter_names():

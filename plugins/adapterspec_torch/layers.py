@@ -22,6 +22,7 @@ one method on a module at a time; for one method this is PEFT's computation).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from .devices import target_of
 __all__ = ["ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind", "param_shapes"]
 
 _CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+_ATTR = {"lora_A.weight": "lora_A_weight", "lora_B.weight": "lora_B_weight", "lora_B.bias": "lora_B_bias"}
 _LINEAR_KINDS = ("linear", "conv1d_hf")
 _SUPPORTED = {
     "LORA": ("linear", "conv1d_hf", "embedding", *_CONV_KINDS),
@@ -48,6 +50,7 @@ _SUPPORTED = {
 }
 
 
+@functools.cache
 def _hf_conv1d_type() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -141,7 +144,8 @@ def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, n
 
 
-def param_shapes(module: nn.Module, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
+def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
+                 kind: str | None = None) -> dict[str, tuple[int, ...]]:
     """The spec parameter names and shapes adapter ``config`` gives module ``path`` (PEFT's layout).
 
     >>> from adapterspec import AdapterConfig
@@ -149,7 +153,7 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str) -> dict[st
     >>> param_shapes(torch.nn.Linear(8, 4), cfg, "q")
     {'lora_A.weight': (2, 8), 'lora_B.weight': (4, 2)}
     """
-    kind = layer_kind(module)
+    kind = kind or layer_kind(module)
     method = config.peft_type
     in_f, out_f = _in_out(module, kind)
     if method == "LORA":
@@ -203,6 +207,21 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+_MODULE_TEMPLATE = nn.Module()
+
+
+def _module_state() -> dict[str, Any]:
+    """A fresh copy of what ``nn.Module.__init__`` sets up, without its per-attribute ``__setattr__`` cost
+    (wrappers are made by the hundred when an adapter loads)."""
+    return {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in _MODULE_TEMPLATE.__dict__.items()}
+
+
+def _new_module(cls: type[nn.Module]) -> Any:
+    module = cls.__new__(cls)
+    module.__dict__.update(_module_state())
+    return module
+
+
 def _kaiming(tensor: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
@@ -250,21 +269,18 @@ class AdapterLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
+        self.__dict__.update(_module_state())  # nn.Module.__init__, faster
         kind = layer_kind(base_layer)
         if kind is None:
             raise UnsupportedError(f"cannot wrap a {type(base_layer).__qualname__} layer",
                                    hint="adapt Linear, Embedding, Conv1d/2d/3d or transformers Conv1D layers")
-        self.base_layer = base_layer
-        self.adapter_weights = nn.ModuleDict()
-        self.kind = kind
-        self.fan_in_fan_out = kind == "conv1d_hf"
-        self._specs: dict[str, _Spec] = {}
-        self._switch = ActiveSet()
-        self._plan_key: tuple[str, ...] | None = None
-        self._plan: tuple[list[str], list[str], list[str]] = ([], [], [])
-        self._merged: list[str] = []
-        self._caches: dict[str, torch.Tensor] = {}
+        self._modules["base_layer"] = base_layer
+        weights = _new_module(nn.ModuleDict)
+        self.__dict__["training"] = weights.__dict__["training"] = base_layer.training
+        self._modules["adapter_weights"] = weights
+        self.__dict__.update(
+            kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
+            _plan=([], [], []), _merged=[], _caches={})
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -276,17 +292,21 @@ class AdapterLayer(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     # -- adapters -----------------------------------------------------------------------
-    def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions) -> None:
-        """Create adapter ``name``'s parameters for module ``path``, initialised as ``config`` says.
+    def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions, *,
+                    checked: bool = False) -> None:
+        """Create adapter ``name``'s parameters for module ``path``, initialised as ``config`` says
+        (left uninitialised when ``options.initialize`` is false: the caller fills them next).
 
         Parameters go to ``options.device``/``options.dtype`` or the base layer's; they are trainable
         only if ``options.trainable``. The adapter is not activated.
 
+        :param checked: :func:`check_supported` already passed for this layer and config.
         :raises UnsupportedError: the layer cannot take ``config``'s method (names ``path``).
         """
-        check_supported(self.base_layer, path, config)
+        if not checked:
+            check_supported(self.base_layer, path, config)
         method = config.peft_type
-        shapes = param_shapes(self.base_layer, config, path)
+        shapes = param_shapes(self.base_layer, config, path, kind=self.kind)
         device, dtype = target_of(self.base_layer, options)
         spec = _Spec(method=method)
         if method in ("LORA", "LOHA", "LOKR"):
@@ -298,16 +318,18 @@ class AdapterLayer(nn.Module):
             spec.dropout = float(config.get("lora_dropout") or 0.0)
         elif method == "IA3":
             spec.feedforward = config.is_feedforward(path)
-        weights = _Weights()
+        weights = _new_module(_Weights)
+        weights.__dict__["training"] = self.training
+        trainable = bool(options.trainable)
+        params = weights._parameters
         for param, shape in shapes.items():
-            attr = param.replace(".", "_")
+            attr = _ATTR.get(param) or param.replace(".", "_")
             spec.names[param] = attr
-            tensor = torch.empty(shape, device=device, dtype=dtype)
-            weights.register_parameter(attr, nn.Parameter(tensor, requires_grad=bool(options.trainable)))
-        self.adapter_weights[name] = weights
+            params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=trainable)
+        self._modules["adapter_weights"]._modules[name] = weights
         self._specs[name] = spec
         self._plan_key = None
-        if device.type != "meta":
+        if device.type != "meta" and options.initialize:
             try:
                 with torch.no_grad():
                     self._initialise(name, config)

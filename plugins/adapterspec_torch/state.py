@@ -40,9 +40,9 @@ def expected_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         return {PROMPT_KEY: model._modules[PROMPTS_ATTR][adapter_name]}
     out: dict[str, torch.Tensor] = {}
     for spec, own in state.modules[adapter_name].items():
-        layer = model.get_submodule(own)
-        for param, tensor in layer.adapter_params(adapter_name).items():
-            out[make_key(spec, param)] = tensor
+        prefix = make_key(spec, "")
+        for param, tensor in state.wrappers[own].adapter_params(adapter_name).items():
+            out[prefix + param] = tensor
     return out
 
 
@@ -51,7 +51,7 @@ def _base_targets(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, A
     state = require_state(model, adapter_name)
     out = {}
     for spec, own in state.modules[adapter_name].items():
-        layer = model.get_submodule(own)
+        layer = state.wrappers[own]
         if isinstance(layer, AdapterLayer):
             out[make_key(spec, BASE_LAYER_PARAM)] = (own, layer)
     return out
@@ -136,7 +136,7 @@ def restore_base_weights(model: nn.Module, adapter_name: str) -> None:
     if adapter_name in state.merged:
         return
     for own, (old, new) in replaced.items():
-        base = model.get_submodule(own).base_layer
+        base = state.wrappers[own].base_layer
         if base._parameters["weight"] is new:
             base._parameters["weight"] = old
             continue
@@ -158,7 +158,7 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     if replaced:
         by_name = {own: spec for spec, own in state.modules[adapter_name].items()}
         for own in replaced:
-            layer = model.get_submodule(own)
+            layer = state.wrappers[own]
             tensors[make_key(by_name[own], BASE_LAYER_PARAM)] = layer.base_layer.weight.detach()
     for key, tensor in tensors.items():
         if not tensor.is_contiguous():

@@ -49,6 +49,7 @@ class ModelState:
     :param modules: name -> {spec module path: the model's module name} it adapts or saves whole.
     :param merged: adapters whose deltas are in the base weights now, in merge order.
     :param originals: model module name -> the module object that was there before the first injection.
+    :param wrappers: model module name -> the wrapper put there (while it holds an adapter).
     :param base_weights: name -> {model module name: (previous, loaded) base weight parameters} where its file
         held ``<module>.base_layer.weight``.
     :param prompt_hook: the forward pre-hook of prefix/prompt tuning, while one such adapter is loaded.
@@ -60,6 +61,7 @@ class ModelState:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
+    wrappers: dict[str, torch.nn.Module] = field(default_factory=dict)
     base_weights: dict[str, dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = field(default_factory=dict)
     prompt_hook: Any = None
 
@@ -148,10 +150,7 @@ def set_active(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
 
 
 def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
-    out = []
-    for model_name in state.modules.get(adapter_name, {}).values():
-        out.append((model_name, model.get_submodule(model_name)))
-    return out
+    return [(own, state.wrappers[own]) for own in state.modules.get(adapter_name, {}).values()]
 
 
 def delete(model: torch.nn.Module, adapter_name: str) -> None:

@@ -1,0 +1,302 @@
+"""Load, save and switch timings: adapterspec against raw safetensors and PEFT, on one synthetic Llama.
+
+Run it (not a test)::
+
+    .venv/bin/python benchmarks/bench_load.py                  # torch only
+    .venv/bin/python benchmarks/bench_load.py --backends torch,keras --repeats 7
+
+The model is a random Llama (hidden 1024, 16 layers, intermediate 2816) built on the meta device and
+materialised without initialisation; the adapter is a PEFT-written LoRA, r=16 on q,k,v,o,gate,up,down
+(~20 MB fp32). Every timing is wall time (``time.perf_counter``), best-of-N and median:
+
+* load: ``safetensors.torch.load_file`` (the floor: reading the tensors), ``adapterspec.load_adapter``
+  (read + check the folder, inject, load; the adapter is deleted again between runs) and
+  ``PeftModel.from_pretrained`` (unloaded between runs);
+* save: ``safetensors.torch.save_file``, ``adapterspec.save_adapter`` (atomic, fsync'ed, with checksum),
+  PEFT's ``save_pretrained``;
+* switch: ``adapterspec.set_active_adapters`` between two loaded adapters, per switch.
+
+Another backend adds a column through a module ``benchmarks/_<backend>_bench.py`` exposing
+``bench_<backend>(setup: BenchSetup, repeats: int) -> list[Timing]`` (see :func:`run_backend`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BenchSetup", "Timing", "main", "measure", "run_backend"]
+
+#: Targets for the torch backend: (operation, reference, max ratio to the reference's best) -- or an absolute ms.
+TARGETS = {
+    ("load", "adapterspec"): ("raw", 2.0),
+    ("save", "adapterspec"): ("raw", 1.5),
+}
+
+
+@dataclass
+class Timing:
+    """The wall times of one operation by one implementation, in seconds."""
+
+    operation: str  # "load", "save", "switch"
+    implementation: str  # "raw", "adapterspec", "peft", ...
+    backend: str  # "torch", "keras"
+    times: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class BenchSetup:
+    """What every backend's benchmark gets: the PEFT-written adapter folders and the model's shape."""
+
+    folder: Path  # adapter "a" (PEFT-written LoRA)
+    folder_b: Path  # adapter "b", same shape, other values
+    work: Path  # a scratch folder for saves
+    model_config: dict[str, Any]
+    adapter_mb: float
+
+
+def measure(fn: Callable[[], Any], repeats: int, *, after: Callable[[], Any] | None = None, warmup: int = 1) -> list[float]:
+    """Time ``fn`` ``repeats`` times (after ``warmup`` untimed runs); ``after`` runs untimed after each call."""
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if after is not None:
+            after()
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def model_config() -> dict[str, Any]:
+    return {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "vocab_size": 256, "max_position_embeddings": 256}
+
+
+def build_llama() -> Any:
+    """The synthetic Llama: built on meta, then given (uninitialised) CPU memory -- seconds, not minutes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**model_config()))
+    return model.to_empty(device="cpu").eval()
+
+
+def write_adapters(base: Any, root: Path) -> BenchSetup:
+    """Two PEFT-written LoRA folders (r=16 on all projections) for ``base``; ``base`` is left unchanged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"], init_lora_weights=False)
+    folders = []
+    for name in ("a", "b"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(base, config)
+            with torch.no_grad():
+                for i, (key, param) in enumerate(peft_model.named_parameters()):
+                    if "lora_" in key:
+                        param.copy_(torch.sin(torch.arange(param.numel(), dtype=torch.float32) * 0.01 + i
+                                              + (name == "b")).reshape(param.shape) * 0.01)
+            peft_model.save_pretrained(str(root / name))
+            peft_model.unload()
+    size = (root / "a" / "adapter_model.safetensors").stat().st_size / 1e6
+    return BenchSetup(root / "a", root / "b", root / "work", model_config(), size)
+
+
+def bench_torch(setup: BenchSetup, repeats: int, model: Any) -> list[Timing]:
+    """The torch rows: raw safetensors, adapterspec, PEFT -- load, save, switch."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    import adapterspec
+
+    weights = setup.folder / "adapter_model.safetensors"
+    rows = [Timing("load", "raw", "torch", measure(lambda: load_file(str(weights)), repeats),
+                   "safetensors.torch.load_file")]
+    rows.append(Timing("load", "adapterspec", "torch",
+                       measure(lambda: adapterspec.load_adapter(model, setup.folder), repeats,
+                               after=lambda: adapterspec.delete_adapter(model, "default")),
+                       "read+check+inject+load"))
+    # where the time goes: the core's read and check of the folder, then the backend's part
+    rows.append(Timing("load", "  core read", "torch", measure(lambda: adapterspec.read_adapter(setup.folder), repeats),
+                       "read_adapter: config schema, header, tensor checks"))
+    from adapterspec_torch.inject import inject
+    from adapterspec_torch.state import load_state
+
+    adapter = adapterspec.read_adapter(setup.folder)
+    options = adapterspec.LoadOptions(initialize=False)
+
+    def backend_part() -> None:
+        inject(model, adapter.config, "default", options)
+        load_state(model, adapter, "default", options)
+
+    rows.append(Timing("load", "  torch part", "torch",
+                       measure(backend_part, repeats, after=lambda: adapterspec.delete_adapter(model, "default")),
+                       "inject (no init) + load_state (reads the file)"))
+
+    def peft_load() -> None:
+        holder["peft"] = PeftModel.from_pretrained(model, str(setup.folder))
+
+    def peft_unload() -> None:
+        holder.pop("peft").unload()
+
+    holder: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows.append(Timing("load", "peft", "torch", measure(peft_load, max(3, repeats // 2), after=peft_unload),
+                           "PeftModel.from_pretrained"))
+
+    tensors = load_file(str(weights))
+    out = setup.work
+    out.mkdir(parents=True, exist_ok=True)
+    rows.append(Timing("save", "raw", "torch",
+                       measure(lambda: save_file(tensors, str(out / "raw.safetensors"), metadata={"format": "pt"}),
+                               repeats), "safetensors.torch.save_file"))
+    adapterspec.load_adapter(model, setup.folder)
+    rows.append(Timing("save", "adapterspec", "torch",
+                       measure(lambda: adapterspec.save_adapter(model, out / "ours", overwrite=True), repeats),
+                       "atomic write, fsync, sha256"))
+    adapterspec.delete_adapter(model, "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(model, str(setup.folder))
+        rows.append(Timing("save", "peft", "torch",
+                           measure(lambda: peft_model.save_pretrained(str(out / "peft")), repeats),
+                           "save_pretrained"))
+        peft_model.unload()
+
+    adapterspec.load_adapter(model, setup.folder, "a")
+    adapterspec.load_adapter(model, setup.folder_b, "b")
+    switches = 200
+    names = ["a", "b"]
+
+    def switch_many() -> None:
+        for i in range(switches):
+            adapterspec.set_active_adapters(model, names[i % 2])
+
+    per_switch = [t / switches for t in measure(switch_many, repeats)]
+    rows.append(Timing("switch", "adapterspec", "torch", per_switch, "set_active_adapters, per switch"))
+    with torch.no_grad():  # the switch really changes the forward pass
+        ids = torch.arange(8).reshape(1, 8)
+        adapterspec.set_active_adapters(model, "a")
+        out_a = model(input_ids=ids).logits
+        adapterspec.set_active_adapters(model, "b")
+        assert not torch.equal(out_a, model(input_ids=ids).logits)
+    adapterspec.delete_adapter(model, "a")
+    adapterspec.delete_adapter(model, "b")
+    return rows
+
+
+def run_backend(backend: str, setup: BenchSetup, repeats: int) -> list[Timing]:
+    """The rows of another backend: ``benchmarks/_<backend>_bench.py``'s ``bench_<backend>(setup, repeats)``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        module = importlib.import_module(f"_{backend}_bench")
+    except ImportError as exc:
+        print(f"[{backend}] skipped: benchmarks/_{backend}_bench.py not available ({exc})")
+        return []
+    return list(getattr(module, f"bench_{backend}")(setup, repeats))
+
+
+def report(rows: list[Timing]) -> str:
+    """The table: one line per (operation, implementation, backend), with the ratio to raw safetensors."""
+    raw = {r.operation: r.best for r in rows if r.implementation == "raw"}
+    lines = [f"{'operation':<8} {'backend':<7} {'implementation':<14} {'best ms':>10} {'median ms':>10} "
+             f"{'x raw':>7} {'x this':>7}  note"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        ratio = f"{r.best / raw[r.operation]:.2f}" if r.operation in raw else "-"
+        ours = next((o.best for o in rows if o.operation == r.operation and o.implementation == "adapterspec"
+                     and o.backend == r.backend), None)
+        versus = f"{r.best / ours:.1f}" if ours and r.implementation == "peft" else "-"
+        lines.append(f"{r.operation:<8} {r.backend:<7} {r.implementation:<14} {r.best * 1e3:>10.3f} "
+                     f"{r.median * 1e3:>10.3f} {ratio:>7} {versus:>7}  {r.note}")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Timing]) -> list[str]:
+    """The targets, met or not, for every backend measured."""
+    out = []
+    by = {(r.operation, r.implementation, r.backend): r for r in rows}
+    for backend in sorted({r.backend for r in rows}):
+        load, save = by.get(("load", "adapterspec", backend)), by.get(("save", "adapterspec", backend))
+        raw_load, raw_save = by.get(("load", "raw", "torch")), by.get(("save", "raw", "torch"))
+        peft = by.get(("load", "peft", "torch"))
+        switch = by.get(("switch", "adapterspec", backend))
+        if load and raw_load:
+            ratio = load.best / raw_load.best
+            out.append(f"[{backend}] load+inject <= 2x raw read: {ratio:.2f}x -> {'OK' if ratio <= 2 else 'MISSED'}")
+        if load and peft:
+            speedup = peft.best / load.best
+            out.append(f"[{backend}] >= 10x faster than PEFT: {speedup:.1f}x -> {'OK' if speedup >= 10 else 'MISSED'}")
+        if save and raw_save:
+            ratio = save.best / raw_save.best
+            out.append(f"[{backend}] save <= 1.5x raw save_file: {ratio:.2f}x -> {'OK' if ratio <= 1.5 else 'MISSED'}")
+        if switch:
+            ms = switch.median * 1e3
+            out.append(f"[{backend}] switch < 1 ms: {ms:.3f} ms -> {'OK' if ms < 1 else 'MISSED'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="torch", help="comma-separated: torch,keras")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per operation (best-of-N and median)")
+    args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    root = Path(tempfile.mkdtemp(prefix="adapterspec-bench-"))
+    try:
+        started = time.perf_counter()
+        model = build_llama()
+        setup = write_adapters(model, root)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are wall time)")
+        print(f"model: Llama {setup.model_config['num_hidden_layers']} layers, hidden "
+              f"{setup.model_config['hidden_size']}, intermediate {setup.model_config['intermediate_size']}; "
+              f"adapter: LoRA r=16 x 7 modules x 16 layers = {setup.adapter_mb:.1f} MB fp32; "
+              f"setup {time.perf_counter() - started:.1f}s; N={args.repeats}")
+        rows: list[Timing] = []
+        if "torch" in backends:
+            rows += bench_torch(setup, args.repeats, model)
+        for backend in backends:
+            if backend != "torch":
+                rows += run_backend(backend, setup, args.repeats)
+        print(report(rows))
+        print("\n".join(verdicts(rows)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
