@@ -22,7 +22,7 @@ import numpy as np
 
 import adapterspec
 
-__all__ = ["KerasImplementation", "build_model", "run_modules"]
+__all__ = ["KerasImplementation", "build_model", "load_base", "run_modules"]
 
 
 def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
@@ -104,6 +104,8 @@ def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]
     """Assign a case's base weights (torch layout, ``<path>.weight``/``<path>.bias``) to the Keras layers.
 
     :raises ValueError: a key names no layer, or a shape does not fit.
+
+    >>> load_base(layers, case.modules, case.weights)                                 # doctest: +SKIP
     """
     if weights is None:
         return
@@ -124,7 +126,11 @@ def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]
 
 def run_modules(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]],
                 inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each module's output on its own input (corpus layout in, corpus layout out)."""
+    """Each module's output on its own input (corpus layout in, corpus layout out).
+
+    >>> run_modules(layers, case.modules, inputs)["conv"].shape                        # doctest: +SKIP
+    (1, 4, 3, 5)
+    """
     import keras
 
     out = {}

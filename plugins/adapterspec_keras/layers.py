@@ -173,7 +173,8 @@ class AdapterLayer(keras.layers.Layer):
         self._merged: list[str] = []
         self._dora_norms: dict[tuple[str, int], Any] = {}
         self._base_backups: dict[str, tuple[Any, np.ndarray]] = {}
-        self._seed = keras.random.SeedGenerator(0)
+        self._base_saved: set[str] = set()
+        self._seed: Any = None  # a SeedGenerator, made when an adapter has lora_dropout
         self.built = True
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -199,6 +200,8 @@ class AdapterLayer(keras.layers.Layer):
             ones = config.get("init_ia3_weights", True) is not False
             inits = {"ia3_l": "ones" if ones else keras.initializers.RandomNormal()}
         with device_scope(device):
+            if slot.dropout > 0 and self._seed is None:
+                self._seed = keras.random.SeedGenerator(0)
             for param, layout in slot.layouts.items():
                 slot.params[param] = self.add_weight(
                     shape=layout.keras_shape, initializer=inits[param], dtype=dtype, trainable=options.trainable,
@@ -234,6 +237,7 @@ class AdapterLayer(keras.layers.Layer):
             self._tracker.untrack(variable)
         self._active = [n for n in self._active if n != name]
         self._merged = [n for n in self._merged if n != name]
+        self._base_saved.discard(name)
         backup = self._base_backups.pop(name, None)
         if backup is not None:
             backup[0].assign(backup[1])
@@ -268,6 +272,7 @@ class AdapterLayer(keras.layers.Layer):
     def replace_base_weight(self, name: str, value: np.ndarray) -> None:
         """Make the module's base weight ``value`` (PEFT layout) unless it is that already; :meth:`remove_adapter`
         restores the previous one (PEFT saves ``embed_tokens.base_layer.weight`` with a LoRA on embeddings)."""
+        self._base_saved.add(name)
         piece = self.site.pieces[0]
         variable = piece.kernel_variable
         flat = np.asarray(value) if self.site.kind == "embedding" else np.asarray(value).T
@@ -277,6 +282,16 @@ class AdapterLayer(keras.layers.Layer):
             return
         self._base_backups.setdefault(name, (variable, old))
         variable.assign(new.astype(old.dtype))
+
+    def base_weight(self) -> np.ndarray:
+        """The module's base weight in the file's layout (``[out, in]``; embeddings ``[num, dim]``)."""
+        piece = self.site.pieces[0]
+        flat = ops.convert_to_numpy(_ops.flat_kernel(piece))
+        return np.ascontiguousarray(flat if self.site.kind == "embedding" else flat.T)
+
+    def saves_base_weight(self, name: str) -> bool:
+        """Whether adapter ``name`` came with the module's full base weight (and so saves it again)."""
+        return name in self._base_saved
 
     def adapter_names(self) -> list[str]:
         """The adapters this layer holds, in insertion order."""

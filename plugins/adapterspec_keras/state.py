@@ -23,7 +23,7 @@ from adapterspec.errors import (
     TargetNotFoundError,
     UnexpectedTensorError,
 )
-from adapterspec.naming import make_key, parse_key
+from adapterspec.naming import BASE_LAYER_PARAM, make_key, parse_key
 
 from .devices import place
 from .layers import AdapterLayer, Layout
@@ -159,4 +159,6 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
         for param, variable in layer.adapter_params(adapter_name).items():
             value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
             tensors[make_key(path, param)] = layouts[param].to_spec(value)
+        if layer.saves_base_weight(adapter_name):
+            tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     return state.configs[adapter_name], tensors
