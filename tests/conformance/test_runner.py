@@ -130,6 +130,20 @@ def test_json_and_junit_reports(corpus: Corpus, tmp_path: Path) -> None:
     assert {c.get("name") for c in suite.iter("testcase")} == {r["name"] for r in data["results"]}
 
 
+def test_print_table(corpus: Corpus) -> None:
+    import io
+
+    from adapterspec.conformance.report import print_table
+
+    report = run_suite(TransposesLoraB(), corpus, include=["^numeric/(lora|ia3)-linear-f32$"])
+    out = io.StringIO()
+    print_table(report, out)
+    text = out.getvalue()
+    assert "PASS   numeric/ia3-linear-f32" in text and "FAIL   numeric/lora-linear-f32" in text
+    assert "failed (1):\n  numeric/lora-linear-f32: output 'layer' differs at" in text
+    assert text.rstrip().endswith("transposes-lora-b: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 cases)")
+
+
 def test_cli_exit_status_and_junit_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from adapterspec.cli import main
 
@@ -164,7 +178,8 @@ def test_unknown_implementation_is_a_usage_error(capsys: pytest.CaptureFixture[s
         resolve_implementation("no_such_module:Impl")
 
 
-@pytest.mark.parametrize("name", ["reference", "runner", "contract", "report", "protocol", "implementations", "cli"])
+@pytest.mark.parametrize("name", ["reference", "runner", "contract", "report", "protocol", "implementations", "cli",
+                                  "cases", "check", "reference_impl", "peft_driver"])
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"adapterspec.conformance.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)

@@ -241,6 +241,9 @@ class Corpus:
         """The case named ``kind/id``.
 
         :raises KeyError: no such case.
+
+        >>> corpus.by_name("folder/missing-tensor").error                           # doctest: +SKIP
+        'MissingTensorError'
         """
         for case in self.cases:
             if case.name == name:
@@ -256,6 +259,9 @@ def load_corpus(root: str | Path | None = None) -> Corpus:
     """Read every case file of the corpus folder ``root`` (default: :func:`default_corpus_dir`).
 
     Reading does not check the corpus; :func:`adapterspec.conformance.check.check_corpus` does.
+
+    >>> load_corpus().by_name("numeric/lora-linear-f32").tolerance               # doctest: +SKIP
+    Tolerance(atol=1e-05, rtol=1e-05)
     """
     root = Path(root) if root is not None else default_corpus_dir()
     meta = _read(root / "corpus.json") if (root / "corpus.json").exists() else {}

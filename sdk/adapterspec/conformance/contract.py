@@ -108,7 +108,12 @@ class Implementation(Protocol):
 
 
 def call(impl: Any, method: str, *args: Any) -> Any:
-    """Call ``impl.method(*args)``, raising :class:`Unsupported` if the implementation lacks the method."""
+    """Call ``impl.method(*args)``, raising :class:`Unsupported` if the implementation lacks the method.
+
+    >>> call(object(), "run_numeric")
+    Traceback (most recent call last):
+    adapterspec.conformance.contract.Unsupported: <object object at ...> has no run_numeric()
+    """
     fn = getattr(impl, method, None)
     if fn is None:
         raise Unsupported(f"{getattr(impl, 'name', impl)!s} has no {method}()")

@@ -60,6 +60,9 @@ def peft_outputs(model_spec: Mapping[str, Any], compute: str, adapter: Path, bas
     ``compute`` is the case's: ``"modules"`` runs each module of the PEFT-wrapped model on its input;
     ``"prefix_key_values"`` and ``"prompt_concat"`` read what ``PeftModelForCausalLM`` passes to the
     base model's forward (its ``past_key_values``, its ``inputs_embeds``).
+
+    >>> peft_outputs(case.model, case.compute, case.adapter, base, inputs, "float64")   # doctest: +SKIP
+    {'layer': array([[...]])}
     """
     import torch
 

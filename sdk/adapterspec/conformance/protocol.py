@@ -58,7 +58,11 @@ def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def decode_outputs(reply: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A ``run_numeric`` reply's outputs: inline (``outputs``) or in a safetensors file (``outputs_file``)."""
+    """A ``run_numeric`` reply's outputs: inline (``outputs``) or in a safetensors file (``outputs_file``).
+
+    >>> decode_outputs({"outputs": {"y": {"shape": [1, 2], "data": [1, 2]}}})["y"]
+    array([[1., 2.]])
+    """
     if "outputs_file" in reply:
         return _io.read_arrays(reply["outputs_file"])
     outputs = reply.get("outputs")

@@ -227,6 +227,11 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     :param path: the module's path, for ``rank_pattern``/``alpha_pattern``/``feedforward_modules``.
     :param tensors: the module's adapter tensors by parameter name (``"lora_A.weight"``, ``"ia3_l"``...);
         empty when the adapter does not target the module.
+
+    >>> cfg = {"peft_type": "IA3", "target_modules": ["l"], "feedforward_modules": []}
+    >>> forward({"kind": "linear"}, {"weight": np.eye(2), "bias": np.ones(2)}, np.array([[1.0, 2.0]]), cfg, "l",
+    ...         {"ia3_l": np.array([[2.0], [3.0]])})
+    array([[4., 9.]])
     """
     weight = _f64(base["weight"])
     bias = None if base.get("bias") is None else _f64(base["bias"])

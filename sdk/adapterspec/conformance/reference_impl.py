@@ -31,7 +31,11 @@ __all__ = ["ReferenceImplementation", "check_against_model", "module_tensors"]
 
 
 def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """The adapter's tensors grouped by module path, keyed by parameter name (``"lora_A.weight"``)."""
+    """The adapter's tensors grouped by module path, keyed by parameter name (``"lora_A.weight"``).
+
+    >>> sorted(module_tensors(adapter, arrays)["layer"])                             # doctest: +SKIP
+    ['lora_A.weight', 'lora_B.weight']
+    """
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         name = parse_key(key, adapter.config.peft_type, adapter.config)
@@ -96,6 +100,9 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     :raises TargetNotFoundError: an adapted module is not in the model.
     :raises MissingTensorError: a module the config targets has no tensors.
     :raises ShapeMismatchError: a tensor does not fit its layer.
+
+    >>> check_against_model(read_adapter("my-lora"), {"modules": {"q": {"kind": "linear", "in_features": 8,
+    ...                                                          "out_features": 8}}})   # doctest: +SKIP
     """
     config = adapter.config
     if config.is_prompt_learning:
@@ -160,11 +167,19 @@ class ReferenceImplementation:
         for folder in folders.values():
             self._read(folder, case.model, case.options)
 
+    def tensors(self, adapter: Adapter) -> dict[str, np.ndarray]:
+        """The adapter's tensors by key (BF16 read as float32, exactly). A subclass may distort them (tests)."""
+        return _io.read_arrays(adapter.weights_file)  # type: ignore[arg-type]
+
+    def config(self, adapter: Adapter) -> Mapping[str, Any]:
+        """The config the math uses. A subclass may distort it (tests)."""
+        return adapter.config
+
     def run_numeric(self, case: NumericCase, case_dir: Path) -> dict[str, np.ndarray]:
         adapter = self._read(case.adapter, case.model)
-        arrays = _io.read_arrays(adapter.weights_file)  # type: ignore[arg-type]
+        arrays = self.tensors(adapter)
         inputs = _io.read_arrays(case.inputs) if case.inputs else {}
-        config = adapter.config
+        config = self.config(adapter)
         if case.compute == "prefix_key_values":
             return {"past_key_values": reference.prefix_key_values(config, arrays[PROMPT_KEY])}
         if case.compute == "prompt_concat":

@@ -22,7 +22,11 @@ _LABEL = {Status.PASSED: "PASS", Status.FAILED: "FAIL", Status.UNSUPPORTED: "UNS
 
 
 def format_row(result: Result, width: int = 46) -> str:
-    """One line of the table: status, case name, seconds, reason."""
+    """One line of the table: status, case name, seconds, reason.
+
+    >>> format_row(Result("folder/x", "folder", Status.UNSUPPORTED, "no pickles"), 10)
+    'UNSUP  folder/x      0.00s  no pickles'
+    """
     message = result.message.replace("\n", " ")
     if len(message) > 150:
         message = message[:147] + "..."
@@ -37,7 +41,10 @@ def summary_line(report: Report) -> str:
 
 
 def print_table(report: Report, out: TextIO, *, failures_only: bool = False) -> None:
-    """The table (every case, or only failures) and the summary, with failures repeated at the end."""
+    """The table (every case, or only failures) and the summary, with failures repeated at the end.
+
+    >>> print_table(report, sys.stdout)                                              # doctest: +SKIP
+    """
     width = max((len(r.name) for r in report.results), default=10)
     for result in report.results:
         if not failures_only or result.status in (Status.FAILED, Status.XPASSED):
@@ -51,12 +58,18 @@ def print_table(report: Report, out: TextIO, *, failures_only: bool = False) -> 
 
 
 def write_json(report: Report, path: str | Path) -> None:
-    """The whole report as JSON: implementation, corpus, summary counts, and every result."""
+    """The whole report as JSON: implementation, corpus, summary counts, and every result.
+
+    >>> write_json(report, "conformance.json")                                       # doctest: +SKIP
+    """
     Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n", "utf-8")
 
 
 def write_junit(report: Report, path: str | Path) -> None:
-    """JUnit XML: one ``testcase`` per case (``classname`` = kind); unsupported and xfailed are ``skipped``."""
+    """JUnit XML: one ``testcase`` per case (``classname`` = kind); unsupported and xfailed are ``skipped``.
+
+    >>> write_junit(report, "conformance.xml")                                       # doctest: +SKIP
+    """
     counts = report.counts()
     suite = ET.Element("testsuite", name=f"adapterspec-conformance[{report.implementation}]",
                        tests=str(counts["total"]), failures=str(counts["failed"] + counts["xpassed"] * report.strict_xfail),

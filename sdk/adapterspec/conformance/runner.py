@@ -91,7 +91,11 @@ class Report:
 # -- the error hierarchy, from the corpus -----------------------------------------------------------
 
 def load_error_hierarchy(root: Path) -> dict[str, str | None]:
-    """Error class name -> its parent's name, from the corpus' ``errors.json``."""
+    """Error class name -> its parent's name, from the corpus' ``errors.json``.
+
+    >>> load_error_hierarchy(default_corpus_dir())["IntegrityError"]               # doctest: +SKIP
+    'FileFormatError'
+    """
     data = json.loads((root / "errors.json").read_text("utf-8"))
     return {name: entry.get("parent") for name, entry in data["errors"].items()}
 
@@ -192,6 +196,9 @@ def compare_outputs(outputs: Mapping[str, Any], expected_file: Path, atol: float
     """Compare an implementation's outputs with the expected file; raise :class:`CaseFailed` naming the worst element.
 
     :returns: measured details: the largest absolute error and the largest error relative to the tolerance.
+
+    >>> compare_outputs({"layer": y}, case.expected, 1e-5, 1e-5)                    # doctest: +SKIP
+    {'max_abs_error': 4.2e-07, 'max_error_ratio': 0.021}
     """
     expected = _io.read_arrays(expected_file)
     missing = sorted(set(expected) - set(outputs))
@@ -280,7 +287,10 @@ def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> l
 
 
 def compare_folders(src: Path, dst: Path) -> None:
-    """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit and an equivalent config."""
+    """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit and an equivalent config.
+
+    >>> compare_folders(Path("adapter"), Path("saved"))                             # doctest: +SKIP
+    """
     if not (dst / "adapter_config.json").exists() or not (dst / "adapter_model.safetensors").exists():
         raise CaseFailed(f"the saved folder lacks adapter_config.json or adapter_model.safetensors: {sorted(p.name for p in dst.iterdir()) if dst.exists() else 'no folder'}")
     a, _ = _io.read_raw(src / "adapter_model.safetensors")
@@ -317,7 +327,11 @@ _JUDGES = {"schema": _schema, "folder": _folder, "numeric": _numeric, "roundtrip
 
 
 def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None] | None = None) -> Result:
-    """Run one case against ``impl`` in the empty folder ``workdir`` and judge it (xfail not applied)."""
+    """Run one case against ``impl`` in the empty folder ``workdir`` and judge it (xfail not applied).
+
+    >>> run_case(impl, corpus.by_name("folder/truncated-data"), Path(tmp)).status    # doctest: +SKIP
+    <Status.PASSED: 'passed'>
+    """
     hierarchy = hierarchy if hierarchy is not None else load_error_hierarchy(case.root)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -352,6 +366,9 @@ def select(cases: Iterable[Case], include: Sequence[str] = (), exclude: Sequence
     """The cases whose name (``kind/id``) matches an ``include`` regex (all if none) and no ``exclude`` regex.
 
     Patterns are searched (``re.search``), so ``"dora"`` selects every case with ``dora`` in its name.
+
+    >>> [c.name for c in select(load_corpus().cases, ["^numeric/dora-linear"])]     # doctest: +SKIP
+    ['numeric/dora-linear-f32', 'numeric/dora-linear-bf16']
     """
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
@@ -370,6 +387,9 @@ def run_suite(impl: Any, corpus: Corpus | str | Path | None = None, *, include: 
     :param xfail: regexes of cases expected to fail: a failure is XFAILED, a pass XPASSED.
     :param strict_xfail: count an XPASSED case as a failure of the run.
     :param progress: called with each :class:`Result` as it is known (the CLI prints the table row).
+
+    >>> run_suite(MyImpl(), include=["^numeric/"], xfail=["lokr"]).ok               # doctest: +SKIP
+    True
     """
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     hierarchy = load_error_hierarchy(corpus.root)
