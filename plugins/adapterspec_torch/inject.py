@@ -167,7 +167,7 @@ def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module], *,
         raise UnsupportedError(f"module is already {what} by another adapter", key=name,
                                hint="an adapter cannot adapt a module another adapter saves whole, or vice versa")
     wrapper = wrapper_type(module)
-    wrapper._switch = state.switch
+    wrapper.__dict__["_switch"] = state.switch
     if wrapper.training != module.training:
         wrapper.train(module.training)
     parent, child = _parent(model, name, modules)

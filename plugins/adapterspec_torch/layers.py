@@ -303,11 +303,12 @@ class AdapterLayer(nn.Module):
         :param checked: :func:`check_supported` already passed for this layer and config.
         :raises UnsupportedError: the layer cannot take ``config``'s method (names ``path``).
         """
+        base = self._modules["base_layer"]
         if not checked:
-            check_supported(self.base_layer, path, config)
+            check_supported(base, path, config)
         method = config.peft_type
-        shapes = param_shapes(self.base_layer, config, path, kind=self.kind)
-        device, dtype = target_of(self.base_layer, options)
+        shapes = param_shapes(base, config, path, kind=self.kind)
+        device, dtype = target_of(base, options)
         spec = _Spec(method=method)
         if method in ("LORA", "LOHA", "LOKR"):
             spec.r = config.rank_for(path)
