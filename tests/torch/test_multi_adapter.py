@@ -209,3 +209,31 @@ def test_unknown_adapter_names_are_refused(llama: Any, tmp_path: Any) -> None:
         adapterspec.load_adapter(model, a, "a")
     with pytest.raises(adapterspec.AdapterNotFoundError):
         adapterspec.delete_adapter(model, "x")
+
+
+def test_modules_to_save_switch_with_their_adapter(bert: Any, token_inputs: Any, tmp_path: Any) -> None:
+    """Each adapter brings its own copy of the classifier; switching adapters switches the copy."""
+    from peft import LoraConfig
+
+    def config() -> Any:
+        return LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], modules_to_save=["classifier"])
+
+    peft_reference(bert, config(), tmp_path / "a")
+    peft_reference(bert, config(), tmp_path / "b", fill=lambda m: fill_adapter_weights(m, salt=500))
+    reference = _peft_model(bert, {"a": tmp_path / "a", "b": tmp_path / "b"})
+    model = fresh(bert)
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    results = {}
+    for name in ("a", "b"):
+        reference.set_adapter(name)
+        adapterspec.set_active_adapters(model, name)
+        results[name] = logits(model, token_inputs)
+        assert_close(results[name], logits(reference, token_inputs))
+    assert (results["a"] - results["b"]).abs().max() > 1e-3
+    with reference.disable_adapter(), adapterspec.disabled_adapters(model):
+        assert_close(logits(model, token_inputs), logits(bert, token_inputs), atol=0)
+        assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+    adapterspec.unload(model)
+    assert type(model.classifier) is type(bert.classifier)
+    assert torch.equal(model.classifier.weight, bert.classifier.weight)
