@@ -128,15 +128,15 @@ def contract_in(piece: Piece, x: Any, a: Any) -> Any:
 
 
 def expand_out(piece: Piece, u: Any, b: Any) -> Any:
-    """``u`` (``[..., r]``) through the piece's share of lora_B (``[r, n_out]``), shaped like the layer's output."""
+    """``u`` (``[..., r]``) through the piece's share of lora_B (``[r, n_out]``; conv ``[*1, r, out]``), shaped
+    like the layer's output."""
     if piece.kind == "einsum":
         letter = _rank_letter(piece)
         rest = "".join(c for c in piece.input_spec if c not in piece.kin)
         b = ops.reshape(b, (b.shape[0],) + piece.out_shape)
         return ops.einsum(f"{rest}{letter},{letter}{piece.kout}->{piece.output_spec}", u, b)
-    if piece.kind == "conv":
-        rank = b.shape[0]
-        kernel = ops.reshape(b, (1,) * len(piece.layer.kernel_size) + (rank, piece.n_out))
+    if piece.kind == "conv":  # b is lora_B's Keras layout, a 1x1 kernel [*1, r, out]
+        kernel = ops.reshape(b, (1,) * len(piece.layer.kernel_size) + (b.shape[-2], piece.n_out))
         return ops.conv(u, kernel, strides=1, padding="valid", data_format=piece.layer.data_format)
     return ops.matmul(u, b)
 

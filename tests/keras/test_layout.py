@@ -1,0 +1,137 @@
+"""Layout conversion between the file ([out, in], PEFT) and Keras ([in, out]) both ways, on plain Keras layers
+mapped by ``module_map``: Dense, Conv2D, Embedding; checked against PEFT and against NumPy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+import adapterspec
+from adapterspec_keras.layers import Layout
+from keras_helpers import unique_values
+
+RANK = 3
+
+
+def test_layout_converts_both_ways_exactly() -> None:
+    spec_a = unique_values((RANK, 7), 1)  # lora_A: [r, in]
+    lay = Layout((7, RANK), (RANK, 7), (1, 0))
+    assert np.array_equal(lay.to_keras(spec_a), spec_a.T)
+    assert np.array_equal(lay.to_spec(lay.to_keras(spec_a)), spec_a)
+    conv_a = unique_values((RANK, 4, 3, 2), 2)  # [r, in, kh, kw] -> keras [kh, kw, in, r]
+    conv = Layout((3, 2, 4, RANK), (RANK, 4, 3, 2), (3, 2, 0, 1))
+    assert np.array_equal(conv.to_keras(conv_a), np.transpose(conv_a, (2, 3, 1, 0)))
+    assert np.array_equal(conv.to_spec(conv.to_keras(conv_a)), conv_a)
+    ia3 = Layout((5,), (5, 1), (0,))
+    assert np.array_equal(ia3.to_spec(np.arange(5.0)), np.arange(5.0)[:, None])
+
+
+def _dense_model() -> Any:
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(5, name="dense_out")(inputs)
+    model = keras.Model(inputs, outputs, name="net")
+    model.get_layer("dense_out").set_weights([unique_values((6, 5), 3, scale=0.5), unique_values((5,), 4)])
+    return model
+
+
+def test_hand_written_spec_tensors_act_as_x_at_a_t_at_b_t(tmp_path: Path) -> None:
+    """No PEFT: y = x K + b + s x A^T B^T with A [r, in], B [out, r] as the file stores them."""
+    model = _dense_model()
+    a, b = unique_values((RANK, 6), 5), unique_values((5, RANK), 6)
+    folder = adapterspec.write_adapter(
+        tmp_path / "hand", {"peft_type": "LORA", "r": RANK, "lora_alpha": 6, "target_modules": ["fc"]},
+        {"base_model.model.fc.lora_A.weight": a, "base_model.model.fc.lora_B.weight": b})
+    x = unique_values((4, 6), 7, scale=1.0)
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("dense_out").weights)
+    adapterspec.load_adapter(model, folder, module_map={"fc": "dense_out"})
+    expected = x @ kernel + bias + 2.0 * (x @ a.T) @ b.T
+    assert np.abs(keras.ops.convert_to_numpy(model(x)) - expected).max() <= 1e-5
+    config, tensors = adapterspec_keras_extract(model)
+    assert np.array_equal(tensors["base_model.model.fc.lora_A.weight"], a)
+    assert np.array_equal(tensors["base_model.model.fc.lora_B.weight"], b)
+
+
+def adapterspec_keras_extract(model: Any) -> Any:
+    from adapterspec_keras import extract_state
+
+    return extract_state(model, "default")
+
+
+def test_adapter_initialised_in_keras_extracts_in_spec_layout() -> None:
+    """Keras -> file: the extracted [r, in] / [out, r] tensors reproduce the Keras output in NumPy."""
+    model = _dense_model()
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("dense_out").weights)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": RANK, "lora_alpha": 3, "init_lora_weights": False,
+                                       "target_modules": ["fc"]}, module_map={"fc": "dense_out"})
+    tensors = adapterspec.extract_adapter(model).load_tensors("numpy")
+    a, b = tensors["base_model.model.fc.lora_A.weight"], tensors["base_model.model.fc.lora_B.weight"]
+    assert a.shape == (RANK, 6) and b.shape == (5, RANK)
+    x = unique_values((4, 6), 8, scale=1.0)
+    assert np.abs(keras.ops.convert_to_numpy(model(x)) - (x @ kernel + bias + (x @ a.T) @ b.T)).max() <= 1e-5
+
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+class _TorchNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 3)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, ids: Any) -> Any:  # ids [b, 16] -> [b, 4, 4, 3] image -> conv -> mean -> fc
+        h = self.emb(ids).reshape(ids.shape[0], 4, 4, 3).permute(0, 3, 1, 2)
+        return self.fc(torch.relu(self.conv(h)).mean(dim=(2, 3)))
+
+
+def _keras_twin(net: Any) -> Any:
+    ids = keras.Input((16,), dtype="int32")
+    h = keras.layers.Embedding(11, 3, name="emb")(ids)
+    h = keras.layers.Reshape((4, 4, 3))(h)
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(5, name="fc")(h)
+    model = keras.Model(ids, out)
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    model.get_layer("emb").set_weights([sd["emb.weight"]])
+    model.get_layer("conv").set_weights([np.transpose(sd["conv.weight"], (2, 3, 1, 0)), sd["conv.bias"]])
+    model.get_layer("fc").set_weights([sd["fc.weight"].T, sd["fc.bias"]])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_plain_keras_layers_match_peft(method: str, tmp_path: Path) -> None:
+    from keras_helpers import fill_adapter_weights
+
+    torch.manual_seed(0)
+    net = _TorchNet().eval()
+    model = _keras_twin(net)
+    ids = (np.arange(32).reshape(2, 16) * 5) % 11
+    with torch.no_grad():
+        base_expected = net(torch.from_numpy(ids)).numpy()
+    assert np.abs(keras.ops.convert_to_numpy(model(ids)) - base_expected).max() <= 1e-5
+    if method == "ia3":
+        config = peft.IA3Config(target_modules=["conv", "fc"], feedforward_modules=["fc"])
+    else:
+        targets = ["emb", "conv", "fc"]
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=method == "dora")
+    pm = peft.get_peft_model(net, config)
+    fill_adapter_weights(pm, scale=0.3)
+    pm.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        expected = pm(torch.from_numpy(ids)).numpy()
+    adapterspec.load_adapter(model, tmp_path / "a")  # layer names equal the module names: no module_map
+    assert np.abs(keras.ops.convert_to_numpy(model(ids)) - expected).max() <= 1e-5
+    assert np.abs(expected - base_expected).max() > 1e-3
+    written = adapterspec.read_adapter(tmp_path / "a").load_tensors("numpy")
+    _, extracted = adapterspec_keras_extract(model)
+    assert sorted(extracted) == sorted(written)
+    for key, value in written.items():
+        assert np.array_equal(extracted[key], value), key
