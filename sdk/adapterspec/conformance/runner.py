@@ -120,6 +120,9 @@ def error_is_a(refusal: Refusal, expected: str, hierarchy: Mapping[str, str | No
 
 # -- judging one case ---------------------------------------------------------------------------------
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class CaseFailed(AssertionError):
     """A case's check did not hold; ``details`` holds what was measured."""
 
@@ -339,6 +342,7 @@ def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str |
         status, message, details = _judge(impl, case, workdir, hierarchy)
     if caught:
         details = {**details, "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20]}
+    message = _ANSI.sub("", message)  # TensorFlow colours its messages
     return Result(case.name, case.kind, status, message, time.perf_counter() - start, details)
 
 
