@@ -34,6 +34,7 @@ from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
     "PROMPTS_ATTR",
+    "check_features",
     "find_modules_to_save",
     "find_targets",
     "inject",
@@ -188,8 +189,34 @@ def unwrap(model: nn.Module, name: str) -> None:
     parent._modules[child] = original
 
 
+#: LoRA variants that change the computation and that this backend does not implement: refused rather
+#: than silently run as plain LoRA.
+_UNSUPPORTED_LORA = ("trainable_token_indices", "target_parameters", "layer_replication", "alora_invocation_tokens",
+                     "use_qalora", "velora_config", "arrow_config", "use_bdlora", "monteclora_config", "kasa_config",
+                     "megatron_config")
+
+
+def check_features(config: AdapterConfig) -> None:
+    """Refuse config features (LoRA variants) whose math this backend does not implement.
+
+    :raises UnsupportedError: with the JSON pointer of the field.
+
+    >>> from adapterspec import AdapterConfig
+    >>> check_features(AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "use_qalora": True}))
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: /use_qalora: ...
+    """
+    if config.peft_type != "LORA":
+        return
+    for name in _UNSUPPORTED_LORA:
+        if config.get(name):
+            raise UnsupportedError(f"the LoRA variant {name}={config.get(name)!r} is not implemented by the torch "
+                                   "backend", pointer=f"/{name}", hint="load this adapter with PEFT itself")
+
+
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
                    options: LoadOptions) -> dict[str, str]:
+    check_features(config)
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}

@@ -122,3 +122,19 @@ def test_failure_after_injection_rolls_back(model_with_adapter: Any, good: Any, 
     with pytest.raises(adapterspec.FileFormatError, match="simulated"):
         adapterspec.load_adapter(model_with_adapter, good, "second")
     assert_same_snapshot(model_with_adapter, before)
+
+
+@pytest.mark.parametrize(("field", "value"), [("use_qalora", True), ("layer_replication", [[0, 1]]),
+                                              ("trainable_token_indices", [1, 2])])
+def test_unimplemented_lora_variants_are_refused(llama: Any, good: Any, tmp_path: Any, field: str, value: Any) -> None:
+    folder = tmp_path / "variant"
+    shutil.copytree(good, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.AdapterSpecError) as info:
+        adapterspec.load_adapter(model, folder)
+    assert field in str(info.value)
+    assert_same_snapshot(model, before)
