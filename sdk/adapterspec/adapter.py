@@ -14,18 +14,22 @@ from __future__ import annotations
 import math
 import re
 import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _safetensors
+from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import TensorInfo, tensor_errors
-from .config import AdapterConfig
+from .config import AdapterConfig, unsupported_features
 from .errors import (
     AdapterSpecError,
+    AdapterSpecWarning,
     FileFormatError,
     IntegrityError,
+    TensorError,
     UnsafeFileError,
     UnsupportedError,
 )
@@ -135,6 +139,9 @@ class Adapter:
         recorded = self.metadata.get(METADATA_SHA256)
         if recorded is None or self.weights_file is None:
             return False
+        if not re.fullmatch(r"[0-9a-f]{64}", recorded):
+            raise FileFormatError(f"metadata {METADATA_SHA256} must be 64 lowercase hex digits, got {recorded[:80]!r}",
+                                  path=self.weights_file, hint="write the file again with adapterspec (SPEC.md 9)")
         actual = _safetensors.sha256_of_file(self.weights_file)
         if actual != recorded:
             raise IntegrityError(
@@ -236,7 +243,7 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adap
     weights = folder / SAFETENSORS_NAME
     if weights.exists():
         infos, metadata = _safetensors.read_header(_inside(folder, weights))
-        check_version(metadata.get(METADATA_VERSION), pointer=f"metadata/{METADATA_VERSION}", path=str(weights))
+        _check_metadata_version(config, metadata, weights)
         adapter = Adapter(config, infos, metadata, folder, weights.resolve())
     elif (folder / PICKLE_NAME).exists():
         pickle_file = _inside(folder, folder / PICKLE_NAME)
@@ -251,10 +258,44 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adap
     else:
         raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
                               hint="save the adapter's weights next to its config")
-    errors = tensor_errors(config, adapter.tensors)
+    errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
+        UnsupportedError(reason, pointer=pointer, path=config_file,
+                         hint="use PEFT itself for this adapter, or save it without the feature")
+        for pointer, reason in unsupported_features(config)]
+    errors += tensor_errors(config, adapter.tensors)
     for e in errors:
         e.path = e.path or str(adapter.weights_file or folder)
     return adapter, errors
+
+
+def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:
+    """SPEC.md 2.3: refuse a metadata version no reader of this major may read; warn when it differs from the config's."""
+    recorded = metadata.get(METADATA_VERSION)
+    if recorded is None:
+        return
+    if check_version(recorded, pointer=f"metadata/{METADATA_VERSION}", path=str(weights)) != \
+            check_version(config.get("adapterspec_version")):
+        warnings.warn(
+            f"{weights}: the safetensors metadata records adapterspec_version {recorded!r} but the config "
+            f"{config.get('adapterspec_version') or 'none (read as 1.0)'!r}; the config's version governs",
+            AdapterSpecWarning, stacklevel=4)
+
+
+def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
+    """Check 14: every floating-point tensor is finite (reads all the data, in bounded chunks)."""
+    where = adapter.weights_file or adapter.path
+    try:
+        if adapter.weights_file is not None:
+            keys = nonfinite_keys(adapter.weights_file)
+        else:
+            keys = nonfinite_arrays(_convert(adapter.arrays or {}, "numpy", "cpu"))
+    except (OSError, ValueError) as exc:
+        return [FileFormatError(f"cannot read the tensor data: {exc}", path=where,
+                                hint="the file is corrupt or changed; download or save it again")]
+    return [TensorError("holds NaN or infinite values", key=key, path=where,
+                        hint="the adapter diverged in training or the file is corrupt; train or export it again")
+            for key in keys]
+
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
@@ -280,7 +321,11 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
 
 
 def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False) -> list[AdapterSpecError]:
-    """Every problem with an adapter folder, the checksum included; ``[]`` when it is valid.
+    """Every problem with an adapter folder; ``[]`` when it is valid.
+
+    Runs checks 1-16 of SPEC.md section 10 (check 17, the manifest, is :func:`~adapterspec.list_adapters`):
+    unlike :func:`read_adapter` it also reads all tensor data, to verify the checksum (7) and that every
+    floating-point value is finite (14). Features no v1 reader implements (check 5) are errors here too.
 
     >>> validate_adapter("my-lora")                                   # doctest: +SKIP
     []
@@ -291,6 +336,6 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
         return [exc]
     try:
         adapter.verify_checksum()
-    except IntegrityError as exc:
+    except FileFormatError as exc:  # IntegrityError, or a malformed checksum
         errors.append(exc)
-    return errors
+    return errors + _nonfinite_errors(adapter)

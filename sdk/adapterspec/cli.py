@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter, validate_adapter
-from .config import AdapterConfig, load_schema, validate_config
+from .config import AdapterConfig, load_schema, read_json_file, validate_config
 from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError
 from .folder import list_adapters
 from .naming import parse_key
@@ -58,7 +58,7 @@ def _local(target: str) -> Path:
 def _validate_config_file(path: Path, strict: bool) -> Result:
     result = Result(str(path))
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = read_json_file(path)  # strict JSON: no duplicate keys, no NaN, bounded size
         unknown = validate_config(data, strict=strict, path=str(path))
     except AdapterSpecError as exc:
         result.errors.append(_error(exc))

@@ -30,11 +30,20 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
+from ._rules import rule_problems, transformer_submodules, unsupported_features
 from .errors import AdapterSpecWarning, ConfigError, FileFormatError
 from .spec import SPEC_VERSION, check_version
 from .targets import is_feedforward, module_matches, pattern_value, regex_problems
 
-__all__ = ["AdapterConfig", "config_errors", "load_schema", "read_json_file", "validate_config"]
+__all__ = [
+    "AdapterConfig",
+    "config_errors",
+    "load_schema",
+    "read_json_file",
+    "transformer_submodules",
+    "unsupported_features",
+    "validate_config",
+]
 
 
 @functools.cache
@@ -110,6 +119,8 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
     for pointer, problem in regex_problems(data):
         raise ConfigError(problem, pointer=pointer, path=path,
                           hint="write a simpler regular expression, or list the module names instead")
+    for pointer, problem, hint in rule_problems(data):  # SPEC 4.2 "rules the schema cannot express"
+        raise ConfigError(problem, pointer=pointer, path=path, hint=hint)
     unknown = sorted(set(data) - _known_fields(data["peft_type"]))
     if unknown and strict:
         raise ConfigError(
@@ -123,7 +134,7 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
 #: Limits on a config's JSON: deeper or bigger is refused before anything walks it recursively.
 MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
-MAX_CONFIG_BYTES = 64 * 2**20
+MAX_CONFIG_BYTES = 16 * 2**20  # SPEC 11.2: refuse configs and manifests over 16 MiB
 _INT_LIMIT = 2**64
 
 
@@ -317,9 +328,19 @@ def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_C
         raise FileFormatError(f"the {what} is larger than {limit} bytes", path=path,
                               hint="this is not an adapterspec file; check what was downloaded")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_members)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise FileFormatError(f"not valid JSON: {str(exc)[:300]}", path=path, hint="fix the JSON syntax") from None
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # SPEC 3.1: objects with duplicate member names are refused (Python's json keeps the last silently).
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate member name {key!r} in an object")
+        seen[key] = value
+    return seen
 
 
 def _refuse_constant(name: str) -> float:

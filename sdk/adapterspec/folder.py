@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -27,8 +28,15 @@ from typing import Any, Union
 from . import _safetensors
 from .adapter import Adapter, check_adapter_name
 from .checks import TensorInfo, tensor_errors
-from .config import AdapterConfig, _validator
-from .errors import AdapterExistsError, AdapterNotFoundError, FileFormatError, UnsafeFileError
+from .config import AdapterConfig, _validator, read_json_file
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterSpecWarning,
+    ConfigError,
+    FileFormatError,
+    UnsafeFileError,
+)
 from .spec import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -168,13 +176,39 @@ def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
                                   hint="use a relative subfolder path without '..'")
 
 
+def _valid_name(name: str) -> bool:
+    try:
+        check_adapter_name(name)
+    except UnsafeFileError:
+        return False
+    return True
+
+
+def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> None:
+    """SPEC 3.3/3.4: ``default`` is a listed adapter; no two names differ only in letter case."""
+    names = list(manifest["adapters"])
+    default = manifest.get("default")
+    if default is not None and default not in names:
+        raise ConfigError(f"default adapter {default!r} is not listed in adapters ({', '.join(names)})",
+                          pointer="/default", path=manifest_file, hint="name a listed adapter, or remove 'default'")
+    lowered: dict[str, str] = {}
+    for name in names:
+        if name.lower() in lowered:
+            raise ConfigError(f"adapter names {lowered[name.lower()]!r} and {name!r} differ only in letter case "
+                              "(their folders collide on case-insensitive file systems)",
+                              pointer=f"/adapters/{name}", path=manifest_file, hint="rename one of them")
+        lowered[name.lower()] = name
+
+
 def list_adapters(path: str | Path) -> dict[str, Path]:
     """The adapters in a folder: from its manifest, or else (PEFT folders) the root and its subfolders.
 
     >>> list_adapters("several")                                           # doctest: +SKIP
     {'default': PosixPath('several'), 'fr': PosixPath('several/fr')}
 
-    :raises FileFormatError: the manifest is not valid.
+    :raises FileFormatError: the manifest is not JSON (or has duplicate keys, or exceeds 16 MiB).
+    :raises ConfigError: the manifest breaks its schema or SPEC.md 3.4 (``default`` not listed, two
+        entries with one folder, names differing only in case), with the JSON pointer.
     :raises AdapterNotFoundError: the manifest names a missing adapter, or the folder holds none.
     :raises UnsafeFileError: a manifest path leaves the folder.
     """
@@ -182,18 +216,15 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     manifest_file = folder / MANIFEST_NAME
     found: dict[str, Path] = {}
     if manifest_file.exists():
-        try:
-            manifest = json.loads(manifest_file.read_text("utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise FileFormatError(f"manifest is not valid JSON: {exc}", path=manifest_file,
-                                  hint="fix or delete the manifest") from None
+        manifest = read_json_file(manifest_file, what="manifest")  # strict JSON, at most 16 MiB
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
             _refuse_unsafe_entries(manifest, manifest_file)
             pointer = "".join(f"/{p}" for p in errors[0].absolute_path)
-            raise FileFormatError(f"manifest: {errors[0].message}", path=manifest_file,
-                                  hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
+            raise ConfigError(f"manifest: {errors[0].message}", pointer=pointer, path=manifest_file,
+                              hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
         check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
+        _check_manifest_names(manifest, manifest_file)
         for name, entry in manifest["adapters"].items():
             check_adapter_name(name)
             target = folder / entry["path"]
@@ -203,12 +234,21 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             if not (target / CONFIG_NAME).exists():
                 raise AdapterNotFoundError(f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}",
                                            path=manifest_file, hint="save that adapter again or remove it from the manifest")
+            twin = next((other for other, seen in found.items() if seen.resolve() == target.resolve()), None)
+            if twin is not None:  # SPEC 3.4: two entries never name the same folder
+                raise ConfigError(f"adapters {twin!r} and {name!r} have the same folder {entry['path']!r}",
+                                  pointer=f"/adapters/{name}/path", path=manifest_file,
+                                  hint="give every adapter its own folder")
             found[name] = target
         return found
     if (folder / CONFIG_NAME).exists():
         found[DEFAULT_ADAPTER] = folder
     if folder.is_dir():
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists()):
+            if not _valid_name(sub.name):  # SPEC 3.5: skipped, with a warning
+                warnings.warn(f"{sub}: skipped, {sub.name!r} is not a valid adapter name", AdapterSpecWarning,
+                              stacklevel=2)
+                continue
             found[sub.name] = sub
     if not found:
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,

@@ -12,19 +12,23 @@ appears in it. Prefix and prompt tuning store one un-prefixed key, ``prompt_embe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
-from .targets import is_modules_to_save
+from .targets import is_modules_to_save, token_indices
 
 __all__ = [
+    "BASE_LAYER_BIAS",
     "BASE_LAYER_PARAM",
+    "EMBEDDING_NAMES",
     "MAX_KEY_LENGTH",
     "PARAMETERS",
     "PROMPT_KEY",
+    "TRAINABLE_TOKENS_PARAM",
     "TensorName",
     "make_key",
     "parse_key",
@@ -35,6 +39,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LORA": (
         "lora_A.weight", "lora_B.weight", "lora_B.bias",
         "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+        "lora_velora_embed",  # VeLoRA's training-time state: accepted, never used in the math (SPEC 5.2)
     ),
     "IA3": ("ia3_l",),
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
@@ -49,11 +54,23 @@ PROMPT_KEY = "prompt_embeddings"
 #: PEFT saves the full weight of an adapted embedding (resized vocabulary) under this parameter name.
 BASE_LAYER_PARAM = "base_layer.weight"
 
+#: The trained bias of a targeted module (``bias`` = ``"lora_only"`` or ``"all"``), SPEC.md 5.3.
+BASE_LAYER_BIAS = "base_layer.bias"
+
+#: The rows of ``trainable_token_indices`` of an embedding, ``[len(indices), dim]`` (they replace those rows).
+TRAINABLE_TOKENS_PARAM = "token_adapter.trainable_tokens_delta"
+
+#: PEFT's names of embedding layers (``EMBEDDING_LAYER_NAMES``): ``<name>.weight`` is a resized embedding.
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+#: PEFT's wrapper infixes saved next to a module to save (``bias="all"``); accepted and ignored.
+_BOOKKEEPING = (".original_module.", ".modules_to_save.")
+
 #: The longest key accepted. Real keys are under 200 characters; the bound keeps the regular
 #: expressions of a config (matched against module paths) from running on megabyte-long strings.
 MAX_KEY_LENGTH = 1024
 
-Role = Literal["adapter", "base_layer", "modules_to_save", "prompt"]
+Role = Literal["adapter", "base_layer", "bias", "embedding", "ignored", "modules_to_save", "prompt", "trainable_tokens"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +80,11 @@ class TensorName:
     :param key: the key as stored.
     :param module: the module path (``""`` for ``prompt_embeddings``).
     :param param: the parameter name (``"lora_A.weight"``, ``"weight"`` of a saved module, ...).
-    :param role: ``"adapter"`` (an adapter parameter), ``"base_layer"`` (full weight of an adapted
-        embedding), ``"modules_to_save"`` (a tensor of a module saved whole) or ``"prompt"``.
+    :param role: ``"adapter"`` (a method tensor, SPEC.md 5.2), ``"prompt"``, or an auxiliary tensor
+        (SPEC.md 5.3): ``"base_layer"`` (full weight of an adapted embedding), ``"modules_to_save"`` (a
+        tensor of a module saved whole), ``"bias"`` (a trained bias, per ``bias``), ``"embedding"`` (a
+        resized, untargeted embedding), ``"trainable_tokens"`` (rows of ``trainable_token_indices``) or
+        ``"ignored"`` (PEFT's ``original_module.``/``modules_to_save.`` copies: accept, never apply).
     """
 
     key: str
@@ -79,12 +99,24 @@ def make_key(module: str, param: str) -> str:
 
 
 def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None) -> TensorName:
-    """Split a stored key into module path and parameter name, and say what the tensor is.
+    """Split a stored key into module path and parameter name, and say what the tensor is (SPEC.md 5.4).
+
+    Method tensors are recognised by their suffix (longest first); anything else must be an auxiliary
+    tensor the config accounts for (``modules_to_save``, ``bias``, ``trainable_token_indices``, an
+    embedding's base weight).
 
     :param key: the key as stored in the safetensors file.
     :param peft_type: the adapter's method; decides which parameter names are adapter parameters.
-    :param config: the adapter config, to recognise ``modules_to_save`` tensors.
-    :raises UnexpectedTensorError: the key does not follow the convention for this method.
+    :param config: the adapter config, to recognise auxiliary tensors (none are accepted without it).
+    :raises UnexpectedTensorError: the key does not follow the convention for this method, its module
+        name is malformed (check 15), or the config does not account for it.
+
+    >>> parse_key("base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias", "LORA",
+    ...           {"bias": "lora_only"}).role
+    'bias'
+    >>> parse_key("base_model.model.q_proj.lora_A.default.weight", "LORA")
+    Traceback (most recent call last):
+    adapterspec.errors.UnexpectedTensorError: base_model.model.q_proj.lora_A.default.weight: the key still ...
     """
     if len(key) > MAX_KEY_LENGTH:
         raise UnexpectedTensorError(f"key is {len(key)} characters long, more than {MAX_KEY_LENGTH}",
@@ -97,22 +129,88 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
             key=key, hint=f"remove the tensor or rename it to {PROMPT_KEY!r}",
         )
     if not key.startswith(PEFT_PREFIX):
-        raise UnexpectedTensorError(
-            f"key does not start with {PEFT_PREFIX!r} (PEFT would silently leave such an adapter untrained)",
-            key=key, hint=f"prefix every key with {PEFT_PREFIX!r}",
-        )
+        raise _unprefixed(key, peft_type)
     rest = key[len(PEFT_PREFIX):]
-    for param in PARAMETERS.get(peft_type, ()):
-        if rest.endswith("." + param):
-            return TensorName(key, rest[: -len(param) - 1], param, "adapter")
-    if rest.endswith("." + BASE_LAYER_PARAM):
-        return TensorName(key, rest[: -len(BASE_LAYER_PARAM) - 1], BASE_LAYER_PARAM, "base_layer")
-    module, _, param = rest.rpartition(".")
-    if module and config is not None and is_modules_to_save(config, module):
-        return TensorName(key, module, param, "modules_to_save")
-    expected = ", ".join(PARAMETERS.get(peft_type, ())) or "none"
+    name = _method_tensor(key, rest, peft_type)
+    if name is None:
+        _refuse_adapter_name(key, rest)
+        name = _auxiliary(key, rest, config or {})
+    if name is None:
+        raise _unaccounted(key, rest, peft_type)
+    if not name.module or not all(name.module.split(".")):
+        raise UnexpectedTensorError(
+            f"module name {name.module!r} is malformed: it must be non-empty '.'-separated segments",
+            key=key, hint=f"write the key as {PEFT_PREFIX}<module path>.{name.param}")
+    return name
+
+
+def _method_tensor(key: str, rest: str, peft_type: str) -> TensorName | None:
+    for param in sorted(PARAMETERS.get(peft_type, ()), key=len, reverse=True):
+        if rest == param or rest.endswith("." + param):
+            return TensorName(key, rest[: -len(param) - 1] if rest != param else "", param, "adapter")
+    return None
+
+
+#: ``<module>.<first part of a method parameter>.<adapter name>[.weight|.bias]``: PEFT's in-memory names.
+_NAMED = re.compile(r"(?P<module>.+)\.(?P<head>{})\.(?P<name>[^.]+)(?P<tail>\.weight|\.bias)?".format(
+    "|".join(sorted({p.split(".")[0] for params in PARAMETERS.values() for p in params}, key=len, reverse=True))))
+
+
+def _refuse_adapter_name(key: str, rest: str) -> None:
+    match = _NAMED.fullmatch(rest)
+    if match is None:
+        return
+    params = {p for params in PARAMETERS.values() for p in params}
+    param = match["head"] + (match["tail"] or "")
+    fixed = make_key(match["module"], param if param in params else match["head"])
     raise UnexpectedTensorError(
-        f"not a {peft_type} parameter (expected a key ending in one of: {expected}) "
-        "nor a tensor of a module in modules_to_save",
-        key=key, hint="remove the tensor, or add its module to modules_to_save",
-    )
+        f"the key still contains the adapter name {match['name']!r} (PEFT's in-memory parameter name)",
+        key=key, hint=f"strip the adapter name from every key: {fixed!r}")
+
+
+def _auxiliary(key: str, rest: str, config: Mapping[str, Any]) -> TensorName | None:
+    """The auxiliary tensor (SPEC.md 5.3) ``rest`` names, if the config accounts for it."""
+    for param, role, allowed in (
+        (TRAINABLE_TOKENS_PARAM, "trainable_tokens", lambda m: token_indices(config, m) is not None),
+        (BASE_LAYER_PARAM, "base_layer", lambda m: True),  # checked against the adapted modules later
+        (BASE_LAYER_BIAS, "bias", lambda m: config.get("bias") in ("lora_only", "all")),
+    ):
+        if rest.endswith("." + param):
+            module = rest[: -len(param) - 1]
+            return TensorName(key, module, param, role) if allowed(module) else None  # type: ignore[arg-type]
+    for infix in _BOOKKEEPING:
+        module, found, param = rest.partition(infix)
+        if found and is_modules_to_save(config, module):
+            return TensorName(key, module, infix[1:] + param, "ignored")
+    module, _, param = rest.rpartition(".")
+    if module and is_modules_to_save(config, module):
+        return TensorName(key, module, param, "modules_to_save")
+    if param == "bias" and config.get("bias") == "all":
+        return TensorName(key, module, param, "bias")
+    if param == "weight" and module.rpartition(".")[2] in EMBEDDING_NAMES:
+        return TensorName(key, module, param, "embedding")
+    return None
+
+
+def _unprefixed(key: str, peft_type: str) -> UnexpectedTensorError:
+    if key == PROMPT_KEY:
+        return UnexpectedTensorError(f"{PROMPT_KEY!r} is the tensor of prefix/prompt tuning, not of {peft_type}",
+                                     key=key, hint="check peft_type in the config, or remove the tensor")
+    return UnexpectedTensorError(
+        f"key does not start with {PEFT_PREFIX!r} (PEFT would only warn 'Found missing adapter keys' and leave "
+        "the adapter at its random initialisation)",
+        key=key, hint=f"prefix every key with {PEFT_PREFIX!r}: {PEFT_PREFIX + key!r}")
+
+
+def _unaccounted(key: str, rest: str, peft_type: str) -> UnexpectedTensorError:
+    expected = ", ".join(PARAMETERS.get(peft_type, ())) or "none"
+    param = rest.rpartition(".")[2]
+    if rest.endswith("." + TRAINABLE_TOKENS_PARAM):
+        hint = "list the embedding in trainable_token_indices, or remove the tensor"
+    elif param == "bias":
+        hint = "set bias to 'all' (or 'lora_only' for the biases of targeted modules), or remove the tensor"
+    else:
+        hint = "remove the tensor, or add its module to modules_to_save"
+    return UnexpectedTensorError(
+        f"not a {peft_type} parameter (expected a key ending in one of: {expected}) nor an auxiliary tensor "
+        "the config accounts for (modules_to_save, bias, trainable_token_indices)", key=key, hint=hint)

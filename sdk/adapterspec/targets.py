@@ -32,6 +32,7 @@ __all__ = [
     "pattern_value",
     "regex_problem",
     "regex_problems",
+    "token_indices",
 ]
 
 
@@ -118,6 +119,21 @@ def is_feedforward(config: Mapping[str, Any], path: str) -> bool:
     if isinstance(entries, str):
         return re.fullmatch(entries, path) is not None
     return any(path.endswith(entry) for entry in entries)
+
+
+def token_indices(config: Mapping[str, Any], path: str) -> list[int] | None:
+    """LoRA ``trainable_token_indices``: the token rows re-trained in the embedding at ``path``, or ``None``.
+
+    An array applies to the input embedding (whatever its path: only the model knows it); an object
+    maps module names to arrays, matched by plain suffix (PEFT's ``_set_trainable`` rule, first key wins).
+
+    >>> token_indices({"trainable_token_indices": {"embed_tokens": [1, 5]}}, "model.embed_tokens")
+    [1, 5]
+    """
+    indices = config.get("trainable_token_indices")
+    if indices is None or isinstance(indices, list):
+        return indices
+    return next((rows for name, rows in indices.items() if path.endswith(name)), None)
 
 
 # -- regular expressions from untrusted configs -------------------------------------------

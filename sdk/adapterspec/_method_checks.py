@@ -1,0 +1,281 @@
+"""Per-module tensor rules of each method: SPEC.md sections 5.2 and 6, checks 9-11 of section 10.
+
+Each rule takes the config, a module name and that module's method tensors (parameter name ->
+:class:`~adapterspec.checks.TensorInfo`) and returns every problem it finds: a missing or extra
+tensor (check 9), a rank axis that disagrees with ``r``/``rank_pattern`` (check 10), partner shapes
+that disagree with each other (check 11). Only shapes are used; the base model is not needed.
+
+>>> from adapterspec.checks import TensorInfo
+>>> from adapterspec.config import AdapterConfig
+>>> cfg = AdapterConfig.from_dict({"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []})
+>>> [str(e) for e in METHOD_CHECKS["IA3"](cfg, "l.q", {"ia3_l": TensorInfo((1, 8), "F32")})]
+['base_model.model.l.q.ia3_l: shape [1, 8]: must be [out, 1] (not feedforward: scales the output) (fix: ...)']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from .naming import make_key
+from .targets import pattern_value
+
+if TYPE_CHECKING:
+    from .checks import TensorInfo
+    from .config import AdapterConfig
+
+__all__ = ["METHOD_CHECKS", "factorization"]
+
+Params = Mapping[str, "TensorInfo"]
+Errors = list[AdapterSpecError]
+
+
+# -- error builders ------------------------------------------------------------------------
+def _missing(module: str, param: str, why: str) -> MissingTensorError:
+    return MissingTensorError(f"missing ({why})", key=make_key(module, param),
+                              hint="save the adapter again; a complete adapter has this tensor")
+
+
+def _extra(module: str, param: str, why: str, hint: str) -> UnexpectedTensorError:
+    return UnexpectedTensorError(why, key=make_key(module, param), hint=hint)
+
+
+def _shape(module: str, param: str, info: TensorInfo, message: str, hint: str) -> ShapeMismatchError:
+    return ShapeMismatchError(f"shape {list(info.shape)}: {message}", key=make_key(module, param), hint=hint)
+
+
+def _axes(module: str, p: Params, wanted: Mapping[str, tuple[int, ...]], hint: str) -> Errors:
+    """A shape error for each tensor whose number of axes is not one of ``wanted[name]``."""
+    return [_shape(module, name, p[name], f"must have {' or '.join(map(str, counts))} axes", hint)
+            for name, counts in wanted.items() if name in p and len(p[name].shape) not in counts]
+
+
+def _ranks(config: AdapterConfig, module: str, p: Params, axes: Mapping[str, tuple[int, ...]]) -> Errors:
+    """Check 10: a rank error for each tensor whose rank axes (``axes[name]``) are not ``r_m`` (SPEC 4.4)."""
+    r = config.rank_for(module)
+    source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None else "r"
+    errors: Errors = []
+    for name, positions in axes.items():
+        bad = next((p[name].shape[i] for i in positions if name in p and p[name].shape[i] != r), None)
+        if bad is not None:
+            errors.append(ShapeMismatchError(f"rank {bad} disagrees with the config's {source}={r} for module {module!r}",
+                                             key=make_key(module, name),
+                                             hint=f"set {source} to {bad} for this module, or save the adapter again"))
+    return errors
+
+
+def _partners(module: str, p: Params, rank_of: tuple[str, int], others: Mapping[str, tuple[int, ...]]) -> Errors:
+    """Check 11: the rank axes ``others[name]`` of the partner factors equal the rank axis ``rank_of``."""
+    first, axis = rank_of
+    r = p[first].shape[axis]
+    errors: Errors = []
+    for name, positions in others.items():
+        bad = next((i for i in positions if name in p and p[name].shape[i] != r), None)
+        if bad is not None:
+            errors.append(_shape(module, name, p[name], f"dimension {bad} must equal {first}'s rank {r}",
+                                 "the factors share their rank axis (SPEC.md 6.4, 6.5)"))
+    return errors
+
+
+# -- LoRA, DoRA ----------------------------------------------------------------------------
+_LINEAR = ("lora_A.weight", "lora_B.weight")
+_EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
+
+
+def _lora(config: AdapterConfig, module: str, p: Params) -> Errors:
+    if any(n in p for n in _LINEAR) and any(n in p for n in _EMBEDDING):
+        return [_extra(module, n, f"module {module!r} mixes lora_A/lora_B.weight with lora_embedding_A/B",
+                       "keep lora_embedding_A/B for an Embedding, lora_A/B.weight for other layers")
+                for n in _EMBEDDING if n in p]
+    embedding = any(n in p for n in _EMBEDDING)
+    a_name, b_name = _EMBEDDING if embedding else _LINEAR
+    absent = [n for n in (a_name, b_name) if n not in p]
+    if absent:
+        return [_missing(module, n, f"module {module!r} has {', '.join(sorted(p))}; LoRA stores {a_name} with "
+                                    f"{b_name}") for n in absent]
+    errors = _lora_factors(config, module, p, a_name, b_name, embedding)
+    out = p[b_name].shape[0] if len(p[b_name].shape) >= 2 else None
+    return (errors + _lora_bias(config, module, p, embedding, out)
+            + _dora(config, module, p, len(p[a_name].shape), out) + _velora(config, module, p))
+
+
+def _lora_factors(config: AdapterConfig, module: str, p: Params, a_name: str, b_name: str, embedding: bool) -> Errors:
+    a, b = p[a_name], p[b_name]
+    if len(a.shape) != len(b.shape) or not (len(a.shape) == 2 if embedding else 2 <= len(a.shape) <= 5):
+        return [_shape(module, b_name, b, f"{a_name} has {len(a.shape)} axes and {b_name} {len(b.shape)}: both need "
+                                          "2 (Linear, Embedding) or the same 3-5 (convolutions)",
+                       "save A as [r, in(, kernel...)] and B as [out, r(, 1...)]")]
+    errors = _ranks(config, module, p, {a_name: (0,)})  # and B's rank axis equals A's (r/g for grouped convs)
+    ra, rb = a.shape[0], b.shape[1]
+    if rb != ra and not (len(b.shape) > 2 and rb > 0 and ra % rb == 0):
+        errors.append(_shape(module, b_name, b, f"dimension 1 must equal lora_A's rank {ra}",
+                             "B is [out, r]; was it saved transposed?"))
+    if any(d != 1 for d in b.shape[2:]):
+        errors.append(_shape(module, b_name, b, "a convolution's lora_B has kernel size 1",
+                             f"save B as [out, r{', 1' * (len(b.shape) - 2)}]"))
+    return errors
+
+
+def _lora_bias(config: AdapterConfig, module: str, p: Params, embedding: bool, out: int | None) -> Errors:
+    bias = p.get("lora_B.bias")
+    if bias is None:
+        needed = config.get("lora_bias") and not embedding
+        return [_missing(module, "lora_B.bias", "the config sets lora_bias=true")] if needed else []
+    if embedding:
+        return [_extra(module, "lora_B.bias", "an Embedding's LoRA has no lora_B.bias", "remove the tensor")]
+    if not config.get("lora_bias"):
+        return [_extra(module, "lora_B.bias", "lora_B.bias without lora_bias=true in the config",
+                       "set lora_bias to true, or remove the tensor")]
+    if out is not None and tuple(bias.shape) != (out,):
+        return [_shape(module, "lora_B.bias", bias, f"must be [lora_B.shape[0]] = [{out}]", "save the bias as [out]")]
+    return []
+
+
+def _dora(config: AdapterConfig, module: str, p: Params, ndim: int, out: int | None) -> Errors:
+    magnitude = p.get("lora_magnitude_vector")
+    if magnitude is None:
+        return [_missing(module, "lora_magnitude_vector", "the config sets use_dora=true")] if config.get("use_dora") else []
+    if not config.get("use_dora"):
+        return [_extra(module, "lora_magnitude_vector", "DoRA magnitude without use_dora=true in the config",
+                       "set use_dora to true, or remove the tensor")]
+    want = (out,) if ndim == 2 else (1, out, *(1,) * (ndim - 2))  # convolutions: [1, out, 1...]
+    if out is None or tuple(magnitude.shape) == want:
+        return []
+    return [_shape(module, "lora_magnitude_vector", magnitude,
+                   f"must be {list(want)} (one value per output feature of lora_B)", f"save it as {list(want)}")]
+
+
+def _velora(config: AdapterConfig, module: str, p: Params) -> Errors:
+    if "lora_velora_embed" in p and config.get("velora_config") is None:
+        return [_extra(module, "lora_velora_embed", "lora_velora_embed without velora_config in the config",
+                       "remove the tensor (it is VeLoRA's training-time state), or set velora_config")]
+    return []
+
+
+# -- IA3 -----------------------------------------------------------------------------------
+def _ia3(config: AdapterConfig, module: str, p: Params) -> Errors:
+    info = p["ia3_l"]
+    shape, feedforward = tuple(info.shape), config.is_feedforward(module)
+    position = 1 if feedforward or len(shape) > 2 else 0  # convolutions: [1, channels, 1...] either way
+    non_unit = [i for i, d in enumerate(shape) if d != 1]
+    if 2 <= len(shape) <= 5 and non_unit in ([], [position]):
+        return []
+    if len(shape) != 2:
+        want = "[1, channels, 1...] (a convolution) or 2-D"
+    else:
+        want = "[1, in] (feedforward: scales the input)" if feedforward else "[out, 1] (not feedforward: scales the output)"
+    return [_shape(module, "ia3_l", info, f"must be {want}",
+                   "fix feedforward_modules in the config, or save the vector in that layout")]
+
+
+# -- LoHa ----------------------------------------------------------------------------------
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _loha(config: AdapterConfig, module: str, p: Params) -> Errors:
+    errors: Errors = [_missing(module, n, "LoHa stores hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b together")
+                      for n in _HADA if n not in p]
+    cores = [n for n in ("hada_t1", "hada_t2") if n in p]
+    if len(cores) == 1:
+        other = "hada_t2" if cores == ["hada_t1"] else "hada_t1"
+        errors.append(_missing(module, other, f"module {module!r} has {cores[0]}; the effective conv form stores both"))
+    if errors:
+        return errors
+    errors = _axes(module, p, {**{n: (2,) for n in _HADA}, "hada_t1": (4,), "hada_t2": (4,)},
+                   "LoHa factors are matrices; hada_t1/hada_t2 are [r, r, kh, kw]")
+    if errors:
+        return errors
+    for first, second in (("hada_w1_a", "hada_w2_a"), ("hada_w1_b", "hada_w2_b"), ("hada_t1", "hada_t2")):
+        if first in p and p[first].shape != p[second].shape:
+            errors.append(_shape(module, second, p[second], f"must have the shape of {first} {list(p[first].shape)}",
+                                 "the two Hadamard factors of LoHa have equal shapes"))
+    axis = 0 if cores else 1  # SPEC 6.4: hada_*_a is [r, out] in the effective form, [out, r] in the plain one
+    return (errors + _ranks(config, module, p, {"hada_w1_a": (axis,)})
+            + _partners(module, p, ("hada_w1_a", axis), {"hada_w1_b": (0,), "hada_t1": (0, 1)}))
+
+
+# -- LoKr ----------------------------------------------------------------------------------
+def _lokr(config: AdapterConfig, module: str, p: Params) -> Errors:
+    errors = _lokr_form(module, p, "lokr_w1", ()) + _lokr_form(module, p, "lokr_w2", ("lokr_t2",))
+    if errors:
+        return errors
+    errors = _axes(module, p, {"lokr_w1": (2,), "lokr_w1_a": (2,), "lokr_w1_b": (2,), "lokr_w2": (2, 3, 4),
+                               "lokr_w2_a": (2,), "lokr_w2_b": (2,), "lokr_t2": (4,)},
+                   "see SPEC.md 6.5 for the LoKr layouts")
+    if errors:
+        return errors
+    axis = 0 if "lokr_t2" in p else 1  # effective conv form: w2_a is [r, out_k], w2_b [r, in_n]
+    errors = _ranks(config, module, p, {"lokr_w1_a": (1,), "lokr_w2_a": (axis,)})
+    if "lokr_w1_a" in p:
+        errors += _partners(module, p, ("lokr_w1_a", 1), {"lokr_w1_b": (0,)})
+    if "lokr_w2_a" in p:
+        errors += _partners(module, p, ("lokr_w2_a", axis), {"lokr_w2_b": (0,), "lokr_t2": (0, 1)})
+    return errors or _kronecker(config, module, p)
+
+
+def _lokr_form(module: str, p: Params, whole: str, extras: tuple[str, ...]) -> Errors:
+    """Check 9: exactly one form of a Kronecker factor -- ``whole``, or ``whole_a`` + ``whole_b`` (+ extras)."""
+    parts = (f"{whole}_a", f"{whole}_b")
+    present = [n for n in (*parts, *extras) if n in p]
+    if whole in p:
+        return [_extra(module, n, f"module {module!r} stores {whole} whole and also {n} (two forms of one factor)",
+                       f"keep exactly one form: {whole}, or {whole}_a with {whole}_b") for n in present]
+    if not present:
+        return [_missing(module, whole, f"LoKr stores {whole}, or {whole}_a with {whole}_b")]
+    return [_missing(module, n, f"module {module!r} has {', '.join(present)}") for n in parts if n not in p]
+
+
+def _kronecker(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """Check 11 for LoKr: the factor shapes are PEFT's factorisation of ``out`` (and ``in`` when it is known)."""
+    f = int(config.get("decompose_factor", -1))
+    w1 = "lokr_w1" if "lokr_w1" in p else "lokr_w1_a"
+    out_l = p[w1].shape[0]
+    in_m = p["lokr_w1"].shape[1] if "lokr_w1" in p else p["lokr_w1_b"].shape[1]
+    if "lokr_w2" in p:
+        out_k, in_n = p["lokr_w2"].shape[0], p["lokr_w2"].shape[1]
+    elif "lokr_t2" in p:
+        out_k, in_n = p["lokr_w2_a"].shape[1], p["lokr_w2_b"].shape[1]
+    else:  # plain decomposed form: a convolution folds its kernel into w2_b's columns, so in_n is unknown
+        out_k, in_n = p["lokr_w2_a"].shape[0], None
+    errors: Errors = []
+    for what, pair in (("output", (out_l, out_k)), ("input", (in_m, in_n))):
+        if pair[1] is None or not 0 < pair[0] * pair[1] <= _MAX_FACTORED:
+            continue
+        want = factorization(pair[0] * pair[1], f)
+        if pair != want:
+            errors.append(_shape(module, w1, p[w1], f"Kronecker factors {pair[0]} x {pair[1]} of the {what} dimension "
+                                                    f"{pair[0] * pair[1]} are not the factorisation {list(want)} "
+                                                    f"(decompose_factor={f})",
+                                 "save the adapter again with PEFT's factorisation (SPEC.md 6.5)"))
+    return errors
+
+
+#: Larger dimensions are not checked (no layer has them; factorising costs O(sqrt(n))).
+_MAX_FACTORED = 2**32
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's (LyCORIS') split of ``dimension`` into two factors (SPEC.md 6.5), in O(sqrt(dimension)).
+
+    >>> factorization(32), factorization(128, 4), factorization(127)
+    ((4, 8), (4, 32), (1, 127))
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    small = [d for d in range(2, math.isqrt(dimension) + 1) if dimension % d == 0]
+    divisors = small + [dimension // d for d in reversed(small) if dimension // d != d] + [dimension]
+    m, n = 1, dimension
+    for new_m in divisors:  # PEFT walks the divisors upwards while m < n and new_m <= factor
+        if m >= n or new_m > factor:
+            break
+        m, n = new_m, dimension // new_m
+    return (n, m) if m > n else (m, n)
+
+
+METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
+    "LORA": _lora, "IA3": _ia3, "LOHA": _loha, "LOKR": _lokr,
+}

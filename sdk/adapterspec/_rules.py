@@ -1,0 +1,86 @@
+"""Config rules the JSON Schema cannot express (SPEC.md 4.2), and the features v1 readers do not implement.
+
+Both work on the plain config mapping (defaults need not be filled). :mod:`adapterspec.config` applies
+the first in :func:`~adapterspec.config.validate_config` (``ConfigError``); readers apply the second
+(check 5 of SPEC.md section 10, ``UnsupportedError``).
+
+>>> rule_problems({"peft_type": "PREFIX_TUNING", "token_dim": 10, "num_attention_heads": 4})[0][0]
+'/token_dim'
+>>> unsupported_features({"peft_type": "LORA", "use_qalora": True})
+[('/use_qalora', 'QA-LoRA (use_qalora: true) is not supported by adapterspec v1 readers')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["rule_problems", "transformer_submodules", "unsupported_features"]
+
+
+def transformer_submodules(config: Mapping[str, Any]) -> int:
+    """Prefix/prompt tuning's ``num_transformer_submodules``; null means 2 for ``SEQ_2_SEQ_LM``, else 1 (SPEC 4.2.4).
+
+    >>> transformer_submodules({"task_type": "SEQ_2_SEQ_LM", "num_transformer_submodules": None})
+    2
+    """
+    value = config.get("num_transformer_submodules")
+    if value is None:
+        return 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
+    return int(value)
+
+
+def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(JSON pointer, problem, fix)`` for each broken rule of SPEC.md 4.2 beyond the schema and the regexes.
+
+    Rule 1 (every regular expression compiles) is :func:`adapterspec.targets.regex_problems`.
+    """
+    problems: list[tuple[str, str, str]] = []
+    targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+    if config.get("peft_type") == "IA3" and isinstance(targets, list) and isinstance(feedforward, list):
+        problems.extend(
+            (f"/feedforward_modules/{i}", f"{entry!r} is not an entry of target_modules (feedforward modules must "
+             "be targeted, PEFT's subset rule)", f"add {entry!r} to target_modules, or remove it here")
+            for i, entry in enumerate(feedforward) if entry not in targets)
+    dim, heads = config.get("token_dim"), config.get("num_attention_heads")
+    if config.get("peft_type") == "PREFIX_TUNING" and isinstance(dim, int) and isinstance(heads, int) and heads > 0 \
+            and dim % heads:
+        problems.append(("/token_dim", f"token_dim {dim} is not divisible by num_attention_heads {heads}",
+                         "token_dim is num_attention_heads * head_dim (with grouped-query attention: the "
+                         "number of key/value heads * head_dim)"))
+    return problems
+
+
+#: LoRA fields that change the computation in ways adapterspec v1 readers do not implement (SPEC.md 2.6,
+#: 4.1.2): field -> (is the value unsupported?, what the feature is).
+_UNSUPPORTED_LORA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "alora_invocation_tokens": (lambda v: v is not None, "Activated LoRA (alora_invocation_tokens)"),
+    "use_qalora": (lambda v: v is True, "QA-LoRA (use_qalora: true)"),
+    "monteclora_config": (lambda v: v is not None, "MonteCLoRA (monteclora_config)"),
+    "layer_replication": (lambda v: v is not None, "layer replication (layer_replication)"),
+    "use_bdlora": (lambda v: v is not None, "block-diagonal LoRA (use_bdlora)"),
+    "arrow_config": (lambda v: v is not None, "Arrow routing (arrow_config)"),
+    "kasa_config": (lambda v: v is not None, "KaSA (kasa_config)"),
+    "target_parameters": (lambda v: bool(v), "adapting parameters directly (target_parameters)"),
+}
+
+
+def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(JSON pointer, reason)`` for each field set to a value adapterspec v1 readers do not implement.
+
+    Check 5 of SPEC.md section 10: a reader MUST refuse such an adapter (``UnsupportedError``) rather
+    than ignore the field; :func:`adapterspec.read_adapter` does, and :func:`adapterspec.validate_adapter`
+    reports it as an error too -- a v1 validator answers "can a v1 reader load this", and none can. The
+    config itself stays schema-valid (:func:`~adapterspec.config.validate_config` accepts it and
+    writers round-trip it).
+    """
+    found = []
+    if config.get("peft_type") == "LORA":
+        for field, (unsupported, what) in _UNSUPPORTED_LORA.items():
+            if unsupported(config.get(field)):
+                found.append((f"/{field}", f"{what} is not supported by adapterspec v1 readers"))
+    elif config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING") and transformer_submodules(config) == 2:
+        field = "num_transformer_submodules" if config.get("num_transformer_submodules") is not None else "task_type"
+        found.append((f"/{field}", "encoder-decoder prompt learning (num_transformer_submodules = 2) is not "
+                                   "supported by adapterspec v1 readers"))
+    return found
