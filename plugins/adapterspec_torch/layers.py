@@ -208,12 +208,16 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 _MODULE_TEMPLATE = nn.Module()
+# (attribute, factory of an empty container, or None for a plain value) for what nn.Module.__init__ sets up
+_MODULE_FIELDS = [(k, type(v) if isinstance(v, (dict, set)) and not v else None, v)
+                  for k, v in _MODULE_TEMPLATE.__dict__.items()]
 
 
 def _module_state() -> dict[str, Any]:
     """A fresh copy of what ``nn.Module.__init__`` sets up, without its per-attribute ``__setattr__`` cost
     (wrappers are made by the hundred when an adapter loads)."""
-    return {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in _MODULE_TEMPLATE.__dict__.items()}
+    return {k: factory() if factory is not None else (copy.copy(v) if isinstance(v, (dict, set)) else v)
+            for k, factory, v in _MODULE_FIELDS}
 
 
 def _new_module(cls: type[nn.Module]) -> Any:
