@@ -174,6 +174,7 @@ class AdapterLayer(keras.layers.Layer):
         self._dora_norms: dict[tuple[str, int], Any] = {}
         self._base_backups: dict[str, tuple[Any, np.ndarray]] = {}
         self._base_saved: set[str] = set()
+        self._w0: list[Any] | None = None
         self._seed: Any = None  # a SeedGenerator, made when an adapter has lora_dropout
         self.built = True
 
@@ -418,11 +419,28 @@ class AdapterLayer(keras.layers.Layer):
             if name not in self._slots or name in self._merged:
                 continue
             slot = self._slots[name]
+            base = self._unmerged_flats() if slot.use_dora else None
             for i, piece in enumerate(self.site.pieces):
-                self._merge_piece(name, slot, i, piece)
+                self._merge_piece(name, slot, i, piece, None if base is None else base[i])
             self._merged.append(name)
 
-    def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece) -> None:
+    def _unmerged_flats(self) -> list[Any]:
+        """The pieces' kernels with the merged adapters taken out (PEFT's ``_unmerged_base_weight``): a DoRA
+        merge takes its norm from them, the same way the unmerged forward does."""
+        if self._w0 is not None:
+            return self._w0
+        merged = list(self._merged)
+        if not merged:
+            return [_ops.flat_kernel(p) for p in self.site.pieces]
+        self.unmerge()
+        self._w0 = [ops.convert_to_tensor(ops.convert_to_numpy(_ops.flat_kernel(p))) for p in self.site.pieces]
+        try:
+            self.merge(merged)
+            return self._w0
+        finally:
+            self._w0 = None
+
+    def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece, base: Any = None) -> None:
         variable = piece.kernel_variable
         flat = _ops.flat_kernel(piece)
         if slot.method == "IA3":
@@ -432,7 +450,7 @@ class AdapterLayer(keras.layers.Layer):
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
         if slot.use_dora:
-            norm = ops.sqrt(ops.sum(ops.square(flat + delta), axis=0))
+            norm = ops.sqrt(ops.sum(ops.square(base + delta), axis=0))
             self._dora_norms[(name, index)] = norm
             magnitude = _ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features)
             new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]

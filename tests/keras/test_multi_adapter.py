@@ -1,0 +1,117 @@
+"""Several adapters on one keras-hub model: load, activate one or several (vs PEFT), disable, merge/unmerge,
+delete -- and delete restores every layer exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import adapterspec  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    ATOL,
+    assert_same_snapshot,
+    keras_logits,
+    keras_model,
+    make_peft_adapter,
+    snapshot,
+    torch_logits,
+)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Adapter "fr" (LoRA on attention) and "de" (DoRA on attention + MLP) of the tiny Llama, and PEFT's logits."""
+    import warnings
+
+    root = tmp_path_factory.mktemp("multi")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm, fr = make_peft_adapter(checkpoints["llama"], root / "fr",
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), salt=1)
+        _, de = make_peft_adapter(checkpoints["llama"], root / "de", peft.LoraConfig(
+            r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"]), salt=2)
+        pm.load_adapter(de, adapter_name="de")
+    return {"peft": pm, "fr": fr, "de": de}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_switching_and_combining_adapters_matches_peft(checkpoints: Any, two_adapters: dict[str, Any],
+                                                       token_ids: np.ndarray) -> None:
+    pm = two_adapters["peft"]
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.load_adapter(model, two_adapters["fr"], "fr")
+    adapterspec.load_adapter(model, two_adapters["de"], "de", activate=False)
+    assert adapterspec.adapter_names(model) == ["fr", "de"]
+    assert adapterspec.active_adapters(model) == ["fr"]
+
+    for active in (["fr"], ["de"], ["fr", "de"]):
+        adapterspec.set_active_adapters(model, active)
+        pm.base_model.set_adapter([{"fr": "default"}.get(n, n) for n in active])  # PEFT named the first "default"
+        assert adapterspec.active_adapters(model) == active
+        assert np.abs(keras_logits(model, token_ids) - torch_logits(pm, token_ids)).max() <= ATOL, active
+
+    adapterspec.set_active_adapters(model, [])
+    assert np.array_equal(keras_logits(model, token_ids), base)
+    with pytest.raises(adapterspec.AdapterNotFoundError):
+        adapterspec.set_active_adapters(model, ["it"])
+    assert adapterspec.active_adapters(model) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_merge_unmerge_and_delete_restore_the_model(checkpoints: Any, two_adapters: dict[str, Any],
+                                                   token_ids: np.ndarray) -> None:
+    from keras import ops
+
+    model = keras_model("llama", checkpoints["llama"])
+    before = snapshot(model)
+    base = keras_logits(model, token_ids)
+    adapterspec.load_adapter(model, two_adapters["fr"], "fr")
+    adapterspec.load_adapter(model, two_adapters["de"], "de")
+    adapterspec.set_active_adapters(model, ["fr", "de"])
+    unmerged = keras_logits(model, token_ids)
+
+    adapterspec.merge_adapters(model)
+    q = model.backbone.get_layer("transformer_layer_0")._self_attention_layer._query_dense
+    assert np.abs(ops.convert_to_numpy(q.kernel) - before["variables"][_index(before, q.kernel.path)][3]).max() > 0
+    assert np.abs(keras_logits(model, token_ids) - unmerged).max() <= ATOL  # merged == unmerged
+    adapterspec.unmerge_adapters(model)
+    assert np.abs(keras_logits(model, token_ids) - unmerged).max() <= ATOL
+
+    adapterspec.delete_adapter(model, "fr")
+    assert adapterspec.adapter_names(model) == ["de"] and adapterspec.active_adapters(model) == ["de"]
+    adapterspec.delete_adapter(model, "de")
+    after = snapshot(model)
+    # unmerging subtracts the delta again: base weights come back to within float rounding (as in PEFT)
+    for (_, path, _, a), (_, _, _, b) in zip(before["variables"], after["variables"]):
+        assert np.abs(a - b).max() <= 1e-6, path
+    for item in ("layers", "adapters", "active", "state"):
+        assert before[item] == after[item]
+    assert np.abs(keras_logits(model, token_ids) - base).max() <= ATOL
+
+
+def _index(snap: dict[str, Any], path: str) -> int:
+    return [v[1] for v in snap["variables"]].index(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_load_then_delete_leaves_the_model_exactly_as_it_was(checkpoints: Any, two_adapters: dict[str, Any],
+                                                             token_ids: np.ndarray) -> None:
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    before = snapshot(model)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["c_attn", "c_fc", "lm_head"]},
+                               "x", trainable=True)
+    adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["c_proj"], "feedforward_modules": []},
+                               "y", activate=False)
+    assert adapterspec.adapter_names(model) == ["x", "y"]
+    with pytest.raises(adapterspec.AdapterExistsError):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["c_fc"]}, "x")
+    adapterspec.unload(model)
+    assert_same_snapshot(before, snapshot(model))
