@@ -1,0 +1,93 @@
+"""A load or injection that fails leaves the model exactly as it was (variables, layers, calls, adapters), and
+the error names the module or key. Targets without a Keras counterpart are errors, never skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import adapterspec
+from keras_helpers import assert_same_snapshot, keras_logits, keras_model, snapshot
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": False,
+        "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+@pytest.fixture()
+def llama_with_adapter(checkpoints: Any) -> Any:
+    """The tiny Llama in keras-hub with an active LoRA "fr" already loaded."""
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, LORA, "fr")
+    return model
+
+
+def _valid_tensors(checkpoints: Any) -> dict[str, np.ndarray]:
+    donor = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(donor, LORA, "x")
+    return dict(adapterspec.extract_adapter(donor, "x").load_tensors("numpy"))
+
+
+def _fails(model: Any, error: type[Exception], match: str, call: Any, token_ids: np.ndarray) -> None:
+    before = snapshot(model)
+    logits = keras_logits(model, token_ids)
+    with pytest.raises(error, match=match):
+        call()
+    assert_same_snapshot(before, snapshot(model))
+    assert np.array_equal(keras_logits(model, token_ids), logits)
+
+
+def test_shape_mismatch_rolls_back(llama_with_adapter: Any, checkpoints: Any, token_ids: np.ndarray,
+                                   tmp_path: Path) -> None:
+    tensors = _valid_tensors(checkpoints)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    tensors[key] = np.zeros((2, 129), np.float32)  # down_proj takes 128 inputs
+    folder = adapterspec.write_adapter(tmp_path / "bad", LORA, tensors)
+    _fails(llama_with_adapter, adapterspec.ShapeMismatchError, "down_proj",
+           lambda: adapterspec.load_adapter(llama_with_adapter, folder, "de"), token_ids)
+
+
+def test_module_missing_from_the_keras_model_rolls_back(llama_with_adapter: Any, checkpoints: Any,
+                                                        token_ids: np.ndarray, tmp_path: Path) -> None:
+    tensors = _valid_tensors(checkpoints)
+    for param, shape in (("lora_A.weight", (2, 64)), ("lora_B.weight", (64, 2))):
+        tensors[f"base_model.model.model.layers.7.self_attn.q_proj.{param}"] = np.ones(shape, np.float32)
+    folder = adapterspec.write_adapter(tmp_path / "layer7", LORA, tensors)
+    _fails(llama_with_adapter, adapterspec.TargetNotFoundError, r"layers\.7\.self_attn\.q_proj",
+           lambda: adapterspec.load_adapter(llama_with_adapter, folder, "de", trainable=True), token_ids)
+
+
+def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_ids: np.ndarray) -> None:
+    config = dict(LORA, target_modules=["q_proj", "rotary_emb"])
+    _fails(llama_with_adapter, adapterspec.TargetNotFoundError, "rotary_emb",
+           lambda: adapterspec.inject_adapter(llama_with_adapter, config, "de"), token_ids)
+    _fails(llama_with_adapter, adapterspec.TargetNotFoundError, "no module",
+           lambda: adapterspec.inject_adapter(llama_with_adapter, dict(LORA, target_modules=".*nothing"), "de"),
+           token_ids)
+
+
+@pytest.mark.parametrize("config, error, match", [
+    ({"peft_type": "IA3", "target_modules": ["embed_tokens"], "feedforward_modules": []},
+     adapterspec.UnsupportedError, "embed_tokens"),
+    ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+     adapterspec.UnsupportedError, "modules_to_save"),
+    ({"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError, "LOHA"),
+    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 32,
+      "num_attention_heads": 4, "task_type": "CAUSAL_LM"}, adapterspec.UnsupportedError, "PREFIX_TUNING"),
+])
+def test_unsupported_adapters_are_refused_before_any_change(llama_with_adapter: Any, token_ids: np.ndarray,
+                                                            config: dict[str, Any], error: type[Exception],
+                                                            match: str) -> None:
+    _fails(llama_with_adapter, error, match, lambda: adapterspec.inject_adapter(llama_with_adapter, config, "de"),
+           token_ids)
+
+
+def test_module_map_to_a_missing_layer_is_an_error(llama_with_adapter: Any, token_ids: np.ndarray) -> None:
+    _fails(llama_with_adapter, adapterspec.TargetNotFoundError, "no_such_layer",
+           lambda: adapterspec.inject_adapter(llama_with_adapter, dict(LORA, target_modules=["extra"]), "de",
+                                              module_map={"extra": "no_such_layer"}), token_ids)
