@@ -1,0 +1,271 @@
+"""Saving never destroys the previous good copy.
+
+Failures are injected at every step of ``write_adapter`` (exceptions, KeyboardInterrupt, and real
+crashes: a forked child that ``os._exit``\\ s in the middle of the save); afterwards the folder holds
+the old adapter or the new one -- never a mix, never temp litter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LORA_CONFIG, lora_tensors
+from hardening_harness import STATS, snapshot
+
+import adapterspec
+from adapterspec import folder as folder_mod
+from adapterspec.spec import CONFIG_NAME, SAFETENSORS_NAME
+
+pytestmark = pytest.mark.filterwarnings("ignore::adapterspec.AdapterSpecWarning")
+
+NEW_CONFIG = {**LORA_CONFIG, "lora_alpha": 16, "r": 2}
+
+
+def new_tensors() -> dict[str, np.ndarray]:
+    return {k: (v * 10 + 1).astype(np.float32) for k, v in lora_tensors().items()}
+
+
+def _state(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    adapter = adapterspec.read_adapter(folder, verify=True)
+    return dict(adapter.config), adapter.load_tensors("numpy")
+
+
+def _is(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> bool:
+    cfg, loaded = _state(folder)
+    return cfg["lora_alpha"] == config["lora_alpha"] and sorted(loaded) == sorted(tensors) and all(
+        np.array_equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def _litter(*folders: Path) -> list[str]:
+    return [p.name for f in folders if f.exists() for p in f.iterdir() if p.name.startswith(".")]
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, target: object, name: str, call: int, exc: BaseException) -> None:
+    original = getattr(target, name)
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        if count["n"] == call:
+            raise exc
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+STEPS = [("_write_file", 1), ("_write_file", 2), ("_fsync_dir", 1), ("_exchange", 1), ("_link_or_copy", 1)]
+EXCEPTIONS = [Boom("injected"), KeyboardInterrupt(), OSError(28, "No space left on device")]
+
+
+@pytest.mark.parametrize("exc", EXCEPTIONS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: f"{s[0]}#{s[1]}")
+def test_failure_while_overwriting_keeps_the_old_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           step: tuple[str, int], exc: BaseException) -> None:
+    folder = adapterspec.write_adapter(tmp_path / "a", LORA_CONFIG, lora_tensors())
+    (folder / "README.md").write_text("model card")  # other files survive an overwrite too
+    before = snapshot(folder)
+    _fail_on(monkeypatch, folder_mod, step[0], step[1], exc)
+    with pytest.raises(type(exc)):
+        adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+    monkeypatch.undo()
+    STATS.count("atomic-write")
+    if step[0] == "_fsync_dir" and snapshot(folder) != before:  # failed after the swap: the new adapter is complete
+        assert _is(folder, NEW_CONFIG, new_tensors())
+    else:
+        assert snapshot(folder) == before, "the old adapter changed"
+        assert _is(folder, LORA_CONFIG, lora_tensors())
+    assert (folder / "README.md").read_text() == "model card"
+    assert _litter(tmp_path, folder) == []
+
+
+@pytest.mark.parametrize("exc", EXCEPTIONS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("step", [("_write_file", 1), ("_write_file", 2), ("rename", 1)], ids=lambda s: f"{s[0]}#{s[1]}")
+def test_failure_while_creating_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               step: tuple[str, int], exc: BaseException) -> None:
+    target = folder_mod.os if step[0] == "rename" else folder_mod
+    _fail_on(monkeypatch, target, step[0], step[1], exc)
+    with pytest.raises(type(exc)):
+        adapterspec.write_adapter(tmp_path / "new", LORA_CONFIG, lora_tensors())
+    monkeypatch.undo()
+    STATS.count("atomic-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _multi_root(tmp_path: Path) -> Path:
+    """A root adapter with a subfolder adapter: overwriting the root cannot swap folders."""
+    return adapterspec.write_adapters(tmp_path / "multi", {"default": (LORA_CONFIG, lora_tensors()),
+                                                           "fr": (LORA_CONFIG, lora_tensors())})
+
+
+@pytest.mark.parametrize("exc", EXCEPTIONS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("step", [("_write_file", 1), ("_write_file", 2), ("replace", 1), ("replace", 2),
+                                  ("rename", 1), ("link", 1)], ids=lambda s: f"{s[0]}#{s[1]}")
+def test_failure_while_replacing_files_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  step: tuple[str, int], exc: BaseException) -> None:
+    root = _multi_root(tmp_path)
+    before = snapshot(root)
+    target = folder_mod.os if step[0] in ("replace", "rename", "link") else folder_mod
+    _fail_on(monkeypatch, target, step[0], step[1], exc)
+    with pytest.raises(type(exc)):
+        adapterspec.write_adapter(root, NEW_CONFIG, new_tensors(), overwrite=True)
+    monkeypatch.undo()
+    STATS.count("atomic-write")
+    assert snapshot(root) == before
+    assert _is(root, LORA_CONFIG, lora_tensors())
+    assert _litter(tmp_path, root, root / "fr") == []
+
+
+def test_existing_adapter_needs_overwrite(tmp_path: Path) -> None:
+    folder = adapterspec.write_adapter(tmp_path / "a", LORA_CONFIG, lora_tensors())
+    before = snapshot(folder)
+    with pytest.raises(adapterspec.AdapterExistsError) as info:
+        adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors())
+    assert str(folder) in str(info.value)
+    assert snapshot(folder) == before
+    adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+    assert _is(folder, NEW_CONFIG, new_tensors())
+    assert _litter(tmp_path, folder) == []
+
+
+@pytest.mark.parametrize("layout", ["single", "multi-root", "no-exchange"])
+def test_overwrite_succeeds_and_keeps_other_files(tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _multi_root(tmp_path) if layout == "multi-root" else adapterspec.write_adapter(tmp_path / "a", LORA_CONFIG, lora_tensors())
+    if layout == "no-exchange":
+        monkeypatch.setattr(folder_mod, "_exchange", lambda a, b: False)
+    (folder / "README.md").write_text("card")
+    adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+    assert _is(folder, NEW_CONFIG, new_tensors())
+    assert (folder / "README.md").read_text() == "card"
+    assert _litter(tmp_path, folder) == []
+    if layout == "multi-root":
+        assert _is(folder / "fr", LORA_CONFIG, lora_tensors())
+        assert set(adapterspec.list_adapters(folder)) == {"default", "fr"}
+
+
+def test_modes_follow_the_umask(tmp_path: Path) -> None:
+    """Not tempfile's 0700/0600: a saved adapter is as readable as any file the user writes."""
+    old = os.umask(0o022)
+    try:
+        folder = adapterspec.write_adapter(tmp_path / "a", LORA_CONFIG, lora_tensors())
+        modes = [stat.S_IMODE(folder.stat().st_mode)] + [stat.S_IMODE((folder / n).stat().st_mode)
+                                                          for n in (CONFIG_NAME, SAFETENSORS_NAME)]
+        adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+        root = _multi_root(tmp_path)
+        adapterspec.write_adapter(root, NEW_CONFIG, new_tensors(), overwrite=True)
+        modes += [stat.S_IMODE(folder.stat().st_mode), stat.S_IMODE((folder / CONFIG_NAME).stat().st_mode),
+                  stat.S_IMODE((root / CONFIG_NAME).stat().st_mode), stat.S_IMODE((root / SAFETENSORS_NAME).stat().st_mode)]
+    finally:
+        os.umask(old)
+    assert modes == [0o755, 0o644, 0o644, 0o755, 0o644, 0o644, 0o644]
+
+
+def test_write_through_a_symlinked_folder(tmp_path: Path) -> None:
+    real = adapterspec.write_adapter(tmp_path / "real", LORA_CONFIG, lora_tensors())
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    adapterspec.write_adapter(link, NEW_CONFIG, new_tensors(), overwrite=True)
+    assert link.is_symlink() and _is(real, NEW_CONFIG, new_tensors())
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling symlink", "symlink to file"])
+def test_path_that_is_not_a_folder(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x"
+    if kind == "file":
+        path.write_text("not a folder")
+    elif kind == "dangling symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "f").write_text("x")
+        path.symlink_to(tmp_path / "f")
+    before = snapshot(tmp_path)
+    with pytest.raises(adapterspec.FileFormatError) as info:
+        adapterspec.write_adapter(path, LORA_CONFIG, lora_tensors(), overwrite=True)
+    assert str(path) in str(info.value)
+    assert snapshot(tmp_path) == before
+    STATS.count("atomic-write")
+
+
+# -- real crashes ---------------------------------------------------------------------------
+CRASH_POINTS = ["_write_file", "_fsync_dir", "_exchange", "_link_or_copy", "rename", "replace", "link", "unlink", "rmtree"]
+
+
+def _crash_child(folder: Path, crash_at: int) -> int:
+    """Fork; the child saves the new adapter and dies (``os._exit``) at the ``crash_at``-th file-system step."""
+    pid = os.fork()
+    if pid == 0:  # child: no cleanup, no exception handlers -- like SIGKILL or a power cut
+        try:
+            count = {"n": 0}
+
+            def hook(target: object, name: str) -> None:
+                original = getattr(target, name)
+
+                def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+                    count["n"] += 1
+                    if count["n"] == crash_at:
+                        os._exit(77)
+                    result = original(*args, **kwargs)
+                    return result
+
+                setattr(target, name, wrapper)
+
+            for name in CRASH_POINTS:
+                for target in (folder_mod, folder_mod.os, folder_mod.shutil, folder_mod.Path):
+                    if name in vars(target) if isinstance(target, type) else hasattr(target, name):
+                        if target is folder_mod.Path and name != "unlink":
+                            continue
+                        hook(target, name)
+            adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork (Linux)")
+@pytest.mark.parametrize("layout", ["single", "multi-root", "no-exchange"])
+def test_crash_at_every_step_leaves_old_or_new(tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the writer at each file-system step: the folder reads as the old adapter or the new one. Where
+    folders cannot be swapped (the root of a multi-adapter folder), a crash between the renames may
+    instead leave no config at all -- refused with a clear error, the old config kept as a hidden backup --
+    but never new weights with the old config."""
+    if layout == "no-exchange":
+        monkeypatch.setattr(folder_mod, "_renameat2", lambda: None)
+    crash_at, outcomes = 1, []
+    while True:
+        base = tmp_path / f"run{crash_at}"
+        base.mkdir()
+        folder = _multi_root(base) if layout == "multi-root" else adapterspec.write_adapter(base / "a", LORA_CONFIG, lora_tensors())
+        code = _crash_child(folder, crash_at)
+        assert code in (0, 77), f"child failed ({code}) at step {crash_at}"
+        STATS.count("atomic-crash")
+        try:
+            if _is(folder, LORA_CONFIG, lora_tensors()):
+                outcomes.append("old")
+            elif _is(folder, NEW_CONFIG, new_tensors()):
+                outcomes.append("new")
+            else:
+                raise AssertionError(f"step {crash_at}: neither the old nor the new adapter")
+        except adapterspec.AdapterSpecError as exc:
+            assert layout != "single", f"step {crash_at}: {exc}"
+            assert not (folder / CONFIG_NAME).exists(), f"step {crash_at}: mixed adapter: {exc}"
+            backups = [p for p in folder.iterdir() if p.name.startswith(f".{CONFIG_NAME}.") and p.suffix == ".old"]
+            assert backups and json.loads(backups[0].read_text())["lora_alpha"] == LORA_CONFIG["lora_alpha"]
+            outcomes.append("no-config")
+        if code == 0:
+            break
+        crash_at += 1
+        assert crash_at < 60
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+    if layout == "single":
+        assert set(outcomes) == {"old", "new"}

@@ -1,0 +1,341 @@
+"""Hostile adapter configs: generated JSON of every shape, wrong types, huge and non-finite numbers,
+deep nesting, unknown methods, unicode tricks, invalid regular expressions and regex bombs.
+
+``AdapterConfig.from_dict`` / ``from_file`` / ``validate_config`` and ``read_adapter`` must end in a
+``ConfigError`` (or ``FileFormatError`` for what is not JSON) naming the field -- or accept a config
+that then writes and reads back identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hardening_harness import SCALE, STATS, expect_clean, long_mode_extra, probe
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import adapterspec
+from adapterspec import AdapterConfig, ConfigError, FileFormatError
+from adapterspec.config import load_schema, validate_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::adapterspec.AdapterSpecWarning")
+
+METHODS = ["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"]
+BAD_METHODS = ["", "lora", "ADALORA", "VERA", "LORA ", "L\u039fRA", None, 5, ["LORA"], {"x": "LORA"}]
+
+
+def _fields() -> list[str]:
+    schema = load_schema()
+    names = set(schema["properties"])
+    for method in METHODS:
+        names |= set(schema["$defs"][method].get("properties", {}))
+    return sorted(names)
+
+
+FIELDS = _fields()
+PATHS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head", "a" * 300, "", "x.\u202eq",
+         "model.layers.0.self_attn.q_proj\n", "../../etc/q_proj"]
+
+_atoms = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(-(2**70), 2**70), st.sampled_from([0, 1, -1, 2**63, 2**64, -(2**64), 10**30]),
+    st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, 5e-324, -0.0]),
+    st.text(max_size=12), st.sampled_from(["q_proj", "(a+)+$", "a(b", ".*", "all-linear", "\ud800", "../x", "\x00", "LORA"]),
+)
+_json = st.recursive(_atoms, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                     st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                     max_leaves=12)
+_configs = st.builds(
+    lambda method, fields, extra: {**({"peft_type": method} if method is not None else {}), **fields, **extra},
+    st.one_of(st.sampled_from(METHODS), st.sampled_from(BAD_METHODS)),
+    st.dictionaries(st.sampled_from(FIELDS), _json, max_size=6),
+    st.dictionaries(st.text(max_size=10), _json, max_size=2),
+)
+
+
+def _check_accepted(cfg: AdapterConfig, tmp: Path) -> None:
+    """An accepted config is usable: it matches paths without error, and writes and reads back equal."""
+    for path in PATHS:
+        cfg.matches(path)
+    tmp.write_text(cfg.to_json(), "utf-8")
+    again = AdapterConfig.from_file(tmp)
+    assert again == AdapterConfig.from_dict(json.loads(cfg.to_json())), "write/read round trip changed the config"
+
+
+@settings(max_examples=400 * SCALE, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=_configs)
+def test_generated_configs(data: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = _scratch(tmp_path_factory) / "adapter_config.json"
+    label = f"config {repr(data)[:200]}"
+    outcome = probe(label + ":from_dict", lambda: AdapterConfig.from_dict(data))
+    outcomes = [outcome, probe(label + ":validate_config", lambda: validate_config(data))]
+    if outcome.kind == "typed":
+        assert isinstance(outcome.error, ConfigError), outcome.error
+        assert outcome.error.pointer is not None, f"{outcome.error!r} names no field"
+    elif outcome.kind == "ok":
+        outcomes.append(probe(label + ":use", lambda: _check_accepted(outcome.value, tmp)))
+    # the same config as a file, NaN and Infinity written as JSON constants
+    try:
+        text = json.dumps(data)
+    except (TypeError, ValueError):
+        text = None
+    if text is not None:
+        tmp.write_text(text, "utf-8")
+        from_file = probe(label + ":from_file", lambda: AdapterConfig.from_file(tmp))
+        outcomes.append(from_file)
+        if from_file.kind == "typed":
+            assert isinstance(from_file.error, (ConfigError, FileFormatError)), from_file.error
+            assert str(tmp) in str(from_file.error), f"{from_file.error!r} names no file"
+    STATS.count("config-generated")
+    expect_clean(outcomes)
+
+
+_SCRATCH: dict[str, Path] = {}
+
+
+def _scratch(factory: pytest.TempPathFactory) -> Path:
+    if "d" not in _SCRATCH:
+        import atexit
+        import tempfile
+
+        from conftest import scratch_root
+
+        root = scratch_root()
+        _SCRATCH["d"] = Path(tempfile.mkdtemp(prefix="adapterspec-hardening-", dir=root)) if root else factory.mktemp("cfg")
+        atexit.register(shutil.rmtree, _SCRATCH["d"], True)
+    return _SCRATCH["d"]
+
+
+def _nested(depth: int, leaf: object = 1) -> object:
+    value: object = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _nested_dicts(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _cycle() -> dict:
+    cyclic: dict = {"peft_type": "LORA", "target_modules": ["q"]}
+    cyclic["auto_mapping"] = cyclic
+    return cyclic
+
+
+BASE = {"peft_type": "LORA", "target_modules": ["q"], "r": 2}
+DICT_CASES = {
+    "not a mapping (list)": ([BASE], ""),
+    "not a mapping (str)": ("LORA", ""),
+    "no peft_type": ({"target_modules": ["q"]}, ""),
+    "100k nested lists in target_modules": ({**BASE, "target_modules": _nested(100_000)}, "/target_modules"),
+    "100k nested lists in an unknown field": ({**BASE, "x_custom": _nested(100_000)}, "/x_custom"),
+    "100k nested dicts in auto_mapping": ({**BASE, "auto_mapping": _nested_dicts(100_000)}, "/auto_mapping"),
+    "cyclic dict": (_cycle(), "/auto_mapping"),
+    "NaN lora_alpha": ({**BASE, "lora_alpha": math.nan}, "/lora_alpha"),
+    "inf lora_alpha": ({**BASE, "lora_alpha": math.inf}, "/lora_alpha"),
+    "NaN lora_dropout": ({**BASE, "lora_dropout": math.nan}, "/lora_dropout"),
+    "NaN in an unknown field": ({**BASE, "x": [1, math.nan]}, "/x/1"),
+    "r = 2**64": ({**BASE, "r": 2**64}, "/r"),
+    "r = 10**5000": ({**BASE, "r": 10**5000}, "/r"),
+    "r = 0": ({**BASE, "r": 0}, "/r"),
+    "r = -3": ({**BASE, "r": -3}, "/r"),
+    "r = true": ({**BASE, "r": True}, "/r"),
+    "r = '8'": ({**BASE, "r": "8"}, "/r"),
+    "r = 2.5": ({**BASE, "r": 2.5}, "/r"),
+    "non-string key": ({**BASE, 3: "x"}, ""),
+    "bytes value": ({**BASE, "x": b"\x00"}, "/x"),
+    "set value": ({**BASE, "target_modules": {"q"}}, "/target_modules"),
+    "object value": ({**BASE, "x": object()}, "/x"),
+    "rank_pattern value 0": ({**BASE, "rank_pattern": {"q": 0}}, "/rank_pattern/q"),
+    "rank_pattern value NaN": ({**BASE, "rank_pattern": {"q": math.nan}}, "/rank_pattern/q"),
+    "target_modules empty string": ({**BASE, "target_modules": ""}, "/target_modules"),
+    "unknown method": ({**BASE, "peft_type": "ADALORA"}, "/peft_type"),
+    "method lower case": ({**BASE, "peft_type": "lora"}, "/peft_type"),
+    "method homoglyph": ({**BASE, "peft_type": "L\u039fRA"}, "/peft_type"),
+    "version 2.0": ({**BASE, "adapterspec_version": "2.0"}, "/adapterspec_version"),
+    "version int": ({**BASE, "adapterspec_version": 1}, "/adapterspec_version"),
+}
+#: Known, reported to the lead: spec.check_version (and the schema's pattern) end in '$', which also
+#: matches before a trailing newline. Strict xfail: it turns into a failure once fixed, to be moved up.
+KNOWN_ISSUES = {"version with newline": ({**BASE, "adapterspec_version": "1.0\n"}, "/adapterspec_version")}
+DICT_CASES.update(KNOWN_ISSUES)
+
+REGEX_FIELDS = {  # field -> (bad value builder, pointer)
+    "target_modules": (lambda p: p, "/target_modules"),
+    "exclude_modules": (lambda p: p, "/exclude_modules"),
+    "layers_pattern": (lambda p: [p], "/layers_pattern/0"),
+    "modules_to_save": (lambda p: [p], "/modules_to_save/0"),
+    "rank_pattern": (lambda p: {p: 4}, "/rank_pattern/"),
+    "alpha_pattern": (lambda p: {p: 4}, "/alpha_pattern/"),
+}
+BAD_REGEXES = {
+    "unbalanced": "q_proj(",
+    "bad escape": "q\\",
+    "bad repeat": "*q",
+    "huge repeat": "q{99999999999}",
+    "bad group name": "(?P<1>q)",
+    "10k nested groups": "(" * 10_000 + "q" + ")" * 10_000,
+    "nested quantifier": "(a+)+$",
+    "nested star": "(.*)*q_proj",
+    "nested with separator": "(\\w+\\.)*q_proj",
+    "ambiguous alternation": "(a|a)*b",
+    "ambiguous prefix": "(q|q_proj)*x",
+    "repeat of repeat, bounded outer": "(.*a){20}",
+    "polynomial wildcards": ".*.*.*.*.*x",
+    "polynomial classes": "\\w+\\w+\\w+\\w+x",
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="spec.check_version accepts a trailing newline"))
+    if c in KNOWN_ISSUES else c for c in sorted(DICT_CASES)])
+def test_crafted_config_dicts(case: str) -> None:
+    data, pointer = DICT_CASES[case]
+    outcome = probe(case, lambda: AdapterConfig.from_dict(data))
+    STATS.count("config-crafted")
+    expect_clean([outcome], allow_ok=False)
+    assert isinstance(outcome.error, ConfigError), repr(outcome.error)
+    assert outcome.error.pointer == pointer or (pointer and (outcome.error.pointer or "").startswith(pointer)), \
+        f"{case}: pointer {outcome.error.pointer!r}, expected {pointer!r} ({outcome.error})"
+
+
+@pytest.mark.parametrize("regex", sorted(BAD_REGEXES))
+@pytest.mark.parametrize("field", sorted(REGEX_FIELDS))
+def test_bad_regex_is_a_config_error_at_its_field(field: str, regex: str) -> None:
+    build, pointer = REGEX_FIELDS[field]
+    data = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2, field: build(BAD_REGEXES[regex])}
+    if field == "layers_pattern":
+        data["layers_to_transform"] = [0]  # the schema allows layers_pattern only with it
+        if regex == "bad escape":  # used as 'q\\\.(?P<idx>...' (PEFT's wrapping): a valid pattern
+            assert AdapterConfig.from_dict(data)
+            return
+    outcome = probe(f"{field}={regex}", lambda: AdapterConfig.from_dict(data), seconds=5)
+    STATS.count("config-regex")
+    expect_clean([outcome], allow_ok=False)
+    assert isinstance(outcome.error, ConfigError)
+    assert (outcome.error.pointer or "").startswith(pointer), f"{outcome.error.pointer} vs {pointer}"
+
+
+def test_regex_bomb_in_a_file_with_matching_keys(tmp_path: Path) -> None:
+    """A bomb in the config of a folder whose keys would trigger it: refused fast, naming the field."""
+    key = "base_model.model." + "a" * 60 + ".lora_A.weight"
+    adapterspec.write_adapter(tmp_path / "ok", {"peft_type": "LORA", "target_modules": ["q"], "r": 2},
+                              {"base_model.model.l.q.lora_A.weight": np.ones((2, 3), np.float32),
+                               "base_model.model.l.q.lora_B.weight": np.ones((4, 2), np.float32)})
+    outcomes = []
+    for name, regex in BAD_REGEXES.items():
+        folder = Path(shutil.copytree(tmp_path / "ok", tmp_path / f"bomb{len(outcomes)}"))
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["target_modules"] = regex
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        from safetensors.numpy import save_file
+
+        save_file({key: np.ones((2, 3), np.float32)}, str(folder / "adapter_model.safetensors"))
+        outcome = probe(f"bomb {name}", lambda: adapterspec.read_adapter(folder), seconds=5)
+        outcomes.append(outcome)
+        assert outcome.kind == "typed" and outcome.error.pointer == "/target_modules", (name, outcome.error)
+        assert "adapter_config.json" in str(outcome.error)
+    STATS.count("config-regex", len(outcomes))
+    expect_clean(outcomes, allow_ok=False)
+
+
+def test_accepted_regexes_stay_usable() -> None:
+    """Patterns seen in real PEFT configs are accepted, and match as PEFT does."""
+    real = {
+        r".*\.(q_proj|v_proj)": ("model.layers.0.self_attn.q_proj", True),
+        r"^(?!.*vision_tower).*(q_proj|k_proj)$": ("vision_tower.layers.0.q_proj", False),
+        r".*decoder.*(self_attn|encoder_attn).*(q_proj|v_proj)$": ("model.decoder.layers.1.self_attn.v_proj", True),
+        r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj": ("model.layers.12.self_attn.k_proj", True),
+        r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+": ("model.layers.1.mlp.experts.7.up_proj", True),
+    }
+    for regex, (path, expected) in real.items():
+        cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": regex})
+        assert cfg.matches(path) is expected, regex
+    STATS.count("config-regex", len(real))
+
+
+# -- config files ---------------------------------------------------------------------------
+TEXT_CASES = {
+    "NaN constant": '{"peft_type": "LORA", "target_modules": ["q"], "lora_alpha": NaN}',
+    "Infinity constant": '{"peft_type": "LORA", "target_modules": ["q"], "lora_alpha": Infinity}',
+    "-Infinity constant": '{"peft_type": "LORA", "target_modules": ["q"], "lora_alpha": -Infinity}',
+    "1e999 overflows to inf": '{"peft_type": "LORA", "target_modules": ["q"], "lora_alpha": 1e999}',
+    "10**5000 digits": '{"peft_type": "LORA", "target_modules": ["q"], "r": 1' + "0" * 5000 + "}",
+    "100k nested lists": '{"peft_type": "LORA", "target_modules": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "900 nested lists": '{"peft_type": "LORA", "target_modules": ["q"], "x": ' + "[" * 900 + "]" * 900 + "}",
+    "empty": "",
+    "whitespace": "  \n",
+    "null": "null",
+    "list": '[{"peft_type": "LORA"}]',
+    "string": '"LORA"',
+    "trailing garbage": '{"peft_type": "LORA", "target_modules": ["q"]} x',
+    "trailing comma": '{"peft_type": "LORA", "target_modules": ["q"],}',
+    "single quotes": "{'peft_type': 'LORA'}",
+    "comment": '{"peft_type": "LORA", /* c */ "target_modules": ["q"]}',
+    "BOM": "\ufeff" + '{"peft_type": "LORA", "target_modules": ["q"]}',
+    "lone surrogate in target": '{"peft_type": "LORA", "target_modules": ["\\ud800"]}',
+    "NUL in target": '{"peft_type": "LORA", "target_modules": ["q\\u0000"]}',
+    "RTL override in method": '{"peft_type": "\\u202eARO L", "target_modules": ["q"]}',
+    "duplicate peft_type": '{"peft_type": "LORA", "peft_type": "NOPE", "target_modules": ["q"]}',
+    "bomb in target_modules": '{"peft_type": "LORA", "target_modules": "(a+)+$"}',
+    "invalid regex in rank_pattern": '{"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q(": 2}}',
+}
+BYTE_CASES = {
+    "non-UTF8": b'{"peft_type": "LORA", "target_modules": ["\xff"]}',
+    "UTF-16": '{"peft_type": "LORA", "target_modules": ["q"]}'.encode("utf-16"),
+    "binary": bytes(range(256)),
+    "NUL bytes": b"\x00" * 64,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES) + sorted(BYTE_CASES))
+def test_crafted_config_files(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "adapter_config.json"
+    if case in BYTE_CASES:
+        path.write_bytes(BYTE_CASES[case])
+    else:
+        path.write_text(TEXT_CASES[case], "utf-8", errors="surrogatepass")
+    outcome = probe(case, lambda: AdapterConfig.from_file(path))
+    STATS.count("config-file-crafted")
+    if case in ("lone surrogate in target", "NUL in target"):  # odd but valid JSON strings: accepted, usable
+        expect_clean([outcome])
+        if outcome.kind == "ok":
+            outcome.value.matches("model.q_proj")
+            json.loads(outcome.value.to_json())
+        return
+    expect_clean([outcome], allow_ok=False)
+    assert isinstance(outcome.error, (ConfigError, FileFormatError)), repr(outcome.error)
+    assert str(path) in str(outcome.error)
+
+
+def test_config_truncation_and_flips(good_adapter: Path, scratch: Path) -> None:
+    """Every truncation and byte flip of a real written config: a typed error or a valid config."""
+    raw = (good_adapter / "adapter_config.json").read_bytes()
+    path = scratch / "adapter_config.json"
+    outcomes = []
+    variants = [raw[:cut] for cut in range(len(raw))]
+    for at in range(len(raw)):
+        for flip in (0x01, 0x80, 0x20):
+            mutated = bytearray(raw)
+            mutated[at] ^= flip
+            variants.append(bytes(mutated))
+    variants += long_mode_extra(raw, len(variants), seed=3)
+    for i, blob in enumerate(variants):
+        path.write_bytes(blob)
+        outcome = probe(f"config variant {i}", lambda: AdapterConfig.from_file(path))
+        outcomes.append(outcome)
+        if outcome.kind == "typed":
+            assert str(path) in str(outcome.error)
+    STATS.count("config-file-mutation", len(variants))
+    expect_clean(outcomes)
+    assert all(o.kind == "typed" for o in outcomes[: len(raw) - 2]), "a truncated config was accepted"
