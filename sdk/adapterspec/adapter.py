@@ -230,9 +230,13 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 
 def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adapter, list[AdapterSpecError]]:
     folder = Path(source)
-    if folder.is_file() and folder.name == CONFIG_NAME:
-        folder = folder.parent
-    if not folder.is_dir():
+    try:
+        if folder.is_file() and folder.name == CONFIG_NAME:
+            folder = folder.parent
+        is_dir = folder.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL byte...
+        is_dir = False
+    if not is_dir:
         raise FileFormatError("no such adapter folder", path=folder,
                               hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
     config_file = folder / CONFIG_NAME
@@ -295,7 +299,6 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
     return [TensorError("holds NaN or infinite values", key=key, path=where,
                         hint="the adapter diverged in training or the file is corrupt; train or export it again")
             for key in keys]
-
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,

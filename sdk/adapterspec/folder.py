@@ -15,11 +15,15 @@ PosixPath('out/ia3')
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +39,7 @@ from .errors import (
     AdapterSpecWarning,
     ConfigError,
     FileFormatError,
+    TensorError,
     UnsafeFileError,
 )
 from .spec import (
@@ -42,6 +47,7 @@ from .spec import (
     MANIFEST_NAME,
     METADATA_FORMAT,
     METADATA_VERSION,
+    PICKLE_NAME,
     SAFETENSORS_NAME,
     SPEC_VERSION,
     check_version,
@@ -51,6 +57,9 @@ __all__ = ["list_adapters", "write_adapter", "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
 
+#: File names of the format, which no adapter (sub)folder may take.
+_RESERVED = frozenset({CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, MANIFEST_NAME, "README.md"})
+
 
 #: What goes into a file: its bytes, or a function that writes (and fsyncs) the file at a path.
 Content = Union[bytes, Callable[[Path], object]]
@@ -58,7 +67,11 @@ Content = Union[bytes, Callable[[Path], object]]
 
 def _write_file(path: Path, content: Content) -> None:
     if not isinstance(content, bytes):
+        # safetensors creates its files 0600; keep the mode an ordinary file gets (0666 less the umask)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+        mode = stat.S_IMODE(path.stat().st_mode)
         content(path)
+        os.chmod(path, mode)
         return
     with open(path, "wb") as fh:
         fh.write(content)
@@ -70,13 +83,15 @@ def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, An
              metadata: Mapping[str, str] | None) -> dict[str, Content]:
     """The files of one adapter folder, checked: a folder that would not validate is never written."""
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
-    infos = {k: TensorInfo(tuple(int(d) for d in v.shape), _dtype(v)) for k, v in tensors.items()}
-    errors = tensor_errors(cfg, infos)
+    errors = tensor_errors(cfg, _tensor_infos(tensors))
     if errors:
         raise errors[0]
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise FileFormatError("safetensors metadata must map strings to strings", hint="convert the values with str()")
     meta = {**(metadata or {}), METADATA_FORMAT: "pt", METADATA_VERSION: SPEC_VERSION}
     return {
-        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, tensors, metadata=meta),
+        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, _savable(tensors), metadata=meta),
         CONFIG_NAME: cfg.to_json().encode("utf-8"),
     }
 
@@ -87,41 +102,205 @@ def _dtype(tensor: Any) -> str:
     return _dtype_name(tensor)
 
 
+def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of caller-supplied tensors; anything but a mapping of string keys to arrays is a TensorError."""
+    if not isinstance(tensors, Mapping):
+        raise TensorError(f"tensors must be a mapping of key -> tensor, got {type(tensors).__name__}",
+                          hint="pass a dict of NumPy arrays or framework tensors")
+    infos = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TensorError(f"key {key!r} is not a string", key=repr(key), hint="use the spec's string keys")
+        try:
+            shape = tuple(int(d) for d in value.shape)
+            value.dtype  # noqa: B018 - only arrays and tensors have both
+        except (AttributeError, TypeError, ValueError):
+            raise TensorError(f"not a tensor but a {type(value).__name__}", key=key,
+                              hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
+        infos[key] = TensorInfo(shape, _dtype(value))
+    return infos
+
+
+def _family(tensor: Any) -> str:
+    module = type(tensor).__module__.split(".")[0]
+    return {"keras": "tensorflow", "jaxlib": "jax"}.get(module, module)
+
+
+def _savable(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` as safetensors saves them: one framework; torch tensors detached, contiguous, not sharing memory."""
+    families = {_family(v) for v in tensors.values()}
+    if len(families) > 1:
+        raise TensorError(f"tensors of several frameworks ({', '.join(sorted(families))}) cannot be saved together",
+                          hint="convert them all to one framework (e.g. NumPy) first")
+    if families != {"torch"}:
+        return dict(tensors)
+    out, storages = {}, set()
+    for key, value in tensors.items():
+        value = value.detach()
+        if value.device.type == "meta":
+            raise TensorError("a tensor on the 'meta' device has no data", key=key,
+                              hint="load or initialise the weights before saving")
+        value = value.contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()  # tied or sliced from one storage: safetensors refuses shared memory
+        storages.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
 def _is_adapter(folder: Path) -> bool:
     return (folder / CONFIG_NAME).exists() or (folder / SAFETENSORS_NAME).exists()
 
 
 def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> None:
-    """Put ``files`` into ``folder`` all-or-nothing (config last: it is what readers look for first)."""
-    if folder.exists() and not folder.is_dir():
+    """Put ``files`` into ``folder`` all-or-nothing; on any failure (KeyboardInterrupt included) the
+    previous content is left as it was and no temporary file remains.
+
+    * a new folder is staged beside it and appears by one rename;
+    * an existing folder without subfolders (one adapter, maybe a README) is staged beside it too --
+      new files written, its other files hard-linked in -- and the two are swapped by one atomic
+      ``renameat2(RENAME_EXCHANGE)`` (Linux); readers see the old adapter or the new one, never a mix;
+    * otherwise (the root of a multi-adapter folder, or no RENAME_EXCHANGE) the files are replaced one
+      by one, see :func:`_replace_files`.
+    """
+    if os.path.lexists(folder) and not folder.is_dir():
         raise FileFormatError("exists and is not a folder", path=folder, hint="choose another path")
     if folder.is_dir() and _is_adapter(folder) and not overwrite:
         raise AdapterExistsError("an adapter is already saved here", path=folder,
                                  hint="pass overwrite=True to replace it, or choose another path")
+    if folder.is_symlink():  # write into the folder the link points to, not over the link
+        folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if not folder.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        try:
-            for name, data in files.items():
-                _write_file(staging / name, data)
-            os.rename(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    exists = folder.exists()
+    if exists and (_renameat2() is None or any(p.is_dir() and not p.is_symlink() for p in folder.iterdir())):
+        _replace_files(files, folder)
         return
-    written: list[tuple[Path, Path]] = []
+    staging = _new_path(folder.parent, f".{folder.name}.", ".tmp", directory=True)
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            written.append((Path(tmp), folder / name))
-            _write_file(Path(tmp), data)
-        for tmp, final in written:
+            _write_file(staging / name, data)
+        if exists:
+            for old in folder.iterdir():
+                if old.name not in files:
+                    _link_or_copy(old, staging / old.name)
+            os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
+        _fsync_dir(staging)
+        # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
+        swapped = _exchange(staging, folder) if exists else (os.rename(staging, folder) or True)
+        _fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not swapped:  # the file system cannot exchange folders
+        _replace_files(files, folder)
+
+
+def _replace_files(files: Mapping[str, Content], folder: Path) -> None:
+    """Replace ``files`` in ``folder`` one by one, keeping the old ones (hard links) until all are in.
+
+    Any exception puts the old files back. The old config is moved aside *first* and the new one put
+    in *last*: a crash (power loss, SIGKILL) between the renames leaves a folder without
+    ``adapter_config.json`` -- refused by readers with a clear error, the old files kept as hidden
+    ``.<name>.<random>.old`` -- never new weights silently paired with the old config.
+    """
+    staged: list[tuple[Path, Path]] = []
+    backups: list[tuple[Path, Path]] = []
+    order = sorted(files, key=lambda name: name == CONFIG_NAME)  # config last
+    try:
+        for name in order:
+            tmp = _new_path(folder, f".{name}.", ".tmp")
+            staged.append((tmp, folder / name))
+            _write_file(tmp, files[name])
+        for _, final in sorted(staged, key=lambda pair: pair[1].name != CONFIG_NAME):  # config first
+            if final.exists():
+                backup = _new_path(folder, f".{final.name}.", ".old", create=False)
+                if final.name == CONFIG_NAME:
+                    os.rename(final, backup)  # no config from here until the new one is in
+                else:
+                    os.link(final, backup)
+                backups.append((backup, final))
+        for tmp, final in staged:
             os.replace(tmp, final)
     except BaseException:
-        for tmp, _ in written:
+        for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        for backup, final in reversed(backups):
+            if final.exists() and os.path.samefile(backup, final):
+                backup.unlink()  # a hard link of the untouched file (renaming onto it would do nothing)
+            else:
+                os.replace(backup, final)
         raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
+    _fsync_dir(folder)
+
+
+def _new_path(parent: Path, prefix: str, suffix: str, *, directory: bool = False, create: bool = True) -> Path:
+    """A fresh hidden name in ``parent``, created (mode from the umask, unlike ``tempfile``'s 0600/0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            if not create:
+                if not os.path.lexists(path):
+                    return path
+                continue
+            if directory:
+                os.mkdir(path)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {parent}")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's ``renameat2`` (Linux, glibc >= 2.28), or ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return getattr(libc, "renameat2", None)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (``renameat2(RENAME_EXCHANGE)``); ``False`` if the file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any], *,
@@ -151,10 +330,14 @@ def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig 
     :raises UnsafeFileError: a name is not a safe folder name.
     """
     folder = Path(path)
+    for name in adapters:
+        if name in _RESERVED:  # the folder would collide with a file of the root adapter
+            raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
+                                  hint="choose another adapter name")
     prepared = {check_adapter_name(name): _prepare(cfg, tensors, None) for name, (cfg, tensors) in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
-    for name, files in prepared.items():
-        _install(files, folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite)
+    for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
+        _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite)
     manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
     _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder, overwrite=True)
     return folder
@@ -174,6 +357,14 @@ def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
                                        or where[1:2] == ":"):
             raise UnsafeFileError(f"adapter {name!r} path {where!r} leaves the folder", path=manifest_file,
                                   hint="use a relative subfolder path without '..'")
+
+
+def _within(folder: Path, target: Path) -> bool:
+    """Whether ``target`` resolves inside ``folder`` (a symlink loop does not)."""
+    try:
+        return target.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
 
 
 def _valid_name(name: str) -> bool:
@@ -216,7 +407,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     manifest_file = folder / MANIFEST_NAME
     found: dict[str, Path] = {}
     if manifest_file.exists():
-        manifest = read_json_file(manifest_file, what="manifest")  # strict JSON, at most 16 MiB
+        manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
             _refuse_unsafe_entries(manifest, manifest_file)
@@ -228,7 +419,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
         for name, entry in manifest["adapters"].items():
             check_adapter_name(name)
             target = folder / entry["path"]
-            if not target.resolve().is_relative_to(folder.resolve()):
+            if not _within(folder, target):
                 raise UnsafeFileError(f"adapter {name!r} path {entry['path']!r} leaves the folder", path=manifest_file,
                                       hint="use a relative subfolder path without '..'")
             if not (target / CONFIG_NAME).exists():
@@ -249,6 +440,9 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                 warnings.warn(f"{sub}: skipped, {sub.name!r} is not a valid adapter name", AdapterSpecWarning,
                               stacklevel=2)
                 continue
+            if not _within(folder, sub):
+                raise UnsafeFileError(f"subfolder {sub.name!r} is a link leading outside the folder", path=sub,
+                                      hint="replace the link with the adapter folder itself")
             found[sub.name] = sub
     if not found:
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,
