@@ -3,9 +3,16 @@
 Layout (SPEC.md section 3): adapter ``default`` in the root, adapter ``name`` in ``<dir>/<name>/``
 (PEFT's layout), and ``adapterspec.json`` listing them (PEFT has no such list).
 
-A write never leaves a half-written adapter: files are written to temporary names, flushed to disk,
-then renamed into place; a new folder appears by one rename. If anything fails before the renames,
-the previous adapter is untouched.
+A write never leaves a half-written adapter, and never destroys the previous good copy. Files are
+written (and fsynced) into a hidden sibling folder first; a new adapter folder then appears by one
+rename, and an existing one (holding no subfolders) is swapped with it by one atomic
+``renameat2(RENAME_EXCHANGE)`` (Linux) -- readers see the old adapter or the new one, whatever fails
+or crashes, and other files in it (a README) are kept. Where folders cannot be swapped (the root of a
+multi-adapter folder, which holds the others; other systems), files are replaced one by one, old ones
+kept as hard links and put back on any exception. One window remains there: a hard crash (power
+loss, SIGKILL) between those renames leaves a folder *without* ``adapter_config.json`` (refused by
+readers; the old config kept as ``.adapter_config.json.<random>.old``) -- never new weights silently
+paired with the old config, since the config is moved aside first and put back last.
 
 >>> import numpy as np
 >>> write_adapter("out/ia3", {"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []},
