@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from .mapping import Piece
+from .sites import Piece
 
 __all__ = [
     "add_out",

@@ -33,7 +33,7 @@ from adapterspec.errors import UnsupportedError
 
 from . import _ops
 from .devices import device_scope, target_of
-from .mapping import ModuleSite, Piece
+from .sites import ModuleSite, Piece
 
 __all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "layer_kind"]
 
@@ -47,7 +47,7 @@ def layer_kind(layer: Any) -> str | None:
     >>> layer_kind(keras.layers.EinsumDense("ab,bc->ac", output_shape=4))
     'einsum'
     """
-    from .mapping import layer_kind as kind
+    from .sites import layer_kind as kind
 
     return kind(layer)
 

@@ -1,0 +1,385 @@
+"""The built-in mapping of keras-hub models, derived from keras-hub's own transformers converters.
+
+For every architecture keras-hub converts from transformers (``keras_hub/src/utils/transformers/convert_*.py``),
+its ``convert_weights(backbone, loader, config)`` is replayed against a recording loader: each
+``port_weight(variable, hf_key, hook)`` says which HF weight feeds which Keras variable, and running
+``hook`` on index probes says how (transpose, reshape, slice, even a cast). Nothing is read from disk
+and nothing is assigned: the model is untouched. New converters come in by themselves.
+
+>>> sites, model_type = converter_sites(llama_backbone)              # doctest: +SKIP
+>>> model_type, sites["model.layers.0.self_attn.q_proj"].pieces[0].layer.path  # doctest: +SKIP
+('llama', 'transformer_layer_0/self_attention/query')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .sites import ModuleSite, Piece, _axes, _einsum_supported, _make_piece, layer_kind, layer_site, model_layers
+
+__all__ = ["backbone_of", "converter_sites"]
+
+
+@dataclass
+class _Record:
+    key: str
+    variable: Any
+    hook: Callable[..., Any] | None
+
+
+class _Opaque:
+    """What the recording loader's ``get_tensor`` returns: absorbs any array operation, assigns nothing."""
+
+    shape = ()
+    ndim = 0
+    T = property(lambda self: self)
+
+    def __array_function__(self, func, types, args, kwargs):  # type: ignore[no-untyped-def]
+        return _Opaque()
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # type: ignore[no-untyped-def]
+        return _Opaque()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: _Opaque()
+
+    def __getitem__(self, item: Any) -> _Opaque:
+        return _Opaque()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def _op(self, *args: Any) -> _Opaque:
+        return _Opaque()
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _op
+    __matmul__ = __rmatmul__ = __neg__ = __pow__ = _op
+
+
+class _RecordingLoader(contextlib.AbstractContextManager):
+    """Stands in for keras-hub's ``SafetensorLoader``: records ``port_weight`` calls, reads nothing."""
+
+    def __init__(self) -> None:
+        self.records: list[_Record] = []
+        self.prefix = ""
+        self.safetensor_config = None
+        self.preset = None
+
+    def port_weight(self, keras_variable: Any, hf_weight_key: str, hook_fn: Callable[..., Any] | None = None) -> None:
+        self.records.append(_Record(hf_weight_key, keras_variable, hook_fn))
+
+    def get_tensor(self, hf_weight_key: str) -> Any:
+        return _Opaque()
+
+    def get_prefixed_key(self, hf_weight_key: str, dict_like: Any) -> str:
+        return hf_weight_key
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_ASSIGN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_assign() -> Iterator[None]:
+    """Make every Keras variable assignment a no-op: a converter's own ``.assign`` must not touch the model."""
+    from keras.src.backend.common.variables import Variable
+
+    names = ("assign", "assign_add", "assign_sub")
+    with _ASSIGN_LOCK:
+        saved = {n: Variable.__dict__.get(n) for n in names}
+        try:
+            for n in names:
+                setattr(Variable, n, lambda self, value: self)
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(Variable, n, fn)
+
+
+def _converter_table() -> dict[str, tuple[Any, list[str]]]:
+    """keras-hub's transformers converters: module name -> (module, the model types it handles).
+
+    Read from keras-hub's own dispatch (``TransformersPresetLoader``), so new converters come in by themselves.
+    """
+    from keras_hub.src.utils.transformers import preset_loader
+
+    source = inspect.getsource(preset_loader.TransformersPresetLoader.__init__)
+    model_types = re.findall(r'"([A-Za-z0-9_.-]+)"', source)
+    table: dict[str, tuple[Any, list[str]]] = {}
+    for model_type in dict.fromkeys(model_types):
+        loader = preset_loader.TransformersPresetLoader.__new__(preset_loader.TransformersPresetLoader)
+        loader.config = {"model_type": model_type}
+        loader.preset = None
+        try:
+            preset_loader.TransformersPresetLoader.__init__(loader, None, {"model_type": model_type})
+        except Exception:  # noqa: BLE001 - a string that is not a model type
+            continue
+        module = loader.converter
+        table.setdefault(module.__name__, (module, []))[1].append(model_type)
+    return table
+
+
+_TABLE_CACHE: dict[str, tuple[Any, list[str]]] = {}
+
+
+def _converters() -> dict[str, tuple[Any, list[str]]]:
+    if not _TABLE_CACHE:
+        _TABLE_CACHE.update(_converter_table())
+    return _TABLE_CACHE
+
+
+class _ConfigProxy(dict):  # type: ignore[type-arg]
+    """The few transformers config fields some ``convert_weights`` read, rebuilt from the backbone."""
+
+    _FROM_BACKBONE = {"n_embd": "hidden_dim", "hidden_size": "hidden_dim", "num_hidden_layers": "num_layers",
+                      "num_attention_heads": "num_query_heads", "tie_word_embeddings": "tie_word_embeddings"}
+
+    def __init__(self, backbone: Any, model_type: str) -> None:
+        super().__init__(model_type=model_type)
+        for hf_key, attr in self._FROM_BACKBONE.items():
+            if hasattr(backbone, attr):
+                self[hf_key] = getattr(backbone, attr)
+
+
+def backbone_of(model: Any) -> Any:
+    """The keras-hub backbone of a task model (``model.backbone``), or the model itself."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if backbone is not None else model
+
+
+def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
+    """The converter of the most specific backbone class ``backbone`` is an instance of."""
+    mro = type(backbone).__mro__
+    found = [(mro.index(m.backbone_cls), m, types) for m, types in _converters().values()
+             if isinstance(getattr(m, "backbone_cls", None), type) and isinstance(backbone, m.backbone_cls)]
+    if not found:
+        return None
+    _, module, model_types = min(found, key=lambda f: f[0])
+    return module, model_types
+
+
+def _record(backbone: Any) -> tuple[list[_Record], str] | None:
+    found = _find_converter(backbone)
+    if found is None:
+        return None
+    module, model_types = found
+    best: tuple[tuple[int, int], list[_Record], str] | None = None
+    for model_type in model_types:
+        loader = _RecordingLoader()
+        try:
+            with _no_assign():
+                module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type))
+        except Exception:  # noqa: BLE001 - the converter does not fit this backbone with this model type
+            continue
+        # the model type porting the most weights fits best; on a tie, the shortest HF names (a text-only
+        # Gemma 3 is "model.layers...", not the multimodal "model.language_model.layers...")
+        rank = (-len(loader.records), sum(len(r.key) for r in loader.records))
+        if best is None or rank < best[0]:
+            best = (rank, loader.records, model_type)
+    return None if best is None else (best[1], best[2])
+
+
+def _variable_owners(backbone: Any) -> dict[int, tuple[Any, str]]:
+    """id(kernel-like variable) -> (layer, piece kind)."""
+    owners: dict[int, tuple[Any, str]] = {}
+    for layer in [backbone, *model_layers(backbone)]:
+        kind = layer_kind(layer)
+        if kind == "embedding":
+            owners[id(layer.embeddings)] = (layer, "embedding")
+            reverse = None if getattr(layer, "tie_weights", True) else getattr(layer, "reverse_embeddings", None)
+            if reverse is not None:
+                owners[id(reverse)] = (layer, "reverse")
+        elif kind is not None and not (kind == "einsum" and not _einsum_supported(layer)):
+            kernel = getattr(layer, "kernel", None)
+            if kernel is not None:
+                owners[id(kernel)] = (layer, kind)
+    return owners
+
+
+_DIGIT = 256  # integers below 256 survive any cast a hook may do (bfloat16 keeps 8 bits)
+
+
+def _probe(hook: Callable[..., Any] | None, hf_shape: tuple[int, ...], keras_shape: tuple[int, ...]) -> np.ndarray | None:
+    """For each Keras kernel element, the flat index of the HF tensor element ``hook`` puts there, or ``None``
+    if ``hook`` does not fit that HF shape.
+
+    The index goes through the hook as base-256 digits, so hooks that cast keep it exact (keras-hub's
+    Mistral converter casts to float16; bfloat16 keeps integers below 256).
+    """
+    total = np.zeros(keras_shape, dtype=np.int64)
+    scale, rest = 1, np.arange(math.prod(hf_shape), dtype=np.int64).reshape(hf_shape)
+    while True:
+        digit = (rest % _DIGIT).astype(np.float32)
+        try:
+            value = np.asarray(digit if hook is None else hook(digit, list(keras_shape)))
+        except Exception:  # noqa: BLE001 - wrong guess of the HF shape
+            return None
+        if tuple(value.shape) != tuple(keras_shape):
+            return None
+        total += np.asarray(value, dtype=np.float64).astype(np.int64) * scale
+        rest, scale = rest // _DIGIT, scale * _DIGIT
+        if not rest.any():
+            return total
+
+
+def _decode(rows: np.ndarray, cols: np.ndarray, kin: tuple[int, ...], kout: tuple[int, ...],
+            in_is_rows: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Separate the probes into an input index (over ``kin``) and an output index (over ``kout``)."""
+    in_probe, out_probe = (rows, cols) if in_is_rows else (cols, rows)
+    perm = kin + kout
+    in_shape = tuple(rows.shape[i] for i in kin)
+    out_shape = tuple(rows.shape[i] for i in kout)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    in2 = np.transpose(in_probe, perm).reshape(n_in, n_out)
+    out2 = np.transpose(out_probe, perm).reshape(n_in, n_out)
+    if not (np.all(in2 == in2[:, :1]) and np.all(out2 == out2[:1, :])):
+        return None
+    in_index = in2[:, 0]
+    out_index = out2[0, :]
+    if len(np.unique(in_index)) != n_in or len(np.unique(out_index)) != n_out:
+        return None
+    return in_index.reshape(in_shape), out_index.reshape(out_shape)
+
+
+_PROBE_CACHE: dict[Any, Any] = {}
+
+
+def _hook_key(hook: Callable[..., Any] | None) -> Any:
+    if hook is None:
+        return None
+    cells: tuple[Any, ...] = ()
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+            hash(value)
+        except (ValueError, TypeError):
+            return id(hook)  # not cacheable by value
+        if callable(value):
+            value = _hook_key(value)
+        cells += (value,)
+    return (getattr(hook, "__code__", id(hook)), cells)
+
+
+def _solve(records: list[tuple[_Record, Any, str]]) -> tuple[str, int, int, list[Piece]] | None:
+    """The site of one HF weight, from the Keras kernels it feeds: try HF shapes [out, in] and [in, out]."""
+    shapes = []
+    for record, layer, kind in records:
+        shape = tuple(int(d) for d in record.variable.shape)
+        kin, kout = _axes(kind, layer, shape)
+        shapes.append((shape, kin, kout))
+    n_ins = {math.prod(s[i] for i in kin) for s, kin, _ in shapes}
+    if len(n_ins) != 1:
+        return None
+    n_in = n_ins.pop()
+    total_out = sum(math.prod(s[i] for i in kout) for s, _, kout in shapes)
+    for in_is_rows in (False, True):  # torch Linear [out, in] first; Conv1D / embedding [in, out]
+        hf_shape = (n_in, total_out) if in_is_rows else (total_out, n_in)
+        pieces = []
+        for (record, layer, kind), (shape, kin, kout) in zip(records, shapes):
+            cache_key = (_hook_key(record.hook), hf_shape, shape, kin, kout, in_is_rows)
+            decoded = _PROBE_CACHE.get(cache_key, False) if cache_key[0] is not None or record.hook is None else False
+            if decoded is False:
+                flat = _probe(record.hook, hf_shape, shape)
+                decoded = None if flat is None else _decode(*np.divmod(flat, hf_shape[1]), kin, kout, in_is_rows)
+                if isinstance(cache_key[0], tuple) or record.hook is None:
+                    _PROBE_CACHE[cache_key] = decoded
+            if decoded is None:
+                break
+            pieces.append(_make_piece(layer, kind, *decoded))
+        else:
+            covered = np.concatenate([p.out_index.ravel() for p in pieces])
+            if len(np.unique(covered)) != covered.size:
+                continue
+            module_kind = "embedding" if pieces[0].kind == "embedding" else "linear"
+            return module_kind, n_in, total_out, pieces
+    return None
+
+
+def _solve_conv(record: _Record, layer: Any) -> list[Piece] | None:
+    shape = tuple(int(d) for d in record.variable.shape)
+    hf_shape = (shape[-1], shape[-2], *shape[:-2])
+    flat = _probe(record.hook, hf_shape, shape)
+    spatial = tuple(range(2, len(hf_shape)))
+    expected = np.transpose(np.arange(math.prod(hf_shape)).reshape(hf_shape), (*spatial, 1, 0))
+    if flat is None or not np.array_equal(flat, expected):
+        return None
+    return [_make_piece(layer, "conv", np.arange(shape[-2]), np.arange(shape[-1]))]
+
+
+_SITE_CACHE: weakref.WeakKeyDictionary[Any, tuple[dict[str, ModuleSite], str | None]] = weakref.WeakKeyDictionary()
+
+
+def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
+    """The sites keras-hub's transformers converter implies for ``backbone``, keyed by the converter's HF names.
+
+    :returns: ``({hf module path: site}, model_type)``; ``({}, None)`` when keras-hub has no converter
+        for this backbone class (or it could not be replayed).
+
+    >>> sites, model_type = converter_sites(llama_backbone)              # doctest: +SKIP
+    >>> model_type, sites["model.layers.0.self_attn.q_proj"].pieces[0].layer.path  # doctest: +SKIP
+    ('llama', 'transformer_layer_0/self_attention/query')
+    """
+    cached = _SITE_CACHE.get(backbone)
+    if cached is not None:
+        return cached
+    recorded = _record(backbone)
+    if recorded is None:
+        result: tuple[dict[str, ModuleSite], str | None] = ({}, None)
+        _SITE_CACHE[backbone] = result
+        return result
+    records, model_type = recorded
+    owners = _variable_owners(backbone)
+    groups: dict[str, list[tuple[_Record, Any, str]]] = {}
+    for record in records:
+        owner = owners.get(id(record.variable))
+        if owner is None or not record.key.endswith(".weight"):
+            continue
+        groups.setdefault(record.key[: -len(".weight")], []).append((record, *owner))
+    sites: dict[str, ModuleSite] = {}
+    for path, group in groups.items():
+        if group[0][2] == "conv":
+            pieces = _solve_conv(group[0][0], group[0][1]) if len(group) == 1 else None
+            if pieces:
+                p = pieces[0]
+                sites[path] = ModuleSite(path, "conv", p.n_in, p.n_out, pieces, "converter")
+            continue
+        solved = _solve(group)
+        if solved is not None:
+            kind, n_in, n_out, pieces = solved
+            sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter")
+    _add_tied_head(backbone, sites)
+    result = (sites, model_type)
+    _SITE_CACHE[backbone] = result
+    return result
+
+
+def _add_tied_head(backbone: Any, sites: dict[str, ModuleSite]) -> None:
+    """A tied ``ReversibleEmbedding`` also computes the logits: that is transformers' ``lm_head``."""
+    if "lm_head" in sites or any(p.kind == "reverse" for s in sites.values() for p in s.pieces):
+        return
+    for site in list(sites.values()):
+        piece = site.pieces[0]
+        if piece.kind == "embedding" and getattr(piece.layer, "tie_weights", False):
+            head = layer_site("lm_head", piece.layer, reverse=True, source="converter")
+            if head is not None:
+                sites["lm_head"] = head
+            return
+
+

@@ -1,0 +1,226 @@
+"""Sites: which Keras layers (and which slice of each kernel) compute one spec module.
+
+A :class:`ModuleSite` records, for one spec module (``model.layers.0.self_attn.q_proj``), every
+:class:`Piece` -- a Keras layer plus index maps from its kernel's input and output positions to the
+module's flattened ``in_features``/``out_features`` -- so the adapter math runs on Keras layers exactly
+as PEFT runs it on the torch module (einsum kernels ``(hidden, heads, head_dim)``; GPT-2's fused
+``c_attn`` split over three layers).
+
+>>> import keras
+>>> site = layer_site("fc", keras.layers.Dense(3))                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ModuleSite", "Piece", "layer_kind", "layer_site", "model_layers"]
+
+
+@dataclass(eq=False)
+class Piece:
+    """One Keras layer's share of a spec module.
+
+    :param layer: the Keras layer.
+    :param kind: ``"dense"``, ``"einsum"``, ``"embedding"`` (lookup), ``"reverse"`` (the logits
+        projection of a ``ReversibleEmbedding``, i.e. ``lm_head``) or ``"conv"``.
+    :param in_index: for each input position of the kernel (the kernel's input axes, in kernel
+        order), the spec module's input feature it is; ``in_index.shape`` is those axes' shape.
+    :param out_index: likewise for the kernel's output axes and the module's output features.
+    :param input_spec, kernel_spec, output_spec: the einsum equation's parts (``"einsum"`` only).
+    """
+
+    layer: Any
+    kind: str
+    in_index: np.ndarray
+    out_index: np.ndarray
+    input_spec: str = ""
+    kernel_spec: str = ""
+    output_spec: str = ""
+
+    @property
+    def kin(self) -> str:
+        """The kernel's input letters (contracted with the input), in kernel order."""
+        return "".join(c for c in self.kernel_spec if c in self.input_spec and c not in self.output_spec)
+
+    @property
+    def kout(self) -> str:
+        """The kernel's output letters, in kernel order."""
+        return "".join(c for c in self.kernel_spec if c in self.output_spec)
+
+    @property
+    def role(self) -> str:
+        """``"reverse"`` for the logits projection of a reversible embedding, else ``"forward"``."""
+        return "reverse" if self.kind == "reverse" else "forward"
+
+    @property
+    def tied(self) -> bool:
+        """A reverse piece whose kernel is the transposed ``embeddings`` (tied weights)."""
+        return self.kind == "reverse" and bool(getattr(self.layer, "tie_weights", False))
+
+    @property
+    def kernel_variable(self) -> Any:
+        """The variable holding the base weight (``embeddings`` for a tied reverse piece)."""
+        if self.kind == "reverse":
+            return self.layer.embeddings if self.tied else self.layer.reverse_embeddings
+        if self.kind == "embedding":
+            return self.layer.embeddings
+        return self.layer.kernel
+
+    @property
+    def bias_variable(self) -> Any:
+        """The layer's bias variable, or ``None``."""
+        if self.kind in ("embedding", "reverse"):
+            return None
+        return getattr(self.layer, "bias", None)
+
+    @property
+    def n_in(self) -> int:
+        return int(self.in_index.size)
+
+    @property
+    def n_out(self) -> int:
+        return int(self.out_index.size)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.in_index.shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.out_index.shape)
+
+
+@dataclass(eq=False)
+class ModuleSite:
+    """A spec module and the Keras pieces that compute it.
+
+    :param path: the spec module path.
+    :param kind: ``"linear"`` (``nn.Linear``/``Conv1D``: ``lora_A.weight``...), ``"embedding"``
+        (``lora_embedding_A``...) or ``"conv"``.
+    :param in_features, out_features: the spec module's (PEFT's) feature counts.
+    :param pieces: the Keras layers; their ``out_index`` together cover the outputs.
+    :param source: ``"module_map"``, ``"converter"`` or ``"layers"`` (how it was found).
+    """
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    pieces: list[Piece] = field(default_factory=list)
+    source: str = "layers"
+
+    @property
+    def conv_spatial(self) -> tuple[int, ...]:
+        """The kernel's spatial size (conv sites), ``()`` otherwise."""
+        if self.kind != "conv":
+            return ()
+        return tuple(int(d) for d in self.pieces[0].layer.kernel.shape[:-2])
+
+
+def _keras() -> Any:
+    import keras
+
+    return keras
+
+
+def _split_equation(equation: str) -> tuple[str, str, str]:
+    inputs, output = equation.replace(" ", "").split("->")
+    input_spec, kernel_spec = inputs.split(",")
+    return input_spec, kernel_spec, output
+
+
+def layer_kind(layer: Any) -> str | None:
+    """The piece kind of a Keras layer (``"dense"``, ``"einsum"``, ``"embedding"``, ``"conv"``) or ``None``.
+
+    >>> import keras
+    >>> layer_kind(keras.layers.Dense(4))
+    'dense'
+    """
+    keras = _keras()
+    if isinstance(layer, keras.layers.EinsumDense):
+        return "einsum"
+    if isinstance(layer, keras.layers.Dense):
+        return "dense"
+    if isinstance(layer, keras.layers.Embedding):
+        return "embedding"
+    conv_base = getattr(getattr(keras.src.layers, "convolutional", None), "base_conv", None)
+    if conv_base is not None and isinstance(layer, conv_base.BaseConv) and not getattr(layer, "transpose", False):
+        return "conv"
+    if type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D"):
+        return "conv"
+    return None
+
+
+def _axes(piece_kind: str, layer: Any, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The kernel's input and output axes (positions in the kernel) for a piece kind."""
+    if piece_kind in ("dense", "embedding", "reverse"):
+        return (0,), (1,)
+    if piece_kind == "einsum":
+        input_spec, kernel_spec, output_spec = _split_equation(layer.equation)
+        kin = tuple(i for i, c in enumerate(kernel_spec) if c in input_spec and c not in output_spec)
+        kout = tuple(i for i, c in enumerate(kernel_spec) if c in output_spec)
+        return kin, kout
+    rank = len(kernel_shape)
+    return (rank - 2,), (rank - 1,)
+
+
+def _make_piece(layer: Any, kind: str, in_index: np.ndarray, out_index: np.ndarray) -> Piece:
+    if kind == "einsum":
+        input_spec, kernel_spec, output_spec = _split_equation(layer.equation)
+        return Piece(layer, kind, in_index, out_index, input_spec, kernel_spec, output_spec)
+    return Piece(layer, kind, in_index, out_index)
+
+
+def _einsum_supported(layer: Any) -> bool:
+    """Equations an adapter can follow: each kernel letter is an input or an output axis (not both),
+    the other letters pass from input to output, and an ellipsis, if any, leads."""
+    input_spec, kernel_spec, output_spec = _split_equation(layer.equation)
+    if "." in kernel_spec or any("..." in s and not s.startswith("...") for s in (input_spec, output_spec)):
+        return False
+    if not all((c in input_spec) != (c in output_spec) for c in kernel_spec):
+        return False
+    letters = lambda spec: set(spec.replace(".", ""))  # noqa: E731
+    return letters(input_spec) - letters(kernel_spec) == letters(output_spec) - letters(kernel_spec)
+
+
+def layer_site(path: str, layer: Any, *, reverse: bool = False, source: str = "layers") -> ModuleSite | None:
+    """The site of a whole Keras layer taken as one spec module, its kernel's axes flattened in order.
+
+    This is how keras-hub's converters lay out a transformers ``Linear``: kernel = ``W.T`` reshaped.
+
+    :param reverse: the logits projection of a ``ReversibleEmbedding`` (``lm_head``) instead of its lookup.
+    :returns: ``None`` for a layer kind adapters cannot wrap.
+    """
+    kind = "reverse" if reverse else layer_kind(layer)
+    if kind is None or (kind == "einsum" and not _einsum_supported(layer)):
+        return None
+    if kind == "reverse":
+        shape = tuple(int(d) for d in layer.embeddings.shape[::-1])
+    else:
+        variable = layer.embeddings if kind == "embedding" else getattr(layer, "kernel", None)
+        if variable is None:
+            return None
+        shape = tuple(int(d) for d in variable.shape)
+    kin, kout = _axes(kind, layer, shape)
+    in_shape = tuple(shape[i] for i in kin)
+    out_shape = tuple(shape[i] for i in kout)
+    piece = _make_piece(layer, kind, np.arange(math.prod(in_shape)).reshape(in_shape),
+                        np.arange(math.prod(out_shape)).reshape(out_shape))
+    module_kind = {"embedding": "embedding", "conv": "conv"}.get(kind, "linear")
+    return ModuleSite(path, module_kind, piece.n_in, piece.n_out, [piece], source)
+
+
+def model_layers(model: Any) -> list[Any]:
+    """Every layer inside ``model`` (depth first, the model itself excluded), each once."""
+    seen: set[int] = set()
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            out.append(layer)
+    return out
