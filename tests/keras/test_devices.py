@@ -1,0 +1,65 @@
+"""Where adapter variables live: ``device=`` places them, ``dtype=`` casts them; default: the wrapped kernel's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import adapterspec
+from keras_helpers import unique_values
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _model() -> keras.Model:
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(5, name="fc")(inputs))
+    model.get_layer("fc").set_weights([unique_values((6, 5), 1, scale=0.5), unique_values((5,), 2)])
+    return model
+
+
+def _adapter(tmp_path: Path) -> Path:
+    return adapterspec.write_adapter(tmp_path / "a", {"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                      "target_modules": ["fc"]},
+                                     {"base_model.model.fc.lora_A.weight": unique_values((2, 6), 3),
+                                      "base_model.model.fc.lora_B.weight": unique_values((5, 2), 4)})
+
+
+def _adapter_variables(model: keras.Model) -> list[keras.Variable]:
+    return [v for v in model.variables if "lora_" in v.path]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="device strings are TensorFlow's")
+def test_device_and_dtype_options(tmp_path: Path) -> None:
+    model = _model()
+    x = unique_values((3, 6), 5, scale=1.0)
+    adapterspec.load_adapter(model, _adapter(tmp_path), device="/CPU:0", dtype="float16")
+    variables = _adapter_variables(model)
+    assert len(variables) == 2
+    assert all(v.dtype == "float16" for v in variables)
+    assert all("CPU:0" in v.value.device for v in variables)
+    a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in variables)  # keras layout [in, r], [r, out]
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("fc").weights[:2])
+    expected = x @ kernel + bias + (x @ a) @ b
+    assert np.abs(keras.ops.convert_to_numpy(model(x)) - expected).max() <= 1e-3  # float16 adapter, float32 model
+
+
+def test_default_dtype_is_the_kernels(tmp_path: Path) -> None:
+    model = _model()
+    adapterspec.load_adapter(model, _adapter(tmp_path))
+    assert all(v.dtype == "float32" for v in _adapter_variables(model))
+    saved = adapterspec.extract_adapter(model)
+    assert {info.dtype for info in saved.tensors.values()} == {"F32"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="needs a GPU")
+def test_gpu_placement(tmp_path: Path) -> None:
+    model = _model()
+    adapterspec.load_adapter(model, _adapter(tmp_path), device="/GPU:0")
+    assert all("GPU:0" in v.value.device for v in _adapter_variables(model))
+    x = unique_values((3, 6), 5, scale=1.0)
+    assert keras.ops.convert_to_numpy(model(x)).shape == (3, 5)
