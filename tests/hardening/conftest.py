@@ -8,32 +8,15 @@ The summary line (``pytest_terminal_summary``) appears in plain ``pytest -q`` ou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hardening_harness import LONG, STATS
+from hardening_harness import LONG, LORA_CONFIG, STATS, lora_tensors, scratch_root
 
 import adapterspec
-
-#: The small LoRA adapter every byte-level fuzzer starts from: two modules, r=2, F32.
-LORA_CONFIG = {"peft_type": "LORA", "target_modules": ["q", "v"], "r": 2, "lora_alpha": 4}
-
-
-def lora_tensors() -> dict[str, np.ndarray]:
-    """Element-unique values (sin of an index ramp), so a swapped key or transpose cannot pass."""
-    shapes = {"lora_A.weight": (2, 3), "lora_B.weight": (4, 2)}
-    out, offset = {}, 0
-    for module in ("l.0.q", "l.0.v"):
-        for param, shape in shapes.items():
-            n = int(np.prod(shape))
-            out[f"base_model.model.{module}.{param}"] = np.sin(np.arange(offset, offset + n, dtype=np.float64)).reshape(shape).astype(np.float32)
-            offset += n
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +25,6 @@ def good_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("good") / "lora"
     adapterspec.write_adapter(folder, LORA_CONFIG, lora_tensors())
     return folder
-
-
-def scratch_root() -> Path | None:
-    """A tmpfs folder for the byte-level fuzzers, which rewrite small files thousands of times
-    (100x faster than a journaled disk), or ``None`` where there is none."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 @pytest.fixture

@@ -23,13 +23,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import adapterspec
 
-__all__ = ["LONG", "SCALE", "STATS", "Hang", "Outcome", "deadline", "expect_clean", "long_mode_extra", "probe", "snapshot"]
+__all__ = [
+    "LONG",
+    "LORA_CONFIG",
+    "SCALE",
+    "STATS",
+    "Hang",
+    "Outcome",
+    "deadline",
+    "expect_clean",
+    "long_mode_extra",
+    "lora_tensors",
+    "probe",
+    "scratch_root",
+    "snapshot",
+]
 
 #: ``ADAPTERSPEC_FUZZ_LONG=1`` (nightly CI) multiplies every generated-input count by 10.
 LONG = os.environ.get("ADAPTERSPEC_FUZZ_LONG", "") not in ("", "0")
 SCALE = 10 if LONG else 1
+
+#: The small LoRA adapter every byte-level fuzzer starts from: two modules, r=2, F32.
+LORA_CONFIG = {"peft_type": "LORA", "target_modules": ["q", "v"], "r": 2, "lora_alpha": 4}
+
+
+def lora_tensors() -> dict[str, np.ndarray]:
+    """Element-unique values (sin of an index ramp), so a swapped key or transpose cannot pass."""
+    shapes = {"lora_A.weight": (2, 3), "lora_B.weight": (4, 2)}
+    out, offset = {}, 0
+    for module in ("l.0.q", "l.0.v"):
+        for param, shape in shapes.items():
+            n = int(np.prod(shape))
+            out[f"base_model.model.{module}.{param}"] = np.sin(np.arange(offset, offset + n, dtype=np.float64)).reshape(shape).astype(np.float32)
+            offset += n
+    return out
+
+
+def scratch_root() -> Path | None:
+    """A tmpfs folder for the byte-level fuzzers, which rewrite small files thousands of times
+    (100x faster than a journaled disk), or ``None`` where there is none."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
 
 #: Seconds one call may take before it counts as a hang.
 DEADLINE_S = 10.0

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import LORA_CONFIG, lora_tensors
+from hardening_harness import LORA_CONFIG, lora_tensors
 from hardening_harness import SCALE, STATS, expect_clean, long_mode_extra, probe, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

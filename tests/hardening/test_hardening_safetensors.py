@@ -220,7 +220,7 @@ def _generated_folder(factory: pytest.TempPathFactory) -> Path:
         import atexit
         import tempfile
 
-        from conftest import LORA_CONFIG, lora_tensors, scratch_root
+        from hardening_harness import LORA_CONFIG, lora_tensors, scratch_root
 
         root = scratch_root()
         base = Path(tempfile.mkdtemp(prefix="adapterspec-hardening-", dir=root)) if root else factory.mktemp("gen")
@@ -232,7 +232,7 @@ def _generated_folder(factory: pytest.TempPathFactory) -> Path:
 
 def test_valid_file_roundtrip_is_exact(good_adapter: Path) -> None:
     """The baseline the fuzzers mutate is itself valid and reads back exactly (so mutations are the only cause)."""
-    from conftest import lora_tensors
+    from hardening_harness import lora_tensors
 
     assert adapterspec.validate_adapter(good_adapter) == []
     loaded = adapterspec.read_adapter(good_adapter, verify=True).load_tensors("numpy")

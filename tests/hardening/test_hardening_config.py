@@ -104,7 +104,7 @@ def _scratch(factory: pytest.TempPathFactory) -> Path:
         import atexit
         import tempfile
 
-        from conftest import scratch_root
+        from hardening_harness import scratch_root
 
         root = scratch_root()
         _SCRATCH["d"] = Path(tempfile.mkdtemp(prefix="adapterspec-hardening-", dir=root)) if root else factory.mktemp("cfg")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LORA_CONFIG, lora_tensors
+from hardening_harness import LORA_CONFIG, lora_tensors
 from hardening_harness import STATS
 
 import adapterspec
