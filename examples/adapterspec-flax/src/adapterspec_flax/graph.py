@@ -53,17 +53,33 @@ class ModelState:
     merged: tuple[str, ...] = ()
 
     def config(self, name: str) -> AdapterConfig:
-        """The config adapter ``name`` was injected with."""
+        """The config adapter ``name`` was injected with.
+
+        >>> ModelState(names=("a", "b"), configs=("cfg-a", "cfg-b")).config("b")
+        'cfg-b'
+        """
         return self.configs[self.names.index(name)]
 
 
 def get_state(model: nnx.Module) -> ModelState:
-    """The model's :class:`ModelState` (an empty one if no adapter was ever loaded)."""
+    """The model's :class:`ModelState` (an empty one if no adapter is loaded).
+
+    >>> get_state(nnx.Linear(2, 2, rngs=nnx.Rngs(0))).names
+    ()
+    """
     return getattr(model, STATE_ATTR, None) or ModelState()
 
 
 def set_state(model: nnx.Module, state: ModelState) -> None:
-    """Store ``state`` on the model; an empty one removes the attribute, leaving the model as it was."""
+    """Store ``state`` on the model; an empty one removes the attribute, leaving the model as it was.
+
+    >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> set_state(layer, ModelState(names=("a",), configs=(None,)))
+    >>> get_state(layer).names, hasattr(layer, STATE_ATTR)
+    (('a',), True)
+    >>> set_state(layer, ModelState()); hasattr(layer, STATE_ATTR)
+    False
+    """
     if state.names:
         setattr(model, STATE_ATTR, state)
     elif hasattr(model, STATE_ATTR):
@@ -87,7 +103,11 @@ def iter_modules(model: nnx.Module) -> Iterator[tuple[str, tuple[Key, ...], nnx.
 
 
 def iter_wrappers(model: nnx.Module) -> Iterator[tuple[str, tuple[Key, ...], AdaptedLinear | AdaptedEmbed]]:
-    """The adapter wrappers in the model, as :func:`iter_modules` yields them."""
+    """The adapter wrappers in the model, as :func:`iter_modules` yields them.
+
+    >>> list(iter_wrappers(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+    []
+    """
     for dotted, path, node in iter_modules(model):
         if isinstance(node, (AdaptedLinear, AdaptedEmbed)):
             yield dotted, path, node
@@ -100,7 +120,12 @@ def _child(node: Any, key: Key) -> Any:
 
 
 def get_node(model: nnx.Module, path: tuple[Key, ...]) -> Any:
-    """The object at attribute path ``path`` (``("layers", 0, "q_proj")``)."""
+    """The object at attribute path ``path`` (``("layers", 0, "q_proj")``).
+
+    >>> model = nnx.Dict(layers=nnx.List([nnx.Linear(2, 3, rngs=nnx.Rngs(0))]))
+    >>> get_node(model, ("layers", 0)).out_features
+    3
+    """
     node: Any = model
     for key in path:
         node = _child(node, key)
@@ -111,6 +136,8 @@ def check_settable(model: nnx.Module, path: tuple[Key, ...]) -> None:
     """Raise if the object at ``path`` cannot be replaced (it sits in a tuple or another immutable container).
 
     :raises UnsupportedError: naming the module.
+
+    >>> check_settable(nnx.Dict(layers=nnx.List([nnx.Linear(2, 3, rngs=nnx.Rngs(0))])), ("layers", 0))
     """
     parent = get_node(model, path[:-1])
     key = path[-1]
@@ -121,7 +148,13 @@ def check_settable(model: nnx.Module, path: tuple[Key, ...]) -> None:
 
 
 def set_node(model: nnx.Module, path: tuple[Key, ...], value: Any) -> None:
-    """Put ``value`` at attribute path ``path`` (attribute, ``nnx.List``/``nnx.Dict`` item, or list/dict item)."""
+    """Put ``value`` at attribute path ``path`` (attribute, ``nnx.List``/``nnx.Dict`` item, or list/dict item).
+
+    >>> model = nnx.Dict(layers=nnx.List([nnx.Linear(2, 3, rngs=nnx.Rngs(0))]))
+    >>> set_node(model, ("layers", 0), nnx.Linear(2, 5, rngs=nnx.Rngs(0)))
+    >>> model["layers"][0].out_features
+    5
+    """
     parent = get_node(model, path[:-1])
     key = path[-1]
     if isinstance(parent, (MutableSequence, MutableMapping)) and (

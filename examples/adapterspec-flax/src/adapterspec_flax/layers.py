@@ -30,6 +30,7 @@ from adapterspec.errors import UnsupportedError
 __all__ = [
     "AdaptedEmbed",
     "AdaptedLinear",
+    "AdapterParam",
     "AdapterVariable",
     "DoraNorm",
     "IA3Weights",
@@ -42,8 +43,17 @@ __all__ = [
 IA3_UNMERGE_EPS = 1e-8
 
 
+class AdapterParam(nnx.Param):  # type: ignore[misc]
+    """A trainable adapter tensor (``trainable=True``). Train the adapters alone with ``wrt=AdapterParam``:
+    the base layers' weights are plain ``nnx.Param``.
+
+    >>> import optax                                                         # doctest: +SKIP
+    >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam)   # doctest: +SKIP
+    """
+
+
 class AdapterVariable(nnx.Variable):  # type: ignore[misc]
-    """A frozen adapter tensor: not an ``nnx.Param``, so ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves it alone."""
+    """A frozen adapter tensor (the default when loading): not an ``nnx.Param``, so no optimizer updates it."""
 
 
 class DoraNorm(nnx.Variable):  # type: ignore[misc]
@@ -51,7 +61,7 @@ class DoraNorm(nnx.Variable):  # type: ignore[misc]
 
 
 def _variable(value: jax.Array, trainable: bool) -> nnx.Variable:
-    return nnx.Param(value) if trainable else AdapterVariable(value)
+    return AdapterParam(value) if trainable else AdapterVariable(value)
 
 
 class LoraWeights(nnx.Module):
@@ -63,7 +73,7 @@ class LoraWeights(nnx.Module):
     :param scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
     :param bias: ``lora_B``'s bias ``[out]`` (``lora_bias``), or ``None``.
     :param magnitude: DoRA's magnitude vector ``[out]``, or ``None`` for plain LoRA.
-    :param trainable: ``nnx.Param`` variables if true, :class:`AdapterVariable` otherwise.
+    :param trainable: :class:`AdapterParam` variables if true, :class:`AdapterVariable` otherwise.
     """
 
     def __init__(self, module: str, lora_a: jax.Array, lora_b: jax.Array, *, scaling: float,
@@ -82,11 +92,19 @@ class LoraWeights(nnx.Module):
         return self.magnitude is not None
 
     def delta(self, dtype: Any) -> jax.Array:
-        """``scaling * A @ B`` in kernel layout (``[in, out]``; ``[num_embeddings, features]`` on an embedding)."""
+        """``scaling * A @ B`` in kernel layout (``[in, out]``; ``[num_embeddings, features]`` on an embedding).
+
+        >>> LoraWeights("q", jnp.ones((3, 1)), jnp.ones((1, 2)), scaling=2.0).delta(jnp.float32).tolist()
+        [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+        """
         return (self.scaling * (self.lora_A[...] @ self.lora_B[...])).astype(dtype)
 
     def low_rank(self, x: jax.Array) -> jax.Array:
-        """``B(A(x))`` without the scaling (``lora_B``'s bias included), in the adapter's dtype."""
+        """``B(A(x))`` without the scaling (``lora_B``'s bias included), in the adapter's dtype.
+
+        >>> LoraWeights("q", jnp.ones((2, 1)), jnp.ones((1, 2)), scaling=2.0, bias=jnp.ones(2)).low_rank(jnp.ones((1, 2)))
+        Array([[3., 3.]], dtype=float32)
+        """
         out = x.astype(self.lora_A.get_value().dtype) @ self.lora_A[...] @ self.lora_B[...]
         return out + self.lora_B_bias[...] if self.lora_B_bias is not None else out
 
@@ -213,7 +231,15 @@ class AdaptedLinear(nnx.Module):
         return kernel, bias, norms
 
     def unmerged_state(self) -> tuple[jax.Array, jax.Array | None]:
-        """Kernel and bias with every merged adapter subtracted again, newest first -- no assignment."""
+        """Kernel and bias with every merged adapter subtracted again, newest first -- no assignment.
+
+        >>> layer = AdaptedLinear(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        >>> layer.adapters["a"] = LoraWeights("q", jnp.ones((2, 1)), jnp.ones((1, 2)), scaling=1.0)
+        >>> kernel, bias, norms = layer.merged_state(("a",))
+        >>> layer.base_layer.kernel.set_value(kernel); layer.merged = ("a",)
+        >>> bool(jnp.allclose(layer.unmerged_state()[0], kernel - 1.0))
+        True
+        """
         kernel = self.base_layer.kernel[...]
         bias = self.base_layer.bias[...] if self.base_layer.bias is not None else None
         for name in reversed(self.merged):
