@@ -142,5 +142,7 @@ def adapterspec_unmerge(model: Any) -> bool | None:
 
 @hookimpl
 def adapterspec_conformance_implementations() -> list[Any]:
-    """None yet (the conformance driver for this backend lives in ``adapterspec_torch.conformance``)."""
-    return []
+    """This backend, as an implementation ``adapterspec conformance`` can test (imports the framework lazily)."""
+    from .conformance import TorchImplementation
+
+    return [TorchImplementation()]

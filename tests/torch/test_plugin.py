@@ -38,7 +38,7 @@ def test_claims_torch_modules_only() -> None:
                          ("adapterspec_delete", {"adapter_name": "x"}), ("adapterspec_extract_state", {"adapter_name": "x"})]:
         assert getattr(plugin, hook)(model=object(), **kwargs) is None
     assert plugin.adapterspec_adapter_names(model=torch.nn.Linear(2, 2)) == []
-    assert plugin.adapterspec_conformance_implementations() == []
+    assert [i.name for i in plugin.adapterspec_conformance_implementations()] == ["torch"]
 
 
 def test_inject_train_save_load_in_peft(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
