@@ -179,6 +179,11 @@ def test_claiming_does_not_import_jax() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env={"ADAPTERSPEC_DISABLE_PLUGINS": "torch,keras"})
 
 
+def test_disable_env_blocks_the_plugin() -> None:
+    code = "from adapterspec.plugins import plugin_names\nassert 'flax' not in plugin_names(), plugin_names()\n"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"ADAPTERSPEC_DISABLE_PLUGINS": "flax,torch,keras"})
+
+
 # -- numbers equal PEFT's -------------------------------------------------------------------------------
 
 def test_base_models_agree() -> None:
