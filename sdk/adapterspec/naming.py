@@ -144,8 +144,12 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     return name
 
 
+#: Each method's parameter names, longest first (``lora_B.bias`` before a shorter suffix of it).
+_SUFFIXES = {method: tuple(sorted(params, key=len, reverse=True)) for method, params in PARAMETERS.items()}
+
+
 def _method_tensor(key: str, rest: str, peft_type: str) -> TensorName | None:
-    for param in sorted(PARAMETERS.get(peft_type, ()), key=len, reverse=True):
+    for param in _SUFFIXES.get(peft_type, ()):
         if rest == param or rest.endswith("." + param):
             return TensorName(key, rest[: -len(param) - 1] if rest != param else "", param, "adapter")
     return None
