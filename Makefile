@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, alone: the pinned 2.13.0 is the local CPU build (any other spec pulls CUDA wheels)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# the Flax backend is a separate distribution, installed the way a third-party plugin would be
+	$(PY) -m pip install -q -c constraints.txt -e ./examples/adapterspec-flax
 	touch $(STAMP)
 
 setup: $(STAMP)

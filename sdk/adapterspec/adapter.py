@@ -173,7 +173,16 @@ def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str
         import torch
 
         return {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device) for k, v in arrays.items()}
-    raise UnsupportedError(f"in-memory adapters convert to 'numpy' or 'pt', not {framework!r}",
+    if framework in ("tf", "flax", "jax"):
+        as_numpy = _convert(arrays, "numpy", "cpu")
+        if framework == "tf":
+            import tensorflow as tf
+
+            return {k: tf.convert_to_tensor(v) for k, v in as_numpy.items()}
+        import jax.numpy as jnp
+
+        return {k: jnp.asarray(v) for k, v in as_numpy.items()}
+    raise UnsupportedError(f"in-memory adapters convert to 'numpy', 'pt', 'tf' or 'flax', not {framework!r}",
                            hint="load the tensors as NumPy and convert them in the backend")
 
 

@@ -77,7 +77,7 @@ def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, opt
 def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str] | None:
     """Copy ``adapter``'s tensors into the layers injected for ``adapter_name``. Stops at first non-None result.
 
-    Reads the tensors itself (``adapter.open(framework, device)``) so that they go from the file
+    Reads the tensors itself (``adapter.load_tensors(framework, device)``) so that they go from the file
     straight to their device. Every key must find its place and every place must be filled: all
     checks run before the first assignment, so a raise leaves the adapter's tensors unchanged.
 
