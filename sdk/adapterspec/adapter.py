@@ -276,8 +276,9 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adap
                          hint="use PEFT itself for this adapter, or save it without the feature")
         for pointer, reason in unsupported_features(config)]
     errors += tensor_errors(config, adapter.tensors)
+    source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
     for e in errors:
-        e.path = e.path or str(adapter.weights_file or folder)
+        e.path = e.path or str(source_file)  # name the file the tensors came from (the pickle too)
     return adapter, errors
 
 
