@@ -223,7 +223,7 @@ def _replace_files(files: Mapping[str, Content], folder: Path) -> None:
                 if final.name == CONFIG_NAME:
                     os.rename(final, backup)  # no config from here until the new one is in
                 else:
-                    os.link(final, backup)
+                    _link_or_copy(final, backup)
                 backups.append((backup, final))
         for tmp, final in staged:
             os.replace(tmp, final)

@@ -109,7 +109,7 @@ def _multi_root(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("exc", EXCEPTIONS, ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize("step", [("_write_file", 1), ("_write_file", 2), ("replace", 1), ("replace", 2),
-                                  ("rename", 1), ("link", 1)], ids=lambda s: f"{s[0]}#{s[1]}")
+                                  ("rename", 1), ("_link_or_copy", 1)], ids=lambda s: f"{s[0]}#{s[1]}")
 def test_failure_while_replacing_files_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   step: tuple[str, int], exc: BaseException) -> None:
     root = _multi_root(tmp_path)
