@@ -17,7 +17,7 @@ from typing import Any
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, BackendError
+from .errors import AdapterExistsError, AdapterNotFoundError, BackendError, UnsafeFileError
 from .folder import list_adapters, write_adapter, write_adapters
 from .options import LoadOptions, ModuleMap
 from .plugins import get_plugin_manager, plugin_names
@@ -83,11 +83,13 @@ def resolve_source(source: Adapter | str | Path, *, subfolder: str | None = None
         folder = local / subfolder if subfolder else local
         if subfolder:
             check_adapter_name(Path(subfolder).name)
-            if not folder.resolve().is_relative_to(local.resolve()):
-                from .errors import UnsafeFileError
-
-                raise UnsafeFileError(f"subfolder {subfolder!r} leaves the folder", path=local,
-                                      hint="name a subfolder inside the adapter folder")
+            try:
+                inside = folder.resolve().is_relative_to(local.resolve())
+            except (OSError, RuntimeError):  # a symlink loop, a name too long
+                inside = False
+            if not inside:
+                raise UnsafeFileError(f"subfolder {subfolder!r} leaves the folder or cannot be resolved", path=local,
+                                      hint="name a real subfolder inside the adapter folder")
         return folder
     from .hub import download_adapter
 

@@ -65,8 +65,8 @@ class AdapterSpecError(Exception):
 
     @property
     def location(self) -> str:
-        """``file: pointer-or-key``, whatever of them is known."""
-        parts = [p for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
+        """``file: pointer-or-key``, whatever of them is known (control characters escaped)."""
+        parts = [_printable(p) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
         if self.pointer == "":
             parts.append("(config root)")
         return ": ".join(parts)
@@ -77,6 +77,11 @@ class AdapterSpecError(Exception):
 
     def __reduce__(self):  # keep kwargs through pickling (multiprocessing, pytest-xdist)
         return (_rebuild, (type(self), self.message, self.pointer, self.key, self.path, self.hint))
+
+
+def _printable(text: str) -> str:
+    """Escape what could spoof a terminal (NUL, newlines, ANSI escapes, bidi overrides) in names from files."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _rebuild(cls, message, pointer, key, path, hint):  # type: ignore[no-untyped-def]

@@ -49,7 +49,7 @@ METADATA_FORMAT = "format"  # PEFT writes {"format": "pt"}; kept for compatibili
 METADATA_VERSION = "adapterspec_version"
 METADATA_SHA256 = "adapterspec_sha256"
 
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 def check_version(version: object, *, pointer: str = "/adapterspec_version", path: str | None = None) -> tuple[int, int]:
@@ -64,7 +64,7 @@ def check_version(version: object, *, pointer: str = "/adapterspec_version", pat
     """
     if version is None:
         return (1, 0)
-    match = _VERSION_RE.match(version) if isinstance(version, str) else None
+    match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     if match is None:
         raise VersionError(
             f"must be a version string 'MAJOR.MINOR', got {version!r}",

@@ -165,10 +165,7 @@ DICT_CASES = {
     "version 2.0": ({**BASE, "adapterspec_version": "2.0"}, "/adapterspec_version"),
     "version int": ({**BASE, "adapterspec_version": 1}, "/adapterspec_version"),
 }
-#: Known, reported to the lead: spec.check_version (and the schema's pattern) end in '$', which also
-#: matches before a trailing newline. Strict xfail: it turns into a failure once fixed, to be moved up.
-KNOWN_ISSUES = {"version with newline": ({**BASE, "adapterspec_version": "1.0\n"}, "/adapterspec_version")}
-DICT_CASES.update(KNOWN_ISSUES)
+DICT_CASES["version with newline"] = ({**BASE, "adapterspec_version": "1.0\n"}, "/adapterspec_version")
 
 REGEX_FIELDS = {  # field -> (bad value builder, pointer)
     "target_modules": (lambda p: p, "/target_modules"),
@@ -196,9 +193,7 @@ BAD_REGEXES = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="spec.check_version accepts a trailing newline"))
-    if c in KNOWN_ISSUES else c for c in sorted(DICT_CASES)])
+@pytest.mark.parametrize("case", sorted(DICT_CASES))
 def test_crafted_config_dicts(case: str) -> None:
     data, pointer = DICT_CASES[case]
     outcome = probe(case, lambda: AdapterConfig.from_dict(data))

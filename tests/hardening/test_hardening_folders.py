@@ -187,9 +187,6 @@ def test_resolve_source_subfolder(tmp_path: Path, good_adapter: Path, subfolder:
     (root / "outlink").symlink_to(good_adapter, target_is_directory=True)
     outcome = probe(f"subfolder {subfolder!r}", lambda: api.resolve_source(root, subfolder=subfolder))
     STATS.count("subfolder")
-    if subfolder == "loop" and outcome.kind == "untyped":
-        STATS.known_issue(outcome)
-        pytest.xfail("api.resolve_source: a symlink loop raises RuntimeError from Path.resolve (reported to the lead)")
     expect_clean([outcome], allow_ok=False)
     assert isinstance(outcome.error, adapterspec.UnsafeFileError), outcome.error
 

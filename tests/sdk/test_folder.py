@@ -132,3 +132,8 @@ def test_pickle_needs_opt_in(tmp_path: Path) -> None:
     adapter = adapterspec.read_adapter(folder, allow_pickle=True)
     loaded = adapter.load_tensors()
     assert all(np.array_equal(loaded[k], v) for k, v in tensors().items())
+
+
+def test_error_locations_escape_control_characters() -> None:
+    error = adapterspec.UnexpectedTensorError("bad", key="base_model.model.x\u202e\x1b[31m\n.lora_A.weight")
+    assert str(error) == "base_model.model.x\\u202e\\x1b[31m\\n.lora_A.weight: bad"

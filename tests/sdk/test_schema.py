@@ -85,7 +85,7 @@ def test_config_schema_structure(schema):
         "inference_mode", "peft_version", "auto_mapping", "modules_to_save",
     }
     assert schema["properties"]["peft_type"]["enum"] == METHODS
-    assert schema["properties"]["adapterspec_version"]["pattern"] == r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$"
+    assert schema["properties"]["adapterspec_version"]["pattern"] == r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?![\s\S])"
     assert "additionalProperties" not in schema
     for method in METHODS:
         sub = schema["$defs"][method]
