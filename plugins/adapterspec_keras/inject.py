@@ -6,8 +6,8 @@ from Python (``self._query_dense(x)``) and the functional graph calls its nodes'
 ``Layer.__call__``, which runs ``self.call``. So the layer object stays where it is and only its
 ``call`` is replaced, on the instance, by a dispatcher that runs the original ``call`` (with the
 activation / logit soft-cap held back) and adds the active adapters' parts (PEFT adds the delta
-before the activation). The adapter variables live in an :class:`~adapterspec_keras.layers.AdapterLayer`
-tracked as a sublayer of the wrapped layer, so ``model.trainable_variables`` -- and ``fit`` -- see them.
+before the activation). The adapter variables live in the adapter's :class:`~adapterspec_keras.bank.AdapterBank`, tracked
+as a sublayer of a wrapped layer, so ``model.trainable_variables`` -- and ``fit`` -- see them.
 This works in eager calls, in ``tf.function``-traced ``fit``/``predict``/``generate`` (Python state is
 read at trace time; every change drops the traced functions) and needs no rebuild of the graph.
 :func:`unwrap` deletes the instance attribute (or restores a previous one), so the layer is the very
@@ -30,6 +30,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
+from .bank import AdapterBank
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
@@ -66,7 +67,10 @@ def find_targets(model: Any, config: AdapterConfig, options: LoadOptions | None 
     >>> find_targets(model, cfg)                                        # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
-    sites = spec_sites(model, options)
+    return _match(model, spec_sites(model, options), config)
+
+
+def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig) -> list[str]:
     targets = [path for path in sites if config.matches(path)]
     wanted = config.get("target_modules")
     if isinstance(wanted, (list, tuple, set)):
@@ -117,7 +121,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
                                pointer="/modules_to_save",
                                hint="drop modules_to_save from the config, or use the torch backend")
     sites = spec_sites(model, options)
-    paths = find_targets(model, config, options)
+    paths = _match(model, sites, config)
     for path in paths:
         check_supported(sites[path], path, config)
     state = get_state(model, create=True)
@@ -126,11 +130,19 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     state.configs[adapter_name] = config
     state.modules[adapter_name] = list(paths)
     try:
+        bank = AdapterBank(adapter_name)
+        _track(sites[paths[0]].pieces[0].layer, bank)
+        state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
+        layers = []
         for path in paths:
-            site = sites[path]
-            layer = _adapter_layer(model, state, site)
-            layer.add_adapter(adapter_name, config, path, options)
+            layer = _adapter_layer(model, state, sites[path])
+            layer.add_adapter(adapter_name, config, path, options, bank)
             layer.set_active(state.active)
+            layers.append(layer)
+        if getattr(options, "initialize", True):
+            bank.materialize()
+            for layer in layers:
+                layer.finish_init(adapter_name)
         if options.trainable:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
@@ -144,13 +156,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     return list(paths)
 
 
-def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLayer:
-    key = site_key(site)
-    layer = state.adapter_layers.get(key)
-    if layer is not None:
-        return layer
-    layer = AdapterLayer(site)
-    host = site.pieces[0].layer
+def _track(host: Any, layer: Any) -> None:
+    """Make ``layer`` a sublayer of ``host`` (built and locked already), so Keras sees its variables."""
     tracker = host._tracker
     locked = tracker.locked
     tracker.unlock()
@@ -159,8 +166,15 @@ def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLa
     finally:
         if locked:
             tracker.locked = True
+
+
+def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLayer:
+    key = site_key(site)
+    layer = state.adapter_layers.get(key)
+    if layer is not None:
+        return layer
+    layer = AdapterLayer(site)
     state.adapter_layers[key] = layer
-    state.hosts[key] = host
     for piece in site.pieces:
         wrap(model, piece.layer)
         state.entries[id(piece.layer)].append((layer, piece))
@@ -170,16 +184,16 @@ def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLa
 def _train_only_adapters(model: Any, state: ModelState, adapter_name: str) -> None:
     """Base variables frozen (remembered for :func:`_restore_trainable`), the adapter's trainable."""
     if not state.trainable:
-        adapter_vars = {id(v) for layer in state.adapter_layers.values() for v in layer.variables}
+        adapter_vars = {id(v) for bank, _ in state.banks.values() for v in bank.variables}
         layers = [model, *model_layers(model)]
         for layer in layers:
-            if not isinstance(layer, AdapterLayer):
+            if not isinstance(layer, AdapterBank):
                 state.frozen.append((layer, "_trainable", layer.__dict__.get("_trainable", True)))
         for variable in model.variables:
             if id(variable) not in adapter_vars:
                 state.frozen.append((variable, "trainable", variable.trainable))
         for layer in layers:
-            if not isinstance(layer, AdapterLayer):
+            if not isinstance(layer, AdapterBank):
                 object.__setattr__(layer, "_trainable", True)
         for variable in model.variables:
             if id(variable) not in adapter_vars:
@@ -247,14 +261,18 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
             layer.remove_adapter(adapter_name)
         if layer.adapter_names():
             continue
-        host = state.hosts.pop(key)
-        host._tracker.untrack(layer)
         del state.adapter_layers[key]
-        for keras_layer, _ in [state.originals[id(p.layer)] for p in layer.site.pieces if id(p.layer) in state.originals]:
-            entries = state.entries[id(keras_layer)]
+        for piece in layer.site.pieces:
+            entries = state.entries.get(id(piece.layer))
+            if entries is None:
+                continue
             entries[:] = [(al, p) for al, p in entries if al is not layer]
             if not entries:
-                unwrap(model, keras_layer)
+                unwrap(model, piece.layer)
+    bank_host = state.banks.pop(adapter_name, None)
+    if bank_host is not None:
+        bank, host = bank_host
+        host._tracker.untrack(bank)
     if adapter_name in state.trainable:
         state.trainable.remove(adapter_name)
         if not state.trainable:

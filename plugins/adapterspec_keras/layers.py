@@ -10,17 +10,19 @@ module maps to, including einsum attention kernels ``(hidden, heads, head_dim)``
 
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
+The variables themselves live packed in the adapter's :class:`~adapterspec_keras.bank.AdapterBank`
+(one Keras variable per group of same-shaped parameters); an adapter layer holds references.
 
 >>> layer = AdapterLayer(site)                                          # doctest: +SKIP
->>> layer.add_adapter("default", cfg, "model.layers.0.self_attn.q_proj", LoadOptions())  # doctest: +SKIP
+>>> layer.add_adapter("default", cfg, "model.layers.0.self_attn.q_proj", LoadOptions(), bank)  # doctest: +SKIP
 >>> sorted(layer.adapter_params("default"))                             # doctest: +SKIP
 ['lora_A.weight', 'lora_B.weight']
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,8 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
-from .devices import device_scope, target_of
+from .bank import AdapterBank, Ref
+from .devices import target_of
 from .sites import ModuleSite, Piece
 
 __all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "layer_kind"]
@@ -98,10 +101,23 @@ class Layout:
         return np.ascontiguousarray(np.transpose(np.asarray(value), self.perm).reshape(self.spec_shape))
 
     def to_keras(self, value: np.ndarray) -> np.ndarray:
-        """A spec-layout array in Keras layout."""
-        transposed = tuple(self.keras_shape[i] for i in self.perm)
-        inverse = tuple(int(i) for i in np.argsort(self.perm))
-        return np.transpose(np.asarray(value).reshape(transposed), inverse)
+        """A spec-layout array in Keras layout (a view where possible)."""
+        return np.transpose(np.asarray(value).reshape(self.transposed_shape), self.inverse)
+
+    @property
+    def transposed_shape(self) -> tuple[int, ...]:
+        """The spec tensor reshaped so that one transpose (:attr:`inverse`) gives the Keras layout."""
+        return tuple(self.keras_shape[i] for i in self.perm)
+
+    @property
+    def inverse(self) -> tuple[int, ...]:
+        """The permutation from :attr:`transposed_shape` to the Keras layout."""
+        return _inverse(self.perm)
+
+
+@functools.lru_cache(maxsize=None)
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
 @dataclass
@@ -116,8 +132,14 @@ class _Slot:
     lora_bias: bool
     dropout: float
     feedforward: bool
-    params: dict[str, Any] = field(default_factory=dict)
+    bank: AdapterBank | None = None
+    refs: dict[str, Ref] = field(default_factory=dict)
     layouts: dict[str, Layout] = field(default_factory=dict)
+
+    def get(self, param: str) -> Any:
+        """The parameter's current value (a slice of the bank's variable; differentiable)."""
+        assert self.bank is not None
+        return self.bank.get(self.refs[param])
 
 
 def _lora_layouts(site: ModuleSite, r: int, use_dora: bool, lora_bias: bool) -> dict[str, Layout]:
@@ -158,15 +180,13 @@ def _training() -> bool:
     return bool(getattr(ctx, "training", False))
 
 
-class AdapterLayer(keras.layers.Layer):
+class AdapterLayer:
     """The adapters of one spec module; the wrapped Keras layers call it from their patched ``call``.
 
-    :param site: the module's :class:`~adapterspec_keras.mapping.ModuleSite` (its Keras pieces).
+    :param site: the module's :class:`~adapterspec_keras.sites.ModuleSite` (its Keras pieces).
     """
 
-    def __init__(self, site: ModuleSite, **kwargs: Any) -> None:
-        name = "adapterspec_" + re.sub(r"[^A-Za-z0-9_]", "_", site.path)
-        super().__init__(name=name, **kwargs)
+    def __init__(self, site: ModuleSite) -> None:
         self.site = site
         self._slots: dict[str, _Slot] = {}
         self._active: list[str] = []
@@ -175,15 +195,16 @@ class AdapterLayer(keras.layers.Layer):
         self._base_backups: dict[str, tuple[Any, np.ndarray]] = {}
         self._base_saved: set[str] = set()
         self._w0: list[Any] | None = None
-        self._seed: Any = None  # a SeedGenerator, made when an adapter has lora_dropout
-        self.built = True
 
     # -- adapters ----------------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions) -> None:
-        """Create adapter ``name``'s variables for module ``path``, initialised as ``config`` says, inactive.
+    def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions,
+                    bank: AdapterBank) -> None:
+        """Reserve adapter ``name``'s parameters for module ``path`` in ``bank``, initialised as ``config`` says
+        once the bank is materialized; inactive.
 
         LoRA: ``lora_A`` random (PEFT's kaiming-uniform bound ``1/sqrt(fan_in)``), ``lora_B`` zero (so the
-        output is unchanged), DoRA magnitude ``||W||`` per output row; IA3: ones.
+        output is unchanged), DoRA magnitude ``||W||`` per output row (:meth:`finish_init`); IA3: ones.
+        With ``options.initialize`` false (:func:`adapterspec.load_adapter`), everything starts at zero.
         """
         check_supported(self.site, path, config)
         site = self.site
@@ -198,44 +219,45 @@ class AdapterLayer(keras.layers.Layer):
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
             slot.layouts = _ia3_layout(site, feedforward)
-            ones = config.get("init_ia3_weights", True) is not False
-            inits = {"ia3_l": "ones" if ones else keras.initializers.RandomNormal()}
-        with device_scope(device):
-            if slot.dropout > 0 and self._seed is None:
-                self._seed = keras.random.SeedGenerator(0)
-            for param, layout in slot.layouts.items():
-                slot.params[param] = self.add_weight(
-                    shape=layout.keras_shape, initializer=inits[param], dtype=dtype, trainable=options.trainable,
-                    name=f"{name}.{param}".replace("/", "_"))
-            if slot.use_dora:
-                slot.params["lora_magnitude_vector"].assign(
-                    ops.cast(self._weight_norm(slot, scaling=slot.scaling), dtype))
+            inits = {"ia3_l": ("ones",) if config.get("init_ia3_weights", True) is not False else ("normal", 1.0)}
+        if not getattr(options, "initialize", True):  # filled right after (load_adapter): no random init
+            inits = dict.fromkeys(inits, ("zeros",))
+        slot.bank = bank
+        if slot.dropout > 0:
+            bank.needs_seed()
+        for param, layout in slot.layouts.items():
+            slot.refs[param] = bank.reserve(param, layout.keras_shape, dtype, device, inits[param],
+                                            trainable=options.trainable)
         self._slots[name] = slot
 
+    def finish_init(self, name: str) -> None:
+        """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero)."""
+        slot = self._slots[name]
+        if slot.use_dora:
+            assert slot.bank is not None
+            slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))
+
     @staticmethod
-    def _lora_inits(config: AdapterConfig, slot: _Slot, site: ModuleSite) -> dict[str, Any]:
+    def _lora_inits(config: AdapterConfig, slot: _Slot, site: ModuleSite) -> dict[str, tuple[Any, ...]]:
+        """Initialiser descriptions (see :func:`~adapterspec_keras.bank.make_initializer`), PEFT's choices."""
         init = config.get("init_lora_weights", True)
         fan_in = site.in_features * math.prod(site.conv_spatial)
-        bound = 1.0 / math.sqrt(fan_in)
-        uniform = keras.initializers.RandomUniform(-bound, bound)
+        uniform = ("uniform", 1.0 / math.sqrt(fan_in))
+        inits: dict[str, tuple[Any, ...]]
         if site.kind == "embedding":  # PEFT: A zero, B normal
-            inits = {"lora_embedding_A": "zeros", "lora_embedding_B": keras.initializers.RandomNormal(stddev=1.0)}
-            if init is False:
-                inits["lora_embedding_A"] = keras.initializers.RandomNormal(stddev=1.0)
+            inits = {"lora_embedding_A": ("normal", 1.0) if init is False else ("zeros",),
+                     "lora_embedding_B": ("normal", 1.0)}
         else:
-            a_init = keras.initializers.RandomNormal(stddev=1.0 / slot.rank) if init == "gaussian" else uniform
-            b_bound = 1.0 / math.sqrt(slot.rank)
-            b_init = keras.initializers.RandomUniform(-b_bound, b_bound) if init is False else "zeros"
+            a_init = ("normal", 1.0 / slot.rank) if init == "gaussian" else uniform
+            b_init = ("uniform", 1.0 / math.sqrt(slot.rank)) if init is False else ("zeros",)
             inits = {"lora_A.weight": a_init, "lora_B.weight": b_init}
-        inits["lora_B.bias"] = "zeros"
-        inits["lora_magnitude_vector"] = "ones"
+        inits["lora_B.bias"] = ("zeros",)
+        inits["lora_magnitude_vector"] = ("ones",)
         return inits
 
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s variables (it must not be merged)."""
-        slot = self._slots.pop(name)
-        for variable in slot.params.values():
-            self._tracker.untrack(variable)
+        """Drop adapter ``name`` (its variables go with its bank); a merged one's delta stays in the base weights."""
+        self._slots.pop(name)
         self._active = [n for n in self._active if n != name]
         self._merged = [n for n in self._merged if n != name]
         self._base_saved.discard(name)
@@ -307,8 +329,19 @@ class AdapterLayer(keras.layers.Layer):
         self._slots[name].path = path
 
     def adapter_params(self, name: str) -> dict[str, Any]:
-        """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> Keras variable (Keras layout)."""
-        return dict(self._slots[name].params)
+        """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> its current value (Keras layout)."""
+        slot = self._slots[name]
+        return {param: slot.get(param) for param in slot.refs}
+
+    def refs(self, name: str) -> dict[str, Ref]:
+        """Spec parameter name -> where it lives in the adapter's bank."""
+        return dict(self._slots[name].refs)
+
+    def bank(self, name: str) -> AdapterBank:
+        """The bank holding adapter ``name``'s variables."""
+        bank = self._slots[name].bank
+        assert bank is not None
+        return bank
 
     def layouts(self, name: str) -> dict[str, Layout]:
         """Spec parameter name -> its :class:`Layout`, for adapter ``name``."""
@@ -335,7 +368,7 @@ class AdapterLayer(keras.layers.Layer):
         """The input the base layer sees: ``x`` times the product of active IA3 feed-forward vectors."""
         for _, slot in self._running():
             if slot.method == "IA3" and slot.feedforward:
-                x = _ops.scale_in(piece, x, _ops.gather_in(piece, slot.params["ia3_l"], self.site.in_features))
+                x = _ops.scale_in(piece, x, _ops.gather_in(piece, slot.get("ia3_l"), self.site.in_features))
         return x
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
@@ -343,7 +376,7 @@ class AdapterLayer(keras.layers.Layer):
         for _, slot in self._running():
             if slot.method == "IA3":
                 if not slot.feedforward:
-                    result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.params["ia3_l"],
+                    result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.get("ia3_l"),
                                                                               self.site.out_features))
                 continue
             result = self._apply_lora(piece, slot, x, result)
@@ -352,9 +385,9 @@ class AdapterLayer(keras.layers.Layer):
     def _views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         site = self.site
         if site.kind == "embedding":
-            a, b = slot.params["lora_embedding_A"], slot.params["lora_embedding_B"]
+            a, b = slot.get("lora_embedding_A"), slot.get("lora_embedding_B")
         else:
-            a, b = slot.params["lora_A.weight"], slot.params["lora_B.weight"]
+            a, b = slot.get("lora_A.weight"), slot.get("lora_B.weight")
         if site.kind != "conv":
             a = _ops.gather_in(piece, a, site.in_features)
         b = _ops.gather_out(piece, b, site.out_features)
@@ -366,17 +399,17 @@ class AdapterLayer(keras.layers.Layer):
         dropped = x
         dropout_on = slot.dropout > 0 and _training() and piece.kind != "embedding"
         if dropout_on:
-            dropped = keras.random.dropout(x, slot.dropout, seed=self._seed)
+            dropped = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
         lora = _ops.expand_out(piece, _ops.contract_in(piece, dropped, a), b)
         if slot.lora_bias:
-            lora = _ops.add_out(piece, lora, _ops.gather_out(piece, slot.params["lora_B.bias"], self.site.out_features))
+            lora = _ops.add_out(piece, lora, _ops.gather_out(piece, slot.get("lora_B.bias"), self.site.out_features))
         if not slot.use_dora:
             return result + lora * ops.cast(slot.scaling, dtype)
         # DoRA (PEFT's DoraLinearLayer.forward): norm of W + s*BA per output, detached
         flat = ops.cast(_ops.flat_kernel(piece), dtype)
         norm = ops.sqrt(ops.sum(ops.square(flat + slot.scaling * _ops.lora_delta_flat(piece, a, b)), axis=0))
         norm = ops.stop_gradient(norm)
-        magnitude = ops.cast(_ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features), dtype)
+        magnitude = ops.cast(_ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features), dtype)
         scale = _ops.scale_out(piece, ops.ones_like(result), magnitude / norm)
         if dropout_on:
             base = self._base_linear(piece, dropped, dtype)
@@ -452,7 +485,7 @@ class AdapterLayer(keras.layers.Layer):
         if slot.use_dora:
             norm = ops.sqrt(ops.sum(ops.square(base + delta), axis=0))
             self._dora_norms[(name, index)] = norm
-            magnitude = _ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features)
+            magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
             new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
         else:
             new = flat + delta
@@ -463,24 +496,24 @@ class AdapterLayer(keras.layers.Layer):
         if bias is None:
             raise UnsupportedError(f"lora_bias cannot merge into {piece.layer.path!r}, which has no bias",
                                    key=self.site.path, hint="keep the adapter unmerged")
-        extra = _ops.gather_out(piece, slot.params["lora_B.bias"], self.site.out_features) * slot.scaling * sign
+        extra = _ops.gather_out(piece, slot.get("lora_B.bias"), self.site.out_features) * slot.scaling * sign
         bias.assign(bias + ops.cast(ops.reshape(extra, tuple(bias.shape)), bias.dtype))
 
     def _scale_piece(self, piece: Piece, slot: _Slot, flat: Any, *, inverse: bool) -> None:
         variable = piece.kernel_variable
         if slot.feedforward:
-            vector = _ops.gather_in(piece, slot.params["ia3_l"], self.site.in_features)
+            vector = _ops.gather_in(piece, slot.get("ia3_l"), self.site.in_features)
             if piece.kind == "conv":
                 vector = ops.tile(vector, (math.prod(self.site.conv_spatial),))
             vector = vector[:, None]
         else:
-            vector = _ops.gather_out(piece, slot.params["ia3_l"], self.site.out_features)[None, :]
+            vector = _ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features)[None, :]
         vector = ops.cast(vector, flat.dtype)
         new = flat / (vector + _IA3_EPS) if inverse else flat * vector
         variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
         bias = piece.bias_variable
         if bias is not None and not slot.feedforward:
-            scale = ops.reshape(_ops.gather_out(piece, slot.params["ia3_l"], self.site.out_features), tuple(bias.shape))
+            scale = ops.reshape(_ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features), tuple(bias.shape))
             scale = ops.cast(scale, bias.dtype)
             bias.assign(bias / (scale + _IA3_EPS) if inverse else bias * scale)
 
@@ -498,7 +531,7 @@ class AdapterLayer(keras.layers.Layer):
                 delta = self.delta_weight(name, piece)
                 if slot.use_dora:
                     norm = self._dora_norms.pop((name, i))
-                    magnitude = _ops.gather_out(piece, slot.params["lora_magnitude_vector"], self.site.out_features)
+                    magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
                     new = flat / ops.cast(magnitude / norm, flat.dtype)[None, :] - delta
                 else:
                     new = flat - delta

@@ -25,6 +25,7 @@ Built on :mod:`adapterspec_keras.sites` (what a site is) and :mod:`adapterspec_k
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from adapterspec import LoadOptions
@@ -100,6 +101,29 @@ def _resolve_layer(model: Any, target: Any, path: str) -> tuple[Any, bool]:
                               key=path, hint="use a layer path from [l.path for l in model._flatten_layers()]")
 
 
+_BUILTIN: weakref.WeakKeyDictionary[Any, dict[str, ModuleSite]] = weakref.WeakKeyDictionary()
+
+
+def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
+    """The converter-derived sites of a keras-hub model (cached per model), else the model's own layers."""
+    cached = _BUILTIN.get(model)
+    if cached is not None:
+        return dict(cached)
+    backbone = backbone_of(model)
+    hf_sites, model_type = converter_sites(backbone)
+    if not hf_sites:
+        return _layer_sites(model)  # a hand-built model may still grow: not cached
+    sites: dict[str, ModuleSite] = {}
+    prefix = BASE_MODEL_PREFIX.get(model_type or "")
+    task_model = backbone is not model
+    ordered = sorted(hf_sites.items(), key=lambda kv: kv[0].split(".")[0] == "lm_head")
+    for hf_path, site in ordered:
+        name = _spec_name(hf_path, prefix, task_model)
+        sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces, site.source)
+    _BUILTIN[model] = sites
+    return dict(sites)
+
+
 def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, ModuleSite]:
     """Every spec module path ``model`` can take an adapter on, with its site, in model order.
 
@@ -111,18 +135,7 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
     ['model.embed_tokens', 'model.layers.0.self_attn.q_proj']
     """
     module_map = options.module_map if options is not None else None
-    backbone = backbone_of(model)
-    hf_sites, model_type = converter_sites(backbone)
-    sites: dict[str, ModuleSite] = {}
-    if hf_sites:
-        prefix = BASE_MODEL_PREFIX.get(model_type or "")
-        task_model = backbone is not model
-        ordered = sorted(hf_sites.items(), key=lambda kv: kv[0].split(".")[0] == "lm_head")
-        for hf_path, site in ordered:
-            name = _spec_name(hf_path, prefix, task_model)
-            sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces, site.source)
-    else:
-        sites = _layer_sites(model)
+    sites = _builtin_sites(model)
     if module_map is None:
         return sites
     if callable(module_map):

@@ -11,9 +11,14 @@ converts both ways, exactly (a transpose, no arithmetic).
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
 from adapterspec.errors import (
@@ -25,12 +30,11 @@ from adapterspec.errors import (
 )
 from adapterspec.naming import BASE_LAYER_PARAM, make_key, parse_key
 
-from .devices import place
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
 from .switch import get_state
 
-__all__ = ["expected_params", "extract_state", "load_state"]
+__all__ = ["expected_params", "extract_state", "load_state", "tensor_views"]
 
 
 def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
@@ -85,6 +89,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     renames: dict[int, tuple[AdapterLayer, str]] = {}
     unmapped: list[str] = []
     base_plan: dict[str, AdapterLayer] = {}
+    all_layouts: dict[int, dict[str, Layout]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
         if name.role == "base_layer" and _owner(name.module, by_path) is not None:
@@ -100,7 +105,9 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                 continue
             raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
                                         hint="check target_modules / exclude_modules / layers_to_transform")
-        layouts = layer.layouts(adapter_name)
+        layouts = all_layouts.get(id(layer))
+        if layouts is None:
+            layouts = all_layouts[id(layer)] = layer.layouts(adapter_name)
         if name.param not in layouts:
             raise UnexpectedTensorError(
                 f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
@@ -120,26 +127,110 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                                   key=mods[0], hint="pass module_map={spec module path: keras layer path}")
     covered = {(id(layer), param) for layer, param, _ in plan.values()}
     for layer in layers:
-        for param in layer.layouts(adapter_name):
+        for param in all_layouts.get(id(layer)) or layer.layouts(adapter_name):
             if (id(layer), param) not in covered:
                 raise MissingTensorError(f"the file has no {param!r} for module {layer.path_of(adapter_name)!r}",
                                          key=make_key(layer.path_of(adapter_name), param),
                                          hint="the adapter file is incomplete, or targets other modules")
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
-    arrays = adapter.load_tensors("numpy")
+    arrays = tensor_views(adapter)
     for key, layer in base_plan.items():
         layer.replace_base_weight(adapter_name, arrays[key])
     for layer, path in renames.values():
         layer.rename(adapter_name, path)
-    for key, (layer, param, layout) in plan.items():
-        variable = layer.adapter_params(adapter_name)[param]
-        variable.assign(place(layout.to_keras(arrays[key]), variable))
-        # DoRA/IA3 caches depend on values, not names; nothing else to refresh
+    _fill_banks(plan, arrays, adapter_name)
     state = get_state(model)
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
     return list(plan)
+
+
+_NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
+
+
+def tensor_views(adapter: Adapter) -> Mapping[str, np.ndarray]:
+    """The adapter's tensors as read-only NumPy views of the memory-mapped file (no copy: they are copied
+    once, into the bank's variables). Falls back to :meth:`Adapter.load_tensors` for in-memory adapters,
+    pickles or anything unusual.
+
+    >>> views = tensor_views(adapterspec.read_adapter("my-lora"))       # doctest: +SKIP
+    """
+    path = adapter.weights_file
+    if adapter.arrays is not None or path is None:
+        return adapter.load_tensors("numpy")
+    try:
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+        (size,) = struct.unpack("<Q", mapped[:8].tobytes())
+        if 8 + size > mapped.size:
+            raise ValueError("header past the end")
+        header = json.loads(mapped[8:8 + size].tobytes())
+        data = 8 + size
+        out = {}
+        for key, info in adapter.tensors.items():
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            dtype = _np_dtype(_NUMPY_DTYPES[entry["dtype"]])
+            count = math.prod(entry["shape"])
+            if entry["dtype"] != info.dtype or list(entry["shape"]) != list(info.shape) or \
+                    end - begin != count * np.dtype(dtype).itemsize or data + end > mapped.size or begin < 0:
+                raise ValueError(f"{key}: header disagrees with the checked one")
+            out[key] = np.frombuffer(mapped, dtype=dtype, count=count, offset=data + begin).reshape(entry["shape"])
+        return out
+    except (ValueError, KeyError, OSError, TypeError, struct.error):
+        return adapter.load_tensors("numpy")
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """An empty array whose data is ``align``-byte aligned: TensorFlow then takes it without a copy."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str) -> None:
+    """Write the tensors group by group: stack each group's tensors as the file lays them out (a plain copy),
+    turn the stack into Keras layout with one transpose, and create the bank's variable from it."""
+    if not plan:
+        return
+    bank = next(iter(plan.values()))[0].bank(adapter_name)
+    counts = bank.groups()
+    staged: dict[Any, np.ndarray] = {}
+    inverse: dict[Any, tuple[int, ...]] = {}
+    refs: dict[int, dict[str, Any]] = {}
+    for key, (layer, param, layout) in plan.items():
+        layer_refs = refs.get(id(layer))
+        if layer_refs is None:
+            layer_refs = refs[id(layer)] = layer.refs(adapter_name)
+        ref = layer_refs[param]
+        block = staged.get(ref.key)
+        if block is None:
+            block = staged[ref.key] = _aligned_empty((counts[ref.key], *layout.transposed_shape),
+                                                     _np_dtype(ref.key.dtype))
+            inverse[ref.key] = (0, *(i + 1 for i in layout.inverse))
+        block[ref.index] = np.asarray(arrays[key]).reshape(layout.transposed_shape)
+    values = {k: _keras_layout(block, inverse[k]) for k, block in staged.items()}
+    if not bank.materialized:
+        bank.materialize(values)
+        return
+    for k, value in values.items():
+        bank.variable(k).assign(value)
+
+
+def _keras_layout(block: np.ndarray, perm: tuple[int, ...]) -> Any:
+    if perm == tuple(range(len(perm))):
+        return block
+    return ops.transpose(ops.convert_to_tensor(block), perm)
+
+
+def _np_dtype(dtype: str) -> Any:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
 
 
 def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
@@ -153,12 +244,16 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
     state = get_state(model)
     assert state is not None
     tensors: dict[str, np.ndarray] = {}
+    groups: dict[Any, np.ndarray] = {}
     for layer in layers:
         path = layer.path_of(adapter_name)
         layouts = layer.layouts(adapter_name)
-        for param, variable in layer.adapter_params(adapter_name).items():
-            value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
-            tensors[make_key(path, param)] = layouts[param].to_spec(value)
+        bank = layer.bank(adapter_name)
+        for param, ref in layer.refs(adapter_name).items():
+            block = groups.get(ref.key)
+            if block is None:
+                block = groups[ref.key] = ops.convert_to_numpy(bank.variable(ref.key))
+            tensors[make_key(path, param)] = layouts[param].to_spec(block[ref.index])
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     return state.configs[adapter_name], tensors

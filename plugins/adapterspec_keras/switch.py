@@ -47,7 +47,7 @@ class ModelState:
     :param originals: id(Keras layer) -> (layer, its own ``call`` attribute before patching or ``None``).
     :param entries: id(Keras layer) -> the (adapter layer, piece) pairs its patched ``call`` runs.
     :param adapter_layers: site key -> :class:`~adapterspec_keras.layers.AdapterLayer`, in model order.
-    :param hosts: site key -> the Keras layer that tracks the adapter layer (so ``fit`` sees its variables).
+    :param banks: adapter name -> (its :class:`~adapterspec_keras.bank.AdapterBank`, the Keras layer tracking it).
     :param trainable: adapters injected trainable.
     :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
     """
@@ -60,7 +60,7 @@ class ModelState:
     originals: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     entries: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
     adapter_layers: dict[Any, Any] = field(default_factory=dict)
-    hosts: dict[Any, Any] = field(default_factory=dict)
+    banks: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)
     frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
 

@@ -33,9 +33,13 @@ def test_fit_trains_only_the_adapter_and_peft_loads_the_result(checkpoints: Any,
     modules = adapterspec.inject_adapter(model, config)
     assert len(modules) == 14
 
-    adapter_vars = {id(v) for v in model.variables if v.path not in base_values and "lora_" in v.path}
-    assert len(adapter_vars) == 28
-    assert {id(v) for v in model.trainable_variables} == adapter_vars  # only the adapter trains
+    adapter_vars = [v for v in model.variables if v.path not in base_values and "lora_" in v.path]
+    # 28 tensors (A and B of 14 modules), packed by shape: 5 variables [count, ...]
+    assert sum(int(np.prod(v.shape[:1])) for v in adapter_vars) == 28
+    per_layer = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64), "gate": (64, 128), "up": (64, 128),
+                 "down": (128, 64)}  # (in, out): A is [r, in], B [out, r]
+    assert sum(int(np.prod(v.shape)) for v in adapter_vars) == 2 * sum(4 * (i + o) for i, o in per_layer.values())
+    assert {id(v) for v in model.trainable_variables} == {id(v) for v in adapter_vars}  # only the adapter trains
 
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)

@@ -1,0 +1,136 @@
+"""Packed storage of one adapter's variables: one Keras variable per group of same-shaped parameters.
+
+A Llama LoRA on 7 projections x 32 layers is 448 tensors but only ~7 distinct (parameter, shape)
+pairs. Creating a framework variable costs about a millisecond, so the bank stacks each group into
+one variable ``[count, *shape]`` and every module reads its slice (``variable[index]``; gradients
+flow to the slice, so ``fit`` trains them as separate tensors). Loading fills a whole group at once
+and the variable is created with its data (no zero fill, no second copy).
+
+The bank is a ``keras.layers.Layer`` tracked as a sublayer of a wrapped layer, so ``model.variables``
+and ``model.trainable_variables`` include its variables.
+
+>>> bank = AdapterBank("default")                                       # doctest: +SKIP
+>>> ref = bank.reserve("lora_A.weight", (64, 4), "float32", None, ("zeros",), trainable=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from .devices import device_scope
+
+__all__ = ["AdapterBank", "GroupKey", "Ref", "make_initializer"]
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What makes parameters share a variable: name, Keras shape, dtype, device, initialisation, trainability."""
+
+    param: str
+    shape: tuple[int, ...]
+    dtype: str
+    device: str | None
+    init: tuple[Any, ...]
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One parameter of one module: row ``index`` of group ``key``'s variable."""
+
+    key: GroupKey
+    index: int
+
+
+def make_initializer(init: tuple[Any, ...]) -> Any:
+    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``.
+
+    >>> type(make_initializer(("uniform", 0.5))).__name__
+    'RandomUniform'
+    """
+    kind = init[0]
+    if kind == "uniform":
+        return keras.initializers.RandomUniform(-init[1], init[1])
+    if kind == "normal":
+        return keras.initializers.RandomNormal(stddev=init[1])
+    return kind  # "zeros", "ones"
+
+
+class AdapterBank(keras.layers.Layer):
+    """All variables of one adapter (one variable per :class:`GroupKey`), created in one go.
+
+    :param adapter_name: the adapter's name (it names the layer: ``adapterspec_<name>``).
+    """
+
+    def __init__(self, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(name="adapterspec_" + re.sub(r"[^A-Za-z0-9_.-]", "_", adapter_name), **kwargs)
+        self.adapter_name = adapter_name
+        self._counts: dict[GroupKey, int] = {}
+        self._variables: dict[GroupKey, Any] = {}
+        self.seed: Any = None
+        self.built = True
+
+    def reserve(self, param: str, shape: tuple[int, ...], dtype: str, device: str | None, init: tuple[Any, ...],
+                *, trainable: bool) -> Ref:
+        """A row for one module's parameter (before :meth:`materialize`)."""
+        if self._variables:
+            raise RuntimeError("the bank is materialized already")  # an internal misuse, never a user error
+        key = GroupKey(param, tuple(shape), dtype, device, init, trainable)
+        index = self._counts.get(key, 0)
+        self._counts[key] = index + 1
+        return Ref(key, index)
+
+    def needs_seed(self) -> None:
+        """Give the bank a seed generator (an adapter with ``lora_dropout``)."""
+        if self.seed is None:
+            self.seed = keras.random.SeedGenerator(0)
+
+    @property
+    def materialized(self) -> bool:
+        return bool(self._variables) or not self._counts
+
+    def materialize(self, values: dict[GroupKey, np.ndarray] | None = None) -> None:
+        """Create the variables: from ``values`` (whole groups, Keras layout) where given, else initialised."""
+        if self._variables:
+            return
+        values = values or {}
+        for i, (key, count) in enumerate(self._counts.items()):
+            shape = (count, *key.shape)
+            given = values.get(key)
+            initializer = make_initializer(key.init) if given is None else (
+                lambda shape, dtype=None, _v=given: ops.convert_to_tensor(_v, dtype=dtype))
+            with device_scope(key.device):
+                self._variables[key] = self.add_weight(
+                    shape=shape, initializer=initializer, dtype=key.dtype, trainable=key.trainable,
+                    name=f"{key.param}.{i}")
+
+    def groups(self) -> dict[GroupKey, int]:
+        """Group -> number of rows."""
+        return dict(self._counts)
+
+    def variable(self, key: GroupKey) -> Any:
+        """The Keras variable of a group (created, zero/initialised, if not yet)."""
+        if not self._variables:
+            self.materialize()
+        return self._variables[key]
+
+    def get(self, ref: Ref) -> Any:
+        """One module's parameter: a slice of its group's variable (differentiable)."""
+        return self.variable(ref.key)[ref.index]
+
+    def numpy(self, ref: Ref) -> np.ndarray:
+        """One module's parameter as a NumPy array (Keras layout)."""
+        return ops.convert_to_numpy(self.get(ref))
+
+    def assign(self, ref: Ref, value: Any) -> None:
+        """Replace one module's parameter (a row of its group)."""
+        variable = self.variable(ref.key)
+        start = [ref.index] + [0] * len(ref.key.shape)
+        row = ops.expand_dims(ops.cast(value, variable.dtype), 0)
+        variable.assign(ops.slice_update(variable, start, row))
