@@ -11,9 +11,7 @@ converts both ways, exactly (a transpose, no arithmetic).
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +32,7 @@ from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
 from .switch import get_state
 
-__all__ = ["expected_params", "extract_state", "load_state", "tensor_views"]
+__all__ = ["expected_params", "extract_state", "load_state"]
 
 
 def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
@@ -134,7 +132,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                                          hint="the adapter file is incomplete, or targets other modules")
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
-    arrays = tensor_views(adapter)
+    arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
     for key, layer in base_plan.items():
         layer.replace_base_weight(adapter_name, arrays[key])
     for layer, path in renames.values():
@@ -144,41 +142,6 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
     return list(plan)
-
-
-_NUMPY_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
-
-
-def tensor_views(adapter: Adapter) -> Mapping[str, np.ndarray]:
-    """The adapter's tensors as read-only NumPy views of the memory-mapped file (no copy: they are copied
-    once, into the bank's variables). Falls back to :meth:`Adapter.load_tensors` for in-memory adapters,
-    pickles or anything unusual.
-
-    >>> views = tensor_views(adapterspec.read_adapter("my-lora"))       # doctest: +SKIP
-    """
-    path = adapter.weights_file
-    if adapter.arrays is not None or path is None:
-        return adapter.load_tensors("numpy")
-    try:
-        mapped = np.memmap(path, dtype=np.uint8, mode="r")
-        (size,) = struct.unpack("<Q", mapped[:8].tobytes())
-        if 8 + size > mapped.size:
-            raise ValueError("header past the end")
-        header = json.loads(mapped[8:8 + size].tobytes())
-        data = 8 + size
-        out = {}
-        for key, info in adapter.tensors.items():
-            entry = header[key]
-            begin, end = entry["data_offsets"]
-            dtype = _np_dtype(_NUMPY_DTYPES[entry["dtype"]])
-            count = math.prod(entry["shape"])
-            if entry["dtype"] != info.dtype or list(entry["shape"]) != list(info.shape) or \
-                    end - begin != count * np.dtype(dtype).itemsize or data + end > mapped.size or begin < 0:
-                raise ValueError(f"{key}: header disagrees with the checked one")
-            out[key] = np.frombuffer(mapped, dtype=dtype, count=count, offset=data + begin).reshape(entry["shape"])
-        return out
-    except (ValueError, KeyError, OSError, TypeError, struct.error):
-        return adapter.load_tensors("numpy")
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
