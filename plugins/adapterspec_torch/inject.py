@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
+from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
+from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
 from .devices import target_of
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
@@ -37,6 +38,7 @@ __all__ = [
     "check_features",
     "find_modules_to_save",
     "find_targets",
+    "find_token_targets",
     "inject",
     "iter_modules",
     "remove_adapter_modules",
@@ -191,9 +193,8 @@ def unwrap(model: nn.Module, name: str) -> None:
 
 #: LoRA variants that change the computation and that this backend does not implement: refused rather
 #: than silently run as plain LoRA.
-_UNSUPPORTED_LORA = ("trainable_token_indices", "target_parameters", "layer_replication", "alora_invocation_tokens",
-                     "use_qalora", "velora_config", "arrow_config", "use_bdlora", "monteclora_config", "kasa_config",
-                     "megatron_config")
+_UNSUPPORTED_LORA = ("target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
+                     "arrow_config", "use_bdlora", "monteclora_config", "kasa_config", "megatron_config")
 
 
 def check_features(config: AdapterConfig) -> None:
@@ -214,6 +215,96 @@ def check_features(config: AdapterConfig) -> None:
                                    "backend", pointer=f"/{name}", hint="load this adapter with PEFT itself")
 
 
+def _input_embedding(model: nn.Module, universe: list[tuple[str, str, nn.Module]]) -> str | None:
+    """The spec path of the model's input embedding (transformers' ``get_input_embeddings``), or ``None``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        embedding = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return next((spec for spec, _, module in universe if module is embedding), None)
+
+
+def _weight_of(module: nn.Module) -> Any:
+    base = module._modules.get("base_layer") if isinstance(module, AdapterLayer) else module
+    return base._parameters.get("weight") if base is not None else None
+
+
+def find_token_targets(model: nn.Module, config: AdapterConfig, universe: list[tuple[str, str, nn.Module]],
+                       taken: set[str]) -> list[tuple[str, list[int], str | None]]:
+    """LoRA ``trainable_token_indices``: (spec path, indices, tied source path or ``None``) per layer whose rows
+    the adapter replaces, PEFT's rules (``_set_trainable`` and its weight tying):
+
+    * an array names the model's input embedding; an object maps names to indices, each name selecting every
+      module whose path ends with it;
+    * with ``tie_word_embeddings``, the layers sharing the input embedding's weight (the output layer) replace
+      the same rows (one tensor, saved once) -- unless the object gives them other indices.
+
+    :raises TargetNotFoundError: a name of the object selects no module.
+    :raises UnsupportedError: a selected module is also adapted or saved whole by this adapter.
+
+    >>> find_token_targets(model, cfg, _universe(model, None), set())          # doctest: +SKIP
+    [('model.embed_tokens', [3, 7], None), ('lm_head', [3, 7], 'model.embed_tokens')]
+    """
+    indices = config.get("trainable_token_indices") if config.peft_type == "LORA" else None
+    if indices is None:
+        return []
+    embedding = _input_embedding(model, universe)
+    if isinstance(indices, list):
+        layers = {embedding or "embed_tokens": list(indices)}
+    else:
+        layers = {name: list(rows) for name, rows in indices.items()}
+    model_config = getattr(model, "config", None)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False)) and embedding is not None
+    embedding_module = next((m for s, _, m in universe if s == embedding), None)
+    shared = _weight_of(embedding_module) if embedding_module is not None else None
+    tied_paths = [spec for spec, _, module in universe
+                  if tied and spec != embedding and shared is not None and _weight_of(module) is shared]
+    mismatch, skip = False, set()
+    if len(layers) > 1 and tied:
+        keys = [name for name in layers if embedding.endswith(name) or any(
+            path.endswith(name) or name in path.split(".") for path in tied_paths)]
+        if len(keys) >= 2:
+            mismatch = not all(layers[k] == layers[keys[0]] for k in keys[1:])
+            if not mismatch:
+                skip = set(keys) & set(tied_paths)
+    found: list[tuple[str, list[int], str | None]] = []
+    for name, rows in layers.items():
+        if name in skip:
+            continue
+        matches = [spec for spec, _, _ in universe if spec.endswith(name)]
+        if not matches:
+            raise TargetNotFoundError(f"trainable_token_indices names {name!r}, which matches no module of the model",
+                                      pointer="/trainable_token_indices", hint="name the embedding layer")
+        found.extend((spec, rows, None) for spec in matches)
+    chosen = {spec for spec, _, _ in found}
+    if tied and embedding in chosen and not mismatch:
+        rows = next(r for s, r, _ in found if s == embedding)
+        found.extend((path, rows, embedding) for path in tied_paths if path not in chosen)
+    for spec, rows, _ in found:
+        if spec in taken:
+            raise UnsupportedError("module is named by trainable_token_indices and also adapted or saved whole by "
+                                   "this adapter", key=spec,
+                                   hint="remove it from target_modules / modules_to_save, or from trainable_token_indices")
+    return found
+
+
+def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module]],
+                      tokens: list[tuple[str, list[int], str | None]]) -> None:
+    for spec, rows, _ in tokens:
+        weight = _weight_of(universe[spec][1])
+        if weight is None or weight.dim() != 2:
+            raise UnsupportedError("trainable_token_indices needs a layer with a 2-D weight (an embedding)", key=spec,
+                                   hint="name the embedding layer in trainable_token_indices")
+        bad = [i for i in rows if not 0 <= i < weight.shape[0]]
+        if bad:
+            raise ShapeMismatchError(f"trainable_token_indices {bad} are outside the layer's {weight.shape[0]} rows",
+                                     key=make_key(spec, TRAINABLE_TOKENS_PARAM),
+                                     hint="resize the model's embeddings first, or check the indices")
+
+
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
                    options: LoadOptions) -> dict[str, str]:
     check_features(config)
@@ -232,6 +323,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
         if isinstance(universe[spec][1], AdapterLayer):
             raise UnsupportedError("module is adapted by another adapter; it cannot be saved whole too", key=spec,
                                    hint="remove it from modules_to_save")
+    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved))
+    _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
     try:
         for spec in targets:
@@ -244,6 +337,12 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             layer = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
             layer.add_adapter(adapter_name, options)
+        for spec, indices, source in tokens:
+            own = universe[spec][0]
+            layer = wrap(model, own, AdapterLayer, modules=modules)
+            done[spec] = own
+            source_layer = state.wrappers[universe[source][0]] if source is not None else None
+            layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
         _remove_layers(model, state, adapter_name, done)
         raise
@@ -452,6 +551,15 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
     state.modules[adapter_name] = modules
+    if options.initialize and config.get("bias", "none") != "none":
+        from .auxiliary import fresh_bias_overrides
+        from .switch import delete
+
+        try:
+            fresh_bias_overrides(model, state, config, adapter_name, options)
+        except BaseException:
+            delete(model, adapter_name)
+            raise
     return list(modules)
 
 

@@ -34,10 +34,14 @@ from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
+from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from .devices import target_of
+from .devices import as_dtype, target_of
 
-__all__ = ["ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind", "param_shapes"]
+__all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind", "param_shapes"]
+
+#: The pseudo-method of trainable token rows (LoRA's ``trainable_token_indices``) inside an :class:`AdapterLayer`.
+TOKENS = "TOKENS"
 
 _CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 _ATTR = {"lora_A.weight": "lora_A_weight", "lora_B.weight": "lora_B_weight", "lora_B.bias": "lora_B_bias"}
@@ -103,11 +107,6 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
-    if method in ("LOHA", "LOKR") and kind in _CONV_KINDS and config.get("use_effective_conv2d"):
-        kernel = tuple(module.kernel_size)
-        if any(k != 1 for k in kernel):
-            raise UnsupportedError(f"{method} with use_effective_conv2d on a conv layer is not implemented here",
-                                   key=path, hint="set use_effective_conv2d to false")
     if kind in _CONV_KINDS and method == "LORA" and config.rank_for(path) % module.groups != 0:
         raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={module.groups}",
                                key=path, hint="choose a rank divisible by groups, or do not target this layer")
@@ -177,8 +176,13 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
             return {"ia3_l": (1, features) + (1,) * (module.weight.dim() - 2)}
         return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
     weight_shape = tuple(module.weight.shape)
+    effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
         r = config.rank_for(path)
+        if effective is not None:  # the CP form: a core tensor per factor, the factors [r, out] and [r, in / groups]
+            cols = weight_shape[1]
+            return {"hada_w1_a": (r, out_f), "hada_w1_b": (r, cols), "hada_w2_a": (r, out_f), "hada_w2_b": (r, cols),
+                    "hada_t1": (r, r, *effective), "hada_t2": (r, r, *effective)}
         cols = math.prod(weight_shape[1:])
         return {"hada_w1_a": (out_f, r), "hada_w1_b": (r, cols), "hada_w2_a": (out_f, r), "hada_w2_b": (r, cols)}
     if method == "LOKR":
@@ -197,10 +201,29 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
             shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, r), (r, in_m)
         if use_w2:
             shapes["lokr_w2"] = (out_k, in_n, *kernel)
+        elif effective is not None:
+            shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (r, r, *effective), (r, out_k), (r, in_n)
         else:
             shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, r), (r, in_n * math.prod(kernel))
         return shapes
     raise UnsupportedError(f"{method} does not adapt layers", key=path, hint="use a layer-adapting method")
+
+
+def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig) -> tuple[int, int] | None:
+    """LoHa/LoKr ``use_effective_conv2d``: the kernel of the CP core tensors (``(k, 1)`` for Conv1d), or ``None``
+    when the plain form applies (not a conv layer, the flag off, or a kernel of size 1, as PEFT decides)."""
+    if kind not in ("conv1d", "conv2d") or config.peft_type not in ("LOHA", "LOKR") \
+            or not config.get("use_effective_conv2d"):
+        return None
+    kernel = tuple(module.kernel_size)
+    if all(k == 1 for k in kernel):
+        return None
+    return (kernel[0], kernel[1]) if kind == "conv2d" else (kernel[0], 1)
+
+
+def _cp_weight(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The CP reconstruction ``einsum("ijkl,ip,jr->prkl", core, left, right)`` of LoHa/LoKr's effective conv form."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", core, left, right)
 
 
 def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -253,6 +276,9 @@ class _Spec:
     feedforward: bool = False
     dropout: float = 0.0
     names: dict[str, str] = field(default_factory=dict)  # spec parameter name -> attribute name
+    indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
+    source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to another layer's
+    index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
 
 
 class _Weights(nn.Module):
@@ -284,7 +310,7 @@ class AdapterLayer(nn.Module):
         self._modules["adapter_weights"] = weights
         self.__dict__.update(
             kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
-            _plan=([], [], []), _merged=[], _caches={})
+            _plan=([], [], [], []), _merged=[], _caches={})
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -342,6 +368,60 @@ class AdapterLayer(nn.Module):
                 self.remove_adapter(name)
                 raise
 
+    def add_tokens(self, name: str, indices: Sequence[int], options: LoadOptions, *,
+                   source: AdapterLayer | None = None) -> None:
+        """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active,
+        rows ``indices`` of the weight are replaced by the adapter's ``[len(indices), dim]`` tensor (PEFT's
+        ``TrainableTokensLayer``; an embedding, or an output layer whose weight is tied to one).
+
+        The rows start as a copy of the current ones (PEFT's init) unless ``options.initialize`` is false.
+
+        :param source: the layer whose rows these are, for a layer tied to it (no tensor of its own).
+        :raises UnsupportedError: the layer is not an embedding or a linear layer.
+
+        >>> layer = AdapterLayer(torch.nn.Embedding(10, 4))
+        >>> layer.add_tokens("default", [3, 1], LoadOptions())
+        >>> layer.adapter_params("default")["token_adapter.trainable_tokens_delta"].shape
+        torch.Size([2, 4])
+        """
+        if self.kind not in ("embedding", "linear"):
+            raise UnsupportedError(f"trainable_token_indices needs an embedding (or a tied linear output) layer, "
+                                   f"not a {type(self.base_layer).__qualname__}", key=name,
+                                   hint="name an embedding layer in trainable_token_indices")
+        spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
+        weights = _new_module(_Weights)
+        weights.__dict__["training"] = self.training
+        if source is None:
+            base = self._modules["base_layer"]
+            device, dtype = target_of(base, options)
+            attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
+            spec.names[TRAINABLE_TOKENS_PARAM] = attr
+            rows = torch.empty((len(spec.indices), base.weight.shape[1]), device=device, dtype=dtype)
+            if options.initialize and device.type != "meta" and base.weight.device.type != "meta":
+                with torch.no_grad():
+                    rows.copy_(base.weight[list(spec.indices)])
+            weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
+        self._modules["adapter_weights"]._modules[name] = weights
+        self._specs[name] = spec
+        self._plan_key = None
+
+    def _token_rows(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, their indices on ``device``) of token adapter ``name``."""
+        spec = self._specs[name]
+        owner = spec.source if spec.source is not None else self
+        rows = owner._param(name, TRAINABLE_TOKENS_PARAM)
+        if spec.index is None or spec.index.device != device:
+            spec.index = torch.tensor(spec.indices, dtype=torch.long, device=device)
+        return rows, spec.index
+
+    def _with_tokens(self, names: list[str]) -> torch.Tensor:
+        """The base weight with the rows of token adapters ``names`` put in, in order (PEFT's ``get_merged_weights``)."""
+        weight = self.base_layer.weight
+        for n in names:
+            rows, index = self._token_rows(n, weight.device)
+            weight = weight.index_copy(0, index, rows.to(weight))
+        return weight
+
     def _initialise(self, name: str, config: AdapterConfig) -> None:
         spec, w = self._specs[name], self.adapter_weights[name]
         p = {param: getattr(w, attr) for param, attr in spec.names.items()}
@@ -380,8 +460,9 @@ class AdapterLayer(nn.Module):
             else:
                 p["ia3_l"].normal_()
         elif spec.method == "LOHA":
-            for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
-                _kaiming(p[key])
+            for key in ("hada_t1", "hada_t2", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                if key in p:
+                    _kaiming(p[key])
             if config.get("init_weights", True):
                 nn.init.zeros_(p["hada_w2_b"])
         elif spec.method == "LOKR":
@@ -401,6 +482,7 @@ class AdapterLayer(nn.Module):
         if name in self._merged:
             self._merged.remove(name)
         self._caches.pop(f"{name}-weight_norm", None)
+        self._caches.pop(f"{name}-rows", None)
         self._plan_key = None
 
     def adapter_names(self) -> list[str]:
@@ -460,14 +542,24 @@ class AdapterLayer(nn.Module):
                 out = _transpose(b @ a, self.fan_in_fan_out) * spec.scaling
             return out.to(dtype) if cast else out
         if spec.method == "LOHA":
-            weight = ((self._param(name, "hada_w1_a") @ self._param(name, "hada_w1_b"))
-                      * (self._param(name, "hada_w2_a") @ self._param(name, "hada_w2_b"))) * torch.tensor(spec.scaling)
+            p = functools.partial(self._param, name)
+            if self._has(name, "hada_t1"):
+                weight = (_cp_weight(p("hada_t1"), p("hada_w1_a"), p("hada_w1_b"))
+                          * _cp_weight(p("hada_t2"), p("hada_w2_a"), p("hada_w2_b"))) * torch.tensor(spec.scaling)
+            else:
+                weight = ((p("hada_w1_a") @ p("hada_w1_b")) * (p("hada_w2_a") @ p("hada_w2_b"))) \
+                    * torch.tensor(spec.scaling)
             return weight.reshape(base_weight.shape)
         if spec.method == "LOKR":
             w1 = self._param(name, "lokr_w1") if self._has(name, "lokr_w1") else (
                 self._param(name, "lokr_w1_a") @ self._param(name, "lokr_w1_b"))
-            w2 = self._param(name, "lokr_w2") if self._has(name, "lokr_w2") else (
-                self._param(name, "lokr_w2_a") @ self._param(name, "lokr_w2_b"))
+            if self._has(name, "lokr_w2"):
+                w2 = self._param(name, "lokr_w2")
+            elif self._has(name, "lokr_t2"):
+                w2 = _cp_weight(self._param(name, "lokr_t2"), self._param(name, "lokr_w2_a"),
+                                self._param(name, "lokr_w2_b"))
+            else:
+                w2 = self._param(name, "lokr_w2_a") @ self._param(name, "lokr_w2_b")
             if w2.dim() == 4:
                 w1 = w1.unsqueeze(2).unsqueeze(2)
             weight = torch.kron(w1, w2.contiguous()) * spec.scaling
@@ -506,25 +598,27 @@ class AdapterLayer(nn.Module):
         norm = self._norm_of(weight, lora_weight.detach() if detach else lora_weight, spec.scaling)
         return norm.detach()
 
-    def _plan_for(self, names: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
-        ia3_in, ia3_out, additive = [], [], []
+    def _plan_for(self, names: tuple[str, ...]) -> tuple[list[str], list[str], list[str], list[str]]:
+        ia3_in, ia3_out, additive, tokens = [], [], [], []
         for n in names:
             spec = self._specs.get(n)
             if spec is None:
                 continue
             if spec.method == "IA3":
                 (ia3_in if spec.feedforward else ia3_out).append(n)
+            elif spec.method == TOKENS:
+                tokens.append(n)
             else:
                 additive.append(n)
-        return ia3_in, ia3_out, additive
+        return ia3_in, ia3_out, additive, tokens
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self._switch.names
         if names is not self._plan_key:
             self._plan = self._plan_for(names)
             self._plan_key = names
-        ia3_in, ia3_out, additive = self._plan
-        if self._merged or not (ia3_in or ia3_out or additive):
+        ia3_in, ia3_out, additive, tokens = self._plan
+        if self._merged or not (ia3_in or ia3_out or additive or tokens):
             return self.base_layer(x, *args, **kwargs)
         previous_dtype = x.dtype
         conv = self.kind in _CONV_KINDS
@@ -537,7 +631,10 @@ class AdapterLayer(nn.Module):
                 scaling = scaling * (vector if conv else vector.flatten())
             target = self.base_layer.weight.dtype if conv else previous_dtype
             base_input = (x.to(dtype) * scaling).to(target)
-        result = self.base_layer(base_input, *args, **kwargs)
+        if tokens:
+            result = self._tokens_forward(base_input, tokens)
+        else:
+            result = self.base_layer(base_input, *args, **kwargs)
         if ia3_out:
             dtype, scaling = result.dtype, 1
             for n in ia3_out:
@@ -569,6 +666,16 @@ class AdapterLayer(nn.Module):
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
         return result.to(result_dtype)
+
+    def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
+        weight = self._with_tokens(names)
+        if self.kind == "embedding":
+            out = self._embed(x, weight)
+            embed_scale = self._embed_scale()
+            return out * embed_scale.to(out.dtype) if embed_scale is not None else out
+        # a linear output layer tied to the embedding; PEFT drops the bias here, the spec (8.8) keeps it
+        return F.linear(x, weight, self.base_layer.bias)
 
     def _lora_ab(self, name: str, spec: _Spec, x: torch.Tensor) -> torch.Tensor:
         a = self._param(name, "lora_A.weight")
@@ -703,7 +810,13 @@ class AdapterLayer(nn.Module):
                 if self.kind in _CONV_KINDS and base.groups > 1 and spec.method == "LORA":
                     raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
                                            key=name, hint="keep the adapter unmerged")
-                if spec.method == "IA3":
+                if spec.method == TOKENS:
+                    tied = spec.source is not None and spec.source.base_layer.weight is weight
+                    if not tied:  # a tied layer's rows are in the shared weight once its source merged them
+                        rows, index = self._token_rows(name, weight.device)
+                        self._caches[f"{name}-rows"] = weight.data.index_select(0, index).clone()
+                        weight.data.index_copy_(0, index, rows.data.to(weight))
+                elif spec.method == "IA3":
                     weight.data = torch.mul(weight.data, self._ia3_for_weight(name)).to(orig_dtype)
                     if not spec.feedforward and base.bias is not None:
                         vector = self._param(name, "ia3_l").reshape(base.bias.shape)
@@ -735,7 +848,11 @@ class AdapterLayer(nn.Module):
                 spec = self._specs[name]
                 weight = base.weight
                 orig_dtype = weight.dtype
-                if spec.method == "IA3":
+                if spec.method == TOKENS:
+                    rows = self._caches.pop(f"{name}-rows", None)
+                    if rows is not None:
+                        weight.data.index_copy_(0, self._token_rows(name, weight.device)[1], rows)
+                elif spec.method == "IA3":
                     weight.data = torch.div(weight.data, self._ia3_for_weight(name) + 1e-8).to(orig_dtype)
                     if not spec.feedforward and base.bias is not None:
                         vector = self._param(name, "ia3_l").reshape(base.bias.shape)
@@ -769,6 +886,7 @@ class ModulesToSaveLayer(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self._switch = ActiveSet()
+        self._casts: dict[str, torch.dtype] = {}  # adapter -> the dtype its copy computes in, if not the original's
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -779,8 +897,19 @@ class ModulesToSaveLayer(nn.Module):
             return getattr(self.active_module(), name)
 
     def add_adapter(self, name: str, options: LoadOptions) -> None:
-        """Add a copy of the original module for adapter ``name`` (on the original's device and dtype)."""
+        """Add a copy of the original module for adapter ``name``: on ``options.device`` and in ``options.dtype``
+        (floating-point tensors only) when given, else on the original's device and in its dtypes.
+
+        A copy in another dtype than the original's computes in its dtype: floating-point inputs are cast to it,
+        and a floating-point output back to the input's dtype (as adapter layers do).
+        """
         duplicate = copy.deepcopy(self.original_module)
+        dtype = as_dtype(options.dtype)
+        if options.device is not None or dtype is not None:
+            duplicate.to(device=torch.device(options.device) if options.device is not None else None, dtype=dtype)
+        original = next((p.dtype for p in self.original_module.parameters() if p.is_floating_point()), None)
+        if dtype is not None and original is not None and dtype != original:
+            self._casts[name] = dtype
         duplicate.requires_grad_(bool(options.trainable))
         self.modules_to_save[name] = duplicate
 
@@ -788,6 +917,7 @@ class ModulesToSaveLayer(nn.Module):
         """Drop adapter ``name``'s copy."""
         if name in self.modules_to_save:
             del self.modules_to_save[name]
+        self._casts.pop(name, None)
 
     def adapter_names(self) -> list[str]:
         """The adapters holding a copy, in insertion order."""
@@ -801,14 +931,28 @@ class ModulesToSaveLayer(nn.Module):
         """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
         self._switch.names = tuple(names)
 
-    def active_module(self) -> nn.Module:
-        """The module the forward pass runs now."""
+    def _active(self) -> tuple[str | None, nn.Module]:
         copies = self._modules["modules_to_save"]._modules
         for name in self._switch.names:
             module = copies.get(name)
             if module is not None:
-                return module
-        return self._modules["original_module"]
+                return name, module
+        return None, self._modules["original_module"]
+
+    def active_module(self) -> nn.Module:
+        """The module the forward pass runs now."""
+        return self._active()[1]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module()(*args, **kwargs)
+        name, module = self._active()
+        dtype = self._casts.get(name) if name is not None and self._casts else None
+        if dtype is None:
+            return module(*args, **kwargs)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()),
+                     None)
+
+        def cast(value: Any, to: torch.dtype) -> Any:
+            return value.to(to) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        out = module(*(cast(a, dtype) for a in args), **{k: cast(v, dtype) for k, v in kwargs.items()})
+        return cast(out, first.dtype) if first is not None else out

@@ -1,10 +1,10 @@
 """Adapter tensors in and out: load a file's tensors into injected layers, extract them with canonical keys.
 
-Loading checks every key against the injected parameters (missing, unexpected, shape) before it
-assigns anything, reads the tensors straight onto their device, and makes them the parameters' data
-(no initialise-then-copy). A file may also hold the full weight of an adapted layer
-(``<module>.base_layer.weight``, PEFT's resized embeddings); it then replaces that layer's weight
-parameter until the adapter is deleted, and is saved again with the adapter.
+Loading checks every key against the injected parameters and the model (module exists, missing,
+unexpected, shape) before it assigns anything, reads the tensors straight onto their device, and makes
+them the parameters' data (no initialise-then-copy). Auxiliary tensors (embedding base weights, resized
+embeddings, trained biases, SPEC.md 5.3) replace the base-model parameters they name until the adapter
+is deleted, and are saved again with it (:mod:`adapterspec_torch.auxiliary`).
 
 >>> load_state(model, adapterspec.read_adapter("my-lora"), "default", LoadOptions())  # doctest: +SKIP
 ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', ...]
@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
-from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
-from adapterspec.naming import BASE_LAYER_PARAM, PROMPT_KEY, make_key
+from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismatchError
+from adapterspec.naming import PROMPT_KEY, make_key
 
+from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
 from .inject import PROMPTS_ATTR
-from .layers import AdapterLayer
 from .switch import require_state
 
 __all__ = ["expected_params", "extract_state", "load_state", "restore_base_weights"]
@@ -46,37 +46,17 @@ def expected_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return out
 
 
-def _base_targets(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, AdapterLayer]]:
-    """``<module>.base_layer.weight`` key -> (model module name, wrapper) for this adapter's adapted modules."""
-    state = require_state(model, adapter_name)
-    out = {}
-    for spec, own in state.modules[adapter_name].items():
-        layer = state.wrappers[own]
-        if isinstance(layer, AdapterLayer):
-            out[make_key(spec, BASE_LAYER_PARAM)] = (own, layer)
-    return out
-
-
-def _problems(adapter: Adapter, expected: dict[str, torch.Tensor],
-              bases: dict[str, tuple[str, AdapterLayer]]) -> list[AdapterSpecError]:
+def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[AdapterSpecError]:
+    """Missing injected parameters and shape disagreements of the tensors they take."""
     infos = adapter.tensors
     errors: list[AdapterSpecError] = []
-    for key in expected:
-        if key not in infos:
+    for key, param in expected.items():
+        info = infos.get(key)
+        if info is None:
             errors.append(MissingTensorError("the model's injected adapter has this parameter but the file does not",
                                              key=key, hint="save the adapter again, complete"))
-    for key, info in infos.items():
-        if key in expected:
-            want = tuple(expected[key].shape)
-        elif key in bases:
-            want = tuple(bases[key][1].base_layer.weight.shape)
-        else:
-            errors.append(UnexpectedTensorError("no injected parameter of the model takes this tensor", key=key,
-                                                hint="check the config (target_modules, use_dora, lora_bias, "
-                                                     "modules_to_save) matches the tensors"))
-            continue
-        if tuple(info.shape) != want:
-            errors.append(ShapeMismatchError(f"shape {list(info.shape)} does not fit the model's {list(want)}",
+        elif tuple(info.shape) != tuple(param.shape):
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)} does not fit the model's {list(param.shape)}",
                                              key=key, hint="the adapter was made for a model of other dimensions"))
     return errors
 
@@ -94,55 +74,48 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
 
     Tensors are read with ``adapter.load_tensors("pt", device=...)`` straight onto the parameters'
     device and become their data, cast to the parameter's dtype (set at injection from ``options`` or
-    the wrapped layer). ``<module>.base_layer.weight`` replaces that layer's weight parameter.
+    the wrapped layer). Auxiliary tensors (SPEC.md 5.3) replace the base-model parameters they name
+    until the adapter is deleted.
 
     :returns: the canonical keys loaded.
-    :raises MissingTensorError: an injected parameter has no tensor in the file.
-    :raises UnexpectedTensorError: a tensor has no injected parameter.
-    :raises ShapeMismatchError: a tensor's shape does not fit its parameter.
+    :raises TargetNotFoundError: a key names a module the model does not have (SPEC.md 10, check 18).
+    :raises MissingTensorError: an injected parameter has no tensor in the file (check 19).
+    :raises UnexpectedTensorError: a tensor has no injected parameter and is no auxiliary tensor the model takes.
+    :raises ShapeMismatchError: a tensor's shape does not fit its parameter (checks 20, 21).
 
     >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
     """
     state = require_state(model, adapter_name)
     expected = expected_params(model, adapter_name)
-    bases = {k: v for k, v in _base_targets(model, adapter_name).items() if k in adapter.tensors and k not in expected}
-    errors = _problems(adapter, expected, bases)
+    errors = _problems(adapter, expected)
+    found = len(expected) - sum(isinstance(e, MissingTensorError) for e in errors)
+    plan = plan_auxiliary(model, state, adapter, adapter_name, options, expected) \
+        if len(adapter.tensors) > found else AuxiliaryPlan()
+    errors = rank_errors(plan.errors + errors)
     if errors:
         first = errors[0]
         if len(errors) > 1:
             first.message += f" ({len(errors) - 1} more problem(s), e.g. {errors[1].key})"
             first.args = (str(first),)
         raise first
-    tensors = _read(adapter, list(expected.values()) + [layer.base_layer.weight for _, layer in bases.values()])
+    targets = list(expected.values()) + [holder._parameters[attr] for holder, attr in plan.replace.values()]
+    tensors = _read(adapter, targets)
     with torch.no_grad():
         for key, param in expected.items():
-            param.data = tensors[key].to(device=param.device, dtype=param.dtype)
-        replaced = state.base_weights.setdefault(adapter_name, {})
-        for key, (own, layer) in bases.items():
-            old = layer.base_layer._parameters["weight"]
-            new = nn.Parameter(tensors[key].to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
-            layer.base_layer._parameters["weight"] = new
-            replaced[own] = (old, new)
-    return list(expected) + list(bases)
+            value = tensors[key]
+            if value.dtype != param.dtype or value.device != param.device:
+                value = value.to(device=param.device, dtype=param.dtype)
+            param.data = value
+        apply_overrides(model, state, adapter_name, plan, tensors, options)
+    return list(expected) + list(plan.replace) + list(plan.keep)
 
 
 def restore_base_weights(model: nn.Module, adapter_name: str) -> None:
-    """Give the layers whose weight ``adapter_name``'s file replaced their previous weight parameter back.
+    """Give back the base-model parameters ``adapter_name``'s file replaced (:func:`adapterspec_torch.auxiliary.restore`).
 
     A merged adapter keeps its weight (with its delta merged in): that is ``unload(merge=True)``.
     """
-    state = require_state(model, adapter_name)
-    replaced = state.base_weights.pop(adapter_name, {})
-    if adapter_name in state.merged:
-        return
-    for own, (old, new) in replaced.items():
-        base = state.wrappers[own].base_layer
-        if base._parameters["weight"] is new:
-            base._parameters["weight"] = old
-            continue
-        for other in state.base_weights.values():  # a later adapter replaced it again: hand our "old" on
-            if own in other and other[own][0] is new:
-                other[own] = (old, other[own][1])
+    restore(model, require_state(model, adapter_name), adapter_name)
 
 
 def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
@@ -154,12 +127,7 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     """
     state = require_state(model, adapter_name)
     tensors = {key: t.detach() for key, t in expected_params(model, adapter_name).items()}
-    replaced = state.base_weights.get(adapter_name, {})
-    if replaced:
-        by_name = {own: spec for spec, own in state.modules[adapter_name].items()}
-        for own in replaced:
-            layer = state.wrappers[own]
-            tensors[make_key(by_name[own], BASE_LAYER_PARAM)] = layer.base_layer.weight.detach()
+    tensors.update(auxiliary_tensors(state, adapter_name))
     for key, tensor in tensors.items():
         if not tensor.is_contiguous():
             tensors[key] = tensor.contiguous()

@@ -12,7 +12,7 @@ are never copied.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +50,10 @@ class ModelState:
     :param merged: adapters whose deltas are in the base weights now, in merge order.
     :param originals: model module name -> the module object that was there before the first injection.
     :param wrappers: model module name -> the wrapper put there (while it holds an adapter).
-    :param base_weights: name -> {model module name: (previous, loaded) base weight parameters} where its file
-        held ``<module>.base_layer.weight``.
+    :param base_weights: name -> the base-model parameters it replaced (:class:`~adapterspec_torch.auxiliary.Override`:
+        embedding base weights, resized embeddings, trained biases), to put back on delete.
+    :param extras: name -> {canonical key: function giving the tensor} for tensors saved with it but never
+        applied (VeLoRA's ``lora_velora_embed``, PEFT's bookkeeping copies of modules to save).
     :param prompt_hook: the forward pre-hook of prefix/prompt tuning, while one such adapter is loaded.
     """
 
@@ -62,7 +64,8 @@ class ModelState:
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
     wrappers: dict[str, torch.nn.Module] = field(default_factory=dict)
-    base_weights: dict[str, dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = field(default_factory=dict)
+    base_weights: dict[str, list[Any]] = field(default_factory=dict)
+    extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
 
     @property

@@ -12,10 +12,7 @@ from adapterspec.conformance import Corpus, Status, run_suite
 
 #: Cases a backend still fails, with why; remove an entry when the backend is fixed (XPASS shows it).
 KNOWN_FAILURES = {
-    "torch": {
-        "folder/target-not-in-model": "tensors for a module the model lacks raise UnexpectedTensorError, "
-                                      "SPEC 10 check 18 says TargetNotFoundError",
-    },
+    "torch": {},
     "keras": {
         "numeric/lora-conv2d-f32": "LoRA on Conv2D: lora_B reshaped with rank = b.shape[0] (the Keras kernel's 1)",
         "numeric/lora-conv1d-f32": "the same on Conv1D",

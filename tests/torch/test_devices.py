@@ -123,3 +123,35 @@ def test_cuda_device_option(llama: Any, folder: Any, tmp_path: Any) -> None:
     for key, tensor in saved.items():
         if not key.endswith("base_layer.weight"):
             assert torch.equal(tensor, file[key].half()), key
+
+
+@pytest.fixture(scope="module")
+def saved_classifier(bert: Any, tmp_path_factory: Any) -> Any:
+    from peft import LoraConfig
+
+    path = tmp_path_factory.mktemp("classifier")
+    reference = peft_reference(bert, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"],
+                                                modules_to_save=["classifier"]), path)
+    return path, reference
+
+
+@pytest.mark.parametrize(("options", "device", "dtype"), [
+    ({"dtype": "float16"}, "cpu", torch.float16),
+    ({"device": "meta"}, "meta", torch.float32),
+    ({"device": "meta", "dtype": torch.bfloat16}, "meta", torch.bfloat16),
+], ids=["dtype", "device", "both"])
+def test_modules_to_save_copies_follow_the_options(bert: Any, saved_classifier: Any, token_inputs: Any,
+                                                   options: dict[str, Any], device: str, dtype: Any) -> None:
+    path, reference = saved_classifier
+    model = fresh(bert)
+    adapterspec.load_adapter(model, path, **options)
+    layer = model.get_submodule("classifier")
+    copy = layer.modules_to_save["default"]
+    assert {(p.device.type, p.dtype) for p in copy.parameters()} == {(device, dtype)}
+    assert {(p.device.type, p.dtype) for p in layer.original_module.parameters()} == {("cpu", torch.float32)}
+    if device == "cpu":
+        file = load_file(path / "adapter_model.safetensors")
+        assert torch.equal(copy.weight, file["base_model.model.classifier.weight"].to(dtype))
+        with torch.no_grad():
+            out = model(**token_inputs).logits
+        assert_close(out.float(), logits(reference, token_inputs), atol=2e-2)

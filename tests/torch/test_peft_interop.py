@@ -75,6 +75,10 @@ def _cases() -> list[Any]:
                                               feedforward_modules=["conv2"]), id="cnn-ia3"),
         pytest.param("cnn", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv1", "head"]), id="cnn-loha"),
         pytest.param("cnn", lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv1", "head"]), id="cnn-lokr"),
+        pytest.param("cnn", lambda: LoHaConfig(r=2, alpha=4, target_modules=["conv1", "conv2", "conv3"],
+                                               use_effective_conv2d=True), id="cnn-loha-effective"),
+        pytest.param("cnn", lambda: LoKrConfig(r=1, alpha=3, target_modules=["conv1"],  # PEFT fails on Conv1d here
+                                               use_effective_conv2d=True), id="cnn-lokr-effective"),
     ]
 
 

@@ -64,11 +64,17 @@ def _extra_layer(tensors: dict[str, Any]) -> None:
         tensors[f"base_model.model.model.layers.7.self_attn.q_proj.{param}"] = tensors[f"{Q0}.{param}"].clone()
 
 
+def _untargeted(tensors: dict[str, Any]) -> None:
+    for param in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        tensors[f"{Q0.replace('q_proj', 'k_proj')}.{param}"] = tensors[f"{Q0}.{param}"].clone()
+
+
 @pytest.mark.parametrize(("edit", "error", "key"), [
     (_drop_module, adapterspec.MissingTensorError, f"{Q0}.lora_A.weight"),
     (_widen, adapterspec.ShapeMismatchError, f"{Q0}.lora_A.weight"),
-    (_extra_layer, adapterspec.UnexpectedTensorError, "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"),
-], ids=["missing", "shape", "unexpected"])
+    (_extra_layer, adapterspec.TargetNotFoundError, "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"),
+    (_untargeted, adapterspec.UnexpectedTensorError, f"{Q0.replace('q_proj', 'k_proj')}.lora_A.weight"),
+], ids=["missing", "shape", "absent-module", "untargeted"])
 def test_bad_folder_leaves_model_untouched(model_with_adapter: Any, good: Any, tmp_path: Any, edit: Any,
                                            error: type, key: str) -> None:
     bad = _variant(good, tmp_path, edit)
@@ -125,7 +131,7 @@ def test_failure_after_injection_rolls_back(model_with_adapter: Any, good: Any, 
 
 
 @pytest.mark.parametrize(("field", "value"), [("use_qalora", True), ("layer_replication", [[0, 1]]),
-                                              ("trainable_token_indices", [1, 2])])
+                                              ("alora_invocation_tokens", [1, 2])])
 def test_unimplemented_lora_variants_are_refused(llama: Any, good: Any, tmp_path: Any, field: str, value: Any) -> None:
     folder = tmp_path / "variant"
     shutil.copytree(good, folder)

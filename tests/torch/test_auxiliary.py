@@ -1,0 +1,372 @@
+"""Auxiliary tensors of PEFT folders (SPEC.md 5.3, 8.8), against PEFT 0.21 on tiny random Llamas.
+
+Trained biases (``bias="lora_only"``, ``bias="all"`` with ``modules_to_save`` and PEFT's bookkeeping copies),
+trainable token rows (``trainable_token_indices``: list, dict, tied output layer), VeLoRA's state and
+full embedding matrices: each folder is written by PEFT with element-unique values, loaded with
+adapterspec (logits equal to PEFT's, with the adapter on and off), saved again (the same tensors, and PEFT
+loads them back to the same state), and deleted (the model's parameters are the original objects again).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_same_snapshot,
+    fill_adapter_weights,
+    fresh,
+    logits,
+    snapshot,
+    tiny_llama_config,
+    unique_values,
+)
+
+PREFIX = "base_model.model."
+
+
+def _llama(**overrides: Any) -> Any:
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(4)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_bias() -> Any:
+    return _llama(attention_bias=True, mlp_bias=True)
+
+
+@pytest.fixture(scope="module")
+def llama_tied() -> Any:
+    return _llama(tie_word_embeddings=True)
+
+
+def _fill(model: Any, *, biases: bool = False, embeddings: bool = False) -> None:
+    """Element-unique values for the adapter, the token rows, and (as if trained) biases and embeddings."""
+    fill_adapter_weights(model)
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(model.named_parameters())):
+            if "trainable_tokens_delta" in name:
+                param.copy_(unique_values(tuple(param.shape), 200 + index, scale=0.5))
+            elif biases and param.requires_grad and name.endswith("bias") and "lora_" not in name \
+                    and "original_module" not in name:  # the biases PEFT trains (and saves) for this `bias`
+                param.copy_(unique_values(tuple(param.shape), 100 + index, scale=0.3))
+            elif embeddings and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                param.copy_(unique_values(tuple(param.shape), 300 + index, scale=0.2))
+        for name, buffer in model.named_buffers():  # VeLoRA's projection: give it values too
+            if "lora_velora_embed" in name:
+                buffer.copy_(unique_values(tuple(buffer.shape), 7))
+
+
+def _peft(base: Any, config: Any, folder: Path, fill: Callable[[Any], None], **save: Any) -> Any:
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(fresh(base), config)
+        fill(model)
+        model.eval()
+        model.save_pretrained(str(folder), **save)
+    return model
+
+
+def _param_ids(model: Any) -> list[tuple[str, int]]:
+    return [(name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)]
+
+
+def _check_roundtrip(base: Any, config: Any, tmp_path: Path, inputs: dict[str, Any], *,
+                     fill: Callable[[Any], None], save_embedding_layers: bool | str = "auto") -> Any:
+    reference = _peft(base, config, tmp_path / "peft", fill, save_embedding_layers=save_embedding_layers)
+    expected = logits(reference, inputs)
+    with reference.disable_adapter():
+        expected_off = logits(reference, inputs)
+    base_out = logits(base, inputs)
+    assert (expected - base_out).abs().max() > 1e-3, "the adapter must change the output"
+
+    model = fresh(base)
+    before_modules = [(name, id(m)) for name, m in model.named_modules()]
+    before_params = _param_ids(model)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, inputs), expected)
+    with adapterspec.disabled_adapters(model):  # what PEFT switches off with the adapter, and what it keeps
+        assert_close(logits(model, inputs), expected_off)
+
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(saved[key], tensor), key
+    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
+
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(fresh(base), str(tmp_path / "ours")).eval()
+        state = get_peft_model_state_dict(loaded, save_embedding_layers=save_embedding_layers)
+    assert sorted(state) == sorted(saved)
+    for key, tensor in state.items():
+        assert torch.equal(tensor, saved[key]), key
+    assert_close(logits(loaded, inputs), expected)
+
+    adapterspec.delete_adapter(model, "default")
+    assert [(name, id(m)) for name, m in model.named_modules()] == before_modules
+    assert _param_ids(model) == before_params  # the original parameter objects (tied ones tied again)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, base.state_dict()[key]), key
+    assert not hasattr(model, "_adapterspec_state")
+    return original
+
+
+# -- biases -------------------------------------------------------------------------------
+def test_bias_lora_only(llama_bias: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only")
+    original = _check_roundtrip(llama_bias, config, tmp_path, token_inputs, fill=lambda m: _fill(m, biases=True))
+    assert f"{PREFIX}model.layers.1.self_attn.v_proj.base_layer.bias" in original
+
+
+def test_bias_all_with_modules_to_save(llama_bias: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all",
+                        modules_to_save=["o_proj"])
+    original = _check_roundtrip(llama_bias, config, tmp_path, token_inputs, fill=lambda m: _fill(m, biases=True))
+    o_proj = f"{PREFIX}model.layers.0.self_attn.o_proj"
+    assert {f"{o_proj}.original_module.bias", f"{o_proj}.modules_to_save.bias", f"{o_proj}.bias",
+            f"{PREFIX}model.layers.0.mlp.gate_proj.bias", f"{PREFIX}model.layers.0.self_attn.q_proj.base_layer.bias"} \
+        <= set(original)
+
+
+def test_new_adapter_with_bias_all_saves_what_peft_saves(llama_bias: Any, tmp_path: Path) -> None:
+    """An adapter injected fresh (to train) owns trainable copies of the biases, and saves PEFT's key set."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "bias": "all", "modules_to_save": ["o_proj"]}
+    model = fresh(llama_bias)
+    before = _param_ids(model)
+    adapterspec.inject_adapter(model, config)
+    bias = model.model.layers[0].mlp.up_proj.bias
+    assert bias.requires_grad and bias is not llama_bias.model.layers[0].mlp.up_proj.bias
+    tensors = adapterspec.extract_adapter(model).tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = get_peft_model(fresh(llama_bias), LoraConfig(r=2, target_modules=["q_proj"], bias="all",
+                                                                 modules_to_save=["o_proj"]))
+    assert sorted(tensors) == sorted(get_peft_model_state_dict(reference))
+    adapterspec.delete_adapter(model, "default")
+    assert _param_ids(model) == before
+
+
+# -- trainable tokens -----------------------------------------------------------------------
+def _tokens_cases() -> list[Any]:
+    from peft import LoraConfig
+
+    return [
+        pytest.param("llama", lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+                     id="list"),
+        pytest.param("llama_tied", lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+                     id="list-tied"),
+        pytest.param("llama", lambda: LoraConfig(r=4, target_modules=["v_proj"],
+                                                 trainable_token_indices={"embed_tokens": [3, 7], "lm_head": [5]}),
+                     id="dict"),
+        pytest.param("llama_tied", lambda: LoraConfig(r=4, target_modules=["v_proj"],
+                                                      trainable_token_indices={"embed_tokens": [2, 9],
+                                                                               "lm_head": [2, 9]}),
+                     id="dict-tied-same"),
+        pytest.param("llama_tied", lambda: LoraConfig(r=4, target_modules=["v_proj"],
+                                                      trainable_token_indices={"embed_tokens": [3, 7], "lm_head": [5]}),
+                     id="dict-tied-other"),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "make_config"), _tokens_cases())
+def test_trainable_tokens(kind: str, make_config: Any, request: pytest.FixtureRequest, tmp_path: Path,
+                          token_inputs: dict[str, Any]) -> None:
+    base = request.getfixturevalue(kind)
+    inputs = {**token_inputs, "input_ids": token_inputs["input_ids"] % 10}  # the adapted rows are in use
+    original = _check_roundtrip(base, make_config(), tmp_path, inputs, fill=_fill)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight", ".token_adapter.trainable_tokens_delta"))
+               for k in original)
+
+
+def test_trainable_tokens_merge_and_switch(llama_tied: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """Two token adapters (overlapping rows) switch as in PEFT; merging writes the rows once into the shared
+    weight, unmerging restores them exactly."""
+    from peft import LoraConfig, PeftModel
+
+    inputs = {**token_inputs, "input_ids": token_inputs["input_ids"] % 10}
+    _peft(llama_tied, LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+          tmp_path / "a", _fill)
+    _peft(llama_tied, LoraConfig(r=2, target_modules=["k_proj"], trainable_token_indices=[1, 2]), tmp_path / "b",
+          lambda m: (fill_adapter_weights(m, salt=50), _fill_tokens(m, 9)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(llama_tied), str(tmp_path / "a"), adapter_name="a").eval()
+        reference.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    model = fresh(llama_tied)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    outputs = {}
+    for name in ("a", "b", "a"):
+        reference.set_adapter(name)
+        adapterspec.set_active_adapters(model, name)
+        outputs[name] = logits(reference, inputs)
+        assert_close(logits(model, inputs), outputs[name])
+    assert (outputs["a"] - outputs["b"]).abs().max() > 1e-3
+    adapterspec.merge_adapters(model, "a")
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.base_layer.weight
+    assert_close(logits(model, inputs), outputs["a"], atol=1e-5)
+    adapterspec.unmerge_adapters(model)
+    assert torch.equal(model.model.embed_tokens.base_layer.weight, embedding)
+    assert_close(logits(model, inputs), outputs["a"])
+
+
+def _fill_tokens(model: Any, salt: int) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.copy_(unique_values(tuple(param.shape), salt, scale=0.5))
+
+
+def test_new_trainable_tokens_start_as_the_rows(llama: Any, token_inputs: dict[str, Any]) -> None:
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                       "trainable_token_indices": {"embed_tokens": [4, 0]}})
+    rows = adapterspec.extract_adapter(model).tensors
+    key = f"{PREFIX}model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert rows[key].shape == (2, 64)
+    params = dict(model.named_parameters())
+    delta = next(p for n, p in params.items() if "token_adapter" in n)
+    assert delta.requires_grad and torch.equal(delta.detach(), llama.model.embed_tokens.weight[[4, 0]])
+
+
+# -- VeLoRA, embeddings -----------------------------------------------------------------------
+def test_velora_state_is_kept(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], velora_config={"num_groups": 4})
+    original = _check_roundtrip(llama, config, tmp_path, token_inputs, fill=_fill)
+    assert f"{PREFIX}model.layers.0.self_attn.q_proj.lora_velora_embed" in original
+
+
+def test_full_embeddings(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """``save_embedding_layers=True`` with untargeted embeddings: ``<emb>.weight`` replaces the model's."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    original = _check_roundtrip(llama, config, tmp_path, token_inputs, fill=lambda m: _fill(m, embeddings=True),
+                                save_embedding_layers=True)
+    assert {f"{PREFIX}model.embed_tokens.weight", f"{PREFIX}lm_head.weight"} <= set(original)
+
+
+def test_resized_vocabulary(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """A file whose embeddings have more rows than the model's is refused naming the resize to do; after
+    ``resize_token_embeddings`` it loads as in PEFT."""
+    from peft import LoraConfig
+
+    resized = fresh(llama)
+    resized.resize_token_embeddings(131)
+    reference = _peft(resized, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft",
+                      lambda m: _fill(m, embeddings=True), save_embedding_layers=True)
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.ShapeMismatchError, match=r"resize_token_embeddings\(131\)") as info:
+        adapterspec.load_adapter(model, tmp_path / "peft")
+    assert info.value.key.endswith(("embed_tokens.weight", "lm_head.weight"))
+    assert_same_snapshot(model, before)
+    model = fresh(resized)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+
+
+def test_tied_full_embedding_stays_tied(llama_tied: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """One tied matrix saved once (``<emb>.weight``) replaces it in both layers, as PEFT's in-place load does."""
+    from peft import LoraConfig
+
+    reference = _peft(llama_tied, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft",
+                      lambda m: _fill(m, embeddings=True), save_embedding_layers=True)
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    tensors.pop(f"{PREFIX}lm_head.weight", None)
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = fresh(llama_tied)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+    adapterspec.delete_adapter(model, "default")
+    assert model.lm_head.weight is model.model.embed_tokens.weight is not None
+    assert torch.equal(model.lm_head.weight, llama_tied.lm_head.weight)
+
+
+# -- refusals (SPEC.md 10, checks 18-21) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def bias_folder(llama_bias: Any, tmp_path_factory: Any) -> Path:
+    from peft import LoraConfig
+
+    folder = tmp_path_factory.mktemp("bias")
+    _peft(llama_bias, LoraConfig(r=2, target_modules=["q_proj"], bias="all"), folder, lambda m: _fill(m, biases=True))
+    return folder
+
+
+def _edited(folder: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(("edit", "error", "key"), [
+    (lambda t: t.update({f"{PREFIX}model.layers.9.mlp.up_proj.bias": torch.ones(128)}),
+     adapterspec.TargetNotFoundError, f"{PREFIX}model.layers.9.mlp.up_proj.bias"),
+    (lambda t: t.update({f"{PREFIX}model.norm.bias": torch.ones(64)}),
+     adapterspec.UnexpectedTensorError, f"{PREFIX}model.norm.bias"),
+    (lambda t: t.update({f"{PREFIX}model.layers.0.mlp.up_proj.bias": torch.ones(7)}),
+     adapterspec.ShapeMismatchError, f"{PREFIX}model.layers.0.mlp.up_proj.bias"),
+], ids=["absent-module", "module-without-bias", "bias-shape"])
+def test_bad_auxiliary_tensor(llama_bias: Any, bias_folder: Path, tmp_path: Path, edit: Any, error: type,
+                              key: str) -> None:
+    folder = _edited(bias_folder, tmp_path, edit)
+    model = fresh(llama_bias)
+    before = snapshot(model)
+    with pytest.raises(error) as info:
+        adapterspec.load_adapter(model, folder)
+    assert info.value.key == key
+    assert_same_snapshot(model, before)
+
+
+def test_absent_module_is_reported_before_other_problems(llama: Any, tmp_path: Path) -> None:
+    """Check 18 (the module exists) comes before 19 and 20, whatever the order of the keys."""
+    from peft import LoraConfig
+
+    _peft(llama, LoraConfig(r=2, target_modules=["q_proj", "o_proj"]), tmp_path / "peft", _fill)
+    folder = _edited(tmp_path / "peft", tmp_path, lambda t: t.update({
+        f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 3),
+        f"{PREFIX}model.layers.5.self_attn.o_proj.lora_A.weight": torch.ones(2, 64),
+        f"{PREFIX}model.layers.5.self_attn.o_proj.lora_B.weight": torch.ones(64, 2)}))
+    with pytest.raises(adapterspec.TargetNotFoundError, match="model.layers.5.self_attn.o_proj"):
+        adapterspec.load_adapter(fresh(llama), folder)
