@@ -116,6 +116,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         from .prompts import check_prompt_learning
 
         check_prompt_learning(model, config)
+        return _inject_prompt(model, config, adapter_name, options)
     if config.get("modules_to_save"):
         raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",
                                pointer="/modules_to_save",
@@ -154,6 +155,35 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise
     invalidate(model)
     return list(paths)
+
+
+def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
+    from .prompts import decoder_layers, inject_prefix
+
+    state = get_state(model, create=True)
+    assert state is not None
+    state.names.append(adapter_name)
+    state.configs[adapter_name] = config
+    state.modules[adapter_name] = []
+    try:
+        bank = AdapterBank(adapter_name)
+        host = decoder_layers(model)[0]
+        _track(host, bank)
+        state.banks[adapter_name] = (bank, host)
+        inject_prefix(model, state, config, adapter_name, bank, options)
+        if getattr(options, "initialize", True):
+            bank.materialize()
+        if options.trainable:
+            _train_only_adapters(model, state, adapter_name)
+    except BaseException:
+        remove_adapter_modules(model, adapter_name)
+        state.names.remove(adapter_name)
+        state.configs.pop(adapter_name, None)
+        state.modules.pop(adapter_name, None)
+        drop_state_if_empty(model)
+        raise
+    invalidate(model)
+    return []
 
 
 def _track(host: Any, layer: Any) -> None:
@@ -269,6 +299,10 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
             entries[:] = [(al, p) for al, p in entries if al is not layer]
             if not entries:
                 unwrap(model, piece.layer)
+    if adapter_name in state.prompts:
+        from .prompts import remove_prefix
+
+        remove_prefix(model, state, adapter_name)
     bank_host = state.banks.pop(adapter_name, None)
     if bank_host is not None:
         bank, host = bank_host

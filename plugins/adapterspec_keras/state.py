@@ -26,7 +26,7 @@ from adapterspec.errors import (
     TargetNotFoundError,
     UnexpectedTensorError,
 )
-from adapterspec.naming import BASE_LAYER_PARAM, make_key, parse_key
+from adapterspec.naming import BASE_LAYER_PARAM, PROMPT_KEY, make_key, parse_key
 
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
@@ -81,6 +81,9 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
     """
     layers = _layers_of(model, adapter_name)
+    state = get_state(model)
+    if state is not None and adapter_name in state.prompts:
+        return _load_prompt(state.prompts[adapter_name], adapter)
     by_path = {layer.path_of(adapter_name): layer for layer in layers}
     config = adapter.config
     plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
@@ -142,6 +145,27 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
     return list(plan)
+
+
+def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
+    """Prefix tuning: the single ``prompt_embeddings`` tensor, ``[num_virtual_tokens, 2 * layers * token_dim]``."""
+    expected = slot.layout.spec_shape
+    extra = sorted(k for k in adapter.tensors if k != PROMPT_KEY)
+    if extra:
+        raise UnexpectedTensorError(f"a prefix-tuning adapter stores only {PROMPT_KEY!r}", key=extra[0],
+                                    hint="remove the other tensors")
+    if PROMPT_KEY not in adapter.tensors:
+        raise MissingTensorError(f"the file has no {PROMPT_KEY!r}", key=PROMPT_KEY, hint="the adapter is incomplete")
+    if tuple(adapter.tensors[PROMPT_KEY].shape) != expected:
+        raise ShapeMismatchError(f"shape {list(adapter.tensors[PROMPT_KEY].shape)} does not fit this model's "
+                                 f"prefix {list(expected)}", key=PROMPT_KEY,
+                                 hint="load the adapter into the model it was trained for")
+    value = np.asarray(adapter.load_tensors("numpy")[PROMPT_KEY])[None]
+    if slot.bank.materialized:
+        slot.bank.variable(slot.ref.key).assign(value.astype(_np_dtype(slot.ref.key.dtype)))
+    else:
+        slot.bank.materialize({slot.ref.key: value.astype(_np_dtype(slot.ref.key.dtype))})
+    return [PROMPT_KEY]
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
@@ -206,6 +230,9 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
     layers = _layers_of(model, adapter_name)
     state = get_state(model)
     assert state is not None
+    if adapter_name in state.prompts:
+        slot = state.prompts[adapter_name]
+        return state.configs[adapter_name], {PROMPT_KEY: np.ascontiguousarray(slot.bank.numpy(slot.ref))}
     tensors: dict[str, np.ndarray] = {}
     groups: dict[Any, np.ndarray] = {}
     for layer in layers:

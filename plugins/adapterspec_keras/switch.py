@@ -48,6 +48,9 @@ class ModelState:
     :param entries: id(Keras layer) -> the (adapter layer, piece) pairs its patched ``call`` runs.
     :param adapter_layers: site key -> :class:`~adapterspec_keras.layers.AdapterLayer`, in model order.
     :param banks: adapter name -> (its :class:`~adapterspec_keras.bank.AdapterBank`, the Keras layer tracking it).
+    :param prompts: prefix-tuning adapter name -> its :class:`~adapterspec_keras.prompts.PrefixSlot`.
+    :param prompt_patches: id(object) -> (decoder layer / position embedding / model, patched attribute, its own
+        value before patching or ``None``).
     :param trainable: adapters injected trainable.
     :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
     """
@@ -61,6 +64,8 @@ class ModelState:
     entries: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
     adapter_layers: dict[Any, Any] = field(default_factory=dict)
     banks: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    prompts: dict[str, Any] = field(default_factory=dict)
+    prompt_patches: dict[int, tuple[Any, str, Any]] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)
     frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -82,7 +87,8 @@ def get_state(model: Any, *, create: bool = False) -> ModelState | None:
 def drop_state_if_empty(model: Any) -> None:
     """Remove the bookkeeping once no adapter is left (the model is then as it was)."""
     state = get_state(model)
-    if state is not None and not state.names and not state.adapter_layers and not state.originals:
+    if state is not None and not state.names and not state.adapter_layers and not state.originals \
+            and not state.prompt_patches:
         object.__delattr__(model, STATE_ATTR)
 
 

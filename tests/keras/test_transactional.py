@@ -77,8 +77,10 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
      adapterspec.UnsupportedError, "modules_to_save"),
     ({"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError, "LOHA"),
-    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 32,
-      "num_attention_heads": 4, "task_type": "CAUSAL_LM"}, adapterspec.UnsupportedError, "PREFIX_TUNING"),
+    ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 64,
+      "num_attention_heads": 4, "task_type": "CAUSAL_LM"}, adapterspec.UnsupportedError, "PROMPT_TUNING"),
+    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 64,
+      "num_attention_heads": 4, "task_type": "CAUSAL_LM"}, adapterspec.UnsupportedError, "token_dim"),
 ])
 def test_unsupported_adapters_are_refused_before_any_change(llama_with_adapter: Any, token_ids: np.ndarray,
                                                             config: dict[str, Any], error: type[Exception],

@@ -1,0 +1,94 @@
+"""Prefix tuning on keras-hub causal LMs through the decoders' key/value cache: PEFT's logits (with padding),
+training in Keras and loading the result in PEFT, and clear refusals where it cannot run exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import keras  # noqa: E402
+
+import adapterspec  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    ATOL,
+    assert_same_snapshot,
+    hf_model,
+    keras_inputs,
+    keras_logits,
+    keras_model,
+    snapshot,
+    torch_logits,
+    unique_values,
+)
+
+
+def _peft_prefix(folder: Path, out: Path, salt: int) -> Any:
+    pm = peft.get_peft_model(hf_model(folder), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        weight = pm.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.from_numpy(unique_values(tuple(weight.shape), salt, scale=1.0)))
+    pm.eval()
+    pm.save_pretrained(out)
+    return pm
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_prefix_gives_peft_logits(arch: str, checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    pm = _peft_prefix(checkpoints[arch], tmp_path / "prefix", salt=3)
+    padding = np.ones_like(token_ids)
+    padding[1, :2] = 0  # left padding on the second row
+    with torch.no_grad():
+        expected = pm(input_ids=torch.from_numpy(token_ids), attention_mask=torch.from_numpy(padding)).logits.numpy()
+    model = keras_model(arch, checkpoints[arch])
+    before = snapshot(model)
+    base = keras_logits(model, token_ids)
+
+    assert adapterspec.load_adapter(model, tmp_path / "prefix") == []
+    got = keras.ops.convert_to_numpy(model({"token_ids": token_ids, "padding_mask": padding}))
+    valid = padding.astype(bool)
+    assert np.abs(got - expected)[valid].max() <= ATOL
+    assert np.abs(keras_logits(model, token_ids) - torch_logits(pm, token_ids)).max() <= ATOL
+    assert np.abs(keras_logits(model, token_ids) - base).max() > 1e-2
+    with pytest.raises(adapterspec.UnsupportedError, match="generate"):
+        model.generate({"token_ids": token_ids[:, :4], "padding_mask": np.ones((2, 4), "int32")}, max_length=6, stop_token_ids=None)
+
+    adapterspec.delete_adapter(model, "default")
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefix_trained_with_fit_loads_in_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    model = keras_model("llama", checkpoints["llama"])
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_layers": 2,
+              "token_dim": 32, "num_attention_heads": 2}
+    adapterspec.inject_adapter(model, config, trainable=True)
+    assert [v.path.rsplit("/", 1)[-1] for v in model.trainable_variables] == ["prompt_embeddings.0"]
+    start = keras.ops.convert_to_numpy(model.trainable_variables[0]).copy()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=2, batch_size=2, verbose=0)
+    assert np.abs(keras.ops.convert_to_numpy(model.trainable_variables[0]) - start).max() > 0  # it trained
+
+    saved = adapterspec.save_adapter(model, tmp_path / "keras-prefix")
+    reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), saved).eval()
+    assert np.abs(keras_logits(model, token_ids) - torch_logits(reloaded, token_ids)).max() <= ATOL
+
+
+def test_prefix_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> None:
+    model = keras_model("gemma", checkpoints["gemma"])
+    before = snapshot(model)
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "num_layers": 2,
+              "token_dim": 32, "num_attention_heads": 2}
+    with pytest.raises(adapterspec.UnsupportedError, match="GemmaDecoderBlock"):
+        adapterspec.inject_adapter(model, config)
+    with pytest.raises(adapterspec.UnsupportedError, match="prefix_projection"):
+        adapterspec.inject_adapter(keras_model("llama", checkpoints["llama"]), dict(config, prefix_projection=True))
+    assert_same_snapshot(before, snapshot(model))
