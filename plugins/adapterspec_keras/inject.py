@@ -35,7 +35,8 @@ from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
-__all__ = ["find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key", "unwrap", "wrap"]
+__all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
+           "unwrap", "wrap"]
 
 
 def site_key(site: ModuleSite) -> tuple[Any, ...]:
@@ -93,6 +94,31 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
 
 
+#: LoRA variants that change the computation and that this backend does not implement: refused rather
+#: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
+_UNSUPPORTED_LORA = ("target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
+                     "arrow_config", "use_bdlora", "monteclora_config", "kasa_config", "megatron_config",
+                     "trainable_token_indices")
+
+
+def check_features(config: AdapterConfig) -> None:
+    """Refuse config features (LoRA variants) whose math this backend does not implement.
+
+    :raises UnsupportedError: with the JSON pointer of the field.
+
+    >>> from adapterspec import AdapterConfig
+    >>> check_features(AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "use_qalora": True}))
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: /use_qalora: ...
+    """
+    if config.peft_type != "LORA":
+        return
+    for name in _UNSUPPORTED_LORA:
+        if config.get(name):
+            raise UnsupportedError(f"the LoRA variant {name}={config.get(name)!r} is not implemented by the keras "
+                                   "backend", pointer=f"/{name}", hint="load this adapter with PEFT itself")
+
+
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
 
@@ -112,6 +138,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     if state is not None and adapter_name in state.names:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another name")
+    check_features(config)
     if config.is_prompt_learning:
         from .prompts import check_prompt_learning
 

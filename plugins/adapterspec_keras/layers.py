@@ -65,12 +65,15 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     adapterspec.errors.UnsupportedError: model.embed_tokens: IA3 cannot adapt an embedding ...
     """
     method = config.peft_type
-    layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+
+    def layers() -> str:
+        return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+
     if method not in ("LORA", "IA3"):
-        raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers})",
+        raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA or IA3 adapter, or the torch backend")
     if method == "IA3" and site.kind == "embedding":
-        raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers}); PEFT cannot either", key=path,
+        raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
                                hint="remove the module from target_modules")
     for piece in site.pieces:
         if piece.kind == "conv" and getattr(piece.layer, "groups", 1) != 1:

@@ -178,14 +178,13 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
 
 
 def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str) -> None:
-    """Write the tensors group by group: stack each group's tensors as the file lays them out (a plain copy),
-    turn the stack into Keras layout with one transpose, and create the bank's variable from it."""
+    """Write the tensors group by group: one aligned staging array per bank variable, filled in Keras layout
+    (the layout conversion is this one transposing copy), then one variable creation (or assign) per group."""
     if not plan:
         return
     bank = next(iter(plan.values()))[0].bank(adapter_name)
     counts = bank.groups()
     staged: dict[Any, np.ndarray] = {}
-    inverse: dict[Any, tuple[int, ...]] = {}
     refs: dict[int, dict[str, Any]] = {}
     for key, (layer, param, layout) in plan.items():
         layer_refs = refs.get(id(layer))
@@ -194,22 +193,13 @@ def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mappi
         ref = layer_refs[param]
         block = staged.get(ref.key)
         if block is None:
-            block = staged[ref.key] = _aligned_empty((counts[ref.key], *layout.transposed_shape),
-                                                     _np_dtype(ref.key.dtype))
-            inverse[ref.key] = (0, *(i + 1 for i in layout.inverse))
-        block[ref.index] = np.asarray(arrays[key]).reshape(layout.transposed_shape)
-    values = {k: _keras_layout(block, inverse[k]) for k, block in staged.items()}
+            block = staged[ref.key] = _aligned_empty((counts[ref.key], *ref.key.shape), _np_dtype(ref.key.dtype))
+        block[ref.index] = layout.to_keras(arrays[key])
     if not bank.materialized:
-        bank.materialize(values)
+        bank.materialize(staged)
         return
-    for k, value in values.items():
-        bank.variable(k).assign(value)
-
-
-def _keras_layout(block: np.ndarray, perm: tuple[int, ...]) -> Any:
-    if perm == tuple(range(len(perm))):
-        return block
-    return ops.transpose(ops.convert_to_tensor(block), perm)
+    for k, block in staged.items():
+        bank.variable(k).assign(block)
 
 
 def _np_dtype(dtype: str) -> Any:
