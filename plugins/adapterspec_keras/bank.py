@@ -108,7 +108,7 @@ class AdapterBank(keras.layers.Layer):
             with device_scope(key.device):
                 self._variables[key] = self.add_weight(
                     shape=shape, initializer=initializer, dtype=key.dtype, trainable=key.trainable,
-                    name=f"{key.param}.{i}")
+                    name=re.sub(r"\W", "_", f"{key.param}_{i}"))  # torch backend: no "." in names
 
     def groups(self) -> dict[GroupKey, int]:
         """Group -> number of rows."""
@@ -133,4 +133,4 @@ class AdapterBank(keras.layers.Layer):
         variable = self.variable(ref.key)
         start = [ref.index] + [0] * len(ref.key.shape)
         row = ops.expand_dims(ops.cast(value, variable.dtype), 0)
-        variable.assign(ops.slice_update(variable, start, row))
+        variable.assign(ops.slice_update(ops.convert_to_tensor(variable), start, row))

@@ -34,6 +34,8 @@ __all__ = [
 
 BACKEND = "keras"
 
+# tryfirst: on Keras' torch backend a Keras layer is also a torch.nn.Module; it is a Keras model first.
+
 
 def _owns(model: Any) -> bool:
     keras = sys.modules.get("keras")
@@ -42,13 +44,13 @@ def _owns(model: Any) -> bool:
     return layer_cls is not None and isinstance(model, layer_cls)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_backend_name(model: Any) -> str | None:
     """``"keras"`` for a ``keras.Model`` / ``keras.layers.Layer`` (keras already imported by the user), else ``None``."""
     return BACKEND if _owns(model) else None
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str] | None:
     """See :func:`adapterspec_keras.inject.inject`."""
     if not _owns(model):
@@ -58,7 +60,7 @@ def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, opt
     return inject(model, config, adapter_name, options)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str] | None:
     """See :func:`adapterspec_keras.state.load_state`."""
     if not _owns(model):
@@ -68,7 +70,7 @@ def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, opti
     return load_state(model, adapter, adapter_name, options)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[str, Any]] | None:
     """See :func:`adapterspec_keras.state.extract_state`."""
     if not _owns(model):
@@ -78,7 +80,7 @@ def adapterspec_extract_state(model: Any, adapter_name: str) -> tuple[AdapterCon
     return extract_state(model, adapter_name)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_adapter_names(model: Any) -> list[str] | None:
     """See :func:`adapterspec_keras.switch.adapter_names`."""
     if not _owns(model):
@@ -88,7 +90,7 @@ def adapterspec_adapter_names(model: Any) -> list[str] | None:
     return adapter_names(model)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_active_adapters(model: Any) -> list[str] | None:
     """See :func:`adapterspec_keras.switch.active_adapters`."""
     if not _owns(model):
@@ -98,7 +100,7 @@ def adapterspec_active_adapters(model: Any) -> list[str] | None:
     return active_adapters(model)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
     """See :func:`adapterspec_keras.switch.set_active`."""
     if not _owns(model):
@@ -109,7 +111,7 @@ def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
     return True
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_delete(model: Any, adapter_name: str) -> bool | None:
     """See :func:`adapterspec_keras.switch.delete`."""
     if not _owns(model):
@@ -120,7 +122,7 @@ def adapterspec_delete(model: Any, adapter_name: str) -> bool | None:
     return True
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_merge(model: Any, adapter_names: list[str]) -> bool | None:
     """See :func:`adapterspec_keras.switch.merge`."""
     if not _owns(model):
@@ -131,7 +133,7 @@ def adapterspec_merge(model: Any, adapter_names: list[str]) -> bool | None:
     return True
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_unmerge(model: Any) -> bool | None:
     """See :func:`adapterspec_keras.switch.unmerge`."""
     if not _owns(model):

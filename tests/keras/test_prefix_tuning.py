@@ -70,7 +70,7 @@ def test_prefix_trained_with_fit_loads_in_peft(checkpoints: Any, token_ids: np.n
     config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_layers": 2,
               "token_dim": 32, "num_attention_heads": 2}
     adapterspec.inject_adapter(model, config, trainable=True)
-    assert [v.path.rsplit("/", 1)[-1] for v in model.trainable_variables] == ["prompt_embeddings.0"]
+    assert [v.path.rsplit("/", 1)[-1] for v in model.trainable_variables] == ["prompt_embeddings_0"]
     start = keras.ops.convert_to_numpy(model.trainable_variables[0]).copy()
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
