@@ -58,13 +58,18 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     >>> [name for name, _ in iter_modules(torch.nn.Sequential(torch.nn.Linear(1, 1)))]
     ['', '0']
     """
-    yield prefix, model
-    if isinstance(model, (AdapterLayer, ModulesToSaveLayer)):
-        return
-    for name, child in model._modules.items():
-        if child is None or (not prefix and name == PROMPTS_ATTR):
+    wrappers = (AdapterLayer, ModulesToSaveLayer)
+    stack = [(prefix, model)]  # depth first, children in order (as named_modules), without nested generators
+    while stack:
+        path, module = stack.pop()
+        yield path, module
+        if isinstance(module, wrappers):
             continue
-        yield from iter_modules(child, f"{prefix}.{name}" if prefix else name)
+        children = module._modules
+        if not children:
+            continue
+        stack.extend(reversed([(f"{path}.{name}" if path else name, child) for name, child in children.items()
+                               if child is not None and (path or name != PROMPTS_ATTR)]))
 
 
 def resolve_module(model: nn.Module, path: str, options: LoadOptions) -> str | None:
@@ -112,7 +117,14 @@ def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions |
     ['0']
     """
     universe = _universe(model, options) if universe is None else universe
-    found = [spec for spec, _, _ in universe if config.matches(spec)]
+    entries = config.get("target_modules")
+    if isinstance(entries, (list, tuple)) and entries:
+        # a list entry matches a path equal to it or ending in "." + it: the last segments agree. Checking that
+        # first spares the full rules for the (many) modules that cannot match
+        tails = {str(entry).rpartition(".")[2] for entry in entries}
+        found = [spec for spec, _, _ in universe if spec.rpartition(".")[2] in tails and config.matches(spec)]
+    else:
+        found = [spec for spec, _, _ in universe if config.matches(spec)]
     if not found:
         raise TargetNotFoundError(
             f"no module of the model matches target_modules={config.get('target_modules')!r}", key=None,

@@ -26,7 +26,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from .devices import as_dtype, target_of
 
-__all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "check_supported", "layer_kind", "param_shapes"]
+__all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
+           "param_shapes"]
 
 #: The pseudo-method of trainable token rows (LoRA's ``trainable_token_indices``) inside an :class:`AdapterLayer`.
 TOKENS = "TOKENS"
@@ -70,6 +71,8 @@ def layer_kind(module: nn.Module) -> str | None:
     >>> layer_kind(torch.nn.Conv2d(1, 1, 3)), layer_kind(torch.nn.ReLU())
     ('conv2d', None)
     """
+    if isinstance(module, nn.Linear):  # the common case first: no other kind subclasses Linear
+        return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, nn.Conv2d):
@@ -78,8 +81,6 @@ def layer_kind(module: nn.Module) -> str | None:
         return "conv3d"
     if isinstance(module, nn.Conv1d):
         return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
     conv1d_hf = _hf_conv1d_type()
     if conv1d_hf is not None and isinstance(module, conv1d_hf):
         return "conv1d_hf"
@@ -144,8 +145,11 @@ def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
-                 kind: str | None = None) -> dict[str, tuple[int, ...]]:
+                 kind: str | None = None, rank: int | None = None) -> dict[str, tuple[int, ...]]:
     """The spec parameter names and shapes adapter ``config`` gives module ``path`` (PEFT's layout).
+
+    :param kind: :func:`layer_kind` of ``module``, if the caller knows it.
+    :param rank: ``config.rank_for(path)``, if the caller knows it.
 
     >>> from adapterspec import AdapterConfig
     >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "r": 2})
@@ -156,7 +160,7 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
     method = config.peft_type
     in_f, out_f = _in_out(module, kind)
     if method == "LORA":
-        r = config.rank_for(path)
+        r = config.rank_for(path) if rank is None else rank
         if kind == "embedding":
             shapes = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
         elif kind in _CONV_KINDS:
@@ -178,7 +182,7 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
     weight_shape = tuple(module.weight.shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
-        r = config.rank_for(path)
+        r = config.rank_for(path) if rank is None else rank
         if effective is not None:  # the CP form: a core tensor per factor, the factors [r, out] and [r, in / groups]
             cols = weight_shape[1]
             return {"hada_w1_a": (r, out_f), "hada_w1_b": (r, cols), "hada_w2_a": (r, out_f), "hada_w2_b": (r, cols),
@@ -186,7 +190,7 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         cols = math.prod(weight_shape[1:])
         return {"hada_w1_a": (out_f, r), "hada_w1_b": (r, cols), "hada_w2_a": (out_f, r), "hada_w2_b": (r, cols)}
     if method == "LOKR":
-        r = config.rank_for(path)
+        r = config.rank_for(path) if rank is None else rank
         factor = int(config.get("decompose_factor", -1))
         in_dim = in_f // module.groups if kind in _CONV_KINDS else in_f
         in_m, in_n = _factorization(in_dim, factor)
@@ -230,27 +234,83 @@ def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-_MODULE_TEMPLATE = nn.Module()
-# (attribute, factory of an empty container, or None for a plain value) for what nn.Module.__init__ sets up
-_MODULE_FIELDS = [(k, type(v) if isinstance(v, (dict, set)) and not v else None, v)
-                  for k, v in _MODULE_TEMPLATE.__dict__.items()]
+def _compile_module_state() -> Any:
+    """A function returning a fresh copy of what ``nn.Module.__init__`` sets up (empty containers new, plain
+    values shared), compiled to one dict literal from this torch version's own template: wrappers are made by
+    the hundred when an adapter loads, and ``__init__``'s per-attribute ``__setattr__`` is most of their cost."""
+    template = nn.Module().__dict__
+    scope: dict[str, Any] = {"_TEMPLATE": template}
+    items = []
+    for i, (key, value) in enumerate(template.items()):
+        if type(value) is dict and not value:
+            items.append(f"{key!r}: {{}}")
+        elif isinstance(value, (dict, set)) and not value:
+            scope[f"_F{i}"] = type(value)
+            items.append(f"{key!r}: _F{i}()")
+        elif isinstance(value, (dict, set, list)):
+            items.append(f"{key!r}: _TEMPLATE[{key!r}].copy()")
+        else:
+            items.append(f"{key!r}: _TEMPLATE[{key!r}]")
+    exec("def _module_state():\n    return {" + ", ".join(items) + "}\n", scope)  # noqa: S102 - our own source
+    return scope["_module_state"]
 
 
-def _module_state() -> dict[str, Any]:
-    """A fresh copy of what ``nn.Module.__init__`` sets up, without its per-attribute ``__setattr__`` cost
-    (wrappers are made by the hundred when an adapter loads)."""
-    return {k: factory() if factory is not None else (copy.copy(v) if isinstance(v, (dict, set)) else v)
-            for k, factory, v in _MODULE_FIELDS}
+_module_state = _compile_module_state()
 
 
 def _new_module(cls: type[nn.Module]) -> Any:
     module = cls.__new__(cls)
-    module.__dict__.update(_module_state())
+    object.__setattr__(module, "__dict__", _module_state())
     return module
+
+
+class PendingParam(NamedTuple):
+    """A parameter announced but not created yet: its shape, device, dtype and trainability.
+
+    With ``options.initialize=False`` (``load_adapter``) injection creates no tensor: ``load_state`` makes
+    each parameter from its loaded tensor (:meth:`_Weights.fill`), so no memory is allocated, initialised or
+    copied twice. Until then the layer must not run (the adapter is not active).
+    """
+
+    shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    requires_grad: bool
 
 
 def _kaiming(tensor: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What every module of one adapter shares: read from its config once, not once per module."""
+
+    method: str
+    fixed: bool  # no rank_pattern / alpha_pattern: r and scaling are the same everywhere
+    r: int
+    scaling: float
+    use_dora: bool
+    lora_bias: bool
+    dropout: float
+
+
+_LAST_FACTS: tuple[Any, Any] = (None, None)  # (config, facts): the modules of one adapter come one after another
+
+
+def _facts(config: AdapterConfig) -> _Facts:
+    global _LAST_FACTS
+    last_config, facts = _LAST_FACTS
+    if last_config is config:
+        return facts
+    method = config.peft_type
+    ranked = method in ("LORA", "LOHA", "LOKR")
+    fixed = ranked and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    facts = _Facts(method=method, fixed=fixed, r=config.rank_for("") if fixed else 0,
+                   scaling=config.scaling_for("") if fixed else 0.0, use_dora=bool(config.get("use_dora")),
+                   lora_bias=bool(config.get("lora_bias")), dropout=float(config.get("lora_dropout") or 0.0))
+    _LAST_FACTS = (config, facts)
+    return facts
 
 
 @dataclass
@@ -282,10 +342,19 @@ class _Spec:
 
 
 class _Weights(nn.Module):
-    """The parameters of one adapter in one layer, registered under attribute-safe names."""
+    """The parameters of one adapter in one layer, registered under attribute-safe names (and, until
+    ``load_state`` fills them, the :class:`PendingParam` of those not created yet, in ``pending``)."""
 
     def get(self, attr: str) -> torch.Tensor | None:
         return self._parameters.get(attr)
+
+    def fill(self, attr: str, value: torch.Tensor) -> nn.Parameter:
+        """Make pending parameter ``attr`` from ``value`` (no copy when its device and dtype are right)."""
+        spec = self.__dict__["pending"].pop(attr)
+        if value.dtype != spec.dtype or value.device != spec.device:
+            value = value.to(device=spec.device, dtype=spec.dtype)
+        param = self._parameters[attr] = torch.Tensor._make_subclass(nn.Parameter, value, spec.requires_grad)
+        return param
 
 
 class AdapterLayer(nn.Module):
@@ -336,30 +405,39 @@ class AdapterLayer(nn.Module):
         base = self._modules["base_layer"]
         if not checked:
             check_supported(base, path, config)
-        method = config.peft_type
-        shapes = param_shapes(base, config, path, kind=self.kind)
-        device, dtype = target_of(base, options)
+        facts = _facts(config)
+        method = facts.method
+        ranked = method in ("LORA", "LOHA", "LOKR")
+        r = (facts.r if facts.fixed else config.rank_for(path)) if ranked else 0
+        shapes = param_shapes(base, config, path, kind=self.kind, rank=r if ranked else None)
+        weight = base._parameters.get("weight")
+        if options.device is None and options.dtype is None and weight is not None and weight.is_floating_point():
+            device, dtype = weight.device, weight.dtype  # target_of's answer, without its lookups
+        else:
+            device, dtype = target_of(base, options)
         spec = _Spec(method=method)
-        if method in ("LORA", "LOHA", "LOKR"):
-            spec.r = config.rank_for(path)
-            spec.scaling = config.scaling_for(path)
+        if ranked:
+            spec.r = r
+            spec.scaling = facts.scaling if facts.fixed else config.scaling_for(path)
         if method == "LORA":
-            spec.use_dora = bool(config.get("use_dora"))
-            spec.lora_bias = bool(config.get("lora_bias"))
-            spec.dropout = float(config.get("lora_dropout") or 0.0)
+            spec.use_dora, spec.lora_bias, spec.dropout = facts.use_dora, facts.lora_bias, facts.dropout
         elif method == "IA3":
             spec.feedforward = config.is_feedforward(path)
         weights = _new_module(_Weights)
-        weights.__dict__["training"] = self.training
         trainable = bool(options.trainable)
+        pending: dict[str, PendingParam] = {}
+        weights.__dict__.update(training=self.training, pending=pending)
         params = weights._parameters
         for param, shape in shapes.items():
             attr = _ATTR.get(param) or param.replace(".", "_")
             spec.names[param] = attr
-            params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=trainable)
+            if options.initialize:
+                params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=trainable)
+            else:
+                pending[attr] = PendingParam(shape, device, dtype, trainable)
         self._modules["adapter_weights"]._modules[name] = weights
         self._specs[name] = spec
-        self._plan_key = None
+        self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
         if device.type != "meta" and options.initialize:
             try:
                 with torch.no_grad():
@@ -390,20 +468,24 @@ class AdapterLayer(nn.Module):
                                    hint="name an embedding layer in trainable_token_indices")
         spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
         weights = _new_module(_Weights)
-        weights.__dict__["training"] = self.training
+        weights.__dict__.update(training=self.training, pending={})
         if source is None:
             base = self._modules["base_layer"]
             device, dtype = target_of(base, options)
             attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
             spec.names[TRAINABLE_TOKENS_PARAM] = attr
-            rows = torch.empty((len(spec.indices), base.weight.shape[1]), device=device, dtype=dtype)
-            if options.initialize and device.type != "meta" and base.weight.device.type != "meta":
-                with torch.no_grad():
-                    rows.copy_(base.weight[list(spec.indices)])
-            weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
+            shape = (len(spec.indices), base.weight.shape[1])
+            if options.initialize:
+                rows = torch.empty(shape, device=device, dtype=dtype)
+                if device.type != "meta" and base.weight.device.type != "meta":
+                    with torch.no_grad():
+                        rows.copy_(base.weight[list(spec.indices)])
+                weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
+            else:
+                weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))
         self._modules["adapter_weights"]._modules[name] = weights
         self._specs[name] = spec
-        self._plan_key = None
+        self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
 
     def _token_rows(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, their indices on ``device``) of token adapter ``name``."""
@@ -483,16 +565,19 @@ class AdapterLayer(nn.Module):
             self._merged.remove(name)
         self._caches.pop(f"{name}-weight_norm", None)
         self._caches.pop(f"{name}-rows", None)
-        self._plan_key = None
+        self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
 
     def adapter_names(self) -> list[str]:
         """The adapters this layer holds, in insertion order."""
         return list(self._specs)
 
-    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
-        """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> parameter, for adapter ``name``."""
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter | PendingParam]:
+        """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> parameter, for adapter ``name``
+        (a :class:`PendingParam` for one injected without initialisation and not loaded yet)."""
         w = self.adapter_weights[name]
-        return {param: w._parameters[attr] for param, attr in self._specs[name].names.items()}
+        params, pending = w._parameters, w.__dict__.get("pending") or {}
+        return {param: params[attr] if attr in params else pending[attr]
+                for param, attr in self._specs[name].names.items()}
 
     def set_active(self, names: Sequence[str]) -> None:
         """Run exactly these adapters (those this layer holds) in ``forward``.
@@ -615,8 +700,8 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self._switch.names
         if names is not self._plan_key:
-            self._plan = self._plan_for(names)
-            self._plan_key = names
+            self.__dict__["_plan"] = self._plan_for(names)
+            self.__dict__["_plan_key"] = names
         ia3_in, ia3_out, additive, tokens = self._plan
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             return self.base_layer(x, *args, **kwargs)

@@ -13,6 +13,8 @@ is deleted, and are saved again with it (:mod:`adapterspec_torch.auxiliary`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,28 +24,44 @@ from adapterspec.naming import PROMPT_KEY, make_key
 
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
 from .inject import PROMPTS_ATTR
+from .layers import AdapterLayer
 from .switch import require_state
 
 __all__ = ["expected_params", "extract_state", "load_state", "restore_base_weights"]
 
 
-def expected_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Canonical key -> the injected parameter (or buffer) it fills, for every tensor ``adapter_name`` stores.
+def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str]]:
+    """Canonical key -> (parameter or :class:`PendingParam`, the ``_Weights`` holding a pending one, its attribute)."""
+    state = require_state(model, adapter_name)
+    if state.configs[adapter_name].is_prompt_learning:
+        return {PROMPT_KEY: (model._modules[PROMPTS_ATTR][adapter_name], None, "")}
+    out: dict[str, tuple[Any, Any, str]] = {}
+    wrappers = state.wrappers
+    for spec, own in state.modules[adapter_name].items():
+        prefix = make_key(spec, "")
+        layer = wrappers[own]
+        if type(layer) is AdapterLayer:  # inlined adapter_params: this runs for every module of every load
+            weights = layer._modules["adapter_weights"]._modules[adapter_name]
+            params, pending = weights._parameters, weights.__dict__["pending"]
+            for param, attr in layer._specs[adapter_name].names.items():
+                out[prefix + param] = (params[attr], None, attr) if attr in params else (pending[attr], weights, attr)
+        else:
+            for param, tensor in layer.adapter_params(adapter_name).items():
+                out[prefix + param] = (tensor, None, "")
+    return out
+
+
+def expected_params(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """Canonical key -> the injected parameter (or buffer) it fills, for every tensor ``adapter_name`` stores
+    (a :class:`~adapterspec_torch.layers.PendingParam` -- shape, device, dtype -- for one injected without
+    initialisation and not loaded yet).
 
     :raises AdapterNotFoundError: no such adapter.
 
     >>> sorted(expected_params(model, "default"))[:1]                    # doctest: +SKIP
     ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight']
     """
-    state = require_state(model, adapter_name)
-    if state.configs[adapter_name].is_prompt_learning:
-        return {PROMPT_KEY: model._modules[PROMPTS_ATTR][adapter_name]}
-    out: dict[str, torch.Tensor] = {}
-    for spec, own in state.modules[adapter_name].items():
-        prefix = make_key(spec, "")
-        for param, tensor in state.wrappers[own].adapter_params(adapter_name).items():
-            out[prefix + param] = tensor
-    return out
+    return {key: target for key, (target, _, _) in _slots(model, adapter_name).items()}
 
 
 def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[AdapterSpecError]:
@@ -55,7 +73,7 @@ def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[Adapt
         if info is None:
             errors.append(MissingTensorError("the model's injected adapter has this parameter but the file does not",
                                              key=key, hint="save the adapter again, complete"))
-        elif tuple(info.shape) != tuple(param.shape):
+        elif param.shape != info.shape:
             errors.append(ShapeMismatchError(f"shape {list(info.shape)} does not fit the model's {list(param.shape)}",
                                              key=key, hint="the adapter was made for a model of other dimensions"))
     return errors
@@ -86,7 +104,8 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
     >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
     """
     state = require_state(model, adapter_name)
-    expected = expected_params(model, adapter_name)
+    slots = _slots(model, adapter_name)
+    expected = {key: target for key, (target, _, _) in slots.items()}
     errors = _problems(adapter, expected)
     found = len(expected) - sum(isinstance(e, MissingTensorError) for e in errors)
     plan = plan_auxiliary(model, state, adapter, adapter_name, options, expected) \
@@ -101,8 +120,11 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
     targets = list(expected.values()) + [holder._parameters[attr] for holder, attr in plan.replace.values()]
     tensors = _read(adapter, targets)
     with torch.no_grad():
-        for key, param in expected.items():
+        for key, (param, pending_in, attr) in slots.items():
             value = tensors[key]
+            if pending_in is not None:  # created from the loaded tensor itself
+                pending_in.fill(attr, value)
+                continue
             if value.dtype != param.dtype or value.device != param.device:
                 value = value.to(device=param.device, dtype=param.dtype)
             param.data = value
