@@ -42,6 +42,8 @@ CASES = {
     "gemma-lora": ("gemma", lambda: _lora("gemma")),
     "gemma-dora-embeddings": ("gemma", lambda: peft.LoraConfig(
         r=4, lora_alpha=8, use_dora=True, target_modules=[*ARCHS["gemma"].linear_targets, "embed_tokens"])),
+    "gemma-lora-tied-lm-head": ("gemma", lambda: peft.LoraConfig(r=4, lora_alpha=8,
+                                                                 target_modules=["embed_tokens", "lm_head"])),
     "gemma-ia3": ("gemma", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                   feedforward_modules=["down_proj"], init_ia3_weights=False)),
     "gpt2-lora": ("gpt2", lambda: _lora("gpt2")),
