@@ -228,6 +228,120 @@ def bench_torch(setup: BenchSetup, repeats: int, model: Any) -> list[Timing]:
     return rows
 
 
+#: (module, attribute, label) of the functions ``--breakdown`` times inside ``load_adapter`` / ``save_adapter``;
+#: indentation in the label shows nesting.
+_LOAD_PARTS = (
+    ("adapterspec.api", "read_adapter", "core read_adapter"),
+    ("adapterspec.adapter", "_inside", "  _inside (resolve files, x2)"),
+    ("adapterspec.config", "read_json_file", "  read_json_file"),
+    ("adapterspec.config", "_check_json_value", "  _check_json_value"),
+    ("adapterspec.config", "config_errors", "  config_errors (jsonschema)"),
+    ("adapterspec.config", "regex_problems", "  regex_problems"),
+    ("adapterspec.adapter", "_safetensors.read_header", "  _safetensors.read_header"),
+    ("adapterspec.adapter", "tensor_errors", "  tensor_errors"),
+    ("adapterspec.checks", "parse_key", "    parse_key (per key)"),
+    ("adapterspec.checks", "_dtype_error", "    _dtype_error (per key)"),
+    ("adapterspec.checks", "_module_errors", "    _module_errors"),
+    ("adapterspec.checks", "_auxiliary_error", "    _auxiliary_error"),
+    ("adapterspec.api", "backend_name", "core api backend_name (pluggy)"),
+    ("adapterspec.api", "adapter_names", "core api adapter_names"),
+    ("adapterspec.api", "set_active_adapters", "core api set_active_adapters"),
+    ("adapterspec_torch.inject", "inject", "torch inject"),
+    ("adapterspec_torch.state", "load_state", "torch load_state"),
+    ("adapterspec.adapter", "Adapter.load_tensors", "  core Adapter.load_tensors (reads the data)"),
+)
+_SAVE_PARTS = (
+    ("adapterspec_torch.state", "extract_state", "torch extract_state"),
+    ("adapterspec.api", "write_adapter", "core write_adapter"),
+    ("adapterspec.folder", "_prepare", "  _prepare (checks, serialise, sha256)"),
+    ("adapterspec.folder", "tensor_errors", "    tensor_errors"),
+    ("adapterspec.folder", "_tensor_infos", "    _tensor_infos"),
+    ("adapterspec.folder", "_savable", "    _savable"),
+    ("adapterspec.folder", "_install", "  _install (stage, write, fsync, swap, clean)"),
+    ("adapterspec.folder", "_write_file", "    _write_file (x2)"),
+    ("adapterspec._safetensors", "save_file", "      _safetensors.save_file"),
+    ("safetensors.torch", "save_file", "        safetensors.torch.save_file (writes)"),
+    ("adapterspec._safetensors", "sha256_of_blob", "        sha256_of_blob (re-reads the file)"),
+    ("adapterspec.folder", "_fsync_dir", "    _fsync_dir"),
+    ("shutil", "rmtree", "    shutil.rmtree (old folder)"),
+)
+
+
+def _patch_timers(parts: tuple[tuple[str, str, str], ...], spent: dict[str, list[int]]) -> list[tuple[Any, str, Any]]:
+    """Wrap each function of ``parts`` to add its wall time (ns) and one call to ``spent[label]``; returns what
+    to restore."""
+    restore = []
+    for module_name, attr, label in parts:
+        owner: Any = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        def timed(*args: Any, __f: Any = original, __label: str = label, **kwargs: Any) -> Any:
+            start = time.perf_counter_ns()
+            try:
+                return __f(*args, **kwargs)
+            finally:
+                entry = spent.setdefault(__label, [0, 0])
+                entry[0] += time.perf_counter_ns() - start
+                entry[1] += 1
+
+        restore.append((owner, name, original))
+        setattr(owner, name, timed)
+    return restore
+
+
+def breakdown(setup: BenchSetup, model: Any, repeats: int) -> str:
+    """Where ``load_adapter`` and ``save_adapter`` spend their time: best and median per function over
+    ``repeats`` calls (each timer adds ~0.1-1 us per call; GC off, as in :func:`measure`)."""
+    import adapterspec
+
+    lines = [f"{'part (load_adapter / save_adapter)':46s} {'best us':>9} {'median us':>10} {'calls':>6}"]
+    for title, parts, run, after in (
+            ("load_adapter", _LOAD_PARTS, lambda: adapterspec.load_adapter(model, setup.folder),
+             lambda: adapterspec.delete_adapter(model, "default")),
+            ("save_adapter", _SAVE_PARTS, lambda: adapterspec.save_adapter(model, setup.work / "bd", overwrite=True),
+             None)):
+        if title == "save_adapter":
+            adapterspec.load_adapter(model, setup.folder)
+        spent: dict[str, list[int]] = {}
+        restore = _patch_timers(parts, spent)
+        per_label: dict[str, list[int]] = {}
+        calls: dict[str, int] = {}
+        totals = []
+        try:
+            for i in range(repeats + 1):
+                spent.clear()
+                gc.collect()
+                gc.disable()
+                start = time.perf_counter_ns()
+                try:
+                    run()
+                finally:
+                    elapsed = time.perf_counter_ns() - start
+                    gc.enable()
+                if after is not None:
+                    after()
+                if i:
+                    totals.append(elapsed)
+                    for label, (ns, n) in spent.items():
+                        per_label.setdefault(label, []).append(ns)
+                        calls[label] = n
+        finally:
+            for owner, name, original in reversed(restore):
+                setattr(owner, name, original)
+        lines.append(f"{title + ' (total)':46s} {min(totals) / 1e3:9.0f} {statistics.median(totals) / 1e3:10.0f}")
+        for _, _, label in parts:
+            if label in per_label:
+                values = per_label[label]
+                lines.append(f"{label:46s} {min(values) / 1e3:9.0f} {statistics.median(values) / 1e3:10.0f} "
+                             f"{calls[label]:6d}")
+        if title == "save_adapter":
+            adapterspec.delete_adapter(model, "default")
+    return "\n".join(lines)
+
+
 def run_backend(backend: str, setup: BenchSetup, repeats: int) -> list[Timing]:
     """The rows of another backend: ``benchmarks/_<backend>_bench.py``'s ``bench_<backend>(setup, repeats)``."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -285,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per operation (best-of-N and median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter (default); cpu: time.process_time, for a busy machine")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the functions inside load_adapter and save_adapter (torch)")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -314,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_backend(backend, setup, args.repeats)
         print(report(rows))
         print("\n".join(verdicts(rows)))
+        if args.breakdown and "torch" in backends:
+            print(breakdown(setup, model, args.repeats))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -35,7 +35,7 @@ from adapterspec.errors import (
 )
 from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, make_key, parse_key
 
-from .layers import AdapterLayer, ModulesToSaveLayer
+from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .switch import ModelState
 
 __all__ = [
@@ -187,8 +187,13 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
             continue
         else:  # method tensors, trainable tokens, modules to save: the injected parameters take them all
             found = lookup.find(module)
-            plan.errors.append(_absent(key, module) if found is None else _not_taken(
-                key, module, f"takes no {name.param!r} tensor of this adapter ({name.role})"))
+            if found is None:
+                plan.errors.append(_absent(key, module))
+            elif name.role == "adapter" and _unsupported(unwrapped(found), module, config) is not None:
+                plan.errors.append(_unsupported(unwrapped(found), module, config))
+            else:
+                plan.errors.append(_not_taken(key, module, f"takes no {name.param!r} tensor of this adapter "
+                                                           f"({name.role})"))
             continue
         error = _target_error(key, module, target, tuple(info.shape))
         if error is not None:
@@ -196,6 +201,15 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
         else:
             plan.replace[key] = target
     return plan
+
+
+def _unsupported(module: nn.Module, path: str, config: AdapterConfig) -> UnsupportedError | None:
+    """Check 18's second half: the layer a method tensor names is one this method can adapt."""
+    try:
+        check_supported(module, path, config)
+    except UnsupportedError as exc:
+        return exc
+    return None
 
 
 def _target_error(key: str, module: str, target: tuple[nn.Module, str], shape: tuple[int, ...]) -> AdapterSpecError | None:

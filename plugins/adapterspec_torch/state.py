@@ -141,14 +141,14 @@ def restore_base_weights(model: nn.Module, adapter_name: str) -> None:
 
 
 def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """``adapter_name``'s config and tensors, canonical keys, spec (PEFT) layout, detached (no copies).
+    """``adapter_name``'s config and tensors, canonical keys, spec (PEFT) layout, without gradient (no copies).
 
     :raises AdapterNotFoundError: no such adapter.
 
     >>> config, tensors = extract_state(model, "default")              # doctest: +SKIP
     """
     state = require_state(model, adapter_name)
-    tensors = {key: t.detach() for key, t in expected_params(model, adapter_name).items()}
+    tensors = {key: t.detach() if t.requires_grad else t for key, t in expected_params(model, adapter_name).items()}
     tensors.update(auxiliary_tensors(state, adapter_name))
     for key, tensor in tensors.items():
         if not tensor.is_contiguous():

@@ -370,3 +370,26 @@ def test_absent_module_is_reported_before_other_problems(llama: Any, tmp_path: P
         f"{PREFIX}model.layers.5.self_attn.o_proj.lora_B.weight": torch.ones(64, 2)}))
     with pytest.raises(adapterspec.TargetNotFoundError, match="model.layers.5.self_attn.o_proj"):
         adapterspec.load_adapter(fresh(llama), folder)
+
+
+def test_method_tensor_on_a_layer_the_method_cannot_adapt(llama: Any) -> None:
+    """Check 18's second half, at the backend (the core's own checks bypassed): the layer a method tensor
+    names exists but is no layer LoRA adapts -> UnsupportedError naming it."""
+    from adapterspec.checks import TensorInfo
+    from adapterspec_torch.inject import inject
+    from adapterspec_torch.state import load_state
+    from adapterspec_torch.switch import delete
+
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]})
+    model = fresh(llama)
+    options = adapterspec.LoadOptions(initialize=False)
+    inject(model, config, "default", options)
+    arrays = {f"{PREFIX}model.layers.{i}.self_attn.q_proj.{p}": unique_values(shape, i)
+              for i in range(2) for p, shape in (("lora_A.weight", (2, 64)), ("lora_B.weight", (64, 2)))}
+    arrays[f"{PREFIX}model.norm.lora_A.weight"] = unique_values((2, 64), 9)
+    adapter = adapterspec.Adapter(config, {k: TensorInfo(tuple(v.shape), "F32") for k, v in arrays.items()},
+                                  arrays=arrays)
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        load_state(model, adapter, "default", options)
+    assert info.value.key == "model.norm"
+    delete(model, "default")
