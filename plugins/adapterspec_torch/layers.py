@@ -348,10 +348,13 @@ class _Weights(nn.Module):
     def get(self, attr: str) -> torch.Tensor | None:
         return self._parameters.get(attr)
 
-    def fill(self, attr: str, value: torch.Tensor) -> nn.Parameter:
-        """Make pending parameter ``attr`` from ``value`` (no copy when its device and dtype are right)."""
+    def fill(self, attr: str, value: torch.Tensor, *, device: torch.device | None = None) -> nn.Parameter:
+        """Make pending parameter ``attr`` from ``value`` (no copy when its device and dtype are right).
+
+        :param device: ``value``'s device, if the caller knows it (asking the tensor costs more than the rest).
+        """
         spec = self.__dict__["pending"].pop(attr)
-        if value.dtype != spec.dtype or value.device != spec.device:
+        if value.dtype != spec.dtype or (device if device is not None else value.device) != spec.device:
             value = value.to(device=spec.device, dtype=spec.dtype)
         param = self._parameters[attr] = torch.Tensor._make_subclass(nn.Parameter, value, spec.requires_grad)
         return param

@@ -79,12 +79,14 @@ def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[Adapt
     return errors
 
 
-def _read(adapter: Adapter, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read(adapter: Adapter, targets: list[Any]) -> tuple[dict[str, torch.Tensor], torch.device]:
+    """The file's tensors, on the one device all ``targets`` are on (else the CPU), and that device."""
     devices = {t.device for t in targets}
     if devices and all(d.type == "meta" for d in devices):
-        return {k: torch.empty(info.shape, device="meta") for k, info in adapter.tensors.items()}
+        meta = torch.device("meta")
+        return {k: torch.empty(info.shape, device=meta) for k, info in adapter.tensors.items()}, meta
     device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
-    return adapter.load_tensors("pt", device=str(device))
+    return adapter.load_tensors("pt", device=str(device)), device
 
 
 def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -118,12 +120,12 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
             first.args = (str(first),)
         raise first
     targets = list(expected.values()) + [holder._parameters[attr] for holder, attr in plan.replace.values()]
-    tensors = _read(adapter, targets)
+    tensors, read_to = _read(adapter, targets)
     with torch.no_grad():
         for key, (param, pending_in, attr) in slots.items():
             value = tensors[key]
             if pending_in is not None:  # created from the loaded tensor itself
-                pending_in.fill(attr, value)
+                pending_in.fill(attr, value, device=read_to)
                 continue
             if value.dtype != param.dtype or value.device != param.device:
                 value = value.to(device=param.device, dtype=param.dtype)
