@@ -13,12 +13,7 @@ from adapterspec.conformance import Corpus, Status, run_suite
 #: Cases a backend still fails, with why; remove an entry when the backend is fixed (XPASS shows it).
 KNOWN_FAILURES = {
     "torch": {},
-    "keras": {
-        "numeric/lora-conv2d-f32": "LoRA on Conv2D: lora_B reshaped with rank = b.shape[0] (the Keras kernel's 1)",
-        "numeric/lora-conv1d-f32": "the same on Conv1D",
-        "numeric/dora-conv2d-f32": "the same, with DoRA",
-        "numeric/dora-conv1d-f32": "the same, with DoRA",
-    },
+    "keras": {},
 }
 
 
