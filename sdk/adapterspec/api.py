@@ -61,9 +61,8 @@ def backend_name(model: Any) -> str:
 
 
 def _call(hook: str, model: Any, **kwargs: Any) -> Any:
-    backend_name(model)
     result = getattr(_hook(), hook)(model=model, **kwargs)
-    if result is None:  # a plugin claimed the model but does not implement this hook
+    if result is None:  # no backend claims the model (raises), or the one that does lacks this hook
         raise BackendError(f"the {backend_name(model)!r} backend does not implement {hook}",
                            hint="upgrade the backend plugin")
     return result
