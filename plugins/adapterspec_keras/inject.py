@@ -28,6 +28,7 @@ from typing import Any
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .bank import AdapterBank
@@ -96,9 +97,6 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 
 #: LoRA variants that change the computation and that this backend does not implement: refused rather
 #: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
-_UNSUPPORTED_LORA = ("target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
-                     "arrow_config", "use_bdlora", "monteclora_config", "kasa_config", "megatron_config",
-                     "trainable_token_indices")
 
 
 def check_features(config: AdapterConfig) -> None:
@@ -111,12 +109,11 @@ def check_features(config: AdapterConfig) -> None:
     Traceback (most recent call last):
     adapterspec.errors.UnsupportedError: /use_qalora: ...
     """
-    if config.peft_type != "LORA":
-        return
-    for name in _UNSUPPORTED_LORA:
-        if config.get(name):
-            raise UnsupportedError(f"the LoRA variant {name}={config.get(name)!r} is not implemented by the keras "
-                                   "backend", pointer=f"/{name}", hint="load this adapter with PEFT itself")
+    for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
+        raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
+    if config.get("trainable_token_indices"):
+        raise UnsupportedError("trainable_token_indices is not implemented by the keras backend",
+                               pointer="/trainable_token_indices", hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
@@ -205,8 +206,6 @@ def unwrap(model: nn.Module, name: str) -> None:
 
 #: LoRA variants that change the computation and that this backend does not implement: refused rather
 #: than silently run as plain LoRA.
-_UNSUPPORTED_LORA = ("target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
-                     "arrow_config", "use_bdlora", "monteclora_config", "kasa_config", "megatron_config")
 
 
 def check_features(config: AdapterConfig) -> None:
@@ -219,12 +218,8 @@ def check_features(config: AdapterConfig) -> None:
     Traceback (most recent call last):
     adapterspec.errors.UnsupportedError: /use_qalora: ...
     """
-    if config.peft_type != "LORA":
-        return
-    for name in _UNSUPPORTED_LORA:
-        if config.get(name):
-            raise UnsupportedError(f"the LoRA variant {name}={config.get(name)!r} is not implemented by the torch "
-                                   "backend", pointer=f"/{name}", hint="load this adapter with PEFT itself")
+    for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
+        raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
 
 
 def _input_embedding(model: nn.Module, universe: list[tuple[str, str, nn.Module]]) -> str | None:
