@@ -171,14 +171,19 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         if options.trainable:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
-        remove_adapter_modules(model, adapter_name)
-        state.names.remove(adapter_name)
-        state.configs.pop(adapter_name, None)
-        state.modules.pop(adapter_name, None)
-        drop_state_if_empty(model)
+        _forget(model, state, adapter_name)
         raise
     invalidate(model)
     return list(paths)
+
+
+def _forget(model: Any, state: ModelState, adapter_name: str) -> None:
+    """Undo a half-done injection: its layers and every trace of ``adapter_name`` in the model's state."""
+    remove_adapter_modules(model, adapter_name)
+    state.names.remove(adapter_name)
+    state.configs.pop(adapter_name, None)
+    state.modules.pop(adapter_name, None)
+    drop_state_if_empty(model)
 
 
 def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -200,11 +205,7 @@ def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options
         if options.trainable:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
-        remove_adapter_modules(model, adapter_name)
-        state.names.remove(adapter_name)
-        state.configs.pop(adapter_name, None)
-        state.modules.pop(adapter_name, None)
-        drop_state_if_empty(model)
+        _forget(model, state, adapter_name)
         raise
     invalidate(model)
     return []
