@@ -94,7 +94,7 @@ class Adapter:
         4
         """
         cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
-        infos = {k: TensorInfo(tuple(int(d) for d in v.shape), _dtype_name(v)) for k, v in tensors.items()}
+        infos = _tensor_infos(tensors)
         errors = tensor_errors(cfg, infos)
         if errors:
             raise errors[0]
@@ -157,6 +157,25 @@ def _dtype_name(tensor: Any) -> str:
                "half": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8",
                "bool": "BOOL"}
     return mapping.get(name, name.upper())
+
+
+def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of caller-supplied tensors; anything but a mapping of string keys to arrays is a TensorError."""
+    if not isinstance(tensors, Mapping):
+        raise TensorError(f"tensors must be a mapping of key -> tensor, got {type(tensors).__name__}",
+                          hint="pass a dict of NumPy arrays or framework tensors")
+    infos = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TensorError(f"key {key!r} is not a string", key=repr(key), hint="use the spec's string keys")
+        try:
+            shape = tuple(int(d) for d in value.shape)
+            value.dtype  # noqa: B018 - only arrays and tensors have both
+        except (AttributeError, TypeError, ValueError):
+            raise TensorError(f"not a tensor but a {type(value).__name__}", key=key,
+                              hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
+        infos[key] = TensorInfo(shape, _dtype_name(value))
+    return infos
 
 
 def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import _safetensors
-from .adapter import Adapter, check_adapter_name
+from .adapter import Adapter, _tensor_infos, check_adapter_name
 from .checks import TensorInfo, tensor_errors
 from .config import AdapterConfig, _validator, read_json_file
 from .errors import (
@@ -101,31 +101,6 @@ def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, An
         SAFETENSORS_NAME: functools.partial(_safetensors.save_file, _savable(tensors), metadata=meta),
         CONFIG_NAME: cfg.to_json().encode("utf-8"),
     }
-
-
-def _dtype(tensor: Any) -> str:
-    from .adapter import _dtype_name
-
-    return _dtype_name(tensor)
-
-
-def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of caller-supplied tensors; anything but a mapping of string keys to arrays is a TensorError."""
-    if not isinstance(tensors, Mapping):
-        raise TensorError(f"tensors must be a mapping of key -> tensor, got {type(tensors).__name__}",
-                          hint="pass a dict of NumPy arrays or framework tensors")
-    infos = {}
-    for key, value in tensors.items():
-        if not isinstance(key, str):
-            raise TensorError(f"key {key!r} is not a string", key=repr(key), hint="use the spec's string keys")
-        try:
-            shape = tuple(int(d) for d in value.shape)
-            value.dtype  # noqa: B018 - only arrays and tensors have both
-        except (AttributeError, TypeError, ValueError):
-            raise TensorError(f"not a tensor but a {type(value).__name__}", key=key,
-                              hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
-        infos[key] = TensorInfo(shape, _dtype(value))
-    return infos
 
 
 def _family(tensor: Any) -> str:
