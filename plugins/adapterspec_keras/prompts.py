@@ -1,20 +1,32 @@
-"""Prefix tuning on keras-hub causal LMs, through their decoders' key/value cache.
+"""Prefix and prompt tuning on keras-hub causal LMs, through their decoders' key/value cache.
 
-PEFT's prefix tuning gives every decoder layer ``num_virtual_tokens`` extra keys and values (after RoPE,
-so taken as they are) that every token attends to, and shifts the tokens' positions by
-``num_virtual_tokens`` -- exactly what a pre-filled key/value cache does. keras-hub's decoders of the
-Llama family (Llama, Mistral, Mixtral, Qwen 2/3 and their MoE variants...) and keras-hub's generic
-``TransformerDecoder`` (GPT-2) take
-``self_attention_cache`` and ``self_attention_cache_update_index``; their ``call`` is patched (on the
-instance) so that a plain forward pass -- ``model(x)``, ``predict``, ``fit`` -- runs each layer with a
-cache holding the adapter's prefix, the tokens written after it at index ``num_virtual_tokens``, and the
-padding mask extended with ones for the prefix (PEFT's ``attention_mask`` handling).
+**Prefix tuning.** PEFT's prefix tuning gives every decoder layer ``num_virtual_tokens`` extra keys and
+values (after RoPE, so taken as they are) that every token attends to, and shifts the tokens' positions by
+``num_virtual_tokens`` -- exactly what a pre-filled key/value cache does. keras-hub's decoder layers that
+take a self-attention cache (:mod:`~adapterspec_keras.kv_cache`: the Llama family -- Llama, Mistral,
+Mixtral, Qwen 2/3 and their MoE variants... --, the generic ``TransformerDecoder`` of GPT-2, Gemma,
+Gemma 2 and Gemma 3) get their ``call`` patched (on the instance) so that a plain forward pass --
+``model(x)``, ``predict``, ``fit`` -- runs each layer with a cache holding the adapter's prefix, the
+tokens written after it at index ``num_virtual_tokens``, and the padding mask extended with ones for the
+prefix (PEFT's ``attention_mask`` handling).
 
-Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the prefix, as
-transformers counts positions from the cache length. Refused with :class:`~adapterspec.errors.UnsupportedError`,
-naming why: prompt tuning (virtual token embeddings change the sequence length the functional graph was
-built for), decoders without that cache interface (Gemma's take ``cache``/``cache_update_index`` and
-a different layout), ``prefix_projection``, encoder-decoder configs, and ``generate()`` while a prefix is active.
+**Prompt tuning.** PEFT prepends the ``num_virtual_tokens`` prompt embeddings to ``inputs_embeds`` (not
+multiplied by any embedding scale: transformers 5 scales Gemma's embeddings inside the embedding module)
+and extends the attention mask with ones. With causal attention the virtual tokens, at positions
+``0 .. n-1``, never see the real tokens, so this is prefix tuning whose per-layer keys and values are the
+ones the decoder computes for the prompt itself: in every forward pass the first decoder layer's patched
+``call`` runs all decoder layers on the prompt (batch 1, positions from 0, in the graph so that the
+prompt stays trainable) and keeps each layer's cache; each layer then runs the real tokens at positions
+``n ..`` against its cache, as for prefix tuning. The model returns the logits of the real tokens only:
+they equal ``PeftModelForCausalLM``'s ``logits[:, num_virtual_tokens:]`` (PEFT returns ``n + L``
+positions, the first ``n`` for the virtual tokens). Gemma / Gemma 2 prompts trained with transformers < 5
+(which scaled ``inputs_embeds`` -- the prompt included -- by sqrt(hidden) in the model) differ by that scale.
+
+Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the virtual tokens, as
+transformers counts positions from the cache length (a prompt gets ``wpe[0 .. n-1]`` added).
+Refused with :class:`~adapterspec.errors.UnsupportedError`, naming why: decoders without a cache
+interface, ``prefix_projection``, encoder-decoder configs, a fresh prompt initialised from text or
+vocabulary samples, and ``generate()`` while a prefix or prompt is active.
 
 >>> check_prompt_learning(model, prefix_config)                        # doctest: +SKIP
 """
@@ -22,7 +34,7 @@ a different layout), ``prefix_projection``, encoder-decoder configs, and ``gener
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from keras import ops
@@ -31,16 +43,18 @@ from adapterspec import AdapterConfig
 from adapterspec.errors import UnsupportedError
 
 from .bank import AdapterBank, Ref
+from .kv_cache import CacheInterface, cache_interface
 from .layers import Layout
 
 __all__ = ["PrefixSlot", "check_prompt_learning", "decoder_layers", "inject_prefix", "remove_prefix"]
 
-_CACHE_ARGS = ("self_attention_cache", "self_attention_cache_update_index")
+_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING")
 
 
 @dataclass
 class PrefixSlot:
-    """One prefix adapter: its bank row, and the shape its embeddings are read in."""
+    """One prefix or prompt adapter: its bank row, the shape its embeddings are read in, and (prompt tuning,
+    during a forward pass) the per-layer keys/values of the prompt, ``(1, 2, nvt, heads, head_dim)`` each."""
 
     bank: AdapterBank
     ref: Ref
@@ -49,80 +63,123 @@ class PrefixSlot:
     num_layers: int
     heads: int
     head_dim: int
+    method: str = "PREFIX_TUNING"
+    key_order: Any = None
+    flow: list[Any] | None = field(default=None, repr=False)
 
 
 def decoder_layers(model: Any) -> list[Any]:
-    """The decoder layers of a keras-hub causal LM, if they take a key/value cache the prefix can go into.
+    """The decoder layers of a keras-hub causal LM, if they take a key/value cache a prefix can go into.
 
-    :raises UnsupportedError: not a causal LM with such layers.
+    :raises UnsupportedError: not a causal LM with such layers (names the layer class).
+
+    >>> len(decoder_layers(llama_causal_lm))                           # doctest: +SKIP
+    2
     """
+    _interfaces(model)
+    return list(model.backbone.transformer_layers)
+
+
+def _interfaces(model: Any) -> list[CacheInterface]:
     backbone = getattr(model, "backbone", None)
     layers = list(getattr(backbone, "transformer_layers", None) or [])
     if backbone is None or not layers or not hasattr(model, "call_with_cache"):
-        raise UnsupportedError(f"prefix tuning needs a keras-hub causal LM; {type(model).__name__} is not one",
+        raise UnsupportedError(f"prompt learning needs a keras-hub causal LM; {type(model).__name__} is not one",
                                pointer="/peft_type", hint="pass the CausalLM task model, or use LoRA/IA3")
+    out = []
     for layer in layers:
-        params = inspect.signature(type(layer).call).parameters
-        if not all(a in params for a in _CACHE_ARGS) or not hasattr(layer, "_compute_self_attention_mask"):
+        iface = cache_interface(layer)
+        if iface is None:
             raise UnsupportedError(
                 f"{type(layer).__name__} ({type(model).__name__}) has no self-attention cache interface to hold "
-                "a prefix (decoders of the Llama family have one)", pointer="/peft_type",
-                hint="use LoRA/IA3 on this model, or the torch backend for prefix tuning")
-    return layers
+                "the virtual tokens (decoders of the Llama family, GPT-2 and Gemma 1-3 have one)",
+                pointer="/peft_type", hint="use LoRA/IA3 on this model, or the torch backend for prompt learning")
+        out.append(iface)
+    if getattr(backbone, "vision_encoder", None) is not None:
+        raise UnsupportedError(f"{type(backbone).__name__} has a vision encoder: its image tokens' bidirectional mask "
+                               "has no room for virtual tokens", pointer="/peft_type",
+                               hint="use a text-only model, LoRA/IA3, or the torch backend")
+    return out
 
 
 def check_prompt_learning(model: Any, config: AdapterConfig) -> None:
     """Refuse prompt learning ``model`` cannot run exactly (see the module docstring).
 
     :raises UnsupportedError: naming the reason.
+
+    >>> check_prompt_learning(model, AdapterConfig.from_dict({"peft_type": "PROMPT_TUNING", ...}))  # doctest: +SKIP
     """
-    if config.peft_type != "PREFIX_TUNING":
-        raise UnsupportedError(
-            f"{config.peft_type} prepends virtual token embeddings, changing the sequence length the Keras "
-            f"functional graph of {type(model).__name__} was built for", pointer="/peft_type",
-            hint="use PREFIX_TUNING or LoRA/IA3 with Keras, or the torch backend for prompt tuning")
+    if config.peft_type not in _METHODS:
+        raise UnsupportedError(f"the keras backend does not implement {config.peft_type}", pointer="/peft_type",
+                               hint="use PREFIX_TUNING, PROMPT_TUNING or LoRA/IA3")
     if config.get("prefix_projection"):
         raise UnsupportedError("prefix_projection: PEFT does not save the projection MLP, only its input",
                                pointer="/prefix_projection", hint="train the prefix without prefix_projection")
     if int(config.get("num_transformer_submodules") or 1) != 1:
-        raise UnsupportedError("encoder-decoder prefix tuning is not supported by the keras backend",
+        raise UnsupportedError("encoder-decoder prompt learning is not supported by the keras backend",
                                pointer="/num_transformer_submodules", hint="use a decoder-only causal LM")
-    layers = decoder_layers(model)
-    _position_embeddings(model)
+    ifaces = _interfaces(model)
+    layers = list(model.backbone.transformer_layers)
+    positions = _position_embeddings(model)
+    if config.peft_type == "PROMPT_TUNING":
+        hidden = _hidden_dim(model)
+        if int(config["token_dim"]) != hidden:
+            raise UnsupportedError(f"token_dim {config['token_dim']} is not this model's hidden size {hidden}",
+                                   pointer="/token_dim", hint="load the adapter into the model it was trained for")
+        if len(positions) > 1:
+            raise UnsupportedError(f"{type(model).__name__} has {len(positions)} position embeddings; the prompt "
+                                   "needs one", pointer="/peft_type", hint="use LoRA/IA3 on this model")
+        return
     if int(config["num_layers"]) != len(layers):
         raise UnsupportedError(f"the prefix is for {config['num_layers']} layers; the model has {len(layers)}",
                                pointer="/num_layers", hint="load the adapter into the model it was trained for")
-    heads, head_dim = _kv_shape(layers[0])
+    heads, head_dim = ifaces[0].kv_shape(layers[0])
     if int(config["token_dim"]) != heads * head_dim:
         raise UnsupportedError(f"token_dim {config['token_dim']} is not key/value heads x head_dim = "
                                f"{heads} x {head_dim} of this model", pointer="/token_dim",
                                hint="load the adapter into the model it was trained for")
 
 
-def _kv_shape(layer: Any) -> tuple[int, int]:
-    attention = layer._self_attention_layer
-    kernel = attention._key_dense.kernel  # (hidden, kv heads, head dim)
-    return int(kernel.shape[-2]), int(kernel.shape[-1])
+def _hidden_dim(model: Any) -> int:
+    hidden = getattr(model.backbone, "hidden_dim", None)
+    if hidden is None:
+        hidden = model.backbone.token_embedding.output_dim
+    return int(hidden)
 
 
 def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: str, bank: AdapterBank,
                   options: Any) -> None:
-    """Reserve the prefix's embeddings in ``bank`` and patch the decoder layers (once) to use it."""
+    """Reserve the adapter's ``prompt_embeddings`` in ``bank`` and patch the decoder layers (once) to use it.
+
+    :raises UnsupportedError: a fresh prompt-tuning adapter initialised from text or vocabulary samples.
+
+    >>> inject_prefix(model, state, config, "default", bank, LoadOptions())  # doctest: +SKIP
+    """
     from .devices import target_of
 
-    layers = decoder_layers(model)
+    ifaces = _interfaces(model)
+    layers = list(model.backbone.transformer_layers)
+    initialize = getattr(options, "initialize", True)
+    if config.peft_type == "PROMPT_TUNING" and initialize and (config.get("prompt_tuning_init") or "RANDOM") != "RANDOM":
+        raise UnsupportedError(f"prompt_tuning_init {config['prompt_tuning_init']!r} needs the tokenizer and PEFT's "
+                               "initialisation", pointer="/prompt_tuning_init",
+                               hint="inject with prompt_tuning_init 'RANDOM', or load a trained adapter")
     if options.trainable:
         _ensure_slice_update_gradient()
-    heads, head_dim = _kv_shape(layers[0])
+    heads, head_dim = ifaces[0].kv_shape(layers[0])
     nvt, n_layers = int(config["num_virtual_tokens"]), len(layers)
-    shape = (nvt, n_layers * 2 * heads * head_dim)
-    device, dtype = target_of(layers[0]._self_attention_layer._key_dense.kernel, options)
-    init = ("normal", 1.0) if getattr(options, "initialize", True) else ("zeros",)  # PEFT: nn.Embedding init
+    if config.peft_type == "PROMPT_TUNING":
+        shape: tuple[int, ...] = (nvt, int(config["token_dim"]))
+    else:
+        shape = (nvt, n_layers * 2 * heads * head_dim)
+    device, dtype = target_of(ifaces[0].key_kernel(layers[0]), options)
+    init = ("normal", 1.0) if initialize else ("zeros",)  # PEFT: nn.Embedding init
     ref = bank.reserve("prompt_embeddings", shape, dtype, device, init, trainable=options.trainable)
-    state.prompts[adapter_name] = PrefixSlot(bank, ref, Layout(shape, shape, (0, 1)), nvt, n_layers, heads, head_dim)
-    for index, layer in enumerate(layers):
+    state.prompts[adapter_name] = PrefixSlot(bank, ref, Layout(shape, shape, (0, 1)), nvt, n_layers, heads, head_dim,
+                                             method=config.peft_type, key_order=ifaces[0].key_order(layers[0]))
+    for index, (layer, iface) in enumerate(zip(layers, ifaces)):
         if id(layer) not in state.prompt_patches:
-            _patch(model, state, layer, index)
+            _patch(model, state, layer, iface, index)
     for layer in _position_embeddings(model):
         if id(layer) not in state.prompt_patches:
             _patch_positions(state, layer)
@@ -131,8 +188,8 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
 
 
 def _position_embeddings(model: Any) -> list[Any]:
-    """Learned absolute position embeddings (GPT-2's ``wpe``): with a prefix, transformers counts positions from
-    ``num_virtual_tokens`` (the cache length), so these layers must too."""
+    """Learned absolute position embeddings (GPT-2's ``wpe``): with virtual tokens, transformers counts the real
+    tokens' positions from ``num_virtual_tokens`` (the cache length), so these layers must too."""
     from .sites import model_layers
 
     out = []
@@ -142,7 +199,7 @@ def _position_embeddings(model: Any) -> list[Any]:
             out.append(layer)
         elif type(layer).__name__ in ("TokenAndPositionEmbedding", "SinePositionEncoding"):
             raise UnsupportedError(f"{type(layer).__name__} in {type(model).__name__} cannot start its positions "
-                                   "after a prefix", pointer="/peft_type", hint="use LoRA/IA3 on this model")
+                                   "after the virtual tokens", pointer="/peft_type", hint="use LoRA/IA3 on this model")
     return out
 
 
@@ -186,7 +243,10 @@ def _ensure_slice_update_gradient() -> None:
 
 
 def remove_prefix(model: Any, state: Any, adapter_name: str) -> None:
-    """Drop a prefix adapter; with the last one gone, the decoder layers get their own ``call`` back."""
+    """Drop a prefix/prompt adapter; with the last one gone, the patched layers get their own ``call`` back.
+
+    >>> remove_prefix(model, state, "default")                         # doctest: +SKIP
+    """
     state.prompts.pop(adapter_name, None)
     if state.prompts:
         return
@@ -205,7 +265,17 @@ def _active_prefix(state: Any) -> PrefixSlot | None:
     return None
 
 
-def _patch(model: Any, state: Any, layer: Any, index: int) -> None:
+def _active_name(state: Any) -> str:
+    return next(n for n in state.active if n in state.prompts)
+
+
+def _unpatched(state: Any, layer: Any) -> Any:
+    """``layer``'s ``call`` as it was before this module patched it."""
+    own = state.prompt_patches[id(layer)][2]
+    return own if own is not None else type(layer).call.__get__(layer)
+
+
+def _patch(model: Any, state: Any, layer: Any, iface: CacheInterface, index: int) -> None:
     own = layer.__dict__.get("call")
     original = own if own is not None else type(layer).call.__get__(layer)
     names = list(inspect.signature(type(layer).call).parameters)[1:]
@@ -216,11 +286,23 @@ def _patch(model: Any, state: Any, layer: Any, index: int) -> None:
             return original(*args, **kwargs)
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        if bound.get("self_attention_cache") is not None:
-            raise UnsupportedError("generation with a key/value cache while a prefix adapter is active",
-                                   key=next(n for n in state.active if n in state.prompts),
-                                   hint="run the model on the whole sequence (model(x)), or deactivate the prefix")
-        return _with_prefix(layer, original, slot, index, bound)
+        if bound.get(iface.cache) is not None:
+            raise UnsupportedError("generation with a key/value cache while a prefix/prompt adapter is active",
+                                   key=_active_name(state),
+                                   hint="run the model on the whole sequence (model(x)), or deactivate the adapter")
+        if slot.method == "PROMPT_TUNING":
+            if index == 0:
+                slot.flow = _prompt_flow(model, state, slot, bound[iface.sequence].dtype)
+            if slot.flow is None or len(slot.flow) <= index:
+                raise UnsupportedError(f"decoder layer {index} was called without the layers before it, so the "
+                                       "prompt's keys/values are unknown", key=_active_name(state),
+                                       hint="run the whole model (model(x))")
+            kv = slot.flow[index]
+            if index == len(slot.flow) - 1:
+                slot.flow = None
+        else:
+            kv = _prefix_kv(slot, index, bound[iface.sequence].dtype)
+        return _with_cache(layer, iface, original, kv, bound)
 
     object.__setattr__(layer, "call", call)
     state.prompt_patches[id(layer)] = (layer, "call", own)
@@ -235,44 +317,70 @@ def _patch_generate(model: Any, state: Any) -> None:
     def generate(*args: Any, **kwargs: Any) -> Any:
         if _active_prefix(state) is not None:
             raise UnsupportedError("generate() runs the decoders with its own key/value cache, which has no room "
-                                   "for the active prefix adapter",
-                                   key=next(n for n in state.active if n in state.prompts),
-                                   hint="run the model on the whole sequence (model(x)), or deactivate the prefix")
+                                   "for the active prefix/prompt adapter", key=_active_name(state),
+                                   hint="run the model on the whole sequence (model(x)), or deactivate the adapter")
         return original(*args, **kwargs)
 
     object.__setattr__(model, "generate", generate)
     state.prompt_patches[id(model)] = (model, "generate", own)
 
 
-def _with_prefix(layer: Any, original: Any, slot: PrefixSlot, index: int, bound: dict[str, Any]) -> Any:
-    x = bound.pop("decoder_sequence")
-    padding = bound.pop("decoder_padding_mask", None)
+def _prefix_kv(slot: PrefixSlot, index: int, dtype: Any) -> Any:
+    """Layer ``index``'s prefix keys/values ``(1, 2, nvt, heads, head_dim)`` (PEFT's ``get_prompt`` split)."""
+    nvt, heads, head_dim = slot.num_virtual_tokens, slot.heads, slot.head_dim
+    prefix = ops.cast(slot.bank.get(slot.ref), dtype)
+    prefix = ops.reshape(prefix, (nvt, slot.num_layers * 2, heads, head_dim))
+    keys, values = prefix[:, 2 * index], prefix[:, 2 * index + 1]
+    if slot.key_order is not None:  # the layer keeps its keys in another channel order (Gemma 1/2)
+        keys = ops.take(keys, slot.key_order, axis=-1)
+    return ops.stack([keys, values], axis=0)[None]
+
+
+def _prompt_flow(model: Any, state: Any, slot: PrefixSlot, dtype: Any) -> list[Any]:
+    """Every decoder layer's keys/values for the prompt: the decoder run on the virtual tokens alone (batch 1,
+    positions ``0 .. n-1``), as transformers runs the first ``n`` positions of ``prompt ‖ inputs_embeds``."""
+    nvt = slot.num_virtual_tokens
+    h = ops.cast(slot.bank.get(slot.ref), dtype)[None]  # (1, nvt, hidden)
+    for layer in _position_embeddings(model):  # GPT-2: inputs_embeds + wpe(0 .. n-1)
+        table = ops.cast(ops.convert_to_tensor(layer.position_embeddings), dtype)
+        h = h + ops.slice(table, (0, 0), (nvt, ops.shape(table)[1]))[None]
+    flow = []
+    for layer in model.backbone.transformer_layers:
+        iface = cache_interface(layer)
+        assert iface is not None  # checked at injection
+        empty = ops.zeros((1, 2, nvt, slot.heads, slot.head_dim), dtype=dtype)
+        h, cache = _unpatched(state, layer)(h, **{iface.cache: iface.pack(empty), iface.index: 0})
+        flow.append(iface.unpack(cache))
+    return flow
+
+
+def _with_cache(layer: Any, iface: CacheInterface, original: Any, kv: Any, bound: dict[str, Any]) -> Any:
+    """Run ``layer`` on the real tokens, written after ``kv`` ``(1, 2, nvt, heads, head_dim)`` in its cache,
+    with a causal mask over virtual + real tokens and the padding mask extended by ones."""
+    x = bound.pop(iface.sequence)
+    padding = bound.pop(iface.padding, None)
     if bound.pop("decoder_attention_mask", None) is not None:
-        raise UnsupportedError("a custom decoder_attention_mask together with a prefix adapter",
+        raise UnsupportedError("a custom decoder_attention_mask together with a prefix/prompt adapter",
                                hint="pass a padding mask only")
     batch, length = ops.shape(x)[0], ops.shape(x)[1]
-    nvt, heads, head_dim = slot.num_virtual_tokens, slot.heads, slot.head_dim
-    prefix = ops.cast(slot.bank.get(slot.ref), x.dtype)
-    prefix = ops.reshape(prefix, (nvt, slot.num_layers * 2, heads, head_dim))
-    kv = ops.stack([prefix[:, 2 * index], prefix[:, 2 * index + 1]], axis=0)  # (2, nvt, heads, head_dim)
-    kv = ops.broadcast_to(kv[None], (batch, 2, nvt, heads, head_dim))
+    nvt, heads, head_dim = ops.shape(kv)[2], ops.shape(kv)[3], ops.shape(kv)[4]
+    kv = ops.broadcast_to(ops.cast(kv, x.dtype), (batch, 2, nvt, heads, head_dim))
     cache = ops.concatenate([kv, ops.zeros((batch, 2, length, heads, head_dim), dtype=x.dtype)], axis=2)
-    compute_mask = type(layer)._compute_self_attention_mask.__get__(layer)
-
+    compute_mask = getattr(type(layer), iface.mask_method).__get__(layer)
     signature = inspect.signature(compute_mask)
 
     def mask_with_prefix(*args: Any, **kwargs: Any) -> Any:
         call = signature.bind(*args, **kwargs)
-        call.arguments.update(decoder_padding_mask=None, decoder_attention_mask=None)
+        call.arguments.update({name: None for name in iface.mask_inputs})
         mask = compute_mask(*call.args, **call.kwargs)  # causal (and sliding-window) mask over prefix + tokens
         if padding is None:
             return mask
         keys = ops.concatenate([ops.ones((batch, nvt), dtype="bool"), ops.cast(padding, "bool")], axis=1)
         return ops.logical_and(ops.cast(mask, "bool"), keys[:, None, :])
 
-    object.__setattr__(layer, "_compute_self_attention_mask", mask_with_prefix)
+    object.__setattr__(layer, iface.mask_method, mask_with_prefix)
     try:
-        output, _ = original(x, self_attention_cache=cache, self_attention_cache_update_index=nvt, **bound)
+        output, _ = original(x, **{iface.cache: iface.pack(cache), iface.index: nvt}, **bound)
     finally:
-        object.__delattr__(layer, "_compute_self_attention_mask")
+        object.__delattr__(layer, iface.mask_method)
     return output
