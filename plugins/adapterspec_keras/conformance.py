@@ -5,8 +5,11 @@ case's base weights in Keras' layout (``Dense`` kernel = ``W.T``; GPT-2 ``Conv1D
 ``Dense`` kernel as stored; ``Conv1D``/``Conv2D`` kernels channels-last), inputs in the torch layout of
 the corpus are transposed to channels-last (and zero-padded as the torch layer would) and outputs back.
 The adapter goes in through :func:`adapterspec.load_adapter` with ``module_map={spec path: layer}`` and
-comes out through :func:`adapterspec.save_adapter`. What the backend refuses as unsupported (LoHa,
-LoKr, prompt learning) is reported UNSUPPORTED by the runner.
+comes out through :func:`adapterspec.save_adapter`. Decoder cases (prefix/prompt tuning) run a keras-hub
+``LlamaCausalLM`` and read what its decoder layers receive: the key/value cache each layer is given (the
+prefix), or the hidden states the first layer is given -- the prompt's, then the tokens' (their
+concatenation is PEFT's ``inputs_embeds``). What the backend refuses as unsupported (LoHa, LoKr) is
+reported UNSUPPORTED by the runner.
 
 >>> from adapterspec.conformance import load_corpus, run_suite
 >>> report = run_suite(KerasImplementation(), load_corpus())        # doctest: +SKIP
@@ -22,7 +25,7 @@ import numpy as np
 
 import adapterspec
 
-__all__ = ["KerasImplementation", "build_model", "load_base", "run_modules"]
+__all__ = ["KerasImplementation", "build_model", "load_base", "record_decoder_calls", "run_modules", "run_prompt"]
 
 
 def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
@@ -149,6 +152,73 @@ def run_modules(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, An
     return out
 
 
+def record_decoder_calls(model: Any) -> list[list[dict[str, Any]]]:
+    """Record every call of ``model``'s decoder layers (their arguments by name), one list per layer.
+
+    Install it before loading a prompt-learning adapter: the adapter's patches then call through it, so
+    it sees what the layers really get.
+
+    >>> calls = record_decoder_calls(causal_lm)                                       # doctest: +SKIP
+    """
+    import inspect
+
+    calls: list[list[dict[str, Any]]] = []
+    for layer in model.backbone.transformer_layers:
+        seen: list[dict[str, Any]] = []
+        calls.append(seen)
+        original = type(layer).call.__get__(layer)
+        names = list(inspect.signature(type(layer).call).parameters)[1:]
+
+        def call(*args: Any, _original: Any = original, _names: list[str] = names, _seen: list[dict[str, Any]] = seen,
+                 **kwargs: Any) -> Any:
+            _seen.append({**dict(zip(_names, args)), **kwargs})
+            return _original(*args, **kwargs)
+
+        object.__setattr__(layer, "call", call)
+    return calls
+
+
+def run_prompt(model: Any, calls: list[list[dict[str, Any]]], compute: str,
+               inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A decoder case's observable: ``past_key_values`` ``[layers, 2, heads, nvt, head_dim]`` (the prefix in
+    each layer's cache) or ``inputs_embeds`` ``[batch, nvt + seq, dim]`` (what the first layer is given).
+
+    >>> run_prompt(model, calls, "prompt_concat", {"inputs_embeds": x})["inputs_embeds"].shape  # doctest: +SKIP
+    (2, 7, 8)
+    """
+    from keras import ops
+
+    def numpy(x: Any) -> np.ndarray:
+        return np.asarray(ops.convert_to_numpy(ops.cast(x, "float32")), dtype=np.float64)
+
+    for seen in calls:
+        seen.clear()
+    if compute == "prefix_key_values":
+        model({"token_ids": np.zeros((1, 1), "int32"), "padding_mask": np.ones((1, 1), "int32")})
+        out = []
+        for seen in calls:
+            cache = numpy(seen[-1]["self_attention_cache"])[0]  # (2, nvt + 1, heads, head_dim)
+            out.append(np.transpose(cache[:, :-1], (0, 2, 1, 3)))
+        return {"past_key_values": np.stack(out)}
+    embeds = inputs["inputs_embeds"]
+    table = model.backbone.token_embedding
+    own = table.__dict__.get("call")
+    original = own if own is not None else type(table).call.__get__(table)
+
+    def embed(ids: Any, reverse: bool = False) -> Any:  # the case's inputs_embeds instead of a lookup
+        return original(ids, reverse=True) if reverse else ops.cast(embeds, table.compute_dtype)
+
+    object.__setattr__(table, "call", embed)
+    try:
+        batch, length = embeds.shape[:2]
+        model({"token_ids": np.zeros((batch, length), "int32"), "padding_mask": np.ones((batch, length), "int32")})
+    finally:
+        object.__delattr__(table, "call") if own is None else object.__setattr__(table, "call", own)
+    first = [numpy(c["decoder_sequence"]) for c in calls[0]]  # the prompt's pass, then the tokens'
+    prompt = np.broadcast_to(first[0], (embeds.shape[0], *first[0].shape[1:]))
+    return {"inputs_embeds": np.concatenate([prompt, first[1]], axis=1)}
+
+
 class KerasImplementation:
     """The built-in Keras backend, driven through :mod:`adapterspec`'s public API."""
 
@@ -188,10 +258,16 @@ class KerasImplementation:
     def run_numeric(self, case: Any, case_dir: Path) -> dict[str, np.ndarray]:
         from adapterspec.conformance._io import read_arrays
 
-        model, layers = self._loaded(case, case.adapter)
+        inputs = read_arrays(case.inputs) if case.inputs else {}
+        if case.compute in ("prefix_key_values", "prompt_concat"):
+            model, layers = build_model(case.model)
+            calls = record_decoder_calls(model)
+            self._load(case.model, case.adapter, built=(model, layers))
+            return run_prompt(model, calls, case.compute, inputs)
         if case.compute != "modules":
             raise adapterspec.UnsupportedError(f"{case.compute} is not observable on a Keras model here")
-        return run_modules(layers, case.modules, read_arrays(case.inputs) if case.inputs else {})
+        model, layers = self._loaded(case, case.adapter)
+        return run_modules(layers, case.modules, inputs)
 
     def roundtrip(self, case: Any, src: Path, dst: Path) -> None:
         model, _ = self._loaded(case.source, src)
