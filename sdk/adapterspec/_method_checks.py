@@ -85,6 +85,9 @@ _EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
 
 
 def _lora(config: AdapterConfig, module: str, p: Params) -> Errors:
+    if len(p) == 2 and "lora_A.weight" in p and "lora_B.weight" in p \
+            and not config.get("lora_bias") and not config.get("use_dora"):  # the common case: nothing else to check
+        return _lora_factors(config, module, p, *_LINEAR, False)
     if any(n in p for n in _LINEAR) and any(n in p for n in _EMBEDDING):
         return [_extra(module, n, f"module {module!r} mixes lora_A/lora_B.weight with lora_embedding_A/B",
                        "keep lora_embedding_A/B for an Embedding, lora_A/B.weight for other layers")

@@ -8,8 +8,10 @@ safetensors serialised, which needs the header's data offsets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -22,7 +24,11 @@ from safetensors import SafetensorError, safe_open
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["load_numpy", "read_header", "save_file", "sha256_of_blob", "sha256_of_file"]
+__all__ = ["DTYPE_BYTES", "load_numpy", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
+           "views"]
+
+#: Bytes per element of each safetensors dtype the spec allows.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -41,6 +47,49 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise FileFormatError(f"not a valid safetensors file: {exc}", path=path,
                               hint="the file is truncated or corrupt; download or save it again") from None
     return infos, metadata
+
+
+def read_buffer(path: Path, infos: Mapping[str, TensorInfo]) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """The whole file in one NumPy ``uint8`` buffer (one ``readinto``), and each tensor's byte span in it.
+
+    Backends make their tensors as views of the buffer: one read of the file and no copy, where
+    reading tensor by tensor copies each out of a memory map. The file must still be the one
+    :func:`read_header` accepted: the header is parsed from the buffer and must name exactly the
+    tensors of ``infos`` (dtype and shape), each span inside the data and of its tensor's size, the
+    spans not overlapping.
+
+    :raises FileFormatError: the file changed since it was checked, or is corrupt.
+    """
+    import numpy as np
+
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            buffer = np.empty(size, dtype=np.uint8)
+            if fh.readinto(memoryview(buffer)) != size:
+                raise ValueError("short read")
+        (n,) = struct.unpack("<Q", buffer[:8].tobytes())
+        if n > size - 8:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(buffer[8 : 8 + n].tobytes())
+        header.pop("__metadata__", None)
+        if header.keys() != infos.keys():
+            raise ValueError("its tensors are not those checked")
+        base, spans, previous = 8 + n, {}, 0
+        for begin, key in sorted((entry["data_offsets"][0], key) for key, entry in header.items()):
+            entry, info = header[key], infos[key]
+            end = entry["data_offsets"][1]
+            if begin < previous or end - begin != math.prod(info.shape) * DTYPE_BYTES[info.dtype] \
+                    or entry["dtype"] != info.dtype or tuple(entry["shape"]) != info.shape:
+                raise ValueError(f"tensor {key!r} is not the one checked")
+            spans[key] = (base + begin, base + end)
+            previous = end
+        if base + previous > size:
+            raise ValueError("the data runs past the end of the file")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise FileFormatError(f"cannot read tensors: {exc}", path=path,
+                              hint="the file is corrupt or changed; download or save it again") from None
+    return buffer, spans
 
 
 def _digest(data: memoryview | bytes, header: Mapping[str, Any]) -> str:
@@ -113,27 +162,60 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
 
 
 def load_numpy(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
-    """Tensors of a safetensors file as NumPy arrays; BF16 as ``ml_dtypes.bfloat16`` (NumPy has none)."""
+    """Tensors of a safetensors file as NumPy arrays (views of one buffer: :func:`read_buffer`);
+    BF16 as ``ml_dtypes.bfloat16`` (NumPy has none)."""
     infos, _ = read_header(path)
-    keys = list(infos) if keys is None else keys
-    if not any(infos[k].dtype == "BF16" for k in keys):
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in keys}
-    try:
-        import ml_dtypes
-        import numpy as np
-    except ImportError:
-        raise UnsupportedError("BF16 tensors need the ml_dtypes package to be read as NumPy arrays",
-                               path=path, hint="pip install ml_dtypes, or load with a framework backend") from None
-    out = {}
-    with open(path, "rb") as fh:
-        blob = fh.read()
-    header, data = _split(memoryview(blob))
-    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
-    for k in keys:
-        begin, end = header[k]["data_offsets"]
-        dtype = dtypes.get(infos[k].dtype)
-        if dtype is None:
-            raise UnsupportedError(f"dtype {infos[k].dtype} cannot be read as NumPy here", key=k, path=path)
-        out[k] = np.frombuffer(data[begin:end], dtype=dtype).reshape(infos[k].shape).copy()
-    return out
+    arrays = views(*read_buffer(path, infos), infos, "numpy", path=path)
+    return arrays if keys is None else {k: arrays[k] for k in keys}
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, in elements."""
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+
+
+_TORCH_DTYPES: dict[str, Any] = {}  # filled on first use: this module imports no framework
+
+
+def views(buffer: Any, spans: Mapping[str, tuple[int, int]], infos: Mapping[str, TensorInfo], framework: str, *,
+          path: Path | None = None) -> dict[str, Any]:
+    """``framework`` (``"numpy"`` or ``"pt"``) tensors viewing their spans of ``buffer`` (:func:`read_buffer`).
+
+    A torch tensor whose span is not aligned to its element size (safetensors aligns them; a
+    hand-made file may not) is copied out instead.
+    """
+    import numpy as np
+
+    if framework == "pt":
+        import torch
+
+        if not _TORCH_DTYPES:
+            _TORCH_DTYPES.update(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
+                                 I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
+                                 BOOL=torch.bool)
+        flat = torch.from_numpy(buffer)
+        typed: dict[str, Any] = {}  # dtype -> the whole buffer as that dtype, for as_strided views
+        out = {}
+        for key, (begin, end) in spans.items():
+            info = infos[key]
+            width = DTYPE_BYTES[info.dtype]
+            if begin % width:  # unaligned: copy it out
+                out[key] = flat[begin:end].clone().view(_TORCH_DTYPES[info.dtype]).view(info.shape)
+                continue
+            whole = typed.get(info.dtype)
+            if whole is None:
+                whole = typed[info.dtype] = flat[: len(flat) // width * width].view(_TORCH_DTYPES[info.dtype])
+            out[key] = whole.as_strided(info.shape, _strides(info.shape), begin // width)
+        return out
+    names = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    if any(info.dtype == "BF16" for info in infos.values()):
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UnsupportedError("BF16 tensors need the ml_dtypes package to be read as NumPy arrays",
+                                   path=path, hint="pip install ml_dtypes, or load with a framework backend") from None
+        names["BF16"] = ml_dtypes.bfloat16
+    return {key: buffer[begin:end].view(names[infos[key].dtype]).reshape(infos[key].shape)
+            for key, (begin, end) in spans.items()}

@@ -45,7 +45,6 @@ from .spec import (
 __all__ = ["Adapter", "check_adapter_name", "read_adapter", "validate_adapter"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow "x\n"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def check_adapter_name(name: object) -> str:
@@ -108,7 +107,7 @@ class Adapter:
     @property
     def nbytes(self) -> int:
         """The size of all tensor data in bytes."""
-        return sum(math.prod(i.shape) * _DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
+        return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
     def load_tensors(self, framework: str = "numpy", device: str = "cpu") -> dict[str, Any]:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
@@ -121,9 +120,11 @@ class Adapter:
         assert self.weights_file is not None
         from safetensors import SafetensorError, safe_open
 
+        if framework in ("numpy", "np") or (framework == "pt" and str(device) == "cpu"):
+            buffer, spans = _safetensors.read_buffer(self.weights_file, self.tensors)  # one read, views of it
+            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                      path=self.weights_file)
         try:
-            if framework in ("numpy", "np"):
-                return _safetensors.load_numpy(self.weights_file)
             with safe_open(str(self.weights_file), framework=framework, device=device) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, TypeError, KeyError) as exc:

@@ -112,6 +112,25 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
         raise ConfigError(f"must be a JSON object, got {type(data).__name__}", pointer="", path=path,
                           hint='write {"peft_type": "LORA", ...}')
     _check_json_value(data, path)
+    key = (json.dumps(data, sort_keys=True), strict)  # JSON values only, as just checked
+    unknown = _VALID.get(key)
+    if unknown is not None:
+        return list(unknown)
+    unknown = _validate(data, strict=strict, path=path)
+    if len(_VALID) >= _VALID_SIZE:
+        del _VALID[next(iter(_VALID))]
+    _VALID[key] = tuple(unknown)
+    return unknown
+
+
+#: Configs found valid (canonical JSON, strict) -> their unknown fields: validation is a pure function of
+#: the config, and JSON Schema validation is most of the time a load takes after reading the tensors --
+#: an adapter loaded again, or the next of many adapters trained with the same settings, skips it.
+_VALID: dict[tuple[str, bool], tuple[str, ...]] = {}
+_VALID_SIZE = 256
+
+
+def _validate(data: Mapping[str, Any], *, strict: bool, path: str | None) -> list[str]:
     check_version(data.get("adapterspec_version"), path=path)
     errors = config_errors(data, path=path)
     if errors:
@@ -186,19 +205,22 @@ class AdapterConfig(Mapping[str, Any]):
     (16, 8.0)
     """
 
-    __slots__ = ("_data", "unknown_fields")
+    __slots__ = ("_data", "_matches", "unknown_fields")
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
         self._data = dict(data)
+        self._matches: dict[str, bool] = {}  # module path -> matches(): the config never changes
         self.unknown_fields = unknown_fields
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False, path: str | Path | None = None) -> AdapterConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False, path: str | Path | None = None,
+                  _owned: bool = False) -> AdapterConfig:
         """Validate ``data`` and fill PEFT's defaults.
 
         :param strict: refuse fields the schema does not know.
         :param path: the file it came from, for error messages.
+        :param _owned: ``data`` is the caller's to give away (just parsed): it is not copied.
         :raises ConfigError: naming the JSON pointer of the problem.
         """
         where = str(path) if path is not None else None
@@ -208,7 +230,7 @@ class AdapterConfig(Mapping[str, Any]):
                 f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
                 f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
             )
-        merged = {**_defaults(data["peft_type"]), **copy.deepcopy(dict(data))}
+        merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
         return cls(merged, unknown_fields=tuple(unknown))
 
     @classmethod
@@ -218,7 +240,7 @@ class AdapterConfig(Mapping[str, Any]):
         :raises FileFormatError: not readable, or not JSON.
         :raises ConfigError: the JSON is not a valid config.
         """
-        return cls.from_dict(read_json_file(path), strict=strict, path=path)
+        return cls.from_dict(read_json_file(path), strict=strict, path=path, _owned=True)
 
     # -- mapping ----------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -277,7 +299,10 @@ class AdapterConfig(Mapping[str, Any]):
 
     def matches(self, module: str) -> bool:
         """Whether the module at path ``module`` gets an adapter (SPEC.md 4, :func:`~adapterspec.targets.module_matches`)."""
-        return module_matches(self._data, module)
+        found = self._matches.get(module)
+        if found is None:
+            found = self._matches[module] = module_matches(self._data, module)
+        return found
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""

@@ -144,15 +144,23 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     return name
 
 
-#: Each method's parameter names, longest first (``lora_B.bias`` before a shorter suffix of it).
-_SUFFIXES = {method: tuple(sorted(params, key=len, reverse=True)) for method, params in PARAMETERS.items()}
+#: Each method's parameter names; none has more than two '.'-separated parts.
+_PARAMS = {method: frozenset(params) for method, params in PARAMETERS.items()}
+assert all(p.count(".") <= 1 for params in PARAMETERS.values() for p in params)
 
 
 def _method_tensor(key: str, rest: str, peft_type: str) -> TensorName | None:
-    for param in _SUFFIXES.get(peft_type, ()):
-        if rest == param or rest.endswith("." + param):
-            return TensorName(key, rest[: -len(param) - 1] if rest != param else "", param, "adapter")
-    return None
+    """``rest`` as ``<module>.<method parameter>``: its last two parts if they name one (``lora_B.bias``),
+    else its last part (``ia3_l``) -- the longest parameter name that is a suffix."""
+    params = _PARAMS.get(peft_type)
+    if not params:
+        return None
+    head, _, last = rest.rpartition(".")
+    if head:
+        module, _, first = head.rpartition(".")
+        if f"{first}.{last}" in params:
+            return TensorName(key, module, f"{first}.{last}", "adapter")
+    return TensorName(key, head, last, "adapter") if last in params else None
 
 
 #: ``<module>.<first part of a method parameter>.<adapter name>[.weight|.bias]``: PEFT's in-memory names.
