@@ -24,9 +24,12 @@ positions, the first ``n`` for the virtual tokens). Gemma / Gemma 2 prompts trai
 
 Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the virtual tokens, as
 transformers counts positions from the cache length (a prompt gets ``wpe[0 .. n-1]`` added).
+``generate()`` works too: when ``call_with_cache`` gives a layer its own cache, the virtual tokens' keys and
+values go in front of it, the write index moves by ``num_virtual_tokens``, and the updated cache is handed
+back without them (greedy generation gives PEFT's tokens).
 Refused with :class:`~adapterspec.errors.UnsupportedError`, naming why: decoders without a cache
-interface, ``prefix_projection``, encoder-decoder configs, a fresh prompt initialised from text or
-vocabulary samples, and ``generate()`` while a prefix or prompt is active.
+interface, models with a vision encoder, ``prefix_projection``, encoder-decoder configs, and a fresh
+prompt initialised from text or vocabulary samples.
 
 >>> check_prompt_learning(model, prefix_config)                        # doctest: +SKIP
 """
@@ -183,8 +186,6 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
     for layer in _position_embeddings(model):
         if id(layer) not in state.prompt_patches:
             _patch_positions(state, layer)
-    if hasattr(model, "generate") and id(model) not in state.prompt_patches:
-        _patch_generate(model, state)
 
 
 def _position_embeddings(model: Any) -> list[Any]:
@@ -286,10 +287,6 @@ def _patch(model: Any, state: Any, layer: Any, iface: CacheInterface, index: int
             return original(*args, **kwargs)
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        if bound.get(iface.cache) is not None:
-            raise UnsupportedError("generation with a key/value cache while a prefix/prompt adapter is active",
-                                   key=_active_name(state),
-                                   hint="run the model on the whole sequence (model(x)), or deactivate the adapter")
         if slot.method == "PROMPT_TUNING":
             if index == 0:
                 slot.flow = _prompt_flow(model, state, slot, bound[iface.sequence].dtype)
@@ -302,27 +299,13 @@ def _patch(model: Any, state: Any, layer: Any, iface: CacheInterface, index: int
                 slot.flow = None
         else:
             kv = _prefix_kv(slot, index, bound[iface.sequence].dtype)
-        return _with_cache(layer, iface, original, kv, bound)
+        cache = bound.pop(iface.cache, None)
+        if cache is None:
+            return _with_cache(layer, iface, original, kv, bound)
+        return _generating(layer, iface, original, kv, cache, bound)
 
     object.__setattr__(layer, "call", call)
     state.prompt_patches[id(layer)] = (layer, "call", own)
-
-
-def _patch_generate(model: Any, state: Any) -> None:
-    """``generate()`` runs the decoders with its own cache: refuse it up front while a prefix is active (inside
-    its traced loop the error would come out wrapped)."""
-    own = model.__dict__.get("generate")
-    original = own if own is not None else type(model).generate.__get__(model)
-
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        if _active_prefix(state) is not None:
-            raise UnsupportedError("generate() runs the decoders with its own key/value cache, which has no room "
-                                   "for the active prefix/prompt adapter", key=_active_name(state),
-                                   hint="run the model on the whole sequence (model(x)), or deactivate the adapter")
-        return original(*args, **kwargs)
-
-    object.__setattr__(model, "generate", generate)
-    state.prompt_patches[id(model)] = (model, "generate", own)
 
 
 def _prefix_kv(slot: PrefixSlot, index: int, dtype: Any) -> Any:
@@ -354,9 +337,24 @@ def _prompt_flow(model: Any, state: Any, slot: PrefixSlot, dtype: Any) -> list[A
     return flow
 
 
-def _with_cache(layer: Any, iface: CacheInterface, original: Any, kv: Any, bound: dict[str, Any]) -> Any:
-    """Run ``layer`` on the real tokens, written after ``kv`` ``(1, 2, nvt, heads, head_dim)`` in its cache,
-    with a causal mask over virtual + real tokens and the padding mask extended by ones."""
+def _generating(layer: Any, iface: CacheInterface, original: Any, kv: Any, cache: Any, bound: dict[str, Any]) -> Any:
+    """A cached call (``generate()``'s ``call_with_cache``): the layer's cache of ``length`` slots gets ``kv`` in
+    front, the write index moves by ``nvt``, and the updated cache goes back without the virtual tokens."""
+    existing = iface.unpack(cache)  # (batch, 2, length, heads, head_dim)
+    nvt = ops.shape(kv)[2]
+    kv = ops.broadcast_to(ops.cast(kv, existing.dtype), (ops.shape(existing)[0], *ops.shape(kv)[1:]))
+    index = bound.pop(iface.index, None)
+    output, updated = _with_cache(layer, iface, original, kv, bound, cache=ops.concatenate([kv, existing], axis=2),
+                                  index=(0 if index is None else index) + nvt)
+    return output, iface.pack(iface.unpack(updated)[:, :, nvt:])
+
+
+def _with_cache(layer: Any, iface: CacheInterface, original: Any, kv: Any, bound: dict[str, Any], *,
+                cache: Any = None, index: Any = None) -> Any:
+    """Run ``layer`` on the real tokens, written after ``kv`` ``(1, 2, nvt, heads, head_dim)`` in its cache
+    (or, generating, at ``index`` of ``cache`` that holds ``kv`` in front), with a causal mask over virtual +
+    real tokens and the padding mask extended by ones."""
+    generating = cache
     x = bound.pop(iface.sequence)
     padding = bound.pop(iface.padding, None)
     if bound.pop("decoder_attention_mask", None) is not None:
@@ -364,8 +362,10 @@ def _with_cache(layer: Any, iface: CacheInterface, original: Any, kv: Any, bound
                                hint="pass a padding mask only")
     batch, length = ops.shape(x)[0], ops.shape(x)[1]
     nvt, heads, head_dim = ops.shape(kv)[2], ops.shape(kv)[3], ops.shape(kv)[4]
-    kv = ops.broadcast_to(ops.cast(kv, x.dtype), (batch, 2, nvt, heads, head_dim))
-    cache = ops.concatenate([kv, ops.zeros((batch, 2, length, heads, head_dim), dtype=x.dtype)], axis=2)
+    if cache is None:
+        kv = ops.broadcast_to(ops.cast(kv, x.dtype), (batch, 2, nvt, heads, head_dim))
+        cache = ops.concatenate([kv, ops.zeros((batch, 2, length, heads, head_dim), dtype=x.dtype)], axis=2)
+        index = nvt
     compute_mask = getattr(type(layer), iface.mask_method).__get__(layer)
     signature = inspect.signature(compute_mask)
 
@@ -380,7 +380,7 @@ def _with_cache(layer: Any, iface: CacheInterface, original: Any, kv: Any, bound
 
     object.__setattr__(layer, iface.mask_method, mask_with_prefix)
     try:
-        output, _ = original(x, **{iface.cache: iface.pack(cache), iface.index: nvt}, **bound)
+        output, updated = original(x, **{iface.cache: iface.pack(cache), iface.index: index}, **bound)
     finally:
         object.__delattr__(layer, iface.mask_method)
-    return output
+    return output if generating is None else (output, updated)

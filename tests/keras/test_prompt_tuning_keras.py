@@ -1,6 +1,7 @@
 """Prompt tuning on keras-hub causal LMs (the prompt run through the decoder as a computed prefix), and prefix
-tuning on the Gemma family: PEFT's logits (with left padding, past Gemma 3's sliding window), training with
-``fit`` and loading the result in PEFT, switching between a prompt and a prefix, and clear refusals."""
+tuning on the Gemma family: PEFT's logits (with left padding, past Gemma 3's sliding window), PEFT's greedy
+tokens from ``generate()``, training with ``fit`` and loading the result in PEFT, switching between a prompt
+and a prefix, and clear refusals."""
 
 from __future__ import annotations
 
@@ -77,9 +78,6 @@ def _check_against_peft(arch: str, pm: Any, folder: Path, ids: np.ndarray, check
     assert np.abs(got - _peft_logits(pm, ids, padding, skip))[padding.astype(bool)].max() <= ATOL
     assert np.abs(keras_logits(model, ids) - _peft_logits(pm, ids, skip=skip)).max() <= ATOL
     assert np.abs(keras_logits(model, ids) - base).max() > 1e-2  # the adapter does something
-    with pytest.raises(adapterspec.UnsupportedError, match="generate"):
-        model.generate({"token_ids": ids[:, :4].astype("int32"), "padding_mask": np.ones((2, 4), "int32")},
-                       max_length=6, stop_token_ids=None)
     adapterspec.delete_adapter(model, "default")
     assert_same_snapshot(before, snapshot(model))
     assert np.abs(keras_logits(model, ids) - base).max() == 0
@@ -102,6 +100,28 @@ def test_peft_prefix_on_gemma_gives_peft_logits(arch: str, checkpoints: Any, lon
     """Gemma 1/2 keep their keys with the rotary halves interleaved: the prefix's keys must be too."""
     pm = _peft(checkpoints[arch], _prefix_config(), tmp_path / "prefix", salt=11)
     _check_against_peft(arch, pm, tmp_path / "prefix", long_ids, checkpoints, skip=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("arch", "method"), [("llama", "prefix"), ("llama", "prompt"), ("gpt2", "prompt")])
+def test_greedy_generation_gives_peft_tokens(arch: str, method: str, checkpoints: Any, tmp_path: Path) -> None:
+    """``generate()`` (keras-hub's cached decoding) with a prefix/prompt active: PEFT's greedy tokens."""
+    config = _prompt_config() if method == "prompt" else _prefix_config()
+    pm = _peft(checkpoints[arch], config, tmp_path / method, salt=19)
+    pm.generation_config.eos_token_id = None  # run all steps, as Keras does with stop_token_ids=None
+    ids = (np.arange(2 * 6).reshape(2, 6) * 7 + 3) % ARCHS[arch].vocab
+    with torch.no_grad():
+        expected = pm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                               max_new_tokens=6, do_sample=False, pad_token_id=0).numpy()[:, -12:]
+    model = keras_model(arch, checkpoints[arch])
+    model.compile(sampler="greedy")
+    inputs = {"token_ids": np.pad(ids, ((0, 0), (0, 6))).astype("int32"),
+              "padding_mask": np.pad(np.ones_like(ids), ((0, 0), (0, 6))).astype("int32")}
+    base = np.asarray(model.generate(inputs, stop_token_ids=None)["token_ids"])
+    adapterspec.load_adapter(model, tmp_path / method)
+    got = np.asarray(model.generate(inputs, stop_token_ids=None)["token_ids"])
+    np.testing.assert_array_equal(got, expected)
+    assert (got != base).any()  # the adapter steers generation
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
