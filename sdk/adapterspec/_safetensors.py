@@ -15,7 +15,8 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def read_buffer(path: Path, infos: Mapping[str, TensorInfo]) -> tuple[Any, dict[str, tuple[int, int]]]:
+def read_buffer(path: Path, infos: Mapping[str, TensorInfo], *,
+                reading: Callable[[], Any] | None = None) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The whole file in one NumPy ``uint8`` buffer (one ``readinto``), and each tensor's byte span in it.
 
     Backends make their tensors as views of the buffer: one read of the file and no copy, where
@@ -58,6 +60,7 @@ def read_buffer(path: Path, infos: Mapping[str, TensorInfo]) -> tuple[Any, dict[
     tensors of ``infos`` (dtype and shape), each span inside the data and of its tensor's size, the
     spans not overlapping.
 
+    :param reading: called just before the read starts (:meth:`~adapterspec.Adapter.prefetch` waits for it).
     :raises FileFormatError: the file changed since it was checked, or is corrupt.
     """
     import numpy as np
@@ -66,6 +69,8 @@ def read_buffer(path: Path, infos: Mapping[str, TensorInfo]) -> tuple[Any, dict[
         with open(path, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
             buffer = np.empty(size, dtype=np.uint8)
+            if reading is not None:
+                reading()
             if fh.readinto(memoryview(buffer)) != size:
                 raise ValueError("short read")
         (n,) = struct.unpack("<Q", buffer[:8].tobytes())
@@ -133,32 +138,74 @@ def _framework_save_file(tensors: Mapping[str, Any]) -> Any:
     return save_file
 
 
+def _byte_views(tensors: Mapping[str, Any]) -> list[Any] | None:
+    """Each tensor's bytes as a flat NumPy ``uint8`` view, in the spec's checksum order (keys sorted as
+    UTF-8); ``None`` if that takes a copy (tensors not in CPU memory, or of another framework)."""
+    import numpy as np
+
+    out = []
+    for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
+        value = tensors[key]
+        if isinstance(value, np.ndarray) and value.flags.c_contiguous:
+            out.append(value.reshape(-1).view(np.uint8))
+        elif type(value).__module__.startswith("torch") and value.device.type == "cpu" and value.is_contiguous():
+            import torch
+
+            out.append(value.detach().reshape(-1).view(torch.uint8).numpy())
+        else:
+            return None
+    return out
+
+
 def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str]) -> str:
     """Write ``tensors`` (NumPy, torch, TensorFlow or JAX) to ``path`` with ``metadata`` and the spec's sha256.
 
-    safetensors writes the file directly (no copy of the data in Python) with a fixed-width
-    placeholder for the checksum; the digest is then computed from the written data and patched
-    into the header in place -- same length, so no offset moves. The file is fsynced.
+    safetensors writes the file with a fixed-width placeholder for the checksum, which is then
+    patched into the header in place (same length: no offset moves); the file is fsynced. The
+    checksum is computed from the tensors in memory on a thread while safetensors writes them --
+    both release the GIL, so with two cores the hash costs no time -- or, for tensors not in CPU
+    memory, from the written file afterwards.
 
     :returns: the checksum.
     """
     from .spec import METADATA_SHA256
 
     placeholder = "0" * 64
-    _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
+    digest: dict[str, Any] = {}
+    pieces = _byte_views(tensors)
+    worker = None
+    if pieces:
+
+        def run() -> None:
+            try:
+                h = hashlib.sha256()
+                for piece in pieces:
+                    h.update(piece)  # releases the GIL (over 2 KiB), as safetensors' write does
+                digest["value"] = h.hexdigest()
+            except BaseException as exc:  # raised below, in the caller's thread
+                digest["error"] = exc
+
+        worker = threading.Thread(target=run, name="adapterspec-sha256", daemon=True)
+        worker.start()
+    try:
+        _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
+    finally:
+        if worker is not None:
+            worker.join()
+    if "error" in digest:
+        raise digest["error"]
     needle = json.dumps({METADATA_SHA256: placeholder}, separators=(",", ":"))[1:-1].encode()
-    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
-        digest = sha256_of_blob(mm)  # its views of the map are gone when it returns
-        n = struct.unpack("<Q", mm[:8])[0]
-        at = mm.find(needle, 8, 8 + n)
-        if at < 0 or mm.find(needle, at + 1, 8 + n) >= 0:
+    with open(path, "r+b") as fh:
+        value = digest.get("value") or sha256_of_file(path)
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(n)
+        at = header.find(needle)
+        if at < 0 or header.find(needle, at + 1) >= 0:
             raise FileFormatError("could not place the checksum in the safetensors header", path=path,
                                   hint="report this: the header layout was unexpected")
-        end = at + len(needle) - 1  # the closing quote
-        mm[end - 64 : end] = digest.encode("ascii")
-        mm.flush()
+        os.pwrite(fh.fileno(), value.encode("ascii"), 8 + at + len(needle) - 65)  # before the closing quote
         os.fsync(fh.fileno())
-    return digest
+    return value
 
 
 def load_numpy(path: Path, keys: list[str] | None = None) -> dict[str, Any]:

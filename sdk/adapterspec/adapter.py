@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import stat
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Adapter:
     path: Path | None = None
     weights_file: Path | None = None
     arrays: dict[str, Any] | None = None
+    _prefetched: tuple[threading.Thread, dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -109,9 +111,53 @@ class Adapter:
         """The size of all tensor data in bytes."""
         return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
+    def prefetch(self) -> None:
+        """Start reading the tensor data in the background, for the next :meth:`load_tensors`.
+
+        The read is one ``readinto`` on a thread; it releases the GIL, so the file is read while the
+        caller goes on (:func:`~adapterspec.load_adapter` injects the adapter's layers meanwhile).
+        Errors surface in :meth:`load_tensors`. Does nothing for in-memory adapters.
+        """
+        if self.weights_file is None or self.arrays is not None or self._prefetched is not None:
+            return
+        result: dict[str, Any] = {}
+        path, infos = self.weights_file, self.tensors
+        started = threading.Event()
+
+        def read() -> None:
+            try:
+                result["buffer"] = _safetensors.read_buffer(path, infos, reading=started.set)
+            except BaseException as exc:  # handed to load_tensors, which raises it
+                result["error"] = exc
+            finally:
+                started.set()
+
+        thread = threading.Thread(target=read, name="adapterspec-prefetch", daemon=True)
+        thread.start()
+        # until the thread is in its read (which releases the GIL), this thread would keep the GIL for
+        # a whole switch interval (5 ms) and the read would start only after the caller's work
+        started.wait()
+        self._prefetched = (thread, result)
+
+    def _buffer(self) -> tuple[Any, dict[str, tuple[int, int]]]:
+        """The file's data: the prefetched read (once), or a read now."""
+        assert self.weights_file is not None
+        if self._prefetched is None:
+            return _safetensors.read_buffer(self.weights_file, self.tensors)
+        thread, result = self._prefetched
+        self._prefetched = None
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["buffer"]
+
     def load_tensors(self, framework: str = "numpy", device: str = "cpu") -> dict[str, Any]:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
         ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
+
+        NumPy and torch tensors are views of one read of the whole file (:meth:`prefetch` may have
+        started it); torch tensors for another device are moved there from it, or read by
+        safetensors straight onto the device if nothing was prefetched.
 
         :raises FileFormatError: the file changed or broke since it was read.
         """
@@ -120,10 +166,13 @@ class Adapter:
         assert self.weights_file is not None
         from safetensors import SafetensorError, safe_open
 
-        if framework in ("numpy", "np") or (framework == "pt" and str(device) == "cpu"):
-            buffer, spans = _safetensors.read_buffer(self.weights_file, self.tensors)  # one read, views of it
-            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
-                                      path=self.weights_file)
+        on_cpu = str(device) == "cpu"
+        if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or self._prefetched is not None)):
+            buffer, spans = self._buffer()  # one read, views of it
+            tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                         path=self.weights_file)
+            return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
+        self._prefetched = None
         try:
             with safe_open(str(self.weights_file), framework=framework, device=device) as f:
                 return {k: f.get_tensor(k) for k in f.keys()}

@@ -131,6 +131,7 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
                                  hint="delete_adapter() it first, or load under another adapter_name")
     options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable, initialize=False)
     previous = active_adapters(model)
+    adapter.prefetch()  # the file is read while the backend injects the layers
     modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
     try:
         _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)

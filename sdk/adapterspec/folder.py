@@ -22,6 +22,7 @@ PosixPath('out/ia3')
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import functools
@@ -31,6 +32,7 @@ import secrets
 import shutil
 import stat
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,7 +62,7 @@ from .spec import (
     check_version,
 )
 
-__all__ = ["list_adapters", "write_adapter", "write_adapters"]
+__all__ = ["list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -116,17 +118,23 @@ def _savable(tensors: Mapping[str, Any]) -> dict[str, Any]:
                           hint="convert them all to one framework (e.g. NumPy) first")
     if families != {"torch"}:
         return dict(tensors)
-    out, storages = {}, set()
+    out: dict[str, Any] = {}
+    by_storage: dict[int, list[tuple[int, int, str]]] = {}  # storage -> (begin, end, key) of its tensors
     for key, value in tensors.items():
         value = value.detach()
         if value.device.type == "meta":
             raise TensorError("a tensor on the 'meta' device has no data", key=key,
                               hint="load or initialise the weights before saving")
-        value = value.contiguous()
-        if value.untyped_storage().data_ptr() in storages:
-            value = value.clone()  # tied or sliced from one storage: safetensors refuses shared memory
-        storages.add(value.untyped_storage().data_ptr())
-        out[key] = value
+        out[key] = value = value.contiguous()
+        begin = value.storage_offset() * value.element_size()
+        by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(
+            (begin, begin + value.numel() * value.element_size(), key))
+    for spans in by_storage.values():  # views side by side in one storage (a loaded file) are fine; overlaps are not
+        end = -1
+        for begin, stop, key in sorted(spans):
+            if begin < end:
+                out[key] = out[key].clone()  # tied or overlapping: safetensors refuses shared memory
+            end = max(end, stop)
     return out
 
 
@@ -170,10 +178,43 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> 
         # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
         swapped = _exchange(staging, folder) if exists else (os.rename(staging, folder) or True)
         _fsync_dir(folder.parent)
-    finally:
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if exists and swapped:
+        _remove_later(staging)  # the old adapter: freeing its blocks takes as long as writing a third of it
+    else:
         shutil.rmtree(staging, ignore_errors=True)
     if not swapped:  # the file system cannot exchange folders
         _replace_files(files, folder)
+
+
+_REMOVALS: list[threading.Thread] = []
+
+
+def _remove_later(path: Path) -> None:
+    """Remove ``path`` (an old adapter swapped out of place) on a thread: ``unlink`` releases the GIL.
+
+    The interpreter waits for these removals at exit (:func:`wait_for_removals`).
+    """
+    _REMOVALS[:] = [t for t in _REMOVALS if t.is_alive()]
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                              name="adapterspec-remove-old", daemon=True)
+    thread.start()
+    _REMOVALS.append(thread)
+
+
+@atexit.register
+def wait_for_removals() -> None:
+    """Wait until the old adapters replaced by overwriting saves are removed from disk.
+
+    Saves return as soon as the new adapter is in place; the old one (in a hidden
+    ``.<name>.<random>.tmp`` folder beside it) is deleted in the background. This runs at exit.
+
+    >>> wait_for_removals()
+    """
+    while _REMOVALS:
+        _REMOVALS.pop().join()
 
 
 def _replace_files(files: Mapping[str, Content], folder: Path) -> None:

@@ -1,0 +1,170 @@
+"""The read and write fast paths: one read of the file with tensor views (prefetched on a thread), the
+checksum hashed from the tensors while safetensors writes, and old adapters removed in the background.
+
+Each must give exactly what the plain path gives: the same values (element-unique, mixed dtypes,
+unaligned spans), the spec's checksum, typed errors for a file that changed, no shared-memory refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file as np_save_file
+
+import adapterspec
+from adapterspec import _safetensors
+from adapterspec import folder as folder_module
+
+CONFIG = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["q", "v"], "lora_bias": True}
+
+
+def _mixed() -> dict[str, np.ndarray]:
+    """Element-unique values in three dtypes, so that the file's data is not in key order."""
+    out = {}
+    for i, module in enumerate(("layers.0.q", "layers.0.v", "layers.1.q")):
+        dtype = (np.float32, np.float16, np.float64)[i]
+        prefix = f"base_model.model.{module}."
+        out[prefix + "lora_A.weight"] = (np.arange(3 * 7) / 31 + i).astype(dtype).reshape(3, 7)
+        out[prefix + "lora_B.weight"] = (np.arange(5 * 3) / 17 - i).astype(dtype).reshape(5, 3)
+        out[prefix + "lora_B.bias"] = (np.arange(5) / 7 + 2 * i).astype(dtype)
+    return out
+
+
+def _spec_sha256(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors, key=lambda k: k.encode()):
+        h.update(np.ascontiguousarray(tensors[key]).tobytes())
+    return h.hexdigest()
+
+
+def test_numpy_views_equal_safetensors_values(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    adapter = adapterspec.read_adapter(tmp_path / "a")
+    loaded = adapter.load_tensors("numpy")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "numpy") as f:
+        reference = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(loaded) == sorted(reference) == sorted(_mixed())
+    for key, value in reference.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape
+        assert np.array_equal(loaded[key], value) and np.array_equal(loaded[key], _mixed()[key])
+
+
+def test_torch_views_equal_safetensors_values_and_prefetch_is_used_once(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    adapter = adapterspec.read_adapter(tmp_path / "a")
+    adapter.prefetch()
+    assert adapter._prefetched is not None
+    loaded = adapter.load_tensors("pt")
+    assert adapter._prefetched is None  # consumed: the next call reads again
+    again = adapter.load_tensors("pt")
+    for key, value in _mixed().items():
+        expected = torch.from_numpy(value)
+        assert loaded[key].dtype == expected.dtype and loaded[key].is_contiguous()
+        assert torch.equal(loaded[key], expected) and torch.equal(again[key], expected)
+    changed = "base_model.model.layers.0.v.lora_B.weight"
+    loaded[changed].add_(1)  # views of one buffer, but each its own span
+    assert all(torch.equal(loaded[k], torch.from_numpy(v)) for k, v in _mixed().items() if k != changed)
+
+
+def test_unaligned_spans_are_copied_out(tmp_path: Path) -> None:
+    """A hand-made file whose header length leaves the F32 data at an odd offset still loads exactly."""
+    torch = pytest.importorskip("torch")
+    a = (np.arange(3 * 7, dtype=np.float32) / 9).reshape(3, 7)
+    b = (np.arange(5 * 3, dtype=np.float32) / 5).reshape(5, 3)
+    keys = {"base_model.model.q.lora_A.weight": a, "base_model.model.q.lora_B.weight": b}
+    header = {"base_model.model.q.lora_A.weight": {"dtype": "F32", "shape": [3, 7], "data_offsets": [0, 84]},
+              "base_model.model.q.lora_B.weight": {"dtype": "F32", "shape": [5, 3], "data_offsets": [84, 144]}}
+    text = json.dumps(header).encode()
+    text += b" " * ((1 - len(text)) % 4)  # 8 + len(text) is 1 modulo 4
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(text)) + text + a.tobytes() + b.tobytes())
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "target_modules": ["q"]}))
+    loaded = adapterspec.read_adapter(folder).load_tensors("pt")
+    for key, value in keys.items():
+        assert torch.equal(loaded[key], torch.from_numpy(value))
+
+
+def test_a_file_changed_after_reading_is_refused(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    adapter = adapterspec.read_adapter(tmp_path / "a")
+    other = _mixed()
+    other["base_model.model.layers.0.q.lora_A.weight"] = np.zeros((3, 8), np.float32)  # another shape
+    np_save_file(other, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(adapterspec.FileFormatError, match="is not the one checked"):
+        adapter.load_tensors("numpy")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    adapter.prefetch()  # the error surfaces where the tensors are asked for
+    with pytest.raises(adapterspec.FileFormatError, match="cannot read tensors"):
+        adapter.load_tensors("numpy")
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_checksum_hashed_while_writing_is_the_spec_checksum(tmp_path: Path, framework: str) -> None:
+    tensors: dict = _mixed()
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        tensors["base_model.model.layers.0.v.lora_A.weight"] = tensors["base_model.model.layers.0.v.lora_A.weight"].to(
+            torch.bfloat16)  # no NumPy dtype: hashed through a byte view
+    assert _safetensors._byte_views(tensors) is not None
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors)
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    with safe_open(str(path), "numpy") as f:
+        recorded = f.metadata()["adapterspec_sha256"]
+    expected = _mixed()
+    if framework == "torch":
+        key = "base_model.model.layers.0.v.lora_A.weight"
+        expected[key] = tensors[key].view(torch.int16).numpy()  # bf16's bytes
+    assert recorded == _spec_sha256(expected) == _safetensors.sha256_of_file(path)
+    assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()
+
+
+def test_checksum_from_the_file_when_tensors_are_not_in_cpu_memory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_safetensors, "_byte_views", lambda tensors: None)
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "numpy") as f:
+        assert f.metadata()["adapterspec_sha256"] == _spec_sha256(_mixed())
+
+
+def test_views_of_one_storage_are_saved_without_copies_and_overlaps_are_copied() -> None:
+    torch = pytest.importorskip("torch")
+    flat = torch.arange(40, dtype=torch.float32)
+    tensors = {"a": flat[:12].view(3, 4), "b": flat[12:24].view(3, 4), "c": flat[20:32].view(3, 4)}
+    savable = folder_module._savable(tensors)
+    assert savable["a"].data_ptr() == flat.data_ptr()  # side by side: kept as views
+    assert savable["b"].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert savable["c"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()  # overlaps b: copied
+    assert all(torch.equal(savable[k], tensors[k]) for k in tensors)
+
+
+def test_loaded_adapter_saves_again_exactly(tmp_path: Path) -> None:
+    """Tensors loaded as views of one buffer go back to a file byte-identical in data and checksum."""
+    torch = pytest.importorskip("torch")
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    loaded = adapterspec.read_adapter(tmp_path / "a").load_tensors("pt")
+    adapterspec.write_adapter(tmp_path / "b", CONFIG, loaded)
+    a = adapterspec.read_adapter(tmp_path / "a", verify=True)
+    b = adapterspec.read_adapter(tmp_path / "b", verify=True)
+    assert a.metadata["adapterspec_sha256"] == b.metadata["adapterspec_sha256"]
+    assert all(torch.equal(v, b.load_tensors("pt")[k]) for k, v in loaded.items())
+
+
+def test_overwrite_removes_the_old_adapter(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    new = {k: v * 2 for k, v in _mixed().items()}
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, new, overwrite=True)
+    folder_module.wait_for_removals()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    loaded = adapterspec.read_adapter(tmp_path / "a", verify=True).load_tensors()
+    assert all(np.array_equal(loaded[k], v) for k, v in new.items())
