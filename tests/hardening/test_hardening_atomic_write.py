@@ -43,6 +43,7 @@ def _is(folder: Path, config: dict, tensors: dict[str, np.ndarray]) -> bool:
 
 
 def _litter(*folders: Path) -> list[str]:
+    folder_mod.wait_for_removals()  # an overwrite removes the old adapter in the background
     return [p.name for f in folders if f.exists() for p in f.iterdir() if p.name.startswith(".")]
 
 
