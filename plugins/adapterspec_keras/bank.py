@@ -25,7 +25,7 @@ from keras import ops
 
 from .devices import device_scope
 
-__all__ = ["AdapterBank", "GroupKey", "Ref", "make_initializer"]
+__all__ = ["AdapterBank", "GroupKey", "Ref", "as_tensor", "make_initializer"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,29 @@ class Ref:
 
     key: GroupKey
     index: int
+
+
+def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
+    """``value`` as a tensor of the Keras backend -- with TensorFlow, sharing its memory (DLPack).
+
+    TensorFlow's own conversion of a NumPy array copies it twice (``convert_to_eager_tensor`` copies
+    it, then the tensor copies an unaligned buffer again); a variable made from the result copies it
+    once more. Through DLPack only the variable's copy is left. The caller must not change ``value``
+    while the tensor lives.
+
+    >>> as_tensor(np.arange(3, dtype="float32")).shape
+    TensorShape([3])
+    """
+    if keras.backend.backend() == "tensorflow" and value.flags.c_contiguous:
+        import tensorflow as tf
+
+        try:
+            tensor = tf.experimental.dlpack.from_dlpack(value.__dlpack__())
+        except (BufferError, TypeError, ValueError, AttributeError):  # a dtype DLPack lacks (bfloat16)
+            tensor = None
+        if tensor is not None and (dtype is None or tensor.dtype == tf.as_dtype(dtype)):
+            return tensor
+    return ops.convert_to_tensor(value, dtype=dtype)
 
 
 def make_initializer(init: tuple[Any, ...]) -> Any:
@@ -71,8 +94,10 @@ class AdapterBank(keras.layers.Layer):
     def __init__(self, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(name="adapterspec_" + re.sub(r"[^A-Za-z0-9_.-]", "_", adapter_name), **kwargs)
         self.adapter_name = adapter_name
-        self._counts: dict[GroupKey, int] = {}
-        self._variables: dict[GroupKey, Any] = {}
+        # plain dicts, not Keras' tracked ones (each insertion into those walks the tracker): add_weight tracks
+        # the variables itself
+        object.__setattr__(self, "_counts", {})
+        object.__setattr__(self, "_variables", {})
         self.seed: Any = None
         self.built = True
 
@@ -104,7 +129,7 @@ class AdapterBank(keras.layers.Layer):
             shape = (count, *key.shape)
             given = values.get(key)
             initializer = make_initializer(key.init) if given is None else (
-                lambda shape, dtype=None, _v=given: ops.convert_to_tensor(_v, dtype=dtype))
+                lambda shape, dtype=None, _v=given: as_tensor(_v, dtype))
             with device_scope(key.device):
                 self._variables[key] = self.add_weight(
                     shape=shape, initializer=initializer, dtype=key.dtype, trainable=key.trainable,

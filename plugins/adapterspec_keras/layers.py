@@ -107,6 +107,26 @@ class Layout:
         """A spec-layout array in Keras layout (a view where possible)."""
         return np.transpose(np.asarray(value).reshape(self.transposed_shape), self.inverse)
 
+    @functools.cached_property
+    def spec_stored(self) -> bool:
+        """Whether the variable keeps the spec's layout: a plain 2-D transpose (LoRA's A and B of a Dense,
+        EinsumDense or Embedding), which the layer's math applies (:meth:`_Slot.get`) instead of every load
+        and save -- loading is then a copy of the file's rows, not a transposing one."""
+        return self.perm == (1, 0) and self.spec_shape == self.keras_shape[::-1]
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor the variable holds: :attr:`spec_shape` if :attr:`spec_stored`, else :attr:`keras_shape`."""
+        return self.spec_shape if self.spec_stored else self.keras_shape
+
+    def to_stored(self, value: np.ndarray) -> np.ndarray:
+        """A spec-layout array as the variable holds it (a view where possible)."""
+        return np.asarray(value) if self.spec_stored else self.to_keras(value)
+
+    def from_stored(self, value: np.ndarray) -> np.ndarray:
+        """What the variable holds, in the spec's layout (a new contiguous array)."""
+        return np.ascontiguousarray(value) if self.spec_stored else self.to_spec(value)
+
     @property
     def transposed_shape(self) -> tuple[int, ...]:
         """The spec tensor reshaped so that one transpose (:attr:`inverse`) gives the Keras layout."""
@@ -142,7 +162,8 @@ class _Slot:
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
         assert self.bank is not None
-        return self.bank.get(self.refs[param])
+        value = self.bank.get(self.refs[param])
+        return ops.transpose(value) if self.layouts[param].spec_stored else value
 
 
 def _lora_layouts(site: ModuleSite, r: int, use_dora: bool, lora_bias: bool) -> dict[str, Layout]:
@@ -229,7 +250,7 @@ class AdapterLayer:
         if slot.dropout > 0:
             bank.needs_seed()
         for param, layout in slot.layouts.items():
-            slot.refs[param] = bank.reserve(param, layout.keras_shape, dtype, device, inits[param],
+            slot.refs[param] = bank.reserve(param, layout.stored_shape, dtype, device, inits[param],
                                             trainable=options.trainable)
         self._slots[name] = slot
 

@@ -169,7 +169,7 @@ def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An empty array whose data is ``align``-byte aligned: TensorFlow then takes it without a copy."""
+    """An empty array whose data is ``align``-byte aligned: TensorFlow can then use it without a copy."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + align, dtype=np.uint8)
@@ -178,23 +178,33 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
 
 
 def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str) -> None:
-    """Write the tensors group by group: one aligned staging array per bank variable, filled in Keras layout
-    (the layout conversion is this one transposing copy), then one variable creation (or assign) per group."""
+    """Write the tensors group by group: each bank variable's rows stacked in one copy, in the variables'
+    layout (:meth:`Layout.to_stored`: the file's rows as they are for LoRA on Dense/EinsumDense/Embedding, a
+    transposing copy for convolutions), then one variable creation (or assign) per group."""
     if not plan:
         return
     bank = next(iter(plan.values()))[0].bank(adapter_name)
     counts = bank.groups()
-    staged: dict[Any, np.ndarray] = {}
+    rows: dict[Any, list[Any]] = {}
     refs: dict[int, dict[str, Any]] = {}
     for key, (layer, param, layout) in plan.items():
         layer_refs = refs.get(id(layer))
         if layer_refs is None:
             layer_refs = refs[id(layer)] = layer.refs(adapter_name)
         ref = layer_refs[param]
-        block = staged.get(ref.key)
-        if block is None:
-            block = staged[ref.key] = _aligned_empty((counts[ref.key], *ref.key.shape), _np_dtype(ref.key.dtype))
-        block[ref.index] = layout.to_keras(arrays[key])
+        group = rows.get(ref.key)
+        if group is None:
+            group = rows[ref.key] = [None] * counts[ref.key]
+        group[ref.index] = layout.to_stored(arrays[key])
+    staged = {}
+    for k, group in rows.items():
+        dtype = _np_dtype(k.dtype)
+        block = staged[k] = _aligned_empty((len(group), *k.shape), dtype)
+        if all(row.dtype == dtype for row in group):
+            np.stack(group, out=block)
+        else:
+            for i, row in enumerate(group):
+                block[i] = row
     if not bank.materialized:
         bank.materialize(staged)
         return
@@ -233,7 +243,7 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
             block = groups.get(ref.key)
             if block is None:
                 block = groups[ref.key] = ops.convert_to_numpy(bank.variable(ref.key))
-            tensors[make_key(path, param)] = layouts[param].to_spec(block[ref.index])
+            tensors[make_key(path, param)] = layouts[param].from_stored(block[ref.index])
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     return state.configs[adapter_name], tensors

@@ -157,11 +157,11 @@ def _byte_views(tensors: Mapping[str, Any]) -> list[Any] | None:
     return out
 
 
-def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str]) -> str:
+def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str], *, durable: bool = False) -> str:
     """Write ``tensors`` (NumPy, torch, TensorFlow or JAX) to ``path`` with ``metadata`` and the spec's sha256.
 
     safetensors writes the file with a fixed-width placeholder for the checksum, which is then
-    patched into the header in place (same length: no offset moves); the file is fsynced. The
+    patched into the header in place (same length: no offset moves); with ``durable`` the file is fsynced. The
     checksum is computed from the tensors in memory on a thread while safetensors writes them --
     both release the GIL, so with two cores the hash costs no time -- or, for tensors not in CPU
     memory, from the written file afterwards.
@@ -204,7 +204,8 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
             raise FileFormatError("could not place the checksum in the safetensors header", path=path,
                                   hint="report this: the header layout was unexpected")
         os.pwrite(fh.fileno(), value.encode("ascii"), 8 + at + len(needle) - 65)  # before the closing quote
-        os.fsync(fh.fileno())
+        if durable:
+            os.fsync(fh.fileno())
     return value
 
 

@@ -169,24 +169,32 @@ def extract_adapter(model: Any, adapter_name: str = "default") -> Adapter:
     return Adapter.from_tensors(config, tensors)
 
 
-def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False) -> Path:
+def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False,
+                 durable: bool = False) -> Path:
     """Write ``adapter_name``'s config and tensors (only the adapter's) as a spec folder that PEFT loads.
 
+    The write is atomic: the folder holds the old adapter or the new one, whatever happens to the process.
+
+    :param durable: also fsync the files first, so that the adapter survives a power loss once this returns
+        (see :mod:`adapterspec.folder`).
     :raises AdapterExistsError: an adapter is at ``path`` already and ``overwrite`` is false.
 
     >>> save_adapter(model, "out/my-lora")                                 # doctest: +SKIP
     PosixPath('out/my-lora')
     """
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
-    return write_adapter(path, config, tensors, overwrite=overwrite)
+    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable)
 
 
 def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None = None, *,
-                  overwrite: bool = False) -> Path:
-    """Write several of the model's adapters into one folder with a manifest (``default`` in the root)."""
+                  overwrite: bool = False, durable: bool = False) -> Path:
+    """Write several of the model's adapters into one folder with a manifest (``default`` in the root).
+
+    :param durable: fsync every file first (see :func:`save_adapter`).
+    """
     names = adapter_names_ if adapter_names_ is not None else adapter_names(model)
     states = {name: _call("adapterspec_extract_state", model, adapter_name=name) for name in names}
-    return write_adapters(path, states, overwrite=overwrite)
+    return write_adapters(path, states, overwrite=overwrite, durable=durable)
 
 
 def adapter_names(model: Any) -> list[str]:

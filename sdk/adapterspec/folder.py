@@ -4,7 +4,7 @@ Layout (SPEC.md section 3): adapter ``default`` in the root, adapter ``name`` in
 (PEFT's layout), and ``adapterspec.json`` listing them (PEFT has no such list).
 
 A write never leaves a half-written adapter, and never destroys the previous good copy. Files are
-written (and fsynced) into a hidden sibling folder first; a new adapter folder then appears by one
+written into a hidden sibling folder first; a new adapter folder then appears by one
 rename, and an existing one (holding no subfolders) is swapped with it by one atomic
 ``renameat2(RENAME_EXCHANGE)`` (Linux) -- readers see the old adapter or the new one, whatever fails
 or crashes, and other files in it (a README) are kept. Where folders cannot be swapped (the root of a
@@ -13,6 +13,12 @@ kept as hard links and put back on any exception. One window remains there: a ha
 loss, SIGKILL) between those renames leaves a folder *without* ``adapter_config.json`` (refused by
 readers; the old config kept as ``.adapter_config.json.<random>.old``) -- never new weights silently
 paired with the old config, since the config is moved aside first and put back last.
+
+That holds whatever happens to the writing process. Surviving a power loss or an operating-system
+crash too takes ``durable=True``: every file is fsynced before the rename (as databases do; it costs
+about as much again as the write itself -- PEFT, safetensors and ``torch.save`` do not). Without it, a
+power loss right after a save can leave the new adapter's files incomplete -- which readers refuse
+(truncated file, sha256 mismatch), never load silently wrong.
 
 >>> import numpy as np
 >>> write_adapter("out/ia3", {"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []},
@@ -70,11 +76,11 @@ DEFAULT_ADAPTER = "default"
 _RESERVED = frozenset({CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, MANIFEST_NAME, "README.md"})
 
 
-#: What goes into a file: its bytes, or a function that writes (and fsyncs) the file at a path.
+#: What goes into a file: its bytes, or a function that writes the file at a path (and fsyncs it if durable).
 Content = Union[bytes, Callable[[Path], object]]
 
 
-def _write_file(path: Path, content: Content) -> None:
+def _write_file(path: Path, content: Content, *, durable: bool = False) -> None:
     if not isinstance(content, bytes):
         # safetensors creates its files 0600; keep the mode an ordinary file gets (0666 less the umask)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
@@ -84,12 +90,13 @@ def _write_file(path: Path, content: Content) -> None:
         return
     with open(path, "wb") as fh:
         fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any],
-             metadata: Mapping[str, str] | None) -> dict[str, Content]:
+             metadata: Mapping[str, str] | None, *, durable: bool = False) -> dict[str, Content]:
     """The files of one adapter folder, checked: a folder that would not validate is never written."""
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
     errors = tensor_errors(cfg, _tensor_infos(tensors))
@@ -100,7 +107,7 @@ def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, An
         raise FileFormatError("safetensors metadata must map strings to strings", hint="convert the values with str()")
     meta = {**(metadata or {}), METADATA_FORMAT: "pt", METADATA_VERSION: SPEC_VERSION}
     return {
-        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, _savable(tensors), metadata=meta),
+        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, _savable(tensors), metadata=meta, durable=durable),
         CONFIG_NAME: cfg.to_json().encode("utf-8"),
     }
 
@@ -142,7 +149,7 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / CONFIG_NAME).exists() or (folder / SAFETENSORS_NAME).exists()
 
 
-def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> None:
+def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, durable: bool = False) -> None:
     """Put ``files`` into ``folder`` all-or-nothing; on any failure (KeyboardInterrupt included) the
     previous content is left as it was and no temporary file remains.
 
@@ -163,12 +170,12 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> 
     folder.parent.mkdir(parents=True, exist_ok=True)
     exists = folder.exists()
     if exists and (_renameat2() is None or any(p.is_dir() and not p.is_symlink() for p in folder.iterdir())):
-        _replace_files(files, folder)
+        _replace_files(files, folder, durable=durable)
         return
     staging = _new_path(folder.parent, f".{folder.name}.", ".tmp", directory=True)
     try:
         for name, data in files.items():
-            _write_file(staging / name, data)
+            _write_file(staging / name, data, durable=durable)
         if exists:
             for old in folder.iterdir():
                 if old.name not in files:
@@ -186,7 +193,7 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool) -> 
     else:
         shutil.rmtree(staging, ignore_errors=True)
     if not swapped:  # the file system cannot exchange folders
-        _replace_files(files, folder)
+        _replace_files(files, folder, durable=durable)
 
 
 _REMOVALS: list[threading.Thread] = []
@@ -217,7 +224,7 @@ def wait_for_removals() -> None:
         _REMOVALS.pop().join()
 
 
-def _replace_files(files: Mapping[str, Content], folder: Path) -> None:
+def _replace_files(files: Mapping[str, Content], folder: Path, *, durable: bool = False) -> None:
     """Replace ``files`` in ``folder`` one by one, keeping the old ones (hard links) until all are in.
 
     Any exception puts the old files back. The old config is moved aside *first* and the new one put
@@ -232,7 +239,7 @@ def _replace_files(files: Mapping[str, Content], folder: Path) -> None:
         for name in order:
             tmp = _new_path(folder, f".{name}.", ".tmp")
             staged.append((tmp, folder / name))
-            _write_file(tmp, files[name])
+            _write_file(tmp, files[name], durable=durable)
         for _, final in sorted(staged, key=lambda pair: pair[1].name != CONFIG_NAME):  # config first
             if final.exists():
                 backup = _new_path(folder, f".{final.name}.", ".old", create=False)
@@ -327,7 +334,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any], *,
-                  overwrite: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
+                  overwrite: bool = False, metadata: Mapping[str, str] | None = None, durable: bool = False) -> Path:
     """Write one adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``, atomically.
 
     The adapter is checked first (a folder that would not validate is never written). The
@@ -335,21 +342,24 @@ def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], t
 
     :param tensors: canonical key -> NumPy array or torch/TensorFlow/JAX tensor.
     :param overwrite: replace an adapter already at ``path`` (otherwise refused).
+    :param durable: fsync the files before they appear, so that the adapter survives a power loss or an
+        OS crash once this returns (atomic either way; see the module's documentation).
     :raises AdapterExistsError: an adapter is at ``path`` and ``overwrite`` is false.
     :raises AdapterSpecError: the config or tensors are invalid (nothing is written).
     """
     folder = Path(path)
-    _install(_prepare(config, tensors, metadata), folder, overwrite=overwrite)
+    _install(_prepare(config, tensors, metadata, durable=durable), folder, overwrite=overwrite, durable=durable)
     return folder
 
 
 def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any]]],
-                   *, overwrite: bool = False) -> Path:
+                   *, overwrite: bool = False, durable: bool = False) -> Path:
     """Write several adapters into one folder, PEFT's way, plus the manifest ``adapterspec.json``.
 
     ``"default"`` goes to the root (if present), every other name to ``<path>/<name>/``.
 
     :param adapters: name -> (config, tensors).
+    :param durable: fsync every file before it appears (see :func:`write_adapter`).
     :raises UnsafeFileError: a name is not a safe folder name.
     """
     folder = Path(path)
@@ -357,12 +367,15 @@ def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig 
         if name in _RESERVED:  # the folder would collide with a file of the root adapter
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
-    prepared = {check_adapter_name(name): _prepare(cfg, tensors, None) for name, (cfg, tensors) in adapters.items()}
+    prepared = {check_adapter_name(name): _prepare(cfg, tensors, None, durable=durable)
+                for name, (cfg, tensors) in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
     for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
-        _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite)
+        _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite,
+                 durable=durable)
     manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
-    _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder, overwrite=True)
+    _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder, overwrite=True,
+             durable=durable)
     return folder
 
 

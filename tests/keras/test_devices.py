@@ -41,9 +41,9 @@ def test_device_and_dtype_options(tmp_path: Path) -> None:
     assert len(variables) == 2
     assert all(v.dtype == "float16" for v in variables)
     assert all("CPU:0" in v.value.device for v in variables)
-    a, b = (keras.ops.convert_to_numpy(v).astype(np.float32) for v in variables)  # keras layout [in, r], [r, out]
+    a, b = (keras.ops.convert_to_numpy(v).astype(np.float32)[0] for v in variables)  # bank rows, spec layout [r, in], [out, r]
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("fc").weights[:2])
-    expected = x @ kernel + bias + (x @ a) @ b
+    expected = x @ kernel + bias + (x @ a.T) @ b.T
     assert np.abs(keras.ops.convert_to_numpy(model(x)) - expected).max() <= 1e-3  # float16 adapter, float32 model
 
 

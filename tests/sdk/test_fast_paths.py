@@ -168,3 +168,25 @@ def test_overwrite_removes_the_old_adapter(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     loaded = adapterspec.read_adapter(tmp_path / "a", verify=True).load_tensors()
     assert all(np.array_equal(loaded[k], v) for k, v in new.items())
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_fsyncs_every_file_before_it_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     durable: bool) -> None:
+    import os
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append("dir" if stat.S_ISDIR(mode) else os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed(), durable=durable)
+    files = sorted(name for name in synced if name != "dir")
+    assert files == (["adapter_config.json", "adapter_model.safetensors"] if durable else [])
+    assert synced.count("dir") == 2  # the staging folder, then the parent after the rename: always
+    assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()

@@ -87,11 +87,11 @@ def test_failed_write_leaves_previous_adapter_intact(tmp_path: Path, monkeypatch
 
     real_write = folder_module._write_file
 
-    def failing_write(path: Path, content: object) -> None:
+    def failing_write(path: Path, content: object, **kwargs: object) -> None:
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (injected)")
-        real_write(path, content)
+        real_write(path, content, **kwargs)
 
     monkeypatch.setattr(folder_module, "_write_file", failing_write)
     with pytest.raises(OSError, match="injected"):
