@@ -48,18 +48,23 @@ class Ref:
     index: int
 
 
+#: The alignment TensorFlow's CPU kernels assume of a tensor's buffer (``EIGEN_MAX_ALIGN_BYTES``).
+_TF_ALIGN = 64
+
+
 def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
     """``value`` as a tensor of the Keras backend -- with TensorFlow, sharing its memory (DLPack).
 
     TensorFlow's own conversion of a NumPy array copies it twice (``convert_to_eager_tensor`` copies
     it, then the tensor copies an unaligned buffer again); a variable made from the result copies it
-    once more. Through DLPack only the variable's copy is left. The caller must not change ``value``
+    once more. Through DLPack only the variable's copy is left -- for arrays aligned as TensorFlow's
+    kernels require (64 bytes; others take the copying path). The caller must not change ``value``
     while the tensor lives.
 
     >>> as_tensor(np.arange(3, dtype="float32")).shape
     TensorShape([3])
     """
-    if keras.backend.backend() == "tensorflow" and value.flags.c_contiguous:
+    if keras.backend.backend() == "tensorflow" and value.flags.c_contiguous and value.ctypes.data % _TF_ALIGN == 0:
         import tensorflow as tf
 
         try:

@@ -63,3 +63,25 @@ def test_gpu_placement(tmp_path: Path) -> None:
     assert all("GPU:0" in v.value.device for v in _adapter_variables(model))
     x = unique_values((3, 6), 5, scale=1.0)
     assert keras.ops.convert_to_numpy(model(x)).shape == (3, 5)
+
+
+def test_as_tensor_shares_aligned_arrays_and_copies_others() -> None:
+    """DLPack hand-over only for 64-byte-aligned arrays: TensorFlow's kernels abort on unaligned buffers."""
+    from adapterspec_keras.bank import as_tensor
+    from adapterspec_keras.state import _aligned_empty
+
+    aligned = _aligned_empty((4, 8), "float32")
+    aligned[...] = np.arange(32, dtype=np.float32).reshape(4, 8)
+    raw = np.empty(4 * 8 * 4 + 4, np.uint8)
+    start = 4 if raw.ctypes.data % 64 == 0 else 0
+    unaligned = raw[start:start + 128].view(np.float32).reshape(4, 8)
+    unaligned[...] = aligned
+    assert unaligned.ctypes.data % 64 != 0
+    a, u = as_tensor(aligned, "float32"), as_tensor(unaligned, "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(a[1:3]), aligned[1:3])  # a strided slice runs
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(u[1:3]), aligned[1:3])
+    if keras.backend.backend() == "tensorflow":
+        aligned[0, 0] = -1.0  # shared memory: the aligned array was not copied
+        unaligned[0, 0] = -1.0
+        assert float(keras.ops.convert_to_numpy(a)[0, 0]) == -1.0
+        assert float(keras.ops.convert_to_numpy(u)[0, 0]) == 0.0
