@@ -306,7 +306,8 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return state
 
 
-def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adapter, list[AdapterSpecError]]:
+def _open(source: str | Path, *, allow_pickle: bool, strict: bool,
+          prefetch: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
     folder = Path(source)
     try:
         if folder.is_file() and folder.name == CONFIG_NAME:
@@ -327,6 +328,8 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool) -> tuple[Adap
         infos, metadata = _safetensors.read_header(_inside(folder, weights))
         _check_metadata_version(config, metadata, weights)
         adapter = Adapter(config, infos, metadata, folder, weights.resolve())
+        if prefetch:
+            adapter.prefetch()  # the data is read while the tensors are checked
     elif (folder / PICKLE_NAME).exists():
         pickle_file = _inside(folder, folder / PICKLE_NAME)
         if not allow_pickle:
@@ -381,7 +384,7 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
-                 verify: bool = False) -> Adapter:
+                 verify: bool = False, prefetch: bool = False) -> Adapter:
     """Read and check an adapter folder (config and tensor headers; no tensor data).
 
     :param source: the adapter's folder (or its ``adapter_config.json``).
@@ -389,12 +392,14 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
         (with ``torch.load(weights_only=True)``); refused otherwise.
     :param strict: refuse config fields the schema does not know.
     :param verify: also check the tensor data against the recorded sha256 (reads all data).
+    :param prefetch: start reading the tensor data in the background as soon as the header is
+        checked (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come.
     :raises AdapterSpecError: the first problem found, naming the field or tensor.
 
     >>> read_adapter("my-lora").config["r"]                          # doctest: +SKIP
     16
     """
-    adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
+    adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch and not verify)
     if errors:
         raise errors[0]
     if verify:

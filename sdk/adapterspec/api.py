@@ -125,13 +125,14 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     check_adapter_name(adapter_name)
     backend_name(model)
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
-    adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify)
+    adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
+                                                                    prefetch=True)
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or load under another adapter_name")
     options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable, initialize=False)
     previous = active_adapters(model)
-    adapter.prefetch()  # the file is read while the backend injects the layers
+    adapter.prefetch()  # (if not started yet) the file is read while the backend injects the layers
     modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
     try:
         _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)

@@ -126,22 +126,20 @@ def _savable(tensors: Mapping[str, Any]) -> dict[str, Any]:
     if families != {"torch"}:
         return dict(tensors)
     out: dict[str, Any] = {}
-    by_storage: dict[int, list[tuple[int, int, str]]] = {}  # storage -> (begin, end, key) of its tensors
+    spans: list[tuple[int, int, str]] = []  # (first byte, end, key) of each tensor's memory
     for key, value in tensors.items():
         value = value.detach()
         if value.device.type == "meta":
             raise TensorError("a tensor on the 'meta' device has no data", key=key,
                               hint="load or initialise the weights before saving")
         out[key] = value = value.contiguous()
-        begin = value.storage_offset() * value.element_size()
-        by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(
-            (begin, begin + value.numel() * value.element_size(), key))
-    for spans in by_storage.values():  # views side by side in one storage (a loaded file) are fine; overlaps are not
-        end = -1
-        for begin, stop, key in sorted(spans):
-            if begin < end:
-                out[key] = out[key].clone()  # tied or overlapping: safetensors refuses shared memory
-            end = max(end, stop)
+        start = value.data_ptr()
+        spans.append((start, start + value.numel() * value.element_size(), key))
+    end = -1
+    for start, stop, key in sorted(spans):  # views side by side in one buffer (a loaded file) are fine
+        if start < end:
+            out[key] = out[key].clone()  # tied or overlapping: safetensors refuses shared memory
+        end = max(end, stop)
     return out
 
 

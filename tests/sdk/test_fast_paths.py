@@ -190,3 +190,12 @@ def test_durable_fsyncs_every_file_before_it_appears(tmp_path: Path, monkeypatch
     assert files == (["adapter_config.json", "adapter_model.safetensors"] if durable else [])
     assert synced.count("dir") == 2  # the staging folder, then the parent after the rename: always
     assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()
+
+
+def test_read_adapter_can_start_the_read_and_load_adapter_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    assert adapterspec.read_adapter(tmp_path / "a")._prefetched is None
+    adapter = adapterspec.read_adapter(tmp_path / "a", prefetch=True)
+    assert adapter._prefetched is not None
+    assert all(np.array_equal(adapter.load_tensors()[k], v) for k, v in _mixed().items())
+    assert adapterspec.read_adapter(tmp_path / "a", prefetch=True, verify=True)._prefetched is None  # verify reads first
