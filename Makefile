@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(PY) benchmarks/bench_load.py --backends torch,keras
+	$(PY) benchmarks/bench_load.py --backends torch,keras --repeats 21
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,8 @@
 """Tensor operations on one :class:`~adapterspec_keras.mapping.Piece`, in ``keras.ops`` (any backend).
 
-Adapter variables hold a whole spec module in Keras layout (``lora_A`` as ``[in_features, r]``,
-``lora_B`` as ``[r, out_features]``, vectors as ``[features]``). A piece sees its share of them:
+The adapter layer hands these functions a whole spec module's tensors in Keras layout (``lora_A`` as
+``[in_features, r]``, ``lora_B`` as ``[r, out_features]``, vectors as ``[features]``; variables of 2-D
+factors hold the file's layout and are transposed on the way, see ``layers.Layout.spec_stored``). A piece sees its share of them:
 rows of ``lora_A`` by ``piece.in_index``, columns of ``lora_B`` by ``piece.out_index``, reshaped
 to the piece's kernel axes. The kernel itself is read as a 2-D ``[n_in, n_out]`` matrix.
 

@@ -126,7 +126,8 @@ class AdapterBank(keras.layers.Layer):
         return bool(self._variables) or not self._counts
 
     def materialize(self, values: dict[GroupKey, np.ndarray] | None = None) -> None:
-        """Create the variables: from ``values`` (whole groups, Keras layout) where given, else initialised."""
+        """Create the variables: from ``values`` (whole groups, as stored: ``Layout.stored_shape``) where given,
+        else initialised."""
         if self._variables:
             return
         values = values or {}
@@ -155,7 +156,7 @@ class AdapterBank(keras.layers.Layer):
         return self.variable(ref.key)[ref.index]
 
     def numpy(self, ref: Ref) -> np.ndarray:
-        """One module's parameter as a NumPy array (Keras layout)."""
+        """One module's parameter as a NumPy array, as stored (``Layout.stored_shape``)."""
         return ops.convert_to_numpy(self.get(ref))
 
     def assign(self, ref: Ref, value: Any) -> None:

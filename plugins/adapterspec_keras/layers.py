@@ -2,8 +2,10 @@
 
 :class:`AdapterLayer` is a ``keras.layers.Layer`` that owns the adapter variables of one spec module
 (``model.layers.0.self_attn.q_proj``) -- in the spec's parametrization (PEFT's rank-``r`` factors over
-the module's flattened features), stored in Keras layout (``lora_A`` as ``[in, r]``, ``lora_B`` as
-``[r, out]``, the transposes of the file's ``[r, in]``/``[out, r]``; see :class:`Layout`). It runs
+the module's flattened features). The math works in Keras layout (``lora_A`` as ``[in, r]``, ``lora_B``
+as ``[r, out]``); the variables of those 2-D factors keep the file's ``[r, in]``/``[out, r]`` (loading is a
+plain copy) and are transposed in the graph, convolution factors are stored in Keras layout (see
+:class:`Layout`). It runs
 PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3 -- on each Keras layer (*piece*) the
 module maps to, including einsum attention kernels ``(hidden, heads, head_dim)`` and GPT-2's fused
 ``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split between them).
