@@ -15,17 +15,17 @@ import math
 import mmap
 import os
 import struct
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "load_numpy", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
+__all__ = ["DTYPE_BYTES", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
            "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
@@ -171,32 +171,21 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
     from .spec import METADATA_SHA256
 
     placeholder = "0" * 64
-    digest: dict[str, Any] = {}
     pieces = _byte_views(tensors)
-    worker = None
+    digest = None
     if pieces:
 
-        def run() -> None:
-            try:
-                h = hashlib.sha256()
-                for piece in pieces:
-                    h.update(piece)  # releases the GIL (over 2 KiB), as safetensors' write does
-                digest["value"] = h.hexdigest()
-            except BaseException as exc:  # raised below, in the caller's thread
-                digest["error"] = exc
+        def sha256() -> str:
+            h = hashlib.sha256()
+            for piece in pieces:
+                h.update(piece)  # releases the GIL (over 2 KiB), as safetensors' write does
+            return h.hexdigest()
 
-        worker = threading.Thread(target=run, name="adapterspec-sha256", daemon=True)
-        worker.start()
-    try:
-        _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
-    finally:
-        if worker is not None:
-            worker.join()
-    if "error" in digest:
-        raise digest["error"]
+        digest = in_background(sha256, name="sha256")
+    _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
+    value = digest() if digest is not None else sha256_of_file(path)
     needle = json.dumps({METADATA_SHA256: placeholder}, separators=(",", ":"))[1:-1].encode()
     with open(path, "r+b") as fh:
-        value = digest.get("value") or sha256_of_file(path)
         (n,) = struct.unpack("<Q", fh.read(8))
         header = fh.read(n)
         at = header.find(needle)
@@ -207,14 +196,6 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
         if durable:
             os.fsync(fh.fileno())
     return value
-
-
-def load_numpy(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
-    """Tensors of a safetensors file as NumPy arrays (views of one buffer: :func:`read_buffer`);
-    BF16 as ``ml_dtypes.bfloat16`` (NumPy has none)."""
-    infos, _ = read_header(path)
-    arrays = views(*read_buffer(path, infos), infos, "numpy", path=path)
-    return arrays if keys is None else {k: arrays[k] for k in keys}
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,12 +16,13 @@ import re
 import stat
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _safetensors
+from ._background import in_background
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import TensorInfo, tensor_errors
 from .config import AdapterConfig, unsupported_features
@@ -82,7 +83,8 @@ class Adapter:
     path: Path | None = None
     weights_file: Path | None = None
     arrays: dict[str, Any] | None = None
-    _prefetched: tuple[threading.Thread, dict[str, Any]] | None = field(default=None, init=False, repr=False)
+    _prefetched: Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None = field(default=None, init=False,
+                                                                                   repr=False)
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -120,36 +122,27 @@ class Adapter:
         """
         if self.weights_file is None or self.arrays is not None or self._prefetched is not None:
             return
-        result: dict[str, Any] = {}
         path, infos = self.weights_file, self.tensors
         started = threading.Event()
 
-        def read() -> None:
+        def read() -> tuple[Any, dict[str, tuple[int, int]]]:
             try:
-                result["buffer"] = _safetensors.read_buffer(path, infos, reading=started.set)
-            except BaseException as exc:  # handed to load_tensors, which raises it
-                result["error"] = exc
+                return _safetensors.read_buffer(path, infos, reading=started.set)
             finally:
                 started.set()
 
-        thread = threading.Thread(target=read, name="adapterspec-prefetch", daemon=True)
-        thread.start()
+        self._prefetched = in_background(read, name="prefetch")
         # until the thread is in its read (which releases the GIL), this thread would keep the GIL for
         # a whole switch interval (5 ms) and the read would start only after the caller's work
         started.wait()
-        self._prefetched = (thread, result)
 
     def _buffer(self) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The file's data: the prefetched read (once), or a read now."""
         assert self.weights_file is not None
         if self._prefetched is None:
             return _safetensors.read_buffer(self.weights_file, self.tensors)
-        thread, result = self._prefetched
-        self._prefetched = None
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["buffer"]
+        result, self._prefetched = self._prefetched, None
+        return result()
 
     def load_tensors(self, framework: str = "numpy", device: str = "cpu") -> dict[str, Any]:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:

@@ -1,0 +1,43 @@
+"""Work on a thread whose result (or exception) the caller collects later.
+
+File reads, ``hashlib`` and safetensors' writes release the GIL, so on a second core they overlap
+the caller's Python work: :meth:`adapterspec.Adapter.prefetch` reads the tensor data while the
+backend injects layers; :func:`adapterspec._safetensors.save_file` hashes while safetensors writes.
+
+>>> result = in_background(lambda: 6 * 7, name="answer")
+>>> result()
+42
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["in_background"]
+
+T = TypeVar("T")
+
+
+def in_background(fn: Callable[[], T], *, name: str) -> Callable[[], T]:
+    """Start ``fn()`` on a daemon thread; the function returned waits for it and returns its result,
+    or raises the exception it raised (in the caller's thread, with its own traceback)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"adapterspec-{name}", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
