@@ -197,14 +197,8 @@ def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mappi
             group = rows[ref.key] = [None] * counts[ref.key]
         group[ref.index] = layout.to_stored(arrays[key])
     staged = {}
-    for k, group in rows.items():
-        dtype = _np_dtype(k.dtype)
-        block = staged[k] = _aligned_empty((len(group), *k.shape), dtype)
-        if all(row.dtype == dtype for row in group):
-            np.stack(group, out=block)
-        else:
-            for i, row in enumerate(group):
-                block[i] = row
+    for k, group in rows.items():  # casting as an assignment would: a float16 file into float32 variables
+        staged[k] = np.stack(group, out=_aligned_empty((len(group), *k.shape), _np_dtype(k.dtype)), casting="unsafe")
     if not bank.materialized:
         bank.materialize(staged)
         return
