@@ -21,6 +21,7 @@ import json
 import math
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
@@ -117,9 +118,10 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
     if unknown is not None:
         return list(unknown)
     unknown = _validate(data, strict=strict, path=path)
-    if len(_VALID) >= _VALID_SIZE:
-        del _VALID[next(iter(_VALID))]
-    _VALID[key] = tuple(unknown)
+    with _VALID_LOCK:  # loads may run on several threads
+        while len(_VALID) >= _VALID_SIZE:
+            del _VALID[next(iter(_VALID))]
+        _VALID[key] = tuple(unknown)
     return unknown
 
 
@@ -128,6 +130,7 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
 #: an adapter loaded again, or the next of many adapters trained with the same settings, skips it.
 _VALID: dict[tuple[str, bool], tuple[str, ...]] = {}
 _VALID_SIZE = 256
+_VALID_LOCK = threading.Lock()
 
 
 def _validate(data: Mapping[str, Any], *, strict: bool, path: str | None) -> list[str]:

@@ -199,3 +199,25 @@ def test_read_adapter_can_start_the_read_and_load_adapter_does(tmp_path: Path, m
     assert adapter._prefetched is not None
     assert all(np.array_equal(adapter.load_tensors()[k], v) for k, v in _mixed().items())
     assert adapterspec.read_adapter(tmp_path / "a", prefetch=True, verify=True)._prefetched is None  # verify reads first
+
+
+def test_config_validation_is_memoised_by_content_and_errors_are_not(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterspec import config as config_module
+
+    calls = []
+    real = config_module.config_errors
+    monkeypatch.setattr(config_module, "config_errors", lambda data, **kw: calls.append(1) or real(data, **kw))
+    monkeypatch.setattr(config_module, "_VALID", {})
+    good = {"peft_type": "LORA", "r": 5, "target_modules": ["q"]}
+    adapterspec.AdapterConfig.from_dict(good)
+    adapterspec.AdapterConfig.from_dict(dict(reversed(list(good.items()))))  # same content, other key order
+    assert len(calls) == 1
+    for _ in range(2):  # an invalid config is checked (and refused) every time
+        with pytest.raises(adapterspec.ConfigError, match="/r"):
+            adapterspec.AdapterConfig.from_dict({**good, "r": "five"})
+    assert len(calls) == 3
+    monkeypatch.setattr(config_module, "_VALID_SIZE", 2)
+    for r in (1, 2, 3):
+        adapterspec.AdapterConfig.from_dict({**good, "r": r})
+    assert len(config_module._VALID) == 2  # bounded
