@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_load import Timing, measure, measure_side_by_side  # noqa: E402
+from bench_load import Timing, measure, measure_side_by_side, save_rows  # noqa: E402
 
 __all__ = ["bench_keras", "keras_llama", "main"]
 
@@ -103,14 +103,7 @@ def bench_keras(setup_or_adapter: Any, base: Any = None, repeats: int | None = N
     work.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(weights))
     adapterspec.load_adapter(model, folder)
-    save = measure_side_by_side({
-        "raw": (lambda: save_file(tensors, str(work / "raw.safetensors"), metadata={"format": "pt"}), None),
-        "adapterspec": (lambda: adapterspec.save_adapter(model, work / "keras", overwrite=True), None),
-        "durable": (lambda: adapterspec.save_adapter(model, work / "durable", overwrite=True, durable=True), None)},
-        repeats)
-    rows.append(Timing("save", "raw (numpy)", "keras", save["raw"], "safetensors.numpy.save_file"))
-    rows.append(Timing("save", "adapterspec", "keras", save["adapterspec"], "atomic write + sha256"))
-    rows.append(Timing("save", "  durable=True", "keras", save["durable"], "... + fsync of every file"))
+    rows += save_rows("keras", model, tensors, save_file, work, repeats)
     adapterspec.delete_adapter(model, "default")
 
     if folder_b is not None:

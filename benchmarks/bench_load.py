@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchSetup", "Timing", "main", "measure", "measure_side_by_side", "run_backend"]
+__all__ = ["BenchSetup", "Timing", "main", "measure", "measure_side_by_side", "run_backend",
+           "save_rows"]
 
 
 @dataclass
@@ -114,6 +115,23 @@ def measure_side_by_side(calls: dict[str, tuple[Callable[[], Any], Callable[[], 
             if i:
                 times[label].append(elapsed)
     return times
+
+
+def save_rows(backend: str, model: Any, tensors: dict[str, Any], raw_save: Callable[..., Any], out: Path,
+              repeats: int) -> list[Timing]:
+    """The save rows of one backend, timed side by side: ``raw_save`` (a safetensors ``save_file``) of
+    ``tensors``, and ``adapterspec.save_adapter`` of ``model``'s loaded adapter, plain and ``durable=True``."""
+    import adapterspec
+
+    save = measure_side_by_side({
+        "raw": (lambda: raw_save(tensors, str(out / "raw.safetensors"), metadata={"format": "pt"}), None),
+        "adapterspec": (lambda: adapterspec.save_adapter(model, out / backend, overwrite=True), None),
+        "durable": (lambda: adapterspec.save_adapter(model, out / "durable", overwrite=True, durable=True), None)},
+        repeats)
+    raw_name = "raw" if backend == "torch" else "raw (numpy)"
+    return [Timing("save", raw_name, backend, save["raw"], f"{raw_save.__module__}.save_file"),
+            Timing("save", "adapterspec", backend, save["adapterspec"], "atomic write + sha256"),
+            Timing("save", "  durable=True", backend, save["durable"], "... + fsync of every file")]
 
 
 def model_config() -> dict[str, Any]:
@@ -202,14 +220,7 @@ def bench_torch(setup: BenchSetup, repeats: int, model: Any) -> list[Timing]:
     out = setup.work
     out.mkdir(parents=True, exist_ok=True)
     adapterspec.load_adapter(model, setup.folder)
-    save = measure_side_by_side({
-        "raw": (lambda: save_file(tensors, str(out / "raw.safetensors"), metadata={"format": "pt"}), None),
-        "adapterspec": (lambda: adapterspec.save_adapter(model, out / "ours", overwrite=True), None),
-        "durable": (lambda: adapterspec.save_adapter(model, out / "durable", overwrite=True, durable=True), None)},
-        repeats)
-    rows.append(Timing("save", "raw", "torch", save["raw"], "safetensors.torch.save_file"))
-    rows.append(Timing("save", "adapterspec", "torch", save["adapterspec"], "atomic write + sha256"))
-    rows.append(Timing("save", "  durable=True", "torch", save["durable"], "... + fsync of every file"))
+    rows += save_rows("torch", model, tensors, save_file, out, repeats)
     adapterspec.delete_adapter(model, "default")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
