@@ -16,8 +16,8 @@ and ``model.trainable_variables`` include its variables.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -28,9 +28,11 @@ from .devices import device_scope
 __all__ = ["AdapterBank", "GroupKey", "Ref", "as_tensor", "make_initializer"]
 
 
-@dataclass(frozen=True)
-class GroupKey:
-    """What makes parameters share a variable: name, Keras shape, dtype, device, initialisation, trainability."""
+class GroupKey(NamedTuple):
+    """What makes parameters share a variable: name, Keras shape, dtype, device, initialisation, trainability.
+
+    (Tuples, not dataclasses: a load makes and hashes one per tensor.)
+    """
 
     param: str
     shape: tuple[int, ...]
@@ -40,8 +42,7 @@ class GroupKey:
     trainable: bool
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
     """One parameter of one module: row ``index`` of group ``key``'s variable."""
 
     key: GroupKey
@@ -109,12 +110,23 @@ class AdapterBank(keras.layers.Layer):
     def reserve(self, param: str, shape: tuple[int, ...], dtype: str, device: str | None, init: tuple[Any, ...],
                 *, trainable: bool) -> Ref:
         """A row for one module's parameter (before :meth:`materialize`)."""
+        return self.reserve_keys({param: GroupKey(param, tuple(shape), dtype, device, init, trainable)})[param]
+
+    def reserve_keys(self, keys: Mapping[str, GroupKey]) -> dict[str, Ref]:
+        """A row in each group of ``keys`` (parameter name -> its group), before :meth:`materialize`.
+
+        >>> bank.reserve_keys({"ia3_l": GroupKey("ia3_l", (8,), "float32", None, ("ones",), False)})  # doctest: +SKIP
+        {'ia3_l': Ref(key=GroupKey(param='ia3_l', ...), index=0)}
+        """
         if self._variables:
             raise RuntimeError("the bank is materialized already")  # an internal misuse, never a user error
-        key = GroupKey(param, tuple(shape), dtype, device, init, trainable)
-        index = self._counts.get(key, 0)
-        self._counts[key] = index + 1
-        return Ref(key, index)
+        counts = self._counts
+        refs = {}
+        for param, key in keys.items():
+            index = counts.get(key, 0)
+            counts[key] = index + 1
+            refs[param] = Ref(key, index)
+        return refs
 
     def needs_seed(self) -> None:
         """Give the bank a seed generator (an adapter with ``lora_dropout``)."""

@@ -39,6 +39,8 @@ def as_dtype(dtype: Any) -> str | None:
     """
     if dtype is None:
         return None
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:  # the common case: a Keras variable's dtype
+        return _DTYPE_NAMES[dtype]
     name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
     name = str(name or dtype).lower().rsplit(".", 1)[-1].removeprefix("<dtype: '").rstrip("'>")
     if name not in _DTYPE_NAMES:

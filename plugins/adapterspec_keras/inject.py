@@ -161,7 +161,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         layers = []
         for path in paths:
             layer = _adapter_layer(model, state, sites[path])
-            layer.add_adapter(adapter_name, config, path, options, bank)
+            layer.add_adapter(adapter_name, config, path, options, bank, check=False)  # checked above
             layer.set_active(state.active)
             layers.append(layer)
         if getattr(options, "initialize", True):

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import keras
@@ -36,7 +38,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
-from .bank import AdapterBank, Ref
+from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
 
@@ -168,13 +170,12 @@ class _Slot:
         return ops.transpose(value) if self.layouts[param].spec_stored else value
 
 
-def _lora_layouts(site: ModuleSite, r: int, use_dora: bool, lora_bias: bool) -> dict[str, Layout]:
-    n_in, n_out = site.in_features, site.out_features
-    if site.kind == "embedding":
+def _lora_layouts_of(kind: str, n_in: int, n_out: int, k: tuple[int, ...], r: int, use_dora: bool,
+                     lora_bias: bool) -> Mapping[str, Layout]:
+    if kind == "embedding":
         out = {"lora_embedding_A": Layout((n_in, r), (r, n_in), (1, 0)),
                "lora_embedding_B": Layout((r, n_out), (n_out, r), (1, 0))}
-    elif site.kind == "conv":
-        k = site.conv_spatial
+    elif kind == "conv":
         nd = len(k)
         perm = (nd + 1, nd) + tuple(range(nd))
         out = {"lora_A.weight": Layout((*k, n_in, r), (r, n_in, *k), perm),
@@ -185,18 +186,61 @@ def _lora_layouts(site: ModuleSite, r: int, use_dora: bool, lora_bias: bool) -> 
     if lora_bias:
         out["lora_B.bias"] = Layout((n_out,), (n_out,), (0,))
     if use_dora:
-        shape = (1, n_out, *(1,) * len(site.conv_spatial)) if site.kind == "conv" else (n_out,)
+        shape = (1, n_out, *(1,) * len(k)) if kind == "conv" else (n_out,)
         out["lora_magnitude_vector"] = Layout((n_out,), shape, (0,))
-    return out
+    return MappingProxyType(out)
 
 
-def _ia3_layout(site: ModuleSite, feedforward: bool) -> dict[str, Layout]:
-    n = site.in_features if feedforward else site.out_features
-    if site.kind == "conv":
-        shape: tuple[int, ...] = (1, n, *(1,) * len(site.conv_spatial))
+def _ia3_layout_of(kind: str, n: int, k: tuple[int, ...], feedforward: bool) -> Mapping[str, Layout]:
+    if kind == "conv":
+        shape: tuple[int, ...] = (1, n, *(1,) * len(k))
     else:
         shape = (1, n) if feedforward else (n, 1)
-    return {"ia3_l": Layout((n,), shape, (0,))}
+    return MappingProxyType({"ia3_l": Layout((n,), shape, (0,))})
+
+
+def _lora_inits(kind: str, fan_in: int, r: int, init: Any) -> dict[str, tuple[Any, ...]]:
+    """Initialiser descriptions (see :func:`~adapterspec_keras.bank.make_initializer`), PEFT's choices
+    (``init``: the config's ``init_lora_weights``)."""
+    uniform = ("uniform", 1.0 / math.sqrt(fan_in))
+    inits: dict[str, tuple[Any, ...]]
+    if kind == "embedding":  # PEFT: A zero, B normal
+        inits = {"lora_embedding_A": ("normal", 1.0) if init is False else ("zeros",),
+                 "lora_embedding_B": ("normal", 1.0)}
+    else:
+        a_init = ("normal", 1.0 / r) if init == "gaussian" else uniform
+        b_init = ("uniform", 1.0 / math.sqrt(r)) if init is False else ("zeros",)
+        inits = {"lora_A.weight": a_init, "lora_B.weight": b_init}
+    inits["lora_B.bias"] = ("zeros",)
+    inits["lora_magnitude_vector"] = ("ones",)
+    return inits
+
+
+@functools.lru_cache(maxsize=1024)
+def _lora_plan(kind: str, n_in: int, n_out: int, k: tuple[int, ...], r: int, use_dora: bool, lora_bias: bool,
+               init: Any, dtype: str, device: str | None, trainable: bool,
+               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module."""
+    layouts = _lora_layouts_of(kind, n_in, n_out, k, r, use_dora, lora_bias)
+    inits = _lora_inits(kind, n_in * math.prod(k), r, init) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bool, dtype: str, device: str | None,
+              trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An IA3 slot's layout and bank group (``ones``: ``init_ia3_weights``)."""
+    layouts = _ia3_layout_of(kind, n, k, feedforward)
+    inits = {"ia3_l": ("ones",) if ones else ("normal", 1.0)} if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
+                device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
+    # without inits (load_adapter fills the variables right after): zeros, no random init
+    return MappingProxyType({param: GroupKey(param, layout.stored_shape, dtype, device,
+                                             inits[param] if inits is not None else ("zeros",), trainable)
+                             for param, layout in layouts.items()})
 
 
 def _training() -> bool:
@@ -224,36 +268,44 @@ class AdapterLayer:
 
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions,
-                    bank: AdapterBank) -> None:
+                    bank: AdapterBank, *, check: bool = True, target: tuple[str | None, str] | None = None) -> None:
         """Reserve adapter ``name``'s parameters for module ``path`` in ``bank``, initialised as ``config`` says
         once the bank is materialized; inactive.
 
         LoRA: ``lora_A`` random (PEFT's kaiming-uniform bound ``1/sqrt(fan_in)``), ``lora_B`` zero (so the
         output is unchanged), DoRA magnitude ``||W||`` per output row (:meth:`finish_init`); IA3: ones.
         With ``options.initialize`` false (:func:`adapterspec.load_adapter`), everything starts at zero.
+
+        :param check: refuse a module the method cannot adapt (:func:`check_supported`); ``False`` when the
+            caller checked already.
+        :param target: the variables' (device, dtype), when the caller knows it (:func:`~adapterspec_keras.devices.target_of`).
         """
-        check_supported(self.site, path, config)
+        if check:
+            check_supported(self.site, path, config)
         site = self.site
-        device, dtype = target_of(site.pieces[0].kernel_variable, options)
+        device, dtype = target if target is not None else target_of(site.pieces[0].kernel_variable, options)
+        initialize = bool(getattr(options, "initialize", True))
+        trainable = bool(options.trainable)
         if config.peft_type == "LORA":
             r = config.rank_for(path)
             slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
                          bool(config.get("lora_bias")), float(config.get("lora_dropout") or 0.0), False)
-            slot.layouts = _lora_layouts(site, r, slot.use_dora, slot.lora_bias)
-            inits = self._lora_inits(config, slot, site)
+            init = config.get("init_lora_weights", True)
+            layouts, keys = _lora_plan(site.kind, site.in_features, site.out_features, site.conv_spatial, r,
+                                       slot.use_dora, slot.lora_bias,
+                                       False if init is False else "gaussian" if init == "gaussian" else True,
+                                       dtype, device, trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
-            slot.layouts = _ia3_layout(site, feedforward)
-            inits = {"ia3_l": ("ones",) if config.get("init_ia3_weights", True) is not False else ("normal", 1.0)}
-        if not getattr(options, "initialize", True):  # filled right after (load_adapter): no random init
-            inits = dict.fromkeys(inits, ("zeros",))
+            layouts, keys = _ia3_plan(site.kind, site.in_features if feedforward else site.out_features,
+                                      site.conv_spatial, feedforward, config.get("init_ia3_weights", True) is not False,
+                                      dtype, device, trainable, initialize)
+        slot.layouts = layouts  # type: ignore[assignment]  # shared between modules: read-only
         slot.bank = bank
         if slot.dropout > 0:
             bank.needs_seed()
-        for param, layout in slot.layouts.items():
-            slot.refs[param] = bank.reserve(param, layout.stored_shape, dtype, device, inits[param],
-                                            trainable=options.trainable)
+        slot.refs = bank.reserve_keys(keys)
         self._slots[name] = slot
 
     def finish_init(self, name: str) -> None:
@@ -262,24 +314,6 @@ class AdapterLayer:
         if slot.use_dora:
             assert slot.bank is not None
             slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))
-
-    @staticmethod
-    def _lora_inits(config: AdapterConfig, slot: _Slot, site: ModuleSite) -> dict[str, tuple[Any, ...]]:
-        """Initialiser descriptions (see :func:`~adapterspec_keras.bank.make_initializer`), PEFT's choices."""
-        init = config.get("init_lora_weights", True)
-        fan_in = site.in_features * math.prod(site.conv_spatial)
-        uniform = ("uniform", 1.0 / math.sqrt(fan_in))
-        inits: dict[str, tuple[Any, ...]]
-        if site.kind == "embedding":  # PEFT: A zero, B normal
-            inits = {"lora_embedding_A": ("normal", 1.0) if init is False else ("zeros",),
-                     "lora_embedding_B": ("normal", 1.0)}
-        else:
-            a_init = ("normal", 1.0 / slot.rank) if init == "gaussian" else uniform
-            b_init = ("uniform", 1.0 / math.sqrt(slot.rank)) if init is False else ("zeros",)
-            inits = {"lora_A.weight": a_init, "lora_B.weight": b_init}
-        inits["lora_B.bias"] = ("zeros",)
-        inits["lora_magnitude_vector"] = ("ones",)
-        return inits
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (its variables go with its bank); a merged one's delta stays in the base weights."""
@@ -353,6 +387,11 @@ class AdapterLayer:
     def rename(self, name: str, path: str) -> None:
         """Give adapter ``name`` another spec path for this module (a file names it ``h.0.attn.c_attn``...)."""
         self._slots[name].path = path
+
+    def parameters(self, name: str) -> tuple[str, Mapping[str, Layout], Mapping[str, Ref]]:
+        """Adapter ``name``'s module path, and its parameters' layouts and bank rows (not copies: read only)."""
+        slot = self._slots[name]
+        return slot.path, slot.layouts, slot.refs
 
     def adapter_params(self, name: str) -> dict[str, Any]:
         """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> its current value (Keras layout)."""
