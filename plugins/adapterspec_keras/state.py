@@ -26,7 +26,7 @@ from adapterspec.errors import (
     TargetNotFoundError,
     UnexpectedTensorError,
 )
-from adapterspec.naming import BASE_LAYER_PARAM, PROMPT_KEY, make_key, parse_key
+from adapterspec.naming import BASE_LAYER_PARAM, MAX_KEY_LENGTH, PARAMETERS, PROMPT_KEY, make_key, parse_key
 
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
@@ -65,6 +65,34 @@ def _owner(module: str, by_path: dict[str, AdapterLayer]) -> AdapterLayer | None
     return found[0] if len(found) == 1 else None
 
 
+def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, AdapterLayer], adapter_name: str,
+                options: LoadOptions, base_plan: dict[str, AdapterLayer],
+                unmapped: list[str]) -> tuple[tuple[AdapterLayer, str, Layout], str] | None:
+    """Where a key that is not an injected parameter's canonical key goes: an injected parameter under another
+    module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), an
+    unmapped module (into ``unmapped``) -- else an error."""
+    name = parse_key(key, config.peft_type, config)
+    if name.role == "base_layer" and _owner(name.module, by_path) is not None:
+        base_plan[key] = _owner(name.module, by_path)  # type: ignore[assignment]
+        return None
+    if name.role != "adapter":
+        raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
+                                    key=key, hint="drop the tensor, or add its module to target_modules")
+    layer = _owner(name.module, by_path)
+    if layer is None:
+        if find_site(spec_sites(model, options), name.module) is None:
+            unmapped.append(name.module)
+            return None
+        raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
+                                    hint="check target_modules / exclude_modules / layers_to_transform")
+    layouts = layer.parameters(adapter_name)[1]
+    if name.param not in layouts:
+        raise UnexpectedTensorError(
+            f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
+            f"(expected: {sorted(layouts)})", key=key, hint="remove the tensor, or fix the config")
+    return (layer, name.param, layouts[name.param]), name.module
+
+
 def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
     """Put ``adapter``'s tensors into the layers injected for ``adapter_name``: all checks first, then assign.
 
@@ -84,51 +112,48 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     state = get_state(model)
     if state is not None and adapter_name in state.prompts:
         return _load_prompt(state.prompts[adapter_name], adapter)
-    by_path = {layer.path_of(adapter_name): layer for layer in layers}
     config = adapter.config
+    # every injected parameter under its canonical key: a file PEFT wrote names them so, and each of its
+    # keys is then a lookup; any other key (another module root, a base weight, an error) is parsed
+    known = frozenset(PARAMETERS.get(config.peft_type, ()))
+    canonical: dict[str, tuple[AdapterLayer, str, Layout]] = {}
+    by_path: dict[str, AdapterLayer] = {}
+    for layer in layers:
+        path, layouts, _ = layer.parameters(adapter_name)
+        by_path[path] = layer
+        if "" in path.split("."):  # malformed: parse_key refuses its keys
+            continue
+        for param, layout in layouts.items():
+            key = make_key(path, param)
+            if param in known and len(key) <= MAX_KEY_LENGTH:
+                canonical[key] = (layer, param, layout)
     plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
     renames: dict[int, tuple[AdapterLayer, str]] = {}
     unmapped: list[str] = []
     base_plan: dict[str, AdapterLayer] = {}
-    all_layouts: dict[int, dict[str, Layout]] = {}
     for key, info in adapter.tensors.items():
-        name = parse_key(key, config.peft_type, config)
-        if name.role == "base_layer" and _owner(name.module, by_path) is not None:
-            base_plan[key] = _owner(name.module, by_path)  # type: ignore[assignment]
-            continue
-        if name.role != "adapter":
-            raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
-                                        key=key, hint="drop the tensor, or add its module to target_modules")
-        layer = _owner(name.module, by_path)
-        if layer is None:
-            if find_site(spec_sites(model, options), name.module) is None:
-                unmapped.append(name.module)
+        entry = canonical.get(key)
+        if entry is None:
+            other = _plan_other(model, key, config, by_path, adapter_name, options, base_plan, unmapped)
+            if other is None:
                 continue
-            raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
-                                        hint="check target_modules / exclude_modules / layers_to_transform")
-        layouts = all_layouts.get(id(layer))
-        if layouts is None:
-            layouts = all_layouts[id(layer)] = layer.layouts(adapter_name)
-        if name.param not in layouts:
-            raise UnexpectedTensorError(
-                f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
-                f"(expected: {sorted(layouts)})", key=key, hint="remove the tensor, or fix the config")
-        layout = layouts[name.param]
+            entry, module = other
+            if module != entry[0].path_of(adapter_name):
+                renames[id(entry[0])] = (entry[0], module)
+        layer, param, layout = entry
         if tuple(info.shape) != layout.spec_shape:
             raise ShapeMismatchError(
                 f"shape {list(info.shape)} does not fit the Keras layer(s) "
                 f"{[p.layer.path for p in layer.site.pieces]}: expected {list(layout.spec_shape)}", key=key,
                 hint="the adapter was trained for another base model (or a different size)")
-        plan[key] = (layer, name.param, layout)
-        if name.module != layer.path_of(adapter_name):
-            renames[id(layer)] = (layer, name.module)
+        plan[key] = entry
     if unmapped:
         mods = sorted(set(unmapped))
         raise TargetNotFoundError(f"modules {mods} of the adapter have no counterpart in this Keras model",
                                   key=mods[0], hint="pass module_map={spec module path: keras layer path}")
     covered = {(id(layer), param) for layer, param, _ in plan.values()}
     for layer in layers:
-        for param in all_layouts.get(id(layer)) or layer.layouts(adapter_name):
+        for param in layer.parameters(adapter_name)[1]:
             if (id(layer), param) not in covered:
                 raise MissingTensorError(f"the file has no {param!r} for module {layer.path_of(adapter_name)!r}",
                                          key=make_key(layer.path_of(adapter_name), param),
@@ -168,13 +193,19 @@ def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
     return [PROMPT_KEY]
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """An empty array whose data is ``align``-byte aligned: TensorFlow can then use it without a copy."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+def _aligned_empties(specs: list[tuple[tuple[int, ...], Any]], align: int = 64) -> list[np.ndarray]:
+    """Empty arrays of these (shape, dtype), each ``align``-byte aligned (TensorFlow can then use it without a
+    copy), carved from one allocation: one large buffer is backed by huge pages (NumPy advises them from
+    4 MiB), where several smaller ones would take a page fault every 4 KiB on first write."""
+    sizes = [-(-math.prod(shape) * np.dtype(dtype).itemsize // align) * align for shape, dtype in specs]
+    raw = np.empty(sum(sizes) + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    out = []
+    for (shape, dtype), size in zip(specs, sizes):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        out.append(raw[offset:offset + nbytes].view(dtype).reshape(shape))
+        offset += size
+    return out
 
 
 def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str) -> None:
@@ -186,19 +217,16 @@ def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mappi
     bank = next(iter(plan.values()))[0].bank(adapter_name)
     counts = bank.groups()
     rows: dict[Any, list[Any]] = {}
-    refs: dict[int, dict[str, Any]] = {}
     for key, (layer, param, layout) in plan.items():
-        layer_refs = refs.get(id(layer))
-        if layer_refs is None:
-            layer_refs = refs[id(layer)] = layer.refs(adapter_name)
-        ref = layer_refs[param]
+        ref = layer.parameters(adapter_name)[2][param]
         group = rows.get(ref.key)
         if group is None:
             group = rows[ref.key] = [None] * counts[ref.key]
         group[ref.index] = layout.to_stored(arrays[key])
+    blocks = _aligned_empties([((len(group), *k.shape), _np_dtype(k.dtype)) for k, group in rows.items()])
     staged = {}
-    for k, group in rows.items():  # casting as an assignment would: a float16 file into float32 variables
-        staged[k] = np.stack(group, out=_aligned_empty((len(group), *k.shape), _np_dtype(k.dtype)), casting="unsafe")
+    for (k, group), block in zip(rows.items(), blocks):  # casting as an assignment would: float16 into float32
+        staged[k] = np.stack(group, out=block, casting="unsafe")
     if not bank.materialized:
         bank.materialize(staged)
         return

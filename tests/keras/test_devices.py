@@ -68,9 +68,9 @@ def test_gpu_placement(tmp_path: Path) -> None:
 def test_as_tensor_shares_aligned_arrays_and_copies_others() -> None:
     """DLPack hand-over only for 64-byte-aligned arrays: TensorFlow's kernels abort on unaligned buffers."""
     from adapterspec_keras.bank import as_tensor
-    from adapterspec_keras.state import _aligned_empty
+    from adapterspec_keras.state import _aligned_empties
 
-    aligned = _aligned_empty((4, 8), "float32")
+    aligned, = _aligned_empties([((4, 8), "float32")])
     aligned[...] = np.arange(32, dtype=np.float32).reshape(4, 8)
     raw = np.empty(4 * 8 * 4 + 4, np.uint8)
     start = 4 if raw.ctypes.data % 64 == 0 else 0
