@@ -1,8 +1,7 @@
 """Work on a thread whose result (or exception) the caller collects later.
 
-File reads, ``hashlib`` and safetensors' writes release the GIL, so on a second core they overlap
-the caller's Python work: :meth:`adapterspec.Adapter.prefetch` reads the tensor data while the
-backend injects layers; :func:`adapterspec._safetensors.save_file` hashes while safetensors writes.
+``hashlib`` and safetensors' writes release the GIL, so on a second core they overlap:
+:func:`adapterspec._safetensors.save_file` hashes while safetensors writes.
 
 >>> result = in_background(lambda: 6 * 7, name="answer")
 >>> result()

@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,76 +26,109 @@ from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
+__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
            "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Keys with shape and dtype, and the metadata, of a safetensors file -- no tensor data is read.
+@dataclass(frozen=True)
+class Header:
+    """What :func:`read_header` accepted: the tensors' shapes and dtypes, the metadata, and where each
+    tensor's bytes are -- with the header's own bytes, so that a later read of the file can tell it is
+    still that file by comparing them (:func:`read_buffer`)."""
 
-    :raises FileFormatError: not a valid safetensors file (truncated, corrupt header, bad offsets).
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    raw: bytes = b""  # the file's first 8 + n bytes: length prefix and JSON header
+    size: int = 0  # the file's size
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> [begin, end) in the file
+
+
+def read_header(path: Path) -> Header:
+    """Keys with shape and dtype, the metadata and the data spans of a safetensors file -- no tensor data is read.
+
+    safetensors validates the file (:func:`safetensors.safe_open`): a bounded, well-formed header, known
+    dtypes, each tensor's span of its size, the spans contiguous and covering the data exactly. So
+    the spans follow from the order of the tensors in the file and their sizes.
+
+    :raises FileFormatError: not a valid safetensors file (truncated, corrupt header, bad offsets), or it
+        changed while it was read.
     """
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            infos = {}
-            for key in f.keys():
-                piece = f.get_slice(key)
-                infos[key] = TensorInfo(tuple(piece.get_shape()), piece.get_dtype())
+        with open(path, "rb", buffering=0) as fh:
+            raw = _header_bytes(fh)
+            with safe_open(str(path), framework="numpy") as f:
+                metadata = f.metadata() or {}
+                infos, spans, at = {}, {}, len(raw)
+                for key in f.offset_keys():
+                    piece = f.get_slice(key)
+                    info = infos[key] = TensorInfo(tuple(piece.get_shape()), piece.get_dtype())
+                    end = at + math.prod(info.shape) * DTYPE_BYTES.get(info.dtype, 0)
+                    spans[key] = (at, end)
+                    at = end
+            size = os.fstat(fh.fileno()).st_size
+            readable = all(info.dtype in DTYPE_BYTES for info in infos.values())  # else refused by check 13
+            if _header_bytes(fh) != raw or (readable and at != size):
+                raise ValueError("the file changed while its header was read")
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"not a valid safetensors file: {exc}", path=path,
                               hint="the file is truncated or corrupt; download or save it again") from None
-    return infos, metadata
+    return Header(infos, metadata, raw, size, spans)
 
 
-def read_buffer(path: Path, infos: Mapping[str, TensorInfo], *,
-                reading: Callable[[], Any] | None = None) -> tuple[Any, dict[str, tuple[int, int]]]:
+def _header_bytes(fh: Any) -> bytes:
+    """The first ``8 + n`` bytes of the open file: the length prefix and the JSON header (as much of it as
+    there is: safetensors judges malformed files)."""
+    prefix = os.pread(fh.fileno(), 8, 0)
+    if len(prefix) < 8:
+        return prefix
+    n = min(int.from_bytes(prefix, "little"), _MAX_HEADER)
+    return prefix + os.pread(fh.fileno(), n, 8)
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own bound
+
+
+def check_unchanged(path: Path, header: Header) -> None:
+    """Check that the file at ``path`` still starts with the header :func:`read_header` accepted.
+
+    :raises ValueError: it does not.
+    """
+    with open(path, "rb", buffering=0) as fh:
+        if _header_bytes(fh) != header.raw:
+            raise ValueError("the file changed since it was checked (its header differs)")
+
+
+def read_buffer(path: Path, header: Header) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The whole file in one NumPy ``uint8`` buffer (one ``readinto``), and each tensor's byte span in it.
 
     Backends make their tensors as views of the buffer: one read of the file and no copy, where
     reading tensor by tensor copies each out of a memory map. The file must still be the one
-    :func:`read_header` accepted: the header is parsed from the buffer and must name exactly the
-    tensors of ``infos`` (dtype and shape), each span inside the data and of its tensor's size, the
-    spans not overlapping.
+    :func:`read_header` accepted: same size, same header bytes (then the same spans).
 
-    :param reading: called just before the read starts (:meth:`~adapterspec.Adapter.prefetch` waits for it).
-    :raises FileFormatError: the file changed since it was checked, or is corrupt.
+    :raises FileFormatError: the file changed since it was checked.
     """
     import numpy as np
 
     try:
         with open(path, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
+            if size != header.size:
+                raise ValueError(f"the file changed since it was checked (it is {size} bytes long, not {header.size})")
             buffer = np.empty(size, dtype=np.uint8)
-            if reading is not None:
-                reading()
             if fh.readinto(memoryview(buffer)) != size:
                 raise ValueError("short read")
-        (n,) = struct.unpack("<Q", buffer[:8].tobytes())
-        if n > size - 8:
-            raise ValueError("the header runs past the end of the file")
-        header = json.loads(buffer[8 : 8 + n].tobytes())
-        header.pop("__metadata__", None)
-        if header.keys() != infos.keys():
-            raise ValueError("its tensors are not those checked")
-        base, spans, previous = 8 + n, {}, 0
-        for begin, key in sorted((entry["data_offsets"][0], key) for key, entry in header.items()):
-            entry, info = header[key], infos[key]
-            end = entry["data_offsets"][1]
-            if begin < previous or end - begin != math.prod(info.shape) * DTYPE_BYTES[info.dtype] \
-                    or entry["dtype"] != info.dtype or tuple(entry["shape"]) != info.shape:
-                raise ValueError(f"tensor {key!r} is not the one checked")
-            spans[key] = (base + begin, base + end)
-            previous = end
-        if base + previous > size:
-            raise ValueError("the data runs past the end of the file")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        if buffer[: len(header.raw)].tobytes() != header.raw:
+            raise ValueError("the file changed since it was checked (its header differs)")
+        if any(info.dtype not in DTYPE_BYTES for info in header.tensors.values()):
+            raise ValueError(f"dtypes {sorted({i.dtype for i in header.tensors.values()} - set(DTYPE_BYTES))} "
+                             "cannot be read (SPEC.md 7)")
+    except (OSError, ValueError) as exc:
         raise FileFormatError(f"cannot read tensors: {exc}", path=path,
                               hint="the file is corrupt or changed; download or save it again") from None
-    return buffer, spans
+    return buffer, header.spans
 
 
 def _digest(data: memoryview | bytes, header: Mapping[str, Any]) -> str:

@@ -12,19 +12,18 @@ into its framework and onto its device.
 from __future__ import annotations
 
 import math
+import os
 import re
 import stat
-import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _safetensors
-from ._background import in_background
 from ._finite import nonfinite_arrays, nonfinite_keys
-from .checks import TensorInfo, tensor_errors
+from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
 from .config import AdapterConfig, unsupported_features
 from .errors import (
     AdapterSpecError,
@@ -35,8 +34,10 @@ from .errors import (
     UnsafeFileError,
     UnsupportedError,
 )
+from .naming import PARAMETERS
 from .spec import (
     CONFIG_NAME,
+    PEFT_PREFIX,
     METADATA_SHA256,
     METADATA_VERSION,
     PICKLE_NAME,
@@ -83,8 +84,8 @@ class Adapter:
     path: Path | None = None
     weights_file: Path | None = None
     arrays: dict[str, Any] | None = None
-    _prefetched: Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None = field(default=None, init=False,
-                                                                                   repr=False)
+    _header: _safetensors.Header | None = field(default=None, init=False, repr=False)
+    _unchecked: bool = field(default=False, init=False, repr=False)  # read_adapter(check_tensors=False)
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -114,43 +115,62 @@ class Adapter:
         return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
     def prefetch(self) -> None:
-        """Start reading the tensor data in the background, for the next :meth:`load_tensors`.
-
-        The read is one ``readinto`` on a thread; it releases the GIL, so the file is read while the
-        caller goes on (:func:`~adapterspec.load_adapter` injects the adapter's layers meanwhile).
-        Errors surface in :meth:`load_tensors`. Does nothing for in-memory adapters.
+        """Ask the operating system to start reading the tensor data into its cache now
+        (``posix_fadvise(WILLNEED)``), for a :meth:`load_tensors` to come: from a disk, the data comes
+        in while the caller goes on (:func:`~adapterspec.load_adapter` injects the adapter's layers
+        meanwhile). Costs one system call; does nothing where the call is missing (macOS, Windows) and
+        for in-memory adapters.
         """
-        if self.weights_file is None or self.arrays is not None or self._prefetched is not None:
+        if self.weights_file is None or not hasattr(os, "posix_fadvise"):
             return
-        path, infos = self.weights_file, self.tensors
-        started = threading.Event()
-
-        def read() -> tuple[Any, dict[str, tuple[int, int]]]:
+        try:
+            fd = os.open(self.weights_file, os.O_RDONLY)
             try:
-                return _safetensors.read_buffer(path, infos, reading=started.set)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
-                started.set()
+                os.close(fd)
+        except OSError:  # advice only: load_tensors reports a file that cannot be read
+            pass
 
-        self._prefetched = in_background(read, name="prefetch")
-        # until the thread is in its read (which releases the GIL), this thread would keep the GIL for
-        # a whole switch interval (5 ms) and the read would start only after the caller's work
-        started.wait()
-
-    def _buffer(self) -> tuple[Any, dict[str, tuple[int, int]]]:
-        """The file's data: the prefetched read (once), or a read now."""
+    def _file_header(self) -> _safetensors.Header:
+        """The header :func:`read_adapter` checked; read now for an :class:`Adapter` made by hand."""
         assert self.weights_file is not None
-        if self._prefetched is None:
-            return _safetensors.read_buffer(self.weights_file, self.tensors)
-        result, self._prefetched = self._prefetched, None
-        return result()
+        if self._header is None:
+            header = _safetensors.read_header(self.weights_file)
+            if header.tensors != self.tensors:
+                raise FileFormatError("the file's tensors are not those of this Adapter", path=self.weights_file,
+                                      hint="read the adapter with read_adapter()")
+            self._header = header
+        return self._header
+
+    @property
+    def tensors_checked(self) -> bool:
+        """Whether the spec's tensor checks have passed (``False`` only after ``read_adapter(check_tensors=False)``,
+        until :meth:`check_tensors`)."""
+        return not self._unchecked
+
+    def check_tensors(self) -> None:
+        """Run the spec's checks of the tensors against the config (SPEC.md 10, checks 8-16), if
+        ``read_adapter(check_tensors=False)`` left them out.
+
+        :raises AdapterSpecError: the first problem, naming the tensor.
+        """
+        if not self._unchecked:
+            return
+        errors = tensor_errors(self.config, self.tensors)
+        for e in errors:
+            e.path = e.path or str(self.weights_file or self.path)
+        if errors:
+            raise errors[0]
+        self._unchecked = False
 
     def load_tensors(self, framework: str = "numpy", device: str = "cpu") -> dict[str, Any]:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
         ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
 
-        NumPy and torch tensors are views of one read of the whole file (:meth:`prefetch` may have
-        started it); torch tensors for another device are moved there from it, or read by
-        safetensors straight onto the device if nothing was prefetched.
+        NumPy and torch CPU tensors are views of one read of the whole file; other frameworks and
+        devices get theirs from safetensors, straight onto the device. Either way the file must still
+        be the one checked (the same header).
 
         :raises FileFormatError: the file changed or broke since it was read.
         """
@@ -160,16 +180,15 @@ class Adapter:
         from safetensors import SafetensorError, safe_open
 
         on_cpu = str(device) == "cpu"
-        if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or self._prefetched is not None)):
-            buffer, spans = self._buffer()  # one read, views of it
-            tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
-                                         path=self.weights_file)
-            return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
-        self._prefetched = None
+        if framework in ("numpy", "np") or (framework == "pt" and on_cpu):
+            buffer, spans = _safetensors.read_buffer(self.weights_file, self._file_header())  # one read, views of it
+            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                      path=self.weights_file)
         try:
             with safe_open(str(self.weights_file), framework=framework, device=device) as f:
+                _safetensors.check_unchanged(self.weights_file, self._file_header())
                 return {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, TypeError, KeyError) as exc:
+        except (SafetensorError, OSError, TypeError, KeyError, ValueError) as exc:
             raise FileFormatError(f"cannot read tensors: {exc}", path=self.weights_file,
                                   hint="the file is corrupt or changed; download or save it again") from None
 
@@ -299,8 +318,21 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return state
 
 
-def _open(source: str | Path, *, allow_pickle: bool, strict: bool,
-          prefetch: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
+def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
+    """Whether every tensor is a method tensor (``<module>.lora_A.weight``...) of an allowed dtype, and the
+    config accounts for no auxiliary tensor: the tensors that a load's comparison with the injected
+    adapter checks completely (see :func:`read_adapter`)."""
+    params = PARAMETERS.get(config.peft_type)
+    if not params or config.get("modules_to_save") or config.get("trainable_token_indices") is not None \
+            or config.get("bias", "none") != "none":
+        return False
+    suffixes = tuple("." + p for p in params)
+    return all(key.startswith(PEFT_PREFIX) and key.endswith(suffixes) and info.dtype in ALLOWED_DTYPES
+               for key, info in tensors.items())
+
+
+def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool = False,
+          check_tensors: bool = True) -> tuple[Adapter, list[AdapterSpecError]]:
     folder = Path(source)
     try:
         if folder.is_file() and folder.name == CONFIG_NAME:
@@ -318,11 +350,13 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool,
     config = AdapterConfig.from_file(_inside(folder, config_file), strict=strict)
     weights = folder / SAFETENSORS_NAME
     if weights.exists():
-        infos, metadata = _safetensors.read_header(_inside(folder, weights))
-        _check_metadata_version(config, metadata, weights)
-        adapter = Adapter(config, infos, metadata, folder, weights.resolve())
+        resolved = _inside(folder, weights)
+        header = _safetensors.read_header(resolved)
+        _check_metadata_version(config, header.metadata, weights)
+        adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
+        adapter._header = header
         if prefetch:
-            adapter.prefetch()  # the data is read while the tensors are checked
+            adapter.prefetch()  # the OS reads the data while the tensors are checked
     elif (folder / PICKLE_NAME).exists():
         pickle_file = _inside(folder, folder / PICKLE_NAME)
         if not allow_pickle:
@@ -340,7 +374,10 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool,
         UnsupportedError(reason, pointer=pointer, path=config_file,
                          hint="use PEFT itself for this adapter, or save it without the feature")
         for pointer, reason in unsupported_features(config)]
-    errors += tensor_errors(config, adapter.tensors)
+    if check_tensors or not _plain(config, adapter.tensors):
+        errors += tensor_errors(config, adapter.tensors)
+    else:
+        adapter._unchecked = True
     source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
     for e in errors:
         e.path = e.path or str(source_file)  # name the file the tensors came from (the pickle too)
@@ -377,7 +414,7 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
-                 verify: bool = False, prefetch: bool = False) -> Adapter:
+                 verify: bool = False, prefetch: bool = False, check_tensors: bool = True) -> Adapter:
     """Read and check an adapter folder (config and tensor headers; no tensor data).
 
     :param source: the adapter's folder (or its ``adapter_config.json``).
@@ -385,14 +422,21 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
         (with ``torch.load(weights_only=True)``); refused otherwise.
     :param strict: refuse config fields the schema does not know.
     :param verify: also check the tensor data against the recorded sha256 (reads all data).
-    :param prefetch: start reading the tensor data in the background as soon as the header is
-        checked (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come.
+    :param prefetch: have the operating system start reading the tensor data as soon as the header
+        is checked (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come.
+    :param check_tensors: ``False`` leaves the checks of the tensors against the config (SPEC.md 10,
+        checks 8-16) to the caller, if every tensor is a method tensor of an allowed dtype and the config
+        accounts for no auxiliary tensor (otherwise they run). :func:`~adapterspec.load_adapter` does
+        this: the backend compares every tensor with the adapter it injected from the config (each
+        key, each shape), which implies those checks; it runs them (:meth:`Adapter.check_tensors`)
+        when that comparison fails, to name the problem as the spec does.
     :raises AdapterSpecError: the first problem found, naming the field or tensor.
 
     >>> read_adapter("my-lora").config["r"]                          # doctest: +SKIP
     16
     """
-    adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch and not verify)
+    adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
+                            check_tensors=check_tensors)
     if errors:
         raise errors[0]
     if verify:

@@ -17,8 +17,9 @@ from typing import Any
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, BackendError, UnsafeFileError
+from .errors import AdapterExistsError, AdapterNotFoundError, AdapterSpecError, BackendError, UnsafeFileError
 from .folder import list_adapters, write_adapter, write_adapters
+from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
 from .plugins import get_plugin_manager, plugin_names
 
@@ -126,23 +127,54 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     backend_name(model)
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
-                                                                    prefetch=True)
-    if adapter_name in adapter_names(model):
-        raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
-                                 hint="delete_adapter() it first, or load under another adapter_name")
-    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable, initialize=False)
-    previous = active_adapters(model)
-    adapter.prefetch()  # (if not started yet) the file is read while the backend injects the layers
-    modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
-    try:
-        _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
-        if activate:
-            set_active_adapters(model, [adapter_name])
-    except BaseException:
-        _call("adapterspec_delete", model, adapter_name=adapter_name)
-        _call("adapterspec_set_active", model, adapter_names=previous)
-        raise
+                                                                    check_tensors=False)
+    adapter.prefetch()  # the operating system reads the file while the backend injects the layers
+    with _spec_errors_first(adapter):
+        if adapter_name in adapter_names(model):
+            raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
+                                     hint="delete_adapter() it first, or load under another adapter_name")
+        options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                              initialize=False)
+        previous = active_adapters(model)
+        modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
+        try:
+            _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
+            if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
+                adapter.check_tensors()
+            if activate:
+                set_active_adapters(model, [adapter_name])
+        except BaseException:
+            _call("adapterspec_delete", model, adapter_name=adapter_name)
+            _call("adapterspec_set_active", model, adapter_names=previous)
+            raise
     return list(modules)
+
+
+@contextlib.contextmanager
+def _spec_errors_first(adapter: Adapter) -> Iterator[None]:
+    """If the block fails and the adapter's tensor checks were left out (``read_adapter(check_tensors=False)``),
+    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend."""
+    try:
+        yield
+    except Exception:
+        if adapter.tensors_checked:
+            raise
+        try:
+            adapter.check_tensors()
+        except AdapterSpecError as spec_error:
+            raise spec_error from None
+        raise
+
+
+def _method_tensors_of(adapter: Adapter, modules: list[str]) -> bool:
+    """Whether every tensor is a method tensor of a module the backend adapted.
+
+    The backend adapted those modules because the config targets them, with parameters of the shapes
+    the config and the model give, and its ``load_state`` found every tensor of the file in its place,
+    of its shape: then the spec's tensor checks hold (SPEC.md 10, checks 8-16), and need not run.
+    """
+    params = PARAMETERS.get(adapter.config.peft_type, ())
+    return adapter.tensors.keys() <= {make_key(module, param) for module in modules for param in params}
 
 
 def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapter_name: str = "default", *,

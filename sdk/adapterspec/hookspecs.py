@@ -78,8 +78,12 @@ def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, opti
     """Copy ``adapter``'s tensors into the layers injected for ``adapter_name``. Stops at first non-None result.
 
     Reads the tensors itself (``adapter.load_tensors(framework, device)``) so that they go from the file
-    straight to their device. Every key must find its place and every place must be filled: all
-    checks run before the first assignment, so a raise leaves the adapter's tensors unchanged.
+    straight to their device. Every key must find its place and every place must be filled, each
+    tensor of its parameter's shape: all checks run before the first assignment, so a raise leaves
+    the adapter's tensors unchanged. :func:`adapterspec.load_adapter` relies on these checks: when
+    they pass and every tensor is a method tensor of a module the backend adapted, it skips the
+    spec's own tensor checks (``adapter.tensors_checked`` is then ``False``; the tensors' dtypes are
+    checked). Auxiliary tensors (SPEC.md 5.3) come only in adapters whose tensors were checked.
 
     :returns: the canonical keys that were loaded.
     :raises MissingTensorError: an injected parameter has no tensor in the file.

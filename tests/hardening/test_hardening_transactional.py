@@ -74,6 +74,12 @@ BAD: dict[str, tuple[Callable[[Path], Any], type | tuple[type, ...]]] = {
                                                  "base_model.model.zz.lora_B.weight": np.ones((4, 2), np.float32)}),
                                # the backends disagree (keras: TargetNotFoundError, torch: UnexpectedTensorError)
                                (adapterspec.TargetNotFoundError, adapterspec.UnexpectedTensorError)),
+    "module not targeted by the config": (lambda d: _write(d, {**CONFIG, "target_modules": ["q"]}, tensors(1)),
+                                          adapterspec.UnexpectedTensorError),
+    "integer dtype": (lambda d: _write(d, CONFIG, {**tensors(1), Q_A: np.arange(6, dtype=np.int32).reshape(2, 3)}),
+                      adapterspec.DTypeMismatchError),
+    "adapter name left in a key": (lambda d: _write(d, CONFIG, {**_without(Q_A), "base_model.model.q.lora_A.default.weight":
+                                                                tensors(1)[Q_A]}), adapterspec.UnexpectedTensorError),
     "corrupt file": (lambda d: (_write(d, CONFIG, tensors(1)), (d / SAFETENSORS_NAME).write_bytes(b"\x08" + b"\x00" * 7 + b"{}")),
                      adapterspec.FileFormatError),
     "file truncated after it was read": (lambda d: _truncated_after_read(d), adapterspec.FileFormatError),
@@ -206,6 +212,30 @@ def test_failed_load_leaves_the_model_untouched(backend: Any, loaded: tuple[Any,
     # the name is free and the model healthy: the good adapter loads under it and changes the output
     adapterspec.load_adapter(model, good, "b")
     assert adapterspec.adapter_names(model) == ["a", "b"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_load_reports_what_the_spec_checks_report(backend: Any, loaded: tuple[Any, Path], tmp_path: Path,
+                                                    case: str) -> None:
+    """load_adapter leaves the spec's tensor checks to its comparison with the injected adapter (they are
+    implied when it passes); when it fails, the error is still the one read_adapter's full checks give."""
+    model, _ = loaded
+    source = BAD[case][0](tmp_path / "bad")
+    if source is None or isinstance(source, tuple):
+        source = tmp_path / "bad"
+    if isinstance(source, adapterspec.Adapter):
+        pytest.skip("an Adapter already read")
+    try:
+        adapterspec.read_adapter(source)
+    except adapterspec.AdapterSpecError as exc:
+        spec_error: adapterspec.AdapterSpecError | None = exc
+    else:
+        spec_error = None  # a problem with the model, not with the spec: the backend names it
+    with pytest.raises(adapterspec.AdapterSpecError) as info:
+        adapterspec.load_adapter(model, source, "b")
+    if spec_error is not None:
+        assert (type(info.value), str(info.value)) == (type(spec_error), str(spec_error))
+    assert adapterspec.adapter_names(model) == ["a"]
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, MemoryError, RuntimeError])

@@ -1,4 +1,4 @@
-"""The read and write fast paths: one read of the file with tensor views (prefetched on a thread), the
+"""The read and write fast paths: one read of the file with tensor views, the
 checksum hashed from the tensors while safetensors writes, and old adapters removed in the background.
 
 Each must give exactly what the plain path gives: the same values (element-unique, mixed dtypes,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -55,14 +56,12 @@ def test_numpy_views_equal_safetensors_values(tmp_path: Path) -> None:
         assert np.array_equal(loaded[key], value) and np.array_equal(loaded[key], _mixed()[key])
 
 
-def test_torch_views_equal_safetensors_values_and_prefetch_is_used_once(tmp_path: Path) -> None:
+def test_torch_views_equal_safetensors_values_and_each_load_reads_anew(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
     adapter = adapterspec.read_adapter(tmp_path / "a")
     adapter.prefetch()
-    assert adapter._prefetched is not None
     loaded = adapter.load_tensors("pt")
-    assert adapter._prefetched is None  # consumed: the next call reads again
     again = adapter.load_tensors("pt")
     for key, value in _mixed().items():
         expected = torch.from_numpy(value)
@@ -99,11 +98,16 @@ def test_a_file_changed_after_reading_is_refused(tmp_path: Path) -> None:
     other = _mixed()
     other["base_model.model.layers.0.q.lora_A.weight"] = np.zeros((3, 8), np.float32)  # another shape
     np_save_file(other, str(tmp_path / "a" / "adapter_model.safetensors"))
-    with pytest.raises(adapterspec.FileFormatError, match="is not the one checked"):
+    with pytest.raises(adapterspec.FileFormatError, match=r"changed since it was checked \(it is \d+ bytes long"):
+        adapter.load_tensors("numpy")
+    renamed = {k.replace(".q.", ".k."): v for k, v in _mixed().items()}  # same size, another header
+    adapterspec.write_adapter(tmp_path / "b", {**CONFIG, "target_modules": ["k", "v"]}, renamed)
+    shutil.copyfile(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(adapterspec.FileFormatError, match=r"changed since it was checked \(its header differs"):
         adapter.load_tensors("numpy")
     path = tmp_path / "a" / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-10])  # truncated
-    adapter.prefetch()  # the error surfaces where the tensors are asked for
+    adapter.prefetch()  # only advice: the error surfaces where the tensors are asked for
     with pytest.raises(adapterspec.FileFormatError, match="cannot read tensors"):
         adapter.load_tensors("numpy")
 
@@ -192,13 +196,27 @@ def test_durable_fsyncs_every_file_before_it_appears(tmp_path: Path, monkeypatch
     assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()
 
 
-def test_read_adapter_can_start_the_read_and_load_adapter_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefetch_advises_the_os_to_read_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    advice = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, how: advice.append(
+        (os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], offset, length, how)))
     adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
-    assert adapterspec.read_adapter(tmp_path / "a")._prefetched is None
+    adapterspec.read_adapter(tmp_path / "a")
+    assert advice == []
     adapter = adapterspec.read_adapter(tmp_path / "a", prefetch=True)
-    assert adapter._prefetched is not None
+    assert advice == [("adapter_model.safetensors", 0, 0, os.POSIX_FADV_WILLNEED)]
     assert all(np.array_equal(adapter.load_tensors()[k], v) for k, v in _mixed().items())
-    assert adapterspec.read_adapter(tmp_path / "a", prefetch=True, verify=True)._prefetched is None  # verify reads first
+    torch = pytest.importorskip("torch")
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([
+        torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)}),
+        torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})]).double()})
+    adapterspec.load_adapter(model, tmp_path / "a")
+    assert len(advice) == 2
+    monkeypatch.delattr(os, "posix_fadvise")  # macOS, Windows: nothing to advise
+    assert all(np.array_equal(adapterspec.read_adapter(tmp_path / "a", prefetch=True).load_tensors()[k], v)
+               for k, v in _mixed().items())
 
 
 def test_config_validation_is_memoised_by_content_and_errors_are_not(tmp_path: Path,
@@ -221,3 +239,66 @@ def test_config_validation_is_memoised_by_content_and_errors_are_not(tmp_path: P
     for r in (1, 2, 3):
         adapterspec.AdapterConfig.from_dict({**good, "r": r})
     assert len(config_module._VALID) == 2  # bounded
+
+
+def test_read_adapter_can_leave_the_tensor_checks_to_the_caller(tmp_path: Path) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    assert adapterspec.read_adapter(tmp_path / "a").tensors_checked
+    adapter = adapterspec.read_adapter(tmp_path / "a", check_tensors=False)
+    assert not adapter.tensors_checked
+    adapter.check_tensors()
+    assert adapter.tensors_checked
+    # a rank that disagrees with the config: refused now by default, later by check_tensors()
+    bad = {**_mixed(), "base_model.model.layers.0.q.lora_A.weight": np.arange(4 * 7, dtype=np.float32).reshape(4, 7)}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(CONFIG))
+    np_save_file(bad, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    with pytest.raises(adapterspec.ShapeMismatchError, match="rank 4 disagrees") as now:
+        adapterspec.read_adapter(tmp_path / "bad")
+    later = adapterspec.read_adapter(tmp_path / "bad", check_tensors=False)
+    with pytest.raises(adapterspec.ShapeMismatchError) as deferred:
+        later.check_tensors()
+    assert str(deferred.value) == str(now.value)  # the same error, naming the file
+
+
+@pytest.mark.parametrize("change", ["auxiliary tensor", "modules_to_save", "bias", "integer dtype", "not a method key"])
+def test_tensors_the_injected_adapter_cannot_check_are_checked_at_once(tmp_path: Path, change: str) -> None:
+    config, tensors = dict(CONFIG), dict(_mixed())
+    if change == "auxiliary tensor":
+        config["bias"] = "lora_only"
+        tensors["base_model.model.layers.0.q.base_layer.bias"] = np.arange(5, dtype=np.float32)
+    elif change == "modules_to_save":
+        config["modules_to_save"] = ["head"]
+        tensors["base_model.model.head.weight"] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    elif change == "bias":
+        config["bias"] = "all"
+    elif change == "integer dtype":
+        tensors["base_model.model.layers.0.q.lora_B.bias"] = np.arange(5, dtype=np.int32)
+    else:
+        tensors["base_model.model.layers.0.q.lora_C.weight"] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    np_save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    try:
+        adapter = adapterspec.read_adapter(tmp_path / "a", check_tensors=False)
+    except adapterspec.AdapterSpecError:
+        assert change in ("integer dtype", "not a method key")  # refused at once, as without check_tensors=False
+        return
+    assert adapter.tensors_checked
+
+
+def test_load_adapter_checks_tensors_a_lax_backend_let_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend's load_state must refuse tensors it has no place for; if one does not, load_adapter still
+    refuses a tensor of a module the backend did not adapt (the spec's checks run then)."""
+    torch = pytest.importorskip("torch")
+    import adapterspec_torch.state
+
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)})
+    tensors = {k.replace("layers.0.", ""): v.astype(np.float32) for k, v in _mixed().items() if "layers.0." in k}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**CONFIG, "target_modules": ["q"]}))
+    np_save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))  # v's tensors: not targeted
+    monkeypatch.setattr(adapterspec_torch.state, "load_state", lambda *args, **kwargs: [])  # lax: takes anything
+    with pytest.raises(adapterspec.UnexpectedTensorError, match="module 'v' is not targeted by the config"):
+        adapterspec.load_adapter(model, tmp_path / "a")
+    assert adapterspec.adapter_names(model) == [] and type(model["q"]) is torch.nn.Linear
