@@ -213,12 +213,25 @@ class Adapter:
         return True
 
 
+_DTYPE_NAMES: dict[Any, str] = {}  # a framework's dtype object -> its safetensors name, as they are met
+
+
 def _dtype_name(tensor: Any) -> str:
-    name = str(getattr(tensor, "dtype", "")).rsplit(".", 1)[-1].replace("'>", "").lower()
+    dtype = getattr(tensor, "dtype", "")
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype
+        pass
+    name = str(dtype).rsplit(".", 1)[-1].replace("'>", "").lower()
     mapping = {"float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16",
                "half": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8",
                "bool": "BOOL"}
-    return mapping.get(name, name.upper())
+    found = mapping.get(name, name.upper())
+    try:
+        _DTYPE_NAMES[dtype] = found
+    except TypeError:
+        pass
+    return found
 
 
 def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
@@ -231,12 +244,14 @@ def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
         if not isinstance(key, str):
             raise TensorError(f"key {key!r} is not a string", key=repr(key), hint="use the spec's string keys")
         try:
-            shape = tuple(int(d) for d in value.shape)
+            shape = value.shape  # NumPy's and torch's are tuples of ints; TensorFlow's and others are not
+            if not (isinstance(shape, tuple) and all(type(d) is int for d in shape)):
+                shape = tuple(int(d) for d in shape)
             value.dtype  # noqa: B018 - only arrays and tensors have both
         except (AttributeError, TypeError, ValueError):
             raise TensorError(f"not a tensor but a {type(value).__name__}", key=key,
                               hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
-        infos[key] = TensorInfo(shape, _dtype_name(value))
+        infos[key] = TensorInfo(tuple(shape), _dtype_name(value))
     return infos
 
 

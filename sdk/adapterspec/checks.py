@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._method_checks import METHOD_CHECKS
 from .config import AdapterConfig, transformer_submodules
@@ -44,9 +44,9 @@ ALLOWED_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 BUFFER_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor's shape and safetensors dtype name (``"F32"``, ``"BF16"``...), as read from a header."""
+class TensorInfo(NamedTuple):
+    """A tensor's shape and safetensors dtype name (``"F32"``, ``"BF16"``...), as read from a header
+    (a named tuple: headers have hundreds of them)."""
 
     shape: tuple[int, ...]
     dtype: str

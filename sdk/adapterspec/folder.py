@@ -15,8 +15,9 @@ readers; the old config kept as ``.adapter_config.json.<random>.old``) -- never 
 paired with the old config, since the config is moved aside first and put back last.
 
 That holds whatever happens to the writing process. Surviving a power loss or an operating-system
-crash too takes ``durable=True``: every file is fsynced before the rename (as databases do; it costs
-about as much again as the write itself -- PEFT, safetensors and ``torch.save`` do not). Without it, a
+crash too takes ``durable=True``: every file is fsynced before the rename, and the folders after it
+(as databases do; it costs about as much again as the write itself -- PEFT, safetensors and
+``torch.save`` do not). Without it, a
 power loss right after a save can leave the new adapter's files incomplete -- which readers refuse
 (truncated file, sha256 mismatch), never load silently wrong.
 
@@ -179,10 +180,12 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, dur
                 if old.name not in files:
                     _link_or_copy(old, staging / old.name)
             os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
-        _fsync_dir(staging)
+        if durable:
+            _fsync_dir(staging)
         # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
         swapped = _exchange(staging, folder) if exists else (os.rename(staging, folder) or True)
-        _fsync_dir(folder.parent)
+        if durable:
+            _fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -259,7 +262,8 @@ def _replace_files(files: Mapping[str, Content], folder: Path, *, durable: bool 
         raise
     for backup, _ in backups:
         backup.unlink(missing_ok=True)
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
 
 
 def _new_path(parent: Path, prefix: str, suffix: str, *, directory: bool = False, create: bool = True) -> Path:

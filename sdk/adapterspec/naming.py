@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
@@ -73,9 +72,8 @@ MAX_KEY_LENGTH = 1024
 Role = Literal["adapter", "base_layer", "bias", "embedding", "ignored", "modules_to_save", "prompt", "trainable_tokens"]
 
 
-@dataclass(frozen=True)
-class TensorName:
-    """A parsed tensor key.
+class TensorName(NamedTuple):
+    """A parsed tensor key (a named tuple: a key is parsed on every check and load).
 
     :param key: the key as stored.
     :param module: the module path (``""`` for ``prompt_embeddings``).
