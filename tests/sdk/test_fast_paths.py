@@ -302,3 +302,33 @@ def test_load_adapter_checks_tensors_a_lax_backend_let_through(tmp_path: Path, m
     with pytest.raises(adapterspec.UnexpectedTensorError, match="module 'v' is not targeted by the config"):
         adapterspec.load_adapter(model, tmp_path / "a")
     assert adapterspec.adapter_names(model) == [] and type(model["q"]) is torch.nn.Linear
+
+
+def test_load_and_delete_pause_the_garbage_collector_and_restore_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    torch = pytest.importorskip("torch")
+    import adapterspec_torch.state
+
+    seen = []
+    real = adapterspec_torch.state.load_state
+    monkeypatch.setattr(adapterspec_torch.state, "load_state",
+                        lambda *args, **kwargs: seen.append(gc.isenabled()) or real(*args, **kwargs))
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})
+    tensors = {k.replace("layers.0.", ""): v.astype(np.float32) for k, v in _mixed().items() if "layers.0.q" in k}
+    adapterspec.write_adapter(tmp_path / "a", {**CONFIG, "target_modules": ["q"]}, tensors)
+    assert gc.isenabled()
+    adapterspec.load_adapter(model, tmp_path / "a")
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(adapterspec.AdapterExistsError):  # a failed load restores it too
+        adapterspec.load_adapter(model, tmp_path / "a")
+    assert gc.isenabled()
+    adapterspec.delete_adapter(model, "default")
+    gc.disable()  # the caller's choice is kept
+    try:
+        adapterspec.load_adapter(model, tmp_path / "a")
+        adapterspec.delete_adapter(model, "default")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
