@@ -11,6 +11,7 @@ device and dtype of the kernel the adapter wraps.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,11 @@ def as_dtype(dtype: Any) -> str | None:
     return _DTYPE_NAMES[name]
 
 
+#: id(variable) -> (a weak reference to it, its device): a variable never moves, and asking TensorFlow takes
+#: microseconds, once per adapted module and load.
+_DEVICES: dict[int, tuple[weakref.ref[Any], str | None]] = {}
+
+
 def device_of(variable: Any) -> str | None:
     """The device a Keras variable lives on (TensorFlow backend: its ``tf.Variable``'s), else ``None``.
 
@@ -56,9 +62,19 @@ def device_of(variable: Any) -> str | None:
     >>> device_of(keras.Variable(np.zeros(2))) is None or "CPU" in device_of(keras.Variable(np.zeros(2)))
     True
     """
+    key = id(variable)
+    known = _DEVICES.get(key)
+    if known is not None and known[0]() is variable:
+        return known[1]
     value = getattr(variable, "value", None)
     device = getattr(value, "device", None)
-    return device if isinstance(device, str) and device else None
+    device = device if isinstance(device, str) and device else None
+    try:
+        ref = weakref.ref(variable, lambda _, key=key: _DEVICES.pop(key, None))
+    except TypeError:  # not weak-referenceable: not remembered
+        return device
+    _DEVICES[key] = (ref, device)
+    return device
 
 
 def target_of(variable: Any, options: LoadOptions) -> tuple[str | None, str]:

@@ -42,7 +42,7 @@ __all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules",
 
 def site_key(site: ModuleSite) -> tuple[Any, ...]:
     """Identity of a module's Keras side: its pieces' layers and roles (two spec names may share it)."""
-    return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0])) for p in site.pieces)
+    return site.key
 
 
 def resolve_module(model: Any, path: str, options: LoadOptions) -> ModuleSite | None:
@@ -332,6 +332,7 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
     if bank_host is not None:
         bank, host = bank_host
         host._tracker.untrack(bank)
+        bank.release()
     if adapter_name in state.trainable:
         state.trainable.remove(adapter_name)
         if not state.trainable:

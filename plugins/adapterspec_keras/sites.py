@@ -12,6 +12,7 @@ as PEFT runs it on the torch module (einsum kernels ``(hidden, heads, head_dim)`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,11 @@ class ModuleSite:
     out_features: int
     pieces: list[Piece] = field(default_factory=list)
     source: str = "layers"
+
+    @functools.cached_property
+    def key(self) -> tuple[Any, ...]:
+        """Identity of the module's Keras side: its pieces' layers and roles (two spec names may share it)."""
+        return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0])) for p in self.pieces)
 
     @property
     def conv_spatial(self) -> tuple[int, ...]:

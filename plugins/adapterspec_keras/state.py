@@ -193,13 +193,18 @@ def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
     return [PROMPT_KEY]
 
 
+_HUGE_PAGE = 2 << 20
+
+
 def _aligned_empties(specs: list[tuple[tuple[int, ...], Any]], align: int = 64) -> list[np.ndarray]:
     """Empty arrays of these (shape, dtype), each ``align``-byte aligned (TensorFlow can then use it without a
     copy), carved from one allocation: one large buffer is backed by huge pages (NumPy advises them from
     4 MiB), where several smaller ones would take a page fault every 4 KiB on first write."""
     sizes = [-(-math.prod(shape) * np.dtype(dtype).itemsize // align) * align for shape, dtype in specs]
-    raw = np.empty(sum(sizes) + align, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % align
+    total = sum(sizes)
+    first = _HUGE_PAGE if total >= 2 * _HUGE_PAGE else align
+    raw = np.empty(total + first, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % first
     out = []
     for (shape, dtype), size in zip(specs, sizes):
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
