@@ -26,7 +26,7 @@ from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
+__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
            "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
@@ -172,53 +172,127 @@ def _framework_save_file(tensors: Mapping[str, Any]) -> Any:
     return save_file
 
 
-def _byte_views(tensors: Mapping[str, Any]) -> list[Any] | None:
-    """Each tensor's bytes as a flat NumPy ``uint8`` view, in the spec's checksum order (keys sorted as
+_DTYPE_NAMES: dict[Any, str] = {}  # a framework's dtype object -> its safetensors name, as they are met
+
+
+def dtype_name(tensor: Any) -> str:
+    """The safetensors name (``"F32"``, ``"BF16"``...) of a NumPy, torch, TensorFlow or JAX tensor's dtype;
+    another dtype's own name, upper-cased (which the spec's dtype check then refuses)."""
+    dtype = getattr(tensor, "dtype", "")
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype
+        pass
+    name = str(dtype).rsplit(".", 1)[-1].replace("'>", "").lower()
+    mapping = {"float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16",
+               "half": "F16", "bfloat16": "BF16", "int64": "I64", "long": "I64", "int32": "I32", "int": "I32",
+               "int16": "I16", "short": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+    found = mapping.get(name, name.upper())
+    try:
+        _DTYPE_NAMES[dtype] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _byte_views(tensors: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Each tensor's bytes as a flat NumPy ``uint8`` view, keys in the spec's checksum order (sorted as
     UTF-8); ``None`` if that takes a copy (tensors not in CPU memory, or of another framework)."""
     import numpy as np
 
-    out = []
+    out = {}
     for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
         value = tensors[key]
-        if isinstance(value, np.ndarray) and value.flags.c_contiguous:
-            out.append(value.reshape(-1).view(np.uint8))
-        elif type(value).__module__.startswith("torch") and value.device.type == "cpu" and value.is_contiguous():
-            import torch
+        if type(value).__module__.startswith("torch") and value.is_cpu and value.is_contiguous():
+            if value.requires_grad:
+                value = value.detach()
+            try:
+                value = value.numpy()  # then NumPy's reshape and view, cheaper than torch's
+            except TypeError:  # bfloat16 has no NumPy dtype: the bytes through torch
+                import torch
 
-            out.append(value.detach().reshape(-1).view(torch.uint8).numpy())
+                out[key] = value.reshape(-1).view(torch.uint8).numpy()
+                continue
+        if isinstance(value, np.ndarray) and value.flags.c_contiguous:
+            out[key] = value.reshape(-1).view(np.uint8)
         else:
             return None
     return out
 
 
+_PLACEHOLDER = "0" * 64
+
+
 def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str], *, durable: bool = False) -> str:
     """Write ``tensors`` (NumPy, torch, TensorFlow or JAX) to ``path`` with ``metadata`` and the spec's sha256.
 
-    safetensors writes the file with a fixed-width placeholder for the checksum, which is then
-    patched into the header in place (same length: no offset moves); with ``durable`` the file is fsynced. The
-    checksum is computed from the tensors in memory on a thread while safetensors writes them --
-    both release the GIL, so with two cores the hash costs no time -- or, for tensors not in CPU
-    memory, from the written file afterwards.
+    Tensors in CPU memory are written here, in safetensors' format (a little-endian ``u64`` header
+    length, the JSON header padded with spaces to 8 bytes, then the tensors, largest dtype first so
+    every tensor is aligned, and by key), while a second thread hashes them: ``os.write`` and
+    ``hashlib`` both release the GIL, so on two cores the checksum costs no time. safetensors' own
+    writer holds the GIL for the whole write, which left the hash to run after it. Other tensors (on
+    a GPU, TensorFlow's, JAX's) are written by safetensors and hashed from the file afterwards.
+    Either way the checksum goes into a fixed-width placeholder in the header (no offset moves), and
+    with ``durable`` the file is fsynced.
 
     :returns: the checksum.
     """
     from .spec import METADATA_SHA256
 
-    placeholder = "0" * 64
     pieces = _byte_views(tensors)
-    digest = None
-    if pieces:
+    meta = {**metadata, METADATA_SHA256: _PLACEHOLDER}
+    if pieces is None:
+        _framework_save_file(tensors)(dict(tensors), str(path), metadata=meta)
+        return _place_checksum(path, sha256_of_file(path), durable=durable)
 
-        def sha256() -> str:
-            h = hashlib.sha256()
-            for piece in pieces:
-                h.update(piece)  # releases the GIL (over 2 KiB), as safetensors' write does
-            return h.hexdigest()
+    names = {key: dtype_name(value) for key, value in tensors.items()}
+    order = sorted(pieces, key=lambda k: (-DTYPE_BYTES[names[k]], k.encode("utf-8")))
+    header: dict[str, Any] = {"__metadata__": meta}
+    at = 0
+    for key in order:
+        size = pieces[key].nbytes
+        header[key] = {"dtype": names[key], "shape": list(tensors[key].shape), "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
 
-        digest = in_background(sha256, name="sha256")
-    _framework_save_file(tensors)(dict(tensors), str(path), metadata={**metadata, METADATA_SHA256: placeholder})
-    value = digest() if digest is not None else sha256_of_file(path)
-    needle = json.dumps({METADATA_SHA256: placeholder}, separators=(",", ":"))[1:-1].encode()
+    def sha256() -> str:
+        h = hashlib.sha256()
+        for piece in pieces.values():
+            h.update(piece)  # releases the GIL (over 2 KiB)
+        return h.hexdigest()
+
+    digest = in_background(sha256, name="sha256")  # started after the Python work above, which would stall it
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        _write_all(fd, struct.pack("<Q", len(text)) + text)
+        for key in order:
+            _write_all(fd, pieces[key])
+        value = digest()
+        os.pwrite(fd, value.encode("ascii"), 8 + text.index(_needle()) + len(_needle()) - 65)  # before the '"'
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return value
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]  # a write may be short (more than 2 GiB on Linux)
+
+
+def _needle() -> bytes:
+    """The placeholder entry as it appears in the JSON header (once: quotes inside other strings are escaped)."""
+    from .spec import METADATA_SHA256
+
+    return json.dumps({METADATA_SHA256: _PLACEHOLDER}, separators=(",", ":"))[1:-1].encode()
+
+
+def _place_checksum(path: Path, value: str, *, durable: bool) -> str:
+    """Put ``value`` into the checksum placeholder of the file's header (same length: nothing moves)."""
+    needle = _needle()
     with open(path, "r+b") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = fh.read(n)

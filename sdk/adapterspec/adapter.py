@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _safetensors
+from ._safetensors import dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
 from .config import AdapterConfig, unsupported_features
@@ -213,27 +214,6 @@ class Adapter:
         return True
 
 
-_DTYPE_NAMES: dict[Any, str] = {}  # a framework's dtype object -> its safetensors name, as they are met
-
-
-def _dtype_name(tensor: Any) -> str:
-    dtype = getattr(tensor, "dtype", "")
-    try:
-        return _DTYPE_NAMES[dtype]
-    except (KeyError, TypeError):  # TypeError: an unhashable dtype
-        pass
-    name = str(dtype).rsplit(".", 1)[-1].replace("'>", "").lower()
-    mapping = {"float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16",
-               "half": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8",
-               "bool": "BOOL"}
-    found = mapping.get(name, name.upper())
-    try:
-        _DTYPE_NAMES[dtype] = found
-    except TypeError:
-        pass
-    return found
-
-
 def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
     """Shapes and dtypes of caller-supplied tensors; anything but a mapping of string keys to arrays is a TensorError."""
     if not isinstance(tensors, Mapping):
@@ -251,7 +231,7 @@ def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
         except (AttributeError, TypeError, ValueError):
             raise TensorError(f"not a tensor but a {type(value).__name__}", key=key,
                               hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
-        infos[key] = TensorInfo(tuple(shape), _dtype_name(value))
+        infos[key] = TensorInfo(tuple(shape), dtype_name(value))
     return infos
 
 
@@ -380,7 +360,7 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
                 hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
                      "torch.load(weights_only=True)")
         arrays = _load_pickle(pickle_file)
-        infos = {k: TensorInfo(tuple(v.shape), _dtype_name(v)) for k, v in arrays.items()}
+        infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
         adapter = Adapter(config, infos, {}, folder, None, arrays)
     else:
         raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,

@@ -129,13 +129,16 @@ def _savable(tensors: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     spans: list[tuple[int, int, str]] = []  # (first byte, end, key) of each tensor's memory
     for key, value in tensors.items():
-        value = value.detach()
-        if value.device.type == "meta":
+        if value.requires_grad:
+            value = value.detach()
+        if value.is_meta:
             raise TensorError("a tensor on the 'meta' device has no data", key=key,
                               hint="load or initialise the weights before saving")
-        out[key] = value = value.contiguous()
+        if not value.is_contiguous():
+            value = value.contiguous()
+        out[key] = value
         start = value.data_ptr()
-        spans.append((start, start + value.numel() * value.element_size(), key))
+        spans.append((start, start + value.nbytes, key))
     end = -1
     for start, stop, key in sorted(spans):  # views side by side in one buffer (a loaded file) are fine
         if start < end:

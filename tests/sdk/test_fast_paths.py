@@ -133,6 +133,43 @@ def test_checksum_hashed_while_writing_is_the_spec_checksum(tmp_path: Path, fram
     assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_our_writer_writes_what_safetensors_reads(tmp_path: Path, framework: str) -> None:
+    """save_file writes CPU tensors itself (safetensors' writer holds the GIL, so the checksum could not
+    overlap it): safetensors must read back every tensor, dtype and metadata entry exactly, offsets aligned."""
+    import ml_dtypes
+
+    arrays = {
+        "b.f64": np.arange(6, dtype=np.float64).reshape(2, 3) / 7,
+        "a.f16": (np.arange(5) / 3).astype(np.float16),  # odd byte count before wider dtypes would misalign
+        "c.bf16": (np.arange(8) / 5 - 1).astype(ml_dtypes.bfloat16).reshape(2, 2, 2),
+        "d.i64": np.arange(-3, 3, dtype=np.int64), "e.i32": np.arange(4, dtype=np.int32) * 7,
+        "f.i16": np.arange(3, dtype=np.int16) - 1, "g.i8": np.arange(3, dtype=np.int8),
+        "h.u8": np.arange(9, dtype=np.uint8).reshape(3, 3), "i.bool": np.array([True, False, True]),
+        "j.scalar": np.array(2.5, dtype=np.float32), "k.empty": np.zeros((0, 4), np.float32),
+        "l.ünï": np.arange(3, dtype=np.float32) + 0.25, "m.f32": np.arange(12, dtype=np.float32).reshape(3, 4) / 11,
+    }
+    tensors: dict = arrays
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        tensors = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if k == "c.bf16" else torch.from_numpy(v)
+                   for k, v in arrays.items()}
+    metadata = {"format": "pt", "note": 'a "quoted" value with ' + "0" * 64, "adapterspec_sha256x": "y"}
+    path = tmp_path / "x.safetensors"
+    digest = _safetensors.save_file(tensors, path, metadata)
+    with safe_open(str(path), "numpy") as f:
+        assert f.metadata() == {**metadata, "adapterspec_sha256": digest}
+        assert sorted(f.keys()) == sorted(arrays)
+        for key, value in arrays.items():
+            got = f.get_tensor(key)
+            assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value), key
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8 : 8 + n])
+    assert n % 8 == 0 and all(entry["data_offsets"][0] % np.dtype(arrays[key].dtype).itemsize == 0
+                              for key, entry in header.items() if key != "__metadata__")
+    assert digest == _spec_sha256(arrays) == _safetensors.sha256_of_file(path)
+
+
 def test_checksum_from_the_file_when_tensors_are_not_in_cpu_memory(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_safetensors, "_byte_views", lambda tensors: None)
