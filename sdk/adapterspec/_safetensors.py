@@ -1,9 +1,11 @@
-"""safetensors plumbing: header reading, the spec's sha256, serialisation from any framework.
+"""safetensors plumbing: header reading, one-read loading, the spec's sha256, writing from any framework.
 
 safetensors itself validates files (bounded header, offsets in range, no overlap) -- every read goes
-through :func:`safetensors.safe_open` first. This module adds what the library has no call for: the
-spec's layout-independent checksum (SPEC.md section 9) and adding it to the metadata of a file
-safetensors serialised, which needs the header's data offsets.
+through :func:`safetensors.safe_open` first. This module adds what the library has no call for:
+reading a whole file in one ``readinto`` with tensors as views of it (:func:`read_buffer`,
+:func:`views`), and the spec's layout-independent checksum (SPEC.md section 9), computed while the file
+is written (:func:`save_file`: for tensors in CPU memory it writes the format itself, because
+safetensors' writer holds the GIL for the whole write; the tests read every file back with safetensors).
 """
 
 from __future__ import annotations
