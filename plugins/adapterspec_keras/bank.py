@@ -1,10 +1,16 @@
-"""Packed storage of one adapter's variables: one Keras variable per group of same-shaped parameters.
+"""Packed storage of one adapter's variables: a few Keras variables for hundreds of tensors.
 
 A Llama LoRA on 7 projections x 32 layers is 448 tensors but only ~7 distinct (parameter, shape)
-pairs. Creating a framework variable costs about a millisecond, so the bank stacks each group into
-one variable ``[count, *shape]`` and every module reads its slice (``variable[index]``; gradients
-flow to the slice, so ``fit`` trains them as separate tensors). Loading fills a whole group at once
-and the variable is created with its data (no zero fill, no second copy).
+pairs. Creating a framework variable costs about half a millisecond, so the bank packs them:
+
+* groups (:meth:`AdapterBank.materialize`): one variable ``[count, *shape]`` per :class:`GroupKey`,
+  each module reading its row (``variable[index]``; gradients flow to the row, so ``fit`` trains them as
+  separate tensors). A trainable adapter, or one created with its initial values, is stored so.
+* an arena (:meth:`AdapterBank.materialize_arena`): ONE flat variable holding every row, each module
+  reading its span (reshaped). A loaded, frozen adapter is stored so: one variable to make, and its
+  memory can be the buffer the file was read into (no copy at all).
+
+Either way the variables are created with their data (no zero fill, no second copy).
 
 The bank is a ``keras.layers.Layer`` tracked as a sublayer of a wrapped layer, so ``model.variables``
 and ``model.trainable_variables`` include its variables.
@@ -16,7 +22,7 @@ and ``model.trainable_variables`` include its variables.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import keras
@@ -104,6 +110,8 @@ class AdapterBank(keras.layers.Layer):
         # the variables itself
         object.__setattr__(self, "_counts", {})
         object.__setattr__(self, "_variables", {})
+        object.__setattr__(self, "_arena", None)  # the flat variable, when stored as an arena
+        object.__setattr__(self, "_spans", {})  # the arena's [start, stop) of each row
         self.seed: Any = None
         self.built = True
 
@@ -118,7 +126,7 @@ class AdapterBank(keras.layers.Layer):
         >>> bank.reserve_keys({"ia3_l": GroupKey("ia3_l", (8,), "float32", None, ("ones",), False)})  # doctest: +SKIP
         {'ia3_l': Ref(key=GroupKey(param='ia3_l', ...), index=0)}
         """
-        if self._variables:
+        if self.materialized and self._counts:
             raise RuntimeError("the bank is materialized already")  # an internal misuse, never a user error
         counts = self._counts
         refs = {}
@@ -135,12 +143,12 @@ class AdapterBank(keras.layers.Layer):
 
     @property
     def materialized(self) -> bool:
-        return bool(self._variables) or not self._counts
+        return bool(self._variables) or self._arena is not None or not self._counts
 
     def materialize(self, values: dict[GroupKey, np.ndarray] | None = None) -> None:
-        """Create the variables: from ``values`` (whole groups, as stored: ``Layout.stored_shape``) where given,
-        else initialised."""
-        if self._variables:
+        """Create the variables, one per group: from ``values`` (whole groups, as stored: ``Layout.stored_shape``)
+        where given, else initialised."""
+        if self.materialized:
             return
         values = values or {}
         for i, (key, count) in enumerate(self._counts.items()):
@@ -153,6 +161,32 @@ class AdapterBank(keras.layers.Layer):
                     shape=shape, initializer=initializer, dtype=key.dtype, trainable=key.trainable,
                     name=re.sub(r"\W", "_", f"{key.param}_{i}"))  # torch backend: no "." in names
 
+    def arena_dtype(self) -> str | None:
+        """The dtype an arena would have: the groups' one dtype when they share it and their device and none
+        is trainable (a trainable flat variable would get a dense gradient of its whole size per row), else ``None``."""
+        keys = list(self._counts)
+        if not keys or any(k.trainable or k.dtype != keys[0].dtype or k.device != keys[0].device for k in keys):
+            return None
+        return keys[0].dtype
+
+    def materialize_arena(self, flat: np.ndarray, spans: Mapping[Ref, tuple[int, int]]) -> None:
+        """Create ONE variable from ``flat`` (1-D, of :meth:`arena_dtype`) holding every row: row ``ref`` is
+        ``flat[start:stop]`` (as stored, flattened). On TensorFlow the variable keeps ``flat``'s memory
+        (:func:`as_tensor`): nothing else may hold it.
+
+        >>> bank.materialize_arena(flat, {ref: (0, 64)})                  # doctest: +SKIP
+        """
+        dtype = self.arena_dtype()
+        if self.materialized or dtype is None:
+            raise RuntimeError("the bank cannot be stored as an arena")  # an internal misuse, never a user error
+        if len(spans) != sum(self._counts.values()):
+            raise RuntimeError("every row needs its span")  # an internal misuse, never a user error
+        with device_scope(next(iter(self._counts)).device):
+            arena = self.add_weight(shape=tuple(flat.shape), initializer=lambda shape, dtype=None: as_tensor(flat, dtype),
+                                    dtype=dtype, trainable=False, name="arena")
+        object.__setattr__(self, "_arena", arena)
+        self._spans.update(spans)
+
     def release(self) -> None:
         """Let go of the variables (the adapter is deleted): their memory is freed now, when nothing else holds
         them, not at the next garbage collection of the bank layer's reference cycles -- a deleted adapter's
@@ -160,9 +194,11 @@ class AdapterBank(keras.layers.Layer):
 
         >>> bank.release()                                                # doctest: +SKIP
         """
-        for variable in self._variables.values():
+        for variable in [*self._variables.values(), *([self._arena] if self._arena is not None else [])]:
             self._tracker.untrack(variable)
         self._variables.clear()
+        object.__setattr__(self, "_arena", None)
+        self._spans.clear()
         self.seed = None
 
     def groups(self) -> dict[GroupKey, int]:
@@ -170,22 +206,63 @@ class AdapterBank(keras.layers.Layer):
         return dict(self._counts)
 
     def variable(self, key: GroupKey) -> Any:
-        """The Keras variable of a group (created, zero/initialised, if not yet)."""
+        """The Keras variable of a group (created, zero/initialised, if not yet); not for an arena."""
+        if self._arena is not None:
+            raise RuntimeError("an arena has no variable per group")  # an internal misuse, never a user error
         if not self._variables:
             self.materialize()
         return self._variables[key]
 
     def get(self, ref: Ref) -> Any:
-        """One module's parameter: a slice of its group's variable (differentiable)."""
+        """One module's parameter, as stored: a slice of its variable (differentiable)."""
+        if self._arena is not None:
+            start, stop = self._spans[ref]
+            return ops.reshape(self._arena[start:stop], ref.key.shape)
         return self.variable(ref.key)[ref.index]
 
     def numpy(self, ref: Ref) -> np.ndarray:
         """One module's parameter as a NumPy array, as stored (``Layout.stored_shape``)."""
         return ops.convert_to_numpy(self.get(ref))
 
+    def reader(self) -> Callable[[Ref], np.ndarray]:
+        """A function giving each row as a NumPy array (as stored), from one read of the variables now.
+
+        >>> read = bank.reader(); read(ref).shape                         # doctest: +SKIP
+        (4, 64)
+        """
+        if self._arena is not None:
+            flat = ops.convert_to_numpy(self._arena)
+            spans = self._spans
+            return lambda ref: flat[spans[ref][0]:spans[ref][1]].reshape(ref.key.shape)
+        blocks: dict[GroupKey, np.ndarray] = {}
+
+        def read(ref: Ref) -> np.ndarray:
+            block = blocks.get(ref.key)
+            if block is None:
+                block = blocks[ref.key] = ops.convert_to_numpy(self.variable(ref.key))
+            return block[ref.index]
+
+        return read
+
     def assign(self, ref: Ref, value: Any) -> None:
-        """Replace one module's parameter (a row of its group)."""
+        """Replace one module's parameter (a row of its group, or its span of the arena)."""
+        if self._arena is not None:
+            start, _ = self._spans[ref]
+            flat = ops.reshape(ops.cast(value, self._arena.dtype), (-1,))
+            self._arena.assign(ops.slice_update(ops.convert_to_tensor(self._arena), [start], flat))
+            return
         variable = self.variable(ref.key)
         start = [ref.index] + [0] * len(ref.key.shape)
         row = ops.expand_dims(ops.cast(value, variable.dtype), 0)
         variable.assign(ops.slice_update(ops.convert_to_tensor(variable), start, row))
+
+    def assign_group(self, key: GroupKey, block: np.ndarray) -> None:
+        """Replace a whole group's rows (``block``: ``[count, *shape]``, as stored)."""
+        if self._arena is None:
+            self.variable(key).assign(block)
+            return
+        flat = np.array(ops.convert_to_numpy(self._arena))
+        for index in range(len(block)):
+            start, stop = self._spans[Ref(key, index)]
+            flat[start:stop] = np.asarray(block[index]).reshape(-1)
+        self._arena.assign(flat)

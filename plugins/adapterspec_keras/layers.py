@@ -13,7 +13,8 @@ module maps to, including einsum attention kernels ``(hidden, heads, head_dim)``
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
 The variables themselves live packed in the adapter's :class:`~adapterspec_keras.bank.AdapterBank`
-(one Keras variable per group of same-shaped parameters); an adapter layer holds references.
+(one Keras variable per group of same-shaped parameters, or one flat arena for a loaded frozen adapter);
+an adapter layer holds references.
 
 >>> layer = AdapterLayer(site)                                          # doctest: +SKIP
 >>> layer.add_adapter("default", cfg, "model.layers.0.self_attn.q_proj", LoadOptions(), bank)  # doctest: +SKIP

@@ -12,6 +12,7 @@ converts both ways, exactly (a transpose, no arithmetic).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from adapterspec.errors import (
 )
 from adapterspec.naming import BASE_LAYER_PARAM, MAX_KEY_LENGTH, PARAMETERS, PROMPT_KEY, make_key, parse_key
 
+from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
 from .switch import get_state
@@ -161,11 +163,12 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
     arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
+    root = _owned_buffer(arrays) if adapter.arrays is None else None  # not an in-memory adapter's (the caller's)
     for key, layer in base_plan.items():
         layer.replace_base_weight(adapter_name, arrays[key])
     for layer, path in renames.values():
         layer.rename(adapter_name, path)
-    _fill_banks(plan, arrays, adapter_name)
+    _fill_banks(plan, arrays, adapter_name, root)
     state = get_state(model)
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
@@ -196,30 +199,95 @@ def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
 _HUGE_PAGE = 2 << 20
 
 
-def _aligned_empties(specs: list[tuple[tuple[int, ...], Any]], align: int = 64) -> list[np.ndarray]:
+def _aligned_empties(specs: list[tuple[tuple[int, ...], Any]], align: int = 64) -> tuple[np.ndarray, list[np.ndarray]]:
     """Empty arrays of these (shape, dtype), each ``align``-byte aligned (TensorFlow can then use it without a
-    copy), carved from one allocation: one large buffer is backed by huge pages (NumPy advises them from
-    4 MiB), where several smaller ones would take a page fault every 4 KiB on first write."""
+    copy), carved from one allocation -- and that allocation's span holding them all (``uint8``): one large
+    buffer is backed by huge pages (NumPy advises them from 4 MiB), where several smaller ones would take a
+    page fault every 4 KiB on first write."""
     sizes = [-(-math.prod(shape) * np.dtype(dtype).itemsize // align) * align for shape, dtype in specs]
     total = sum(sizes)
     first = _HUGE_PAGE if total >= 2 * _HUGE_PAGE else align
     raw = np.empty(total + first, dtype=np.uint8)
     offset = (-raw.ctypes.data) % first
+    region = raw[offset:offset + total]
     out = []
     for (shape, dtype), size in zip(specs, sizes):
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         out.append(raw[offset:offset + nbytes].view(dtype).reshape(shape))
         offset += size
-    return out
+    return region, out
 
 
-def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str) -> None:
-    """Write the tensors group by group: each bank variable's rows stacked in one copy, in the variables'
-    layout (:meth:`Layout.to_stored`: the file's rows as they are for LoRA on Dense/EinsumDense/Embedding, a
-    transposing copy for convolutions), then one variable creation (or assign) per group."""
+#: An arena made of the buffer the file was read into holds every tensor of the file: not when the adapter's own
+#: tensors are less than this share of it (a file with a full embedding matrix beside its LoRA factors).
+_MIN_SHARE = 0.9
+
+
+def _owned_buffer(arrays: dict[str, Any]) -> np.ndarray | None:
+    """The buffer ``arrays`` are all views of, if nothing else refers to it or them (CPython reference counts:
+    a cache of the dict, of a view or of the buffer would see an arena made of it change), else ``None``."""
+    root = getattr(next(iter(arrays.values()), None), "base", None)
+    if not isinstance(root, np.ndarray) or root.base is not None or root.ndim != 1 or root.dtype != np.uint8 \
+            or not root.flags.writeable or not hasattr(sys, "getrefcount"):
+        return None
+    # the dict: load_state's name for it, this parameter, getrefcount's argument
+    if sys.getrefcount(arrays) != 3:
+        return None
+    for view in arrays.values():
+        # each view: the dict, the loop's name, getrefcount's argument
+        if type(view) is not np.ndarray or view.base is not root or sys.getrefcount(view) != 3:
+            return None
+    # the buffer: each view's base, the name root, getrefcount's argument
+    return root if sys.getrefcount(root) == len(arrays) + 2 else None
+
+
+def _shared_arena(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, np.ndarray],
+                  root: np.ndarray, adapter_name: str, dtype: Any) -> tuple[np.ndarray, dict[Any, tuple[int, int]]] | None:
+    """The arena as a span of ``root``, the buffer the file was read into (no copy): each row where the file has
+    it. Only when every planned tensor is stored as the file has it (spec layout, the variables' dtype)."""
+    itemsize = np.dtype(dtype).itemsize
+    base = root.ctypes.data
+    places = []
+    nbytes = 0
+    for key, (layer, param, layout) in plan.items():
+        array = arrays[key]
+        if array.dtype != dtype or not layout.spec_stored or not array.flags.c_contiguous:
+            return None
+        at = array.ctypes.data - base
+        places.append((layer.parameters(adapter_name)[2][param], at, at + array.nbytes))
+        nbytes += array.nbytes
+    first, last = min(p[1] for p in places), max(p[2] for p in places)
+    start = first - (base + first) % _ALIGN  # TensorFlow wants the start 64-byte aligned: take a few bytes before
+    if start < 0 or (first - start) % itemsize or nbytes < _MIN_SHARE * (last - first):
+        return None
+    if any((at - start) % itemsize for _, at, _ in places):
+        return None
+    flat = root[start:start + (last - start) // itemsize * itemsize].view(dtype)
+    return flat, {ref: ((at - start) // itemsize, (end - start) // itemsize) for ref, at, end in places}
+
+
+#: TensorFlow's kernels' alignment (see :func:`adapterspec_keras.bank.as_tensor`).
+_ALIGN = 64
+
+
+def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str,
+                root: np.ndarray | None = None) -> None:
+    """Write the tensors into the bank, in the variables' layout (:meth:`Layout.to_stored`: the file's rows as
+    they are for LoRA on Dense/EinsumDense/Embedding, a transposing copy for convolutions).
+
+    A frozen adapter of one dtype becomes one arena variable (:meth:`AdapterBank.materialize_arena`): made of
+    ``root``, the buffer the file was read into, when it is ours alone and holds the tensors as stored (no copy);
+    else of the rows stacked group by group into one new buffer (one copy). A trainable one gets one variable
+    per group, each stacked in one copy; a bank made already is assigned."""
     if not plan:
         return
     bank = next(iter(plan.values()))[0].bank(adapter_name)
+    dtype = None if bank.materialized else bank.arena_dtype()
+    if dtype is not None and root is not None:
+        shared = _shared_arena(plan, arrays, root, adapter_name, _np_dtype(dtype))
+        if shared is not None:
+            bank.materialize_arena(*shared)
+            return
     counts = bank.groups()
     rows: dict[Any, list[Any]] = {}
     for key, (layer, param, layout) in plan.items():
@@ -228,15 +296,22 @@ def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mappi
         if group is None:
             group = rows[ref.key] = [None] * counts[ref.key]
         group[ref.index] = layout.to_stored(arrays[key])
-    blocks = _aligned_empties([((len(group), *k.shape), _np_dtype(k.dtype)) for k, group in rows.items()])
+    region, blocks = _aligned_empties([((len(group), *k.shape), _np_dtype(k.dtype)) for k, group in rows.items()])
     staged = {}
     for (k, group), block in zip(rows.items(), blocks):  # casting as an assignment would: float16 into float32
         staged[k] = np.stack(group, out=block, casting="unsafe")
-    if not bank.materialized:
+    if bank.materialized:
+        for k, block in staged.items():
+            bank.assign_group(k, block)
+    elif dtype is not None:
+        spans = {}
+        for k, block in staged.items():
+            offset, size = (block.ctypes.data - region.ctypes.data) // block.itemsize, math.prod(k.shape)
+            for index in range(len(block)):
+                spans[Ref(k, index)] = (offset + index * size, offset + (index + 1) * size)
+        bank.materialize_arena(region.view(_np_dtype(dtype)), spans)
+    else:
         bank.materialize(staged)
-        return
-    for k, block in staged.items():
-        bank.variable(k).assign(block)
 
 
 def _np_dtype(dtype: str) -> Any:
@@ -261,16 +336,11 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
         slot = state.prompts[adapter_name]
         return state.configs[adapter_name], {PROMPT_KEY: np.ascontiguousarray(slot.bank.numpy(slot.ref))}
     tensors: dict[str, np.ndarray] = {}
-    groups: dict[Any, np.ndarray] = {}
+    read = layers[0].bank(adapter_name).reader() if layers else None  # one read of the variables
     for layer in layers:
-        path = layer.path_of(adapter_name)
-        layouts = layer.layouts(adapter_name)
-        bank = layer.bank(adapter_name)
-        for param, ref in layer.refs(adapter_name).items():
-            block = groups.get(ref.key)
-            if block is None:
-                block = groups[ref.key] = ops.convert_to_numpy(bank.variable(ref.key))
-            tensors[make_key(path, param)] = layouts[param].from_stored(block[ref.index])
+        path, layouts, refs = layer.parameters(adapter_name)
+        for param, ref in refs.items():
+            tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     return state.configs[adapter_name], tensors

@@ -58,8 +58,8 @@ def _expected(x: np.ndarray, model: keras.Model, tensors: dict[str, np.ndarray],
     return x
 
 
-def _lora_variables(model: keras.Model) -> list[keras.Variable]:
-    return [v for v in model.variables if "lora_" in v.path]
+def _adapter_variables(model: keras.Model) -> list[keras.Variable]:
+    return [v for v in model.variables if "adapterspec_" in v.path]  # the adapters' bank layers
 
 
 def test_keys_under_another_module_root_load_and_save_back_under_it(tmp_path: Path) -> None:
@@ -140,13 +140,15 @@ def test_delete_frees_the_adapter_variables_without_a_garbage_collection(tmp_pat
     adapterspec.load_adapter(model, folder)
     gc.disable()
     try:
-        refs = [weakref.ref(v.value) for v in _lora_variables(model)]
-        assert len(refs) == 3
+        adapterspec.load_adapter(model, folder, "t", trainable=True)  # groups: one variable each
+        refs = [weakref.ref(v.value) for v in _adapter_variables(model)]
+        assert len(refs) == 1 + 3
         adapterspec.delete_adapter(model, "default")
-        assert [r() for r in refs] == [None, None, None]
-        assert _lora_variables(model) == []
+        adapterspec.delete_adapter(model, "t")
+        assert [r() for r in refs] == [None] * 4
+        assert _adapter_variables(model) == []
         adapterspec.load_adapter(model, folder)  # and the model takes the adapter again
-        assert len(_lora_variables(model)) == 3
+        assert len(_adapter_variables(model)) == 1
     finally:
         gc.enable()
 
@@ -161,3 +163,105 @@ def test_the_device_memo_forgets_collected_variables() -> None:
     assert devices.device_of(variable) == device
     del variable
     assert key not in devices._DEVICES
+
+
+def _bank(model: keras.Model, name: str = "default") -> object:
+    from adapterspec_keras.switch import get_state
+
+    return get_state(model).banks[name][0]
+
+
+def test_a_frozen_adapter_is_one_arena_made_of_the_read_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arena takes the buffer the file was read into (no copy); a trainable adapter keeps a variable per group."""
+    from adapterspec_keras import state
+
+    made = []
+    shared = state._shared_arena
+    monkeypatch.setattr(state, "_shared_arena", lambda *a, **k: made.append(shared(*a, **k)) or made[-1])
+    x = unique_values((3, 6), 8, scale=1.0)
+    tensors = _tensors()
+    folder = _write(tmp_path / "a", tensors)
+    frozen, trained = _model(), _model()
+    adapterspec.load_adapter(frozen, folder)
+    adapterspec.load_adapter(trained, folder, trainable=True)
+    assert len(made) == 1 and made[0] is not None  # the frozen load took the file's buffer
+    assert [v.path.rsplit("/", 1)[-1] for v in _adapter_variables(frozen)] == ["arena"]
+    assert len(_adapter_variables(trained)) == 3
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(frozen(x)), _expected(x, frozen, tensors), atol=1e-5)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(frozen(x)), keras.ops.convert_to_numpy(trained(x)))
+    saved = adapterspec.extract_adapter(frozen).load_tensors("numpy")
+    assert sorted(saved) == sorted(tensors) and all(np.array_equal(saved[k], v) for k, v in tensors.items())
+
+
+def test_an_arena_never_shares_the_callers_arrays(tmp_path: Path) -> None:
+    """An in-memory adapter's arrays, even views of one buffer, are copied: changing them later changes nothing."""
+    x = unique_values((3, 6), 9, scale=1.0)
+    tensors = _tensors()
+    buffer = np.empty(sum(v.nbytes for v in tensors.values()) + 64, np.uint8)
+    views, at = {}, 0
+    for key, value in tensors.items():
+        views[key] = buffer[at:at + value.nbytes].view(np.float32).reshape(value.shape)
+        views[key][...] = value
+        at += value.nbytes
+    adapter = adapterspec.Adapter.from_tensors({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                "target_modules": list(_MODULES)}, views)
+    model = _model()
+    adapterspec.load_adapter(model, adapter)
+    before = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(before, _expected(x, model, tensors), atol=1e-5)
+    buffer[...] = 0
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
+
+
+def test_the_read_buffer_is_taken_only_when_nothing_else_holds_it() -> None:
+    from adapterspec_keras.state import _owned_buffer
+
+    def fresh() -> dict[str, np.ndarray]:
+        buffer = np.zeros(64, np.uint8)
+        return {"a": buffer[:32].view(np.float32), "b": buffer[32:].view(np.float32)}
+
+    arrays = fresh()
+    assert _owned_buffer(arrays) is not None
+    arrays = fresh()
+    kept = arrays["a"]  # a view held elsewhere
+    assert _owned_buffer(arrays) is None
+    del kept
+    arrays = fresh()
+    root = arrays["a"].base  # the buffer held elsewhere
+    assert _owned_buffer(arrays) is None
+    del root
+    arrays = fresh()
+    cache = [arrays]  # the dict held elsewhere
+    assert _owned_buffer(arrays) is None
+    del cache
+    arrays = {"a": np.zeros(8, np.float32), "b": np.zeros(8, np.float32)}  # not views of one buffer
+    assert _owned_buffer(arrays) is None
+
+
+def test_an_arena_is_assigned_merged_and_cast(tmp_path: Path) -> None:
+    """An arena in float16 (the file's float32 cast: a stacked copy), loaded over again, merged and unmerged."""
+    from adapterspec_keras.inject import inject
+    from adapterspec_keras.state import load_state
+
+    x = unique_values((3, 6), 11, scale=1.0)
+    first, second = _tensors(), {k: v * -2.0 for k, v in _tensors().items()}
+    model = _model()
+    base = keras.ops.convert_to_numpy(model(x))
+    a, b = (adapterspec.read_adapter(_write(tmp_path / n, t)) for n, t in (("a", first), ("b", second)))
+    options = adapterspec.LoadOptions(dtype="float16", initialize=False)
+    inject(model, a.config, "h", options)
+    load_state(model, a, "h", options)
+    assert [v.dtype for v in _adapter_variables(model)] == ["float16"]
+    load_state(model, b, "h", options)  # a bank made already is assigned
+    saved = adapterspec.extract_adapter(model, "h").load_tensors("numpy")
+    for key, value in second.items():
+        np.testing.assert_array_equal(saved[key], value.astype(np.float16))
+    adapterspec.set_active_adapters(model, "h")
+    out = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(out, _expected(x, model, {k: v.astype(np.float16).astype(np.float32)
+                                                         for k, v in second.items()}), atol=2e-3)
+    adapterspec.merge_adapters(model, "h")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), out, atol=2e-3)
+    adapterspec.unmerge_adapters(model)
+    adapterspec.delete_adapter(model, "h")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), base, atol=1e-5)
