@@ -1,8 +1,12 @@
 """Adapter tensors in and out: load a file's tensors into injected layers, extract them with canonical keys.
 
-The file holds PEFT's layout (``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``...); the
-variables hold Keras layout (``[in, r]``, ``[r, out]``); :class:`~adapterspec_keras.layers.Layout`
-converts both ways, exactly (a transpose, no arithmetic).
+The file holds PEFT's layout (``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]``...). The
+variables keep it for LoRA on Dense/EinsumDense/Embedding (the layer transposes in its math) and hold Keras
+layout for convolutions; :class:`~adapterspec_keras.layers.Layout` converts both ways, exactly.
+
+Loading looks each key up among the injected parameters' canonical keys (parsing only the others), checks
+everything, then fills the adapter's bank: a frozen adapter becomes one variable made of the very buffer the
+file was read into (:func:`_fill_banks`), so a load copies the data once, from the file.
 
 >>> load_state(model, adapterspec.read_adapter("my-lora"), "default", LoadOptions())  # doctest: +SKIP
 ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', ...]
