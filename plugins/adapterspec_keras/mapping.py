@@ -32,7 +32,7 @@ from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
 from .converters import backbone_of, converter_sites
-from .sites import ModuleSite, Piece, layer_kind, layer_site, model_layers
+from .sites import ModuleSite, Piece, layer_site, model_layers
 
 
 #: transformers' ``base_model_prefix`` per ``model_type``: the attribute of a ``*ForCausalLM`` (or other

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from keras import ops
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
 from adapterspec.errors import (

@@ -17,7 +17,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "read_buffer", "read_header", "save_file", "sha256_of_blob", "sha256_of_file",
+__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "read_buffer", "read_header", "save_file",
+           "sha256_of_blob", "sha256_of_file",
            "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
@@ -187,8 +188,8 @@ def dtype_name(tensor: Any) -> str:
         pass
     name = str(dtype).rsplit(".", 1)[-1].replace("'>", "").lower()
     mapping = {"float64": "F64", "double": "F64", "float32": "F32", "float": "F32", "float16": "F16",
-               "half": "F16", "bfloat16": "BF16", "int64": "I64", "long": "I64", "int32": "I32", "int": "I32",
-               "int16": "I16", "short": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+               "half": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+               "uint8": "U8", "bool": "BOOL"}
     found = mapping.get(name, name.upper())
     try:
         _DTYPE_NAMES[dtype] = found

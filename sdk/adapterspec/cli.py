@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter, validate_adapter
-from .config import AdapterConfig, load_schema, read_json_file, validate_config
+from .config import load_schema, read_json_file, validate_config
 from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError
 from .folder import list_adapters
 from .naming import parse_key

@@ -47,7 +47,7 @@ from typing import Any, Union
 
 from . import _safetensors
 from .adapter import Adapter, _tensor_infos, check_adapter_name
-from .checks import TensorInfo, tensor_errors
+from .checks import tensor_errors
 from .config import AdapterConfig, _validator, read_json_file
 from .errors import (
     AdapterExistsError,
