@@ -65,10 +65,12 @@ def read_header(path: Path) -> Header:
             with safe_open(str(path), framework="numpy") as f:
                 metadata = f.metadata() or {}
                 infos, spans, at = {}, {}, len(raw)
+                get_slice, width = f.get_slice, DTYPE_BYTES.get
                 for key in f.offset_keys():
-                    piece = f.get_slice(key)
-                    info = infos[key] = TensorInfo(tuple(piece.get_shape()), piece.get_dtype())
-                    end = at + math.prod(info.shape) * DTYPE_BYTES.get(info.dtype, 0)
+                    piece = get_slice(key)
+                    shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
+                    infos[key] = TensorInfo(shape, dtype)
+                    end = at + math.prod(shape) * width(dtype, 0)
                     spans[key] = (at, end)
                     at = end
             size = os.fstat(fh.fileno()).st_size

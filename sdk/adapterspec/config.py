@@ -196,6 +196,32 @@ def _defaults(peft_type: str) -> dict[str, Any]:
     return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v and k != "adapterspec_version"}
 
 
+#: The fields :func:`~adapterspec.targets.module_matches` reads: configs equal in these target the same modules.
+_TARGETING = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+_SHARED_MATCHES: dict[str, dict[str, bool]] = {}
+_MAX_SHARED = 64
+
+
+def _shared_matches(data: Mapping[str, Any]) -> dict[str, bool]:
+    """The memo of ``module_matches`` answers (module path -> bool) for configs targeting as ``data`` does.
+
+    Adapters trained for one model tend to share their targeting (every LoRA of a family with
+    ``target_modules: [q_proj, v_proj]``), so loading one after another matches each module path once,
+    not once per adapter. The answers depend on the :data:`_TARGETING` fields alone; at most
+    :data:`_MAX_SHARED` targetings are kept (the oldest is dropped).
+    """
+    try:
+        key = json.dumps([data.get(name) for name in _TARGETING], sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (a config made by hand): a memo of its own
+        return {}
+    memo = _SHARED_MATCHES.get(key)
+    if memo is None:
+        if len(_SHARED_MATCHES) >= _MAX_SHARED:
+            _SHARED_MATCHES.pop(next(iter(_SHARED_MATCHES)), None)
+        memo = _SHARED_MATCHES.setdefault(key, {})
+    return memo
+
+
 class AdapterConfig(Mapping[str, Any]):
     """A validated adapter config: a read-only mapping of its fields, PEFT's defaults filled in.
 
@@ -212,7 +238,7 @@ class AdapterConfig(Mapping[str, Any]):
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
         self._data = dict(data)
-        self._matches: dict[str, bool] = {}  # module path -> matches(): the config never changes
+        self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
         self.unknown_fields = unknown_fields
 
     # -- construction -----------------------------------------------------------------
@@ -302,9 +328,12 @@ class AdapterConfig(Mapping[str, Any]):
 
     def matches(self, module: str) -> bool:
         """Whether the module at path ``module`` gets an adapter (SPEC.md 4, :func:`~adapterspec.targets.module_matches`)."""
-        found = self._matches.get(module)
+        memo = self._matches
+        if memo is None:
+            memo = self._matches = _shared_matches(self._data)
+        found = memo.get(module)
         if found is None:
-            found = self._matches[module] = module_matches(self._data, module)
+            found = memo[module] = module_matches(self._data, module)
         return found
 
     def rank_for(self, module: str) -> int:

@@ -369,3 +369,39 @@ def test_load_and_delete_pause_the_garbage_collector_and_restore_it(tmp_path: Pa
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_configs_that_target_alike_share_their_matches_and_others_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterspec import config as config_module
+
+    monkeypatch.setattr(config_module, "_SHARED_MATCHES", {})
+    calls: list[str] = []
+    real = config_module.module_matches
+    monkeypatch.setattr(config_module, "module_matches", lambda data, path: calls.append(path) or real(data, path))
+    paths = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.1.k"]
+    base = {"peft_type": "LORA", "target_modules": ["q", "v"], "layers_to_transform": [0]}
+    first = adapterspec.AdapterConfig.from_dict({**base, "r": 4})
+    second = adapterspec.AdapterConfig.from_dict({**base, "r": 8, "lora_alpha": 3})  # other fields, same targeting
+    assert [first.matches(p) for p in paths] == [True, True, False, False]
+    assert [second.matches(p) for p in paths] == [True, True, False, False]
+    assert calls == paths  # the second config asked nothing again
+    for field, value, expected in (("target_modules", ["k"], [False, False, False, False]),
+                                   ("layers_to_transform", [1], [False, False, True, False]),
+                                   ("exclude_modules", ["model.layers.0.v"], [True, False, False, False]),
+                                   ("modules_to_save", ["q"], [False, True, False, False]),
+                                   ("layers_pattern", "nothing", [False, False, False, False])):
+        other = adapterspec.AdapterConfig.from_dict({**base, field: value})
+        assert [other.matches(p) for p in paths] == expected, field
+    hand_made = adapterspec.AdapterConfig({**base, "target_modules": {"q"}})  # not JSON: a memo of its own
+    shared = len(config_module._SHARED_MATCHES)
+    assert hand_made.matches("model.layers.0.q") and len(config_module._SHARED_MATCHES) == shared
+
+
+def test_the_shared_matches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterspec import config as config_module
+
+    monkeypatch.setattr(config_module, "_SHARED_MATCHES", {})
+    for i in range(config_module._MAX_SHARED + 10):
+        assert adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": [f"m{i}"]}).matches(f"m{i}")
+    assert len(config_module._SHARED_MATCHES) == config_module._MAX_SHARED
+    assert not any("m0" in key for key in config_module._SHARED_MATCHES)  # the oldest went first
