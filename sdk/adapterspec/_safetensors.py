@@ -17,7 +17,8 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,8 @@ from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "read_buffer", "read_header", "save_file",
-           "sha256_of_blob", "sha256_of_file",
-           "views"]
+__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "read_buffer", "read_buffer_in_background",
+           "read_header", "save_file", "sha256_of_blob", "sha256_of_file", "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -107,7 +107,7 @@ def check_unchanged(path: Path, header: Header) -> None:
 
 
 def read_buffer(path: Path, header: Header) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """The whole file in one NumPy ``uint8`` buffer (one ``readinto``), and each tensor's byte span in it.
+    """The whole file in one NumPy ``uint8`` buffer (one read), and each tensor's byte span in it.
 
     Backends make their tensors as views of the buffer: one read of the file and no copy, where
     reading tensor by tensor copies each out of a memory map. The file must still be the one
@@ -115,25 +115,83 @@ def read_buffer(path: Path, header: Header) -> tuple[Any, dict[str, tuple[int, i
 
     :raises FileFormatError: the file changed since it was checked.
     """
+    file, buffer = _open_buffer(path, header)
+    with file:
+        _read_into(file, buffer, path)
+    return _checked(buffer, header, path), header.spans
+
+
+def read_buffer_in_background(path: Path, header: Header) -> Callable[[], tuple[Any, dict[str, tuple[int, int]]]]:
+    """Start :func:`read_buffer` on a thread; the function returned waits for the read and gives its result.
+
+    The thread's one call is the read (file opened and buffer allocated here), which releases the
+    GIL, so the caller's Python work goes on meanwhile -- from a disk or from the page cache. (A thread
+    that had more Python to run first would wait for the caller to let go of the GIL, up to a switch
+    interval of 5 ms.) Errors of the read are raised by the function returned, as :func:`read_buffer`'s.
+
+    :raises FileFormatError: the file changed size since it was checked (at once).
+    """
+    file, buffer = _open_buffer(path, header)
+    started = threading.Event()
+
+    def read() -> None:
+        started.set()
+        with file:
+            _read_into(file, buffer, path)
+
+    wait = in_background(read, name="read")
+    started.wait()
+
+    def result() -> tuple[Any, dict[str, tuple[int, int]]]:
+        wait()
+        return _checked(buffer, header, path), header.spans
+
+    return result
+
+
+def _open_buffer(path: Path, header: Header) -> tuple[Any, Any]:
+    """The open file (unbuffered) and an empty buffer of its size (which must be the size :func:`read_header` saw)."""
     import numpy as np
 
+    file = None
     try:
-        with open(path, "rb", buffering=0) as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size != header.size:
-                raise ValueError(f"the file changed since it was checked (it is {size} bytes long, not {header.size})")
-            buffer = np.empty(size, dtype=np.uint8)
-            if fh.readinto(memoryview(buffer)) != size:
-                raise ValueError("short read")
-        if buffer[: len(header.raw)].tobytes() != header.raw:
-            raise ValueError("the file changed since it was checked (its header differs)")
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, or here on failure
+        size = os.fstat(file.fileno()).st_size
+        if size != header.size:
+            raise ValueError(f"the file changed since it was checked (it is {size} bytes long, not {header.size})")
         if any(info.dtype not in DTYPE_BYTES for info in header.tensors.values()):
             raise ValueError(f"dtypes {sorted({i.dtype for i in header.tensors.values()} - set(DTYPE_BYTES))} "
                              "cannot be read (SPEC.md 7)")
+        return file, np.empty(size, dtype=np.uint8)
     except (OSError, ValueError) as exc:
-        raise FileFormatError(f"cannot read tensors: {exc}", path=path,
-                              hint="the file is corrupt or changed; download or save it again") from None
-    return buffer, header.spans
+        if file is not None:
+            file.close()
+        raise _unreadable(path, exc) from None
+
+
+def _read_into(file: Any, buffer: Any, path: Path) -> None:
+    """Fill ``buffer`` from the open ``file`` (in several reads where one is short: over 2 GiB on Linux)."""
+    view, done = memoryview(buffer), 0
+    try:
+        while done < len(view):
+            got = file.readinto(view[done:] if done else view)
+            if not got:
+                raise ValueError(f"the file ended after {done} of {len(view)} bytes (truncated since it was checked)")
+            done += got
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _checked(buffer: Any, header: Header, path: Path) -> Any:
+    """``buffer``, if it starts with the header bytes :func:`read_header` accepted."""
+    if buffer[: len(header.raw)].tobytes() != header.raw:
+        raise _unreadable(path, ValueError("the file changed since it was checked (its header differs)"))
+    return buffer
+
+
+def _unreadable(path: Path, exc: Exception) -> FileFormatError:
+    return FileFormatError(f"cannot read tensors: {exc}", path=path,
+                           hint="the file is corrupt or changed; download or save it again")
 
 
 def _digest(data: memoryview | bytes, header: Mapping[str, Any]) -> str:

@@ -137,7 +137,7 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
           activate: bool, options: LoadOptions) -> list[str]:
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
                                                                     check_tensors=False)
-    adapter.prefetch()  # the operating system reads the file while the backend injects the layers
+    adapter.prefetch()  # a thread reads the file while the backend injects the layers
     with _spec_errors_first(adapter):
         if adapter_name in adapter_names(model):
             raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,

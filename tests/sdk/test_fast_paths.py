@@ -233,27 +233,65 @@ def test_durable_fsyncs_every_file_before_it_appears(tmp_path: Path, monkeypatch
     assert adapterspec.read_adapter(tmp_path / "a", verify=True).verify_checksum()
 
 
-def test_prefetch_advises_the_os_to_read_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
+def test_prefetch_reads_on_a_thread_and_the_load_takes_that_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
 
-    advice = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, how: advice.append(
-        (os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1], offset, length, how)))
     adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
-    adapterspec.read_adapter(tmp_path / "a")
-    assert advice == []
+    assert adapterspec.read_adapter(tmp_path / "a")._prefetched is None
+    real_read_into, release, reader = _safetensors._read_into, threading.Event(), []
+
+    def held_read_into(*args):  # the read waits until the caller has gone on: it cannot be on the caller's thread
+        reader.append(threading.current_thread().name)
+        assert release.wait(10)
+        return real_read_into(*args)
+
+    monkeypatch.setattr(_safetensors, "_read_into", held_read_into)
     adapter = adapterspec.read_adapter(tmp_path / "a", prefetch=True)
-    assert advice == [("adapter_model.safetensors", 0, 0, os.POSIX_FADV_WILLNEED)]
-    assert all(np.array_equal(adapter.load_tensors()[k], v) for k, v in _mixed().items())
+    release.set()
+    monkeypatch.setattr(_safetensors, "read_buffer", lambda *a: pytest.fail("read again"))
+    loaded = adapter.load_tensors()
+    assert reader == ["adapterspec-read"]
+    assert loaded.keys() == _mixed().keys()
+    assert all(loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v) for k, v in _mixed().items())
+    monkeypatch.undo()
+    again = adapter.load_tensors()  # the prefetched read is taken once; the next load reads anew
+    assert all(np.array_equal(again[k], v) for k, v in _mixed().items())
+    assert not np.shares_memory(again["base_model.model.layers.0.q.lora_A.weight"],
+                                loaded["base_model.model.layers.0.q.lora_A.weight"])
+
+
+def test_a_failed_prefetched_read_is_raised_by_load_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+
+    def broken(file, buffer, path):
+        raise _safetensors._unreadable(path, OSError(5, "Input/output error"))
+
+    monkeypatch.setattr(_safetensors, "_read_into", broken)
+    adapter = adapterspec.read_adapter(tmp_path / "a", prefetch=True)  # the thread fails; nothing raised yet
+    with pytest.raises(adapterspec.FileFormatError, match="cannot read tensors: .*Input/output error"):
+        adapter.load_tensors()
+
+
+def test_prefetched_torch_tensors_go_to_the_device_asked_for_and_load_adapter_prefetches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    adapter = adapterspec.read_adapter(tmp_path / "a", prefetch=True)
+    on_meta = adapter.load_tensors("pt", device="meta")
+    assert {k: (t.device.type, tuple(t.shape)) for k, t in on_meta.items()} == \
+        {k: ("meta", v.shape) for k, v in _mixed().items()}
+    started = []
+    real = _safetensors.read_buffer_in_background
+    monkeypatch.setattr(_safetensors, "read_buffer_in_background", lambda *a: started.append(a) or real(*a))
+    monkeypatch.setattr(_safetensors, "read_buffer", lambda *a: pytest.fail("read on the caller's thread"))
     model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([
         torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)}),
         torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})]).double()})
     adapterspec.load_adapter(model, tmp_path / "a")
-    assert len(advice) == 2
-    monkeypatch.delattr(os, "posix_fadvise")  # macOS, Windows: nothing to advise
-    assert all(np.array_equal(adapterspec.read_adapter(tmp_path / "a", prefetch=True).load_tensors()[k], v)
-               for k, v in _mixed().items())
+    assert len(started) == 1
+    q = model["layers"][0]["q"]
+    assert torch.equal(q.adapter_weights["default"].lora_A_weight,
+                       torch.from_numpy(_mixed()["base_model.model.layers.0.q.lora_A.weight"]).double())
 
 
 def test_config_validation_is_memoised_by_content_and_errors_are_not(tmp_path: Path,
