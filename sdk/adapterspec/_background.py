@@ -1,7 +1,8 @@
 """Work on a thread whose result (or exception) the caller collects later.
 
-``hashlib`` and safetensors' writes release the GIL, so on a second core they overlap:
-:func:`adapterspec._safetensors.save_file` hashes while safetensors writes.
+``hashlib``, file reads and writes release the GIL, so on a second core they overlap with the
+caller's work: :func:`adapterspec._safetensors.save_file` hashes while it writes, and
+:func:`adapterspec._safetensors.read_buffer_in_background` reads a file while a backend injects layers.
 
 >>> result = in_background(lambda: 6 * 7, name="answer")
 >>> result()
