@@ -138,22 +138,26 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
                                                                     check_tensors=False)
     adapter.prefetch()  # a thread reads the file while the backend injects the layers
-    with _spec_errors_first(adapter):
-        if adapter_name in adapter_names(model):
-            raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
-                                     hint="delete_adapter() it first, or load under another adapter_name")
-        previous = active_adapters(model)
-        modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name, options=options)
-        try:
-            _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
-            if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
-                adapter.check_tensors()
-            if activate:
-                set_active_adapters(model, [adapter_name])
-        except BaseException:
-            _call("adapterspec_delete", model, adapter_name=adapter_name)
-            _call("adapterspec_set_active", model, adapter_names=previous)
-            raise
+    try:
+        with _spec_errors_first(adapter):
+            if adapter_name in adapter_names(model):
+                raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
+                                         hint="delete_adapter() it first, or load under another adapter_name")
+            previous = active_adapters(model)
+            modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
+                            options=options)
+            try:
+                _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
+                if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
+                    adapter.check_tensors()
+                if activate:
+                    set_active_adapters(model, [adapter_name])
+            except BaseException:
+                _call("adapterspec_delete", model, adapter_name=adapter_name)
+                _call("adapterspec_set_active", model, adapter_names=previous)
+                raise
+    finally:
+        adapter._prefetched = None  # a read the backend did not take (meta device, an error) is not kept
     return list(modules)
 
 

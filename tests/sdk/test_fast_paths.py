@@ -443,3 +443,24 @@ def test_the_shared_matches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
         assert adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": [f"m{i}"]}).matches(f"m{i}")
     assert len(config_module._SHARED_MATCHES) == config_module._MAX_SHARED
     assert not any("m0" in key for key in config_module._SHARED_MATCHES)  # the oldest went first
+
+
+def test_a_load_keeps_no_prefetched_read_the_backend_did_not_take(tmp_path: Path) -> None:
+    """On the meta device the backend reads nothing; after a failed load nothing is read either: the buffer goes."""
+    torch = pytest.importorskip("torch")
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    adapter = adapterspec.read_adapter(tmp_path / "a")
+
+    def model(device: str):
+        with torch.device(device):
+            return torch.nn.ModuleDict({"layers": torch.nn.ModuleList([
+                torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)}),
+                torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})])})
+
+    on_meta = model("meta")
+    adapterspec.load_adapter(on_meta, adapter)
+    assert adapter._prefetched is None
+    assert on_meta["layers"][0]["q"].adapter_weights["default"].lora_A_weight.is_meta
+    with pytest.raises(adapterspec.AdapterExistsError):
+        adapterspec.load_adapter(on_meta, adapter)
+    assert adapter._prefetched is None
