@@ -332,7 +332,8 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
         for key in order:
             _write_all(fd, pieces[key])
         value = digest()
-        os.pwrite(fd, value.encode("ascii"), 8 + text.index(_needle()) + len(_needle()) - 65)  # before the '"'
+        needle = _needle()
+        os.pwrite(fd, value.encode("ascii"), 8 + text.index(needle) + len(needle) - 65)  # before the closing '"'
         if durable:
             os.fsync(fd)
     finally:
