@@ -101,7 +101,8 @@ class FileFormatError(AdapterSpecError, ValueError):
 
 
 class IntegrityError(FileFormatError):
-    """The tensor data does not match the sha256 recorded in the safetensors metadata."""
+    """The tensor data does not match the sha256 recorded in the safetensors metadata, or a file from the
+    Hub does not match the digest the Hub announced for it."""
 
 
 class UnsafeFileError(AdapterSpecError, ValueError):
