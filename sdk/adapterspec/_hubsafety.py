@@ -161,15 +161,28 @@ def _watched_stream(stream: Any, dog: Watchdog) -> Any:
 def _hook_session() -> None:
     """Add the watchdog's hooks to huggingface_hub's shared HTTP client (they do nothing outside :func:`watching`).
 
-    huggingface_hub replaces its client after a connection error; the next :func:`fetch` hooks the new one.
+    huggingface_hub replaces that client after a connection error, mid-download: its client factory is
+    wrapped too, so that the new client has the hooks (a factory set later with ``set_client_factory``
+    is wrapped at the next download).
     """
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import _http
 
-    client = get_session()
+    factory = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    if callable(factory) and not getattr(factory, "_adapterspec_hooks", False):
+        def hooked() -> Any:
+            return _add_hooks(factory())
+
+        hooked._adapterspec_hooks = True  # type: ignore[attr-defined]
+        _http._GLOBAL_CLIENT_FACTORY = hooked
+    _add_hooks(_http.get_session())
+
+
+def _add_hooks(client: Any) -> Any:
     hooks = client.event_hooks
     if _on_request not in hooks.get("request", []):
         client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _on_request],
                               "response": [*hooks.get("response", []), _on_response]}
+    return client
 
 
 def fetch(repo_id: str, filename: str, *, revision: str, where: str, token: str | bool | None = None,
@@ -186,7 +199,6 @@ def fetch(repo_id: str, filename: str, *, revision: str, where: str, token: str 
     dog = _ACTIVE.get()
     if dog is not None:
         dog.doing = f"downloading {filename}"
-        _hook_session()
     try:
         path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
                                     endpoint=endpoint, library_name="adapterspec",
