@@ -10,7 +10,8 @@
   huggingface_hub sends from it gets connect/read/write timeouts of at most ``timeout`` seconds, and
   the download gives up with :class:`HubError` once ``timeout`` seconds pass without progress (a
   response, a file finished, or each 64 KiB of a body -- a body trickling in byte by byte is a stall).
-  Xet transfers (hf_xet, outside httpx) are bounded by hf_xet's own timeouts.
+  Xet transfers (hf_xet, outside httpx) are bounded by hf_xet's own timeouts. The checks are two event
+  hooks on huggingface_hub's shared HTTP client, inert outside :func:`watching`.
 
 >>> with watching("hf://org/name", timeout=30):                          # doctest: +SKIP
 ...     path = fetch("org/name", "adapter_config.json", revision=sha, where="hf://org/name")
@@ -141,9 +142,9 @@ def _watched_stream(stream: Any, dog: Watchdog) -> Any:
 
     Read at this level because httpx hands huggingface_hub the body in 10 MB pieces: a trickle never gets there.
     """
-    import importlib
-
-    base = importlib.import_module(type(stream).__module__.split(".")[0]).SyncByteStream
+    base = next((b for b in _sync_byte_streams() if isinstance(stream, b)), None)
+    if base is None:  # an async or unknown stream: left as it is (the request's timeouts still bound it)
+        return stream
 
     class Watched(base):  # type: ignore[misc, valid-type]
         def __iter__(self) -> Iterator[bytes]:
@@ -155,7 +156,21 @@ def _watched_stream(stream: Any, dog: Watchdog) -> Any:
         def close(self) -> None:
             stream.close()
 
-    return Watched() if isinstance(stream, base) else stream
+    return Watched()
+
+
+@functools.cache
+def _sync_byte_streams() -> tuple[type, ...]:
+    """httpx's ``SyncByteStream``, of each httpx installed (huggingface_hub 2.x uses httpx2)."""
+    import importlib
+
+    bases: list[type] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            bases.append(importlib.import_module(module).SyncByteStream)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(bases)
 
 
 def _hook_session() -> None:
@@ -259,7 +274,7 @@ def _digest(path: str, kind: str, size: int, mtime_ns: int, inode: int) -> str:
     with open(path, "rb") as f:
         if kind == "sha256":
             return hashlib.file_digest(f, "sha256").hexdigest()
-        return hashlib.file_digest(f, lambda: hashlib.sha1(b"blob %d\0" % size)).hexdigest()  # type: ignore[arg-type]
+        return hashlib.file_digest(f, lambda: hashlib.sha1(b"blob %d\0" % size)).hexdigest()
 
 
 def _etag_now(path: Path, filename: str, *, token: str | bool | None, endpoint: str | None) -> str:
