@@ -92,7 +92,8 @@ def _decoder(model: Mapping[str, Any]) -> Any:
     try:
         import keras_hub
     except ImportError:
-        raise adapterspec.UnsupportedError("decoder cases need keras-hub") from None
+        raise adapterspec.UnsupportedError("decoder cases need keras-hub",
+                                           hint='pip install "adapterspec[keras]"') from None
     d = model["decoder"]
     if d.get("architecture") != "llama":
         raise adapterspec.UnsupportedError(f"decoder architecture {d.get('architecture')!r}")

@@ -299,7 +299,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         import torch
     except ImportError:
         raise UnsupportedError("reading adapter_model.bin needs torch", path=path,
-                               hint="pip install torch, or convert the adapter to safetensors") from None
+                               hint='pip install "adapterspec[torch]", or convert the adapter to safetensors') from None
     import pickle
 
     try:
