@@ -26,7 +26,15 @@ from .config import _known_fields, config_problems, load_schema, read_json_file
 from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError
 from .folder import list_adapters
 from .naming import parse_key
-from .spec import CONFIG_NAME, METADATA_SHA256, METADATA_VERSION, SPEC_VERSION
+from .spec import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    METADATA_SHA256,
+    METADATA_VERSION,
+    PICKLE_NAME,
+    SAFETENSORS_NAME,
+    SPEC_VERSION,
+)
 
 __all__ = ["REPORT_VERSION", "main", "package_version", "report", "validate_targets"]
 
@@ -170,26 +178,39 @@ def _validate_folder(folder: Path, strict: bool, allow_pickle: bool) -> list[Res
 
 
 def validate_targets(targets: Sequence[str], *, strict: bool = False, allow_pickle: bool = False) -> list[Result]:
-    """Validate config files, adapter folders and folders of several adapters (``hf://`` repos too)."""
+    """Validate config files, adapter folders and folders of several adapters (``hf://`` repos too).
+
+    A file of an adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, ``adapter_model.bin``,
+    the manifest ``adapterspec.json``) stands for its folder, validated once however many of its files are
+    named (pre-commit passes the changed files).
+    """
     results: list[Result] = []
+    seen: set[Path] = set()
     for target in targets:
         try:
             path = _local(target)
         except AdapterSpecError as exc:
             results.append(Result(target, [_error(exc)]))
             continue
-        if path.is_file() and path.name != CONFIG_NAME and path.suffix == ".json":
+        if path.is_file() and path.name in FOLDER_FILES:
+            path = path.parent
+        elif path.is_file() and path.suffix == ".json":
             results.append(_validate_config_file(path, strict))
-        elif path.is_file() and path.name == CONFIG_NAME:
-            results.extend(_validate_folder(path.parent, strict, allow_pickle))
-        elif path.is_dir():
-            results.extend(_validate_folder(path, strict, allow_pickle))
+            continue
+        if path.is_dir():
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                results.extend(_validate_folder(path, strict, allow_pickle))
         else:
             result = Result(target)
             result.add_errors([FileFormatError("no such file or folder", path=path,
                                                hint="check the path (a Hub repo is written hf://org/name)")])
             results.append(result)
     return results
+
+
+#: The files of an adapter folder the spec names: validating one of them validates its folder.
+FOLDER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, MANIFEST_NAME})
 
 
 def report(results: Sequence[Result]) -> dict[str, Any]:
