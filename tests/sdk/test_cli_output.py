@@ -137,3 +137,11 @@ def test_closed_pipe_exits_without_traceback() -> None:
     finally:
         os.close(write)
     assert proc.stderr.decode() == "" and proc.returncode == 1
+
+
+def test_every_report_member_is_documented() -> None:
+    schema = load_schema("validate_report")
+    docs = (REPO / "docs" / "cli.md").read_text()
+    members = set(schema["properties"]) | {m for d in schema["$defs"].values() for m in d["properties"]}
+    missing = sorted(m for m in members if f"`{m}`" not in docs and f"`{m}[]`" not in docs)
+    assert missing == []
