@@ -231,7 +231,7 @@ class KerasImplementation:
         try:
             import keras  # noqa: F401
         except ImportError:
-            return "keras is not installed"
+            return 'keras is not installed: pip install "adapterspec[keras]"'
         return True
 
     def validate_config(self, config: Mapping[str, Any]) -> None:

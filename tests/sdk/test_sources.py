@@ -80,3 +80,26 @@ def test_no_backend_with_frameworks_installed(monkeypatch: pytest.MonkeyPatch) -
         api.backend_name(3)
     assert exc.value.message.endswith("frameworks installed: torch)")
     assert exc.value.hint is not None and exc.value.hint.endswith('pip install "adapterspec[keras]"')
+
+
+@pytest.mark.parametrize("framework, module, install", [("pt", "torch", 'pip install "adapterspec[torch]"'),
+                                                        ("flax", "jax", "pip install jax")])
+def test_tensors_for_a_missing_framework_name_the_pip_line(framework: str, module: str, install: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import numpy as np
+
+    from adapterspec.errors import UnsupportedError
+
+    adapter = adapterspec.Adapter.from_tensors(
+        {"peft_type": "IA3", "target_modules": ["q"], "feedforward_modules": []},
+        {"base_model.model.l.q.ia3_l": np.arange(4, dtype=np.float32).reshape(4, 1)})
+    real = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(UnsupportedError) as exc:
+        adapter.load_tensors(framework)
+    assert exc.value.message == f"{framework!r} tensors need {module}, which is not installed"
+    assert exc.value.hint == install
+    assert adapter.load_tensors("numpy")["base_model.model.l.q.ia3_l"].ravel().tolist() == [0, 1, 2, 3]
