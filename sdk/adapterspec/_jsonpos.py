@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from json.decoder import scanstring
 
-__all__ = ["position"]
+__all__ = ["member_position", "position", "syntax_error_position"]
 
 _WHITESPACE = " \t\n\r"
 _DECODER = json.JSONDecoder()
@@ -60,17 +60,20 @@ def _child(text: str, i: int, token: str) -> tuple[int, int] | None:
     return None
 
 
-def position(text: str, pointer: str | None) -> tuple[int, int] | None:
-    """1-based (line, column) of the JSON syntax error in ``text``, else of the member ``pointer`` names
-    (its name, for an object member); ``None`` when ``text`` parses and the pointer leads nowhere."""
+def syntax_error_position(text: str) -> tuple[int, int] | None:
+    """1-based (line, column) where Python's JSON parser stops on ``text``; ``None`` when it parses."""
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
         return exc.lineno, exc.colno
     except (ValueError, RecursionError):
         return None
-    if pointer is None:
-        return None
+    return None
+
+
+def member_position(text: str, pointer: str) -> tuple[int, int] | None:
+    """1-based (line, column) of the member ``pointer`` names in the JSON ``text`` (its name, for an object
+    member; the deepest existing member on the way if it does not exist); ``None`` if ``text`` is not JSON."""
     at, value = 0, _skip(text, 0)
     tokens = pointer.split("/")[1:] if pointer else []
     try:
@@ -81,6 +84,15 @@ def position(text: str, pointer: str | None) -> tuple[int, int] | None:
             at, value = found
         else:
             at = at if tokens else value
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         return None
     return _line_col(text, at)
+
+
+def position(text: str, pointer: str | None) -> tuple[int, int] | None:
+    """1-based (line, column) of the JSON syntax error in ``text``, else of the member ``pointer`` names
+    (:func:`member_position`); ``None`` when ``text`` parses and there is no pointer."""
+    found = syntax_error_position(text)
+    if found is not None or pointer is None:
+        return found
+    return member_position(text, pointer)

@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import stat
 import sys
 import warnings
 from collections import Counter
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._jsonpos import position
+from ._jsonpos import member_position, syntax_error_position
 from .adapter import read_adapter, validate_adapter
 from .config import _known_fields, config_problems, load_schema, read_json_file
 from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError
@@ -67,18 +69,34 @@ class Result:
 
 
 def _where(file: str | None, pointer: str | None) -> dict[str, int]:
-    """``{"line": .., "col": ..}`` of ``pointer`` (or of the syntax error) in the JSON ``file``; ``{}`` if not JSON."""
+    """``{"line": .., "col": ..}`` of the syntax error in the JSON ``file``, else of the member ``pointer``
+    names; ``{}`` for other files (and JSON files that are not regular files or too big to scan)."""
     if not file or not file.endswith(".json"):
         return {}
     try:
-        with open(file, "rb") as fh:
-            raw = fh.read(MAX_SCAN_BYTES + 1)
-        if len(raw) > MAX_SCAN_BYTES:
-            return {}
-        found = position(raw.decode("utf-8"), pointer)
-    except (OSError, ValueError, RecursionError):
+        info = os.stat(file)
+    except (OSError, ValueError):
         return {}
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SCAN_BYTES:  # never block on a FIFO
+        return {}
+    scanned = _scan(file, info.st_mtime_ns, info.st_size)
+    if scanned is None:
+        return {}
+    text, syntax = scanned
+    found = syntax if syntax is not None or pointer is None else member_position(text, pointer)
     return {"line": found[0], "col": found[1]} if found else {}
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(file: str, mtime_ns: int, size: int) -> tuple[str, tuple[int, int] | None] | None:
+    """The text of ``file`` and its syntax error's position, once per version of the file (a config with
+    50 errors is read and parsed once, not 50 times)."""
+    try:
+        with open(file, "rb") as fh:
+            text = fh.read(MAX_SCAN_BYTES + 1).decode("utf-8")
+    except (OSError, ValueError):
+        return None
+    return text, syntax_error_position(text)
 
 
 #: JSON files larger than this are not scanned for line numbers (a config over 16 MiB is refused anyway).
