@@ -168,8 +168,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param allow_pickle: read a legacy ``adapter_model.bin`` (``torch.load(weights_only=True)``).
     :param verify: check the tensor data against the sha256 adapterspec records (PEFT's files have none)
         first. Without it, the config, header, keys, shapes and dtypes are checked but not the values: a
-        changed byte inside the data loads as it is. Costs a second pass over the data (3.1x the load of
-        the 20 MB benchmark adapter, ``benchmarks/bench_verify.py``); worth it for downloaded files.
+        changed byte inside the data loads as it is. Costs a second pass over the data (2.8-3.1x the load
+        of the 20 MB benchmark adapter, ``benchmarks/bench_verify.py``); worth it for downloaded files.
     :param subfolder, revision, token, cache_dir: where in the folder or Hub repo the adapter is.
     :returns: the module paths that received the adapter.
 
