@@ -244,7 +244,8 @@ def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
 
 
 #: safetensors framework name -> (the module it needs, the command that installs it).
-_FRAMEWORK_MODULES = {"pt": ("torch", 'pip install "adapterspec[torch]"'), "tf": ("tensorflow", "pip install tensorflow"),
+_FRAMEWORK_MODULES = {"pt": ("torch", 'pip install "adapterspec[torch]"'),
+                      "tf": ("tensorflow", "pip install tensorflow"),
                       "flax": ("jax", "pip install jax"), "jax": ("jax", "pip install jax")}
 
 

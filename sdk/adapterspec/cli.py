@@ -233,11 +233,9 @@ FOLDER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, MANIFEST_N
 
 def report(results: Sequence[Result]) -> dict[str, Any]:
     """The ``--format json`` report: versioned, described by ``_schema/validate_report.v1.schema.json``."""
-    from . import __version__
-
     return {
         "report_version": REPORT_VERSION,
-        "adapterspec_version": __version__,
+        "adapterspec_version": package_version(),
         "spec_version": SPEC_VERSION,
         "valid": all(r.ok for r in results),
         "results": [{"target": r.target, "ok": r.ok, "summary": r.summary, "errors": r.errors,
@@ -365,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``adapterspec`` command."""
     parser = argparse.ArgumentParser(prog="adapterspec", description="Validate, inspect and test PEFT adapters "
                                      f"against the adapterspec format (spec {SPEC_VERSION}).")
-    parser.add_argument("--version", action="version", version=f"adapterspec {package_version()} (spec {SPEC_VERSION})")
+    parser.add_argument("--version", action="version",
+                        version=f"adapterspec {package_version()} (spec {SPEC_VERSION})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check configs and adapter folders; exit 1 if any is invalid")
