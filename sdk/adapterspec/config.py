@@ -90,6 +90,37 @@ def schema_hint(error: ValidationError) -> str:
     >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORAX"})]
     ['use one of: "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"']
     """
+    hint = _keyword_hint(error)
+    condition = _condition(error)
+    return f"{hint} ({condition})" if condition else hint
+
+
+def _condition(error: ValidationError) -> str | None:
+    """``because lora_bias is true`` when ``error`` failed in the ``then`` of an ``if`` (other than the
+    dispatch on ``peft_type``): the rule holds only given another field's value."""
+    path = list(error.schema_path)
+    if "then" not in path:
+        return None
+    cut = len(path) - 1 - path[::-1].index("then")
+    node: Any = load_schema()
+    try:
+        for part in path[:cut]:
+            while isinstance(node, dict) and part not in node and "$ref" in node:  # jsonschema follows refs silently
+                node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+            node = node[part]
+        while isinstance(node, dict) and "if" not in node and "$ref" in node:
+            node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        given = node["if"].get("properties", {})
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not given or set(given) == {"peft_type"}:
+        return None
+    return "because " + " and ".join(
+        f"{name} is {json.dumps(rule['const'])}" if isinstance(rule, dict) and "const" in rule else f"of {name}"
+        for name, rule in given.items())
+
+
+def _keyword_hint(error: ValidationError) -> str:
     kind, value = error.validator, error.validator_value
     if "propertyNames" in error.schema_path:  # the failing instance is a member name, not a value
         return f"rename the key {error.instance!r}: " + {

@@ -23,6 +23,14 @@ LORA = {"peft_type": "LORA", "target_modules": ["q"]}
     ({"target_modules": ["q"]}, "", "add the field 'peft_type'"),
     ({**LORA, "target_modules": ["q", "q"]}, "/target_modules", "remove the repeated items"),
     ({**LORA, "rank_pattern": {"": 3}}, "/rank_pattern", "rename the key '': module names are not empty"),
+    # rules that hold given another field's value say which
+    ({**LORA, "use_dora": True, "lora_bias": True}, "/use_dora", "use false (because lora_bias is true)"),
+    ({**LORA, "target_modules": []}, "", "add the field 'target_parameters' (because of target_modules)"),
+    ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "prompt_tuning_init": "TEXT",
+      "tokenizer_name_or_path": "t"}, "", "add the field 'prompt_tuning_init_text' (because prompt_tuning_init is "
+     '"TEXT")'),
+    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "num_layers": 2}, "",
+     "add the field 'num_attention_heads'"),  # the dispatch on peft_type goes without saying
 ])
 def test_hint_says_what_to_change(config: dict, pointer: str, hint: str) -> None:
     with pytest.raises(ConfigError) as exc:
