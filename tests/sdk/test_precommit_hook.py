@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -44,15 +45,21 @@ def folder_with_checksum(root: Path) -> Path:
     return write_adapter(root / "my-lora", {"peft_type": "LORA", "target_modules": ["q"], "r": 2}, tensors)
 
 
-def test_a_truncated_weights_file_alone_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("damage, error", [
+    (lambda data: data[:-4], "FileFormatError"),  # truncated
+    (lambda data: data[:-1] + bytes([data[-1] ^ 0x01]), "IntegrityError"),  # one bit of the data flipped
+])
+def test_damaged_weights_file_alone_fails(damage, error: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     folder = folder_with_checksum(tmp_path)
     weights = folder / "adapter_model.safetensors"
     assert main(["validate", str(weights)]) == 0
     assert "1 valid, 0 invalid" in capsys.readouterr().out
-    weights.write_bytes(weights.read_bytes()[:-4])
-    assert main(["validate", str(weights)]) == 1
-    out = capsys.readouterr().out
-    assert f"{folder}: error:" in out and "0 valid, 1 invalid" in out
+    weights.write_bytes(damage(weights.read_bytes()))
+    assert main(["validate", "--format", "json", str(weights)]) == 1
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert [e["type"] for e in result["errors"]] == [error]
+    assert result["errors"][0]["file"] == str(weights)
 
 
 def test_files_of_one_folder_validate_it_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
