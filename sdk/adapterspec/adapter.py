@@ -11,9 +11,11 @@ into its framework and onto its device.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -174,7 +176,9 @@ class Adapter:
         still be the one checked (the same header).
 
         :raises FileFormatError: the file changed or broke since it was read.
+        :raises UnsupportedError: ``framework`` is not installed (naming the ``pip install`` line).
         """
+        _require_framework(framework)
         if self.arrays is not None:
             return _convert(self.arrays, framework, device)
         assert self.weights_file is not None
@@ -239,6 +243,18 @@ def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
     return infos
 
 
+#: safetensors framework name -> (the module it needs, the command that installs it).
+_FRAMEWORK_MODULES = {"pt": ("torch", 'pip install "adapterspec[torch]"'),
+                      "tf": ("tensorflow", "pip install tensorflow"),
+                      "flax": ("jax", "pip install jax"), "jax": ("jax", "pip install jax")}
+
+
+def _require_framework(framework: str) -> None:
+    module, install = _FRAMEWORK_MODULES.get(framework, (None, ""))
+    if module is not None and module not in sys.modules and importlib.util.find_spec(module) is None:
+        raise UnsupportedError(f"{framework!r} tensors need {module}, which is not installed", hint=install)
+
+
 def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str, Any]:
     if framework in ("numpy", "np"):
         out = {}
@@ -299,7 +315,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         import torch
     except ImportError:
         raise UnsupportedError("reading adapter_model.bin needs torch", path=path,
-                               hint="pip install torch, or convert the adapter to safetensors") from None
+                               hint='pip install "adapterspec[torch]", or convert the adapter to safetensors') from None
     import pickle
 
     try:

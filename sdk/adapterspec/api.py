@@ -11,14 +11,23 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
+import importlib.util
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, AdapterSpecError, BackendError, UnsafeFileError
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterSpecError,
+    BackendError,
+    FileFormatError,
+    UnsafeFileError,
+)
 from .folder import list_adapters, write_adapter, write_adapters
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
@@ -55,11 +64,19 @@ def backend_name(model: Any) -> str:
     """
     name = _hook().adapterspec_backend_name(model=model)
     if name is None:
+        found = [f for f in _FRAMEWORKS if importlib.util.find_spec(f) is not None]
+        missing = [f for f in _FRAMEWORKS if f not in found]
         raise BackendError(
             f"no adapterspec backend handles {type(model).__module__}.{type(model).__qualname__} objects "
-            f"(installed: {', '.join(plugin_names()) or 'none'})",
-            hint="pass a torch.nn.Module or a Keras model, or install a backend plugin for your framework")
+            f"(backends: {', '.join(plugin_names()) or 'none'}; frameworks installed: {', '.join(found) or 'none'})",
+            hint="pass a torch.nn.Module or a Keras model" + (
+                "; to install a framework: " + " or ".join(_FRAMEWORKS[f] for f in missing) if missing else
+                ", or install the backend plugin of your framework"))
     return name
+
+
+#: Frameworks with a built-in backend -> the command that installs one with it.
+_FRAMEWORKS = {"torch": 'pip install "adapterspec[torch]"', "keras": 'pip install "adapterspec[keras]"'}
 
 
 def _call(hook: str, model: Any, **kwargs: Any) -> Any:
@@ -79,8 +96,10 @@ def resolve_source(source: Adapter | str | Path, *, subfolder: str | None = None
     if isinstance(source, Adapter):
         return source
     text = str(source)
-    local = Path(text)
-    if not text.startswith("hf://") and (local.exists() or local.is_absolute() or text.startswith(".")):
+    local = Path(text).expanduser() if text.startswith("~") else Path(text)
+    if not text.startswith("hf://") and (isinstance(source, Path) or _looks_local(text, local)):
+        if not _exists(local):
+            raise FileFormatError("no such adapter folder", path=local, hint=_no_folder_hint(local))
         folder = local / subfolder if subfolder else local
         if subfolder:
             check_adapter_name(Path(subfolder).name)
@@ -95,6 +114,35 @@ def resolve_source(source: Adapter | str | Path, *, subfolder: str | None = None
     from .hub import download_adapter
 
     return download_adapter(text, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+
+
+def _looks_local(text: str, path: Path) -> bool:
+    """Whether ``text`` names a local path rather than a Hub repo id (``org/name``): it exists, is absolute,
+    starts with ``.`` or ``~``, has a separator a repo id has not (``\\``, or two ``/``), or its parent folder exists
+    (``out/my-lroa`` with ``out/`` present is a typo'd folder, not a repo)."""
+    try:
+        return (_exists(path) or path.is_absolute() or text.startswith((".", "~")) or "\\" in text
+                or text.count("/") != 1 or path.parent.is_dir())
+    except (OSError, ValueError):  # a name too long, a NUL byte: no repo id either
+        return True
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _no_folder_hint(path: Path) -> str:
+    """Did-you-mean from the parent folder's entries, and how to name a Hub repo instead."""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names, n=1)
+    repo = "; a Hub repo is named hf://org/name" if len(path.parts) == 2 else ""
+    return (f"did you mean {str(path.parent / close[0])!r}?" if close else "check the path") + repo
 
 
 def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "default", *,
@@ -118,7 +166,10 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param activate: make it the (only) active adapter; otherwise the active set is unchanged.
     :param trainable: make its variables trainable (to fine-tune further).
     :param allow_pickle: read a legacy ``adapter_model.bin`` (``torch.load(weights_only=True)``).
-    :param verify: check the tensor data against the recorded sha256 first.
+    :param verify: check the tensor data against the sha256 adapterspec records (PEFT's files have none)
+        first. Without it, the config, header, keys, shapes and dtypes are checked but not the values: a
+        changed byte inside the data loads as it is. Costs a second pass over the data (2.8-3.1x the load
+        of the 20 MB benchmark adapter, ``benchmarks/bench_verify.py``); worth it for downloaded files.
     :param subfolder, revision, token, cache_dir: where in the folder or Hub repo the adapter is.
     :returns: the module paths that received the adapter.
 

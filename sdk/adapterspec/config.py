@@ -39,8 +39,10 @@ from .targets import is_feedforward, module_matches, pattern_value, regex_proble
 __all__ = [
     "AdapterConfig",
     "config_errors",
+    "config_problems",
     "load_schema",
     "read_json_file",
+    "schema_hint",
     "transformer_submodules",
     "unsupported_features",
     "validate_config",
@@ -70,15 +72,87 @@ def _pointer(error: ValidationError) -> str:
 
 
 def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
-    description = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if error.validator == "required":
-        field = error.message.split("'")[1] if "'" in error.message else ""
-        properties = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        description = (properties.get(field) or {}).get("description") or description
-        hint = f"add {field!r}" + (f" ({description})" if description else "")
-    else:
-        hint = f"expected {description}" if description else "see spec/v1/SPEC.md"
-    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=hint)
+    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=schema_hint(error))
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "an object", "null": "null"}
+
+
+def _listed(values: Any, limit: int = 12) -> str:
+    shown = [json.dumps(v) for v in list(values)[:limit]]
+    return ", ".join(shown) + (", ..." if len(values) > limit else "")
+
+
+def schema_hint(error: ValidationError) -> str:
+    """What to change to satisfy the schema keyword ``error`` failed: short and actionable, per keyword.
+
+    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORAX"})]
+    ['use one of: "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"']
+    """
+    hint = _keyword_hint(error)
+    condition = _condition(error)
+    return f"{hint} ({condition})" if condition else hint
+
+
+def _condition(error: ValidationError) -> str | None:
+    """``because lora_bias is true`` when ``error`` failed in the ``then`` of an ``if`` (other than the
+    dispatch on ``peft_type``): the rule holds only given another field's value."""
+    path = list(error.schema_path)
+    if "then" not in path:
+        return None
+    cut = len(path) - 1 - path[::-1].index("then")
+    node: Any = load_schema()
+    try:
+        for part in path[:cut]:
+            while isinstance(node, dict) and part not in node and "$ref" in node:  # jsonschema follows refs silently
+                node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+            node = node[part]
+        while isinstance(node, dict) and "if" not in node and "$ref" in node:
+            node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        given = node["if"].get("properties", {})
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not given or set(given) == {"peft_type"}:
+        return None
+    return "because " + " and ".join(
+        f"{name} is {json.dumps(rule['const'])}" if isinstance(rule, dict) and "const" in rule else f"of {name}"
+        for name, rule in given.items())
+
+
+def _keyword_hint(error: ValidationError) -> str:
+    kind, value = error.validator, error.validator_value
+    if "propertyNames" in error.schema_path:  # the failing instance is a member name, not a value
+        return f"rename the key {error.instance!r}: " + {
+            "minLength": "module names are not empty", "pattern": f"it must match {value!r}",
+        }.get(str(kind), "see spec/v1/SPEC.md")
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else "?"
+        return f"add the field {missing!r}"
+    if kind == "enum":
+        return f"use one of: {_listed(value)}"
+    if kind == "const":
+        return f"use {json.dumps(value)}"
+    if kind == "type":
+        names = [_TYPE_NAMES.get(t, t) for t in ([value] if isinstance(value, str) else value)]
+        return "use " + " or ".join(names)
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    if kind in bounds:
+        return f"use a value {bounds[str(kind)]} {value}"
+    return {
+        "minItems": f"give at least {value} item{'s' if value != 1 else ''}",
+        "maxItems": f"give at most {value} item{'s' if value != 1 else ''}",
+        "uniqueItems": "remove the repeated items",
+        "minLength": f"use a string of at least {value} character{'s' if value != 1 else ''}",
+        "maxLength": f"use a string of at most {value} characters",
+        "pattern": f"use a string matching {value!r}",
+        "minProperties": f"give at least {value} member{'s' if value != 1 else ''}",
+        "maxProperties": f"give at most {value} members",
+        "additionalProperties": "remove the members the schema does not define",
+        "not": "this value is not allowed here; see spec/v1/SPEC.md",
+        "anyOf": "use one of the forms the schema allows (adapterspec schema prints them)",
+        "oneOf": "use exactly one of the forms the schema allows (adapterspec schema prints them)",
+    }.get(str(kind), "see spec/v1/SPEC.md")
 
 
 def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
@@ -123,6 +197,32 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
             del _VALID[next(iter(_VALID))]
         _VALID[key] = tuple(unknown)
     return unknown
+
+
+def config_problems(data: Any, *, strict: bool = False, path: str | None = None) -> list[ConfigError]:
+    """Every problem :func:`validate_config` would raise, not only the first, for reports.
+
+    All schema violations are listed (the one :func:`validate_config` raises first); the checks that
+    need a schema-valid config (regular expressions, SPEC 4.2 rules, strict fields) add theirs only
+    when there is no schema violation.
+
+    >>> [e.pointer for e in config_problems({"peft_type": "LORA", "target_modules": ["q"], "r": 0, "lora_alpha": "8"})]
+    ['/r', '/lora_alpha']
+    """
+    try:
+        validate_config(data, strict=strict, path=path)
+    except ConfigError as exc:
+        first = exc
+    else:
+        return []
+    try:
+        _check_json_value(data, path)  # what is walked below is plain JSON, bounded in depth
+    except ConfigError:
+        return [first]
+    schema_errors = config_errors(data, path=path)
+    if not schema_errors or (schema_errors[0].pointer, schema_errors[0].message) != (first.pointer, first.message):
+        return [first]  # not a schema violation (JSON values, version, rules): the one problem
+    return schema_errors
 
 
 #: Configs found valid (canonical JSON, strict) -> their unknown fields: validation is a pure function of
