@@ -362,6 +362,8 @@ def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modul
         if layer is None:
             continue
         layer.remove_adapter(adapter_name)
+        if isinstance(layer, ModulesToSaveLayer):  # a merged copy it kept is the module now
+            state.originals[own] = layer.original_module
         if not layer.adapter_names():
             unwrap(model, own)
 
