@@ -82,7 +82,7 @@ def model_lock(model: Any) -> threading.RLock:
         if entry is not None and entry[0]() is model:
             return entry[1]
         try:
-            ref = weakref.ref(model, lambda _, key=key: _LOCKS.pop(key, None))  # type: ignore[misc]
+            ref = weakref.ref(model, lambda _, key=key: _LOCKS.pop(key, None))
         except TypeError:
             return _SHARED_LOCK
         lock = threading.RLock()
@@ -270,7 +270,6 @@ def extract_adapter(model: Any, adapter_name: str = "default") -> Adapter:
     return Adapter.from_tensors(config, tensors)
 
 
-@_serialised
 @_serialised
 def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False,
                  durable: bool = False) -> Path:
