@@ -377,13 +377,16 @@ def unload(model: Any, *, merge: bool = False) -> Any:
     """Remove every adapter, restoring the original layers; returns ``model``.
 
     :param merge: first merge the active adapters into the base weights (PEFT's ``merge_and_unload``),
-        so the plain model keeps their effect.
+        so the plain model computes what the adapted one did: it keeps the copies of modules saved whole
+        that ran, the trainable token rows, and the parameters (biases, embeddings) adapters replaced.
     """
     if merge:
         merge_adapters(model)
     else:
         unmerge_adapters(model)
-    for name in adapter_names(model):
+    merged = active_adapters(model) if merge else []
+    # the unmerged ones first: while merged adapters remain, a backend keeps what the forward pass used
+    for name in sorted(adapter_names(model), key=lambda n: n in merged):
         _call("adapterspec_delete", model, adapter_name=name)
     return model
 

@@ -471,3 +471,32 @@ def test_unload_merge_keeps_the_copy_that_runs(roberta: Any, tmp_path: Path, tok
         assert_close(logits(model, inputs), expected)
         outputs[active[0]] = expected
     assert (outputs["a"] - outputs["b"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("active", ["a", "b"])
+def test_unload_merge_keeps_the_biases_in_place(llama_bias: Any, tmp_path: Path, token_inputs: dict[str, Any],
+                                                active: str) -> None:
+    """Two adapters replacing the biases (PEFT refuses two such adapters in one model): the ones loaded last are in
+    place whichever adapter is active, and ``unload(merge=True)`` keeps what the forward pass used."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], bias="all")
+    _peft(llama_bias, config, tmp_path / "a", lambda m: _fill(m, biases=True))
+    _peft(llama_bias, config, tmp_path / "b", lambda m: (fill_adapter_weights(m, salt=30), _fill_biases(m, 500)))
+    model = fresh(llama_bias)
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    adapterspec.set_active_adapters(model, active)
+    expected = logits(model, token_inputs)
+    bias = model.model.layers[0].mlp.up_proj.bias.detach().clone()
+    adapterspec.unload(model, merge=True)
+    assert not hasattr(model, "_adapterspec_state")
+    assert torch.equal(model.model.layers[0].mlp.up_proj.bias, bias)
+    assert_close(logits(model, token_inputs), expected)
+
+
+def _fill_biases(model: Any, salt: int) -> None:
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(model.named_parameters())):
+            if param.requires_grad and name.endswith("bias") and "lora_" not in name:
+                param.copy_(unique_values(tuple(param.shape), salt + index, scale=0.3))
