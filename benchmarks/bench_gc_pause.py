@@ -7,7 +7,8 @@ Run it (not a test)::
 Until 2026-12 ``load_adapter`` and ``delete_adapter`` ran with ``gc.disable()`` (process-wide), to spare the
 collections that the thousands of objects of one load set off. This script times, on the synthetic Llama
 and LoRA of ``bench_load.py``, a load + delete as adapterspec does it now (collector on) against the same
-calls inside ``gc.disable()``, side by side, and counts the collections each run triggered. Then it runs
+calls inside ``gc.disable()``, in alternation, and counts the collections each run triggered (its own
+timing loop: ``bench_load.measure`` turns the collector off while it times, as ``timeit`` does). Then it runs
 4 threads loading in a loop with the pause, as before, and samples from another thread how often the
 collector was off: the price an unrelated thread paid.
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_load import build_llama, measure_side_by_side, write_adapters  # noqa: E402
+from bench_load import build_llama, write_adapters  # noqa: E402
 
 __all__ = ["main", "paused"]
 
@@ -92,16 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     model = build_llama()
     setup = write_adapters(model, Path(tempfile.mkdtemp(prefix="adapterspec-gc-")))
     counts: dict[str, list[int]] = {"collector on (now)": [], "gc.disable() (before)": []}
-
-    def run(label: str, pause: bool) -> None:
-        before = _collections()
-        with paused() if pause else contextlib.nullcontext():
-            adapterspec.load_adapter(model, setup.folder)
-            adapterspec.delete_adapter(model, "default")
-        counts[label].append(_collections() - before)
-
-    times = measure_side_by_side({label: ((lambda label=label: run(label, "before" in label)), None)
-                                  for label in counts}, args.repeats)
+    times: dict[str, list[float]] = {label: [] for label in counts}
+    # timed here, not with bench_load.measure: that one turns the collector off while it times, as timeit does
+    for i in range(args.repeats + 1):
+        for label in counts:
+            gc.collect()
+            before, start = _collections(), time.perf_counter()
+            with paused() if "before" in label else contextlib.nullcontext():
+                adapterspec.load_adapter(model, setup.folder)
+                adapterspec.delete_adapter(model, "default")
+            if i:  # the first round warms up
+                times[label].append(time.perf_counter() - start)
+                counts[label].append(_collections() - before)
     print(f"load + delete of the bench_load adapter (LoRA r=16 x 112 modules), N={args.repeats}")
     print(f"{'variant':<24}{'best ms':>10}{'median ms':>12}{'collections/run':>17}")
     for label, values in times.items():
