@@ -32,6 +32,7 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .bank import AdapterBank
+from .devices import check_options
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
@@ -131,6 +132,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
+    check_options(options)
     state = get_state(model)
     if state is not None and adapter_name in state.names:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,

@@ -18,7 +18,7 @@ import torch
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["as_dtype", "place", "target_of"]
+__all__ = ["as_device", "as_dtype", "check_options", "place", "target_of"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
@@ -28,19 +28,82 @@ _DTYPE_NAMES = {
 }
 
 
+#: The dtypes adapter tensors can be computed in: an integer or bool dtype would round the weights (to 0, mostly),
+#: float8 has no matmul on most devices, a complex one would be cast away in the forward.
+_FLOATING = frozenset(_DTYPE_NAMES.values())
+
+
 def as_dtype(dtype: Any) -> torch.dtype | None:
-    """A torch dtype from a torch dtype or its name (``"float16"``, ``"bf16"``, ``"torch.float16"``).
+    """A torch dtype from a floating torch dtype or its name (``"float16"``, ``"bf16"``, ``"torch.float16"``).
+
+    :raises UnsupportedError: an integer, bool, complex or float8 dtype, or a name torch adapters cannot use.
 
     >>> as_dtype("bf16")
     torch.bfloat16
+    >>> as_dtype(torch.int8)
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: dtype: ...
     """
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _FLOATING):
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPE_NAMES:
-        raise UnsupportedError(f"dtype {dtype!r} is not a floating dtype torch adapters can use",
-                               hint=f"pass one of {sorted(_DTYPE_NAMES)} or a torch.dtype")
+    if isinstance(dtype, torch.dtype) or name not in _DTYPE_NAMES:
+        raise UnsupportedError(f"{dtype!r} is not a floating dtype adapter tensors can be computed in "
+                               "(an integer or bool dtype rounds the weights, float8 and complex ones do not run)",
+                               key="dtype", hint="pass torch.float32, torch.float16, torch.bfloat16 or torch.float64 "
+                                                 "(or their names), or leave dtype=None for each layer's dtype")
     return _DTYPE_NAMES[name]
+
+
+def as_device(device: Any) -> torch.device | None:
+    """A torch device from a device or its name, checked to be usable on this machine.
+
+    :raises UnsupportedError: not a device name (``"nonsense"``, ``1.5``), or a device this machine lacks
+        (``"cuda:0"`` without CUDA, ``"cuda:3"`` with two GPUs).
+
+    >>> as_device("cpu")
+    device(type='cpu')
+    >>> as_device("nonsense")
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: device: ...
+    """
+    if device is None:
+        return None
+    hint = "pass 'cpu', 'meta' or an accelerator this machine has (e.g. 'cuda:0'), or leave device=None for " \
+           "each layer's device"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UnsupportedError(f"{device!r} is not a torch device ({exc})".split("\n")[0], key="device",
+                               hint=hint) from exc
+    if parsed.type in ("cpu", "meta"):
+        return parsed
+    module = getattr(torch, parsed.type, None)
+    available = getattr(module, "is_available", None)
+    if available is not None and not available():
+        raise UnsupportedError(f"{device!r}: {parsed.type} is not available on this machine", key="device",
+                               hint=hint)
+    count = getattr(module, "device_count", None)
+    if count is not None and parsed.index is not None and parsed.index >= count():
+        raise UnsupportedError(f"{device!r}: this machine has {count()} {parsed.type} device(s)",
+                               key="device", hint=hint)
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as exc:  # torch answers a missing backend with either
+        raise UnsupportedError(f"{device!r} cannot hold tensors here ({exc})".split("\n")[0], key="device",
+                               hint=hint) from exc
+    return parsed
+
+
+def check_options(options: LoadOptions) -> None:
+    """Refuse a ``dtype`` or ``device`` load option that cannot work, before anything is changed.
+
+    >>> check_options(LoadOptions(dtype="int8"))
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: dtype: ...
+    """
+    as_dtype(options.dtype)
+    as_device(options.device)
 
 
 def _reference(like: torch.Tensor | torch.nn.Module) -> torch.Tensor | None:

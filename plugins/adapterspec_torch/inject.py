@@ -30,7 +30,7 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
-from .devices import target_of
+from .devices import check_options, target_of
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -362,6 +362,8 @@ def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modul
         if layer is None:
             continue
         layer.remove_adapter(adapter_name)
+        if isinstance(layer, ModulesToSaveLayer):  # a merged copy it kept is the module now
+            state.originals[own] = layer.original_module
         if not layer.adapter_names():
             unwrap(model, own)
 
@@ -541,6 +543,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
+    check_options(options)
     existing = get_state(model)
     if existing is not None and adapter_name in existing.configs:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,

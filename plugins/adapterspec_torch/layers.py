@@ -975,6 +975,7 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._switch = ActiveSet()
         self._casts: dict[str, torch.dtype] = {}  # adapter -> the dtype its copy computes in, if not the original's
+        self._merged: str | None = None  # the adapter whose copy was running when it was merged
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -1002,10 +1003,36 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save[name] = duplicate
 
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s copy."""
+        """Drop adapter ``name``'s copy; if it was merged (:meth:`merge`), the copy becomes the original module
+        (as PEFT's ``merge_and_unload`` keeps the trained copy)."""
+        if name == self._merged:
+            kept = self.modules_to_save[name]
+            original = next((p.dtype for p in self.original_module.parameters() if p.is_floating_point()), None)
+            if name in self._casts and original is not None:
+                kept.to(dtype=original)  # it computed in its own dtype; as the original it gets the original's
+            self.original_module = kept
+            self._merged = None
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         self._casts.pop(name, None)
+
+    def merge(self, names: Sequence[str]) -> None:
+        """Mark the copy running now as merged if it belongs to one of ``names``: deleting its adapter then keeps it.
+
+        >>> layer = ModulesToSaveLayer(torch.nn.Linear(2, 2))
+        >>> layer.add_adapter("default", LoadOptions())
+        >>> layer.set_active(["default"])
+        >>> layer.merge(["default"]); copy = layer.active_module(); layer.remove_adapter("default")
+        >>> layer.original_module is copy
+        True
+        """
+        name = self._active()[0]
+        if self._merged is None and name in names:
+            self._merged = name
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        self._merged = None
 
     def adapter_names(self) -> list[str]:
         """The adapters holding a copy, in insertion order."""

@@ -159,7 +159,8 @@ def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> l
 def delete(model: torch.nn.Module, adapter_name: str) -> None:
     """Remove an adapter; a module left without adapters gets its original object back.
 
-    A merged adapter's delta stays in the base weights (``unload(merge=True)``). If the adapter
+    A merged adapter's delta stays in the base weights, and the copy of a module it saved whole that was
+    running when it was merged stays as that module (``unload(merge=True)``, PEFT's ``merge_and_unload``). If the adapter
     was the only active one, the first remaining adapter becomes active (as in PEFT).
 
     :raises AdapterNotFoundError: no adapter of that name.
@@ -201,7 +202,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
         if name in state.merged:
             continue
         for _, layer in _wrappers(model, state, name):
-            if isinstance(layer, AdapterLayer):
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
                 layer.merge([name])
         state.merged.append(name)
 
@@ -217,7 +218,7 @@ def unmerge(model: torch.nn.Module) -> None:
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):
-            if isinstance(layer, AdapterLayer) and model_name not in seen:
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)) and model_name not in seen:
                 seen.add(model_name)
                 layer.unmerge()
     state.merged.clear()

@@ -6,17 +6,24 @@
 >>> with adapterspec.disabled_adapters(model):                       # doctest: +SKIP
 ...     base_logits = model(inputs)
 >>> adapterspec.save_adapter(model, "out/my-adapter")                 # doctest: +SKIP
+
+Threads: every function here that reads or changes a model's adapters holds that model's re-entrant lock
+(:func:`model_lock`), so calls on one model from several threads run one after another and each sees
+the state the previous one left. A forward pass is not serialised with them: hold ``model_lock(model)``
+around it when another thread may change the model's adapters meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import gc
+import functools
 import importlib.util
-from collections.abc import Iterator, Mapping
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
@@ -43,6 +50,7 @@ __all__ = [
     "inject_adapter",
     "load_adapter",
     "merge_adapters",
+    "model_lock",
     "read_adapters",
     "resolve_source",
     "save_adapter",
@@ -55,6 +63,53 @@ __all__ = [
 
 def _hook():  # type: ignore[no-untyped-def]
     return get_plugin_manager().hook
+
+
+#: id(model) -> (a weak reference to it, its lock); an entry goes with its model. Keyed by identity, not by
+#: a weak-keyed dict, so that a model class defining ``__eq__`` still gets a lock of its own.
+_LOCKS: dict[int, tuple[weakref.ref[Any], threading.RLock]] = {}
+_LOCKS_GUARD = threading.Lock()
+_SHARED_LOCK = threading.RLock()  # for the odd model object that cannot be weakly referenced
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The re-entrant lock that serialises adapterspec's calls on ``model`` (one per model object).
+
+    Every function of this module that changes or reads a model's adapters holds it, so calls from
+    several threads on one model run one after another. Hold it yourself around a forward pass that
+    must not see another thread switch, merge, load or delete adapters halfway through.
+
+    >>> with model_lock(model):                                          # doctest: +SKIP
+    ...     logits = model(inputs)
+    """
+    key = id(model)
+    entry = _LOCKS.get(key)
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    with _LOCKS_GUARD:
+        entry = _LOCKS.get(key)
+        if entry is not None and entry[0]() is model:
+            return entry[1]
+        try:
+            ref = weakref.ref(model, lambda _, key=key: _LOCKS.pop(key, None))
+        except TypeError:
+            return _SHARED_LOCK
+        lock = threading.RLock()
+        _LOCKS[key] = (ref, lock)
+        return lock
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serialised(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn(model, ...)`` run while holding :func:`model_lock` of ``model`` (passed first, or as ``model=``)."""
+    @functools.wraps(fn)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with model_lock(args[0] if args else kwargs["model"]):
+            return fn(*args, **kwargs)
+    return locked
 
 
 def backend_name(model: Any) -> str:
@@ -178,7 +233,7 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     check_adapter_name(adapter_name)
     backend_name(model)
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
-    with _gc_paused():
+    with model_lock(model):
         return _load(model, where, adapter_name, allow_pickle=allow_pickle, verify=verify, activate=activate,
                      options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
                                          initialize=False))
@@ -213,25 +268,6 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the block (if it runs at all).
-
-    Loading or deleting an adapter makes or drops thousands of objects (a layer and its dicts per
-    module), which set off collections that each walk through the objects of the whole process -- a
-    few hundred thousand once torch and a model are imported. One collection afterwards, if any is due,
-    replaces them: 1.5-2 ms less per load and delete of the 112-module benchmark adapter (median).
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-@contextlib.contextmanager
 def _spec_errors_first(adapter: Adapter) -> Iterator[None]:
     """If the block fails and the adapter's tensor checks were left out (``read_adapter(check_tensors=False)``),
     run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend."""
@@ -258,6 +294,7 @@ def _method_tensors_of(adapter: Adapter, modules: list[str]) -> bool:
     return adapter.tensors.keys() <= {make_key(module, param) for module in modules for param in params}
 
 
+@_serialised
 def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapter_name: str = "default", *,
                    device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
                    activate: bool = True, trainable: bool = True) -> list[str]:
@@ -277,12 +314,14 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
     return list(modules)
 
 
+@_serialised
 def extract_adapter(model: Any, adapter_name: str = "default") -> Adapter:
     """The adapter ``adapter_name`` as an in-memory :class:`Adapter` (config + tensors in spec layout)."""
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
     return Adapter.from_tensors(config, tensors)
 
 
+@_serialised
 def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False,
                  durable: bool = False) -> Path:
     """Write ``adapter_name``'s config and tensors (only the adapter's) as a spec folder that PEFT loads.
@@ -300,6 +339,7 @@ def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *,
     return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable)
 
 
+@_serialised
 def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None = None, *,
                   overwrite: bool = False, durable: bool = False) -> Path:
     """Write several of the model's adapters into one folder with a manifest (``default`` in the root).
@@ -311,16 +351,19 @@ def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None
     return write_adapters(path, states, overwrite=overwrite, durable=durable)
 
 
+@_serialised
 def adapter_names(model: Any) -> list[str]:
     """The adapters loaded in ``model``, in load order."""
     return list(_call("adapterspec_adapter_names", model))
 
 
+@_serialised
 def active_adapters(model: Any) -> list[str]:
     """The adapters active in ``model``'s forward pass now."""
     return list(_call("adapterspec_active_adapters", model))
 
 
+@_serialised
 def set_active_adapters(model: Any, adapter_names_: str | list[str]) -> None:
     """Activate exactly these adapters (a name or a list; several add up; ``[]`` disables all).
 
@@ -342,24 +385,28 @@ def disabled_adapters(model: Any) -> Iterator[None]:
     >>> with disabled_adapters(model):                                    # doctest: +SKIP
     ...     base_out = model(x)
     """
-    previous = active_adapters(model)
-    _call("adapterspec_set_active", model, adapter_names=[])
+    with model_lock(model):
+        previous = active_adapters(model)
+        _call("adapterspec_set_active", model, adapter_names=[])
     try:
         yield
     finally:
-        _call("adapterspec_set_active", model, adapter_names=previous)
+        with model_lock(model):  # an adapter another thread deleted meanwhile is not brought back
+            loaded = adapter_names(model)
+            _call("adapterspec_set_active", model, adapter_names=[n for n in previous if n in loaded])
 
 
+@_serialised
 def delete_adapter(model: Any, adapter_name: str) -> None:
     """Remove an adapter; when none is left on a layer, the layer is restored to the original object."""
     if adapter_name not in adapter_names(model):
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded", key=adapter_name,
                                    hint=f"loaded: {adapter_names(model)}")
-    with _gc_paused():
-        unmerge_adapters(model)
-        _call("adapterspec_delete", model, adapter_name=adapter_name)
+    unmerge_adapters(model)
+    _call("adapterspec_delete", model, adapter_name=adapter_name)
 
 
+@_serialised
 def merge_adapters(model: Any, adapter_names_: str | list[str] | None = None) -> None:
     """Add adapters' deltas into the base weights in place (default: the active ones)."""
     names = active_adapters(model) if adapter_names_ is None else (
@@ -370,22 +417,27 @@ def merge_adapters(model: Any, adapter_names_: str | list[str] | None = None) ->
     _call("adapterspec_merge", model, adapter_names=names)
 
 
+@_serialised
 def unmerge_adapters(model: Any) -> None:
     """Subtract every merged adapter from the base weights again."""
     _call("adapterspec_unmerge", model)
 
 
+@_serialised
 def unload(model: Any, *, merge: bool = False) -> Any:
     """Remove every adapter, restoring the original layers; returns ``model``.
 
     :param merge: first merge the active adapters into the base weights (PEFT's ``merge_and_unload``),
-        so the plain model keeps their effect.
+        so the plain model computes what the adapted one did: it keeps the copies of modules saved whole
+        that ran, the trainable token rows, and the parameters (biases, embeddings) adapters replaced.
     """
     if merge:
         merge_adapters(model)
     else:
         unmerge_adapters(model)
-    for name in adapter_names(model):
+    merged = active_adapters(model) if merge else []
+    # the unmerged ones first: while merged adapters remain, a backend keeps what the forward pass used
+    for name in sorted(adapter_names(model), key=lambda n: n in merged):
         _call("adapterspec_delete", model, adapter_name=name)
     return model
 

@@ -379,32 +379,33 @@ def test_load_adapter_checks_tensors_a_lax_backend_let_through(tmp_path: Path, m
     assert adapterspec.adapter_names(model) == [] and type(model["q"]) is torch.nn.Linear
 
 
-def test_load_and_delete_pause_the_garbage_collector_and_restore_it(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_and_delete_leave_the_garbage_collector_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector is process-wide: a load that paused it paused it for every other thread (4 threads
+    loading in a loop kept it off 99% of the time). It stays as the caller has it, on or off."""
     import gc
 
     torch = pytest.importorskip("torch")
+    import adapterspec_torch.inject
     import adapterspec_torch.state
 
     seen = []
-    real = adapterspec_torch.state.load_state
+    real_load, real_remove = adapterspec_torch.state.load_state, adapterspec_torch.inject.remove_adapter_modules
     monkeypatch.setattr(adapterspec_torch.state, "load_state",
-                        lambda *args, **kwargs: seen.append(gc.isenabled()) or real(*args, **kwargs))
+                        lambda *args, **kwargs: seen.append(gc.isenabled()) or real_load(*args, **kwargs))
+    monkeypatch.setattr(adapterspec_torch.inject, "remove_adapter_modules",
+                        lambda *args, **kwargs: seen.append(gc.isenabled()) or real_remove(*args, **kwargs))
     model = torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})
     tensors = {k.replace("layers.0.", ""): v.astype(np.float32) for k, v in _mixed().items() if "layers.0.q" in k}
     adapterspec.write_adapter(tmp_path / "a", {**CONFIG, "target_modules": ["q"]}, tensors)
     assert gc.isenabled()
     adapterspec.load_adapter(model, tmp_path / "a")
-    assert seen == [False] and gc.isenabled()
-    with pytest.raises(adapterspec.AdapterExistsError):  # a failed load restores it too
-        adapterspec.load_adapter(model, tmp_path / "a")
-    assert gc.isenabled()
     adapterspec.delete_adapter(model, "default")
+    assert seen == [True, True] and gc.isenabled()
     gc.disable()  # the caller's choice is kept
     try:
         adapterspec.load_adapter(model, tmp_path / "a")
         adapterspec.delete_adapter(model, "default")
-        assert not gc.isenabled()
+        assert seen[2:] == [False, False] and not gc.isenabled()
     finally:
         gc.enable()
 

@@ -92,6 +92,35 @@ def test_device_must_be_a_device(llama: Any, folder: Any) -> None:
         adapterspec.load_adapter(fresh(llama), path, dtype="int8")
 
 
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("dtype", torch.int8), ("dtype", torch.uint8), ("dtype", torch.bool), ("dtype", torch.float8_e4m3fn),
+    ("dtype", torch.complex64), ("dtype", "int8"),
+    ("device", "nonsense"), ("device", 1.5), ("device", "cuda:99"),
+    pytest.param("device", "cuda:0", marks=_NO_CUDA), pytest.param("device", 7, marks=_NO_CUDA),
+])
+@pytest.mark.parametrize("call", ["load", "inject"])
+def test_unusable_dtype_or_device_is_refused_up_front(llama: Any, folder: Any, option: str, value: Any,
+                                                      call: str) -> None:
+    """A dtype that rounds the weights away (int8: the adapter would do nothing) or cannot run (float8, bool),
+    and a device this machine lacks, are refused naming the option, and the model is as before."""
+    path, _ = folder
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["k_proj"]}, "other")
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        if call == "load":
+            adapterspec.load_adapter(model, path, **{option: value})
+        else:
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]},
+                                       **{option: value})
+    assert info.value.key == option
+    assert "fix: pass" in str(info.value)
+    assert_same_snapshot(model, before)
+
+
 @pytest.mark.gpu
 def test_cuda_model_loads_straight_to_cuda(llama: Any, folder: Any, token_inputs: Any, monkeypatch: Any) -> None:
     path, reference = folder
