@@ -31,17 +31,19 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
-from ._rules import rule_problems, transformer_submodules, unsupported_features
-from .errors import AdapterSpecWarning, ConfigError, FileFormatError
+from ._rules import duplicate_entries, rule_problems, transformer_submodules, unsupported_features
+from .errors import AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError
 from .spec import SPEC_VERSION, check_version
 from .targets import is_feedforward, module_matches, pattern_value, regex_problems
 
 __all__ = [
     "AdapterConfig",
     "config_errors",
+    "default_targets",
     "load_schema",
     "read_json_file",
     "transformer_submodules",
+    "unknown_fields_note",
     "unsupported_features",
     "validate_config",
 ]
@@ -56,6 +58,34 @@ def load_schema(name: str = "adapter_config") -> dict[str, Any]:
     """
     text = resources.files("adapterspec").joinpath(f"_schema/{name}.v1.schema.json").read_text("utf-8")
     return json.loads(text)
+
+
+@functools.cache
+def _target_tables() -> dict[str, Any]:
+    text = resources.files("adapterspec").joinpath("_schema/target_modules.v1.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def default_targets(peft_type: str, model_type: str | None, field: str = "target_modules") -> list[str] | str | None:
+    """PEFT's default for a null ``target_modules`` (or IA3 ``feedforward_modules``) on architecture
+    ``model_type`` (SPEC.md 14.2, ``spec/v1/target_modules.json``); ``None`` when PEFT has none.
+
+    >>> default_targets("LORA", "llama")
+    ['q_proj', 'v_proj']
+    >>> default_targets("IA3", "llama", "feedforward_modules")
+    ['down_proj']
+    """
+    value = _target_tables().get(field, {}).get(peft_type, {}).get(model_type or "")
+    return copy.deepcopy(value)
+
+
+def unknown_fields_note(unknown: list[str] | tuple[str, ...]) -> str:
+    """The one wording of the note about fields the schema does not know (SPEC.md 2.5).
+
+    >>> unknown_fields_note(["use_doar"])
+    'fields unknown to adapterspec 1.1 are kept but not acted on: use_doar'
+    """
+    return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {', '.join(unknown)}"
 
 
 @functools.cache
@@ -255,10 +285,10 @@ class AdapterConfig(Mapping[str, Any]):
         where = str(path) if path is not None else None
         unknown = validate_config(data, strict=strict, path=where)
         if unknown:
-            warnings.warn(
-                f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
-                f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
-            )
+            warnings.warn(f"{where + ': ' if where else ''}{unknown_fields_note(unknown)}", AdapterSpecWarning,
+                          stacklevel=2)
+        for pointer, note in duplicate_entries(data):
+            warnings.warn(f"{where + ': ' if where else ''}{pointer}: {note}", AdapterSpecWarning, stacklevel=2)
         merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
         return cls(merged, unknown_fields=tuple(unknown))
 
@@ -294,12 +324,13 @@ class AdapterConfig(Mapping[str, Any]):
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The config as written to ``adapter_config.json``: PEFT-loadable, with ``adapterspec_version``.
+        """The config as written to ``adapter_config.json``: PEFT loads it without a warning.
 
-        ``inference_mode`` is written ``true``, as PEFT does on save.
+        ``inference_mode`` is written ``true``, as PEFT does on save. ``adapterspec_version`` is left out
+        (spec 1.1: it is recorded in the safetensors metadata; PEFT warns about fields it does not know).
         """
         out = copy.deepcopy(self._data)
-        out["adapterspec_version"] = SPEC_VERSION
+        out.pop("adapterspec_version", None)
         out["inference_mode"] = True
         return out
 
@@ -314,6 +345,35 @@ class AdapterConfig(Mapping[str, Any]):
         2
         """
         return AdapterConfig.from_dict({**self._data, **changes})
+
+    def for_model(self, model_type: str | None) -> AdapterConfig:
+        """This config with a null ``target_modules`` (and IA3's null ``feedforward_modules``) replaced by
+        PEFT's default for the architecture ``model_type`` (transformers' ``config.model_type``), as PEFT
+        does when it loads the adapter (SPEC.md 14.2). Other configs are returned as they are.
+
+        :raises UnsupportedError: PEFT has no default for ``model_type`` (names the field and the model type).
+
+        >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": None})
+        >>> cfg.for_model("llama")["target_modules"]
+        ['q_proj', 'v_proj']
+        """
+        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR"):
+            return self
+        changes: dict[str, Any] = {}
+        fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)
+        for name in fields:
+            if self._data.get(name) is not None or (name == "target_modules" and self._data.get("target_parameters")
+                                                    and default_targets(self.peft_type, model_type) is None):
+                continue
+            value = default_targets(self.peft_type, model_type, name)
+            if value is None:
+                raise UnsupportedError(
+                    f"{name} is null and PEFT has no default {name} for {self.peft_type} on model type "
+                    f"{model_type!r}", pointer=f"/{name}",
+                    hint=f"list the modules in {name} in adapter_config.json (spec/v1/target_modules.json has "
+                         "PEFT's defaults per model type)")
+            changes[name] = value
+        return self.replace(**changes) if changes else self
 
     # -- per-module answers -----------------------------------------------------------
     @property
