@@ -18,7 +18,8 @@ from typing import Any
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, AdapterSpecError, BackendError, UnsafeFileError
+from .errors import (AdapterExistsError, AdapterNotFoundError, AdapterSpecError, BackendError, UnsafeFileError,
+                     UnsupportedError)
 from .folder import list_adapters, write_adapter, write_adapters
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
@@ -183,11 +184,15 @@ def _gc_paused() -> Iterator[None]:
 @contextlib.contextmanager
 def _spec_errors_first(adapter: Adapter) -> Iterator[None]:
     """If the block fails and the adapter's tensor checks were left out (``read_adapter(check_tensors=False)``),
-    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend."""
+    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend.
+
+    Except an :class:`UnsupportedError`: the backend cannot apply the adapter to this model whatever the file
+    holds (a layer kind it cannot adapt, such as ``nn.MultiheadAttention``), so that is the error to report.
+    """
     try:
         yield
-    except Exception:
-        if adapter.tensors_checked:
+    except Exception as exc:
+        if adapter.tensors_checked or isinstance(exc, UnsupportedError):
             raise
         try:
             adapter.check_tensors()

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter, validate_adapter
-from .config import load_schema, read_json_file, validate_config
-from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError
+from ._rules import duplicate_entries, not_portable
+from .config import load_schema, read_json_file, unknown_fields_note, unsupported_features, validate_config
+from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError, UnsupportedError
 from .folder import list_adapters
 from .naming import parse_key
-from .spec import CONFIG_NAME, METADATA_SHA256, METADATA_VERSION, SPEC_VERSION
+from .spec import CONFIG_NAME, METADATA_SHA256, METADATA_VERSION, PICKLE_NAME, SAFETENSORS_NAME, SPEC_VERSION
 
 __all__ = ["main"]
 
@@ -67,7 +68,15 @@ def _validate_config_file(path: Path, strict: bool) -> Result:
         result.errors.append(_error(FileFormatError(f"not a readable JSON file: {exc}", path=path)))
         return result
     if unknown:
-        result.warnings.append(f"fields unknown to spec {SPEC_VERSION}: {', '.join(unknown)}")
+        result.warnings.append(unknown_fields_note(unknown))
+    result.warnings += [f"{pointer}: {note}" for pointer, note in duplicate_entries(data)]
+    notes = not_portable(data)
+    for pointer, reason in unsupported_features(data):  # check 5, as for folders; a method's note unless strict
+        error = UnsupportedError(reason, pointer=pointer, path=path, hint="load it with PEFT itself")
+        if (pointer, reason) in notes and not strict:
+            result.warnings.append(f"not portable: {reason} (fix: {error.hint}; --strict fails on it)")
+        else:
+            result.errors.append(_error(error))
     result.summary = f"{data['peft_type']} config"
     return result
 
@@ -104,6 +113,9 @@ def validate_targets(targets: Sequence[str], *, strict: bool = False, allow_pick
             continue
         if path.is_file() and path.name != CONFIG_NAME and path.suffix == ".json":
             results.append(_validate_config_file(path, strict))
+        elif path.is_file() and path.name == CONFIG_NAME and not any(
+                (path.parent / weights).exists() for weights in (SAFETENSORS_NAME, PICKLE_NAME)):
+            results.append(_validate_config_file(path, strict))  # a config alone, not an adapter folder
         elif path.is_file() and path.name == CONFIG_NAME:
             results.extend(_validate_folder(path.parent, strict, allow_pickle))
         elif path.is_dir():
