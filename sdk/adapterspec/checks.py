@@ -155,8 +155,8 @@ def _prompt_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> 
         return [MissingTensorError(f"{config.peft_type} needs the tensor {PROMPT_KEY!r}", key=PROMPT_KEY,
                                    hint="save the adapter again")]
     if config.peft_type == "PREFIX_TUNING":
-        sizes = (config.get("num_layers"), config.get("token_dim"))
-        width = None if None in sizes else sizes[0] * 2 * sizes[1]
+        layers, dim = config.get("num_layers"), config.get("token_dim")
+        width = None if layers is None or dim is None else int(layers) * 2 * int(dim)
         expected = (config["num_virtual_tokens"], width)
         why = "[num_virtual_tokens, num_layers * 2 * token_dim]"
     else:

@@ -63,7 +63,8 @@ def load_schema(name: str = "adapter_config") -> dict[str, Any]:
 @functools.cache
 def _target_tables() -> dict[str, Any]:
     text = resources.files("adapterspec").joinpath("_schema/target_modules.v1.json").read_text("utf-8")
-    return json.loads(text)
+    tables: dict[str, Any] = json.loads(text)
+    return tables
 
 
 def default_targets(peft_type: str, model_type: str | None, field: str = "target_modules") -> list[str] | str | None:
@@ -75,7 +76,7 @@ def default_targets(peft_type: str, model_type: str | None, field: str = "target
     >>> default_targets("IA3", "llama", "feedforward_modules")
     ['down_proj']
     """
-    value = _target_tables().get(field, {}).get(peft_type, {}).get(model_type or "")
+    value: list[str] | str | None = _target_tables().get(field, {}).get(peft_type, {}).get(model_type or "")
     return copy.deepcopy(value)
 
 

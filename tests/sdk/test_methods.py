@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from adapterspec.cli import main, validate_targets
 from adapterspec.config import AdapterConfig, default_targets, validate_config
 from adapterspec.errors import AdapterSpecWarning, ConfigError, UnsupportedError
 
+SPEC_DIR = Path(__file__).resolve().parents[2] / "spec" / "v1"
 PORTABLE = {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"}
 #: The few PEFT configs that need arguments: their __post_init__ refuses the defaults, or (prefix and prompt
 #: tuning, spec-required) PEFT cannot build the adapter without num_virtual_tokens (the tensor's shape).
@@ -248,3 +251,17 @@ def test_unknown_fields_have_one_wording(tmp_path: Path) -> None:
     expected = f"fields unknown to adapterspec {adapterspec.SPEC_VERSION} are kept but not acted on: use_doar"
     assert result.warnings == [expected]
     assert [str(w.message) for w in caught] == [expected]
+
+
+def test_generated_parts_of_the_spec_are_up_to_date(tmp_path: Path) -> None:
+    """spec/v1/generate_methods.py, run on the committed schema with the installed PEFT, changes nothing."""
+    pytest.importorskip("peft")
+    spec = importlib.util.spec_from_file_location("generate_methods", SPEC_DIR / "generate_methods.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.SCHEMA, module.TARGETS = tmp_path / "schema.json", tmp_path / "targets.json"
+    shutil.copy(SPEC_DIR / "adapter_config.schema.json", module.SCHEMA)
+    module.generate()
+    assert module.SCHEMA.read_text("utf-8") == (SPEC_DIR / "adapter_config.schema.json").read_text("utf-8")
+    assert module.TARGETS.read_text("utf-8") == (SPEC_DIR / "target_modules.json").read_text("utf-8")
