@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from ._method_checks import METHOD_CHECKS
+from ._rules import not_portable
 from .config import AdapterConfig, transformer_submodules
 from .errors import (
     AdapterSpecError,
@@ -27,6 +28,7 @@ from .errors import (
     ShapeMismatchError,
     TensorError,
     UnexpectedTensorError,
+    UnsupportedError,
 )
 from .naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, PROMPT_KEY, TensorName, make_key, parse_key
 from .targets import token_indices
@@ -62,6 +64,8 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
     whose partner shapes agree (11); ``prompt_embeddings`` has its shape (12); auxiliary tensors have
     theirs (16); at least one method tensor is present.
     """
+    for pointer, reason in not_portable(config):  # the spec names no tensor of the method: nothing to check
+        return [UnsupportedError(reason, pointer=pointer, hint="load or save it with PEFT itself")]
     errors: list[AdapterSpecError] = []
     modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
     auxiliary: list[tuple[TensorName, TensorInfo]] = []

@@ -136,6 +136,15 @@ def test_not_portable_method_is_refused_at_read_with_unsupported_error(tmp_path:
     assert "PeftModel.from_pretrained" in (info.value.hint or "")
 
 
+def test_not_portable_tensors_are_refused_typed_and_nothing_is_written(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match="VERA is recognised but not portable"):
+        adapterspec.Adapter.from_tensors(VERA, VERA_TENSORS)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.write_adapter(tmp_path / "out", VERA, VERA_TENSORS)
+    assert info.value.pointer == "/peft_type"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("model_type", "peft_type", "field", "expected"), [
     ("llama", "LORA", "target_modules", ["q_proj", "v_proj"]),
     ("gpt2", "LORA", "target_modules", ["c_attn"]),
