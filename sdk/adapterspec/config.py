@@ -373,6 +373,12 @@ class AdapterConfig(Mapping[str, Any]):
                     f"{model_type!r}", pointer=f"/{name}",
                     hint=f"list the modules in {name} in adapter_config.json (spec/v1/target_modules.json has "
                          "PEFT's defaults per model type)")
+            if isinstance(value, str) and self._data.get("layers_to_transform") not in (None, []):
+                # the schema forbids a regex with layers_to_transform (PEFT ignores the layers for a regex)
+                raise UnsupportedError(
+                    f"PEFT's default {name} for model type {model_type!r} is a regular expression, which cannot "
+                    "be combined with layers_to_transform", pointer="/layers_to_transform",
+                    hint=f"list the modules in {name} in adapter_config.json")
             changes[name] = value
         return self.replace(**changes) if changes else self
 

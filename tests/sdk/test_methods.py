@@ -180,6 +180,11 @@ def test_null_target_modules_resolved_for_the_model_type() -> None:
     with pytest.raises(UnsupportedError) as info:
         cfg.for_model("not_a_model")
     assert info.value.pointer == "/target_modules" and "'not_a_model'" in info.value.message
+    with pytest.raises(UnsupportedError) as info:  # gemma4's default is a regex: no layers_to_transform with it
+        AdapterConfig.from_dict({"peft_type": "LORA", "layers_to_transform": [0]}).for_model("gemma4")
+    assert info.value.pointer == "/layers_to_transform"
+    assert AdapterConfig.from_dict({"peft_type": "LORA"}).for_model("gemma4")["target_modules"] == \
+        r".*language_model\..*\.(q_proj|v_proj)"
     ia3 = AdapterConfig.from_dict({"peft_type": "IA3", "target_modules": ["q_proj", "down_proj"]}).for_model("llama")
     assert ia3["target_modules"] == ["q_proj", "down_proj"] and ia3["feedforward_modules"] == ["down_proj"]
 
