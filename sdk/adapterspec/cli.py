@@ -92,7 +92,11 @@ def _validate_folder(folder: Path, strict: bool, allow_pickle: bool) -> list[Res
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AdapterSpecWarning)
             errors = validate_adapter(path, allow_pickle=allow_pickle, strict=strict)
-            adapter = None if errors else read_adapter(path, allow_pickle=allow_pickle)
+            config = None if errors else read_json_file(Path(path) / CONFIG_NAME)  # valid: just checked
+            portable = config is not None and not not_portable(config)  # a reader refuses the others
+            adapter = read_adapter(path, allow_pickle=allow_pickle) if portable else None
+        if config is not None and not portable:
+            result.summary = f"{config['peft_type']}, not portable"
         result.warnings = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, AdapterSpecWarning)))
         result.errors = [_error(e) for e in errors]
         if adapter is not None:

@@ -126,6 +126,20 @@ def test_not_portable_folder_validates_with_a_note_and_fails_strict(tmp_path: Pa
     assert isinstance(error, UnsupportedError) and error.pointer == "/peft_type"
 
 
+def test_not_portable_folder_with_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One not-portable folder among others: ok with the note (the others are still validated); --strict fails it."""
+    folder = _folder(tmp_path / "vera", VERA, VERA_TENSORS)
+    lora = _folder(tmp_path / "lora", {"peft_type": "LORA", "r": 2, "target_modules": ["q"]},
+                   {"base_model.model.l.q.lora_A.weight": np.ones((2, 4), np.float32),
+                    "base_model.model.l.q.lora_B.weight": np.ones((4, 2), np.float32)})
+    assert main(["validate", str(folder), str(lora)]) == 0
+    out = capsys.readouterr().out
+    assert f"{folder}: ok (VERA, not portable)" in out and f"{lora}: ok (LORA, 2 tensors" in out
+    assert "warning: " in out and "VERA is recognised but not portable" in out and "2 valid, 0 invalid" in out
+    assert main(["validate", "--strict", str(folder)]) == 1
+    assert "error: " in capsys.readouterr().out
+
+
 def test_not_portable_method_is_refused_at_read_with_unsupported_error(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "vera", VERA, VERA_TENSORS)
     with pytest.raises(UnsupportedError) as info:
