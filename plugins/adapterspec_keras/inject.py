@@ -142,7 +142,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
-    if config.get("target_modules") is None or (config.peft_type == "IA3" and config.get("feedforward_modules") is None):
+    if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
         config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
     if config.get("modules_to_save"):
         raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",

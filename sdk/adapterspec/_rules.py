@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems", "transformer_submodules", "unsupported_features"]
+__all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems", "transformer_submodules",
+           "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
