@@ -32,6 +32,7 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .bank import AdapterBank
+from .converters import backbone_of, converter_sites
 from .devices import check_options
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
@@ -141,8 +142,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     if config.is_prompt_learning:
         from .prompts import check_prompt_learning
 
-        check_prompt_learning(model, config)
+        config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
+        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
     if config.get("modules_to_save"):
         raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",
                                pointer="/modules_to_save",

@@ -554,6 +554,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             config = _inject_prompt(model, state, config, adapter_name, options)
             modules: dict[str, str] = {}
         else:
+            config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
             modules = _inject_layers(model, state, config, adapter_name, options)
     except BaseException:
         drop_state_if_empty(model)

@@ -163,7 +163,9 @@ def _ia3(config: AdapterConfig, module: str, p: Params) -> Errors:
     shape, feedforward = tuple(info.shape), config.is_feedforward(module)
     position = 1 if feedforward or len(shape) > 2 else 0  # convolutions: [1, channels, 1...] either way
     non_unit = [i for i, d in enumerate(shape) if d != 1]
-    if 2 <= len(shape) <= 5 and non_unit in ([], [position]):
+    # feedforward_modules null: PEFT's default for the model's architecture, known only at load (SPEC 14.2)
+    unknown = config.get("feedforward_modules") is None and len(shape) == 2
+    if 2 <= len(shape) <= 5 and (non_unit in ([], [position]) or (unknown and len(non_unit) == 1)):
         return []
     if len(shape) != 2:
         want = "[1, channels, 1...] (a convolution) or 2-D"

@@ -26,6 +26,7 @@ from . import _safetensors
 from ._safetensors import dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
+from ._rules import not_portable
 from .config import AdapterConfig, unsupported_features
 from .errors import (
     AdapterSpecError,
@@ -387,9 +388,12 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
                               hint="save the adapter's weights next to its config")
     errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
         UnsupportedError(reason, pointer=pointer, path=config_file,
-                         hint="use PEFT itself for this adapter, or save it without the feature")
+                         hint="load it with PEFT itself (PeftModel.from_pretrained)" if pointer == "/peft_type" else
+                         "use PEFT itself for this adapter, or save it without the feature")
         for pointer, reason in unsupported_features(config)]
-    if check_tensors or not _plain(config, adapter.tensors):
+    if not_portable(config):
+        pass  # the spec names no tensor of the method: there is nothing to check them against
+    elif check_tensors or not _plain(config, adapter.tensors):
         errors += tensor_errors(config, adapter.tensors)
     else:
         adapter._unchecked = True
@@ -400,12 +404,13 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
 
 
 def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:
-    """SPEC.md 2.3: refuse a metadata version no reader of this major may read; warn when it differs from the config's."""
+    """SPEC.md 2.3: refuse a metadata version no reader of this major may read (and warn about a newer minor
+    when the config records none, as spec 1.1 writers do); warn when it differs from the config's."""
     recorded = metadata.get(METADATA_VERSION)
     if recorded is None:
         return
     if check_version(recorded, pointer=f"metadata/{METADATA_VERSION}", path=str(weights)) != \
-            check_version(config.get("adapterspec_version")):
+            check_version(config.get("adapterspec_version")) and config.get("adapterspec_version") is not None:
         warnings.warn(
             f"{weights}: the safetensors metadata records adapterspec_version {recorded!r} but the config "
             f"{config.get('adapterspec_version') or 'none (read as 1.0)'!r}; the config's version governs",
@@ -465,6 +470,8 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
     Runs checks 1-16 of SPEC.md section 10 (check 17, the manifest, is :func:`~adapterspec.list_adapters`):
     unlike :func:`read_adapter` it also reads all tensor data, to verify the checksum (7) and that every
     floating-point value is finite (14). Features no v1 reader implements (check 5) are errors here too.
+    A method that is recognised but not portable (SPEC.md 14) is valid with an
+    :class:`~adapterspec.errors.AdapterSpecWarning` saying so; ``strict=True`` makes it an error.
 
     >>> validate_adapter("my-lora")                                   # doctest: +SKIP
     []
@@ -473,6 +480,11 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
         adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
     except AdapterSpecError as exc:
         return [exc]
+    if not strict:
+        notes = {pointer for pointer, _ in not_portable(adapter.config)}
+        for e in [e for e in errors if isinstance(e, UnsupportedError) and e.pointer in notes]:
+            errors.remove(e)
+            warnings.warn(f"{e.path}: not portable: {e.message} ({e.hint})", AdapterSpecWarning, stacklevel=2)
     try:
         adapter.verify_checksum()
     except FileFormatError as exc:  # IntegrityError, or a malformed checksum

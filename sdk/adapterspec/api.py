@@ -34,6 +34,7 @@ from .errors import (
     BackendError,
     FileFormatError,
     UnsafeFileError,
+    UnsupportedError,
 )
 from .folder import list_adapters, write_adapter, write_adapters
 from .naming import PARAMETERS, make_key
@@ -270,11 +271,15 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
 @contextlib.contextmanager
 def _spec_errors_first(adapter: Adapter) -> Iterator[None]:
     """If the block fails and the adapter's tensor checks were left out (``read_adapter(check_tensors=False)``),
-    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend."""
+    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend.
+
+    Except an :class:`UnsupportedError`: the backend cannot apply the adapter to this model whatever the file
+    holds (a layer kind it cannot adapt, such as ``nn.MultiheadAttention``), so that is the error to report.
+    """
     try:
         yield
-    except Exception:
-        if adapter.tensors_checked:
+    except Exception as exc:
+        if adapter.tensors_checked or isinstance(exc, UnsupportedError):
             raise
         try:
             adapter.check_tensors()

@@ -24,8 +24,9 @@ from typing import Any
 
 from ._jsonpos import member_position, syntax_error_position
 from .adapter import read_adapter, validate_adapter
-from .config import _known_fields, config_problems, load_schema, read_json_file
-from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError
+from ._rules import duplicate_entries, not_portable
+from .config import config_problems, load_schema, read_json_file, unknown_fields_note, unsupported_features, validate_config
+from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError
 from .folder import list_adapters
 from .naming import parse_key
 from .spec import (
@@ -134,10 +135,18 @@ def _validate_config_file(path: Path, strict: bool) -> Result:
         result.add_errors(config_problems(data, strict=strict, path=str(path)))
     result.warnings = _warnings(caught, str(path))
     if result.ok:
-        unknown = sorted(set(data) - _known_fields(data["peft_type"]))
-        if unknown:
-            result.warnings.append(_warning(f"{path}: fields unknown to spec {SPEC_VERSION}: {', '.join(unknown)}",
-                                            str(path)))
+        unknown = validate_config(data, strict=strict, path=str(path))  # valid: the cached answer
+        notes = [f"{path}: {unknown_fields_note(unknown)}"] if unknown else []
+        notes += [f"{path}: {pointer}: {note}" for pointer, note in duplicate_entries(data)]
+        result.warnings += [_warning(note, str(path)) for note in notes]
+        portable_notes = not_portable(data)
+        for pointer, reason in unsupported_features(data):  # check 5, as for folders; a method's note unless strict
+            error = UnsupportedError(reason, pointer=pointer, path=path, hint="load it with PEFT itself")
+            if (pointer, reason) in portable_notes and not strict:
+                result.warnings.append(_warning(f"{path}: not portable: {reason} (fix: {error.hint}; --strict fails on it)",
+                                                str(path)))
+            else:
+                result.add_errors([error])
         result.summary = f"{data['peft_type']} config"
     return result
 
@@ -183,7 +192,11 @@ def _validate_folder(folder: Path, strict: bool, allow_pickle: bool) -> list[Res
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AdapterSpecWarning)
             errors = validate_adapter(path, allow_pickle=allow_pickle, strict=strict)
-            adapter = None if errors else read_adapter(path, allow_pickle=allow_pickle)
+            config = None if errors else read_json_file(Path(path) / CONFIG_NAME)  # valid: just checked
+            portable = config is not None and not not_portable(config)  # a reader refuses the others
+            adapter = read_adapter(path, allow_pickle=allow_pickle) if portable else None
+        if config is not None and not portable:
+            result.summary = f"{config['peft_type']}, not portable"
         result.warnings = _warnings(caught, str(path / CONFIG_NAME))
         result.add_errors(_with_all_config_errors(errors, strict))
         if adapter is not None:
@@ -209,6 +222,10 @@ def validate_targets(targets: Sequence[str], *, strict: bool = False, allow_pick
             path = _local(target)
         except AdapterSpecError as exc:
             results.append(Result(target, [_error(exc)]))
+            continue
+        if path.is_file() and path.name == CONFIG_NAME and not any(
+                (path.parent / weights).exists() for weights in (SAFETENSORS_NAME, PICKLE_NAME)):
+            results.append(_validate_config_file(path, strict))  # a config alone, not an adapter folder
             continue
         if path.is_file() and path.name in FOLDER_FILES:
             path = path.parent

@@ -16,6 +16,7 @@ adapterspec.errors.ConfigError: /r: 0 is less than the minimum of 1 (fix: ...)
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import math
@@ -31,8 +32,8 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
-from ._rules import rule_problems, transformer_submodules, unsupported_features
-from .errors import AdapterSpecWarning, ConfigError, FileFormatError
+from ._rules import duplicate_entries, rule_problems, transformer_submodules, unsupported_features
+from .errors import AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError
 from .spec import SPEC_VERSION, check_version
 from .targets import is_feedforward, module_matches, pattern_value, regex_problems
 
@@ -40,10 +41,12 @@ __all__ = [
     "AdapterConfig",
     "config_errors",
     "config_problems",
+    "default_targets",
     "load_schema",
     "read_json_file",
     "schema_hint",
     "transformer_submodules",
+    "unknown_fields_note",
     "unsupported_features",
     "validate_config",
 ]
@@ -58,6 +61,35 @@ def load_schema(name: str = "adapter_config") -> dict[str, Any]:
     """
     text = resources.files("adapterspec").joinpath(f"_schema/{name}.v1.schema.json").read_text("utf-8")
     return json.loads(text)
+
+
+@functools.cache
+def _target_tables() -> dict[str, Any]:
+    text = resources.files("adapterspec").joinpath("_schema/target_modules.v1.json").read_text("utf-8")
+    tables: dict[str, Any] = json.loads(text)
+    return tables
+
+
+def default_targets(peft_type: str, model_type: str | None, field: str = "target_modules") -> list[str] | str | None:
+    """PEFT's default for a null ``target_modules`` (or IA3 ``feedforward_modules``) on architecture
+    ``model_type`` (SPEC.md 14.2, ``spec/v1/target_modules.json``); ``None`` when PEFT has none.
+
+    >>> default_targets("LORA", "llama")
+    ['q_proj', 'v_proj']
+    >>> default_targets("IA3", "llama", "feedforward_modules")
+    ['down_proj']
+    """
+    value: list[str] | str | None = _target_tables().get(field, {}).get(peft_type, {}).get(model_type or "")
+    return copy.deepcopy(value)
+
+
+def unknown_fields_note(unknown: list[str] | tuple[str, ...]) -> str:
+    """The one wording of the note about fields the schema does not know (SPEC.md 2.5).
+
+    >>> unknown_fields_note(["use_doar"])
+    'fields unknown to adapterspec 1.1 are kept but not acted on: use_doar'
+    """
+    return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {', '.join(unknown)}"
 
 
 @functools.cache
@@ -84,11 +116,22 @@ def _listed(values: Any, limit: int = 12) -> str:
     return ", ".join(shown) + (", ..." if len(values) > limit else "")
 
 
+def _enum_hint(values: list[Any], instance: Any) -> str:
+    """``use one of: ...`` for a short list; for a long one (``peft_type``), the closest value and a few."""
+    if len(values) <= 8:
+        return f"use one of: {_listed(values)}"
+    close = difflib.get_close_matches(str(instance), [str(v) for v in values], n=1)
+    guess = f"did you mean {json.dumps(close[0])}? " if close else ""
+    return f"{guess}use one of the {len(values)} values the schema lists ({_listed(values, 3)})"
+
+
 def schema_hint(error: ValidationError) -> str:
     """What to change to satisfy the schema keyword ``error`` failed: short and actionable, per keyword.
 
-    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORAX"})]
-    ['use one of: "LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"']
+    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORA", "target_modules": 5})]
+    ['use null or a string or a list']
+    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORAX"})][0][:27]
+    'did you mean "LORA"? use on'
     """
     hint = _keyword_hint(error)
     condition = _condition(error)
@@ -130,7 +173,7 @@ def _keyword_hint(error: ValidationError) -> str:
         missing = error.message.split("'")[1] if "'" in error.message else "?"
         return f"add the field {missing!r}"
     if kind == "enum":
-        return f"use one of: {_listed(value)}"
+        return _enum_hint(list(value), error.instance)
     if kind == "const":
         return f"use {json.dumps(value)}"
     if kind == "type":
@@ -355,10 +398,10 @@ class AdapterConfig(Mapping[str, Any]):
         where = str(path) if path is not None else None
         unknown = validate_config(data, strict=strict, path=where)
         if unknown:
-            warnings.warn(
-                f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
-                f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
-            )
+            warnings.warn(f"{where + ': ' if where else ''}{unknown_fields_note(unknown)}", AdapterSpecWarning,
+                          stacklevel=2)
+        for pointer, note in duplicate_entries(data):
+            warnings.warn(f"{where + ': ' if where else ''}{pointer}: {note}", AdapterSpecWarning, stacklevel=2)
         merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
         return cls(merged, unknown_fields=tuple(unknown))
 
@@ -394,12 +437,13 @@ class AdapterConfig(Mapping[str, Any]):
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The config as written to ``adapter_config.json``: PEFT-loadable, with ``adapterspec_version``.
+        """The config as written to ``adapter_config.json``: PEFT loads it without a warning.
 
-        ``inference_mode`` is written ``true``, as PEFT does on save.
+        ``inference_mode`` is written ``true``, as PEFT does on save. ``adapterspec_version`` is left out
+        (spec 1.1: it is recorded in the safetensors metadata; PEFT warns about fields it does not know).
         """
         out = copy.deepcopy(self._data)
-        out["adapterspec_version"] = SPEC_VERSION
+        out.pop("adapterspec_version", None)
         out["inference_mode"] = True
         return out
 
@@ -414,6 +458,41 @@ class AdapterConfig(Mapping[str, Any]):
         2
         """
         return AdapterConfig.from_dict({**self._data, **changes})
+
+    def for_model(self, model_type: str | None) -> AdapterConfig:
+        """This config with a null ``target_modules`` (and IA3's null ``feedforward_modules``) replaced by
+        PEFT's default for the architecture ``model_type`` (transformers' ``config.model_type``), as PEFT
+        does when it loads the adapter (SPEC.md 14.2). Other configs are returned as they are.
+
+        :raises UnsupportedError: PEFT has no default for ``model_type`` (names the field and the model type).
+
+        >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": None})
+        >>> cfg.for_model("llama")["target_modules"]
+        ['q_proj', 'v_proj']
+        """
+        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR"):
+            return self
+        changes: dict[str, Any] = {}
+        fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)
+        for name in fields:
+            if self._data.get(name) is not None or (name == "target_modules" and self._data.get("target_parameters")
+                                                    and default_targets(self.peft_type, model_type) is None):
+                continue
+            value = default_targets(self.peft_type, model_type, name)
+            if value is None:
+                raise UnsupportedError(
+                    f"{name} is null and PEFT has no default {name} for {self.peft_type} on model type "
+                    f"{model_type!r}", pointer=f"/{name}",
+                    hint=f"list the modules in {name} in adapter_config.json (spec/v1/target_modules.json has "
+                         "PEFT's defaults per model type)")
+            if isinstance(value, str) and self._data.get("layers_to_transform") not in (None, []):
+                # the schema forbids a regex with layers_to_transform (PEFT ignores the layers for a regex)
+                raise UnsupportedError(
+                    f"PEFT's default {name} for model type {model_type!r} is a regular expression, which cannot "
+                    "be combined with layers_to_transform", pointer="/layers_to_transform",
+                    hint=f"list the modules in {name} in adapter_config.json")
+            changes[name] = value
+        return self.replace(**changes) if changes else self
 
     # -- per-module answers -----------------------------------------------------------
     @property

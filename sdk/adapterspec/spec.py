@@ -1,7 +1,8 @@
 """The versions of the adapterspec format and the rules for reading them.
 
-A writer records ``adapterspec_version`` in ``adapter_config.json`` (and in the safetensors
-metadata). A reader compares it with :data:`SPEC_VERSION`:
+A writer records ``adapterspec_version`` in the safetensors metadata (spec 1.0 writers also wrote it
+in ``adapter_config.json``, where PEFT warns about it; a reader takes the config's value when there is
+one). A reader compares it with :data:`SPEC_VERSION`:
 
 * absent -- the folder was written by PEFT (or another tool before adapterspec); it is read
   as spec 1.0, which is a superset-compatible reading of PEFT's format;
@@ -35,7 +36,7 @@ __all__ = [
     "check_version",
 ]
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 CONFIG_NAME = "adapter_config.json"

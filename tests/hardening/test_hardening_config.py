@@ -159,7 +159,7 @@ DICT_CASES = {
     "rank_pattern value 0": ({**BASE, "rank_pattern": {"q": 0}}, "/rank_pattern/q"),
     "rank_pattern value NaN": ({**BASE, "rank_pattern": {"q": math.nan}}, "/rank_pattern/q"),
     "target_modules empty string": ({**BASE, "target_modules": ""}, "/target_modules"),
-    "unknown method": ({**BASE, "peft_type": "ADALORA"}, "/peft_type"),
+    "unknown method": ({**BASE, "peft_type": "NOT_A_PEFT_METHOD"}, "/peft_type"),  # ADALORA is recognised since 1.1
     "method lower case": ({**BASE, "peft_type": "lora"}, "/peft_type"),
     "method homoglyph": ({**BASE, "peft_type": "L\u039fRA"}, "/peft_type"),
     "version 2.0": ({**BASE, "adapterspec_version": "2.0"}, "/adapterspec_version"),

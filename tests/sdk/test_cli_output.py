@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 import adapterspec
 from adapterspec.cli import MAX_ERRORS, REPORT_VERSION, _annotation, main
 from adapterspec.config import load_schema
+from adapterspec.spec import SPEC_VERSION
 
 SDK = Path(adapterspec.__file__).resolve().parents[1]
 REPO = SDK.parent
@@ -75,7 +76,7 @@ def test_report_is_versioned_and_valid(tmp_path: Path, capsys: pytest.CaptureFix
     good = lora_folder(tmp_path / "good", use_future_thing=True)
     (tmp_path / "broken.json").write_text("{")
     data = report(capsys, str(good), str(tmp_path / "broken.json"), str(tmp_path / "missing"))
-    assert data["report_version"] == REPORT_VERSION and data["spec_version"] == "1.0"
+    assert data["report_version"] == REPORT_VERSION and data["spec_version"] == SPEC_VERSION
     assert data["adapterspec_version"] == adapterspec.__version__ and data["valid"] is False
     ok, broken, missing = data["results"]
     assert ok["ok"] and ok["summary"].startswith("LORA, 2 tensors")
@@ -123,7 +124,7 @@ def test_version_names_package_and_spec(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == f"adapterspec {version('adapterspec')} (spec 1.0)"
+    assert capsys.readouterr().out.strip() == f"adapterspec {version('adapterspec')} (spec {SPEC_VERSION})"
 
 
 def test_closed_pipe_exits_without_traceback() -> None:

@@ -29,8 +29,9 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert sorted(loaded) == sorted(tensors())
     for key, value in tensors().items():
         assert np.array_equal(loaded[key], value)
-    assert adapter.config["r"] == 2 and adapter.config["adapterspec_version"] == "1.0"
-    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.0"
+    # spec 1.1: the version is in the safetensors metadata only (PEFT warns about unknown config fields)
+    assert adapter.config["r"] == 2 and "adapterspec_version" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.1"
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["inference_mode"] is True and config["lora_dropout"] == 0.0  # PEFT defaults filled
 
@@ -108,7 +109,7 @@ def test_several_adapters_with_manifest(tmp_path: Path) -> None:
     ia3_tensors = {"base_model.model.layers.0.q.ia3_l": np.linspace(0.5, 1.5, 5, dtype=np.float32).reshape(5, 1)}
     adapterspec.write_adapters(tmp_path / "m", {"default": (CONFIG, tensors()), "fr": (ia3, ia3_tensors)})
     manifest = json.loads((tmp_path / "m" / "adapterspec.json").read_text())
-    assert manifest == {"adapterspec_version": "1.0", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
+    assert manifest == {"adapterspec_version": "1.1", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
     found = adapterspec.list_adapters(tmp_path / "m")
     assert found == {"default": tmp_path / "m", "fr": tmp_path / "m" / "fr"}
     assert adapterspec.read_adapters(tmp_path / "m")["fr"].config.peft_type == "IA3"
