@@ -457,6 +457,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                               hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
         check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         _check_manifest_names(manifest, manifest_file)
+        folders: dict[Path, str] = {}  # resolved folder -> the first adapter listed with it
         for name, entry in manifest["adapters"].items():
             check_adapter_name(name)
             target = folder / entry["path"]
@@ -466,8 +467,8 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             if not (target / CONFIG_NAME).exists():
                 raise AdapterNotFoundError(f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}",
                                            path=manifest_file, hint="save that adapter again or remove it from the manifest")
-            twin = next((other for other, seen in found.items() if seen.resolve() == target.resolve()), None)
-            if twin is not None:  # SPEC 3.4: two entries never name the same folder
+            twin = folders.setdefault(target.resolve(), name)  # one lookup per entry: linear in the entries
+            if twin != name:  # SPEC 3.4: two entries never name the same folder
                 raise ConfigError(f"adapters {twin!r} and {name!r} have the same folder {entry['path']!r}",
                                   pointer=f"/adapters/{name}/path", path=manifest_file,
                                   hint="give every adapter its own folder")
