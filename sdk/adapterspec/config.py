@@ -32,7 +32,7 @@ import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from ._rules import rule_problems, transformer_submodules, unsupported_features
-from .errors import AdapterSpecWarning, ConfigError, FileFormatError
+from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, shorten
 from .spec import SPEC_VERSION, check_version
 from .targets import is_feedforward, module_matches, pattern_value, regex_problems
 
@@ -78,7 +78,17 @@ def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
         hint = f"add {field!r}" + (f" ({description})" if description else "")
     else:
         hint = f"expected {description}" if description else "see spec/v1/SPEC.md"
-    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=hint)
+    return ConfigError(_short_message(error), pointer=_pointer(error), path=path, hint=hint)
+
+
+def _short_message(error: ValidationError) -> str:
+    """jsonschema's message with the value it starts with cut short (``'<20 MB>' is too long``)."""
+    message = error.message
+    if isinstance(error.instance, (str, list, dict)) and len(error.instance) > 16:
+        echoed = repr(error.instance)
+        if message.startswith(echoed) and len(echoed) > ECHO_LIMIT:
+            return shorten(error.instance) + message[len(echoed):]
+    return message
 
 
 def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:

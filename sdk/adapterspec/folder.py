@@ -449,13 +449,14 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if manifest_file.exists():
         manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
+        if isinstance(manifest, dict):  # a VersionError before the schema's errors, as for a config
+            check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
             _refuse_unsafe_entries(manifest, manifest_file)
             pointer = "".join(f"/{p}" for p in errors[0].absolute_path)
             raise ConfigError(f"manifest: {errors[0].message}", pointer=pointer, path=manifest_file,
                               hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
-        check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         _check_manifest_names(manifest, manifest_file)
         folders: dict[Path, str] = {}  # resolved folder -> the first adapter listed with it
         for name, entry in manifest["adapters"].items():
