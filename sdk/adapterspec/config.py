@@ -34,7 +34,7 @@ from jsonschema.exceptions import ValidationError, best_match, relevance
 from ._rules import rule_problems, transformer_submodules, unsupported_features
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, shorten
 from .spec import SPEC_VERSION, check_version
-from .targets import is_feedforward, module_matches, pattern_value, regex_problems
+from .targets import PatternTable, Targeting, is_feedforward, regex_problems
 
 __all__ = [
     "AdapterConfig",
@@ -66,7 +66,10 @@ def _validator(name: str = "adapter_config") -> jsonschema.protocols.Validator:
 
 
 def _pointer(error: ValidationError) -> str:
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error.absolute_path)
+    path = list(error.absolute_path)
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        path.append(error.instance)  # a bad key (of rank_pattern...): the error's path stops at its object
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
 def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
@@ -244,11 +247,13 @@ class AdapterConfig(Mapping[str, Any]):
     (16, 8.0)
     """
 
-    __slots__ = ("_data", "_matches", "unknown_fields")
+    __slots__ = ("_data", "_matches", "_tables", "_targeting", "unknown_fields")
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
         self._data = dict(data)
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
+        self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
+        self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared
         self.unknown_fields = unknown_fields
 
     # -- construction -----------------------------------------------------------------
@@ -343,17 +348,26 @@ class AdapterConfig(Mapping[str, Any]):
             memo = self._matches = _shared_matches(self._data)
         found = memo.get(module)
         if found is None:
-            found = memo[module] = module_matches(self._data, module)
+            targeting = self._targeting
+            if targeting is None:
+                targeting = self._targeting = Targeting(self._data)
+            found = memo[module] = targeting.matches(module)
         return found
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
-        return int(pattern_value(self._data.get("rank_pattern"), module, default=self._data["r"]))
+        return int(self._table("rank_pattern").value(module, default=self._data["r"]))
 
     def alpha_for(self, module: str) -> float:
         """``alpha_pattern``'s first matching key, else ``lora_alpha`` (``alpha`` for LoHa/LoKr)."""
         default = self._data["lora_alpha"] if self.peft_type == "LORA" else self._data.get("alpha", self._data["r"])
-        return float(pattern_value(self._data.get("alpha_pattern"), module, default=default))
+        return float(self._table("alpha_pattern").value(module, default=default))
+
+    def _table(self, field: str) -> PatternTable:
+        table = self._tables.get(field)
+        if table is None:
+            table = self._tables[field] = PatternTable(self._data.get(field))
+        return table
 
     def scaling_for(self, module: str) -> float:
         """The factor applied to the low-rank update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.

@@ -38,6 +38,8 @@ __all__ = [
 
 #: The most characters of a value from a file that an error message echoes (see :func:`shorten`).
 ECHO_LIMIT = 80
+#: The most characters of a file path, JSON pointer or tensor key an error prints.
+LOCATION_LIMIT = 300
 #: The most characters an error prints (its message, pointer and key; a hostile file can make them megabytes).
 MESSAGE_LIMIT = 2000
 
@@ -92,7 +94,7 @@ class AdapterSpecError(Exception):
     @property
     def location(self) -> str:
         """``file: pointer-or-key``, whatever of them is known (control characters escaped)."""
-        parts = [_printable(_cut(p)) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
+        parts = [_printable(_cut(p, LOCATION_LIMIT)) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
         if self.pointer == "":
             parts.append("(config root)")
         return ": ".join(parts)

@@ -414,8 +414,8 @@ def test_configs_that_target_alike_share_their_matches_and_others_do_not(monkeyp
 
     monkeypatch.setattr(config_module, "_SHARED_MATCHES", {})
     calls: list[str] = []
-    real = config_module.module_matches
-    monkeypatch.setattr(config_module, "module_matches", lambda data, path: calls.append(path) or real(data, path))
+    real = config_module.Targeting.matches
+    monkeypatch.setattr(config_module.Targeting, "matches", lambda self, path: calls.append(path) or real(self, path))
     paths = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.1.k"]
     base = {"peft_type": "LORA", "target_modules": ["q", "v"], "layers_to_transform": [0]}
     first = adapterspec.AdapterConfig.from_dict({**base, "r": 4})
