@@ -21,7 +21,7 @@ from typing import Any
 
 from .adapter import read_adapter, validate_adapter
 from .config import load_schema, read_json_file, validate_config
-from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError
+from .errors import AdapterSpecError, AdapterSpecWarning, FileFormatError, shorten
 from .folder import list_adapters
 from .naming import parse_key
 from .spec import CONFIG_NAME, METADATA_SHA256, METADATA_VERSION, SPEC_VERSION
@@ -67,7 +67,7 @@ def _validate_config_file(path: Path, strict: bool) -> Result:
         result.errors.append(_error(FileFormatError(f"not a readable JSON file: {exc}", path=path)))
         return result
     if unknown:
-        result.warnings.append(f"fields unknown to spec {SPEC_VERSION}: {', '.join(unknown)}")
+        result.warnings.append(f"fields unknown to spec {SPEC_VERSION}: {shorten(', '.join(unknown), 300, plain=True)}")
     result.summary = f"{data['peft_type']} config"
     return result
 

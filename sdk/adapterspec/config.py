@@ -272,7 +272,7 @@ class AdapterConfig(Mapping[str, Any]):
         if unknown:
             warnings.warn(
                 f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
-                f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
+                f"acted on: {shorten(', '.join(unknown), 300, plain=True)}", AdapterSpecWarning, stacklevel=2,
             )
         merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
         return cls(merged, unknown_fields=tuple(unknown))

@@ -44,16 +44,19 @@ LOCATION_LIMIT = 300
 MESSAGE_LIMIT = 2000
 
 
-def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
+def shorten(value: object, limit: int = ECHO_LIMIT, *, plain: bool = False) -> str:
     """``repr(value)`` for an error message, cut to about ``limit`` characters with the full length said.
 
     Values come from files (a 20 MB version string): echoing them whole floods a terminal or a CI log.
+    ``plain``: a string is echoed as it is, not as its ``repr`` (a list of names already joined).
 
     >>> shorten("1." + "1" * 5000)
     "'1.111111111111111111111111111111111111111111111111111111111111111111111111111111'... (5002 characters)"
     >>> shorten("q_proj")
     "'q_proj'"
     """
+    if isinstance(value, str) and plain:
+        return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
     if isinstance(value, str) and len(value) > limit:  # cut before repr: no 20 MB copy
         return f"{value[:limit]!r}... ({len(value)} characters)"
     text = repr(value)

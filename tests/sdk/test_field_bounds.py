@@ -85,3 +85,15 @@ def test_every_error_prints_a_bounded_text() -> None:
     error = adapterspec.ConfigError("x" * 10_000, pointer="/rank_pattern/" + "k" * 10_000, hint="h" * 10_000)
     assert len(str(error)) < 7000 and "more characters)" in str(error)
     assert error.message == "x" * 10_000  # the full message stays available to code
+
+
+def test_unknown_field_names_are_echoed_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "x" * 100_000
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q"], name: 1, "y": 2}))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fields unknown to spec 1.0: " in out and "(100003 characters)" in out and len(out) < 1000
+    with pytest.warns(adapterspec.AdapterSpecWarning, match=r"\(100003 characters\)") as caught:
+        AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], name: 1, "y": 2})
+    assert len(str(caught[0].message)) < 1000
