@@ -396,3 +396,27 @@ def test_config_truncation_and_flips(good_adapter: Path, scratch: Path) -> None:
     STATS.count("config-file-mutation", len(variants))
     expect_clean(outcomes)
     assert all(o.kind == "typed" for o in outcomes[: len(raw) - 2]), "a truncated config was accepted"
+
+
+def test_regex_bombs_through_torch_inject_and_load(tmp_path: Path) -> None:
+    """``inject_adapter`` and ``load_adapter`` match every module of the model against the config: with
+    the bomb as target_modules and as a rank_pattern key, on module names it backtracks on, they finish."""
+    torch = pytest.importorskip("torch")
+    name = "a" * 60
+    model = torch.nn.ModuleDict({name: torch.nn.ModuleDict({"q_proj": torch.nn.Linear(3, 4)}),
+                                 "b" * 60: torch.nn.Linear(3, 4)})
+    bomb = REGEX_BOMBS["16 overlapping classes"]
+    config = {"peft_type": "LORA", "r": 2, "target_modules": f"(?:{bomb})|{name}\\.q_proj",
+              "rank_pattern": {bomb: 4}}
+    outcome = probe("bomb inject", lambda: adapterspec.inject_adapter(model, config), seconds=5)
+    expect_clean([outcome])
+    assert outcome.value == [f"{name}.q_proj"]
+    saved = probe("bomb save", lambda: adapterspec.save_adapter(model, tmp_path / "a"), seconds=5)
+    expect_clean([saved])
+    adapterspec.delete_adapter(model, "default")
+    loaded = probe("bomb load", lambda: adapterspec.load_adapter(model, tmp_path / "a"), seconds=5)
+    expect_clean([loaded])
+    assert loaded.value == [f"{name}.q_proj"]
+    assert adapterspec.read_adapter(tmp_path / "a").tensors[
+        f"base_model.model.{name}.q_proj.lora_A.weight"].shape == (2, 3)  # the bomb matched no module: r
+    STATS.count("regex-budget", 3)
