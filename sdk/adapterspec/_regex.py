@@ -39,7 +39,7 @@ __all__ = ["MAX_NODES", "Pattern", "UnsupportedPattern", "compile_pattern"]
 #: The most NFA nodes a pattern may compile to (``(a{100}){100}`` has 10,000): bounds the cost per character.
 MAX_NODES = 20_000
 #: DFA states a pattern keeps; past this the cache starts again (memory stays bounded, time stays linear).
-MAX_STATES = 2_000
+MAX_STATES = 256
 
 _CHAR, _SPLIT, _AT, _LOOK, _SAVE, _MATCH = range(6)
 _END = ""  # the transition key at the end of the subject (a character is never empty)
@@ -402,7 +402,7 @@ class Pattern:
         return found
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def compile_pattern(pattern: str, capture: str | None = None) -> Pattern:
     """:class:`Pattern` for ``pattern``, compiled once (configs repeat their patterns across modules).
 

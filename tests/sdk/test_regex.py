@@ -99,3 +99,13 @@ def test_what_has_no_linear_matching_is_refused(pattern: str, what: str) -> None
 def test_invalid_patterns_raise_re_error(pattern: str) -> None:
     with pytest.raises((re.error, OverflowError)):  # re's parser raises OverflowError for huge repeats
         compile_pattern(pattern)
+
+
+def test_answers_stay_right_when_the_dfa_cache_starts_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_regex, "MAX_STATES", 2)
+    pattern = r"^(?!.*vision)(?:[a-z_]+\.)*\d+\.(?:q|v)_proj$"
+    compiled = _regex.Pattern(pattern)
+    for subject in ["model.layers.0.q_proj", "vision.layers.1.v_proj", "model.layers.x.q_proj", "a.12.v_proj\n"]:
+        assert compiled.fullmatch(subject) == (re.fullmatch(pattern, subject) is not None), subject
+        assert compiled.match(subject) == (re.match(pattern, subject) is not None), subject
+    assert len(compiled._program.states) <= 2
