@@ -256,6 +256,21 @@ def _anchor(code: Any, flags: int) -> Any:
     return table[code]
 
 
+_ATOMS: dict[tuple[Any, ...], tuple[Any, dict[str, bool]]] = {}  # shared: most patterns are made of the same atoms
+
+
+def _atom(key: tuple[Any, ...], op: Any, av: Any, flags: int) -> tuple[Any, dict[str, bool]]:
+    """A one-character pattern compiled by ``re`` and the memo of its answers, shared between patterns."""
+    found = _ATOMS.get(key)
+    if found is None:
+        state = _sre_parse.State()
+        state.flags = flags
+        found = (_sre_compile.compile(_sre_parse.SubPattern(state, [(op, av)]), flags), {})
+        if len(_ATOMS) < 65_536:
+            _ATOMS[key] = found
+    return found
+
+
 class _Builder:
     """Compiles ``re``'s parse tree to a :class:`_Program`, back to front (each piece knows what follows it)."""
 
@@ -317,10 +332,7 @@ class _Builder:
         key = (op, repr(av), flags)
         found = self.atom_ids.get(key)
         if found is None:
-            state = _sre_parse.State()
-            state.flags = flags
-            compiled = _sre_compile.compile(_sre_parse.SubPattern(state, [(op, av)]), flags)
-            self.p.atoms.append((compiled, {}))
+            self.p.atoms.append(_atom(key, op, av, flags))
             found = self.atom_ids[key] = len(self.p.atoms) - 1
         return found
 

@@ -278,7 +278,8 @@ _REGEX_FIELDS: tuple[tuple[str, str], ...] = (
 
 
 def _regexes(config: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(JSON pointer, pattern as used) of every regular expression ``config`` holds."""
+    """(JSON pointer, pattern as used) of every regular expression ``config`` holds, but those made of
+    literal characters and ``.`` (most ``rank_pattern`` keys: module names), which compile wherever spliced."""
     for name, wrapper in _REGEX_FIELDS:
         value = config.get(name)
         if name in ("target_modules", "exclude_modules", "feedforward_modules"):
@@ -292,7 +293,8 @@ def _regexes(config: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         else:
             values = []
         for sub, pattern in values:
-            yield f"/{name}{sub}", wrapper.replace("{}", pattern)
+            if any(c in _METACHARACTERS and c != "." for c in pattern):  # else valid wherever it is spliced
+                yield f"/{name}{sub}", wrapper.replace("{}", pattern)
 
 
 def regex_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
