@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 # Every regular expression of a config runs on adapterspec._regex (linear in the module path, whatever
-# the pattern); only the fixed patterns below, which cannot backtrack, run on re.
+# the pattern); re runs only the default layer pattern below and a layers_pattern that is a plain name,
+# where it cannot backtrack (each start position costs at most the name's length plus its digits).
 _DEFAULT_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 _METACHARACTERS = frozenset(".^$*+?{}[]\\|()")
 
