@@ -58,6 +58,7 @@ from .errors import (
     TensorError,
     UnsafeFileError,
 )
+from .errors import shorten  # its own line: the block above is edited in parallel
 from .spec import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -396,7 +397,7 @@ def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
         where = entry.get("path") if isinstance(entry, dict) else None
         if isinstance(where, str) and (where.startswith(("/", "\\")) or ".." in where.replace("\\", "/").split("/")
                                        or where[1:2] == ":"):
-            raise UnsafeFileError(f"adapter {name!r} path {where!r} leaves the folder", path=manifest_file,
+            raise UnsafeFileError(f"adapter {name!r} path {shorten(where)} leaves the folder", path=manifest_file,
                                   hint="use a relative subfolder path without '..'")
 
 
@@ -421,7 +422,8 @@ def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> N
     names = list(manifest["adapters"])
     default = manifest.get("default")
     if default is not None and default not in names:
-        raise ConfigError(f"default adapter {default!r} is not listed in adapters ({', '.join(names)})",
+        raise ConfigError(f"default adapter {default!r} is not listed in adapters "
+                          f"({shorten(', '.join(names), 300, plain=True)})",
                           pointer="/default", path=manifest_file, hint="name a listed adapter, or remove 'default'")
     lowered: dict[str, str] = {}
     for name in names:

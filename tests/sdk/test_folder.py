@@ -172,3 +172,21 @@ def test_manifest_entries_sharing_a_folder_are_refused(tmp_path: Path) -> None:
     with pytest.raises(adapterspec.ConfigError, match=r"adapters 'a' and 'c' have the same folder") as info:
         adapterspec.list_adapters(tmp_path)
     assert info.value.pointer == "/adapters/c/path"
+
+
+def test_manifest_errors_echo_long_values_cut(tmp_path: Path) -> None:
+    for i in range(2000):
+        (tmp_path / f"adapter_with_a_long_name_{i:04}").mkdir()
+        (tmp_path / f"adapter_with_a_long_name_{i:04}" / "adapter_config.json").write_text("{}")
+    adapters = {f"adapter_with_a_long_name_{i:04}": {"path": f"adapter_with_a_long_name_{i:04}"} for i in range(2000)}
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0", "adapters": adapters,
+                                                           "default": "missing"}))
+    with pytest.raises(adapterspec.ConfigError, match=r"is not listed in adapters \(adapter_with_a_long_name_0000, ")\
+            as info:
+        adapterspec.list_adapters(tmp_path)
+    assert "characters)" in info.value.message and len(info.value.message) < 500
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0",
+                                                           "adapters": {"a": {"path": "/" + "x" * 5000}}}))
+    with pytest.raises(adapterspec.UnsafeFileError, match="leaves the folder") as unsafe:
+        adapterspec.list_adapters(tmp_path)
+    assert len(unsafe.value.message) < 300
