@@ -22,17 +22,22 @@ False
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
-try:  # the parser and compiler behind re (the parser already names every construct)
-    from re import _compiler as _sre_compile
-    from re import _constants as _c
-    from re import _parser as _sre_parse
-except ImportError:  # Python 3.10
-    import sre_compile as _sre_compile  # type: ignore[no-redef]
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+def _re_module(name: str, before_311: str) -> Any:
+    """One of the modules behind ``re`` (its parser already names every construct); renamed in Python 3.11."""
+    try:
+        return importlib.import_module(f"re.{name}")
+    except ImportError:
+        return importlib.import_module(before_311)
+
+
+_sre_compile = _re_module("_compiler", "sre_compile")
+_c = _re_module("_constants", "sre_constants")
+_sre_parse = _re_module("_parser", "sre_parse")
 
 __all__ = ["MAX_NODES", "Pattern", "UnsupportedPattern", "compile_pattern"]
 
@@ -240,7 +245,7 @@ def _at(code: Any, prev: str | None, nxt: str | None, last: bool) -> bool:
     boundary, flag = code
     if prev is None and nxt is None:  # re: neither \b nor \B holds in an empty subject
         return False
-    return (_is_word(prev, flag) != _is_word(nxt, flag)) == boundary
+    return (_is_word(prev, flag) != _is_word(nxt, flag)) == bool(boundary)
 
 
 def _anchor(code: Any, flags: int) -> Any:

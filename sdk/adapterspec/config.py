@@ -86,7 +86,7 @@ def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
 
 def _short_message(error: ValidationError) -> str:
     """jsonschema's message with the value it starts with cut short (``'<20 MB>' is too long``)."""
-    message = error.message
+    message: str = error.message
     if isinstance(error.instance, (str, list, dict)) and len(error.instance) > 16:
         echoed = repr(error.instance)
         if message.startswith(echoed) and len(echoed) > ECHO_LIMIT:
