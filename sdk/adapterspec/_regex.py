@@ -165,6 +165,8 @@ class _Program:
         """Whether the program matches ``subject[begin:p]`` for some ``p <= end`` (``prefix``), or for
         ``p == end``; anchors and lookarounds see the whole subject."""
         n = len(subject)
+        if not self.looks and begin == 0 and end == n:
+            return self._run_whole(subject, prefix=prefix)
         state: _State | None = self.state((self.start,), self.context(subject[begin - 1]) if begin else None)
         truth_at = _Truths(self, subject)
         for pos in range(begin, end + 1):
@@ -182,6 +184,28 @@ class _Program:
             if state is None or pos == end:
                 return False
         return False
+
+    def _run_whole(self, subject: str, *, prefix: bool) -> bool:
+        """:meth:`run` over the whole subject for a program without lookarounds (most patterns): the same
+        moves, 2-3x fewer operations per character."""
+        last = len(subject) - 1
+        state = self.state((self.start,), None)
+        truth_at = _Truths(self, subject)  # never asked: no lookaround
+        for pos, char in enumerate(subject):
+            key = _LAST_NL if char == "\n" and pos == last else char
+            move = state.moves.get(key)
+            if move is None:
+                move = state.moves[key] = self._move(state, char, pos == last, truth_at, pos)
+            following, matched = move
+            if matched and prefix:
+                return True
+            if following is None:
+                return False
+            state = following
+        move = state.moves.get(_END)
+        if move is None:
+            move = state.moves[_END] = self._move(state, _END, False, truth_at, last + 1)
+        return move[1]
 
     def _move(self, state: _State, char: str, last: bool, truth_at: _Truths, pos: int) -> tuple[_State | None, bool]:
         chars, matched = self.closure(state.kernel, state.prev, char or None, last, lambda look: truth_at(look, pos))
