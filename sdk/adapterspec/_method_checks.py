@@ -55,11 +55,12 @@ def _axes(module: str, p: Params, wanted: Mapping[str, tuple[int, ...]], hint: s
 def _ranks(config: AdapterConfig, module: str, p: Params, axes: Mapping[str, tuple[int, ...]]) -> Errors:
     """Check 10: a rank error for each tensor whose rank axes (``axes[name]``) are not ``r_m`` (SPEC 4.4)."""
     r = config.rank_for(module)
-    source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None else "r"
     errors: Errors = []
     for name, positions in axes.items():
         bad = next((p[name].shape[i] for i in positions if name in p and p[name].shape[i] != r), None)
-        if bad is not None:
+        if bad is not None:  # which field set r is asked only here: the rank_pattern may have thousands of keys
+            source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None \
+                else "r"
             errors.append(ShapeMismatchError(f"rank {bad} disagrees with the config's {source}={r} for module {module!r}",
                                              key=make_key(module, name),
                                              hint=f"set {source} to {bad} for this module, or save the adapter again"))

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import shorten
+
 __all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems", "transformer_submodules",
            "unsupported_features"]
 
@@ -43,10 +45,11 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     problems: list[tuple[str, str, str]] = []
     targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
     if config.get("peft_type") == "IA3" and isinstance(targets, list) and isinstance(feedforward, list):
+        listed = set(targets)  # a set: both lists may hold thousands of entries
         problems.extend(
-            (f"/feedforward_modules/{i}", f"{entry!r} is not an entry of target_modules (feedforward modules must "
-             "be targeted, PEFT's subset rule)", f"add {entry!r} to target_modules, or remove it here")
-            for i, entry in enumerate(feedforward) if entry not in targets)
+            (f"/feedforward_modules/{i}", f"{shorten(entry)} is not an entry of target_modules (feedforward modules must "
+             "be targeted, PEFT's subset rule)", f"add {shorten(entry)} to target_modules, or remove it here")
+            for i, entry in enumerate(feedforward) if entry not in listed)
     dim, heads = config.get("token_dim"), config.get("num_attention_heads")
     if config.get("peft_type") == "PREFIX_TUNING" and isinstance(dim, int) and isinstance(heads, int) and heads > 0 \
             and dim % heads:

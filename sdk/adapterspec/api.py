@@ -313,6 +313,7 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or choose another adapter_name")
     options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable)
+    # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
     if activate:
         set_active_adapters(model, [adapter_name])

@@ -13,7 +13,6 @@ adapter is as fast as validating a tiny one. Every problem is reported, not just
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -26,7 +25,6 @@ from .errors import (
     DTypeMismatchError,
     MissingTensorError,
     ShapeMismatchError,
-    TensorError,
     UnexpectedTensorError,
     UnsupportedError,
 )
@@ -34,10 +32,6 @@ from .naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, PROMPT_KEY, TensorName, m
 from .targets import token_indices
 
 __all__ = ["ALLOWED_DTYPES", "BUFFER_DTYPES", "TensorInfo", "tensor_errors"]
-
-#: Seconds :func:`tensor_errors` may spend matching module paths against the config's regular
-#: expressions before it gives up (a hostile file: many long keys and a slow pattern).
-MATCH_BUDGET_S = 30.0
 
 #: safetensors dtype names the spec allows for method tensors and floating-point auxiliary tensors.
 ALLOWED_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -105,14 +99,7 @@ def _dtype_error(key: str, name: TensorName | None, info: TensorInfo) -> DTypeMi
 def _module_errors(config: AdapterConfig, modules: Mapping[str, dict[str, TensorInfo]]) -> list[AdapterSpecError]:
     errors: list[AdapterSpecError] = []
     check = METHOD_CHECKS[config.peft_type]
-    give_up = time.monotonic() + MATCH_BUDGET_S
-    for module, params in modules.items():
-        if time.monotonic() > give_up:  # only hostile files get here: a few thousand modules take milliseconds
-            errors.append(TensorError(
-                f"matching {len(modules)} modules against the config's patterns took over {MATCH_BUDGET_S:.0f} s",
-                key=make_key(module, next(iter(params))),
-                hint="use simpler regular expressions in the config (or a list of module names)"))
-            break
+    for module, params in modules.items():  # no time budget: matching is linear in the path (adapterspec._regex)
         if config.get("target_modules") is not None and not config.matches(module):  # null: resolved at load
             for param in params:
                 errors.append(UnexpectedTensorError(

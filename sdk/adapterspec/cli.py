@@ -26,7 +26,7 @@ from ._jsonpos import member_position, syntax_error_position
 from .adapter import read_adapter, validate_adapter
 from ._rules import duplicate_entries, not_portable
 from .config import config_problems, load_schema, read_json_file, unknown_fields_note, unsupported_features, validate_config
-from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError
+from .errors import AdapterSpecError, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .folder import list_adapters
 from .naming import parse_key
 from .spec import (

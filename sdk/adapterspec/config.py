@@ -33,9 +33,9 @@ import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from ._rules import duplicate_entries, rule_problems, transformer_submodules, unsupported_features
-from .errors import AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError
+from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .spec import SPEC_VERSION, check_version
-from .targets import is_feedforward, module_matches, pattern_value, regex_problems
+from .targets import PatternTable, Targeting, is_feedforward, regex_problems
 
 __all__ = [
     "AdapterConfig",
@@ -89,7 +89,7 @@ def unknown_fields_note(unknown: list[str] | tuple[str, ...]) -> str:
     >>> unknown_fields_note(["use_doar"])
     'fields unknown to adapterspec 1.1 are kept but not acted on: use_doar'
     """
-    return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {', '.join(unknown)}"
+    return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {shorten(', '.join(unknown), 300, plain=True)}"
 
 
 @functools.cache
@@ -100,11 +100,14 @@ def _validator(name: str = "adapter_config") -> jsonschema.protocols.Validator:
 
 
 def _pointer(error: ValidationError) -> str:
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error.absolute_path)
+    path = list(error.absolute_path)
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        path.append(error.instance)  # a bad key (of rank_pattern...): the error's path stops at its object
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
 def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
-    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=schema_hint(error))
+    return ConfigError(_short_message(error), pointer=_pointer(error), path=path, hint=schema_hint(error))
 
 
 _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
@@ -166,7 +169,7 @@ def _condition(error: ValidationError) -> str | None:
 def _keyword_hint(error: ValidationError) -> str:
     kind, value = error.validator, error.validator_value
     if "propertyNames" in error.schema_path:  # the failing instance is a member name, not a value
-        return f"rename the key {error.instance!r}: " + {
+        return f"rename the key {shorten(error.instance, 80)}: " + {
             "minLength": "module names are not empty", "pattern": f"it must match {value!r}",
         }.get(str(kind), "see spec/v1/SPEC.md")
     if kind == "required":
@@ -196,6 +199,16 @@ def _keyword_hint(error: ValidationError) -> str:
         "anyOf": "use one of the forms the schema allows (adapterspec schema prints them)",
         "oneOf": "use exactly one of the forms the schema allows (adapterspec schema prints them)",
     }.get(str(kind), "see spec/v1/SPEC.md")
+
+
+def _short_message(error: ValidationError) -> str:
+    """jsonschema's message with the value it starts with cut short (``'<20 MB>' is too long``)."""
+    message: str = error.message
+    if isinstance(error.instance, (str, list, dict)) and len(error.instance) > 16:
+        echoed = repr(error.instance)
+        if message.startswith(echoed) and len(echoed) > ECHO_LIMIT:
+            return shorten(error.instance) + message[len(echoed):]
+    return message
 
 
 def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
@@ -377,11 +390,13 @@ class AdapterConfig(Mapping[str, Any]):
     (16, 8.0)
     """
 
-    __slots__ = ("_data", "_matches", "unknown_fields")
+    __slots__ = ("_data", "_matches", "_tables", "_targeting", "unknown_fields")
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
         self._data = dict(data)
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
+        self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
+        self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared
         self.unknown_fields = unknown_fields
 
     # -- construction -----------------------------------------------------------------
@@ -512,17 +527,26 @@ class AdapterConfig(Mapping[str, Any]):
             memo = self._matches = _shared_matches(self._data)
         found = memo.get(module)
         if found is None:
-            found = memo[module] = module_matches(self._data, module)
+            targeting = self._targeting
+            if targeting is None:
+                targeting = self._targeting = Targeting(self._data)
+            found = memo[module] = targeting.matches(module)
         return found
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
-        return int(pattern_value(self._data.get("rank_pattern"), module, default=self._data["r"]))
+        return int(self._table("rank_pattern").value(module, default=self._data["r"]))
 
     def alpha_for(self, module: str) -> float:
         """``alpha_pattern``'s first matching key, else ``lora_alpha`` (``alpha`` for LoHa/LoKr)."""
         default = self._data["lora_alpha"] if self.peft_type == "LORA" else self._data.get("alpha", self._data["r"])
-        return float(pattern_value(self._data.get("alpha_pattern"), module, default=default))
+        return float(self._table("alpha_pattern").value(module, default=default))
+
+    def _table(self, field: str) -> PatternTable:
+        table = self._tables.get(field)
+        if table is None:
+            table = self._tables[field] = PatternTable(self._data.get(field))
+        return table
 
     def scaling_for(self, module: str) -> float:
         """The factor applied to the low-rank update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.

@@ -33,7 +33,38 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedError",
     "VersionError",
+    "shorten",
 ]
+
+#: The most characters of a value from a file that an error message echoes (see :func:`shorten`).
+ECHO_LIMIT = 80
+#: The most characters of a file path, JSON pointer or tensor key an error prints.
+LOCATION_LIMIT = 300
+#: The most characters an error prints (its message, pointer and key; a hostile file can make them megabytes).
+MESSAGE_LIMIT = 2000
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT, *, plain: bool = False) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters with the full length said.
+
+    Values come from files (a 20 MB version string): echoing them whole floods a terminal or a CI log.
+    ``plain``: a string is echoed as it is, not as its ``repr`` (a list of names already joined).
+
+    >>> shorten("1." + "1" * 5000)
+    "'1.111111111111111111111111111111111111111111111111111111111111111111111111111111'... (5002 characters)"
+    >>> shorten("q_proj")
+    "'q_proj'"
+    """
+    if isinstance(value, str) and plain:
+        return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+    if isinstance(value, str) and len(value) > limit:  # cut before repr: no 20 MB copy
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cut(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class AdapterSpecError(Exception):
@@ -66,14 +97,15 @@ class AdapterSpecError(Exception):
     @property
     def location(self) -> str:
         """``file: pointer-or-key``, whatever of them is known (control characters escaped)."""
-        parts = [_printable(p) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
+        parts = [_printable(_cut(p, LOCATION_LIMIT)) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
         if self.pointer == "":
             parts.append("(config root)")
         return ": ".join(parts)
 
     def __str__(self) -> str:
-        text = f"{self.location}: {self.message}" if self.location else self.message
-        return f"{text} (fix: {self.hint})" if self.hint else text
+        message = _cut(self.message)
+        text = f"{self.location}: {message}" if self.location else message
+        return f"{text} (fix: {_cut(self.hint)})" if self.hint else text
 
     def __reduce__(self):  # keep kwargs through pickling (multiprocessing, pytest-xdist)
         return (_rebuild, (type(self), self.message, self.pointer, self.key, self.path, self.hint))

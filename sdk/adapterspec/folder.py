@@ -58,6 +58,7 @@ from .errors import (
     TensorError,
     UnsafeFileError,
 )
+from .errors import shorten  # its own line: the block above is edited in parallel
 from .spec import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -396,7 +397,7 @@ def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
         where = entry.get("path") if isinstance(entry, dict) else None
         if isinstance(where, str) and (where.startswith(("/", "\\")) or ".." in where.replace("\\", "/").split("/")
                                        or where[1:2] == ":"):
-            raise UnsafeFileError(f"adapter {name!r} path {where!r} leaves the folder", path=manifest_file,
+            raise UnsafeFileError(f"adapter {name!r} path {shorten(where)} leaves the folder", path=manifest_file,
                                   hint="use a relative subfolder path without '..'")
 
 
@@ -421,7 +422,8 @@ def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> N
     names = list(manifest["adapters"])
     default = manifest.get("default")
     if default is not None and default not in names:
-        raise ConfigError(f"default adapter {default!r} is not listed in adapters ({', '.join(names)})",
+        raise ConfigError(f"default adapter {default!r} is not listed in adapters "
+                          f"({shorten(', '.join(names), 300, plain=True)})",
                           pointer="/default", path=manifest_file, hint="name a listed adapter, or remove 'default'")
     lowered: dict[str, str] = {}
     for name in names:
@@ -449,14 +451,16 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if manifest_file.exists():
         manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
+        if isinstance(manifest, dict):  # a VersionError before the schema's errors, as for a config
+            check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
             _refuse_unsafe_entries(manifest, manifest_file)
             pointer = "".join(f"/{p}" for p in errors[0].absolute_path)
             raise ConfigError(f"manifest: {errors[0].message}", pointer=pointer, path=manifest_file,
                               hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
-        check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         _check_manifest_names(manifest, manifest_file)
+        folders: dict[Path, str] = {}  # resolved folder -> the first adapter listed with it
         for name, entry in manifest["adapters"].items():
             check_adapter_name(name)
             target = folder / entry["path"]
@@ -466,8 +470,8 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             if not (target / CONFIG_NAME).exists():
                 raise AdapterNotFoundError(f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}",
                                            path=manifest_file, hint="save that adapter again or remove it from the manifest")
-            twin = next((other for other, seen in found.items() if seen.resolve() == target.resolve()), None)
-            if twin is not None:  # SPEC 3.4: two entries never name the same folder
+            twin = folders.setdefault(target.resolve(), name)  # one lookup per entry: linear in the entries
+            if twin != name:  # SPEC 3.4: two entries never name the same folder
                 raise ConfigError(f"adapters {twin!r} and {name!r} have the same folder {entry['path']!r}",
                                   pointer=f"/adapters/{name}/path", path=manifest_file,
                                   hint="give every adapter its own folder")

@@ -21,7 +21,7 @@ LORA = {"peft_type": "LORA", "target_modules": ["q"]}
     ({**LORA, "lora_dropout": 1.0}, "/lora_dropout", "use a value < 1"),
     ({"peft_type": "LOHA", "r": "x"}, "/r", "use an integer"),
     ({"target_modules": ["q"]}, "", "add the field 'peft_type'"),
-    ({**LORA, "rank_pattern": {"": 3}}, "/rank_pattern", "rename the key '': module names are not empty"),
+    ({**LORA, "rank_pattern": {"": 3}}, "/rank_pattern/", "rename the key '': module names are not empty"),
     # rules that hold given another field's value say which
     ({**LORA, "use_dora": True, "lora_bias": True}, "/use_dora", "use false (because lora_bias is true)"),
     ({**LORA, "target_modules": []}, "", "add the field 'target_parameters' (because of target_modules)"),

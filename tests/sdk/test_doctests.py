@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "adapterspec.checks",
            "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors",
-           "adapterspec._jsonpos"]
+           "adapterspec._jsonpos", "adapterspec._regex", "adapterspec._rules"]
 
 
 @pytest.mark.parametrize("name", MODULES)

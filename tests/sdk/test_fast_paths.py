@@ -12,6 +12,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -415,8 +416,8 @@ def test_configs_that_target_alike_share_their_matches_and_others_do_not(monkeyp
 
     monkeypatch.setattr(config_module, "_SHARED_MATCHES", {})
     calls: list[str] = []
-    real = config_module.module_matches
-    monkeypatch.setattr(config_module, "module_matches", lambda data, path: calls.append(path) or real(data, path))
+    real = config_module.Targeting.matches
+    monkeypatch.setattr(config_module.Targeting, "matches", lambda self, path: calls.append(path) or real(self, path))
     paths = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.1.k"]
     base = {"peft_type": "LORA", "target_modules": ["q", "v"], "layers_to_transform": [0]}
     first = adapterspec.AdapterConfig.from_dict({**base, "r": 4})
@@ -465,3 +466,25 @@ def test_a_load_keeps_no_prefetched_read_the_backend_did_not_take(tmp_path: Path
     with pytest.raises(adapterspec.AdapterExistsError):
         adapterspec.load_adapter(on_meta, adapter)
     assert adapter._prefetched is None
+
+
+def test_inject_leaves_the_garbage_collector_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector is process-wide: pausing it for an inject stalled other threads' collections (issue #14.12)."""
+    import gc
+
+    torch = pytest.importorskip("torch")
+    from adapterspec import api
+
+    seen = []
+    real = api._call
+
+    def call(hook: str, *args: Any, **kwargs: Any) -> Any:
+        if hook == "adapterspec_inject":
+            seen.append(gc.isenabled())
+        return real(hook, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_call", call)
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5)})
+    assert gc.isenabled()
+    assert adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q"]}) == ["q"]
+    assert seen == [True] and gc.isenabled()

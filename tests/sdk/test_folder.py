@@ -138,3 +138,56 @@ def test_pickle_needs_opt_in(tmp_path: Path) -> None:
 def test_error_locations_escape_control_characters() -> None:
     error = adapterspec.UnexpectedTensorError("bad", key="base_model.model.x\u202e\x1b[31m\n.lora_A.weight")
     assert str(error) == "base_model.model.x\\u202e\\x1b[31m\\n.lora_A.weight: bad"
+
+
+def test_manifest_listing_is_linear_in_its_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same-folder check resolves each entry's folder a fixed number of times (it compared every pair:
+    4,000 entries took 189 s); counted, not timed."""
+    n = 400
+    for i in range(n):
+        (tmp_path / f"a{i}").mkdir()
+        (tmp_path / f"a{i}" / "adapter_config.json").write_text("{}")
+    manifest = {"adapterspec_version": "1.0", "adapters": {f"a{i}": {"path": f"a{i}"} for i in range(n)}}
+    (tmp_path / "adapterspec.json").write_text(json.dumps(manifest))
+    calls = 0
+    resolve = Path.resolve
+
+    def counting(self: Path, strict: bool = False) -> Path:
+        nonlocal calls
+        calls += 1
+        return resolve(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", counting)
+    found = adapterspec.list_adapters(tmp_path)
+    assert found == {f"a{i}": tmp_path / f"a{i}" for i in range(n)}
+    assert calls <= 4 * n  # a pairwise check makes n * (n - 1) / 2 = 79,800
+
+
+def test_manifest_entries_sharing_a_folder_are_refused(tmp_path: Path) -> None:
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "z").symlink_to(tmp_path / "x")  # inside the folder, so allowed, but the same folder as "a"
+    adapters = {"a": {"path": "x"}, "b": {"path": "y"}, "c": {"path": "z"}}
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0", "adapters": adapters}))
+    with pytest.raises(adapterspec.ConfigError, match=r"adapters 'a' and 'c' have the same folder") as info:
+        adapterspec.list_adapters(tmp_path)
+    assert info.value.pointer == "/adapters/c/path"
+
+
+def test_manifest_errors_echo_long_values_cut(tmp_path: Path) -> None:
+    for i in range(2000):
+        (tmp_path / f"adapter_with_a_long_name_{i:04}").mkdir()
+        (tmp_path / f"adapter_with_a_long_name_{i:04}" / "adapter_config.json").write_text("{}")
+    adapters = {f"adapter_with_a_long_name_{i:04}": {"path": f"adapter_with_a_long_name_{i:04}"} for i in range(2000)}
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0", "adapters": adapters,
+                                                           "default": "missing"}))
+    with pytest.raises(adapterspec.ConfigError, match=r"is not listed in adapters \(adapter_with_a_long_name_0000, ")\
+            as info:
+        adapterspec.list_adapters(tmp_path)
+    assert "characters)" in info.value.message and len(info.value.message) < 500
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0",
+                                                           "adapters": {"a": {"path": "/" + "x" * 5000}}}))
+    with pytest.raises(adapterspec.UnsafeFileError, match="leaves the folder") as unsafe:
+        adapterspec.list_adapters(tmp_path)
+    assert len(unsafe.value.message) < 300
