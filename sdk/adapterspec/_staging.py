@@ -28,7 +28,7 @@ import shutil
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import AdapterSpecWarning
@@ -58,15 +58,16 @@ def staging_name(target: str, suffix: str) -> str:
     return f".{stem}{tag}"
 
 
-def _stages(name: str, target: str) -> int | None:
-    """The pid of the owner if ``name`` is a staging name of ``target``, else ``None``."""
+def _stages(name: str, targets: Iterable[str]) -> int | None:
+    """The pid of the owner if ``name`` is a staging name of one of ``targets``, else ``None``."""
     match = _PATTERN.fullmatch(name)
     if match is None:
         return None
     stem = match["stem"]
-    if stem != target and not (len(os.fsencode(name)) >= NAME_MAX - 4 and target.startswith(stem)):
-        return None  # another target's (shortened names are a prefix of their target)
-    return int(match["pid"])
+    for target in targets:  # a shortened name is a prefix of its target
+        if stem == target or (len(os.fsencode(name)) >= NAME_MAX - 4 and target.startswith(stem)):
+            return int(match["pid"])
+    return None
 
 
 class Lease:
@@ -137,20 +138,21 @@ def owner_gone(path: Path, pid: int) -> bool:
         return free and (pid == os.getpid() or not _pid_runs(pid))
 
 
-def remove_stale(folder: Path, target: str) -> list[Path]:
-    """Remove from ``folder`` the staging names of ``target`` whose owner is gone; the paths removed.
+def remove_stale(folder: Path, targets: Iterable[str]) -> list[Path]:
+    """Remove from ``folder`` the staging names of ``targets`` whose owner is gone; the paths removed.
 
     A name that cannot be removed (permissions) is reported with an :class:`AdapterSpecWarning` and kept.
     """
     removed: list[Path] = []
     if fcntl is None:
         return removed
+    targets = tuple(targets)
     try:
         entries = [(e.name, int(e.is_dir(follow_symlinks=False))) for e in os.scandir(folder)]
     except OSError:
         return removed  # nothing to clean where nothing can be listed
     for name, is_dir in entries:
-        pid = _stages(name, target)
+        pid = _stages(name, targets)
         if pid is None:
             continue
         path = folder / name
@@ -197,7 +199,7 @@ def save_in_progress(folder: Path) -> bool:
     except OSError:
         return False
     for name in names:
-        pid = _stages(name, CONFIG_NAME)
+        pid = _stages(name, (CONFIG_NAME,))
         if pid is not None and name.endswith(".old"):
             with CREATE_LOCK:
                 if not owner_gone(folder / name, pid):

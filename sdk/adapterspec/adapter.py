@@ -438,7 +438,7 @@ def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], 
         warnings.warn(
             f"{weights}: the safetensors metadata records adapterspec_version {recorded!r} but the config "
             f"{config.get('adapterspec_version') or 'none (read as 1.0)'!r}; the config's version governs",
-            AdapterSpecWarning, stacklevel=4)
+            AdapterSpecWarning, stacklevel=6)  # read_adapter's caller (via _read_files, read_consistently, _open)
 
 
 def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:

@@ -11,8 +11,14 @@ or crashes, and other files in it (a README) are kept. Where folders cannot be s
 multi-adapter folder, which holds the others; other systems), files are replaced one by one, old ones
 kept as hard links and put back on any exception. One window remains there: a hard crash (power
 loss, SIGKILL) between those renames leaves a folder *without* ``adapter_config.json`` (refused by
-readers; the old config kept as ``.adapter_config.json.<random>.old``) -- never new weights silently
+readers; the old config kept as ``.adapter_config.json.<pid>-<random>.old``) -- never new weights silently
 paired with the old config, since the config is moved aside first and put back last.
+
+A new folder appears by a rename that never replaces one: of two saves creating it, exactly one wins
+(the other gets :class:`AdapterExistsError`). File-system failures (no space, no permission) raise
+:class:`WriteError`, with nothing changed. What a killed save leaves behind (hidden
+``.<name>.<pid>-<random>.tmp`` and ``.old`` entries) is removed by the next save into the same place --
+only when its owner is gone (:mod:`adapterspec._staging`).
 
 That holds whatever happens to the writing process. Surviving a power loss or an operating-system
 crash too takes ``durable=True``: every file is fsynced before the rename, and the folders after it
@@ -186,9 +192,8 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, dur
     else:
         raise AdapterExistsError("other saves keep creating and removing this folder", path=folder,
                                  hint="save when they are done, or choose another path")
-    _staging.remove_stale(folder.parent, folder.name)
-    for name in files:
-        _staging.remove_stale(folder, name)
+    _staging.remove_stale(folder.parent, [folder.name])
+    _staging.remove_stale(folder, files)
 
 
 def _stage_and_swap(files: Mapping[str, Content], folder: Path, *, exists: bool, overwrite: bool,
