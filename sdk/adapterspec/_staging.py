@@ -121,10 +121,12 @@ def _unlocked(path: Path) -> Iterator[bool]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # still under that name: a save that removed it and let go of the lock leaves a nameless file
+            named = os.path.samestat(os.fstat(fd), os.lstat(path))
         except OSError:
             yield False
             return
-        yield True
+        yield named
     finally:
         os.close(fd)
 
@@ -148,10 +150,10 @@ def remove_stale(folder: Path, targets: Iterable[str]) -> list[Path]:
         return removed
     targets = tuple(targets)
     try:
-        entries = [(e.name, int(e.is_dir(follow_symlinks=False))) for e in os.scandir(folder)]
+        hidden = [name for name in os.listdir(folder) if name.startswith(".")]  # a folder may hold thousands
     except OSError:
         return removed  # nothing to clean where nothing can be listed
-    for name, is_dir in entries:
+    for name in hidden:
         pid = _stages(name, targets)
         if pid is None:
             continue
@@ -160,10 +162,12 @@ def remove_stale(folder: Path, targets: Iterable[str]) -> list[Path]:
             if not owner_gone(path, pid):
                 continue
             try:
-                if is_dir:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
                     remove_tree(path)
                 else:
                     path.unlink()
+            except FileNotFoundError:
+                continue  # another save removed it first
             except OSError as exc:
                 warnings.warn(f"{path}: left by an interrupted save, and cannot be removed: {exc.strerror}",
                               AdapterSpecWarning, stacklevel=3)
@@ -177,7 +181,9 @@ def remove_tree(path: Path) -> None:
 
     :raises OSError: something in it cannot be removed.
     """
-    def allow_and_retry(function, failed, _exc):  # type: ignore[no-untyped-def]
+    def allow_and_retry(function, failed, exc_info):  # type: ignore[no-untyped-def]
+        if isinstance(exc_info[1], FileNotFoundError):
+            return  # removed meanwhile (by another save's cleanup): as good
         parent = os.path.dirname(failed)
         os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)  # a 0555 folder: removable again
         function(failed)

@@ -241,3 +241,34 @@ def test_overwriting_a_read_only_folder_removes_the_old_adapter(tmp_path: Path) 
             import shutil
 
             shutil.rmtree(base)
+
+
+def test_cleanup_racing_another_removal_is_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale name another cleaner (or the old adapter's own removal) removes first is no failure."""
+    stale = tmp_path / _staging.staging_name("a", ".tmp")
+    stale.mkdir()
+    (stale / CONFIG_NAME).write_text("{}")
+
+    def removed_meanwhile(path: Path, pid: int) -> bool:
+        import shutil
+
+        shutil.rmtree(path)
+        return True
+
+    monkeypatch.setattr(_staging, "owner_gone", removed_meanwhile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _staging.remove_stale(tmp_path, ["a"]) == []
+    STATS.count("crash-cleanup")
+
+
+def test_many_overwrites_in_a_row_leave_nothing_and_warn_nothing(tmp_path: Path) -> None:
+    """Each save's cleanup runs while the previous old adapters are still being removed on their threads."""
+    folder = adapterspec.write_adapter(tmp_path / "a", LORA_CONFIG, lora_tensors())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(300):
+            adapterspec.write_adapter(folder, {**LORA_CONFIG, "lora_alpha": 4 + i % 2}, lora_tensors(), overwrite=True)
+        folder_mod.wait_for_removals()
+    STATS.count("crash-cleanup", 300)
+    assert _hidden(tmp_path, folder) == []
