@@ -27,6 +27,7 @@ import secrets
 import shutil
 import stat
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -81,12 +82,17 @@ class Lease:
         if fcntl is None:
             return
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another process judges it (an instant)
-        except OSError:
-            os.close(fd)  # a file system without flock (some network ones): the pid alone tells it is alive
+        for _ in range(50):  # another process judging it holds the lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            except OSError:
+                break  # a file system without flock (some network ones)
+            self._fds.append(fd)
             return
-        self._fds.append(fd)
+        os.close(fd)  # unlocked (a backup is a link of a file someone else locks): its pid tells it is alive
 
     def release(self) -> None:
         """Unlock and close everything held."""
