@@ -21,6 +21,7 @@ import pytest
 from hardening_harness import LORA_CONFIG, STATS, deadline, lora_tensors
 
 import adapterspec
+from adapterspec import _snapshot
 from adapterspec import folder as folder_mod
 
 pytestmark = [pytest.mark.filterwarnings("ignore::adapterspec.AdapterSpecWarning"),
@@ -93,10 +94,13 @@ def _read_numpy(folder: Path) -> str:
         return f"refused: {exc.message[:60]}"
 
 
-@pytest.mark.parametrize("layout", ["single", "multi-root"])
-def test_a_reader_sees_one_adapter_or_the_other(tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize("layout", ["single", "multi-root", "no folder handle"])
+def test_a_reader_sees_one_adapter_or_the_other(tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``no folder handle``: as on systems without ``dir_fd`` (Windows), files are opened by path."""
+    if layout == "no folder handle":
+        monkeypatch.setattr(_snapshot, "_DIR_FD", False)
     folder = tmp_path / "a"
-    if layout == "single":
+    if layout != "multi-root":
         adapterspec.write_adapter(folder, *ADAPTERS[0])
     else:
         adapterspec.write_adapters(folder, {"default": ADAPTERS[0], "fr": ADAPTERS[0]})
