@@ -174,9 +174,12 @@ def _create(folder: str, which: int, barrier: Any, results: Any) -> None:
         results.put((which, f"{type(exc).__name__}: {exc}"))
 
 
-@pytest.mark.parametrize("place", ["new folder", "empty folder"])
-def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str) -> None:
-    """Exactly one save succeeds; the other gets AdapterExistsError; the folder holds the winner's adapter."""
+@pytest.mark.parametrize("place", ["new folder", "empty folder", "new folder, plain rename"])
+def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly one save succeeds; the other gets AdapterExistsError; the folder holds the winner's adapter.
+    ``plain rename``: as without ``renameat2`` (other systems), where ``rename`` refuses a non-empty folder."""
+    if place.endswith("plain rename"):
+        monkeypatch.setattr(folder_mod, "_renameat2", lambda: None)  # the forked creators inherit it
     context = multiprocessing.get_context("fork")
     for round_ in range(ROUNDS):
         folder = tmp_path / f"round{round_}"
