@@ -34,8 +34,8 @@ from pathlib import Path
 
 from .errors import AdapterSpecWarning
 
-__all__ = ["CREATE_LOCK", "NAME_MAX", "Lease", "owner_gone", "remove_stale", "remove_tree", "save_in_progress",
-           "staging_name"]
+__all__ = ["CREATE_LOCK", "NAME_MAX", "Lease", "exclusive", "owner_gone", "remove_stale", "remove_tree",
+           "save_in_progress", "staging_name"]
 
 #: The longest file name (in bytes) that Linux, macOS and Windows file systems take.
 NAME_MAX = 255
@@ -104,6 +104,24 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s ``flock`` through the block (waiting for another save that holds it; a dead
+    one's is released by the system). Where the file system has no flock, the block runs unlocked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network ones): unlocked, as documented above
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _pid_runs(pid: int) -> bool:

@@ -304,19 +304,22 @@ def _replace_files(files: Mapping[str, Content], folder: Path, *, overwrite: boo
     ``adapter_config.json`` -- refused by readers with a clear error, the old files kept as hidden
     ``.<name>.<pid>-<random>.old`` until the next save here -- never new weights silently paired with
     the old config.
+
+    Without ``overwrite``, saves creating an adapter here take turns (an ``flock`` on the folder), so
+    that the second finds the first's adapter and gets :class:`AdapterExistsError`.
     """
     staged: list[tuple[Path, Path]] = []
     backups: list[tuple[Path, Path]] = []
     order = sorted(files, key=lambda name: name == CONFIG_NAME)  # config last
-    with _staging.Lease() as lease:
+    with _staging.Lease() as lease, contextlib.nullcontext() if overwrite else _staging.exclusive(folder):
         try:
+            if not overwrite and _is_adapter(folder):
+                raise AdapterExistsError("another save put an adapter here meanwhile", path=folder,
+                                         hint="pass overwrite=True to replace it, or choose another path")
             for name in order:
                 tmp = _new_path(folder, name, ".tmp", lease=lease)
                 staged.append((tmp, folder / name))
                 _write_file(tmp, files[name], durable=durable)
-            if not overwrite and _is_adapter(folder):
-                raise AdapterExistsError("another save put an adapter here meanwhile", path=folder,
-                                         hint="pass overwrite=True to replace it, or choose another path")
             for _, final in sorted(staged, key=lambda pair: pair[1].name != CONFIG_NAME):  # config first
                 if final.exists():
                     backup = _new_path(folder, final.name, ".old", create=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,7 +175,7 @@ def _create(folder: str, which: int, barrier: Any, results: Any) -> None:
         results.put((which, f"{type(exc).__name__}: {exc}"))
 
 
-@pytest.mark.parametrize("place", ["new folder", "empty folder", "new folder, plain rename"])
+@pytest.mark.parametrize("place", ["new folder", "empty folder", "new folder, plain rename", "root of other adapters"])
 def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exactly one save succeeds; the other gets AdapterExistsError; the folder holds the winner's adapter.
     ``plain rename``: as without ``renameat2`` (other systems), where ``rename`` refuses a non-empty folder."""
@@ -185,6 +186,8 @@ def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str, monk
         folder = tmp_path / f"round{round_}"
         if place == "empty folder":
             folder.mkdir()
+        elif place == "root of other adapters":  # files are put in one by one there (no folder swap)
+            adapterspec.write_adapter(folder / "fr", *ADAPTERS[0])
         barrier, results = context.Barrier(2), context.Queue()
         creators = [context.Process(target=_create, args=(str(folder), i, barrier, results), daemon=True)
                     for i in (0, 1)]
@@ -204,3 +207,45 @@ def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str, monk
         assert _which(adapter.config, adapter.load_tensors("numpy")) == "AB"[winners[0]]
         folder_mod.wait_for_removals()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_creators_among_other_adapters_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the root of other adapters files are put in one by one (no folder swap): a creator paused just
+    before putting its files in keeps a second one waiting, which then finds the first one's adapter."""
+    folder = tmp_path / "root"
+    adapterspec.write_adapter(folder / "fr", *ADAPTERS[0])
+    replace, paused, go_on = os.replace, threading.Event(), threading.Event()
+
+    def paused_replace(source: Any, target: Any) -> None:
+        if threading.current_thread().name == "first" and not go_on.is_set():
+            paused.set()
+            assert go_on.wait(20)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", paused_replace)
+    outcomes: dict[str, str] = {}
+
+    def create(which: int) -> None:
+        name = threading.current_thread().name
+        try:
+            adapterspec.write_adapter(folder, *ADAPTERS[which])
+            outcomes[name] = "saved"
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcomes[name] = type(exc).__name__
+
+    first = threading.Thread(target=create, args=(0,), name="first", daemon=True)
+    second = threading.Thread(target=create, args=(1,), name="second", daemon=True)
+    first.start()
+    try:
+        assert paused.wait(20)
+        second.start()
+        second.join(0.5)
+        waited = second.is_alive()
+    finally:
+        go_on.set()
+        first.join(20)
+        second.join(20)
+    STATS.count("concurrency")
+    assert outcomes == {"first": "saved", "second": "AdapterExistsError"} and waited, (outcomes, waited)
+    adapter = adapterspec.read_adapter(folder, prefetch=True)
+    assert _which(adapter.config, adapter.load_tensors("numpy")) == "A"
