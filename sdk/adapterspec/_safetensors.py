@@ -10,6 +10,7 @@ safetensors' writer holds the GIL for the whole write; the tests read every file
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -21,7 +22,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
@@ -49,18 +50,20 @@ class Header:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> [begin, end) in the file
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, file: BinaryIO | None = None) -> Header:
     """Keys with shape and dtype, the metadata and the data spans of a safetensors file -- no tensor data is read.
 
     safetensors validates the file (:func:`safetensors.safe_open`): a bounded, well-formed header, known
     dtypes, each tensor's span of its size, the spans contiguous and covering the data exactly. So
     the spans follow from the order of the tensors in the file and their sizes.
 
+    :param file: the file already open (what ``path`` named then; left open), to read instead of ``path``.
+        safetensors opens ``path`` to validate it, which must still name that file (same header).
     :raises FileFormatError: not a valid safetensors file (truncated, corrupt header, bad offsets), or it
         changed while it was read.
     """
     try:
-        with open(path, "rb", buffering=0) as fh:
+        with contextlib.nullcontext(file) if file is not None else open(path, "rb", buffering=0) as fh:
             raw = _header_bytes(fh)
             with safe_open(str(path), framework="numpy") as f:
                 metadata = f.metadata() or {}
@@ -75,12 +78,18 @@ def read_header(path: Path) -> Header:
                     at = end
             size = os.fstat(fh.fileno()).st_size
             readable = all(info.dtype in DTYPE_BYTES for info in infos.values())  # else refused by check 13
-            if _header_bytes(fh) != raw or (readable and at != size):
+            if _header_bytes(fh) != raw or (readable and at != size) or not _names(path, fh):
                 raise ValueError("the file changed while its header was read")
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"not a valid safetensors file: {exc}", path=path,
                               hint="the file is truncated or corrupt; download or save it again") from None
     return Header(infos, metadata, raw, size, spans)
+
+
+def _names(path: Path, fh: Any) -> bool:
+    """Whether ``path`` names the open file ``fh`` (which safetensors then read too, by that path)."""
+    now, then = os.stat(path), os.fstat(fh.fileno())
+    return (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino)
 
 
 def _header_bytes(fh: Any) -> bytes:
@@ -96,32 +105,34 @@ def _header_bytes(fh: Any) -> bytes:
 _MAX_HEADER = 100_000_000  # safetensors' own bound
 
 
-def check_unchanged(path: Path, header: Header) -> None:
-    """Check that the file at ``path`` still starts with the header :func:`read_header` accepted.
+def check_unchanged(path: Path, header: Header, file: BinaryIO | None = None) -> None:
+    """Check that the file at ``path`` (or ``file``, open) still starts with the header :func:`read_header` accepted.
 
     :raises ValueError: it does not.
     """
-    with open(path, "rb", buffering=0) as fh:
+    with contextlib.nullcontext(file) if file is not None else open(path, "rb", buffering=0) as fh:
         if _header_bytes(fh) != header.raw:
             raise ValueError("the file changed since it was checked (its header differs)")
 
 
-def read_buffer(path: Path, header: Header) -> tuple[Any, dict[str, tuple[int, int]]]:
+def read_buffer(path: Path, header: Header, file: BinaryIO | None = None) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The whole file in one NumPy ``uint8`` buffer (one read), and each tensor's byte span in it.
 
     Backends make their tensors as views of the buffer: one read of the file and no copy, where
     reading tensor by tensor copies each out of a memory map. The file must still be the one
     :func:`read_header` accepted: same size, same header bytes (then the same spans).
 
+    :param file: the file open for reading (closed here), instead of ``path`` (which then names it in errors).
     :raises FileFormatError: the file changed since it was checked.
     """
-    file, buffer = _open_buffer(path, header)
+    file, buffer = _open_buffer(path, header, file)
     with file:
         _read_into(file, buffer, path)
     return _checked(buffer, header, path), header.spans
 
 
-def read_buffer_in_background(path: Path, header: Header) -> Callable[[], tuple[Any, dict[str, tuple[int, int]]]]:
+def read_buffer_in_background(path: Path, header: Header, file: BinaryIO | None = None
+                              ) -> Callable[[], tuple[Any, dict[str, tuple[int, int]]]]:
     """Start :func:`read_buffer` on a thread; the function returned waits for the read and gives its result.
 
     The thread's one call is the read (file opened and buffer allocated here), which releases the
@@ -129,9 +140,10 @@ def read_buffer_in_background(path: Path, header: Header) -> Callable[[], tuple[
     that had more Python to run first would wait for the caller to let go of the GIL, up to a switch
     interval of 5 ms.) Errors of the read are raised by the function returned, as :func:`read_buffer`'s.
 
+    :param file: as :func:`read_buffer`'s.
     :raises FileFormatError: the file changed size since it was checked (at once).
     """
-    file, buffer = _open_buffer(path, header)
+    file, buffer = _open_buffer(path, header, file)
     started = threading.Event()
 
     def read() -> None:
@@ -149,13 +161,16 @@ def read_buffer_in_background(path: Path, header: Header) -> Callable[[], tuple[
     return result
 
 
-def _open_buffer(path: Path, header: Header) -> tuple[Any, Any]:
-    """The open file (unbuffered) and an empty buffer of its size (which must be the size :func:`read_header` saw)."""
+def _open_buffer(path: Path, header: Header, file: BinaryIO | None = None) -> tuple[Any, Any]:
+    """The open file (unbuffered; ``file`` if given) and an empty buffer of its size (which must be the size
+    :func:`read_header` saw)."""
     import numpy as np
 
-    file = None
     try:
-        file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, or here on failure
+        if file is None:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, or here on failure
+        else:
+            file.seek(0)
         size = os.fstat(file.fileno()).st_size
         if size != header.size:
             raise ValueError(f"the file changed since it was checked (it is {size} bytes long, not {header.size})")
@@ -213,9 +228,12 @@ def sha256_of_blob(blob: bytes | memoryview) -> str:
     return _digest(data, header)
 
 
-def sha256_of_file(path: Path) -> str:
-    """The spec's checksum of a safetensors file (call :func:`read_header` first: it validates the file)."""
-    with open(path, "rb") as fh:
+def sha256_of_file(path: Path, file: BinaryIO | None = None) -> str:
+    """The spec's checksum of a safetensors file (call :func:`read_header` first: it validates the file).
+
+    :param file: the file already open (left open), instead of ``path``.
+    """
+    with contextlib.nullcontext(file) if file is not None else open(path, "rb") as fh:
         if fh.seek(0, 2) == 0:
             return hashlib.sha256().hexdigest()
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:

@@ -11,8 +11,10 @@ into its framework and onto its device.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import os
 import re
 import stat
 import sys
@@ -20,14 +22,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from . import _safetensors
+from . import _safetensors, _snapshot, _staging
 from ._safetensors import dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
 from ._rules import not_portable
-from .config import AdapterConfig, unsupported_features
+from .config import AdapterConfig, read_json_file, unsupported_features
 from .errors import (
     AdapterSpecError,
     AdapterSpecWarning,
@@ -91,6 +93,7 @@ class Adapter:
     _unchecked: bool = field(default=False, init=False, repr=False)  # read_adapter(check_tensors=False)
     _prefetched: Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None = field(default=None, init=False,
                                                                                   repr=False)  # prefetch()
+    _identity: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False)  # of weights_file
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -131,7 +134,8 @@ class Adapter:
         if self.weights_file is None or self._prefetched is not None:
             return
         try:
-            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header())
+            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header(),
+                                                                      self._weights())
         except AdapterSpecError:  # the file changed: load_tensors reads it again and says so
             pass
 
@@ -139,12 +143,28 @@ class Adapter:
         """The header :func:`read_adapter` checked; read now for an :class:`Adapter` made by hand."""
         assert self.weights_file is not None
         if self._header is None:
-            header = _safetensors.read_header(self.weights_file)
+            with self._weights() as fh:
+                header = _safetensors.read_header(self.weights_file, fh)
+                self._identity = _snapshot.file_id(os.fstat(fh.fileno()))
             if header.tensors != self.tensors:
                 raise FileFormatError("the file's tensors are not those of this Adapter", path=self.weights_file,
                                       hint="read the adapter with read_adapter()")
             self._header = header
         return self._header
+
+    def _weights(self) -> BinaryIO:
+        """``weights_file``, open for reading: the very file that was read, not one saved over it since."""
+        assert self.weights_file is not None
+        try:
+            fh = open(self.weights_file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        except OSError as exc:
+            raise FileFormatError(f"cannot open the weights: {exc.strerror}", path=self.weights_file,
+                                  hint="the adapter was moved or deleted since it was read; read it again") from None
+        if self._identity is not None and _snapshot.file_id(os.fstat(fh.fileno())) != self._identity:
+            fh.close()
+            raise FileFormatError("the file was replaced or changed since the adapter was read (saved over?)",
+                                  path=self.weights_file, hint="read the adapter again")
+        return fh
 
     @property
     def tensors_checked(self) -> bool:
@@ -189,14 +209,14 @@ class Adapter:
         prefetched, self._prefetched = self._prefetched, None
         if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or prefetched is not None)):
             buffer, spans = prefetched() if prefetched is not None else \
-                _safetensors.read_buffer(self.weights_file, self._file_header())  # one read, views of it
+                _safetensors.read_buffer(self.weights_file, self._file_header(), self._weights())  # one read
             del prefetched  # the buffer's only holders are to be its views (Keras checks)
             tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
                                          path=self.weights_file)
             return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
         try:
-            with safe_open(str(self.weights_file), framework=framework, device=device) as f:
-                _safetensors.check_unchanged(self.weights_file, self._file_header())
+            with safe_open(str(self.weights_file), framework=framework, device=device) as f, self._weights() as fh:
+                _safetensors.check_unchanged(self.weights_file, self._file_header(), fh)
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, TypeError, KeyError, ValueError) as exc:
             raise FileFormatError(f"cannot read tensors: {exc}", path=self.weights_file,
@@ -208,13 +228,20 @@ class Adapter:
         :returns: ``True`` if verified, ``False`` if the file records no checksum (PEFT writes none).
         :raises IntegrityError: the data does not match: the file was corrupted or tampered with.
         """
+        if self.weights_file is None or self.metadata.get(METADATA_SHA256) is None:
+            return False
+        with self._weights() as fh:
+            return self._check_checksum(fh)
+
+    def _check_checksum(self, file: BinaryIO) -> bool:
+        """:meth:`verify_checksum` of the open weights file."""
         recorded = self.metadata.get(METADATA_SHA256)
         if recorded is None or self.weights_file is None:
             return False
         if not re.fullmatch(r"[0-9a-f]{64}", recorded):
             raise FileFormatError(f"metadata {METADATA_SHA256} must be 64 lowercase hex digits, got {recorded[:80]!r}",
                                   path=self.weights_file, hint="write the file again with adapterspec (SPEC.md 9)")
-        actual = _safetensors.sha256_of_file(self.weights_file)
+        actual = _safetensors.sha256_of_file(self.weights_file, file)
         if actual != recorded:
             raise IntegrityError(
                 f"tensor data sha256 {actual[:16]}... does not match {METADATA_SHA256} {recorded[:16]}... "
@@ -311,7 +338,7 @@ def _hub_blobs(root: Path) -> list[Path]:
     return []
 
 
-def _load_pickle(path: Path) -> dict[str, Any]:
+def _load_pickle(path: Path, file: BinaryIO) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
@@ -320,7 +347,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     import pickle
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"refused by torch.load(weights_only=True): {(str(exc).splitlines() or [''])[0][:300]}",
                               path=path, hint="the pickle holds more than tensors; never load it unrestricted") from None
@@ -348,7 +375,9 @@ def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
 
 
 def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool = False,
-          check_tensors: bool = True) -> tuple[Adapter, list[AdapterSpecError]]:
+          check_tensors: bool = True, verify: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
+    """Read the folder's config and weights as one snapshot (both from one save, whatever another process
+    saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file."""
     folder = Path(source)
     try:
         if folder.is_file() and folder.name == CONFIG_NAME:
@@ -359,20 +388,50 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     if not is_dir:
         raise FileFormatError("no such adapter folder", path=folder,
                               hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+    read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
+                             verify=verify)
+    adapter = _snapshot.read_consistently(folder, read, watch=(CONFIG_NAME, SAFETENSORS_NAME),
+                                          in_progress=_staging.save_in_progress)
+    errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
+        UnsupportedError(reason, pointer=pointer, path=folder / CONFIG_NAME,
+                         hint="load it with PEFT itself (PeftModel.from_pretrained)" if pointer == "/peft_type" else
+                         "use PEFT itself for this adapter, or save it without the feature")
+        for pointer, reason in unsupported_features(adapter.config)]
+    if not_portable(adapter.config):
+        pass  # the spec names no tensor of the method: there is nothing to check them against
+    elif check_tensors or not _plain(adapter.config, adapter.tensors):
+        errors += tensor_errors(adapter.config, adapter.tensors)
+    else:
+        adapter._unchecked = True
+    source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
+    for e in errors:
+        e.path = e.path or str(source_file)  # name the file the tensors came from (the pickle too)
+    return adapter, errors
+
+
+def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool, prefetch: bool,
+                verify: bool) -> Adapter:
+    """The adapter in ``folder``, its files opened through ``snapshot``."""
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
         raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
                               hint="pass the adapter's own folder (use subfolder= for one of several)")
-    config = AdapterConfig.from_file(_inside(folder, config_file), strict=strict)
+    resolved = _inside(folder, config_file)
+    data = read_json_file(resolved, file=snapshot.open(CONFIG_NAME, resolved))
+    config = AdapterConfig.from_dict(data, strict=strict, path=resolved, _owned=True)
     weights = folder / SAFETENSORS_NAME
     if weights.exists():
         resolved = _inside(folder, weights)
-        header = _safetensors.read_header(resolved)
+        fh = snapshot.open(SAFETENSORS_NAME, resolved)
+        header = _safetensors.read_header(resolved, fh)
         _check_metadata_version(config, header.metadata, weights)
         adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
         adapter._header = header
-        if prefetch:
-            adapter.prefetch()  # a thread reads the data while the tensors are checked
+        adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
+        if verify:
+            adapter._check_checksum(fh)
+        if prefetch:  # a thread reads the data while the tensors are checked
+            adapter._prefetched = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh))
     elif (folder / PICKLE_NAME).exists():
         pickle_file = _inside(folder, folder / PICKLE_NAME)
         if not allow_pickle:
@@ -380,27 +439,13 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
                 f"only {PICKLE_NAME} (a pickle) is present; unpickling can run code", path=pickle_file,
                 hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
                      "torch.load(weights_only=True)")
-        arrays = _load_pickle(pickle_file)
+        arrays = _load_pickle(pickle_file, snapshot.open(PICKLE_NAME, pickle_file))
         infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
         adapter = Adapter(config, infos, {}, folder, None, arrays)
     else:
         raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
                               hint="save the adapter's weights next to its config")
-    errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
-        UnsupportedError(reason, pointer=pointer, path=config_file,
-                         hint="load it with PEFT itself (PeftModel.from_pretrained)" if pointer == "/peft_type" else
-                         "use PEFT itself for this adapter, or save it without the feature")
-        for pointer, reason in unsupported_features(config)]
-    if not_portable(config):
-        pass  # the spec names no tensor of the method: there is nothing to check them against
-    elif check_tensors or not _plain(config, adapter.tensors):
-        errors += tensor_errors(config, adapter.tensors)
-    else:
-        adapter._unchecked = True
-    source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
-    for e in errors:
-        e.path = e.path or str(source_file)  # name the file the tensors came from (the pickle too)
-    return adapter, errors
+    return adapter
 
 
 def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:
@@ -414,7 +459,7 @@ def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], 
         warnings.warn(
             f"{weights}: the safetensors metadata records adapterspec_version {recorded!r} but the config "
             f"{config.get('adapterspec_version') or 'none (read as 1.0)'!r}; the config's version governs",
-            AdapterSpecWarning, stacklevel=4)
+            AdapterSpecWarning, stacklevel=6)  # read_adapter's caller (via _read_files, read_consistently, _open)
 
 
 def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
@@ -422,7 +467,8 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
     where = adapter.weights_file or adapter.path
     try:
         if adapter.weights_file is not None:
-            keys = nonfinite_keys(adapter.weights_file)
+            with adapter._weights() as fh:
+                keys = nonfinite_keys(adapter.weights_file, fh)
         else:
             keys = nonfinite_arrays(_convert(adapter.arrays or {}, "numpy", "cpu"))
     except (OSError, ValueError) as exc:
@@ -456,11 +502,9 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
     16
     """
     adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
-                            check_tensors=check_tensors)
+                            check_tensors=check_tensors, verify=verify)
     if errors:
         raise errors[0]
-    if verify:
-        adapter.verify_checksum()
     return adapter
 
 

@@ -243,8 +243,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
           activate: bool, options: LoadOptions) -> list[str]:
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
-                                                                    check_tensors=False)
-    adapter.prefetch()  # a thread reads the file while the backend injects the layers
+                                                                    check_tensors=False, prefetch=True)
+    adapter.prefetch()  # a thread reads the file while the backend injects the layers (the file read, if not yet)
     try:
         with _spec_errors_first(adapter):
             if adapter_name in adapter_names(model):

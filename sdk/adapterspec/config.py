@@ -15,6 +15,7 @@ adapterspec.errors.ConfigError: /r: 0 is less than the minimum of 1 (fix: ...)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -27,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
@@ -564,16 +565,18 @@ class AdapterConfig(Mapping[str, Any]):
         return is_feedforward(self._data, module)
 
 
-def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> Any:
+def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES,
+                   file: BinaryIO | None = None) -> Any:
     """The JSON value in ``path``: a regular UTF-8 file of at most ``limit`` bytes, without NaN/Infinity.
 
     Never blocks (a FIFO is refused, not read) and never reads more than ``limit`` bytes.
 
+    :param file: the file already open (what ``path`` named then; left open), to read instead of ``path``.
     :raises FileFormatError: naming the file: unreadable, not a regular file, too big, not JSON.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
+        with contextlib.nullcontext(file) if file is not None else \
+                os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise FileFormatError(f"the {what} is not a regular file", path=path,

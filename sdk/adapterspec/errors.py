@@ -33,6 +33,7 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedError",
     "VersionError",
+    "WriteError",
     "shorten",
 ]
 
@@ -187,3 +188,28 @@ class HubError(AdapterSpecError, ValueError):
 
 class AdapterSpecWarning(UserWarning):
     """Something loads but deserves attention: unknown config fields, a newer minor spec version."""
+
+
+class WriteError(AdapterSpecError, OSError):
+    """Saving failed in the file system -- no space left, no permission, a name too long -- and changed
+    nothing: the adapter saved there before, if any, is intact. Also an ``OSError`` with its ``errno``.
+
+    >>> import errno
+    >>> error = WriteError("no space left on the device", errno=errno.ENOSPC, path="out/lora")
+    >>> error.errno == errno.ENOSPC, isinstance(error, OSError)
+    (True, True)
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, pointer: str | None = None, key: str | None = None,
+                 path: str | Path | None = None, hint: str | None = None) -> None:
+        super().__init__(message, pointer=pointer, key=key, path=path, hint=hint)
+        self.errno = errno
+        self.strerror = message
+        self.filename = self.path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_write_error, (self.message, self.errno, self.pointer, self.key, self.path, self.hint))
+
+
+def _rebuild_write_error(message, errno, pointer, key, path, hint):  # type: ignore[no-untyped-def]
+    return WriteError(message, errno=errno, pointer=pointer, key=key, path=path, hint=hint)
