@@ -168,27 +168,29 @@ class Adapter:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
         ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
 
-        NumPy and torch CPU tensors are views of one read of the whole file (which :meth:`prefetch` may
-        have started; torch tensors for another device are then copied there from it); other frameworks
-        and devices get theirs from safetensors, straight onto the device. Either way the file must
-        still be the one checked (the same header).
+        NumPy and torch tensors are views of one read of the whole file (which :meth:`prefetch` may
+        have started); torch tensors for another device are views of one copy of all their bytes there
+        (read into pinned memory for a GPU, unless prefetched). Other frameworks get theirs from
+        safetensors, straight onto the device. Either way the file must still be the one checked (the
+        same header).
 
         :raises FileFormatError: the file changed or broke since it was read.
+        :raises UnsupportedError: torch cannot use ``device``.
         """
         if self.arrays is not None:
             return _convert(self.arrays, framework, device)
         assert self.weights_file is not None
         from safetensors import SafetensorError, safe_open
 
-        on_cpu = str(device) == "cpu"
+        elsewhere = framework == "pt" and str(device) != "cpu"
         prefetched, self._prefetched = self._prefetched, None
-        if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or prefetched is not None)):
-            buffer, spans = prefetched() if prefetched is not None else \
-                _safetensors.read_buffer(self.weights_file, self._file_header())  # one read, views of it
+        if framework in ("numpy", "np", "pt"):
+            buffer, spans = prefetched() if prefetched is not None else _safetensors.read_buffer(  # one read
+                self.weights_file, self._file_header(),
+                allocate=_safetensors.pinned_allocator(device) if elsewhere else None)
             del prefetched  # the buffer's only holders are to be its views (Keras checks)
-            tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
-                                         path=self.weights_file)
-            return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
+            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                      path=self.weights_file, device=device if elsewhere else None)
         try:
             with safe_open(str(self.weights_file), framework=framework, device=device) as f:
                 _safetensors.check_unchanged(self.weights_file, self._file_header())
