@@ -115,7 +115,7 @@ def read_buffer(path: Path, header: Header, *, allocate: Callable[[int], Any] | 
     :func:`read_header` accepted: same size, same header bytes (then the same spans).
 
     :param allocate: gives the (writable, NumPy ``uint8``) buffer of a size, e.g. :func:`pinned_allocator`'s
-        page-locked memory for a copy to a GPU; default ``numpy.empty``.
+        page-locked memory for a copy to a GPU; default (or when it gives ``None``) ``numpy.empty``.
     :raises FileFormatError: the file changed since it was checked.
     """
     file, buffer = _open_buffer(path, header, allocate)
@@ -165,11 +165,16 @@ def _open_buffer(path: Path, header: Header, allocate: Callable[[int], Any] | No
         if any(info.dtype not in DTYPE_BYTES for info in header.tensors.values()):
             raise ValueError(f"dtypes {sorted({i.dtype for i in header.tensors.values()} - set(DTYPE_BYTES))} "
                              "cannot be read (SPEC.md 7)")
-        return file, (allocate or _numpy_empty)(size)
+        buffer = allocate(size) if allocate is not None else None
+        return file, buffer if buffer is not None else _numpy_empty(size)
     except (OSError, ValueError) as exc:
         if file is not None:
             file.close()
         raise _unreadable(path, exc) from None
+    except BaseException:  # from allocate
+        if file is not None:
+            file.close()
+        raise
 
 
 def _numpy_empty(size: int) -> Any:

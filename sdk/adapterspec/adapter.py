@@ -116,7 +116,7 @@ class Adapter:
         """The size of all tensor data in bytes."""
         return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
-    def prefetch(self) -> None:
+    def prefetch(self, allocate: Callable[[int], Any] | None = None) -> None:
         """Start reading the tensor data on a thread, for the next :meth:`load_tensors` (NumPy, or torch).
 
         The read releases the GIL, so the file is read while the caller goes on:
@@ -124,11 +124,15 @@ class Adapter:
         of the 20 MB benchmark adapter on two cores; from a disk, the whole wait for it may go).
         Errors surface in :meth:`load_tensors`. Does nothing for in-memory adapters, or when a read has
         been started already.
+
+        :param allocate: gives the buffer to read into, from the file's size: a writable NumPy ``uint8``
+            array (pinned memory, for a copy to a GPU), or ``None`` for an ordinary one.
         """
         if self.weights_file is None or self._prefetched is not None:
             return
         try:
-            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header())
+            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header(),
+                                                                      allocate=allocate)
         except AdapterSpecError:  # the file changed: load_tensors reads it again and says so
             pass
 

@@ -137,7 +137,8 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
           activate: bool, options: LoadOptions) -> list[str]:
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
                                                                     check_tensors=False)
-    adapter.prefetch()  # a thread reads the file while the backend injects the layers
+    # a thread reads the file (into memory the backend chose: pinned for a GPU) while the backend injects the layers
+    adapter.prefetch(lambda nbytes: _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options))
     try:
         with _spec_errors_first(adapter):
             if adapter_name in adapter_names(model):

@@ -197,3 +197,60 @@ def test_cuda_model_loads_and_saves_its_adapter_bit_for_bit(tmp_path: Path) -> N
     adapterspec.save_adapter(layers, tmp_path / "b")
     saved = adapterspec.read_adapter(tmp_path / "b", verify=True).load_tensors("pt")
     assert all(torch.equal(saved[k], params[k].cpu()) for k in tensors)
+
+
+def _linears() -> Any:
+    return torch.nn.ModuleDict({"layers": torch.nn.ModuleList([
+        torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)}) for _ in range(2)])})
+
+
+def test_load_adapter_reads_the_file_into_the_buffer_the_backend_gives(tmp_path: Path) -> None:
+    """The optional hook ``adapterspec_read_buffer``: asked for the file's size before the layers are injected,
+    its buffer is the one read (a CPU model's tensors are views of it)."""
+    from adapterspec import hookimpl
+    from adapterspec.plugins import get_plugin_manager
+
+    tensors = {k: v.float() for k, v in _mixed().items()}
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors)
+    model = _linears()
+    given: list[Any] = []
+
+    class Staging:
+        @hookimpl
+        def adapterspec_read_buffer(self, model: Any, nbytes: int, options: Any) -> Any:
+            assert adapterspec.adapter_names(model) == []  # before injection
+            given.append(np.empty(nbytes, dtype=np.uint8))
+            return given[-1]
+
+    pm = get_plugin_manager()
+    pm.register(Staging(), name="staging")
+    try:
+        adapterspec.load_adapter(model, tmp_path / "a")
+    finally:
+        pm.unregister(name="staging")
+    assert [g.nbytes for g in given] == [(tmp_path / "a" / "adapter_model.safetensors").stat().st_size]
+    from adapterspec_torch.state import expected_params
+
+    start = given[0].ctypes.data
+    for key, param in expected_params(model, "default").items():
+        assert start <= param.data_ptr() < start + given[0].nbytes, key
+        assert torch.equal(param, tensors[key]), key
+
+
+@pytest.mark.gpu
+def test_cuda_model_load_reads_into_pinned_memory_and_copies_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = {k: v.float() for k, v in _mixed().items()}
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors)
+    model = _linears().cuda()
+    seen = []
+    real = _safetensors._to_device
+    monkeypatch.setattr(_safetensors, "_to_device", lambda data, device, path: seen.append(data.is_pinned()) or
+                        real(data, device, path))
+    adapterspec.load_adapter(model, tmp_path / "a")
+    assert seen == [True]
+    from adapterspec_torch.state import expected_params
+
+    params = expected_params(model, "default")
+    assert len({p.untyped_storage().data_ptr() for p in params.values()}) == 1
+    assert all(p.is_cuda and torch.equal(p.cpu(), tensors[k]) for k, p in params.items())
