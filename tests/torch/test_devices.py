@@ -157,7 +157,7 @@ def test_modules_to_save_copies_follow_the_options(bert: Any, saved_classifier: 
         assert_close(out.float(), logits(reference, token_inputs), atol=2e-2)
 
 
-def test_pinned_read_buffer_only_for_one_gpu(monkeypatch: Any) -> None:
+def test_pinned_read_buffer_only_for_a_gpu(monkeypatch: Any) -> None:
     import numpy as np
     from adapterspec import LoadOptions
     from adapterspec import _safetensors
@@ -170,6 +170,5 @@ def test_pinned_read_buffer_only_for_one_gpu(monkeypatch: Any) -> None:
     linear = torch.nn.Linear(2, 2)
     assert read_buffer(linear, 16, LoadOptions()) is None  # a CPU model keeps its tensors in the buffer
     assert read_buffer(linear, 16, LoadOptions(device="cuda:1")).shape == (16,)
-    two = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2, device="meta")})
-    assert read_buffer(two, 16, LoadOptions()) is None  # several devices: no one device to stage for
+    assert read_buffer(torch.nn.ReLU(), 16, LoadOptions()) is None  # no parameters
     assert asked == ["cpu", "cuda:1"]
