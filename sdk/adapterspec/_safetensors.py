@@ -189,6 +189,9 @@ def pinned_allocator(device: Any) -> Callable[[int], Any] | None:
 
     A copy to the GPU from pinned memory runs at the bus's speed (1.5 ms for 80 MB on an H200, 4.6 ms
     from ordinary memory), and a reused buffer has no page faults left to take while the file is read.
+
+    >>> pinned_allocator("cpu") is None
+    True
     """
     import torch
 
