@@ -232,6 +232,31 @@ def bench_load(bench: Bench, model: Any, folder: Path) -> None:
     bench.add("load", "ideal", times["ideal"], "read into pinned memory, one copy, views")
     bench.add("load", "adapterspec", times["adapterspec"], "load_adapter, model on the device")
 
+    # where the time goes: the core's read and check of the folder, then the backend's two steps
+    from adapterspec_torch.inject import inject
+    from adapterspec_torch.state import load_state
+
+    adapter = adapterspec.read_adapter(folder)
+    options = adapterspec.LoadOptions(initialize=False)
+
+    def load_state_alone() -> None:
+        inject(model, adapter.config, "default", options)
+        bench.sync()
+        start = time.perf_counter()
+        load_state(model, adapter, "default", options)
+        bench.sync()
+        spent.append(time.perf_counter() - start)
+
+    spent: list[float] = []
+    parts = side_by_side(bench, {
+        "read": (lambda: adapterspec.read_adapter(folder, check_tensors=False), None),
+        "inject": (lambda: inject(model, adapter.config, "default", options),
+                   lambda: adapterspec.delete_adapter(model, "default")),
+        "inject+load_state": (load_state_alone, lambda: adapterspec.delete_adapter(model, "default"))}, repeats)
+    bench.add("load", "  core read_adapter", parts["read"], "config, header (no data)")
+    bench.add("load", "  torch inject", parts["inject"], "no init")
+    bench.add("load", "  torch load_state", spent[1:], "read (not prefetched) + copy + views + assign")
+
     holder: dict[str, Any] = {}
     for label, extra in (("peft", {}), ("peft low_cpu_mem", {"low_cpu_mem_usage": True})):
         def peft_load(extra: dict[str, Any] = extra) -> None:
