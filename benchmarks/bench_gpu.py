@@ -298,6 +298,12 @@ def bench_save(bench: Bench, model: Any, folder: Path, work: Path) -> None:
             "raw": (lambda: save_file(cpu_tensors, str(work / "raw.safetensors"), metadata={"format": "pt"}), None),
             "adapterspec": (lambda: adapterspec.save_adapter(model, work / "ours", overwrite=True), None)},
             bench.repeats)
+        from adapterspec import _safetensors
+        from adapterspec_torch.state import extract_state
+
+        on_device = extract_state(model, "default")[1]
+        gather = side_by_side(bench, {"gather": (lambda: _safetensors._gathered_byte_views(on_device), None)},
+                              bench.repeats)["gather"]
         saved = load_file(str(work / "ours" / "adapter_model.safetensors"))
         exact = saved.keys() == cpu_tensors.keys() and all(bench.torch.equal(saved[k], v)
                                                            for k, v in cpu_tensors.items())
@@ -308,6 +314,7 @@ def bench_save(bench: Bench, model: Any, folder: Path, work: Path) -> None:
         adapterspec.delete_adapter(model, "default")
     bench.add("save", "raw save_file", times["raw"], "safetensors.torch.save_file of CPU tensors")
     bench.add("save", "adapterspec", times["adapterspec"], "save_adapter from the model on the device")
+    bench.add("save", "  gather to host", gather, "one cat on the device, one copy to pinned memory (CPU: none)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(model, str(folder), **peft_kwargs())
