@@ -125,6 +125,26 @@ def test_cuda_device_option(llama: Any, folder: Any, tmp_path: Any) -> None:
             assert torch.equal(tensor, file[key].half()), key
 
 
+@pytest.mark.gpu
+def test_cuda_device_option_with_base_weights_in_the_file_is_one_transfer(llama: Any, folder: Any,
+                                                                          monkeypatch: Any) -> None:
+    """``device="cuda"`` (no index) and the model's ``cuda:0`` are one device: the file's tensors, the embedding's
+    base weight among them, come over in one copy."""
+    from adapterspec import _safetensors
+
+    path, _ = folder
+    seen = []
+    real = _safetensors._to_device
+    monkeypatch.setattr(_safetensors, "_to_device", lambda data, device, where: seen.append(str(device)) or
+                        real(data, device, where))
+    model = fresh(llama).to("cuda")
+    adapterspec.load_adapter(model, path, device="cuda")
+    assert seen == ["cuda:0"]
+    file = load_file(path / "adapter_model.safetensors")
+    for key, param in _adapter_tensors(model).items():
+        assert param.is_cuda and torch.equal(param.cpu(), file[key]), key
+
+
 @pytest.fixture(scope="module")
 def saved_classifier(bert: Any, tmp_path_factory: Any) -> Any:
     from peft import LoraConfig
