@@ -18,7 +18,7 @@ import torch
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["as_device", "as_dtype", "check_options", "place", "target_of"]
+__all__ = ["as_device", "as_dtype", "check_options", "place", "read_buffer", "target_of"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
@@ -140,3 +140,30 @@ def place(tensor: torch.Tensor, like: torch.Tensor | torch.nn.Module, options: L
     if device.type == "meta":
         return torch.empty(tensor.shape, device="meta", dtype=dtype)
     return tensor.to(device=device, dtype=dtype)
+
+
+def read_buffer(model: torch.nn.Module, nbytes: int, options: LoadOptions) -> Any:
+    """Pinned host memory of ``nbytes`` to read an adapter's file into, when its tensors go to a GPU
+    (``options.device``, else the device of ``model``'s first parameter); else ``None``.
+
+    The file's read then takes no page faults (a pinned buffer freed by the last load is reused) and its
+    copy to the GPU runs at the bus's speed. Pinned memory is not given for a model on the CPU, whose
+    adapter tensors are views of the buffer for good. (Only the first parameter is asked: this runs
+    before the read starts, and all of a 7B model's take 0.5 ms. A model spread over a GPU and the CPU
+    whose first parameter is on the GPU loads exactly all the same; its CPU layers' adapter tensors then
+    live in pinned memory.)
+
+    >>> read_buffer(torch.nn.Linear(2, 2), 64, LoadOptions()) is None
+    True
+    """
+    from adapterspec._safetensors import pinned_allocator
+
+    if options.device is not None:
+        device = options.device
+    else:
+        first = next(model.parameters(), None)
+        if first is None:
+            return None
+        device = first.device
+    allocate = pinned_allocator(device)
+    return allocate(nbytes) if allocate is not None else None

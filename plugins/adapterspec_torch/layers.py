@@ -44,6 +44,8 @@ __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "Pending
 #: The pseudo-method of trainable token rows (LoRA's ``trainable_token_indices``) inside an :class:`AdapterLayer`.
 TOKENS = "TOKENS"
 
+_global_forward_hooks = torch.nn.modules.module._global_forward_hooks  # a dict torch keeps: its emptiness is read
+
 _CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 _ATTR = {"lora_A.weight": "lora_A_weight", "lora_B.weight": "lora_B_weight", "lora_B.bias": "lora_B_bias"}
 _LINEAR_KINDS = ("linear", "conv1d_hf")
@@ -382,7 +384,7 @@ class AdapterLayer(nn.Module):
         self._modules["adapter_weights"] = weights
         self.__dict__.update(
             kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
-            _plan=([], [], [], []), _merged=[], _caches={})
+            _plan=([], [], [], []), _fast=None, _merged=[], _caches={})
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -700,11 +702,46 @@ class AdapterLayer(nn.Module):
                 additive.append(n)
         return ia3_in, ia3_out, additive, tokens
 
+    def _fast_for(self, plan: tuple[list[str], list[str], list[str], list[str]]) -> tuple[str, _Spec] | None:
+        """The adapter, if ``plan`` is one plain LoRA (no DoRA, no bias) on a plain ``nn.Linear`` or transformers
+        ``Conv1D``, whose output (a new tensor no one else holds) the LoRA term can be added to in place."""
+        ia3_in, ia3_out, additive, tokens = plan
+        if ia3_in or ia3_out or tokens or len(additive) != 1 or self.kind not in _LINEAR_KINDS:
+            return None
+        base_type = type(self._modules["base_layer"])
+        if base_type is not nn.Linear and base_type is not _hf_conv1d_type():
+            return None
+        spec = self._specs[additive[0]]
+        if spec.method != "LORA" or spec.use_dora or spec.lora_bias:
+            return None
+        return additive[0], spec
+
+    def _lora_in_place(self, name: str, spec: _Spec, x: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
+        """``base(x) + scaling * B(A(x))`` with the LoRA term added into the base output by one ``addmm_``
+        (no intermediate ``B(A(x))``, product by the scale and sum as new tensors): PEFT's math, with one
+        rounding less. Autograd records the in-place add (a Linear's backward needs its input, not its output)."""
+        base = self._modules["base_layer"]
+        params = self._modules["adapter_weights"]._modules[name]._parameters
+        a, b = params["lora_A_weight"], params["lora_B_weight"]
+        result = base(x, *args, **kwargs)
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if result.dtype != a.dtype or b.dtype != a.dtype or not result.is_contiguous():  # autocast, mixed dtypes
+            return self._lora(name, spec, x, result).to(result.dtype)
+        hidden = F.linear(x.reshape(-1, x.shape[-1]), a)
+        result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=spec.scaling)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self._switch.names
         if names is not self._plan_key:
             self.__dict__["_plan"] = self._plan_for(names)
+            self.__dict__["_fast"] = self._fast_for(self._plan)
             self.__dict__["_plan_key"] = names
+        fast = self._fast
+        if fast is not None and not self._merged and not (fast[1].dropout and self.training) \
+                and not self._modules["base_layer"]._forward_hooks and not _global_forward_hooks:
+            return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
         ia3_in, ia3_out, additive, tokens = self._plan
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             return self.base_layer(x, *args, **kwargs)

@@ -28,6 +28,7 @@ __all__ = [
     "adapterspec_inject",
     "adapterspec_load_state",
     "adapterspec_merge",
+    "adapterspec_read_buffer",
     "adapterspec_set_active",
     "adapterspec_unmerge",
 ]
@@ -64,6 +65,16 @@ def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, opti
     from .state import load_state
 
     return load_state(model, adapter, adapter_name, options)
+
+
+@hookimpl
+def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> Any | None:
+    """See :func:`adapterspec_torch.devices.read_buffer`."""
+    if not _owns(model):
+        return None
+    from .devices import read_buffer
+
+    return read_buffer(model, nbytes, options)
 
 
 @hookimpl

@@ -82,6 +82,9 @@ def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[Adapt
 def _read(adapter: Adapter, targets: list[Any]) -> tuple[dict[str, torch.Tensor], torch.device]:
     """The file's tensors, on the one device all ``targets`` are on (else the CPU), and that device."""
     devices = {t.device for t in targets}
+    if len(devices) > 1 and torch.cuda.is_available():  # "cuda" (from options.device) is the model's "cuda:N"
+        devices = {torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+                   for d in devices}
     if devices and all(d.type == "meta" for d in devices):
         meta = torch.device("meta")
         return {k: torch.empty(info.shape, device=meta) for k, info in adapter.tensors.items()}, meta

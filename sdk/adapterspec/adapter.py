@@ -122,7 +122,7 @@ class Adapter:
         """The size of all tensor data in bytes."""
         return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
-    def prefetch(self) -> None:
+    def prefetch(self, allocate: Callable[[int], Any] | None = None) -> None:
         """Start reading the tensor data on a thread, for the next :meth:`load_tensors` (NumPy, or torch).
 
         The read releases the GIL, so the file is read while the caller goes on:
@@ -130,12 +130,15 @@ class Adapter:
         of the 20 MB benchmark adapter on two cores; from a disk, the whole wait for it may go).
         Errors surface in :meth:`load_tensors`. Does nothing for in-memory adapters, or when a read has
         been started already.
+
+        :param allocate: gives the buffer to read into, from the file's size: a writable NumPy ``uint8``
+            array (pinned memory, for a copy to a GPU), or ``None`` for an ordinary one.
         """
         if self.weights_file is None or self._prefetched is not None:
             return
         try:
             self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header(),
-                                                                      self._weights())
+                                                                      self._weights(), allocate=allocate)
         except AdapterSpecError:  # the file changed: load_tensors reads it again and says so
             pass
 
@@ -191,13 +194,15 @@ class Adapter:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
         ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
 
-        NumPy and torch CPU tensors are views of one read of the whole file (which :meth:`prefetch` may
-        have started; torch tensors for another device are then copied there from it); other frameworks
-        and devices get theirs from safetensors, straight onto the device. Either way the file must
-        still be the one checked (the same header).
+        NumPy and torch tensors are views of one read of the whole file (which :meth:`prefetch` may
+        have started); torch tensors for another device are views of one copy of all their bytes there
+        (read into pinned memory for a GPU, unless prefetched). Other frameworks get theirs from
+        safetensors, straight onto the device. Either way the file must still be the one checked (the
+        same header).
 
         :raises FileFormatError: the file changed or broke since it was read.
-        :raises UnsupportedError: ``framework`` is not installed (naming the ``pip install`` line).
+        :raises UnsupportedError: ``framework`` is not installed (naming the ``pip install`` line), or torch
+            cannot use ``device``.
         """
         _require_framework(framework)
         if self.arrays is not None:
@@ -205,15 +210,15 @@ class Adapter:
         assert self.weights_file is not None
         from safetensors import SafetensorError, safe_open
 
-        on_cpu = str(device) == "cpu"
+        elsewhere = framework == "pt" and str(device) != "cpu"
         prefetched, self._prefetched = self._prefetched, None
-        if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or prefetched is not None)):
-            buffer, spans = prefetched() if prefetched is not None else \
-                _safetensors.read_buffer(self.weights_file, self._file_header(), self._weights())  # one read
+        if framework in ("numpy", "np", "pt"):
+            buffer, spans = prefetched() if prefetched is not None else _safetensors.read_buffer(  # one read
+                self.weights_file, self._file_header(), self._weights(),
+                allocate=_safetensors.pinned_allocator(device) if elsewhere else None)
             del prefetched  # the buffer's only holders are to be its views (Keras checks)
-            tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
-                                         path=self.weights_file)
-            return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
+            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                      path=self.weights_file, device=device if elsewhere else None)
         try:
             with safe_open(str(self.weights_file), framework=framework, device=device) as f, self._weights() as fh:
                 _safetensors.check_unchanged(self.weights_file, self._file_header(), fh)
@@ -374,7 +379,7 @@ def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
                for key, info in tensors.items())
 
 
-def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool = False,
+def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool | Callable[[int], Any] = False,
           check_tensors: bool = True, verify: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
     """Read the folder's config and weights as one snapshot (both from one save, whatever another process
     saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file."""
@@ -409,7 +414,8 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     return adapter, errors
 
 
-def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool, prefetch: bool,
+def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool,
+                prefetch: bool | Callable[[int], Any],
                 verify: bool) -> Adapter:
     """The adapter in ``folder``, its files opened through ``snapshot``."""
     config_file = folder / CONFIG_NAME
@@ -431,7 +437,8 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
         if verify:
             adapter._check_checksum(fh)
         if prefetch:  # a thread reads the data while the tensors are checked
-            adapter._prefetched = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh))
+            adapter._prefetched = _safetensors.read_buffer_in_background(
+                resolved, header, snapshot.share(fh), allocate=prefetch if callable(prefetch) else None)
     elif (folder / PICKLE_NAME).exists():
         pickle_file = _inside(folder, folder / PICKLE_NAME)
         if not allow_pickle:
@@ -480,7 +487,7 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
-                 verify: bool = False, prefetch: bool = False, check_tensors: bool = True) -> Adapter:
+                 verify: bool = False, prefetch: bool | Callable[[int], Any] = False, check_tensors: bool = True) -> Adapter:
     """Read and check an adapter folder (config and tensor headers; no tensor data).
 
     :param source: the adapter's folder (or its ``adapter_config.json``).
@@ -489,7 +496,8 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
     :param strict: refuse config fields the schema does not know.
     :param verify: also check the tensor data against the recorded sha256 (reads all data).
     :param prefetch: start reading the tensor data on a thread as soon as the header is checked
-        (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come.
+        (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come; a function instead of
+        ``True`` gives the buffer to read into, as :meth:`Adapter.prefetch`'s ``allocate``.
     :param check_tensors: ``False`` leaves the checks of the tensors against the config (SPEC.md 10,
         checks 8-16) to the caller, if every tensor is a method tensor of an allowed dtype and the config
         accounts for no auxiliary tensor (otherwise they run). :func:`~adapterspec.load_adapter` does

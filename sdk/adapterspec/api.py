@@ -242,9 +242,13 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
 
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
           activate: bool, options: LoadOptions) -> list[str]:
+    def allocate(nbytes: int) -> Any:  # the memory the file is read into, the backend's choice: pinned for a GPU
+        return _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options)
+
+    # a thread reads the file while the checks run and the backend injects the layers
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
-                                                                    check_tensors=False, prefetch=True)
-    adapter.prefetch()  # a thread reads the file while the backend injects the layers (the file read, if not yet)
+                                                                    check_tensors=False, prefetch=allocate)
+    adapter.prefetch(allocate)  # an Adapter passed in: its file is read now, while the backend injects the layers
     try:
         with _spec_errors_first(adapter):
             if adapter_name in adapter_names(model):

@@ -165,6 +165,20 @@ def adapterspec_unmerge(model: Any) -> bool | None:
     """
 
 
+@hookspec(firstresult=True)
+def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> Any | None:
+    """Where :func:`adapterspec.load_adapter` should read the adapter's file to, when not into ordinary
+    memory. Stops at first non-None result.
+
+    Optional: called before :func:`adapterspec_inject`, as the file's read starts (on a thread, while the
+    layers are injected). A backend that copies the tensors to an accelerator returns page-locked host
+    memory (torch: pinned memory for a model on a GPU), which the copy reads at the bus's speed.
+
+    :param nbytes: the file's size.
+    :returns: a writable, C-contiguous NumPy ``uint8`` array of ``nbytes`` elements; ``None``: NumPy's.
+    """
+
+
 @hookspec
 def adapterspec_conformance_implementations() -> list[Any]:
     """Offer implementations for ``adapterspec conformance`` to test. Called on every plugin; results are collected.

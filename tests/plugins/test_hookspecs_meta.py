@@ -41,6 +41,7 @@ CALLERS: dict[str, tuple[str, ...]] = {
     "adapterspec_delete": ("adapterspec.api:delete_adapter", "adapterspec.api:unload"),
     "adapterspec_merge": ("adapterspec.api:merge_adapters",),
     "adapterspec_unmerge": ("adapterspec.api:unmerge_adapters",),
+    "adapterspec_read_buffer": ("adapterspec.api:load_adapter",),
     "adapterspec_conformance_implementations": ("adapterspec.conformance.implementations:resolve_implementation",
                                                 "adapterspec.conformance.implementations:available_implementations"),
 }

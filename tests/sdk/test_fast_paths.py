@@ -283,7 +283,7 @@ def test_prefetched_torch_tensors_go_to_the_device_asked_for_and_load_adapter_pr
         {k: ("meta", v.shape) for k, v in _mixed().items()}
     started = []
     real = _safetensors.read_buffer_in_background
-    monkeypatch.setattr(_safetensors, "read_buffer_in_background", lambda *a: started.append(a) or real(*a))
+    monkeypatch.setattr(_safetensors, "read_buffer_in_background", lambda *a, **k: started.append(a) or real(*a, **k))
     monkeypatch.setattr(_safetensors, "read_buffer", lambda *a: pytest.fail("read on the caller's thread"))
     model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([
         torch.nn.ModuleDict({"q": torch.nn.Linear(7, 5), "v": torch.nn.Linear(7, 5)}),

@@ -154,6 +154,26 @@ def test_cuda_device_option(llama: Any, folder: Any, tmp_path: Any) -> None:
             assert torch.equal(tensor, file[key].half()), key
 
 
+@pytest.mark.gpu
+def test_cuda_device_option_with_base_weights_in_the_file_is_one_transfer(llama: Any, folder: Any,
+                                                                          monkeypatch: Any) -> None:
+    """``device="cuda"`` (no index) and the model's ``cuda:0`` are one device: the file's tensors, the embedding's
+    base weight among them, come over in one copy."""
+    from adapterspec import _safetensors
+
+    path, _ = folder
+    seen = []
+    real = _safetensors._to_device
+    monkeypatch.setattr(_safetensors, "_to_device", lambda data, device, where: seen.append(str(device)) or
+                        real(data, device, where))
+    model = fresh(llama).to("cuda")
+    adapterspec.load_adapter(model, path, device="cuda")
+    assert seen == ["cuda:0"]
+    file = load_file(path / "adapter_model.safetensors")
+    for key, param in _adapter_tensors(model).items():
+        assert param.is_cuda and torch.equal(param.cpu(), file[key]), key
+
+
 @pytest.fixture(scope="module")
 def saved_classifier(bert: Any, tmp_path_factory: Any) -> Any:
     from peft import LoraConfig
@@ -184,3 +204,20 @@ def test_modules_to_save_copies_follow_the_options(bert: Any, saved_classifier: 
         with torch.no_grad():
             out = model(**token_inputs).logits
         assert_close(out.float(), logits(reference, token_inputs), atol=2e-2)
+
+
+def test_pinned_read_buffer_only_for_a_gpu(monkeypatch: Any) -> None:
+    import numpy as np
+    from adapterspec import LoadOptions
+    from adapterspec import _safetensors
+    from adapterspec_torch.devices import read_buffer
+
+    asked = []
+    monkeypatch.setattr(_safetensors, "pinned_allocator",
+                        lambda device: asked.append(str(device)) or ((lambda n: np.zeros(n, np.uint8))
+                                                                     if str(device).startswith("cuda") else None))
+    linear = torch.nn.Linear(2, 2)
+    assert read_buffer(linear, 16, LoadOptions()) is None  # a CPU model keeps its tensors in the buffer
+    assert read_buffer(linear, 16, LoadOptions(device="cuda:1")).shape == (16,)
+    assert read_buffer(torch.nn.ReLU(), 16, LoadOptions()) is None  # no parameters
+    assert asked == ["cpu", "cuda:1"]
