@@ -55,6 +55,8 @@ class ModelState:
     :param extras: name -> {canonical key: function giving the tensor} for tensors saved with it but never
         applied (VeLoRA's ``lora_velora_embed``, PEFT's bookkeeping copies of modules to save).
     :param prompt_hook: the forward pre-hook of prefix/prompt tuning, while one such adapter is loaded.
+    :param freezers: adapters injected trainable with ``freeze_base`` (the base stays frozen while one is loaded).
+    :param frozen: (parameter, its ``requires_grad`` before) of every base parameter frozen for them.
     """
 
     names: list[str] = field(default_factory=list)
@@ -67,6 +69,8 @@ class ModelState:
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
+    freezers: list[str] = field(default_factory=list)
+    frozen: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
 
     @property
     def active(self) -> list[str]:

@@ -101,7 +101,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
                  device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
                  activate: bool = True, trainable: bool = False, allow_pickle: bool = False,
                  verify: bool = False, subfolder: str | None = None, revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | Path | None = None) -> list[str]:
+                 token: str | bool | None = None, cache_dir: str | Path | None = None,
+                 freeze_base: bool = True) -> list[str]:
     """Load an adapter into ``model`` under ``adapter_name`` -- all of it, or nothing.
 
     The adapter is read and checked first; then the backend injects its layers and loads the tensors
@@ -116,7 +117,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param module_map: spec module path -> framework layer name (dict or callable), for models whose
         layer names differ from the spec's.
     :param activate: make it the (only) active adapter; otherwise the active set is unchanged.
-    :param trainable: make its variables trainable (to fine-tune further).
+    :param trainable: make its variables trainable (to fine-tune further); every base parameter is then
+        made untrainable unless ``freeze_base=False`` (see :func:`inject_adapter`).
     :param allow_pickle: read a legacy ``adapter_model.bin`` (``torch.load(weights_only=True)``).
     :param verify: check the tensor data against the recorded sha256 first.
     :param subfolder, revision, token, cache_dir: where in the folder or Hub repo the adapter is.
@@ -130,7 +132,7 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     with _gc_paused():
         return _load(model, where, adapter_name, allow_pickle=allow_pickle, verify=verify, activate=activate,
                      options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
-                                         initialize=False))
+                                         initialize=False, freeze_base=freeze_base))
 
 
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
@@ -209,8 +211,13 @@ def _method_tensors_of(adapter: Adapter, modules: list[str]) -> bool:
 
 def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapter_name: str = "default", *,
                    device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
-                   activate: bool = True, trainable: bool = True) -> list[str]:
+                   activate: bool = True, trainable: bool = True, freeze_base: bool = True) -> list[str]:
     """Add a new, freshly initialised adapter (to train it), described by ``config``.
+
+    As PEFT's ``get_peft_model``: with ``trainable``, exactly the adapters' parameters (LoRA matrices,
+    ``modules_to_save`` copies, trainable token rows, trained biases) require gradients afterwards; every
+    other parameter of the model is frozen, and gets its previous flag back when the last trainable
+    adapter is deleted. ``freeze_base=False`` leaves the base's flags as they are.
 
     >>> inject_adapter(model, {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]})  # doctest: +SKIP
     """
@@ -219,7 +226,8 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or choose another adapter_name")
-    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable)
+    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                          freeze_base=freeze_base)
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
     if activate:
         set_active_adapters(model, [adapter_name])
