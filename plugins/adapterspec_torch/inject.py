@@ -30,7 +30,7 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
-from .devices import target_of
+from .devices import adapter_target_of
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -423,7 +423,7 @@ def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, a
                                key=model_type, hint="use a model with a plain DynamicCache")
     config = _prompt_config(model, config)
     embeddings = model.get_input_embeddings()
-    device, dtype = target_of(embeddings, options)
+    device, dtype = adapter_target_of(embeddings, options)
     prompts = model._modules.get(PROMPTS_ATTR)
     if prompts is None:
         prompts = nn.ParameterDict()

@@ -113,7 +113,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param source: an adapter folder, a Hub repo id (``"org/name"``, ``"hf://org/name"``) or an :class:`Adapter`.
     :param adapter_name: the name it gets in the model.
     :param device: where its tensors go; default: the device of each wrapped layer.
-    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer.
+    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer, but float32 on a
+        float16/bfloat16 layer (SPEC.md 7.5, PEFT's ``autocast_adapter_dtype``).
     :param module_map: spec module path -> framework layer name (dict or callable), for models whose
         layer names differ from the spec's.
     :param activate: make it the (only) active adapter; otherwise the active set is unchanged.

@@ -59,8 +59,8 @@ def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, opt
 
     New layers are initialised as the config says (``init_lora_weights``: LoRA's B is zero, so the
     model's output is unchanged), placed on ``options.device`` or else the wrapped layer's device,
-    in ``options.dtype`` or else the wrapped layer's dtype, and are trainable only if
-    ``options.trainable``; with ``options.trainable`` and ``options.freeze_base``, every variable of the
+    in ``options.dtype`` or else the wrapped layer's dtype (float32 on a half-precision layer, SPEC.md 7.5),
+    and are trainable only if ``options.trainable``; with ``options.trainable`` and ``options.freeze_base``, every variable of the
     model that belongs to no adapter is made untrainable (restored when the last such adapter is deleted).
     Injection does not activate the adapter (see :func:`adapterspec_set_active`).
     With ``options.initialize`` false (``load_adapter``: the state is loaded next) the initialisation

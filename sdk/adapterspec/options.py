@@ -20,7 +20,8 @@ class LoadOptions:
     :param device: where adapter tensors go (``"cuda:0"``, ``"/GPU:0"``); ``None``: the device of
         the layer each one wraps.
     :param dtype: the dtype adapter tensors are cast to (framework dtype or its name, ``"float16"``);
-        ``None``: the dtype of the wrapped layer.
+        ``None``: the dtype of the wrapped layer, but float32 for adapter variables on a float16, bfloat16
+        or float8 layer (SPEC.md 7.5).
     :param module_map: spec module path -> the framework's layer name, for models whose layer names
         differ from the spec's (Keras); ``None``: the backend's built-in mapping or identity.
     :param trainable: whether the injected adapter variables are trainable (base weights never are made so).

@@ -89,3 +89,71 @@ def test_load_trainable_freezes_the_base(llama: Any, tmp_path: Path) -> None:
     plain = fresh(llama)
     adapterspec.load_adapter(plain, tmp_path / "a")
     assert all(".lora_" not in n and "adapter_weights" not in n for n in _trainable(plain))
+
+
+# -- PEFT's dtype policy (SPEC.md 7.4) ---------------------------------------------------------------
+def _peft_adapter(base: torch.nn.Module, config: Any, folder: Path, *, half: bool = False) -> None:
+    from peft import get_peft_model
+    from safetensors.torch import load_file, save_file
+    from torch_helpers import fill_adapter_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(fresh(base), config)
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(str(folder))
+    if half:  # the file stores float16 values (as a half-precision training run writes them)
+        file = folder / "adapter_model.safetensors"
+        save_file({k: v.to(torch.float16) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("half_file", [False, True], ids=["fp32_file", "fp16_file"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "tokens", "prompt"])
+def test_half_precision_base_keeps_the_adapter_in_float32_as_peft(llama: Any, token_inputs: dict[str, Any],
+                                                                  tmp_path: Path, method: str, half_file: bool) -> None:
+    from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig
+    from safetensors.torch import load_file
+    from torch_helpers import logits
+
+    config = {"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+              "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+              "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              "loha": LoHaConfig(r=2, target_modules=["q_proj"]),
+              "tokens": LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+              "prompt": PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")}[method]
+    _peft_adapter(llama, config, tmp_path / "a", half=half_file)
+    base = fresh(llama).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(base), str(tmp_path / "a")).eval()
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "a")
+    adapter_params = [p for n, p in model.named_parameters() if "adapter_weights" in n or "_adapterspec_prompts" in n]
+    assert adapter_params and {p.dtype for p in adapter_params} == {torch.float32}
+    assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
+    adapterspec.save_adapter(model, tmp_path / "again")  # the stored values come back exactly
+    stored, saved = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "again" /
+                                                                                     "adapter_model.safetensors")
+    assert sorted(saved) == sorted(stored)
+    for key, value in stored.items():
+        assert torch.equal(saved[key].to(torch.float64), value.to(torch.float64)), key
+    pinned = fresh(base)
+    adapterspec.load_adapter(pinned, tmp_path / "a", dtype=torch.bfloat16)  # dtype= still decides
+    assert {p.dtype for n, p in pinned.named_parameters() if "adapter_weights" in n or "_adapterspec_prompts" in n} \
+        == {torch.bfloat16}
+
+
+def test_half_precision_inject_trains_in_float32_and_merges(llama: Any, token_inputs: dict[str, Any]) -> None:
+    from torch_helpers import logits
+
+    model = fresh(llama).to(torch.float16)
+    adapterspec.inject_adapter(model, {**LORA, "use_dora": True})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    with torch.no_grad():
+        for i, p in enumerate(trainable):
+            p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=torch.float32) + i).reshape(p.shape))
+    unmerged = logits(model, token_inputs)
+    adapterspec.merge_adapters(model)
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float16
+    assert (logits(model, token_inputs) - unmerged).abs().max() < 2e-2  # fp16 weights round the merged delta
