@@ -167,6 +167,20 @@ def adapterspec_unmerge(model: Any) -> bool | None:
     """
 
 
+@hookspec(firstresult=True)
+def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] | None:
+    """Tell what is known about the base model ``adapter_name`` sits on. Stops at first non-None result.
+
+    Saving records it in the adapter (SPEC.md 9.1); loading compares the fingerprint with the one recorded.
+
+    :returns: any of ``base_model_name_or_path`` (the model's Hub id or folder), ``task_type`` (PEFT's task
+        type of the model) and ``fingerprint`` (:func:`adapterspec.identity.fingerprint` of the base weights
+        of the modules the adapter adapts, or of the input embedding for prefix/prompt tuning), ``{}`` when
+        none is known. A backend without this hook records and checks nothing.
+    :raises AdapterNotFoundError: no adapter of that name is loaded.
+    """
+
+
 @hookspec
 def adapterspec_conformance_implementations() -> list[Any]:
     """Offer implementations for ``adapterspec conformance`` to test. Called on every plugin; results are collected.

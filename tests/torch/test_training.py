@@ -157,3 +157,96 @@ def test_half_precision_inject_trains_in_float32_and_merges(llama: Any, token_in
     adapterspec.merge_adapters(model)
     assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float16
     assert (logits(model, token_inputs) - unmerged).abs().max() < 2e-2  # fp16 weights round the merged delta
+
+
+# -- base-model identity (SPEC.md 9.1) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_folder(llama: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    llama.save_pretrained(folder)
+    return folder
+
+
+def _from(folder: Path, **kwargs: Any) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def test_save_records_the_base_and_autopeft_loads_it(llama_folder: Path, tmp_path: Path,
+                                                     token_inputs: dict[str, Any]) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from torch_helpers import logits
+
+    model = _from(llama_folder)
+    adapterspec.inject_adapter(model, LORA)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            if p.requires_grad:
+                p.copy_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float32) * 0.7 + i).reshape(p.shape))
+    adapterspec.save_adapter(model, tmp_path / "a")
+    config = adapterspec.read_adapter(tmp_path / "a").config
+    assert config["base_model_name_or_path"] == str(llama_folder) and config["task_type"] == "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()
+    assert torch.equal(logits(reference, token_inputs), logits(model, token_inputs))
+    adapterspec.save_adapter(model, tmp_path / "b", base_model_name_or_path="org/tiny-llama")  # the caller's wins
+    assert adapterspec.read_adapter(tmp_path / "b").config["base_model_name_or_path"] == "org/tiny-llama"
+
+
+def test_fingerprint_is_computable_from_the_base_file_alone(llama_folder: Path, tmp_path: Path) -> None:
+    """SPEC.md 9.1's recipe, from the base's safetensors file with NumPy: what another implementation computes."""
+    from safetensors.numpy import load_file
+
+    from adapterspec.identity import FINGERPRINT_KEY, fingerprint, sample_indices
+
+    model = _from(llama_folder)
+    adapterspec.inject_adapter(model, LORA)
+    adapterspec.save_adapter(model, tmp_path / "a")
+    base = load_file(llama_folder / "model.safetensors")
+    weights = {}
+    for key, value in base.items():
+        path = key.removesuffix(".weight")
+        if key.endswith(".weight") and path.endswith(("q_proj", "v_proj")):
+            weights[path] = (value.shape, value.ravel()[sample_indices(value.size)])
+    assert len(weights) == 4
+    recorded = adapterspec.read_adapter(tmp_path / "a").metadata[FINGERPRINT_KEY]
+    assert recorded == fingerprint(weights)
+    weights["model.layers.0.self_attn.q_proj"][1][5] += 0.01
+    assert recorded != fingerprint(weights)
+
+
+def test_another_base_warns_and_strict_refuses(llama_folder: Path, tmp_path: Path) -> None:
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    model = _from(llama_folder)
+    adapterspec.inject_adapter(model, LORA)
+    adapterspec.save_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(_from(llama_folder), tmp_path / "a", strict=True)  # the same base: silent
+        adapterspec.load_adapter(_from(llama_folder, dtype=torch.bfloat16), tmp_path / "a", strict=True)
+    other = _from(llama_folder)
+    with torch.no_grad():
+        weight = other.model.layers[1].self_attn.v_proj.weight  # same shapes, another base (a fine-tune of it)
+        weight.add_(0.01 * torch.sin(torch.arange(weight.numel(), dtype=torch.float32)).reshape(weight.shape))
+    with pytest.warns(adapterspec.BaseModelMismatchWarning, match="trained on another base model"):
+        adapterspec.load_adapter(other, tmp_path / "a")
+    adapterspec.delete_adapter(other, "default")
+    before = snapshot(other)
+    with pytest.raises(adapterspec.BaseModelMismatchError, match=str(llama_folder)):
+        adapterspec.load_adapter(other, tmp_path / "a", strict=True)
+    assert_same_snapshot(other, before)
+
+
+def test_adapters_without_a_fingerprint_load_silently(llama: Any, tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    _peft_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft")
+    other = fresh(llama)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(other, tmp_path / "peft", strict=True)
