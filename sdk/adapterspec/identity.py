@@ -62,10 +62,15 @@ def fingerprint(weights: Mapping[str, tuple[Sequence[int], Any]]) -> str:
     True
     """
     digest = hashlib.sha256()
-    for path in sorted(weights, key=lambda p: p.encode("utf-8")):
-        shape, samples = weights[path]
+    paths = sorted(weights, key=lambda p: p.encode("utf-8"))
+    arrays = [np.asarray(weights[path][1], dtype=np.float32).ravel() for path in paths]
+    words = _bfloat16_bits(np.concatenate(arrays)) if arrays else b""  # one conversion for all modules
+    start = 0
+    for path, array in zip(paths, arrays):
+        shape = weights[path][0]
         digest.update(path.encode("utf-8") + b"\0" + ",".join(str(int(d)) for d in shape).encode() + b"\0")
-        digest.update(_bfloat16_bits(samples))
+        digest.update(words[start:start + 2 * array.size])
+        start += 2 * array.size
     return "v1:" + digest.hexdigest()
 
 

@@ -195,25 +195,30 @@ def test_save_records_the_base_and_autopeft_loads_it(llama_folder: Path, tmp_pat
     assert adapterspec.read_adapter(tmp_path / "b").config["base_model_name_or_path"] == "org/tiny-llama"
 
 
-def test_fingerprint_is_computable_from_the_base_file_alone(llama_folder: Path, tmp_path: Path) -> None:
-    """SPEC.md 9.1's recipe, from the base's safetensors file with NumPy: what another implementation computes."""
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fingerprint_is_computable_from_the_base_file_alone(kind: str, request: pytest.FixtureRequest,
+                                                            tmp_path: Path) -> None:
+    """SPEC.md 9.1's recipe, from the base's safetensors file with NumPy: what another implementation computes
+    (GPT-2's Conv1D stores its weight [in, out]: the spec layout is its transpose)."""
     from safetensors.numpy import load_file
 
     from adapterspec.identity import FINGERPRINT_KEY, fingerprint, sample_indices
 
-    model = _from(llama_folder)
-    adapterspec.inject_adapter(model, LORA)
+    request.getfixturevalue(kind).save_pretrained(tmp_path / "base")
+    model = type(request.getfixturevalue(kind)).from_pretrained(tmp_path / "base")
+    targets = ("q_proj", "v_proj") if kind == "llama" else ("c_attn",)
+    adapterspec.inject_adapter(model, {**LORA, "target_modules": list(targets)})
     adapterspec.save_adapter(model, tmp_path / "a")
-    base = load_file(llama_folder / "model.safetensors")
     weights = {}
-    for key, value in base.items():
+    for key, value in load_file(tmp_path / "base" / "model.safetensors").items():
         path = key.removesuffix(".weight")
-        if key.endswith(".weight") and path.endswith(("q_proj", "v_proj")):
-            weights[path] = (value.shape, value.ravel()[sample_indices(value.size)])
-    assert len(weights) == 4
+        if key.endswith(".weight") and path.endswith(targets):
+            spec = value.T if kind == "gpt2" else value
+            weights[path] = (spec.shape, spec.ravel()[sample_indices(spec.size)])
+    assert len(weights) == (4 if kind == "llama" else 2)
     recorded = adapterspec.read_adapter(tmp_path / "a").metadata[FINGERPRINT_KEY]
     assert recorded == fingerprint(weights)
-    weights["model.layers.0.self_attn.q_proj"][1][5] += 0.01
+    next(iter(weights.values()))[1][5] += 0.01
     assert recorded != fingerprint(weights)
 
 
