@@ -31,6 +31,7 @@ from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNot
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
 from .devices import adapter_target_of
+from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -572,6 +573,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             raise
     if freezing:
         freeze_base(model, state, adapter_name, before)
+    guard_save_pretrained(model)
     return list(modules)
 
 

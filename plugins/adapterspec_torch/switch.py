@@ -109,6 +109,9 @@ def drop_state_if_empty(model: torch.nn.Module) -> None:
     state = get_state(model)
     if state is not None and not state.names:
         del model.__dict__[STATE_ATTR]
+        from .guard import unguard_save_pretrained
+
+        unguard_save_pretrained(model)
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:

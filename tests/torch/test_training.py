@@ -255,3 +255,96 @@ def test_adapters_without_a_fingerprint_load_silently(llama: Any, tmp_path: Path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapterspec.load_adapter(other, tmp_path / "peft", strict=True)
+
+
+# -- Trainer: adapter-only checkpoints and resume ------------------------------------------------------
+class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = (torch.arange(8) * (i + 3) + i) % 128
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids}
+
+
+def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, **args: Any) -> Any:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from adapterspec_torch.training import AdapterCheckpoints
+
+    class Stop(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == stop_at:
+                control.should_training_stop = True  # the process dies right after this checkpoint
+            return control
+
+    model = fresh(base).train()
+    torch.manual_seed(7)
+    adapterspec.inject_adapter(model, {**LORA, "lora_dropout": 0.1})
+    arguments = TrainingArguments(str(out), max_steps=6, save_steps=2, save_total_limit=2, learning_rate=5e-3,
+                                  per_device_train_batch_size=4, lr_scheduler_type="linear", warmup_steps=2,
+                                  report_to=[], use_cpu=True, seed=3, data_seed=3, logging_steps=100,
+                                  disable_tqdm=True, dataloader_num_workers=0, **args)
+    trainer = Trainer(model=model, args=arguments, train_dataset=_Tokens(), eval_dataset=_Tokens(),
+                      callbacks=[Stop()] if stop_at else [])
+    AdapterCheckpoints(trainer)
+    return trainer
+
+
+def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapterspec.extract_adapter(model).load_tensors("pt").items()}
+
+
+def test_trainer_resume_ends_with_the_uninterrupted_adapter(llama: Any, tmp_path: Path) -> None:
+    whole = _trainer(llama, tmp_path / "whole")
+    whole.train()
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["checkpoint-4", "checkpoint-6"]  # keeps 2
+    files = sorted(p.name for p in (tmp_path / "whole" / "checkpoint-6").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                     "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"]
+    checkpoint = adapterspec.read_adapter(tmp_path / "whole" / "checkpoint-6")
+    assert all(".lora_" in key for key in checkpoint.tensors) and len(checkpoint.tensors) == 8
+    expected = _adapter(whole.model)
+    for key, value in checkpoint.load_tensors("pt").items():
+        assert torch.equal(value, expected[key]), key
+
+    first = _trainer(llama, tmp_path / "cut", stop_at=4)
+    first.train()
+    assert first.state.global_step == 4
+    after_four = _adapter(first.model)
+    resumed = _trainer(llama, tmp_path / "cut")  # a new process: new model, new adapter init, new trainer
+    assert any(not torch.equal(v, after_four[k]) for k, v in _adapter(resumed.model).items())
+    params = [p for p in resumed.model.parameters() if p.requires_grad]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    assert [p for p in resumed.model.parameters() if p.requires_grad] == params  # the same parameter objects
+    assert resumed.state.global_step == 6
+    final = _adapter(resumed.model)
+    assert sorted(final) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key  # optimizer, scheduler, RNG (dropout, data order) restored
+    assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
+
+
+def test_trainer_best_checkpoint_and_plain_save_model(llama: Any, tmp_path: Path) -> None:
+    trainer = _trainer(llama, tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=True)  # the worst loss: not the last
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = adapterspec.read_adapter(best).load_tensors("pt")
+    final = _adapter(trainer.model)
+    assert all(torch.equal(saved[k], final[k]) for k in saved)
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+    assert adapterspec.read_adapter(tmp_path / "final").config["task_type"] == "CAUSAL_LM"
+
+
+def test_save_pretrained_on_an_adapted_model_refuses(llama: Any, tmp_path: Path) -> None:
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, LORA)
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        model.save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    adapterspec.unload(model, merge=True)
+    model.save_pretrained(tmp_path / "merged")  # the merged plain model saves as usual
+    assert (tmp_path / "merged" / "model.safetensors").exists()
