@@ -32,6 +32,7 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .bank import AdapterBank
+from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
@@ -173,6 +174,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return list(paths)
 
@@ -207,6 +209,7 @@ def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return []
 

@@ -90,6 +90,9 @@ def drop_state_if_empty(model: Any) -> None:
     if state is not None and not state.names and not state.adapter_layers and not state.originals \
             and not state.prompt_patches:
         object.__delattr__(model, STATE_ATTR)
+        from .guard import unguard_save
+
+        unguard_save(model)
 
 
 def invalidate(model: Any) -> None:
