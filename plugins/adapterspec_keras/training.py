@@ -30,7 +30,7 @@ import numpy as np
 
 import adapterspec
 from adapterspec import LoadOptions
-from adapterspec.errors import AdapterNotFoundError, ShapeMismatchError
+from adapterspec.errors import AdapterNotFoundError, ShapeMismatchError, UnsupportedError
 
 from .state import load_state
 
@@ -72,9 +72,11 @@ class AdapterCheckpoints(keras.callbacks.Callback):  # type: ignore[misc]
                  base_model_name_or_path: str | None = None, durable: bool = False) -> None:
         super().__init__()
         if save_freq != "epoch" and not (isinstance(save_freq, int) and save_freq > 0):
-            raise ValueError(f"save_freq must be 'epoch' or a positive number of batches, got {save_freq!r}")
+            raise UnsupportedError(f"save_freq must be 'epoch' or a positive number of batches, got {save_freq!r}",
+                                   key="save_freq", hint="pass save_freq='epoch' or save_freq=100")
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise UnsupportedError(f"mode must be 'min' or 'max', got {mode!r}", key="mode",
+                                   hint="mode='min' for a loss, 'max' for an accuracy")
         self.directory = Path(directory)
         self.save_freq, self.keep, self.monitor, self.mode = save_freq, keep, monitor, mode
         self.adapter_names, self.base, self.durable = adapter_names, base_model_name_or_path, durable
