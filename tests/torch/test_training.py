@@ -136,7 +136,7 @@ def test_half_precision_base_keeps_the_adapter_in_float32_as_peft(llama: Any, to
                                                                                      "adapter_model.safetensors")
     assert sorted(saved) == sorted(stored)
     for key, value in stored.items():
-        assert torch.equal(saved[key].to(torch.float64), value.to(torch.float64)), key
+        assert saved[key].dtype == value.dtype and torch.equal(saved[key], value), key  # bit-exact (SPEC.md 7.5)
     pinned = fresh(base)
     adapterspec.load_adapter(pinned, tmp_path / "a", dtype=torch.bfloat16)  # dtype= still decides
     assert {p.dtype for n, p in pinned.named_parameters() if "adapter_weights" in n or "_adapterspec_prompts" in n} \
@@ -157,6 +157,24 @@ def test_half_precision_inject_trains_in_float32_and_merges(llama: Any, token_in
     adapterspec.merge_adapters(model)
     assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float16
     assert (logits(model, token_inputs) - unmerged).abs().max() < 2e-2  # fp16 weights round the merged delta
+
+
+def test_trained_values_are_saved_in_float32(llama: Any, tmp_path: Path) -> None:
+    """A loaded float16 adapter trained further leaves float16's grid: those tensors are saved in float32."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    _peft_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a", half=True)
+    model = fresh(llama).to(torch.bfloat16)
+    adapterspec.load_adapter(model, tmp_path / "a", trainable=True)
+    lora_a = model.model.layers[0].self_attn.q_proj.adapter_weights["default"].lora_A_weight
+    with torch.no_grad():
+        lora_a.add_(1e-5)  # a step smaller than float16's spacing near these values
+    adapterspec.save_adapter(model, tmp_path / "again")
+    saved = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert saved[key].dtype == torch.float32 and torch.equal(saved[key], lora_a.detach())
+    assert {v.dtype for k, v in saved.items() if k != key} == {torch.float16}
 
 
 # -- base-model identity (SPEC.md 9.1) --------------------------------------------------------------
