@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 import numpy as np
-from keras import ops
 
 from adapterspec.identity import fingerprint, sample_indices
 
@@ -61,7 +60,7 @@ def _kernel_values(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarra
         variable, flat = piece.kernel_variable, pin * piece.n_out + pout
     # one read of the variable (a CPU tensor's buffer, not copied by TensorFlow), then NumPy picks the elements:
     # a framework op per sample set cost ~1.8 ms per module
-    return np.asarray(ops.convert_to_numpy(variable)).reshape(-1)[flat].astype(np.float32)
+    return np.asarray(variable.numpy()).reshape(-1)[flat].astype(np.float32)
 
 
 def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:
