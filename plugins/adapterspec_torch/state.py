@@ -125,7 +125,7 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
     with torch.no_grad():
         for key, (param, pending_in, attr) in slots.items():
             value = tensors[key]
-            if value.dtype != param.dtype:
+            if value.dtype in (torch.float16, torch.bfloat16) and param.dtype == torch.float32:  # SPEC.md 7.5
                 stored[key] = value.dtype
             if pending_in is not None:  # created from the loaded tensor itself
                 pending_in.fill(attr, value, device=read_to)

@@ -140,3 +140,39 @@ def test_fit_resume_ends_with_the_uninterrupted_adapter(checkpoints: Any, token_
     for key, value in expected.items():
         assert np.abs(final[key] - value).max() <= 1e-6, key
     assert max(np.abs(v - halfway[k]).max() for k, v in expected.items()) > 1e-4
+
+
+def test_half_precision_base_keeps_the_adapter_in_float32(checkpoints: Any, token_ids: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    """SPEC.md 7.5 as in the torch backend: float32 adapter variables on a bfloat16 keras-hub model, the LoRA part
+    computed in float32, the file's float16 values saved back bit for bit; ``dtype=`` still decides."""
+    import keras_hub
+    from safetensors.numpy import load_file, save_file
+
+    reference = hf_model(checkpoints["llama"])
+    adapterspec.inject_adapter(reference, LORA)
+    for i, p in enumerate(q for q in reference.parameters() if q.requires_grad):
+        p.data.copy_(p.data.new_tensor(0.05 * np.sin(np.arange(p.numel()) * 0.7 + i).reshape(tuple(p.shape))))
+    adapterspec.save_adapter(reference, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in load_file(file).items()}, str(file), metadata={"format": "pt"})
+
+    def half() -> Any:
+        return keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None,
+                                                           dtype="bfloat16")
+
+    model = half()
+    adapterspec.load_adapter(model, tmp_path / "a")
+    variables = [v for v in model.variables if "adapterspec_" in v.path]
+    assert variables and {v.dtype for v in variables} == {"float32"}
+    full = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(full, tmp_path / "a")
+    got, want = keras_logits(model, token_ids), keras_logits(full, token_ids)
+    assert np.abs(got.astype(np.float32) - want).max() < 0.1  # a bfloat16 model's rounding, not a wrong adapter
+    adapterspec.save_adapter(model, tmp_path / "again")
+    stored, saved = load_file(file), load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(stored)
+    assert all(saved[k].dtype == np.float16 and np.array_equal(saved[k], v) for k, v in stored.items())
+    pinned = half()
+    adapterspec.load_adapter(pinned, tmp_path / "a", dtype="bfloat16")
+    assert {v.dtype for v in pinned.variables if "adapterspec_" in v.path} == {"bfloat16"}
