@@ -354,10 +354,12 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
         path, layouts, refs = layer.parameters(adapter_name)
         for param, ref in refs.items():
             tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]
+        if layer.saves_base_weight(adapter_name):
+            tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
+        if key not in tensors:
+            continue
         as_stored = tensors[key].astype(dtype)  # back in the file's dtype, when that loses nothing (SPEC.md 7.5)
         if np.array_equal(as_stored.astype(tensors[key].dtype), tensors[key]):
             tensors[key] = as_stored
-        if layer.saves_base_weight(adapter_name):
-            tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     return state.configs[adapter_name], tensors

@@ -157,6 +157,8 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     state = require_state(model, adapter_name)
     tensors = {key: t.detach() if t.requires_grad else t for key, t in expected_params(model, adapter_name).items()}
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
+        if key not in tensors:
+            continue
         as_stored = tensors[key].to(dtype)  # back in the file's dtype, when that loses nothing (SPEC.md 7.5)
         if torch.equal(as_stored.to(tensors[key].dtype), tensors[key]):
             tensors[key] = as_stored
