@@ -2,7 +2,7 @@
 
 ``options.device`` / ``options.dtype`` when given, else the device and dtype of the layer the adapter
 wraps -- except that an adapter's own parameters on a float16, bfloat16 or float8 layer are kept in
-float32 (:func:`adapter_target_of`, SPEC.md 7.4: PEFT's ``autocast_adapter_dtype=True``). The ``meta``
+float32 (:func:`adapter_target_of`, SPEC.md 7.5: PEFT's ``autocast_adapter_dtype=True``). The ``meta``
 device works like any other (shapes only, no data).
 
 >>> import torch

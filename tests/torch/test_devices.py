@@ -82,7 +82,7 @@ def test_adapters_on_half_layers_stay_float32(llama: Any, folder: Any, token_inp
     path, _ = folder
     model = fresh(llama).to(torch.bfloat16)
     adapterspec.load_adapter(model, path)
-    assert {p.dtype for p in _adapter_tensors(model).values()} == {torch.float32}  # SPEC.md 7.4, as PEFT
+    assert {p.dtype for p in _adapter_tensors(model).values()} == {torch.float32}  # SPEC.md 7.5, as PEFT
     assert logits(model, token_inputs).dtype == torch.bfloat16
 
 

@@ -91,7 +91,7 @@ def test_load_trainable_freezes_the_base(llama: Any, tmp_path: Path) -> None:
     assert all(".lora_" not in n and "adapter_weights" not in n for n in _trainable(plain))
 
 
-# -- PEFT's dtype policy (SPEC.md 7.4) ---------------------------------------------------------------
+# -- PEFT's dtype policy (SPEC.md 7.5) ---------------------------------------------------------------
 def _peft_adapter(base: torch.nn.Module, config: Any, folder: Path, *, half: bool = False) -> None:
     from peft import get_peft_model
     from safetensors.torch import load_file, save_file
