@@ -34,6 +34,7 @@ from adapterspec.errors import AdapterExistsError, TargetNotFoundError, Unsuppor
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
 from .devices import check_options
+from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
@@ -122,8 +123,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
 
     Each targeted module gets (or shares) an :class:`~adapterspec_keras.layers.AdapterLayer`; the
-    Keras layers it maps to get their ``call`` patched (:func:`wrap`). With ``options.trainable``,
-    the adapter's variables are the only trainable ones afterwards.
+    Keras layers it maps to get their ``call`` patched (:func:`wrap`). With ``options.trainable`` (and
+    ``options.freeze_base``, the default), the adapters' variables are the only trainable ones afterwards.
 
     :returns: the module paths that received the adapter.
     :raises AdapterExistsError: the name is taken.
@@ -173,11 +174,12 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for layer in layers:
                 layer.finish_init(adapter_name)
-        if options.trainable:
+        if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return list(paths)
 
@@ -207,11 +209,12 @@ def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options
         inject_prefix(model, state, config, adapter_name, bank, options)
         if getattr(options, "initialize", True):
             bank.materialize()
-        if options.trainable:
+        if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return []
 

@@ -1,7 +1,9 @@
 """Where adapter tensors go: device and dtype rules of the torch backend.
 
 ``options.device`` / ``options.dtype`` when given, else the device and dtype of the layer the adapter
-wraps. The ``meta`` device works like any other (shapes only, no data).
+wraps -- except that an adapter's own parameters on a float16, bfloat16 or float8 layer are kept in
+float32 (:func:`adapter_target_of`, SPEC.md 7.5: PEFT's ``autocast_adapter_dtype=True``). The ``meta``
+device works like any other (shapes only, no data).
 
 >>> import torch
 >>> from adapterspec import LoadOptions
@@ -18,7 +20,8 @@ import torch
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["as_device", "as_dtype", "check_options", "place", "read_buffer", "target_of"]
+__all__ = ["UPCAST_DTYPES", "adapter_target_of", "as_device", "as_dtype", "check_options", "place", "read_buffer",
+           "target_of"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
@@ -127,6 +130,29 @@ def target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tup
     device = torch.device(options.device) if options.device is not None else (
         ref.device if ref is not None else torch.device("cpu"))
     dtype = as_dtype(options.dtype) or (ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    return device, dtype
+
+
+#: Layer dtypes whose adapter parameters are kept in float32 when no dtype is given: PEFT's
+#: ``cast_adapter_dtype`` (``autocast_adapter_dtype=True``) upcasts exactly these.
+UPCAST_DTYPES = frozenset({torch.float16, torch.bfloat16} | {
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                                      "float8_e8m0fnu") if hasattr(torch, name)})
+
+
+def adapter_target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tuple[torch.device, torch.dtype]:
+    """:func:`target_of` for an adapter's own parameters (LoRA/IA3/LoHa/LoKr tensors, DoRA magnitudes, token
+    rows, virtual tokens): without ``options.dtype``, float32 where the layer is in a dtype of
+    :data:`UPCAST_DTYPES`, as PEFT keeps them (copies of modules saved whole keep the module's dtype).
+
+    >>> adapter_target_of(torch.nn.Linear(2, 2).to(torch.bfloat16), LoadOptions())
+    (device(type='cpu'), torch.float32)
+    >>> adapter_target_of(torch.nn.Linear(2, 2).to(torch.bfloat16), LoadOptions(dtype="bf16"))[1]
+    torch.bfloat16
+    """
+    device, dtype = target_of(like, options)
+    if options.dtype is None and dtype in UPCAST_DTYPES:
+        dtype = torch.float32
     return device, dtype
 
 

@@ -36,7 +36,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from .devices import as_dtype, target_of
+from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
            "param_shapes"]
@@ -417,9 +417,11 @@ class AdapterLayer(nn.Module):
         shapes = param_shapes(base, config, path, kind=self.kind, rank=r if ranked else None)
         weight = base._parameters.get("weight")
         if options.device is None and options.dtype is None and weight is not None and weight.is_floating_point():
-            device, dtype = weight.device, weight.dtype  # target_of's answer, without its lookups
+            device, dtype = weight.device, weight.dtype  # adapter_target_of's answer, without its lookups
+            if dtype in UPCAST_DTYPES:
+                dtype = torch.float32
         else:
-            device, dtype = target_of(base, options)
+            device, dtype = adapter_target_of(base, options)
         spec = _Spec(method=method)
         if ranked:
             spec.r = r
@@ -476,7 +478,7 @@ class AdapterLayer(nn.Module):
         weights.__dict__.update(training=self.training, pending={})
         if source is None:
             base = self._modules["base_layer"]
-            device, dtype = target_of(base, options)
+            device, dtype = adapter_target_of(base, options)
             attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
             spec.names[TRAINABLE_TOKENS_PARAM] = attr
             shape = (len(spec.indices), base.weight.shape[1])

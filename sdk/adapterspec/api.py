@@ -37,6 +37,7 @@ from .errors import (
     UnsupportedError,
 )
 from .folder import list_adapters, write_adapter, write_adapters
+from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
 from .plugins import get_plugin_manager, plugin_names
@@ -60,6 +61,16 @@ __all__ = [
     "unload",
     "unmerge_adapters",
 ]
+
+
+#: model -> the adapters inject_adapter made in it (saving records the base's name and task in their configs;
+#: a loaded adapter's config is saved back as it was, as PEFT does).
+_INJECTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _forget_injected(model: Any, adapter_name: str) -> None:
+    with contextlib.suppress(TypeError):
+        _INJECTED.get(model, set()).discard(adapter_name)
 
 
 def _hook():  # type: ignore[no-untyped-def]
@@ -205,7 +216,8 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
                  device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
                  activate: bool = True, trainable: bool = False, allow_pickle: bool = False,
                  verify: bool = False, subfolder: str | None = None, revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | Path | None = None) -> list[str]:
+                 token: str | bool | None = None, cache_dir: str | Path | None = None,
+                 freeze_base: bool = True, strict: bool = False) -> list[str]:
     """Load an adapter into ``model`` under ``adapter_name`` -- all of it, or nothing.
 
     The adapter is read and checked first; then the backend injects its layers and loads the tensors
@@ -216,17 +228,22 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param source: an adapter folder, a Hub repo id (``"org/name"``, ``"hf://org/name"``) or an :class:`Adapter`.
     :param adapter_name: the name it gets in the model.
     :param device: where its tensors go; default: the device of each wrapped layer.
-    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer.
+    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer, but float32 on a
+        float16/bfloat16 layer (SPEC.md 7.5, PEFT's ``autocast_adapter_dtype``).
     :param module_map: spec module path -> framework layer name (dict or callable), for models whose
         layer names differ from the spec's.
     :param activate: make it the (only) active adapter; otherwise the active set is unchanged.
-    :param trainable: make its variables trainable (to fine-tune further).
+    :param trainable: make its variables trainable (to fine-tune further); every base parameter is then
+        made untrainable unless ``freeze_base=False`` (see :func:`inject_adapter`).
     :param allow_pickle: read a legacy ``adapter_model.bin`` (``torch.load(weights_only=True)``).
     :param verify: check the tensor data against the sha256 adapterspec records (PEFT's files have none)
         first. Without it, the config, header, keys, shapes and dtypes are checked but not the values: a
         changed byte inside the data loads as it is. Costs a second pass over the data (2.8-3.1x the load
         of the 20 MB benchmark adapter, ``benchmarks/bench_verify.py``); worth it for downloaded files.
     :param subfolder, revision, token, cache_dir: where in the folder or Hub repo the adapter is.
+    :param strict: refuse (:class:`~adapterspec.errors.BaseModelMismatchError`) a model that is not the base
+        the adapter recorded it was trained on (SPEC.md 9.1); without it, a
+        :class:`~adapterspec.errors.BaseModelMismatchWarning` is issued.
     :returns: the module paths that received the adapter.
 
     >>> load_adapter(model, "./my-lora", device="cuda:0")               # doctest: +SKIP
@@ -236,12 +253,12 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
     with model_lock(model):
         return _load(model, where, adapter_name, allow_pickle=allow_pickle, verify=verify, activate=activate,
-                     options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
-                                         initialize=False))
+                     strict=strict, options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                                         initialize=False, freeze_base=freeze_base))
 
 
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
-          activate: bool, options: LoadOptions) -> list[str]:
+          activate: bool, options: LoadOptions, strict: bool = False) -> list[str]:
     def allocate(nbytes: int) -> Any:  # the memory the file is read into, the backend's choice: pinned for a GPU
         return _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options)
 
@@ -258,6 +275,7 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
             modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
                             options=options)
             try:
+                _check_base(model, adapter, adapter_name, strict=strict)
                 _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
                 if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
                     adapter.check_tensors()
@@ -270,6 +288,38 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     finally:
         adapter._prefetched = None  # a read the backend did not take (meta device, an error) is not kept
     return list(modules)
+
+
+def _check_base(model: Any, adapter: Adapter, adapter_name: str, *, strict: bool) -> None:
+    """Compare the base fingerprint the adapter recorded with the model's (before its tensors replace any base weight)."""
+    recorded = adapter.metadata.get(FINGERPRINT_KEY)
+    if recorded is None:
+        return
+    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
+    where = str(adapter.weights_file or adapter.path or "the adapter")
+    check_base(recorded, identity.get("fingerprint"), strict=strict, where=where,
+               base_name=adapter.config.get("base_model_name_or_path"))
+
+
+def _identified(model: Any, adapter_name: str, config: AdapterConfig,
+                base_model_name_or_path: str | None) -> tuple[AdapterConfig, dict[str, str] | None]:
+    """The config with ``base_model_name_or_path`` and ``task_type`` filled in, and the metadata with the base's
+    fingerprint (SPEC.md 9.1): the caller's name first, then the config's own, then -- for an adapter
+    :func:`inject_adapter` made -- what the backend knows."""
+    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
+    try:
+        fresh = adapter_name in _INJECTED.get(model, ())
+    except TypeError:
+        fresh = False
+    known = identity if fresh else {}
+    changes: dict[str, Any] = {}
+    base = base_model_name_or_path or config.get("base_model_name_or_path") or known.get("base_model_name_or_path")
+    if base and base != config.get("base_model_name_or_path"):
+        changes["base_model_name_or_path"] = str(base)
+    if config.get("task_type") is None and known.get("task_type"):
+        changes["task_type"] = known["task_type"]
+    fingerprint = identity.get("fingerprint")
+    return (config.replace(**changes) if changes else config), ({FINGERPRINT_KEY: fingerprint} if fingerprint else None)
 
 
 @contextlib.contextmanager
@@ -306,8 +356,13 @@ def _method_tensors_of(adapter: Adapter, modules: list[str]) -> bool:
 @_serialised
 def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapter_name: str = "default", *,
                    device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
-                   activate: bool = True, trainable: bool = True) -> list[str]:
+                   activate: bool = True, trainable: bool = True, freeze_base: bool = True) -> list[str]:
     """Add a new, freshly initialised adapter (to train it), described by ``config``.
+
+    As PEFT's ``get_peft_model``: with ``trainable``, exactly the adapters' parameters (LoRA matrices,
+    ``modules_to_save`` copies, trainable token rows, trained biases) require gradients afterwards; every
+    other parameter of the model is frozen, and gets its previous flag back when the last trainable
+    adapter is deleted. ``freeze_base=False`` leaves the base's flags as they are.
 
     >>> inject_adapter(model, {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]})  # doctest: +SKIP
     """
@@ -316,9 +371,12 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or choose another adapter_name")
-    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable)
+    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                          freeze_base=freeze_base)
     # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
+    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name
+        _INJECTED.setdefault(model, set()).add(adapter_name)
     if activate:
         set_active_adapters(model, [adapter_name])
     return list(modules)
@@ -333,31 +391,40 @@ def extract_adapter(model: Any, adapter_name: str = "default") -> Adapter:
 
 @_serialised
 def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False,
-                 durable: bool = False) -> Path:
+                 durable: bool = False, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_name``'s config and tensors (only the adapter's) as a spec folder that PEFT loads.
 
     The write is atomic: the folder holds the old adapter or the new one, whatever happens to the process.
 
     :param durable: also fsync the files first, so that the adapter survives a power loss once this returns
         (see :mod:`adapterspec.folder`).
+    :param base_model_name_or_path: the base model's Hub id or folder, recorded in the config (default: the
+        config's own, else what the backend knows: transformers' ``name_or_path``, the keras-hub preset).
+        ``task_type`` and the base's fingerprint are recorded too where known (SPEC.md 9.1).
     :raises AdapterExistsError: an adapter is at ``path`` already and ``overwrite`` is false.
 
     >>> save_adapter(model, "out/my-lora")                                 # doctest: +SKIP
     PosixPath('out/my-lora')
     """
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
-    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable)
+    config, metadata = _identified(model, adapter_name, config, base_model_name_or_path)
+    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable, metadata=metadata)
 
 
 @_serialised
 def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None = None, *,
-                  overwrite: bool = False, durable: bool = False) -> Path:
+                  overwrite: bool = False, durable: bool = False, base_model_name_or_path: str | None = None) -> Path:
     """Write several of the model's adapters into one folder with a manifest (``default`` in the root).
 
     :param durable: fsync every file first (see :func:`save_adapter`).
+    :param base_model_name_or_path: recorded in every config (see :func:`save_adapter`).
     """
     names = adapter_names_ if adapter_names_ is not None else adapter_names(model)
-    states = {name: _call("adapterspec_extract_state", model, adapter_name=name) for name in names}
+    states = {}
+    for name in names:
+        config, tensors = _call("adapterspec_extract_state", model, adapter_name=name)
+        config, metadata = _identified(model, name, config, base_model_name_or_path)
+        states[name] = (config, tensors, metadata)
     return write_adapters(path, states, overwrite=overwrite, durable=durable)
 
 
@@ -414,6 +481,7 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
                                    hint=f"loaded: {adapter_names(model)}")
     unmerge_adapters(model)
     _call("adapterspec_delete", model, adapter_name=adapter_name)
+    _forget_injected(model, adapter_name)
 
 
 @_serialised
@@ -449,6 +517,7 @@ def unload(model: Any, *, merge: bool = False) -> Any:
     # the unmerged ones first: while merged adapters remain, a backend keeps what the forward pass used
     for name in sorted(adapter_names(model), key=lambda n: n in merged):
         _call("adapterspec_delete", model, adapter_name=name)
+        _forget_injected(model, name)
     return model
 
 

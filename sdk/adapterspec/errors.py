@@ -20,6 +20,8 @@ __all__ = [
     "AdapterSpecError",
     "AdapterSpecWarning",
     "BackendError",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
     "ConfigError",
     "DTypeMismatchError",
     "FileFormatError",
@@ -188,6 +190,14 @@ class HubError(AdapterSpecError, ValueError):
 
 class AdapterSpecWarning(UserWarning):
     """Something loads but deserves attention: unknown config fields, a newer minor spec version."""
+
+
+class BaseModelMismatchError(AdapterSpecError, ValueError):
+    """The model is not the base the adapter was trained on (its fingerprint differs, SPEC.md 9.1)."""
+
+
+class BaseModelMismatchWarning(AdapterSpecWarning):
+    """An adapter is loaded onto a base whose fingerprint differs from the one it was trained on."""
 
 
 class WriteError(AdapterSpecError, OSError):

@@ -498,13 +498,15 @@ def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], t
     return folder
 
 
-def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any]]],
+def write_adapters(path: str | Path,
+                   adapters: Mapping[str, tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any]]
+                                 | tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any], Mapping[str, str] | None]],
                    *, overwrite: bool = False, durable: bool = False) -> Path:
     """Write several adapters into one folder, PEFT's way, plus the manifest ``adapterspec.json``.
 
     ``"default"`` goes to the root (if present), every other name to ``<path>/<name>/``.
 
-    :param adapters: name -> (config, tensors).
+    :param adapters: name -> (config, tensors) or (config, tensors, safetensors metadata).
     :param durable: fsync every file before it appears (see :func:`write_adapter`).
     :raises UnsafeFileError: a name is not a safe folder name.
     :raises WriteError: the file system failed (no space, no permission...): each adapter is the old or the new one.
@@ -514,8 +516,9 @@ def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig 
         if name in _RESERVED:  # the folder would collide with a file of the root adapter
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
-    prepared = {check_adapter_name(name): _prepare(cfg, tensors, None, durable=durable)
-                for name, (cfg, tensors) in adapters.items()}
+    prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
+                                                   durable=durable)  # type: ignore[misc]
+                for name, entry in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
     with _write_errors_typed(folder):
         for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
