@@ -12,7 +12,33 @@ import pytest
 import adapterspec
 from keras_helpers import unique_values
 
-tf = pytest.importorskip("tensorflow")
+
+
+def _gpu() -> str | None:
+    """The first GPU as the Keras backend in use names it (``device=`` takes that name); ``None`` without one."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "/GPU:0" if tf.config.list_physical_devices("GPU") else None
+    if backend == "jax":
+        import jax
+
+        return "gpu:0" if any(d.platform == "gpu" for d in jax.devices()) else None
+    if backend == "torch":
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else None
+    return None
+
+
+def _on_gpu(variable: keras.Variable) -> bool:
+    value = variable.value
+    if keras.backend.backend() == "jax":
+        return all(d.platform == "gpu" for d in value.devices())
+    if keras.backend.backend() == "torch":
+        return bool(value.is_cuda)
+    return "GPU:0" in value.device
 
 
 def _model() -> keras.Model:
@@ -62,8 +88,7 @@ def test_default_dtype_is_the_kernels(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("option", "value"), [
     ("dtype", "int8"), ("dtype", np.uint8), ("dtype", "bool"), ("dtype", "float8_e4m3fn"), ("dtype", np.complex64),
     ("device", "nonsense"), ("device", 7), ("device", "/CPU:5"), ("device", "/GPU:99"),
-    pytest.param("device", "/GPU:0", marks=pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")),
-                                                               reason="a GPU is there")),
+    pytest.param("device", "/GPU:0", marks=pytest.mark.skipif(_gpu() is not None, reason="a GPU is there")),
 ])
 def test_unusable_dtype_or_device_is_refused_up_front(tmp_path: Path, option: str, value: Any) -> None:
     """TensorFlow would put a variable meant for a device it lacks on another one without a word: refused, naming
@@ -81,13 +106,23 @@ def test_unusable_dtype_or_device_is_refused_up_front(tmp_path: Path, option: st
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="needs a GPU")
+@pytest.mark.skipif(_gpu() is None, reason="needs a GPU the Keras backend can use")
 def test_gpu_placement(tmp_path: Path) -> None:
+    """On any Keras backend (TensorFlow, JAX, torch): ``device=`` puts the adapter on the GPU, and the output
+    is the layer's plus the LoRA term, computed in float64 here."""
     model = _model()
-    adapterspec.load_adapter(model, _adapter(tmp_path), device="/GPU:0")
-    assert all("GPU:0" in v.value.device for v in _adapter_variables(model))
-    x = unique_values((3, 6), 5, scale=1.0)
-    assert keras.ops.convert_to_numpy(model(x)).shape == (3, 5)
+    folder = _adapter(tmp_path)
+    adapterspec.load_adapter(model, folder, device=_gpu())
+    variables = _adapter_variables(model)
+    assert variables and all(_on_gpu(v) for v in variables)
+    x = unique_values((3, 6), 5, scale=1.0).astype(np.float64)
+    kernel, bias = (keras.ops.convert_to_numpy(w).astype(np.float64) for w in model.get_layer("fc").weights[:2])
+    saved = adapterspec.read_adapter(folder).load_tensors("numpy")
+    a, b = (saved[f"base_model.model.fc.lora_{x}.weight"].astype(np.float64) for x in "AB")
+    expected = x @ kernel + bias + (x @ a.T) @ b.T  # lora_alpha / r = 1
+    got = keras.ops.convert_to_numpy(model(x.astype(np.float32))).astype(np.float64)
+    # float32 products of 6 terms, then a sum of three: a few ulps of the largest magnitude
+    assert np.abs(got - expected).max() <= 16 * np.finfo(np.float32).eps * max(np.abs(expected).max(), 1.0)
 
 
 def test_as_tensor_shares_aligned_arrays_and_copies_others() -> None:
