@@ -259,7 +259,7 @@ def _shared_arena(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Map
         if not (array.dtype is dtype or array.dtype == dtype) or not layout.spec_stored or not array.flags.c_contiguous:
             return None
         try:  # its address (a fifth of array.ctypes.data's time)
-            at = ctypes.addressof(ctypes.c_char.from_buffer(array)) - base
+            at = ctypes.addressof(ctypes.c_char.from_buffer(array)) - base  # type: ignore[arg-type]  # numpy's stubs: __buffer__ on 3.12+
         except (TypeError, ValueError, BufferError):  # read-only or empty
             return None
         places.append((layer.parameters(adapter_name)[2][param], at, at + array.nbytes))

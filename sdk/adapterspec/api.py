@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-def _hook():  # type: ignore[no-untyped-def]
+def _hook() -> Any:  # pluggy's HookRelay: its hooks' results are Any
     return get_plugin_manager().hook
 
 
@@ -53,7 +53,7 @@ def backend_name(model: Any) -> str:
 
     :raises BackendError: no installed backend claims it.
     """
-    name = _hook().adapterspec_backend_name(model=model)
+    name: str | None = _hook().adapterspec_backend_name(model=model)
     if name is None:
         raise BackendError(
             f"no adapterspec backend handles {type(model).__module__}.{type(model).__qualname__} objects "

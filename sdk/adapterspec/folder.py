@@ -186,7 +186,11 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, dur
         if durable:
             _fsync_dir(staging)
         # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
-        swapped = _exchange(staging, folder) if exists else (os.rename(staging, folder) or True)
+        if exists:
+            swapped = _exchange(staging, folder)
+        else:
+            os.rename(staging, folder)
+            swapped = True
         if durable:
             _fsync_dir(folder.parent)
     except BaseException:

@@ -166,7 +166,8 @@ def adapterspec_unmerge(model: Any) -> bool | None:
 
 
 @hookspec
-def adapterspec_conformance_implementations() -> list[Any]:
+# a spec: pluggy runs the plugins' implementations, never this body
+def adapterspec_conformance_implementations() -> list[Any]:  # type: ignore[empty-body]
     """Offer implementations for ``adapterspec conformance`` to test. Called on every plugin; results are collected.
 
     :returns: objects following :class:`adapterspec.conformance.Implementation` (usually one per plugin).

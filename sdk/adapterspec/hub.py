@@ -526,7 +526,7 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
                                      revision=ref.revision, commit_message=message)
 
 
-def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_push_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add ``adapterspec push FOLDER REPO_ID [--subfolder] [--revision] [--private] [--token] [-m]``."""
     p = subparsers.add_parser("push", help="validate an adapter folder and upload it to the Hugging Face Hub",
                               description="Validate every adapter in FOLDER (refused if invalid: nothing is uploaded), "

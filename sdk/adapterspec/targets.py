@@ -21,6 +21,7 @@ These functions are the single definition of target matching for every backend (
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -201,22 +202,22 @@ def regex_problem(pattern: str) -> str | None:
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError, MemoryError) as exc:
         return f"not a valid regular expression: {exc}"
-    wildcards = _wildcards(list(parsed))
+    wildcards = _wildcards(list(parsed.data))
     if wildcards > MAX_WILDCARDS:
         return (f"{wildcards} unbounded wildcards (more than {MAX_WILDCARDS}): matching time grows as the "
                 f"path length to the power of their number")
-    return _risk(list(parsed), inside=False)
+    return _risk(list(parsed.data), inside=False)
 
 
 #: The most unbounded wildcard repeats (``.*``, ``\w+``, ``[^x]*``) a pattern may hold, wrapper included.
 MAX_WILDCARDS = 3
 
-try:  # the parser behind re, to inspect a pattern's structure
-    from re import _constants as _sre
-    from re import _parser as _sre_parse
-except ImportError:  # Python 3.10
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+if sys.version_info >= (3, 11):  # the parser behind re, to inspect a pattern's structure
+    from re import _constants as _sre  # type: ignore[attr-defined]  # typeshed has no stubs for re's private modules
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]  # (sre_* below, 3.10's, have them)
+else:  # Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
 
 _BACKTRACKING_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT)  # possessive repeats never backtrack
 
