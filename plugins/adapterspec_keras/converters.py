@@ -44,10 +44,10 @@ class _Opaque:
     ndim = 0
     T = property(lambda self: self)
 
-    def __array_function__(self, func, types, args, kwargs):  # type: ignore[no-untyped-def]
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> _Opaque:
         return _Opaque()
 
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # type: ignore[no-untyped-def]
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> _Opaque:
         return _Opaque()
 
     def __getattr__(self, name: str) -> Any:
@@ -145,7 +145,7 @@ def _converters() -> dict[str, tuple[Any, list[str]]]:
     return _TABLE_CACHE
 
 
-class _ConfigProxy(dict):  # type: ignore[type-arg]
+class _ConfigProxy(dict[str, Any]):
     """The few transformers config fields some ``convert_weights`` read, rebuilt from the backbone."""
 
     _FROM_BACKBONE = {"n_embd": "hidden_dim", "hidden_size": "hidden_dim", "num_hidden_layers": "num_layers",

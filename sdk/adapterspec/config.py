@@ -290,7 +290,7 @@ class AdapterConfig(Mapping[str, Any]):
             return self._data == other._data
         return NotImplemented
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, like the dict it compares equal to
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
