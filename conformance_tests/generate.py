@@ -598,6 +598,43 @@ def generate_folders() -> list[dict[str, Any]]:
           key="prompt_embeddings", model=decoder)
     plain("no-tensors", "an adapter file that holds no tensor at all", LORA_CFG, {}, valid=False,
           error="MissingTensorError")
+
+    # -- spec 1.1: methods recognised but not portable, and the config forms PEFT accepts -----------------
+    plain("vera-not-portable", "VeRA: a method the spec recognises but does not define; a reader refuses it "
+          "with UnsupportedError naming /peft_type (never a ConfigError: PEFT loads it)",
+          {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+          {f"{Q}.vera_lambda_b": det((8,), 1).astype(np.float32), f"{Q}.vera_lambda_d": det((2,), 2).astype(np.float32),
+           f"{V}.vera_lambda_b": det((4,), 3).astype(np.float32), f"{V}.vera_lambda_d": det((2,), 4).astype(np.float32)},
+          valid=False, error="UnsupportedError", pointer="/peft_type")
+    decoder_layers = [f"base_model.model.model.layers.{i}" for i in range(2)]
+    plain("lora-target-modules-null", "target_modules null: PEFT's default for the model type (llama: q_proj, "
+          "v_proj; spec/v1/target_modules.json), resolved at load", LORA_CFG | {"target_modules": None},
+          {f"{layer}.self_attn.{m}.lora_{ab}.weight": det(shape, 10 * i + j).astype(np.float32)
+           for i, layer in enumerate(decoder_layers) for j, (m, ab, shape) in enumerate(
+               [("q_proj", "A", (2, 8)), ("q_proj", "B", (8, 2)), ("v_proj", "A", (2, 8)), ("v_proj", "B", (8, 2))])},
+          valid=True, model=decoder)
+    plain("ia3-targets-null", "IA3 with target_modules and feedforward_modules null: PEFT's defaults for llama "
+          "(k_proj, v_proj, down_proj; down_proj feed-forward)",
+          {"peft_type": "IA3", "target_modules": None, "feedforward_modules": None},
+          {k: v for i, layer in enumerate(decoder_layers) for k, v in (
+              (f"{layer}.self_attn.k_proj.ia3_l", det((8, 1), 3 * i, 0.3, 1.0).astype(np.float32)),
+              (f"{layer}.self_attn.v_proj.ia3_l", det((8, 1), 3 * i + 1, 0.3, 1.0).astype(np.float32)),
+              (f"{layer}.mlp.down_proj.ia3_l", det((1, 16), 3 * i + 2, 0.3, 1.0).astype(np.float32)))},
+          valid=True, model=decoder)
+    plain("prefix-sizes-from-model", "prefix tuning without token_dim, num_layers, num_attention_heads: read from "
+          "the model (as PEFT does)", {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3},
+          {"prompt_embeddings": det((3, 32), 1).astype(np.float32)}, valid=True, model=decoder)
+    plain("prefix-sizes-from-model-disagree", "prefix tuning without sizes, whose prompt_embeddings is for 3 "
+          "layers while the model has 2", {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
+                                          "num_virtual_tokens": 3},
+          {"prompt_embeddings": det((3, 48), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key="prompt_embeddings", model=decoder)
+    plain("lora-duplicate-targets", "a target_modules entry listed twice (PEFT uses a set): loads like the list "
+          "without the duplicate", LORA_CFG | {"target_modules": ["q_proj", "v_proj", "q_proj"]}, lora_tensors(),
+          valid=True)
+    plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
+          "the metadata); still read", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
+          {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
     return FOLDERS
 
 
@@ -649,6 +686,28 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
           "num_layers": 2}, False, "/token_dim", None),
         ("prompt-num-virtual-tokens-zero", "prompt tuning's num_virtual_tokens is >= 1",
          {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0, "token_dim": 8}, False, "/num_virtual_tokens", None),
+        # spec 1.1: every PEFT 0.21 method is recognised; the ones the spec does not define are valid, not portable
+        ("vera-recognised", "VeRA is recognised, not portable: its config is valid",
+         {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
+        ("oft-recognised", "OFT is recognised, not portable: its config is valid",
+         {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
+        ("ln-tuning-recognised", "LN tuning is recognised, not portable: its config is valid",
+         {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
+        ("vera-r-string", "a recognised method's fields have the types of PEFT's config class",
+         {"peft_type": "VERA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
+        ("method-unknown", "a peft_type that is not one of PEFT 0.21's methods is refused",
+         {"peft_type": "NOT_A_METHOD", "target_modules": ["q_proj"]}, False, "/peft_type", None),
+        # spec 1.1: the config forms PEFT accepts
+        ("config-lora-target-modules-null", "a null target_modules means PEFT's default for the model type",
+         LORA_MIN | {"target_modules": None}, True, None, None),
+        ("lora-target-modules-duplicates", "a target_modules entry may repeat (PEFT uses a set)",
+         LORA_MIN | {"target_modules": ["q_proj", "v_proj", "q_proj"]}, True, None, None),
+        ("config-ia3-targets-null", "IA3's target_modules and feedforward_modules may be null (PEFT's defaults)",
+         {"peft_type": "IA3", "target_modules": None, "feedforward_modules": None}, True, None, None),
+        ("prefix-sizes-absent", "prefix tuning's token_dim, num_layers, num_attention_heads come from the model "
+         "when absent", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}, True, None, None),
+        ("prompt-token-dim-null", "prompt tuning's token_dim comes from the model when null",
+         {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": None}, True, None, None),
     ],
     "document": [
         ("config-is-a-list", "a config is a JSON object", [LORA_MIN], False, "", None),

@@ -92,7 +92,8 @@ def _decoder(model: Mapping[str, Any]) -> Any:
     try:
         import keras_hub
     except ImportError:
-        raise adapterspec.UnsupportedError("decoder cases need keras-hub") from None
+        raise adapterspec.UnsupportedError("decoder cases need keras-hub",
+                                           hint='pip install "adapterspec[keras]"') from None
     d = model["decoder"]
     if d.get("architecture") != "llama":
         raise adapterspec.UnsupportedError(f"decoder architecture {d.get('architecture')!r}")
@@ -230,7 +231,7 @@ class KerasImplementation:
         try:
             import keras  # noqa: F401
         except ImportError:
-            return "keras is not installed"
+            return 'keras is not installed: pip install "adapterspec[keras]"'
         return True
 
     def validate_config(self, config: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import math
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -166,6 +167,8 @@ def backbone_of(model: Any) -> Any:
 
 def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
     """The converter of the most specific backbone class ``backbone`` is an instance of."""
+    if sys.modules.get("keras_hub") is None:  # no keras-hub class was ever made: a plain Keras model (or no keras-hub)
+        return None
     mro = type(backbone).__mro__
     found = [(mro.index(m.backbone_cls), m, types) for m, types in _converters().values()
              if isinstance(getattr(m, "backbone_cls", None), type) and isinstance(backbone, m.backbone_cls)]

@@ -21,7 +21,7 @@ import numpy as np
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["as_dtype", "device_of", "device_scope", "place", "target_of"]
+__all__ = ["as_device", "as_dtype", "check_options", "device_of", "device_scope", "place", "target_of"]
 
 _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
@@ -46,9 +46,77 @@ def as_dtype(dtype: Any) -> str | None:
     name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
     name = str(name or dtype).lower().rsplit(".", 1)[-1].removeprefix("<dtype: '").rstrip("'>")
     if name not in _DTYPE_NAMES:
-        raise UnsupportedError(f"dtype {dtype!r} is not a floating dtype adapter variables can use",
-                               hint=f"pass one of {sorted(_DTYPE_NAMES)}")
+        raise UnsupportedError(f"{dtype!r} is not a floating dtype adapter variables can be computed in "
+                               "(an integer or bool dtype rounds the weights, float8 and complex ones do not run)",
+                               key="dtype", hint=f"pass one of {sorted(_DTYPE_NAMES)}, or leave dtype=None for "
+                                                 "each kernel's dtype")
     return _DTYPE_NAMES[name]
+
+
+_DEVICE_HINT = "pass a device this machine has ('/CPU:0', '/GPU:0' with TensorFlow; 'cpu:0', 'gpu:0' with JAX), " \
+               "or leave device=None for each kernel's device"
+
+
+def as_device(device: Any) -> str | None:
+    """``device`` as a string, checked to name a device of this machine for the Keras backend in use.
+
+    TensorFlow places a variable meant for a device it lacks (``"/GPU:0"`` without a GPU) on another one
+    without a word; that is refused here instead.
+
+    :raises UnsupportedError: not a device name, or a device this machine lacks.
+
+    >>> as_device("/CPU:0")
+    '/CPU:0'
+    >>> as_device("/GPU:7")
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: device: ...
+    """
+    if device is None:
+        return None
+    import keras
+
+    name = str(device)
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            spec = tf.DeviceSpec.from_string(name)
+            kind, index = spec.device_type, spec.device_index or 0
+            count = len(tf.config.list_logical_devices(kind.upper())) if kind else 1
+        elif backend == "jax":
+            import jax
+
+            kind, _, number = name.lower().partition(":")
+            index = int(number or 0)
+            count = len(jax.devices(kind))
+        elif backend == "torch":
+            import torch
+
+            parsed = torch.device(name.lower().replace("gpu", "cuda"))  # as Keras' torch backend reads it
+            kind, index = parsed.type, parsed.index or 0
+            module: Any = getattr(torch, kind, None)
+            count = module.device_count() if kind not in ("cpu", "meta") and hasattr(module, "device_count") else 1
+        else:
+            return name
+    except (ValueError, RuntimeError) as exc:  # a name the backend cannot parse, a platform it does not have
+        raise UnsupportedError(f"{device!r} is not a {backend} device here ({exc})".split("\n")[0], key="device",
+                               hint=_DEVICE_HINT) from exc
+    if index >= count:
+        raise UnsupportedError(f"{device!r}: this machine has {count} {kind} device(s) for {backend}", key="device",
+                               hint=_DEVICE_HINT)
+    return name
+
+
+def check_options(options: LoadOptions) -> None:
+    """Refuse a ``dtype`` or ``device`` load option that cannot work, before anything is changed.
+
+    >>> check_options(LoadOptions(dtype="int8"))
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: dtype: ...
+    """
+    as_dtype(options.dtype)
+    as_device(options.device)
 
 
 #: id(variable) -> (a weak reference to it, its device): a variable never moves, and asking TensorFlow takes

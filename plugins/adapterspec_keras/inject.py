@@ -32,6 +32,9 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .bank import AdapterBank
+from .converters import backbone_of, converter_sites
+from .devices import check_options
+from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .sites import ModuleSite, Piece, model_layers
@@ -121,8 +124,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
 
     Each targeted module gets (or shares) an :class:`~adapterspec_keras.layers.AdapterLayer`; the
-    Keras layers it maps to get their ``call`` patched (:func:`wrap`). With ``options.trainable``,
-    the adapter's variables are the only trainable ones afterwards.
+    Keras layers it maps to get their ``call`` patched (:func:`wrap`). With ``options.trainable`` (and
+    ``options.freeze_base``, the default), the adapters' variables are the only trainable ones afterwards.
 
     :returns: the module paths that received the adapter.
     :raises AdapterExistsError: the name is taken.
@@ -132,6 +135,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
+    check_options(options)
     state = get_state(model)
     if state is not None and adapter_name in state.names:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
@@ -140,8 +144,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     if config.is_prompt_learning:
         from .prompts import check_prompt_learning
 
-        check_prompt_learning(model, config)
+        config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
+        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
     if config.get("modules_to_save"):
         raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",
                                pointer="/modules_to_save",
@@ -169,11 +175,12 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for layer in layers:
                 layer.finish_init(adapter_name)
-        if options.trainable:
+        if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return list(paths)
 
@@ -203,11 +210,12 @@ def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options
         inject_prefix(model, state, config, adapter_name, bank, options)
         if getattr(options, "initialize", True):
             bank.materialize()
-        if options.trainable:
+        if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    guard_save(model)
     invalidate(model)
     return []
 

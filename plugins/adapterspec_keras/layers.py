@@ -48,6 +48,9 @@ __all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "l
 #: IA3 unmerge divides by ``l + 1e-8``, as PEFT does.
 _IA3_EPS = 1e-8
 
+#: Kernel dtypes whose adapters are kept in float32 unless a dtype is given (SPEC.md 7.5).
+_UPCAST = ("float16", "bfloat16")
+
 
 def layer_kind(layer: Any) -> str | None:
     """``"dense"``, ``"einsum"``, ``"embedding"``, ``"conv"`` (what an adapter can wrap), or ``None``.
@@ -285,6 +288,8 @@ class AdapterLayer:
             check_supported(self.site, path, config)
         site = self.site
         device, dtype = target if target is not None else target_of(site.pieces[0].kernel_variable, options)
+        if options.dtype is None and dtype in _UPCAST:
+            dtype = "float32"  # SPEC.md 7.5: PEFT keeps adapters on a half-precision base in float32
         initialize = bool(getattr(options, "initialize", True))
         trainable = bool(options.trainable)
         if config.peft_type == "LORA":
@@ -460,6 +465,14 @@ class AdapterLayer:
         return ops.cast(a, dtype), ops.cast(b, dtype)
 
     def _apply_lora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        out_dtype = result.dtype
+        if str(out_dtype) in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
+            # float32 adapter on a half-precision layer: its part is computed in float32, as PEFT does
+            x, result = ops.cast(x, "float32"), ops.cast(result, "float32")
+            return ops.cast(self._lora_part(piece, slot, x, result), out_dtype)
+        return self._lora_part(piece, slot, x, result)
+
+    def _lora_part(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
         dtype = result.dtype
         a, b = self._views(piece, slot, dtype)
         dropped = x

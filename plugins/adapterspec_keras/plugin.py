@@ -22,6 +22,7 @@ __all__ = [
     "adapterspec_active_adapters",
     "adapterspec_adapter_names",
     "adapterspec_backend_name",
+    "adapterspec_base_identity",
     "adapterspec_conformance_implementations",
     "adapterspec_delete",
     "adapterspec_extract_state",
@@ -142,6 +143,16 @@ def adapterspec_unmerge(model: Any) -> bool | None:
 
     unmerge(model)
     return True
+
+
+@hookimpl
+def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] | None:
+    """See :func:`adapterspec_keras.identity.base_identity`."""
+    if not _owns(model):
+        return None
+    from .identity import base_identity
+
+    return base_identity(model, adapter_name)
 
 
 @hookimpl

@@ -105,9 +105,12 @@ def _interfaces(model: Any) -> list[CacheInterface]:
     return out
 
 
-def check_prompt_learning(model: Any, config: AdapterConfig) -> None:
+def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
     """Refuse prompt learning ``model`` cannot run exactly (see the module docstring).
 
+    :returns: ``config`` with the sizes it leaves null read from the backbone, as PEFT reads them from
+        the transformers config (SPEC.md 14.3): ``num_layers``, ``token_dim`` (the hidden size; key/value
+        heads x head_dim for prefix tuning) and ``num_attention_heads`` (key/value heads for prefix tuning).
     :raises UnsupportedError: naming the reason.
 
     >>> check_prompt_learning(model, AdapterConfig.from_dict({"peft_type": "PROMPT_TUNING", ...}))  # doctest: +SKIP
@@ -124,6 +127,7 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> None:
     ifaces = _interfaces(model)
     layers = list(model.backbone.transformer_layers)
     positions = _position_embeddings(model)
+    config = _fill_sizes(model, config, ifaces, layers)
     if config.peft_type == "PROMPT_TUNING":
         hidden = _hidden_dim(model)
         if int(config["token_dim"]) != hidden:
@@ -132,7 +136,7 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> None:
         if len(positions) > 1:
             raise UnsupportedError(f"{type(model).__name__} has {len(positions)} position embeddings; the prompt "
                                    "needs one", pointer="/peft_type", hint="use LoRA/IA3 on this model")
-        return
+        return config
     if int(config["num_layers"]) != len(layers):
         raise UnsupportedError(f"the prefix is for {config['num_layers']} layers; the model has {len(layers)}",
                                pointer="/num_layers", hint="load the adapter into the model it was trained for")
@@ -141,6 +145,20 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> None:
         raise UnsupportedError(f"token_dim {config['token_dim']} is not key/value heads x head_dim = "
                                f"{heads} x {head_dim} of this model", pointer="/token_dim",
                                hint="load the adapter into the model it was trained for")
+    return config
+
+
+def _fill_sizes(model: Any, config: AdapterConfig, ifaces: list[Any], layers: list[Any]) -> AdapterConfig:
+    """The sizes ``config`` leaves null, from the backbone (PEFT's ``_prepare_prompt_learning_config``)."""
+    backbone = model.backbone
+    if config.peft_type == "PREFIX_TUNING":
+        heads, head_dim = ifaces[0].kv_shape(layers[0])
+        sizes = {"num_layers": len(layers), "token_dim": heads * head_dim, "num_attention_heads": heads}
+    else:
+        query_heads = getattr(backbone, "num_query_heads", None) or getattr(backbone, "num_heads", None)
+        sizes = {"num_layers": len(layers), "token_dim": _hidden_dim(model), "num_attention_heads": query_heads}
+    changes = {k: int(v) for k, v in sizes.items() if config.get(k) is None and v is not None}
+    return config.replace(**changes) if changes else config
 
 
 def _hidden_dim(model: Any) -> int:

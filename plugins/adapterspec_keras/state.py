@@ -176,6 +176,11 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     state = get_state(model)
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
+        stored = {key: arrays[key].dtype for key, (layer, param, _) in plan.items()  # upcast by SPEC.md 7.5
+                  if str(arrays[key].dtype) in ("float16", "bfloat16")
+                  and layer.parameters(adapter_name)[2][param].key.dtype == "float32"}
+        if stored:
+            state.stored_dtypes[adapter_name] = stored
     return list(plan)
 
 
@@ -351,4 +356,10 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
             tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]  # set: layers
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
+    for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
+        if key not in tensors:
+            continue
+        as_stored = tensors[key].astype(dtype)  # back in the file's dtype, when that loses nothing (SPEC.md 7.5)
+        if np.array_equal(as_stored.astype(tensors[key].dtype), tensors[key]):
+            tensors[key] = as_stored
     return state.configs[adapter_name], tensors

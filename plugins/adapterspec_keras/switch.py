@@ -53,6 +53,8 @@ class ModelState:
         value before patching or ``None``).
     :param trainable: adapters injected trainable.
     :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
+    :param stored_dtypes: name -> {canonical key: the NumPy dtype its file stored} for tensors loaded into another
+        dtype (float32 on a half-precision base, SPEC.md 7.5), so that saving can write them back as stored.
     """
 
     names: list[str] = field(default_factory=list)
@@ -68,6 +70,7 @@ class ModelState:
     prompt_patches: dict[int, tuple[Any, str, Any]] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)
     frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
+    stored_dtypes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -90,6 +93,9 @@ def drop_state_if_empty(model: Any) -> None:
     if state is not None and not state.names and not state.adapter_layers and not state.originals \
             and not state.prompt_patches:
         object.__delattr__(model, STATE_ATTR)
+        from .guard import unguard_save
+
+        unguard_save(model)
 
 
 def invalidate(model: Any) -> None:
@@ -173,6 +179,7 @@ def delete(model: Any, adapter_name: str) -> None:
     state.merged = [n for n in state.merged if n != adapter_name]
     state.configs.pop(adapter_name, None)
     state.modules.pop(adapter_name, None)
+    state.stored_dtypes.pop(adapter_name, None)
     invalidate(model)
     drop_state_if_empty(model)
 

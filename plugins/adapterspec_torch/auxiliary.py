@@ -331,12 +331,13 @@ def fresh_bias_overrides(model: nn.Module, state: ModelState, config: AdapterCon
 def restore(model: nn.Module, state: ModelState, adapter_name: str) -> None:
     """Put back the parameters ``adapter_name`` replaced and forget its kept tensors.
 
-    A merged adapter keeps its parameters (that is ``unload(merge=True)``). Where a later adapter replaced a
-    parameter again, that adapter inherits the one to restore.
+    While any adapter is merged (``unload(merge=True)`` deletes adapters with the active ones merged), the
+    replacements stay: the forward pass used them, whichever adapter was active, and the merged model keeps
+    what it computed. Where a later adapter replaced a parameter again, that adapter inherits the one to restore.
     """
     overrides = state.base_weights.pop(adapter_name, [])
     state.extras.pop(adapter_name, None)
-    if adapter_name in state.merged:
+    if state.merged:
         return
     for override in overrides:
         for holder, attr in override.slots:

@@ -202,13 +202,13 @@ class TorchImplementation:
         try:
             import torch  # noqa: F401
         except ImportError:
-            return "torch is not installed"
+            return 'torch is not installed: pip install "adapterspec[torch]"'
         model = getattr(case, "model", None) if case.kind != "roundtrip" else case.source.model if case.source else None
         if model and (model.get("decoder") or any(m["kind"] == "gpt2_conv1d" for m in model.get("modules", {}).values())):
             try:
                 import transformers  # noqa: F401
             except ImportError:
-                return "needs transformers (GPT-2 Conv1D layers, decoder models)"
+                return "needs transformers (GPT-2 Conv1D layers, decoder models): pip install transformers"
         return True
 
     def validate_config(self, config: Mapping[str, Any]) -> None:

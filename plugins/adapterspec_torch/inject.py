@@ -30,7 +30,8 @@ from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 
-from .devices import target_of
+from .devices import adapter_target_of, check_options
+from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -40,6 +41,7 @@ __all__ = [
     "find_modules_to_save",
     "find_targets",
     "find_token_targets",
+    "freeze_base",
     "inject",
     "iter_modules",
     "remove_adapter_modules",
@@ -367,6 +369,8 @@ def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modul
         if layer is None:
             continue
         layer.remove_adapter(adapter_name)
+        if isinstance(layer, ModulesToSaveLayer):  # a merged copy it kept is the module now
+            state.originals[own] = layer.original_module
         if not layer.adapter_names():
             unwrap(model, own)
 
@@ -428,7 +432,7 @@ def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, a
     config = _prompt_config(model, config)
     hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
     embeddings = hf.get_input_embeddings()
-    device, dtype = target_of(embeddings, options)
+    device, dtype = adapter_target_of(embeddings, options)
     prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
     if prompts is None:
         prompts = nn.ParameterDict()
@@ -549,16 +553,20 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
     """
+    check_options(options)
     existing = get_state(model)
     if existing is not None and adapter_name in existing.configs:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another name")
     state = get_state(model, create=True)
+    freezing = bool(options.trainable and options.freeze_base)
+    before = {id(p) for p in model.parameters()} if freezing else set()
     try:
         if config.is_prompt_learning:
             config = _inject_prompt(model, state, config, adapter_name, options)
             modules: dict[str, str] = {}
         else:
+            config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
             modules = _inject_layers(model, state, config, adapter_name, options)
     except BaseException:
         drop_state_if_empty(model)
@@ -575,7 +583,41 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
         except BaseException:
             delete(model, adapter_name)
             raise
+    if freezing:
+        freeze_base(model, state, adapter_name, before)
+    guard_save_pretrained(model)
     return list(modules)
+
+
+def freeze_base(model: nn.Module, state: ModelState, adapter_name: str, before: set[int]) -> None:
+    """Make every parameter that belongs to no adapter untrainable, as PEFT's ``get_peft_model`` does.
+
+    An adapter's parameters are those its injection created (absent from ``before``, the ids of the
+    model's parameters just before it) and those of the adapters loaded earlier; all others -- the base,
+    the originals of modules saved whole, replaced biases -- are frozen, their flags remembered in
+    ``state.frozen`` and given back when the last adapter in ``state.freezers`` is deleted.
+
+    >>> freeze_base(model, get_state(model), "default", set())          # doctest: +SKIP
+    """
+    from .state import expected_params
+
+    owned = {id(t) for name in state.names if name != adapter_name for t in expected_params(model, name).values()}
+    owned.update(id(o.new) for overrides in state.base_weights.values() for o in overrides)
+    for param in model.parameters():
+        if id(param) in before and id(param) not in owned and param.requires_grad:
+            state.frozen.append((param, True))
+            param.requires_grad_(False)
+    state.freezers.append(adapter_name)
+
+
+def _unfreeze_base(state: ModelState, adapter_name: str) -> None:
+    if adapter_name not in state.freezers:
+        return
+    state.freezers.remove(adapter_name)
+    if not state.freezers:
+        for param, flag in reversed(state.frozen):
+            param.requires_grad_(flag)
+        state.frozen.clear()
 
 
 def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
@@ -586,6 +628,7 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
         return
     from .state import restore_base_weights
 
+    _unfreeze_base(state, adapter_name)
     restore_base_weights(model, adapter_name)
     config = state.configs.get(adapter_name)
     if config is not None and config.is_prompt_learning:

@@ -36,13 +36,15 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from .devices import as_dtype, target_of
+from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
            "param_shapes"]
 
 #: The pseudo-method of trainable token rows (LoRA's ``trainable_token_indices``) inside an :class:`AdapterLayer`.
 TOKENS = "TOKENS"
+
+_global_forward_hooks = torch.nn.modules.module._global_forward_hooks  # a dict torch keeps: its emptiness is read
 
 _CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 _ATTR = {"lora_A.weight": "lora_A_weight", "lora_B.weight": "lora_B_weight", "lora_B.bias": "lora_B_bias"}
@@ -400,7 +402,7 @@ class AdapterLayer(nn.Module):
         self._modules["adapter_weights"] = weights
         self.__dict__.update(
             kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
-            _plan=([], [], [], []), _merged=[], _caches={})
+            _plan=([], [], [], []), _fast=None, _merged=[], _caches={})
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -433,9 +435,11 @@ class AdapterLayer(nn.Module):
         shapes = param_shapes(base, config, path, kind=self.kind, rank=r if ranked else None)
         weight = base._parameters.get("weight")
         if options.device is None and options.dtype is None and weight is not None and weight.is_floating_point():
-            device, dtype = weight.device, weight.dtype  # target_of's answer, without its lookups
+            device, dtype = weight.device, weight.dtype  # adapter_target_of's answer, without its lookups
+            if dtype in UPCAST_DTYPES:
+                dtype = torch.float32
         else:
-            device, dtype = target_of(base, options)
+            device, dtype = adapter_target_of(base, options)
         spec = _Spec(method=method)
         if ranked:
             spec.r = r
@@ -492,7 +496,7 @@ class AdapterLayer(nn.Module):
         weights.__dict__.update(training=self.training, pending={})
         if source is None:
             base = self._modules["base_layer"]
-            device, dtype = target_of(base, options)
+            device, dtype = adapter_target_of(base, options)
             attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
             spec.names[TRAINABLE_TOKENS_PARAM] = attr
             shape = (len(spec.indices), _weight(base).shape[1])
@@ -725,11 +729,47 @@ class AdapterLayer(nn.Module):
                 additive.append(n)
         return ia3_in, ia3_out, additive, tokens
 
+    def _fast_for(self, plan: tuple[list[str], list[str], list[str], list[str]]) -> tuple[str, _Spec] | None:
+        """The adapter, if ``plan`` is one plain LoRA (no DoRA, no bias) on a plain ``nn.Linear`` or transformers
+        ``Conv1D``, whose output (a new tensor no one else holds) the LoRA term can be added to in place."""
+        ia3_in, ia3_out, additive, tokens = plan
+        if ia3_in or ia3_out or tokens or len(additive) != 1 or self.kind not in _LINEAR_KINDS:
+            return None
+        base_type = type(self._modules["base_layer"])
+        if base_type is not nn.Linear and base_type is not _hf_conv1d_type():
+            return None
+        spec = self._specs[additive[0]]
+        if spec.method != "LORA" or spec.use_dora or spec.lora_bias:
+            return None
+        return additive[0], spec
+
+    def _lora_in_place(self, name: str, spec: _Spec, x: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
+        """``base(x) + scaling * B(A(x))`` with the LoRA term added into the base output by one ``addmm_``
+        (no intermediate ``B(A(x))``, product by the scale and sum as new tensors): PEFT's math, with one
+        rounding less. Autograd records the in-place add (a Linear's backward needs its input, not its output)."""
+        base = self._modules["base_layer"]
+        weights = cast(nn.Module, self._modules["adapter_weights"]._modules[name])
+        params = cast("dict[str, torch.Tensor]", weights._parameters)  # A and B exist: _lora_plan checked the spec
+        a, b = params["lora_A_weight"], params["lora_B_weight"]
+        result: torch.Tensor = base(x, *args, **kwargs)
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if result.dtype != a.dtype or b.dtype != a.dtype or not result.is_contiguous():  # autocast, mixed dtypes
+            return self._lora(name, spec, x, result).to(result.dtype)
+        hidden = F.linear(x.reshape(-1, x.shape[-1]), a)
+        result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=spec.scaling)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self._switch.names
         if names is not self._plan_key:
             self.__dict__["_plan"] = self._plan_for(names)
+            self.__dict__["_fast"] = self._fast_for(self._plan)
             self.__dict__["_plan_key"] = names
+        fast = self._fast
+        if fast is not None and not self._merged and not (fast[1].dropout and self.training) \
+                and not self._modules["base_layer"]._forward_hooks and not _global_forward_hooks:
+            return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
         ia3_in, ia3_out, additive, tokens = self._plan
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             out: torch.Tensor = self.base_layer(x, *args, **kwargs)
@@ -1006,6 +1046,7 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._switch = ActiveSet()
         self._casts: dict[str, torch.dtype] = {}  # adapter -> the dtype its copy computes in, if not the original's
+        self._merged: str | None = None  # the adapter whose copy was running when it was merged
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -1033,10 +1074,36 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save[name] = duplicate
 
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s copy."""
+        """Drop adapter ``name``'s copy; if it was merged (:meth:`merge`), the copy becomes the original module
+        (as PEFT's ``merge_and_unload`` keeps the trained copy)."""
+        if name == self._merged:
+            kept = self.modules_to_save[name]
+            original = next((p.dtype for p in self.original_module.parameters() if p.is_floating_point()), None)
+            if name in self._casts and original is not None:
+                kept.to(dtype=original)  # it computed in its own dtype; as the original it gets the original's
+            self.original_module = kept
+            self._merged = None
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         self._casts.pop(name, None)
+
+    def merge(self, names: Sequence[str]) -> None:
+        """Mark the copy running now as merged if it belongs to one of ``names``: deleting its adapter then keeps it.
+
+        >>> layer = ModulesToSaveLayer(torch.nn.Linear(2, 2))
+        >>> layer.add_adapter("default", LoadOptions())
+        >>> layer.set_active(["default"])
+        >>> layer.merge(["default"]); copy = layer.active_module(); layer.remove_adapter("default")
+        >>> layer.original_module is copy
+        True
+        """
+        name = self._active()[0]
+        if self._merged is None and name in names:
+            self._merged = name
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        self._merged = None
 
     def adapter_names(self) -> list[str]:
         """The adapters holding a copy, in insertion order."""

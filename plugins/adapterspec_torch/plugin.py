@@ -22,12 +22,14 @@ __all__ = [
     "adapterspec_active_adapters",
     "adapterspec_adapter_names",
     "adapterspec_backend_name",
+    "adapterspec_base_identity",
     "adapterspec_conformance_implementations",
     "adapterspec_delete",
     "adapterspec_extract_state",
     "adapterspec_inject",
     "adapterspec_load_state",
     "adapterspec_merge",
+    "adapterspec_read_buffer",
     "adapterspec_set_active",
     "adapterspec_unmerge",
 ]
@@ -64,6 +66,16 @@ def adapterspec_load_state(model: Any, adapter: Adapter, adapter_name: str, opti
     from .state import load_state
 
     return load_state(model, adapter, adapter_name, options)
+
+
+@hookimpl
+def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> Any | None:
+    """See :func:`adapterspec_torch.devices.read_buffer`."""
+    if not _owns(model):
+        return None
+    from .devices import read_buffer
+
+    return read_buffer(model, nbytes, options)
 
 
 @hookimpl
@@ -138,6 +150,16 @@ def adapterspec_unmerge(model: Any) -> bool | None:
 
     unmerge(model)
     return True
+
+
+@hookimpl
+def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] | None:
+    """See :func:`adapterspec_torch.identity.base_identity`."""
+    if not _owns(model):
+        return None
+    from .identity import base_identity
+
+    return base_identity(model, adapter_name)
 
 
 @hookimpl

@@ -82,6 +82,9 @@ def _problems(adapter: Adapter, expected: dict[str, torch.Tensor]) -> list[Adapt
 def _read(adapter: Adapter, targets: list[Any]) -> tuple[dict[str, torch.Tensor], torch.device]:
     """The file's tensors, on the one device all ``targets`` are on (else the CPU), and that device."""
     devices = {t.device for t in targets}
+    if len(devices) > 1 and torch.cuda.is_available():  # "cuda" (from options.device) is the model's "cuda:N"
+        devices = {torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+                   for d in devices}
     if devices and all(d.type == "meta" for d in devices):
         meta = torch.device("meta")
         return {k: torch.empty(info.shape, device=meta) for k, info in adapter.tensors.items()}, meta
@@ -121,9 +124,12 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
         raise first
     targets = list(expected.values()) + [holder._parameters[attr] for holder, attr in plan.replace.values()]
     tensors, read_to = _read(adapter, targets)
+    stored = {}
     with torch.no_grad():
         for key, (param, pending_in, attr) in slots.items():
             value = tensors[key]
+            if value.dtype in (torch.float16, torch.bfloat16) and param.dtype == torch.float32:  # SPEC.md 7.5
+                stored[key] = value.dtype
             if pending_in is not None:  # created from the loaded tensor itself
                 pending_in.fill(attr, value, device=read_to)
                 continue
@@ -131,6 +137,8 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
                 value = value.to(device=param.device, dtype=param.dtype)
             param.data = value
         apply_overrides(model, state, adapter_name, plan, tensors, options)
+    if stored:
+        state.stored_dtypes[adapter_name] = stored
     return list(expected) + list(plan.replace) + list(plan.keep)
 
 
@@ -151,6 +159,12 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     """
     state = require_state(model, adapter_name)
     tensors = {key: t.detach() if t.requires_grad else t for key, t in expected_params(model, adapter_name).items()}
+    for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
+        if key not in tensors:
+            continue
+        as_stored = tensors[key].to(dtype)  # back in the file's dtype, when that loses nothing (SPEC.md 7.5)
+        if torch.equal(as_stored.to(tensors[key].dtype), tensors[key]):
+            tensors[key] = as_stored
     tensors.update(auxiliary_tensors(state, adapter_name))
     for key, tensor in tensors.items():
         if not tensor.is_contiguous():

@@ -55,6 +55,10 @@ class ModelState:
     :param extras: name -> {canonical key: function giving the tensor} for tensors saved with it but never
         applied (VeLoRA's ``lora_velora_embed``, PEFT's bookkeeping copies of modules to save).
     :param prompt_hook: the forward pre-hook of prefix/prompt tuning, while one such adapter is loaded.
+    :param freezers: adapters injected trainable with ``freeze_base`` (the base stays frozen while one is loaded).
+    :param frozen: (parameter, its ``requires_grad`` before) of every base parameter frozen for them.
+    :param stored_dtypes: name -> {canonical key: the dtype its file stored} for tensors loaded into another
+        dtype (float32 on a half-precision base, SPEC.md 7.5), so that saving can write them back as stored.
     """
 
     names: list[str] = field(default_factory=list)
@@ -67,6 +71,9 @@ class ModelState:
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
+    freezers: list[str] = field(default_factory=list)
+    frozen: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
+    stored_dtypes: dict[str, dict[str, torch.dtype]] = field(default_factory=dict)
 
     @property
     def active(self) -> list[str]:
@@ -109,6 +116,9 @@ def drop_state_if_empty(model: torch.nn.Module) -> None:
     state = get_state(model)
     if state is not None and not state.names:
         del model.__dict__[STATE_ATTR]
+        from .guard import unguard_save_pretrained
+
+        unguard_save_pretrained(model)
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:
@@ -163,7 +173,8 @@ def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> l
 def delete(model: torch.nn.Module, adapter_name: str) -> None:
     """Remove an adapter; a module left without adapters gets its original object back.
 
-    A merged adapter's delta stays in the base weights (``unload(merge=True)``). If the adapter
+    A merged adapter's delta stays in the base weights, and the copy of a module it saved whole that was
+    running when it was merged stays as that module (``unload(merge=True)``, PEFT's ``merge_and_unload``). If the adapter
     was the only active one, the first remaining adapter becomes active (as in PEFT).
 
     :raises AdapterNotFoundError: no adapter of that name.
@@ -178,6 +189,7 @@ def delete(model: torch.nn.Module, adapter_name: str) -> None:
     state.names.remove(adapter_name)
     state.configs.pop(adapter_name)
     state.modules.pop(adapter_name, None)
+    state.stored_dtypes.pop(adapter_name, None)
     if adapter_name in state.merged:
         state.merged.remove(adapter_name)
     remaining = tuple(n for n in state.switch.names if n != adapter_name)
@@ -207,7 +219,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
         if name in state.merged:
             continue
         for _, layer in _wrappers(model, state, name):
-            if isinstance(layer, AdapterLayer):
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
                 layer.merge([name])
         state.merged.append(name)
 
@@ -223,7 +235,7 @@ def unmerge(model: torch.nn.Module) -> None:
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):
-            if isinstance(layer, AdapterLayer) and model_name not in seen:
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)) and model_name not in seen:
                 seen.add(model_name)
                 layer.unmerge()
     state.merged.clear()

@@ -11,12 +11,13 @@ memory-mapped and scanned in bounded chunks (validating a large adapter does not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -32,13 +33,15 @@ _EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
 _CHUNK = 1 << 22  # elements scanned at a time
 
 
-def nonfinite_keys(path: str | Path) -> list[str]:
+def nonfinite_keys(path: str | Path, file: BinaryIO | None = None) -> list[str]:
     """The keys of the floating-point tensors of a safetensors file that hold NaN or an infinity.
 
     Call it on a file :func:`adapterspec._safetensors.read_header` has accepted (offsets in bounds).
+
+    :param file: the file already open (left open), instead of ``path``.
     """
     bad: list[str] = []
-    with open(path, "rb") as fh:
+    with contextlib.nullcontext(file) if file is not None else open(path, "rb") as fh:
         if fh.seek(0, 2) == 0:
             return bad
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:

@@ -55,11 +55,12 @@ def _axes(module: str, p: Params, wanted: Mapping[str, tuple[int, ...]], hint: s
 def _ranks(config: AdapterConfig, module: str, p: Params, axes: Mapping[str, tuple[int, ...]]) -> Errors:
     """Check 10: a rank error for each tensor whose rank axes (``axes[name]``) are not ``r_m`` (SPEC 4.4)."""
     r = config.rank_for(module)
-    source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None else "r"
     errors: Errors = []
     for name, positions in axes.items():
         bad = next((p[name].shape[i] for i in positions if name in p and p[name].shape[i] != r), None)
-        if bad is not None:
+        if bad is not None:  # which field set r is asked only here: the rank_pattern may have thousands of keys
+            source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None \
+                else "r"
             errors.append(ShapeMismatchError(f"rank {bad} disagrees with the config's {source}={r} for module {module!r}",
                                              key=make_key(module, name),
                                              hint=f"set {source} to {bad} for this module, or save the adapter again"))
@@ -163,7 +164,9 @@ def _ia3(config: AdapterConfig, module: str, p: Params) -> Errors:
     shape, feedforward = tuple(info.shape), config.is_feedforward(module)
     position = 1 if feedforward or len(shape) > 2 else 0  # convolutions: [1, channels, 1...] either way
     non_unit = [i for i, d in enumerate(shape) if d != 1]
-    if 2 <= len(shape) <= 5 and non_unit in ([], [position]):
+    # feedforward_modules null: PEFT's default for the model's architecture, known only at load (SPEC 14.2)
+    unknown = config.get("feedforward_modules") is None and len(shape) == 2
+    if 2 <= len(shape) <= 5 and (non_unit in ([], [position]) or (unknown and len(non_unit) == 1)):
         return []
     if len(shape) != 2:
         want = "[1, channels, 1...] (a convolution) or 2-D"

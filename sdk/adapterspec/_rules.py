@@ -15,7 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["rule_problems", "transformer_submodules", "unsupported_features"]
+from .errors import shorten
+
+__all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems", "transformer_submodules",
+           "unsupported_features"]
+
+#: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
+#: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
+PORTABLE_METHODS = frozenset({"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"})
 
 
 def transformer_submodules(config: Mapping[str, Any]) -> int:
@@ -38,10 +45,11 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     problems: list[tuple[str, str, str]] = []
     targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
     if config.get("peft_type") == "IA3" and isinstance(targets, list) and isinstance(feedforward, list):
+        listed = set(targets)  # a set: both lists may hold thousands of entries
         problems.extend(
-            (f"/feedforward_modules/{i}", f"{entry!r} is not an entry of target_modules (feedforward modules must "
-             "be targeted, PEFT's subset rule)", f"add {entry!r} to target_modules, or remove it here")
-            for i, entry in enumerate(feedforward) if entry not in targets)
+            (f"/feedforward_modules/{i}", f"{shorten(entry)} is not an entry of target_modules (feedforward modules must "
+             "be targeted, PEFT's subset rule)", f"add {shorten(entry)} to target_modules, or remove it here")
+            for i, entry in enumerate(feedforward) if entry not in listed)
     dim, heads = config.get("token_dim"), config.get("num_attention_heads")
     if config.get("peft_type") == "PREFIX_TUNING" and isinstance(dim, int) and isinstance(heads, int) and heads > 0 \
             and dim % heads:
@@ -65,6 +73,41 @@ _UNSUPPORTED_LORA: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def duplicate_entries(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(JSON pointer, note)`` for each module selector listing an entry twice: valid (PEFT makes a set of
+    it, so the duplicate changes nothing), but worth a warning.
+
+    >>> duplicate_entries({"target_modules": ["q", "v", "q"]})
+    [('/target_modules/2', "'q' is listed twice (PEFT uses a set; the duplicate changes nothing)")]
+    """
+    found = []
+    for field in ("target_modules", "exclude_modules", "feedforward_modules"):
+        entries = config.get(field)
+        if isinstance(entries, list):
+            seen: set[Any] = set()
+            for i, entry in enumerate(entries):
+                if isinstance(entry, str) and entry in seen:
+                    found.append((f"/{field}/{i}", f"{entry!r} is listed twice (PEFT uses a set; the duplicate "
+                                                   "changes nothing)"))
+                seen.add(entry)
+    return found
+
+
+def not_portable(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``[("/peft_type", reason)]`` when the config's method is recognised but its math is not in the spec.
+
+    >>> not_portable({"peft_type": "VERA"})[0][1]
+    'VERA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
+    >>> not_portable({"peft_type": "LORA"})
+    []
+    """
+    method = config.get("peft_type")
+    if not isinstance(method, str) or method in PORTABLE_METHODS:
+        return []
+    return [("/peft_type", f"{method} is recognised but not portable: the spec does not define its tensors or "
+                           "math yet (PEFT loads it)")]
+
+
 def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(JSON pointer, reason)`` for each field set to a value adapterspec v1 readers do not implement.
 
@@ -72,9 +115,9 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     than ignore the field; :func:`adapterspec.read_adapter` does, and :func:`adapterspec.validate_adapter`
     reports it as an error too -- a v1 validator answers "can a v1 reader load this", and none can. The
     config itself stays schema-valid (:func:`~adapterspec.config.validate_config` accepts it and
-    writers round-trip it).
+    writers round-trip it). A method that is recognised but not portable (:func:`not_portable`) comes first.
     """
-    found = []
+    found = not_portable(config)
     if config.get("peft_type") == "LORA":
         for field, (unsupported, what) in _UNSUPPORTED_LORA.items():
             if unsupported(config.get(field)):

@@ -11,20 +11,25 @@ into its framework and onto its device.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from . import _safetensors
+from . import _safetensors, _snapshot, _staging
 from ._safetensors import dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
-from .config import AdapterConfig, unsupported_features
+from ._rules import not_portable
+from .config import AdapterConfig, read_json_file, unsupported_features
 from .errors import (
     AdapterSpecError,
     AdapterSpecWarning,
@@ -88,6 +93,7 @@ class Adapter:
     _unchecked: bool = field(default=False, init=False, repr=False)  # read_adapter(check_tensors=False)
     _prefetched: Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None = field(default=None, init=False,
                                                                                   repr=False)  # prefetch()
+    _identity: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False)  # of weights_file
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -116,7 +122,7 @@ class Adapter:
         """The size of all tensor data in bytes."""
         return sum(math.prod(i.shape) * _safetensors.DTYPE_BYTES.get(i.dtype, 0) for i in self.tensors.values())
 
-    def prefetch(self) -> None:
+    def prefetch(self, allocate: Callable[[int], Any] | None = None) -> None:
         """Start reading the tensor data on a thread, for the next :meth:`load_tensors` (NumPy, or torch).
 
         The read releases the GIL, so the file is read while the caller goes on:
@@ -124,11 +130,15 @@ class Adapter:
         of the 20 MB benchmark adapter on two cores; from a disk, the whole wait for it may go).
         Errors surface in :meth:`load_tensors`. Does nothing for in-memory adapters, or when a read has
         been started already.
+
+        :param allocate: gives the buffer to read into, from the file's size: a writable NumPy ``uint8``
+            array (pinned memory, for a copy to a GPU), or ``None`` for an ordinary one.
         """
         if self.weights_file is None or self._prefetched is not None:
             return
         try:
-            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header())
+            self._prefetched = _safetensors.read_buffer_in_background(self.weights_file, self._file_header(),
+                                                                      self._weights(), allocate=allocate)
         except AdapterSpecError:  # the file changed: load_tensors reads it again and says so
             pass
 
@@ -136,12 +146,28 @@ class Adapter:
         """The header :func:`read_adapter` checked; read now for an :class:`Adapter` made by hand."""
         assert self.weights_file is not None
         if self._header is None:
-            header = _safetensors.read_header(self.weights_file)
+            with self._weights() as fh:
+                header = _safetensors.read_header(self.weights_file, fh)
+                self._identity = _snapshot.file_id(os.fstat(fh.fileno()))
             if header.tensors != self.tensors:
                 raise FileFormatError("the file's tensors are not those of this Adapter", path=self.weights_file,
                                       hint="read the adapter with read_adapter()")
             self._header = header
         return self._header
+
+    def _weights(self) -> BinaryIO:
+        """``weights_file``, open for reading: the very file that was read, not one saved over it since."""
+        assert self.weights_file is not None
+        try:
+            fh = open(self.weights_file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        except OSError as exc:
+            raise FileFormatError(f"cannot open the weights: {exc.strerror}", path=self.weights_file,
+                                  hint="the adapter was moved or deleted since it was read; read it again") from None
+        if self._identity is not None and _snapshot.file_id(os.fstat(fh.fileno())) != self._identity:
+            fh.close()
+            raise FileFormatError("the file was replaced or changed since the adapter was read (saved over?)",
+                                  path=self.weights_file, hint="read the adapter again")
+        return fh
 
     @property
     def tensors_checked(self) -> bool:
@@ -168,30 +194,34 @@ class Adapter:
         """Read every tensor, as ``framework`` tensors on ``device`` (safetensors' framework names:
         ``"numpy"``, ``"pt"``, ``"tf"``, ``"flax"``...), straight from the file.
 
-        NumPy and torch CPU tensors are views of one read of the whole file (which :meth:`prefetch` may
-        have started; torch tensors for another device are then copied there from it); other frameworks
-        and devices get theirs from safetensors, straight onto the device. Either way the file must
-        still be the one checked (the same header).
+        NumPy and torch tensors are views of one read of the whole file (which :meth:`prefetch` may
+        have started); torch tensors for another device are views of one copy of all their bytes there
+        (read into pinned memory for a GPU, unless prefetched). Other frameworks get theirs from
+        safetensors, straight onto the device. Either way the file must still be the one checked (the
+        same header).
 
         :raises FileFormatError: the file changed or broke since it was read.
+        :raises UnsupportedError: ``framework`` is not installed (naming the ``pip install`` line), or torch
+            cannot use ``device``.
         """
+        _require_framework(framework)
         if self.arrays is not None:
             return _convert(self.arrays, framework, device)
         assert self.weights_file is not None
         from safetensors import SafetensorError, safe_open
 
-        on_cpu = str(device) == "cpu"
+        elsewhere = framework == "pt" and str(device) != "cpu"
         prefetched, self._prefetched = self._prefetched, None
-        if framework in ("numpy", "np") or (framework == "pt" and (on_cpu or prefetched is not None)):
-            buffer, spans = prefetched() if prefetched is not None else \
-                _safetensors.read_buffer(self.weights_file, self._file_header())  # one read, views of it
+        if framework in ("numpy", "np", "pt"):
+            buffer, spans = prefetched() if prefetched is not None else _safetensors.read_buffer(  # one read
+                self.weights_file, self._file_header(), self._weights(),
+                allocate=_safetensors.pinned_allocator(device) if elsewhere else None)
             del prefetched  # the buffer's only holders are to be its views (Keras checks)
-            tensors = _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
-                                         path=self.weights_file)
-            return tensors if on_cpu or framework != "pt" else {k: v.to(device) for k, v in tensors.items()}
+            return _safetensors.views(buffer, spans, self.tensors, "pt" if framework == "pt" else "numpy",
+                                      path=self.weights_file, device=device if elsewhere else None)
         try:
-            with safe_open(str(self.weights_file), framework=framework, device=device) as f:
-                _safetensors.check_unchanged(self.weights_file, self._file_header())
+            with safe_open(str(self.weights_file), framework=framework, device=device) as f, self._weights() as fh:
+                _safetensors.check_unchanged(self.weights_file, self._file_header(), fh)
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, TypeError, KeyError, ValueError) as exc:
             raise FileFormatError(f"cannot read tensors: {exc}", path=self.weights_file,
@@ -203,13 +233,20 @@ class Adapter:
         :returns: ``True`` if verified, ``False`` if the file records no checksum (PEFT writes none).
         :raises IntegrityError: the data does not match: the file was corrupted or tampered with.
         """
+        if self.weights_file is None or self.metadata.get(METADATA_SHA256) is None:
+            return False
+        with self._weights() as fh:
+            return self._check_checksum(fh)
+
+    def _check_checksum(self, file: BinaryIO) -> bool:
+        """:meth:`verify_checksum` of the open weights file."""
         recorded = self.metadata.get(METADATA_SHA256)
         if recorded is None or self.weights_file is None:
             return False
         if not re.fullmatch(r"[0-9a-f]{64}", recorded):
             raise FileFormatError(f"metadata {METADATA_SHA256} must be 64 lowercase hex digits, got {recorded[:80]!r}",
                                   path=self.weights_file, hint="write the file again with adapterspec (SPEC.md 9)")
-        actual = _safetensors.sha256_of_file(self.weights_file)
+        actual = _safetensors.sha256_of_file(self.weights_file, file)
         if actual != recorded:
             raise IntegrityError(
                 f"tensor data sha256 {actual[:16]}... does not match {METADATA_SHA256} {recorded[:16]}... "
@@ -237,6 +274,18 @@ def _tensor_infos(tensors: Any) -> dict[str, TensorInfo]:
                               hint="pass NumPy arrays or torch/TensorFlow/JAX tensors") from None
         infos[key] = TensorInfo(tuple(shape), dtype_name(value))
     return infos
+
+
+#: safetensors framework name -> (the module it needs, the command that installs it).
+_FRAMEWORK_MODULES = {"pt": ("torch", 'pip install "adapterspec[torch]"'),
+                      "tf": ("tensorflow", "pip install tensorflow"),
+                      "flax": ("jax", "pip install jax"), "jax": ("jax", "pip install jax")}
+
+
+def _require_framework(framework: str) -> None:
+    module, install = _FRAMEWORK_MODULES.get(framework, (None, ""))
+    if module is not None and module not in sys.modules and importlib.util.find_spec(module) is None:
+        raise UnsupportedError(f"{framework!r} tensors need {module}, which is not installed", hint=install)
 
 
 def _convert(arrays: Mapping[str, Any], framework: str, device: str) -> dict[str, Any]:
@@ -294,16 +343,16 @@ def _hub_blobs(root: Path) -> list[Path]:
     return []
 
 
-def _load_pickle(path: Path) -> dict[str, Any]:
+def _load_pickle(path: Path, file: BinaryIO) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
         raise UnsupportedError("reading adapter_model.bin needs torch", path=path,
-                               hint="pip install torch, or convert the adapter to safetensors") from None
+                               hint='pip install "adapterspec[torch]", or convert the adapter to safetensors') from None
     import pickle
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"refused by torch.load(weights_only=True): {(str(exc).splitlines() or [''])[0][:300]}",
                               path=path, hint="the pickle holds more than tensors; never load it unrestricted") from None
@@ -330,8 +379,10 @@ def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
                for key, info in tensors.items())
 
 
-def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool = False,
-          check_tensors: bool = True) -> tuple[Adapter, list[AdapterSpecError]]:
+def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool | Callable[[int], Any] = False,
+          check_tensors: bool = True, verify: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
+    """Read the folder's config and weights as one snapshot (both from one save, whatever another process
+    saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file."""
     folder = Path(source)
     try:
         if folder.is_file() and folder.name == CONFIG_NAME:
@@ -342,39 +393,19 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     if not is_dir:
         raise FileFormatError("no such adapter folder", path=folder,
                               hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
-    config_file = folder / CONFIG_NAME
-    if not config_file.exists():
-        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
-                              hint="pass the adapter's own folder (use subfolder= for one of several)")
-    config = AdapterConfig.from_file(_inside(folder, config_file), strict=strict)
-    weights = folder / SAFETENSORS_NAME
-    if weights.exists():
-        resolved = _inside(folder, weights)
-        header = _safetensors.read_header(resolved)
-        _check_metadata_version(config, header.metadata, weights)
-        adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
-        adapter._header = header
-        if prefetch:
-            adapter.prefetch()  # a thread reads the data while the tensors are checked
-    elif (folder / PICKLE_NAME).exists():
-        pickle_file = _inside(folder, folder / PICKLE_NAME)
-        if not allow_pickle:
-            raise UnsafeFileError(
-                f"only {PICKLE_NAME} (a pickle) is present; unpickling can run code", path=pickle_file,
-                hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
-                     "torch.load(weights_only=True)")
-        arrays = _load_pickle(pickle_file)
-        infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
-        adapter = Adapter(config, infos, {}, folder, None, arrays)
-    else:
-        raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
-                              hint="save the adapter's weights next to its config")
+    read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
+                             verify=verify)
+    adapter = _snapshot.read_consistently(folder, read, watch=(CONFIG_NAME, SAFETENSORS_NAME),
+                                          in_progress=_staging.save_in_progress)
     errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
-        UnsupportedError(reason, pointer=pointer, path=config_file,
-                         hint="use PEFT itself for this adapter, or save it without the feature")
-        for pointer, reason in unsupported_features(config)]
-    if check_tensors or not _plain(config, adapter.tensors):
-        errors += tensor_errors(config, adapter.tensors)
+        UnsupportedError(reason, pointer=pointer, path=folder / CONFIG_NAME,
+                         hint="load it with PEFT itself (PeftModel.from_pretrained)" if pointer == "/peft_type" else
+                         "use PEFT itself for this adapter, or save it without the feature")
+        for pointer, reason in unsupported_features(adapter.config)]
+    if not_portable(adapter.config):
+        pass  # the spec names no tensor of the method: there is nothing to check them against
+    elif check_tensors or not _plain(adapter.config, adapter.tensors):
+        errors += tensor_errors(adapter.config, adapter.tensors)
     else:
         adapter._unchecked = True
     source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
@@ -383,17 +414,59 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     return adapter, errors
 
 
+def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool,
+                prefetch: bool | Callable[[int], Any],
+                verify: bool) -> Adapter:
+    """The adapter in ``folder``, its files opened through ``snapshot``."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.exists():
+        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
+                              hint="pass the adapter's own folder (use subfolder= for one of several)")
+    resolved = _inside(folder, config_file)
+    data = read_json_file(resolved, file=snapshot.open(CONFIG_NAME, resolved))
+    config = AdapterConfig.from_dict(data, strict=strict, path=resolved, _owned=True)
+    weights = folder / SAFETENSORS_NAME
+    if weights.exists():
+        resolved = _inside(folder, weights)
+        fh = snapshot.open(SAFETENSORS_NAME, resolved)
+        header = _safetensors.read_header(resolved, fh)
+        _check_metadata_version(config, header.metadata, weights)
+        adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
+        adapter._header = header
+        adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
+        if verify:
+            adapter._check_checksum(fh)
+        if prefetch:  # a thread reads the data while the tensors are checked
+            adapter._prefetched = _safetensors.read_buffer_in_background(
+                resolved, header, snapshot.share(fh), allocate=prefetch if callable(prefetch) else None)
+    elif (folder / PICKLE_NAME).exists():
+        pickle_file = _inside(folder, folder / PICKLE_NAME)
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"only {PICKLE_NAME} (a pickle) is present; unpickling can run code", path=pickle_file,
+                hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
+                     "torch.load(weights_only=True)")
+        arrays = _load_pickle(pickle_file, snapshot.open(PICKLE_NAME, pickle_file))
+        infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
+        adapter = Adapter(config, infos, {}, folder, None, arrays)
+    else:
+        raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
+                              hint="save the adapter's weights next to its config")
+    return adapter
+
+
 def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:
-    """SPEC.md 2.3: refuse a metadata version no reader of this major may read; warn when it differs from the config's."""
+    """SPEC.md 2.3: refuse a metadata version no reader of this major may read (and warn about a newer minor
+    when the config records none, as spec 1.1 writers do); warn when it differs from the config's."""
     recorded = metadata.get(METADATA_VERSION)
     if recorded is None:
         return
     if check_version(recorded, pointer=f"metadata/{METADATA_VERSION}", path=str(weights)) != \
-            check_version(config.get("adapterspec_version")):
+            check_version(config.get("adapterspec_version")) and config.get("adapterspec_version") is not None:
         warnings.warn(
             f"{weights}: the safetensors metadata records adapterspec_version {recorded!r} but the config "
             f"{config.get('adapterspec_version') or 'none (read as 1.0)'!r}; the config's version governs",
-            AdapterSpecWarning, stacklevel=4)
+            AdapterSpecWarning, stacklevel=6)  # read_adapter's caller (via _read_files, read_consistently, _open)
 
 
 def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
@@ -401,7 +474,8 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
     where = adapter.weights_file or adapter.path
     try:
         if adapter.weights_file is not None:
-            keys = nonfinite_keys(adapter.weights_file)
+            with adapter._weights() as fh:
+                keys = nonfinite_keys(adapter.weights_file, fh)
         else:
             keys = nonfinite_arrays(_convert(adapter.arrays or {}, "numpy", "cpu"))
     except (OSError, ValueError) as exc:
@@ -413,7 +487,7 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
-                 verify: bool = False, prefetch: bool = False, check_tensors: bool = True) -> Adapter:
+                 verify: bool = False, prefetch: bool | Callable[[int], Any] = False, check_tensors: bool = True) -> Adapter:
     """Read and check an adapter folder (config and tensor headers; no tensor data).
 
     :param source: the adapter's folder (or its ``adapter_config.json``).
@@ -422,7 +496,8 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
     :param strict: refuse config fields the schema does not know.
     :param verify: also check the tensor data against the recorded sha256 (reads all data).
     :param prefetch: start reading the tensor data on a thread as soon as the header is checked
-        (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come.
+        (:meth:`Adapter.prefetch`), for a :meth:`~Adapter.load_tensors` to come; a function instead of
+        ``True`` gives the buffer to read into, as :meth:`Adapter.prefetch`'s ``allocate``.
     :param check_tensors: ``False`` leaves the checks of the tensors against the config (SPEC.md 10,
         checks 8-16) to the caller, if every tensor is a method tensor of an allowed dtype and the config
         accounts for no auxiliary tensor (otherwise they run). :func:`~adapterspec.load_adapter` does
@@ -435,11 +510,9 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
     16
     """
     adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
-                            check_tensors=check_tensors)
+                            check_tensors=check_tensors, verify=verify)
     if errors:
         raise errors[0]
-    if verify:
-        adapter.verify_checksum()
     return adapter
 
 
@@ -449,6 +522,8 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
     Runs checks 1-16 of SPEC.md section 10 (check 17, the manifest, is :func:`~adapterspec.list_adapters`):
     unlike :func:`read_adapter` it also reads all tensor data, to verify the checksum (7) and that every
     floating-point value is finite (14). Features no v1 reader implements (check 5) are errors here too.
+    A method that is recognised but not portable (SPEC.md 14) is valid with an
+    :class:`~adapterspec.errors.AdapterSpecWarning` saying so; ``strict=True`` makes it an error.
 
     >>> validate_adapter("my-lora")                                   # doctest: +SKIP
     []
@@ -457,6 +532,11 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
         adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
     except AdapterSpecError as exc:
         return [exc]
+    if not strict:
+        notes = {pointer for pointer, _ in not_portable(adapter.config)}
+        for e in [e for e in errors if isinstance(e, UnsupportedError) and e.pointer in notes]:
+            errors.remove(e)
+            warnings.warn(f"{e.path}: not portable: {e.message} ({e.hint})", AdapterSpecWarning, stacklevel=2)
     try:
         adapter.verify_checksum()
     except FileFormatError as exc:  # IntegrityError, or a malformed checksum

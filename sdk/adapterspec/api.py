@@ -6,20 +6,38 @@
 >>> with adapterspec.disabled_adapters(model):                       # doctest: +SKIP
 ...     base_logits = model(inputs)
 >>> adapterspec.save_adapter(model, "out/my-adapter")                 # doctest: +SKIP
+
+Threads: every function here that reads or changes a model's adapters holds that model's re-entrant lock
+(:func:`model_lock`), so calls on one model from several threads run one after another and each sees
+the state the previous one left. A forward pass is not serialised with them: hold ``model_lock(model)``
+around it when another thread may change the model's adapters meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-from collections.abc import Iterator, Mapping
+import difflib
+import functools
+import importlib.util
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, AdapterSpecError, BackendError, UnsafeFileError
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterSpecError,
+    BackendError,
+    FileFormatError,
+    UnsafeFileError,
+    UnsupportedError,
+)
 from .folder import list_adapters, write_adapter, write_adapters
+from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
 from .plugins import get_plugin_manager, plugin_names
@@ -34,6 +52,7 @@ __all__ = [
     "inject_adapter",
     "load_adapter",
     "merge_adapters",
+    "model_lock",
     "read_adapters",
     "resolve_source",
     "save_adapter",
@@ -44,8 +63,69 @@ __all__ = [
 ]
 
 
+#: model -> the adapters inject_adapter made in it (saving records the base's name and task in their configs;
+#: a loaded adapter's config is saved back as it was, as PEFT does).
+_INJECTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _forget_injected(model: Any, adapter_name: str) -> None:
+    with contextlib.suppress(TypeError):
+        _INJECTED.get(model, set()).discard(adapter_name)
+
+
 def _hook() -> Any:  # pluggy's HookRelay: its hooks' results are Any
     return get_plugin_manager().hook
+
+
+#: id(model) -> (a weak reference to it, its lock); an entry goes with its model. Keyed by identity, not by
+#: a weak-keyed dict, so that a model class defining ``__eq__`` still gets a lock of its own.
+_LOCKS: dict[int, tuple[weakref.ref[Any], threading.RLock]] = {}
+_LOCKS_GUARD = threading.Lock()
+_SHARED_LOCK = threading.RLock()  # for the odd model object that cannot be weakly referenced
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The re-entrant lock that serialises adapterspec's calls on ``model`` (one per model object).
+
+    Every function of this module that changes or reads a model's adapters holds it, so calls from
+    several threads on one model run one after another. Hold it yourself around a forward pass that
+    must not see another thread switch, merge, load or delete adapters halfway through.
+
+    >>> with model_lock(model):                                          # doctest: +SKIP
+    ...     logits = model(inputs)
+    """
+    key = id(model)
+    entry = _LOCKS.get(key)
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    with _LOCKS_GUARD:
+        entry = _LOCKS.get(key)
+        if entry is not None and entry[0]() is model:
+            return entry[1]
+        try:
+            ref = weakref.ref(model, functools.partial(_forget_lock, key))
+        except TypeError:
+            return _SHARED_LOCK
+        lock = threading.RLock()
+        _LOCKS[key] = (ref, lock)
+        return lock
+
+
+def _forget_lock(key: int, ref: weakref.ref[Any]) -> None:
+    _LOCKS.pop(key, None)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serialised(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn(model, ...)`` run while holding :func:`model_lock` of ``model`` (passed first, or as ``model=``)."""
+    @functools.wraps(fn)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with model_lock(args[0] if args else kwargs["model"]):
+            return fn(*args, **kwargs)
+    return locked
 
 
 def backend_name(model: Any) -> str:
@@ -55,11 +135,19 @@ def backend_name(model: Any) -> str:
     """
     name: str | None = _hook().adapterspec_backend_name(model=model)
     if name is None:
+        found = [f for f in _FRAMEWORKS if importlib.util.find_spec(f) is not None]
+        missing = [f for f in _FRAMEWORKS if f not in found]
         raise BackendError(
             f"no adapterspec backend handles {type(model).__module__}.{type(model).__qualname__} objects "
-            f"(installed: {', '.join(plugin_names()) or 'none'})",
-            hint="pass a torch.nn.Module or a Keras model, or install a backend plugin for your framework")
+            f"(backends: {', '.join(plugin_names()) or 'none'}; frameworks installed: {', '.join(found) or 'none'})",
+            hint="pass a torch.nn.Module or a Keras model" + (
+                "; to install a framework: " + " or ".join(_FRAMEWORKS[f] for f in missing) if missing else
+                ", or install the backend plugin of your framework"))
     return name
+
+
+#: Frameworks with a built-in backend -> the command that installs one with it.
+_FRAMEWORKS = {"torch": 'pip install "adapterspec[torch]"', "keras": 'pip install "adapterspec[keras]"'}
 
 
 def _call(hook: str, model: Any, **kwargs: Any) -> Any:
@@ -79,8 +167,10 @@ def resolve_source(source: Adapter | str | Path, *, subfolder: str | None = None
     if isinstance(source, Adapter):
         return source
     text = str(source)
-    local = Path(text)
-    if not text.startswith("hf://") and (local.exists() or local.is_absolute() or text.startswith(".")):
+    local = Path(text).expanduser() if text.startswith("~") else Path(text)
+    if not text.startswith("hf://") and (isinstance(source, Path) or _looks_local(text, local)):
+        if not _exists(local):
+            raise FileFormatError("no such adapter folder", path=local, hint=_no_folder_hint(local))
         folder = local / subfolder if subfolder else local
         if subfolder:
             check_adapter_name(Path(subfolder).name)
@@ -97,11 +187,41 @@ def resolve_source(source: Adapter | str | Path, *, subfolder: str | None = None
     return download_adapter(text, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
 
 
+def _looks_local(text: str, path: Path) -> bool:
+    """Whether ``text`` names a local path rather than a Hub repo id (``org/name``): it exists, is absolute,
+    starts with ``.`` or ``~``, has a separator a repo id has not (``\\``, or two ``/``), or its parent folder exists
+    (``out/my-lroa`` with ``out/`` present is a typo'd folder, not a repo)."""
+    try:
+        return (_exists(path) or path.is_absolute() or text.startswith((".", "~")) or "\\" in text
+                or text.count("/") != 1 or path.parent.is_dir())
+    except (OSError, ValueError):  # a name too long, a NUL byte: no repo id either
+        return True
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _no_folder_hint(path: Path) -> str:
+    """Did-you-mean from the parent folder's entries, and how to name a Hub repo instead."""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names, n=1)
+    repo = "; a Hub repo is named hf://org/name" if len(path.parts) == 2 else ""
+    return (f"did you mean {str(path.parent / close[0])!r}?" if close else "check the path") + repo
+
+
 def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "default", *,
                  device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
                  activate: bool = True, trainable: bool = False, allow_pickle: bool = False,
                  verify: bool = False, subfolder: str | None = None, revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | Path | None = None) -> list[str]:
+                 token: str | bool | None = None, cache_dir: str | Path | None = None,
+                 freeze_base: bool = True, strict: bool = False) -> list[str]:
     """Load an adapter into ``model`` under ``adapter_name`` -- all of it, or nothing.
 
     The adapter is read and checked first; then the backend injects its layers and loads the tensors
@@ -112,14 +232,22 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     :param source: an adapter folder, a Hub repo id (``"org/name"``, ``"hf://org/name"``) or an :class:`Adapter`.
     :param adapter_name: the name it gets in the model.
     :param device: where its tensors go; default: the device of each wrapped layer.
-    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer.
+    :param dtype: cast its tensors to this dtype; default: the dtype of each wrapped layer, but float32 on a
+        float16/bfloat16 layer (SPEC.md 7.5, PEFT's ``autocast_adapter_dtype``).
     :param module_map: spec module path -> framework layer name (dict or callable), for models whose
         layer names differ from the spec's.
     :param activate: make it the (only) active adapter; otherwise the active set is unchanged.
-    :param trainable: make its variables trainable (to fine-tune further).
+    :param trainable: make its variables trainable (to fine-tune further); every base parameter is then
+        made untrainable unless ``freeze_base=False`` (see :func:`inject_adapter`).
     :param allow_pickle: read a legacy ``adapter_model.bin`` (``torch.load(weights_only=True)``).
-    :param verify: check the tensor data against the recorded sha256 first.
+    :param verify: check the tensor data against the sha256 adapterspec records (PEFT's files have none)
+        first. Without it, the config, header, keys, shapes and dtypes are checked but not the values: a
+        changed byte inside the data loads as it is. Costs a second pass over the data (2.8-3.1x the load
+        of the 20 MB benchmark adapter, ``benchmarks/bench_verify.py``); worth it for downloaded files.
     :param subfolder, revision, token, cache_dir: where in the folder or Hub repo the adapter is.
+    :param strict: refuse (:class:`~adapterspec.errors.BaseModelMismatchError`) a model that is not the base
+        the adapter recorded it was trained on (SPEC.md 9.1); without it, a
+        :class:`~adapterspec.errors.BaseModelMismatchWarning` is issued.
     :returns: the module paths that received the adapter.
 
     >>> load_adapter(model, "./my-lora", device="cuda:0")               # doctest: +SKIP
@@ -127,17 +255,21 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
     check_adapter_name(adapter_name)
     backend_name(model)
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
-    with _gc_paused():
+    with model_lock(model):
         return _load(model, where, adapter_name, allow_pickle=allow_pickle, verify=verify, activate=activate,
-                     options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
-                                         initialize=False))
+                     strict=strict, options=LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                                         initialize=False, freeze_base=freeze_base))
 
 
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
-          activate: bool, options: LoadOptions) -> list[str]:
+          activate: bool, options: LoadOptions, strict: bool = False) -> list[str]:
+    def allocate(nbytes: int) -> Any:  # the memory the file is read into, the backend's choice: pinned for a GPU
+        return _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options)
+
+    # a thread reads the file while the checks run and the backend injects the layers
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
-                                                                    check_tensors=False)
-    adapter.prefetch()  # a thread reads the file while the backend injects the layers
+                                                                    check_tensors=False, prefetch=allocate)
+    adapter.prefetch(allocate)  # an Adapter passed in: its file is read now, while the backend injects the layers
     try:
         with _spec_errors_first(adapter):
             if adapter_name in adapter_names(model):
@@ -147,6 +279,7 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
             modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
                             options=options)
             try:
+                _check_base(model, adapter, adapter_name, strict=strict)
                 _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
                 if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
                     adapter.check_tensors()
@@ -161,33 +294,50 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     return list(modules)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the block (if it runs at all).
-
-    Loading or deleting an adapter makes or drops thousands of objects (a layer and its dicts per
-    module), which set off collections that each walk through the objects of the whole process -- a
-    few hundred thousand once torch and a model are imported. One collection afterwards, if any is due,
-    replaces them: 1.5-2 ms less per load and delete of the 112-module benchmark adapter (median).
-    """
-    if not gc.isenabled():
-        yield
+def _check_base(model: Any, adapter: Adapter, adapter_name: str, *, strict: bool) -> None:
+    """Compare the base fingerprint the adapter recorded with the model's (before its tensors replace any base weight)."""
+    recorded = adapter.metadata.get(FINGERPRINT_KEY)
+    if recorded is None:
         return
-    gc.disable()
+    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
+    where = str(adapter.weights_file or adapter.path or "the adapter")
+    check_base(recorded, identity.get("fingerprint"), strict=strict, where=where,
+               base_name=adapter.config.get("base_model_name_or_path"))
+
+
+def _identified(model: Any, adapter_name: str, config: AdapterConfig,
+                base_model_name_or_path: str | None) -> tuple[AdapterConfig, dict[str, str] | None]:
+    """The config with ``base_model_name_or_path`` and ``task_type`` filled in, and the metadata with the base's
+    fingerprint (SPEC.md 9.1): the caller's name first, then the config's own, then -- for an adapter
+    :func:`inject_adapter` made -- what the backend knows."""
+    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
     try:
-        yield
-    finally:
-        gc.enable()
+        fresh = adapter_name in _INJECTED.get(model, ())
+    except TypeError:
+        fresh = False
+    known = identity if fresh else {}
+    changes: dict[str, Any] = {}
+    base = base_model_name_or_path or config.get("base_model_name_or_path") or known.get("base_model_name_or_path")
+    if base and base != config.get("base_model_name_or_path"):
+        changes["base_model_name_or_path"] = str(base)
+    if config.get("task_type") is None and known.get("task_type"):
+        changes["task_type"] = known["task_type"]
+    fingerprint = identity.get("fingerprint")
+    return (config.replace(**changes) if changes else config), ({FINGERPRINT_KEY: fingerprint} if fingerprint else None)
 
 
 @contextlib.contextmanager
 def _spec_errors_first(adapter: Adapter) -> Iterator[None]:
     """If the block fails and the adapter's tensor checks were left out (``read_adapter(check_tensors=False)``),
-    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend."""
+    run them: a tensor that breaks the spec is the error to report, rather than what it broke in the backend.
+
+    Except an :class:`UnsupportedError`: the backend cannot apply the adapter to this model whatever the file
+    holds (a layer kind it cannot adapt, such as ``nn.MultiheadAttention``), so that is the error to report.
+    """
     try:
         yield
-    except Exception:
-        if adapter.tensors_checked:
+    except Exception as exc:
+        if adapter.tensors_checked or isinstance(exc, UnsupportedError):
             raise
         try:
             adapter.check_tensors()
@@ -207,10 +357,16 @@ def _method_tensors_of(adapter: Adapter, modules: list[str]) -> bool:
     return adapter.tensors.keys() <= {make_key(module, param) for module in modules for param in params}
 
 
+@_serialised
 def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapter_name: str = "default", *,
                    device: Any = None, dtype: Any = None, module_map: ModuleMap | None = None,
-                   activate: bool = True, trainable: bool = True) -> list[str]:
+                   activate: bool = True, trainable: bool = True, freeze_base: bool = True) -> list[str]:
     """Add a new, freshly initialised adapter (to train it), described by ``config``.
+
+    As PEFT's ``get_peft_model``: with ``trainable``, exactly the adapters' parameters (LoRA matrices,
+    ``modules_to_save`` copies, trainable token rows, trained biases) require gradients afterwards; every
+    other parameter of the model is frozen, and gets its previous flag back when the last trainable
+    adapter is deleted. ``freeze_base=False`` leaves the base's flags as they are.
 
     >>> inject_adapter(model, {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]})  # doctest: +SKIP
     """
@@ -219,57 +375,76 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete_adapter() it first, or choose another adapter_name")
-    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable)
+    options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
+                          freeze_base=freeze_base)
+    # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
+    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name
+        _INJECTED.setdefault(model, set()).add(adapter_name)
     if activate:
         set_active_adapters(model, [adapter_name])
     return list(modules)
 
 
+@_serialised
 def extract_adapter(model: Any, adapter_name: str = "default") -> Adapter:
     """The adapter ``adapter_name`` as an in-memory :class:`Adapter` (config + tensors in spec layout)."""
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
     return Adapter.from_tensors(config, tensors)
 
 
+@_serialised
 def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *, overwrite: bool = False,
-                 durable: bool = False) -> Path:
+                 durable: bool = False, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_name``'s config and tensors (only the adapter's) as a spec folder that PEFT loads.
 
     The write is atomic: the folder holds the old adapter or the new one, whatever happens to the process.
 
     :param durable: also fsync the files first, so that the adapter survives a power loss once this returns
         (see :mod:`adapterspec.folder`).
+    :param base_model_name_or_path: the base model's Hub id or folder, recorded in the config (default: the
+        config's own, else what the backend knows: transformers' ``name_or_path``, the keras-hub preset).
+        ``task_type`` and the base's fingerprint are recorded too where known (SPEC.md 9.1).
     :raises AdapterExistsError: an adapter is at ``path`` already and ``overwrite`` is false.
 
     >>> save_adapter(model, "out/my-lora")                                 # doctest: +SKIP
     PosixPath('out/my-lora')
     """
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
-    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable)
+    config, metadata = _identified(model, adapter_name, config, base_model_name_or_path)
+    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable, metadata=metadata)
 
 
+@_serialised
 def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None = None, *,
-                  overwrite: bool = False, durable: bool = False) -> Path:
+                  overwrite: bool = False, durable: bool = False, base_model_name_or_path: str | None = None) -> Path:
     """Write several of the model's adapters into one folder with a manifest (``default`` in the root).
 
     :param durable: fsync every file first (see :func:`save_adapter`).
+    :param base_model_name_or_path: recorded in every config (see :func:`save_adapter`).
     """
     names = adapter_names_ if adapter_names_ is not None else adapter_names(model)
-    states = {name: _call("adapterspec_extract_state", model, adapter_name=name) for name in names}
+    states = {}
+    for name in names:
+        config, tensors = _call("adapterspec_extract_state", model, adapter_name=name)
+        config, metadata = _identified(model, name, config, base_model_name_or_path)
+        states[name] = (config, tensors, metadata)
     return write_adapters(path, states, overwrite=overwrite, durable=durable)
 
 
+@_serialised
 def adapter_names(model: Any) -> list[str]:
     """The adapters loaded in ``model``, in load order."""
     return list(_call("adapterspec_adapter_names", model))
 
 
+@_serialised
 def active_adapters(model: Any) -> list[str]:
     """The adapters active in ``model``'s forward pass now."""
     return list(_call("adapterspec_active_adapters", model))
 
 
+@_serialised
 def set_active_adapters(model: Any, adapter_names_: str | list[str]) -> None:
     """Activate exactly these adapters (a name or a list; several add up; ``[]`` disables all).
 
@@ -291,24 +466,29 @@ def disabled_adapters(model: Any) -> Iterator[None]:
     >>> with disabled_adapters(model):                                    # doctest: +SKIP
     ...     base_out = model(x)
     """
-    previous = active_adapters(model)
-    _call("adapterspec_set_active", model, adapter_names=[])
+    with model_lock(model):
+        previous = active_adapters(model)
+        _call("adapterspec_set_active", model, adapter_names=[])
     try:
         yield
     finally:
-        _call("adapterspec_set_active", model, adapter_names=previous)
+        with model_lock(model):  # an adapter another thread deleted meanwhile is not brought back
+            loaded = adapter_names(model)
+            _call("adapterspec_set_active", model, adapter_names=[n for n in previous if n in loaded])
 
 
+@_serialised
 def delete_adapter(model: Any, adapter_name: str) -> None:
     """Remove an adapter; when none is left on a layer, the layer is restored to the original object."""
     if adapter_name not in adapter_names(model):
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded", key=adapter_name,
                                    hint=f"loaded: {adapter_names(model)}")
-    with _gc_paused():
-        unmerge_adapters(model)
-        _call("adapterspec_delete", model, adapter_name=adapter_name)
+    unmerge_adapters(model)
+    _call("adapterspec_delete", model, adapter_name=adapter_name)
+    _forget_injected(model, adapter_name)
 
 
+@_serialised
 def merge_adapters(model: Any, adapter_names_: str | list[str] | None = None) -> None:
     """Add adapters' deltas into the base weights in place (default: the active ones)."""
     names = active_adapters(model) if adapter_names_ is None else (
@@ -319,23 +499,29 @@ def merge_adapters(model: Any, adapter_names_: str | list[str] | None = None) ->
     _call("adapterspec_merge", model, adapter_names=names)
 
 
+@_serialised
 def unmerge_adapters(model: Any) -> None:
     """Subtract every merged adapter from the base weights again."""
     _call("adapterspec_unmerge", model)
 
 
+@_serialised
 def unload(model: Any, *, merge: bool = False) -> Any:
     """Remove every adapter, restoring the original layers; returns ``model``.
 
     :param merge: first merge the active adapters into the base weights (PEFT's ``merge_and_unload``),
-        so the plain model keeps their effect.
+        so the plain model computes what the adapted one did: it keeps the copies of modules saved whole
+        that ran, the trainable token rows, and the parameters (biases, embeddings) adapters replaced.
     """
     if merge:
         merge_adapters(model)
     else:
         unmerge_adapters(model)
-    for name in adapter_names(model):
+    merged = active_adapters(model) if merge else []
+    # the unmerged ones first: while merged adapters remain, a backend keeps what the forward pass used
+    for name in sorted(adapter_names(model), key=lambda n: n in merged):
         _call("adapterspec_delete", model, adapter_name=name)
+        _forget_injected(model, name)
     return model
 
 

@@ -15,7 +15,9 @@ adapterspec.errors.ConfigError: /r: 0 is less than the minimum of 1 (fix: ...)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import functools
 import json
 import math
@@ -26,22 +28,26 @@ import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
-from ._rules import rule_problems, transformer_submodules, unsupported_features
-from .errors import AdapterSpecWarning, ConfigError, FileFormatError
+from ._rules import duplicate_entries, rule_problems, transformer_submodules, unsupported_features
+from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .spec import SPEC_VERSION, check_version
-from .targets import is_feedforward, module_matches, pattern_value, regex_problems
+from .targets import PatternTable, Targeting, is_feedforward, regex_problems
 
 __all__ = [
     "AdapterConfig",
     "config_errors",
+    "config_problems",
+    "default_targets",
     "load_schema",
     "read_json_file",
+    "schema_hint",
     "transformer_submodules",
+    "unknown_fields_note",
     "unsupported_features",
     "validate_config",
 ]
@@ -59,6 +65,35 @@ def load_schema(name: str = "adapter_config") -> dict[str, Any]:
 
 
 @functools.cache
+def _target_tables() -> dict[str, Any]:
+    text = resources.files("adapterspec").joinpath("_schema/target_modules.v1.json").read_text("utf-8")
+    tables: dict[str, Any] = json.loads(text)
+    return tables
+
+
+def default_targets(peft_type: str, model_type: str | None, field: str = "target_modules") -> list[str] | str | None:
+    """PEFT's default for a null ``target_modules`` (or IA3 ``feedforward_modules``) on architecture
+    ``model_type`` (SPEC.md 14.2, ``spec/v1/target_modules.json``); ``None`` when PEFT has none.
+
+    >>> default_targets("LORA", "llama")
+    ['q_proj', 'v_proj']
+    >>> default_targets("IA3", "llama", "feedforward_modules")
+    ['down_proj']
+    """
+    value: list[str] | str | None = _target_tables().get(field, {}).get(peft_type, {}).get(model_type or "")
+    return copy.deepcopy(value)
+
+
+def unknown_fields_note(unknown: list[str] | tuple[str, ...]) -> str:
+    """The one wording of the note about fields the schema does not know (SPEC.md 2.5).
+
+    >>> unknown_fields_note(["use_doar"])
+    'fields unknown to adapterspec 1.1 are kept but not acted on: use_doar'
+    """
+    return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {shorten(', '.join(unknown), 300, plain=True)}"
+
+
+@functools.cache
 def _validator(name: str = "adapter_config") -> jsonschema.protocols.Validator:
     schema = load_schema(name)
     cls = jsonschema.validators.validator_for(schema)
@@ -66,19 +101,115 @@ def _validator(name: str = "adapter_config") -> jsonschema.protocols.Validator:
 
 
 def _pointer(error: ValidationError) -> str:
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error.absolute_path)
+    path = list(error.absolute_path)
+    if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+        path.append(error.instance)  # a bad key (of rank_pattern...): the error's path stops at its object
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
 def _to_config_error(error: ValidationError, path: str | None) -> ConfigError:
-    description = error.schema.get("description") if isinstance(error.schema, dict) else None
-    if error.validator == "required":
-        field = error.message.split("'")[1] if "'" in error.message else ""
-        properties = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        description = (properties.get(field) or {}).get("description") or description
-        hint = f"add {field!r}" + (f" ({description})" if description else "")
-    else:
-        hint = f"expected {description}" if description else "see spec/v1/SPEC.md"
-    return ConfigError(error.message, pointer=_pointer(error), path=path, hint=hint)
+    return ConfigError(_short_message(error), pointer=_pointer(error), path=path, hint=schema_hint(error))
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "an object", "null": "null"}
+
+
+def _listed(values: Any, limit: int = 12) -> str:
+    shown = [json.dumps(v) for v in list(values)[:limit]]
+    return ", ".join(shown) + (", ..." if len(values) > limit else "")
+
+
+def _enum_hint(values: list[Any], instance: Any) -> str:
+    """``use one of: ...`` for a short list; for a long one (``peft_type``), the closest value and a few."""
+    if len(values) <= 8:
+        return f"use one of: {_listed(values)}"
+    close = difflib.get_close_matches(str(instance), [str(v) for v in values], n=1)
+    guess = f"did you mean {json.dumps(close[0])}? " if close else ""
+    return f"{guess}use one of the {len(values)} values the schema lists ({_listed(values, 3)})"
+
+
+def schema_hint(error: ValidationError) -> str:
+    """What to change to satisfy the schema keyword ``error`` failed: short and actionable, per keyword.
+
+    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORA", "target_modules": 5})]
+    ['use null or a string or a list']
+    >>> [schema_hint(e) for e in _validator().iter_errors({"peft_type": "LORAX"})][0][:27]
+    'did you mean "LORA"? use on'
+    """
+    hint = _keyword_hint(error)
+    condition = _condition(error)
+    return f"{hint} ({condition})" if condition else hint
+
+
+def _condition(error: ValidationError) -> str | None:
+    """``because lora_bias is true`` when ``error`` failed in the ``then`` of an ``if`` (other than the
+    dispatch on ``peft_type``): the rule holds only given another field's value."""
+    path = list(error.schema_path)
+    if "then" not in path:
+        return None
+    cut = len(path) - 1 - path[::-1].index("then")
+    node: Any = load_schema()
+    try:
+        for part in path[:cut]:
+            while isinstance(node, dict) and part not in node and "$ref" in node:  # jsonschema follows refs silently
+                node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+            node = node[part]
+        while isinstance(node, dict) and "if" not in node and "$ref" in node:
+            node = load_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        given = node["if"].get("properties", {})
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not given or set(given) == {"peft_type"}:
+        return None
+    return "because " + " and ".join(
+        f"{name} is {json.dumps(rule['const'])}" if isinstance(rule, dict) and "const" in rule else f"of {name}"
+        for name, rule in given.items())
+
+
+def _keyword_hint(error: ValidationError) -> str:
+    kind, value = error.validator, error.validator_value
+    if "propertyNames" in error.schema_path:  # the failing instance is a member name, not a value
+        return f"rename the key {shorten(error.instance, 80)}: " + {
+            "minLength": "module names are not empty", "pattern": f"it must match {value!r}",
+        }.get(str(kind), "see spec/v1/SPEC.md")
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else "?"
+        return f"add the field {missing!r}"
+    if kind == "enum":
+        return _enum_hint(list(value), error.instance)
+    if kind == "const":
+        return f"use {json.dumps(value)}"
+    if kind == "type":
+        names = [_TYPE_NAMES.get(t, t) for t in ([value] if isinstance(value, str) else value)]
+        return "use " + " or ".join(names)
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    if kind in bounds:
+        return f"use a value {bounds[str(kind)]} {value}"
+    return {
+        "minItems": f"give at least {value} item{'s' if value != 1 else ''}",
+        "maxItems": f"give at most {value} item{'s' if value != 1 else ''}",
+        "uniqueItems": "remove the repeated items",
+        "minLength": f"use a string of at least {value} character{'s' if value != 1 else ''}",
+        "maxLength": f"use a string of at most {value} characters",
+        "pattern": f"use a string matching {value!r}",
+        "minProperties": f"give at least {value} member{'s' if value != 1 else ''}",
+        "maxProperties": f"give at most {value} members",
+        "additionalProperties": "remove the members the schema does not define",
+        "not": "this value is not allowed here; see spec/v1/SPEC.md",
+        "anyOf": "use one of the forms the schema allows (adapterspec schema prints them)",
+        "oneOf": "use exactly one of the forms the schema allows (adapterspec schema prints them)",
+    }.get(str(kind), "see spec/v1/SPEC.md")
+
+
+def _short_message(error: ValidationError) -> str:
+    """jsonschema's message with the value it starts with cut short (``'<20 MB>' is too long``)."""
+    message: str = error.message
+    if isinstance(error.instance, (str, list, dict)) and len(error.instance) > 16:
+        echoed = repr(error.instance)
+        if message.startswith(echoed) and len(echoed) > ECHO_LIMIT:
+            return shorten(error.instance) + message[len(echoed):]
+    return message
 
 
 def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
@@ -123,6 +254,32 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
             del _VALID[next(iter(_VALID))]
         _VALID[key] = tuple(unknown)
     return unknown
+
+
+def config_problems(data: Any, *, strict: bool = False, path: str | None = None) -> list[ConfigError]:
+    """Every problem :func:`validate_config` would raise, not only the first, for reports.
+
+    All schema violations are listed (the one :func:`validate_config` raises first); the checks that
+    need a schema-valid config (regular expressions, SPEC 4.2 rules, strict fields) add theirs only
+    when there is no schema violation.
+
+    >>> [e.pointer for e in config_problems({"peft_type": "LORA", "target_modules": ["q"], "r": 0, "lora_alpha": "8"})]
+    ['/r', '/lora_alpha']
+    """
+    try:
+        validate_config(data, strict=strict, path=path)
+    except ConfigError as exc:
+        first = exc
+    else:
+        return []
+    try:
+        _check_json_value(data, path)  # what is walked below is plain JSON, bounded in depth
+    except ConfigError:
+        return [first]
+    schema_errors = config_errors(data, path=path)
+    if not schema_errors or (schema_errors[0].pointer, schema_errors[0].message) != (first.pointer, first.message):
+        return [first]  # not a schema violation (JSON values, version, rules): the one problem
+    return schema_errors
 
 
 #: Configs found valid (canonical JSON, strict) -> their unknown fields: validation is a pure function of
@@ -234,11 +391,13 @@ class AdapterConfig(Mapping[str, Any]):
     (16, 8.0)
     """
 
-    __slots__ = ("_data", "_matches", "unknown_fields")
+    __slots__ = ("_data", "_matches", "_tables", "_targeting", "unknown_fields")
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
         self._data = dict(data)
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
+        self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
+        self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared
         self.unknown_fields = unknown_fields
 
     # -- construction -----------------------------------------------------------------
@@ -255,10 +414,10 @@ class AdapterConfig(Mapping[str, Any]):
         where = str(path) if path is not None else None
         unknown = validate_config(data, strict=strict, path=where)
         if unknown:
-            warnings.warn(
-                f"{where + ': ' if where else ''}fields unknown to adapterspec {SPEC_VERSION} are kept but not "
-                f"acted on: {', '.join(unknown)}", AdapterSpecWarning, stacklevel=2,
-            )
+            warnings.warn(f"{where + ': ' if where else ''}{unknown_fields_note(unknown)}", AdapterSpecWarning,
+                          stacklevel=2)
+        for pointer, note in duplicate_entries(data):
+            warnings.warn(f"{where + ': ' if where else ''}{pointer}: {note}", AdapterSpecWarning, stacklevel=2)
         merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
         return cls(merged, unknown_fields=tuple(unknown))
 
@@ -294,12 +453,13 @@ class AdapterConfig(Mapping[str, Any]):
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The config as written to ``adapter_config.json``: PEFT-loadable, with ``adapterspec_version``.
+        """The config as written to ``adapter_config.json``: PEFT loads it without a warning.
 
-        ``inference_mode`` is written ``true``, as PEFT does on save.
+        ``inference_mode`` is written ``true``, as PEFT does on save. ``adapterspec_version`` is left out
+        (spec 1.1: it is recorded in the safetensors metadata; PEFT warns about fields it does not know).
         """
         out = copy.deepcopy(self._data)
-        out["adapterspec_version"] = SPEC_VERSION
+        out.pop("adapterspec_version", None)
         out["inference_mode"] = True
         return out
 
@@ -314,6 +474,41 @@ class AdapterConfig(Mapping[str, Any]):
         2
         """
         return AdapterConfig.from_dict({**self._data, **changes})
+
+    def for_model(self, model_type: str | None) -> AdapterConfig:
+        """This config with a null ``target_modules`` (and IA3's null ``feedforward_modules``) replaced by
+        PEFT's default for the architecture ``model_type`` (transformers' ``config.model_type``), as PEFT
+        does when it loads the adapter (SPEC.md 14.2). Other configs are returned as they are.
+
+        :raises UnsupportedError: PEFT has no default for ``model_type`` (names the field and the model type).
+
+        >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": None})
+        >>> cfg.for_model("llama")["target_modules"]
+        ['q_proj', 'v_proj']
+        """
+        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR"):
+            return self
+        changes: dict[str, Any] = {}
+        fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)
+        for name in fields:
+            if self._data.get(name) is not None or (name == "target_modules" and self._data.get("target_parameters")
+                                                    and default_targets(self.peft_type, model_type) is None):
+                continue
+            value = default_targets(self.peft_type, model_type, name)
+            if value is None:
+                raise UnsupportedError(
+                    f"{name} is null and PEFT has no default {name} for {self.peft_type} on model type "
+                    f"{model_type!r}", pointer=f"/{name}",
+                    hint=f"list the modules in {name} in adapter_config.json (spec/v1/target_modules.json has "
+                         "PEFT's defaults per model type)")
+            if isinstance(value, str) and self._data.get("layers_to_transform") not in (None, []):
+                # the schema forbids a regex with layers_to_transform (PEFT ignores the layers for a regex)
+                raise UnsupportedError(
+                    f"PEFT's default {name} for model type {model_type!r} is a regular expression, which cannot "
+                    "be combined with layers_to_transform", pointer="/layers_to_transform",
+                    hint=f"list the modules in {name} in adapter_config.json")
+            changes[name] = value
+        return self.replace(**changes) if changes else self
 
     # -- per-module answers -----------------------------------------------------------
     @property
@@ -333,17 +528,26 @@ class AdapterConfig(Mapping[str, Any]):
             memo = self._matches = _shared_matches(self._data)
         found = memo.get(module)
         if found is None:
-            found = memo[module] = module_matches(self._data, module)
+            targeting = self._targeting
+            if targeting is None:
+                targeting = self._targeting = Targeting(self._data)
+            found = memo[module] = targeting.matches(module)
         return found
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
-        return int(pattern_value(self._data.get("rank_pattern"), module, default=self._data["r"]))
+        return int(self._table("rank_pattern").value(module, default=self._data["r"]))
 
     def alpha_for(self, module: str) -> float:
         """``alpha_pattern``'s first matching key, else ``lora_alpha`` (``alpha`` for LoHa/LoKr)."""
         default = self._data["lora_alpha"] if self.peft_type == "LORA" else self._data.get("alpha", self._data["r"])
-        return float(pattern_value(self._data.get("alpha_pattern"), module, default=default))
+        return float(self._table("alpha_pattern").value(module, default=default))
+
+    def _table(self, field: str) -> PatternTable:
+        table = self._tables.get(field)
+        if table is None:
+            table = self._tables[field] = PatternTable(self._data.get(field))
+        return table
 
     def scaling_for(self, module: str) -> float:
         """The factor applied to the low-rank update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
@@ -361,16 +565,18 @@ class AdapterConfig(Mapping[str, Any]):
         return is_feedforward(self._data, module)
 
 
-def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES) -> Any:
+def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES,
+                   file: BinaryIO | None = None) -> Any:
     """The JSON value in ``path``: a regular UTF-8 file of at most ``limit`` bytes, without NaN/Infinity.
 
     Never blocks (a FIFO is refused, not read) and never reads more than ``limit`` bytes.
 
+    :param file: the file already open (what ``path`` named then; left open), to read instead of ``path``.
     :raises FileFormatError: naming the file: unreadable, not a regular file, too big, not JSON.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
+        with contextlib.nullcontext(file) if file is not None else \
+                os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise FileFormatError(f"the {what} is not a regular file", path=path,

@@ -20,6 +20,8 @@ __all__ = [
     "AdapterSpecError",
     "AdapterSpecWarning",
     "BackendError",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
     "ConfigError",
     "DTypeMismatchError",
     "FileFormatError",
@@ -33,7 +35,39 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedError",
     "VersionError",
+    "WriteError",
+    "shorten",
 ]
+
+#: The most characters of a value from a file that an error message echoes (see :func:`shorten`).
+ECHO_LIMIT = 80
+#: The most characters of a file path, JSON pointer or tensor key an error prints.
+LOCATION_LIMIT = 300
+#: The most characters an error prints (its message, pointer and key; a hostile file can make them megabytes).
+MESSAGE_LIMIT = 2000
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT, *, plain: bool = False) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters with the full length said.
+
+    Values come from files (a 20 MB version string): echoing them whole floods a terminal or a CI log.
+    ``plain``: a string is echoed as it is, not as its ``repr`` (a list of names already joined).
+
+    >>> shorten("1." + "1" * 5000)
+    "'1.111111111111111111111111111111111111111111111111111111111111111111111111111111'... (5002 characters)"
+    >>> shorten("q_proj")
+    "'q_proj'"
+    """
+    if isinstance(value, str) and plain:
+        return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+    if isinstance(value, str) and len(value) > limit:  # cut before repr: no 20 MB copy
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cut(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class AdapterSpecError(Exception):
@@ -66,14 +100,15 @@ class AdapterSpecError(Exception):
     @property
     def location(self) -> str:
         """``file: pointer-or-key``, whatever of them is known (control characters escaped)."""
-        parts = [_printable(p) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
+        parts = [_printable(_cut(p, LOCATION_LIMIT)) for p in (self.path, self.pointer if self.pointer is not None else self.key) if p]
         if self.pointer == "":
             parts.append("(config root)")
         return ": ".join(parts)
 
     def __str__(self) -> str:
-        text = f"{self.location}: {self.message}" if self.location else self.message
-        return f"{text} (fix: {self.hint})" if self.hint else text
+        message = _cut(self.message)
+        text = f"{self.location}: {message}" if self.location else message
+        return f"{text} (fix: {_cut(self.hint)})" if self.hint else text
 
     def __reduce__(self) -> tuple[object, ...]:  # keep kwargs through pickling (multiprocessing, pytest-xdist)
         return (_rebuild, (type(self), self.message, self.pointer, self.key, self.path, self.hint))
@@ -103,7 +138,8 @@ class FileFormatError(AdapterSpecError, ValueError):
 
 
 class IntegrityError(FileFormatError):
-    """The tensor data does not match the sha256 recorded in the safetensors metadata."""
+    """The tensor data does not match the sha256 recorded in the safetensors metadata, or a file from the
+    Hub does not match the digest the Hub announced for it."""
 
 
 class UnsafeFileError(AdapterSpecError, ValueError):
@@ -156,3 +192,36 @@ class HubError(AdapterSpecError, ValueError):
 
 class AdapterSpecWarning(UserWarning):
     """Something loads but deserves attention: unknown config fields, a newer minor spec version."""
+
+
+class BaseModelMismatchError(AdapterSpecError, ValueError):
+    """The model is not the base the adapter was trained on (its fingerprint differs, SPEC.md 9.1)."""
+
+
+class BaseModelMismatchWarning(AdapterSpecWarning):
+    """An adapter is loaded onto a base whose fingerprint differs from the one it was trained on."""
+
+
+class WriteError(AdapterSpecError, OSError):
+    """Saving failed in the file system -- no space left, no permission, a name too long -- and changed
+    nothing: the adapter saved there before, if any, is intact. Also an ``OSError`` with its ``errno``.
+
+    >>> import errno
+    >>> error = WriteError("no space left on the device", errno=errno.ENOSPC, path="out/lora")
+    >>> error.errno == errno.ENOSPC, isinstance(error, OSError)
+    (True, True)
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, pointer: str | None = None, key: str | None = None,
+                 path: str | Path | None = None, hint: str | None = None) -> None:
+        super().__init__(message, pointer=pointer, key=key, path=path, hint=hint)
+        self.errno = errno
+        self.strerror = message
+        self.filename = self.path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_write_error, (self.message, self.errno, self.pointer, self.key, self.path, self.hint))
+
+
+def _rebuild_write_error(message, errno, pointer, key, path, hint):  # type: ignore[no-untyped-def]
+    return WriteError(message, errno=errno, pointer=pointer, key=key, path=path, hint=hint)

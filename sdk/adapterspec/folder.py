@@ -11,8 +11,14 @@ or crashes, and other files in it (a README) are kept. Where folders cannot be s
 multi-adapter folder, which holds the others; other systems), files are replaced one by one, old ones
 kept as hard links and put back on any exception. One window remains there: a hard crash (power
 loss, SIGKILL) between those renames leaves a folder *without* ``adapter_config.json`` (refused by
-readers; the old config kept as ``.adapter_config.json.<random>.old``) -- never new weights silently
+readers; the old config kept as ``.adapter_config.json.<pid>-<random>.old``) -- never new weights silently
 paired with the old config, since the config is moved aside first and put back last.
+
+A new folder appears by a rename that never replaces one: of two saves creating it, exactly one wins
+(the other gets :class:`AdapterExistsError`). File-system failures (no space, no permission) raise
+:class:`WriteError`, with nothing changed. What a killed save leaves behind (hidden
+``.<name>.<pid>-<random>.tmp`` and ``.old`` entries) is removed by the next save into the same place --
+only when its owner is gone (:mod:`adapterspec._staging`).
 
 That holds whatever happens to the writing process. Surviving a power loss or an operating-system
 crash too takes ``durable=True``: every file is fsynced before the rename, and the folders after it
@@ -30,34 +36,37 @@ PosixPath('out/ia3')
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import errno
 import functools
 import json
 import os
-import secrets
 import shutil
 import stat
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
-from . import _safetensors
+from . import _safetensors, _staging
 from .adapter import Adapter, _tensor_infos, check_adapter_name
 from .checks import tensor_errors
 from .config import AdapterConfig, _validator, read_json_file
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    AdapterSpecError,
     AdapterSpecWarning,
     ConfigError,
     FileFormatError,
     TensorError,
     UnsafeFileError,
+    WriteError,
 )
+from .errors import shorten  # its own line: the block above is edited in parallel
 from .spec import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -155,66 +164,119 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, dur
     """Put ``files`` into ``folder`` all-or-nothing; on any failure (KeyboardInterrupt included) the
     previous content is left as it was and no temporary file remains.
 
-    * a new folder is staged beside it and appears by one rename;
+    * a new folder is staged beside it and appears by one rename that never replaces a folder
+      (``renameat2(RENAME_NOREPLACE)`` on Linux): of two saves creating it, one wins and the other
+      gets :class:`AdapterExistsError` (or, with ``overwrite``, replaces it as below);
     * an existing folder without subfolders (one adapter, maybe a README) is staged beside it too --
       new files written, its other files hard-linked in -- and the two are swapped by one atomic
       ``renameat2(RENAME_EXCHANGE)`` (Linux); readers see the old adapter or the new one, never a mix;
     * otherwise (the root of a multi-adapter folder, or no RENAME_EXCHANGE) the files are replaced one
       by one, see :func:`_replace_files`.
+
+    Afterwards, what interrupted saves (killed writers) left in these places is removed (:mod:`._staging`).
     """
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise FileFormatError("exists and is not a folder", path=folder, hint="choose another path")
-    if folder.is_dir() and _is_adapter(folder) and not overwrite:
-        raise AdapterExistsError("an adapter is already saved here", path=folder,
-                                 hint="pass overwrite=True to replace it, or choose another path")
-    if folder.is_symlink():  # write into the folder the link points to, not over the link
-        folder = folder.resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    exists = folder.exists()
-    if exists and (_renameat2() is None or any(p.is_dir() and not p.is_symlink() for p in folder.iterdir())):
-        _replace_files(files, folder, durable=durable)
-        return
-    staging = _new_path(folder.parent, f".{folder.name}.", ".tmp", directory=True)
-    try:
-        for name, data in files.items():
-            _write_file(staging / name, data, durable=durable)
-        if exists:
-            for old in folder.iterdir():
-                if old.name not in files:
-                    _link_or_copy(old, staging / old.name)
-            os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
-        if durable:
-            _fsync_dir(staging)
-        # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
-        if exists:
-            swapped = _exchange(staging, folder)
-        else:
-            os.rename(staging, folder)
-            swapped = True
-        if durable:
-            _fsync_dir(folder.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if exists and swapped:
-        _remove_later(staging)  # the old adapter: freeing its blocks takes as long as writing a third of it
+    for _ in range(3):  # again only if another save created the folder meanwhile
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise FileFormatError("exists and is not a folder", path=folder, hint="choose another path")
+        if folder.is_dir() and _is_adapter(folder) and not overwrite:
+            raise AdapterExistsError("an adapter is already saved here", path=folder,
+                                     hint="pass overwrite=True to replace it, or choose another path")
+        if folder.is_symlink():  # write into the folder the link points to, not over the link
+            folder = folder.resolve()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        exists = folder.exists()
+        if exists and (_renameat2() is None or any(p.is_dir() and not p.is_symlink() for p in folder.iterdir())):
+            _replace_files(files, folder, overwrite=overwrite, durable=durable)
+            break
+        if _stage_and_swap(files, folder, exists=exists, overwrite=overwrite, durable=durable):
+            break
     else:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not swapped:  # the file system cannot exchange folders
-        _replace_files(files, folder, durable=durable)
+        raise AdapterExistsError("other saves keep creating and removing this folder", path=folder,
+                                 hint="save when they are done, or choose another path")
+    _staging.remove_stale(folder.parent, [folder.name])
+    _staging.remove_stale(folder, files)
+
+
+def _stage_and_swap(files: Mapping[str, Content], folder: Path, *, exists: bool, overwrite: bool,
+                    durable: bool) -> bool:
+    """Stage ``files`` beside ``folder`` and put them in place by one rename or one exchange; ``False`` if
+    ``folder`` appeared meanwhile (nothing done: look again)."""
+    old = _staging.Lease()  # held on the old adapter once it is swapped out, until it is removed
+    with _staging.Lease() as lease:
+        staging = _new_path(folder.parent, folder.name, ".tmp", directory=True, lease=lease)
+        swapped = False
+        try:
+            for name, data in files.items():
+                _write_file(staging / name, data, durable=durable)
+            if exists:
+                for other in folder.iterdir():
+                    if other.name not in files:
+                        _link_or_copy(other, staging / other.name)
+                os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
+            if durable:
+                _fsync_dir(staging)
+            if not exists:
+                if not _rename_new(staging, folder):
+                    _discard(staging)
+                    return False
+                swapped = True
+            else:
+                # One atomic step; afterwards staging holds the old adapter, and removing it is all that is left.
+                with _staging.CREATE_LOCK:
+                    swapped = _exchange(staging, folder)
+                    if swapped:
+                        old.hold(staging)
+                if swapped and not overwrite and _is_adapter(staging):  # another save made one meanwhile
+                    _exchange(staging, folder)  # put it back
+                    raise AdapterExistsError("another save put an adapter here meanwhile", path=folder,
+                                             hint="pass overwrite=True to replace it, or choose another path")
+            if durable:
+                _fsync_dir(folder.parent)
+        except BaseException:
+            old.release()
+            _discard(staging)
+            raise
+    if exists and swapped:
+        _remove_later(staging, old)  # the old adapter: freeing its blocks takes as long as writing a third of it
+        return True
+    if exists:  # the file system cannot exchange folders
+        _discard(staging)
+        _replace_files(files, folder, overwrite=overwrite, durable=durable)
+    return True
+
+
+def _discard(staging: Path) -> None:
+    """Remove ``staging`` after a failure (which the caller raises); if that fails too, warn: the next save
+    here removes it."""
+    try:
+        if os.path.lexists(staging):
+            _staging.remove_tree(staging)
+    except OSError as exc:
+        warnings.warn(f"{staging}: left by the failed save, and cannot be removed: {exc}", AdapterSpecWarning,
+                      stacklevel=4)
 
 
 _REMOVALS: list[threading.Thread] = []
 
 
-def _remove_later(path: Path) -> None:
-    """Remove ``path`` (an old adapter swapped out of place) on a thread: ``unlink`` releases the GIL.
+def _remove_later(path: Path, lease: _staging.Lease) -> None:
+    """Remove ``path`` (an old adapter swapped out of place, locked by ``lease``) on a thread: ``unlink``
+    releases the GIL. A removal that fails is reported with an :class:`AdapterSpecWarning`; the next save
+    here removes what is left.
 
     The interpreter waits for these removals at exit (:func:`wait_for_removals`).
     """
+    def remove() -> None:
+        try:
+            _staging.remove_tree(path)
+        except OSError as exc:
+            warnings.warn(f"{path}: the adapter it replaced cannot be removed: {exc}", AdapterSpecWarning,
+                          stacklevel=1)
+        finally:
+            lease.release()
+
     _REMOVALS[:] = [t for t in _REMOVALS if t.is_alive()]
-    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
-                              name="adapterspec-remove-old", daemon=True)
+    thread = threading.Thread(target=remove, name="adapterspec-remove-old", daemon=True)
     thread.start()
     _REMOVALS.append(thread)
 
@@ -224,7 +286,9 @@ def wait_for_removals() -> None:
     """Wait until the old adapters replaced by overwriting saves are removed from disk.
 
     Saves return as soon as the new adapter is in place; the old one (in a hidden
-    ``.<name>.<random>.tmp`` folder beside it) is deleted in the background. This runs at exit.
+    ``.<name>.<pid>-<random>.tmp`` folder beside it) is deleted in the background, read-only or not.
+    One that cannot be deleted is reported with an :class:`AdapterSpecWarning`, and the next save into
+    the same place deletes it. This runs at exit.
 
     >>> wait_for_removals()
     """
@@ -232,64 +296,84 @@ def wait_for_removals() -> None:
         _REMOVALS.pop().join()
 
 
-def _replace_files(files: Mapping[str, Content], folder: Path, *, durable: bool = False) -> None:
+def _replace_files(files: Mapping[str, Content], folder: Path, *, overwrite: bool = True,
+                   durable: bool = False) -> None:
     """Replace ``files`` in ``folder`` one by one, keeping the old ones (hard links) until all are in.
 
     Any exception puts the old files back. The old config is moved aside *first* and the new one put
     in *last*: a crash (power loss, SIGKILL) between the renames leaves a folder without
     ``adapter_config.json`` -- refused by readers with a clear error, the old files kept as hidden
-    ``.<name>.<random>.old`` -- never new weights silently paired with the old config.
+    ``.<name>.<pid>-<random>.old`` until the next save here -- never new weights silently paired with
+    the old config.
+
+    Without ``overwrite``, saves creating an adapter here take turns (an ``flock`` on the folder), so
+    that the second finds the first's adapter and gets :class:`AdapterExistsError`.
     """
     staged: list[tuple[Path, Path]] = []
     backups: list[tuple[Path, Path]] = []
     order = sorted(files, key=lambda name: name == CONFIG_NAME)  # config last
-    try:
-        for name in order:
-            tmp = _new_path(folder, f".{name}.", ".tmp")
-            staged.append((tmp, folder / name))
-            _write_file(tmp, files[name], durable=durable)
-        for _, final in sorted(staged, key=lambda pair: pair[1].name != CONFIG_NAME):  # config first
-            if final.exists():
-                backup = _new_path(folder, f".{final.name}.", ".old", create=False)
-                if final.name == CONFIG_NAME:
-                    os.rename(final, backup)  # no config from here until the new one is in
+    with _staging.Lease() as lease, contextlib.nullcontext() if overwrite else _staging.exclusive(folder):
+        try:
+            if not overwrite and _is_adapter(folder):
+                raise AdapterExistsError("another save put an adapter here meanwhile", path=folder,
+                                         hint="pass overwrite=True to replace it, or choose another path")
+            for name in order:
+                tmp = _new_path(folder, name, ".tmp", lease=lease)
+                staged.append((tmp, folder / name))
+                _write_file(tmp, files[name], durable=durable)
+            for _, final in sorted(staged, key=lambda pair: pair[1].name != CONFIG_NAME):  # config first
+                if final.exists():
+                    backup = _new_path(folder, final.name, ".old", create=False)
+                    with _staging.CREATE_LOCK:  # made and locked as one step for this process's cleaners
+                        if final.name == CONFIG_NAME:
+                            os.rename(final, backup)  # no config from here until the new one is in
+                        else:
+                            _link_or_copy(final, backup)
+                        backups.append((backup, final))
+                        lease.hold(backup)
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            for backup, final in reversed(backups):
+                if final.exists() and os.path.samefile(backup, final):
+                    backup.unlink()  # a hard link of the untouched file (renaming onto it would do nothing)
                 else:
-                    _link_or_copy(final, backup)
-                backups.append((backup, final))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for backup, final in reversed(backups):
-            if final.exists() and os.path.samefile(backup, final):
-                backup.unlink()  # a hard link of the untouched file (renaming onto it would do nothing)
-            else:
-                os.replace(backup, final)
-        raise
-    for backup, _ in backups:
-        backup.unlink(missing_ok=True)
+                    os.replace(backup, final)
+            raise
+        for backup, _ in backups:
+            backup.unlink(missing_ok=True)
     if durable:
         _fsync_dir(folder)
 
 
-def _new_path(parent: Path, prefix: str, suffix: str, *, directory: bool = False, create: bool = True) -> Path:
-    """A fresh hidden name in ``parent``, created (mode from the umask, unlike ``tempfile``'s 0600/0700)."""
+def _new_path(parent: Path, target: str, suffix: str, *, directory: bool = False, create: bool = True,
+              lease: _staging.Lease | None = None) -> Path:
+    """A fresh hidden staging name for ``target`` in ``parent`` (:func:`._staging.staging_name`), created
+    (mode from the umask, unlike ``tempfile``'s 0600/0700) and locked by ``lease`` as one step."""
     for _ in range(100):
-        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        path = parent / _staging.staging_name(target, suffix)
         try:
             if not create:
                 if not os.path.lexists(path):
                     return path
                 continue
-            if directory:
-                os.mkdir(path)
-            else:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            with _staging.CREATE_LOCK:
+                if directory:
+                    os.mkdir(path)
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                if lease is not None:
+                    try:
+                        lease.hold(path)
+                    except BaseException:
+                        (os.rmdir if directory else os.unlink)(path)  # still empty
+                        raise
             return path
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temporary name in {parent}")
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {parent}", str(parent))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -342,6 +426,55 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _rename_new(a: Path, b: Path) -> bool:
+    """Rename folder ``a`` to ``b`` if nothing is at ``b``; ``False`` if something is (it is left alone).
+
+    ``renameat2(RENAME_NOREPLACE)`` on Linux; elsewhere ``rename``, which also refuses a non-empty
+    folder (and replaces an empty one, which holds no adapter to lose).
+    """
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_noreplace) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(b))
+    try:
+        os.rename(a, b)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or (sys.platform == "win32" and os.path.isdir(b)):
+            return False
+        raise
+    return True
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "free space on that file system, then save again",
+    errno.EDQUOT: "free space within your disk quota, then save again",
+    errno.EACCES: "save where you may write, or get write permission on the folder and the one holding it",
+    errno.EPERM: "save where you may write, or get write permission on the folder and the one holding it",
+    errno.EROFS: "the file system is read-only; save elsewhere",
+    errno.ENAMETOOLONG: f"use a shorter name (at most {_staging.NAME_MAX} bytes per folder name)",
+}
+
+
+@contextlib.contextmanager
+def _write_errors_typed(folder: Path) -> Iterator[None]:
+    """Raise the file system's errors in the block as :class:`WriteError` naming ``folder`` and the fix."""
+    try:
+        yield
+    except AdapterSpecError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
+        raise WriteError(f"saving failed, nothing was changed: {exc.strerror or exc}{where}", errno=exc.errno,
+                         path=folder, hint=_WRITE_HINTS.get(exc.errno or 0, "fix the file-system problem above, "
+                                                                               "then save again")) from exc
+
+
 def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any], *,
                   overwrite: bool = False, metadata: Mapping[str, str] | None = None, durable: bool = False) -> Path:
     """Write one adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``, atomically.
@@ -353,38 +486,47 @@ def write_adapter(path: str | Path, config: AdapterConfig | Mapping[str, Any], t
     :param overwrite: replace an adapter already at ``path`` (otherwise refused).
     :param durable: fsync the files before they appear, so that the adapter survives a power loss or an
         OS crash once this returns (atomic either way; see the module's documentation).
-    :raises AdapterExistsError: an adapter is at ``path`` and ``overwrite`` is false.
+    :raises AdapterExistsError: an adapter is at ``path`` and ``overwrite`` is false (or another save
+        created one there first).
+    :raises WriteError: the file system failed (no space, no permission...): the old adapter is intact.
     :raises AdapterSpecError: the config or tensors are invalid (nothing is written).
     """
     folder = Path(path)
-    _install(_prepare(config, tensors, metadata, durable=durable), folder, overwrite=overwrite, durable=durable)
+    files = _prepare(config, tensors, metadata, durable=durable)
+    with _write_errors_typed(folder):
+        _install(files, folder, overwrite=overwrite, durable=durable)
     return folder
 
 
-def write_adapters(path: str | Path, adapters: Mapping[str, tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any]]],
+def write_adapters(path: str | Path,
+                   adapters: Mapping[str, tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any]]
+                                 | tuple[AdapterConfig | Mapping[str, Any], Mapping[str, Any], Mapping[str, str] | None]],
                    *, overwrite: bool = False, durable: bool = False) -> Path:
     """Write several adapters into one folder, PEFT's way, plus the manifest ``adapterspec.json``.
 
     ``"default"`` goes to the root (if present), every other name to ``<path>/<name>/``.
 
-    :param adapters: name -> (config, tensors).
+    :param adapters: name -> (config, tensors) or (config, tensors, safetensors metadata).
     :param durable: fsync every file before it appears (see :func:`write_adapter`).
     :raises UnsafeFileError: a name is not a safe folder name.
+    :raises WriteError: the file system failed (no space, no permission...): each adapter is the old or the new one.
     """
     folder = Path(path)
     for name in adapters:
         if name in _RESERVED:  # the folder would collide with a file of the root adapter
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
-    prepared = {check_adapter_name(name): _prepare(cfg, tensors, None, durable=durable)
-                for name, (cfg, tensors) in adapters.items()}
+    prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
+                                                   durable=durable)
+                for name, entry in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
-    for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
-        _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite,
-                 durable=durable)
-    manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
-    _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder, overwrite=True,
-             durable=durable)
+    with _write_errors_typed(folder):
+        for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
+            _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite,
+                     durable=durable)
+        manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
+        _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder,
+                 overwrite=True, durable=durable)
     return folder
 
 
@@ -400,7 +542,7 @@ def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
         where = entry.get("path") if isinstance(entry, dict) else None
         if isinstance(where, str) and (where.startswith(("/", "\\")) or ".." in where.replace("\\", "/").split("/")
                                        or where[1:2] == ":"):
-            raise UnsafeFileError(f"adapter {name!r} path {where!r} leaves the folder", path=manifest_file,
+            raise UnsafeFileError(f"adapter {name!r} path {shorten(where)} leaves the folder", path=manifest_file,
                                   hint="use a relative subfolder path without '..'")
 
 
@@ -425,7 +567,8 @@ def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> N
     names = list(manifest["adapters"])
     default = manifest.get("default")
     if default is not None and default not in names:
-        raise ConfigError(f"default adapter {default!r} is not listed in adapters ({', '.join(names)})",
+        raise ConfigError(f"default adapter {default!r} is not listed in adapters "
+                          f"({shorten(', '.join(names), 300, plain=True)})",
                           pointer="/default", path=manifest_file, hint="name a listed adapter, or remove 'default'")
     lowered: dict[str, str] = {}
     for name in names:
@@ -453,14 +596,16 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if manifest_file.exists():
         manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
+        if isinstance(manifest, dict):  # a VersionError before the schema's errors, as for a config
+            check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
         if errors:
             _refuse_unsafe_entries(manifest, manifest_file)
             pointer = "".join(f"/{p}" for p in errors[0].absolute_path)
             raise ConfigError(f"manifest: {errors[0].message}", pointer=pointer, path=manifest_file,
                               hint=f"fix {pointer or 'the root'} (see spec/v1/manifest.schema.json)")
-        check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         _check_manifest_names(manifest, manifest_file)
+        folders: dict[Path, str] = {}  # resolved folder -> the first adapter listed with it
         for name, entry in manifest["adapters"].items():
             check_adapter_name(name)
             target = folder / entry["path"]
@@ -470,8 +615,8 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             if not (target / CONFIG_NAME).exists():
                 raise AdapterNotFoundError(f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}",
                                            path=manifest_file, hint="save that adapter again or remove it from the manifest")
-            twin = next((other for other, seen in found.items() if seen.resolve() == target.resolve()), None)
-            if twin is not None:  # SPEC 3.4: two entries never name the same folder
+            twin = folders.setdefault(target.resolve(), name)  # one lookup per entry: linear in the entries
+            if twin != name:  # SPEC 3.4: two entries never name the same folder
                 raise ConfigError(f"adapters {twin!r} and {name!r} have the same folder {entry['path']!r}",
                                   pointer=f"/adapters/{name}/path", path=manifest_file,
                                   hint="give every adapter its own folder")

@@ -59,8 +59,10 @@ def adapterspec_inject(model: Any, config: AdapterConfig, adapter_name: str, opt
 
     New layers are initialised as the config says (``init_lora_weights``: LoRA's B is zero, so the
     model's output is unchanged), placed on ``options.device`` or else the wrapped layer's device,
-    in ``options.dtype`` or else the wrapped layer's dtype, and are trainable only if
-    ``options.trainable``. Injection does not activate the adapter (see :func:`adapterspec_set_active`).
+    in ``options.dtype`` or else the wrapped layer's dtype (float32 on a half-precision layer, SPEC.md 7.5),
+    and are trainable only if ``options.trainable``; with ``options.trainable`` and ``options.freeze_base``, every variable of the
+    model that belongs to no adapter is made untrainable (restored when the last such adapter is deleted).
+    Injection does not activate the adapter (see :func:`adapterspec_set_active`).
     With ``options.initialize`` false (``load_adapter``: the state is loaded next) the initialisation
     may be skipped: the variables only need their shape, dtype and device.
 
@@ -162,6 +164,34 @@ def adapterspec_unmerge(model: Any) -> bool | None:
     """Subtract every merged adapter from the base weights again. Stops at first non-None result.
 
     :returns: ``True`` (also when nothing was merged).
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> Any | None:
+    """Where :func:`adapterspec.load_adapter` should read the adapter's file to, when not into ordinary
+    memory. Stops at first non-None result.
+
+    Optional: called before :func:`adapterspec_inject`, as the file's read starts (on a thread, while the
+    layers are injected). A backend that copies the tensors to an accelerator returns page-locked host
+    memory (torch: pinned memory for a model on a GPU), which the copy reads at the bus's speed.
+
+    :param nbytes: the file's size.
+    :returns: a writable, C-contiguous NumPy ``uint8`` array of ``nbytes`` elements; ``None``: NumPy's.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] | None:
+    """Tell what is known about the base model ``adapter_name`` sits on. Stops at first non-None result.
+
+    Saving records it in the adapter (SPEC.md 9.1); loading compares the fingerprint with the one recorded.
+
+    :returns: any of ``base_model_name_or_path`` (the model's Hub id or folder), ``task_type`` (PEFT's task
+        type of the model) and ``fingerprint`` (:func:`adapterspec.identity.fingerprint` of the base weights
+        of the modules the adapter adapts, or of the input embedding for prefix/prompt tuning), ``{}`` when
+        none is known. A backend without this hook records and checks nothing.
+    :raises AdapterNotFoundError: no adapter of that name is loaded.
     """
 
 

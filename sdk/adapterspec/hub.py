@@ -14,8 +14,12 @@ A revision is a branch, a tag or a full commit sha; one with a ``/`` is percent-
 ``subfolder`` may also be an adapter *name* listed in its manifest ``adapterspec.json``.
 
 Environment, read at each call: ``HF_ENDPOINT`` (another Hub), ``HF_HUB_OFFLINE=1`` (no network:
-the adapter must be in the cache), ``HF_TOKEN``; and the rest of huggingface_hub's settings
+the adapter must be in the cache), ``HF_TOKEN``, ``ADAPTERSPEC_HUB_TIMEOUT`` (seconds without progress
+before a download gives up, default 20); and the rest of huggingface_hub's settings
 (``HF_HUB_CACHE``, ``HF_HUB_DISABLE_PROGRESS_BARS``, ...).
+
+Every downloaded or cached file is checked against the digest the Hub announced for it, and every
+request is bounded in time (see :mod:`adapterspec._hubsafety` and README's "Safety").
 
 >>> folder = download_adapter("hf://org/my-lora@v2/french")               # doctest: +SKIP
 >>> push_to_hub("out/my-lora", "org/my-lora", private=True)               # doctest: +SKIP
@@ -36,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
+from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
 from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "TIMEOUT_ENV",
     "HubRef",
     "add_push_parser",
     "download_adapter",
@@ -159,6 +166,19 @@ def _api(token: str | bool | None) -> HfApi:
     return HfApi(endpoint=_endpoint(), token=token, library_name="adapterspec")
 
 
+def _redirect_errors() -> tuple[type[BaseException], ...]:
+    """httpx's ``TooManyRedirects`` (a redirect loop), from whichever httpx huggingface_hub uses."""
+    import importlib
+
+    types: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            types.append(importlib.import_module(module).TooManyRedirects)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
     """The exceptions meaning "the Hub cannot be reached" (huggingface_hub 1.x+ uses httpx / httpx2)."""
     import importlib
@@ -210,6 +230,9 @@ def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -
         hint = ("your token is invalid or lacks write access: pass token= with write rights" if status in (401, 403)
                 else "retry later; if it persists, check HF_ENDPOINT and the Hub's status")
         raise HubError(f"the Hub refused to {action} (HTTP {status}): {first}", path=where, hint=hint) from None
+    except _redirect_errors() as exc:
+        raise HubError(f"the Hub redirected in a loop: {str(exc).splitlines()[0][:300]}", path=where,
+                       hint="retry later; if it persists, check HF_ENDPOINT and any proxy in between") from None
     except _network_errors() as exc:
         if action == "download":
             raise _not_cached(ref, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})") from None
@@ -307,23 +330,62 @@ def _from_cache(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
         raise _not_cached(ref, reason)
     if not any(_cached(ref, _join(folder, weights), cache_dir) for weights in (SAFETENSORS_NAME, PICKLE_NAME)):
         raise _not_cached(ref, f"only its config is cached, and {reason}")
+    _check_folder(ref, Path(config).parent, [CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME])
     return Path(config).parent
 
 
-def _snapshot(ref: HubRef, wanted: list[str], *, token: str | bool | None, cache_dir: str | Path | None) -> Path:
-    from huggingface_hub import snapshot_download
+def _storage(ref: HubRef, cache_dir: str | Path | None) -> Path:
+    """The repo's folder in huggingface_hub's cache (``<cache>/models--org--name``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=wanted, cache_dir=cache_dir,
-                                    token=token, endpoint=_endpoint(), library_name="adapterspec"))
-    missing = [f for f in wanted if not (folder / f).is_file()]
-    if missing:
-        raise HubError(f"{', '.join(missing)} changed on the Hub while downloading", path=ref.url,
-                       hint="retry, or pin revision= to a commit sha")
-    return folder
+    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+
+
+def _file_url(ref: HubRef, filename: str) -> str:
+    return f"{HubRef(ref.repo_id, ref.revision).url}/{filename}"
+
+
+def _download(ref: HubRef, wanted: list[str], sha: str, *, token: str | bool | None,
+              cache_dir: str | Path | None) -> Path:
+    """Download ``wanted`` (repo paths) at commit ``sha``, each checked (:func:`fetch`); the snapshot folder.
+
+    One file at a time, in this thread (where the download's watchdog is); huggingface_hub shows a bar
+    of the files, as its ``snapshot_download`` does, and one of the bytes of each file on a terminal.
+    """
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+    bar = hf_tqdm(total=len(wanted), desc=f"Fetching {len(wanted)} files",  # type: ignore[no-untyped-call]  # unannotated
+                  name="huggingface_hub.snapshot_download")
+    with bar:
+        for filename in wanted:
+            fetch(ref.repo_id, filename, revision=sha, where=_file_url(ref, filename), token=token,
+                  cache_dir=cache_dir, endpoint=_endpoint())
+            bar.update()
+    # what huggingface_hub's snapshot_download records, so that the revision is found offline too
+    storage = _storage(ref, cache_dir)
+    ref_file = storage / "refs" / (ref.revision or "main")
+    if ref.revision != sha and (not ref_file.is_file() or ref_file.read_text().strip() != sha):
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(sha)
+    return storage / "snapshots" / sha
+
+
+def _check_folder(ref: HubRef, folder: Path, files: list[str]) -> None:
+    """Check cached files (paths relative to the snapshot's ``folder``) against the Hub's digests, offline."""
+    snapshot = folder
+    while snapshot.parent.name != "snapshots" and snapshot.parent != snapshot:
+        snapshot = snapshot.parent
+    for name in files:
+        path = folder / name
+        if path.exists():
+            filename = path.relative_to(snapshot).as_posix()
+            check_cached(path, filename, _file_url(ref, filename), online=False)
 
 
 def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,
-                     token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+                     token: str | bool | None = None, cache_dir: str | Path | None = None,
+                     timeout: float | None = None) -> Path:
     """Download one adapter from the Hub (only its config and weights) and return its local folder.
 
     Files go to huggingface_hub's cache and are reused: a cached adapter loads with no network call
@@ -331,13 +393,22 @@ def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, re
     ``adapter_model.safetensors`` are fetched -- ``adapter_model.bin`` only when the repo has no
     safetensors file -- plus the manifest ``adapterspec.json`` of a multi-adapter repo.
 
+    Every file is checked against the digest the Hub announced for it (its ETag: the sha256 of an LFS
+    file, the git blob id of a regular one) before it is returned, online and from the cache; a
+    mismatch removes that file from the cache (a retry downloads it again) and raises
+    :class:`~adapterspec.IntegrityError`. Every request is bounded by ``timeout``, and the download
+    gives up when ``timeout`` seconds pass without progress (a response, a finished file, or 64 KiB of
+    a body); huggingface_hub shows its progress bars meanwhile.
+
     :param repo_id_or_hf_url: ``"org/name"``, ``"org/name@rev"`` or ``"hf://org/name[@rev][/subfolder]"``.
     :param subfolder: the adapter's folder in the repo, or an adapter name from the repo's manifest.
     :param revision: branch, tag or commit sha (default: the default branch).
     :param token: Hub token (default: ``HF_TOKEN`` or the saved login); ``False`` sends none.
     :param cache_dir: huggingface_hub cache folder (default: ``HF_HUB_CACHE``).
-    :raises HubError: repo, revision or file not found, not cached while offline, or the Hub failed;
-        the message names the repo, revision and file, and the fix.
+    :param timeout: seconds without progress before giving up (default: ``ADAPTERSPEC_HUB_TIMEOUT``, else 20).
+    :raises HubError: repo, revision or file not found, not cached while offline, the Hub failed, a
+        transfer ended early or stalled; the message names the repo, revision and file, and the fix.
+    :raises IntegrityError: a file is not what the Hub announced (the bad copy is removed from the cache).
 
     >>> download_adapter("hf://org/my-lora@v2", subfolder="fr")                # doctest: +SKIP
     PosixPath('~/.cache/huggingface/hub/models--org--my-lora/snapshots/<sha>/fr')
@@ -346,32 +417,47 @@ def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, re
     plain = not str(repo_id_or_hf_url).startswith("hf://")
     if _offline():
         return _from_cache(ref, cache_dir, "offline mode is on (HF_HUB_OFFLINE=1)")
-    with _hub_errors(ref, plain=plain):
+    with _hub_errors(ref, plain=plain), watching(ref.url, timeout) as dog:
         try:
-            info = _api(token).model_info(ref.repo_id, revision=ref.revision)
+            info = _api(token).model_info(ref.repo_id, revision=ref.revision, timeout=dog.timeout)
         except _network_errors() as exc:  # the Hub is unreachable: use the cache, like huggingface_hub does
-            return _from_cache(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
-        files = {s.rfilename for s in info.siblings or []}
-        folder, manifests = _locate(ref, files, lambda name: _read(ref, name, info.sha, token, cache_dir))
-        snapshot = _snapshot(ref, _pick_files(ref, files, folder) + manifests, token=token, cache_dir=cache_dir)
+            return _from_cache(ref, cache_dir, _unreachable(exc, dog.timeout))
+        files, sha = {s.rfilename for s in info.siblings or []}, _commit(ref, info.sha)
+        folder, manifests = _locate(ref, files, lambda name: _read(ref, name, sha, token, cache_dir))
+        snapshot = _download(ref, _pick_files(ref, files, folder) + manifests, sha, token=token, cache_dir=cache_dir)
     return snapshot / folder if folder else snapshot
 
 
-def _read(ref: HubRef, filename: str, commit: str | None, token: str | bool | None, cache_dir: str | Path | None) -> str:
-    """One (small) file of the repo at ``commit``, through the cache."""
-    from huggingface_hub import hf_hub_download
+def _commit(ref: HubRef, sha: str | None) -> str:
+    if sha is None or not _COMMIT_SHA.match(sha):
+        raise HubError(f"the Hub named no commit for {ref.repo_id!r} (got {sha!r})", path=ref.url,
+                       hint="check HF_ENDPOINT: it must point at a Hugging Face Hub (or a mirror of its API)")
+    return sha
 
-    return Path(hf_hub_download(ref.repo_id, filename, revision=commit, cache_dir=cache_dir, token=token,
-                                endpoint=_endpoint(), library_name="adapterspec")).read_text("utf-8")
+
+def _unreachable(exc: BaseException, timeout: float) -> str:
+    """Why the Hub's API did not answer, for a "not in the cache and ..." message."""
+    if "Timeout" in type(exc).__name__:
+        return f"{_endpoint_name()} did not answer within {timeout:g} s ({type(exc).__name__})"
+    return f"{_endpoint_name()} cannot be reached ({type(exc).__name__})"
+
+
+def _read(ref: HubRef, filename: str, commit: str, token: str | bool | None, cache_dir: str | Path | None) -> str:
+    """One (small) file of the repo at ``commit``, through the cache."""
+    path = fetch(ref.repo_id, filename, revision=commit, where=_file_url(ref, filename), token=token,
+                 cache_dir=cache_dir, endpoint=_endpoint())
+    return path.read_text("utf-8")
 
 
 def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,
-                      token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+                      token: str | bool | None = None, cache_dir: str | Path | None = None,
+                      timeout: float | None = None) -> Path:
     """Download every adapter of a repo (or of one of its subfolders) and return the local folder holding them.
 
     The folder reads with :func:`adapterspec.read_adapters` / :func:`adapterspec.list_adapters`: its
     manifest and each adapter it lists (or, without a manifest, the adapter at the top and those in
-    its immediate subfolders, PEFT's layout). Only config and weights files are fetched.
+    its immediate subfolders, PEFT's layout). Only config and weights files are fetched, each checked
+    and bounded in time as by :func:`download_adapter` (same errors, same ``timeout``).
 
     >>> adapterspec.read_adapters(download_adapters("org/several"))            # doctest: +SKIP
     {'default': Adapter(...), 'fr': Adapter(...)}
@@ -380,16 +466,16 @@ def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, r
     plain = not str(repo_id_or_hf_url).startswith("hf://")
     if _offline():
         return _cached_container(ref, cache_dir, "offline mode is on (HF_HUB_OFFLINE=1)")
-    with _hub_errors(ref, plain=plain):
+    with _hub_errors(ref, plain=plain), watching(ref.url, timeout) as dog:
         try:
-            info = _api(token).model_info(ref.repo_id, revision=ref.revision)
+            info = _api(token).model_info(ref.repo_id, revision=ref.revision, timeout=dog.timeout)
         except _network_errors() as exc:
-            return _cached_container(ref, cache_dir, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})")
-        files = {s.rfilename for s in info.siblings or []}
+            return _cached_container(ref, cache_dir, _unreachable(exc, dog.timeout))
+        files, sha = {s.rfilename for s in info.siblings or []}, _commit(ref, info.sha)
         container = ref.subfolder or ""
         manifest = _join(container, MANIFEST_NAME)
         if manifest in files:
-            listed = _manifest_adapters(_read(ref, manifest, info.sha, token, cache_dir)).values()
+            listed = _manifest_adapters(_read(ref, manifest, sha, token, cache_dir)).values()
             folders, extra = [_join(container, path) for path in listed], [manifest]
         else:  # PEFT's layout: the adapter on top and those one folder down
             depth = len(container.split("/")) if container else 0
@@ -398,27 +484,25 @@ def download_adapters(repo_id_or_hf_url: str, *, subfolder: str | None = None, r
         if not folders:
             _locate(ref, files, lambda name: "{}")  # raises the right "no adapter here" error
         wanted = [f for folder in folders for f in _pick_files(ref, files, folder)] + extra
-        snapshot = _snapshot(ref, wanted, token=token, cache_dir=cache_dir)
+        snapshot = _download(ref, wanted, sha, token=token, cache_dir=cache_dir)
     return snapshot / container if container else snapshot
 
 
 def _cached_container(ref: HubRef, cache_dir: str | Path | None, reason: str) -> Path:
     """The snapshot folder of ``ref`` in the cache (whatever of it was downloaded), without network."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    storage = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+    storage = _storage(ref, cache_dir)
     revision = ref.revision or "main"
     ref_file = storage / "refs" / revision
     sha = revision if _COMMIT_SHA.match(revision) else (ref_file.read_text().strip() if ref_file.is_file() else None)
     folder = storage / "snapshots" / sha / (ref.subfolder or "") if sha else None
     if folder is None or not folder.is_dir():
         raise _not_cached(ref, reason)
+    _check_folder(ref, folder, [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()])
     return folder
 
 
 def resolve_for_validation(spec: str, *, revision: str | None = None, token: str | bool | None = None,
-                           cache_dir: str | Path | None = None) -> Path:
+                           cache_dir: str | Path | None = None, timeout: float | None = None) -> Path:
     """The local path to validate for ``spec``: itself if it exists locally, else every adapter of the
     Hub repo (``hf://org/name[@rev][/subfolder]`` or ``org/name``) downloaded (see :func:`download_adapters`).
 
@@ -427,7 +511,7 @@ def resolve_for_validation(spec: str, *, revision: str | None = None, token: str
     """
     if not spec.startswith("hf://") and Path(spec).exists():
         return Path(spec)
-    return download_adapters(spec, revision=revision, token=token, cache_dir=cache_dir)
+    return download_adapters(spec, revision=revision, token=token, cache_dir=cache_dir, timeout=timeout)
 
 
 # -- push --------------------------------------------------------------------------------------------

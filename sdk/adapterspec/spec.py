@@ -1,7 +1,8 @@
 """The versions of the adapterspec format and the rules for reading them.
 
-A writer records ``adapterspec_version`` in ``adapter_config.json`` (and in the safetensors
-metadata). A reader compares it with :data:`SPEC_VERSION`:
+A writer records ``adapterspec_version`` in the safetensors metadata (spec 1.0 writers also wrote it
+in ``adapter_config.json``, where PEFT warns about it; a reader takes the config's value when there is
+one). A reader compares it with :data:`SPEC_VERSION`:
 
 * absent -- the folder was written by PEFT (or another tool before adapterspec); it is read
   as spec 1.0, which is a superset-compatible reading of PEFT's format;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 import warnings
 
-from .errors import AdapterSpecWarning, VersionError
+from .errors import AdapterSpecWarning, VersionError, shorten
 
 __all__ = [
     "CONFIG_NAME",
@@ -27,6 +28,7 @@ __all__ = [
     "METADATA_FORMAT",
     "METADATA_SHA256",
     "METADATA_VERSION",
+    "MAX_VERSION_LENGTH",
     "PEFT_PREFIX",
     "SAFETENSORS_NAME",
     "PICKLE_NAME",
@@ -35,7 +37,7 @@ __all__ = [
     "check_version",
 ]
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,6 +51,10 @@ METADATA_FORMAT = "format"  # PEFT writes {"format": "pt"}; kept for compatibili
 METADATA_VERSION = "adapterspec_version"
 METADATA_SHA256 = "adapterspec_sha256"
 
+#: The longest ``adapterspec_version`` accepted (the schemas' ``maxLength``): ``int()`` of a 5,000-digit
+#: minor would raise Python's integer-digit limit, and a junk megabyte would be echoed in the error.
+MAX_VERSION_LENGTH = 32
+
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
@@ -57,17 +63,22 @@ def check_version(version: object, *, pointer: str = "/adapterspec_version", pat
 
     :param version: the recorded version, ``None`` for a PEFT-written folder.
     :returns: ``(major, minor)``; ``(1, 0)`` for ``None``.
-    :raises VersionError: malformed, or a newer major version.
+    :raises VersionError: malformed (or longer than :data:`MAX_VERSION_LENGTH`), or a newer major version.
 
     >>> check_version(None)
     (1, 0)
     """
     if version is None:
         return (1, 0)
+    if isinstance(version, str) and len(version) > MAX_VERSION_LENGTH:
+        raise VersionError(
+            f"is {len(version)} characters long, more than {MAX_VERSION_LENGTH}: {shorten(version)}",
+            pointer=pointer, path=path, hint=f'write "{SPEC_VERSION}" or leave the field out',
+        )
     match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     if match is None:
         raise VersionError(
-            f"must be a version string 'MAJOR.MINOR', got {version!r}",
+            f"must be a version string 'MAJOR.MINOR', got {shorten(version)}",
             pointer=pointer, path=path, hint=f'write "{SPEC_VERSION}" or leave the field out',
         )
     major, minor = int(match[1]), int(match[2])

@@ -21,11 +21,14 @@ These functions are the single definition of target matching for every backend (
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
+from ._regex import Pattern, UnsupportedPattern, compile_pattern
+
 __all__ = [
+    "PatternTable",
+    "Targeting",
     "is_feedforward",
     "is_modules_to_save",
     "layer_index",
@@ -36,11 +39,38 @@ __all__ = [
     "token_indices",
 ]
 
+# Every regular expression of a config runs on adapterspec._regex (linear in the module path, whatever
+# the pattern); re runs only the default layer pattern below and a layers_pattern that is a plain name,
+# where it cannot backtrack (each start position costs at most the name's length plus its digits).
+_DEFAULT_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+_METACHARACTERS = frozenset(".^$*+?{}[]\\|()")
 
-def _listed(entries: str | Sequence[str], path: str) -> bool:
-    if isinstance(entries, str):
-        return re.fullmatch(entries, path) is not None
-    return path in entries or any(path.endswith("." + entry) for entry in entries)
+
+def _suffix_listed(entries: Collection[str], path: str) -> bool:
+    """``path`` equals an entry or ends with ``"." + entry``: one set lookup per ``.`` of the path."""
+    if path in entries:
+        return True
+    dot = path.find(".")
+    while dot >= 0:
+        if path[dot + 1:] in entries:
+            return True
+        dot = path.find(".", dot + 1)
+    return False
+
+
+def _selector(value: Any) -> Pattern | frozenset[str] | None:
+    """``target_modules`` / ``exclude_modules`` compiled: a pattern (string), a set (list), or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return compile_pattern(value)
+    return frozenset(value)
+
+
+def _selects(selector: Pattern | frozenset[str], path: str) -> bool:
+    if isinstance(selector, Pattern):
+        return selector.fullmatch(path)
+    return _suffix_listed(selector, path)
 
 
 def is_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
@@ -49,7 +79,7 @@ def is_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
     >>> is_modules_to_save({"modules_to_save": ["score"]}, "score")
     True
     """
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in config.get("modules_to_save") or ())
+    return any(compile_pattern(rf"(^|.*\.){m}($|\..*)").match(path) for m in config.get("modules_to_save") or ())
 
 
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
@@ -59,53 +89,151 @@ def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) ->
     12
     """
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-            if match is not None:
-                break
-    return int(match["idx"]) if match else None
+        match = _DEFAULT_LAYER.match(path)
+        return int(match["idx"]) if match else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        wrapped = rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+        if _METACHARACTERS.isdisjoint(pattern):  # a plain name ("layers"): re is linear on it, and fast
+            match = re.match(wrapped, path)
+            span = match.span("idx") if match else None
+        else:
+            span = compile_pattern(wrapped, "idx").match_span(path)
+        if span is not None:  # the first pattern that matches decides, as in PEFT
+            # ("h|layers" spliced in unbracketed can match without the index: PEFT's int(None) raises; none here)
+            return int(path[span[0]:span[1]]) if span[0] >= 0 else None
+    return None
+
+
+class Targeting:
+    """:func:`module_matches` for one config, prepared once: lists become sets, patterns are compiled.
+
+    A config with 20,000 ``target_modules`` entries answers for a module in one set lookup per ``.`` of
+    its path (a list scan made 30k modules x 20k entries quadratic).
+
+    >>> Targeting({"target_modules": ["q_proj"], "exclude_modules": ["vision.q_proj"]}).matches("vision.q_proj")
+    False
+    """
+
+    __slots__ = ("exclude", "layers", "layers_pattern", "save", "targets")
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        exclude = config.get("exclude_modules")
+        self.exclude = _selector(exclude) if exclude else None  # null, "" and [] exclude nothing
+        self.targets = _selector(config.get("target_modules"))
+        self.save = tuple(compile_pattern(rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or ())
+        layers = config.get("layers_to_transform")
+        self.layers: frozenset[int] | None = None if layers is None or layers == [] else \
+            frozenset([layers] if isinstance(layers, int) else layers)
+        self.layers_pattern = config.get("layers_pattern")
+
+    def matches(self, path: str) -> bool:
+        """Whether the module at ``path`` gets an adapter (SPEC.md 4.3)."""
+        if self.exclude is not None and _selects(self.exclude, path):
+            return False
+        if any(pattern.match(path) for pattern in self.save):
+            return False
+        targets = self.targets
+        if targets is None:
+            return False
+        if isinstance(targets, Pattern):
+            return targets.fullmatch(path)
+        if path in targets:  # an exact entry: layers_to_transform does not apply (PEFT, SPEC 4.3 step 4)
+            return True
+        if not _suffix_listed(targets, path):
+            return False
+        if self.layers is None:
+            return True
+        return layer_index(path, self.layers_pattern) in self.layers
 
 
 def module_matches(config: Mapping[str, Any], path: str) -> bool:
     """Whether the adapter described by ``config`` adapts the module at ``path``.
 
+    For many paths, prepare the config once with :class:`Targeting` (as :class:`~adapterspec.AdapterConfig` does).
+
     :param config: an adapter config (a dict or :class:`~adapterspec.AdapterConfig`).
     :param path: the module path, e.g. ``"model.layers.0.self_attn.q_proj"``.
     """
-    exclude = config.get("exclude_modules")
-    if exclude and _listed(exclude, path):
-        return False
-    if is_modules_to_save(config, path):
-        return False
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    if not _listed(targets, path):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    index = layer_index(path, config.get("layers_pattern"))
-    if index is None:
-        return False
-    return index == layers if isinstance(layers, int) else index in layers
+    return Targeting(config).matches(path)
+
+
+def _simple_key(key: str) -> tuple[tuple[int, ...], str] | None:
+    """A ``rank_pattern`` key made of literal characters and ``.`` only: (positions of its ``.``, the key
+    with NUL there); ``None`` for any other pattern."""
+    if any(c in _METACHARACTERS and c != "." for c in key):
+        return None
+    return tuple(i for i, c in enumerate(key) if c == "."), key.replace(".", "\0")
+
+
+class PatternTable:
+    r"""``rank_pattern``/``alpha_pattern`` prepared once (SPEC.md 4.4): the first key in order matching the end
+    of a path, found without trying every key.
+
+    Keys of literal characters and ``.`` (``q_proj``, ``model.layers.0.self_attn.q_proj``: most of them)
+    are looked up by the path's end, in one dictionary per key length and ``.`` layout; other keys are
+    matched in order, each by the linear-time matcher, and only until a better (earlier) key is known.
+
+    >>> PatternTable({"q_proj": 4, r"layers\.0\..*": 2}).value("model.layers.0.self_attn.q_proj", default=8)
+    4
+    """
+
+    __slots__ = ("_lookup", "_patterns", "_values")
+
+    def __init__(self, patterns: Mapping[str, Any] | None) -> None:
+        items = list((patterns or {}).items())
+        self._values = [value for _, value in items]
+        self._lookup: dict[tuple[int, tuple[int, ...]], dict[str, int]] = {}
+        self._patterns: list[tuple[int, Pattern]] = []
+        for index, (key, _) in enumerate(items):
+            simple = _simple_key(key)
+            if simple is None:
+                self._patterns.append((index, compile_pattern(rf"(.*\.)?({key})$")))
+            else:
+                self._lookup.setdefault((len(key), simple[0]), {}).setdefault(simple[1], index)
+
+    def index(self, path: str) -> int | None:
+        r"""The position of the first key matching ``path`` (``re.match(rf"(.*\.)?({key})$", path)``), or ``None``."""
+        best: int | None = None
+        ends = (len(path), len(path) - 1) if path.endswith("\n") else (len(path),)  # '$' matches before a final \n
+        for (length, dots), keys in self._lookup.items():
+            for end in ends:
+                start = end - length
+                # (.*\.)? : the key starts the path, or follows a '.' with no newline before it ('.' is not \n)
+                if start < 0 or (start and (path[start - 1] != "." or "\n" in path[:start - 1])):
+                    continue
+                window = path[start:end]
+                if dots:
+                    if any(window[i] == "\n" for i in dots):
+                        continue
+                    chars = list(window)
+                    for i in dots:
+                        chars[i] = "\0"
+                    window = "".join(chars)
+                found = keys.get(window)
+                if found is not None and (best is None or found < best):
+                    best = found
+        for index, pattern in self._patterns:
+            if best is not None and index > best:
+                break
+            if pattern.match(path):
+                return index
+        return best
+
+    def value(self, path: str, *, default: Any) -> Any:
+        """The value of the first key matching ``path``, else ``default``."""
+        index = self.index(path)
+        return default if index is None else self._values[index]
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, path: str, *, default: Any) -> Any:
     """The value of the first ``rank_pattern``/``alpha_pattern`` key matching the end of ``path``, else ``default``.
 
+    For many paths, prepare the mapping once with :class:`PatternTable`.
+
     >>> pattern_value({"q_proj": 4}, "model.layers.0.self_attn.q_proj", default=8)
     4
     """
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+    return PatternTable(patterns).value(path, default=default)
 
 
 def is_feedforward(config: Mapping[str, Any], path: str) -> bool:
@@ -118,8 +246,8 @@ def is_feedforward(config: Mapping[str, Any], path: str) -> bool:
     """
     entries = config.get("feedforward_modules") or []
     if isinstance(entries, str):
-        return re.fullmatch(entries, path) is not None
-    return any(path.endswith(entry) for entry in entries)
+        return compile_pattern(entries).fullmatch(path)
+    return path.endswith(tuple(entries))
 
 
 def token_indices(config: Mapping[str, Any], path: str) -> list[int] | None:
@@ -151,7 +279,8 @@ _REGEX_FIELDS: tuple[tuple[str, str], ...] = (
 
 
 def _regexes(config: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """(JSON pointer, pattern as used) of every regular expression ``config`` holds."""
+    """(JSON pointer, pattern as used) of every regular expression ``config`` holds, but those made of
+    literal characters and ``.`` (most ``rank_pattern`` keys: module names), which compile wherever spliced."""
     for name, wrapper in _REGEX_FIELDS:
         value = config.get(name)
         if name in ("target_modules", "exclude_modules", "feedforward_modules"):
@@ -165,22 +294,22 @@ def _regexes(config: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         else:
             values = []
         for sub, pattern in values:
-            yield f"/{name}{sub}", wrapper.replace("{}", pattern)
+            if any(c in _METACHARACTERS and c != "." for c in pattern):  # else valid wherever it is spliced
+                yield f"/{name}{sub}", wrapper.replace("{}", pattern)
 
 
 def regex_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(JSON pointer, problem) for each regular expression in ``config`` that cannot be used safely.
+    """(JSON pointer, problem) for each regular expression in ``config`` that cannot be used.
 
-    A pattern is refused when it does not compile (``re.error`` would surface in the middle of
-    matching), when it can backtrack exponentially -- a repeat of something that can itself match
-    in a variable number of ways (``(a+)+``, ``(\\w+\\.)*``, ``(a|ab)*``), the classic regex bomb --, or
-    when it holds more than :data:`MAX_WILDCARDS` unbounded wildcards (``.*``, ``\\w+``, ``[^.]*``): matching
-    time grows as the path length to the power of their number. The check is structural and
-    conservative; module paths are also bounded in length (:data:`~adapterspec.naming.MAX_KEY_LENGTH`).
+    A pattern is refused when it does not compile under Python's ``re`` (``re.error`` would surface in
+    the middle of matching), or when it uses what adapterspec's linear-time matcher cannot run
+    (backreferences, conditional groups, atomic groups, possessive repeats) or compiles too large
+    (:mod:`adapterspec._regex`). Every other pattern -- ``(a+)+b`` included -- is matched in time
+    linear in the module path, so none is refused for being slow (SPEC.md 11.5).
 
     >>> regex_problems({"target_modules": ".*(q|v)_proj"})
     []
-    >>> regex_problems({"target_modules": "(a+)+b"})[0][0]
+    >>> regex_problems({"target_modules": "(q_proj"})[0][0]
     '/target_modules'
     """
     problems = []
@@ -192,122 +321,15 @@ def regex_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def regex_problem(pattern: str) -> str | None:
-    """Why ``pattern`` cannot be used on untrusted input, or ``None`` if it can.
+    r"""Why ``pattern`` cannot be used, or ``None`` if it can.
 
-    >>> regex_problem("(.*)*x")
-    'a repeat inside a repeat can backtrack exponentially (a regex bomb)'
+    >>> regex_problem(r"(a)\1")
+    'a backreference cannot be matched in linear time (adapterspec matches config patterns in linear time, SPEC.md 11.5)'
     """
     try:
-        parsed = _sre_parse.parse(pattern)
-        re.compile(pattern)
+        compile_pattern(pattern)
+    except UnsupportedPattern as exc:
+        return f"{exc} (adapterspec matches config patterns in linear time, SPEC.md 11.5)"
     except (re.error, RecursionError, OverflowError, ValueError, MemoryError) as exc:
         return f"not a valid regular expression: {exc}"
-    wildcards = _wildcards(list(parsed.data))
-    if wildcards > MAX_WILDCARDS:
-        return (f"{wildcards} unbounded wildcards (more than {MAX_WILDCARDS}): matching time grows as the "
-                f"path length to the power of their number")
-    return _risk(list(parsed.data), inside=False)
-
-
-#: The most unbounded wildcard repeats (``.*``, ``\w+``, ``[^x]*``) a pattern may hold, wrapper included.
-MAX_WILDCARDS = 3
-
-if sys.version_info >= (3, 11):  # the parser behind re, to inspect a pattern's structure
-    from re import _constants as _sre  # type: ignore[attr-defined]  # typeshed has no stubs for re's private modules
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]  # (sre_* below, 3.10's, have them)
-else:  # Python 3.10
-    import sre_constants as _sre
-    import sre_parse as _sre_parse
-
-_BACKTRACKING_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT)  # possessive repeats never backtrack
-
-
-def _risk(items: list[Any], *, inside: bool) -> str | None:
-    """A reason ``items`` can backtrack exponentially; ``inside``: within a repeat that iterates."""
-    for op, av in items:
-        if op in _BACKTRACKING_REPEATS:
-            low, high, body = av
-            if inside and low != high:
-                return "a repeat inside a repeat can backtrack exponentially (a regex bomb)"
-            iterating = high > 1
-            if iterating and _ambiguous(list(body)):
-                return "a repeated alternation whose branches can start alike backtracks exponentially"
-            found = _risk(list(body), inside=inside or iterating)
-        elif op is _sre.SUBPATTERN:
-            found = _risk(list(av[-1]), inside=inside)
-        elif op is _sre.BRANCH:
-            found = next((r for alt in av[1] if (r := _risk(list(alt), inside=inside))), None)
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            found = _risk(list(av[1]), inside=inside)
-        elif op is _sre.GROUPREF_EXISTS:
-            found = next((r for alt in av[1:] if alt and (r := _risk(list(alt), inside=inside))), None)
-        else:  # literals, sets, anchors, atomic groups (which never backtrack into themselves)
-            found = None
-        if found:
-            return found
-    return None
-
-
-def _wildcards(items: list[Any]) -> int:
-    """How many unbounded repeats of broad character classes ``items`` holds, at any depth."""
-    count = 0
-    for op, av in items:
-        if op in _BACKTRACKING_REPEATS:
-            body = list(av[2])
-            broad = len(body) == 1 and _first(body) is None
-            count += int(broad and av[1] == _sre.MAXREPEAT) + _wildcards(body)
-        elif op is _sre.SUBPATTERN:
-            count += _wildcards(list(av[-1]))
-        elif op is _sre.BRANCH:
-            count += max((_wildcards(list(alt)) for alt in av[1]), default=0)
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            count += _wildcards(list(av[1]))
-    return count
-
-
-def _ambiguous(items: list[Any]) -> bool:
-    """Whether ``items`` holds (at its top, or in its groups) an alternation whose branches may start with the same character."""
-    for op, av in items:
-        if op is _sre.SUBPATTERN and _ambiguous(list(av[-1])):
-            return True
-        if op is _sre.BRANCH:
-            seen: set[int] = set()
-            for alt in av[1]:
-                first = _first(list(alt))
-                if first is None or first & seen:
-                    return True
-                seen |= first
-    return False
-
-
-def _first(items: list[Any]) -> set[int] | None:
-    """The characters a match of ``items`` can start with; ``None``: any, or it can match empty."""
-    for op, av in items:
-        if op is _sre.AT:  # anchors consume nothing
-            continue
-        if op is _sre.LITERAL:
-            return {av}
-        if op is _sre.IN:
-            chars: set[int] = set()
-            for kind, value in av:
-                if kind is _sre.LITERAL:
-                    chars.add(value)
-                elif kind is _sre.RANGE and value[1] - value[0] < 256:
-                    chars.update(range(value[0], value[1] + 1))
-                else:  # negated sets, categories (\w, \d...), big ranges
-                    return None
-            return chars
-        if op is _sre.SUBPATTERN:
-            return _first(list(av[-1]))
-        if op in _BACKTRACKING_REPEATS and av[0] >= 1:
-            return _first(list(av[2]))
-        if op is _sre.BRANCH:
-            union: set[int] = set()
-            for alt in av[1]:
-                first = _first(list(alt))
-                if first is None:
-                    return None
-                union |= first
-            return union
-        return None
     return None

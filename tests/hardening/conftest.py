@@ -2,7 +2,8 @@
 
 The summary line (``pytest_terminal_summary``) appears in plain ``pytest -q`` output::
 
-    ==== adapterspec hardening: 10532 generated bad inputs, 0 untyped exceptions, 0 hangs, 0 partial mutations ====
+    ==== adapterspec hardening: 10532 generated bad inputs, 0 untyped exceptions, 0 hangs, 0 partial mutations,
+    304 regex bombs matched in bounded time ====
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
         "=", f"adapterspec hardening{' (long mode)' if LONG else ''}: {STATS.inputs} generated bad inputs, "
              f"{len(STATS.untyped)} untyped exceptions"
              f"{f' (+{len(STATS.known)} known, xfailed)' if STATS.known else ''}, {len(STATS.hangs)} hangs, "
-             f"{len(STATS.mutations)} partial mutations")
+             f"{len(STATS.mutations)} partial mutations, {STATS.by_group.get('regex-budget', 0)} regex bombs matched in "
+             "bounded time")
     groups = ", ".join(f"{k} {v}" for k, v in sorted(STATS.by_group.items()))
     terminalreporter.write_line(f"inputs by group: {groups}")
     terminalreporter.write_line(f"calls: {STATS.calls} ({STATS.typed} typed refusals, {STATS.accepted} accepted)")

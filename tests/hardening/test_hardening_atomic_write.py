@@ -90,7 +90,8 @@ def test_failure_while_overwriting_keeps_the_old_adapter(tmp_path: Path, monkeyp
 
 
 @pytest.mark.parametrize("exc", EXCEPTIONS, ids=lambda e: type(e).__name__)
-@pytest.mark.parametrize("step", [("_write_file", 1), ("_write_file", 2), ("rename", 1)], ids=lambda s: f"{s[0]}#{s[1]}")
+@pytest.mark.parametrize("step", [("_write_file", 1), ("_write_file", 2), ("_rename_new", 1)],
+                         ids=lambda s: f"{s[0]}#{s[1]}")
 def test_failure_while_creating_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                step: tuple[str, int], exc: BaseException) -> None:
     target = folder_mod.os if step[0] == "rename" else folder_mod

@@ -159,7 +159,7 @@ DICT_CASES = {
     "rank_pattern value 0": ({**BASE, "rank_pattern": {"q": 0}}, "/rank_pattern/q"),
     "rank_pattern value NaN": ({**BASE, "rank_pattern": {"q": math.nan}}, "/rank_pattern/q"),
     "target_modules empty string": ({**BASE, "target_modules": ""}, "/target_modules"),
-    "unknown method": ({**BASE, "peft_type": "ADALORA"}, "/peft_type"),
+    "unknown method": ({**BASE, "peft_type": "NOT_A_PEFT_METHOD"}, "/peft_type"),  # ADALORA is recognised since 1.1
     "method lower case": ({**BASE, "peft_type": "lora"}, "/peft_type"),
     "method homoglyph": ({**BASE, "peft_type": "L\u039fRA"}, "/peft_type"),
     "version 2.0": ({**BASE, "adapterspec_version": "2.0"}, "/adapterspec_version"),
@@ -175,13 +175,22 @@ REGEX_FIELDS = {  # field -> (bad value builder, pointer)
     "rank_pattern": (lambda p: {p: 4}, "/rank_pattern/"),
     "alpha_pattern": (lambda p: {p: 4}, "/alpha_pattern/"),
 }
-BAD_REGEXES = {
+BAD_REGEXES = {  # refused: Python cannot compile them, or they have no linear-time matching
     "unbalanced": "q_proj(",
     "bad escape": "q\\",
     "bad repeat": "*q",
     "huge repeat": "q{99999999999}",
     "bad group name": "(?P<1>q)",
     "10k nested groups": "(" * 10_000 + "q" + ")" * 10_000,
+    "backreference": "(q)\\1",
+    "atomic group": "(?>q*)q",
+    "possessive repeat": "q*+q",
+    "20k-state repeat": "(?:q{100}){1000}",
+}
+#: Backtracking bombs for re, which adapterspec matches in linear time: accepted, and never slow. The
+#: first passed the old structural check and ran for minutes (10 groups: 3.4 s per match, 11: 13.8 s).
+REGEX_BOMBS = {
+    "16 overlapping classes": "[a-z0-9._]*" * 16 + "X",
     "nested quantifier": "(a+)+$",
     "nested star": "(.*)*q_proj",
     "nested with separator": "(\\w+\\.)*q_proj",
@@ -190,7 +199,10 @@ BAD_REGEXES = {
     "repeat of repeat, bounded outer": "(.*a){20}",
     "polynomial wildcards": ".*.*.*.*.*x",
     "polynomial classes": "\\w+\\w+\\w+\\w+x",
+    "lookahead in a loop": "(?:(?!X).)*X",
 }
+#: Module paths that make re backtrack on the bombs (long, every character in their classes).
+BOMB_PATHS = ["a" * 60, "a." * 30, "model.layers.0." + "q_proj" * 10, "a" * 1000]
 
 
 @pytest.mark.parametrize("case", sorted(DICT_CASES))
@@ -211,9 +223,11 @@ def test_bad_regex_is_a_config_error_at_its_field(field: str, regex: str) -> Non
     data = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2, field: build(BAD_REGEXES[regex])}
     if field == "layers_pattern":
         data["layers_to_transform"] = [0]  # the schema allows layers_pattern only with it
-        if regex == "bad escape":  # used as 'q\\\.(?P<idx>...' (PEFT's wrapping): a valid pattern
-            assert AdapterConfig.from_dict(data)
-            return
+    if (field, regex) in (("layers_pattern", "bad escape"), ("layers_pattern", "bad repeat"),
+                          ("modules_to_save", "bad repeat")):
+        # spliced into PEFT's wrapping ('q\\\.(?P<idx>...', '(?:^|.*?\\.)*q...'), a valid pattern
+        assert AdapterConfig.from_dict(data)
+        return
     outcome = probe(f"{field}={regex}", lambda: AdapterConfig.from_dict(data), seconds=5)
     STATS.count("config-regex")
     expect_clean([outcome], allow_ok=False)
@@ -242,6 +256,54 @@ def test_regex_bomb_in_a_file_with_matching_keys(tmp_path: Path) -> None:
         assert "adapter_config.json" in str(outcome.error)
     STATS.count("config-regex", len(outcomes))
     expect_clean(outcomes, allow_ok=False)
+
+
+@pytest.mark.parametrize("bomb", sorted(REGEX_BOMBS))
+@pytest.mark.parametrize("field", sorted(REGEX_FIELDS))
+def test_regex_bombs_are_accepted_and_matched_in_bounded_time(field: str, bomb: str) -> None:
+    """Every regex-bearing field: the config is valid (PEFT accepts it), and matching long paths with it
+    ends well inside the deadline -- by construction (a linear-time matcher), not by a budget."""
+    build, _ = REGEX_FIELDS[field]
+    data = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2, field: build(REGEX_BOMBS[bomb])}
+    if field == "layers_pattern":
+        data["layers_to_transform"] = [0]
+    outcome = probe(f"{field}={bomb}", lambda: AdapterConfig.from_dict(data), seconds=5)
+    expect_clean([outcome])
+    assert outcome.kind == "ok", outcome.error
+    cfg = outcome.value
+    for path in BOMB_PATHS:
+        answer = probe(f"{field}={bomb} on {path[:20]}", lambda: (cfg.matches(path + ".q_proj"), cfg.rank_for(path)),
+                       seconds=5)
+        expect_clean([answer])
+        assert answer.kind == "ok", answer.error
+    STATS.count("regex-budget", 1 + len(BOMB_PATHS))
+
+
+def test_regex_bomb_as_a_rank_pattern_key_through_write_validate_and_read(tmp_path: Path) -> None:
+    """The reported case: ``write_adapter`` / ``validate`` / ``read_adapter`` with the bomb as a rank_pattern key
+    and module paths it backtracks on ran for over 60 s; now they finish, and the bomb (which matches no path)
+    leaves every module at r."""
+    from adapterspec.cli import main
+
+    modules = [f"model.layers.{i}.self_attn.q_proj" + "_long" * 8 for i in range(20)]
+    config = {"peft_type": "LORA", "target_modules": ["q_proj" + "_long" * 8], "r": 2,
+              "rank_pattern": {REGEX_BOMBS["16 overlapping classes"]: 4}}
+    tensors = {}
+    for i, module in enumerate(modules):
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.full((2, 3), i, np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.full((4, 2), i, np.float32)
+    calls = {
+        "write": lambda: adapterspec.write_adapter(tmp_path / "a", config, tensors),
+        "validate": lambda: adapterspec.validate_adapter(tmp_path / "a"),
+        "cli": lambda: main(["validate", str(tmp_path / "a")]),
+        "read": lambda: adapterspec.read_adapter(tmp_path / "a"),
+    }
+    outcomes = {name: probe(f"bomb rank_pattern {name}", call, seconds=5) for name, call in calls.items()}
+    expect_clean(list(outcomes.values()))
+    assert outcomes["validate"].value == [] and outcomes["cli"].value == 0
+    adapter = outcomes["read"].value
+    assert [adapter.config.rank_for(m) for m in modules] == [2] * len(modules)
+    STATS.count("regex-budget", len(calls))
 
 
 def test_accepted_regexes_stay_usable() -> None:
@@ -282,7 +344,7 @@ TEXT_CASES = {
     "NUL in target": '{"peft_type": "LORA", "target_modules": ["q\\u0000"]}',
     "RTL override in method": '{"peft_type": "\\u202eARO L", "target_modules": ["q"]}',
     "duplicate peft_type": '{"peft_type": "LORA", "peft_type": "NOPE", "target_modules": ["q"]}',
-    "bomb in target_modules": '{"peft_type": "LORA", "target_modules": "(a+)+$"}',
+    "backreference in target_modules": '{"peft_type": "LORA", "target_modules": "(a)\\\\1"}',
     "invalid regex in rank_pattern": '{"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"q(": 2}}',
 }
 BYTE_CASES = {
@@ -334,3 +396,27 @@ def test_config_truncation_and_flips(good_adapter: Path, scratch: Path) -> None:
     STATS.count("config-file-mutation", len(variants))
     expect_clean(outcomes)
     assert all(o.kind == "typed" for o in outcomes[: len(raw) - 2]), "a truncated config was accepted"
+
+
+def test_regex_bombs_through_torch_inject_and_load(tmp_path: Path) -> None:
+    """``inject_adapter`` and ``load_adapter`` match every module of the model against the config: with
+    the bomb as target_modules and as a rank_pattern key, on module names it backtracks on, they finish."""
+    torch = pytest.importorskip("torch")
+    name = "a" * 60
+    model = torch.nn.ModuleDict({name: torch.nn.ModuleDict({"q_proj": torch.nn.Linear(3, 4)}),
+                                 "b" * 60: torch.nn.Linear(3, 4)})
+    bomb = REGEX_BOMBS["16 overlapping classes"]
+    config = {"peft_type": "LORA", "r": 2, "target_modules": f"(?:{bomb})|{name}\\.q_proj",
+              "rank_pattern": {bomb: 4}}
+    outcome = probe("bomb inject", lambda: adapterspec.inject_adapter(model, config), seconds=5)
+    expect_clean([outcome])
+    assert outcome.value == [f"{name}.q_proj"]
+    saved = probe("bomb save", lambda: adapterspec.save_adapter(model, tmp_path / "a"), seconds=5)
+    expect_clean([saved])
+    adapterspec.delete_adapter(model, "default")
+    loaded = probe("bomb load", lambda: adapterspec.load_adapter(model, tmp_path / "a"), seconds=5)
+    expect_clean([loaded])
+    assert loaded.value == [f"{name}.q_proj"]
+    assert adapterspec.read_adapter(tmp_path / "a").tensors[
+        f"base_model.model.{name}.q_proj.lora_A.weight"].shape == (2, 3)  # the bomb matched no module: r
+    STATS.count("regex-budget", 3)

@@ -93,7 +93,7 @@ def test_reserved_metadata_cannot_forge_the_checksum(tmp_path: Path) -> None:
     folder = adapterspec.write_adapter(tmp_path / "out", CFG, good(), metadata={"adapterspec_sha256": "0" * 64,
                                                                               "adapterspec_version": "9.9"})
     assert adapterspec.validate_adapter(folder) == []
-    assert adapterspec.read_adapter(folder).metadata["adapterspec_version"] == "1.0"
+    assert adapterspec.read_adapter(folder).metadata["adapterspec_version"] == adapterspec.SPEC_VERSION
 
 
 def test_awkward_torch_tensors_are_written_exactly(tmp_path: Path) -> None:

@@ -16,6 +16,16 @@ real Hub and accepts no uploads), hence this file.
 
 Uploads must not use Xet (the server has no CAS): set ``huggingface_hub.constants.HF_HUB_DISABLE_XET``
 (tests do it with monkeypatch). Every request is recorded in :attr:`HubServer.requests`.
+
+Fault modes, for testing what a client does with a misbehaving Hub (set them on a running server):
+
+* :attr:`HubServer.body_faults` -- repo path -> function of the true bytes: a GET of that file serves what
+  it returns (corrupt, truncated) while every header (ETag, X-Linked-Size, HEAD's Content-Length)
+  still announces the true file;
+* :attr:`HubServer.hang` -- ``"api"`` (``/api/...``) and/or ``"head"`` (``HEAD .../resolve/...``):
+  such requests are read and never answered (until the server stops);
+* :attr:`HubServer.trickle` -- repo path -> seconds between bytes: its GET body comes one byte at a time;
+* :attr:`HubServer.redirect_loop` -- repo paths whose ``resolve`` URL redirects to itself, forever.
 """
 
 from __future__ import annotations
@@ -30,11 +40,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["HubServer", "Request"]
 
 MAX_BODY = 256 * 2**20  # refuse request bodies above this (bounded memory)
+MAX_STALL_S = 60.0  # a hanging or trickling handler gives up after this long, even if the server is not stopped
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 _MISSING = object()
@@ -132,6 +144,11 @@ class HubServer:
         self._lock = threading.RLock()
         self._counter = 0
         self._connections: set[Any] = set()  # open sockets, closed on stop (clients keep connections alive)
+        self.body_faults: dict[str, Callable[[bytes], bytes]] = {}
+        self.hang: set[str] = set()
+        self.trickle: dict[str, float] = {}
+        self.redirect_loop: set[str] = set()
+        self.stopping = threading.Event()  # set by stop(): hanging and trickling handlers give up
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,6 +161,7 @@ class HubServer:
 
     def start(self) -> HubServer:
         hub = self
+        self.stopping.clear()
 
         class Handler(_Handler):
             server_hub = hub
@@ -158,6 +176,7 @@ class HubServer:
     def stop(self) -> None:
         """Stop listening and cut every open connection: from now on nothing answers."""
         if self._httpd is not None:
+            self.stopping.set()
             self._httpd.shutdown()
             self._httpd.server_close()
             with self._lock:
@@ -323,6 +342,11 @@ class _Handler(BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(split.query)
         seg = [urllib.parse.unquote(s) for s in split.path.strip("/").split("/")]
         body = self._body() if method in ("POST", "PUT") else b""
+        is_resolve = len(seg) >= 5 and seg[2] == "resolve"
+        if ("api" in hub.hang and seg[0] == "api") or ("head" in hub.hang and method == "HEAD" and is_resolve):
+            return self._never_answer()
+        if method in ("GET", "HEAD") and is_resolve:  # outside the lock: a trickled body takes its time
+            return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
         with hub._lock:
             if method == "POST" and seg == ["api", "repos", "create"]:
                 return self._create_repo(json.loads(body))
@@ -341,8 +365,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._model_info(f"{seg[2]}/{seg[3]}", "main")
             if method == "POST" and len(seg) == 6 and seg[1].endswith(".git") and seg[2:] == ["info", "lfs", "objects", "batch"]:
                 return self._lfs_batch(f"{seg[0]}/{seg[1][:-4]}", json.loads(body))
-            if method in ("GET", "HEAD") and len(seg) >= 5 and seg[2] == "resolve":
-                return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
         raise _HubError(404, f"hubserver does not implement {method} {split.path}")
 
     def _api(self, method: str, repo_id: str, action: str, rest: list[str], body: bytes,
@@ -414,8 +436,18 @@ class _Handler(BaseHTTPRequestHandler):
                 entries[p] = entry
         self._json(list(entries.values()))
 
+    def _never_answer(self) -> None:
+        """Read the request, answer nothing; the connection closes when the server stops (or after MAX_STALL_S)."""
+        self.server_hub.stopping.wait(MAX_STALL_S)
+        self.close_connection = True
+
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
-        commit = self._commit_of(self._repo(repo_id), revision)
+        hub = self.server_hub
+        if path in hub.redirect_loop:
+            self._send(302, b"", {"Location": self.path})
+            return
+        with hub._lock:
+            commit = self._commit_of(self._repo(repo_id), revision)
         blob = commit.files.get(path)
         if blob is None:
             self._send(404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound",
@@ -426,12 +458,37 @@ class _Handler(BaseHTTPRequestHandler):
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))})
         data, status = blob.data, 200
+        if self.command == "GET" and path in hub.body_faults:
+            data = hub.body_faults[path](data)
         rng = self.headers.get("Range", "")
         if self.command == "GET" and rng.startswith("bytes=") and rng[6:].split("-")[0].isdigit():
             start = int(rng[6:].split("-")[0])
-            data, status = blob.data[start:], 206
+            data, status = data[start:], 206
             headers["Content-Range"] = f"bytes {start}-{len(blob.data) - 1}/{len(blob.data)}"
+        if self.command == "GET" and path in hub.trickle:
+            return self._trickle(status, data, headers, hub.trickle[path])
         self._send(status, data, headers, content_type="application/octet-stream")
+
+    def _trickle(self, status: int, data: bytes, headers: dict[str, str], interval: float) -> None:
+        """Send the headers, then the body one byte every ``interval`` seconds (until the client or server quits)."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        with self.server_hub._lock:
+            self.server_hub.requests.append(Request(self.command, self.path, status))
+        started = time.monotonic()
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                if self.server_hub.stopping.wait(interval) or time.monotonic() - started > MAX_STALL_S:
+                    break
+        except OSError:  # the client gave up
+            pass
+        self.close_connection = True
 
     def _preupload(self, repo_id: str, revision: str, data: dict[str, Any]) -> None:
         repo = self._repo(repo_id, write=True)

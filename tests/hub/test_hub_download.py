@@ -258,7 +258,7 @@ def test_resolve_for_validation_gets_every_adapter(hub, tmp_path: Path, make_lor
 def test_docstring_examples() -> None:
     import doctest
 
-    from adapterspec import _modelcard, hub
+    from adapterspec import _hubsafety, _modelcard, hub
 
-    for module in (hub, _modelcard):
+    for module in (hub, _hubsafety, _modelcard):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

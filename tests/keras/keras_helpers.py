@@ -8,9 +8,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tolerance import fp32_tolerance
 
-#: logits tolerance between Keras and PEFT (fp32)
+#: the difference allowed between one module's adapter delta in Keras and in PEFT (values of magnitude ~1)
 ATOL = 1e-5
+#: The reduction length of the tiny checkpoints' layers (hidden size 64).
+LENGTH = 64
+
+
+def assert_near(actual: Any, expected: Any, *, mask: Any = None, msg: Any = None, length: int = LENGTH) -> None:
+    """``actual`` equals ``expected`` (where ``mask``) up to fp32 rounding of sums of ``length`` terms at
+    ``expected``'s magnitude (:func:`tolerance.fp32_tolerance`)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, msg)
+    if mask is not None:
+        actual, expected = actual[mask], expected[mask]
+    atol = fp32_tolerance(expected, length)
+    diff = float(np.abs(actual - expected).max())
+    assert diff <= atol, f"max abs difference {diff} > {atol} ({msg})" if msg is not None else \
+        f"max abs difference {diff} > {atol}"
 
 _ADAPTER_MARKERS = ("lora_", "ia3_")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -55,6 +56,28 @@ def test_default_dtype_is_the_kernels(tmp_path: Path) -> None:
     assert all(v.dtype == "float32" for v in _adapter_variables(model))
     saved = adapterspec.extract_adapter(model)
     assert {info.dtype for info in saved.tensors.values()} == {"F32"}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="device strings are TensorFlow's")
+@pytest.mark.parametrize(("option", "value"), [
+    ("dtype", "int8"), ("dtype", np.uint8), ("dtype", "bool"), ("dtype", "float8_e4m3fn"), ("dtype", np.complex64),
+    ("device", "nonsense"), ("device", 7), ("device", "/CPU:5"), ("device", "/GPU:99"),
+    pytest.param("device", "/GPU:0", marks=pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")),
+                                                               reason="a GPU is there")),
+])
+def test_unusable_dtype_or_device_is_refused_up_front(tmp_path: Path, option: str, value: Any) -> None:
+    """TensorFlow would put a variable meant for a device it lacks on another one without a word: refused, naming
+    the option, as is a dtype adapters cannot compute in; the model is as before."""
+    model = _model()
+    folder = _adapter(tmp_path)
+    x = unique_values((3, 6), 5, scale=1.0)
+    before = keras.ops.convert_to_numpy(model(x))
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder, **{option: value})
+    assert info.value.key == option and "fix: pass" in str(info.value)
+    assert adapterspec.adapter_names(model) == [] and not hasattr(model, "_adapterspec_state")
+    assert not _adapter_variables(model)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
 
 
 @pytest.mark.gpu

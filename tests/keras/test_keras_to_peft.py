@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import keras  # noqa: E402
 
 import adapterspec  # noqa: E402
-from keras_helpers import ATOL, hf_model, keras_inputs, keras_logits, keras_model, torch_logits  # noqa: E402
+from keras_helpers import assert_near, hf_model, keras_inputs, keras_logits, keras_model, torch_logits  # noqa: E402
 
 
 def _peft_logits(folder: Path, adapter: Path, ids: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_fit_trains_only_the_adapter_and_peft_loads_the_result(checkpoints: Any,
     saved = adapterspec.save_adapter(model, tmp_path / "keras-lora")
     got = keras_logits(model, token_ids)
     expected = _peft_logits(checkpoints["llama"], saved, token_ids)
-    assert np.abs(got - expected).max() <= ATOL
+    assert_near(got, expected)
     with adapterspec.disabled_adapters(model):
         assert np.abs(got - keras_logits(model, token_ids)).max() > 1e-3
 
@@ -83,4 +83,4 @@ def test_adapter_made_in_keras_gives_keras_logits_in_peft(case: str, checkpoints
     got = keras_logits(model, token_ids)
     assert np.abs(got - base).max() > 1e-3
     saved = adapterspec.save_adapter(model, tmp_path / case)
-    assert np.abs(got - _peft_logits(checkpoints[arch], saved, token_ids)).max() <= ATOL
+    assert_near(got, _peft_logits(checkpoints[arch], saved, token_ids))

@@ -12,7 +12,7 @@ import pytest
 
 import adapterspec
 from adapterspec_keras.layers import Layout
-from keras_helpers import unique_values
+from keras_helpers import assert_near, unique_values
 
 RANK = 3
 
@@ -49,7 +49,7 @@ def test_hand_written_spec_tensors_act_as_x_at_a_t_at_b_t(tmp_path: Path) -> Non
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("dense_out").weights)
     adapterspec.load_adapter(model, folder, module_map={"fc": "dense_out"})
     expected = x @ kernel + bias + 2.0 * (x @ a.T) @ b.T
-    assert np.abs(keras.ops.convert_to_numpy(model(x)) - expected).max() <= 1e-5
+    assert_near(keras.ops.convert_to_numpy(model(x)), expected)
     config, tensors = adapterspec_keras_extract(model)
     assert np.array_equal(tensors["base_model.model.fc.lora_A.weight"], a)
     assert np.array_equal(tensors["base_model.model.fc.lora_B.weight"], b)
@@ -71,7 +71,7 @@ def test_adapter_initialised_in_keras_extracts_in_spec_layout() -> None:
     a, b = tensors["base_model.model.fc.lora_A.weight"], tensors["base_model.model.fc.lora_B.weight"]
     assert a.shape == (RANK, 6) and b.shape == (5, RANK)
     x = unique_values((4, 6), 8, scale=1.0)
-    assert np.abs(keras.ops.convert_to_numpy(model(x)) - (x @ kernel + bias + (x @ a.T) @ b.T)).max() <= 1e-5
+    assert_near(keras.ops.convert_to_numpy(model(x)), (x @ kernel + bias + (x @ a.T) @ b.T))
 
 
 torch = pytest.importorskip("torch")
@@ -116,7 +116,7 @@ def test_plain_keras_layers_match_peft(method: str, tmp_path: Path) -> None:
     ids = (np.arange(32).reshape(2, 16) * 5) % 11
     with torch.no_grad():
         base_expected = net(torch.from_numpy(ids)).numpy()
-    assert np.abs(keras.ops.convert_to_numpy(model(ids)) - base_expected).max() <= 1e-5
+    assert_near(keras.ops.convert_to_numpy(model(ids)), base_expected)
     if method == "ia3":
         config = peft.IA3Config(target_modules=["conv", "fc"], feedforward_modules=["fc"])
     else:
@@ -128,7 +128,7 @@ def test_plain_keras_layers_match_peft(method: str, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = pm(torch.from_numpy(ids)).numpy()
     adapterspec.load_adapter(model, tmp_path / "a")  # layer names equal the module names: no module_map
-    assert np.abs(keras.ops.convert_to_numpy(model(ids)) - expected).max() <= 1e-5
+    assert_near(keras.ops.convert_to_numpy(model(ids)), expected)
     assert np.abs(expected - base_expected).max() > 1e-3
     written = adapterspec.read_adapter(tmp_path / "a").load_tensors("numpy")
     _, extracted = adapterspec_keras_extract(model)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import adapterspec
-from keras_helpers import unique_values
+from keras_helpers import assert_near, unique_values
 
 _MODULES = {"fc1": (6, 6), "fc2": (6, 6), "head": (6, 5)}  # name -> (in, out)
 
@@ -70,7 +70,7 @@ def test_keys_under_another_module_root_load_and_save_back_under_it(tmp_path: Pa
     a, b = _model(), _model()
     adapterspec.load_adapter(a, _write(tmp_path / "plain", plain))
     adapterspec.load_adapter(b, _write(tmp_path / "other", other))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(a(x)), _expected(x, a, plain), atol=1e-5)
+    assert_near(keras.ops.convert_to_numpy(a(x)), _expected(x, a, plain))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(b(x)), keras.ops.convert_to_numpy(a(x)))
     saved = adapterspec.extract_adapter(b).load_tensors("numpy")
     assert sorted(saved) == sorted(other)
@@ -84,7 +84,7 @@ def test_a_file_mixing_both_roots_loads_each_module_once(tmp_path: Path) -> None
     mixed = {k.replace("model.fc2.", "model.outer.fc2."): v for k, v in tensors.items()}
     model = _model()
     adapterspec.load_adapter(model, _write(tmp_path / "mixed", mixed))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), _expected(x, model, tensors), atol=1e-5)
+    assert_near(keras.ops.convert_to_numpy(model(x)), _expected(x, model, tensors))
     assert sorted(adapterspec.extract_adapter(model).tensors) == sorted(mixed)
 
 
@@ -187,7 +187,7 @@ def test_a_frozen_adapter_is_one_arena_made_of_the_read_buffer(tmp_path: Path, m
     assert len(made) == 1 and made[0] is not None  # the frozen load took the file's buffer
     assert [v.path.rsplit("/", 1)[-1] for v in _adapter_variables(frozen)] == ["arena"]
     assert len(_adapter_variables(trained)) == 3
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(frozen(x)), _expected(x, frozen, tensors), atol=1e-5)
+    assert_near(keras.ops.convert_to_numpy(frozen(x)), _expected(x, frozen, tensors))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(frozen(x)), keras.ops.convert_to_numpy(trained(x)))
     saved = adapterspec.extract_adapter(frozen).load_tensors("numpy")
     assert sorted(saved) == sorted(tensors) and all(np.array_equal(saved[k], v) for k, v in tensors.items())
@@ -208,7 +208,7 @@ def test_an_arena_never_shares_the_callers_arrays(tmp_path: Path) -> None:
     model = _model()
     adapterspec.load_adapter(model, adapter)
     before = keras.ops.convert_to_numpy(model(x))
-    np.testing.assert_allclose(before, _expected(x, model, tensors), atol=1e-5)
+    assert_near(before, _expected(x, model, tensors))
     buffer[...] = 0
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
 
@@ -264,4 +264,4 @@ def test_an_arena_is_assigned_merged_and_cast(tmp_path: Path) -> None:
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), out, atol=2e-3)
     adapterspec.unmerge_adapters(model)
     adapterspec.delete_adapter(model, "h")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), base, atol=1e-5)
+    assert_near(keras.ops.convert_to_numpy(model(x)), base)

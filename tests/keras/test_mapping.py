@@ -18,6 +18,7 @@ from adapterspec_keras import converters, mapping  # noqa: E402
 from keras_helpers import (  # noqa: E402
     ARCHS,
     ATOL,
+    assert_near,
     keras_logits,
     keras_model,
     make_peft_adapter,
@@ -164,7 +165,7 @@ def test_more_architectures_match_peft_module_by_module(arch: str, checkpoints: 
     for path in modules:
         assert _adapter_effect_gap(peft_model, model, path) <= ATOL, path
     if base_gap <= ATOL:
-        assert np.abs(keras_logits(model, token_ids) - torch_logits(peft_model, token_ids)).max() <= ATOL
+        assert_near(keras_logits(model, token_ids), torch_logits(peft_model, token_ids))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -191,4 +192,4 @@ def test_bert_encoder_gives_peft_hidden_states(token_ids: np.ndarray, tmp_path: 
     assert set(modules) == peft_adapted_modules(pm)
     out = backbone({"token_ids": token_ids, "segment_ids": np.zeros_like(token_ids),
                     "padding_mask": np.ones_like(token_ids)})["sequence_output"]
-    assert np.abs(ops.convert_to_numpy(out) - expected).max() <= ATOL
+    assert_near(ops.convert_to_numpy(out), expected)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import adapterspec  # noqa: E402
 from keras_helpers import (  # noqa: E402
     ARCHS,
-    ATOL,
+    assert_near,
     hf_model,
     keras_logits,
     keras_model,
@@ -68,7 +68,7 @@ def test_peft_adapter_gives_peft_logits_in_keras(case: str, checkpoints: Any, to
 
     assert set(modules) == peft_adapted_modules(peft_model)  # nothing missing, nothing extra
     got = keras_logits(model, token_ids)
-    assert np.abs(got - expected).max() <= ATOL
+    assert_near(got, expected)
     assert np.abs(expected - base).max() > 1e-2  # the adapter changes the output: the comparison means something
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
@@ -81,9 +81,9 @@ def test_merged_adapter_gives_peft_logits(checkpoints: Any, token_ids: np.ndarra
     model = keras_model("gpt2", checkpoints["gpt2"])
     adapterspec.load_adapter(model, folder)
     adapterspec.merge_adapters(model)
-    assert np.abs(keras_logits(model, token_ids) - expected).max() <= ATOL
+    assert_near(keras_logits(model, token_ids), expected)
     adapterspec.unmerge_adapters(model)
-    assert np.abs(keras_logits(model, token_ids) - expected).max() <= ATOL
+    assert_near(keras_logits(model, token_ids), expected)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -102,11 +102,11 @@ def test_causal_lm_adapter_loads_into_a_bare_backbone(checkpoints: Any, token_id
     saved = adapterspec.extract_adapter(backbone)  # the file's names are kept for saving
     assert set(saved.tensors) == set(adapterspec.read_adapter(folder).tensors)
     got = ops.convert_to_numpy(backbone({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}))
-    assert np.abs(got - expected).max() <= ATOL
+    assert_near(got, expected)
 
 
 def test_hf_model_and_keras_model_agree_without_adapter(checkpoints: Any, token_ids: np.ndarray) -> None:
     """The premise of every comparison here: keras-hub's conversion itself is exact."""
     for arch in ("llama", "gemma", "gpt2"):
         expected = torch_logits(hf_model(checkpoints[arch]), token_ids)
-        assert np.abs(keras_logits(keras_model(arch, checkpoints[arch]), token_ids) - expected).max() <= ATOL
+        assert_near(keras_logits(keras_model(arch, checkpoints[arch]), token_ids), expected)

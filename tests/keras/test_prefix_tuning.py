@@ -17,7 +17,7 @@ import keras  # noqa: E402
 
 import adapterspec  # noqa: E402
 from keras_helpers import (  # noqa: E402
-    ATOL,
+    assert_near,
     assert_same_snapshot,
     hf_model,
     keras_inputs,
@@ -54,8 +54,8 @@ def test_peft_prefix_gives_peft_logits(arch: str, checkpoints: Any, token_ids: n
     assert adapterspec.load_adapter(model, tmp_path / "prefix") == []
     got = keras.ops.convert_to_numpy(model({"token_ids": token_ids, "padding_mask": padding}))
     valid = padding.astype(bool)
-    assert np.abs(got - expected)[valid].max() <= ATOL
-    assert np.abs(keras_logits(model, token_ids) - torch_logits(pm, token_ids)).max() <= ATOL
+    assert_near(got, expected, mask=valid)
+    assert_near(keras_logits(model, token_ids), torch_logits(pm, token_ids))
     assert np.abs(keras_logits(model, token_ids) - base).max() > 1e-2
 
     adapterspec.delete_adapter(model, "default")
@@ -77,7 +77,7 @@ def test_prefix_trained_with_fit_loads_in_peft(checkpoints: Any, token_ids: np.n
 
     saved = adapterspec.save_adapter(model, tmp_path / "keras-prefix")
     reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), saved).eval()
-    assert np.abs(keras_logits(model, token_ids) - torch_logits(reloaded, token_ids)).max() <= ATOL
+    assert_near(keras_logits(model, token_ids), torch_logits(reloaded, token_ids))
 
 
 def test_prefix_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> None:

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file  # noqa: E402
 import adapterspec  # noqa: E402
 from keras_helpers import (  # noqa: E402
     ARCHS,
-    ATOL,
+    assert_near,
     assert_same_snapshot,
     hf_model,
     keras_inputs,
@@ -75,8 +75,8 @@ def _check_against_peft(arch: str, pm: Any, folder: Path, ids: np.ndarray, check
     assert adapterspec.load_adapter(model, folder) == []
     got = keras.ops.convert_to_numpy(model({"token_ids": ids.astype("int32"), "padding_mask": padding.astype("int32")}))
     assert got.shape == (*ids.shape, ARCHS[arch].vocab)
-    assert np.abs(got - _peft_logits(pm, ids, padding, skip))[padding.astype(bool)].max() <= ATOL
-    assert np.abs(keras_logits(model, ids) - _peft_logits(pm, ids, skip=skip)).max() <= ATOL
+    assert_near(got, _peft_logits(pm, ids, padding, skip), mask=padding.astype(bool))
+    assert_near(keras_logits(model, ids), _peft_logits(pm, ids, skip=skip))
     assert np.abs(keras_logits(model, ids) - base).max() > 1e-2  # the adapter does something
     adapterspec.delete_adapter(model, "default")
     assert_same_snapshot(before, snapshot(model))
@@ -150,7 +150,7 @@ def test_prompt_trained_with_fit_loads_in_peft(checkpoints: Any, token_ids: np.n
     # PEFT loads prompt_embeddings by its own path and reports it as "unexpected" for its own folders too
     assert result.missing_keys == [] and result.unexpected_keys in ([], ["prompt_embeddings"])
     np.testing.assert_array_equal(reloaded.prompt_encoder["default"].embedding.weight.detach().numpy(), trained[0])
-    assert np.abs(keras_logits(model, token_ids) - torch_logits(reloaded, token_ids)[:, 4:]).max() <= ATOL
+    assert_near(keras_logits(model, token_ids), torch_logits(reloaded, token_ids)[:, 4:])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -163,14 +163,14 @@ def test_switching_between_a_prompt_and_a_prefix(checkpoints: Any, token_ids: np
     adapterspec.load_adapter(model, tmp_path / "prefix", adapter_name="prefix")
     for _ in range(2):
         adapterspec.set_active_adapters(model, "prompt")
-        assert np.abs(keras_logits(model, token_ids) - _peft_logits(prompt, token_ids, skip=2)).max() <= ATOL
+        assert_near(keras_logits(model, token_ids), _peft_logits(prompt, token_ids, skip=2))
         adapterspec.set_active_adapters(model, "prefix")
-        assert np.abs(keras_logits(model, token_ids) - _peft_logits(prefix, token_ids)).max() <= ATOL
+        assert_near(keras_logits(model, token_ids), _peft_logits(prefix, token_ids))
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0
     adapterspec.delete_adapter(model, "prefix")
     adapterspec.set_active_adapters(model, "prompt")
-    assert np.abs(keras_logits(model, token_ids) - _peft_logits(prompt, token_ids, skip=2)).max() <= ATOL
+    assert_near(keras_logits(model, token_ids), _peft_logits(prompt, token_ids, skip=2))
 
 
 def test_prompt_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> None:

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
-from keras_helpers import ARCHS, ATOL, hf_model, keras_model, make_peft_adapter, torch_logits  # noqa: E402
+from keras_helpers import ARCHS, assert_near, hf_model, keras_model, make_peft_adapter, torch_logits  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 CASES = {
@@ -51,4 +51,4 @@ def test_torch_keras_torch_round_trip_is_exact(case: str, checkpoints: Any, toke
     assert after == before
 
     reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints[arch]), out).eval()
-    assert np.abs(torch_logits(reloaded, token_ids) - torch_logits(peft_model, token_ids)).max() <= ATOL
+    assert_near(torch_logits(reloaded, token_ids), torch_logits(peft_model, token_ids))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,10 +32,15 @@ from adapterspec.errors import (  # noqa: E402
     UnsupportedError,
 )
 from adapterspec.plugins import get_plugin_manager, plugin_names  # noqa: E402
+from tolerance import fp32_tolerance  # noqa: E402
 from adapterspec_flax.layers import AdaptedEmbed, AdaptedLinear, AdapterParam, AdapterVariable  # noqa: E402
 
-ATOL = 1e-5
 VOCAB, DIM, HID = 16, 8, 12
+
+
+def assert_near(actual: Any, expected: Any) -> None:
+    """Equal up to fp32 rounding of the twin nets' sums (at most HID terms) at ``expected``'s magnitude."""
+    np.testing.assert_allclose(actual, expected, atol=fp32_tolerance(expected, HID), rtol=0)
 
 
 # -- twin models -------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def test_disable_env_blocks_the_plugin() -> None:
 # -- numbers equal PEFT's -------------------------------------------------------------------------------
 
 def test_base_models_agree() -> None:
-    np.testing.assert_allclose(run_flax(flax_net()), run_torch(torch_net()), atol=ATOL, rtol=0)
+    assert_near(run_flax(flax_net()), run_torch(torch_net()))
 
 
 @pytest.mark.parametrize("name", ["lora", "lora2", "dora", "ia3"])
@@ -200,7 +206,7 @@ def test_peft_adapter_matches_torch(saved: dict, name: str) -> None:
     assert "layers.0.q_proj" in modules and ("embed" in modules) == (name == "lora")
     out = run_flax(model)
     assert np.abs(out - base).max() > 1e-2  # the adapter does something
-    np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
+    assert_near(out, expected)
     assert isinstance(model.layers[0].q_proj, AdaptedLinear)
     assert isinstance(model.embed, AdaptedEmbed) == (name == "lora")
 
@@ -251,14 +257,14 @@ def test_roundtrip_saved_folder_loads_in_peft(saved: dict, tmp_path: Path, name:
     result = set_peft_model_state_dict(reloaded, load_peft_weights(str(out)))
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if any(t in k for t in ("lora_", "ia3_"))]
-    np.testing.assert_allclose(run_torch(reloaded.eval()), expected, atol=ATOL, rtol=0)
+    assert_near(run_torch(reloaded.eval()), expected)
     # and through PeftModel.from_pretrained, as a user would
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(torch_net(), out)
     assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message).lower()
                 and "keyword arguments" not in str(w.message)]
-    np.testing.assert_allclose(run_torch(loaded.eval()), expected, atol=ATOL, rtol=0)
+    assert_near(run_torch(loaded.eval()), expected)
 
 
 def test_fresh_flax_adapter_roundtrips(tmp_path: Path) -> None:
@@ -270,7 +276,7 @@ def test_fresh_flax_adapter_roundtrips(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(torch_net(), tmp_path / "fresh")
-    np.testing.assert_allclose(run_torch(loaded.eval()), flax_out, atol=ATOL, rtol=0)
+    assert_near(run_torch(loaded.eval()), flax_out)
 
 
 # -- switching, disabling, deleting, merging -----------------------------------------------------------
@@ -282,9 +288,9 @@ def test_switch_disable_and_combine_like_peft(saved: dict) -> None:
     adapterspec.load_adapter(model, saved["lora2"][0], "second")
     assert adapterspec.adapter_names(model) == ["default", "second"]
     assert adapterspec.active_adapters(model) == ["second"]
-    np.testing.assert_allclose(run_flax(model), saved["lora2"][1], atol=ATOL, rtol=0)
+    assert_near(run_flax(model), saved["lora2"][1])
     adapterspec.set_active_adapters(model, "default")
-    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    assert_near(run_flax(model), saved["lora"][1])
     with adapterspec.disabled_adapters(model):
         assert adapterspec.active_adapters(model) == []
         np.testing.assert_array_equal(run_flax(model), base)
@@ -297,7 +303,7 @@ def test_switch_disable_and_combine_like_peft(saved: dict) -> None:
         reference.load_adapter(saved["lora2"][0], "second")
     reference.base_model.set_adapter(["default", "second"])
     adapterspec.set_active_adapters(model, ["default", "second"])
-    np.testing.assert_allclose(run_flax(model), run_torch(reference), atol=ATOL, rtol=0)
+    assert_near(run_flax(model), run_torch(reference))
     with pytest.raises(AdapterNotFoundError):
         adapterspec.set_active_adapters(model, ["default", "nope"])
     assert adapterspec.active_adapters(model) == ["default", "second"]
@@ -311,9 +317,9 @@ def test_jit_sees_switches(saved: dict) -> None:
     def forward(m: nnx.Module, ids: jax.Array) -> jax.Array:
         return m(ids)
 
-    np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(IDS))), saved["lora"][1], atol=ATOL, rtol=0)
+    assert_near(np.asarray(forward(model, jnp.asarray(IDS))), saved["lora"][1])
     with adapterspec.disabled_adapters(model):
-        np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(IDS))), run_flax(flax_net()), atol=ATOL)
+        assert_near(np.asarray(forward(model, jnp.asarray(IDS))), run_flax(flax_net()))
 
 
 def test_delete_restores_the_original_layer_objects(saved: dict) -> None:
@@ -344,14 +350,15 @@ def test_merge_unmerge_and_unload(saved: dict, name: str) -> None:
     adapterspec.load_adapter(model, folder)
     adapterspec.merge_adapters(model)
     assert np.abs(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]) - kernel).max() > 1e-3
-    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+    assert_near(run_flax(model), expected)
     adapterspec.unmerge_adapters(model)
-    np.testing.assert_allclose(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]), kernel, atol=1e-6)
-    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]), kernel, rtol=0,
+                               atol=fp32_tolerance(kernel, 4))  # merged and unmerged: a few roundings per weight
+    assert_near(run_flax(model), expected)
     # merge_and_unload: the plain layers keep the adapter's effect
     adapterspec.unload(model, merge=True)
     assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
-    np.testing.assert_allclose(run_flax(model), expected, atol=ATOL, rtol=0)
+    assert_near(run_flax(model), expected)
 
 
 def test_switching_unmerges_first(saved: dict) -> None:
@@ -359,9 +366,9 @@ def test_switching_unmerges_first(saved: dict) -> None:
     adapterspec.load_adapter(model, saved["lora"][0])
     adapterspec.merge_adapters(model)
     with adapterspec.disabled_adapters(model):
-        np.testing.assert_allclose(run_flax(model), run_flax(flax_net()), atol=1e-6)
+        assert_near(run_flax(model), run_flax(flax_net()))
     assert adapterspec.active_adapters(model) == ["default"]
-    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    assert_near(run_flax(model), saved["lora"][1])
 
 
 # -- all or nothing --------------------------------------------------------------------------------------
@@ -386,7 +393,7 @@ def test_failed_load_leaves_the_model_unchanged(saved: dict, tmp_path: Path) -> 
     assert info.value.key == key
     assert adapterspec.adapter_names(model) == ["keep"] and adapterspec.active_adapters(model) == ["keep"]
     assert model.layers[1].q_proj is layer and "bad" not in layer.adapters
-    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    assert_near(run_flax(model), saved["lora"][1])
 
 
 def test_unsupported_and_unmatched_targets_change_nothing() -> None:
@@ -422,7 +429,7 @@ def test_module_map_renames_spec_paths(saved: dict) -> None:
     mapping = {"embed": "tok"} | {f"layers.{i}.{p}": f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "o_proj")}
     modules = adapterspec.load_adapter(model, saved["lora"][0], module_map=mapping)
     assert "layers.0.q_proj" in modules and "embed" in modules
-    np.testing.assert_allclose(run_flax(model), saved["lora"][1], atol=ATOL, rtol=0)
+    assert_near(run_flax(model), saved["lora"][1])
     config, tensors = adapterspec.extract_adapter(model).config, adapterspec.extract_adapter(model).tensors
     assert config.peft_type == "LORA" and "base_model.model.layers.1.o_proj.lora_A.weight" in tensors
 

@@ -31,6 +31,8 @@ HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("
 #: hook -> the public functions that call it (checked below against their source).
 CALLERS: dict[str, tuple[str, ...]] = {
     "adapterspec_backend_name": ("adapterspec.api:backend_name",),
+    "adapterspec_base_identity": ("adapterspec.api:save_adapter", "adapterspec.api:save_adapters",
+                                  "adapterspec.api:load_adapter"),
     "adapterspec_inject": ("adapterspec.api:load_adapter", "adapterspec.api:inject_adapter"),
     "adapterspec_load_state": ("adapterspec.api:load_adapter",),
     "adapterspec_extract_state": ("adapterspec.api:save_adapter", "adapterspec.api:save_adapters",
@@ -41,6 +43,7 @@ CALLERS: dict[str, tuple[str, ...]] = {
     "adapterspec_delete": ("adapterspec.api:delete_adapter", "adapterspec.api:unload"),
     "adapterspec_merge": ("adapterspec.api:merge_adapters",),
     "adapterspec_unmerge": ("adapterspec.api:unmerge_adapters",),
+    "adapterspec_read_buffer": ("adapterspec.api:load_adapter",),
     "adapterspec_conformance_implementations": ("adapterspec.conformance.implementations:resolve_implementation",
                                                 "adapterspec.conformance.implementations:available_implementations"),
 }

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "adapterspec.checks",
-           "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors"]
+           "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors",
+           "adapterspec._jsonpos", "adapterspec._regex", "adapterspec._rules"]
 
 
 @pytest.mark.parametrize("name", MODULES)

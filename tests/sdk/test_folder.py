@@ -29,8 +29,9 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert sorted(loaded) == sorted(tensors())
     for key, value in tensors().items():
         assert np.array_equal(loaded[key], value)
-    assert adapter.config["r"] == 2 and adapter.config["adapterspec_version"] == "1.0"
-    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.0"
+    # spec 1.1: the version is in the safetensors metadata only (PEFT warns about unknown config fields)
+    assert adapter.config["r"] == 2 and "adapterspec_version" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.1"
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["inference_mode"] is True and config["lora_dropout"] == 0.0  # PEFT defaults filled
 
@@ -108,7 +109,7 @@ def test_several_adapters_with_manifest(tmp_path: Path) -> None:
     ia3_tensors = {"base_model.model.layers.0.q.ia3_l": np.linspace(0.5, 1.5, 5, dtype=np.float32).reshape(5, 1)}
     adapterspec.write_adapters(tmp_path / "m", {"default": (CONFIG, tensors()), "fr": (ia3, ia3_tensors)})
     manifest = json.loads((tmp_path / "m" / "adapterspec.json").read_text())
-    assert manifest == {"adapterspec_version": "1.0", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
+    assert manifest == {"adapterspec_version": "1.1", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
     found = adapterspec.list_adapters(tmp_path / "m")
     assert found == {"default": tmp_path / "m", "fr": tmp_path / "m" / "fr"}
     assert adapterspec.read_adapters(tmp_path / "m")["fr"].config.peft_type == "IA3"
@@ -137,3 +138,56 @@ def test_pickle_needs_opt_in(tmp_path: Path) -> None:
 def test_error_locations_escape_control_characters() -> None:
     error = adapterspec.UnexpectedTensorError("bad", key="base_model.model.x\u202e\x1b[31m\n.lora_A.weight")
     assert str(error) == "base_model.model.x\\u202e\\x1b[31m\\n.lora_A.weight: bad"
+
+
+def test_manifest_listing_is_linear_in_its_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same-folder check resolves each entry's folder a fixed number of times (it compared every pair:
+    4,000 entries took 189 s); counted, not timed."""
+    n = 400
+    for i in range(n):
+        (tmp_path / f"a{i}").mkdir()
+        (tmp_path / f"a{i}" / "adapter_config.json").write_text("{}")
+    manifest = {"adapterspec_version": "1.0", "adapters": {f"a{i}": {"path": f"a{i}"} for i in range(n)}}
+    (tmp_path / "adapterspec.json").write_text(json.dumps(manifest))
+    calls = 0
+    resolve = Path.resolve
+
+    def counting(self: Path, strict: bool = False) -> Path:
+        nonlocal calls
+        calls += 1
+        return resolve(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", counting)
+    found = adapterspec.list_adapters(tmp_path)
+    assert found == {f"a{i}": tmp_path / f"a{i}" for i in range(n)}
+    assert calls <= 4 * n  # a pairwise check makes n * (n - 1) / 2 = 79,800
+
+
+def test_manifest_entries_sharing_a_folder_are_refused(tmp_path: Path) -> None:
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "z").symlink_to(tmp_path / "x")  # inside the folder, so allowed, but the same folder as "a"
+    adapters = {"a": {"path": "x"}, "b": {"path": "y"}, "c": {"path": "z"}}
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0", "adapters": adapters}))
+    with pytest.raises(adapterspec.ConfigError, match=r"adapters 'a' and 'c' have the same folder") as info:
+        adapterspec.list_adapters(tmp_path)
+    assert info.value.pointer == "/adapters/c/path"
+
+
+def test_manifest_errors_echo_long_values_cut(tmp_path: Path) -> None:
+    for i in range(2000):
+        (tmp_path / f"adapter_with_a_long_name_{i:04}").mkdir()
+        (tmp_path / f"adapter_with_a_long_name_{i:04}" / "adapter_config.json").write_text("{}")
+    adapters = {f"adapter_with_a_long_name_{i:04}": {"path": f"adapter_with_a_long_name_{i:04}"} for i in range(2000)}
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0", "adapters": adapters,
+                                                           "default": "missing"}))
+    with pytest.raises(adapterspec.ConfigError, match=r"is not listed in adapters \(adapter_with_a_long_name_0000, ")\
+            as info:
+        adapterspec.list_adapters(tmp_path)
+    assert "characters)" in info.value.message and len(info.value.message) < 500
+    (tmp_path / "adapterspec.json").write_text(json.dumps({"adapterspec_version": "1.0",
+                                                           "adapters": {"a": {"path": "/" + "x" * 5000}}}))
+    with pytest.raises(adapterspec.UnsafeFileError, match="leaves the folder") as unsafe:
+        adapterspec.list_adapters(tmp_path)
+    assert len(unsafe.value.message) < 300

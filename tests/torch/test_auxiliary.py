@@ -239,7 +239,7 @@ def test_trainable_tokens_merge_and_switch(llama_tied: Any, tmp_path: Path, toke
     assert (outputs["a"] - outputs["b"]).abs().max() > 1e-3
     adapterspec.merge_adapters(model, "a")
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.base_layer.weight
-    assert_close(logits(model, inputs), outputs["a"], atol=1e-5)
+    assert_close(logits(model, inputs), outputs["a"])
     adapterspec.unmerge_adapters(model)
     assert torch.equal(model.model.embed_tokens.base_layer.weight, embedding)
     assert_close(logits(model, inputs), outputs["a"])
@@ -393,3 +393,110 @@ def test_method_tensor_on_a_layer_the_method_cannot_adapt(llama: Any) -> None:
         load_state(model, adapter, "default", options)
     assert info.value.key == "model.norm"
     delete(model, "default")
+
+
+# -- unload(merge=True) keeps what PEFT's merge_and_unload keeps ----------------------------------
+@pytest.fixture(scope="module")
+def roberta() -> Any:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(5)
+    config = RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=128, max_position_embeddings=72, num_labels=3)
+    return RobertaForSequenceClassification(config).eval()
+
+
+def _merge_cases() -> list[Any]:
+    from peft import LoraConfig
+
+    return [
+        pytest.param("roberta", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                   modules_to_save=["classifier"]), {}, id="modules_to_save"),
+        pytest.param("llama", lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+                     {}, id="trainable-tokens"),
+        pytest.param("llama_tied", lambda: LoraConfig(r=4, target_modules=["v_proj"], trainable_token_indices=[3, 7]),
+                     {}, id="trainable-tokens-tied"),
+        pytest.param("llama_bias", lambda: LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"),
+                     {"biases": True}, id="bias-lora-only"),
+        pytest.param("llama_bias", lambda: LoraConfig(r=4, target_modules=["q_proj"], bias="all",
+                                                      modules_to_save=["o_proj"]),
+                     {"biases": True}, id="bias-all-modules-to-save"),
+        pytest.param("llama", lambda: LoraConfig(r=4, target_modules=["q_proj"]), {"embeddings": True},
+                     id="full-embeddings"),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "make_config", "fill"), _merge_cases())
+def test_unload_merge_matches_peft_merge_and_unload(kind: str, make_config: Any, fill: dict[str, bool],
+                                                    request: pytest.FixtureRequest, tmp_path: Path,
+                                                    token_inputs: dict[str, Any]) -> None:
+    """``unload(model, merge=True)`` leaves the plain model PEFT's ``merge_and_unload()`` leaves: the trained
+    copy of a module saved whole, the trainable token rows, the trained biases, the saved embeddings."""
+    base = request.getfixturevalue(kind)
+    inputs = {**token_inputs, "input_ids": token_inputs["input_ids"] % 10 + 2}  # adapted rows in use; no pad id
+    embeddings = fill.get("embeddings", False)
+    reference = _peft(base, make_config(), tmp_path / "peft", lambda m: _fill(m, **fill),
+                      save_embedding_layers=True if embeddings else "auto")
+    adapted = logits(reference, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = logits(reference.merge_and_unload(), inputs)
+    assert (adapted - logits(base, inputs)).abs().max() > 1e-3, "the adapter must change the output"
+    assert_close(expected, adapted)
+
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert adapterspec.unload(model, merge=True) is model
+    assert not hasattr(model, "_adapterspec_state")
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    assert_close(logits(model, inputs), expected)
+
+
+def test_unload_merge_keeps_the_copy_that_runs(roberta: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """Two adapters saving the same module whole: the first active one's copy runs, and is the one kept."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    _peft(roberta, config, tmp_path / "a", _fill)
+    _peft(roberta, config, tmp_path / "b", lambda m: fill_adapter_weights(m, salt=40))
+    inputs = {**token_inputs, "input_ids": token_inputs["input_ids"] % 10 + 2}
+    outputs = {}
+    for active in (["a", "b"], ["b", "a"]):
+        model = fresh(roberta)
+        adapterspec.load_adapter(model, tmp_path / "a", "a")
+        adapterspec.load_adapter(model, tmp_path / "b", "b")
+        adapterspec.set_active_adapters(model, active)
+        expected = logits(model, inputs)
+        adapterspec.unload(model, merge=True)
+        assert_close(logits(model, inputs), expected)
+        outputs[active[0]] = expected
+    assert (outputs["a"] - outputs["b"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("active", ["a", "b"])
+def test_unload_merge_keeps_the_biases_in_place(llama_bias: Any, tmp_path: Path, token_inputs: dict[str, Any],
+                                                active: str) -> None:
+    """Two adapters replacing the biases (PEFT refuses two such adapters in one model): the ones loaded last are in
+    place whichever adapter is active, and ``unload(merge=True)`` keeps what the forward pass used."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], bias="all")
+    _peft(llama_bias, config, tmp_path / "a", lambda m: _fill(m, biases=True))
+    _peft(llama_bias, config, tmp_path / "b", lambda m: (fill_adapter_weights(m, salt=30), _fill_biases(m, 500)))
+    model = fresh(llama_bias)
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    adapterspec.set_active_adapters(model, active)
+    expected = logits(model, token_inputs)
+    bias = model.model.layers[0].mlp.up_proj.bias.detach().clone()
+    adapterspec.unload(model, merge=True)
+    assert not hasattr(model, "_adapterspec_state")
+    assert torch.equal(model.model.layers[0].mlp.up_proj.bias, bias)
+    assert_close(logits(model, token_inputs), expected)
+
+
+def _fill_biases(model: Any, salt: int) -> None:
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(model.named_parameters())):
+            if param.requires_grad and name.endswith("bias") and "lora_" not in name:
+                param.copy_(unique_values(tuple(param.shape), salt + index, scale=0.3))

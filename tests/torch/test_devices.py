@@ -78,11 +78,11 @@ def test_dtype_option_casts(llama: Any, folder: Any, token_inputs: Any, dtype: A
     assert_close(logits(model, token_inputs), logits(reference, token_inputs), atol=5e-2)
 
 
-def test_adapters_follow_the_layer_dtype(llama: Any, folder: Any, token_inputs: Any) -> None:
+def test_adapters_on_half_layers_stay_float32(llama: Any, folder: Any, token_inputs: Any) -> None:
     path, _ = folder
     model = fresh(llama).to(torch.bfloat16)
     adapterspec.load_adapter(model, path)
-    assert {p.dtype for p in _adapter_tensors(model).values()} == {torch.bfloat16}
+    assert {p.dtype for p in _adapter_tensors(model).values()} == {torch.float32}  # SPEC.md 7.5, as PEFT
     assert logits(model, token_inputs).dtype == torch.bfloat16
 
 
@@ -90,6 +90,35 @@ def test_device_must_be_a_device(llama: Any, folder: Any) -> None:
     path, _ = folder
     with pytest.raises(adapterspec.UnsupportedError, match="int8"):
         adapterspec.load_adapter(fresh(llama), path, dtype="int8")
+
+
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("dtype", torch.int8), ("dtype", torch.uint8), ("dtype", torch.bool), ("dtype", torch.float8_e4m3fn),
+    ("dtype", torch.complex64), ("dtype", "int8"),
+    ("device", "nonsense"), ("device", 1.5), ("device", "cuda:99"),
+    pytest.param("device", "cuda:0", marks=_NO_CUDA), pytest.param("device", 7, marks=_NO_CUDA),
+])
+@pytest.mark.parametrize("call", ["load", "inject"])
+def test_unusable_dtype_or_device_is_refused_up_front(llama: Any, folder: Any, option: str, value: Any,
+                                                      call: str) -> None:
+    """A dtype that rounds the weights away (int8: the adapter would do nothing) or cannot run (float8, bool),
+    and a device this machine lacks, are refused naming the option, and the model is as before."""
+    path, _ = folder
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["k_proj"]}, "other")
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        if call == "load":
+            adapterspec.load_adapter(model, path, **{option: value})
+        else:
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]},
+                                       **{option: value})
+    assert info.value.key == option
+    assert "fix: pass" in str(info.value)
+    assert_same_snapshot(model, before)
 
 
 @pytest.mark.gpu
@@ -125,6 +154,26 @@ def test_cuda_device_option(llama: Any, folder: Any, tmp_path: Any) -> None:
             assert torch.equal(tensor, file[key].half()), key
 
 
+@pytest.mark.gpu
+def test_cuda_device_option_with_base_weights_in_the_file_is_one_transfer(llama: Any, folder: Any,
+                                                                          monkeypatch: Any) -> None:
+    """``device="cuda"`` (no index) and the model's ``cuda:0`` are one device: the file's tensors, the embedding's
+    base weight among them, come over in one copy."""
+    from adapterspec import _safetensors
+
+    path, _ = folder
+    seen = []
+    real = _safetensors._to_device
+    monkeypatch.setattr(_safetensors, "_to_device", lambda data, device, where: seen.append(str(device)) or
+                        real(data, device, where))
+    model = fresh(llama).to("cuda")
+    adapterspec.load_adapter(model, path, device="cuda")
+    assert seen == ["cuda:0"]
+    file = load_file(path / "adapter_model.safetensors")
+    for key, param in _adapter_tensors(model).items():
+        assert param.is_cuda and torch.equal(param.cpu(), file[key]), key
+
+
 @pytest.fixture(scope="module")
 def saved_classifier(bert: Any, tmp_path_factory: Any) -> Any:
     from peft import LoraConfig
@@ -155,3 +204,20 @@ def test_modules_to_save_copies_follow_the_options(bert: Any, saved_classifier: 
         with torch.no_grad():
             out = model(**token_inputs).logits
         assert_close(out.float(), logits(reference, token_inputs), atol=2e-2)
+
+
+def test_pinned_read_buffer_only_for_a_gpu(monkeypatch: Any) -> None:
+    import numpy as np
+    from adapterspec import LoadOptions
+    from adapterspec import _safetensors
+    from adapterspec_torch.devices import read_buffer
+
+    asked = []
+    monkeypatch.setattr(_safetensors, "pinned_allocator",
+                        lambda device: asked.append(str(device)) or ((lambda n: np.zeros(n, np.uint8))
+                                                                     if str(device).startswith("cuda") else None))
+    linear = torch.nn.Linear(2, 2)
+    assert read_buffer(linear, 16, LoadOptions()) is None  # a CPU model keeps its tensors in the buffer
+    assert read_buffer(linear, 16, LoadOptions(device="cuda:1")).shape == (16,)
+    assert read_buffer(torch.nn.ReLU(), 16, LoadOptions()) is None  # no parameters
+    assert asked == ["cpu", "cuda:1"]

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import adapterspec  # noqa: E402
+from tolerance import fp32_tolerance  # noqa: E402
 from torch_helpers import assert_close, fill_adapter_weights, fresh, logits, peft_reference  # noqa: E402
 
 
@@ -106,21 +107,21 @@ def test_merge_several_and_unmerge_like_peft(llama: Any, token_inputs: Any, tmp_
     reference.merge_adapter(["a", "b"])
     adapterspec.merge_adapters(model, ["a", "b"])
     merged = logits(model, token_inputs)
-    assert_close(merged, logits(reference, token_inputs), atol=1e-5)
-    assert_close(merged, unmerged, atol=1e-5)
+    assert_close(merged, logits(reference, token_inputs))
+    assert_close(merged, unmerged)
 
     reference.unmerge_adapter()
     adapterspec.unmerge_adapters(model)
-    assert_close(logits(model, token_inputs), unmerged, atol=1e-5)
+    assert_close(logits(model, token_inputs), unmerged)
     restored = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "adapter_weights" not in k}
     for key, value in llama.state_dict().items():  # the base weights are back (to float rounding)
-        assert_close(restored[key], value, atol=1e-6)
+        assert_close(restored[key], value, atol=fp32_tolerance(value, 4))  # two adds and two subtractions
 
     # set_active unmerges first (the hook contract)
     adapterspec.merge_adapters(model, ["a"])
     adapterspec.set_active_adapters(model, ["b"])
     reference.set_adapter("b")
-    assert_close(logits(model, token_inputs), logits(reference, token_inputs), atol=1e-5)
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
 
 
 def _merge_cases() -> list[Any]:
@@ -169,15 +170,15 @@ def test_merge_unmerge_unload_like_peft(kind: str, make_config: Any, request: py
         warnings.simplefilter("ignore")
         reference.merge_adapter()
     adapterspec.merge_adapters(model)
-    assert_close(_forward(model, kind, request), _forward(reference, kind, request), atol=1e-5)
-    assert_close(_forward(model, kind, request), unmerged, atol=1e-4)
+    assert_close(_forward(model, kind, request), _forward(reference, kind, request))
+    assert_close(_forward(model, kind, request), unmerged)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference.unmerge_adapter()
     adapterspec.unmerge_adapters(model)
-    assert_close(_forward(model, kind, request), _forward(reference, kind, request), atol=1e-5)
-    assert_close(_forward(model, kind, request), unmerged, atol=1e-4)
+    assert_close(_forward(model, kind, request), _forward(reference, kind, request))
+    assert_close(_forward(model, kind, request), unmerged)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,7 +186,7 @@ def test_merge_unmerge_unload_like_peft(kind: str, make_config: Any, request: py
     adapterspec.unload(model, merge=True)
     assert adapterspec.adapter_names(model) == []
     assert sorted(model.state_dict()) == sorted(plain.state_dict())
-    assert_close(_forward(model, kind, request), _forward(plain, kind, request), atol=1e-5)
+    assert_close(_forward(model, kind, request), _forward(plain, kind, request))
 
 
 def test_prefix_and_prompt_tuning_cannot_merge(llama: Any, tmp_path: Any) -> None:

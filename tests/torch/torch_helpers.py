@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tolerance import fp32_tolerance
 from torch import nn
 
-ATOL = 1e-6
+#: The reduction length of the tiny models' layers (hidden size 64; the conv nets sum fewer terms per output).
+LENGTH = 64
 
 _ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", "prompt_encoder", "modules_to_save")
 
@@ -75,10 +77,14 @@ def assert_same_snapshot(model: nn.Module, before: dict[str, Any]) -> None:
         assert torch.equal(after["state"][key], value), key
 
 
-def assert_close(actual: Any, expected: Any, atol: float = ATOL) -> None:
+def assert_close(actual: Any, expected: Any, atol: float | None = None, *, length: int = LENGTH) -> None:
+    """``actual`` equals ``expected`` up to rounding: ``atol`` if given (a lower precision than fp32), else
+    the fp32 bound for sums of ``length`` terms at ``expected``'s magnitude (:func:`tolerance.fp32_tolerance`)."""
+    assert actual.shape == expected.shape
+    if atol is None:
+        atol = fp32_tolerance(expected, length)
     diff = (actual - expected).abs().max().item()
     assert diff <= atol, f"max abs difference {diff} > {atol}"
-    assert actual.shape == expected.shape
 
 
 def logits(model: nn.Module, inputs: dict[str, Any]) -> Any:

@@ -96,7 +96,8 @@ class PeftImplementation:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError as exc:
-            return f"needs peft, torch and transformers ({exc.name} is missing)"
+            return (f"needs peft, torch and transformers ({exc.name} is missing): "
+                    'pip install "adapterspec[interop,torch]"')
         return True
 
     def validate_config(self, config: Any) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
+from ..config import AdapterConfig
 from ..errors import MissingTensorError, ShapeMismatchError, TargetNotFoundError
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
 from . import _io, reference
@@ -65,8 +66,7 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
     return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
 
 
-def _check_layer(adapter: Adapter, path: str, spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    config = adapter.config
+def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
     fits, out = _in_out(spec)
     method = config.peft_type
 
@@ -105,8 +105,8 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     ...                                                          "out_features": 8}}})   # doctest: +SKIP
     """
     config = adapter.config
+    decoder = model.get("decoder") or {}
     if config.is_prompt_learning:
-        decoder = model.get("decoder") or {}
         hidden, layers = decoder.get("hidden_size"), decoder.get("num_hidden_layers")
         heads, kv = decoder.get("num_attention_heads"), decoder.get("num_key_value_heads")
         if config.peft_type == "PROMPT_TUNING":
@@ -119,8 +119,18 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         if width is not None and config.get("token_dim") not in (None, width):
             raise ShapeMismatchError(f"token_dim {config['token_dim']} but the model needs {width}", key=PROMPT_KEY,
                                      hint="the adapter was made for another model")
+        # sizes the config leaves null come from the model (SPEC 14.3): the tensor must fit them
+        shape = tuple(adapter.tensors[PROMPT_KEY].shape)
+        if config.peft_type == "PREFIX_TUNING" and width is not None and layers is not None \
+                and shape[1:] != (layers * 2 * width,):
+            raise ShapeMismatchError(f"shape {list(shape)}: this model needs [num_virtual_tokens, {layers} * 2 * "
+                                     f"{width}]", key=PROMPT_KEY, hint="the adapter was made for another model")
+        if config.peft_type == "PROMPT_TUNING" and width is not None and shape[1:] != (width,):
+            raise ShapeMismatchError(f"shape {list(shape)}: this model needs [num_virtual_tokens, {width}]",
+                                     key=PROMPT_KEY, hint="the adapter was made for another model")
         return
-    modules = model.get("modules", {})
+    config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
+    modules = model.get("modules") or _decoder_modules(decoder)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
@@ -136,7 +146,21 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                                      key=make_key(path, PARAMETERS[config.peft_type][0]),
                                      hint="save the adapter again from the trained model")
     for path, params in shapes.items():
-        _check_layer(adapter, path, modules[path], params)
+        _check_layer(config, path, modules[path], params)
+
+
+def _decoder_modules(decoder: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The linear layers of a Llama decoder described as the corpus describes one (``{}`` for other models)."""
+    if decoder.get("architecture") != "llama":
+        return {}
+    hidden, inter = decoder["hidden_size"], decoder["intermediate_size"]
+    head_dim = hidden // decoder["num_attention_heads"]
+    kv = head_dim * decoder.get("num_key_value_heads", decoder["num_attention_heads"])
+    sizes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
+             "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+             "mlp.down_proj": (inter, hidden)}
+    return {f"model.layers.{i}.{name}": {"kind": "linear", "in_features": n_in, "out_features": n_out, "bias": False}
+            for i in range(decoder["num_hidden_layers"]) for name, (n_in, n_out) in sizes.items()}
 
 
 class ReferenceImplementation:

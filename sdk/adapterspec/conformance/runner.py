@@ -157,14 +157,18 @@ def _check_refusal(impl: Any, refusal: Refusal, error: str | None, key: str | li
     return f"refused: {refusal.error}"
 
 
-def _outcome(fn: Any, *args: Any) -> tuple[Any, Refusal | None]:
-    """Run an implementation call: (its result, None) or (None, the refusal it raised)."""
+def _outcome(fn: Any, *args: Any, expected: str | None = None) -> tuple[Any, Refusal | None]:
+    """Run an implementation call: (its result, None) or (None, the refusal it raised).
+
+    An ``UnsupportedError`` means the implementation does not claim the case -- unless the case expects one
+    (a method the spec recognises but does not define: refusing it is the right answer).
+    """
     try:
         return fn(*args), None
     except (Unsupported, NotImplementedError, CaseFailed):
         raise
     except Exception as exc:  # noqa: BLE001 - any exception from the implementation is its refusal
-        if type(exc).__name__ == "UnsupportedError":
+        if type(exc).__name__ == "UnsupportedError" and expected != "UnsupportedError":
             raise Unsupported(str(exc)) from exc
         return None, Refusal.from_exception(exc)
 
@@ -184,7 +188,7 @@ def _folder(impl: Any, case: FolderCase, hierarchy: Mapping[str, str | None], wo
     # Work on a copy: an implementation must not be able to change the corpus (nor see another case's leftovers).
     path = workdir / "folder"
     shutil.copytree(case.path, path, symlinks=True)
-    _, refusal = _outcome(call, impl, "load_folder", case, path)
+    _, refusal = _outcome(call, impl, "load_folder", case, path, expected=None if case.valid else case.error)
     if case.valid:
         if refusal is not None:
             raise CaseFailed(f"refused a valid adapter: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())

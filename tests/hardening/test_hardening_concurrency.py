@@ -1,0 +1,251 @@
+"""Processes sharing one folder: a reader sees one whole adapter, never a mix; two creators, one winner.
+
+A writer process saves two adapters into one folder in turn (``overwrite=True``) while this process
+reads it in a loop, for a bounded time. Adapter A and adapter B have tensors of the same shapes but
+different values and different ``lora_alpha``, so a config paired with the other adapter's tensors
+passes every check -- only the values tell. Each read must be exactly A or exactly B.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hardening_harness import LORA_CONFIG, STATS, deadline, lora_tensors
+
+import adapterspec
+from adapterspec import _snapshot
+from adapterspec import folder as folder_mod
+
+pytestmark = [pytest.mark.filterwarnings("ignore::adapterspec.AdapterSpecWarning"),
+              pytest.mark.skipif(sys.platform != "linux", reason="forks writer processes (Linux)")]
+
+CONFIG_B = {**LORA_CONFIG, "lora_alpha": 16}
+SECONDS = 1.5  # how long the writer keeps saving
+
+
+def tensors_b() -> dict[str, np.ndarray]:
+    return {k: (v * 10 + 1).astype(np.float32) for k, v in lora_tensors().items()}
+
+
+ADAPTERS = [(LORA_CONFIG, lora_tensors()), (CONFIG_B, tensors_b())]
+
+
+def _which(config: Any, tensors: dict[str, Any]) -> str:
+    """``"A"``, ``"B"``, or ``"mixed"``."""
+    for name, (cfg, values) in zip("AB", ADAPTERS):
+        if config["lora_alpha"] == cfg["lora_alpha"] and sorted(tensors) == sorted(values) and all(
+                np.array_equal(np.asarray(tensors[k]), values[k]) for k in values):
+            return name
+    return "mixed"
+
+
+def _save_in_turn(folder: str, until: float, subfolder: bool) -> None:
+    """The writer process: A, B, A, B... into ``folder`` until the monotonic clock reaches ``until``."""
+    i = 0
+    while time.monotonic() < until:
+        config, values = ADAPTERS[i % 2]
+        if subfolder:
+            adapterspec.write_adapters(folder, {"default": (config, values), "fr": (config, values)}, overwrite=True)
+        else:
+            adapterspec.write_adapter(folder, config, values, overwrite=True)
+        i += 1
+
+
+def _in_process(target: Callable[..., None], *args: Any) -> Any:
+    """``target(*args)`` in a forked process, started."""
+    process = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def _stop(process: Any, timeout: float = 10.0) -> None:
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+        raise AssertionError("the writer process did not finish in time")
+    assert process.exitcode == 0, f"the writer process failed ({process.exitcode})"
+
+
+def _reads_while_writing(folder: Path, read: Callable[[Path], str], *, multi: bool) -> Iterator[str]:
+    """Run the writer for :data:`SECONDS` and yield the outcome of each read made meanwhile."""
+    writer = _in_process(_save_in_turn, str(folder), time.monotonic() + SECONDS, multi)
+    try:
+        with deadline(SECONDS + 20):
+            while writer.is_alive():
+                yield read(folder)
+    finally:
+        _stop(writer)
+
+
+def _read_numpy(folder: Path) -> str:
+    try:
+        adapter = adapterspec.read_adapter(folder, prefetch=True)  # the tensors of the file read, whatever comes
+        return _which(adapter.config, adapter.load_tensors("numpy"))
+    except adapterspec.AdapterSpecError as exc:
+        return f"refused: {exc.message[:60]}"
+
+
+@pytest.mark.parametrize("layout", ["single", "multi-root", "no folder handle"])
+def test_a_reader_sees_one_adapter_or_the_other(tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``no folder handle``: as on systems without ``dir_fd`` (Windows), files are opened by path."""
+    if layout == "no folder handle":
+        monkeypatch.setattr(_snapshot, "_DIR_FD", False)
+    folder = tmp_path / "a"
+    if layout != "multi-root":
+        adapterspec.write_adapter(folder, *ADAPTERS[0])
+    else:
+        adapterspec.write_adapters(folder, {"default": ADAPTERS[0], "fr": ADAPTERS[0]})
+    seen = {"A": 0, "B": 0}
+    for outcome in _reads_while_writing(folder, _read_numpy, multi=layout == "multi-root"):
+        seen[outcome] = seen.get(outcome, 0) + 1
+    STATS.count("concurrency", sum(seen.values()))
+    assert set(seen) == {"A", "B"}, seen  # no mix, no refusal
+    assert seen["A"] and seen["B"], seen  # the reads did overlap the saves
+
+
+def test_load_adapter_gives_one_adapter_or_the_other(tmp_path: Path) -> None:
+    """The model's output after each load equals its output with adapter A or with adapter B, exactly."""
+    torch = pytest.importorskip("torch")
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.v = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = torch.nn.ModuleList([Block()])
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.l[0].q(x) + 2 * self.l[0].v(x)
+
+    torch.manual_seed(0)
+    model, x = Tiny().eval(), torch.linspace(-1, 1, 6).reshape(2, 3)
+
+    def output(folder: Path) -> Any:
+        adapterspec.load_adapter(model, folder, "x")
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            adapterspec.delete_adapter(model, "x")
+
+    expected = {}
+    for name, adapter in zip("AB", ADAPTERS):
+        expected[name] = output(adapterspec.write_adapter(tmp_path / name, *adapter))
+    assert not torch.equal(expected["A"], expected["B"])
+    folder = adapterspec.write_adapter(tmp_path / "shared", *ADAPTERS[0])
+
+    def load(folder: Path) -> str:
+        try:
+            out = output(folder)
+        except adapterspec.AdapterSpecError as exc:
+            return f"refused: {exc.message[:60]}"
+        return next((name for name, value in expected.items() if torch.equal(out, value)), "neither")
+
+    seen: dict[str, int] = {}
+    for outcome in _reads_while_writing(folder, load, multi=False):
+        seen[outcome] = seen.get(outcome, 0) + 1
+    STATS.count("concurrency", sum(seen.values()))
+    assert set(seen) == {"A", "B"}, seen
+
+
+# -- two saves creating one folder ------------------------------------------------------------
+ROUNDS = 15
+
+
+def _create(folder: str, which: int, barrier: Any, results: Any) -> None:
+    """A creator process: wait for the other, then save adapter ``which`` without overwrite."""
+    barrier.wait(10)
+    try:
+        adapterspec.write_adapter(folder, *ADAPTERS[which])
+        results.put((which, "saved"))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put((which, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.parametrize("place", ["new folder", "empty folder", "new folder, plain rename", "root of other adapters"])
+def test_two_saves_creating_one_folder_one_wins(tmp_path: Path, place: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly one save succeeds; the other gets AdapterExistsError; the folder holds the winner's adapter.
+    ``plain rename``: as without ``renameat2`` (other systems), where ``rename`` refuses a non-empty folder."""
+    if place.endswith("plain rename"):
+        monkeypatch.setattr(folder_mod, "_renameat2", lambda: None)  # the forked creators inherit it
+    context = multiprocessing.get_context("fork")
+    for round_ in range(ROUNDS):
+        folder = tmp_path / f"round{round_}"
+        if place == "empty folder":
+            folder.mkdir()
+        elif place == "root of other adapters":  # files are put in one by one there (no folder swap)
+            adapterspec.write_adapter(folder / "fr", *ADAPTERS[0])
+        barrier, results = context.Barrier(2), context.Queue()
+        creators = [context.Process(target=_create, args=(str(folder), i, barrier, results), daemon=True)
+                    for i in (0, 1)]
+        for process in creators:
+            process.start()
+        try:
+            outcomes = dict(results.get(timeout=20) for _ in creators)
+        finally:
+            for process in creators:
+                _stop(process)
+        STATS.count("concurrency")
+        winners = [i for i, outcome in outcomes.items() if outcome == "saved"]
+        assert len(winners) == 1, f"round {round_}: {outcomes}"
+        loser = outcomes[1 - winners[0]]
+        assert loser.startswith("AdapterExistsError") and str(folder) in loser, f"round {round_}: {loser}"
+        adapter = adapterspec.read_adapter(folder, prefetch=True)
+        assert _which(adapter.config, adapter.load_tensors("numpy")) == "AB"[winners[0]]
+        folder_mod.wait_for_removals()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_creators_among_other_adapters_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the root of other adapters files are put in one by one (no folder swap): a creator paused just
+    before putting its files in keeps a second one waiting, which then finds the first one's adapter."""
+    folder = tmp_path / "root"
+    adapterspec.write_adapter(folder / "fr", *ADAPTERS[0])
+    replace, paused, go_on = os.replace, threading.Event(), threading.Event()
+
+    def paused_replace(source: Any, target: Any) -> None:
+        if threading.current_thread().name == "first" and not go_on.is_set():
+            paused.set()
+            assert go_on.wait(20)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", paused_replace)
+    outcomes: dict[str, str] = {}
+
+    def create(which: int) -> None:
+        name = threading.current_thread().name
+        try:
+            adapterspec.write_adapter(folder, *ADAPTERS[which])
+            outcomes[name] = "saved"
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcomes[name] = type(exc).__name__
+
+    first = threading.Thread(target=create, args=(0,), name="first", daemon=True)
+    second = threading.Thread(target=create, args=(1,), name="second", daemon=True)
+    first.start()
+    try:
+        assert paused.wait(20)
+        second.start()
+        second.join(0.5)
+        waited = second.is_alive()
+    finally:
+        go_on.set()
+        first.join(20)
+        second.join(20)
+    STATS.count("concurrency")
+    assert outcomes == {"first": "saved", "second": "AdapterExistsError"} and waited, (outcomes, waited)
+    adapter = adapterspec.read_adapter(folder, prefetch=True)
+    assert _which(adapter.config, adapter.load_tensors("numpy")) == "A"

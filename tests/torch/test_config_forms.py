@@ -1,0 +1,138 @@
+"""Spec 1.1 config forms on the torch backend: what PEFT fills from the model at load, adapterspec fills the
+same way (null ``target_modules`` from PEFT's per-architecture table, prompt sizes from ``model.config``);
+methods the spec does not define are refused with ``UnsupportedError``; layers the backend cannot adapt
+are reported as such (SPEC.md 14)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from adapterspec.errors import ConfigError, UnsupportedError  # noqa: E402
+from torch_helpers import assert_close, assert_same_snapshot, fresh, logits, peft_reference, snapshot  # noqa: E402
+
+
+def _edit(folder: Path, **changes: Any) -> None:
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _peft_loads(base: Any, folder: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(fresh(base), str(folder)).eval()
+
+
+@pytest.mark.parametrize(("make", "changes"), [
+    (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), {"target_modules": None}),
+    (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), {"target_modules": ...}),
+    (lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+     {"target_modules": None, "feedforward_modules": None}),
+    (lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), {"target_modules": None}),
+    (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "q_proj"]),
+     {"target_modules": ["q_proj", "v_proj", "q_proj"]}),
+], ids=["lora-null", "lora-absent", "ia3-null", "loha-null", "lora-duplicates"])
+def test_null_targets_load_as_peft_resolves_them(llama: Any, token_inputs: dict[str, Any], tmp_path: Path,
+                                                 make: Any, changes: dict[str, Any]) -> None:
+    """PEFT's ``save_pretrained`` writes the resolved list; the config is edited back to the form PEFT also
+    accepts, and both PEFT and adapterspec load the edited folder to the same outputs."""
+    peft_reference(llama, make(), tmp_path)
+    _edit(tmp_path, **changes)
+    expected = logits(_peft_loads(llama, tmp_path), token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-3
+    model = fresh(llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the duplicate's AdapterSpecWarning
+        modules = adapterspec.load_adapter(model, tmp_path)
+    assert sorted({m.rsplit(".", 1)[1] for m in modules}) == sorted(set(make().target_modules))
+    assert len(modules) == 2 * len(set(make().target_modules))  # two layers
+    assert_close(logits(model, token_inputs), expected)
+
+
+def test_null_targets_on_an_unknown_architecture_refused(tmp_path: Path) -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    base = Net()
+    peft_reference(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path)
+    _edit(tmp_path, target_modules=None)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.pointer == "/target_modules" and "None" in info.value.message
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize(("make", "dropped"), [
+    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+     ("token_dim", "num_layers", "num_attention_heads")),
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+     ("token_dim", "num_layers", "num_attention_heads")),
+], ids=["prefix", "prompt"])
+def test_prompt_sizes_filled_from_the_model(llama: Any, token_inputs: dict[str, Any], tmp_path: Path,
+                                            make: Any, dropped: tuple[str, ...]) -> None:
+    peft_reference(llama, make(), tmp_path)
+    _edit(tmp_path, **dict.fromkeys(dropped, ...))
+    expected = logits(_peft_loads(llama, tmp_path), token_inputs)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path)
+    assert_close(logits(model, token_inputs), expected)
+    with pytest.raises(adapterspec.ShapeMismatchError):  # the sizes from the model still check the tensor
+        other = fresh(llama)
+        small = tmp_path / "small"
+        peft_reference(llama, make(), small)
+        _edit(small, num_virtual_tokens=make().num_virtual_tokens + 1, **dict.fromkeys(dropped, ...))
+        adapterspec.load_adapter(other, small)
+
+
+def test_not_portable_method_refused_at_load(llama: Any, tmp_path: Path) -> None:
+    peft_reference(llama, peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)
+    _peft_loads(llama, tmp_path)  # PEFT loads it
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert not isinstance(info.value, ConfigError)
+    assert info.value.pointer == "/peft_type" and "VERA" in info.value.message and "PEFT" in info.value.message
+    assert_same_snapshot(model, before)
+    with pytest.warns(adapterspec.AdapterSpecWarning, match="not portable"):
+        assert adapterspec.validate_adapter(tmp_path) == []
+
+
+def test_multihead_attention_reports_the_backend_refusal(tmp_path: Path) -> None:
+    """PEFT's LoRA on nn.MultiheadAttention saves keys under ``attn.base_layer.out_proj`` too; the backend's
+    UnsupportedError (it cannot adapt the layer) is the error, not the tensor check it sets off."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.attn(x, x, x)[0]
+
+    torch.manual_seed(0)
+    base = Net()
+    peft_reference(base, peft.LoraConfig(r=2, target_modules=["attn"]), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "attn" and "MultiheadAttention" in info.value.message
+    assert_same_snapshot(model, before)

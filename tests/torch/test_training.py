@@ -1,0 +1,368 @@
+"""Training with the torch backend: a frozen base, PEFT's dtype policy, base identity, adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch_helpers import fresh
+
+import adapterspec
+
+LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, int]:
+    return {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft_trainable(base: torch.nn.Module, config: dict[str, Any]) -> int:
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    fields = {k: v for k, v in config.items() if k != "peft_type"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(fresh(base), PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]](**fields))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    return int(trainable)
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(LORA, id="lora"),
+    pytest.param({**LORA, "modules_to_save": ["lm_head"]}, id="modules_to_save"),
+    pytest.param({**LORA, "trainable_token_indices": [3, 7, 1]}, id="trainable_tokens"),
+    pytest.param({**LORA, "use_dora": True, "bias": "lora_only"}, id="dora_bias"),
+    pytest.param({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+                 id="ia3"),
+    pytest.param({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "task_type": "CAUSAL_LM",
+                  "token_dim": 64, "num_layers": 2, "num_attention_heads": 4}, id="prompt"),
+])
+def test_inject_trains_exactly_what_get_peft_model_trains(llama: Any, config: dict[str, Any]) -> None:
+    model = fresh(llama)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(_trainable(model).values()) == total  # a fresh transformers model trains everything
+    adapterspec.inject_adapter(model, config)
+    trainable = _trainable(model)
+    assert sum(trainable.values()) == _peft_trainable(llama, config)
+    assert 0 < sum(trainable.values()) < total // 4
+    assert not [name for name in trainable if "base_layer" in name or "original_module" in name]
+    adapterspec.delete_adapter(model, "default")
+    assert sum(_trainable(model).values()) == total  # the base's flags come back with the last adapter
+
+
+def test_freeze_base_false_keeps_the_base_trainable(llama: Any) -> None:
+    model = fresh(llama)
+    model.model.embed_tokens.weight.requires_grad_(False)  # a user's own choice, kept
+    adapterspec.inject_adapter(model, LORA, freeze_base=False)
+    trainable = _trainable(model)
+    assert "model.embed_tokens.weight" not in trainable
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in trainable
+    assert sum(1 for n in trainable if ".lora_" in n or "adapter_weights" in n) == 8
+
+
+def test_frozen_flags_restored_only_after_the_last_trainable_adapter(llama: Any) -> None:
+    model = fresh(llama)
+    model.model.norm.weight.requires_grad_(False)
+    adapterspec.inject_adapter(model, LORA, "a")
+    adapterspec.inject_adapter(model, {**LORA, "target_modules": ["k_proj"]}, "b")
+    trainable = _trainable(model)
+    assert {n.split(".adapter_weights.")[1].split(".")[0] for n in trainable} == {"a", "b"}  # a stays trainable
+    adapterspec.delete_adapter(model, "a")
+    assert not [n for n in _trainable(model) if "adapter_weights" not in n]
+    adapterspec.delete_adapter(model, "b")
+    trainable = _trainable(model)
+    assert "model.norm.weight" not in trainable and len(trainable) == len(list(model.parameters())) - 1
+
+
+def test_load_trainable_freezes_the_base(llama: Any, tmp_path: Path) -> None:
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, LORA)
+    adapterspec.save_adapter(model, tmp_path / "a")
+    other = fresh(llama)
+    adapterspec.load_adapter(other, tmp_path / "a", trainable=True)
+    assert sorted(_trainable(other)) == sorted(_trainable(model))
+    assert len(_trainable(other)) == 8 and all("adapter_weights" in n for n in _trainable(other))
+    plain = fresh(llama)
+    adapterspec.load_adapter(plain, tmp_path / "a")
+    assert all(".lora_" not in n and "adapter_weights" not in n for n in _trainable(plain))
+
+
+# -- PEFT's dtype policy (SPEC.md 7.5) ---------------------------------------------------------------
+def _peft_adapter(base: torch.nn.Module, config: Any, folder: Path, *, half: bool = False) -> None:
+    from peft import get_peft_model
+    from safetensors.torch import load_file, save_file
+    from torch_helpers import fill_adapter_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(fresh(base), config)
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(str(folder))
+    if half:  # the file stores float16 values (as a half-precision training run writes them)
+        file = folder / "adapter_model.safetensors"
+        save_file({k: v.to(torch.float16) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("half_file", [False, True], ids=["fp32_file", "fp16_file"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "tokens", "prompt"])
+def test_half_precision_base_keeps_the_adapter_in_float32_as_peft(llama: Any, token_inputs: dict[str, Any],
+                                                                  tmp_path: Path, method: str, half_file: bool) -> None:
+    from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig
+    from safetensors.torch import load_file
+    from torch_helpers import logits
+
+    config = {"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+              "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+              "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              "loha": LoHaConfig(r=2, target_modules=["q_proj"]),
+              "tokens": LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 7, 1]),
+              "prompt": PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")}[method]
+    _peft_adapter(llama, config, tmp_path / "a", half=half_file)
+    base = fresh(llama).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(base), str(tmp_path / "a")).eval()
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "a")
+    adapter_params = [p for n, p in model.named_parameters() if "adapter_weights" in n or "_adapterspec_prompts" in n]
+    assert adapter_params and {p.dtype for p in adapter_params} == {torch.float32}
+    assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
+    adapterspec.save_adapter(model, tmp_path / "again")  # the stored values come back exactly
+    stored, saved = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "again" /
+                                                                                     "adapter_model.safetensors")
+    assert sorted(saved) == sorted(stored)
+    for key, value in stored.items():
+        assert saved[key].dtype == value.dtype and torch.equal(saved[key], value), key  # bit-exact (SPEC.md 7.5)
+    pinned = fresh(base)
+    adapterspec.load_adapter(pinned, tmp_path / "a", dtype=torch.bfloat16)  # dtype= still decides
+    assert {p.dtype for n, p in pinned.named_parameters() if "adapter_weights" in n or "_adapterspec_prompts" in n} \
+        == {torch.bfloat16}
+
+
+def test_half_precision_inject_trains_in_float32_and_merges(llama: Any, token_inputs: dict[str, Any]) -> None:
+    from torch_helpers import logits
+
+    model = fresh(llama).to(torch.float16)
+    adapterspec.inject_adapter(model, {**LORA, "use_dora": True})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    with torch.no_grad():
+        for i, p in enumerate(trainable):
+            p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=torch.float32) + i).reshape(p.shape))
+    unmerged = logits(model, token_inputs)
+    adapterspec.merge_adapters(model)
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float16
+    assert (logits(model, token_inputs) - unmerged).abs().max() < 2e-2  # fp16 weights round the merged delta
+
+
+def test_trained_values_are_saved_in_float32(llama: Any, tmp_path: Path) -> None:
+    """A loaded float16 adapter trained further leaves float16's grid: those tensors are saved in float32."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    _peft_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a", half=True)
+    model = fresh(llama).to(torch.bfloat16)
+    adapterspec.load_adapter(model, tmp_path / "a", trainable=True)
+    lora_a = model.model.layers[0].self_attn.q_proj.adapter_weights["default"].lora_A_weight
+    with torch.no_grad():
+        lora_a.add_(1e-5)  # a step smaller than float16's spacing near these values
+    adapterspec.save_adapter(model, tmp_path / "again")
+    saved = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert saved[key].dtype == torch.float32 and torch.equal(saved[key], lora_a.detach())
+    assert {v.dtype for k, v in saved.items() if k != key} == {torch.float16}
+
+
+# -- base-model identity (SPEC.md 9.1) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_folder(llama: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    llama.save_pretrained(folder)
+    return folder
+
+
+def _from(folder: Path, **kwargs: Any) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def test_save_records_the_base_and_autopeft_loads_it(llama_folder: Path, tmp_path: Path,
+                                                     token_inputs: dict[str, Any]) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from torch_helpers import logits
+
+    model = _from(llama_folder)
+    adapterspec.inject_adapter(model, LORA)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            if p.requires_grad:
+                p.copy_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float32) * 0.7 + i).reshape(p.shape))
+    adapterspec.save_adapter(model, tmp_path / "a")
+    config = adapterspec.read_adapter(tmp_path / "a").config
+    assert config["base_model_name_or_path"] == str(llama_folder) and config["task_type"] == "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()
+    assert torch.equal(logits(reference, token_inputs), logits(model, token_inputs))
+    adapterspec.save_adapter(model, tmp_path / "b", base_model_name_or_path="org/tiny-llama")  # the caller's wins
+    assert adapterspec.read_adapter(tmp_path / "b").config["base_model_name_or_path"] == "org/tiny-llama"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fingerprint_is_computable_from_the_base_file_alone(kind: str, request: pytest.FixtureRequest,
+                                                            tmp_path: Path) -> None:
+    """SPEC.md 9.1's recipe, from the base's safetensors file with NumPy: what another implementation computes
+    (GPT-2's Conv1D stores its weight [in, out]: the spec layout is its transpose)."""
+    from safetensors.numpy import load_file
+
+    from adapterspec.identity import FINGERPRINT_KEY, fingerprint, sample_indices
+
+    request.getfixturevalue(kind).save_pretrained(tmp_path / "base")
+    model = type(request.getfixturevalue(kind)).from_pretrained(tmp_path / "base")
+    targets = ("q_proj", "v_proj") if kind == "llama" else ("c_attn",)
+    adapterspec.inject_adapter(model, {**LORA, "target_modules": list(targets)})
+    adapterspec.save_adapter(model, tmp_path / "a")
+    weights = {}
+    for key, value in load_file(tmp_path / "base" / "model.safetensors").items():
+        path = key.removesuffix(".weight")
+        if key.endswith(".weight") and path.endswith(targets):
+            spec = value.T if kind == "gpt2" else value
+            weights[path] = (spec.shape, spec.ravel()[sample_indices(spec.size)])
+    assert len(weights) == (4 if kind == "llama" else 2)
+    recorded = adapterspec.read_adapter(tmp_path / "a").metadata[FINGERPRINT_KEY]
+    assert recorded == fingerprint(weights)
+    next(iter(weights.values()))[1][5] += 0.01
+    assert recorded != fingerprint(weights)
+
+
+def test_another_base_warns_and_strict_refuses(llama_folder: Path, tmp_path: Path) -> None:
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    model = _from(llama_folder)
+    adapterspec.inject_adapter(model, LORA)
+    adapterspec.save_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(_from(llama_folder), tmp_path / "a", strict=True)  # the same base: silent
+        adapterspec.load_adapter(_from(llama_folder, dtype=torch.bfloat16), tmp_path / "a", strict=True)
+    other = _from(llama_folder)
+    with torch.no_grad():
+        weight = other.model.layers[1].self_attn.v_proj.weight  # same shapes, another base (a fine-tune of it)
+        weight.add_(0.01 * torch.sin(torch.arange(weight.numel(), dtype=torch.float32)).reshape(weight.shape))
+    with pytest.warns(adapterspec.BaseModelMismatchWarning, match="trained on another base model"):
+        adapterspec.load_adapter(other, tmp_path / "a")
+    adapterspec.delete_adapter(other, "default")
+    before = snapshot(other)
+    with pytest.raises(adapterspec.BaseModelMismatchError, match=str(llama_folder)):
+        adapterspec.load_adapter(other, tmp_path / "a", strict=True)
+    assert_same_snapshot(other, before)
+
+
+def test_adapters_without_a_fingerprint_load_silently(llama: Any, tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    _peft_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft")
+    other = fresh(llama)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(other, tmp_path / "peft", strict=True)
+
+
+# -- Trainer: adapter-only checkpoints and resume ------------------------------------------------------
+class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = (torch.arange(8) * (i + 3) + i) % 128
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids}
+
+
+def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, **args: Any) -> Any:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from adapterspec_torch.training import AdapterCheckpoints
+
+    class Stop(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == stop_at:
+                control.should_training_stop = True  # the process dies right after this checkpoint
+            return control
+
+    model = fresh(base).train()
+    torch.manual_seed(7)
+    adapterspec.inject_adapter(model, {**LORA, "lora_dropout": 0.1})
+    arguments = TrainingArguments(str(out), max_steps=6, save_steps=2, save_total_limit=2, learning_rate=5e-3,
+                                  per_device_train_batch_size=4, lr_scheduler_type="linear", warmup_steps=2,
+                                  report_to=[], use_cpu=True, seed=3, data_seed=3, logging_steps=100,
+                                  disable_tqdm=True, dataloader_num_workers=0, **args)
+    trainer = Trainer(model=model, args=arguments, train_dataset=_Tokens(), eval_dataset=_Tokens(),
+                      callbacks=[Stop()] if stop_at else [])
+    AdapterCheckpoints(trainer)
+    return trainer
+
+
+def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapterspec.extract_adapter(model).load_tensors("pt").items()}
+
+
+def test_trainer_resume_ends_with_the_uninterrupted_adapter(llama: Any, tmp_path: Path) -> None:
+    whole = _trainer(llama, tmp_path / "whole")
+    whole.train()
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["checkpoint-4", "checkpoint-6"]  # keeps 2
+    files = sorted(p.name for p in (tmp_path / "whole" / "checkpoint-6").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                     "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"]
+    checkpoint = adapterspec.read_adapter(tmp_path / "whole" / "checkpoint-6")
+    assert all(".lora_" in key for key in checkpoint.tensors) and len(checkpoint.tensors) == 8
+    expected = _adapter(whole.model)
+    for key, value in checkpoint.load_tensors("pt").items():
+        assert torch.equal(value, expected[key]), key
+
+    first = _trainer(llama, tmp_path / "cut", stop_at=4)
+    first.train()
+    assert first.state.global_step == 4
+    after_four = _adapter(first.model)
+    resumed = _trainer(llama, tmp_path / "cut")  # a new process: new model, new adapter init, new trainer
+    assert any(not torch.equal(v, after_four[k]) for k, v in _adapter(resumed.model).items())
+    params = [p for p in resumed.model.parameters() if p.requires_grad]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    assert [p for p in resumed.model.parameters() if p.requires_grad] == params  # the same parameter objects
+    assert resumed.state.global_step == 6
+    final = _adapter(resumed.model)
+    assert sorted(final) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key  # optimizer, scheduler, RNG (dropout, data order) restored
+    assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
+
+
+def test_trainer_best_checkpoint_and_plain_save_model(llama: Any, tmp_path: Path) -> None:
+    trainer = _trainer(llama, tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=True)  # the worst loss: not the last
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = adapterspec.read_adapter(best).load_tensors("pt")
+    final = _adapter(trainer.model)
+    assert all(torch.equal(saved[k], final[k]) for k in saved)
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+    assert adapterspec.read_adapter(tmp_path / "final").config["task_type"] == "CAUSAL_LM"
+
+
+def test_save_pretrained_on_an_adapted_model_refuses(llama: Any, tmp_path: Path) -> None:
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, LORA)
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        model.save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    adapterspec.unload(model, merge=True)
+    model.save_pretrained(tmp_path / "merged")  # the merged plain model saves as usual
+    assert (tmp_path / "merged" / "model.safetensors").exists()
