@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo  -- set everything up, then train a tiny LoRA in torch, validate it, load it into Keras
-#   make test  -- set everything up, then run the whole test suite
+#   make test  -- set everything up, type-check (make typecheck), then run the whole test suite
 # Both create the virtualenv at .venv (reused when present) with pinned versions (constraints.txt).
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo typecheck test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,15 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/demo_torch_to_keras.py
 
-test: setup
+# mypy --strict over sdk/ and plugins/ (settings: [tool.mypy] in pyproject.toml); any error fails
+typecheck: setup
+	$(PY) -m mypy
+
+test: setup typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
 	$(PY) benchmarks/bench_load.py --backends torch,keras --repeats 21
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import keras
 import numpy as np
@@ -52,7 +52,7 @@ class Ref(NamedTuple):
     """One parameter of one module: row ``index`` of group ``key``'s variable."""
 
     key: GroupKey
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, as a field name may
 
 
 #: The alignment TensorFlow's CPU kernels assume of a tensor's buffer (``EIGEN_MAX_ALIGN_BYTES``).
@@ -97,7 +97,7 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     return kind  # "zeros", "ones"
 
 
-class AdapterBank(keras.layers.Layer):
+class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no types: its classes are Any
     """All variables of one adapter (one variable per :class:`GroupKey`), created in one go.
 
     :param adapter_name: the adapter's name (it names the layer: ``adapterspec_<name>``).
@@ -164,7 +164,7 @@ class AdapterBank(keras.layers.Layer):
     def arena_dtype(self) -> str | None:
         """The dtype an arena would have: the groups' one dtype when they share it and their device and none
         is trainable (a trainable flat variable would get a dense gradient of its whole size per row), else ``None``."""
-        keys = list(self._counts)
+        keys: list[GroupKey] = list(self._counts)
         if not keys or any(k.trainable or k.dtype != keys[0].dtype or k.device != keys[0].device for k in keys):
             return None
         return keys[0].dtype
@@ -222,7 +222,7 @@ class AdapterBank(keras.layers.Layer):
 
     def numpy(self, ref: Ref) -> np.ndarray:
         """One module's parameter as a NumPy array, as stored (``Layout.stored_shape``)."""
-        return ops.convert_to_numpy(self.get(ref))
+        return cast(np.ndarray, ops.convert_to_numpy(self.get(ref)))
 
     def reader(self) -> Callable[[Ref], np.ndarray]:
         """A function giving each row as a NumPy array (as stored), from one read of the variables now.
@@ -240,7 +240,7 @@ class AdapterBank(keras.layers.Layer):
             block = blocks.get(ref.key)
             if block is None:
                 block = blocks[ref.key] = ops.convert_to_numpy(self.variable(ref.key))
-            return block[ref.index]
+            return cast(np.ndarray, block[ref.index])
 
         return read
 

@@ -77,7 +77,7 @@ def build_model(model: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
             n = int(np.prod(variable.shape))
             variable.assign((np.sin(np.arange(n) * 0.7 + i + j) * 0.3).reshape(tuple(variable.shape)))
 
-    class Holder(keras.Model):
+    class Holder(keras.Model):  # type: ignore[misc]  # keras ships no types: its classes are Any
         def __init__(self) -> None:
             super().__init__(name="conformance_model")
             self.held = list(layers.values())

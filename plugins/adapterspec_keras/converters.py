@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,10 +45,10 @@ class _Opaque:
     ndim = 0
     T = property(lambda self: self)
 
-    def __array_function__(self, func, types, args, kwargs):  # type: ignore[no-untyped-def]
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> _Opaque:
         return _Opaque()
 
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # type: ignore[no-untyped-def]
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> _Opaque:
         return _Opaque()
 
     def __getattr__(self, name: str) -> Any:
@@ -72,7 +72,7 @@ class _Opaque:
     __matmul__ = __rmatmul__ = __neg__ = __pow__ = _op
 
 
-class _RecordingLoader(contextlib.AbstractContextManager):
+class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
     """Stands in for keras-hub's ``SafetensorLoader``: records ``port_weight`` calls, reads nothing."""
 
     def __init__(self) -> None:
@@ -146,7 +146,7 @@ def _converters() -> dict[str, tuple[Any, list[str]]]:
     return _TABLE_CACHE
 
 
-class _ConfigProxy(dict):  # type: ignore[type-arg]
+class _ConfigProxy(dict[str, Any]):
     """The few transformers config fields some ``convert_weights`` read, rebuilt from the backbone."""
 
     _FROM_BACKBONE = {"n_embd": "hidden_dim", "hidden_size": "hidden_dim", "num_hidden_layers": "num_layers",
@@ -261,7 +261,7 @@ def _decode(rows: np.ndarray, cols: np.ndarray, kin: tuple[int, ...], kout: tupl
     return in_index.reshape(in_shape), out_index.reshape(out_shape)
 
 
-_PROBE_CACHE: dict[Any, Any] = {}
+_PROBE_CACHE: dict[Any, tuple[np.ndarray, np.ndarray] | None] = {}
 
 
 def _hook_key(hook: Callable[..., Any] | None) -> Any:
@@ -297,7 +297,7 @@ def _solve(records: list[tuple[_Record, Any, str]]) -> tuple[str, int, int, list
         pieces = []
         for (record, layer, kind), (shape, kin, kout) in zip(records, shapes):
             cache_key = (_hook_key(record.hook), hf_shape, shape, kin, kout, in_is_rows)
-            decoded = _PROBE_CACHE.get(cache_key, False) if cache_key[0] is not None or record.hook is None else False
+            decoded: tuple[np.ndarray, np.ndarray] | None | Literal[False] = _PROBE_CACHE.get(cache_key, False) if cache_key[0] is not None or record.hook is None else False
             if decoded is False:
                 flat = _probe(record.hook, hf_shape, shape)
                 decoded = None if flat is None else _decode(*np.divmod(flat, hf_shape[1]), kin, kout, in_is_rows)

@@ -11,6 +11,7 @@ device and dtype of the kernel the adapter wraps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -94,7 +95,7 @@ def as_device(device: Any) -> str | None:
 
             parsed = torch.device(name.lower().replace("gpu", "cuda"))  # as Keras' torch backend reads it
             kind, index = parsed.type, parsed.index or 0
-            module = getattr(torch, kind, None)
+            module: Any = getattr(torch, kind, None)
             count = module.device_count() if kind not in ("cpu", "meta") and hasattr(module, "device_count") else 1
         else:
             return name
@@ -138,11 +139,15 @@ def device_of(variable: Any) -> str | None:
     device = getattr(value, "device", None)
     device = device if isinstance(device, str) and device else None
     try:
-        ref = weakref.ref(variable, lambda _, key=key: _DEVICES.pop(key, None))
+        ref = weakref.ref(variable, functools.partial(_forget, key))
     except TypeError:  # not weak-referenceable: not remembered
         return device
     _DEVICES[key] = (ref, device)
     return device
+
+
+def _forget(key: int, ref: weakref.ref[Any]) -> None:
+    _DEVICES.pop(key, None)
 
 
 def target_of(variable: Any, options: LoadOptions) -> tuple[str | None, str]:

@@ -12,7 +12,7 @@ The fingerprint reads the base kernels in the spec's layout through each module'
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def _kernel_values(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarra
         variable, flat = piece.kernel_variable, pin * piece.n_out + pout
     # one read of the variable (a CPU tensor's buffer, not copied by TensorFlow), then NumPy picks the elements:
     # a framework op per sample set cost ~1.8 ms per module
-    return np.asarray(variable.numpy()).reshape(-1)[flat].astype(np.float32)
+    return cast(np.ndarray, np.asarray(variable.numpy()).reshape(-1)[flat].astype(np.float32))  # numpy: Any
 
 
 def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:

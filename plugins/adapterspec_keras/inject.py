@@ -36,7 +36,8 @@ from .converters import backbone_of, converter_sites
 from .devices import check_options
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
-from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
+from .mapping import find_site, spec_sites
+from .sites import ModuleSite, Piece, model_layers
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -233,7 +234,7 @@ def _track(host: Any, layer: Any) -> None:
 
 def _adapter_layer(model: Any, state: ModelState, site: ModuleSite) -> AdapterLayer:
     key = site_key(site)
-    layer = state.adapter_layers.get(key)
+    layer: AdapterLayer | None = state.adapter_layers.get(key)
     if layer is not None:
         return layer
     layer = AdapterLayer(site)

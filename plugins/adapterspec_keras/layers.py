@@ -478,6 +478,7 @@ class AdapterLayer:
         dropped = x
         dropout_on = slot.dropout > 0 and _training() and piece.kind != "embedding"
         if dropout_on:
+            assert slot.bank is not None  # _views just read its parameters from it
             dropped = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
         lora = _ops.expand_out(piece, _ops.contract_in(piece, dropped, a), b)
         if slot.lora_bias:

@@ -48,7 +48,7 @@ BASE_MODEL_PREFIX: dict[str, str] = {
 }
 
 def _own_name(model: Any, layer: Any) -> str:
-    path = layer.path or layer.name
+    path: str = layer.path or layer.name
     root = (model.name or "") + "/"
     if path.startswith(root):
         path = path[len(root):]

@@ -254,7 +254,7 @@ def _ensure_slice_update_gradient() -> None:
     except LookupError:
         pass
 
-    @tf.RegisterGradient("XlaDynamicUpdateSlice")
+    @tf.RegisterGradient("XlaDynamicUpdateSlice")  # type: ignore[untyped-decorator]  # TensorFlow ships no types
     def _gradient(op: Any, grad: Any) -> Any:  # pragma: no cover - traced by TensorFlow
         update, indices = op.inputs[1], op.inputs[2]
         return (xla.dynamic_update_slice(grad, tf.zeros_like(update), indices),
@@ -280,12 +280,14 @@ def remove_prefix(model: Any, state: Any, adapter_name: str) -> None:
 def _active_prefix(state: Any) -> PrefixSlot | None:
     for name in state.active:
         if name in state.prompts:
-            return state.prompts[name]
+            slot: PrefixSlot = state.prompts[name]
+            return slot
     return None
 
 
 def _active_name(state: Any) -> str:
-    return next(n for n in state.active if n in state.prompts)
+    name: str = next(n for n in state.active if n in state.prompts)
+    return name
 
 
 def _unpatched(state: Any, layer: Any) -> Any:

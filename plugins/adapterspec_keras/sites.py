@@ -190,7 +190,10 @@ def _einsum_supported(layer: Any) -> bool:
         return False
     if not all((c in input_spec) != (c in output_spec) for c in kernel_spec):
         return False
-    letters = lambda spec: set(spec.replace(".", ""))  # noqa: E731
+
+    def letters(spec: str) -> set[str]:
+        return set(spec.replace(".", ""))
+
     return letters(input_spec) - letters(kernel_spec) == letters(output_spec) - letters(kernel_spec)
 
 

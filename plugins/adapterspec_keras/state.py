@@ -78,8 +78,8 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), an
     unmapped module (into ``unmapped``) -- else an error."""
     name = parse_key(key, config.peft_type, config)
-    if name.role == "base_layer" and _owner(name.module, by_path) is not None:
-        base_plan[key] = _owner(name.module, by_path)  # type: ignore[assignment]
+    if name.role == "base_layer" and (owner := _owner(name.module, by_path)) is not None:
+        base_plan[key] = owner
         return None
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
@@ -264,7 +264,7 @@ def _shared_arena(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Map
         if not (array.dtype is dtype or array.dtype == dtype) or not layout.spec_stored or not array.flags.c_contiguous:
             return None
         try:  # its address (a fifth of array.ctypes.data's time)
-            at = ctypes.addressof(ctypes.c_char.from_buffer(array)) - base
+            at = ctypes.addressof(ctypes.c_char.from_buffer(array)) - base  # type: ignore[arg-type]  # numpy's stubs: __buffer__ on 3.12+
         except (TypeError, ValueError, BufferError):  # read-only or empty
             return None
         places.append((layer.parameters(adapter_name)[2][param], at, at + array.nbytes))
@@ -353,7 +353,7 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
     for layer in layers:
         path, layouts, refs = layer.parameters(adapter_name)
         for param, ref in refs.items():
-            tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]
+            tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]  # set: layers
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():

@@ -80,7 +80,7 @@ def get_state(model: Any, *, create: bool = False) -> ModelState | None:
     >>> get_state(keras.Sequential()) is None
     True
     """
-    state = model.__dict__.get(STATE_ATTR)
+    state: ModelState | None = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         state = ModelState()
         object.__setattr__(model, STATE_ATTR, state)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
             continue
         if name.role in ("base_layer", "bias") and name.param in (BASE_LAYER_PARAM, BASE_LAYER_BIAS):
             if isinstance(layer, AdapterLayer):
-                target: tuple[nn.Module, str] | None = (layer.base_layer, name.param.rpartition(".")[2])
+                target: tuple[nn.Module, str] = (layer.base_layer, name.param.rpartition(".")[2])
             else:
                 found = lookup.find(module)
                 plan.errors.append(_absent(key, module) if found is None else
@@ -189,8 +189,8 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
             found = lookup.find(module)
             if found is None:
                 plan.errors.append(_absent(key, module))
-            elif name.role == "adapter" and _unsupported(unwrapped(found), module, config) is not None:
-                plan.errors.append(_unsupported(unwrapped(found), module, config))
+            elif name.role == "adapter" and (problem := _unsupported(unwrapped(found), module, config)) is not None:
+                plan.errors.append(problem)
             else:
                 plan.errors.append(_not_taken(key, module, f"takes no {name.param!r} tensor of this adapter "
                                                            f"({name.role})"))
@@ -272,6 +272,7 @@ def apply_overrides(model: nn.Module, state: ModelState, adapter_name: str, plan
     groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for key, (holder, attr) in plan.replace.items():
         old = holder._parameters[attr]
+        assert old is not None  # the plan replaces parameters that exist (_target_error)
         groups.setdefault(id(old), (old, []))[1].append(key)
     overrides = state.base_weights.setdefault(adapter_name, [])
     if groups:
@@ -319,7 +320,8 @@ def fresh_bias_overrides(model: nn.Module, state: ModelState, config: AdapterCon
         base = unwrapped(module)
         if base._parameters.get("bias") is not None:
             replace[make_key(spec, "bias")] = (base, "bias")
-    tensors: dict[str, Any] = {key: holder._parameters["bias"].detach().clone() for key, (holder, _) in replace.items()}
+    tensors: dict[str, Any] = {key: cast(nn.Parameter, holder._parameters["bias"]).detach().clone()  # not None: above
+                               for key, (holder, _) in replace.items()}
     tensors.update(dict.fromkeys(keep))
     apply_overrides(model, state, adapter_name, AuxiliaryPlan(replace=replace, keep=keep), tensors, options)
     for override in state.base_weights.get(adapter_name, []):

@@ -46,15 +46,16 @@ def _layer(spec: Mapping[str, Any]) -> Any:
     if kind in ("conv1d", "conv2d"):
         nd = 1 if kind == "conv1d" else 2
         cls = nn.Conv1d if kind == "conv1d" else nn.Conv2d
-        return cls(spec["in_channels"], spec["out_channels"], _ints(spec["kernel_size"], nd),
-                   stride=_ints(spec.get("stride", 1), nd), padding=_ints(spec.get("padding", 0), nd),
+        # torch's stubs want a tuple of the conv's own length; _ints gives nd ints, which mypy cannot see
+        return cls(spec["in_channels"], spec["out_channels"], _ints(spec["kernel_size"], nd),  # type: ignore[arg-type]
+                   stride=_ints(spec.get("stride", 1), nd), padding=_ints(spec.get("padding", 0), nd),  # type: ignore[arg-type]
                    bias=spec.get("bias", True))
     if kind == "gpt2_conv1d":
         from transformers.pytorch_utils import Conv1D
 
-        layer = Conv1D(spec["out_features"], spec["in_features"])
+        layer = Conv1D(spec["out_features"], spec["in_features"])  # type: ignore[no-untyped-call]  # unannotated there
         if not spec.get("bias", True):
-            layer.bias = None
+            layer.register_parameter("bias", None)
         return layer
     raise adapterspec.UnsupportedError(f"layer kind {kind!r} is unknown to this test harness", key=kind)
 
@@ -80,7 +81,7 @@ def build_model(model: Mapping[str, Any]) -> Any:
 
         fields = {k: v for k, v in decoder.items() if k != "architecture"}
         torch.manual_seed(0)
-        root = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+        root = LlamaForCausalLM(LlamaConfig(**fields)).eval()  # type: ignore[no-untyped-call]  # unannotated there
         return root.to(dtype)
     root = nn.Module()
     for path, spec in model.get("modules", {}).items():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -166,8 +166,11 @@ def _parent(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = 
     return model.get_submodule(parent_name), child
 
 
-def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module], *,
-         modules: dict[str, nn.Module] | None = None) -> nn.Module:
+_Wrapper = TypeVar("_Wrapper", AdapterLayer, ModulesToSaveLayer)
+
+
+def wrap(model: nn.Module, name: str, wrapper_type: type[_Wrapper], *,
+         modules: dict[str, nn.Module] | None = None) -> _Wrapper:
     """The wrapper at model module ``name``: the existing one, or a new ``wrapper_type(original)`` put in
     its place (the original object is remembered for :func:`unwrap`).
 
@@ -200,6 +203,7 @@ def wrap(model: nn.Module, name: str, wrapper_type: type[nn.Module], *,
 def unwrap(model: nn.Module, name: str) -> None:
     """Put the original module object back at model module ``name`` (its wrapper holds no adapter any more)."""
     state = get_state(model)
+    assert state is not None  # a module is unwrapped after wrap() made the state
     original = state.originals.pop(name)
     state.wrappers.pop(name, None)
     parent, child = _parent(model, name)
@@ -272,7 +276,7 @@ def find_token_targets(model: nn.Module, config: AdapterConfig, universe: list[t
     tied_paths = [spec for spec, _, module in universe
                   if tied and spec != embedding and shared is not None and _weight_of(module) is shared]
     mismatch, skip = False, set()
-    if len(layers) > 1 and tied:
+    if len(layers) > 1 and tied and embedding is not None:
         keys = [name for name in layers if embedding.endswith(name) or any(
             path.endswith(name) or name in path.split(".") for path in tied_paths)]
         if len(keys) >= 2:
@@ -343,14 +347,15 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             layer.add_adapter(adapter_name, config, spec, options, checked=True)
         for spec in saved:
             own = universe[spec][0]
-            layer = wrap(model, own, ModulesToSaveLayer, modules=modules)
+            whole = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
-            layer.add_adapter(adapter_name, options)
+            whole.add_adapter(adapter_name, options)
         for spec, indices, source in tokens:
             own = universe[spec][0]
             layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
             source_layer = state.wrappers[universe[source][0]] if source is not None else None
+            assert not isinstance(source_layer, ModulesToSaveLayer)  # wrap() refused that above: it is adapted
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
         _remove_layers(model, state, adapter_name, done)
@@ -373,7 +378,7 @@ def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modul
 # -- prefix / prompt tuning -----------------------------------------------------------------
 def _prompt_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
     """``config`` with the fields PEFT derives from the model filled in (``_prepare_prompt_learning_config``)."""
-    model_config = getattr(model, "config", None)
+    model_config: Any = getattr(model, "config", None)
     if config.get("task_type") == "SEQ_2_SEQ_LM" or (config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedError(f"{config.peft_type} for encoder-decoder models is not implemented here",
                                pointer="/num_transformer_submodules", hint="use a decoder-only model")
@@ -400,8 +405,8 @@ def _prompt_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
             changes[field] = int(value)
     if config.peft_type == "PREFIX_TUNING" and changes and text is not None \
             and getattr(text, "num_key_value_heads", None) is not None:
-        token_dim = changes.get("token_dim", config.get("token_dim"))
-        heads = changes.get("num_attention_heads", config.get("num_attention_heads"))
+        token_dim: int = changes["token_dim"] if "token_dim" in changes else config["token_dim"]
+        heads: int = changes["num_attention_heads"] if "num_attention_heads" in changes else config["num_attention_heads"]
         head_dim = getattr(text, "head_dim", None) or token_dim // heads
         changes["token_dim"] = int(head_dim * text.num_key_value_heads)
         changes["num_attention_heads"] = int(text.num_key_value_heads)
@@ -425,9 +430,10 @@ def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, a
         raise UnsupportedError(f"prefix tuning on {model_type} needs its special cache; not implemented here",
                                key=model_type, hint="use a model with a plain DynamicCache")
     config = _prompt_config(model, config)
-    embeddings = model.get_input_embeddings()
+    hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
+    embeddings = hf.get_input_embeddings()
     device, dtype = adapter_target_of(embeddings, options)
-    prompts = model._modules.get(PROMPTS_ATTR)
+    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
     if prompts is None:
         prompts = nn.ParameterDict()
         model.add_module(PROMPTS_ATTR, prompts)
@@ -442,7 +448,7 @@ def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, a
 
 
 @functools.cache
-def _positional_names(forward_type: type) -> tuple[str, ...]:
+def _positional_names(forward_type: type[nn.Module]) -> tuple[str, ...]:
     signature = inspect.signature(forward_type.forward)
     names = []
     for param in list(signature.parameters.values())[1:]:
@@ -471,17 +477,18 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         return None
     name = active[0]
     config = state.configs[name]
-    names = _positional_names(type(model))
+    names = _positional_names(type(model))  # type: ignore[arg-type]  # mypy checks the instances' __hash__
     if len(args) > len(names):
         raise UnsupportedError("too many positional arguments for prompt learning", key=type(model).__qualname__,
                                hint="pass the model's inputs as keyword arguments")
     kwargs = {**dict(zip(names, args)), **kwargs}
-    input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    input_ids: Any = kwargs.get("input_ids")
+    inputs_embeds: Any = kwargs.get("inputs_embeds")
     if input_ids is None and inputs_embeds is None:
         return None
     batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
     nvt = config["num_virtual_tokens"]
-    weight = model._modules[PROMPTS_ATTR][name]
+    weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
     continuing = _cache_length(kwargs.get("past_key_values")) > 0
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
@@ -498,7 +505,8 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     if continuing:
         return (), kwargs
     if inputs_embeds is None:
-        inputs_embeds = model.get_input_embeddings()(input_ids)
+        hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
+        inputs_embeds = hf.get_input_embeddings()(input_ids)
     labels = kwargs.get("labels")
     if labels is not None:
         kwargs["labels"] = torch.cat((torch.full((batch, nvt), -100).to(labels.device), labels), dim=1)
@@ -517,11 +525,11 @@ def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor,
     if dtype is not None:
         past = past.to(dtype)
     past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
-    return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))
+    return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
 
 
 def _remove_prompt(model: nn.Module, state: ModelState, adapter_name: str) -> None:
-    prompts = model._modules.get(PROMPTS_ATTR)
+    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
     if prompts is not None and adapter_name in prompts:
         del prompts[adapter_name]
     if prompts is not None and len(prompts) == 0:

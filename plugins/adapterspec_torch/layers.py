@@ -26,7 +26,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -110,19 +110,31 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
-    if kind in _CONV_KINDS and method == "LORA" and config.rank_for(path) % module.groups != 0:
-        raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={module.groups}",
+    if kind in _CONV_KINDS and method == "LORA" and config.rank_for(path) % _conv(module).groups != 0:
+        raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={_conv(module).groups}",
                                key=path, hint="choose a rank divisible by groups, or do not target this layer")
 
 
-def _in_out(module: nn.Module, kind: str) -> tuple[int, int]:
+# torch types a module's attributes as ``Tensor | Module`` (its ``__getattr__``): these give the attributes of
+# the layer class layer_kind's isinstance checks found.
+def _weight(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)
+
+
+def _conv(module: nn.Module) -> nn.modules.conv._ConvNd:
+    return cast(nn.modules.conv._ConvNd, module)
+
+
+def _in_out(module: nn.Module, kind: str | None) -> tuple[int, int]:
     if kind == "linear":
-        return module.in_features, module.out_features
+        linear = cast(nn.Linear, module)
+        return linear.in_features, linear.out_features
     if kind == "conv1d_hf":
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
+        return int(_weight(module).shape[0]), int(_weight(module).shape[1])
     if kind == "embedding":
-        return module.num_embeddings, module.embedding_dim
-    return module.in_channels, module.out_channels
+        embedding = cast(nn.Embedding, module)
+        return embedding.num_embeddings, embedding.embedding_dim
+    return _conv(module).in_channels, _conv(module).out_channels
 
 
 def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -163,25 +175,27 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
     in_f, out_f = _in_out(module, kind)
     if method == "LORA":
         r = config.rank_for(path) if rank is None else rank
+        shapes: dict[str, tuple[int, ...]]
         if kind == "embedding":
             shapes = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
         elif kind in _CONV_KINDS:
-            ones = (1,) * (module.weight.dim() - 2)
-            shapes = {"lora_A.weight": (r, in_f, *module.kernel_size), "lora_B.weight": (out_f, r // module.groups, *ones)}
+            ones = (1,) * (_weight(module).dim() - 2)
+            conv = _conv(module)
+            shapes = {"lora_A.weight": (r, in_f, *conv.kernel_size), "lora_B.weight": (out_f, r // conv.groups, *ones)}
         else:
             shapes = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
         if config.get("lora_bias"):
             shapes["lora_B.bias"] = (out_f,)
         if config.get("use_dora"):
-            shapes["lora_magnitude_vector"] = (1, out_f) + (1,) * (module.weight.dim() - 2) if kind in _CONV_KINDS else (out_f,)
+            shapes["lora_magnitude_vector"] = (1, out_f) + (1,) * (_weight(module).dim() - 2) if kind in _CONV_KINDS else (out_f,)
         return shapes
     if method == "IA3":
         feedforward = config.is_feedforward(path)
         if kind in _CONV_KINDS:
             features = in_f if feedforward else out_f
-            return {"ia3_l": (1, features) + (1,) * (module.weight.dim() - 2)}
+            return {"ia3_l": (1, features) + (1,) * (_weight(module).dim() - 2)}
         return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
-    weight_shape = tuple(module.weight.shape)
+    weight_shape = tuple(_weight(module).shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
         r = config.rank_for(path) if rank is None else rank
@@ -194,13 +208,13 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
     if method == "LOKR":
         r = config.rank_for(path) if rank is None else rank
         factor = int(config.get("decompose_factor", -1))
-        in_dim = in_f // module.groups if kind in _CONV_KINDS else in_f
+        in_dim = in_f // _conv(module).groups if kind in _CONV_KINDS else in_f
         in_m, in_n = _factorization(in_dim, factor)
         out_l, out_k = _factorization(out_f, factor)
         kernel = tuple(weight_shape[2:])
         use_w1 = not (config.get("decompose_both", False) and r < max(out_l, in_m) / 2)
         use_w2 = r >= max(out_k, in_n) / 2 if kernel else not (r < max(out_k, in_n) / 2)
-        shapes: dict[str, tuple[int, ...]] = {}
+        shapes = {}
         if use_w1:
             shapes["lokr_w1"] = (out_l, in_m)
         else:
@@ -221,7 +235,7 @@ def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig
     if kind not in ("conv1d", "conv2d") or config.peft_type not in ("LOHA", "LOKR") \
             or not config.get("use_effective_conv2d"):
         return None
-    kernel = tuple(module.kernel_size)
+    kernel = tuple(_conv(module).kernel_size)
     if all(k == 1 for k in kernel):
         return None
     return (kernel[0], kernel[1]) if kind == "conv2d" else (kernel[0], 1)
@@ -297,13 +311,13 @@ class _Facts:
     dropout: float
 
 
-_LAST_FACTS: tuple[Any, Any] = (None, None)  # (config, facts): the modules of one adapter come one after another
+_LAST_FACTS: tuple[AdapterConfig | None, _Facts | None] = (None, None)  # (config, facts): the modules of one adapter come one after another
 
 
 def _facts(config: AdapterConfig) -> _Facts:
     global _LAST_FACTS
     last_config, facts = _LAST_FACTS
-    if last_config is config:
+    if last_config is config and facts is not None:
         return facts
     method = config.peft_type
     ranked = method in ("LORA", "LOHA", "LOKR")
@@ -371,6 +385,10 @@ class AdapterLayer(nn.Module):
     >>> layer.adapter_names()
     []
     """
+
+    _modules: dict[str, nn.Module]  # type: ignore[assignment]  # narrower than Module's: no child is None
+    _caches: dict[str, torch.Tensor]
+    _specs: dict[str, _Spec]
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.__dict__.update(_module_state())  # nn.Module.__init__, faster
@@ -481,12 +499,12 @@ class AdapterLayer(nn.Module):
             device, dtype = adapter_target_of(base, options)
             attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
             spec.names[TRAINABLE_TOKENS_PARAM] = attr
-            shape = (len(spec.indices), base.weight.shape[1])
+            shape = (len(spec.indices), _weight(base).shape[1])
             if options.initialize:
                 rows = torch.empty(shape, device=device, dtype=dtype)
-                if device.type != "meta" and base.weight.device.type != "meta":
+                if device.type != "meta" and _weight(base).device.type != "meta":
                     with torch.no_grad():
-                        rows.copy_(base.weight[list(spec.indices)])
+                        rows.copy_(_weight(base)[list(spec.indices)])
                 weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
             else:
                 weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))
@@ -505,7 +523,7 @@ class AdapterLayer(nn.Module):
 
     def _with_tokens(self, names: list[str]) -> torch.Tensor:
         """The base weight with the rows of token adapters ``names`` put in, in order (PEFT's ``get_merged_weights``)."""
-        weight = self.base_layer.weight
+        weight = _weight(self.base_layer)
         for n in names:
             rows, index = self._token_rows(n, weight.device)
             weight = weight.index_copy(0, index, rows.to(weight))
@@ -600,7 +618,8 @@ class AdapterLayer(nn.Module):
 
     # -- the math ---------------------------------------------------------------------
     def _param(self, name: str, param: str) -> torch.Tensor:
-        return self.adapter_weights[name]._parameters[self._specs[name].names[param]]
+        tensor: torch.Tensor = self.adapter_weights[name]._parameters[self._specs[name].names[param]]
+        return tensor
 
     def _has(self, name: str, param: str) -> bool:
         return param in self._specs[name].names
@@ -612,7 +631,7 @@ class AdapterLayer(nn.Module):
         LoHa/LoKr: their reconstructed weight. IA3 scales instead (see :meth:`merge`).
         """
         spec = self._specs[name]
-        base_weight = self.base_layer.weight
+        base_weight = _weight(self.base_layer)
         if spec.method == "LORA":
             if self.kind == "embedding":
                 a, b = self._param(name, "lora_embedding_A"), self._param(name, "lora_embedding_B")
@@ -622,6 +641,7 @@ class AdapterLayer(nn.Module):
             cast = b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
             if cast:
                 a, b = a.float(), b.float()
+            out: torch.Tensor
             if self.kind == "embedding":
                 out = (b @ a).T * spec.scaling
             elif self.kind in _CONV_KINDS:
@@ -677,9 +697,11 @@ class AdapterLayer(nn.Module):
         """PEFT's DoRA weight norm of ``weight + scaling * lora_weight`` (per output channel)."""
         if self.kind in _CONV_KINDS:
             total = weight + scaling * lora_weight
-            return total.norm(p=2, dim=tuple(range(1, total.dim())), keepdim=True).transpose(1, 0)
+            norm: torch.Tensor = total.norm(p=2, dim=tuple(range(1, total.dim())), keepdim=True).transpose(1, 0)
+            return norm
         total = _transpose(weight, self.fan_in_fan_out or self.kind == "embedding") + scaling * lora_weight
-        return torch.linalg.norm(total, dim=1).to(total.dtype)
+        norm = torch.linalg.norm(total, dim=1).to(total.dtype)
+        return norm
 
     def _weight_norm(self, name: str, *, detach: bool) -> torch.Tensor:
         spec = self._specs[name]
@@ -691,7 +713,10 @@ class AdapterLayer(nn.Module):
         return norm.detach()
 
     def _plan_for(self, names: tuple[str, ...]) -> tuple[list[str], list[str], list[str], list[str]]:
-        ia3_in, ia3_out, additive, tokens = [], [], [], []
+        ia3_in: list[str] = []
+        ia3_out: list[str] = []
+        additive: list[str] = []
+        tokens: list[str] = []
         for n in names:
             spec = self._specs.get(n)
             if spec is None:
@@ -723,9 +748,10 @@ class AdapterLayer(nn.Module):
         (no intermediate ``B(A(x))``, product by the scale and sum as new tensors): PEFT's math, with one
         rounding less. Autograd records the in-place add (a Linear's backward needs its input, not its output)."""
         base = self._modules["base_layer"]
-        params = self._modules["adapter_weights"]._modules[name]._parameters
+        weights = cast(nn.Module, self._modules["adapter_weights"]._modules[name])
+        params = cast("dict[str, torch.Tensor]", weights._parameters)  # A and B exist: _lora_plan checked the spec
         a, b = params["lora_A_weight"], params["lora_B_weight"]
-        result = base(x, *args, **kwargs)
+        result: torch.Tensor = base(x, *args, **kwargs)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if result.dtype != a.dtype or b.dtype != a.dtype or not result.is_contiguous():  # autocast, mixed dtypes
@@ -746,12 +772,14 @@ class AdapterLayer(nn.Module):
             return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
         ia3_in, ia3_out, additive, tokens = self._plan
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
-            return self.base_layer(x, *args, **kwargs)
+            out: torch.Tensor = self.base_layer(x, *args, **kwargs)
+            return out
         previous_dtype = x.dtype
         conv = self.kind in _CONV_KINDS
         base_input = x
         if ia3_in:
-            dtype, scaling = previous_dtype, 1
+            dtype = previous_dtype
+            scaling: torch.Tensor | int = 1
             for n in ia3_in:
                 vector = self._param(n, "ia3_l")
                 dtype = vector.dtype
@@ -811,7 +839,8 @@ class AdapterLayer(nn.Module):
         if self.kind in _CONV_KINDS:
             base, conv = self.base_layer, self._conv_fn()
             hidden = conv(x, a, None, base.stride, base.padding)
-            return conv(hidden, b, bias, 1, 0, 1, base.groups)
+            out: torch.Tensor = conv(hidden, b, bias, 1, 0, 1, base.groups)
+            return out
         return F.linear(F.linear(x, a), b, bias)
 
     def _lora(self, name: str, spec: _Spec, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -844,7 +873,8 @@ class AdapterLayer(nn.Module):
                 shape = (1, -1) + (1,) * (result.dim() - 2) if self.kind in _CONV_KINDS else (-1,)
                 base_result = base_result - base.bias.view(*shape)
         lora_result = self._lora_ab(name, spec, x)
-        return result + ((scale - 1) * base_result + scale * lora_result * spec.scaling)
+        out: torch.Tensor = result + ((scale - 1) * base_result + scale * lora_result * spec.scaling)
+        return out
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -889,7 +919,7 @@ class AdapterLayer(nn.Module):
         merged = list(self._merged)
         if merged:
             self.unmerge()
-        weight = self.base_layer.weight.detach().clone()
+        weight = _weight(self.base_layer).detach().clone()
         if merged:
             self._caches["unmerged_base_weight"] = weight
             try:
@@ -1007,6 +1037,8 @@ class ModulesToSaveLayer(nn.Module):
     >>> sorted(layer.adapter_params("default"))
     ['bias', 'weight']
     """
+
+    _modules: dict[str, nn.Module]  # type: ignore[assignment]  # narrower than Module's: no child is None
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ is deleted, and are saved again with it (:mod:`adapterspec_torch.auxiliary`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,14 +34,14 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str
     """Canonical key -> (parameter or :class:`PendingParam`, the ``_Weights`` holding a pending one, its attribute)."""
     state = require_state(model, adapter_name)
     if state.configs[adapter_name].is_prompt_learning:
-        return {PROMPT_KEY: (model._modules[PROMPTS_ATTR][adapter_name], None, "")}
+        return {PROMPT_KEY: (cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[adapter_name], None, "")}
     out: dict[str, tuple[Any, Any, str]] = {}
     wrappers = state.wrappers
     for spec, own in state.modules[adapter_name].items():
         prefix = make_key(spec, "")
         layer = wrappers[own]
         if type(layer) is AdapterLayer:  # inlined adapter_params: this runs for every module of every load
-            weights = layer._modules["adapter_weights"]._modules[adapter_name]
+            weights = cast(nn.Module, layer._modules["adapter_weights"]._modules[adapter_name])
             params, pending = weights._parameters, weights.__dict__["pending"]
             for param, attr in layer._specs[adapter_name].names.items():
                 out[prefix + param] = (params[attr], None, attr) if attr in params else (pending[attr], weights, attr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -67,7 +67,7 @@ class ModelState:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
-    wrappers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    wrappers: dict[str, AdapterLayer | ModulesToSaveLayer] = field(default_factory=dict)
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
@@ -81,13 +81,17 @@ class ModelState:
         return list(self.switch.names)
 
 
+@overload
+def get_state(model: torch.nn.Module, *, create: Literal[True]) -> ModelState: ...
+@overload
+def get_state(model: torch.nn.Module, *, create: bool = False) -> ModelState | None: ...
 def get_state(model: torch.nn.Module, *, create: bool = False) -> ModelState | None:
     """``model``'s :class:`ModelState` (created when ``create``), or ``None`` when it has no adapter.
 
     >>> get_state(torch.nn.Linear(2, 2)) is None
     True
     """
-    state = model.__dict__.get(STATE_ATTR)
+    state: ModelState | None = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         state = ModelState()
         object.__setattr__(model, STATE_ATTR, state)
@@ -203,12 +207,14 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
-    state = get_state(model)
     for name in adapter_names:
-        require_state(model, name)
-        if state.configs[name].is_prompt_learning:
-            raise UnsupportedError(f"{state.configs[name].peft_type} adds virtual tokens; it has no weights to merge",
+        config = require_state(model, name).configs[name]
+        if config.is_prompt_learning:
+            raise UnsupportedError(f"{config.peft_type} adds virtual tokens; it has no weights to merge",
                                    key=name, hint="keep the adapter unmerged")
+    state = get_state(model)
+    if state is None:  # no adapter loaded, so none was named (require_state refuses every name)
+        return
     for name in adapter_names:
         if name in state.merged:
             continue

@@ -86,7 +86,7 @@ def _is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() or (folder / MANIFEST_NAME).is_file()
 
 
-class AdapterCheckpoints(TrainerCallback):  # type: ignore[misc]
+class AdapterCheckpoints(TrainerCallback):
     """Make ``trainer`` write and read adapter-only checkpoints (see the module docstring).
 
     How often, how many and which best one are the Trainer's own arguments (``save_steps``,

@@ -8,6 +8,8 @@ Importing this package imports no deep-learning framework; backends load only fo
 >>> adapterspec.save_adapter(torch_or_keras_model, "out/my-lora")     # doctest: +SKIP
 """
 
+from typing import TYPE_CHECKING
+
 from .adapter import Adapter, check_adapter_name, read_adapter, validate_adapter
 from .api import (
     active_adapters,
@@ -39,6 +41,9 @@ from .spec import SPEC_VERSION
 __version__ = "0.1.0"
 
 _HUB = ("download_adapter", "download_adapters", "push_to_hub")
+
+if TYPE_CHECKING:  # what __getattr__ gives, so that type checkers see the functions themselves
+    from .hub import download_adapter, download_adapters, push_to_hub
 
 
 def __getattr__(name: str) -> object:

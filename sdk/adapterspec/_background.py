@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 __all__ = ["in_background"]
 
@@ -23,21 +23,22 @@ T = TypeVar("T")
 def in_background(fn: Callable[[], T], *, name: str) -> Callable[[], T]:
     """Start ``fn()`` on a daemon thread; the function returned waits for it and returns its result,
     or raises the exception it raised (in the caller's thread, with its own traceback)."""
-    outcome: dict[str, Any] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            outcome["value"] = fn()
+            values.append(fn())
         except BaseException as exc:  # handed to the caller
-            outcome["error"] = exc
+            errors.append(exc)
 
     thread = threading.Thread(target=run, name=f"adapterspec-{name}", daemon=True)
     thread.start()
 
     def result() -> T:
         thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        if errors:
+            raise errors[0]
+        return values[0]
 
     return result

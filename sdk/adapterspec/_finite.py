@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["nonfinite_arrays", "nonfinite_keys"]
 
 #: safetensors float dtype -> (unsigned integer of the same width, exponent mask).
-_EXPONENT = {
+_EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
     "F16": (np.dtype("<u2"), 0x7C00),
     "BF16": (np.dtype("<u2"), 0x7F80),
     "F32": (np.dtype("<u4"), 0x7F80_0000),

@@ -13,7 +13,7 @@ Python's :mod:`json` keeps no positions, so the text is scanned again: values ar
 from __future__ import annotations
 
 import json
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # json's own scanner: typeshed omits it
 
 __all__ = ["member_position", "position", "syntax_error_position"]
 

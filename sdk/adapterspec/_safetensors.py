@@ -264,7 +264,7 @@ def _split(blob: memoryview) -> tuple[dict[str, Any], memoryview]:
     return json.loads(bytes(blob[8 : 8 + n])), blob[8 + n :]
 
 
-def sha256_of_blob(blob: bytes | memoryview) -> str:
+def sha256_of_blob(blob: bytes | memoryview | mmap.mmap) -> str:
     """The spec's checksum of serialised safetensors bytes: sha256 over each tensor's bytes in key order."""
     header, data = _split(memoryview(blob))
     return _digest(data, header)
@@ -282,17 +282,23 @@ def sha256_of_file(path: Path, file: BinaryIO | None = None) -> str:
             return sha256_of_blob(mm)
 
 
-def _framework_save_file(tensors: Mapping[str, Any]) -> Any:
+def _framework_save_file(tensors: Mapping[str, Any]) -> Callable[..., None]:
     module = type(next(iter(tensors.values()))).__module__ if tensors else "numpy"
     if module.startswith("torch"):
-        from safetensors.torch import save_file
-    elif module.startswith(("tensorflow", "keras")):
-        from safetensors.tensorflow import save_file
-    elif module.startswith(("jax", "jaxlib")):
-        from safetensors.flax import save_file
-    else:
-        from safetensors.numpy import save_file
-    return save_file
+        import safetensors.torch
+
+        return safetensors.torch.save_file
+    if module.startswith(("tensorflow", "keras")):
+        import safetensors.tensorflow
+
+        return safetensors.tensorflow.save_file
+    if module.startswith(("jax", "jaxlib")):
+        import safetensors.flax
+
+        return safetensors.flax.save_file
+    import safetensors.numpy
+
+    return safetensors.numpy.save_file
 
 
 _DTYPE_NAMES: dict[Any, str] = {}  # a framework's dtype object -> its safetensors name, as they are met

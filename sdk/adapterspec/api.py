@@ -73,7 +73,7 @@ def _forget_injected(model: Any, adapter_name: str) -> None:
         _INJECTED.get(model, set()).discard(adapter_name)
 
 
-def _hook():  # type: ignore[no-untyped-def]
+def _hook() -> Any:  # pluggy's HookRelay: its hooks' results are Any
     return get_plugin_manager().hook
 
 
@@ -103,12 +103,16 @@ def model_lock(model: Any) -> threading.RLock:
         if entry is not None and entry[0]() is model:
             return entry[1]
         try:
-            ref = weakref.ref(model, lambda _, key=key: _LOCKS.pop(key, None))
+            ref = weakref.ref(model, functools.partial(_forget_lock, key))
         except TypeError:
             return _SHARED_LOCK
         lock = threading.RLock()
         _LOCKS[key] = (ref, lock)
         return lock
+
+
+def _forget_lock(key: int, ref: weakref.ref[Any]) -> None:
+    _LOCKS.pop(key, None)
 
 
 _P = ParamSpec("_P")
@@ -129,7 +133,7 @@ def backend_name(model: Any) -> str:
 
     :raises BackendError: no installed backend claims it.
     """
-    name = _hook().adapterspec_backend_name(model=model)
+    name: str | None = _hook().adapterspec_backend_name(model=model)
     if name is None:
         found = [f for f in _FRAMEWORKS if importlib.util.find_spec(f) is not None]
         missing = [f for f in _FRAMEWORKS if f not in found]

@@ -173,6 +173,7 @@ def _with_all_config_errors(errors: list[AdapterSpecError], strict: bool) -> lis
 
 
 def _validate_folder(folder: Path, strict: bool, allow_pickle: bool) -> list[Result]:
+    error: AdapterSpecError | None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AdapterSpecWarning)
         try:

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
@@ -61,7 +61,7 @@ def load_schema(name: str = "adapter_config") -> dict[str, Any]:
     'https://json-schema.org/draft/2020-12/schema'
     """
     text = resources.files("adapterspec").joinpath(f"_schema/{name}.v1.schema.json").read_text("utf-8")
-    return json.loads(text)
+    return cast("dict[str, Any]", json.loads(text))
 
 
 @functools.cache
@@ -245,9 +245,9 @@ def validate_config(data: Any, *, strict: bool = False, path: str | None = None)
                           hint='write {"peft_type": "LORA", ...}')
     _check_json_value(data, path)
     key = (json.dumps(data, sort_keys=True), strict)  # JSON values only, as just checked
-    unknown = _VALID.get(key)
-    if unknown is not None:
-        return list(unknown)
+    cached = _VALID.get(key)
+    if cached is not None:
+        return list(cached)
     unknown = _validate(data, strict=strict, path=path)
     with _VALID_LOCK:  # loads may run on several threads
         while len(_VALID) >= _VALID_SIZE:
@@ -449,7 +449,7 @@ class AdapterConfig(Mapping[str, Any]):
             return self._data == other._data
         return NotImplemented
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, like the dict it compares equal to
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -514,7 +514,7 @@ class AdapterConfig(Mapping[str, Any]):
     @property
     def peft_type(self) -> str:
         """The method: ``"LORA"``, ``"IA3"``, ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"LOHA"``, ``"LOKR"``."""
-        return self._data["peft_type"]
+        return cast(str, self._data["peft_type"])  # validated
 
     @property
     def is_prompt_learning(self) -> bool:

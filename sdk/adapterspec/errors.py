@@ -110,7 +110,7 @@ class AdapterSpecError(Exception):
         text = f"{self.location}: {message}" if self.location else message
         return f"{text} (fix: {_cut(self.hint)})" if self.hint else text
 
-    def __reduce__(self):  # keep kwargs through pickling (multiprocessing, pytest-xdist)
+    def __reduce__(self) -> tuple[object, ...]:  # keep kwargs through pickling (multiprocessing, pytest-xdist)
         return (_rebuild, (type(self), self.message, self.pointer, self.key, self.path, self.hint))
 
 
@@ -119,7 +119,9 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def _rebuild(cls, message, pointer, key, path, hint):  # type: ignore[no-untyped-def]
+def _rebuild(
+    cls: type[AdapterSpecError], message: str, pointer: str | None, key: str | None, path: str | None, hint: str | None
+) -> AdapterSpecError:
     return cls(message, pointer=pointer, key=key, path=path, hint=hint)
 
 

@@ -517,7 +517,7 @@ def write_adapters(path: str | Path,
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
     prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
-                                                   durable=durable)  # type: ignore[misc]
+                                                   durable=durable)
                 for name, entry in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
     with _write_errors_typed(folder):

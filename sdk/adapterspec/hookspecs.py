@@ -196,7 +196,8 @@ def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] |
 
 
 @hookspec
-def adapterspec_conformance_implementations() -> list[Any]:
+# a spec: pluggy runs the plugins' implementations, never this body
+def adapterspec_conformance_implementations() -> list[Any]:  # type: ignore[empty-body]
     """Offer implementations for ``adapterspec conformance`` to test. Called on every plugin; results are collected.
 
     :returns: objects following :class:`adapterspec.conformance.Implementation` (usually one per plugin).

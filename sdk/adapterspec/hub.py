@@ -353,9 +353,10 @@ def _download(ref: HubRef, wanted: list[str], sha: str, *, token: str | bool | N
     One file at a time, in this thread (where the download's watchdog is); huggingface_hub shows a bar
     of the files, as its ``snapshot_download`` does, and one of the bytes of each file on a terminal.
     """
-    from huggingface_hub.utils import tqdm as hf_tqdm
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-    bar = hf_tqdm(total=len(wanted), desc=f"Fetching {len(wanted)} files", name="huggingface_hub.snapshot_download")
+    bar = hf_tqdm(total=len(wanted), desc=f"Fetching {len(wanted)} files",  # type: ignore[no-untyped-call]  # unannotated
+                  name="huggingface_hub.snapshot_download")
     with bar:
         for filename in wanted:
             fetch(ref.repo_id, filename, revision=sha, where=_file_url(ref, filename), token=token,
@@ -609,7 +610,7 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
                                      revision=ref.revision, commit_message=message)
 
 
-def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_push_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add ``adapterspec push FOLDER REPO_ID [--subfolder] [--revision] [--private] [--token] [-m]``."""
     p = subparsers.add_parser("push", help="validate an adapter folder and upload it to the Hugging Face Hub",
                               description="Validate every adapter in FOLDER (refused if invalid: nothing is uploaded), "

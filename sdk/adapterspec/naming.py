@@ -13,7 +13,7 @@ appears in it. Prefix and prompt tuning store one un-prefixed key, ``prompt_embe
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 from .errors import UnexpectedTensorError
@@ -180,14 +180,15 @@ def _refuse_adapter_name(key: str, rest: str) -> None:
 
 def _auxiliary(key: str, rest: str, config: Mapping[str, Any]) -> TensorName | None:
     """The auxiliary tensor (SPEC.md 5.3) ``rest`` names, if the config accounts for it."""
-    for param, role, allowed in (
+    accounted: tuple[tuple[str, Role, Callable[[str], bool]], ...] = (
         (TRAINABLE_TOKENS_PARAM, "trainable_tokens", lambda m: token_indices(config, m) is not None),
         (BASE_LAYER_PARAM, "base_layer", lambda m: True),  # checked against the adapted modules later
         (BASE_LAYER_BIAS, "bias", lambda m: config.get("bias") in ("lora_only", "all")),
-    ):
+    )
+    for param, role, allowed in accounted:
         if rest.endswith("." + param):
             module = rest[: -len(param) - 1]
-            return TensorName(key, module, param, role) if allowed(module) else None  # type: ignore[arg-type]
+            return TensorName(key, module, param, role) if allowed(module) else None
     for infix in _BOOKKEEPING:
         module, found, param = rest.partition(infix)
         if found and is_modules_to_save(config, module):

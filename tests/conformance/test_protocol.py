@@ -65,3 +65,17 @@ def test_outputs_travel_inline_or_as_a_file(tmp_path: Path) -> None:
     assert np.array_equal(decode_outputs({"outputs_file": str(tmp_path / "out.safetensors")})["y"], y)
     with pytest.raises(RuntimeError, match="not"):
         decode_outputs({"outputs": {"y": {"shape": [5], "data": [1, 2]}}})
+
+
+def test_a_reply_that_is_not_an_object_is_a_driver_error() -> None:
+    from adapterspec.conformance.protocol import DriverError
+
+    # answers the first request with a JSON array, then waits for the next line (or EOF)
+    script = "import sys; sys.stdin.readline(); print('[1, 2]', flush=True); sys.stdin.readline()"
+    impl = ProcessImplementation([sys.executable, "-c", script], timeout=30.0)
+    try:
+        with pytest.raises(DriverError, match=r"not a JSON object: '\[1, 2\]"):
+            impl._start("corpus")  # its hello
+        assert impl._proc is None  # killed, as for any broken reply
+    finally:
+        impl._kill()

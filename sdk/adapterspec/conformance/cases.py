@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 __all__ = [
     "CORPUS_ENV",
@@ -59,7 +59,8 @@ class Case:
 
     :param id: unique in the corpus.
     :param description: what it checks, in one sentence.
-    :param data: the case's JSON object, as in the corpus file.
+    :param data: the case's JSON object, as in the corpus file (the properties ``cast`` its JSON values to
+        the types the corpus' format gives them).
     :param root: the corpus folder (``.../v1``); paths in ``data`` are relative to it.
     """
 
@@ -115,16 +116,16 @@ class ModelCase(Case):
     @property
     def model(self) -> Mapping[str, Any]:
         """``{"dtype": ..., "weights": file or None, "modules": {path: {"kind": ..., sizes...}}, ...}``."""
-        return self.data["model"]
+        return cast("Mapping[str, Any]", self.data["model"])
 
     @property
     def modules(self) -> Mapping[str, Mapping[str, Any]]:
-        return self.model.get("modules", {})
+        return cast("Mapping[str, Mapping[str, Any]]", self.model.get("modules", {}))
 
     @property
     def dtype(self) -> str:
         """The dtype the model is built and run in: ``float32``, ``float16`` or ``bfloat16``."""
-        return self.model.get("dtype", "float32")
+        return cast(str, self.model.get("dtype", "float32"))
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class FolderCase(ModelCase):
 
     @property
     def path(self) -> Path:
-        return self.root / self.data["path"]
+        return self.root / cast(str, self.data["path"])
 
     @property
     def valid(self) -> bool:
@@ -157,7 +158,7 @@ class FolderCase(ModelCase):
     @property
     def options(self) -> Mapping[str, Any]:
         """Load options: ``verify`` (check the sha256), ``allow_pickle``; ``{}`` by default."""
-        return self.data.get("options", {})
+        return cast("Mapping[str, Any]", self.data.get("options", {}))
 
     @property
     def multi(self) -> bool:
@@ -173,24 +174,24 @@ class NumericCase(ModelCase):
 
     @property
     def dir(self) -> Path:
-        return self.root / self.data["dir"]
+        return self.root / cast(str, self.data["dir"])
 
     @property
     def method(self) -> str:
-        return self.data["method"]
+        return cast(str, self.data["method"])
 
     @property
     def layer(self) -> str:
-        return self.data["layer"]
+        return cast(str, self.data["layer"])
 
     @property
     def compute(self) -> str:
         """``"modules"`` (run each module on its input), ``"prefix_key_values"`` or ``"prompt_concat"``."""
-        return self.data["compute"]
+        return cast(str, self.data["compute"])
 
     @property
     def adapter(self) -> Path:
-        return self.dir / self.data["adapter"]
+        return self.dir / cast(str, self.data["adapter"])
 
     @property
     def weights(self) -> Path | None:
@@ -203,7 +204,7 @@ class NumericCase(ModelCase):
 
     @property
     def expected(self) -> Path:
-        return self.dir / self.data["expected"]
+        return self.dir / cast(str, self.data["expected"])
 
     @property
     def tolerance(self) -> Tolerance:

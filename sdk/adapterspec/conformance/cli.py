@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``conformance`` command to an ``argparse`` subparsers object (the ``adapterspec`` CLI's).
 
     >>> parser = argparse.ArgumentParser(prog="adapterspec")

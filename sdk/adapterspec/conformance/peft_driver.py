@@ -69,7 +69,8 @@ def peft_outputs(model_spec: Mapping[str, Any], compute: str, adapter: Path, bas
     from adapterspec_torch.conformance import capture_model_inputs, prefix_tensor, run_modules
 
     def f64(t: Any) -> np.ndarray:
-        return t.detach().to(torch.float64).numpy()
+        array: np.ndarray = t.detach().to(torch.float64).numpy()
+        return array
 
     peft_model = _load(model_spec, adapter, dtype, base)
     cast = {k: (v.to(_torch_dtype(dtype)) if v.is_floating_point() else v) for k, v in inputs.items()}

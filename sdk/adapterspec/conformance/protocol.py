@@ -180,6 +180,9 @@ class ProcessImplementation:
             except ValueError:
                 self._kill()
                 raise DriverError(f"the driver wrote a line that is not JSON: {line[:200]!r}") from None
+            if not isinstance(reply, dict):
+                self._kill()
+                raise DriverError(f"the driver wrote a line that is not a JSON object: {line[:200]!r}")
             if reply.get("id") == message["id"]:
                 return reply
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,7 +43,7 @@ _DEFAULT_R = 8
 _DEFAULT_ALPHA = 8
 
 
-def _f64(a: Any) -> Array:
+def _f64(a: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
     return np.asarray(a, dtype=np.float64)
 
 
@@ -168,11 +168,11 @@ def _loha(module: Mapping[str, Any], weight: Array, config: Mapping[str, Any], p
     s = scaling(config, path)
     if "hada_t1" in t:  # CP decomposition of a conv kernel (use_effective_conv2d)
         def rebuild(core: str, a: str, b: str) -> Array:
-            return np.einsum("ijkl,jr,ip->prkl", _f64(t[core]), _f64(t[b]), _f64(t[a]))
+            return cast(Array, np.einsum("ijkl,jr,ip->prkl", _f64(t[core]), _f64(t[b]), _f64(t[a])))
         delta = rebuild("hada_t1", "hada_w1_a", "hada_w1_b") * rebuild("hada_t2", "hada_w2_a", "hada_w2_b")
     else:
         delta = (_f64(t["hada_w1_a"]) @ _f64(t["hada_w1_b"])) * (_f64(t["hada_w2_a"]) @ _f64(t["hada_w2_b"]))
-    return weight + s * delta.reshape(weight.shape)
+    return cast(Array, weight + s * delta.reshape(weight.shape))  # numpy: an Array of unknown dtype plus one is Any
 
 
 def _lokr(module: Mapping[str, Any], weight: Array, config: Mapping[str, Any], path: str,

@@ -193,7 +193,7 @@ class ReferenceImplementation:
 
     def tensors(self, adapter: Adapter) -> dict[str, np.ndarray]:
         """The adapter's tensors by key (BF16 read as float32, exactly). A subclass may distort them (tests)."""
-        return _io.read_arrays(adapter.weights_file)  # type: ignore[arg-type]
+        return _io.read_arrays(adapter.weights_file)  # type: ignore[arg-type]  # read from a folder: it has a file
 
     def config(self, adapter: Adapter) -> Mapping[str, Any]:
         """The config the math uses. A subclass may distort it (tests)."""

@@ -17,7 +17,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -330,7 +330,8 @@ def _roundtrip(impl: Any, case: RoundtripCase, hierarchy: Mapping[str, str | Non
     return "same tensors, equivalent config"
 
 
-_JUDGES = {"schema": _schema, "folder": _folder, "numeric": _numeric, "roundtrip": _roundtrip}
+#: kind -> the judge of its cases (each takes its own Case subclass): a message, or a message and details.
+_JUDGES: dict[str, Callable[[Any, Any, Mapping[str, str | None], Path], str | tuple[str, dict[str, Any]]]] = {"schema": _schema, "folder": _folder, "numeric": _numeric, "roundtrip": _roundtrip}
 
 
 def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None] | None = None) -> Result:
@@ -351,14 +352,14 @@ def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str |
 
 
 def _judge(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None]) -> tuple[Status, str, dict[str, Any]]:
-    status, message, details = Status.PASSED, "", {}
+    status, message = Status.PASSED, ""
+    details: dict[str, Any] = {}
     try:
         claim = impl.supports(case)
         if claim is not True:
             raise Unsupported(claim if isinstance(claim, str) and claim else f"not claimed by {impl.name}")
-        message = _JUDGES[case.kind](impl, case, hierarchy, workdir)
-        if isinstance(message, tuple):
-            message, details = message
+        judged = _JUDGES[case.kind](impl, case, hierarchy, workdir)
+        message, details = judged if isinstance(judged, tuple) else (judged, details)
     except (Unsupported, NotImplementedError) as exc:
         status, message = Status.UNSUPPORTED, str(exc) or type(exc).__name__
     except CaseFailed as f:
