@@ -123,7 +123,7 @@ class Targeting:
         self.save = tuple(compile_pattern(rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or ())
         layers = config.get("layers_to_transform")
         self.layers: frozenset[int] | None = None if layers is None or layers == [] else \
-            frozenset([layers] if isinstance(layers, int) else layers)
+            frozenset([layers] if isinstance(layers, (int, float)) else layers)  # JSON's 3.0 is the integer 3
         self.layers_pattern = config.get("layers_pattern")
 
     def matches(self, path: str) -> bool:

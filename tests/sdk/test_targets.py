@@ -173,3 +173,12 @@ def test_a_valid_adapter_is_never_refused_for_time(monkeypatch: pytest.MonkeyPat
     clock = itertools.count(0, 100)
     monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
     assert tensor_errors(cfg, infos) == []
+
+
+@pytest.mark.parametrize(("layers", "matched"), [(1.0, [1]), ([0.0, 2.0], [0, 2]), (1e300, [])])
+def test_layers_to_transform_written_as_integral_floats(layers: object, matched: list[int]) -> None:
+    """JSON's ``1.0`` is the integer 1 (the schema's ``integer`` takes it); ``1e300`` names no layer. Hypothesis
+    found ``1e300`` crashing the matcher with an untyped TypeError."""
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"],
+                                                  "layers_to_transform": layers})
+    assert [i for i in range(4) if config.matches(f"model.layers.{i}.q")] == matched
