@@ -122,8 +122,9 @@ class Targeting:
         self.targets = _selector(config.get("target_modules"))
         self.save = tuple(compile_pattern(rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or ())
         layers = config.get("layers_to_transform")
-        self.layers: frozenset[int] | None = None if layers is None or layers == [] else \
-            frozenset([layers] if isinstance(layers, (int, float)) else layers)  # JSON's 3.0 is the integer 3
+        # JSON's 3.0 is the integer 3 (float and int compare and hash alike)
+        self.layers: frozenset[float] | None = None if layers is None or layers == [] else \
+            frozenset([layers] if isinstance(layers, (int, float)) else layers)
         self.layers_pattern = config.get("layers_pattern")
 
     def matches(self, path: str) -> bool:
