@@ -466,7 +466,7 @@ class AdapterLayer:
 
     def _apply_lora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
         out_dtype = result.dtype
-        if str(out_dtype) in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
+        if _ops.dtype_name(result) in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
             # float32 adapter on a half-precision layer: its part is computed in float32, as PEFT does
             x, result = ops.cast(x, "float32"), ops.cast(result, "float32")
             return ops.cast(self._lora_part(piece, slot, x, result), out_dtype)
@@ -587,14 +587,19 @@ class AdapterLayer:
             vector = vector[:, None]
         else:
             vector = _ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features)[None, :]
+        if _ops.dtype_name(flat) in _UPCAST and _ops.dtype_name(vector) == "float32":
+            flat = ops.cast(flat, "float32")  # as PEFT merges: in float32, rounded once to the kernel's dtype
         vector = ops.cast(vector, flat.dtype)
         new = flat / (vector + _IA3_EPS) if inverse else flat * vector
         variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
         bias = piece.bias_variable
         if bias is not None and not slot.feedforward:
             scale = ops.reshape(_ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features), tuple(bias.shape))
-            scale = ops.cast(scale, bias.dtype)
-            bias.assign(bias / (scale + _IA3_EPS) if inverse else bias * scale)
+            value = ops.convert_to_tensor(bias)
+            if _ops.dtype_name(value) in _UPCAST and _ops.dtype_name(scale) == "float32":
+                value = ops.cast(value, "float32")
+            scale = ops.cast(scale, value.dtype)
+            bias.assign(ops.cast(value / (scale + _IA3_EPS) if inverse else value * scale, bias.dtype))
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide)."""
