@@ -341,3 +341,56 @@ def test_half_precision_lora_part_is_computed_in_float32(checkpoints: Any, tmp_p
     step = 2.0 ** (np.floor(np.log2(np.abs(exact) + 1e-30)) - 7)  # one bfloat16 step at each value
     assert np.all(np.abs(got - exact) <= step)
     assert np.mean(got == _bf16(exact)) >= 0.95
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(LORA, id="lora"),
+    pytest.param({"peft_type": "IA3", "target_modules": ["v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+                 id="ia3"),
+])
+def test_a_merged_adapter_records_the_base_fingerprint(config: dict[str, Any], checkpoints: Any,
+                                                       tmp_path: Path) -> None:
+    """SPEC.md 9.1: the fingerprint describes the base weights, so an adapter saved while merged records the
+    samples taken before the merge (the kernels now hold the deltas): the unmerged save's fingerprint, which the
+    base loads strictly; after ``unload(merge=True)`` the merged kernels are the base a new adapter records."""
+    from adapterspec.identity import FINGERPRINT_KEY
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, config)
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(1.0 + 0.3 * np.sin(np.arange(np.prod(v.shape)) * 0.7 + i).reshape(v.shape))
+    adapterspec.save_adapter(model, tmp_path / "unmerged")
+    adapterspec.merge_adapters(model)
+    adapterspec.save_adapter(model, tmp_path / "merged")
+    unmerged = adapterspec.read_adapter(tmp_path / "unmerged").metadata[FINGERPRINT_KEY]
+    assert adapterspec.read_adapter(tmp_path / "merged").metadata.get(FINGERPRINT_KEY) == unmerged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(keras_model("llama", checkpoints["llama"]), tmp_path / "merged", strict=True)
+    adapterspec.unload(model, merge=True)
+    adapterspec.inject_adapter(model, config, "next")
+    adapterspec.save_adapter(model, tmp_path / "next", "next")
+    assert adapterspec.read_adapter(tmp_path / "next").metadata[FINGERPRINT_KEY] not in (None, unmerged)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("arch", "method"), [("llama", "PREFIX_TUNING"), ("gpt2", "PROMPT_TUNING")])
+def test_prompt_learning_fingerprints_the_input_embedding_as_torch(arch: str, method: str, checkpoints: Any,
+                                                                    tmp_path: Path) -> None:
+    """SPEC.md 9.1: for prefix and prompt tuning the fingerprint is the input embedding's; Keras and torch agree,
+    and a changed embedding is refused strictly."""
+    config = {"peft_type": method, "task_type": "CAUSAL_LM", "num_virtual_tokens": 3}
+    model = keras_model(arch, checkpoints[arch])
+    adapterspec.inject_adapter(model, config)
+    adapterspec.save_adapter(model, tmp_path / "keras")
+    reference = hf_model(checkpoints[arch])
+    adapterspec.inject_adapter(reference, config)
+    adapterspec.save_adapter(reference, tmp_path / "torch")
+    assert _fingerprint_of(tmp_path / "keras") == _fingerprint_of(tmp_path / "torch")
+    other = keras_model(arch, checkpoints[arch])
+    table = other.backbone.token_embedding.embeddings
+    changed = np.asarray(table.numpy()).copy()
+    changed[0, 0] += 1.0  # the first sampled element
+    table.assign(changed)
+    with pytest.raises(adapterspec.BaseModelMismatchError):
+        adapterspec.load_adapter(other, tmp_path / "torch", strict=True)
