@@ -178,10 +178,12 @@ def test_half_precision_base_keeps_the_adapter_in_float32(checkpoints: Any, toke
     assert {v.dtype for v in pinned.variables if "adapterspec_" in v.path} == {"bfloat16"}
 
 
-def _bf16(values: np.ndarray) -> np.ndarray:
+def _bf16(values: np.ndarray, half: str = "bfloat16") -> np.ndarray:
+    """``values`` rounded to ``half`` (to nearest even), back as float32."""
     import ml_dtypes
 
-    return np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    kind = ml_dtypes.bfloat16 if half == "bfloat16" else np.float16
+    return np.asarray(values, dtype=np.float32).astype(kind).astype(np.float32)
 
 
 def _half_llama(checkpoints: Any, dtype: str) -> Any:
@@ -190,11 +192,11 @@ def _half_llama(checkpoints: Any, dtype: str) -> Any:
     return keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None, dtype=dtype)
 
 
-def _half_peft(checkpoints: Any, folder: Path) -> Any:
+def _half_peft(checkpoints: Any, folder: Path, half: str = "bfloat16") -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()
+    base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=getattr(torch, half)).eval()
     return peft.PeftModel.from_pretrained(base, str(folder)).eval()
 
 
@@ -205,28 +207,30 @@ def _float_logits(model: Any, ids: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()
 
 
-def _logits_within_bf16_rounding(model: Any, reference: Any, base_gap: float, token_ids: np.ndarray) -> None:
-    """The Keras model's logits are the PEFT model's up to what the two frameworks' bfloat16 kernels differ by
-    without any adapter (``base_gap``), plus a few bfloat16 steps of the logits' size for the adapter's part."""
+def _logits_within_bf16_rounding(model: Any, reference: Any, base_gap: float, token_ids: np.ndarray,
+                                 half: str = "bfloat16") -> None:
+    """The Keras model's logits are the PEFT model's up to what the two frameworks' half-precision kernels differ
+    by without any adapter (``base_gap``), plus a few roundings of the logits' size for the adapter's part."""
     got, want = keras_logits(model, token_ids).astype(np.float32), _float_logits(reference, token_ids)
-    step = 2.0 ** -8 * float(np.abs(want).max())  # one bfloat16 rounding at the logits' magnitude
+    step = 2.0 ** (-8 if half == "bfloat16" else -11) * float(np.abs(want).max())  # one rounding at that size
     assert np.abs(got - want).max() <= base_gap + 4 * step
 
 
-def _base_gap(checkpoints: Any, token_ids: np.ndarray) -> float:
+def _base_gap(checkpoints: Any, token_ids: np.ndarray, half: str = "bfloat16") -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()
-    gap = np.abs(keras_logits(_half_llama(checkpoints, "bfloat16"), token_ids).astype(np.float32)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=getattr(torch, half)).eval()
+    gap = np.abs(keras_logits(_half_llama(checkpoints, half), token_ids).astype(np.float32)
                  - _float_logits(hf, token_ids)).max()
     return float(gap)
 
 
-def test_half_precision_ia3_is_float32_and_scales_as_peft(checkpoints: Any, token_ids: np.ndarray,
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_ia3_is_float32_and_scales_as_peft(half: str, checkpoints: Any, token_ids: np.ndarray,
                                                           tmp_path: Path) -> None:
-    """SPEC.md 7.5 for IA3 on a bfloat16 keras-hub model: float32 vectors holding the file's values exactly, each
-    product taken in float32 and rounded once to bfloat16 (PEFT's ``(result * ia3_l).to(result_dtype)``, checked on
+    """SPEC.md 7.5 for IA3 on a bfloat16/float16 keras-hub model: float32 vectors holding the file's values exactly,
+    each product taken in float32 and rounded once to the base's dtype (PEFT's ``(result * ia3_l).to(result_dtype)``, checked on
     PEFT's layer too), merged the same way, PEFT's logits, and the file's values saved back."""
     from keras import ops
     from keras_helpers import make_peft_adapter
@@ -235,31 +239,31 @@ def test_half_precision_ia3_is_float32_and_scales_as_peft(checkpoints: Any, toke
                             feedforward_modules=["down_proj"])
     make_peft_adapter(checkpoints["llama"], tmp_path / "ia3", config, salt=3)
     stored = adapterspec.read_adapter(tmp_path / "ia3").load_tensors("numpy")
-    assert all(v.dtype == np.float32 and not np.array_equal(_bf16(v), v) for v in stored.values())
-    reference = _half_peft(checkpoints, tmp_path / "ia3")
-    model = _half_llama(checkpoints, "bfloat16")
+    assert all(v.dtype == np.float32 and not np.array_equal(_bf16(v, half), v) for v in stored.values())
+    reference = _half_peft(checkpoints, tmp_path / "ia3", half)
+    model = _half_llama(checkpoints, half)
     adapterspec.load_adapter(model, tmp_path / "ia3")
     assert {v.dtype for v in model.variables if "adapterspec_" in v.path} == {"float32"}
 
     attention = model.backbone.transformer_layers[0]._self_attention_layer
-    x = ops.cast(ops.convert_to_tensor(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64)), "bfloat16")
+    x = ops.cast(ops.convert_to_tensor(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64)), half)
     scaled = ops.convert_to_numpy(ops.cast(attention._value_dense(x), "float32"))
     with adapterspec.disabled_adapters(model):
         plain = ops.convert_to_numpy(ops.cast(attention._value_dense(x), "float32"))
     vector = stored["base_model.model.model.layers.0.self_attn.v_proj.ia3_l"].reshape(2, 16)  # [heads, head_dim]
-    np.testing.assert_array_equal(scaled, _bf16(plain * vector))
-    assert not np.array_equal(scaled, _bf16(plain * _bf16(vector)))  # rounding the vector first is another result
+    np.testing.assert_array_equal(scaled, _bf16(plain * vector, half))
+    assert not np.array_equal(scaled, _bf16(plain * _bf16(vector, half), half))  # rounding the vector first is another result
 
     import torch
 
     v_proj = reference.base_model.model.model.layers[0].self_attn.v_proj
-    tx = torch.from_numpy(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64).astype(np.float32)).bfloat16()
+    tx = torch.from_numpy(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64).astype(np.float32)).to(getattr(torch, half))
     with torch.no_grad():
         peft_scaled = v_proj(tx).float().numpy()
         peft_plain = v_proj.base_layer(tx).float().numpy()
-    np.testing.assert_array_equal(peft_scaled, _bf16(peft_plain * vector.reshape(-1)))
+    np.testing.assert_array_equal(peft_scaled, _bf16(peft_plain * vector.reshape(-1), half))
 
-    _logits_within_bf16_rounding(model, reference, _base_gap(checkpoints, token_ids), token_ids)
+    _logits_within_bf16_rounding(model, reference, _base_gap(checkpoints, token_ids, half), token_ids, half)
     adapterspec.save_adapter(model, tmp_path / "again")
     saved = adapterspec.read_adapter(tmp_path / "again").load_tensors("numpy")
     assert sorted(saved) == sorted(stored) and all(np.array_equal(saved[k], v) for k, v in stored.items())
@@ -268,7 +272,7 @@ def test_half_precision_ia3_is_float32_and_scales_as_peft(checkpoints: Any, toke
     before = ops.convert_to_numpy(ops.cast(kernel, "float32"))
     adapterspec.merge_adapters(model)
     merged = ops.convert_to_numpy(ops.cast(kernel, "float32"))
-    np.testing.assert_array_equal(merged, _bf16(before * vector[None]))
+    np.testing.assert_array_equal(merged, _bf16(before * vector[None], half))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
