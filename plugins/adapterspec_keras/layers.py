@@ -519,11 +519,20 @@ class AdapterLayer:
             norms[piece.out_index.ravel()] = ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(flat), axis=0)))
         return norms
 
-    def delta_weight(self, name: str, piece: Piece) -> Any:
-        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`)."""
+    def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
+        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
-        a, b = self._views(piece, slot, piece.kernel_variable.dtype)
+        a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
+
+    def _merge_dtype(self, slot: _Slot, piece: Piece) -> str:
+        """float32 for a float32 adapter on a half-precision kernel (PEFT's merge adds a float32 delta, rounded
+        once; SPEC.md 7.3), else the kernel's dtype."""
+        kernel = _ops.dtype_name(piece.kernel_variable)
+        if kernel in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
+            return "float32"
+        return kernel
 
     def merge(self, names: list[str]) -> None:
         """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
@@ -558,11 +567,13 @@ class AdapterLayer:
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
             return
-        delta = self.delta_weight(name, piece)
+        dtype = self._merge_dtype(slot, piece)
+        flat = ops.cast(flat, dtype)
+        delta = self.delta_weight(name, piece, dtype)
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
         if slot.use_dora:
-            norm = ops.sqrt(ops.sum(ops.square(base + delta), axis=0))
+            norm = ops.sqrt(ops.sum(ops.square(ops.cast(base, dtype) + delta), axis=0))
             self._dora_norms[(name, index)] = norm
             magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
             new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
@@ -612,7 +623,9 @@ class AdapterLayer:
                 if slot.method == "IA3":
                     self._scale_piece(piece, slot, flat, inverse=True)
                     continue
-                delta = self.delta_weight(name, piece)
+                dtype = self._merge_dtype(slot, piece)
+                flat = ops.cast(flat, dtype)
+                delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:
                     norm = self._dora_norms.pop((name, i))
                     magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)

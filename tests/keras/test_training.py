@@ -398,3 +398,29 @@ def test_prompt_learning_fingerprints_the_input_embedding_as_torch(arch: str, me
     table.assign(changed)
     with pytest.raises(adapterspec.BaseModelMismatchError):
         adapterspec.load_adapter(other, tmp_path / "torch", strict=True)
+
+
+def test_half_precision_lora_merge_adds_a_float32_delta_as_peft(checkpoints: Any, tmp_path: Path) -> None:
+    """SPEC.md 7.3/7.5: merging a float32 LoRA into a bfloat16 kernel adds the float32 delta and rounds once, as
+    PEFT's merge does on the same bfloat16 base (the two sum ``r`` products in their own order: at most one
+    bfloat16 step apart, almost everywhere equal); unmerging gives the kernel back within that rounding."""
+    import torch
+    from keras import ops
+    from keras_helpers import make_peft_adapter
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])
+    make_peft_adapter(checkpoints["llama"], tmp_path / "lora", config, salt=9)
+    reference = _half_peft(checkpoints, tmp_path / "lora")
+    model = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(model, tmp_path / "lora")
+    kernel = model.backbone.transformer_layers[0]._self_attention_layer._value_dense.kernel
+    before = ops.convert_to_numpy(ops.cast(kernel, "float32")).reshape(64, 32).T
+    assert np.array_equal(before, reference.base_model.model.model.layers[0].self_attn.v_proj.weight.float().numpy())
+    adapterspec.merge_adapters(model)
+    with torch.no_grad():
+        reference.merge_adapter()
+    got = ops.convert_to_numpy(ops.cast(kernel, "float32")).reshape(64, 32).T
+    want = reference.base_model.model.model.layers[0].self_attn.v_proj.base_layer.weight.float().numpy()
+    step = 2.0 ** (np.floor(np.log2(np.abs(want) + 1e-30)) - 7)
+    assert np.all(np.abs(got - want) <= step) and np.mean(got == want) >= 0.99
+    assert not np.array_equal(got, before)
