@@ -105,7 +105,7 @@ def remember_base(state: ModelState, names: list[str]) -> None:
     >>> remember_base(get_state(model), ["default"])                    # doctest: +SKIP
     """
     for key, layer in state.adapter_layers.items():
-        if not layer.merged and key not in state.base_samples and any(n in layer._slots for n in names):
+        if not layer.merged and any(n in layer._slots for n in names):  # its kernel is the base now: (re)sample
             state.base_samples[key] = _site_samples(layer.site)
 
 
