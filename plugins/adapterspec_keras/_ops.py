@@ -16,13 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from keras import ops
+from keras import backend, ops
 
 from .sites import Piece
 
 __all__ = [
+    "HALF",
     "add_out",
     "contract_in",
+    "dtype_name",
     "expand_out",
     "flat_kernel",
     "gather_in",
@@ -32,6 +34,9 @@ __all__ = [
     "scale_in",
     "scale_out",
 ]
+
+#: Kernel dtypes whose float32 adapters compute in float32 and round once (SPEC.md 7.5).
+HALF = ("float16", "bfloat16")
 
 _R = "Z"  # the rank letter in einsum equations (keras-hub equations use lowercase letters)
 
@@ -165,14 +170,31 @@ def _along(piece: Piece, vector: Any, ndim: int, side: str) -> Any:
     return vector
 
 
+def dtype_name(x: Any) -> str:
+    """A tensor's or variable's dtype by its Keras name (TensorFlow's ``str(dtype)`` is ``"<dtype: 'bfloat16'>"``).
+
+    >>> dtype_name(ops.ones(2, dtype="bfloat16"))
+    'bfloat16'
+    """
+    return str(backend.standardize_dtype(x.dtype))
+
+
+def _scaled(x: Any, vector: Any) -> Any:
+    """``x * vector``; a float32 vector on a half-precision ``x`` multiplies in float32, rounded once to ``x``'s
+    dtype (PEFT's IA3: ``(x.float() * ia3_l).to(x.dtype)``, SPEC.md 7.5), not after rounding the vector."""
+    if dtype_name(vector) == "float32" and dtype_name(x) in HALF:
+        return ops.cast(ops.cast(x, "float32") * vector, x.dtype)
+    return x * ops.cast(vector, x.dtype)
+
+
 def scale_in(piece: Piece, x: Any, vector: Any) -> Any:
     """``x`` times a per-input-feature vector of the piece (IA3 on a feed-forward module)."""
-    return x * ops.cast(_along(piece, vector, len(x.shape), "in"), x.dtype)
+    return _scaled(x, _along(piece, vector, len(x.shape), "in"))
 
 
 def scale_out(piece: Piece, y: Any, vector: Any) -> Any:
     """``y`` times a per-output-feature vector of the piece."""
-    return y * ops.cast(_along(piece, vector, len(y.shape), "out"), y.dtype)
+    return _scaled(y, _along(piece, vector, len(y.shape), "out"))
 
 
 def add_out(piece: Piece, y: Any, vector: Any) -> Any:

@@ -19,9 +19,9 @@ import numpy as np
 from adapterspec.identity import fingerprint, sample_indices
 
 from .sites import ModuleSite, Piece
-from .switch import _check, get_state
+from .switch import ModelState, _check, get_state
 
-__all__ = ["base_identity", "task_type_of"]
+__all__ = ["base_identity", "remember_base", "task_type_of"]
 
 #: keras-hub task classes -> PEFT's task types.
 _TASKS = (("CausalLM", "CAUSAL_LM"), ("TextClassifier", "SEQ_CLS"), ("Seq2SeqLM", "SEQ_2_SEQ_LM"),
@@ -63,10 +63,22 @@ def _kernel_values(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarra
     return cast(np.ndarray, np.asarray(variable.numpy()).reshape(-1)[flat].astype(np.float32))  # numpy: Any
 
 
-def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """The spec-layout shape of the site's base weight and its sampled elements, or ``None`` (conv sites)."""
-    if site.kind == "conv":
+def _conv_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """A conv site's weight in torch's layout ``[out, in / groups, *k]`` (Keras: ``[*k, in / groups, out]``)."""
+    if len(site.pieces) != 1 or not np.array_equal(site.pieces[0].out_index.ravel(), np.arange(site.out_features)):
         return None
+    variable = site.pieces[0].kernel_variable
+    kernel = tuple(int(d) for d in variable.shape)
+    shape = (kernel[-1], kernel[-2], *kernel[:-2])
+    spec = np.unravel_index(np.asarray(sample_indices(int(np.prod(shape))), dtype=np.int64), shape)
+    flat = np.ravel_multi_index((*spec[2:], spec[1], spec[0]), kernel)
+    return shape, np.asarray(variable.numpy()).reshape(-1)[flat].astype(np.float32)
+
+
+def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The spec-layout shape of the site's base weight and its sampled elements, or ``None`` when unknown."""
+    if site.kind == "conv":
+        return _conv_samples(site)
     n_in, n_out = site.in_features, site.out_features
     spec = np.asarray(sample_indices(n_in * n_out), dtype=np.int64)
     if site.kind == "embedding":  # torch's embedding weight is [num_embeddings, dim] = [in, out]
@@ -86,16 +98,47 @@ def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None
     return (shape, values) if not np.isnan(values).any() else None
 
 
+def remember_base(state: ModelState, names: list[str]) -> None:
+    """Before ``names`` are merged: keep the fingerprint samples of each module they go into that holds no merged
+    adapter yet (its kernel is the base), so that a save while merged records the base, not the merged weights.
+
+    >>> remember_base(get_state(model), ["default"])                    # doctest: +SKIP
+    """
+    for key, layer in state.adapter_layers.items():
+        if not layer.merged and any(n in layer._slots for n in names):  # its kernel is the base now: (re)sample
+            state.base_samples[key] = _site_samples(layer.site)
+
+
+def _embedding_samples(model: Any) -> tuple[str, tuple[tuple[int, ...], np.ndarray]] | None:
+    """Prefix and prompt tuning: the input embedding's spec module path (``model.embed_tokens``) and samples."""
+    from .converters import backbone_of
+    from .mapping import spec_sites
+
+    token_embedding = getattr(backbone_of(model), "token_embedding", None)
+    if token_embedding is None:
+        return None
+    for path, site in spec_sites(model).items():
+        if site.kind == "embedding" and len(site.pieces) == 1 and site.pieces[0].layer is token_embedding \
+                and site.pieces[0].kind == "embedding":
+            sampled = _site_samples(site)
+            return None if sampled is None else (path, sampled)
+    return None
+
+
 def _fingerprint(model: Any, adapter_name: str) -> str | None:
     state = get_state(model)
-    if state is None or state.merged:  # merged deltas are in the kernels: the base cannot be read off them
+    if state is None:
         return None
+    if adapter_name in state.prompts:
+        found = _embedding_samples(model)
+        return None if found is None else fingerprint(dict([found]))
     weights: dict[str, Any] = {}
-    for layer in state.adapter_layers.values():
+    for key, layer in state.adapter_layers.items():
         slot = layer._slots.get(adapter_name)
         if slot is None:
             continue
-        sampled = _site_samples(layer.site)
+        # merged deltas are in the kernel: only the samples taken before the merge describe the base
+        sampled = state.base_samples.get(key) if layer.merged else _site_samples(layer.site)
         if sampled is None:
             return None
         weights[slot.path] = sampled
@@ -104,7 +147,8 @@ def _fingerprint(model: Any, adapter_name: str) -> str | None:
 
 def base_identity(model: Any, adapter_name: str) -> dict[str, str]:
     """What ``model`` tells about the base ``adapter_name`` sits on: ``task_type`` (from the keras-hub task class)
-    and ``fingerprint`` -- each only when known (no fingerprint for prefix tuning and conv layers yet).
+    and ``fingerprint`` -- each only when known (prefix/prompt tuning: of the input embedding keras-hub's
+    converter names; merged adapters: of the kernels before the merge).
 
     :raises AdapterNotFoundError: no such adapter.
     """

@@ -466,7 +466,7 @@ class AdapterLayer:
 
     def _apply_lora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
         out_dtype = result.dtype
-        if str(out_dtype) in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
+        if _ops.dtype_name(result) in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
             # float32 adapter on a half-precision layer: its part is computed in float32, as PEFT does
             x, result = ops.cast(x, "float32"), ops.cast(result, "float32")
             return ops.cast(self._lora_part(piece, slot, x, result), out_dtype)
@@ -520,11 +520,20 @@ class AdapterLayer:
             norms[piece.out_index.ravel()] = ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(flat), axis=0)))
         return norms
 
-    def delta_weight(self, name: str, piece: Piece) -> Any:
-        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`)."""
+    def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
+        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
-        a, b = self._views(piece, slot, piece.kernel_variable.dtype)
+        a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
+
+    def _merge_dtype(self, slot: _Slot, piece: Piece) -> str:
+        """float32 for a float32 adapter on a half-precision kernel (PEFT's merge adds a float32 delta, rounded
+        once; SPEC.md 7.3), else the kernel's dtype."""
+        kernel = _ops.dtype_name(piece.kernel_variable)
+        if kernel in _UPCAST and next(iter(slot.refs.values())).key.dtype == "float32":
+            return "float32"
+        return kernel
 
     def merge(self, names: list[str]) -> None:
         """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
@@ -559,11 +568,13 @@ class AdapterLayer:
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
             return
-        delta = self.delta_weight(name, piece)
+        dtype = self._merge_dtype(slot, piece)
+        flat = ops.cast(flat, dtype)
+        delta = self.delta_weight(name, piece, dtype)
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
         if slot.use_dora:
-            norm = ops.sqrt(ops.sum(ops.square(base + delta), axis=0))
+            norm = ops.sqrt(ops.sum(ops.square(ops.cast(base, dtype) + delta), axis=0))
             self._dora_norms[(name, index)] = norm
             magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
             new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
@@ -588,14 +599,19 @@ class AdapterLayer:
             vector = vector[:, None]
         else:
             vector = _ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features)[None, :]
+        if _ops.dtype_name(flat) in _UPCAST and _ops.dtype_name(vector) == "float32":
+            flat = ops.cast(flat, "float32")  # as PEFT merges: in float32, rounded once to the kernel's dtype
         vector = ops.cast(vector, flat.dtype)
         new = flat / (vector + _IA3_EPS) if inverse else flat * vector
         variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
         bias = piece.bias_variable
         if bias is not None and not slot.feedforward:
             scale = ops.reshape(_ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features), tuple(bias.shape))
-            scale = ops.cast(scale, bias.dtype)
-            bias.assign(bias / (scale + _IA3_EPS) if inverse else bias * scale)
+            value = ops.convert_to_tensor(bias)
+            if _ops.dtype_name(value) in _UPCAST and _ops.dtype_name(scale) == "float32":
+                value = ops.cast(value, "float32")
+            scale = ops.cast(scale, value.dtype)
+            bias.assign(ops.cast(value / (scale + _IA3_EPS) if inverse else value * scale, bias.dtype))
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide)."""
@@ -608,7 +624,9 @@ class AdapterLayer:
                 if slot.method == "IA3":
                     self._scale_piece(piece, slot, flat, inverse=True)
                     continue
-                delta = self.delta_weight(name, piece)
+                dtype = self._merge_dtype(slot, piece)
+                flat = ops.cast(flat, dtype)
+                delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:
                     norm = self._dora_norms.pop((name, i))
                     magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)

@@ -45,6 +45,7 @@ from keras import ops
 from adapterspec import AdapterConfig
 from adapterspec.errors import UnsupportedError
 
+from ._ops import HALF
 from .bank import AdapterBank, Ref
 from .kv_cache import CacheInterface, cache_interface
 from .layers import Layout
@@ -194,6 +195,8 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
     else:
         shape = (nvt, n_layers * 2 * heads * head_dim)
     device, dtype = target_of(ifaces[0].key_kernel(layers[0]), options)
+    if options.dtype is None and dtype in HALF:
+        dtype = "float32"  # SPEC.md 7.5: PEFT's prompt encoder is float32, cast to the base's dtype where used
     init = ("normal", 1.0) if initialize else ("zeros",)  # PEFT: nn.Embedding init
     ref = bank.reserve("prompt_embeddings", shape, dtype, device, init, trainable=options.trainable)
     state.prompts[adapter_name] = PrefixSlot(bank, ref, Layout(shape, shape, (0, 1)), nvt, n_layers, heads, head_dim,

@@ -117,7 +117,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     layers = _layers_of(model, adapter_name)
     state = get_state(model)
     if state is not None and adapter_name in state.prompts:
-        return _load_prompt(state.prompts[adapter_name], adapter)
+        return _load_prompt(state, adapter_name, adapter)
     config = adapter.config
     # every injected parameter under its canonical key: a file PEFT wrote names them so, and each of its
     # keys is then a lookup; any other key (another module root, a base weight, an error) is parsed
@@ -184,8 +184,9 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     return list(plan)
 
 
-def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
+def _load_prompt(state: Any, adapter_name: str, adapter: Adapter) -> list[str]:
     """Prefix tuning: the single ``prompt_embeddings`` tensor, ``[num_virtual_tokens, 2 * layers * token_dim]``."""
+    slot = state.prompts[adapter_name]
     expected = slot.layout.spec_shape
     extra = sorted(k for k in adapter.tensors if k != PROMPT_KEY)
     if extra:
@@ -202,6 +203,10 @@ def _load_prompt(slot: Any, adapter: Adapter) -> list[str]:
         slot.bank.variable(slot.ref.key).assign(value.astype(_np_dtype(slot.ref.key.dtype)))
     else:
         slot.bank.materialize({slot.ref.key: value.astype(_np_dtype(slot.ref.key.dtype))})
+    if str(value.dtype) in ("float16", "bfloat16") and slot.ref.key.dtype == "float32":  # upcast by SPEC.md 7.5
+        state.stored_dtypes[adapter_name] = {PROMPT_KEY: value.dtype}
+    else:
+        state.stored_dtypes.pop(adapter_name, None)
     return [PROMPT_KEY]
 
 
@@ -345,10 +350,11 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
     layers = _layers_of(model, adapter_name)
     state = get_state(model)
     assert state is not None
+    tensors: dict[str, np.ndarray] = {}
     if adapter_name in state.prompts:
         slot = state.prompts[adapter_name]
-        return state.configs[adapter_name], {PROMPT_KEY: np.ascontiguousarray(slot.bank.numpy(slot.ref))}
-    tensors: dict[str, np.ndarray] = {}
+        tensors[PROMPT_KEY] = np.ascontiguousarray(slot.bank.numpy(slot.ref))
+        layers = []
     read = layers[0].bank(adapter_name).reader() if layers else None  # one read of the variables
     for layer in layers:
         path, layouts, refs = layer.parameters(adapter_name)

@@ -55,6 +55,8 @@ class ModelState:
     :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
     :param stored_dtypes: name -> {canonical key: the NumPy dtype its file stored} for tensors loaded into another
         dtype (float32 on a half-precision base, SPEC.md 7.5), so that saving can write them back as stored.
+    :param base_samples: site key -> the base fingerprint's samples of that module (or ``None``) taken just before
+        an adapter was first merged into it, while any is (SPEC.md 9.1: the fingerprint describes the base).
     """
 
     names: list[str] = field(default_factory=list)
@@ -71,6 +73,7 @@ class ModelState:
     trainable: list[str] = field(default_factory=list)
     frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
     stored_dtypes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_samples: dict[Any, Any] = field(default_factory=dict)
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -176,6 +179,8 @@ def delete(model: Any, adapter_name: str) -> None:
     remove_adapter_modules(model, adapter_name)
     state.names.remove(adapter_name)
     state.active = [n for n in state.active if n != adapter_name]
+    if adapter_name in state.merged:  # its delta stays in the kernels: they are the base now, or unknown
+        state.base_samples.clear()
     state.merged = [n for n in state.merged if n != adapter_name]
     state.configs.pop(adapter_name, None)
     state.modules.pop(adapter_name, None)
@@ -202,6 +207,9 @@ def merge(model: Any, adapter_names: list[str]) -> None:
             raise UnsupportedError(f"{state.configs[name].peft_type} adapter {name!r} has no weight delta to merge",
                                    key=name, hint="keep it unmerged")
     todo = [n for n in adapter_names if n not in state.merged]
+    from .identity import remember_base  # identity imports this module
+
+    remember_base(state, todo)
     for layer in state.adapter_layers.values():
         layer.merge(todo)
     state.merged.extend(todo)
@@ -219,4 +227,5 @@ def unmerge(model: Any) -> None:
     for layer in state.adapter_layers.values():
         layer.unmerge()
     state.merged = []
+    state.base_samples.clear()
     invalidate(model)

@@ -308,8 +308,9 @@ def _check_base(model: Any, adapter: Adapter, adapter_name: str, *, strict: bool
 def _identified(model: Any, adapter_name: str, config: AdapterConfig,
                 base_model_name_or_path: str | None) -> tuple[AdapterConfig, dict[str, str] | None]:
     """The config with ``base_model_name_or_path`` and ``task_type`` filled in, and the metadata with the base's
-    fingerprint (SPEC.md 9.1): the caller's name first, then the config's own, then -- for an adapter
-    :func:`inject_adapter` made -- what the backend knows."""
+    fingerprint (SPEC.md 9.1): the caller's name first, then the config's own, then the model's (an absent name
+    is filled as PEFT's ``save_pretrained`` fills it, for loaded adapters too); ``task_type`` is filled only for
+    an adapter :func:`inject_adapter` made (a loaded config keeps its own, as PEFT keeps it)."""
     identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
     try:
         fresh = adapter_name in _INJECTED.get(model, ())
@@ -317,7 +318,7 @@ def _identified(model: Any, adapter_name: str, config: AdapterConfig,
         fresh = False
     known = identity if fresh else {}
     changes: dict[str, Any] = {}
-    base = base_model_name_or_path or config.get("base_model_name_or_path") or known.get("base_model_name_or_path")
+    base = base_model_name_or_path or config.get("base_model_name_or_path") or identity.get("base_model_name_or_path")
     if base and base != config.get("base_model_name_or_path"):
         changes["base_model_name_or_path"] = str(base)
     if config.get("task_type") is None and known.get("task_type"):

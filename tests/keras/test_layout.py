@@ -135,3 +135,32 @@ def test_plain_keras_layers_match_peft(method: str, tmp_path: Path) -> None:
     assert sorted(extracted) == sorted(written)
     for key, value in written.items():
         assert np.array_equal(extracted[key], value), key
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_conv_fingerprint_is_torchs(tmp_path: Path) -> None:
+    """SPEC.md 9.1 on a Keras Conv2D (kernel ``[kh, kw, in, out]``): read in torch's ``[out, in, kh, kw]`` layout it
+    fingerprints as the torch twin does, so each loads the other's adapter strictly, and a changed kernel warns."""
+    import warnings
+
+    from adapterspec.identity import FINGERPRINT_KEY
+
+    torch.manual_seed(0)
+    net = _TorchNet().eval()
+    model, twin, other = _keras_twin(net), _keras_twin(net), _keras_twin(net)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["conv", "fc"]}
+    adapterspec.inject_adapter(net, config)
+    adapterspec.save_adapter(net, tmp_path / "torch")
+    adapterspec.inject_adapter(model, config)
+    adapterspec.save_adapter(model, tmp_path / "keras")
+    recorded = adapterspec.read_adapter(tmp_path / "keras").metadata.get(FINGERPRINT_KEY)
+    assert recorded is not None and recorded == adapterspec.read_adapter(tmp_path / "torch").metadata[FINGERPRINT_KEY]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(twin, tmp_path / "torch", strict=True)
+    kernel = other.get_layer("conv").kernel
+    changed = keras.ops.convert_to_numpy(kernel).copy()
+    changed[0, 0, 0, 0] += 1.0  # the first sampled element: [out 0, in 0, 0, 0]
+    kernel.assign(changed)
+    with pytest.raises(adapterspec.BaseModelMismatchError):
+        adapterspec.load_adapter(other, tmp_path / "torch", strict=True)

@@ -176,3 +176,251 @@ def test_half_precision_base_keeps_the_adapter_in_float32(checkpoints: Any, toke
     pinned = half()
     adapterspec.load_adapter(pinned, tmp_path / "a", dtype="bfloat16")
     assert {v.dtype for v in pinned.variables if "adapterspec_" in v.path} == {"bfloat16"}
+
+
+def _bf16(values: np.ndarray, half: str = "bfloat16") -> np.ndarray:
+    """``values`` rounded to ``half`` (to nearest even), back as float32."""
+    import ml_dtypes
+
+    kind = ml_dtypes.bfloat16 if half == "bfloat16" else np.float16
+    return np.asarray(values, dtype=np.float32).astype(kind).astype(np.float32)
+
+
+def _half_llama(checkpoints: Any, dtype: str) -> Any:
+    import keras_hub
+
+    return keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None, dtype=dtype)
+
+
+def _half_peft(checkpoints: Any, folder: Path, half: str = "bfloat16") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=getattr(torch, half)).eval()
+    return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def _float_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()
+
+
+def _logits_within_bf16_rounding(model: Any, reference: Any, base_gap: float, token_ids: np.ndarray,
+                                 half: str = "bfloat16") -> None:
+    """The Keras model's logits are the PEFT model's up to what the two frameworks' half-precision kernels differ
+    by without any adapter (``base_gap``), plus a few roundings of the logits' size for the adapter's part."""
+    got, want = keras_logits(model, token_ids).astype(np.float32), _float_logits(reference, token_ids)
+    step = 2.0 ** (-8 if half == "bfloat16" else -11) * float(np.abs(want).max())  # one rounding at that size
+    assert np.abs(got - want).max() <= base_gap + 4 * step
+
+
+def _base_gap(checkpoints: Any, token_ids: np.ndarray, half: str = "bfloat16") -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=getattr(torch, half)).eval()
+    gap = np.abs(keras_logits(_half_llama(checkpoints, half), token_ids).astype(np.float32)
+                 - _float_logits(hf, token_ids)).max()
+    return float(gap)
+
+
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_ia3_is_float32_and_scales_as_peft(half: str, checkpoints: Any, token_ids: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    """SPEC.md 7.5 for IA3 on a bfloat16/float16 keras-hub model: float32 vectors holding the file's values exactly,
+    each product taken in float32 and rounded once to the base's dtype (PEFT's ``(result * ia3_l).to(result_dtype)``, checked on
+    PEFT's layer too), merged the same way, PEFT's logits, and the file's values saved back."""
+    from keras import ops
+    from keras_helpers import make_peft_adapter
+
+    config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["v_proj", "down_proj"],
+                            feedforward_modules=["down_proj"])
+    make_peft_adapter(checkpoints["llama"], tmp_path / "ia3", config, salt=3)
+    stored = adapterspec.read_adapter(tmp_path / "ia3").load_tensors("numpy")
+    assert all(v.dtype == np.float32 and not np.array_equal(_bf16(v, half), v) for v in stored.values())
+    reference = _half_peft(checkpoints, tmp_path / "ia3", half)
+    model = _half_llama(checkpoints, half)
+    adapterspec.load_adapter(model, tmp_path / "ia3")
+    assert {v.dtype for v in model.variables if "adapterspec_" in v.path} == {"float32"}
+
+    attention = model.backbone.transformer_layers[0]._self_attention_layer
+    x = ops.cast(ops.convert_to_tensor(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64)), half)
+    scaled = ops.convert_to_numpy(ops.cast(attention._value_dense(x), "float32"))
+    with adapterspec.disabled_adapters(model):
+        plain = ops.convert_to_numpy(ops.cast(attention._value_dense(x), "float32"))
+    vector = stored["base_model.model.model.layers.0.self_attn.v_proj.ia3_l"].reshape(2, 16)  # [heads, head_dim]
+    np.testing.assert_array_equal(scaled, _bf16(plain * vector, half))
+    assert not np.array_equal(scaled, _bf16(plain * _bf16(vector, half), half))  # rounding the vector first is another result
+
+    import torch
+
+    v_proj = reference.base_model.model.model.layers[0].self_attn.v_proj
+    tx = torch.from_numpy(np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64).astype(np.float32)).to(getattr(torch, half))
+    with torch.no_grad():
+        peft_scaled = v_proj(tx).float().numpy()
+        peft_plain = v_proj.base_layer(tx).float().numpy()
+    np.testing.assert_array_equal(peft_scaled, _bf16(peft_plain * vector.reshape(-1), half))
+
+    _logits_within_bf16_rounding(model, reference, _base_gap(checkpoints, token_ids, half), token_ids, half)
+    adapterspec.save_adapter(model, tmp_path / "again")
+    saved = adapterspec.read_adapter(tmp_path / "again").load_tensors("numpy")
+    assert sorted(saved) == sorted(stored) and all(np.array_equal(saved[k], v) for k, v in stored.items())
+
+    kernel = attention._value_dense.kernel
+    before = ops.convert_to_numpy(ops.cast(kernel, "float32"))
+    adapterspec.merge_adapters(model)
+    merged = ops.convert_to_numpy(ops.cast(kernel, "float32"))
+    np.testing.assert_array_equal(merged, _bf16(before * vector[None], half))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_half_precision_prompt_embeddings_stay_float32(method: str, checkpoints: Any, token_ids: np.ndarray,
+                                                       tmp_path: Path) -> None:
+    """SPEC.md 7.5: on a bfloat16 keras-hub model the prompt/prefix embedding is a float32 variable holding the
+    file's values exactly (PEFT's prompt encoder is float32, cast to the base's dtype where used): PEFT's logits
+    on the same bfloat16 base, the values saved back exactly (float32) and bit for bit (a float16 file)."""
+    import torch
+    from keras_helpers import unique_values
+    from safetensors.numpy import load_file, save_file
+
+    kind = peft.PromptTuningConfig if method == "PROMPT_TUNING" else peft.PrefixTuningConfig
+    pm = peft.get_peft_model(hf_model(checkpoints["llama"]), kind(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        weight = pm.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.from_numpy(unique_values(tuple(weight.shape), 5, scale=1.0)))
+    pm.save_pretrained(tmp_path / "p")
+    stored = adapterspec.read_adapter(tmp_path / "p").load_tensors("numpy")
+    assert not np.array_equal(_bf16(stored["prompt_embeddings"]), stored["prompt_embeddings"])
+
+    model = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(model, tmp_path / "p")
+    assert {v.dtype for v in model.variables if "adapterspec_" in v.path} == {"float32"}
+    reference = _half_peft(checkpoints, tmp_path / "p")
+    assert reference.prompt_encoder["default"].embedding.weight.dtype == torch.float32
+    want = _float_logits(reference, token_ids)
+    if method == "PROMPT_TUNING":
+        want = want[:, 3:]
+    got = keras_logits(model, token_ids).astype(np.float32)
+    step = 2.0 ** -8 * float(np.abs(want).max())
+    assert np.abs(got - want).max() <= _base_gap(checkpoints, token_ids) + 4 * step
+    adapterspec.save_adapter(model, tmp_path / "again")
+    saved = adapterspec.read_adapter(tmp_path / "again").load_tensors("numpy")
+    assert sorted(saved) == ["prompt_embeddings"]
+    assert saved["prompt_embeddings"].dtype == np.float32
+    np.testing.assert_array_equal(saved["prompt_embeddings"], stored["prompt_embeddings"])
+
+    file = tmp_path / "p" / "adapter_model.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in load_file(file).items()}, str(file), metadata={"format": "pt"})
+    fp16 = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(fp16, tmp_path / "p")
+    adapterspec.save_adapter(fp16, tmp_path / "fp16")
+    again = load_file(tmp_path / "fp16" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert again.dtype == np.float16 and np.array_equal(again, load_file(file)["prompt_embeddings"])
+
+
+def test_half_precision_lora_part_is_computed_in_float32(checkpoints: Any, tmp_path: Path) -> None:
+    """On every Keras backend (TensorFlow names a dtype ``<dtype: 'bfloat16'>``) a float32 LoRA on a bfloat16
+    layer adds ``x @ A @ B * scaling`` in float32 and rounds once: PEFT's order, within one bfloat16 step of a
+    float64 reference and mostly equal to it (a bfloat16 computation misses by several steps)."""
+    from keras import ops
+    from keras_helpers import make_peft_adapter
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])
+    make_peft_adapter(checkpoints["llama"], tmp_path / "lora", config, salt=9)
+    stored = adapterspec.read_adapter(tmp_path / "lora").load_tensors("numpy")
+    model = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(model, tmp_path / "lora")
+    dense = model.backbone.transformer_layers[0]._self_attention_layer._value_dense
+    inputs = np.sin(np.arange(2 * 5 * 64) * 0.37).reshape(2, 5, 64)
+    x = ops.cast(ops.convert_to_tensor(inputs), "bfloat16")
+    got = ops.convert_to_numpy(ops.cast(dense(x), "float32")).reshape(2, 5, 32)
+    with adapterspec.disabled_adapters(model):
+        plain = ops.convert_to_numpy(ops.cast(dense(x), "float32")).reshape(2, 5, 32).astype(np.float64)
+    prefix = "base_model.model.model.layers.0.self_attn.v_proj."
+    a, b = stored[prefix + "lora_A.weight"].astype(np.float64), stored[prefix + "lora_B.weight"].astype(np.float64)
+    exact = plain + _bf16(inputs) @ a.T @ b.T * 2.0
+    step = 2.0 ** (np.floor(np.log2(np.abs(exact) + 1e-30)) - 7)  # one bfloat16 step at each value
+    assert np.all(np.abs(got - exact) <= step)
+    assert np.mean(got == _bf16(exact)) >= 0.95
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(LORA, id="lora"),
+    pytest.param({"peft_type": "IA3", "target_modules": ["v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+                 id="ia3"),
+])
+def test_a_merged_adapter_records_the_base_fingerprint(config: dict[str, Any], checkpoints: Any,
+                                                       tmp_path: Path) -> None:
+    """SPEC.md 9.1: the fingerprint describes the base weights, so an adapter saved while merged records the
+    samples taken before the merge (the kernels now hold the deltas): the unmerged save's fingerprint, which the
+    base loads strictly; after ``unload(merge=True)`` the merged kernels are the base a new adapter records."""
+    from adapterspec.identity import FINGERPRINT_KEY
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, config)
+    for i, v in enumerate(model.trainable_variables):
+        v.assign(1.0 + 0.3 * np.sin(np.arange(np.prod(v.shape)) * 0.7 + i).reshape(v.shape))
+    adapterspec.save_adapter(model, tmp_path / "unmerged")
+    adapterspec.merge_adapters(model)
+    adapterspec.save_adapter(model, tmp_path / "merged")
+    unmerged = adapterspec.read_adapter(tmp_path / "unmerged").metadata[FINGERPRINT_KEY]
+    assert adapterspec.read_adapter(tmp_path / "merged").metadata.get(FINGERPRINT_KEY) == unmerged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(keras_model("llama", checkpoints["llama"]), tmp_path / "merged", strict=True)
+    adapterspec.unload(model, merge=True)
+    adapterspec.inject_adapter(model, config, "next")
+    adapterspec.save_adapter(model, tmp_path / "next", "next")
+    assert adapterspec.read_adapter(tmp_path / "next").metadata[FINGERPRINT_KEY] not in (None, unmerged)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("arch", "method"), [("llama", "PREFIX_TUNING"), ("gpt2", "PROMPT_TUNING")])
+def test_prompt_learning_fingerprints_the_input_embedding_as_torch(arch: str, method: str, checkpoints: Any,
+                                                                    tmp_path: Path) -> None:
+    """SPEC.md 9.1: for prefix and prompt tuning the fingerprint is the input embedding's; Keras and torch agree,
+    and a changed embedding is refused strictly."""
+    config = {"peft_type": method, "task_type": "CAUSAL_LM", "num_virtual_tokens": 3}
+    model = keras_model(arch, checkpoints[arch])
+    adapterspec.inject_adapter(model, config)
+    adapterspec.save_adapter(model, tmp_path / "keras")
+    reference = hf_model(checkpoints[arch])
+    adapterspec.inject_adapter(reference, config)
+    adapterspec.save_adapter(reference, tmp_path / "torch")
+    assert _fingerprint_of(tmp_path / "keras") == _fingerprint_of(tmp_path / "torch")
+    other = keras_model(arch, checkpoints[arch])
+    table = other.backbone.token_embedding.embeddings
+    changed = np.asarray(table.numpy()).copy()
+    changed[0, 0] += 1.0  # the first sampled element
+    table.assign(changed)
+    with pytest.raises(adapterspec.BaseModelMismatchError):
+        adapterspec.load_adapter(other, tmp_path / "torch", strict=True)
+
+
+def test_half_precision_lora_merge_adds_a_float32_delta_as_peft(checkpoints: Any, tmp_path: Path) -> None:
+    """SPEC.md 7.3/7.5: merging a float32 LoRA into a bfloat16 kernel adds the float32 delta and rounds once, as
+    PEFT's merge does on the same bfloat16 base (the two sum ``r`` products in their own order: at most one
+    bfloat16 step apart, almost everywhere equal); unmerging gives the kernel back within that rounding."""
+    import torch
+    from keras import ops
+    from keras_helpers import make_peft_adapter
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])
+    make_peft_adapter(checkpoints["llama"], tmp_path / "lora", config, salt=9)
+    reference = _half_peft(checkpoints, tmp_path / "lora")
+    model = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(model, tmp_path / "lora")
+    kernel = model.backbone.transformer_layers[0]._self_attention_layer._value_dense.kernel
+    before = ops.convert_to_numpy(ops.cast(kernel, "float32")).reshape(64, 32).T
+    assert np.array_equal(before, reference.base_model.model.model.layers[0].self_attn.v_proj.weight.float().numpy())
+    adapterspec.merge_adapters(model)
+    with torch.no_grad():
+        reference.merge_adapter()
+    got = ops.convert_to_numpy(ops.cast(kernel, "float32")).reshape(64, 32).T
+    want = reference.base_model.model.model.layers[0].self_attn.v_proj.base_layer.weight.float().numpy()
+    step = 2.0 ** (np.floor(np.log2(np.abs(want) + 1e-30)) - 7)
+    assert np.all(np.abs(got - want) <= step) and np.mean(got == want) >= 0.99
+    assert not np.array_equal(got, before)

@@ -213,6 +213,32 @@ def test_save_records_the_base_and_autopeft_loads_it(llama_folder: Path, tmp_pat
     assert adapterspec.read_adapter(tmp_path / "b").config["base_model_name_or_path"] == "org/tiny-llama"
 
 
+@pytest.mark.parametrize("recorded", [None, "org/trained-on"])
+def test_a_loaded_adapter_is_saved_with_the_base_peft_records(recorded: str | None, llama_folder: Path,
+                                                              tmp_path: Path) -> None:
+    """A loaded adapter keeps its config's base and task type; an absent base is filled from the model, as PEFT's
+    ``save_pretrained`` fills it; an absent task type stays absent (PEFT keeps it None) -- the same config PEFT
+    writes for the same load and save."""
+    import json
+
+    from peft import LoraConfig, PeftModel
+
+    _peft_adapter(_from(llama_folder), LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": recorded,
+                                "task_type": None}))
+    model = _from(llama_folder)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(_from(llama_folder), str(tmp_path / "peft")).save_pretrained(str(tmp_path / "theirs"))
+    ours = adapterspec.read_adapter(tmp_path / "ours").config
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert ours["base_model_name_or_path"] == theirs["base_model_name_or_path"] == (recorded or str(llama_folder))
+    assert ours.get("task_type") is None and theirs["task_type"] is None
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_fingerprint_is_computable_from_the_base_file_alone(kind: str, request: pytest.FixtureRequest,
                                                             tmp_path: Path) -> None:
