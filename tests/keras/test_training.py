@@ -38,18 +38,21 @@ def _fingerprint_of(folder: Path) -> str:
     return adapterspec.read_adapter(folder).metadata[FINGERPRINT_KEY]
 
 
+def _save_from_keras_and_torch(arch: str, config: dict[str, Any], checkpoints: Any, tmp_path: Path) -> None:
+    """Inject ``config`` into the keras-hub model and the transformers model of one checkpoint and save each
+    (``tmp_path / "keras"``, ``tmp_path / "torch"``)."""
+    for name, model in (("keras", keras_model(arch, checkpoints[arch])), ("torch", hf_model(checkpoints[arch]))):
+        adapterspec.inject_adapter(model, config)
+        adapterspec.save_adapter(model, tmp_path / name)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_keras_and_torch_fingerprint_the_same_base_alike(arch: str, checkpoints: Any, tmp_path: Path) -> None:
     """keras-hub's kernels ([in, heads, head_dim] einsums, GPT-2's fused c_attn split in three) read in the spec's
     layout give the fingerprint transformers' weights give."""
     targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
     config = {**LORA, "target_modules": targets}
-    model = keras_model(arch, checkpoints[arch])
-    adapterspec.inject_adapter(model, config)
-    adapterspec.save_adapter(model, tmp_path / "keras")
-    reference = hf_model(checkpoints[arch])
-    adapterspec.inject_adapter(reference, config)
-    adapterspec.save_adapter(reference, tmp_path / "torch")
+    _save_from_keras_and_torch(arch, config, checkpoints, tmp_path)
     assert _fingerprint_of(tmp_path / "keras") == _fingerprint_of(tmp_path / "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -384,12 +387,7 @@ def test_prompt_learning_fingerprints_the_input_embedding_as_torch(arch: str, me
     """SPEC.md 9.1: for prefix and prompt tuning the fingerprint is the input embedding's; Keras and torch agree,
     and a changed embedding is refused strictly."""
     config = {"peft_type": method, "task_type": "CAUSAL_LM", "num_virtual_tokens": 3}
-    model = keras_model(arch, checkpoints[arch])
-    adapterspec.inject_adapter(model, config)
-    adapterspec.save_adapter(model, tmp_path / "keras")
-    reference = hf_model(checkpoints[arch])
-    adapterspec.inject_adapter(reference, config)
-    adapterspec.save_adapter(reference, tmp_path / "torch")
+    _save_from_keras_and_torch(arch, config, checkpoints, tmp_path)
     assert _fingerprint_of(tmp_path / "keras") == _fingerprint_of(tmp_path / "torch")
     other = keras_model(arch, checkpoints[arch])
     table = other.backbone.token_embedding.embeddings
