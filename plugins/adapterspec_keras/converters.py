@@ -269,13 +269,13 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
     if best is None:
-        model_type, exc = failures[0]
+        first = failures[0][1]
         causes = "; ".join(f"model_type {t!r}: {type(e).__name__}: {e}" for t, e in failures)
         raise UnsupportedError(
             f"keras-hub's converter {module.__name__} could not be replayed on this {type(backbone).__name__}, so "
             f"the transformers module names of its layers are unknown ({causes})", key=type(backbone).__name__,
             hint="pass module_map={spec module path: keras layer path} for every target, and report this "
-                 "converter to adapterspec") from exc
+                 "converter to adapterspec") from first
     return best[1], best[2]
 
 
