@@ -37,6 +37,7 @@ from .devices import check_options
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
+from .reach import check_reached, note_entry
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -129,7 +130,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     :returns: the module paths that received the adapter.
     :raises AdapterExistsError: the name is taken.
     :raises TargetNotFoundError: no module matches, or a target has no Keras counterpart.
-    :raises UnsupportedError: a target's layer type cannot take this method (names the module).
+    :raises UnsupportedError: a target's layer type cannot take this method, or the model's forward does not
+        run its layer's ``call`` (:func:`~adapterspec_keras.reach.check_reached`; names the module).
 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
@@ -174,6 +176,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for layer in layers:
                 layer.finish_init(adapter_name)
+        check_reached(model, {path: sites[path] for path in paths})
         if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
@@ -380,6 +383,7 @@ def _dispatch(layer: Any, original: Any, entries: list[tuple[AdapterLayer, Piece
               args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     reverse = bool(kwargs.get("reverse", args[1] if len(args) > 1 else False)) if reversible else False
     role = "reverse" if reverse else "forward"
+    note_entry(layer, role)
     running = [(al, p) for al, p in entries if p.role == role and al.runs()]
     if not running:
         return original(*args, **kwargs)
