@@ -72,7 +72,12 @@ def dummy_inputs(model: Any) -> tuple[Any, str | None]:
 
     if not getattr(model, "inputs", None):
         return None, f"{type(model).__name__} is not a functional model: its inputs are unknown"
-    made = tree.map_structure(_dummy, model.input)
+    # a functional model's own input structure (a dict for keras-hub); a Sequential has a list of one
+    inputs = model.inputs
+    structure = getattr(model, "_inputs_struct", None)
+    if structure is None:
+        structure = inputs[0] if len(inputs) == 1 else list(inputs)
+    made = tree.map_structure(_dummy, structure)
     if any(x is None for x in tree.flatten(made)):
         return None, f"{type(model).__name__} takes a float input of open size (an image?): its size is unknown"
     return made, None
