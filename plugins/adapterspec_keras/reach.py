@@ -3,10 +3,10 @@
 The adapters run inside each wrapped layer's ``call``. A parent layer that reads a sublayer's kernel itself
 (keras-hub's Gemma 4 MLP: ``ops.matmul(x, self.gating_ffw.kernel)``) never enters that ``call``, so an adapter on
 it would load, be listed, and change nothing. After injecting, :func:`check_reached` runs the model once on a
-dummy batch of one token (one example) and refuses, naming them, the wrapped layers whose ``call`` never ran.
+dummy batch of one example of two tokens and refuses, naming them, the wrapped layers whose ``call`` never ran.
 
 The check needs inputs it can make: a functional model (every keras-hub model) has symbolic ``inputs``; a
-dimension left open is 1 (batch, sequence), except an open dimension of a float input (an image of any size),
+dimension left open is 1 (batch) or 2 (sequence), except an open dimension of a float input (an image of any size),
 which cannot be guessed. Then, and for subclassed models without ``inputs``, the check is skipped: it cannot
 say the adapter is unused. A forward that fails on the dummy batch is reported as a warning, not an error.
 
@@ -57,16 +57,17 @@ def _dummy(tensor: Any) -> np.ndarray | None:
     shape = list(tensor.shape)
     if any(d is None for d in shape[1:]) and "float" in dtype:
         return None
-    shape = [1 if d is None else int(d) for d in shape]
+    # two positions, not one: Keras warns of a softmax over an axis of size 1 (attention over one token)
+    shape = [1 if i == 0 and d is None else 2 if d is None else int(d) for i, d in enumerate(shape)]
     name = str(getattr(tensor, "name", "") or "")
     return np.full(shape, 1 if "mask" in name else 0, dtype=dtype)
 
 
 def dummy_inputs(model: Any) -> tuple[Any, str | None]:
-    """A batch of one example (one token) for ``model``, or ``(None, why not)``.
+    """A batch of one example (two tokens) for ``model``, or ``(None, why not)``.
 
     >>> dummy_inputs(causal_lm)[0]["token_ids"].shape                    # doctest: +SKIP
-    (1, 1)
+    (1, 2)
     """
     from keras import tree
 
@@ -99,7 +100,7 @@ def check_reached(model: Any, sites: dict[str, ModuleSite]) -> None:
             model(inputs, training=False)
         except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
             warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the adapted "
-                          f"layers: a forward on a dummy batch of one token failed ({type(exc).__name__}: {exc})",
+                          f"layers: a forward on a dummy batch of two tokens failed ({type(exc).__name__}: {exc})",
                           AdapterSpecWarning, stacklevel=3)
             return
     unused = {path: [p.layer.path + ("" if p.role == "forward" else f" ({p.role})") for p in site.pieces

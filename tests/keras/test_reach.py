@@ -64,13 +64,13 @@ def test_a_layer_whose_call_runs_takes_the_adapter() -> None:
     assert np.abs(ops.convert_to_numpy(model(x)) - base).max() > 1e-3  # the adapter is used
 
 
-def test_inputs_are_one_token_or_the_check_says_why_not() -> None:
+def test_inputs_are_two_tokens_or_the_check_says_why_not() -> None:
     ids = keras.Input((None,), dtype="int32", name="token_ids")
     mask = keras.Input((None,), dtype="int32", name="padding_mask")
     text = keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Embedding(8, 2)(ids))
     made, why = dummy_inputs(text)
     assert why is None
-    assert made["token_ids"].tolist() == [[0]] and made["padding_mask"].tolist() == [[1]]
+    assert made["token_ids"].tolist() == [[0, 0]] and made["padding_mask"].tolist() == [[1, 1]]
     image = keras.Input((None, None, 3), name="images")
     assert dummy_inputs(keras.Model(image, keras.layers.Conv2D(2, 1)(image)))[1] == \
         "Functional takes a float input of open size (an image?): its size is unknown"
