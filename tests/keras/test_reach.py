@@ -4,6 +4,7 @@ was listed as adapted, and changed nothing)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -14,7 +15,7 @@ from keras import ops
 import adapterspec
 from adapterspec.errors import UnsupportedError
 from adapterspec_keras.reach import dummy_inputs
-from keras_helpers import assert_same_snapshot, snapshot
+from keras_helpers import assert_same_snapshot, keras_inputs, keras_model, make_peft_adapter, snapshot
 
 LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": False}
 
@@ -74,3 +75,30 @@ def test_inputs_are_two_tokens_or_the_check_says_why_not() -> None:
     image = keras.Input((None, None, 3), name="images")
     assert dummy_inputs(keras.Model(image, keras.layers.Conv2D(2, 1)(image)))[1] == \
         "Functional takes a float input of open size (an image?): its size is unknown"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gemma4_mlp_adapter_is_refused_naming_the_layers(checkpoints: Any, token_ids: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    """The issue's case: on keras-hub 0.32's Gemma 4 a LoRA on gate/up/down_proj loaded and did nothing."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    _, folder = make_peft_adapter(checkpoints["gemma4_text"], tmp_path / "a",
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "down_proj"]))
+    model = keras_model("gemma4_text", checkpoints["gemma4_text"])
+    before, logits = snapshot(model), _gemma4_logits(model, token_ids)
+
+    with pytest.raises(UnsupportedError) as caught:
+        adapterspec.load_adapter(model, folder)
+
+    message = str(caught.value)
+    assert "model.layers.0.mlp.gate_proj -> decoder_block_0/ffw_gating;" in message
+    assert "model.layers.1.mlp.down_proj -> decoder_block_1/ffw_linear" in message
+    assert "q_proj" not in message  # the attention projections are called: they are not refused
+    assert_same_snapshot(before, snapshot(model))
+    assert np.array_equal(_gemma4_logits(model, token_ids), logits)
+
+
+def _gemma4_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
+    return np.asarray(ops.convert_to_numpy(model({**keras_inputs(ids), "position_ids": positions})))
