@@ -37,7 +37,8 @@ from .devices import check_options
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import ModuleSite, Piece, find_site, model_layers, spec_sites
-from .reach import can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel, unreached
+from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
+                    unreached)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -176,7 +177,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for layer in layers:
                 layer.finish_init(adapter_name)
-        _reach(model, state, config, {path: sites[path] for path in paths})
+        _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
@@ -187,11 +188,12 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     return list(paths)
 
 
-def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite]) -> None:
+def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
+           trainable: bool) -> None:
     """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
     MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`)."""
     unused = unreached(model, sites)
-    refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces)})
+    refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
     for pieces in unused.values():
         for piece in pieces:
             read_through_kernel(piece.layer, state.entries[id(piece.layer)])

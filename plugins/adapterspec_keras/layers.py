@@ -537,7 +537,7 @@ class AdapterLayer:
         total = None
         for name, slot in running:
             if slot.method != "LORA" or slot.use_dora or slot.lora_bias:
-                raise UnsupportedError(f"{self.site.path}: only plain LoRA can run on a kernel read by its parent layer",
+                raise UnsupportedError(f"{self.site.path}: only plain LoRA can run on a kernel its parent reads",
                                        key=self.site.path, hint="merge the adapter, or target other modules")
             delta = self.delta_weight(name, piece)
             total = delta if total is None else total + delta

@@ -162,9 +162,11 @@ def _read_through_class(cls: type) -> type:
     return sub
 
 
-def can_read_through(config: Any, pieces: list[Piece]) -> bool:
-    """Whether ``pieces`` can take adapter ``config`` through their kernel: plain LoRA on a Dense / EinsumDense."""
-    plain = config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("lora_bias")
+def can_read_through(config: Any, pieces: list[Piece], trainable: bool = False) -> bool:
+    """Whether ``pieces`` can take adapter ``config`` through their kernel: plain LoRA on a Dense / EinsumDense
+    (not to be trained with ``lora_dropout``, which a kernel cannot apply to the input)."""
+    plain = config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("lora_bias") \
+        and not (trainable and config.get("lora_dropout"))
     return plain and all(p.kind in ("dense", "einsum") and p.role == "forward" and
                          isinstance(getattr(type(p.layer), "kernel", None), property) for p in pieces)
 

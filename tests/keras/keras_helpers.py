@@ -61,9 +61,9 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3_text", "Gemma3CausalLM", dict(_SMALL, query_pre_attn_scalar=16, sliding_window=16),
                         _LLAMA_TARGETS, "embed_tokens"),
     # keras-hub's Gemma4DecoderBlock reads the MLP kernels itself (ops.matmul(x, self.gating_ffw.kernel))
-    "gemma4_text": Arch("gemma4_text", "Gemma4CausalLM", dict(_SMALL, global_head_dim=16, vocab_size_per_layer_input=128,
-                                                              hidden_size_per_layer_input=16), _LLAMA_TARGETS,
-                        "embed_tokens"),
+    "gemma4_text": Arch("gemma4_text", "Gemma4CausalLM",
+                        dict(_SMALL, global_head_dim=16, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+                        _LLAMA_TARGETS, "embed_tokens"),
     "smollm3": Arch("smollm3", "SmolLM3CausalLM", dict(_SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                                         tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
 }

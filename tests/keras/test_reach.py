@@ -119,7 +119,8 @@ def test_gemma4_lora_on_every_linear_layer_gives_peft_logits(checkpoints: Any, t
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     peft_model, folder = make_peft_adapter(checkpoints["gemma4_text"], tmp_path / "a",
-                                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(ARCHS["gemma4_text"].linear_targets)))
+                                           peft.LoraConfig(r=4, lora_alpha=8,
+                                                           target_modules=list(ARCHS["gemma4_text"].linear_targets)))
     expected = torch_logits(peft_model, token_ids)
     model = keras_model("gemma4_text", checkpoints["gemma4_text"])
     base = _gemma4_logits(model, token_ids)
