@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from adapterspec.errors import UnsupportedError
+
 from .sites import ModuleSite, Piece, _axes, _einsum_supported, _make_piece, layer_kind, layer_site, model_layers
 
 __all__ = ["backbone_of", "converter_sites"]
@@ -69,7 +71,29 @@ class _Opaque:
         return _Opaque()
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _op
-    __matmul__ = __rmatmul__ = __neg__ = __pow__ = _op
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __matmul__ = __rmatmul__ = _op
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __lshift__ = __rshift__ = _op
+    __rlshift__ = __rrshift__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _op
+
+
+class _Field(_Opaque):
+    """What the field probe returns for transformers config field ``name`` (absorbs arithmetic like ``_Opaque``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _FieldProbe(dict[str, Any]):
+    """A transformers config whose every field is a :class:`_Field`, fed to ``convert_backbone_config``."""
+
+    def __getitem__(self, key: Any) -> _Field:
+        return _Field(str(key))
+
+    def get(self, key: Any, default: Any = None) -> _Field:
+        return _Field(str(key))
+
+    def __contains__(self, key: object) -> bool:
+        return True
 
 
 class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
@@ -97,21 +121,38 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
 _ASSIGN_LOCK = threading.Lock()
 
 
+#: the arithmetic a converter may do between a Keras variable and a tensor it read (XLM-RoBERTa adds one)
+_VARIABLE_OPS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+                 "__pow__", "__rpow__", "__matmul__", "__rmatmul__")
+
+
+def _opaque_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def op(self: Any, other: Any) -> Any:
+        return _Opaque() if isinstance(other, _Opaque) else fn(self, other)
+    return op
+
+
 @contextlib.contextmanager
 def _no_assign() -> Iterator[None]:
-    """Make every Keras variable assignment a no-op: a converter's own ``.assign`` must not touch the model."""
+    """Make every Keras variable assignment a no-op: a converter's own ``.assign`` must not touch the model;
+    arithmetic between a variable and a recorded (opaque) tensor gives an opaque tensor."""
     from keras.src.backend.common.variables import Variable
 
     names = ("assign", "assign_add", "assign_sub")
     with _ASSIGN_LOCK:
-        saved = {n: Variable.__dict__.get(n) for n in names}
+        saved = {n: Variable.__dict__.get(n) for n in (*names, *_VARIABLE_OPS)}
         try:
             for n in names:
                 setattr(Variable, n, lambda self, value: self)
+            for n in _VARIABLE_OPS:
+                setattr(Variable, n, _opaque_aware(getattr(Variable, n)))
             yield
         finally:
             for n, fn in saved.items():
-                setattr(Variable, n, fn)
+                if fn is None:
+                    delattr(Variable, n)
+                else:
+                    setattr(Variable, n, fn)
 
 
 def _converter_table() -> dict[str, tuple[Any, list[str]]]:
@@ -146,17 +187,46 @@ def _converters() -> dict[str, tuple[Any, list[str]]]:
     return _TABLE_CACHE
 
 
+def _backbone_fields(module: Any, backbone: Any) -> tuple[dict[str, Any], str]:
+    """The transformers config fields the converter's ``convert_backbone_config`` passes on unchanged, with
+    their values read back from the backbone's config: ``({field: value}, why some may be missing)``.
+
+    ``convert_backbone_config`` maps the transformers config to the backbone's arguments; fed a probe whose
+    every field is a :class:`_Field`, the arguments that come out as a ``_Field`` name the field they hold.
+    """
+    convert = getattr(module, "convert_backbone_config", None)
+    if convert is None:
+        return {}, f"{module.__name__} has no convert_backbone_config"
+    try:
+        arguments = convert(_FieldProbe())
+    except Exception as exc:  # noqa: BLE001 - reported in the error of any field then missing
+        return {}, f"{module.__name__}.convert_backbone_config could not be inverted ({type(exc).__name__}: {exc})"
+    config = backbone.get_config()
+    fields = {v.name: config[k] for k, v in (arguments or {}).items() if isinstance(v, _Field) and k in config}
+    return fields, f"the {type(backbone).__name__} config does not hold it"
+
+
 class _ConfigProxy(dict[str, Any]):
-    """The few transformers config fields some ``convert_weights`` read, rebuilt from the backbone."""
+    """The transformers config fields ``convert_weights`` reads, rebuilt from the backbone: a few by name, the
+    others from the backbone's config where ``convert_backbone_config`` passes them on (:func:`_backbone_fields`)."""
 
     _FROM_BACKBONE = {"n_embd": "hidden_dim", "hidden_size": "hidden_dim", "num_hidden_layers": "num_layers",
                       "num_attention_heads": "num_query_heads", "tie_word_embeddings": "tie_word_embeddings"}
 
-    def __init__(self, backbone: Any, model_type: str) -> None:
+    def __init__(self, backbone: Any, model_type: str, module: Any = None) -> None:
         super().__init__(model_type=model_type)
+        self._fields, self._why = _backbone_fields(module, backbone) if module is not None else ({}, "")
         for hf_key, attr in self._FROM_BACKBONE.items():
             if hasattr(backbone, attr):
                 self[hf_key] = getattr(backbone, attr)
+
+    def __missing__(self, key: Any) -> Any:
+        if key in self._fields:
+            return self._fields[key]
+        raise KeyError(f"transformers config field {key!r} ({self._why})")
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self or key in self._fields else default
 
 
 def backbone_of(model: Any) -> Any:
@@ -184,19 +254,29 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         return None
     module, model_types = found
     best: tuple[tuple[int, int], list[_Record], str] | None = None
+    failures: list[tuple[str, Exception]] = []
     for model_type in model_types:
         loader = _RecordingLoader()
         try:
             with _no_assign():
-                module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type))
-        except Exception:  # noqa: BLE001 - the converter does not fit this backbone with this model type
+                module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type, module))
+        except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
+            failures.append((model_type, exc))
             continue
         # the model type porting the most weights fits best; on a tie, the shortest HF names (a text-only
         # Gemma 3 is "model.layers...", not the multimodal "model.language_model.layers...")
         rank = (-len(loader.records), sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
-    return None if best is None else (best[1], best[2])
+    if best is None:
+        first = failures[0][1]
+        causes = "; ".join(f"model_type {t!r}: {type(e).__name__}: {e}" for t, e in failures)
+        raise UnsupportedError(
+            f"keras-hub's converter {module.__name__} could not be replayed on this {type(backbone).__name__}, so "
+            f"the transformers module names of its layers are unknown ({causes})", key=type(backbone).__name__,
+            hint="pass module_map={spec module path: keras layer path} for every target, and report this "
+                 "converter to adapterspec") from first
+    return best[1], best[2]
 
 
 def _variable_owners(backbone: Any) -> dict[int, tuple[Any, str]]:

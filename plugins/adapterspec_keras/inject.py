@@ -38,6 +38,8 @@ from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .sites import ModuleSite, Piece, model_layers
+from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
+                    unreached)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -130,7 +132,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     :returns: the module paths that received the adapter.
     :raises AdapterExistsError: the name is taken.
     :raises TargetNotFoundError: no module matches, or a target has no Keras counterpart.
-    :raises UnsupportedError: a target's layer type cannot take this method (names the module).
+    :raises UnsupportedError: a target's layer type cannot take this method, or the model's forward does not
+        run its layer's ``call`` (:func:`~adapterspec_keras.reach.check_reached`; names the module).
 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
@@ -175,6 +178,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for layer in layers:
                 layer.finish_init(adapter_name)
+        _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
@@ -183,6 +187,17 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     guard_save(model)
     invalidate(model)
     return list(paths)
+
+
+def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
+           trainable: bool) -> None:
+    """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
+    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`)."""
+    unused = unreached(model, sites)
+    refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
+    for pieces in unused.values():
+        for piece in pieces:
+            read_through_kernel(piece.layer, state.entries[id(piece.layer)])
 
 
 def _forget(model: Any, state: ModelState, adapter_name: str) -> None:
@@ -306,6 +321,7 @@ def unwrap(model: Any, layer: Any) -> None:
         return
     _, own = state.originals.pop(id(layer))
     state.entries.pop(id(layer), None)
+    restore_kernel(layer)
     if own is None:
         object.__delattr__(layer, "call")
     else:
@@ -381,6 +397,9 @@ def _dispatch(layer: Any, original: Any, entries: list[tuple[AdapterLayer, Piece
               args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     reverse = bool(kwargs.get("reverse", args[1] if len(args) > 1 else False)) if reversible else False
     role = "reverse" if reverse else "forward"
+    note_entry(layer, role)
+    if reads_through(layer):  # its call reads the kernel, which holds the adapters already
+        return original(*args, **kwargs)
     running = [(al, p) for al, p in entries if p.role == role and al.runs()]
     if not running:
         return original(*args, **kwargs)

@@ -535,6 +535,24 @@ class AdapterLayer:
             return "float32"
         return kernel
 
+    def kernel_delta(self, piece: Piece) -> Any | None:
+        """The change the running LoRA adapters make to the piece's kernel, in the kernel's layout, or ``None``.
+
+        For a layer whose kernel its parent reads itself (:mod:`adapterspec_keras.reach`): the kernel read gives
+        ``W + sum of deltas``, which is the unmerged LoRA forward for a plain LoRA (no DoRA, no lora_bias).
+        """
+        running = self._running()
+        if not running:
+            return None
+        total = None
+        for name, slot in running:
+            if slot.method != "LORA" or slot.use_dora or slot.lora_bias:
+                raise UnsupportedError(f"{self.site.path}: only plain LoRA can run on a kernel its parent reads",
+                                       key=self.site.path, hint="merge the adapter, or target other modules")
+            delta = self.delta_weight(name, piece)
+            total = delta if total is None else total + delta
+        return _ops.kernel_from_flat(piece, total)
+
     def merge(self, names: list[str]) -> None:
         """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
         for name in names:

@@ -135,7 +135,12 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
     ['model.embed_tokens', 'model.layers.0.self_attn.q_proj']
     """
     module_map = options.module_map if options is not None else None
-    sites = _builtin_sites(model)
+    try:
+        sites = _builtin_sites(model)
+    except UnsupportedError:
+        if module_map is None or callable(module_map):
+            raise
+        sites = _layer_sites(model)  # keras-hub's converter failed: the explicit map names the targets
     if module_map is None:
         return sites
     if callable(module_map):

@@ -70,7 +70,8 @@ class Piece:
             return self.layer.embeddings if self.tied else self.layer.reverse_embeddings
         if self.kind == "embedding":
             return self.layer.embeddings
-        return self.layer.kernel
+        base = getattr(type(self.layer), "_adapterspec_base_kernel", None)  # a kernel read through (reach.py)
+        return base.fget(self.layer) if base is not None else self.layer.kernel
 
     @property
     def bias_variable(self) -> Any:

@@ -60,6 +60,10 @@ ARCHS: dict[str, Arch] = {
     "gemma2": Arch("gemma2", "GemmaCausalLM", dict(_SMALL, query_pre_attn_scalar=16), _LLAMA_TARGETS, "embed_tokens"),
     "gemma3_text": Arch("gemma3_text", "Gemma3CausalLM", dict(_SMALL, query_pre_attn_scalar=16, sliding_window=16),
                         _LLAMA_TARGETS, "embed_tokens"),
+    # keras-hub's Gemma4DecoderBlock reads the MLP kernels itself (ops.matmul(x, self.gating_ffw.kernel))
+    "gemma4_text": Arch("gemma4_text", "Gemma4CausalLM",
+                        dict(_SMALL, global_head_dim=16, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+                        _LLAMA_TARGETS, "embed_tokens"),
     "smollm3": Arch("smollm3", "SmolLM3CausalLM", dict(_SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                                         tie_word_embeddings=False), _LLAMA_TARGETS, "embed_tokens"),
 }
@@ -184,3 +188,39 @@ def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert before["adapters"] == after["adapters"]
     assert before["active"] == after["active"]
     assert before["state"] == after["state"]
+
+
+#: tiny encoders whose keras-hub converter reads transformers config fields the backbone holds under other names
+ENCODERS: dict[str, dict[str, Any]] = {
+    "xlm-roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=64),
+    "esm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                max_position_embeddings=64, pad_token_id=1, position_embedding_type="rotary"),
+}
+
+
+def build_encoder_checkpoint(model_type: str, folder: Path) -> Path:
+    """Save a tiny random transformers ``AutoModel`` of ``model_type`` (safetensors) into ``folder``."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(sum(map(ord, model_type)))
+    config = AutoConfig.for_model(model_type, **ENCODERS[model_type])
+    return save_for_keras_hub(AutoModel.from_config(config).eval(), folder)
+
+
+def save_for_keras_hub(model: Any, folder: Path) -> Path:
+    """``model.save_pretrained(folder)``, layer norms named as keras-hub's converters read them.
+
+    transformers 5 saves ESM's layer norms as ``LayerNorm.gamma``/``beta``; keras-hub's converter reads
+    ``LayerNorm.weight``/``bias`` (the names transformers loads either way).
+    """
+    from safetensors.numpy import load_file, save_file
+
+    model.save_pretrained(folder, safe_serialization=True)
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    renamed = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+               for k, v in tensors.items()}
+    save_file(renamed, file, metadata={"format": "pt"})
+    return folder

@@ -1,0 +1,82 @@
+"""keras-hub's converters replay on every backbone they built, or the load fails naming the converter and the
+cause (issue #16: a failed replay fell back to Keras layer names, so adapters ended in TargetNotFoundError)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import adapterspec  # noqa: E402
+from adapterspec.errors import UnsupportedError  # noqa: E402
+from adapterspec_keras import converters  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    assert_near,
+    build_encoder_checkpoint,
+    fill_adapter_weights,
+    make_peft_adapter,
+    peft_adapted_modules,
+    save_for_keras_hub,
+)
+
+_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_converter_that_raises_is_a_typed_error_naming_it(checkpoints: Any, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    import keras_hub
+    from keras_hub.src.utils.transformers import convert_llama3
+
+    backbone = keras_hub.models.Backbone.from_preset(str(checkpoints["llama"]))
+    _, adapter = make_peft_adapter(checkpoints["llama"], tmp_path / "a", peft.LoraConfig(target_modules=["q_proj"]))
+
+    def broken(backbone: Any, loader: Any, config: Any) -> None:
+        raise RuntimeError("the converter broke here")
+
+    monkeypatch.setattr(convert_llama3, "convert_weights", broken)
+    with pytest.raises(UnsupportedError) as caught:
+        converters.converter_sites(backbone)
+    assert "convert_llama3" in str(caught.value) and "RuntimeError: the converter broke here" in str(caught.value)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(UnsupportedError, match="convert_llama3"):
+        adapterspec.load_adapter(backbone, adapter)
+    assert adapterspec.adapter_names(backbone) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("model_type", ["xlm-roberta", "esm"])
+def test_peft_lora_on_every_linear_layer_loads_and_gives_the_merged_models_outputs(
+        model_type: str, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """XLM-RoBERTa's converter adds a variable to a read tensor; ESM's reads ``position_embedding_type``, which
+    the backbone holds under its own name: both replay, every linear layer takes PEFT's adapter, and the output is
+    that of keras-hub's conversion of PEFT's merged model (keras-hub's own ESM conversion is not transformers'
+    model, and its XLM-RoBERTa differs from it by 7e-5, so the merged model is the reference)."""
+    import keras_hub
+    from keras import ops
+    from transformers import AutoModel
+
+    folder = build_encoder_checkpoint(model_type, tmp_path / "hf")
+    peft_model = peft.get_peft_model(AutoModel.from_pretrained(folder).eval(),
+                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=_LINEAR))
+    fill_adapter_weights(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    adapted = peft_adapted_modules(peft_model)
+    save_for_keras_hub(peft_model.merge_and_unload(), tmp_path / "merged")
+    backbone = keras_hub.models.Backbone.from_preset(str(folder))
+    inputs = {k: v for k, v in {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}.items()
+              if k in backbone.input}  # keras-hub's ESM takes token_ids alone (and gives zeros when also given a mask)
+    expected = ops.convert_to_numpy(keras_hub.models.Backbone.from_preset(str(tmp_path / "merged"))(inputs))
+    base = ops.convert_to_numpy(backbone(inputs))
+
+    modules = adapterspec.load_adapter(backbone, tmp_path / "adapter")
+
+    assert set(modules) == adapted and len(adapted) == 12
+    assert_near(ops.convert_to_numpy(backbone(inputs)), expected)
+    assert np.abs(expected - base).max() > 1e-2

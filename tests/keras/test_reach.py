@@ -1,0 +1,160 @@
+"""An adapter the model's forward does not run is refused at injection, naming the layer, and the model is left as
+it was (issue #16: keras-hub's Gemma 4 MLP reads ``self.gating_ffw.kernel`` itself, so a LoRA on gate_proj loaded,
+was listed as adapted, and changed nothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import adapterspec
+from adapterspec.errors import UnsupportedError
+from adapterspec_keras.reach import dummy_inputs
+from keras_helpers import (  # noqa: E402
+    ARCHS,
+    assert_near,
+    assert_same_snapshot,
+    keras_inputs,
+    keras_model,
+    make_peft_adapter,
+    peft_adapted_modules,
+    snapshot,
+    torch_logits,
+)
+
+LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": False}
+
+
+class _ReadsKernel(keras.layers.Layer):
+    """Like keras-hub's Gemma 4 MLP: ``gate`` is called, ``up``'s kernel is read without calling ``up``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = keras.layers.Dense(4, name="gate")
+        self.up = keras.layers.Dense(4, use_bias=False, name="up")
+
+    def build(self, input_shape: Any) -> None:
+        self.gate.build(input_shape)
+        self.up.build(input_shape)
+
+    def call(self, x: Any) -> Any:
+        return self.gate(x) * ops.matmul(x, self.up.kernel)
+
+
+def _model() -> Any:
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, _ReadsKernel(name="mlp")(inputs))
+    model.set_weights([np.sin(np.arange(w.size) + i).reshape(w.shape).astype("float32")
+                       for i, w in enumerate(model.get_weights())])
+    return model
+
+
+def test_a_layer_whose_call_never_runs_refuses_what_its_kernel_cannot_carry_and_the_model_is_unchanged() -> None:
+    model = _model()
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    before, out = snapshot(model), ops.convert_to_numpy(model(x))
+
+    for config in (dict(LORA, target_modules=["gate", "up"], use_dora=True),
+                   {"peft_type": "IA3", "target_modules": ["gate", "up"], "feedforward_modules": []}):
+        with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up") as caught:
+            adapterspec.inject_adapter(model, config)
+        assert caught.value.key == "mlp.up" and "mlp.gate" not in str(caught.value)
+        assert_same_snapshot(before, snapshot(model))
+        assert np.array_equal(ops.convert_to_numpy(model(x)), out)
+
+
+def test_a_plain_lora_runs_through_the_kernel_its_parent_reads() -> None:
+    """``up``'s kernel is read without calling ``up``: the read gives W + s * (B @ A)^T, the LoRA forward exactly."""
+    model = _model()
+    block = model.get_layer("mlp")
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    gate = x @ ops.convert_to_numpy(block.gate.kernel) + ops.convert_to_numpy(block.gate.bias)
+    w_up = ops.convert_to_numpy(block.up.kernel)
+    base = ops.convert_to_numpy(model(x))
+
+    assert adapterspec.inject_adapter(model, dict(LORA, target_modules=["up"])) == ["mlp.up"]
+    tensors = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
+    a, b = tensors["base_model.model.mlp.up.lora_A.weight"], tensors["base_model.model.mlp.up.lora_B.weight"]
+    expected = gate * (x @ w_up + 2.0 * (x @ a.T) @ b.T)  # lora_alpha / r = 2
+
+    assert_near(ops.convert_to_numpy(model(x)), expected, length=3)
+    assert np.abs(expected - gate * (x @ w_up)).max() > 1e-3
+    assert type(block.up).__name__ == "Dense" and type(block.up) is not keras.layers.Dense
+    with adapterspec.disabled_adapters(model):
+        assert np.array_equal(ops.convert_to_numpy(model(x)), base)
+    adapterspec.delete_adapter(model, "default")
+    assert type(block.up) is keras.layers.Dense and "_adapterspec_kernel_entries" not in block.up.__dict__
+
+
+def test_a_layer_whose_call_runs_takes_the_adapter() -> None:
+    model = _model()
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    base = ops.convert_to_numpy(model(x))
+    assert adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate"])) == ["mlp.gate"]
+    assert np.abs(ops.convert_to_numpy(model(x)) - base).max() > 1e-3  # the adapter is used
+
+
+def test_inputs_are_two_tokens_or_the_check_says_why_not() -> None:
+    ids = keras.Input((None,), dtype="int32", name="token_ids")
+    mask = keras.Input((None,), dtype="int32", name="padding_mask")
+    text = keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Embedding(8, 2)(ids))
+    made, why = dummy_inputs(text)
+    assert why is None
+    assert made["token_ids"].tolist() == [[0, 0]] and made["padding_mask"].tolist() == [[1, 1]]
+    image = keras.Input((None, None, 3), name="images")
+    assert dummy_inputs(keras.Model(image, keras.layers.Conv2D(2, 1)(image)))[1] == \
+        "Functional takes a float input of open size (an image?): its size is unknown"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gemma4_lora_on_every_linear_layer_gives_peft_logits(checkpoints: Any, token_ids: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    """The issue's case: on keras-hub 0.32's Gemma 4 a LoRA on gate/up/down_proj loaded and changed nothing (2.81
+    from PEFT's logits): the MLP reads the kernels itself, which now carry the adapter."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    peft_model, folder = make_peft_adapter(checkpoints["gemma4_text"], tmp_path / "a",
+                                           peft.LoraConfig(r=4, lora_alpha=8,
+                                                           target_modules=list(ARCHS["gemma4_text"].linear_targets)))
+    expected = torch_logits(peft_model, token_ids)
+    model = keras_model("gemma4_text", checkpoints["gemma4_text"])
+    base = _gemma4_logits(model, token_ids)
+
+    modules = adapterspec.load_adapter(model, folder)
+
+    assert set(modules) == peft_adapted_modules(peft_model) and len(modules) == 14
+    assert_near(_gemma4_logits(model, token_ids), expected)
+    assert np.abs(expected - base).max() > 1e-2
+    with adapterspec.disabled_adapters(model):
+        assert np.abs(_gemma4_logits(model, token_ids) - base).max() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gemma4_dora_on_the_mlp_is_refused_naming_the_layers(checkpoints: Any, token_ids: np.ndarray,
+                                                              tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    _, folder = make_peft_adapter(checkpoints["gemma4_text"], tmp_path / "a", peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "gate_proj", "down_proj"]))
+    model = keras_model("gemma4_text", checkpoints["gemma4_text"])
+    before, logits = snapshot(model), _gemma4_logits(model, token_ids)
+
+    with pytest.raises(UnsupportedError) as caught:
+        adapterspec.load_adapter(model, folder)
+
+    message = str(caught.value)
+    assert "model.layers.0.mlp.gate_proj -> decoder_block_0/ffw_gating;" in message
+    assert "model.layers.1.mlp.down_proj -> decoder_block_1/ffw_linear" in message
+    assert "q_proj" not in message  # the attention projections are called: they are not refused
+    assert_same_snapshot(before, snapshot(model))
+    assert np.array_equal(_gemma4_logits(model, token_ids), logits)
+
+
+def _gemma4_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
+    return np.asarray(ops.convert_to_numpy(model({**keras_inputs(ids), "position_ids": positions})))
