@@ -90,7 +90,8 @@ def _fingerprint(model: nn.Module, adapter_name: str) -> str | None:
     for spec, own in state.modules[adapter_name].items():
         layer = state.wrappers.get(own)
         if isinstance(layer, AdapterLayer):
-            weight = layer._modules["base_layer"]._parameters.get("weight")  # not through __getattr__
+            base = layer._modules["base_layer"]  # not through __getattr__
+            weight = base._parameters.get("weight") if base is not None else None
             if weight is not None:
                 found[spec] = (replaced.get(id(weight), weight), layer.fan_in_fan_out)
     if not found and state.configs[adapter_name].is_prompt_learning:
