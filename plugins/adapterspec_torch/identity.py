@@ -62,20 +62,22 @@ def _indices(shape: tuple[int, ...], transposed: bool) -> np.ndarray:
 def _gather(weight: torch.Tensor, transposed: bool) -> Any:
     """The elements of ``weight`` sampled from its spec layout (``fan_in_fan_out`` weights are transposed), as float32.
 
-    On the CPU through NumPy: a fancy index there costs a few microseconds, torch's about fifty.
+    On the CPU through NumPy: a fancy index there costs a few microseconds, torch's about fifty (and NumPy's
+    flattening of the array, which follows its strides, less than torch's ``reshape``).
     """
+    index = _indices(tuple(weight.shape), transposed)
+    if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.float32, torch.float64):
+        values: Any = weight.detach().numpy().reshape(-1)[index].astype(np.float32)
+        return values
     flat = weight.detach()
     if not flat.is_contiguous():
         flat = flat.contiguous()
     flat = flat.reshape(-1)
-    index = _indices(tuple(weight.shape), transposed)
     if flat.device.type != "cpu":
         return flat[torch.from_numpy(index).to(flat.device)].to(torch.float32).cpu().numpy()
     if flat.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits are the top half of a float32's
         bits = flat.view(torch.int16).numpy()[index].astype(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32)
-    if flat.dtype in (torch.float16, torch.float32, torch.float64):
-        return flat.numpy()[index].astype(np.float32)
     return flat[torch.from_numpy(index)].to(torch.float32).numpy()
 
 
@@ -88,7 +90,8 @@ def _fingerprint(model: nn.Module, adapter_name: str) -> str | None:
     for spec, own in state.modules[adapter_name].items():
         layer = state.wrappers.get(own)
         if isinstance(layer, AdapterLayer):
-            weight = layer.base_layer._parameters.get("weight")
+            base = layer._modules["base_layer"]  # not through __getattr__
+            weight = base._parameters.get("weight") if base is not None else None
             if weight is not None:
                 found[spec] = (replaced.get(id(weight), weight), layer.fan_in_fan_out)
     if not found and state.configs[adapter_name].is_prompt_learning:
