@@ -34,7 +34,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.0.0"
+CORPUS_VERSION = "1.1.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -758,6 +758,37 @@ def generate_schema() -> dict[str, list[dict[str, Any]]]:
     return files
 
 
+# -- profiles --------------------------------------------------------------------------------------------
+
+#: What an implementation may claim (``--profile``); every case is in ``full``.
+PROFILES = {
+    "core": "LoRA (without DoRA) and IA3 on Linear and Embedding layers, in float32, float16 and bfloat16, and "
+            "their round trips; every schema case; every folder rule (integrity, versions, names, manifests, "
+            "refusals, methods the spec does not define) on LoRA/IA3 folders",
+    "full": "every case: core plus DoRA, LoHa, LoKr, prefix and prompt tuning, Conv1d/Conv2d and GPT-2 Conv1D "
+            "layers",
+}
+CORE_METHODS = ("LORA", "IA3")
+CORE_LAYERS = ("linear", "embedding")
+
+
+def _folder_in_core(entry: dict[str, Any]) -> bool:
+    """LoRA (no DoRA) / IA3 folders, and folders whose config cannot be read or names a method the spec does not define."""
+    try:
+        config = json.loads((V1 / entry["path"] / "adapter_config.json").read_text("utf-8"))
+    except ValueError:
+        return True  # invalid JSON: a rule every reader applies
+    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING") or config.get("use_dora"))
+
+
+def _numeric_in_core(entry: dict[str, Any]) -> bool:
+    return entry["method"] in CORE_METHODS and entry["layer"] in CORE_LAYERS and "dora" not in entry["tags"]
+
+
+def with_profiles(entry: dict[str, Any], core: bool) -> dict[str, Any]:
+    return {**entry, "profiles": ["core", "full"] if core else ["full"]}
+
+
 # -- the rest --------------------------------------------------------------------------------------------
 
 def generate_errors() -> dict[str, Any]:
@@ -799,13 +830,14 @@ def main() -> int:
             target.unlink()
     V1.mkdir(parents=True, exist_ok=True)
     for name, cases in generate_schema().items():
-        write_json(V1 / "schema" / f"{name}.json", cases)
-    write_json(V1 / "folders.json", generate_folders())
-    numeric_index = generate_numeric()
+        write_json(V1 / "schema" / f"{name}.json", [with_profiles(c, True) for c in cases])
+    write_json(V1 / "folders.json", [with_profiles(c, _folder_in_core(c)) for c in generate_folders()])
+    numeric_index = [with_profiles(c, _numeric_in_core(c)) for c in generate_numeric()]
     write_json(V1 / "numeric.json", numeric_index)
     write_json(V1 / "roundtrip.json", [
         {"id": f"roundtrip-{c['id']}", "description": f"load then save the adapter of numeric/{c['id']}: the same "
-         "tensors bit for bit, an equivalent config", "source": c["id"], "tags": c["tags"]} for c in numeric_index])
+         "tensors bit for bit, an equivalent config", "source": c["id"], "tags": c["tags"],
+         "profiles": c["profiles"]} for c in numeric_index])
     write_json(V1 / "errors.json", generate_errors())
     import peft
     import transformers
@@ -814,6 +846,7 @@ def main() -> int:
              if p.is_file() and p.name != "corpus.json"}
     write_json(V1 / "corpus.json", {
         "spec_version": adapterspec.SPEC_VERSION, "corpus_version": CORPUS_VERSION,
+        "profiles": PROFILES,
         "generator": "conformance_tests/generate.py",
         "generated_with": {"peft": peft.__version__, "torch": torch.__version__.split("+")[0],
                            "transformers": transformers.__version__, "numpy": np.__version__},
