@@ -113,7 +113,8 @@ class Report:
         """Whether some case passed and none failed (nor, with ``strict_xfail``, unexpectedly passed), and the
         claimed profile, if any, holds: all its cases ran and passed (an UNSUPPORTED or XFAILED one fails it)."""
         counts = self.counts()
-        return (counts["failed"] == 0 and counts["passed"] > 0 and not (self.strict_xfail and counts["xpassed"])
+        return (counts["failed"] == 0 and counts["passed"] + counts["xpassed"] > 0
+                and not (self.strict_xfail and counts["xpassed"])
                 and not self.claim_problems())
 
     def by_status(self, status: Status | str) -> list[str]:
