@@ -181,6 +181,12 @@ class FolderCase(ModelCase):
         return self.data.get("options", {})
 
     @property
+    def warnings(self) -> list[Mapping[str, Any]]:
+        """The warnings the load must give: ``[{"category": "AdapterSpecWarning", "pointer"?: "/field"}]``
+        (SPEC.md: unknown fields kept, duplicate ``target_modules`` entries, versions that differ)."""
+        return list(self.data.get("warnings", ()))
+
+    @property
     def multi(self) -> bool:
         """Whether ``path`` holds several adapters (a manifest or PEFT subfolders): load them all."""
         return bool(self.data.get("multi", False))

@@ -30,7 +30,8 @@ from .cases import Case, Corpus, FolderCase, NumericCase, RoundtripCase, SchemaC
 from .contract import Refusal, Unsupported, call
 
 __all__ = ["CaseFailed", "Report", "Result", "Status", "compare_folders", "compare_outputs",
-           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select"]
+           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select",
+           "warning_matches"]
 
 
 class Status(str, Enum):
@@ -383,10 +384,58 @@ def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status, message, details = _judge(impl, case, workdir, hierarchy)
-    if caught:
-        details = {**details, "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20]}
+    reported = [_python_warning(w) for w in caught]
+    take = getattr(impl, "take_warnings", None)
+    if take is not None:  # a driver process reports its warnings in its replies
+        reported += list(take())
+    if reported:
+        details = {**details, "warnings": reported[:20]}
+    if status is Status.PASSED and isinstance(case, FolderCase) and case.warnings:
+        status, message = _judge_warnings(impl, case.warnings, reported, message)
     message = _ANSI.sub("", message)  # TensorFlow colours its messages
     return Result(case.name, case.kind, status, message, time.perf_counter() - start, details, case.profiles)
+
+
+def _python_warning(w: warnings.WarningMessage) -> dict[str, Any]:
+    """A caught Python warning as the protocol reports one: category (and its ancestors), message, pointer."""
+    return {"category": w.category.__name__, "ancestors": [c.__name__ for c in w.category.__mro__],
+            "message": str(w.message), "pointer": getattr(w.message, "pointer", None)}
+
+
+def warning_matches(expected: Mapping[str, Any], reported: Mapping[str, Any]) -> bool:
+    """Whether a reported warning is the expected one: its category or one above it, and the expected pointer
+    (the warning's ``pointer``; for a warning without one, the pointer or its last token in the message).
+
+    >>> warning_matches({"category": "AdapterSpecWarning", "pointer": "/target_modules/2"},
+    ...                 {"category": "AdapterSpecWarning", "message": "/target_modules/2: 'q_proj' is listed twice"})
+    True
+    >>> warning_matches({"category": "AdapterSpecWarning", "pointer": "/r"}, {"category": "UserWarning", "pointer": "/r"})
+    False
+    """
+    category = expected["category"]
+    if category != reported.get("category") and category not in (reported.get("ancestors") or ()):
+        return False
+    pointer = expected.get("pointer")
+    if pointer is None:
+        return True
+    if reported.get("pointer") is not None:
+        return bool(reported["pointer"] == pointer)
+    message = str(reported.get("message") or "")
+    last = pointer.rsplit("/", 1)[-1].replace("~1", "/").replace("~0", "~")
+    return pointer in message or bool(last) and last in message
+
+
+def _judge_warnings(impl: Any, expected: Sequence[Mapping[str, Any]], reported: Sequence[Mapping[str, Any]],
+                    message: str) -> tuple[Status, str]:
+    if not getattr(impl, "reports_warnings", True):
+        return Status.UNSUPPORTED, (f"expects {len(expected)} warning(s); the implementation does not report "
+                                    "warnings (a driver says \"reports_warnings\": true in its hello reply)")
+    missing = [w for w in expected if not any(warning_matches(w, r) for r in reported)]
+    if missing:
+        got = "; ".join(f"{r.get('category')}: {str(r.get('message'))[:120]}" for r in reported[:5]) or "none"
+        want = ", ".join(f"{w['category']}" + (f" at {w['pointer']}" if w.get("pointer") else "") for w in missing)
+        return Status.FAILED, f"{message}, but without the expected warning(s) {want} (reported: {got})"
+    return Status.PASSED, f"{message}, with {len(expected)} expected warning(s)"
 
 
 def _judge(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None]) -> tuple[Status, str, dict[str, Any]]:
