@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import shutil
 import struct
 import sys
@@ -28,13 +29,14 @@ import torch
 
 import adapterspec
 import adapterspec.errors
+import adapterspec.spec
 from adapterspec.conformance import reference
 from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.0.0"
+CORPUS_VERSION = "1.1.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -426,9 +428,12 @@ FOLDERS: list[dict[str, Any]] = []
 
 def folder(id_: str, description: str, *, valid: bool, model: dict[str, Any] = ATTN, error: str | None = None,
            key: str | list[str] | None = None, pointer: str | None = None, options: dict[str, Any] | None = None,
-           multi: bool = False, tags: tuple[str, ...] = ()) -> Path:
+           multi: bool = False, tags: tuple[str, ...] = (), warnings_: list[dict[str, str]] | None = None,
+           source: str | None = None) -> Path:
     entry: dict[str, Any] = {"id": id_, "description": description, "path": f"folders/{id_}", "valid": valid,
                              "model": model}
+    if source is not None:
+        entry["source"] = source
     if not valid:
         entry["error"] = error
         if key is not None:
@@ -441,6 +446,8 @@ def folder(id_: str, description: str, *, valid: bool, model: dict[str, Any] = A
         entry["multi"] = True
     if tags:
         entry["tags"] = list(tags)
+    if warnings_:
+        entry["warnings"] = warnings_
     FOLDERS.append(entry)
     return V1 / "folders" / id_
 
@@ -487,7 +494,8 @@ def generate_folders() -> list[dict[str, Any]]:
           {"prompt_embeddings": det((3, 8), 1).astype(np.float32)}, valid=True, model=decoder)
     plain("newer-minor-version", "written for spec 1.9 with a field this reader does not know: loads (with a "
           "warning), the unknown field is ignored", LORA_CFG | {"adapterspec_version": "1.9", "future_option": True},
-          lora_tensors(), {"format": "pt", "adapterspec_version": "1.9"}, valid=True)
+          lora_tensors(), {"format": "pt", "adapterspec_version": "1.9"}, valid=True,
+          warnings_=[{"category": "AdapterSpecWarning", "pointer": "/future_option"}])
     path = folder("multi-manifest", "two adapters with a manifest: 'default' in the root, 'fr' in fr/", valid=True,
                   multi=True)
     adapterspec.write_adapters(path, {"default": (LORA_CFG, lora_tensors()),
@@ -630,12 +638,54 @@ def generate_folders() -> list[dict[str, Any]]:
           {"prompt_embeddings": det((3, 48), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
           key="prompt_embeddings", model=decoder)
     plain("lora-duplicate-targets", "a target_modules entry listed twice (PEFT uses a set): loads like the list "
-          "without the duplicate", LORA_CFG | {"target_modules": ["q_proj", "v_proj", "q_proj"]}, lora_tensors(),
-          valid=True)
+          "without the duplicate, with a warning naming it", LORA_CFG | {"target_modules": ["q_proj", "v_proj", "q_proj"]},
+          lora_tensors(), valid=True, warnings_=[{"category": "AdapterSpecWarning", "pointer": "/target_modules/2"}])
+    plain("metadata-version-differs", "the config says adapterspec_version 1.0, the safetensors metadata 1.1: "
+          "loads (the config's version governs) with a warning", LORA_CFG | {"adapterspec_version": "1.0"},
+          lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
+          warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
+    _manifest_examples()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
           "the metadata); still read", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
           {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
     return FOLDERS
+
+
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
+
+
+def _manifest_examples() -> None:
+    """spec/v1/examples/manifest as folder cases: the manifest, and a LoRA adapter at each path inside the folder."""
+    for kind in ("valid", "invalid"):
+        for example in sorted((SPEC_EXAMPLES / "manifest" / kind).glob("*.json")):
+            data = json.loads(example.read_text("utf-8"))
+            manifest = data if kind == "valid" else data["config"]
+            id_ = "manifest-example-" + example.stem.replace("_", "-")
+            root = V1 / "folders" / id_
+            root.mkdir(parents=True)
+            write_json(root / adapterspec.spec.MANIFEST_NAME, manifest)
+            entries = manifest.get("adapters") if isinstance(manifest.get("adapters"), dict) else {}
+            for entry in entries.values():
+                path = entry.get("path") if isinstance(entry, dict) else None
+                if isinstance(path, str) and _SAFE_PATH.match(path) and ".." not in path.split("/"):
+                    write_config(root / path, LORA_CFG)
+                    np_save(root / path / "adapter_model.safetensors", lora_tensors())
+            try:  # the verdict is adapterspec's, checked against the example's
+                adapterspec.list_adapters(root)
+                got = None
+            except adapterspec.AdapterSpecError as exc:
+                got = exc
+            source = f"spec/v1/examples/manifest/{kind}/{example.name}"
+            assert (got is None) == (kind == "valid"), (id_, got)
+            if got is None:
+                folder(id_, f"spec example manifest {example.stem}: every listed adapter loads", valid=True,
+                       multi=True, source=source)
+                continue
+            # UnsafeFileError (a name or path leaving the folder) is raised before the schema, naming no pointer
+            assert got.pointer == data["error_pointer"] or (isinstance(got, adapterspec.UnsafeFileError)
+                                                             and got.pointer is None), (id_, got)
+            folder(id_, f"spec example manifest {example.stem}: {data['description']}", valid=False,
+                   error=type(got).__name__, pointer=got.pointer, multi=True, source=source)
 
 
 def _peft_saved_lora(path: Path) -> None:
@@ -758,6 +808,37 @@ def generate_schema() -> dict[str, list[dict[str, Any]]]:
     return files
 
 
+# -- profiles --------------------------------------------------------------------------------------------
+
+#: What an implementation may claim (``--profile``); every case is in ``full``.
+PROFILES = {
+    "core": "LoRA (without DoRA) and IA3 on Linear and Embedding layers, in float32, float16 and bfloat16, and "
+            "their round trips; every schema case; every folder rule (integrity, versions, names, manifests, "
+            "refusals, methods the spec does not define) on LoRA/IA3 folders",
+    "full": "every case: core plus DoRA, LoHa, LoKr, prefix and prompt tuning, Conv1d/Conv2d and GPT-2 Conv1D "
+            "layers",
+}
+CORE_METHODS = ("LORA", "IA3")
+CORE_LAYERS = ("linear", "embedding")
+
+
+def _folder_in_core(entry: dict[str, Any]) -> bool:
+    """LoRA (no DoRA) / IA3 folders, and folders whose config cannot be read or names a method the spec does not define."""
+    try:
+        config = json.loads((V1 / entry["path"] / "adapter_config.json").read_text("utf-8"))
+    except (ValueError, FileNotFoundError):
+        return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
+    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING") or config.get("use_dora"))
+
+
+def _numeric_in_core(entry: dict[str, Any]) -> bool:
+    return entry["method"] in CORE_METHODS and entry["layer"] in CORE_LAYERS and "dora" not in entry["tags"]
+
+
+def with_profiles(entry: dict[str, Any], core: bool) -> dict[str, Any]:
+    return {**entry, "profiles": ["core", "full"] if core else ["full"]}
+
+
 # -- the rest --------------------------------------------------------------------------------------------
 
 def generate_errors() -> dict[str, Any]:
@@ -799,13 +880,14 @@ def main() -> int:
             target.unlink()
     V1.mkdir(parents=True, exist_ok=True)
     for name, cases in generate_schema().items():
-        write_json(V1 / "schema" / f"{name}.json", cases)
-    write_json(V1 / "folders.json", generate_folders())
-    numeric_index = generate_numeric()
+        write_json(V1 / "schema" / f"{name}.json", [with_profiles(c, True) for c in cases])
+    write_json(V1 / "folders.json", [with_profiles(c, _folder_in_core(c)) for c in generate_folders()])
+    numeric_index = [with_profiles(c, _numeric_in_core(c)) for c in generate_numeric()]
     write_json(V1 / "numeric.json", numeric_index)
     write_json(V1 / "roundtrip.json", [
         {"id": f"roundtrip-{c['id']}", "description": f"load then save the adapter of numeric/{c['id']}: the same "
-         "tensors bit for bit, an equivalent config", "source": c["id"], "tags": c["tags"]} for c in numeric_index])
+         "tensors bit for bit, an equivalent config", "source": c["id"], "tags": c["tags"],
+         "profiles": c["profiles"]} for c in numeric_index])
     write_json(V1 / "errors.json", generate_errors())
     import peft
     import transformers
@@ -814,6 +896,7 @@ def main() -> int:
              if p.is_file() and p.name != "corpus.json"}
     write_json(V1 / "corpus.json", {
         "spec_version": adapterspec.SPEC_VERSION, "corpus_version": CORPUS_VERSION,
+        "profiles": PROFILES,
         "generator": "conformance_tests/generate.py",
         "generated_with": {"peft": peft.__version__, "torch": torch.__version__.split("+")[0],
                            "transformers": transformers.__version__, "numpy": np.__version__},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AcceptsTruncatedFiles", "IgnoresAlpha", "TransposesLoraB"]
+__all__ = ["AcceptsTruncatedFiles", "AllUnsupported", "IgnoresAlpha", "TransposesLoraB"]
 
 import json
 from collections.abc import Mapping
@@ -65,3 +65,12 @@ class AcceptsTruncatedFiles(ReferenceImplementation):
         super().load_folder(case, path)
 
 
+
+
+class AllUnsupported:
+    """Claims nothing: every case UNSUPPORTED (an implementation that would pass by doing nothing)."""
+
+    name = "all-unsupported"
+
+    def supports(self, case: Any) -> bool | str:
+        return "not implemented"

@@ -8,6 +8,7 @@ driver in another language would wrap its own library. Flags make it misbehave o
     python protocol_driver.py --no-roundtrip   # answers "unsupported" to roundtrip requests
     python protocol_driver.py --crash-on ID    # exits in the middle of the case with this id
     python protocol_driver.py --hang-on ID     # never answers the case with this id
+    python protocol_driver.py --no-warnings    # does not report warnings (nor say it does)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ def main() -> int:
     parser.add_argument("--no-roundtrip", action="store_true")
     parser.add_argument("--crash-on", default=None)
     parser.add_argument("--hang-on", default=None)
+    parser.add_argument("--no-warnings", action="store_true")
     args = parser.parse_args()
     impl = TransposedB() if args.transpose_b else ReferenceImplementation()
     cases: dict[str, Any] = {}
@@ -56,7 +59,7 @@ def main() -> int:
             return 0
         if op == "hello":
             cases = {c.name: c for c in load_corpus(request["corpus"]).cases}
-            reply |= {"status": "ok", "name": "protocol-test-driver"}
+            reply |= {"status": "ok", "name": "protocol-test-driver", "reports_warnings": not args.no_warnings}
         else:
             case = cases.get(request.get("case", {}).get("name", ""))
             cid = request.get("case", {}).get("id")
@@ -65,29 +68,40 @@ def main() -> int:
                 return 3
             if cid is not None and cid == args.hang_on:
                 time.sleep(3600)
+            caught: list[warnings.WarningMessage] = []
             try:
-                if op == "validate_config":
-                    impl.validate_config(request["config"])
-                    reply["status"] = "ok"
-                elif op == "load_folder":
-                    impl.load_folder(case, Path(request["path"]))
-                    reply["status"] = "ok"
-                elif op == "run_numeric":
-                    outputs = impl.run_numeric(case, Path(request["case_dir"]))
-                    reply |= {"status": "ok", "outputs": encode_outputs(outputs)}
-                elif op == "roundtrip":
-                    if args.no_roundtrip:
-                        reply |= {"status": "unsupported", "reason": "this driver cannot save"}
-                    else:
-                        impl.roundtrip(case, Path(request["src"]), Path(request["dst"]))
-                        reply["status"] = "ok"
-                else:
-                    reply |= {"status": "error", "message": f"unknown op {op!r}"}
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    serve(impl, op, request, case, reply, args.no_roundtrip)
             except Exception as exc:  # noqa: BLE001 - every refusal goes back to the runner
                 refusal = Refusal.from_exception(exc)
                 reply |= {"status": "refused", **refusal.to_json()}
+            if caught and not args.no_warnings:
+                reply["warnings"] = [{"category": w.category.__name__, "message": str(w.message)} for w in caught]
         print(json.dumps(reply), flush=True)
     return 0
+
+
+def serve(impl: ReferenceImplementation, op: str, request: dict[str, Any], case: Any, reply: dict[str, Any],
+          no_roundtrip: bool) -> None:
+    """Carry out one request, filling ``reply`` (an exception is the refusal)."""
+    if op == "validate_config":
+        impl.validate_config(request["config"])
+        reply["status"] = "ok"
+    elif op == "load_folder":
+        impl.load_folder(case, Path(request["path"]))
+        reply["status"] = "ok"
+    elif op == "run_numeric":
+        outputs = impl.run_numeric(case, Path(request["case_dir"]))
+        reply |= {"status": "ok", "outputs": encode_outputs(outputs)}
+    elif op == "roundtrip":
+        if no_roundtrip:
+            reply |= {"status": "unsupported", "reason": "this driver cannot save"}
+        else:
+            impl.roundtrip(case, Path(request["src"]), Path(request["dst"]))
+            reply["status"] = "ok"
+    else:
+        reply |= {"status": "error", "message": f"unknown op {op!r}"}
 
 
 if __name__ == "__main__":

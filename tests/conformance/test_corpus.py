@@ -106,7 +106,7 @@ def test_check_finds_duplicate_ids_and_schema_disagreements(corpus: Corpus, tmp_
     cases = json.loads(path.read_text())
     cases.append(dict(cases[0]))                                    # a duplicate id
     cases.append({"id": "wrong-verdict", "description": "r=0 claimed valid", "valid": True,
-                  "config": {"peft_type": "LORA", "target_modules": ["q"], "r": 0}})
+                  "config": {"peft_type": "LORA", "target_modules": ["q"], "r": 0}, "profiles": ["core", "full"]})
     path.write_text(json.dumps(cases))
     problems = check_corpus(root)
     assert any("id 'lora-r-negative' is used by 2 cases" in p for p in problems), problems

@@ -79,3 +79,31 @@ def test_a_reply_that_is_not_an_object_is_a_driver_error() -> None:
         assert impl._proc is None  # killed, as for any broken reply
     finally:
         impl._kill()
+
+
+WARNING_CASES = ["^folder/(newer-minor-version|lora-duplicate-targets|metadata-version-differs)$"]
+
+
+def test_warnings_travel_through_the_protocol(corpus: Corpus) -> None:
+    report = run_suite(_driver(), corpus, include=WARNING_CASES)
+    assert {r.name: r.message for r in report.results} == {
+        "folder/newer-minor-version": "loaded, with 1 expected warning(s)",
+        "folder/lora-duplicate-targets": "loaded, with 1 expected warning(s)",
+        "folder/metadata-version-differs": "loaded, with 1 expected warning(s)"}
+    (duplicate,) = [r for r in report.results if r.name == "folder/lora-duplicate-targets"]
+    assert [w["category"] for w in duplicate.details["warnings"]] == ["AdapterSpecWarning"]
+    assert "/target_modules/2: 'q_proj' is listed twice" in duplicate.details["warnings"][0]["message"]
+    # a driver that does not report warnings cannot pass these cases, nor claim core with them
+    report = run_suite(_driver("--no-warnings"), corpus, include=WARNING_CASES)
+    assert set(report.by_status(Status.UNSUPPORTED)) == {r.name for r in report.results} and len(report.results) == 3
+    assert "does not report warnings" in report.results[0].message
+
+
+def test_a_malformed_warnings_list_fails_the_case() -> None:
+    from adapterspec.conformance.protocol import DriverError, _reply_warnings
+
+    assert _reply_warnings({"warnings": [{"category": "AdapterSpecWarning", "message": "m", "pointer": "/r"}]}) == [
+        {"category": "AdapterSpecWarning", "message": "m", "pointer": "/r"}]
+    for bad in ("AdapterSpecWarning", [{"message": "no category"}], [{"category": "W", "pointer": 3}]):
+        with pytest.raises(DriverError, match="'warnings' must be a list"):
+            _reply_warnings({"warnings": bad})

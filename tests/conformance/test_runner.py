@@ -23,6 +23,8 @@ from adapterspec.conformance import (
 )
 from adapterspec.conformance.reference_impl import ReferenceImplementation
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_reference_passes_every_case(corpus: Corpus, reference: ReferenceImplementation) -> None:
     report = run_suite(reference, corpus)
@@ -141,7 +143,10 @@ def test_print_table(corpus: Corpus) -> None:
     text = out.getvalue()
     assert "PASS   numeric/ia3-linear-f32" in text and "FAIL   numeric/lora-linear-f32" in text
     assert "failed (1):\n  numeric/lora-linear-f32: output 'layer' differs at" in text
-    assert text.rstrip().endswith("transposes-lora-b: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 cases)")
+    assert text.rstrip().endswith(
+        "transposes-lora-b: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 cases)\n"
+        "profile core: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 154 cases run)\n"
+        "profile full: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 215 cases run)")
 
 
 def test_cli_exit_status_and_junit_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,3 +189,40 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"adapterspec.conformance.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0
+
+
+class SilencesWarnings(ReferenceImplementation):
+    """The reference, with every warning of a load silenced (a reader that keeps unknown fields without a word)."""
+
+    name = "silences-warnings"
+
+    def load_folder(self, case: Any, path: Path) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            super().load_folder(case, path)
+
+
+def test_expected_warnings_are_checked(corpus: Corpus) -> None:
+    include = ["^folder/(newer-minor-version|lora-duplicate-targets|metadata-version-differs|lora-peft-written)$"]
+    report = run_suite(SilencesWarnings(), corpus, include=include)
+    status = {r.name: r.status for r in report.results}
+    assert status == {"folder/newer-minor-version": Status.FAILED, "folder/lora-duplicate-targets": Status.FAILED,
+                      "folder/metadata-version-differs": Status.FAILED, "folder/lora-peft-written": Status.PASSED}
+    (dup,) = [r for r in report.results if r.name == "folder/lora-duplicate-targets"]
+    assert dup.message == ("loaded, but without the expected warning(s) AdapterSpecWarning at /target_modules/2 "
+                           "(reported: none)")
+    assert corpus.by_name("folder/newer-minor-version").warnings == [  # type: ignore[attr-defined]
+        {"category": "AdapterSpecWarning", "pointer": "/future_option"}]
+    assert run_suite(ReferenceImplementation(), corpus, include=include).ok
+
+
+def test_manifest_examples_are_cases(corpus: Corpus) -> None:
+    examples = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "spec" / "v1" / "examples" / "manifest").rglob("*.json"))
+    cases = [c for c in corpus.cases if c.data.get("source", "").startswith("spec/v1/examples/manifest/")]
+    assert sorted(c.data["source"] for c in cases) == examples and len(examples) == 13
+    for case in cases:
+        assert case.data["multi"] is True and case.valid == case.data["source"].startswith("spec/v1/examples/manifest/valid/")  # type: ignore[attr-defined]
+        assert "core" in case.profiles
+    assert corpus.by_name("folder/manifest-example-missing-path").data["pointer"] == "/adapters/a"

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from ..errors import AdapterSpecError
+
 __all__ = [
     "CORPUS_ENV",
+    "FULL_PROFILE",
     "Case",
     "Corpus",
+    "CorpusNotFoundError",
     "FolderCase",
     "NumericCase",
     "RoundtripCase",
@@ -30,18 +34,30 @@ __all__ = [
     "load_corpus",
 ]
 
+#: The profile that holds every case; the corpus' ``corpus.json`` names the others (``core``...).
+FULL_PROFILE = "full"
 #: Environment variable naming the corpus folder (the ``v1`` folder), when not given on the command line.
 CORPUS_ENV = "ADAPTERSPEC_CONFORMANCE_CORPUS"
 
 
-def default_corpus_dir() -> Path:
-    """The corpus: ``$ADAPTERSPEC_CONFORMANCE_CORPUS``, else ``conformance_tests/v1`` of the source checkout.
+class CorpusNotFoundError(AdapterSpecError, FileNotFoundError):
+    """The corpus folder is missing, or is not a corpus (no ``corpus.json``); ``path`` names it."""
 
-    >>> default_corpus_dir().name                               # doctest: +SKIP
+
+def default_corpus_dir() -> Path:
+    """The corpus: ``$ADAPTERSPEC_CONFORMANCE_CORPUS``, else the copy installed with the package, else the checkout's.
+
+    The wheel and sdist carry ``conformance_tests/v1`` as ``adapterspec/conformance/v1`` (package data);
+    a source checkout run with ``PYTHONPATH=sdk`` has no such folder and reads ``conformance_tests/v1``.
+
+    >>> default_corpus_dir().name
     'v1'
     """
     if os.environ.get(CORPUS_ENV):
         return Path(os.environ[CORPUS_ENV])
+    installed = Path(__file__).resolve().parent / "v1"
+    if (installed / "corpus.json").is_file():
+        return installed
     return Path(__file__).resolve().parents[3] / "conformance_tests" / "v1"
 
 
@@ -79,6 +95,11 @@ class Case:
     def tags(self) -> tuple[str, ...]:
         """Feature tags (``"dora"``, ``"bf16"``, ``"conv2d"``...), for an implementation's ``supports``."""
         return tuple(self.data.get("tags", ()))
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """The profiles the case belongs to (``("core", "full")``); an implementation claiming one must pass it."""
+        return tuple(self.data.get("profiles", (FULL_PROFILE,)))
 
     def to_json(self) -> dict[str, Any]:
         """The case as the process protocol sends it: its JSON object plus ``kind``, ``name`` and absolute paths."""
@@ -161,6 +182,12 @@ class FolderCase(ModelCase):
         return cast("Mapping[str, Any]", self.data.get("options", {}))
 
     @property
+    def warnings(self) -> list[Mapping[str, Any]]:
+        """The warnings the load must give: ``[{"category": "AdapterSpecWarning", "pointer"?: "/field"}]``
+        (SPEC.md: unknown fields kept, duplicate ``target_modules`` entries, versions that differ)."""
+        return list(self.data.get("warnings", ()))
+
+    @property
     def multi(self) -> bool:
         """Whether ``path`` holds several adapters (a manifest or PEFT subfolders): load them all."""
         return bool(self.data.get("multi", False))
@@ -238,6 +265,27 @@ class Corpus:
     def __iter__(self) -> Iterator[Case]:
         return iter(self.cases)
 
+    @property
+    def profiles(self) -> dict[str, str]:
+        """Profile name -> what it covers, from ``corpus.json`` (``full`` at least).
+
+        >>> sorted(load_corpus().profiles)                                       # doctest: +SKIP
+        ['core', 'full']
+        """
+        return dict(self.meta.get("profiles") or {FULL_PROFILE: "every case"})
+
+    def in_profile(self, profile: str) -> list[Case]:
+        """The cases of ``profile``, in corpus order.
+
+        :raises KeyError: the corpus has no such profile.
+
+        >>> len(load_corpus().in_profile("core")) < len(load_corpus().cases)     # doctest: +SKIP
+        True
+        """
+        if profile not in self.profiles:
+            raise KeyError(profile)
+        return [case for case in self.cases if profile in case.profiles]
+
     def by_name(self, name: str) -> Case:
         """The case named ``kind/id``.
 
@@ -261,11 +309,18 @@ def load_corpus(root: str | Path | None = None) -> Corpus:
 
     Reading does not check the corpus; :func:`adapterspec.conformance.check.check_corpus` does.
 
+    :raises CorpusNotFoundError: ``root`` is missing or holds no ``corpus.json``.
+
     >>> load_corpus().by_name("numeric/lora-linear-f32").tolerance               # doctest: +SKIP
     Tolerance(atol=1e-05, rtol=1e-05)
     """
     root = Path(root) if root is not None else default_corpus_dir()
-    meta = _read(root / "corpus.json") if (root / "corpus.json").exists() else {}
+    if not (root / "corpus.json").is_file():
+        where = "missing" if not root.exists() else "not a corpus folder (no corpus.json)"
+        raise CorpusNotFoundError(f"the conformance corpus is {where}", path=root,
+                                  hint=f"pass --corpus DIR (or set ${CORPUS_ENV}) to a corpus' v1 folder, "
+                                       "or reinstall adapterspec: the package carries it")
+    meta = _read(root / "corpus.json")
     cases: list[Case] = []
     for file in sorted((root / "schema").glob("*.json")):
         cases.extend(SchemaCase(c["id"], c.get("description", ""), c, root) for c in _read(file))

@@ -2,6 +2,8 @@
 
 * every case file is valid against ``case.schema.json``;
 * case ids are unique in the whole corpus;
+* every case names its profiles, all declared in ``corpus.json``, ``full`` among them; a round trip is in
+  its source's profiles; every declared profile has cases;
 * every file a case names exists, and ``corpus.json`` lists every file with its sha256 (no more, no less);
 * schema cases agree with the spec's schema (:func:`adapterspec.validate_config`);
 * ``errors.json`` is adapterspec's error hierarchy, and every error a case expects is in it;
@@ -29,7 +31,17 @@ import jsonschema
 from .. import errors as errors_module
 from ..errors import AdapterSpecError
 from . import _io
-from .cases import Case, FolderCase, NumericCase, RoundtripCase, SchemaCase, default_corpus_dir, load_corpus
+from .cases import (
+    FULL_PROFILE,
+    Case,
+    Corpus,
+    FolderCase,
+    NumericCase,
+    RoundtripCase,
+    SchemaCase,
+    default_corpus_dir,
+    load_corpus,
+)
 
 __all__ = ["MAX_CORPUS_BYTES", "check_corpus"]
 
@@ -84,6 +96,24 @@ def _error_problems(root: Path, cases: list[Case]) -> list[str]:
         error = case.data.get("error")
         if error is not None and error not in hierarchy:
             problems.append(f"{case.name}: expects {error}, which errors.json does not define")
+    return problems
+
+
+def _profile_problems(corpus: Corpus) -> list[str]:
+    declared = corpus.profiles
+    problems = [] if FULL_PROFILE in declared else [f"corpus.json declares no {FULL_PROFILE!r} profile"]
+    used: set[str] = set()
+    for case in corpus.cases:
+        used.update(case.profiles)
+        unknown = sorted(set(case.profiles) - set(declared))
+        if unknown:
+            problems.append(f"{case.name}: profile(s) {unknown} are not declared in corpus.json")
+        if FULL_PROFILE not in case.profiles:
+            problems.append(f"{case.name}: not in the {FULL_PROFILE!r} profile, which holds every case")
+        if isinstance(case, RoundtripCase) and case.source is not None and set(case.profiles) != set(case.source.profiles):
+            problems.append(f"{case.name}: profiles {list(case.profiles)} differ from its source's "
+                            f"{list(case.source.profiles)}")
+    problems += [f"corpus.json: profile {name!r} has no case" for name in sorted(set(declared) - used)]
     return problems
 
 
@@ -167,6 +197,8 @@ def check_corpus(root: str | Path | None = None) -> list[str]:
     root = Path(root) if root is not None else default_corpus_dir()
     if not (root / "case.schema.json").exists():
         return [f"{root}: no case.schema.json (is this a corpus folder?)"]
+    if not (root / "corpus.json").is_file():
+        return [f"{root}: no corpus.json (regenerate the corpus: conformance_tests/generate.py)"]
     problems = _schema_problems(root)
     if problems:
         return problems  # the rest assumes well-formed files
@@ -175,6 +207,7 @@ def check_corpus(root: str | Path | None = None) -> list[str]:
     counts = Counter(c.id for c in corpus.cases)
     problems += [f"id {cid!r} is used by {n} cases" for cid, n in sorted(counts.items()) if n > 1]
     problems += _error_problems(root, corpus.cases)
+    problems += _profile_problems(corpus)
     for case in corpus.cases:
         if isinstance(case, SchemaCase):
             problems += _schema_case_problems(case)

@@ -95,6 +95,10 @@ class Implementation(Protocol):
 
     Optional lifecycle: ``begin(corpus)`` before the first case, ``close()`` after the last.
 
+    Warnings: the runner records the Python warnings an implementation gives during a case (a folder
+    case's ``warnings`` lists the ones it expects); ``take_warnings() -> list[dict]`` adds others (the
+    process protocol's), and ``reports_warnings = False`` makes cases that expect warnings UNSUPPORTED.
+
     ``checks_error_class`` (default ``True``): set ``False`` for an implementation whose errors do not
     follow the spec's classes; refusals are then checked for having happened, not for their class nor
     for the key or pointer they name (the PEFT driver does this).

@@ -13,6 +13,9 @@ echoes it. The protocol is documented in ``conformance_tests/README.md``; in sho
     -> {"id": 9, "op": "shutdown"}
 
 Every op may be answered ``{"status": "unsupported", "reason": ...}`` or ``{"status": "error", "message": ...}``.
+Any reply may carry ``"warnings": [{"category": "AdapterSpecWarning", "message": ..., "pointer": "/field"}]``:
+what the implementation warned about while serving the request. A driver that does so says
+``"reports_warnings": true`` in its hello reply; cases expecting warnings are UNSUPPORTED for one that does not.
 
 >>> impl = ProcessImplementation(["python", "my_driver.py"])         # doctest: +SKIP
 """
@@ -83,6 +86,18 @@ def _case_json(case: Case) -> dict[str, Any]:
     return data
 
 
+def _reply_warnings(reply: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A reply's ``warnings``: ``[{"category": str, "message": str, "pointer"?: str, "ancestors"?: [str]}]``."""
+    found = reply.get("warnings", [])
+    ok = isinstance(found, list) and all(
+        isinstance(w, dict) and isinstance(w.get("category"), str) and isinstance(w.get("message", ""), str)
+        and isinstance(w.get("pointer"), (str, type(None))) and isinstance(w.get("ancestors", []), list)
+        for w in found)
+    if not ok:
+        raise DriverError(f"'warnings' must be a list of {{category, message, pointer?}} objects; got {str(found)[:200]}")
+    return [dict(w) for w in found]
+
+
 class ProcessImplementation:
     """An implementation running as a driver process that speaks the protocol.
 
@@ -99,6 +114,8 @@ class ProcessImplementation:
         self.cwd = cwd
         self.name = Path(self.argv[-1]).name
         self.checks_error_class = True
+        self.reports_warnings = False
+        self._warnings: list[dict[str, Any]] = []
         self._proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=40)
@@ -119,6 +136,7 @@ class ProcessImplementation:
             raise DriverError(f"the driver refused the hello: {reply}")
         self.name = str(reply.get("name") or self.name)
         self.checks_error_class = bool(reply.get("checks_error_class", True))
+        self.reports_warnings = bool(reply.get("reports_warnings", False))
 
     @staticmethod
     def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
@@ -201,6 +219,7 @@ class ProcessImplementation:
         if case is not None:
             fields = {"case": _case_json(case), **fields}
         reply = self._request({"op": op, **fields})
+        self._warnings += _reply_warnings(reply)
         status = reply.get("status")
         if status == "ok":
             return reply
@@ -210,6 +229,11 @@ class ProcessImplementation:
             raise Refused(str(reply.get("error")), key=reply.get("key"), pointer=reply.get("pointer"),
                           message=str(reply.get("message") or ""))
         raise DriverError(f"{op}: {reply.get('message') or reply}")
+
+    def take_warnings(self) -> list[dict[str, Any]]:
+        """The warnings the driver reported since the last call (the runner calls it after each case)."""
+        taken, self._warnings = self._warnings, []
+        return taken
 
     # -- the Implementation methods ------------------------------------------------------------
     def supports(self, case: Case) -> bool | str:

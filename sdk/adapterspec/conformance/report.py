@@ -15,7 +15,7 @@ from typing import TextIO
 
 from .runner import Report, Result, Status
 
-__all__ = ["format_row", "print_table", "summary_line", "write_json", "write_junit"]
+__all__ = ["format_row", "print_table", "profile_lines", "summary_line", "write_json", "write_junit"]
 
 _LABEL = {Status.PASSED: "PASS", Status.FAILED: "FAIL", Status.UNSUPPORTED: "UNSUP", Status.XFAILED: "XFAIL",
           Status.XPASSED: "XPASS"}
@@ -40,6 +40,25 @@ def summary_line(report: Report) -> str:
             f"{c['xfailed']} xfailed, {c['xpassed']} xpassed ({c['total']} cases)")
 
 
+def profile_lines(report: Report) -> list[str]:
+    """One line per profile of the corpus: its counts, and whether the claimed one holds.
+
+    >>> profile_lines(Report("mine", "v1", [], profile_cases={"full": ["schema/x"]}))
+    ['profile full: 0 passed, 0 failed, 0 unsupported, 0 xfailed, 0 xpassed (0 of 1 cases run)', 'no case passed: the run fails']
+    """
+    lines = []
+    for name, c in report.profile_counts().items():
+        line = (f"profile {name}: {c['passed']} passed, {c['failed']} failed, {c['unsupported']} unsupported, "
+                f"{c['xfailed']} xfailed, {c['xpassed']} xpassed ({c['total']} of {c['cases']} cases run)")
+        if name == report.profile:
+            line += " -- claimed: " + ("HOLDS" if not report.claim_problems() else "DOES NOT HOLD")
+        lines.append(line)
+    lines += [f"  {problem}" for problem in report.claim_problems()]
+    if not report.counts()["passed"] + report.counts()["xpassed"]:
+        lines.append("no case passed: the run fails")
+    return lines
+
+
 def print_table(report: Report, out: TextIO, *, failures_only: bool = False) -> None:
     """The table (every case, or only failures) and the summary, with failures repeated at the end.
 
@@ -55,6 +74,8 @@ def print_table(report: Report, out: TextIO, *, failures_only: bool = False) -> 
         for r in failed:
             print(f"  {r.name}: {r.message}", file=out)
     print("\n" + summary_line(report), file=out)
+    for line in profile_lines(report):
+        print(line, file=out)
 
 
 def write_json(report: Report, path: str | Path) -> None:

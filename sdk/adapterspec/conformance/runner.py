@@ -30,7 +30,8 @@ from .cases import Case, Corpus, FolderCase, NumericCase, RoundtripCase, SchemaC
 from .contract import Refusal, Unsupported, call
 
 __all__ = ["CaseFailed", "Report", "Result", "Status", "compare_folders", "compare_outputs",
-           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select"]
+           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select",
+           "warning_matches"]
 
 
 class Status(str, Enum):
@@ -53,10 +54,11 @@ class Result:
     message: str = ""
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    profiles: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "status": self.status.value, "message": self.message,
-                "seconds": round(self.seconds, 4), "details": self.details}
+                "seconds": round(self.seconds, 4), "details": self.details, "profiles": list(self.profiles)}
 
 
 @dataclass
@@ -67,17 +69,54 @@ class Report:
     corpus: str
     results: list[Result]
     strict_xfail: bool = False
+    #: The profile the implementation claims (``--profile``), or ``None``.
+    profile: str | None = None
+    #: Profile name -> the names of all its cases in the corpus (selected or not).
+    profile_cases: dict[str, list[str]] = field(default_factory=dict)
 
-    def counts(self) -> dict[str, int]:
-        """``{"passed": n, "failed": n, "unsupported": n, "xfailed": n, "xpassed": n, "total": n}``."""
-        c = Counter(r.status.value for r in self.results)
-        return {s.value: c.get(s.value, 0) for s in Status} | {"total": len(self.results)}
+    def counts(self, profile: str | None = None) -> dict[str, int]:
+        """``{"passed": n, "failed": n, "unsupported": n, "xfailed": n, "xpassed": n, "total": n}``.
+
+        :param profile: count only the results of this profile's cases.
+        """
+        results = [r for r in self.results if profile is None or profile in r.profiles]
+        c = Counter(r.status.value for r in results)
+        return {s.value: c.get(s.value, 0) for s in Status} | {"total": len(results)}
+
+    def profile_counts(self) -> dict[str, dict[str, int]]:
+        """:meth:`counts` per profile of the corpus, plus ``"cases"``: how many cases the profile has in all.
+
+        >>> report.profile_counts()["core"]["unsupported"]                              # doctest: +SKIP
+        0
+        """
+        return {name: self.counts(name) | {"cases": len(cases)} for name, cases in self.profile_cases.items()}
+
+    def claim_problems(self) -> list[str]:
+        """Why the claimed :attr:`profile` does not hold: cases of it not run, or not passed (``[]``: it holds)."""
+        if self.profile is None:
+            return []
+        status = {r.name: r.status for r in self.results}
+        wanted = self.profile_cases.get(self.profile, [])
+        not_run = [name for name in wanted if name not in status]
+        problems = [f"profile {self.profile!r} claimed, but {len(not_run)} of its cases were not run "
+                    f"(--include/--exclude): {', '.join(not_run[:5])}{' ...' if len(not_run) > 5 else ''}"] if not_run else []
+        for s in (Status.FAILED, Status.UNSUPPORTED, Status.XFAILED):
+            names = [name for name in wanted if status.get(name) is s]
+            if names:
+                problems.append(f"profile {self.profile!r} claimed, but {len(names)} of its cases are {s.value}: "
+                                f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+        if not wanted:
+            problems.append(f"profile {self.profile!r} has no case in this corpus")
+        return problems
 
     @property
     def ok(self) -> bool:
-        """Whether no case failed (nor, with ``strict_xfail``, unexpectedly passed)."""
+        """Whether some case passed and none failed (nor, with ``strict_xfail``, unexpectedly passed), and the
+        claimed profile, if any, holds: all its cases ran and passed (an UNSUPPORTED or XFAILED one fails it)."""
         counts = self.counts()
-        return counts["failed"] == 0 and not (self.strict_xfail and counts["xpassed"])
+        return (counts["failed"] == 0 and counts["passed"] + counts["xpassed"] > 0
+                and not (self.strict_xfail and counts["xpassed"])
+                and not self.claim_problems())
 
     def by_status(self, status: Status | str) -> list[str]:
         """The names of the cases with this status."""
@@ -85,6 +124,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {"implementation": self.implementation, "corpus": self.corpus, "summary": self.counts(),
+                "profile": self.profile, "profiles": self.profile_counts(), "claim_problems": self.claim_problems(),
                 "ok": self.ok, "results": [r.to_json() for r in self.results]}
 
 
@@ -345,10 +385,58 @@ def run_case(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status, message, details = _judge(impl, case, workdir, hierarchy)
-    if caught:
-        details = {**details, "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:20]}
+    reported = [_python_warning(w) for w in caught]
+    take = getattr(impl, "take_warnings", None)
+    if take is not None:  # a driver process reports its warnings in its replies
+        reported += list(take())
+    if reported:
+        details = {**details, "warnings": reported[:20]}
+    if status is Status.PASSED and isinstance(case, FolderCase) and case.warnings:
+        status, message = _judge_warnings(impl, case.warnings, reported, message)
     message = _ANSI.sub("", message)  # TensorFlow colours its messages
-    return Result(case.name, case.kind, status, message, time.perf_counter() - start, details)
+    return Result(case.name, case.kind, status, message, time.perf_counter() - start, details, case.profiles)
+
+
+def _python_warning(w: warnings.WarningMessage) -> dict[str, Any]:
+    """A caught Python warning as the protocol reports one: category (and its ancestors), message, pointer."""
+    return {"category": w.category.__name__, "ancestors": [c.__name__ for c in w.category.__mro__],
+            "message": str(w.message), "pointer": getattr(w.message, "pointer", None)}
+
+
+def warning_matches(expected: Mapping[str, Any], reported: Mapping[str, Any]) -> bool:
+    """Whether a reported warning is the expected one: its category or one above it, and the expected pointer
+    (the warning's ``pointer``; for a warning without one, the pointer or its last token in the message).
+
+    >>> warning_matches({"category": "AdapterSpecWarning", "pointer": "/target_modules/2"},
+    ...                 {"category": "AdapterSpecWarning", "message": "/target_modules/2: 'q_proj' is listed twice"})
+    True
+    >>> warning_matches({"category": "AdapterSpecWarning", "pointer": "/r"}, {"category": "UserWarning", "pointer": "/r"})
+    False
+    """
+    category = expected["category"]
+    if category != reported.get("category") and category not in (reported.get("ancestors") or ()):
+        return False
+    pointer = expected.get("pointer")
+    if pointer is None:
+        return True
+    if reported.get("pointer") is not None:
+        return bool(reported["pointer"] == pointer)
+    message = str(reported.get("message") or "")
+    last = pointer.rsplit("/", 1)[-1].replace("~1", "/").replace("~0", "~")
+    return pointer in message or bool(last) and last in message
+
+
+def _judge_warnings(impl: Any, expected: Sequence[Mapping[str, Any]], reported: Sequence[Mapping[str, Any]],
+                    message: str) -> tuple[Status, str]:
+    if not getattr(impl, "reports_warnings", True):
+        return Status.UNSUPPORTED, (f"expects {len(expected)} warning(s); the implementation does not report "
+                                    "warnings (a driver says \"reports_warnings\": true in its hello reply)")
+    missing = [w for w in expected if not any(warning_matches(w, r) for r in reported)]
+    if missing:
+        got = "; ".join(f"{r.get('category')}: {str(r.get('message'))[:120]}" for r in reported[:5]) or "none"
+        want = ", ".join(f"{w['category']}" + (f" at {w['pointer']}" if w.get("pointer") else "") for w in missing)
+        return Status.FAILED, f"{message}, but without the expected warning(s) {want} (reported: {got})"
+    return Status.PASSED, f"{message}, with {len(expected)} expected warning(s)"
 
 
 def _judge(impl: Any, case: Case, workdir: Path, hierarchy: Mapping[str, str | None]) -> tuple[Status, str, dict[str, Any]]:
@@ -387,7 +475,7 @@ def select(cases: Iterable[Case], include: Sequence[str] = (), exclude: Sequence
 
 def run_suite(impl: Any, corpus: Corpus | str | Path | None = None, *, include: Sequence[str] = (),
               exclude: Sequence[str] = (), xfail: Sequence[str] = (), strict_xfail: bool = False,
-              progress: Any = None) -> Report:
+              profile: str | None = None, progress: Any = None) -> Report:
     """Run the (selected) corpus against ``impl``.
 
     :param impl: an object following :class:`~adapterspec.conformance.Implementation`.
@@ -395,12 +483,17 @@ def run_suite(impl: Any, corpus: Corpus | str | Path | None = None, *, include: 
     :param include, exclude: regexes selecting cases by name (``kind/id``).
     :param xfail: regexes of cases expected to fail: a failure is XFAILED, a pass XPASSED.
     :param strict_xfail: count an XPASSED case as a failure of the run.
+    :param profile: the profile the implementation claims: the run fails unless every case of it runs and
+        passes (an UNSUPPORTED or XFAILED case of it fails the run).
+    :raises KeyError: the corpus has no profile ``profile``.
     :param progress: called with each :class:`Result` as it is known (the CLI prints the table row).
 
     >>> run_suite(MyImpl(), include=["^numeric/"], xfail=["lokr"]).ok               # doctest: +SKIP
     True
     """
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    if profile is not None and profile not in corpus.profiles:
+        raise KeyError(f"the corpus has no profile {profile!r} (it has {', '.join(sorted(corpus.profiles))})")
     hierarchy = load_error_hierarchy(corpus.root)
     xf = [re.compile(p) for p in xfail]
     results = []
@@ -420,7 +513,8 @@ def run_suite(impl: Any, corpus: Corpus | str | Path | None = None, *, include: 
         close = getattr(impl, "close", None)
         if close is not None:
             close()
-    return Report(getattr(impl, "name", str(impl)), str(corpus.root), results, strict_xfail)
+    return Report(getattr(impl, "name", str(impl)), str(corpus.root), results, strict_xfail, profile,
+                  {name: [c.name for c in corpus.in_profile(name)] for name in sorted(corpus.profiles)})
 
 
 def _apply_xfail(result: Result, patterns: Sequence[re.Pattern[str]]) -> Result:

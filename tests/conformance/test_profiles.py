@@ -1,0 +1,119 @@
+"""Profiles: each case names its profiles; a claimed profile fails the run unless every case of it passes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broken_impls import AllUnsupported
+
+from adapterspec.cli import main
+from adapterspec.conformance import Corpus, NumericCase, RoundtripCase, Status, Unsupported, check_corpus, run_suite
+from adapterspec.conformance.reference_impl import ReferenceImplementation
+
+#: The folder cases outside core: DoRA, LoHa, LoKr and prompt-learning folders.
+NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "loha", "lokr", "prefix", "prompt", "prompt-shape-disagrees",
+                    "prefix-sizes-from-model", "prefix-sizes-from-model-disagree"}
+
+
+def test_every_case_names_its_profiles(corpus: Corpus) -> None:
+    assert corpus.profiles.keys() == {"core", "full"}
+    assert all("full" in c.profiles for c in corpus.cases)
+    core = {c.name for c in corpus.in_profile("core")}
+    numeric_core = {f"numeric/{c.id}" for c in corpus.cases if isinstance(c, NumericCase)
+                    and c.method in ("LORA", "IA3") and c.layer in ("linear", "embedding") and "dora" not in c.tags}
+    assert numeric_core == {n for n in core if n.startswith("numeric/")}
+    assert len(numeric_core) == 11 and "numeric/lora-embedding-f32" in numeric_core
+    assert {f"roundtrip/roundtrip-{n.removeprefix('numeric/')}" for n in numeric_core} == \
+        {n for n in core if n.startswith("roundtrip/")}
+    assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
+    assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
+    assert len(core) == 154 and len(corpus.cases) == 215
+    for case in corpus.cases:
+        if isinstance(case, RoundtripCase):
+            assert case.source is not None and case.profiles == case.source.profiles
+
+
+def test_everything_unsupported_fails(corpus: Corpus) -> None:
+    report = run_suite(AllUnsupported(), corpus, profile="core")
+    assert report.counts() == {"passed": 0, "failed": 0, "unsupported": 215, "xfailed": 0, "xpassed": 0, "total": 215}
+    assert not report.ok
+    assert report.claim_problems() == [
+        "profile 'core' claimed, but 154 of its cases are unsupported: schema/config-is-a-list, "
+        "schema/version-major-2, schema/version-minor-newer, schema/version-malformed, schema/lora-r-negative ..."]
+    assert report.profile_counts()["core"] == {"passed": 0, "failed": 0, "unsupported": 154, "xfailed": 0,
+                                               "xpassed": 0, "total": 154, "cases": 154}
+    assert not run_suite(AllUnsupported(), corpus).ok  # no claim: still, a run where nothing passed fails
+
+
+class NoEmbedding(ReferenceImplementation):
+    """The reference, without LoRA on embeddings (a core case) nor LoKr (a full-only one)."""
+
+    name = "no-embedding"
+
+    def run_numeric(self, case: Any, case_dir: Path) -> Any:
+        if case.layer == "embedding" or case.method == "LOKR":
+            raise Unsupported(f"no {case.layer} / {case.method}")
+        return super().run_numeric(case, case_dir)
+
+
+def test_a_claimed_profile_needs_every_case_of_it(corpus: Corpus) -> None:
+    numeric = ["^numeric/"]
+    assert run_suite(NoEmbedding(), corpus, include=numeric).ok  # no claim: unsupported is allowed
+    lokr = [c.name for c in corpus.cases if c.kind == "numeric" and "LOKR" == c.data["method"]]
+    report = run_suite(NoEmbedding(), corpus, profile="core")
+    assert report.by_status(Status.UNSUPPORTED) == ["numeric/lora-embedding-f32", "numeric/dora-embedding-f32", *lokr]
+    assert report.claim_problems() == ["profile 'core' claimed, but 1 of its cases are unsupported: "
+                                       "numeric/lora-embedding-f32"]
+    assert not report.ok
+    # the same implementation can claim nothing more than what it does; the reference holds both profiles
+    assert run_suite(ReferenceImplementation(), corpus, include=["^(schema|folder)/"], profile="core").claim_problems()[0] \
+        .startswith("profile 'core' claimed, but 22 of its cases were not run (--include/--exclude): numeric/lora-linear-f32")
+    report = run_suite(ReferenceImplementation(), corpus, profile="core", xfail=["^numeric/lora-linear-f32$"])
+    assert report.claim_problems() == []
+    with pytest.raises(KeyError, match="no profile 'nonesuch'"):
+        run_suite(ReferenceImplementation(), corpus, profile="nonesuch")
+
+
+def test_cli_profile_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "all-unsupported: 0 passed, 0 failed, 215 unsupported" in out and "no case passed: the run fails" in out
+    assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "--profile", "core", "-q"]) == 1
+    assert "profile core: 0 passed, 0 failed, 154 unsupported, 0 xfailed, 0 xpassed (154 of 154 cases run) -- " \
+           "claimed: DOES NOT HOLD" in capsys.readouterr().out
+    assert main(["conformance", "--impl", "reference", "--profile", "core", "--include", "^(schema|folder)/",
+                 "--exclude", "^folder/(dora|loha|lokr|prefix|prompt)", "-q"]) == 1
+    assert "22 of its cases were not run" in capsys.readouterr().out
+    assert main(["conformance", "--impl", "reference", "--profile", "bogus"]) == 2
+    assert "no profile 'bogus'" in capsys.readouterr().err
+    assert main(["conformance", "list", "--profile", "core"]) == 0
+    out = capsys.readouterr().out
+    assert "154 cases; profiles: core (154), full (215)" in out and "numeric/lokr-linear-f32" not in out
+    assert "numeric/lora-linear-f32  [core,full]  " in out
+
+
+def test_check_knows_profiles(corpus: Corpus, tmp_path: Path) -> None:
+    root = tmp_path / "v1"
+    shutil.copytree(corpus.root, root)
+    folders = json.loads((root / "folders.json").read_text())
+    folders[0]["profiles"] = ["core"]                 # not in full
+    folders[1]["profiles"] = ["full", "extended"]     # undeclared
+    (root / "folders.json").write_text(json.dumps(folders))
+    roundtrips = json.loads((root / "roundtrip.json").read_text())
+    roundtrips[0]["profiles"] = ["full"]              # its source is in core too
+    (root / "roundtrip.json").write_text(json.dumps(roundtrips))
+    problems = check_corpus(root)
+    assert problems == ["folders.json/0/profiles: ['core'] does not contain items matching the given schema"]
+    folders[0]["profiles"] = ["full", "core"]
+    (root / "folders.json").write_text(json.dumps(folders))
+    problems = [p for p in check_corpus(root) if "sha256" not in p]
+    assert problems == ["folder/lora-peft-written: profile(s) ['extended'] are not declared in corpus.json",
+                        "roundtrip/roundtrip-lora-linear-f32: profiles ['full'] differ from its source's ['core', 'full']"]
+    meta = json.loads((root / "corpus.json").read_text())
+    del meta["profiles"]
+    (root / "corpus.json").write_text(json.dumps(meta))
+    assert any(p.startswith("corpus.json") and "'profiles' is a required property" in p for p in check_corpus(root))
