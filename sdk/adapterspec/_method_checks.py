@@ -283,5 +283,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
-    "LORA": _lora, "IA3": _ia3, "LOHA": _loha, "LOKR": _lokr,
+    "LORA": _lora,
+    "IA3": _ia3,
+    "LOHA": _loha,
+    "LOKR": _lokr,
 }

@@ -22,7 +22,14 @@ __all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_proble
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
-PORTABLE_METHODS = frozenset({"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR"})
+PORTABLE_METHODS = frozenset({
+    "LORA",
+    "IA3",
+    "PREFIX_TUNING",
+    "PROMPT_TUNING",
+    "LOHA",
+    "LOKR",
+})
 
 
 def transformer_submodules(config: Mapping[str, Any]) -> int:
