@@ -22,7 +22,7 @@ from adapterspec.identity import fingerprint, sample_indices
 from .sites import ModuleSite, Piece
 from .switch import ModelState, _check, get_state
 
-__all__ = ["base_identity", "remember_base", "task_type_of"]
+__all__ = ["base_identity", "remember_base", "task_type_of", "unmerged_base"]
 
 #: keras-hub task classes -> PEFT's task types.
 _TASKS = (("CausalLM", "CAUSAL_LM"), ("TextClassifier", "SEQ_CLS"), ("Seq2SeqLM", "SEQ_2_SEQ_LM"),
@@ -145,7 +145,25 @@ def remember_base(state: ModelState, names: list[str]) -> None:
     """
     for key, layer in state.adapter_layers.items():
         if not layer.merged and any(n in layer._slots for n in names):  # its kernel is the base now: (re)sample
-            state.base_samples[key] = _site_samples(layer.site)
+            state.base_samples[key] = (_site_samples(layer.site), None)
+
+
+def unmerged_base(state: ModelState) -> None:
+    """After an unmerge: note what each module's kernel holds now. Subtracting a delta can round differently from
+    the addition, so the kernel may differ from the base in the last bit; while it stays as the unmerge left it,
+    the fingerprint still describes the base the adapter was trained on (the samples kept by :func:`remember_base`).
+    """
+    for key in list(state.base_samples):
+        layer = state.adapter_layers.get(key)
+        kept = state.base_samples[key][0]
+        if layer is None or kept is None:
+            del state.base_samples[key]
+            continue
+        state.base_samples[key] = (kept, _site_samples(layer.site))
+
+
+def _same(a: tuple[tuple[int, ...], np.ndarray] | None, b: tuple[tuple[int, ...], np.ndarray] | None) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
 
 
 def _embedding_samples(model: Any) -> tuple[str, tuple[tuple[int, ...], np.ndarray]] | None:
@@ -176,8 +194,13 @@ def _fingerprint(model: Any, adapter_name: str) -> str | None:
         slot = layer._slots.get(adapter_name)
         if slot is None:
             continue
-        # merged deltas are in the kernel: only the samples taken before the merge describe the base
-        sampled = state.base_samples.get(key) if layer.merged else _site_samples(layer.site)
+        kept, after_unmerge = state.base_samples.get(key, (None, None))
+        if layer.merged:  # merged deltas are in the kernel: only the samples taken before the merge describe the base
+            sampled = kept
+        else:
+            sampled = _site_samples(layer.site)
+            if kept is not None and _same(sampled, after_unmerge):
+                sampled = kept
         if sampled is None:
             return None
         weights[slot.path] = sampled

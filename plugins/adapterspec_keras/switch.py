@@ -55,8 +55,9 @@ class ModelState:
     :param frozen: (object, attribute, previous value) of every base ``trainable`` flag changed to train adapters.
     :param stored_dtypes: name -> {canonical key: the NumPy dtype its file stored} for tensors loaded into another
         dtype (float32 on a half-precision base, SPEC.md 7.5), so that saving can write them back as stored.
-    :param base_samples: site key -> the base fingerprint's samples of that module (or ``None``) taken just before
-        an adapter was first merged into it, while any is (SPEC.md 9.1: the fingerprint describes the base).
+    :param base_samples: site key -> (the base fingerprint's samples of that module, or ``None``, taken just before
+        an adapter was first merged into it; the samples of what an unmerge left there, or ``None``), so that a save
+        while merged, or after an unmerge that rounded differently, records the base (SPEC.md 9.1).
     """
 
     names: list[str] = field(default_factory=list)
@@ -227,5 +228,7 @@ def unmerge(model: Any) -> None:
     for layer in state.adapter_layers.values():
         layer.unmerge()
     state.merged = []
-    state.base_samples.clear()
+    from .identity import unmerged_base
+
+    unmerged_base(state)
     invalidate(model)

@@ -18,9 +18,9 @@ from torch import nn
 from adapterspec.identity import fingerprint, sample_indices
 
 from .layers import AdapterLayer
-from .switch import require_state
+from .switch import ModelState, require_state
 
-__all__ = ["base_identity", "task_type_of"]
+__all__ = ["base_identity", "remember_base", "task_type_of", "unmerged_base"]
 
 #: transformers' auto-class mappings -> PEFT's task types (``AutoPeftModelFor...`` picks its class by it).
 _TASKS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
@@ -81,32 +81,89 @@ def _gather(weight: torch.Tensor, transposed: bool) -> Any:
     return flat[torch.from_numpy(index)].to(torch.float32).numpy()
 
 
-def _fingerprint(model: nn.Module, adapter_name: str) -> str | None:
-    state = require_state(model, adapter_name)
-    if state.merged:  # the base weights hold merged deltas now: the base cannot be read off them
-        return None
+def _base_weights(state: ModelState, adapter_name: str) -> dict[str, tuple[str, torch.Tensor, bool]]:
+    """Spec module path -> (model module name, the base weight under the adapter, ``fan_in_fan_out``): the weight
+    the base model had (one the adapter's file replaced, SPEC.md 5.3, is read from the original)."""
     replaced = {id(o.new): o.old for o in state.base_weights.get(adapter_name, [])}
-    found: dict[str, tuple[torch.Tensor, bool]] = {}
+    found: dict[str, tuple[str, torch.Tensor, bool]] = {}
     for spec, own in state.modules[adapter_name].items():
         layer = state.wrappers.get(own)
         if isinstance(layer, AdapterLayer):
             base = layer._modules["base_layer"]  # not through __getattr__
             weight = base._parameters.get("weight") if base is not None else None
             if weight is not None:
-                found[spec] = (replaced.get(id(weight), weight), layer.fan_in_fan_out)
-    if not found and state.configs[adapter_name].is_prompt_learning:
+                found[spec] = (own, replaced.get(id(weight), weight), layer.fan_in_fan_out)
+    return found
+
+
+def _samples(weight: torch.Tensor, transposed: bool) -> tuple[tuple[int, ...], Any] | None:
+    """SPEC.md 9.1's (shape, samples) of a weight, or ``None`` where it has no values to read."""
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return None
+    with torch.no_grad():
+        return (tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)), _gather(weight, transposed)
+
+
+def remember_base(state: ModelState, adapter_name: str) -> None:
+    """Before ``adapter_name`` is merged: keep the samples of each module it goes into that holds no merged adapter
+    yet (its weight is the base), so that a save while merged records the base, not the merged weights.
+
+    >>> remember_base(get_state(model), "default")                      # doctest: +SKIP
+    """
+    for own, weight, transposed in _base_weights(state, adapter_name).values():
+        layer = state.wrappers[own]
+        if isinstance(layer, AdapterLayer) and not layer.merged_adapters:
+            state.base_samples[own] = (_samples(weight, transposed), None)
+
+
+def unmerged_base(state: ModelState) -> None:
+    """After an unmerge: note what each module's weight holds now. Subtracting a delta can round differently from
+    the addition, so the weight may differ from the base in the last bit; while it stays as the unmerge left it,
+    the fingerprint still describes the base the adapter was trained on (the samples kept by :func:`remember_base`).
+    """
+    for own in list(state.base_samples):
+        layer = state.wrappers.get(own)
+        base = layer._modules.get("base_layer") if isinstance(layer, AdapterLayer) else None
+        weight = base._parameters.get("weight") if base is not None else None
+        kept = state.base_samples[own][0]
+        if weight is None or kept is None or layer is None:
+            del state.base_samples[own]
+            continue
+        state.base_samples[own] = (kept, _samples(weight, layer.fan_in_fan_out))
+
+
+def _same(a: tuple[tuple[int, ...], Any] | None, b: tuple[tuple[int, ...], Any] | None) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and bytes(np.asarray(a[1]).data) == bytes(
+        np.asarray(b[1]).data)
+
+
+def _fingerprint(model: nn.Module, adapter_name: str) -> str | None:
+    state = require_state(model, adapter_name)
+    weights: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for spec, (own, weight, transposed) in _base_weights(state, adapter_name).items():
+        layer = state.wrappers[own]
+        kept, after_unmerge = state.base_samples.get(own, (None, None))
+        if isinstance(layer, AdapterLayer) and layer.merged_adapters:
+            sampled = kept  # merged deltas are in the weight: only the samples taken before describe the base
+        else:
+            sampled = _samples(weight, transposed)
+            if kept is not None and _same(sampled, after_unmerge):
+                sampled = kept
+        if sampled is None:
+            return None
+        weights[spec] = sampled
+    if not weights and state.configs[adapter_name].is_prompt_learning:
         getter = getattr(model, "get_input_embeddings", None)
         embedding = getter() if getter is not None else None
         path = next((name for name, module in model.named_modules() if module is embedding), None)
-        weight = getattr(embedding, "weight", None)
-        if path is not None and isinstance(weight, torch.Tensor):
-            found[path] = (weight, False)
-    if not found or any(w.device.type == "meta" or not w.is_floating_point() for w, _ in found.values()):
-        return None
-    with torch.no_grad():
-        weights = {spec: (tuple(weight.shape[::-1]) if transposed else tuple(weight.shape), _gather(weight, transposed))
-                   for spec, (weight, transposed) in found.items()}
-    return fingerprint(weights)
+        embedding_weight = getattr(embedding, "weight", None)
+        if path is None or not isinstance(embedding_weight, torch.Tensor):
+            return None
+        sampled = _samples(embedding_weight, False)
+        if sampled is None:
+            return None
+        weights[path] = sampled
+    return fingerprint(weights) if weights else None
 
 
 def base_identity(model: nn.Module, adapter_name: str) -> dict[str, str]:

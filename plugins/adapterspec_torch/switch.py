@@ -59,6 +59,9 @@ class ModelState:
     :param frozen: (parameter, its ``requires_grad`` before) of every base parameter frozen for them.
     :param stored_dtypes: name -> {canonical key: the dtype its file stored} for tensors loaded into another
         dtype (float32 on a half-precision base, SPEC.md 7.5), so that saving can write them back as stored.
+    :param base_samples: model module name -> (the fingerprint samples of its base weight taken just before an
+        adapter was merged into it, or ``None``; the samples of what an unmerge left there, or ``None``), so that a
+        save while merged, or after an unmerge that rounded differently, records the base (SPEC.md 9.1).
     """
 
     names: list[str] = field(default_factory=list)
@@ -74,6 +77,7 @@ class ModelState:
     freezers: list[str] = field(default_factory=list)
     frozen: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
     stored_dtypes: dict[str, dict[str, torch.dtype]] = field(default_factory=dict)
+    base_samples: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def active(self) -> list[str]:
@@ -190,8 +194,9 @@ def delete(model: torch.nn.Module, adapter_name: str) -> None:
     state.configs.pop(adapter_name)
     state.modules.pop(adapter_name, None)
     state.stored_dtypes.pop(adapter_name, None)
-    if adapter_name in state.merged:
+    if adapter_name in state.merged:  # its delta stays in the weights: they are the base now, or unknown
         state.merged.remove(adapter_name)
+        state.base_samples.clear()
     remaining = tuple(n for n in state.switch.names if n != adapter_name)
     if was_active and not remaining and state.names:
         remaining = (state.names[0],)
@@ -215,9 +220,12 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     state = get_state(model)
     if state is None:  # no adapter loaded, so none was named (require_state refuses every name)
         return
+    from .identity import remember_base  # identity imports this module
+
     for name in adapter_names:
         if name in state.merged:
             continue
+        remember_base(state, name)
         for _, layer in _wrappers(model, state, name):
             if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
                 layer.merge([name])
@@ -239,6 +247,9 @@ def unmerge(model: torch.nn.Module) -> None:
                 seen.add(model_name)
                 layer.unmerge()
     state.merged.clear()
+    from .identity import unmerged_base
+
+    unmerged_base(state)
 
 
 def modules_to_save_layers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[ModulesToSaveLayer]:

@@ -422,3 +422,32 @@ def test_half_precision_lora_merge_adds_a_float32_delta_as_peft(checkpoints: Any
     step = 2.0 ** (np.floor(np.log2(np.abs(want) + 1e-30)) - 7)
     assert np.all(np.abs(got - want) <= step) and np.mean(got == want) >= 0.99
     assert not np.array_equal(got, before)
+
+
+def test_unmerge_that_rounds_differently_keeps_the_base_fingerprint(checkpoints: Any, tmp_path: Path) -> None:
+    """As on torch: merging a float32 LoRA into a bfloat16 kernel and subtracting it again leaves some elements one
+    bfloat16 step from the base; the fingerprint still describes the base (a strict load of the save does not
+    warn), until a sampled element is changed for real."""
+    from adapterspec.identity import FINGERPRINT_KEY
+    from keras import ops
+    from keras_helpers import make_peft_adapter
+
+    make_peft_adapter(checkpoints["llama"], tmp_path / "lora", peft.LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules=["v_proj"]), salt=9)
+    model = _half_llama(checkpoints, "bfloat16")
+    adapterspec.load_adapter(model, tmp_path / "lora")
+    kernel = model.backbone.transformer_layers[0]._self_attention_layer._value_dense.kernel
+    before = ops.convert_to_numpy(ops.cast(kernel, "float32"))
+    adapterspec.save_adapter(model, tmp_path / "before")
+    adapterspec.merge_adapters(model)
+    adapterspec.unmerge_adapters(model)
+    assert not np.array_equal(ops.convert_to_numpy(ops.cast(kernel, "float32")), before)  # rounded differently
+    adapterspec.save_adapter(model, tmp_path / "after")
+    recorded = adapterspec.read_adapter(tmp_path / "before").metadata[FINGERPRINT_KEY]
+    assert adapterspec.read_adapter(tmp_path / "after").metadata[FINGERPRINT_KEY] == recorded  # was: another
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(_half_llama(checkpoints, "bfloat16"), tmp_path / "after", strict=True)
+    kernel.assign(ops.cast(ops.convert_to_tensor(before + 1.0), kernel.dtype))  # every element, the sampled ones too
+    adapterspec.save_adapter(model, tmp_path / "changed")
+    assert adapterspec.read_adapter(tmp_path / "changed").metadata[FINGERPRINT_KEY] != recorded

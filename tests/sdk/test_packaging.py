@@ -28,7 +28,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[zipfile.ZipFile, ta
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
-    for name in ("sdk", "plugins", "spec"):  # spec: the package's schema files are links into it
+    # spec: the package's schema files are links into it; conformance_tests/v1: the corpus the wheel ships
+    for name in ("sdk", "plugins", "spec", "conformance_tests"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     built, logs = [], ""
     for hook in ("build_sdist", "build_wheel"):  # one process each, as `python -m build` does

@@ -301,6 +301,66 @@ def test_adapters_without_a_fingerprint_load_silently(llama: Any, tmp_path: Path
         adapterspec.load_adapter(other, tmp_path / "peft", strict=True)
 
 
+@pytest.mark.parametrize("config", [
+    pytest.param({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}, id="lora"),
+    pytest.param({"peft_type": "IA3", "target_modules": ["v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+                 id="ia3"),
+])
+def test_a_merged_adapter_records_the_base_fingerprint(config: dict[str, Any], llama: Any, tmp_path: Path) -> None:
+    """SPEC.md 9.1, as on Keras: an adapter saved while merged records the samples taken before the merge (the
+    weights now hold the deltas), which the base loads strictly; after ``unload(merge=True)`` the merged weights
+    are the base a new adapter records."""
+    from adapterspec.identity import FINGERPRINT_KEY
+
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, config)
+    with torch.no_grad():
+        for i, p in enumerate(p for p in model.parameters() if p.requires_grad):
+            p.copy_(1.0 + 0.3 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).reshape(p.shape))
+    adapterspec.save_adapter(model, tmp_path / "unmerged")
+    adapterspec.merge_adapters(model)
+    adapterspec.save_adapter(model, tmp_path / "merged")
+    unmerged = adapterspec.read_adapter(tmp_path / "unmerged").metadata[FINGERPRINT_KEY]
+    assert adapterspec.read_adapter(tmp_path / "merged").metadata.get(FINGERPRINT_KEY) == unmerged  # was: none
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(fresh(llama), tmp_path / "merged", strict=True)
+    adapterspec.unload(model, merge=True)
+    adapterspec.inject_adapter(model, config, "next")
+    adapterspec.save_adapter(model, tmp_path / "next", "next")
+    assert adapterspec.read_adapter(tmp_path / "next").metadata[FINGERPRINT_KEY] not in (None, unmerged)
+
+
+def test_unmerge_that_rounds_differently_keeps_the_base_fingerprint(llama: Any, tmp_path: Path) -> None:
+    """A bfloat16 base: merging a float32 LoRA and subtracting it again leaves some weights one bf16 step away from
+    the base; the fingerprint still describes the base (no mismatch warning on a strict load of the save), until a
+    sampled weight is changed for real."""
+    from adapterspec.identity import FINGERPRINT_KEY
+
+    base = fresh(llama).to(torch.bfloat16)
+    model = fresh(base)
+    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    with torch.no_grad():
+        for i, p in enumerate(p for p in model.parameters() if p.requires_grad):
+            p.copy_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).reshape(p.shape))
+    adapterspec.save_adapter(model, tmp_path / "before")
+    adapterspec.merge_adapters(model)
+    adapterspec.unmerge_adapters(model)
+    drifted = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach()
+    assert not torch.equal(drifted, original)  # the round trip rounded some elements differently
+    adapterspec.save_adapter(model, tmp_path / "after", overwrite=True)
+    recorded = adapterspec.read_adapter(tmp_path / "before").metadata[FINGERPRINT_KEY]
+    assert adapterspec.read_adapter(tmp_path / "after").metadata[FINGERPRINT_KEY] == recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapterspec.load_adapter(fresh(base), tmp_path / "after", strict=True)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.base_layer.weight.add_(1.0)  # every element: the sampled ones too
+    adapterspec.save_adapter(model, tmp_path / "changed")
+    assert adapterspec.read_adapter(tmp_path / "changed").metadata[FINGERPRINT_KEY] != recorded
+
+
 # -- Trainer: adapter-only checkpoints and resume ------------------------------------------------------
 class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __len__(self) -> int:
