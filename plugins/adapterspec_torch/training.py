@@ -15,8 +15,8 @@ replaces the two places where the Trainer special-cases PEFT models -- writing t
 TRL's ``SFTTrainer`` (checked in trl 1.16.0, ``trl/trainer/sft_trainer.py`` and its ``_BaseTrainer``) overrides
 none of those three methods: it overrides ``_save_checkpoint`` only to write a model card (``README.md`` in
 ``output_dir``) before calling the Trainer's, which saves through ``_save``. So the callback works with it
-unchanged; pass the adapted model and no ``peft_config`` (that would wrap it in a ``PeftModel``). trl is not a
-test dependency here: it needs ``datasets`` and ``pyarrow``.
+unchanged; pass the adapted model and no ``peft_config`` (that would wrap it in a ``PeftModel``). The test suite
+runs it (``test_sft_trainer_checkpoints_hold_the_adapter_and_resume_exactly``).
 
 >>> adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]})  # doctest: +SKIP
 >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=50, save_total_limit=2), ...)  # doctest: +SKIP

@@ -452,3 +452,67 @@ def test_save_pretrained_on_an_adapted_model_refuses(llama: Any, tmp_path: Path)
     adapterspec.unload(model, merge=True)
     model.save_pretrained(tmp_path / "merged")  # the merged plain model saves as usual
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+# -- TRL's SFTTrainer ------------------------------------------------------------------------------------
+def _tokenizer() -> Any:
+    """A word-level tokenizer over the tiny Llama's 128 ids, built locally (SFTTrainer wants one; the dataset is
+    already tokenized, so it only pads)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(128)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+def _sft_trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None) -> Any:
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from transformers import TrainerCallback
+
+    from adapterspec_torch.training import AdapterCheckpoints
+
+    class Stop(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == stop_at:
+                control.should_training_stop = True
+            return control
+
+    model = fresh(base).train()
+    torch.manual_seed(7)
+    adapterspec.inject_adapter(model, {**LORA, "lora_dropout": 0.1})
+    rows = [{"input_ids": [int(t) for t in (torch.arange(8) * (i + 3) + i) % 128]} for i in range(16)]
+    arguments = trl.SFTConfig(str(out), max_steps=6, save_steps=2, save_total_limit=2, learning_rate=5e-3,
+                              per_device_train_batch_size=4, lr_scheduler_type="linear", warmup_steps=2,
+                              report_to=[], use_cpu=True, seed=3, data_seed=3, logging_steps=100, disable_tqdm=True,
+                              dataloader_num_workers=0, max_length=8, packing=False, dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=model, args=arguments, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=_tokenizer(), callbacks=[Stop()] if stop_at else [])
+    AdapterCheckpoints(trainer)
+    return trainer
+
+
+def test_sft_trainer_checkpoints_hold_the_adapter_and_resume_exactly(llama: Any, tmp_path: Path) -> None:
+    """TRL's SFTTrainer (a Trainer subclass) with AdapterCheckpoints: checkpoints hold only the adapter and the
+    trainer's state, and an interrupted run resumed from its checkpoint ends with the uninterrupted run's adapter."""
+    whole = _sft_trainer(llama, tmp_path / "whole")
+    whole.train()
+    files = sorted(p.name for p in (tmp_path / "whole" / "checkpoint-6").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
+                     "scheduler.pt", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
+                     "training_args.bin"]  # the Trainer saves the processing class too; no base weights
+    expected = _adapter(whole.model)
+    saved = adapterspec.read_adapter(tmp_path / "whole" / "checkpoint-6").load_tensors("pt")
+    assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+    first = _sft_trainer(llama, tmp_path / "cut", stop_at=4)
+    first.train()
+    after_four = _adapter(first.model)
+    resumed = _sft_trainer(llama, tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    final = _adapter(resumed.model)
+    assert sorted(final) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+    assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
