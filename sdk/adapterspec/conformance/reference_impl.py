@@ -28,7 +28,7 @@ from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
-__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors"]
+__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors", "replacements"]
 
 
 def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -43,6 +43,21 @@ def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[s
         if name.role == "adapter":
             grouped.setdefault(name.module, {})[name.param] = value
     return grouped
+
+
+def replacements(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The base-model tensors the adapter's auxiliary tensors replace (SPEC 8.8), keyed ``"<module>.<param>"``:
+    the parameters of modules to save, trained biases, embedding base weights.
+
+    >>> replacements(adapter, arrays)                                                # doctest: +SKIP
+    {'score.weight': array(...), 'score.bias': array(...)}
+    """
+    found: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        name = parse_key(key, adapter.config.peft_type, adapter.config)
+        if name.role in ("modules_to_save", "bias", "embedding", "base_layer"):
+            found[f"{name.module}.{name.param.removeprefix('base_layer.')}"] = value
+    return found
 
 
 def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
@@ -207,6 +222,7 @@ class ReferenceImplementation:
         if case.compute == "prompt_concat":
             return {"inputs_embeds": reference.prompt_concat(arrays[PROMPT_KEY], inputs["inputs_embeds"])}
         base = _io.read_arrays(case.weights) if case.weights else {}
+        base.update(replacements(adapter, arrays))
         grouped = module_tensors(adapter, arrays)
         out = {}
         for path, x in inputs.items():
