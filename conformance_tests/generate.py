@@ -906,9 +906,9 @@ def _mutation_numeric_cases() -> None:
             "excludes nothing (both q_proj are adapted)", "LORA", "linear", "float32",
             {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
             lora(2, 6, ["q_proj"], exclude_modules=r"model\.layers\.1"), ["exclude_modules", "regex"])
-    numeric("lora-defaults-f32", "a config with only peft_type and target_modules: r and lora_alpha take PEFT's "
-            "defaults (8 and 8, s = 1)", "LORA", "linear", "float32", {"layer": linear(10, 9)},
-            {"peft_type": "LORA", "target_modules": ["layer"]}, ["defaults"])
+    numeric("lora-defaults-f32", "a config without lora_alpha: it takes PEFT's default 8 (r = 4, s = 2)", "LORA",
+            "linear", "float32", {"layer": q}, {"peft_type": "LORA", "r": 4, "target_modules": ["layer"]},
+            ["defaults"])
 
 
 def _mutation_folder_cases() -> None:

@@ -14,7 +14,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import sys
 import tempfile
@@ -22,13 +21,14 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from adapterspec import _rules, adapter, checks, config, folder, naming, spec, targets
+from adapterspec import _safetensors, adapter, checks, config, folder, naming, read_adapter, spec, targets, write_adapter
 from adapterspec import _method_checks as method_checks
+from adapterspec._regex import Pattern
+from adapterspec.errors import DTypeMismatchError, FileFormatError, UnexpectedTensorError
 from adapterspec.conformance import Corpus, Status, _io, load_corpus, reference, reference_impl
 from adapterspec.conformance.cases import Case
 from adapterspec.conformance.runner import load_error_hierarchy, run_case
@@ -116,8 +116,6 @@ def kill(mutant: Mutant, corpus: Corpus, impl: Any | None = None) -> tuple[str |
 
 # -- wrong variants of the rules ------------------------------------------------------------------------
 
-_ORIGINAL_MATCHES = targets.Targeting.matches
-
 
 class _Source:
     """A string target_modules / exclude_modules kept as text, for the regex mutants."""
@@ -147,7 +145,7 @@ def _matches(*, exclude: bool = True, save: bool = True, regex: str = "fullmatch
             return False
         if isinstance(self.targets, _Source):
             return getattr(re, regex)(self.targets.source, path) is not None
-        if isinstance(self.targets, targets.Pattern):
+        if isinstance(self.targets, Pattern):
             return self.targets.fullmatch(path)
         if exact and path in self.targets:
             if exact_skips_layers:
@@ -395,7 +393,7 @@ class _Silent:
 
 
 def _read_adapter(**forced: Any) -> Callable[[], list[Patch]]:
-    original = reference_impl.read_adapter
+    original = read_adapter
 
     def read(path: Any, **kwargs: Any) -> Any:
         return original(path, **{**kwargs, **forced})
@@ -413,7 +411,7 @@ def _bf16_misread(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _roundtrip_widens() -> list[Patch]:
-    original = reference_impl.write_adapter
+    original = write_adapter
 
     def write(path: Any, cfg: Any, tensors: Mapping[str, Any], **kwargs: Any) -> Any:
         widened = {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" or
@@ -462,7 +460,7 @@ def _no_check_against_model(part: str) -> Callable[[], list[Patch]]:
 
 
 def _method_check(method: str, wrong: Callable[..., Any]) -> Callable[[], list[Patch]]:
-    return lambda: [(checks, "METHOD_CHECKS", {**checks.METHOD_CHECKS, method: wrong})]
+    return lambda: [(checks, "METHOD_CHECKS", {**method_checks.METHOD_CHECKS, method: wrong})]
 
 
 def _lora_check_without(param: str) -> Callable[..., Any]:
@@ -486,7 +484,7 @@ def _errors_without(word: str) -> Callable[[], list[Patch]]:
 
 
 def _accepts_truncated() -> list[Patch]:
-    original = adapter._safetensors.read_header
+    original = _safetensors.read_header
 
     def read_header(path: Path, file: Any = None) -> Any:
         try:
@@ -501,9 +499,9 @@ def _accepts_truncated() -> list[Patch]:
             metadata = header.pop("__metadata__", {}) or {}
             infos = {k: checks.TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
             spans = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()}
-            return adapter._safetensors.Header(infos, metadata, blob[8:8 + n], len(blob), spans)
+            return _safetensors.Header(infos, metadata, blob[8:8 + n], len(blob), spans)
 
-    return [(adapter._safetensors, "read_header", read_header)]
+    return [(_safetensors, "read_header", read_header)]
 
 
 def _parse_key(*, prefix_optional: bool = False, malformed_ok: bool = False) -> list[Patch]:
@@ -515,7 +513,7 @@ def _parse_key(*, prefix_optional: bool = False, malformed_ok: bool = False) -> 
             key = spec.PEFT_PREFIX + key
         try:
             return original(key, peft_type, cfg)
-        except naming.UnexpectedTensorError as exc:
+        except UnexpectedTensorError as exc:
             if not (malformed_ok and "is malformed" in str(exc)):
                 raise
             found = naming._method_tensor(key, key[len(spec.PEFT_PREFIX):], peft_type)
@@ -560,7 +558,7 @@ def _mixed_dtypes_refused() -> list[Patch]:
 
     def tensor_errors(cfg: Any, tensors: Mapping[str, Any]) -> list[Any]:
         dtypes = {info.dtype for info in tensors.values()}
-        extra = [checks.DTypeMismatchError("mixed dtypes", key=next(iter(tensors)))] if len(dtypes) > 1 else []
+        extra = [DTypeMismatchError("mixed dtypes", key=next(iter(tensors)))] if len(dtypes) > 1 else []
         return original(cfg, tensors) + extra
 
     return [(adapter, "tensor_errors", tensor_errors)]
@@ -571,7 +569,7 @@ def _format_required() -> list[Patch]:
 
     def check(cfg: Any, metadata: Mapping[str, str], weights: Path) -> None:
         if metadata.get("format") != "pt":
-            raise adapter.FileFormatError("metadata 'format' is not 'pt'", path=weights)
+            raise FileFormatError("metadata 'format' is not 'pt'", path=weights)
         return original(cfg, metadata, weights)
 
     return [(adapter, "_check_metadata_version", check)]
