@@ -902,6 +902,9 @@ def _mutation_numeric_cases() -> None:
             "base's) and never adapted, although target_modules names it", "LORA", "linear", "float32",
             {"layers.0.q_proj": q, "score": linear(5, 3)},
             lora(2, 6, ["q_proj", "score"], modules_to_save=["score"]), ["modules_to_save"])
+    numeric("lora-gpt2-field-false-f32", "LoRA on GPT-2's Conv1D with fan_in_fan_out false in the config: the layer "
+            "kind decides (SPEC 4.2 rule 5), the update is transposed as for fan_in_fan_out true", "LORA",
+            "gpt2_conv1d", "float32", {"h.0.mlp.c_fc": gpt2(6, 5)}, lora(2, 6, ["c_fc"]), ["fan_in_fan_out"])
     numeric("lora-exclude-regex-f32", "a string exclude_modules must match the whole path: model\\.layers\\.1 "
             "excludes nothing (both q_proj are adapted)", "LORA", "linear", "float32",
             {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
@@ -948,6 +951,20 @@ def _mutation_folder_cases() -> None:
                   "lowercase hex digits", valid=False, error="FileFormatError", options={"verify": True})
     adapterspec.write_adapter(path, LORA_CFG, t)
     _uppercase_sha256(path / "adapter_model.safetensors")
+    plain("modules-to-save-wrong-shape", "k_proj is saved whole (modules_to_save) as a [4, 4] weight; the model's "
+          "k_proj weight is [4, 8]", LORA_CFG | {"modules_to_save": ["k_proj"]},
+          t | {f"{K}.weight": det((4, 4), 9).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{K}.weight")
+    for id_, what, manifest, pointer in (
+            ("manifest-default-not-listed", "the manifest's default 'de' is not one of its adapters",
+             {"adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}, "default": "de"}, "/default"),
+            ("manifest-names-differ-in-case", "two adapters whose names differ only in letter case (fr, and FR in "
+             "fr-upper/)", {"adapters": {"fr": {"path": "fr"}, "FR": {"path": "fr-upper"}}}, "/adapters/FR")):
+        path = folder(id_, what, valid=False, multi=True, error="ConfigError", pointer=pointer)
+        write_json(path / "adapterspec.json", {"adapterspec_version": "1.1", **manifest})
+        for name, entry in manifest["adapters"].items():
+            write_config(path / entry["path"], LORA_CFG)
+            np_save(path / entry["path"] / "adapter_model.safetensors", t)
     path = folder("multi-invalid-subfolder-name", "no manifest (PEFT's layout): the root adapter, and a subfolder "
                   "-draft whose name is not a valid adapter name (and whose config is not JSON): skipped, with a "
                   "warning", valid=True, multi=True, warnings_=[{"category": "AdapterSpecWarning"}])

@@ -319,20 +319,26 @@ def _lora_mutant(change: str) -> Callable[..., Any]:
         if change == "b-transposed":
             flat = b.reshape(b.shape[0], -1)
             b = flat.reshape(flat.shape[1], flat.shape[0]).T.reshape(b.shape)
-        w = weight if change == "fan-in-fan-out" and kind == "gpt2_conv1d" else reference._out_in(kind, weight)
+        field_decides = change == "fan-in-fan-out-from-field" and kind == "gpt2_conv1d" and not cfg.get("fan_in_fan_out")
+        if change == "embedding-unscaled" and kind == "embedding":
+            s = 1.0
+        w = weight if (change == "fan-in-fan-out" and kind == "gpt2_conv1d") or field_decides \
+            else reference._out_in(kind, weight)
         delta = b.reshape(-1, r) @ a.reshape(r, -1)
         adapted = w + s * (delta.T if change == "fan-in-fan-out" and kind == "gpt2_conv1d" else delta)
         if "lora_magnitude_vector" in t and change != "dora-ignored":
             magnitude = reference._f64(t["lora_magnitude_vector"]).reshape(-1)
-            if change == "dora-norm-of-base":
+            if change == "dora-norm-of-whole":
+                adapted = (magnitude / np.linalg.norm(adapted))[:, None] * adapted
+            elif change == "dora-norm-of-base":
                 adapted = (magnitude / np.linalg.norm(w, axis=1))[:, None] * adapted
             else:
                 adapted = (magnitude / np.linalg.norm(adapted, axis=1))[:, None] * adapted
         if "lora_B.bias" in t:
             extra = (1.0 if change == "bias-unscaled" else s) * reference._f64(t["lora_B.bias"])
             bias = extra if bias is None else reference._f64(bias) + extra
-        if change == "fan-in-fan-out" and kind == "gpt2_conv1d":
-            return adapted, bias
+        if (change == "fan-in-fan-out" and kind == "gpt2_conv1d") or field_decides:
+            return adapted.reshape(weight.shape), bias
         return reference._from_out_in(kind, adapted, weight.shape), bias
 
     return lora
@@ -373,10 +379,14 @@ def _prompt_appended(prompt_embeddings: Any, inputs_embeds: Any) -> Any:
     return np.concatenate([x, p], axis=1)
 
 
-def _conv_no_stride(original: Callable[..., Any]) -> Callable[..., Any]:
+def _conv_without(field: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return lambda original: _conv_no(original, field)
+
+
+def _conv_no(original: Callable[..., Any], field: str) -> Callable[..., Any]:
     def base_forward(module: Mapping[str, Any], weight: Any, bias: Any, x: Any) -> Any:
         if module["kind"] in ("conv1d", "conv2d"):
-            module = {**module, "stride": None}
+            module = {**module, field: None}
         return original(module, weight, bias, x)
     return base_forward
 
@@ -615,6 +625,8 @@ MUTANTS: tuple[Mutant, ...] = (
        lambda: [(spec, "warnings", _Silent)], "newer-minor-version-metadata", kinds=_LOADS),
     _m("version-metadata-ignored", "2", "the version in the safetensors metadata is checked too",
        lambda: [(adapter, "_check_metadata_version", _returning(None))], "metadata-", kinds=_LOADS),
+    _m("version-differs-silent", "2", "readers SHOULD warn when the metadata's version differs from the config's",
+       lambda: [(adapter, "warnings", _Silent)], "metadata-version-differs", kinds=_LOADS),
     _m("version-pattern-loose", "2", "the version is MAJOR.MINOR, the whole string, no leading zeros",
        lambda: [(spec, "_VERSION_RE", re.compile(r"\s*0*(\d+)\.0*(\d+)\s*"))], "version-malformed"),
     _m("unknown-fields-refused", "2", "readers MUST NOT fail because of unknown fields",
@@ -773,7 +785,15 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("modules-to-save-ignored", "8.8", "tensors of modules to save replace the base module's",
        _modules_to_save_ignored, "modules-to-save", kinds=_LOADS),
     _m("conv-stride-ignored", "8.1", "the adapted convolution keeps the base layer's stride",
-       _wrap(reference, "base_forward", _conv_no_stride), "conv2d", kinds=_LOADS),
+       _wrap(reference, "base_forward", _conv_without("stride")), "conv2d", kinds=_LOADS),
+    _m("conv-padding-ignored", "8.1", "the adapted convolution keeps the base layer's padding",
+       _wrap(reference, "base_forward", _conv_without("padding")), "conv", kinds=_LOADS),
+    _m("lora-embedding-unscaled", "8.1", "an Embedding's update is scaled by s too",
+       _math("_lora", _lora_mutant("embedding-unscaled")), "lora-embedding", kinds=_LOADS),
+    _m("dora-norm-of-whole-weight", "8.2", "the DoRA norm is per output row, not of the whole matrix",
+       _math("_lora", _lora_mutant("dora-norm-of-whole")), "dora", kinds=_LOADS),
+    _m("fan-in-fan-out-from-field", "4.2", "the layer kind decides fan_in_fan_out, not the field (rule 5)",
+       _math("_lora", _lora_mutant("fan-in-fan-out-from-field")), "gpt2-field-false", kinds=_LOADS),
     # 9 safetensors metadata
     _m("sha256-not-verified", "9", "adapterspec_sha256 is verified (IntegrityError on mismatch)",
        lambda: [(adapter.Adapter, "_check_checksum", _returning(True))], "sha256", kinds=_LOADS),
@@ -782,6 +802,11 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("sha256-format-unchecked", "9", "adapterspec_sha256 is 64 LOWERCASE hex digits (FileFormatError)",
        _sha256_case_insensitive, "sha256-uppercase", kinds=_LOADS),
     # 10 Validation rules
+    _m("saved-module-shape-unchecked", "10", "auxiliary tensors have the shape of the tensors they replace (check 21)",
+       lambda: [(reference_impl, "_check_saved_modules", _returning(None))], "modules-to-save-wrong-shape",
+       kinds=_LOADS),
+    _m("manifest-names-unchecked", "10", "manifest: default is a listed name; names differ beyond letter case (check 17)",
+       lambda: [(folder, "_check_manifest_names", _returning(None))], "manifest", kinds=_LOADS),
     _m("truncated-data-accepted", "10", "every tensor's byte range lies inside the data section (check 6)",
        _accepts_truncated, "truncated", kinds=_LOADS),
     _m("missing-partner-accepted", "10", "tensor sets are complete per module (check 9)",

@@ -32,7 +32,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 190 and len(corpus.cases) == 257
+    assert len(core) == 193 and len(corpus.cases) == 262
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
@@ -40,13 +40,13 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
 
 def test_everything_unsupported_fails(corpus: Corpus) -> None:
     report = run_suite(AllUnsupported(), corpus, profile="core")
-    assert report.counts() == {"passed": 0, "failed": 0, "unsupported": 257, "xfailed": 0, "xpassed": 0, "total": 257}
+    assert report.counts() == {"passed": 0, "failed": 0, "unsupported": 262, "xfailed": 0, "xpassed": 0, "total": 262}
     assert not report.ok
     assert report.claim_problems() == [
-        "profile 'core' claimed, but 190 of its cases are unsupported: schema/config-is-a-list, "
+        "profile 'core' claimed, but 193 of its cases are unsupported: schema/config-is-a-list, "
         "schema/version-major-2, schema/version-minor-newer, schema/version-malformed, schema/lora-r-negative ..."]
-    assert report.profile_counts()["core"] == {"passed": 0, "failed": 0, "unsupported": 190, "xfailed": 0,
-                                               "xpassed": 0, "total": 190, "cases": 190}
+    assert report.profile_counts()["core"] == {"passed": 0, "failed": 0, "unsupported": 193, "xfailed": 0,
+                                               "xpassed": 0, "total": 193, "cases": 193}
     assert not run_suite(AllUnsupported(), corpus).ok  # no claim: still, a run where nothing passed fails
 
 
@@ -82,9 +82,9 @@ def test_a_claimed_profile_needs_every_case_of_it(corpus: Corpus) -> None:
 def test_cli_profile_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "-q"]) == 1
     out = capsys.readouterr().out
-    assert "all-unsupported: 0 passed, 0 failed, 257 unsupported" in out and "no case passed: the run fails" in out
+    assert "all-unsupported: 0 passed, 0 failed, 262 unsupported" in out and "no case passed: the run fails" in out
     assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "--profile", "core", "-q"]) == 1
-    assert "profile core: 0 passed, 0 failed, 190 unsupported, 0 xfailed, 0 xpassed (190 of 190 cases run) -- " \
+    assert "profile core: 0 passed, 0 failed, 193 unsupported, 0 xfailed, 0 xpassed (193 of 193 cases run) -- " \
            "claimed: DOES NOT HOLD" in capsys.readouterr().out
     assert main(["conformance", "--impl", "reference", "--profile", "core", "--include", "^(schema|folder)/",
                  "--exclude", "^folder/(dora|loha|lokr|prefix|prompt)", "-q"]) == 1
@@ -93,7 +93,7 @@ def test_cli_profile_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no profile 'bogus'" in capsys.readouterr().err
     assert main(["conformance", "list", "--profile", "core"]) == 0
     out = capsys.readouterr().out
-    assert "190 cases; profiles: core (190), full (257)" in out and "numeric/lokr-linear-f32" not in out
+    assert "193 cases; profiles: core (193), full (262)" in out and "numeric/lokr-linear-f32" not in out
     assert "numeric/lora-linear-f32  [core,full]  " in out
 
 

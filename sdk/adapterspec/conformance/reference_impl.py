@@ -162,6 +162,20 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                                      hint="save the adapter again from the trained model")
     for path, params in shapes.items():
         _check_layer(config, path, modules[path], params)
+    _check_saved_modules(adapter, config, modules)
+
+
+def _check_saved_modules(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check 21: the tensors of a module saved whole have the shapes of the module's own."""
+    for key, info in adapter.tensors.items():
+        name = parse_key(key, config.peft_type, config)
+        spec = modules.get(name.module)
+        if name.role != "modules_to_save" or spec is None or name.param not in ("weight", "bias"):
+            continue
+        want = _weight_shape(spec) if name.param == "weight" else (_in_out(spec)[1],)
+        if tuple(info.shape) != tuple(want):
+            raise ShapeMismatchError(f"shape {list(info.shape)}: module {name.module!r} has {name.param} {list(want)}",
+                                     key=key, hint="the adapter was made for another model")
 
 
 def _decoder_modules(decoder: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
