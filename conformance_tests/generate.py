@@ -31,12 +31,13 @@ import adapterspec
 import adapterspec.errors
 import adapterspec.spec
 from adapterspec.conformance import reference
+from adapterspec.naming import PARAMETERS
 from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.1.0"
+CORPUS_VERSION = "1.2.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -310,6 +311,7 @@ def _numeric_cases() -> None:
             {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
              "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2}, [],
             decoder=DECODER, compute="prompt_concat")
+    _mutation_numeric_cases()
 
 
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -334,8 +336,10 @@ def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict
     out = {}
     for path, spec in case["model"]["modules"].items():
         prefix = f"base_model.model.{path}."
-        own = {k[len(prefix):]: f64(v) for k, v in tensors.items() if k.startswith(prefix)}
-        weights = {p: f64(base[f"{path}.{p}"]) for p in weight_shapes(spec)}
+        own = {k[len(prefix):]: f64(v) for k, v in tensors.items()
+               if k.startswith(prefix) and k[len(prefix):] in PARAMETERS[config["peft_type"]]}
+        # tensors of modules to save replace the base module's (SPEC 8.8)
+        weights = {p: f64(tensors.get(prefix + p, base[f"{path}.{p}"])) for p in weight_shapes(spec)}
         out[path] = reference.forward(spec, weights, f64(inputs[path]), config, path, own)
     return out
 
@@ -645,6 +649,7 @@ def generate_folders() -> list[dict[str, Any]]:
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _manifest_examples()
+    _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
           "the metadata); still read", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
           {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
@@ -772,6 +777,7 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
 
 
 def generate_schema() -> dict[str, list[dict[str, Any]]]:
+    _mutation_schema_cases()
     files: dict[str, list[dict[str, Any]]] = {"spec-examples": []}
     for kind in ("valid", "invalid"):
         for example in sorted((SPEC_EXAMPLES / kind).glob("*.json")):
@@ -837,6 +843,161 @@ def _numeric_in_core(entry: dict[str, Any]) -> bool:
 
 def with_profiles(entry: dict[str, Any], core: bool) -> dict[str, Any]:
     return {**entry, "profiles": ["core", "full"] if core else ["full"]}
+
+
+# -- cases that kill the mutants of tests/conformance/mutants.py -------------------------------------------
+# Each rule below was broken, on its own, in a copy of the reference implementation that still passed the
+# rest of the corpus: these cases make every such single-rule mutant fail (conformance_tests/README.md).
+
+def _mutation_numeric_cases() -> None:
+    q, v = linear(6, 5), linear(6, 3)
+    numeric("lora-exclude-modules-f32", "exclude_modules wins over target_modules: model.layers.1.q_proj is "
+            "excluded (its output is unchanged), model.layers.0.q_proj adapted", "LORA", "linear", "float32",
+            {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
+            lora(2, 6, ["q_proj"], exclude_modules=["layers.1.q_proj"]), ["exclude_modules", "untargeted"])
+    numeric("lora-target-suffix-boundary-f32", "target_modules entries match on '.' boundaries: q_proj selects "
+            "layers.0.q_proj, not layers.0.xq_proj", "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "layers.0.xq_proj": q}, lora(2, 6, ["q_proj"]), ["untargeted"])
+    numeric("lora-regex-whole-path-f32", "a string target_modules must match the whole module path: "
+            "layers\\.\\d+\\.q_proj selects layers.0.q_proj, not model.layers.0.q_proj nor layers.0.q_proj_up",
+            "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "model.layers.0.q_proj": q, "layers.0.q_proj_up": q},
+            lora(2, 6, r"layers\.\d+\.q_proj"), ["regex", "untargeted"])
+    numeric("lora-layers-to-transform-f32", "layers_to_transform [1]: the layer index is the first numbered "
+            "segment after a leading one (model.layers.1.block.0.q_proj is in layer 1); an exact target_modules "
+            "entry (model.layers.0.v_proj) is adapted whatever its layer", "LORA", "linear", "float32",
+            {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q, "model.layers.1.block.0.q_proj": q,
+             "model.layers.0.v_proj": v},
+            lora(2, 6, ["q_proj", "model.layers.0.v_proj"], layers_to_transform=[1]), ["layers_to_transform", "untargeted"])
+    numeric("lora-layers-pattern-f32", "layers_pattern 'blocks': the layer index follows 'blocks.' "
+            "(model.layers.0.blocks.1.q_proj is in layer 1, model.layers.1.blocks.0.q_proj in layer 0)", "LORA",
+            "linear", "float32", {"model.layers.0.blocks.1.q_proj": q, "model.layers.1.blocks.0.q_proj": q},
+            lora(2, 6, ["q_proj"], layers_to_transform=[1], layers_pattern="blocks"),
+            ["layers_to_transform", "layers_pattern", "untargeted"])
+    numeric("lora-pattern-order-f32", "rank_pattern and alpha_pattern with overlapping keys: the first matching key "
+            "in document order wins (layers\\.0\\.q_proj before q_proj)", "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "layers.1.q_proj": q},
+            lora(4, 8, ["q_proj"], rank_pattern={r"layers\.0\.q_proj": 2, "q_proj": 3},
+                 alpha_pattern={r"layers\.1\.q_proj": 5, "q_proj": 12}), ["rank_pattern", "alpha_pattern"])
+    numeric("lora-pattern-anchoring-f32", "pattern keys match a '.'-aligned suffix up to the end, wrapped in a "
+            "group: q_proj gives layers.0.q_proj r=2 but not layers.0.q_proj_up nor layers.0.kq_proj; "
+            "q_proj|kq_proj gives alpha 6 to both, not to layers.0.q_proj_up", "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "layers.0.q_proj_up": q, "layers.0.kq_proj": q},
+            lora(4, 8, ["q_proj", "q_proj_up", "kq_proj"], rank_pattern={"q_proj": 2},
+                 alpha_pattern={"q_proj|kq_proj": 6}), ["rank_pattern", "alpha_pattern"])
+    two = {"layers.0.q_proj": linear(16, 12), "layers.0.v_proj": linear(16, 12)}
+    numeric("loha-patterns-f32", "LoHa with rank_pattern and alpha_pattern: v_proj has r=4, alpha=2", "LOHA",
+            "linear", "float32", {"layers.0.q_proj": q, "layers.0.v_proj": v},
+            lycoris("LOHA", 2, 6, ["q_proj", "v_proj"], rank_pattern={"v_proj": 4},
+                    alpha_pattern={"v_proj": 2}), ["rank_pattern", "alpha_pattern"])
+    numeric("lokr-patterns-f32", "LoKr with alpha_pattern: v_proj has alpha=5 (s = alpha / r)", "LOKR", "linear",
+            "float32", two, lycoris("LOKR", 1, 3, ["q_proj", "v_proj"], alpha_pattern={"v_proj": 5}),
+            ["alpha_pattern"])
+    numeric("ia3-feedforward-suffix-f32", "IA3 feedforward_modules entries match as a plain suffix, without the "
+            "'.' boundary of target_modules: 'wn_proj' makes mlp.down_proj feed-forward", "IA3", "linear", "float32",
+            {"layers.0.self_attn.q_proj": linear(6, 5), "layers.0.mlp.down_proj": linear(6, 4)},
+            {"peft_type": "IA3", "target_modules": r".*\.(q_proj|down_proj)", "feedforward_modules": ["wn_proj"]},
+            ["feedforward", "regex"])
+    numeric("lora-modules-to-save-f32", "modules_to_save: score is saved whole (its weight and bias replace the "
+            "base's) and never adapted, although target_modules names it", "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "score": linear(5, 3)},
+            lora(2, 6, ["q_proj", "score"], modules_to_save=["score"]), ["modules_to_save"])
+    numeric("lora-gpt2-field-false-f32", "LoRA on GPT-2's Conv1D with fan_in_fan_out false in the config: the layer "
+            "kind decides (SPEC 4.2 rule 5), the update is transposed as for fan_in_fan_out true", "LORA",
+            "gpt2_conv1d", "float32", {"h.0.mlp.c_fc": gpt2(6, 5)}, lora(2, 6, ["c_fc"]), ["fan_in_fan_out"])
+    numeric("lora-exclude-regex-f32", "a string exclude_modules must match the whole path: model\\.layers\\.1 "
+            "excludes nothing (both q_proj are adapted)", "LORA", "linear", "float32",
+            {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
+            lora(2, 6, ["q_proj"], exclude_modules=r"model\.layers\.1"), ["exclude_modules", "regex"])
+    numeric("lora-defaults-f32", "a config without lora_alpha: it takes PEFT's default 8 (r = 4, s = 2)", "LORA",
+            "linear", "float32", {"layer": q}, {"peft_type": "LORA", "r": 4, "target_modules": ["layer"]},
+            ["defaults"])
+
+
+def _mutation_folder_cases() -> None:
+    t = lora_tensors()
+    plain("key-with-adapter-name", "keys that still hold the adapter name (PEFT's in-memory lora_A.default.weight)",
+          LORA_CFG, {k.replace(".weight", ".default.weight"): a for k, a in t.items()}, valid=False,
+          error="UnexpectedTensorError", key=[k.replace(".weight", ".default.weight") for k in t])
+    bad = "base_model.model.model.layers.0..self_attn.q_proj"
+    plain("module-name-empty-segment", "a key whose module name has an empty segment (layers.0..self_attn)",
+          LORA_CFG, {k.replace(Q, bad): a for k, a in t.items()}, valid=False, error="UnexpectedTensorError",
+          key=[f"{bad}.lora_A.weight", f"{bad}.lora_B.weight"])
+    plain("dora-magnitude-wrong-shape", "v_proj's lora_magnitude_vector is [8]; v_proj has 4 outputs",
+          LORA_CFG | {"use_dora": True}, t | {f"{Q}.lora_magnitude_vector": det((8,), 5, 0.2, 1.0).astype(np.float32),
+                                              f"{V}.lora_magnitude_vector": det((8,), 6, 0.2, 1.0).astype(np.float32)},
+          valid=False, error="ShapeMismatchError", key=f"{V}.lora_magnitude_vector")
+    plain("lokr-factorization-differs", "LoKr on q_proj with lokr_w1 [4, 4] and lokr_w2 [2, 2]: the product has "
+          "q_proj's shape, but PEFT's factorisation of 8 is 2 x 4 (SPEC 6.5)",
+          {"peft_type": "LOKR", "r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+          {f"{Q}.lokr_w1": det((4, 4), 1).astype(np.float32), f"{Q}.lokr_w2": det((2, 2), 2).astype(np.float32)},
+          valid=False, error="ShapeMismatchError", key=f"{Q}.lokr_w1")
+    plain("metadata-version-malformed", "the safetensors metadata says adapterspec_version '01.1' (a leading "
+          "zero): not a version", LORA_CFG, t, {"format": "pt", "adapterspec_version": "01.1"}, valid=False,
+          error="VersionError")
+    plain("newer-minor-version-metadata", "written by a spec 1.9 writer (the version in the safetensors metadata "
+          "only, as 1.1 writers record it): loads, with a warning", LORA_CFG, t,
+          {"format": "pt", "adapterspec_version": "1.9"}, valid=True, warnings_=[{"category": "AdapterSpecWarning"}])
+    plain("lora-f64", "LoRA tensors stored as F64 (an allowed dtype)", LORA_CFG,
+          {k: a.astype(np.float64) for k, a in t.items()}, valid=True)
+    plain("mixed-dtypes", "q_proj's factors in F16, v_proj's in F32: mixed dtypes are accepted (SPEC 7.2)",
+          LORA_CFG, {k: a.astype(np.float16) if k.startswith(Q) else a for k, a in t.items()}, valid=True)
+    plain("metadata-without-format", "a safetensors file without the 'format' metadata key: readers accept any "
+          "value or none", LORA_CFG, t, {}, valid=True)
+    plain("config-duplicate-key", "adapter_config.json names the member r twice (JSON objects with duplicate "
+          "names are refused)", '{"peft_type": "LORA", "r": 2, "r": 4, "lora_alpha": 4, '
+          '"target_modules": ["q_proj", "v_proj"]}\n', t, valid=False, error="FileFormatError")
+    path = folder("sha256-uppercase", "adapterspec_sha256 in uppercase hex (checked with verify): not 64 "
+                  "lowercase hex digits", valid=False, error="FileFormatError", options={"verify": True})
+    adapterspec.write_adapter(path, LORA_CFG, t)
+    _uppercase_sha256(path / "adapter_model.safetensors")
+    plain("modules-to-save-wrong-shape", "k_proj is saved whole (modules_to_save) as a [4, 4] weight; the model's "
+          "k_proj weight is [4, 8]", LORA_CFG | {"modules_to_save": ["k_proj"]},
+          t | {f"{K}.weight": det((4, 4), 9).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{K}.weight")
+    for id_, what, manifest, pointer in (
+            ("manifest-default-not-listed", "the manifest's default 'de' is not one of its adapters",
+             {"adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}, "default": "de"}, "/default"),
+            ("manifest-names-differ-in-case", "two adapters whose names differ only in letter case (fr, and FR in "
+             "fr-upper/)", {"adapters": {"fr": {"path": "fr"}, "FR": {"path": "fr-upper"}}}, "/adapters/FR")):
+        path = folder(id_, what, valid=False, multi=True, error="ConfigError", pointer=pointer)
+        write_json(path / "adapterspec.json", {"adapterspec_version": "1.1", **manifest})
+        for name, entry in manifest["adapters"].items():
+            write_config(path / entry["path"], LORA_CFG)
+            np_save(path / entry["path"] / "adapter_model.safetensors", t)
+    path = folder("multi-invalid-subfolder-name", "no manifest (PEFT's layout): the root adapter, and a subfolder "
+                  "-draft whose name is not a valid adapter name (and whose config is not JSON): skipped, with a "
+                  "warning", valid=True, multi=True, warnings_=[{"category": "AdapterSpecWarning"}])
+    write_config(path, LORA_CFG)
+    np_save(path / "adapter_model.safetensors", t)
+    write_config(path / "-draft", "not JSON\n")
+
+
+def _uppercase_sha256(path: Path) -> None:
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"]["adapterspec_sha256"] = header["__metadata__"]["adapterspec_sha256"].upper()
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+
+
+def _mutation_schema_cases() -> None:
+    SCHEMA_EXTRA["rules"] = [
+        ("ia3-feedforward-not-targeted", "IA3: every feedforward_modules entry is a target_modules entry (SPEC 4.2 "
+         "rule 2)", {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}, False,
+         "/feedforward_modules/0", None),
+        ("prefix-token-dim-not-divisible", "prefix tuning: token_dim divisible by num_attention_heads (rule 3)",
+         {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 10, "num_attention_heads": 3,
+          "num_layers": 2}, False, "/token_dim", None),
+        ("lora-target-modules-bad-regex", "a string target_modules must compile as a regular expression (rule 1)",
+         {"peft_type": "LORA", "target_modules": "(q_proj"}, False, "/target_modules", None),
+        ("lora-rank-pattern-bad-regex", "rank_pattern keys must compile (rule 1)",
+         {"peft_type": "LORA", "target_modules": ["q_proj"], "rank_pattern": {"q_proj[": 4}}, False,
+         "/rank_pattern/q_proj[", None),
+    ]
 
 
 # -- the rest --------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
     assert "numeric/rslora-patterns-f32" in scaled and "numeric/lokr-linear-bf16" in scaled
     # IA3 and prompt learning have no alpha: they still pass
     assert set(report.by_status(Status.PASSED)) == {f"numeric/{i}" for i in (
-        "ia3-linear-f32", "ia3-linear-f16", "ia3-conv2d-f32", "ia3-gpt2-conv1d-f32", "prefix-tuning-f32",
+        "ia3-linear-f32", "ia3-linear-f16", "ia3-conv2d-f32", "ia3-gpt2-conv1d-f32", "ia3-feedforward-suffix-f32",
+        "prefix-tuning-f32",
         "prefix-tuning-gqa-f32", "prompt-tuning-f32")}
 
 

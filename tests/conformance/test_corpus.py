@@ -12,7 +12,7 @@ import pytest
 from adapterspec.conformance import Corpus, FolderCase, NumericCase, SchemaCase, check_corpus
 from adapterspec.conformance import _io, reference
 from adapterspec.conformance.check import MAX_CORPUS_BYTES
-from adapterspec.conformance.reference_impl import module_tensors
+from adapterspec.conformance.reference_impl import module_tensors, replacements
 
 
 def test_check_passes(corpus: Corpus) -> None:
@@ -68,9 +68,10 @@ def test_adapter_changes_every_targeted_output(corpus: Corpus) -> None:
         if not isinstance(case, NumericCase) or case.compute != "modules":
             continue
         adapter = read_adapter(case.adapter)
-        grouped = module_tensors(adapter, _io.read_arrays(case.adapter / "adapter_model.safetensors"))
+        arrays = _io.read_arrays(case.adapter / "adapter_model.safetensors")
+        grouped = module_tensors(adapter, arrays)
         expected = _io.read_arrays(case.expected)
-        base = _io.read_arrays(case.weights)
+        base = _io.read_arrays(case.weights) | replacements(adapter, arrays)  # modules to save: replaced, not adapted
         inputs = _io.read_arrays(case.inputs)
         tol = case.tolerance
         for path, spec in case.modules.items():

@@ -28,7 +28,7 @@ from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
-__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors"]
+__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors", "replacements"]
 
 
 def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -43,6 +43,21 @@ def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[s
         if name.role == "adapter":
             grouped.setdefault(name.module, {})[name.param] = value
     return grouped
+
+
+def replacements(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The base-model tensors the adapter's auxiliary tensors replace (SPEC 8.8), keyed ``"<module>.<param>"``:
+    the parameters of modules to save, trained biases, embedding base weights.
+
+    >>> replacements(adapter, arrays)                                                # doctest: +SKIP
+    {'score.weight': array(...), 'score.bias': array(...)}
+    """
+    found: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        name = parse_key(key, adapter.config.peft_type, adapter.config)
+        if name.role in ("modules_to_save", "bias", "embedding", "base_layer"):
+            found[f"{name.module}.{name.param.removeprefix('base_layer.')}"] = value
+    return found
 
 
 def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
@@ -147,6 +162,20 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                                      hint="save the adapter again from the trained model")
     for path, params in shapes.items():
         _check_layer(config, path, modules[path], params)
+    _check_saved_modules(adapter, config, modules)
+
+
+def _check_saved_modules(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check 21: the tensors of a module saved whole have the shapes of the module's own."""
+    for key, info in adapter.tensors.items():
+        name = parse_key(key, config.peft_type, config)
+        spec = modules.get(name.module)
+        if name.role != "modules_to_save" or spec is None or name.param not in ("weight", "bias"):
+            continue
+        want = _weight_shape(spec) if name.param == "weight" else (_in_out(spec)[1],)
+        if tuple(info.shape) != tuple(want):
+            raise ShapeMismatchError(f"shape {list(info.shape)}: module {name.module!r} has {name.param} {list(want)}",
+                                     key=key, hint="the adapter was made for another model")
 
 
 def _decoder_modules(decoder: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -207,6 +236,7 @@ class ReferenceImplementation:
         if case.compute == "prompt_concat":
             return {"inputs_embeds": reference.prompt_concat(arrays[PROMPT_KEY], inputs["inputs_embeds"])}
         base = _io.read_arrays(case.weights) if case.weights else {}
+        base.update(replacements(adapter, arrays))
         grouped = module_tensors(adapter, arrays)
         out = {}
         for path, x in inputs.items():
