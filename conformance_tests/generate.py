@@ -761,6 +761,17 @@ def _clarification_folders() -> None:
           "embedding", LORA_CFG | {"target_modules": ["q_proj"]},
           lora_q | {"base_model.model.model.embed_tokens.weight": det((10, 8), 3).astype(np.float32)}, valid=True,
           model=vocab)
+    everything = {f"{Q}.lora_A.weight": (2, 8), f"{Q}.lora_B.weight": (8, 2), f"{K}.lora_A.weight": (2, 8),
+                  f"{K}.lora_B.weight": (4, 2), f"{V}.lora_A.weight": (2, 8), f"{V}.lora_B.weight": (4, 2),
+                  f"{DOWN}.lora_A.weight": (2, 16), f"{DOWN}.lora_B.weight": (8, 2)}
+    plain("lora-all-linear", "SPEC 4.3: target_modules 'all-linear' is every Linear / GPT-2 Conv1D module but the "
+          "output layer of a transformers model; a model description has none: all four modules are adapted",
+          LORA_CFG | {"target_modules": "all-linear"},
+          {k: det(shape, i).astype(np.float32) for i, (k, shape) in enumerate(everything.items())}, valid=True)
+    plain("lora-all-linear-missing", "SPEC 4.3: target_modules 'all-linear' (not a regular expression) selects k_proj "
+          "and down_proj too, which have no tensors", LORA_CFG | {"target_modules": "all-linear"}, lora_tensors(),
+          valid=False, error="MissingTensorError", key=[f"{K}.lora_A.weight", f"{K}.lora_B.weight",
+                                                        f"{DOWN}.lora_A.weight", f"{DOWN}.lora_B.weight"])
     plain("trainable-tokens-array", "SPEC 4.1.2: an array trainable_token_indices names the input embedding; a "
           "model without get_input_embeddings (this description) uses PEFT's fallback name embed_tokens",
           LORA_CFG | {"target_modules": ["q_proj"], "trainable_token_indices": [1, 3]},

@@ -81,9 +81,10 @@ def test_every_invalid_schema_case_has_the_schema_locations(corpus: Corpus) -> N
 
 def test_check_refuses_wrong_error_pointers(corpus: Corpus) -> None:
     case = corpus.by_name("schema/location-two-fields")
-    assert _schema_case_problems(case) == []  # type: ignore[arg-type]
-    broken = dataclasses.replace(case, data={**case.data, "error_pointers": ["/r"]})  # type: ignore[type-var]
-    assert _schema_case_problems(broken) == [  # type: ignore[arg-type]
+    assert isinstance(case, SchemaCase)
+    assert _schema_case_problems(case) == []
+    broken = dataclasses.replace(case, data={**case.data, "error_pointers": ["/r"]})
+    assert _schema_case_problems(broken) == [
         "schema/location-two-fields: error_pointers ['/r'] differ from the schema's locations ['/lora_alpha', '/r']"]
 
 

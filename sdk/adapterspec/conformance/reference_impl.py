@@ -32,6 +32,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
+from ..targets import is_all_linear
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
@@ -111,13 +112,13 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
     fits, out = _in_out(spec)
     method = config.peft_type
     if method in ("LOHA", "LOKR"):  # the tensors' form must be the one PEFT creates (SPEC.md 6.4, 6.5)
-        want = _lycoris_params(config, path, spec)
-        for param in sorted(set(shapes) - want):
+        form = _lycoris_params(config, path, spec)
+        for param in sorted(set(shapes) - form):
             raise UnexpectedTensorError(f"module {path!r} takes no {param!r} tensor: PEFT's form for this config "
-                                        f"and layer is {sorted(want)}", key=make_key(path, param),
+                                        f"and layer is {sorted(form)}", key=make_key(path, param),
                                         hint="save the adapter again with PEFT, or fix use_effective_conv2d / r")
-        for param in sorted(want - set(shapes)):
-            raise MissingTensorError(f"module {path!r} needs {param!r} (PEFT's form: {sorted(want)})",
+        for param in sorted(form - set(shapes)):
+            raise MissingTensorError(f"module {path!r} needs {param!r} (PEFT's form: {sorted(form)})",
                                      key=make_key(path, param), hint="save the adapter again from the trained model")
 
     def refuse(param: str, message: str) -> ShapeMismatchError:
@@ -181,6 +182,8 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         return
     config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
     modules = model.get("modules") or _decoder_modules(decoder)
+    if is_all_linear(config.get("target_modules")):  # SPEC 4.3: a model description has no output layer
+        config = config.replace(target_modules=[p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")])
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
