@@ -95,18 +95,18 @@ def test_the_installed_wheel_finds_and_passes_its_corpus(tmp_path: Path) -> None
     adapterspec = str(venv / "bin" / "adapterspec")
     listed = _run([adapterspec, "conformance", "list"], work, env)
     assert listed.returncode == 0, listed.stderr
-    assert "215 cases; profiles: core (154), full (215)" in listed.stdout
+    assert "237 cases; profiles: core (172), full (237)" in listed.stdout
     assert "numeric/lora-linear-f32  [core,full]  " in listed.stdout
     check = _run([adapterspec, "conformance", "check"], work, env)
-    assert check.returncode == 0 and check.stdout.rstrip().endswith("ok (215 cases)"), check.stdout + check.stderr
+    assert check.returncode == 0 and check.stdout.rstrip().endswith("ok (237 cases)"), check.stdout + check.stderr
     # BF16 tensors read as NumPy arrays need ml_dtypes, which is not a dependency: without it the reference
     # cannot round-trip a BF16 adapter (a typed UnsupportedError), so it cannot claim core.
     ran = _run([adapterspec, "conformance", "--impl", "reference", "--profile", "core", "-q"], work, env)
     assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]
-    assert "reference: 211 passed, 0 failed, 4 unsupported, 0 xfailed, 0 xpassed (215 cases)" in ran.stdout
+    assert "reference: 233 passed, 0 failed, 4 unsupported, 0 xfailed, 0 xpassed (237 cases)" in ran.stdout
     assert "profile 'core' claimed, but 1 of its cases are unsupported: roundtrip/roundtrip-lora-linear-bf16" in ran.stdout
     (Path(env["PYTHONPATH"]) / "ml_dtypes").symlink_to(Path(importlib.util.find_spec("ml_dtypes").origin).parent)  # type: ignore[arg-type]
     ran = _run([adapterspec, "conformance", "--impl", "reference", "--profile", "core", "-q"], work, env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    assert "reference: 215 passed, 0 failed, 0 unsupported, 0 xfailed, 0 xpassed (215 cases)" in ran.stdout
-    assert "(154 of 154 cases run) -- claimed: HOLDS" in ran.stdout
+    assert "reference: 237 passed, 0 failed, 0 unsupported, 0 xfailed, 0 xpassed (237 cases)" in ran.stdout
+    assert "(172 of 172 cases run) -- claimed: HOLDS" in ran.stdout

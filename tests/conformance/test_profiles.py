@@ -16,7 +16,8 @@ from adapterspec.conformance.reference_impl import ReferenceImplementation
 
 #: The folder cases outside core: DoRA, LoHa, LoKr and prompt-learning folders.
 NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "loha", "lokr", "prefix", "prompt", "prompt-shape-disagrees",
-                    "prefix-sizes-from-model", "prefix-sizes-from-model-disagree"}
+                    "prefix-sizes-from-model", "prefix-sizes-from-model-disagree", "lokr-form-disagrees",
+                    "loha-effective-without-flag"}
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -31,7 +32,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 154 and len(corpus.cases) == 215
+    assert len(core) == 172 and len(corpus.cases) == 237
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
@@ -39,13 +40,13 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
 
 def test_everything_unsupported_fails(corpus: Corpus) -> None:
     report = run_suite(AllUnsupported(), corpus, profile="core")
-    assert report.counts() == {"passed": 0, "failed": 0, "unsupported": 215, "xfailed": 0, "xpassed": 0, "total": 215}
+    assert report.counts() == {"passed": 0, "failed": 0, "unsupported": 237, "xfailed": 0, "xpassed": 0, "total": 237}
     assert not report.ok
     assert report.claim_problems() == [
-        "profile 'core' claimed, but 154 of its cases are unsupported: schema/config-is-a-list, "
-        "schema/version-major-2, schema/version-minor-newer, schema/version-malformed, schema/lora-r-negative ..."]
-    assert report.profile_counts()["core"] == {"passed": 0, "failed": 0, "unsupported": 154, "xfailed": 0,
-                                               "xpassed": 0, "total": 154, "cases": 154}
+        "profile 'core' claimed, but 172 of its cases are unsupported: schema/config-is-a-list, "
+        "schema/version-major-2, schema/version-minor-newer, schema/version-malformed, schema/location-two-fields ..."]
+    assert report.profile_counts()["core"] == {"passed": 0, "failed": 0, "unsupported": 172, "xfailed": 0,
+                                               "xpassed": 0, "total": 172, "cases": 172}
     assert not run_suite(AllUnsupported(), corpus).ok  # no claim: still, a run where nothing passed fails
 
 
@@ -81,9 +82,9 @@ def test_a_claimed_profile_needs_every_case_of_it(corpus: Corpus) -> None:
 def test_cli_profile_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "-q"]) == 1
     out = capsys.readouterr().out
-    assert "all-unsupported: 0 passed, 0 failed, 215 unsupported" in out and "no case passed: the run fails" in out
+    assert "all-unsupported: 0 passed, 0 failed, 237 unsupported" in out and "no case passed: the run fails" in out
     assert main(["conformance", "--impl", "broken_impls:AllUnsupported", "--profile", "core", "-q"]) == 1
-    assert "profile core: 0 passed, 0 failed, 154 unsupported, 0 xfailed, 0 xpassed (154 of 154 cases run) -- " \
+    assert "profile core: 0 passed, 0 failed, 172 unsupported, 0 xfailed, 0 xpassed (172 of 172 cases run) -- " \
            "claimed: DOES NOT HOLD" in capsys.readouterr().out
     assert main(["conformance", "--impl", "reference", "--profile", "core", "--include", "^(schema|folder)/",
                  "--exclude", "^folder/(dora|loha|lokr|prefix|prompt)", "-q"]) == 1
@@ -92,7 +93,7 @@ def test_cli_profile_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no profile 'bogus'" in capsys.readouterr().err
     assert main(["conformance", "list", "--profile", "core"]) == 0
     out = capsys.readouterr().out
-    assert "154 cases; profiles: core (154), full (215)" in out and "numeric/lokr-linear-f32" not in out
+    assert "172 cases; profiles: core (172), full (237)" in out and "numeric/lokr-linear-f32" not in out
     assert "numeric/lora-linear-f32  [core,full]  " in out
 
 

@@ -145,8 +145,8 @@ def test_print_table(corpus: Corpus) -> None:
     assert "failed (1):\n  numeric/lora-linear-f32: output 'layer' differs at" in text
     assert text.rstrip().endswith(
         "transposes-lora-b: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 cases)\n"
-        "profile core: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 154 cases run)\n"
-        "profile full: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 215 cases run)")
+        "profile core: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 172 cases run)\n"
+        "profile full: 1 passed, 1 failed, 0 unsupported, 0 xfailed, 0 xpassed (2 of 237 cases run)")
 
 
 def test_cli_exit_status_and_junit_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
