@@ -13,6 +13,7 @@ or swapped tensor cannot pass.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import math
@@ -354,8 +355,16 @@ def _compare(name: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray],
     return worst
 
 
+def _clarification_numeric() -> None:
+    """SPEC 1.1 clarifications (issue #18) that need the math."""
+    numeric("lokr-conv1d-full-f32", "SPEC 8.7: LoKr on a torch Conv1d with a full 3-axis lokr_w2 [out_k, in_n, k]: "
+            "kron gives lokr_w1 one leading unit axis and the result is reshaped row-major to [out, in, k] (PEFT)",
+            "LOKR", "conv1d", "float32", {"conv": conv1d(4, 6, 3)}, lycoris("LOKR", 2, 4, ["conv"]), [])
+
+
 def generate_numeric() -> list[dict[str, Any]]:
     _numeric_cases()
+    _clarification_numeric()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -653,7 +662,126 @@ def generate_folders() -> list[dict[str, Any]]:
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
           "the metadata); still read", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
           {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
+    _clarification_folders()
     return FOLDERS
+
+
+def _rewrite_header(path: Path, change: Any) -> None:
+    """Rewrite a safetensors file's JSON header (and data) with ``change(header, data) -> (header, data)``."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header, data = change(json.loads(blob[8 : 8 + n]), blob[8 + n :])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _shift_data(header: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+    """8 unused bytes before the first tensor: a gap in the data section."""
+    for key, info in header.items():
+        if key != "__metadata__":
+            info["data_offsets"] = [info["data_offsets"][0] + 8, info["data_offsets"][1] + 8]
+    return header, b"\0" * 8 + data
+
+
+def _as_dtype(key: str, dtype: str, shape: list[int]) -> Any:
+    def change(header: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        header[key] |= {"dtype": dtype, "shape": shape}
+        return header, data
+    return change
+
+
+def _clarification_folders() -> None:
+    """SPEC 1.1 clarifications (issue #18): one folder per rule a second implementation could read two ways."""
+    plain("metadata-major-version-2-config-1.0", "SPEC 2.3: the config says 1.0, the safetensors metadata 2.0: each "
+          "recorded version must be readable, so a newer major anywhere is refused (the config governs only which "
+          "readable version applies)", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
+          {"format": "pt", "adapterspec_version": "2.0"}, valid=False, error="VersionError")
+    plain("metadata-version-malformed", "SPEC 9: the safetensors metadata's adapterspec_version 'v1' is not "
+          "MAJOR.MINOR: VersionError, as in the config", LORA_CFG, lora_tensors(),
+          {"format": "pt", "adapterspec_version": "v1"}, valid=False, error="VersionError")
+    path = plain("data-trailing-bytes", "SPEC 10 check 6: 8 bytes after the last tensor; the tensors must cover the "
+                 "data section exactly", LORA_CFG, lora_tensors(), valid=False, error="FileFormatError")
+    _rewrite_header(path / "adapter_model.safetensors", lambda h, d: (h, d + b"\0" * 8))
+    path = plain("data-gap", "SPEC 10 check 6: 8 unused bytes before the first tensor (a gap in the data section)",
+                 LORA_CFG, lora_tensors(), valid=False, error="FileFormatError")
+    _rewrite_header(path / "adapter_model.safetensors", _shift_data)
+    path = plain("dtype-unknown-name", "SPEC 7.1: a dtype name safetensors does not define ('Q4'): the file is not "
+                 "a safetensors file (FileFormatError, not DTypeMismatchError)", LORA_CFG, lora_tensors(),
+                 valid=False, error="FileFormatError")
+    _rewrite_header(path / "adapter_model.safetensors", _as_dtype(f"{Q}.lora_A.weight", "Q4", [2, 8]))
+    path = plain("dtype-f8", "SPEC 7.1: F8_E4M3, a safetensors dtype the spec does not allow for an adapter tensor",
+                 LORA_CFG, lora_tensors(), valid=False, error="DTypeMismatchError", key=f"{Q}.lora_A.weight")
+    _rewrite_header(path / "adapter_model.safetensors", _as_dtype(f"{Q}.lora_A.weight", "F8_E4M3", [2, 32]))
+    plain("config-duplicate-key", "SPEC 3.1: adapter_config.json names the member 'r' twice (Python's json keeps "
+          "the last; the spec refuses)", '{"peft_type": "LORA", "r": 2, "r": 2, "lora_alpha": 4, '
+          '"target_modules": ["q_proj", "v_proj"]}\n', lora_tensors(), valid=False, error="FileFormatError")
+    t = lora_tensors()
+    t[f"{Q}.lora_A.weight"], t[f"{Q}.lora_B.weight"] = det((3, 8), 1).astype(np.float32), det((8, 3), 2).astype(np.float32)
+    plain("rank-pattern-document-order", "SPEC 4.4: two rank_pattern keys match q_proj; the first in document "
+          "order (self_attn.q_proj: 3) wins, not the first in sorted order (q_proj: 5)",
+          '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], '
+          '"rank_pattern": {"self_attn.q_proj": 3, "q_proj": 5}}\n', t, valid=True)
+    no_bias = {"dtype": "float32", "modules": {"layer": linear(8, 4, bias=False)}}
+    one = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
+    plain("lora-bias-base-without-bias", "SPEC 8.1: lora_bias on a Linear without a bias loads (the update adds "
+          "s * b_B); only merging is impossible", one | {"lora_bias": True},
+          {"base_model.model.layer.lora_A.weight": det((2, 8), 1).astype(np.float32),
+           "base_model.model.layer.lora_B.weight": det((4, 2), 2).astype(np.float32),
+           "base_model.model.layer.lora_B.bias": det((4,), 3).astype(np.float32)}, valid=True, model=no_bias)
+    emb = {"dtype": "float32", "modules": {"emb": embedding(10, 4)}}
+    plain("lora-bias-embedding", "SPEC 5.2: lora_bias on an Embedding, which PEFT refuses: UnsupportedError "
+          "naming the module", one | {"target_modules": ["emb"], "lora_bias": True},
+          {"base_model.model.emb.lora_embedding_A": det((2, 10), 1).astype(np.float32),
+           "base_model.model.emb.lora_embedding_B": det((4, 2), 2).astype(np.float32)},
+          valid=False, error="UnsupportedError", key="emb", model=emb)
+    plain("ia3-torch-conv1d", "SPEC 6.3: IA3 has no torch Conv1d form (PEFT refuses it): UnsupportedError naming "
+          "the module", {"peft_type": "IA3", "target_modules": ["conv"], "feedforward_modules": []},
+          {"base_model.model.conv.ia3_l": det((1, 4, 1), 1, 0.3, 1.0).astype(np.float32)}, valid=False,
+          error="UnsupportedError", key="conv", model={"dtype": "float32", "modules": {"conv": conv1d(3, 4, 3)}})
+    plain("ia3-one-output-feature", "SPEC 6.3: IA3 on a Linear with one output feature: ia3_l [1, 1] is the "
+          "[out, 1] form", {"peft_type": "IA3", "target_modules": ["layer"], "feedforward_modules": []},
+          {"base_model.model.layer.ia3_l": det((1, 1), 1, 0.3, 1.0).astype(np.float32)}, valid=True,
+          model={"dtype": "float32", "modules": {"layer": linear(4, 1)}})
+    conv = {"dtype": "float32", "modules": {"conv": conv1d(4, 6, 3)}}
+    plain("lokr-form-disagrees", "SPEC 6.5: r = 2 gives a full lokr_w2 [3, 2, 3] for this Conv1d (PEFT's choice); "
+          "the file holds lokr_w2_a/lokr_w2_b instead", {"peft_type": "LOKR", "r": 2, "alpha": 4,
+                                                         "target_modules": ["conv"]},
+          {"base_model.model.conv.lokr_w1": det((2, 2), 1).astype(np.float32),
+           "base_model.model.conv.lokr_w2_a": det((3, 2), 2).astype(np.float32),
+           "base_model.model.conv.lokr_w2_b": det((2, 6), 3).astype(np.float32)}, valid=False,
+          error="UnexpectedTensorError", key=["base_model.model.conv.lokr_w2_a", "base_model.model.conv.lokr_w2_b"],
+          model=conv)
+    plain("loha-effective-without-flag", "SPEC 6.4: the effective-conv form (hada_t1/hada_t2) while "
+          "use_effective_conv2d is false", {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["conv"]},
+          {f"base_model.model.conv.{n}": det(shape, i).astype(np.float32) for i, (n, shape) in enumerate(
+              [("hada_w1_a", (2, 4)), ("hada_w1_b", (2, 3)), ("hada_w2_a", (2, 4)), ("hada_w2_b", (2, 3)),
+               ("hada_t1", (2, 2, 3, 1)), ("hada_t2", (2, 2, 3, 1))])}, valid=False, error="UnexpectedTensorError",
+          model={"dtype": "float32", "modules": {"conv": conv1d(3, 4, 3)}})
+    vocab = {"dtype": "float32", "modules": {"model.embed_tokens": embedding(10, 8),
+                                             "model.layers.0.self_attn.q_proj": linear(8, 8, bias=False)}}
+    lora_q = {f"{Q}.lora_A.weight": det((2, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, 2), 2).astype(np.float32)}
+    plain("embedding-saved-whole", "SPEC 5.3/5.4: base_model.model.model.embed_tokens.weight (PEFT's "
+          "save_embedding_layers: the layer's name is embed_tokens or lm_head) is accounted for and replaces the "
+          "embedding", LORA_CFG | {"target_modules": ["q_proj"]},
+          lora_q | {"base_model.model.model.embed_tokens.weight": det((10, 8), 3).astype(np.float32)}, valid=True,
+          model=vocab)
+    everything = {f"{Q}.lora_A.weight": (2, 8), f"{Q}.lora_B.weight": (8, 2), f"{K}.lora_A.weight": (2, 8),
+                  f"{K}.lora_B.weight": (4, 2), f"{V}.lora_A.weight": (2, 8), f"{V}.lora_B.weight": (4, 2),
+                  f"{DOWN}.lora_A.weight": (2, 16), f"{DOWN}.lora_B.weight": (8, 2)}
+    plain("lora-all-linear", "SPEC 4.3: target_modules 'all-linear' is every Linear / GPT-2 Conv1D module but the "
+          "output layer of a transformers model; a model description has none: all four modules are adapted",
+          LORA_CFG | {"target_modules": "all-linear"},
+          {k: det(shape, i).astype(np.float32) for i, (k, shape) in enumerate(everything.items())}, valid=True)
+    plain("lora-all-linear-missing", "SPEC 4.3: target_modules 'all-linear' (not a regular expression) selects k_proj "
+          "and down_proj too, which have no tensors", LORA_CFG | {"target_modules": "all-linear"}, lora_tensors(),
+          valid=False, error="MissingTensorError", key=[f"{K}.lora_A.weight", f"{K}.lora_B.weight",
+                                                        f"{DOWN}.lora_A.weight", f"{DOWN}.lora_B.weight"])
+    plain("trainable-tokens-array", "SPEC 4.1.2: an array trainable_token_indices names the input embedding; a "
+          "model without get_input_embeddings (this description) uses PEFT's fallback name embed_tokens",
+          LORA_CFG | {"target_modules": ["q_proj"], "trainable_token_indices": [1, 3]},
+          lora_q | {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta":
+                    det((2, 8), 3).astype(np.float32)}, valid=True, model=vocab)
 
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
@@ -715,7 +843,17 @@ def _peft_saved_lora(path: Path) -> None:
 # -- schema cases ----------------------------------------------------------------------------------------
 
 LORA_MIN = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+#: SPEC.md 10: configs breaking the schema in several places; any of them is a right answer (error_pointers).
+LOCATION_CASES: list[tuple[str, str, Any, bool, str | None, str | None]] = [
+    ("location-two-fields", "lora_alpha (first in the document) and r both break the schema: a validator may "
+     "report either", {"peft_type": "LORA", "lora_alpha": "16", "r": 0, "target_modules": ["q_proj"]}, False, "/r",
+     None),
+    ("location-nested-anyof", "an item of IA3's target_modules is not a string: the anyOf fails at "
+     "/target_modules, its array branch at /target_modules/1; either location is right",
+     {"peft_type": "IA3", "target_modules": ["q_proj", 5]}, False, "/target_modules/1", None),
+]
 SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]] = {
+    "locations": LOCATION_CASES,
     # file: [(id, description, config, valid, error_pointer, error)]
     "lora": [
         ("lora-r-negative", "r must be >= 1", LORA_MIN | {"r": -2}, False, "/r", None),
@@ -811,7 +949,16 @@ def generate_schema() -> dict[str, list[dict[str, Any]]]:
             assert (got is None) == entry["valid"], (entry["id"], got)
             if got is not None:
                 assert got.pointer == entry["error_pointer"], (entry["id"], got.pointer, entry["error_pointer"])
+                entry["error_pointers"] = _error_pointers(entry["config"], got.pointer)
     return files
+
+
+def _error_pointers(config: Any, reported: str | None) -> list[str]:
+    """SPEC.md 10: every location a conforming validator may report -- each instance location at which the schema
+    is violated (nested anyOf/oneOf errors included), plus the reference's (a version or SPEC 4.2 rule error)."""
+    from adapterspec.conformance.locations import error_locations
+
+    return sorted(set(error_locations(config)) | ({reported} if reported is not None else set()))
 
 
 # -- profiles --------------------------------------------------------------------------------------------
@@ -932,7 +1079,7 @@ def _mutation_folder_cases() -> None:
           {"peft_type": "LOKR", "r": 2, "alpha": 4, "target_modules": ["q_proj"]},
           {f"{Q}.lokr_w1": det((4, 4), 1).astype(np.float32), f"{Q}.lokr_w2": det((2, 2), 2).astype(np.float32)},
           valid=False, error="ShapeMismatchError", key=f"{Q}.lokr_w1")
-    plain("metadata-version-malformed", "the safetensors metadata says adapterspec_version '01.1' (a leading "
+    plain("metadata-version-leading-zero", "the safetensors metadata says adapterspec_version '01.1' (a leading "
           "zero): not a version", LORA_CFG, t, {"format": "pt", "adapterspec_version": "01.1"}, valid=False,
           error="VersionError")
     plain("newer-minor-version-metadata", "written by a spec 1.9 writer (the version in the safetensors metadata "
@@ -944,7 +1091,7 @@ def _mutation_folder_cases() -> None:
           LORA_CFG, {k: a.astype(np.float16) if k.startswith(Q) else a for k, a in t.items()}, valid=True)
     plain("metadata-without-format", "a safetensors file without the 'format' metadata key: readers accept any "
           "value or none", LORA_CFG, t, {}, valid=True)
-    plain("config-duplicate-key", "adapter_config.json names the member r twice (JSON objects with duplicate "
+    plain("config-duplicate-key-values-differ", "adapter_config.json names the member r twice (JSON objects with duplicate "
           "names are refused)", '{"peft_type": "LORA", "r": 2, "r": 4, "lora_alpha": 4, '
           '"target_modules": ["q_proj", "v_proj"]}\n', t, valid=False, error="FileFormatError")
     path = folder("sha256-uppercase", "adapterspec_sha256 in uppercase hex (checked with verify): not 64 "
@@ -1060,7 +1207,8 @@ def main() -> int:
         "profiles": PROFILES,
         "generator": "conformance_tests/generate.py",
         "generated_with": {"peft": peft.__version__, "torch": torch.__version__.split("+")[0],
-                           "transformers": transformers.__version__, "numpy": np.__version__},
+                           "transformers": transformers.__version__, "numpy": np.__version__,
+                           "jsonschema": importlib.metadata.version("jsonschema")},
         "files": files})
     size = sum(p.stat().st_size for p in V1.rglob("*") if p.is_file())
     print(f"{len(files) + 1} files, {size / 1024:.0f} KiB")

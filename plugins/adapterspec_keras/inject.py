@@ -30,6 +30,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
+from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
@@ -42,7 +43,7 @@ from .reach import (can_read_through, note_entry, read_through_kernel, reads_thr
                     unreached)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
-__all__ = ["check_features", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
+__all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
            "unwrap", "wrap"]
 
 
@@ -76,6 +77,36 @@ def find_targets(model: Any, config: AdapterConfig, options: LoadOptions | None 
     ['model.layers.0.self_attn.q_proj', ...]
     """
     return _match(model, spec_sites(model, options), config)
+
+
+def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, ModuleSite]) -> AdapterConfig:
+    """``config`` with ``target_modules: "all-linear"`` replaced by the paths it stands for (SPEC.md 4.3, as the
+    torch backend's function of the same name): every module PEFT sees as ``nn.Linear`` / ``Conv1D`` (a
+    ``Dense`` or ``EinsumDense`` site) except the output layer (a ``ReversibleEmbedding``'s projection).
+
+    :raises TargetNotFoundError: the model has no such module.
+
+    >>> expand_all_linear(model, AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": "all-linear"}),
+    ...                   spec_sites(model, None))["target_modules"]                      # doctest: +SKIP
+    ['model.layers.0.self_attn.q_proj', ...]
+    """
+    if not is_all_linear(config.get("target_modules")):
+        return config
+    # a layer reachable under several spec paths (its Keras name and a module_map/converter path) counts once,
+    # under the path a torch model would give it
+    rank = {"module_map": 0, "converter": 1}
+    chosen: dict[tuple[Any, ...], str] = {}
+    for path, site in sites.items():
+        if site.kind == "linear" and not any(piece.kind == "reverse" for piece in site.pieces):
+            held = chosen.get(site.key)
+            if held is None or rank.get(site.source, 2) < rank.get(sites[held].source, 2):
+                chosen[site.key] = path
+    names = sorted(chosen.values(), key=list(sites).index)
+    if not names:
+        raise TargetNotFoundError(f"target_modules is 'all-linear' but this {type(model).__name__} has no linear "
+                                  "module other than its output layer", pointer="/target_modules",
+                                  hint="list the modules to adapt in target_modules")
+    return config.replace(target_modules=names)
 
 
 def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig) -> list[str]:
@@ -156,6 +187,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
                                pointer="/modules_to_save",
                                hint="drop modules_to_save from the config, or use the torch backend")
     sites = spec_sites(model, options)
+    config = expand_all_linear(model, config, sites)  # SPEC 4.3
     paths = _match(model, sites, config)
     for path in paths:
         check_supported(sites[path], path, config)

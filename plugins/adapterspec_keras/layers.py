@@ -83,6 +83,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
                                hint="remove the module from target_modules")
+    if method == "IA3" and any(piece.kind == "conv" and getattr(piece.layer, "rank", 2) == 1 for piece in site.pieces):
+        raise UnsupportedError(f"IA3 cannot adapt a 1-D convolution ({layers()}); PEFT cannot either (SPEC.md 6.3)",
+                               key=path, hint="remove the module from target_modules")
     for piece in site.pieces:
         if piece.kind == "conv" and getattr(piece.layer, "groups", 1) != 1:
             raise UnsupportedError(f"grouped convolution {piece.layer.path!r} cannot take an adapter", key=path,

@@ -29,15 +29,17 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
+from adapterspec.targets import is_all_linear
 
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
-from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
+from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
 from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
     "PROMPTS_ATTR",
     "check_features",
+    "expand_all_linear",
     "find_modules_to_save",
     "find_targets",
     "find_token_targets",
@@ -133,6 +135,46 @@ def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions |
             f"no module of the model matches target_modules={config.get('target_modules')!r}", key=None,
             hint="check the adapter was trained for this architecture (module names), or pass module_map")
     return found
+
+
+def expand_all_linear(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None) -> AdapterConfig:
+    """``config`` with ``target_modules: "all-linear"`` replaced by the paths it stands for (SPEC.md 4.3, PEFT's
+    ``_maybe_include_all_linear_layers``): every ``nn.Linear`` and transformers ``Conv1D`` (adapted or not)
+    except the output layer -- which only a transformers model has: ``get_output_embeddings()``, else for
+    ``task_type`` SEQ_CLS its ``score`` or ``classifier``. Other configs are returned as they are.
+
+    :raises TargetNotFoundError: the model has no such module.
+
+    >>> from adapterspec import AdapterConfig
+    >>> expand_all_linear(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()),
+    ...                   AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": "all-linear"}))["target_modules"]
+    ['0']
+    """
+    if not is_all_linear(config.get("target_modules")):
+        return config
+    output = _output_layer(model, config)
+    names = [spec for spec, _, module in _universe(model, options) if module is not output and layer_kind(
+        module.base_layer if isinstance(module, AdapterLayer) else module) in ("linear", "conv1d_hf")]
+    if not names:
+        raise TargetNotFoundError("target_modules is 'all-linear' but the model has no Linear or Conv1D module "
+                                  "other than its output layer", pointer="/target_modules",
+                                  hint="list the modules to adapt in target_modules")
+    return config.replace(target_modules=names)
+
+
+def _output_layer(model: nn.Module, config: AdapterConfig) -> nn.Module | None:
+    """The layer ``all-linear`` leaves out: PEFT looks for it in a transformers ``PreTrainedModel`` only."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    output = model.get_output_embeddings()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    if output is None and config.get("task_type") == "SEQ_CLS":
+        output = next((head for head in (getattr(model, n, None) for n in ("score", "classifier"))
+                       if isinstance(head, nn.Module)), None)
+    return output if isinstance(output, nn.Module) else None
 
 
 def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadOptions | None = None, *,
@@ -567,6 +609,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             modules: dict[str, str] = {}
         else:
             config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
+            config = expand_all_linear(model, config, options)  # SPEC 4.3
             modules = _inject_layers(model, state, config, adapter_name, options)
     except BaseException:
         drop_state_if_empty(model)

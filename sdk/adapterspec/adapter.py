@@ -436,7 +436,8 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
         adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
         if verify:
             adapter._check_checksum(fh)
-        if prefetch:  # a thread reads the data while the tensors are checked
+        # a thread reads the data while the tensors are checked -- unless a dtype cannot be read: check 13 refuses it
+        if prefetch and all(info.dtype in _safetensors.DTYPE_BYTES for info in header.tensors.values()):
             adapter._prefetched = _safetensors.read_buffer_in_background(
                 resolved, header, snapshot.share(fh), allocate=prefetch if callable(prefetch) else None)
     elif (folder / PICKLE_NAME).exists():

@@ -29,7 +29,7 @@ from .errors import (
     UnsupportedError,
 )
 from .naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, PROMPT_KEY, TensorName, make_key, parse_key
-from .targets import token_indices
+from .targets import is_all_linear, token_indices
 
 __all__ = ["ALLOWED_DTYPES", "BUFFER_DTYPES", "TensorInfo", "tensor_errors"]
 
@@ -100,7 +100,8 @@ def _module_errors(config: AdapterConfig, modules: Mapping[str, dict[str, Tensor
     errors: list[AdapterSpecError] = []
     check = METHOD_CHECKS[config.peft_type]
     for module, params in modules.items():  # no time budget: matching is linear in the path (adapterspec._regex)
-        if config.get("target_modules") is not None and not config.matches(module):  # null: resolved at load
+        targets = config.get("target_modules")  # null and "all-linear": resolved at load, with the model
+        if targets is not None and not is_all_linear(targets) and not config.matches(module):
             for param in params:
                 errors.append(UnexpectedTensorError(
                     f"module {module!r} is not targeted by the config (target_modules / exclude_modules / "

@@ -29,6 +29,7 @@ from ._regex import Pattern, UnsupportedPattern, compile_pattern
 __all__ = [
     "PatternTable",
     "Targeting",
+    "is_all_linear",
     "is_feedforward",
     "is_modules_to_save",
     "layer_index",
@@ -71,6 +72,21 @@ def _selects(selector: Pattern | frozenset[str], path: str) -> bool:
     if isinstance(selector, Pattern):
         return selector.fullmatch(path)
     return _suffix_listed(selector, path)
+
+
+def is_all_linear(targets: Any) -> bool:
+    """Whether ``target_modules`` is PEFT's shorthand ``"all-linear"`` (any case; SPEC.md 4.3): not a regular
+    expression, but every Linear / GPT-2 Conv1D module of the model except its output layer -- resolved by a
+    backend, which sees the model.
+
+    >>> is_all_linear("ALL-linear"), is_all_linear(["all-linear"])
+    (True, False)
+    """
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
+
+
+#: PEFT's ``INCLUDE_LINEAR_LAYERS_SHORTHAND``.
+ALL_LINEAR = "all-linear"
 
 
 def is_modules_to_save(config: Mapping[str, Any], path: str) -> bool:

@@ -136,3 +136,42 @@ def test_multihead_attention_reports_the_backend_refusal(tmp_path: Path) -> None
         adapterspec.load_adapter(model, tmp_path)
     assert info.value.key == "attn" and "MultiheadAttention" in info.value.message
     assert_same_snapshot(model, before)
+
+
+class _TwoLinears(torch.nn.Module):
+    """Not a transformers model: ``all-linear`` has no output layer to leave out (PEFT's rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(4, 6)
+        self.act = torch.nn.ReLU()
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x: Any) -> Any:
+        return self.out(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("base_name", ["llama", "gpt2", "plain"])
+def test_all_linear_loads_as_peft_expands_it(request: pytest.FixtureRequest, token_inputs: dict[str, Any],
+                                             tmp_path: Path, base_name: str) -> None:
+    """SPEC.md 4.3: ``target_modules: "all-linear"`` (any case) is every Linear / Conv1D module but the output
+    layer of a transformers model. PEFT writes the list it expanded; the folder edited back to the shorthand
+    loads in PEFT and in adapterspec onto the same modules with the same outputs."""
+    torch.manual_seed(4)
+    base = _TwoLinears().eval() if base_name == "plain" else request.getfixturevalue(base_name)
+    peft_model = peft_reference(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), tmp_path)
+    expanded = set(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"])
+    _edit(tmp_path, target_modules="ALL-Linear")
+    model = fresh(base)
+    modules = adapterspec.load_adapter(model, tmp_path)
+    assert set(modules) == expanded
+    assert ("lm_head" in expanded) is False and (base_name != "plain" or expanded == {"up", "out"})
+    if base_name == "plain":
+        x = torch.linspace(-1, 1, 8).reshape(2, 4)
+        expected = _peft_loads(base, tmp_path)(x)
+        assert_close(model(x), expected)
+        assert_close(peft_model(x), expected)
+    else:
+        expected = logits(_peft_loads(base, tmp_path), token_inputs)
+        assert (expected - logits(base, token_inputs)).abs().max() > 1e-3
+        assert_close(logits(model, token_inputs), expected)

@@ -127,7 +127,17 @@ class SchemaCase(Case):
 
     @property
     def error_pointer(self) -> str | None:
+        """The location python-jsonschema's ``best_match`` reports (informative since corpus 1.2)."""
         return self.data.get("error_pointer")
+
+    @property
+    def error_pointers(self) -> tuple[str, ...]:
+        """Every location a conforming validator may report (SPEC.md 10): each instance location at which the
+        schema is violated, nested ``anyOf``/``oneOf`` branches included; ``(error_pointer,)`` in older corpora."""
+        pointers = self.data.get("error_pointers")
+        if pointers is None:
+            return () if self.error_pointer is None else (self.error_pointer,)
+        return tuple(pointers)
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,21 @@ def _schema_case_problems(case: SchemaCase) -> list[str]:
             problems.append(f"{case.name}: the schema's error is at {exc.pointer!r}, the corpus says {case.error_pointer!r}")
         if case.error and not any(c.__name__ == case.error for c in type(exc).__mro__):
             problems.append(f"{case.name}: the schema raises {type(exc).__name__}, the corpus says {case.error}")
+        if "error_pointers" in case.data:
+            problems += _location_problems(case, exc.pointer)
         return problems
     return [] if case.valid else [f"{case.name}: invalid in the corpus, accepted by the schema"]
+
+
+def _location_problems(case: SchemaCase, reported: str | None) -> list[str]:
+    """SPEC.md 10: ``error_pointers`` is every location at which the schema is violated, plus the location the
+    reference reports (a version or SPEC 4.2 rule when the schema holds)."""
+    from .locations import error_locations
+
+    want = sorted(set(error_locations(case.config)) | ({reported} if reported is not None else set()))
+    if list(case.error_pointers) != want:
+        return [f"{case.name}: error_pointers {list(case.error_pointers)} differ from the schema's locations {want}"]
+    return []
 
 
 def _module_inputs(case: NumericCase) -> set[str]:

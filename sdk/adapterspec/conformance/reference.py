@@ -185,10 +185,8 @@ def _lokr(module: Mapping[str, Any], weight: Array, config: Mapping[str, Any], p
         w2 = np.einsum("ijkl,ip,jr->prkl", _f64(t["lokr_t2"]), _f64(t["lokr_w2_a"]), _f64(t["lokr_w2_b"]))
     else:
         w2 = _f64(t["lokr_w2_a"]) @ _f64(t["lokr_w2_b"])
-    if w2.ndim == 4:
+    if w2.ndim == 4:  # only then (PEFT's make_kron): a 3-axis Conv1d lokr_w2 gets w1 with a *leading* unit axis
         w1 = w1[:, :, None, None]
-    elif w2.ndim == 3:
-        w1 = w1[:, :, None]
     return weight + s * np.kron(w1, w2).reshape(weight.shape)
 
 

@@ -23,8 +23,16 @@ import numpy as np
 from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
 from ..config import AdapterConfig
-from ..errors import MissingTensorError, ShapeMismatchError, TargetNotFoundError
+from .._method_checks import factorization
+from ..errors import (
+    MissingTensorError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnexpectedTensorError,
+    UnsupportedError,
+)
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
+from ..targets import is_all_linear
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
@@ -81,9 +89,52 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
     return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
 
 
+#: The layer kinds of the corpus' model descriptions each method adapts (PEFT 0.21.2; SPEC.md 6).
+_SUPPORTED = {"LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"),
+              "IA3": ("linear", "gpt2_conv1d", "conv2d"),
+              "LOHA": ("linear", "conv1d", "conv2d"), "LOKR": ("linear", "conv1d", "conv2d")}
+
+
+def _check_supported(config: AdapterConfig, path: str, spec: Mapping[str, Any]) -> None:
+    """Check 18's second half: a layer kind the method adapts (PEFT raises on the others), SPEC.md 6."""
+    method, kind = config.peft_type, spec["kind"]
+    if kind not in _SUPPORTED.get(method, ()):
+        raise UnsupportedError(f"{method} cannot adapt a {kind} layer", key=path,
+                               hint="remove the module from target_modules")
+    if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
+        raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
+                               hint="set lora_bias to false or do not target the embedding")
+
+
+def _lycoris_params(config: AdapterConfig, path: str, spec: Mapping[str, Any]) -> set[str]:
+    """The LoHa/LoKr tensors PEFT creates for this layer: the forms of SPEC.md 6.4/6.5 follow from the config
+    (``r_m``, ``decompose_both``, ``decompose_factor``, ``use_effective_conv2d``) and the kernel."""
+    kernel = tuple(spec.get("kernel_size") or ())
+    effective = bool(kernel) and bool(config.get("use_effective_conv2d")) and any(k != 1 for k in kernel)
+    if config.peft_type == "LOHA":
+        return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} | ({"hada_t1", "hada_t2"} if effective else set())
+    r, factor = config.rank_for(path), int(config.get("decompose_factor", -1))
+    fits, out = _in_out(spec)
+    out_l, out_k = factorization(out, factor)
+    in_m, in_n = factorization(fits[0], factor)
+    params = {"lokr_w1_a", "lokr_w1_b"} if config.get("decompose_both") and r < max(out_l, in_m) / 2 else {"lokr_w1"}
+    if r >= max(out_k, in_n) / 2:
+        return params | {"lokr_w2"}
+    return params | {"lokr_w2_a", "lokr_w2_b"} | ({"lokr_t2"} if effective else set())
+
+
 def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
     fits, out = _in_out(spec)
     method = config.peft_type
+    if method in ("LOHA", "LOKR"):  # the tensors' form must be the one PEFT creates (SPEC.md 6.4, 6.5)
+        form = _lycoris_params(config, path, spec)
+        for param in sorted(set(shapes) - form):
+            raise UnexpectedTensorError(f"module {path!r} takes no {param!r} tensor: PEFT's form for this config "
+                                        f"and layer is {sorted(form)}", key=make_key(path, param),
+                                        hint="save the adapter again with PEFT, or fix use_effective_conv2d / r")
+        for param in sorted(form - set(shapes)):
+            raise MissingTensorError(f"module {path!r} needs {param!r} (PEFT's form: {sorted(form)})",
+                                     key=make_key(path, param), hint="save the adapter again from the trained model")
 
     def refuse(param: str, message: str) -> ShapeMismatchError:
         return ShapeMismatchError(f"shape {list(shapes[param])}: {message}", key=make_key(path, param),
@@ -146,6 +197,8 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         return
     config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
     modules = model.get("modules") or _decoder_modules(decoder)
+    if is_all_linear(config.get("target_modules")):  # SPEC 4.3: a model description has no output layer
+        config = config.replace(target_modules=[p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")])
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
@@ -155,6 +208,8 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         if path not in modules:
             raise TargetNotFoundError(f"the adapter has tensors for {path!r}, which the model does not have",
                                       key=path, hint="load it into the model it was trained for")
+    for path in shapes:
+        _check_supported(config, path, modules[path])
     for path in modules:
         if config.matches(path) and path not in shapes:
             raise MissingTensorError(f"the config targets {path!r} but the file holds no tensor for it",

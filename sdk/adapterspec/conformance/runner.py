@@ -221,7 +221,21 @@ def _schema(impl: Any, case: SchemaCase, hierarchy: Mapping[str, str | None], wo
         return "accepted"
     if refusal is None:
         raise CaseFailed(f"accepted an invalid config (expected {case.error} at {case.error_pointer!r})")
-    return _check_refusal(impl, refusal, case.error, None, case.error_pointer, hierarchy)
+    verdict = _check_refusal(impl, refusal, case.error, None, None, hierarchy)
+    if getattr(impl, "checks_error_class", True) and not _locates(refusal, case.error_pointers):
+        raise CaseFailed(f"the error must be located at one of {list(case.error_pointers)}; got pointer="
+                         f"{refusal.pointer!r} ({refusal.error}: {refusal.message})"[:400], refusal=refusal.to_json())
+    return verdict
+
+
+def _locates(refusal: Refusal, pointers: tuple[str, ...]) -> bool:
+    """SPEC.md 10: a schema error's reported location passes when it is one of the case's ``error_pointers``.
+    A refusal without a pointer passes when its message names one of them (or the root is among them)."""
+    if not pointers:
+        return True
+    if refusal.pointer is not None:
+        return refusal.pointer in pointers
+    return "" in pointers or any(p and p in refusal.message for p in pointers)
 
 
 def _folder(impl: Any, case: FolderCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
