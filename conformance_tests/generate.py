@@ -315,7 +315,34 @@ def _numeric_cases() -> None:
     _mutation_numeric_cases()
 
 
+def _oft_cases() -> None:
+    """OFT and BOFT (SPEC.md 15.6, 15.7): block-diagonal Cayley rotations of the input features."""
+    one = {"layer": linear(8, 5)}
+    numeric("oft-linear-f32", "OFT on a Linear 8->5, oft_block_size 4 (r = 2 blocks), Cayley-Neumann with 5 terms: "
+            "the layer runs on x @ R", "OFT", "linear", "float32", one,
+            {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["layer"]}, [])
+    numeric("oft-linear-cayley-shared-f32", "OFT with the exact Cayley transform and block_share (one block "
+            "[1, 6] repeated twice)", "OFT", "linear", "float32", one,
+            {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["layer"], "block_share": True,
+             "use_cayley_neumann": False}, ["block_share", "cayley"])
+    numeric("oft-linear-rank-3-terms-f32", "OFT given r = 4 (block size 2), 3 Cayley-Neumann terms", "OFT",
+            "linear", "float32", one, {"peft_type": "OFT", "r": 4, "oft_block_size": 0, "target_modules": ["layer"],
+                                       "num_cayley_neumann_terms": 3}, ["neumann"])
+    numeric("oft-conv2d-1x1-f32", "OFT on a 1x1 Conv2d: the rotation acts on each pixel's channels", "OFT", "conv2d",
+            "float32", {"conv": conv2d(4, 3, [1, 1])},
+            {"peft_type": "OFT", "r": 0, "oft_block_size": 2, "target_modules": ["conv"]}, [])
+    numeric("boft-linear-f32", "BOFT on a Linear 8->5 with bias, boft_block_size 4: (base(x @ R) - b) * boft_s + b",
+            "BOFT", "linear", "float32", one, {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": ["layer"]},
+            [])
+    numeric("boft-conv2d-f32", "BOFT on a 3x3 Conv2d (padding 1): the flattened kernel [out, in*9] is rotated by "
+            "3 blocks of 6 and scaled per output channel", "BOFT", "conv2d", "float32",
+            {"conv": conv2d(2, 3, [3, 3], padding=[1, 1])},
+            {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 3, "target_modules": ["conv"]}, [])
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    if key.endswith("boft_s"):
+        return det(shape, seed, scale=0.3, offset=1.0)
     if key.endswith("lora_magnitude_vector"):
         return det(shape, seed, scale=0.3, offset=1.2)
     if key.endswith("ia3_l"):
@@ -365,6 +392,7 @@ def _clarification_numeric() -> None:
 def generate_numeric() -> list[dict[str, Any]]:
     _numeric_cases()
     _clarification_numeric()
+    _oft_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -657,6 +685,7 @@ def generate_folders() -> list[dict[str, Any]]:
           "loads (the config's version governs) with a warning", LORA_CFG | {"adapterspec_version": "1.0"},
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
+    _oft_folders()
     _manifest_examples()
     _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
@@ -784,6 +813,22 @@ def _clarification_folders() -> None:
                     det((2, 8), 3).astype(np.float32)}, valid=True, model=vocab)
 
 
+def _oft_folders() -> None:
+    """OFT/BOFT variants a reader refuses before any model is involved (SPEC.md 15.6, 15.7)."""
+    oft = {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}
+    plain("oft-coft", "constrained OFT (coft: true) is refused with UnsupportedError naming /coft",
+          oft | {"coft": True}, {f"{Q}.oft_R.weight": det((2, 6), 1).astype(np.float32)}, valid=False, error="UnsupportedError",
+          pointer="/coft")
+    plain("boft-butterfly-factors", "BOFT with boft_n_butterfly_factor 2 is refused with UnsupportedError naming "
+          "the field", {"peft_type": "BOFT", "boft_block_size": 4, "boft_n_butterfly_factor": 2,
+                        "target_modules": ["q_proj"]},
+          {f"{Q}.boft_R": det((1, 2, 4, 4), 1).astype(np.float32), f"{Q}.boft_s": det((8, 1), 2, 0.3, 1.0).astype(
+              np.float32)}, valid=False, error="UnsupportedError", pointer="/boft_n_butterfly_factor")
+    plain("oft-not-a-triangle", "oft_R.weight's second axis must be b(b-1)/2 for a block size b", oft,
+          {f"{Q}.oft_R.weight": det((2, 5), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{Q}.oft_R.weight")
+
+
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
 
 
@@ -882,7 +927,7 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         # spec 1.1: every PEFT 0.21 method is recognised; the ones the spec does not define are valid, not portable
         ("vera-recognised", "VeRA is recognised, not portable: its config is valid",
          {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
-        ("oft-recognised", "OFT is recognised, not portable: its config is valid",
+        ("oft-recognised", "OFT is recognised (portable since spec 1.1, SPEC.md 15.6): its config is valid",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
         ("ln-tuning-recognised", "LN tuning is recognised, not portable: its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
@@ -981,7 +1026,8 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         config = json.loads((V1 / entry["path"] / "adapter_config.json").read_text("utf-8"))
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
-    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING") or config.get("use_dora"))
+    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT")
+                or config.get("use_dora"))
 
 
 def _numeric_in_core(entry: dict[str, Any]) -> bool:

@@ -36,6 +36,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
+from . import oft
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
@@ -54,6 +55,8 @@ _SUPPORTED = {
     "IA3": ("linear", "conv1d_hf", "conv2d", "conv3d"),
     "LOHA": ("linear", "conv1d", "conv2d"),
     "LOKR": ("linear", "conv1d", "conv2d"),
+    "OFT": ("linear", "conv2d"),
+    "BOFT": ("linear", "conv2d"),
 }
 
 
@@ -107,6 +110,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
             f"{method} cannot adapt a {type(module).__module__}.{type(module).__qualname__} layer "
             f"(this backend adapts: {', '.join(allowed) or 'nothing'})", key=path,
             hint="remove the module from target_modules (or exclude it with exclude_modules)")
+    if method in oft.METHODS:
+        oft.check(module, kind, path, config)
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
@@ -195,6 +200,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
             features = in_f if feedforward else out_f
             return {"ia3_l": (1, features) + (1,) * (_weight(module).dim() - 2)}
         return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
+    if method in oft.METHODS and kind is not None:
+        return oft.shapes(module, kind, config, path)
     weight_shape = tuple(_weight(module).shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -355,6 +362,7 @@ class _Spec:
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to another layer's
     index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
+    rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
 
 
 class _Weights(nn.Module):
@@ -448,6 +456,8 @@ class AdapterLayer(nn.Module):
             spec.use_dora, spec.lora_bias, spec.dropout = facts.use_dora, facts.lora_bias, facts.dropout
         elif method == "IA3":
             spec.feedforward = config.is_feedforward(path)
+        elif method in oft.METHODS:
+            spec.rotation = oft.settings(base, self.kind, config, path)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         pending: dict[str, PendingParam] = {}
@@ -572,6 +582,8 @@ class AdapterLayer(nn.Module):
                     _kaiming(p[key])
             if config.get("init_weights", True):
                 nn.init.zeros_(p["hada_w2_b"])
+        elif spec.method in oft.METHODS:
+            oft.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -771,6 +783,10 @@ class AdapterLayer(nn.Module):
                 and not self._modules["base_layer"]._forward_hooks and not _global_forward_hooks:
             return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
         ia3_in, ia3_out, additive, tokens = self._plan
+        rotations = self._rotations(names) if not self._merged else []
+        if rotations:
+            return oft.forward(self._modules["base_layer"], self.kind, rotations, x, args, kwargs,
+                               training=self.training)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             out: torch.Tensor = self.base_layer(x, *args, **kwargs)
             return out
@@ -821,6 +837,22 @@ class AdapterLayer(nn.Module):
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
         return result.to(result_dtype)
+
+    def _rotations(self, names: tuple[str, ...]) -> list[tuple[oft.Rotation, dict[str, torch.Tensor]]]:
+        """(layout, tensors) of the active OFT/BOFT adapters, in order.
+
+        :raises UnsupportedError: they are active together with another method's adapter on this layer.
+        """
+        found = [(n, self._specs[n]) for n in names if n in self._specs and self._specs[n].rotation is not None]
+        if not found:
+            return []
+        others = [n for n in names if n in self._specs and self._specs[n].rotation is None]
+        methods = {spec.method for _, spec in found}
+        if others or len(methods) > 1:
+            raise UnsupportedError(f"{', '.join(sorted(methods))} adapters cannot run together with {others or 'each other'} "
+                                   "on one layer (PEFT holds one method per layer)", key=found[0][0],
+                                   hint="activate the rotation adapters without other methods' adapters")
+        return [(cast(oft.Rotation, spec.rotation), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
@@ -967,7 +999,9 @@ class AdapterLayer(nn.Module):
                 if self.kind in _CONV_KINDS and base.groups > 1 and spec.method == "LORA":
                     raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
                                            key=name, hint="keep the adapter unmerged")
-                if spec.method == TOKENS:
+                if spec.rotation is not None:
+                    oft.merge(base, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
                         rows, index = self._token_rows(name, weight.device)
@@ -1005,7 +1039,9 @@ class AdapterLayer(nn.Module):
                 spec = self._specs[name]
                 weight = base.weight
                 orig_dtype = weight.dtype
-                if spec.method == TOKENS:
+                if spec.rotation is not None:
+                    oft.unmerge(base, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:
                         weight.data.index_copy_(0, self._token_rows(name, weight.device)[1], rows)

@@ -258,6 +258,49 @@ def _kronecker(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
+# -- OFT, BOFT (SPEC.md 15.6, 15.7) -----------------------------------------------------------
+def _oft(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``oft_R.weight`` is ``[blocks, b(b-1)/2]`` (one row with block_share): the upper triangles of the blocks."""
+    if "oft_R.weight" not in p:
+        return [_missing(module, "oft_R.weight", "OFT stores oft_R.weight per adapted module")]
+    info = p["oft_R.weight"]
+    hint = "save the adapter again with PEFT (SPEC.md 15.6)"
+    if len(info.shape) != 2:
+        return [_shape(module, "oft_R.weight", info, "must have 2 axes [blocks, b(b-1)/2]", hint)]
+    n = info.shape[1]
+    size = (1 + math.isqrt(1 + 8 * n)) // 2
+    errors: Errors = []
+    if size * (size - 1) // 2 != n or size < 2:
+        errors.append(_shape(module, "oft_R.weight", info, f"{n} is not b(b-1)/2 for a block size b >= 2", hint))
+    if config.get("block_share") and info.shape[0] != 1:
+        errors.append(_shape(module, "oft_R.weight", info, "block_share is true: one shared block (1 row) is stored",
+                             "set block_share to false, or save the adapter again"))
+    return errors
+
+
+def _boft(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``boft_R`` is ``[1, blocks, b, b]`` (one butterfly factor), ``boft_s`` ``[out, 1]`` or ``[1, out]``."""
+    errors: Errors = [_missing(module, n, "BOFT stores boft_R with boft_s per adapted module")
+                      for n in ("boft_R", "boft_s") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 15.7)"
+    if "boft_R" in p:
+        r = p["boft_R"]
+        if len(r.shape) != 4 or r.shape[2] != r.shape[3]:
+            errors.append(_shape(module, "boft_R", r, "must be [factors, blocks, b, b]", hint))
+        elif r.shape[0] != 1:
+            errors.append(_shape(module, "boft_R", r, f"{r.shape[0]} butterfly factors: adapterspec reads one",
+                                 "train with boft_n_butterfly_factor 1"))
+        else:
+            for field, axis in (("boft_block_size", 2), ("boft_block_num", 1)):
+                wanted = int(config.get(field, 0) or 0)
+                if wanted and r.shape[axis] != wanted:
+                    errors.append(_shape(module, "boft_R", r, f"axis {axis} is {r.shape[axis]}, the config's "
+                                                              f"{field} is {wanted}", f"set {field} to {r.shape[axis]}"))
+    if "boft_s" in p and (len(p["boft_s"].shape) != 2 or 1 not in p["boft_s"].shape):
+        errors.append(_shape(module, "boft_s", p["boft_s"], "must be [out, 1] (Linear) or [1, out] (Conv2d)", hint))
+    return errors
+
+
 #: Larger dimensions are not checked (no layer has them; factorising costs O(sqrt(n))).
 _MAX_FACTORED = 2**32
 
@@ -287,4 +330,6 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "IA3": _ia3,
     "LOHA": _loha,
     "LOKR": _lokr,
+    "OFT": _oft,
+    "BOFT": _boft,
 }

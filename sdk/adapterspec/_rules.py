@@ -12,13 +12,14 @@ the first in :func:`~adapterspec.config.validate_config` (``ConfigError``); read
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import shorten
 
-__all__ = ["PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems", "transformer_submodules",
-           "unsupported_features"]
+__all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
+           "transformer_submodules", "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
@@ -29,6 +30,8 @@ PORTABLE_METHODS = frozenset({
     "PROMPT_TUNING",
     "LOHA",
     "LOKR",
+    "OFT",
+    "BOFT",
 })
 
 
@@ -133,4 +136,35 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         field = "num_transformer_submodules" if config.get("num_transformer_submodules") is not None else "task_type"
         found.append((f"/{field}", "encoder-decoder prompt learning (num_transformer_submodules = 2) is not "
                                    "supported by adapterspec v1 readers"))
+    found.extend(_rotation_features(config))
+    return found
+
+
+#: The ``peft_version`` written with an OFT config that has none: PEFT 0.21 fails on a null version with
+#: ``use_cayley_neumann`` (and warns on a missing one); the spec's math is this version's (SPEC.md 15.6).
+OFT_PEFT_VERSION = "0.21.2"
+
+
+def _rotation_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The OFT/BOFT variants adapterspec 1.1 readers refuse (SPEC.md 15.6, 15.7)."""
+    method = config.get("peft_type")
+    if method not in ("OFT", "BOFT"):
+        return []
+    found = []
+    if config.get("bias", "none") != "none":
+        found.append(("/bias", f"{method} with bias {config.get('bias')!r} (trained base biases) is not supported by "
+                               "adapterspec readers"))
+    if method == "OFT" and config.get("coft"):
+        found.append(("/coft", "constrained OFT (coft: true; PEFT projects the weights in place on every forward) is "
+                               "not supported by adapterspec readers"))
+    version = config.get("peft_version")
+    match = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if method == "OFT" and config.get("use_cayley_neumann", True) and match is not None \
+            and (int(match[1]), int(match[2])) < (0, 18):
+        found.append(("/peft_version", f"OFT's Cayley-Neumann series changed in PEFT 0.18; this adapter was written by "
+                                       f"PEFT {version}, whose series adapterspec readers do not implement"))
+    if method == "BOFT" and int(config.get("boft_n_butterfly_factor", 1) or 1) != 1:
+        found.append(("/boft_n_butterfly_factor", "BOFT with more than one butterfly factor is not supported by "
+                      "adapterspec readers (PEFT 0.21 builds it only with its CUDA extension and silently trains "
+                      "one factor without it, whatever the config says)"))
     return found

@@ -43,6 +43,8 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "IA3": ("ia3_l",),
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "OFT": ("oft_R.weight",),
+    "BOFT": ("boft_R", "boft_s"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
 }

@@ -28,6 +28,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from .reference_oft import rotated_weight
+
 __all__ = [
     "adapted_weight",
     "base_forward",
@@ -211,6 +213,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return _loha(module, weight, config, path, tensors), bias
     if method == "LOKR":
         return _lokr(module, weight, config, path, tensors), bias
+    if method in ("OFT", "BOFT"):  # SPEC.md 15.6, 15.7
+        return rotated_weight(module, weight, config, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -236,7 +240,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

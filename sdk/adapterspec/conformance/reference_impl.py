@@ -90,9 +90,14 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 #: The layer kinds of the corpus' model descriptions each method adapts (PEFT 0.21.2; SPEC.md 6).
-_SUPPORTED = {"LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"),
-              "IA3": ("linear", "gpt2_conv1d", "conv2d"),
-              "LOHA": ("linear", "conv1d", "conv2d"), "LOKR": ("linear", "conv1d", "conv2d")}
+_SUPPORTED = {
+    "LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"),
+    "IA3": ("linear", "gpt2_conv1d", "conv2d"),
+    "LOHA": ("linear", "conv1d", "conv2d"),
+    "LOKR": ("linear", "conv1d", "conv2d"),
+    "OFT": ("linear", "conv2d"),  # conv2d: 1x1 kernels (SPEC.md 15.6; the method check refuses others)
+    "BOFT": ("linear", "conv2d"),
+}
 
 
 def _check_supported(config: AdapterConfig, path: str, spec: Mapping[str, Any]) -> None:
