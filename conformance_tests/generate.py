@@ -387,6 +387,11 @@ def _clarification_numeric() -> None:
     numeric("lokr-conv1d-full-f32", "SPEC 8.7: LoKr on a torch Conv1d with a full 3-axis lokr_w2 [out_k, in_n, k]: "
             "kron gives lokr_w1 one leading unit axis and the result is reshaped row-major to [out, in, k] (PEFT)",
             "LOKR", "conv1d", "float32", {"conv": conv1d(4, 6, 3)}, lycoris("LOKR", 2, 4, ["conv"]), [])
+    q = linear(6, 5)
+    numeric("lora-regex-brace-shorthand-f32", "SPEC 4.5: Python's {,n} means {0,n} (ECMA-262 reads the literal "
+            "text '{,n}'): layers\\.1{,1}\\.q_proj selects layers.1.q_proj, not layers.0.q_proj nor layers.11.q_proj",
+            "LORA", "linear", "float32", {"layers.0.q_proj": q, "layers.1.q_proj": q, "layers.11.q_proj": q},
+            lora(2, 6, r"layers\.1{,1}\.q_proj"), ["regex", "untargeted"])
 
 
 def generate_numeric() -> list[dict[str, Any]]:
