@@ -23,7 +23,7 @@ from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismat
 from adapterspec.naming import PROMPT_KEY, make_key
 
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
-from .inject import PROMPTS_ATTR
+from .prompts import PROMPTS_ATTR
 from .layers import AdapterLayer
 from .switch import require_state
 
