@@ -116,6 +116,9 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
 
     >>> check_prompt_learning(model, AdapterConfig.from_dict({"peft_type": "PROMPT_TUNING", ...}))  # doctest: +SKIP
     """
+    if config.peft_type == "P_TUNING":
+        raise UnsupportedError("the keras backend does not implement P_TUNING (P-tuning prompts, SPEC.md 15.8)",
+                               pointer="/peft_type", hint="load it with the torch backend (adapterspec_torch) or PEFT")
     if config.peft_type not in _METHODS:
         raise UnsupportedError(f"the keras backend does not implement {config.peft_type}", pointer="/peft_type",
                                hint="use PREFIX_TUNING, PROMPT_TUNING or LoRA/IA3")

@@ -1,5 +1,8 @@
 """Prefix and prompt tuning on transformers models, through a forward pre-hook on the model.
 
+P-tuning (``P_TUNING``) stores the prompt encoder's output, which is used exactly as prompt tuning's
+embeddings (SPEC.md 15.8): only loading is implemented (a fresh adapter would need PEFT's encoder).
+
 The virtual tokens live in ``model._adapterspec_prompts`` (a ``ParameterDict``, adapter name -> tensor) and
 enter through a forward pre-hook on the model, as PEFT's ``PeftModelForCausalLM.forward`` does: past
 key/values (prefix tuning), or embeddings prepended to ``inputs_embeds`` (prompt tuning), the attention
@@ -91,6 +94,10 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
     if config.peft_type == "PREFIX_TUNING" and any(t in model_type for t in ("gemma2", "gemma3_text", "gemma4")):
         raise UnsupportedError(f"prefix tuning on {model_type} needs its special cache; not implemented here",
                                key=model_type, hint="use a model with a plain DynamicCache")
+    if config.peft_type == "P_TUNING" and options.initialize:
+        raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
+                               "and this backend does not implement; only saved P-tuning prompts are loaded",
+                               pointer="/peft_type", hint="train P-tuning with PEFT, or add a PROMPT_TUNING adapter")
     config = check_prompt_learning(model, config)
     hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
     embeddings = hf.get_input_embeddings()
