@@ -358,7 +358,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
-    targets = find_targets(model, config, options, universe=universe_list)
+    targets = [] if config.is_prompt_learning else find_targets(model, config, options, universe=universe_list)
     saved = find_modules_to_save(model, config, options, universe=universe_list)
     for spec in targets:
         module = universe[spec][1]
@@ -434,6 +434,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
         if config.is_prompt_learning:
             config = inject_prefix(model, state, config, adapter_name, options)
             modules: dict[str, str] = {}
+            if config.get("modules_to_save"):  # the classifier head of SEQ_CLS / TOKEN_CLS (SPEC 15.9)
+                try:
+                    modules = _inject_layers(model, state, config, adapter_name, options)
+                except BaseException:
+                    remove_prefix(model, state, adapter_name)
+                    raise
         else:
             config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
             config = expand_all_linear(model, config, options)  # SPEC 4.3

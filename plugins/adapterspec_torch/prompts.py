@@ -27,7 +27,11 @@ from adapterspec.errors import UnsupportedError
 from .devices import adapter_target_of
 from .switch import ModelState, get_state
 
-__all__ = ["PROMPTS_ATTR", "check_prompt_learning", "inject_prefix", "remove_prefix"]
+__all__ = ["CLASSIFICATION_TASKS", "PROMPTS_ATTR", "check_prompt_learning", "inject_prefix", "remove_prefix"]
+
+#: The ``task_type`` values whose PEFT model saves the classifier head (``modules_to_save``) and keeps
+#: ``token_type_ids`` and labels as given (SPEC.md 15.9).
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 #: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
 PROMPTS_ATTR = "_adapterspec_prompts"
@@ -42,6 +46,12 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
     if config.get("task_type") == "SEQ_2_SEQ_LM" or (config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedError(f"{config.peft_type} for encoder-decoder models is not implemented here",
                                pointer="/num_transformer_submodules", hint="use a decoder-only model")
+    if config.peft_type == "PREFIX_TUNING" and "past_key_values" not in inspect.signature(
+            type(model).forward).parameters:
+        raise UnsupportedError(f"prefix tuning needs a model whose forward takes past_key_values; "
+                               f"{type(model).__name__}.forward does not (PEFT then runs the backbone and head "
+                               "itself, which is not implemented here)", key=type(model).__name__,
+                               hint="use a model class that takes past_key_values, or PROMPT_TUNING")
     changes: dict[str, Any] = {}
     if config.get("num_transformer_submodules") is None:
         changes["num_transformer_submodules"] = 1
@@ -137,7 +147,9 @@ def _cache_length(past: Any) -> int:
 
 
 def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward."""
+    """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward
+    (``PeftModelForSequenceClassification`` / ``...TokenClassification``'s for ``task_type`` SEQ_CLS / TOKEN_CLS:
+    ``token_type_ids`` kept, zeros prepended for prompts; labels as given; SPEC.md 15.9)."""
     state = get_state(model)
     if state is None:
         return None
@@ -162,7 +174,8 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
-    if kwargs.get("token_type_ids") is not None:
+    classify = config.get("task_type") in CLASSIFICATION_TASKS
+    if kwargs.get("token_type_ids") is not None and not classify:
         kwargs["token_type_ids"] = None
     if config.peft_type == "PREFIX_TUNING":
         if kwargs.get("position_ids") is not None:
@@ -176,9 +189,11 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     if inputs_embeds is None:
         hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
         inputs_embeds = hf.get_input_embeddings()(input_ids)
-    labels = kwargs.get("labels")
-    if labels is not None:
+    labels, types = kwargs.get("labels"), kwargs.get("token_type_ids")
+    if labels is not None and not classify:
         kwargs["labels"] = torch.cat((torch.full((batch, nvt), -100).to(labels.device), labels), dim=1)
+    if types is not None:  # only kept for classification
+        kwargs["token_type_ids"] = torch.cat((torch.zeros(batch, nvt).to(types.device), types), dim=1).long()
     prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)
     kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
     kwargs["input_ids"] = None

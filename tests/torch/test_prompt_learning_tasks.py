@@ -1,0 +1,104 @@
+"""Prompt learning beyond causal LMs (SPEC.md 15.9), exact against PEFT 0.21.2 in both directions.
+
+* ``task_type`` SEQ_CLS / TOKEN_CLS: PEFT also saves the classifier head (``modules_to_save``) under
+  ``base_model.<module>.<param>``; prefix, prompt and P-tuning on Llama and GPT-2, prompt tuning on BERT
+  (``token_type_ids`` kept, zeros prepended for the virtual tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from prompt_helpers import round_trip  # noqa: E402
+from torch_helpers import assert_same_snapshot, fresh, snapshot, tiny_llama_config  # noqa: E402
+
+LABELS = 3
+
+
+def _classifier(arch: str, task: str) -> Any:
+    import transformers
+
+    torch.manual_seed(5)
+    if arch == "llama":
+        config = tiny_llama_config()
+        config.pad_token_id = 0
+    elif arch == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                         pad_token_id=0)
+    else:
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=128, max_position_embeddings=64)
+    config.num_labels = LABELS
+    prefix = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert"}[arch]
+    suffix = "ForSequenceClassification" if task == "SEQ_CLS" else "ForTokenClassification"
+    return getattr(transformers, prefix + suffix)(config).eval()
+
+
+def _config(method: str, task: str) -> Any:
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=3)
+    return PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=16)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_classification_round_trip(arch: str, task: str, method: str, token_inputs: Any, tmp_path: Any,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    base = _classifier(arch, task)
+    diffs = round_trip(base, _config(method, task), token_inputs, tmp_path, caplog)
+    print(arch, task, method, diffs)
+    loaded = adapterspec.read_adapter(tmp_path / "peft")
+    head = "classifier" if (arch, task) == ("gpt2", "TOKEN_CLS") else "score"
+    assert {k for k in loaded.tensors if k != "prompt_embeddings"} == (
+        {f"base_model.{head}.weight"} if task == "SEQ_CLS" else {f"base_model.{head}.weight", f"base_model.{head}.bias"})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_bert_prompt_with_token_type_ids(method: str, token_inputs: Any, tmp_path: Any,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    base = _classifier("bert", "SEQ_CLS")
+    inputs = dict(token_inputs, token_type_ids=(torch.arange(18).reshape(2, 9) >= 5).long())
+    diffs = round_trip(base, _config(method, "SEQ_CLS"), inputs, tmp_path, caplog)
+    print("bert", method, diffs)
+
+
+def test_bert_prefix_tuning_is_refused(tmp_path: Any) -> None:
+    """BertForSequenceClassification.forward takes no past_key_values: PEFT runs the encoder and head itself."""
+    from peft import get_peft_model
+
+    base = _classifier("bert", "SEQ_CLS")
+    reference = get_peft_model(fresh(base), _config("prefix", "SEQ_CLS"))
+    reference.save_pretrained(tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="past_key_values"):
+        adapterspec.load_adapter(model, tmp_path)
+    assert_same_snapshot(model, before)
+
+
+def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
+    """A ``base_model.`` key is only accepted for a module listed in modules_to_save."""
+    import json
+
+    from peft import get_peft_model
+
+    base = _classifier("llama", "SEQ_CLS")
+    get_peft_model(fresh(base), _config("prompt", "SEQ_CLS")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(adapterspec.UnexpectedTensorError, match="base_model.score.weight"):
+        adapterspec.read_adapter(tmp_path)
