@@ -208,3 +208,16 @@ def test_p_tuning_is_refused_on_keras(checkpoints: Any) -> None:
         adapterspec.inject_adapter(llama, config)
     assert info.value.pointer == "/peft_type"
     assert_same_snapshot(before, snapshot(llama))
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_classification_prompt_learning_is_refused_on_keras(checkpoints: Any, peft_type: str) -> None:
+    """A prompt adapter with its classifier head saved whole (SPEC.md 15.9) is torch-only: a typed refusal."""
+    llama = keras_model("llama", checkpoints["llama"])
+    before = snapshot(llama)
+    config = {"peft_type": peft_type, "task_type": "SEQ_CLS", "num_virtual_tokens": 2,
+              "modules_to_save": ["classifier", "score"]}
+    with pytest.raises(adapterspec.UnsupportedError, match="classifier head") as info:
+        adapterspec.inject_adapter(llama, config)
+    assert info.value.pointer == "/task_type"
+    assert_same_snapshot(before, snapshot(llama))
