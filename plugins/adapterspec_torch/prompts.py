@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._rules import transformer_submodules
 from adapterspec.errors import UnsupportedError
 
 from .devices import adapter_target_of
@@ -43,9 +44,14 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
     :raises UnsupportedError: what this backend cannot run exactly (names the field).
     """
     model_config: Any = getattr(model, "config", None)
-    if config.get("task_type") == "SEQ_2_SEQ_LM" or (config.get("num_transformer_submodules") or 1) != 1:
-        raise UnsupportedError(f"{config.peft_type} for encoder-decoder models is not implemented here",
-                               pointer="/num_transformer_submodules", hint="use a decoder-only model")
+    submodules = transformer_submodules(config)
+    seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
+    if (submodules == 2) != seq2seq or (submodules == 2 and config.get("task_type") != "SEQ_2_SEQ_LM"):
+        where = "/num_transformer_submodules" if config.get("num_transformer_submodules") is not None else "/task_type"
+        raise UnsupportedError(f"num_transformer_submodules {submodules} (task_type {config.get('task_type')}) on "
+                               f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model: only 2 with "
+                               "SEQ_2_SEQ_LM on an encoder-decoder model, 1 on the others, are implemented here",
+                               pointer=where, hint="load the adapter into the kind of model it was trained for")
     if config.peft_type == "PREFIX_TUNING" and "past_key_values" not in inspect.signature(
             type(model).forward).parameters:
         raise UnsupportedError(f"prefix tuning needs a model whose forward takes past_key_values; "
@@ -54,7 +60,7 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
                                hint="use a model class that takes past_key_values, or PROMPT_TUNING")
     changes: dict[str, Any] = {}
     if config.get("num_transformer_submodules") is None:
-        changes["num_transformer_submodules"] = 1
+        changes["num_transformer_submodules"] = submodules
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
     def from_model(*names: str) -> Any:
@@ -163,6 +169,10 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         raise UnsupportedError("too many positional arguments for prompt learning", key=type(model).__qualname__,
                                hint="pass the model's inputs as keyword arguments")
     kwargs = {**dict(zip(names, args)), **kwargs}
+    if config["num_transformer_submodules"] == 2 and kwargs.get("encoder_outputs") is not None:
+        raise UnsupportedError("encoder-decoder prompt learning with precomputed encoder_outputs (as generate() "
+                               "passes them) is not implemented here", key=type(model).__name__,
+                               hint="call the model's forward with input_ids; use PEFT for generate()")
     input_ids: Any = kwargs.get("input_ids")
     inputs_embeds: Any = kwargs.get("inputs_embeds")
     if input_ids is None and inputs_embeds is None:
@@ -170,6 +180,8 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
     nvt = config["num_virtual_tokens"]
     weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
+    if config["num_transformer_submodules"] == 2:
+        return _seq2seq_kwargs(model, config, weight, kwargs, batch)
     continuing = _cache_length(kwargs.get("past_key_values")) > 0
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
@@ -209,7 +221,52 @@ def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor,
     if dtype is not None:
         past = past.to(dtype)
     past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
+    if config["num_transformer_submodules"] == 2:
+        return _encoder_decoder_cache(past)
     return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
+
+
+def _encoder_decoder_cache(past: torch.Tensor) -> Any:
+    """PEFT 0.21.2's cache for ``num_transformer_submodules`` 2 (SPEC.md 8.4, 15.9): the ``2L`` slots doubled to
+    ``4L``, decoder layer ``l`` taking slots ``4l, 4l + 1`` (mod ``2L``) as its self-attention prefix; the
+    cross-attention part is dropped (an empty cache, recomputed from the encoder's output)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    doubled = torch.cat([past, past], dim=2).permute([2, 0, 3, 1, 4]).split(4)  # type: ignore[no-untyped-call]
+    cache = EncoderDecoderCache(doubled)
+    cache.cross_attention_cache = DynamicCache()
+    for key in cache.is_updated:
+        cache.is_updated[key] = False
+    return cache
+
+
+def _seq2seq_kwargs(model: nn.Module, config: AdapterConfig, weight: torch.Tensor, kwargs: dict[str, Any],
+                    batch: int) -> tuple[tuple[()], dict[str, Any]]:
+    """PEFT's ``PeftModelForSeq2SeqLM.forward`` for prefix/prompt/P-tuning (SPEC.md 15.9)."""
+    nvt = config["num_virtual_tokens"]
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = None
+    if config.peft_type == "PREFIX_TUNING":
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + nvt
+        mask = kwargs.get("decoder_attention_mask")
+        if mask is not None:
+            kwargs["decoder_attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+        kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
+        return (), kwargs
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = None
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if inputs_embeds is None:
+        hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
+        inputs_embeds = hf.get_input_embeddings()(kwargs["input_ids"])
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+    prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)[:, :nvt]  # the decoder's half is not used
+    kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
+    kwargs["input_ids"] = None
+    return (), kwargs
 
 
 def remove_prefix(model: nn.Module, state: ModelState, adapter_name: str) -> None:

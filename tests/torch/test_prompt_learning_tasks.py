@@ -3,6 +3,9 @@
 * ``task_type`` SEQ_CLS / TOKEN_CLS: PEFT also saves the classifier head (``modules_to_save``) under
   ``base_model.<module>.<param>``; prefix, prompt and P-tuning on Llama and GPT-2, prompt tuning on BERT
   (``token_type_ids`` kept, zeros prepended for the virtual tokens).
+* encoder-decoder (``SEQ_2_SEQ_LM``, ``num_transformer_submodules`` 2) on T5 and BART: prefix tuning fills
+  the decoder's self-attention cache (PEFT's doubled slots, cross-attention recomputed), prompt and P-tuning
+  prepend the first half of the prompt to the encoder's input; ``generate()`` is refused typed.
 """
 
 from __future__ import annotations
@@ -102,3 +105,78 @@ def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(adapterspec.UnexpectedTensorError, match="base_model.score.weight"):
         adapterspec.read_adapter(tmp_path)
+
+
+def _seq2seq(arch: str) -> Any:
+    import transformers
+
+    torch.manual_seed(6)
+    config: Any
+    if arch == "t5":
+        config = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        config.pad_token_id = config.decoder_start_token_id = 0
+        return transformers.T5ForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    config = transformers.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1,
+                                     decoder_start_token_id=2, bos_token_id=0, eos_token_id=2)
+    return transformers.BartForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+
+
+def _seq2seq_inputs(token_inputs: dict[str, Any]) -> dict[str, Any]:
+    decoder_ids = (torch.arange(2 * 5).reshape(2, 5) * 5 + 3) % 128
+    decoder_mask = torch.ones(2, 5, dtype=torch.long)
+    decoder_mask[0, -1] = 0
+    return dict(token_inputs, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_round_trip(arch: str, method: str, token_inputs: Any, tmp_path: Any,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    base = _seq2seq(arch)
+    diffs = round_trip(base, _config(method, "SEQ_2_SEQ_LM"), _seq2seq_inputs(token_inputs), tmp_path, caplog)
+    print(arch, method, diffs)
+    config = adapterspec.read_adapter(tmp_path / "peft").config
+    assert config["num_transformer_submodules"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_encoder_decoder_labels_loss(method: str, token_inputs: Any, tmp_path: Any) -> None:
+    from torch_helpers import assert_close, peft_reference
+
+    base = _seq2seq("t5")
+    reference = peft_reference(base, _config(method, "SEQ_2_SEQ_LM"), tmp_path)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    labels = (torch.arange(2 * 4).reshape(2, 4) * 3 + 1) % 128
+    with torch.no_grad():
+        ours = model(**token_inputs, labels=labels)
+        theirs = reference(**token_inputs, labels=labels)
+    assert_close(ours.logits, theirs.logits)
+    assert_close(ours.loss, theirs.loss)
+
+
+def test_encoder_decoder_generate_is_refused(token_inputs: Any, tmp_path: Any) -> None:
+    from torch_helpers import peft_reference
+
+    base = _seq2seq("t5")
+    peft_reference(base, _config("prompt", "SEQ_2_SEQ_LM"), tmp_path)
+    model: Any = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    with pytest.raises(adapterspec.UnsupportedError, match="encoder_outputs"):
+        model.generate(**token_inputs, max_new_tokens=2)
+
+
+def test_encoder_decoder_adapter_on_a_decoder_only_model_is_refused(llama: Any, tmp_path: Any) -> None:
+    from torch_helpers import peft_reference
+
+    peft_reference(_seq2seq("t5"), _config("prompt", "SEQ_2_SEQ_LM"), tmp_path)
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="num_transformer_submodules 2") as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.pointer == "/num_transformer_submodules"
+    assert_same_snapshot(model, before)
