@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from typing import Any, cast
 
 import torch
@@ -107,9 +108,11 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
         raise UnsupportedError(f"{config.peft_type} needs a transformers model (with .config and input embeddings)",
                                key=type(model).__qualname__, hint="pass a transformers PreTrainedModel")
     model_type = getattr(model.config, "model_type", "")
-    if config.peft_type == "PREFIX_TUNING" and any(t in model_type for t in ("gemma2", "gemma3_text", "gemma4")):
-        raise UnsupportedError(f"prefix tuning on {model_type} needs its special cache; not implemented here",
-                               key=model_type, hint="use a model with a plain DynamicCache")
+    if config.peft_type == "PREFIX_TUNING" and "gemma4" in model_type:
+        raise UnsupportedError(f"prefix tuning on {model_type} is not implemented here: PEFT sizes the prefix for "
+                               "the global layers' key/value shape, slices it for sliding layers and skips the "
+                               "layers sharing another's key/values (SPEC.md 15.9)", key=model_type,
+                               hint="use PEFT itself for Gemma 4 prefix tuning")
     if config.peft_type == "P_TUNING" and options.initialize:
         raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
                                "and this backend does not implement; only saved P-tuning prompts are loaded",
@@ -223,7 +226,31 @@ def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor,
     past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
     if config["num_transformer_submodules"] == 2:
         return _encoder_decoder_cache(past)
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if _HYBRID.search(model_type):
+        return _hybrid_cache(model, past)
     return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
+
+
+#: The model types whose prefix PEFT 0.21.2 writes into a cache built from the model's config (sliding-window
+#: layers), as ``"gemma2" in model_type or "gemma3_text" in model_type`` (Gemma 4 is refused at injection).
+_HYBRID = re.compile("gemma2|gemma3_text")
+
+
+def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
+    """PEFT 0.21.2's prefix cache for Gemma 2 / Gemma 3 text (transformers >= 4.56, SPEC.md 15.9): a
+    ``DynamicCache(config=text config)`` -- full and sliding-window layers as the model declares them -- into
+    which each layer's prefix keys and values are written with ``cache_position = 0 .. N-1``."""
+    from transformers import DynamicCache
+
+    text: Any = getattr(model, "config")
+    if hasattr(text, "get_text_config"):
+        text = text.get_text_config()
+    cache = DynamicCache(config=text)
+    position = torch.arange(past.shape[1], device=past.device)
+    for index, pair in enumerate(past.permute([2, 0, 3, 1, 4]).split(2)):  # type: ignore[no-untyped-call]
+        cache.update(pair[0], pair[1], index, cache_kwargs={"cache_position": position})
+    return cache
 
 
 def _encoder_decoder_cache(past: torch.Tensor) -> Any:

@@ -6,6 +6,8 @@
 * encoder-decoder (``SEQ_2_SEQ_LM``, ``num_transformer_submodules`` 2) on T5 and BART: prefix tuning fills
   the decoder's self-attention cache (PEFT's doubled slots, cross-attention recomputed), prompt and P-tuning
   prepend the first half of the prompt to the encoder's input; ``generate()`` is refused typed.
+* Gemma 2 / Gemma 3 prefix tuning: the prefix written into a cache built from the model config (sliding
+  window layers), inputs longer than the window; Gemma 4 is refused typed.
 """
 
 from __future__ import annotations
@@ -179,4 +181,65 @@ def test_encoder_decoder_adapter_on_a_decoder_only_model_is_refused(llama: Any, 
     with pytest.raises(adapterspec.UnsupportedError, match="num_transformer_submodules 2") as info:
         adapterspec.load_adapter(model, tmp_path)
     assert info.value.pointer == "/num_transformer_submodules"
+    assert_same_snapshot(model, before)
+
+
+def _gemma(arch: str) -> Any:
+    import transformers
+
+    torch.manual_seed(7)
+    sizes: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64,
+                                 sliding_window=6, pad_token_id=0)
+    if arch == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**sizes)).eval()  # type: ignore[no-untyped-call]
+    config = transformers.Gemma3TextConfig(**sizes, layer_types=["sliding_attention", "full_attention"])
+    return transformers.Gemma3ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_round_trip(arch: str, method: str, token_inputs: Any, tmp_path: Any,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    """9 tokens + the virtual ones, past the sliding window of 6: the sliding layers' cache must be PEFT's."""
+    diffs = round_trip(_gemma(arch), _config(method, "CAUSAL_LM"), token_inputs, tmp_path, caplog)
+    print(arch, method, diffs)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_prefix_greedy_generation_matches_peft(arch: str, token_inputs: Any, tmp_path: Any) -> None:
+    import warnings
+
+    from peft import PeftModel
+    from torch_helpers import peft_reference
+
+    base: Any = _gemma(arch)
+    peft_reference(base, _config("prefix", "CAUSAL_LM"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference: Any = PeftModel.from_pretrained(fresh(base), str(tmp_path)).eval()
+    model: Any = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ours = model.generate(**token_inputs, **kwargs)
+        theirs = reference.generate(**token_inputs, **kwargs)
+        plain = base.generate(**token_inputs, **kwargs)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.tolist() != plain.tolist()
+
+
+def test_gemma4_prefix_tuning_is_refused(tmp_path: Any) -> None:
+    import transformers
+
+    config = transformers.Gemma4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = transformers.Gemma4ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+    before = snapshot(model)
+    adapter = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
+    with pytest.raises(adapterspec.UnsupportedError, match="gemma4") as info:
+        adapterspec.inject_adapter(model, adapter)
+    assert "global layers" in str(info.value)
     assert_same_snapshot(model, before)
