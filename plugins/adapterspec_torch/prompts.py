@@ -31,9 +31,9 @@ from .switch import ModelState, get_state
 
 __all__ = ["CLASSIFICATION_TASKS", "PROMPTS_ATTR", "check_prompt_learning", "inject_prefix", "remove_prefix"]
 
-#: The ``task_type`` values whose PEFT model saves the classifier head (``modules_to_save``) and keeps
-#: ``token_type_ids`` and labels as given (SPEC.md 15.9).
-CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+#: The ``task_type`` values whose PEFT model saves the head (``modules_to_save``: ``classifier``/``score``,
+#: ``qa_outputs``) and keeps ``token_type_ids`` and labels as given (SPEC.md 15.9).
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 #: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
 PROMPTS_ATTR = "_adapterspec_prompts"

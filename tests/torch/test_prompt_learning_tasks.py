@@ -243,3 +243,44 @@ def test_gemma4_prefix_tuning_is_refused(tmp_path: Any) -> None:
         adapterspec.inject_adapter(model, adapter)
     assert "global layers" in str(info.value)
     assert_same_snapshot(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+def test_question_answering_round_trip(method: str, token_inputs: Any, tmp_path: Any,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """QUESTION_ANS: PEFT saves qa_outputs whole; start/end logits equal PEFT's, both directions."""
+    import transformers
+    from prompt_helpers import peft_loads
+    from safetensors.torch import load_file
+    from torch_helpers import assert_close, peft_reference
+
+    torch.manual_seed(8)
+    config = tiny_llama_config()
+    config.pad_token_id = 0
+    base = transformers.LlamaForQuestionAnswering(config).eval()  # type: ignore[no-untyped-call]
+    made = _config(method, "CAUSAL_LM")
+    made.task_type = "QUESTION_ANS"
+    reference = peft_reference(base, made, tmp_path / "peft")
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    positions = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}
+
+    def run(m: Any) -> Any:
+        with torch.no_grad():
+            return m(**token_inputs, **positions)
+
+    ours, theirs, plain = run(model), run(reference), run(base)
+    assert (theirs.start_logits[:, -9:] - plain.start_logits).abs().max() > 1e-3
+    for field in ("start_logits", "end_logits", "loss"):
+        assert_close(getattr(ours, field), getattr(theirs, field))
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    original, saved = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
+        tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original) and "base_model.qa_outputs.weight" in saved
+    assert all(torch.equal(saved[k], v) for k, v in original.items())
+    loaded, said = peft_loads(base, tmp_path / "ours", caplog)
+    assert said == peft_loads(base, tmp_path / "peft", caplog)[1]
+    again = run(loaded)
+    for field in ("start_logits", "end_logits"):
+        assert_close(getattr(again, field), getattr(theirs, field))
