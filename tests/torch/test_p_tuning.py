@@ -55,3 +55,31 @@ def test_fresh_p_tuning_is_refused(llama: Any) -> None:
         adapterspec.inject_adapter(model, config)
     assert info.value.pointer == "/peft_type"
     assert_same_snapshot(model, before)
+
+
+def test_loaded_p_tuning_trains_and_saves_for_peft(llama: Any, token_inputs: Any, tmp_path: Any,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A loaded P-tuning prompt trains as it is used (the prompt itself; the base stays frozen); the file we
+    save after a step loads in PEFT with our outputs."""
+    from peft import PromptEncoderConfig
+    from prompt_helpers import peft_loads
+    from torch_helpers import assert_close, logits, peft_reference
+
+    peft_reference(llama, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+                   tmp_path / "peft")
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["_adapterspec_prompts.default"]
+    before = next(p for n, p in model.named_parameters() if p.requires_grad).detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(**token_inputs, labels=token_inputs["input_ids"]).loss
+    loss.backward()
+    optimizer.step()
+    after = next(p for n, p in model.named_parameters() if p.requires_grad)
+    assert (after - before).abs().max() > 1e-4
+    model.eval()
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    loaded, said = peft_loads(llama, tmp_path / "ours", caplog)
+    assert said == peft_loads(llama, tmp_path / "peft", caplog)[1]
+    assert_close(logits(loaded, token_inputs), logits(model, token_inputs))
