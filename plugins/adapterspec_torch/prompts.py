@@ -25,6 +25,7 @@ from torch import nn
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._rules import transformer_submodules
 from adapterspec.errors import UnsupportedError
+from adapterspec.naming import PROMPT_KEY
 
 from .devices import adapter_target_of
 from .switch import ModelState, get_state
@@ -109,10 +110,11 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
                                key=type(model).__qualname__, hint="pass a transformers PreTrainedModel")
     model_type = getattr(model.config, "model_type", "")
     if config.peft_type == "PREFIX_TUNING" and "gemma4" in model_type:
-        raise UnsupportedError(f"prefix tuning on {model_type} is not implemented here: PEFT sizes the prefix for "
-                               "the global layers' key/value shape, slices it for sliding layers and skips the "
-                               "layers sharing another's key/values (SPEC.md 15.9)", key=model_type,
-                               hint="use PEFT itself for Gemma 4 prefix tuning")
+        for field in ("token_dim", "num_attention_heads"):
+            if config.get(field) is None:  # PEFT sizes it for the widest layer: not derived here
+                raise UnsupportedError(f"prefix tuning on {model_type} needs {field} in the config (PEFT provisions "
+                                       "the prefix for the widest layer's key/value shape)", pointer=f"/{field}",
+                                       hint=f"set {field} as PEFT wrote it")
     if config.peft_type == "P_TUNING" and options.initialize:
         raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
                                "and this backend does not implement; only saved P-tuning prompts are loaded",
@@ -233,14 +235,39 @@ def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor,
 
 
 #: The model types whose prefix PEFT 0.21.2 writes into a cache built from the model's config (sliding-window
-#: layers), as ``"gemma2" in model_type or "gemma3_text" in model_type`` (Gemma 4 is refused at injection).
-_HYBRID = re.compile("gemma2|gemma3_text")
+#: layers), as ``"gemma2" in model_type or "gemma3_text" in model_type or "gemma4" in model_type``.
+_HYBRID = re.compile("gemma2|gemma3_text|gemma4")
+
+
+def _layer_kv_shape(text: Any, index: int) -> tuple[int, int] | None:
+    """PEFT 0.21.2's ``_get_layer_kv_target_shape``: layer ``index``'s (key/value heads, head_dim) where layers
+    differ (Gemma 4's ``per_layer_config``, or ``global_head_dim``), else ``None``."""
+    layer_types = getattr(text, "layer_types", None)
+    if not layer_types:
+        return None
+    per_layer = getattr(text, "per_layer_config", None)
+    if per_layer is not None:
+        layer = per_layer[index]
+        return int(layer.num_key_value_heads), int(layer.head_dim)
+    global_head_dim = getattr(text, "global_head_dim", None)
+    if global_head_dim is None:
+        return None
+    sliding = layer_types[index] == "sliding_attention"
+    global_heads = getattr(text, "num_global_key_value_heads", None)
+    heads = global_heads if not sliding and global_heads is not None else text.num_key_value_heads
+    return int(heads), int(text.head_dim if sliding else global_head_dim)
 
 
 def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
-    """PEFT 0.21.2's prefix cache for Gemma 2 / Gemma 3 text (transformers >= 4.56, SPEC.md 15.9): a
+    """PEFT 0.21.2's prefix cache for Gemma 2 / 3 text / 4 (transformers >= 4.56, SPEC.md 15.9): a
     ``DynamicCache(config=text config)`` -- full and sliding-window layers as the model declares them -- into
-    which each layer's prefix keys and values are written with ``cache_position = 0 .. N-1``."""
+    which each layer's prefix keys and values are written with ``cache_position = 0 .. N-1``; where layers
+    differ in key/value shape (Gemma 4) each takes the leading heads and channels of the prefix (sized for the
+    widest), a layer wider than the prefix or sharing another layer's keys and values
+    (``num_kv_shared_layers``) gets none.
+
+    :raises UnsupportedError: no layer takes the prefix (PEFT raises too).
+    """
     from transformers import DynamicCache
 
     text: Any = getattr(model, "config")
@@ -248,8 +275,25 @@ def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
         text = text.get_text_config()
     cache = DynamicCache(config=text)
     position = torch.arange(past.shape[1], device=past.device)
-    for index, pair in enumerate(past.permute([2, 0, 3, 1, 4]).split(2)):  # type: ignore[no-untyped-call]
-        cache.update(pair[0], pair[1], index, cache_kwargs={"cache_position": position})
+    pairs = past.permute([2, 0, 3, 1, 4]).split(2)  # type: ignore[no-untyped-call]
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    first_shared = int(getattr(text, "num_hidden_layers", len(pairs))) - shared
+    injected = 0
+    for index, pair in enumerate(pairs):
+        if shared > 0 and index >= first_shared:
+            continue
+        keys, values = pair[0], pair[1]
+        shape = _layer_kv_shape(text, index)
+        if shape is not None:
+            heads, dim = shape
+            if heads > keys.shape[1] or dim > keys.shape[3]:
+                continue
+            keys, values = keys[:, :heads, :, :dim], values[:, :heads, :, :dim]
+        cache.update(keys, values, index, cache_kwargs={"cache_position": position})
+        injected += 1
+    if not injected:
+        raise UnsupportedError("no layer's key/value shape fits the prefix (token_dim / num_attention_heads)",
+                               key=PROMPT_KEY, hint="load the adapter into the model it was trained for")
     return cache
 
 

@@ -231,17 +231,37 @@ def test_gemma_prefix_greedy_generation_matches_peft(arch: str, token_inputs: An
     assert ours.tolist() != plain.tolist()
 
 
-def test_gemma4_prefix_tuning_is_refused(tmp_path: Any) -> None:
+def _gemma4(shared: int = 0) -> Any:
     import transformers
 
-    config = transformers.Gemma4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = transformers.Gemma4ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+    torch.manual_seed(9)
+    config = transformers.Gemma4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           sliding_window=6, pad_token_id=0, num_kv_shared_layers=shared,
+                                           layer_types=["sliding_attention", "full_attention"] * 2)
+    return transformers.Gemma4ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("shared", [0, 2])
+def test_gemma4_prefix_round_trip(shared: int, token_inputs: Any, tmp_path: Any,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma 4: the prefix is sized for the global layers' key/value shape (PEFT's token_dim), each sliding layer
+    takes its leading heads and channels, layers sharing key/values (num_kv_shared_layers) take none."""
+    base = _gemma4(shared)
+    diffs = round_trip(base, _config("prefix", "CAUSAL_LM"), token_inputs, tmp_path, caplog)
+    print("gemma4", shared, diffs)
+    config = adapterspec.read_adapter(tmp_path / "peft").config
+    assert config["token_dim"] // config["num_attention_heads"] > 16  # wider than a sliding layer's head
+
+
+def test_gemma4_prefix_sizes_must_be_given(tmp_path: Any) -> None:
+    model = _gemma4()
     before = snapshot(model)
     adapter = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
-    with pytest.raises(adapterspec.UnsupportedError, match="gemma4") as info:
+    with pytest.raises(adapterspec.UnsupportedError, match="widest layer") as info:
         adapterspec.inject_adapter(model, adapter)
-    assert "global layers" in str(info.value)
+    assert info.value.pointer == "/token_dim"
     assert_same_snapshot(model, before)
 
 
