@@ -340,6 +340,19 @@ def _oft_cases() -> None:
             {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 3, "target_modules": ["conv"]}, [])
 
 
+P_TUNING_CFG = {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "token_dim": 8,
+                "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2,
+                "encoder_reparameterization_type": "MLP", "encoder_hidden_size": 8}
+
+
+def _prompts_cases() -> None:
+    """P-tuning (SPEC.md 15.8): the file holds the prompt encoder's output, prepended as prompt tuning's is.
+    Classification heads and encoder-decoder models (15.9) need model descriptions the protocol lacks."""
+    numeric("p-tuning-f32", "P-tuning: prompt_embeddings holds the MLP prompt encoder's output [nvt, token_dim], "
+            "prepended to inputs_embeds as in prompt tuning", "P_TUNING", "decoder", "float32", {}, P_TUNING_CFG,
+            [], decoder=DECODER, compute="prompt_concat")
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
@@ -398,6 +411,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _numeric_cases()
     _clarification_numeric()
     _oft_cases()
+    _prompts_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -691,6 +705,7 @@ def generate_folders() -> list[dict[str, Any]]:
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _oft_folders()
+    _prompts_folders()
     _manifest_examples()
     _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
@@ -832,6 +847,24 @@ def _oft_folders() -> None:
     plain("oft-not-a-triangle", "oft_R.weight's second axis must be b(b-1)/2 for a block size b", oft,
           {f"{Q}.oft_R.weight": det((2, 5), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
           key=f"{Q}.oft_R.weight")
+
+
+def _prompts_folders() -> None:
+    """P-tuning folders, and the classifier head a prompt adapter saves (SPEC.md 15.8, 15.9)."""
+    decoder = {"dtype": "float32", "modules": {}, "decoder": DECODER}
+    plain("p-tuning", "P-tuning: the single tensor prompt_embeddings [nvt, token_dim] (the encoder's output; the "
+          "encoder_* fields are informative)", P_TUNING_CFG | {"encoder_reparameterization_type": "LSTM"},
+          {"prompt_embeddings": det((3, 8), 1).astype(np.float32)}, valid=True, model=decoder)
+    plain("p-tuning-shape-disagrees", "P-tuning prompt_embeddings [3, 16] while the config says token_dim 8",
+          P_TUNING_CFG, {"prompt_embeddings": det((3, 16), 1).astype(np.float32)}, valid=False,
+          error="ShapeMismatchError", key="prompt_embeddings", model=decoder)
+    plain("prompt-head-not-listed", "a prompt adapter's base_model.score.weight (PEFT's classifier head of "
+          "SEQ_CLS) while modules_to_save does not list score: UnexpectedTensorError",
+          {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3, "token_dim": 8,
+           "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2, "modules_to_save": None},
+          {"prompt_embeddings": det((3, 8), 1).astype(np.float32),
+           "base_model.score.weight": det((2, 8), 2).astype(np.float32)}, valid=False,
+          error="UnexpectedTensorError", key="base_model.score.weight", model=decoder)
 
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
@@ -1031,7 +1064,8 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         config = json.loads((V1 / entry["path"] / "adapter_config.json").read_text("utf-8"))
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
-    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT")
+    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
+                                            "P_TUNING")
                 or config.get("use_dora"))
 
 

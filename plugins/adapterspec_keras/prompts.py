@@ -116,9 +116,17 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
 
     >>> check_prompt_learning(model, AdapterConfig.from_dict({"peft_type": "PROMPT_TUNING", ...}))  # doctest: +SKIP
     """
+    if config.peft_type == "P_TUNING":
+        raise UnsupportedError("the keras backend does not implement P_TUNING (P-tuning prompts, SPEC.md 15.8)",
+                               pointer="/peft_type", hint="load it with the torch backend (adapterspec_torch) or PEFT")
     if config.peft_type not in _METHODS:
         raise UnsupportedError(f"the keras backend does not implement {config.peft_type}", pointer="/peft_type",
                                hint="use PREFIX_TUNING, PROMPT_TUNING or LoRA/IA3")
+    if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") or config.get("modules_to_save"):
+        field = "task_type" if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") else "modules_to_save"
+        raise UnsupportedError("the keras backend does not implement prompt learning with a classifier head saved "
+                               "whole (task_type SEQ_CLS / TOKEN_CLS, modules_to_save; SPEC.md 15.9)",
+                               pointer=f"/{field}", hint="load it with the torch backend (adapterspec_torch) or PEFT")
     if config.get("prefix_projection"):
         raise UnsupportedError("prefix_projection: PEFT does not save the projection MLP, only its input",
                                pointer="/prefix_projection", hint="train the prefix without prefix_projection")

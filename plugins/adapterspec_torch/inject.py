@@ -5,10 +5,7 @@
   shared by all adapters on it);
 * ``modules_to_save``: each listed module is replaced by a
   :class:`~adapterspec_torch.layers.ModulesToSaveLayer` holding one full copy per adapter;
-* prefix/prompt tuning (transformers decoder models): the virtual tokens live in
-  ``model._adapterspec_prompts`` and enter through a forward pre-hook on the model, as PEFT's
-  ``PeftModelForCausalLM.forward`` does (past key/values, or embeddings prepended to ``inputs_embeds``,
-  attention mask extended by ones).
+* prefix/prompt tuning: :mod:`~adapterspec_torch.prompts`.
 
 >>> inject(model, AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"]}),
 ...        "default", LoadOptions())                                  # doctest: +SKIP
@@ -17,10 +14,8 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Iterator
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +29,7 @@ from adapterspec.targets import is_all_linear
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
+from .prompts import PROMPTS_ATTR, inject_prefix, remove_prefix
 from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
@@ -51,10 +47,6 @@ __all__ = [
     "unwrap",
     "wrap",
 ]
-
-#: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
-PROMPTS_ATTR = "_adapterspec_prompts"
-
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` as the spec sees them: a wrapper stands for the module it wraps (its
@@ -366,7 +358,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
-    targets = find_targets(model, config, options, universe=universe_list)
+    targets = [] if config.is_prompt_learning else find_targets(model, config, options, universe=universe_list)
     saved = find_modules_to_save(model, config, options, universe=universe_list)
     for spec in targets:
         module = universe[spec][1]
@@ -417,171 +409,6 @@ def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modul
             unwrap(model, own)
 
 
-# -- prefix / prompt tuning -----------------------------------------------------------------
-def _prompt_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
-    """``config`` with the fields PEFT derives from the model filled in (``_prepare_prompt_learning_config``)."""
-    model_config: Any = getattr(model, "config", None)
-    if config.get("task_type") == "SEQ_2_SEQ_LM" or (config.get("num_transformer_submodules") or 1) != 1:
-        raise UnsupportedError(f"{config.peft_type} for encoder-decoder models is not implemented here",
-                               pointer="/num_transformer_submodules", hint="use a decoder-only model")
-    changes: dict[str, Any] = {}
-    if config.get("num_transformer_submodules") is None:
-        changes["num_transformer_submodules"] = 1
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-
-    def from_model(*names: str) -> Any:
-        for n in names:
-            value = getattr(text, n, None)
-            if value is not None:
-                return value
-        return None
-
-    for field, names in (("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
-                         ("token_dim", ("hidden_size", "n_embd", "d_model")),
-                         ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads"))):
-        if config.get(field) is None:
-            value = from_model(*names) if text is not None else None
-            if value is None:
-                raise UnsupportedError(f"{field} is not in the config and cannot be read from the model",
-                                       pointer=f"/{field}", hint=f"set {field} in adapter_config.json")
-            changes[field] = int(value)
-    if config.peft_type == "PREFIX_TUNING" and changes and text is not None \
-            and getattr(text, "num_key_value_heads", None) is not None:
-        token_dim: int = changes["token_dim"] if "token_dim" in changes else config["token_dim"]
-        heads: int = changes["num_attention_heads"] if "num_attention_heads" in changes else config["num_attention_heads"]
-        head_dim = getattr(text, "head_dim", None) or token_dim // heads
-        changes["token_dim"] = int(head_dim * text.num_key_value_heads)
-        changes["num_attention_heads"] = int(text.num_key_value_heads)
-    return config.replace(**changes) if changes else config
-
-
-def _prompt_shape(config: AdapterConfig) -> tuple[int, int]:
-    nvt = config["num_virtual_tokens"]
-    if config.peft_type == "PREFIX_TUNING":
-        return nvt, config["num_layers"] * 2 * config["token_dim"]
-    return nvt * (config.get("num_transformer_submodules") or 1), config["token_dim"]
-
-
-def _inject_prompt(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
-                   options: LoadOptions) -> AdapterConfig:
-    if not hasattr(model, "get_input_embeddings") or getattr(model, "config", None) is None:
-        raise UnsupportedError(f"{config.peft_type} needs a transformers model (with .config and input embeddings)",
-                               key=type(model).__qualname__, hint="pass a transformers PreTrainedModel")
-    model_type = getattr(model.config, "model_type", "")
-    if config.peft_type == "PREFIX_TUNING" and any(t in model_type for t in ("gemma2", "gemma3_text", "gemma4")):
-        raise UnsupportedError(f"prefix tuning on {model_type} needs its special cache; not implemented here",
-                               key=model_type, hint="use a model with a plain DynamicCache")
-    config = _prompt_config(model, config)
-    hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
-    embeddings = hf.get_input_embeddings()
-    device, dtype = adapter_target_of(embeddings, options)
-    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
-    if prompts is None:
-        prompts = nn.ParameterDict()
-        model.add_module(PROMPTS_ATTR, prompts)
-    tensor = torch.empty(_prompt_shape(config), device=device, dtype=dtype)
-    if device.type != "meta":
-        with torch.no_grad():
-            tensor.normal_()
-    prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
-    if state.prompt_hook is None:
-        state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
-    return config
-
-
-@functools.cache
-def _positional_names(forward_type: type[nn.Module]) -> tuple[str, ...]:
-    signature = inspect.signature(forward_type.forward)
-    names = []
-    for param in list(signature.parameters.values())[1:]:
-        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            names.append(param.name)
-    return tuple(names)
-
-
-def _cache_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past:
-        return int(past[0][0].shape[-2])
-    return 0
-
-
-def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward."""
-    state = get_state(model)
-    if state is None:
-        return None
-    active = [n for n in state.switch.names if state.configs[n].is_prompt_learning]
-    if not active:
-        return None
-    name = active[0]
-    config = state.configs[name]
-    names = _positional_names(type(model))  # type: ignore[arg-type]  # mypy checks the instances' __hash__
-    if len(args) > len(names):
-        raise UnsupportedError("too many positional arguments for prompt learning", key=type(model).__qualname__,
-                               hint="pass the model's inputs as keyword arguments")
-    kwargs = {**dict(zip(names, args)), **kwargs}
-    input_ids: Any = kwargs.get("input_ids")
-    inputs_embeds: Any = kwargs.get("inputs_embeds")
-    if input_ids is None and inputs_embeds is None:
-        return None
-    batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-    nvt = config["num_virtual_tokens"]
-    weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
-    continuing = _cache_length(kwargs.get("past_key_values")) > 0
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
-    if kwargs.get("token_type_ids") is not None:
-        kwargs["token_type_ids"] = None
-    if config.peft_type == "PREFIX_TUNING":
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + nvt
-        if not continuing:
-            kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
-        return (), kwargs
-    kwargs["position_ids"] = None
-    if continuing:
-        return (), kwargs
-    if inputs_embeds is None:
-        hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
-        inputs_embeds = hf.get_input_embeddings()(input_ids)
-    labels = kwargs.get("labels")
-    if labels is not None:
-        kwargs["labels"] = torch.cat((torch.full((batch, nvt), -100).to(labels.device), labels), dim=1)
-    prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)
-    kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
-    kwargs["input_ids"] = None
-    return (), kwargs
-
-
-def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor, batch: int) -> Any:
-    from transformers import DynamicCache
-
-    layers, heads, token_dim = config["num_layers"], config["num_attention_heads"], config["token_dim"]
-    past = weight.repeat(batch, 1, 1)
-    dtype = getattr(model, "dtype", None)
-    if dtype is not None:
-        past = past.to(dtype)
-    past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
-    return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
-
-
-def _remove_prompt(model: nn.Module, state: ModelState, adapter_name: str) -> None:
-    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
-    if prompts is not None and adapter_name in prompts:
-        del prompts[adapter_name]
-    if prompts is not None and len(prompts) == 0:
-        del model._modules[PROMPTS_ATTR]
-    still = any(state.configs[n].is_prompt_learning for n in state.names if n != adapter_name)
-    if not still and state.prompt_hook is not None:
-        state.prompt_hook.remove()
-        state.prompt_hook = None
-
-
 # -- the hook ------------------------------------------------------------------------------
 def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets (inactive), all or nothing.
@@ -605,8 +432,14 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
     before = {id(p) for p in model.parameters()} if freezing else set()
     try:
         if config.is_prompt_learning:
-            config = _inject_prompt(model, state, config, adapter_name, options)
+            config = inject_prefix(model, state, config, adapter_name, options)
             modules: dict[str, str] = {}
+            if config.get("modules_to_save"):  # the classifier head of SEQ_CLS / TOKEN_CLS (SPEC 15.9)
+                try:
+                    modules = _inject_layers(model, state, config, adapter_name, options)
+                except BaseException:
+                    remove_prefix(model, state, adapter_name)
+                    raise
         else:
             config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
             config = expand_all_linear(model, config, options)  # SPEC 4.3
@@ -675,5 +508,5 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     restore_base_weights(model, adapter_name)
     config = state.configs.get(adapter_name)
     if config is not None and config.is_prompt_learning:
-        _remove_prompt(model, state, adapter_name)
+        remove_prefix(model, state, adapter_name)
     _remove_layers(model, state, adapter_name, state.modules.get(adapter_name, {}))

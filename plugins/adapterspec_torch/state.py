@@ -23,7 +23,7 @@ from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismat
 from adapterspec.naming import PROMPT_KEY, make_key
 
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
-from .inject import PROMPTS_ATTR
+from .prompts import PROMPTS_ATTR
 from .layers import AdapterLayer
 from .switch import require_state
 
@@ -33,12 +33,13 @@ __all__ = ["expected_params", "extract_state", "load_state", "restore_base_weigh
 def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str]]:
     """Canonical key -> (parameter or :class:`PendingParam`, the ``_Weights`` holding a pending one, its attribute)."""
     state = require_state(model, adapter_name)
-    if state.configs[adapter_name].is_prompt_learning:
-        return {PROMPT_KEY: (cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[adapter_name], None, "")}
     out: dict[str, tuple[Any, Any, str]] = {}
+    prompt = state.configs[adapter_name].is_prompt_learning
+    if prompt:  # and the modules it saves whole (SPEC 15.9), under base_model.<module>
+        out[PROMPT_KEY] = (cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[adapter_name], None, "")
     wrappers = state.wrappers
     for spec, own in state.modules[adapter_name].items():
-        prefix = make_key(spec, "")
+        prefix = make_key(spec, "", prompt_learning=prompt)
         layer = wrappers[own]
         if type(layer) is AdapterLayer:  # inlined adapter_params: this runs for every module of every load
             weights = cast(nn.Module, layer._modules["adapter_weights"]._modules[adapter_name])

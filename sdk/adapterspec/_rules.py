@@ -32,6 +32,7 @@ PORTABLE_METHODS = frozenset({
     "LOKR",
     "OFT",
     "BOFT",
+    "P_TUNING",
 })
 
 
@@ -132,10 +133,6 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         for field, (unsupported, what) in _UNSUPPORTED_LORA.items():
             if unsupported(config.get(field)):
                 found.append((f"/{field}", f"{what} is not supported by adapterspec v1 readers"))
-    elif config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING") and transformer_submodules(config) == 2:
-        field = "num_transformer_submodules" if config.get("num_transformer_submodules") is not None else "task_type"
-        found.append((f"/{field}", "encoder-decoder prompt learning (num_transformer_submodules = 2) is not "
-                                   "supported by adapterspec v1 readers"))
     found.extend(_rotation_features(config))
     return found
 

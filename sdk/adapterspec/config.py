@@ -35,6 +35,7 @@ from jsonschema.exceptions import ValidationError, best_match, relevance
 
 from ._rules import OFT_PEFT_VERSION, duplicate_entries, rule_problems, transformer_submodules, unsupported_features
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
+from .naming import PROMPT_METHODS
 from .spec import SPEC_VERSION, check_version
 from .targets import PatternTable, Targeting, is_feedforward, regex_problems
 
@@ -515,13 +516,13 @@ class AdapterConfig(Mapping[str, Any]):
     # -- per-module answers -----------------------------------------------------------
     @property
     def peft_type(self) -> str:
-        """The method: ``"LORA"``, ``"IA3"``, ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"LOHA"``, ``"LOKR"``."""
+        """The method: ``"LORA"``, ``"IA3"``, ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"P_TUNING"``, ``"LOHA"``, ...."""
         return cast(str, self._data["peft_type"])  # validated
 
     @property
     def is_prompt_learning(self) -> bool:
         """Whether the method adds virtual tokens rather than adapting layers."""
-        return self.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
+        return self.peft_type in PROMPT_METHODS
 
     def matches(self, module: str) -> bool:
         """Whether the module at path ``module`` gets an adapter (SPEC.md 4, :func:`~adapterspec.targets.module_matches`)."""

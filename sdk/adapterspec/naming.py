@@ -27,6 +27,8 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "PARAMETERS",
     "PROMPT_KEY",
+    "PROMPT_METHODS",
+    "PROMPT_MODULE_PREFIX",
     "TRAINABLE_TOKENS_PARAM",
     "TensorName",
     "make_key",
@@ -47,10 +49,18 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "BOFT": ("boft_R", "boft_s"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
+    "P_TUNING": (),
 }
 
 #: The single key of prefix and prompt tuning.
 PROMPT_KEY = "prompt_embeddings"
+
+#: The methods that add virtual tokens (SPEC.md 6.6, 15.8): one tensor, :data:`PROMPT_KEY`.
+PROMPT_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+#: The key prefix of a module saved whole next to virtual tokens (PEFT's ``PeftModel.base_model`` is the
+#: transformers model itself there, not a tuner around it): ``base_model.<module path>.<param>`` (SPEC.md 15.9).
+PROMPT_MODULE_PREFIX = "base_model."
 
 #: PEFT saves the full weight of an adapted embedding (resized vocabulary) under this parameter name.
 BASE_LAYER_PARAM = "base_layer.weight"
@@ -93,9 +103,12 @@ class TensorName(NamedTuple):
     role: Role
 
 
-def make_key(module: str, param: str) -> str:
-    """The canonical key of ``param`` of the module at path ``module``."""
-    return f"{PEFT_PREFIX}{module}.{param}" if module else param
+def make_key(module: str, param: str, *, prompt_learning: bool = False) -> str:
+    """The canonical key of ``param`` of the module at path ``module`` (a module saved whole by a prefix/prompt
+    adapter, ``prompt_learning``: ``base_model.<module>.<param>``, SPEC.md 15.9)."""
+    if not module:
+        return param
+    return f"{PROMPT_MODULE_PREFIX if prompt_learning else PEFT_PREFIX}{module}.{param}"
 
 
 def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None) -> TensorName:
@@ -121,13 +134,8 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     if len(key) > MAX_KEY_LENGTH:
         raise UnexpectedTensorError(f"key is {len(key)} characters long, more than {MAX_KEY_LENGTH}",
                                     key=key[:80] + "...", hint="this is not a module parameter; remove the tensor")
-    if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING"):
-        if key == PROMPT_KEY:
-            return TensorName(key, "", PROMPT_KEY, "prompt")
-        raise UnexpectedTensorError(
-            f"{peft_type} adapters store the single tensor {PROMPT_KEY!r}, not this one",
-            key=key, hint=f"remove the tensor or rename it to {PROMPT_KEY!r}",
-        )
+    if peft_type in PROMPT_METHODS:
+        return _prompt_tensor(key, peft_type, config or {})
     if not key.startswith(PEFT_PREFIX):
         raise _unprefixed(key, peft_type)
     rest = key[len(PEFT_PREFIX):]
@@ -142,6 +150,24 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
             f"module name {name.module!r} is malformed: it must be non-empty '.'-separated segments",
             key=key, hint=f"write the key as {PEFT_PREFIX}<module path>.{name.param}")
     return name
+
+
+def _prompt_tensor(key: str, peft_type: str, config: Mapping[str, Any]) -> TensorName:
+    """A key of a prefix/prompt adapter: :data:`PROMPT_KEY`, or ``base_model.<module>.<param>`` of a module
+    listed in ``modules_to_save`` (the classifier head PEFT saves for SEQ_CLS / TOKEN_CLS, SPEC.md 15.9)."""
+    if key == PROMPT_KEY:
+        return TensorName(key, "", PROMPT_KEY, "prompt")
+    if key.startswith(PROMPT_MODULE_PREFIX):
+        module, _, param = key[len(PROMPT_MODULE_PREFIX):].rpartition(".")
+        if module and all(module.split(".")) and param and is_modules_to_save(config, module):
+            return TensorName(key, module, param, "modules_to_save")
+    saved = "" if not config.get("modules_to_save") else \
+        f" or {PROMPT_MODULE_PREFIX}<module>.<param> of a module listed in modules_to_save"
+    raise UnexpectedTensorError(
+        f"{peft_type} adapters store the tensor {PROMPT_KEY!r}{saved}, not this one",
+        key=key, hint=f"remove the tensor or rename it to {PROMPT_KEY!r}"
+                      + (", or list its module in modules_to_save" if key.startswith(PROMPT_MODULE_PREFIX) else ""),
+    )
 
 
 #: Each method's parameter names; none has more than two '.'-separated parts.

@@ -197,3 +197,27 @@ def test_prompt_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> 
     with pytest.raises(adapterspec.UnsupportedError, match="encoder-decoder"):
         adapterspec.inject_adapter(llama, dict(config, token_dim=64, num_transformer_submodules=2))
     assert_same_snapshot(before, snapshot(llama))
+
+
+def test_p_tuning_is_refused_on_keras(checkpoints: Any) -> None:
+    """P-tuning (SPEC.md 15.8) is implemented by the torch backend only: a typed refusal naming it."""
+    llama = keras_model("llama", checkpoints["llama"])
+    before = snapshot(llama)
+    config = {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "token_dim": 64}
+    with pytest.raises(adapterspec.UnsupportedError, match="keras backend does not implement P_TUNING") as info:
+        adapterspec.inject_adapter(llama, config)
+    assert info.value.pointer == "/peft_type"
+    assert_same_snapshot(before, snapshot(llama))
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_classification_prompt_learning_is_refused_on_keras(checkpoints: Any, peft_type: str) -> None:
+    """A prompt adapter with its classifier head saved whole (SPEC.md 15.9) is torch-only: a typed refusal."""
+    llama = keras_model("llama", checkpoints["llama"])
+    before = snapshot(llama)
+    config = {"peft_type": peft_type, "task_type": "SEQ_CLS", "num_virtual_tokens": 2,
+              "modules_to_save": ["classifier", "score"]}
+    with pytest.raises(adapterspec.UnsupportedError, match="classifier head") as info:
+        adapterspec.inject_adapter(llama, config)
+    assert info.value.pointer == "/task_type"
+    assert_same_snapshot(before, snapshot(llama))

@@ -482,13 +482,12 @@ def test_defaults_are_supported() -> None:
     ({"num_transformer_submodules": 2}, "/num_transformer_submodules"),
     ({"task_type": "SEQ_2_SEQ_LM"}, "/task_type"),
 ])
-def test_encoder_decoder_prompt_learning_is_unsupported(tmp_path: Path, changes: dict[str, Any], pointer: str) -> None:
+def test_encoder_decoder_prompt_learning_is_read(tmp_path: Path, changes: dict[str, Any], pointer: str) -> None:
+    """Spec 1.1 defines encoder-decoder prompt learning (SPEC.md 15.9): no longer refused by readers (check 5)."""
     cfg = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": 16, **changes}
     folder = write_folder(tmp_path / "p", cfg, {"prompt_embeddings": values((6, 16))})
-    with pytest.raises(UnsupportedError) as info:
-        adapterspec.read_adapter(folder)
-    assert info.value.pointer == pointer
-    only(adapterspec.validate_adapter(folder), UnsupportedError, pointer)
+    assert adapterspec.read_adapter(folder).tensors["prompt_embeddings"].shape == (6, 16)
+    assert [e for e in adapterspec.validate_adapter(folder) if pointer in str(e)] == []
 
 
 # -- SPEC 2.3 and 9: metadata ------------------------------------------------------------------------

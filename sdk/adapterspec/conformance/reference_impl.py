@@ -180,7 +180,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     if config.is_prompt_learning:
         hidden, layers = decoder.get("hidden_size"), decoder.get("num_hidden_layers")
         heads, kv = decoder.get("num_attention_heads"), decoder.get("num_key_value_heads")
-        if config.peft_type == "PROMPT_TUNING":
+        if config.peft_type in ("PROMPT_TUNING", "P_TUNING"):  # P-tuning stores the encoder's output (SPEC 15.8)
             width = hidden
         else:
             width = hidden // heads * (kv or heads) if hidden and heads else None
@@ -196,7 +196,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                 and shape[1:] != (layers * 2 * width,):
             raise ShapeMismatchError(f"shape {list(shape)}: this model needs [num_virtual_tokens, {layers} * 2 * "
                                      f"{width}]", key=PROMPT_KEY, hint="the adapter was made for another model")
-        if config.peft_type == "PROMPT_TUNING" and width is not None and shape[1:] != (width,):
+        if config.peft_type in ("PROMPT_TUNING", "P_TUNING") and width is not None and shape[1:] != (width,):
             raise ShapeMismatchError(f"shape {list(shape)}: this model needs [num_virtual_tokens, {width}]",
                                      key=PROMPT_KEY, hint="the adapter was made for another model")
         return

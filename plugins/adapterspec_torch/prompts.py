@@ -1,0 +1,353 @@
+"""Prefix and prompt tuning on transformers models, through a forward pre-hook on the model.
+
+P-tuning (``P_TUNING``) stores the prompt encoder's output, which is used exactly as prompt tuning's
+embeddings (SPEC.md 15.8): only loading is implemented (a fresh adapter would need PEFT's encoder).
+
+The virtual tokens live in ``model._adapterspec_prompts`` (a ``ParameterDict``, adapter name -> tensor) and
+enter through a forward pre-hook on the model, as PEFT's ``PeftModelForCausalLM.forward`` does: past
+key/values (prefix tuning), or embeddings prepended to ``inputs_embeds`` (prompt tuning), the attention
+mask extended by ones. The Keras backend's :mod:`adapterspec_keras.prompts` has the same function names.
+
+>>> config = check_prompt_learning(model, config)                       # doctest: +SKIP
+>>> inject_prefix(model, state, config, "default", LoadOptions())        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._rules import transformer_submodules
+from adapterspec.errors import UnsupportedError
+from adapterspec.naming import PROMPT_KEY
+
+from .devices import adapter_target_of
+from .switch import ModelState, get_state
+
+__all__ = ["CLASSIFICATION_TASKS", "PROMPTS_ATTR", "check_prompt_learning", "inject_prefix", "remove_prefix"]
+
+#: The ``task_type`` values whose PEFT model saves the head (``modules_to_save``: ``classifier``/``score``,
+#: ``qa_outputs``) and keeps ``token_type_ids`` and labels as given (SPEC.md 15.9).
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+#: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
+PROMPTS_ATTR = "_adapterspec_prompts"
+
+
+def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """``config`` with the fields PEFT derives from the model filled in (``_prepare_prompt_learning_config``).
+
+    :raises UnsupportedError: what this backend cannot run exactly (names the field).
+    """
+    model_config: Any = getattr(model, "config", None)
+    submodules = transformer_submodules(config)
+    seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
+    if (submodules == 2) != seq2seq or (submodules == 2 and config.get("task_type") != "SEQ_2_SEQ_LM"):
+        where = "/num_transformer_submodules" if config.get("num_transformer_submodules") is not None else "/task_type"
+        raise UnsupportedError(f"num_transformer_submodules {submodules} (task_type {config.get('task_type')}) on "
+                               f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model: only 2 with "
+                               "SEQ_2_SEQ_LM on an encoder-decoder model, 1 on the others, are implemented here",
+                               pointer=where, hint="load the adapter into the kind of model it was trained for")
+    if config.peft_type == "PREFIX_TUNING" and "past_key_values" not in inspect.signature(
+            type(model).forward).parameters:
+        raise UnsupportedError(f"prefix tuning needs a model whose forward takes past_key_values; "
+                               f"{type(model).__name__}.forward does not (PEFT then runs the backbone and head "
+                               "itself, which is not implemented here)", key=type(model).__name__,
+                               hint="use a model class that takes past_key_values, or PROMPT_TUNING")
+    changes: dict[str, Any] = {}
+    if config.get("num_transformer_submodules") is None:
+        changes["num_transformer_submodules"] = submodules
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+    def from_model(*names: str) -> Any:
+        for n in names:
+            value = getattr(text, n, None)
+            if value is not None:
+                return value
+        return None
+
+    for field, names in (("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
+                         ("token_dim", ("hidden_size", "n_embd", "d_model")),
+                         ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads"))):
+        if config.get(field) is None:
+            value = from_model(*names) if text is not None else None
+            if value is None:
+                raise UnsupportedError(f"{field} is not in the config and cannot be read from the model",
+                                       pointer=f"/{field}", hint=f"set {field} in adapter_config.json")
+            changes[field] = int(value)
+    if config.peft_type == "PREFIX_TUNING" and changes and text is not None \
+            and getattr(text, "num_key_value_heads", None) is not None:
+        token_dim: int = changes["token_dim"] if "token_dim" in changes else config["token_dim"]
+        heads: int = changes["num_attention_heads"] if "num_attention_heads" in changes else config["num_attention_heads"]
+        head_dim = getattr(text, "head_dim", None) or token_dim // heads
+        changes["token_dim"] = int(head_dim * text.num_key_value_heads)
+        changes["num_attention_heads"] = int(text.num_key_value_heads)
+    return config.replace(**changes) if changes else config
+
+
+def _prompt_shape(config: AdapterConfig) -> tuple[int, int]:
+    nvt = config["num_virtual_tokens"]
+    if config.peft_type == "PREFIX_TUNING":
+        return nvt, config["num_layers"] * 2 * config["token_dim"]
+    return nvt * (config.get("num_transformer_submodules") or 1), config["token_dim"]
+
+
+def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                  options: LoadOptions) -> AdapterConfig:
+    """Add the virtual tokens of ``adapter_name`` (random values; the file's are loaded later) and the hook.
+
+    :returns: ``config`` with the fields derived from the model filled in.
+    :raises UnsupportedError: not a transformers model, or a model/config this backend cannot run.
+    """
+    if not hasattr(model, "get_input_embeddings") or getattr(model, "config", None) is None:
+        raise UnsupportedError(f"{config.peft_type} needs a transformers model (with .config and input embeddings)",
+                               key=type(model).__qualname__, hint="pass a transformers PreTrainedModel")
+    model_type = getattr(model.config, "model_type", "")
+    if config.peft_type == "PREFIX_TUNING" and "gemma4" in model_type:
+        for field in ("token_dim", "num_attention_heads"):
+            if config.get(field) is None:  # PEFT sizes it for the widest layer: not derived here
+                raise UnsupportedError(f"prefix tuning on {model_type} needs {field} in the config (PEFT provisions "
+                                       "the prefix for the widest layer's key/value shape)", pointer=f"/{field}",
+                                       hint=f"set {field} as PEFT wrote it")
+    if config.peft_type == "P_TUNING" and options.initialize:
+        raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
+                               "and this backend does not implement; only saved P-tuning prompts are loaded",
+                               pointer="/peft_type", hint="train P-tuning with PEFT, or add a PROMPT_TUNING adapter")
+    config = check_prompt_learning(model, config)
+    hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
+    embeddings = hf.get_input_embeddings()
+    device, dtype = adapter_target_of(embeddings, options)
+    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
+    if prompts is None:
+        prompts = nn.ParameterDict()
+        model.add_module(PROMPTS_ATTR, prompts)
+    tensor = torch.empty(_prompt_shape(config), device=device, dtype=dtype)
+    if device.type != "meta":
+        with torch.no_grad():
+            tensor.normal_()
+    prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
+    if state.prompt_hook is None:
+        state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
+    return config
+
+
+@functools.cache
+def _positional_names(forward_type: type[nn.Module]) -> tuple[str, ...]:
+    signature = inspect.signature(forward_type.forward)
+    names = []
+    for param in list(signature.parameters.values())[1:]:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+    return tuple(names)
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past:
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward
+    (``PeftModelForSequenceClassification`` / ``...TokenClassification``'s for ``task_type`` SEQ_CLS / TOKEN_CLS:
+    ``token_type_ids`` kept, zeros prepended for prompts; labels as given; SPEC.md 15.9)."""
+    state = get_state(model)
+    if state is None:
+        return None
+    active = [n for n in state.switch.names if state.configs[n].is_prompt_learning]
+    if not active:
+        return None
+    name = active[0]
+    config = state.configs[name]
+    names = _positional_names(type(model))  # type: ignore[arg-type]  # mypy checks the instances' __hash__
+    if len(args) > len(names):
+        raise UnsupportedError("too many positional arguments for prompt learning", key=type(model).__qualname__,
+                               hint="pass the model's inputs as keyword arguments")
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    if config["num_transformer_submodules"] == 2 and kwargs.get("encoder_outputs") is not None:
+        raise UnsupportedError("encoder-decoder prompt learning with precomputed encoder_outputs (as generate() "
+                               "passes them) is not implemented here", key=type(model).__name__,
+                               hint="call the model's forward with input_ids; use PEFT for generate()")
+    input_ids: Any = kwargs.get("input_ids")
+    inputs_embeds: Any = kwargs.get("inputs_embeds")
+    if input_ids is None and inputs_embeds is None:
+        return None
+    batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    nvt = config["num_virtual_tokens"]
+    weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
+    if config["num_transformer_submodules"] == 2:
+        return _seq2seq_kwargs(model, config, weight, kwargs, batch)
+    continuing = _cache_length(kwargs.get("past_key_values")) > 0
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+    classify = config.get("task_type") in CLASSIFICATION_TASKS
+    if kwargs.get("token_type_ids") is not None and not classify:
+        kwargs["token_type_ids"] = None
+    if config.peft_type == "PREFIX_TUNING":
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + nvt
+        if not continuing:
+            kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
+        return (), kwargs
+    kwargs["position_ids"] = None
+    if continuing:
+        return (), kwargs
+    if inputs_embeds is None:
+        hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
+        inputs_embeds = hf.get_input_embeddings()(input_ids)
+    labels, types = kwargs.get("labels"), kwargs.get("token_type_ids")
+    if labels is not None and not classify:
+        kwargs["labels"] = torch.cat((torch.full((batch, nvt), -100).to(labels.device), labels), dim=1)
+    if types is not None:  # only kept for classification
+        kwargs["token_type_ids"] = torch.cat((torch.zeros(batch, nvt).to(types.device), types), dim=1).long()
+    prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)
+    kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
+    kwargs["input_ids"] = None
+    return (), kwargs
+
+
+def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor, batch: int) -> Any:
+    from transformers import DynamicCache
+
+    layers, heads, token_dim = config["num_layers"], config["num_attention_heads"], config["token_dim"]
+    past = weight.repeat(batch, 1, 1)
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None:
+        past = past.to(dtype)
+    past = past.view(batch, config["num_virtual_tokens"], layers * 2, heads, token_dim // heads)
+    if config["num_transformer_submodules"] == 2:
+        return _encoder_decoder_cache(past)
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if _HYBRID.search(model_type):
+        return _hybrid_cache(model, past)
+    return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
+
+
+#: The model types whose prefix PEFT 0.21.2 writes into a cache built from the model's config (sliding-window
+#: layers), as ``"gemma2" in model_type or "gemma3_text" in model_type or "gemma4" in model_type``.
+_HYBRID = re.compile("gemma2|gemma3_text|gemma4")
+
+
+def _layer_kv_shape(text: Any, index: int) -> tuple[int, int] | None:
+    """PEFT 0.21.2's ``_get_layer_kv_target_shape``: layer ``index``'s (key/value heads, head_dim) where layers
+    differ (Gemma 4's ``per_layer_config``, or ``global_head_dim``), else ``None``."""
+    layer_types = getattr(text, "layer_types", None)
+    if not layer_types:
+        return None
+    per_layer = getattr(text, "per_layer_config", None)
+    if per_layer is not None:
+        layer = per_layer[index]
+        return int(layer.num_key_value_heads), int(layer.head_dim)
+    global_head_dim = getattr(text, "global_head_dim", None)
+    if global_head_dim is None:
+        return None
+    sliding = layer_types[index] == "sliding_attention"
+    global_heads = getattr(text, "num_global_key_value_heads", None)
+    heads = global_heads if not sliding and global_heads is not None else text.num_key_value_heads
+    return int(heads), int(text.head_dim if sliding else global_head_dim)
+
+
+def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
+    """PEFT 0.21.2's prefix cache for Gemma 2 / 3 text / 4 (transformers >= 4.56, SPEC.md 15.9): a
+    ``DynamicCache(config=text config)`` -- full and sliding-window layers as the model declares them -- into
+    which each layer's prefix keys and values are written with ``cache_position = 0 .. N-1``; where layers
+    differ in key/value shape (Gemma 4) each takes the leading heads and channels of the prefix (sized for the
+    widest), a layer wider than the prefix or sharing another layer's keys and values
+    (``num_kv_shared_layers``) gets none.
+
+    :raises UnsupportedError: no layer takes the prefix (PEFT raises too).
+    """
+    from transformers import DynamicCache
+
+    text: Any = getattr(model, "config")
+    if hasattr(text, "get_text_config"):
+        text = text.get_text_config()
+    cache = DynamicCache(config=text)
+    position = torch.arange(past.shape[1], device=past.device)
+    pairs = past.permute([2, 0, 3, 1, 4]).split(2)  # type: ignore[no-untyped-call]
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    first_shared = int(getattr(text, "num_hidden_layers", len(pairs))) - shared
+    injected = 0
+    for index, pair in enumerate(pairs):
+        if shared > 0 and index >= first_shared:
+            continue
+        keys, values = pair[0], pair[1]
+        shape = _layer_kv_shape(text, index)
+        if shape is not None:
+            heads, dim = shape
+            if heads > keys.shape[1] or dim > keys.shape[3]:
+                continue
+            keys, values = keys[:, :heads, :, :dim], values[:, :heads, :, :dim]
+        cache.update(keys, values, index, cache_kwargs={"cache_position": position})
+        injected += 1
+    if not injected:
+        raise UnsupportedError("no layer's key/value shape fits the prefix (token_dim / num_attention_heads)",
+                               key=PROMPT_KEY, hint="load the adapter into the model it was trained for")
+    return cache
+
+
+def _encoder_decoder_cache(past: torch.Tensor) -> Any:
+    """PEFT 0.21.2's cache for ``num_transformer_submodules`` 2 (SPEC.md 8.4, 15.9): the ``2L`` slots doubled to
+    ``4L``, decoder layer ``l`` taking slots ``4l, 4l + 1`` (mod ``2L``) as its self-attention prefix; the
+    cross-attention part is dropped (an empty cache, recomputed from the encoder's output)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    doubled = torch.cat([past, past], dim=2).permute([2, 0, 3, 1, 4]).split(4)  # type: ignore[no-untyped-call]
+    cache = EncoderDecoderCache(doubled)
+    cache.cross_attention_cache = DynamicCache()
+    for key in cache.is_updated:
+        cache.is_updated[key] = False
+    return cache
+
+
+def _seq2seq_kwargs(model: nn.Module, config: AdapterConfig, weight: torch.Tensor, kwargs: dict[str, Any],
+                    batch: int) -> tuple[tuple[()], dict[str, Any]]:
+    """PEFT's ``PeftModelForSeq2SeqLM.forward`` for prefix/prompt/P-tuning (SPEC.md 15.9)."""
+    nvt = config["num_virtual_tokens"]
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = None
+    if config.peft_type == "PREFIX_TUNING":
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + nvt
+        mask = kwargs.get("decoder_attention_mask")
+        if mask is not None:
+            kwargs["decoder_attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+        kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
+        return (), kwargs
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = None
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if inputs_embeds is None:
+        hf: Any = model  # a transformers model (checked at injection): methods nn.Module does not declare
+        inputs_embeds = hf.get_input_embeddings()(kwargs["input_ids"])
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
+    prompts = weight.repeat(batch, 1, 1).to(inputs_embeds.dtype)[:, :nvt]  # the decoder's half is not used
+    kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
+    kwargs["input_ids"] = None
+    return (), kwargs
+
+
+def remove_prefix(model: nn.Module, state: ModelState, adapter_name: str) -> None:
+    """Remove the virtual tokens of ``adapter_name``, and the hook once no such adapter is left."""
+    prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
+    if prompts is not None and adapter_name in prompts:
+        del prompts[adapter_name]
+    if prompts is not None and len(prompts) == 0:
+        del model._modules[PROMPTS_ATTR]
+    still = any(state.configs[n].is_prompt_learning for n in state.names if n != adapter_name)
+    if not still and state.prompt_hook is not None:
+        state.prompt_hook.remove()
+        state.prompt_hook = None

@@ -1,0 +1,306 @@
+"""Prompt learning beyond causal LMs (SPEC.md 15.9), exact against PEFT 0.21.2 in both directions.
+
+* ``task_type`` SEQ_CLS / TOKEN_CLS: PEFT also saves the classifier head (``modules_to_save``) under
+  ``base_model.<module>.<param>``; prefix, prompt and P-tuning on Llama and GPT-2, prompt tuning on BERT
+  (``token_type_ids`` kept, zeros prepended for the virtual tokens).
+* encoder-decoder (``SEQ_2_SEQ_LM``, ``num_transformer_submodules`` 2) on T5 and BART: prefix tuning fills
+  the decoder's self-attention cache (PEFT's doubled slots, cross-attention recomputed), prompt and P-tuning
+  prepend the first half of the prompt to the encoder's input; ``generate()`` is refused typed.
+* Gemma 2 / Gemma 3 prefix tuning: the prefix written into a cache built from the model config (sliding
+  window layers), inputs longer than the window; Gemma 4 is refused typed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import adapterspec  # noqa: E402
+from prompt_helpers import round_trip  # noqa: E402
+from torch_helpers import assert_same_snapshot, fresh, snapshot, tiny_llama_config  # noqa: E402
+
+LABELS = 3
+
+
+def _classifier(arch: str, task: str) -> Any:
+    import transformers
+
+    torch.manual_seed(5)
+    if arch == "llama":
+        config = tiny_llama_config()
+        config.pad_token_id = 0
+    elif arch == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                         pad_token_id=0)
+    else:
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=128, max_position_embeddings=64)
+    config.num_labels = LABELS
+    prefix = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert"}[arch]
+    suffix = "ForSequenceClassification" if task == "SEQ_CLS" else "ForTokenClassification"
+    return getattr(transformers, prefix + suffix)(config).eval()
+
+
+def _config(method: str, task: str) -> Any:
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=4)
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=3)
+    return PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=16)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_classification_round_trip(arch: str, task: str, method: str, token_inputs: Any, tmp_path: Any,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    base = _classifier(arch, task)
+    diffs = round_trip(base, _config(method, task), token_inputs, tmp_path, caplog)
+    print(arch, task, method, diffs)
+    loaded = adapterspec.read_adapter(tmp_path / "peft")
+    head = "classifier" if (arch, task) == ("gpt2", "TOKEN_CLS") else "score"
+    assert {k for k in loaded.tensors if k != "prompt_embeddings"} == (
+        {f"base_model.{head}.weight"} if task == "SEQ_CLS" else {f"base_model.{head}.weight", f"base_model.{head}.bias"})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_bert_prompt_with_token_type_ids(method: str, token_inputs: Any, tmp_path: Any,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    base = _classifier("bert", "SEQ_CLS")
+    inputs = dict(token_inputs, token_type_ids=(torch.arange(18).reshape(2, 9) >= 5).long())
+    diffs = round_trip(base, _config(method, "SEQ_CLS"), inputs, tmp_path, caplog)
+    print("bert", method, diffs)
+
+
+def test_bert_prefix_tuning_is_refused(tmp_path: Any) -> None:
+    """BertForSequenceClassification.forward takes no past_key_values: PEFT runs the encoder and head itself."""
+    from peft import get_peft_model
+
+    base = _classifier("bert", "SEQ_CLS")
+    reference = get_peft_model(fresh(base), _config("prefix", "SEQ_CLS"))
+    reference.save_pretrained(tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="past_key_values"):
+        adapterspec.load_adapter(model, tmp_path)
+    assert_same_snapshot(model, before)
+
+
+def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
+    """A ``base_model.`` key is only accepted for a module listed in modules_to_save."""
+    import json
+
+    from peft import get_peft_model
+
+    base = _classifier("llama", "SEQ_CLS")
+    get_peft_model(fresh(base), _config("prompt", "SEQ_CLS")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(adapterspec.UnexpectedTensorError, match="base_model.score.weight"):
+        adapterspec.read_adapter(tmp_path)
+
+
+def _seq2seq(arch: str) -> Any:
+    import transformers
+
+    torch.manual_seed(6)
+    config: Any
+    if arch == "t5":
+        config = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        config.pad_token_id = config.decoder_start_token_id = 0
+        return transformers.T5ForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    config = transformers.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1,
+                                     decoder_start_token_id=2, bos_token_id=0, eos_token_id=2)
+    return transformers.BartForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+
+
+def _seq2seq_inputs(token_inputs: dict[str, Any]) -> dict[str, Any]:
+    decoder_ids = (torch.arange(2 * 5).reshape(2, 5) * 5 + 3) % 128
+    decoder_mask = torch.ones(2, 5, dtype=torch.long)
+    decoder_mask[0, -1] = 0
+    return dict(token_inputs, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_round_trip(arch: str, method: str, token_inputs: Any, tmp_path: Any,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    base = _seq2seq(arch)
+    diffs = round_trip(base, _config(method, "SEQ_2_SEQ_LM"), _seq2seq_inputs(token_inputs), tmp_path, caplog)
+    print(arch, method, diffs)
+    config = adapterspec.read_adapter(tmp_path / "peft").config
+    assert config["num_transformer_submodules"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_encoder_decoder_labels_loss(method: str, token_inputs: Any, tmp_path: Any) -> None:
+    from torch_helpers import assert_close, peft_reference
+
+    base = _seq2seq("t5")
+    reference = peft_reference(base, _config(method, "SEQ_2_SEQ_LM"), tmp_path)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    labels = (torch.arange(2 * 4).reshape(2, 4) * 3 + 1) % 128
+    with torch.no_grad():
+        ours = model(**token_inputs, labels=labels)
+        theirs = reference(**token_inputs, labels=labels)
+    assert_close(ours.logits, theirs.logits)
+    assert_close(ours.loss, theirs.loss)
+
+
+def test_encoder_decoder_generate_is_refused(token_inputs: Any, tmp_path: Any) -> None:
+    from torch_helpers import peft_reference
+
+    base = _seq2seq("t5")
+    peft_reference(base, _config("prompt", "SEQ_2_SEQ_LM"), tmp_path)
+    model: Any = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    with pytest.raises(adapterspec.UnsupportedError, match="encoder_outputs"):
+        model.generate(**token_inputs, max_new_tokens=2)
+
+
+def test_encoder_decoder_adapter_on_a_decoder_only_model_is_refused(llama: Any, tmp_path: Any) -> None:
+    from torch_helpers import peft_reference
+
+    peft_reference(_seq2seq("t5"), _config("prompt", "SEQ_2_SEQ_LM"), tmp_path)
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="num_transformer_submodules 2") as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.pointer == "/num_transformer_submodules"
+    assert_same_snapshot(model, before)
+
+
+def _gemma(arch: str) -> Any:
+    import transformers
+
+    torch.manual_seed(7)
+    sizes: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64,
+                                 sliding_window=6, pad_token_id=0)
+    if arch == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**sizes)).eval()  # type: ignore[no-untyped-call]
+    config = transformers.Gemma3TextConfig(**sizes, layer_types=["sliding_attention", "full_attention"])
+    return transformers.Gemma3ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_round_trip(arch: str, method: str, token_inputs: Any, tmp_path: Any,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    """9 tokens + the virtual ones, past the sliding window of 6: the sliding layers' cache must be PEFT's."""
+    diffs = round_trip(_gemma(arch), _config(method, "CAUSAL_LM"), token_inputs, tmp_path, caplog)
+    print(arch, method, diffs)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_prefix_greedy_generation_matches_peft(arch: str, token_inputs: Any, tmp_path: Any) -> None:
+    import warnings
+
+    from peft import PeftModel
+    from torch_helpers import peft_reference
+
+    base: Any = _gemma(arch)
+    peft_reference(base, _config("prefix", "CAUSAL_LM"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference: Any = PeftModel.from_pretrained(fresh(base), str(tmp_path)).eval()
+    model: Any = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ours = model.generate(**token_inputs, **kwargs)
+        theirs = reference.generate(**token_inputs, **kwargs)
+        plain = base.generate(**token_inputs, **kwargs)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.tolist() != plain.tolist()
+
+
+def _gemma4(shared: int = 0) -> Any:
+    import transformers
+
+    torch.manual_seed(9)
+    config = transformers.Gemma4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           sliding_window=6, pad_token_id=0, num_kv_shared_layers=shared,
+                                           layer_types=["sliding_attention", "full_attention"] * 2)
+    return transformers.Gemma4ForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("shared", [0, 2])
+def test_gemma4_prefix_round_trip(shared: int, token_inputs: Any, tmp_path: Any,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma 4: the prefix is sized for the global layers' key/value shape (PEFT's token_dim), each sliding layer
+    takes its leading heads and channels, layers sharing key/values (num_kv_shared_layers) take none."""
+    base = _gemma4(shared)
+    diffs = round_trip(base, _config("prefix", "CAUSAL_LM"), token_inputs, tmp_path, caplog)
+    print("gemma4", shared, diffs)
+    config = adapterspec.read_adapter(tmp_path / "peft").config
+    assert config["token_dim"] // config["num_attention_heads"] > 16  # wider than a sliding layer's head
+
+
+def test_gemma4_prefix_sizes_must_be_given(tmp_path: Any) -> None:
+    model = _gemma4()
+    before = snapshot(model)
+    adapter = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
+    with pytest.raises(adapterspec.UnsupportedError, match="widest layer") as info:
+        adapterspec.inject_adapter(model, adapter)
+    assert info.value.pointer == "/token_dim"
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prefix", "prompt", "p_tuning"])
+def test_question_answering_round_trip(method: str, token_inputs: Any, tmp_path: Any,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """QUESTION_ANS: PEFT saves qa_outputs whole; start/end logits equal PEFT's, both directions."""
+    import transformers
+    from prompt_helpers import peft_loads
+    from safetensors.torch import load_file
+    from torch_helpers import assert_close, peft_reference
+
+    torch.manual_seed(8)
+    config = tiny_llama_config()
+    config.pad_token_id = 0
+    base = transformers.LlamaForQuestionAnswering(config).eval()  # type: ignore[no-untyped-call]
+    made = _config(method, "CAUSAL_LM")
+    made.task_type = "QUESTION_ANS"
+    reference = peft_reference(base, made, tmp_path / "peft")
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    positions = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}
+
+    def run(m: Any) -> Any:
+        with torch.no_grad():
+            return m(**token_inputs, **positions)
+
+    ours, theirs, plain = run(model), run(reference), run(base)
+    assert (theirs.start_logits[:, -9:] - plain.start_logits).abs().max() > 1e-3
+    for field in ("start_logits", "end_logits", "loss"):
+        assert_close(getattr(ours, field), getattr(theirs, field))
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    original, saved = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
+        tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original) and "base_model.qa_outputs.weight" in saved
+    assert all(torch.equal(saved[k], v) for k, v in original.items())
+    loaded, said = peft_loads(base, tmp_path / "ours", caplog)
+    assert said == peft_loads(base, tmp_path / "peft", caplog)[1]
+    again = run(loaded)
+    for field in ("start_logits", "end_logits"):
+        assert_close(getattr(again, field), getattr(theirs, field))
