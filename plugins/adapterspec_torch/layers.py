@@ -36,7 +36,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import oft
+from . import adalora, oft
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
@@ -57,6 +57,7 @@ _SUPPORTED = {
     "LOKR": ("linear", "conv1d", "conv2d"),
     "OFT": ("linear", "conv2d"),
     "BOFT": ("linear", "conv2d"),
+    "ADALORA": adalora.KINDS,
 }
 
 
@@ -112,6 +113,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
             hint="remove the module from target_modules (or exclude it with exclude_modules)")
     if method in oft.METHODS:
         oft.check(module, kind, path, config)
+    if method in adalora.METHODS:
+        adalora.check(module, kind, path, config)
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
@@ -202,6 +205,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
     if method in oft.METHODS and kind is not None:
         return oft.shapes(module, kind, config, path)
+    if method in adalora.METHODS and kind is not None:
+        return adalora.shapes(module, kind, config, path)
     weight_shape = tuple(_weight(module).shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -458,6 +463,8 @@ class AdapterLayer(nn.Module):
             spec.feedforward = config.is_feedforward(path)
         elif method in oft.METHODS:
             spec.rotation = oft.settings(base, self.kind, config, path)
+        elif method in adalora.METHODS:
+            spec.scaling, spec.dropout = adalora.scale_of(config, path), float(config.get("lora_dropout") or 0.0)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         pending: dict[str, PendingParam] = {}
@@ -584,6 +591,8 @@ class AdapterLayer(nn.Module):
                 nn.init.zeros_(p["hada_w2_b"])
         elif spec.method in oft.METHODS:
             oft.initialise(p, config)
+        elif spec.method in adalora.METHODS:
+            adalora.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -633,6 +642,11 @@ class AdapterLayer(nn.Module):
         tensor: torch.Tensor = self.adapter_weights[name]._parameters[self._specs[name].names[param]]
         return tensor
 
+    def _params_of(self, name: str) -> dict[str, torch.Tensor]:
+        """Spec parameter name -> tensor of adapter ``name`` (the parameters, loaded)."""
+        params = self.adapter_weights[name]._parameters
+        return {param: params[attr] for param, attr in self._specs[name].names.items()}
+
     def _has(self, name: str, param: str) -> bool:
         return param in self._specs[name].names
 
@@ -644,6 +658,8 @@ class AdapterLayer(nn.Module):
         """
         spec = self._specs[name]
         base_weight = _weight(self.base_layer)
+        if spec.method in adalora.METHODS:
+            return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling)
         if spec.method == "LORA":
             if self.kind == "embedding":
                 a, b = self._param(name, "lora_embedding_A"), self._param(name, "lora_embedding_B")
@@ -826,6 +842,9 @@ class AdapterLayer(nn.Module):
                 else:
                     x = x.to(self._param(n, "lora_A.weight").dtype)
                     result = self._lora(n, spec, x, result)
+            elif spec.method in adalora.METHODS:
+                result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, x,
+                                                 spec.dropout, self.training)
             else:
                 delta = self.delta_weight(n)
                 x_in = x.to(delta.dtype)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from ._adalora import stored_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from .naming import make_key
 from .targets import pattern_value
@@ -301,6 +302,29 @@ def _boft(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
+# -- AdaLoRA (SPEC.md 15.4) ------------------------------------------------------------------
+def _adalora(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``lora_A`` ``[k, in]``, ``lora_B`` ``[out, k]``, ``lora_E`` ``[k, 1]``: ``k`` the ranks ``rank_pattern``
+    kept for the module (``init_r`` without an entry)."""
+    errors: Errors = [_missing(module, n, "AdaLoRA stores lora_A, lora_B and lora_E per adapted module")
+                      for n in ("lora_A", "lora_B", "lora_E") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 15.4)"
+    errors += _axes(module, p, {"lora_A": (2,), "lora_B": (2,), "lora_E": (2,)}, hint)
+    if errors:
+        return errors
+    k = stored_rank(config, module)
+    source = "rank_pattern" if f"{module}.lora_E" in (config.get("rank_pattern") or {}) else "init_r"
+    for name, axis in (("lora_A", 0), ("lora_B", 1), ("lora_E", 0)):
+        if p[name].shape[axis] != k:
+            errors.append(ShapeMismatchError(
+                f"rank {p[name].shape[axis]} (axis {axis}) disagrees with the config's {source} ({k} ranks) for "
+                f"module {module!r}", key=make_key(module, name),
+                hint="save the adapter again with PEFT: it writes the kept ranks with their rank_pattern"))
+    if p["lora_E"].shape[1] != 1:
+        errors.append(_shape(module, "lora_E", p["lora_E"], "must be [k, 1] (one singular value per rank)", hint))
+    return errors
+
+
 #: Larger dimensions are not checked (no layer has them; factorising costs O(sqrt(n))).
 _MAX_FACTORED = 2**32
 
@@ -332,4 +356,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LOKR": _lokr,
     "OFT": _oft,
     "BOFT": _boft,
+    "ADALORA": _adalora,
 }

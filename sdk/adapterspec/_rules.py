@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _adalora
 from .errors import shorten
 
 __all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
@@ -32,6 +33,7 @@ PORTABLE_METHODS = frozenset({
     "LOKR",
     "OFT",
     "BOFT",
+    "ADALORA",
 })
 
 
@@ -66,6 +68,8 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         problems.append(("/token_dim", f"token_dim {dim} is not divisible by num_attention_heads {heads}",
                          "token_dim is num_attention_heads * head_dim (with grouped-query attention: the "
                          "number of key/value heads * head_dim)"))
+    if config.get("peft_type") == "ADALORA":
+        problems.extend(_adalora.rank_pattern_problems(config))
     return problems
 
 
@@ -137,6 +141,8 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.append((f"/{field}", "encoder-decoder prompt learning (num_transformer_submodules = 2) is not "
                                    "supported by adapterspec v1 readers"))
     found.extend(_rotation_features(config))
+    if config.get("peft_type") == "ADALORA":
+        found.extend(_adalora.unsupported(config))
     return found
 
 

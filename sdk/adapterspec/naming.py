@@ -45,6 +45,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "OFT": ("oft_R.weight",),
     "BOFT": ("boft_R", "boft_s"),
+    "ADALORA": ("lora_A", "lora_B", "lora_E"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
 }
