@@ -649,11 +649,10 @@ def generate_folders() -> list[dict[str, Any]]:
           error="MissingTensorError")
 
     # -- spec 1.1: methods recognised but not portable, and the config forms PEFT accepts -----------------
-    plain("vera-not-portable", "VeRA: a method the spec recognises but does not define; a reader refuses it "
+    plain("hra-not-portable", "HRA: a method the spec recognises but does not define; a reader refuses it "
           "with UnsupportedError naming /peft_type (never a ConfigError: PEFT loads it)",
-          {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
-          {f"{Q}.vera_lambda_b": det((8,), 1).astype(np.float32), f"{Q}.vera_lambda_d": det((2,), 2).astype(np.float32),
-           f"{V}.vera_lambda_b": det((4,), 3).astype(np.float32), f"{V}.vera_lambda_d": det((2,), 4).astype(np.float32)},
+          {"peft_type": "HRA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+          {f"{Q}.hra_u": det((8, 2), 1).astype(np.float32), f"{V}.hra_u": det((8, 2), 3).astype(np.float32)},
           valid=False, error="UnsupportedError", pointer="/peft_type")
     decoder_layers = [f"base_model.model.model.layers.{i}" for i in range(2)]
     plain("lora-target-modules-null", "target_modules null: PEFT's default for the model type (llama: q_proj, "
@@ -925,14 +924,14 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("prompt-num-virtual-tokens-zero", "prompt tuning's num_virtual_tokens is >= 1",
          {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0, "token_dim": 8}, False, "/num_virtual_tokens", None),
         # spec 1.1: every PEFT 0.21 method is recognised; the ones the spec does not define are valid, not portable
-        ("vera-recognised", "VeRA is recognised, not portable: its config is valid",
-         {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
+        ("hra-recognised", "HRA is recognised, not portable: its config is valid",
+         {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
         ("oft-recognised", "OFT is recognised (portable since spec 1.1, SPEC.md 15.6): its config is valid",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
         ("ln-tuning-recognised", "LN tuning is recognised, not portable: its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
-        ("vera-r-string", "a recognised method's fields have the types of PEFT's config class",
-         {"peft_type": "VERA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
+        ("hra-r-string", "a recognised method's fields have the types of PEFT's config class",
+         {"peft_type": "HRA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
         ("method-unknown", "a peft_type that is not one of PEFT 0.21's methods is refused",
          {"peft_type": "NOT_A_METHOD", "target_modules": ["q_proj"]}, False, "/peft_type", None),
         # spec 1.1: the config forms PEFT accepts

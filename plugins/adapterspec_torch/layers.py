@@ -36,7 +36,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, oft
+from . import adalora, oft, vera
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
@@ -58,6 +58,7 @@ _SUPPORTED = {
     "OFT": ("linear", "conv2d"),
     "BOFT": ("linear", "conv2d"),
     "ADALORA": adalora.KINDS,
+    "VERA": vera.KINDS,
 }
 
 
@@ -207,6 +208,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return oft.shapes(module, kind, config, path)
     if method in adalora.METHODS and kind is not None:
         return adalora.shapes(module, kind, config, path)
+    if method in vera.METHODS and kind is not None:
+        return vera.shapes(module, kind, config)
     weight_shape = tuple(_weight(module).shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -368,6 +371,7 @@ class _Spec:
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to another layer's
     index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
+    shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
 
 
 class _Weights(nn.Module):
@@ -428,7 +432,7 @@ class AdapterLayer(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions, *,
-                    checked: bool = False) -> None:
+                    checked: bool = False, shared: vera.Shared | None = None) -> None:
         """Create adapter ``name``'s parameters for module ``path``, initialised as ``config`` says
         (left uninitialised when ``options.initialize`` is false: the caller fills them next).
 
@@ -436,6 +440,7 @@ class AdapterLayer(nn.Module):
         only if ``options.trainable``. The adapter is not activated.
 
         :param checked: :func:`check_supported` already passed for this layer and config.
+        :param shared: VeRA: the adapter's shared projections (:class:`~adapterspec_torch.vera.Shared`).
         :raises UnsupportedError: the layer cannot take ``config``'s method (names ``path``).
         """
         base = self._modules["base_layer"]
@@ -465,6 +470,11 @@ class AdapterLayer(nn.Module):
             spec.rotation = oft.settings(base, self.kind, config, path)
         elif method in adalora.METHODS:
             spec.scaling, spec.dropout = adalora.scale_of(config, path), float(config.get("lora_dropout") or 0.0)
+        elif method in vera.METHODS:
+            if shared is None:
+                raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
+                                       hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
+            spec.shared, spec.dropout = shared, float(config.get("vera_dropout") or 0.0)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         pending: dict[str, PendingParam] = {}
@@ -593,6 +603,8 @@ class AdapterLayer(nn.Module):
             oft.initialise(p, config)
         elif spec.method in adalora.METHODS:
             adalora.initialise(p, config)
+        elif spec.method in vera.METHODS:
+            vera.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -660,6 +672,8 @@ class AdapterLayer(nn.Module):
         base_weight = _weight(self.base_layer)
         if spec.method in adalora.METHODS:
             return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling)
+        if spec.shared is not None:
+            return vera.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors())
         if spec.method == "LORA":
             if self.kind == "embedding":
                 a, b = self._param(name, "lora_embedding_A"), self._param(name, "lora_embedding_B")
@@ -845,6 +859,9 @@ class AdapterLayer(nn.Module):
             elif spec.method in adalora.METHODS:
                 result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, x,
                                                  spec.dropout, self.training)
+            elif spec.shared is not None:
+                result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
+                                              spec.dropout, self.training)
             else:
                 delta = self.delta_weight(n)
                 x_in = x.to(delta.dtype)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ._adalora import stored_rank
+from ._vera import SHARED, shared_key
+from ._vera import rank as vera_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from .naming import make_key
 from .targets import pattern_value
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from .checks import TensorInfo
     from .config import AdapterConfig
 
-__all__ = ["METHOD_CHECKS", "factorization"]
+__all__ = ["METHOD_CHECKS", "factorization", "shared_errors"]
 
 Params = Mapping[str, "TensorInfo"]
 Errors = list[AdapterSpecError]
@@ -325,6 +327,51 @@ def _adalora(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
+# -- VeRA (SPEC.md 15.5) ---------------------------------------------------------------------
+def _vera(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``vera_lambda_b`` ``[out]`` and ``vera_lambda_d`` ``[r]`` per module (the shared matrices: :func:`shared_errors`)."""
+    errors: Errors = [_missing(module, n, "VeRA stores vera_lambda_b and vera_lambda_d per adapted module")
+                      for n in ("vera_lambda_b", "vera_lambda_d") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 15.5)"
+    errors += _axes(module, p, {"vera_lambda_b": (1,), "vera_lambda_d": (1,)}, hint)
+    r = vera_rank(config)
+    if not errors and p["vera_lambda_d"].shape[0] != r:
+        errors.append(ShapeMismatchError(f"rank {p['vera_lambda_d'].shape[0]} disagrees with the config's r={r} for "
+                                         f"module {module!r}", key=make_key(module, "vera_lambda_d"),
+                                         hint=f"set r to {p['vera_lambda_d'].shape[0]}, or save the adapter again"))
+    return errors
+
+
+def shared_errors(config: AdapterConfig, shared: Params, modules: Mapping[str, Params]) -> Errors:
+    """The tensors a method stores once for all modules (SPEC.md 15.5): VeRA's ``base_model.vera_A`` ``[r, max_in]``
+    and ``base_model.vera_B`` ``[max_out, r]``, ``max_out`` the longest ``vera_lambda_b``. Methods without
+    shared tensors: none."""
+    if config.peft_type != "VERA":
+        return []
+    hint = "save the adapter again with PEFT and save_projection true (SPEC.md 15.5)"
+    errors: Errors = [MissingTensorError("missing (VeRA stores its shared projections once, with save_projection "
+                                         "true)", key=shared_key(n), hint=hint) for n in SHARED if n not in shared]
+    r = vera_rank(config)
+    for name, axis in (("vera_A", 0), ("vera_B", 1)):
+        info = shared.get(name)
+        if info is None:
+            continue
+        if len(info.shape) != 2:
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)}: must have 2 axes", key=shared_key(name),
+                                             hint=hint))
+        elif info.shape[axis] != r:
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)}: axis {axis} must be the config's r={r}",
+                                             key=shared_key(name), hint=f"set r to {info.shape[axis]}, or {hint}"))
+    outs = [p["vera_lambda_b"].shape[0] for p in modules.values()
+            if "vera_lambda_b" in p and len(p["vera_lambda_b"].shape) == 1]
+    info = shared.get("vera_B")
+    if outs and info is not None and len(info.shape) == 2 and info.shape[0] != max(outs):
+        errors.append(ShapeMismatchError(f"shape {list(info.shape)}: axis 0 must be the largest output size of the "
+                                         f"adapted modules, {max(outs)} (the longest vera_lambda_b)",
+                                         key=shared_key("vera_B"), hint=hint))
+    return errors
+
+
 #: Larger dimensions are not checked (no layer has them; factorising costs O(sqrt(n))).
 _MAX_FACTORED = 2**32
 
@@ -357,4 +404,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "OFT": _oft,
     "BOFT": _boft,
     "ADALORA": _adalora,
+    "VERA": _vera,
 }

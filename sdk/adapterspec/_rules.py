@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _adalora
+from . import _adalora, _vera
 from .errors import shorten
 
 __all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
@@ -34,6 +34,7 @@ PORTABLE_METHODS = frozenset({
     "OFT",
     "BOFT",
     "ADALORA",
+    "VERA",
 })
 
 
@@ -110,8 +111,8 @@ def duplicate_entries(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 def not_portable(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``[("/peft_type", reason)]`` when the config's method is recognised but its math is not in the spec.
 
-    >>> not_portable({"peft_type": "VERA"})[0][1]
-    'VERA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
+    >>> not_portable({"peft_type": "HRA"})[0][1]
+    'HRA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
     >>> not_portable({"peft_type": "LORA"})
     []
     """
@@ -143,6 +144,8 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     found.extend(_rotation_features(config))
     if config.get("peft_type") == "ADALORA":
         found.extend(_adalora.unsupported(config))
+    if config.get("peft_type") == "VERA":
+        found.extend(_vera.unsupported(config))
     return found
 
 
