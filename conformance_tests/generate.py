@@ -32,7 +32,7 @@ import adapterspec
 import adapterspec.errors
 import adapterspec.spec
 from adapterspec.conformance import reference
-from adapterspec.naming import PARAMETERS
+from adapterspec.naming import PARAMETERS, SHARED_PARAMETERS
 from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -340,6 +340,33 @@ def _oft_cases() -> None:
             {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 3, "target_modules": ["conv"]}, [])
 
 
+def _adalora_cases() -> None:
+    """AdaLoRA (SPEC.md 15.4): B @ (A * E) * lora_alpha / (init_r + 1e-5), with the ranks rank_pattern kept."""
+    numeric("adalora-linear-f32", "AdaLoRA on a Linear 6->5, init_r 3 with 2 ranks kept by rank_pattern: the scale "
+            "stays lora_alpha / init_r", "ADALORA", "linear", "float32", {"layer": linear(6, 5)},
+            {"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 4, "total_step": 10, "target_modules": ["layer"],
+             "rank_pattern": {"layer.lora_E": [True, False, True]}}, ["rank_pattern"])
+    numeric("adalora-gpt2-conv1d-f32", "AdaLoRA on a GPT-2 Conv1D (weight [in, out]): lora_A [k, in], lora_B [out, k]",
+            "ADALORA", "gpt2_conv1d", "float32", {"h.0.attn.c_attn": gpt2(6, 9)},
+            {"peft_type": "ADALORA", "init_r": 2, "lora_alpha": 6, "total_step": 10, "fan_in_fan_out": True,
+             "target_modules": ["c_attn"]}, ["fan_in_fan_out"])
+    numeric("adalora-conv2d-f32", "AdaLoRA on a 3x3 Conv2d (padding 1): lora_A [k, in * 9], the delta reshaped to "
+            "the kernel", "ADALORA", "conv2d", "float32", {"conv": conv2d(3, 4, [3, 3], padding=[1, 1])},
+            {"peft_type": "ADALORA", "init_r": 2, "lora_alpha": 8, "total_step": 10, "target_modules": ["conv"]}, [])
+
+
+def _vera_cases() -> None:
+    """VeRA (SPEC.md 15.5): shared projections stored once, sliced per module, scaled by lambda_b / lambda_d."""
+    numeric("vera-linear-f32", "VeRA on two Linear layers of other sizes (6->5, 4->7): vera_A [r, 6] and vera_B "
+            "[7, r] stored once, each layer uses vera_A[:, :in] and vera_B[:out]", "VERA", "linear", "float32",
+            {"a": linear(6, 5), "b": linear(4, 7)}, {"peft_type": "VERA", "r": 3, "target_modules": ["a", "b"]},
+            ["shared"])
+    numeric("vera-gpt2-conv1d-f32", "VeRA on GPT-2 Conv1D layers (weights [in, out])", "VERA", "gpt2_conv1d",
+            "float32", {"h.0.attn.c_attn": gpt2(6, 9), "h.0.mlp.c_proj": gpt2(5, 6)},
+            {"peft_type": "VERA", "r": 2, "fan_in_fan_out": True, "target_modules": ["c_attn", "c_proj"]},
+            ["shared", "fan_in_fan_out"])
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
@@ -366,6 +393,8 @@ def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict
         prefix = f"base_model.model.{path}."
         own = {k[len(prefix):]: f64(v) for k, v in tensors.items()
                if k.startswith(prefix) and k[len(prefix):] in PARAMETERS[config["peft_type"]]}
+        if own:  # VeRA's shared projections (SPEC 15.5): every adapted module slices them
+            own |= {p: f64(tensors[f"base_model.{p}"]) for p in SHARED_PARAMETERS.get(config["peft_type"], ())}
         # tensors of modules to save replace the base module's (SPEC 8.8)
         weights = {p: f64(tensors.get(prefix + p, base[f"{path}.{p}"])) for p in weight_shapes(spec)}
         out[path] = reference.forward(spec, weights, f64(inputs[path]), config, path, own)
@@ -393,6 +422,8 @@ def generate_numeric() -> list[dict[str, Any]]:
     _numeric_cases()
     _clarification_numeric()
     _oft_cases()
+    _adalora_cases()
+    _vera_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -685,6 +716,8 @@ def generate_folders() -> list[dict[str, Any]]:
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _oft_folders()
+    _adalora_folders()
+    _vera_folders()
     _manifest_examples()
     _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
@@ -826,6 +859,30 @@ def _oft_folders() -> None:
     plain("oft-not-a-triangle", "oft_R.weight's second axis must be b(b-1)/2 for a block size b", oft,
           {f"{Q}.oft_R.weight": det((2, 5), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
           key=f"{Q}.oft_R.weight")
+
+
+def _adalora_folders() -> None:
+    """AdaLoRA files a reader refuses before any model is involved (SPEC.md 15.4)."""
+    ada = {"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 4, "total_step": 10, "target_modules": ["q_proj"]}
+    three = {f"{Q}.lora_A": det((3, 8), 1).astype(np.float32), f"{Q}.lora_B": det((8, 3), 2).astype(np.float32),
+             f"{Q}.lora_E": det((3, 1), 3).astype(np.float32)}
+    plain("adalora-rank-pattern-disagrees", "rank_pattern keeps 2 of init_r 3 ranks but the tensors hold 3",
+          ada | {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True]}}, three, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.lora_A")
+    plain("adalora-bias", "AdaLoRA with trained biases (bias lora_only) is refused with UnsupportedError naming /bias",
+          ada | {"bias": "lora_only"}, three, valid=False, error="UnsupportedError", pointer="/bias")
+
+
+def _vera_folders() -> None:
+    """VeRA files a reader refuses before any model is involved (SPEC.md 15.5)."""
+    vera = {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj"]}
+    own = {f"{Q}.vera_lambda_b": det((8,), 1).astype(np.float32), f"{Q}.vera_lambda_d": det((2,), 2).astype(np.float32)}
+    plain("vera-save-projection-false", "save_projection false: no projections in the file (PEFT regenerates them "
+          "with torch's generator); refused with UnsupportedError naming /save_projection",
+          vera | {"save_projection": False}, own, valid=False, error="UnsupportedError", pointer="/save_projection")
+    plain("vera-projection-missing", "base_model.vera_B is missing", vera,
+          own | {"base_model.vera_A": det((2, 8), 3).astype(np.float32)}, valid=False, error="MissingTensorError",
+          key="base_model.vera_B")
 
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
@@ -1025,7 +1082,8 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         config = json.loads((V1 / entry["path"] / "adapter_config.json").read_text("utf-8"))
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
-    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT")
+    return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
+                                            "ADALORA", "VERA")
                 or config.get("use_dora"))
 
 
