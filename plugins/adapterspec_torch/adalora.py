@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._adalora import scale, stored_rank
+from adapterspec._adalora import RANKNUM_EPS, ranknum, scaling, stored_rank
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["KINDS", "METHODS", "check", "delta_weight", "initialise", "output", "scale_of", "shapes"]
+__all__ = ["KINDS", "METHODS", "check", "delta_weight", "factors", "initialise", "output", "shapes"]
 
 #: The methods this module computes.
 METHODS = ("ADALORA",)
@@ -53,9 +53,15 @@ def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> di
     return {"lora_A": (k, in_f), "lora_B": (out_f, k), "lora_E": (k, 1)}
 
 
-def scale_of(config: AdapterConfig, path: str) -> float:
-    """``lora_alpha / (init_r + 1e-5)`` for module ``path`` (0 when all its ranks were pruned)."""
-    return scale(config, path)
+def factors(config: AdapterConfig, path: str) -> tuple[float, int]:
+    """``(scaling, ranknum)`` of module ``path``: ``lora_alpha`` and ``init_r`` (:mod:`adapterspec._adalora`)."""
+    return scaling(config, path), ranknum(config, path)
+
+
+def _divide(value: torch.Tensor, scale: float, rank: int) -> torch.Tensor:
+    """``value * scaling / (ranknum + 1e-5)`` with ``ranknum`` a one-element tensor of ``value``'s dtype, as PEFT
+    computes it (so the results are PEFT's to the last bit)."""
+    return value * scale / (torch.full((1,), float(rank), dtype=value.dtype, device=value.device) + RANKNUM_EPS)
 
 
 def initialise(params: dict[str, torch.Tensor], config: AdapterConfig) -> None:
@@ -70,26 +76,27 @@ def initialise(params: dict[str, torch.Tensor], config: AdapterConfig) -> None:
     nn.init.normal_(params["lora_B"], mean=0.0, std=0.02)
 
 
-def delta_weight(base: nn.Module, kind: str, params: dict[str, torch.Tensor], factor: float) -> torch.Tensor:
-    """``B @ (A * E) * factor`` in the base weight's layout (transposed for Conv1D, reshaped for a Conv2d)."""
-    delta = params["lora_B"] @ (params["lora_A"] * params["lora_E"]) * factor
+def delta_weight(base: nn.Module, kind: str, params: dict[str, torch.Tensor], scale: float, rank: int) -> torch.Tensor:
+    """``B @ (A * E) * scaling / (ranknum + 1e-5)`` in the base weight's layout (transposed for Conv1D, reshaped
+    for a Conv2d)."""
+    delta = _divide(params["lora_B"] @ (params["lora_A"] * params["lora_E"]), scale, rank)
     weight = cast(torch.Tensor, base.weight)
     if kind == "conv1d_hf":
         return delta.T
     return delta.reshape(weight.shape)
 
 
-def output(base: nn.Module, kind: str, params: dict[str, torch.Tensor], factor: float, x: torch.Tensor,
+def output(base: nn.Module, kind: str, params: dict[str, torch.Tensor], scale: float, rank: int, x: torch.Tensor,
            dropout: float, training: bool) -> torch.Tensor:
-    """The adapter's term added to ``base(x)``: ``dropout(x) @ (A * E).T @ B.T * factor`` (a convolution with
-    the reshaped delta for a Conv2d), as PEFT's ``SVDLinear`` / ``SVDConv2d`` compute it."""
+    """The adapter's term added to ``base(x)``: ``dropout(x) @ (A * E).T @ B.T * scaling / (ranknum + 1e-5)`` (a
+    convolution with the reshaped delta for a Conv2d), as PEFT's ``SVDLinear`` / ``SVDConv2d`` compute it."""
     a, b, e = params["lora_A"], params["lora_B"], params["lora_E"]
     x = x.to(a.dtype)
     if dropout and training:
         x = F.dropout(x, dropout, training=True)
     if kind == "conv2d":
         conv = cast(nn.Conv2d, base)
-        delta = (b @ (a * e) * factor).reshape(conv.weight.shape)
+        delta = _divide(b @ (a * e), scale, rank).reshape(conv.weight.shape)
         return F.conv2d(x, delta, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                         groups=conv.groups)
-    return (x @ (a * e).T @ b.T) * factor
+    return _divide(x @ (a * e).T @ b.T, scale, rank)

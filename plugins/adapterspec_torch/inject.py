@@ -364,6 +364,11 @@ def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
                    options: LoadOptions) -> dict[str, str]:
     check_features(config)
+    if config.peft_type == "ADALORA" and options.trainable:
+        raise UnsupportedError("training AdaLoRA (its rank allocation and orthogonality loss) is not implemented "
+                               "by the torch backend; its adapters load for inference and merging",
+                               pointer="/peft_type", hint="train with PEFT's AdaLoRA (update_and_allocate), then "
+                                                          "load the saved adapter without trainable")
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}

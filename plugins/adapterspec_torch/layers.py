@@ -469,7 +469,8 @@ class AdapterLayer(nn.Module):
         elif method in oft.METHODS:
             spec.rotation = oft.settings(base, self.kind, config, path)
         elif method in adalora.METHODS:
-            spec.scaling, spec.dropout = adalora.scale_of(config, path), float(config.get("lora_dropout") or 0.0)
+            spec.scaling, spec.r = adalora.factors(config, path)
+            spec.dropout = float(config.get("lora_dropout") or 0.0)
         elif method in vera.METHODS:
             if shared is None:
                 raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
@@ -671,7 +672,7 @@ class AdapterLayer(nn.Module):
         spec = self._specs[name]
         base_weight = _weight(self.base_layer)
         if spec.method in adalora.METHODS:
-            return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling)
+            return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling, spec.r)
         if spec.shared is not None:
             return vera.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors())
         if spec.method == "LORA":
@@ -857,8 +858,8 @@ class AdapterLayer(nn.Module):
                     x = x.to(self._param(n, "lora_A.weight").dtype)
                     result = self._lora(n, spec, x, result)
             elif spec.method in adalora.METHODS:
-                result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, x,
-                                                 spec.dropout, self.training)
+                result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, spec.r,
+                                                 x, spec.dropout, self.training)
             elif spec.shared is not None:
                 result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
                                               spec.dropout, self.training)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PEFT_DEFAULT_ALPHA", "PEFT_DEFAULT_INIT_R", "RANKNUM_EPS", "init_r", "rank_pattern_problems", "scale",
-           "stored_rank", "unsupported"]
+__all__ = ["PEFT_DEFAULT_ALPHA", "PEFT_DEFAULT_INIT_R", "RANKNUM_EPS", "init_r", "rank_pattern_problems", "ranknum",
+           "scale", "scaling", "stored_rank", "unsupported"]
 
 #: PEFT 0.21's defaults of ``AdaLoraConfig.init_r`` and ``lora_alpha`` (a config without them means these).
 PEFT_DEFAULT_INIT_R = 12
@@ -57,16 +57,23 @@ def stored_rank(config: Mapping[str, Any], module: str) -> int:
     return init_r(config)
 
 
-def scale(config: Mapping[str, Any], module: str) -> float:
-    """``scaling / (ranknum + 1e-5)``: ``scaling`` is ``lora_alpha`` (the stored rank when ``lora_alpha`` <= 0,
-    as PEFT does) and ``ranknum`` is ``init_r`` (0 for a module whose ranks were all pruned: no update)."""
-    rank = stored_rank(config, module)
-    if rank == 0:
-        return 0.0
+def scaling(config: Mapping[str, Any], module: str) -> float:
+    """PEFT's ``scaling``: ``lora_alpha``, or the stored rank when ``lora_alpha`` <= 0."""
     alpha = config.get("lora_alpha")
     alpha = PEFT_DEFAULT_ALPHA if alpha is None else alpha
-    scaling = float(alpha) if alpha > 0 else float(rank)
-    return scaling / (init_r(config) + RANKNUM_EPS)
+    return float(alpha) if alpha > 0 else float(stored_rank(config, module))
+
+
+def ranknum(config: Mapping[str, Any], module: str) -> int:
+    """PEFT's ``ranknum``: ``init_r`` (kept when a layer is resized to its pruned ranks), 0 when none is left."""
+    return init_r(config) if stored_rank(config, module) else 0
+
+
+def scale(config: Mapping[str, Any], module: str) -> float:
+    """``scaling / (ranknum + 1e-5)``, the factor of ``B @ (A * E)`` (0 for a module whose ranks were all pruned)."""
+    if stored_rank(config, module) == 0:
+        return 0.0
+    return scaling(config, module) / (ranknum(config, module) + RANKNUM_EPS)
 
 
 def rank_pattern_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:

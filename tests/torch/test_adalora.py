@@ -218,3 +218,13 @@ def test_embedding_targets_are_refused_as_in_peft(llama: Any, tmp_path: Path) ->
     save_file({f"{key}.lora_A": torch.ones(2, 128), f"{key}.lora_B": torch.ones(64, 2),
                f"{key}.lora_E": torch.ones(2, 1)}, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     _refused(llama, tmp_path, UnsupportedError, "model.embed_tokens")
+
+
+def test_training_is_refused_not_done_without_rank_allocation(llama: Any, tmp_path: Path) -> None:
+    """Plain gradient steps on AdaLoRA's tensors are not AdaLoRA training (no allocation, no orthogonality loss)."""
+    folder = _peft_folder(llama, tmp_path)
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError, match="training AdaLoRA"):
+        adapterspec.load_adapter(model, folder, trainable=True)
+    assert_same_snapshot(model, before)
