@@ -27,7 +27,9 @@ SCHEMA = HERE / "adapter_config.schema.json"
 TARGETS = HERE / "target_modules.json"
 
 #: Methods whose fields and math the spec defines by hand (SPEC.md 4.1, 8).
-PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR")
+PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
+            "ADALORA",
+            "VERA")
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
