@@ -228,3 +228,21 @@ def test_training_is_refused_not_done_without_rank_allocation(llama: Any, tmp_pa
     with pytest.raises(UnsupportedError, match="training AdaLoRA"):
         adapterspec.load_adapter(model, folder, trainable=True)
     assert_same_snapshot(model, before)
+
+
+
+def test_null_target_modules_take_peft_default_for_the_architecture(llama: Any, token_inputs: Any, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """target_modules null: PEFT's AdaLoRA table for llama (q_proj, v_proj), as PEFT resolves it (SPEC.md 14.2)."""
+    from peft import AdaLoraConfig
+
+    _trained(llama, AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=6,
+                                  target_modules=["q_proj", "v_proj"]), tmp_path, token_inputs)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": None}))
+    reference, _ = _peft_load(llama, tmp_path, caplog)
+    expected = logits(reference, token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path)
+    assert_close(logits(model, token_inputs), expected)

@@ -223,3 +223,19 @@ def test_embedding_targets_are_refused_as_in_peft(llama: Any, tmp_path: Path) ->
                "base_model.vera_A": torch.ones(2, 128), "base_model.vera_B": torch.ones(64, 2)},
               tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     _refused(llama, tmp_path, UnsupportedError, "model.embed_tokens")
+
+
+def test_null_target_modules_take_peft_default_for_the_architecture(gpt2: Any, token_inputs: Any, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """target_modules null: PEFT's VeRA table for gpt2 (c_attn), as PEFT resolves it (SPEC.md 14.2)."""
+    from peft import VeraConfig
+
+    _peft_folder(gpt2, VeraConfig(r=4, target_modules=["c_attn"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": None}))
+    reference, _ = _peft_load(gpt2, tmp_path, caplog)
+    expected = logits(reference, token_inputs)
+    assert (expected - logits(gpt2, token_inputs)).abs().max() > 1e-2
+    model = fresh(gpt2)
+    adapterspec.load_adapter(model, tmp_path)
+    assert_close(logits(model, token_inputs), expected)
