@@ -1057,6 +1057,8 @@ class AdapterLayer(nn.Module):
                     norm = self._norm_of(unmerged, lora_part, 1).detach()
                     self._caches[f"{name}-weight_norm"] = norm
                     weight.data = (self._dora_factor(name, norm) * (weight.data + delta)).to(orig_dtype)
+                elif spec.method in adalora.METHODS or spec.shared is not None:
+                    weight.data += self.delta_weight(name)  # PEFT adds its float32 delta in place: one rounding
                 else:
                     delta = self.delta_weight(name)
                     weight.data += delta.to(orig_dtype)
@@ -1091,6 +1093,8 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     norm = self._caches.pop(f"{name}-weight_norm")
                     weight.data = (weight.data / self._dora_factor(name, norm) - delta).to(orig_dtype)
+                elif spec.method in adalora.METHODS or spec.shared is not None:
+                    weight.data -= self.delta_weight(name)  # as PEFT: in place, one rounding
                 else:
                     weight.data -= self.delta_weight(name).to(orig_dtype)
                     if spec.method == "LORA" and spec.lora_bias:

@@ -239,3 +239,23 @@ def test_null_target_modules_take_peft_default_for_the_architecture(gpt2: Any, t
     model = fresh(gpt2)
     adapterspec.load_adapter(model, tmp_path)
     assert_close(logits(model, token_inputs), expected)
+
+
+def test_bf16_model_unmerged_and_merged_equal_peft(llama: Any, token_inputs: Any, tmp_path: Path) -> None:
+    """On a bfloat16 model the adapter runs in float32 and its float32 delta is added in place, as in PEFT: the
+    outputs are PEFT's bit for bit, merged too (one rounding of the merged weight, not two)."""
+    from peft import PeftModel, VeraConfig
+
+    base = fresh(llama).to(torch.bfloat16)
+    _peft_folder(base, VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(base), str(tmp_path)).eval()
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    adapterspec.merge_adapters(model)
+    assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
