@@ -32,7 +32,7 @@ import adapterspec
 import adapterspec.errors
 import adapterspec.spec
 from adapterspec.conformance import reference
-from adapterspec.naming import PARAMETERS
+from adapterspec.naming import PARAMETERS, SHARED_PARAMETERS
 from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -353,6 +353,33 @@ def _prompts_cases() -> None:
             [], decoder=DECODER, compute="prompt_concat")
 
 
+def _adalora_cases() -> None:
+    """AdaLoRA (SPEC.md 15.4): B @ (A * E) * lora_alpha / (init_r + 1e-5), with the ranks rank_pattern kept."""
+    numeric("adalora-linear-f32", "AdaLoRA on a Linear 6->5, init_r 3 with 2 ranks kept by rank_pattern: the scale "
+            "stays lora_alpha / init_r", "ADALORA", "linear", "float32", {"layer": linear(6, 5)},
+            {"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 4, "total_step": 10, "target_modules": ["layer"],
+             "rank_pattern": {"layer.lora_E": [True, False, True]}}, ["rank_pattern"])
+    numeric("adalora-gpt2-conv1d-f32", "AdaLoRA on a GPT-2 Conv1D (weight [in, out]): lora_A [k, in], lora_B [out, k]",
+            "ADALORA", "gpt2_conv1d", "float32", {"h.0.attn.c_attn": gpt2(6, 9)},
+            {"peft_type": "ADALORA", "init_r": 2, "lora_alpha": 6, "total_step": 10, "fan_in_fan_out": True,
+             "target_modules": ["c_attn"]}, ["fan_in_fan_out"])
+    numeric("adalora-conv2d-f32", "AdaLoRA on a 3x3 Conv2d (padding 1): lora_A [k, in * 9], the delta reshaped to "
+            "the kernel", "ADALORA", "conv2d", "float32", {"conv": conv2d(3, 4, [3, 3], padding=[1, 1])},
+            {"peft_type": "ADALORA", "init_r": 2, "lora_alpha": 8, "total_step": 10, "target_modules": ["conv"]}, [])
+
+
+def _vera_cases() -> None:
+    """VeRA (SPEC.md 15.5): shared projections stored once, sliced per module, scaled by lambda_b / lambda_d."""
+    numeric("vera-linear-f32", "VeRA on two Linear layers of other sizes (6->5, 4->7): vera_A [r, 6] and vera_B "
+            "[7, r] stored once, each layer uses vera_A[:, :in] and vera_B[:out]", "VERA", "linear", "float32",
+            {"a": linear(6, 5), "b": linear(4, 7)}, {"peft_type": "VERA", "r": 3, "target_modules": ["a", "b"]},
+            ["shared"])
+    numeric("vera-gpt2-conv1d-f32", "VeRA on GPT-2 Conv1D layers (weights [in, out])", "VERA", "gpt2_conv1d",
+            "float32", {"h.0.attn.c_attn": gpt2(6, 9), "h.0.mlp.c_proj": gpt2(5, 6)},
+            {"peft_type": "VERA", "r": 2, "fan_in_fan_out": True, "target_modules": ["c_attn", "c_proj"]},
+            ["shared", "fan_in_fan_out"])
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
@@ -379,6 +406,8 @@ def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict
         prefix = f"base_model.model.{path}."
         own = {k[len(prefix):]: f64(v) for k, v in tensors.items()
                if k.startswith(prefix) and k[len(prefix):] in PARAMETERS[config["peft_type"]]}
+        if own:  # VeRA's shared projections (SPEC 15.5): every adapted module slices them
+            own |= {p: f64(tensors[f"base_model.{p}"]) for p in SHARED_PARAMETERS.get(config["peft_type"], ())}
         # tensors of modules to save replace the base module's (SPEC 8.8)
         weights = {p: f64(tensors.get(prefix + p, base[f"{path}.{p}"])) for p in weight_shapes(spec)}
         out[path] = reference.forward(spec, weights, f64(inputs[path]), config, path, own)
@@ -412,6 +441,8 @@ def generate_numeric() -> list[dict[str, Any]]:
     _clarification_numeric()
     _oft_cases()
     _prompts_cases()
+    _adalora_cases()
+    _vera_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -668,11 +699,10 @@ def generate_folders() -> list[dict[str, Any]]:
           error="MissingTensorError")
 
     # -- spec 1.1: methods recognised but not portable, and the config forms PEFT accepts -----------------
-    plain("vera-not-portable", "VeRA: a method the spec recognises but does not define; a reader refuses it "
+    plain("hra-not-portable", "HRA: a method the spec recognises but does not define; a reader refuses it "
           "with UnsupportedError naming /peft_type (never a ConfigError: PEFT loads it)",
-          {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
-          {f"{Q}.vera_lambda_b": det((8,), 1).astype(np.float32), f"{Q}.vera_lambda_d": det((2,), 2).astype(np.float32),
-           f"{V}.vera_lambda_b": det((4,), 3).astype(np.float32), f"{V}.vera_lambda_d": det((2,), 4).astype(np.float32)},
+          {"peft_type": "HRA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+          {f"{Q}.hra_u": det((8, 2), 1).astype(np.float32), f"{V}.hra_u": det((8, 2), 3).astype(np.float32)},
           valid=False, error="UnsupportedError", pointer="/peft_type")
     decoder_layers = [f"base_model.model.model.layers.{i}" for i in range(2)]
     plain("lora-target-modules-null", "target_modules null: PEFT's default for the model type (llama: q_proj, "
@@ -706,6 +736,8 @@ def generate_folders() -> list[dict[str, Any]]:
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _oft_folders()
     _prompts_folders()
+    _adalora_folders()
+    _vera_folders()
     _manifest_examples()
     _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
@@ -867,6 +899,30 @@ def _prompts_folders() -> None:
           error="UnexpectedTensorError", key="base_model.score.weight", model=decoder)
 
 
+def _adalora_folders() -> None:
+    """AdaLoRA files a reader refuses before any model is involved (SPEC.md 15.4)."""
+    ada = {"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 4, "total_step": 10, "target_modules": ["q_proj"]}
+    three = {f"{Q}.lora_A": det((3, 8), 1).astype(np.float32), f"{Q}.lora_B": det((8, 3), 2).astype(np.float32),
+             f"{Q}.lora_E": det((3, 1), 3).astype(np.float32)}
+    plain("adalora-rank-pattern-disagrees", "rank_pattern keeps 2 of init_r 3 ranks but the tensors hold 3",
+          ada | {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True]}}, three, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.lora_A")
+    plain("adalora-bias", "AdaLoRA with trained biases (bias lora_only) is refused with UnsupportedError naming /bias",
+          ada | {"bias": "lora_only"}, three, valid=False, error="UnsupportedError", pointer="/bias")
+
+
+def _vera_folders() -> None:
+    """VeRA files a reader refuses before any model is involved (SPEC.md 15.5)."""
+    vera = {"peft_type": "VERA", "r": 2, "target_modules": ["q_proj"]}
+    own = {f"{Q}.vera_lambda_b": det((8,), 1).astype(np.float32), f"{Q}.vera_lambda_d": det((2,), 2).astype(np.float32)}
+    plain("vera-save-projection-false", "save_projection false: no projections in the file (PEFT regenerates them "
+          "with torch's generator); refused with UnsupportedError naming /save_projection",
+          vera | {"save_projection": False}, own, valid=False, error="UnsupportedError", pointer="/save_projection")
+    plain("vera-projection-missing", "base_model.vera_B is missing", vera,
+          own | {"base_model.vera_A": det((2, 8), 3).astype(np.float32)}, valid=False, error="MissingTensorError",
+          key="base_model.vera_B")
+
+
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
 
 
@@ -963,14 +1019,14 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("prompt-num-virtual-tokens-zero", "prompt tuning's num_virtual_tokens is >= 1",
          {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0, "token_dim": 8}, False, "/num_virtual_tokens", None),
         # spec 1.1: every PEFT 0.21 method is recognised; the ones the spec does not define are valid, not portable
-        ("vera-recognised", "VeRA is recognised, not portable: its config is valid",
-         {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
+        ("hra-recognised", "HRA is recognised, not portable: its config is valid",
+         {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
         ("oft-recognised", "OFT is recognised (portable since spec 1.1, SPEC.md 15.6): its config is valid",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
         ("ln-tuning-recognised", "LN tuning is recognised, not portable: its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
-        ("vera-r-string", "a recognised method's fields have the types of PEFT's config class",
-         {"peft_type": "VERA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
+        ("hra-r-string", "a recognised method's fields have the types of PEFT's config class",
+         {"peft_type": "HRA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
         ("method-unknown", "a peft_type that is not one of PEFT 0.21's methods is refused",
          {"peft_type": "NOT_A_METHOD", "target_modules": ["q_proj"]}, False, "/peft_type", None),
         # spec 1.1: the config forms PEFT accepts
@@ -1065,7 +1121,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
-                                            "P_TUNING")
+                                            "P_TUNING", "ADALORA", "VERA")
                 or config.get("use_dora"))
 
 

@@ -77,6 +77,10 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
+    if method in ("ADALORA", "VERA"):
+        raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
+                               f"the torch backend load it (module on {layers()})", key=path,
+                               hint="load this adapter with the torch backend or PEFT")
     if method not in ("LORA", "IA3"):
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA or IA3 adapter, or the torch backend")

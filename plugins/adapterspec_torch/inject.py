@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ from adapterspec.targets import is_all_linear
 
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
-from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
+from . import vera
+from .layers import AdapterLayer, ModulesToSaveLayer, PendingParam, check_supported, layer_kind
 from .prompts import PROMPTS_ATTR, inject_prefix, remove_prefix
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -355,6 +356,11 @@ def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
                    options: LoadOptions) -> dict[str, str]:
     check_features(config)
+    if config.peft_type == "ADALORA" and options.trainable:
+        raise UnsupportedError("training AdaLoRA (its rank allocation and orthogonality loss) is not implemented "
+                               "by the torch backend; its adapters load for inference and merging",
+                               pointer="/peft_type", hint="train with PEFT's AdaLoRA (update_and_allocate), then "
+                                                          "load the saved adapter without trainable")
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
@@ -374,11 +380,12 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
     try:
+        shared = _add_shared(model, config, adapter_name, options, [universe[spec][1] for spec in targets])
         for spec in targets:
             own = universe[spec][0]
             layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
-            layer.add_adapter(adapter_name, config, spec, options, checked=True)
+            layer.add_adapter(adapter_name, config, spec, options, checked=True, shared=shared)
         for spec in saved:
             own = universe[spec][0]
             whole = wrap(model, own, ModulesToSaveLayer, modules=modules)
@@ -393,8 +400,44 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
         _remove_layers(model, state, adapter_name, done)
+        _remove_shared(model, adapter_name)
         raise
     return done
+
+
+def _add_shared(model: nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions,
+                targets: list[nn.Module]) -> vera.Shared | None:
+    """VeRA: the adapter's shared ``vera_A``/``vera_B`` (frozen), sized over its targets, kept on the model under
+    :data:`~adapterspec_torch.vera.SHARED_ATTR` (``None`` for other methods)."""
+    if config.peft_type not in vera.METHODS:
+        return None
+    bases = [t.base_layer if isinstance(t, AdapterLayer) else t for t in targets]
+    kinds = [cast(str, layer_kind(b)) for b in bases]
+    device, dtype = adapter_target_of(bases[0], options)
+    shared = vera.Shared()
+    for name, shape in vera.shared_shapes(list(zip(bases, kinds)), config).items():
+        if options.initialize:
+            shared._parameters[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype),
+                                                    requires_grad=False)
+        else:
+            shared.__dict__["pending"][name] = PendingParam(shape, device, dtype, False)
+    if options.initialize and device.type != "meta":
+        with torch.no_grad():
+            vera.initialise_shared(cast("dict[str, torch.Tensor]", dict(shared._parameters)), config)
+    holder = cast("nn.ModuleDict | None", model._modules.get(vera.SHARED_ATTR))
+    if holder is None:
+        holder = nn.ModuleDict()
+        model.add_module(vera.SHARED_ATTR, holder)
+    holder[adapter_name] = shared
+    return shared
+
+
+def _remove_shared(model: nn.Module, adapter_name: str) -> None:
+    holder = cast("nn.ModuleDict | None", model._modules.get(vera.SHARED_ATTR))
+    if holder is not None and adapter_name in holder:
+        del holder[adapter_name]
+    if holder is not None and len(holder) == 0:
+        del model._modules[vera.SHARED_ATTR]
 
 
 def _remove_layers(model: nn.Module, state: ModelState, adapter_name: str, modules: dict[str, str]) -> None:
@@ -510,3 +553,4 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     if config is not None and config.is_prompt_learning:
         remove_prefix(model, state, adapter_name)
     _remove_layers(model, state, adapter_name, state.modules.get(adapter_name, {}))
+    _remove_shared(model, adapter_name)

@@ -36,7 +36,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import oft
+from . import adalora, oft, vera
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
@@ -57,6 +57,8 @@ _SUPPORTED = {
     "LOKR": ("linear", "conv1d", "conv2d"),
     "OFT": ("linear", "conv2d"),
     "BOFT": ("linear", "conv2d"),
+    "ADALORA": adalora.KINDS,
+    "VERA": vera.KINDS,
 }
 
 
@@ -112,6 +114,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
             hint="remove the module from target_modules (or exclude it with exclude_modules)")
     if method in oft.METHODS:
         oft.check(module, kind, path, config)
+    if method in adalora.METHODS:
+        adalora.check(module, kind, path, config)
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
@@ -202,6 +206,10 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return {"ia3_l": (1, in_f) if feedforward else (out_f, 1)}
     if method in oft.METHODS and kind is not None:
         return oft.shapes(module, kind, config, path)
+    if method in adalora.METHODS and kind is not None:
+        return adalora.shapes(module, kind, config, path)
+    if method in vera.METHODS and kind is not None:
+        return vera.shapes(module, kind, config)
     weight_shape = tuple(_weight(module).shape)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -363,6 +371,7 @@ class _Spec:
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to another layer's
     index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
+    shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
 
 
 class _Weights(nn.Module):
@@ -423,7 +432,7 @@ class AdapterLayer(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions, *,
-                    checked: bool = False) -> None:
+                    checked: bool = False, shared: vera.Shared | None = None) -> None:
         """Create adapter ``name``'s parameters for module ``path``, initialised as ``config`` says
         (left uninitialised when ``options.initialize`` is false: the caller fills them next).
 
@@ -431,6 +440,7 @@ class AdapterLayer(nn.Module):
         only if ``options.trainable``. The adapter is not activated.
 
         :param checked: :func:`check_supported` already passed for this layer and config.
+        :param shared: VeRA: the adapter's shared projections (:class:`~adapterspec_torch.vera.Shared`).
         :raises UnsupportedError: the layer cannot take ``config``'s method (names ``path``).
         """
         base = self._modules["base_layer"]
@@ -458,6 +468,14 @@ class AdapterLayer(nn.Module):
             spec.feedforward = config.is_feedforward(path)
         elif method in oft.METHODS:
             spec.rotation = oft.settings(base, self.kind, config, path)
+        elif method in adalora.METHODS:
+            spec.scaling, spec.r = adalora.factors(config, path)
+            spec.dropout = float(config.get("lora_dropout") or 0.0)
+        elif method in vera.METHODS:
+            if shared is None:
+                raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
+                                       hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
+            spec.shared, spec.dropout = shared, float(config.get("vera_dropout") or 0.0)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         pending: dict[str, PendingParam] = {}
@@ -584,6 +602,10 @@ class AdapterLayer(nn.Module):
                 nn.init.zeros_(p["hada_w2_b"])
         elif spec.method in oft.METHODS:
             oft.initialise(p, config)
+        elif spec.method in adalora.METHODS:
+            adalora.initialise(p, config)
+        elif spec.method in vera.METHODS:
+            vera.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -633,6 +655,11 @@ class AdapterLayer(nn.Module):
         tensor: torch.Tensor = self.adapter_weights[name]._parameters[self._specs[name].names[param]]
         return tensor
 
+    def _params_of(self, name: str) -> dict[str, torch.Tensor]:
+        """Spec parameter name -> tensor of adapter ``name`` (the parameters, loaded)."""
+        params = self.adapter_weights[name]._parameters
+        return {param: params[attr] for param, attr in self._specs[name].names.items()}
+
     def _has(self, name: str, param: str) -> bool:
         return param in self._specs[name].names
 
@@ -644,6 +671,10 @@ class AdapterLayer(nn.Module):
         """
         spec = self._specs[name]
         base_weight = _weight(self.base_layer)
+        if spec.method in adalora.METHODS:
+            return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling, spec.r)
+        if spec.shared is not None:
+            return vera.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors())
         if spec.method == "LORA":
             if self.kind == "embedding":
                 a, b = self._param(name, "lora_embedding_A"), self._param(name, "lora_embedding_B")
@@ -826,6 +857,12 @@ class AdapterLayer(nn.Module):
                 else:
                     x = x.to(self._param(n, "lora_A.weight").dtype)
                     result = self._lora(n, spec, x, result)
+            elif spec.method in adalora.METHODS:
+                result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, spec.r,
+                                                 x, spec.dropout, self.training)
+            elif spec.shared is not None:
+                result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
+                                              spec.dropout, self.training)
             else:
                 delta = self.delta_weight(n)
                 x_in = x.to(delta.dtype)
@@ -1020,6 +1057,8 @@ class AdapterLayer(nn.Module):
                     norm = self._norm_of(unmerged, lora_part, 1).detach()
                     self._caches[f"{name}-weight_norm"] = norm
                     weight.data = (self._dora_factor(name, norm) * (weight.data + delta)).to(orig_dtype)
+                elif spec.method in adalora.METHODS or spec.shared is not None:
+                    weight.data += self.delta_weight(name)  # PEFT adds its float32 delta in place: one rounding
                 else:
                     delta = self.delta_weight(name)
                     weight.data += delta.to(orig_dtype)
@@ -1054,6 +1093,8 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     norm = self._caches.pop(f"{name}-weight_norm")
                     weight.data = (weight.data / self._dora_factor(name, norm) - delta).to(orig_dtype)
+                elif spec.method in adalora.METHODS or spec.shared is not None:
+                    weight.data -= self.delta_weight(name)  # as PEFT: in place, one rounding
                 else:
                     weight.data -= self.delta_weight(name).to(orig_dtype)
                     if spec.method == "LORA" and spec.lora_bias:

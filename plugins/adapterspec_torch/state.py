@@ -20,11 +20,13 @@ from torch import nn
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
 from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismatchError
+from adapterspec._vera import SHARED, shared_key
 from adapterspec.naming import PROMPT_KEY, make_key
 
+from . import vera
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
-from .prompts import PROMPTS_ATTR
 from .layers import AdapterLayer
+from .prompts import PROMPTS_ATTR
 from .switch import require_state
 
 __all__ = ["expected_params", "extract_state", "load_state", "restore_base_weights"]
@@ -49,6 +51,12 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str
         else:
             for param, tensor in layer.adapter_params(adapter_name).items():
                 out[prefix + param] = (tensor, None, "")
+    holder = model._modules.get(vera.SHARED_ATTR)
+    if holder is not None and adapter_name in holder._modules:  # VeRA's projections, stored once (SPEC.md 15.5)
+        shared = cast(vera.Shared, holder._modules[adapter_name])
+        params, pending = shared._parameters, shared.__dict__["pending"]
+        for name in SHARED:
+            out[shared_key(name)] = (params[name], None, name) if name in params else (pending[name], shared, name)
     return out
 
 

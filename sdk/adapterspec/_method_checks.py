@@ -18,6 +18,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from ._adalora import stored_rank
+from ._vera import SHARED, shared_key
+from ._vera import rank as vera_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from .naming import make_key
 from .targets import pattern_value
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from .checks import TensorInfo
     from .config import AdapterConfig
 
-__all__ = ["METHOD_CHECKS", "factorization"]
+__all__ = ["METHOD_CHECKS", "factorization", "shared_errors"]
 
 Params = Mapping[str, "TensorInfo"]
 Errors = list[AdapterSpecError]
@@ -301,6 +304,74 @@ def _boft(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
+# -- AdaLoRA (SPEC.md 15.4) ------------------------------------------------------------------
+def _adalora(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``lora_A`` ``[k, in]``, ``lora_B`` ``[out, k]``, ``lora_E`` ``[k, 1]``: ``k`` the ranks ``rank_pattern``
+    kept for the module (``init_r`` without an entry)."""
+    errors: Errors = [_missing(module, n, "AdaLoRA stores lora_A, lora_B and lora_E per adapted module")
+                      for n in ("lora_A", "lora_B", "lora_E") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 15.4)"
+    errors += _axes(module, p, {"lora_A": (2,), "lora_B": (2,), "lora_E": (2,)}, hint)
+    if errors:
+        return errors
+    k = stored_rank(config, module)
+    source = "rank_pattern" if f"{module}.lora_E" in (config.get("rank_pattern") or {}) else "init_r"
+    for name, axis in (("lora_A", 0), ("lora_B", 1), ("lora_E", 0)):
+        if p[name].shape[axis] != k:
+            errors.append(ShapeMismatchError(
+                f"rank {p[name].shape[axis]} (axis {axis}) disagrees with the config's {source} ({k} ranks) for "
+                f"module {module!r}", key=make_key(module, name),
+                hint="save the adapter again with PEFT: it writes the kept ranks with their rank_pattern"))
+    if p["lora_E"].shape[1] != 1:
+        errors.append(_shape(module, "lora_E", p["lora_E"], "must be [k, 1] (one singular value per rank)", hint))
+    return errors
+
+
+# -- VeRA (SPEC.md 15.5) ---------------------------------------------------------------------
+def _vera(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``vera_lambda_b`` ``[out]`` and ``vera_lambda_d`` ``[r]`` per module (the shared matrices: :func:`shared_errors`)."""
+    errors: Errors = [_missing(module, n, "VeRA stores vera_lambda_b and vera_lambda_d per adapted module")
+                      for n in ("vera_lambda_b", "vera_lambda_d") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 15.5)"
+    errors += _axes(module, p, {"vera_lambda_b": (1,), "vera_lambda_d": (1,)}, hint)
+    r = vera_rank(config)
+    if not errors and p["vera_lambda_d"].shape[0] != r:
+        errors.append(ShapeMismatchError(f"rank {p['vera_lambda_d'].shape[0]} disagrees with the config's r={r} for "
+                                         f"module {module!r}", key=make_key(module, "vera_lambda_d"),
+                                         hint=f"set r to {p['vera_lambda_d'].shape[0]}, or save the adapter again"))
+    return errors
+
+
+def shared_errors(config: AdapterConfig, shared: Params, modules: Mapping[str, Params]) -> Errors:
+    """The tensors a method stores once for all modules (SPEC.md 15.5): VeRA's ``base_model.vera_A`` ``[r, max_in]``
+    and ``base_model.vera_B`` ``[max_out, r]``, ``max_out`` the longest ``vera_lambda_b``. Methods without
+    shared tensors: none."""
+    if config.peft_type != "VERA":
+        return []
+    hint = "save the adapter again with PEFT and save_projection true (SPEC.md 15.5)"
+    errors: Errors = [MissingTensorError("missing (VeRA stores its shared projections once, with save_projection "
+                                         "true)", key=shared_key(n), hint=hint) for n in SHARED if n not in shared]
+    r = vera_rank(config)
+    for name, axis in (("vera_A", 0), ("vera_B", 1)):
+        info = shared.get(name)
+        if info is None:
+            continue
+        if len(info.shape) != 2:
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)}: must have 2 axes", key=shared_key(name),
+                                             hint=hint))
+        elif info.shape[axis] != r:
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)}: axis {axis} must be the config's r={r}",
+                                             key=shared_key(name), hint=f"set r to {info.shape[axis]}, or {hint}"))
+    outs = [p["vera_lambda_b"].shape[0] for p in modules.values()
+            if "vera_lambda_b" in p and len(p["vera_lambda_b"].shape) == 1]
+    info = shared.get("vera_B")
+    if outs and info is not None and len(info.shape) == 2 and info.shape[0] != max(outs):
+        errors.append(ShapeMismatchError(f"shape {list(info.shape)}: axis 0 must be the largest output size of the "
+                                         f"adapted modules, {max(outs)} (the longest vera_lambda_b)",
+                                         key=shared_key("vera_B"), hint=hint))
+    return errors
+
+
 #: Larger dimensions are not checked (no layer has them; factorising costs O(sqrt(n))).
 _MAX_FACTORED = 2**32
 
@@ -332,4 +403,6 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LOKR": _lokr,
     "OFT": _oft,
     "BOFT": _boft,
+    "ADALORA": _adalora,
+    "VERA": _vera,
 }

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _adalora, _vera
 from .errors import shorten
 
 __all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
@@ -33,6 +34,8 @@ PORTABLE_METHODS = frozenset({
     "OFT",
     "BOFT",
     "P_TUNING",
+    "ADALORA",
+    "VERA",
 })
 
 
@@ -67,6 +70,8 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         problems.append(("/token_dim", f"token_dim {dim} is not divisible by num_attention_heads {heads}",
                          "token_dim is num_attention_heads * head_dim (with grouped-query attention: the "
                          "number of key/value heads * head_dim)"))
+    if config.get("peft_type") == "ADALORA":
+        problems.extend(_adalora.rank_pattern_problems(config))
     return problems
 
 
@@ -107,8 +112,8 @@ def duplicate_entries(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 def not_portable(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``[("/peft_type", reason)]`` when the config's method is recognised but its math is not in the spec.
 
-    >>> not_portable({"peft_type": "VERA"})[0][1]
-    'VERA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
+    >>> not_portable({"peft_type": "HRA"})[0][1]
+    'HRA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
     >>> not_portable({"peft_type": "LORA"})
     []
     """
@@ -134,6 +139,10 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
             if unsupported(config.get(field)):
                 found.append((f"/{field}", f"{what} is not supported by adapterspec v1 readers"))
     found.extend(_rotation_features(config))
+    if config.get("peft_type") == "ADALORA":
+        found.extend(_adalora.unsupported(config))
+    if config.get("peft_type") == "VERA":
+        found.extend(_vera.unsupported(config))
     return found
 
 

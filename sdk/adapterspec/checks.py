@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from ._method_checks import METHOD_CHECKS
+from ._method_checks import METHOD_CHECKS, shared_errors
 from ._rules import not_portable
 from .config import AdapterConfig, transformer_submodules
 from .errors import (
@@ -63,6 +63,7 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
     errors: list[AdapterSpecError] = []
     modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
     auxiliary: list[tuple[TensorName, TensorInfo]] = []
+    shared: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         try:
             name: TensorName | None = parse_key(key, config.peft_type, config)
@@ -72,11 +73,14 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
         errors.extend(e for e in (_dtype_error(key, name, info), problem) if e is not None)
         if name is not None and name.role == "adapter":
             modules[name.module][name.param] = info
+        elif name is not None and name.role == "shared":
+            shared[name.param] = info
         elif name is not None and name.role != "prompt":
             auxiliary.append((name, info))
     if config.is_prompt_learning:
         return errors + _prompt_errors(config, tensors)
     errors.extend(_module_errors(config, modules))
+    errors.extend(shared_errors(config, shared, modules))
     errors.extend(e for name, info in auxiliary if (e := _auxiliary_error(config, name, info, modules)) is not None)
     if not modules:
         errors.append(MissingTensorError(

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
+from ._vera import SHARED, shared_key
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
 from .targets import is_modules_to_save, token_indices
@@ -26,6 +27,7 @@ __all__ = [
     "EMBEDDING_NAMES",
     "MAX_KEY_LENGTH",
     "PARAMETERS",
+    "SHARED_PARAMETERS",
     "PROMPT_KEY",
     "PROMPT_METHODS",
     "PROMPT_MODULE_PREFIX",
@@ -47,9 +49,16 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "OFT": ("oft_R.weight",),
     "BOFT": ("boft_R", "boft_s"),
+    "ADALORA": ("lora_A", "lora_B", "lora_E"),
+    "VERA": ("vera_lambda_b", "vera_lambda_d"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),
+}
+
+#: The tensors a method stores once for all modules (SPEC.md 15.5), keyed ``base_model.<name>`` (role "shared").
+SHARED_PARAMETERS: Mapping[str, tuple[str, ...]] = {
+    "VERA": SHARED,
 }
 
 #: The single key of prefix and prompt tuning.
@@ -81,7 +90,8 @@ _BOOKKEEPING = (".original_module.", ".modules_to_save.")
 #: expressions of a config (matched against module paths) from running on megabyte-long strings.
 MAX_KEY_LENGTH = 1024
 
-Role = Literal["adapter", "base_layer", "bias", "embedding", "ignored", "modules_to_save", "prompt", "trainable_tokens"]
+Role = Literal["adapter", "base_layer", "bias", "embedding", "ignored", "modules_to_save", "prompt", "shared",
+               "trainable_tokens"]
 
 
 class TensorName(NamedTuple):
@@ -93,7 +103,8 @@ class TensorName(NamedTuple):
     :param role: ``"adapter"`` (a method tensor, SPEC.md 5.2), ``"prompt"``, or an auxiliary tensor
         (SPEC.md 5.3): ``"base_layer"`` (full weight of an adapted embedding), ``"modules_to_save"`` (a
         tensor of a module saved whole), ``"bias"`` (a trained bias, per ``bias``), ``"embedding"`` (a
-        resized, untargeted embedding), ``"trainable_tokens"`` (rows of ``trainable_token_indices``) or
+        resized, untargeted embedding), ``"trainable_tokens"`` (rows of ``trainable_token_indices``),
+        ``"shared"`` (a tensor of the method stored once for all modules, module ``""``: VeRA's ``vera_A``) or
         ``"ignored"`` (PEFT's ``original_module.``/``modules_to_save.`` copies: accept, never apply).
     """
 
@@ -136,6 +147,9 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
                                     key=key[:80] + "...", hint="this is not a module parameter; remove the tensor")
     if peft_type in PROMPT_METHODS:
         return _prompt_tensor(key, peft_type, config or {})
+    for param in SHARED_PARAMETERS.get(peft_type, ()):
+        if key == shared_key(param):
+            return TensorName(key, "", param, "shared")
     if not key.startswith(PEFT_PREFIX):
         raise _unprefixed(key, peft_type)
     rest = key[len(PEFT_PREFIX):]

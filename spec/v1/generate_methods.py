@@ -28,7 +28,9 @@ TARGETS = HERE / "target_modules.json"
 
 #: Methods whose fields and math the spec defines by hand (SPEC.md 4.1, 8).
 PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
-            "P_TUNING")
+            "P_TUNING",
+            "ADALORA",
+            "VERA")
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -39,6 +41,8 @@ DEFAULT_TABLES = {
     ("IA3", "feedforward_modules"): "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     ("LOHA", "target_modules"): "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
     ("LOKR", "target_modules"): "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
+    ("ADALORA", "target_modules"): "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
+    ("VERA", "target_modules"): "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
 }
 
 
@@ -153,8 +157,8 @@ def generate() -> None:
     schema["properties"]["peft_type"]["enum"] = [*PORTABLE, *others]
     for t in others:
         schema["$defs"][t] = method_def(t, PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])
-    branches = [b for b in schema["allOf"] if b["then"]["$ref"].split("/")[-1] in PORTABLE]
-    schema["allOf"] = branches + [_branch(t) for t in others]
+    kept = {b["then"]["$ref"].split("/")[-1]: b for b in schema["allOf"]}
+    schema["allOf"] = [kept[t] if t in kept else _branch(t) for t in [*PORTABLE, *others]]
     SCHEMA.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
     tables: dict[str, Any] = {

@@ -37,7 +37,10 @@ class IgnoresAlpha(ReferenceImplementation):
     def config(self, adapter: Any) -> Mapping[str, Any]:
         config = dict(adapter.config)
         config["alpha_pattern"] = dict(config.get("rank_pattern") or {})
-        config["lora_alpha" if config["peft_type"] == "LORA" else "alpha"] = config.get("r", 8)
+        if config["peft_type"] == "ADALORA":  # scale 1: lora_alpha = ranknum = init_r (SPEC.md 15.4)
+            config["lora_alpha"] = config.get("init_r", 12)
+        elif config["peft_type"] != "VERA":  # VeRA has no alpha
+            config["lora_alpha" if config["peft_type"] == "LORA" else "alpha"] = config.get("r", 8)
         config["use_rslora"] = False
         return config
 

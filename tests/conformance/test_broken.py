@@ -24,7 +24,8 @@ def test_transposed_lora_b_fails_every_lora_case(corpus: Corpus) -> None:
 
 def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
     report = run_suite(IgnoresAlpha(), corpus, include=["^numeric/"])
-    scaled = {c.name for c in corpus.cases if isinstance(c, NumericCase) and c.method in ("LORA", "LOHA", "LOKR")}
+    scaled = {c.name for c in corpus.cases if isinstance(c, NumericCase)
+              and c.method in ("LORA", "LOHA", "LOKR", "ADALORA")}
     assert _failed(report) == scaled
     assert "numeric/rslora-patterns-f32" in scaled and "numeric/lokr-linear-bf16" in scaled
     # IA3, prompt learning, OFT and BOFT have no alpha: they still pass
@@ -32,7 +33,8 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
         "ia3-linear-f32", "ia3-linear-f16", "ia3-conv2d-f32", "ia3-gpt2-conv1d-f32", "ia3-feedforward-suffix-f32",
         "prefix-tuning-f32", "prefix-tuning-gqa-f32", "prompt-tuning-f32")} | {f"numeric/{i}" for i in (  # OFT/BOFT: rotations
         "oft-linear-f32", "oft-linear-cayley-shared-f32", "oft-linear-rank-3-terms-f32", "oft-conv2d-1x1-f32",
-        "boft-linear-f32", "boft-conv2d-f32")} | {"numeric/p-tuning-f32"}
+        "boft-linear-f32", "boft-conv2d-f32")} | {"numeric/p-tuning-f32"} | {f"numeric/{i}" for i in (  # VeRA: no alpha
+        "vera-linear-f32", "vera-gpt2-conv1d-f32")}
 
 
 def test_accepting_a_truncated_file_fails_that_case(corpus: Corpus) -> None:

@@ -28,7 +28,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from .reference_adalora import adalora_weight
 from .reference_oft import rotated_weight
+from .reference_vera import vera_weight
 
 __all__ = [
     "adapted_weight",
@@ -215,6 +217,10 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return _lokr(module, weight, config, path, tensors), bias
     if method in ("OFT", "BOFT"):  # SPEC.md 15.6, 15.7
         return rotated_weight(module, weight, config, tensors), bias
+    if method == "ADALORA":  # SPEC.md 15.4
+        return adalora_weight(module, weight, config, path, tensors), bias
+    if method == "VERA":  # SPEC.md 15.5: ``tensors`` holds the shared vera_A / vera_B too
+        return vera_weight(module, weight, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -240,7 +246,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

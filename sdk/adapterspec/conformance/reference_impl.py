@@ -31,6 +31,7 @@ from ..errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
+from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
 from ..targets import is_all_linear
 from . import _io, reference
@@ -46,10 +47,15 @@ def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[s
     ['lora_A.weight', 'lora_B.weight']
     """
     grouped: dict[str, dict[str, np.ndarray]] = {}
+    shared: dict[str, np.ndarray] = {}
     for key, value in arrays.items():
         name = parse_key(key, adapter.config.peft_type, adapter.config)
         if name.role == "adapter":
             grouped.setdefault(name.module, {})[name.param] = value
+        elif name.role == "shared":  # VeRA's projections: every module uses (a slice of) them, SPEC.md 15.5
+            shared[name.param] = value
+    for tensors in grouped.values():
+        tensors.update(shared)
     return grouped
 
 
@@ -97,6 +103,8 @@ _SUPPORTED = {
     "LOKR": ("linear", "conv1d", "conv2d"),
     "OFT": ("linear", "conv2d"),  # conv2d: 1x1 kernels (SPEC.md 15.6; the method check refuses others)
     "BOFT": ("linear", "conv2d"),
+    "ADALORA": ("linear", "gpt2_conv1d", "conv2d"),
+    "VERA": ("linear", "gpt2_conv1d"),
 }
 
 
@@ -153,6 +161,9 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             raise refuse(a, f"module {path!r} takes {list(fits)} after the rank")
         if shapes[b][0] != out:
             raise refuse(b, f"module {path!r} has {out} outputs")
+    elif method == "VERA":  # the shared projections are checked over all modules: _check_shared
+        if tuple(shapes["vera_lambda_b"]) != (out,):
+            raise refuse("vera_lambda_b", f"module {path!r} has {out} outputs")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
@@ -222,7 +233,23 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                                      hint="save the adapter again from the trained model")
     for path, params in shapes.items():
         _check_layer(config, path, modules[path], params)
+    _check_shared(adapter, config, [modules[path] for path in shapes])
     _check_saved_modules(adapter, config, modules)
+
+
+def _check_shared(adapter: Adapter, config: AdapterConfig, adapted: list[Mapping[str, Any]]) -> None:
+    """VeRA (SPEC.md 15.5): ``vera_A`` is ``[r, largest input]``, ``vera_B`` ``[largest output, r]`` of the adapted
+    layers."""
+    if config.peft_type != "VERA" or not adapted:
+        return
+    sizes = [(_in_out(spec)[0][0], _in_out(spec)[1]) for spec in adapted]
+    r = int(config.get("r", 256))
+    for param, want in (("vera_A", (r, max(i for i, _ in sizes))), ("vera_B", (max(o for _, o in sizes), r))):
+        info = adapter.tensors.get(shared_key(param))
+        if info is not None and tuple(info.shape) != want:
+            raise ShapeMismatchError(f"shape {list(info.shape)}: the adapted layers need {list(want)} (r, and the "
+                                     "largest input / output size)", key=shared_key(param),
+                                     hint="the adapter was made for another model")
 
 
 def _check_saved_modules(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]]) -> None:
