@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def check_sharded_adapter(base: nn.Module, kind: str | None, config: AdapterConf
     if config.peft_type != "LORA" or config.get("use_dora"):
         what = "DoRA" if config.peft_type == "LORA" else config.peft_type
         raise UnsupportedError(f"{what} on a sharded layer ({layout.kind}) is not implemented", key=path, hint=hint)
-    if kind != "linear" or type(base) is not nn.Linear and layout.kind != "fsdp":
+    if kind != "linear" or (type(base) is not nn.Linear and layout.kind != "fsdp"):  # FSDP2 subclasses its modules
         raise UnsupportedError(f"LoRA on a sharded {type(base).__qualname__} ({layout.kind}) is not implemented",
                                key=path, hint="adapt nn.Linear layers")
     for field in ("modules_to_save", "trainable_token_indices"):
@@ -228,35 +229,91 @@ def read_slices(adapter: Adapter, places: dict[str, tuple[Any, tuple[Any, ...]] 
                                hint="load it into the unsharded model, or save the adapter without them")
     out: dict[str, torch.Tensor] = {}
 
+    def own(part: torch.Tensor) -> torch.Tensor:
+        # the slices read from the file are this process's own memory already; those of a tensor read whole
+        # (an Adapter in memory, a pickle) are copied out of it, so that it can be freed
+        if part.device == device and part._base is None:
+            return part
+        local = torch.empty(part.shape, dtype=part.dtype, device=device)
+        local.copy_(part)
+        return local
+
     def place(key: str, read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
         where = places[key]
         shape = tuple(adapter.tensors[key].shape)
         if where is None:
-            out[key] = read(tuple(slice(0, n) for n in shape)).to(device)
+            out[key] = own(read(tuple(slice(0, n) for n in shape)))
             return
         mesh, placements = where
-        local = read(_local_region(shape, mesh, placements)).to(device).contiguous()
+        local = own(read(_local_region(shape, mesh, placements)))
         out[key] = DTensor.from_local(local, mesh, list(placements), run_check=False, shape=torch.Size(shape),
                                       stride=_contiguous_stride(shape))
 
-    if adapter.weights_file is None or adapter.weights_file.suffix != ".safetensors":  # in memory, or pickle
+    if adapter.weights_file is None or adapter.weights_file.suffix != ".safetensors" \
+            or sys.byteorder != "little":  # in memory, a pickle, or a big-endian host: read whole
         whole = adapter.load_tensors("pt")
         for key in places:
             place(key, lambda region, key=key: whole[key][region])  # type: ignore[misc]
         return out
-    from safetensors import SafetensorError, safe_open
-
     from adapterspec import _safetensors
 
+    header = adapter._file_header()
     try:
-        with safe_open(str(adapter.weights_file), framework="pt") as f, adapter._weights() as fh:
-            _safetensors.check_unchanged(adapter.weights_file, adapter._file_header(), fh)
+        with adapter._weights() as fh:
+            _safetensors.check_unchanged(adapter.weights_file, header, fh)
             for key in places:
-                place(key, lambda region, key=key: f.get_slice(key)[region])  # type: ignore[misc]
-    except (SafetensorError, OSError, TypeError, KeyError, ValueError) as exc:
+                dtype = _TORCH_DTYPES[adapter.tensors[key].dtype]
+                begin = header.spans[key][0]
+                place(key, lambda region, key=key, dtype=dtype, begin=begin: _pread_region(  # type: ignore[misc]
+                    fh.fileno(), begin, tuple(adapter.tensors[key].shape), dtype, region))
+            _safetensors.check_unchanged(adapter.weights_file, header, fh)
+    except (OSError, KeyError, ValueError) as exc:
         raise FileFormatError(f"cannot read tensor slices: {exc}", path=adapter.weights_file,
                               hint="the file is corrupt or changed; download or save it again") from None
     return out
+
+
+#: safetensors dtype names -> torch dtypes (the spec's float and integer dtypes, SPEC.md 7).
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from the file at ``offset`` (positioned reads: no shared file position)."""
+    import os
+
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ValueError(f"the file ends at byte {offset + done}, inside a tensor")
+        done += got
+
+
+def _pread_region(fd: int, begin: int, shape: tuple[int, ...], dtype: torch.dtype,
+                  region: tuple[slice, ...]) -> torch.Tensor:
+    """The ``region`` of a row-major tensor whose data starts at byte ``begin``: only its bytes are read
+    (one read for a block of whole rows, one per row for a block of columns)."""
+    local = torch.empty(tuple(s.stop - s.start for s in region), dtype=dtype)
+    if local.numel() == 0:
+        return local
+    raw = memoryview(cast(Any, local.view(-1).view(torch.uint8).numpy())).cast("B")
+    item = local.element_size()
+    if not shape:
+        _pread_into(fd, raw, begin)
+        return local
+    row = item * math.prod(shape[1:])  # bytes of one index of dim 0
+    whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(region[1:], shape[1:], strict=True))
+    if whole_rows:
+        _pread_into(fd, raw, begin + region[0].start * row)
+        return local
+    if len(shape) != 2:
+        raise ValueError(f"a slice {region} of a {len(shape)}-D tensor is not implemented")
+    width = (region[1].stop - region[1].start) * item
+    for i, r in enumerate(range(region[0].start, region[0].stop)):
+        _pread_into(fd, raw[i * width:(i + 1) * width], begin + r * row + region[1].start * item)
+    return local
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

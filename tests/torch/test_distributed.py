@@ -274,3 +274,24 @@ def test_keys_cover_every_adapted_module(two: dict[str, Any]) -> None:
     expected = {make_key(f"layers.{i}.{m}", p) for i in range(2) for m in worker.TARGETS
                 for p in ("lora_A.weight", "lora_B.weight", "lora_B.bias")}
     assert keys == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slices_are_read_alone_from_the_file(tmp_path: Path, dtype: Any) -> None:
+    """Row blocks, column blocks, empty and whole regions of 1-D and 2-D tensors, read by offset, equal the
+    tensor's slices (element-unique values: a wrong offset or stride cannot pass)."""
+    from safetensors.torch import save_file
+
+    from adapterspec_torch.distributed import _pread_region
+
+    tensors = {"a": unique_values((5, 7), 1, scale=3.0).to(dtype), "b": unique_values((9,), 2, scale=3.0).to(dtype)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    header = adapterspec._safetensors.read_header(tmp_path / "t.safetensors")
+    regions = {"a": [(slice(0, 5), slice(0, 7)), (slice(1, 4), slice(0, 7)), (slice(0, 5), slice(2, 6)),
+                     (slice(3, 5), slice(6, 7)), (slice(2, 2), slice(0, 7))],
+               "b": [(slice(0, 9),), (slice(4, 9),), (slice(9, 9),)]}
+    with open(tmp_path / "t.safetensors", "rb") as fh:
+        for key, cases in regions.items():
+            for region in cases:
+                got = _pread_region(fh.fileno(), header.spans[key][0], tuple(tensors[key].shape), dtype, region)
+                assert got.dtype == dtype and torch.equal(got, tensors[key][region]), (key, region)
