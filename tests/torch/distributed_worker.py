@@ -139,7 +139,7 @@ def load_forward_save(workdir: Path, rank: int, parallel: str) -> dict[str, Any]
 
 
 def refusals(workdir: Path, rank: int, parallel: str) -> dict[str, Any]:
-    """A DoRA adapter on a sharded model is refused, and the model is left as it was."""
+    """DoRA and IA3 adapters on a sharded model are refused, so is merging, and the model is left as it was."""
     import adapterspec
     from adapterspec.errors import UnsupportedError
 
@@ -156,6 +156,12 @@ def refusals(workdir: Path, rank: int, parallel: str) -> dict[str, Any]:
             adapterspec.inject_adapter(model, config)
         except UnsupportedError as exc:
             errors.append(str(exc))
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}, "plain")
+    try:
+        adapterspec.merge_adapters(model, "plain")
+    except UnsupportedError as exc:
+        errors.append(str(exc))
+    adapterspec.delete_adapter(model, "plain")
     after = {k: whole(v) for k, v in model.state_dict().items()}
     unchanged = list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     return {"errors": errors, "unchanged": unchanged, "names": adapterspec.adapter_names(model)}
@@ -180,7 +186,8 @@ def train(workdir: Path, rank: int, order: str) -> dict[str, Any]:
     """inject_adapter, then a few SGD steps under FSDP2 on this rank's batch, then save_adapter.
 
     :param order: ``"before"``: inject before ``fully_shard`` (FSDP2 manages the adapter), ``"after"``:
-        inject into the sharded model (adapterspec shards the adapter and averages its gradients).
+        inject into the sharded model (adapterspec shards the adapter and averages its gradients); ``"tp"``:
+        inject into the tensor-parallel model, every rank on the whole batch.
     """
     import adapterspec
 
@@ -191,6 +198,10 @@ def train(workdir: Path, rank: int, order: str) -> dict[str, Any]:
         adapterspec.inject_adapter(model, config)
         _set_init(model, spec["init"])
         _fsdp(model)
+    elif order == "tp":
+        _tp(model)
+        adapterspec.inject_adapter(model, config)
+        _set_init(model, spec["init"])
     else:
         _fsdp(model)
         adapterspec.inject_adapter(model, config)
@@ -200,6 +211,8 @@ def train(workdir: Path, rank: int, order: str) -> dict[str, Any]:
     optimizer = torch.optim.SGD(params, lr=0.01)
     for step in range(spec["steps"]):
         x, y = spec["x"][step][rank], spec["y"][step][rank]
+        if order == "tp":  # the same (whole) batch on every rank
+            x, y = spec["x"][step].flatten(0, 1), spec["y"][step].flatten(0, 1)
         loss = F.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
@@ -215,6 +228,7 @@ SCENARIOS = {
     "refuse-tp": lambda d, r: refusals(d, r, "tp"),
     "train-before": lambda d, r: train(d, r, "before"),
     "train-after": lambda d, r: train(d, r, "after"),
+    "train-tp": lambda d, r: train(d, r, "tp"),
 }
 
 
