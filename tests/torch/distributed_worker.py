@@ -131,11 +131,16 @@ def load_forward_save(workdir: Path, rank: int, parallel: str) -> dict[str, Any]
     with torch.no_grad():
         out = model(x)
     saved = adapterspec.save_adapter(model, workdir / f"saved-{parallel}-{dist.get_world_size()}")
+    try:  # again, without overwrite: rank 0's error, and every other rank hears of it
+        adapterspec.save_adapter(model, saved)
+        again_error = ""
+    except Exception as exc:  # noqa: BLE001 - its type is the result
+        again_error = type(exc).__name__
     # our own save back in, under another name (its recorded fingerprint is checked against the sharded base)
     adapterspec.load_adapter(model, saved, "again", strict=True)
     with torch.no_grad():
         again = model(x)
-    return {"layouts": layouts, "out": out, "saved": str(saved), "again": again}
+    return {"layouts": layouts, "out": out, "saved": str(saved), "again": again, "again_error": again_error}
 
 
 def refusals(workdir: Path, rank: int, parallel: str) -> dict[str, Any]:
