@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import Adapter, AdapterConfig
-from adapterspec.errors import BackendError, FileFormatError, UnsupportedError
+from adapterspec.errors import AdapterSpecError, BackendError, FileFormatError, UnsupportedError
 
 __all__ = [
     "Layout",
@@ -432,7 +432,10 @@ def write_once(model: nn.Module, write: Callable[[], Path]) -> Path | None:
     """For a sharded model: ``write()`` on rank 0 of the default process group, its outcome (the path, or
     the error) on every process. ``None`` (the caller writes) for a model that is not sharded.
 
-    :raises BackendError: on the other processes, when rank 0's write failed (rank 0 raises its own error).
+    :raises AdapterSpecError: rank 0's write failed with it (``AdapterExistsError``, ``WriteError``...): every
+        process raises it.
+    :raises BackendError: on the other processes, when rank 0's write failed otherwise (rank 0 raises its
+        own error).
     """
     if not is_sharded(model):
         return None
@@ -447,12 +450,27 @@ def write_once(model: nn.Module, write: Callable[[], Path]) -> Path | None:
             outcome[0] = ("ok", str(write()))
         except BaseException as exc:  # every process must hear of it, or they would wait forever
             error = exc
-            outcome[0] = ("error", f"{type(exc).__name__}: {exc}")
+            outcome[0] = ("raise", exc) if _portable(exc) else ("error", f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(outcome, src=0)
     if error is not None:
         raise error
-    status, text = outcome[0]
+    status, value = outcome[0]
     if status == "ok":
-        return Path(text)
-    raise BackendError(f"rank 0 could not write the adapter ({text})", key=None,
+        return Path(value)
+    if status == "raise":
+        raise value
+    raise BackendError(f"rank 0 could not write the adapter ({value})", key=None,
                        hint="see rank 0's error; nothing was written")
+
+
+def _portable(error: BaseException) -> bool:
+    """Whether ``error`` is one of adapterspec's, which the other processes can raise as it is (it pickles)."""
+    import pickle
+
+    if not isinstance(error, AdapterSpecError):
+        return False
+    try:
+        pickle.dumps(error)
+    except Exception:  # noqa: BLE001 - whatever stops it, the text goes instead
+        return False
+    return True
