@@ -91,14 +91,14 @@ def _dtensor_type() -> type | None:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is sharded: FSDP2 manages a part of it (its weights may be gathered at the moment),
-    or a parameter is a DTensor (tensor parallelism). Cheap: ``False`` without a look at the model unless
-    ``torch.distributed.tensor`` was imported.
+    or a parameter is a DTensor (tensor parallelism). Cheap: ``False`` without a look at the model unless a
+    process group is initialised (a DTensor's device mesh needs one), so single-process loads pay nothing.
 
     >>> is_sharded(torch.nn.Linear(2, 2))
     False
     """
     dtensor = _dtensor_type()
-    if dtensor is None:
+    if dtensor is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return False
     fsdp = sys.modules.get("torch.distributed.fsdp")
     fsdp_module = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
