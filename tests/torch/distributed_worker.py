@@ -167,6 +167,16 @@ def refusals(workdir: Path, rank: int, parallel: str) -> dict[str, Any]:
     except UnsupportedError as exc:
         errors.append(str(exc))
     adapterspec.delete_adapter(model, "plain")
+    if parallel == "tp":  # dropout masks would differ between ranks holding the same activations
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                           "lora_dropout": 0.1}, "dropping")
+        model.train()
+        try:
+            model(torch.load(workdir / "inputs.pt", weights_only=True)[0])
+        except UnsupportedError as exc:
+            errors.append(str(exc))
+        model.eval()
+        adapterspec.delete_adapter(model, "dropping")
     after = {k: whole(v) for k, v in model.state_dict().items()}
     unchanged = list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     return {"errors": errors, "unchanged": unchanged, "names": adapterspec.adapter_names(model)}
