@@ -101,6 +101,8 @@ def _samples(weight: torch.Tensor, transposed: bool) -> tuple[tuple[int, ...], A
     if weight.device.type == "meta" or not weight.is_floating_point():
         return None
     with torch.no_grad():
+        if hasattr(weight, "full_tensor"):  # a sharded weight (SPEC.md 16): every process gathers it, in turn
+            weight = weight.full_tensor()
         return (tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)), _gather(weight, transposed)
 
 

@@ -26,6 +26,7 @@ from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNot
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 from adapterspec.targets import is_all_linear
 
+from . import distributed
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from . import vera
@@ -192,6 +193,10 @@ def find_modules_to_save(model: nn.Module, config: AdapterConfig, options: LoadO
         if any(spec.endswith(entry) for entry in entries) and not any(spec.startswith(c + ".") for c in chosen):
             chosen.append(spec)
     return chosen
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module._modules["base_layer"] if isinstance(module, AdapterLayer) else module
 
 
 def _parent(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = None) -> tuple[nn.Module, str]:
@@ -379,13 +384,22 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved))
     _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
+    fsdp = distributed.fsdp_layouts(model) if distributed.is_sharded(model) else None
     try:
         shared = _add_shared(model, config, adapter_name, options, [universe[spec][1] for spec in targets])
         for spec in targets:
             own = universe[spec][0]
+            base = _unwrapped(universe[spec][1])
+            layout = distributed.layout_of(base, fsdp) if fsdp is not None else None
+            if layout is not None:  # SPEC.md 16
+                distributed.check_sharded_adapter(base, layer_kind(base), config, spec, layout)
             layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
             layer.add_adapter(adapter_name, config, spec, options, checked=True, shared=shared)
+            if layout is not None:
+                distributed.shard_adapter(cast(nn.Module, layer._modules["adapter_weights"]._modules[adapter_name]),
+                                          layer._specs[adapter_name].names, layout)
+                layer.__dict__["_sharding"] = layout
         for spec in saved:
             own = universe[spec][0]
             whole = wrap(model, own, ModulesToSaveLayer, modules=modules)

@@ -419,7 +419,7 @@ class AdapterLayer(nn.Module):
         self._modules["adapter_weights"] = weights
         self.__dict__.update(
             kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
-            _plan=([], [], [], []), _fast=None, _merged=[], _caches={})
+            _plan=([], [], [], []), _fast=None, _merged=[], _caches={}, _sharding=None)
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -804,6 +804,10 @@ class AdapterLayer(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._sharding is not None:  # a sharded base layer (FSDP2, tensor parallel): SPEC.md 16
+            from .distributed import sharded_forward
+
+            return sharded_forward(self, x, args, kwargs)
         names = self._switch.names
         if names is not self._plan_key:
             self.__dict__["_plan"] = self._plan_for(names)
@@ -1025,6 +1029,9 @@ class AdapterLayer(nn.Module):
 
         :raises UnsupportedError: a conv layer with groups > 1, or lora_bias without a base bias.
         """
+        if self._sharding is not None:
+            raise UnsupportedError("merging into a sharded layer (FSDP2, tensor parallel) is not implemented",
+                                   key=names[0] if names else None, hint="run the adapters unmerged")
         base = self.base_layer
         with torch.no_grad():
             for name in names:

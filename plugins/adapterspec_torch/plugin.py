@@ -30,8 +30,10 @@ __all__ = [
     "adapterspec_load_state",
     "adapterspec_merge",
     "adapterspec_read_buffer",
+    "adapterspec_reads_slices",
     "adapterspec_set_active",
     "adapterspec_unmerge",
+    "adapterspec_write",
 ]
 
 BACKEND = "torch"
@@ -76,6 +78,26 @@ def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> An
     from .devices import read_buffer
 
     return read_buffer(model, nbytes, options)
+
+
+@hookimpl
+def adapterspec_reads_slices(model: Any, options: LoadOptions) -> bool | None:
+    """``True`` for a sharded model (FSDP2, tensor parallel): see :func:`adapterspec_torch.distributed.read_slices`."""
+    if not _owns(model) or "torch.distributed.tensor" not in sys.modules:
+        return None
+    from .distributed import is_sharded
+
+    return is_sharded(model)
+
+
+@hookimpl
+def adapterspec_write(model: Any, write: Any) -> Any | None:
+    """See :func:`adapterspec_torch.distributed.write_once` (``None`` for a model that is not sharded)."""
+    if not _owns(model) or "torch.distributed.tensor" not in sys.modules:
+        return None
+    from .distributed import write_once
+
+    return write_once(model, write)
 
 
 @hookimpl

@@ -101,6 +101,31 @@ def _read(adapter: Adapter, targets: list[Any]) -> tuple[dict[str, torch.Tensor]
     return adapter.load_tensors("pt", device=str(device)), device
 
 
+def _sharded_places(slots: dict[str, tuple[Any, Any, str]]) -> dict[str, Any] | None:
+    """Canonical key -> (mesh, placements) of each sharded slot (``None`` for the others), or ``None`` when no
+    slot is sharded (:func:`adapterspec_torch.distributed.shard_adapter` put the layouts there)."""
+    places: dict[str, Any] = {}
+    for key, (param, pending_in, attr) in slots.items():
+        layouts = pending_in.__dict__.get("layouts") if pending_in is not None else None
+        if layouts is not None and attr in layouts:
+            places[key] = layouts[attr]
+        elif hasattr(param, "device_mesh"):  # a DTensor parameter created already
+            places[key] = (param.device_mesh, tuple(param.placements))
+        else:
+            places[key] = None
+    return places if any(v is not None for v in places.values()) else None
+
+
+def _fill_sharded(param: Any, pending_in: Any, attr: str, value: Any) -> None:
+    """Make (pending) or fill (created) sharded parameter ``attr`` from ``value``, a DTensor of its slices."""
+    if pending_in is None:
+        param.to_local().copy_(value.to_local())
+        return
+    spec = pending_in.__dict__["pending"].pop(attr)
+    value = value.to(dtype=spec.dtype)
+    pending_in._parameters[attr] = nn.Parameter(value, requires_grad=spec.requires_grad)
+
+
 def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
     """Put ``adapter``'s tensors into the layers injected for ``adapter_name``: all checks first, then assign.
 
@@ -132,13 +157,23 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
             first.args = (str(first),)
         raise first
     targets = list(expected.values()) + [holder._parameters[attr] for holder, attr in plan.replace.values()]
-    tensors, read_to = _read(adapter, targets)
+    sharded = _sharded_places(slots)
+    if sharded is not None:  # SPEC.md 16: this process's slices only
+        from .distributed import read_slices
+
+        read_to = targets[0].device if targets else torch.device("cpu")
+        tensors = read_slices(adapter, sharded, read_to)
+    else:
+        tensors, read_to = _read(adapter, targets)
     stored = {}
     with torch.no_grad():
         for key, (param, pending_in, attr) in slots.items():
             value = tensors[key]
             if value.dtype in (torch.float16, torch.bfloat16) and param.dtype == torch.float32:  # SPEC.md 7.5
                 stored[key] = value.dtype
+            if sharded is not None and sharded[key] is not None:
+                _fill_sharded(param, pending_in, attr, value)
+                continue
             if pending_in is not None:  # created from the loaded tensor itself
                 pending_in.fill(attr, value, device=read_to)
                 continue
@@ -168,6 +203,9 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     """
     state = require_state(model, adapter_name)
     tensors = {key: t.detach() if t.requires_grad else t for key, t in expected_params(model, adapter_name).items()}
+    from .distributed import gathered  # DTensors (SPEC.md 16) whole: every process of a sharded model runs this
+
+    tensors = gathered(tensors)
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
         if key not in tensors:
             continue

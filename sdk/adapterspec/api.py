@@ -266,10 +266,14 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     def allocate(nbytes: int) -> Any:  # the memory the file is read into, the backend's choice: pinned for a GPU
         return _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options)
 
-    # a thread reads the file while the checks run and the backend injects the layers
+    # a thread reads the file while the checks run and the backend injects the layers -- unless the backend
+    # reads only its slices of each tensor (a sharded model, SPEC.md 16)
+    ahead = not _hook().adapterspec_reads_slices(model=model, options=options)
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
-                                                                    check_tensors=False, prefetch=allocate)
-    adapter.prefetch(allocate)  # an Adapter passed in: its file is read now, while the backend injects the layers
+                                                                    check_tensors=False,
+                                                                    prefetch=allocate if ahead else False)
+    if ahead:
+        adapter.prefetch(allocate)  # an Adapter passed in: its file is read now, while the backend injects the layers
     try:
         with _spec_errors_first(adapter):
             if adapter_name in adapter_names(model):
@@ -413,7 +417,14 @@ def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *,
     """
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
     config, metadata = _identified(model, adapter_name, config, base_model_name_or_path)
-    return write_adapter(path, config, tensors, overwrite=overwrite, durable=durable, metadata=metadata)
+    return _written(model, functools.partial(write_adapter, path, config, tensors, overwrite=overwrite,
+                                             durable=durable, metadata=metadata))
+
+
+def _written(model: Any, write: Callable[[], Path]) -> Path:
+    """``write()``, run where the backend says (one process of a sharded model, SPEC.md 16), else here."""
+    done = _hook().adapterspec_write(model=model, write=write)
+    return done if done is not None else write()
 
 
 @_serialised
@@ -430,7 +441,7 @@ def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None
         config, tensors = _call("adapterspec_extract_state", model, adapter_name=name)
         config, metadata = _identified(model, name, config, base_model_name_or_path)
         states[name] = (config, tensors, metadata)
-    return write_adapters(path, states, overwrite=overwrite, durable=durable)
+    return _written(model, functools.partial(write_adapters, path, states, overwrite=overwrite, durable=durable))
 
 
 @_serialised

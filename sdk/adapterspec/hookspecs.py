@@ -26,6 +26,8 @@ injection whose state failed to load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -178,6 +180,32 @@ def adapterspec_read_buffer(model: Any, nbytes: int, options: LoadOptions) -> An
 
     :param nbytes: the file's size.
     :returns: a writable, C-contiguous NumPy ``uint8`` array of ``nbytes`` elements; ``None``: NumPy's.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_reads_slices(model: Any, options: LoadOptions) -> bool | None:
+    """Whether this process of ``model`` reads only its slices of the adapter's tensors.
+    Stops at first non-None result.
+
+    Optional: asked by :func:`adapterspec.load_adapter` before it starts reading the file. ``True`` (a model
+    sharded over several processes, SPEC.md 16): the file is not read ahead (nor is
+    :func:`adapterspec_read_buffer` asked); the backend's :func:`adapterspec_load_state` reads the slices
+    its process holds from ``adapter.weights_file``. ``None`` or ``False``: the whole file is read ahead.
+    """
+
+
+@hookspec(firstresult=True)
+def adapterspec_write(model: Any, write: Callable[[], Path]) -> Path | None:
+    """Run ``write`` (which writes the adapter folder and returns its path) the way ``model``'s processes
+    must. Stops at first non-None result.
+
+    Optional: called by :func:`adapterspec.save_adapter` and :func:`adapterspec.save_adapters` after
+    :func:`adapterspec_extract_state` (which, for a sharded model, gathered every tensor whole on every
+    process). A backend whose model is sharded over several processes runs ``write`` on one of them
+    and makes every process return its outcome (the path, or an error). ``None``: this process writes.
+
+    :returns: the folder written.
     """
 
 

@@ -44,6 +44,8 @@ CALLERS: dict[str, tuple[str, ...]] = {
     "adapterspec_merge": ("adapterspec.api:merge_adapters",),
     "adapterspec_unmerge": ("adapterspec.api:unmerge_adapters",),
     "adapterspec_read_buffer": ("adapterspec.api:load_adapter",),
+    "adapterspec_reads_slices": ("adapterspec.api:load_adapter",),
+    "adapterspec_write": ("adapterspec.api:save_adapter", "adapterspec.api:save_adapters"),
     "adapterspec_conformance_implementations": ("adapterspec.conformance.implementations:resolve_implementation",
                                                 "adapterspec.conformance.implementations:available_implementations"),
 }
