@@ -38,7 +38,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
 
-from . import _ops
+from . import _ops, lycoris
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
@@ -77,9 +77,12 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method not in ("LORA", "IA3"):
+    if method not in ("LORA", "IA3", *lycoris.METHODS):
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA or IA3 adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA or LOKR adapter, or the torch backend")
+    if method in lycoris.METHODS:
+        lycoris.check(site, path, config)
+        return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
                                hint="remove the module from target_modules")
@@ -242,6 +245,15 @@ def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bo
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, dtype: str, device: str | None,
+                  trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A LoHa/LoKr slot's layouts (the file's, kept as they are) and bank groups."""
+    params = lycoris.shapes(config, path, n_in, n_out)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    inits = lycoris.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
                 device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
@@ -304,6 +316,12 @@ class AdapterLayer:
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,
                                        dtype, device, trainable, initialize)
+        elif config.peft_type in lycoris.METHODS:
+            lycoris.check(site, path, config, trainable=trainable)
+            slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,
+                         False)
+            layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, dtype, device,
+                                          trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -453,8 +471,27 @@ class AdapterLayer:
                     result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.get("ia3_l"),
                                                                               self.site.out_features))
                 continue
+            if slot.method in lycoris.METHODS:
+                result = self._apply_lycoris(piece, slot, x, result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
+
+    def _apply_lycoris(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """LoHa/LoKr unmerged: ``result + op(x, ΔW)``, the layer's own contraction with the piece's share of ΔW
+        (PEFT's ``F.linear(x, delta_weight)``); a float32 adapter on a half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        flat = self._lycoris_flat(piece, slot, dtype)
+        part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
+        """The piece's ``[n_in, n_out]`` share of a LoHa/LoKr ``ΔW`` (computed ``[out, in]`` over the module)."""
+        delta = lycoris.delta_spec(slot.method, slot.get, slot.refs.__contains__, slot.scaling, dtype)
+        flat = _ops.gather_in(piece, ops.transpose(delta), self.site.in_features)
+        return _ops.gather_out(piece, flat, self.site.out_features)
 
     def _views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         site = self.site
@@ -502,9 +539,14 @@ class AdapterLayer:
         return result + (scale - 1) * base + scale * lora * ops.cast(slot.scaling, dtype)
 
     @staticmethod
-    def _base_linear(piece: Piece, x: Any, dtype: Any) -> Any:
-        """The base layer's pre-activation output without bias, for an input other than its own (dropout)."""
+    def _base_linear(piece: Piece, x: Any, dtype: Any, kernel: Any = None) -> Any:
+        """The base layer's pre-activation output without bias, for an input other than its own (dropout) --
+        or, with ``kernel`` (the kernel variable's layout; Dense/EinsumDense), that contraction with ``kernel``."""
         layer = piece.layer
+        if kernel is not None:
+            if piece.kind == "einsum":
+                return ops.einsum(layer.equation, x, kernel)
+            return ops.matmul(x, kernel)
         if piece.kind == "einsum":
             return ops.einsum(layer.equation, x, ops.cast(layer.kernel, dtype))
         if piece.kind == "conv":
@@ -524,9 +566,11 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
+        if slot.method in lycoris.METHODS:
+            return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
