@@ -38,6 +38,7 @@ from .devices import check_options
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
+from .tokens import find_token_targets
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
                     unreached)
@@ -148,9 +149,6 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
-    if config.get("trainable_token_indices"):
-        raise UnsupportedError("trainable_token_indices is not implemented by the keras backend",
-                               pointer="/trainable_token_indices", hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -191,6 +189,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     paths = _match(model, sites, config)
     for path in paths:
         check_supported(sites[path], path, config)
+    token_targets = find_token_targets(model, config, sites, set(paths))
     state = get_state(model, create=True)
     assert state is not None
     state.names.append(adapter_name)
@@ -205,6 +204,14 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             layer = _adapter_layer(model, state, sites[path])
             layer.add_adapter(adapter_name, config, path, options, bank, check=False)  # checked above
             layer.set_active(state.active)
+            layers.append(layer)
+        token_layers: dict[str, AdapterLayer] = {}
+        for path, indices, source in token_targets:  # sources (the embedding) come first
+            layer = _adapter_layer(model, state, sites[path])
+            layer.add_tokens(adapter_name, indices, options, bank,
+                             source=token_layers[source] if source is not None else None)
+            layer.set_active(state.active)
+            token_layers[path] = layer
             layers.append(layer)
         if getattr(options, "initialize", True):
             bank.materialize()

@@ -37,8 +37,9 @@ from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import UnsupportedError
+from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, lycoris
+from . import _ops, lycoris, tokens
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
@@ -172,6 +173,9 @@ class _Slot:
     bank: AdapterBank | None = None
     refs: dict[str, Ref] = field(default_factory=dict)
     layouts: dict[str, Layout] = field(default_factory=dict)
+    indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
+    source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
+    saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -335,9 +339,46 @@ class AdapterLayer:
         slot.refs = bank.reserve_keys(keys)
         self._slots[name] = slot
 
+    def add_tokens(self, name: str, indices: list[int], options: LoadOptions, bank: AdapterBank, *,
+                   source: AdapterLayer | None = None) -> None:
+        """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active, rows
+        ``indices`` of the module's matrix are the adapter's ``[len(indices), dim]`` tensor (PEFT's
+        ``TrainableTokensLayer``; an embedding, or an output layer, see :mod:`adapterspec_keras.tokens`).
+
+        The rows start as a copy of the current ones (PEFT's init, :meth:`finish_init`) unless
+        ``options.initialize`` is false.
+
+        :param source: the layer holding the rows, for an output layer tied to its embedding (no tensor of its own).
+        """
+        site = self.site
+        tokens.check_site(site, site.path, indices)
+        slot = _Slot(site.path, tokens.TOKENS, 0, 1.0, False, False, 0.0, False, bank=bank,
+                     indices=tuple(int(i) for i in indices), source=source)
+        layouts: dict[str, Layout] = {}
+        if source is None:
+            device, dtype = target_of(site.pieces[0].kernel_variable, options)
+            if options.dtype is None and dtype in _UPCAST:
+                dtype = "float32"
+            shape = tokens.row_shape(site, len(indices))
+            layouts[TRAINABLE_TOKENS_PARAM] = Layout(shape, shape, (0, 1))
+            slot.refs = bank.reserve_keys(_group_keys(layouts, {TRAINABLE_TOKENS_PARAM: ("zeros",)}, dtype, device,
+                                                      bool(options.trainable)))
+        slot.layouts = layouts
+        self._slots[name] = slot
+
+    def _token_rows(self, slot: _Slot, name: str) -> Any:
+        owner = slot.source._slots[name] if slot.source is not None else slot
+        return owner.get(TRAINABLE_TOKENS_PARAM)
+
     def finish_init(self, name: str) -> None:
-        """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero)."""
+        """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero); token rows
+        as the base rows."""
         slot = self._slots[name]
+        if slot.method == tokens.TOKENS and slot.source is None:
+            assert slot.bank is not None
+            flat = np.asarray(ops.convert_to_numpy(_ops.flat_kernel(self.site.pieces[0])))
+            base = flat[list(slot.indices)] if self.site.kind == "embedding" else flat[:, list(slot.indices)].T
+            slot.bank.assign(slot.refs[TRAINABLE_TOKENS_PARAM], base)
         if slot.use_dora:
             assert slot.bank is not None
             slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))
@@ -465,7 +506,10 @@ class AdapterLayer:
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
         """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
-        for _, slot in self._running():
+        for name, slot in self._running():
+            if slot.method == tokens.TOKENS:
+                result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
+                continue
             if slot.method == "IA3":
                 if not slot.feedforward:
                     result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.get("ia3_l"),
@@ -600,6 +644,19 @@ class AdapterLayer:
             total = delta if total is None else total + delta
         return _ops.kernel_from_flat(piece, total)
 
+    def check_merge(self, names: list[str]) -> None:
+        """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
+
+        :raises UnsupportedError: token rows of their own on an output layer tied to its embedding.
+        """
+        for name in names:
+            slot = self._slots.get(name)
+            if slot is not None and slot.method == tokens.TOKENS and slot.source is None and \
+                    any(piece.tied for piece in self.site.pieces):
+                raise UnsupportedError("token rows of an output layer tied to its embedding, with indices of their "
+                                       "own, cannot merge into the shared matrix", key=self.site.path,
+                                       hint="keep the adapter unmerged")
+
     def merge(self, names: list[str]) -> None:
         """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
         for name in names:
@@ -629,6 +686,11 @@ class AdapterLayer:
 
     def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece, base: Any = None) -> None:
         variable = piece.kernel_variable
+        if slot.method == tokens.TOKENS:
+            if slot.source is None:  # a tied output layer with rows of its own: check_merge refused it
+                rows = np.asarray(ops.convert_to_numpy(self._token_rows(slot, name)))
+                slot.saved_rows[index] = tokens.merge_rows(piece, rows, slot.indices)
+            return  # tied: the embedding's merge wrote the rows into the shared matrix
         flat = _ops.flat_kernel(piece)
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
@@ -684,6 +746,10 @@ class AdapterLayer:
             name = self._merged.pop()
             slot = self._slots[name]
             for i, piece in enumerate(self.site.pieces):
+                if slot.method == tokens.TOKENS:
+                    if i in slot.saved_rows:
+                        tokens.unmerge_rows(piece, slot.saved_rows.pop(i), slot.indices)
+                    continue
                 variable = piece.kernel_variable
                 flat = _ops.flat_kernel(piece)
                 if slot.method == "IA3":
