@@ -44,7 +44,7 @@ from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
 
-__all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "layer_kind"]
+__all__ = ["AdapterLayer", "Layout", "check_supported", "layer_kind"]
 
 #: IA3 unmerge divides by ``l + 1e-8``, as PEFT does.
 _IA3_EPS = 1e-8
@@ -767,14 +767,3 @@ class AdapterLayer:
                 variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
                 if slot.lora_bias:
                     self._add_bias(piece, slot, sign=-1.0)
-
-
-class ModulesToSaveLayer:
-    """``modules_to_save`` (a module saved whole per adapter) -- not implemented by the keras backend yet.
-
-    :raises UnsupportedError: always, naming the modules.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        raise UnsupportedError(f"the keras backend cannot load modules_to_save ({paths}) yet", key=",".join(paths),
-                               hint="drop modules_to_save from the config, or use the torch backend")

@@ -139,7 +139,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
             continue
         for param, layout in layouts.items():
             key = make_key(path, param)
-            if param in known and len(key) <= MAX_KEY_LENGTH:
+            if (param in known or getattr(layer, "saves_whole", False)) and len(key) <= MAX_KEY_LENGTH:
                 canonical[key] = (layer, param, layout)
     plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
     renames: dict[int, tuple[AdapterLayer, str]] = {}
