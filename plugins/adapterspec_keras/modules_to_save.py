@@ -85,6 +85,32 @@ def _layout(key: str, variable: Any, hook: Any) -> Layout:
                            hint="remove the module from modules_to_save, or use the torch backend")
 
 
+def _site_params(site: ModuleSite) -> list[Param] | None:
+    """The parameters of a module that is one whole Keras layer (a ``module_map`` entry, a hand-built model):
+    ``weight`` in PEFT's layout (Dense ``[out, in]``, Embedding ``[num, dim]``, Conv ``[out, in, *k]``, an untied
+    logits projection ``[vocab, dim]``) and ``bias`` if the layer has one; ``None`` for anything else."""
+    piece = site.pieces[0] if len(site.pieces) == 1 else None
+    if piece is None or piece.tied or piece.kind == "einsum" or \
+            not np.array_equal(piece.in_index.ravel(), np.arange(site.in_features)) or \
+            not np.array_equal(piece.out_index.ravel(), np.arange(site.out_features)):
+        return None
+    variable = piece.kernel_variable
+    shape = tuple(int(d) for d in variable.shape)
+    if piece.kind == "embedding":
+        weight = Layout(shape, shape, (0, 1))
+    elif piece.kind == "conv":
+        nd = len(shape) - 2
+        perm = (nd + 1, nd, *range(nd))
+        weight = Layout(shape, tuple(shape[i] for i in perm), perm)
+    else:
+        weight = Layout(shape, shape[::-1], (1, 0))
+    params: list[Param] = [("weight", variable, weight)]
+    bias = piece.bias_variable
+    if bias is not None:
+        params.append(("bias", bias, Layout(tuple(int(d) for d in bias.shape), tuple(int(d) for d in bias.shape), (0,))))
+    return params
+
+
 def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, ModuleSite],
                          trainable: bool) -> list[tuple[str, list[Param]]]:
     """The modules saved whole (``modules_to_save``; PEFT matches them by plain name suffix), each with its
@@ -107,8 +133,9 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
         parts = key.split(".")
         for i in range(1, len(parts)):
             by_module.setdefault(".".join(parts[:i]), []).append((".".join(parts[i:]), variable, hook))
+    universe = list(by_module) + [path for path in sites if path not in by_module]
     chosen: list[str] = []
-    for module in by_module:
+    for module in universe:
         if any(module.endswith(e) for e in entries) and not any(module.startswith(c + ".") for c in chosen):
             chosen.append(module)
     for path, site in sites.items():
@@ -120,8 +147,19 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
     if chosen and trainable:
         raise UnsupportedError(f"the keras backend cannot train modules_to_save {chosen}", pointer="/modules_to_save",
                                hint="load it frozen (trainable=False), or train with the torch backend")
-    return [(module, [(param, variable, _layout(f"{module}.{param}", variable, hook))
-                      for param, variable, hook in by_module[module]]) for module in chosen]
+    out: list[tuple[str, list[Param]]] = []
+    for module in chosen:
+        if module in by_module:
+            out.append((module, [(param, variable, _layout(f"{module}.{param}", variable, hook))
+                                 for param, variable, hook in by_module[module]]))
+            continue
+        params = _site_params(sites[module])
+        if params is None:
+            raise UnsupportedError(f"module {module!r} is not one plain Keras layer, so this backend cannot save it "
+                                   "whole", key=module,
+                                   hint="remove it from modules_to_save, or use the torch backend")
+        out.append((module, params))
+    return out
 
 
 def site_key(path: str) -> tuple[Any, ...]:

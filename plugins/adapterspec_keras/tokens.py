@@ -35,18 +35,15 @@ TOKENS = "TOKENS"
 
 
 def _input_embedding(model: Any, sites: dict[str, ModuleSite]) -> str | None:
-    """The spec path of the model's input embedding (keras-hub's ``token_embedding``), else the only embedding."""
+    """The spec path of the model's input embedding (keras-hub's ``token_embedding``, PEFT's
+    ``get_input_embeddings()``), or ``None`` when the model has none to tell."""
     from .converters import backbone_of
 
-    embeddings = [path for path, site in sites.items() if site.kind == "embedding"]
-    try:
-        token = getattr(backbone_of(model), "token_embedding", None)
-    except Exception:  # noqa: BLE001 - not a keras-hub model
-        token = None
-    own = [path for path in embeddings if token is not None and sites[path].pieces[0].layer is token]
-    if own:
-        return own[0]
-    return embeddings[0] if len(embeddings) == 1 else None
+    token = getattr(backbone_of(model), "token_embedding", None)
+    if token is None:
+        return None
+    return next((path for path, site in sites.items()
+                 if site.kind == "embedding" and site.pieces[0].layer is token), None)
 
 
 def _tied_heads(sites: dict[str, ModuleSite], embedding: str | None) -> list[str]:
@@ -77,11 +74,8 @@ def find_token_targets(model: Any, config: AdapterConfig, sites: dict[str, Modul
         return []
     embedding = _input_embedding(model, sites)
     if isinstance(indices, list):
-        if embedding is None:
-            raise TargetNotFoundError("trainable_token_indices is an array, but this model has no input embedding "
-                                      "the backend can find", pointer="/trainable_token_indices",
-                                      hint="name the embedding: {\"embed_tokens\": [...]}, or pass module_map")
-        layers = {embedding: [int(i) for i in indices]}
+        # a model whose input embedding is unknown: PEFT's fallback name (SPEC.md 4.3)
+        layers = {embedding if embedding is not None else "embed_tokens": [int(i) for i in indices]}
     else:
         layers = {name: [int(i) for i in rows] for name, rows in indices.items()}
     tied = _tied_heads(sites, embedding)

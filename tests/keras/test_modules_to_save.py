@@ -157,7 +157,9 @@ def test_trainable_tokens_injected_in_keras_start_as_the_base_rows_and_train(che
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
               "trainable_token_indices": [3, 7]}
     adapterspec.inject_adapter(model, config)
-    assert np.array_equal(keras_logits(model, ids), base)  # rows = base rows, B = 0
+    # rows = base rows, B = 0: the lookup is exact, the tied head's columns computed apart round alike (TensorFlow)
+    # or within fp32 rounding (JAX's XLA blocks the full matmul differently)
+    assert_near(keras_logits(model, ids), base)
     rows = [v for v in model.trainable_variables if "trainable_tokens_delta" in v.path]
     assert len(rows) == 1 and tuple(rows[0].shape)[-2:] == (2, 64)
     rows[0].assign(unique_values(tuple(rows[0].shape), 5, scale=0.5))
