@@ -249,10 +249,11 @@ def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bo
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
-def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, dtype: str, device: str | None,
-                  trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
+                  device: str | None, trainable: bool,
+                  initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
     """A LoHa/LoKr slot's layouts (the file's, kept as they are) and bank groups."""
-    params = lycoris.shapes(config, path, n_in, n_out)
+    params = lycoris.shapes(config, path, n_in, n_out, kernel)
     layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
     inits = lycoris.inits(config, params) if initialize else None
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
@@ -324,8 +325,8 @@ class AdapterLayer:
             lycoris.check(site, path, config, trainable=trainable)
             slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,
                          False)
-            layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, dtype, device,
-                                          trainable, initialize)
+            layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
+                                          dtype, device, trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -532,8 +533,15 @@ class AdapterLayer:
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
-        """The piece's ``[n_in, n_out]`` share of a LoHa/LoKr ``ΔW`` (computed ``[out, in]`` over the module)."""
-        delta = lycoris.delta_spec(slot.method, slot.get, slot.refs.__contains__, slot.scaling, dtype)
+        """The piece's ``[n_in, n_out]`` share of a LoHa/LoKr ``ΔW`` (computed ``[out, in]`` over the module;
+        a convolution's ``[out, in, *k]`` as its Keras kernel ``[*k, in, out]``, flattened as :func:`_ops.flat_kernel`)."""
+        site = self.site
+        kernel = site.conv_spatial
+        delta = lycoris.delta_spec(slot.method, slot.get, slot.refs.__contains__, slot.scaling, dtype,
+                                   (site.out_features, site.in_features, *kernel))
+        if site.kind == "conv":
+            nd = len(kernel)
+            return ops.reshape(ops.transpose(delta, (*range(2, nd + 2), 1, 0)), (-1, site.out_features))
         flat = _ops.gather_in(piece, ops.transpose(delta), self.site.in_features)
         return _ops.gather_out(piece, flat, self.site.out_features)
 
@@ -590,6 +598,9 @@ class AdapterLayer:
         if kernel is not None:
             if piece.kind == "einsum":
                 return ops.einsum(layer.equation, x, kernel)
+            if piece.kind == "conv":
+                return ops.conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                data_format=layer.data_format, dilation_rate=layer.dilation_rate)
             return ops.matmul(x, kernel)
         if piece.kind == "einsum":
             return ops.einsum(layer.equation, x, ops.cast(layer.kernel, dtype))

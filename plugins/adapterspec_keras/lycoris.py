@@ -2,13 +2,14 @@
 
 Both methods add a reconstructed weight ``ΔW`` to the base weight (SPEC.md 8.6, 8.7): unmerged, a layer's
 output gains ``op(x, ΔW)`` -- the layer's own contraction with ``ΔW`` in place of its kernel; merged,
-``W' = W + ΔW``. The parameters are kept in the file's (PEFT's) layout and ``ΔW`` is built as PEFT builds it,
-``[out, in]``, then handed to each Keras piece as its ``[n_in, n_out]`` share (:func:`delta_flat`).
+``W' = W + ΔW``. The parameters are kept in the file's (PEFT's) layout and ``ΔW`` is built as PEFT builds it
+(:func:`delta_spec`: ``[out, in]``, ``[out, in, *k]``), then handed to each Keras piece as its share, in the
+kernel's layout.
 
-This backend adapts Dense and EinsumDense layers (PEFT's ``nn.Linear``); convolutions (the plain and the
-``use_effective_conv2d`` forms), embeddings and a reversible embedding's logits projection are refused
-(:func:`check`), as is training with ``rank_dropout`` / ``module_dropout`` (at inference both are the
-identity, as in PEFT's eval mode).
+This backend adapts what PEFT adapts: Dense and EinsumDense layers (``nn.Linear``) and ungrouped 1-D/2-D
+convolutions (the plain and the ``use_effective_conv2d`` CP forms); embeddings, a reversible embedding's logits
+projection, 3-D or grouped convolutions are refused (:func:`check`), as is training with ``rank_dropout`` /
+``module_dropout`` (at inference both are the identity, as in PEFT's eval mode).
 
 >>> from adapterspec import AdapterConfig
 >>> cfg = AdapterConfig.from_dict({"peft_type": "LOKR", "target_modules": ["q"], "r": 2, "alpha": 4})
@@ -29,7 +30,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
 
-__all__ = ["METHODS", "check", "delta_spec", "factorization", "inits", "shapes"]
+__all__ = ["METHODS", "check", "delta_spec", "effective_kernel", "factorization", "inits", "shapes"]
 
 #: The methods this module implements.
 METHODS = ("LOHA", "LOKR")
@@ -62,16 +63,19 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
-    """Refuse what this backend does not compute exactly for LoHa/LoKr.
+    """Refuse what this backend does not compute exactly for LoHa/LoKr (PEFT adapts ``nn.Linear``, ``Conv1d`` and
+    ``Conv2d``).
 
-    :raises UnsupportedError: a convolution, an embedding or a logits projection (naming the module and its
-        Keras layers), or training with ``rank_dropout`` / ``module_dropout`` (the config field's pointer).
+    :raises UnsupportedError: an embedding, a logits projection, a 3-D or grouped convolution (naming the module
+        and its Keras layers), or training with ``rank_dropout`` / ``module_dropout`` (the config field's pointer).
     """
     kinds = sorted({piece.kind for piece in site.pieces})
-    if site.kind != "linear" or any(kind not in ("dense", "einsum") for kind in kinds):
+    conv = site.kind == "conv" and kinds == ["conv"] and len(site.conv_spatial) in (1, 2) and \
+        all(getattr(p.layer, "groups", 1) == 1 for p in site.pieces)
+    if not conv and (site.kind != "linear" or any(kind not in ("dense", "einsum") for kind in kinds)):
         layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-        raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with {config.peft_type} "
-                               f"(module on {layers})", key=path,
+        raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense and ungrouped 1-D/2-D convolution "
+                               f"layers with {config.peft_type} (module on {layers})", key=path,
                                hint="remove the module from target_modules, or use the torch backend")
     if trainable:
         for field in ("rank_dropout", "module_dropout"):
@@ -80,17 +84,32 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
                                        pointer=f"/{field}", hint=f"set {field} to 0, or train with the torch backend")
 
 
-def shapes(config: AdapterConfig, path: str, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
-    """The spec parameter names and shapes of ``config``'s adapter on linear module ``path`` (SPEC.md 6.4, 6.5).
+def effective_kernel(config: AdapterConfig, kernel: tuple[int, ...]) -> tuple[int, int] | None:
+    """``use_effective_conv2d``: the kernel of the CP core tensors (``(k, 1)`` for a 1-D convolution), or ``None``
+    when the plain form applies (not a convolution, the flag off, or a kernel of ones, as PEFT decides)."""
+    if not kernel or not config.get("use_effective_conv2d") or all(k == 1 for k in kernel):
+        return None
+    return (kernel[0], kernel[1]) if len(kernel) == 2 else (kernel[0], 1)
+
+
+def shapes(config: AdapterConfig, path: str, in_features: int, out_features: int,
+           kernel: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """The spec parameter names and shapes of ``config``'s adapter on module ``path`` (SPEC.md 6.4, 6.5): a linear
+    module, or a convolution with spatial ``kernel`` (the torch backend's ``param_shapes``).
 
     >>> from adapterspec import AdapterConfig
     >>> shapes(AdapterConfig.from_dict({"peft_type": "LOHA", "target_modules": ["q"], "r": 2}), "q", 8, 6)["hada_w1_a"]
     (6, 2)
     """
     r = config.rank_for(path)
+    effective = effective_kernel(config, kernel)
     if config.peft_type == "LOHA":
-        return {"hada_w1_a": (out_features, r), "hada_w1_b": (r, in_features),
-                "hada_w2_a": (out_features, r), "hada_w2_b": (r, in_features)}
+        if effective is not None:  # the CP form: a core per factor, the factors [r, out] and [r, in]
+            return {"hada_w1_a": (r, out_features), "hada_w1_b": (r, in_features), "hada_w2_a": (r, out_features),
+                    "hada_w2_b": (r, in_features), "hada_t1": (r, r, *effective), "hada_t2": (r, r, *effective)}
+        cols = in_features * math.prod(kernel)
+        return {"hada_w1_a": (out_features, r), "hada_w1_b": (r, cols),
+                "hada_w2_a": (out_features, r), "hada_w2_b": (r, cols)}
     factor = int(config.get("decompose_factor", -1))
     in_m, in_n = factorization(in_features, factor)
     out_l, out_k = factorization(out_features, factor)
@@ -99,10 +118,12 @@ def shapes(config: AdapterConfig, path: str, in_features: int, out_features: int
         out["lokr_w1_a"], out["lokr_w1_b"] = (out_l, r), (r, in_m)
     else:
         out["lokr_w1"] = (out_l, in_m)
-    if r < max(out_k, in_n) / 2:
-        out["lokr_w2_a"], out["lokr_w2_b"] = (out_k, r), (r, in_n)
+    if not r < max(out_k, in_n) / 2:
+        out["lokr_w2"] = (out_k, in_n, *kernel)
+    elif effective is not None:
+        out["lokr_t2"], out["lokr_w2_a"], out["lokr_w2_b"] = (r, r, *effective), (r, out_k), (r, in_n)
     else:
-        out["lokr_w2"] = (out_k, in_n)
+        out["lokr_w2_a"], out["lokr_w2_b"] = (out_k, r), (r, in_n * math.prod(kernel))
     return out
 
 
@@ -125,24 +146,47 @@ def inits(config: AdapterConfig, params: Mapping[str, tuple[int, ...]]) -> dict[
 
 
 def _kron(a: Any, b: Any) -> Any:
-    """``torch.kron`` of two matrices: ``[a0 * b0, a1 * b1]``."""
-    (a0, a1), (b0, b1) = tuple(a.shape), tuple(b.shape)
-    return ops.reshape(ops.einsum("ij,kl->ikjl", a, b), (a0 * b0, a1 * b1))
+    """``torch.kron``: the operand with fewer axes given leading unit axes, then ``[a_i * b_i]`` per axis with
+    ``kron(a, b)[i] = a[i // shape(b)] * b[i % shape(b)]`` (SPEC.md 8.7)."""
+    n = max(len(a.shape), len(b.shape))
+    sa = (1,) * (n - len(a.shape)) + tuple(int(d) for d in a.shape)
+    sb = (1,) * (n - len(b.shape)) + tuple(int(d) for d in b.shape)
+    left = ops.reshape(a, tuple(d for pair in zip(sa, (1,) * n) for d in pair))
+    right = ops.reshape(b, tuple(d for pair in zip((1,) * n, sb) for d in pair))
+    return ops.reshape(left * right, tuple(x * y for x, y in zip(sa, sb)))
+
+
+def _cp_weight(core: Any, left: Any, right: Any) -> Any:
+    """The CP reconstruction ``einsum("ijkl,ip,jr->prkl", core, left, right)`` of the effective conv form."""
+    return ops.einsum("ijkl,ip,jr->prkl", core, left, right)
 
 
 def delta_spec(method: str, get: Callable[[str], Any], has: Callable[[str], bool], scaling: float,
-               dtype: Any) -> Any:
-    """``ΔW`` of a LoHa/LoKr adapter on a linear module, ``[out, in]`` as PEFT computes it, in ``dtype``.
+               dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``ΔW`` of a LoHa/LoKr adapter as PEFT computes it, in ``dtype``, reshaped to the base weight's ``shape``
+    in torch's layout (``[out, in]``, convolutions ``[out, in, *k]``).
 
     :param get: parameter name -> its value (the file's layout).
-    :param has: whether the adapter has that parameter (LoKr's full or factored forms).
+    :param has: whether the adapter has that parameter (LoKr's full or factored forms, the CP form).
     """
     def p(name: str) -> Any:
         return ops.cast(get(name), dtype)
 
     scale = ops.cast(scaling, dtype)
     if method == "LOHA":
-        return (ops.matmul(p("hada_w1_a"), p("hada_w1_b")) * ops.matmul(p("hada_w2_a"), p("hada_w2_b"))) * scale
+        if has("hada_t1"):
+            weight = _cp_weight(p("hada_t1"), p("hada_w1_a"), p("hada_w1_b")) * \
+                _cp_weight(p("hada_t2"), p("hada_w2_a"), p("hada_w2_b")) * scale
+        else:
+            weight = (ops.matmul(p("hada_w1_a"), p("hada_w1_b")) * ops.matmul(p("hada_w2_a"), p("hada_w2_b"))) * scale
+        return ops.reshape(weight, shape)
     w1 = p("lokr_w1") if has("lokr_w1") else ops.matmul(p("lokr_w1_a"), p("lokr_w1_b"))
-    w2 = p("lokr_w2") if has("lokr_w2") else ops.matmul(p("lokr_w2_a"), p("lokr_w2_b"))
-    return _kron(w1, w2) * scale
+    if has("lokr_w2"):
+        w2 = p("lokr_w2")
+    elif has("lokr_t2"):
+        w2 = _cp_weight(p("lokr_t2"), p("lokr_w2_a"), p("lokr_w2_b"))
+    else:
+        w2 = ops.matmul(p("lokr_w2_a"), p("lokr_w2_b"))
+    if len(w2.shape) == 4:
+        w1 = ops.reshape(w1, (*tuple(int(d) for d in w1.shape), 1, 1))
+    return ops.reshape(_kron(w1, w2) * scale, shape)
