@@ -234,3 +234,32 @@ def test_every_loha_and_lokr_case_of_the_corpus_passes() -> None:
     names = {r.name: r.status for r in report.results}
     assert len(names) >= 30 and any("conv2d-effective" in n for n in names) and any("conv1d" in n for n in names)
     assert {n: s for n, s in names.items() if s is not Status.PASSED} == {}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["LOHA", "LOKR"])
+def test_fit_trains_only_the_lycoris_factors_and_peft_loads_the_result(method: str, checkpoints: Any,
+                                                                       token_ids: np.ndarray, tmp_path: Path) -> None:
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    base_values = {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.variables}
+    base = keras_logits(model, token_ids)
+    config = {"peft_type": method, "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    if method == "LOKR":
+        config["decompose_both"] = True
+    adapterspec.inject_adapter(model, config)
+    assert np.array_equal(keras_logits(model, token_ids), base)  # PEFT's init: ΔW = 0
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    history = model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=3, batch_size=2, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for v in model.variables:
+        if v.path in base_values:
+            assert np.array_equal(keras.ops.convert_to_numpy(v), base_values[v.path]), v.path
+    got = keras_logits(model, token_ids)
+    assert np.abs(got - base).max() > 1e-4
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    assert_near(torch_logits(_peft_load(checkpoints["llama"], saved), token_ids), got)

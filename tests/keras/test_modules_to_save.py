@@ -283,3 +283,28 @@ def test_unsupported_modules_to_save_are_refused_and_change_nothing(case: str, c
         adapterspec.inject_adapter(model, config, "new", **options)
     assert "lm_head" in (caught.value.key or "") or caught.value.pointer == "/modules_to_save"
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fit_trains_the_token_rows_and_peft_loads_the_result(checkpoints: Any, token_ids: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    ids = _token_ids(token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    embeddings = np.array(model.backbone.token_embedding.embeddings.numpy())
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                                       "trainable_token_indices": [3, 7]})
+    rows = [v for v in model.trainable_variables if "trainable_tokens_delta" in v.path]
+    assert len(rows) == 1
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    model.fit(keras_inputs(ids), np.roll(ids, -1, axis=1), epochs=2, batch_size=2, verbose=0)
+    trained = np.array(rows[0].numpy()).reshape(2, 64)
+    assert np.abs(trained - embeddings[[3, 7]]).max() > 1e-4  # the rows moved
+    assert np.array_equal(model.backbone.token_embedding.embeddings.numpy(), embeddings)  # the base did not
+    got = keras_logits(model, ids)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    assert_near(torch_logits(_peft_load(checkpoints["llama"], saved), ids), got)
