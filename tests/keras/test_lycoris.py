@@ -88,7 +88,7 @@ def _peft_load(folder: Path, adapter: Path) -> Any:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         model = peft.PeftModel.from_pretrained(hf_model(folder), adapter).eval()
-        result = set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
+        result: Any = set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if any(m in k for m in _MARKERS)]
     return model

@@ -66,11 +66,11 @@ def _peft_load(folder: Path, adapter: Path) -> Any:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         model = peft.PeftModel.from_pretrained(hf_model(folder), adapter).eval()
-        result = set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
+        result: Any = set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
         # PEFT's own save of this model leaves out a tied head's rows (the embedding's): those count as missing
         # for its own folders too
         own = peft.utils.get_peft_model_state_dict(model)
-        baseline = set_peft_model_state_dict(model, own)
+        baseline: Any = set_peft_model_state_dict(model, own)
     assert not result.unexpected_keys
     assert set(result.missing_keys) == set(baseline.missing_keys)
     return model
