@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "AdapterLayer": "layers", "ModulesToSaveLayer": "layers", "place": "devices",
+    "AdapterLayer": "layers", "ModulesToSaveLayer": "modules_to_save", "place": "devices",
     "find_targets": "inject", "inject": "inject", "extract_state": "state", "load_state": "state",
     "active_adapters": "switch", "adapter_names": "switch", "delete": "switch", "merge": "switch",
     "set_active": "switch", "unmerge": "switch", "spec_sites": "mapping",

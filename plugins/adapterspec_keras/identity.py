@@ -19,6 +19,7 @@ import numpy as np
 
 from adapterspec.identity import fingerprint, sample_indices
 
+from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState, _check, get_state
 
@@ -144,6 +145,8 @@ def remember_base(state: ModelState, names: list[str]) -> None:
     >>> remember_base(get_state(model), ["default"])                    # doctest: +SKIP
     """
     for key, layer in state.adapter_layers.items():
+        if not isinstance(layer, AdapterLayer):  # a module saved whole: not part of the base's fingerprint
+            continue
         if not layer.merged and any(n in layer._slots for n in names):  # its kernel is the base now: (re)sample
             state.base_samples[key] = (_site_samples(layer.site), None)
 
@@ -191,6 +194,8 @@ def _fingerprint(model: Any, adapter_name: str) -> str | None:
         return None if found is None else fingerprint(dict([found]))
     weights: dict[str, Any] = {}
     for key, layer in state.adapter_layers.items():
+        if not isinstance(layer, AdapterLayer):  # a module saved whole: not part of the base's fingerprint
+            continue
         slot = layer._slots.get(adapter_name)
         if slot is None:
             continue

@@ -38,6 +38,9 @@ from .devices import check_options
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
+from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
+from .modules_to_save import site_key as saved_key
+from .tokens import find_token_targets
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
                     unreached)
@@ -148,9 +151,6 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
-    if config.get("trainable_token_indices"):
-        raise UnsupportedError("trainable_token_indices is not implemented by the keras backend",
-                               pointer="/trainable_token_indices", hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -182,15 +182,14 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         return _inject_prompt(model, config, adapter_name, options)
     if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
         config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
-    if config.get("modules_to_save"):
-        raise UnsupportedError(f"the keras backend cannot hold modules_to_save {config['modules_to_save']} yet",
-                               pointer="/modules_to_save",
-                               hint="drop modules_to_save from the config, or use the torch backend")
     sites = spec_sites(model, options)
     config = expand_all_linear(model, config, sites)  # SPEC 4.3
     paths = _match(model, sites, config)
     for path in paths:
         check_supported(sites[path], path, config)
+    token_targets = find_token_targets(model, config, sites, set(paths))
+    saved = find_modules_to_save(model, config, sites, bool(options.trainable))
+    _check_saved_overlap(get_state(model), saved, [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets])
     state = get_state(model, create=True)
     assert state is not None
     state.names.append(adapter_name)
@@ -200,16 +199,31 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         bank = AdapterBank(adapter_name)
         _track(sites[paths[0]].pieces[0].layer, bank)
         state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
-        layers = []
+        layers: list[AdapterLayer | ModulesToSaveLayer] = []
         for path in paths:
             layer = _adapter_layer(model, state, sites[path])
             layer.add_adapter(adapter_name, config, path, options, bank, check=False)  # checked above
             layer.set_active(state.active)
             layers.append(layer)
+        token_layers: dict[str, AdapterLayer] = {}
+        for path, indices, source in token_targets:  # sources (the embedding) come first
+            layer = _adapter_layer(model, state, sites[path])
+            layer.add_tokens(adapter_name, indices, options, bank,
+                             source=token_layers[source] if source is not None else None)
+            layer.set_active(state.active)
+            token_layers[path] = layer
+            layers.append(layer)
+        for path, params in saved:
+            whole = state.adapter_layers.get(saved_key(path))
+            if whole is None:
+                whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
+            whole.add_adapter(adapter_name, path, bank, options)
+            whole.set_active(state.active)
+            layers.append(whole)
         if getattr(options, "initialize", True):
             bank.materialize()
-            for layer in layers:
-                layer.finish_init(adapter_name)
+            for each in layers:
+                each.finish_init(adapter_name)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
@@ -219,6 +233,31 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     guard_save(model)
     invalidate(model)
     return list(paths)
+
+
+def _check_saved_overlap(state: ModelState | None, saved: list[tuple[str, list[Any]]],
+                         adapted: list[ModuleSite]) -> None:
+    """Refuse a module saved whole (``modules_to_save``) whose variables an adapter layer also changes, and the
+    reverse (the torch backend refuses both too: a module is adapted or saved whole, never both)."""
+    kernels = {id(piece.kernel_variable): site.path for site in adapted for piece in site.pieces}
+    held: dict[int, str] = {}
+    if state is not None:
+        for layer in state.adapter_layers.values():
+            if isinstance(layer, ModulesToSaveLayer):
+                held.update({id(v): layer.site.path for v in layer.variables})
+            else:
+                kernels.update({id(piece.kernel_variable): layer.site.path for piece in layer.site.pieces})
+    for site in adapted:
+        for piece in site.pieces:
+            if id(piece.kernel_variable) in held:
+                raise UnsupportedError(f"module is saved whole (modules_to_save) by another adapter, as "
+                                       f"{held[id(piece.kernel_variable)]!r}", key=site.path,
+                                       hint="an adapter cannot adapt a module another adapter saves whole")
+    for path, params in saved:
+        for _, variable, _ in params:
+            if id(variable) in kernels:
+                raise UnsupportedError(f"module is adapted (as {kernels[id(variable)]!r}); it cannot be saved whole "
+                                       "too", key=path, hint="remove it from modules_to_save")
 
 
 def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],

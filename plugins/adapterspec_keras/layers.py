@@ -36,14 +36,16 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
+from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops
+from . import _ops, lycoris, tokens
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
 
-__all__ = ["AdapterLayer", "Layout", "ModulesToSaveLayer", "check_supported", "layer_kind"]
+__all__ = ["AdapterLayer", "Layout", "check_supported", "layer_kind"]
 
 #: IA3 unmerge divides by ``l + 1e-8``, as PEFT does.
 _IA3_EPS = 1e-8
@@ -77,13 +79,16 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method in ("ADALORA", "VERA"):
+    if method not in ("LORA", "IA3", *lycoris.METHODS) and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
-    if method not in ("LORA", "IA3"):
+    if method not in ("LORA", "IA3", *lycoris.METHODS):
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA or IA3 adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA or LOKR adapter, or the torch backend")
+    if method in lycoris.METHODS:
+        lycoris.check(site, path, config)
+        return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
                                hint="remove the module from target_modules")
@@ -173,6 +178,9 @@ class _Slot:
     bank: AdapterBank | None = None
     refs: dict[str, Ref] = field(default_factory=dict)
     layouts: dict[str, Layout] = field(default_factory=dict)
+    indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
+    source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
+    saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -246,6 +254,16 @@ def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bo
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
+                  device: str | None, trainable: bool,
+                  initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A LoHa/LoKr slot's layouts (the file's, kept as they are) and bank groups."""
+    params = lycoris.shapes(config, path, n_in, n_out, kernel)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    inits = lycoris.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
                 device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
@@ -308,6 +326,12 @@ class AdapterLayer:
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,
                                        dtype, device, trainable, initialize)
+        elif config.peft_type in lycoris.METHODS:
+            lycoris.check(site, path, config, trainable=trainable)
+            slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,
+                         False)
+            layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
+                                          dtype, device, trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -321,9 +345,46 @@ class AdapterLayer:
         slot.refs = bank.reserve_keys(keys)
         self._slots[name] = slot
 
+    def add_tokens(self, name: str, indices: list[int], options: LoadOptions, bank: AdapterBank, *,
+                   source: AdapterLayer | None = None) -> None:
+        """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active, rows
+        ``indices`` of the module's matrix are the adapter's ``[len(indices), dim]`` tensor (PEFT's
+        ``TrainableTokensLayer``; an embedding, or an output layer, see :mod:`adapterspec_keras.tokens`).
+
+        The rows start as a copy of the current ones (PEFT's init, :meth:`finish_init`) unless
+        ``options.initialize`` is false.
+
+        :param source: the layer holding the rows, for an output layer tied to its embedding (no tensor of its own).
+        """
+        site = self.site
+        tokens.check_site(site, site.path, indices)
+        slot = _Slot(site.path, tokens.TOKENS, 0, 1.0, False, False, 0.0, False, bank=bank,
+                     indices=tuple(int(i) for i in indices), source=source)
+        layouts: dict[str, Layout] = {}
+        if source is None:
+            device, dtype = target_of(site.pieces[0].kernel_variable, options)
+            if options.dtype is None and dtype in _UPCAST:
+                dtype = "float32"
+            shape = tokens.row_shape(site, len(indices))
+            layouts[TRAINABLE_TOKENS_PARAM] = Layout(shape, shape, (0, 1))
+            slot.refs = bank.reserve_keys(_group_keys(layouts, {TRAINABLE_TOKENS_PARAM: ("zeros",)}, dtype, device,
+                                                      bool(options.trainable)))
+        slot.layouts = layouts
+        self._slots[name] = slot
+
+    def _token_rows(self, slot: _Slot, name: str) -> Any:
+        owner = slot.source._slots[name] if slot.source is not None else slot
+        return owner.get(TRAINABLE_TOKENS_PARAM)
+
     def finish_init(self, name: str) -> None:
-        """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero)."""
+        """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero); token rows
+        as the base rows."""
         slot = self._slots[name]
+        if slot.method == tokens.TOKENS and slot.source is None:
+            assert slot.bank is not None
+            flat = np.asarray(ops.convert_to_numpy(_ops.flat_kernel(self.site.pieces[0])))
+            base = flat[list(slot.indices)] if self.site.kind == "embedding" else flat[:, list(slot.indices)].T
+            slot.bank.assign(slot.refs[TRAINABLE_TOKENS_PARAM], base)
         if slot.use_dora:
             assert slot.bank is not None
             slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))
@@ -451,14 +512,43 @@ class AdapterLayer:
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
         """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
-        for _, slot in self._running():
+        for name, slot in self._running():
+            if slot.method == tokens.TOKENS:
+                result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
+                continue
             if slot.method == "IA3":
                 if not slot.feedforward:
                     result = _ops.scale_out(piece, result, _ops.gather_out(piece, slot.get("ia3_l"),
                                                                               self.site.out_features))
                 continue
+            if slot.method in lycoris.METHODS:
+                result = self._apply_lycoris(piece, slot, x, result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
+
+    def _apply_lycoris(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """LoHa/LoKr unmerged: ``result + op(x, ΔW)``, the layer's own contraction with the piece's share of ΔW
+        (PEFT's ``F.linear(x, delta_weight)``); a float32 adapter on a half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        flat = self._lycoris_flat(piece, slot, dtype)
+        part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
+        """The piece's ``[n_in, n_out]`` share of a LoHa/LoKr ``ΔW`` (computed ``[out, in]`` over the module;
+        a convolution's ``[out, in, *k]`` as its Keras kernel ``[*k, in, out]``, flattened as :func:`_ops.flat_kernel`)."""
+        site = self.site
+        kernel = site.conv_spatial
+        delta = lycoris.delta_spec(slot.method, slot.get, slot.refs.__contains__, slot.scaling, dtype,
+                                   (site.out_features, site.in_features, *kernel))
+        if site.kind == "conv":
+            nd = len(kernel)
+            return ops.reshape(ops.transpose(delta, (*range(2, nd + 2), 1, 0)), (-1, site.out_features))
+        flat = _ops.gather_in(piece, ops.transpose(delta), self.site.in_features)
+        return _ops.gather_out(piece, flat, self.site.out_features)
 
     def _views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         site = self.site
@@ -506,9 +596,17 @@ class AdapterLayer:
         return result + (scale - 1) * base + scale * lora * ops.cast(slot.scaling, dtype)
 
     @staticmethod
-    def _base_linear(piece: Piece, x: Any, dtype: Any) -> Any:
-        """The base layer's pre-activation output without bias, for an input other than its own (dropout)."""
+    def _base_linear(piece: Piece, x: Any, dtype: Any, kernel: Any = None) -> Any:
+        """The base layer's pre-activation output without bias, for an input other than its own (dropout) --
+        or, with ``kernel`` (the kernel variable's layout; Dense/EinsumDense), that contraction with ``kernel``."""
         layer = piece.layer
+        if kernel is not None:
+            if piece.kind == "einsum":
+                return ops.einsum(layer.equation, x, kernel)
+            if piece.kind == "conv":
+                return ops.conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+            return ops.matmul(x, kernel)
         if piece.kind == "einsum":
             return ops.einsum(layer.equation, x, ops.cast(layer.kernel, dtype))
         if piece.kind == "conv":
@@ -528,9 +626,11 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
+        if slot.method in lycoris.METHODS:
+            return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
@@ -559,6 +659,19 @@ class AdapterLayer:
             delta = self.delta_weight(name, piece)
             total = delta if total is None else total + delta
         return _ops.kernel_from_flat(piece, total)
+
+    def check_merge(self, names: list[str]) -> None:
+        """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
+
+        :raises UnsupportedError: token rows of their own on an output layer tied to its embedding.
+        """
+        for name in names:
+            slot = self._slots.get(name)
+            if slot is not None and slot.method == tokens.TOKENS and slot.source is None and \
+                    any(piece.tied for piece in self.site.pieces):
+                raise UnsupportedError("token rows of an output layer tied to its embedding, with indices of their "
+                                       "own, cannot merge into the shared matrix", key=self.site.path,
+                                       hint="keep the adapter unmerged")
 
     def merge(self, names: list[str]) -> None:
         """Add the deltas of ``names`` into the base kernels in place (DoRA: rescale by m/||W + dW||; IA3: scale)."""
@@ -589,6 +702,11 @@ class AdapterLayer:
 
     def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece, base: Any = None) -> None:
         variable = piece.kernel_variable
+        if slot.method == tokens.TOKENS:
+            if slot.source is None:  # a tied output layer with rows of its own: check_merge refused it
+                rows = np.asarray(ops.convert_to_numpy(self._token_rows(slot, name)))
+                slot.saved_rows[index] = tokens.merge_rows(piece, rows, slot.indices)
+            return  # tied: the embedding's merge wrote the rows into the shared matrix
         flat = _ops.flat_kernel(piece)
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
@@ -644,6 +762,10 @@ class AdapterLayer:
             name = self._merged.pop()
             slot = self._slots[name]
             for i, piece in enumerate(self.site.pieces):
+                if slot.method == tokens.TOKENS:
+                    if i in slot.saved_rows:
+                        tokens.unmerge_rows(piece, slot.saved_rows.pop(i), slot.indices)
+                    continue
                 variable = piece.kernel_variable
                 flat = _ops.flat_kernel(piece)
                 if slot.method == "IA3":
@@ -661,14 +783,3 @@ class AdapterLayer:
                 variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
                 if slot.lora_bias:
                     self._add_bias(piece, slot, sign=-1.0)
-
-
-class ModulesToSaveLayer:
-    """``modules_to_save`` (a module saved whole per adapter) -- not implemented by the keras backend yet.
-
-    :raises UnsupportedError: always, naming the modules.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        raise UnsupportedError(f"the keras backend cannot load modules_to_save ({paths}) yet", key=",".join(paths),
-                               hint="drop modules_to_save from the config, or use the torch backend")

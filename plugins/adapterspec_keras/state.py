@@ -31,7 +31,15 @@ from adapterspec.errors import (
     TargetNotFoundError,
     UnexpectedTensorError,
 )
-from adapterspec.naming import BASE_LAYER_PARAM, MAX_KEY_LENGTH, PARAMETERS, PROMPT_KEY, make_key, parse_key
+from adapterspec.naming import (
+    BASE_LAYER_PARAM,
+    MAX_KEY_LENGTH,
+    PARAMETERS,
+    PROMPT_KEY,
+    TRAINABLE_TOKENS_PARAM,
+    make_key,
+    parse_key,
+)
 
 from .bank import Ref
 from .layers import AdapterLayer, Layout
@@ -121,7 +129,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     config = adapter.config
     # every injected parameter under its canonical key: a file PEFT wrote names them so, and each of its
     # keys is then a lookup; any other key (another module root, a base weight, an error) is parsed
-    known = frozenset(PARAMETERS.get(config.peft_type, ()))
+    known = frozenset((*PARAMETERS.get(config.peft_type, ()), TRAINABLE_TOKENS_PARAM))
     canonical: dict[str, tuple[AdapterLayer, str, Layout]] = {}
     by_path: dict[str, AdapterLayer] = {}
     for layer in layers:
@@ -131,7 +139,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
             continue
         for param, layout in layouts.items():
             key = make_key(path, param)
-            if param in known and len(key) <= MAX_KEY_LENGTH:
+            if (param in known or getattr(layer, "saves_whole", False)) and len(key) <= MAX_KEY_LENGTH:
                 canonical[key] = (layer, param, layout)
     plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
     renames: dict[int, tuple[AdapterLayer, str]] = {}

@@ -194,7 +194,8 @@ def merge(model: Any, adapter_names: list[str]) -> None:
     """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: prefix/prompt tuning (no weight delta).
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or what a layer cannot merge exactly
+        (:meth:`~adapterspec_keras.layers.AdapterLayer.check_merge`); nothing changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
@@ -210,6 +211,8 @@ def merge(model: Any, adapter_names: list[str]) -> None:
     todo = [n for n in adapter_names if n not in state.merged]
     from .identity import remember_base  # identity imports this module
 
+    for layer in state.adapter_layers.values():
+        layer.check_merge(todo)
     remember_base(state, todo)
     for layer in state.adapter_layers.values():
         layer.merge(todo)

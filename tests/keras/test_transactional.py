@@ -76,7 +76,7 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
      adapterspec.UnsupportedError, "embed_tokens"),
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
      adapterspec.UnsupportedError, "modules_to_save"),
-    ({"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError, "LOHA"),
+    ({"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["embed_tokens"]}, adapterspec.UnsupportedError, "LOHA"),
     ({"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError,
      "OFT"),
     ({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError, "BOFT"),
