@@ -863,6 +863,11 @@ def _clarification_folders() -> None:
           LORA_CFG | {"target_modules": ["q_proj"], "trainable_token_indices": [1, 3]},
           lora_q | {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta":
                     det((2, 8), 3).astype(np.float32)}, valid=True, model=vocab)
+    scored = {"dtype": "float32", "modules": {**ATTN["modules"], "model.xscore": linear(8, 2, bias=False)}}
+    plain("modules-to-save-plain-suffix", "SPEC 4.3: modules_to_save entry 'score' saves model.xscore whole (a plain "
+          "string suffix, not a '.'-aligned name), so its weight is accounted for", LORA_CFG | {"modules_to_save": ["score"]},
+          lora_tensors() | {"base_model.model.model.xscore.weight": det((2, 8), 5).astype(np.float32)}, valid=True,
+          model=scored)
 
 
 def _oft_folders() -> None:

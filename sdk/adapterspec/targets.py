@@ -90,12 +90,21 @@ ALL_LINEAR = "all-linear"
 
 
 def is_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
-    """Whether ``path`` is (inside) a module listed in ``modules_to_save``: saved whole, never adapted.
+    """Whether ``path`` is a module saved whole (``modules_to_save``), or inside one: the path or one of its
+    ``.``-separated prefixes ends with an entry, as a plain string suffix (PEFT's ``_set_trainable`` rule,
+    SPEC.md 4.3: ``norm`` saves ``model.layers.0.input_layernorm``). Which modules never get an adapter is
+    the other, ``.``-aligned rule of :class:`Targeting` (step 2).
 
-    >>> is_modules_to_save({"modules_to_save": ["score"]}, "score")
+    >>> is_modules_to_save({"modules_to_save": ["norm"]}, "model.layers.0.input_layernorm")
     True
+    >>> is_modules_to_save({"modules_to_save": ["score"]}, "score.dense"), is_modules_to_save({"modules_to_save": ["score"]}, "scores")
+    (True, False)
     """
-    return any(compile_pattern(rf"(^|.*\.){m}($|\..*)").match(path) for m in config.get("modules_to_save") or ())
+    entries = tuple(m for m in config.get("modules_to_save") or () if isinstance(m, str) and m)
+    if not entries:
+        return False
+    parts = path.split(".")
+    return any(".".join(parts[:k]).endswith(entries) for k in range(len(parts), 0, -1))
 
 
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:

@@ -159,6 +159,26 @@ def test_bias_all_with_modules_to_save(llama_bias: Any, tmp_path: Path, token_in
         <= set(original)
 
 
+def test_modules_to_save_entry_is_a_plain_suffix(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """SPEC 4.3: ``norm`` saves every module whose name ends with it -- both layer norms of each layer and the
+    final ``model.norm`` -- as PEFT does (the sdk once took entries as whole '.'-separated names and refused
+    PEFT's file)."""
+    from peft import LoraConfig
+
+    def fill(model: Any) -> None:
+        _fill(model)
+        with torch.no_grad():
+            for index, (name, param) in enumerate(sorted(model.named_parameters())):
+                if ".modules_to_save.default." in name:
+                    param.copy_(unique_values(tuple(param.shape), 400 + index, around=1.0, scale=0.3))
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
+    original = _check_roundtrip(llama, config, tmp_path, token_inputs, fill=fill)
+    saved_whole = {k for k in original if "lora_" not in k}
+    assert saved_whole == {f"{PREFIX}model.norm.weight"} | {
+        f"{PREFIX}model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+
+
 def test_new_adapter_with_bias_all_saves_what_peft_saves(llama_bias: Any, tmp_path: Path) -> None:
     """An adapter injected fresh (to train) owns trainable copies of the biases, and saves PEFT's key set."""
     from peft import LoraConfig, get_peft_model
