@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from adapterspec.naming import BASE_LAYER_PARAM, MAX_KEY_LENGTH, PARAMETERS, PRO
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
+from .sites import ModuleSite
 from .switch import get_state
 
 __all__ = ["expected_params", "extract_state", "load_state"]
@@ -64,10 +65,17 @@ def expected_params(model: Any, adapter_name: str) -> dict[str, tuple[AdapterLay
     return out
 
 
-def _owner(module: str, by_path: dict[str, AdapterLayer]) -> AdapterLayer | None:
+def _owner(module: str, by_path: dict[str, AdapterLayer],
+           sites: Callable[[], dict[str, ModuleSite]] | None = None) -> AdapterLayer | None:
+    """The injected layer of file module ``module``: by path, up to a leading prefix, or (given ``sites``) by
+    another name of the same Keras site (transformers 5's module path for a checkpoint key, or back)."""
     if module in by_path:
         return by_path[module]
     found = [layer for path, layer in by_path.items() if _equivalent(path, module)]
+    if len(found) == 1 or sites is None:
+        return found[0] if len(found) == 1 else None
+    site = find_site(sites(), module)
+    found = [layer for layer in by_path.values() if site is not None and layer.site.key == site.key]
     return found[0] if len(found) == 1 else None
 
 
@@ -78,15 +86,18 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), an
     unmapped module (into ``unmapped``) -- else an error."""
     name = parse_key(key, config.peft_type, config)
-    if name.role == "base_layer" and (owner := _owner(name.module, by_path)) is not None:
+    def sites() -> dict[str, ModuleSite]:
+        return spec_sites(model, options)
+
+    if name.role == "base_layer" and (owner := _owner(name.module, by_path, sites)) is not None:
         base_plan[key] = owner
         return None
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
-    layer = _owner(name.module, by_path)
+    layer = _owner(name.module, by_path, sites)
     if layer is None:
-        if find_site(spec_sites(model, options), name.module) is None:
+        if find_site(sites(), name.module) is None:
             unmapped.append(name.module)
             return None
         raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
