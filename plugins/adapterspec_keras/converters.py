@@ -248,12 +248,22 @@ def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
     return module, model_types
 
 
+def _text_only(model_type: str) -> bool:
+    """transformers' model types of a multimodal model's text part alone (``gemma3_text``, ``gemma4_text``)."""
+    return model_type.endswith("_text")
+
+
+def _multimodal(backbone: Any) -> bool:
+    """A backbone holding an image or audio encoder (keras-hub's Gemma 3/3n/4 without one are text-only)."""
+    return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "audio_encoder"))
+
+
 def _record(backbone: Any) -> tuple[list[_Record], str] | None:
     found = _find_converter(backbone)
     if found is None:
         return None
     module, model_types = found
-    best: tuple[tuple[int, int], list[_Record], str] | None = None
+    best: tuple[tuple[int, bool, int], list[_Record], str] | None = None
     failures: list[tuple[str, Exception]] = []
     for model_type in model_types:
         loader = _RecordingLoader()
@@ -263,9 +273,11 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
             failures.append((model_type, exc))
             continue
-        # the model type porting the most weights fits best; on a tie, the shortest HF names (a text-only
-        # Gemma 3 is "model.layers...", not the multimodal "model.language_model.layers...")
-        rank = (-len(loader.records), sum(len(r.key) for r in loader.records))
+        # the model type porting the most weights fits best; on a tie, a multimodal backbone takes the
+        # multimodal model type (gemma3 and gemma3_text record the same weights: the vision encoder's too), a
+        # text-only one the shortest HF names ("model.layers...", not "model.language_model.layers...")
+        rank = (-len(loader.records), _text_only(model_type) and _multimodal(backbone),
+                sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
     if best is None:

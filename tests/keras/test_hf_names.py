@@ -111,3 +111,52 @@ def test_peft_lora_on_every_linear_layer_loads_under_either_name(model_type: str
     task_model.save_pretrained(tmp_path / "merged", safe_serialization=True)
     merged = ops.convert_to_numpy(keras_hub.models.Backbone.from_preset(str(tmp_path / "merged"))(images))
     assert_near(actual, merged, length=64)
+
+
+def _gemma3_multimodal(folder: Path) -> Any:
+    """A tiny ``Gemma3ForConditionalGeneration`` saved for keras-hub (whose converter reads the SigLIP tower under
+    ``vision_tower.vision_model.``, where transformers 5 saves ``vision_tower.``)."""
+    from safetensors.numpy import load_file, save_file
+
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=300, query_pre_attn_scalar=16,
+                         sliding_window=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(3)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    save_file({("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+               for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_multimodal_gemma3_backbone_takes_the_multimodal_names(tmp_path: Path) -> None:
+    """gemma3 and gemma3_text record as many weights (the vision encoder's too): the multimodal backbone takes the
+    multimodal model type, and PEFT's adapter on the language model and the vision tower loads whole (issue #16
+    item 4). Names only: keras-hub's multimodal forward is not compared here; the SigLIP pooling head, which Gemma 3
+    does not use and keras-hub does not build, is left out."""
+    import keras_hub
+    from adapterspec_keras import converters
+
+    model = _gemma3_multimodal(tmp_path / "hf")
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    sites, model_type = converters.converter_sites(backbone)
+    assert model_type == "gemma3"
+    assert "model.language_model.layers.0.self_attn.q_proj" in sites
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "layers.0.mlp.fc1"]))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapted = peft_adapted_modules(peft_model)
+    assert {"model.language_model.layers.0.self_attn.q_proj", "model.vision_tower.encoder.layers.0.mlp.fc1"} <= adapted
+
+    modules = adapterspec.load_adapter(backbone, tmp_path / "adapter")
+
+    # on the backbone, the language model's modules are named without transformers' "model." root
+    assert len(modules) == len(adapted) == 5
+    assert all(any(m == a or a.endswith("." + m) for m in modules) for a in adapted), (sorted(modules), adapted)
