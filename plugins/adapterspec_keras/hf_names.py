@@ -11,7 +11,7 @@ loads a checkpoint (``get_model_conversion_mapping`` on the model, built on the 
 ``rename_source_key``). Without transformers (or torch) installed, only the checkpoint form is known.
 
 >>> transformers_names("vit", ["vit.encoder.layer.0.attention.attention.query"])  # doctest: +SKIP
-{'vit.encoder.layer.0.attention.attention.query': ['vit.layers.0.attention.q_proj']}
+{'vit.encoder.layer.0.attention.attention.query': ['vit.layers.0.attention.q_proj', 'vit.encoder...query']}
 """
 
 from __future__ import annotations
@@ -73,10 +73,12 @@ def transformers_names(model_type: str | None, paths: Iterable[str]) -> dict[str
 
     :param model_type: the transformers ``model_type`` whose checkpoint the paths come from.
     :param paths: module paths as keras-hub's converter names them (weight keys without ``.weight``).
-    :returns: ``{path: [its other name]}`` for the paths transformers renames; ``{}`` without transformers.
+    :returns: ``{path: [module path, checkpoint key]}`` (transformers' module first, ``path`` one of the two) for
+        the paths transformers renames; ``{}`` without transformers.
 
     >>> transformers_names("paligemma", ["language_model.model.layers.0.self_attn.q_proj"])  # doctest: +SKIP
-    {'language_model.model.layers.0.self_attn.q_proj': ['model.language_model.layers.0.self_attn.q_proj']}
+    {'language_model.model.layers.0.self_attn.q_proj': ['model.language_model.layers.0.self_attn.q_proj',
+                                                        'language_model.model.layers.0.self_attn.q_proj']}
     """
     found = _transforms(model_type) if model_type else None
     if not found:
@@ -97,6 +99,7 @@ def transformers_names(model_type: str | None, paths: Iterable[str]) -> dict[str
             except Exception:  # noqa: BLE001 - a renaming this transformers cannot apply alone: no alias
                 continue
             if renamed.endswith(".weight") and renamed.removesuffix(".weight") != path:
-                out[path] = [renamed.removesuffix(".weight")]
+                other = renamed.removesuffix(".weight")
+                out[path] = [path, other] if reverse else [other, path]
                 break
     return out

@@ -118,11 +118,11 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     prefix = BASE_MODEL_PREFIX.get(model_type or "")
     task_model = backbone is not model
     ordered = sorted(hf_sites.items(), key=lambda kv: kv[0].split(".")[0] == "lm_head")
-    # the same module under transformers' other name for it (transformers 5 renames checkpoint keys on load:
-    # PEFT writes whichever form its transformers used); listed right after the converter's name
+    # the same module under both its transformers module path and its checkpoint key (transformers 5 renames
+    # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first
     aliases = transformers_names(model_type, hf_sites)
     for hf_path, site in ordered:
-        for other in [hf_path, *aliases.get(hf_path, ())]:
+        for other in aliases.get(hf_path, [hf_path]):
             name = _spec_name(other, prefix, task_model)
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,

@@ -40,16 +40,21 @@ def _build(model_type: str, folder: Path) -> Any:
 
 def test_the_names_come_from_transformers_conversion_mapping() -> None:
     assert transformers_names("vit", ["vit.encoder.layer.0.attention.attention.query"]) == {
-        "vit.encoder.layer.0.attention.attention.query": ["vit.layers.0.attention.q_proj"]}
+        "vit.encoder.layer.0.attention.attention.query": ["vit.layers.0.attention.q_proj",
+                                                          "vit.encoder.layer.0.attention.attention.query"]}
     assert transformers_names("swin", ["swin.encoder.layers.0.blocks.0.intermediate.dense"]) == {
-        "swin.encoder.layers.0.blocks.0.intermediate.dense": ["swin.encoder.layers.0.blocks.0.mlp.fc1"]}
+        "swin.encoder.layers.0.blocks.0.intermediate.dense": ["swin.encoder.layers.0.blocks.0.mlp.fc1",
+                                                              "swin.encoder.layers.0.blocks.0.intermediate.dense"]}
     assert transformers_names("paligemma", ["language_model.model.layers.0.self_attn.q_proj"]) == {
-        "language_model.model.layers.0.self_attn.q_proj": ["model.language_model.layers.0.self_attn.q_proj"]}
+        "language_model.model.layers.0.self_attn.q_proj": ["model.language_model.layers.0.self_attn.q_proj",
+                                                           "language_model.model.layers.0.self_attn.q_proj"]}
     # a module path goes back to its checkpoint key: both forms are known whichever the converter records
     assert transformers_names("gemma3", ["model.language_model.layers.0.self_attn.q_proj"]) == {
-        "model.language_model.layers.0.self_attn.q_proj": ["language_model.model.layers.0.self_attn.q_proj"]}
+        "model.language_model.layers.0.self_attn.q_proj": ["model.language_model.layers.0.self_attn.q_proj",
+                                                           "language_model.model.layers.0.self_attn.q_proj"]}
     assert transformers_names("t5gemma2", ["encoder.layers.0.self_attn.q_proj"]) == {
-        "encoder.layers.0.self_attn.q_proj": ["encoder.text_model.layers.0.self_attn.q_proj"]}
+        "encoder.layers.0.self_attn.q_proj": ["encoder.text_model.layers.0.self_attn.q_proj",
+                                              "encoder.layers.0.self_attn.q_proj"]}
     assert transformers_names("llama", ["model.layers.0.self_attn.q_proj"]) == {}
     assert transformers_names(None, ["a.b"]) == {}
 
@@ -73,10 +78,9 @@ def test_peft_lora_on_every_linear_layer_loads_under_either_name(model_type: str
     assert any("q_proj" in m for m in adapted)  # transformers 5's name, not the checkpoint's "query"
     if form == "checkpoint":  # the same adapter as transformers 4 names it: the checkpoint keys
         file = tmp_path / "adapter" / "adapter_model.safetensors"
-        names = transformers_names(model_type, [f"{_MODELS[model_type][1]}.{m}" for m in adapted])
-        back = {new[0].split(".", 1)[1]: old.split(".", 1)[1] for old, new in
-                transformers_names(model_type, [f"{_MODELS[model_type][1]}.{n[0].split('.', 1)[1]}"
-                                                for n in names.values()]).items()}
+        base = _MODELS[model_type][1]
+        back = {new.split(".", 1)[1]: old.split(".", 1)[1] for new, old in
+                transformers_names(model_type, [f"{base}.{m}" for m in adapted]).values()}
         tensors = load_file(file)
         renamed = {}
         for key, value in tensors.items():
