@@ -225,6 +225,22 @@ class _ConfigProxy(dict[str, Any]):
             return self._fields[key]
         raise KeyError(f"transformers config field {key!r} ({self._why})")
 
+    def add_sub_config(self, backbone: Any, module: Any, field: str, attr: str) -> None:
+        """``self[field] = {"model_type": t}`` where the backbone's ``attr`` sub-model is of the model type ``t``
+        that the converter tells apart (``model_type == "opt"`` in its source) and that its class is named after
+        (BLIP-2's ``text_config``: ``BLIP2CustomOPT`` is ``opt``)."""
+        sub = getattr(backbone, attr, None)
+        if sub is None or module is None:
+            return
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):
+            return
+        name = type(sub).__name__.lower()
+        found = [t for t in dict.fromkeys(re.findall(r'model_type\s*==\s*"([A-Za-z0-9_-]+)"', source)) if t in name]
+        if len(found) == 1:
+            self[field] = {"model_type": found[0]}
+
     def get(self, key: Any, default: Any = None) -> Any:
         return self[key] if key in self or key in self._fields else default
 
@@ -269,7 +285,9 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         loader = _RecordingLoader()
         try:
             with _no_assign():
-                module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type, module))
+                config = _ConfigProxy(backbone, model_type, module)
+                config.add_sub_config(backbone, module, "text_config", "language_model")
+                module.convert_weights(backbone, loader, config)
         except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
             failures.append((model_type, exc))
             continue
