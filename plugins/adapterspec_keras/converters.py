@@ -104,12 +104,21 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
         self.prefix = ""
         self.safetensor_config = None
         self.preset = None
+        #: keys read by ``get_tensor`` since the last variable assignment, and each variable a converter assigned
+        #: itself (outside ``port_weight``) with the keys read before it (Swin: q, k, v then the fused kernel)
+        self.reads: list[str] = []
+        self.assigned: list[tuple[Any, list[str]]] = []
 
     def port_weight(self, keras_variable: Any, hf_weight_key: str, hook_fn: Callable[..., Any] | None = None) -> None:
         self.records.append(_Record(hf_weight_key, keras_variable, hook_fn))
 
     def get_tensor(self, hf_weight_key: str) -> Any:
+        self.reads.append(hf_weight_key)
         return _Opaque()
+
+    def note_assign(self, variable: Any) -> None:
+        self.assigned.append((variable, self.reads))
+        self.reads = []
 
     def get_prefixed_key(self, hf_weight_key: str, dict_like: Any) -> str:
         return hf_weight_key
@@ -119,6 +128,7 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
 
 
 _ASSIGN_LOCK = threading.Lock()
+_REPLAYING = threading.local()  # the recording loader whose converter runs now (notes its own assignments)
 
 
 #: the arithmetic a converter may do between a Keras variable and a tensor it read (XLM-RoBERTa adds one)
@@ -142,8 +152,14 @@ def _no_assign() -> Iterator[None]:
     with _ASSIGN_LOCK:
         saved = {n: Variable.__dict__.get(n) for n in (*names, *_VARIABLE_OPS)}
         try:
+            def assign(self: Any, value: Any) -> Any:
+                loader = getattr(_REPLAYING, "loader", None)
+                if loader is not None:
+                    loader.note_assign(self)
+                return self
+
             for n in names:
-                setattr(Variable, n, lambda self, value: self)
+                setattr(Variable, n, assign)
             for n in _VARIABLE_OPS:
                 setattr(Variable, n, _opaque_aware(getattr(Variable, n)))
             yield
@@ -287,7 +303,11 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
             with _no_assign():
                 config = _ConfigProxy(backbone, model_type, module)
                 config.add_sub_config(backbone, module, "text_config", "language_model")
-                module.convert_weights(backbone, loader, config)
+                _REPLAYING.loader = loader
+                try:
+                    module.convert_weights(backbone, loader, config)
+                finally:
+                    _REPLAYING.loader = None
         except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
             failures.append((model_type, exc))
             continue
@@ -298,6 +318,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
                 sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
+            _FUSED[backbone] = loader.assigned
     if best is None:
         first = failures[0][1]
         causes = "; ".join(f"model_type {t!r}: {type(e).__name__}: {e}" for t, e in failures)
@@ -436,6 +457,9 @@ def _solve_conv(record: _Record, layer: Any) -> list[Piece] | None:
     return [_make_piece(layer, "conv", np.arange(shape[-2]), np.arange(shape[-1]))]
 
 
+#: per backbone, the variables its converter assigned itself and the HF keys it read for each (see _RecordingLoader)
+_FUSED: weakref.WeakKeyDictionary[Any, list[tuple[Any, list[str]]]] = weakref.WeakKeyDictionary()
+
 _SITE_CACHE: weakref.WeakKeyDictionary[Any, tuple[dict[str, ModuleSite], str | None]] = weakref.WeakKeyDictionary()
 
 
@@ -478,9 +502,26 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
             kind, n_in, n_out, pieces = solved
             sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter")
     _add_tied_head(backbone, sites)
+    _add_fused(backbone, owners, sites, model_type)
     result = (sites, model_type)
     _SITE_CACHE[backbone] = result
     return result
+
+
+def _add_fused(backbone: Any, owners: dict[int, tuple[Any, str]], sites: dict[str, ModuleSite],
+               model_type: str | None) -> None:
+    """Modules a converter fuses into one kernel itself (``get_tensor`` + ``np.concatenate`` + ``assign``: Swin's
+    query, key and value): refused sites naming the layer, so a target on them is an error, never skipped."""
+    for variable, keys in _FUSED.get(backbone, []):
+        owner = owners.get(id(variable))
+        weights = [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
+        if owner is None or len(weights) < 2:
+            continue
+        why = (f"keras-hub's {model_type} converter fuses {weights} into the kernel of {type(owner[0]).__name__} "
+               f"{owner[0].path!r} itself (get_tensor + concatenate + assign); an adapter on one of the fused "
+               "projections is not mapped onto the fused kernel by this backend yet")
+        for path in weights:
+            sites.setdefault(path, ModuleSite(path, "linear", 0, 0, [], "converter", refused=why))
 
 
 def _add_tied_head(backbone: Any, sites: dict[str, ModuleSite]) -> None:

@@ -136,3 +136,43 @@ def test_gpt_oss_is_refused_naming_its_converter_and_the_cause() -> None:
         intermediate_dim=32, num_experts=2, top_k=1, head_dim=8)
     with pytest.raises(UnsupportedError, match=r"convert_gpt_oss.*not enough values to unpack"):
         converters.converter_sites(backbone)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("target", ["query", "q_proj"])
+def test_swin_fused_qkv_is_refused_naming_the_layer(target: str, tmp_path: Path) -> None:
+    """keras-hub's Swin converter fuses query/key/value itself (get_tensor + concatenate + assign), which the
+    recording loader sees only as reads and an assignment: an adapter on them is refused, typed, naming the fused
+    layer (under the checkpoint key and transformers 5's q_proj alike), leaving the model untouched; the other
+    linear layers load."""
+    import keras_hub
+    import torch
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.AutoConfig.for_model("swin", embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32,
+                                               patch_size=4, window_size=4)
+    task = transformers.SwinForImageClassification(config).eval()
+    task.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    peft_model = peft.get_peft_model(task.swin, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    if target == "query":  # the same adapter as transformers 4 names it (the checkpoint keys)
+        import json
+
+        from safetensors.numpy import load_file, save_file
+
+        file = tmp_path / "adapter" / "adapter_model.safetensors"
+        save_file({k.replace("attention.q_proj", "attention.self.query"): v for k, v in load_file(file).items()},
+                  file, metadata={"format": "pt"})
+        config_file = tmp_path / "adapter" / "adapter_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["query"]}))
+
+    with pytest.raises(UnsupportedError, match=r"fuses .*query.*key.*value.* into the kernel of .*qkv"):
+        adapterspec.load_adapter(backbone, tmp_path / "adapter")
+    assert adapterspec.adapter_names(backbone) == []
+    fc = peft.get_peft_model(transformers.SwinForImageClassification(config).swin,
+                             peft.LoraConfig(r=2, target_modules=["fc1", "fc2", "o_proj"]))
+    fc.save_pretrained(tmp_path / "other")
+    assert len(adapterspec.load_adapter(backbone, tmp_path / "other")) == 6
