@@ -110,6 +110,28 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     return (layer, name.param, layouts[name.param]), name.module
 
 
+def _refuse_truncated_vocabulary(layer: AdapterLayer, key: str, shape: tuple[int, ...],
+                                 expected: tuple[int, ...]) -> None:
+    """A tensor with more vocabulary rows than the Keras embedding keeps: keras-hub's converter truncated the
+    vocabulary (PaliGemma keeps the tokens below ``image_token_index``). Refused with the reason (SPEC.md 12):
+    the adapter's rows for the dropped tokens have no place, and loading the others alone would change what
+    the adapter computes."""
+    pieces = [p for p in layer.site.pieces if p.kind in ("embedding", "reverse")]
+    differ = [i for i, (a, b) in enumerate(zip(shape, expected)) if a != b]
+    if not pieces or len(shape) != len(expected) or len(differ) != 1:
+        return
+    rows = int(pieces[0].layer.embeddings.shape[0])
+    axis = differ[0]
+    if expected[axis] != rows or shape[axis] <= rows:
+        return
+    raise ShapeMismatchError(
+        f"the adapter has {shape[axis]} vocabulary rows where the Keras embedding {pieces[0].layer.path!r} keeps "
+        f"{rows}: keras-hub's converter truncated the vocabulary (PaliGemma keeps the tokens below "
+        f"image_token_index), so the adapter's rows for the {shape[axis] - rows} dropped tokens have no place and "
+        "it is refused rather than loaded in part", key=key,
+        hint="leave the embedding and lm_head out of target_modules, or use the torch backend")
+
+
 def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
     """Put ``adapter``'s tensors into the layers injected for ``adapter_name``: all checks first, then assign.
 
@@ -159,6 +181,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                 renames[id(entry[0])] = (entry[0], module)
         layer, param, layout = entry
         if tuple(info.shape) != layout.spec_shape:
+            _refuse_truncated_vocabulary(layer, key, tuple(info.shape), layout.spec_shape)
             raise ShapeMismatchError(
                 f"shape {list(info.shape)} does not fit the Keras layer(s) "
                 f"{[p.layer.path for p in layer.site.pieces]}: expected {list(layout.spec_shape)}", key=key,
