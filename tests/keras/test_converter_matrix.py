@@ -105,6 +105,8 @@ def _decoder(arch: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
         if "num_local_experts" in saved and "num_experts" not in saved:
             # keras-hub 0.32's Qwen3-MoE converter reads num_experts; transformers 5 saves num_local_experts
             (folder / "config.json").write_text(json.dumps({**saved, "num_experts": saved["num_local_experts"]}))
+        if arch not in _MOE:
+            return model, model, list(ARCHS[arch].linear_targets)  # GPT-2's are Conv1D
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) and n != "lm_head"})
         return model, model, linear
