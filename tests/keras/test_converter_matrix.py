@@ -44,7 +44,6 @@ _EXACT_BASE = {
 
 #: converter module -> why it is not in the matrix (not buildable offline, or refused: the reason)
 NOT_IN_MATRIX: dict[str, str] = {
-    "convert_bart": "not in the matrix yet (encoder-decoder forward; time)",
     "convert_blip2": "replays and maps (test_converter_replay); forward not compared (needs images)",
     "convert_gemma3": "gemma3_text: in ARCHS tests; multimodal gemma3: names tested (test_hf_names), forward not "
                       "compared (needs images)",
@@ -124,6 +123,11 @@ def _encoder(model_type: str, task: str = "AutoModel", **extra: Any) -> Callable
         cls = getattr(transformers, task)
         saved = (cls.from_config(config) if task.startswith("Auto") else cls(config)).eval()
         save_for_keras_hub(saved, folder)
+        if model_type == "bart":  # keras-hub 0.32 reads num_hidden_layers, which transformers 5 does not save
+            import json
+
+            written = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**written, "num_hidden_layers": written["encoder_layers"]}))
         model = saved if task == "AutoModel" else getattr(saved, saved.base_model_prefix)
         linear = sorted({".".join(n.split(".")[-2:]) if n.endswith("dense") else n.rsplit(".", 1)[-1]
                          for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -168,6 +172,9 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
     "albert": ("convert_albert", "encoder", _encoder("albert", "AlbertForPreTraining", hidden_act="gelu_pytorch_tanh",
                                                      embedding_size=32)),
     "esm": ("convert_esm", "encoder", _encoder("esm", pad_token_id=1, position_embedding_type="rotary")),
+    "bart": ("convert_bart", "seq2seq", _encoder("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                                 decoder_attention_heads=4)),
     "vit": ("convert_vit", "vision", _vision("vit", "ViTForImageClassification", "vit")),
     "deit": ("convert_deit", "vision", _vision("deit", "DeiTForImageClassification", "deit")),
     "dinov2": ("convert_dinov2", "vision", _vision("dinov2", "Dinov2ForImageClassification", "dinov2")),
@@ -191,6 +198,10 @@ def _run_torch(model: Any, kind: str) -> np.ndarray:
         if kind == "encoder":
             ids = torch.from_numpy(_IDS.astype(np.int64))
             return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
+        if kind == "seq2seq":  # the decoder's output (it reads the encoder's)
+            ids = torch.from_numpy(_IDS.astype(np.int64))
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids.flip(1),
+                         decoder_attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
         return model(pixel_values=torch.from_numpy(_images().transpose(0, 3, 1, 2))).last_hidden_state.numpy()
 
 
@@ -199,6 +210,11 @@ def _run_keras(model: Any, kind: str) -> np.ndarray:
 
     if kind == "vision":
         out = model(_images())
+    elif kind == "seq2seq":
+        ones = np.ones_like(_IDS, dtype="int32")
+        out = model({"encoder_token_ids": _IDS.astype("int32"), "encoder_padding_mask": ones,
+                     "decoder_token_ids": _IDS[:, ::-1].astype("int32"), "decoder_padding_mask": ones})
+        out = out["decoder_sequence_output"]
     else:
         inputs = {"token_ids": _IDS.astype("int32"), "padding_mask": np.ones_like(_IDS, dtype="int32"),
                   "segment_ids": np.zeros_like(_IDS, dtype="int32"),
