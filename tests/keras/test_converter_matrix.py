@@ -61,7 +61,6 @@ NOT_IN_MATRIX: dict[str, str] = {
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
     "convert_swin_transformer": "q/k/v fused by the converter (get_tensor + concatenate + assign): adapters on them "
                                 "refused, typed, naming the fused layer; the other linear layers load (test_converter_replay)",
-    "convert_t5gemma": "not in the matrix yet (encoder-decoder forward; time)",
     "convert_t5gemma2": "not in the matrix yet (encoder-decoder forward, vision tower; time)",
 }
 
@@ -175,6 +174,10 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
     "bart": ("convert_bart", "seq2seq", _encoder("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
                                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                                                  decoder_attention_heads=4)),
+    "t5gemma": ("convert_t5gemma", "seq2seq", _encoder(
+        "t5gemma", **{part: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, vocab_size=128, query_pre_attn_scalar=16,
+                                 sliding_window=16, max_position_embeddings=64) for part in ("encoder", "decoder")})),
     "vit": ("convert_vit", "vision", _vision("vit", "ViTForImageClassification", "vit")),
     "deit": ("convert_deit", "vision", _vision("deit", "DeiTForImageClassification", "deit")),
     "dinov2": ("convert_dinov2", "vision", _vision("dinov2", "Dinov2ForImageClassification", "dinov2")),
