@@ -104,12 +104,21 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
         self.prefix = ""
         self.safetensor_config = None
         self.preset = None
+        #: keys read by ``get_tensor`` since the last variable assignment, and each variable a converter assigned
+        #: itself (outside ``port_weight``) with the keys read before it (Swin: q, k, v then the fused kernel)
+        self.reads: list[str] = []
+        self.assigned: list[tuple[Any, list[str]]] = []
 
     def port_weight(self, keras_variable: Any, hf_weight_key: str, hook_fn: Callable[..., Any] | None = None) -> None:
         self.records.append(_Record(hf_weight_key, keras_variable, hook_fn))
 
     def get_tensor(self, hf_weight_key: str) -> Any:
+        self.reads.append(hf_weight_key)
         return _Opaque()
+
+    def note_assign(self, variable: Any) -> None:
+        self.assigned.append((variable, self.reads))
+        self.reads = []
 
     def get_prefixed_key(self, hf_weight_key: str, dict_like: Any) -> str:
         return hf_weight_key
@@ -119,6 +128,7 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
 
 
 _ASSIGN_LOCK = threading.Lock()
+_REPLAYING = threading.local()  # the recording loader whose converter runs now (notes its own assignments)
 
 
 #: the arithmetic a converter may do between a Keras variable and a tensor it read (XLM-RoBERTa adds one)
@@ -142,8 +152,14 @@ def _no_assign() -> Iterator[None]:
     with _ASSIGN_LOCK:
         saved = {n: Variable.__dict__.get(n) for n in (*names, *_VARIABLE_OPS)}
         try:
+            def assign(self: Any, value: Any) -> Any:
+                loader = getattr(_REPLAYING, "loader", None)
+                if loader is not None:
+                    loader.note_assign(self)
+                return self
+
             for n in names:
-                setattr(Variable, n, lambda self, value: self)
+                setattr(Variable, n, assign)
             for n in _VARIABLE_OPS:
                 setattr(Variable, n, _opaque_aware(getattr(Variable, n)))
             yield
@@ -225,6 +241,22 @@ class _ConfigProxy(dict[str, Any]):
             return self._fields[key]
         raise KeyError(f"transformers config field {key!r} ({self._why})")
 
+    def add_sub_config(self, backbone: Any, module: Any, field: str, attr: str) -> None:
+        """``self[field] = {"model_type": t}`` where the backbone's ``attr`` sub-model is of the model type ``t``
+        that the converter tells apart (``model_type == "opt"`` in its source) and that its class is named after
+        (BLIP-2's ``text_config``: ``BLIP2CustomOPT`` is ``opt``)."""
+        sub = getattr(backbone, attr, None)
+        if sub is None or module is None:
+            return
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):
+            return
+        name = type(sub).__name__.lower()
+        found = [t for t in dict.fromkeys(re.findall(r'model_type\s*==\s*"([A-Za-z0-9_-]+)"', source)) if t in name]
+        if len(found) == 1:
+            self[field] = {"model_type": found[0]}
+
     def get(self, key: Any, default: Any = None) -> Any:
         return self[key] if key in self or key in self._fields else default
 
@@ -248,26 +280,45 @@ def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
     return module, model_types
 
 
+def _text_only(model_type: str) -> bool:
+    """transformers' model types of a multimodal model's text part alone (``gemma3_text``, ``gemma4_text``)."""
+    return model_type.endswith("_text")
+
+
+def _multimodal(backbone: Any) -> bool:
+    """A backbone holding an image or audio encoder (keras-hub's Gemma 3/3n/4 without one are text-only)."""
+    return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "audio_encoder"))
+
+
 def _record(backbone: Any) -> tuple[list[_Record], str] | None:
     found = _find_converter(backbone)
     if found is None:
         return None
     module, model_types = found
-    best: tuple[tuple[int, int], list[_Record], str] | None = None
+    best: tuple[tuple[int, bool, int], list[_Record], str] | None = None
     failures: list[tuple[str, Exception]] = []
     for model_type in model_types:
         loader = _RecordingLoader()
         try:
             with _no_assign():
-                module.convert_weights(backbone, loader, _ConfigProxy(backbone, model_type, module))
+                config = _ConfigProxy(backbone, model_type, module)
+                config.add_sub_config(backbone, module, "text_config", "language_model")
+                _REPLAYING.loader = loader
+                try:
+                    module.convert_weights(backbone, loader, config)
+                finally:
+                    _REPLAYING.loader = None
         except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
             failures.append((model_type, exc))
             continue
-        # the model type porting the most weights fits best; on a tie, the shortest HF names (a text-only
-        # Gemma 3 is "model.layers...", not the multimodal "model.language_model.layers...")
-        rank = (-len(loader.records), sum(len(r.key) for r in loader.records))
+        # the model type porting the most weights fits best; on a tie, a multimodal backbone takes the
+        # multimodal model type (gemma3 and gemma3_text record the same weights: the vision encoder's too), a
+        # text-only one the shortest HF names ("model.layers...", not "model.language_model.layers...")
+        rank = (-len(loader.records), _text_only(model_type) and _multimodal(backbone),
+                sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
+            _FUSED[backbone] = loader.assigned
     if best is None:
         first = failures[0][1]
         causes = "; ".join(f"model_type {t!r}: {type(e).__name__}: {e}" for t, e in failures)
@@ -406,6 +457,9 @@ def _solve_conv(record: _Record, layer: Any) -> list[Piece] | None:
     return [_make_piece(layer, "conv", np.arange(shape[-2]), np.arange(shape[-1]))]
 
 
+#: per backbone, the variables its converter assigned itself and the HF keys it read for each (see _RecordingLoader)
+_FUSED: weakref.WeakKeyDictionary[Any, list[tuple[Any, list[str]]]] = weakref.WeakKeyDictionary()
+
 _SITE_CACHE: weakref.WeakKeyDictionary[Any, tuple[dict[str, ModuleSite], str | None]] = weakref.WeakKeyDictionary()
 
 
@@ -448,9 +502,26 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
             kind, n_in, n_out, pieces = solved
             sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter")
     _add_tied_head(backbone, sites)
+    _add_fused(backbone, owners, sites, model_type)
     result = (sites, model_type)
     _SITE_CACHE[backbone] = result
     return result
+
+
+def _add_fused(backbone: Any, owners: dict[int, tuple[Any, str]], sites: dict[str, ModuleSite],
+               model_type: str | None) -> None:
+    """Modules a converter fuses into one kernel itself (``get_tensor`` + ``np.concatenate`` + ``assign``: Swin's
+    query, key and value): refused sites naming the layer, so a target on them is an error, never skipped."""
+    for variable, keys in _FUSED.get(backbone, []):
+        owner = owners.get(id(variable))
+        weights = [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
+        if owner is None or len(weights) < 2:
+            continue
+        why = (f"keras-hub's {model_type} converter fuses {weights} into the kernel of {type(owner[0]).__name__} "
+               f"{owner[0].path!r} itself (get_tensor + concatenate + assign); an adapter on one of the fused "
+               "projections is not mapped onto the fused kernel by this backend yet")
+        for path in weights:
+            sites.setdefault(path, ModuleSite(path, "linear", 0, 0, [], "converter", refused=why))
 
 
 def _add_tied_head(backbone: Any, sites: dict[str, ModuleSite]) -> None:

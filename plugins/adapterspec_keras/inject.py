@@ -113,7 +113,14 @@ def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, Module
 
 
 def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig) -> list[str]:
-    targets = [path for path in sites if config.matches(path)]
+    # a module known by two names (the checkpoint key and transformers 5's module path) takes the adapter once,
+    # under the first name that matches; loading renames it to the name the file uses
+    taken: set[tuple[Any, ...]] = set()
+    targets = []
+    for path, site in sites.items():
+        if config.matches(path) and site.key not in taken:
+            taken.add(site.key)
+            targets.append(path)
     wanted = config.get("target_modules")
     if isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))

@@ -75,6 +75,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     adapterspec.errors.UnsupportedError: model.embed_tokens: IA3 cannot adapt an embedding ...
     """
     method = config.peft_type
+    if site.refused:
+        raise UnsupportedError(f"{path}: {site.refused}", key=path,
+                               hint="leave this module out of target_modules, or use the torch backend")
 
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)

@@ -32,6 +32,7 @@ from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
 from .converters import backbone_of, converter_sites
+from .hf_names import transformers_names
 from .sites import ModuleSite, Piece, layer_site, model_layers
 
 
@@ -117,9 +118,15 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     prefix = BASE_MODEL_PREFIX.get(model_type or "")
     task_model = backbone is not model
     ordered = sorted(hf_sites.items(), key=lambda kv: kv[0].split(".")[0] == "lm_head")
+    # the same module under both its transformers module path and its checkpoint key (transformers 5 renames
+    # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first
+    aliases = transformers_names(model_type, hf_sites)
     for hf_path, site in ordered:
-        name = _spec_name(hf_path, prefix, task_model)
-        sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces, site.source)
+        for other in aliases.get(hf_path, [hf_path]):
+            name = _spec_name(other, prefix, task_model)
+            if name not in sites and (other == hf_path or other not in hf_sites):
+                sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
+                                         site.source, site.refused)
     _BUILTIN[model] = sites
     return dict(sites)
 

@@ -107,6 +107,7 @@ class ModuleSite:
     :param in_features, out_features: the spec module's (PEFT's) feature counts.
     :param pieces: the Keras layers; their ``out_index`` together cover the outputs.
     :param source: ``"module_map"``, ``"converter"`` or ``"layers"`` (how it was found).
+    :param refused: why no adapter can go on this module (it has no pieces then), ``""`` if it can.
     """
 
     path: str
@@ -115,10 +116,13 @@ class ModuleSite:
     out_features: int
     pieces: list[Piece] = field(default_factory=list)
     source: str = "layers"
+    refused: str = ""
 
     @functools.cached_property
     def key(self) -> tuple[Any, ...]:
         """Identity of the module's Keras side: its pieces' layers and roles (two spec names may share it)."""
+        if not self.pieces:
+            return ("refused", self.refused)
         return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0])) for p in self.pieces)
 
     @property

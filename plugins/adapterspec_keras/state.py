@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from adapterspec.naming import (
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
+from .sites import ModuleSite
 from .switch import get_state
 
 __all__ = ["expected_params", "extract_state", "load_state"]
@@ -72,10 +73,17 @@ def expected_params(model: Any, adapter_name: str) -> dict[str, tuple[AdapterLay
     return out
 
 
-def _owner(module: str, by_path: dict[str, AdapterLayer]) -> AdapterLayer | None:
+def _owner(module: str, by_path: dict[str, AdapterLayer],
+           sites: Callable[[], dict[str, ModuleSite]] | None = None) -> AdapterLayer | None:
+    """The injected layer of file module ``module``: by path, up to a leading prefix, or (given ``sites``) by
+    another name of the same Keras site (transformers 5's module path for a checkpoint key, or back)."""
     if module in by_path:
         return by_path[module]
     found = [layer for path, layer in by_path.items() if _equivalent(path, module)]
+    if len(found) == 1 or sites is None:
+        return found[0] if len(found) == 1 else None
+    site = find_site(sites(), module)
+    found = [layer for layer in by_path.values() if site is not None and layer.site.key == site.key]
     return found[0] if len(found) == 1 else None
 
 
@@ -86,15 +94,18 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), an
     unmapped module (into ``unmapped``) -- else an error."""
     name = parse_key(key, config.peft_type, config)
-    if name.role == "base_layer" and (owner := _owner(name.module, by_path)) is not None:
+    def sites() -> dict[str, ModuleSite]:
+        return spec_sites(model, options)
+
+    if name.role == "base_layer" and (owner := _owner(name.module, by_path, sites)) is not None:
         base_plan[key] = owner
         return None
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
-    layer = _owner(name.module, by_path)
+    layer = _owner(name.module, by_path, sites)
     if layer is None:
-        if find_site(spec_sites(model, options), name.module) is None:
+        if find_site(sites(), name.module) is None:
             unmapped.append(name.module)
             return None
         raise UnexpectedTensorError(f"module {name.module!r} received no adapter at injection", key=key,
@@ -105,6 +116,28 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
             f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
             f"(expected: {sorted(layouts)})", key=key, hint="remove the tensor, or fix the config")
     return (layer, name.param, layouts[name.param]), name.module
+
+
+def _refuse_truncated_vocabulary(layer: AdapterLayer, key: str, shape: tuple[int, ...],
+                                 expected: tuple[int, ...]) -> None:
+    """A tensor with more vocabulary rows than the Keras embedding keeps: keras-hub's converter truncated the
+    vocabulary (PaliGemma keeps the tokens below ``image_token_index``). Refused with the reason (SPEC.md 12):
+    the adapter's rows for the dropped tokens have no place, and loading the others alone would change what
+    the adapter computes."""
+    pieces = [p for p in layer.site.pieces if p.kind in ("embedding", "reverse")]
+    differ = [i for i, (a, b) in enumerate(zip(shape, expected)) if a != b]
+    if not pieces or len(shape) != len(expected) or len(differ) != 1:
+        return
+    rows = int(pieces[0].layer.embeddings.shape[0])
+    axis = differ[0]
+    if expected[axis] != rows or shape[axis] <= rows:
+        return
+    raise ShapeMismatchError(
+        f"the adapter has {shape[axis]} vocabulary rows where the Keras embedding {pieces[0].layer.path!r} keeps "
+        f"{rows}: keras-hub's converter truncated the vocabulary (PaliGemma keeps the tokens below "
+        f"image_token_index), so the adapter's rows for the {shape[axis] - rows} dropped tokens have no place and "
+        "it is refused rather than loaded in part", key=key,
+        hint="leave the embedding and lm_head out of target_modules, or use the torch backend")
 
 
 def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -156,6 +189,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                 renames[id(entry[0])] = (entry[0], module)
         layer, param, layout = entry
         if tuple(info.shape) != layout.spec_shape:
+            _refuse_truncated_vocabulary(layer, key, tuple(info.shape), layout.spec_shape)
             raise ShapeMismatchError(
                 f"shape {list(info.shape)} does not fit the Keras layer(s) "
                 f"{[p.layer.path for p in layer.site.pieces]}: expected {list(layout.spec_shape)}", key=key,

@@ -80,3 +80,99 @@ def test_peft_lora_on_every_linear_layer_loads_and_gives_the_merged_models_outpu
     assert set(modules) == adapted and len(adapted) == 12
     assert_near(ops.convert_to_numpy(backbone(inputs)), expected)
     assert np.abs(expected - base).max() > 1e-2
+
+
+def _blip2(folder: Path) -> Any:
+    import transformers
+
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32, vocab_size=100),
+        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=120, word_embed_proj_dim=32), num_query_tokens=4)
+    import torch
+
+    torch.manual_seed(7)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_blip2_replays_and_takes_peft_lora_on_its_linear_layers(tmp_path: Path) -> None:
+    """BLIP-2's converter reads ``text_config["model_type"]`` (the config proxy lacked ``text_config``): the
+    backbone's language model (``BLIP2CustomOPT``) says ``opt``. Names only (keras-hub's BLIP-2 forward is not
+    compared here)."""
+    import keras_hub
+    import torch
+
+    model = _blip2(tmp_path / "hf")
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    sites, model_type = converters.converter_sites(backbone)
+    assert model_type == "blip-2" and "language_model.model.decoder.layers.0.self_attn.q_proj" in sites
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("language_model")
+              and "lm_head" not in n}
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=sorted(linear)))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    modules = adapterspec.load_adapter(backbone, tmp_path / "adapter")
+
+    assert len(modules) == len(linear) == 6, (modules, linear)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gpt_oss_is_refused_naming_its_converter_and_the_cause() -> None:
+    """GPT-OSS's converter no longer fails on ``__rpow__``, but it dequantizes MXFP4 expert blocks, unpacking
+    their shape (``num_experts, out_dim, num_blocks, block_size = blocks.shape``), which a loader that reads
+    nothing cannot know: the replay is refused, typed, naming the converter and the cause (module_map is the way).
+    keras-hub builds GPT-OSS only from MXFP4 checkpoints, so the backbone is built directly here."""
+    import keras_hub
+
+    backbone = keras_hub.models.GptOssBackbone(
+        vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+        intermediate_dim=32, num_experts=2, top_k=1, head_dim=8)
+    with pytest.raises(UnsupportedError, match=r"convert_gpt_oss.*not enough values to unpack"):
+        converters.converter_sites(backbone)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("target", ["query", "q_proj"])
+def test_swin_fused_qkv_is_refused_naming_the_layer(target: str, tmp_path: Path) -> None:
+    """keras-hub's Swin converter fuses query/key/value itself (get_tensor + concatenate + assign), which the
+    recording loader sees only as reads and an assignment: an adapter on them is refused, typed, naming the fused
+    layer (under the checkpoint key and transformers 5's q_proj alike), leaving the model untouched; the other
+    linear layers load."""
+    import keras_hub
+    import torch
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.AutoConfig.for_model("swin", embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32,
+                                               patch_size=4, window_size=4)
+    task = transformers.SwinForImageClassification(config).eval()
+    task.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    peft_model = peft.get_peft_model(task.swin, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    if target == "query":  # the same adapter as transformers 4 names it (the checkpoint keys)
+        import json
+
+        from safetensors.numpy import load_file, save_file
+
+        file = tmp_path / "adapter" / "adapter_model.safetensors"
+        save_file({k.replace("attention.q_proj", "attention.self.query"): v for k, v in load_file(file).items()},
+                  file, metadata={"format": "pt"})
+        config_file = tmp_path / "adapter" / "adapter_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["query"]}))
+
+    with pytest.raises(UnsupportedError, match=r"fuses .*query.*key.*value.* into the kernel of .*qkv"):
+        adapterspec.load_adapter(backbone, tmp_path / "adapter")
+    assert adapterspec.adapter_names(backbone) == []
+    fc = peft.get_peft_model(transformers.SwinForImageClassification(config).swin,
+                             peft.LoraConfig(r=2, target_modules=["fc1", "fc2", "o_proj"]))
+    fc.save_pretrained(tmp_path / "other")
+    assert len(adapterspec.load_adapter(backbone, tmp_path / "other")) == 6
