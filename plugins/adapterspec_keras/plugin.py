@@ -35,7 +35,8 @@ __all__ = [
 
 BACKEND = "keras"
 
-# tryfirst: on Keras' torch backend a Keras layer is also a torch.nn.Module; it is a Keras model first.
+# On Keras' torch backend a Keras layer is also a torch.nn.Module: the torch backend declines it (its ``_owns``),
+# and every hook here is tryfirst as well, so that a Keras model is this backend's whatever else is installed.
 
 
 def _owns(model: Any) -> bool:
@@ -145,7 +146,7 @@ def adapterspec_unmerge(model: Any) -> bool | None:
     return True
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def adapterspec_base_identity(model: Any, adapter_name: str) -> dict[str, str] | None:
     """See :func:`adapterspec_keras.identity.base_identity`."""
     if not _owns(model):

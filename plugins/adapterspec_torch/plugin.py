@@ -40,13 +40,19 @@ BACKEND = "torch"
 
 
 def _owns(model: Any) -> bool:
+    """A ``torch.nn.Module`` that is not a Keras layer: on Keras' torch backend every Keras layer (and model) is
+    also a ``torch.nn.Module``, and it is the Keras backend's on every Keras backend."""
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
+    if torch is None or not isinstance(model, torch.nn.Module):
+        return False
+    keras_layer = getattr(getattr(sys.modules.get("keras"), "layers", None), "Layer", None)
+    return keras_layer is None or not isinstance(model, keras_layer)
 
 
 @hookimpl
 def adapterspec_backend_name(model: Any) -> str | None:
-    """``"torch"`` for a ``torch.nn.Module`` (torch already imported by the user), else ``None``."""
+    """``"torch"`` for a ``torch.nn.Module`` (torch already imported by the user) that is not a Keras layer, else
+    ``None``."""
     return BACKEND if _owns(model) else None
 
 
