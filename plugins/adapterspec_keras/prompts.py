@@ -22,6 +22,10 @@ they equal ``PeftModelForCausalLM``'s ``logits[:, num_virtual_tokens:]`` (PEFT r
 positions, the first ``n`` for the virtual tokens). Gemma / Gemma 2 prompts trained with transformers < 5
 (which scaled ``inputs_embeds`` -- the prompt included -- by sqrt(hidden) in the model) differ by that scale.
 
+**P-tuning.** Its file holds the prompt encoder's output (SPEC.md 15.8), used exactly as prompt tuning's
+``prompt_embeddings``: a loaded P-tuning adapter runs and saves as a prompt; a
+fresh one, which would need PEFT's encoder (MLP/LSTM), is refused, as the torch backend does.
+
 Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the virtual tokens, as
 transformers counts positions from the cache length (a prompt gets ``wpe[0 .. n-1]`` added).
 ``generate()`` works too: when ``call_with_cache`` gives a layer its own cache, the virtual tokens' keys and
@@ -52,7 +56,9 @@ from .layers import Layout
 
 __all__ = ["PrefixSlot", "check_prompt_learning", "decoder_layers", "inject_prefix", "remove_prefix"]
 
-_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING")
+_METHODS = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+#: the methods whose tensor is a prompt prepended to the input embeddings (P-tuning's file holds its encoder's output).
+_PROMPTS = ("PROMPT_TUNING", "P_TUNING")
 
 
 @dataclass
@@ -116,12 +122,9 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
 
     >>> check_prompt_learning(model, AdapterConfig.from_dict({"peft_type": "PROMPT_TUNING", ...}))  # doctest: +SKIP
     """
-    if config.peft_type == "P_TUNING":
-        raise UnsupportedError("the keras backend does not implement P_TUNING (P-tuning prompts, SPEC.md 15.8)",
-                               pointer="/peft_type", hint="load it with the torch backend (adapterspec_torch) or PEFT")
     if config.peft_type not in _METHODS:
         raise UnsupportedError(f"the keras backend does not implement {config.peft_type}", pointer="/peft_type",
-                               hint="use PREFIX_TUNING, PROMPT_TUNING or LoRA/IA3")
+                               hint="use PREFIX_TUNING, PROMPT_TUNING, P_TUNING or LoRA/IA3")
     if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") or config.get("modules_to_save"):
         field = "task_type" if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") else "modules_to_save"
         raise UnsupportedError("the keras backend does not implement prompt learning with a classifier head saved "
@@ -137,7 +140,7 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
     layers = list(model.backbone.transformer_layers)
     positions = _position_embeddings(model)
     config = _fill_sizes(model, config, ifaces, layers)
-    if config.peft_type == "PROMPT_TUNING":
+    if config.peft_type in _PROMPTS:
         hidden = _hidden_dim(model)
         if int(config["token_dim"]) != hidden:
             raise UnsupportedError(f"token_dim {config['token_dim']} is not this model's hidden size {hidden}",
@@ -190,6 +193,10 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
     ifaces = _interfaces(model)
     layers = list(model.backbone.transformer_layers)
     initialize = getattr(options, "initialize", True)
+    if config.peft_type == "P_TUNING" and initialize:
+        raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
+                               "and this backend does not implement; only saved P-tuning prompts are loaded",
+                               pointer="/peft_type", hint="train P-tuning with PEFT, or add a PROMPT_TUNING adapter")
     if config.peft_type == "PROMPT_TUNING" and initialize and (config.get("prompt_tuning_init") or "RANDOM") != "RANDOM":
         raise UnsupportedError(f"prompt_tuning_init {config['prompt_tuning_init']!r} needs the tokenizer and PEFT's "
                                "initialisation", pointer="/prompt_tuning_init",
@@ -198,7 +205,7 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
         _ensure_slice_update_gradient()
     heads, head_dim = ifaces[0].kv_shape(layers[0])
     nvt, n_layers = int(config["num_virtual_tokens"]), len(layers)
-    if config.peft_type == "PROMPT_TUNING":
+    if config.peft_type in _PROMPTS:
         shape: tuple[int, ...] = (nvt, int(config["token_dim"]))
     else:
         shape = (nvt, n_layers * 2 * heads * head_dim)
@@ -318,7 +325,7 @@ def _patch(model: Any, state: Any, layer: Any, iface: CacheInterface, index: int
             return original(*args, **kwargs)
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        if slot.method == "PROMPT_TUNING":
+        if slot.method in _PROMPTS:
             if index == 0:
                 slot.flow = _prompt_flow(model, state, slot, bound[iface.sequence].dtype)
             if slot.flow is None or len(slot.flow) <= index:

@@ -199,14 +199,64 @@ def test_prompt_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> 
     assert_same_snapshot(before, snapshot(llama))
 
 
-def test_p_tuning_is_refused_on_keras(checkpoints: Any) -> None:
-    """P-tuning (SPEC.md 15.8) is implemented by the torch backend only: a typed refusal naming it."""
+def _p_tuning_peft(folder: Path, encoder: str, out: Path, salt: int) -> Any:
+    """PEFT's P-tuning model, its virtual-token embedding element-unique, saved (the file holds the encoder's output)."""
+    config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NVT, encoder_hidden_size=16,
+                                      encoder_reparameterization_type=encoder)
+    return _peft(folder, config, out, salt)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_p_tuning_gives_peft_logits_and_round_trips(arch: str, encoder: str, checkpoints: Any,
+                                                         long_ids: np.ndarray, tmp_path: Path) -> None:
+    """P-tuning (SPEC.md 15.8): the file holds the prompt encoder's output, used as prompt tuning's prompt.
+    PEFT's folder gives PEFT's logits (the real tokens'); our save is PEFT's file bit for bit, and loads in
+    PEFT with no missing/unexpected keys and the same logits."""
+    pm = _p_tuning_peft(checkpoints[arch], encoder, tmp_path / "peft", salt=23)
+    peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    encoder_module = pm.prompt_encoder["default"]
+    with torch.no_grad():  # the file is head(E), not E (PEFT's LSTM run while saving rounds differently, ~1e-8)
+        encoded = encoder_module(torch.arange(NVT)[None])[0].numpy()
+    np.testing.assert_allclose(peft_file["prompt_embeddings"], encoded, rtol=0, atol=1e-6)
+    assert np.abs(peft_file["prompt_embeddings"] - encoder_module.embedding.weight.detach().numpy()).max() > 1e-2
+    model = _check_against_peft(arch, pm, tmp_path / "peft", long_ids, checkpoints, skip=NVT)
+
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    saved = adapterspec.save_adapter(model, tmp_path / "ours")
+    ours = load_file(str(saved / "adapter_model.safetensors"))
+    assert list(ours) == ["prompt_embeddings"]
+    np.testing.assert_array_equal(ours["prompt_embeddings"], peft_file["prompt_embeddings"])  # bit-exact
+    written, peft_config = adapterspec.read_adapter(saved).config, adapterspec.read_adapter(tmp_path / "peft").config
+    for key in ("peft_type", "encoder_reparameterization_type", "encoder_hidden_size", "num_virtual_tokens",
+                "token_dim", "num_layers", "num_attention_heads"):
+        assert written.get(key) == peft_config.get(key), key
+    reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints[arch]), saved).eval()
+    result = reloaded.load_adapter(saved, adapter_name="again")
+    # PEFT loads prompt_embeddings by its own path and reports it as "unexpected" for its own folders too
+    assert result.missing_keys == [] and result.unexpected_keys in ([], ["prompt_embeddings"])
+    got = keras_logits(model, long_ids)
+    assert_near(got, _peft_logits(reloaded, long_ids, skip=NVT))
+    assert_near(_peft_logits(reloaded, long_ids), _peft_logits(pm, long_ids))
+    with torch.no_grad():
+        base = pm.get_base_model()(input_ids=torch.from_numpy(np.asarray(long_ids, np.int64))).logits.numpy()
+    with adapterspec.disabled_adapters(model):
+        conversion = float(np.abs(keras_logits(model, long_ids) - base).max())
+    print(f"{arch} {encoder}: max abs diff vs PEFT {np.abs(got - _peft_logits(pm, long_ids, skip=NVT)).max():.2g}, "
+          f"base conversion error {conversion:.2g}")
+
+
+def test_fresh_p_tuning_is_refused_on_keras(checkpoints: Any) -> None:
+    """A fresh P-tuning adapter would need PEFT's prompt encoder, which the file does not carry: a typed refusal
+    naming ``/peft_type``, the model unchanged (a saved one loads: the test above)."""
     llama = keras_model("llama", checkpoints["llama"])
     before = snapshot(llama)
     config = {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "token_dim": 64}
-    with pytest.raises(adapterspec.UnsupportedError, match="keras backend does not implement P_TUNING") as info:
+    with pytest.raises(adapterspec.UnsupportedError, match="prompt encoder") as info:
         adapterspec.inject_adapter(llama, config)
     assert info.value.pointer == "/peft_type"
+    assert adapterspec.adapter_names(llama) == []
     assert_same_snapshot(before, snapshot(llama))
 
 
