@@ -78,7 +78,17 @@ def _host_array(variable: Any) -> np.ndarray:
     read = getattr(variable.value, "read_value", None)
     if read is not None:
         return np.asarray(read())
-    return np.asarray(variable.numpy())
+    value = variable.value
+    detach = getattr(value, "detach", None)
+    if detach is not None:  # Keras on torch: the tensor's own .numpy() shares its buffer
+        tensor = detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16 (only float32 samples are kept anyway)
+            tensor = tensor.float()
+        array: np.ndarray = tensor.numpy()
+        return array
+    # JAX arrays take NumPy 2's ``copy=``; torch tensors' and Keras variables' ``__array__`` do not, and NumPy
+    # warns for them (an error where warnings are, as in a strict load checked with warnings as errors)
+    return np.asarray(value)
 
 
 #: (spec-layout shape, sample count, [(piece, which samples it holds, their flat indices in its variable)]).
