@@ -23,7 +23,7 @@ positions, the first ``n`` for the virtual tokens). Gemma / Gemma 2 prompts trai
 (which scaled ``inputs_embeds`` -- the prompt included -- by sqrt(hidden) in the model) differ by that scale.
 
 **P-tuning.** Its file holds the prompt encoder's output (SPEC.md 15.8), used exactly as prompt tuning's
-``prompt_embeddings``: a loaded P-tuning adapter runs and saves as a prompt; a
+``prompt_embeddings``: a loaded P-tuning adapter runs, trains (the prompt itself) and saves as a prompt; a
 fresh one, which would need PEFT's encoder (MLP/LSTM), is refused, as the torch backend does.
 
 Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the virtual tokens, as

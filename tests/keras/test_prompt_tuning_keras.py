@@ -271,3 +271,29 @@ def test_classification_prompt_learning_is_refused_on_keras(checkpoints: Any, pe
         adapterspec.inject_adapter(llama, config)
     assert info.value.pointer == "/task_type"
     assert_same_snapshot(before, snapshot(llama))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_loaded_p_tuning_prompt_trains_with_fit_and_loads_in_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                   tmp_path: Path) -> None:
+    """A loaded P-tuning adapter trains its prompt (the encoder's output; the encoder is not in the file) and saves
+    as P-tuning, which PEFT loads with the trained prompt and Keras' logits."""
+    _p_tuning_peft(checkpoints["llama"], "MLP", tmp_path / "peft", salt=29)
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    assert [v.path.rsplit("/", 1)[-1] for v in model.trainable_variables] == ["prompt_embeddings_0"]
+    start = keras.ops.convert_to_numpy(model.trainable_variables[0]).copy()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=2, batch_size=2, verbose=0)
+    trained = keras.ops.convert_to_numpy(model.trainable_variables[0])
+    assert np.abs(trained - start).max() > 0  # it trained
+
+    saved = adapterspec.save_adapter(model, tmp_path / "keras-p-tuning")
+    assert adapterspec.read_adapter(saved).config["peft_type"] == "P_TUNING"
+    tensors = load_file(str(saved / "adapter_model.safetensors"))
+    assert list(tensors) == ["prompt_embeddings"]
+    np.testing.assert_array_equal(tensors["prompt_embeddings"], trained[0])
+    reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), saved).eval()
+    np.testing.assert_array_equal(reloaded.prompt_encoder["default"].embedding.weight.detach().numpy(), trained[0])
+    assert_near(keras_logits(model, token_ids), torch_logits(reloaded, token_ids)[:, NVT:])
