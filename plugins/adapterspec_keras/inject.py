@@ -148,6 +148,10 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
+    if config.get("target_parameters"):
+        raise UnsupportedError("LoRA on parameters (target_parameters) is portable in the spec (SPEC.md 15.1); not "
+                               "implemented on Keras yet", pointer="/target_parameters",
+                               hint="load this adapter with the torch backend")
     if config.get("trainable_token_indices"):
         raise UnsupportedError("trainable_token_indices is not implemented by the keras backend",
                                pointer="/trainable_token_indices", hint="load this adapter with the torch backend")

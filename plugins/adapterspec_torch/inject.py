@@ -34,6 +34,7 @@ from adapterspec.targets import is_all_linear
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
+from .parameters import ParameterLayer, check_moe_conversion, find_parameter_targets
 from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
@@ -63,7 +64,7 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     >>> [name for name, _ in iter_modules(torch.nn.Sequential(torch.nn.Linear(1, 1)))]
     ['', '0']
     """
-    wrappers = (AdapterLayer, ModulesToSaveLayer)
+    wrappers = (AdapterLayer, ModulesToSaveLayer, ParameterLayer)
     stack = [(prefix, model)]  # depth first, children in order (as named_modules), without nested generators
     while stack:
         path, module = stack.pop()
@@ -208,7 +209,7 @@ def _parent(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = 
     return model.get_submodule(parent_name), child
 
 
-_Wrapper = TypeVar("_Wrapper", AdapterLayer, ModulesToSaveLayer)
+_Wrapper = TypeVar("_Wrapper", AdapterLayer, ModulesToSaveLayer, ParameterLayer)
 
 
 def wrap(model: nn.Module, name: str, wrapper_type: type[_Wrapper], *,
@@ -225,8 +226,9 @@ def wrap(model: nn.Module, name: str, wrapper_type: type[_Wrapper], *,
         module = model.get_submodule(name)
     if isinstance(module, wrapper_type):
         return module
-    if isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
-        what = "saved whole (modules_to_save)" if isinstance(module, ModulesToSaveLayer) else "adapted"
+    if isinstance(module, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
+        what = "saved whole (modules_to_save)" if isinstance(module, ModulesToSaveLayer) else \
+            "adapted on its parameters (target_parameters)" if isinstance(module, ParameterLayer) else "adapted"
         raise UnsupportedError(f"module is already {what} by another adapter", key=name,
                                hint="an adapter cannot adapt a module another adapter saves whole, or vice versa")
     wrapper = wrapper_type(module)
@@ -366,8 +368,21 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
-    targets = find_targets(model, config, options, universe=universe_list)
+    parameters = find_parameter_targets(config, universe_list)  # SPEC.md 15.1
+    try:
+        targets = find_targets(model, config, options, universe=universe_list)
+    except TargetNotFoundError:
+        if not parameters:
+            raise
+        targets = []
     saved = find_modules_to_save(model, config, options, universe=universe_list)
+    for spec in parameters:
+        module = universe[spec][1]
+        if spec in targets or spec in saved or isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
+            raise UnsupportedError(f"target_parameters selects a parameter of module {spec!r}, which is also adapted or "
+                                   "saved whole (PEFT refuses this too)", key=spec, pointer="/target_parameters",
+                                   hint="remove the module from target_modules / modules_to_save, or its parameter "
+                                        "from target_parameters")
     for spec in targets:
         module = universe[spec][1]
         if isinstance(module, ModulesToSaveLayer):
@@ -378,7 +393,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
         if isinstance(universe[spec][1], AdapterLayer):
             raise UnsupportedError("module is adapted by another adapter; it cannot be saved whole too", key=spec,
                                    hint="remove it from modules_to_save")
-    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved))
+    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved) | set(parameters))
     _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
     try:
@@ -392,12 +407,17 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             whole = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
             whole.add_adapter(adapter_name, options)
+        for spec, names in parameters.items():
+            own = universe[spec][0]
+            on_parameters = wrap(model, own, ParameterLayer, modules=modules)
+            done[spec] = own
+            on_parameters.add_adapter(adapter_name, config, spec, names, options)
         for spec, indices, source in tokens:
             own = universe[spec][0]
             layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
             source_layer = state.wrappers[universe[source][0]] if source is not None else None
-            assert not isinstance(source_layer, ModulesToSaveLayer)  # wrap() refused that above: it is adapted
+            assert source_layer is None or isinstance(source_layer, AdapterLayer)  # wrap() refused others above
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
         _remove_layers(model, state, adapter_name, done)
@@ -608,7 +628,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             config = _inject_prompt(model, state, config, adapter_name, options)
             modules: dict[str, str] = {}
         else:
-            config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            check_moe_conversion(config, model_type)  # SPEC 15.1
+            config = config.for_model(model_type)  # SPEC 14.2
             config = expand_all_linear(model, config, options)  # SPEC 4.3
             modules = _inject_layers(model, state, config, adapter_name, options)
     except BaseException:

@@ -22,6 +22,7 @@ from adapterspec import AdapterConfig
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
 from .layers import ActiveSet, AdapterLayer, ModulesToSaveLayer
+from .parameters import ParameterLayer
 
 __all__ = [
     "STATE_ATTR",
@@ -70,7 +71,7 @@ class ModelState:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
-    wrappers: dict[str, AdapterLayer | ModulesToSaveLayer] = field(default_factory=dict)
+    wrappers: dict[str, AdapterLayer | ModulesToSaveLayer | ParameterLayer] = field(default_factory=dict)
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
@@ -227,7 +228,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             continue
         remember_base(state, name)
         for _, layer in _wrappers(model, state, name):
-            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
                 layer.merge([name])
         state.merged.append(name)
 
@@ -243,7 +244,7 @@ def unmerge(model: torch.nn.Module) -> None:
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):
-            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)) and model_name not in seen:
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)) and model_name not in seen:
                 seen.add(model_name)
                 layer.unmerge()
     state.merged.clear()

@@ -79,7 +79,6 @@ _UNSUPPORTED_LORA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_bdlora": (lambda v: v is not None, "block-diagonal LoRA (use_bdlora)"),
     "arrow_config": (lambda v: v is not None, "Arrow routing (arrow_config)"),
     "kasa_config": (lambda v: v is not None, "KaSA (kasa_config)"),
-    "target_parameters": (lambda v: bool(v), "adapting parameters directly (target_parameters)"),
 }
 
 
@@ -137,7 +136,28 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.append((f"/{field}", "encoder-decoder prompt learning (num_transformer_submodules = 2) is not "
                                    "supported by adapterspec v1 readers"))
     found.extend(_rotation_features(config))
+    found.extend(_parameter_features(config))
     return found
+
+
+#: LoRA fields PEFT 0.21's ``ParamWrapper`` refuses (it raises ValueError): with a non-empty ``target_parameters``
+#: the adapter cannot be loaded by PEFT, so readers refuse it too (SPEC.md 15.1). Field -> (is it set?, what).
+_NOT_WITH_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora_dropout": (lambda v: bool(v), "lora_dropout other than 0"),
+    "fan_in_fan_out": (lambda v: v is True, "fan_in_fan_out: true"),
+    "lora_bias": (lambda v: v is True, "lora_bias: true"),
+    "use_dora": (lambda v: v is True, "DoRA (use_dora: true)"),
+    "velora_config": (lambda v: v is not None, "VeLoRA (velora_config)"),
+}
+
+
+def _parameter_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The LoRA options PEFT cannot combine with ``target_parameters`` (SPEC.md 15.1)."""
+    if config.get("peft_type") != "LORA" or not config.get("target_parameters"):
+        return []
+    return [(f"/{field}", f"{what} together with target_parameters is refused by PEFT 0.21 (ParamWrapper) and not "
+                          "supported by adapterspec readers")
+            for field, (unsupported, what) in _NOT_WITH_PARAMETERS.items() if unsupported(config.get(field))]
 
 
 #: The ``peft_version`` written with an OFT config that has none: PEFT 0.21 fails on a null version with
