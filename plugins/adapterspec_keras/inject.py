@@ -136,6 +136,17 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 #: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
 
 
+def _names_an_embedding(config: AdapterConfig) -> bool:
+    """Whether PEFT's weight tying applies to ``config`` (SPEC.md 15.2): an entry of ``modules_to_save`` or
+    ``target_modules`` ends in ``embed_tokens`` / ``lm_head`` (a string ``target_modules`` fullmatches one)."""
+    names = ("embed_tokens", "lm_head")
+    targets = config.get("target_modules")
+    entries = [*(config.get("modules_to_save") or []), *(targets if isinstance(targets, list) else [])]
+    if any(str(entry).rpartition(".")[2] in names for entry in entries):
+        return True
+    return isinstance(targets, str) and any(re.fullmatch(targets, name) for name in names)
+
+
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -151,6 +162,10 @@ def check_features(config: AdapterConfig) -> None:
     if config.get("target_parameters"):
         raise UnsupportedError("LoRA on parameters (target_parameters) is portable in the spec (SPEC.md 15.1); not "
                                "implemented on Keras yet", pointer="/target_parameters",
+                               hint="load this adapter with the torch backend")
+    if config.get("ensure_weight_tying") and _names_an_embedding(config):
+        raise UnsupportedError("weight tying of adapters (ensure_weight_tying with an adapted embedding) is portable in "
+                               "the spec (SPEC.md 15.2); not implemented on Keras yet", pointer="/ensure_weight_tying",
                                hint="load this adapter with the torch backend")
     if config.get("trainable_token_indices"):
         raise UnsupportedError("trainable_token_indices is not implemented by the keras backend",

@@ -35,6 +35,7 @@ from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
 from .parameters import ParameterLayer, check_moe_conversion, find_parameter_targets
+from .tying import check_tied_layer, is_tied, tie, tie_rewrite, tied_layers
 from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
@@ -363,11 +364,13 @@ def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module
 
 
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
-                   options: LoadOptions) -> dict[str, str]:
+                   options: LoadOptions, tying: tuple[str | None, list[str], str | None] = (None, [], None),
+                   ) -> dict[str, str]:
     check_features(config)
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
+    embedding, tied, tie_mode = tying  # SPEC.md 15.2
     parameters = find_parameter_targets(config, universe_list)  # SPEC.md 15.1
     try:
         targets = find_targets(model, config, options, universe=universe_list)
@@ -376,9 +379,23 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             raise
         targets = []
     saved = find_modules_to_save(model, config, options, universe=universe_list)
+    heads: list[str] = []
+    if tie_mode == "targets":
+        heads = [spec for spec, _, _ in universe_list if is_tied(spec, tied)]
+        targets = [spec for spec in targets if spec not in heads]
+    elif tie_mode == "modules_to_save":
+        heads = [spec for spec, _, _ in universe_list if is_tied(spec, tied)]
+        saved = [spec for spec in saved if spec not in heads]
+    for spec in heads:
+        assert tie_mode is not None and embedding is not None
+        check_tied_layer(universe[spec][1], spec, tie_mode)
+        if tie_mode == "targets" and config.rank_for(spec) != config.rank_for(embedding):
+            raise UnsupportedError(f"ensure_weight_tying ties the LoRA of {spec!r} to the input embedding's, but "
+                                   "rank_pattern gives them different ranks", key=spec, pointer="/rank_pattern",
+                                   hint="give the tied layers the same rank")
     for spec in parameters:
         module = universe[spec][1]
-        if spec in targets or spec in saved or isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
+        if spec in targets or spec in saved or spec in heads or isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
             raise UnsupportedError(f"target_parameters selects a parameter of module {spec!r}, which is also adapted or "
                                    "saved whole (PEFT refuses this too)", key=spec, pointer="/target_parameters",
                                    hint="remove the module from target_modules / modules_to_save, or its parameter "
@@ -393,7 +410,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
         if isinstance(universe[spec][1], AdapterLayer):
             raise UnsupportedError("module is adapted by another adapter; it cannot be saved whole too", key=spec,
                                    hint="remove it from modules_to_save")
-    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved) | set(parameters))
+    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved) | set(parameters) | set(heads))
     _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
     try:
@@ -407,6 +424,16 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             whole = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
             whole.add_adapter(adapter_name, options)
+        for spec in heads:
+            own = universe[spec][0]
+            done[spec] = own
+            if tie_mode == "targets":
+                wrap(model, own, AdapterLayer, modules=modules).add_adapter(adapter_name, config, spec, options,
+                                                                            checked=True)
+            else:
+                wrap(model, own, ModulesToSaveLayer, modules=modules).add_adapter(adapter_name, options)
+            assert embedding is not None and tie_mode is not None
+            state.tied.setdefault(adapter_name, {})[spec] = (embedding, tie_mode)
         for spec, names in parameters.items():
             own = universe[spec][0]
             on_parameters = wrap(model, own, ParameterLayer, modules=modules)
@@ -420,6 +447,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             assert source_layer is None or isinstance(source_layer, AdapterLayer)  # wrap() refused others above
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
+        state.tied.pop(adapter_name, None)
         _remove_layers(model, state, adapter_name, done)
         raise
     return done
@@ -632,13 +660,16 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             check_moe_conversion(config, model_type)  # SPEC 15.1
             config = config.for_model(model_type)  # SPEC 14.2
             config = expand_all_linear(model, config, options)  # SPEC 4.3
-            modules = _inject_layers(model, state, config, adapter_name, options)
+            embedding, tied = tied_layers(model, _universe(model, options))
+            config, tie_mode = tie_rewrite(config, embedding, tied)  # SPEC 15.2
+            modules = _inject_layers(model, state, config, adapter_name, options, (embedding, tied, tie_mode))
     except BaseException:
         drop_state_if_empty(model)
         raise
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
     state.modules[adapter_name] = modules
+    tie(state, adapter_name)
     if options.initialize and config.get("bias", "none") != "none":
         from .auxiliary import fresh_bias_overrides
         from .switch import delete
