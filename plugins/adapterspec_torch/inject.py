@@ -35,6 +35,7 @@ from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
 from .parameters import ParameterLayer, check_moe_conversion, find_parameter_targets
+from .tokens import DELTA, METHOD, method_token_targets
 from .tying import check_tied_layer, is_tied, tie, tie_rewrite, tied_layers
 from .switch import ModelState, drop_state_if_empty, get_state
 
@@ -350,7 +351,7 @@ def find_token_targets(model: nn.Module, config: AdapterConfig, universe: list[t
 
 
 def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module]],
-                      tokens: list[tuple[str, list[int], str | None]]) -> None:
+                      tokens: list[tuple[str, list[int], str | None]], param: str = TRAINABLE_TOKENS_PARAM) -> None:
     for spec, rows, _ in tokens:
         weight = _weight_of(universe[spec][1])
         if weight is None or weight.dim() != 2:
@@ -359,7 +360,7 @@ def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module
         bad = [i for i in rows if not 0 <= i < weight.shape[0]]
         if bad:
             raise ShapeMismatchError(f"trainable_token_indices {bad} are outside the layer's {weight.shape[0]} rows",
-                                     key=make_key(spec, TRAINABLE_TOKENS_PARAM),
+                                     key=make_key(spec, param),
                                      hint="resize the model's embeddings first, or check the indices")
 
 
@@ -370,6 +371,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
+    if config.peft_type == METHOD:  # SPEC.md 15.2
+        return _inject_token_method(model, state, config, adapter_name, options, modules, universe_list)
     embedding, tied, tie_mode = tying  # SPEC.md 15.2
     parameters = find_parameter_targets(config, universe_list)  # SPEC.md 15.1
     try:
@@ -446,6 +449,36 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             source_layer = state.wrappers[universe[source][0]] if source is not None else None
             assert source_layer is None or isinstance(source_layer, AdapterLayer)  # wrap() refused others above
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
+    except BaseException:
+        state.tied.pop(adapter_name, None)
+        _remove_layers(model, state, adapter_name, done)
+        raise
+    return done
+
+
+def _inject_token_method(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                         options: LoadOptions, modules: dict[str, nn.Module],
+                         universe_list: list[tuple[str, str, nn.Module]]) -> dict[str, str]:
+    """The ``TRAINABLE_TOKENS`` method: token rows on the selected layers and on those tied to them."""
+    universe = {spec: (own, module) for spec, own, module in universe_list}
+    tokens = method_token_targets(model, config, universe_list)
+    for spec, _, _ in tokens:
+        if isinstance(universe[spec][1], (ModulesToSaveLayer, ParameterLayer)):
+            raise UnsupportedError("module is saved whole or adapted on its parameters by another adapter", key=spec,
+                                   hint="load the adapters on separate models")
+    _check_token_rows(model, universe, tokens, DELTA)
+    done: dict[str, str] = {}
+    try:
+        for spec, indices, source in tokens:
+            own = universe[spec][0]
+            layer = wrap(model, own, AdapterLayer, modules=modules)
+            done[spec] = own
+            source_layer = state.wrappers[universe[source][0]] if source is not None else None
+            assert source_layer is None or isinstance(source_layer, AdapterLayer)
+            layer.add_tokens(adapter_name, indices, options, source=source_layer, param=DELTA,
+                             saved_when_tied=True)
+            if source is not None:
+                state.tied.setdefault(adapter_name, {})[spec] = (source, "tokens")
     except BaseException:
         state.tied.pop(adapter_name, None)
         _remove_layers(model, state, adapter_name, done)

@@ -482,7 +482,8 @@ class AdapterLayer(nn.Module):
                 raise
 
     def add_tokens(self, name: str, indices: Sequence[int], options: LoadOptions, *,
-                   source: AdapterLayer | None = None) -> None:
+                   source: AdapterLayer | None = None, param: str = TRAINABLE_TOKENS_PARAM,
+                   saved_when_tied: bool = False) -> None:
         """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active,
         rows ``indices`` of the weight are replaced by the adapter's ``[len(indices), dim]`` tensor (PEFT's
         ``TrainableTokensLayer``; an embedding, or an output layer whose weight is tied to one).
@@ -490,6 +491,11 @@ class AdapterLayer(nn.Module):
         The rows start as a copy of the current ones (PEFT's init) unless ``options.initialize`` is false.
 
         :param source: the layer whose rows these are, for a layer tied to it (no tensor of its own).
+        :param param: the tensor's name under the module (the ``TRAINABLE_TOKENS`` method stores
+            ``trainable_tokens_delta``, SPEC.md 15.2).
+        :param saved_when_tied: a tied layer also lists the source's tensor under its own name (the
+            ``TRAINABLE_TOKENS`` method saves it there too); :func:`adapterspec_torch.tying.tie` points it at the
+            source's once that exists.
         :raises UnsupportedError: the layer is not an embedding or a linear layer.
 
         >>> layer = AdapterLayer(torch.nn.Embedding(10, 4))
@@ -504,13 +510,15 @@ class AdapterLayer(nn.Module):
         spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
         weights = _new_module(_Weights)
         weights.__dict__.update(training=self.training, pending={})
-        if source is None:
+        if source is None or saved_when_tied:
             base = self._modules["base_layer"]
             device, dtype = adapter_target_of(base, options)
-            attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
-            spec.names[TRAINABLE_TOKENS_PARAM] = attr
+            attr = param.replace(".", "_")
+            spec.names[param] = attr
             shape = (len(spec.indices), _weight(base).shape[1])
-            if options.initialize:
+            if source is not None:  # a placeholder until tie() points it at the source's tensor
+                weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))
+            elif options.initialize:
                 rows = torch.empty(shape, device=device, dtype=dtype)
                 if device.type != "meta" and _weight(base).device.type != "meta":
                     with torch.no_grad():
@@ -526,7 +534,7 @@ class AdapterLayer(nn.Module):
         """(rows, their indices on ``device``) of token adapter ``name``."""
         spec = self._specs[name]
         owner = spec.source if spec.source is not None else self
-        rows = owner._param(name, TRAINABLE_TOKENS_PARAM)
+        rows = owner._param(name, next(iter(owner._specs[name].names)))
         if spec.index is None or spec.index.device != device:
             spec.index = torch.tensor(spec.indices, dtype=torch.long, device=device)
         return rows, spec.index

@@ -35,6 +35,9 @@ from .switch import ModelState
 __all__ = ["EMBEDDING_LAYER_NAMES", "check_tied_layer", "check_tied_tensors", "is_tied", "tie", "tie_rewrite",
            "tied_layers"]
 
+#: The ``TRAINABLE_TOKENS`` method's tensor (its tied layers save the embedding's under their own names).
+_DELTA = "trainable_tokens_delta"
+
 #: PEFT's ``EMBEDDING_LAYER_NAMES``: a ``target_modules`` / ``modules_to_save`` entry ending in one of these
 #: (last segment) asks for the embedding to be adapted.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -135,6 +138,8 @@ def check_tied_tensors(state: ModelState, adapter_name: str, tensors: Mapping[st
     for head, (embedding, mode) in state.tied.get(adapter_name, {}).items():
         if mode == "targets":
             pairs = [(key, other, True) for _, key, _, other in _lora_pairs(head, embedding)]
+        elif mode == "tokens":
+            pairs = [(make_key(head, _DELTA), make_key(embedding, _DELTA), False)]
         else:
             pairs = [(make_key(head, "weight"), make_key(embedding, "weight"), False)]
         for key, other, transposed in pairs:
@@ -166,6 +171,14 @@ def tie(state: ModelState, adapter_name: str) -> None:
                 weights.__dict__["pending"].pop(names[param], None)
                 weights._parameters[names[param]] = nn.Parameter(tensor.t(), requires_grad=tensor.requires_grad)
             head_layer.__dict__["_plan_key"] = None  # plain attribute: the layer's cached plan is rebuilt
+        elif mode == "tokens":
+            assert isinstance(head_layer, AdapterLayer) and isinstance(source_layer, AdapterLayer)
+            source_tensor = source_layer.adapter_params(adapter_name)[_DELTA]
+            if isinstance(source_tensor, nn.Parameter):
+                weights = head_layer.adapter_weights[adapter_name]
+                attr = head_layer._specs[adapter_name].names[_DELTA]
+                weights.__dict__["pending"].pop(attr, None)
+                weights._parameters[attr] = source_tensor
         else:
             assert isinstance(head_layer, ModulesToSaveLayer) and isinstance(source_layer, ModulesToSaveLayer)
             copy = head_layer.modules_to_save[adapter_name]

@@ -325,6 +325,19 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
+# -- TRAINABLE_TOKENS (SPEC.md 15.2) ---------------------------------------------------------
+def _trainable_tokens(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``trainable_tokens_delta`` is ``[len(token_indices), dim]``: the rows it puts in the layer's weight."""
+    name = "trainable_tokens_delta"
+    if name not in p:
+        return [_missing(module, name, "TRAINABLE_TOKENS stores trainable_tokens_delta per layer")]
+    info, rows = p[name], len(config.get("token_indices") or [])
+    if len(info.shape) != 2 or info.shape[0] != rows:
+        return [_shape(module, name, info, f"must be [len(token_indices), dim] = [{rows}, dim]",
+                       "save the adapter again, or check token_indices")]
+    return []
+
+
 METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LORA": _lora,
     "IA3": _ia3,
@@ -332,4 +345,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LOKR": _lokr,
     "OFT": _oft,
     "BOFT": _boft,
+    "TRAINABLE_TOKENS": _trainable_tokens,
 }

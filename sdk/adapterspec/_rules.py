@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import shorten
 
-__all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
+__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
            "transformer_submodules", "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
@@ -32,6 +32,14 @@ PORTABLE_METHODS = frozenset({
     "LOKR",
     "OFT",
     "BOFT",
+    "TRAINABLE_TOKENS",
+})
+
+
+#: Portable methods whose PEFT config class has no ``modules_to_save`` (PEFT drops the field with a warning):
+#: writers leave a null one out, readers refuse a non-null one (SPEC.md 15.2).
+NO_MODULES_TO_SAVE = frozenset({
+    "TRAINABLE_TOKENS",
 })
 
 
@@ -137,6 +145,9 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
                                    "supported by adapterspec v1 readers"))
     found.extend(_rotation_features(config))
     found.extend(_parameter_features(config))
+    if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
+        found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "
+                                          "field with a warning); adapterspec readers refuse rather than ignore it"))
     return found
 
 

@@ -104,6 +104,9 @@ def _module_errors(config: AdapterConfig, modules: Mapping[str, dict[str, Tensor
         if parameter_module(config, module) is not None and not config.matches(module):
             errors.extend(_parameter_errors(module, params))
             continue
+        if config.peft_type == "TRAINABLE_TOKENS" and not config.matches(module):  # a tied layer: the model decides
+            errors.extend(check(config, module, params))
+            continue
         if config.get("ensure_weight_tying") and set(params) <= {"lora_A.weight", "lora_B.weight"} \
                 and not config.matches(module):  # a layer tied to the input embedding (SPEC.md 15.2): the model says
             errors.extend(check(config, module, params))

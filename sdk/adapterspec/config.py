@@ -33,7 +33,14 @@ from typing import Any, BinaryIO, cast
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
-from ._rules import OFT_PEFT_VERSION, duplicate_entries, rule_problems, transformer_submodules, unsupported_features
+from ._rules import (
+    NO_MODULES_TO_SAVE,
+    OFT_PEFT_VERSION,
+    duplicate_entries,
+    rule_problems,
+    transformer_submodules,
+    unsupported_features,
+)
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .spec import SPEC_VERSION, check_version
 from .targets import PatternTable, Targeting, is_feedforward, regex_problems
@@ -463,6 +470,8 @@ class AdapterConfig(Mapping[str, Any]):
         out["inference_mode"] = True
         if out.get("peft_type") == "OFT" and out.get("use_cayley_neumann", True) and not out.get("peft_version"):
             out["peft_version"] = OFT_PEFT_VERSION  # SPEC.md 15.6: PEFT reads the series' version from it
+        if out.get("peft_type") in NO_MODULES_TO_SAVE and out.get("modules_to_save") is None:
+            out.pop("modules_to_save", None)  # PEFT's config class has no such field: it would warn
         return out
 
     def to_json(self) -> str:

@@ -45,6 +45,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "OFT": ("oft_R.weight",),
     "BOFT": ("boft_R", "boft_s"),
+    "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
 }
