@@ -139,6 +139,7 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 #: Portable methods the keras backend does not implement yet -> their SPEC.md section.
 _NOT_ON_KERAS = {
     "TRAINABLE_TOKENS": "SPEC.md 15.2",
+    "LN_TUNING": "SPEC.md 15.3",
 }
 
 

@@ -34,6 +34,8 @@ from adapterspec.targets import is_all_linear
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, layer_kind
+from .ln_tuning import LN_PREFIX
+from .ln_tuning import METHOD as LN_TUNING
 from .parameters import ParameterLayer, check_moe_conversion, find_parameter_targets
 from .tokens import DELTA, METHOD, method_token_targets
 from .tying import check_tied_layer, is_tied, tie, tie_rewrite, tied_layers
@@ -373,6 +375,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     universe = {spec: (own, module) for spec, own, module in universe_list}
     if config.peft_type == METHOD:  # SPEC.md 15.2
         return _inject_token_method(model, state, config, adapter_name, options, modules, universe_list)
+    if config.peft_type == LN_TUNING:  # SPEC.md 15.3
+        return _inject_ln_tuning(model, config, adapter_name, options, modules, universe_list)
     embedding, tied, tie_mode = tying  # SPEC.md 15.2
     parameters = find_parameter_targets(config, universe_list)  # SPEC.md 15.1
     try:
@@ -452,6 +456,31 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     except BaseException:
         state.tied.pop(adapter_name, None)
         _remove_layers(model, state, adapter_name, done)
+        raise
+    return done
+
+
+def _inject_ln_tuning(model: nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions,
+                      modules: dict[str, nn.Module], universe_list: list[tuple[str, str, nn.Module]]) -> dict[str, str]:
+    """LN tuning: a copy of each targeted layer per adapter (its tensors under ``ln_tuning_layers.``), and the
+    modules to save."""
+    universe = {spec: (own, module) for spec, own, module in universe_list}
+    targets = find_targets(model, config, options, universe=universe_list)
+    saved = [spec for spec in find_modules_to_save(model, config, options, universe=universe_list)
+             if spec not in targets]
+    for spec in [*targets, *saved]:
+        if isinstance(universe[spec][1], (AdapterLayer, ParameterLayer)):
+            raise UnsupportedError("module is adapted by another adapter; LN tuning (or modules_to_save) replaces it "
+                                   "whole", key=spec, hint="load the adapters on separate models")
+    done: dict[str, str] = {}
+    try:
+        for spec in [*targets, *saved]:
+            own = universe[spec][0]
+            layer = wrap(model, own, ModulesToSaveLayer, modules=modules)
+            done[spec] = own
+            layer.add_adapter(adapter_name, options, prefix=LN_PREFIX if spec in targets else "")
+    except BaseException:
+        _remove_layers(model, get_state(model, create=True), adapter_name, done)
         raise
     return done
 

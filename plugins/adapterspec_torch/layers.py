@@ -1090,6 +1090,7 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._switch = ActiveSet()
         self._casts: dict[str, torch.dtype] = {}  # adapter -> the dtype its copy computes in, if not the original's
+        self._prefixes: dict[str, str] = {}  # adapter -> the infix of its tensors' names (LN tuning's)
         self._merged: str | None = None  # the adapter whose copy was running when it was merged
 
     def __getattr__(self, name: str) -> Any:
@@ -1100,9 +1101,11 @@ class ModulesToSaveLayer(nn.Module):
                 raise
             return getattr(self.active_module(), name)
 
-    def add_adapter(self, name: str, options: LoadOptions) -> None:
+    def add_adapter(self, name: str, options: LoadOptions, *, prefix: str = "") -> None:
         """Add a copy of the original module for adapter ``name``: on ``options.device`` and in ``options.dtype``
         (floating-point tensors only) when given, else on the original's device and in its dtypes.
+
+        :param prefix: put before the copy's tensor names (``"ln_tuning_layers."``: LN tuning, SPEC.md 15.3).
 
         A copy in another dtype than the original's computes in its dtype: floating-point inputs are cast to it,
         and a floating-point output back to the input's dtype (as adapter layers do).
@@ -1116,6 +1119,8 @@ class ModulesToSaveLayer(nn.Module):
             self._casts[name] = dtype
         duplicate.requires_grad_(bool(options.trainable))
         self.modules_to_save[name] = duplicate
+        if prefix:
+            self._prefixes[name] = prefix
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s copy; if it was merged (:meth:`merge`), the copy becomes the original module
@@ -1130,6 +1135,7 @@ class ModulesToSaveLayer(nn.Module):
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         self._casts.pop(name, None)
+        self._prefixes.pop(name, None)
 
     def merge(self, names: Sequence[str]) -> None:
         """Mark the copy running now as merged if it belongs to one of ``names``: deleting its adapter then keeps it.
@@ -1155,7 +1161,8 @@ class ModulesToSaveLayer(nn.Module):
 
     def adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state dict (parameter name -> tensor) for adapter ``name``."""
-        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+        prefix = self._prefixes.get(name, "")
+        return {prefix + key: value for key, value in self.modules_to_save[name].state_dict(keep_vars=True).items()}
 
     def set_active(self, names: Sequence[str]) -> None:
         """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
@@ -1175,6 +1182,9 @@ class ModulesToSaveLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         name, module = self._active()
+        if self._prefixes and sum(n in self.modules_to_save for n in self._switch.names) > 1:
+            raise UnsupportedError("LN tuning runs one adapter's copy of a layer at a time (PEFT 0.21 refuses more)",
+                                   key=name, hint="activate one LN tuning adapter")
         dtype = self._casts.get(name) if name is not None and self._casts else None
         if dtype is None:
             return module(*args, **kwargs)

@@ -338,6 +338,18 @@ def _trainable_tokens(config: AdapterConfig, module: str, p: Params) -> Errors:
     return []
 
 
+# -- LN_TUNING (SPEC.md 15.3) ------------------------------------------------------------------
+def _ln_tuning(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """The copy's ``weight`` (and a LayerNorm's ``bias``, 1-D of the same length) under ``ln_tuning_layers.``."""
+    weight, bias = p.get("ln_tuning_layers.weight"), p.get("ln_tuning_layers.bias")
+    if weight is None:
+        return [_missing(module, "ln_tuning_layers.weight", "LN tuning stores the layer's weight")]
+    if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
+        return [_shape(module, "ln_tuning_layers.bias", bias, f"must be 1-D, [{weight.shape[0]}] as the weight's rows",
+                       "save the adapter again")]
+    return []
+
+
 METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LORA": _lora,
     "IA3": _ia3,
@@ -346,4 +358,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "OFT": _oft,
     "BOFT": _boft,
     "TRAINABLE_TOKENS": _trainable_tokens,
+    "LN_TUNING": _ln_tuning,
 }

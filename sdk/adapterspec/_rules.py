@@ -33,6 +33,7 @@ PORTABLE_METHODS = frozenset({
     "OFT",
     "BOFT",
     "TRAINABLE_TOKENS",
+    "LN_TUNING",
 })
 
 

@@ -497,7 +497,7 @@ class AdapterConfig(Mapping[str, Any]):
         >>> cfg.for_model("llama")["target_modules"]
         ['q_proj', 'v_proj']
         """
-        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR"):
+        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR", "LN_TUNING"):
             return self
         changes: dict[str, Any] = {}
         fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)

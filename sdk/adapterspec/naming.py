@@ -46,6 +46,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "OFT": ("oft_R.weight",),
     "BOFT": ("boft_R", "boft_s"),
     "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
+    "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
 }

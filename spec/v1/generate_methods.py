@@ -28,6 +28,8 @@ TARGETS = HERE / "target_modules.json"
 
 #: Methods whose fields and math the spec defines by hand (SPEC.md 4.1, 8).
 PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR")
+PORTABLE += ("TRAINABLE_TOKENS",)  # SPEC.md 15.2
+PORTABLE += ("LN_TUNING",)  # SPEC.md 15.3
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -38,6 +40,7 @@ DEFAULT_TABLES = {
     ("IA3", "feedforward_modules"): "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     ("LOHA", "target_modules"): "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
     ("LOKR", "target_modules"): "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
+    ("LN_TUNING", "target_modules"): "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
 }
 
 
@@ -153,6 +156,7 @@ def generate() -> None:
     for t in others:
         schema["$defs"][t] = method_def(t, PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])
     branches = [b for b in schema["allOf"] if b["then"]["$ref"].split("/")[-1] in PORTABLE]
+    branches.sort(key=lambda b: PORTABLE.index(b["then"]["$ref"].split("/")[-1]))  # the enum's order
     schema["allOf"] = branches + [_branch(t) for t in others]
     SCHEMA.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", "utf-8")
 

@@ -88,6 +88,8 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
      adapterspec.UnsupportedError, "/ensure_weight_tying: .*not implemented on Keras yet"),
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 5]},
      adapterspec.UnsupportedError, "/peft_type: TRAINABLE_TOKENS .*not implemented on Keras yet"),
+    ({"peft_type": "LN_TUNING", "target_modules": ["input_layernorm"]},
+     adapterspec.UnsupportedError, "/peft_type: LN_TUNING .*not implemented on Keras yet"),
     ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 32,
       "num_attention_heads": 4, "task_type": "CAUSAL_LM"}, adapterspec.UnsupportedError, "hidden size 64"),
     ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 64,
