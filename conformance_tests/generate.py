@@ -340,6 +340,19 @@ def _oft_cases() -> None:
             {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 3, "target_modules": ["conv"]}, [])
 
 
+def _moe_cases() -> None:
+    """The TRAINABLE_TOKENS method (SPEC.md 15.2): token rows of an embedding, and of a Linear output layer."""
+    numeric("trainable-tokens-embedding-f32", "TRAINABLE_TOKENS on an Embedding 10x4: rows 7 and 2 are replaced by "
+            "trainable_tokens_delta [2, 4]; the untargeted Linear is unchanged", "TRAINABLE_TOKENS", "embedding",
+            "float32", {"embed_tokens": embedding(10, 4), "layer": linear(6, 5)},
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [7, 2], "target_modules": ["embed_tokens"]},
+            ["untargeted"])
+    numeric("trainable-tokens-linear-f32", "TRAINABLE_TOKENS on a Linear 6->5 without bias (an untied output layer): "
+            "weight rows (output features) 1 and 4 are replaced", "TRAINABLE_TOKENS", "linear", "float32",
+            {"lm_head": linear(6, 5, bias=False)},
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1, 4], "target_modules": ["lm_head"]}, [])
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
@@ -393,6 +406,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _numeric_cases()
     _clarification_numeric()
     _oft_cases()
+    _moe_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]

@@ -62,6 +62,13 @@ def method_token_targets(model: nn.Module, config: AdapterConfig,
     if not selected:
         raise TargetNotFoundError(f"target_modules={config.get('target_modules')!r} selects no layer of the model",
                                   pointer="/target_modules", hint="name the embedding layer, or leave the field null")
+    modules = {spec: module for spec, _, module in universe}
+    for spec in selected:
+        own = modules[spec]._modules.get("base_layer") or modules[spec]
+        if isinstance(own, nn.Linear) and own.bias is not None:
+            raise UnsupportedError("TRAINABLE_TOKENS on a Linear layer with a bias: PEFT 0.21 drops the bias while the "
+                                   "adapter is active", key=spec, pointer="/target_modules",
+                                   hint="select embedding layers, or Linear layers without bias")
     found: list[tuple[str, list[int], str | None]] = [(spec, indices, None) for spec in selected]
     embedding, tied = tied_layers(model, list(universe))
     if embedding is not None and embedding in selected:

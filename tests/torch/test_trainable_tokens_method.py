@@ -203,3 +203,20 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(tokens, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0
+
+
+def test_a_linear_layer_with_bias_is_refused(tmp_path: Any) -> None:
+    """PEFT 0.21's TrainableTokensLayer drops a Linear's bias while active: refused rather than copied."""
+    from peft import TrainableTokensConfig
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                     intermediate_size=64, vocab_size=VOCAB, num_labels=3)).eval()
+    peft_reference(bert, TrainableTokensConfig(token_indices=[1], target_modules=["classifier"]), tmp_path, fill=_fill)
+    model = fresh(bert)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.errors.UnsupportedError, match="bias"):
+        adapterspec.load_adapter(model, tmp_path)
+    assert_same_snapshot(model, before)

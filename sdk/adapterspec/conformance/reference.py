@@ -29,6 +29,7 @@ from typing import Any, cast
 import numpy as np
 
 from .reference_oft import rotated_weight
+from .reference_tokens import token_weight
 
 __all__ = [
     "adapted_weight",
@@ -215,6 +216,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return _lokr(module, weight, config, path, tensors), bias
     if method in ("OFT", "BOFT"):  # SPEC.md 15.6, 15.7
         return rotated_weight(module, weight, config, tensors), bias
+    if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
+        return token_weight(weight, config, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -240,7 +243,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "TRAINABLE_TOKENS"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -97,6 +97,7 @@ _SUPPORTED = {
     "LOKR": ("linear", "conv1d", "conv2d"),
     "OFT": ("linear", "conv2d"),  # conv2d: 1x1 kernels (SPEC.md 15.6; the method check refuses others)
     "BOFT": ("linear", "conv2d"),
+    "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
 }
 
 
