@@ -43,6 +43,8 @@ def _layer(spec: Mapping[str, Any]) -> Any:
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", True))
     if kind == "embedding":
         return nn.Embedding(spec["num_embeddings"], spec["embedding_dim"])
+    if kind == "layer_norm":
+        return nn.LayerNorm(spec["normalized_shape"], eps=spec["eps"], bias=spec.get("bias", True))
     if kind in ("conv1d", "conv2d"):
         nd = 1 if kind == "conv1d" else 2
         cls = nn.Conv1d if kind == "conv1d" else nn.Conv2d

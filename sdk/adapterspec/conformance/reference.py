@@ -29,6 +29,7 @@ from typing import Any, cast
 import numpy as np
 
 from .reference_oft import rotated_weight
+from .reference_ln_tuning import ln_tuning_weights
 from .reference_tokens import token_weight
 
 __all__ = [
@@ -117,6 +118,11 @@ def base_forward(module: Mapping[str, Any], weight: Array, bias: Array | None, x
         y = _f64(x) @ w.T
     elif kind == "gpt2_conv1d":
         y = _f64(x) @ w
+    elif kind == "layer_norm":  # over the last axis, biased variance (torch's nn.LayerNorm)
+        x64 = _f64(x)
+        mean = x64.mean(axis=-1, keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)
+        y = (x64 - mean) / np.sqrt(var + float(module["eps"])) * w
     elif kind in ("conv1d", "conv2d"):
         nd = w.ndim - 2
         y = _conv(_f64(x), w, _tuple(module.get("stride"), nd, 1), _tuple(module.get("padding"), nd, 0))
@@ -218,6 +224,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return rotated_weight(module, weight, config, tensors), bias
     if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
         return token_weight(weight, config, tensors), bias
+    if method == "LN_TUNING":  # SPEC.md 15.3
+        return ln_tuning_weights(weight, bias, tensors)
     raise ValueError(f"{method} has no weight update")
 
 
@@ -243,7 +251,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "TRAINABLE_TOKENS"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "TRAINABLE_TOKENS", "LN_TUNING"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -75,6 +75,8 @@ def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
         return (spec["in_features"],), spec["out_features"]
     if kind == "embedding":
         return (spec["num_embeddings"],), spec["embedding_dim"]
+    if kind == "layer_norm":
+        return (spec["normalized_shape"],), spec["normalized_shape"]
     return (spec["in_channels"], *spec["kernel_size"]), spec["out_channels"]
 
 
@@ -86,6 +88,8 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
         return spec["in_features"], spec["out_features"]
     if kind == "embedding":
         return spec["num_embeddings"], spec["embedding_dim"]
+    if kind == "layer_norm":
+        return (spec["normalized_shape"],)
     return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
 
 
@@ -98,6 +102,7 @@ _SUPPORTED = {
     "OFT": ("linear", "conv2d"),  # conv2d: 1x1 kernels (SPEC.md 15.6; the method check refuses others)
     "BOFT": ("linear", "conv2d"),
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
+    "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
 }
 
 

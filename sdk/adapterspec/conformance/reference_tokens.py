@@ -19,9 +19,15 @@ __all__ = ["token_weight"]
 
 
 def token_weight(weight: Any, config: Mapping[str, Any], tensors: Mapping[str, Any]) -> Any:
-    """The weight the adapter's rows give the layer (stored layout, float64)."""
+    """The weight the adapter's rows give the layer (stored layout, float64).
+
+    :raises ValueError: the tensor is not ``[len(token_indices), dim]`` or an index is outside the weight's rows.
+    """
     out = np.array(weight, dtype=np.float64, copy=True)
     rows = np.asarray(tensors["trainable_tokens_delta"], dtype=np.float64)
-    for i, index in enumerate(config["token_indices"]):
-        out[int(index)] = rows[i]
+    indices = [int(i) for i in config["token_indices"]]
+    if rows.shape != (len(indices), *out.shape[1:]) or any(not 0 <= i < out.shape[0] for i in indices):
+        raise ValueError(f"trainable_tokens_delta {list(rows.shape)} does not fit rows {indices} of {list(out.shape)}")
+    for i, index in enumerate(indices):
+        out[index] = rows[i]
     return out
