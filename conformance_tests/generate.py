@@ -105,6 +105,10 @@ def embedding(n: int, d: int) -> dict[str, Any]:
     return {"kind": "embedding", "num_embeddings": n, "embedding_dim": d}
 
 
+def experts(e: int, i: int, o: int) -> dict[str, Any]:
+    return {"kind": "experts", "num_experts": e, "in_features": i, "out_features": o}
+
+
 def layer_norm(d: int, eps: float = 1e-5, bias: bool = True) -> dict[str, Any]:
     return {"kind": "layer_norm", "normalized_shape": d, "eps": eps, "bias": bias}
 
@@ -130,6 +134,8 @@ def weight_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         bias = spec["out_features"]
     elif kind == "embedding":
         return {"weight": (spec["num_embeddings"], spec["embedding_dim"])}
+    elif kind == "experts":
+        return {"weight": (spec["num_experts"], spec["out_features"], spec["in_features"])}
     elif kind == "layer_norm":
         shapes = {"weight": (spec["normalized_shape"],)}
         bias = spec["normalized_shape"]
@@ -150,6 +156,8 @@ def input_for(spec: dict[str, Any], seed: int, dtype: str) -> torch.Tensor:
         shape: tuple[int, ...] = (2, 3, spec["in_features"])
     elif kind == "layer_norm":
         shape = (2, 3, spec["normalized_shape"])
+    elif kind == "experts":
+        shape = (spec["num_experts"], 3, spec["in_features"])
     elif kind == "conv2d":
         shape = (1, spec["in_channels"], 5, 6)
     else:
@@ -362,6 +370,16 @@ def _moe_cases() -> None:
             {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1, 4], "target_modules": ["lm_head"]}, [])
 
 
+def _target_parameters_cases() -> None:
+    """LoRA on parameters (SPEC.md 15.1): a 3-D expert stack (a 2-D weight would put a spec 1.1 feature in the
+    core profile; tests/torch/test_target_parameters.py covers it against PEFT)."""
+    numeric("lora-target-parameters-experts-f32", "LoRA on a 3-D parameter: 3 experts' weights [3, 5, 6], "
+            "lora_A [r*3, 6] experts major, lora_B [5, r*3] experts minor; rank_pattern on 'experts.weight'",
+            "LORA", "experts", "float32", {"mlp.experts": experts(3, 6, 5)},
+            lora(2, 4, [], target_parameters=["experts.weight"], rank_pattern={"experts.weight": 3},
+                 alpha_pattern={"experts.weight": 5}), ["target_parameters", "rank_pattern"])
+
+
 def _ln_tuning_cases() -> None:
     """LN tuning (SPEC.md 15.3): the trained copy's weight and bias replace a LayerNorm's (and a Linear's)."""
     numeric("ln-tuning-layer-norm-f32", "LN_TUNING on a LayerNorm(6) with bias and on a Linear 6->5: the stored "
@@ -428,6 +446,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _oft_cases()
     _moe_cases()
     _ln_tuning_cases()
+    _target_parameters_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]

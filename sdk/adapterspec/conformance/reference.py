@@ -30,6 +30,7 @@ import numpy as np
 
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
+from .reference_parameters import expert_deltas
 from .reference_tokens import token_weight
 
 __all__ = [
@@ -118,6 +119,8 @@ def base_forward(module: Mapping[str, Any], weight: Array, bias: Array | None, x
         y = _f64(x) @ w.T
     elif kind == "gpt2_conv1d":
         y = _f64(x) @ w
+    elif kind == "experts":  # expert e maps x[e] [n, in] with its weight [out, in]
+        y = np.einsum("eni,eoi->eno", _f64(x), w)
     elif kind == "layer_norm":  # over the last axis, biased variance (torch's nn.LayerNorm)
         x64 = _f64(x)
         mean = x64.mean(axis=-1, keepdims=True)
@@ -214,6 +217,9 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
     weight = _f64(weight)
     bias = None if bias is None else _f64(bias)
     method = config["peft_type"]
+    if method == "LORA" and module["kind"] == "experts":  # SPEC.md 15.1: LoRA on the 3-D parameter
+        s = scaling(config, f"{path}.weight")
+        return weight + expert_deltas(tensors["lora_A.weight"], tensors["lora_B.weight"], weight.shape[0], s), bias
     if method == "LORA":
         return _lora(module, weight, bias, config, path, tensors)
     if method == "LOHA":

@@ -77,6 +77,8 @@ def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
         return (spec["num_embeddings"],), spec["embedding_dim"]
     if kind == "layer_norm":
         return (spec["normalized_shape"],), spec["normalized_shape"]
+    if kind == "experts":
+        return (spec["in_features"],), spec["out_features"]
     return (spec["in_channels"], *spec["kernel_size"]), spec["out_channels"]
 
 
@@ -90,12 +92,14 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
         return spec["num_embeddings"], spec["embedding_dim"]
     if kind == "layer_norm":
         return (spec["normalized_shape"],)
+    if kind == "experts":
+        return spec["num_experts"], spec["out_features"], spec["in_features"]
     return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
 
 
 #: The layer kinds of the corpus' model descriptions each method adapts (PEFT 0.21.2; SPEC.md 6).
 _SUPPORTED = {
-    "LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"),
+    "LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "experts"),  # experts: SPEC.md 15.1
     "IA3": ("linear", "gpt2_conv1d", "conv2d"),
     "LOHA": ("linear", "conv1d", "conv2d"),
     "LOKR": ("linear", "conv1d", "conv2d"),
