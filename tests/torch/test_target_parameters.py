@@ -289,3 +289,20 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(parameters, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_unload_with_merge_keeps_the_deltas(request: pytest.FixtureRequest, tmp_path: Any, moe_inputs: Any) -> None:
+    from peft import LoraConfig
+
+    base = _model("mixtral", request)
+    reference = peft_reference(base, LoraConfig(r=2, target_modules="all-linear"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = logits(reference.merge_and_unload(), moe_inputs)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    adapterspec.merge_adapters(model)
+    plain = adapterspec.unload(model, merge=True)
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    assert sorted(plain.state_dict()) == sorted(base.state_dict())
+    assert_close(logits(plain, moe_inputs), expected)
