@@ -146,6 +146,24 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 #: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
 
 
+#: Portable methods the keras backend does not implement yet -> their SPEC.md section.
+_NOT_ON_KERAS = {
+    "TRAINABLE_TOKENS": "SPEC.md 15.2",
+    "LN_TUNING": "SPEC.md 15.3",
+}
+
+
+def _names_an_embedding(config: AdapterConfig) -> bool:
+    """Whether PEFT's weight tying applies to ``config`` (SPEC.md 15.2): an entry of ``modules_to_save`` or
+    ``target_modules`` ends in ``embed_tokens`` / ``lm_head`` (a string ``target_modules`` fullmatches one)."""
+    names = ("embed_tokens", "lm_head")
+    targets = config.get("target_modules")
+    entries = [*(config.get("modules_to_save") or []), *(targets if isinstance(targets, list) else [])]
+    if any(str(entry).rpartition(".")[2] in names for entry in entries):
+        return True
+    return isinstance(targets, str) and any(re.fullmatch(targets, name) for name in names)
+
+
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -158,6 +176,18 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
+    if config.peft_type in _NOT_ON_KERAS:
+        raise UnsupportedError(f"{config.peft_type} is portable in the spec ({_NOT_ON_KERAS[config.peft_type]}); not "
+                               "implemented on Keras yet", pointer="/peft_type",
+                               hint="load this adapter with the torch backend")
+    if config.get("target_parameters"):
+        raise UnsupportedError("LoRA on parameters (target_parameters) is portable in the spec (SPEC.md 15.1); not "
+                               "implemented on Keras yet", pointer="/target_parameters",
+                               hint="load this adapter with the torch backend")
+    if config.get("ensure_weight_tying") and _names_an_embedding(config):
+        raise UnsupportedError("weight tying of adapters (ensure_weight_tying with an adapted embedding) is portable in "
+                               "the spec (SPEC.md 15.2); not implemented on Keras yet", pointer="/ensure_weight_tying",
+                               hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
