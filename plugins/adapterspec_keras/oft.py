@@ -233,8 +233,9 @@ def rotation(spec: Rotation, get: Callable[[str], Any], dtype: Any) -> Any:
 
     :param get: parameter name -> its value (the file's layout).
 
-    >>> rotation(Rotation("OFT", blocks=2, block_size=2), lambda _: np.zeros((2, 1), "float32"), "float32").shape
-    (4, 4)
+    >>> r = rotation(Rotation("OFT", blocks=2, block_size=2), lambda _: np.zeros((2, 1), "float32"), "float32")
+    >>> ops.convert_to_numpy(r).tolist() == np.eye(4).tolist()
+    True
     """
     count = spec.blocks * spec.block_size
     if spec.method == "OFT":

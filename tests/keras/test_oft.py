@@ -281,3 +281,12 @@ def test_fit_trains_only_the_rotations_and_peft_loads_the_result(method: str, ch
     assert np.abs(got - base).max() > 1e-4
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     assert_near(torch_logits(_peft_load(checkpoints["llama"], saved), token_ids), got)
+
+
+def test_docstring_examples_of_the_module_run() -> None:
+    import doctest
+
+    from adapterspec_keras import oft
+
+    result = doctest.testmod(oft, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
