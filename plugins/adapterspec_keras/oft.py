@@ -101,7 +101,8 @@ def _sizes(count: int, config: AdapterConfig, path: str) -> tuple[int, int]:
 def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
     """Refuse a module the OFT/BOFT math of this backend does not cover exactly (the torch backend's ``check``).
 
-    :raises UnsupportedError: an embedding, a logits projection, a 1-D/3-D/grouped/dilated/strided-unevenly
+    :raises UnsupportedError: an embedding, a logits projection, a transformers ``Conv1D`` (GPT-2; PEFT refuses it
+        too), a 1-D/3-D/grouped/dilated/strided-unevenly
         convolution, an OFT convolution larger than 1x1, a piece seeing only part of the module's inputs (naming
         the module), a block layout PEFT refuses, or training with ``module_dropout``/``boft_dropout``.
     """
@@ -126,6 +127,11 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
                 f"OFT on a Conv2D with kernel {kernel} ({layers}): PEFT 0.21's unmerged forward (unfold, rotate, "
                 "fold with overlap-add) differs from its merged weight for kernels larger than 1x1, so no exact "
                 "result exists", key=path, hint="target 1x1 convolutions and linear layers only")
+    elif site.hf_conv1d:
+        raise UnsupportedError(f"{method} cannot adapt a transformers Conv1D module (GPT-2's, weight stored [in, out]; "
+                               f"module on {layers}): PEFT's {method} adapts nn.Linear and nn.Conv2d only, so PEFT could "
+                               "not load the adapter", key=path,
+                               hint="remove the module from target_modules, or use LoRA/IA3 on this model")
     elif site.kind != "linear" or not kinds <= {"dense", "einsum"}:
         raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense and 2-D convolution layers with "
                                f"{method} (module on {layers})", key=path,

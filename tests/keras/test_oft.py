@@ -241,6 +241,24 @@ def test_unsupported_oft_forms_are_refused_and_leave_the_model_unchanged(case: s
     assert_same_snapshot(before, snapshot(model))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["OFT", "BOFT"])
+def test_gpt2_conv1d_modules_are_refused_as_peft_refuses_them(method: str, checkpoints: Any) -> None:
+    """PEFT's OFT/BOFT adapt nn.Linear and nn.Conv2d: on GPT-2's transformers Conv1D it raises TypeError, so a Keras
+    adapter there could never load in PEFT (the keras-hub Dense/EinsumDense layers alone would not tell)."""
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    before = snapshot(model)
+    config: dict[str, Any] = {"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["c_attn"]} \
+        if method == "OFT" else {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": ["c_attn"]}
+    with pytest.raises(UnsupportedError, match="transformers Conv1D") as caught:
+        adapterspec.inject_adapter(model, config)
+    assert caught.value.key is not None and caught.value.key.endswith("c_attn")
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.raises(TypeError, match="not supported"):  # PEFT itself
+        peft.get_peft_model(hf_model(checkpoints["gpt2"]), peft.OFTConfig(r=0, oft_block_size=8,
+                                                                          target_modules=["c_attn"]))
+
+
 def test_every_oft_and_boft_case_of_the_corpus_passes() -> None:
     """Dense and Conv2D layers (OFT 1x1, BOFT 3x3; Cayley-Neumann, exact Cayley, shared blocks), numeric (against
     the reference, itself checked against PEFT), round-trip and folder cases: all pass, none is unsupported."""
