@@ -84,7 +84,8 @@ def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
 
 
 def make_initializer(init: tuple[Any, ...]) -> Any:
-    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``.
+    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``
+    (``("normal", std, mean)`` around ``mean``).
 
     >>> type(make_initializer(("uniform", 0.5))).__name__
     'RandomUniform'
@@ -93,7 +94,7 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     if kind == "uniform":
         return keras.initializers.RandomUniform(-init[1], init[1])
     if kind == "normal":
-        return keras.initializers.RandomNormal(stddev=init[1])
+        return keras.initializers.RandomNormal(mean=init[2] if len(init) > 2 else 0.0, stddev=init[1])
     return kind  # "zeros", "ones"
 
 

@@ -40,7 +40,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, lycoris, tokens
+from . import _ops, lycoris, oft, tokens
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
@@ -82,13 +82,16 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method not in ("LORA", "IA3", *lycoris.METHODS) and method in PORTABLE_METHODS:
+    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS) and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
-    if method not in ("LORA", "IA3", *lycoris.METHODS):
+    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS):
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA or LOKR adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT or BOFT adapter, or the torch backend")
+    if method in oft.METHODS:
+        oft.check(site, path, config)
+        return
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
         return
@@ -184,6 +187,7 @@ class _Slot:
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
+    rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -267,6 +271,15 @@ def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kerne
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _oft_plan(site: ModuleSite, config: AdapterConfig, path: str, dtype: str, device: str | None, trainable: bool,
+              initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An OFT/BOFT slot's layouts (the file's, kept as they are) and bank groups."""
+    params = oft.shapes(site, config, path)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    inits = oft.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
                 device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
@@ -335,6 +348,11 @@ class AdapterLayer:
                          False)
             layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
                                           dtype, device, trainable, initialize)
+        elif config.peft_type in oft.METHODS:
+            oft.check(site, path, config, trainable=trainable)
+            slot = _Slot(path, config.peft_type, 0, 1.0, False, False, 0.0, False,
+                         rotation=oft.settings(site, config, path))
+            layouts, keys = _oft_plan(site, config, path, dtype, device, trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -515,6 +533,9 @@ class AdapterLayer:
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
         """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
+        rotations = self._rotations()
+        if rotations:
+            return self._apply_rotations(piece, rotations, x, result)
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
@@ -529,6 +550,37 @@ class AdapterLayer:
                 continue
             result = self._apply_lora(piece, slot, x, result)
         return result
+
+    def _rotations(self) -> list[_Slot]:
+        """The running OFT/BOFT adapters, in order.
+
+        :raises UnsupportedError: they run together with another method's adapter on this module (as the torch
+            backend: PEFT holds one method per layer).
+        """
+        running = [slot for _, slot in self._running()]
+        found = [slot for slot in running if slot.rotation is not None]
+        if not found:
+            return []
+        methods = {slot.method for slot in found}
+        if len(found) != len(running) or len(methods) > 1:
+            others = sorted({slot.method for slot in running if slot.rotation is None})
+            raise UnsupportedError(f"{', '.join(sorted(methods))} adapters cannot run together with "
+                                   f"{others or 'each other'} on one layer (PEFT holds one method per layer)",
+                                   key=self.site.path,
+                                   hint="activate the rotation adapters without other methods' adapters")
+        return found
+
+    def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
+        ``result + op(x, K' - K)`` so that the layer's bias and activation stay its own; a float32 adapter on a
+        half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slots[0].refs.values())).key.dtype == "float32" else out_dtype
+        flat = ops.cast(_ops.flat_kernel(piece), dtype)
+        rotated = oft.rotated_flat(self.site, piece, [(s.rotation, s.get) for s in slots if s.rotation], flat)
+        part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, rotated - flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _apply_lycoris(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
         """LoHa/LoKr unmerged: ``result + op(x, ΔW)``, the layer's own contraction with the piece's share of ΔW
@@ -629,11 +681,14 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA, LoHa, LoKr: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr, OFT, BOFT: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
         if slot.method in lycoris.METHODS:
             return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.rotation is not None:  # OFT/BOFT: R_p @ K (* boft_s) - K, for the kernel as it is now
+            flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
+            return oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat) - flat
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
@@ -716,6 +771,10 @@ class AdapterLayer:
             return
         dtype = self._merge_dtype(slot, piece)
         flat = ops.cast(flat, dtype)
+        if slot.rotation is not None:
+            new = oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat)
+            variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+            return
         delta = self.delta_weight(name, piece, dtype)
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
@@ -776,6 +835,10 @@ class AdapterLayer:
                     continue
                 dtype = self._merge_dtype(slot, piece)
                 flat = ops.cast(flat, dtype)
+                if slot.rotation is not None:
+                    new = oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
+                    variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+                    continue
                 delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:
                     norm = self._dora_norms.pop((name, i))
