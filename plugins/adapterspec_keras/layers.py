@@ -40,7 +40,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, lycoris, tokens
+from . import _ops, adalora, lycoris, tokens
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
@@ -82,15 +82,19 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method not in ("LORA", "IA3", *lycoris.METHODS) and method in PORTABLE_METHODS:
+    implemented = ("LORA", "IA3", *lycoris.METHODS, *adalora.METHODS)
+    if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
-    if method not in ("LORA", "IA3", *lycoris.METHODS):
+    if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA or LOKR adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR or ADALORA adapter, or the torch backend")
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
+        return
+    if method in adalora.METHODS:
+        adalora.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -267,6 +271,19 @@ def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kerne
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, dtype: str, device: str | None,
+                  trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An AdaLoRA slot's layouts (``lora_A``/``lora_B`` kept in the file's layout and read transposed, as LoRA's;
+    ``lora_E`` as it is) and bank groups."""
+    params = adalora.shapes(config, path, n_in, n_out)
+    k = params["lora_E"][0]
+    layouts = MappingProxyType({"lora_A": Layout((n_in, k), (k, n_in), (1, 0)),
+                                "lora_B": Layout((k, n_out), (n_out, k), (1, 0)),
+                                "lora_E": Layout((k, 1), (k, 1), (0, 1))})
+    inits = adalora.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
                 device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
@@ -335,6 +352,12 @@ class AdapterLayer:
                          False)
             layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
                                           dtype, device, trainable, initialize)
+        elif config.peft_type in adalora.METHODS:
+            adalora.check(site, path, config, trainable=trainable)
+            scale, ranknum = adalora.factors(config, path)
+            slot = _Slot(path, "ADALORA", ranknum, scale, False, False, 0.0, False)
+            layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, dtype, device,
+                                          trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -527,6 +550,9 @@ class AdapterLayer:
             if slot.method in lycoris.METHODS:
                 result = self._apply_lycoris(piece, slot, x, result)
                 continue
+            if slot.method in adalora.METHODS:
+                result = self._apply_adalora(piece, slot, x, result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
 
@@ -538,6 +564,24 @@ class AdapterLayer:
             next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
         flat = self._lycoris_flat(piece, slot, dtype)
         part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        """The piece's rows of ``(A * E).T`` (``[n_in, k]``) and columns of ``B.T`` (``[k, n_out]``), in ``dtype``."""
+        a, b = adalora.views(slot.get, dtype)
+        return _ops.gather_in(piece, a, self.site.in_features), _ops.gather_out(piece, b, self.site.out_features)
+
+    def _apply_adalora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """AdaLoRA unmerged: ``result + x @ (A * E).T @ B.T * scaling / (ranknum + 1e-5)`` (PEFT's ``SVDLinear``);
+        a float32 adapter on a half-precision layer in float32. A module whose ranks were all pruned adds nothing."""
+        if slot.rank == 0:
+            return result
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        a, b = self._adalora_views(piece, slot, dtype)
+        part = adalora.divide(_ops.expand_out(piece, _ops.contract_in(piece, ops.cast(x, dtype), a), b), slot.scaling,
+                              slot.rank)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
@@ -629,11 +673,14 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA, LoHa, LoKr: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr, AdaLoRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
         if slot.method in lycoris.METHODS:
             return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.method in adalora.METHODS:
+            a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+            return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
