@@ -84,7 +84,8 @@ def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
 
 
 def make_initializer(init: tuple[Any, ...]) -> Any:
-    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``.
+    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``,
+    ``("constant", value)``.
 
     >>> type(make_initializer(("uniform", 0.5))).__name__
     'RandomUniform'
@@ -94,6 +95,8 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
         return keras.initializers.RandomUniform(-init[1], init[1])
     if kind == "normal":
         return keras.initializers.RandomNormal(stddev=init[1])
+    if kind == "constant":
+        return keras.initializers.Constant(init[1])
     return kind  # "zeros", "ones"
 
 
