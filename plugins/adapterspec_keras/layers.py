@@ -373,11 +373,12 @@ class AdapterLayer:
             layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, dtype, device,
                                           trainable, initialize)
         elif config.peft_type in vera.METHODS:
-            vera.check(site, path, config, trainable=trainable)
+            vera.check(site, path, config)
             if shared is None:
                 raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
                                        hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
-            slot = _Slot(path, "VERA", 0, 1.0, False, False, 0.0, False, shared=shared)
+            slot = _Slot(path, "VERA", 0, 1.0, False, False, float(config.get("vera_dropout") or 0.0), False,
+                         shared=shared)
             layouts, keys = _vera_plan(config, site.in_features, site.out_features, dtype, device, trainable,
                                        initialize)
         else:
@@ -622,13 +623,17 @@ class AdapterLayer:
         return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
 
     def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
-        """VeRA unmerged: ``result + lambda_b * (lambda_d * (x @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the scales
-        folded into the factors); a float32 adapter on a half-precision layer in float32."""
+        """VeRA unmerged: ``result + lambda_b * (lambda_d * (dropout(x) @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the
+        scales folded into the factors); a float32 adapter on a half-precision layer in float32."""
         out_dtype = result.dtype
         dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
             next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
         a, b = self._vera_views(piece, slot, dtype)
-        part = _ops.expand_out(piece, _ops.contract_in(piece, ops.cast(x, dtype), a), b)
+        x = ops.cast(x, dtype)
+        if slot.dropout > 0 and _training():
+            assert slot.bank is not None
+            x = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
+        part = _ops.expand_out(piece, _ops.contract_in(piece, x, a), b)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:

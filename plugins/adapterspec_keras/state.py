@@ -212,13 +212,12 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                 renames[id(owner)] = (owner, module)
             entry = (owner, name, owned)
         holder, param, layout = entry
-        if tuple(info.shape) != layout.spec_shape and isinstance(holder, vera.Shared):
-            raise ShapeMismatchError(
-                f"shape {list(info.shape)} does not fit this model's VeRA projection: expected "
-                f"{list(layout.spec_shape)} (r, and the largest input / output size of the adapted modules)",
-                key=key, hint="the adapter was trained for another base model, or targets other modules")
         if tuple(info.shape) != layout.spec_shape:
-            assert isinstance(holder, AdapterLayer)
+            if isinstance(holder, vera.Shared):
+                raise ShapeMismatchError(
+                    f"shape {list(info.shape)} does not fit this model's VeRA projection: expected "
+                    f"{list(layout.spec_shape)} (r, and the largest input / output size of the adapted modules)",
+                    key=key, hint="the adapter was trained for another base model, or targets other modules")
             _refuse_truncated_vocabulary(holder, key, tuple(info.shape), layout.spec_shape)
             raise ShapeMismatchError(
                 f"shape {list(info.shape)} does not fit the Keras layer(s) "

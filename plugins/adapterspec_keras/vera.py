@@ -9,7 +9,8 @@ them to its own size. :func:`views` gives the factors of ``x @ delta.T`` in Kera
 
 This backend adapts what PEFT's VeRA adapts on a keras-hub model: Dense and EinsumDense layers (an ``nn.Linear``
 or a transformers ``Conv1D``, GPT-2's fused ``c_attn`` split over three layers included); embeddings and
-convolutions are refused (:func:`check`), as is training (not implemented on Keras).
+convolutions are refused (:func:`check`). Training trains the lambdas (``vera_dropout`` on the input, as PEFT);
+the projections stay frozen.
 
 >>> from adapterspec import AdapterConfig
 >>> cfg = AdapterConfig.from_dict({"peft_type": "VERA", "target_modules": ["q"], "r": 2})
@@ -67,17 +68,12 @@ class Shared:
         return self.holder.get(self.refs[param])
 
 
-def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
+def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     """Refuse what this backend does not compute exactly for VeRA.
 
     :raises UnsupportedError: an embedding, a logits projection or a convolution (naming the module and its
-        Keras layers; PEFT's VeRA adapts Linear and Conv1D only); training (``/peft_type``).
+        Keras layers; PEFT's VeRA adapts Linear and Conv1D only).
     """
-    if trainable:
-        raise UnsupportedError("training VeRA is not implemented by the keras backend; its adapters load for "
-                               "inference and merging", pointer="/peft_type",
-                               hint="train with the torch backend or PEFT, then load the saved adapter without "
-                                    "trainable")
     if site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces):
         layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
         raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with VERA (module on "

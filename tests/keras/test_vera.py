@@ -213,10 +213,67 @@ def test_save_projection_false_and_bias_are_refused_naming_the_field(checkpoints
         _refused(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, f"/{field}")
 
 
-def test_training_and_embeddings_are_refused(checkpoints: Any) -> None:
+def test_embeddings_are_refused_as_in_peft(checkpoints: Any) -> None:
     model = keras_model("llama", checkpoints["llama"])
-    config = {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"]}
-    _refused(model, lambda: adapterspec.inject_adapter(model, config, trainable=True), UnsupportedError,
-             "training VeRA")
-    _refused(model, lambda: adapterspec.inject_adapter(model, dict(config, target_modules=["embed_tokens"])),
-             UnsupportedError, "model.embed_tokens")
+    config = {"peft_type": "VERA", "r": 4, "target_modules": ["embed_tokens"]}
+    _refused(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, "model.embed_tokens")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_training_step_equals_peft(arch: str, checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Loaded trainable, one SGD step on the same loss gives PEFT's lambdas after its step (the projections frozen,
+    unchanged); the gradients are the forward's, so a wrong slice or a missing scale would show here too."""
+    import tensorflow as tf
+
+    targets = LLAMA if arch == "llama" else GPT2
+    reference = _peft_folder(checkpoints[arch], peft.VeraConfig(r=4, target_modules=targets), tmp_path / "peft")
+    weights = unique_values((2, 9, 128), 5, around=0.0, scale=1.0)
+    lr = 0.5
+
+    reference.eval()  # GPT-2's own dropouts off on both sides (the gradient needs no train mode)
+    optimiser = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=lr)
+    logits = reference(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits
+    (logits * torch.from_numpy(weights)).sum().backward()
+    optimiser.step()
+    from peft.utils import get_peft_model_state_dict
+
+    expected = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(reference).items()}
+
+    model = keras_model(arch, checkpoints[arch])
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    before = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    variables = model.trainable_variables
+    assert variables
+    from keras_helpers import keras_inputs
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(keras_inputs(token_ids), training=False) * weights)
+    for variable, grad in zip(variables, tape.gradient(loss, variables)):
+        variable.assign_sub(lr * grad)
+    after = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    assert set(after) == set(expected)
+    worst = 0.0
+    for key, value in expected.items():
+        if "vera_lambda" in key:
+            assert np.abs(value - before[key]).max() > 1e-3, key  # the step moved it
+            worst = max(worst, float(np.abs(after[key] - value).max() / np.abs(value).max()))
+        else:
+            assert np.array_equal(after[key], before[key]) and np.array_equal(after[key], value), key  # frozen
+    print(f"lambdas after one step: max relative diff vs PEFT {worst:.3g}")
+    assert worst < 1e-4
+
+
+def test_vera_dropout_drops_the_input_in_training_only(checkpoints: Any, token_ids: np.ndarray) -> None:
+    """``vera_dropout``: PEFT drops the adapter's input while training; at inference the forward is deterministic."""
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"],
+                                       "init_weights": False, "vera_dropout": 0.5})
+    adapterspec.set_active_adapters(model, ["default"])
+    inputs = keras_inputs(token_ids)
+    first, second = (np.asarray(model(inputs, training=False)) for _ in range(2))
+    assert np.array_equal(first, second)
+    trained = np.asarray(model(inputs, training=True))
+    assert np.abs(trained - first).max() > 1e-4
