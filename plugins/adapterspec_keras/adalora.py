@@ -6,9 +6,10 @@ The variables keep the file's layout; the layer reads ``A`` and ``B`` transposed
 LoRA's), so :func:`views` gives the factors of ``x @ (A * E).T @ B.T`` in Keras layout. The torch backend's
 module of the same name computes the same on torch layers.
 
-This backend adapts what PEFT's ``SVDLinear`` adapts on a keras-hub model: Dense and EinsumDense layers (an
-``nn.Linear`` or a transformers ``Conv1D``, GPT-2's fused ``c_attn`` split over three layers included);
-embeddings and convolutions are refused (:func:`check`), as is training (no rank allocation here).
+This backend adapts what PEFT's ``SVDLinear`` / ``SVDConv2d`` adapt: Dense and EinsumDense layers (an
+``nn.Linear`` or a transformers ``Conv1D``, GPT-2's fused ``c_attn`` split over three layers included) and
+ungrouped 2-D convolutions (``A`` ``[k, in * kh * kw]``, the delta reshaped to the kernel, :func:`delta_spec`);
+embeddings, 1-D/3-D or grouped convolutions are refused (:func:`check`), as is training (no rank allocation here).
 
 >>> from adapterspec import AdapterConfig
 >>> cfg = AdapterConfig.from_dict({"peft_type": "ADALORA", "target_modules": ["q"], "init_r": 3, "total_step": 10})
@@ -18,6 +19,7 @@ embeddings and convolutions are refused (:func:`check`), as is training (no rank
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +31,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
 
-__all__ = ["METHODS", "check", "divide", "factors", "inits", "shapes", "views"]
+__all__ = ["METHODS", "check", "delta_spec", "divide", "factors", "inits", "shapes", "views"]
 
 #: The methods this module computes.
 METHODS = ("ADALORA",)
@@ -47,17 +49,22 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
                                "by the keras backend; its adapters load for inference and merging",
                                pointer="/peft_type", hint="train with PEFT's AdaLoRA (update_and_allocate), then "
                                                           "load the saved adapter without trainable")
-    if site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces):
+    conv = site.kind == "conv" and all(p.kind == "conv" and getattr(p.layer, "groups", 1) == 1
+                                       for p in site.pieces) and len(site.conv_spatial) == 2
+    if not conv and (site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces)):
         layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-        raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with ADALORA (module on "
-                               f"{layers}; PEFT's AdaLoRA adapts Linear, Conv1D and Conv2d)", key=path,
-                               hint="remove the module from target_modules, or use the torch backend")
+        raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense and ungrouped 2-D convolution layers "
+                               f"with ADALORA (module on {layers}; PEFT's AdaLoRA adapts Linear, Conv1D and "
+                               f"Conv2d)", key=path, hint="remove the module from target_modules, or use the torch "
+                                                         "backend")
 
 
-def shapes(config: AdapterConfig, path: str, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
-    """``lora_A`` ``[k, in]``, ``lora_B`` ``[out, k]``, ``lora_E`` ``[k, 1]`` (PEFT's layout; ``k`` the kept ranks)."""
+def shapes(config: AdapterConfig, path: str, in_features: int, out_features: int,
+           kernel: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """``lora_A`` ``[k, in]`` (a convolution's ``[k, in * kh * kw]``), ``lora_B`` ``[out, k]``, ``lora_E``
+    ``[k, 1]`` (PEFT's layout; ``k`` the kept ranks)."""
     k = stored_rank(config, path)
-    return {"lora_A": (k, in_features), "lora_B": (out_features, k), "lora_E": (k, 1)}
+    return {"lora_A": (k, in_features * math.prod(kernel)), "lora_B": (out_features, k), "lora_E": (k, 1)}
 
 
 def factors(config: AdapterConfig, path: str) -> tuple[float, int]:
@@ -87,3 +94,10 @@ def divide(value: Any, scale: float, rank: int) -> Any:
     the last bit where the product is)."""
     dtype = value.dtype
     return value * ops.cast(scale, dtype) / (ops.cast(float(rank), dtype) + ops.cast(RANKNUM_EPS, dtype))
+
+
+def delta_spec(get: Callable[[str], Any], scale: float, rank: int, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``B @ (A * E) * scaling / (ranknum + 1e-5)`` in ``dtype``, reshaped to the base weight's ``shape`` in torch's
+    layout (``[out, in, kh, kw]`` for a convolution), as PEFT's ``SVDConv2d`` builds its delta."""
+    a, b = views(get, dtype)
+    return ops.reshape(divide(ops.transpose(ops.matmul(a, b)), scale, rank), shape)

@@ -275,13 +275,13 @@ def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kerne
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
-def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, dtype: str, device: str | None,
-                  trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
+                  device: str | None, trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
     """An AdaLoRA slot's layouts (``lora_A``/``lora_B`` kept in the file's layout and read transposed, as LoRA's;
     ``lora_E`` as it is) and bank groups."""
-    params = adalora.shapes(config, path, n_in, n_out)
-    k = params["lora_E"][0]
-    layouts = MappingProxyType({"lora_A": Layout((n_in, k), (k, n_in), (1, 0)),
+    params = adalora.shapes(config, path, n_in, n_out, kernel)
+    k, cols = params["lora_A"]
+    layouts = MappingProxyType({"lora_A": Layout((cols, k), (k, cols), (1, 0)),
                                 "lora_B": Layout((k, n_out), (n_out, k), (1, 0)),
                                 "lora_E": Layout((k, 1), (k, 1), (0, 1))})
     inits = adalora.inits(config, params) if initialize else None
@@ -370,8 +370,8 @@ class AdapterLayer:
             adalora.check(site, path, config, trainable=trainable)
             scale, ranknum = adalora.factors(config, path)
             slot = _Slot(path, "ADALORA", ranknum, scale, False, False, 0.0, False)
-            layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, dtype, device,
-                                          trainable, initialize)
+            layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
+                                          dtype, device, trainable, initialize)
         elif config.peft_type in vera.METHODS:
             vera.check(site, path, config)
             if shared is None:
@@ -609,10 +609,22 @@ class AdapterLayer:
         out_dtype = result.dtype
         dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
             next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        if self.site.kind == "conv":  # SVDConv2d: a convolution with the reshaped, scaled delta
+            kernel = _ops.kernel_from_flat(piece, self._adalora_conv_flat(slot, dtype))
+            part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=kernel)
+            return ops.cast(ops.cast(result, dtype) + part, out_dtype)
         a, b = self._adalora_views(piece, slot, dtype)
         part = adalora.divide(_ops.expand_out(piece, _ops.contract_in(piece, ops.cast(x, dtype), a), b), slot.scaling,
                               slot.rank)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_conv_flat(self, slot: _Slot, dtype: Any) -> Any:
+        """A 2-D convolution's AdaLoRA delta ``[out, in, kh, kw]`` as its Keras kernel ``[kh, kw, in, out]``,
+        flattened as :func:`_ops.flat_kernel`."""
+        site = self.site
+        delta = adalora.delta_spec(slot.get, slot.scaling, slot.rank, dtype,
+                                   (site.out_features, site.in_features, *site.conv_spatial))
+        return ops.reshape(ops.transpose(delta, (2, 3, 1, 0)), (-1, site.out_features))
 
     def _vera_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         """The piece's rows of ``A[:, :in].T * lambda_d`` (``[n_in, r]``) and columns of ``B[:out].T * lambda_b``
@@ -730,6 +742,8 @@ class AdapterLayer:
         slot = self._slots[name]
         if slot.method in lycoris.METHODS:
             return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.method in adalora.METHODS and self.site.kind == "conv":
+            return self._adalora_conv_flat(slot, piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.method in adalora.METHODS:
             a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
             return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)

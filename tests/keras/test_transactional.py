@@ -81,7 +81,7 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
      "OFT"),
     ({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": ["q_proj"]}, adapterspec.UnsupportedError, "BOFT"),
     ({"peft_type": "ADALORA", "init_r": 2, "total_step": 10, "target_modules": ["embed_tokens"]},
-     adapterspec.UnsupportedError, "Dense/EinsumDense layers with ADALORA"),
+     adapterspec.UnsupportedError, "Dense/EinsumDense and ungrouped 2-D convolution layers with ADALORA"),
     ({"peft_type": "ADALORA", "init_r": 2, "total_step": 10, "target_modules": ["q_proj"], "bias": "all"},
      adapterspec.UnsupportedError, "/bias"),
     ({"peft_type": "VERA", "r": 2, "target_modules": ["embed_tokens"]},
