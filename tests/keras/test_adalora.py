@@ -282,3 +282,40 @@ def test_conv2d_adalora_equals_peft_unmerged_merged_and_saved(tmp_path: Path) ->
     assert_near(merged, merged_expected)
     adapterspec.unmerge_adapters(model)
     assert_near(run(), got)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_module_with_every_rank_pruned_adds_nothing_as_in_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                  tmp_path: Path) -> None:
+    """``rank_pattern`` keeping no rank of one module (its tensors ``[0, in]``...) and two of another: PEFT's logits,
+    and the empty tensors saved back as PEFT wrote them."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _peft_folder(checkpoints["llama"], tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    pattern = {"model.layers.0.self_attn.q_proj": [False] * 4, "model.layers.1.self_attn.q_proj": [True, False, True, False]}
+    config["rank_pattern"] = {f"{module}.lora_E": kept for module, kept in pattern.items()}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    for module, kept in pattern.items():
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A"] = np.ascontiguousarray(tensors[f"{key}.lora_A"][kept])
+        tensors[f"{key}.lora_E"] = np.ascontiguousarray(tensors[f"{key}.lora_E"][kept])
+        tensors[f"{key}.lora_B"] = np.ascontiguousarray(tensors[f"{key}.lora_B"][:, kept])
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    reference, _ = _peft_load(checkpoints["llama"], folder)
+    expected = torch_logits(reference, token_ids)
+    base_torch = torch_logits(hf_model(checkpoints["llama"]), token_ids)
+    assert np.abs(expected - base_torch).max() > 1e-2
+
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.load_adapter(model, folder)
+    _close(keras_logits(model, token_ids), expected, base, base_torch)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours = adapterspec.read_adapter(saved).load_tensors("numpy")
+    assert set(ours) == set(tensors)
+    for key, value in tensors.items():
+        assert ours[key].shape == value.shape and np.array_equal(ours[key], value), key
+    adapterspec.merge_adapters(model)
+    _close(keras_logits(model, token_ids), expected, base, base_torch)
