@@ -6,9 +6,11 @@ the module's flattened features). The math works in Keras layout (``lora_A`` as 
 as ``[r, out]``); the variables of those 2-D factors keep the file's ``[r, in]``/``[out, r]`` (loading is a
 plain copy) and are transposed in the graph, convolution factors are stored in Keras layout (see
 :class:`Layout`). It runs
-PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3 -- on each Keras layer (*piece*) the
-module maps to, including einsum attention kernels ``(hidden, heads, head_dim)`` and GPT-2's fused
-``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split between them).
+PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3; LoHa/LoKr, AdaLoRA and VeRA through
+:mod:`~adapterspec_keras.lycoris`, :mod:`~adapterspec_keras.adalora`, :mod:`~adapterspec_keras.vera` -- on
+each Keras layer (*piece*) the module maps to, including einsum attention kernels ``(hidden, heads,
+head_dim)`` and GPT-2's fused ``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split
+between them).
 
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
@@ -89,7 +91,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint="load this adapter with the torch backend or PEFT")
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, ADALORA or VERA adapter, or the torch backend")
+                               key=path,
+                               hint="use a LORA, IA3, LOHA, LOKR, ADALORA or VERA adapter, or the torch backend")
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
         return

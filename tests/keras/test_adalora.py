@@ -293,7 +293,8 @@ def test_a_module_with_every_rank_pruned_adds_nothing_as_in_peft(checkpoints: An
 
     folder = _peft_folder(checkpoints["llama"], tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
-    pattern = {"model.layers.0.self_attn.q_proj": [False] * 4, "model.layers.1.self_attn.q_proj": [True, False, True, False]}
+    pattern = {"model.layers.0.self_attn.q_proj": [False] * 4,
+               "model.layers.1.self_attn.q_proj": [True, False, True, False]}
     config["rank_pattern"] = {f"{module}.lora_E": kept for module, kept in pattern.items()}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     tensors = load_file(folder / "adapter_model.safetensors")

@@ -167,7 +167,8 @@ def test_adapter_made_in_keras_loads_in_peft(checkpoints: Any, token_ids: np.nda
     got = keras_logits(model, token_ids)
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     tensors = adapterspec.read_adapter(saved).tensors
-    assert tuple(tensors["base_model.vera_A"].shape) == (4, 256) and tuple(tensors["base_model.vera_B"].shape) == (256, 4)
+    assert tuple(tensors["base_model.vera_A"].shape) == (4, 256)
+    assert tuple(tensors["base_model.vera_B"].shape) == (256, 4)
     reloaded, _ = _peft_load(checkpoints["gpt2"], saved)
     base = keras_logits(keras_model("gpt2", checkpoints["gpt2"]), token_ids)
     base_torch = torch_logits(hf_model(checkpoints["gpt2"]), token_ids)
