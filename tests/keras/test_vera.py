@@ -291,3 +291,54 @@ def test_every_vera_case_of_the_corpus_passes() -> None:
     names = {r.name: r.status for r in report.results}
     assert len(names) >= 6 and any("gpt2" in n for n in names)
     assert {n: s for n, s in names.items() if s is not Status.PASSED} == {}
+
+
+def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: np.ndarray) -> float:
+    """The bfloat16 Keras model's logits are the bfloat16 PEFT model's up to what the two frameworks' bfloat16
+    kernels differ by without any adapter, plus a few roundings of the logits' size for the adapter's part."""
+    import keras_hub
+    from transformers import AutoModelForCausalLM
+
+    def floats(m: Any) -> np.ndarray:
+        with torch.no_grad():
+            return m(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits.float().numpy()
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    plain = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoint), preprocessor=None, dtype="bfloat16")
+    gap = float(np.abs(keras_logits(plain, token_ids).astype(np.float32) - floats(hf)).max())
+    got, want = keras_logits(model, token_ids).astype(np.float32), floats(reference)
+    step = 2.0 ** -8 * float(np.abs(want).max())
+    diff = float(np.abs(got - want).max())
+    print(f"bfloat16: max abs diff vs PEFT {diff:.3g} (base gap {gap:.3g}, one rounding {step:.3g})")
+    assert diff <= gap + 4 * step
+    return diff
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bf16_model_keeps_the_adapter_in_float32_and_equals_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                 tmp_path: Path) -> None:
+    """On a bfloat16 keras-hub model the adapter stays float32 (SPEC.md 7.5), its part is computed in float32 and
+    the logits are PEFT's on its bfloat16 model within the frameworks' bfloat16 gap, merged too; saved back, the
+    tensors are the file's."""
+    import keras_hub
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "peft"
+    _peft_folder(checkpoints["llama"], peft.VeraConfig(r=4, target_modules=LLAMA), folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()
+        reference = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    model = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None,
+                                                        dtype="bfloat16")
+    adapterspec.load_adapter(model, folder)
+    _bf16_logits_close(model, reference, checkpoints["llama"], token_ids)
+    saved = adapterspec.read_adapter(adapterspec.save_adapter(model, tmp_path / "keras")).load_tensors("numpy")
+    stored = adapterspec.read_adapter(folder).load_tensors("numpy")
+    for key, value in stored.items():
+        assert saved[key].dtype == np.float32 and np.array_equal(saved[key], value), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    adapterspec.merge_adapters(model)
+    _bf16_logits_close(model, reference, checkpoints["llama"], token_ids)
