@@ -301,9 +301,11 @@ def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: 
 
     def floats(m: Any) -> np.ndarray:
         with torch.no_grad():
-            return m(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits.float().numpy()
+            out: np.ndarray = m(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits.float().numpy()
+        return out
 
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    hf: Any = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    hf.eval()
     plain = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoint), preprocessor=None, dtype="bfloat16")
     gap = float(np.abs(keras_logits(plain, token_ids).astype(np.float32) - floats(hf)).max())
     got, want = keras_logits(model, token_ids).astype(np.float32), floats(reference)
@@ -327,7 +329,8 @@ def test_bf16_model_keeps_the_adapter_in_float32_and_equals_peft(checkpoints: An
     _peft_folder(checkpoints["llama"], peft.VeraConfig(r=4, target_modules=LLAMA), folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()
+        base: Any = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16)
+        base.eval()
         reference = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     model = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None,
                                                         dtype="bfloat16")
