@@ -345,3 +345,33 @@ def test_bf16_model_keeps_the_adapter_in_float32_and_equals_peft(checkpoints: An
         reference.merge_adapter()
     adapterspec.merge_adapters(model)
     _bf16_logits_close(model, reference, checkpoints["llama"], token_ids)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_vera_adapters_keep_their_own_projections(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Two VeRA adapters of different ranks on the same modules: each has its own shared projections; active alone,
+    each gives its PEFT model's logits; each saves its own file back; deleting one leaves the other whole."""
+    arch = "llama"
+    configs = {"one": peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+               "two": peft.VeraConfig(r=6, target_modules=["q_proj", "down_proj"], projection_prng_key=3)}
+    expected = {}
+    for name, config in configs.items():
+        expected[name] = torch_logits(_peft_folder(checkpoints[arch], config, tmp_path / name), token_ids)
+    base_torch = torch_logits(hf_model(checkpoints[arch]), token_ids)
+    assert min(np.abs(e - base_torch).max() for e in expected.values()) > 1e-2
+    assert np.abs(expected["one"] - expected["two"]).max() > 1e-2
+    model = keras_model(arch, checkpoints[arch])
+    base = keras_logits(model, token_ids)
+    for name in configs:
+        adapterspec.load_adapter(model, tmp_path / name, name)
+    for name in configs:
+        adapterspec.set_active_adapters(model, [name])
+        _close(keras_logits(model, token_ids), expected[name], base, base_torch)
+        ours = adapterspec.extract_adapter(model, name).load_tensors("numpy")
+        theirs = adapterspec.read_adapter(tmp_path / name).load_tensors("numpy")
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            assert np.array_equal(ours[key], theirs[key]), (name, key)
+    adapterspec.delete_adapter(model, "one")
+    adapterspec.set_active_adapters(model, ["two"])
+    _close(keras_logits(model, token_ids), expected["two"], base, base_torch)
