@@ -85,7 +85,7 @@ def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
 
 def make_initializer(init: tuple[Any, ...]) -> Any:
     """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``
-    (``("normal", std, mean)`` around ``mean``).
+    (``("normal", std, mean)`` around ``mean``), ``("constant", value)``.
 
     >>> type(make_initializer(("uniform", 0.5))).__name__
     'RandomUniform'
@@ -95,6 +95,8 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
         return keras.initializers.RandomUniform(-init[1], init[1])
     if kind == "normal":
         return keras.initializers.RandomNormal(mean=init[2] if len(init) > 2 else 0.0, stddev=init[1])
+    if kind == "constant":
+        return keras.initializers.Constant(init[1])
     return kind  # "zeros", "ones"
 
 

@@ -34,13 +34,14 @@ from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
-from .devices import check_options
+from .devices import check_options, target_of
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
 from .tokens import find_token_targets
+from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
                     unreached)
@@ -237,9 +238,11 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         _track(sites[paths[0]].pieces[0].layer, bank)
         state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
         layers: list[AdapterLayer | ModulesToSaveLayer] = []
+        shared = _add_shared(config, bank, [sites[path] for path in paths], options)
         for path in paths:
             layer = _adapter_layer(model, state, sites[path])
-            layer.add_adapter(adapter_name, config, path, options, bank, check=False)  # checked above
+            layer.add_adapter(adapter_name, config, path, options, bank, check=False,  # checked above
+                              shared=shared)
             layer.set_active(state.active)
             layers.append(layer)
         token_layers: dict[str, AdapterLayer] = {}
@@ -270,6 +273,19 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     guard_save(model)
     invalidate(model)
     return list(paths)
+
+
+def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],
+                options: LoadOptions) -> vera.Shared | None:
+    """VeRA: the adapter's shared ``vera_A``/``vera_B`` (frozen rows of its bank), sized over its targets, in the
+    dtype its other tensors get (``None`` for other methods)."""
+    if config.peft_type not in vera.METHODS:
+        return None
+    device, dtype = target_of(targets[0].pieces[0].kernel_variable, options)
+    if options.dtype is None and dtype in ("float16", "bfloat16"):
+        dtype = "float32"  # SPEC.md 7.5, as AdapterLayer.add_adapter
+    return vera.reserve(bank, config, [(site.in_features, site.out_features) for site in targets], dtype, device,
+                        bool(getattr(options, "initialize", True)))
 
 
 def _check_saved_overlap(state: ModelState | None, saved: list[tuple[str, list[Any]]],

@@ -6,9 +6,11 @@ the module's flattened features). The math works in Keras layout (``lora_A`` as 
 as ``[r, out]``); the variables of those 2-D factors keep the file's ``[r, in]``/``[out, r]`` (loading is a
 plain copy) and are transposed in the graph, convolution factors are stored in Keras layout (see
 :class:`Layout`). It runs
-PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3 -- on each Keras layer (*piece*) the
-module maps to, including einsum attention kernels ``(hidden, heads, head_dim)`` and GPT-2's fused
-``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split between them).
+PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3; LoHa/LoKr, AdaLoRA and VeRA through
+:mod:`~adapterspec_keras.lycoris`, :mod:`~adapterspec_keras.adalora`, :mod:`~adapterspec_keras.vera` -- on
+each Keras layer (*piece*) the module maps to, including einsum attention kernels ``(hidden, heads,
+head_dim)`` and GPT-2's fused ``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split
+between them).
 
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
@@ -40,7 +42,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, lycoris, oft, tokens
+from . import _ops, adalora, lycoris, oft, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .sites import ModuleSite, Piece
@@ -82,18 +84,26 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS) and method in PORTABLE_METHODS:
+    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
+    if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
-    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS):
+    if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT or BOFT adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA or VERA adapter, or the "
+                                              "torch backend")
     if method in oft.METHODS:
         oft.check(site, path, config)
         return
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
+        return
+    if method in adalora.METHODS:
+        adalora.check(site, path, config)
+        return
+    if method in vera.METHODS:
+        vera.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -188,6 +198,7 @@ class _Slot:
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
+    shared: vera.Shared | None = None  # VERA: the adapter's shared projections
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -280,6 +291,27 @@ def _oft_plan(site: ModuleSite, config: AdapterConfig, path: str, dtype: str, de
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
+                  device: str | None, trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An AdaLoRA slot's layouts (``lora_A``/``lora_B`` kept in the file's layout and read transposed, as LoRA's;
+    ``lora_E`` as it is) and bank groups."""
+    params = adalora.shapes(config, path, n_in, n_out, kernel)
+    k, cols = params["lora_A"]
+    layouts = MappingProxyType({"lora_A": Layout((cols, k), (k, cols), (1, 0)),
+                                "lora_B": Layout((k, n_out), (n_out, k), (1, 0)),
+                                "lora_E": Layout((k, 1), (k, 1), (0, 1))})
+    inits = adalora.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _vera_plan(config: AdapterConfig, n_in: int, n_out: int, dtype: str, device: str | None, trainable: bool,
+               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A VeRA slot's layouts (the file's) and bank groups (the shared projections: :func:`vera.reserve`)."""
+    params = vera.shapes(config, n_in, n_out)
+    layouts = MappingProxyType({param: Layout(shape, shape, (0,)) for param, shape in params.items()})
+    return layouts, _group_keys(layouts, vera.inits(config) if initialize else None, dtype, device, trainable)
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
                 device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
@@ -313,7 +345,8 @@ class AdapterLayer:
 
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions,
-                    bank: AdapterBank, *, check: bool = True, target: tuple[str | None, str] | None = None) -> None:
+                    bank: AdapterBank, *, check: bool = True, target: tuple[str | None, str] | None = None,
+                    shared: vera.Shared | None = None) -> None:
         """Reserve adapter ``name``'s parameters for module ``path`` in ``bank``, initialised as ``config`` says
         once the bank is materialized; inactive.
 
@@ -324,6 +357,7 @@ class AdapterLayer:
         :param check: refuse a module the method cannot adapt (:func:`check_supported`); ``False`` when the
             caller checked already.
         :param target: the variables' (device, dtype), when the caller knows it (:func:`~adapterspec_keras.devices.target_of`).
+        :param shared: VeRA: the adapter's shared projections (:func:`~adapterspec_keras.vera.reserve`).
         """
         if check:
             check_supported(self.site, path, config)
@@ -353,6 +387,21 @@ class AdapterLayer:
             slot = _Slot(path, config.peft_type, 0, 1.0, False, False, 0.0, False,
                          rotation=oft.settings(site, config, path))
             layouts, keys = _oft_plan(site, config, path, dtype, device, trainable, initialize)
+        elif config.peft_type in adalora.METHODS:
+            adalora.check(site, path, config, trainable=trainable)
+            scale, ranknum = adalora.factors(config, path)
+            slot = _Slot(path, "ADALORA", ranknum, scale, False, False, 0.0, False)
+            layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
+                                          dtype, device, trainable, initialize)
+        elif config.peft_type in vera.METHODS:
+            vera.check(site, path, config)
+            if shared is None:
+                raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
+                                       hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
+            slot = _Slot(path, "VERA", 0, 1.0, False, False, float(config.get("vera_dropout") or 0.0), False,
+                         shared=shared)
+            layouts, keys = _vera_plan(config, site.in_features, site.out_features, dtype, device, trainable,
+                                       initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -493,6 +542,10 @@ class AdapterLayer:
         slot = self._slots[name]
         return {param: slot.get(param) for param in slot.refs}
 
+    def shared_of(self, name: str) -> vera.Shared | None:
+        """VeRA: adapter ``name``'s shared projections (``None`` for other methods)."""
+        return self._slots[name].shared
+
     def refs(self, name: str) -> dict[str, Ref]:
         """Spec parameter name -> where it lives in the adapter's bank."""
         return dict(self._slots[name].refs)
@@ -548,6 +601,12 @@ class AdapterLayer:
             if slot.method in lycoris.METHODS:
                 result = self._apply_lycoris(piece, slot, x, result)
                 continue
+            if slot.method in adalora.METHODS:
+                result = self._apply_adalora(piece, slot, x, result)
+                continue
+            if slot.method in vera.METHODS:
+                result = self._apply_vera(piece, slot, x, result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
 
@@ -590,6 +649,58 @@ class AdapterLayer:
             next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
         flat = self._lycoris_flat(piece, slot, dtype)
         part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        """The piece's rows of ``(A * E).T`` (``[n_in, k]``) and columns of ``B.T`` (``[k, n_out]``), in ``dtype``."""
+        a, b = adalora.views(slot.get, dtype)
+        return _ops.gather_in(piece, a, self.site.in_features), _ops.gather_out(piece, b, self.site.out_features)
+
+    def _apply_adalora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """AdaLoRA unmerged: ``result + x @ (A * E).T @ B.T * scaling / (ranknum + 1e-5)`` (PEFT's ``SVDLinear``);
+        a float32 adapter on a half-precision layer in float32. A module whose ranks were all pruned adds nothing."""
+        if slot.rank == 0:
+            return result
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        if self.site.kind == "conv":  # SVDConv2d: a convolution with the reshaped, scaled delta
+            kernel = _ops.kernel_from_flat(piece, self._adalora_conv_flat(slot, dtype))
+            part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=kernel)
+            return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+        a, b = self._adalora_views(piece, slot, dtype)
+        part = adalora.divide(_ops.expand_out(piece, _ops.contract_in(piece, ops.cast(x, dtype), a), b), slot.scaling,
+                              slot.rank)
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_conv_flat(self, slot: _Slot, dtype: Any) -> Any:
+        """A 2-D convolution's AdaLoRA delta ``[out, in, kh, kw]`` as its Keras kernel ``[kh, kw, in, out]``,
+        flattened as :func:`_ops.flat_kernel`."""
+        site = self.site
+        delta = adalora.delta_spec(slot.get, slot.scaling, slot.rank, dtype,
+                                   (site.out_features, site.in_features, *site.conv_spatial))
+        return ops.reshape(ops.transpose(delta, (2, 3, 1, 0)), (-1, site.out_features))
+
+    def _vera_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        """The piece's rows of ``A[:, :in].T * lambda_d`` (``[n_in, r]``) and columns of ``B[:out].T * lambda_b``
+        (``[r, n_out]``), in ``dtype``."""
+        assert slot.shared is not None
+        site = self.site
+        a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)
+        return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
+
+    def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """VeRA unmerged: ``result + lambda_b * (lambda_d * (dropout(x) @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the
+        scales folded into the factors); a float32 adapter on a half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        a, b = self._vera_views(piece, slot, dtype)
+        x = ops.cast(x, dtype)
+        if slot.dropout > 0 and _training():
+            assert slot.bank is not None
+            x = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
+        part = _ops.expand_out(piece, _ops.contract_in(piece, x, a), b)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
@@ -681,7 +792,7 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA, LoHa, LoKr, OFT, BOFT: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr, OFT, BOFT, AdaLoRA, VeRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
         if slot.method in lycoris.METHODS:
@@ -689,6 +800,14 @@ class AdapterLayer:
         if slot.rotation is not None:  # OFT/BOFT: R_p @ K (* boft_s) - K, for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat) - flat
+        if slot.method in adalora.METHODS and self.site.kind == "conv":
+            return self._adalora_conv_flat(slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.method in adalora.METHODS:
+            a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+            return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)
+        if slot.method in vera.METHODS:
+            a, b = self._vera_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+            return _ops.lora_delta_flat(piece, a, b)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
