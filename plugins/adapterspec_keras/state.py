@@ -30,6 +30,7 @@ from adapterspec.errors import (
     ShapeMismatchError,
     TargetNotFoundError,
     UnexpectedTensorError,
+    UnsupportedError,
 )
 from adapterspec.naming import (
     BASE_LAYER_PARAM,
@@ -119,6 +120,13 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     if name.role == "base_layer" and (owner := _owner(name.module, by_path, sites)) is not None:
         base_plan[key] = owner
         return None
+    if name.role == "ignored":  # PEFT's bookkeeping copies (SPEC.md 5.4): accepted, not loaded
+        return None
+    if name.role in ("embedding", "bias"):  # valid tensors (SPEC.md 5.3) this backend cannot hold yet
+        what = "an embedding saved whole" if name.role == "embedding" else "a trained bias"
+        raise UnsupportedError(f"{name.role} tensors saved by PEFT ({what}) are not implemented by the Keras backend",
+                               key=key,
+                               hint="load this adapter with the torch backend, or save it without them")
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
