@@ -3,6 +3,13 @@ kernels are sharded by a ``LayoutMap`` (``ModelParallel``), or replicated with t
 loads a PEFT LoRA with the unsharded model's logits (and PEFT's), keeps every adapter variable on the model's
 whole mesh, and saves the tensors the unsharded model saves, bit for bit (the save gathers).
 
+Under ``ModelParallel`` each adapter variable is laid out like its base kernel (SPEC.md 16,
+:mod:`adapterspec_keras.sharding`): ``lora_A`` split on its input axis where the kernel is split on its input
+features (row parallel: q/k/v, o, down), ``lora_B`` on its output axis where the kernel is split on its output
+features (column parallel: gate, up), the rest whole -- for a frozen load (no arena then) and for trainable groups;
+one ``fit`` step of a trainable adapter equals the unsharded step. Under ``DataParallel`` nothing changes (one
+replicated arena, as on one device).
+
 JAX and its device count are fixed at import, so the model runs in a child process
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, ``KERAS_BACKEND=jax``), bounded in time.
 """
@@ -56,11 +63,74 @@ def adapter_meshes(model):
     return sorted({len(v.value.sharding.device_set) for v in model.weights if v.path.startswith("adapterspec_")})
 
 
+def spec_of(variable):
+    spec = list(getattr(variable.value.sharding, "spec", ()))  # one device: SingleDeviceSharding
+    return spec + [None] * (len(variable.shape) - len(spec))
+
+
+def adapter_specs(model, name="default"):
+    # module kind (q_proj...) -> parameter -> the PartitionSpecs of the variables holding it ([count, *stored])
+    from adapterspec_keras.switch import get_state
+
+    out = {}
+    for layer in get_state(model).adapter_layers.values():
+        path, _, refs = layer.parameters(name)
+        for param, ref in refs.items():
+            specs = out.setdefault(path.rsplit(".", 1)[-1], {}).setdefault(param, [])
+            bank = layer.bank(name)
+            spec = spec_of(bank._arena if bank._arena is not None else bank.variable(ref.key))
+            if spec not in specs:
+                specs.append(spec)
+    return out
+
+
+def fit_one_step(model, lr=0.5):
+    model.compile(optimizer=keras.optimizers.SGD(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(inputs, np.roll(ids, -1, axis=1).astype("int32"), epochs=1, batch_size=len(ids), shuffle=False,
+              verbose=0)
+
+
 report = {"devices": len(jax.devices())}
 model = build()
 report["loaded"] = sorted(adapterspec.load_adapter(model, adapter))
 np.save(out / "plain.npy", np.asarray(model(inputs)))
 adapterspec.save_adapter(model, out / "plain", overwrite=True)
+config = json.loads((adapter / "adapter_config.json").read_text())
+
+
+def adopt(model, name, folder):
+    # the values of a saved adapter into adapter `name`'s variables, row by row (bank.assign; the layouts stay)
+    from adapterspec.naming import make_key
+    from adapterspec_keras.switch import get_state
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    for layer in get_state(model).adapter_layers.values():
+        path, layouts, refs = layer.parameters(name)
+        for param, ref in refs.items():
+            layer.bank(name).assign(ref, layouts[param].to_stored(tensors[make_key(path, param)]))
+
+
+def trained(model, tag):
+    # a trainable inject and a trainable load (the file's values: A and B both get gradients), one fit step each;
+    # saved. The sharded inject starts from the unsharded one's random draw (JAX draws another one for a sharded
+    # variable), written in row by row.
+    keras.utils.set_random_seed(7)
+    adapterspec.inject_adapter(model, config, "fresh", trainable=True)
+    if tag != "plain_train":
+        adopt(model, "fresh", out / "plain_train_fresh_init")
+    adapterspec.load_adapter(model, adapter, "loaded", trainable=True)
+    specs = {name: adapter_specs(model, name) for name in ("fresh", "loaded")}
+    for name in ("fresh", "loaded"):
+        adapterspec.set_active_adapters(model, name)
+        adapterspec.save_adapter(model, out / f"{tag}_{name}_init", name, overwrite=True)
+        fit_one_step(model)
+        adapterspec.save_adapter(model, out / f"{tag}_{name}_step", name, overwrite=True)
+    return specs
+
+
+trained(build(), "plain_train")
 
 devices = keras.distribution.list_devices()
 mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
@@ -80,10 +150,17 @@ for name, distribution in (("model_parallel", keras.distribution.ModelParallel(l
         report[name + "_loaded"] = sorted(adapterspec.load_adapter(model, adapter))
         report[name + "_base_layouts_kept"] = all(shardings(model)[k] == s for k, s in before.items())
         report[name + "_adapter_meshes"] = adapter_meshes(model)
+        report[name + "_adapter_specs"] = {v.path: spec_of(v) for v in model.weights
+                                           if v.path.startswith("adapterspec_")}
+        if name == "model_parallel":
+            report[name + "_module_specs"] = adapter_specs(model)
         np.save(out / f"{name}.npy", np.asarray(model(inputs)))
         adapterspec.save_adapter(model, out / name, overwrite=True)
         adapterspec.delete_adapter(model, "default")
         report[name + "_restored"] = shardings(model) == before
+    if name == "model_parallel":
+        with distribution.scope():
+            report[name + "_train_specs"] = trained(build(), name + "_train")
 print(json.dumps(report))
 """
 
@@ -129,3 +206,44 @@ def test_sharded_save_is_the_unsharded_save(run: dict[str, Any], name: str) -> N
     for key, value in plain.items():
         assert sharded[key].dtype == value.dtype and np.array_equal(sharded[key], value), key
         assert np.array_equal(value, peft_file[key]), key  # the round trip is exact too
+
+
+#: The PartitionSpec of each adapter variable ([count, *stored]: lora_A [count, r, in], lora_B [count, out, r]) under
+#: the LayoutMap above: q/k/v ([hidden, heads, head_dim] split on hidden), o ([heads, head_dim, hidden] split on
+#: heads) and down ([intermediate, hidden] split on intermediate) are row parallel: lora_A split on its input axis,
+#: lora_B whole; gate/up ([hidden, intermediate] split on intermediate) are column parallel: lora_B split on its
+#: output axis, lora_A whole.
+_ROW = {"lora_A.weight": [[None, None, "model"]], "lora_B.weight": [[None, None, None]]}
+_COLUMN = {"lora_A.weight": [[None, None, None]], "lora_B.weight": [[None, "model", None]]}
+EXPECTED_SPECS = {"q_proj": _ROW, "k_proj": _ROW, "v_proj": _ROW, "o_proj": _ROW, "down_proj": _ROW,
+                  "gate_proj": _COLUMN, "up_proj": _COLUMN}
+
+
+def test_model_parallel_adapter_variables_are_laid_out_like_their_kernels(run: dict[str, Any]) -> None:
+    assert run["model_parallel_module_specs"] == EXPECTED_SPECS
+    for name in ("fresh", "loaded"):  # trainable groups too (an inject, a trainable load)
+        assert run["model_parallel_train_specs"][name] == EXPECTED_SPECS, name
+    # no arena: one variable per (parameter, shape, layout) group
+    assert all(len(spec) == 3 for spec in run["model_parallel_adapter_specs"].values())
+
+
+def test_data_parallel_adapter_variables_stay_replicated(run: dict[str, Any]) -> None:
+    specs = run["data_parallel_adapter_specs"]
+    assert specs and all(all(axis is None for axis in spec) for spec in specs.values())
+    assert list(specs) == [next(iter(specs))] and len(next(iter(specs.values()))) == 1  # one arena, as on one device
+
+
+@pytest.mark.parametrize("name", ["fresh", "loaded"])
+def test_model_parallel_fit_step_is_the_unsharded_step(run: dict[str, Any], name: str) -> None:
+    out = run["out"]
+    plain_init = load_file(str(out / f"plain_train_{name}_init" / "adapter_model.safetensors"))
+    plain = load_file(str(out / f"plain_train_{name}_step" / "adapter_model.safetensors"))
+    sharded_init = load_file(str(out / f"model_parallel_train_{name}_init" / "adapter_model.safetensors"))
+    sharded = load_file(str(out / f"model_parallel_train_{name}_step" / "adapter_model.safetensors"))
+    assert plain.keys() == sharded.keys() == plain_init.keys() and len(plain) == 2 * 2 * 7
+    moved = 0
+    for key, value in plain.items():
+        assert np.array_equal(sharded_init[key], plain_init[key]), key  # the same start
+        moved += not np.array_equal(value, plain_init[key])
+        assert_near(sharded[key], value, msg=key)
+    assert moved >= len(plain) // 2  # the step changed the adapter (B at least; A too where B is not zero)
