@@ -38,6 +38,10 @@ from safetensors.numpy import load_file  # noqa: E402
 
 REPO = Path(adapterspec.__file__).resolve().parents[2]
 
+#: Further adapters the child loads (folder name -> PEFT config), for the layouts of other tensors.
+EXTRAS = {"emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+          "dora": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"], use_dora=True)}
+
 CHILD = r"""
 import json, sys
 from pathlib import Path
@@ -46,6 +50,7 @@ import jax, keras, keras_hub
 import adapterspec
 
 checkpoint, adapter, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+EXTRAS = json.loads(sys.argv[4])
 ids = np.load(out / "ids.npy")
 inputs = {"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32")}
 
@@ -55,7 +60,7 @@ def build():
 
 
 def shardings(model):
-    return {v.path: str(v.value.sharding.spec) for v in model.weights}
+    return {v.path: spec_of(v) for v in model.weights}
 
 
 def adapter_meshes(model):
@@ -64,7 +69,9 @@ def adapter_meshes(model):
 
 
 def spec_of(variable):
-    spec = list(getattr(variable.value.sharding, "spec", ()))  # one device: SingleDeviceSharding
+    # the PartitionSpec, written out for each axis (JAX may leave out trailing whole axes, or write a one-name tuple)
+    spec = [e[0] if isinstance(e, tuple) and len(e) == 1 else e
+            for e in getattr(variable.value.sharding, "spec", ())]  # one device: SingleDeviceSharding, no spec
     return spec + [None] * (len(variable.shape) - len(spec))
 
 
@@ -74,6 +81,8 @@ def adapter_specs(model, name="default"):
 
     out = {}
     for layer in get_state(model).adapter_layers.values():
+        if name not in layer.adapter_names():
+            continue
         path, _, refs = layer.parameters(name)
         for param, ref in refs.items():
             specs = out.setdefault(path.rsplit(".", 1)[-1], {}).setdefault(param, [])
@@ -132,6 +141,27 @@ def trained(model, tag):
 
 trained(build(), "plain_train")
 
+# more layouts: a LoRA on the (vocab-split) embedding, DoRA on a column- and a row-parallel kernel
+extras = {name: out / "peft_extra" / name for name in EXTRAS}
+
+
+def load_extras(model):
+    active = adapterspec.active_adapters(model)
+    for name, folder in extras.items():
+        adapterspec.load_adapter(model, folder, name)
+    outputs = {}
+    for name in extras:
+        adapterspec.set_active_adapters(model, name)
+        outputs[name] = np.asarray(model(inputs))
+    if active:
+        adapterspec.set_active_adapters(model, active)
+    return outputs
+
+
+model = build()
+for name, logits in load_extras(model).items():
+    np.save(out / f"plain_{name}.npy", logits)
+
 devices = keras.distribution.list_devices()
 mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
 layout = keras.distribution.LayoutMap(mesh)
@@ -154,6 +184,15 @@ for name, distribution in (("model_parallel", keras.distribution.ModelParallel(l
                                            if v.path.startswith("adapterspec_")}
         if name == "model_parallel":
             report[name + "_module_specs"] = adapter_specs(model)
+            for extra, logits in load_extras(model).items():
+                np.save(out / f"{name}_{extra}.npy", logits)
+                report[name + "_specs_" + extra] = adapter_specs(model, extra)
+                adapterspec.delete_adapter(model, extra)
+            # merging into sharded kernels: the same logits, the kernels' layouts kept
+            adapterspec.merge_adapters(model, "default")
+            np.save(out / f"{name}_merged.npy", np.asarray(model(inputs)))
+            report[name + "_merged_layouts_kept"] = all(shardings(model)[k] == s for k, s in before.items())
+            adapterspec.unmerge_adapters(model)
         np.save(out / f"{name}.npy", np.asarray(model(inputs)))
         adapterspec.save_adapter(model, out / name, overwrite=True)
         adapterspec.delete_adapter(model, "default")
@@ -172,10 +211,14 @@ def run(checkpoints: Any, token_ids: np.ndarray, tmp_path_factory: pytest.TempPa
         r=4, lora_alpha=8, target_modules=list(ARCHS["llama"].linear_targets)))
     np.save(out / "ids.npy", token_ids)
     np.save(out / "peft_logits.npy", torch_logits(peft_model, token_ids))
+    for i, (name, kwargs) in enumerate(EXTRAS.items()):
+        extra, _ = make_peft_adapter(checkpoints["llama"], out / "peft_extra" / name, peft.LoraConfig(**kwargs), salt=i + 1)
+        np.save(out / f"peft_{name}.npy", torch_logits(extra, token_ids))
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
            "PYTHONPATH": os.pathsep.join([str(REPO / "sdk"), str(REPO / "plugins")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoints["llama"]), str(adapter), str(out)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoints["llama"]), str(adapter), str(out),
+                           json.dumps(list(EXTRAS))],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -247,3 +290,23 @@ def test_model_parallel_fit_step_is_the_unsharded_step(run: dict[str, Any], name
         moved += not np.array_equal(value, plain_init[key])
         assert_near(sharded[key], value, msg=key)
     assert moved >= len(plain) // 2  # the step changed the adapter (B at least; A too where B is not zero)
+
+
+_EMB = {"lora_embedding_A": [[None, None, "model"]], "lora_embedding_B": [[None, None, None]]}
+EXTRA_SPECS = {"emb": {"embed_tokens": _EMB, "q_proj": _ROW},
+               "dora": {"gate_proj": {**_COLUMN, "lora_magnitude_vector": [[None, "model"]]},
+                        "down_proj": {**_ROW, "lora_magnitude_vector": [[None, None]]}}}
+
+
+@pytest.mark.parametrize("name", list(EXTRAS))
+def test_model_parallel_embedding_and_dora_layouts(run: dict[str, Any], name: str) -> None:
+    out = run["out"]
+    assert run["model_parallel_specs_" + name] == EXTRA_SPECS[name]
+    plain = np.load(out / f"plain_{name}.npy")
+    assert_near(plain, np.load(out / f"peft_{name}.npy"), msg=f"{name}: unsharded Keras vs PEFT")
+    assert_near(np.load(out / f"model_parallel_{name}.npy"), plain, msg=f"{name}: model_parallel vs unsharded")
+
+
+def test_model_parallel_merge_keeps_the_kernels_layouts(run: dict[str, Any]) -> None:
+    assert run["model_parallel_merged_layouts_kept"]
+    assert_near(np.load(run["out"] / "model_parallel_merged.npy"), np.load(run["out"] / "plain.npy"), msg="merged")
