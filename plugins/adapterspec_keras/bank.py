@@ -197,8 +197,8 @@ class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no t
 
     def arena_dtype(self) -> str | None:
         """The dtype an arena would have: the groups' one dtype when they share it and their device and none
-        is trainable (a trainable flat variable would get a dense gradient of its whole size per row) or sharded (its rows
-        laid out like their base kernels: one variable per layout), else ``None``."""
+        is trainable (a trainable flat variable would get a dense gradient of its whole size per row) or sharded
+        (its rows laid out like their base kernels: one variable per layout), else ``None``."""
         keys: list[GroupKey] = list(self._counts)
         if not keys or any(k.trainable or k.dtype != keys[0].dtype or k.device != keys[0].device
                            or k.sharding is not None for k in keys):

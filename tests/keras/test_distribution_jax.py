@@ -40,7 +40,8 @@ REPO = Path(adapterspec.__file__).resolve().parents[2]
 
 #: Further adapters the child loads (folder name -> PEFT config), for the layouts of other tensors.
 EXTRAS = {"emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-          "dora": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"], use_dora=True)}
+          "dora": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"], use_dora=True),
+          "ia3": dict(target_modules=["k_proj", "gate_proj", "down_proj"], feedforward_modules=["down_proj"])}
 
 CHILD = r"""
 import json, sys
@@ -212,7 +213,8 @@ def run(checkpoints: Any, token_ids: np.ndarray, tmp_path_factory: pytest.TempPa
     np.save(out / "ids.npy", token_ids)
     np.save(out / "peft_logits.npy", torch_logits(peft_model, token_ids))
     for i, (name, kwargs) in enumerate(EXTRAS.items()):
-        extra, _ = make_peft_adapter(checkpoints["llama"], out / "peft_extra" / name, peft.LoraConfig(**kwargs), salt=i + 1)
+        kind = peft.IA3Config if name == "ia3" else peft.LoraConfig
+        extra, _ = make_peft_adapter(checkpoints["llama"], out / "peft_extra" / name, kind(**kwargs), salt=i + 1)
         np.save(out / f"peft_{name}.npy", torch_logits(extra, token_ids))
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
@@ -295,11 +297,15 @@ def test_model_parallel_fit_step_is_the_unsharded_step(run: dict[str, Any], name
 _EMB = {"lora_embedding_A": [[None, None, "model"]], "lora_embedding_B": [[None, None, None]]}
 EXTRA_SPECS = {"emb": {"embed_tokens": _EMB, "q_proj": _ROW},
                "dora": {"gate_proj": {**_COLUMN, "lora_magnitude_vector": [[None, "model"]]},
-                        "down_proj": {**_ROW, "lora_magnitude_vector": [[None, None]]}}}
+                        "down_proj": {**_ROW, "lora_magnitude_vector": [[None, None]]}},
+               # IA3's vector: over outputs (k: whole, its kernel split on inputs; gate: split), over inputs for the
+               # feedforward down (split)
+               "ia3": {"k_proj": {"ia3_l": [[None, None]]}, "gate_proj": {"ia3_l": [[None, "model"]]},
+                       "down_proj": {"ia3_l": [[None, "model"]]}}}
 
 
 @pytest.mark.parametrize("name", list(EXTRAS))
-def test_model_parallel_embedding_and_dora_layouts(run: dict[str, Any], name: str) -> None:
+def test_model_parallel_embedding_dora_and_ia3_layouts(run: dict[str, Any], name: str) -> None:
     out = run["out"]
     assert run["model_parallel_specs_" + name] == EXTRA_SPECS[name]
     plain = np.load(out / f"plain_{name}.npy")

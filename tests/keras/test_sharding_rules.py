@@ -60,7 +60,8 @@ def test_each_adapter_tensor_takes_the_split_of_its_feature_axis() -> None:
     assert _spec(param_sharding(row, "LORA", "lora_embedding_A", (4, 128))) == (None, "model")
     # a convolution's variables keep the Keras layout: A [*k, in, r], B [*1, r, out]
     assert _spec(param_sharding(row, "LORA", "lora_A.weight", (3, 3, 8, 4), conv=True)) == (None, None, "model", None)
-    assert _spec(param_sharding(column, "LORA", "lora_B.weight", (1, 1, 4, 8), conv=True)) == (None, None, None, "model")
+    conv_b = param_sharding(column, "LORA", "lora_B.weight", (1, 1, 4, 8), conv=True)
+    assert _spec(conv_b) == (None, None, None, "model")
     # IA3: its vector over outputs, or over inputs for a feedforward module
     assert _spec(param_sharding(column, "IA3", "ia3_l", (64,))) == ("model",)
     assert param_sharding(column, "IA3", "ia3_l", (64,), feedforward=True) is None
