@@ -221,7 +221,7 @@ def run(checkpoints: Any, token_ids: np.ndarray, tmp_path_factory: pytest.TempPa
            "PYTHONPATH": os.pathsep.join([str(REPO / "sdk"), str(REPO / "plugins")])}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoints["llama"]), str(adapter), str(out),
                            json.dumps(list(EXTRAS))],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     report["out"], report["adapter"] = out, adapter
