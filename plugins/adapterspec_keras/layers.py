@@ -45,6 +45,7 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 from . import _ops, adalora, lycoris, oft, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
+from .sharding import Placement, param_sharding, placement_of
 from .sites import ModuleSite, Piece
 
 __all__ = ["AdapterLayer", "Layout", "check_supported", "layer_kind"]
@@ -255,21 +256,25 @@ def _lora_inits(kind: str, fan_in: int, r: int, init: Any) -> dict[str, tuple[An
 
 @functools.lru_cache(maxsize=1024)
 def _lora_plan(kind: str, n_in: int, n_out: int, k: tuple[int, ...], r: int, use_dora: bool, lora_bias: bool,
-               init: Any, dtype: str, device: str | None, trainable: bool,
-               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
-    """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module."""
+               init: Any, dtype: str, device: str | None, trainable: bool, initialize: bool,
+               placement: Placement | None = None) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module
+    (``placement``: the base kernel's split on a sharded model, :func:`~adapterspec_keras.sharding.placement_of`)."""
     layouts = _lora_layouts_of(kind, n_in, n_out, k, r, use_dora, lora_bias)
     inits = _lora_inits(kind, n_in * math.prod(k), r, init) if initialize else None
-    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable,
+                                _shardings(placement, "LORA", layouts, conv=kind == "conv"))
 
 
 @functools.lru_cache(maxsize=1024)
 def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bool, dtype: str, device: str | None,
-              trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+              trainable: bool, initialize: bool,
+              placement: Placement | None = None) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
     """An IA3 slot's layout and bank group (``ones``: ``init_ia3_weights``)."""
     layouts = _ia3_layout_of(kind, n, k, feedforward)
     inits = {"ia3_l": ("ones",) if ones else ("normal", 1.0)} if initialize else None
-    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable,
+                                _shardings(placement, "IA3", layouts, feedforward=feedforward))
 
 
 def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
@@ -312,9 +317,26 @@ def _vera_plan(config: AdapterConfig, n_in: int, n_out: int, dtype: str, device:
     return layouts, _group_keys(layouts, vera.inits(config) if initialize else None, dtype, device, trainable)
 
 
+def _shardings(placement: Placement | None, method: str, layouts: Mapping[str, Layout], *, conv: bool = False,
+               feedforward: bool = False) -> Mapping[str, Any] | None:
+    """Each parameter's ``NamedSharding`` on a sharded model (:func:`~adapterspec_keras.sharding.param_sharding`),
+    or ``None`` when none has one (one device, a replicated base: the variables are made as always)."""
+    if placement is None:
+        return None
+    out = {param: param_sharding(placement, method, param, layout.stored_shape, conv=conv, feedforward=feedforward)
+           for param, layout in layouts.items()}
+    return out if any(value is not None for value in out.values()) else None
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
-                device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
+                device: str | None, trainable: bool,
+                shardings: Mapping[str, Any] | None = None) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
+    if shardings is not None:
+        return MappingProxyType({param: GroupKey(param, layout.stored_shape, dtype, device,
+                                                 inits[param] if inits is not None else ("zeros",), trainable,
+                                                 shardings.get(param))
+                                 for param, layout in layouts.items()})
     return MappingProxyType({param: GroupKey(param, layout.stored_shape, dtype, device,
                                              inits[param] if inits is not None else ("zeros",), trainable)
                              for param, layout in layouts.items()})
@@ -367,6 +389,7 @@ class AdapterLayer:
             dtype = "float32"  # SPEC.md 7.5: PEFT keeps adapters on a half-precision base in float32
         initialize = bool(getattr(options, "initialize", True))
         trainable = bool(options.trainable)
+        placement = placement_of(site) if device is None else None  # a device asked for: the variables go there
         if config.peft_type == "LORA":
             r = config.rank_for(path)
             slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
@@ -375,7 +398,7 @@ class AdapterLayer:
             layouts, keys = _lora_plan(site.kind, site.in_features, site.out_features, site.conv_spatial, r,
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,
-                                       dtype, device, trainable, initialize)
+                                       dtype, device, trainable, initialize, placement)
         elif config.peft_type in lycoris.METHODS:
             lycoris.check(site, path, config, trainable=trainable)
             slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,
@@ -407,7 +430,7 @@ class AdapterLayer:
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
             layouts, keys = _ia3_plan(site.kind, site.in_features if feedforward else site.out_features,
                                       site.conv_spatial, feedforward, config.get("init_ia3_weights", True) is not False,
-                                      dtype, device, trainable, initialize)
+                                      dtype, device, trainable, initialize, placement)
         slot.layouts = layouts  # type: ignore[assignment]  # shared between modules: read-only
         slot.bank = bank
         if slot.dropout > 0:
