@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.2.0"
+CORPUS_VERSION = "1.3.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -105,6 +105,14 @@ def embedding(n: int, d: int) -> dict[str, Any]:
     return {"kind": "embedding", "num_embeddings": n, "embedding_dim": d}
 
 
+def experts(e: int, i: int, o: int) -> dict[str, Any]:
+    return {"kind": "experts", "num_experts": e, "in_features": i, "out_features": o}
+
+
+def layer_norm(d: int, eps: float = 1e-5, bias: bool = True) -> dict[str, Any]:
+    return {"kind": "layer_norm", "normalized_shape": d, "eps": eps, "bias": bias}
+
+
 def conv2d(i: int, o: int, k: list[int], stride: list[int] | None = None, padding: list[int] | None = None,
            bias: bool = True) -> dict[str, Any]:
     return {"kind": "conv2d", "in_channels": i, "out_channels": o, "kernel_size": k,
@@ -126,6 +134,11 @@ def weight_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         bias = spec["out_features"]
     elif kind == "embedding":
         return {"weight": (spec["num_embeddings"], spec["embedding_dim"])}
+    elif kind == "experts":
+        return {"weight": (spec["num_experts"], spec["out_features"], spec["in_features"])}
+    elif kind == "layer_norm":
+        shapes = {"weight": (spec["normalized_shape"],)}
+        bias = spec["normalized_shape"]
     else:
         shapes = {"weight": (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])}
         bias = spec["out_channels"]
@@ -141,6 +154,10 @@ def input_for(spec: dict[str, Any], seed: int, dtype: str) -> torch.Tensor:
         return torch.from_numpy(ids.astype(np.int64))
     if kind in ("linear", "gpt2_conv1d"):
         shape: tuple[int, ...] = (2, 3, spec["in_features"])
+    elif kind == "layer_norm":
+        shape = (2, 3, spec["normalized_shape"])
+    elif kind == "experts":
+        shape = (spec["num_experts"], 3, spec["in_features"])
     elif kind == "conv2d":
         shape = (1, spec["in_channels"], 5, 6)
     else:
@@ -380,6 +397,40 @@ def _vera_cases() -> None:
             ["shared", "fan_in_fan_out"])
 
 
+def _moe_cases() -> None:
+    """The TRAINABLE_TOKENS method (SPEC.md 15.2): token rows of an embedding, and of a Linear output layer."""
+    numeric("trainable-tokens-embedding-f32", "TRAINABLE_TOKENS on an Embedding 10x4: rows 7 and 2 are replaced by "
+            "trainable_tokens_delta [2, 4]; the untargeted Linear is unchanged", "TRAINABLE_TOKENS", "embedding",
+            "float32", {"embed_tokens": embedding(10, 4), "layer": linear(6, 5)},
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [7, 2], "target_modules": ["embed_tokens"]},
+            ["untargeted"])
+    numeric("trainable-tokens-linear-f32", "TRAINABLE_TOKENS on a Linear 6->5 without bias (an untied output layer): "
+            "weight rows (output features) 1 and 4 are replaced", "TRAINABLE_TOKENS", "linear", "float32",
+            {"lm_head": linear(6, 5, bias=False)},
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1, 4], "target_modules": ["lm_head"]}, [])
+
+
+def _target_parameters_cases() -> None:
+    """LoRA on parameters (SPEC.md 15.1): a 3-D expert stack (a 2-D weight would put a spec 1.1 feature in the
+    core profile; tests/torch/test_target_parameters.py covers it against PEFT)."""
+    numeric("lora-target-parameters-experts-f32", "LoRA on a 3-D parameter: 3 experts' weights [3, 5, 6], "
+            "lora_A [r*3, 6] experts major, lora_B [5, r*3] experts minor; rank_pattern on 'experts.weight'",
+            "LORA", "experts", "float32", {"mlp.experts": experts(3, 6, 5)},
+            lora(2, 4, [], target_parameters=["experts.weight"], rank_pattern={"experts.weight": 3},
+                 alpha_pattern={"experts.weight": 5}), ["target_parameters", "rank_pattern"])
+
+
+def _ln_tuning_cases() -> None:
+    """LN tuning (SPEC.md 15.3): the trained copy's weight and bias replace a LayerNorm's (and a Linear's)."""
+    numeric("ln-tuning-layer-norm-f32", "LN_TUNING on a LayerNorm(6) with bias and on a Linear 6->5: the stored "
+            "ln_tuning_layers.weight / .bias replace the layers' own; the untargeted LayerNorm is unchanged",
+            "LN_TUNING", "layer_norm", "float32",
+            {"layers.0.input_layernorm": layer_norm(6), "layers.0.o_proj": linear(6, 5),
+             "layers.1.input_layernorm": layer_norm(6, eps=1e-6)},
+            {"peft_type": "LN_TUNING", "target_modules": ["layers.0.input_layernorm", "o_proj"]},
+            ["untargeted"])
+
+
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
@@ -443,6 +494,9 @@ def generate_numeric() -> list[dict[str, Any]]:
     _prompts_cases()
     _adalora_cases()
     _vera_cases()
+    _moe_cases()
+    _ln_tuning_cases()
+    _target_parameters_cases()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -1028,7 +1082,7 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
         ("oft-recognised", "OFT is recognised (portable since spec 1.1, SPEC.md 15.6): its config is valid",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
-        ("ln-tuning-recognised", "LN tuning is recognised, not portable: its config is valid",
+        ("ln-tuning-recognised", "LN tuning is recognised (portable since spec 1.1, SPEC.md 15.3): its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
         ("hra-r-string", "a recognised method's fields have the types of PEFT's config class",
          {"peft_type": "HRA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),

@@ -35,7 +35,9 @@ __all__ = ["AdapterBank", "GroupKey", "Ref", "as_tensor", "make_initializer"]
 
 
 class GroupKey(NamedTuple):
-    """What makes parameters share a variable: name, Keras shape, dtype, device, initialisation, trainability.
+    """What makes parameters share a variable: name, Keras shape, dtype, device, initialisation, trainability,
+    and on a sharded model (JAX) the layout of one row (``sharding``: a ``jax.sharding.NamedSharding`` over the
+    stored shape, see :mod:`~adapterspec_keras.sharding`; ``None``: made as on one device).
 
     (Tuples, not dataclasses: a load makes and hashes one per tensor.)
     """
@@ -46,6 +48,7 @@ class GroupKey(NamedTuple):
     device: str | None
     init: tuple[Any, ...]
     trainable: bool
+    sharding: Any = None
 
 
 class Ref(NamedTuple):
@@ -83,8 +86,17 @@ def as_tensor(value: np.ndarray, dtype: Any = None) -> Any:
     return ops.convert_to_tensor(value, dtype=dtype)
 
 
+def _np_dtype(dtype: str) -> Any:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
 def make_initializer(init: tuple[Any, ...]) -> Any:
-    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``.
+    """A Keras initializer from its description: ``("zeros",)``, ``("ones",)``, ``("uniform", bound)``, ``("normal", std)``
+    (``("normal", std, mean)`` around ``mean``), ``("constant", value)``.
 
     >>> type(make_initializer(("uniform", 0.5))).__name__
     'RandomUniform'
@@ -93,7 +105,9 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     if kind == "uniform":
         return keras.initializers.RandomUniform(-init[1], init[1])
     if kind == "normal":
-        return keras.initializers.RandomNormal(stddev=init[1])
+        return keras.initializers.RandomNormal(mean=init[2] if len(init) > 2 else 0.0, stddev=init[1])
+    if kind == "constant":
+        return keras.initializers.Constant(init[1])
     return kind  # "zeros", "ones"
 
 
@@ -156,16 +170,41 @@ class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no t
             given = values.get(key)
             initializer = make_initializer(key.init) if given is None else (
                 lambda shape, dtype=None, _v=given: as_tensor(_v, dtype))
+            if key.sharding is not None:
+                self._variables[key] = self._add_sharded(key, shape, initializer, given, i)
+                continue
             with device_scope(key.device):
                 self._variables[key] = self.add_weight(
                     shape=shape, initializer=initializer, dtype=key.dtype, trainable=key.trainable,
                     name=re.sub(r"\W", "_", f"{key.param}_{i}"))  # torch backend: no "." in names
 
+    def _add_sharded(self, key: GroupKey, shape: tuple[int, ...], initializer: Any, given: np.ndarray | None,
+                     i: int) -> Any:
+        """A group's variable laid out as ``key.sharding`` says for each row (the count axis whole): made with
+        its value (placed shard by shard) or its initializer (run sharded), tracked as :meth:`add_weight` does."""
+        import jax
+
+        sharding = key.sharding
+        partition: Any = jax.sharding.PartitionSpec  # untyped in jax's stubs
+        layout = jax.sharding.NamedSharding(sharding.mesh, partition(None, *sharding.spec))
+        from keras.src import backend  # add_weight's name scope: the variable's path is the bank's
+
+        with backend.name_scope(self.name, caller=self):
+            variable = backend.Variable(
+                initializer=given.astype(_np_dtype(key.dtype), copy=False) if given is not None
+                else keras.initializers.get(initializer),
+                shape=shape, dtype=key.dtype, trainable=key.trainable, layout=layout,
+                name=re.sub(r"\W", "_", f"{key.param}_{i}"))
+        self._track_variable(variable)
+        return variable
+
     def arena_dtype(self) -> str | None:
         """The dtype an arena would have: the groups' one dtype when they share it and their device and none
-        is trainable (a trainable flat variable would get a dense gradient of its whole size per row), else ``None``."""
+        is trainable (a trainable flat variable would get a dense gradient of its whole size per row) or sharded
+        (its rows laid out like their base kernels: one variable per layout), else ``None``."""
         keys: list[GroupKey] = list(self._counts)
-        if not keys or any(k.trainable or k.dtype != keys[0].dtype or k.device != keys[0].device for k in keys):
+        if not keys or any(k.trainable or k.dtype != keys[0].dtype or k.device != keys[0].device
+                           or k.sharding is not None for k in keys):
             return None
         return keys[0].dtype
 

@@ -411,7 +411,7 @@ def _hook_key(hook: Callable[..., Any] | None) -> Any:
     return (getattr(hook, "__code__", id(hook)), cells)
 
 
-def _solve(records: list[tuple[_Record, Any, str]]) -> tuple[str, int, int, list[Piece]] | None:
+def _solve(records: list[tuple[_Record, Any, str]]) -> tuple[str, int, int, list[Piece], bool] | None:
     """The site of one HF weight, from the Keras kernels it feeds: try HF shapes [out, in] and [in, out]."""
     shapes = []
     for record, layer, kind in records:
@@ -442,7 +442,7 @@ def _solve(records: list[tuple[_Record, Any, str]]) -> tuple[str, int, int, list
             if len(np.unique(covered)) != covered.size:
                 continue
             module_kind = "embedding" if pieces[0].kind == "embedding" else "linear"
-            return module_kind, n_in, total_out, pieces
+            return module_kind, n_in, total_out, pieces, in_is_rows
     return None
 
 
@@ -499,8 +499,8 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
             continue
         solved = _solve(group)
         if solved is not None:
-            kind, n_in, n_out, pieces = solved
-            sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter")
+            kind, n_in, n_out, pieces, in_rows = solved
+            sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter", hf_conv1d=in_rows and kind == "linear")
     _add_tied_head(backbone, sites)
     _add_fused(backbone, owners, sites, model_type)
     result = (sites, model_type)

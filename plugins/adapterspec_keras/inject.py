@@ -34,13 +34,14 @@ from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
-from .devices import check_options
+from .devices import check_options, target_of
 from .guard import guard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
 from .tokens import find_token_targets
+from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
                     unreached)
@@ -146,6 +147,24 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 #: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
 
 
+#: Portable methods the keras backend does not implement yet -> their SPEC.md section.
+_NOT_ON_KERAS = {
+    "TRAINABLE_TOKENS": "SPEC.md 15.2",
+    "LN_TUNING": "SPEC.md 15.3",
+}
+
+
+def _names_an_embedding(config: AdapterConfig) -> bool:
+    """Whether PEFT's weight tying applies to ``config`` (SPEC.md 15.2): an entry of ``modules_to_save`` or
+    ``target_modules`` ends in ``embed_tokens`` / ``lm_head`` (a string ``target_modules`` fullmatches one)."""
+    names = ("embed_tokens", "lm_head")
+    targets = config.get("target_modules")
+    entries = [*(config.get("modules_to_save") or []), *(targets if isinstance(targets, list) else [])]
+    if any(str(entry).rpartition(".")[2] in names for entry in entries):
+        return True
+    return isinstance(targets, str) and any(re.fullmatch(targets, name) for name in names)
+
+
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -158,6 +177,18 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
+    if config.peft_type in _NOT_ON_KERAS:
+        raise UnsupportedError(f"{config.peft_type} is portable in the spec ({_NOT_ON_KERAS[config.peft_type]}); not "
+                               "implemented on Keras yet", pointer="/peft_type",
+                               hint="load this adapter with the torch backend")
+    if config.get("target_parameters"):
+        raise UnsupportedError("LoRA on parameters (target_parameters) is portable in the spec (SPEC.md 15.1); not "
+                               "implemented on Keras yet", pointer="/target_parameters",
+                               hint="load this adapter with the torch backend")
+    if config.get("ensure_weight_tying") and _names_an_embedding(config):
+        raise UnsupportedError("weight tying of adapters (ensure_weight_tying with an adapted embedding) is portable in "
+                               "the spec (SPEC.md 15.2); not implemented on Keras yet", pointer="/ensure_weight_tying",
+                               hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
@@ -207,9 +238,11 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         _track(sites[paths[0]].pieces[0].layer, bank)
         state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
         layers: list[AdapterLayer | ModulesToSaveLayer] = []
+        shared = _add_shared(config, bank, [sites[path] for path in paths], options)
         for path in paths:
             layer = _adapter_layer(model, state, sites[path])
-            layer.add_adapter(adapter_name, config, path, options, bank, check=False)  # checked above
+            layer.add_adapter(adapter_name, config, path, options, bank, check=False,  # checked above
+                              shared=shared)
             layer.set_active(state.active)
             layers.append(layer)
         token_layers: dict[str, AdapterLayer] = {}
@@ -240,6 +273,19 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     guard_save(model)
     invalidate(model)
     return list(paths)
+
+
+def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],
+                options: LoadOptions) -> vera.Shared | None:
+    """VeRA: the adapter's shared ``vera_A``/``vera_B`` (frozen rows of its bank), sized over its targets, in the
+    dtype its other tensors get (``None`` for other methods)."""
+    if config.peft_type not in vera.METHODS:
+        return None
+    device, dtype = target_of(targets[0].pieces[0].kernel_variable, options)
+    if options.dtype is None and dtype in ("float16", "bfloat16"):
+        dtype = "float32"  # SPEC.md 7.5, as AdapterLayer.add_adapter
+    return vera.reserve(bank, config, [(site.in_features, site.out_features) for site in targets], dtype, device,
+                        bool(getattr(options, "initialize", True)))
 
 
 def _check_saved_overlap(state: ModelState | None, saved: list[tuple[str, list[Any]]],

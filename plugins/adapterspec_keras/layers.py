@@ -6,9 +6,11 @@ the module's flattened features). The math works in Keras layout (``lora_A`` as 
 as ``[r, out]``); the variables of those 2-D factors keep the file's ``[r, in]``/``[out, r]`` (loading is a
 plain copy) and are transposed in the graph, convolution factors are stored in Keras layout (see
 :class:`Layout`). It runs
-PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3 -- on each Keras layer (*piece*) the
-module maps to, including einsum attention kernels ``(hidden, heads, head_dim)`` and GPT-2's fused
-``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split between them).
+PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3; LoHa/LoKr, AdaLoRA and VeRA through
+:mod:`~adapterspec_keras.lycoris`, :mod:`~adapterspec_keras.adalora`, :mod:`~adapterspec_keras.vera` -- on
+each Keras layer (*piece*) the module maps to, including einsum attention kernels ``(hidden, heads,
+head_dim)`` and GPT-2's fused ``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split
+between them).
 
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
@@ -40,9 +42,10 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, lycoris, tokens
+from . import _ops, adalora, lycoris, oft, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
+from .sharding import Placement, param_sharding, placement_of
 from .sites import ModuleSite, Piece
 
 __all__ = ["AdapterLayer", "Layout", "check_supported", "layer_kind"]
@@ -82,15 +85,26 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    if method not in ("LORA", "IA3", *lycoris.METHODS) and method in PORTABLE_METHODS:
+    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
+    if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
-    if method not in ("LORA", "IA3", *lycoris.METHODS):
+    if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA or LOKR adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA or VERA adapter, or the "
+                                              "torch backend")
+    if method in oft.METHODS:
+        oft.check(site, path, config)
+        return
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
+        return
+    if method in adalora.METHODS:
+        adalora.check(site, path, config)
+        return
+    if method in vera.METHODS:
+        vera.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -184,6 +198,8 @@ class _Slot:
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
+    rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
+    shared: vera.Shared | None = None  # VERA: the adapter's shared projections
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -240,21 +256,25 @@ def _lora_inits(kind: str, fan_in: int, r: int, init: Any) -> dict[str, tuple[An
 
 @functools.lru_cache(maxsize=1024)
 def _lora_plan(kind: str, n_in: int, n_out: int, k: tuple[int, ...], r: int, use_dora: bool, lora_bias: bool,
-               init: Any, dtype: str, device: str | None, trainable: bool,
-               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
-    """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module."""
+               init: Any, dtype: str, device: str | None, trainable: bool, initialize: bool,
+               placement: Placement | None = None) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module
+    (``placement``: the base kernel's split on a sharded model, :func:`~adapterspec_keras.sharding.placement_of`)."""
     layouts = _lora_layouts_of(kind, n_in, n_out, k, r, use_dora, lora_bias)
     inits = _lora_inits(kind, n_in * math.prod(k), r, init) if initialize else None
-    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable,
+                                _shardings(placement, "LORA", layouts, conv=kind == "conv"))
 
 
 @functools.lru_cache(maxsize=1024)
 def _ia3_plan(kind: str, n: int, k: tuple[int, ...], feedforward: bool, ones: bool, dtype: str, device: str | None,
-              trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+              trainable: bool, initialize: bool,
+              placement: Placement | None = None) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
     """An IA3 slot's layout and bank group (``ones``: ``init_ia3_weights``)."""
     layouts = _ia3_layout_of(kind, n, k, feedforward)
     inits = {"ia3_l": ("ones",) if ones else ("normal", 1.0)} if initialize else None
-    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable,
+                                _shardings(placement, "IA3", layouts, feedforward=feedforward))
 
 
 def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
@@ -267,9 +287,56 @@ def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kerne
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
+def _oft_plan(site: ModuleSite, config: AdapterConfig, path: str, dtype: str, device: str | None, trainable: bool,
+              initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An OFT/BOFT slot's layouts (the file's, kept as they are) and bank groups."""
+    params = oft.shapes(site, config, path)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    inits = oft.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
+                  device: str | None, trainable: bool, initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An AdaLoRA slot's layouts (``lora_A``/``lora_B`` kept in the file's layout and read transposed, as LoRA's;
+    ``lora_E`` as it is) and bank groups."""
+    params = adalora.shapes(config, path, n_in, n_out, kernel)
+    k, cols = params["lora_A"]
+    layouts = MappingProxyType({"lora_A": Layout((cols, k), (k, cols), (1, 0)),
+                                "lora_B": Layout((k, n_out), (n_out, k), (1, 0)),
+                                "lora_E": Layout((k, 1), (k, 1), (0, 1))})
+    inits = adalora.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _vera_plan(config: AdapterConfig, n_in: int, n_out: int, dtype: str, device: str | None, trainable: bool,
+               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A VeRA slot's layouts (the file's) and bank groups (the shared projections: :func:`vera.reserve`)."""
+    params = vera.shapes(config, n_in, n_out)
+    layouts = MappingProxyType({param: Layout(shape, shape, (0,)) for param, shape in params.items()})
+    return layouts, _group_keys(layouts, vera.inits(config) if initialize else None, dtype, device, trainable)
+
+
+def _shardings(placement: Placement | None, method: str, layouts: Mapping[str, Layout], *, conv: bool = False,
+               feedforward: bool = False) -> Mapping[str, Any] | None:
+    """Each parameter's ``NamedSharding`` on a sharded model (:func:`~adapterspec_keras.sharding.param_sharding`),
+    or ``None`` when none has one (one device, a replicated base: the variables are made as always)."""
+    if placement is None:
+        return None
+    out = {param: param_sharding(placement, method, param, layout.stored_shape, conv=conv, feedforward=feedforward)
+           for param, layout in layouts.items()}
+    return out if any(value is not None for value in out.values()) else None
+
+
 def _group_keys(layouts: Mapping[str, Layout], inits: Mapping[str, tuple[Any, ...]] | None, dtype: str,
-                device: str | None, trainable: bool) -> Mapping[str, GroupKey]:
+                device: str | None, trainable: bool,
+                shardings: Mapping[str, Any] | None = None) -> Mapping[str, GroupKey]:
     # without inits (load_adapter fills the variables right after): zeros, no random init
+    if shardings is not None:
+        return MappingProxyType({param: GroupKey(param, layout.stored_shape, dtype, device,
+                                                 inits[param] if inits is not None else ("zeros",), trainable,
+                                                 shardings.get(param))
+                                 for param, layout in layouts.items()})
     return MappingProxyType({param: GroupKey(param, layout.stored_shape, dtype, device,
                                              inits[param] if inits is not None else ("zeros",), trainable)
                              for param, layout in layouts.items()})
@@ -300,7 +367,8 @@ class AdapterLayer:
 
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, options: LoadOptions,
-                    bank: AdapterBank, *, check: bool = True, target: tuple[str | None, str] | None = None) -> None:
+                    bank: AdapterBank, *, check: bool = True, target: tuple[str | None, str] | None = None,
+                    shared: vera.Shared | None = None) -> None:
         """Reserve adapter ``name``'s parameters for module ``path`` in ``bank``, initialised as ``config`` says
         once the bank is materialized; inactive.
 
@@ -311,6 +379,7 @@ class AdapterLayer:
         :param check: refuse a module the method cannot adapt (:func:`check_supported`); ``False`` when the
             caller checked already.
         :param target: the variables' (device, dtype), when the caller knows it (:func:`~adapterspec_keras.devices.target_of`).
+        :param shared: VeRA: the adapter's shared projections (:func:`~adapterspec_keras.vera.reserve`).
         """
         if check:
             check_supported(self.site, path, config)
@@ -320,6 +389,7 @@ class AdapterLayer:
             dtype = "float32"  # SPEC.md 7.5: PEFT keeps adapters on a half-precision base in float32
         initialize = bool(getattr(options, "initialize", True))
         trainable = bool(options.trainable)
+        placement = placement_of(site) if device is None else None  # a device asked for: the variables go there
         if config.peft_type == "LORA":
             r = config.rank_for(path)
             slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
@@ -328,19 +398,39 @@ class AdapterLayer:
             layouts, keys = _lora_plan(site.kind, site.in_features, site.out_features, site.conv_spatial, r,
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,
-                                       dtype, device, trainable, initialize)
+                                       dtype, device, trainable, initialize, placement)
         elif config.peft_type in lycoris.METHODS:
             lycoris.check(site, path, config, trainable=trainable)
             slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,
                          False)
             layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
                                           dtype, device, trainable, initialize)
+        elif config.peft_type in oft.METHODS:
+            oft.check(site, path, config, trainable=trainable)
+            slot = _Slot(path, config.peft_type, 0, 1.0, False, False, 0.0, False,
+                         rotation=oft.settings(site, config, path))
+            layouts, keys = _oft_plan(site, config, path, dtype, device, trainable, initialize)
+        elif config.peft_type in adalora.METHODS:
+            adalora.check(site, path, config, trainable=trainable)
+            scale, ranknum = adalora.factors(config, path)
+            slot = _Slot(path, "ADALORA", ranknum, scale, False, False, 0.0, False)
+            layouts, keys = _adalora_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
+                                          dtype, device, trainable, initialize)
+        elif config.peft_type in vera.METHODS:
+            vera.check(site, path, config)
+            if shared is None:
+                raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
+                                       hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
+            slot = _Slot(path, "VERA", 0, 1.0, False, False, float(config.get("vera_dropout") or 0.0), False,
+                         shared=shared)
+            layouts, keys = _vera_plan(config, site.in_features, site.out_features, dtype, device, trainable,
+                                       initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
             layouts, keys = _ia3_plan(site.kind, site.in_features if feedforward else site.out_features,
                                       site.conv_spatial, feedforward, config.get("init_ia3_weights", True) is not False,
-                                      dtype, device, trainable, initialize)
+                                      dtype, device, trainable, initialize, placement)
         slot.layouts = layouts  # type: ignore[assignment]  # shared between modules: read-only
         slot.bank = bank
         if slot.dropout > 0:
@@ -475,6 +565,10 @@ class AdapterLayer:
         slot = self._slots[name]
         return {param: slot.get(param) for param in slot.refs}
 
+    def shared_of(self, name: str) -> vera.Shared | None:
+        """VeRA: adapter ``name``'s shared projections (``None`` for other methods)."""
+        return self._slots[name].shared
+
     def refs(self, name: str) -> dict[str, Ref]:
         """Spec parameter name -> where it lives in the adapter's bank."""
         return dict(self._slots[name].refs)
@@ -515,6 +609,9 @@ class AdapterLayer:
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
         """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
+        rotations = self._rotations()
+        if rotations:
+            return self._apply_rotations(piece, rotations, x, result)
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
@@ -527,8 +624,45 @@ class AdapterLayer:
             if slot.method in lycoris.METHODS:
                 result = self._apply_lycoris(piece, slot, x, result)
                 continue
+            if slot.method in adalora.METHODS:
+                result = self._apply_adalora(piece, slot, x, result)
+                continue
+            if slot.method in vera.METHODS:
+                result = self._apply_vera(piece, slot, x, result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
+
+    def _rotations(self) -> list[_Slot]:
+        """The running OFT/BOFT adapters, in order.
+
+        :raises UnsupportedError: they run together with another method's adapter on this module (as the torch
+            backend: PEFT holds one method per layer).
+        """
+        running = [slot for _, slot in self._running()]
+        found = [slot for slot in running if slot.rotation is not None]
+        if not found:
+            return []
+        methods = {slot.method for slot in found}
+        if len(found) != len(running) or len(methods) > 1:
+            others = sorted({slot.method for slot in running if slot.rotation is None})
+            raise UnsupportedError(f"{', '.join(sorted(methods))} adapters cannot run together with "
+                                   f"{others or 'each other'} on one layer (PEFT holds one method per layer)",
+                                   key=self.site.path,
+                                   hint="activate the rotation adapters without other methods' adapters")
+        return found
+
+    def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
+        ``result + op(x, K' - K)`` so that the layer's bias and activation stay its own; a float32 adapter on a
+        half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slots[0].refs.values())).key.dtype == "float32" else out_dtype
+        flat = ops.cast(_ops.flat_kernel(piece), dtype)
+        rotated = oft.rotated_flat(self.site, piece, [(s.rotation, s.get) for s in slots if s.rotation], flat)
+        part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, rotated - flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _apply_lycoris(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
         """LoHa/LoKr unmerged: ``result + op(x, ΔW)``, the layer's own contraction with the piece's share of ΔW
@@ -538,6 +672,58 @@ class AdapterLayer:
             next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
         flat = self._lycoris_flat(piece, slot, dtype)
         part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, flat))
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        """The piece's rows of ``(A * E).T`` (``[n_in, k]``) and columns of ``B.T`` (``[k, n_out]``), in ``dtype``."""
+        a, b = adalora.views(slot.get, dtype)
+        return _ops.gather_in(piece, a, self.site.in_features), _ops.gather_out(piece, b, self.site.out_features)
+
+    def _apply_adalora(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """AdaLoRA unmerged: ``result + x @ (A * E).T @ B.T * scaling / (ranknum + 1e-5)`` (PEFT's ``SVDLinear``);
+        a float32 adapter on a half-precision layer in float32. A module whose ranks were all pruned adds nothing."""
+        if slot.rank == 0:
+            return result
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        if self.site.kind == "conv":  # SVDConv2d: a convolution with the reshaped, scaled delta
+            kernel = _ops.kernel_from_flat(piece, self._adalora_conv_flat(slot, dtype))
+            part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=kernel)
+            return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+        a, b = self._adalora_views(piece, slot, dtype)
+        part = adalora.divide(_ops.expand_out(piece, _ops.contract_in(piece, ops.cast(x, dtype), a), b), slot.scaling,
+                              slot.rank)
+        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _adalora_conv_flat(self, slot: _Slot, dtype: Any) -> Any:
+        """A 2-D convolution's AdaLoRA delta ``[out, in, kh, kw]`` as its Keras kernel ``[kh, kw, in, out]``,
+        flattened as :func:`_ops.flat_kernel`."""
+        site = self.site
+        delta = adalora.delta_spec(slot.get, slot.scaling, slot.rank, dtype,
+                                   (site.out_features, site.in_features, *site.conv_spatial))
+        return ops.reshape(ops.transpose(delta, (2, 3, 1, 0)), (-1, site.out_features))
+
+    def _vera_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
+        """The piece's rows of ``A[:, :in].T * lambda_d`` (``[n_in, r]``) and columns of ``B[:out].T * lambda_b``
+        (``[r, n_out]``), in ``dtype``."""
+        assert slot.shared is not None
+        site = self.site
+        a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)
+        return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
+
+    def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """VeRA unmerged: ``result + lambda_b * (lambda_d * (dropout(x) @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the
+        scales folded into the factors); a float32 adapter on a half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+        a, b = self._vera_views(piece, slot, dtype)
+        x = ops.cast(x, dtype)
+        if slot.dropout > 0 and _training():
+            assert slot.bank is not None
+            x = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
+        part = _ops.expand_out(piece, _ops.contract_in(piece, x, a), b)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
@@ -629,11 +815,22 @@ class AdapterLayer:
         return norms
 
     def delta_weight(self, name: str, piece: Piece, dtype: Any = None) -> Any:
-        """LoRA, LoHa, LoKr: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
+        """LoRA, LoHa, LoKr, OFT, BOFT, AdaLoRA, VeRA: the change adapter ``name`` makes to the piece's kernel, ``[n_in, n_out]`` (see :func:`_ops.flat_kernel`),
         in ``dtype`` (default: the kernel's)."""
         slot = self._slots[name]
         if slot.method in lycoris.METHODS:
             return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.rotation is not None:  # OFT/BOFT: R_p @ K (* boft_s) - K, for the kernel as it is now
+            flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
+            return oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat) - flat
+        if slot.method in adalora.METHODS and self.site.kind == "conv":
+            return self._adalora_conv_flat(slot, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.method in adalora.METHODS:
+            a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+            return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)
+        if slot.method in vera.METHODS:
+            a, b = self._vera_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
+            return _ops.lora_delta_flat(piece, a, b)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         return _ops.lora_delta_flat(piece, a, b) * slot.scaling
 
@@ -716,6 +913,10 @@ class AdapterLayer:
             return
         dtype = self._merge_dtype(slot, piece)
         flat = ops.cast(flat, dtype)
+        if slot.rotation is not None:
+            new = oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat)
+            variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+            return
         delta = self.delta_weight(name, piece, dtype)
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
@@ -776,6 +977,10 @@ class AdapterLayer:
                     continue
                 dtype = self._merge_dtype(slot, piece)
                 flat = ops.cast(flat, dtype)
+                if slot.rotation is not None:
+                    new = oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
+                    variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+                    continue
                 delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:
                     norm = self._dora_norms.pop((name, i))

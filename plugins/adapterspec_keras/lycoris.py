@@ -70,6 +70,11 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
         and its Keras layers), or training with ``rank_dropout`` / ``module_dropout`` (the config field's pointer).
     """
     kinds = sorted({piece.kind for piece in site.pieces})
+    if site.hf_conv1d:  # as the torch backend: PEFT's LoHa/LoKr take nn.Linear, Conv1d, Conv2d only
+        layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+        raise UnsupportedError(f"{config.peft_type} cannot adapt a transformers Conv1D module (GPT-2's, weight stored "
+                               f"[in, out]; module on {layers}): PEFT refuses it, so PEFT could not load the adapter",
+                               key=path, hint="remove the module from target_modules, or use LoRA/IA3 on this model")
     conv = site.kind == "conv" and kinds == ["conv"] and len(site.conv_spatial) in (1, 2) and \
         all(getattr(p.layer, "groups", 1) == 1 for p in site.pieces)
     if not conv and (site.kind != "linear" or any(kind not in ("dense", "einsum") for kind in kinds)):

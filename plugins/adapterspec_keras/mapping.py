@@ -126,7 +126,7 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
             name = _spec_name(other, prefix, task_model)
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
-                                         site.source, site.refused)
+                                         site.source, site.refused, site.hf_conv1d)
     _BUILTIN[model] = sites
     return dict(sites)
 

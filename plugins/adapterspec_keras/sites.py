@@ -108,6 +108,8 @@ class ModuleSite:
     :param pieces: the Keras layers; their ``out_index`` together cover the outputs.
     :param source: ``"module_map"``, ``"converter"`` or ``"layers"`` (how it was found).
     :param refused: why no adapter can go on this module (it has no pieces then), ``""`` if it can.
+    :param hf_conv1d: the checkpoint stores the weight ``[in, out]`` (transformers' ``Conv1D``, GPT-2), which
+        PEFT's OFT/BOFT/LoHa/LoKr do not adapt (found by a converter; ``False`` otherwise).
     """
 
     path: str
@@ -117,6 +119,7 @@ class ModuleSite:
     pieces: list[Piece] = field(default_factory=list)
     source: str = "layers"
     refused: str = ""
+    hf_conv1d: bool = False  # the transformers weight is stored [in, out]: a transformers Conv1D (GPT-2)
 
     @functools.cached_property
     def key(self) -> tuple[Any, ...]:

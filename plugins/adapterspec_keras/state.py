@@ -30,6 +30,7 @@ from adapterspec.errors import (
     ShapeMismatchError,
     TargetNotFoundError,
     UnexpectedTensorError,
+    UnsupportedError,
 )
 from adapterspec.naming import (
     BASE_LAYER_PARAM,
@@ -41,6 +42,9 @@ from adapterspec.naming import (
     parse_key,
 )
 
+from adapterspec._vera import shared_key
+
+from . import vera
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
@@ -48,6 +52,17 @@ from .sites import ModuleSite
 from .switch import get_state
 
 __all__ = ["expected_params", "extract_state", "load_state"]
+
+#: What holds an adapter's tensors: its layers, and VeRA's shared projections.
+_Holder = AdapterLayer | vera.Shared
+
+
+def _shared_of(layers: list[AdapterLayer], adapter_name: str) -> vera.Shared | None:
+    """VeRA: the adapter's shared projections (every layer refers to the same), else ``None``."""
+    for layer in layers:
+        if type(layer) is AdapterLayer:
+            return layer.shared_of(adapter_name)
+    return None
 
 
 def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
@@ -59,17 +74,22 @@ def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
     return [layer for layer in state.adapter_layers.values() if adapter_name in layer.adapter_names()]
 
 
-def expected_params(model: Any, adapter_name: str) -> dict[str, tuple[AdapterLayer, str, Layout]]:
+def expected_params(model: Any, adapter_name: str) -> dict[str, tuple[_Holder, str, Layout]]:
     """Canonical key -> (adapter layer, spec parameter name, layout), for every tensor adapter ``adapter_name`` stores.
 
     >>> sorted(expected_params(model, "default"))[0]                    # doctest: +SKIP
     'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
     """
-    out: dict[str, tuple[AdapterLayer, str, Layout]] = {}
-    for layer in _layers_of(model, adapter_name):
+    out: dict[str, tuple[_Holder, str, Layout]] = {}
+    layers = _layers_of(model, adapter_name)
+    for layer in layers:
         path = layer.path_of(adapter_name)
         for param, layout in layer.layouts(adapter_name).items():
             out[make_key(path, param)] = (layer, param, layout)
+    shared = _shared_of(layers, adapter_name)
+    if shared is not None:  # VeRA's projections, stored once (SPEC.md 15.5)
+        for param, layout in shared.layouts.items():
+            out[shared_key(param)] = (shared, param, layout)
     return out
 
 
@@ -100,6 +120,13 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
     if name.role == "base_layer" and (owner := _owner(name.module, by_path, sites)) is not None:
         base_plan[key] = owner
         return None
+    if name.role == "ignored":  # PEFT's bookkeeping copies (SPEC.md 5.4): accepted, not loaded
+        return None
+    if name.role in ("embedding", "bias"):  # valid tensors (SPEC.md 5.3) this backend cannot hold yet
+        what = "an embedding saved whole" if name.role == "embedding" else "a trained bias"
+        raise UnsupportedError(f"{name.role} tensors saved by PEFT ({what}) are not implemented by the Keras backend",
+                               key=key,
+                               hint="load this adapter with the torch backend, or save it without them")
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
@@ -163,7 +190,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     # every injected parameter under its canonical key: a file PEFT wrote names them so, and each of its
     # keys is then a lookup; any other key (another module root, a base weight, an error) is parsed
     known = frozenset((*PARAMETERS.get(config.peft_type, ()), TRAINABLE_TOKENS_PARAM))
-    canonical: dict[str, tuple[AdapterLayer, str, Layout]] = {}
+    canonical: dict[str, tuple[_Holder, str, Layout]] = {}
     by_path: dict[str, AdapterLayer] = {}
     for layer in layers:
         path, layouts, _ = layer.parameters(adapter_name)
@@ -174,7 +201,11 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
             key = make_key(path, param)
             if (param in known or getattr(layer, "saves_whole", False)) and len(key) <= MAX_KEY_LENGTH:
                 canonical[key] = (layer, param, layout)
-    plan: dict[str, tuple[AdapterLayer, str, Layout]] = {}
+    shared = _shared_of(layers, adapter_name)
+    if shared is not None:  # VeRA's projections, stored once (SPEC.md 15.5)
+        for param, layout in shared.layouts.items():
+            canonical[shared_key(param)] = (shared, param, layout)
+    plan: dict[str, tuple[_Holder, str, Layout]] = {}
     renames: dict[int, tuple[AdapterLayer, str]] = {}
     unmapped: list[str] = []
     base_plan: dict[str, AdapterLayer] = {}
@@ -184,28 +215,38 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
             other = _plan_other(model, key, config, by_path, adapter_name, options, base_plan, unmapped)
             if other is None:
                 continue
-            entry, module = other
-            if module != entry[0].path_of(adapter_name):
-                renames[id(entry[0])] = (entry[0], module)
-        layer, param, layout = entry
+            (owner, name, owned), module = other
+            if module != owner.path_of(adapter_name):
+                renames[id(owner)] = (owner, module)
+            entry = (owner, name, owned)
+        holder, param, layout = entry
         if tuple(info.shape) != layout.spec_shape:
-            _refuse_truncated_vocabulary(layer, key, tuple(info.shape), layout.spec_shape)
+            if isinstance(holder, vera.Shared):
+                raise ShapeMismatchError(
+                    f"shape {list(info.shape)} does not fit this model's VeRA projection: expected "
+                    f"{list(layout.spec_shape)} (r, and the largest input / output size of the adapted modules)",
+                    key=key, hint="the adapter was trained for another base model, or targets other modules")
+            _refuse_truncated_vocabulary(holder, key, tuple(info.shape), layout.spec_shape)
             raise ShapeMismatchError(
                 f"shape {list(info.shape)} does not fit the Keras layer(s) "
-                f"{[p.layer.path for p in layer.site.pieces]}: expected {list(layout.spec_shape)}", key=key,
+                f"{[p.layer.path for p in holder.site.pieces]}: expected {list(layout.spec_shape)}", key=key,
                 hint="the adapter was trained for another base model (or a different size)")
         plan[key] = entry
     if unmapped:
         mods = sorted(set(unmapped))
         raise TargetNotFoundError(f"modules {mods} of the adapter have no counterpart in this Keras model",
                                   key=mods[0], hint="pass module_map={spec module path: keras layer path}")
-    covered = {(id(layer), param) for layer, param, _ in plan.values()}
+    covered = {(id(holder), param) for holder, param, _ in plan.values()}
     for layer in layers:
         for param in layer.parameters(adapter_name)[1]:
             if (id(layer), param) not in covered:
                 raise MissingTensorError(f"the file has no {param!r} for module {layer.path_of(adapter_name)!r}",
                                          key=make_key(layer.path_of(adapter_name), param),
                                          hint="the adapter file is incomplete, or targets other modules")
+    for param in shared.layouts if shared is not None else ():
+        if (id(shared), param) not in covered:
+            raise MissingTensorError(f"the file has no shared VeRA projection {param!r}", key=shared_key(param),
+                                     hint="save the adapter again with save_projection true (PEFT's default)")
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
     arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
@@ -297,7 +338,7 @@ def _owned_buffer(arrays: dict[str, Any]) -> np.ndarray | None:
     return root if sys.getrefcount(root) == len(arrays) + 2 else None
 
 
-def _shared_arena(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, np.ndarray],
+def _shared_arena(plan: dict[str, tuple[_Holder, str, Layout]], arrays: Mapping[str, np.ndarray],
                   root: np.ndarray, adapter_name: str, dtype: Any) -> tuple[np.ndarray, dict[Any, tuple[int, int]]] | None:
     """The arena as a span of ``root``, the buffer the file was read into (no copy): each row where the file has
     it. Only when every planned tensor is stored as the file has it (spec layout, the variables' dtype)."""
@@ -330,7 +371,7 @@ def _shared_arena(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Map
 _ALIGN = 64
 
 
-def _fill_banks(plan: dict[str, tuple[AdapterLayer, str, Layout]], arrays: Mapping[str, Any], adapter_name: str,
+def _fill_banks(plan: dict[str, tuple[_Holder, str, Layout]], arrays: Mapping[str, Any], adapter_name: str,
                 root: np.ndarray | None = None) -> None:
     """Write the tensors into the bank, in the variables' layout (:meth:`Layout.to_stored`: the file's rows as
     they are for LoRA on Dense/EinsumDense/Embedding, a transposing copy for convolutions).
@@ -404,6 +445,10 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
             tensors[make_key(path, param)] = layouts[param].from_stored(read(ref))  # type: ignore[misc]  # set: layers
         if layer.saves_base_weight(adapter_name):
             tensors[make_key(path, BASE_LAYER_PARAM)] = layer.base_weight()
+    shared = _shared_of(layers, adapter_name)
+    if shared is not None and read is not None:  # VeRA's projections, stored once (SPEC.md 15.5)
+        for param, ref in shared.refs.items():
+            tensors[shared_key(param)] = shared.layouts[param].from_stored(read(ref))
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
         if key not in tensors:
             continue

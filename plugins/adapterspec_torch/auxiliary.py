@@ -36,6 +36,7 @@ from adapterspec.errors import (
 from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, make_key, parse_key
 
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
+from .parameters import ParameterLayer
 from .switch import ModelState
 
 __all__ = [
@@ -91,6 +92,8 @@ def unwrapped(module: nn.Module) -> nn.Module:
         return module._modules["base_layer"]
     if isinstance(module, ModulesToSaveLayer):
         return module._modules["original_module"]
+    if isinstance(module, ParameterLayer):
+        return module._base()
     return module
 
 

@@ -35,6 +35,33 @@ def _ints(value: int | list[int], n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),) * n
 
 
+def _experts_type() -> type:
+    """A stack of expert weights ``[E, out, in]`` (a 3-D ``nn.Parameter``, as transformers 5's MoE experts): expert
+    ``e`` maps ``x[e]`` ``[n, in]`` to ``[n, out]``."""
+    import torch
+    from torch import nn
+
+    class Experts(nn.Module):
+        def __init__(self, experts: int, fan_in: int, fan_out: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(experts, fan_out, fan_in))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+
+    return Experts
+
+
+def _Experts(experts: int, fan_in: int, fan_out: int) -> Any:  # noqa: N802  # builds the class on first use
+    global _EXPERTS
+    if _EXPERTS is None:
+        _EXPERTS = _experts_type()
+    return _EXPERTS(experts, fan_in, fan_out)
+
+
+_EXPERTS: Any = None
+
+
 def _layer(spec: Mapping[str, Any]) -> Any:
     from torch import nn
 
@@ -43,6 +70,10 @@ def _layer(spec: Mapping[str, Any]) -> Any:
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", True))
     if kind == "embedding":
         return nn.Embedding(spec["num_embeddings"], spec["embedding_dim"])
+    if kind == "experts":
+        return _Experts(spec["num_experts"], spec["in_features"], spec["out_features"])
+    if kind == "layer_norm":
+        return nn.LayerNorm(spec["normalized_shape"], eps=spec["eps"], bias=spec.get("bias", True))
     if kind in ("conv1d", "conv2d"):
         nd = 1 if kind == "conv1d" else 2
         cls = nn.Conv1d if kind == "conv1d" else nn.Conv2d

@@ -31,7 +31,12 @@ from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from . import vera
 from .layers import AdapterLayer, ModulesToSaveLayer, PendingParam, check_supported, layer_kind
+from .ln_tuning import LN_PREFIX
+from .ln_tuning import METHOD as LN_TUNING
+from .parameters import ParameterLayer, check_moe_conversion, find_parameter_targets
+from .tokens import DELTA, METHOD, method_token_targets
 from .prompts import PROMPTS_ATTR, inject_prefix, remove_prefix
+from .tying import check_tied_layer, is_tied, tie, tie_rewrite, tied_layers
 from .switch import ModelState, drop_state_if_empty, get_state
 
 __all__ = [
@@ -57,7 +62,7 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     >>> [name for name, _ in iter_modules(torch.nn.Sequential(torch.nn.Linear(1, 1)))]
     ['', '0']
     """
-    wrappers = (AdapterLayer, ModulesToSaveLayer)
+    wrappers = (AdapterLayer, ModulesToSaveLayer, ParameterLayer)
     stack = [(prefix, model)]  # depth first, children in order (as named_modules), without nested generators
     while stack:
         path, module = stack.pop()
@@ -206,7 +211,7 @@ def _parent(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = 
     return model.get_submodule(parent_name), child
 
 
-_Wrapper = TypeVar("_Wrapper", AdapterLayer, ModulesToSaveLayer)
+_Wrapper = TypeVar("_Wrapper", AdapterLayer, ModulesToSaveLayer, ParameterLayer)
 
 
 def wrap(model: nn.Module, name: str, wrapper_type: type[_Wrapper], *,
@@ -223,8 +228,9 @@ def wrap(model: nn.Module, name: str, wrapper_type: type[_Wrapper], *,
         module = model.get_submodule(name)
     if isinstance(module, wrapper_type):
         return module
-    if isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
-        what = "saved whole (modules_to_save)" if isinstance(module, ModulesToSaveLayer) else "adapted"
+    if isinstance(module, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
+        what = "saved whole (modules_to_save)" if isinstance(module, ModulesToSaveLayer) else \
+            "adapted on its parameters (target_parameters)" if isinstance(module, ParameterLayer) else "adapted"
         raise UnsupportedError(f"module is already {what} by another adapter", key=name,
                                hint="an adapter cannot adapt a module another adapter saves whole, or vice versa")
     wrapper = wrapper_type(module)
@@ -345,7 +351,7 @@ def find_token_targets(model: nn.Module, config: AdapterConfig, universe: list[t
 
 
 def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module]],
-                      tokens: list[tuple[str, list[int], str | None]]) -> None:
+                      tokens: list[tuple[str, list[int], str | None]], param: str = TRAINABLE_TOKENS_PARAM) -> None:
     for spec, rows, _ in tokens:
         weight = _weight_of(universe[spec][1])
         if weight is None or weight.dim() != 2:
@@ -354,12 +360,13 @@ def _check_token_rows(model: nn.Module, universe: dict[str, tuple[str, nn.Module
         bad = [i for i in rows if not 0 <= i < weight.shape[0]]
         if bad:
             raise ShapeMismatchError(f"trainable_token_indices {bad} are outside the layer's {weight.shape[0]} rows",
-                                     key=make_key(spec, TRAINABLE_TOKENS_PARAM),
+                                     key=make_key(spec, param),
                                      hint="resize the model's embeddings first, or check the indices")
 
 
 def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
-                   options: LoadOptions) -> dict[str, str]:
+                   options: LoadOptions, tying: tuple[str | None, list[str], str | None] = (None, [], None),
+                   ) -> dict[str, str]:
     check_features(config)
     if config.peft_type == "ADALORA" and options.trainable:
         raise UnsupportedError("training AdaLoRA (its rank allocation and orthogonality loss) is not implemented "
@@ -369,8 +376,41 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}
-    targets = [] if config.is_prompt_learning else find_targets(model, config, options, universe=universe_list)
+    if config.peft_type == METHOD:  # SPEC.md 15.2
+        return _inject_token_method(model, state, config, adapter_name, options, modules, universe_list)
+    if config.peft_type == LN_TUNING:  # SPEC.md 15.3
+        return _inject_ln_tuning(model, config, adapter_name, options, modules, universe_list)
+    embedding, tied, tie_mode = tying  # SPEC.md 15.2
+    parameters = find_parameter_targets(config, universe_list)  # SPEC.md 15.1
+    targets: list[str] = []
+    if not config.is_prompt_learning:  # a prompt adapter may still save its classifier head whole (SPEC.md 15.9)
+        try:
+            targets = find_targets(model, config, options, universe=universe_list)
+        except TargetNotFoundError:
+            if not parameters:
+                raise
     saved = find_modules_to_save(model, config, options, universe=universe_list)
+    heads: list[str] = []
+    if tie_mode == "targets":
+        heads = [spec for spec, _, _ in universe_list if is_tied(spec, tied)]
+        targets = [spec for spec in targets if spec not in heads]
+    elif tie_mode == "modules_to_save":
+        heads = [spec for spec, _, _ in universe_list if is_tied(spec, tied)]
+        saved = [spec for spec in saved if spec not in heads]
+    for spec in heads:
+        assert tie_mode is not None and embedding is not None
+        check_tied_layer(universe[spec][1], spec, tie_mode)
+        if tie_mode == "targets" and config.rank_for(spec) != config.rank_for(embedding):
+            raise UnsupportedError(f"ensure_weight_tying ties the LoRA of {spec!r} to the input embedding's, but "
+                                   "rank_pattern gives them different ranks", key=spec, pointer="/rank_pattern",
+                                   hint="give the tied layers the same rank")
+    for spec in parameters:
+        module = universe[spec][1]
+        if spec in targets or spec in saved or spec in heads or isinstance(module, (AdapterLayer, ModulesToSaveLayer)):
+            raise UnsupportedError(f"target_parameters selects a parameter of module {spec!r}, which is also adapted or "
+                                   "saved whole (PEFT refuses this too)", key=spec, pointer="/target_parameters",
+                                   hint="remove the module from target_modules / modules_to_save, or its parameter "
+                                        "from target_parameters")
     for spec in targets:
         module = universe[spec][1]
         if isinstance(module, ModulesToSaveLayer):
@@ -381,7 +421,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
         if isinstance(universe[spec][1], AdapterLayer):
             raise UnsupportedError("module is adapted by another adapter; it cannot be saved whole too", key=spec,
                                    hint="remove it from modules_to_save")
-    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved))
+    tokens = find_token_targets(model, config, universe_list, set(targets) | set(saved) | set(parameters) | set(heads))
     _check_token_rows(model, universe, tokens)
     done: dict[str, str] = {}
     fsdp = distributed.fsdp_layouts(model) if distributed.is_sharded(model) else None
@@ -405,14 +445,85 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             whole = wrap(model, own, ModulesToSaveLayer, modules=modules)
             done[spec] = own
             whole.add_adapter(adapter_name, options)
+        for spec in heads:
+            own = universe[spec][0]
+            done[spec] = own
+            if tie_mode == "targets":
+                wrap(model, own, AdapterLayer, modules=modules).add_adapter(adapter_name, config, spec, options,
+                                                                            checked=True)
+            else:
+                wrap(model, own, ModulesToSaveLayer, modules=modules).add_adapter(adapter_name, options)
+            assert embedding is not None and tie_mode is not None
+            state.tied.setdefault(adapter_name, {})[spec] = (embedding, tie_mode)
+        for spec, names in parameters.items():
+            own = universe[spec][0]
+            on_parameters = wrap(model, own, ParameterLayer, modules=modules)
+            done[spec] = own
+            on_parameters.add_adapter(adapter_name, config, spec, names, options)
         for spec, indices, source in tokens:
             own = universe[spec][0]
             layer = wrap(model, own, AdapterLayer, modules=modules)
             done[spec] = own
             source_layer = state.wrappers[universe[source][0]] if source is not None else None
-            assert not isinstance(source_layer, ModulesToSaveLayer)  # wrap() refused that above: it is adapted
+            assert source_layer is None or isinstance(source_layer, AdapterLayer)  # wrap() refused others above
             layer.add_tokens(adapter_name, indices, options, source=source_layer)
     except BaseException:
+        state.tied.pop(adapter_name, None)
+        _remove_layers(model, state, adapter_name, done)
+        raise
+    return done
+
+
+def _inject_ln_tuning(model: nn.Module, config: AdapterConfig, adapter_name: str, options: LoadOptions,
+                      modules: dict[str, nn.Module], universe_list: list[tuple[str, str, nn.Module]]) -> dict[str, str]:
+    """LN tuning: a copy of each targeted layer per adapter (its tensors under ``ln_tuning_layers.``), and the
+    modules to save."""
+    universe = {spec: (own, module) for spec, own, module in universe_list}
+    targets = find_targets(model, config, options, universe=universe_list)
+    saved = [spec for spec in find_modules_to_save(model, config, options, universe=universe_list)
+             if spec not in targets]
+    for spec in [*targets, *saved]:
+        if isinstance(universe[spec][1], (AdapterLayer, ParameterLayer)):
+            raise UnsupportedError("module is adapted by another adapter; LN tuning (or modules_to_save) replaces it "
+                                   "whole", key=spec, hint="load the adapters on separate models")
+    done: dict[str, str] = {}
+    try:
+        for spec in [*targets, *saved]:
+            own = universe[spec][0]
+            layer = wrap(model, own, ModulesToSaveLayer, modules=modules)
+            done[spec] = own
+            layer.add_adapter(adapter_name, options, prefix=LN_PREFIX if spec in targets else "")
+    except BaseException:
+        _remove_layers(model, get_state(model, create=True), adapter_name, done)
+        raise
+    return done
+
+
+def _inject_token_method(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                         options: LoadOptions, modules: dict[str, nn.Module],
+                         universe_list: list[tuple[str, str, nn.Module]]) -> dict[str, str]:
+    """The ``TRAINABLE_TOKENS`` method: token rows on the selected layers and on those tied to them."""
+    universe = {spec: (own, module) for spec, own, module in universe_list}
+    tokens = method_token_targets(model, config, universe_list)
+    for spec, _, _ in tokens:
+        if isinstance(universe[spec][1], (ModulesToSaveLayer, ParameterLayer)):
+            raise UnsupportedError("module is saved whole or adapted on its parameters by another adapter", key=spec,
+                                   hint="load the adapters on separate models")
+    _check_token_rows(model, universe, tokens, DELTA)
+    done: dict[str, str] = {}
+    try:
+        for spec, indices, source in tokens:
+            own = universe[spec][0]
+            layer = wrap(model, own, AdapterLayer, modules=modules)
+            done[spec] = own
+            source_layer = state.wrappers[universe[source][0]] if source is not None else None
+            assert source_layer is None or isinstance(source_layer, AdapterLayer)
+            layer.add_tokens(adapter_name, indices, options, source=source_layer, param=DELTA,
+                             saved_when_tied=True)
+            if source is not None:
+                state.tied.setdefault(adapter_name, {})[spec] = (source, "tokens")
+    except BaseException:
+        state.tied.pop(adapter_name, None)
         _remove_layers(model, state, adapter_name, done)
         _remove_shared(model, adapter_name)
         raise
@@ -498,15 +609,20 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
                     remove_prefix(model, state, adapter_name)
                     raise
         else:
-            config = config.for_model(getattr(getattr(model, "config", None), "model_type", None))  # SPEC 14.2
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            check_moe_conversion(config, model_type)  # SPEC 15.1
+            config = config.for_model(model_type)  # SPEC 14.2
             config = expand_all_linear(model, config, options)  # SPEC 4.3
-            modules = _inject_layers(model, state, config, adapter_name, options)
+            embedding, tied = tied_layers(model, _universe(model, options))
+            config, tie_mode = tie_rewrite(config, embedding, tied)  # SPEC 15.2
+            modules = _inject_layers(model, state, config, adapter_name, options, (embedding, tied, tie_mode))
     except BaseException:
         drop_state_if_empty(model)
         raise
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
     state.modules[adapter_name] = modules
+    tie(state, adapter_name)
     if options.initialize and config.get("bias", "none") != "none":
         from .auxiliary import fresh_bias_overrides
         from .switch import delete

@@ -500,7 +500,8 @@ class AdapterLayer(nn.Module):
                 raise
 
     def add_tokens(self, name: str, indices: Sequence[int], options: LoadOptions, *,
-                   source: AdapterLayer | None = None) -> None:
+                   source: AdapterLayer | None = None, param: str = TRAINABLE_TOKENS_PARAM,
+                   saved_when_tied: bool = False) -> None:
         """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active,
         rows ``indices`` of the weight are replaced by the adapter's ``[len(indices), dim]`` tensor (PEFT's
         ``TrainableTokensLayer``; an embedding, or an output layer whose weight is tied to one).
@@ -508,6 +509,11 @@ class AdapterLayer(nn.Module):
         The rows start as a copy of the current ones (PEFT's init) unless ``options.initialize`` is false.
 
         :param source: the layer whose rows these are, for a layer tied to it (no tensor of its own).
+        :param param: the tensor's name under the module (the ``TRAINABLE_TOKENS`` method stores
+            ``trainable_tokens_delta``, SPEC.md 15.2).
+        :param saved_when_tied: a tied layer also lists the source's tensor under its own name (the
+            ``TRAINABLE_TOKENS`` method saves it there too); :func:`adapterspec_torch.tying.tie` points it at the
+            source's once that exists.
         :raises UnsupportedError: the layer is not an embedding or a linear layer.
 
         >>> layer = AdapterLayer(torch.nn.Embedding(10, 4))
@@ -522,13 +528,15 @@ class AdapterLayer(nn.Module):
         spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
         weights = _new_module(_Weights)
         weights.__dict__.update(training=self.training, pending={})
-        if source is None:
+        if source is None or saved_when_tied:
             base = self._modules["base_layer"]
             device, dtype = adapter_target_of(base, options)
-            attr = TRAINABLE_TOKENS_PARAM.replace(".", "_")
-            spec.names[TRAINABLE_TOKENS_PARAM] = attr
+            attr = param.replace(".", "_")
+            spec.names[param] = attr
             shape = (len(spec.indices), _weight(base).shape[1])
-            if options.initialize:
+            if source is not None:  # a placeholder until tie() points it at the source's tensor
+                weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))
+            elif options.initialize:
                 rows = torch.empty(shape, device=device, dtype=dtype)
                 if device.type != "meta" and _weight(base).device.type != "meta":
                     with torch.no_grad():
@@ -544,7 +552,7 @@ class AdapterLayer(nn.Module):
         """(rows, their indices on ``device``) of token adapter ``name``."""
         spec = self._specs[name]
         owner = spec.source if spec.source is not None else self
-        rows = owner._param(name, TRAINABLE_TOKENS_PARAM)
+        rows = owner._param(name, next(iter(owner._specs[name].names)))
         if spec.index is None or spec.index.device != device:
             spec.index = torch.tensor(spec.indices, dtype=torch.long, device=device)
         return rows, spec.index
@@ -1130,6 +1138,7 @@ class ModulesToSaveLayer(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._switch = ActiveSet()
         self._casts: dict[str, torch.dtype] = {}  # adapter -> the dtype its copy computes in, if not the original's
+        self._prefixes: dict[str, str] = {}  # adapter -> the infix of its tensors' names (LN tuning's)
         self._merged: str | None = None  # the adapter whose copy was running when it was merged
 
     def __getattr__(self, name: str) -> Any:
@@ -1140,9 +1149,11 @@ class ModulesToSaveLayer(nn.Module):
                 raise
             return getattr(self.active_module(), name)
 
-    def add_adapter(self, name: str, options: LoadOptions) -> None:
+    def add_adapter(self, name: str, options: LoadOptions, *, prefix: str = "") -> None:
         """Add a copy of the original module for adapter ``name``: on ``options.device`` and in ``options.dtype``
         (floating-point tensors only) when given, else on the original's device and in its dtypes.
+
+        :param prefix: put before the copy's tensor names (``"ln_tuning_layers."``: LN tuning, SPEC.md 15.3).
 
         A copy in another dtype than the original's computes in its dtype: floating-point inputs are cast to it,
         and a floating-point output back to the input's dtype (as adapter layers do).
@@ -1156,6 +1167,8 @@ class ModulesToSaveLayer(nn.Module):
             self._casts[name] = dtype
         duplicate.requires_grad_(bool(options.trainable))
         self.modules_to_save[name] = duplicate
+        if prefix:
+            self._prefixes[name] = prefix
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s copy; if it was merged (:meth:`merge`), the copy becomes the original module
@@ -1170,6 +1183,7 @@ class ModulesToSaveLayer(nn.Module):
         if name in self.modules_to_save:
             del self.modules_to_save[name]
         self._casts.pop(name, None)
+        self._prefixes.pop(name, None)
 
     def merge(self, names: Sequence[str]) -> None:
         """Mark the copy running now as merged if it belongs to one of ``names``: deleting its adapter then keeps it.
@@ -1195,7 +1209,8 @@ class ModulesToSaveLayer(nn.Module):
 
     def adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state dict (parameter name -> tensor) for adapter ``name``."""
-        return dict(self.modules_to_save[name].state_dict(keep_vars=True))
+        prefix = self._prefixes.get(name, "")
+        return {prefix + key: value for key, value in self.modules_to_save[name].state_dict(keep_vars=True).items()}
 
     def set_active(self, names: Sequence[str]) -> None:
         """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
@@ -1215,6 +1230,9 @@ class ModulesToSaveLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         name, module = self._active()
+        if self._prefixes and sum(n in self.modules_to_save for n in self._switch.names) > 1:
+            raise UnsupportedError("LN tuning runs one adapter's copy of a layer at a time (PEFT 0.21 refuses more)",
+                                   key=name, hint="activate one LN tuning adapter")
         dtype = self._casts.get(name) if name is not None and self._casts else None
         if dtype is None:
             return module(*args, **kwargs)

@@ -28,6 +28,7 @@ from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_a
 from .layers import AdapterLayer
 from .prompts import PROMPTS_ATTR
 from .switch import require_state
+from .tying import check_tied_tensors, tie
 
 __all__ = ["expected_params", "extract_state", "load_state", "restore_base_weights"]
 
@@ -165,6 +166,7 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
         tensors = read_slices(adapter, sharded, read_to)
     else:
         tensors, read_to = _read(adapter, targets)
+    check_tied_tensors(state, adapter_name, tensors)  # SPEC.md 15.2
     stored = {}
     with torch.no_grad():
         for key, (param, pending_in, attr) in slots.items():
@@ -181,6 +183,7 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
                 value = value.to(device=param.device, dtype=param.dtype)
             param.data = value
         apply_overrides(model, state, adapter_name, plan, tensors, options)
+        tie(state, adapter_name)
     if stored:
         state.stored_dtypes[adapter_name] = stored
     return list(expected) + list(plan.replace) + list(plan.keep)

@@ -22,6 +22,7 @@ from adapterspec import AdapterConfig
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
 from .layers import ActiveSet, AdapterLayer, ModulesToSaveLayer
+from .parameters import ParameterLayer
 
 __all__ = [
     "STATE_ATTR",
@@ -62,6 +63,8 @@ class ModelState:
     :param base_samples: model module name -> (the fingerprint samples of its base weight taken just before an
         adapter was merged into it, or ``None``; the samples of what an unmerge left there, or ``None``), so that a
         save while merged, or after an unmerge that rounded differently, records the base (SPEC.md 9.1).
+    :param tied: name -> {spec path of a layer tied to the input embedding: (the embedding's spec path, ``"targets"``
+        or ``"modules_to_save"``)} for an adapter with ``ensure_weight_tying`` (SPEC.md 15.2).
     """
 
     names: list[str] = field(default_factory=list)
@@ -70,7 +73,7 @@ class ModelState:
     modules: dict[str, dict[str, str]] = field(default_factory=dict)
     merged: list[str] = field(default_factory=list)
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)
-    wrappers: dict[str, AdapterLayer | ModulesToSaveLayer] = field(default_factory=dict)
+    wrappers: dict[str, AdapterLayer | ModulesToSaveLayer | ParameterLayer] = field(default_factory=dict)
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     extras: dict[str, dict[str, Callable[[], Any]]] = field(default_factory=dict)
     prompt_hook: Any = None
@@ -78,6 +81,7 @@ class ModelState:
     frozen: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
     stored_dtypes: dict[str, dict[str, torch.dtype]] = field(default_factory=dict)
     base_samples: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def active(self) -> list[str]:
@@ -194,6 +198,7 @@ def delete(model: torch.nn.Module, adapter_name: str) -> None:
     state.configs.pop(adapter_name)
     state.modules.pop(adapter_name, None)
     state.stored_dtypes.pop(adapter_name, None)
+    state.tied.pop(adapter_name, None)
     if adapter_name in state.merged:  # its delta stays in the weights: they are the base now, or unknown
         state.merged.remove(adapter_name)
         state.base_samples.clear()
@@ -217,6 +222,11 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
         if config.is_prompt_learning:
             raise UnsupportedError(f"{config.peft_type} adds virtual tokens; it has no weights to merge",
                                    key=name, hint="keep the adapter unmerged")
+        tied = [spec for spec, (_, mode) in require_state(model, name).tied.get(name, {}).items() if mode == "targets"]
+        if tied:  # SPEC.md 15.2
+            raise UnsupportedError(f"the LoRA of {tied[0]!r} is tied to the input embedding's (ensure_weight_tying) and "
+                                   "shares its weight: merging would add the delta twice, as PEFT 0.21 does",
+                                   key=name, pointer="/ensure_weight_tying", hint="keep the adapter unmerged")
     state = get_state(model)
     if state is None:  # no adapter loaded, so none was named (require_state refuses every name)
         return
@@ -227,7 +237,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             continue
         remember_base(state, name)
         for _, layer in _wrappers(model, state, name):
-            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
                 layer.merge([name])
         state.merged.append(name)
 
@@ -243,7 +253,7 @@ def unmerge(model: torch.nn.Module) -> None:
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):
-            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)) and model_name not in seen:
+            if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)) and model_name not in seen:
                 seen.add(model_name)
                 layer.unmerge()
     state.merged.clear()

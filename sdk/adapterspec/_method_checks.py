@@ -396,6 +396,31 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
+# -- TRAINABLE_TOKENS (SPEC.md 15.2) ---------------------------------------------------------
+def _trainable_tokens(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``trainable_tokens_delta`` is ``[len(token_indices), dim]``: the rows it puts in the layer's weight."""
+    name = "trainable_tokens_delta"
+    if name not in p:
+        return [_missing(module, name, "TRAINABLE_TOKENS stores trainable_tokens_delta per layer")]
+    info, rows = p[name], len(config.get("token_indices") or [])
+    if len(info.shape) != 2 or info.shape[0] != rows:
+        return [_shape(module, name, info, f"must be [len(token_indices), dim] = [{rows}, dim]",
+                       "save the adapter again, or check token_indices")]
+    return []
+
+
+# -- LN_TUNING (SPEC.md 15.3) ------------------------------------------------------------------
+def _ln_tuning(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """The copy's ``weight`` (and a LayerNorm's ``bias``, 1-D of the same length) under ``ln_tuning_layers.``."""
+    weight, bias = p.get("ln_tuning_layers.weight"), p.get("ln_tuning_layers.bias")
+    if weight is None:
+        return [_missing(module, "ln_tuning_layers.weight", "LN tuning stores the layer's weight")]
+    if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
+        return [_shape(module, "ln_tuning_layers.bias", bias, f"must be 1-D, [{weight.shape[0]}] as the weight's rows",
+                       "save the adapter again")]
+    return []
+
+
 METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LORA": _lora,
     "IA3": _ia3,
@@ -405,4 +430,6 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "BOFT": _boft,
     "ADALORA": _adalora,
     "VERA": _vera,
+    "TRAINABLE_TOKENS": _trainable_tokens,
+    "LN_TUNING": _ln_tuning,
 }

@@ -19,7 +19,7 @@ from typing import Any
 from . import _adalora, _vera
 from .errors import shorten
 
-__all__ = ["OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
+__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
            "transformer_submodules", "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
@@ -36,6 +36,15 @@ PORTABLE_METHODS = frozenset({
     "P_TUNING",
     "ADALORA",
     "VERA",
+    "TRAINABLE_TOKENS",
+    "LN_TUNING",
+})
+
+
+#: Portable methods whose PEFT config class has no ``modules_to_save`` (PEFT drops the field with a warning):
+#: writers leave a null one out, readers refuse a non-null one (SPEC.md 15.2).
+NO_MODULES_TO_SAVE = frozenset({
+    "TRAINABLE_TOKENS",
 })
 
 
@@ -85,7 +94,6 @@ _UNSUPPORTED_LORA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_bdlora": (lambda v: v is not None, "block-diagonal LoRA (use_bdlora)"),
     "arrow_config": (lambda v: v is not None, "Arrow routing (arrow_config)"),
     "kasa_config": (lambda v: v is not None, "KaSA (kasa_config)"),
-    "target_parameters": (lambda v: bool(v), "adapting parameters directly (target_parameters)"),
 }
 
 
@@ -143,7 +151,31 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.extend(_adalora.unsupported(config))
     if config.get("peft_type") == "VERA":
         found.extend(_vera.unsupported(config))
+    found.extend(_parameter_features(config))
+    if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
+        found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "
+                                          "field with a warning); adapterspec readers refuse rather than ignore it"))
     return found
+
+
+#: LoRA fields PEFT 0.21's ``ParamWrapper`` refuses (it raises ValueError): with a non-empty ``target_parameters``
+#: the adapter cannot be loaded by PEFT, so readers refuse it too (SPEC.md 15.1). Field -> (is it set?, what).
+_NOT_WITH_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora_dropout": (lambda v: bool(v), "lora_dropout other than 0"),
+    "fan_in_fan_out": (lambda v: v is True, "fan_in_fan_out: true"),
+    "lora_bias": (lambda v: v is True, "lora_bias: true"),
+    "use_dora": (lambda v: v is True, "DoRA (use_dora: true)"),
+    "velora_config": (lambda v: v is not None, "VeLoRA (velora_config)"),
+}
+
+
+def _parameter_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The LoRA options PEFT cannot combine with ``target_parameters`` (SPEC.md 15.1)."""
+    if config.get("peft_type") != "LORA" or not config.get("target_parameters"):
+        return []
+    return [(f"/{field}", f"{what} together with target_parameters is refused by PEFT 0.21 (ParamWrapper) and not "
+                          "supported by adapterspec readers")
+            for field, (unsupported, what) in _NOT_WITH_PARAMETERS.items() if unsupported(config.get(field))]
 
 
 #: The ``peft_version`` written with an OFT config that has none: PEFT 0.21 fails on a null version with

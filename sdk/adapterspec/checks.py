@@ -29,7 +29,7 @@ from .errors import (
     UnsupportedError,
 )
 from .naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, PROMPT_KEY, TensorName, make_key, parse_key
-from .targets import is_all_linear, token_indices
+from .targets import is_all_linear, parameter_module, token_indices
 
 __all__ = ["ALLOWED_DTYPES", "BUFFER_DTYPES", "TensorInfo", "tensor_errors"]
 
@@ -105,6 +105,16 @@ def _module_errors(config: AdapterConfig, modules: Mapping[str, dict[str, Tensor
     check = METHOD_CHECKS[config.peft_type]
     for module, params in modules.items():  # no time budget: matching is linear in the path (adapterspec._regex)
         targets = config.get("target_modules")  # null and "all-linear": resolved at load, with the model
+        if parameter_module(config, module) is not None and not config.matches(module):
+            errors.extend(_parameter_errors(module, params))
+            continue
+        if config.peft_type == "TRAINABLE_TOKENS" and not config.matches(module):  # a tied layer: the model decides
+            errors.extend(check(config, module, params))
+            continue
+        if config.get("ensure_weight_tying") and set(params) <= {"lora_A.weight", "lora_B.weight"} \
+                and not config.matches(module):  # a layer tied to the input embedding (SPEC.md 15.2): the model says
+            errors.extend(check(config, module, params))
+            continue
         if targets is not None and not is_all_linear(targets) and not config.matches(module):
             for param in params:
                 errors.append(UnexpectedTensorError(
@@ -113,6 +123,30 @@ def _module_errors(config: AdapterConfig, modules: Mapping[str, dict[str, Tensor
                     hint="remove the tensor, or add the module to target_modules"))
             continue
         errors.extend(check(config, module, params))
+    return errors
+
+
+def _parameter_errors(module: str, params: Mapping[str, TensorInfo]) -> list[AdapterSpecError]:
+    """Checks 9 and 11 for LoRA on a parameter (SPEC.md 15.1): ``lora_A.weight`` [r * experts, in] and
+    ``lora_B.weight`` [out, r * experts]; the rank (r and the number of experts) is checked at load, with the model."""
+    errors: list[AdapterSpecError] = [
+        UnexpectedTensorError(f"LoRA on a parameter (target_parameters) stores lora_A.weight and lora_B.weight only",
+                              key=make_key(module, param), hint="remove the tensor")
+        for param in params if param not in ("lora_A.weight", "lora_B.weight")]
+    a, b = params.get("lora_A.weight"), params.get("lora_B.weight")
+    for name, info in (("lora_A.weight", a), ("lora_B.weight", b)):
+        if info is None:
+            errors.append(MissingTensorError(f"module {module!r} has {', '.join(sorted(params))}; LoRA stores "
+                                             "lora_A.weight with lora_B.weight", key=make_key(module, name),
+                                             hint="save the adapter again, complete"))
+        elif len(info.shape) != 2:
+            errors.append(ShapeMismatchError(f"shape {list(info.shape)}: must have 2 axes ([r * experts, in] / "
+                                             "[out, r * experts])", key=make_key(module, name),
+                                             hint="save A as [r * experts, in] and B as [out, r * experts]"))
+    if a is not None and b is not None and len(a.shape) == len(b.shape) == 2 and a.shape[0] != b.shape[1]:
+        errors.append(ShapeMismatchError(f"shape {list(b.shape)}: dimension 1 must equal lora_A's {a.shape[0]} rows",
+                                         key=make_key(module, "lora_B.weight"),
+                                         hint="B is [out, r * experts]; was it saved transposed?"))
     return errors
 
 

@@ -33,7 +33,14 @@ from typing import Any, BinaryIO, cast
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match, relevance
 
-from ._rules import OFT_PEFT_VERSION, duplicate_entries, rule_problems, transformer_submodules, unsupported_features
+from ._rules import (
+    NO_MODULES_TO_SAVE,
+    OFT_PEFT_VERSION,
+    duplicate_entries,
+    rule_problems,
+    transformer_submodules,
+    unsupported_features,
+)
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
 from .spec import SPEC_VERSION, check_version
@@ -464,6 +471,8 @@ class AdapterConfig(Mapping[str, Any]):
         out["inference_mode"] = True
         if out.get("peft_type") == "OFT" and out.get("use_cayley_neumann", True) and not out.get("peft_version"):
             out["peft_version"] = OFT_PEFT_VERSION  # SPEC.md 15.6: PEFT reads the series' version from it
+        if out.get("peft_type") in NO_MODULES_TO_SAVE and out.get("modules_to_save") is None:
+            out.pop("modules_to_save", None)  # PEFT's config class has no such field: it would warn
         return out
 
     def to_json(self) -> str:
@@ -489,7 +498,8 @@ class AdapterConfig(Mapping[str, Any]):
         >>> cfg.for_model("llama")["target_modules"]
         ['q_proj', 'v_proj']
         """
-        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR", "ADALORA", "VERA"):
+        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR", "ADALORA", "VERA",
+                                                             "LN_TUNING"):
             return self
         changes: dict[str, Any] = {}
         fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)

@@ -51,6 +51,8 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "BOFT": ("boft_R", "boft_s"),
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
+    "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
+    "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

@@ -34,6 +34,7 @@ __all__ = [
     "is_modules_to_save",
     "layer_index",
     "module_matches",
+    "parameter_module",
     "pattern_value",
     "regex_problem",
     "regex_problems",
@@ -249,6 +250,35 @@ class PatternTable:
         """The value of the first key matching ``path``, else ``default``."""
         index = self.index(path)
         return default if index is None else self._values[index]
+
+
+def parameter_module(config: Mapping[str, Any], module: str) -> tuple[str, int] | None:
+    """For a tensor's module path: (the module whose parameter it adapts, its nesting depth) when
+    ``target_parameters`` can select a parameter of that module (SPEC.md 15.1), else ``None``.
+
+    PEFT nests one wrapper per targeted parameter of a module, so the path may end in ``.base_layer`` (one per
+    level); an entry ``<suffix>.<parameter>`` selects the modules whose path ends with ``<suffix>``, an entry
+    without a dot any module. Only the model says which parameters exist: readers check that at load.
+
+    >>> parameter_module({"peft_type": "LORA", "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+    ...                  "model.layers.0.mlp.experts.base_layer")
+    ('model.layers.0.mlp.experts', 1)
+    >>> parameter_module({"peft_type": "LORA", "target_parameters": ["gate.weight"]}, "layers.0.q_proj") is None
+    True
+    """
+    entries = config.get("target_parameters") if config.get("peft_type") == "LORA" else None
+    if not entries or not isinstance(entries, list):
+        return None
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module[: -len(".base_layer")], depth + 1
+    if depth >= len(entries) and depth > 0:
+        return None
+    for entry in entries:
+        owner = str(entry).rpartition(".")[0]
+        if not owner or module == owner or module.endswith("." + owner):
+            return module, depth
+    return None
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, path: str, *, default: Any) -> Any:

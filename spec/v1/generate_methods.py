@@ -28,9 +28,13 @@ TARGETS = HERE / "target_modules.json"
 
 #: Methods whose fields and math the spec defines by hand (SPEC.md 4.1, 8).
 PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
-            "P_TUNING",
-            "ADALORA",
-            "VERA")
+            "OFT",  # SPEC.md 15.6
+            "BOFT",  # SPEC.md 15.7
+            "P_TUNING",  # SPEC.md 15.8
+            "ADALORA",  # SPEC.md 15.4
+            "VERA",  # SPEC.md 15.5
+            "TRAINABLE_TOKENS",  # SPEC.md 15.2
+            "LN_TUNING")  # SPEC.md 15.3
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -43,6 +47,7 @@ DEFAULT_TABLES = {
     ("LOKR", "target_modules"): "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
     ("ADALORA", "target_modules"): "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
     ("VERA", "target_modules"): "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
+    ("LN_TUNING", "target_modules"): "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
 }
 
 
@@ -158,7 +163,7 @@ def generate() -> None:
     for t in others:
         schema["$defs"][t] = method_def(t, PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(t)])
     kept = {b["then"]["$ref"].split("/")[-1]: b for b in schema["allOf"]}
-    schema["allOf"] = [kept[t] if t in kept else _branch(t) for t in [*PORTABLE, *others]]
+    schema["allOf"] = [kept[t] if t in kept else _branch(t) for t in [*PORTABLE, *others]]  # the enum's order
     SCHEMA.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
     tables: dict[str, Any] = {

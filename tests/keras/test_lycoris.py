@@ -263,3 +263,19 @@ def test_fit_trains_only_the_lycoris_factors_and_peft_loads_the_result(method: s
     assert np.abs(got - base).max() > 1e-4
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     assert_near(torch_logits(_peft_load(checkpoints["llama"], saved), token_ids), got)
+
+
+@pytest.mark.parametrize("method", ["LOHA", "LOKR"])
+def test_gpt2_conv1d_modules_are_refused_as_peft_and_torch_refuse_them(method: str, checkpoints: Any) -> None:
+    """PEFT's LoHa/LoKr adapt nn.Linear, Conv1d and Conv2d: on GPT-2's transformers Conv1D it raises TypeError and the
+    torch backend refuses, so the Keras backend refuses too (a Keras adapter there could never load in PEFT)."""
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    before = snapshot(model)
+    config: dict[str, Any] = {"peft_type": method, "r": 2, "alpha": 4, "target_modules": ["c_attn"]}
+    with pytest.raises(UnsupportedError, match="transformers Conv1D") as caught:
+        adapterspec.inject_adapter(model, config)
+    assert caught.value.key is not None and caught.value.key.endswith("c_attn")
+    assert_same_snapshot(before, snapshot(model))
+    peft_config = (peft.LoHaConfig if method == "LOHA" else peft.LoKrConfig)(r=2, target_modules=["c_attn"])
+    with pytest.raises(TypeError, match="not supported"):  # PEFT itself
+        peft.get_peft_model(hf_model(checkpoints["gpt2"]), peft_config)

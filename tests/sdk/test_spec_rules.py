@@ -457,7 +457,8 @@ def test_prefix_token_dim_divisible_by_heads() -> None:
     ({"use_bdlora": {}}, "/use_bdlora"),
     ({"arrow_config": {}}, "/arrow_config"),
     ({"kasa_config": {}}, "/kasa_config"),
-    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "/target_parameters"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"], "use_dora": True}, "/use_dora"),  # PEFT refuses it (15.1)
+    ({"target_parameters": ["mlp.experts.gate_up_proj"], "lora_dropout": 0.1}, "/lora_dropout"),
 ])
 def test_unsupported_lora_variants_are_refused_by_readers(tmp_path: Path, changes: dict[str, Any],
                                                           pointer: str) -> None:

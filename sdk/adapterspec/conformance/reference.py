@@ -30,6 +30,9 @@ import numpy as np
 
 from .reference_adalora import adalora_weight
 from .reference_oft import rotated_weight
+from .reference_ln_tuning import ln_tuning_weights
+from .reference_parameters import expert_deltas
+from .reference_tokens import token_weight
 from .reference_vera import vera_weight
 
 __all__ = [
@@ -118,6 +121,13 @@ def base_forward(module: Mapping[str, Any], weight: Array, bias: Array | None, x
         y = _f64(x) @ w.T
     elif kind == "gpt2_conv1d":
         y = _f64(x) @ w
+    elif kind == "experts":  # expert e maps x[e] [n, in] with its weight [out, in]
+        y = np.einsum("eni,eoi->eno", _f64(x), w)
+    elif kind == "layer_norm":  # over the last axis, biased variance (torch's nn.LayerNorm)
+        x64 = _f64(x)
+        mean = x64.mean(axis=-1, keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)
+        y = (x64 - mean) / np.sqrt(var + float(module["eps"])) * w
     elif kind in ("conv1d", "conv2d"):
         nd = w.ndim - 2
         y = _conv(_f64(x), w, _tuple(module.get("stride"), nd, 1), _tuple(module.get("padding"), nd, 0))
@@ -209,6 +219,9 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
     weight = _f64(weight)
     bias = None if bias is None else _f64(bias)
     method = config["peft_type"]
+    if method == "LORA" and module["kind"] == "experts":  # SPEC.md 15.1: LoRA on the 3-D parameter
+        s = scaling(config, f"{path}.weight")
+        return weight + expert_deltas(tensors["lora_A.weight"], tensors["lora_B.weight"], weight.shape[0], s), bias
     if method == "LORA":
         return _lora(module, weight, bias, config, path, tensors)
     if method == "LOHA":
@@ -221,6 +234,10 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return adalora_weight(module, weight, config, path, tensors), bias
     if method == "VERA":  # SPEC.md 15.5: ``tensors`` holds the shared vera_A / vera_B too
         return vera_weight(module, weight, tensors), bias
+    if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
+        return token_weight(weight, config, tensors), bias
+    if method == "LN_TUNING":  # SPEC.md 15.3
+        return ln_tuning_weights(weight, bias, tensors)
     raise ValueError(f"{method} has no weight update")
 
 
@@ -246,7 +263,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -81,6 +81,10 @@ def _in_out(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
         return (spec["in_features"],), spec["out_features"]
     if kind == "embedding":
         return (spec["num_embeddings"],), spec["embedding_dim"]
+    if kind == "layer_norm":
+        return (spec["normalized_shape"],), spec["normalized_shape"]
+    if kind == "experts":
+        return (spec["in_features"],), spec["out_features"]
     return (spec["in_channels"], *spec["kernel_size"]), spec["out_channels"]
 
 
@@ -92,12 +96,16 @@ def _weight_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
         return spec["in_features"], spec["out_features"]
     if kind == "embedding":
         return spec["num_embeddings"], spec["embedding_dim"]
+    if kind == "layer_norm":
+        return (spec["normalized_shape"],)
+    if kind == "experts":
+        return spec["num_experts"], spec["out_features"], spec["in_features"]
     return (spec["out_channels"], spec["in_channels"], *spec["kernel_size"])
 
 
 #: The layer kinds of the corpus' model descriptions each method adapts (PEFT 0.21.2; SPEC.md 6).
 _SUPPORTED = {
-    "LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"),
+    "LORA": ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "experts"),  # experts: SPEC.md 15.1
     "IA3": ("linear", "gpt2_conv1d", "conv2d"),
     "LOHA": ("linear", "conv1d", "conv2d"),
     "LOKR": ("linear", "conv1d", "conv2d"),
@@ -105,6 +113,8 @@ _SUPPORTED = {
     "BOFT": ("linear", "conv2d"),
     "ADALORA": ("linear", "gpt2_conv1d", "conv2d"),
     "VERA": ("linear", "gpt2_conv1d"),
+    "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
+    "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
 }
 
 
