@@ -10,6 +10,10 @@ dimension left open is 1 (batch) or 2 (sequence), except an open dimension of a 
 which cannot be guessed. Then, and for subclassed models without ``inputs``, the check is skipped: it cannot
 say the adapter is unused. A forward that fails on the dummy batch is reported as a warning, not an error.
 
+Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
+and layer: a later load that wraps only layers checked before runs no forward (the first load of a model pays
+one forward of two tokens; a model whose layers' ``call`` the user changes afterwards must be loaded anew).
+
 >>> check_reached(model, {"model.layers.0.mlp.gate_proj": site})      # doctest: +SKIP
 Traceback (most recent call last):
 adapterspec.errors.UnsupportedError: model.layers.0.mlp.gate_proj: the model's forward never runs ...
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +90,36 @@ def dummy_inputs(model: Any) -> tuple[Any, str | None]:
     return made, None
 
 
+#: model -> (the (layer id, role) pairs a forward checked, with a weak reference to each layer; those it entered)
+_CHECKED: weakref.WeakKeyDictionary[Any, tuple[dict[tuple[int, str], weakref.ref[Any]], set[tuple[int, str]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _remembered(model: Any, pairs: dict[tuple[int, str], Any]) -> set[tuple[int, str]] | None:
+    """The pairs an earlier forward of ``model`` entered, if it checked every pair of ``pairs`` (the same layers)."""
+    try:
+        known = _CHECKED.get(model)
+    except TypeError:  # not weak-referenceable
+        return None
+    if known is None:
+        return None
+    checked, entered = known
+    for pair, layer in pairs.items():
+        ref = checked.get(pair)
+        if ref is None or ref() is not layer:
+            return None
+    return entered
+
+
+def _remember(model: Any, pairs: dict[tuple[int, str], Any], entered: set[tuple[int, str]]) -> None:
+    try:
+        checked, before = _CHECKED.get(model) or ({}, set())
+        _CHECKED[model] = ({**checked, **{pair: weakref.ref(layer) for pair, layer in pairs.items()}},
+                           (before - set(pairs)) | entered)
+    except TypeError:  # not weak-referenceable: checked again at every load
+        pass
+
+
 def unreached(model: Any, sites: dict[str, ModuleSite]) -> dict[str, list[Piece]]:
     """Run ``model`` once on :func:`dummy_inputs`: the pieces of ``sites`` whose layer's ``call`` never ran.
 
@@ -93,17 +128,21 @@ def unreached(model: Any, sites: dict[str, ModuleSite]) -> dict[str, list[Piece]
     >>> unreached(model, {"model.layers.0.mlp.gate_proj": site})        # doctest: +SKIP
     {'model.layers.0.mlp.gate_proj': [Piece(layer=<Dense name=ffw_gating>, ...)]}
     """
-    inputs, _why_not = dummy_inputs(model)
-    if inputs is None:
-        return {}
-    with _recording() as entered:
-        try:
-            model(inputs, training=False)
-        except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
-            warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the adapted "
-                          f"layers: a forward on a dummy batch of two tokens failed ({type(exc).__name__}: {exc})",
-                          AdapterSpecWarning, stacklevel=3)
+    pairs = {(id(p.layer), p.role): p.layer for site in sites.values() for p in site.pieces}
+    entered = _remembered(model, pairs)
+    if entered is None:
+        inputs, _why_not = dummy_inputs(model)
+        if inputs is None:
             return {}
+        with _recording() as entered:
+            try:
+                model(inputs, training=False)
+            except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
+                warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the adapted "
+                              f"layers: a forward on a dummy batch of two tokens failed ({type(exc).__name__}: {exc})",
+                              AdapterSpecWarning, stacklevel=3)
+                return {}
+        _remember(model, pairs, entered)
     unused = {path: [p for p in site.pieces if (id(p.layer), p.role) not in entered] for path, site in sites.items()}
     return {path: pieces for path, pieces in unused.items() if pieces}
 

@@ -99,6 +99,34 @@ def test_a_layer_whose_call_runs_takes_the_adapter() -> None:
     assert np.abs(ops.convert_to_numpy(model(x)) - base).max() > 1e-3  # the adapter is used
 
 
+def test_the_check_runs_one_forward_per_model_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a layer's call runs is remembered per model and layer: a second load of the same layers runs no
+    forward (and still refuses / reads through as the first did), a load wrapping a layer not checked yet runs one,
+    and another model is checked on its own (each forward here on the whole model costs one full inference)."""
+    from adapterspec_keras import reach
+
+    calls: list[int] = []
+    original = reach.dummy_inputs
+    monkeypatch.setattr(reach, "dummy_inputs", lambda m: (calls.append(id(m)), original(m))[1])
+    model = _model()
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    dora = dict(LORA, target_modules=["up"], use_dora=True)
+    for _ in range(2):
+        with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up"):
+            adapterspec.inject_adapter(model, dora)
+    assert len(calls) == 1
+    base = ops.convert_to_numpy(model(x))
+    for _ in range(2):  # read through up's kernel both times: the adapter changes the output
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["up"]))
+        assert np.abs(ops.convert_to_numpy(model(x)) - base).max() > 1e-3
+        adapterspec.delete_adapter(model, "default")
+    assert len(calls) == 1  # the same layer: the first forward's answer
+    adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate"]))
+    assert len(calls) == 2  # a layer no forward checked yet
+    adapterspec.inject_adapter(_model(), dict(LORA, target_modules=["gate"]))
+    assert len(calls) == 3  # another model
+
+
 def test_inputs_are_two_tokens_or_the_check_says_why_not() -> None:
     ids = keras.Input((None,), dtype="int32", name="token_ids")
     mask = keras.Input((None,), dtype="int32", name="padding_mask")
