@@ -11,7 +11,6 @@ PEFT's merged outputs and unmerging restores the base weights.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,15 @@ peft = pytest.importorskip("peft")
 import adapterspec  # noqa: E402
 from adapterspec.errors import ShapeMismatchError, UnsupportedError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from torch_helpers import assert_close, assert_same_snapshot, fresh, logits, snapshot, unique_values  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_same_snapshot,
+    fresh,
+    logits,
+    peft_load,
+    snapshot,
+    unique_values,
+)
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
@@ -66,18 +73,6 @@ def _trained(base: Any, config: Any, folder: Path, inputs: dict[str, Any]) -> No
         model.save_pretrained(str(folder))
 
 
-def _peft_load(base: Any, folder: Path, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    from peft import PeftModel
-
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
-    said = sorted({str(w.message) for w in caught} |
-                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
-    return loaded, [m for m in said if "is_gradient_checkpointing" not in m]
-
-
 def _run(model: Any, inputs: dict[str, Any]) -> Any:
     if "x" in inputs:
         with torch.no_grad():
@@ -109,7 +104,7 @@ def test_trained_peft_folder_roundtrip(kind: str, make_config: Any, request: pyt
     saved_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     kept = [sum(v) for v in saved_config["rank_pattern"].values()]
     assert any(0 < k < config.init_r for k in kept) or (0 in kept and config.init_r in kept), kept  # really pruned
-    reference, said_peft = _peft_load(base, tmp_path / "peft", caplog)
+    reference, said_peft = peft_load(base, tmp_path / "peft", caplog)
     expected = _run(reference, inputs)
     base_out = _run(base, inputs)
     assert (expected - base_out).abs().max() > 1e-2, "the adapter must change the output for the test to mean anything"
@@ -135,7 +130,7 @@ def test_trained_peft_folder_roundtrip(kind: str, make_config: Any, request: pyt
     # folder -> PEFT: no warning of its own, nothing missing or unexpected, the same outputs
     from peft.utils import get_peft_model_state_dict
 
-    loaded, said_ours = _peft_load(base, tmp_path / "ours", caplog)
+    loaded, said_ours = peft_load(base, tmp_path / "ours", caplog)
     assert said_ours == said_peft
     state = get_peft_model_state_dict(loaded)
     assert sorted(state) == sorted(saved)
@@ -240,7 +235,7 @@ def test_null_target_modules_take_peft_default_for_the_architecture(llama: Any, 
                                   target_modules=["q_proj", "v_proj"]), tmp_path, token_inputs)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": None}))
-    reference, _ = _peft_load(llama, tmp_path, caplog)
+    reference, _ = peft_load(llama, tmp_path, caplog)
     expected = logits(reference, token_inputs)
     assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
     model = fresh(llama)

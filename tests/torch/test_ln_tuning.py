@@ -9,7 +9,6 @@ or unexpected, no warning of its own and the same outputs; merging gives PEFT's 
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from typing import Any
 
@@ -21,7 +20,17 @@ transformers = pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from torch_helpers import assert_close, assert_same_snapshot, fresh, logits, peft_reference, snapshot, unique_values  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_peft_loads_ours,
+    assert_same_snapshot,
+    assert_saved_as_peft_saved,
+    fresh,
+    logits,
+    peft_reference,
+    snapshot,
+    unique_values,
+)
 
 
 def _fill(model: Any) -> None:
@@ -48,18 +57,6 @@ def _cases() -> list[Any]:
     ]
 
 
-def _peft_load(base: Any, folder: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    from peft import PeftModel
-
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
-    said = sorted({str(w.message) for w in caught} |
-                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
-    return loaded, [m for m in said if "deprecated" not in m]
-
-
 @pytest.mark.parametrize(("kind", "make_config"), _cases())
 def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.FixtureRequest, tmp_path: Any,
                                token_inputs: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -78,24 +75,9 @@ def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.Fixt
         assert_close(logits(model, token_inputs), base_out, atol=0)
 
     adapterspec.save_adapter(model, tmp_path / "ours")
-    original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(saved) == sorted(original)
-    for key, tensor in original.items():
-        assert torch.equal(saved[key], tensor), key
-    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
+    saved = assert_saved_as_peft_saved(tmp_path / "peft", tmp_path / "ours")
 
-    from peft.utils import get_peft_model_state_dict
-
-    _, said_peft = _peft_load(base, tmp_path / "peft", caplog)
-    loaded, said_ours = _peft_load(base, tmp_path / "ours", caplog)
-    assert said_ours == said_peft
-    state = get_peft_model_state_dict(loaded)
-    assert sorted(state) == sorted(saved)
-    for key, tensor in state.items():
-        assert torch.equal(tensor, saved[key]), key
-    assert_close(logits(loaded, token_inputs), expected)
+    loaded = assert_peft_loads_ours(base, tmp_path / "peft", tmp_path / "ours", caplog, token_inputs, expected)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

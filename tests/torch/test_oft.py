@@ -8,7 +8,6 @@ missing or unexpected and the same outputs; merging gives PEFT's merged outputs 
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from typing import Any
 
@@ -20,7 +19,16 @@ peft = pytest.importorskip("peft")
 import adapterspec  # noqa: E402
 from adapterspec.errors import UnsupportedError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from torch_helpers import assert_close, assert_same_snapshot, fresh, logits, peft_reference, snapshot, unique_values  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_same_snapshot,
+    fresh,
+    logits,
+    peft_load,
+    peft_reference,
+    snapshot,
+    unique_values,
+)
 
 LLAMA = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -73,18 +81,6 @@ def _run(model: Any, kind: str, inputs: dict[str, Any]) -> Any:
     return logits(model, inputs)
 
 
-def _peft_load(base: Any, folder: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    from peft import PeftModel
-
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
-    said = sorted({str(w.message) for w in caught} |
-                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
-    return loaded, [m for m in said if "CUDA extension" not in m and "boft_n_butterfly_factor to 1" not in m]
-
-
 @pytest.mark.parametrize(("kind", "make_config"), _cases())
 def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.FixtureRequest, tmp_path: Any,
                                caplog: pytest.LogCaptureFixture) -> None:
@@ -117,8 +113,8 @@ def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.Fixt
     # folder -> PEFT: no warning of its own, nothing missing or unexpected, the same outputs
     from peft.utils import get_peft_model_state_dict
 
-    _, said_peft = _peft_load(base, tmp_path / "peft", caplog)
-    loaded, said_ours = _peft_load(base, tmp_path / "ours", caplog)
+    _, said_peft = peft_load(base, tmp_path / "peft", caplog)
+    loaded, said_ours = peft_load(base, tmp_path / "ours", caplog)
     assert said_ours == said_peft
     state = get_peft_model_state_dict(loaded)
     assert sorted(state) == sorted(saved)
@@ -286,7 +282,7 @@ def test_an_injected_adapter_saved_loads_in_peft_silently(config: dict[str, Any]
     adapterspec.inject_adapter(model, config | {"init_weights": False})
     expected = logits(model, token_inputs)
     adapterspec.save_adapter(model, tmp_path)
-    loaded, said = _peft_load(llama, tmp_path, caplog)
+    loaded, said = peft_load(llama, tmp_path, caplog)
     assert not [m for m in said if "OFT" in m or "cayley" in m.lower() or "Unexpected" in m], said
     assert_close(logits(loaded, token_inputs), expected)
 

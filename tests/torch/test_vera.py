@@ -9,7 +9,6 @@ of its own and the same outputs; merging gives PEFT's merged outputs and unmergi
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,15 @@ peft = pytest.importorskip("peft")
 import adapterspec  # noqa: E402
 from adapterspec.errors import MissingTensorError, ShapeMismatchError, UnsupportedError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from torch_helpers import assert_close, assert_same_snapshot, fresh, logits, snapshot, unique_values  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    assert_close,
+    assert_same_snapshot,
+    fresh,
+    logits,
+    peft_load,
+    snapshot,
+    unique_values,
+)
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
@@ -53,18 +60,6 @@ def _peft_folder(base: Any, config: Any, folder: Path) -> Any:
     return model
 
 
-def _peft_load(base: Any, folder: Path, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    from peft import PeftModel
-
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
-    said = sorted({str(w.message) for w in caught} |
-                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
-    return loaded, [m for m in said if "is_gradient_checkpointing" not in m]
-
-
 def _cases() -> list[Any]:
     from peft import VeraConfig
 
@@ -88,7 +83,7 @@ def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.Fixt
     original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert "base_model.vera_A" in original and "base_model.vera_B" in original
     assert adapterspec.validate_adapter(tmp_path / "peft") == []
-    _, said_peft = _peft_load(base, tmp_path / "peft", caplog)
+    _, said_peft = peft_load(base, tmp_path / "peft", caplog)
 
     # PEFT folder -> adapterspec
     model = fresh(base)
@@ -110,7 +105,7 @@ def test_peft_folder_roundtrip(kind: str, make_config: Any, request: pytest.Fixt
     # folder -> PEFT: no warning of its own, nothing missing or unexpected, the same outputs
     from peft.utils import get_peft_model_state_dict
 
-    loaded, said_ours = _peft_load(base, tmp_path / "ours", caplog)
+    loaded, said_ours = peft_load(base, tmp_path / "ours", caplog)
     assert said_ours == said_peft
     state = get_peft_model_state_dict(loaded)
     assert sorted(state) == sorted(saved)
@@ -233,7 +228,7 @@ def test_null_target_modules_take_peft_default_for_the_architecture(gpt2: Any, t
     _peft_folder(gpt2, VeraConfig(r=4, target_modules=["c_attn"]), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"target_modules": None}))
-    reference, _ = _peft_load(gpt2, tmp_path, caplog)
+    reference, _ = peft_load(gpt2, tmp_path, caplog)
     expected = logits(reference, token_inputs)
     assert (expected - logits(gpt2, token_inputs)).abs().max() > 1e-2
     model = fresh(gpt2)

@@ -10,7 +10,6 @@ unexpected and the same outputs.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from typing import Any
 
@@ -24,7 +23,9 @@ import adapterspec  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch_helpers import (  # noqa: E402
     assert_close,
+    assert_peft_loads_ours,
     assert_same_snapshot,
+    assert_saved_as_peft_saved,
     fill_adapter_weights,
     fresh,
     logits,
@@ -92,18 +93,6 @@ def _cases() -> list[Any]:
     return cases
 
 
-def _peft_load(base: Any, folder: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    from peft import PeftModel
-
-    caplog.clear()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
-    said = sorted({str(w.message) for w in caught} |
-                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
-    return loaded, [m for m in said if "deprecated" not in m]
-
-
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, Any]:
     ids = (torch.arange(2 * 8).reshape(2, 8) * 5) % 96
@@ -129,24 +118,9 @@ def test_peft_folder_roundtrip(kind: str, make_config: Any, tmp_path: Any, input
         assert_close(logits(model, inputs), base_out, atol=0)
 
     adapterspec.save_adapter(model, tmp_path / "ours")
-    original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(saved) == sorted(original)
-    for key, tensor in original.items():
-        assert torch.equal(saved[key], tensor), key
-    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
+    saved = assert_saved_as_peft_saved(tmp_path / "peft", tmp_path / "ours")
 
-    from peft.utils import get_peft_model_state_dict
-
-    _, said_peft = _peft_load(base, tmp_path / "peft", caplog)
-    loaded, said_ours = _peft_load(base, tmp_path / "ours", caplog)
-    assert said_ours == said_peft
-    state = get_peft_model_state_dict(loaded)
-    assert sorted(state) == sorted(saved)
-    for key, tensor in state.items():
-        assert torch.equal(tensor, saved[key]), key
-    assert_close(logits(loaded, inputs), expected)
+    loaded = assert_peft_loads_ours(base, tmp_path / "peft", tmp_path / "ours", caplog, inputs, expected)
 
 
 def test_tied_lora_shares_the_embedding_tensors(tmp_path: Any, inputs: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -108,6 +110,59 @@ def peft_reference(base: nn.Module, config: Any, folder: Path, *, fill: Callable
         warnings.simplefilter("ignore")
         model.save_pretrained(str(folder))
     return model
+
+
+#: PEFT/transformers messages unrelated to the adapter (deprecations, optional CUDA kernels, BOFT's speed note)
+NOISE = ("deprecated", "is_gradient_checkpointing", "CUDA extension", "boft_n_butterfly_factor to 1")
+
+
+def peft_load(base: nn.Module, folder: Path, caplog: Any, *, noise: tuple[str, ...] = NOISE) -> tuple[Any, list[str]]:
+    """``PeftModel.from_pretrained`` of ``folder`` over a copy of ``base`` (eval mode), and every warning or
+    WARNING log line it gave (sorted, without ``noise``): what a user would see."""
+    from peft import PeftModel
+
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
+    said = sorted({str(w.message) for w in caught} |
+                  {r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING})
+    return loaded, [m for m in said if not any(n in m for n in noise)]
+
+
+def assert_saved_as_peft_saved(peft_folder: Path, ours: Path) -> dict[str, Any]:
+    """Our folder holds PEFT's tensors, byte for byte under the same keys, and PEFT's config fields with PEFT's
+    values; returns our tensors."""
+    from safetensors.torch import load_file
+
+    original = load_file(peft_folder / "adapter_model.safetensors")
+    saved = load_file(ours / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(saved[key], tensor), key
+    peft_config = json.loads((peft_folder / "adapter_config.json").read_text())
+    ours_config = json.loads((ours / "adapter_config.json").read_text())
+    assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
+    return saved
+
+
+def assert_peft_loads_ours(base: nn.Module, peft_folder: Path, ours: Path, caplog: Any, inputs: dict[str, Any],
+                           expected: Any, *, noise: tuple[str, ...] = NOISE) -> Any:
+    """PEFT loads our folder as it loads its own (the same warnings), with our tensors exactly (nothing missing or
+    unexpected) and ``expected`` outputs; returns the loaded PEFT model."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    _, said_peft = peft_load(base, peft_folder, caplog, noise=noise)
+    loaded, said_ours = peft_load(base, ours, caplog, noise=noise)
+    assert said_ours == said_peft
+    saved = load_file(ours / "adapter_model.safetensors")
+    state = get_peft_model_state_dict(loaded)
+    assert sorted(state) == sorted(saved)
+    for key, tensor in state.items():
+        assert torch.equal(tensor, saved[key]), key
+    assert_close(logits(loaded, inputs), expected)
+    return loaded
 
 
 def tiny_llama_config() -> Any:
