@@ -29,6 +29,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig
+from adapterspec._oft import block_sizes
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite, Piece
@@ -57,45 +58,6 @@ def features(site: ModuleSite) -> int:
     ``conv_filter_dim``)."""
     return int(site.in_features * int(np.prod(site.conv_spatial, dtype=np.int64))) if site.kind == "conv" \
         else int(site.in_features)
-
-
-def _adjust(count: int, value: int) -> int:
-    """PEFT's ``adjust_oft_parameters``: the divisor of ``count`` nearest ``value`` (the lower one on a tie)."""
-    if value >= count:
-        return count
-    higher = value
-    while higher <= count and count % higher != 0:
-        higher += 1
-    lower = value
-    while lower > 1 and count % lower != 0:
-        lower -= 1
-    return lower if (value - lower) <= (higher - value) else higher
-
-
-def _sizes(count: int, config: AdapterConfig, path: str) -> tuple[int, int]:
-    """(number of blocks, block size) of ``config`` on a module rotating ``count`` features, as PEFT 0.21 decides."""
-    if config.peft_type == "OFT":
-        r, size = int(config.get("r", 0) or 0), int(config.get("oft_block_size", 32) or 0)
-        if (r == 0) == (size == 0):
-            raise UnsupportedError(f"OFT needs exactly one of r and oft_block_size non-zero (r={r}, "
-                                   f"oft_block_size={size})", pointer="/oft_block_size",
-                                   hint="set r to 0 and oft_block_size to the block size (or the reverse)")
-        if r == 0:  # PEFT moves a block size that does not divide the features to the nearest divisor (a warning)
-            size = size if count % size == 0 and size <= count else _adjust(count, size)
-            return count // size, size
-        r = r if count % r == 0 and r <= count else _adjust(count, r)
-        return r, count // r
-    size, num = int(config.get("boft_block_size", 4) or 0), int(config.get("boft_block_num", 0) or 0)
-    if (size == 0) == (num == 0):
-        raise UnsupportedError(f"BOFT needs exactly one of boft_block_size and boft_block_num non-zero "
-                               f"(boft_block_size={size}, boft_block_num={num})", pointer="/boft_block_size",
-                               hint="set one of them to 0")
-    given, field = (size, "boft_block_size") if size else (num, "boft_block_num")
-    if count % given != 0:
-        raise UnsupportedError(f"{field}={given} does not divide the {count} input features of this layer "
-                               "(PEFT refuses it too)", key=path, pointer=f"/{field}",
-                               hint=f"choose a {field} that divides {count}, or do not target this layer")
-    return (count // size, size) if size else (num, count // num)
 
 
 def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
@@ -142,7 +104,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
                 raise UnsupportedError(f"{method} rotates all {site.in_features} input features of the module; "
                                        f"{type(piece.layer).__name__} {piece.layer.path!r} sees {piece.n_in} of them",
                                        key=path, hint="do not target this module, or use the torch backend")
-    _sizes(features(site), config, path)
+    block_sizes(features(site), config, path)
     if trainable:
         field = "module_dropout" if method == "OFT" else "boft_dropout"
         if float(config.get(field) or 0.0) > 0.0:
@@ -152,7 +114,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
 
 def settings(site: ModuleSite, config: AdapterConfig, path: str) -> Rotation:
     """The :class:`Rotation` of ``config`` on this module."""
-    blocks, size = _sizes(features(site), config, path)
+    blocks, size = block_sizes(features(site), config, path)
     if config.peft_type == "OFT":
         return Rotation("OFT", blocks, size, block_share=bool(config.get("block_share", False)),
                         neumann=bool(config.get("use_cayley_neumann", True)),
@@ -169,7 +131,7 @@ def shapes_for(config: AdapterConfig, path: str, count: int, out_features: int,
     ...            "q", 8, 3)
     {'boft_R': (1, 4, 2, 2), 'boft_s': (3, 1)}
     """
-    blocks, size = _sizes(count, config, path)
+    blocks, size = block_sizes(count, config, path)
     if config.peft_type == "OFT":
         shared = bool(config.get("block_share", False))
         return {"oft_R.weight": (1 if shared else blocks, size * (size - 1) // 2)}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
+from adapterspec._oft import block_sizes
 from adapterspec.errors import UnsupportedError
 
 __all__ = ["METHODS", "Rotation", "check", "forward", "initialise", "merge", "rotation", "settings", "shapes",
@@ -55,44 +56,9 @@ def _features(module: nn.Module, kind: str) -> int:
     return int(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[0])
 
 
-def _adjust(features: int, value: int) -> int:
-    """PEFT's ``adjust_oft_parameters``: the divisor of ``features`` nearest ``value`` (the lower one on a tie)."""
-    if value >= features:
-        return features
-    higher = value
-    while higher <= features and features % higher != 0:
-        higher += 1
-    lower = value
-    while lower > 1 and features % lower != 0:
-        lower -= 1
-    return lower if (value - lower) <= (higher - value) else higher
-
-
 def _sizes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> tuple[int, int]:
     """(number of blocks, block size) of ``config`` on this layer, as PEFT 0.21 decides them."""
-    features = _features(module, kind)
-    if config.peft_type == "OFT":
-        r, size = int(config.get("r", 0) or 0), int(config.get("oft_block_size", 32) or 0)
-        if (r == 0) == (size == 0):
-            raise UnsupportedError(f"OFT needs exactly one of r and oft_block_size non-zero (r={r}, "
-                                   f"oft_block_size={size})", pointer="/oft_block_size",
-                                   hint="set r to 0 and oft_block_size to the block size (or the reverse)")
-        if r == 0:  # PEFT moves a block size that does not divide the features to the nearest divisor (a warning)
-            size = size if features % size == 0 and size <= features else _adjust(features, size)
-            return features // size, size
-        r = r if features % r == 0 and r <= features else _adjust(features, r)
-        return r, features // r
-    size, num = int(config.get("boft_block_size", 4) or 0), int(config.get("boft_block_num", 0) or 0)
-    if (size == 0) == (num == 0):
-        raise UnsupportedError(f"BOFT needs exactly one of boft_block_size and boft_block_num non-zero "
-                               f"(boft_block_size={size}, boft_block_num={num})", pointer="/boft_block_size",
-                               hint="set one of them to 0")
-    given, field = (size, "boft_block_size") if size else (num, "boft_block_num")
-    if features % given != 0:
-        raise UnsupportedError(f"{field}={given} does not divide the {features} input features of this layer "
-                               "(PEFT refuses it too)", key=path, pointer=f"/{field}",
-                               hint=f"choose a {field} that divides {features}, or do not target this layer")
-    return (features // size, size) if size else (num, features // num)
+    return block_sizes(_features(module, kind), config, path)
 
 
 def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig) -> None:
