@@ -26,40 +26,15 @@ from typing import Any
 from keras import ops
 
 from adapterspec import AdapterConfig
+from adapterspec._method_checks import factorization
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
 
-__all__ = ["METHODS", "check", "delta_spec", "effective_kernel", "factorization", "inits", "shapes"]
+__all__ = ["METHODS", "check", "delta_spec", "effective_kernel", "inits", "shapes"]
 
 #: The methods this module implements.
 METHODS = ("LOHA", "LOKR")
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """LyCORIS' (and PEFT's) factorization of a dimension for LoKr: ``m <= n``, ``m * n == dimension``
-    (SPEC.md 6.5; the torch backend's function of the same name).
-
-    >>> factorization(64), factorization(64, 4), factorization(12)
-    ((8, 8), (4, 16), (3, 4))
-    """
-    if factor > 0 and (dimension % factor) == 0:
-        return factor, dimension // factor
-    if factor == -1:
-        factor = dimension
-    m, n = 1, dimension
-    length = m + n
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m != 0:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > length or new_m > factor:
-            break
-        m, n = new_m, new_n
-    if m > n:
-        n, m = m, n
-    return m, n
 
 
 def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._method_checks import factorization
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
@@ -146,27 +147,6 @@ def _in_out(module: nn.Module, kind: str | None) -> tuple[int, int]:
     return _conv(module).in_channels, _conv(module).out_channels
 
 
-def _factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """LyCORIS' (and PEFT's) factorization of a dimension for LoKr: ``m <= n``, ``m * n == dimension``."""
-    if factor > 0 and (dimension % factor) == 0:
-        return factor, dimension // factor
-    if factor == -1:
-        factor = dimension
-    m, n = 1, dimension
-    length = m + n
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m != 0:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > length or new_m > factor:
-            break
-        m, n = new_m, new_n
-    if m > n:
-        n, m = m, n
-    return m, n
-
-
 def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
                  kind: str | None = None, rank: int | None = None) -> dict[str, tuple[int, ...]]:
     """The spec parameter names and shapes adapter ``config`` gives module ``path`` (PEFT's layout).
@@ -224,8 +204,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         r = config.rank_for(path) if rank is None else rank
         factor = int(config.get("decompose_factor", -1))
         in_dim = in_f // _conv(module).groups if kind in _CONV_KINDS else in_f
-        in_m, in_n = _factorization(in_dim, factor)
-        out_l, out_k = _factorization(out_f, factor)
+        in_m, in_n = factorization(in_dim, factor)
+        out_l, out_k = factorization(out_f, factor)
         kernel = tuple(weight_shape[2:])
         use_w1 = not (config.get("decompose_both", False) and r < max(out_l, in_m) / 2)
         use_w2 = r >= max(out_k, in_n) / 2 if kernel else not (r < max(out_k, in_n) / 2)
