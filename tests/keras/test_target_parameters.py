@@ -33,6 +33,7 @@ import adapterspec  # noqa: E402
 from keras_helpers import (  # noqa: E402
     assert_same_snapshot,
     fill_adapter_weights,
+    keras_inputs,
     keras_logits,
     snapshot,
     torch_logits,
@@ -87,8 +88,11 @@ def _delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
     return np.stack([scale * b[:, e::_EXPERTS] @ a[e * r:(e + 1) * r] for e in range(_EXPERTS)])
 
 
-def _add_deltas_to_keras(arch: str, model: Any, tensors: dict[str, np.ndarray], scale: float) -> None:
-    """Merge the adapter into keras-hub's expert variables with the mapping the module docstring states."""
+def _expert_updates(arch: str, model: Any, tensors: dict[str, np.ndarray],
+                    scale: float) -> list[tuple[Any, list[tuple[Any, np.ndarray]]]]:
+    """Per decoder layer: (its ``expert_bank``, [(expert variable, the adapter's delta in its layout)]), with the
+    mapping the module docstring states."""
+    out: list[tuple[Any, list[tuple[Any, np.ndarray]]]] = []
     for i, layer in enumerate(model.backbone.transformer_layers):
         prefix = f"base_model.model.model.layers.{i}.mlp.experts"
         gate_up = _delta(tensors[f"{prefix}.base_layer.lora_A.weight"], tensors[f"{prefix}.base_layer.lora_B.weight"],
@@ -104,7 +108,8 @@ def _add_deltas_to_keras(arch: str, model: Any, tensors: dict[str, np.ndarray], 
             updates += [(bank._expert_feedforward_gate_dense, gate_up.transpose(0, 2, 1))]
         for variable, update in updates:
             assert tuple(variable.shape) == update.shape, variable.path
-            variable.assign(np.asarray(variable) + update)
+        out.append((bank, updates))
+    return out
 
 
 def test_expert_layout_maps_onto_keras_hub(moe: tuple[str, Any, Path, Path]) -> None:
@@ -116,10 +121,48 @@ def test_expert_layout_maps_onto_keras_hub(moe: tuple[str, Any, Path, Path]) -> 
         plain = torch_logits(peft_model, _IDS)
     model = _keras(arch, hf_folder)
     assert np.abs(keras_logits(model, _IDS) - plain).max() < 1e-5, "the base conversion differs already"
-    _add_deltas_to_keras(arch, model, load_file(str(peft_folder / "adapter_model.safetensors")), scale=6 / 2)
+    for _, updates in _expert_updates(arch, model, load_file(str(peft_folder / "adapter_model.safetensors")), 6 / 2):
+        for variable, update in updates:
+            variable.assign(np.asarray(variable) + update)
     diff = float(np.abs(keras_logits(model, _IDS) - reference).max())
     assert diff < 1e-5, diff
     assert np.abs(reference - plain).max() > 0.1
+
+
+def test_stateless_scope_runs_the_unmerged_delta(moe: tuple[str, Any, Path, Path]) -> None:
+    """The unmerged forward an implementation can use (SPEC.md 15.1: the module's own forward with ``p`` replaced
+    by ``p + delta``): the expert bank's ``call`` run inside ``keras.StatelessScope`` mapping each expert variable
+    to variable + delta gives PEFT's logits, leaves the variables as they were, and lets gradients reach the delta."""
+    import types
+
+    import keras
+    import tensorflow as tf
+
+    arch, peft_model, peft_folder, hf_folder = moe
+    reference = torch_logits(peft_model, _IDS)
+    model = _keras(arch, hf_folder)
+    before = snapshot(model)
+    tensors = load_file(str(peft_folder / "adapter_model.safetensors"))
+    deltas: list[Any] = []
+    for bank, updates in _expert_updates(arch, model, tensors, 6 / 2):
+        mapping = [(variable, keras.Variable(update, trainable=True)) for variable, update in updates]
+        deltas += [delta for _, delta in mapping]
+
+        def call(self: Any, *args: Any, _mapping: Any = mapping, _call: Any = bank.call, **kwargs: Any) -> Any:
+            with keras.StatelessScope(state_mapping=[(v, v + d) for v, d in _mapping]):
+                return _call(*args, **kwargs)
+
+        bank.call = types.MethodType(call, bank)
+    with tf.GradientTape() as tape:
+        logits = model(keras_inputs(_IDS))
+        loss = keras.ops.sum(logits)
+    diff = float(np.abs(keras.ops.convert_to_numpy(logits) - reference).max())
+    assert diff < 1e-5, diff
+    grads = tape.gradient(loss, [d.value for d in deltas])
+    assert all(g is not None and float(np.abs(g).max()) > 0 for g in grads)
+    for layer in model.backbone.transformer_layers:
+        del (layer._sparse_moe_block if arch == "mixtral" else layer.mlp).expert_bank.__dict__["call"]
+    assert_same_snapshot(before, snapshot(model))
 
 
 def test_keras_refuses_target_parameters_and_leaves_the_model(moe: tuple[str, Any, Path, Path]) -> None:
