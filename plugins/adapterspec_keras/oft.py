@@ -22,14 +22,13 @@ with ``module_dropout`` (OFT) or ``boft_dropout`` (BOFT) is refused (at inferenc
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._oft import block_sizes
+from adapterspec._oft import Rotation, block_sizes, param_shapes, rotation_of
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite, Piece
@@ -39,18 +38,6 @@ __all__ = ["METHODS", "Rotation", "check", "feature_index", "features", "inits",
 
 #: The methods this module computes.
 METHODS = ("OFT", "BOFT")
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """What a layer needs to know about one OFT/BOFT adapter besides its tensors (torch's ``oft.Rotation``)."""
-
-    method: str
-    blocks: int  # number of diagonal blocks of R
-    block_size: int
-    block_share: bool = False  # OFT: one block repeated
-    neumann: bool = True  # OFT: the Cayley-Neumann series instead of the exact Cayley transform
-    terms: int = 5  # OFT: num_cayley_neumann_terms
 
 
 def features(site: ModuleSite) -> int:
@@ -114,12 +101,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
 
 def settings(site: ModuleSite, config: AdapterConfig, path: str) -> Rotation:
     """The :class:`Rotation` of ``config`` on this module."""
-    blocks, size = block_sizes(features(site), config, path)
-    if config.peft_type == "OFT":
-        return Rotation("OFT", blocks, size, block_share=bool(config.get("block_share", False)),
-                        neumann=bool(config.get("use_cayley_neumann", True)),
-                        terms=int(config.get("num_cayley_neumann_terms", 5)))
-    return Rotation("BOFT", blocks, size)
+    return rotation_of(features(site), config, path)
 
 
 def shapes_for(config: AdapterConfig, path: str, count: int, out_features: int,
@@ -131,11 +113,7 @@ def shapes_for(config: AdapterConfig, path: str, count: int, out_features: int,
     ...            "q", 8, 3)
     {'boft_R': (1, 4, 2, 2), 'boft_s': (3, 1)}
     """
-    blocks, size = block_sizes(count, config, path)
-    if config.peft_type == "OFT":
-        shared = bool(config.get("block_share", False))
-        return {"oft_R.weight": (1 if shared else blocks, size * (size - 1) // 2)}
-    return {"boft_R": (1, blocks, size, size), "boft_s": (1, out_features) if conv else (out_features, 1)}
+    return param_shapes(count, out_features, config, path, conv=conv)
 
 
 def shapes(site: ModuleSite, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:

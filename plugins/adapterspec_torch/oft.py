@@ -15,7 +15,6 @@ calls them with its base layer and the tensors of its active OFT/BOFT adapters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._oft import block_sizes
+from adapterspec._oft import Rotation, block_sizes, param_shapes, rotation_of
 from adapterspec.errors import UnsupportedError
 
 __all__ = ["METHODS", "Rotation", "check", "forward", "initialise", "merge", "rotation", "settings", "shapes",
@@ -33,19 +32,6 @@ __all__ = ["METHODS", "Rotation", "check", "forward", "initialise", "merge", "ro
 METHODS = ("OFT", "BOFT")
 
 _LAYERS = ("linear", "conv2d")
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """What a layer needs to know about one OFT/BOFT adapter besides its tensors."""
-
-    method: str
-    blocks: int  # number of diagonal blocks of R
-    block_size: int
-    block_share: bool = False  # OFT: one block repeated
-    neumann: bool = True  # OFT: the Cayley-Neumann series instead of the exact Cayley transform
-    terms: int = 5  # OFT: num_cayley_neumann_terms
-    dropout: float = 0.0  # BOFT: boft_dropout (training only)
 
 
 def _features(module: nn.Module, kind: str) -> int:
@@ -105,12 +91,7 @@ def settings(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> 
     ...     {"peft_type": "BOFT", "target_modules": ["q"], "boft_block_size": 2}), "q").blocks
     4
     """
-    blocks, size = _sizes(module, kind, config, path)
-    if config.peft_type == "OFT":
-        return Rotation("OFT", blocks, size, block_share=bool(config.get("block_share", False)),
-                        neumann=bool(config.get("use_cayley_neumann", True)),
-                        terms=int(config.get("num_cayley_neumann_terms", 5)))
-    return Rotation("BOFT", blocks, size, dropout=float(config.get("boft_dropout", 0.0) or 0.0))
+    return rotation_of(_features(module, kind), config, path)
 
 
 def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
@@ -121,12 +102,8 @@ def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> di
     ...     {"peft_type": "BOFT", "target_modules": ["q"], "boft_block_size": 2}), "q")
     {'boft_R': (1, 4, 2, 2), 'boft_s': (3, 1)}
     """
-    spec = settings(module, kind, config, path)
-    if spec.method == "OFT":
-        return {"oft_R.weight": (1 if spec.block_share else spec.blocks, spec.block_size * (spec.block_size - 1) // 2)}
     out = int(cast(nn.Linear, module).out_features if kind == "linear" else cast(nn.Conv2d, module).out_channels)
-    return {"boft_R": (1, spec.blocks, spec.block_size, spec.block_size),
-            "boft_s": (out, 1) if kind == "linear" else (1, out)}
+    return param_shapes(_features(module, kind), out, config, path, conv=kind != "linear")
 
 
 def initialise(params: dict[str, torch.Tensor], config: AdapterConfig) -> None:

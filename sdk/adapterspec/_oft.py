@@ -8,11 +8,25 @@ as PEFT 0.21 decides them -- one rule for every backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UnsupportedError
 
-__all__ = ["adjust", "block_sizes"]
+__all__ = ["Rotation", "adjust", "block_sizes", "param_shapes", "rotation_of"]
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What a layer needs to know about one OFT/BOFT adapter besides its tensors (both backends use it)."""
+
+    method: str
+    blocks: int  # number of diagonal blocks of R
+    block_size: int
+    block_share: bool = False  # OFT: one block repeated
+    neumann: bool = True  # OFT: the Cayley-Neumann series instead of the exact Cayley transform
+    terms: int = 5  # OFT: num_cayley_neumann_terms
+    dropout: float = 0.0  # BOFT: boft_dropout (training only)
 
 
 def adjust(features: int, value: int) -> int:
@@ -61,3 +75,37 @@ def block_sizes(features: int, config: Any, path: str) -> tuple[int, int]:
                                "(PEFT refuses it too)", key=path, pointer=f"/{field}",
                                hint=f"choose a {field} that divides {features}, or do not target this layer")
     return (features // size, size) if size else (num, features // num)
+
+
+def rotation_of(features: int, config: Any, path: str) -> Rotation:
+    """The :class:`Rotation` of an OFT/BOFT ``config`` on a layer rotating ``features`` input features.
+
+    >>> from adapterspec import AdapterConfig
+    >>> rotation_of(8, AdapterConfig.from_dict({"peft_type": "BOFT", "target_modules": ["q"], "boft_block_size": 2}),
+    ...             "q").blocks
+    4
+    """
+    blocks, size = block_sizes(features, config, path)
+    if config.peft_type == "OFT":
+        return Rotation("OFT", blocks, size, block_share=bool(config.get("block_share", False)),
+                        neumann=bool(config.get("use_cayley_neumann", True)),
+                        terms=int(config.get("num_cayley_neumann_terms", 5)))
+    return Rotation("BOFT", blocks, size, dropout=float(config.get("boft_dropout", 0.0) or 0.0))
+
+
+def param_shapes(features: int, out_features: int, config: Any, path: str, *, conv: bool = False
+                 ) -> dict[str, tuple[int, ...]]:
+    """The spec parameter names and shapes (PEFT's layout) of an OFT/BOFT ``config`` on a layer rotating
+    ``features`` input features into ``out_features`` outputs (``conv``: a convolution, whose ``boft_s`` is
+    ``[1, out]``).
+
+    >>> from adapterspec import AdapterConfig
+    >>> param_shapes(8, 3, AdapterConfig.from_dict({"peft_type": "BOFT", "target_modules": ["q"],
+    ...                                             "boft_block_size": 2}), "q")
+    {'boft_R': (1, 4, 2, 2), 'boft_s': (3, 1)}
+    """
+    spec = rotation_of(features, config, path)
+    if spec.method == "OFT":
+        return {"oft_R.weight": (1 if spec.block_share else spec.blocks, spec.block_size * (spec.block_size - 1) // 2)}
+    return {"boft_R": (1, spec.blocks, spec.block_size, spec.block_size),
+            "boft_s": (1, out_features) if conv else (out_features, 1)}
