@@ -224,3 +224,46 @@ def save_for_keras_hub(model: Any, folder: Path) -> Path:
                for k, v in tensors.items()}
     save_file(renamed, file, metadata={"format": "pt"})
     return folder
+
+
+def assert_peft_close(got: np.ndarray, expected: np.ndarray, base_keras: np.ndarray, base_torch: np.ndarray) -> float:
+    """``got`` equals PEFT's ``expected`` within fp32 rounding, or within a small multiple of keras-hub's own base
+    conversion error (``base_keras`` vs ``base_torch``, the logits without adapter); returns the difference."""
+    conversion = float(np.abs(base_keras - base_torch).max())
+    diff = float(np.abs(got - expected).max())
+    print(f"max abs diff vs PEFT {diff:.3g} (base conversion {conversion:.3g})")
+    if diff > 4 * conversion + 1e-5:
+        assert_near(got, expected)
+    return diff
+
+
+def peft_load_exactly(checkpoint: Path, adapter: Path) -> tuple[Any, list[str]]:
+    """PEFT loads ``adapter`` on the checkpoint with no missing or unexpected adapter key (its state dict is the
+    file's, tensor for tensor); the model and PEFT's warnings (deprecation notices aside), for a test to compare."""
+    import warnings
+
+    import peft
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(hf_model(checkpoint), adapter).eval()
+    state, stored = get_peft_model_state_dict(model), load_file(adapter / "adapter_model.safetensors")
+    assert sorted(state) == sorted(stored)
+    for key, tensor in stored.items():
+        assert torch.equal(state[key], tensor), key
+    said = sorted({str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))})
+    return model, said
+
+
+def assert_refused_unchanged(model: Any, call: Any, error: type[Exception], needle: str) -> None:
+    """``call()`` raises ``error`` saying ``needle``, and leaves every variable of ``model`` as it was."""
+    import pytest
+
+    before = snapshot(model)
+    with pytest.raises(error) as info:
+        call()
+    assert needle in str(info.value)
+    assert_same_snapshot(before, snapshot(model))

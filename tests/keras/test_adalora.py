@@ -27,11 +27,12 @@ import adapterspec  # noqa: E402
 from adapterspec.errors import UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     assert_near,
-    assert_same_snapshot,
+    assert_peft_close,
+    assert_refused_unchanged,
     hf_model,
     keras_logits,
     keras_model,
-    snapshot,
+    peft_load_exactly,
     torch_logits,
     unique_values,
 )
@@ -69,32 +70,8 @@ def _trained(checkpoint: Path, config: Any, folder: Path, ids: np.ndarray) -> No
         model.save_pretrained(str(folder))
 
 
-def _peft_load(checkpoint: Path, adapter: Path) -> tuple[Any, list[str]]:
-    """PEFT loads ``adapter`` with no missing or unexpected adapter key (its state dict is the file's, tensor for
-    tensor); the model and PEFT's warnings (PEFT 0.21 warns that an AdaLoRA ``rank_pattern`` matched no module
-    even on its own folders: a test compares them)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(hf_model(checkpoint), adapter).eval()
-    state, stored = get_peft_model_state_dict(model), load_file(adapter / "adapter_model.safetensors")
-    assert sorted(state) == sorted(stored)
-    for key, tensor in stored.items():
-        assert torch.equal(state[key], tensor), key
-    said = sorted({str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))})
-    return model, said
 
 
-def _close(got: np.ndarray, expected: np.ndarray, base_keras: np.ndarray, base_torch: np.ndarray) -> float:
-    """``got`` equals ``expected`` within fp32 rounding, or within a small multiple of the base conversion error."""
-    conversion = float(np.abs(base_keras - base_torch).max())
-    diff = float(np.abs(got - expected).max())
-    print(f"max abs diff vs PEFT {diff:.3g} (base conversion {conversion:.3g})")
-    if diff > 4 * conversion + 1e-5:
-        assert_near(got, expected)
-    return diff
 
 
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -115,7 +92,7 @@ def test_trained_peft_adalora_gives_peft_logits_in_keras_and_round_trips(case: s
     saved_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     kept = [sum(v) for v in saved_config["rank_pattern"].values()]
     assert any(0 < k < config.init_r for k in kept), kept  # really pruned
-    reference, said_peft = _peft_load(checkpoints[arch], tmp_path / "peft")
+    reference, said_peft = peft_load_exactly(checkpoints[arch], tmp_path / "peft")
     expected = torch_logits(reference, token_ids)
     base_torch = torch_logits(hf_model(checkpoints[arch]), token_ids)
     model = keras_model(arch, checkpoints[arch])
@@ -125,7 +102,7 @@ def test_trained_peft_adalora_gives_peft_logits_in_keras_and_round_trips(case: s
     modules = adapterspec.load_adapter(model, tmp_path / "peft")
     assert len(modules) == len(saved_config["rank_pattern"])
     got = keras_logits(model, token_ids)
-    _close(got, expected, base, base_torch)
+    assert_peft_close(got, expected, base, base_torch)
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
 
@@ -138,7 +115,7 @@ def test_trained_peft_adalora_gives_peft_logits_in_keras_and_round_trips(case: s
         assert ours_np[key].dtype == theirs_np[key].dtype and np.array_equal(ours_np[key], theirs_np[key]), key
     ours_config = json.loads((saved / "adapter_config.json").read_text())
     assert {k: v for k, v in ours_config.items() if k in saved_config} == saved_config
-    reloaded, said_ours = _peft_load(checkpoints[arch], saved)
+    reloaded, said_ours = peft_load_exactly(checkpoints[arch], saved)
     assert said_ours == said_peft  # no warning of its own
     assert np.array_equal(torch_logits(reloaded, token_ids), expected)
 
@@ -153,7 +130,7 @@ def test_trained_peft_adalora_gives_peft_logits_in_keras_and_round_trips(case: s
         reference.merge_adapter()
     merged_expected = torch_logits(reference, token_ids)
     adapterspec.merge_adapters(model)
-    _close(keras_logits(model, token_ids), merged_expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), merged_expected, base, base_torch)
     adapterspec.unmerge_adapters(model)
     assert_near(keras_logits(model, token_ids), got)
     with adapterspec.disabled_adapters(model):
@@ -170,25 +147,19 @@ def _peft_folder(checkpoint: Path, folder: Path, **fields: Any) -> Path:
     return folder
 
 
-def _refused(model: Any, call: Any, error: type[Exception], needle: str) -> None:
-    before = snapshot(model)
-    with pytest.raises(error) as info:
-        call()
-    assert needle in str(info.value)
-    assert_same_snapshot(before, snapshot(model))
 
 
 def test_training_is_refused_as_on_torch(checkpoints: Any, tmp_path: Path) -> None:
     folder = _peft_folder(checkpoints["llama"], tmp_path / "peft")
     model = keras_model("llama", checkpoints["llama"])
-    _refused(model, lambda: adapterspec.load_adapter(model, folder, trainable=True), UnsupportedError,
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder, trainable=True), UnsupportedError,
              "training AdaLoRA")
 
 
 def test_bias_is_refused_naming_the_field(checkpoints: Any, tmp_path: Path) -> None:
     folder = _peft_folder(checkpoints["llama"], tmp_path / "peft", bias="lora_only")
     model = keras_model("llama", checkpoints["llama"])
-    _refused(model, lambda: adapterspec.load_adapter(model, folder), UnsupportedError, "/bias")
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), UnsupportedError, "/bias")
 
 
 def test_a_missing_singular_value_tensor_is_refused(checkpoints: Any, tmp_path: Path) -> None:
@@ -199,14 +170,14 @@ def test_a_missing_singular_value_tensor_is_refused(checkpoints: Any, tmp_path: 
     del tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_E"]
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     model = keras_model("llama", checkpoints["llama"])
-    _refused(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.MissingTensorError,
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.MissingTensorError,
              "layers.1.self_attn.q_proj")
 
 
 def test_embedding_targets_are_refused_as_in_peft(checkpoints: Any) -> None:
     model = keras_model("llama", checkpoints["llama"])
     config = {"peft_type": "ADALORA", "init_r": 2, "total_step": 10, "target_modules": ["embed_tokens"]}
-    _refused(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, "model.embed_tokens")
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, "model.embed_tokens")
 
 
 def test_every_adalora_case_of_the_corpus_passes() -> None:
@@ -304,7 +275,7 @@ def test_a_module_with_every_rank_pruned_adds_nothing_as_in_peft(checkpoints: An
         tensors[f"{key}.lora_E"] = np.ascontiguousarray(tensors[f"{key}.lora_E"][kept])
         tensors[f"{key}.lora_B"] = np.ascontiguousarray(tensors[f"{key}.lora_B"][:, kept])
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    reference, _ = _peft_load(checkpoints["llama"], folder)
+    reference, _ = peft_load_exactly(checkpoints["llama"], folder)
     expected = torch_logits(reference, token_ids)
     base_torch = torch_logits(hf_model(checkpoints["llama"]), token_ids)
     assert np.abs(expected - base_torch).max() > 1e-2
@@ -312,14 +283,14 @@ def test_a_module_with_every_rank_pruned_adds_nothing_as_in_peft(checkpoints: An
     model = keras_model("llama", checkpoints["llama"])
     base = keras_logits(model, token_ids)
     adapterspec.load_adapter(model, folder)
-    _close(keras_logits(model, token_ids), expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), expected, base, base_torch)
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     ours = adapterspec.read_adapter(saved).load_tensors("numpy")
     assert set(ours) == set(tensors)
     for key, value in tensors.items():
         assert ours[key].shape == value.shape and np.array_equal(ours[key], value), key
     adapterspec.merge_adapters(model)
-    _close(keras_logits(model, token_ids), expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), expected, base, base_torch)
 
 
 def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: np.ndarray) -> float:

@@ -20,6 +20,7 @@ from adapterspec.errors import UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     ARCHS,
     assert_near,
+    assert_peft_close,
     assert_same_snapshot,
     hf_model,
     keras_logits,
@@ -94,14 +95,6 @@ def _peft_load(folder: Path, adapter: Path) -> Any:
     return model
 
 
-def _tolerance_check(got: np.ndarray, expected: np.ndarray, base_keras: np.ndarray, base_torch: np.ndarray) -> float:
-    """``got`` equals ``expected`` within fp32 rounding, or within a small multiple of the base conversion error."""
-    conversion = float(np.abs(base_keras - base_torch).max())
-    diff = float(np.abs(got - expected).max())
-    print(f"max abs diff vs PEFT {diff:.3g} (base conversion {conversion:.3g})")
-    if diff > 4 * conversion + 1e-5:
-        assert_near(got, expected)
-    return diff
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -119,7 +112,7 @@ def test_peft_lycoris_adapter_gives_peft_logits_in_keras(case: str, checkpoints:
 
     assert set(modules) == _adapted(peft_model)  # nothing missing, nothing extra
     got = keras_logits(model, token_ids)
-    _tolerance_check(got, expected, base, base_torch)
+    assert_peft_close(got, expected, base, base_torch)
     assert np.abs(expected - base).max() > 1e-2  # the adapter changes the output: the comparison means something
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
@@ -136,7 +129,7 @@ def test_peft_lycoris_adapter_gives_peft_logits_in_keras(case: str, checkpoints:
 
     # merged: the same logits; unmerged: back to the unmerged forward
     adapterspec.merge_adapters(model)
-    _tolerance_check(keras_logits(model, token_ids), expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), expected, base, base_torch)
     adapterspec.unmerge_adapters(model)
     assert_near(keras_logits(model, token_ids), got)
     with adapterspec.disabled_adapters(model):

@@ -21,6 +21,7 @@ from adapterspec.errors import UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     ARCHS,
     assert_near,
+    assert_peft_close,
     assert_same_snapshot,
     hf_model,
     keras_logits,
@@ -100,14 +101,6 @@ def _peft_load(folder: Path, adapter: Path) -> Any:
     return model
 
 
-def _tolerance_check(got: np.ndarray, expected: np.ndarray, base_keras: np.ndarray, base_torch: np.ndarray) -> float:
-    """``got`` equals ``expected`` within fp32 rounding, or within a small multiple of the base conversion error."""
-    conversion = float(np.abs(base_keras - base_torch).max())
-    diff = float(np.abs(got - expected).max())
-    print(f"max abs diff vs PEFT {diff:.3g} (base conversion {conversion:.3g})")
-    if diff > 4 * conversion + 1e-5:
-        assert_near(got, expected)
-    return diff
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -125,7 +118,7 @@ def test_peft_oft_adapter_gives_peft_logits_in_keras(case: str, checkpoints: Any
 
     assert set(modules) == _adapted(peft_model)  # nothing missing, nothing extra
     got = keras_logits(model, token_ids)
-    _tolerance_check(got, expected, base, base_torch)
+    assert_peft_close(got, expected, base, base_torch)
     assert np.abs(expected - base).max() > 1e-2  # the adapter changes the output: the comparison means something
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
@@ -144,7 +137,7 @@ def test_peft_oft_adapter_gives_peft_logits_in_keras(case: str, checkpoints: Any
     peft_model.merge_adapter()
     merged_expected = torch_logits(peft_model, token_ids)
     adapterspec.merge_adapters(model)
-    _tolerance_check(keras_logits(model, token_ids), merged_expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), merged_expected, base, base_torch)
     adapterspec.unmerge_adapters(model)
     assert_near(keras_logits(model, token_ids), got)
     with adapterspec.disabled_adapters(model):

@@ -27,11 +27,12 @@ import adapterspec  # noqa: E402
 from adapterspec.errors import MissingTensorError, ShapeMismatchError, UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     assert_near,
-    assert_same_snapshot,
+    assert_peft_close,
+    assert_refused_unchanged,
     hf_model,
     keras_logits,
     keras_model,
-    snapshot,
+    peft_load_exactly,
     torch_logits,
     unique_values,
 )
@@ -64,31 +65,8 @@ def _peft_folder(checkpoint: Path, config: Any, folder: Path) -> Any:
     return model
 
 
-def _peft_load(checkpoint: Path, adapter: Path) -> tuple[Any, list[str]]:
-    """PEFT loads ``adapter`` with no missing or unexpected adapter key (its state dict is the file's, tensor for
-    tensor); the model and PEFT's warnings."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(hf_model(checkpoint), adapter).eval()
-    state, stored = get_peft_model_state_dict(model), load_file(adapter / "adapter_model.safetensors")
-    assert sorted(state) == sorted(stored)
-    for key, tensor in stored.items():
-        assert torch.equal(state[key], tensor), key
-    said = sorted({str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))})
-    return model, said
 
 
-def _close(got: np.ndarray, expected: np.ndarray, base_keras: np.ndarray, base_torch: np.ndarray) -> float:
-    """``got`` equals ``expected`` within fp32 rounding, or within a small multiple of the base conversion error."""
-    conversion = float(np.abs(base_keras - base_torch).max())
-    diff = float(np.abs(got - expected).max())
-    print(f"max abs diff vs PEFT {diff:.3g} (base conversion {conversion:.3g})")
-    if diff > 4 * conversion + 1e-5:
-        assert_near(got, expected)
-    return diff
 
 
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -106,7 +84,7 @@ def test_peft_vera_gives_peft_logits_in_keras_and_round_trips(case: str, checkpo
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     theirs = adapterspec.read_adapter(tmp_path / "peft")
     assert "base_model.vera_A" in theirs.tensors and "base_model.vera_B" in theirs.tensors
-    _, said_peft = _peft_load(checkpoints[arch], tmp_path / "peft")
+    _, said_peft = peft_load_exactly(checkpoints[arch], tmp_path / "peft")
     expected = torch_logits(reference, token_ids)
     base_torch = torch_logits(hf_model(checkpoints[arch]), token_ids)
     model = keras_model(arch, checkpoints[arch])
@@ -116,7 +94,7 @@ def test_peft_vera_gives_peft_logits_in_keras_and_round_trips(case: str, checkpo
     modules = adapterspec.load_adapter(model, tmp_path / "peft")
     assert len(modules) == len([k for k in theirs.tensors if k.endswith(".vera_lambda_b")])
     got = keras_logits(model, token_ids)
-    _close(got, expected, base, base_torch)
+    assert_peft_close(got, expected, base, base_torch)
     with adapterspec.disabled_adapters(model):
         assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
 
@@ -129,7 +107,7 @@ def test_peft_vera_gives_peft_logits_in_keras_and_round_trips(case: str, checkpo
         assert ours_np[key].dtype == theirs_np[key].dtype and np.array_equal(ours_np[key], theirs_np[key]), key
     ours_config = json.loads((saved / "adapter_config.json").read_text())
     assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
-    reloaded, said_ours = _peft_load(checkpoints[arch], saved)
+    reloaded, said_ours = peft_load_exactly(checkpoints[arch], saved)
     assert said_ours == said_peft  # no warning of its own
     assert np.array_equal(torch_logits(reloaded, token_ids), expected)
 
@@ -144,7 +122,7 @@ def test_peft_vera_gives_peft_logits_in_keras_and_round_trips(case: str, checkpo
         reference.merge_adapter()
     merged_expected = torch_logits(reference, token_ids)
     adapterspec.merge_adapters(model)
-    _close(keras_logits(model, token_ids), merged_expected, base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), merged_expected, base, base_torch)
     adapterspec.unmerge_adapters(model)
     assert_near(keras_logits(model, token_ids), got)
     with adapterspec.disabled_adapters(model):
@@ -169,19 +147,13 @@ def test_adapter_made_in_keras_loads_in_peft(checkpoints: Any, token_ids: np.nda
     tensors = adapterspec.read_adapter(saved).tensors
     assert tuple(tensors["base_model.vera_A"].shape) == (4, 256)
     assert tuple(tensors["base_model.vera_B"].shape) == (256, 4)
-    reloaded, _ = _peft_load(checkpoints["gpt2"], saved)
+    reloaded, _ = peft_load_exactly(checkpoints["gpt2"], saved)
     base = keras_logits(keras_model("gpt2", checkpoints["gpt2"]), token_ids)
     base_torch = torch_logits(hf_model(checkpoints["gpt2"]), token_ids)
     assert np.abs(got - base).max() > 1e-2
-    _close(got, torch_logits(reloaded, token_ids), base, base_torch)
+    assert_peft_close(got, torch_logits(reloaded, token_ids), base, base_torch)
 
 
-def _refused(model: Any, call: Any, error: type[Exception], needle: str) -> None:
-    before = snapshot(model)
-    with pytest.raises(error) as info:
-        call()
-    assert needle in str(info.value)
-    assert_same_snapshot(before, snapshot(model))
 
 
 def _edited(checkpoint: Path, folder: Path, edit: Callable[[dict[str, np.ndarray]], Any], **fields: Any) -> Path:
@@ -197,27 +169,27 @@ def _edited(checkpoint: Path, folder: Path, edit: Callable[[dict[str, np.ndarray
 def test_a_missing_projection_is_refused(checkpoints: Any, tmp_path: Path) -> None:
     folder = _edited(checkpoints["llama"], tmp_path / "peft", lambda t: t.pop("base_model.vera_B"))
     model = keras_model("llama", checkpoints["llama"])
-    _refused(model, lambda: adapterspec.load_adapter(model, folder), MissingTensorError, "base_model.vera_B")
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), MissingTensorError, "base_model.vera_B")
 
 
 def test_a_projection_of_another_width_is_refused(checkpoints: Any, tmp_path: Path) -> None:
     folder = _edited(checkpoints["llama"], tmp_path / "peft",
                      lambda t: t.update({"base_model.vera_A": np.ascontiguousarray(t["base_model.vera_A"][:, :32])}))
     model = keras_model("llama", checkpoints["llama"])
-    _refused(model, lambda: adapterspec.load_adapter(model, folder), ShapeMismatchError, "base_model.vera_A")
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), ShapeMismatchError, "base_model.vera_A")
 
 
 def test_save_projection_false_and_bias_are_refused_naming_the_field(checkpoints: Any, tmp_path: Path) -> None:
     model = keras_model("llama", checkpoints["llama"])
     for field, value in (("save_projection", False), ("bias", "all")):
         config = {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"], field: value}
-        _refused(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, f"/{field}")
+        assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, f"/{field}")
 
 
 def test_embeddings_are_refused_as_in_peft(checkpoints: Any) -> None:
     model = keras_model("llama", checkpoints["llama"])
     config = {"peft_type": "VERA", "r": 4, "target_modules": ["embed_tokens"]}
-    _refused(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, "model.embed_tokens")
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError, "model.embed_tokens")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -366,7 +338,7 @@ def test_two_vera_adapters_keep_their_own_projections(checkpoints: Any, token_id
         adapterspec.load_adapter(model, tmp_path / name, name)
     for name in configs:
         adapterspec.set_active_adapters(model, [name])
-        _close(keras_logits(model, token_ids), expected[name], base, base_torch)
+        assert_peft_close(keras_logits(model, token_ids), expected[name], base, base_torch)
         ours = adapterspec.extract_adapter(model, name).load_tensors("numpy")
         theirs = adapterspec.read_adapter(tmp_path / name).load_tensors("numpy")
         assert set(ours) == set(theirs)
@@ -374,4 +346,4 @@ def test_two_vera_adapters_keep_their_own_projections(checkpoints: Any, token_id
             assert np.array_equal(ours[key], theirs[key]), (name, key)
     adapterspec.delete_adapter(model, "one")
     adapterspec.set_active_adapters(model, ["two"])
-    _close(keras_logits(model, token_ids), expected["two"], base, base_torch)
+    assert_peft_close(keras_logits(model, token_ids), expected["two"], base, base_torch)
