@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
@@ -30,8 +30,9 @@ from ._background import in_background
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
-__all__ = ["DTYPE_BYTES", "Header", "check_unchanged", "dtype_name", "pinned_allocator", "read_buffer",
-           "read_buffer_in_background", "read_header", "save_file", "sha256_of_blob", "sha256_of_file", "views"]
+__all__ = ["DTYPE_BYTES", "Checksum", "Header", "check_unchanged", "dtype_name", "pinned_allocator", "read_buffer",
+           "read_buffer_in_background", "read_header", "save_file", "sha256_of_blob", "sha256_of_file", "start_checksum",
+           "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -388,7 +389,35 @@ def _gather(tensors: Mapping[str, Any], allocate: Callable[[int], Any]) -> dict[
 _PLACEHOLDER = "0" * 64
 
 
-def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str], *, durable: bool = False) -> str:
+class Checksum(NamedTuple):
+    """The spec's sha256 of some tensors, computing on a thread (:func:`start_checksum`)."""
+
+    pieces: dict[str, Any]  # each tensor's bytes (a NumPy ``uint8`` view), in checksum order
+    result: Callable[[], str]  # waits for the hash and gives its hex digest
+
+
+def start_checksum(tensors: Mapping[str, Any]) -> Checksum | None:
+    """Start hashing ``tensors`` on a thread now, for a :func:`save_file` of the same tensors to come; ``None``
+    where :func:`save_file` could not write them itself (GPU, TensorFlow or JAX tensors).
+
+    The sha256 of the data is the slowest part of a save (a single stream: ~1 GB/s on one core), so it should
+    start as early as it can: while the caller still checks the adapter and stages the folder.
+    """
+    pieces = _byte_views(tensors)
+    if pieces is None:
+        return None
+
+    def sha256() -> str:
+        h = hashlib.sha256()
+        for piece in pieces.values():
+            h.update(piece)  # releases the GIL (over 2 KiB)
+        return h.hexdigest()
+
+    return Checksum(pieces, in_background(sha256, name="sha256"))
+
+
+def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str], *, durable: bool = False,
+              checksum: Checksum | None = None) -> str:
     """Write ``tensors`` (NumPy, torch, TensorFlow or JAX) to ``path`` with ``metadata`` and the spec's sha256.
 
     Tensors in CPU memory are written here, in safetensors' format (a little-endian ``u64`` header
@@ -402,17 +431,22 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
     Either way the checksum goes into a fixed-width placeholder in the header (no offset moves), and
     with ``durable`` the file is fsynced.
 
+    :param checksum: :func:`start_checksum` of these same ``tensors``, started earlier.
     :returns: the checksum.
     """
     from .spec import METADATA_SHA256
 
-    pieces = _byte_views(tensors)
-    if pieces is None:
-        pieces = _gathered_byte_views(tensors)
+    if checksum is None:
+        pieces = _byte_views(tensors)
+        if pieces is None:
+            pieces = _gathered_byte_views(tensors)
+        if pieces is not None:
+            checksum = start_checksum(pieces)  # started after the Python work above, which would stall it
     meta = {**metadata, METADATA_SHA256: _PLACEHOLDER}
-    if pieces is None:
+    if checksum is None:
         _framework_save_file(tensors)(dict(tensors), str(path), metadata=meta)
         return _place_checksum(path, sha256_of_file(path), durable=durable)
+    pieces = checksum.pieces
 
     names = {key: dtype_name(value) for key, value in tensors.items()}
     order = sorted(pieces, key=lambda k: (-DTYPE_BYTES[names[k]], k.encode("utf-8")))
@@ -424,20 +458,12 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
         at += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-
-    def sha256() -> str:
-        h = hashlib.sha256()
-        for piece in pieces.values():
-            h.update(piece)  # releases the GIL (over 2 KiB)
-        return h.hexdigest()
-
-    digest = in_background(sha256, name="sha256")  # started after the Python work above, which would stall it
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
     try:
         _write_all(fd, struct.pack("<Q", len(text)) + text)
         for key in order:
             _write_all(fd, pieces[key])
-        value = digest()
+        value = checksum.result()
         needle = _needle()
         os.pwrite(fd, value.encode("ascii"), 8 + text.index(needle) + len(needle) - 65)  # before the closing '"'
         if durable:

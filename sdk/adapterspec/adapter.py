@@ -417,30 +417,24 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
 def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool,
                 prefetch: bool | Callable[[int], Any],
                 verify: bool) -> Adapter:
-    """The adapter in ``folder``, its files opened through ``snapshot``."""
+    """The adapter in ``folder``, its files opened through ``snapshot``.
+
+    With ``prefetch``, a thread starts reading the tensor data as soon as the safetensors header is read, so
+    the read overlaps the config's schema check as well as what the caller does next. A config error is
+    still reported before any error of the weights file.
+    """
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
         raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
                               hint="pass the adapter's own folder (use subfolder= for one of several)")
-    resolved = _inside(folder, config_file)
-    data = read_json_file(resolved, file=snapshot.open(CONFIG_NAME, resolved))
-    config = AdapterConfig.from_dict(data, strict=strict, path=resolved, _owned=True)
+    config_file = _inside(folder, config_file)
+    config_fh = snapshot.open(CONFIG_NAME, config_file)
     weights = folder / SAFETENSORS_NAME
-    if weights.exists():
-        resolved = _inside(folder, weights)
-        fh = snapshot.open(SAFETENSORS_NAME, resolved)
-        header = _safetensors.read_header(resolved, fh)
-        _check_metadata_version(config, header.metadata, weights)
-        adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
-        adapter._header = header
-        adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
-        if verify:
-            adapter._check_checksum(fh)
-        # a thread reads the data while the tensors are checked -- unless a dtype cannot be read: check 13 refuses it
-        if prefetch and all(info.dtype in _safetensors.DTYPE_BYTES for info in header.tensors.values()):
-            adapter._prefetched = _safetensors.read_buffer_in_background(
-                resolved, header, snapshot.share(fh), allocate=prefetch if callable(prefetch) else None)
-    elif (folder / PICKLE_NAME).exists():
+    if not weights.exists():
+        config = _read_config(config_file, config_fh, strict=strict)
+        if not (folder / PICKLE_NAME).exists():
+            raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
+                                  hint="save the adapter's weights next to its config")
         pickle_file = _inside(folder, folder / PICKLE_NAME)
         if not allow_pickle:
             raise UnsafeFileError(
@@ -449,11 +443,36 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
                      "torch.load(weights_only=True)")
         arrays = _load_pickle(pickle_file, snapshot.open(PICKLE_NAME, pickle_file))
         infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
-        adapter = Adapter(config, infos, {}, folder, None, arrays)
-    else:
-        raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
-                              hint="save the adapter's weights next to its config")
+        return Adapter(config, infos, {}, folder, None, arrays)
+    resolved = _inside(folder, weights)
+    try:
+        fh = snapshot.open(SAFETENSORS_NAME, resolved)
+        header = _safetensors.read_header(resolved, fh)
+    except AdapterSpecError:
+        _read_config(config_file, config_fh, strict=strict)  # its error first
+        raise
+    readable = all(info.dtype in _safetensors.DTYPE_BYTES for info in header.tensors.values())  # else check 13
+    read = None
+    if prefetch and readable and not verify:
+        read = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh),
+                                                      allocate=prefetch if callable(prefetch) else None)
+    config = _read_config(config_file, config_fh, strict=strict)
+    _check_metadata_version(config, header.metadata, weights)
+    adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
+    adapter._header = header
+    adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
+    if verify:
+        adapter._check_checksum(fh)  # before any read of the data is handed out
+        if prefetch and readable:
+            read = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh),
+                                                          allocate=prefetch if callable(prefetch) else None)
+    adapter._prefetched = read
     return adapter
+
+
+def _read_config(config_file: Path, fh: Any, *, strict: bool) -> AdapterConfig:
+    """The folder's config, parsed and checked against the schema."""
+    return AdapterConfig.from_dict(read_json_file(config_file, file=fh), strict=strict, path=config_file, _owned=True)
 
 
 def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:

@@ -109,15 +109,25 @@ def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, An
              metadata: Mapping[str, str] | None, *, durable: bool = False) -> dict[str, Content]:
     """The files of one adapter folder, checked: a folder that would not validate is never written."""
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
+    savable: dict[str, Any] | None = None
+    checksum = None
+    try:  # the sha256 of the data runs on a thread from here, while the checks run and the folder is staged
+        savable = _savable(tensors)
+        checksum = _safetensors.start_checksum(savable)
+    except Exception:  # noqa: BLE001 - not lost: the checks below report it typed, or _savable again after them
+        savable = None
     errors = tensor_errors(cfg, _tensor_infos(tensors))
     if errors:
         raise errors[0]
+    if savable is None:
+        savable = _savable(tensors)
     if metadata is not None and not (isinstance(metadata, Mapping) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise FileFormatError("safetensors metadata must map strings to strings", hint="convert the values with str()")
     meta = {**(metadata or {}), METADATA_FORMAT: "pt", METADATA_VERSION: SPEC_VERSION}
     return {
-        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, _savable(tensors), metadata=meta, durable=durable),
+        SAFETENSORS_NAME: functools.partial(_safetensors.save_file, savable, metadata=meta, durable=durable,
+                                            checksum=checksum),
         CONFIG_NAME: cfg.to_json().encode("utf-8"),
     }
 
