@@ -13,6 +13,10 @@ size ratio, quadratic its square):
   with those modules;
 * model modules (3k, 30k, targeted by one entry): torch ``load_adapter`` against the raw
   ``safetensors.torch.load_file`` + ``load_state_dict``, and ``save_adapter`` against the raw ``save_file``;
+* adapter size (2 MB to 2 GB of float32 LoRA on 64 ``Linear(4096, 4096)``, rank 1 to 1000: the same 128
+  tensors, growing): torch ``load_adapter`` against ``safetensors.torch.load_file`` and ``save_adapter``
+  against ``save_file``, with the ratio at each size (``--max-mb`` caps it; the base weights are left
+  uninitialised, so only the adapter's pages are touched);
 * ``rank_pattern`` keys (200, 2k, literal module names): ``validate_adapter``;
 * manifest entries (500 to 4k): ``list_adapters``;
 * a regular expression ``[a-z0-9._]*`` x k + ``X`` on a 60-character path: ``re`` against
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -139,6 +144,59 @@ def bench_model_modules(sizes: list[int], repeats: int, tmp: Path) -> list[tuple
     return rows
 
 
+def bench_adapter_size(sizes_mb: list[int], repeats: int, tmp: Path) -> list[tuple[str, int, float]]:
+    """Load and save against raw safetensors as the adapter grows (fixed module count, growing rank); each size's
+    ``ours / raw`` ratio is a row too (``x`` of a ratio row: how that ratio moves with size)."""
+    import adapterspec
+
+    try:
+        import torch
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        return []
+    hidden, layers = 4096, 64
+    modules = [f"model.layers.{i}.proj" for i in range(layers)]
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
+            torch.nn.ModuleDict({"proj": torch.nn.Linear(hidden, hidden, bias=False)}) for _ in range(layers))})})
+    model = model.to_empty(device="cpu")  # uninitialised: 4 GiB of address space, no page touched
+    rows: list[tuple[str, int, float]] = []
+    for mb in sizes_mb:
+        rank = max(1, round(mb * 2**20 / (2 * hidden * layers * 4)))
+        generator = torch.Generator().manual_seed(rank)
+        raw = {}
+        for module in modules:
+            raw[f"base_model.model.{module}.lora_A.weight"] = torch.rand(rank, hidden, generator=generator)
+            raw[f"base_model.model.{module}.lora_B.weight"] = torch.rand(hidden, rank, generator=generator)
+        size = round(sum(t.nbytes for t in raw.values()) / 2**20)
+        folder = tmp / f"size{size}"
+        adapterspec.write_adapter(folder, {"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                           "target_modules": ["proj"]}, raw, overwrite=True)
+        weights = str(folder / "adapter_model.safetensors")
+        del raw
+
+        def unload() -> None:
+            if adapterspec.adapter_names(model):
+                adapterspec.delete_adapter(model, "default")
+
+        reps = repeats if size < 1000 else max(1, repeats // 2)
+        load_raw = best_of(lambda: load_file(weights), reps)
+        load_ours = best_of(lambda: adapterspec.load_adapter(model, folder), reps, setup=unload)
+        tensors = load_file(weights)
+        out = tmp / "saved"
+        save_raw = best_of(lambda: save_file(tensors, str(tmp / "raw_out.safetensors")), reps)
+        save_ours = best_of(lambda: adapterspec.save_adapter(model, out, overwrite=True), reps)
+        rows += [("raw load_file", size, load_raw), ("load_adapter (torch)", size, load_ours),
+                 ("  load ratio (ours / raw)", size, load_ours / load_raw),
+                 ("raw save_file", size, save_raw), ("save_adapter (torch)", size, save_ours),
+                 ("  save ratio (ours / raw)", size, save_ours / save_raw)]
+        del tensors
+        unload()
+        for leftover in (folder, out):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return rows
+
+
 def bench_rank_pattern(sizes: list[int], repeats: int, tmp: Path) -> list[tuple[str, int, float]]:
     import adapterspec
 
@@ -187,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the small sizes only")
+    parser.add_argument("--max-mb", type=int, default=2048, help="the largest adapter of the size table (MB)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     quick = args.quick
@@ -196,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
               bench_target_entries([2000] if quick else [2000, 20000], args.repeats, tmp))
         table("model modules (one target_modules entry)",
               bench_model_modules([3000] if quick else [3000, 30000], args.repeats, tmp))
+        sizes = [mb for mb in ([2, 20] if quick else [2, 20, 200, 2048]) if mb <= args.max_mb]
+        table("adapter size, MB (64 modules, rank grows; ratio rows: ours / raw at that size)",
+              bench_adapter_size(sizes, args.repeats, tmp))
         table("rank_pattern keys (literal module names)",
               bench_rank_pattern([200] if quick else [200, 2000], args.repeats, tmp))
         table("manifest entries", bench_manifest([500] if quick else [500, 1000, 2000, 4000], args.repeats, tmp))
