@@ -220,6 +220,8 @@ class PatternTable:
 
     def index(self, path: str) -> int | None:
         r"""The position of the first key matching ``path`` (``re.match(rf"(.*\.)?({key})$", path)``), or ``None``."""
+        if not self._values:  # no pattern (the common case: no rank_pattern / alpha_pattern)
+            return None
         best: int | None = None
         ends = (len(path), len(path) - 1) if path.endswith("\n") else (len(path),)  # '$' matches before a final \n
         for (length, dots), keys in self._lookup.items():
