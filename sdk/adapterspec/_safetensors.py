@@ -404,8 +404,11 @@ def start_checksum(tensors: Mapping[str, Any]) -> Checksum | None:
     start as early as it can: while the caller still checks the adapter and stages the folder.
     """
     pieces = _byte_views(tensors)
-    if pieces is None:
-        return None
+    return None if pieces is None else _hashing(pieces)
+
+
+def _hashing(pieces: dict[str, Any]) -> Checksum:
+    """The sha256 of ``pieces`` (byte views in checksum order), started on a thread."""
 
     def sha256() -> str:
         h = hashlib.sha256()
@@ -441,7 +444,7 @@ def save_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str
         if pieces is None:
             pieces = _gathered_byte_views(tensors)
         if pieces is not None:
-            checksum = start_checksum(pieces)  # started after the Python work above, which would stall it
+            checksum = _hashing(pieces)  # started after the Python work above, which would stall it
     meta = {**metadata, METADATA_SHA256: _PLACEHOLDER}
     if checksum is None:
         _framework_save_file(tensors)(dict(tensors), str(path), metadata=meta)

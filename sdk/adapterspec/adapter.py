@@ -452,10 +452,14 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
         _read_config(config_file, config_fh, strict=strict)  # its error first
         raise
     readable = all(info.dtype in _safetensors.DTYPE_BYTES for info in header.tensors.values())  # else check 13
-    read = None
-    if prefetch and readable and not verify:
-        read = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh),
+
+    def read_ahead() -> Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None:
+        if not (prefetch and readable):
+            return None
+        return _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh),
                                                       allocate=prefetch if callable(prefetch) else None)
+
+    read = None if verify else read_ahead()
     config = _read_config(config_file, config_fh, strict=strict)
     _check_metadata_version(config, header.metadata, weights)
     adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
@@ -463,9 +467,7 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
     if verify:
         adapter._check_checksum(fh)  # before any read of the data is handed out
-        if prefetch and readable:
-            read = _safetensors.read_buffer_in_background(resolved, header, snapshot.share(fh),
-                                                          allocate=prefetch if callable(prefetch) else None)
+        read = read_ahead()
     adapter._prefetched = read
     return adapter
 
