@@ -1,4 +1,4 @@
-"""LoRA on MoE expert parameters (``target_parameters``, SPEC.md 15.1) and keras-hub 0.32's Mixtral / Qwen3-MoE.
+"""LoRA on MoE expert parameters (``target_parameters``, SPEC.md 15.1) and keras-hub 0.32's Mixtral / Qwen3-MoE / Qwen2-MoE.
 
 The Keras backend implements it (``adapterspec_keras.parameters``) for the layout pinned here, measured against
 PEFT 0.21's logits: the SPEC.md 15.1 delta of transformers 5's fused expert parameters, mapped onto keras-hub's
@@ -62,6 +62,9 @@ _MOE: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralCausalLM", dict(_COMMON, intermediate_size=48, num_local_experts=_EXPERTS)),
     "qwen3_moe": ("Qwen3MoeCausalLM", dict(_COMMON, intermediate_size=64, moe_intermediate_size=24,
                                            num_experts=_EXPERTS, decoder_sparse_step=1, mlp_only_layers=[])),
+    "qwen2_moe": ("QwenMoeCausalLM", dict(_COMMON, intermediate_size=64, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=16, num_experts=_EXPERTS,
+                                          decoder_sparse_step=1, mlp_only_layers=[])),
 }
 
 
