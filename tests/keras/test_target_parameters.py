@@ -369,3 +369,22 @@ def test_model_type_without_table_is_refused(tmp_path: Path) -> None:
     config = {"peft_type": "LORA", "target_modules": [], "target_parameters": ["mlp.up_proj.weight"], "r": 2}
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), adapterspec.UnsupportedError,
                              "on a llama model")
+
+
+def test_fit_trains_the_factors_and_peft_loads_them(moe: tuple[str, Any, Path, Path], tmp_path: Path) -> None:
+    """``predict`` (traced) gives PEFT's logits; one ``fit`` step moves only the factors; the trained adapter,
+    saved, loads in PEFT exactly and gives the Keras model's logits."""
+    arch, peft_model, peft_folder, hf_folder = moe
+    model = _keras(arch, hf_folder)
+    experts = _expert_values(arch, model)
+    adapterspec.load_adapter(model, peft_folder, trainable=True)
+    assert np.abs(model.predict(keras_inputs(_IDS), verbose=0) - torch_logits(peft_model, _IDS)).max() < 1e-5
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(keras_inputs(_IDS), _IDS, epochs=1, verbose=0)
+    assert all(np.abs(keras.ops.convert_to_numpy(v) - b).max() > 0 for v, b in zip(model.trainable_variables, before))
+    assert all(np.array_equal(a, b) for a, b in zip(experts, _expert_values(arch, model)))
+    trained, caught = peft_load_exactly(hf_folder, adapterspec.save_adapter(model, tmp_path / "trained"))
+    assert caught == []
+    assert np.abs(torch_logits(trained, _IDS) - keras_logits(model, _IDS)).max() < 1e-5
