@@ -342,7 +342,7 @@ def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tup
         if id(variable) in held:
             raise UnsupportedError(f"module {path!r} is adapted or saved whole, and target_parameters adapts its "
                                    f"parameter (as {held[id(variable)]!r}): PEFT refuses this too", key=path,
-                                   pointer="/target_parameters",
+                                   pointer="/target_parameters" if parameters else None,
                                    hint="remove the module from target_modules / modules_to_save, or its parameter "
                                         "from target_parameters")
 

@@ -343,12 +343,19 @@ def test_with_attention_modules_and_the_router(moe: tuple[str, Any, Path, Path],
 
 
 def test_router_as_module_and_parameter_is_refused(moe: tuple[str, Any, Path, Path]) -> None:
-    """The router adapted as a module by one adapter and on its parameter by another: refused (PEFT refuses it)."""
+    """The router adapted as a module by one adapter and on its parameter by another (either order): refused (PEFT
+    and the torch backend refuse it)."""
     arch, _, peft_folder, hf_folder = moe
     model = _keras(arch, hf_folder)
     adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": ["gate"], "r": 2}, "router")
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
         model, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["gate.weight"], "r": 2}, "param"),
+        adapterspec.UnsupportedError, "target_parameters adapts its parameter")
+    other = _keras(arch, hf_folder)  # the other order
+    adapterspec.inject_adapter(other, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["gate.weight"],
+                                       "r": 2}, "param")
+    assert_refused_unchanged(other, lambda: adapterspec.inject_adapter(
+        other, {"peft_type": "LORA", "target_modules": ["gate"], "r": 2}, "router"),
         adapterspec.UnsupportedError, "target_parameters adapts its parameter")
 
 
