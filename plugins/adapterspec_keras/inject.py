@@ -219,7 +219,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
     sites = spec_sites(model, options)
     config = expand_all_linear(model, config, sites)  # SPEC 4.3
-    parameters = find_parameter_targets(model, config, sites)  # SPEC 15.1
+    parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
     paths = _match(model, sites, config, allow_empty=bool(parameters))
     for path in paths:
         check_supported(sites[path], path, config)

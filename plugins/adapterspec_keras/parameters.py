@@ -25,6 +25,7 @@ to the variables.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -103,6 +104,8 @@ class ParameterTarget:
     :param experts: ``E`` (1 for a 2-D parameter).
     :param fan_in, fan_out: the parameter's ``in`` and ``out`` (spec layout ``[E, out, in]``).
     :param parts: (Keras variable, first output row, last output row + 1).
+    :param transposed: the variables hold the rows transposed, ``[E, in, rows]`` (keras-hub's layout, the table);
+        else as the spec lays them out, ``[E, rows, in]`` (a hand-built layer, :func:`parameter_variables`).
     """
 
     param: str
@@ -110,6 +113,39 @@ class ParameterTarget:
     fan_in: int
     fan_out: int
     parts: list[tuple[Any, int, int]] = field(default_factory=list)
+    transposed: bool = True
+
+
+def parameter_variables(layer: Any) -> dict[str, Any]:
+    """The variables a hand-built Keras layer holds as public attributes, 2-D or 3-D, in assignment order: what
+    ``target_parameters`` can adapt on a layer ``module_map`` names, each read as the transformers parameter of the
+    same name, in its layout (``[out, in]`` or ``[E, out, in]``, not transposed).
+
+    >>> parameter_variables(keras.layers.Dense(2))
+    {}
+    """
+    return {name: value for name, value in vars(layer).items()
+            if not name.startswith("_") and isinstance(value, keras.Variable) and len(value.shape) in (2, 3)}
+
+
+def _mapped(model: Any, module_map: Any, sites: Mapping[str, ModuleSite]) -> list[tuple[str, Any, ParameterTarget]]:
+    """The parameters of the hand-built layers ``module_map`` names that adapters cannot wrap otherwise."""
+    from .mapping import _resolve_layer
+
+    if not isinstance(module_map, Mapping):
+        return []
+    out = []
+    for path, value in module_map.items():
+        site = sites.get(path)
+        if site is None or site.kind != "parameters":
+            continue
+        layer = _resolve_layer(model, value, path)[0]
+        for name, variable in parameter_variables(layer).items():
+            shape = tuple(int(d) for d in variable.shape)
+            experts, fan_out, fan_in = shape if len(shape) == 3 else (1, *shape)
+            out.append((path, layer, ParameterTarget(name, experts, fan_in, fan_out, [(variable, 0, fan_out)],
+                                                     transposed=False)))
+    return out
 
 
 def _selects(key: str, entry: str) -> bool:
@@ -142,14 +178,16 @@ def _resolve(layer: Any, entry: ExpertParameter) -> tuple[Any, ParameterTarget] 
     return holder, target
 
 
-def find_parameter_targets(model: Any, config: AdapterConfig,
-                           sites: Mapping[str, ModuleSite]) -> dict[str, tuple[Any, list[ParameterTarget]]]:
+def find_parameter_targets(model: Any, config: AdapterConfig, sites: Mapping[str, ModuleSite],
+                           module_map: Any = None) -> dict[str, tuple[Any, list[ParameterTarget]]]:
     """``target_parameters``' matches (PEFT's rule: ``<module>.<param>`` equals an entry or ends with ``.`` + it),
     as the torch backend's function of the same name: spec module path -> (the Keras layer whose ``call`` reads
     the parameters, its targeted parameters in registration order).
 
     :param sites: the model's spec sites (:func:`~adapterspec_keras.mapping.spec_sites`), to refuse an entry that
         selects a parameter of a mapped module this table does not hold (``q_proj.weight``).
+    :param module_map: ``LoadOptions.module_map``: a hand-built layer it names, which adapters cannot wrap, offers
+        its 2-D/3-D variables as parameters in the spec's layout (:func:`parameter_variables`).
     :raises UnsupportedError: the model type has no table, or an entry selects no parameter of the table, or a
         parameter outside it (names the entry, ``/target_parameters/<i>``).
 
@@ -166,28 +204,30 @@ def find_parameter_targets(model: Any, config: AdapterConfig,
     model_type = converter_sites(backbone)[1]
     table = EXPERT_TABLE.get(model_type or "")
     layers = getattr(backbone, "transformer_layers", None)
-    if table is None or layers is None:
+    universe = _mapped(model, module_map, sites)
+    if (table is None or layers is None) and not universe:
         raise UnsupportedError(
             f"target_parameters {list(entries)} on a {model_type or type(model).__name__} model: the Keras backend "
             f"maps LoRA on parameters only onto keras-hub's MoE experts ({', '.join(sorted(EXPERT_TABLE))})",
             key=str(entries[0]), pointer="/target_parameters", hint="load this adapter with the torch backend")
     prefix = BASE_MODEL_PREFIX.get(model_type or "")
     task_model = backbone is not model
-    universe: list[tuple[str, Any, ParameterTarget]] = []
-    for i, layer in enumerate(layers):
-        for entry in table:
+    for i, layer in enumerate(layers if table is not None and layers is not None else []):
+        for entry in table or ():
             resolved = _resolve(layer, entry)
             if resolved is not None:
                 universe.append((_spec_name(f"model.layers.{i}.{entry.module}", prefix, task_model), *resolved))
     held = {id(variable) for _, _, target in universe for variable, _, _ in target.parts}
+    modules = {path for path, _, _ in universe}
+    mapped = sorted({re.sub(r"\.\d+\.", ".N.", f"{path}.{target.param}") for path, _, target in universe})
     for n, entry_name in enumerate(entries):
         if not any(_selects(f"{path}.{target.param}", entry_name) for path, _, target in universe):
             raise UnsupportedError(
                 f"target_parameters entry {entry_name!r} selects no parameter the Keras backend maps on this "
-                f"{model_type} model (mapped: {sorted({f'model.layers.N.{e.module}.{e.param}' for e in table})})",
+                f"{model_type or type(model).__name__} model (mapped: {mapped})",
                 key=entry_name, pointer=f"/target_parameters/{n}", hint="load this adapter with the torch backend")
         for path, site in sites.items():
-            if site.pieces and all(id(p.kernel_variable) in held for p in site.pieces):
+            if path in modules or site.pieces and all(id(p.kernel_variable) in held for p in site.pieces):
                 continue  # the router, under another name: the table holds it
             for param in ("weight", "bias"):
                 if _selects(f"{path}.{param}", entry_name) or entry_name in ("weight", "bias"):
@@ -412,10 +452,14 @@ class ParameterLayer:
         experts = target.experts
         a3 = ops.reshape(a, (experts, -1, target.fan_in))  # [E, r, in]: experts major
         b3 = ops.reshape(b, (target.fan_out, -1, experts))  # [out, r, E]: experts minor
-        delta = ops.einsum("oke,eki->eio", b3, a3) * ops.cast(scaling, a.dtype)  # [E, in, out]
+        if target.transposed:
+            delta = ops.einsum("oke,eki->eio", b3, a3) * ops.cast(scaling, a.dtype)  # [E, in, out]
+        else:
+            delta = ops.einsum("oke,eki->eoi", b3, a3) * ops.cast(scaling, a.dtype)  # [E, out, in]
         out = []
         for variable, lo, hi in target.parts:
-            part = delta[:, :, lo:hi] if len(variable.shape) == 3 else delta[0, :, lo:hi]
+            part = delta[..., lo:hi] if target.transposed else delta[:, lo:hi, :]
+            part = part if len(variable.shape) == 3 else part[0]
             out.append((variable, ops.cast(part, variable.dtype) if cast else part))
         return out
 

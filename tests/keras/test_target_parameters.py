@@ -395,3 +395,32 @@ def test_fit_trains_the_factors_and_peft_loads_them(moe: tuple[str, Any, Path, P
     trained, caught = peft_load_exactly(hf_folder, adapterspec.save_adapter(model, tmp_path / "trained"))
     assert caught == []
     assert np.abs(torch_logits(trained, _IDS) - keras_logits(model, _IDS)).max() < 1e-5
+
+
+def test_hand_built_layer_parameters_through_module_map() -> None:
+    """A hand-built layer ``module_map`` names (the conformance harness' experts, ``weight`` ``[E, out, in]`` as
+    transformers holds it): target_parameters adapts ``weight`` (the corpus' numeric and roundtrip cases check the
+    values); merging gives the unmerged outputs and changes ``weight`` by the delta, unmerging restores it; targeting
+    it as a module is refused, typed."""
+    from adapterspec_keras.conformance import build_model
+
+    model, layers = build_model({"modules": {"mlp.experts": {"kind": "experts", "num_experts": 3, "in_features": 6,
+                                                             "out_features": 5}}})
+    experts = layers["mlp.experts"]
+    x = np.sin(np.arange(3 * 4 * 6, dtype=np.float32)).reshape(3, 4, 6)
+    plain, weight = keras.ops.convert_to_numpy(experts(x)), keras.ops.convert_to_numpy(experts.weight)
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "target_modules": ["experts"], "r": 2}, module_map=layers),
+        adapterspec.UnsupportedError, "only target_parameters can adapt")
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["experts.weight"],
+                                       "r": 2, "lora_alpha": 6, "init_lora_weights": False}, module_map=layers)
+    adapted = keras.ops.convert_to_numpy(experts(x))
+    assert np.abs(adapted - plain).max() > 0.1
+    assert np.array_equal(keras.ops.convert_to_numpy(experts.weight), weight)
+    adapterspec.merge_adapters(model)
+    assert np.abs(keras.ops.convert_to_numpy(experts(x)) - adapted).max() < 1e-5
+    assert np.abs(keras.ops.convert_to_numpy(experts.weight) - weight).max() > 0.01
+    adapterspec.unmerge_adapters(model)
+    assert np.abs(keras.ops.convert_to_numpy(experts.weight) - weight).max() < 1e-6
+    adapterspec.delete_adapter(model, "default")
+    assert np.abs(keras.ops.convert_to_numpy(experts(x)) - plain).max() < 1e-6
