@@ -41,7 +41,7 @@ from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
 from .tokens import find_token_targets
-from .parameters import ParameterLayer, ParameterTarget, find_parameter_targets
+from .parameters import ParameterLayer, ParameterTarget, find_parameter_targets, refuse_moe_rewrite
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
@@ -215,8 +215,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    model_type = converter_sites(backbone_of(model))[1]
+    refuse_moe_rewrite(config, model_type)  # SPEC 15.1
     if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
-        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
+        config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
     sites = spec_sites(model, options)
     config = expand_all_linear(model, config, sites)  # SPEC 4.3
     parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1

@@ -424,3 +424,15 @@ def test_hand_built_layer_parameters_through_module_map() -> None:
     assert np.abs(keras.ops.convert_to_numpy(experts.weight) - weight).max() < 1e-6
     adapterspec.delete_adapter(model, "default")
     assert np.abs(keras.ops.convert_to_numpy(experts(x)) - plain).max() < 1e-6
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q_proj|gate)"])
+def test_string_target_modules_is_refused(moe: tuple[str, Any, Path, Path], targets: str) -> None:
+    """SPEC.md 15.1: PEFT 0.21 rewrites a string target_modules on these MoE models (the experts and the router move
+    to target_parameters); matching it against keras-hub's layers would adapt the router as a module and no expert,
+    so it is refused, naming /target_modules (PEFT's saved configs list the names and load)."""
+    arch, _, _, hf_folder = moe
+    model = _keras(arch, hf_folder)
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "target_modules": targets, "r": 2}), adapterspec.UnsupportedError,
+        "/target_modules: on a")
