@@ -348,15 +348,15 @@ class ParameterLayer:
 
         running = [self._slots[n] for n in self._active if n not in self._merged]
         totals: dict[int, tuple[Any, Any]] = {}
-        for slot in running:
-            for target, prefix, _, scaling in slot.targets:
-                for variable, part in self._parts(slot, target, prefix, scaling):
-                    held = totals.get(id(variable))
-                    totals[id(variable)] = (variable, part if held is None else held[1] + part)
-        out = []
-        with AutocastScope(None):  # the variable as stored, not cast to a mixed-precision compute dtype
-            for variable, delta in totals.values():
-                out.append((variable, ops.convert_to_tensor(variable) + delta))
+        # no autocast: the factors and the variable as stored (float32 under a mixed-precision policy), so that the
+        # delta is computed and added as a merge does, not in the compute dtype
+        with AutocastScope(None):
+            for slot in running:
+                for target, prefix, _, scaling in slot.targets:
+                    for variable, part in self._parts(slot, target, prefix, scaling):
+                        held = totals.get(id(variable))
+                        totals[id(variable)] = (variable, part if held is None else held[1] + part)
+            out = [(variable, ops.convert_to_tensor(variable) + delta) for variable, delta in totals.values()]
         return out
 
     def variables(self) -> list[Any]:
