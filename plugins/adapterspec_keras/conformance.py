@@ -28,10 +28,29 @@ import adapterspec
 __all__ = ["KerasImplementation", "build_model", "load_base", "record_decoder_calls", "run_modules", "run_prompt"]
 
 
+def _experts(experts: int, fan_in: int, fan_out: int, dtype: str) -> Any:
+    """A stack of expert weights held as transformers 5 holds it, ``weight`` ``[E, out, in]`` (the mirror of the
+    torch harness' ``Experts``): expert ``e`` maps ``x[e]`` ``[n, in]`` to ``[n, out]``. ``target_parameters``
+    adapts ``weight`` (``adapterspec_keras.parameters.parameter_variables``)."""
+    import keras
+
+    class Experts(keras.layers.Layer):  # type: ignore[misc]  # keras ships no types: its classes are Any
+        def __init__(self) -> None:
+            super().__init__(dtype=dtype)
+            self.weight = self.add_weight(shape=(experts, fan_out, fan_in), initializer="zeros", name="weight")
+
+        def call(self, x: Any) -> Any:
+            return keras.ops.einsum("eni,eoi->eno", x, self.weight)
+
+    return Experts()
+
+
 def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
     import keras
 
     kind = spec["kind"]
+    if kind == "experts":
+        return _experts(spec["num_experts"], spec["in_features"], spec["out_features"], dtype)
     if kind in ("linear", "gpt2_conv1d"):
         layer = keras.layers.Dense(spec["out_features"], use_bias=spec.get("bias", True), dtype=dtype)
         layer.build((None, spec["in_features"]))
@@ -50,7 +69,7 @@ def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
 
 def _keras_layout(kind: str, param: str, value: np.ndarray) -> np.ndarray:
     """A base tensor in the corpus' (torch) layout, as the Keras layer holds it."""
-    if param == "bias" or kind in ("embedding", "gpt2_conv1d"):
+    if param == "bias" or kind in ("embedding", "gpt2_conv1d", "experts"):
         return value
     if kind == "linear":
         return value.T
@@ -120,6 +139,8 @@ def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]
         layer = layers[path]
         if param == "bias":
             variable = getattr(layer, "bias", None)
+        elif modules[path]["kind"] == "experts":
+            variable = layer.weight
         else:
             variable = layer.embeddings if hasattr(layer, "embeddings") else getattr(layer, "kernel", None)
         value = _keras_layout(modules[path]["kind"], param, value)

@@ -41,6 +41,7 @@ from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
 from .tokens import find_token_targets
+from .parameters import ParameterLayer, ParameterTarget, find_parameter_targets, refuse_moe_rewrite
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
@@ -113,7 +114,7 @@ def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, Module
     return config.replace(target_modules=names)
 
 
-def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig) -> list[str]:
+def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, allow_empty: bool = False) -> list[str]:
     # a module known by two names (the checkpoint key and transformers 5's module path) takes the adapter once,
     # under the first name that matches; loading renames it to the name the file uses
     taken: set[tuple[Any, ...]] = set()
@@ -130,7 +131,7 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig) -> l
                 f"target_modules {missing} match no layer of this {type(model).__name__} "
                 f"(mapped modules: {_summary(sites)})", key=",".join(missing),
                 hint="pass module_map={spec module path: keras layer path} for them, or remove them from target_modules")
-    if not targets:
+    if not targets and not allow_empty:  # allow_empty: target_parameters selects parameters (SPEC.md 15.1)
         raise TargetNotFoundError(
             f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
             f"(mapped modules: {_summary(sites)})", key=str(wanted),
@@ -181,10 +182,6 @@ def check_features(config: AdapterConfig) -> None:
         raise UnsupportedError(f"{config.peft_type} is portable in the spec ({_NOT_ON_KERAS[config.peft_type]}); not "
                                "implemented on Keras yet", pointer="/peft_type",
                                hint="load this adapter with the torch backend")
-    if config.get("target_parameters"):
-        raise UnsupportedError("LoRA on parameters (target_parameters) is portable in the spec (SPEC.md 15.1); not "
-                               "implemented on Keras yet", pointer="/target_parameters",
-                               hint="load this adapter with the torch backend")
     if config.get("ensure_weight_tying") and _names_an_embedding(config):
         raise UnsupportedError("weight tying of adapters (ensure_weight_tying with an adapted embedding) is portable in "
                                "the spec (SPEC.md 15.2); not implemented on Keras yet", pointer="/ensure_weight_tying",
@@ -218,26 +215,32 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    model_type = converter_sites(backbone_of(model))[1]
+    refuse_moe_rewrite(config, model_type)  # SPEC 15.1
     if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
-        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
+        config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
     sites = spec_sites(model, options)
     config = expand_all_linear(model, config, sites)  # SPEC 4.3
-    paths = _match(model, sites, config)
+    parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
+    paths = _match(model, sites, config, allow_empty=bool(parameters))
     for path in paths:
         check_supported(sites[path], path, config)
     token_targets = find_token_targets(model, config, sites, set(paths))
     saved = find_modules_to_save(model, config, sites, bool(options.trainable))
-    _check_saved_overlap(get_state(model), saved, [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets])
+    adapted = [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets]
+    _check_saved_overlap(get_state(model), saved, adapted)
+    _check_parameter_overlap(get_state(model), parameters, saved, adapted)
     state = get_state(model, create=True)
     assert state is not None
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
-    state.modules[adapter_name] = list(paths)
+    state.modules[adapter_name] = [*paths, *parameters]
     try:
         bank = AdapterBank(adapter_name)
-        _track(sites[paths[0]].pieces[0].layer, bank)
-        state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
-        layers: list[AdapterLayer | ModulesToSaveLayer] = []
+        host = sites[paths[0]].pieces[0].layer if paths else next(iter(parameters.values()))[0]
+        _track(host, bank)
+        state.banks[adapter_name] = (bank, host)
+        layers: list[AdapterLayer | ModulesToSaveLayer | ParameterLayer] = []
         shared = _add_shared(config, bank, [sites[path] for path in paths], options)
         for path in paths:
             layer = _adapter_layer(model, state, sites[path])
@@ -253,6 +256,14 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             layer.set_active(state.active)
             token_layers[path] = layer
             layers.append(layer)
+        for path, (holder, targets) in parameters.items():
+            on_parameters = state.adapter_layers.get(("parameters", id(holder)))
+            if on_parameters is None:
+                on_parameters = state.adapter_layers[("parameters", id(holder))] = ParameterLayer(path, holder)
+            on_parameters.attach()
+            on_parameters.add_adapter(adapter_name, config, path, targets, options, bank)
+            on_parameters.set_active(state.active)
+            layers.append(on_parameters)
         for path, params in saved:
             whole = state.adapter_layers.get(saved_key(path))
             if whole is None:
@@ -272,7 +283,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise
     guard_save(model)
     invalidate(model)
-    return list(paths)
+    return [*paths, *parameters]
 
 
 def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],
@@ -311,6 +322,31 @@ def _check_saved_overlap(state: ModelState | None, saved: list[tuple[str, list[A
             if id(variable) in kernels:
                 raise UnsupportedError(f"module is adapted (as {kernels[id(variable)]!r}); it cannot be saved whole "
                                        "too", key=path, hint="remove it from modules_to_save")
+
+
+def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tuple[Any, list[ParameterTarget]]],
+                             saved: list[tuple[str, list[Any]]], adapted: list[ModuleSite]) -> None:
+    """Refuse a parameter ``target_parameters`` selects whose variables a module adapter, or a module saved whole,
+    also changes -- in this adapter or another one (PEFT and the torch backend refuse it too) -- and the reverse."""
+    held = {id(variable): path for path, (_, targets) in parameters.items()
+            for target in targets for variable, _, _ in target.parts}
+    others: list[tuple[str, Any]] = []  # (module path, variable) of the other adapters' layers
+    for layer in state.adapter_layers.values() if state is not None else ():
+        if isinstance(layer, ParameterLayer):
+            held.update({id(variable): layer.site.path for variable in layer.variables()})
+        elif isinstance(layer, ModulesToSaveLayer):
+            others += [(layer.site.path, variable) for variable in layer.variables]
+        else:
+            others += [(layer.site.path, piece.kernel_variable) for piece in layer.site.pieces]
+    mine = [(site.path, piece.kernel_variable) for site in adapted for piece in site.pieces]
+    mine += [(path, variable) for path, params in saved for _, variable, _ in params]
+    for path, variable in [*mine, *(others if parameters else [])]:
+        if id(variable) in held:
+            raise UnsupportedError(f"module {path!r} is adapted or saved whole, and target_parameters adapts its "
+                                   f"parameter (as {held[id(variable)]!r}): PEFT refuses this too", key=path,
+                                   pointer="/target_parameters" if parameters else None,
+                                   hint="remove the module from target_modules / modules_to_save, or its parameter "
+                                        "from target_parameters")
 
 
 def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
@@ -466,6 +502,8 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
         if layer.adapter_names():
             continue
         del state.adapter_layers[key]
+        if isinstance(layer, ParameterLayer):
+            layer.detach()
         for piece in layer.site.pieces:
             entries = state.entries.get(id(piece.layer))
             if entries is None:

@@ -159,6 +159,13 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
     for path, target in mapped.items():
         layer, reverse = _resolve_layer(model, target, path)
         site = layer_site(path, layer, reverse=reverse, source="module_map")
+        if site is None and not reverse:
+            from .parameters import parameter_variables
+
+            if parameter_variables(layer):  # target_parameters can adapt it (SPEC.md 15.1), nothing else
+                site = ModuleSite(path, "parameters", 0, 0, [], "module_map",
+                                  refused=f"module_map sends it to a {type(layer).__name__}, which adapters cannot "
+                                          "wrap (only target_parameters can adapt its parameters)")
         if site is None:
             raise UnsupportedError(f"module_map sends {path!r} to a {type(layer).__name__}, which adapters cannot wrap",
                                    key=path, hint="map it to a Dense, EinsumDense, Embedding or Conv layer")

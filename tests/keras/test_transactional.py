@@ -92,7 +92,7 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "layer_replication": [[0, 2]]},
      adapterspec.UnsupportedError, "layer_replication"),
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "target_parameters": ["o_proj.weight"]},
-     adapterspec.UnsupportedError, "/target_parameters: .*not implemented on Keras yet"),
+     adapterspec.UnsupportedError, "/target_parameters: .*on a llama model: the Keras backend maps LoRA on parameters only"),
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True},
      adapterspec.UnsupportedError, "/ensure_weight_tying: .*not implemented on Keras yet"),
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 5]},
