@@ -59,8 +59,6 @@ NOT_IN_MATRIX: dict[str, str] = {
                        "and too large for the test machine)",
     "convert_qwen3_5_moe": "not in the matrix yet (time)",
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
-    "convert_swin_transformer": "q/k/v fused by the converter (get_tensor + concatenate + assign): adapters on them "
-                                "refused, typed, naming the fused layer; the other linear layers load (test_converter_replay)",
     "convert_t5gemma2": "not in the matrix yet (encoder-decoder forward, vision tower; time)",
 }
 
@@ -135,10 +133,11 @@ def _encoder(model_type: str, task: str = "AutoModel", **extra: Any) -> Callable
     return build
 
 
-def _vision(model_type: str, cls_name: str, base: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
+def _vision(model_type: str, cls_name: str, base: str,
+            settings: dict[str, Any] | None = None) -> Callable[[Path], tuple[Any, Any, list[str]]]:
     def build(folder: Path) -> tuple[Any, Any, list[str]]:
         torch.manual_seed(sum(map(ord, model_type)))
-        config = transformers.AutoConfig.for_model(model_type, **_VISION)
+        config = transformers.AutoConfig.for_model(model_type, **(_VISION if settings is None else settings))
         task = getattr(transformers, cls_name)(config).eval()
         task.save_pretrained(folder, safe_serialization=True)
         model = getattr(task, base) if base else task
@@ -185,6 +184,10 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
                                                                   "Dinov2WithRegistersForImageClassification",
                                                                   "dinov2_with_registers")),
     "dinov3_vit": ("convert_dinov3", "vision", _vision("dinov3_vit", "DINOv3ViTModel", "")),
+    # q/k/v fused into one kernel by the converter itself: each on its columns (test_fused_kernels); two stages of
+    # two blocks: shifted windows and a patch merging
+    "swin": ("convert_swin_transformer", "vision", _vision("swin", "SwinForImageClassification", "swin", dict(
+        embed_dim=16, depths=[2, 2], num_heads=[2, 2], image_size=16, patch_size=2, window_size=4))),
 }
 
 _SLOW = {"gemma4_text", "albert", "esm"}
