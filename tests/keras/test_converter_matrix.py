@@ -54,9 +54,6 @@ NOT_IN_MATRIX: dict[str, str] = {
     "convert_pali_gemma": "lm_head vocabulary truncated by keras-hub at image_token_index: adapters on lm_head "
                           "refused (ShapeMismatchError, test_vocabulary_truncation); forward not compared (needs "
                           "images)",
-    "convert_qwen3_5": "not in the matrix yet: a tiny config was not made in time (the default one is multimodal "
-                       "and too large for the test machine)",
-    "convert_qwen3_5_moe": "not in the matrix yet (time)",
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
     "convert_t5gemma2": "not in the matrix yet (encoder-decoder forward, vision tower; time)",
 }
@@ -81,8 +78,43 @@ _MOE: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+_Q35 = dict(_MOE_BASE, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+            linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
+#: multimodal model types keras-hub converts only from their multimodal checkpoint: the text model of
+#: ``<model_type>_text`` is saved as that checkpoint (``model_type`` and ``model.language_model.*`` keys, as the
+#: multimodal model saves its text part), and PEFT adapts the text model (its ``model.layers.*`` names)
+_TEXT_PART: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_5": ("Qwen3_5CausalLM", _Q35),
+    "qwen3_5_moe": ("Qwen3_5MoeCausalLM", dict(_Q35, num_experts=4, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=32)),
+}
+
+
 def _task_class(case: str) -> str:
+    if case in _TEXT_PART:
+        return _TEXT_PART[case][0]
     return _MOE[case][0] if case in _MOE else ARCHS[case].keras_task
+
+
+def _text_part(model_type: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
+    def build(folder: Path) -> tuple[Any, Any, list[str]]:
+        import json
+
+        from safetensors.numpy import load_file, save_file
+
+        torch.manual_seed(sum(map(ord, model_type)))
+        config = transformers.AutoConfig.for_model(model_type + "_text", **_TEXT_PART[model_type][1])
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        model.save_pretrained(folder, safe_serialization=True)
+        saved = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**saved, "model_type": model_type}))
+        file = folder / "model.safetensors"
+        save_file({("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                   for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n != "lm_head"})
+        return model, model, linear
+    return build
 
 
 def _decoder(arch: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
@@ -181,6 +213,10 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
     "mixtral": ("convert_mixtral", "decoder", _decoder("mixtral")),
     "qwen2_moe": ("convert_qwen_moe", "decoder", _decoder("qwen2_moe")),
     "qwen3_moe": ("convert_qwen3_moe", "decoder", _decoder("qwen3_moe")),
+    # the text part (Gated DeltaNet linear-attention and full-attention layers) of the multimodal checkpoint; the
+    # MoE experts are fused parameters in transformers 5 (its linear layers: attention, shared expert, gates)
+    "qwen3_5": ("convert_qwen3_5", "decoder", _text_part("qwen3_5")),
+    "qwen3_5_moe": ("convert_qwen3_5_moe", "decoder", _text_part("qwen3_5_moe")),
     "bert": ("convert_bert", "encoder", _encoder("bert", hidden_act="gelu_pytorch_tanh")),
     "roberta": ("convert_roberta", "encoder", _encoder("roberta", "AutoModelForMaskedLM", pad_token_id=1)),
     "xlm-roberta": ("convert_xlm_roberta", "encoder", _encoder("xlm-roberta", pad_token_id=1)),
@@ -298,6 +334,8 @@ def test_peft_lora_on_every_linear_layer_matches_peft(case: str, tmp_path: Path)
     modules = adapterspec.load_adapter(keras_model, tmp_path / "adapter")
 
     assert len(modules) == len(adapted)
+    if case in _TEXT_PART:  # named as keras-hub's converter reads the multimodal checkpoint
+        modules = [m.replace("model.language_model.", "model.", 1) for m in modules]
     assert all(any(m == a or a.endswith("." + m) or m.endswith("." + a) for m in modules) for a in adapted)
     actual = _run_keras(keras_model, kind)
     diff = float(np.abs(actual - expected).max())
