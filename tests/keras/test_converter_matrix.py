@@ -47,7 +47,8 @@ NOT_IN_MATRIX: dict[str, str] = {
     "convert_blip2": "replays and maps (test_converter_replay); forward not compared (needs images)",
     "convert_gemma3": "gemma3_text: in ARCHS tests; multimodal gemma3: names tested (test_hf_names), forward not "
                       "compared (needs images)",
-    "convert_gemma3n": "not buildable offline in time (audio/vision towers, MobileNetV5 via timm)",
+    "convert_gemma3n": "not buildable offline: transformers' Gemma3n vision tower is a TimmWrapperModel, which "
+                       "raises ImportError without timm and pillow (not installed here)",
     "convert_gemma4_assistant": "not in the matrix yet (time)",
     "convert_gpt_oss": "not buildable offline: keras-hub reads only MXFP4 expert blocks; its replay is refused, "
                        "typed (test_converter_replay)",
@@ -55,7 +56,11 @@ NOT_IN_MATRIX: dict[str, str] = {
                           "refused (ShapeMismatchError, test_vocabulary_truncation); forward not compared (needs "
                           "images)",
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
-    "convert_t5gemma2": "not in the matrix yet (encoder-decoder forward, vision tower; time)",
+    "convert_t5gemma2": "not in the matrix yet: transformers 5 saves the vision tower as "
+                        "model.encoder.vision_tower.embeddings.*, keras-hub reads "
+                        "encoder.vision_tower.vision_model.embeddings.* (SafetensorError: File does not contain "
+                        "tensor ...patch_embedding.weight); the key renaming and the encoder-decoder forward with "
+                        "images were not done in time",
 }
 
 
