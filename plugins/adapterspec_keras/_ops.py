@@ -23,6 +23,9 @@ from .sites import Piece
 __all__ = [
     "HALF",
     "add_out",
+    "assign_bias",
+    "assign_kernel",
+    "bias_of",
     "contract_in",
     "dtype_name",
     "expand_out",
@@ -92,11 +95,41 @@ def flat_kernel(piece: Piece) -> Any:
         return ops.reshape(ops.transpose(variable, _einsum_perm(piece)), (piece.n_in, piece.n_out))
     if piece.kind == "conv":
         return ops.reshape(variable, (-1, piece.n_out))
+    if piece.out_slice is not None:
+        return variable[:, piece.out_slice[0]:piece.out_slice[1]]
     return variable
 
 
+def assign_kernel(piece: Piece, flat: Any) -> None:
+    """Make the piece's kernel ``flat`` (``[n_in, n_out]``, as :func:`flat_kernel`): the whole variable, or only
+    the piece's columns of a fused kernel (the other modules' columns stay as they are)."""
+    variable = piece.kernel_variable
+    if piece.out_slice is not None:
+        variable.assign(ops.slice_update(variable.value, (0, piece.out_slice[0]), ops.cast(flat, variable.dtype)))
+        return
+    variable.assign(ops.cast(kernel_from_flat(piece, flat), variable.dtype))
+
+
+def bias_of(piece: Piece) -> Any:
+    """The piece's bias (``[n_out]`` shaped like the layer's bias; a fused kernel's: its slice), or ``None``."""
+    bias = piece.bias_variable
+    if bias is None or piece.out_slice is None:
+        return bias
+    return bias[piece.out_slice[0]:piece.out_slice[1]]
+
+
+def assign_bias(piece: Piece, value: Any) -> None:
+    """Make the piece's bias (see :func:`bias_of`) ``value``."""
+    bias = piece.bias_variable
+    if piece.out_slice is not None:
+        bias.assign(ops.slice_update(bias.value, (piece.out_slice[0],), ops.cast(value, bias.dtype)))
+        return
+    bias.assign(ops.cast(value, bias.dtype))
+
+
 def kernel_from_flat(piece: Piece, flat: Any) -> Any:
-    """Inverse of :func:`flat_kernel`: a ``[n_in, n_out]`` matrix in the kernel variable's own layout."""
+    """Inverse of :func:`flat_kernel`: a ``[n_in, n_out]`` matrix in the kernel variable's own layout (a slice
+    of a fused kernel: that slice's columns, ``[n_in, n_out]``; :func:`assign_kernel` writes them in place)."""
     if piece.kind == "reverse" and piece.tied:
         return ops.transpose(flat)
     if piece.kind == "einsum":

@@ -116,7 +116,7 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
         self.reads.append(hf_weight_key)
         return _Opaque()
 
-    def note_assign(self, variable: Any) -> None:
+    def note_assign(self, variable: Any, value: Any = None) -> None:
         self.assigned.append((variable, self.reads))
         self.reads = []
 
@@ -125,6 +125,28 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+class _ProbingLoader(_RecordingLoader):
+    """A second replay for the kernels a converter fuses itself: ``get_tensor`` of a probed key returns that
+    key's probe (every element its own integer), and the value assigned to a watched variable is kept."""
+
+    def __init__(self, probes: dict[str, np.ndarray], watched: set[int]) -> None:
+        super().__init__()
+        self.probes = probes
+        self.watched = watched
+        self.values: dict[int, np.ndarray] = {}
+
+    def get_tensor(self, hf_weight_key: str) -> Any:
+        probe = self.probes.get(hf_weight_key)
+        return _Opaque() if probe is None else probe.copy()
+
+    def note_assign(self, variable: Any, value: Any = None) -> None:
+        if id(variable) in self.watched and value is not None and not isinstance(value, _Opaque):
+            try:
+                self.values[id(variable)] = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):  # not an array: the layout stays unknown (refused)
+                pass
 
 
 _ASSIGN_LOCK = threading.Lock()
@@ -155,7 +177,7 @@ def _no_assign() -> Iterator[None]:
             def assign(self: Any, value: Any) -> Any:
                 loader = getattr(_REPLAYING, "loader", None)
                 if loader is not None:
-                    loader.note_assign(self)
+                    loader.note_assign(self, value)
                 return self
 
             for n in names:
@@ -290,6 +312,18 @@ def _multimodal(backbone: Any) -> bool:
     return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "audio_encoder"))
 
 
+def _replay(backbone: Any, module: Any, model_type: str, loader: _RecordingLoader) -> None:
+    """Run the converter's ``convert_weights`` against ``loader``, assigning nothing."""
+    with _no_assign():
+        config = _ConfigProxy(backbone, model_type, module)
+        config.add_sub_config(backbone, module, "text_config", "language_model")
+        _REPLAYING.loader = loader
+        try:
+            module.convert_weights(backbone, loader, config)
+        finally:
+            _REPLAYING.loader = None
+
+
 def _record(backbone: Any) -> tuple[list[_Record], str] | None:
     found = _find_converter(backbone)
     if found is None:
@@ -300,14 +334,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
     for model_type in model_types:
         loader = _RecordingLoader()
         try:
-            with _no_assign():
-                config = _ConfigProxy(backbone, model_type, module)
-                config.add_sub_config(backbone, module, "text_config", "language_model")
-                _REPLAYING.loader = loader
-                try:
-                    module.convert_weights(backbone, loader, config)
-                finally:
-                    _REPLAYING.loader = None
+            _replay(backbone, module, model_type, loader)
         except Exception as exc:  # noqa: BLE001 - kept: an error unless another model type of it replays
             failures.append((model_type, exc))
             continue
@@ -511,17 +538,106 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
 def _add_fused(backbone: Any, owners: dict[int, tuple[Any, str]], sites: dict[str, ModuleSite],
                model_type: str | None) -> None:
     """Modules a converter fuses into one kernel itself (``get_tensor`` + ``np.concatenate`` + ``assign``: Swin's
-    query, key and value): refused sites naming the layer, so a target on them is an error, never skipped."""
-    for variable, keys in _FUSED.get(backbone, []):
-        owner = owners.get(id(variable))
+    query, key and value): each gets a site on its own columns of the fused Dense kernel (a :class:`Piece` with
+    ``out_slice``), found by replaying the converter once more with probe tensors (:func:`_fused_pieces`). A
+    fusion whose layout the probes do not pin down gives refused sites naming the layer, so a target on them is
+    an error, never skipped."""
+    fused = [(variable, keys) for variable, keys in _FUSED.get(backbone, [])
+             if id(variable) in owners and len([k for k in keys if k.endswith(".weight")]) >= 2]
+    if not fused:
+        return
+    solved = _fused_pieces(backbone, owners, fused, model_type)
+    for variable, keys in fused:
+        layer = owners[id(variable)][0]
         weights = [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
-        if owner is None or len(weights) < 2:
+        pieces = solved.get(id(variable))
+        if pieces is not None:
+            for path, piece in zip(weights, pieces):
+                sites.setdefault(path, ModuleSite(path, "linear", piece.n_in, piece.n_out, [piece], "converter"))
             continue
-        why = (f"keras-hub's {model_type} converter fuses {weights} into the kernel of {type(owner[0]).__name__} "
-               f"{owner[0].path!r} itself (get_tensor + concatenate + assign); an adapter on one of the fused "
-               "projections is not mapped onto the fused kernel by this backend yet")
+        why = (f"keras-hub's {model_type} converter fuses {weights} into the kernel of {type(layer).__name__} "
+               f"{layer.path!r} itself (get_tensor + concatenate + assign) in a layout this backend could not "
+               "resolve into column ranges of a Dense kernel, one per projection")
         for path in weights:
             sites.setdefault(path, ModuleSite(path, "linear", 0, 0, [], "converter", refused=why))
+
+
+def _fused_pieces(backbone: Any, owners: dict[int, tuple[Any, str]], fused: list[tuple[Any, list[str]]],
+                  model_type: str | None) -> dict[int, list[Piece]]:
+    """id(fused kernel) -> one piece per fused weight (in the order the converter read them).
+
+    The converter is replayed with each fused weight read as a probe of shape ``[n_out / n, n_in]`` (a torch
+    ``Linear``, the kernel's outputs shared equally) whose elements are their own flat index (offset per
+    weight), and each bias likewise. The kernel it assigns then says, column by column, which weight and which
+    output row feeds it; a layout that is not one contiguous column range per weight (each column one output
+    row, each kernel row one input feature) -- or a bias not laid out like the kernel -- is not resolved.
+    """
+    found = _find_converter(backbone)
+    if found is None or model_type is None:
+        return {}
+    probes: dict[str, np.ndarray] = {}
+    shapes: dict[int, tuple[int, int, int]] = {}
+    watched: set[int] = set()
+    for variable, keys in fused:
+        layer, kind = owners[id(variable)]
+        weights = [k for k in keys if k.endswith(".weight")]
+        shape = tuple(int(d) for d in variable.shape)
+        if kind != "dense" or len(shape) != 2 or shape[1] % len(weights):
+            continue
+        n_in, per = shape[0], shape[1] // len(weights)
+        shapes[id(variable)] = (n_in, per, len(weights))
+        watched.add(id(variable))
+        for i, key in enumerate(weights):
+            probes[key] = np.arange(per * n_in, dtype=np.float64).reshape(per, n_in) + i * per * n_in
+            probes[key[: -len(".weight")] + ".bias"] = np.arange(per, dtype=np.float64) + i * per
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            watched.add(id(bias))
+    if not shapes:
+        return {}
+    loader = _ProbingLoader(probes, watched)
+    try:
+        _replay(backbone, found[0], model_type, loader)
+    except Exception:  # noqa: BLE001 - it replayed once already; anything else leaves the fusion refused
+        return {}
+    out: dict[int, list[Piece]] = {}
+    for variable, _ in fused:
+        if id(variable) not in shapes:
+            continue
+        layer = owners[id(variable)][0]
+        bias = getattr(layer, "bias", None)
+        pieces = _decode_fused(layer, loader.values.get(id(variable)), *shapes[id(variable)],
+                               None if bias is None else loader.values.get(id(bias), np.empty(0)))
+        if pieces is not None:
+            out[id(variable)] = pieces
+    return out
+
+
+def _decode_fused(layer: Any, kernel: np.ndarray | None, n_in: int, per: int, count: int,
+                  bias: np.ndarray | None) -> list[Piece] | None:
+    """The pieces of the ``count`` weights a probed fused kernel holds (see :func:`_fused_pieces`), or ``None``."""
+    if kernel is None or kernel.shape != (n_in, per * count) or not np.array_equal(kernel, np.round(kernel)):
+        return None
+    which, local = np.divmod(kernel.astype(np.int64), per * n_in)
+    row, column = np.divmod(local, n_in)
+    if not (np.all(which == which[:1]) and np.all(row == row[:1]) and np.all(column == column[:, :1])):
+        return None
+    in_index = column[:, 0]
+    if not np.array_equal(np.sort(in_index), np.arange(n_in)):
+        return None
+    pieces = []
+    for i in range(count):
+        columns = np.flatnonzero(which[0] == i)
+        out_index = row[0, columns]
+        if columns.size != per or not np.array_equal(columns, np.arange(columns[0], columns[0] + per)) or \
+                not np.array_equal(np.sort(out_index), np.arange(per)):
+            return None
+        start = int(columns[0])
+        if bias is not None and (bias.shape != (per * count,) or
+                                 not np.array_equal(bias[start:start + per], out_index + i * per)):
+            return None
+        pieces.append(Piece(layer, "dense", in_index.copy(), out_index.copy(), out_slice=(start, start + per)))
+    return pieces
 
 
 def _add_tied_head(backbone: Any, sites: dict[str, ModuleSite]) -> None:

@@ -65,6 +65,9 @@ def _kernel_index(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarray
             where[axis] = coordinate
         flat = np.asarray(np.ravel_multi_index(tuple(where), shape))
         return flat
+    if piece.out_slice is not None:  # columns start:stop of a fused Dense kernel [n_in, all outputs]
+        flat = pin * int(piece.kernel_variable.shape[-1]) + piece.out_slice[0] + pout
+        return flat
     flat = pin * piece.n_out + pout
     return flat
 

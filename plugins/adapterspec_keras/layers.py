@@ -10,7 +10,8 @@ PEFT's math exactly -- LoRA, rsLoRA, DoRA, ``lora_bias``, IA3; LoHa/LoKr, AdaLoR
 :mod:`~adapterspec_keras.lycoris`, :mod:`~adapterspec_keras.adalora`, :mod:`~adapterspec_keras.vera` -- on
 each Keras layer (*piece*) the module maps to, including einsum attention kernels ``(hidden, heads,
 head_dim)`` and GPT-2's fused ``c_attn`` split over three layers (one ``lora_A``, ``lora_B``'s rows split
-between them).
+between them) -- and the reverse, Swin's query, key and value fused by keras-hub into one kernel: three adapter
+layers on one Keras layer, each changing only its columns (:attr:`~adapterspec_keras.sites.Piece.out_slice`).
 
 It does not replace any Keras layer: :mod:`adapterspec_keras.inject` patches the wrapped layers'
 ``call`` to ask it for its contribution (:meth:`AdapterLayer.scale_input`, :meth:`AdapterLayer.apply`).
@@ -94,6 +95,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA or VERA adapter, or the "
                                               "torch backend")
+    if any(piece.out_slice is not None for piece in site.pieces):
+        _check_fused(site, path, config, layers())
     if method in oft.METHODS:
         oft.check(site, path, config)
         return
@@ -120,6 +123,27 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         if config.get("lora_bias") and site.kind == "embedding":
             raise UnsupportedError("lora_bias on an embedding is not defined by PEFT", key=path,
                                    hint="set lora_bias to false")
+
+
+#: the methods checked exact against PEFT on a module that is a slice of a fused kernel (test_fused_kernels.py)
+_FUSED_METHODS = ("LORA", "IA3", "LOHA", "LOKR")
+
+
+def _check_fused(site: ModuleSite, path: str, config: AdapterConfig, layers: str) -> None:
+    """Refuse what is not exact (or not verified) on a module that is a slice of a fused kernel (Swin's query).
+
+    An IA3 feed-forward vector scales the layer's input, which the fused layer's other modules share."""
+    method = config.peft_type
+    if method not in _FUSED_METHODS:
+        raise UnsupportedError(f"{method} on a module fused with others into one kernel ({layers}, its columns "
+                               f"{list(site.pieces[0].out_slice or ())}) is not implemented by the keras backend; "
+                               f"{', '.join(_FUSED_METHODS)} are", key=path,
+                               hint="leave this module out of target_modules, or use the torch backend")
+    if method == "IA3" and config.is_feedforward(path):
+        raise UnsupportedError(f"IA3 feed-forward on {path} scales the input of {layers}, which the modules fused "
+                               "into its kernel share: that cannot be exact", key=path,
+                               hint="leave this module out of feedforward_modules (or target_modules), or use the "
+                                    "torch backend")
 
 
 @dataclass(frozen=True)
@@ -508,7 +532,8 @@ class AdapterLayer:
 
         site = self.site
         piece = site.pieces[0]
-        simple = len(site.pieces) == 1 and piece.n_in == site.in_features and piece.n_out == site.out_features and \
+        simple = len(site.pieces) == 1 and piece.out_slice is None and piece.n_in == site.in_features and \
+            piece.n_out == site.out_features and \
             np.array_equal(piece.in_index.ravel(), np.arange(piece.n_in)) and \
             np.array_equal(piece.out_index.ravel(), np.arange(piece.n_out)) and site.kind != "conv"
         if not simple:
@@ -608,7 +633,17 @@ class AdapterLayer:
         return x
 
     def apply(self, piece: Piece, x: Any, result: Any) -> Any:
-        """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order."""
+        """``result`` (the base layer's output before activation) plus/times each running adapter's part, PEFT's order.
+
+        A piece that is a slice of a fused kernel (:attr:`Piece.out_slice`) changes only its columns of ``result``:
+        the other modules' adapters on that layer change theirs."""
+        if piece.out_slice is not None:
+            start, stop = piece.out_slice
+            part = self._apply(piece, x, result[..., start:stop])
+            return ops.concatenate([result[..., :start], part, result[..., stop:]], axis=-1)
+        return self._apply(piece, x, result)
+
+    def _apply(self, piece: Piece, x: Any, result: Any) -> Any:
         rotations = self._rotations()
         if rotations:
             return self._apply_rotations(piece, rotations, x, result)
@@ -780,7 +815,7 @@ class AdapterLayer:
         if dropout_on:
             base = self._base_linear(piece, dropped, dtype)
         else:
-            bias = piece.bias_variable
+            bias = _ops.bias_of(piece)
             base = result if bias is None else result - ops.cast(_ops.add_out(piece, ops.zeros_like(result), bias), dtype)
         return result + (scale - 1) * base + scale * lora * ops.cast(slot.scaling, dtype)
 
@@ -851,6 +886,9 @@ class AdapterLayer:
         running = self._running()
         if not running:
             return None
+        if piece.out_slice is not None:
+            raise UnsupportedError(f"{self.site.path}: an adapter on a slice of a fused kernel cannot run on a kernel "
+                                   "its parent reads", key=self.site.path, hint="target other modules")
         total = None
         for name, slot in running:
             if slot.method != "LORA" or slot.use_dora or slot.lora_bias:
@@ -901,7 +939,6 @@ class AdapterLayer:
             self._w0 = None
 
     def _merge_piece(self, name: str, slot: _Slot, index: int, piece: Piece, base: Any = None) -> None:
-        variable = piece.kernel_variable
         if slot.method == tokens.TOKENS:
             if slot.source is None:  # a tied output layer with rows of its own: check_merge refused it
                 rows = np.asarray(ops.convert_to_numpy(self._token_rows(slot, name)))
@@ -915,7 +952,7 @@ class AdapterLayer:
         flat = ops.cast(flat, dtype)
         if slot.rotation is not None:
             new = oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat)
-            variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+            _ops.assign_kernel(piece, new)
             return
         delta = self.delta_weight(name, piece, dtype)
         if slot.lora_bias:
@@ -927,18 +964,17 @@ class AdapterLayer:
             new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
         else:
             new = flat + delta
-        variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+        _ops.assign_kernel(piece, new)
 
     def _add_bias(self, piece: Piece, slot: _Slot, sign: float) -> None:
-        bias = piece.bias_variable
+        bias = _ops.bias_of(piece)
         if bias is None:
             raise UnsupportedError(f"lora_bias cannot merge into {piece.layer.path!r}, which has no bias",
                                    key=self.site.path, hint="keep the adapter unmerged")
         extra = _ops.gather_out(piece, slot.get("lora_B.bias"), self.site.out_features) * slot.scaling * sign
-        bias.assign(bias + ops.cast(ops.reshape(extra, tuple(bias.shape)), bias.dtype))
+        _ops.assign_bias(piece, bias + ops.cast(ops.reshape(extra, tuple(bias.shape)), bias.dtype))
 
     def _scale_piece(self, piece: Piece, slot: _Slot, flat: Any, *, inverse: bool) -> None:
-        variable = piece.kernel_variable
         if slot.feedforward:
             vector = _ops.gather_in(piece, slot.get("ia3_l"), self.site.in_features)
             if piece.kind == "conv":
@@ -950,15 +986,15 @@ class AdapterLayer:
             flat = ops.cast(flat, "float32")  # as PEFT merges: in float32, rounded once to the kernel's dtype
         vector = ops.cast(vector, flat.dtype)
         new = flat / (vector + _IA3_EPS) if inverse else flat * vector
-        variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
-        bias = piece.bias_variable
+        _ops.assign_kernel(piece, new)
+        bias = _ops.bias_of(piece)
         if bias is not None and not slot.feedforward:
             scale = ops.reshape(_ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features), tuple(bias.shape))
             value = ops.convert_to_tensor(bias)
             if _ops.dtype_name(value) in _UPCAST and _ops.dtype_name(scale) == "float32":
                 value = ops.cast(value, "float32")
             scale = ops.cast(scale, value.dtype)
-            bias.assign(ops.cast(value / (scale + _IA3_EPS) if inverse else value * scale, bias.dtype))
+            _ops.assign_bias(piece, value / (scale + _IA3_EPS) if inverse else value * scale)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide)."""
@@ -970,7 +1006,6 @@ class AdapterLayer:
                     if i in slot.saved_rows:
                         tokens.unmerge_rows(piece, slot.saved_rows.pop(i), slot.indices)
                     continue
-                variable = piece.kernel_variable
                 flat = _ops.flat_kernel(piece)
                 if slot.method == "IA3":
                     self._scale_piece(piece, slot, flat, inverse=True)
@@ -979,7 +1014,7 @@ class AdapterLayer:
                 flat = ops.cast(flat, dtype)
                 if slot.rotation is not None:
                     new = oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
-                    variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+                    _ops.assign_kernel(piece, new)
                     continue
                 delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:
@@ -988,6 +1023,6 @@ class AdapterLayer:
                     new = flat / ops.cast(magnitude / norm, flat.dtype)[None, :] - delta
                 else:
                     new = flat - delta
-                variable.assign(ops.cast(_ops.kernel_from_flat(piece, new), variable.dtype))
+                _ops.assign_kernel(piece, new)
                 if slot.lora_bias:
                     self._add_bias(piece, slot, sign=-1.0)

@@ -90,7 +90,7 @@ def _site_params(site: ModuleSite) -> list[Param] | None:
     ``weight`` in PEFT's layout (Dense ``[out, in]``, Embedding ``[num, dim]``, Conv ``[out, in, *k]``, an untied
     logits projection ``[vocab, dim]``) and ``bias`` if the layer has one; ``None`` for anything else."""
     piece = site.pieces[0] if len(site.pieces) == 1 else None
-    if piece is None or piece.tied or piece.kind == "einsum" or \
+    if piece is None or piece.tied or piece.kind == "einsum" or piece.out_slice is not None or \
             not np.array_equal(piece.in_index.ravel(), np.arange(site.in_features)) or \
             not np.array_equal(piece.out_index.ravel(), np.arange(site.out_features)):
         return None

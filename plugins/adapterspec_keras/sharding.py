@@ -92,12 +92,13 @@ def _kernel_spec(piece: Piece) -> tuple[tuple[Any, ...], Any] | None:
 
 def placement_of(site: ModuleSite) -> Placement | None:
     """The split of ``site``'s base kernel adapter tensors follow, or ``None`` (no distribution active, a kernel
-    not sharded, a module of several pieces: the adapter variables are made as they are on one device).
+    not sharded, a module of several pieces or of a slice of a fused kernel: the adapter variables are made as
+    they are on one device).
 
     >>> placement_of(site)                                              # doctest: +SKIP
     Placement(mesh=Mesh('batch': 2, 'model': 4), inputs='model', outputs=None)
     """
-    if len(site.pieces) != 1 or not active():
+    if len(site.pieces) != 1 or site.pieces[0].out_slice is not None or not active():
         return None
     piece = site.pieces[0]
     found = _kernel_spec(piece)

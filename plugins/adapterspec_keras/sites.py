@@ -4,7 +4,7 @@ A :class:`ModuleSite` records, for one spec module (``model.layers.0.self_attn.q
 :class:`Piece` -- a Keras layer plus index maps from its kernel's input and output positions to the
 module's flattened ``in_features``/``out_features`` -- so the adapter math runs on Keras layers exactly
 as PEFT runs it on the torch module (einsum kernels ``(hidden, heads, head_dim)``; GPT-2's fused
-``c_attn`` split over three layers).
+``c_attn`` split over three layers; Swin's query, key and value, three column ranges of one fused kernel).
 
 >>> import keras
 >>> site = layer_site("fc", keras.layers.Dense(3))                      # doctest: +SKIP
@@ -33,6 +33,9 @@ class Piece:
         order), the spec module's input feature it is; ``in_index.shape`` is those axes' shape.
     :param out_index: likewise for the kernel's output axes and the module's output features.
     :param input_spec, kernel_spec, output_spec: the einsum equation's parts (``"einsum"`` only).
+    :param out_slice: ``(start, stop)``: the piece is only those columns of the layer's Dense kernel (and of its
+        outputs), ``out_index`` covering just them -- a converter fused several modules into one kernel (Swin's
+        query, key and value); ``None``: all of the layer's outputs.
     """
 
     layer: Any
@@ -42,6 +45,7 @@ class Piece:
     input_spec: str = ""
     kernel_spec: str = ""
     output_spec: str = ""
+    out_slice: tuple[int, int] | None = None
 
     @property
     def kin(self) -> str:
@@ -126,7 +130,7 @@ class ModuleSite:
         """Identity of the module's Keras side: its pieces' layers and roles (two spec names may share it)."""
         if not self.pieces:
             return ("refused", self.refused)
-        return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0])) for p in self.pieces)
+        return tuple((id(p.layer), p.role, int(p.out_index.ravel()[0]), p.out_slice) for p in self.pieces)
 
     @property
     def conv_spatial(self) -> tuple[int, ...]:

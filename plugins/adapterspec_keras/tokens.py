@@ -108,7 +108,8 @@ def check_site(site: ModuleSite, path: str, indices: list[int]) -> None:
     :raises ShapeMismatchError: an index outside the matrix.
     """
     piece = site.pieces[0]
-    whole = len(site.pieces) == 1 and piece.n_in == site.in_features and piece.n_out == site.out_features and \
+    whole = len(site.pieces) == 1 and piece.out_slice is None and piece.n_in == site.in_features and \
+        piece.n_out == site.out_features and \
         np.array_equal(piece.in_index.ravel(), np.arange(piece.n_in)) and \
         np.array_equal(piece.out_index.ravel(), np.arange(piece.n_out))
     if not whole or piece.kind not in ("embedding", "reverse", "dense"):

@@ -139,40 +139,46 @@ def test_gpt_oss_is_refused_naming_its_converter_and_the_cause() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("target", ["query", "q_proj"])
-def test_swin_fused_qkv_is_refused_naming_the_layer(target: str, tmp_path: Path) -> None:
+def test_swin_fused_qkv_loads_under_the_checkpoint_key_and_q_proj_alike(tmp_path: Path) -> None:
     """keras-hub's Swin converter fuses query/key/value itself (get_tensor + concatenate + assign), which the
-    recording loader sees only as reads and an assignment: an adapter on them is refused, typed, naming the fused
-    layer (under the checkpoint key and transformers 5's q_proj alike), leaving the model untouched; the other
-    linear layers load."""
+    recording loader sees as reads and an assignment; a second replay with probe tensors maps each onto its columns
+    of the fused kernel (tests/keras/test_fused_kernels.py checks the math against PEFT). The same adapter named
+    as transformers 4 does (the checkpoint keys ``attention.self.query``) or as transformers 5 does
+    (``attention.q_proj``) gives the same outputs."""
+    import json
+    import shutil
+
     import keras_hub
     import torch
     import transformers
+    from keras import ops
+    from safetensors.numpy import load_file, save_file
 
     torch.manual_seed(5)
     config = transformers.AutoConfig.for_model("swin", embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32,
                                                patch_size=4, window_size=4)
     task = transformers.SwinForImageClassification(config).eval()
     task.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    images = (np.sin(np.arange(2 * 32 * 32 * 3) * 0.37) * 0.8).reshape(2, 32, 32, 3).astype("float32")
     peft_model = peft.get_peft_model(task.swin, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    fill_adapter_weights(peft_model)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    if target == "query":  # the same adapter as transformers 4 names it (the checkpoint keys)
-        import json
+    fill_adapter_weights(peft_model, scale=0.3)
+    peft_model.save_pretrained(tmp_path / "q_proj")
+    shutil.copytree(tmp_path / "q_proj", tmp_path / "query")
+    file = tmp_path / "query" / "adapter_model.safetensors"
+    save_file({k.replace("attention.q_proj", "attention.self.query"): v for k, v in load_file(file).items()},
+              file, metadata={"format": "pt"})
+    config_file = tmp_path / "query" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["query"]}))
 
-        from safetensors.numpy import load_file, save_file
-
-        file = tmp_path / "adapter" / "adapter_model.safetensors"
-        save_file({k.replace("attention.q_proj", "attention.self.query"): v for k, v in load_file(file).items()},
-                  file, metadata={"format": "pt"})
-        config_file = tmp_path / "adapter" / "adapter_config.json"
-        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["query"]}))
-
-    with pytest.raises(UnsupportedError, match=r"fuses .*query.*key.*value.* into the kernel of .*qkv"):
-        adapterspec.load_adapter(backbone, tmp_path / "adapter")
-    assert adapterspec.adapter_names(backbone) == []
+    outputs = {}
+    for target in ("query", "q_proj"):
+        backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+        base = ops.convert_to_numpy(backbone(images))
+        assert len(adapterspec.load_adapter(backbone, tmp_path / target)) == 2
+        outputs[target] = ops.convert_to_numpy(backbone(images))
+        assert np.abs(outputs[target] - base).max() > 1e-3
+    assert np.array_equal(outputs["query"], outputs["q_proj"])
     fc = peft.get_peft_model(transformers.SwinForImageClassification(config).swin,
                              peft.LoraConfig(r=2, target_modules=["fc1", "fc2", "o_proj"]))
     fc.save_pretrained(tmp_path / "other")
-    assert len(adapterspec.load_adapter(backbone, tmp_path / "other")) == 6
+    assert len(adapterspec.load_adapter(backbone, tmp_path / "other", "other")) == 6
