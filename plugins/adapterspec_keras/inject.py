@@ -40,7 +40,8 @@ from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
-from .tokens import find_token_targets
+from .tokens import METHOD as TOKEN_METHOD
+from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
@@ -149,7 +150,6 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 
 #: Portable methods the keras backend does not implement yet -> their SPEC.md section.
 _NOT_ON_KERAS = {
-    "TRAINABLE_TOKENS": "SPEC.md 15.2",
     "LN_TUNING": "SPEC.md 15.3",
 }
 
@@ -218,25 +218,31 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
-    if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
-        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
     sites = spec_sites(model, options)
-    config = expand_all_linear(model, config, sites)  # SPEC 4.3
-    paths = _match(model, sites, config)
-    for path in paths:
-        check_supported(sites[path], path, config)
-    token_targets = find_token_targets(model, config, sites, set(paths))
-    saved = find_modules_to_save(model, config, sites, bool(options.trainable))
+    if config.peft_type == TOKEN_METHOD:  # SPEC.md 15.2: only token rows
+        paths: list[str] = []
+        token_targets = method_token_targets(model, config, sites)
+        saved: list[tuple[str, list[Any]]] = []
+    else:
+        if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
+            config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
+        config = expand_all_linear(model, config, sites)  # SPEC 4.3
+        paths = _match(model, sites, config)
+        for path in paths:
+            check_supported(sites[path], path, config)
+        token_targets = find_token_targets(model, config, sites, set(paths))
+        saved = find_modules_to_save(model, config, sites, bool(options.trainable))
     _check_saved_overlap(get_state(model), saved, [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets])
     state = get_state(model, create=True)
     assert state is not None
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
-    state.modules[adapter_name] = list(paths)
+    state.modules[adapter_name] = list(paths) + [p for p, _, _ in token_targets if config.peft_type == TOKEN_METHOD]
     try:
         bank = AdapterBank(adapter_name)
-        _track(sites[paths[0]].pieces[0].layer, bank)
-        state.banks[adapter_name] = (bank, sites[paths[0]].pieces[0].layer)
+        host = sites[(paths or [p for p, _, _ in token_targets])[0]].pieces[0].layer
+        _track(host, bank)
+        state.banks[adapter_name] = (bank, host)
         layers: list[AdapterLayer | ModulesToSaveLayer] = []
         shared = _add_shared(config, bank, [sites[path] for path in paths], options)
         for path in paths:
@@ -248,8 +254,13 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         token_layers: dict[str, AdapterLayer] = {}
         for path, indices, source in token_targets:  # sources (the embedding) come first
             layer = _adapter_layer(model, state, sites[path])
-            layer.add_tokens(adapter_name, indices, options, bank,
-                             source=token_layers[source] if source is not None else None)
+            if config.peft_type == TOKEN_METHOD:
+                layer.add_tokens(adapter_name, indices, options, bank,
+                                 source=token_layers[source] if source is not None else None, param=DELTA,
+                                 saved_when_tied=True)
+            else:
+                layer.add_tokens(adapter_name, indices, options, bank,
+                                 source=token_layers[source] if source is not None else None)
             layer.set_active(state.active)
             token_layers[path] = layer
             layers.append(layer)
@@ -272,7 +283,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise
     guard_save(model)
     invalidate(model)
-    return list(paths)
+    return list(state.modules[adapter_name])
 
 
 def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],
