@@ -40,6 +40,8 @@ from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
+from .ln_tuning import LN_PREFIX, find_ln_targets, split_norms
+from .ln_tuning import METHOD as LN_TUNING
 from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
@@ -149,9 +151,7 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 
 
 #: Portable methods the keras backend does not implement yet -> their SPEC.md section.
-_NOT_ON_KERAS = {
-    "LN_TUNING": "SPEC.md 15.3",
-}
+_NOT_ON_KERAS: dict[str, str] = {}
 
 
 def _names_an_embedding(config: AdapterConfig) -> bool:
@@ -218,6 +218,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    if config.peft_type == LN_TUNING:  # SPEC.md 15.3
+        return _inject_ln_tuning(model, config, adapter_name, options)
     sites = spec_sites(model, options)
     if config.peft_type == TOKEN_METHOD:  # SPEC.md 15.2: only token rows
         paths: list[str] = []
@@ -284,6 +286,57 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     guard_save(model)
     invalidate(model)
     return list(state.modules[adapter_name])
+
+
+def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
+    """LN tuning: a copy of each targeted layer per adapter (its tensors under ``ln_tuning_layers.``), and the
+    modules to save (as the torch backend's function of the same name)."""
+    norms, rest = split_norms(model, options)
+    sites = spec_sites(model, rest)
+    if config.get("target_modules") is None:
+        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
+    targets = find_ln_targets(model, config, sites, norms, bool(options.trainable))
+    chosen = {path for path, _ in targets}
+    saved = [(path, params) for path, params in find_modules_to_save(model, config, sites, bool(options.trainable))
+             if path not in chosen]
+    _check_saved_overlap(get_state(model), [*targets, *saved], [])
+    state = get_state(model, create=True)
+    assert state is not None
+    state.names.append(adapter_name)
+    state.configs[adapter_name] = config
+    state.modules[adapter_name] = [path for path, _ in [*targets, *saved]]
+    try:
+        bank = AdapterBank(adapter_name)
+        host = _owner_layer(model, targets[0][1][0][1])
+        _track(host, bank)
+        state.banks[adapter_name] = (bank, host)
+        layers: list[ModulesToSaveLayer] = []
+        for (path, params), prefix in [*((t, LN_PREFIX) for t in targets), *((t, "") for t in saved)]:
+            whole = state.adapter_layers.get(saved_key(path))
+            if whole is None:
+                whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
+            whole.add_adapter(adapter_name, path, bank, options, prefix=prefix)
+            whole.set_active(state.active)
+            layers.append(whole)
+        if getattr(options, "initialize", True):
+            bank.materialize()
+            for each in layers:
+                each.finish_init(adapter_name)
+    except BaseException:
+        _forget(model, state, adapter_name)
+        raise
+    guard_save(model)
+    invalidate(model)
+    return list(state.modules[adapter_name])
+
+
+def _owner_layer(model: Any, variable: Any) -> Any:
+    """The layer whose own variable ``variable`` is (it hosts an adapter bank that has no wrapped layer)."""
+    for layer in model_layers(model):
+        if any(v is variable for v in [*layer._trainable_variables, *layer._non_trainable_variables]):
+            return layer
+    raise UnsupportedError(f"no layer of the model owns {variable.path!r}", key=variable.path,
+                           hint="pass module_map naming the layer")
 
 
 def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],

@@ -48,6 +48,8 @@ def test_keras_passes_what_it_claims(corpus: Corpus) -> None:
         pytest.skip("the keras backend claims no numeric case yet")
     assert {"numeric/lora-linear-bf16", "numeric/dora-gpt2-conv1d-f32", "numeric/ia3-conv2d-f32",
             "roundtrip/roundtrip-lora-fused-qkv-linear-f32"} <= passed
+    assert {"numeric/trainable-tokens-embedding-f32", "numeric/trainable-tokens-linear-f32",
+            "numeric/ln-tuning-layer-norm-f32", "roundtrip/roundtrip-ln-tuning-layer-norm-f32"} <= passed
     unsupported = set(report.by_status(Status.UNSUPPORTED))
     assert "numeric/loha-linear-f32" in unsupported or "numeric/loha-linear-f32" in passed
 
