@@ -42,9 +42,9 @@ def _fill(peft_model: Any, salt: int = 0) -> None:
 
     with torch.no_grad():
         for index, (name, param) in enumerate(sorted(peft_model.named_parameters())):
-            if "ln_tuning_layers" not in name:
+            if "ln_tuning_layers" not in name and "modules_to_save" not in name:
                 continue
-            around = 1.0 if name.endswith("weight") else 0.0
+            around = 1.0 if name.endswith("weight") and param.dim() == 1 else 0.0
             param.copy_(torch.from_numpy(unique_values(tuple(param.shape), 80 + salt + index, around=around,
                                                        scale=0.3)))
 
@@ -73,6 +73,7 @@ CASES: dict[str, tuple[str, Any]] = {
     "llama-default-targets": ("llama", lambda: _config(task_type="CAUSAL_LM")),
     "llama-listed-and-excluded": ("llama", lambda: _config(target_modules=["input_layernorm", "norm"],
                                                            exclude_modules=["layers.1.input_layernorm"])),
+    "llama-norm-and-lm-head-saved": ("llama", lambda: _config(target_modules=["norm"], modules_to_save=["lm_head"])),
     "qwen2-default-targets": ("qwen2", lambda: _config(task_type="CAUSAL_LM")),
     "gemma-default-targets": ("gemma", lambda: _config(task_type="CAUSAL_LM")),
     "gpt2-default-targets": ("gpt2", lambda: _config(task_type="CAUSAL_LM")),
@@ -103,7 +104,7 @@ def test_peft_folder_roundtrip(case: str, checkpoints: Any, token_ids: np.ndarra
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     ours, theirs = adapterspec.read_adapter(saved), adapterspec.read_adapter(tmp_path / "peft")
     assert sorted(ours.tensors) == sorted(theirs.tensors)
-    assert all(".ln_tuning_layers." in key for key in ours.tensors)
+    assert all(".ln_tuning_layers." in key or key == "base_model.model.lm_head.weight" for key in ours.tensors)
     a, b = ours.load_tensors("numpy"), theirs.load_tensors("numpy")
     for key in b:
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key

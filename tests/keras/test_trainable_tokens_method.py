@@ -226,6 +226,34 @@ def test_injected_rows_start_as_the_base_rows_and_peft_loads_them(checkpoints: A
     assert_near(torch_logits(loaded, ids), got)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fit_trains_the_rows_and_peft_loads_the_result(checkpoints: Any, token_ids: np.ndarray,
+                                                       tmp_path: Path) -> None:
+    """Tied Gemma: the one rows tensor trains (the embedding's and the head's rows move together), the base does
+    not; PEFT gives the trained model's logits."""
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    ids = _ids(token_ids)
+    model = keras_model("gemma", checkpoints["gemma"])
+    embeddings = np.array(model.backbone.token_embedding.embeddings.numpy())
+    adapterspec.inject_adapter(model, {"peft_type": "TRAINABLE_TOKENS", "token_indices": [5, 10]})
+    rows = [v for v in model.trainable_variables if "trainable_tokens_delta" in v.path]
+    assert len(rows) == 1
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    model.fit(keras_inputs(ids), np.roll(ids, -1, axis=1), epochs=2, batch_size=2, verbose=0)
+    trained = np.array(rows[0].numpy()).reshape(2, 64)
+    assert np.abs(trained - embeddings[[5, 10]]).max() > 1e-4  # the rows moved
+    assert np.array_equal(model.backbone.token_embedding.embeddings.numpy(), embeddings)  # the base did not
+    got = keras_logits(model, ids)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    loaded, said = peft_load_exactly(checkpoints["gemma"], saved)
+    assert said == []
+    assert_near(torch_logits(loaded, ids), got)
+
+
 def test_docstring_examples() -> None:
     import doctest
 
