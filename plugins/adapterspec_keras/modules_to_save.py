@@ -56,9 +56,19 @@ def _records(model: Any) -> list[tuple[str, Any, Any]]:
         records, model_type = recorded
         prefix = BASE_MODEL_PREFIX.get(model_type or "")
         task_model = backbone is not model
-        out = [(_spec_name(r.key, prefix, task_model), r.variable, r.hook) for r in records]
+        out = [(_torch_name(_spec_name(r.key, prefix, task_model)), r.variable, r.hook) for r in records]
     _RECORDS[model] = out
     return out
+
+
+def _torch_name(key: str) -> str:
+    """A checkpoint key as the torch module's parameter: transformers' legacy rename (``LayerNorm.gamma`` /
+    ``LayerNorm.beta`` are ``LayerNorm.weight`` / ``LayerNorm.bias``; keras-hub's BERT converter reads the old
+    names), so a module saved whole is keyed as PEFT keys it."""
+    for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
 
 
 def _layout(key: str, variable: Any, hook: Any) -> Layout:

@@ -132,6 +132,81 @@ def test_peft_folder_roundtrip(case: str, checkpoints: Any, token_ids: np.ndarra
         assert np.array_equal(v.numpy(), values[v.path]), v.path
 
 
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers ``BertModel`` as keras-hub's converter reads it."""
+    import torch
+    import transformers
+
+    from keras_helpers import save_for_keras_hub
+
+    torch.manual_seed(3)
+    config = transformers.AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, vocab_size=128, max_position_embeddings=64,
+                                               hidden_act="gelu_pytorch_tanh")
+    return save_for_keras_hub(transformers.AutoModel.from_config(config).eval(), tmp_path_factory.mktemp("bert"))
+
+
+def _bert_hidden(model: Any, ids: np.ndarray) -> np.ndarray:
+    from keras import ops
+
+    inputs = {"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, dtype="int32"),
+              "segment_ids": np.zeros_like(ids, dtype="int32")}
+    return np.asarray(ops.convert_to_numpy(model(inputs)["sequence_output"]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("make_config", [
+    lambda: _config(target_modules=["LayerNorm"]),
+    # the embeddings' norm saved whole: keyed LayerNorm.weight/bias as PEFT keys it, though keras-hub's converter
+    # reads BERT's legacy LayerNorm.gamma/beta names
+    lambda: _config(target_modules=["attention.output.LayerNorm"], modules_to_save=["embeddings.LayerNorm"]),
+], ids=["layer-norms", "attention-norms-and-embedding-norm-saved"])
+def test_bert_layer_norms_gamma_beta(make_config: Any, bert: Path, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """keras-hub's BERT LayerNormalization: ``gamma`` is the weight, ``beta`` the bias."""
+    import keras_hub
+    import torch
+    import transformers
+
+    from keras_helpers import assert_peft_close
+
+    def hidden(torch_model: Any) -> np.ndarray:
+        ids = torch.from_numpy(token_ids.astype(np.int64))
+        with torch.no_grad():
+            return torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
+
+    def load_bert() -> Any:
+        return transformers.AutoModel.from_pretrained(bert).eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(load_bert(), make_config())
+    _fill(peft_model)
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = hidden(peft_model)
+    with peft_model.disable_adapter():
+        base_torch = hidden(peft_model)
+    assert np.abs(expected - base_torch).max() > 1e-1  # the copies matter
+    model = keras_hub.models.Backbone.from_preset(str(bert))
+    base = _bert_hidden(model, token_ids)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_peft_close(_bert_hidden(model, token_ids), expected, base, base_torch)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours, theirs = adapterspec.read_adapter(saved), adapterspec.read_adapter(tmp_path / "peft")
+    assert sorted(ours.tensors) == sorted(theirs.tensors)
+    assert _data(saved) == _data(tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(load_bert(), saved).eval()
+    state, stored = peft.utils.get_peft_model_state_dict(loaded), theirs.load_tensors("numpy")
+    assert sorted(state) == sorted(stored)  # nothing missing or unexpected
+    assert all(np.array_equal(state[key].numpy(), stored[key]) for key in stored)
+    assert_near(hidden(loaded), expected)
+    adapterspec.delete_adapter(model, "default")
+    assert np.array_equal(_bert_hidden(model, token_ids), base)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_null_target_modules_take_peft_default(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
     """PEFT writes the resolved list; a null one (PEFT loads it too) resolves to the same table entry."""
