@@ -62,6 +62,9 @@ def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
         layer = cls(spec["out_channels"], tuple(spec["kernel_size"]), strides=tuple(spec["stride"]), padding="valid",
                     use_bias=spec.get("bias", True), dtype=dtype)
         layer.build((None, *([None] * len(spec["kernel_size"])), spec["in_channels"]))
+    elif kind == "layer_norm":  # torch's nn.LayerNorm over the last axis: gamma = weight, beta = bias
+        layer = keras.layers.LayerNormalization(epsilon=spec["eps"], center=spec.get("bias", True), dtype=dtype)
+        layer.build((None, spec["normalized_shape"]))
     else:
         raise adapterspec.UnsupportedError(f"layer kind {kind!r} is unknown to this test harness", key=kind)
     return layer
@@ -69,7 +72,7 @@ def _layer(spec: Mapping[str, Any], dtype: str) -> Any:
 
 def _keras_layout(kind: str, param: str, value: np.ndarray) -> np.ndarray:
     """A base tensor in the corpus' (torch) layout, as the Keras layer holds it."""
-    if param == "bias" or kind in ("embedding", "gpt2_conv1d", "experts"):
+    if param == "bias" or kind in ("embedding", "gpt2_conv1d", "experts", "layer_norm"):
         return value
     if kind == "linear":
         return value.T
@@ -137,7 +140,9 @@ def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]
     for key, value in read_arrays(weights).items():
         path, _, param = key.rpartition(".")
         layer = layers[path]
-        if param == "bias":
+        if modules[path]["kind"] == "layer_norm":
+            variable = getattr(layer, "beta" if param == "bias" else "gamma", None)
+        elif param == "bias":
             variable = getattr(layer, "bias", None)
         elif modules[path]["kind"] == "experts":
             variable = layer.weight

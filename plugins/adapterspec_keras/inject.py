@@ -40,8 +40,11 @@ from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
-from .tokens import find_token_targets
+from .ln_tuning import LN_PREFIX, find_ln_targets, split_norms
+from .ln_tuning import METHOD as LN_TUNING
 from .parameters import ParameterLayer, ParameterTarget, find_parameter_targets, refuse_moe_rewrite
+from .tokens import METHOD as TOKEN_METHOD
+from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
@@ -149,10 +152,7 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 
 
 #: Portable methods the keras backend does not implement yet -> their SPEC.md section.
-_NOT_ON_KERAS = {
-    "TRAINABLE_TOKENS": "SPEC.md 15.2",
-    "LN_TUNING": "SPEC.md 15.3",
-}
+_NOT_ON_KERAS: dict[str, str] = {}
 
 
 def _names_an_embedding(config: AdapterConfig) -> bool:
@@ -215,18 +215,26 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
 
         config = check_prompt_learning(model, config)
         return _inject_prompt(model, config, adapter_name, options)
+    if config.peft_type == LN_TUNING:  # SPEC.md 15.3
+        return _inject_ln_tuning(model, config, adapter_name, options)
     model_type = converter_sites(backbone_of(model))[1]
     refuse_moe_rewrite(config, model_type)  # SPEC 15.1
-    if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
-        config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
     sites = spec_sites(model, options)
-    config = expand_all_linear(model, config, sites)  # SPEC 4.3
-    parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
-    paths = _match(model, sites, config, allow_empty=bool(parameters))
-    for path in paths:
-        check_supported(sites[path], path, config)
-    token_targets = find_token_targets(model, config, sites, set(paths))
-    saved = find_modules_to_save(model, config, sites, bool(options.trainable))
+    parameters: dict[str, tuple[Any, list[ParameterTarget]]] = {}
+    if config.peft_type == TOKEN_METHOD:  # SPEC.md 15.2: only token rows
+        paths: list[str] = []
+        token_targets = method_token_targets(model, config, sites)
+        saved: list[tuple[str, list[Any]]] = []
+    else:
+        if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
+            config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
+        config = expand_all_linear(model, config, sites)  # SPEC 4.3
+        parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
+        paths = _match(model, sites, config, allow_empty=bool(parameters))
+        for path in paths:
+            check_supported(sites[path], path, config)
+        token_targets = find_token_targets(model, config, sites, set(paths))
+        saved = find_modules_to_save(model, config, sites, bool(options.trainable))
     adapted = [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets]
     _check_saved_overlap(get_state(model), saved, adapted)
     _check_parameter_overlap(get_state(model), parameters, saved, adapted)
@@ -234,10 +242,12 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     assert state is not None
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
-    state.modules[adapter_name] = [*paths, *parameters]
+    token_paths = [p for p, _, _ in token_targets] if config.peft_type == TOKEN_METHOD else []
+    state.modules[adapter_name] = [*paths, *parameters, *token_paths]
     try:
         bank = AdapterBank(adapter_name)
-        host = sites[paths[0]].pieces[0].layer if paths else next(iter(parameters.values()))[0]
+        host = (sites[(paths or token_paths)[0]].pieces[0].layer if paths or token_paths
+                else next(iter(parameters.values()))[0])
         _track(host, bank)
         state.banks[adapter_name] = (bank, host)
         layers: list[AdapterLayer | ModulesToSaveLayer | ParameterLayer] = []
@@ -251,8 +261,13 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         token_layers: dict[str, AdapterLayer] = {}
         for path, indices, source in token_targets:  # sources (the embedding) come first
             layer = _adapter_layer(model, state, sites[path])
-            layer.add_tokens(adapter_name, indices, options, bank,
-                             source=token_layers[source] if source is not None else None)
+            if config.peft_type == TOKEN_METHOD:
+                layer.add_tokens(adapter_name, indices, options, bank,
+                                 source=token_layers[source] if source is not None else None, param=DELTA,
+                                 saved_when_tied=True)
+            else:
+                layer.add_tokens(adapter_name, indices, options, bank,
+                                 source=token_layers[source] if source is not None else None)
             layer.set_active(state.active)
             token_layers[path] = layer
             layers.append(layer)
@@ -283,7 +298,59 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise
     guard_save(model)
     invalidate(model)
-    return [*paths, *parameters]
+    return list(state.modules[adapter_name])
+
+
+def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
+    """LN tuning: a copy of each targeted layer per adapter (its tensors under ``ln_tuning_layers.``), and the
+    modules to save (as the torch backend's function of the same name)."""
+    norms, rest = split_norms(model, options)
+    sites = spec_sites(model, rest)
+    if config.get("target_modules") is None:
+        config = config.for_model(converter_sites(backbone_of(model))[1])  # SPEC 14.2: the HF model_type
+    targets = find_ln_targets(model, config, sites, norms, bool(options.trainable))
+    chosen = {path for path, _ in targets}
+    saved = [(path, params) for path, params in find_modules_to_save(model, config, sites, bool(options.trainable))
+             if path not in chosen]
+    _check_saved_overlap(get_state(model), [*targets, *saved], [])
+    _check_parameter_overlap(get_state(model), {}, [*targets, *saved], [])
+    state = get_state(model, create=True)
+    assert state is not None
+    state.names.append(adapter_name)
+    state.configs[adapter_name] = config
+    state.modules[adapter_name] = [path for path, _ in [*targets, *saved]]
+    try:
+        bank = AdapterBank(adapter_name)
+        host = _owner_layer(model, targets[0][1][0][1])
+        _track(host, bank)
+        state.banks[adapter_name] = (bank, host)
+        layers: list[ModulesToSaveLayer] = []
+        for (path, params), prefix in [*((t, LN_PREFIX) for t in targets), *((t, "") for t in saved)]:
+            whole = state.adapter_layers.get(saved_key(path))
+            if whole is None:
+                whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
+            whole.add_adapter(adapter_name, path, bank, options, prefix=prefix)
+            whole.set_active(state.active)
+            layers.append(whole)
+        if getattr(options, "initialize", True):
+            bank.materialize()
+            for each in layers:
+                each.finish_init(adapter_name)
+    except BaseException:
+        _forget(model, state, adapter_name)
+        raise
+    guard_save(model)
+    invalidate(model)
+    return list(state.modules[adapter_name])
+
+
+def _owner_layer(model: Any, variable: Any) -> Any:
+    """The layer whose own variable ``variable`` is (it hosts an adapter bank that has no wrapped layer)."""
+    for layer in model_layers(model):
+        if any(v is variable for v in [*layer._trainable_variables, *layer._non_trainable_variables]):
+            return layer
+    raise UnsupportedError(f"no layer of the model owns {variable.path!r}", key=variable.path,
+                           hint="pass module_map naming the layer")
 
 
 def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSite],

@@ -463,7 +463,8 @@ class AdapterLayer:
         self._slots[name] = slot
 
     def add_tokens(self, name: str, indices: list[int], options: LoadOptions, bank: AdapterBank, *,
-                   source: AdapterLayer | None = None) -> None:
+                   source: AdapterLayer | None = None, param: str = TRAINABLE_TOKENS_PARAM,
+                   saved_when_tied: bool = False) -> None:
         """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active, rows
         ``indices`` of the module's matrix are the adapter's ``[len(indices), dim]`` tensor (PEFT's
         ``TrainableTokensLayer``; an embedding, or an output layer, see :mod:`adapterspec_keras.tokens`).
@@ -472,9 +473,14 @@ class AdapterLayer:
         ``options.initialize`` is false.
 
         :param source: the layer holding the rows, for an output layer tied to its embedding (no tensor of its own).
+        :param param: the tensor's name under the module (the ``TRAINABLE_TOKENS`` method stores
+            ``trainable_tokens_delta``, SPEC.md 15.2).
+        :param saved_when_tied: a tied layer also lists the source's tensor under its own name -- the same bank row,
+            so it is saved twice and a file whose two copies differ is refused at load (the ``TRAINABLE_TOKENS``
+            method, as PEFT saves it).
         """
         site = self.site
-        tokens.check_site(site, site.path, indices)
+        tokens.check_site(site, site.path, indices, param)
         slot = _Slot(site.path, tokens.TOKENS, 0, 1.0, False, False, 0.0, False, bank=bank,
                      indices=tuple(int(i) for i in indices), source=source)
         layouts: dict[str, Layout] = {}
@@ -483,15 +489,18 @@ class AdapterLayer:
             if options.dtype is None and dtype in _UPCAST:
                 dtype = "float32"
             shape = tokens.row_shape(site, len(indices))
-            layouts[TRAINABLE_TOKENS_PARAM] = Layout(shape, shape, (0, 1))
-            slot.refs = bank.reserve_keys(_group_keys(layouts, {TRAINABLE_TOKENS_PARAM: ("zeros",)}, dtype, device,
+            layouts[param] = Layout(shape, shape, (0, 1))
+            slot.refs = bank.reserve_keys(_group_keys(layouts, {param: ("zeros",)}, dtype, device,
                                                       bool(options.trainable)))
+        elif saved_when_tied:
+            owner = source._slots[name]
+            layouts, slot.refs = dict(owner.layouts), dict(owner.refs)
         slot.layouts = layouts
         self._slots[name] = slot
 
     def _token_rows(self, slot: _Slot, name: str) -> Any:
         owner = slot.source._slots[name] if slot.source is not None else slot
-        return owner.get(TRAINABLE_TOKENS_PARAM)
+        return owner.get(next(iter(owner.refs)))
 
     def finish_init(self, name: str) -> None:
         """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero); token rows
@@ -501,7 +510,7 @@ class AdapterLayer:
             assert slot.bank is not None
             flat = np.asarray(ops.convert_to_numpy(_ops.flat_kernel(self.site.pieces[0])))
             base = flat[list(slot.indices)] if self.site.kind == "embedding" else flat[:, list(slot.indices)].T
-            slot.bank.assign(slot.refs[TRAINABLE_TOKENS_PARAM], base)
+            slot.bank.assign(next(iter(slot.refs.values())), base)
         if slot.use_dora:
             assert slot.bank is not None
             slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))

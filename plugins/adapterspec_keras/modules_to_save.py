@@ -33,7 +33,7 @@ from .bank import AdapterBank, GroupKey, Ref
 from .layers import Layout
 from .sites import ModuleSite
 
-__all__ = ["ModulesToSaveLayer", "find_modules_to_save", "site_key"]
+__all__ = ["ModulesToSaveLayer", "converter_modules", "find_modules_to_save", "module_params", "site_key"]
 
 #: (param name relative to the module, the Keras variable, its layout): one parameter of a saved module.
 Param = tuple[str, Any, Layout]
@@ -56,9 +56,19 @@ def _records(model: Any) -> list[tuple[str, Any, Any]]:
         records, model_type = recorded
         prefix = BASE_MODEL_PREFIX.get(model_type or "")
         task_model = backbone is not model
-        out = [(_spec_name(r.key, prefix, task_model), r.variable, r.hook) for r in records]
+        out = [(_torch_name(_spec_name(r.key, prefix, task_model)), r.variable, r.hook) for r in records]
     _RECORDS[model] = out
     return out
+
+
+def _torch_name(key: str) -> str:
+    """A checkpoint key as the torch module's parameter: transformers' legacy rename (``LayerNorm.gamma`` /
+    ``LayerNorm.beta`` are ``LayerNorm.weight`` / ``LayerNorm.bias``; keras-hub's BERT converter reads the old
+    names), so a module saved whole is keyed as PEFT keys it."""
+    for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
 
 
 def _layout(key: str, variable: Any, hook: Any) -> Layout:
@@ -127,12 +137,7 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
         entries = [entries]
     if not entries:
         return []
-    records = _records(model)
-    by_module: dict[str, list[tuple[str, Any, Any]]] = {}
-    for key, variable, hook in records:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            by_module.setdefault(".".join(parts[:i]), []).append((".".join(parts[i:]), variable, hook))
+    by_module = converter_modules(model)
     universe = list(by_module) + [path for path in sites if path not in by_module]
     chosen: list[str] = []
     for module in universe:
@@ -147,19 +152,40 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
     if chosen and trainable:
         raise UnsupportedError(f"the keras backend cannot train modules_to_save {chosen}", pointer="/modules_to_save",
                                hint="load it frozen (trainable=False), or train with the torch backend")
-    out: list[tuple[str, list[Param]]] = []
-    for module in chosen:
-        if module in by_module:
-            out.append((module, [(param, variable, _layout(f"{module}.{param}", variable, hook))
-                                 for param, variable, hook in by_module[module]]))
-            continue
-        params = _site_params(sites[module])
-        if params is None:
-            raise UnsupportedError(f"module {module!r} is not one plain Keras layer, so this backend cannot save it "
-                                   "whole", key=module,
-                                   hint="remove it from modules_to_save, or use the torch backend")
-        out.append((module, params))
-    return out
+    return [(module, module_params(module, by_module, sites)) for module in chosen]
+
+
+def converter_modules(model: Any) -> dict[str, list[tuple[str, Any, Any]]]:
+    """Every module path (and each of its ancestors) keras-hub's converter ports weights into -> (the parameter's
+    name relative to it, the Keras variable, the converter's hook); empty for a model without a converter.
+
+    >>> converter_modules(causal_lm)["model.norm"]                         # doctest: +SKIP
+    [('weight', <Variable sequence_output_layernorm/scale>, <function ...>)]
+    """
+    by_module: dict[str, list[tuple[str, Any, Any]]] = {}
+    for key, variable, hook in _records(model):
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            by_module.setdefault(".".join(parts[:i]), []).append((".".join(parts[i:]), variable, hook))
+    return by_module
+
+
+def module_params(module: str, by_module: dict[str, list[tuple[str, Any, Any]]],
+                  sites: dict[str, ModuleSite]) -> list[Param]:
+    """The parameters of ``module`` saved whole: from the converter's record, else of the one plain Keras layer
+    its site is.
+
+    :raises UnsupportedError: the converter does not lay a tensor out plainly, or the site is not one plain layer.
+    """
+    if module in by_module:
+        return [(param, variable, _layout(f"{module}.{param}", variable, hook))
+                for param, variable, hook in by_module[module]]
+    params = _site_params(sites[module]) if module in sites else None
+    if params is None:
+        raise UnsupportedError(f"module {module!r} is not one plain Keras layer, so this backend cannot save it "
+                               "whole", key=module,
+                               hint="remove it from modules_to_save, or use the torch backend")
+    return params
 
 
 def site_key(path: str) -> tuple[Any, ...]:
@@ -186,6 +212,7 @@ class ModulesToSaveLayer:
         self._refs: dict[str, dict[str, Ref]] = {}
         self._banks: dict[str, AdapterBank] = {}
         self._paths: dict[str, str] = {}
+        self._prefixes: dict[str, str] = {}  # adapter -> before its tensors' names ("ln_tuning_layers.": LN tuning)
         self._active_names: list[str] = []
         self._running: str | None = None  # the adapter whose copy is in the variables now
         self._original: list[np.ndarray] | None = None  # the module's own values while a copy is in
@@ -196,24 +223,33 @@ class ModulesToSaveLayer:
         """The Keras variables of the module."""
         return [variable for _, variable, _ in self.params]
 
-    def add_adapter(self, name: str, path: str, bank: AdapterBank, options: LoadOptions) -> None:
+    def add_adapter(self, name: str, path: str, bank: AdapterBank, options: LoadOptions, *, prefix: str = "") -> None:
         """Reserve adapter ``name``'s copy in ``bank``: a copy of the current values once materialized
-        (:meth:`finish_init`); a loaded adapter's values come from its file."""
+        (:meth:`finish_init`); a loaded adapter's values come from its file.
+
+        :param prefix: put before the copy's tensor names (``"ln_tuning_layers."``: LN tuning, SPEC.md 15.3).
+        """
         from .devices import target_of
 
         keys = {}
         for param, variable, layout in self.params:
             device, dtype = target_of(variable, options)
-            keys[param] = GroupKey(param, layout.stored_shape, dtype, device, ("zeros",), False)
+            keys[prefix + param] = GroupKey(param, layout.stored_shape, dtype, device, ("zeros",), False)
         self._refs[name] = bank.reserve_keys(keys)
         self._banks[name] = bank
         self._paths[name] = path
+        self._prefixes[name] = prefix
+
+    def prefix_of(self, name: str) -> str:
+        """What adapter ``name`` puts before its tensors' names (``"ln_tuning_layers."`` for LN tuning)."""
+        return self._prefixes[name]
 
     def finish_init(self, name: str) -> None:
         """After the bank is materialized: the copy starts as the module's values (PEFT's deep copy)."""
         values = self._original if self._original is not None else [ops.convert_to_numpy(v) for v in self.variables]
+        prefix = self._prefixes[name]
         for (param, _, layout), value in zip(self.params, values):
-            self._banks[name].assign(self._refs[name][param], layout.to_stored(layout.to_spec(value)))
+            self._banks[name].assign(self._refs[name][prefix + param], layout.to_stored(layout.to_spec(value)))
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s copy; a merged one stays as the module's values (PEFT's ``merge_and_unload``)."""
@@ -225,6 +261,7 @@ class ModulesToSaveLayer:
         self._refs.pop(name, None)
         self._banks.pop(name, None)
         self._paths.pop(name, None)
+        self._prefixes.pop(name, None)
         self._active_names = [n for n in self._active_names if n != name]
 
     def adapter_names(self) -> list[str]:
@@ -241,11 +278,12 @@ class ModulesToSaveLayer:
 
     def parameters(self, name: str) -> tuple[str, dict[str, Layout], dict[str, Ref]]:
         """Adapter ``name``'s module path, and its parameters' layouts and bank rows."""
-        return self._paths[name], {param: layout for param, _, layout in self.params}, dict(self._refs[name])
+        return self._paths[name], self.layouts(name), dict(self._refs[name])
 
     def layouts(self, name: str) -> dict[str, Layout]:
-        """Parameter name -> its :class:`~adapterspec_keras.layers.Layout`."""
-        return {param: layout for param, _, layout in self.params}
+        """Parameter name (with adapter ``name``'s prefix) -> its :class:`~adapterspec_keras.layers.Layout`."""
+        prefix = self._prefixes[name]
+        return {prefix + param: layout for param, _, layout in self.params}
 
     def refs(self, name: str) -> dict[str, Ref]:
         """Parameter name -> where adapter ``name``'s copy of it lives in its bank."""
@@ -260,12 +298,12 @@ class ModulesToSaveLayer:
         return False
 
     def adapter_params(self, name: str) -> dict[str, Any]:
-        """Parameter name -> adapter ``name``'s copy of it (Keras layout)."""
-        bank = self._banks[name]
+        """Parameter name (with adapter ``name``'s prefix) -> adapter ``name``'s copy of it (Keras layout)."""
+        bank, prefix = self._banks[name], self._prefixes[name]
         out = {}
         for param, _, layout in self.params:
-            value = bank.get(self._refs[name][param])
-            out[param] = ops.transpose(value) if layout.spec_stored else value
+            value = bank.get(self._refs[name][prefix + param])
+            out[prefix + param] = ops.transpose(value) if layout.spec_stored else value
         return out
 
     # -- switching -------------------------------------------------------------------------------
@@ -283,8 +321,8 @@ class ModulesToSaveLayer:
             assert self._original is not None
             values = self._original
         else:
-            copy = self.adapter_params(name)
-            values = [copy[param] for param, _, _ in self.params]
+            copy, prefix = self.adapter_params(name), self._prefixes[name]
+            values = [copy[prefix + param] for param, _, _ in self.params]
         for variable, value in zip(self.variables, values):
             variable.assign(ops.cast(value, variable.dtype))
         if name is None:
@@ -300,8 +338,29 @@ class ModulesToSaveLayer:
         """Never in a patched ``call``: the copy is in the variables."""
         return False
 
+    def check_active(self, names: list[str]) -> None:
+        """Refuse, before anything changes, two active adapters with a copy here when one is LN tuning's (PEFT runs
+        one LN tuning adapter per layer at a time, SPEC.md 15.3).
+
+        :raises UnsupportedError: naming the module.
+        """
+        holders = [n for n in names if n in self._refs]
+        if len(holders) > 1 and any(self._prefixes[n] for n in holders):
+            raise UnsupportedError(f"LN tuning runs one adapter at a time on a layer: {holders} would all be active "
+                                   f"on {self.site.path!r}", key=self.site.path,
+                                   hint="activate one of them (set_active_adapters)")
+
     def check_merge(self, names: list[str]) -> None:
-        """Nothing to refuse: merging only marks the running copy."""
+        """Refuse merging an LN tuning copy that is not the one running (PEFT merges one at a time; merging only
+        marks the running copy).
+
+        :raises UnsupportedError: naming the module.
+        """
+        for name in names:
+            if self._prefixes.get(name) and name != self._running:
+                raise UnsupportedError(f"LN tuning adapter {name!r} is not the one running on {self.site.path!r}, so "
+                                       "it cannot merge", key=self.site.path,
+                                       hint="activate it alone, then merge")
 
     def merge(self, names: list[str]) -> None:
         """Mark the copy running now as merged if it belongs to one of ``names``: deleting its adapter keeps it."""

@@ -250,12 +250,13 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
     arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
+    fill = _check_tied(plan, arrays, adapter_name, layers)
     root = _owned_buffer(arrays) if adapter.arrays is None else None  # not an in-memory adapter's (the caller's)
     for key, layer in base_plan.items():
         layer.replace_base_weight(adapter_name, arrays[key])
     for layer, path in renames.values():
         layer.rename(adapter_name, path)
-    _fill_banks(plan, arrays, adapter_name, root)
+    _fill_banks(fill, arrays, adapter_name, root)
     state = get_state(model)
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
@@ -265,6 +266,31 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
         if stored:
             state.stored_dtypes[adapter_name] = stored
     return list(plan)
+
+
+def _check_tied(plan: dict[str, tuple[_Holder, str, Layout]], arrays: Mapping[str, Any], adapter_name: str,
+                layers: list[AdapterLayer]) -> dict[str, tuple[_Holder, str, Layout]]:
+    """``plan`` with each bank row once: a row several keys name (a tied layer's ``trainable_tokens_delta``, the
+    input embedding's, SPEC.md 15.2) takes the first layer's tensor, and the others must equal it.
+
+    :raises UnexpectedTensorError: naming the key of a tied layer whose tensor differs.
+    """
+    order = {id(layer): i for i, layer in enumerate(layers)}
+    by_ref: dict[Any, list[str]] = {}
+    for key, (holder, param, _) in plan.items():
+        if isinstance(holder, AdapterLayer):
+            by_ref.setdefault(holder.parameters(adapter_name)[2][param], []).append(key)
+    fill = dict(plan)
+    for keys in by_ref.values():
+        if len(keys) < 2:
+            continue
+        first, *others = sorted(keys, key=lambda k: order.get(id(plan[k][0]), len(order)))
+        for key in others:
+            if arrays[key].shape != arrays[first].shape or not np.array_equal(arrays[key], arrays[first]):
+                raise UnexpectedTensorError(f"the tied layer's tensor must equal {first}, and it does not", key=key,
+                                            hint="save the adapter again from the tied model")
+            del fill[key]
+    return fill
 
 
 def _load_prompt(state: Any, adapter_name: str, adapter: Adapter) -> list[str]:

@@ -148,6 +148,7 @@ def set_active(model: Any, adapter_names: list[str]) -> None:
     """Make exactly ``adapter_names`` active (several add up; ``[]`` disables), unmerging first.
 
     :raises AdapterNotFoundError: a name is not loaded (nothing changes).
+    :raises UnsupportedError: two LN tuning adapters would run on one layer (nothing changes).
 
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
@@ -155,9 +156,14 @@ def set_active(model: Any, adapter_names: list[str]) -> None:
     _check(state, adapter_names)
     if state is None:
         return
+    active = list(dict.fromkeys(adapter_names))
+    for layer in state.adapter_layers.values():
+        check = getattr(layer, "check_active", None)  # LN tuning: one adapter per layer (SPEC.md 15.3)
+        if check is not None:
+            check(active)
     if state.merged:
         unmerge(model)
-    state.active = list(dict.fromkeys(adapter_names))
+    state.active = active
     for layer in state.adapter_layers.values():
         layer.set_active(state.active)
     invalidate(model)

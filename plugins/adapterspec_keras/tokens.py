@@ -10,8 +10,14 @@ saved under the embedding's key (PEFT's ``_set_trainable`` and its weight tying;
 Unmerged the forward pass puts the rows in (:func:`apply_rows`); merged they are written into the kernel
 (:func:`merge_rows`), and unmerging writes the saved base rows back -- bit-exact either way.
 
+The ``TRAINABLE_TOKENS`` method (SPEC.md 15.2, PEFT's ``TrainableTokensModel``) uses the same rows; only the
+selection (:func:`method_token_targets`) and the tensor's name differ: ``<module>.trainable_tokens_delta`` (no
+``token_adapter.`` infix), saved under a tied output layer's name too.
+
 >>> find_token_targets(model, cfg, sites, set())                          # doctest: +SKIP
 [('model.embed_tokens', [3, 7], None), ('lm_head', [3, 7], 'model.embed_tokens')]
+>>> method_token_targets(model, method_cfg, sites)                        # doctest: +SKIP
+[('model.embed_tokens', [5, 9], None), ('lm_head', [5, 9], 'model.embed_tokens')]
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 from . import _ops
 from .sites import ModuleSite, Piece
 
-__all__ = ["TOKENS", "apply_rows", "check_site", "find_token_targets", "merge_rows", "row_shape", "unmerge_rows"]
+__all__ = ["DELTA", "METHOD", "TOKENS", "apply_rows", "check_site", "find_token_targets", "merge_rows",
+           "method_token_targets", "row_shape", "unmerge_rows"]
 
 #: The pseudo-method of trainable token rows inside an :class:`~adapterspec_keras.layers.AdapterLayer`.
 TOKENS = "TOKENS"
+#: The ``TRAINABLE_TOKENS`` method's ``peft_type``.
+METHOD = "TRAINABLE_TOKENS"
+#: The ``TRAINABLE_TOKENS`` method's tensor name under its module.
+DELTA = "trainable_tokens_delta"
 
 
 def _input_embedding(model: Any, sites: dict[str, ModuleSite]) -> str | None:
@@ -101,29 +112,78 @@ def find_token_targets(model: Any, config: AdapterConfig, sites: dict[str, Modul
     return found
 
 
-def check_site(site: ModuleSite, path: str, indices: list[int]) -> None:
+def method_token_targets(model: Any, config: AdapterConfig,
+                         sites: dict[str, ModuleSite]) -> list[tuple[str, list[int], str | None]]:
+    """The ``TRAINABLE_TOKENS`` method: (spec path, ``token_indices``, tied source path or ``None``) per layer whose
+    rows the adapter replaces (as the torch backend's function of the same name).
+
+    ``target_modules`` null selects the input embedding (PEFT writes its path); otherwise the usual matching
+    (SPEC.md 4.3), a module known by two names once. With tied word embeddings and the input embedding selected,
+    the logits projection sharing its matrix follows it (same rows, same tensor, saved under its name too).
+
+    :raises TargetNotFoundError: nothing is selected (names ``/target_modules``).
+    :raises UnsupportedError: a tied layer is selected too (PEFT 0.21 wraps it twice), or a Dense layer with a
+        bias (PEFT 0.21 drops the bias while the adapter is active).
+    """
+    indices = [int(i) for i in config.get("token_indices") or []]
+    if config.get("target_modules") is None:
+        embedding = _input_embedding(model, sites)
+        selected = [embedding] if embedding is not None else []
+    else:
+        taken: set[Any] = set()
+        selected = []
+        for path, site in sites.items():
+            if config.matches(path) and site.key not in taken:
+                taken.add(site.key)
+                selected.append(path)
+    if not selected:
+        raise TargetNotFoundError(f"target_modules={config.get('target_modules')!r} selects no layer of the model",
+                                  pointer="/target_modules", hint="name the embedding layer, or leave the field null")
+    for path in selected:
+        if any(p.kind == "dense" and p.bias_variable is not None for p in sites[path].pieces):
+            raise UnsupportedError("TRAINABLE_TOKENS on a Dense layer with a bias: PEFT 0.21 drops the bias while the "
+                                   "adapter is active", key=path, pointer="/target_modules",
+                                   hint="select embedding layers, or Dense layers without bias")
+    found: list[tuple[str, list[int], str | None]] = [(path, indices, None) for path in selected]
+    embedding = _input_embedding(model, sites)
+    if embedding is not None and embedding in selected:
+        for head in _tied_heads(sites, embedding):
+            if head in selected:
+                raise UnsupportedError(
+                    f"target_modules selects {head!r}, which shares the input embedding's matrix: PEFT 0.21 wraps it "
+                    "twice (a base_layer.trainable_tokens_delta of its own)", key=head, pointer="/target_modules",
+                    hint="select the input embedding only; the tied layer follows it")
+            found.append((head, indices, embedding))
+    for path, rows, _ in found:
+        check_site(sites[path], path, rows, DELTA)
+    return found
+
+
+def check_site(site: ModuleSite, path: str, indices: list[int], param: str = TRAINABLE_TOKENS_PARAM) -> None:
     """Refuse a module whose rows this backend cannot replace, or indices outside its matrix.
 
+    :param param: the rows tensor's name (``trainable_tokens_delta`` for the ``TRAINABLE_TOKENS`` method).
     :raises UnsupportedError: not one embedding / Dense / logits-projection layer, or repeated indices.
     :raises ShapeMismatchError: an index outside the matrix.
     """
+    field = "/token_indices" if param == DELTA else "/trainable_token_indices"
     piece = site.pieces[0]
     whole = len(site.pieces) == 1 and piece.out_slice is None and piece.n_in == site.in_features and \
         piece.n_out == site.out_features and \
         np.array_equal(piece.in_index.ravel(), np.arange(piece.n_in)) and \
         np.array_equal(piece.out_index.ravel(), np.arange(piece.n_out))
     if not whole or piece.kind not in ("embedding", "reverse", "dense"):
-        raise UnsupportedError("trainable_token_indices needs an embedding or an output layer that is one plain "
+        raise UnsupportedError(f"{field[1:]} needs an embedding or an output layer that is one plain "
                                f"Keras layer, not {[type(p.layer).__name__ for p in site.pieces]}", key=path,
-                               hint="name the embedding layer in trainable_token_indices")
+                               hint=f"name the embedding layer in {field[1:]}")
     if len(set(indices)) != len(indices):
-        raise UnsupportedError(f"trainable_token_indices for {path!r} repeats an index", pointer="/trainable_token_indices",
+        raise UnsupportedError(f"{field[1:]} for {path!r} repeats an index", pointer=field,
                                hint="list each token index once")
     rows = site.in_features if site.kind == "embedding" else site.out_features
     bad = [i for i in indices if not 0 <= i < rows]
     if bad:
-        raise ShapeMismatchError(f"trainable_token_indices {bad} are outside the layer's {rows} rows",
-                                 key=make_key(path, TRAINABLE_TOKENS_PARAM),
+        raise ShapeMismatchError(f"{field[1:]} {bad} are outside the layer's {rows} rows",
+                                 key=make_key(path, param),
                                  hint="resize the model's embeddings first, or check the indices")
 
 

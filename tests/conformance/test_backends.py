@@ -50,6 +50,8 @@ def test_keras_passes_what_it_claims(corpus: Corpus) -> None:
             "roundtrip/roundtrip-lora-fused-qkv-linear-f32"} <= passed
     assert {"numeric/lora-target-parameters-experts-f32",
             "roundtrip/roundtrip-lora-target-parameters-experts-f32"} <= passed  # SPEC 15.1 on a hand-built layer
+    assert {"numeric/trainable-tokens-embedding-f32", "numeric/trainable-tokens-linear-f32",
+            "numeric/ln-tuning-layer-norm-f32", "roundtrip/roundtrip-ln-tuning-layer-norm-f32"} <= passed
     unsupported = set(report.by_status(Status.UNSUPPORTED))
     assert "numeric/loha-linear-f32" in unsupported or "numeric/loha-linear-f32" in passed
 
