@@ -33,6 +33,11 @@ _TASKS = (("CausalLM", "CAUSAL_LM"), ("TextClassifier", "SEQ_CLS"), ("Seq2SeqLM"
 def task_type_of(model: Any) -> str | None:
     """PEFT's ``task_type`` for a keras-hub model (a ``CausalLM`` -> ``"CAUSAL_LM"``), or ``None``.
 
+    A backbone is ``"FEATURE_EXTRACTION"`` only when it reads token ids: PEFT's wrapper for that task passes
+    ``input_ids=`` and ``attention_mask=`` to the model, which an image backbone (ViT, DINOv2, Swin) cannot take,
+    so an image backbone's adapter records no task type (PEFT then wraps it in a plain ``PeftModel``, as its
+    image recipes do), as the torch backend's function of the same name.
+
     >>> import keras
     >>> task_type_of(keras.Sequential()) is None
     True
@@ -41,8 +46,19 @@ def task_type_of(model: Any) -> str | None:
     for name, task in _TASKS:
         cls = getattr(models, name, None)
         if cls is not None and isinstance(model, cls):
+            if task == "FEATURE_EXTRACTION" and not _reads_tokens(model):
+                return None
             return task
     return None
+
+
+def _reads_tokens(model: Any) -> bool:
+    """Whether a functional Keras model has a ``token_ids`` input (keras-hub's text and multimodal backbones)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # a subclassed model that has not been called
+        return False
+    return any(str(getattr(each, "name", "")).split(":")[0] == "token_ids" for each in inputs or ())
 
 
 def _kernel_variable(piece: Piece) -> Any:

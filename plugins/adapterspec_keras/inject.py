@@ -28,6 +28,7 @@ from typing import Any
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._moe import check_moe_conversion
 from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear
@@ -42,7 +43,7 @@ from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
 from .modules_to_save import site_key as saved_key
 from .ln_tuning import LN_PREFIX, find_ln_targets, split_norms
 from .ln_tuning import METHOD as LN_TUNING
-from .parameters import ParameterLayer, ParameterTarget, find_parameter_targets, refuse_moe_rewrite
+from .parameters import EXPERT_TABLE, ParameterLayer, ParameterTarget, find_parameter_targets
 from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
@@ -87,10 +88,13 @@ def find_targets(model: Any, config: AdapterConfig, options: LoadOptions | None 
     return _match(model, spec_sites(model, options), config)
 
 
-def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, ModuleSite]) -> AdapterConfig:
+def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, ModuleSite],
+                      model_type: str | None = None) -> AdapterConfig:
     """``config`` with ``target_modules: "all-linear"`` replaced by the paths it stands for (SPEC.md 4.3, as the
     torch backend's function of the same name): every module PEFT sees as ``nn.Linear`` / ``Conv1D`` (a
-    ``Dense`` or ``EinsumDense`` site) except the output layer (a ``ReversibleEmbedding``'s projection).
+    ``Dense`` or ``EinsumDense`` site) except the output layer (a ``ReversibleEmbedding``'s projection) and, on a
+    MoE ``model_type``, the router: a ``Dense`` in keras-hub, a module holding a parameter in transformers 5
+    (:data:`~adapterspec_keras.parameters.EXPERT_TABLE`), which PEFT's ``all-linear`` does not adapt.
 
     :raises TargetNotFoundError: the model has no such module.
 
@@ -104,8 +108,10 @@ def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, Module
     # under the path a torch model would give it
     rank = {"module_map": 0, "converter": 1}
     chosen: dict[tuple[Any, ...], str] = {}
+    not_linear = set(_parameter_modules(sites, model_type))
     for path, site in sites.items():
-        if site.kind == "linear" and not any(piece.kind == "reverse" for piece in site.pieces):
+        if site.kind == "linear" and site.key not in not_linear and \
+                not any(piece.kind == "reverse" for piece in site.pieces):
             held = chosen.get(site.key)
             if held is None or rank.get(site.source, 2) < rank.get(sites[held].source, 2):
                 chosen[site.key] = path
@@ -115,6 +121,26 @@ def expand_all_linear(model: Any, config: AdapterConfig, sites: dict[str, Module
                                   "module other than its output layer", pointer="/target_modules",
                                   hint="list the modules to adapt in target_modules")
     return config.replace(target_modules=names)
+
+
+def _parameter_modules(sites: dict[str, ModuleSite], model_type: str | None) -> dict[tuple[Any, ...], str]:
+    """Site key -> path of the sites that transformers 5 holds as a module's parameter on a MoE ``model_type``
+    (:data:`~adapterspec_keras.parameters.EXPERT_TABLE`: the router, a ``Dense`` in keras-hub)."""
+    table = EXPERT_TABLE.get(model_type or "", ())
+    return {site.key: path for path, site in sites.items() if any(path.endswith("." + e.module) for e in table)}
+
+
+def _refuse_parameter_modules(paths: list[str], sites: dict[str, ModuleSite], model_type: str | None) -> None:
+    """Refuse a module adapter on a MoE router: transformers 5 holds it as a parameter of a router module that is
+    not an ``nn.Linear``, which PEFT cannot adapt as a module (a folder saved so would not load in PEFT)."""
+    routers = _parameter_modules(sites, model_type)
+    for path in paths:
+        if sites[path].key in routers:
+            raise UnsupportedError(
+                f"module {path!r} is the MoE router of this {model_type} model: transformers 5 holds it as the "
+                "parameter of a router module that is not a linear layer, which PEFT cannot adapt as a module",
+                key=path, pointer="/target_modules",
+                hint="adapt the router with LoRA target_parameters: ['gate.weight'] (SPEC.md 15.1)")
 
 
 def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, allow_empty: bool = False) -> list[str]:
@@ -218,7 +244,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     if config.peft_type == LN_TUNING:  # SPEC.md 15.3
         return _inject_ln_tuning(model, config, adapter_name, options)
     model_type = converter_sites(backbone_of(model))[1]
-    refuse_moe_rewrite(config, model_type)  # SPEC 15.1
+    check_moe_conversion(config, model_type)  # SPEC 15.1, as the torch backend
     sites = spec_sites(model, options)
     parameters: dict[str, tuple[Any, list[ParameterTarget]]] = {}
     if config.peft_type == TOKEN_METHOD:  # SPEC.md 15.2: only token rows
@@ -228,9 +254,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     else:
         if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
             config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
-        config = expand_all_linear(model, config, sites)  # SPEC 4.3
+        config = expand_all_linear(model, config, sites, model_type)  # SPEC 4.3
         parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
         paths = _match(model, sites, config, allow_empty=bool(parameters))
+        _refuse_parameter_modules(paths, sites, model_type)
         for path in paths:
             check_supported(sites[path], path, config)
         token_targets = find_token_targets(model, config, sites, set(paths))

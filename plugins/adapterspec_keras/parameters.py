@@ -43,7 +43,7 @@ from .layers import Layout
 from .sites import ModuleSite
 
 __all__ = ["EXPERT_TABLE", "ExpertParameter", "ParameterLayer", "ParameterTarget", "Part", "find_parameter_targets",
-           "parameter_prefix", "parameter_variables", "refuse_moe_rewrite"]
+           "parameter_prefix", "parameter_variables"]
 
 
 @dataclass(frozen=True)
@@ -114,29 +114,6 @@ class ParameterTarget:
     fan_out: int
     parts: list[tuple[Any, int, int]] = field(default_factory=list)
     transposed: bool = True
-
-
-def refuse_moe_rewrite(config: AdapterConfig, model_type: str | None) -> None:
-    """Refuse a string ``target_modules`` (a regex, ``"all-linear"``) on a MoE model type of :data:`EXPERT_TABLE`
-    (SPEC.md 15.1, "MoE configs PEFT rewrites"): PEFT 0.21 turns it into other module names and moves the experts
-    and the router to ``target_parameters``; matching it against keras-hub's layers would adapt the router as a
-    module and no expert -- not what PEFT does. (The torch backend's ``check_moe_conversion`` refuses this too.)
-
-    :raises UnsupportedError: naming ``/target_modules``.
-
-    >>> refuse_moe_rewrite(AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": "all-linear"}), "mixtral")
-    Traceback (most recent call last):
-    adapterspec.errors.UnsupportedError: /target_modules: ...
-    >>> refuse_moe_rewrite(AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q_proj"]}), "mixtral")
-    """
-    targets = config.get("target_modules")
-    if config.peft_type == "LORA" and model_type in EXPERT_TABLE and isinstance(targets, str):
-        raise UnsupportedError(
-            f"on a {model_type} model PEFT 0.21 rewrites a string target_modules ({targets!r}) into module names and "
-            "moves the experts and the router to target_parameters; adapterspec does not reproduce that rewrite",
-            pointer="/target_modules",
-            hint="list the modules in target_modules (e.g. q_proj, k_proj, v_proj, o_proj) and the MoE parameters in "
-                 "target_parameters (gate_up_proj, down_proj, gate.weight), as PEFT 0.21 saves them")
 
 
 def parameter_variables(layer: Any) -> dict[str, Any]:

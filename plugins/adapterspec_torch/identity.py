@@ -34,6 +34,10 @@ _TASKS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), or ``None``.
 
+    A bare model is ``"FEATURE_EXTRACTION"`` only when its main input is ``input_ids``: PEFT's wrapper for that task
+    passes ``input_ids=`` and ``attention_mask=`` to the model, which an image model (``ViTModel``, ``SwinModel``)
+    cannot take, so an image model's adapter records no task type (PEFT then wraps it in a plain ``PeftModel``).
+
     >>> task_type_of(torch.nn.Linear(2, 2)) is None
     True
     """
@@ -45,6 +49,8 @@ def task_type_of(model: nn.Module) -> str | None:
     for mapping, task in _TASKS:
         names = getattr(modeling_auto, mapping, {})
         if any(name == n or (isinstance(n, tuple) and name in n) for n in names.values()):
+            if task == "FEATURE_EXTRACTION" and getattr(model, "main_input_name", "input_ids") != "input_ids":
+                return None
             return task
     return None
 

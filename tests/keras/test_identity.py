@@ -41,3 +41,18 @@ def test_fingerprint_sees_a_kernel_assigned_after_a_read(checkpoints: Any) -> No
     kernel.assign(kernel + np.sin(np.arange(np.prod(kernel.shape))).reshape(kernel.shape).astype("float32"))
     after = base_identity(model, "default")["fingerprint"]
     assert after != before
+
+
+def test_task_type_feature_extraction_only_for_backbones_that_read_token_ids() -> None:
+    """keras-hub's text backbones record FEATURE_EXTRACTION; an image backbone none (PEFT's FEATURE_EXTRACTION wrapper
+    passes ``input_ids=`` to the model, which an image model cannot take), as the torch backend."""
+    keras_hub = pytest.importorskip("keras_hub")
+    from adapterspec_keras.identity import task_type_of
+
+    gpt2 = keras_hub.models.GPT2Backbone(vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8,
+                                         intermediate_dim=16, max_sequence_length=8)
+    vit = keras_hub.models.ViTBackbone(image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
+                                       mlp_dim=16)
+    assert task_type_of(gpt2) == "FEATURE_EXTRACTION"
+    assert task_type_of(vit) is None
+    assert task_type_of(keras.Sequential()) is None

@@ -342,21 +342,38 @@ def test_with_attention_modules_and_the_router(moe: tuple[str, Any, Path, Path],
     assert caught == [] and np.abs(torch_logits(loaded_peft, _IDS) - reference).max() < 1e-6
 
 
-def test_router_as_module_and_parameter_is_refused(moe: tuple[str, Any, Path, Path]) -> None:
-    """The router adapted as a module by one adapter and on its parameter by another (either order): refused (PEFT
-    and the torch backend refuse it)."""
+def test_router_as_a_module_is_refused(moe: tuple[str, Any, Path, Path]) -> None:
+    """keras-hub's router is a Dense; transformers 5's is a router module holding ``gate.weight``, which PEFT cannot
+    adapt as a module (a folder saved so would not load in PEFT): a module adapter on it is refused naming the
+    module and target_parameters, in either order with a target_parameters adapter, the model unchanged."""
     arch, _, peft_folder, hf_folder = moe
     model = _keras(arch, hf_folder)
-    adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": ["gate"], "r": 2}, "router")
-    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
-        model, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["gate.weight"], "r": 2}, "param"),
-        adapterspec.UnsupportedError, "target_parameters adapts its parameter")
-    other = _keras(arch, hf_folder)  # the other order
-    adapterspec.inject_adapter(other, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["gate.weight"],
+    router = {"peft_type": "IA3", "target_modules": ["gate"], "feedforward_modules": []}
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, router, "router"),
+                             adapterspec.UnsupportedError, "is the MoE router")
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": [], "target_parameters": ["gate.weight"],
                                        "r": 2}, "param")
-    assert_refused_unchanged(other, lambda: adapterspec.inject_adapter(
-        other, {"peft_type": "LORA", "target_modules": ["gate"], "r": 2}, "router"),
-        adapterspec.UnsupportedError, "target_parameters adapts its parameter")
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, router, "router"),
+                             adapterspec.UnsupportedError, "target_parameters: ['gate.weight']")
+    if arch == "qwen2_moe":  # not a transformers-4 name there (PEFT 0.21 does not rewrite qwen2_moe): a module
+        for targets in (["q_proj", "gate"], r".*\.(q_proj|gate)"):
+            assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+                model, {"peft_type": "LORA", "target_modules": targets, "r": 2}, "lora"),
+                adapterspec.UnsupportedError, "/target_modules: module 'model.layers.0.mlp.gate' is the MoE router")
+
+
+def test_all_linear_on_qwen2_moe_adapts_what_peft_adapts(tmp_path: Path) -> None:
+    """PEFT 0.21 does not rewrite qwen2_moe configs; its all-linear takes the attention, the shared expert and its
+    gate -- not the router (a router module, not nn.Linear, in transformers 5) nor the experts (parameters)."""
+    hf_folder = tmp_path / "hf"
+    hf = _build("qwen2_moe", hf_folder)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
+              for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
+    ours = adapterspec.inject_adapter(_keras("qwen2_moe", hf_folder), {"peft_type": "LORA", "r": 2,
+                                                                       "target_modules": "all-linear"})
+    assert sorted(ours) == sorted(theirs)
+    assert any(m.endswith("shared_expert_gate") for m in ours) and not any(m.endswith("mlp.gate") for m in ours)
 
 
 @pytest.mark.parametrize("entry", ["q_proj.weight", "weight", "experts.up_proj", "layers.0.mlp.gate.bias"])
@@ -426,16 +443,34 @@ def test_hand_built_layer_parameters_through_module_map() -> None:
     assert np.abs(keras.ops.convert_to_numpy(experts(x)) - plain).max() < 1e-6
 
 
+@pytest.mark.parametrize("moe", ["mixtral", "qwen3_moe"], indirect=True)
 @pytest.mark.parametrize("targets", ["all-linear", r".*\.(q_proj|gate)"])
 def test_string_target_modules_is_refused(moe: tuple[str, Any, Path, Path], targets: str) -> None:
-    """SPEC.md 15.1: PEFT 0.21 rewrites a string target_modules on these MoE models (the experts and the router move
-    to target_parameters); matching it against keras-hub's layers would adapt the router as a module and no expert,
-    so it is refused, naming /target_modules (PEFT's saved configs list the names and load)."""
+    """SPEC.md 15.1: PEFT 0.21 rewrites a string target_modules on Mixtral and Qwen3-MoE (the experts and the router
+    move to target_parameters); matching it against keras-hub's layers would adapt the router as a module and no
+    expert, so it is refused, naming /target_modules (PEFT's saved configs list the names and load). PEFT does not
+    rewrite Qwen2-MoE's: its all-linear adapts what PEFT's does, a regex naming the router is refused (the router
+    tests)."""
     arch, _, _, hf_folder = moe
     model = _keras(arch, hf_folder)
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
         model, {"peft_type": "LORA", "target_modules": targets, "r": 2}), adapterspec.UnsupportedError,
         "/target_modules: on a")
+
+
+@pytest.mark.parametrize("moe", ["mixtral", "qwen3_moe"], indirect=True)  # PEFT 0.21 does not rewrite qwen2_moe
+@pytest.mark.parametrize("old", ["gate", "experts"])
+def test_transformers_4_moe_names_are_refused(moe: tuple[str, Any, Path, Path], old: str) -> None:
+    """SPEC.md 15.1, as the torch backend: PEFT 0.21 moves the transformers-4 router / expert names out of a listed
+    target_modules into target_parameters (Qwen2-MoE's gate_proj then no longer adapts the shared expert); matched as
+    written here they would adapt the router as a module, or only the shared expert -- not what PEFT does."""
+    arch, _, _, hf_folder = moe
+    names = {"mixtral": ["w1", "w3", "w2"]}.get(arch, ["gate_proj", "up_proj", "down_proj"])
+    targets = ["q_proj", "gate"] if old == "gate" else ["q_proj", *names]
+    model = _keras(arch, hf_folder)
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "target_modules": targets, "r": 2}), adapterspec.UnsupportedError,
+        "/target_modules/1: ")
 
 
 def test_mixed_precision_runs_the_delta_as_merged(moe: tuple[str, Any, Path, Path]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -47,3 +50,33 @@ def test_fingerprint_follows_the_logical_layout(dtype: torch.dtype, layout: str)
     with torch.no_grad():
         model[2].weight[3, 4] += 0.5  # a sampled element: the fingerprint must change
     assert base_identity(model, "default")["fingerprint"] != expected
+
+
+def test_task_type_feature_extraction_only_for_models_that_read_token_ids(tmp_path: Path) -> None:
+    """A bare text model records FEATURE_EXTRACTION; an image model records none, so that PEFT wraps the saved
+    adapter in a plain ``PeftModel`` that runs the image model (FEATURE_EXTRACTION's wrapper passes ``input_ids=``)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from adapterspec_torch.identity import task_type_of
+
+    text = transformers.LlamaModel(transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, vocab_size=32))
+    assert task_type_of(text) == "FEATURE_EXTRACTION"
+    config = transformers.ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=8, patch_size=4)
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(config).eval()
+    assert task_type_of(vit) is None
+    adapterspec.inject_adapter(vit, {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": False,
+                                     "target_modules": ["q_proj", "v_proj"]})
+    pixels = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) / 384.0
+    with torch.no_grad():
+        ours = vit(pixel_values=pixels).last_hidden_state
+    saved = adapterspec.save_adapter(vit, tmp_path / "vit")
+    assert json.loads((saved / "adapter_config.json").read_text())["task_type"] is None
+    torch.manual_seed(0)
+    reloaded = peft.PeftModel.from_pretrained(transformers.ViTModel(config).eval(), saved)
+    assert type(reloaded) is peft.PeftModel
+    with torch.no_grad():
+        theirs = reloaded(pixels).last_hidden_state  # positional, as an image model is called
+    assert torch.allclose(ours, theirs, atol=1e-6), float((ours - theirs).abs().max())

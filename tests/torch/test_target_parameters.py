@@ -287,3 +287,21 @@ def test_unload_with_merge_keeps_the_deltas(request: pytest.FixtureRequest, tmp_
     assert type(plain.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
     assert sorted(plain.state_dict()) == sorted(base.state_dict())
     assert_close(logits(plain, moe_inputs), expected)
+
+
+def test_moe_rewrite_table_is_peft_s() -> None:
+    """The model types whose configs PEFT 0.21 rewrites (SPEC.md 15.1) are PEFT's own: those its conversion maps
+    to a fused MoE pattern and transformers 5 converts -- qwen2_moe not among them (its gate_proj/up_proj/down_proj
+    name the shared expert's linear layers and load as written)."""
+    from peft.utils import transformers_weight_conversion as conversion
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from adapterspec._moe import MOE_RENAMED, check_moe_conversion
+
+    rewritten = {model_type: set(conversion._MOE_TARGET_MODULE_MAPPING[pattern])
+                 for model_type, pattern in conversion._MODEL_TO_CONVERSION_PATTERN.items()
+                 if pattern in conversion._MOE_TARGET_MODULE_MAPPING and conversion._MOE_FUSED_TARGETS.get(pattern)
+                 and model_type.islower() and get_checkpoint_conversion_mapping(model_type) is not None}
+    assert {model_type: set(names) for model_type, names in MOE_RENAMED.items()} == rewritten
+    check_moe_conversion(adapterspec.AdapterConfig.from_dict(
+        {"peft_type": "LORA", "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}), "qwen2_moe")
