@@ -6,9 +6,9 @@ case's base weights in Keras' layout (``Dense`` kernel = ``W.T``; GPT-2 ``Conv1D
 the corpus are transposed to channels-last (and zero-padded as the torch layer would) and outputs back.
 The adapter goes in through :func:`adapterspec.load_adapter` with ``module_map={spec path: layer}`` and
 comes out through :func:`adapterspec.save_adapter`. Decoder cases (prefix/prompt tuning) run a keras-hub
-``LlamaCausalLM`` and read what its decoder layers receive: the key/value cache each layer is given (the
+``Llama3CausalLM`` and read what its decoder layers receive: the key/value cache each layer is given (the
 prefix), or the hidden states the first layer is given -- the prompt's, then the tokens' (their
-concatenation is PEFT's ``inputs_embeds``). What the backend refuses as unsupported (AdaLoRA, VeRA, P-tuning...)
+concatenation is PEFT's ``inputs_embeds``). What the backend refuses as unsupported (an embedding saved whole)
 is reported UNSUPPORTED by the runner.
 
 >>> from adapterspec.conformance import load_corpus, run_suite
@@ -119,11 +119,13 @@ def _decoder(model: Mapping[str, Any]) -> Any:
     d = model["decoder"]
     if d.get("architecture") != "llama":
         raise adapterspec.UnsupportedError(f"decoder architecture {d.get('architecture')!r}")
-    backbone = keras_hub.models.LlamaBackbone(
+    # Llama3Backbone: the class keras-hub's from_preset gives a transformers "llama" checkpoint, so that the model
+    # type is known (its converter's) and a null target_modules takes PEFT's default for it (SPEC.md 14.2)
+    backbone = keras_hub.models.Llama3Backbone(
         vocabulary_size=d["vocab_size"], num_layers=d["num_hidden_layers"], num_query_heads=d["num_attention_heads"],
         hidden_dim=d["hidden_size"], intermediate_dim=d["intermediate_size"],
         num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]), dtype=model.get("dtype", "float32"))
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    return keras_hub.models.Llama3CausalLM(backbone=backbone, preprocessor=None)
 
 
 def load_base(layers: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]], weights: Path | None) -> None:

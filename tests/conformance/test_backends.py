@@ -52,8 +52,10 @@ def test_keras_passes_what_it_claims(corpus: Corpus) -> None:
             "roundtrip/roundtrip-lora-target-parameters-experts-f32"} <= passed  # SPEC 15.1 on a hand-built layer
     assert {"numeric/trainable-tokens-embedding-f32", "numeric/trainable-tokens-linear-f32",
             "numeric/ln-tuning-layer-norm-f32", "roundtrip/roundtrip-ln-tuning-layer-norm-f32"} <= passed
-    unsupported = set(report.by_status(Status.UNSUPPORTED))
-    assert "numeric/loha-linear-f32" in unsupported or "numeric/loha-linear-f32" in passed
+    assert {"folder/lora-target-modules-null", "folder/ia3-targets-null"} <= passed  # PEFT's llama default
+    # the one case the Keras backend refuses: a base embedding a PEFT file replaces (SPEC 5.3)
+    assert set(report.by_status(Status.UNSUPPORTED)) == {"folder/embedding-saved-whole"}
+    assert not report.by_status(Status.FAILED)
 
 
 def test_peft_driver_shows_where_peft_departs(corpus: Corpus) -> None:
