@@ -4,7 +4,8 @@ pytest in a subprocess per backend (Keras picks its backend once, at import, fro
 The subset covers each direction and family once: a PEFT folder in Keras (LoRA with DoRA, IA3 on GPT-2's
 fused ``c_attn``, a merged LoRA), an adapter made in Keras loaded by PEFT, the torch -> Keras -> torch round
 trip, LoHa trained with ``fit`` and loaded by PEFT, modules saved whole switched and merged, several adapters
-merged / unmerged / deleted, the base fingerprint agreeing with torch's (merged too), and P-tuning. The whole files pass on both
+merged / unmerged / deleted, the base fingerprint agreeing with torch's (merged too), P-tuning, and two keras-hub
+converters of the matrix, Swin's fused q/k/v, MoE experts, the TRAINABLE_TOKENS method and LN tuning. The whole files pass on both
 backends as well (``KERAS_BACKEND=jax pytest tests/keras/test_peft_to_keras.py ...``); this module keeps CI to
 a few minutes.
 """
@@ -38,6 +39,14 @@ SUBSET = [
     "tests/keras/test_training.py::test_keras_and_torch_fingerprint_the_same_base_alike[llama]",
     "tests/keras/test_training.py::test_a_merged_adapter_records_the_base_fingerprint[lora]",
     "tests/keras/test_prompt_tuning_keras.py::test_peft_p_tuning_gives_peft_logits_and_round_trips[llama-MLP]",
+    # keras-hub converters (issue #16): a decoder and an encoder of the matrix, a kernel the converter fuses
+    # (Swin q/k/v by column range), MoE experts (target_parameters), the TRAINABLE_TOKENS method, LN tuning
+    "tests/keras/test_converter_matrix.py::test_peft_lora_on_every_linear_layer_matches_peft[qwen3]",
+    "tests/keras/test_converter_matrix.py::test_peft_lora_on_every_linear_layer_matches_peft[bert]",
+    "tests/keras/test_fused_kernels.py::test_peft_adapter_on_fused_modules_matches_peft_both_ways[lora-every-linear]",
+    "tests/keras/test_target_parameters.py::test_load_runs_peft_unmerged[mixtral]",
+    "tests/keras/test_trainable_tokens_method.py::test_peft_folder_roundtrip[gemma-tied]",
+    "tests/keras/test_ln_tuning.py::test_peft_folder_roundtrip[qwen2-default-targets]",
 ]
 
 #: Keras imported with the requested backend before pytest runs: the run cannot silently fall back to TensorFlow.
