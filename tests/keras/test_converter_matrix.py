@@ -599,3 +599,33 @@ def test_peft_lora_on_every_linear_layer_of_a_multimodal_model_matches_peft(case
     assert diff <= bound, (diff, conversion_error)
     assert image_effect > 10 * bound, "the image must change the base logits beyond the bound"
     assert all(effect > 10 * bound for effect in effects.values()), effects
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dora_on_multimodal_gemma4s_kernel_reading_layers_is_refused_and_the_model_unchanged(tmp_path: Path) -> None:
+    """keras-hub's Gemma 4 vision tower (``Gemma4ClippableEinsumDense`` reads ``self.dense.kernel``) and text MLP
+    read their kernels themselves, and the model's image input has an open size: the check runs each layer's parent
+    alone. A DoRA there would change nothing: refused, typed, naming them; the attention of the text model (called)
+    is not."""
+    import keras_hub
+    from adapterspec.errors import UnsupportedError
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    peft_model = peft.get_peft_model(_gemma4(tmp_path / "hf"), peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True,
+        target_modules=r"model\.vision_tower\..*\.q_proj\.linear|model\.language_model\..*\.(q_proj|up_proj)"))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    keras_model = keras_hub.models.Gemma4CausalLM.from_preset(str(tmp_path / "hf"), preprocessor=None)
+    before, logits = snapshot(keras_model), _mm_keras("gemma4", keras_model)
+
+    with pytest.raises(UnsupportedError) as caught:
+        adapterspec.load_adapter(keras_model, tmp_path / "adapter")
+
+    message = str(caught.value)
+    assert "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear -> " \
+           "image_encoder/encoder_block_0/attention/query/dense;" in message, message
+    assert "model.language_model.layers.1.mlp.up_proj -> decoder_block_1/ffw_gating_2 " in message
+    assert "model.language_model.layers.0.self_attn.q_proj" not in message
+    assert_same_snapshot(before, snapshot(keras_model))
+    assert np.array_equal(_mm_keras("gemma4", keras_model), logits)
