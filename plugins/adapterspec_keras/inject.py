@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
 from adapterspec.config import unsupported_features
-from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
+from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
@@ -48,8 +49,8 @@ from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
-from .reach import (can_read_through, note_entry, read_through_kernel, reads_through, refuse, restore_kernel,
-                    unreached)
+from .reach import (can_read_through, note_entry, reach_report, read_through_kernel, reads_through, refuse,
+                    restore_kernel)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -446,10 +447,18 @@ def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tup
 def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
            trainable: bool) -> None:
     """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
-    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`)."""
-    unused = unreached(model, sites)
+    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`). Layers the check
+    could not decide (a multimodal model's parent that cannot run alone) take a plain LoRA through their kernel too,
+    exact whether or not their ``call`` runs; any other adapter on them is loaded with a warning."""
+    unused, unknown = reach_report(model, sites)
     refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
-    for pieces in unused.values():
+    undecided = [path for path, pieces in unknown.items() if not can_read_through(config, pieces, trainable)]
+    if undecided:
+        warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the Keras layers of "
+                      f"{', '.join(undecided[:8])}{f' and {len(undecided) - 8} more' if len(undecided) > 8 else ''} "
+                      f"(their parent layers cannot run alone): if a parent reads their kernel itself, the adapter "
+                      f"on them changes nothing", AdapterSpecWarning, stacklevel=4)
+    for path, pieces in [*unused.items(), *((p, ps) for p, ps in unknown.items() if p not in undecided)]:
         for piece in pieces:
             read_through_kernel(piece.layer, state.entries[id(piece.layer)])
 

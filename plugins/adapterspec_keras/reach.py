@@ -6,9 +6,14 @@ it would load, be listed, and change nothing. After injecting, :func:`check_reac
 dummy batch of one example of two tokens and refuses, naming them, the wrapped layers whose ``call`` never ran.
 
 The check needs inputs it can make: a functional model (every keras-hub model) has symbolic ``inputs``; a
-dimension left open is 1 (batch) or 2 (sequence), except an open dimension of a float input (an image of any size),
-which cannot be guessed. Then, and for subclassed models without ``inputs``, the check is skipped: it cannot
-say the adapter is unused. A forward that fails on the dummy batch is reported as a warning, not an error.
+dimension left open is 1 (batch) or 2 (sequence), except an open dimension of a float input (an image of any size,
+keras-hub's multimodal Gemma 3 and Gemma 4), which cannot be guessed. Then, and for subclassed models without
+``inputs``, each wrapped layer's parent is run alone instead (:func:`reach_report`; its parent if it cannot run
+alone, up to three levels), on a dummy of the input shape it was built with, with reads of the layers' ``kernel``
+recorded: a layer whose kernel an ancestor read without entering the layer's ``call`` is unreached; one that no
+ancestor called or read (they need other inputs, or call it only on some inputs) is *unknown*, and takes a plain
+LoRA through its kernel (exact whether or not its ``call`` runs; :func:`read_through_kernel`) or a warning. A
+forward of the whole model that fails on the dummy batch is reported as a warning, not an error.
 
 Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
 and layer: a later load that wraps only layers checked before runs no forward (the first load of a model pays
@@ -34,8 +39,8 @@ from adapterspec.errors import AdapterSpecWarning, UnsupportedError
 
 from .sites import ModuleSite, Piece
 
-__all__ = ["can_read_through", "check_reached", "dummy_inputs", "note_entry", "read_through_kernel", "reads_through",
-           "refuse", "restore_kernel", "unreached"]
+__all__ = ["can_read_through", "check_reached", "dummy_inputs", "note_entry", "reach_report", "read_through_kernel",
+           "reads_through", "refuse", "restore_kernel", "unreached"]
 
 _ENTERED: contextvars.ContextVar[set[tuple[int, str]] | None] = contextvars.ContextVar("adapterspec_entered",
                                                                                       default=None)
@@ -121,30 +126,139 @@ def _remember(model: Any, pairs: dict[tuple[int, str], Any], entered: set[tuple[
 
 
 def unreached(model: Any, sites: dict[str, ModuleSite]) -> dict[str, list[Piece]]:
-    """Run ``model`` once on :func:`dummy_inputs`: the pieces of ``sites`` whose layer's ``call`` never ran.
-
-    ``{}`` also when the check cannot run (no inputs to make; a failing forward warns).
+    """The pieces of ``sites`` whose layer's ``call`` the model's forward never runs (:func:`reach_report`).
 
     >>> unreached(model, {"model.layers.0.mlp.gate_proj": site})        # doctest: +SKIP
     {'model.layers.0.mlp.gate_proj': [Piece(layer=<Dense name=ffw_gating>, ...)]}
     """
+    return reach_report(model, sites)[0]
+
+
+def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, list[Piece]], dict[str, list[Piece]]]:
+    """Run ``model`` once on :func:`dummy_inputs`: ``(unreached, unknown)``, the pieces of ``sites`` whose layer's
+    ``call`` never ran, and those the check could not decide.
+
+    A model whose inputs cannot be made (a float input of open size) has each wrapped layer's parent run alone
+    (:func:`_probe_parents`): unreached are the layers whose kernel it read without entering their ``call``,
+    unknown the layers it neither called nor read, or whose parent could not run alone. A forward of the whole
+    model that fails warns, and reports nothing.
+
+    >>> reach_report(multimodal_gemma4, {"model.vision_tower.encoder.layers.0.mlp.up_proj.linear": site})
+    ...                                                                   # doctest: +SKIP
+    ({'model.vision_tower.encoder.layers.0.mlp.up_proj.linear': [Piece(layer=<EinsumDense name=dense>, ...)]}, {})
+    """
     pairs = {(id(p.layer), p.role): p.layer for site in sites.values() for p in site.pieces}
     entered = _remembered(model, pairs)
+    decided = pairs
     if entered is None:
         inputs, _why_not = dummy_inputs(model)
         if inputs is None:
-            return {}
-        with _recording() as entered:
-            try:
-                model(inputs, training=False)
-            except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
-                warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the adapted "
-                              f"layers: a forward on a dummy batch of two tokens failed ({type(exc).__name__}: {exc})",
-                              AdapterSpecWarning, stacklevel=3)
-                return {}
-        _remember(model, pairs, entered)
-    unused = {path: [p for p in site.pieces if (id(p.layer), p.role) not in entered] for path, site in sites.items()}
-    return {path: pieces for path, pieces in unused.items() if pieces}
+            entered, decided = _probe_parents(model, sites)
+        else:
+            with _recording() as entered:
+                try:
+                    model(inputs, training=False)
+                except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
+                    warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the "
+                                  f"adapted layers: a forward on a dummy batch of two tokens failed "
+                                  f"({type(exc).__name__}: {exc})", AdapterSpecWarning, stacklevel=3)
+                    return {}, {}
+        _remember(model, decided, entered)
+    unused: dict[str, list[Piece]] = {}
+    unknown: dict[str, list[Piece]] = {}
+    for path, site in sites.items():
+        for p in site.pieces:
+            pair = (id(p.layer), p.role)
+            if pair not in decided:
+                unknown.setdefault(path, []).append(p)
+            elif pair not in entered:
+                unused.setdefault(path, []).append(p)
+    return unused, unknown
+
+
+def _children(model: Any) -> dict[int, Any]:
+    """id(layer) -> the layer that holds it (its nearest tracked parent), for every layer under ``model``."""
+    parents: dict[int, Any] = {}
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            parents.setdefault(id(child), layer)
+    return parents
+
+
+def _probe_input(layer: Any) -> Any | None:
+    """A zero float input of the one shape ``layer`` was built with (open dimensions 1, then 2), or ``None``."""
+    from keras import ops
+
+    shapes = getattr(layer, "_build_shapes_dict", None)
+    if not isinstance(shapes, dict) or len(shapes) != 1:
+        return None
+    shape = next(iter(shapes.values()))
+    if not isinstance(shape, (tuple, list)) or not shape or \
+            not all(d is None or isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return None
+    dtype = str(getattr(layer, "compute_dtype", "") or "")
+    if "float" not in dtype:
+        return None
+    return ops.zeros([1 if i == 0 and d is None else 2 if d is None else d for i, d in enumerate(shape)], dtype=dtype)
+
+
+#: how many levels of ancestors above a wrapped layer :func:`_probe_parents` tries (an attention layer that cannot
+#: run alone is run by its decoder block)
+_PROBE_DEPTH = 3
+
+
+def _probe_parents(model: Any,
+                   sites: dict[str, ModuleSite]) -> tuple[set[tuple[int, str]], dict[tuple[int, str], Any]]:
+    """Run each wrapped layer's parent alone on :func:`_probe_input`, recording calls and kernel reads; a layer the
+    parent did not decide (it cannot run alone, or neither called the layer nor read its kernel) tries the parent's
+    parent, up to :data:`_PROBE_DEPTH` levels below the model.
+
+    :returns: the (layer id, role) pairs entered, and the pairs decided (with their layers): entered, or whose
+        kernel an ancestor read without entering the layer's ``call`` (a parent that reads the kernel itself).
+    """
+    parents = _children(model)
+    pending = [(p, p.layer) for site in sites.values() for p in site.pieces if p.role == "forward"]
+    watched = [p.layer for p, _ in pending if isinstance(getattr(type(p.layer), "kernel", None), property)
+               and not reads_through(p.layer)]
+    for layer in watched:  # its kernel reads are recorded (no adapter added: empty entries)
+        read_through_kernel(layer, [])
+    probed: dict[int, set[tuple[int, str]] | None] = {}
+    entered: set[tuple[int, str]] = set()
+    decided: dict[tuple[int, str], Any] = {}
+    try:
+        for _ in range(_PROBE_DEPTH):
+            undecided = []
+            for piece, holder in pending:
+                parent = parents.get(id(holder))
+                if parent is None or parent is model:
+                    continue
+                if id(parent) not in probed:
+                    probed[id(parent)] = _probe(parent)
+                seen = probed[id(parent)]
+                pair = (id(piece.layer), piece.role)
+                if seen is not None and (pair in seen or (id(piece.layer), "kernel") in seen):
+                    decided[pair] = piece.layer
+                    entered |= {pair} & seen
+                else:
+                    undecided.append((piece, parent))
+            pending = undecided
+    finally:
+        for layer in watched:
+            restore_kernel(layer)
+    return entered, decided
+
+
+def _probe(layer: Any) -> set[tuple[int, str]] | None:
+    """The (layer id, role) pairs entered while ``layer`` runs alone on :func:`_probe_input`; ``None``: it cannot."""
+    x = _probe_input(layer)
+    if x is None:
+        return None
+    with _recording() as seen:
+        try:
+            layer(x, training=False)
+        except Exception:  # noqa: BLE001 - this layer cannot run alone: its sublayers stay undecided here
+            return None
+    return seen
 
 
 def check_reached(model: Any, sites: dict[str, ModuleSite]) -> None:
@@ -188,6 +302,7 @@ def _read_through_class(cls: type) -> type:
         def kernel(self: Any) -> Any:
             from keras import ops
 
+            note_entry(self, "kernel")
             value = base.fget(self)
             for adapter_layer, piece in self.__dict__.get("_adapterspec_kernel_entries", ()):
                 delta = adapter_layer.kernel_delta(piece)
@@ -202,11 +317,12 @@ def _read_through_class(cls: type) -> type:
 
 
 def can_read_through(config: Any, pieces: list[Piece], trainable: bool = False) -> bool:
-    """Whether ``pieces`` can take adapter ``config`` through their kernel: plain LoRA on a Dense / EinsumDense
-    (not to be trained with ``lora_dropout``, which a kernel cannot apply to the input)."""
+    """Whether ``pieces`` can take adapter ``config`` through their kernel: plain LoRA on a whole Dense /
+    EinsumDense kernel (not a fused kernel's slice; not to be trained with ``lora_dropout``, which a kernel cannot
+    apply to the input)."""
     plain = config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("lora_bias") \
         and not (trainable and config.get("lora_dropout"))
-    return plain and all(p.kind in ("dense", "einsum") and p.role == "forward" and
+    return plain and all(p.kind in ("dense", "einsum") and p.role == "forward" and p.out_slice is None and
                          isinstance(getattr(type(p.layer), "kernel", None), property) for p in pieces)
 
 

@@ -7,6 +7,9 @@ puts a PEFT LoRA (element-unique values) on every linear layer, loads PEFT's sav
 :data:`NOT_IN_MATRIX` why it does not. The bound is the issue's: within 3x keras-hub's own base conversion
 error + 1e-5, measured per case (keras-hub's conversion itself is not always exact: see ``_EXACT_BASE``).
 
+Multimodal models (PaliGemma, Gemma 3, Gemma 4, BLIP-2: :data:`MULTIMODAL`) are fed deterministic pixel values of
+their tiny image size and the same token ids, each library's image-token placement lined up.
+
 Where keras-hub's conversion is inexact by design, the base is made exact in the test and the case says so:
 Mistral's converter rounds through float16 (the checkpoint is made float16-exact), BERT and ALBERT use
 tanh-GELU (the transformers reference is configured with ``gelu_pytorch_tanh``).
@@ -26,8 +29,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
+from adapterspec.errors import TargetNotFoundError  # noqa: E402
 from adapterspec_keras import converters  # noqa: E402
-from keras_helpers import ARCHS, fill_adapter_weights, peft_adapted_modules  # noqa: E402
+from keras_helpers import ARCHS, fill_adapter_weights, peft_adapted_modules, unique_values  # noqa: E402
 
 _IDS = (np.arange(2 * 9).reshape(2, 9) * 7 + 3) % 100
 _ENC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
@@ -44,17 +48,11 @@ _EXACT_BASE = {
 
 #: converter module -> why it is not in the matrix (not buildable offline, or refused: the reason)
 NOT_IN_MATRIX: dict[str, str] = {
-    "convert_blip2": "replays and maps (test_converter_replay); forward not compared (needs images)",
-    "convert_gemma3": "gemma3_text: in ARCHS tests; multimodal gemma3: names tested (test_hf_names), forward not "
-                      "compared (needs images)",
     "convert_gemma3n": "not buildable offline: transformers' Gemma3n vision tower is a TimmWrapperModel, which "
                        "raises ImportError without timm and pillow (not installed here)",
     "convert_gemma4_assistant": "not in the matrix yet (time)",
     "convert_gpt_oss": "not buildable offline: keras-hub reads only MXFP4 expert blocks; its replay is refused, "
                        "typed (test_converter_replay)",
-    "convert_pali_gemma": "lm_head vocabulary truncated by keras-hub at image_token_index: adapters on lm_head "
-                          "refused (ShapeMismatchError, test_vocabulary_truncation); forward not compared (needs "
-                          "images)",
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
     "convert_t5gemma2": "not in the matrix yet: transformers 5 saves the vision tower as "
                         "model.encoder.vision_tower.embeddings.*, keras-hub reads "
@@ -311,6 +309,7 @@ def _keras_model(case: str, kind: str, folder: Path) -> Any:
 def test_every_converter_is_in_the_matrix_or_says_why() -> None:
     modules = {name.rsplit(".", 1)[-1] for name in converters._converters()}
     covered = {module for module, _, _ in CASES.values()} | set(NOT_IN_MATRIX)
+    covered |= {module for module, *_ in MULTIMODAL.values()}
     assert len(modules) == 35 and sum(len(t) for _, t in converters._converters().values()) == 39
     assert modules == covered, sorted(modules ^ covered)
 
@@ -359,3 +358,274 @@ def test_peft_lora_on_every_linear_layer_matches_peft(case: str, tmp_path: Path)
     print(f"MATRIX {case}: vs keras-hub's conversion of PEFT's merged model: "
           f"{float(np.abs(actual - reference).max()):.2e}")
     assert_near(actual, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multimodal models: images (deterministic pixel values of the tiny image size) and token ids fed to both, each
+# library's image-token placement lined up; the language model's logits compared (issue #16)
+
+def _image_batch(size: int) -> np.ndarray:
+    return (np.sin(np.arange(2 * size * size * 3, dtype=np.float64) * 0.37) * 0.8).reshape(2, size, size, 3) \
+        .astype("float32")
+
+
+def _siglip_keys(folder: Path) -> None:
+    """keras-hub's PaliGemma and Gemma 3 converters read the SigLIP tower under ``vision_tower.vision_model.``,
+    where transformers 5 saves ``vision_tower.``."""
+    from safetensors.numpy import load_file, save_file
+
+    file = folder / "model.safetensors"
+    save_file({("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+def _paligemma(folder: Path) -> Any:
+    """keras-hub's converter takes the attention head_dim from ``num_image_tokens`` (both 16 here: a 32 px image in
+    8 px patches) and keeps the vocabulary below ``image_token_index`` (120 of 128)."""
+    config = transformers.PaliGemmaConfig(
+        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=64),
+        image_token_index=120, projection_dim=64)
+    torch.manual_seed(11)
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    _siglip_keys(folder)
+    return model
+
+
+def _gemma3(folder: Path) -> Any:
+    """keras-hub's converter pools the vision tower's patches by a fixed 4 (the released models' 64 patches a side
+    to 16): 8 patches a side (32 px, 4 px patches) to ``mm_tokens_per_image`` 4."""
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=300, query_pre_attn_scalar=16,
+                         sliding_window=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(3)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():  # transformers initializes them to zeros: the image would change nothing
+        for index, param in enumerate((projector.mm_input_projection_weight, projector.mm_soft_emb_norm.weight)):
+            param.copy_(torch.from_numpy(unique_values(tuple(param.shape), 90 + index, scale=0.5)))
+    model.save_pretrained(folder, safe_serialization=True)
+    _siglip_keys(folder)
+    return model
+
+
+def _gemma4(folder: Path) -> Any:
+    """Vision tokens attend to each other both ways (``use_bidirectional_attention="vision"``); a 16 px image in 4 px
+    patches (16, given as flattened patches with their (x, y) positions), pooled 2x2 to 4 soft tokens."""
+    config = transformers.Gemma4Config(
+        text_config=dict(ARCHS["gemma4_text"].config, use_bidirectional_attention="vision"),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                           position_embedding_size=64),
+        audio_config=None, image_token_id=127, boi_token_id=125, eoi_token_id=126, video_token_id=124,
+        audio_token_id=123, boa_token_id=122, eoa_token_index=121)
+    torch.manual_seed(5)
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def _blip2(folder: Path) -> Any:
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32, vocab_size=100),
+        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=120, word_embed_proj_dim=32), num_query_tokens=4, image_token_index=119)
+    torch.manual_seed(7)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+_PREFIX = 4  #: PaliGemma: the text tokens of the prefix (attended both ways, with the image), the rest causal
+_AT = 3  #: Gemma 3 / 4: the position of the image's first soft token among the text tokens
+
+
+def _with_image_tokens(token: int, count: int, at: int) -> np.ndarray:
+    return np.concatenate([_IDS[:, :at], np.full((2, count), token), _IDS[:, at:]], axis=1).astype(np.int64)
+
+
+def _patches() -> tuple[np.ndarray, np.ndarray]:
+    """(pixel values [2, 16 patches, 4*4*3], their (x, y) positions [2, 16, 2]): the flattened patches of a 16 px
+    image, as transformers' Gemma 4 image processor gives them (keras-hub's model takes the same)."""
+    pixels = (np.sin(np.arange(2 * 16 * 48, dtype=np.float64) * 0.37) * 0.4 + 0.5).reshape(2, 16, 48)
+    grid = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="xy"), -1).reshape(1, 16, 2)
+    return pixels.astype("float32"), np.repeat(grid, 2, axis=0).astype(np.int64)
+
+
+def _mm_torch(case: str, model: Any, swap: bool = False) -> np.ndarray:
+    """transformers' logits at the text positions Keras computes (PaliGemma: of the vocabulary keras-hub keeps);
+    ``swap``: each example with the other's image."""
+    order = [1, 0] if swap else [0, 1]
+    images = torch.from_numpy(_image_batch(32)[order].transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        if case == "paligemma":  # image tokens first (transformers' processor), then the prompt, then the suffix
+            ids = np.concatenate([np.full((2, 16), 120), _IDS], axis=1).astype(np.int64)
+            types = (np.arange(ids.shape[1]) >= 16 + _PREFIX).astype(np.int64)[None].repeat(2, 0)
+            out = model(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types), pixel_values=images)
+            return out.logits.numpy()[:, 16:, :120]
+        if case == "gemma3":
+            ids = _with_image_tokens(299, 4, _AT)
+            types = torch.from_numpy((ids == 299).astype(np.int64))
+            return model(input_ids=torch.from_numpy(ids), token_type_ids=types, pixel_values=images).logits.numpy()
+        if case == "gemma4":
+            ids = _with_image_tokens(127, 4, _AT)
+            pixels, positions = _patches()
+            return model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[order]),
+                         image_position_ids=torch.from_numpy(positions),
+                         mm_token_type_ids=torch.from_numpy((ids == 127).astype(np.int64))).logits.numpy()
+        ids = np.concatenate([np.full((2, 4), 119), _IDS], axis=1).astype(np.int64)  # BLIP-2: 4 query tokens first
+        return model(input_ids=torch.from_numpy(ids), pixel_values=images).logits.numpy()[:, 4:]
+
+
+def _mm_keras(case: str, model: Any) -> np.ndarray:
+    from keras import ops
+
+    ones = np.ones_like(_IDS, dtype="int32")
+    if case == "paligemma":  # keras-hub puts the image first itself; response_mask 0 = the prefix
+        inputs = {"images": _image_batch(32), "token_ids": _IDS.astype("int32"), "padding_mask": ones,
+                  "response_mask": (np.arange(_IDS.shape[1]) >= _PREFIX).astype("int32")[None].repeat(2, 0)}
+    elif case == "blip2":  # keras-hub prepends the query tokens itself
+        inputs = {"images": _image_batch(32), "token_ids": _IDS.astype("int32"), "padding_mask": ones}
+    else:
+        image = 299 if case == "gemma3" else 127
+        ids = _with_image_tokens(image, 4, _AT).astype("int32")
+        inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids), "vision_mask": (ids == image).astype("int32"),
+                  "vision_indices": np.broadcast_to(np.arange(_AT, _AT + 4, dtype="int32"), (2, 4)).copy()}
+        if case == "gemma3":
+            inputs["images"] = _image_batch(32)[:, None]  # one image per example
+        else:
+            pixels, positions = _patches()
+            inputs.update(pixel_values=pixels[:, None], pixel_position_ids=positions[:, None].astype("int32"),
+                          position_ids=np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape).copy())
+    return np.asarray(ops.convert_to_numpy(model(inputs)))
+
+
+#: case -> (converter module, builder, keras-hub task, the parts of the model (module path prefixes) each of whose
+#: adapters must change the output, the linear layers left out of "all-linear" and why)
+MULTIMODAL: dict[str, tuple[str, Callable[[Path], Any], str, tuple[str, ...], str]] = {
+    "paligemma": ("convert_pali_gemma", _paligemma, "PaliGemmaCausalLM",
+                  ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model."),
+                  "model.vision_tower.head."),
+    "gemma3": ("convert_gemma3", _gemma3, "Gemma3CausalLM", ("model.vision_tower.", "model.language_model."),
+               "model.vision_tower.head."),
+    "gemma4": ("convert_gemma4", _gemma4, "Gemma4CausalLM",
+               ("model.vision_tower.", "model.embed_vision.", "model.language_model."), ""),
+    "blip2": ("convert_blip2", _blip2, "BLIP2CausalLM",
+              ("vision_model.", "qformer.", "language_projection", "language_model."), ""),
+}
+
+
+def _peft_loads_ours(keras_model: Any, build: Callable[[Path], Any], case: str, expected: np.ndarray,
+                     tmp_path: Path) -> None:
+    """The folder we save holds PEFT's tensors, bit for bit, and PEFT loads it on the same model (built again: the
+    checkpoint's SigLIP keys were renamed for keras-hub) with no warning, giving PEFT's logits."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    adapterspec.save_adapter(keras_model, tmp_path / "ours")
+    ours, theirs = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("ours", "adapter"))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    fresh = build(tmp_path / "again")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
+    assert not [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert np.array_equal(_mm_torch(case, reloaded), expected)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(MULTIMODAL))
+def test_peft_lora_on_every_linear_layer_of_a_multimodal_model_matches_peft(case: str, tmp_path: Path) -> None:
+    """PEFT's ``all-linear`` (every ``nn.Linear`` but ``lm_head``) on the vision tower, the projector and the language
+    model; PaliGemma and Gemma 3 less the SigLIP pooling head (``vision_tower.head``), whose output their forward
+    computes and drops (checked here) and which keras-hub does not build (an adapter on it is refused, typed:
+    TargetNotFoundError). The image changes the base logits, and each part's adapters change PEFT's, beyond the
+    bound: an image misplaced, or a part's adapters dropped or misplaced, cannot pass. Both ways: the folder we
+    save is PEFT's, and PEFT loads it without a warning."""
+    import keras_hub
+
+    _, build, task, parts, left_out = MULTIMODAL[case]
+    model = build(tmp_path / "hf")
+    targets = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                     and n.rsplit(".", 1)[-1] != "lm_head" and not (left_out and n.startswith(left_out)))
+    base_expected = _mm_torch(case, model)
+    image_effect = float(np.abs(_mm_torch(case, model, swap=True) - base_expected).max())
+    if left_out:  # its output is computed and dropped: shifted by 1000, the logits are the same bits
+        hook = model.get_submodule(left_out.rstrip(".")).register_forward_hook(lambda _m, _i, out: out + 1e3)
+        assert np.array_equal(_mm_torch(case, model), base_expected), f"transformers' forward uses {left_out}"
+        hook.remove()
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    fill_adapter_weights(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    adapted = peft_adapted_modules(peft_model)
+    expected = _mm_torch(case, peft_model)
+    keras_model = getattr(keras_hub.models, task).from_preset(str(tmp_path / "hf"), preprocessor=None)
+    conversion_error = float(np.abs(_mm_keras(case, keras_model) - base_expected).max())
+    if left_out:
+        with pytest.raises(TargetNotFoundError, match=r"model\.vision_tower\.head\.mlp\.fc1: target_modules"):
+            adapterspec.inject_adapter(keras_model, {"peft_type": "LORA", "r": 2, "target_modules": [
+                left_out + "mlp.fc1"]})
+
+    modules = adapterspec.load_adapter(keras_model, tmp_path / "adapter")
+
+    assert sorted(modules) == sorted(adapted) and len(adapted) == len(targets), sorted(set(modules) ^ adapted)
+    actual = _mm_keras(case, keras_model)
+    diff = float(np.abs(actual - expected).max())
+    bound = 3 * conversion_error + 1e-5
+    _peft_loads_ours(keras_model, build, case, expected, tmp_path)
+    effects = {}
+    with torch.no_grad():
+        for part in parts:  # PEFT's output without this part's adapters
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name and name.removeprefix("base_model.model.").startswith(part):
+                    param.zero_()
+            without = _mm_torch(case, peft_model)
+            effects[part] = float(np.abs(expected - without).max())
+            expected = without
+    print(f"MULTIMODAL {case}: modules={len(modules)} conversion_error={conversion_error:.2e} diff={diff:.2e} "
+          f"image_effect={image_effect:.1e} part_effects={ {k: f'{v:.1e}' for k, v in effects.items()} }")
+    assert diff <= bound, (diff, conversion_error)
+    assert image_effect > 10 * bound, "the image must change the base logits beyond the bound"
+    assert all(effect > 10 * bound for effect in effects.values()), effects
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dora_on_multimodal_gemma4s_kernel_reading_layers_is_refused_and_the_model_unchanged(tmp_path: Path) -> None:
+    """keras-hub's Gemma 4 vision tower (``Gemma4ClippableEinsumDense`` reads ``self.dense.kernel``) and text MLP
+    read their kernels themselves, and the model's image input has an open size: the check runs each layer's parent
+    alone. A DoRA there would change nothing: refused, typed, naming them; the attention of the text model (called)
+    is not."""
+    import keras_hub
+    from adapterspec.errors import UnsupportedError
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    peft_model = peft.get_peft_model(_gemma4(tmp_path / "hf"), peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True,
+        target_modules=r"model\.vision_tower\..*\.q_proj\.linear|model\.language_model\..*\.(q_proj|up_proj)"))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    keras_model = keras_hub.models.Gemma4CausalLM.from_preset(str(tmp_path / "hf"), preprocessor=None)
+    before, logits = snapshot(keras_model), _mm_keras("gemma4", keras_model)
+
+    with pytest.raises(UnsupportedError) as caught:
+        adapterspec.load_adapter(keras_model, tmp_path / "adapter")
+
+    message = str(caught.value)
+    assert "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear -> " \
+           "image_encoder/encoder_block_0/attention/query/dense;" in message, message
+    assert "model.language_model.layers.1.mlp.up_proj -> decoder_block_1/ffw_gating_2 " in message
+    assert "model.language_model.layers.0.self_attn.q_proj" not in message
+    assert_same_snapshot(before, snapshot(keras_model))
+    assert np.array_equal(_mm_keras("gemma4", keras_model), logits)

@@ -13,7 +13,7 @@ import pytest
 from keras import ops
 
 import adapterspec
-from adapterspec.errors import UnsupportedError
+from adapterspec.errors import AdapterSpecWarning, UnsupportedError
 from adapterspec_keras.reach import dummy_inputs
 from keras_helpers import (  # noqa: E402
     ARCHS,
@@ -186,3 +186,75 @@ def test_gemma4_dora_on_the_mlp_is_refused_naming_the_layers(checkpoints: Any, t
 def _gemma4_logits(model: Any, ids: np.ndarray) -> np.ndarray:
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype="int32"), ids.shape)
     return np.asarray(ops.convert_to_numpy(model({**keras_inputs(ids), "position_ids": positions})))
+
+
+class _NeedsTwo(_ReadsKernel):
+    """``_ReadsKernel`` taking a second input: it cannot run alone, so ``gate`` and ``up`` stay undecided."""
+
+    def build(self, x_shape: Any, y_shape: Any) -> None:  # type: ignore[override]
+        super().build(x_shape)
+
+    def call(self, x: Any, y: Any) -> Any:  # type: ignore[override]
+        return super().call(x) + y
+
+
+def _open_image_model(two: bool = False) -> Any:
+    """Like keras-hub's multimodal Gemma 3 / 4: a float input of open size, so the whole model cannot be run on a
+    made-up batch; ``two``: the block needs a second input, so no ancestor of ``gate`` / ``up`` runs alone."""
+    pixels = keras.Input((None, 3), name="pixel_values")
+    out = _NeedsTwo(name="mlp")(pixels, pixels[..., :1]) if two else _ReadsKernel(name="mlp")(pixels)
+    model = keras.Model(pixels, out)
+    model.set_weights([np.sin(np.arange(w.size) + i).reshape(w.shape).astype("float32")
+                       for i, w in enumerate(model.get_weights())])
+    return model
+
+
+def _lora_up_expected(kernels: list[np.ndarray], x: np.ndarray, model: Any) -> np.ndarray:
+    """``_ReadsKernel``'s output with the LoRA on ``up`` (kernels: gate's kernel and bias, up's kernel, unadapted)."""
+    tensors = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
+    a = next(v for k, v in tensors.items() if k.endswith("up.lora_A.weight"))
+    b = next(v for k, v in tensors.items() if k.endswith("up.lora_B.weight"))
+    gate_kernel, gate_bias, up_kernel = kernels
+    return (x @ gate_kernel + gate_bias) * (x @ up_kernel + 2.0 * (x @ a.T) @ b.T)  # lora_alpha / r = 2
+
+
+def test_with_an_image_input_of_open_size_each_layers_parent_is_run_alone() -> None:
+    """issue #16, keras-hub's multimodal Gemma 4 (its vision tower's ``Gemma4ClippableEinsumDense`` reads
+    ``self.dense.kernel``): the model's inputs cannot be made, the check was skipped, and a LoRA on such a layer
+    loaded and changed nothing (0.30 from PEFT's logits). Now the parent runs alone, reads the kernel without
+    calling the layer: a plain LoRA runs through the kernel, DoRA is refused, the model unchanged."""
+    model = _open_image_model()
+    kernels = model.get_weights()
+    x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
+    before, base = snapshot(model), ops.convert_to_numpy(model(x))
+    assert dummy_inputs(model)[0] is None
+
+    with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up") as caught:
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], use_dora=True))
+    assert "mlp.gate" not in str(caught.value)  # called by its parent: not refused
+    assert_same_snapshot(before, snapshot(model))
+
+    assert adapterspec.inject_adapter(model, dict(LORA, target_modules=["up"])) == ["mlp.up"]
+    expected = _lora_up_expected(kernels, x, model)
+    assert_near(ops.convert_to_numpy(model(x)), expected, length=3)
+    assert np.abs(expected - base).max() > 1e-3
+
+
+def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel_and_warns_for_others() -> None:
+    """Undecided (no ancestor runs alone): a plain LoRA runs through the kernel, exact whether or not the layer's
+    call runs (``up``: read by its parent; ``gate``: called); another adapter loads with a warning naming them."""
+    model = _open_image_model(two=True)
+    kernels = model.get_weights()
+    x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
+    base = ops.convert_to_numpy(model(x))
+
+    assert adapterspec.inject_adapter(model, dict(LORA, target_modules=["up"])) == ["mlp.up"]
+    expected = _lora_up_expected(kernels, x, model) + x[..., :1]
+    assert_near(ops.convert_to_numpy(model(x)), expected, length=3)
+    assert np.abs(expected - base).max() > 1e-3
+    adapterspec.delete_adapter(model, "default")
+
+    with pytest.warns(AdapterSpecWarning, match=r"could not check that Functional's forward runs the Keras layers "
+                                                r"of mlp\.up, mlp\.gate"):
+        adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["gate", "up"],
+                                           "feedforward_modules": []})
