@@ -56,11 +56,6 @@ NOT_IN_MATRIX: dict[str, str] = {
                           "refused (ShapeMismatchError, test_vocabulary_truncation); forward not compared (needs "
                           "images)",
     "convert_sam3": "not buildable offline in time (SAM 3 video model)",
-    "convert_t5gemma2": "not in the matrix yet: transformers 5 saves the vision tower as "
-                        "model.encoder.vision_tower.embeddings.*, keras-hub reads "
-                        "encoder.vision_tower.vision_model.embeddings.* (SafetensorError: File does not contain "
-                        "tensor ...patch_embedding.weight); the key renaming and the encoder-decoder forward with "
-                        "images were not done in time",
 }
 
 
@@ -183,6 +178,44 @@ def _vision(model_type: str, cls_name: str, base: str,
     return build
 
 
+#: T5Gemma 2's special tokens, inside the tiny vocabulary: image placeholder, end of image
+_T5G2_IMAGE, _T5G2_EOI = 120, 121
+#: encoder ids with one image (``mm_tokens_per_image=4`` soft tokens at positions 2..5) and its end-of-image token
+_MM_IDS = _IDS.copy()
+_MM_IDS[:, 2:6], _MM_IDS[:, 6] = _T5G2_IMAGE, _T5G2_EOI
+
+
+def _t5gemma2(folder: Path) -> tuple[Any, Any, list[str]]:
+    """T5Gemma 2 with its SigLIP vision tower, saved with the checkpoint keys keras-hub reads.
+
+    transformers 5 saves the tower as ``encoder.vision_tower.embeddings.*``; keras-hub's converter reads
+    ``encoder.vision_tower.vision_model.*``, the keys of the checkpoints on the Hub (saved before transformers 5):
+    transformers 5 itself loads those through its conversion mapping (``SiglipVisionModel`` takes
+    ``CLIPVisionModel``'s ``PrefixChange(prefix_to_remove="vision_model")``), so the keys are renamed to them
+    here. (The text encoder's ``encoder.layers.*`` is already saved as the Hub's checkpoints hold it: the
+    ``t5gemma2_encoder`` mapping renames it to the module path ``encoder.text_model.layers.*`` on load.) The SigLIP
+    pooling head, which T5Gemma 2's encoder never calls (it projects ``last_hidden_state``) and keras-hub does not
+    build, is left out (``vision_use_head=False``)."""
+    from safetensors.numpy import load_file, save_file
+
+    torch.manual_seed(sum(map(ord, "t5gemma2")))
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=128, query_pre_attn_scalar=16, sliding_window=16,
+                max_position_embeddings=64)
+    config = transformers.AutoConfig.for_model(
+        "t5gemma2", decoder=text, eoi_token_index=_T5G2_EOI, image_token_index=_T5G2_IMAGE,
+        encoder=dict(text_config=text, vision_config=dict(_VISION, vision_use_head=False), mm_tokens_per_image=4,
+                     image_token_index=_T5G2_IMAGE, eoi_token_index=_T5G2_EOI, boi_token_index=119))
+    model = transformers.AutoModel.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    file = folder / "model.safetensors"
+    tower = "encoder.vision_tower."
+    save_file({(tower + "vision_model." + k[len(tower):] if k.startswith(tower) else k): v
+               for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return model, model, linear
+
+
 def _clip(model_type: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
     """A dual encoder (text + vision towers, projections): the image-text logits are compared."""
     def build(folder: Path) -> tuple[Any, Any, list[str]]:
@@ -237,6 +270,8 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
         "t5gemma", **{part: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, vocab_size=128, query_pre_attn_scalar=16,
                                  sliding_window=16, max_position_embeddings=64) for part in ("encoder", "decoder")})),
+    # encoder (text and SigLIP vision tower) and decoder: 40 linear layers, one image per sequence
+    "t5gemma2": ("convert_t5gemma2", "seq2seq_images", _t5gemma2),
     "vit": ("convert_vit", "vision", _vision("vit", "ViTForImageClassification", "vit")),
     "deit": ("convert_deit", "vision", _vision("deit", "DeiTForImageClassification", "deit")),
     "dinov2": ("convert_dinov2", "vision", _vision("dinov2", "Dinov2ForImageClassification", "dinov2")),
@@ -272,6 +307,11 @@ def _run_torch(model: Any, kind: str) -> np.ndarray:
             return model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids.flip(1),
                          decoder_attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
         pixels = torch.from_numpy(_images().transpose(0, 3, 1, 2))
+        if kind == "seq2seq_images":
+            ids = torch.from_numpy(_MM_IDS.astype(np.int64))
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                         decoder_input_ids=ids.flip(1), decoder_attention_mask=torch.ones_like(ids)
+                         ).last_hidden_state.numpy()
         if kind == "clip":
             ids = torch.from_numpy(_CLIP_IDS.astype(np.int64))
             return model(input_ids=ids, pixel_values=pixels).logits_per_image.numpy()
@@ -289,6 +329,12 @@ def _run_keras(model: Any, kind: str) -> np.ndarray:
         ones = np.ones_like(_IDS, dtype="int32")
         out = model({"encoder_token_ids": _IDS.astype("int32"), "encoder_padding_mask": ones,
                      "decoder_token_ids": _IDS[:, ::-1].astype("int32"), "decoder_padding_mask": ones})
+        out = out["decoder_sequence_output"]
+    elif kind == "seq2seq_images":  # one image per sequence, its 4 soft tokens where the placeholders are
+        ones = np.ones_like(_MM_IDS, dtype="int32")
+        out = model({"encoder_token_ids": _MM_IDS.astype("int32"), "encoder_padding_mask": ones,
+                     "decoder_token_ids": _MM_IDS[:, ::-1].astype("int32"), "decoder_padding_mask": ones,
+                     "images": _images()[:, None], "vision_indices": np.tile(np.arange(2, 6, dtype="int32"), (2, 1))})
         out = out["decoder_sequence_output"]
     else:
         inputs = {"token_ids": _IDS.astype("int32"), "padding_mask": np.ones_like(_IDS, dtype="int32"),
@@ -359,3 +405,38 @@ def test_peft_lora_on_every_linear_layer_matches_peft(case: str, tmp_path: Path)
     print(f"MATRIX {case}: vs keras-hub's conversion of PEFT's merged model: "
           f"{float(np.abs(actual - reference).max()):.2e}")
     assert_near(actual, reference)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_t5gemma2_adapter_under_the_checkpoint_names(tmp_path: Path) -> None:
+    """PEFT on transformers 4 named T5Gemma 2's modules by the checkpoint keys (``encoder.layers.*``,
+    ``encoder.vision_tower.vision_model.*``), transformers 5 by its module paths (``encoder.text_model.layers.*``,
+    ``encoder.vision_tower.*``): the same adapter under the older names loads on the same layers, same outputs."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    model, _, targets = _t5gemma2(tmp_path / "hf")
+    base_expected = _run_torch(model, "seq2seq_images")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    fill_adapter_weights(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    expected = _run_torch(peft_model, "seq2seq_images")
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    renamed = {k.replace(".encoder.text_model.layers.", ".encoder.layers.")
+               .replace(".encoder.vision_tower.", ".encoder.vision_tower.vision_model."): v
+               for k, v in load_file(file).items()}
+    assert sum(".vision_model." in k for k in renamed) == 2 * 12 and sum(k.startswith("base_model.model.encoder.layers.") for k in renamed) == 28
+    save_file(renamed, file, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": targets}))
+    keras_model = _keras_model("t5gemma2", "seq2seq_images", tmp_path / "hf")
+    conversion_error = float(np.abs(_run_keras(keras_model, "seq2seq_images") - base_expected).max())
+
+    modules = adapterspec.load_adapter(keras_model, tmp_path / "adapter")
+
+    assert len(modules) == 40
+    diff = float(np.abs(_run_keras(keras_model, "seq2seq_images") - expected).max())
+    print(f"t5gemma2 under the checkpoint names: conversion_error={conversion_error:.2e} diff={diff:.2e}")
+    assert np.abs(expected - base_expected).max() > 1.0
+    assert diff <= 3 * conversion_error + 1e-5, (diff, conversion_error)
