@@ -419,8 +419,16 @@ def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tup
 def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
            trainable: bool) -> None:
     """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
-    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`)."""
+    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`).
+
+    A model whose forward cannot run on its own (keras-hub's Gemma 4 assistant: only ``call_with_cache``, whose
+    decoder blocks read the MLP kernels too) cannot be checked: a plain LoRA then runs through every kernel it
+    can (a whole Dense / EinsumDense kernel), which is exact whether the layer is called or its kernel read."""
     unused = unreached(model, sites)
+    if unused is None:
+        unused = {path: list(site.pieces) for path, site in sites.items()
+                  if all(p.out_slice is None for p in site.pieces) and can_read_through(config, list(site.pieces),
+                                                                                         trainable)}
     refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
     for pieces in unused.values():
         for piece in pieces:
