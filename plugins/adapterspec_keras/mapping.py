@@ -31,7 +31,7 @@ from typing import Any
 from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
-from .converters import backbone_of, converter_sites
+from .converters import backbone_of, converter_sites, head_sites
 from .hf_names import transformers_names
 from .sites import ModuleSite, Piece, layer_site, model_layers
 
@@ -127,6 +127,8 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
                                          site.source, site.refused, site.hf_conv1d)
+    for name, site in head_sites(model).items():  # the task model's own head: named as on transformers' task model
+        sites.setdefault(name, site)
     _BUILTIN[model] = sites
     return dict(sites)
 

@@ -49,7 +49,6 @@ NOT_IN_MATRIX: dict[str, str] = {
                       "compared (needs images)",
     "convert_gemma3n": "not buildable offline: transformers' Gemma3n vision tower is a TimmWrapperModel, which "
                        "raises ImportError without timm and pillow (not installed here)",
-    "convert_gemma4_assistant": "not in the matrix yet (time)",
     "convert_gpt_oss": "not buildable offline: keras-hub reads only MXFP4 expert blocks; its replay is refused, "
                        "typed (test_converter_replay)",
     "convert_pali_gemma": "lm_head vocabulary truncated by keras-hub at image_token_index: adapters on lm_head "
@@ -216,6 +215,55 @@ def _t5gemma2(folder: Path) -> tuple[Any, Any, list[str]]:
     return model, model, linear
 
 
+def _gemma4_assistant(folder: Path) -> tuple[Any, Any, list[str]]:
+    """Gemma 4's speculative-decoding assistant (``Gemma4AssistantForCausalLM``): every layer reads the target
+    model's keys and values (no k/v projections), with the centroid-routed output head of the small assistants
+    (``use_ordered_embeddings``; ``token_ordering`` a permutation of the vocabulary, as trained).
+
+    transformers 5.23 cannot build it: ``Gemma4TextConfig.kv_sharing_modes`` raises "The set of layer types
+    producing a cache is different than the set of layer types using them" when every layer is KV-shared, which
+    ``Gemma4AssistantConfig`` requires. While the model is built, that property gives every layer ``"reuse"``
+    (read ``shared_kv_states``), which is what the assistant's forward does; nothing else is changed."""
+    from transformers.models.gemma4 import configuration_gemma4
+
+    torch.manual_seed(sum(map(ord, "gemma4_assistant")))
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=16, vocab_size=128, max_position_embeddings=64,
+                sliding_window=16, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                layer_types=["sliding_attention", "full_attention"])
+    config = transformers.AutoConfig.for_model("gemma4_assistant", text_config=text, backbone_hidden_size=48,
+                                               use_ordered_embeddings=True, num_centroids=8,
+                                               centroid_intermediate_top_k=2)
+    owner = configuration_gemma4.Gemma4TextConfig
+    modes = owner.kv_sharing_modes
+
+    def all_reuse(self: Any) -> Any:
+        everything = self.num_kv_shared_layers == self.num_hidden_layers
+        return ["reuse"] * self.num_hidden_layers if everything else modes.fget(self)
+
+    owner.kv_sharing_modes = property(all_reuse)
+    try:
+        model = transformers.Gemma4AssistantForCausalLM(config).eval()
+    finally:
+        owner.kv_sharing_modes = modes
+    with torch.no_grad():
+        model.masked_embedding.token_ordering.copy_(torch.from_numpy((np.arange(128) * 37) % 128))
+    model.save_pretrained(folder, safe_serialization=True)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n != "lm_head"})  # lm_head: tied to the embedding
+    return model, model, linear
+
+
+def _unique(shape: tuple[int, ...], salt: float) -> np.ndarray:
+    return (np.sin(np.arange(int(np.prod(shape))) * 0.731 + salt) * 0.9).reshape(shape).astype("float32")
+
+
+#: one drafting step of the assistant: the target's last token embedding and hidden state (backbone width 48), and
+#: the target's keys and values as keras-hub's cache holds them (batch, layer [sliding, full], k/v, 6 positions,
+#: 2 heads, 16): the step at position 5 reads all 6 (both backends; inside the sliding window)
+_DRAFT = {"token": _unique((2, 1, 48), 1.0), "hidden": _unique((2, 1, 48), 2.0), "cache": _unique((2, 2, 2, 6, 2, 16), 3.0)}
+
+
 def _clip(model_type: str) -> Callable[[Path], tuple[Any, Any, list[str]]]:
     """A dual encoder (text + vision towers, projections): the image-text logits are compared."""
     def build(folder: Path) -> tuple[Any, Any, list[str]]:
@@ -272,6 +320,9 @@ CASES: dict[str, tuple[str, str, Callable[[Path], tuple[Any, Any, list[str]]]]] 
                                  sliding_window=16, max_position_embeddings=64) for part in ("encoder", "decoder")})),
     # encoder (text and SigLIP vision tower) and decoder: 40 linear layers, one image per sequence
     "t5gemma2": ("convert_t5gemma2", "seq2seq_images", _t5gemma2),
+    # one drafting step (logits and the next hidden state): its decoder blocks read the MLP kernels themselves and
+    # its call raises (it runs inside its target's generate only), so plain LoRA runs through every kernel
+    "gemma4_assistant": ("convert_gemma4_assistant", "assistant", _gemma4_assistant),
     "vit": ("convert_vit", "vision", _vision("vit", "ViTForImageClassification", "vit")),
     "deit": ("convert_deit", "vision", _vision("deit", "DeiTForImageClassification", "deit")),
     "dinov2": ("convert_dinov2", "vision", _vision("dinov2", "Dinov2ForImageClassification", "dinov2")),
@@ -297,6 +348,12 @@ def _images() -> np.ndarray:
 
 def _run_torch(model: Any, kind: str) -> np.ndarray:
     with torch.no_grad():
+        if kind == "assistant":  # transformers' shared_kv_states: per layer type, (batch, heads, positions, dim)
+            cache = torch.from_numpy(_DRAFT["cache"]).permute(0, 1, 2, 4, 3, 5)
+            shared = {t: (cache[:, i, 0], cache[:, i, 1]) for i, t in enumerate(("sliding_attention", "full_attention"))}
+            out = model(inputs_embeds=torch.from_numpy(np.concatenate([_DRAFT["token"], _DRAFT["hidden"]], -1)),
+                        shared_kv_states=shared, position_ids=torch.full((2, 1), 5))
+            return np.concatenate([out.logits.numpy(), out.last_hidden_state.numpy()], -1)
         if kind == "decoder":
             return model(input_ids=torch.from_numpy(_IDS.astype(np.int64))).logits.numpy()
         if kind == "encoder":
@@ -323,6 +380,9 @@ def _run_keras(model: Any, kind: str) -> np.ndarray:
 
     if kind == "vision":
         out = model(_images())
+    elif kind == "assistant":
+        logits, hidden = model.call_with_cache(_DRAFT["token"], _DRAFT["hidden"], _DRAFT["cache"], 5)
+        out = ops.concatenate([logits, hidden], -1)
     elif kind == "clip":
         out = model({"images": _images(), "token_ids": _CLIP_IDS.astype("int32")})["vision_logits"]
     elif kind == "seq2seq":
@@ -351,6 +411,8 @@ def _keras_model(case: str, kind: str, folder: Path) -> Any:
 
     if kind == "decoder":
         return getattr(keras_hub.models, _task_class(case)).from_preset(str(folder), preprocessor=None)
+    if kind == "assistant":
+        return keras_hub.models.Gemma4AssistantCausalLM.from_preset(str(folder))
     return keras_hub.models.Backbone.from_preset(str(folder))
 
 
