@@ -502,3 +502,34 @@ def test_t5gemma2_adapter_under_the_checkpoint_names(tmp_path: Path) -> None:
     print(f"t5gemma2 under the checkpoint names: conversion_error={conversion_error:.2e} diff={diff:.2e}")
     assert np.abs(expected - base_expected).max() > 1.0
     assert diff <= 3 * conversion_error + 1e-5, (diff, conversion_error)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_head_the_converter_ports_itself_takes_an_adapter(tmp_path: Path) -> None:
+    """keras-hub's converters port a task's head in ``convert_head`` (ViT's classifier; the Gemma 4 assistant's
+    projections, in its matrix case): those layers are adapter sites too, named as on transformers' task model
+    (``classifier``; before: TargetNotFoundError)."""
+    import keras_hub
+    from keras import ops
+
+    torch.manual_seed(5)
+    task = transformers.ViTForImageClassification(transformers.AutoConfig.for_model("vit", **_VISION, num_labels=5))
+    task.eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    pixels = torch.from_numpy(_images().transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        base_expected = task(pixel_values=pixels).logits.numpy()
+    peft_model = peft.get_peft_model(task, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "classifier"]))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = peft_model(pixel_values=pixels).logits.numpy()
+    classifier = keras_hub.models.ViTImageClassifier.from_preset(str(tmp_path / "hf"))
+    conversion_error = float(np.abs(ops.convert_to_numpy(classifier(_images())) - base_expected).max())
+
+    modules = adapterspec.load_adapter(classifier, tmp_path / "adapter")
+
+    assert sorted(modules) == ["classifier", "vit.layers.0.attention.q_proj", "vit.layers.1.attention.q_proj"]
+    diff = float(np.abs(ops.convert_to_numpy(classifier(_images())) - expected).max())
+    print(f"ViT classifier head: conversion_error={conversion_error:.2e} diff={diff:.2e}")
+    assert np.abs(expected - base_expected).max() > 10 * (3 * conversion_error + 1e-5)
+    assert diff <= 3 * conversion_error + 1e-5, (diff, conversion_error)
