@@ -222,7 +222,8 @@ def test_a_model_whose_forward_cannot_run_takes_a_plain_lora_through_every_kerne
     tensors = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
     a = {m: tensors[f"base_model.model.mlp.{m}.lora_A.weight"] for m in ("gate", "up")}
     b = {m: tensors[f"base_model.model.mlp.{m}.lora_B.weight"] for m in ("gate", "up")}
-    expected = (x @ w_gate + bias + 2.0 * (x @ a["gate"].T) @ b["gate"].T) * (x @ w_up + 2.0 * (x @ a["up"].T) @ b["up"].T)
+    gate = x @ w_gate + bias + 2.0 * (x @ a["gate"].T) @ b["gate"].T
+    expected = gate * (x @ w_up + 2.0 * (x @ a["up"].T) @ b["up"].T)
 
     actual = ops.convert_to_numpy(model.step(x))
     assert np.abs(expected - (x @ w_gate + bias) * (x @ w_up)).max() > 1e-3
