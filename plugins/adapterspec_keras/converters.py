@@ -30,7 +30,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite, Piece, _axes, _einsum_supported, _make_piece, layer_kind, layer_site, model_layers
 
-__all__ = ["backbone_of", "converter_sites"]
+__all__ = ["backbone_of", "converter_sites", "head_sites"]
 
 
 @dataclass
@@ -510,6 +510,16 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
         return result
     records, model_type = recorded
     owners = _variable_owners(backbone)
+    sites = _solve_records(records, owners)
+    _add_tied_head(backbone, sites)
+    _add_fused(backbone, owners, sites, model_type)
+    result = (sites, model_type)
+    _SITE_CACHE[backbone] = result
+    return result
+
+
+def _solve_records(records: list[_Record], owners: dict[int, tuple[Any, str]]) -> dict[str, ModuleSite]:
+    """The sites of recorded ``port_weight`` calls: each HF weight's Keras layer and index maps (by probes)."""
     groups: dict[str, list[tuple[_Record, Any, str]]] = {}
     for record in records:
         owner = owners.get(id(record.variable))
@@ -528,11 +538,51 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
         if solved is not None:
             kind, n_in, n_out, pieces, in_rows = solved
             sites[path] = ModuleSite(path, kind, n_in, n_out, pieces, "converter", hf_conv1d=in_rows and kind == "linear")
-    _add_tied_head(backbone, sites)
-    _add_fused(backbone, owners, sites, model_type)
-    result = (sites, model_type)
-    _SITE_CACHE[backbone] = result
-    return result
+    return sites
+
+
+_HEAD_CACHE: weakref.WeakKeyDictionary[Any, dict[str, ModuleSite]] = weakref.WeakKeyDictionary()
+
+
+def head_sites(model: Any) -> dict[str, ModuleSite]:
+    """The sites of the layers a keras-hub *task* model holds outside its backbone and that keras-hub's converter
+    ports itself (its ``convert_head``: ViT's classifier, the Gemma 4 assistant's ``pre_projection`` and
+    ``post_projection``), keyed by their HF names -- already the transformers task model's module paths, which
+    PEFT uses (``pre_projection``, not ``model.pre_projection``).
+
+    Every converter of the backbone's class that has a ``convert_head`` is replayed on ``model`` (Gemma 4's and
+    its assistant's share ``Gemma4Backbone``; only the assistant's ports a head, and only onto an assistant):
+    the ones that fail on this task model port nothing to it.
+
+    :returns: ``{hf module path: site}``; ``{}`` for a backbone, or a task without a head converter.
+
+    >>> sorted(head_sites(assistant))                                    # doctest: +SKIP
+    ['post_projection', 'pre_projection']
+    """
+    backbone = backbone_of(model)
+    if backbone is model or sys.modules.get("keras_hub") is None:
+        return {}
+    cached = _HEAD_CACHE.get(model)
+    if cached is not None:
+        return dict(cached)
+    heads = [(m, types) for m, types in _converters().values() if callable(getattr(m, "convert_head", None))
+             and isinstance(getattr(m, "backbone_cls", None), type) and isinstance(backbone, m.backbone_cls)]
+    owners = _variable_owners(model)
+    sites: dict[str, ModuleSite] = {}
+    for module, model_types in heads:
+        loader = _RecordingLoader()
+        with _no_assign():
+            _REPLAYING.loader = loader
+            try:
+                module.convert_head(model, loader, _ConfigProxy(backbone, model_types[0], module))
+            except Exception:  # noqa: BLE001 - another task's head (no such layer on this model): nothing ported
+                continue
+            finally:
+                _REPLAYING.loader = None
+        for path, site in _solve_records(loader.records, owners).items():
+            sites.setdefault(path, site)
+    _HEAD_CACHE[model] = sites
+    return dict(sites)
 
 
 def _add_fused(backbone: Any, owners: dict[int, tuple[Any, str]], sites: dict[str, ModuleSite],

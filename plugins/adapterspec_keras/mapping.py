@@ -31,7 +31,7 @@ from typing import Any
 from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
-from .converters import backbone_of, converter_sites
+from .converters import _text_only, backbone_of, converter_sites, head_sites
 from .hf_names import transformers_names
 from .sites import ModuleSite, Piece, layer_site, model_layers
 
@@ -121,12 +121,18 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     # the same module under both its transformers module path and its checkpoint key (transformers 5 renames
     # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first
     aliases = transformers_names(model_type, hf_sites)
+    # a multimodal checkpoint's text part as transformers' text model names it, which PEFT adapts too (the
+    # ``qwen3_5_text`` mapping loads ``model.language_model.layers.*`` as ``model.layers.*``): its load direction only
+    text = transformers_names(f"{model_type}_text", hf_sites) if model_type and not _text_only(model_type) else {}
     for hf_path, site in ordered:
-        for other in aliases.get(hf_path, [hf_path]):
+        loaded = text.get(hf_path)
+        for other in aliases.get(hf_path, [hf_path]) + ([loaded[0]] if loaded and loaded[1] == hf_path else []):
             name = _spec_name(other, prefix, task_model)
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
-                                         site.source, site.refused, site.hf_conv1d)
+                                         site.source, site.refused, site.hf_conv1d, root=prefix or "")
+    for name, site in head_sites(model).items():  # the task model's own head: named as on transformers' task model
+        sites.setdefault(name, site)
     _BUILTIN[model] = sites
     return dict(sites)
 
@@ -175,12 +181,19 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
     return out
 
 
-def _equivalent(a: str, b: str) -> bool:
-    return a == b or a.endswith("." + b) or b.endswith("." + a)
+def _equivalent(a: str, b: str, root: str | None = None) -> bool:
+    """``a`` and ``b`` name the same module up to a leading prefix (only ``root`` if given)."""
+    if a == b:
+        return True
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    if not longer.endswith("." + shorter):
+        return False
+    return root is None or longer[: -len(shorter) - 1] == root
 
 
 def find_site(sites: dict[str, ModuleSite], path: str) -> ModuleSite | None:
-    """The site of spec path ``path``: exact, else the one site whose path equals it up to a leading prefix.
+    """The site of spec path ``path``: exact, else the one site whose path equals it up to a leading prefix (for
+    a site keras-hub's converter names, only its base-model prefix: ``ModuleSite.root``).
 
     Adapters trained on ``GPT2Model`` name ``h.0.attn.c_attn`` what on ``GPT2LMHeadModel`` is
     ``transformer.h.0.attn.c_attn``; both find the same site.
@@ -189,7 +202,7 @@ def find_site(sites: dict[str, ModuleSite], path: str) -> ModuleSite | None:
     """
     if path in sites:
         return sites[path]
-    found = [s for p, s in sites.items() if _equivalent(p, path)]
+    found = [s for p, s in sites.items() if _equivalent(p, path, s.root)]
     if len(found) > 1:
         raise TargetNotFoundError(f"module {path!r} fits several layers: {[s.path for s in found]}", key=path,
                                   hint="pass module_map={spec path: keras layer path} to say which")

@@ -141,7 +141,7 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
     A model whose inputs cannot be made (a float input of open size) has each wrapped layer's parent run alone
     (:func:`_probe_parents`): unreached are the layers whose kernel it read without entering their ``call``,
     unknown the layers it neither called nor read, or whose parent could not run alone. A forward of the whole
-    model that fails warns, and reports nothing.
+    model that fails (a model that cannot run on its own) warns, and reports every layer unknown.
 
     >>> reach_report(multimodal_gemma4, {"model.vision_tower.encoder.layers.0.mlp.up_proj.linear": site})
     ...                                                                   # doctest: +SKIP
@@ -159,10 +159,14 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
                 try:
                     model(inputs, training=False)
                 except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
+                    # the model cannot run on its own (keras-hub's Gemma 4 assistant raises in call: it runs only
+                    # through call_with_cache inside its target's generate): every layer is undecided
                     warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the "
                                   f"adapted layers: a forward on a dummy batch of two tokens failed "
-                                  f"({type(exc).__name__}: {exc})", AdapterSpecWarning, stacklevel=3)
-                    return {}, {}
+                                  f"({type(exc).__name__}: {exc}); a plain LoRA on a Dense / EinsumDense runs "
+                                  "through its kernel (exact either way), any other adapter is not checked",
+                                  AdapterSpecWarning, stacklevel=3)
+                    return {}, {path: list(site.pieces) for path, site in sites.items()}
         _remember(model, decided, entered)
     unused: dict[str, list[Piece]] = {}
     unknown: dict[str, list[Piece]] = {}
@@ -269,7 +273,7 @@ def check_reached(model: Any, sites: dict[str, ModuleSite]) -> None:
 
     >>> check_reached(model, {"model.layers.0.self_attn.q_proj": site})  # doctest: +SKIP
     """
-    refuse(unreached(model, sites))
+    refuse(unreached(model, sites) or {})
 
 
 def refuse(unused: dict[str, list[Piece]]) -> None:

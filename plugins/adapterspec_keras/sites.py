@@ -114,6 +114,10 @@ class ModuleSite:
     :param refused: why no adapter can go on this module (it has no pieces then), ``""`` if it can.
     :param hf_conv1d: the checkpoint stores the weight ``[in, out]`` (transformers' ``Conv1D``, GPT-2), which
         PEFT's OFT/BOFT/LoHa/LoKr do not adapt (found by a converter; ``False`` otherwise).
+    :param root: the leading segment a path naming this module may add or drop: PEFT names a module relative to
+        the model it wrapped, base or task model (``h.0.attn.c_attn``, ``transformer.h.0.attn.c_attn``); a keras-hub
+        converter's site takes only the base-model prefix (``""``: none), since another suffix names another module
+        (SAM 3's ``text_encoder.text_projection`` ends with ``text_projection``); ``None``: any prefix.
     """
 
     path: str
@@ -124,6 +128,7 @@ class ModuleSite:
     source: str = "layers"
     refused: str = ""
     hf_conv1d: bool = False  # the transformers weight is stored [in, out]: a transformers Conv1D (GPT-2)
+    root: str | None = None
 
     @functools.cached_property
     def key(self) -> tuple[Any, ...]:

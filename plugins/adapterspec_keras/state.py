@@ -99,10 +99,17 @@ def _owner(module: str, by_path: dict[str, AdapterLayer],
     another name of the same Keras site (transformers 5's module path for a checkpoint key, or back)."""
     if module in by_path:
         return by_path[module]
-    found = [layer for path, layer in by_path.items() if _equivalent(path, module)]
+    known = sites() if sites is not None else {}
+    if module in known:
+        # a site's own name decides before a suffix match: T5Gemma 2's checkpoint key
+        # ``encoder.layers.0.self_attn.k_proj`` (the text encoder) also ends the vision tower's module path
+        # ``encoder.vision_tower.encoder.layers.0.self_attn.k_proj``
+        found = [layer for layer in by_path.values() if layer.site.key == known[module].key]
+        return found[0] if len(found) == 1 else None
+    found = [layer for path, layer in by_path.items() if _equivalent(path, module, layer.site.root)]
     if len(found) == 1 or sites is None:
         return found[0] if len(found) == 1 else None
-    site = find_site(sites(), module)
+    site = find_site(known, module)
     found = [layer for layer in by_path.values() if site is not None and layer.site.key == site.key]
     return found[0] if len(found) == 1 else None
 

@@ -258,3 +258,44 @@ def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel
                                                 r"of mlp\.up, mlp\.gate"):
         adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["gate", "up"],
                                            "feedforward_modules": []})
+class _StepOnly(keras.Model):
+    """Like keras-hub's Gemma 4 assistant: a functional model whose ``call`` raises (it runs only through
+    ``step``, as the assistant runs only through ``call_with_cache``), so no forward can check which layers run."""
+
+    def __init__(self) -> None:
+        inputs = keras.Input((3,), name="x")
+        block = _ReadsKernel(name="mlp")
+        super().__init__(inputs, block(inputs))
+        self.block = block
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("runs only through step()")
+
+    def step(self, x: Any) -> Any:
+        return self.block(x)
+
+
+def test_a_model_whose_forward_cannot_run_takes_a_plain_lora_through_every_kernel() -> None:
+    """The check cannot run: a plain LoRA reads through every kernel, exact whether the layer is called (``gate``)
+    or its kernel read by its parent (``up``; before: ignored, with a warning only -- the output was the base's)."""
+    model = _StepOnly()
+    model.set_weights([np.sin(np.arange(w.size) + i).reshape(w.shape).astype("float32")
+                       for i, w in enumerate(model.get_weights())])
+    block = model.block
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    w_gate, bias = ops.convert_to_numpy(block.gate.kernel), ops.convert_to_numpy(block.gate.bias)
+    w_up = ops.convert_to_numpy(block.up.kernel)
+
+    with pytest.warns(adapterspec.AdapterSpecWarning) as warned:
+        modules = adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"]))
+    assert sorted(modules) == ["mlp.gate", "mlp.up"]
+    tensors = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
+    a = {m: tensors[f"base_model.model.mlp.{m}.lora_A.weight"] for m in ("gate", "up")}
+    b = {m: tensors[f"base_model.model.mlp.{m}.lora_B.weight"] for m in ("gate", "up")}
+    gate = x @ w_gate + bias + 2.0 * (x @ a["gate"].T) @ b["gate"].T
+    expected = gate * (x @ w_up + 2.0 * (x @ a["up"].T) @ b["up"].T)
+
+    actual = ops.convert_to_numpy(model.step(x))
+    assert np.abs(expected - (x @ w_gate + bias) * (x @ w_up)).max() > 1e-3
+    assert_near(actual, expected, length=3)
+    assert "a plain LoRA on a Dense / EinsumDense runs through its kernel" in str(warned[0].message)
