@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
 from adapterspec.config import unsupported_features
-from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
+from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
@@ -448,17 +447,22 @@ def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str
            trainable: bool) -> None:
     """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
     MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`). Layers the check
-    could not decide (a multimodal model's parent that cannot run alone) take a plain LoRA through their kernel too,
-    exact whether or not their ``call`` runs; any other adapter on them is loaded with a warning."""
+    could not decide (a multimodal model's parent that cannot run alone, a model that cannot run on its own) take a
+    plain LoRA through their kernel too, exact whether or not their ``call`` runs; any other adapter on them is
+    refused: it might load and change nothing."""
     unused, unknown = reach_report(model, sites)
     refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
     undecided = [path for path, pieces in unknown.items() if not can_read_through(config, pieces, trainable)]
     if undecided:
-        warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the Keras layers of "
-                      f"{', '.join(undecided[:8])}{f' and {len(undecided) - 8} more' if len(undecided) > 8 else ''} "
-                      f"(their parent layers cannot run alone): if a parent reads their kernel itself, the adapter "
-                      f"on them changes nothing", AdapterSpecWarning, stacklevel=4)
-    for path, pieces in [*unused.items(), *((p, ps) for p, ps in unknown.items() if p not in undecided)]:
+        more = f" and {len(undecided) - 8} more" if len(undecided) > 8 else ""
+        raise UnsupportedError(
+            f"adapterspec cannot check that {type(model).__name__}'s forward runs the Keras layers of "
+            f"{', '.join(undecided[:8])}{more} (neither the model nor their parent layers run on a dummy input): "
+            f"if a parent reads their kernel itself, this {config.peft_type} adapter would change nothing",
+            key=undecided[0], hint="a plain LoRA (no DoRA, no lora_bias) on them runs through the kernel, exact either "
+                                   "way; or merge the adapter into the base model (PEFT's merge_and_unload) and "
+                                   "convert that")
+    for path, pieces in [*unused.items(), *unknown.items()]:
         for piece in pieces:
             read_through_kernel(piece.layer, state.entries[id(piece.layer)])
 

@@ -12,8 +12,9 @@ keras-hub's multimodal Gemma 3 and Gemma 4), which cannot be guessed. Then, and 
 alone, up to three levels), on a dummy of the input shape it was built with, with reads of the layers' ``kernel``
 recorded: a layer whose kernel an ancestor read without entering the layer's ``call`` is unreached; one that no
 ancestor called or read (they need other inputs, or call it only on some inputs) is *unknown*, and takes a plain
-LoRA through its kernel (exact whether or not its ``call`` runs; :func:`read_through_kernel`) or a warning. A
-forward of the whole model that fails on the dummy batch is reported as a warning, not an error.
+LoRA through its kernel (exact whether or not its ``call`` runs; :func:`read_through_kernel`); any other adapter
+on it is refused. A forward of the whole model that fails on the dummy batch (a model that runs only through
+another method, keras-hub's Gemma 4 assistant) leaves every layer unknown, with a warning.
 
 Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
 and layer: a later load that wraps only layers checked before runs no forward (the first load of a model pays

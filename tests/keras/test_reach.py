@@ -240,9 +240,10 @@ def test_with_an_image_input_of_open_size_each_layers_parent_is_run_alone() -> N
     assert np.abs(expected - base).max() > 1e-3
 
 
-def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel_and_warns_for_others() -> None:
+def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel_and_refuses_others() -> None:
     """Undecided (no ancestor runs alone): a plain LoRA runs through the kernel, exact whether or not the layer's
-    call runs (``up``: read by its parent; ``gate``: called); another adapter loads with a warning naming them."""
+    call runs (``up``: read by its parent; ``gate``: called); another adapter is refused naming them (it might load
+    and change nothing: ``up``'s IA3 would), the model unchanged."""
     model = _open_image_model(two=True)
     kernels = model.get_weights()
     x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
@@ -254,10 +255,15 @@ def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel
     assert np.abs(expected - base).max() > 1e-3
     adapterspec.delete_adapter(model, "default")
 
-    with pytest.warns(AdapterSpecWarning, match=r"could not check that Functional's forward runs the Keras layers "
-                                                r"of mlp\.up, mlp\.gate"):
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError, match=r"cannot check that Functional's forward runs the Keras layers "
+                                               r"of mlp\.up, mlp\.gate .* this IA3 adapter would change nothing"):
         adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["gate", "up"],
                                            "feedforward_modules": []})
+    assert_same_snapshot(before, snapshot(model))
+    assert adapterspec.adapter_names(model) == []
+
+
 class _StepOnly(keras.Model):
     """Like keras-hub's Gemma 4 assistant: a functional model whose ``call`` raises (it runs only through
     ``step``, as the assistant runs only through ``call_with_cache``), so no forward can check which layers run."""
@@ -299,3 +305,14 @@ def test_a_model_whose_forward_cannot_run_takes_a_plain_lora_through_every_kerne
     assert np.abs(expected - (x @ w_gate + bias) * (x @ w_up)).max() > 1e-3
     assert_near(actual, expected, length=3)
     assert "a plain LoRA on a Dense / EinsumDense runs through its kernel" in str(warned[0].message)
+
+
+def test_a_model_whose_forward_cannot_run_refuses_other_methods() -> None:
+    """The check cannot run: DoRA (not read through a kernel) is refused naming the layers, the model unchanged --
+    on ``up`` (its kernel read by its parent) it would load and change nothing."""
+    model = _StepOnly()
+    before = snapshot(model)
+    with pytest.warns(adapterspec.AdapterSpecWarning), \
+            pytest.raises(UnsupportedError, match=r"mlp\.up, mlp\.gate .* this LORA adapter would change nothing"):
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], use_dora=True))
+    assert_same_snapshot(before, snapshot(model))
