@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
 from adapterspec.config import unsupported_features
-from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
+from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear
 
 from .bank import AdapterBank
@@ -48,8 +49,8 @@ from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
-from .reach import (can_read_through, note_entry, reach_report, read_through_kernel, reads_through, refuse,
-                    restore_kernel)
+from .reach import (can_read_through, note_entry, parents_of, reach_report, read_through_kernel, reads_through,
+                    refuse, restore_kernel)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -449,20 +450,28 @@ def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str
     MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`). Layers the check
     could not decide (a multimodal model's parent that cannot run alone, a model that cannot run on its own) take a
     plain LoRA through their kernel too, exact whether or not their ``call`` runs; any other adapter on them is
-    refused: it might load and change nothing."""
+    refused when they sit inside another layer (it might read their kernel itself: the adapter would change nothing),
+    warned about when the model holds them directly (a container whose layers the user calls)."""
     unused, unknown = reach_report(model, sites)
     refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
     undecided = [path for path, pieces in unknown.items() if not can_read_through(config, pieces, trainable)]
-    if undecided:
-        more = f" and {len(undecided) - 8} more" if len(undecided) > 8 else ""
+    parents = parents_of(model) if undecided else {}
+    nested = [path for path in undecided if any(parents.get(id(p.layer)) not in (None, model) for p in unknown[path])]
+    if nested:
+        more = f" and {len(nested) - 8} more" if len(nested) > 8 else ""
         raise UnsupportedError(
             f"adapterspec cannot check that {type(model).__name__}'s forward runs the Keras layers of "
-            f"{', '.join(undecided[:8])}{more} (neither the model nor their parent layers run on a dummy input): "
+            f"{', '.join(nested[:8])}{more} (neither the model nor their parent layers run on a dummy input): "
             f"if a parent reads their kernel itself, this {config.peft_type} adapter would change nothing",
-            key=undecided[0], hint="a plain LoRA (no DoRA, no lora_bias) on them runs through the kernel, exact either "
-                                   "way; or merge the adapter into the base model (PEFT's merge_and_unload) and "
-                                   "convert that")
-    for path, pieces in [*unused.items(), *unknown.items()]:
+            key=nested[0], hint="a plain LoRA (no DoRA, no lora_bias) on them runs through the kernel, exact either "
+                                "way; or merge the adapter into the base model (PEFT's merge_and_unload) and "
+                                "convert that")
+    if undecided:
+        warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the Keras layers of "
+                      f"{', '.join(undecided[:8])}{f' and {len(undecided) - 8} more' if len(undecided) > 8 else ''}: "
+                      "the model holds them directly and cannot run on a dummy input; if its call reads their "
+                      "kernel itself, the adapter on them changes nothing", AdapterSpecWarning, stacklevel=4)
+    for path, pieces in [*unused.items(), *((p, ps) for p, ps in unknown.items() if p not in undecided)]:
         for piece in pieces:
             read_through_kernel(piece.layer, state.entries[id(piece.layer)])
 

@@ -13,7 +13,8 @@ alone, up to three levels), on a dummy of the input shape it was built with, wit
 recorded: a layer whose kernel an ancestor read without entering the layer's ``call`` is unreached; one that no
 ancestor called or read (they need other inputs, or call it only on some inputs) is *unknown*, and takes a plain
 LoRA through its kernel (exact whether or not its ``call`` runs; :func:`read_through_kernel`); any other adapter
-on it is refused. A forward of the whole model that fails on the dummy batch (a model that runs only through
+on it is refused when the layer sits inside another layer (whose ``call`` may read its kernel, as keras-hub's
+blocks do), and warned about when the model holds it directly (a container the user calls layers of). A forward of the whole model that fails on the dummy batch (a model that runs only through
 another method, keras-hub's Gemma 4 assistant) leaves every layer unknown, with a warning.
 
 Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
@@ -40,8 +41,8 @@ from adapterspec.errors import AdapterSpecWarning, UnsupportedError
 
 from .sites import ModuleSite, Piece
 
-__all__ = ["can_read_through", "check_reached", "dummy_inputs", "note_entry", "reach_report", "read_through_kernel",
-           "reads_through", "refuse", "restore_kernel", "unreached"]
+__all__ = ["can_read_through", "check_reached", "dummy_inputs", "note_entry", "parents_of", "reach_report",
+           "read_through_kernel", "reads_through", "refuse", "restore_kernel", "unreached"]
 
 _ENTERED: contextvars.ContextVar[set[tuple[int, str]] | None] = contextvars.ContextVar("adapterspec_entered",
                                                                                       default=None)
@@ -181,7 +182,7 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
     return unused, unknown
 
 
-def _children(model: Any) -> dict[int, Any]:
+def parents_of(model: Any) -> dict[int, Any]:
     """id(layer) -> the layer that holds it (its nearest tracked parent), for every layer under ``model``."""
     parents: dict[int, Any] = {}
     for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -221,7 +222,7 @@ def _probe_parents(model: Any,
     :returns: the (layer id, role) pairs entered, and the pairs decided (with their layers): entered, or whose
         kernel an ancestor read without entering the layer's ``call`` (a parent that reads the kernel itself).
     """
-    parents = _children(model)
+    parents = parents_of(model)
     pending = [(p, p.layer) for site in sites.values() for p in site.pieces if p.role == "forward"]
     watched = [p.layer for p, _ in pending if isinstance(getattr(type(p.layer), "kernel", None), property)
                and not reads_through(p.layer)]
