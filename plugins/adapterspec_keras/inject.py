@@ -603,6 +603,9 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
     state = get_state(model)
     if state is None:
         return
+    from .auxiliary import restore
+
+    restore(state, adapter_name)  # the base tensors its file replaced (SPEC.md 8.8)
     for key, layer in list(state.adapter_layers.items()):
         if adapter_name in layer.adapter_names():
             layer.remove_adapter(adapter_name)
