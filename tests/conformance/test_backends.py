@@ -13,7 +13,7 @@ from adapterspec.conformance import Corpus, Status, run_suite
 #: Cases a backend still fails, with why; remove an entry when the backend is fixed (XPASS shows it).
 KNOWN_FAILURES = {
     "torch": {},
-    "keras": {},  # an embedding saved whole (SPEC 5.3) is UNSUPPORTED there, said so typed: not a failure
+    "keras": {},
 }
 
 

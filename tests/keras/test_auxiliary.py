@@ -247,3 +247,14 @@ def test_a_bad_auxiliary_tensor_is_refused_and_changes_nothing(case: str, checkp
     _peft_adapter(checkpoints[arch], good, config, salt=3, embeddings=arch == "llama")
     adapterspec.load_adapter(model, good, adapter_name="good")
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), error, needle)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_training_biases_is_refused_naming_the_field(bias: str, checkpoints: Any) -> None:
+    """PEFT trains the biases ``bias`` names; the Keras backend keeps them frozen, so it refuses rather than train an
+    adapter that PEFT would train differently (before: the biases silently stayed frozen and were not saved)."""
+    model = keras_model("qwen2", checkpoints["qwen2"])
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "bias": bias}
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config, trainable=True),
+                             adapterspec.UnsupportedError, "/bias")
