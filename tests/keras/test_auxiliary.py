@@ -258,3 +258,20 @@ def test_training_biases_is_refused_naming_the_field(bias: str, checkpoints: Any
     config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "bias": bias}
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config, trainable=True),
                              adapterspec.UnsupportedError, "/bias")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fingerprint_describes_the_base_not_a_replaced_embedding(checkpoints: Any, tmp_path: Path) -> None:
+    """An adapter on lm_head injected after another adapter's file replaced lm_head's matrix records the base's
+    fingerprint (SPEC.md 9.1), as on the pristine model: the file's matrix is not the base's."""
+    _peft_adapter(checkpoints["llama"], tmp_path / "peft", CASES["llama-embeddings-whole"][1](), embeddings=True)
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["lm_head"]}
+    pristine = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(pristine, config, "b", trainable=False)
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    adapterspec.inject_adapter(model, config, "b", trainable=False)
+    from adapterspec_keras.identity import base_identity
+
+    expected = base_identity(pristine, "b")["fingerprint"]
+    assert base_identity(model, "b")["fingerprint"] == expected
