@@ -275,3 +275,17 @@ def test_fingerprint_describes_the_base_not_a_replaced_embedding(checkpoints: An
 
     expected = base_identity(pristine, "b")["fingerprint"]
     assert base_identity(model, "b")["fingerprint"] == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unload_merge_keeps_the_biases_as_peft_merge_and_unload(checkpoints: Any, token_ids: np.ndarray,
+                                                               tmp_path: Path) -> None:
+    """``unload(merge=True)`` deletes the adapter with its delta merged: the trained biases stay, as after PEFT's
+    ``merge_and_unload``."""
+    peft_model = _peft_adapter(checkpoints["gpt2"], tmp_path / "peft", CASES["gpt2-all"][1]())
+    expected = torch_logits(peft_model.merge_and_unload(), token_ids)
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    adapterspec.unload(model, merge=True)
+    assert adapterspec.adapter_names(model) == []
+    assert_near(keras_logits(model, token_ids), expected)
