@@ -8,8 +8,8 @@ The adapter goes in through :func:`adapterspec.load_adapter` with ``module_map={
 comes out through :func:`adapterspec.save_adapter`. Decoder cases (prefix/prompt tuning) run a keras-hub
 ``Llama3CausalLM`` and read what its decoder layers receive: the key/value cache each layer is given (the
 prefix), or the hidden states the first layer is given -- the prompt's, then the tokens' (their
-concatenation is PEFT's ``inputs_embeds``). What the backend refuses as unsupported (an embedding saved whole)
-is reported UNSUPPORTED by the runner.
+concatenation is PEFT's ``inputs_embeds``). What the backend refuses as unsupported is reported UNSUPPORTED by
+the runner.
 
 >>> from adapterspec.conformance import load_corpus, run_suite
 >>> report = run_suite(KerasImplementation(), load_corpus())        # doctest: +SKIP

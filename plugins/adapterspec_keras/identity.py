@@ -155,15 +155,29 @@ def _conv_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None
     return shape, _host_array(variable).reshape(-1)[flat].astype(np.float32)
 
 
-def _site_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """The spec-layout shape of the site's base weight and its sampled elements, or ``None`` when unknown."""
+def _replaced(state: ModelState | None) -> dict[int, np.ndarray]:
+    """id(variable) -> its value before any adapter's file replaced it (SPEC.md 5.3: an embedding saved whole), so
+    that the fingerprint describes the base, as the torch backend's does."""
+    if state is None:
+        return {}
+    overrides = [o for each in state.base_weights.values() for o in each]
+    later = {id(o.superseded_by) for o in overrides if o.superseded_by is not None}
+    return {id(o.variable): o.old for o in overrides if id(o) not in later}  # the first override's old value
+
+
+def _site_samples(site: ModuleSite, replaced: dict[int, np.ndarray] | None = None) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The spec-layout shape of the site's base weight and its sampled elements, or ``None`` when unknown.
+
+    :param replaced: base values of variables an adapter's file replaced (:func:`_replaced`)."""
     if site.kind == "conv":
         return _conv_samples(site)
     shape, count, parts = _plan(site)
     values = np.full(count, np.nan, dtype=np.float32)
     for piece, mine, flat in parts:
         # one read of the variable, then NumPy picks the elements: a framework op per sample set cost ~1.8 ms per module
-        values[mine] = _host_array(_kernel_variable(piece)).reshape(-1)[flat]
+        variable = _kernel_variable(piece)
+        base = (replaced or {}).get(id(variable))
+        values[mine] = (np.asarray(base) if base is not None else _host_array(variable)).reshape(-1)[flat]
     return (shape, values) if not np.isnan(values).any() else None
 
 
@@ -177,7 +191,7 @@ def remember_base(state: ModelState, names: list[str]) -> None:
         if not isinstance(layer, AdapterLayer):  # a module saved whole: not part of the base's fingerprint
             continue
         if not layer.merged and any(n in layer._slots for n in names):  # its kernel is the base now: (re)sample
-            state.base_samples[key] = (_site_samples(layer.site), None)
+            state.base_samples[key] = (_site_samples(layer.site, _replaced(state)), None)
 
 
 def unmerged_base(state: ModelState) -> None:
@@ -191,14 +205,15 @@ def unmerged_base(state: ModelState) -> None:
         if layer is None or kept is None:
             del state.base_samples[key]
             continue
-        state.base_samples[key] = (kept, _site_samples(layer.site))
+        state.base_samples[key] = (kept, _site_samples(layer.site, _replaced(state)))
 
 
 def _same(a: tuple[tuple[int, ...], np.ndarray] | None, b: tuple[tuple[int, ...], np.ndarray] | None) -> bool:
     return a is not None and b is not None and a[0] == b[0] and a[1].tobytes() == b[1].tobytes()
 
 
-def _embedding_samples(model: Any) -> tuple[str, tuple[tuple[int, ...], np.ndarray]] | None:
+def _embedding_samples(model: Any, replaced: dict[int, np.ndarray] | None = None) -> \
+        tuple[str, tuple[tuple[int, ...], np.ndarray]] | None:
     """Prefix and prompt tuning: the input embedding's spec module path (``model.embed_tokens``) and samples."""
     from .converters import backbone_of
     from .mapping import spec_sites
@@ -209,7 +224,7 @@ def _embedding_samples(model: Any) -> tuple[str, tuple[tuple[int, ...], np.ndarr
     for path, site in spec_sites(model).items():
         if site.kind == "embedding" and len(site.pieces) == 1 and site.pieces[0].layer is token_embedding \
                 and site.pieces[0].kind == "embedding":
-            sampled = _site_samples(site)
+            sampled = _site_samples(site, replaced)
             return None if sampled is None else (path, sampled)
     return None
 
@@ -218,8 +233,9 @@ def _fingerprint(model: Any, adapter_name: str) -> str | None:
     state = get_state(model)
     if state is None:
         return None
+    replaced = _replaced(state)
     if adapter_name in state.prompts:
-        found = _embedding_samples(model)
+        found = _embedding_samples(model, replaced)
         return None if found is None else fingerprint(dict([found]))
     weights: dict[str, Any] = {}
     for key, layer in state.adapter_layers.items():
@@ -232,7 +248,7 @@ def _fingerprint(model: Any, adapter_name: str) -> str | None:
         if layer.merged:  # merged deltas are in the kernel: only the samples taken before the merge describe the base
             sampled = kept
         else:
-            sampled = _site_samples(layer.site)
+            sampled = _site_samples(layer.site, replaced)
             if kept is not None and _same(sampled, after_unmerge):
                 sampled = kept
         if sampled is None:

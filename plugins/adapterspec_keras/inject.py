@@ -237,6 +237,11 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another name")
     check_features(config)
+    if options.trainable and config.peft_type == "LORA" and config.get("bias", "none") != "none":
+        raise UnsupportedError(f"bias={config.get('bias')!r} trains the base model's biases, which the keras backend "
+                               "keeps frozen (it loads and saves them, SPEC.md 5.3, but does not train them)",
+                               pointer="/bias", hint="load it frozen (trainable=False), set bias to 'none', or train "
+                                                     "with the torch backend")
     if config.is_prompt_learning:
         from .prompts import check_prompt_learning
 
@@ -612,6 +617,9 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
     state = get_state(model)
     if state is None:
         return
+    from .auxiliary import restore
+
+    restore(state, adapter_name)  # the base tensors its file replaced (SPEC.md 8.8)
     for key, layer in list(state.adapter_layers.items()):
         if adapter_name in layer.adapter_names():
             layer.remove_adapter(adapter_name)

@@ -30,7 +30,6 @@ from adapterspec.errors import (
     ShapeMismatchError,
     TargetNotFoundError,
     UnexpectedTensorError,
-    UnsupportedError,
 )
 from adapterspec.naming import (
     BASE_LAYER_PARAM,
@@ -45,6 +44,7 @@ from adapterspec.naming import (
 from adapterspec._vera import shared_key
 
 from . import vera
+from .auxiliary import Target, apply_overrides, auxiliary_tensors, plan_auxiliary
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import _equivalent, find_site, spec_sites
@@ -114,12 +114,14 @@ def _owner(module: str, by_path: dict[str, AdapterLayer],
     return found[0] if len(found) == 1 else None
 
 
-def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, AdapterLayer], adapter_name: str,
-                options: LoadOptions, base_plan: dict[str, AdapterLayer],
+def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, AdapterLayer], adapter_name: str,
+                options: LoadOptions, base_plan: dict[str, AdapterLayer], aux_plan: dict[str, list[Target]],
                 unmapped: list[str]) -> tuple[tuple[AdapterLayer, str, Layout], str] | None:
     """Where a key that is not an injected parameter's canonical key goes: an injected parameter under another
-    module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), an
-    unmapped module (into ``unmapped``) -- else an error."""
+    module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), a
+    base tensor the file replaces (an embedding saved whole, a trained bias: into ``aux_plan``), an unmapped module
+    (into ``unmapped``) -- else an error."""
+    config = adapter.config
     name = parse_key(key, config.peft_type, config)
     def sites() -> dict[str, ModuleSite]:
         return spec_sites(model, options)
@@ -129,11 +131,11 @@ def _plan_other(model: Any, key: str, config: AdapterConfig, by_path: dict[str, 
         return None
     if name.role == "ignored":  # PEFT's bookkeeping copies (SPEC.md 5.4): accepted, not loaded
         return None
-    if name.role in ("embedding", "bias"):  # valid tensors (SPEC.md 5.3) this backend cannot hold yet
-        what = "an embedding saved whole" if name.role == "embedding" else "a trained bias"
-        raise UnsupportedError(f"{name.role} tensors saved by PEFT ({what}) are not implemented by the Keras backend",
-                               key=key,
-                               hint="load this adapter with the torch backend, or save it without them")
+    if name.role in ("embedding", "bias"):  # base tensors the file replaces (SPEC.md 5.3, 8.8)
+        owner = _owner(name.module, by_path, sites)
+        shape = tuple(int(d) for d in adapter.tensors[key].shape)
+        aux_plan[key] = plan_auxiliary(model, key, name, shape, owner, sites, options)
+        return None
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
@@ -216,10 +218,11 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     renames: dict[int, tuple[AdapterLayer, str]] = {}
     unmapped: list[str] = []
     base_plan: dict[str, AdapterLayer] = {}
+    aux_plan: dict[str, list[Target]] = {}
     for key, info in adapter.tensors.items():
         entry = canonical.get(key)
         if entry is None:
-            other = _plan_other(model, key, config, by_path, adapter_name, options, base_plan, unmapped)
+            other = _plan_other(model, key, adapter, by_path, adapter_name, options, base_plan, aux_plan, unmapped)
             if other is None:
                 continue
             (owner, name, owned), module = other
@@ -261,6 +264,8 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     root = _owned_buffer(arrays) if adapter.arrays is None else None  # not an in-memory adapter's (the caller's)
     for key, layer in base_plan.items():
         layer.replace_base_weight(adapter_name, arrays[key])
+    if aux_plan and state is not None:
+        apply_overrides(state, adapter_name, aux_plan, arrays)
     for layer, path in renames.values():
         layer.rename(adapter_name, path)
     _fill_banks(fill, arrays, adapter_name, root)
@@ -482,6 +487,7 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
     if shared is not None and read is not None:  # VeRA's projections, stored once (SPEC.md 15.5)
         for param, ref in shared.refs.items():
             tensors[shared_key(param)] = shared.layouts[param].from_stored(read(ref))
+    tensors.update(auxiliary_tensors(state, adapter_name))  # SPEC.md 5.3: as the file had them
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
         if key not in tensors:
             continue

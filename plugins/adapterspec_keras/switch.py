@@ -58,6 +58,9 @@ class ModelState:
     :param base_samples: site key -> (the base fingerprint's samples of that module, or ``None``, taken just before
         an adapter was first merged into it; the samples of what an unmerge left there, or ``None``), so that a save
         while merged, or after an unmerge that rounded differently, records the base (SPEC.md 9.1).
+    :param base_weights: name -> the base-model variables its file replaced (:class:`~adapterspec_keras.auxiliary.Override`:
+        an embedding saved whole, trained biases, SPEC.md 5.3), given back when it is deleted.
+    :param auxiliary: name -> {canonical key: the file's tensor} of those replacements, saved again with it.
     """
 
     names: list[str] = field(default_factory=list)
@@ -75,6 +78,8 @@ class ModelState:
     frozen: list[tuple[Any, str, Any]] = field(default_factory=list)
     stored_dtypes: dict[str, dict[str, Any]] = field(default_factory=dict)
     base_samples: dict[Any, Any] = field(default_factory=dict)
+    base_weights: dict[str, list[Any]] = field(default_factory=dict)
+    auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:

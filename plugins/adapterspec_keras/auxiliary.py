@@ -1,0 +1,257 @@
+"""Auxiliary tensors on Keras (SPEC.md 5.3, 8.8): base-model variables an adapter's file replaces.
+
+The mirror of :mod:`adapterspec_torch.auxiliary`. A PEFT folder may hold, besides the method's tensors, full
+tensors that replace the base model's while the adapter is loaded: an embedding saved whole
+(``<emb>.weight``, PEFT's ``save_embedding_layers``) and trained biases (``bias="lora_only"``:
+``<m>.base_layer.bias``; ``bias="all"``: also ``<m>.bias`` of any module). Each is written into the Keras
+variable(s) holding that tensor -- found through the module's site (the Keras layers and index maps that compute
+it: a GPT-2 ``c_attn`` bias goes to the query, key and value layers' biases), else through keras-hub's converter
+record (a layer norm's ``beta``) -- so tied weights (a ``ReversibleEmbedding``'s ``embeddings``) stay tied. The
+variable's value before comes back when the adapter is deleted (:func:`restore`); as in PEFT the replacement stays
+in place while another adapter is active, or none. Saving writes the file's tensors again
+(:func:`auxiliary_tensors`). A resized vocabulary is refused (``ShapeMismatchError``): keras-hub models are not
+resized here. The ``<m>.base_layer.weight`` of an adapted layer is the adapter layer's own business
+(:meth:`~adapterspec_keras.layers.AdapterLayer.replace_base_weight`).
+
+>>> plan = plan_auxiliary(model, key, name, (64,), owner, sites, options)      # doctest: +SKIP
+>>> apply_overrides(state, "default", {key: plan}, arrays)                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+from adapterspec import LoadOptions
+from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
+from adapterspec.naming import TensorName
+
+from . import _ops
+from .sites import ModuleSite, Piece
+from .switch import ModelState
+
+__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "plan_auxiliary", "restore"]
+
+#: (the variable's value, the file's tensor) -> the variable's new value.
+Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class Target:
+    """One Keras variable a file tensor is written into, and how.
+
+    :param variable: the Keras variable.
+    :param write: (its value, the tensor in the file's layout) -> its new value.
+    """
+
+    variable: Any
+    write: Writer
+
+
+@dataclass(eq=False)
+class Override:
+    """A base-model variable whose value an adapter replaced while it is loaded.
+
+    :param keys: the canonical keys that wrote it (two when a file names both of two tied layers).
+    :param variable: the Keras variable.
+    :param old: its value before; it comes back on delete (unless a later adapter replaced it again, which
+        then inherits it: ``superseded_by``).
+    :param new: the value this adapter gave it.
+    :param superseded_by: the override of an adapter loaded later that replaced the variable again, or ``None``.
+    """
+
+    keys: list[str]
+    variable: Any
+    old: np.ndarray
+    new: np.ndarray
+    superseded_by: Override | None = field(default=None, repr=False)
+
+
+def _not_taken(key: str, module: str, why: str) -> UnexpectedTensorError:
+    return UnexpectedTensorError(f"module {module!r} {why}", key=key,
+                                 hint="check the config (target_modules, bias) matches the tensors")
+
+
+def _absent(key: str, module: str) -> TargetNotFoundError:
+    return TargetNotFoundError(f"the key names module {module!r}, which has no counterpart in this Keras model",
+                               key=key, hint="pass module_map={spec module path: keras layer path}")
+
+
+def _bias_targets(site: ModuleSite, key: str, shape: tuple[int, ...]) -> list[Target]:
+    """The bias variables of ``site``'s pieces, each taking its outputs' entries of the file's ``[out]`` bias."""
+    module = site.path
+    if site.kind == "embedding" or not site.pieces:
+        raise _not_taken(key, module, "has no bias")
+    if shape != (site.out_features,):
+        raise ShapeMismatchError(f"shape {list(shape)} does not fit the bias of {module!r}: expected "
+                                 f"[{site.out_features}]", key=key,
+                                 hint="the adapter was trained for another base model (or a different size)")
+    biases = [piece.bias_variable for piece in site.pieces]
+    if all(b is None for b in biases):
+        raise _not_taken(key, module, f"has no bias (Keras layer(s) {[p.layer.path for p in site.pieces]})")
+    targets = []
+    for piece, bias in zip(site.pieces, biases):
+        if bias is None or (piece.out_slice is None and tuple(int(d) for d in bias.shape) != piece.out_shape) or \
+                (piece.out_slice is not None and len(bias.shape) != 1):
+            raise UnsupportedError(f"the bias of {module!r} does not map onto Keras layer {piece.layer.path!r}'s "
+                                   f"bias ({None if bias is None else list(bias.shape)}, outputs {list(piece.out_shape)})",
+                                   key=key, hint="load this adapter with the torch backend")
+        targets.append(Target(bias, _bias_writer(piece)))
+    return targets
+
+
+def _bias_writer(piece: Piece) -> Writer:
+    index, out_slice = piece.out_index, piece.out_slice
+
+    def write(value: np.ndarray, tensor: np.ndarray) -> np.ndarray:
+        taken: np.ndarray = np.asarray(tensor)[index]
+        if out_slice is None:
+            return taken.astype(value.dtype)
+        new = value.copy()
+        new[out_slice[0]:out_slice[1]] = taken.ravel()
+        return new
+
+    return write
+
+
+def _weight_targets(site: ModuleSite, key: str, shape: tuple[int, ...]) -> list[Target]:
+    """The kernel (embeddings) variable of a module that is one plain Keras layer, for its whole weight."""
+    piece = site.pieces[0] if site.pieces else None
+    if piece is None or len(site.pieces) != 1 or piece.out_slice is not None or site.kind == "conv" or \
+            not np.array_equal(piece.in_index.ravel(), np.arange(site.in_features)) or \
+            not np.array_equal(piece.out_index.ravel(), np.arange(site.out_features)):
+        raise UnsupportedError(f"an embedding saved whole can only replace a module that is one plain Keras layer; "
+                               f"{site.path!r} is not", key=key, hint="load this adapter with the torch backend")
+    expected = (site.in_features, site.out_features) if site.kind == "embedding" else \
+        (site.out_features, site.in_features)
+    if shape != expected:
+        rows = len(shape) == 2 and shape[1] == expected[1] and shape[0] != expected[0]
+        hint = (f"the vocabulary was resized in training ({shape[0]} rows, the Keras model has {expected[0]}): "
+                "keras-hub models cannot be resized here; load it with the torch backend after "
+                "model.resize_token_embeddings") if rows else \
+            "the adapter was made for a model of other dimensions"
+        raise ShapeMismatchError(f"shape {list(shape)} does not fit {piece.layer.path!r}: expected {list(expected)}",
+                                 key=key, hint=hint)
+    embedding = site.kind == "embedding"
+
+    def write(value: np.ndarray, tensor: np.ndarray) -> np.ndarray:
+        flat = np.asarray(tensor) if embedding else np.asarray(tensor).T
+        return np.asarray(ops.convert_to_numpy(_ops.kernel_from_flat(piece, ops.convert_to_tensor(flat)))) \
+            .astype(value.dtype)
+
+    return [Target(piece.kernel_variable, write)]
+
+
+def _converter_targets(model: Any, module: str, param: str, key: str, shape: tuple[int, ...]) -> list[Target] | None:
+    """``param`` of ``module`` as keras-hub's converter ports it (a copy or a transpose), or ``None``."""
+    from .modules_to_save import _layout, converter_modules
+
+    entries = [(variable, hook) for p, variable, hook in converter_modules(model).get(module, []) if p == param]
+    if not entries:
+        return None
+    if len(entries) > 1:
+        raise UnsupportedError(f"keras-hub's converter spreads {key!r} over several variables", key=key,
+                               hint="load this adapter with the torch backend")
+    variable, hook = entries[0]
+    layout = _layout(key, variable, hook)
+    if shape != tuple(layout.spec_shape):
+        raise ShapeMismatchError(f"shape {list(shape)} does not fit {variable.path!r}: expected "
+                                 f"{list(layout.spec_shape)}", key=key,
+                                 hint="the adapter was trained for another base model (or a different size)")
+    return [Target(variable, lambda value, tensor: np.asarray(layout.to_keras(np.asarray(tensor))).astype(value.dtype))]
+
+
+def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...], owner: Any,
+                   sites: Callable[[], dict[str, ModuleSite]], options: LoadOptions) -> list[Target]:
+    """Where auxiliary tensor ``key`` (role ``"bias"`` or ``"embedding"``) goes, checked against the model.
+
+    :param owner: the adapter layer of ``name.module`` for this adapter, or ``None``.
+    :param sites: the model's sites (:func:`~adapterspec_keras.mapping.spec_sites`), computed on demand.
+    :raises TargetNotFoundError: the module has no counterpart in the Keras model.
+    :raises UnexpectedTensorError: the module has no such tensor (no bias; a ``base_layer`` of a module this
+        adapter does not adapt).
+    :raises ShapeMismatchError: the shape does not fit (a resized vocabulary: with a hint).
+    :raises UnsupportedError: the Keras layers hold the tensor in a way this backend does not write.
+    """
+    from .mapping import find_site
+
+    module = name.module
+    if name.param == "base_layer.bias":
+        if owner is None:
+            if find_site(sites(), module) is None:
+                raise _absent(key, module)
+            raise _not_taken(key, module, "has no adapter of this adapter, so no base_layer")
+        return _bias_targets(owner.site, key, shape)
+    site = owner.site if owner is not None else find_site(sites(), module)
+    if name.role == "embedding":
+        if site is None:
+            raise _absent(key, module)
+        return _weight_targets(site, key, shape)
+    if site is not None and site.pieces:
+        return _bias_targets(site, key, shape)
+    found = _converter_targets(model, module, name.param, key, shape)
+    if found is None:
+        raise _absent(key, module)
+    return found
+
+
+def apply_overrides(state: ModelState, adapter_name: str, plan: Mapping[str, list[Target]],
+                    arrays: Mapping[str, Any]) -> None:
+    """Write the planned tensors into their variables (a variable several keys name takes them in file order: the
+    last one's values where they overlap, as PEFT's ``load_state_dict`` would leave them) and keep them to save.
+    """
+    groups: dict[int, tuple[Any, list[tuple[str, Writer]]]] = {}
+    for key, targets in plan.items():
+        for target in targets:
+            groups.setdefault(id(target.variable), (target.variable, []))[1].append((key, target.write))
+    tops = {id(o.variable): o for overrides in state.base_weights.values() for o in overrides
+            if o.superseded_by is None}
+    mine = state.base_weights.setdefault(adapter_name, [])
+    for variable_id, (variable, writes) in groups.items():
+        before = tops.get(variable_id)
+        old = before.new if before is not None else np.array(ops.convert_to_numpy(variable))
+        new = old
+        for key, write in writes:
+            new = write(new, arrays[key])
+        variable.assign(new)
+        override = Override(list(dict.fromkeys(k for k, _ in writes)), variable, old, new)
+        if before is not None:
+            before.superseded_by = override
+        mine.append(override)
+    kept = state.auxiliary.setdefault(adapter_name, {})
+    for key in plan:
+        kept[key] = np.ascontiguousarray(arrays[key]).copy()
+
+
+def restore(state: ModelState, adapter_name: str) -> None:
+    """Give back the values ``adapter_name`` replaced and forget its tensors.
+
+    While any adapter is merged (``unload(merge=True)``), the replacements stay, as on torch. Where a later adapter
+    replaced a variable again, that adapter inherits the value to restore.
+    """
+    overrides = state.base_weights.pop(adapter_name, [])
+    state.auxiliary.pop(adapter_name, None)
+    if state.merged:
+        return
+    others = [o for overrides_ in state.base_weights.values() for o in overrides_]
+    for override in overrides:
+        before = next((o for o in others if o.superseded_by is override), None)
+        if override.superseded_by is not None:
+            override.superseded_by.old = override.old
+        else:
+            override.variable.assign(override.old)
+        if before is not None:
+            before.superseded_by = override.superseded_by
+
+
+def auxiliary_tensors(state: ModelState, adapter_name: str) -> dict[str, np.ndarray]:
+    """Canonical key -> tensor (the file's, as loaded) of every auxiliary tensor ``adapter_name`` saves again.
+
+    >>> auxiliary_tensors(get_state(model), "default")                 # doctest: +SKIP
+    {'base_model.model.model.embed_tokens.weight': array(...)}
+    """
+    return dict(state.auxiliary.get(adapter_name, {}))
