@@ -53,12 +53,15 @@ def task_type_of(model: Any) -> str | None:
 
 
 def _reads_tokens(model: Any) -> bool:
-    """Whether a functional Keras model has a ``token_ids`` input (keras-hub's text and multimodal backbones)."""
+    """Whether a functional Keras model reads token ids (keras-hub's text, encoder-decoder and multimodal backbones)."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):  # a subclassed model that has not been called
         return False
-    return any(str(getattr(each, "name", "")).split(":")[0] == "token_ids" for each in inputs or ())
+    # text backbones take token_ids, encoder-decoder ones (T5, BART) encoder_token_ids; Whisper's decoder_token_ids
+    # alone is not it (transformers' WhisperModel reads input_features, as the torch backend sees it)
+    return any(str(getattr(each, "name", "")).split(":")[0] in ("token_ids", "encoder_token_ids")
+               for each in inputs or ())
 
 
 def _kernel_variable(piece: Piece) -> Any:

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
@@ -324,6 +325,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             for each in layers:
                 each.finish_init(adapter_name)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
+        _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:
             _train_only_adapters(model, state, adapter_name)
     except BaseException:
@@ -479,6 +481,35 @@ def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str
     for path, pieces in [*unused.items(), *((p, ps) for p, ps in unknown.items() if p not in undecided)]:
         for piece in pieces:
             read_through_kernel(piece.layer, state.entries[id(piece.layer)])
+
+
+def _reach_parameters(model: Any, parameters: dict[str, tuple[Any, list[ParameterTarget]]]) -> None:
+    """Refuse ``target_parameters`` on a layer whose ``call`` the forward never runs (a parent reading its variables
+    itself): the unmerged delta runs inside that ``call`` (:class:`~adapterspec_keras.parameters.ParameterLayer`),
+    so it would change nothing. As for module adapters, a layer the check cannot decide is refused when it sits
+    inside another layer, and warned about when the model holds it directly."""
+    if not parameters:
+        return
+    empty = np.zeros(0, dtype=np.int64)
+    holders = {path: ModuleSite(path, "parameters", 0, 0, [Piece(holder, "parameters", empty, empty)])
+               for path, (holder, _) in parameters.items()}
+    unused, unknown = reach_report(model, holders)
+    parents = parents_of(model) if unknown else {}
+    nested = {path: pieces for path, pieces in unknown.items()
+              if any(parents.get(id(p.layer)) not in (None, model) for p in pieces)}
+    never = {**unused, **nested}
+    if never:
+        listed = ", ".join(f"{path} -> {pieces[0].layer.path}" for path, pieces in list(never.items())[:8])
+        raise UnsupportedError(f"target_parameters adapts the variables of Keras layers whose call the model's forward "
+                               f"does not run (or cannot be shown to run): {listed}; a parent reading them itself "
+                               f"would not see the unmerged delta", key=next(iter(never)), pointer="/target_parameters",
+                               hint="map (module_map) the module to the layer whose call reads the variables, or merge "
+                                    "the adapter (merge_adapters) right after loading it")
+    if unknown:
+        warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the Keras layers of "
+                      f"{', '.join(list(unknown)[:8])} (target_parameters): the model holds them directly and cannot "
+                      "run on a dummy input; if its call reads their variables itself, the adapter changes nothing",
+                      AdapterSpecWarning, stacklevel=4)
 
 
 def _forget(model: Any, state: ModelState, adapter_name: str) -> None:

@@ -40,6 +40,7 @@ from adapterspec.errors import UnsupportedError
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .layers import Layout
+from .reach import note_entry
 from .sites import ModuleSite
 
 __all__ = ["EXPERT_TABLE", "ExpertParameter", "ParameterLayer", "ParameterTarget", "Part", "find_parameter_targets",
@@ -299,6 +300,7 @@ class ParameterLayer:
         original = own if own is not None else type(holder).call.__get__(holder)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            note_entry(holder, "forward")  # the reach check (inject._reach_parameters)
             mapping = self.state_mapping()
             if not mapping:
                 return original(*args, **kwargs)
@@ -334,6 +336,9 @@ class ParameterLayer:
                         held = totals.get(id(variable))
                         totals[id(variable)] = (variable, part if held is None else held[1] + part)
             out = [(variable, ops.convert_to_tensor(variable) + delta) for variable, delta in totals.values()]
+            # the holder's other variables keep the values of an enclosing scope (stateless_call: the JAX trainer,
+            # generate): an inner StatelessScope does not fall back to the outer one
+            out += [(v, ops.convert_to_tensor(v)) for v in self.holder.weights if id(v) not in totals]
         return out
 
     def variables(self) -> list[Any]:

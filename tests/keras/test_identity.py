@@ -58,11 +58,6 @@ def test_task_type_feature_extraction_only_for_backbones_that_read_token_ids() -
     assert task_type_of(keras.Sequential()) is None
 
 
-@pytest.mark.xfail(strict=True, reason="review of the kmoe/swin/ktok/mm/t5g merge: _reads_tokens looks for an input "
-                                       "named token_ids only, so keras-hub's encoder-decoder backbones (T5, BART: "
-                                       "encoder_token_ids) record no task_type where the torch backend records "
-                                       "FEATURE_EXTRACTION for T5Model/BartModel (main_input_name input_ids); before "
-                                       "the merge Keras recorded FEATURE_EXTRACTION too")
 def test_encoder_decoder_backbone_task_type_matches_the_torch_backend() -> None:
     """The same base saves the same ``task_type`` from either backend: keras-hub's ``T5Backbone`` is transformers'
     ``T5Model``, which the torch backend records as FEATURE_EXTRACTION."""
