@@ -313,13 +313,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             on_parameters.add_adapter(adapter_name, config, path, targets, options, bank)
             on_parameters.set_active(state.active)
             layers.append(on_parameters)
-        for path, params in saved:
-            whole = state.adapter_layers.get(saved_key(path))
-            if whole is None:
-                whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
-            whole.add_adapter(adapter_name, path, bank, options)
-            whole.set_active(state.active)
-            layers.append(whole)
+        layers += [_save_whole(state, path, params, adapter_name, bank, options) for path, params in saved]
         if getattr(options, "initialize", True):
             bank.materialize()
             for each in layers:
@@ -360,13 +354,8 @@ def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, opti
         _track(host, bank)
         state.banks[adapter_name] = (bank, host)
         layers: list[ModulesToSaveLayer] = []
-        for (path, params), prefix in [*((t, LN_PREFIX) for t in targets), *((t, "") for t in saved)]:
-            whole = state.adapter_layers.get(saved_key(path))
-            if whole is None:
-                whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
-            whole.add_adapter(adapter_name, path, bank, options, prefix=prefix)
-            whole.set_active(state.active)
-            layers.append(whole)
+        layers += [_save_whole(state, path, params, adapter_name, bank, options, prefix)
+                   for (path, params), prefix in [*((t, LN_PREFIX) for t in targets), *((t, "") for t in saved)]]
         if getattr(options, "initialize", True):
             bank.materialize()
             for each in layers:
@@ -377,6 +366,18 @@ def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, opti
     guard_save(model)
     invalidate(model)
     return list(state.modules[adapter_name])
+
+
+def _save_whole(state: ModelState, path: str, params: list[Any], adapter_name: str, bank: AdapterBank,
+                options: LoadOptions, prefix: str = "") -> ModulesToSaveLayer:
+    """Module ``path``'s copy for ``adapter_name`` (``modules_to_save``; LN tuning's, under ``prefix``), its
+    :class:`ModulesToSaveLayer` made on first use and shared by the adapters that save it."""
+    whole = state.adapter_layers.get(saved_key(path))
+    if whole is None:
+        whole = state.adapter_layers[saved_key(path)] = ModulesToSaveLayer(path, params)
+    whole.add_adapter(adapter_name, path, bank, options, prefix=prefix)
+    whole.set_active(state.active)
+    return whole
 
 
 def _owner_layer(model: Any, variable: Any) -> Any:
