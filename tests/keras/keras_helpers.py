@@ -267,3 +267,34 @@ def assert_refused_unchanged(model: Any, call: Any, error: type[Exception], need
         call()
     assert needle in str(info.value)
     assert_same_snapshot(before, snapshot(model))
+
+
+def siglip_keys(folder: Path) -> None:
+    """keras-hub's PaliGemma and Gemma 3 converters read the SigLIP tower under ``vision_tower.vision_model.``,
+    where transformers 5 saves ``vision_tower.``."""
+    from safetensors.numpy import load_file, save_file
+
+    file = folder / "model.safetensors"
+    save_file({("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+def paligemma_checkpoint(folder: Path) -> Any:
+    """A tiny ``PaliGemmaForConditionalGeneration`` saved to ``folder`` for keras-hub: its converter takes the
+    attention head_dim from ``num_image_tokens`` (both 16 here: a 32 px image in 8 px patches) and keeps the
+    vocabulary below ``image_token_index`` (120 of 128)."""
+    import torch
+    import transformers
+
+    config = transformers.PaliGemmaConfig(
+        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=64),
+        image_token_index=120, projection_dim=64)
+    torch.manual_seed(11)
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    siglip_keys(folder)
+    return model

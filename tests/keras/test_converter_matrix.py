@@ -31,7 +31,14 @@ transformers = pytest.importorskip("transformers")
 import adapterspec  # noqa: E402
 from adapterspec.errors import TargetNotFoundError  # noqa: E402
 from adapterspec_keras import converters  # noqa: E402
-from keras_helpers import ARCHS, fill_adapter_weights, peft_adapted_modules, unique_values  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    ARCHS,
+    fill_adapter_weights,
+    paligemma_checkpoint,
+    peft_adapted_modules,
+    siglip_keys,
+    unique_values,
+)
 
 _IDS = (np.arange(2 * 9).reshape(2, 9) * 7 + 3) % 100
 _ENC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
@@ -485,33 +492,6 @@ def _image_batch(size: int) -> np.ndarray:
         .astype("float32")
 
 
-def _siglip_keys(folder: Path) -> None:
-    """keras-hub's PaliGemma and Gemma 3 converters read the SigLIP tower under ``vision_tower.vision_model.``,
-    where transformers 5 saves ``vision_tower.``."""
-    from safetensors.numpy import load_file, save_file
-
-    file = folder / "model.safetensors"
-    save_file({("vision_tower.vision_model." + k[len("vision_tower."):]
-                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-               for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
-
-
-def _paligemma(folder: Path) -> Any:
-    """keras-hub's converter takes the attention head_dim from ``num_image_tokens`` (both 16 here: a 32 px image in
-    8 px patches) and keeps the vocabulary below ``image_token_index`` (120 of 128)."""
-    config = transformers.PaliGemmaConfig(
-        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=64),
-        image_token_index=120, projection_dim=64)
-    torch.manual_seed(11)
-    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    _siglip_keys(folder)
-    return model
-
-
 def _gemma3(folder: Path) -> Any:
     """keras-hub's converter pools the vision tower's patches by a fixed 4 (the released models' 64 patches a side
     to 16): 8 patches a side (32 px, 4 px patches) to ``mm_tokens_per_image`` 4."""
@@ -529,7 +509,7 @@ def _gemma3(folder: Path) -> Any:
         for index, param in enumerate((projector.mm_input_projection_weight, projector.mm_soft_emb_norm.weight)):
             param.copy_(torch.from_numpy(unique_values(tuple(param.shape), 90 + index, scale=0.5)))
     model.save_pretrained(folder, safe_serialization=True)
-    _siglip_keys(folder)
+    siglip_keys(folder)
     return model
 
 
@@ -630,7 +610,7 @@ def _mm_keras(case: str, model: Any) -> np.ndarray:
 #: case -> (converter module, builder, keras-hub task, the parts of the model (module path prefixes) each of whose
 #: adapters must change the output, the linear layers left out of "all-linear" and why)
 MULTIMODAL: dict[str, tuple[str, Callable[[Path], Any], str, tuple[str, ...], str]] = {
-    "paligemma": ("convert_pali_gemma", _paligemma, "PaliGemmaCausalLM",
+    "paligemma": ("convert_pali_gemma", paligemma_checkpoint, "PaliGemmaCausalLM",
                   ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model."),
                   "model.vision_tower.head."),
     "gemma3": ("convert_gemma3", _gemma3, "Gemma3CausalLM", ("model.vision_tower.", "model.language_model."),
