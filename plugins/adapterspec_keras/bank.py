@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .devices import device_scope
+from .devices import device_scope, host_array
 
 __all__ = ["AdapterBank", "GroupKey", "Ref", "as_tensor", "make_initializer"]
 
@@ -270,7 +270,7 @@ class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no t
         (4, 64)
         """
         if self._arena is not None:
-            flat = ops.convert_to_numpy(self._arena)
+            flat = host_array(self._arena, snapshot=True)
             spans = self._spans
             return lambda ref: flat[spans[ref][0]:spans[ref][1]].reshape(ref.key.shape)
         blocks: dict[GroupKey, np.ndarray] = {}
@@ -278,7 +278,7 @@ class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no t
         def read(ref: Ref) -> np.ndarray:
             block = blocks.get(ref.key)
             if block is None:
-                block = blocks[ref.key] = ops.convert_to_numpy(self.variable(ref.key))
+                block = blocks[ref.key] = host_array(self.variable(ref.key), snapshot=True)
             return cast(np.ndarray, block[ref.index])
 
         return read

@@ -19,6 +19,7 @@ import numpy as np
 
 from adapterspec.identity import fingerprint, sample_indices
 
+from .devices import host_array
 from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState, _check, get_state
@@ -91,28 +92,6 @@ def _kernel_index(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarray
     return flat
 
 
-def _host_array(variable: Any) -> np.ndarray:
-    """The variable's value as a NumPy array, without copying it where the backend allows.
-
-    TensorFlow's ``numpy()`` copies the whole kernel (2.7 ms for an 11 MB one; 146 ms per fingerprint of
-    the 112-module benchmark Llama), while a read of a ``tf.Variable`` shares its buffer (copy on write).
-    """
-    read = getattr(variable.value, "read_value", None)
-    if read is not None:
-        return np.asarray(read())
-    value = variable.value
-    detach = getattr(value, "detach", None)
-    if detach is not None:  # Keras on torch: the tensor's own .numpy() shares its buffer
-        tensor = detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16 (only float32 samples are kept anyway)
-            tensor = tensor.float()
-        array: np.ndarray = tensor.numpy()
-        return array
-    # JAX arrays take NumPy 2's ``copy=``; torch tensors' and Keras variables' ``__array__`` do not, and NumPy
-    # warns for them (an error where warnings are, as in a strict load checked with warnings as errors)
-    return np.asarray(value)
-
-
 #: (spec-layout shape, sample count, [(piece, which samples it holds, their flat indices in its variable)]).
 _Plan = tuple[tuple[int, int], int, list[tuple[Piece, np.ndarray, np.ndarray]]]
 
@@ -155,7 +134,7 @@ def _conv_samples(site: ModuleSite) -> tuple[tuple[int, ...], np.ndarray] | None
     shape = (kernel[-1], kernel[-2], *kernel[:-2])
     spec = np.unravel_index(np.asarray(sample_indices(int(np.prod(shape))), dtype=np.int64), shape)
     flat = np.ravel_multi_index((*spec[2:], spec[1], spec[0]), kernel)
-    return shape, _host_array(variable).reshape(-1)[flat].astype(np.float32)
+    return shape, host_array(variable).reshape(-1)[flat].astype(np.float32)
 
 
 def _replaced(state: ModelState | None) -> dict[int, np.ndarray]:
@@ -180,7 +159,7 @@ def _site_samples(site: ModuleSite, replaced: dict[int, np.ndarray] | None = Non
         # one read of the variable, then NumPy picks the elements: a framework op per sample set cost ~1.8 ms per module
         variable = _kernel_variable(piece)
         base = (replaced or {}).get(id(variable))
-        values[mine] = (np.asarray(base) if base is not None else _host_array(variable)).reshape(-1)[flat]
+        values[mine] = (np.asarray(base) if base is not None else host_array(variable)).reshape(-1)[flat]
     return (shape, values) if not np.isnan(values).any() else None
 
 

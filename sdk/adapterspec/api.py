@@ -36,7 +36,7 @@ from .errors import (
     UnsafeFileError,
     UnsupportedError,
 )
-from .folder import list_adapters, write_adapter, write_adapters
+from .folder import hashing_ahead, list_adapters, write_adapter, write_adapters
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
@@ -416,6 +416,7 @@ def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *,
     PosixPath('out/my-lora')
     """
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
+    tensors = hashing_ahead(tensors)  # the sha256 runs while the backend fingerprints the base
     config, metadata = _identified(model, adapter_name, config, base_model_name_or_path)
     return _written(model, functools.partial(write_adapter, path, config, tensors, overwrite=overwrite,
                                              durable=durable, metadata=metadata))
@@ -439,6 +440,7 @@ def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None
     states = {}
     for name in names:
         config, tensors = _call("adapterspec_extract_state", model, adapter_name=name)
+        tensors = hashing_ahead(tensors)
         config, metadata = _identified(model, name, config, base_model_name_or_path)
         states[name] = (config, tensors, metadata)
     return _written(model, functools.partial(write_adapters, path, states, overwrite=overwrite, durable=durable))

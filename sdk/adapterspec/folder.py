@@ -78,7 +78,7 @@ from .spec import (
     check_version,
 )
 
-__all__ = ["list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
+__all__ = ["hashing_ahead", "list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -105,17 +105,48 @@ def _write_file(path: Path, content: Content, *, durable: bool = False) -> None:
             os.fsync(fh.fileno())
 
 
+class _Hashing(dict[str, Any]):
+    """Tensors (as safetensors saves them) whose sha256 is being computed on a thread (:func:`hashing_ahead`)."""
+
+    checksum: _safetensors.Checksum | None = None
+
+
+def hashing_ahead(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``tensors``, their sha256 starting on a thread now, for a :func:`write_adapter` of them to come.
+
+    The checksum is the slowest part of a save; a caller with work left before it can write (a backend's base
+    fingerprint, SPEC.md 9.1) starts it first, so that both run at once. Pass the result to
+    :func:`write_adapter` / :func:`write_adapters` in place of ``tensors``; the tensors must not change meanwhile.
+    Tensors that cannot be hashed ahead (several frameworks, GPU tensors) come back as they are.
+
+    >>> import numpy as np
+    >>> ahead = hashing_ahead({"base_model.model.q.lora_A.weight": np.ones((2, 4), np.float32)})
+    >>> sorted(ahead)
+    ['base_model.model.q.lora_A.weight']
+    """
+    try:
+        savable = _savable(tensors)
+    except Exception:  # noqa: BLE001 - not lost: write_adapter's checks report it typed
+        return tensors
+    ahead = _Hashing(savable)
+    ahead.checksum = _safetensors.start_checksum(savable)
+    return ahead
+
+
 def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any],
              metadata: Mapping[str, str] | None, *, durable: bool = False) -> dict[str, Content]:
     """The files of one adapter folder, checked: a folder that would not validate is never written."""
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
     savable: dict[str, Any] | None = None
     checksum = None
-    try:  # the sha256 of the data runs on a thread from here, while the checks run and the folder is staged
-        savable = _savable(tensors)
-        checksum = _safetensors.start_checksum(savable)
-    except Exception:  # noqa: BLE001 - not lost: the checks below report it typed, or _savable again after them
-        savable = None
+    if isinstance(tensors, _Hashing):  # hashing since hashing_ahead()
+        savable, checksum = tensors, tensors.checksum
+    else:
+        try:  # the sha256 of the data runs on a thread from here, while the checks run and the folder is staged
+            savable = _savable(tensors)
+            checksum = _safetensors.start_checksum(savable)
+        except Exception:  # noqa: BLE001 - not lost: the checks below report it typed, or _savable again after them
+            savable = None
     errors = tensor_errors(cfg, _tensor_infos(tensors))
     if errors:
         raise errors[0]

@@ -145,3 +145,33 @@ def test_as_tensor_shares_aligned_arrays_and_copies_others() -> None:
         unaligned[0, 0] = -1.0
         assert float(keras.ops.convert_to_numpy(a)[0, 0]) == -1.0
         assert float(keras.ops.convert_to_numpy(u)[0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["arena", "groups"])
+def test_saved_tensors_keep_their_values_when_the_variables_change_after(tmp_path: Path, trainable: bool) -> None:
+    """A save reads the adapter's variables without copying them where the backend allows (``host_array``); what
+    it read must stay a snapshot while the file is written, whatever assigns the variables meanwhile (a training
+    step in another thread)."""
+    from adapterspec_keras.devices import host_array
+    from adapterspec_keras.state import extract_state
+
+    model = _model()
+    if trainable:
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["fc"],
+                                           "init_lora_weights": False})
+    else:
+        adapterspec.load_adapter(model, _adapter(tmp_path))
+    _, tensors = extract_state(model, "default")
+    before = {key: value.copy() for key, value in tensors.items()}
+    variables = _adapter_variables(model)
+    assert variables and len(variables) == (2 if trainable else 1)
+    read = [host_array(v, snapshot=True) for v in variables]
+    kept = [r.copy() for r in read]
+    for v in variables:
+        v.assign(keras.ops.add(v, 1.0))
+    assert all(np.array_equal(r, k) for r, k in zip(read, kept))
+    assert sorted(tensors) == sorted(before)
+    for key, value in tensors.items():
+        assert np.array_equal(value, before[key]), key
+    _, after = extract_state(model, "default")  # and a new read sees the new values
+    assert all(np.array_equal(after[key], before[key] + 1.0) for key in before)

@@ -191,3 +191,22 @@ def test_manifest_errors_echo_long_values_cut(tmp_path: Path) -> None:
     with pytest.raises(adapterspec.UnsafeFileError, match="leaves the folder") as unsafe:
         adapterspec.list_adapters(tmp_path)
     assert len(unsafe.value.message) < 300
+
+
+def test_hashing_ahead_writes_the_same_file(tmp_path: Path) -> None:
+    """``hashing_ahead`` (the sha256 started before the config is final, as save_adapter does while a backend
+    fingerprints the base) writes the same bytes as a plain write; tensors it cannot hash ahead pass through and
+    are refused typed by the write as before."""
+    import torch
+
+    adapterspec.write_adapter(tmp_path / "plain", CONFIG, tensors())
+    ahead = folder_module.hashing_ahead(tensors())
+    assert ahead.checksum is not None  # type: ignore[attr-defined]
+    adapterspec.write_adapter(tmp_path / "ahead", CONFIG, ahead)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "ahead" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    mixed = {**tensors(), "base_model.model.layers.0.q.lora_B.weight": torch.ones(5, 2)}
+    assert folder_module.hashing_ahead(mixed) is mixed
+    with pytest.raises(adapterspec.TensorError, match="several frameworks"):
+        adapterspec.write_adapter(tmp_path / "mixed", CONFIG, mixed)
+    assert not (tmp_path / "mixed").exists()
