@@ -389,3 +389,45 @@ def test_what_no_kernel_can_carry_is_named() -> None:
                    {"peft_type": "LOKR", "r": 2}, {"peft_type": "VERA", "r": 2}):
         assert why(config, whole) is None, config
     assert why({"peft_type": "IA3", "feedforward_modules": []}, bare) is None
+
+
+class _ReadsKernel(keras.layers.Layer):  # type: ignore[misc]
+    """keras-hub's Gemma 4 MLP in small: ``up``'s kernel is read, its ``call`` never runs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.up = keras.layers.Dense(4, use_bias=False, name="up")
+
+    def build(self, input_shape: Any) -> None:
+        self.up.build(input_shape)
+
+    def call(self, x: Any) -> Any:
+        return ops.tanh(ops.matmul(x, self.up.kernel))
+
+
+@pytest.mark.parametrize("config", [
+    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True, "init_lora_weights": False},
+    {"peft_type": "LOHA", "r": 2, "alpha": 4},
+    {"peft_type": "IA3", "feedforward_modules": ["up"]},
+], ids=["dora", "loha", "ia3_feedforward"])
+def test_training_runs_through_the_kernel_a_parent_reads(config: dict[str, Any]) -> None:
+    """``fit`` trains the adapter through the kernel read (its variables move, the loss falls), the base kernel stays."""
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, _ReadsKernel(name="mlp")(inputs))
+    model.set_weights([np.sin(np.arange(w.size) + 1.0).reshape(w.shape).astype("float32") * 0.5
+                       for w in model.get_weights()])
+    kernel = np.array(ops.convert_to_numpy(model.get_layer("mlp").up.kernel))
+    x = unique_values((16, 3), 1, scale=1.0)
+    y = unique_values((16, 4), 2, scale=0.5)
+    adapterspec.inject_adapter(model, {**config, "target_modules": ["up"]}, trainable=True)
+    start = {k: np.array(v) for k, v in dict(adapterspec.extract_adapter(model).load_tensors("numpy")).items()}
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    loss_before = float(model.evaluate(x, y, verbose=0))
+
+    model.fit(x, y, epochs=5, batch_size=16, verbose=0)
+
+    trained = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
+    assert all(not np.array_equal(trained[k], v) for k, v in start.items()), sorted(start)
+    assert float(model.evaluate(x, y, verbose=0)) < loss_before
+    up = model.get_layer("mlp").up
+    assert np.array_equal(ops.convert_to_numpy(type(up)._adapterspec_base_kernel.fget(up)), kernel)
