@@ -86,11 +86,12 @@ def _einsum_perm(piece: Piece) -> list[int]:
     return [piece.kernel_spec.index(c) for c in piece.kin + piece.kout]
 
 
-def flat_kernel(piece: Piece) -> Any:
-    """The base kernel as ``[n_in, n_out]`` (conv: ``[spatial * in, out]``), in the kernel's dtype."""
+def flat_kernel(piece: Piece, value: Any = None) -> Any:
+    """The base kernel as ``[n_in, n_out]`` (conv: ``[spatial * in, out]``), in the kernel's dtype; ``value``: a
+    tensor in the kernel variable's layout, flattened instead of the variable."""
     if piece.kind == "reverse":
         return ops.transpose(piece.layer.embeddings) if piece.tied else piece.layer.reverse_embeddings
-    variable = piece.kernel_variable
+    variable = piece.kernel_variable if value is None else value
     if piece.kind == "einsum":
         return ops.reshape(ops.transpose(variable, _einsum_perm(piece)), (piece.n_in, piece.n_out))
     if piece.kind == "conv":

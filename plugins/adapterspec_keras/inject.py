@@ -50,7 +50,7 @@ from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
 from .sites import ModuleSite, Piece, model_layers
-from .reach import (can_read_through, note_entry, parents_of, reach_report, read_through_kernel, reads_through,
+from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
 
@@ -454,26 +454,32 @@ def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tup
 
 def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str, ModuleSite],
            trainable: bool) -> None:
-    """Layers whose ``call`` the forward never runs take a plain LoRA through their kernel (keras-hub's Gemma 4
-    MLP reads ``self.gating_ffw.kernel``); any other adapter on them is refused (:mod:`.reach`). Layers the check
-    could not decide (a multimodal model's parent that cannot run alone, a model that cannot run on its own) take a
-    plain LoRA through their kernel too, exact whether or not their ``call`` runs; any other adapter on them is
-    refused when they sit inside another layer (it might read their kernel itself: the adapter would change nothing),
-    warned about when the model holds them directly (a container whose layers the user calls)."""
+    """Layers whose ``call`` the forward never runs (keras-hub's Gemma 4 MLP reads ``self.gating_ffw.kernel``) take
+    the adapter through their kernel (:func:`~adapterspec_keras.reach.read_through_kernel`), unless a kernel cannot
+    carry it (:func:`~adapterspec_keras.reach.read_through_refusal`): refused, naming them and why. Layers the check
+    could not decide (a multimodal model's parent that cannot run alone, a model that cannot run on its own) take it
+    through their kernel too, exact whether or not their ``call`` runs; one a kernel cannot carry is refused when
+    they sit inside another layer (it might read their kernel itself: the adapter would change nothing), warned
+    about when the model holds them directly (a container whose layers the user calls)."""
     unused, unknown = reach_report(model, sites)
-    refuse({path: pieces for path, pieces in unused.items() if not can_read_through(config, pieces, trainable)})
-    undecided = [path for path, pieces in unknown.items() if not can_read_through(config, pieces, trainable)]
+    why = {path: read_through_refusal(config, path, pieces, trainable)
+           for path, pieces in [*unused.items(), *unknown.items()]}
+    refuse({path: pieces for path, pieces in unused.items() if why[path]}, why, config.peft_type)
+    undecided = [path for path in unknown if why[path]]
     parents = parents_of(model) if undecided else {}
     nested = [path for path in undecided if any(parents.get(id(p.layer)) not in (None, model) for p in unknown[path])]
     if nested:
         more = f" and {len(nested) - 8} more" if len(nested) > 8 else ""
+        reasons = "; ".join(f"{path}: {why[path]}" for path in nested[:8])
         raise UnsupportedError(
             f"adapterspec cannot check that {type(model).__name__}'s forward runs the Keras layers of "
             f"{', '.join(nested[:8])}{more} (neither the model nor their parent layers run on a dummy input): "
-            f"if a parent reads their kernel itself, this {config.peft_type} adapter would change nothing",
-            key=nested[0], hint="a plain LoRA (no DoRA, no lora_bias) on them runs through the kernel, exact either "
-                                "way; or merge the adapter into the base model (PEFT's merge_and_unload) and "
-                                "convert that")
+            f"if a parent reads their kernel itself, this {config.peft_type} adapter would change nothing, and it "
+            f"cannot run through their kernel ({reasons})",
+            key=nested[0], hint="an adapter whose forward is a change of the kernel (LoRA without lora_bias, DoRA, "
+                                "IA3 on a layer without bias, LoHa, LoKr, OFT, BOFT, AdaLoRA, VeRA) runs through it, "
+                                "exact either way; or merge the adapter into the base model (PEFT's merge_and_unload) "
+                                "and convert that")
     if undecided:
         warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the Keras layers of "
                       f"{', '.join(undecided[:8])}{f' and {len(undecided) - 8} more' if len(undecided) > 8 else ''}: "

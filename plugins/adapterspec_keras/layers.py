@@ -49,7 +49,7 @@ from .devices import target_of
 from .sharding import Placement, param_sharding, placement_of
 from .sites import ModuleSite, Piece
 
-__all__ = ["AdapterLayer", "Layout", "check_supported", "layer_kind"]
+__all__ = ["AdapterLayer", "Layout", "check_supported", "kernel_refusal", "layer_kind"]
 
 #: IA3 unmerge divides by ``l + 1e-8``, as PEFT does.
 _IA3_EPS = 1e-8
@@ -123,6 +123,28 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         if config.get("lora_bias") and site.kind == "embedding":
             raise UnsupportedError("lora_bias on an embedding is not defined by PEFT", key=path,
                                    hint="set lora_bias to false")
+
+
+def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = False,
+                   has_bias: bool = False) -> str | None:
+    """Why adapter ``method`` cannot run through the kernel of a layer whose parent reads it (:meth:`AdapterLayer.
+    effective_kernel`), or ``None`` when it can: the parent contracts its input with the kernel and adds the layer's
+    bias itself, so only a change of the kernel reaches the output.
+
+    >>> kernel_refusal("IA3", has_bias=True)
+    'IA3 scales the output of a layer with a bias, which changes the bias too; a kernel cannot carry that'
+    """
+    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS):
+        return f"{method} cannot run on a kernel its parent reads"
+    if lora_bias:
+        return "lora_bias adds a bias of its own, which a kernel cannot carry"
+    if method == "IA3" and not feedforward and has_bias:
+        return "IA3 scales the output of a layer with a bias, which changes the bias too; a kernel cannot carry that"
+    return None
+
+
+def _kernel_refusal(slot: _Slot, has_bias: bool) -> str | None:
+    return kernel_refusal(slot.method, lora_bias=slot.lora_bias, feedforward=slot.feedforward, has_bias=has_bias)
 
 
 #: the methods checked exact against PEFT on a module that is a slice of a fused kernel (test_fused_kernels.py)
@@ -886,26 +908,69 @@ class AdapterLayer:
             return "float32"
         return kernel
 
-    def kernel_delta(self, piece: Piece) -> Any | None:
-        """The change the running LoRA adapters make to the piece's kernel, in the kernel's layout, or ``None``.
+    def effective_kernel(self, piece: Piece, kernel: Any) -> Any:
+        """The kernel the unmerged forward of the running adapters contracts the input with, given ``kernel`` (the
+        piece's kernel as the layers before made it; in the kernel variable's layout): ``kernel`` itself when none
+        runs.
 
-        For a layer whose kernel its parent reads itself (:mod:`adapterspec_keras.reach`): the kernel read gives
-        ``W + sum of deltas``, which is the unmerged LoRA forward for a plain LoRA (no DoRA, no lora_bias).
+        For a layer whose kernel its parent reads itself (:mod:`adapterspec_keras.reach`): each running adapter
+        changes the kernel as it changes the layer's output in :meth:`apply` (PEFT's unmerged forward), with the
+        merge's own math -- LoRA/rsLoRA, LoHa, LoKr, AdaLoRA, VeRA add :meth:`delta_weight`; DoRA rescales
+        ``K + ΔW`` by ``m / ||W + ΔW||`` (``W`` the kernel variable, the norm detached, as PEFT's forward); IA3
+        scales the output columns (feed-forward: the input rows, applied last, as :meth:`scale_input` scales the
+        input of every adapter); OFT/BOFT add ``R(W) - W`` (:func:`oft.rotated_flat`). The parent then adds the
+        layer's bias itself, unchanged: what would change it (``lora_bias``; IA3 on the output of a layer with a
+        bias) is refused (:func:`~adapterspec_keras.reach.read_through_refusal`, and here again).
+
+        :raises UnsupportedError: an adapter a kernel cannot carry (naming the module), or a slice of a fused kernel.
+
+        >>> layer.effective_kernel(piece, piece.kernel_variable)            # doctest: +SKIP
+        <tf.Tensor: shape=(64, 128), dtype=float32, ...>
         """
         running = self._running()
         if not running:
-            return None
+            return kernel
+        path = self.site.path
         if piece.out_slice is not None:
-            raise UnsupportedError(f"{self.site.path}: an adapter on a slice of a fused kernel cannot run on a kernel "
-                                   "its parent reads", key=self.site.path, hint="target other modules")
-        total = None
+            raise UnsupportedError(f"{path}: an adapter on a slice of a fused kernel cannot run on a kernel its parent "
+                                   "reads", key=path, hint="target other modules")
+        for _, slot in running:
+            why = _kernel_refusal(slot, _ops.bias_of(piece) is not None)
+            if why:
+                raise UnsupportedError(f"{path}: {why}", key=path, hint="merge the adapter, or target other modules")
+        out_dtype = kernel.dtype
+        dtype = "float32" if _ops.dtype_name(kernel) in _UPCAST and \
+            any(next(iter(slot.refs.values())).key.dtype == "float32" for _, slot in running) else out_dtype
+        flat = ops.cast(_ops.flat_kernel(piece, kernel), dtype)
+        rotations = self._rotations()
+        if rotations:  # they run alone (PEFT holds one method per layer): R(W), as _apply_rotations
+            base = ops.cast(_ops.flat_kernel(piece), dtype)
+            rotated = oft.rotated_flat(self.site, piece, [(s.rotation, s.get) for s in rotations if s.rotation], base)
+            return ops.cast(_ops.kernel_from_flat(piece, flat + rotated - base), out_dtype)
+        rows = None
         for name, slot in running:
-            if slot.method != "LORA" or slot.use_dora or slot.lora_bias:
-                raise UnsupportedError(f"{self.site.path}: only plain LoRA can run on a kernel its parent reads",
-                                       key=self.site.path, hint="merge the adapter, or target other modules")
-            delta = self.delta_weight(name, piece)
-            total = delta if total is None else total + delta
-        return _ops.kernel_from_flat(piece, total)
+            if slot.method == "IA3":
+                vector = self._ia3_vector(piece, slot)
+                if slot.feedforward:
+                    rows = vector if rows is None else rows * ops.cast(vector, rows.dtype)
+                else:
+                    flat = flat * ops.cast(vector, dtype)
+                continue
+            if slot.method in adalora.METHODS and slot.rank == 0:
+                continue  # all its ranks pruned: adds nothing (_apply_adalora)
+            delta = self.delta_weight(name, piece, dtype)
+            if slot.use_dora:
+                flat = self._dora_rescaled(piece, slot, flat, ops.cast(_ops.flat_kernel(piece), dtype), delta,
+                                           detach=True)[0]
+            else:
+                flat = flat + delta
+        if rows is not None:
+            flat = flat * ops.cast(rows, dtype)
+        return ops.cast(_ops.kernel_from_flat(piece, flat), out_dtype)
+
+    def adds_only(self) -> bool:
+        """Whether every running adapter only adds a term to the output (no DoRA, IA3, OFT/BOFT rescaling)."""
+        return all(slot.method != "IA3" and slot.rotation is None and not slot.use_dora for _, slot in self._running())
 
     def check_merge(self, names: list[str]) -> None:
         """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
@@ -967,13 +1032,20 @@ class AdapterLayer:
         if slot.lora_bias:
             self._add_bias(piece, slot, sign=1.0)
         if slot.use_dora:
-            norm = ops.sqrt(ops.sum(ops.square(ops.cast(base, dtype) + delta), axis=0))
-            self._dora_norms[(name, index)] = norm
-            magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
-            new = (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :]
+            new, self._dora_norms[(name, index)] = self._dora_rescaled(piece, slot, flat, ops.cast(base, dtype), delta)
         else:
             new = flat + delta
         _ops.assign_kernel(piece, new)
+
+    def _dora_rescaled(self, piece: Piece, slot: _Slot, flat: Any, base: Any, delta: Any, *,
+                       detach: bool = False) -> tuple[Any, Any]:
+        """DoRA: ``(flat + delta) * m / ||base + delta||`` per output feature, and that norm (``detach``: without
+        gradient, as PEFT's forward takes it) -- the merged kernel, and the kernel the unmerged forward uses."""
+        norm = ops.sqrt(ops.sum(ops.square(base + delta), axis=0))
+        if detach:
+            norm = ops.stop_gradient(norm)
+        magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
+        return (flat + delta) * ops.cast(magnitude / norm, flat.dtype)[None, :], norm
 
     def _add_bias(self, piece: Piece, slot: _Slot, sign: float) -> None:
         bias = _ops.bias_of(piece)
@@ -983,14 +1055,18 @@ class AdapterLayer:
         extra = _ops.gather_out(piece, slot.get("lora_B.bias"), self.site.out_features) * slot.scaling * sign
         _ops.assign_bias(piece, bias + ops.cast(ops.reshape(extra, tuple(bias.shape)), bias.dtype))
 
-    def _scale_piece(self, piece: Piece, slot: _Slot, flat: Any, *, inverse: bool) -> None:
+    def _ia3_vector(self, piece: Piece, slot: _Slot) -> Any:
+        """IA3's vector shaped to scale the piece's ``[n_in, n_out]`` kernel: ``[n_in, 1]`` (feed-forward: the
+        input rows) or ``[1, n_out]`` (the output columns)."""
         if slot.feedforward:
             vector = _ops.gather_in(piece, slot.get("ia3_l"), self.site.in_features)
             if piece.kind == "conv":
                 vector = ops.tile(vector, (math.prod(self.site.conv_spatial),))
-            vector = vector[:, None]
-        else:
-            vector = _ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features)[None, :]
+            return vector[:, None]
+        return _ops.gather_out(piece, slot.get("ia3_l"), self.site.out_features)[None, :]
+
+    def _scale_piece(self, piece: Piece, slot: _Slot, flat: Any, *, inverse: bool) -> None:
+        vector = self._ia3_vector(piece, slot)
         if _ops.dtype_name(flat) in _UPCAST and _ops.dtype_name(vector) == "float32":
             flat = ops.cast(flat, "float32")  # as PEFT merges: in float32, rounded once to the kernel's dtype
         vector = ops.cast(vector, flat.dtype)

@@ -3,7 +3,11 @@
 The adapters run inside each wrapped layer's ``call``. A parent layer that reads a sublayer's kernel itself
 (keras-hub's Gemma 4 MLP: ``ops.matmul(x, self.gating_ffw.kernel)``) never enters that ``call``, so an adapter on
 it would load, be listed, and change nothing. After injecting, :func:`check_reached` runs the model once on a
-dummy batch of one example of two tokens and refuses, naming them, the wrapped layers whose ``call`` never ran.
+dummy batch of one example of two tokens and finds the wrapped layers whose ``call`` never ran. Such a layer takes
+the adapter through its kernel when the adapter's unmerged forward is a change of the kernel
+(:func:`read_through_kernel`: reads of ``layer.kernel`` return the kernel the unmerged forward uses -- LoRA,
+rsLoRA, DoRA, IA3, LoHa, LoKr, OFT, BOFT, AdaLoRA, VeRA); what a kernel cannot carry (``lora_bias``, IA3 on the
+output of a layer with a bias, training with a dropout, a fused kernel's slice) is refused, naming the layers.
 
 The check needs inputs it can make: a functional model (every keras-hub model) has symbolic ``inputs``; a
 dimension left open is 1 (batch) or 2 (sequence), except an open dimension of a float input (an image of any size,
@@ -11,11 +15,12 @@ keras-hub's multimodal Gemma 3 and Gemma 4), which cannot be guessed. Then, and 
 ``inputs``, each wrapped layer's parent is run alone instead (:func:`reach_report`; its parent if it cannot run
 alone, up to three levels), on a dummy of the input shape it was built with, with reads of the layers' ``kernel``
 recorded: a layer whose kernel an ancestor read without entering the layer's ``call`` is unreached; one that no
-ancestor called or read (they need other inputs, or call it only on some inputs) is *unknown*, and takes a plain
-LoRA through its kernel (exact whether or not its ``call`` runs; :func:`read_through_kernel`); any other adapter
-on it is refused when the layer sits inside another layer (whose ``call`` may read its kernel, as keras-hub's
-blocks do), and warned about when the model holds it directly (a container the user calls layers of). A forward of the whole model that fails on the dummy batch (a model that runs only through
-another method, keras-hub's Gemma 4 assistant) leaves every layer unknown, with a warning.
+ancestor called or read (they need other inputs, or call it only on some inputs) is *unknown*, and takes the
+adapter through its kernel too (exact whether or not its ``call`` runs); an adapter a kernel cannot carry is
+refused on it when the layer sits inside another layer (whose ``call`` may read its kernel, as keras-hub's blocks
+do), and warned about when the model holds it directly (a container the user calls layers of). A forward of the
+whole model that fails on the dummy batch (a model that runs only through another method, keras-hub's Gemma 4
+assistant) leaves every layer unknown, with a warning.
 
 Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
 and layer: a later load that wraps only layers checked before runs no forward (the first load of a model pays
@@ -41,8 +46,8 @@ from adapterspec.errors import AdapterSpecWarning, UnsupportedError
 
 from .sites import ModuleSite, Piece
 
-__all__ = ["can_read_through", "check_reached", "dummy_inputs", "note_entry", "parents_of", "reach_report",
-           "read_through_kernel", "reads_through", "refuse", "restore_kernel", "unreached"]
+__all__ = ["check_reached", "dummy_inputs", "note_entry", "parents_of", "reach_report",
+           "read_through_kernel", "read_through_refusal", "reads_through", "refuse", "restore_kernel", "unreached"]
 
 _ENTERED: contextvars.ContextVar[set[tuple[int, str]] | None] = contextvars.ContextVar("adapterspec_entered",
                                                                                       default=None)
@@ -165,8 +170,9 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
                     # through call_with_cache inside its target's generate): every layer is undecided
                     warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the "
                                   f"adapted layers: a forward on a dummy batch of two tokens failed "
-                                  f"({type(exc).__name__}: {exc}); a plain LoRA on a Dense / EinsumDense runs "
-                                  "through its kernel (exact either way), any other adapter is not checked",
+                                  f"({type(exc).__name__}: {exc}); an adapter on a Dense / EinsumDense runs "
+                                  "through its kernel (exact either way), where a kernel cannot carry it the "
+                                  "layer is not checked",
                                   AdapterSpecWarning, stacklevel=3)
                     return {}, {path: list(site.pieces) for path, site in sites.items()}
         _remember(model, decided, entered)
@@ -278,26 +284,33 @@ def check_reached(model: Any, sites: dict[str, ModuleSite]) -> None:
     refuse(unreached(model, sites) or {})
 
 
-def refuse(unused: dict[str, list[Piece]]) -> None:
-    """:raises UnsupportedError: naming the modules of ``unused`` and their Keras layers (if any)."""
+def refuse(unused: dict[str, list[Piece]], why: dict[str, str | None] | None = None, method: str = "") -> None:
+    """:raises UnsupportedError: naming the modules of ``unused`` and their Keras layers (if any), and (``why``:
+    module path -> reason) why adapter ``method`` cannot run through their kernel either."""
     if not unused:
         return
     listed = "; ".join(f"{path} -> " + ", ".join(p.layer.path + ("" if p.role == "forward" else f" ({p.role})")
                                                   for p in pieces) for path, pieces in list(unused.items())[:8])
     more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+    reasons = "; ".join(f"{path}: {why[path]}" for path in list(unused)[:8] if why and why.get(path))
     raise UnsupportedError(
         f"the model's forward never runs the call of the Keras layers these modules map to, so an adapter "
-        f"on them would change nothing: {listed}{more} (a parent layer reads their kernel itself)",
+        f"on them would change nothing: {listed}{more} (a parent layer reads their kernel itself)" +
+        (f"; this {method} adapter cannot run through their kernel ({reasons})" if reasons else ""),
         key=next(iter(unused)),
         hint="remove these modules from target_modules, or map them (module_map) to layers the forward calls")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernels read through: a parent that reads ``layer.kernel`` itself reads the kernel plus the running adapters'
-# deltas. Only for plain LoRA on a Dense / EinsumDense, whose ``kernel`` is a property of the class: the layer's
-# class becomes a subclass (one per class) whose ``kernel`` adds them.
+# Kernels read through: a parent that reads ``layer.kernel`` itself reads the kernel the running adapters' unmerged
+# forward would use (:meth:`~adapterspec_keras.layers.AdapterLayer.effective_kernel`: LoRA, rsLoRA, DoRA, IA3, LoHa,
+# LoKr, OFT, BOFT, AdaLoRA, VeRA, and several of them in PEFT's order). Only on a Dense / EinsumDense, whose
+# ``kernel`` is a property of the class: the layer's class becomes a subclass (one per class) whose ``kernel`` does it.
 
 _READ_THROUGH: dict[type, type] = {}
+
+#: config fields of a dropout a kernel cannot apply (it drops inputs of the adapter's term only, or the whole term)
+_DROPOUTS = ("lora_dropout", "vera_dropout", "rank_dropout", "module_dropout", "boft_dropout")
 
 
 def _read_through_class(cls: type) -> type:
@@ -306,14 +319,17 @@ def _read_through_class(cls: type) -> type:
         base = cls.kernel  # type: ignore[attr-defined]
 
         def kernel(self: Any) -> Any:
-            from keras import ops
-
             note_entry(self, "kernel")
             value = base.fget(self)
-            for adapter_layer, piece in self.__dict__.get("_adapterspec_kernel_entries", ()):
-                delta = adapter_layer.kernel_delta(piece)
-                if delta is not None:
-                    value = ops.add(value, ops.cast(delta, value.dtype))
+            running = [(adapter_layer, piece) for adapter_layer, piece in
+                       self.__dict__.get("_adapterspec_kernel_entries", ()) if adapter_layer.runs()]
+            if len(running) > 1 and not all(adapter_layer.adds_only() for adapter_layer, _ in running):
+                paths = ", ".join(adapter_layer.site.path for adapter_layer, _ in running)
+                raise UnsupportedError(f"{self.path}: the adapters of {paths} run on one kernel its parent reads, and "
+                                       "one of them rescales it (DoRA, IA3, OFT/BOFT): their order cannot be kept",
+                                       key=running[0][0].site.path, hint="activate one of these modules' adapters")
+            for adapter_layer, piece in running:
+                value = adapter_layer.effective_kernel(piece, value)
             return value
 
         sub = type(cls.__name__, (cls,), {"kernel": property(kernel), "_adapterspec_base_kernel": base,
@@ -322,14 +338,34 @@ def _read_through_class(cls: type) -> type:
     return sub
 
 
-def can_read_through(config: Any, pieces: list[Piece], trainable: bool = False) -> bool:
-    """Whether ``pieces`` can take adapter ``config`` through their kernel: plain LoRA on a whole Dense /
-    EinsumDense kernel (not a fused kernel's slice; not to be trained with ``lora_dropout``, which a kernel cannot
-    apply to the input)."""
-    plain = config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("lora_bias") \
-        and not (trainable and config.get("lora_dropout"))
-    return plain and all(p.kind in ("dense", "einsum") and p.role == "forward" and p.out_slice is None and
-                         isinstance(getattr(type(p.layer), "kernel", None), property) for p in pieces)
+def read_through_refusal(config: Any, path: str, pieces: list[Piece], trainable: bool = False) -> str | None:
+    """Why the pieces of module ``path`` cannot take adapter ``config`` through their kernel, or ``None`` when they
+    can: a whole Dense / EinsumDense kernel (not a fused kernel's slice), an adapter whose unmerged forward is a
+    change of that kernel (:func:`~adapterspec_keras.layers.kernel_refusal`: not ``lora_bias``, not IA3 on the output
+    of a layer with a bias), not trained with a dropout (which a kernel cannot apply to the adapter's term alone).
+
+    >>> read_through_refusal(AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["up"],
+    ...                      "lora_bias": True}), "mlp.up", pieces)  # doctest: +SKIP
+    'lora_bias adds a bias of its own, which a kernel cannot carry'
+    """
+    from .layers import kernel_refusal
+
+    for piece in pieces:
+        if piece.kind not in ("dense", "einsum") or piece.role != "forward" or \
+                not isinstance(getattr(type(piece.layer), "kernel", None), property):
+            return f"{type(piece.layer).__name__} is not a Dense / EinsumDense whose kernel can carry an adapter"
+        if piece.out_slice is not None:
+            return "the module is a slice of a fused kernel, which the adapters of its other modules share"
+    method = str(config.get("peft_type"))
+    why = kernel_refusal(method, lora_bias=bool(config.get("lora_bias")),
+                         feedforward=method == "IA3" and config.is_feedforward(path),
+                         has_bias=any(getattr(p.layer, "bias", None) is not None for p in pieces))
+    if why:
+        return why
+    dropped = [f for f in _DROPOUTS if trainable and config.get(f)]
+    if dropped:
+        return f"training with {dropped[0]} > 0 drops the input of the adapter's term alone, which a kernel cannot"
+    return None
 
 
 def read_through_kernel(layer: Any, entries: list[Any]) -> None:

@@ -698,17 +698,18 @@ def test_peft_lora_on_every_linear_layer_of_a_multimodal_model_matches_peft(case
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_dora_on_multimodal_gemma4s_kernel_reading_layers_is_refused_and_the_model_unchanged(tmp_path: Path) -> None:
+def test_lora_bias_on_multimodal_gemma4s_kernel_reading_layers_is_refused_and_the_model_unchanged(tmp_path: Path) -> None:
     """keras-hub's Gemma 4 vision tower (``Gemma4ClippableEinsumDense`` reads ``self.dense.kernel``) and text MLP
     read their kernels themselves, and the model's image input has an open size: the check runs each layer's parent
-    alone. A DoRA there would change nothing: refused, typed, naming them; the attention of the text model (called)
-    is not."""
+    alone. A lora_bias there (a bias of its own, which the kernel they read cannot carry; every other method runs
+    through it: test_read_through.py) would change nothing: refused, typed, naming them; the attention of the text
+    model (called) is not."""
     import keras_hub
     from adapterspec.errors import UnsupportedError
     from keras_helpers import assert_same_snapshot, snapshot
 
     peft_model = peft.get_peft_model(_gemma4(tmp_path / "hf"), peft.LoraConfig(
-        r=4, lora_alpha=8, use_dora=True,
+        r=4, lora_alpha=8, lora_bias=True,
         target_modules=r"model\.vision_tower\..*\.q_proj\.linear|model\.language_model\..*\.(q_proj|up_proj)"))
     fill_adapter_weights(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")

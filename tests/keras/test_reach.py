@@ -59,10 +59,10 @@ def test_a_layer_whose_call_never_runs_refuses_what_its_kernel_cannot_carry_and_
     x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
     before, out = snapshot(model), ops.convert_to_numpy(model(x))
 
-    for config in (dict(LORA, target_modules=["gate", "up"], use_dora=True),
-                   {"peft_type": "IA3", "target_modules": ["gate", "up"], "feedforward_modules": []}):
+    for config, trainable in ((dict(LORA, target_modules=["gate", "up"], lora_bias=True), False),
+                              (dict(LORA, target_modules=["gate", "up"], lora_dropout=0.1), True)):
         with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up") as caught:
-            adapterspec.inject_adapter(model, config)
+            adapterspec.inject_adapter(model, config, trainable=trainable)
         assert caught.value.key == "mlp.up" and "mlp.gate" not in str(caught.value)
         assert_same_snapshot(before, snapshot(model))
         assert np.array_equal(ops.convert_to_numpy(model(x)), out)
@@ -110,10 +110,10 @@ def test_the_check_runs_one_forward_per_model_and_layer(monkeypatch: pytest.Monk
     monkeypatch.setattr(reach, "dummy_inputs", lambda m: (calls.append(id(m)), original(m))[1])
     model = _model()
     x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
-    dora = dict(LORA, target_modules=["up"], use_dora=True)
+    biased = dict(LORA, target_modules=["up"], lora_bias=True)
     for _ in range(2):
         with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up"):
-            adapterspec.inject_adapter(model, dora)
+            adapterspec.inject_adapter(model, biased)
     assert len(calls) == 1
     base = ops.convert_to_numpy(model(x))
     for _ in range(2):  # read through up's kernel both times: the adapter changes the output
@@ -163,12 +163,12 @@ def test_gemma4_lora_on_every_linear_layer_gives_peft_logits(checkpoints: Any, t
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_gemma4_dora_on_the_mlp_is_refused_naming_the_layers(checkpoints: Any, token_ids: np.ndarray,
+def test_gemma4_lora_bias_on_the_mlp_is_refused_naming_the_layers(checkpoints: Any, token_ids: np.ndarray,
                                                               tmp_path: Path) -> None:
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     _, folder = make_peft_adapter(checkpoints["gemma4_text"], tmp_path / "a", peft.LoraConfig(
-        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "gate_proj", "down_proj"]))
+        r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "gate_proj", "down_proj"]))
     model = keras_model("gemma4_text", checkpoints["gemma4_text"])
     before, logits = snapshot(model), _gemma4_logits(model, token_ids)
 
@@ -222,7 +222,8 @@ def test_with_an_image_input_of_open_size_each_layers_parent_is_run_alone() -> N
     """issue #16, keras-hub's multimodal Gemma 4 (its vision tower's ``Gemma4ClippableEinsumDense`` reads
     ``self.dense.kernel``): the model's inputs cannot be made, the check was skipped, and a LoRA on such a layer
     loaded and changed nothing (0.30 from PEFT's logits). Now the parent runs alone, reads the kernel without
-    calling the layer: a plain LoRA runs through the kernel, DoRA is refused, the model unchanged."""
+    calling the layer: a LoRA runs through the kernel, lora_bias (a bias of its own) is refused, the model
+    unchanged."""
     model = _open_image_model()
     kernels = model.get_weights()
     x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
@@ -230,7 +231,7 @@ def test_with_an_image_input_of_open_size_each_layers_parent_is_run_alone() -> N
     assert dummy_inputs(model)[0] is None
 
     with pytest.raises(UnsupportedError, match=r"mlp\.up -> mlp/up") as caught:
-        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], use_dora=True))
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], lora_bias=True))
     assert "mlp.gate" not in str(caught.value)  # called by its parent: not refused
     assert_same_snapshot(before, snapshot(model))
 
@@ -242,8 +243,8 @@ def test_with_an_image_input_of_open_size_each_layers_parent_is_run_alone() -> N
 
 def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel_and_refuses_others() -> None:
     """Undecided (no ancestor runs alone): a plain LoRA runs through the kernel, exact whether or not the layer's
-    call runs (``up``: read by its parent; ``gate``: called); another adapter is refused naming them (it might load
-    and change nothing: ``up``'s IA3 would), the model unchanged."""
+    call runs (``up``: read by its parent; ``gate``: called); an adapter a kernel cannot carry is refused naming
+    them (it might load and change nothing: ``up``'s lora_bias would), the model unchanged."""
     model = _open_image_model(two=True)
     kernels = model.get_weights()
     x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
@@ -257,9 +258,8 @@ def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel
 
     before = snapshot(model)
     with pytest.raises(UnsupportedError, match=r"cannot check that Functional's forward runs the Keras layers "
-                                               r"of mlp\.up, mlp\.gate .* this IA3 adapter would change nothing"):
-        adapterspec.inject_adapter(model, {"peft_type": "IA3", "target_modules": ["gate", "up"],
-                                           "feedforward_modules": []})
+                                               r"of mlp\.up, mlp\.gate .* this LORA adapter would change nothing"):
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], lora_bias=True))
     assert_same_snapshot(before, snapshot(model))
     assert adapterspec.adapter_names(model) == []
 
@@ -304,15 +304,15 @@ def test_a_model_whose_forward_cannot_run_takes_a_plain_lora_through_every_kerne
     actual = ops.convert_to_numpy(model.step(x))
     assert np.abs(expected - (x @ w_gate + bias) * (x @ w_up)).max() > 1e-3
     assert_near(actual, expected, length=3)
-    assert "a plain LoRA on a Dense / EinsumDense runs through its kernel" in str(warned[0].message)
+    assert "an adapter on a Dense / EinsumDense runs through its kernel" in str(warned[0].message)
 
 
 def test_a_model_whose_forward_cannot_run_refuses_other_methods() -> None:
-    """The check cannot run: DoRA (not read through a kernel) is refused naming the layers, the model unchanged --
-    on ``up`` (its kernel read by its parent) it would load and change nothing."""
+    """The check cannot run: lora_bias (a bias of its own, which a kernel cannot carry) is refused naming the
+    layers, the model unchanged -- on ``up`` (its kernel read by its parent) it would load and change nothing."""
     model = _StepOnly()
     before = snapshot(model)
     with pytest.warns(adapterspec.AdapterSpecWarning), \
             pytest.raises(UnsupportedError, match=r"mlp\.up, mlp\.gate .* this LORA adapter would change nothing"):
-        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], use_dora=True))
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], lora_bias=True))
     assert_same_snapshot(before, snapshot(model))
