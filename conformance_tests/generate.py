@@ -789,6 +789,7 @@ def generate_folders() -> list[dict[str, Any]]:
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _oft_folders()
+    _embedding_names_folders()
     _prompts_folders()
     _adalora_folders()
     _vera_folders()
@@ -922,6 +923,27 @@ def _clarification_folders() -> None:
           "string suffix, not a '.'-aligned name), so its weight is accounted for", LORA_CFG | {"modules_to_save": ["score"]},
           lora_tensors() | {"base_model.model.model.xscore.weight": det((2, 8), 5).astype(np.float32)}, valid=True,
           model=scored)
+
+
+def _embedding_names_folders() -> None:
+    """Embeddings saved whole under transformers' names (SPEC.md 5.3, 5.4 step 4): a model description names no
+    input/output embedding, so the rule without a model applies (the last name of the module is one of
+    transformers' embedding names)."""
+    gpt2 = {"dtype": "float32", "modules": {"transformer.wte": embedding(10, 8), "lm_head": linear(8, 10, bias=False),
+                                            "model.layers.0.self_attn.q_proj": linear(8, 8, bias=False)}}
+    lora_q = {f"{Q}.lora_A.weight": det((2, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, 2), 2).astype(np.float32)}
+    plain("embedding-saved-whole-gpt2", "SPEC 5.3/5.4: GPT-2's input and output embeddings saved whole under the "
+          "model's names (base_model.model.transformer.wte.weight, lm_head.weight; PEFT's save_embedding_layers) "
+          "are accounted for and replace the model's", LORA_CFG | {"target_modules": ["q_proj"]},
+          lora_q | {"base_model.model.transformer.wte.weight": det((10, 8), 3).astype(np.float32),
+                    "base_model.model.lm_head.weight": det((10, 8), 4).astype(np.float32)}, valid=True, model=gpt2)
+    other = {"dtype": "float32", "modules": {"model.proj": linear(8, 8, bias=False),
+                                             "model.layers.0.self_attn.q_proj": linear(8, 8, bias=False)}}
+    plain("embedding-saved-whole-unlisted", "SPEC 5.4 step 4: base_model.model.model.proj.weight is no method "
+          "tensor, not in modules_to_save, and model.proj is no embedding (not the model's, nor named as "
+          "transformers names embeddings): UnexpectedTensorError", LORA_CFG | {"target_modules": ["q_proj"]},
+          lora_q | {"base_model.model.model.proj.weight": det((8, 8), 3).astype(np.float32)}, valid=False,
+          error="UnexpectedTensorError", key="base_model.model.model.proj.weight", model=other)
 
 
 def _oft_folders() -> None:

@@ -28,13 +28,14 @@ from keras import ops
 
 from adapterspec import LoadOptions
 from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
-from adapterspec.naming import TensorName
+from adapterspec.naming import EMBEDDING_NAMES, TensorName
 
 from . import _ops
 from .sites import ModuleSite, Piece
 from .switch import ModelState
 
-__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "plan_auxiliary", "restore"]
+__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "embedding_modules", "plan_auxiliary",
+           "restore"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -165,6 +166,43 @@ def _converter_targets(model: Any, module: str, param: str, key: str, shape: tup
     return [Target(variable, lambda value, tensor: np.asarray(layout.to_keras(np.asarray(tensor))).astype(value.dtype))]
 
 
+def embedding_modules(model: Any, sites: dict[str, ModuleSite]) -> dict[str, ModuleSite] | None:
+    """The model's input and output embeddings (PEFT's ``get_input_embeddings()`` / ``get_output_embeddings()``,
+    the modules its ``save_embedding_layers`` saves whole) by spec module path: the sites computed by keras-hub's
+    ``token_embedding`` (its lookup, and its reverse -- tied or not -- for the logits); ``None`` for a model
+    without one (a plain Keras model). The mirror of :func:`adapterspec_torch.auxiliary.embedding_modules`.
+
+    >>> sorted(embedding_modules(gpt2_causal_lm, spec_sites(gpt2_causal_lm, LoadOptions())))  # doctest: +SKIP
+    ['lm_head', 'transformer.wte']
+    """
+    from .converters import backbone_of
+
+    token = getattr(backbone_of(model), "token_embedding", None)
+    if token is None:
+        return None
+    return {path: site for path, site in sites.items()
+            if site.pieces and all(p.layer is token and p.kind in ("embedding", "reverse") for p in site.pieces)}
+
+
+def _embedding_error(model: Any, key: str, module: str, site: ModuleSite | None,
+                     sites: dict[str, ModuleSite]) -> UnexpectedTensorError | None:
+    """SPEC.md 5.4 step 4 with a model: ``<m>.weight`` nothing else accounts for is an embedding saved whole only if
+    ``m`` is the model's input or output embedding (a model naming none: by its last name)."""
+    embeddings = embedding_modules(model, sites)
+    if embeddings is None:
+        if module.rpartition(".")[2] in EMBEDDING_NAMES:
+            return None
+        names = f"this model names no input/output embedding (no token_embedding), and {module!r} does not " \
+                f"end in one of transformers' embedding names ({', '.join(EMBEDDING_NAMES)})"
+    elif site is not None and any(other.key == site.key for other in embeddings.values()):
+        return None
+    else:
+        names = f"the model's input/output embeddings are {sorted(embeddings)}"
+    return UnexpectedTensorError(
+        f"module {module!r} is neither adapted nor in modules_to_save, and it is not an embedding saved whole: "
+        f"{names}", key=key, hint="remove the tensor, or add its module to modules_to_save")
+
+
 def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...], owner: Any,
                    sites: Callable[[], dict[str, ModuleSite]], options: LoadOptions) -> list[Target]:
     """Where auxiliary tensor ``key`` (role ``"bias"`` or ``"embedding"``) goes, checked against the model.
@@ -188,8 +226,18 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
         return _bias_targets(owner.site, key, shape)
     site = owner.site if owner is not None else find_site(sites(), module)
     if name.role == "embedding":
+        from .modules_to_save import converter_modules
+
+        refused = _embedding_error(model, key, module, site, sites())
+        exists = site is not None or module in converter_modules(model)
+        # a key no model could account for is check 8's; a missing embedding transformers names, check 18's
+        if refused is not None and (exists or module.rpartition(".")[2] not in EMBEDDING_NAMES):
+            raise refused
         if site is None:
             raise _absent(key, module)
+        if name.param != "weight":
+            raise UnsupportedError(f"{name.param!r} of an embedding saved whole ({module!r}): keras-hub's embedding "
+                                   "layers have no such variable", key=key, hint="load this adapter with the torch backend")
         return _weight_targets(site, key, shape)
     if site is not None and site.pieces:
         return _bias_targets(site, key, shape)

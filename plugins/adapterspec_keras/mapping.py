@@ -48,6 +48,16 @@ BASE_MODEL_PREFIX: dict[str, str] = {
     "vit": "vit", "deit": "deit", "dinov2": "dinov2", "dinov3_vit": "model", "swin": "swin",
 }
 
+#: ``model_type``s whose checkpoint is a wrapper model's, of which keras-hub converts the part under this prefix:
+#: transformers' ``Sam3VideoModel`` holds the detector (``Sam3Model``) as ``detector_model`` (its ``tracker_model``
+#: has no Keras counterpart). PEFT on the wrapper names the detector's modules ``detector_model.<path>``, PEFT on
+#: ``Sam3Model`` ``<path>``: each site is known under both names (a regular-expression ``target_modules`` of either
+#: form matches), the detector's own first.
+WRAPPED_PREFIX: dict[str, str] = {
+    "sam3_video": "detector_model",
+}
+
+
 def _own_name(model: Any, layer: Any) -> str:
     path: str = layer.path or layer.name
     root = (model.name or "") + "/"
@@ -133,6 +143,11 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
                                          site.source, site.refused, site.hf_conv1d, root=prefix or "")
     for name, site in head_sites(model).items():  # the task model's own head: named as on transformers' task model
         sites.setdefault(name, site)
+    wrapper = WRAPPED_PREFIX.get(model_type or "")
+    if wrapper and not task_model:
+        for name, site in list(sites.items()):
+            if not name.startswith(wrapper + "."):
+                sites.setdefault(f"{wrapper}.{name}", site)
     _BUILTIN[model] = sites
     return dict(sites)
 

@@ -122,7 +122,8 @@ def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, Adapt
     base tensor the file replaces (an embedding saved whole, a trained bias: into ``aux_plan``), an unmapped module
     (into ``unmapped``) -- else an error."""
     config = adapter.config
-    name = parse_key(key, config.peft_type, config)
+    name = parse_key(key, config.peft_type, config, with_model=True)  # an embedding saved whole: plan_auxiliary checks it
+
     def sites() -> dict[str, ModuleSite]:
         return spec_sites(model, options)
 

@@ -33,7 +33,7 @@ from adapterspec.errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
-from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, make_key, parse_key
+from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, EMBEDDING_NAMES, make_key, parse_key
 
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .parameters import ParameterLayer
@@ -44,6 +44,7 @@ __all__ = [
     "Override",
     "apply_overrides",
     "auxiliary_tensors",
+    "embedding_modules",
     "fresh_bias_overrides",
     "plan_auxiliary",
     "rank_errors",
@@ -140,6 +141,48 @@ def _not_taken(key: str, module: str, why: str) -> UnexpectedTensorError:
                                       "trainable_token_indices) matches the tensors")
 
 
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module] | None:
+    """The model's input and output embeddings (transformers' ``get_input_embeddings()`` /
+    ``get_output_embeddings()``, the modules PEFT's ``save_embedding_layers`` saves whole), by module name --
+    or ``None`` for a model that names none (not a transformers model).
+
+    >>> sorted(embedding_modules(gpt2_lm_head_model))                   # doctest: +SKIP
+    ['lm_head', 'transformer.wte']
+    """
+    found: list[nn.Module] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except (NotImplementedError, AttributeError):
+            layer = None
+        if isinstance(layer, nn.Module):
+            found.append(unwrapped(layer))
+    if not found:
+        return None
+    from .inject import iter_modules
+
+    return {name: module for name, module in iter_modules(model)
+            if any(unwrapped(module) is layer for layer in found)}
+
+
+def _embedding_error(key: str, module: str, found: nn.Module | None,
+                     embeddings: dict[str, nn.Module] | None) -> UnexpectedTensorError | None:
+    """SPEC.md 5.4 step 4 with a model: ``<m>.weight`` (``.bias``) nothing else accounts for is an embedding saved
+    whole only if ``m`` is the model's input or output embedding (a model naming none: by its last name)."""
+    if embeddings is None:
+        if module.rpartition(".")[2] in EMBEDDING_NAMES:
+            return None
+        names = f"this model names no input/output embedding (get_input_embeddings), and {module!r} does not " \
+                f"end in one of transformers' embedding names ({', '.join(EMBEDDING_NAMES)})"
+    elif found is not None and any(unwrapped(found) is layer for layer in embeddings.values()):
+        return None
+    else:
+        names = f"the model's input/output embeddings are {sorted(embeddings)}"
+    return UnexpectedTensorError(
+        f"module {module!r} is neither adapted nor in modules_to_save, and it is not an embedding saved whole: "
+        f"{names}", key=key, hint="remove the tensor, or add its module to modules_to_save")
+
+
 def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapter_name: str, options: LoadOptions,
                    expected: Mapping[str, torch.Tensor]) -> AuxiliaryPlan:
     """Classify every tensor of ``adapter`` that no injected parameter takes, and check it against the model.
@@ -154,11 +197,12 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
     adapted = {spec: state.wrappers[own] for spec, own in state.modules[adapter_name].items()}
     lookup = _Model(model, options)
     plan = AuxiliaryPlan()
+    embeddings: list[dict[str, nn.Module] | None] = []  # computed once, for the first embedding key
     for key, info in adapter.tensors.items():
         if key in expected:
             continue
         try:
-            name = parse_key(key, config.peft_type, config)
+            name = parse_key(key, config.peft_type, config, with_model=True)
         except UnexpectedTensorError as exc:
             plan.errors.append(exc)
             continue
@@ -177,6 +221,14 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
                 continue
         elif name.role in ("bias", "embedding"):
             found = lookup.find(module)
+            if name.role == "embedding":
+                if not embeddings:
+                    embeddings.append(embedding_modules(model))
+                refused = _embedding_error(key, module, found, embeddings[0])
+                # a key no model could account for is check 8's; a missing embedding transformers names, check 18's
+                if refused is not None and (found is not None or module.rpartition(".")[2] not in EMBEDDING_NAMES):
+                    plan.errors.append(refused)
+                    continue
             if found is None:
                 plan.errors.append(_absent(key, module))
                 continue

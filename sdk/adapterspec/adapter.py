@@ -405,7 +405,8 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     if not_portable(adapter.config):
         pass  # the spec names no tensor of the method: there is nothing to check them against
     elif check_tensors or not _plain(adapter.config, adapter.tensors):
-        errors += tensor_errors(adapter.config, adapter.tensors)
+        # a loader (check_tensors=False) checks each embedding saved whole against its model (SPEC.md 5.4 step 4)
+        errors += tensor_errors(adapter.config, adapter.tensors, with_model=not check_tensors)
     else:
         adapter._unchecked = True
     source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
@@ -522,7 +523,8 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
         ``True`` gives the buffer to read into, as :meth:`Adapter.prefetch`'s ``allocate``.
     :param check_tensors: ``False`` leaves the checks of the tensors against the config (SPEC.md 10,
         checks 8-16) to the caller, if every tensor is a method tensor of an allowed dtype and the config
-        accounts for no auxiliary tensor (otherwise they run). :func:`~adapterspec.load_adapter` does
+        accounts for no auxiliary tensor (otherwise they run, taking any ``<m>.weight`` / ``<m>.bias`` nothing
+        else accounts for as an embedding saved whole, which the caller checks against its model). :func:`~adapterspec.load_adapter` does
         this: the backend compares every tensor with the adapter it injected from the config (each
         key, each shape), which implies those checks; it runs them (:meth:`Adapter.check_tensors`)
         when that comparison fails, to name the problem as the spec does.

@@ -25,6 +25,7 @@ __all__ = [
     "BASE_LAYER_BIAS",
     "BASE_LAYER_PARAM",
     "EMBEDDING_NAMES",
+    "EMBEDDING_PARAMS",
     "MAX_KEY_LENGTH",
     "PARAMETERS",
     "SHARED_PARAMETERS",
@@ -82,8 +83,24 @@ BASE_LAYER_BIAS = "base_layer.bias"
 #: The rows of ``trainable_token_indices`` of an embedding, ``[len(indices), dim]`` (they replace those rows).
 TRAINABLE_TOKENS_PARAM = "token_adapter.trainable_tokens_delta"
 
-#: PEFT's names of embedding layers (``EMBEDDING_LAYER_NAMES``): ``<name>.weight`` is a resized embedding.
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+#: The last name segments of transformers' input and output embeddings (``get_input_embeddings()`` /
+#: ``get_output_embeddings()`` of its text models; PEFT's ``EMBEDDING_LAYER_NAMES`` first). Without a model,
+#: ``<m>.weight`` / ``<m>.bias`` of a module so named is an embedding saved whole (SPEC.md 5.4 step 4); with a
+#: model, exactly the model's own input and output embedding modules are (the backend checks them).
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "lm_head",
+    "wte",  # GPT-2, GPT-J, GPT-Neo, CodeGen
+    "word_embeddings",  # BERT family, BLOOM, Falcon
+    "shared",  # T5, BART
+    "embed_in",  # GPT-NeoX input
+    "embed_out",  # GPT-NeoX output
+    "tok_embeddings",  # InternLM2
+    "decoder",  # BERT family masked-LM head (cls.predictions.decoder)
+)
+
+#: The parameters PEFT's ``save_embedding_layers`` saves of an embedding (an output layer's bias too: BERT).
+EMBEDDING_PARAMS = ("weight", "bias")
 
 #: PEFT's wrapper infixes saved next to a module to save (``bias="all"``); accepted and ignored.
 _BOOKKEEPING = (".original_module.", ".modules_to_save.")
@@ -124,7 +141,8 @@ def make_key(module: str, param: str, *, prompt_learning: bool = False) -> str:
     return f"{PROMPT_MODULE_PREFIX if prompt_learning else PEFT_PREFIX}{module}.{param}"
 
 
-def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None) -> TensorName:
+def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None, *,
+              with_model: bool = False) -> TensorName:
     """Split a stored key into module path and parameter name, and say what the tensor is (SPEC.md 5.4).
 
     Method tensors are recognised by their suffix (longest first); anything else must be an auxiliary
@@ -134,6 +152,9 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     :param key: the key as stored in the safetensors file.
     :param peft_type: the adapter's method; decides which parameter names are adapter parameters.
     :param config: the adapter config, to recognise auxiliary tensors (none are accepted without it).
+    :param with_model: the caller checks the key against a model: any ``<m>.weight`` / ``<m>.bias`` nothing else
+        accounts for is an embedding saved whole if ``m`` is the model's input or output embedding, which the
+        caller then checks (without a model: if the last segment of ``m`` is in :data:`EMBEDDING_NAMES`).
     :raises UnexpectedTensorError: the key does not follow the convention for this method, its module
         name is malformed (check 15), or the config does not account for it.
 
@@ -158,7 +179,7 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None)
     name = _method_tensor(key, rest, peft_type)
     if name is None:
         _refuse_adapter_name(key, rest)
-        name = _auxiliary(key, rest, config or {})
+        name = _auxiliary(key, rest, config or {}, with_model)
     if name is None:
         raise _unaccounted(key, rest, peft_type)
     if not name.module or not all(name.module.split(".")):
@@ -222,7 +243,7 @@ def _refuse_adapter_name(key: str, rest: str) -> None:
         key=key, hint=f"strip the adapter name from every key: {fixed!r}")
 
 
-def _auxiliary(key: str, rest: str, config: Mapping[str, Any]) -> TensorName | None:
+def _auxiliary(key: str, rest: str, config: Mapping[str, Any], with_model: bool) -> TensorName | None:
     """The auxiliary tensor (SPEC.md 5.3) ``rest`` names, if the config accounts for it."""
     accounted: tuple[tuple[str, Role, Callable[[str], bool]], ...] = (
         (TRAINABLE_TOKENS_PARAM, "trainable_tokens", lambda m: token_indices(config, m) is not None),
@@ -242,7 +263,7 @@ def _auxiliary(key: str, rest: str, config: Mapping[str, Any]) -> TensorName | N
         return TensorName(key, module, param, "modules_to_save")
     if param == "bias" and config.get("bias") == "all":
         return TensorName(key, module, param, "bias")
-    if param == "weight" and module.rpartition(".")[2] in EMBEDDING_NAMES:
+    if param in EMBEDDING_PARAMS and (with_model or module.rpartition(".")[2] in EMBEDDING_NAMES):
         return TensorName(key, module, param, "embedding")
     return None
 
@@ -262,6 +283,12 @@ def _unaccounted(key: str, rest: str, peft_type: str) -> UnexpectedTensorError:
     param = rest.rpartition(".")[2]
     if rest.endswith("." + TRAINABLE_TOKENS_PARAM):
         hint = "list the embedding in trainable_token_indices, or remove the tensor"
+    elif param in EMBEDDING_PARAMS and rest.rpartition(".")[0]:
+        hint = (f"remove the tensor, or add its module to modules_to_save; an embedding saved whole (PEFT's "
+                f"save_embedding_layers) is accepted without a model only when its module's last name is one of "
+                f"{', '.join(EMBEDDING_NAMES)}: load or check it with the model (its input / output embedding)")
+        if param == "bias":
+            hint = "set bias to 'all' (or 'lora_only' for the biases of targeted modules), or " + hint
     elif param == "bias":
         hint = "set bias to 'all' (or 'lora_only' for the biases of targeted modules), or remove the tensor"
     else:

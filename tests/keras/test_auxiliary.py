@@ -105,6 +105,8 @@ CASES = {
     # tied embed_tokens / lm_head: both keys, one matrix
     "gemma-embeddings-whole": ("gemma", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), True),
     "llama-embeddings-whole": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), True),
+    # GPT-2's tied transformer.wte / lm_head: saved whole under the model's own names (SPEC 5.4 step 4)
+    "gpt2-embeddings-whole": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]), True),
     # lm_head adapted (its base_layer.weight), embed_tokens saved whole
     "llama-lm-head-targeted": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8,
                                                                 target_modules=["q_proj", "lm_head"]), True),
@@ -228,6 +230,11 @@ BAD = {
     "base-layer-bias-not-adapted": ("gpt2", lambda t: t.update(
         {"base_model.model.transformer.h.0.mlp.c_proj.base_layer.bias": t[_BIAS]}),
         adapterspec.UnexpectedTensorError, "which has no adapter"),
+    # <m>.weight of a module that is not the model's input or output embedding (SPEC 5.4 step 4)
+    "not-an-embedding": ("llama", lambda t: t.update({"base_model.model.model.layers.0.input_layernorm.weight":
+                                                      t[_EMBED][0] * 0.5}),
+                         adapterspec.UnexpectedTensorError, "input/output embeddings are ['lm_head', "
+                                                            "'model.embed_tokens']"),
     "resized-vocabulary": ("llama", lambda t: t.update({_EMBED: np.concatenate([t[_EMBED], t[_EMBED][:3]])}),
                            adapterspec.ShapeMismatchError, "keras-hub models cannot be resized"),
 }
@@ -289,3 +296,72 @@ def test_unload_merge_keeps_the_biases_as_peft_merge_and_unload(checkpoints: Any
     adapterspec.unload(model, merge=True)
     assert adapterspec.adapter_names(model) == []
     assert_near(keras_logits(model, token_ids), expected)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers ``BertModel`` as keras-hub's converter reads it (tanh-GELU, as keras-hub's)."""
+    import torch
+    import transformers
+
+    from keras_helpers import save_for_keras_hub
+
+    torch.manual_seed(6)
+    config = transformers.AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, vocab_size=128, max_position_embeddings=64,
+                                               hidden_act="gelu_pytorch_tanh")
+    return save_for_keras_hub(transformers.AutoModel.from_config(config).eval(), tmp_path_factory.mktemp("bert"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bert_word_embeddings_saved_whole(bert: Path, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """BERT's input embedding ``embeddings.word_embeddings`` saved whole (PEFT's ``save_embedding_layers=True``,
+    keyed by the model's own name, SPEC 5.4 step 4): keras-hub's BERT gives PEFT's hidden states, saves PEFT's
+    tensors back (PEFT loads them with nothing missing or unexpected), and deleting gives every variable back."""
+    import keras_hub
+    import torch
+    import transformers
+    from keras import ops
+
+    def load_bert() -> Any:
+        return transformers.AutoModel.from_pretrained(bert).eval()
+
+    def hidden(torch_model: Any) -> np.ndarray:
+        ids = torch.from_numpy(token_ids.astype(np.int64))
+        with torch.no_grad():
+            return torch_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
+
+    def keras_hidden(model: Any) -> np.ndarray:
+        inputs = {"token_ids": token_ids.astype("int32"), "padding_mask": np.ones_like(token_ids, dtype="int32"),
+                  "segment_ids": np.zeros_like(token_ids, dtype="int32")}
+        return np.asarray(ops.convert_to_numpy(model(inputs)["sequence_output"]))
+
+    peft_model = peft.get_peft_model(load_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    fill_adapter_weights(peft_model)
+    with torch.no_grad():
+        weight = peft_model.get_base_model().get_input_embeddings().weight
+        weight.copy_(weight + torch.from_numpy(unique_values(tuple(weight.shape), 11, scale=0.3)))
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    stored = adapterspec.read_adapter(tmp_path / "peft")
+    assert [k for k in stored.tensors if "lora_" not in k] == ["base_model.model.embeddings.word_embeddings.weight"]
+    expected = hidden(peft_model)
+    with peft_model.disable_adapter():
+        without = hidden(peft_model)  # the embedding stays replaced without the adapter, as in PEFT
+    base_torch = hidden(load_bert())
+    model = keras_hub.models.Backbone.from_preset(str(bert))
+    values = _values(model)
+    base = keras_hidden(model)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_peft_close(keras_hidden(model), expected, base, base_torch)
+    with adapterspec.disabled_adapters(model):
+        assert_peft_close(keras_hidden(model), without, base, base_torch)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours, theirs = adapterspec.read_adapter(saved).load_tensors("numpy"), stored.load_tensors("numpy")
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    loaded = peft.PeftModel.from_pretrained(load_bert(), saved).eval()
+    state = peft.utils.get_peft_model_state_dict(loaded, save_embedding_layers=True)
+    assert sorted(state) == sorted(theirs) and all(np.array_equal(state[k].numpy(), theirs[k]) for k in theirs)
+    assert_near(hidden(loaded), expected)
+    adapterspec.delete_adapter(model, "default")
+    _assert_values(model, values)

@@ -887,3 +887,60 @@ def test_sam3_lora_matches_the_merged_conversion(tmp_path: Path) -> None:
           f"adapter_effect={effect:.2e}")
     assert effect > 1e-3
     assert_near(actual, reference)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sam3_video_detector_names_match_the_merged_conversion(tmp_path: Path) -> None:
+    """PEFT on transformers' ``Sam3VideoModel`` (the ``sam3_video`` checkpoint keras-hub converts) names the
+    detector's modules ``detector_model.<path>``: a LoRA on its 85 linear layers (a regular-expression
+    ``target_modules`` of those names) loads under those names and gives exactly keras-hub's conversion of PEFT's
+    merged model; saving gives back PEFT's keys. A LoRA on the ``tracker_model``, which keras-hub does not build,
+    is refused naming it, changing nothing (before: every ``detector_model.*`` name was refused)."""
+    import re
+
+    import keras_hub
+    from keras_helpers import assert_near, assert_same_snapshot, snapshot
+    from safetensors.numpy import load_file
+
+    detector = _sam3(tmp_path / "hf")
+    config = transformers.Sam3VideoConfig(detector_config=detector.config.to_dict())
+    torch.manual_seed(7)
+    video = transformers.Sam3VideoModel(config).eval()
+    video.detector_model.load_state_dict(detector.state_dict())
+    used = sorted(n for n, m in video.named_modules() if isinstance(m, torch.nn.Linear)
+                  and n.startswith("detector_model.") and n != "detector_model.text_encoder.text_projection")
+    peft_model = peft.get_peft_model(video, peft.LoraConfig(r=4, lora_alpha=8,
+                                                            target_modules="|".join(map(re.escape, used))))
+    fill_adapter_weights(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    backbone = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    base = _run_sam3(backbone)
+
+    modules = adapterspec.load_adapter(backbone, tmp_path / "adapter")
+
+    assert sorted(modules) == sorted(peft_adapted_modules(peft_model)) == used and len(used) == 85
+    actual = _run_sam3(backbone)
+    saved = adapterspec.save_adapter(backbone, tmp_path / "keras")
+    theirs = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    ours = load_file(saved / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged", safe_serialization=True)  # detector_model.* and tracker_model.*
+    (tmp_path / "merged" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    reference = _run_sam3(keras_hub.models.Backbone.from_preset(str(tmp_path / "merged")))
+    diff, effect = float(np.abs(actual - reference).max()), float(np.abs(reference - base).max())
+    print(f"MATRIX sam3_video: modules={len(modules)} vs keras-hub's conversion of PEFT's merged model: {diff:.2e} "
+          f"adapter_effect={effect:.2e}")
+    assert effect > 1e-3
+    assert_near(actual, reference)
+
+    tracker = peft.get_peft_model(transformers.Sam3VideoModel(config).eval(), peft.LoraConfig(
+        r=4, target_modules=[used[0], "tracker_model.mask_decoder.transformer.layers.0.self_attn.q_proj"]))
+    tracker.save_pretrained(tmp_path / "tracker")
+    assert any(k.startswith("base_model.model.tracker_model.")
+               for k in load_file(tmp_path / "tracker" / "adapter_model.safetensors"))
+    fresh = keras_hub.models.Backbone.from_preset(str(tmp_path / "hf"))
+    before = snapshot(fresh)
+    with pytest.raises(TargetNotFoundError, match=r"tracker_model\.mask_decoder"):
+        adapterspec.load_adapter(fresh, tmp_path / "tracker")
+    assert_same_snapshot(before, snapshot(fresh))

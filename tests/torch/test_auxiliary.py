@@ -341,6 +341,81 @@ def test_tied_full_embedding_stays_tied(llama_tied: Any, tmp_path: Path, token_i
     assert torch.equal(model.lm_head.weight, llama_tied.lm_head.weight)
 
 
+# -- embeddings saved whole under the model's own names (SPEC.md 5.4 step 4) ----------------------------
+@pytest.fixture(scope="module")
+def bert_mlm() -> Any:
+    """A masked-LM BERT: its output embedding ``cls.predictions.decoder`` has a bias, which PEFT saves too."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(5)
+    return BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, vocab_size=128, max_position_embeddings=64)).eval()
+
+
+def _fill_embeddings(model: Any) -> None:
+    """Element-unique values for the adapter and every parameter of the input and output embeddings (as if
+    trained; a tied matrix once)."""
+    fill_adapter_weights(model)
+    base = model.get_base_model()
+    seen: set[int] = set()
+    with torch.no_grad():
+        for index, layer in enumerate((base.get_input_embeddings(), base.get_output_embeddings())):
+            for param in (layer.parameters() if layer is not None else ()):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    param.copy_(unique_values(tuple(param.shape), 400 + 13 * index + len(seen), scale=0.2))
+
+
+_EMBEDDING_CASES = {  # fixture, LoRA config, the keys PEFT saves of the embeddings
+    "gpt2": ("gpt2", dict(target_modules=["c_attn"], fan_in_fan_out=True),
+             {"transformer.wte.weight", "lm_head.weight"}),
+    "bert-mlm": ("bert_mlm", dict(target_modules=["query", "value"]),
+                 {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
+                  "cls.predictions.decoder.bias"}),
+    "bert-classifier": ("bert", dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+                        {"bert.embeddings.word_embeddings.weight"}),
+    "llama": ("llama", dict(target_modules=["q_proj"]), {"model.embed_tokens.weight", "lm_head.weight"}),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMBEDDING_CASES))
+def test_embeddings_saved_whole_under_the_models_names(case: str, request: Any, tmp_path: Path,
+                                                       token_inputs: dict[str, Any]) -> None:
+    """PEFT's ``save_embedding_layers=True`` saves ``get_input_embeddings()`` / ``get_output_embeddings()`` under
+    the model's own module names (GPT-2 ``transformer.wte``, BERT ``word_embeddings`` and the masked-LM head's
+    ``decoder`` with its bias): they load with PEFT's logits and save back to PEFT's keys (refused before: only
+    ``embed_tokens`` / ``lm_head`` were taken)."""
+    from peft import LoraConfig
+
+    fixture, options, keys = _EMBEDDING_CASES[case]
+    base = request.getfixturevalue(fixture)
+    original = _check_roundtrip(base, LoraConfig(r=4, lora_alpha=8, **options), tmp_path, token_inputs,
+                                fill=_fill_embeddings, save_embedding_layers=True)
+    assert {k for k in original if "lora_" not in k and "classifier" not in k} == {PREFIX + k for k in keys}
+
+
+def test_stray_weight_of_another_module_is_refused(gpt2: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """``<m>.weight`` of a module that is not the model's input or output embedding (nor adapted, nor saved) is an
+    ``UnexpectedTensorError`` naming the key and the model's embeddings; the model is left unchanged. Without a
+    model, a name outside transformers' embedding names is refused too, pointing at the model."""
+    from peft import LoraConfig
+
+    _peft(gpt2, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True), tmp_path / "peft",
+          _fill_embeddings, save_embedding_layers=True)
+    stray = f"{PREFIX}transformer.h.0.ln_1.weight"
+    folder = _edited(tmp_path / "peft", tmp_path, lambda t: t.update({stray: torch.arange(64.0)}))
+    model = fresh(gpt2)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnexpectedTensorError, match=r"\['lm_head', 'transformer.wte'\]") as info:
+        adapterspec.load_adapter(model, folder)
+    assert info.value.key == stray
+    assert_same_snapshot(model, before)
+    with pytest.raises(adapterspec.UnexpectedTensorError, match="with the model") as info:
+        adapterspec.read_adapter(folder)
+    assert info.value.key == stray
+    adapterspec.read_adapter(tmp_path / "peft")  # PEFT's own folder: wte and lm_head are transformers' names
+
+
 # -- refusals (SPEC.md 10, checks 18-21) ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def bias_folder(llama_bias: Any, tmp_path_factory: Any) -> Path:
