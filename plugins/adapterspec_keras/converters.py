@@ -30,7 +30,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite, Piece, _axes, _einsum_supported, _make_piece, layer_kind, layer_site, model_layers
 
-__all__ = ["backbone_of", "converter_sites", "head_sites"]
+__all__ = ["backbone_of", "converter_sites", "head_sites", "text_only"]
 
 
 @dataclass
@@ -302,7 +302,7 @@ def _find_converter(backbone: Any) -> tuple[Any, list[str]] | None:
     return module, model_types
 
 
-def _text_only(model_type: str) -> bool:
+def text_only(model_type: str) -> bool:
     """transformers' model types of a multimodal model's text part alone (``gemma3_text``, ``gemma4_text``)."""
     return model_type.endswith("_text")
 
@@ -341,7 +341,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         # the model type porting the most weights fits best; on a tie, a multimodal backbone takes the
         # multimodal model type (gemma3 and gemma3_text record the same weights: the vision encoder's too), a
         # text-only one the shortest HF names ("model.layers...", not "model.language_model.layers...")
-        rank = (-len(loader.records), _text_only(model_type) and _multimodal(backbone),
+        rank = (-len(loader.records), text_only(model_type) and _multimodal(backbone),
                 sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)

@@ -26,7 +26,7 @@ from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
 from .layers import Layout
 from .modules_to_save import Param, converter_modules, module_params
-from .sites import ModuleSite
+from .sites import ModuleSite, resolve_layer
 
 __all__ = ["LN_PREFIX", "METHOD", "find_ln_targets", "norm_params", "split_norms"]
 
@@ -67,7 +67,6 @@ def split_norms(model: Any, options: LoadOptions) -> tuple[dict[str, list[Param]
     >>> split_norms(model, LoadOptions(module_map={"ln": norm_layer, "q": dense}))  # doctest: +SKIP
     ({'ln': [('weight', ...), ('bias', ...)]}, LoadOptions(module_map={'q': ...}))
     """
-    from .mapping import _resolve_layer
 
     module_map = options.module_map
     if not isinstance(module_map, dict):
@@ -75,7 +74,7 @@ def split_norms(model: Any, options: LoadOptions) -> tuple[dict[str, list[Param]
     norms: dict[str, list[Param]] = {}
     rest: dict[str, Any] = {}
     for path, target in module_map.items():
-        layer, reverse = _resolve_layer(model, target, path)
+        layer, reverse = resolve_layer(model, target, path)
         params = None if reverse else norm_params(layer)
         if params is None:
             rest[path] = target

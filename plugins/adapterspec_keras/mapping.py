@@ -31,9 +31,11 @@ from typing import Any
 from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
-from .converters import _text_only, backbone_of, converter_sites, head_sites
+from .converters import backbone_of, converter_sites, head_sites, text_only
 from .hf_names import transformers_names
-from .sites import ModuleSite, Piece, layer_site, model_layers
+from .sites import ModuleSite, Piece, layer_site, model_layers, own_name, parameter_variables, resolve_layer
+
+__all__ = ["BASE_MODEL_PREFIX", "WRAPPED_PREFIX", "equivalent", "find_site", "spec_name", "spec_sites"]
 
 
 #: transformers' ``base_model_prefix`` per ``model_type``: the attribute of a ``*ForCausalLM`` (or other
@@ -58,18 +60,10 @@ WRAPPED_PREFIX: dict[str, str] = {
 }
 
 
-def _own_name(model: Any, layer: Any) -> str:
-    path: str = layer.path or layer.name
-    root = (model.name or "") + "/"
-    if path.startswith(root):
-        path = path[len(root):]
-    return path.replace("/", ".")
-
-
 def _layer_sites(model: Any) -> dict[str, ModuleSite]:
     sites: dict[str, ModuleSite] = {}
     for layer in model_layers(model):
-        site = layer_site(_own_name(model, layer), layer)
+        site = layer_site(own_name(model, layer), layer)
         if site is not None:
             sites.setdefault(site.path, site)
     return sites
@@ -79,7 +73,7 @@ def _layer_sites(model: Any) -> dict[str, ModuleSite]:
 # Spec names
 
 
-def _spec_name(hf_path: str, prefix: str | None, task_model: bool) -> str:
+def spec_name(hf_path: str, prefix: str | None, task_model: bool) -> str:
     """The spec path of a converter key: PEFT names modules relative to the model it wrapped."""
     if not prefix or hf_path.split(".")[0] == "lm_head":
         return hf_path
@@ -87,29 +81,6 @@ def _spec_name(hf_path: str, prefix: str | None, task_model: bool) -> str:
     if task_model:
         return hf_path if has else f"{prefix}.{hf_path}"
     return hf_path[len(prefix) + 1:] if has else hf_path
-
-
-def _resolve_layer(model: Any, target: Any, path: str) -> tuple[Any, bool]:
-    """The Keras layer a ``module_map`` value names (a layer, its path or its name); ``(layer, reverse)``."""
-    import keras
-
-    if isinstance(target, keras.layers.Layer):
-        return target, False
-    name = str(target)
-    reverse = False
-    if name.endswith(":reverse"):
-        name, reverse = name[: -len(":reverse")], True
-    layers = model_layers(model)
-    for attr in ("path", "name"):
-        found = [l for l in layers if getattr(l, attr, None) == name or
-                 (attr == "path" and _own_name(model, l) == name.replace("/", "."))]
-        if len(found) == 1:
-            return found[0], reverse
-        if len(found) > 1:
-            raise TargetNotFoundError(f"module_map sends {path!r} to {name!r}, which names {len(found)} layers",
-                                      key=path, hint="use the layer's full path (layer.path), which is unique")
-    raise TargetNotFoundError(f"module_map sends {path!r} to {name!r}, but the model has no such layer",
-                              key=path, hint="use a layer path from [l.path for l in model._flatten_layers()]")
 
 
 _BUILTIN: weakref.WeakKeyDictionary[Any, dict[str, ModuleSite]] = weakref.WeakKeyDictionary()
@@ -133,11 +104,11 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     aliases = transformers_names(model_type, hf_sites)
     # a multimodal checkpoint's text part as transformers' text model names it, which PEFT adapts too (the
     # ``qwen3_5_text`` mapping loads ``model.language_model.layers.*`` as ``model.layers.*``): its load direction only
-    text = transformers_names(f"{model_type}_text", hf_sites) if model_type and not _text_only(model_type) else {}
+    text = transformers_names(f"{model_type}_text", hf_sites) if model_type and not text_only(model_type) else {}
     for hf_path, site in ordered:
         loaded = text.get(hf_path)
         for other in aliases.get(hf_path, [hf_path]) + ([loaded[0]] if loaded and loaded[1] == hf_path else []):
-            name = _spec_name(other, prefix, task_model)
+            name = spec_name(other, prefix, task_model)
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
                                          site.source, site.refused, site.hf_conv1d, root=prefix or "")
@@ -178,11 +149,9 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
         mapped = dict(module_map)
     out: dict[str, ModuleSite] = {}
     for path, target in mapped.items():
-        layer, reverse = _resolve_layer(model, target, path)
+        layer, reverse = resolve_layer(model, target, path)
         site = layer_site(path, layer, reverse=reverse, source="module_map")
         if site is None and not reverse:
-            from .parameters import parameter_variables
-
             if parameter_variables(layer):  # target_parameters can adapt it (SPEC.md 15.1), nothing else
                 site = ModuleSite(path, "parameters", 0, 0, [], "module_map",
                                   refused=f"module_map sends it to a {type(layer).__name__}, which adapters cannot "
@@ -196,7 +165,7 @@ def spec_sites(model: Any, options: LoadOptions | None = None) -> dict[str, Modu
     return out
 
 
-def _equivalent(a: str, b: str, root: str | None = None) -> bool:
+def equivalent(a: str, b: str, root: str | None = None) -> bool:
     """``a`` and ``b`` name the same module up to a leading prefix (only ``root`` if given)."""
     if a == b:
         return True
@@ -217,7 +186,7 @@ def find_site(sites: dict[str, ModuleSite], path: str) -> ModuleSite | None:
     """
     if path in sites:
         return sites[path]
-    found = [s for p, s in sites.items() if _equivalent(p, path, s.root)]
+    found = [s for p, s in sites.items() if equivalent(p, path, s.root)]
     if len(found) > 1:
         raise TargetNotFoundError(f"module {path!r} fits several layers: {[s.path for s in found]}", key=path,
                                   hint="pass module_map={spec path: keras layer path} to say which")

@@ -44,7 +44,7 @@ _RECORDS: weakref.WeakKeyDictionary[Any, list[tuple[str, Any, Any]]] = weakref.W
 def _records(model: Any) -> list[tuple[str, Any, Any]]:
     """(spec key, Keras variable, converter hook) of every weight keras-hub's converter ports into ``model``."""
     from .converters import _record, backbone_of
-    from .mapping import BASE_MODEL_PREFIX, _spec_name
+    from .mapping import BASE_MODEL_PREFIX, spec_name
 
     cached = _RECORDS.get(model)
     if cached is not None:
@@ -56,7 +56,7 @@ def _records(model: Any) -> list[tuple[str, Any, Any]]:
         records, model_type = recorded
         prefix = BASE_MODEL_PREFIX.get(model_type or "")
         task_model = backbone is not model
-        out = [(_torch_name(_spec_name(r.key, prefix, task_model)), r.variable, r.hook) for r in records]
+        out = [(_torch_name(spec_name(r.key, prefix, task_model)), r.variable, r.hook) for r in records]
     _RECORDS[model] = out
     return out
 

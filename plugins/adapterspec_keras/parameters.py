@@ -41,10 +41,11 @@ from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .layers import Layout
 from .reach import note_entry
-from .sites import ModuleSite
+from .mapping import BASE_MODEL_PREFIX, spec_name
+from .sites import ModuleSite, parameter_variables, resolve_layer
 
 __all__ = ["EXPERT_TABLE", "ExpertParameter", "ParameterLayer", "ParameterTarget", "Part", "find_parameter_targets",
-           "parameter_prefix", "parameter_variables"]
+           "parameter_prefix"]
 
 
 @dataclass(frozen=True)
@@ -117,22 +118,8 @@ class ParameterTarget:
     transposed: bool = True
 
 
-def parameter_variables(layer: Any) -> dict[str, Any]:
-    """The variables a hand-built Keras layer holds as public attributes, 2-D or 3-D, in assignment order: what
-    ``target_parameters`` can adapt on a layer ``module_map`` names, each read as the transformers parameter of the
-    same name, in its layout (``[out, in]`` or ``[E, out, in]``, not transposed).
-
-    >>> parameter_variables(keras.layers.Dense(2))
-    {}
-    """
-    return {name: value for name, value in vars(layer).items()
-            if not name.startswith("_") and isinstance(value, keras.Variable) and len(value.shape) in (2, 3)}
-
-
 def _mapped(model: Any, module_map: Any, sites: Mapping[str, ModuleSite]) -> list[tuple[str, Any, ParameterTarget]]:
     """The parameters of the hand-built layers ``module_map`` names that adapters cannot wrap otherwise."""
-    from .mapping import _resolve_layer
-
     if not isinstance(module_map, Mapping):
         return []
     out = []
@@ -140,7 +127,7 @@ def _mapped(model: Any, module_map: Any, sites: Mapping[str, ModuleSite]) -> lis
         site = sites.get(path)
         if site is None or site.kind != "parameters":
             continue
-        layer = _resolve_layer(model, value, path)[0]
+        layer = resolve_layer(model, value, path)[0]
         for name, variable in parameter_variables(layer).items():
             shape = tuple(int(d) for d in variable.shape)
             experts, fan_out, fan_in = shape if len(shape) == 3 else (1, *shape)
@@ -199,7 +186,6 @@ def find_parameter_targets(model: Any, config: AdapterConfig, sites: Mapping[str
     if not entries:
         return {}
     from .converters import backbone_of, converter_sites
-    from .mapping import BASE_MODEL_PREFIX, _spec_name
 
     backbone = backbone_of(model)
     model_type = converter_sites(backbone)[1]
@@ -217,7 +203,7 @@ def find_parameter_targets(model: Any, config: AdapterConfig, sites: Mapping[str
         for entry in table or ():
             resolved = _resolve(layer, entry)
             if resolved is not None:
-                universe.append((_spec_name(f"model.layers.{i}.{entry.module}", prefix, task_model), *resolved))
+                universe.append((spec_name(f"model.layers.{i}.{entry.module}", prefix, task_model), *resolved))
     held = {id(variable) for _, _, target in universe for variable, _, _ in target.parts}
     modules = {path for path, _, _ in universe}
     mapped = sorted({re.sub(r"\.\d+\.", ".N.", f"{path}.{target.param}") for path, _, target in universe})

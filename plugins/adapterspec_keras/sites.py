@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModuleSite", "Piece", "layer_kind", "layer_site", "model_layers"]
+from adapterspec.errors import TargetNotFoundError
+
+__all__ = ["ModuleSite", "Piece", "layer_kind", "layer_site", "model_layers", "own_name", "parameter_variables",
+           "resolve_layer"]
 
 
 @dataclass(eq=False)
@@ -250,3 +253,47 @@ def model_layers(model: Any) -> list[Any]:
             seen.add(id(layer))
             out.append(layer)
     return out
+
+
+def own_name(model: Any, layer: Any) -> str:
+    path: str = layer.path or layer.name
+    root = (model.name or "") + "/"
+    if path.startswith(root):
+        path = path[len(root):]
+    return path.replace("/", ".")
+
+
+def resolve_layer(model: Any, target: Any, path: str) -> tuple[Any, bool]:
+    """The Keras layer a ``module_map`` value names (a layer, its path or its name); ``(layer, reverse)``."""
+    import keras
+
+    if isinstance(target, keras.layers.Layer):
+        return target, False
+    name = str(target)
+    reverse = False
+    if name.endswith(":reverse"):
+        name, reverse = name[: -len(":reverse")], True
+    layers = model_layers(model)
+    for attr in ("path", "name"):
+        found = [l for l in layers if getattr(l, attr, None) == name or
+                 (attr == "path" and own_name(model, l) == name.replace("/", "."))]
+        if len(found) == 1:
+            return found[0], reverse
+        if len(found) > 1:
+            raise TargetNotFoundError(f"module_map sends {path!r} to {name!r}, which names {len(found)} layers",
+                                      key=path, hint="use the layer's full path (layer.path), which is unique")
+    raise TargetNotFoundError(f"module_map sends {path!r} to {name!r}, but the model has no such layer",
+                              key=path, hint="use a layer path from [l.path for l in model._flatten_layers()]")
+
+
+def parameter_variables(layer: Any) -> dict[str, Any]:
+    """The variables a hand-built Keras layer holds as public attributes, 2-D or 3-D, in assignment order: what
+    ``target_parameters`` can adapt on a layer ``module_map`` names, each read as the transformers parameter of the
+    same name, in its layout (``[out, in]`` or ``[E, out, in]``, not transposed).
+
+    >>> import keras
+    >>> parameter_variables(keras.layers.Dense(2))
+    {}
+    """
+    return {name: value for name, value in vars(layer).items()
+            if not name.startswith("_") and isinstance(value, _keras().Variable) and len(value.shape) in (2, 3)}

@@ -47,7 +47,7 @@ from . import vera
 from .auxiliary import Target, apply_overrides, auxiliary_tensors, plan_auxiliary
 from .bank import Ref
 from .layers import AdapterLayer, Layout
-from .mapping import _equivalent, find_site, spec_sites
+from .mapping import equivalent, find_site, spec_sites
 from .sites import ModuleSite
 from .switch import get_state
 
@@ -106,7 +106,7 @@ def _owner(module: str, by_path: dict[str, AdapterLayer],
         # ``encoder.vision_tower.encoder.layers.0.self_attn.k_proj``
         found = [layer for layer in by_path.values() if layer.site.key == known[module].key]
         return found[0] if len(found) == 1 else None
-    found = [layer for path, layer in by_path.items() if _equivalent(path, module, layer.site.root)]
+    found = [layer for path, layer in by_path.items() if equivalent(path, module, layer.site.root)]
     if len(found) == 1 or sites is None:
         return found[0] if len(found) == 1 else None
     site = find_site(known, module)

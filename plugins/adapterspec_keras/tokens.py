@@ -126,8 +126,8 @@ def method_token_targets(model: Any, config: AdapterConfig,
         bias (PEFT 0.21 drops the bias while the adapter is active).
     """
     indices = [int(i) for i in config.get("token_indices") or []]
+    embedding = _input_embedding(model, sites)
     if config.get("target_modules") is None:
-        embedding = _input_embedding(model, sites)
         selected = [embedding] if embedding is not None else []
     else:
         taken: set[Any] = set()
@@ -145,7 +145,6 @@ def method_token_targets(model: Any, config: AdapterConfig,
                                    "adapter is active", key=path, pointer="/target_modules",
                                    hint="select embedding layers, or Dense layers without bias")
     found: list[tuple[str, list[int], str | None]] = [(path, indices, None) for path in selected]
-    embedding = _input_embedding(model, sites)
     if embedding is not None and embedding in selected:
         for head in _tied_heads(sites, embedding):
             if head in selected:
