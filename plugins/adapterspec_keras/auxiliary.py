@@ -149,7 +149,7 @@ def _weight_targets(site: ModuleSite, key: str, shape: tuple[int, ...]) -> list[
 
 def _converter_targets(model: Any, module: str, param: str, key: str, shape: tuple[int, ...]) -> list[Target] | None:
     """``param`` of ``module`` as keras-hub's converter ports it (a copy or a transpose), or ``None``."""
-    from .modules_to_save import _layout, converter_modules
+    from .modules_to_save import converter_layout, converter_modules
 
     entries = [(variable, hook) for p, variable, hook in converter_modules(model).get(module, []) if p == param]
     if not entries:
@@ -158,7 +158,7 @@ def _converter_targets(model: Any, module: str, param: str, key: str, shape: tup
         raise UnsupportedError(f"keras-hub's converter spreads {key!r} over several variables", key=key,
                                hint="load this adapter with the torch backend")
     variable, hook = entries[0]
-    layout = _layout(key, variable, hook)
+    layout = converter_layout(key, variable, hook, None)
     if shape != tuple(layout.spec_shape):
         raise ShapeMismatchError(f"shape {list(shape)} does not fit {variable.path!r}: expected "
                                  f"{list(layout.spec_shape)}", key=key,

@@ -107,5 +107,5 @@ def find_ln_targets(model: Any, config: AdapterConfig, sites: dict[str, ModuleSi
     if trainable:
         raise UnsupportedError("the keras backend cannot train LN tuning copies", pointer="/peft_type",
                                hint="load it frozen (trainable=False), or train with the torch backend")
-    return [(module, norms[module] if module in norms else module_params(module, by_module, sites))
+    return [(module, norms[module] if module in norms else module_params(module, by_module, sites, "target_modules"))
             for module in chosen]

@@ -33,7 +33,7 @@ from .bank import AdapterBank, GroupKey, Ref
 from .layers import Layout
 from .sites import ModuleSite
 
-__all__ = ["ModulesToSaveLayer", "converter_modules", "find_modules_to_save", "module_params", "site_key"]
+__all__ = ["ModulesToSaveLayer", "converter_layout", "converter_modules", "find_modules_to_save", "module_params", "site_key"]
 
 #: (param name relative to the module, the Keras variable, its layout): one parameter of a saved module.
 Param = tuple[str, Any, Layout]
@@ -71,9 +71,12 @@ def _torch_name(key: str) -> str:
     return key
 
 
-def _layout(key: str, variable: Any, hook: Any) -> Layout:
+def converter_layout(key: str, variable: Any, hook: Any, field: str | None = "modules_to_save") -> Layout:
     """How the converter lays the file's tensor into ``variable``: a plain copy or a 2-D transpose, found by
     running the converter's hook on index tensors.
+
+    :param field: the config field that selected the module (named in the hint), ``None`` for a tensor the file
+        holds without one (an embedding saved whole, a trained bias).
 
     :raises UnsupportedError: any other layout (a reshape, a split, a computed value).
     """
@@ -92,7 +95,7 @@ def _layout(key: str, variable: Any, hook: Any) -> Layout:
             return layout
     raise UnsupportedError(f"keras-hub's converter does not copy {key!r} into {variable.path!r} as it is or "
                            "transposed, so the module cannot be saved whole by this backend", key=key,
-                           hint="remove the module from modules_to_save, or use the torch backend")
+                           hint=_refused_hint(field))
 
 
 def _site_params(site: ModuleSite) -> list[Param] | None:
@@ -170,21 +173,25 @@ def converter_modules(model: Any) -> dict[str, list[tuple[str, Any, Any]]]:
     return by_module
 
 
+def _refused_hint(field: str | None) -> str:
+    return f"remove the module from {field}, or use the torch backend" if field else \
+        "load this adapter with the torch backend"
+
+
 def module_params(module: str, by_module: dict[str, list[tuple[str, Any, Any]]],
-                  sites: dict[str, ModuleSite]) -> list[Param]:
+                  sites: dict[str, ModuleSite], field: str = "modules_to_save") -> list[Param]:
     """The parameters of ``module`` saved whole: from the converter's record, else of the one plain Keras layer
     its site is.
 
     :raises UnsupportedError: the converter does not lay a tensor out plainly, or the site is not one plain layer.
     """
     if module in by_module:
-        return [(param, variable, _layout(f"{module}.{param}", variable, hook))
+        return [(param, variable, converter_layout(f"{module}.{param}", variable, hook, field))
                 for param, variable, hook in by_module[module]]
     params = _site_params(sites[module]) if module in sites else None
     if params is None:
         raise UnsupportedError(f"module {module!r} is not one plain Keras layer, so this backend cannot save it "
-                               "whole", key=module,
-                               hint="remove it from modules_to_save, or use the torch backend")
+                               "whole", key=module, hint=_refused_hint(field))
     return params
 
 

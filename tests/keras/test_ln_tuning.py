@@ -283,3 +283,13 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(ln_tuning, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_refusal_hint_names_the_field_that_selected_the_module(checkpoints: Any) -> None:
+    """LN tuning selects modules with target_modules: its refusal must not tell to edit modules_to_save (review)."""
+    model = keras_model("llama", checkpoints["llama"])
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.inject_adapter(model, {"peft_type": "LN_TUNING", "target_modules": r".*\.0\.self_attn\.o_proj"},
+                                   trainable=False)
+    assert "target_modules" in (info.value.hint or "") and "modules_to_save" not in (info.value.hint or "")
