@@ -318,6 +318,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for each in layers:
                 each.finish_init(adapter_name)
+            if config.get("bias", "none") != "none":  # the untrained biases PEFT saves (SPEC.md 5.3)
+                from .auxiliary import fresh_bias_overrides
+
+                fresh_bias_overrides(model, state, config, adapter_name, options)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:
@@ -360,6 +364,10 @@ def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, opti
             bank.materialize()
             for each in layers:
                 each.finish_init(adapter_name)
+            if config.get("bias", "none") != "none":  # the untrained biases PEFT saves (SPEC.md 5.3)
+                from .auxiliary import fresh_bias_overrides
+
+                fresh_bias_overrides(model, state, config, adapter_name, options)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
