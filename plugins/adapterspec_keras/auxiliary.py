@@ -26,16 +26,17 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from adapterspec import LoadOptions
+from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
-from adapterspec.naming import EMBEDDING_NAMES, TensorName
+from adapterspec.naming import EMBEDDING_NAMES, TensorName, make_key
 
 from . import _ops
+from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState
 
-__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "embedding_modules", "plan_auxiliary",
-           "restore"]
+__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "embedding_modules", "fresh_bias_overrides",
+           "plan_auxiliary", "restore"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -273,6 +274,92 @@ def apply_overrides(state: ModelState, adapter_name: str, plan: Mapping[str, lis
     kept = state.auxiliary.setdefault(adapter_name, {})
     for key in plan:
         kept[key] = np.ascontiguousarray(arrays[key]).copy()
+
+
+def _current(key: str, targets: list[Target], shape: tuple[int, ...]) -> np.ndarray:
+    """The tensor in the file's layout that ``targets`` hold now (the inverse of their writers, found by writing
+    index values): what PEFT saves for a bias it has not trained yet.
+
+    :raises UnsupportedError: the variables do not hold every entry of the tensor.
+    """
+    size = int(np.prod(shape))
+    out = np.zeros(size, dtype=np.float64)
+    seen = np.zeros(size, dtype=bool)
+    dtype: Any = None
+    for target in targets:
+        value = np.asarray(ops.convert_to_numpy(target.variable))
+        dtype = value.dtype if dtype is None else dtype
+        where = np.asarray(target.write(np.full(value.shape, -1.0), np.arange(size, dtype=np.float64).reshape(shape)))
+        taken = where >= 0
+        out[where[taken].astype(np.int64)] = value[taken]
+        seen[where[taken].astype(np.int64)] = True
+    if not seen.all():
+        raise UnsupportedError(f"the Keras variables do not hold every entry of {key!r}", key=key,
+                               hint="set bias to 'none', or use the torch backend")
+    return out.reshape(shape).astype(dtype)
+
+
+def fresh_bias_overrides(model: Any, state: ModelState, config: AdapterConfig, adapter_name: str,
+                         options: LoadOptions) -> None:
+    """For a new adapter with ``bias`` = ``"lora_only"``/``"all"``: keep the (untrained) biases PEFT saves, as
+    on torch -- ``<m>.base_layer.bias`` of its adapted modules that have one; with ``"all"`` also ``<m>.bias`` of
+    every other module keras-hub's converter ports a bias into (a layer norm's ``beta``), or whose site has one.
+    They are saved as they are (the Keras backend does not train them: ``inject`` refuses ``trainable``).
+
+    :raises UnsupportedError: a bias the Keras variables do not hold whole.
+    """
+    from .mapping import spec_sites
+    from .modules_to_save import _records
+
+    bias = config.get("bias") if config.peft_type == "LORA" else None
+    if bias not in ("lora_only", "all"):
+        return
+    mine = {layer.path_of(adapter_name): layer for layer in state.adapter_layers.values()
+            if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names()}
+    sites: dict[str, ModuleSite] | None = None
+
+    def get_sites() -> dict[str, ModuleSite]:
+        nonlocal sites
+        if sites is None:
+            sites = spec_sites(model, options)
+        return sites
+
+    wanted: dict[str, tuple[str, AdapterLayer | None]] = {}  # key -> (module, owner)
+    for path, layer in mine.items():
+        if any(piece.bias_variable is not None for piece in layer.site.pieces):
+            wanted[make_key(path, "base_layer.bias")] = (path, layer)
+    if bias == "all":
+        modules = [key[: -len(".bias")] for key, _, _ in _records(model) if key.endswith(".bias")]
+        if not modules:
+            modules = [path for path, site in get_sites().items()
+                       if any(piece.bias_variable is not None for piece in site.pieces)]
+        for module in dict.fromkeys(modules):
+            if module in mine:
+                continue
+            wanted[make_key(module, "bias")] = (module, None)
+    plan: dict[str, list[Target]] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, (module, owner) in wanted.items():
+        param = "base_layer.bias" if owner is not None else "bias"
+        name = TensorName(key=key, module=module, param=param, role="bias")
+        shape = (owner.site.out_features,) if owner is not None else _bias_shape(model, module, get_sites)
+        plan[key] = plan_auxiliary(model, key, name, shape, owner, get_sites, options)
+        arrays[key] = _current(key, plan[key], shape)
+    apply_overrides(state, adapter_name, plan, arrays)
+
+
+def _bias_shape(model: Any, module: str, sites: Callable[[], dict[str, ModuleSite]]) -> tuple[int, ...]:
+    """The ``[out]`` shape of ``module``'s bias: its site's outputs, else the converter's variable."""
+    from .mapping import find_site
+    from .modules_to_save import converter_modules
+
+    site = find_site(sites(), module)
+    if site is not None and site.pieces:
+        return (site.out_features,)
+    for param, variable, _ in converter_modules(model).get(module, []):
+        if param == "bias":
+            return tuple(int(d) for d in variable.shape)
+    raise _absent(make_key(module, "bias"), module)
 
 
 def restore(state: ModelState, adapter_name: str) -> None:

@@ -53,6 +53,7 @@ from .sites import ModuleSite, Piece, model_layers
 from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
 from .switch import ModelState, drop_state_if_empty, get_state, invalidate
+from .tying import check_tied_layer, tie, tie_rewrite, tied_heads, tied_layers
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
            "unwrap", "wrap"]
@@ -183,17 +184,6 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
 _NOT_ON_KERAS: dict[str, str] = {}
 
 
-def _names_an_embedding(config: AdapterConfig) -> bool:
-    """Whether PEFT's weight tying applies to ``config`` (SPEC.md 15.2): an entry of ``modules_to_save`` or
-    ``target_modules`` ends in ``embed_tokens`` / ``lm_head`` (a string ``target_modules`` fullmatches one)."""
-    names = ("embed_tokens", "lm_head")
-    targets = config.get("target_modules")
-    entries = [*(config.get("modules_to_save") or []), *(targets if isinstance(targets, list) else [])]
-    if any(str(entry).rpartition(".")[2] in names for entry in entries):
-        return True
-    return isinstance(targets, str) and any(re.fullmatch(targets, name) for name in names)
-
-
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -209,10 +199,6 @@ def check_features(config: AdapterConfig) -> None:
     if config.peft_type in _NOT_ON_KERAS:
         raise UnsupportedError(f"{config.peft_type} is portable in the spec ({_NOT_ON_KERAS[config.peft_type]}); not "
                                "implemented on Keras yet", pointer="/peft_type",
-                               hint="load this adapter with the torch backend")
-    if config.get("ensure_weight_tying") and _names_an_embedding(config):
-        raise UnsupportedError("weight tying of adapters (ensure_weight_tying with an adapted embedding) is portable in "
-                               "the spec (SPEC.md 15.2); not implemented on Keras yet", pointer="/ensure_weight_tying",
                                hint="load this adapter with the torch backend")
 
 
@@ -254,6 +240,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     check_moe_conversion(config, model_type)  # SPEC 15.1, as the torch backend
     sites = spec_sites(model, options)
     parameters: dict[str, tuple[Any, list[ParameterTarget]]] = {}
+    embedding: str | None = None
+    heads: list[str] = []
     if config.peft_type == TOKEN_METHOD:  # SPEC.md 15.2: only token rows
         paths: list[str] = []
         token_targets = method_token_targets(model, config, sites)
@@ -262,8 +250,16 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         if config.get("target_modules") is None or config.get("feedforward_modules", []) is None:
             config = config.for_model(model_type)  # SPEC 14.2: the HF model_type
         config = expand_all_linear(model, config, sites, model_type)  # SPEC 4.3
+        embedding, tied = tied_layers(model, sites)
+        config, tie_mode = tie_rewrite(config, embedding, tied)  # SPEC 15.2
         parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
         paths = _match(model, sites, config, allow_empty=bool(parameters))
+        if tie_mode is not None:
+            assert embedding is not None
+            heads = tied_heads(sites, tied)
+            for head in heads:
+                check_tied_layer(config, head, embedding, tie_mode, options)
+            paths = [path for path in paths if path not in heads] + heads
         _refuse_parameter_modules(paths, sites, model_type)
         for path in paths:
             check_supported(sites[path], path, config)
@@ -278,6 +274,9 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     state.configs[adapter_name] = config
     token_paths = [p for p, _, _ in token_targets] if config.peft_type == TOKEN_METHOD else []
     state.modules[adapter_name] = [*paths, *parameters, *token_paths]
+    if heads:
+        assert embedding is not None
+        state.tied[adapter_name] = {head: (embedding, "targets") for head in heads}
     try:
         bank = AdapterBank(adapter_name)
         host = (sites[(paths or token_paths)[0]].pieces[0].layer if paths or token_paths
@@ -318,6 +317,11 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             bank.materialize()
             for each in layers:
                 each.finish_init(adapter_name)
+            tie(state, adapter_name)  # SPEC.md 15.2: the tied layers' LoRA is the embedding's, transposed
+            if config.get("bias", "none") != "none":  # the untrained biases PEFT saves (SPEC.md 5.3)
+                from .auxiliary import fresh_bias_overrides
+
+                fresh_bias_overrides(model, state, config, adapter_name, options)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:
@@ -360,6 +364,11 @@ def _inject_ln_tuning(model: Any, config: AdapterConfig, adapter_name: str, opti
             bank.materialize()
             for each in layers:
                 each.finish_init(adapter_name)
+            tie(state, adapter_name)  # SPEC.md 15.2: the tied layers' LoRA is the embedding's, transposed
+            if config.get("bias", "none") != "none":  # the untrained biases PEFT saves (SPEC.md 5.3)
+                from .auxiliary import fresh_bias_overrides
+
+                fresh_bias_overrides(model, state, config, adapter_name, options)
     except BaseException:
         _forget(model, state, adapter_name)
         raise
@@ -525,6 +534,7 @@ def _forget(model: Any, state: ModelState, adapter_name: str) -> None:
     state.names.remove(adapter_name)
     state.configs.pop(adapter_name, None)
     state.modules.pop(adapter_name, None)
+    state.tied.pop(adapter_name, None)
     drop_state_if_empty(model)
 
 

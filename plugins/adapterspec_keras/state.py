@@ -45,6 +45,7 @@ from adapterspec._vera import shared_key
 
 from . import vera
 from .auxiliary import Target, apply_overrides, auxiliary_tensors, plan_auxiliary
+from .tying import check_tied_tensors
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import equivalent, find_site, spec_sites
@@ -261,6 +262,8 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
     arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
+    if state is not None:
+        check_tied_tensors(state, adapter_name, arrays)  # SPEC.md 15.2, before anything is assigned
     fill = _check_tied(plan, arrays, adapter_name, layers)
     root = _owned_buffer(arrays) if adapter.arrays is None else None  # not an in-memory adapter's (the caller's)
     for key, layer in base_plan.items():

@@ -61,6 +61,8 @@ class ModelState:
     :param base_weights: name -> the base-model variables its file replaced (:class:`~adapterspec_keras.auxiliary.Override`:
         an embedding saved whole, trained biases, SPEC.md 5.3), given back when it is deleted.
     :param auxiliary: name -> {canonical key: the file's tensor} of those replacements, saved again with it.
+    :param tied: name -> {spec path of a layer tied to the input embedding: (the embedding's spec path, ``"targets"``)}
+        (``ensure_weight_tying``, SPEC.md 15.2; :mod:`~adapterspec_keras.tying`).
     """
 
     names: list[str] = field(default_factory=list)
@@ -80,6 +82,7 @@ class ModelState:
     base_samples: dict[Any, Any] = field(default_factory=dict)
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -197,6 +200,7 @@ def delete(model: Any, adapter_name: str) -> None:
     state.configs.pop(adapter_name, None)
     state.modules.pop(adapter_name, None)
     state.stored_dtypes.pop(adapter_name, None)
+    state.tied.pop(adapter_name, None)
     invalidate(model)
     drop_state_if_empty(model)
 
@@ -219,6 +223,11 @@ def merge(model: Any, adapter_names: list[str]) -> None:
         if state.configs[name].is_prompt_learning:
             raise UnsupportedError(f"{state.configs[name].peft_type} adapter {name!r} has no weight delta to merge",
                                    key=name, hint="keep it unmerged")
+        tied = list(state.tied.get(name, {}))
+        if tied:  # SPEC.md 15.2
+            raise UnsupportedError(f"the LoRA of {tied[0]!r} is tied to the input embedding's (ensure_weight_tying) and "
+                                   "shares its weight: merging would add the delta twice, as PEFT 0.21 does",
+                                   key=name, pointer="/ensure_weight_tying", hint="keep the adapter unmerged")
     todo = [n for n in adapter_names if n not in state.merged]
     from .identity import remember_base  # identity imports this module
 

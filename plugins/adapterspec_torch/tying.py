@@ -19,13 +19,12 @@ loading, and refuses a file whose tied tensors disagree.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from adapterspec import AdapterConfig
+from adapterspec._tying import EMBEDDING_LAYER_NAMES, is_tied, tie_rewrite
 from adapterspec.errors import UnexpectedTensorError, UnsupportedError
 from adapterspec.naming import make_key
 
@@ -37,11 +36,6 @@ __all__ = ["EMBEDDING_LAYER_NAMES", "check_tied_layer", "check_tied_tensors", "i
 
 #: The ``TRAINABLE_TOKENS`` method's tensor (its tied layers save the embedding's under their own names).
 _DELTA = "trainable_tokens_delta"
-
-#: PEFT's ``EMBEDDING_LAYER_NAMES``: a ``target_modules`` / ``modules_to_save`` entry ending in one of these
-#: (last segment) asks for the embedding to be adapted.
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     if isinstance(module, AdapterLayer):
@@ -73,54 +67,6 @@ def tied_layers(model: nn.Module, universe: Sequence[tuple[str, str, nn.Module]]
     tied = [spec for spec, _, module in universe
             if spec != path and weight is not None and _unwrapped(module)._parameters.get("weight") is weight]
     return path, tied
-
-
-def _last(entry: str) -> str:
-    return entry.rpartition(".")[2]
-
-
-def tie_rewrite(config: AdapterConfig, embedding: str | None, tied: Sequence[str]) -> tuple[AdapterConfig, str | None]:
-    """PEFT 0.21's rewrite of a LoRA config with ``ensure_weight_tying`` (``BaseTuner._check_tied_modules``):
-    ``(config, "modules_to_save")`` when an entry of ``modules_to_save`` names an embedding (it wins),
-    ``(config, "targets")`` when ``target_modules`` does, else ``(config, None)``. The input embedding is added to
-    the field and the first entry matching each tied layer removed; a config PEFT saved is returned unchanged.
-
-    >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["lm_head", "q"],
-    ...                                "ensure_weight_tying": True})
-    >>> new, mode = tie_rewrite(cfg, "model.embed_tokens", ["lm_head"])
-    >>> new["target_modules"], mode
-    (['q', 'model.embed_tokens'], 'targets')
-    """
-    if config.peft_type != "LORA" or not config.get("ensure_weight_tying") or embedding is None or not tied:
-        return config, None
-    saved = list(config.get("modules_to_save") or [])
-    targets = config.get("target_modules")
-    if any(_last(m) in EMBEDDING_LAYER_NAMES for m in saved):
-        return config.replace(modules_to_save=_rewritten(saved, embedding, tied)), "modules_to_save"
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in EMBEDDING_LAYER_NAMES):
-            return config, None
-        return config.replace(target_modules=rf"(?:{targets}|^{re.escape(embedding)}$)"), "targets"
-    if not any(_last(m) in EMBEDDING_LAYER_NAMES for m in targets or []):
-        return config, None
-    return config.replace(target_modules=_rewritten(list(targets or []), embedding, tied)), "targets"
-
-
-def _rewritten(entries: list[str], embedding: str, tied: Sequence[str]) -> list[str]:
-    out = list(dict.fromkeys(entries))
-    if embedding not in out:
-        out.append(embedding)
-    for key in tied:
-        for entry in out:
-            if re.match(rf"(^|.*\.){entry}($|\..*)", key):
-                out.remove(entry)
-                break
-    return out
-
-
-def is_tied(path: str, tied: Sequence[str]) -> bool:
-    """PEFT's ``_check_tied_module_exists``: ``path`` is a tied layer or ends with ``.`` + one."""
-    return any(path == key or path.endswith("." + key) for key in tied)
 
 
 def _lora_pairs(head: str, embedding: str) -> list[tuple[str, str, str, str]]:

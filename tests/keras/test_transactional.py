@@ -93,8 +93,6 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
      adapterspec.UnsupportedError, "layer_replication"),
     ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "target_parameters": ["o_proj.weight"]},
      adapterspec.UnsupportedError, "/target_parameters: .*on a llama model: the Keras backend maps LoRA on parameters only"),
-    ({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True},
-     adapterspec.UnsupportedError, "/ensure_weight_tying: .*not implemented on Keras yet"),
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 500]},
      adapterspec.ShapeMismatchError, "trainable_tokens_delta: token_indices \\[500\\] are outside"),
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 3]}, adapterspec.UnsupportedError, "/token_indices"),
