@@ -176,14 +176,6 @@ def _summary(sites: dict[str, ModuleSite]) -> str:
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
 
 
-#: LoRA variants that change the computation and that this backend does not implement: refused rather
-#: than run as plain LoRA (the torch backend refuses the same ones, plus what it alone implements).
-
-
-#: Portable methods the keras backend does not implement yet -> their SPEC.md section.
-_NOT_ON_KERAS: dict[str, str] = {}
-
-
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -196,10 +188,6 @@ def check_features(config: AdapterConfig) -> None:
     """
     for pointer, reason in unsupported_features(config):  # the spec's list (SPEC.md 10, check 5)
         raise UnsupportedError(reason, pointer=pointer, hint="load this adapter with PEFT itself")
-    if config.peft_type in _NOT_ON_KERAS:
-        raise UnsupportedError(f"{config.peft_type} is portable in the spec ({_NOT_ON_KERAS[config.peft_type]}); not "
-                               "implemented on Keras yet", pointer="/peft_type",
-                               hint="load this adapter with the torch backend")
 
 
 def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> list[str]:
