@@ -403,14 +403,17 @@ def _check_saved_overlap(state: ModelState | None, saved: list[tuple[str, list[A
                          adapted: list[ModuleSite]) -> None:
     """Refuse a module saved whole (``modules_to_save``) whose variables an adapter layer also changes, and the
     reverse (the torch backend refuses both too: a module is adapted or saved whole, never both)."""
-    kernels = {id(piece.kernel_variable): site.path for site in adapted for piece in site.pieces}
     held: dict[int, str] = {}
-    if state is not None:
-        for layer in state.adapter_layers.values():
-            if isinstance(layer, ModulesToSaveLayer):
-                held.update({id(v): layer.site.path for v in layer.variables})
-            else:
-                kernels.update({id(piece.kernel_variable): layer.site.path for piece in layer.site.pieces})
+    layers = list(state.adapter_layers.values()) if state is not None else []
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
+            held.update({id(v): layer.site.path for v in layer.variables})
+    if not held and not saved:  # nothing saved whole, here or before: no overlap to look for
+        return
+    kernels = {id(piece.kernel_variable): site.path for site in adapted for piece in site.pieces}
+    for layer in layers:
+        if not isinstance(layer, ModulesToSaveLayer):
+            kernels.update({id(piece.kernel_variable): layer.site.path for piece in layer.site.pieces})
     for site in adapted:
         for piece in site.pieces:
             if id(piece.kernel_variable) in held:
@@ -430,13 +433,17 @@ def _check_parameter_overlap(state: ModelState | None, parameters: dict[str, tup
     also changes -- in this adapter or another one (PEFT and the torch backend refuse it too) -- and the reverse."""
     held = {id(variable): path for path, (_, targets) in parameters.items()
             for target in targets for variable, _, _ in target.parts}
-    others: list[tuple[str, Any]] = []  # (module path, variable) of the other adapters' layers
-    for layer in state.adapter_layers.values() if state is not None else ():
+    layers = list(state.adapter_layers.values()) if state is not None else []
+    for layer in layers:
         if isinstance(layer, ParameterLayer):
             held.update({id(variable): layer.site.path for variable in layer.variables()})
-        elif isinstance(layer, ModulesToSaveLayer):
+    if not held:  # no parameter adapted, here or before: no overlap to look for
+        return
+    others: list[tuple[str, Any]] = []  # (module path, variable) of the other adapters' layers
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
             others += [(layer.site.path, variable) for variable in layer.variables]
-        else:
+        elif not isinstance(layer, ParameterLayer):
             others += [(layer.site.path, piece.kernel_variable) for piece in layer.site.pieces]
     mine = [(site.path, piece.kernel_variable) for site in adapted for piece in site.pieces]
     mine += [(path, variable) for path, params in saved for _, variable, _ in params]

@@ -277,7 +277,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     if state is not None:
         state.modules[adapter_name] = [layer.path_of(adapter_name) for layer in layers]
         stored = {key: arrays[key].dtype for key, (layer, param, _) in plan.items()  # upcast by SPEC.md 7.5
-                  if str(arrays[key].dtype) in ("float16", "bfloat16")
+                  if arrays[key].dtype.itemsize == 2 and str(arrays[key].dtype) in ("float16", "bfloat16")
                   and layer.parameters(adapter_name)[2][param].key.dtype == "float32"}
         if stored:
             state.stored_dtypes[adapter_name] = stored
