@@ -405,8 +405,9 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     if not_portable(adapter.config):
         pass  # the spec names no tensor of the method: there is nothing to check them against
     elif check_tensors or not _plain(adapter.config, adapter.tensors):
-        # a loader (check_tensors=False) checks each embedding saved whole against its model (SPEC.md 5.4 step 4)
-        errors += tensor_errors(adapter.config, adapter.tensors, with_model=not check_tensors)
+        # a loader reports what read_adapter reports; its backend also checks each embedding saved whole against
+        # its model (SPEC.md 5.4 step 4)
+        errors += tensor_errors(adapter.config, adapter.tensors)
     else:
         adapter._unchecked = True
     source_file = adapter.weights_file or (folder / PICKLE_NAME if adapter.arrays is not None else folder)
