@@ -524,8 +524,7 @@ def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool
         ``True`` gives the buffer to read into, as :meth:`Adapter.prefetch`'s ``allocate``.
     :param check_tensors: ``False`` leaves the checks of the tensors against the config (SPEC.md 10,
         checks 8-16) to the caller, if every tensor is a method tensor of an allowed dtype and the config
-        accounts for no auxiliary tensor (otherwise they run, taking any ``<m>.weight`` / ``<m>.bias`` nothing
-        else accounts for as an embedding saved whole, which the caller checks against its model). :func:`~adapterspec.load_adapter` does
+        accounts for no auxiliary tensor (otherwise they run). :func:`~adapterspec.load_adapter` does
         this: the backend compares every tensor with the adapter it injected from the config (each
         key, each shape), which implies those checks; it runs them (:meth:`Adapter.check_tensors`)
         when that comparison fails, to name the problem as the spec does.

@@ -25,6 +25,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._regex import Pattern, UnsupportedPattern, compile_pattern
+from .errors import ConfigError
 
 __all__ = [
     "PatternTable",
@@ -130,6 +131,11 @@ def layer_index(path: str, layers_pattern: str | Sequence[str] | None = None) ->
     return None
 
 
+def _index(value: Any) -> bool:
+    """A JSON layer index: an integer (``3.0`` is JSON's 3), not a boolean."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class Targeting:
     """:func:`module_matches` for one config, prepared once: lists become sets, patterns are compiled.
 
@@ -148,6 +154,10 @@ class Targeting:
         self.targets = _selector(config.get("target_modules"))
         self.save = tuple(compile_pattern(rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or ())
         layers = config.get("layers_to_transform")
+        if not (layers is None or _index(layers) or isinstance(layers, list) and all(_index(i) for i in layers)):
+            # a method whose schema leaves the field unchecked (kept as an unknown field) still names layers here
+            raise ConfigError(f"layers_to_transform={layers!r}: must be a layer index or a list of layer indices",
+                              pointer="/layers_to_transform", hint="e.g. [0, 1] or 3")
         # JSON's 3.0 is the integer 3 (float and int compare and hash alike)
         self.layers: frozenset[float] | None = None if layers is None or layers == [] else \
             frozenset([layers] if isinstance(layers, (int, float)) else layers)
