@@ -28,7 +28,7 @@ from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
-from adapterspec.naming import EMBEDDING_NAMES, TensorName, make_key
+from adapterspec.naming import EMBEDDING_NAMES, TensorName, embedding_error, make_key
 
 from . import _ops
 from .layers import AdapterLayer
@@ -187,21 +187,11 @@ def embedding_modules(model: Any, sites: dict[str, ModuleSite]) -> dict[str, Mod
 
 def _embedding_error(model: Any, key: str, module: str, site: ModuleSite | None,
                      sites: dict[str, ModuleSite]) -> UnexpectedTensorError | None:
-    """SPEC.md 5.4 step 4 with a model: ``<m>.weight`` nothing else accounts for is an embedding saved whole only if
-    ``m`` is the model's input or output embedding (a model naming none: by its last name)."""
+    """:func:`adapterspec.naming.embedding_error`, the module's site compared with those of ``token_embedding``."""
     embeddings = embedding_modules(model, sites)
-    if embeddings is None:
-        if module.rpartition(".")[2] in EMBEDDING_NAMES:
-            return None
-        names = f"this model names no input/output embedding (no token_embedding), and {module!r} does not " \
-                f"end in one of transformers' embedding names ({', '.join(EMBEDDING_NAMES)})"
-    elif site is not None and any(other.key == site.key for other in embeddings.values()):
-        return None
-    else:
-        names = f"the model's input/output embeddings are {sorted(embeddings)}"
-    return UnexpectedTensorError(
-        f"module {module!r} is neither adapted nor in modules_to_save, and it is not an embedding saved whole: "
-        f"{names}", key=key, hint="remove the tensor, or add its module to modules_to_save")
+    is_embedding = site is not None and embeddings is not None and \
+        any(other.key == site.key for other in embeddings.values())
+    return embedding_error(key, module, embeddings, is_embedding, "no token_embedding")
 
 
 def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...], owner: Any,

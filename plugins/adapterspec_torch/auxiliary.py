@@ -33,7 +33,7 @@ from adapterspec.errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
-from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, EMBEDDING_NAMES, make_key, parse_key
+from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, EMBEDDING_NAMES, embedding_error, make_key, parse_key
 
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .parameters import ParameterLayer
@@ -167,20 +167,10 @@ def embedding_modules(model: nn.Module) -> dict[str, nn.Module] | None:
 
 def _embedding_error(key: str, module: str, found: nn.Module | None,
                      embeddings: dict[str, nn.Module] | None) -> UnexpectedTensorError | None:
-    """SPEC.md 5.4 step 4 with a model: ``<m>.weight`` (``.bias``) nothing else accounts for is an embedding saved
-    whole only if ``m`` is the model's input or output embedding (a model naming none: by its last name)."""
-    if embeddings is None:
-        if module.rpartition(".")[2] in EMBEDDING_NAMES:
-            return None
-        names = f"this model names no input/output embedding (get_input_embeddings), and {module!r} does not " \
-                f"end in one of transformers' embedding names ({', '.join(EMBEDDING_NAMES)})"
-    elif found is not None and any(unwrapped(found) is layer for layer in embeddings.values()):
-        return None
-    else:
-        names = f"the model's input/output embeddings are {sorted(embeddings)}"
-    return UnexpectedTensorError(
-        f"module {module!r} is neither adapted nor in modules_to_save, and it is not an embedding saved whole: "
-        f"{names}", key=key, hint="remove the tensor, or add its module to modules_to_save")
+    """:func:`adapterspec.naming.embedding_error`, ``found`` (the module at ``module``) compared by identity."""
+    is_embedding = found is not None and embeddings is not None and \
+        any(unwrapped(found) is layer for layer in embeddings.values())
+    return embedding_error(key, module, embeddings, is_embedding, "get_input_embeddings")
 
 
 def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapter_name: str, options: LoadOptions,

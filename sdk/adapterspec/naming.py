@@ -13,7 +13,7 @@ appears in it. Prefix and prompt tuning store one un-prefixed key, ``prompt_embe
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
 from ._vera import SHARED, shared_key
@@ -22,6 +22,7 @@ from .spec import PEFT_PREFIX
 from .targets import is_modules_to_save, token_indices
 
 __all__ = [
+    "embedding_error",
     "BASE_LAYER_BIAS",
     "BASE_LAYER_PARAM",
     "EMBEDDING_NAMES",
@@ -296,3 +297,31 @@ def _unaccounted(key: str, rest: str, peft_type: str) -> UnexpectedTensorError:
     return UnexpectedTensorError(
         f"not a {peft_type} parameter (expected a key ending in one of: {expected}) nor an auxiliary tensor "
         "the config accounts for (modules_to_save, bias, trainable_token_indices)", key=key, hint=hint)
+
+
+def embedding_error(key: str, module: str, embeddings: Collection[str] | None, is_embedding: bool,
+                    how: str) -> UnexpectedTensorError | None:
+    """SPEC.md 5.4 step 4 with a model: ``<m>.weight`` (``.bias``) nothing else accounts for is an embedding saved
+    whole only if ``m`` is the model's input or output embedding (a model naming none: by its last name).
+
+    :param embeddings: the model's input/output embedding paths, ``None`` when it names none.
+    :param is_embedding: whether ``module`` is one of them (each backend compares its own layers).
+    :param how: where the backend looks for them (named when the model names none).
+
+    >>> embedding_error("k", "transformer.wte", ["transformer.wte"], True, "get_input_embeddings") is None
+    True
+    >>> str(embedding_error("k", "h.0.ln_1", ["transformer.wte"], False, "get_input_embeddings"))[:40]
+    "k: module 'h.0.ln_1' is neither adapted "
+    """
+    if embeddings is None:
+        if module.rpartition(".")[2] in EMBEDDING_NAMES:
+            return None
+        names = f"this model names no input/output embedding ({how}), and {module!r} does not " \
+                f"end in one of transformers' embedding names ({', '.join(EMBEDDING_NAMES)})"
+    elif is_embedding:
+        return None
+    else:
+        names = f"the model's input/output embeddings are {sorted(embeddings)}"
+    return UnexpectedTensorError(
+        f"module {module!r} is neither adapted nor in modules_to_save, and it is not an embedding saved whole: "
+        f"{names}", key=key, hint="remove the tensor, or add its module to modules_to_save")
