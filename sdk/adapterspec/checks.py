@@ -48,8 +48,7 @@ class TensorInfo(NamedTuple):
     dtype: str
 
 
-def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo], *,
-                  with_model: bool = False) -> list[AdapterSpecError]:
+def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> list[AdapterSpecError]:
     """Every disagreement between ``tensors`` (key -> shape/dtype) and ``config``: checks 8-13, 15 and 16
     of SPEC.md section 10 (those that need neither the tensor data nor the base model).
 
@@ -58,10 +57,6 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo], *,
     is targeted by the config and has a complete set of tensors (9) whose ranks equal ``r_m`` (10) and
     whose partner shapes agree (11); ``prompt_embeddings`` has its shape (12); auxiliary tensors have
     theirs (16); at least one method tensor is present.
-
-    :param with_model: a backend checked every ``<m>.weight`` / ``<m>.bias`` nothing else accounts for against
-        its model's input and output embeddings (:func:`~adapterspec.naming.parse_key`); without it, such a key
-        is an embedding saved whole only under one of :data:`~adapterspec.naming.EMBEDDING_NAMES`.
     """
     for pointer, reason in not_portable(config):  # the spec names no tensor of the method: nothing to check
         return [UnsupportedError(reason, pointer=pointer, hint="load or save it with PEFT itself")]
@@ -71,7 +66,7 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo], *,
     shared: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         try:
-            name: TensorName | None = parse_key(key, config.peft_type, config, with_model=with_model)
+            name: TensorName | None = parse_key(key, config.peft_type, config)
             problem = None
         except UnexpectedTensorError as exc:
             name, problem = None, exc
@@ -86,9 +81,7 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo], *,
         return errors + _prompt_errors(config, tensors)
     errors.extend(_module_errors(config, modules))
     errors.extend(shared_errors(config, shared, modules))
-    # with a model, the backend decides whether a module is an embedding saved whole, and checks its shape (21)
-    errors.extend(e for name, info in auxiliary if not (with_model and name.role == "embedding")
-                  and (e := _auxiliary_error(config, name, info, modules)) is not None)
+    errors.extend(e for name, info in auxiliary if (e := _auxiliary_error(config, name, info, modules)) is not None)
     if not modules:
         errors.append(MissingTensorError(
             f"the file holds no {config.peft_type} adapter tensor", key=None,
