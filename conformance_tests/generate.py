@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.3.0"
+CORPUS_VERSION = "1.4.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -170,8 +170,11 @@ def input_for(spec: dict[str, Any], seed: int, dtype: str) -> torch.Tensor:
 def peft_config(config: dict[str, Any]) -> Any:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    fields = {k: v for k, v in config.items() if k not in ("peft_type", "adapterspec_version")}
-    return PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]](**fields)
+    import dataclasses
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+    known = {f.name for f in dataclasses.fields(cls)}  # PEFT's from_pretrained drops the others, with a warning
+    return cls(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
 
 
 def peft_state_shapes(model_spec: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -1238,6 +1241,11 @@ def _mutation_numeric_cases() -> None:
             {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q, "model.layers.1.block.0.q_proj": q,
              "model.layers.0.v_proj": v},
             lora(2, 6, ["q_proj", "model.layers.0.v_proj"], layers_to_transform=[1]), ["layers_to_transform", "untargeted"])
+    numeric("ia3-unknown-layers-to-transform-f32", "IA3 has no layers_to_transform nor layers_pattern: fields a "
+            "method does not know are kept but not acted on (PEFT drops them), so both layers are adapted",
+            "IA3", "linear", "float32", {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
+            {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": [],
+             "layers_to_transform": [1], "layers_pattern": "layers"}, ["unknown_fields"])
     numeric("lora-layers-pattern-f32", "layers_pattern 'blocks': the layer index follows 'blocks.' "
             "(model.layers.0.blocks.1.q_proj is in layer 1, model.layers.1.blocks.0.q_proj in layer 0)", "LORA",
             "linear", "float32", {"model.layers.0.blocks.1.q_proj": q, "model.layers.1.blocks.0.q_proj": q},

@@ -155,7 +155,7 @@ class Targeting:
         self.save = tuple(compile_pattern(rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or ())
         layers = config.get("layers_to_transform")
         if not (layers is None or _index(layers) or isinstance(layers, list) and all(_index(i) for i in layers)):
-            # a method whose schema leaves the field unchecked (kept as an unknown field) still names layers here
+            # called on a raw dict (module_matches), a malformed value is refused, not crashed on
             raise ConfigError(f"layers_to_transform={layers!r}: must be a layer index or a list of layer indices",
                               pointer="/layers_to_transform", hint="e.g. [0, 1] or 3")
         # JSON's 3.0 is the integer 3 (float and int compare and hash alike)

@@ -31,6 +31,7 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
     # IA3, prompt learning, OFT and BOFT have no alpha: they still pass
     assert set(report.by_status(Status.PASSED)) == {f"numeric/{i}" for i in (
         "ia3-linear-f32", "ia3-linear-f16", "ia3-conv2d-f32", "ia3-gpt2-conv1d-f32", "ia3-feedforward-suffix-f32",
+        "ia3-unknown-layers-to-transform-f32",
         "prefix-tuning-f32", "prefix-tuning-gqa-f32", "prompt-tuning-f32")} | {f"numeric/{i}" for i in (  # OFT/BOFT: rotations
         "oft-linear-f32", "oft-linear-cayley-shared-f32", "oft-linear-rank-3-terms-f32", "oft-conv2d-1x1-f32",
         "boft-linear-f32", "boft-conv2d-f32")} | {"numeric/p-tuning-f32"} | {f"numeric/{i}" for i in (

@@ -63,6 +63,22 @@ def test_null_targets_load_as_peft_resolves_them(llama: Any, token_inputs: dict[
     assert_close(logits(model, token_inputs), expected)
 
 
+def test_a_field_the_method_does_not_know_changes_nothing_as_in_peft(llama: Any, token_inputs: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    """IA3 has no ``layers_to_transform``: PEFT drops it with a warning and adapts every layer; the field is
+    kept as unknown (with the note saying it is not acted on) and targeting ignores it too."""
+    make = lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])  # noqa: E731
+    peft_reference(llama, make(), tmp_path)
+    _edit(tmp_path, layers_to_transform=[1], layers_pattern="layers")
+    expected = logits(_peft_loads(llama, tmp_path), token_inputs)
+    model = fresh(llama)
+    with pytest.warns(adapterspec.AdapterSpecWarning, match="not acted on: layers_pattern, layers_to_transform"):
+        modules = adapterspec.load_adapter(model, tmp_path)
+    assert sorted(modules) == [f"model.layers.{i}.{m}" for i in (0, 1)
+                               for m in ("mlp.down_proj", "self_attn.k_proj")]
+    assert_close(logits(model, token_inputs), expected)
+
+
 def test_null_targets_on_an_unknown_architecture_refused(tmp_path: Path) -> None:
     class Net(torch.nn.Module):
         def __init__(self) -> None:
