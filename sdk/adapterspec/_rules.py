@@ -110,7 +110,9 @@ def duplicate_entries(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         if isinstance(entries, list):
             seen: set[Any] = set()
             for i, entry in enumerate(entries):
-                if isinstance(entry, str) and entry in seen:
+                if not isinstance(entry, str):  # not a selector (a field the method does not know is unchecked)
+                    continue
+                if entry in seen:
                     found.append((f"/{field}/{i}", f"{entry!r} is listed twice (PEFT uses a set; the duplicate "
                                                    "changes nothing)"))
                 seen.add(entry)

@@ -391,7 +391,9 @@ class AdapterConfig(Mapping[str, Any]):
     """A validated adapter config: a read-only mapping of its fields, PEFT's defaults filled in.
 
     Build it with :meth:`from_dict` or :meth:`from_file`; serialise with :meth:`to_dict`/:meth:`to_json`.
-    Fields it does not know are kept (and written back), listed in :attr:`unknown_fields`.
+    Fields the method's schema does not know are kept and written back by :meth:`to_dict`, listed in
+    :attr:`unknown_fields`, but are not part of the mapping: nothing reads them, so they cannot change the
+    computation (SPEC.md 2.5; PEFT drops them too).
 
     >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": "q_proj", "r": 16,
     ...                                "lora_alpha": 32, "use_rslora": True})
@@ -399,10 +401,13 @@ class AdapterConfig(Mapping[str, Any]):
     (16, 8.0)
     """
 
-    __slots__ = ("_data", "_matches", "_tables", "_targeting", "unknown_fields")
+    __slots__ = ("_acting", "_data", "_matches", "_tables", "_targeting", "unknown_fields")
 
     def __init__(self, data: Mapping[str, Any], *, unknown_fields: tuple[str, ...] = ()) -> None:
-        self._data = dict(data)
+        self._data = dict(data)  # every field, as written back
+        # the fields that act: the mapping and every answer below read these only
+        self._acting = {k: v for k, v in self._data.items() if k not in unknown_fields} if unknown_fields \
+            else self._data
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
         self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
         self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared
@@ -440,13 +445,16 @@ class AdapterConfig(Mapping[str, Any]):
 
     # -- mapping ----------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+        return self._acting[key]
+
+    def get(self, key: str, default: Any = None) -> Any:  # Mapping's, without its KeyError round trip
+        return self._acting.get(key, default)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
+        return iter(self._acting)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._acting)
 
     def __repr__(self) -> str:
         targets = self._data.get("target_modules")
@@ -504,7 +512,7 @@ class AdapterConfig(Mapping[str, Any]):
         changes: dict[str, Any] = {}
         fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)
         for name in fields:
-            if self._data.get(name) is not None or (name == "target_modules" and self._data.get("target_parameters")
+            if self._acting.get(name) is not None or (name == "target_modules" and self._acting.get("target_parameters")
                                                     and default_targets(self.peft_type, model_type) is None):
                 continue
             value = default_targets(self.peft_type, model_type, name)
@@ -514,7 +522,7 @@ class AdapterConfig(Mapping[str, Any]):
                     f"{model_type!r}", pointer=f"/{name}",
                     hint=f"list the modules in {name} in adapter_config.json (spec/v1/target_modules.json has "
                          "PEFT's defaults per model type)")
-            if isinstance(value, str) and self._data.get("layers_to_transform") not in (None, []):
+            if isinstance(value, str) and self._acting.get("layers_to_transform") not in (None, []):
                 # the schema forbids a regex with layers_to_transform (PEFT ignores the layers for a regex)
                 raise UnsupportedError(
                     f"PEFT's default {name} for model type {model_type!r} is a regular expression, which cannot "
@@ -527,7 +535,7 @@ class AdapterConfig(Mapping[str, Any]):
     @property
     def peft_type(self) -> str:
         """The method: ``"LORA"``, ``"IA3"``, ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ``"P_TUNING"``, ``"LOHA"``, ...."""
-        return cast(str, self._data["peft_type"])  # validated
+        return cast(str, self._acting["peft_type"])  # validated
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -550,22 +558,21 @@ class AdapterConfig(Mapping[str, Any]):
     def _acting_targeting(self) -> dict[str, Any]:
         """The targeting fields that act: a field the method's schema does not know (IA3's
         ``layers_to_transform``) is kept and written back but, as in PEFT, changes nothing."""
-        return {name: self._data[name] for name in _TARGETING
-                if name in self._data and name not in self.unknown_fields}
+        return {name: self._acting[name] for name in _TARGETING if name in self._acting}
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
-        return int(self._table("rank_pattern").value(module, default=self._data["r"]))
+        return int(self._table("rank_pattern").value(module, default=self._acting["r"]))
 
     def alpha_for(self, module: str) -> float:
         """``alpha_pattern``'s first matching key, else ``lora_alpha`` (``alpha`` for LoHa/LoKr)."""
-        default = self._data["lora_alpha"] if self.peft_type == "LORA" else self._data.get("alpha", self._data["r"])
+        default = self._acting["lora_alpha"] if self.peft_type == "LORA" else self._acting.get("alpha", self._acting["r"])
         return float(self._table("alpha_pattern").value(module, default=default))
 
     def _table(self, field: str) -> PatternTable:
         table = self._tables.get(field)
         if table is None:
-            table = self._tables[field] = PatternTable(self._data.get(field))
+            table = self._tables[field] = PatternTable(self._acting.get(field))
         return table
 
     def scaling_for(self, module: str) -> float:
@@ -577,11 +584,11 @@ class AdapterConfig(Mapping[str, Any]):
         0.5
         """
         r, alpha = self.rank_for(module), self.alpha_for(module)
-        return alpha / math.sqrt(r) if self._data.get("use_rslora") else alpha / r
+        return alpha / math.sqrt(r) if self._acting.get("use_rslora") else alpha / r
 
     def is_feedforward(self, module: str) -> bool:
         """IA3: whether ``module`` scales its input (feed-forward) rather than its output."""
-        return is_feedforward(self._data, module)
+        return is_feedforward(self._acting, module)
 
 
 def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_CONFIG_BYTES,

@@ -320,6 +320,21 @@ def _remove_later(path: Path, lease: _staging.Lease) -> None:
     thread = threading.Thread(target=remove, name="adapterspec-remove-old", daemon=True)
     thread.start()
     _REMOVALS.append(thread)
+    _wait_in_worker_processes()
+
+
+_FINALIZED_IN: int | None = None  # the process whose multiprocessing exit waits for the removals
+
+
+def _wait_in_worker_processes() -> None:
+    """Have :mod:`multiprocessing` workers wait for the removals too: a ``Process`` ends with ``os._exit``,
+    which runs no :mod:`atexit` handler, so a save in a worker left the replaced adapter on disk. A forked
+    worker starts with multiprocessing's finalizers cleared, so each process registers its own."""
+    global _FINALIZED_IN
+    util = sys.modules.get("multiprocessing.util")  # loaded in every worker; a process without it has none
+    if util is not None and _FINALIZED_IN != os.getpid():
+        util.Finalize(None, wait_for_removals, exitpriority=0)  # run by a worker's exit (and the parent's)
+        _FINALIZED_IN = os.getpid()
 
 
 @atexit.register
@@ -329,7 +344,7 @@ def wait_for_removals() -> None:
     Saves return as soon as the new adapter is in place; the old one (in a hidden
     ``.<name>.<pid>-<random>.tmp`` folder beside it) is deleted in the background, read-only or not.
     One that cannot be deleted is reported with an :class:`AdapterSpecWarning`, and the next save into
-    the same place deletes it. This runs at exit.
+    the same place deletes it. This runs at exit, of a :mod:`multiprocessing` worker too.
 
     >>> wait_for_removals()
     """

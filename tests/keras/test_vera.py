@@ -265,9 +265,10 @@ def test_every_vera_case_of_the_corpus_passes() -> None:
     assert {n: s for n, s in names.items() if s is not Status.PASSED} == {}
 
 
-def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: np.ndarray) -> float:
+def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: np.ndarray, roundings: int = 4) -> float:
     """The bfloat16 Keras model's logits are the bfloat16 PEFT model's up to what the two frameworks' bfloat16
-    kernels differ by without any adapter, plus a few roundings of the logits' size for the adapter's part."""
+    kernels differ by without any adapter, plus a few (``roundings``) roundings of the logits' size for the
+    adapter's part."""
     import keras_hub
     from transformers import AutoModelForCausalLM
 
@@ -284,7 +285,7 @@ def _bf16_logits_close(model: Any, reference: Any, checkpoint: Path, token_ids: 
     step = 2.0 ** -8 * float(np.abs(want).max())
     diff = float(np.abs(got - want).max())
     print(f"bfloat16: max abs diff vs PEFT {diff:.3g} (base gap {gap:.3g}, one rounding {step:.3g})")
-    assert diff <= gap + 4 * step
+    assert diff <= gap + roundings * step
     return diff
 
 
@@ -316,7 +317,10 @@ def test_bf16_model_keeps_the_adapter_in_float32_and_equals_peft(checkpoints: An
         warnings.simplefilter("ignore")
         reference.merge_adapter()
     adapterspec.merge_adapters(model)
-    _bf16_logits_close(model, reference, checkpoints["llama"], token_ids)
+    # merged, every adapted kernel is rounded to bfloat16 (one ulp of the weight each), by each framework in its
+    # own order of operations, and the bfloat16 matmuls then see weights up to an ulp apart: through two layers
+    # that reached 10.5 roundings of the logits on an AVX2 CPU (4.4 unmerged), over the 4 the unmerged check allows
+    _bf16_logits_close(model, reference, checkpoints["llama"], token_ids, roundings=16)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -210,3 +210,35 @@ def test_hashing_ahead_writes_the_same_file(tmp_path: Path) -> None:
     with pytest.raises(adapterspec.TensorError, match="several frameworks"):
         adapterspec.write_adapter(tmp_path / "mixed", CONFIG, mixed)
     assert not (tmp_path / "mixed").exists()
+
+
+def _overwrite_in_worker(folder: str) -> None:
+    import time
+
+    remove_tree = folder_module._staging.remove_tree
+
+    def slow_remove(path: Path) -> None:  # the worker ends before a quick removal would be done
+        time.sleep(0.5)
+        remove_tree(path)
+
+    folder_module._staging.remove_tree = slow_remove  # type: ignore[assignment]  # this worker's only
+    adapterspec.write_adapter(folder, CONFIG, tensors(1.0), overwrite=True)
+
+
+def test_a_worker_process_removes_the_adapter_it_replaced_before_it_ends(tmp_path: Path) -> None:
+    """A ``multiprocessing`` worker ends with ``os._exit`` (no atexit handler runs): the old adapter, removed on
+    a thread after the swap, must still be gone when the worker has ended (it was left, hidden, beside it).
+    This process overwrites first, so its own registration (cleared in a forked worker) is there to inherit."""
+    import multiprocessing
+
+    folder = tmp_path / "adapter"
+    adapterspec.write_adapter(folder, CONFIG, tensors(2.0))
+    adapterspec.write_adapter(folder, CONFIG, tensors(), overwrite=True)
+    folder_module.wait_for_removals()
+    worker = multiprocessing.get_context("fork").Process(target=_overwrite_in_worker, args=(str(folder),))
+    worker.start()
+    worker.join(30)
+    assert worker.exitcode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    loaded = adapterspec.read_adapter(folder).load_tensors()
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors(1.0).items())
