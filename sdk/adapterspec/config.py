@@ -546,19 +546,14 @@ class AdapterConfig(Mapping[str, Any]):
         """Whether the module at path ``module`` gets an adapter (SPEC.md 4, :func:`~adapterspec.targets.module_matches`)."""
         memo = self._matches
         if memo is None:
-            memo = self._matches = _shared_matches(self._acting_targeting())
+            memo = self._matches = _shared_matches(self._acting)
         found = memo.get(module)
         if found is None:
             targeting = self._targeting
             if targeting is None:
-                targeting = self._targeting = Targeting(self._acting_targeting())
+                targeting = self._targeting = Targeting(self._acting)
             found = memo[module] = targeting.matches(module)
         return found
-
-    def _acting_targeting(self) -> dict[str, Any]:
-        """The targeting fields that act: a field the method's schema does not know (IA3's
-        ``layers_to_transform``) is kept and written back but, as in PEFT, changes nothing."""
-        return {name: self._acting[name] for name in _TARGETING if name in self._acting}
 
     def rank_for(self, module: str) -> int:
         """The rank of ``module``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
