@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.4.0"
+CORPUS_VERSION = "1.5.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -1124,6 +1124,18 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          "when absent", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}, True, None, None),
         ("prompt-token-dim-null", "prompt tuning's token_dim comes from the model when null",
          {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": None}, True, None, None),
+        # corpus 1.5: the cross-field rules of PEFT's config classes hold for every method that has the fields
+        ("vera-layers-pattern-alone", "VeRA: a non-empty layers_pattern requires layers_to_transform (as LoRA)",
+         {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"], "layers_pattern": "layers"}, False,
+         "", None),
+        ("oft-layers-pattern-alone", "OFT: a non-empty layers_pattern requires layers_to_transform (as LoRA)",
+         {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"], "layers_pattern": "layers"},
+         False, "", None),
+        ("adalora-regex-layers-to-transform", "AdaLoRA: layers_to_transform must be null with a regex target_modules",
+         {"peft_type": "ADALORA", "init_r": 4, "total_step": 10, "target_modules": ".*q_proj", "layers_to_transform": [0]},
+         False, "/layers_to_transform", None),
+        ("vera-dropout-above-one", "VeRA's vera_dropout is a probability (PEFT's nn.Dropout refuses 2.0)",
+         {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"], "vera_dropout": 2.0}, False, "/vera_dropout", None),
     ],
     "document": [
         ("config-is-a-list", "a config is a JSON object", [LORA_MIN], False, "", None),
@@ -1374,6 +1386,17 @@ def _mutation_schema_cases() -> None:
         ("lora-rank-pattern-bad-regex", "rank_pattern keys must compile (rule 1)",
          {"peft_type": "LORA", "target_modules": ["q_proj"], "rank_pattern": {"q_proj[": 4}}, False,
          "/rank_pattern/q_proj[", None),
+        # corpus 1.5: the config checks of PEFT's AdaLoRA / OFT / BOFT config classes (SPEC 4.2 rules 6 and 7)
+        ("adalora-total-step-missing", "AdaLoRA needs a positive total_step (PEFT's AdaLoraConfig refuses none)",
+         {"peft_type": "ADALORA", "init_r": 4, "target_modules": ["q_proj"]}, False, "/total_step", None),
+        ("adalora-no-budgeting-phase", "AdaLoRA needs tinit < total_step - tfinal",
+         {"peft_type": "ADALORA", "init_r": 4, "target_modules": ["q_proj"], "total_step": 10, "tinit": 5,
+          "tfinal": 5}, False, "/tinit", None),
+        ("oft-r-and-block-size", "OFT: exactly one of r and oft_block_size is non-zero",
+         {"peft_type": "OFT", "r": 4, "oft_block_size": 8, "target_modules": ["q_proj"]}, False, "/oft_block_size", None),
+        ("boft-no-size", "BOFT: exactly one of boft_block_size and boft_block_num is non-zero",
+         {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 0, "target_modules": ["q_proj"]}, False,
+         "/boft_block_num", None),
     ]
 
 

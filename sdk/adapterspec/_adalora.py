@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["PEFT_DEFAULT_ALPHA", "PEFT_DEFAULT_INIT_R", "RANKNUM_EPS", "init_r", "rank_pattern_problems", "ranknum",
-           "scale", "scaling", "stored_rank", "unsupported"]
+           "scale", "scaling", "schedule_problems", "stored_rank", "unsupported"]
 
 #: PEFT 0.21's defaults of ``AdaLoraConfig.init_r`` and ``lora_alpha`` (a config without them means these).
 PEFT_DEFAULT_INIT_R = 12
@@ -96,6 +96,34 @@ def rank_pattern_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str
             problems.append((pointer, f"{len(kept)} booleans, but init_r is {size} (one per initial rank)",
                              f"set init_r to {len(kept)}, or {fix}"))
     return problems
+
+
+def schedule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(pointer, problem, fix)`` for a training schedule PEFT's ``AdaLoraConfig`` refuses to load (SPEC.md 15.4):
+    ``total_step`` missing or not positive, or no budgeting phase left (``tinit >= total_step - tfinal``).
+
+    The schedule only steers training, but PEFT raises on it when it reads the config, so an adapter with
+    it could not be loaded back into PEFT.
+
+    >>> schedule_problems({"total_step": 10, "tinit": 4, "tfinal": 6})[0][1]
+    'no budgeting phase: tinit 4 >= total_step 10 - tfinal 6 (PEFT refuses the config)'
+    """
+    total = _number(config.get("total_step"))
+    if total is None or total <= 0:
+        return [("/total_step", f"total_step is {config.get('total_step')!r}: PEFT's AdaLoraConfig refuses a config "
+                                "without a positive total_step", "set total_step to the number of training steps "
+                                "(PEFT writes it)")]
+    tinit, tfinal = _number(config.get("tinit") or 0), _number(config.get("tfinal") or 0)
+    if tinit is not None and tfinal is not None and tinit >= total - tfinal:
+        return [("/tinit", f"no budgeting phase: tinit {config.get('tinit')} >= total_step {config.get('total_step')} "
+                           f"- tfinal {config.get('tfinal')} (PEFT refuses the config)",
+                 "lower tinit or tfinal, or raise total_step, so that tinit < total_step - tfinal")]
+    return []
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a number, ``None`` for anything else (booleans included; the schema reports their type)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:

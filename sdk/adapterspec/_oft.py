@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import UnsupportedError
 
-__all__ = ["Rotation", "adjust", "block_sizes", "param_shapes", "rotation_of"]
+__all__ = ["Rotation", "adjust", "block_sizes", "param_shapes", "rotation_of", "size_problems"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,32 @@ def adjust(features: int, value: int) -> int:
     while lower > 1 and features % lower != 0:
         lower -= 1
     return lower if (value - lower) <= (higher - value) else higher
+
+
+#: The two sizes of each method of which exactly one is non-zero, with PEFT 0.21's defaults.
+_SIZES = {"OFT": (("r", 0), ("oft_block_size", 32)), "BOFT": (("boft_block_size", 4), ("boft_block_num", 0))}
+
+
+def size_problems(config: Any) -> list[tuple[str, str, str]]:
+    """``(pointer, problem, fix)`` when not exactly one of OFT's ``r`` / ``oft_block_size`` (BOFT's
+    ``boft_block_size`` / ``boft_block_num``) is non-zero: PEFT's config refuses both and neither.
+
+    >>> size_problems({"peft_type": "OFT", "r": 4})[0][1]
+    'OFT needs exactly one of r and oft_block_size non-zero (r=4, oft_block_size=32)'
+    >>> size_problems({"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 2})
+    []
+    """
+    pair = _SIZES.get(str(config.get("peft_type")))
+    if pair is None:
+        return []
+    (first, first_default), (second, second_default) = pair
+    a, b = config.get(first, first_default), config.get(second, second_default)
+    a, b = (first_default if a is None else a), (second_default if b is None else b)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or (a == 0) != (b == 0):
+        return []
+    return [(f"/{second}", f"{config.get('peft_type')} needs exactly one of {first} and {second} non-zero "
+                           f"({first}={a}, {second}={b})", f"set {first} to 0 and {second} to the block "
+                           f"{'size' if second != 'boft_block_num' else 'count'}, or the reverse")]
 
 
 def block_sizes(features: int, config: Any, path: str) -> tuple[int, int]:

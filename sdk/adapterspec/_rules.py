@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _adalora, _vera
+from . import _adalora, _oft, _vera
 from .errors import shorten
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
@@ -80,7 +80,8 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                          "token_dim is num_attention_heads * head_dim (with grouped-query attention: the "
                          "number of key/value heads * head_dim)"))
     if config.get("peft_type") == "ADALORA":
-        problems.extend(_adalora.rank_pattern_problems(config))
+        problems.extend(_adalora.rank_pattern_problems(config) + _adalora.schedule_problems(config))
+    problems.extend(_oft.size_problems(config))
     return problems
 
 

@@ -21,7 +21,7 @@ These functions are the single definition of target matching for every backend (
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._regex import Pattern, UnsupportedPattern, compile_pattern
@@ -30,6 +30,7 @@ from .errors import ConfigError
 __all__ = [
     "PatternTable",
     "Targeting",
+    "containers",
     "is_all_linear",
     "is_feedforward",
     "is_modules_to_save",
@@ -192,6 +193,30 @@ def module_matches(config: Mapping[str, Any], path: str) -> bool:
     :param path: the module path, e.g. ``"model.layers.0.self_attn.q_proj"``.
     """
     return Targeting(config).matches(path)
+
+
+def containers(paths: Iterable[str]) -> list[str]:
+    """The module paths that hold the modules at ``paths`` without being one of them, in first-seen order.
+
+    PEFT matches ``target_modules`` against every module of the model, containers too, and refuses a
+    container it selects (no method adapts a module that only holds others: a regex like ``.*attn.*`` that
+    also selects ``self_attn``). A backend or model description that knows only the adaptable layers finds
+    the containers here, to refuse the same configs.
+
+    >>> containers(["model.layers.0.q_proj", "model.layers.0.v_proj", "lm_head"])
+    ['model', 'model.layers', 'model.layers.0']
+    """
+    known = paths if isinstance(paths, Collection) else list(paths)
+    layers = set(known)
+    found: dict[str, None] = {}
+    for path in known:
+        at = path.find(".")
+        while at != -1:
+            prefix = path[:at]
+            if prefix not in layers:
+                found.setdefault(prefix)
+            at = path.find(".", at + 1)
+    return list(found)
 
 
 def _simple_key(key: str) -> tuple[tuple[int, ...], str] | None:

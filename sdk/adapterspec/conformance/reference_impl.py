@@ -33,7 +33,7 @@ from ..errors import (
 )
 from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
-from ..targets import is_all_linear
+from ..targets import containers, is_all_linear
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
@@ -225,6 +225,11 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     modules = model.get("modules") or _decoder_modules(decoder)
     if is_all_linear(config.get("target_modules")):  # SPEC 4.3: a model description has no output layer
         config = config.replace(target_modules=[p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")])
+    for path in containers(modules):  # PEFT refuses a selected module that only holds others (SPEC 4.3)
+        if config.matches(path):
+            raise UnsupportedError(f"target_modules selects {path!r}, a module that holds other modules, not a "
+                                   f"layer {config.peft_type} adapts", key=path, pointer="/target_modules",
+                                   hint="narrow target_modules so that it selects layers only")
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
