@@ -23,6 +23,8 @@ import numpy as np
 from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
 from ..config import AdapterConfig
+from .._rules import transformer_submodules
+from .. import _oft
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -33,11 +35,11 @@ from ..errors import (
 )
 from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
-from ..targets import containers, is_all_linear
+from ..targets import containers, is_all_linear, parameter_module
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
-__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors", "replacements"]
+__all__ = ["ReferenceImplementation", "check_against_model", "module_tensors", "prefix_sizes", "replacements"]
 
 
 def module_tensors(adapter: Adapter, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -169,6 +171,10 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             raise MissingTensorError(f"a {spec['kind']} layer takes {a} and {b}", key=make_key(path, a if a not in shapes else b))
         if tuple(shapes[a][1:]) != fits:
             raise refuse(a, f"module {path!r} takes {list(fits)} after the rank")
+        if spec["kind"] == "experts":  # rank r of the parameter (rank_pattern on '<module>.weight') x experts
+            rows = reference.rank_and_alpha(config, f"{path}.weight")[0] * int(spec["num_experts"])
+            if shapes[a][0] != rows:
+                raise refuse(a, f"the parameter of {path!r} takes r x {spec['num_experts']} experts = {rows} rows")
         if shapes[b][0] != out:
             raise refuse(b, f"module {path!r} has {out} outputs")
     elif method == "VERA":  # the shared projections are checked over all modules: _check_shared
@@ -179,6 +185,12 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
         want = fits[0] if config.is_feedforward(path) else out
         if size != want:
             raise refuse("ia3_l", f"module {path!r} needs {want} scales")
+    elif method in ("OFT", "BOFT"):  # the config's (adjusted) sizes must give the stored shapes (SPEC.md 15.6, 15.7)
+        expected = _oft.param_shapes(math.prod(fits), out, config, path, conv=spec["kind"] == "conv2d")
+        for param, shape in expected.items():
+            if param in shapes and tuple(shapes[param]) != shape:
+                raise refuse(param, f"the config's sizes give {list(shape)} for module {path!r} "
+                                    f"({math.prod(fits)} input features)")
     else:  # LoHa/LoKr: the update must have the weight's size
         zero = {p: np.zeros(s) for p, s in shapes.items()}
         try:
@@ -199,6 +211,10 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     config = adapter.config
     decoder = model.get("decoder") or {}
     if config.is_prompt_learning:
+        if transformer_submodules(config) != 1:  # a model description is a decoder-only model
+            raise UnsupportedError(f"num_transformer_submodules {transformer_submodules(config)} on a decoder-only "
+                                   "model (2 is for encoder-decoder models)", pointer="/num_transformer_submodules",
+                                   hint="load the adapter into the kind of model it was trained for")
         hidden, layers = decoder.get("hidden_size"), decoder.get("num_hidden_layers")
         heads, kv = decoder.get("num_attention_heads"), decoder.get("num_key_value_heads")
         if config.peft_type in ("PROMPT_TUNING", "P_TUNING"):  # P-tuning stores the encoder's output (SPEC 15.8)
@@ -223,8 +239,14 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         return
     config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
     modules = model.get("modules") or _decoder_modules(decoder)
-    if is_all_linear(config.get("target_modules")):  # SPEC 4.3: a model description has no output layer
-        config = config.replace(target_modules=[p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")])
+    expanded = is_all_linear(config.get("target_modules"))
+    if expanded:  # SPEC 4.3: a model description has no output layer
+        linear = [p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")]
+        if not linear:
+            raise TargetNotFoundError("target_modules is 'all-linear' but the model has no linear layer (PEFT raises "
+                                      "too)", pointer="/target_modules", hint="list the modules to adapt")
+        config = config.replace(target_modules=linear)
+    _token_modules(config, modules)  # each trainable-token target names a module (PEFT raises otherwise)
     for path in containers(modules):  # PEFT refuses a selected module that only holds others (SPEC 4.3)
         if config.matches(path):
             raise UnsupportedError(f"target_modules selects {path!r}, a module that holds other modules, not a "
@@ -235,6 +257,12 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         name = parse_key(key, config.peft_type, config)
         if name.role == "adapter":
             shapes.setdefault(name.module, {})[name.param] = info.shape
+    if expanded:  # checked without the model for every other target_modules (check 9)
+        for path in shapes:
+            if not config.matches(path) and parameter_module(config, path) is None:
+                raise UnexpectedTensorError(f"module {path!r} is not one of the linear layers 'all-linear' targets",
+                                            key=make_key(path, sorted(shapes[path])[0]),
+                                            hint="remove the tensor, or list the module in target_modules")
     for path in shapes:
         if path not in modules:
             raise TargetNotFoundError(f"the adapter has tensors for {path!r}, which the model does not have",
@@ -250,6 +278,50 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         _check_layer(config, path, modules[path], params)
     _check_shared(adapter, config, [modules[path] for path in shapes])
     _check_saved_modules(adapter, config, modules)
+
+
+def _token_modules(config: AdapterConfig, modules: Mapping[str, Any]) -> list[str]:
+    """The modules LoRA's ``trainable_token_indices`` re-trains rows of (SPEC 4.1.2, 4.3): an array names the input
+    embedding (PEFT's fallback name ``embed_tokens`` in a model description), an object names modules; each
+    name matches the modules whose path ends with it.
+
+    :raises TargetNotFoundError: a name matches no module (PEFT raises too).
+    """
+    indices = config.get("trainable_token_indices") if config.peft_type == "LORA" else None
+    if indices is None:
+        return []
+    names = list(indices) if isinstance(indices, Mapping) else ["embed_tokens"]
+    found = []
+    for name in names:
+        matched = [path for path in modules if path.endswith(name)]
+        if not matched:
+            raise TargetNotFoundError(f"trainable_token_indices names {name!r}, which matches no module of the model",
+                                      pointer="/trainable_token_indices", hint="name the embedding layer")
+        found += matched
+    return found
+
+
+def prefix_sizes(config: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[str, int]:
+    """Prefix tuning's ``num_layers``, ``token_dim`` and ``num_attention_heads`` as PEFT 0.21 uses them on the model
+    ``decoder`` describes (SPEC 14.3): null ones from the model; on a model with ``num_key_value_heads``,
+    ``token_dim`` and the heads recomputed from its key/value heads even when the config gives them (the head
+    size is the model's ``head_dim``, else ``hidden_size / num_attention_heads`` as transformers' Llama config).
+
+    >>> prefix_sizes({"token_dim": 8, "num_attention_heads": 1, "num_layers": 2},
+    ...              {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2})
+    {'num_layers': 2, 'token_dim': 8, 'num_attention_heads': 2}
+    """
+    sizes = {"num_layers": config.get("num_layers"), "token_dim": config.get("token_dim"),
+             "num_attention_heads": config.get("num_attention_heads")}
+    for field, model_field in (("num_layers", "num_hidden_layers"), ("token_dim", "hidden_size"),
+                               ("num_attention_heads", "num_attention_heads")):
+        if sizes[field] is None and decoder.get(model_field) is not None:
+            sizes[field] = decoder[model_field]
+    kv = decoder.get("num_key_value_heads")
+    if kv is not None and decoder.get("hidden_size") and decoder.get("num_attention_heads"):
+        head_dim = decoder.get("head_dim") or decoder["hidden_size"] // decoder["num_attention_heads"]
+        sizes |= {"token_dim": head_dim * kv, "num_attention_heads": kv}
+    return {k: int(v) for k, v in sizes.items() if v is not None}
 
 
 def _check_shared(adapter: Adapter, config: AdapterConfig, adapted: list[Mapping[str, Any]]) -> None:
@@ -334,14 +406,20 @@ class ReferenceImplementation:
         inputs = _io.read_arrays(case.inputs) if case.inputs else {}
         config = self.config(adapter)
         if case.compute == "prefix_key_values":
-            return {"past_key_values": reference.prefix_key_values(config, arrays[PROMPT_KEY])}
+            sizes = prefix_sizes(config, case.model.get("decoder") or {})
+            return {"past_key_values": reference.prefix_key_values({**config, **sizes}, arrays[PROMPT_KEY])}
         if case.compute == "prompt_concat":
             return {"inputs_embeds": reference.prompt_concat(arrays[PROMPT_KEY], inputs["inputs_embeds"])}
         base = _io.read_arrays(case.weights) if case.weights else {}
         base.update(replacements(adapter, arrays))
         grouped = module_tensors(adapter, arrays)
+        tokens = set(_token_modules(adapter.config, case.modules))
         out = {}
         for path, x in inputs.items():
+            if path in tokens:
+                raise UnsupportedError("the reference implementation does not compute LoRA's trainable tokens",
+                                       key=path, pointer="/trainable_token_indices",
+                                       hint="check this case with the torch or Keras implementation")
             weights = {p: base.get(f"{path}.{p}") for p in ("weight", "bias")}
             out[path] = reference.forward(case.modules[path], weights, x, config, path, grouped.get(path, {}))
         return out
