@@ -171,3 +171,69 @@ def test_a_changed_known_field_gives_peft_outputs_or_a_typed_refusal(changed_cas
     if problems:
         pytest.fail(f"{len(problems)} of {len(changed_cases)} changed configs:\n"
                     + "\n".join(f"{k}: {v[:200]!r}" for k, v in problems.items()), pytrace=False)
+
+
+@pytest.mark.parametrize("name", ["torch", "keras"])
+def test_a_changed_known_field_survives_a_round_trip_and_loads_in_peft(changed_cases: list[tuple[Any, ...]],
+                                                                      tmp_path: Path, name: str) -> None:
+    """Every third changed config an implementation loads, saved again: the same tensors bit for bit, an
+    equivalent config (``all-linear`` may be written resolved, SPEC 4.3), and a folder PEFT loads."""
+    from types import SimpleNamespace
+
+    from safetensors.numpy import load_file
+
+    from adapterspec.conformance.peft_driver import PeftImplementation
+    from adapterspec.conformance.runner import config_differences
+
+    if name == "keras":
+        pytest.importorskip("keras")
+    impl, peft = resolve_implementation(name), PeftImplementation()
+    problems: dict[str, str] = {}
+    saved_count = 0
+    for i, (case, field, value, _) in enumerate(changed_cases[::3]):
+        path = case.adapter / "adapter_config.json"
+        original = path.read_text()
+        changed = {**json.loads(original), field: value}
+        path.write_text(json.dumps(changed))
+        out = tmp_path / str(i)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                impl.roundtrip(SimpleNamespace(source=case), case.adapter, out)
+        except AdapterSpecError:
+            continue  # refused (typed): nothing written
+        finally:
+            path.write_text(original)
+        saved_count += 1
+        label = f"{case.name} {field}={json.dumps(value)}"
+        saved = json.loads((out / "adapter_config.json").read_text())
+        resolved = field == "target_modules" and value == "all-linear" and isinstance(saved.get(field), list)
+        derived = field in _FROM_THE_MODEL and case.method in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+        diffs = config_differences({**changed, field: saved[field]} if resolved or derived else changed, saved)
+        before, after = load_file(str(case.adapter / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+        if diffs:
+            problems[label] = f"config: {diffs}"
+        elif sorted(before) != sorted(after) or any(not np.array_equal(before[k], after[k]) for k in before):
+            problems[label] = f"tensors differ: {sorted(set(before) ^ set(after))[:3]}"
+        else:
+            status, error = _run_load(peft, SimpleNamespace(multi=False, model=case.model, dtype=case.dtype), out)
+            if status != "ok":
+                problems[label] = f"PEFT cannot load the saved folder: {error}"
+    assert saved_count > 200
+    if problems:
+        pytest.fail(f"{len(problems)} of {saved_count} round trips:\n"
+                    + "\n".join(f"{k}: {v[:200]!r}" for k, v in problems.items()), pytrace=False)
+
+
+#: Prompt-learning sizes a writer may write as it derived them from the model, as PEFT does (SPEC 14.3).
+_FROM_THE_MODEL = frozenset({"num_attention_heads", "token_dim", "num_layers", "num_transformer_submodules"})
+
+
+def _run_load(peft: Any, case: Any, folder: Path) -> tuple[str, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.load_folder(case, folder)
+        return "ok", None
+    except Exception as exc:  # noqa: BLE001 - PEFT's errors are not typed
+        return "error", f"{type(exc).__name__}: {exc}"
