@@ -57,7 +57,9 @@ def _alternatives(field: str, spec: dict[str, Any], config: dict[str, Any]) -> l
         values = list(_SPECIAL[field])
     elif field in _PATTERNS:
         targets = config.get("target_modules")
-        values = [{".*": _PATTERNS[field]}] + ([{targets[0]: _PATTERNS[field]}] if isinstance(targets, list) and targets else [])
+        values = [{".*": _PATTERNS[field]}]
+        if isinstance(targets, list) and targets:
+            values.append({targets[0]: _PATTERNS[field]})
     elif spec.get("enum"):
         values = list(spec["enum"])
     elif "boolean" in types:
@@ -210,7 +212,8 @@ def test_a_changed_known_field_survives_a_round_trip_and_loads_in_peft(changed_c
         resolved = field == "target_modules" and value == "all-linear" and isinstance(saved.get(field), list)
         derived = field in _FROM_THE_MODEL and case.method in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
         diffs = config_differences({**changed, field: saved[field]} if resolved or derived else changed, saved)
-        before, after = load_file(str(case.adapter / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+        before = load_file(str(case.adapter / "adapter_model.safetensors"))
+        after = load_file(str(out / "adapter_model.safetensors"))
         if diffs:
             problems[label] = f"config: {diffs}"
         elif sorted(before) != sorted(after) or any(not np.array_equal(before[k], after[k]) for k in before):
@@ -237,3 +240,24 @@ def _run_load(peft: Any, case: Any, folder: Path) -> tuple[str, Any]:
         return "ok", None
     except Exception as exc:  # noqa: BLE001 - PEFT's errors are not typed
         return "error", f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("name", ["reference", "torch", "keras"])
+def test_tying_does_not_excuse_tensors_of_untargeted_modules(corpus: Corpus, tmp_path: Path, name: str) -> None:
+    """``ensure_weight_tying`` leaves a layer tied to the embedding to the model; with a targeting that selects no
+    module, the tensors of the others are untargeted and PEFT refuses the adapter (the reference computed it:
+    found by a probe of changed field pairs)."""
+    if name == "keras":
+        pytest.importorskip("keras")
+    from adapterspec.conformance.peft_driver import PeftImplementation
+
+    copy = load_corpus(Path(shutil.copytree(corpus.root, tmp_path / "v1")))
+    case = next(c for c in copy.cases if c.name == "numeric/lora-patterns-f32")
+    path = case.adapter / "adapter_config.json"
+    original = json.loads(path.read_text())
+    impl, peft = resolve_implementation(name), PeftImplementation()
+    for i, change in enumerate(({"exclude_modules": ".*"}, {"layers_to_transform": [1]})):
+        path.write_text(json.dumps({**original, "ensure_weight_tying": True, **change}))
+        assert _run(peft, case, tmp_path / f"peft{i}")[0] == "error"
+        status, result = _run(impl, case, tmp_path / f"ours{i}")
+        assert status == "refused", (change, status, result)

@@ -237,6 +237,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
             raise ShapeMismatchError(f"shape {list(shape)}: this model needs [num_virtual_tokens, {width}]",
                                      key=PROMPT_KEY, hint="the adapter was made for another model")
         return
+    unresolved = config.get("target_modules") is None
     config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
     modules = model.get("modules") or _decoder_modules(decoder)
     expanded = is_all_linear(config.get("target_modules"))
@@ -257,12 +258,17 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         name = parse_key(key, config.peft_type, config)
         if name.role == "adapter":
             shapes.setdefault(name.module, {})[name.param] = info.shape
-    if expanded:  # checked without the model for every other target_modules (check 9)
-        for path in shapes:
-            if not config.matches(path) and parameter_module(config, path) is None:
-                raise UnexpectedTensorError(f"module {path!r} is not one of the linear layers 'all-linear' targets",
-                                            key=make_key(path, sorted(shapes[path])[0]),
-                                            hint="remove the tensor, or list the module in target_modules")
+    # check 9 where the model-free check (adapterspec.checks) leaves it to the model: a null or 'all-linear'
+    # target_modules, and layers tied to the embedding (ensure_weight_tying, TRAINABLE_TOKENS; a model
+    # description ties no layer)
+    deferred = expanded or unresolved or bool(config.get("ensure_weight_tying")) \
+        or config.peft_type == "TRAINABLE_TOKENS"
+    for path in shapes if deferred else ():
+        if not config.matches(path) and parameter_module(config, path) is None:
+            raise UnexpectedTensorError(f"module {path!r} is not targeted by the config"
+                                        + (" ('all-linear': the model's linear layers)" if expanded else ""),
+                                        key=make_key(path, sorted(shapes[path])[0]),
+                                        hint="remove the tensor, or add the module to target_modules")
     for path in shapes:
         if path not in modules:
             raise TargetNotFoundError(f"the adapter has tensors for {path!r}, which the model does not have",
