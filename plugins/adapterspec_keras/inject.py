@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
 from adapterspec.config import unsupported_features
 from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
-from adapterspec.targets import containers, is_all_linear
+from adapterspec.targets import is_all_linear, refuse_containers
 
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
@@ -155,7 +155,7 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
         if config.matches(path) and site.key not in taken:
             taken.add(site.key)
             targets.append(path)
-    _refuse_containers(config, sites)
+    refuse_containers(config.matches, sites, config.peft_type)
     wanted = config.get("target_modules")
     if isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
@@ -170,20 +170,6 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
             f"(mapped modules: {_summary(sites)})", key=str(wanted),
             hint="check target_modules / layers_to_transform, or pass module_map for a hand-built model")
     return targets
-
-
-def _refuse_containers(config: AdapterConfig, paths: Iterable[str]) -> None:
-    """Refuse a config whose targeting selects a module that holds the mapped layers (``model.layers.0``,
-    ``self_attn``...) rather than one of them: PEFT matches every module and refuses such a one (SPEC.md 4.3).
-
-    :raises UnsupportedError: naming the first such module.
-    """
-    for path in containers(paths):
-        if config.matches(path):
-            raise UnsupportedError(f"target_modules selects {path!r}, a module that holds other modules, not a layer "
-                                   f"{config.peft_type} adapts (PEFT refuses it too)", key=path,
-                                   pointer="/target_modules",
-                                   hint="narrow target_modules (or add exclude_modules) so that it selects layers only")
 
 
 def _summary(sites: dict[str, ModuleSite]) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._rules import transformer_submodules
+from adapterspec._rules import prefix_key_value_sizes, transformer_submodules
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import PROMPT_KEY
 
@@ -84,40 +84,11 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
     if config.peft_type == "PREFIX_TUNING" and model_config is not None:
         token_dim: int = changes["token_dim"] if "token_dim" in changes else config["token_dim"]
         heads: int = changes["num_attention_heads"] if "num_attention_heads" in changes else config["num_attention_heads"]
-        for field, value in _key_value_sizes(model_config, token_dim, heads).items():
+        data = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
+        for field, value in prefix_key_value_sizes(data, token_dim, heads).items():
             if value != config.get(field):
                 changes[field] = value
     return config.replace(**changes) if changes else config
-
-
-def _key_value_sizes(model_config: Any, token_dim: int, heads: int) -> dict[str, int]:
-    """PEFT 0.21.2's prefix sizes on a model with grouped-query attention (``_prepare_prompt_learning_config``):
-    ``token_dim`` and ``num_attention_heads`` recomputed from the model's key/value heads whenever its config
-    (``to_dict()``, the ``text_config`` of a multimodal one) has ``num_key_value_heads`` -- over the adapter's
-    own values, which PEFT then ignores (the head size comes from the model's ``head_dim`` when it has one);
-    ``{}`` for other models.
-
-    >>> from transformers import LlamaConfig
-    >>> _key_value_sizes(LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1), 8, 1)
-    {'token_dim': 4, 'num_attention_heads': 1}
-    """
-    data = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
-    data = data.get("text_config") or data
-    kv_heads = data.get("num_key_value_heads")
-    if kv_heads is None:
-        return {}
-    if data.get("global_head_dim") is not None:
-        head_dim = data["global_head_dim"]
-        kv_heads = data.get("num_global_key_value_heads") or kv_heads
-    elif data.get("per_layer_config") is not None:  # the widest layer's overrides (Gemma 4)
-        head_dim = data.get("head_dim", token_dim // heads)
-        base_heads, base_dim = kv_heads, head_dim
-        for layer in data["per_layer_config"].values():
-            if layer.get("head_dim", base_dim) > head_dim:
-                head_dim, kv_heads = layer.get("head_dim", base_dim), layer.get("num_key_value_heads", base_heads)
-    else:
-        head_dim = data.get("head_dim") or token_dim // heads
-    return {"token_dim": int(head_dim * kv_heads), "num_attention_heads": int(kv_heads)}
 
 
 def _prompt_shape(config: AdapterConfig) -> tuple[int, int]:

@@ -79,22 +79,16 @@ def block_sizes(features: int, config: Any, path: str) -> tuple[int, int]:
     :raises UnsupportedError: both or neither of OFT's ``r`` / ``oft_block_size`` (BOFT's ``boft_block_size`` /
         ``boft_block_num``) set, or a BOFT size that does not divide ``features`` (PEFT refuses it too).
     """
+    for pointer, problem, fix in size_problems(config):  # a config validated by AdapterConfig has passed this
+        raise UnsupportedError(problem, pointer=pointer, hint=fix)
     if config.peft_type == "OFT":
         r, size = int(config.get("r", 0) or 0), int(config.get("oft_block_size", 32) or 0)
-        if (r == 0) == (size == 0):
-            raise UnsupportedError(f"OFT needs exactly one of r and oft_block_size non-zero (r={r}, "
-                                   f"oft_block_size={size})", pointer="/oft_block_size",
-                                   hint="set r to 0 and oft_block_size to the block size (or the reverse)")
         if r == 0:  # PEFT moves a block size that does not divide the features to the nearest divisor (a warning)
             size = size if features % size == 0 and size <= features else adjust(features, size)
             return features // size, size
         r = r if features % r == 0 and r <= features else adjust(features, r)
         return r, features // r
     size, num = int(config.get("boft_block_size", 4) or 0), int(config.get("boft_block_num", 0) or 0)
-    if (size == 0) == (num == 0):
-        raise UnsupportedError(f"BOFT needs exactly one of boft_block_size and boft_block_num non-zero "
-                               f"(boft_block_size={size}, boft_block_num={num})", pointer="/boft_block_size",
-                               hint="set one of them to 0")
     given, field = (size, "boft_block_size") if size else (num, "boft_block_num")
     if features % given != 0:
         raise UnsupportedError(f"{field}={given} does not divide the {features} input features of this layer "

@@ -19,8 +19,8 @@ from typing import Any
 from . import _adalora, _oft, _vera
 from .errors import shorten
 
-__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable", "rule_problems",
-           "transformer_submodules", "unsupported_features"]
+__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable",
+           "prefix_key_value_sizes", "rule_problems", "transformer_submodules", "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
@@ -58,6 +58,35 @@ def transformer_submodules(config: Mapping[str, Any]) -> int:
     if value is None:
         return 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
     return int(value)
+
+
+def prefix_key_value_sizes(model_config: Mapping[str, Any], token_dim: int, heads: int) -> dict[str, int]:
+    """PEFT 0.21.2's prefix-tuning sizes on a model with grouped-query attention (``_prepare_prompt_learning_config``,
+    SPEC 14.3): ``token_dim`` and ``num_attention_heads`` recomputed from the model's key/value heads whenever its
+    config (the ``to_dict()`` form; a multimodal one's ``text_config``) has ``num_key_value_heads`` -- over the
+    adapter's own ``token_dim`` / ``heads``, which PEFT then ignores except for the head size of a model config
+    without ``head_dim``; ``{}`` for other models. Gemma 4's ``global_head_dim`` / ``per_layer_config``: the
+    widest layer's key/value shape.
+
+    >>> prefix_key_value_sizes({"hidden_size": 8, "num_key_value_heads": 1, "head_dim": 4}, 8, 1)
+    {'token_dim': 4, 'num_attention_heads': 1}
+    """
+    data = model_config.get("text_config") or model_config
+    kv_heads = data.get("num_key_value_heads")
+    if kv_heads is None:
+        return {}
+    if data.get("global_head_dim") is not None:
+        head_dim = data["global_head_dim"]
+        kv_heads = data.get("num_global_key_value_heads") or kv_heads
+    elif data.get("per_layer_config") is not None:  # the widest layer's overrides (Gemma 4)
+        head_dim = data.get("head_dim", token_dim // heads)
+        base_heads, base_dim = kv_heads, head_dim
+        for layer in data["per_layer_config"].values():
+            if layer.get("head_dim", base_dim) > head_dim:
+                head_dim, kv_heads = layer.get("head_dim", base_dim), layer.get("num_key_value_heads", base_heads)
+    else:
+        head_dim = data.get("head_dim") or token_dim // heads
+    return {"token_dim": int(head_dim * kv_heads), "num_attention_heads": int(kv_heads)}
 
 
 def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:

@@ -287,7 +287,7 @@ def _read_part(file: Any, view: memoryview, begin: int, end: int) -> None:
         if isinstance(file, int):
             got = os.preadv(file, [view[done:end]], done)
         else:
-            got = file.readinto(view[done:end] if done or end < len(view) else view)
+            got = file.readinto(view[done:end])
         if not got:
             raise ValueError(f"the file ended after {done} of {len(view)} bytes (truncated since it was checked)")
         done += got

@@ -21,16 +21,17 @@ These functions are the single definition of target matching for every backend (
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._regex import Pattern, UnsupportedPattern, compile_pattern
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
 
 __all__ = [
     "PatternTable",
     "Targeting",
     "containers",
+    "refuse_containers",
     "is_all_linear",
     "is_feedforward",
     "is_modules_to_save",
@@ -217,6 +218,23 @@ def containers(paths: Iterable[str]) -> list[str]:
                 found.setdefault(prefix)
             at = path.find(".", at + 1)
     return list(found)
+
+
+def refuse_containers(matches: Callable[[str], bool], paths: Iterable[str], method: str) -> None:
+    """Refuse an adapter whose targeting (``matches``, e.g. :meth:`AdapterConfig.matches
+    <adapterspec.AdapterConfig.matches>`) selects one of the :func:`containers` of ``paths``.
+
+    :raises UnsupportedError: naming the first such module.
+
+    >>> refuse_containers(lambda p: p.endswith("attn"), ["layers.0.attn.q"], "LORA")
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: layers.0.attn: ...
+    """
+    for path in containers(paths):
+        if matches(path):
+            raise UnsupportedError(f"target_modules selects {path!r}, a module that holds other modules, not a layer "
+                                   f"{method} adapts (PEFT refuses it too)", key=path, pointer="/target_modules",
+                                   hint="narrow target_modules (or add exclude_modules) so that it selects layers only")
 
 
 def _simple_key(key: str) -> tuple[tuple[int, ...], str] | None:

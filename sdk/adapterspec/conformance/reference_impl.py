@@ -23,7 +23,7 @@ import numpy as np
 from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
 from ..config import AdapterConfig
-from .._rules import transformer_submodules
+from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _oft
 from .._method_checks import factorization
 from ..errors import (
@@ -35,7 +35,7 @@ from ..errors import (
 )
 from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
-from ..targets import containers, is_all_linear, parameter_module
+from ..targets import is_all_linear, parameter_module, refuse_containers
 from . import _io, reference
 from .cases import FolderCase, NumericCase, RoundtripCase
 
@@ -248,11 +248,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
                                       "too)", pointer="/target_modules", hint="list the modules to adapt")
         config = config.replace(target_modules=linear)
     _token_modules(config, modules)  # each trainable-token target names a module (PEFT raises otherwise)
-    for path in containers(modules):  # PEFT refuses a selected module that only holds others (SPEC 4.3)
-        if config.matches(path):
-            raise UnsupportedError(f"target_modules selects {path!r}, a module that holds other modules, not a "
-                                   f"layer {config.peft_type} adapts", key=path, pointer="/target_modules",
-                                   hint="narrow target_modules so that it selects layers only")
+    refuse_containers(config.matches, modules, config.peft_type)  # PEFT refuses a selected container (SPEC 4.3)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
@@ -323,10 +319,10 @@ def prefix_sizes(config: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[
                                ("num_attention_heads", "num_attention_heads")):
         if sizes[field] is None and decoder.get(model_field) is not None:
             sizes[field] = decoder[model_field]
-    kv = decoder.get("num_key_value_heads")
-    if kv is not None and decoder.get("hidden_size") and decoder.get("num_attention_heads"):
-        head_dim = decoder.get("head_dim") or decoder["hidden_size"] // decoder["num_attention_heads"]
-        sizes |= {"token_dim": head_dim * kv, "num_attention_heads": kv}
+    hidden, model_heads = decoder.get("hidden_size"), decoder.get("num_attention_heads")
+    if hidden and model_heads and sizes["token_dim"] and sizes["num_attention_heads"]:
+        described = {**decoder, "head_dim": decoder.get("head_dim") or hidden // model_heads}
+        sizes |= prefix_key_value_sizes(described, sizes["token_dim"], sizes["num_attention_heads"])
     return {k: int(v) for k, v in sizes.items() if v is not None}
 
 
