@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.5.0"
+CORPUS_VERSION = "1.6.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -787,6 +787,10 @@ def generate_folders() -> list[dict[str, Any]]:
     plain("lora-duplicate-targets", "a target_modules entry listed twice (PEFT uses a set): loads like the list "
           "without the duplicate, with a warning naming it", LORA_CFG | {"target_modules": ["q_proj", "v_proj", "q_proj"]},
           lora_tensors(), valid=True, warnings_=[{"category": "AdapterSpecWarning", "pointer": "/target_modules/2"}])
+    plain("lora-target-entry-matching-nothing", "SPEC 4.3: a target_modules entry that selects no module "
+          "(query_key_value, from a config written for several architectures) is ignored, as PEFT does: q_proj and "
+          "v_proj are adapted", LORA_CFG | {"target_modules": ["q_proj", "v_proj", "query_key_value"]},
+          lora_tensors(), valid=True)
     plain("metadata-version-differs", "the config says adapterspec_version 1.0, the safetensors metadata 1.1: "
           "loads (the config's version governs) with a warning", LORA_CFG | {"adapterspec_version": "1.0"},
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,

@@ -81,7 +81,8 @@ def find_targets(model: Any, config: AdapterConfig, options: LoadOptions | None 
     """The spec module paths ``config`` adapts in ``model``, in model order (PEFT's matching rules).
 
     Every entry of a list ``target_modules`` must name at least one mapped module: a module that
-    exists in the transformers model but has no Keras counterpart is an error, never skipped.
+    exists in the transformers model but has no Keras counterpart is an error, never skipped. (A load
+    relaxes this: its file's tensors show which modules were adapted, see :func:`_match`.)
 
     :raises TargetNotFoundError: nothing matches, or a ``target_modules`` entry has no mapped module.
 
@@ -146,7 +147,15 @@ def _refuse_parameter_modules(paths: list[str], sites: dict[str, ModuleSite], mo
                 hint="adapt the router with LoRA target_parameters: ['gate.weight'] (SPEC.md 15.1)")
 
 
-def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, allow_empty: bool = False) -> list[str]:
+def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, allow_empty: bool = False,
+           every_entry: bool = True) -> list[str]:
+    """The targeted paths (see :func:`find_targets`).
+
+    :param every_entry: refuse a ``target_modules`` entry that names no mapped module. A load passes ``False``:
+        its file's tensors say which modules PEFT adapted, and a tensor of a module without a Keras counterpart
+        is refused by ``load_state``; an entry with neither is one PEFT ignored too (a config written for
+        several architectures, ``["q_proj", "v_proj", "query_key_value"]``).
+    """
     # a module known by two names (the checkpoint key and transformers 5's module path) takes the adapter once,
     # under the first name that matches; loading renames it to the name the file uses
     taken: set[tuple[Any, ...]] = set()
@@ -157,7 +166,7 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
             targets.append(path)
     refuse_containers(config.matches, sites, config.peft_type)
     wanted = config.get("target_modules")
-    if isinstance(wanted, (list, tuple, set)):
+    if every_entry and isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
         if missing:
             raise TargetNotFoundError(
@@ -242,7 +251,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         embedding, tied = tied_layers(model, sites)
         config, tie_mode = tie_rewrite(config, embedding, tied)  # SPEC 15.2
         parameters = find_parameter_targets(model, config, sites, options.module_map)  # SPEC 15.1
-        paths = _match(model, sites, config, allow_empty=bool(parameters))
+        paths = _match(model, sites, config, allow_empty=bool(parameters), every_entry=options.initialize)
         if tie_mode is not None:
             assert embedding is not None
             heads = tied_heads(sites, tied)

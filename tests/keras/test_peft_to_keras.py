@@ -105,6 +105,59 @@ def test_causal_lm_adapter_loads_into_a_bare_backbone(checkpoints: Any, token_id
     assert_near(got, expected)
 
 
+#: A config written for several model families, as training scripts in the wild share one list
+SEVERAL_FAMILIES = ["q_proj", "v_proj", "query_key_value", "c_attn", "in_proj_qkv"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_target_entries_of_other_families_are_ignored_at_load_as_peft_does(
+        checkpoints: Any, token_ids: np.ndarray, tmp_path: Path, caplog: Any) -> None:
+    """PEFT adapts the entries that match and ignores the rest; so does a load (its file says which modules were
+    adapted). 6 of 59 real configs from public repositories were refused here before (TargetNotFoundError). The
+    saved folder loads in PEFT unchanged, without a warning; a fresh adapter (no file) still refuses an entry
+    without a Keras counterpart, and a file with tensors of such a module is refused, the model unchanged."""
+    import logging
+    import warnings
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=SEVERAL_FAMILIES)
+    peft_model, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "a", config)
+    expected = torch_logits(peft_model, token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+
+    modules = adapterspec.load_adapter(model, folder)
+
+    assert set(modules) == peft_adapted_modules(peft_model) and len(modules) == 4  # q_proj, v_proj x 2 layers
+    assert_near(keras_logits(model, token_ids), expected)
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    original = load_file(folder / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(original) and all(np.array_equal(saved[k], original[k]) for k in original)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), str(tmp_path / "ours")).eval()
+    assert not [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert reloaded.peft_config["default"].target_modules == set(SEVERAL_FAMILIES)
+    assert_near(torch_logits(reloaded, token_ids), expected)
+    adapterspec.delete_adapter(model, "default")
+
+    with pytest.raises(adapterspec.TargetNotFoundError, match=r"c_attn.*in_proj_qkv.*query_key_value"):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "target_modules": SEVERAL_FAMILIES})
+    tensors = dict(original)
+    with torch.no_grad():  # a Falcon-style module this Llama lacks, named by an entry that matches no Keras layer
+        for param, shape in (("lora_A.weight", (4, 64)), ("lora_B.weight", (192, 4))):
+            tensors[f"base_model.model.model.layers.0.self_attn.query_key_value.{param}"] = np.ones(shape, np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(adapterspec.TargetNotFoundError, match=r"layers\.0\.self_attn\.query_key_value"):
+        adapterspec.load_adapter(model, folder)
+    assert adapterspec.adapter_names(model) == []
+    assert np.array_equal(keras_logits(model, token_ids), base)
+
+
 def test_hf_model_and_keras_model_agree_without_adapter(checkpoints: Any, token_ids: np.ndarray) -> None:
     """The premise of every comparison here: keras-hub's conversion itself is exact."""
     for arch in ("llama", "gemma", "gpt2"):
