@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.6.0"
+CORPUS_VERSION = "1.7.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -488,6 +488,10 @@ def _clarification_numeric() -> None:
             "text '{,n}'): layers\\.1{,1}\\.q_proj selects layers.1.q_proj, not layers.0.q_proj nor layers.11.q_proj",
             "LORA", "linear", "float32", {"layers.0.q_proj": q, "layers.1.q_proj": q, "layers.11.q_proj": q},
             lora(2, 6, r"layers\.1{,1}\.q_proj"), ["regex", "untargeted"])
+    numeric("lora-null-booleans-f32", "SPEC 4.1: a null boolean reads as false, PEFT's truth test: use_rslora null "
+            "scales by alpha / r = 2 (not alpha / sqrt(r) = 4), use_dora, lora_bias and fan_in_fan_out null add no "
+            "magnitude, no bias, no transpose", "LORA", "linear", "float32", {"layer": linear(6, 5)},
+            lora(4, 8, ["layer"], use_rslora=None, use_dora=None, lora_bias=None, fan_in_fan_out=None), ["null"])
 
 
 def generate_numeric() -> list[dict[str, Any]]:
@@ -1120,6 +1124,12 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         # spec 1.1: the config forms PEFT accepts
         ("config-lora-target-modules-null", "a null target_modules means PEFT's default for the model type",
          LORA_MIN | {"target_modules": None}, True, None, None),
+        ("config-null-booleans", "a boolean field may be null, read as false (PEFT's truth test, SPEC 4.1)",
+         LORA_MIN | {"fan_in_fan_out": None, "use_rslora": None, "use_dora": None, "lora_bias": None,
+                     "inference_mode": None}, True, None, None),
+        ("oft-init-weights-null", "OFT's init_weights may not be null (PEFT refuses it)",
+         {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"], "init_weights": None},
+         False, "/init_weights", None),
         ("lora-target-modules-duplicates", "a target_modules entry may repeat (PEFT uses a set)",
          LORA_MIN | {"target_modules": ["q_proj", "v_proj", "q_proj"]}, True, None, None),
         ("config-ia3-targets-null", "IA3's target_modules and feedforward_modules may be null (PEFT's defaults)",

@@ -40,7 +40,7 @@ def rank(config: Mapping[str, Any]) -> int:
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(pointer, reason)`` for each VeRA variant adapterspec readers refuse (SPEC.md 15.5)."""
     found = []
-    if config.get("save_projection", True) is False:
+    if not config.get("save_projection", True):  # null too: PEFT's truth test (SPEC 4.1.1)
         found.append(("/save_projection", "VeRA with save_projection false stores no vera_A/vera_B: PEFT regenerates "
                                           "them from projection_prng_key with torch's random generator, which the "
                                           "spec does not define; adapterspec readers do not load it"))

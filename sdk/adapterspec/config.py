@@ -185,12 +185,17 @@ def _keyword_hint(error: ValidationError) -> str:
         missing = error.message.split("'")[1] if "'" in error.message else "?"
         return f"add the field {missing!r}"
     if kind == "enum":
-        return _enum_hint(list(value), error.instance)
+        values = list(value)
+        if any(v is False for v in values) and None in values:  # null reads as false (SPEC 4.1)
+            values = [v for v in values if v is not None]
+        return f"use {json.dumps(values[0])}" if len(values) == 1 else _enum_hint(values, error.instance)
     if kind == "const":
         return f"use {json.dumps(value)}"
     if kind == "type":
-        names = [_TYPE_NAMES.get(t, t) for t in ([value] if isinstance(value, str) else value)]
-        return "use " + " or ".join(names)
+        types = [value] if isinstance(value, str) else list(value)
+        if "boolean" in types:  # a null boolean reads as false (SPEC 4.1): writers write true or false
+            types = [t for t in types if t != "null"]
+        return "use " + " or ".join(_TYPE_NAMES.get(t, t) for t in types)
     bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
     if kind in bounds:
         return f"use a value {bounds[str(kind)]} {value}"
@@ -361,6 +366,18 @@ def _defaults(peft_type: str) -> dict[str, Any]:
     return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v and k != "adapterspec_version"}
 
 
+@functools.cache
+def _null_reads_false(peft_type: str) -> frozenset[str]:
+    """The boolean fields of ``peft_type`` that may be null, which PEFT reads with a truth test (SPEC 4.1.1).
+
+    >>> sorted(_null_reads_false("IA3"))
+    ['fan_in_fan_out', 'inference_mode', 'init_ia3_weights']
+    """
+    schema = load_schema()
+    props = {**schema["properties"], **schema["$defs"].get(peft_type, {}).get("properties", {})}
+    return frozenset(k for k, v in props.items() if isinstance(v, dict) and v.get("type") == ["boolean", "null"])
+
+
 #: The fields :func:`~adapterspec.targets.module_matches` reads: configs equal in these target the same modules.
 _TARGETING = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
 _SHARED_MATCHES: dict[str, dict[str, bool]] = {}
@@ -408,6 +425,11 @@ class AdapterConfig(Mapping[str, Any]):
         # the fields that act: the mapping and every answer below read these only
         self._acting = {k: v for k, v in self._data.items() if k not in unknown_fields} if unknown_fields \
             else self._data
+        method = self._data.get("peft_type")
+        nulls = [k for k in _null_reads_false(method) if k in self._acting and self._acting[k] is None] \
+            if isinstance(method, str) else []
+        if nulls:  # SPEC 4.1.1: a null boolean reads as false (PEFT's truth test); written back as null
+            self._acting = {**self._acting, **dict.fromkeys(nulls, False)}
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
         self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
         self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared

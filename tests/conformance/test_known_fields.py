@@ -70,7 +70,9 @@ def _alternatives(field: str, spec: dict[str, Any], config: dict[str, Any]) -> l
         values = [0.5, 97.0]
     else:
         values = []
-    return [v for v in values if v != current]
+    if "null" in types and field not in _SPECIAL:
+        values.append(None)  # a null boolean: PEFT's truth test reads it as false (SPEC 4.1.1)
+    return [v for v in values if v != current or (v is None) != (current is None)]
 
 
 def _mutations(corpus: Corpus) -> Iterator[tuple[Any, str, Any]]:
