@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.7.0"
+CORPUS_VERSION = "1.8.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -492,6 +492,10 @@ def _clarification_numeric() -> None:
             "scales by alpha / r = 2 (not alpha / sqrt(r) = 4), use_dora, lora_bias and fan_in_fan_out null add no "
             "magnitude, no bias, no transpose", "LORA", "linear", "float32", {"layer": linear(6, 5)},
             lora(4, 8, ["layer"], use_rslora=None, use_dora=None, lora_bias=None, fan_in_fan_out=None), ["null"])
+    numeric("lora-velora-state-f32", "SPEC 5.2: VeLoRA (velora_config) changes only the backward pass: each module's "
+            "lora_velora_embed [num_groups] is accepted and never used, the output is plain LoRA's", "LORA", "linear",
+            "float32", {"layers.0.q_proj": linear(8, 5), "layers.0.v_proj": linear(8, 3)},
+            lora(2, 6, ["q_proj", "v_proj"], velora_config={"num_groups": 4}), ["velora"])
 
 
 def generate_numeric() -> list[dict[str, Any]]:
@@ -804,6 +808,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _prompts_folders()
     _adalora_folders()
     _vera_folders()
+    _velora_folders()
     _manifest_examples()
     _mutation_folder_cases()
     plain("lora-spec-1.0-written", "a folder written by a spec 1.0 writer: adapterspec_version in the config (and "
@@ -1015,6 +1020,25 @@ def _vera_folders() -> None:
           key="base_model.vera_B")
 
 
+def _velora_folders() -> None:
+    """VeLoRA's state (SPEC.md 5.2): accepted, never used -- but only where PEFT would load it."""
+    velora = LORA_CFG | {"velora_config": {"num_groups": 4}}
+    state = {f"{Q}.lora_velora_embed": np.zeros(2, np.float32), f"{V}.lora_velora_embed": np.zeros(2, np.float32)}
+    plain("lora-velora-state", "velora_config with PEFT's lora_velora_embed [ceil(8 / 4)] per module: valid (the "
+          "tensors are kept, never used)", velora, lora_tensors() | state, valid=True)
+    plain("lora-velora-state-shape", "lora_velora_embed must be [ceil(in_features / num_groups)] = [2] (PEFT's "
+          "load_state_dict fails on [3])", velora, lora_tensors() | state | {f"{Q}.lora_velora_embed":
+                                                                             np.zeros(3, np.float32)},
+          valid=False, error="ShapeMismatchError", key=f"{Q}.lora_velora_embed")
+    plain("lora-velora-state-without-config", "lora_velora_embed without velora_config", LORA_CFG,
+          lora_tensors() | state, valid=False, error="UnexpectedTensorError", key=f"{Q}.lora_velora_embed")
+    magnitude = {f"{Q}.lora_magnitude_vector": det((8,), 5).astype(np.float32) + 1,
+                 f"{V}.lora_magnitude_vector": det((4,), 6).astype(np.float32) + 1}
+    plain("lora-velora-with-dora", "velora_config with use_dora: PEFT has no such LoRA variant (it raises); "
+          "refused with UnsupportedError naming /velora_config", velora | {"use_dora": True},
+          lora_tensors() | state | magnitude, valid=False, error="UnsupportedError", pointer="/velora_config")
+
+
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$|^\.$")
 
 
@@ -1127,6 +1151,8 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("config-null-booleans", "a boolean field may be null, read as false (PEFT's truth test, SPEC 4.1)",
          LORA_MIN | {"fan_in_fan_out": None, "use_rslora": None, "use_dora": None, "lora_bias": None,
                      "inference_mode": None}, True, None, None),
+        ("config-velora-num-groups-zero", "velora_config.num_groups is a positive integer (PEFT's VeloraConfig "
+         "raises on 0)", LORA_MIN | {"velora_config": {"num_groups": 0}}, False, "/velora_config/num_groups", None),
         ("oft-init-weights-null", "OFT's init_weights may not be null (PEFT refuses it)",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"], "init_weights": None},
          False, "/init_weights", None),

@@ -27,16 +27,18 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.config import velora_state_size
 from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
-from adapterspec.naming import EMBEDDING_NAMES, TensorName, embedding_error, make_key
+from adapterspec.naming import EMBEDDING_NAMES, VELORA_STATE, TensorName, embedding_error, make_key
 
 from . import _ops
+from .bank import _np_dtype
 from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState
 
 __all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "embedding_modules", "fresh_bias_overrides",
-           "plan_auxiliary", "restore"]
+           "fresh_velora_state", "plan_auxiliary", "restore"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -350,6 +352,26 @@ def _bias_shape(model: Any, module: str, sites: Callable[[], dict[str, ModuleSit
         if param == "bias":
             return tuple(int(d) for d in variable.shape)
     raise _absent(make_key(module, "bias"), module)
+
+
+def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: str, layers: list[Any]) -> None:
+    """For a new adapter with ``velora_config``: the ``lora_velora_embed`` PEFT gives each adapted module at creation
+    (zeros of ``[ceil(in_features / num_groups)]`` in the base kernel's dtype; ``init_type`` ``"random"``: a random
+    unit vector), kept to be saved, so that PEFT loads the saved folder without a missing key (SPEC.md 5.2)."""
+    velora = config.get("velora_config")
+    for layer in layers:
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots:
+            continue
+        size = velora_state_size(config, layer.site.in_features)
+        if size is None:
+            return
+        dtype = _np_dtype(str(layer.site.pieces[0].kernel_variable.dtype))
+        if isinstance(velora, Mapping) and velora.get("init_type") == "random":
+            value = np.random.default_rng().standard_normal(size)
+            value = (value / np.linalg.norm(value)).astype(np.float32).astype(dtype)
+        else:
+            value = np.zeros(size, dtype=dtype)
+        state.auxiliary.setdefault(adapter_name, {})[make_key(layer.path_of(adapter_name), VELORA_STATE)] = value
 
 
 def restore(state: ModelState, adapter_name: str) -> None:

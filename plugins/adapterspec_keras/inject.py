@@ -31,7 +31,7 @@ from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
-from adapterspec.config import unsupported_features
+from adapterspec.config import training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear, refuse_containers
 
@@ -222,6 +222,9 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another name")
     check_features(config)
+    for pointer, reason in training_refusals(config) if options.trainable else ():
+        raise UnsupportedError(reason, pointer=pointer, hint="train with PEFT, then load the saved adapter without "
+                                                             "trainable (or set velora_config to null to train plain LoRA)")
     if options.trainable and config.peft_type == "LORA" and config.get("bias", "none") != "none":
         raise UnsupportedError(f"bias={config.get('bias')!r} trains the base model's biases, which the keras backend "
                                "keeps frozen (it loads and saves them, SPEC.md 5.3, but does not train them)",
@@ -320,6 +323,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
                 from .auxiliary import fresh_bias_overrides
 
                 fresh_bias_overrides(model, state, config, adapter_name, options)
+            if config.get("velora_config") is not None:  # VeLoRA's state, as PEFT creates it (SPEC.md 5.2)
+                from .auxiliary import fresh_velora_state
+
+                fresh_velora_state(state, config, adapter_name, layers)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:

@@ -123,6 +123,10 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         if config.get("lora_bias") and site.kind == "embedding":
             raise UnsupportedError("lora_bias on an embedding is not defined by PEFT", key=path,
                                    hint="set lora_bias to false")
+        if config.get("velora_config") is not None and site.kind in ("embedding", "conv"):
+            raise UnsupportedError(f"VeLoRA (velora_config) adapts linear layers only, not an {site.kind} "
+                                   f"({layers()}); PEFT refuses it too", key=path, pointer="/velora_config",
+                                   hint="set velora_config to null, or remove the module from target_modules")
 
 
 def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = False,

@@ -37,10 +37,12 @@ from adapterspec.naming import (
     PARAMETERS,
     PROMPT_KEY,
     TRAINABLE_TOKENS_PARAM,
+    VELORA_STATE,
     make_key,
     parse_key,
 )
 
+from adapterspec._method_checks import velora_state_error
 from adapterspec._vera import shared_key
 
 from . import vera
@@ -117,11 +119,12 @@ def _owner(module: str, by_path: dict[str, AdapterLayer],
 
 def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, AdapterLayer], adapter_name: str,
                 options: LoadOptions, base_plan: dict[str, AdapterLayer], aux_plan: dict[str, list[Target]],
-                unmapped: list[str]) -> tuple[tuple[AdapterLayer, str, Layout], str] | None:
+                unmapped: list[str], kept: list[str]) -> tuple[tuple[AdapterLayer, str, Layout], str] | None:
     """Where a key that is not an injected parameter's canonical key goes: an injected parameter under another
     module root (``h.0.attn.c_attn``; with the file's module path), a module's base weight (into ``base_plan``), a
-    base tensor the file replaces (an embedding saved whole, a trained bias: into ``aux_plan``), an unmapped module
-    (into ``unmapped``) -- else an error."""
+    base tensor the file replaces (an embedding saved whole, a trained bias: into ``aux_plan``), a tensor kept as
+    it is to be saved again (VeLoRA's ``lora_velora_embed`` of an adapted module: into ``kept``), an unmapped
+    module (into ``unmapped``) -- else an error."""
     config = adapter.config
     name = parse_key(key, config.peft_type, config, with_model=True)  # an embedding saved whole: plan_auxiliary checks it
 
@@ -142,6 +145,14 @@ def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, Adapt
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")
     layer = _owner(name.module, by_path, sites)
+    if name.param == VELORA_STATE and layer is not None:  # SPEC.md 5.2: accepted, never used, saved again
+        in_features = layer.site.in_features if layer.site.kind == "linear" else None
+        problem = velora_state_error(config, name.module, tuple(int(d) for d in adapter.tensors[key].shape),
+                                     in_features)
+        if problem is not None:
+            raise problem
+        kept.append(key)
+        return None
     if layer is None:
         if find_site(sites(), name.module) is None:
             unmapped.append(name.module)
@@ -221,10 +232,12 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     unmapped: list[str] = []
     base_plan: dict[str, AdapterLayer] = {}
     aux_plan: dict[str, list[Target]] = {}
+    kept: list[str] = []
     for key, info in adapter.tensors.items():
         entry = canonical.get(key)
         if entry is None:
-            other = _plan_other(model, key, adapter, by_path, adapter_name, options, base_plan, aux_plan, unmapped)
+            other = _plan_other(model, key, adapter, by_path, adapter_name, options, base_plan, aux_plan, unmapped,
+                                kept)
             if other is None:
                 continue
             (owner, name, owned), module = other
@@ -270,6 +283,9 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
         layer.replace_base_weight(adapter_name, arrays[key])
     if aux_plan and state is not None:
         apply_overrides(state, adapter_name, aux_plan, arrays)
+    if kept and state is not None:
+        state.auxiliary.setdefault(adapter_name, {}).update(
+            {key: np.ascontiguousarray(arrays[key]).copy() for key in kept})
     for layer, path in renames.values():
         layer.rename(adapter_name, path)
     _fill_banks(fill, arrays, adapter_name, root)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
+from adapterspec._method_checks import velora_state_error
+from adapterspec.config import velora_state_size
 from adapterspec.errors import (
     AdapterSpecError,
     ShapeMismatchError,
@@ -33,7 +35,15 @@ from adapterspec.errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
-from adapterspec.naming import BASE_LAYER_BIAS, BASE_LAYER_PARAM, EMBEDDING_NAMES, embedding_error, make_key, parse_key
+from adapterspec.naming import (
+    BASE_LAYER_BIAS,
+    BASE_LAYER_PARAM,
+    EMBEDDING_NAMES,
+    VELORA_STATE,
+    embedding_error,
+    make_key,
+    parse_key,
+)
 
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
 from .parameters import ParameterLayer
@@ -46,6 +56,7 @@ __all__ = [
     "auxiliary_tensors",
     "embedding_modules",
     "fresh_bias_overrides",
+    "fresh_velora_state",
     "plan_auxiliary",
     "rank_errors",
     "restore",
@@ -198,8 +209,14 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
             continue
         module = name.module
         layer = adapted.get(module)
-        if name.role == "adapter" and name.param == "lora_velora_embed" and isinstance(layer, AdapterLayer):
-            plan.keep[key] = _as_loaded
+        if name.role == "adapter" and name.param == VELORA_STATE and isinstance(layer, AdapterLayer):
+            linear = layer.kind in ("linear", "conv1d_hf")
+            in_features = int(layer.weight.shape[0 if layer.fan_in_fan_out else 1]) if linear else None
+            problem = velora_state_error(config, module, tuple(info.shape), in_features)
+            if problem is not None:
+                plan.errors.append(problem)
+            else:
+                plan.keep[key] = _as_loaded
             continue
         if name.role in ("base_layer", "bias") and name.param in (BASE_LAYER_PARAM, BASE_LAYER_BIAS):
             if isinstance(layer, AdapterLayer):
@@ -371,6 +388,27 @@ def fresh_bias_overrides(model: nn.Module, state: ModelState, config: AdapterCon
     apply_overrides(model, state, adapter_name, AuxiliaryPlan(replace=replace, keep=keep), tensors, options)
     for override in state.base_weights.get(adapter_name, []):
         override.new.requires_grad_(bool(options.trainable))
+
+
+def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: str) -> None:
+    """For a new adapter with ``velora_config``: the ``lora_velora_embed`` PEFT gives each adapted module at creation
+    (zeros of ``[ceil(in_features / num_groups)]`` in the base weight's dtype; ``init_type`` ``"random"``: a random
+    unit vector), kept to be saved, so that PEFT loads the saved folder without a missing key (SPEC.md 5.2)."""
+    velora = config.get("velora_config")
+    for spec, own in state.modules[adapter_name].items():
+        layer = state.wrappers.get(own)
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names():
+            continue
+        weight = layer.base_layer.weight
+        size = velora_state_size(config, int(weight.shape[0 if layer.fan_in_fan_out else 1]))
+        if size is None:
+            return
+        if isinstance(velora, Mapping) and velora.get("init_type") == "random":
+            value = torch.randn(size)
+            value = (value / torch.linalg.vector_norm(value)).to(weight.dtype)
+        else:
+            value = torch.zeros(size, dtype=weight.dtype)
+        state.extras.setdefault(adapter_name, {})[make_key(spec, VELORA_STATE)] = _as_loaded(value)
 
 
 def restore(model: nn.Module, state: ModelState, adapter_name: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec.config import unsupported_features
+from adapterspec.config import training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 from adapterspec.targets import is_all_linear
@@ -368,6 +368,9 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                    options: LoadOptions, tying: tuple[str | None, list[str], str | None] = (None, [], None),
                    ) -> dict[str, str]:
     check_features(config)
+    for pointer, reason in training_refusals(config) if options.trainable else ():
+        raise UnsupportedError(reason, pointer=pointer, hint="train with PEFT, then load the saved adapter without "
+                                                             "trainable (or set velora_config to null to train plain LoRA)")
     if config.peft_type == "ADALORA" and options.trainable:
         raise UnsupportedError("training AdaLoRA (its rank allocation and orthogonality loss) is not implemented "
                                "by the torch backend; its adapters load for inference and merging",
@@ -632,6 +635,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
         except BaseException:
             delete(model, adapter_name)
             raise
+    if options.initialize and config.get("velora_config") is not None:
+        from .auxiliary import fresh_velora_state
+
+        fresh_velora_state(state, config, adapter_name)
     if freezing:
         freeze_base(model, state, adapter_name, before)
     guard_save_pretrained(model)

@@ -117,6 +117,10 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         oft.check(module, kind, path, config)
     if method in adalora.METHODS:
         adalora.check(module, kind, path, config)
+    if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
+        raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
+                               "PEFT refuses it too", key=path, pointer="/velora_config",
+                               hint="set velora_config to null, or remove the module from target_modules")
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")

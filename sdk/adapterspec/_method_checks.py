@@ -22,14 +22,15 @@ from ._adalora import stored_rank
 from ._vera import SHARED, shared_key
 from ._vera import rank as vera_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
-from .naming import make_key
+from ._rules import velora_state_size
+from .naming import VELORA_STATE, make_key
 from .targets import pattern_value
 
 if TYPE_CHECKING:
     from .checks import TensorInfo
     from .config import AdapterConfig
 
-__all__ = ["METHOD_CHECKS", "factorization", "shared_errors"]
+__all__ = ["METHOD_CHECKS", "factorization", "shared_errors", "velora_state_error"]
 
 Params = Mapping[str, "TensorInfo"]
 Errors = list[AdapterSpecError]
@@ -155,10 +156,39 @@ def _dora(config: AdapterConfig, module: str, p: Params, ndim: int, out: int | N
 
 
 def _velora(config: AdapterConfig, module: str, p: Params) -> Errors:
-    if "lora_velora_embed" in p and config.get("velora_config") is None:
-        return [_extra(module, "lora_velora_embed", "lora_velora_embed without velora_config in the config",
-                       "remove the tensor (it is VeLoRA's training-time state), or set velora_config")]
-    return []
+    if VELORA_STATE not in p:
+        return []
+    a = p.get("lora_A.weight")
+    in_features = int(a.shape[1]) if a is not None and len(a.shape) == 2 else None
+    error = velora_state_error(config, module, tuple(p[VELORA_STATE].shape), in_features)
+    return [] if error is None else [error]
+
+
+def velora_state_error(config: AdapterConfig, module: str, shape: tuple[int, ...],
+                       in_features: int | None) -> AdapterSpecError | None:
+    """What is wrong with VeLoRA's state of ``module`` (SPEC.md 5.2), or ``None``: only with ``velora_config``, only on
+    a linear layer (PEFT's ``VeloraLinearVariant``: Linear and GPT-2's Conv1D; ``in_features`` ``None``: another
+    kind), ``[ceil(in_features / num_groups)]``. A backend keeps the tensor as it is, so it checks it with this.
+
+    >>> from adapterspec import AdapterConfig
+    >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "velora_config": {"num_groups": 4}})
+    >>> print(velora_state_error(cfg, "q", (3,), 10))
+    None
+    >>> str(velora_state_error(cfg, "q", (2,), 10)).split(": must")[0]
+    'base_model.model.q.lora_velora_embed: shape [2]'
+    """
+    if config.get("velora_config") is None:
+        return _extra(module, VELORA_STATE, f"{VELORA_STATE} without velora_config in the config",
+                      "remove the tensor (it is VeLoRA's training-time state), or set velora_config")
+    if in_features is None:
+        return _extra(module, VELORA_STATE, "VeLoRA adapts linear layers only (PEFT refuses it on embeddings and "
+                                            "convolutions)", "remove the tensor, and the module from target_modules")
+    want = (velora_state_size(config, in_features),)
+    if shape != want:
+        return ShapeMismatchError(f"shape {list(shape)}: must be {list(want)}: ceil(in_features {in_features} / "
+                                  "velora_config.num_groups)", key=make_key(module, VELORA_STATE),
+                                  hint=f"save it as {list(want)}")
+    return None
 
 
 # -- IA3 -----------------------------------------------------------------------------------

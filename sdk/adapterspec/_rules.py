@@ -18,9 +18,11 @@ from typing import Any
 
 from . import _adalora, _oft, _vera
 from .errors import shorten
+from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable",
-           "prefix_key_value_sizes", "rule_problems", "transformer_submodules", "unsupported_features"]
+           "prefix_key_value_sizes", "rule_problems", "training_refusals", "velora_state_size", "transformer_submodules",
+           "unsupported_features"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
@@ -178,6 +180,10 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         for field, (unsupported, what) in _UNSUPPORTED_LORA.items():
             if unsupported(config.get(field)):
                 found.append((f"/{field}", f"{what} is not supported by adapterspec v1 readers"))
+        if config.get("velora_config") is not None and config.get("use_dora") is True:
+            found.append(("/velora_config", "VeLoRA (velora_config) together with DoRA (use_dora: true) is refused by "
+                                            "PEFT 0.21 (no LoRA variant combines them) and not supported by "
+                                            "adapterspec v1 readers"))
     found.extend(_rotation_features(config))
     if config.get("peft_type") == "ADALORA":
         found.extend(_adalora.unsupported(config))
@@ -188,6 +194,36 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "
                                           "field with a warning); adapterspec readers refuse rather than ignore it"))
     return found
+
+
+def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(JSON pointer, reason)`` for each feature a backend that trains by plain gradient steps on the adapter's
+    tensors would train differently from PEFT: such a backend refuses ``trainable`` for them (loading for inference,
+    merging and saving stay as they are).
+
+    >>> training_refusals({"peft_type": "LORA", "velora_config": {"num_groups": 4}})[0][0]
+    '/velora_config'
+    >>> training_refusals({"peft_type": "LORA"})
+    []
+    """
+    if config.get("peft_type") == "LORA" and config.get("velora_config") is not None:
+        return [("/velora_config", "VeLoRA (velora_config) trains with the layer inputs compressed in the backward "
+                                   "pass (approximate gradients), which plain gradient steps do not reproduce")]
+    return []
+
+
+def velora_state_size(config: Mapping[str, Any], in_features: int) -> int | None:
+    """The length of VeLoRA's ``lora_velora_embed`` for a layer with ``in_features`` inputs (PEFT's group dimension,
+    ``ceil(in_features / num_groups)``, SPEC.md 5.2), or ``None`` without ``velora_config``.
+
+    >>> velora_state_size({"peft_type": "LORA", "velora_config": {"num_groups": 4}}, 10)
+    3
+    """
+    velora = config.get("velora_config")
+    if config.get("peft_type") != "LORA" or velora is None:
+        return None
+    groups = int(velora.get("num_groups", VELORA_GROUPS)) if isinstance(velora, Mapping) else VELORA_GROUPS
+    return -(-int(in_features) // groups)
 
 
 #: LoRA fields PEFT 0.21's ``ParamWrapper`` refuses (it raises ValueError): with a non-empty ``target_parameters``

@@ -38,8 +38,10 @@ from ._rules import (
     OFT_PEFT_VERSION,
     duplicate_entries,
     rule_problems,
+    training_refusals,
     transformer_submodules,
     unsupported_features,
+    velora_state_size,
 )
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
@@ -54,10 +56,12 @@ __all__ = [
     "load_schema",
     "read_json_file",
     "schema_hint",
+    "training_refusals",
     "transformer_submodules",
     "unknown_fields_note",
     "unsupported_features",
     "validate_config",
+    "velora_state_size",
 ]
 
 

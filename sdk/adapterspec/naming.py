@@ -34,6 +34,8 @@ __all__ = [
     "PROMPT_METHODS",
     "PROMPT_MODULE_PREFIX",
     "TRAINABLE_TOKENS_PARAM",
+    "VELORA_GROUPS",
+    "VELORA_STATE",
     "TensorName",
     "make_key",
     "parse_key",
@@ -44,7 +46,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LORA": (
         "lora_A.weight", "lora_B.weight", "lora_B.bias",
         "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-        "lora_velora_embed",  # VeLoRA's training-time state: accepted, never used in the math (SPEC 5.2)
+        "lora_velora_embed",  # VELORA_STATE
     ),
     "IA3": ("ia3_l",),
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
@@ -77,6 +79,13 @@ PROMPT_MODULE_PREFIX = "base_model."
 
 #: PEFT saves the full weight of an adapted embedding (resized vocabulary) under this parameter name.
 BASE_LAYER_PARAM = "base_layer.weight"
+
+#: VeLoRA's training-time state of a LoRA module (``velora_config``): readers accept it, never use it in the math,
+#: and keep it to save again (SPEC.md 5.2).
+VELORA_STATE = "lora_velora_embed"
+
+#: ``velora_config.num_groups`` when the object leaves it out (PEFT's ``VeloraConfig``).
+VELORA_GROUPS = 64
 
 #: The trained bias of a targeted module (``bias`` = ``"lora_only"`` or ``"all"``), SPEC.md 5.3.
 BASE_LAYER_BIAS = "base_layer.bias"

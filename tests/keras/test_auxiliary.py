@@ -401,3 +401,98 @@ def test_a_fresh_inject_saves_the_biases_peft_saves(case: str, checkpoints: Any,
                       torch_logits(hf_model(checkpoints[arch]), token_ids))
     adapterspec.delete_adapter(model, "default")
     _assert_values(model, values)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_velora_state_is_kept_as_on_torch(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """VeLoRA's ``lora_velora_embed`` (SPEC.md 5.2): accepted, never used in the math, saved again as the file had
+    it (a real config from PEFT's method comparison was refused with UnexpectedTensorError); one on a module
+    without an adapter is still refused, changing nothing."""
+    import torch
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                             velora_config={"num_groups": 4})
+    peft_model = peft.get_peft_model(hf_model(checkpoints["llama"]), config)
+    fill_adapter_weights(peft_model)
+    with torch.no_grad():
+        states = [b for n, b in sorted(peft_model.named_buffers()) if "lora_velora_embed" in n]
+        for index, buffer in enumerate(states):
+            buffer.copy_(torch.from_numpy(unique_values(tuple(buffer.shape), 40 + index)))
+    assert states
+    folder = tmp_path / "peft"
+    peft_model.eval().save_pretrained(folder)
+    stored = adapterspec.read_adapter(folder).load_tensors("numpy")
+    velora = sorted(k for k in stored if k.endswith(".lora_velora_embed"))
+    assert len(velora) == 4  # q_proj and down_proj of both layers
+
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    values = _values(model)
+    adapterspec.load_adapter(model, folder)
+    assert_peft_close(keras_logits(model, token_ids), torch_logits(peft_model, token_ids), base,
+                      torch_logits(hf_model(checkpoints["llama"]), token_ids))
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours = adapterspec.read_adapter(saved).load_tensors("numpy")
+    assert sorted(ours) == sorted(stored)
+    for key, tensor in stored.items():
+        assert np.array_equal(ours[key], tensor), key
+    reloaded, said = peft_load_exactly(checkpoints["llama"], saved)
+    assert said == []
+    assert_near(torch_logits(reloaded, token_ids), torch_logits(peft_model, token_ids))
+    adapterspec.delete_adapter(model, "default")
+    _assert_values(model, values)
+
+    stray = velora[0].replace("self_attn.q_proj", "self_attn.k_proj").replace("mlp.down_proj", "mlp.up_proj")
+    folder = _edit(folder, lambda t: t.update({stray: t[velora[0]]}))
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder),
+                             adapterspec.UnexpectedTensorError, "up_proj.lora_velora_embed: module")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("init_type", ["batch_average", "random"])
+def test_velora_fresh_adapter_saves_peft_state(init_type: str, checkpoints: Any, tmp_path: Path) -> None:
+    """As on torch: a new adapter with ``velora_config`` saves PEFT's initial ``lora_velora_embed`` per module (zeros,
+    or a random unit vector, ``[ceil(in_features / num_groups)]``), so PEFT loads it without a missing key."""
+    velora = {"num_groups": 5, "init_type": init_type}
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "down_proj"],
+                                       "velora_config": velora}, trainable=False)
+    folder = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours = adapterspec.read_adapter(folder).load_tensors("numpy")
+    theirs = peft.get_peft_model_state_dict(peft.get_peft_model(hf_model(checkpoints["llama"]), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "down_proj"], velora_config=velora)))
+    assert sorted(ours) == sorted(theirs)
+    for key in (k for k in ours if k.endswith(".lora_velora_embed")):
+        assert ours[key].shape == tuple(theirs[key].shape) and str(ours[key].dtype) == "float32", key
+        assert abs(float(np.linalg.norm(ours[key])) - 1) < 1e-6 if init_type == "random" else not ours[key].any()
+    _, said = peft_load_exactly(checkpoints["llama"], folder)
+    assert said == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", ["train", "embedding", "dora", "shape"])
+def test_velora_refusals_are_peft_s(case: str, checkpoints: Any, tmp_path: Path) -> None:
+    """As on torch: VeLoRA on an embedding or with DoRA (PEFT refuses both), a state of the wrong shape, and training
+    (VeLoRA's approximate backward pass is not done here) are refused, typed, the model unchanged."""
+    model = keras_model("llama", checkpoints["llama"])
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "velora_config": {"num_groups": 4}}
+    if case in ("train", "embedding"):
+        config["target_modules"] = ["embed_tokens"] if case == "embedding" else ["q_proj"]
+        assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config, trainable=case == "train"),
+                                 adapterspec.UnsupportedError, "velora_config")
+        return
+    folder = tmp_path / "peft"
+    peft_model = peft.get_peft_model(hf_model(checkpoints["llama"]), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], velora_config={"num_groups": 4}))
+    peft_model.save_pretrained(folder)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_velora_embed"
+    if case == "dora":
+        import json
+
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**raw, "use_dora": True}))
+        error: type[Exception] = adapterspec.UnsupportedError
+    else:
+        _edit(folder, lambda t: t.update({key: np.concatenate([t[key], t[key]])}))
+        error = adapterspec.ShapeMismatchError
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), error, "velora")

@@ -293,6 +293,73 @@ def test_velora_state_is_kept(llama: Any, tmp_path: Path, token_inputs: dict[str
     assert f"{PREFIX}model.layers.0.self_attn.q_proj.lora_velora_embed" in original
 
 
+@pytest.mark.parametrize("init_type", ["batch_average", "random"])
+def test_velora_fresh_adapter_saves_peft_state(init_type: str, llama: Any, gpt2: Any, tmp_path: Path) -> None:
+    """A new adapter with ``velora_config`` saves the ``lora_velora_embed`` PEFT creates with the adapter (zeros, or a
+    random unit vector; ``[ceil(in_features / num_groups)]``): PEFT loads the folder without a missing key (before:
+    "Found missing adapter keys"). GPT-2's Conv1D takes its inputs from the weight's first axis."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    for base, targets in ((llama, ["q_proj", "down_proj"]), (gpt2, ["c_attn"])):
+        velora = {"num_groups": 5, "init_type": init_type}
+        config = {"peft_type": "LORA", "r": 2, "target_modules": targets, "velora_config": velora}
+        model = fresh(base)
+        adapterspec.inject_adapter(model, config, trainable=False)
+        folder = adapterspec.save_adapter(model, tmp_path / type(base).__name__)
+        ours = load_file(folder / "adapter_model.safetensors")
+        theirs = get_peft_model_state_dict(get_peft_model(fresh(base), LoraConfig(
+            r=2, target_modules=targets, velora_config=velora, fan_in_fan_out=base is gpt2)))
+        assert sorted(ours) == sorted(theirs)
+        states = [k for k in ours if k.endswith(".lora_velora_embed")]
+        assert states
+        for key in states:
+            assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype, key
+            if init_type == "random":
+                assert abs(float(torch.linalg.vector_norm(ours[key])) - 1.0) < 1e-6, key
+            else:
+                assert not ours[key].any(), key
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft.PeftModel.from_pretrained(fresh(base), folder)
+        assert [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))
+                and "fan_in_fan_out" not in str(w.message)] == []
+
+
+@pytest.mark.parametrize("case", ["train", "embedding", "dora", "shape"])
+def test_velora_refusals_are_peft_s(case: str, llama: Any, tmp_path: Path) -> None:
+    """What PEFT refuses (VeLoRA on an embedding, with DoRA; a state of the wrong shape fails its load_state_dict) and
+    training with VeLoRA's approximate backward pass (not done here): typed, naming the field or tensor, the model
+    unchanged."""
+    from peft import LoraConfig
+
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "velora_config": {"num_groups": 4}}
+    model = fresh(llama)
+    before = snapshot(model)
+    if case in ("train", "embedding"):
+        if case == "embedding":
+            config["target_modules"] = ["embed_tokens"]
+        with pytest.raises(adapterspec.UnsupportedError) as info:
+            adapterspec.inject_adapter(model, config, trainable=case == "train")
+        assert info.value.pointer == "/velora_config"
+    else:
+        folder = tmp_path / "peft"
+        _peft(llama, LoraConfig(r=2, target_modules=["q_proj"], velora_config={"num_groups": 4}), folder, _fill)
+        if case == "dora":
+            raw = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**raw, "use_dora": True}))
+            error: type[Exception] = adapterspec.UnsupportedError
+        else:
+            tensors = load_file(folder / "adapter_model.safetensors")
+            key = f"{PREFIX}model.layers.1.self_attn.q_proj.lora_velora_embed"
+            tensors[key] = torch.cat([tensors[key], tensors[key]])
+            save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+            error = adapterspec.ShapeMismatchError
+        with pytest.raises(error) as info:
+            adapterspec.load_adapter(model, folder)
+        assert "velora" in str(info.value)
+    assert_same_snapshot(model, before)
+
+
 def test_full_embeddings(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
     """``save_embedding_layers=True`` with untargeted embeddings: ``<emb>.weight`` replaces the model's."""
     from peft import LoraConfig
