@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import types
 from typing import Any, cast
 
 import torch
@@ -30,7 +31,8 @@ from adapterspec.naming import PROMPT_KEY
 from .devices import adapter_target_of
 from .switch import ModelState, get_state
 
-__all__ = ["CLASSIFICATION_TASKS", "PROMPTS_ATTR", "check_prompt_learning", "inject_prefix", "remove_prefix"]
+__all__ = ["CLASSIFICATION_TASKS", "PREFIX_FORWARD", "PROMPTS_ATTR", "backbone_and_head", "check_prompt_learning",
+           "inject_prefix", "remove_prefix"]
 
 #: The ``task_type`` values whose PEFT model saves the head (``modules_to_save``: ``classifier``/``score``,
 #: ``qa_outputs``) and keeps ``token_type_ids`` and labels as given (SPEC.md 15.9).
@@ -38,6 +40,13 @@ CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 #: The submodule (a ``ParameterDict``) holding prefix/prompt-tuning embeddings, adapter name -> parameter.
 PROMPTS_ATTR = "_adapterspec_prompts"
+
+#: Set on a classification model whose forward takes no ``past_key_values`` while a prefix-tuning adapter is loaded
+#: (SPEC.md 15.9): the instance ``forward`` it had before (``None``: the class's), given back by :func:`remove_prefix`.
+PREFIX_FORWARD = "_adapterspec_own_forward"
+
+#: The keyword under which the pre-hook hands such a model's forward the prefix cache (and the adapter's config).
+_PREFIX_KWARG = "_adapterspec_prefix"
 
 
 def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
@@ -54,12 +63,8 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
                                f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model: only 2 with "
                                "SEQ_2_SEQ_LM on an encoder-decoder model, 1 on the others, are implemented here",
                                pointer=where, hint="load the adapter into the kind of model it was trained for")
-    if config.peft_type == "PREFIX_TUNING" and "past_key_values" not in inspect.signature(
-            type(model).forward).parameters:
-        raise UnsupportedError(f"prefix tuning needs a model whose forward takes past_key_values; "
-                               f"{type(model).__name__}.forward does not (PEFT then runs the backbone and head "
-                               "itself, which is not implemented here)", key=type(model).__name__,
-                               hint="use a model class that takes past_key_values, or PROMPT_TUNING")
+    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(type(model)):
+        backbone_and_head(model, config)  # PEFT runs the backbone and the head itself: refused where it cannot
     changes: dict[str, Any] = {}
     if config.get("num_transformer_submodules") is None:
         changes["num_transformer_submodules"] = submodules
@@ -89,6 +94,46 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
             if value != config.get(field):
                 changes[field] = value
     return config.replace(**changes) if changes else config
+
+
+def _takes_cache(module_type: type[nn.Module]) -> bool:
+    return "past_key_values" in inspect.signature(module_type.forward).parameters
+
+
+def backbone_and_head(model: nn.Module, config: AdapterConfig) -> tuple[str, str]:
+    """For prefix tuning on a classification model whose forward takes no ``past_key_values`` (BERT's, RoBERTa's):
+    the children PEFT 0.21.2 runs itself (SPEC.md 15.9) -- its ``transformer_backbone_name`` (the first child that
+    is a transformers model) and ``cls_layer_name`` (the first child whose name contains an entry of
+    ``modules_to_save``, with ``"classifier"`` and ``"score"``, or ``"qa_outputs"`` for QUESTION_ANS).
+
+    :raises UnsupportedError: not a classification task, or no such backbone (taking ``past_key_values``) or head:
+        PEFT fails there too.
+    """
+    from transformers import PreTrainedModel
+
+    task = config.get("task_type")
+    where = type(model).__name__
+    if task not in CLASSIFICATION_TASKS:
+        raise UnsupportedError(f"prefix tuning needs a model whose forward takes past_key_values; {where}.forward "
+                               f"does not, and PEFT runs the backbone and head itself only for the classification "
+                               f"tasks {list(CLASSIFICATION_TASKS)}, not task_type {task!r}", key=where,
+                               pointer="/task_type", hint="use a model class that takes past_key_values, or "
+                                                          "PROMPT_TUNING")
+    children = list(model.named_children())
+    backbone = next((name for name, child in children if isinstance(child, PreTrainedModel)), None)
+    if backbone is None or not _takes_cache(type(model.get_submodule(backbone))):
+        raise UnsupportedError(f"prefix tuning on {where}: its forward takes no past_key_values and "
+                               + ("it has no transformers backbone" if backbone is None else
+                                  f"neither does its backbone {backbone!r}") + " (PEFT raises too)", key=where,
+                               hint="use a model class that takes past_key_values, or PROMPT_TUNING")
+    heads = [*(config.get("modules_to_save") or []), *(("qa_outputs",) if task == "QUESTION_ANS" else
+                                                       ("classifier", "score"))]
+    head = next((name for name, _ in children if any(entry in name for entry in heads)), None)
+    if head is None:
+        raise UnsupportedError(f"prefix tuning on {where}: no child named after modules_to_save {heads} to classify "
+                               "with (PEFT fails too)", key=where, pointer="/modules_to_save",
+                               hint="list the classification head in modules_to_save")
+    return backbone, head
 
 
 def _prompt_shape(config: AdapterConfig) -> tuple[int, int]:
@@ -134,6 +179,10 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
     prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
     if state.prompt_hook is None:
         state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
+    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(type(model)) and PREFIX_FORWARD not in vars(model):
+        # PEFT's own forward for such a model (SPEC.md 15.9): the hook hands the cache over under _PREFIX_KWARG
+        setattr(model, PREFIX_FORWARD, vars(model).get("forward"))
+        model.forward = types.MethodType(_forward_with_prefix, model)
     return config
 
 
@@ -160,7 +209,8 @@ def _cache_length(past: Any) -> int:
 def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """PEFT's ``PeftModelForCausalLM.forward`` for prefix/prompt tuning, applied to the model's own forward
     (``PeftModelForSequenceClassification`` / ``...TokenClassification``'s for ``task_type`` SEQ_CLS / TOKEN_CLS:
-    ``token_type_ids`` kept, zeros prepended for prompts; labels as given; SPEC.md 15.9)."""
+    ``token_type_ids`` kept, zeros prepended for prompts; labels as given; ``...QuestionAnswering``'s drops
+    ``token_type_ids`` and ``position_ids``; SPEC.md 15.9)."""
     state = get_state(model)
     if state is None:
         return None
@@ -187,6 +237,9 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
     if config["num_transformer_submodules"] == 2:
         return _seq2seq_kwargs(model, config, weight, kwargs, batch)
+    if config.get("task_type") == "QUESTION_ANS":  # PEFT's QA forward takes both by name and passes neither on
+        kwargs.pop("token_type_ids", None)
+        kwargs.pop("position_ids", None)
     continuing = _cache_length(kwargs.get("past_key_values")) > 0
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
@@ -197,7 +250,9 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     if config.peft_type == "PREFIX_TUNING":
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + nvt
-        if not continuing:
+        if PREFIX_FORWARD in vars(model):  # the model's forward takes no cache: PEFT's backbone-and-head forward
+            kwargs[_PREFIX_KWARG] = (_prefix_cache(model, config, weight, batch), config)
+        elif not continuing:
             kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
         return (), kwargs
     kwargs["position_ids"] = None
@@ -340,6 +395,82 @@ def _seq2seq_kwargs(model: nn.Module, config: AdapterConfig, weight: torch.Tenso
     return (), kwargs
 
 
+def _forward_with_prefix(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's forward while a prefix-tuning adapter is loaded into a classification model whose forward takes
+    no ``past_key_values``: PEFT 0.21.2's ``_prefix_tuning_forward`` of ``PeftModelForSequenceClassification`` /
+    ``...TokenClassification`` / ``...QuestionAnswering`` when the pre-hook hands it the cache, else the model's
+    own forward (no prefix active)."""
+    handed = kwargs.pop(_PREFIX_KWARG, None)
+    own = vars(model).get(PREFIX_FORWARD)
+    if handed is None:
+        return own(*args, **kwargs) if own is not None else type(model).forward(model, *args, **kwargs)
+    cache, config = handed
+    return _classify(model, config, cache, **kwargs)
+
+
+def _classify(model: nn.Module, config: AdapterConfig, cache: Any, *, input_ids: Any = None,
+              attention_mask: Any = None, inputs_embeds: Any = None, output_attentions: Any = None,
+              output_hidden_states: Any = None, return_dict: Any = None, **kwargs: Any) -> Any:
+    """PEFT's backbone-and-head forward (SPEC.md 15.9): the backbone with the cache, dropout if the model has a child
+    named ``dropout``, the head; SEQ_CLS on the pooled output (``outputs[1]`` where the backbone returns one), the
+    others on every position; the loss as PEFT computes it."""
+    from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+    from transformers.modeling_outputs import (
+        QuestionAnsweringModelOutput,
+        SequenceClassifierOutput,
+        TokenClassifierOutput,
+    )
+
+    hf: Any = model  # a transformers model (checked at injection)
+    task = config.get("task_type")
+    backbone, head = backbone_and_head(model, config)
+    if return_dict is None:
+        return_dict = getattr(hf.config, "return_dict", True) and not getattr(hf.config, "torchscript", False)
+    labels = kwargs.pop("labels", None) if task != "QUESTION_ANS" else None
+    start, end = (kwargs.pop("start_positions", None), kwargs.pop("end_positions", None)) \
+        if task == "QUESTION_ANS" else (None, None)
+    kwargs.update(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                  return_dict=return_dict, past_key_values=cache)
+    outputs = model.get_submodule(backbone)(**kwargs)
+    hidden = (outputs[1] if len(outputs) > 1 else outputs[0]) if task == "SEQ_CLS" else outputs[0]
+    if "dropout" in dict(model.named_children()):
+        hidden = hf.dropout(hidden)
+    logits = model.get_submodule(head)(hidden)
+    loss = None
+    if task == "QUESTION_ANS":
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        if start is not None and end is not None:
+            start = start.squeeze(-1) if start.dim() > 1 else start
+            end = end.squeeze(-1) if end.dim() > 1 else end
+            ignored = start_logits.size(1)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored)
+            loss = (loss_fct(start_logits, start.clamp(0, ignored)) + loss_fct(end_logits, end.clamp(0, ignored))) / 2
+        if not return_dict:
+            output = (start_logits, end_logits) + tuple(outputs[2:])
+            return ((loss,) + output) if loss is not None else output
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    labels_count = hf.num_labels
+    if labels is not None and task == "TOKEN_CLS":
+        loss = CrossEntropyLoss()(logits.view(-1, labels_count), labels.view(-1))
+    elif labels is not None:  # SEQ_CLS: the problem type as PEFT (and transformers) settle it, on the model config
+        if hf.config.problem_type is None:
+            hf.config.problem_type = "regression" if labels_count == 1 else "single_label_classification" \
+                if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+        if hf.config.problem_type == "regression":
+            loss = MSELoss()(logits.squeeze(), labels.squeeze()) if labels_count == 1 else MSELoss()(logits, labels)
+        elif hf.config.problem_type == "single_label_classification":
+            loss = CrossEntropyLoss()(logits.view(-1, labels_count), labels.view(-1))
+        elif hf.config.problem_type == "multi_label_classification":
+            loss = BCEWithLogitsLoss()(logits, labels)
+    if not return_dict:
+        output = (logits,) + tuple(outputs[2:])
+        return ((loss,) + output) if loss is not None else output
+    kind = TokenClassifierOutput if task == "TOKEN_CLS" else SequenceClassifierOutput
+    return kind(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
 def remove_prefix(model: nn.Module, state: ModelState, adapter_name: str) -> None:
     """Remove the virtual tokens of ``adapter_name``, and the hook once no such adapter is left."""
     prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
@@ -351,3 +482,9 @@ def remove_prefix(model: nn.Module, state: ModelState, adapter_name: str) -> Non
     if not still and state.prompt_hook is not None:
         state.prompt_hook.remove()
         state.prompt_hook = None
+    if not still and PREFIX_FORWARD in vars(model):  # the model's own forward back (an instance one too)
+        own = vars(model).pop(PREFIX_FORWARD)
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own

@@ -80,18 +80,123 @@ def test_bert_prompt_with_token_type_ids(method: str, token_inputs: Any, tmp_pat
     print("bert", method, diffs)
 
 
-def test_bert_prefix_tuning_is_refused(tmp_path: Any) -> None:
-    """BertForSequenceClassification.forward takes no past_key_values: PEFT runs the encoder and head itself."""
+def _encoder_classifier(arch: str, task: str) -> Any:
+    import transformers
+
+    torch.manual_seed(6)
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128,
+                 max_position_embeddings=64, num_labels=2 if task == "QUESTION_ANS" else LABELS)
+    config = transformers.BertConfig(**sizes) if arch == "bert" else transformers.RobertaConfig(**sizes, pad_token_id=1)
+    suffix = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
+              "QUESTION_ANS": "ForQuestionAnswering"}[task]
+    return getattr(transformers, {"bert": "Bert", "roberta": "Roberta"}[arch] + suffix)(config).eval()
+
+
+def _encoder_inputs(token_inputs: Any) -> dict[str, Any]:
+    return dict(token_inputs, token_type_ids=(torch.arange(18).reshape(2, 9) >= 5).long())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("arch", "task"), [("bert", "SEQ_CLS"), ("bert", "TOKEN_CLS"), ("roberta", "SEQ_CLS"),
+                                            ("roberta", "TOKEN_CLS")])
+def test_prefix_on_a_model_without_cache_is_peft_s_backbone_and_head(arch: str, task: str, token_inputs: Any,
+                                                                      tmp_path: Any,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """BERT's and RoBERTa's task models take no past_key_values: PEFT runs the encoder with the prefix cache and the
+    head itself (P-tuning v2, PEFT's own RoBERTa example); ours gives its outputs, both directions (before: refused).
+    The loss too, return_dict=False too; deleting the adapter gives the model its own forward back."""
+    from torch_helpers import assert_close, peft_reference
+
+    base = _classifier_of(arch, task)
+    inputs = _encoder_inputs(token_inputs) if arch == "bert" else dict(token_inputs)
+    diffs = round_trip(base, _config("prefix", task), inputs, tmp_path, caplog)
+    print(arch, task, diffs)
+    reference = peft_reference(base, _config("prefix", task), tmp_path / "again")
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    labels = torch.tensor([2, 0]) if task == "SEQ_CLS" else (torch.arange(18).reshape(2, 9) * 5) % LABELS
+    with torch.no_grad():
+        ours, theirs = model(**inputs, labels=labels), reference(**inputs, labels=labels)
+        assert_close(ours.loss, theirs.loss)
+        ours_tuple = model(**inputs, labels=labels, return_dict=False)
+        assert isinstance(ours_tuple, tuple) and torch.equal(ours_tuple[1], ours.logits)
+        with adapterspec.disabled_adapters(model):
+            assert torch.equal(model(**inputs).logits, base(**inputs).logits)
+    adapterspec.delete_adapter(model, "default")
+    assert "forward" not in vars(model) and "_adapterspec_own_forward" not in vars(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base(**inputs).logits)
+
+
+def _classifier_of(arch: str, task: str) -> Any:
+    return _classifier(arch, task) if arch in ("llama", "gpt2") and task != "QUESTION_ANS" else \
+        _encoder_classifier(arch, task)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefix_on_bert_trains_as_peft(token_inputs: Any, tmp_path: Any) -> None:
+    """Loaded trainable, the BERT prefix and its head get PEFT's gradients (the cache carries the prefix's)."""
+    from torch_helpers import assert_close, peft_reference
+
+    base = _encoder_classifier("bert", "SEQ_CLS")
+    reference = peft_reference(base, _config("prefix", "SEQ_CLS"), tmp_path / "peft")
+    reference.train()
+    model = fresh(base).train()
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    for module in (*model.modules(), *reference.modules()):  # dropout off, gradients kept
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    inputs, labels = _encoder_inputs(token_inputs), torch.tensor([1, 2])
+    model(**inputs, labels=labels).loss.backward()
+    reference(**inputs, labels=labels).loss.backward()
+    ours = dict(model.named_parameters())
+    theirs = dict(reference.named_parameters())
+    prompt = next(p for n, p in ours.items() if "_adapterspec_prompts" in n)
+    assert prompt.grad is not None and prompt.grad.abs().max() > 0
+    assert_close(prompt.grad, theirs["prompt_encoder.default.embedding.weight"].grad)
+    head = [n for n, p in ours.items() if p.requires_grad and "classifier" in n and n.endswith("weight")]
+    assert len(head) == 1
+    assert_close(ours[head[0]].grad, theirs["base_model.classifier.modules_to_save.default.weight"].grad)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefix_question_answering_on_bert_is_peft_s(token_inputs: Any, tmp_path: Any) -> None:
+    """BertForQuestionAnswering: PEFT's start/end logits and loss (positions clamped as PEFT does); PEFT's QA forward
+    drops token_type_ids and position_ids (it takes them by name and passes neither on): so does ours."""
+    from torch_helpers import assert_close, peft_reference
+
+    base = _encoder_classifier("bert", "QUESTION_ANS")
+    config = _config("prefix", "QUESTION_ANS")
+    reference = peft_reference(base, config, tmp_path / "peft")
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    inputs = dict(_encoder_inputs(token_inputs), position_ids=torch.arange(9).expand(2, 9) + 3)
+    positions = {"start_positions": torch.tensor([1, 40]), "end_positions": torch.tensor([[3], [4]])}
+    with torch.no_grad():
+        ours, theirs, plain = model(**inputs, **positions), reference(**inputs, **positions), base(**inputs)
+    assert (theirs.start_logits - plain.start_logits).abs().max() > 1e-3
+    for field in ("start_logits", "end_logits", "loss"):
+        assert_close(getattr(ours, field), getattr(theirs, field))
+
+
+def test_prefix_on_a_model_without_cache_is_refused_where_peft_fails(tmp_path: Any) -> None:
+    """Outside the classification tasks PEFT has no backbone-and-head forward (it fails on the model's forward):
+    refused, naming the task type, the model unchanged."""
     from peft import get_peft_model
 
-    base = _classifier("bert", "SEQ_CLS")
-    reference = get_peft_model(fresh(base), _config("prefix", "SEQ_CLS"))
-    reference.save_pretrained(tmp_path)
+    base = _encoder_classifier("bert", "SEQ_CLS")
+    get_peft_model(fresh(base), _config("prefix", "SEQ_CLS")).save_pretrained(tmp_path)
+    import json
+
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "task_type": "FEATURE_EXTRACTION"}))
     model = fresh(base)
     before = snapshot(model)
-    with pytest.raises(adapterspec.UnsupportedError, match="past_key_values"):
+    with pytest.raises(adapterspec.UnsupportedError, match="past_key_values") as info:
         adapterspec.load_adapter(model, tmp_path)
+    assert info.value.pointer == "/task_type"
     assert_same_snapshot(model, before)
+    assert "forward" not in vars(model)
 
 
 def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
