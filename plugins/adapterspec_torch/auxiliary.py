@@ -404,10 +404,10 @@ def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: s
         if size is None:
             return
         if isinstance(velora, Mapping) and velora.get("init_type") == "random":
-            value = torch.randn(size)
+            value = torch.randn(size, device=weight.device)
             value = (value / torch.linalg.vector_norm(value)).to(weight.dtype)
         else:
-            value = torch.zeros(size, dtype=weight.dtype)
+            value = torch.zeros(size, dtype=weight.dtype, device=weight.device)
         state.extras.setdefault(adapter_name, {})[make_key(spec, VELORA_STATE)] = _as_loaded(value)
 
 

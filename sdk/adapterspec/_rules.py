@@ -21,8 +21,8 @@ from .errors import shorten
 from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable",
-           "prefix_key_value_sizes", "rule_problems", "training_refusals", "velora_state_size", "transformer_submodules",
-           "unsupported_features"]
+           "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
+           "unsupported_features", "velora_state_size"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
