@@ -161,7 +161,8 @@ def _converter_targets(model: Any, module: str, param: str, key: str, shape: tup
         raise UnsupportedError(f"keras-hub's converter spreads {key!r} over several variables", key=key,
                                hint="load this adapter with the torch backend")
     variable, hook = entries[0]
-    layout = converter_layout(key, variable, hook, None)
+    size = int(np.prod([int(d) for d in variable.shape]))
+    layout = converter_layout(key, variable, hook, None, shape if int(np.prod(shape)) == size else None)
     if shape != tuple(layout.spec_shape):
         raise ShapeMismatchError(f"shape {list(shape)} does not fit {variable.path!r}: expected "
                                  f"{list(layout.spec_shape)}", key=key,

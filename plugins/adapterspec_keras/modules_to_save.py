@@ -20,6 +20,7 @@ tied ``lm_head``: it is the embedding's matrix) and modules another adapter adap
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -71,21 +72,35 @@ def _torch_name(key: str) -> str:
     return key
 
 
-def converter_layout(key: str, variable: Any, hook: Any, field: str | None = "modules_to_save") -> Layout:
-    """How the converter lays the file's tensor into ``variable``: a plain copy or a 2-D transpose, found by
-    running the converter's hook on index tensors.
+def converter_layout(key: str, variable: Any, hook: Any, field: str | None = "modules_to_save",
+                     torch_shape: tuple[int, ...] | None = None) -> Layout:
+    """How the converter lays the file's tensor into ``variable``, found by running the converter's hook on index
+    tensors: a plain copy or a 2-D transpose; given the tensor's shape in PEFT's file, also a transpose of the Keras
+    axes with a reshape (GPT-2's attention ``c_proj`` ``[in, out]`` is the EinsumDense kernel ``[heads, head_dim,
+    out]``).
 
     :param field: the config field that selected the module (named in the hint), ``None`` for a tensor the file
         holds without one (an embedding saved whole, a trained bias).
+    :param torch_shape: the tensor's shape in PEFT's file, where known (the file's, the module's).
 
-    :raises UnsupportedError: any other layout (a reshape, a split, a computed value).
+    :raises UnsupportedError: any other layout (a split, a computed value), or a reshape without ``torch_shape``
+        (the shape PEFT saves would be unknown: writing the Keras shape made a file PEFT cannot load).
     """
     from .converters import _probe
 
     shape = tuple(int(d) for d in variable.shape)
-    candidates = [Layout(shape, shape, tuple(range(len(shape))))]
-    if len(shape) == 2:
-        candidates.append(Layout(shape, shape[::-1], (1, 0)))
+    size = int(np.prod(shape))
+    if torch_shape is not None:
+        candidates = [Layout(shape, tuple(torch_shape), perm) for perm in _perms(len(shape))] \
+            if int(np.prod(torch_shape)) == size else []
+    else:
+        if len(shape) > 1 and _probe(hook, (size,), shape) is not None:  # the hook reshapes whatever it is given
+            raise UnsupportedError(f"keras-hub's converter reshapes {key!r} into {variable.path!r}, and the shape "
+                                   "PEFT saves it in is not known here, so the module cannot be saved whole by this "
+                                   "backend", key=key, hint=_refused_hint(field))
+        candidates = [Layout(shape, shape, tuple(range(len(shape))))]
+        if len(shape) == 2:
+            candidates.append(Layout(shape, shape[::-1], (1, 0)))
     for layout in candidates:
         probe = _probe(hook, layout.spec_shape, shape)
         if probe is None:
@@ -96,6 +111,25 @@ def converter_layout(key: str, variable: Any, hook: Any, field: str | None = "mo
     raise UnsupportedError(f"keras-hub's converter does not copy {key!r} into {variable.path!r} as it is or "
                            "transposed, so the module cannot be saved whole by this backend", key=key,
                            hint=_refused_hint(field))
+
+
+def _perms(rank: int) -> list[tuple[int, ...]]:
+    """The orders of ``rank`` axes to try, the likeliest first (as they are, reversed)."""
+    first = [tuple(range(rank)), tuple(reversed(range(rank)))]
+    return list(dict.fromkeys([*first, *itertools.permutations(range(rank))]))
+
+
+def _torch_shapes(site: ModuleSite | None) -> dict[str, tuple[int, ...]]:
+    """The shapes of a module's ``weight`` and ``bias`` in PEFT's file, from its site (a Linear's ``[out, in]``, a
+    transformers Conv1D's ``[in, out]``, an Embedding's ``[num, dim]``); empty where the site does not tell."""
+    if site is None or site.in_features <= 0 or site.out_features <= 0:
+        return {}
+    if site.kind == "linear":
+        weight = (site.in_features, site.out_features) if site.hf_conv1d else (site.out_features, site.in_features)
+        return {"weight": weight, "bias": (site.out_features,)}
+    if site.kind == "embedding":
+        return {"weight": (site.in_features, site.out_features)}
+    return {}
 
 
 def _site_params(site: ModuleSite) -> list[Param] | None:
@@ -186,7 +220,8 @@ def module_params(module: str, by_module: dict[str, list[tuple[str, Any, Any]]],
     :raises UnsupportedError: the converter does not lay a tensor out plainly, or the site is not one plain layer.
     """
     if module in by_module:
-        return [(param, variable, converter_layout(f"{module}.{param}", variable, hook, field))
+        shapes = _torch_shapes(sites.get(module))
+        return [(param, variable, converter_layout(f"{module}.{param}", variable, hook, field, shapes.get(param)))
                 for param, variable, hook in by_module[module]]
     params = _site_params(sites[module]) if module in sites else None
     if params is None:

@@ -134,7 +134,8 @@ def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, Adapt
     if name.role == "base_layer" and (owner := _owner(name.module, by_path, sites)) is not None:
         base_plan[key] = owner
         return None
-    if name.role == "ignored":  # PEFT's bookkeeping copies (SPEC.md 5.4): accepted, not loaded
+    if name.role == "ignored":  # PEFT's bookkeeping copies (SPEC.md 5.4): accepted, not loaded, saved again
+        kept.append(key)
         return None
     if name.role in ("embedding", "bias"):  # base tensors the file replaces (SPEC.md 5.3, 8.8)
         owner = _owner(name.module, by_path, sites)
@@ -165,6 +166,18 @@ def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, Adapt
             f"{name.param!r} is not a parameter of this {config.peft_type} adapter on {name.module!r} "
             f"(expected: {sorted(layouts)})", key=key, hint="remove the tensor, or fix the config")
     return (layer, name.param, layouts[name.param]), name.module
+
+
+def _mirror_bookkeeping(tensors: dict[str, np.ndarray], config: AdapterConfig) -> None:
+    """PEFT's ``<m>.modules_to_save.<p>`` copy (``bias="all"``, SPEC.md 5.4) is the module copy's ``<p>``: saved
+    again as the copy holds it now, as the torch backend mirrors it (``original_module.<p>``: as the file had it)."""
+    for key in list(tensors):
+        if ".modules_to_save." not in key:
+            continue
+        name = parse_key(key, config.peft_type, config, with_model=True)
+        live = make_key(name.module, name.param.removeprefix("modules_to_save."))
+        if name.role == "ignored" and live in tensors:
+            tensors[key] = tensors[live]
 
 
 def _refuse_truncated_vocabulary(layer: AdapterLayer, key: str, shape: tuple[int, ...],
@@ -508,6 +521,7 @@ def extract_state(model: Any, adapter_name: str) -> tuple[AdapterConfig, dict[st
         for param, ref in shared.refs.items():
             tensors[shared_key(param)] = shared.layouts[param].from_stored(read(ref))
     tensors.update(auxiliary_tensors(state, adapter_name))  # SPEC.md 5.3: as the file had them
+    _mirror_bookkeeping(tensors, state.configs[adapter_name])
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
         if key not in tensors:
             continue

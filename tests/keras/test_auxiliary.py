@@ -102,6 +102,10 @@ CASES = {
     "gpt2-all": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], bias="all"),
                  False),
     "qwen2-all": ("qwen2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], bias="all"), False),
+    # with a module saved whole: PEFT's bookkeeping copies <m>.modules_to_save.bias and <m>.original_module.bias
+    # are saved again (before: dropped, and PEFT's load of our folder missed them)
+    "gpt2-all-with-saved-norm": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                 modules_to_save=["ln_f"], bias="all"), False),
     # tied embed_tokens / lm_head: both keys, one matrix
     "gemma-embeddings-whole": ("gemma", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), True),
     "llama-embeddings-whole": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), True),

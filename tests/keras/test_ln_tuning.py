@@ -77,6 +77,9 @@ CASES: dict[str, tuple[str, Any]] = {
     "qwen2-default-targets": ("qwen2", lambda: _config(task_type="CAUSAL_LM")),
     "gemma-default-targets": ("gemma", lambda: _config(task_type="CAUSAL_LM")),
     "gpt2-default-targets": ("gpt2", lambda: _config(task_type="CAUSAL_LM")),
+    # a Linear copied whole: keras-hub holds o_proj as an EinsumDense kernel [heads, head_dim, hidden], the weight
+    # [hidden, heads * head_dim] transposed and reshaped (before: refused as not a plain copy)
+    "llama-attention-output": ("llama", lambda: _config(target_modules=r".*\.0\.self_attn\.o_proj")),
 }
 
 
@@ -261,8 +264,6 @@ def test_a_wrong_shape_is_refused(checkpoints: Any, tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("config, options, error, needle", [
-    # keras-hub's EinsumDense holds o_proj reshaped: not a plain copy, so it cannot be replaced whole here
-    ({"target_modules": r".*\.0\.self_attn\.o_proj"}, {}, UnsupportedError, "o_proj"),
     ({"target_modules": ["no_such_norm"]}, {}, TargetNotFoundError, "/target_modules"),
     ({"target_modules": ["input_layernorm"]}, {"trainable": True}, UnsupportedError, "train"),
     ({"target_modules": r"model\.layers\.0(\.input_layernorm)?"}, {}, UnsupportedError, "inside"),
@@ -286,10 +287,20 @@ def test_docstring_examples() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_refusal_hint_names_the_field_that_selected_the_module(checkpoints: Any) -> None:
-    """LN tuning selects modules with target_modules: its refusal must not tell to edit modules_to_save (review)."""
-    model = keras_model("llama", checkpoints["llama"])
+def test_refusal_hint_names_the_field_that_selected_the_module() -> None:
+    """LN tuning selects modules with target_modules: its refusal must not tell to edit modules_to_save (review). A
+    converter that reshapes a tensor whose shape in PEFT's file is not known is refused (the shape it would be saved
+    in is unknown), naming the field."""
+    import keras
+
+    from adapterspec_keras.modules_to_save import converter_layout
+
+    variable = keras.Variable(np.zeros((2, 3, 4), dtype="float32"), name="kernel")
     with pytest.raises(UnsupportedError) as info:
-        adapterspec.inject_adapter(model, {"peft_type": "LN_TUNING", "target_modules": r".*\.0\.self_attn\.o_proj"},
-                                   trainable=False)
+        converter_layout("model.layers.0.self_attn.o_proj.weight", variable,
+                         lambda tensor, shape: np.reshape(tensor, shape), "target_modules")
+    assert "reshapes" in str(info.value)
     assert "target_modules" in (info.value.hint or "") and "modules_to_save" not in (info.value.hint or "")
+    layout = converter_layout("o_proj.weight", variable, lambda tensor, shape: np.reshape(tensor, shape),
+                              "target_modules", (6, 4))  # with PEFT's shape: the reshape is the layout
+    assert layout.spec_shape == (6, 4) and layout.perm == (0, 1, 2)
