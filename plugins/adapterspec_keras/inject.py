@@ -31,7 +31,7 @@ from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import check_moe_conversion
-from adapterspec.config import training_refusals, unsupported_features
+from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear, refuse_containers
 
@@ -327,6 +327,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
                 from .auxiliary import fresh_velora_state
 
                 fresh_velora_state(state, config, adapter_name, layers)
+            kinds = [("conv1d_hf" if sites[path].hf_conv1d else sites[path].kind) for path in paths]
+            flipped = peft_fan_in_fan_out(config, kinds)  # the value PEFT's get_peft_model records for these layers
+            if flipped is not None:
+                state.configs[adapter_name] = config.replace(fan_in_fan_out=flipped)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec.config import training_refusals, unsupported_features
+from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 from adapterspec.targets import is_all_linear
@@ -622,6 +622,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
     except BaseException:
         drop_state_if_empty(model)
         raise
+    if options.initialize:  # the value PEFT's get_peft_model records for a new adapter on these layers
+        kinds = [getattr(state.wrappers.get(own), "kind", None) for own in modules.values()]
+        flipped = peft_fan_in_fan_out(config, kinds)
+        config = config if flipped is None else config.replace(fan_in_fan_out=flipped)
     state.names.append(adapter_name)
     state.configs[adapter_name] = config
     state.modules[adapter_name] = modules

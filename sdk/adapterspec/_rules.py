@@ -13,7 +13,7 @@ the first in :func:`~adapterspec.config.validate_config` (``ConfigError``); read
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import _adalora, _oft, _vera
@@ -21,7 +21,7 @@ from .errors import shorten
 from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable",
-           "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
+           "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
            "unsupported_features", "velora_state_size"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
@@ -210,6 +210,32 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("/velora_config", "VeLoRA (velora_config) trains with the layer inputs compressed in the backward "
                                    "pass (approximate gradients), which plain gradient steps do not reproduce")]
     return []
+
+
+#: The methods whose PEFT model sets ``fan_in_fan_out`` from each layer it adapts (LoRA, AdaLoRA, IA3, VeRA).
+_FAN_IN_FAN_OUT_METHODS = frozenset({"LORA", "ADALORA", "IA3", "VERA"})
+
+
+def peft_fan_in_fan_out(config: Mapping[str, Any], kinds: Iterable[str | None]) -> bool | None:
+    """The ``fan_in_fan_out`` PEFT's ``get_peft_model`` leaves in the config it saves for a new adapter on layers of
+    ``kinds`` (in model order; ``"conv1d_hf"`` a transformers Conv1D, ``"linear"`` a Linear, others leave it): it sets
+    true on a Conv1D and false on a Linear, warning each time. ``None`` when the config's value stays (the math does
+    not depend on it: readers take the layout from the layer, SPEC.md 8.1).
+
+    >>> peft_fan_in_fan_out({"peft_type": "LORA"}, ["conv1d_hf", "conv1d_hf"])
+    True
+    >>> print(peft_fan_in_fan_out({"peft_type": "LORA", "fan_in_fan_out": False}, ["linear"]))
+    None
+    """
+    if config.get("peft_type") not in _FAN_IN_FAN_OUT_METHODS:
+        return None
+    start = value = bool(config.get("fan_in_fan_out"))
+    for kind in kinds:
+        if kind == "conv1d_hf":
+            value = True
+        elif kind == "linear":
+            value = False
+    return value if value != start else None
 
 
 def velora_state_size(config: Mapping[str, Any], in_features: int) -> int | None:

@@ -84,3 +84,38 @@ def test_adapter_made_in_keras_gives_keras_logits_in_peft(case: str, checkpoints
     assert np.abs(got - base).max() > 1e-3
     saved = adapterspec.save_adapter(model, tmp_path / case)
     assert_near(got, _peft_logits(checkpoints[arch], saved, token_ids))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("arch", "method", "given"), [("gpt2", "LORA", None), ("gpt2", "IA3", None),
+                                                       ("llama", "LORA", True)])
+def test_new_adapter_records_peft_s_fan_in_fan_out(arch: str, method: str, given: Any, checkpoints: Any,
+                                                   tmp_path: Path) -> None:
+    """As on torch: a new adapter records the fan_in_fan_out PEFT's get_peft_model saves for these layers (true on
+    GPT-2's Conv1D, false on a Linear), so PEFT loads the folder without "Setting fan_in_fan_out to True"."""
+    import json
+    import warnings
+
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    targets = {"gpt2": ["c_attn", "mlp.c_proj"], "llama": ["q_proj", "down_proj"]}[arch]
+    config: dict[str, Any] = {"peft_type": method, "target_modules": targets}
+    if method == "IA3":
+        config["feedforward_modules"] = targets[1:]
+    if given is not None:
+        config["fan_in_fan_out"] = given
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(hf_model(checkpoints[arch]), PEFT_TYPE_TO_CONFIG_MAPPING[method](
+            **{k: v for k, v in config.items() if k != "peft_type"}))
+    reference.save_pretrained(tmp_path / "peft")
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    model = keras_model(arch, checkpoints[arch])
+    adapterspec.inject_adapter(model, config, trainable=False)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    assert json.loads((saved / "adapter_config.json").read_text())["fan_in_fan_out"] == theirs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(hf_model(checkpoints[arch]), str(saved))
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []

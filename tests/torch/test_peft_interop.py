@@ -211,3 +211,37 @@ def test_peft_loads_ours_silently(tmp_path: Any, caplog: pytest.LogCaptureFixtur
     x = torch.arange(12, dtype=torch.float32).reshape(2, 6) / 10
     with torch.no_grad():
         assert_close(loaded(x), reference(x))
+
+
+@pytest.mark.parametrize(("kind", "method", "given"), [("gpt2", "LORA", None), ("gpt2", "LORA", False),
+                                                       ("gpt2", "IA3", None), ("gpt2", "VERA", None),
+                                                       ("llama", "LORA", True), ("llama", "IA3", True)])
+def test_new_adapter_records_peft_s_fan_in_fan_out(kind: str, method: str, given: Any,
+                                                   request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    """PEFT's get_peft_model sets fan_in_fan_out true on a transformers Conv1D and false on a Linear (warning) and
+    saves that: a new adapter records the same value, so PEFT loads our folder without its warning (before: GPT-2
+    adapters saved fan_in_fan_out false and PEFT warned "Setting fan_in_fan_out to True" on every load)."""
+    from peft import PeftModel, get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    base = request.getfixturevalue(kind)
+    targets = {"gpt2": ["c_attn", "mlp.c_proj"], "llama": ["q_proj", "down_proj"]}[kind]
+    config: dict[str, Any] = {"peft_type": method, "target_modules": targets}
+    if method == "IA3":
+        config["feedforward_modules"] = targets[1:]
+    if given is not None:
+        config["fan_in_fan_out"] = given
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = get_peft_model(fresh(base), PEFT_TYPE_TO_CONFIG_MAPPING[method](
+            **{k: v for k, v in config.items() if k != "peft_type"}))
+    reference.save_pretrained(tmp_path / "peft")
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    model = fresh(base)
+    adapterspec.inject_adapter(model, config, trainable=False)
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] == theirs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(fresh(base), str(tmp_path / "ours"))
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []
