@@ -97,20 +97,10 @@ def test_new_adapter_records_peft_s_fan_in_fan_out(arch: str, method: str, given
     import warnings
 
     import peft
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft_saves import fan_in_fan_out_config, peft_saved_config
 
-    targets = {"gpt2": ["c_attn", "mlp.c_proj"], "llama": ["q_proj", "down_proj"]}[arch]
-    config: dict[str, Any] = {"peft_type": method, "target_modules": targets}
-    if method == "IA3":
-        config["feedforward_modules"] = targets[1:]
-    if given is not None:
-        config["fan_in_fan_out"] = given
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = peft.get_peft_model(hf_model(checkpoints[arch]), PEFT_TYPE_TO_CONFIG_MAPPING[method](
-            **{k: v for k, v in config.items() if k != "peft_type"}))
-    reference.save_pretrained(tmp_path / "peft")
-    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    config = fan_in_fan_out_config(arch, method, given)
+    theirs = peft_saved_config(hf_model(checkpoints[arch]), config, tmp_path / "peft")["fan_in_fan_out"]
     model = keras_model(arch, checkpoints[arch])
     adapterspec.inject_adapter(model, config, trainable=False)
     saved = adapterspec.save_adapter(model, tmp_path / "keras")

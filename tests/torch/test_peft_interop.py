@@ -221,22 +221,12 @@ def test_new_adapter_records_peft_s_fan_in_fan_out(kind: str, method: str, given
     """PEFT's get_peft_model sets fan_in_fan_out true on a transformers Conv1D and false on a Linear (warning) and
     saves that: a new adapter records the same value, so PEFT loads our folder without its warning (before: GPT-2
     adapters saved fan_in_fan_out false and PEFT warned "Setting fan_in_fan_out to True" on every load)."""
-    from peft import PeftModel, get_peft_model
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft import PeftModel
+    from peft_saves import fan_in_fan_out_config, peft_saved_config
 
     base = request.getfixturevalue(kind)
-    targets = {"gpt2": ["c_attn", "mlp.c_proj"], "llama": ["q_proj", "down_proj"]}[kind]
-    config: dict[str, Any] = {"peft_type": method, "target_modules": targets}
-    if method == "IA3":
-        config["feedforward_modules"] = targets[1:]
-    if given is not None:
-        config["fan_in_fan_out"] = given
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = get_peft_model(fresh(base), PEFT_TYPE_TO_CONFIG_MAPPING[method](
-            **{k: v for k, v in config.items() if k != "peft_type"}))
-    reference.save_pretrained(tmp_path / "peft")
-    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    config = fan_in_fan_out_config(kind, method, given)
+    theirs = peft_saved_config(fresh(base), config, tmp_path / "peft")["fan_in_fan_out"]
     model = fresh(base)
     adapterspec.inject_adapter(model, config, trainable=False)
     adapterspec.save_adapter(model, tmp_path / "ours")
