@@ -222,9 +222,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another name")
     check_features(config)
-    for pointer, reason in training_refusals(config) if options.trainable else ():
-        raise UnsupportedError(reason, pointer=pointer, hint="train with PEFT, then load the saved adapter without "
-                                                             "trainable (or set velora_config to null to train plain LoRA)")
+    for pointer, reason, hint in training_refusals(config) if options.trainable else ():
+        raise UnsupportedError(reason, pointer=pointer, hint=hint)
     if options.trainable and config.peft_type == "LORA" and config.get("bias", "none") != "none":
         raise UnsupportedError(f"bias={config.get('bias')!r} trains the base model's biases, which the keras backend "
                                "keeps frozen (it loads and saves them, SPEC.md 5.3, but does not train them)",

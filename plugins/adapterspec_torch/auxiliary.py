@@ -45,7 +45,7 @@ from adapterspec.naming import (
     parse_key,
 )
 
-from .layers import AdapterLayer, ModulesToSaveLayer, check_supported
+from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, linear_in_features
 from .parameters import ParameterLayer
 from .switch import ModelState
 
@@ -210,9 +210,7 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
         module = name.module
         layer = adapted.get(module)
         if name.role == "adapter" and name.param == VELORA_STATE and isinstance(layer, AdapterLayer):
-            linear = layer.kind in ("linear", "conv1d_hf")
-            in_features = int(layer.weight.shape[0 if layer.fan_in_fan_out else 1]) if linear else None
-            problem = velora_state_error(config, module, tuple(info.shape), in_features)
+            problem = velora_state_error(config, module, tuple(info.shape), linear_in_features(layer))
             if problem is not None:
                 plan.errors.append(problem)
             else:
@@ -399,8 +397,11 @@ def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: s
         layer = state.wrappers.get(own)
         if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names():
             continue
+        in_features = linear_in_features(layer)
+        if in_features is None:  # VeLoRA adapts linear layers only (check_supported refused the others)
+            continue
         weight = layer.base_layer.weight
-        size = velora_state_size(config, int(weight.shape[0 if layer.fan_in_fan_out else 1]))
+        size = velora_state_size(config, in_features)
         if size is None:
             return
         if isinstance(velora, Mapping) and velora.get("init_type") == "random":

@@ -368,9 +368,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                    options: LoadOptions, tying: tuple[str | None, list[str], str | None] = (None, [], None),
                    ) -> dict[str, str]:
     check_features(config)
-    for pointer, reason in training_refusals(config) if options.trainable else ():
-        raise UnsupportedError(reason, pointer=pointer, hint="train with PEFT, then load the saved adapter without "
-                                                             "trainable (or set velora_config to null to train plain LoRA)")
+    for pointer, reason, hint in training_refusals(config) if options.trainable else ():
+        raise UnsupportedError(reason, pointer=pointer, hint=hint)
     if config.peft_type == "ADALORA" and options.trainable:
         raise UnsupportedError("training AdaLoRA (its rank allocation and orthogonality loss) is not implemented "
                                "by the torch backend; its adapters load for inference and merging",

@@ -41,7 +41,7 @@ from . import adalora, oft, vera
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
-           "param_shapes"]
+           "linear_in_features", "param_shapes"]
 
 #: The pseudo-method of trainable token rows (LoRA's ``trainable_token_indices``) inside an :class:`AdapterLayer`.
 TOKENS = "TOKENS"
@@ -137,6 +137,12 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 def _conv(module: nn.Module) -> nn.modules.conv._ConvNd:
     return cast(nn.modules.conv._ConvNd, module)
+
+
+def linear_in_features(layer: AdapterLayer) -> int | None:
+    """The input features of an adapted Linear or transformers Conv1D (its weight's ``in``), ``None`` for other
+    kinds (VeLoRA's state is sized by it, SPEC.md 5.2)."""
+    return _in_out(layer.base_layer, layer.kind)[0] if layer.kind in _LINEAR_KINDS else None
 
 
 def _in_out(module: nn.Module, kind: str | None) -> tuple[int, int]:

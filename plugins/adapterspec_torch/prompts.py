@@ -63,7 +63,7 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
                                f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model: only 2 with "
                                "SEQ_2_SEQ_LM on an encoder-decoder model, 1 on the others, are implemented here",
                                pointer=where, hint="load the adapter into the kind of model it was trained for")
-    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(type(model)):
+    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(model):
         backbone_and_head(model, config)  # PEFT runs the backbone and the head itself: refused where it cannot
     changes: dict[str, Any] = {}
     if config.get("num_transformer_submodules") is None:
@@ -96,8 +96,16 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
     return config.replace(**changes) if changes else config
 
 
-def _takes_cache(module_type: type[nn.Module]) -> bool:
-    return "past_key_values" in inspect.signature(module_type.forward).parameters
+#: model class -> whether its forward takes ``past_key_values`` (read at every forward of a prefix-tuned classifier).
+_TAKES_CACHE: dict[type, bool] = {}
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    kind = type(module)
+    found = _TAKES_CACHE.get(kind)
+    if found is None:
+        found = _TAKES_CACHE[kind] = "past_key_values" in inspect.signature(kind.forward).parameters
+    return found
 
 
 def backbone_and_head(model: nn.Module, config: AdapterConfig) -> tuple[str, str]:
@@ -121,7 +129,7 @@ def backbone_and_head(model: nn.Module, config: AdapterConfig) -> tuple[str, str
                                                           "PROMPT_TUNING")
     children = list(model.named_children())
     backbone = next((name for name, child in children if isinstance(child, PreTrainedModel)), None)
-    if backbone is None or not _takes_cache(type(model.get_submodule(backbone))):
+    if backbone is None or not _takes_cache(model.get_submodule(backbone)):
         raise UnsupportedError(f"prefix tuning on {where}: its forward takes no past_key_values and "
                                + ("it has no transformers backbone" if backbone is None else
                                   f"neither does its backbone {backbone!r}") + " (PEFT raises too)", key=where,
@@ -179,7 +187,7 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
     prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
     if state.prompt_hook is None:
         state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
-    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(type(model)) and PREFIX_FORWARD not in vars(model):
+    if config.peft_type == "PREFIX_TUNING" and not _takes_cache(model) and PREFIX_FORWARD not in vars(model):
         # PEFT's own forward for such a model (SPEC.md 15.9): the hook hands the cache over under _PREFIX_KWARG
         setattr(model, PREFIX_FORWARD, vars(model).get("forward"))
         model.forward = types.MethodType(_forward_with_prefix, model)

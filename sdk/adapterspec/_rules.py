@@ -196,10 +196,10 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(JSON pointer, reason)`` for each feature a backend that trains by plain gradient steps on the adapter's
-    tensors would train differently from PEFT: such a backend refuses ``trainable`` for them (loading for inference,
-    merging and saving stay as they are).
+def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(JSON pointer, reason, hint)`` for each feature a backend that trains by plain gradient steps on the
+    adapter's tensors would train differently from PEFT: such a backend refuses ``trainable`` for them (loading for
+    inference, merging and saving stay as they are).
 
     >>> training_refusals({"peft_type": "LORA", "velora_config": {"num_groups": 4}})[0][0]
     '/velora_config'
@@ -208,7 +208,9 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """
     if config.get("peft_type") == "LORA" and config.get("velora_config") is not None:
         return [("/velora_config", "VeLoRA (velora_config) trains with the layer inputs compressed in the backward "
-                                   "pass (approximate gradients), which plain gradient steps do not reproduce")]
+                                   "pass (approximate gradients), which plain gradient steps do not reproduce",
+                 "train with PEFT, then load the saved adapter without trainable (or set velora_config to null to "
+                 "train plain LoRA)")]
     return []
 
 
