@@ -210,12 +210,12 @@ def host_array(variable: Any, *, snapshot: bool = False) -> np.ndarray:
     [0.0, 1.0, 2.0]
     """
     value = getattr(variable, "value", variable)
+    if type(value).__name__ == "ResourceVariable":  # a plain tf.Variable (not distributed): ReadVariableOp alone,
+        import tensorflow as tf  # without value()'s Python around it (read_value() adds an identity op: twice the
+        # time); the fingerprint's reads are most of a Keras save's own work (SPEC.md 9.1)
+        return np.asarray(tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype))
     read = getattr(value, "value", None) if hasattr(value, "read_value") else None
-    if read is not None:  # a tf.Variable: ReadVariableOp alone (read_value() adds an identity op: twice the time)
-        if type(value).__name__ == "ResourceVariable":  # a plain one (not distributed): the op without value()'s
-            import tensorflow as tf  # Python around it (a third of the fingerprint's reads, SPEC.md 9.1)
-
-            return np.asarray(tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype))
+    if read is not None:  # another tf.Variable (a distributed one)
         return np.asarray(read())
     detach = getattr(value, "detach", None)
     if detach is not None:  # Keras on torch: the tensor's own .numpy() shares its buffer

@@ -201,6 +201,22 @@ def test_our_writer_writes_what_safetensors_reads(tmp_path: Path, framework: str
     assert digest == _spec_sha256(arrays) == _safetensors.sha256_of_file(path)
 
 
+@pytest.mark.parametrize("old", ["longer", "shorter", "empty"])
+def test_our_writer_over_an_existing_file_leaves_exactly_the_new_one(tmp_path: Path, old: str) -> None:
+    """The writer opens without O_TRUNC (ext4 flushes a file truncated to zero at close): what an older file held
+    beyond the new one's end must be cut, byte for byte the file a fresh write gives."""
+    tensors = {"m.f32": np.arange(12, dtype=np.float32).reshape(3, 4) / 11, "a.f16": (np.arange(5) / 3).astype(np.float16)}
+    fresh = tmp_path / "fresh.safetensors"
+    _safetensors.save_file(tensors, fresh, {"format": "pt"})
+    path = tmp_path / "x.safetensors"
+    size = {"longer": fresh.stat().st_size * 3 + 5, "shorter": 7, "empty": 0}[old]
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"\xff" * (size % 256))
+    _safetensors.save_file(tensors, path, {"format": "pt"})
+    assert path.read_bytes() == fresh.read_bytes()
+    with safe_open(str(path), "numpy") as f:
+        assert sorted(f.keys()) == ["a.f16", "m.f32"] and np.array_equal(f.get_tensor("m.f32"), tensors["m.f32"])
+
+
 def test_checksum_from_the_file_when_tensors_are_not_in_cpu_memory(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_safetensors, "_byte_views", lambda tensors: None)
