@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._lora_init import base_init
 from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
@@ -642,6 +643,15 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
         from .auxiliary import fresh_velora_state
 
         fresh_velora_state(state, config, adapter_name)
+    if base_init(config) is not None:  # PiSSA / OLoRA: the residual base, as PEFT builds it (SPEC.md 8.1)
+        from .lora_init import rebuild_residuals
+        from .switch import delete
+
+        try:
+            rebuild_residuals(model, state, config, adapter_name, options)
+        except BaseException:
+            delete(model, adapter_name)
+            raise
     if freezing:
         freeze_base(model, state, adapter_name, before)
     guard_save_pretrained(model)

@@ -206,12 +206,17 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     >>> training_refusals({"peft_type": "LORA"})
     []
     """
+    found = []
     if config.get("peft_type") == "LORA" and config.get("velora_config") is not None:
-        return [("/velora_config", "VeLoRA (velora_config) trains with the layer inputs compressed in the backward "
-                                   "pass (approximate gradients), which plain gradient steps do not reproduce",
-                 "train with PEFT, then load the saved adapter without trainable (or set velora_config to null to "
-                 "train plain LoRA)")]
-    return []
+        found.append(("/velora_config", "VeLoRA (velora_config) trains with the layer inputs compressed in the backward "
+                                        "pass (approximate gradients), which plain gradient steps do not reproduce",
+                      "train with PEFT, then load the saved adapter without trainable (or set velora_config to null "
+                      "to train plain LoRA)"))
+    if config.get("peft_type") == "LORA" and config.get("init_lora_weights") == "mica":
+        found.append(("/init_lora_weights", "MiCA (init_lora_weights 'mica') trains lora_A only: PEFT freezes lora_B, "
+                                            "which plain gradient steps on every adapter tensor would train too",
+                      "train with PEFT, then load the saved adapter without trainable"))
+    return found
 
 
 #: The methods whose PEFT model sets ``fan_in_fan_out`` from each layer it adapts (LoRA, AdaLoRA, IA3, VeRA).

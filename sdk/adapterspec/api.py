@@ -20,17 +20,20 @@ import difflib
 import functools
 import importlib.util
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from ._lora_init import init_refusals, init_warnings
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterSpecError,
+    AdapterSpecWarning,
     BackendError,
     FileFormatError,
     UnsafeFileError,
@@ -279,6 +282,7 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
             if adapter_name in adapter_names(model):
                 raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                          hint="delete_adapter() it first, or load under another adapter_name")
+            _check_init(adapter.config, fresh=False, where=str(adapter.path or "the adapter"))
             previous = active_adapters(model)
             modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
                             options=options)
@@ -296,6 +300,15 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     finally:
         adapter._prefetched = None  # a read the backend did not take (meta device, an error) is not kept
     return list(modules)
+
+
+def _check_init(config: AdapterConfig, *, fresh: bool, where: str) -> None:
+    """Refuse an ``init_lora_weights`` no backend can reproduce, warn of one that loads or starts otherwise than
+    trained or meant (SPEC.md 8.1; PiSSA and OLoRA the backends rebuild as PEFT does)."""
+    for pointer, reason, hint in init_refusals(config, fresh=fresh):
+        raise UnsupportedError(reason, pointer=pointer, hint=hint)
+    for pointer, message in init_warnings(config, fresh=fresh):
+        warnings.warn(f"{where}: {pointer}: {message}", AdapterSpecWarning, stacklevel=4)
 
 
 def _check_base(model: Any, adapter: Adapter, adapter_name: str, *, strict: bool) -> None:
@@ -382,6 +395,7 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
                                  hint="delete_adapter() it first, or choose another adapter_name")
     options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
                           freeze_base=freeze_base)
+    _check_init(cfg, fresh=True, where=f"adapter {adapter_name!r}")
     # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
     with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name

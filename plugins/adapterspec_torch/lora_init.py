@@ -1,0 +1,114 @@
+"""PiSSA and OLoRA: the residual base an adapter was trained against, rebuilt as PEFT rebuilds it (SPEC.md 8.1).
+
+PEFT 0.21.2 runs ``pissa_init`` / ``olora_init`` whenever it creates a LoRA layer with ``init_lora_weights``
+``"pissa"`` / ``"olora"`` -- for a new adapter and at every load: it decomposes the layer's weight, takes ``A₀``,
+``B₀`` from it and leaves the base as ``W_res = W − s·B₀A₀``. This module does the same, with PEFT's own torch
+calls (so the residual is PEFT's to the bit), and puts ``W_res`` in as an override of the base weight
+(:class:`~adapterspec_torch.auxiliary.Override`, saved under no key): the fingerprint still describes ``W``, and
+deleting the adapter gives ``W`` back. A new adapter also takes ``A₀``, ``B₀`` (and DoRA's magnitude of
+``W_res + s·B₀A₀``), as PEFT's new one does.
+
+>>> rebuild_residuals(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._lora_init import base_init
+from adapterspec.errors import UnsupportedError
+
+from .auxiliary import Override, _holders
+from .layers import AdapterLayer
+from .switch import ModelState
+
+__all__ = ["peft_residual", "rebuild_residuals"]
+
+
+def peft_residual(init: str, weight: torch.Tensor, r: int, scaling: float, transposed: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_res, A₀, B₀)`` as PEFT 0.21.2's ``pissa_init`` / ``olora_init`` compute them for a layer's ``weight``
+    (as stored: ``transposed`` for a transformers Conv1D, ``[in, out]``; ``W_res`` comes back stored alike).
+
+    PiSSA works on ``[out, in]`` (PEFT's ``transpose(weight, fan_in_fan_out)``); OLoRA on the stored weight, as PEFT's
+    does (so on a Conv1D only a square one fits the adapter's shapes: :func:`rebuild_residuals` refuses the others).
+    """
+    dtype = weight.dtype
+    with torch.no_grad():
+        if init == "pissa":
+            w = weight.to(torch.float32)
+            w = w.T if transposed else w
+            v, s_values, uh = torch.linalg.svd(w, full_matrices=False)
+            sr = s_values[:r] / scaling
+            a = torch.diag(torch.sqrt(sr)) @ uh[:r]
+            b = v[:, :r] @ torch.diag(torch.sqrt(sr))
+            w_res = (w - scaling * b @ a).to(dtype)
+            return (w_res.T if transposed else w_res).contiguous(), a, b
+        w = weight.to(torch.float32)
+        q, upper = torch.linalg.qr(w)
+        a, b = upper[:r].contiguous(), q[:, :r].contiguous()
+        return (w - scaling * b @ a).to(dtype), a, b
+
+
+def rebuild_residuals(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+                      options: LoadOptions) -> None:
+    """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) under each of its
+    LoRA layers, as PEFT does when it creates them; a new adapter (``options.initialize``) also takes ``A₀``, ``B₀``.
+
+    PEFT's embeddings run neither init (their base stays); convolutions cannot take them (PEFT refuses the config).
+
+    :raises UnsupportedError: a convolution; OLoRA on a non-square Conv1D (PEFT's factors do not fit its adapter);
+        a layer whose weight holds a merged adapter or another adapter's residual.
+    """
+    init = base_init(config)
+    if init is None:
+        return
+    overrides = state.base_weights.setdefault(adapter_name, [])
+    replaced = {id(o.new) for each in state.base_weights.values() for o in each}
+    frozen = bool(options.trainable and options.freeze_base)
+    for spec_path, own in state.modules[adapter_name].items():
+        layer = state.wrappers.get(own)
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names() or \
+                layer.kind == "embedding":
+            continue
+        where = f"init_lora_weights {init!r} on {spec_path!r}"
+        if layer.kind not in ("linear", "conv1d_hf"):
+            raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
+                                   f"{layer.kind} layer", key=spec_path, pointer="/init_lora_weights",
+                                   hint="leave convolutions out of target_modules")
+        old = layer.base_layer._parameters["weight"]
+        assert old is not None
+        if layer.merged_adapters or id(old) in replaced:
+            raise UnsupportedError(f"{where}: the layer's weight is not the base now (it holds a merged adapter or "
+                                   "another adapter's residual), which PEFT would decompose instead",
+                                   key=spec_path, pointer="/init_lora_weights",
+                                   hint="unmerge, or delete the other adapter first")
+        spec = layer._specs[adapter_name]
+        transposed = layer.kind == "conv1d_hf"
+        if init == "olora" and transposed and old.shape[0] != old.shape[1]:
+            raise UnsupportedError(f"{where}: PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "
+                                   f"{list(old.shape)}), which fits the adapter's shapes only when it is square",
+                                   key=spec_path, pointer="/init_lora_weights",
+                                   hint="leave this layer out of target_modules, or use 'pissa'")
+        w_res, a, b = peft_residual(init, old.detach(), spec.r, spec.scaling, transposed)
+        new = nn.Parameter(w_res, requires_grad=old.requires_grad and not frozen)
+        slots = _holders(model, [old]).get(id(old)) or [(layer.base_layer, "weight")]
+        for holder, attr in slots:
+            holder._parameters[attr] = new
+        overrides.append(Override([], slots, old, new))
+        if options.initialize:
+            _start_from(layer, adapter_name, a, b)
+
+
+def _start_from(layer: AdapterLayer, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
+    params = layer._params_of(adapter_name)
+    with torch.no_grad():
+        params["lora_A.weight"].copy_(a)
+        params["lora_B.weight"].copy_(b)
+        if "lora_magnitude_vector" in params:
+            layer._caches.pop(f"{adapter_name}-weight_norm", None)
+            norm = layer._weight_norm(adapter_name, detach=True)
+            params["lora_magnitude_vector"].copy_(norm.reshape(params["lora_magnitude_vector"].shape))

@@ -1,0 +1,129 @@
+"""LoRA's ``init_lora_weights`` (SPEC.md 8.1): the inits that change the base model, and what readers and writers do.
+
+PEFT 0.21.2 runs a LoRA layer's init whenever it creates the layer -- for a new adapter, and again when it loads one.
+PiSSA (``"pissa"``) and OLoRA (``"olora"``) take the adapter's first ``A₀``, ``B₀`` from the base weight (its
+largest singular triplets, its QR factors) and leave the base as the residual ``W_res = W − s·B₀A₀``, which the
+adapter was trained against. So PEFT's load of such an adapter onto the original base rebuilds ``W_res`` (both
+decompositions are deterministic) and computes what the trained model computed. adapterspec does the same
+(:func:`residual`), while the adapter is loaded: deleting it gives the original weight back.
+
+The other inits either need what no file holds, and are refused (``pissa_niter_<N>``: a randomised SVD, which
+rebuilds a different residual on each load; ``corda``: PEFT's ``preprocess_corda`` data; ``loftq``: a quantised
+base), or start a new adapter as ``true`` does and have a data-driven step adapterspec does not implement (``eva``,
+``lora_ga``: a warning), or train differently (``mica`` freezes ``lora_B``).
+
+>>> import numpy as np
+>>> w = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+>>> w_res, a, b = residual("pissa", w, r=2, scaling=0.5)
+>>> bool(np.allclose(w_res + 0.5 * b @ a, w, atol=1e-6)), a.shape, b.shape
+(True, (2, 4), (3, 2))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BASE_INITS", "base_init", "init_refusals", "init_warnings", "residual"]
+
+#: The inits whose residual base a reader rebuilds from the original weight (SPEC.md 8.1).
+BASE_INITS = ("pissa", "olora")
+
+#: Fresh-adapter inits that start as ``true`` (``A`` Kaiming-uniform, ``B`` zeros) in PEFT until a data-driven
+#: step (PEFT's ``initialize_lora_eva_weights``, ``preprocess_loraga``) replaces them.
+_DATA_STEP = {"eva": "EVA's initialisation from activations (PEFT's initialize_lora_eva_weights)",
+              "lora_ga": "LoRA-GA's initialisation from gradients (PEFT's preprocess_loraga)"}
+
+
+def _init(config: Mapping[str, Any]) -> Any:
+    return config.get("init_lora_weights", True) if config.get("peft_type") == "LORA" else True
+
+
+def base_init(config: Mapping[str, Any]) -> str | None:
+    """``"pissa"`` or ``"olora"`` when the adapter's layers are built on a residual of the base weight, else ``None``.
+
+    >>> base_init({"peft_type": "LORA", "init_lora_weights": "olora"}), base_init({"peft_type": "LORA"})
+    ('olora', None)
+    """
+    init = _init(config)
+    return init if isinstance(init, str) and init in BASE_INITS else None
+
+
+def init_refusals(config: Mapping[str, Any], *, fresh: bool) -> list[tuple[str, str, str]]:
+    """``(JSON pointer, reason, hint)`` for an ``init_lora_weights`` a backend cannot reproduce: at a load
+    (``fresh`` false) or for a new adapter (``fresh``); ``[]`` when it can.
+
+    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"}, fresh=False)[0][0]
+    '/init_lora_weights'
+    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "pissa"}, fresh=True)
+    []
+    """
+    init = _init(config)
+    if not isinstance(init, str):
+        return []
+    convert = ("convert it with PEFT into a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion="
+               "...)), or load it onto the base it was trained against with init_lora_weights set to true")
+    if init.startswith("pissa_niter_"):
+        why = ("was trained against a residual base PEFT computes with a randomised SVD (torch.svd_lowrank), which "
+               "no load can rebuild as it was") if not fresh else \
+              ("starts from a randomised SVD (torch.svd_lowrank) whose residual base no later load could rebuild")
+        return [("/init_lora_weights", f"init_lora_weights {init!r} {why}",
+                 convert if not fresh else "use 'pissa' (an exact SVD), or initialise with PEFT")]
+    if init == "corda":
+        return [("/init_lora_weights", "init_lora_weights 'corda' builds the layers from PEFT's preprocess_corda "
+                                       "statistics of the training data, which the adapter does not hold",
+                 convert if not fresh else "initialise with PEFT (preprocess_corda), then load the saved adapter")]
+    if init == "loftq":
+        return [("/init_lora_weights", "init_lora_weights 'loftq' was trained against a quantised residual of the "
+                                       "base, which adapterspec does not rebuild",
+                 convert if not fresh else "initialise with PEFT (loftq_config), then load the saved adapter")]
+    if init == "mica" and fresh:
+        return [("/init_lora_weights", "init_lora_weights 'mica' (lora_B from the base's smallest singular vectors, "
+                                       "frozen in training) is not implemented for a new adapter",
+                 "initialise with PEFT, or use another init_lora_weights")]
+    return []
+
+
+def init_warnings(config: Mapping[str, Any], *, fresh: bool) -> list[tuple[str, str]]:
+    """``(JSON pointer, message)`` for an ``init_lora_weights`` that loads or starts as PEFT does, but not as trained
+    (a load) or intended (a new adapter).
+
+    >>> init_warnings({"peft_type": "LORA", "init_lora_weights": "lora_ga"}, fresh=False)[0][0]
+    '/init_lora_weights'
+    """
+    init = _init(config)
+    if not isinstance(init, str) or init not in _DATA_STEP:
+        return []
+    if fresh:
+        return [("/init_lora_weights", f"init_lora_weights {init!r}: the adapter starts as init_lora_weights true "
+                                       f"does (as in PEFT); {_DATA_STEP[init]} is not implemented here")]
+    if init == "lora_ga":  # lora_ga_init changes the base; PEFT's load, without the gradients, leaves it as it is
+        return [("/init_lora_weights", "init_lora_weights 'lora_ga': the adapter was trained against a base PEFT "
+                                       "changed with the training gradients, which the file does not hold; it is "
+                                       "applied to this base as it is (as PEFT's load applies it)")]
+    return []
+
+
+def residual(init: str, weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(W_res, A₀, B₀)`` of PEFT 0.21.2's ``pissa_init`` / ``olora_init`` for a float ``weight`` in the spec's
+    ``[out, in]`` layout, computed in float32 (W_res in ``weight``'s dtype).
+
+    * ``"pissa"``: ``W = V S Uᴴ``; ``A₀ = diag(√(S_r / s)) Uᴴ_r``, ``B₀ = V_r diag(√(S_r / s))``;
+    * ``"olora"``: ``W = Q R``; ``A₀ = R[:r]``, ``B₀ = Q[:, :r]``;
+
+    then ``W_res = W − s·B₀A₀``. Singular vectors and QR factors are unique up to signs, which cancel in ``B₀A₀``.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if init == "pissa":
+        v, s_values, uh = np.linalg.svd(w, full_matrices=False)
+        root = np.sqrt(s_values[:r] / np.float32(scaling)).astype(np.float32)
+        a, b = root[:, None] * uh[:r], v[:, :r] * root[None, :]
+    elif init == "olora":
+        q, upper = np.linalg.qr(w)
+        a, b = upper[:r], q[:, :r]
+    else:
+        raise ValueError(f"no residual for init_lora_weights {init!r}")
+    product = (np.float32(scaling) * b).astype(np.float32) @ a.astype(np.float32)  # PEFT: scaling * B @ A
+    return (w - product).astype(weight.dtype), a.astype(np.float32), b.astype(np.float32)
