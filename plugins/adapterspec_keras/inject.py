@@ -30,6 +30,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._lora_init import acted_init
 from adapterspec._moe import check_moe_conversion
 from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
@@ -330,6 +331,10 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             flipped = peft_fan_in_fan_out(config, kinds)  # the value PEFT's get_peft_model records for these layers
             if flipped is not None:
                 state.configs[adapter_name] = config.replace(fan_in_fan_out=flipped)
+        if acted_init(config, fresh=bool(getattr(options, "initialize", True))) is not None:  # SPEC.md 8.1
+            from .lora_init import apply_init  # PiSSA/OLoRA's residual base, as PEFT builds it; an orthogonal start
+
+            apply_init(model, state, config, adapter_name, options)
         _reach(model, state, config, {path: sites[path] for path in paths}, options.trainable)
         _reach_parameters(model, parameters)
         if options.trainable and options.freeze_base:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init
+from adapterspec._lora_init import acted_init
 from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
@@ -643,12 +643,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
         from .auxiliary import fresh_velora_state
 
         fresh_velora_state(state, config, adapter_name)
-    if base_init(config) is not None:  # PiSSA / OLoRA: the residual base, as PEFT builds it (SPEC.md 8.1)
-        from .lora_init import rebuild_residuals
+    if acted_init(config, fresh=bool(options.initialize)) is not None:  # PiSSA/OLoRA's residual base (SPEC.md 8.1)
+        from .lora_init import apply_init
         from .switch import delete
 
         try:
-            rebuild_residuals(model, state, config, adapter_name, options)
+            apply_init(model, state, config, adapter_name, options)
         except BaseException:
             delete(model, adapter_name)
             raise

@@ -1,4 +1,5 @@
-"""PiSSA and OLoRA: the residual base an adapter was trained against, rebuilt as PEFT rebuilds it (SPEC.md 8.1).
+"""PiSSA and OLoRA: the residual base an adapter was trained against, rebuilt as PEFT rebuilds it (SPEC.md 8.1);
+and a new adapter's orthogonal start.
 
 PEFT 0.21.2 runs ``pissa_init`` / ``olora_init`` whenever it creates a LoRA layer with ``init_lora_weights``
 ``"pissa"`` / ``"olora"`` -- for a new adapter and at every load: it decomposes the layer's weight, takes ``A₀``,
@@ -6,9 +7,10 @@ PEFT 0.21.2 runs ``pissa_init`` / ``olora_init`` whenever it creates a LoRA laye
 calls (so the residual is PEFT's to the bit), and puts ``W_res`` in as an override of the base weight
 (:class:`~adapterspec_torch.auxiliary.Override`, saved under no key): the fingerprint still describes ``W``, and
 deleting the adapter gives ``W`` back. A new adapter also takes ``A₀``, ``B₀`` (and DoRA's magnitude of
-``W_res + s·B₀A₀``), as PEFT's new one does.
+``W_res + s·B₀A₀``), as PEFT's new one does. A new ``"orthogonal"`` adapter takes PEFT's ``orthogonal_init``
+(:func:`orthogonal_start`, the same torch calls: ``B₀A₀ = 0``).
 
->>> rebuild_residuals(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
+>>> apply_init(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init
+from adapterspec._lora_init import acted_init
 from adapterspec.errors import UnsupportedError
 
 from .auxiliary import Override, _holders
 from .layers import AdapterLayer
 from .switch import ModelState
 
-__all__ = ["peft_residual", "rebuild_residuals"]
+__all__ = ["apply_init", "orthogonal_start", "peft_residual"]
 
 
 def peft_residual(init: str, weight: torch.Tensor, r: int, scaling: float, transposed: bool,
@@ -52,17 +54,29 @@ def peft_residual(init: str, weight: torch.Tensor, r: int, scaling: float, trans
         return (w - scaling * b @ a).to(dtype), a, b
 
 
-def rebuild_residuals(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
-                      options: LoadOptions) -> None:
-    """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) under each of its
-    LoRA layers, as PEFT does when it creates them; a new adapter (``options.initialize``) also takes ``A₀``, ``B₀``.
+def orthogonal_start(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A₀, B₀)`` as PEFT 0.21.2's ``orthogonal_init`` draws them (torch's generator; ``r`` even; ``B₀A₀ = 0``,
+    see :func:`adapterspec._lora_init.orthogonal_start`)."""
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    a = torch.randn(in_features, r // 2).mm(q[0::2, :]).T / 10.0
+    b = torch.randn(r // 2, out_features).T.mm(q[1::2, :]) / 10.0
+    return a.contiguous(), b.contiguous()
 
-    PEFT's embeddings run neither init (their base stays); convolutions cannot take them (PEFT refuses the config).
+
+def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapter_name: str,
+               options: LoadOptions) -> None:
+    """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) under each of its
+    LoRA layers, as PEFT does when it creates them; a new adapter (``options.initialize``) also takes ``A₀``, ``B₀``
+    -- and a new ``"orthogonal"`` one its orthogonal start.
+
+    PEFT's embeddings run none of these inits (their base and start stay); convolutions cannot take them (PEFT refuses
+    the config).
 
     :raises UnsupportedError: a convolution; OLoRA on a non-square Conv1D (PEFT's factors do not fit its adapter);
-        a layer whose weight holds a merged adapter or another adapter's residual.
+        a layer whose weight holds a merged adapter or another adapter's residual, or is not float32, float16 or
+        bfloat16 (PEFT refuses it); an odd rank for ``"orthogonal"``.
     """
-    init = base_init(config)
+    init = acted_init(config, fresh=bool(options.initialize))
     if init is None:
         return
     overrides = state.base_weights.setdefault(adapter_name, [])
@@ -78,6 +92,17 @@ def rebuild_residuals(model: nn.Module, state: ModelState, config: AdapterConfig
             raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
                                    f"{layer.kind} layer", key=spec_path, pointer="/init_lora_weights",
                                    hint="leave convolutions out of target_modules")
+        spec = layer._specs[adapter_name]
+        if init == "orthogonal":
+            if spec.r % 2:
+                raise UnsupportedError(f"{where}: PEFT's orthogonal init needs an even rank, not {spec.r}",
+                                       key=spec_path, pointer="/init_lora_weights", hint="use an even r")
+            out_features, in_features = layer.base_layer.weight.shape[::-1] if layer.kind == "conv1d_hf" \
+                else layer.base_layer.weight.shape
+            dtype = layer.base_layer.weight.dtype
+            a, b = orthogonal_start(spec.r, int(in_features), int(out_features))
+            _start_from(layer, adapter_name, a.to(dtype), b.to(dtype))
+            continue
         old = layer.base_layer._parameters["weight"]
         assert old is not None
         if layer.merged_adapters or id(old) in replaced:
@@ -85,7 +110,10 @@ def rebuild_residuals(model: nn.Module, state: ModelState, config: AdapterConfig
                                    "another adapter's residual), which PEFT would decompose instead",
                                    key=spec_path, pointer="/init_lora_weights",
                                    hint="unmerge, or delete the other adapter first")
-        spec = layer._specs[adapter_name]
+        if old.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UnsupportedError(f"{where}: PEFT decomposes float32, float16 or bfloat16 weights only, not "
+                                   f"{str(old.dtype).removeprefix('torch.')}", key=spec_path, pointer="/init_lora_weights",
+                                   hint="load the base in float32")
         transposed = layer.kind == "conv1d_hf"
         if init == "olora" and transposed and old.shape[0] != old.shape[1]:
             raise UnsupportedError(f"{where}: PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "

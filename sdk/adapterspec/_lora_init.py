@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASE_INITS", "base_init", "init_refusals", "init_warnings", "residual"]
+__all__ = ["BASE_INITS", "acted_init", "base_init", "init_refusals", "init_warnings", "orthogonal_start", "residual",
+           "unsupported"]
 
 #: The inits whose residual base a reader rebuilds from the original weight (SPEC.md 8.1).
 BASE_INITS = ("pissa", "olora")
@@ -51,35 +52,52 @@ def base_init(config: Mapping[str, Any]) -> str | None:
     return init if isinstance(init, str) and init in BASE_INITS else None
 
 
-def init_refusals(config: Mapping[str, Any], *, fresh: bool) -> list[tuple[str, str, str]]:
-    """``(JSON pointer, reason, hint)`` for an ``init_lora_weights`` a backend cannot reproduce: at a load
-    (``fresh`` false) or for a new adapter (``fresh``); ``[]`` when it can.
+def acted_init(config: Mapping[str, Any], *, fresh: bool) -> str | None:
+    """The ``init_lora_weights`` a backend acts on beyond its plain LoRA init: ``"pissa"``/``"olora"`` (a load or a
+    new adapter: the residual base), ``"orthogonal"`` (a new adapter: :func:`orthogonal_start`), else ``None``.
 
-    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"}, fresh=False)[0][0]
+    >>> acted_init({"peft_type": "LORA", "init_lora_weights": "orthogonal"}, fresh=False) is None
+    True
+    """
+    found = base_init(config)
+    if found is None and fresh and _init(config) == "orthogonal":
+        return "orthogonal"
+    return found
+
+
+def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(JSON pointer, reason)`` for an ``init_lora_weights`` whose layers no reader can build as PEFT built them
+    (check 5 of SPEC.md section 10: the adapter is refused, at a load and for a new adapter alike).
+
+    >>> unsupported({"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"})[0][0]
     '/init_lora_weights'
-    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "pissa"}, fresh=True)
+    >>> unsupported({"peft_type": "LORA", "init_lora_weights": "pissa"})
     []
     """
     init = _init(config)
     if not isinstance(init, str):
         return []
-    convert = ("convert it with PEFT into a plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion="
-               "...)), or load it onto the base it was trained against with init_lora_weights set to true")
     if init.startswith("pissa_niter_"):
-        why = ("was trained against a residual base PEFT computes with a randomised SVD (torch.svd_lowrank), which "
-               "no load can rebuild as it was") if not fresh else \
-              ("starts from a randomised SVD (torch.svd_lowrank) whose residual base no later load could rebuild")
-        return [("/init_lora_weights", f"init_lora_weights {init!r} {why}",
-                 convert if not fresh else "use 'pissa' (an exact SVD), or initialise with PEFT")]
+        return [("/init_lora_weights", f"init_lora_weights {init!r} builds the layers on a residual of the base that "
+                                       "PEFT computes with a randomised SVD (torch.svd_lowrank), which no load can "
+                                       "rebuild as it was ('pissa', an exact SVD, is rebuilt)")]
     if init == "corda":
         return [("/init_lora_weights", "init_lora_weights 'corda' builds the layers from PEFT's preprocess_corda "
-                                       "statistics of the training data, which the adapter does not hold",
-                 convert if not fresh else "initialise with PEFT (preprocess_corda), then load the saved adapter")]
+                                       "statistics of the training data, which no adapter file holds")]
     if init == "loftq":
-        return [("/init_lora_weights", "init_lora_weights 'loftq' was trained against a quantised residual of the "
-                                       "base, which adapterspec does not rebuild",
-                 convert if not fresh else "initialise with PEFT (loftq_config), then load the saved adapter")]
-    if init == "mica" and fresh:
+        return [("/init_lora_weights", "init_lora_weights 'loftq' builds the layers on a quantised residual of the "
+                                       "base, which adapterspec does not rebuild")]
+    return []
+
+
+def init_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(JSON pointer, reason, hint)`` for an ``init_lora_weights`` a new adapter cannot start from here (besides
+    :func:`unsupported`): MiCA's.
+
+    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "mica"})[0][0]
+    '/init_lora_weights'
+    """
+    if _init(config) == "mica":
         return [("/init_lora_weights", "init_lora_weights 'mica' (lora_B from the base's smallest singular vectors, "
                                        "frozen in training) is not implemented for a new adapter",
                  "initialise with PEFT, or use another init_lora_weights")]
@@ -127,3 +145,20 @@ def residual(init: str, weight: np.ndarray, r: int, scaling: float) -> tuple[np.
         raise ValueError(f"no residual for init_lora_weights {init!r}")
     product = (np.float32(scaling) * b).astype(np.float32) @ a.astype(np.float32)  # PEFT: scaling * B @ A
     return (w - product).astype(weight.dtype), a.astype(np.float32), b.astype(np.float32)
+
+
+def orthogonal_start(r: int, in_features: int, out_features: int, normal: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(A₀, B₀)`` of PEFT 0.21.2's ``orthogonal_init`` (``r`` even): ``Q`` of the QR of an ``[r, r]`` normal matrix,
+    ``A₀ = (G_A Q[0::2]).ᵀ / 10`` and ``B₀ = G_Bᵀ Q[1::2] / 10`` with normal ``G_A`` ``[in, r/2]``, ``G_B``
+    ``[r/2, out]``. The rows of ``Q`` are orthonormal, so ``B₀A₀ = 0``: the model starts as the base.
+
+    :param normal: ``normal(shape)`` -> standard normal samples (the backend's generator).
+
+    >>> a, b = orthogonal_start(4, 6, 5, np.random.default_rng(0).standard_normal)
+    >>> a.shape, b.shape, bool(np.abs(b @ a).max() < 1e-6)
+    ((4, 6), (5, 4), True)
+    """
+    q, _ = np.linalg.qr(np.asarray(normal((r, r)), dtype=np.float32))
+    a = (np.asarray(normal((in_features, r // 2)), dtype=np.float32) @ q[0::2, :]).T / np.float32(10.0)
+    b = np.asarray(normal((r // 2, out_features)), dtype=np.float32).T @ q[1::2, :] / np.float32(10.0)
+    return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)

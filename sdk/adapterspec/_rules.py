@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _oft, _vera
+from . import _adalora, _lora_init, _oft, _vera
 from .errors import shorten
 from .naming import VELORA_GROUPS
 
@@ -184,6 +184,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
             found.append(("/velora_config", "VeLoRA (velora_config) together with DoRA (use_dora: true) is refused by "
                                             "PEFT 0.21 (no LoRA variant combines them) and not supported by "
                                             "adapterspec v1 readers"))
+    found.extend(_lora_init.unsupported(config))
     found.extend(_rotation_features(config))
     if config.get("peft_type") == "ADALORA":
         found.extend(_adalora.unsupported(config))

@@ -29,6 +29,7 @@ from ._safetensors import dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
 from ._rules import not_portable
+from ._lora_init import init_warnings
 from .config import AdapterConfig, read_json_file, unsupported_features
 from .errors import (
     AdapterSpecError,
@@ -475,8 +476,11 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
 
 
 def _read_config(config_file: Path, fh: Any, *, strict: bool) -> AdapterConfig:
-    """The folder's config, parsed and checked against the schema."""
-    return AdapterConfig.from_dict(read_json_file(config_file, file=fh), strict=strict, path=config_file, _owned=True)
+    """The folder's config, parsed and checked against the schema (and a ``lora_ga`` base warned of, SPEC.md 8.1)."""
+    config = AdapterConfig.from_dict(read_json_file(config_file, file=fh), strict=strict, path=config_file, _owned=True)
+    for pointer, message in init_warnings(config, fresh=False):
+        warnings.warn(f"{config_file}: {pointer}: {message}", AdapterSpecWarning, stacklevel=6)
+    return config
 
 
 def _check_metadata_version(config: AdapterConfig, metadata: Mapping[str, str], weights: Path) -> None:

@@ -282,7 +282,6 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
             if adapter_name in adapter_names(model):
                 raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                          hint="delete_adapter() it first, or load under another adapter_name")
-            _check_init(adapter.config, fresh=False, where=str(adapter.path or "the adapter"))
             previous = active_adapters(model)
             modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
                             options=options)
@@ -302,12 +301,12 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
     return list(modules)
 
 
-def _check_init(config: AdapterConfig, *, fresh: bool, where: str) -> None:
-    """Refuse an ``init_lora_weights`` no backend can reproduce, warn of one that loads or starts otherwise than
-    trained or meant (SPEC.md 8.1; PiSSA and OLoRA the backends rebuild as PEFT does)."""
-    for pointer, reason, hint in init_refusals(config, fresh=fresh):
+def _check_init(config: AdapterConfig, *, where: str) -> None:
+    """For a new adapter: refuse an ``init_lora_weights`` it cannot start from here, warn of one that starts
+    otherwise than meant (SPEC.md 8.1; a load's refusals are check 5, its warning comes with the config's read)."""
+    for pointer, reason, hint in init_refusals(config):
         raise UnsupportedError(reason, pointer=pointer, hint=hint)
-    for pointer, message in init_warnings(config, fresh=fresh):
+    for pointer, message in init_warnings(config, fresh=True):
         warnings.warn(f"{where}: {pointer}: {message}", AdapterSpecWarning, stacklevel=4)
 
 
@@ -395,7 +394,7 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
                                  hint="delete_adapter() it first, or choose another adapter_name")
     options = LoadOptions(device=device, dtype=dtype, module_map=module_map, trainable=trainable,
                           freeze_base=freeze_base)
-    _check_init(cfg, fresh=True, where=f"adapter {adapter_name!r}")
+    _check_init(cfg, where=f"adapter {adapter_name!r}")
     # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
     modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
     with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name

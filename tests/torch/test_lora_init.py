@@ -207,7 +207,8 @@ def test_data_driven_inits_warn(llama: Any, tmp_path: Path) -> None:
 def test_layers_peft_cannot_decompose_are_refused(gpt2: Any, cnn: Any, llama: Any) -> None:
     for model, config, match in (
             (fresh(gpt2), {"target_modules": ["c_attn"], "init_lora_weights": "olora"}, "square"),
-            (fresh(cnn), {"target_modules": ["conv1"], "init_lora_weights": "pissa"}, "linear layers only")):
+            (fresh(cnn), {"target_modules": ["conv1"], "init_lora_weights": "pissa"}, "linear layers only"),
+            (fresh(llama).double(), {"target_modules": ["q_proj"], "init_lora_weights": "olora"}, "not float64")):
         before = snapshot(model)
         with pytest.raises(adapterspec.UnsupportedError, match=match):
             adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, **config})
@@ -219,3 +220,24 @@ def test_layers_peft_cannot_decompose_are_refused(gpt2: Any, cnn: Any, llama: An
         adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
                                            "init_lora_weights": "pissa"}, "second")
     assert adapterspec.adapter_names(model) == ["plain"]
+
+
+def test_new_orthogonal_adapter_starts_as_peft_s_does(llama: Any, cnn: Any, token_inputs: dict[str, Any]) -> None:
+    """PEFT's orthogonal_init: A₀ and B₀ of rank r/2 each from one orthogonal Q, so B₀A₀ = 0 (the model starts as
+    the base) while neither is zero, unlike the plain init's B₀ = 0; an odd rank and a convolution are refused."""
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 6, "target_modules": ["q_proj", "down_proj"],
+                                       "init_lora_weights": "orthogonal"})
+    for layer in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
+        params = layer.adapter_params("default")
+        a, b = params["lora_A.weight"].detach(), params["lora_B.weight"].detach()
+        assert torch.linalg.matrix_rank(a) == 3 and torch.linalg.matrix_rank(b) == 3
+        assert (b @ a).abs().max() < 1e-6 * a.abs().max() * b.abs().max() * a.shape[0] + 1e-9
+    assert_close(logits(model, token_inputs), logits(llama, token_inputs))
+    for base, config, match in ((llama, {"r": 5, "target_modules": ["q_proj"]}, "even rank"),
+                                (cnn, {"r": 4, "target_modules": ["conv1"]}, "linear layers only")):
+        refused = fresh(base)
+        before = snapshot(refused)
+        with pytest.raises(adapterspec.UnsupportedError, match=match):
+            adapterspec.inject_adapter(refused, {"peft_type": "LORA", "init_lora_weights": "orthogonal", **config})
+        assert_same_snapshot(refused, before)

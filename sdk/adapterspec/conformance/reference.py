@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from .._lora_init import base_init, residual
 from .reference_adalora import adalora_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
@@ -156,10 +157,25 @@ def _from_out_in(kind: str, matrix: Array, shape: tuple[int, ...]) -> Array:
     return matrix.reshape(shape)
 
 
+def _initial_base(kind: str, weight: Array, config: Mapping[str, Any], path: str) -> Array:
+    """The base a PiSSA/OLoRA adapter runs on (SPEC.md 8.1): PEFT's residual ``W − s·B₀A₀`` of a linear layer's
+    weight, decomposed in float32 as PEFT decomposes it (OLoRA: a GPT-2 Conv1D as stored); else the weight."""
+    init = base_init(config)
+    if init is None or kind == "embedding":
+        return weight
+    if kind not in ("linear", "gpt2_conv1d"):
+        raise ValueError(f"init_lora_weights {init!r} on a {kind} layer: PEFT refuses it")
+    r, s = rank_and_alpha(config, path)[0], scaling(config, path)
+    as_stored = kind == "linear" or init == "olora"
+    w_res = residual(init, weight if as_stored else weight.T, r, s)[0]
+    return _f64(w_res if as_stored else w_res.T)
+
+
 def _lora(module: Mapping[str, Any], weight: Array, bias: Array | None, config: Mapping[str, Any], path: str,
           t: Mapping[str, Array]) -> tuple[Array, Array | None]:
     kind = module["kind"]
     s = scaling(config, path)
+    weight = _initial_base(kind, weight, config, path)
     if kind == "embedding":
         a, b = _f64(t["lora_embedding_A"]), _f64(t["lora_embedding_B"])
     else:

@@ -1,0 +1,130 @@
+"""PiSSA and OLoRA: the residual base an adapter was trained against, rebuilt as PEFT rebuilds it (SPEC.md 8.1);
+and a new adapter's orthogonal start.
+
+As the torch backend's module of the same name: PEFT 0.21.2 runs ``pissa_init`` / ``olora_init`` whenever it
+creates a LoRA layer with ``init_lora_weights`` ``"pissa"`` / ``"olora"`` -- for a new adapter and at every load --
+leaving the base as ``W_res = W − s·B₀A₀``. Here the module's weight is gathered from its Keras pieces in the spec's
+``[out, in]`` layout, decomposed with NumPy (:func:`adapterspec._lora_init.residual`; an SVD or QR agrees with
+torch's to rounding, their signs cancel in ``B₀A₀``) and written back into the kernels, recorded as overrides
+(:class:`~adapterspec_keras.auxiliary.Override`, saved under no key): the fingerprint still describes ``W``, and
+deleting the adapter gives ``W`` back. A new adapter also takes ``A₀``, ``B₀`` (and DoRA's magnitude). A new
+``"orthogonal"`` adapter takes PEFT's orthogonal start (:func:`adapterspec._lora_init.orthogonal_start`, drawn
+from Keras' seeded generator: ``B₀A₀ = 0``).
+
+>>> apply_init(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._lora_init import acted_init, orthogonal_start, residual
+from adapterspec.errors import UnsupportedError
+
+from . import _ops
+from .auxiliary import Override
+from .layers import AdapterLayer
+from .sites import ModuleSite
+from .switch import ModelState
+
+__all__ = ["apply_init", "site_weight"]
+
+
+def site_weight(site: ModuleSite) -> np.ndarray:
+    """The module's base weight in the spec's ``[out, in]`` layout, gathered from its pieces' kernels.
+
+    :raises UnsupportedError: the pieces do not hold every element of it.
+    """
+    weight = np.zeros((site.out_features, site.in_features), dtype=np.float32)
+    seen = np.zeros(weight.shape, dtype=bool)
+    for piece in site.pieces:
+        flat = np.asarray(ops.convert_to_numpy(_ops.flat_kernel(piece)), dtype=np.float32)  # [n_in, n_out]
+        where = np.ix_(piece.out_index.ravel(), piece.in_index.ravel())
+        weight[where] = flat.T
+        seen[where] = True
+    if not seen.all():
+        raise UnsupportedError("the module's Keras kernels do not hold all of its weight", key=site.path,
+                               pointer="/init_lora_weights", hint="leave this module out of target_modules")
+    return weight
+
+
+def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> None:
+    """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) into each of its
+    LoRA modules' kernels, as PEFT does when it creates the layers; a new adapter (``options.initialize``) also takes
+    ``A₀``, ``B₀`` -- and a new ``"orthogonal"`` one its orthogonal start. Embeddings keep their base and start
+    (PEFT's run none of these inits); convolutions are refused (PEFT refuses them), as are OLoRA on a non-square
+    Conv1D, a module holding a merged adapter or another adapter's residual or a kernel that is not float32,
+    float16 or bfloat16 (PEFT refuses it), and an odd rank for ``"orthogonal"``.
+    Each kernel's override is recorded as soon as it is written, so a failure part way is undone with the adapter.
+    """
+    init = acted_init(config, fresh=bool(options.initialize))
+    if init is None:
+        return
+    overrides = state.base_weights.setdefault(adapter_name, [])
+    replaced = {id(o.variable) for each in state.base_weights.values() for o in each}
+    for layer in list(state.adapter_layers.values()):
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots or layer.site.kind == "embedding":
+            continue
+        site, slot = layer.site, layer._slots[adapter_name]
+        where = f"init_lora_weights {init!r} on {slot.path!r}"
+        if site.kind != "linear":
+            raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
+                                   f"{site.kind} layer", key=slot.path, pointer="/init_lora_weights",
+                                   hint="leave convolutions out of target_modules")
+        if init == "orthogonal":
+            if slot.rank % 2:
+                raise UnsupportedError(f"{where}: PEFT's orthogonal init needs an even rank, not {slot.rank}",
+                                       key=slot.path, pointer="/init_lora_weights", hint="use an even r")
+            a, b = orthogonal_start(slot.rank, site.in_features, site.out_features, _normal)
+            _start_from(layer, adapter_name, a, b)
+            continue
+        variables = list({id(p.kernel_variable): p.kernel_variable for p in site.pieces}.values())
+        if layer.merged or any(id(v) in replaced for v in variables):
+            raise UnsupportedError(f"{where}: the module's weight is not the base now (it holds a merged adapter or "
+                                   "another adapter's residual), which PEFT would decompose instead",
+                                   key=slot.path, pointer="/init_lora_weights",
+                                   hint="unmerge, or delete the other adapter first")
+        dtypes = {_ops.dtype_name(v) for v in variables} - {"float32", "float16", "bfloat16"}
+        if dtypes:
+            raise UnsupportedError(f"{where}: PEFT decomposes float32, float16 or bfloat16 weights only, not "
+                                   f"{', '.join(sorted(dtypes))}", key=slot.path, pointer="/init_lora_weights",
+                                   hint="load the base in float32")
+        if init == "olora" and site.hf_conv1d and site.in_features != site.out_features:
+            raise UnsupportedError(f"{where}: PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "
+                                   f"[{site.in_features}, {site.out_features}]), which fits the adapter's shapes only "
+                                   "when it is square", key=slot.path, pointer="/init_lora_weights",
+                                   hint="leave this layer out of target_modules, or use 'pissa'")
+        weight = site_weight(site)
+        as_stored = init == "olora" and site.hf_conv1d  # PEFT's OLoRA factors the Conv1D weight as stored
+        w_res, a, b = residual(init, weight.T if as_stored else weight, slot.rank, slot.scaling)
+        w_res = w_res.T if as_stored else w_res
+        olds = {id(v): np.array(ops.convert_to_numpy(v)) for v in variables}
+        for piece in site.pieces:
+            _ops.assign_kernel(piece, w_res[np.ix_(piece.out_index.ravel(), piece.in_index.ravel())].T)
+        for variable in variables:
+            overrides.append(Override([], variable, olds[id(variable)], np.array(ops.convert_to_numpy(variable))))
+            replaced.add(id(variable))
+        if options.initialize:
+            _start_from(layer, adapter_name, a, b)
+
+
+def _normal(shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal samples from Keras' generator (``keras.utils.set_random_seed`` makes them repeat)."""
+    import keras
+
+    return np.asarray(ops.convert_to_numpy(keras.random.normal(shape, dtype="float32")))
+
+
+def _start_from(layer: AdapterLayer, adapter_name: str, a: np.ndarray, b: np.ndarray) -> None:
+    """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
+    _, layouts, refs = layer.parameters(adapter_name)
+    bank = layer.bank(adapter_name)
+    bank.assign(refs["lora_A.weight"], layouts["lora_A.weight"].to_stored(a))
+    bank.assign(refs["lora_B.weight"], layouts["lora_B.weight"].to_stored(b))
+    slot = layer._slots[adapter_name]
+    if slot.use_dora:
+        bank.assign(refs["lora_magnitude_vector"], layer._weight_norm(slot, scaling=slot.scaling))

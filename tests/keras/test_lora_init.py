@@ -1,0 +1,144 @@
+"""``init_lora_weights`` on Keras (SPEC.md 8.1), as on torch (tests/torch/test_lora_init.py): PEFT's PiSSA and OLoRA
+adapters run on the residual base PEFT rebuilds at every load, with PEFT's logits; deleting the adapter gives the
+kernels back; a new adapter starts as PEFT's; what no load can rebuild is refused, with the model unchanged."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import adapterspec  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    assert_near,
+    assert_refused_unchanged,
+    assert_same_snapshot,
+    hf_model,
+    keras_logits,
+    keras_model,
+    make_peft_adapter,
+    snapshot,
+    torch_logits,
+)
+
+CASES = {
+    "llama-pissa": ("llama", dict(init_lora_weights="pissa", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
+    "llama-olora-dora-patterns": ("llama", dict(init_lora_weights="olora", use_dora=True, rank_pattern={"v_proj": 2},
+                                                alpha_pattern={"down_proj": 3},
+                                                target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
+    "gpt2-pissa-fused-c_attn": ("gpt2", dict(init_lora_weights="pissa", target_modules=["c_attn", "mlp.c_proj"])),
+    "gpt2-olora-square-c_proj": ("gpt2", dict(init_lora_weights="olora", target_modules=["attn.c_proj"])),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_gives_peft_logits_and_delete_gives_the_base_back(case: str, checkpoints: Any,
+                                                                        token_ids: np.ndarray, tmp_path: Path) -> None:
+    arch, extra = CASES[case]
+    trained, folder = make_peft_adapter(checkpoints[arch], tmp_path / "a", peft.LoraConfig(r=4, lora_alpha=8, **extra))
+    expected = torch_logits(trained, token_ids)
+    reloaded = peft.PeftModel.from_pretrained(hf_model(checkpoints[arch]), folder).eval()
+    assert_near(torch_logits(reloaded, token_ids), expected)  # PEFT's own load rebuilds the residual
+    model = keras_model(arch, checkpoints[arch])
+    base = keras_logits(model, token_ids)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", adapterspec.AdapterSpecWarning)
+        adapterspec.load_adapter(model, folder)
+    got = keras_logits(model, token_ids)
+    assert_near(got, expected)
+    assert np.abs(expected - base).max() > 1e-3  # the adapter changes the output: the comparison means something
+    adapterspec.delete_adapter(model, "default")
+    assert_same_snapshot(before, snapshot(model))
+    assert np.array_equal(keras_logits(model, token_ids), base)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_save_keeps_no_base_tensor_merge_and_peft_reloads(checkpoints: Any, token_ids: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    trained, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "a", peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj", "up_proj"]))
+    expected = torch_logits(trained, token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, folder)
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    assert sorted(adapterspec.read_adapter(tmp_path / "ours").tensors) == sorted(adapterspec.read_adapter(folder).tensors)
+    again = keras_model("llama", checkpoints["llama"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", adapterspec.AdapterSpecWarning)
+        adapterspec.load_adapter(again, tmp_path / "ours", strict=True)  # the fingerprint is the original base's
+    assert_near(keras_logits(again, token_ids), expected)
+    peft_ours = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "ours").eval()
+    assert_near(torch_logits(peft_ours, token_ids), expected)
+    adapterspec.merge_adapters(model)
+    assert_near(keras_logits(model, token_ids), expected)
+    adapterspec.unmerge_adapters(model)
+    assert_near(keras_logits(model, token_ids), expected)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_new_adapter_starts_as_peft_s_new_adapter(init: str, checkpoints: Any, token_ids: np.ndarray) -> None:
+    """PEFT's A₀, B₀ up to the decomposition's signs (B₀A₀ to rounding), its residual kernels, the base's logits."""
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["q_proj", "down_proj"]
+    reference = peft.get_peft_model(hf_model(checkpoints["llama"]), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=init, target_modules=targets, use_dora=True))
+    theirs = {k: v.numpy() for k, v in get_peft_model_state_dict(reference).items()}
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets,
+                                       "init_lora_weights": init, "use_dora": True})
+    ours = adapterspec.extract_adapter(model).load_tensors()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        if key.endswith("lora_A.weight"):
+            b_key = key.replace("lora_A", "lora_B")
+            assert_near(ours[b_key] @ ours[key], theirs[b_key] @ theirs[key], length=4)
+            assert_near(np.abs(ours[key]), np.abs(theirs[key]), length=64)
+        elif "magnitude" in key:
+            assert_near(ours[key], theirs[key], length=64)
+    assert_near(keras_logits(model, token_ids), base)
+    assert_near(keras_logits(model, token_ids), torch_logits(reference, token_ids))
+
+
+def test_inits_no_load_can_rebuild_and_layers_peft_refuses_are_refused(checkpoints: Any, tmp_path: Path) -> None:
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    for config, needle in (({"init_lora_weights": "pissa_niter_2", "target_modules": ["c_attn"]}, "randomised SVD"),
+                           ({"init_lora_weights": "olora", "target_modules": ["c_attn"]}, "square"),
+                           ({"init_lora_weights": "mica", "target_modules": ["c_attn"]}, "new adapter")):
+        assert_refused_unchanged(model, lambda c=config: adapterspec.inject_adapter(
+            model, {"peft_type": "LORA", "r": 2, **c}), adapterspec.UnsupportedError, needle)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["attn.c_proj"]}, "plain")
+    adapterspec.merge_adapters(model)
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "r": 2, "target_modules": ["attn.c_proj"], "init_lora_weights": "pissa"}, "b"),
+        adapterspec.UnsupportedError, "merged adapter")
+
+
+def test_new_orthogonal_adapter_starts_as_peft_s_does(checkpoints: Any, token_ids: np.ndarray) -> None:
+    """As on torch: A₀, B₀ of rank r/2 with B₀A₀ = 0 (the base's logits), neither zero; an odd rank refused."""
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 6, "target_modules": ["q_proj", "down_proj"],
+                                       "init_lora_weights": "orthogonal"})
+    tensors = adapterspec.extract_adapter(model).load_tensors()
+    pairs = [(tensors[k], tensors[k.replace("lora_A", "lora_B")]) for k in tensors if k.endswith("lora_A.weight")]
+    assert len(pairs) == 4
+    for a, b in pairs:
+        assert np.linalg.matrix_rank(a) == 3 and np.linalg.matrix_rank(b) == 3
+        assert np.abs(b @ a).max() < 1e-6 * np.abs(a).max() * np.abs(b).max() * a.shape[0]
+    assert_near(keras_logits(model, token_ids), base)
+    other = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(other, lambda: adapterspec.inject_adapter(other, {
+        "peft_type": "LORA", "r": 5, "target_modules": ["q_proj"], "init_lora_weights": "orthogonal"}),
+        adapterspec.UnsupportedError, "even rank")
