@@ -65,7 +65,8 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
     if init is None:
         return
     overrides = state.base_weights.setdefault(adapter_name, [])
-    replaced = {id(o.variable) for each in state.base_weights.values() for o in each}
+    replaced = {id(o.variable) for name, each in state.base_weights.items() if name != adapter_name for o in each}
+    mine: dict[int, Override] = {}  # a kernel several modules share (Swin's fused q/k/v): each writes its columns
     for layer in list(state.adapter_layers.values()):
         if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots or layer.site.kind == "embedding":
             continue
@@ -102,12 +103,15 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
         as_stored = init == "olora" and site.hf_conv1d  # PEFT's OLoRA factors the Conv1D weight as stored
         w_res, a, b = residual(init, weight.T if as_stored else weight, slot.rank, slot.scaling)
         w_res = w_res.T if as_stored else w_res
-        olds = {id(v): np.array(ops.convert_to_numpy(v)) for v in variables}
+        for variable in variables:
+            if id(variable) not in mine:
+                old = np.array(ops.convert_to_numpy(variable))
+                mine[id(variable)] = Override([], variable, old, old)
+                overrides.append(mine[id(variable)])
         for piece in site.pieces:
             _ops.assign_kernel(piece, w_res[np.ix_(piece.out_index.ravel(), piece.in_index.ravel())].T)
         for variable in variables:
-            overrides.append(Override([], variable, olds[id(variable)], np.array(ops.convert_to_numpy(variable))))
-            replaced.add(id(variable))
+            mine[id(variable)].new = np.array(ops.convert_to_numpy(variable))
         if options.initialize:
             _start_from(layer, adapter_name, a, b)
 

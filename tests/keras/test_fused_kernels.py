@@ -46,6 +46,10 @@ CASES: dict[str, tuple[Any, float]] = {
     "ia3": (lambda: peft.IA3Config(target_modules=[*_QKV, "fc2"], feedforward_modules=["fc2"]), 0.3),
     "loha": (lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "o_proj"]), 0.2),
     "lokr": (lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["k_proj", "v_proj"]), 0.2),
+    # SPEC 8.1: each of q, k, v rebuilds its residual in its own columns of the one fused kernel
+    "pissa": (lambda: peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=[*_QKV, "fc1"]),
+              0.1),
+    "olora": (lambda: peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="olora", target_modules=_QKV), 0.1),
 }
 
 
