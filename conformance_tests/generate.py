@@ -511,6 +511,11 @@ def _init_numeric() -> None:
             "W - s*Q[:, :r]R[:r] (QR of W), rebuilt from the base", "LORA", "linear", "float32", attn,
             lora(3, 4, ["q_proj", "v_proj"], init_lora_weights="olora", rank_pattern={"v_proj": 2}), ["init"],
             float64_tolerance=None)
+    numeric("lora-pissa-rank-capped-f32", "SPEC 8.1: 'pissa' with r = 3 on a layer of one output: its SVD has one "
+            "triplet, so PEFT stores lora_A [1, in] and lora_B [1, 1] there (the rank is min(r, in, out)); the "
+            "scaling stays lora_alpha / r", "LORA", "linear", "float32",
+            {"layers.0.q_proj": linear(8, 6), "layers.0.gate": linear(8, 1)},
+            lora(3, 6, ["q_proj", "gate"], init_lora_weights="pissa"), ["init"], float64_tolerance=None)
     numeric("lora-pissa-gpt2-conv1d-f32", "SPEC 8.1: 'pissa' on GPT-2's Conv1D (stored [in, out]): the SVD of the "
             "[out, in] weight, the residual stored back as [in, out]", "LORA", "gpt2_conv1d", "float32",
             {"h.0.attn.c_attn": gpt2(8, 12)}, lora(2, 4, ["c_attn"], init_lora_weights="pissa"), ["init"],

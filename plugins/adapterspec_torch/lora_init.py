@@ -133,6 +133,9 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
 def _start_from(layer: AdapterLayer, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
     params = layer._params_of(adapter_name)
+    if params["lora_A.weight"].shape != a.shape or params["lora_B.weight"].shape != b.shape:  # never broadcast
+        raise AssertionError(f"A0 {list(a.shape)}, B0 {list(b.shape)} do not fit the layer's "
+                             f"{list(params['lora_A.weight'].shape)}, {list(params['lora_B.weight'].shape)}")
     with torch.no_grad():
         params["lora_A.weight"].copy_(a)
         params["lora_B.weight"].copy_(b)

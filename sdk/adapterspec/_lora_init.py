@@ -126,25 +126,29 @@ def init_warnings(config: Mapping[str, Any], *, fresh: bool) -> list[tuple[str, 
 
 def residual(init: str, weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(W_res, A₀, B₀)`` of PEFT 0.21.2's ``pissa_init`` / ``olora_init`` for a float ``weight`` in the spec's
-    ``[out, in]`` layout, computed in float32 (W_res in ``weight``'s dtype).
+    ``[out, in]`` layout (W_res in ``weight``'s dtype, A₀ and B₀ in float32).
+
+    PEFT decomposes in float32 with torch's LAPACK; here the float32 weight is decomposed in float64, the exact
+    truncation PEFT's approximates: another float32 SVD would add its own rounding to PEFT's. Where the ``r``-th and
+    ``r+1``-th singular values lie close, a float32 SVD's truncation moves by about ``eps · ||W|| / gap``, the
+    computation's own conditioning, which no implementation but PEFT's own calls reproduces exactly.
 
     * ``"pissa"``: ``W = V S Uᴴ``; ``A₀ = diag(√(S_r / s)) Uᴴ_r``, ``B₀ = V_r diag(√(S_r / s))``;
     * ``"olora"``: ``W = Q R``; ``A₀ = R[:r]``, ``B₀ = Q[:, :r]``;
 
     then ``W_res = W − s·B₀A₀``. Singular vectors and QR factors are unique up to signs, which cancel in ``B₀A₀``.
     """
-    w = np.asarray(weight, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32).astype(np.float64)  # the weight as PEFT reads it, decomposed exactly
     if init == "pissa":
         v, s_values, uh = np.linalg.svd(w, full_matrices=False)
-        root = np.sqrt(s_values[:r] / np.float32(scaling)).astype(np.float32)
+        root = np.sqrt(s_values[:r] / scaling)
         a, b = root[:, None] * uh[:r], v[:, :r] * root[None, :]
     elif init == "olora":
         q, upper = np.linalg.qr(w)
         a, b = upper[:r], q[:, :r]
     else:
         raise ValueError(f"no residual for init_lora_weights {init!r}")
-    product = (np.float32(scaling) * b).astype(np.float32) @ a.astype(np.float32)  # PEFT: scaling * B @ A
-    return (w - product).astype(weight.dtype), a.astype(np.float32), b.astype(np.float32)
+    return (w - scaling * b @ a).astype(weight.dtype), a.astype(np.float32), b.astype(np.float32)
 
 
 def orthogonal_start(r: int, in_features: int, out_features: int, normal: Any) -> tuple[np.ndarray, np.ndarray]:

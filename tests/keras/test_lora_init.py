@@ -142,3 +142,26 @@ def test_new_orthogonal_adapter_starts_as_peft_s_does(checkpoints: Any, token_id
     assert_refused_unchanged(other, lambda: adapterspec.inject_adapter(other, {
         "peft_type": "LORA", "r": 5, "target_modules": ["q_proj"], "init_lora_weights": "orthogonal"}),
         adapterspec.UnsupportedError, "even rank")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_rank_above_a_layer_s_side_is_peft_s_smaller_one(checkpoints: Any, token_ids: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    """As on torch: where r exceeds a side, PEFT stores min(r, in, out) factors; Keras loads and makes the same."""
+    from keras_helpers import ARCHS
+
+    hidden = ARCHS["llama"].config["hidden_size"]
+    trained, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "a", peft.LoraConfig(
+        r=hidden + 8, lora_alpha=8, init_lora_weights="pissa", target_modules=["k_proj", "down_proj"]))
+    stored = adapterspec.read_adapter(folder).load_tensors()
+    ranks = {k: v.shape[0] for k, v in stored.items() if k.endswith("lora_A.weight")}
+    assert set(ranks.values()) <= set(range(1, hidden + 1)) and len(ranks) == 2 * ARCHS["llama"].config[
+        "num_hidden_layers"]
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, folder)
+    assert_near(keras_logits(model, token_ids), torch_logits(trained, token_ids))
+    new = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(new, {"peft_type": "LORA", "r": hidden + 8, "lora_alpha": 8, "init_lora_weights": "pissa",
+                                     "target_modules": ["k_proj", "down_proj"]})
+    made = adapterspec.extract_adapter(new).load_tensors()
+    assert {k: v.shape for k, v in made.items()} == {k: v.shape for k, v in stored.items()}

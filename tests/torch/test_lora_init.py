@@ -241,3 +241,27 @@ def test_new_orthogonal_adapter_starts_as_peft_s_does(llama: Any, cnn: Any, toke
         with pytest.raises(adapterspec.UnsupportedError, match=match):
             adapterspec.inject_adapter(refused, {"peft_type": "LORA", "init_lora_weights": "orthogonal", **config})
         assert_same_snapshot(refused, before)
+
+
+def test_a_rank_above_a_layer_s_side_is_peft_s_smaller_one(llama: Any, tmp_path: Path,
+                                                            token_inputs: dict[str, Any]) -> None:
+    """r = 40 on k_proj [32, 64]: PEFT's SVD has 32 triplets, so it stores lora_A [32, 64] and lora_B [32, 32] there
+    (q_proj [64, 64] keeps 40), scaled by alpha / 40; the load takes them, a new adapter makes them."""
+    from safetensors.torch import load_file
+
+    from peft import LoraConfig
+
+    trained = peft_reference(llama, LoraConfig(r=40, lora_alpha=8, target_modules=["q_proj", "k_proj"],
+                                               init_lora_weights="pissa"), tmp_path / "peft")
+    stored = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert stored["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (32, 64)
+    assert stored["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (40, 64)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, token_inputs), logits(trained, token_inputs))
+    new = fresh(llama)
+    adapterspec.inject_adapter(new, {"peft_type": "LORA", "r": 40, "lora_alpha": 8, "init_lora_weights": "pissa",
+                                     "target_modules": ["q_proj", "k_proj"]})
+    ours = adapterspec.extract_adapter(new).load_tensors("pt")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in stored.items()}
+    assert_close(logits(new, token_inputs), logits(llama, token_inputs))
