@@ -165,3 +165,30 @@ def test_a_rank_above_a_layer_s_side_is_peft_s_smaller_one(checkpoints: Any, tok
                                      "target_modules": ["k_proj", "down_proj"]})
     made = adapterspec.extract_adapter(new).load_tensors()
     assert {k: v.shape for k, v in made.items()} == {k: v.shape for k, v in stored.items()}
+
+
+#: keras-hub converters beyond the decoders above: Qwen2-MoE (its one-output shared_expert_gate: PEFT stores rank 1),
+#: BART (encoder-decoder), DeiT (a vision encoder with its classifier)
+MATRIX = {"qwen2_moe": "pissa", "bart": "pissa", "deit": "olora"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_pissa_and_olora_on_every_linear_layer_of_converted_models_match_peft(case: str, tmp_path: Path) -> None:
+    import test_converter_matrix as matrix
+    from keras_helpers import fill_adapter_weights
+
+    _, kind, build = matrix.CASES[case]
+    model, _, targets = build(tmp_path / "hf")
+    base_expected = matrix._run_torch(model, kind)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            init_lora_weights=MATRIX[case]))
+    fill_adapter_weights(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    expected = matrix._run_torch(peft_model, kind)
+    keras_model_ = matrix._keras_model(case, kind, tmp_path / "hf")
+    conversion = float(np.abs(matrix._run_keras(keras_model_, kind) - base_expected).max())
+    adapterspec.load_adapter(keras_model_, tmp_path / "adapter")
+    diff = float(np.abs(matrix._run_keras(keras_model_, kind) - expected).max())
+    effect = float(np.abs(expected - base_expected).max())
+    assert diff <= 3 * conversion + 1e-5 and effect > 10 * (3 * conversion + 1e-5), (diff, conversion, effect)
