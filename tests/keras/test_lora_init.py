@@ -192,3 +192,19 @@ def test_pissa_and_olora_on_every_linear_layer_of_converted_models_match_peft(ca
     diff = float(np.abs(matrix._run_keras(keras_model_, kind) - expected).max())
     effect = float(np.abs(expected - base_expected).max())
     assert diff <= 3 * conversion + 1e-5 and effect > 10 * (3 * conversion + 1e-5), (diff, conversion, effect)
+
+
+def test_a_load_that_fails_after_the_residual_leaves_the_kernels_as_they_were(checkpoints: Any,
+                                                                               tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "a", peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["q_proj", "v_proj"]))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = np.ascontiguousarray(tensors[key][:, :3])
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.AdapterSpecError,
+                             "v_proj")

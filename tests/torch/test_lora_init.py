@@ -265,3 +265,20 @@ def test_a_rank_above_a_layer_s_side_is_peft_s_smaller_one(llama: Any, tmp_path:
     ours = adapterspec.extract_adapter(new).load_tensors("pt")
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in stored.items()}
     assert_close(logits(new, token_inputs), logits(llama, token_inputs))
+
+
+def test_a_load_that_fails_after_the_residual_leaves_the_base_as_it_was(llama: Any, tmp_path: Path) -> None:
+    """The residual goes in at injection; a tensor of the wrong shape found after it undoes everything."""
+    from safetensors.torch import load_file, save_file
+
+    peft_reference(llama, _lora("pissa", ["q_proj", "v_proj"]), tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.AdapterSpecError):
+        adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_same_snapshot(model, before)
