@@ -410,6 +410,11 @@ def test_unsupported_and_unmatched_targets_change_nothing() -> None:
     with pytest.raises(UnsupportedError):
         adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": ["q_proj"],
                                            "modules_to_save": ["o_proj"]})
+    for init in ("orthogonal", "pissa"):  # PEFT's start from an orthogonal pair, or from the base's SVD (SPEC 8.1)
+        with pytest.raises(UnsupportedError) as info:
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                               "init_lora_weights": init})
+        assert info.value.pointer == "/init_lora_weights"
     assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
 
 

@@ -44,7 +44,8 @@ _UNSUPPORTED_FIELDS = {
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
 }
-# init_lora_weights values that rewrite the base weights or need data; any other string but these is refused.
+# init_lora_weights values whose adapters this backend loads (their init only sets the first A and B, which the file
+# replaces); the others rewrite the base weights or need data, and are refused. A new 'orthogonal' one is refused too.
 _INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
@@ -207,6 +208,10 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another adapter_name")
     check_supported(config)
+    if _initialize(options) and config.peft_type == "LORA" and config["init_lora_weights"] == "orthogonal":
+        raise UnsupportedError("a new adapter with init_lora_weights='orthogonal' (PEFT's orthogonal start) is not "
+                               "implemented by the flax backend", pointer="/init_lora_weights",
+                               hint="use true, false or \"gaussian\" (a trained adapter loads the same)")
     plan: list[tuple[tuple[Key, ...], AdaptedLinear | AdaptedEmbed, bool, Weights]] = []
     for spec, path, node in find_targets(model, config, options):
         wrapper: Any = node if isinstance(node, (AdaptedLinear, AdaptedEmbed)) else None
