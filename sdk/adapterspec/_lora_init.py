@@ -10,7 +10,8 @@ decompositions are deterministic) and computes what the trained model computed. 
 The other inits either need what no file holds, and are refused (``pissa_niter_<N>``: a randomised SVD, which
 rebuilds a different residual on each load; ``corda``: PEFT's ``preprocess_corda`` data; ``loftq``: a quantised
 base), or start a new adapter as ``true`` does and have a data-driven step adapterspec does not implement (``eva``,
-``lora_ga``: a warning), or train differently (``mica`` freezes ``lora_B``).
+``lora_ga``: a warning), or train differently (``mica`` freezes ``lora_B``). A new ``"orthogonal"`` adapter starts from PEFT's orthogonal pair
+(:func:`orthogonal_start`).
 
 >>> import numpy as np
 >>> w = np.arange(12, dtype=np.float32).reshape(3, 4) / 7

@@ -208,3 +208,30 @@ def test_a_load_that_fails_after_the_residual_leaves_the_kernels_as_they_were(ch
     model = keras_model("llama", checkpoints["llama"])
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.AdapterSpecError,
                              "v_proj")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pissa_adapter_trained_with_fit_loads_in_peft_as_trained(checkpoints: Any, token_ids: np.ndarray,
+                                                                   tmp_path: Path) -> None:
+    """fit trains A and B of a new PiSSA adapter over the frozen residual kernels; PEFT's load of the saved folder
+    onto the original checkpoint computes what the Keras model computes."""
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    keras.utils.set_random_seed(3)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": "pissa",
+                                       "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    kernels = {v.path: np.array(v.numpy()) for v in model.variables if "kernel" in v.path and not v.trainable}
+    assert len(kernels) >= 3 * 2  # the residual kernels among them, frozen
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    ids = np.concatenate([token_ids, token_ids[::-1]])
+    model.fit(keras_inputs(ids), np.roll(ids, -1, axis=1), epochs=2, batch_size=2, shuffle=False, verbose=0)
+    assert all(np.array_equal(v.numpy(), kernels[v.path]) for v in model.variables if v.path in kernels)
+    adapterspec.save_adapter(model, tmp_path / "trained")
+    expected = keras_logits(model, token_ids)
+    theirs = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "trained").eval()
+    assert_near(torch_logits(theirs, token_ids), expected)
+    assert np.abs(expected - keras_logits(keras_model("llama", checkpoints["llama"]), token_ids)).max() > 1e-2

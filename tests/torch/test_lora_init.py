@@ -282,3 +282,37 @@ def test_a_load_that_fails_after_the_residual_leaves_the_base_as_it_was(llama: A
     with pytest.raises(adapterspec.AdapterSpecError):
         adapterspec.load_adapter(model, tmp_path / "peft")
     assert_same_snapshot(model, before)
+
+
+def test_a_trained_pissa_adapter_resumes_loads_and_reaches_peft_as_trained(llama: Any, tmp_path: Path,
+                                                                           token_inputs: dict[str, Any]) -> None:
+    """Train a new PiSSA adapter (only A and B move; the residual base is frozen), save it: a resumed copy (inject +
+    restore_adapter), a load and PEFT's load all compute what the trained model computes."""
+    from peft import PeftModel
+
+    from adapterspec_torch.training import restore_adapter
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+              "init_lora_weights": "pissa"}
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))  # A and B only
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        model(**token_inputs, labels=token_inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapterspec.save_adapter(model, tmp_path / "trained")
+    expected = logits(model, token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
+    resumed = fresh(llama)
+    adapterspec.inject_adapter(resumed, config)
+    restore_adapter(resumed, tmp_path / "trained")
+    loaded = fresh(llama)
+    adapterspec.load_adapter(loaded, tmp_path / "trained")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(fresh(llama), str(tmp_path / "trained")).eval()
+    for other in (resumed, loaded, theirs):
+        assert torch.equal(logits(other, token_inputs), expected)
