@@ -126,6 +126,9 @@ def _normal(shape: tuple[int, ...]) -> np.ndarray:
 def _start_from(layer: AdapterLayer, adapter_name: str, a: np.ndarray, b: np.ndarray) -> None:
     """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
     _, layouts, refs = layer.parameters(adapter_name)
+    if layouts["lora_A.weight"].spec_shape != a.shape or layouts["lora_B.weight"].spec_shape != b.shape:
+        raise AssertionError(f"A0 {list(a.shape)}, B0 {list(b.shape)} do not fit the layer's "  # never reshaped
+                             f"{list(layouts['lora_A.weight'].spec_shape)}, {list(layouts['lora_B.weight'].spec_shape)}")
     bank = layer.bank(adapter_name)
     bank.assign(refs["lora_A.weight"], layouts["lora_A.weight"].to_stored(a))
     bank.assign(refs["lora_B.weight"], layouts["lora_B.weight"].to_stored(b))
