@@ -1078,6 +1078,10 @@ def _init_folders() -> None:
               f"PEFT's residual from {why}, which no load can rebuild: UnsupportedError naming /init_lora_weights",
               LORA_CFG | {"init_lora_weights": init}, lora_tensors(), valid=False, error="UnsupportedError",
               pointer="/init_lora_weights")
+    plain("lora-init-pissa-target-parameters", "init_lora_weights 'pissa' with target_parameters: PEFT decomposes each "
+          "adapted parameter too, a residual v1 does not define: UnsupportedError naming /init_lora_weights",
+          LORA_CFG | {"init_lora_weights": "pissa", "target_parameters": ["mlp.down_proj.weight"]}, lora_tensors(),
+          valid=False, error="UnsupportedError", pointer="/init_lora_weights")
     plain("lora-init-lora-ga", "init_lora_weights 'lora_ga': trained against a base changed with the training "
           "gradients, which the file does not hold; applied to the base as it is (as PEFT's load applies it), with a "
           "warning", LORA_CFG | {"init_lora_weights": "lora_ga"}, lora_tensors(), valid=True,

@@ -78,6 +78,9 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     init = _init(config)
     if not isinstance(init, str):
         return []
+    if init in BASE_INITS and config.get("target_parameters"):
+        return [("/init_lora_weights", f"init_lora_weights {init!r} with target_parameters: PEFT rebuilds a residual of "
+                                       "each adapted parameter too, which adapterspec does not (SPEC.md 15.1)")]
     if init.startswith("pissa_niter_"):
         return [("/init_lora_weights", f"init_lora_weights {init!r} builds the layers on a residual of the base that "
                                        "PEFT computes with a randomised SVD (torch.svd_lowrank), which no load can "
@@ -98,6 +101,10 @@ def init_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "mica"})[0][0]
     '/init_lora_weights'
     """
+    if _init(config) == "orthogonal" and config.get("target_parameters"):
+        return [("/target_parameters", "a new adapter with init_lora_weights 'orthogonal' on parameters "
+                                       "(target_parameters): PEFT's orthogonal start of LoRA on a parameter is not "
+                                       "implemented here", "use init_lora_weights true, or initialise with PEFT")]
     if _init(config) == "mica":
         return [("/init_lora_weights", "init_lora_weights 'mica' (lora_B from the base's smallest singular vectors, "
                                        "frozen in training) is not implemented for a new adapter",

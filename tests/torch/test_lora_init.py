@@ -316,3 +316,17 @@ def test_a_trained_pissa_adapter_resumes_loads_and_reaches_peft_as_trained(llama
         theirs = PeftModel.from_pretrained(fresh(llama), str(tmp_path / "trained")).eval()
     for other in (resumed, loaded, theirs):
         assert torch.equal(logits(other, token_inputs), expected)
+
+
+def test_pissa_on_parameters_and_a_new_orthogonal_one_are_refused(llama: Any) -> None:
+    """PEFT rebuilds a residual of a target parameter too (and starts it orthogonally): not implemented, refused."""
+    model = fresh(llama)
+    before = snapshot(model)
+    for init, pointer in (("pissa", "/init_lora_weights"), ("olora", "/init_lora_weights"),
+                          ("orthogonal", "/target_parameters")):
+        with pytest.raises(adapterspec.UnsupportedError) as caught:
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                               "target_parameters": ["mlp.gate_proj.weight"],
+                                               "init_lora_weights": init})
+        assert caught.value.pointer == pointer
+    assert_same_snapshot(model, before)
