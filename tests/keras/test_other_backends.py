@@ -47,6 +47,8 @@ SUBSET = [
     "tests/keras/test_target_parameters.py::test_load_runs_peft_unmerged[mixtral]",
     "tests/keras/test_trainable_tokens_method.py::test_peft_folder_roundtrip[gemma-tied]",
     "tests/keras/test_ln_tuning.py::test_peft_folder_roundtrip[qwen2-default-targets]",
+    # PiSSA's residual written into the kernels and given back on delete (SPEC 8.1)
+    "tests/keras/test_lora_init.py::test_peft_adapter_gives_peft_logits_and_delete_gives_the_base_back[llama-pissa]",
     # a save reads the variables without a copy where the backend keeps a snapshot (torch's CPU tensors: copied)
     "tests/keras/test_devices.py::test_saved_tensors_keep_their_values_when_the_variables_change_after[groups]",
 ]
