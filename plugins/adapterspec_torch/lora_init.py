@@ -35,7 +35,7 @@ def peft_residual(init: str, weight: torch.Tensor, r: int, scaling: float, trans
     (as stored: ``transposed`` for a transformers Conv1D, ``[in, out]``; ``W_res`` comes back stored alike).
 
     PiSSA works on ``[out, in]`` (PEFT's ``transpose(weight, fan_in_fan_out)``); OLoRA on the stored weight, as PEFT's
-    does (so on a Conv1D only a square one fits the adapter's shapes: :func:`rebuild_residuals` refuses the others).
+    does (so on a Conv1D only a square one fits the adapter's shapes: :func:`apply_init` refuses the others).
     """
     dtype = weight.dtype
     with torch.no_grad():
