@@ -1082,6 +1082,11 @@ def _init_folders() -> None:
           "adapted parameter too, a residual v1 does not define: UnsupportedError naming /init_lora_weights",
           LORA_CFG | {"init_lora_weights": "pissa", "target_parameters": ["mlp.down_proj.weight"]}, lora_tensors(),
           valid=False, error="UnsupportedError", pointer="/init_lora_weights")
+    plain("lora-init-mica-dora", "init_lora_weights 'mica' with use_dora: PEFT has no such LoRA variant (it raises): "
+          "UnsupportedError naming /init_lora_weights", LORA_CFG | {"init_lora_weights": "mica", "use_dora": True},
+          lora_tensors() | {f"{Q}.lora_magnitude_vector": np.ones(8, np.float32),
+                            f"{V}.lora_magnitude_vector": np.ones(4, np.float32)},
+          valid=False, error="UnsupportedError", pointer="/init_lora_weights")
     plain("lora-init-lora-ga", "init_lora_weights 'lora_ga': trained against a base changed with the training "
           "gradients, which the file does not hold; applied to the base as it is (as PEFT's load applies it), with a "
           "warning", LORA_CFG | {"init_lora_weights": "lora_ga"}, lora_tensors(), valid=True,

@@ -39,7 +39,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init
+from adapterspec._lora_init import base_init, frozen_params
 from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -308,13 +308,19 @@ def _lora_inits(kind: str, fan_in: int, r: int, init: Any) -> dict[str, tuple[An
 @functools.lru_cache(maxsize=1024)
 def _lora_plan(kind: str, n_in: int, n_out: int, k: tuple[int, ...], r: int, use_dora: bool, lora_bias: bool,
                init: Any, dtype: str, device: str | None, trainable: bool, initialize: bool,
-               placement: Placement | None = None) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+               placement: Placement | None = None, frozen: frozenset[str] = frozenset(),
+               ) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
     """A LoRA slot's layouts and bank groups: made once per module shape and config, not per module
-    (``placement``: the base kernel's split on a sharded model, :func:`~adapterspec_keras.sharding.placement_of`)."""
+    (``placement``: the base kernel's split on a sharded model, :func:`~adapterspec_keras.sharding.placement_of`;
+    ``frozen``: parameters PEFT does not train, MiCA's B, kept in untrainable groups)."""
     layouts = _lora_layouts_of(kind, n_in, n_out, k, r, use_dora, lora_bias)
     inits = _lora_inits(kind, n_in * math.prod(k), r, init) if initialize else None
-    return layouts, _group_keys(layouts, inits, dtype, device, trainable,
-                                _shardings(placement, "LORA", layouts, conv=kind == "conv"))
+    keys = _group_keys(layouts, inits, dtype, device, trainable, _shardings(placement, "LORA", layouts,
+                                                                            conv=kind == "conv"))
+    if trainable and frozen:
+        keys = MappingProxyType({param: key._replace(trainable=False) if param in frozen else key
+                                 for param, key in keys.items()})
+    return layouts, keys
 
 
 @functools.lru_cache(maxsize=1024)
@@ -451,7 +457,7 @@ class AdapterLayer:
             layouts, keys = _lora_plan(site.kind, site.in_features, site.out_features, site.conv_spatial, r,
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,
-                                       dtype, device, trainable, initialize, placement)
+                                       dtype, device, trainable, initialize, placement, frozen_params(config))
         elif config.peft_type in lycoris.METHODS:
             lycoris.check(site, path, config, trainable=trainable)
             slot = _Slot(path, config.peft_type, config.rank_for(path), config.scaling_for(path), False, False, 0.0,

@@ -9,7 +9,7 @@ torch's to rounding, their signs cancel in ``B₀A₀``) and written back into t
 (:class:`~adapterspec_keras.auxiliary.Override`, saved under no key): the fingerprint still describes ``W``, and
 deleting the adapter gives ``W`` back. A new adapter also takes ``A₀``, ``B₀`` (and DoRA's magnitude). A new
 ``"orthogonal"`` adapter takes PEFT's orthogonal start (:func:`adapterspec._lora_init.orthogonal_start`, drawn
-from Keras' seeded generator: ``B₀A₀ = 0``).
+from Keras' seeded generator: ``B₀A₀ = 0``), a new ``"mica"`` one PEFT's minor singular vectors (:func:`_mica`).
 
 >>> apply_init(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
 """
@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import acted_init, orthogonal_start, residual
+from adapterspec._lora_init import acted_init, mica_start, orthogonal_start, residual
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
@@ -55,8 +55,8 @@ def site_weight(site: ModuleSite) -> np.ndarray:
 def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_name: str, options: LoadOptions) -> None:
     """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) into each of its
     LoRA modules' kernels, as PEFT does when it creates the layers; a new adapter (``options.initialize``) also takes
-    ``A₀``, ``B₀`` -- and a new ``"orthogonal"`` one its orthogonal start. Embeddings keep their base and start
-    (PEFT's run none of these inits); convolutions are refused (PEFT refuses them), as are OLoRA on a non-square
+    ``A₀``, ``B₀`` -- and a new ``"orthogonal"`` or ``"mica"`` one PEFT's start of it. Embeddings keep their base
+    and start (PEFT's run none of these inits but MiCA's); convolutions are refused (PEFT refuses them), as are OLoRA on a non-square
     Conv1D, a module holding a merged adapter or another adapter's residual or a kernel that is not float32,
     float16 or bfloat16 (PEFT refuses it), and an odd rank for ``"orthogonal"``.
     Each kernel's override is recorded as soon as it is written, so a failure part way is undone with the adapter.
@@ -68,10 +68,14 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
     replaced = {id(o.variable) for name, each in state.base_weights.items() if name != adapter_name for o in each}
     mine: dict[int, Override] = {}  # a kernel several modules share (Swin's fused q/k/v): each writes its columns
     for layer in list(state.adapter_layers.values()):
-        if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots or layer.site.kind == "embedding":
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots:
             continue
         site, slot = layer.site, layer._slots[adapter_name]
         where = f"init_lora_weights {init!r} on {slot.path!r}"
+        if site.kind == "embedding":  # PEFT's embeddings run MiCA's init alone of these
+            if init == "mica":
+                _mica(layer, adapter_name, where)
+            continue
         if site.kind != "linear":
             raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
                                    f"{site.kind} layer", key=slot.path, pointer="/init_lora_weights",
@@ -82,6 +86,9 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
                                        key=slot.path, pointer="/init_lora_weights", hint="use an even r")
             a, b = orthogonal_start(slot.rank, site.in_features, site.out_features, _normal)
             _start_from(layer, adapter_name, a, b)
+            continue
+        if init == "mica":
+            _mica(layer, adapter_name, where)
             continue
         variables = list({id(p.kernel_variable): p.kernel_variable for p in site.pieces}.values())
         if layer.merged or any(id(v) in replaced for v in variables):
@@ -123,15 +130,36 @@ def _normal(shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(keras.random.normal(shape, dtype="float32")))
 
 
+def _mica(layer: AdapterLayer, adapter_name: str, where: str) -> None:
+    """A new MiCA adapter's start, as PEFT 0.21.2's ``mica_init`` (:func:`adapterspec._lora_init.mica_start`), rounded
+    to the kernel's dtype as PEFT rounds it. (Training leaves ``B`` frozen: ``frozen_params``.)"""
+    site, slot = layer.site, layer._slots[adapter_name]
+    dtypes = {_ops.dtype_name(p.kernel_variable) for p in site.pieces}
+    if dtypes - {"float32", "float16", "bfloat16"}:
+        raise UnsupportedError(f"{where}: PEFT initialises MiCA on float32, float16 or bfloat16 weights only, not "
+                               f"{', '.join(sorted(dtypes))}", key=slot.path, pointer="/init_lora_weights",
+                               hint="load the base in float32")
+    weight = site_weight(site)  # [out, in]; an embedding's [dim, num_embeddings], as PEFT takes it
+    if slot.rank > min(weight.shape):
+        raise UnsupportedError(f"{where}: MiCA needs r <= min(in_features, out_features) = {min(weight.shape)}, not "
+                               f"{slot.rank} (PEFT refuses it)", key=slot.path, pointer="/r",
+                               hint="lower r (or its rank_pattern entry) for this module")
+    a, b = mica_start(weight, slot.rank)
+    dtype = next(iter(dtypes))
+    _start_from(layer, adapter_name, a, np.asarray(ops.convert_to_numpy(ops.cast(ops.cast(b, dtype), "float32"))))
+
+
 def _start_from(layer: AdapterLayer, adapter_name: str, a: np.ndarray, b: np.ndarray) -> None:
     """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
     _, layouts, refs = layer.parameters(adapter_name)
-    if layouts["lora_A.weight"].spec_shape != a.shape or layouts["lora_B.weight"].spec_shape != b.shape:
+    a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if layer.site.kind == "embedding" else \
+        ("lora_A.weight", "lora_B.weight")
+    if layouts[a_name].spec_shape != a.shape or layouts[b_name].spec_shape != b.shape:
         raise AssertionError(f"A0 {list(a.shape)}, B0 {list(b.shape)} do not fit the layer's "  # never reshaped
-                             f"{list(layouts['lora_A.weight'].spec_shape)}, {list(layouts['lora_B.weight'].spec_shape)}")
+                             f"{list(layouts[a_name].spec_shape)}, {list(layouts[b_name].spec_shape)}")
     bank = layer.bank(adapter_name)
-    bank.assign(refs["lora_A.weight"], layouts["lora_A.weight"].to_stored(a))
-    bank.assign(refs["lora_B.weight"], layouts["lora_B.weight"].to_stored(b))
+    bank.assign(refs[a_name], layouts[a_name].to_stored(a))
+    bank.assign(refs[b_name], layouts[b_name].to_stored(b))
     slot = layer._slots[adapter_name]
     if slot.use_dora:
         bank.assign(refs["lora_magnitude_vector"], layer._weight_norm(slot, scaling=slot.scaling))

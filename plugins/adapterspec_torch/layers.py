@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init
+from adapterspec._lora_init import base_init, frozen_params
 from adapterspec._method_checks import factorization
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -471,16 +471,18 @@ class AdapterLayer(nn.Module):
             spec.shared, spec.dropout = shared, float(config.get("vera_dropout") or 0.0)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
+        frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
         pending: dict[str, PendingParam] = {}
         weights.__dict__.update(training=self.training, pending=pending)
         params = weights._parameters
         for param, shape in shapes.items():
             attr = _ATTR.get(param) or param.replace(".", "_")
             spec.names[param] = attr
+            grad = trainable and param not in frozen
             if options.initialize:
-                params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=trainable)
+                params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=grad)
             else:
-                pending[attr] = PendingParam(shape, device, dtype, trainable)
+                pending[attr] = PendingParam(shape, device, dtype, grad)
         self._modules["adapter_weights"]._modules[name] = weights
         self._specs[name] = spec
         self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__

@@ -8,7 +8,7 @@ calls (so the residual is PEFT's to the bit), and puts ``W_res`` in as an overri
 (:class:`~adapterspec_torch.auxiliary.Override`, saved under no key): the fingerprint still describes ``W``, and
 deleting the adapter gives ``W`` back. A new adapter also takes ``A₀``, ``B₀`` (and DoRA's magnitude of
 ``W_res + s·B₀A₀``), as PEFT's new one does. A new ``"orthogonal"`` adapter takes PEFT's ``orthogonal_init``
-(:func:`orthogonal_start`, the same torch calls: ``B₀A₀ = 0``).
+(:func:`orthogonal_start`, the same torch calls: ``B₀A₀ = 0``), a new ``"mica"`` one PEFT's ``mica_init``.
 
 >>> apply_init(model, get_state(model), cfg, "default", LoadOptions())   # doctest: +SKIP
 """
@@ -67,10 +67,10 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
                options: LoadOptions) -> None:
     """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) under each of its
     LoRA layers, as PEFT does when it creates them; a new adapter (``options.initialize``) also takes ``A₀``, ``B₀``
-    -- and a new ``"orthogonal"`` one its orthogonal start.
+    -- and a new ``"orthogonal"`` or ``"mica"`` one PEFT's start of it.
 
-    PEFT's embeddings run none of these inits (their base and start stay); convolutions cannot take them (PEFT refuses
-    the config).
+    PEFT's embeddings run none of these inits but MiCA's (their base and start stay); convolutions cannot take them
+    (PEFT refuses the config).
 
     :raises UnsupportedError: a convolution; OLoRA on a non-square Conv1D (PEFT's factors do not fit its adapter);
         a layer whose weight holds a merged adapter or another adapter's residual, or is not float32, float16 or
@@ -84,10 +84,13 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
     frozen = bool(options.trainable and options.freeze_base)
     for spec_path, own in state.modules[adapter_name].items():
         layer = state.wrappers.get(own)
-        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names() or \
-                layer.kind == "embedding":
+        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names():
             continue
         where = f"init_lora_weights {init!r} on {spec_path!r}"
+        if layer.kind == "embedding":  # PEFT's embeddings run MiCA's init alone of these
+            if init == "mica":
+                _mica(layer, adapter_name, spec_path, where)
+            continue
         if layer.kind not in ("linear", "conv1d_hf"):
             raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
                                    f"{layer.kind} layer", key=spec_path, pointer="/init_lora_weights",
@@ -102,6 +105,9 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
             dtype = layer.base_layer.weight.dtype
             a, b = orthogonal_start(spec.r, int(in_features), int(out_features))
             _start_from(layer, adapter_name, a.to(dtype), b.to(dtype))
+            continue
+        if init == "mica":
+            _mica(layer, adapter_name, spec_path, where)
             continue
         old = layer.base_layer._parameters["weight"]
         assert old is not None
@@ -130,15 +136,39 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
             _start_from(layer, adapter_name, a, b)
 
 
+def _mica(layer: AdapterLayer, adapter_name: str, spec_path: str, where: str) -> None:
+    """A new MiCA adapter's start, as PEFT 0.21.2's ``mica_init`` (its torch calls): ``B₀`` the left singular vectors
+    of the ``r`` smallest singular values of the ``[out, in]`` weight (an embedding's ``[dim, num_embeddings]``),
+    ``A₀`` zeros, both rounded to the weight's dtype. (Training leaves ``B`` frozen: ``frozen_params``.)"""
+    weight = layer.base_layer.weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedError(f"{where}: PEFT initialises MiCA on float32, float16 or bfloat16 weights only, not "
+                               f"{str(weight.dtype).removeprefix('torch.')}", key=spec_path,
+                               pointer="/init_lora_weights", hint="load the base in float32")
+    r = layer._specs[adapter_name].r
+    with torch.no_grad():
+        w = weight.to(torch.float32)
+        w = w.T if layer.kind in ("conv1d_hf", "embedding") else w
+        if r > min(w.shape):
+            raise UnsupportedError(f"{where}: MiCA needs r <= min(in_features, out_features) = {min(w.shape)}, not "
+                                   f"{r} (PEFT refuses it)", key=spec_path, pointer="/r",
+                                   hint="lower r (or its rank_pattern entry) for this module")
+        u = torch.linalg.svd(w, full_matrices=False)[0]
+        b, a = u[:, -r:].contiguous(), torch.zeros(r, w.shape[1], device=w.device)
+    _start_from(layer, adapter_name, a.to(weight.dtype), b.to(weight.dtype))
+
+
 def _start_from(layer: AdapterLayer, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     """A new adapter's ``A₀``, ``B₀`` (and DoRA's magnitude, of ``W_res + s·B₀A₀`` as PEFT's DoRA init takes it)."""
     params = layer._params_of(adapter_name)
-    if params["lora_A.weight"].shape != a.shape or params["lora_B.weight"].shape != b.shape:  # never broadcast
+    a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if layer.kind == "embedding" else \
+        ("lora_A.weight", "lora_B.weight")
+    if params[a_name].shape != a.shape or params[b_name].shape != b.shape:  # never broadcast
         raise AssertionError(f"A0 {list(a.shape)}, B0 {list(b.shape)} do not fit the layer's "
-                             f"{list(params['lora_A.weight'].shape)}, {list(params['lora_B.weight'].shape)}")
+                             f"{list(params[a_name].shape)}, {list(params[b_name].shape)}")
     with torch.no_grad():
-        params["lora_A.weight"].copy_(a)
-        params["lora_B.weight"].copy_(b)
+        params[a_name].copy_(a)
+        params[b_name].copy_(b)
         if "lora_magnitude_vector" in params:
             layer._caches.pop(f"{adapter_name}-weight_norm", None)
             norm = layer._weight_norm(adapter_name, detach=True)

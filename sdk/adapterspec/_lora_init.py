@@ -10,8 +10,9 @@ decompositions are deterministic) and computes what the trained model computed. 
 The other inits either need what no file holds, and are refused (``pissa_niter_<N>``: a randomised SVD, which
 rebuilds a different residual on each load; ``corda``: PEFT's ``preprocess_corda`` data; ``loftq``: a quantised
 base), or start a new adapter as ``true`` does and have a data-driven step adapterspec does not implement (``eva``,
-``lora_ga``: a warning), or train differently (``mica`` freezes ``lora_B``). A new ``"orthogonal"`` adapter starts from PEFT's orthogonal pair
-(:func:`orthogonal_start`).
+``lora_ga``: a warning), or train differently (``mica``: PEFT freezes ``lora_B``, :func:`frozen_params`). A new ``"orthogonal"`` adapter starts
+from PEFT's orthogonal pair (:func:`orthogonal_start`), a new ``"mica"`` one from the base's minor singular vectors
+(:func:`mica_start`).
 
 >>> import numpy as np
 >>> w = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
@@ -27,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASE_INITS", "acted_init", "base_init", "init_refusals", "init_warnings", "orthogonal_start", "residual",
-           "unsupported"]
+__all__ = ["BASE_INITS", "acted_init", "base_init", "frozen_params", "init_refusals", "init_warnings", "mica_start",
+           "orthogonal_start", "residual", "unsupported"]
 
 #: The inits whose residual base a reader rebuilds from the original weight (SPEC.md 8.1).
 BASE_INITS = ("pissa", "olora")
@@ -55,15 +56,29 @@ def base_init(config: Mapping[str, Any]) -> str | None:
 
 def acted_init(config: Mapping[str, Any], *, fresh: bool) -> str | None:
     """The ``init_lora_weights`` a backend acts on beyond its plain LoRA init: ``"pissa"``/``"olora"`` (a load or a
-    new adapter: the residual base), ``"orthogonal"`` (a new adapter: :func:`orthogonal_start`), else ``None``.
+    new adapter: the residual base), ``"orthogonal"`` or ``"mica"`` (a new adapter: :func:`orthogonal_start`,
+    :func:`mica_start`), else ``None``.
 
     >>> acted_init({"peft_type": "LORA", "init_lora_weights": "orthogonal"}, fresh=False) is None
     True
     """
     found = base_init(config)
-    if found is None and fresh and _init(config) == "orthogonal":
-        return "orthogonal"
+    if found is None and fresh and _init(config) in ("orthogonal", "mica"):
+        return str(_init(config))
     return found
+
+
+def frozen_params(config: Mapping[str, Any]) -> frozenset[str]:
+    """The adapter tensors PEFT does not train for this config: MiCA's ``lora_B.weight`` / ``lora_embedding_B``
+    (PEFT's ``MiCALinearVariant`` registers them frozen, at a load too); else none.
+
+    >>> sorted(frozen_params({"peft_type": "LORA", "init_lora_weights": "mica"}))
+    ['lora_B.weight', 'lora_embedding_B']
+    """
+    return _MICA_FROZEN if _init(config) == "mica" else frozenset()
+
+
+_MICA_FROZEN = frozenset({"lora_B.weight", "lora_embedding_B"})
 
 
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -81,6 +96,9 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     if init in BASE_INITS and config.get("target_parameters"):
         return [("/init_lora_weights", f"init_lora_weights {init!r} with target_parameters: PEFT rebuilds a residual of "
                                        "each adapted parameter too, which adapterspec does not (SPEC.md 15.1)")]
+    if init == "mica" and config.get("use_dora") is True:
+        return [("/init_lora_weights", "init_lora_weights 'mica' with use_dora: PEFT 0.21.2 has no LoRA variant that "
+                                       "combines them (it raises), and neither do adapterspec v1 readers")]
     if init.startswith("pissa_niter_"):
         return [("/init_lora_weights", f"init_lora_weights {init!r} builds the layers on a residual of the base that "
                                        "PEFT computes with a randomised SVD (torch.svd_lowrank), which no load can "
@@ -96,19 +114,19 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def init_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """``(JSON pointer, reason, hint)`` for an ``init_lora_weights`` a new adapter cannot start from here (besides
-    :func:`unsupported`): MiCA's.
+    :func:`unsupported`): an orthogonal or MiCA start of LoRA on parameters.
 
-    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "mica"})[0][0]
-    '/init_lora_weights'
+    >>> init_refusals({"peft_type": "LORA", "init_lora_weights": "mica", "target_parameters": ["w"]})[0][0]
+    '/target_parameters'
     """
     if _init(config) == "orthogonal" and config.get("target_parameters"):
         return [("/target_parameters", "a new adapter with init_lora_weights 'orthogonal' on parameters "
                                        "(target_parameters): PEFT's orthogonal start of LoRA on a parameter is not "
                                        "implemented here", "use init_lora_weights true, or initialise with PEFT")]
-    if _init(config) == "mica":
-        return [("/init_lora_weights", "init_lora_weights 'mica' (lora_B from the base's smallest singular vectors, "
-                                       "frozen in training) is not implemented for a new adapter",
-                 "initialise with PEFT, or use another init_lora_weights")]
+    if _init(config) == "mica" and config.get("target_parameters"):
+        return [("/target_parameters", "a new adapter with init_lora_weights 'mica' on parameters (target_parameters): "
+                                       "PEFT 0.21.2 has no MiCA variant for them (it raises)",
+                 "use init_lora_weights true, or leave target_parameters out")]
     return []
 
 
@@ -174,3 +192,16 @@ def orthogonal_start(r: int, in_features: int, out_features: int, normal: Any) -
     a = (np.asarray(normal((in_features, r // 2)), dtype=np.float32) @ q[0::2, :]).T / np.float32(10.0)
     b = np.asarray(normal((r // 2, out_features)), dtype=np.float32).T @ q[1::2, :] / np.float32(10.0)
     return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+
+
+def mica_start(weight: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(A₀, B₀)`` of PEFT 0.21.2's ``mica_init`` for a float ``weight`` in the spec's ``[out, in]`` layout (an
+    embedding's ``[dim, num_embeddings]``): ``B₀`` the ``r`` left singular vectors of the smallest singular values,
+    ``A₀`` zeros, so the model starts as the base (``r`` at most the smaller side).
+
+    >>> a, b = mica_start(np.diag([3.0, 2.0, 1.0]).astype(np.float32), 1)
+    >>> a.tolist(), np.abs(b).ravel().tolist()
+    ([[0.0, 0.0, 0.0]], [0.0, 0.0, 1.0])
+    """
+    u = np.linalg.svd(np.asarray(weight, dtype=np.float32).astype(np.float64), full_matrices=False)[0]
+    return np.zeros((r, weight.shape[1]), dtype=np.float32), np.ascontiguousarray(u[:, -r:], dtype=np.float32)

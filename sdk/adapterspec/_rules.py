@@ -213,10 +213,11 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                                         "pass (approximate gradients), which plain gradient steps do not reproduce",
                       "train with PEFT, then load the saved adapter without trainable (or set velora_config to null "
                       "to train plain LoRA)"))
-    if config.get("peft_type") == "LORA" and config.get("init_lora_weights") == "mica":
-        found.append(("/init_lora_weights", "MiCA (init_lora_weights 'mica') trains lora_A only: PEFT freezes lora_B, "
-                                            "which plain gradient steps on every adapter tensor would train too",
-                      "train with PEFT, then load the saved adapter without trainable"))
+    if config.get("peft_type") == "LORA" and config.get("init_lora_weights") == "mica" and \
+            config.get("target_parameters"):
+        found.append(("/target_parameters", "MiCA (init_lora_weights 'mica') on parameters (target_parameters): PEFT "
+                                            "0.21.2 has no MiCA variant for them, so which tensors it trains is "
+                                            "undefined", "train with PEFT, or load the adapter without trainable"))
     return found
 
 

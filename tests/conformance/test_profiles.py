@@ -15,7 +15,7 @@ from adapterspec.conformance import Corpus, NumericCase, RoundtripCase, Status, 
 from adapterspec.conformance.reference_impl import ReferenceImplementation
 
 #: The folder cases outside core: DoRA, LoHa, LoKr and prompt-learning folders.
-NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "loha", "lokr", "prefix", "prompt", "prompt-shape-disagrees",
+NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "loha", "lokr", "prefix", "prompt", "prompt-shape-disagrees",
                     "prefix-sizes-from-model", "prefix-sizes-from-model-disagree", "dora-magnitude-wrong-shape",
                     "lokr-factorization-differs", "lokr-form-disagrees", "loha-effective-without-flag",
                     "oft-coft", "oft-not-a-triangle", "boft-butterfly-factors",
@@ -38,7 +38,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 248 and len(corpus.cases) == 366
+    assert len(core) == 248 and len(corpus.cases) == 367
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

@@ -115,7 +115,8 @@ def test_inits_no_load_can_rebuild_and_layers_peft_refuses_are_refused(checkpoin
     model = keras_model("gpt2", checkpoints["gpt2"])
     for config, needle in (({"init_lora_weights": "pissa_niter_2", "target_modules": ["c_attn"]}, "randomised SVD"),
                            ({"init_lora_weights": "olora", "target_modules": ["c_attn"]}, "square"),
-                           ({"init_lora_weights": "mica", "target_modules": ["c_attn"]}, "new adapter")):
+                           ({"init_lora_weights": "mica", "target_modules": ["c_attn"], "use_dora": True}, "use_dora"),
+                           ({"init_lora_weights": "mica", "target_modules": ["attn.c_proj"], "r": 65}, "min")):
         assert_refused_unchanged(model, lambda c=config: adapterspec.inject_adapter(
             model, {"peft_type": "LORA", "r": 2, **c}), adapterspec.UnsupportedError, needle)
     adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["attn.c_proj"]}, "plain")
@@ -235,3 +236,44 @@ def test_a_pissa_adapter_trained_with_fit_loads_in_peft_as_trained(checkpoints: 
     theirs = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "trained").eval()
     assert_near(torch_logits(theirs, token_ids), expected)
     assert np.abs(expected - keras_logits(keras_model("llama", checkpoints["llama"]), token_ids)).max() > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_mica_starts_and_trains_as_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """MiCA: a new adapter's B spans PEFT's minor left singular vectors (to their signs; embeddings too), A is zero;
+    fit moves A only -- B's variables are not trainable, also for a loaded adapter; PEFT loads the result as trained."""
+    import keras
+    from peft.utils import get_peft_model_state_dict
+
+    from keras_helpers import keras_inputs
+
+    targets = ["q_proj", "down_proj", "embed_tokens"]
+    reference = peft.get_peft_model(hf_model(checkpoints["llama"]), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="mica", target_modules=targets))
+    theirs = {k: v.numpy() for k, v in get_peft_model_state_dict(reference).items() if ".lora_" in k}
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": "mica",
+                                       "target_modules": targets})
+    ours = {k: v for k, v in adapterspec.extract_adapter(model).load_tensors().items() if ".lora_" in k}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 10
+    for key, value in theirs.items():
+        if "_A" in key:
+            assert not ours[key].any() and not value.any()
+        else:  # the same columns up to sign: B Bᵀ, the projector on the minor singular subspace
+            assert_near(ours[key] @ ours[key].T, value @ value.T, length=4)
+    assert_near(keras_logits(model, token_ids), base)
+    frozen = [v for v in model.variables if "lora" in v.path and "_B" in v.path.split("/")[-1]]
+    assert frozen and not any(v.trainable for v in frozen)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    ids = np.concatenate([token_ids, token_ids[::-1]])
+    model.fit(keras_inputs(ids), np.roll(ids, -1, axis=1), epochs=1, batch_size=2, shuffle=False, verbose=0)
+    after = {k: v for k, v in adapterspec.extract_adapter(model).load_tensors().items() if ".lora_" in k}
+    assert all(np.array_equal(after[k], ours[k]) == ("_B" in k) for k in ours)  # A moved, B did not
+    adapterspec.save_adapter(model, tmp_path / "trained")
+    loaded = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(loaded, tmp_path / "trained", trainable=True)
+    assert not any(v.trainable for v in loaded.variables if "lora" in v.path and "_B" in v.path.split("/")[-1])
+    theirs_loaded = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "trained").eval()
+    assert_near(torch_logits(theirs_loaded, token_ids), keras_logits(model, token_ids))

@@ -174,20 +174,52 @@ def test_inits_no_load_can_rebuild_are_refused(init: str, match: str, llama: Any
     assert_same_snapshot(model, before)
 
 
-def test_mica_loads_but_neither_starts_nor_trains(llama: Any, tmp_path: Path, token_inputs: dict[str, Any],
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """MiCA: PEFT's load overwrites its SVD-made B with the file's (the base stays): it loads; a new one and
-    training (PEFT freezes lora_B) are refused."""
-    trained = peft_reference(llama, _lora("mica", ["q_proj"]), tmp_path / "peft")
+def test_mica_starts_and_trains_as_peft(llama: Any, tmp_path: Path, token_inputs: dict[str, Any]) -> None:
+    """MiCA (PEFT's mica_init + MiCALinearVariant): a new adapter's B is the minor left singular vectors (PEFT's own,
+    exactly; embeddings too), A zero; training moves A only -- B stays frozen, also for a loaded adapter."""
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["q_proj", "down_proj", "embed_tokens"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = get_peft_model(fresh(llama), _lora("mica", targets))
     model = fresh(llama)
-    adapterspec.load_adapter(model, tmp_path / "peft")
-    assert_close(logits(model, token_inputs), logits(trained, token_inputs))
-    with pytest.raises(adapterspec.UnsupportedError, match="lora_B") as caught:
-        adapterspec.load_adapter(fresh(llama), tmp_path / "peft", trainable=True)
-    assert caught.value.pointer == "/init_lora_weights"
-    with pytest.raises(adapterspec.UnsupportedError, match="not implemented for a new adapter"):
-        adapterspec.inject_adapter(fresh(llama), {"peft_type": "LORA", "target_modules": ["q_proj"],
-                                                  "init_lora_weights": "mica"})
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets,
+                                       "init_lora_weights": "mica"})
+    theirs = {k: v for k, v in get_peft_model_state_dict(reference).items() if ".lora_" in k}
+    ours = {k: v for k, v in adapterspec.extract_adapter(model).load_tensors("pt").items() if ".lora_" in k}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 10 and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    assert all(v.abs().sum() > 0 for k, v in ours.items() if "_B" in k)
+    flags = {n.split(".adapter_weights.")[0] + "." + n.rsplit(".", 1)[-1]: p.requires_grad
+             for n, p in model.named_parameters() if "adapter_weights" in n}
+    assert flags and all(flag == ("_A" in name) for name, flag in flags.items()), flags
+    assert_close(logits(model, token_inputs), logits(llama, token_inputs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = {k: v.clone() for k, v in ours.items()}
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    model(**token_inputs, labels=token_inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    after = adapterspec.extract_adapter(model).load_tensors("pt")
+    assert all(torch.equal(after[k], before[k]) == ("_B" in k) for k in before)  # A moved, B did not
+    adapterspec.save_adapter(model, tmp_path / "trained")
+    loaded = fresh(llama)
+    adapterspec.load_adapter(loaded, tmp_path / "trained", trainable=True)
+    assert sorted(n for n, p in loaded.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in loaded.named_parameters() if "adapter_weights" in n and "_A" in n.rsplit(".", 1)[-1])
+
+
+def test_mica_refusals(llama: Any, cnn: Any) -> None:
+    """As PEFT refuses them: MiCA with DoRA (no such variant; a load too), r above a side, a convolution."""
+    for base, config, match in (
+            (llama, {"target_modules": ["q_proj"], "use_dora": True}, "use_dora"),
+            (llama, {"target_modules": ["k_proj"], "r": 40}, "min"),
+            (cnn, {"target_modules": ["conv1"]}, "linear layers only")):
+        model = fresh(base)
+        before = snapshot(model)
+        with pytest.raises(adapterspec.UnsupportedError, match=match):
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "init_lora_weights": "mica", **config})
+        assert_same_snapshot(model, before)
 
 
 def test_data_driven_inits_warn(llama: Any, tmp_path: Path) -> None:
