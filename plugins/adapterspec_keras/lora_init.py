@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import acted_init, mica_start, orthogonal_start, residual
+from adapterspec._lora_init import BASE_INITS, acted_init, layer_refusal, mica_start, orthogonal_start, residual
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
@@ -56,9 +56,8 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
     """Put the residual base of ``adapter_name`` (``init_lora_weights`` ``"pissa"``/``"olora"``) into each of its
     LoRA modules' kernels, as PEFT does when it creates the layers; a new adapter (``options.initialize``) also takes
     ``A₀``, ``B₀`` -- and a new ``"orthogonal"`` or ``"mica"`` one PEFT's start of it. Embeddings keep their base
-    and start (PEFT's run none of these inits but MiCA's); convolutions are refused (PEFT refuses them), as are OLoRA on a non-square
-    Conv1D, a module holding a merged adapter or another adapter's residual or a kernel that is not float32,
-    float16 or bfloat16 (PEFT refuses it), and an odd rank for ``"orthogonal"``.
+    and start (PEFT's run none of these inits but MiCA's); what a layer cannot take is refused as
+    :func:`adapterspec._lora_init.layer_refusal` says, naming the module.
     Each kernel's override is recorded as soon as it is written, so a failure part way is undone with the adapter.
     """
     init = acted_init(config, fresh=bool(options.initialize))
@@ -71,56 +70,37 @@ def apply_init(model: Any, state: ModelState, config: AdapterConfig, adapter_nam
         if not isinstance(layer, AdapterLayer) or adapter_name not in layer._slots:
             continue
         site, slot = layer.site, layer._slots[adapter_name]
-        where = f"init_lora_weights {init!r} on {slot.path!r}"
-        if site.kind == "embedding":  # PEFT's embeddings run MiCA's init alone of these
-            if init == "mica":
-                _mica(layer, adapter_name, where)
-            continue
-        if site.kind != "linear":
-            raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
-                                   f"{site.kind} layer", key=slot.path, pointer="/init_lora_weights",
-                                   hint="leave convolutions out of target_modules")
-        if init == "orthogonal":
-            if slot.rank % 2:
-                raise UnsupportedError(f"{where}: PEFT's orthogonal init needs an even rank, not {slot.rank}",
-                                       key=slot.path, pointer="/init_lora_weights", hint="use an even r")
+        variables = list({id(p.kernel_variable): p.kernel_variable for p in site.pieces}.values())
+        dtypes = sorted({_ops.dtype_name(v) for v in variables})
+        kind = "conv1d_hf" if site.kind == "linear" and site.hf_conv1d else site.kind
+        refusal = layer_refusal(init, kind=kind, rank=slot.rank, in_features=site.in_features,
+                                out_features=site.out_features, dtype=", ".join(dtypes), hf_conv1d=site.hf_conv1d,
+                                not_base=bool(layer.merged) or any(id(v) in replaced for v in variables))
+        if refusal is not None:
+            pointer, reason, hint = refusal
+            raise UnsupportedError(f"init_lora_weights {init!r} on {slot.path!r}: {reason}", key=slot.path,
+                                   pointer=pointer, hint=hint)
+        if init == "orthogonal" and site.kind != "embedding":
             a, b = orthogonal_start(slot.rank, site.in_features, site.out_features, _normal)
             _start_from(layer, adapter_name, a, b)
-            continue
-        if init == "mica":
-            _mica(layer, adapter_name, where)
-            continue
-        variables = list({id(p.kernel_variable): p.kernel_variable for p in site.pieces}.values())
-        if layer.merged or any(id(v) in replaced for v in variables):
-            raise UnsupportedError(f"{where}: the module's weight is not the base now (it holds a merged adapter or "
-                                   "another adapter's residual), which PEFT would decompose instead",
-                                   key=slot.path, pointer="/init_lora_weights",
-                                   hint="unmerge, or delete the other adapter first")
-        dtypes = {_ops.dtype_name(v) for v in variables} - {"float32", "float16", "bfloat16"}
-        if dtypes:
-            raise UnsupportedError(f"{where}: PEFT decomposes float32, float16 or bfloat16 weights only, not "
-                                   f"{', '.join(sorted(dtypes))}", key=slot.path, pointer="/init_lora_weights",
-                                   hint="load the base in float32")
-        if init == "olora" and site.hf_conv1d and site.in_features != site.out_features:
-            raise UnsupportedError(f"{where}: PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "
-                                   f"[{site.in_features}, {site.out_features}]), which fits the adapter's shapes only "
-                                   "when it is square", key=slot.path, pointer="/init_lora_weights",
-                                   hint="leave this layer out of target_modules, or use 'pissa'")
-        weight = site_weight(site)
-        as_stored = init == "olora" and site.hf_conv1d  # PEFT's OLoRA factors the Conv1D weight as stored
-        w_res, a, b = residual(init, weight.T if as_stored else weight, slot.rank, slot.scaling)
-        w_res = w_res.T if as_stored else w_res
-        for variable in variables:
-            if id(variable) not in mine:
-                old = np.array(ops.convert_to_numpy(variable))
-                mine[id(variable)] = Override([], variable, old, old)
-                overrides.append(mine[id(variable)])
-        for piece in site.pieces:
-            _ops.assign_kernel(piece, w_res[np.ix_(piece.out_index.ravel(), piece.in_index.ravel())].T)
-        for variable in variables:
-            mine[id(variable)].new = np.array(ops.convert_to_numpy(variable))
-        if options.initialize:
-            _start_from(layer, adapter_name, a, b)
+        elif init == "mica":
+            _mica(layer, adapter_name, dtypes[0])
+        elif init in BASE_INITS and site.kind != "embedding":
+            weight = site_weight(site)
+            as_stored = init == "olora" and site.hf_conv1d  # PEFT's OLoRA factors the Conv1D weight as stored
+            w_res, a, b = residual(init, weight.T if as_stored else weight, slot.rank, slot.scaling)
+            w_res = w_res.T if as_stored else w_res
+            for variable in variables:
+                if id(variable) not in mine:
+                    old = np.array(ops.convert_to_numpy(variable))
+                    mine[id(variable)] = Override([], variable, old, old)
+                    overrides.append(mine[id(variable)])
+            for piece in site.pieces:
+                _ops.assign_kernel(piece, w_res[np.ix_(piece.out_index.ravel(), piece.in_index.ravel())].T)
+            for variable in variables:
+                mine[id(variable)].new = np.array(ops.convert_to_numpy(variable))
+            if options.initialize:
+                _start_from(layer, adapter_name, a, b)
 
 
 def _normal(shape: tuple[int, ...]) -> np.ndarray:
@@ -130,22 +110,10 @@ def _normal(shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(keras.random.normal(shape, dtype="float32")))
 
 
-def _mica(layer: AdapterLayer, adapter_name: str, where: str) -> None:
+def _mica(layer: AdapterLayer, adapter_name: str, dtype: str) -> None:
     """A new MiCA adapter's start, as PEFT 0.21.2's ``mica_init`` (:func:`adapterspec._lora_init.mica_start`), rounded
-    to the kernel's dtype as PEFT rounds it. (Training leaves ``B`` frozen: ``frozen_params``.)"""
-    site, slot = layer.site, layer._slots[adapter_name]
-    dtypes = {_ops.dtype_name(p.kernel_variable) for p in site.pieces}
-    if dtypes - {"float32", "float16", "bfloat16"}:
-        raise UnsupportedError(f"{where}: PEFT initialises MiCA on float32, float16 or bfloat16 weights only, not "
-                               f"{', '.join(sorted(dtypes))}", key=slot.path, pointer="/init_lora_weights",
-                               hint="load the base in float32")
-    weight = site_weight(site)  # [out, in]; an embedding's [dim, num_embeddings], as PEFT takes it
-    if slot.rank > min(weight.shape):
-        raise UnsupportedError(f"{where}: MiCA needs r <= min(in_features, out_features) = {min(weight.shape)}, not "
-                               f"{slot.rank} (PEFT refuses it)", key=slot.path, pointer="/r",
-                               hint="lower r (or its rank_pattern entry) for this module")
-    a, b = mica_start(weight, slot.rank)
-    dtype = next(iter(dtypes))
+    to the kernel's ``dtype`` as PEFT rounds it. (Training leaves ``B`` frozen: ``frozen_params``.)"""
+    a, b = mica_start(site_weight(layer.site), layer._slots[adapter_name].rank)  # an embedding's [dim, num], as PEFT
     _start_from(layer, adapter_name, a, np.asarray(ops.convert_to_numpy(ops.cast(ops.cast(b, dtype), "float32"))))
 
 

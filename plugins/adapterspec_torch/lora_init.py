@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import acted_init
+from adapterspec._lora_init import BASE_INITS, acted_init, layer_refusal
 from adapterspec.errors import UnsupportedError
 
 from .auxiliary import Override, _holders
-from .layers import AdapterLayer
+from .layers import AdapterLayer, _in_out
 from .switch import ModelState
 
 __all__ = ["apply_init", "orthogonal_start", "peft_residual"]
@@ -72,87 +72,58 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
     PEFT's embeddings run none of these inits but MiCA's (their base and start stay); convolutions cannot take them
     (PEFT refuses the config).
 
-    :raises UnsupportedError: a convolution; OLoRA on a non-square Conv1D (PEFT's factors do not fit its adapter);
-        a layer whose weight holds a merged adapter or another adapter's residual, or is not float32, float16 or
-        bfloat16 (PEFT refuses it); an odd rank for ``"orthogonal"``.
+    :raises UnsupportedError: what :func:`adapterspec._lora_init.layer_refusal` refuses (a convolution; OLoRA on a
+        non-square Conv1D; a layer whose weight holds a merged adapter or another adapter's residual, or is not
+        float32, float16 or bfloat16; an odd rank for ``"orthogonal"``; MiCA's r above a side), naming the module.
     """
     init = acted_init(config, fresh=bool(options.initialize))
     if init is None:
         return
     overrides = state.base_weights.setdefault(adapter_name, [])
     replaced = {id(o.new) for each in state.base_weights.values() for o in each}
-    frozen = bool(options.trainable and options.freeze_base)
-    for spec_path, own in state.modules[adapter_name].items():
-        layer = state.wrappers.get(own)
-        if not isinstance(layer, AdapterLayer) or adapter_name not in layer.adapter_names():
-            continue
-        where = f"init_lora_weights {init!r} on {spec_path!r}"
-        if layer.kind == "embedding":  # PEFT's embeddings run MiCA's init alone of these
-            if init == "mica":
-                _mica(layer, adapter_name, spec_path, where)
-            continue
-        if layer.kind not in ("linear", "conv1d_hf"):
-            raise UnsupportedError(f"{where}: PEFT 0.21.2 runs this init on linear layers only, and refuses it on a "
-                                   f"{layer.kind} layer", key=spec_path, pointer="/init_lora_weights",
-                                   hint="leave convolutions out of target_modules")
+    base_frozen = bool(options.trainable and options.freeze_base)
+    layers = [(spec_path, layer) for spec_path, own in state.modules[adapter_name].items()
+              if isinstance(layer := state.wrappers.get(own), AdapterLayer) and adapter_name in layer.adapter_names()]
+    holders = _holders(model, [layer.base_layer.weight for _, layer in layers])  # one walk of the model, not one a layer
+    for spec_path, layer in layers:
         spec = layer._specs[adapter_name]
-        if init == "orthogonal":
-            if spec.r % 2:
-                raise UnsupportedError(f"{where}: PEFT's orthogonal init needs an even rank, not {spec.r}",
-                                       key=spec_path, pointer="/init_lora_weights", hint="use an even r")
-            out_features, in_features = layer.base_layer.weight.shape[::-1] if layer.kind == "conv1d_hf" \
-                else layer.base_layer.weight.shape
-            dtype = layer.base_layer.weight.dtype
-            a, b = orthogonal_start(spec.r, int(in_features), int(out_features))
-            _start_from(layer, adapter_name, a.to(dtype), b.to(dtype))
-            continue
-        if init == "mica":
-            _mica(layer, adapter_name, spec_path, where)
-            continue
         old = layer.base_layer._parameters["weight"]
         assert old is not None
-        if layer.merged_adapters or id(old) in replaced:
-            raise UnsupportedError(f"{where}: the layer's weight is not the base now (it holds a merged adapter or "
-                                   "another adapter's residual), which PEFT would decompose instead",
-                                   key=spec_path, pointer="/init_lora_weights",
-                                   hint="unmerge, or delete the other adapter first")
-        if old.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise UnsupportedError(f"{where}: PEFT decomposes float32, float16 or bfloat16 weights only, not "
-                                   f"{str(old.dtype).removeprefix('torch.')}", key=spec_path, pointer="/init_lora_weights",
-                                   hint="load the base in float32")
-        transposed = layer.kind == "conv1d_hf"
-        if init == "olora" and transposed and old.shape[0] != old.shape[1]:
-            raise UnsupportedError(f"{where}: PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "
-                                   f"{list(old.shape)}), which fits the adapter's shapes only when it is square",
-                                   key=spec_path, pointer="/init_lora_weights",
-                                   hint="leave this layer out of target_modules, or use 'pissa'")
-        w_res, a, b = peft_residual(init, old.detach(), spec.r, spec.scaling, transposed)
-        new = nn.Parameter(w_res, requires_grad=old.requires_grad and not frozen)
-        slots = _holders(model, [old]).get(id(old)) or [(layer.base_layer, "weight")]
-        for holder, attr in slots:
-            holder._parameters[attr] = new
-        overrides.append(Override([], slots, old, new))
-        if options.initialize:
-            _start_from(layer, adapter_name, a, b)
+        in_features, out_features = _in_out(layer.base_layer, layer.kind)
+        refusal = layer_refusal(init, kind=layer.kind, rank=spec.r, in_features=in_features,
+                                out_features=out_features, dtype=str(old.dtype).removeprefix("torch."),
+                                hf_conv1d=layer.kind == "conv1d_hf",
+                                not_base=bool(layer.merged_adapters) or id(old) in replaced)
+        if refusal is not None:
+            pointer, reason, hint = refusal
+            raise UnsupportedError(f"init_lora_weights {init!r} on {spec_path!r}: {reason}", key=spec_path,
+                                   pointer=pointer, hint=hint)
+        if init == "orthogonal" and layer.kind != "embedding":
+            a, b = orthogonal_start(spec.r, in_features, out_features)
+            _start_from(layer, adapter_name, a.to(old.dtype), b.to(old.dtype))
+        elif init == "mica":
+            _mica(layer, adapter_name)
+        elif init in BASE_INITS and layer.kind != "embedding":
+            transposed = layer.kind == "conv1d_hf"
+            w_res, a, b = peft_residual(init, old.detach(), spec.r, spec.scaling, transposed)
+            new = nn.Parameter(w_res, requires_grad=old.requires_grad and not base_frozen)
+            slots = holders.get(id(old)) or _holders(model, [old]).get(id(old)) or [(layer.base_layer, "weight")]
+            for holder, attr in slots:
+                holder._parameters[attr] = new
+            overrides.append(Override([], slots, old, new))
+            if options.initialize:
+                _start_from(layer, adapter_name, a, b)
 
 
-def _mica(layer: AdapterLayer, adapter_name: str, spec_path: str, where: str) -> None:
+def _mica(layer: AdapterLayer, adapter_name: str) -> None:
     """A new MiCA adapter's start, as PEFT 0.21.2's ``mica_init`` (its torch calls): ``B₀`` the left singular vectors
     of the ``r`` smallest singular values of the ``[out, in]`` weight (an embedding's ``[dim, num_embeddings]``),
     ``A₀`` zeros, both rounded to the weight's dtype. (Training leaves ``B`` frozen: ``frozen_params``.)"""
     weight = layer.base_layer.weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise UnsupportedError(f"{where}: PEFT initialises MiCA on float32, float16 or bfloat16 weights only, not "
-                               f"{str(weight.dtype).removeprefix('torch.')}", key=spec_path,
-                               pointer="/init_lora_weights", hint="load the base in float32")
     r = layer._specs[adapter_name].r
     with torch.no_grad():
         w = weight.to(torch.float32)
         w = w.T if layer.kind in ("conv1d_hf", "embedding") else w
-        if r > min(w.shape):
-            raise UnsupportedError(f"{where}: MiCA needs r <= min(in_features, out_features) = {min(w.shape)}, not "
-                                   f"{r} (PEFT refuses it)", key=spec_path, pointer="/r",
-                                   hint="lower r (or its rank_pattern entry) for this module")
         u = torch.linalg.svd(w, full_matrices=False)[0]
         b, a = u[:, -r:].contiguous(), torch.zeros(r, w.shape[1], device=w.device)
     _start_from(layer, adapter_name, a.to(weight.dtype), b.to(weight.dtype))

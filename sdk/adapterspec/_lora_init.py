@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASE_INITS", "acted_init", "base_init", "frozen_params", "init_refusals", "init_warnings", "mica_start",
-           "orthogonal_start", "residual", "unsupported"]
+__all__ = ["BASE_INITS", "acted_init", "base_init", "frozen_params", "init_refusals", "init_warnings", "layer_refusal",
+           "mica_start", "orthogonal_start", "residual", "unsupported"]
 
 #: The inits whose residual base a reader rebuilds from the original weight (SPEC.md 8.1).
 BASE_INITS = ("pissa", "olora")
@@ -110,6 +110,49 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         return [("/init_lora_weights", "init_lora_weights 'loftq' builds the layers on a quantised residual of the "
                                        "base, which adapterspec does not rebuild")]
     return []
+
+
+#: The weight dtypes PEFT decomposes (its pissa_init, olora_init and mica_init raise on others).
+_DECOMPOSED = ("float32", "float16", "bfloat16")
+
+
+def layer_refusal(init: str, *, kind: str, rank: int, in_features: int, out_features: int, dtype: str,
+                  hf_conv1d: bool, not_base: bool) -> tuple[str, str, str] | None:
+    """``(JSON pointer, reason, hint)`` when one adapted layer cannot take ``init`` (an :func:`acted_init` value) as
+    PEFT 0.21.2 takes it, else ``None``; both backends ask it with the layer's facts, so they refuse alike.
+
+    :param kind: the layer kind (``"linear"``, ``"conv1d_hf"``, ``"embedding"``; any other is a convolution).
+    :param dtype: the base weight's dtype name (``"float32"``...).
+    :param hf_conv1d: a transformers Conv1D (its weight stored ``[in, out]``).
+    :param not_base: the weight holds a merged adapter or another adapter's residual.
+
+    >>> layer_refusal("orthogonal", kind="linear", rank=3, in_features=8, out_features=8, dtype="float32",
+    ...               hf_conv1d=False, not_base=False)[1]
+    "PEFT's orthogonal init needs an even rank, not 3"
+    """
+    if kind == "embedding" and init != "mica":  # PEFT's embeddings run MiCA's init alone of these
+        return None
+    if kind not in ("linear", "conv1d_hf", "embedding"):
+        return ("/init_lora_weights", f"PEFT 0.21.2 runs this init on linear layers only, and refuses it on a {kind} "
+                                      "layer", "leave convolutions out of target_modules")
+    if init == "orthogonal":
+        return ("/init_lora_weights", f"PEFT's orthogonal init needs an even rank, not {rank}",
+                "use an even r") if rank % 2 else None
+    if init != "mica" and not_base:
+        return ("/init_lora_weights", "the layer's weight is not the base now (it holds a merged adapter or another "
+                                      "adapter's residual), which PEFT would decompose instead",
+                "unmerge, or delete the other adapter first")
+    if dtype not in _DECOMPOSED:
+        return ("/init_lora_weights", f"PEFT decomposes float32, float16 or bfloat16 weights only, not {dtype}",
+                "load the base in float32")
+    if init == "mica" and rank > min(in_features, out_features):
+        return ("/r", f"MiCA needs r <= min(in_features, out_features) = {min(in_features, out_features)}, not {rank} "
+                      "(PEFT refuses it)", "lower r (or its rank_pattern entry) for this module")
+    if init == "olora" and hf_conv1d and in_features != out_features:
+        return ("/init_lora_weights", "PEFT's OLoRA factors a transformers Conv1D weight as stored ([in, out] "
+                                      f"[{in_features}, {out_features}]), which fits the adapter's shapes only when it "
+                                      "is square", "leave this layer out of target_modules, or use 'pissa'")
+    return None
 
 
 def init_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
