@@ -39,7 +39,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init, frozen_params
+from adapterspec._lora_init import factor_rank, frozen_params
 from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -452,8 +452,8 @@ class AdapterLayer:
             slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
                          bool(config.get("lora_bias")), float(config.get("lora_dropout") or 0.0), False)
             init = config.get("init_lora_weights", True)
-            if site.kind == "linear" and base_init(config):  # PiSSA/OLoRA: no more factors than the sides (SPEC 8.1)
-                r = min(r, site.in_features, site.out_features)
+            if site.kind == "linear":
+                r = factor_rank(config, r, site.in_features, site.out_features)
             layouts, keys = _lora_plan(site.kind, site.in_features, site.out_features, site.conv_spatial, r,
                                        slot.use_dora, slot.lora_bias,
                                        False if init is False else "gaussian" if init == "gaussian" else True,

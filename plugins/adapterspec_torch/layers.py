@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._lora_init import base_init, frozen_params
+from adapterspec._lora_init import factor_rank, frozen_params
 from adapterspec._method_checks import factorization
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -175,8 +175,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
     in_f, out_f = _in_out(module, kind)
     if method == "LORA":
         r = config.rank_for(path) if rank is None else rank
-        if kind in ("linear", "conv1d_hf") and base_init(config):  # PiSSA/OLoRA: no more factors than the sides
-            r = min(r, in_f, out_f)
+        if kind in ("linear", "conv1d_hf"):
+            r = factor_rank(config, r, in_f, out_f)
         shapes: dict[str, tuple[int, ...]]
         if kind == "embedding":
             shapes = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}

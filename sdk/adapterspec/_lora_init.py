@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASE_INITS", "acted_init", "base_init", "frozen_params", "init_refusals", "init_warnings", "layer_refusal",
+__all__ = ["BASE_INITS", "acted_init", "base_init", "factor_rank", "frozen_params", "init_refusals", "init_warnings", "layer_refusal",
            "mica_start", "orthogonal_start", "residual", "unsupported"]
 
 #: The inits whose residual base a reader rebuilds from the original weight (SPEC.md 8.1).
@@ -52,6 +52,16 @@ def base_init(config: Mapping[str, Any]) -> str | None:
     """
     init = _init(config)
     return init if isinstance(init, str) and init in BASE_INITS else None
+
+
+def factor_rank(config: Mapping[str, Any], r: int, in_features: int, out_features: int) -> int:
+    """The rank a linear layer's LoRA factors have: ``r``, or for PiSSA/OLoRA ``min(r, in, out)`` -- a decomposition
+    of the weight has no more factors than its smaller side, and PEFT stores that many (SPEC.md 8.1).
+
+    >>> factor_rank({"peft_type": "LORA", "init_lora_weights": "pissa"}, 4, 8, 1)
+    1
+    """
+    return min(r, in_features, out_features) if base_init(config) else r
 
 
 def acted_init(config: Mapping[str, Any], *, fresh: bool) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ._adalora import stored_rank
-from ._lora_init import base_init
+from ._lora_init import factor_rank
 from ._vera import SHARED, shared_key
 from ._vera import rank as vera_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
@@ -58,10 +58,10 @@ def _axes(module: str, p: Params, wanted: Mapping[str, tuple[int, ...]], hint: s
 
 
 def _ranks(config: AdapterConfig, module: str, p: Params, axes: Mapping[str, tuple[int, ...]],
-           cap: int | None = None) -> Errors:
-    """Check 10: a rank error for each tensor whose rank axes (``axes[name]``) are not ``r_m`` (SPEC 4.4), or
-    ``min(r_m, cap)`` (PiSSA/OLoRA, SPEC 8.1: a decomposition of the weight has no more factors than its sides)."""
-    r = config.rank_for(module) if cap is None else min(config.rank_for(module), cap)
+           in_out: tuple[int, int] | None = None) -> Errors:
+    """Check 10: a rank error for each tensor whose rank axes (``axes[name]``) are not ``r_m`` (SPEC 4.4) -- on a
+    linear layer of ``in_out`` features, the rank its factors have (:func:`~adapterspec._lora_init.factor_rank`)."""
+    r = config.rank_for(module) if in_out is None else factor_rank(config, config.rank_for(module), *in_out)
     errors: Errors = []
     for name, positions in axes.items():
         bad = next((p[name].shape[i] for i in positions if name in p and p[name].shape[i] != r), None)
@@ -118,8 +118,8 @@ def _lora_factors(config: AdapterConfig, module: str, p: Params, a_name: str, b_
         return [_shape(module, b_name, b, f"{a_name} has {len(a.shape)} axes and {b_name} {len(b.shape)}: both need "
                                           "2 (Linear, Embedding) or the same 3-5 (convolutions)",
                        "save A as [r, in(, kernel...)] and B as [out, r(, 1...)]")]
-    cap = min(a.shape[1], b.shape[0]) if len(a.shape) == 2 and not embedding and base_init(config) else None
-    errors = _ranks(config, module, p, {a_name: (0,)}, cap)  # and B's rank axis equals A's (r/g for grouped convs)
+    linear = len(a.shape) == 2 and not embedding
+    errors = _ranks(config, module, p, {a_name: (0,)}, (a.shape[1], b.shape[0]) if linear else None)  # and B's rank axis equals A's (r/g for grouped convs)
     ra, rb = a.shape[0], b.shape[1]
     if rb != ra and not (len(b.shape) > 2 and rb > 0 and ra % rb == 0):
         errors.append(_shape(module, b_name, b, f"dimension 1 must equal lora_A's rank {ra}",
