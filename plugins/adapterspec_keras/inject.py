@@ -170,16 +170,36 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
     if every_entry and isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
         if missing:
+            _refuse_quantized(model)
             raise TargetNotFoundError(
                 f"target_modules {missing} match no layer of this {type(model).__name__} "
                 f"(mapped modules: {_summary(sites)})", key=",".join(missing),
                 hint="pass module_map={spec module path: keras layer path} for them, or remove them from target_modules")
     if not targets and not allow_empty:  # allow_empty: target_parameters selects parameters (SPEC.md 15.1)
+        _refuse_quantized(model)
         raise TargetNotFoundError(
             f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
             f"(mapped modules: {_summary(sites)})", key=str(wanted),
             hint="check target_modules / layers_to_transform, or pass module_map for a hand-built model")
     return targets
+
+
+def _refuse_quantized(model: Any) -> None:
+    """Where targets are not found in a model Keras quantized (``model.quantize``: int4 kernels change shape, so the
+    converters' maps do not find them), say that, not "no module matches" (SPEC.md 6.8).
+
+    :raises UnsupportedError: a layer of ``model`` is quantized.
+    """
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = list(flatten(include_self=False, recursive=True)) if callable(flatten) else []
+    quantized = [layer for layer in layers if getattr(layer, "quantization_mode", None)]
+    if quantized:
+        raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} and {len(quantized) - 1} more layers "
+                               f"of this {type(model).__name__} are quantized ({quantized[0].quantization_mode}); the "
+                               "keras backend does not adapt quantized layers", key=quantized[0].path,
+                               hint="load the adapter onto the model before model.quantize(...) (merge it with "
+                                    "adapterspec.unload(model, merge=True) first to quantize the sum), or use the torch "
+                                    "backend, which runs adapters on bitsandbytes layers")
 
 
 def _summary(sites: dict[str, ModuleSite]) -> str:

@@ -87,6 +87,13 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
+    quantized = [p.layer for p in site.pieces if getattr(p.layer, "quantization_mode", None)]
+    if quantized:  # Keras' int8/int4/float8/GPTQ layers keep their kernel packed, scaled or rounded (SPEC.md 6.8)
+        raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} is quantized "
+                               f"({quantized[0].quantization_mode}); the keras backend does not adapt quantized layers",
+                               key=path, hint="load the adapter onto the model before model.quantize(...) (merge it "
+                                              "with adapterspec.unload(model, merge=True) first to quantize the sum), "
+                                              "or use the torch backend, which runs adapters on bitsandbytes layers")
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
@@ -988,10 +995,16 @@ class AdapterLayer:
     def check_merge(self, names: list[str]) -> None:
         """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
 
-        :raises UnsupportedError: token rows of their own on an output layer tied to its embedding.
+        :raises UnsupportedError: token rows of their own on an output layer tied to its embedding; lora_bias on a
+            layer without a bias.
         """
         for name in names:
             slot = self._slots.get(name)
+            if slot is not None and name not in self._merged and slot.lora_bias:
+                for piece in self.site.pieces:
+                    if _ops.bias_of(piece) is None:
+                        raise UnsupportedError(f"lora_bias cannot merge into {piece.layer.path!r}, which has no bias",
+                                               key=self.site.path, hint="keep the adapter unmerged")
             if slot is not None and slot.method == tokens.TOKENS and slot.source is None and \
                     any(piece.tied for piece in self.site.pieces):
                 raise UnsupportedError("token rows of an output layer tied to its embedding, with indices of their "

@@ -14,6 +14,7 @@ calls them with its base layer and one adapter's tensors.
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -23,6 +24,8 @@ from torch import nn
 from adapterspec import AdapterConfig
 from adapterspec._adalora import RANKNUM_EPS, ranknum, scaling, stored_rank
 from adapterspec.errors import UnsupportedError
+
+from .quantized import weight_shape
 
 __all__ = ["KINDS", "METHODS", "check", "delta_weight", "factors", "initialise", "output", "shapes"]
 
@@ -45,11 +48,11 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
 def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
     """``lora_A`` ``[k, in]``, ``lora_B`` ``[out, k]``, ``lora_E`` ``[k, 1]`` (PEFT's layout)."""
     k = stored_rank(config, path)
-    weight = cast(torch.Tensor, module.weight)
+    shape = weight_shape(module, kind)
     if kind == "conv1d_hf":
-        in_f, out_f = int(weight.shape[0]), int(weight.shape[1])
+        in_f, out_f = shape[0], shape[1]
     else:
-        in_f, out_f = int(weight[0].numel()), int(weight.shape[0])
+        in_f, out_f = math.prod(shape[1:]), shape[0]
     return {"lora_A": (k, in_f), "lora_B": (out_f, k), "lora_E": (k, 1)}
 
 
@@ -80,10 +83,9 @@ def delta_weight(base: nn.Module, kind: str, params: dict[str, torch.Tensor], sc
     """``B @ (A * E) * scaling / (ranknum + 1e-5)`` in the base weight's layout (transposed for Conv1D, reshaped
     for a Conv2d)."""
     delta = _divide(params["lora_B"] @ (params["lora_A"] * params["lora_E"]), scale, rank)
-    weight = cast(torch.Tensor, base.weight)
     if kind == "conv1d_hf":
         return delta.T
-    return delta.reshape(weight.shape)
+    return delta.reshape(weight_shape(base, kind))
 
 
 def output(base: nn.Module, kind: str, params: dict[str, torch.Tensor], scale: float, rank: int, x: torch.Tensor,

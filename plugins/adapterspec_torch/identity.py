@@ -18,6 +18,7 @@ from torch import nn
 from adapterspec.identity import fingerprint, sample_indices
 
 from .layers import AdapterLayer
+from .quantized import weight_quantization
 from .switch import ModelState, require_state
 
 __all__ = ["base_identity", "remember_base", "task_type_of", "unmerged_base"]
@@ -104,7 +105,7 @@ def _base_weights(state: ModelState, adapter_name: str) -> dict[str, tuple[str, 
 
 def _samples(weight: torch.Tensor, transposed: bool) -> tuple[tuple[int, ...], Any] | None:
     """SPEC.md 9.1's (shape, samples) of a weight, or ``None`` where it has no values to read."""
-    if weight.device.type == "meta" or not weight.is_floating_point():
+    if weight.device.type == "meta" or weight_quantization(weight) is not None:  # no values to read as they were
         return None
     with torch.no_grad():
         if hasattr(weight, "full_tensor"):  # a sharded weight (SPEC.md 16): every process gathers it, in turn

@@ -40,6 +40,7 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from . import adalora, oft, vera
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
+from .quantized import dense_weight, quantization, readable, weight_shape
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
            "linear_in_features", "param_shapes"]
@@ -122,6 +123,11 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
                                hint="set velora_config to null, or remove the module from target_modules")
+    if method == "LORA" and config.get("use_dora") and not readable(module):
+        raise UnsupportedError(f"DoRA reads the base weight's values, and this layer's weight is quantized "
+                               f"({quantization(module)}) in a way the torch backend cannot dequantize "
+                               "(it reads bitsandbytes' 4-bit and 8-bit weights)", key=path,
+                               hint="load the adapter onto the unquantized model")
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
@@ -203,15 +209,15 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return adalora.shapes(module, kind, config, path)
     if method in vera.METHODS and kind is not None:
         return vera.shapes(module, kind, config)
-    weight_shape = tuple(_weight(module).shape)
+    shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
         r = config.rank_for(path) if rank is None else rank
         if effective is not None:  # the CP form: a core tensor per factor, the factors [r, out] and [r, in / groups]
-            cols = weight_shape[1]
+            cols = shape[1]
             return {"hada_w1_a": (r, out_f), "hada_w1_b": (r, cols), "hada_w2_a": (r, out_f), "hada_w2_b": (r, cols),
                     "hada_t1": (r, r, *effective), "hada_t2": (r, r, *effective)}
-        cols = math.prod(weight_shape[1:])
+        cols = math.prod(shape[1:])
         return {"hada_w1_a": (out_f, r), "hada_w1_b": (r, cols), "hada_w2_a": (out_f, r), "hada_w2_b": (r, cols)}
     if method == "LOKR":
         r = config.rank_for(path) if rank is None else rank
@@ -219,7 +225,7 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         in_dim = in_f // _conv(module).groups if kind in _CONV_KINDS else in_f
         in_m, in_n = factorization(in_dim, factor)
         out_l, out_k = factorization(out_f, factor)
-        kernel = tuple(weight_shape[2:])
+        kernel = tuple(shape[2:])
         use_w1 = not (config.get("decompose_both", False) and r < max(out_l, in_m) / 2)
         use_w2 = r >= max(out_k, in_n) / 2 if kernel else not (r < max(out_k, in_n) / 2)
         shapes = {}
@@ -520,6 +526,11 @@ class AdapterLayer(nn.Module):
             raise UnsupportedError(f"trainable_token_indices needs an embedding (or a tied linear output) layer, "
                                    f"not a {type(self.base_layer).__qualname__}", key=name,
                                    hint="name an embedding layer in trainable_token_indices")
+        quantized = quantization(self._modules["base_layer"])
+        if quantized is not None:
+            raise UnsupportedError(f"trainable token rows replace rows of the layer's weight, which is quantized "
+                                   f"({quantized})", key=name,
+                                   hint="load the adapter onto the unquantized model")
         spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
         weights = _new_module(_Weights)
         weights.__dict__.update(training=self.training, pending={})
@@ -673,7 +684,6 @@ class AdapterLayer(nn.Module):
         LoHa/LoKr: their reconstructed weight. IA3 scales instead (see :meth:`merge`).
         """
         spec = self._specs[name]
-        base_weight = _weight(self.base_layer)
         if spec.method in adalora.METHODS:
             return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling, spec.r)
         if spec.shared is not None:
@@ -691,7 +701,7 @@ class AdapterLayer(nn.Module):
             if self.kind == "embedding":
                 out = (b @ a).T * spec.scaling
             elif self.kind in _CONV_KINDS:
-                if base_weight.size()[2:4] == (1, 1):
+                if _weight(self.base_layer).size()[2:4] == (1, 1):
                     out = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * spec.scaling
                 else:
                     out = self._conv_fn()(a.transpose(0, 1), b)
@@ -707,7 +717,7 @@ class AdapterLayer(nn.Module):
             else:
                 weight = ((p("hada_w1_a") @ p("hada_w1_b")) * (p("hada_w2_a") @ p("hada_w2_b"))) \
                     * torch.tensor(spec.scaling)
-            return weight.reshape(base_weight.shape)
+            return weight.reshape(weight_shape(self._modules["base_layer"], self.kind))
         if spec.method == "LOKR":
             w1 = self._param(name, "lokr_w1") if self._has(name, "lokr_w1") else (
                 self._param(name, "lokr_w1_a") @ self._param(name, "lokr_w1_b"))
@@ -721,7 +731,7 @@ class AdapterLayer(nn.Module):
             if w2.dim() == 4:
                 w1 = w1.unsqueeze(2).unsqueeze(2)
             weight = torch.kron(w1, w2.contiguous()) * spec.scaling
-            return weight.reshape(base_weight.shape)
+            return weight.reshape(weight_shape(self._modules["base_layer"], self.kind))
         raise UnsupportedError(f"{spec.method} has no additive weight delta", key=name, hint="use merge()")
 
     def _conv_fn(self) -> Any:
@@ -752,7 +762,7 @@ class AdapterLayer(nn.Module):
     def _weight_norm(self, name: str, *, detach: bool) -> torch.Tensor:
         spec = self._specs[name]
         lora_weight = self._lora_weight(name)
-        weight = self.base_layer.weight
+        weight = dense_weight(self.base_layer, name)
         if self.kind in _LINEAR_KINDS:
             weight = weight.to(lora_weight.dtype)
         norm = self._norm_of(weight, lora_weight.detach() if detach else lora_weight, spec.scaling)
@@ -931,7 +941,7 @@ class AdapterLayer(nn.Module):
             weight = base.weight
         else:
             lora_weight = lora_weight.to(x.dtype)
-            weight = base.weight.to(x.dtype)
+            weight = dense_weight(base, name).to(x.dtype)
         norm = self._norm_of(weight, lora_weight.detach(), spec.scaling).detach()
         if self.kind in _CONV_KINDS:
             scale = magnitude / norm
@@ -979,7 +989,7 @@ class AdapterLayer(nn.Module):
             return result + out
         magnitude = self._param(name, "lora_magnitude_vector")
         lora_weight = (a @ b).T
-        norm = self._norm_of(self.base_layer.weight, lora_weight.detach(), spec.scaling).detach()
+        norm = self._norm_of(dense_weight(self.base_layer, name), lora_weight.detach(), spec.scaling).detach()
         scale = magnitude / norm
         dora = scale * (self._embed(x, a) @ b) * spec.scaling
         if embed_scale is not None:
@@ -1026,15 +1036,41 @@ class AdapterLayer(nn.Module):
         vector = vector.expand(base.groups, per_out, per_in, *vector.shape[3:])
         return vector.reshape(base.out_channels, per_in, *vector.shape[3:])
 
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly (the model-level merge asks
+        every layer first, so that a refusal leaves every weight as it was).
+
+        :raises UnsupportedError: a sharded layer, a conv layer with groups > 1, lora_bias without a base bias,
+            or a quantized base weight (:func:`~adapterspec_torch.quantized.quantization`).
+        """
+        todo = [name for name in names if name in self._specs and name not in self._merged]
+        if not todo:
+            return
+        if self._sharding is not None:
+            raise UnsupportedError("merging into a sharded layer (FSDP2, tensor parallel) is not implemented",
+                                   key=todo[0], hint="run the adapters unmerged")
+        base = self._modules["base_layer"]
+        quantized = quantization(base)
+        if quantized is not None:
+            raise UnsupportedError(f"cannot merge into a quantized base weight ({quantized}): the sum would be "
+                                   "rounded to the quantization grid, not the adapter's output", key=todo[0],
+                                   hint="run the adapter unmerged, or load it onto the unquantized model to merge")
+        for name in todo:
+            spec = self._specs[name]
+            if self.kind in _CONV_KINDS and _conv(base).groups > 1 and spec.method == "LORA":
+                raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
+                                       key=name, hint="keep the adapter unmerged")
+            if spec.method == "LORA" and spec.lora_bias and base.bias is None:
+                raise UnsupportedError("lora_bias cannot be merged: the base layer has no bias",
+                                       key=name, hint="keep the adapter unmerged")
+
     def merge(self, names: Sequence[str]) -> None:
         """Add the deltas of ``names`` into the base weight in place (DoRA rescales by ``m / ||W + dW||``,
         IA3 multiplies); already merged ones and ones this layer does not hold are skipped.
 
-        :raises UnsupportedError: a conv layer with groups > 1, or lora_bias without a base bias.
+        :raises UnsupportedError: what :meth:`check_merge` refuses (then nothing changed).
         """
-        if self._sharding is not None:
-            raise UnsupportedError("merging into a sharded layer (FSDP2, tensor parallel) is not implemented",
-                                   key=names[0] if names else None, hint="run the adapters unmerged")
+        self.check_merge(names)
         base = self.base_layer
         with torch.no_grad():
             for name in names:
@@ -1043,9 +1079,6 @@ class AdapterLayer(nn.Module):
                 spec = self._specs[name]
                 weight = base.weight
                 orig_dtype = weight.dtype
-                if self.kind in _CONV_KINDS and base.groups > 1 and spec.method == "LORA":
-                    raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
-                                           key=name, hint="keep the adapter unmerged")
                 if spec.rotation is not None:
                     oft.merge(base, spec.rotation, {p: self._param(name, p) for p in spec.names})
                 elif spec.method == TOKENS:
@@ -1073,9 +1106,6 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     weight.data += delta.to(orig_dtype)
                     if spec.method == "LORA" and spec.lora_bias:
-                        if base.bias is None:
-                            raise UnsupportedError("lora_bias cannot be merged: the base layer has no bias",
-                                                   key=name, hint="keep the adapter unmerged")
                         base.bias.data += self._param(name, "lora_B.bias") * spec.scaling
                 self._merged.append(name)
 
@@ -1152,7 +1182,16 @@ class ModulesToSaveLayer(nn.Module):
 
         A copy in another dtype than the original's computes in its dtype: floating-point inputs are cast to it,
         and a floating-point output back to the input's dtype (as adapter layers do).
+
+        :raises UnsupportedError: the module holds a quantized weight (:func:`~adapterspec_torch.quantized.
+            quantization`), whose copy the spec's file cannot carry.
         """
+        quantized = next((q for m in self.original_module.modules() if (q := quantization(m)) is not None), None)
+        if quantized is not None:
+            raise UnsupportedError(f"a module saved whole (modules_to_save) cannot hold a quantized weight ({quantized}):"
+                                   " the adapter's file carries floating-point tensors", key=name,
+                                   hint="keep this module unquantized (e.g. bitsandbytes' llm_int8_skip_modules), "
+                                        "or load the adapter onto the unquantized model")
         duplicate = copy.deepcopy(self.original_module)
         dtype = as_dtype(options.dtype)
         if options.device is not None or dtype is not None:

@@ -24,6 +24,7 @@ from adapterspec.errors import UnsupportedError
 
 from .auxiliary import Override, _holders
 from .layers import AdapterLayer, _in_out
+from .quantized import weight_quantization
 from .switch import ModelState
 
 __all__ = ["apply_init", "orthogonal_start", "peft_residual"]
@@ -91,7 +92,8 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
         assert old is not None
         in_features, out_features = _in_out(layer.base_layer, layer.kind)
         refusal = layer_refusal(init, kind=layer.kind, rank=spec.r, in_features=in_features,
-                                out_features=out_features, dtype=str(old.dtype).removeprefix("torch."),
+                                out_features=out_features,
+                                dtype=weight_quantization(old) or str(old.dtype).removeprefix("torch."),
                                 hf_conv1d=layer.kind == "conv1d_hf",
                                 not_base=bool(layer.merged_adapters) or id(old) in replaced)
         if refusal is not None:

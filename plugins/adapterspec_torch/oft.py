@@ -222,7 +222,7 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
         return out.to(previous)
     weight = cast(torch.Tensor, base.weight)
     features = _features(base, kind)
-    out_features = weight.shape[0]
+    out_features = int(cast(nn.Linear, base).out_features if kind == "linear" else weight.shape[0])  # packed weights
     total = torch.eye(features, device=x.device, dtype=previous if kind == "linear" else x.dtype)
     scale = torch.ones((out_features, 1), device=x.device, dtype=total.dtype)
     for spec, params in adapters:

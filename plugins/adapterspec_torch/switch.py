@@ -213,7 +213,8 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or a layer that cannot merge.
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or what a layer cannot merge
+        (:meth:`~adapterspec_torch.layers.AdapterLayer.check_merge`); nothing changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
@@ -232,6 +233,11 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
         return
     from .identity import remember_base  # identity imports this module
 
+    todo = [name for name in adapter_names if name not in state.merged]
+    for name in todo:  # every layer's refusal first: a refused merge changes no weight
+        for _, layer in _wrappers(model, state, name):
+            if isinstance(layer, AdapterLayer):
+                layer.check_merge([name])
     for name in adapter_names:
         if name in state.merged:
             continue

@@ -28,6 +28,8 @@ from torch import nn
 from adapterspec import AdapterConfig
 from adapterspec._vera import SHARED, rank
 
+from .quantized import weight_shape
+
 __all__ = ["KINDS", "METHODS", "SHARED_ATTR", "Shared", "delta_weight", "initialise", "initialise_shared", "output",
            "shapes", "shared_shapes"]
 
@@ -61,10 +63,10 @@ class Shared(nn.Module):
 
 
 def _in_out(module: nn.Module, kind: str) -> tuple[int, int]:
-    weight = cast(torch.Tensor, module.weight)
+    shape = weight_shape(module, kind)
     if kind == "conv1d_hf":
-        return int(weight.shape[0]), int(weight.shape[1])
-    return int(weight.shape[1]), int(weight.shape[0])
+        return shape[0], shape[1]
+    return shape[1], shape[0]
 
 
 def shapes(module: nn.Module, kind: str, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
