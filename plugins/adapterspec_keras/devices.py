@@ -158,7 +158,9 @@ def target_of(variable: Any, options: LoadOptions) -> tuple[str | None, str]:
     'float16'
     """
     device = str(options.device) if options.device is not None else device_of(variable)
-    dtype = as_dtype(options.dtype) or as_dtype(getattr(variable, "dtype", "float32")) or "float32"
+    own = str(getattr(variable, "dtype", "float32"))
+    # a quantized kernel's int8 (or packed) dtype is no dtype to compute in: float32, as the torch backend's
+    dtype = as_dtype(options.dtype) or (as_dtype(own) if own in _DTYPE_NAMES else None) or "float32"
     return device, dtype
 
 

@@ -21,6 +21,7 @@ from adapterspec.identity import fingerprint, sample_indices
 
 from .devices import host_array
 from .layers import AdapterLayer
+from .quantized import quantization
 from .sites import ModuleSite, Piece
 from .switch import ModelState, _check, get_state
 
@@ -151,6 +152,8 @@ def _site_samples(site: ModuleSite, replaced: dict[int, np.ndarray] | None = Non
     """The spec-layout shape of the site's base weight and its sampled elements, or ``None`` when unknown.
 
     :param replaced: base values of variables an adapter's file replaced (:func:`_replaced`)."""
+    if any(quantization(piece.layer) for piece in site.pieces):  # packed or scaled values (SPEC.md 6.8): unknown
+        return None
     if site.kind == "conv":
         return _conv_samples(site)
     shape, count, parts = _plan(site)

@@ -47,6 +47,8 @@ from .modules_to_save import site_key as saved_key
 from .ln_tuning import LN_PREFIX, find_ln_targets, split_norms
 from .ln_tuning import METHOD as LN_TUNING
 from .parameters import EXPERT_TABLE, ParameterLayer, ParameterTarget, find_parameter_targets
+from .quantized import HINT as QUANTIZED_HINT
+from .quantized import quantization, refuse_unmapped
 from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
 from . import vera
@@ -170,13 +172,13 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
     if every_entry and isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
         if missing:
-            _refuse_quantized(model)
+            refuse_unmapped(model)
             raise TargetNotFoundError(
                 f"target_modules {missing} match no layer of this {type(model).__name__} "
                 f"(mapped modules: {_summary(sites)})", key=",".join(missing),
                 hint="pass module_map={spec module path: keras layer path} for them, or remove them from target_modules")
     if not targets and not allow_empty:  # allow_empty: target_parameters selects parameters (SPEC.md 15.1)
-        _refuse_quantized(model)
+        refuse_unmapped(model)
         raise TargetNotFoundError(
             f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
             f"(mapped modules: {_summary(sites)})", key=str(wanted),
@@ -184,22 +186,33 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
     return targets
 
 
-def _refuse_quantized(model: Any) -> None:
-    """Where targets are not found in a model Keras quantized (``model.quantize``: int4 kernels change shape, so the
-    converters' maps do not find them), say that, not "no module matches" (SPEC.md 6.8).
+def _refuse_quantized_copies(sites: dict[str, ModuleSite], token_targets: list[tuple[str, list[int], str | None]],
+                             saved: list[tuple[str, list[Any]]]) -> None:
+    """Token rows and modules saved whole replace or copy a layer's weights, which a quantized layer holds packed
+    or scaled (SPEC.md 6.8), as the torch backend refuses them.
 
-    :raises UnsupportedError: a layer of ``model`` is quantized.
+    :raises UnsupportedError: naming the module and the quantized layer.
     """
-    flatten = getattr(model, "_flatten_layers", None)
-    layers = list(flatten(include_self=False, recursive=True)) if callable(flatten) else []
-    quantized = [layer for layer in layers if getattr(layer, "quantization_mode", None)]
-    if quantized:
-        raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} and {len(quantized) - 1} more layers "
-                               f"of this {type(model).__name__} are quantized ({quantized[0].quantization_mode}); the "
-                               "keras backend does not adapt quantized layers", key=quantized[0].path,
-                               hint="load the adapter onto the model before model.quantize(...) (merge it with "
-                                    "adapterspec.unload(model, merge=True) first to quantize the sum), or use the torch "
-                                    "backend, which runs adapters on bitsandbytes layers")
+    def quantized_layer(path: str, variables: list[Any]) -> Any:
+        site = sites.get(path)
+        layers = [piece.layer for piece in site.pieces] if site is not None else []
+        found = next((layer for layer in layers if quantization(layer)), None)
+        if found is None and any(not str(getattr(v, "dtype", "float32")).startswith(("float", "bfloat")) or
+                                 str(getattr(v, "dtype", "")).startswith("float8") for v in variables):
+            return variables[0]
+        return found
+
+    for path, _, _ in token_targets:
+        layer = quantized_layer(path, [])
+        if layer is not None:
+            raise UnsupportedError(f"trainable token rows replace rows of {type(layer).__name__} {layer.path!r}, which "
+                                   f"is quantized ({quantization(layer)})", key=path, hint=QUANTIZED_HINT)
+    for path, params in saved:
+        layer = quantized_layer(path, [variable for _, variable, _ in params])
+        if layer is not None:
+            raise UnsupportedError(f"a module saved whole (modules_to_save) cannot hold a quantized layer "
+                                   f"({getattr(layer, 'path', path)!r}): the adapter's file carries floating-point "
+                                   "tensors", key=path, hint=QUANTIZED_HINT)
 
 
 def _summary(sites: dict[str, ModuleSite]) -> str:
@@ -286,6 +299,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             check_supported(sites[path], path, config)
         token_targets = find_token_targets(model, config, sites, set(paths))
         saved = find_modules_to_save(model, config, sites, bool(options.trainable))
+    _refuse_quantized_copies(sites, token_targets, saved)
     adapted = [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets]
     _check_saved_overlap(get_state(model), saved, adapted)
     _check_parameter_overlap(get_state(model), parameters, saved, adapted)
@@ -676,6 +690,13 @@ def wrap(model: Any, layer: Any) -> None:
         return _dispatch(layer, original, entries, reversible, args, kwargs)
 
     object.__setattr__(layer, "call", call)
+    if quantization(layer):  # Layer.__call__ runs quantized_call, not call (SPEC.md 6.8)
+        original_quantized = type(layer).quantized_call.__get__(layer)
+
+        def quantized_call(*args: Any, **kwargs: Any) -> Any:
+            return _dispatch(layer, original_quantized, entries, reversible, args, kwargs)
+
+        object.__setattr__(layer, "quantized_call", quantized_call)
     state.originals[id(layer)] = (layer, own)
     state.entries[id(layer)] = entries
 
@@ -695,6 +716,8 @@ def unwrap(model: Any, layer: Any) -> None:
         object.__delattr__(layer, "call")
     else:
         object.__setattr__(layer, "call", own)
+    if "quantized_call" in layer.__dict__:
+        object.__delattr__(layer, "quantized_call")
 
 
 def remove_adapter_modules(model: Any, adapter_name: str) -> None:

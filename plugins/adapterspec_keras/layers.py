@@ -47,6 +47,8 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 from . import _ops, adalora, lycoris, oft, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
+from .quantized import HINT as quantized_hint
+from .quantized import quantization
 from .sharding import Placement, param_sharding, placement_of
 from .sites import ModuleSite, Piece
 
@@ -87,13 +89,16 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    quantized = [p.layer for p in site.pieces if getattr(p.layer, "quantization_mode", None)]
-    if quantized:  # Keras' int8/int4/float8/GPTQ layers keep their kernel packed, scaled or rounded (SPEC.md 6.8)
+    quantized = [p.layer for p in site.pieces if quantization(p.layer)]
+    kinds = {p.kind for p in site.pieces if quantization(p.layer)}
+    if quantized and (method in oft.METHODS or (method == "LORA" and config.get("use_dora")) or
+                      kinds - {"dense", "einsum"}):
+        reason = ("OFT rotates the kernel, whose values" if method in oft.METHODS else
+                  "DoRA's weight norm reads the kernel, whose values" if method == "LORA" and config.get("use_dora")
+                  else f"a quantized {'/'.join(sorted(kinds - {'dense', 'einsum'}))} layer, which")
         raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} is quantized "
-                               f"({quantized[0].quantization_mode}); the keras backend does not adapt quantized layers",
-                               key=path, hint="load the adapter onto the model before model.quantize(...) (merge it "
-                                              "with adapterspec.unload(model, merge=True) first to quantize the sum), "
-                                              "or use the torch backend, which runs adapters on bitsandbytes layers")
+                               f"({quantization(quantized[0])}): {reason} the keras backend does not adapt (it runs "
+                               "adapters on quantized Dense and EinsumDense layers)", key=path, hint=quantized_hint)
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
@@ -996,8 +1001,14 @@ class AdapterLayer:
         """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
 
         :raises UnsupportedError: token rows of their own on an output layer tied to its embedding; lora_bias on a
-            layer without a bias.
+            layer without a bias; a quantized layer (SPEC.md 6.8).
         """
+        quantized = [p.layer for p in self.site.pieces if quantization(p.layer)]
+        if quantized and any(name in self._slots and name not in self._merged for name in names):
+            raise UnsupportedError(f"cannot merge into {type(quantized[0]).__name__} {quantized[0].path!r}, which is "
+                                   f"quantized ({quantization(quantized[0])}): the sum would be rounded to the "
+                                   "quantization grid, not the adapter's output", key=self.site.path,
+                                   hint="run the adapter unmerged, or load it onto the unquantized model to merge")
         for name in names:
             slot = self._slots.get(name)
             if slot is not None and name not in self._merged and slot.lora_bias:

@@ -356,6 +356,9 @@ def read_through_refusal(config: Any, path: str, pieces: list[Piece], trainable:
             return f"{type(piece.layer).__name__} is not a Dense / EinsumDense whose kernel can carry an adapter"
         if piece.out_slice is not None:
             return "the module is a slice of a fused kernel, which the adapters of its other modules share"
+        if getattr(piece.layer, "quantization_mode", None):  # SPEC.md 6.8
+            return f"{type(piece.layer).__name__} is quantized ({piece.layer.quantization_mode}): its kernel holds " \
+                   "packed or scaled values, which cannot carry an adapter"
     method = str(config.get("peft_type"))
     why = kernel_refusal(method, lora_bias=bool(config.get("lora_bias")),
                          feedforward=method == "IA3" and config.is_feedforward(path),

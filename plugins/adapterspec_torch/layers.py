@@ -123,6 +123,10 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
                                hint="set velora_config to null, or remove the module from target_modules")
+    if kind != "linear" and quantization(module) is not None:
+        raise UnsupportedError(f"this {type(module).__qualname__}'s weight is quantized ({quantization(module)}); the torch "
+                               "backend runs adapters on quantized Linear layers only", key=path,
+                               hint="load the adapter onto the unquantized model")
     if method == "LORA" and config.get("use_dora") and not readable(module):
         raise UnsupportedError(f"DoRA reads the base weight's values, and this layer's weight is quantized "
                                f"({quantization(module)}) in a way the torch backend cannot dequantize "

@@ -1,7 +1,8 @@
-"""Quantized layers on Keras (SPEC.md 6.8): Keras' own ``model.quantize`` (int8, int4, float8) keeps a kernel that is
-packed, scaled or rounded; the keras backend refuses to adapt such a layer with a typed error naming it, the model
-unchanged (the torch backend runs adapters on bitsandbytes layers: tests/torch/test_quantized.py). A merge any
-layer cannot do is refused before any kernel moves, as on torch."""
+"""Quantized layers on Keras (SPEC.md 6.8), the mirror of tests/torch/test_quantized.py: on layers Keras'
+``model.quantize`` made int8 or float8, LoRA-family adapters run unmerged -- as Keras' own LoRA on a quantized
+Dense computes, and adding to each adapted layer the term they add on the unquantized model; what reads or writes
+the kernel's values is refused with a typed error, the model unchanged. A merge any layer cannot do is refused
+before any kernel moves, as on torch."""
 
 from __future__ import annotations
 
@@ -16,19 +17,137 @@ pytest.importorskip("keras_hub")
 pytest.importorskip("peft")
 
 import adapterspec  # noqa: E402
-from keras_helpers import assert_refused_unchanged, keras_model, make_peft_adapter  # noqa: E402
+from adapterspec.identity import FINGERPRINT_KEY  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    assert_near,
+    assert_refused_unchanged,
+    keras_logits,
+    keras_model,
+    make_peft_adapter,
+    unique_values,
+)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_quantized_keras_layer_is_refused_unchanged(mode: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def _dense_model() -> Any:
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dense(32, activation="relu", name="up")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(8, name="down")(hidden))
+
+
+@pytest.mark.parametrize("mode", ["int8"])  # Keras' float8 layers have no LoRA of their own to compare with
+def test_lora_on_a_quantized_dense_is_keras_own_lora(mode: str, tmp_path: Path) -> None:
+    """A PEFT-layout LoRA file on an int8 Dense model gives what Keras' own LoRA (``enable_lora``) on the same
+    quantized layers gives; deleting it gives the quantized model back; merging is refused, nothing changed."""
+    keras.utils.set_random_seed(0)
+    model, reference = _dense_model(), _dense_model()
+    reference.set_weights(model.get_weights())
+    model.quantize(mode)
+    reference.quantize(mode)
+    r, alpha = 4, 8
+    tensors = {}
+    for salt, (name, n_in, n_out) in enumerate([("up", 16, 32), ("down", 32, 8)]):
+        a = unique_values((r, n_in), 2 * salt, scale=0.3)
+        b = unique_values((n_out, r), 2 * salt + 1, scale=0.3)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        layer = reference.get_layer(name)
+        layer.enable_lora(r, lora_alpha=alpha)
+        layer.lora_kernel_a.assign(a.T)
+        layer.lora_kernel_b.assign(b.T)
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+                                                  "target_modules": ["up", "down"]})
+    adapterspec.write_adapter(tmp_path / "lora", config, tensors)
+    x = unique_values((3, 16), 9, scale=1.0)
+    base = np.asarray(model(x))
+    adapterspec.load_adapter(model, tmp_path / "lora", module_map={"up": "up", "down": "down"})
+    got, expected = np.asarray(model(x)), np.asarray(reference(x))
+    assert float(np.abs(got - base).max()) > 0.1
+    assert_near(got, expected, length=32)
+    assert_refused_unchanged(model, lambda: adapterspec.merge_adapters(model), adapterspec.UnsupportedError,
+                             f"which is quantized ({mode})")
+    adapterspec.save_adapter(model, tmp_path / "saved")
+    assert FINGERPRINT_KEY not in adapterspec.read_adapter(tmp_path / "saved").metadata
+    adapterspec.delete_adapter(model, "default")
+    assert np.array_equal(np.asarray(model(x)), base)
+
+
+def _peft_configs() -> dict[str, Any]:
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
+
+    return {
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+        "loha": LoHaConfig(r=4, target_modules=TARGETS),
+        "lokr": LoKrConfig(r=4, target_modules=TARGETS),
+        "vera": VeraConfig(r=4, target_modules=["q_proj", "o_proj"], save_projection=True),
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]),
+        "ia3": IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+
+
+@pytest.mark.parametrize("method", list(_peft_configs()))
+def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[str, Path], tmp_path: Path,
+                                                 token_ids: Any) -> None:
+    """A PEFT adapter on keras-hub's Llama quantized int8: every adapted layer's output changes by what the adapter
+    changes it by on the unquantized model (its term from the layer's input; IA3: the quantized output scaled)."""
+    peft_model, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft", _peft_configs()[method])
+    import torch
+
+    with torch.no_grad():  # LoHa's, LoKr's and VeRA's tensors too (the helper fills LoRA's and IA3's)
+        for index, (name, tensor) in enumerate(sorted(peft_model.named_parameters())):
+            if any(m in name for m in ("hada_", "lokr_", "vera_lambda")):
+                tensor.copy_(torch.from_numpy(unique_values(tuple(tensor.shape), index, around=0.5, scale=0.3)))
+    peft_model.save_pretrained(folder)
+    plain = keras_model("llama", checkpoints["llama"])
+    quantized = keras_model("llama", checkpoints["llama"])
+    quantized.quantize("int8")
+    before = keras_logits(quantized, token_ids)
+    adapterspec.load_adapter(quantized, folder)
+    adapterspec.load_adapter(plain, folder)
+    assert float(np.abs(keras_logits(quantized, token_ids) - before).max()) > 1e-3
+    x = unique_values((2, 5, 64), 3, scale=1.0)
+    layer_path = "transformer_layer_0/self_attention/query"
+    q_layer = next(layer for layer in quantized._flatten_layers() if layer.path == layer_path)
+    p_layer = next(layer for layer in plain._flatten_layers() if layer.path == layer_path)
+    q_out = np.asarray(q_layer(x))
+    p_out = np.asarray(p_layer(x))
+    with adapterspec.disabled_adapters(quantized), adapterspec.disabled_adapters(plain):
+        q_base, p_base = np.asarray(q_layer(x)), np.asarray(p_layer(x))
+    if method == "ia3":  # q_proj is not feed-forward: the output is scaled, l * base(x)
+        scale = np.divide(p_out, p_base, out=np.ones_like(p_out), where=np.abs(p_base) > 1e-3)
+        assert_near(q_out, q_base * scale, mask=np.abs(p_base) > 1e-3)
+    else:
+        assert float(np.abs(p_out - p_base).max()) > 1e-3
+        assert_near(q_out - q_base, p_out - p_base)
+
+
+@pytest.mark.parametrize(("peft_config", "needle"), [
+    ({"use_dora": True}, "DoRA's weight norm reads the kernel"),
+    ({"init_lora_weights": "pissa"}, "not int8"),
+])
+def test_what_reads_a_quantized_kernel_is_refused_unchanged(peft_config: dict[str, Any], needle: str,
+                                                            checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
+                                  LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **peft_config))
+    model = keras_model("llama", checkpoints["llama"])
+    model.quantize("int8")
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
+                             needle)
+
+
+def test_int4_kernels_are_refused_as_quantized(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """int4 packs two values a byte: the converters' maps do not find the layers, and the refusal says why."""
     from peft import LoraConfig
 
     _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
                                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = keras_model("llama", checkpoints["llama"])
-    model.quantize(mode)
+    model.quantize("int4")
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
-                             f"quantized ({mode}); the keras backend does not adapt quantized layers")
+                             "are quantized (int4)")
 
 
 def test_a_refused_merge_leaves_every_layer_unmerged() -> None:
@@ -47,3 +166,32 @@ def test_a_refused_merge_leaves_every_layer_unmerged() -> None:
     assert_refused_unchanged(model, lambda: adapterspec.merge_adapters(model), adapterspec.UnsupportedError,
                              "lora_bias cannot merge into 'b'")
     assert np.array_equal(np.asarray(model(x)), out)
+
+
+def test_training_a_new_adapter_on_an_int8_model(checkpoints: dict[str, Path], tmp_path: Path, token_ids: Any) -> None:
+    """QLoRA on Keras: a new LoRA on keras-hub's int8 Llama trains (only its variables move, the int8 kernels stay),
+    saves without a base fingerprint, and loads back onto a fresh int8 model with the trained logits."""
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    model.quantize("int8")
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                  "target_modules": TARGETS})
+    adapterspec.inject_adapter(model, config)
+    adapter_ids = {id(v) for v in model.trainable_variables}
+    frozen = {v.path: np.asarray(v).copy() for v in model.variables if id(v) not in adapter_ids}
+    trainable = [np.asarray(v).copy() for v in model.trainable_variables]
+    assert trainable and all("adapterspec" in v.path for v in model.trainable_variables)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(keras_inputs(token_ids), token_ids, epochs=2, verbose=0)
+    assert all(not np.array_equal(np.asarray(v), t) for v, t in zip(model.trainable_variables, trainable)
+               if "lora_B" in v.path)
+    assert all(np.array_equal(np.asarray(v), frozen[v.path]) for v in model.variables if v.path in frozen)
+    out = keras_logits(model, token_ids)
+    adapterspec.save_adapter(model, tmp_path / "trained")
+    assert FINGERPRINT_KEY not in adapterspec.read_adapter(tmp_path / "trained").metadata
+    again = keras_model("llama", checkpoints["llama"])
+    again.quantize("int8")
+    adapterspec.load_adapter(again, tmp_path / "trained")
+    assert np.array_equal(keras_logits(again, token_ids), out)

@@ -290,3 +290,16 @@ def test_qlora_training_and_peft_reload(llama: nn.Module, checkpoint: Path, tmp_
     # train mode for both (no dropout): PEFT's DoRA misreads a weight bitsandbytes repacked for CPU inference
     assert torch.equal(logits(_peft_on(quantized(checkpoint, 4), tmp_path / "trained").train(), token_inputs),
                        logits(model, token_inputs))
+
+
+def test_a_quantized_embedding_is_refused() -> None:
+    """Only quantized Linear layers take adapters (as on Keras: Dense and EinsumDense); an embedding whose weight is
+    quantized is refused typed, the model unchanged."""
+    import bitsandbytes as bnb
+
+    model = nn.Sequential(bnb.nn.Embedding8bit(16, 8))  # bitsandbytes cannot give its state_dict()
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "r": 2, "target_modules": ["0"]})
+    layer, weight = model[0], model[0].weight.detach().clone()
+    with pytest.raises(adapterspec.UnsupportedError, match="runs adapters on quantized Linear layers only"):
+        adapterspec.inject_adapter(model, config)
+    assert model[0] is layer and torch.equal(model[0].weight, weight) and adapterspec.adapter_names(model) == []
