@@ -1,4 +1,4 @@
-"""Quantized layers on Keras (SPEC.md 6.8), the mirror of tests/torch/test_quantized.py: on layers Keras'
+"""Quantized layers on Keras (SPEC.md 6.8), the mirror of tests/torch/test_quantized.py: on layers Keras
 ``model.quantize`` made int8 or float8, LoRA-family adapters run unmerged -- as Keras' own LoRA on a quantized
 Dense computes, and adding to each adapted layer the term they add on the unquantized model; what reads or writes
 the kernel's values is refused with a typed error, the model unchanged. A merge any layer cannot do is refused
@@ -195,3 +195,22 @@ def test_training_a_new_adapter_on_an_int8_model(checkpoints: dict[str, Path], t
     again.quantize("int8")
     adapterspec.load_adapter(again, tmp_path / "trained")
     assert np.array_equal(keras_logits(again, token_ids), out)
+
+
+def test_lora_on_a_float8_dense_adds_its_term(tmp_path: Path) -> None:
+    """On a float8 Dense (which has no LoRA of its own in Keras) the output is the quantized layer's plus
+    ``s * x A^T B^T``, in float32."""
+    keras.utils.set_random_seed(0)
+    model = _dense_model()
+    model.quantize("float8")
+    a, b = unique_values((4, 32), 1, scale=0.3), unique_values((8, 4), 2, scale=0.3)
+    config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                  "target_modules": ["down"]})
+    adapterspec.write_adapter(tmp_path / "lora", config, {"base_model.model.down.lora_A.weight": a,
+                                                          "base_model.model.down.lora_B.weight": b})
+    x = unique_values((3, 16), 9, scale=1.0)
+    hidden, base = np.asarray(model.get_layer("up")(x)), np.asarray(model(x))
+    adapterspec.load_adapter(model, tmp_path / "lora", module_map={"up": "up", "down": "down"})
+    got = np.asarray(model(x))
+    assert float(np.abs(got - base).max()) > 0.1
+    assert_near(got, base + hidden @ a.T @ b.T * 2.0, length=32)
