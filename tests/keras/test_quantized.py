@@ -1,4 +1,4 @@
-"""Quantized layers on Keras (SPEC.md 6.8), the mirror of tests/torch/test_quantized.py: on layers Keras
+"""Quantized layers on Keras (SPEC.md 6.8), the mirror of tests/torch/test_quantized.py: on layers that Keras'
 ``model.quantize`` made int8 or float8, LoRA-family adapters run unmerged -- as Keras' own LoRA on a quantized
 Dense computes, and adding to each adapted layer the term they add on the unquantized model; what reads or writes
 the kernel's values is refused with a typed error, the model unchanged. A merge any layer cannot do is refused
