@@ -86,9 +86,17 @@ def _peft_configs() -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
+def llama_pair(checkpoints: dict[str, Path]) -> tuple[Any, Any]:
+    """keras-hub's Llama as converted, and a copy quantized int8 (each test deletes what it loads)."""
+    quantized = keras_model("llama", checkpoints["llama"])
+    quantized.quantize("int8")
+    return keras_model("llama", checkpoints["llama"]), quantized
+
+
 @pytest.mark.parametrize("method", list(_peft_configs()))
 def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[str, Path], tmp_path: Path,
-                                                 token_ids: Any) -> None:
+                                                 token_ids: Any, llama_pair: tuple[Any, Any]) -> None:
     """A PEFT adapter on keras-hub's Llama quantized int8: every adapted layer's output changes by what the adapter
     changes it by on the unquantized model (its term from the layer's input; IA3: the quantized output scaled)."""
     peft_model, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft", _peft_configs()[method])
@@ -99,9 +107,7 @@ def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[
             if any(m in name for m in ("hada_", "lokr_", "vera_lambda")):
                 tensor.copy_(torch.from_numpy(unique_values(tuple(tensor.shape), index, around=0.5, scale=0.3)))
     peft_model.save_pretrained(folder)
-    plain = keras_model("llama", checkpoints["llama"])
-    quantized = keras_model("llama", checkpoints["llama"])
-    quantized.quantize("int8")
+    plain, quantized = llama_pair
     before = keras_logits(quantized, token_ids)
     adapterspec.load_adapter(quantized, folder)
     adapterspec.load_adapter(plain, folder)
@@ -120,6 +126,9 @@ def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[
     else:
         assert float(np.abs(p_out - p_base).max()) > 1e-3
         assert_near(q_out - q_base, p_out - p_base)
+    adapterspec.delete_adapter(quantized, "default")
+    adapterspec.delete_adapter(plain, "default")
+    assert np.array_equal(keras_logits(quantized, token_ids), before)
 
 
 @pytest.mark.parametrize(("peft_config", "needle"), [
@@ -127,13 +136,13 @@ def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[
     ({"init_lora_weights": "pissa"}, "not int8"),
 ])
 def test_what_reads_a_quantized_kernel_is_refused_unchanged(peft_config: dict[str, Any], needle: str,
-                                                            checkpoints: dict[str, Path], tmp_path: Path) -> None:
+                                                            checkpoints: dict[str, Path], tmp_path: Path,
+                                                            llama_pair: tuple[Any, Any]) -> None:
     from peft import LoraConfig
 
     _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
                                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **peft_config))
-    model = keras_model("llama", checkpoints["llama"])
-    model.quantize("int8")
+    model = llama_pair[1]
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
                              needle)
 
