@@ -186,33 +186,35 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
     return targets
 
 
-def _refuse_quantized_copies(sites: dict[str, ModuleSite], token_targets: list[tuple[str, list[int], str | None]],
+def _refuse_quantized_copies(model: Any, sites: dict[str, ModuleSite],
+                             token_targets: list[tuple[str, list[int], str | None]],
                              saved: list[tuple[str, list[Any]]]) -> None:
     """Token rows and modules saved whole replace or copy a layer's weights, which a quantized layer holds packed
-    or scaled (SPEC.md 6.8), as the torch backend refuses them.
+    or scaled (SPEC.md 6.8), as the torch backend refuses them. A module saved whole is quantized where one of its
+    layers is, or where a weight the converter recorded is no longer a variable of the model (``model.quantize``
+    replaced it) or not a floating-point one.
 
     :raises UnsupportedError: naming the module and the quantized layer.
     """
-    def quantized_layer(path: str, variables: list[Any]) -> Any:
+    def quantized_layer(path: str) -> Any:
         site = sites.get(path)
-        layers = [piece.layer for piece in site.pieces] if site is not None else []
-        found = next((layer for layer in layers if quantization(layer)), None)
-        if found is None and any(not str(getattr(v, "dtype", "float32")).startswith(("float", "bfloat")) or
-                                 str(getattr(v, "dtype", "")).startswith("float8") for v in variables):
-            return variables[0]
-        return found
+        return next((piece.layer for piece in site.pieces if quantization(piece.layer)), None) if site else None
 
     for path, _, _ in token_targets:
-        layer = quantized_layer(path, [])
+        layer = quantized_layer(path)
         if layer is not None:
             raise UnsupportedError(f"trainable token rows replace rows of {type(layer).__name__} {layer.path!r}, which "
                                    f"is quantized ({quantization(layer)})", key=path, hint=QUANTIZED_HINT)
+    current = {id(variable) for variable in model.variables} if saved else set()
     for path, params in saved:
-        layer = quantized_layer(path, [variable for _, variable, _ in params])
-        if layer is not None:
-            raise UnsupportedError(f"a module saved whole (modules_to_save) cannot hold a quantized layer "
-                                   f"({getattr(layer, 'path', path)!r}): the adapter's file carries floating-point "
-                                   "tensors", key=path, hint=QUANTIZED_HINT)
+        layer = quantized_layer(path)
+        stale = [v for _, v, _ in params if id(v) not in current or
+                 not str(getattr(v, "dtype", "")).startswith(("float", "bfloat")) or "float8" in str(v.dtype)]
+        if layer is not None or stale:
+            where = layer.path if layer is not None else getattr(stale[0], "path", path)
+            raise UnsupportedError(f"a module saved whole (modules_to_save) cannot hold a quantized layer ({where!r}): "
+                                   "the adapter's file carries its floating-point weights", key=path,
+                                   hint=QUANTIZED_HINT)
 
 
 def _summary(sites: dict[str, ModuleSite]) -> str:
@@ -299,7 +301,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             check_supported(sites[path], path, config)
         token_targets = find_token_targets(model, config, sites, set(paths))
         saved = find_modules_to_save(model, config, sites, bool(options.trainable))
-    _refuse_quantized_copies(sites, token_targets, saved)
+    _refuse_quantized_copies(model, sites, token_targets, saved)
     adapted = [sites[p] for p in paths] + [sites[p] for p, _, _ in token_targets]
     _check_saved_overlap(get_state(model), saved, adapted)
     _check_parameter_overlap(get_state(model), parameters, saved, adapted)

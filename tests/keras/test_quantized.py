@@ -134,6 +134,9 @@ def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[
 @pytest.mark.parametrize(("peft_config", "needle"), [
     ({"use_dora": True}, "DoRA's weight norm reads the kernel"),
     ({"init_lora_weights": "pissa"}, "not int8"),
+    ({"modules_to_save": ["lm_head"]}, "a module saved whole (modules_to_save) cannot hold a quantized layer"),
+    ({"modules_to_save": ["model.layers.1.mlp"]}, "a module saved whole (modules_to_save) cannot hold a quantized"),
+    ({"trainable_token_indices": [1, 5]}, "trainable token rows replace rows of ReversibleEmbedding"),
 ])
 def test_what_reads_a_quantized_kernel_is_refused_unchanged(peft_config: dict[str, Any], needle: str,
                                                             checkpoints: dict[str, Path], tmp_path: Path,
