@@ -89,8 +89,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
 
-    quantized = [p.layer for p in site.pieces if quantization(p.layer)]
-    kinds = {p.kind for p in site.pieces if quantization(p.layer)}
+    quantized_pieces = [p for p in site.pieces if quantization(p.layer)]
+    quantized, kinds = [p.layer for p in quantized_pieces], {p.kind for p in quantized_pieces}
     if quantized and (method in oft.METHODS or (method == "LORA" and config.get("use_dora")) or
                       kinds - {"dense", "einsum"}):
         reason = ("OFT rotates the kernel, whose values" if method in oft.METHODS else

@@ -20,7 +20,7 @@ import torch
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["UPCAST_DTYPES", "adapter_target_of", "as_device", "as_dtype", "check_options", "place", "read_buffer",
+__all__ = ["FLOAT8_DTYPES", "UPCAST_DTYPES", "adapter_target_of", "as_device", "as_dtype", "check_options", "place", "read_buffer",
            "target_of"]
 
 _DTYPE_NAMES = {
@@ -133,11 +133,13 @@ def target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tup
     return device, dtype
 
 
+#: This torch's float8 dtypes: a weight stored in one is quantized (:mod:`adapterspec_torch.quantized`).
+FLOAT8_DTYPES = frozenset(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+                                                            "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name))
+
 #: Layer dtypes whose adapter parameters are kept in float32 when no dtype is given: PEFT's
 #: ``cast_adapter_dtype`` (``autocast_adapter_dtype=True``) upcasts exactly these.
-UPCAST_DTYPES = frozenset({torch.float16, torch.bfloat16} | {
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-                                      "float8_e8m0fnu") if hasattr(torch, name)})
+UPCAST_DTYPES = frozenset({torch.float16, torch.bfloat16} | FLOAT8_DTYPES)
 
 
 def adapter_target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tuple[torch.device, torch.dtype]:

@@ -123,8 +123,9 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
                                hint="set velora_config to null, or remove the module from target_modules")
-    if kind != "linear" and quantization(module) is not None:
-        raise UnsupportedError(f"this {type(module).__qualname__}'s weight is quantized ({quantization(module)}); the torch "
+    quantized = quantization(module) if kind != "linear" else None  # embeddings are refused: SPEC.md 6.8
+    if quantized is not None:
+        raise UnsupportedError(f"this {type(module).__qualname__}'s weight is quantized ({quantized}); the torch "
                                "backend runs adapters on quantized Linear layers only", key=path,
                                hint="load the adapter onto the unquantized model")
     if method == "LORA" and config.get("use_dora") and not readable(module):
@@ -993,7 +994,7 @@ class AdapterLayer(nn.Module):
             return result + out
         magnitude = self._param(name, "lora_magnitude_vector")
         lora_weight = (a @ b).T
-        norm = self._norm_of(dense_weight(self.base_layer, name), lora_weight.detach(), spec.scaling).detach()
+        norm = self._norm_of(self.base_layer.weight, lora_weight.detach(), spec.scaling).detach()
         scale = magnitude / norm
         dora = scale * (self._embed(x, a) @ b) * spec.scaling
         if embed_scale is not None:

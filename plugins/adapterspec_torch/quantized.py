@@ -31,15 +31,14 @@ from torch import nn
 
 from adapterspec.errors import UnsupportedError
 
+from .devices import FLOAT8_DTYPES
+
 __all__ = ["dense_weight", "quantization", "readable", "weight_quantization", "weight_shape"]
 
 #: The packages whose tensor subclasses hold a quantized weight that reports a floating dtype (torchao's
 #: ``AffineQuantizedTensor`` says bfloat16) -- its elements are not the weight's values.
 _QUANTIZING_PACKAGES = ("bitsandbytes", "torchao", "hqq", "optimum", "quanto", "compressed_tensors", "awq",
                         "auto_gptq", "gptqmodel", "aqlm", "eetq")
-
-_FLOAT8 = frozenset(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-                                                      "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name))
 
 
 def weight_quantization(weight: Any) -> str | None:
@@ -53,16 +52,21 @@ def weight_quantization(weight: Any) -> str | None:
     kind = type(weight)
     name = f"{kind.__module__}.{kind.__qualname__}".replace("torch._tensor.", "torch.")
     dtype = str(weight.dtype).removeprefix("torch.")
-    if not weight.is_floating_point() or weight.dtype in _FLOAT8:
-        return f"{dtype} {name}"
-    if kind.__module__.split(".", 1)[0] in _QUANTIZING_PACKAGES:
+    if not weight.is_floating_point() or weight.dtype in FLOAT8_DTYPES or \
+            kind.__module__.split(".", 1)[0] in _QUANTIZING_PACKAGES:
         return f"{dtype} {name}"
     return None
 
 
+def _weight_of(module: nn.Module) -> Any:
+    """``module``'s ``weight`` parameter, else its ``weight`` attribute (a buffer, a property), else ``None``."""
+    weight = module._parameters.get("weight")
+    return weight if weight is not None else getattr(module, "weight", None)
+
+
 def quantization(module: nn.Module) -> str | None:
     """:func:`weight_quantization` of ``module``'s ``weight`` (``None`` for a layer without one)."""
-    return weight_quantization(module._parameters.get("weight", getattr(module, "weight", None)))
+    return weight_quantization(_weight_of(module))
 
 
 def dense_weight(module: nn.Module, path: str) -> torch.Tensor:
@@ -75,7 +79,7 @@ def dense_weight(module: nn.Module, path: str) -> torch.Tensor:
     >>> dense_weight(layer, "q") is layer.weight
     True
     """
-    weight = module._parameters.get("weight", getattr(module, "weight", None))
+    weight = _weight_of(module)
     assert isinstance(weight, torch.Tensor)
     what = weight_quantization(weight)
     if what is None:
