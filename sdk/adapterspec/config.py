@@ -366,6 +366,53 @@ def _check_json_value(data: Any, path: str | None) -> None:
             raise ConfigError(problem, pointer=pointer, path=path, hint="use plain JSON values (see spec/v1/SPEC.md)")
 
 
+
+#: Config fields whose members' order means something: the first matching key wins (SPEC.md 4.4).
+ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern"})
+
+
+def _sorted_keys(value: Any, *, keep: bool = False) -> Any:
+    """``value`` with the keys of every object sorted (PEFT's ``sort_keys=True``) except those of
+    :data:`ORDERED_FIELDS`' objects, which keep their document order."""
+    if isinstance(value, dict):
+        items = value.items() if keep else sorted(value.items())
+        return {k: _sorted_keys(v, keep=k in ORDERED_FIELDS and isinstance(v, dict)) for k, v in items}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
+
+
+def _integers_as_int(data: dict[str, Any]) -> None:
+    """Turn each integral float (``8.0``) that the schema types as an integer into an ``int``, in place:
+    JSON Schema counts ``8.0`` as an integer, and SPEC.md 4.1 asks readers to convert it (writers then
+    write ``8``, which PEFT needs: it makes tensors of that size).
+
+    Each candidate is tried as ``8.5``: where the schema then reports a ``type`` error at that place,
+    the field is an integer. Configs without integral floats (nearly all) cost one walk.
+    """
+    for where in _integral_floats(data, ()):
+        probe = copy.deepcopy(data)
+        parent = probe
+        for step in where[:-1]:
+            parent = parent[step]
+        parent[where[-1]] += 0.5
+        if any(e.validator == "type" and tuple(e.absolute_path) == where for e in _validator().iter_errors(probe)):
+            parent = data
+            for step in where[:-1]:
+                parent = parent[step]
+            parent[where[-1]] = int(parent[where[-1]])
+
+
+def _integral_floats(value: Any, where: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, float) and value.is_integer():
+        yield where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _integral_floats(v, (*where, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _integral_floats(v, (*where, i))
+
 def _defaults(peft_type: str) -> dict[str, Any]:
     schema = load_schema()
     props = {**schema["properties"], **schema["$defs"][peft_type].get("properties", {})}
@@ -460,6 +507,7 @@ class AdapterConfig(Mapping[str, Any]):
         for pointer, note in duplicate_entries(data):
             warnings.warn(f"{where + ': ' if where else ''}{pointer}: {note}", AdapterSpecWarning, stacklevel=2)
         merged = {**_defaults(data["peft_type"]), **(data if _owned else copy.deepcopy(dict(data)))}
+        _integers_as_int(merged)
         return cls(merged, unknown_fields=tuple(unknown))
 
     @classmethod
@@ -512,8 +560,16 @@ class AdapterConfig(Mapping[str, Any]):
         return out
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as PEFT formats it: ``indent=2``, sorted keys, trailing newline."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """:meth:`to_dict` as PEFT formats it: ``indent=2``, sorted keys, trailing newline -- except the keys of
+        ``rank_pattern`` and ``alpha_pattern``, which keep their order: the first matching key wins (SPEC.md
+        4.4), so sorting them can change a module's rank or alpha.
+
+        >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q", "v"],
+        ...                                "alpha_pattern": {"v": 40, ".*": 5}})
+        >>> json.loads(cfg.to_json())["alpha_pattern"]
+        {'v': 40, '.*': 5}
+        """
+        return json.dumps(_sorted_keys(self.to_dict()), indent=2) + "\n"
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A validated copy with some fields changed.

@@ -673,3 +673,26 @@ def test_peft_written_folder_validates(more_peft_folders: dict[str, Path], name:
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix"])
 def test_shared_peft_folders_still_validate(peft_folders: dict[str, Path], method: str) -> None:
     assert adapterspec.validate_adapter(peft_folders[method]) == []
+
+
+def test_integral_floats_become_integers_only_where_the_schema_types_an_integer() -> None:
+    """SPEC.md 4.1: ``8.0`` is an integer and readers convert it; a number field keeps its float."""
+    cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "r": 8.0, "lora_alpha": 16.0,
+                                   "rank_pattern": {"q": 2.0}, "layers_to_transform": [0.0, 1],
+                                   "lora_dropout": 0.0})
+    assert (cfg["r"], cfg["rank_pattern"], cfg["layers_to_transform"]) == (8, {"q": 2}, [0, 1])
+    assert all(type(v) is int for v in (cfg["r"], cfg["rank_pattern"]["q"], *cfg["layers_to_transform"]))
+    assert type(cfg["lora_alpha"]) is float and type(cfg["lora_dropout"]) is float
+    written = json.loads(cfg.to_json())
+    assert written["r"] == 8 and type(written["r"]) is int and type(written["lora_alpha"]) is float
+
+
+def test_pattern_keys_keep_their_order_when_written_the_rest_is_sorted() -> None:
+    cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "rank_pattern": {"z": 2, "a": 3},
+                                   "alpha_pattern": {"b\\.q": 1, "q": 4}, "loftq_config": {"z": 1, "a": 2}})
+    text = cfg.to_json()
+    assert list(json.loads(text)["rank_pattern"]) == ["z", "a"]
+    assert list(json.loads(text)["alpha_pattern"]) == ["b\\.q", "q"]
+    assert list(json.loads(text)["loftq_config"]) == ["a", "z"]
+    assert list(json.loads(text)) == sorted(json.loads(text))
+    assert AdapterConfig.from_dict(json.loads(text)).to_json() == text

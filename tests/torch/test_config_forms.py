@@ -191,3 +191,34 @@ def test_all_linear_loads_as_peft_expands_it(request: pytest.FixtureRequest, tok
         expected = logits(_peft_loads(base, tmp_path), token_inputs)
         assert (expected - logits(base, token_inputs)).abs().max() > 1e-3
         assert_close(logits(model, token_inputs), expected)
+
+
+@pytest.mark.parametrize("changes", [
+    {"alpha_pattern": {"v_proj": 40, ".*_proj": 5}},  # unsorted: v_proj's own key comes first and wins
+    {"r": 4.0, "rank_pattern": {"v_proj": 2.0}},  # integral floats: PEFT itself cannot load these
+], ids=["pattern-order", "integral-floats"])
+def test_saved_config_reloads_to_the_same_outputs_in_peft(llama: Any, token_inputs: dict[str, Any], tmp_path: Path,
+                                                          changes: dict[str, Any]) -> None:
+    """A config form PEFT's reader accepts (pattern keys in document order) or that the spec asks readers to
+    normalise (``4.0`` for an integer) is saved so that PEFT and adapterspec reload it to the outputs it was
+    loaded with: the pattern keys keep their order, integers are written as integers (SPEC.md 3.1, 4.1, 4.4)."""
+    peft_reference(llama, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          rank_pattern={"v_proj": 2}), tmp_path / "src")
+    _edit(tmp_path / "src", **changes)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "src")
+    loaded = logits(model, token_inputs)
+    if "alpha_pattern" in changes:  # PEFT reads the edited order as adapterspec does; sorted, it differs
+        assert_close(loaded, logits(_peft_loads(llama, tmp_path / "src"), token_inputs))
+        _edit(tmp_path / "src", alpha_pattern=dict(sorted(changes["alpha_pattern"].items())))
+        assert (logits(_peft_loads(llama, tmp_path / "src"), token_inputs) - loaded).abs().max() > 1e-2
+    adapterspec.save_adapter(model, tmp_path / "saved")
+    text = (tmp_path / "saved" / "adapter_config.json").read_text()
+    saved = json.loads(text)
+    for field, value in changes.items():
+        assert json.dumps(saved[field]) == json.dumps(value).replace(".0", "")  # order kept, integers as integers
+    assert list(saved) == sorted(saved)  # the rest as PEFT writes it
+    assert_close(logits(_peft_loads(llama, tmp_path / "saved"), token_inputs), loaded)
+    again = fresh(llama)
+    adapterspec.load_adapter(again, tmp_path / "saved")
+    assert torch.equal(logits(again, token_inputs), loaded)
