@@ -49,6 +49,8 @@ __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "Pending
 TOKENS = "TOKENS"
 
 _global_forward_hooks = torch.nn.modules.module._global_forward_hooks  # a dict torch keeps: its emptiness is read
+_global_backward_hooks = torch.nn.modules.module._global_backward_hooks  # full backward hooks wrap the output in
+_global_backward_pre_hooks = torch.nn.modules.module._global_backward_pre_hooks  # a view: no in-place add on it
 
 _CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 _ATTR = {"lora_A.weight": "lora_A_weight", "lora_B.weight": "lora_B_weight", "lora_B.bias": "lora_B_bias"}
@@ -395,6 +397,14 @@ class _Weights(nn.Module):
             value = value.to(device=spec.device, dtype=spec.dtype)
         param = self._parameters[attr] = torch.Tensor._make_subclass(nn.Parameter, value, spec.requires_grad)
         return param
+
+
+def _hooked(base: nn.Module) -> bool:
+    """Whether a hook sees ``base``'s output, so LoRA may not be added into it in place: a forward hook would
+    see the sum, not ``base(x)``; a full backward hook makes the output a view that autograd refuses to
+    change in place."""
+    return bool(base._forward_hooks or base._backward_hooks or base._backward_pre_hooks or _global_forward_hooks
+                or _global_backward_hooks or _global_backward_pre_hooks)
 
 
 class AdapterLayer(nn.Module):
@@ -833,7 +843,7 @@ class AdapterLayer(nn.Module):
             self.__dict__["_plan_key"] = names
         fast = self._fast
         if fast is not None and not self._merged and not (fast[1].dropout and self.training) \
-                and not self._modules["base_layer"]._forward_hooks and not _global_forward_hooks:
+                and not _hooked(self._modules["base_layer"]):
             return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
         ia3_in, ia3_out, additive, tokens = self._plan
         rotations = self._rotations(names) if not self._merged else []

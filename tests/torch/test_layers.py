@@ -124,6 +124,36 @@ def test_a_hook_on_the_base_layer_sees_the_base_output(addmm_calls: list[Any]) -
     assert torch.equal(seen[0], plain) and not torch.equal(out, plain)
 
 
+@pytest.mark.parametrize("where", ["module", "module-pre", "global", "global-pre"])
+def test_a_full_backward_hook_gets_peft_gradients(where: str, addmm_calls: list[Any]) -> None:
+    """A full backward hook makes the base output a view autograd may not change in place: the general path
+    runs, and the hook and the gradients are PEFT's (the in-place add raised a RuntimeError in backward)."""
+    ours, theirs = _pair(trainable=True)
+    weight = unique_values((2, 5, OUT), 9, scale=1.0)
+    results = []
+    for model in (ours, theirs):
+        base = model.proj.base_layer
+        seen: list[Any] = []
+        handle = {
+            "module": lambda: base.register_full_backward_hook(lambda m, gi, go: seen.append(go[0])),
+            "module-pre": lambda: base.register_full_backward_pre_hook(lambda m, go: seen.append(go[0])),
+            "global": lambda: torch.nn.modules.module.register_module_full_backward_hook(
+                lambda m, gi, go: seen.append(go[0]) if m is base else None),
+            "global-pre": lambda: torch.nn.modules.module.register_module_full_backward_pre_hook(
+                lambda m, go: seen.append(go[0]) if m is base else None),
+        }[where]()
+        try:
+            x = unique_values((2, 5, IN), 7, scale=1.0).requires_grad_(True)
+            (model(x) * weight).sum().backward()
+        finally:
+            handle.remove()
+        a, b = (p for name, p in sorted(model.named_parameters()) if p.requires_grad)
+        results.append((seen[0], x.grad, a.grad, b.grad))
+    assert addmm_calls == []
+    for mine, peft_value in zip(*results):
+        assert_close(mine, peft_value, atol=1e-5)
+
+
 def test_autocast_takes_the_general_path_in_the_autocast_dtype(addmm_calls: list[Any]) -> None:
     ours, theirs = _pair()
     x = unique_values((4, IN), 3, scale=1.0)
