@@ -14,10 +14,12 @@ mask extended by ones. The Keras backend's :mod:`adapterspec_keras.prompts` has 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
 import types
+import weakref
 from typing import Any, cast
 
 import torch
@@ -204,6 +206,18 @@ def _positional_names(forward_type: type[nn.Module]) -> tuple[str, ...]:
     return tuple(names)
 
 
+#: The caches a prefix forward made (the prefix, then what the model appended): one passed back in with
+#: ``use_cache=False`` comes with the whole sequence again, so the prefix starts over.
+_PREFIX_CACHES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _is_prefix_cache(past: Any) -> bool:
+    try:
+        return past in _PREFIX_CACHES
+    except TypeError:
+        return False
+
+
 def _cache_length(past: Any) -> int:
     if past is None:
         return 0
@@ -248,7 +262,9 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     if config.get("task_type") == "QUESTION_ANS":  # PEFT's QA forward takes both by name and passes neither on
         kwargs.pop("token_type_ids", None)
         kwargs.pop("position_ids", None)
-    continuing = _cache_length(kwargs.get("past_key_values")) > 0
+    past = kwargs.get("past_key_values")
+    # generate(use_cache=False) passes the prefix cache the last step returned back in, with the whole sequence
+    continuing = _cache_length(past) > 0 and not (kwargs.get("use_cache") is False and _is_prefix_cache(past))
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat((torch.ones(batch, nvt).to(mask.device), mask), dim=1)
@@ -261,7 +277,9 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         if PREFIX_FORWARD in vars(model):  # the model's forward takes no cache: PEFT's backbone-and-head forward
             kwargs[_PREFIX_KWARG] = (_prefix_cache(model, config, weight, batch), config)
         elif not continuing:
-            kwargs["past_key_values"] = _prefix_cache(model, config, weight, batch)
+            kwargs["past_key_values"] = cache = _prefix_cache(model, config, weight, batch)
+            with contextlib.suppress(TypeError):  # a cache class without weak references: never taken as new
+                _PREFIX_CACHES.add(cache)
         return (), kwargs
     kwargs["position_ids"] = None
     if continuing:

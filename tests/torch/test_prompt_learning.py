@@ -38,6 +38,13 @@ def test_greedy_generation_matches_peft(llama: Any, token_inputs: Any, tmp_path:
         plain = llama.generate(**token_inputs, **kwargs)
     assert ours.tolist() == theirs.tolist()
     assert ours.tolist() != plain.tolist()
+    with torch.no_grad():  # generate passes the cache the last step returned back in, with the whole sequence
+        uncached = model.generate(**token_inputs, **kwargs, use_cache=False, output_scores=True,
+                                  return_dict_in_generate=True)
+        scores = reference.generate(**token_inputs, **kwargs, output_scores=True, return_dict_in_generate=True).scores
+    assert uncached.sequences.tolist() == theirs.tolist()  # PEFT raises a RuntimeError with use_cache=False
+    for mine, peft_step in zip(uncached.scores, scores, strict=True):
+        assert_close(mine, peft_step)
 
 
 @pytest.mark.parametrize("make_config", _configs())
