@@ -20,6 +20,8 @@ import torch
 from adapterspec import LoadOptions
 from adapterspec.errors import UnsupportedError
 
+from .offload import offload_device
+
 __all__ = ["FLOAT8_DTYPES", "UPCAST_DTYPES", "adapter_target_of", "as_device", "as_dtype", "check_options", "place", "read_buffer",
            "target_of"]
 
@@ -121,7 +123,8 @@ def _reference(like: torch.Tensor | torch.nn.Module) -> torch.Tensor | None:
 def target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tuple[torch.device, torch.dtype]:
     """The device and dtype adapter tensors of a layer get: the options', else ``like``'s.
 
-    :param like: the wrapped layer (its ``weight``, else its first parameter, decides) or a tensor.
+    :param like: the wrapped layer (its ``weight``, else its first parameter, decides; a layer accelerate
+        offloads: its execution device, :mod:`adapterspec_torch.offload`) or a tensor.
 
     >>> target_of(torch.nn.Linear(2, 2), LoadOptions(dtype="float16"))
     (device(type='cpu'), torch.float16)
@@ -129,6 +132,8 @@ def target_of(like: torch.Tensor | torch.nn.Module, options: LoadOptions) -> tup
     ref = _reference(like)
     device = torch.device(options.device) if options.device is not None else (
         ref.device if ref is not None else torch.device("cpu"))
+    if device.type == "meta" and options.device is None and isinstance(like, torch.nn.Module):
+        device = offload_device(like) or device  # accelerate computes there; the weight waits on meta
     dtype = as_dtype(options.dtype) or (ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
     return device, dtype
 

@@ -40,6 +40,7 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from . import adalora, oft, vera
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
+from .offload import check_not_offloaded, onloaded
 from .quantized import dense_weight, quantization, readable, weight_shape
 
 __all__ = ["TOKENS", "ActiveSet", "AdapterLayer", "ModulesToSaveLayer", "PendingParam", "check_supported", "layer_kind",
@@ -466,7 +467,8 @@ class AdapterLayer(nn.Module):
         r = (facts.r if facts.fixed else config.rank_for(path)) if ranked else 0
         shapes = param_shapes(base, config, path, kind=self.kind, rank=r if ranked else None)
         weight = base._parameters.get("weight")
-        if options.device is None and options.dtype is None and weight is not None and weight.is_floating_point():
+        if options.device is None and options.dtype is None and weight is not None and weight.is_floating_point() \
+                and not weight.is_meta:
             device, dtype = weight.device, weight.dtype  # adapter_target_of's answer, without its lookups
             if dtype in UPCAST_DTYPES:
                 dtype = torch.float32
@@ -546,6 +548,7 @@ class AdapterLayer(nn.Module):
             raise UnsupportedError(f"trainable token rows replace rows of the layer's weight, which is quantized "
                                    f"({quantized})", key=name,
                                    hint="load the adapter onto the unquantized model")
+        check_not_offloaded(self._modules["base_layer"], name, "trainable token rows")
         spec = _Spec(method=TOKENS, indices=tuple(int(i) for i in indices), source=source)
         weights = _new_module(_Weights)
         weights.__dict__.update(training=self.training, pending={})
@@ -684,6 +687,22 @@ class AdapterLayer(nn.Module):
         tensor: torch.Tensor = self.adapter_weights[name]._parameters[self._specs[name].names[param]]
         return tensor
 
+    def _check_placed(self, names: Sequence[str]) -> None:
+        """Refuse to compute with adapter tensors that have no values (on the meta device, as accelerate leaves the
+        ones it offloads: ``dispatch_model`` / ``cpu_offload`` after the adapter was loaded).
+
+        :raises UnsupportedError: naming the adapter.
+        """
+        weights = self._modules["adapter_weights"]._modules
+        for name in names:
+            module = weights.get(name)
+            first = next(iter(module._parameters.values()), None) if module is not None else None
+            if first is not None and first.is_meta:
+                raise UnsupportedError("this layer's adapter tensors are on the meta device (accelerate offloaded them: "
+                                       "the model was dispatched after the adapter was loaded), so it cannot compute",
+                                       key=name, hint="load the adapter after dispatch_model / from_pretrained("
+                                                      "device_map=...): its tensors then stay where the layer computes")
+
     def _params_of(self, name: str) -> dict[str, torch.Tensor]:
         """Spec parameter name -> tensor of adapter ``name`` (the parameters, loaded)."""
         params = self.adapter_weights[name]._parameters
@@ -777,10 +796,11 @@ class AdapterLayer(nn.Module):
     def _weight_norm(self, name: str, *, detach: bool) -> torch.Tensor:
         spec = self._specs[name]
         lora_weight = self._lora_weight(name)
-        weight = dense_weight(self.base_layer, name)
-        if self.kind in _LINEAR_KINDS:
-            weight = weight.to(lora_weight.dtype)
-        norm = self._norm_of(weight, lora_weight.detach() if detach else lora_weight, spec.scaling)
+        with onloaded(self._modules["base_layer"]):
+            weight = dense_weight(self.base_layer, name)
+            if self.kind in _LINEAR_KINDS:
+                weight = weight.to(lora_weight.dtype)
+            norm = self._norm_of(weight, lora_weight.detach() if detach else lora_weight, spec.scaling)
         return norm.detach()
 
     def _plan_for(self, names: tuple[str, ...]) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -822,6 +842,8 @@ class AdapterLayer(nn.Module):
         weights = cast(nn.Module, self._modules["adapter_weights"]._modules[name])
         params = cast("dict[str, torch.Tensor]", weights._parameters)  # A and B exist: _lora_plan checked the spec
         a, b = params["lora_A_weight"], params["lora_B_weight"]
+        if a.is_meta and not x.is_meta:
+            self._check_placed((name,))
         result: torch.Tensor = base(x, *args, **kwargs)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
@@ -845,6 +867,8 @@ class AdapterLayer(nn.Module):
         if fast is not None and not self._merged and not (fast[1].dropout and self.training) \
                 and not _hooked(self._modules["base_layer"]):
             return self._lora_in_place(fast[0], fast[1], x, args, kwargs)  # hooks would see the sum, not base(x)
+        if not x.is_meta:
+            self._check_placed(names)
         ia3_in, ia3_out, additive, tokens = self._plan
         rotations = self._rotations(names) if not self._merged else []
         if rotations:
@@ -949,6 +973,10 @@ class AdapterLayer(nn.Module):
         if not spec.use_dora:
             x_d = F.dropout(x, spec.dropout, training=True) if dropping else x
             return result + self._lora_ab(name, spec, x_d) * spec.scaling
+        with onloaded(self._modules["base_layer"]):  # DoRA reads the weight and bias: accelerate's, where offloaded
+            return self._dora(name, spec, x, result, dropping)
+
+    def _dora(self, name: str, spec: _Spec, x: torch.Tensor, result: torch.Tensor, dropping: bool) -> torch.Tensor:
         base = self.base_layer
         magnitude = self._param(name, "lora_magnitude_vector")
         lora_weight = self._lora_weight(name)
@@ -1070,6 +1098,7 @@ class AdapterLayer(nn.Module):
             raise UnsupportedError(f"cannot merge into a quantized base weight ({quantized}): the sum would be "
                                    "rounded to the quantization grid, not the adapter's output", key=todo[0],
                                    hint="run the adapter unmerged, or load it onto the unquantized model to merge")
+        check_not_offloaded(base, todo[0], "merging")
         for name in todo:
             spec = self._specs[name]
             if self.kind in _CONV_KINDS and _conv(base).groups > 1 and spec.method == "LORA":
@@ -1207,6 +1236,7 @@ class ModulesToSaveLayer(nn.Module):
                                    " the adapter's file carries floating-point tensors", key=name,
                                    hint="keep this module unquantized (e.g. bitsandbytes' llm_int8_skip_modules), "
                                         "or load the adapter onto the unquantized model")
+        check_not_offloaded(self.original_module, name, "a module saved whole (modules_to_save)")
         duplicate = copy.deepcopy(self.original_module)
         dtype = as_dtype(options.dtype)
         if options.device is not None or dtype is not None:

@@ -24,6 +24,7 @@ from adapterspec.errors import UnsupportedError
 
 from .auxiliary import Override, _holders
 from .layers import AdapterLayer, _in_out
+from .offload import check_not_offloaded
 from .quantized import weight_quantization
 from .switch import ModelState
 
@@ -96,6 +97,8 @@ def apply_init(model: nn.Module, state: ModelState, config: AdapterConfig, adapt
                                 dtype=weight_quantization(old) or str(old.dtype).removeprefix("torch."),
                                 hf_conv1d=layer.kind == "conv1d_hf",
                                 not_base=bool(layer.merged_adapters) or id(old) in replaced)
+        if init != "orthogonal":  # the others read the weight, and a residual base replaces it
+            check_not_offloaded(layer.base_layer, spec_path, f"init_lora_weights {init!r}")
         if refusal is not None:
             pointer, reason, hint = refusal
             raise UnsupportedError(f"init_lora_weights {init!r} on {spec_path!r}: {reason}", key=spec_path,
