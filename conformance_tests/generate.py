@@ -38,7 +38,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.9.0"
+CORPUS_VERSION = "1.10.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -1015,13 +1015,16 @@ def _prompts_folders() -> None:
     plain("p-tuning-shape-disagrees", "P-tuning prompt_embeddings [3, 16] while the config says token_dim 8",
           P_TUNING_CFG, {"prompt_embeddings": det((3, 16), 1).astype(np.float32)}, valid=False,
           error="ShapeMismatchError", key="prompt_embeddings", model=decoder)
-    plain("prompt-head-not-listed", "a prompt adapter's base_model.score.weight (PEFT's classifier head of "
-          "SEQ_CLS) while modules_to_save does not list score: UnexpectedTensorError",
-          {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3, "token_dim": 8,
-           "num_transformer_submodules": 1, "num_attention_heads": 2, "num_layers": 2, "modules_to_save": None},
-          {"prompt_embeddings": det((3, 8), 1).astype(np.float32),
-           "base_model.score.weight": det((2, 8), 2).astype(np.float32)}, valid=False,
-          error="UnexpectedTensorError", key="base_model.score.weight", model=decoder)
+    prompt = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "num_transformer_submodules": 1,
+              "num_attention_heads": 2, "num_layers": 2, "modules_to_save": None}
+    with_head = {"prompt_embeddings": det((3, 8), 1).astype(np.float32),
+                 "base_model.score.weight": det((2, 8), 2).astype(np.float32)}
+    plain("prompt-head-not-listed", "a prompt adapter's base_model.score.weight while neither modules_to_save nor "
+          "the task (CAUSAL_LM) names score: UnexpectedTensorError", prompt | {"task_type": "CAUSAL_LM"}, with_head,
+          valid=False, error="UnexpectedTensorError", key="base_model.score.weight", model=decoder)
+    plain("prompt-head-of-the-task", "a SEQ_CLS prompt adapter's base_model.score.weight with a null modules_to_save: "
+          "the task's heads (classifier, score) are saved whole whatever the config lists, as PEFT's task class adds "
+          "them (SPEC.md 4.3)", prompt | {"task_type": "SEQ_CLS"}, with_head, valid=True, model=decoder)
 
 
 def _adalora_folders() -> None:

@@ -20,7 +20,7 @@ from . import _adalora, _lora_init, _oft, _vera
 from .errors import shorten
 from .naming import VELORA_GROUPS
 
-__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "duplicate_entries", "not_portable",
+__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries", "not_portable",
            "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
            "unsupported_features", "velora_state_size"]
 
@@ -48,6 +48,15 @@ PORTABLE_METHODS = frozenset({
 NO_MODULES_TO_SAVE = frozenset({
     "TRAINABLE_TOKENS",
 })
+
+#: The heads PEFT 0.21.2's task classes (``PeftModelForSequenceClassification``, ``...TokenClassification``,
+#: ``...QuestionAnswering``) add to ``modules_to_save`` whenever they make or load an adapter of that
+#: ``task_type``: an older config with a null ``modules_to_save`` still has its head saved whole (SPEC.md 4.3).
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def transformer_submodules(config: Mapping[str, Any]) -> int:

@@ -36,6 +36,7 @@ from jsonschema.exceptions import ValidationError, best_match, relevance
 from ._rules import (
     NO_MODULES_TO_SAVE,
     OFT_PEFT_VERSION,
+    TASK_MODULES_TO_SAVE,
     duplicate_entries,
     peft_fan_in_fan_out,
     rule_problems,
@@ -483,6 +484,12 @@ class AdapterConfig(Mapping[str, Any]):
             if isinstance(method, str) else []
         if nulls:  # SPEC 4.1.1: a null boolean reads as false (PEFT's truth test); written back as null
             self._acting = {**self._acting, **dict.fromkeys(nulls, False)}
+        saved = self._acting.get("modules_to_save")
+        task = self._acting.get("task_type")
+        heads = [n for n in TASK_MODULES_TO_SAVE.get(task if isinstance(task, str) else "", ()) if n not in (saved or ())] \
+            if method not in NO_MODULES_TO_SAVE and (saved is None or isinstance(saved, list)) else []
+        if heads:  # SPEC 4.3: PEFT's task class adds its heads at every load; written back as they were
+            self._acting = {**self._acting, "modules_to_save": [*(saved or ()), *heads]}
         self._matches: dict[str, bool] | None = None  # module path -> matches(), shared (see _shared_matches)
         self._targeting: Targeting | None = None  # the targeting fields prepared (sets, compiled patterns)
         self._tables: dict[str, PatternTable] = {}  # rank_pattern / alpha_pattern prepared

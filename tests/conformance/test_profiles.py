@@ -19,7 +19,7 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "prefix-sizes-from-model", "prefix-sizes-from-model-disagree", "dora-magnitude-wrong-shape",
                     "lokr-factorization-differs", "lokr-form-disagrees", "loha-effective-without-flag",
                     "oft-coft", "oft-not-a-triangle", "boft-butterfly-factors",
-                    "p-tuning", "p-tuning-shape-disagrees", "prompt-head-not-listed",
+                    "p-tuning", "p-tuning-shape-disagrees", "prompt-head-not-listed", "prompt-head-of-the-task",
                     "adalora-rank-pattern-disagrees", "lora-velora-with-dora",
                     "adalora-bias",
                     "vera-save-projection-false",

@@ -696,3 +696,19 @@ def test_pattern_keys_keep_their_order_when_written_the_rest_is_sorted() -> None
     assert list(json.loads(text)["loftq_config"]) == ["a", "z"]
     assert list(json.loads(text)) == sorted(json.loads(text))
     assert AdapterConfig.from_dict(json.loads(text)).to_json() == text
+
+
+@pytest.mark.parametrize(("task", "listed", "acting"), [
+    ("SEQ_CLS", None, ["classifier", "score"]),
+    ("TOKEN_CLS", ["dense"], ["dense", "classifier", "score"]),
+    ("QUESTION_ANS", ["qa_outputs"], ["qa_outputs"]),
+    ("CAUSAL_LM", None, None),
+])
+def test_a_task_heads_are_modules_to_save_and_written_as_they_were(task: str, listed: Any, acting: Any) -> None:
+    cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "task_type": task,
+                                   "modules_to_save": listed})
+    assert cfg["modules_to_save"] == acting
+    assert json.loads(cfg.to_json())["modules_to_save"] == listed
+    from adapterspec.targets import is_modules_to_save
+
+    assert is_modules_to_save(cfg, "bert.classifier") is (acting is not None and "classifier" in acting)

@@ -222,3 +222,38 @@ def test_saved_config_reloads_to_the_same_outputs_in_peft(llama: Any, token_inpu
     again = fresh(llama)
     adapterspec.load_adapter(again, tmp_path / "saved")
     assert torch.equal(logits(again, token_inputs), loaded)
+
+
+@pytest.mark.parametrize(("task", "head"), [("SEQ_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")])
+def test_a_task_heads_are_saved_whole_even_when_the_config_lists_none(tmp_path: Path, task: str, head: str) -> None:
+    """PEFT's task classes add their heads to ``modules_to_save`` at every load (SPEC.md 4.3), so older configs
+    with a null ``modules_to_save`` carry the head in the file: it loads as PEFT loads it, and is written back as
+    it was (the config still null, the head's tensors saved)."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+
+    torch.manual_seed(4)
+    bert = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=128, max_position_embeddings=64, num_labels=3 if task == "SEQ_CLS" else 2)
+    base = (BertForSequenceClassification if task == "SEQ_CLS" else BertForQuestionAnswering)(bert).eval()
+    ids = (torch.arange(18).reshape(2, 9) * 7) % 128
+
+    def outputs(model: Any) -> Any:
+        with torch.no_grad():
+            out = model(input_ids=ids)
+        return out.logits if task == "SEQ_CLS" else torch.cat((out.start_logits, out.end_logits))
+
+    peft_reference(base, peft.LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=["query", "value"]),
+                   tmp_path / "src")
+    _edit(tmp_path / "src", modules_to_save=None)
+    head_weight = load_file(str(tmp_path / "src" / "adapter_model.safetensors"))[f"base_model.model.{head}.weight"]
+    assert not torch.equal(head_weight, getattr(base, head).weight)  # the head was trained: loading it matters
+    expected = outputs(_peft_loads(base, tmp_path / "src"))
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path / "src")
+    assert_close(outputs(model), expected)
+    adapterspec.save_adapter(model, tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert torch.equal(load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))[
+        f"base_model.model.{head}.weight"], head_weight)
+    assert_close(outputs(_peft_loads(base, tmp_path / "saved")), expected)
