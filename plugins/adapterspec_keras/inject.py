@@ -39,7 +39,7 @@ from adapterspec.targets import is_all_linear, refuse_containers
 from .bank import AdapterBank
 from .converters import backbone_of, converter_sites
 from .devices import check_options, target_of
-from .guard import guard_save
+from .guard import guard_save, unguard_save
 from .layers import AdapterLayer, check_supported
 from .mapping import find_site, spec_sites
 from .modules_to_save import ModulesToSaveLayer, find_modules_to_save
@@ -55,7 +55,7 @@ from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
-from .switch import ModelState, drop_state_if_empty, get_state, invalidate
+from .switch import ModelState, drop_state_if_empty, get_state, invalidate, note_caller
 from .tying import check_tied_layer, tie, tie_rewrite, tied_heads, tied_layers
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -689,6 +689,7 @@ def wrap(model: Any, layer: Any) -> None:
     reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        note_caller(state)
         return _dispatch(layer, original, entries, reversible, args, kwargs)
 
     object.__setattr__(layer, "call", call)
@@ -696,11 +697,13 @@ def wrap(model: Any, layer: Any) -> None:
         original_quantized = type(layer).quantized_call.__get__(layer)
 
         def quantized_call(*args: Any, **kwargs: Any) -> Any:
+            note_caller(state)
             return _dispatch(layer, original_quantized, entries, reversible, args, kwargs)
 
         object.__setattr__(layer, "quantized_call", quantized_call)
     state.originals[id(layer)] = (layer, own)
     state.entries[id(layer)] = entries
+    guard_save(layer, names=("save_own_variables",))  # saving any model around it would drop the adapter
 
 
 def unwrap(model: Any, layer: Any) -> None:
@@ -713,6 +716,7 @@ def unwrap(model: Any, layer: Any) -> None:
         return
     _, own = state.originals.pop(id(layer))
     state.entries.pop(id(layer), None)
+    unguard_save(layer)
     restore_kernel(layer)
     if own is None:
         object.__delattr__(layer, "call")

@@ -53,6 +53,7 @@ from ._ops import HALF
 from .bank import AdapterBank, Ref
 from .kv_cache import CacheInterface, cache_interface
 from .layers import Layout
+from .switch import note_caller
 
 __all__ = ["PrefixSlot", "check_prompt_learning", "decoder_layers", "inject_prefix", "remove_prefix"]
 
@@ -245,6 +246,7 @@ def _patch_positions(state: Any, layer: Any) -> None:
     original = own if own is not None else type(layer).call.__get__(layer)
 
     def call(inputs: Any, start_index: Any = 0, **kwargs: Any) -> Any:
+        note_caller(state)
         slot = _active_prefix(state)
         if slot is not None:
             start_index = start_index + slot.num_virtual_tokens
@@ -320,6 +322,7 @@ def _patch(model: Any, state: Any, layer: Any, iface: CacheInterface, index: int
     names = list(inspect.signature(type(layer).call).parameters)[1:]
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        note_caller(state)
         slot = _active_prefix(state)
         if slot is None:
             return original(*args, **kwargs)

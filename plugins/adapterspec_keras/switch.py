@@ -4,7 +4,15 @@ All bookkeeping lives in ONE place, :class:`ModelState` at ``model._adapterspec_
 ``object.__setattr__`` so Keras does not track it); it is removed when the last adapter goes.
 Switching only changes which adapters each :class:`~adapterspec_keras.layers.AdapterLayer` runs:
 base weights are never copied. Compiled ``fit``/``predict``/``generate`` functions are dropped on every
-change, since Keras traces the Python-level adapter state into them.
+change, since Keras traces the Python-level adapter state into them: the model's own, and those of every
+Keras model an adapted layer was called under (a task model around an adapted backbone, a functional
+model wrapping it: Keras' call context names the outermost one). Two cases are out of reach and keep the
+adapters they were traced with, so trace them again (``outer.make_predict_function(force=True)``, or set its
+``predict_function``/``generate_function`` to ``None``) after a switch, merge or delete: a function traced
+outside Keras' ``fit``/``predict``/``generate`` -- a ``tf.function`` or ``jax.jit`` of your own -- and, on
+JAX, the compiled functions of a model *around* the one holding the adapters (Keras' JAX trainer calls the
+outer model's ``call`` directly, so no call context names it): on JAX, load adapters into the model you
+call ``predict``/``generate`` on.
 
 >>> import keras
 >>> adapter_names(keras.Sequential([keras.layers.Dense(2)]))
@@ -13,6 +21,7 @@ change, since Keras traces the Python-level adapter state into them.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +37,7 @@ __all__ = [
     "get_state",
     "invalidate",
     "merge",
+    "note_caller",
     "set_active",
     "unmerge",
 ]
@@ -63,6 +73,8 @@ class ModelState:
     :param auxiliary: name -> {canonical key: the file's tensor} of those replacements, saved again with it.
     :param tied: name -> {spec path of a layer tied to the input embedding: (the embedding's spec path, ``"targets"``)}
         (``ensure_weight_tying``, SPEC.md 15.2; :mod:`~adapterspec_keras.tying`).
+    :param callers: the outermost Keras models the adapted layers were called under (:func:`note_caller`), whose
+        compiled functions :func:`invalidate` drops too.
     """
 
     names: list[str] = field(default_factory=list)
@@ -83,6 +95,7 @@ class ModelState:
     base_weights: dict[str, list[Any]] = field(default_factory=dict)
     auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
     tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    callers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -111,17 +124,38 @@ def drop_state_if_empty(model: Any) -> None:
 
 
 def invalidate(model: Any) -> None:
-    """Drop Keras' compiled ``fit``/``evaluate``/``predict``/``generate`` functions so the next call retraces.
+    """Drop Keras' compiled ``fit``/``evaluate``/``predict``/``generate`` functions so the next call retraces: those
+    of ``model``, its backbone, and every model its adapted layers were called under (:func:`note_caller`).
 
     >>> import keras
     >>> invalidate(keras.Sequential())
     """
-    for obj in (model, getattr(model, "backbone", None)):
+    state = get_state(model)
+    callers = list(state.callers) if state is not None else []
+    for obj in (model, getattr(model, "backbone", None), *callers):
         if obj is None:
             continue
         for attr in ("train_function", "test_function", "predict_function", "generate_function"):
             if obj.__dict__.get(attr) is not None:
                 object.__setattr__(obj, attr, None)
+
+
+def _current_call_context() -> Any:
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # another Keras layout: only the model and its backbone are known
+        return None
+    return global_state.get_global_attribute("current_call_ctx")
+
+
+def note_caller(state: ModelState) -> None:
+    """Called by every patched ``call``: remember the outermost Keras layer of the current call (Keras' call
+    context: ``predict`` of a task model around the adapted backbone, a functional wrapper), whose compiled
+    functions then hold this model's adapters as traced."""
+    context = _current_call_context()
+    entry = getattr(context, "entry_layer", None)
+    if entry is not None and entry not in state.callers:
+        state.callers.add(entry)
 
 
 def _check(state: ModelState | None, names: list[str]) -> None:

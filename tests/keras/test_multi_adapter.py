@@ -116,3 +116,43 @@ def test_load_then_delete_leaves_the_model_exactly_as_it_was(checkpoints: Any, t
         adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["c_fc"]}, "x")
     adapterspec.unload(model)
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("around", ["task-model", "functional-wrapper"])
+def test_compiled_functions_of_a_model_around_the_adapted_one_follow_a_switch(
+        checkpoints: Any, two_adapters: dict[str, Any], token_ids: np.ndarray, around: str) -> None:
+    """Adapters loaded into a keras-hub backbone, ``predict`` run on the task model around it (or on a functional
+    model wrapping the task model): Keras traced the active adapter into that outer model's predict function,
+    which a switch or merge must drop too (it predicted with the previous adapter: 0.094 off, after a merge
+    0.107, as the delta then counted twice)."""
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    if keras.backend.backend() == "jax":
+        pytest.skip("on JAX, Keras' stateless predict runs the outer model's call without a call context naming "
+                    "it: a known limit, documented in adapterspec_keras.switch and the README")
+    task = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(task.backbone, two_adapters["fr"], "fr")
+    adapterspec.load_adapter(task.backbone, two_adapters["de"], "de", activate=False)
+    if around == "task-model":
+        outer = task
+    else:
+        inputs = {k: keras.Input(shape=(None,), dtype="int32", name=k) for k in ("token_ids", "padding_mask")}
+        outer = keras.Model(inputs, task(inputs))
+    x = keras_inputs(token_ids)
+    eager = {}
+    for active in (["fr"], ["de"]):
+        adapterspec.set_active_adapters(task.backbone, active)
+        eager[active[0]] = np.asarray(task(x))
+    assert np.abs(eager["fr"] - eager["de"]).max() > 1e-2
+    for active in (["fr"], ["de"], ["fr"]):
+        adapterspec.set_active_adapters(task.backbone, active)
+        assert_near(outer.predict(x, verbose=0), eager[active[0]], msg=active)
+    adapterspec.merge_adapters(task.backbone, ["fr"])
+    assert_near(outer.predict(x, verbose=0), eager["fr"], msg="merged")
+    adapterspec.unmerge_adapters(task.backbone)
+    adapterspec.delete_adapter(task.backbone, "fr")
+    adapterspec.delete_adapter(task.backbone, "de")
+    assert_near(outer.predict(x, verbose=0), np.asarray(task(x)), msg="deleted")

@@ -98,6 +98,37 @@ def test_model_save_refuses_while_adapters_are_in(checkpoints: Any, tmp_path: Pa
     assert "save" not in model.__dict__  # the model's own save is back
 
 
+@pytest.mark.parametrize(("where", "save"), [
+    ("task", lambda m, path: keras.saving.save_model(m, path / "m.keras")),
+    ("task", lambda m, path: m.save_weights(path / "m.weights.h5")),
+    ("backbone", lambda m, path: m.save_weights(path / "m.weights.h5")),  # a model around the adapted one
+    ("backbone", lambda m, path: m.save_to_preset(str(path / "preset"))),
+    ("backbone", lambda m, path: m.backbone.save(path / "backbone.keras")),
+], ids=["save_model", "save_weights", "save_weights-of-the-task-model", "save_to_preset", "backbone-save"])
+def test_every_keras_save_refuses_while_adapters_are_in(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path,
+                                                        where: str, save: Any) -> None:
+    """Each of Keras' saving paths walks the layers' ``save_own_variables``: with an adapter in, the file held the
+    base alone (a restore gave the base, or an untrained adapter), now the save refuses, typed. (Keras has opened
+    its file by then: what it leaves is incomplete -- no weights of the adapted layers on -- and fails to load.)"""
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model if where == "task" else model.backbone, LORA)
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        save(model, tmp_path)
+    adapterspec.delete_adapter(model if where == "task" else model.backbone, "default")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    save(model, tmp_path)  # Keras' own saving is back with the last adapter gone
+    assert {p for p in tmp_path.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+
+
+def test_a_weights_checkpoint_during_fit_refuses(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_weights_only=True)`` (and ``BackupAndRestore``, which saves the same way) wrote
+    checkpoints without the trained adapter; adapterspec's ``AdapterCheckpoints`` is the callback that saves it."""
+    model = _fit_model(checkpoints)
+    callback = keras.callbacks.ModelCheckpoint(str(tmp_path / "w.weights.h5"), save_weights_only=True)
+    with pytest.raises(adapterspec.UnsupportedError, match="AdapterCheckpoints|save_adapter"):
+        model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=1, verbose=0, callbacks=[callback])
+
+
 def _fit_model(checkpoints: Any) -> Any:
     from adapterspec_keras import training  # noqa: F401 - imported here: it imports keras
 
