@@ -674,6 +674,10 @@ def _restore_trainable(state: ModelState) -> None:
     state.frozen.clear()
 
 
+#: The attribute of a patched ``call`` naming the :class:`ModelState` it runs (one layer, one model's adapters).
+_PATCHED_BY = "_adapterspec_state"
+
+
 def wrap(model: Any, layer: Any) -> None:
     """Patch ``layer.call`` (once) to run the adapters :class:`ModelState` lists for it.
 
@@ -684,6 +688,12 @@ def wrap(model: Any, layer: Any) -> None:
     if id(layer) in state.originals:
         return
     own = layer.__dict__.get("call")
+    if getattr(own, _PATCHED_BY, state) is not state:
+        raise UnsupportedError(f"layer {layer.name!r} already holds the adapters of another model that shares it (a "
+                               "backbone inside a task model, a layer used by two models); its calls would run both "
+                               "models' adapters", key=layer.name,
+                               hint="load all adapters through the model that loaded the first one (adapter_name=... "
+                                    "and set_active_adapters switch between them)")
     original = own if own is not None else type(layer).call.__get__(layer)
     entries: list[tuple[AdapterLayer, Piece]] = []
     reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
@@ -692,6 +702,7 @@ def wrap(model: Any, layer: Any) -> None:
         note_caller(state)
         return _dispatch(layer, original, entries, reversible, args, kwargs)
 
+    setattr(call, _PATCHED_BY, state)
     object.__setattr__(layer, "call", call)
     if quantization(layer):  # Layer.__call__ runs quantized_call, not call (SPEC.md 6.8)
         original_quantized = type(layer).quantized_call.__get__(layer)

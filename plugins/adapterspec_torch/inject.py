@@ -414,6 +414,14 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                                    "saved whole (PEFT refuses this too)", key=spec, pointer="/target_parameters",
                                    hint="remove the module from target_modules / modules_to_save, or its parameter "
                                         "from target_parameters")
+    for spec in [*targets, *saved, *parameters]:
+        own, module = universe[spec]
+        if isinstance(module, (AdapterLayer, ModulesToSaveLayer)) and state.wrappers.get(own) is not module:
+            raise UnsupportedError("this module already holds the adapters of another model that shares it (a "
+                                   "backbone or layer used by two models); one module cannot keep two models' "
+                                   "adapter bookkeeping", key=spec,
+                                   hint="load all adapters through the model that loaded the first one "
+                                        "(adapter_name=... and set_active_adapters switch between them)")
     for spec in targets:
         module = universe[spec][1]
         if isinstance(module, ModulesToSaveLayer):

@@ -156,3 +156,21 @@ def test_compiled_functions_of_a_model_around_the_adapted_one_follow_a_switch(
     adapterspec.delete_adapter(task.backbone, "fr")
     adapterspec.delete_adapter(task.backbone, "de")
     assert_near(outer.predict(x, verbose=0), np.asarray(task(x)), msg="deleted")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_second_model_sharing_the_adapted_layers_is_refused_and_both_stay(
+        checkpoints: Any, two_adapters: dict[str, Any], token_ids: np.ndarray) -> None:
+    """An adapter loaded into the task model, then another into its backbone (the same layers, another model's
+    bookkeeping): the second is refused, typed -- the layers ran both models' adapters while the task model said
+    only its own was active (0.071 off) -- and the task model keeps computing its adapter alone."""
+    task = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(task, token_ids)
+    adapterspec.load_adapter(task, two_adapters["fr"], "fr")
+    adapted = keras_logits(task, token_ids)
+    with pytest.raises(adapterspec.UnsupportedError, match="another model that shares it"):
+        adapterspec.load_adapter(task.backbone, two_adapters["de"], "de")
+    assert adapterspec.adapter_names(task) == ["fr"] and adapterspec.adapter_names(task.backbone) == []
+    assert np.array_equal(keras_logits(task, token_ids), adapted)
+    adapterspec.delete_adapter(task, "fr")
+    assert np.array_equal(keras_logits(task, token_ids), base)

@@ -238,3 +238,24 @@ def test_modules_to_save_switch_with_their_adapter(bert: Any, token_inputs: Any,
     adapterspec.unload(model)
     assert type(model.classifier) is type(bert.classifier)
     assert torch.equal(model.classifier.weight, bert.classifier.weight)
+
+
+def test_a_second_model_sharing_the_adapted_modules_is_refused_and_both_stay(llama: Any, token_inputs: Any,
+                                                                             tmp_path: Any) -> None:
+    """Two models sharing one backbone (``m2.model = m1.model``): an adapter loaded through the second into modules
+    the first model's adapter wraps is refused, typed (it raised a KeyError from the bookkeeping); both models keep
+    computing the first adapter, and deleting it gives both the base back."""
+    from transformers import LlamaForCausalLM
+
+    first, second = _two_adapters(llama, tmp_path)
+    m1 = fresh(llama)
+    m2 = LlamaForCausalLM(llama.config).eval()
+    m2.model, m2.lm_head = m1.model, m1.lm_head
+    adapterspec.load_adapter(m1, first, adapter_name="a")
+    adapted = logits(m1, token_inputs)
+    with pytest.raises(adapterspec.UnsupportedError, match="another model that shares it"):
+        adapterspec.load_adapter(m2, second, adapter_name="b")
+    assert adapterspec.adapter_names(m1) == ["a"] and adapterspec.adapter_names(m2) == []
+    assert torch.equal(logits(m1, token_inputs), adapted) and torch.equal(logits(m2, token_inputs), adapted)
+    adapterspec.delete_adapter(m1, "a")
+    assert torch.equal(logits(m2, token_inputs), logits(llama, token_inputs))
