@@ -674,6 +674,29 @@ def _restore_trainable(state: ModelState) -> None:
     state.frozen.clear()
 
 
+def _check_trainable(state: ModelState, layer: Any, entries: list[tuple[AdapterLayer, Piece]]) -> None:
+    """Refuse to train while ``layer.trainable`` disagrees with the trainability of the adapters it runs.
+
+    A trainable adapter keeps its tensors in a few variables shared by all its layers (:mod:`.bank`), tracked
+    under one of them: ``trainable = False`` on one adapted layer froze every layer's rows (on the tracking
+    layer) or none (on another), where Keras' own LoRA freezes that layer's. Freezing the whole model is
+    consistent (nothing trains) and allowed.
+
+    :raises UnsupportedError: naming the layer.
+    """
+    for adapter_layer, _ in entries:
+        for name in adapter_layer._active:
+            if name in state.trainable and name in state.banks and \
+                    bool(layer.trainable) != bool(state.banks[name][0].trainable):
+                raise UnsupportedError(
+                    f"layer {layer.name!r} is {'frozen' if not layer.trainable else 'trainable'} (layer.trainable) but "
+                    f"adapter {name!r} is {'frozen' if not state.banks[name][0].trainable else 'trainable'}: one "
+                    "adapter's tensors are shared variables across its layers, so one layer's flag cannot freeze "
+                    "only its part", key=layer.name,
+                    hint="freeze the whole model (model.trainable = False) or none of it, or load the adapters "
+                         "that should stay frozen without trainable=True")
+
+
 #: The attribute of a patched ``call`` naming the :class:`ModelState` it runs (one layer, one model's adapters).
 _PATCHED_BY = "_adapterspec_state"
 
@@ -699,7 +722,9 @@ def wrap(model: Any, layer: Any) -> None:
     reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        note_caller(state)
+        context = note_caller(state)
+        if state.trainable and getattr(context, "training", None):
+            _check_trainable(state, layer, entries)
         return _dispatch(layer, original, entries, reversible, args, kwargs)
 
     setattr(call, _PATCHED_BY, state)
@@ -708,7 +733,9 @@ def wrap(model: Any, layer: Any) -> None:
         original_quantized = type(layer).quantized_call.__get__(layer)
 
         def quantized_call(*args: Any, **kwargs: Any) -> Any:
-            note_caller(state)
+            context = note_caller(state)
+            if state.trainable and getattr(context, "training", None):
+                _check_trainable(state, layer, entries)
             return _dispatch(layer, original_quantized, entries, reversible, args, kwargs)
 
         object.__setattr__(layer, "quantized_call", quantized_call)

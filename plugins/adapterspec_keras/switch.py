@@ -148,14 +148,15 @@ def _current_call_context() -> Any:
     return global_state.get_global_attribute("current_call_ctx")
 
 
-def note_caller(state: ModelState) -> None:
+def note_caller(state: ModelState) -> Any:
     """Called by every patched ``call``: remember the outermost Keras layer of the current call (Keras' call
     context: ``predict`` of a task model around the adapted backbone, a functional wrapper), whose compiled
-    functions then hold this model's adapters as traced."""
+    functions then hold this model's adapters as traced. Returns the call context (``None`` outside one)."""
     context = _current_call_context()
     entry = getattr(context, "entry_layer", None)
     if entry is not None and entry not in state.callers:
         state.callers.add(entry)
+    return context
 
 
 def _check(state: ModelState | None, names: list[str]) -> None:

@@ -482,3 +482,26 @@ def test_unmerge_that_rounds_differently_keeps_the_base_fingerprint(checkpoints:
     kernel.assign(ops.cast(ops.convert_to_tensor(before + 1.0), kernel.dtype))  # every element, the sampled ones too
     adapterspec.save_adapter(model, tmp_path / "changed")
     assert adapterspec.read_adapter(tmp_path / "changed").metadata[FINGERPRINT_KEY] != recorded
+
+
+def test_freezing_one_adapted_layer_refuses_to_train_freezing_all_is_allowed(checkpoints: Any,
+                                                                            token_ids: np.ndarray) -> None:
+    """One adapter's trainable tensors are shared variables across its layers: ``layer.trainable = False`` on one
+    adapted layer froze every layer's rows (on the layer tracking them) or none; training then refuses, typed.
+    The whole model frozen is consistent: ``fit`` runs and nothing moves."""
+    x, y = keras_inputs(token_ids), np.roll(token_ids, -1, axis=1)
+    for freeze in ("one", "all"):
+        model = _fit_model(checkpoints)
+        before = _adapter(model)
+        attention = model.backbone.get_layer("transformer_layer_1")._self_attention_layer
+        if freeze == "one":
+            attention._value_dense.trainable = False
+            with pytest.raises(adapterspec.UnsupportedError, match="value"):
+                model.fit(x, y, epochs=1, verbose=0)
+        else:
+            model.trainable = False
+            model.compile(optimizer=keras.optimizers.SGD(0.5),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x, y, epochs=1, verbose=0)
+        after = _adapter(model)
+        assert all(np.array_equal(after[k], v) for k, v in before.items())
