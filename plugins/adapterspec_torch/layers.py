@@ -900,7 +900,7 @@ class AdapterLayer(nn.Module):
                 dtype = vector.dtype
                 scaling = scaling * (vector if conv else vector.flatten())
             result = result.to(dtype) * scaling if conv else (result * scaling).to(result.dtype)
-        if ia3_in or ia3_out:
+        if (ia3_in or ia3_out) and conv:  # PEFT's IA3 convolutions cast back; its Linear keeps the base output's dtype
             result = result.to(previous_dtype)
         if not additive:
             return result

@@ -516,3 +516,31 @@ def test_sft_trainer_checkpoints_hold_the_adapter_and_resume_exactly(llama: Any,
     for key, value in expected.items():
         assert torch.equal(final[key], value), key
     assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_autocast_training_steps_match_peft(llama: Any, token_inputs: dict[str, Any], tmp_path: Path,
+                                            method: str) -> None:
+    """Under CPU autocast (bfloat16) the loss and every adapter gradient are PEFT's to the bit: IA3's Linear keeps
+    the base output's dtype as PEFT's does (it was cast back to float32, which moved gradients by 1.7e-5)."""
+    from peft import IA3Config, LoraConfig, PeftModel
+    from torch_helpers import peft_reference
+
+    config = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+              "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+              "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
+    peft_reference(llama, config[method], tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(fresh(llama), str(tmp_path), is_trainable=True)
+    ours = fresh(llama)
+    adapterspec.load_adapter(ours, tmp_path, trainable=True)
+    results = []
+    for model in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**token_inputs, labels=token_inputs["input_ids"]).loss
+        loss.backward()
+        grads = sorted(p.grad.abs().sum().item() for p in model.parameters() if p.requires_grad)
+        results.append((loss.item(), grads))
+    assert results[0][0] == results[1][0]
+    assert len(results[0][1]) == len(results[1][1]) > 0 and results[0][1] == results[1][1]
