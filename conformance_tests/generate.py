@@ -967,6 +967,16 @@ def _clarification_folders() -> None:
           "string suffix, not a '.'-aligned name), so its weight is accounted for", LORA_CFG | {"modules_to_save": ["score"]},
           lora_tensors() | {"base_model.model.model.xscore.weight": det((2, 8), 5).astype(np.float32)}, valid=True,
           model=scored)
+    headed = {"dtype": "float32", "modules": {**ATTN["modules"], "score": linear(8, 2, bias=False)}}
+    for task in ("SEQ_CLS", "CAUSAL_LM"):
+        plain(f"modules-to-save-task-head-{task.lower().replace('_', '-')}",
+              f"SPEC 4.3: task_type {task} with a null modules_to_save and the head base_model.model.score.weight in "
+              "the file: " + ("PEFT's task class adds classifier and score at every load, so the head is saved whole"
+                              if task == "SEQ_CLS" else "no task head, so the key is not accounted for"),
+              LORA_CFG | {"task_type": task, "modules_to_save": None},
+              lora_tensors() | {"base_model.model.score.weight": det((2, 8), 5).astype(np.float32)},
+              valid=task == "SEQ_CLS", model=headed,
+              **({} if task == "SEQ_CLS" else {"error": "UnexpectedTensorError", "key": "base_model.model.score.weight"}))
 
 
 def _embedding_names_folders() -> None:
@@ -1022,9 +1032,6 @@ def _prompts_folders() -> None:
     plain("prompt-head-not-listed", "a prompt adapter's base_model.score.weight while neither modules_to_save nor "
           "the task (CAUSAL_LM) names score: UnexpectedTensorError", prompt | {"task_type": "CAUSAL_LM"}, with_head,
           valid=False, error="UnexpectedTensorError", key="base_model.score.weight", model=decoder)
-    plain("prompt-head-of-the-task", "a SEQ_CLS prompt adapter's base_model.score.weight with a null modules_to_save: "
-          "the task's heads (classifier, score) are saved whole whatever the config lists, as PEFT's task class adds "
-          "them (SPEC.md 4.3)", prompt | {"task_type": "SEQ_CLS"}, with_head, valid=True, model=decoder)
 
 
 def _adalora_folders() -> None:

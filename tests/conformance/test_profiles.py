@@ -19,7 +19,7 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "prefix-sizes-from-model", "prefix-sizes-from-model-disagree", "dora-magnitude-wrong-shape",
                     "lokr-factorization-differs", "lokr-form-disagrees", "loha-effective-without-flag",
                     "oft-coft", "oft-not-a-triangle", "boft-butterfly-factors",
-                    "p-tuning", "p-tuning-shape-disagrees", "prompt-head-not-listed", "prompt-head-of-the-task",
+                    "p-tuning", "p-tuning-shape-disagrees", "prompt-head-not-listed",
                     "adalora-rank-pattern-disagrees", "lora-velora-with-dora",
                     "adalora-bias",
                     "vera-save-projection-false",
@@ -38,7 +38,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 248 and len(corpus.cases) == 367
+    assert len(core) == 251 and len(corpus.cases) == 370
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
