@@ -6,13 +6,12 @@ Switching only changes which adapters each :class:`~adapterspec_keras.layers.Ada
 base weights are never copied. Compiled ``fit``/``predict``/``generate`` functions are dropped on every
 change, since Keras traces the Python-level adapter state into them: the model's own, and those of every
 Keras model an adapted layer was called under (a task model around an adapted backbone, a functional
-model wrapping it: Keras' call context names the outermost one). Two cases are out of reach and keep the
-adapters they were traced with, so trace them again (``outer.make_predict_function(force=True)``, or set its
+model wrapping it: Keras' call context names the outermost one). One case is out of reach and keeps the
+adapters it was traced with, so trace it again (``outer.make_predict_function(force=True)``, or set its
 ``predict_function``/``generate_function`` to ``None``) after a switch, merge or delete: a function traced
-outside Keras' ``fit``/``predict``/``generate`` -- a ``tf.function`` or ``jax.jit`` of your own -- and, on
-JAX, the compiled functions of a model *around* the one holding the adapters (Keras' JAX trainer calls the
-outer model's ``call`` directly, so no call context names it): on JAX, load adapters into the model you
-call ``predict``/``generate`` on.
+outside Keras' ``fit``/``predict``/``generate`` -- a ``tf.function`` or ``jax.jit`` of your own.
+(Where a trace names no model in Keras' call context -- the JAX trainer's ``stateless_call``, keras-hub's
+``generate_step`` -- the Keras models whose methods are on the stack while it is traced are the callers.)
 
 >>> import keras
 >>> adapter_names(keras.Sequential([keras.layers.Dense(2)]))
@@ -21,9 +20,13 @@ call ``predict``/``generate`` on.
 
 from __future__ import annotations
 
+import functools
+import sys
+import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from adapterspec import AdapterConfig
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
@@ -75,6 +78,7 @@ class ModelState:
         (``ensure_weight_tying``, SPEC.md 15.2; :mod:`~adapterspec_keras.tying`).
     :param callers: the outermost Keras models the adapted layers were called under (:func:`note_caller`), whose
         compiled functions :func:`invalidate` drops too.
+    :param scope_seen: the last trace :func:`note_caller` looked into (once per trace).
     """
 
     names: list[str] = field(default_factory=list)
@@ -96,6 +100,7 @@ class ModelState:
     auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
     tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
     callers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    scope_seen: Any = None
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -123,6 +128,10 @@ def drop_state_if_empty(model: Any) -> None:
         unguard_save(model)
 
 
+#: The attributes where Keras (and keras-hub) keep a model's compiled functions.
+_COMPILED = ("train_function", "test_function", "predict_function", "generate_function")
+
+
 def invalidate(model: Any) -> None:
     """Drop Keras' compiled ``fit``/``evaluate``/``predict``/``generate`` functions so the next call retraces: those
     of ``model``, its backbone, and every model its adapted layers were called under (:func:`note_caller`).
@@ -135,27 +144,61 @@ def invalidate(model: Any) -> None:
     for obj in (model, getattr(model, "backbone", None), *callers):
         if obj is None:
             continue
-        for attr in ("train_function", "test_function", "predict_function", "generate_function"):
+        for attr in _COMPILED:
             if obj.__dict__.get(attr) is not None:
                 object.__setattr__(obj, attr, None)
 
 
-def _current_call_context() -> Any:
+@functools.cache
+def _call_context_reader() -> Callable[[], Any]:
     try:
         from keras.src.backend.common import global_state
     except ImportError:  # another Keras layout: only the model and its backbone are known
-        return None
-    return global_state.get_global_attribute("current_call_ctx")
+        return lambda: None
+    return functools.partial(global_state.get_global_attribute, "current_call_ctx")
+
+
+@functools.cache
+def _trace_reader() -> Callable[[], Any]:
+    """What identifies the trace being made now: TensorFlow's graph inside a ``tf.function``, Keras' stateless
+    scope (JAX's trainer and keras-hub's JAX ``generate`` trace in one); ``None`` when running eagerly."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        inside, graph = tf.inside_function, tf.compat.v1.get_default_graph
+        return lambda: graph() if inside() else None
+    try:
+        from keras.src.backend.common.stateless_scope import get_stateless_scope
+    except ImportError:
+        return lambda: None
+    return cast("Callable[[], Any]", get_stateless_scope)
 
 
 def note_caller(state: ModelState) -> Any:
     """Called by every patched ``call``: remember the outermost Keras layer of the current call (Keras' call
     context: ``predict`` of a task model around the adapted backbone, a functional wrapper), whose compiled
-    functions then hold this model's adapters as traced. Returns the call context (``None`` outside one)."""
-    context = _current_call_context()
+    functions then hold this model's adapters as traced. Returns the call context (``None`` outside one).
+
+    Not every trace names its model in a call context: Keras' JAX trainer runs ``stateless_call``, which calls
+    the model's ``call`` directly, and keras-hub's ``generate`` runs the task model's ``generate_step``, which
+    calls the backbone's layers one by one. So while a trace is made (:func:`_trace_reader`; once per trace),
+    every Keras model whose method is on the Python stack is remembered too.
+    """
+    context = _call_context_reader()()
     entry = getattr(context, "entry_layer", None)
     if entry is not None and entry not in state.callers:
         state.callers.add(entry)
+    trace = _trace_reader()()
+    if trace is not None and state.scope_seen is not trace:
+        state.scope_seen = trace
+        frame: types.FrameType | None = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+            if owner is not None and _COMPILED[0] in getattr(owner, "__dict__", {}):
+                state.callers.add(owner)
+            frame = frame.f_back
     return context
 
 
