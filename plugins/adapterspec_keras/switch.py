@@ -100,7 +100,7 @@ class ModelState:
     auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
     tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
     callers: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
-    scope_seen: Any = None
+    scope_seen: weakref.ref[Any] | None = None
 
 
 def get_state(model: Any, *, create: bool = False) -> ModelState | None:
@@ -191,8 +191,8 @@ def note_caller(state: ModelState) -> Any:
     if entry is not None and entry not in state.callers:
         state.callers.add(entry)
     trace = _trace_reader()()
-    if trace is not None and state.scope_seen is not trace:
-        state.scope_seen = trace
+    if trace is not None and (state.scope_seen is None or state.scope_seen() is not trace):
+        state.scope_seen = weakref.ref(trace)  # not the graph itself: it would outlive its trace
         frame: types.FrameType | None = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None

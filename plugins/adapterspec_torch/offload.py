@@ -1,5 +1,5 @@
 """Base layers whose weights accelerate offloads (``device_map`` with ``"cpu"``/``"disk"`` entries,
-``cpu_offload``, ``disk_offload``; SPEC.md 6.8's rules for weights that are not in place).
+``cpu_offload``, ``disk_offload``; accelerate >= 1.1).
 
 Such a layer's weight is on the ``meta`` device between calls: accelerate's ``AlignDevicesHook`` puts the values
 on its *execution device* for the layer's own forward and takes them off again after. An adapter that adds to
@@ -63,4 +63,4 @@ def check_not_offloaded(module: nn.Module, key: str, what: str) -> None:
         raise UnsupportedError(f"{what} needs the layer's weights in place, and accelerate offloads them (they are "
                                f"on the meta device between calls; it computes on {device})", key=key,
                                hint="load the model without offloading (a device_map without 'cpu'/'disk' entries) "
-                                    "for this, or run the adapter unmerged")
+                                    "for this")

@@ -388,20 +388,29 @@ def _integers_as_int(data: dict[str, Any]) -> None:
     JSON Schema counts ``8.0`` as an integer, and SPEC.md 4.1 asks readers to convert it (writers then
     write ``8``, which PEFT needs: it makes tensors of that size).
 
-    Each candidate is tried as ``8.5``: where the schema then reports a ``type`` error at that place,
-    the field is an integer. Configs without integral floats (nearly all) cost one walk.
+    The candidates are tried as ``8.5`` all at once: where the schema then reports a ``type`` error, the
+    field is an integer. Configs without integral floats (nearly all) cost one walk.
     """
-    for where in _integral_floats(data, ()):
-        probe = copy.deepcopy(data)
-        parent = probe
-        for step in where[:-1]:
-            parent = parent[step]
-        parent[where[-1]] += 0.5
-        if any(e.validator == "type" and tuple(e.absolute_path) == where for e in _validator().iter_errors(probe)):
-            parent = data
-            for step in where[:-1]:
-                parent = parent[step]
-            parent[where[-1]] = int(parent[where[-1]])
+    places = list(_integral_floats(data, ()))
+    if not places:
+        return
+    probe = copy.deepcopy(data)
+    for where in places:
+        _set(probe, where, _get(probe, where) + 0.5)
+    typed = {tuple(e.absolute_path) for e in _validator().iter_errors(probe) if e.validator == "type"}
+    for where in places:
+        if where in typed:
+            _set(data, where, int(_get(data, where)))
+
+
+def _get(value: Any, where: tuple[Any, ...]) -> Any:
+    for step in where:
+        value = value[step]
+    return value
+
+
+def _set(value: Any, where: tuple[Any, ...], new: Any) -> None:
+    _get(value, where[:-1])[where[-1]] = new
 
 
 def _integral_floats(value: Any, where: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
