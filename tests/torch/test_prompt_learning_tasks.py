@@ -200,7 +200,8 @@ def test_prefix_on_a_model_without_cache_is_refused_where_peft_fails(tmp_path: A
 
 
 def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
-    """A ``base_model.`` key is only accepted for a module listed in modules_to_save."""
+    """A ``base_model.`` key is only accepted for a module saved whole: listed in modules_to_save, or one of the
+    task's heads, which PEFT's task class adds whatever the config lists (SPEC.md 4.3)."""
     import json
 
     from peft import get_peft_model
@@ -209,6 +210,9 @@ def test_head_key_of_an_unlisted_module_is_unexpected(tmp_path: Any) -> None:
     get_peft_model(fresh(base), _config("prompt", "SEQ_CLS")).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["modules_to_save"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert "base_model.score.weight" in adapterspec.read_adapter(tmp_path).tensors  # SEQ_CLS: the head is the task's
+    config["task_type"] = "FEATURE_EXTRACTION"
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(adapterspec.UnexpectedTensorError, match="base_model.score.weight"):
         adapterspec.read_adapter(tmp_path)
