@@ -721,24 +721,20 @@ def wrap(model: Any, layer: Any) -> None:
     entries: list[tuple[AdapterLayer, Piece]] = []
     reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        context = note_caller(state)
-        if state.trainable and getattr(context, "training", None):
-            _check_trainable(state, layer, entries)
-        return _dispatch(layer, original, entries, reversible, args, kwargs)
-
-    setattr(call, _PATCHED_BY, state)
-    object.__setattr__(layer, "call", call)
-    if quantization(layer):  # Layer.__call__ runs quantized_call, not call (SPEC.md 6.8)
-        original_quantized = type(layer).quantized_call.__get__(layer)
-
-        def quantized_call(*args: Any, **kwargs: Any) -> Any:
+    def patched(run: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             context = note_caller(state)
             if state.trainable and getattr(context, "training", None):
                 _check_trainable(state, layer, entries)
-            return _dispatch(layer, original_quantized, entries, reversible, args, kwargs)
+            return _dispatch(layer, run, entries, reversible, args, kwargs)
 
-        object.__setattr__(layer, "quantized_call", quantized_call)
+        return call
+
+    call = patched(original)
+    setattr(call, _PATCHED_BY, state)
+    object.__setattr__(layer, "call", call)
+    if quantization(layer):  # Layer.__call__ runs quantized_call, not call (SPEC.md 6.8)
+        object.__setattr__(layer, "quantized_call", patched(type(layer).quantized_call.__get__(layer)))
     state.originals[id(layer)] = (layer, own)
     state.entries[id(layer)] = entries
     guard_save(layer, names=("save_own_variables",))  # saving any model around it would drop the adapter

@@ -44,6 +44,7 @@ import numpy as np
 
 from adapterspec.errors import AdapterSpecWarning, UnsupportedError
 
+from .quantized import quantization
 from .sites import ModuleSite, Piece
 
 __all__ = ["check_reached", "dummy_inputs", "note_entry", "parents_of", "reach_report",
@@ -356,8 +357,8 @@ def read_through_refusal(config: Any, path: str, pieces: list[Piece], trainable:
             return f"{type(piece.layer).__name__} is not a Dense / EinsumDense whose kernel can carry an adapter"
         if piece.out_slice is not None:
             return "the module is a slice of a fused kernel, which the adapters of its other modules share"
-        if getattr(piece.layer, "quantization_mode", None):  # SPEC.md 6.8
-            return f"{type(piece.layer).__name__} is quantized ({piece.layer.quantization_mode}): its kernel holds " \
+        if quantization(piece.layer):  # SPEC.md 6.8
+            return f"{type(piece.layer).__name__} is quantized ({quantization(piece.layer)}): its kernel holds " \
                    "packed or scaled values, which cannot carry an adapter"
     method = str(config.get("peft_type"))
     why = kernel_refusal(method, lora_bias=bool(config.get("lora_bias")),

@@ -246,9 +246,14 @@ def config_errors(data: Any, *, path: str | None = None) -> list[ConfigError]:
     return [_to_config_error(e, path) for e in errors]
 
 
-def _known_fields(peft_type: str) -> set[str]:
+def _properties(peft_type: str) -> dict[str, Any]:
+    """The schema of every field a ``peft_type`` config has: the common fields and the method's."""
     schema = load_schema()
-    return set(schema["properties"]) | set(schema["$defs"].get(peft_type, {}).get("properties", {}))
+    return {**schema["properties"], **schema["$defs"].get(peft_type, {}).get("properties", {})}
+
+
+def _known_fields(peft_type: str) -> set[str]:
+    return set(_properties(peft_type))
 
 
 def validate_config(data: Any, *, strict: bool = False, path: str | None = None) -> list[str]:
@@ -367,7 +372,6 @@ def _check_json_value(data: Any, path: str | None) -> None:
             raise ConfigError(problem, pointer=pointer, path=path, hint="use plain JSON values (see spec/v1/SPEC.md)")
 
 
-
 #: Config fields whose members' order means something: the first matching key wins (SPEC.md 4.4).
 ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern"})
 
@@ -392,9 +396,8 @@ def _integers_as_int(data: dict[str, Any]) -> None:
     ``additionalProperties`` and local ``$ref``); nearly every config has just ``lora_dropout: 0.0``.
     """
     peft_type = data.get("peft_type")
-    fields = {**load_schema()["properties"], **load_schema()["$defs"].get(peft_type, {}).get("properties", {})} \
-        if isinstance(peft_type, str) else {}
-    for name in [k for k, v in data.items() if k in fields and next(_integral_floats(v, ()), None) is not None]:
+    fields = _properties(peft_type) if isinstance(peft_type, str) else {}
+    for name in [k for k, v in data.items() if k in fields and _has_integral_float(v)]:
         data[name] = _as_schema_ints(fields[name], data[name])
 
 
@@ -416,19 +419,18 @@ def _as_schema_ints(node: Any, value: Any) -> Any:
     return value
 
 
-def _integral_floats(value: Any, where: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
-    if isinstance(value, float) and value.is_integer():
-        yield where
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _integral_floats(v, (*where, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _integral_floats(v, (*where, i))
+def _has_integral_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, dict):
+        return any(_has_integral_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_integral_float(v) for v in value)
+    return False
+
 
 def _defaults(peft_type: str) -> dict[str, Any]:
-    schema = load_schema()
-    props = {**schema["properties"], **schema["$defs"][peft_type].get("properties", {})}
+    props = _properties(peft_type)
     return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v and k != "adapterspec_version"}
 
 
