@@ -24,6 +24,7 @@ __all__ = [
     "extract_state",
     "find_targets",
     "inject",
+    "keras_lora_adapter",
     "load_state",
     "merge",
     "place",
@@ -34,7 +35,7 @@ __all__ = [
 
 _WHERE = {
     "AdapterLayer": "layers", "ModulesToSaveLayer": "modules_to_save", "place": "devices",
-    "find_targets": "inject", "inject": "inject", "extract_state": "state", "load_state": "state",
+    "find_targets": "inject", "inject": "inject", "keras_lora_adapter": "keras_lora", "extract_state": "state", "load_state": "state",
     "active_adapters": "switch", "adapter_names": "switch", "delete": "switch", "merge": "switch",
     "set_active": "switch", "unmerge": "switch", "spec_sites": "mapping",
 }

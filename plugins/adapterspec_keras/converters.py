@@ -28,7 +28,19 @@ import numpy as np
 
 from adapterspec.errors import UnsupportedError
 
-from .sites import ModuleSite, Piece, _axes, _einsum_supported, _make_piece, layer_kind, layer_site, model_layers
+from .sites import (
+    _PACKED,
+    ModuleSite,
+    Piece,
+    _axes,
+    _einsum_supported,
+    _make_piece,
+    base_variable,
+    keras_lora,
+    layer_kind,
+    layer_site,
+    model_layers,
+)
 
 __all__ = ["backbone_of", "converter_sites", "head_sites", "text_only"]
 
@@ -312,9 +324,37 @@ def _multimodal(backbone: Any) -> bool:
     return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "audio_encoder"))
 
 
+@contextlib.contextmanager
+def _base_weights() -> Iterator[None]:
+    """While this thread replays a converter, ``kernel``/``embeddings`` of a layer with Keras' own LoRA on read
+    the variable (:func:`~adapterspec_keras.sites.base_variable`), not the weight plus the LoRA delta (a new
+    tensor at each read, which no ``port_weight`` could be traced back to its layer). Call under ``_ASSIGN_LOCK``."""
+    import keras
+
+    patched = [(cls, name, cls.__dict__[name]) for cls, name in (
+        (keras.layers.Dense, "kernel"), (keras.layers.EinsumDense, "kernel"), (keras.layers.Embedding, "embeddings"))
+        if isinstance(cls.__dict__.get(name), property)]
+
+    def reader(name: str, original: property) -> property:
+        def read(layer: Any) -> Any:
+            if (getattr(_REPLAYING, "loader", None) is not None and keras_lora(layer)
+                    and getattr(layer, "quantization_mode", None) not in _PACKED):
+                return getattr(layer, "_" + name)
+            return original.fget(layer)  # type: ignore[misc]
+        return property(read, original.fset, original.fdel, original.__doc__)
+
+    try:
+        for cls, name, original in patched:
+            setattr(cls, name, reader(name, original))
+        yield
+    finally:
+        for cls, name, original in patched:
+            setattr(cls, name, original)
+
+
 def _replay(backbone: Any, module: Any, model_type: str, loader: _RecordingLoader) -> None:
     """Run the converter's ``convert_weights`` against ``loader``, assigning nothing."""
-    with _no_assign():
+    with _no_assign(), _base_weights():
         config = _ConfigProxy(backbone, model_type, module)
         config.add_sub_config(backbone, module, "text_config", "language_model")
         _REPLAYING.loader = loader
@@ -363,12 +403,12 @@ def _variable_owners(backbone: Any) -> dict[int, tuple[Any, str]]:
     for layer in [backbone, *model_layers(backbone)]:
         kind = layer_kind(layer)
         if kind == "embedding":
-            owners[id(layer.embeddings)] = (layer, "embedding")
+            owners[id(base_variable(layer))] = (layer, "embedding")
             reverse = None if getattr(layer, "tie_weights", True) else getattr(layer, "reverse_embeddings", None)
             if reverse is not None:
                 owners[id(reverse)] = (layer, "reverse")
         elif kind is not None and not (kind == "einsum" and not _einsum_supported(layer)):
-            kernel = getattr(layer, "kernel", None)
+            kernel = base_variable(layer) if getattr(layer, "built", False) else None
             if kernel is not None:
                 owners[id(kernel)] = (layer, kind)
     return owners

@@ -66,9 +66,6 @@ def _reads_tokens(model: Any) -> bool:
                for each in inputs or ())
 
 
-def _kernel_variable(piece: Piece) -> Any:
-    """The variable holding the piece's kernel (a tied logits projection's is the embeddings')."""
-    return piece.layer.embeddings if piece.kind == "reverse" and piece.tied else piece.kernel_variable
 
 
 def _kernel_index(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarray:
@@ -160,7 +157,7 @@ def _site_samples(site: ModuleSite, replaced: dict[int, np.ndarray] | None = Non
     values: np.ndarray | None = None
     for piece, mine, flat in parts:
         # one read of the variable, then NumPy picks the elements: a framework op per sample set cost ~1.8 ms per module
-        variable = _kernel_variable(piece)
+        variable = piece.kernel_variable
         base = (replaced or {}).get(id(variable))
         picked = (np.asarray(base) if base is not None else host_array(variable)).reshape(-1)[flat]
         if len(parts) == 1 and flat.size == count:  # one piece holds every sample, in order (most modules)

@@ -50,7 +50,7 @@ from .devices import target_of
 from .quantized import HINT as quantized_hint
 from .quantized import quantization
 from .sharding import Placement, param_sharding, placement_of
-from .sites import ModuleSite, Piece
+from .sites import ModuleSite, Piece, keras_lora
 
 __all__ = ["AdapterLayer", "Layout", "check_supported", "kernel_refusal", "layer_kind"]
 
@@ -88,6 +88,15 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
 
     def layers() -> str:
         return ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+
+    native = [p.layer for p in site.pieces if keras_lora(p.layer)]
+    if native:
+        raise UnsupportedError(
+            f"{type(native[0]).__name__} {native[0].path!r} has Keras' own LoRA on (enable_lora): its kernel is the "
+            "base weight plus that LoRA's delta, which an adapter would sit on, and merges and saves would mix up",
+            key=path, hint="to carry Keras' LoRA to PEFT or another model, read it with "
+                           "adapterspec_keras.keras_lora_adapter(model); to load this adapter, use a model without "
+                           "enable_lora, or leave this module out of target_modules")
 
     quantized_pieces = [p for p in site.pieces if quantization(p.layer)]
     quantized, kinds = [p.layer for p in quantized_pieces], {p.kind for p in quantized_pieces}

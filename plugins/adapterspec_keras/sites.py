@@ -21,8 +21,8 @@ import numpy as np
 
 from adapterspec.errors import TargetNotFoundError
 
-__all__ = ["ModuleSite", "Piece", "layer_kind", "layer_site", "model_layers", "own_name", "parameter_variables",
-           "resolve_layer"]
+__all__ = ["ModuleSite", "Piece", "base_variable", "keras_lora", "layer_kind", "layer_site", "model_layers", "own_name",
+           "parameter_variables", "resolve_layer"]
 
 
 @dataclass(eq=False)
@@ -74,11 +74,11 @@ class Piece:
     def kernel_variable(self) -> Any:
         """The variable holding the base weight (``embeddings`` for a tied reverse piece)."""
         if self.kind == "reverse":
-            return self.layer.embeddings if self.tied else self.layer.reverse_embeddings
+            return base_variable(self.layer) if self.tied else self.layer.reverse_embeddings
         if self.kind == "embedding":
-            return self.layer.embeddings
+            return base_variable(self.layer)
         base = getattr(type(self.layer), "_adapterspec_base_kernel", None)  # a kernel read through (reach.py)
-        return base.fget(self.layer) if base is not None else self.layer.kernel
+        return base.fget(self.layer) if base is not None else base_variable(self.layer)
 
     @property
     def bias_variable(self) -> Any:
@@ -158,6 +158,32 @@ def _split_equation(equation: str) -> tuple[str, str, str]:
     inputs, output = equation.replace(" ", "").split("->")
     input_spec, kernel_spec = inputs.split(",")
     return input_spec, kernel_spec, output
+
+
+def keras_lora(layer: Any) -> bool:
+    """Keras' own LoRA is on ``layer`` (``layer.enable_lora(rank)``, keras-hub's ``backbone.enable_lora``).
+
+    >>> import keras
+    >>> keras_lora(keras.layers.Dense(4))
+    False
+    """
+    return getattr(layer, "lora_enabled", False) is True
+
+
+def base_variable(layer: Any) -> Any:
+    """The variable holding a layer's weight (``kernel``, an embedding's ``embeddings``).
+
+    With Keras' own LoRA on (:func:`keras_lora`), the ``kernel``/``embeddings`` property reads the weight plus
+    Keras' LoRA delta, a new tensor at each read; the variable is then ``_kernel``/``_embeddings``.
+    """
+    name = "embeddings" if layer_kind(layer) == "embedding" else "kernel"
+    if keras_lora(layer) and getattr(layer, "quantization_mode", None) not in _PACKED:
+        return getattr(layer, "_" + name)
+    return getattr(layer, name)
+
+
+#: quantization modes whose stored kernel is packed: the ``kernel`` property unpacks it (a new tensor either way)
+_PACKED = ("int4", "gptq", "awq")
 
 
 def layer_kind(layer: Any) -> str | None:

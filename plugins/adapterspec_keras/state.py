@@ -51,7 +51,7 @@ from .tying import check_tied_tensors
 from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import equivalent, find_site, spec_sites
-from .sites import ModuleSite
+from .sites import ModuleSite, keras_lora, model_layers
 from .switch import get_state
 
 __all__ = ["expected_params", "extract_state", "load_state"]
@@ -72,8 +72,12 @@ def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
     state = get_state(model)
     if state is None or adapter_name not in state.names:
         loaded = state.names if state is not None else []
+        hint = "load or inject it first"
+        if any(keras_lora(layer) for layer in model_layers(model)):
+            hint += ("; this model has Keras' own LoRA (enable_lora), which adapterspec_keras.keras_lora_adapter(model) "
+                     "reads as an adapter (adapterspec.write_adapter writes it)")
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded (loaded: {loaded})",
-                                   key=adapter_name, hint="load or inject it first")
+                                   key=adapter_name, hint=hint)
     return [layer for layer in state.adapter_layers.values() if adapter_name in layer.adapter_names()]
 
 
