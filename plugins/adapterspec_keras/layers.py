@@ -72,6 +72,11 @@ def layer_kind(layer: Any) -> str | None:
     return kind(layer)
 
 
+def _tied(layer: Any) -> bool:
+    """A ``ReversibleEmbedding`` whose logits projection reads its ``embeddings`` (tied weights)."""
+    return getattr(layer, "tie_weights", False) is True
+
+
 def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     """Refuse a module this backend cannot adapt with ``config``'s method.
 
@@ -1025,6 +1030,15 @@ class AdapterLayer:
                     if _ops.bias_of(piece) is None:
                         raise UnsupportedError(f"lora_bias cannot merge into {piece.layer.path!r}, which has no bias",
                                                key=self.site.path, hint="keep the adapter unmerged")
+            shared = [p for p in self.site.pieces if p.tied or (p.kind == "embedding" and _tied(p.layer))]
+            if slot is not None and name not in self._merged and slot.method != tokens.TOKENS and shared:
+                other = "lookup" if shared[0].kind == "reverse" else "logits projection (lm_head)"
+                raise UnsupportedError(
+                    f"the weight of {self.site.path!r} is also the {other} of {shared[0].layer.path!r} (tied "
+                    f"weights): merging the adapter into it would change the {other} too, which the unmerged adapter "
+                    "does not", key=self.site.path,
+                    hint="keep the adapter unmerged, or untie the weights first (build the model with "
+                         "tie_word_embeddings=False and the embeddings copied to its reverse_embeddings)")
             if slot is not None and slot.method == tokens.TOKENS and slot.source is None and \
                     any(piece.tied for piece in self.site.pieces):
                 raise UnsupportedError("token rows of an output layer tied to its embedding, with indices of their "

@@ -238,6 +238,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
         for _, layer in _wrappers(model, state, name):
             if isinstance(layer, AdapterLayer):
                 layer.check_merge([name])
+    _check_unshared(model, state, todo)
     for name in adapter_names:
         if name in state.merged:
             continue
@@ -246,6 +247,40 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
                 layer.merge([name])
         state.merged.append(name)
+
+
+def _check_unshared(model: torch.nn.Module, state: ModelState, names: Sequence[str]) -> None:
+    """Refuse to merge into a base weight another module reads too (input embedding and output layer tied
+    without ``ensure_weight_tying``): the delta would change that module's output, which the unmerged adapter does
+    not (PEFT merges and only warns: its merged model differs from its unmerged one)."""
+    readers: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        readers.setdefault(id(param), []).append(path)
+    for name in names:
+        for own, layer in _wrappers(model, state, name):
+            if not isinstance(layer, AdapterLayer):
+                continue
+            weight = getattr(layer._modules["base_layer"], "weight", None)
+            others = [p for p in readers.get(id(weight), [])
+                      if not p.startswith(own + ".") and not _tied_pair(model, layer, p, name)]
+            if others:
+                raise UnsupportedError(
+                    f"the weight of {own!r} is also {others[0]!r} (tied weights): merging the adapter into it would "
+                    f"change {others[0].rsplit('.', 1)[0]!r} too, which the unmerged adapter does not", key=name,
+                    hint=f"keep the adapter unmerged, or untie the weights first (give {others[0]!r} its own copy: "
+                         "nn.Parameter(weight.clone()), and tie_word_embeddings=False in the model's config)")
+
+
+def _tied_pair(model: torch.nn.Module, layer: AdapterLayer, path: str, name: str) -> bool:
+    """Whether the parameter at ``path`` is the base weight of another layer of adapter ``name`` tied to ``layer``
+    (trainable tokens on an embedding and its tied output layer: one set of rows, merged once)."""
+    owner = path.rsplit(".", 1)[0]
+    if not owner.endswith(".base_layer"):
+        return False
+    other = model.get_submodule(owner.rsplit(".", 1)[0])
+    if not isinstance(other, AdapterLayer) or name not in other._specs or name not in layer._specs:
+        return False
+    return other._specs[name].source is layer or layer._specs[name].source is other
 
 
 def unmerge(model: torch.nn.Module) -> None:

@@ -372,15 +372,27 @@ class _Builder:
 class Pattern:
     """A compiled pattern: :meth:`fullmatch` and :meth:`match` answer as ``re``'s do (``is not None``)."""
 
-    __slots__ = ("_capture", "_program", "pattern")
+    __slots__ = ("_capture", "_capture_name", "_program", "pattern")
 
     def __init__(self, pattern: str, *, capture: str | None = None) -> None:
         parsed = _sre_parse.parse(pattern)  # re.error for what Python refuses
         _sre_compile.compile(pattern)  # ... including what only the compiler checks
         self.pattern = pattern
+        self._capture_name = capture
         self._capture = parsed.state.groupdict.get(capture) if capture else None
         self._program = _Program()
         _Builder(self._program, self._capture).finish(parsed, parsed.state.flags)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str | None]]:
+        """Pickled as its source, compiled again on unpickling: the program's atoms are ``re`` programs compiled
+        from parse trees, whose ``pattern`` is ``None`` (they would unpickle as ``re.compile(None)``, a TypeError),
+        so a pickled model (``torch.save(model)``, a spawned worker) could not be loaded.
+
+        >>> import pickle
+        >>> pickle.loads(pickle.dumps(Pattern(r"(?P<m>.*)_proj", capture="m"))).match_span("q_proj")
+        (0, 1)
+        """
+        return _unpickle, (self.pattern, self._capture_name)
 
     def fullmatch(self, subject: str) -> bool:
         """Whether the whole of ``subject`` matches (``re.fullmatch(pattern, subject) is not None``)."""
@@ -451,4 +463,8 @@ def compile_pattern(pattern: str, capture: str | None = None) -> Pattern:
     :raises UnsupportedPattern: it uses what has no linear-time matching, or compiles too large.
     :raises RecursionError: it nests groups too deeply for ``re``'s parser.
     """
+    return Pattern(pattern, capture=capture)
+
+
+def _unpickle(pattern: str, capture: str | None) -> Pattern:
     return Pattern(pattern, capture=capture)

@@ -184,3 +184,21 @@ def test_a_second_model_sharing_the_adapted_layers_is_refused_and_both_stay(
     assert np.array_equal(keras_logits(task, token_ids), adapted)
     adapterspec.delete_adapter(task, "fr")
     assert np.array_equal(keras_logits(task, token_ids), base)
+
+
+def test_merge_into_a_tied_weight_refuses(checkpoints: Any, token_ids: np.ndarray) -> None:
+    """The torch backend's test of the same name: LoRA on the embedding of a tied ``ReversibleEmbedding`` (Gemma,
+    no ensure_weight_tying) merged into the matrix the logits read too (390 off the adapted model). Refused, nothing
+    changed."""
+    from keras_helpers import assert_same_snapshot, keras_logits, keras_model, snapshot
+
+    model = keras_model("gemma", checkpoints["gemma"])
+    assert model.backbone.token_embedding.tie_weights
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "init_lora_weights": False,
+                                       "target_modules": ["q_proj", "embed_tokens"]})
+    adapted, before = keras_logits(model, token_ids), snapshot(model)
+    for merge in (lambda: adapterspec.merge_adapters(model), lambda: adapterspec.unload(model, merge=True)):
+        with pytest.raises(adapterspec.UnsupportedError, match="'model.embed_tokens' is also the logits projection"):
+            merge()
+    assert_same_snapshot(before, snapshot(model))
+    np.testing.assert_array_equal(keras_logits(model, token_ids), adapted)

@@ -259,3 +259,46 @@ def test_a_second_model_sharing_the_adapted_modules_is_refused_and_both_stay(lla
     assert torch.equal(logits(m1, token_inputs), adapted) and torch.equal(logits(m2, token_inputs), adapted)
     adapterspec.delete_adapter(m1, "a")
     assert torch.equal(logits(m2, token_inputs), logits(llama, token_inputs))
+
+
+def test_merge_into_a_tied_weight_refuses_until_untied(token_inputs: Any) -> None:
+    """LoRA on the embedding of a model whose output layer shares its weight (no ensure_weight_tying): the merged
+    delta changed the logits projection too (21.9 off the adapted model; PEFT merges it and warns). Refused, nothing
+    changed; once untied, the merge gives the adapted model's outputs."""
+    from torch import nn
+    from transformers import LlamaForCausalLM
+    from torch_helpers import tiny_llama_config
+
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": False,
+                                       "target_modules": ["q_proj", "embed_tokens"]})
+    adapted = logits(model, token_inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (lambda: adapterspec.merge_adapters(model), lambda: adapterspec.unload(model, merge=True)):
+        with pytest.raises(adapterspec.UnsupportedError, match="'model.embed_tokens' is also 'lm_head.weight'"):
+            merge()
+    assert sorted(before) == sorted(model.state_dict())
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    assert adapterspec.active_adapters(model) == ["default"]
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # the hint: untie
+    adapterspec.merge_adapters(model)
+    assert_close(logits(model, token_inputs), adapted)
+
+
+def test_pickled_model_with_compiled_patterns_loads(llama: Any, token_inputs: Any) -> None:
+    """modules_to_save and a regex target_modules compile adapterspec's own patterns; a pickled model (torch.save of
+    the whole model, a spawned worker) failed to load with a raw TypeError (re.compile(None))."""
+    import pickle
+
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "init_lora_weights": False,
+                                       "target_modules": r".*\.(q|v)_proj", "modules_to_save": ["lm_head"]})
+    copy = pickle.loads(pickle.dumps(model))
+    assert torch.equal(logits(copy, token_inputs), logits(model, token_inputs))
+    assert adapterspec.adapter_names(copy) == ["default"]
+    adapterspec.delete_adapter(copy, "default")  # the copy's adapter is its own
+    assert adapterspec.adapter_names(model) == ["default"]
