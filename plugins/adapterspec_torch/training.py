@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 import adapterspec
 from adapterspec.errors import MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsupportedError
+from adapterspec.folder import checkpoint_adapters
 from adapterspec.spec import CONFIG_NAME, MANIFEST_NAME
 
 from .auxiliary import auxiliary_tensors
@@ -88,6 +89,22 @@ def restore_adapter(model: nn.Module, folder: str | Path, adapter_name: str = "d
     return sorted(slots)
 
 
+def _refuse_trainable_base(model: nn.Module) -> None:
+    """A checkpoint holds the adapters only: refuse to write one while a parameter outside them trains
+    (``freeze_base=False``), since a resume would restart it from its pretrained values beside its restored
+    optimizer state (the resumed run ended 0.42 off the uninterrupted one, silently)."""
+    from .state import expected_params
+
+    owned = {id(t) for name in adapterspec.adapter_names(model) for t in expected_params(model, name).values()}
+    stray = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in owned]
+    if stray:
+        raise UnsupportedError(
+            f"{stray[0]!r} ({len(stray)} parameters in all) trains but belongs to no adapter, and adapter checkpoints "
+            "hold the adapters only: a resume would restart it from its pretrained values", key=stray[0],
+            hint="freeze it (inject_adapter(..., freeze_base=True), the default), or train it as part of the adapter "
+                 "(modules_to_save in the config)")
+
+
 def _is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() or (folder / MANIFEST_NAME).is_file()
 
@@ -110,6 +127,7 @@ class AdapterCheckpoints(TrainerCallback):
         if not adapterspec.adapter_names(trainer.model):
             raise UnsupportedError("the trainer's model has no adapterspec adapter",
                                    hint="inject_adapter() or load_adapter(trainable=True) before AdapterCheckpoints")
+        _refuse_trainable_base(trainer.model)  # before training, not at its first checkpoint
         self.trainer = trainer
         self.adapter_names = adapter_names
         self.durable = durable
@@ -130,6 +148,7 @@ class AdapterCheckpoints(TrainerCallback):
         if not trainer.args.should_save:
             return
         model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        _refuse_trainable_base(model)
         names = self._names()
         if names == ["default"]:
             adapterspec.save_adapter(model, folder, overwrite=True, durable=self.durable)
@@ -142,9 +161,8 @@ class AdapterCheckpoints(TrainerCallback):
     def _restore(self, folder: Path, model: Any) -> None:
         model = self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model,
                                                       keep_torch_compile=False)
-        for name, path in adapterspec.list_adapters(folder).items():
-            if name in self._names():
-                restore_adapter(model, path, name)
+        for name, path in checkpoint_adapters(folder, self._names()).items():
+            restore_adapter(model, path, name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         folder = Path(resume_from_checkpoint)

@@ -47,7 +47,7 @@ import stat
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -78,7 +78,7 @@ from .spec import (
     check_version,
 )
 
-__all__ = ["hashing_ahead", "list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
+__all__ = ["checkpoint_adapters", "hashing_ahead", "list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -633,6 +633,31 @@ def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> N
                               "(their folders collide on case-insensitive file systems)",
                               pointer=f"/adapters/{name}", path=manifest_file, hint="rename one of them")
         lowered[name.lower()] = name
+
+
+def checkpoint_adapters(path: str | Path, names: Sequence[str]) -> dict[str, Path]:
+    """The adapters of a training checkpoint at ``path`` for a resume that trains ``names``: one for each, no more.
+
+    A resume restores each trained adapter from the checkpoint's adapter of the same name. An adapter under another
+    name (the run injected ``default``, the resume ``sft``) is refused rather than skipped: skipped, training went
+    on from the fresh adapter beside the checkpoint's optimizer state and step, and no one was told.
+
+    :raises AdapterNotFoundError: a name has no adapter in the checkpoint, or the checkpoint holds an adapter the
+        resume does not train -- naming both sets.
+
+    >>> checkpoint_adapters("out/checkpoint-40", ["default"])             # doctest: +SKIP
+    {'default': PosixPath('out/checkpoint-40')}
+    """
+    found = list_adapters(path)
+    missing = [name for name in names if name not in found]
+    extra = [name for name in found if name not in names]
+    if missing or extra:
+        what = (f"has no adapter {missing[0]!r}" if missing else f"holds adapter {extra[0]!r}, which is not trained")
+        raise AdapterNotFoundError(
+            f"the checkpoint {what} (the checkpoint's adapters: {sorted(found)}; the model's trained adapters: "
+            f"{list(names)})", key=(missing or extra)[0], path=Path(path),
+            hint="inject the adapters under the names the checkpoint was saved with, then resume")
+    return {name: found[name] for name in names}
 
 
 def list_adapters(path: str | Path) -> dict[str, Path]:

@@ -371,7 +371,8 @@ class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids}
 
 
-def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, **args: Any) -> Any:
+def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, name: str = "default",
+             freeze_base: bool = True, **args: Any) -> Any:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from adapterspec_torch.training import AdapterCheckpoints
@@ -384,7 +385,7 @@ def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, **
 
     model = fresh(base).train()
     torch.manual_seed(7)
-    adapterspec.inject_adapter(model, {**LORA, "lora_dropout": 0.1})
+    adapterspec.inject_adapter(model, {**LORA, "lora_dropout": 0.1}, name, freeze_base=freeze_base)
     arguments = TrainingArguments(str(out), max_steps=6, save_steps=2, save_total_limit=2, learning_rate=5e-3,
                                   per_device_train_batch_size=4, lr_scheduler_type="linear", warmup_steps=2,
                                   report_to=[], use_cpu=True, seed=3, data_seed=3, logging_steps=100,
@@ -395,8 +396,8 @@ def _trainer(base: torch.nn.Module, out: Path, *, stop_at: int | None = None, **
     return trainer
 
 
-def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in adapterspec.extract_adapter(model).load_tensors("pt").items()}
+def _adapter(model: torch.nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapterspec.extract_adapter(model, name).load_tensors("pt").items()}
 
 
 def test_trainer_resume_ends_with_the_uninterrupted_adapter(llama: Any, tmp_path: Path) -> None:
@@ -429,6 +430,26 @@ def test_trainer_resume_ends_with_the_uninterrupted_adapter(llama: Any, tmp_path
     assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
 
 
+def test_trainer_resume_under_another_adapter_name_refuses(llama: Any, tmp_path: Path) -> None:
+    """A checkpoint of adapter 'default' resumed into a model training 'sft': skipped, training went on from the
+    fresh adapter beside the restored optimizer and step (0.11 off the uninterrupted run). Refused, naming both."""
+    _trainer(llama, tmp_path / "cut", stop_at=4).train()
+    resumed = _trainer(llama, tmp_path / "cut", name="sft")
+    before = _adapter(resumed.model, "sft")
+    with pytest.raises(adapterspec.AdapterNotFoundError, match=r"no adapter 'sft'.*\['default'\]"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    after = _adapter(resumed.model, "sft")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adapter_checkpoints_refuse_a_trainable_base(llama: Any, tmp_path: Path) -> None:
+    """freeze_base=False trains the base too, which adapter-only checkpoints do not hold: a resume restarted it from
+    its pretrained values (0.42 off the uninterrupted run, silently). Refused when the callback is attached."""
+    with pytest.raises(adapterspec.UnsupportedError, match="belongs to no adapter.*freeze_base=True"):
+        _trainer(llama, tmp_path / "run", freeze_base=False)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_trainer_best_checkpoint_and_plain_save_model(llama: Any, tmp_path: Path) -> None:
     trainer = _trainer(llama, tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
                        metric_for_best_model="loss", greater_is_better=True)  # the worst loss: not the last
@@ -451,6 +472,22 @@ def test_save_pretrained_on_an_adapted_model_refuses(llama: Any, tmp_path: Path)
     assert not (tmp_path / "full").exists()
     adapterspec.unload(model, merge=True)
     model.save_pretrained(tmp_path / "merged")  # the merged plain model saves as usual
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["backbone", "outer"])
+def test_save_pretrained_of_a_model_around_or_inside_the_adapted_one_refuses(where: str, llama: Any,
+                                                                             tmp_path: Path) -> None:
+    """The adapter in ``model.model`` and ``model.save_pretrained`` called, or the adapter in ``model`` and
+    ``model.model.save_pretrained``: each wrote renamed keys that reloaded 4.3 off the adapted model."""
+    model = fresh(llama)
+    adapterspec.inject_adapter(model.model if where == "backbone" else model, LORA)
+    saving = model if where == "backbone" else model.model
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        saving.save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    adapterspec.unload(model.model if where == "backbone" else model, merge=True)
+    saving.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
