@@ -9,6 +9,14 @@ too: a restore gave an untrained adapter (with ``BackupAndRestore``, beside the 
 All of them call ``save_own_variables`` of every layer they save, so that method and ``save`` are shadowed on
 the instance by ones raising a typed error that says what to do; the shadows are removed with the last adapter.
 
+Other whole-model operations go around the layers' ``call`` and would drop the adapter silently, so they refuse
+while any layer of the model holds one (:func:`holds_adapters`; Keras' and keras-hub's methods are wrapped once, at
+the first injection): ``Model.quantize`` replaced the adapted layers' kernels and left their adapters unrun (the
+adapted model's outputs off by the whole adapter, ``active_adapters`` unchanged); keras-hub's
+``export_to_transformers`` wrote the base alone; ``save_to_preset`` wrote a config, then failed on the weights
+and left a preset folder that did not load; keras-hub's own LoRA (``enable_lora``, ``save_lora_weights``,
+``load_lora_weights``) numbers layers by position, which the adapters' layers shift, so its files named other layers.
+
 >>> import keras
 >>> model = keras.Sequential()
 >>> guard_save(model)
@@ -20,11 +28,13 @@ adapterspec.errors.UnsupportedError: Keras is saving the variables of a model wi
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["guard_save", "unguard_save"]
+__all__ = ["guard_save", "holds_adapters", "unguard_save"]
 
 
 def _refuse_save(*args: Any, **kwargs: Any) -> None:
@@ -38,23 +48,105 @@ def _refuse_save(*args: Any, **kwargs: Any) -> None:
 def _refuse_save_variables(*args: Any, **kwargs: Any) -> None:
     raise UnsupportedError(
         "Keras is saving the variables of a model with adapterspec adapters (save_weights, ModelCheckpoint, "
-        "BackupAndRestore, save_to_preset, keras.saving.save_model, or saving a model that contains it): the file "
-        "would hold the base without the adapter's variables, and a restore would give an untrained adapter",
+        "BackupAndRestore, keras.saving.save_model, saving a model that contains it, or copy.deepcopy / pickle, "
+        "which go through Keras' saving): the copy would hold the base without the adapter's variables, and a "
+        "restore would give an untrained adapter",
         hint="save the adapter with adapterspec.save_adapter(model, folder) (in fit: adapterspec_keras.training."
-             "AdapterCheckpoints) and "
-             "the base as it came; for a merged model, adapterspec.unload(model, merge=True) first")
+             "AdapterCheckpoints) and the base as it came; for a copy, build a second model and load the adapter "
+             "into it; for a merged model, adapterspec.unload(model, merge=True) first")
+
+
+def _refuse_preset(*args: Any, **kwargs: Any) -> None:
+    raise UnsupportedError(
+        "save_to_preset on a keras-hub model with adapterspec adapters: the preset's weights would be the base "
+        "without the adapter (from_preset gives the base, or fails on the adapter's layers)",
+        hint="save the adapter with adapterspec.save_adapter(model, folder) beside the base preset as it came; for a "
+             "merged preset, adapterspec.unload(model, merge=True) first, then save_to_preset")
+
+
+def _refuse_quantize(*args: Any, **kwargs: Any) -> None:
+    raise UnsupportedError(
+        "quantizing a Keras model with adapterspec adapters: Keras replaces the adapted layers' kernels and the "
+        "adapters would no longer run (the model would compute the quantized base alone)",
+        hint="quantize first, then load the adapter (adapters run on quantized Dense and EinsumDense layers); for a "
+             "merged model, adapterspec.unload(model, merge=True) first, then quantize")
 
 
 #: method name -> the shadow that refuses it
 _SHADOWS = {"save": _refuse_save, "save_own_variables": _refuse_save_variables}
 
 
+def _refuse_keras_hub_lora(*args: Any, **kwargs: Any) -> None:
+    raise UnsupportedError(
+        "keras-hub's own LoRA on a model with adapterspec adapters: keras-hub numbers the layers by position, which "
+        "the adapters' layers shift (its LoRA files would name other layers), and it would stack a second LoRA on the "
+        "adapted layers",
+        hint="remove the adapterspec adapters first (adapterspec.unload(model)), or train with adapterspec alone")
+
+
+def _refuse_export(*args: Any, **kwargs: Any) -> None:
+    raise UnsupportedError(
+        "export_to_transformers reads the base weights of a model with adapterspec adapters: the checkpoint would be "
+        "the base alone",
+        hint="save the adapter with adapterspec.save_adapter (PEFT loads it on the exported base); for a merged "
+             "checkpoint, adapterspec.unload(model, merge=True) first")
+
+
+#: (module, class, method) -> what refuses it while the model holds adapters. Keras binds each layer's ``quantize``
+#: on the instance when it is made, so the check goes where every ``quantize`` (a model's, before it quantizes any
+#: layer, and a layer's own) asks first: ``Layer._check_quantize_args``.
+_WRAPPED = {
+    ("keras", "layers.Layer", "_check_quantize_args"): _refuse_quantize,
+    ("keras_hub.models", "Backbone", "enable_lora"): _refuse_keras_hub_lora,
+    ("keras_hub.models", "Backbone", "save_lora_weights"): _refuse_keras_hub_lora,
+    ("keras_hub.models", "Backbone", "load_lora_weights"): _refuse_keras_hub_lora,
+    ("keras_hub.models", "Backbone", "export_to_transformers"): _refuse_export,
+    ("keras_hub.models", "CausalLM", "export_to_transformers"): _refuse_export,
+    ("keras_hub.models", "Backbone", "save_to_preset"): _refuse_preset,  # before it writes a file of the folder
+    ("keras_hub.models", "Task", "save_to_preset"): _refuse_preset,
+}
+
+
+def holds_adapters(model: Any) -> bool:
+    """Whether ``model`` or a layer inside it holds adapterspec adapters (its saving is shadowed).
+
+    >>> import keras
+    >>> holds_adapters(keras.Sequential([keras.layers.Dense(2)]))
+    False
+    """
+    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    return any(layer.__dict__.get("save_own_variables") is _refuse_save_variables for layer in layers)
+
+
+def _wrap(original: Any, refuse: Any) -> Any:
+    @functools.wraps(original)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if holds_adapters(self):
+            refuse()
+        return original(self, *args, **kwargs)
+
+    method._adapterspec_guard = True  # type: ignore[attr-defined]
+    return method
+
+
+def _guard_classes() -> None:
+    """Wrap the whole-model operations of :data:`_WRAPPED` (once per class and method; cheap after the first)."""
+    for (module_name, class_name, name), refuse in _WRAPPED.items():
+        cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_name.split("."),
+                               sys.modules.get(module_name))
+        original = cls.__dict__.get(name) if cls is not None else None
+        if original is not None and not getattr(original, "_adapterspec_guard", False):
+            setattr(cls, name, _wrap(original, refuse))
+
+
 def guard_save(model: Any, *, names: tuple[str, ...] = ("save", "save_own_variables")) -> None:
-    """Make ``model.save`` and Keras' saving of its variables refuse until :func:`unguard_save`.
+    """Make ``model.save`` and Keras' saving of its variables refuse until :func:`unguard_save` (and the whole-model
+    operations of any model holding it: :func:`holds_adapters`).
 
     :param names: the methods to shadow; an adapted layer inside the model shadows ``save_own_variables`` only,
         so that saving any model that contains it (a task model around an adapted backbone) refuses too.
     """
+    _guard_classes()
     for name in names:
         if callable(getattr(type(model), name, None)) and name not in model.__dict__:
             object.__setattr__(model, name, _SHADOWS[name])

@@ -31,6 +31,7 @@ import numpy as np
 import adapterspec
 from adapterspec import LoadOptions
 from adapterspec.errors import AdapterNotFoundError, ShapeMismatchError, UnsupportedError
+from adapterspec.folder import checkpoint_adapters
 
 from .state import load_state
 
@@ -51,6 +52,23 @@ def restore_adapter(model: Any, folder: str | Path, adapter_name: str = "default
     >>> restore_adapter(model, "out/checkpoint-40")                        # doctest: +SKIP
     """
     return load_state(model, adapterspec.read_adapter(folder), adapter_name, LoadOptions(trainable=True))
+
+
+def _refuse_trainable_base(model: Any) -> None:
+    """A checkpoint holds the adapters only: refuse to write one while a variable outside them trains
+    (``freeze_base=False``), since a resume would restart it from its pretrained values beside its restored
+    optimizer state (as the torch backend's function of the same name)."""
+    from .switch import get_state
+
+    state = get_state(model)
+    owned = {id(v) for bank, _ in state.banks.values() for v in bank.variables} if state is not None else set()
+    stray = [v.path for v in model.trainable_variables if id(v) not in owned]
+    if stray:
+        raise UnsupportedError(
+            f"{stray[0]!r} ({len(stray)} variables in all) trains but belongs to no adapter, and adapter checkpoints "
+            "hold the adapters only: a resume would restart it from its pretrained values", key=stray[0],
+            hint="freeze it (inject_adapter(..., freeze_base=True), the default), or train it as part of the adapter "
+                 "(modules_to_save in the config)")
 
 
 class AdapterCheckpoints(keras.callbacks.Callback):  # type: ignore[misc]
@@ -84,6 +102,9 @@ class AdapterCheckpoints(keras.callbacks.Callback):  # type: ignore[misc]
         self._epoch = 0
 
     # -- saving -----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        _refuse_trainable_base(self.model)  # before training, not at its first checkpoint
+
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
 
@@ -110,6 +131,7 @@ class AdapterCheckpoints(keras.callbacks.Callback):  # type: ignore[misc]
         shutil.rmtree(staged, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
         names = self.adapter_names or adapterspec.adapter_names(self.model)
+        _refuse_trainable_base(self.model)
         try:
             if names == ["default"]:
                 adapterspec.save_adapter(self.model, staged, durable=self.durable, base_model_name_or_path=self.base)
@@ -188,7 +210,7 @@ class AdapterCheckpoints(keras.callbacks.Callback):  # type: ignore[misc]
             raise ShapeMismatchError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
                                      f"model's optimizer ({len(variables)} variables)", path=folder / OPTIMIZER_NAME,
                                      hint="resume with the adapter config and optimizer of the run that saved it")
-        for name, path in adapterspec.list_adapters(folder).items():
+        for name, path in checkpoint_adapters(folder, self.adapter_names or adapterspec.adapter_names(model)).items():
             restore_adapter(model, path, name)
         for variable, value in zip(variables, values):
             variable.assign(value)

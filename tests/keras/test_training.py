@@ -103,21 +103,39 @@ def test_model_save_refuses_while_adapters_are_in(checkpoints: Any, tmp_path: Pa
     ("task", lambda m, path: m.save_weights(path / "m.weights.h5")),
     ("backbone", lambda m, path: m.save_weights(path / "m.weights.h5")),  # a model around the adapted one
     ("backbone", lambda m, path: m.save_to_preset(str(path / "preset"))),
+    ("task", lambda m, path: m.backbone.save_to_preset(str(path / "preset"))),
     ("backbone", lambda m, path: m.backbone.save(path / "backbone.keras")),
-], ids=["save_model", "save_weights", "save_weights-of-the-task-model", "save_to_preset", "backbone-save"])
+], ids=["save_model", "save_weights", "save_weights-of-the-task-model", "save_to_preset", "backbone-save_to_preset",
+        "backbone-save"])
 def test_every_keras_save_refuses_while_adapters_are_in(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path,
                                                         where: str, save: Any) -> None:
     """Each of Keras' saving paths walks the layers' ``save_own_variables``: with an adapter in, the file held the
     base alone (a restore gave the base, or an untrained adapter), now the save refuses, typed. (Keras has opened
-    its file by then: what it leaves is incomplete -- no weights of the adapted layers on -- and fails to load.)"""
+    its file by then: what it leaves is incomplete -- no weights of the adapted layers on -- and fails to load;
+    ``save_to_preset`` refuses before it writes any file of the preset folder.)"""
     model = keras_model("llama", checkpoints["llama"])
     adapterspec.inject_adapter(model if where == "task" else model.backbone, LORA)
     with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
         save(model, tmp_path)
+    assert not (tmp_path / "preset").exists()
     adapterspec.delete_adapter(model if where == "task" else model.backbone, "default")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     save(model, tmp_path)  # Keras' own saving is back with the last adapter gone
     assert {p for p in tmp_path.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+
+
+def test_copying_an_adapted_model_refuses_and_says_so(checkpoints: Any) -> None:
+    """``copy.deepcopy`` and ``pickle`` go through Keras' saving (the copy would lose the adapter); the refusal names
+    them, not the save calls it shares its guard with."""
+    import copy
+    import pickle
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, LORA)
+    for operation in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(adapterspec.UnsupportedError, match="copy.deepcopy / pickle") as caught:
+            operation(model)
+        assert "load the adapter into it" in caught.value.hint
 
 
 def test_a_weights_checkpoint_during_fit_refuses(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
@@ -174,6 +192,75 @@ def test_fit_resume_ends_with_the_uninterrupted_adapter(checkpoints: Any, token_
     for key, value in expected.items():
         assert np.abs(final[key] - value).max() <= 1e-6, key
     assert max(np.abs(v - halfway[k]).max() for k, v in expected.items()) > 1e-4
+
+
+def test_resume_under_another_adapter_name_refuses(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """The torch backend's test of the same name: a checkpoint of 'default' resumed into a model training 'sft' is
+    refused before anything is restored (optimizer state included)."""
+    from adapterspec_keras.training import AdapterCheckpoints
+
+    x, y = keras_inputs(token_ids), np.roll(token_ids, -1, axis=1)
+    _fit_model(checkpoints).fit(x, y, epochs=1, batch_size=2, shuffle=False, verbose=0,
+                                callbacks=[AdapterCheckpoints(tmp_path / "run")])
+    resumed = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(resumed, {**LORA, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "sft")
+    resumed.compile(optimizer=keras.optimizers.Adam(1e-2),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    resumed.optimizer.build(resumed.trainable_variables)
+    before = [np.array(v) for v in resumed.optimizer.variables + resumed.trainable_variables]
+    with pytest.raises(adapterspec.AdapterNotFoundError, match=r"no adapter 'sft'.*\['default'\]"):
+        AdapterCheckpoints(tmp_path / "run").resume(resumed)
+    after = [np.array(v) for v in resumed.optimizer.variables + resumed.trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_adapter_checkpoints_refuse_a_trainable_base(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """freeze_base=False: the checkpoints would not hold the trained base, and a resume would restart it."""
+    from adapterspec_keras.training import AdapterCheckpoints
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, LORA, freeze_base=False)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    base = np.array(model.backbone.token_embedding.embeddings)
+    with pytest.raises(adapterspec.UnsupportedError, match="belongs to no adapter.*freeze_base=True"):
+        model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=1, verbose=0,
+                  callbacks=[AdapterCheckpoints(tmp_path / "run")])
+    assert np.array_equal(base, np.array(model.backbone.token_embedding.embeddings))  # refused before training
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("where", "operation"), [
+    ("task", lambda m, path: m.quantize("int8")),
+    ("backbone", lambda m, path: m.quantize("int8")),  # a model around the adapted one
+    ("task", lambda m, path: m.backbone.get_layer("transformer_layer_0")._self_attention_layer._query_dense
+     .quantize("int8")),  # one adapted layer
+    ("task", lambda m, path: m.export_to_transformers(str(path / "hf"))),
+    ("backbone", lambda m, path: m.backbone.export_to_transformers(str(path / "hf"))),
+    ("task", lambda m, path: m.backbone.enable_lora(2)),
+    ("task", lambda m, path: m.backbone.load_lora_weights(str(path / "x.lora.h5"))),
+], ids=["quantize", "quantize-around", "quantize-layer", "export_to_transformers", "backbone-export",
+        "enable_lora", "load_lora_weights"])
+def test_whole_model_operations_refuse_while_adapters_are_in(checkpoints: Any, token_ids: np.ndarray,
+                                                             tmp_path: Path, where: str, operation: Any) -> None:
+    """quantize replaced the adapted layers' kernels and dropped the adapter (0.27 off, ``active_adapters``
+    unchanged); export_to_transformers wrote the base alone; keras-hub's own LoRA numbered layers the adapters
+    shift. Each refuses, typed, before it changes anything; with the adapter gone, each runs again."""
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    model = keras_model("llama", checkpoints["llama"])
+    holder = model if where == "task" else model.backbone
+    adapterspec.inject_adapter(holder, {**LORA, "init_lora_weights": False})
+    adapted = keras_logits(model, token_ids)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="adapterspec adapters"):
+        operation(model, tmp_path)
+    assert_same_snapshot(before, snapshot(model))
+    assert not [layer for layer in model._flatten_layers() if getattr(layer, "quantization_mode", None)]
+    assert not (tmp_path / "hf").exists()
+    np.testing.assert_array_equal(keras_logits(model, token_ids), adapted)
+    adapterspec.delete_adapter(holder, "default")
+    if "load_lora_weights" not in operation.__code__.co_names:  # (no keras-hub LoRA file to load)
+        operation(model, tmp_path)  # Keras' own operation is back with the last adapter gone
 
 
 def test_half_precision_base_keeps_the_adapter_in_float32(checkpoints: Any, token_ids: np.ndarray,
