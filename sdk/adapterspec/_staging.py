@@ -34,8 +34,8 @@ from pathlib import Path
 
 from .errors import AdapterSpecWarning
 
-__all__ = ["CREATE_LOCK", "NAME_MAX", "Lease", "exclusive", "owner_gone", "remove_stale", "remove_tree",
-           "save_in_progress", "staging_name"]
+__all__ = ["CREATE_LOCK", "NAME_MAX", "Lease", "await_save", "exclusive", "missing_config_hint", "owner_gone",
+           "remove_stale", "remove_tree", "save_in_progress", "staging_name"]
 
 #: The longest file name (in bytes) that Linux, macOS and Windows file systems take.
 NAME_MAX = 255
@@ -217,21 +217,45 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, onerror=allow_and_retry)
 
 
-def save_in_progress(folder: Path) -> bool:
-    """Whether a save is replacing ``folder``'s files one by one right now (its config is moved aside:
-    a live owner's ``.adapter_config.json.<pid>-<random>.old`` is there)."""
+def _configs_aside(folder: Path) -> Iterator[tuple[Path, bool]]:
+    """Each config a save moved aside in ``folder`` (``.adapter_config.json.<pid>-<random>.old``), and whether its
+    owner is gone (a killed save left it)."""
     from .spec import CONFIG_NAME
 
     if fcntl is None:
-        return False
+        return
     try:
         names = os.listdir(folder)
     except OSError:
-        return False
+        return
     for name in names:
         pid = _stages(name, (CONFIG_NAME,))
         if pid is not None and name.endswith(".old"):
             with CREATE_LOCK:
-                if not owner_gone(folder / name, pid):
-                    return True
-    return False
+                gone = owner_gone(folder / name, pid)
+            yield folder / name, gone
+
+
+def save_in_progress(folder: Path) -> bool:
+    """Whether a save is replacing ``folder``'s files one by one right now (its config is moved aside:
+    a live owner's ``.adapter_config.json.<pid>-<random>.old`` is there)."""
+    return any(not gone for _, gone in _configs_aside(folder))
+
+
+def await_save(folder: Path, seconds: float = 5.0) -> None:
+    """Wait (at most ``seconds``) while a save is replacing ``folder``'s files one by one: its config is back at
+    the end. (A lister would otherwise take the folder for one without an adapter.)"""
+    end, pause = time.monotonic() + seconds, 0.0005
+    while save_in_progress(folder) and time.monotonic() < end:
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
+def missing_config_hint(folder: Path, otherwise: str) -> str:
+    """The fix for a folder without ``adapter_config.json``: ``otherwise``, unless a killed save left the folder
+    so (its old config moved aside, the new one never put in)."""
+    left = next((path for path, gone in _configs_aside(folder) if gone), None)
+    if left is None:
+        return otherwise
+    return (f"a save here was interrupted before it put its config in (the old one is {left.name}); save the "
+            "adapter again (the next save also removes what the interrupted one left)")

@@ -428,8 +428,8 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     """
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
-        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder,
-                              hint="pass the adapter's own folder (use subfolder= for one of several)")
+        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
+            folder, "pass the adapter's own folder (use subfolder= for one of several)"))
     config_file = _inside(folder, config_file)
     config_fh = snapshot.open(CONFIG_NAME, config_file)
     weights = folder / SAFETENSORS_NAME

@@ -362,13 +362,14 @@ def _replace_files(files: Mapping[str, Content], folder: Path, *, overwrite: boo
     ``.<name>.<pid>-<random>.old`` until the next save here -- never new weights silently paired with
     the old config.
 
-    Without ``overwrite``, saves creating an adapter here take turns (an ``flock`` on the folder), so
-    that the second finds the first's adapter and gets :class:`AdapterExistsError`.
+    Saves here take turns (an ``flock`` on the folder): two saves renaming their files in at once left one
+    save's config with the other's weights, a pair readers cannot tell from one save. Without ``overwrite``,
+    the second then finds the first's adapter and gets :class:`AdapterExistsError`.
     """
     staged: list[tuple[Path, Path]] = []
     backups: list[tuple[Path, Path]] = []
     order = sorted(files, key=lambda name: name == CONFIG_NAME)  # config last
-    with _staging.Lease() as lease, contextlib.nullcontext() if overwrite else _staging.exclusive(folder):
+    with _staging.Lease() as lease, _staging.exclusive(folder):
         try:
             if not overwrite and _is_adapter(folder):
                 raise AdapterExistsError("another save put an adapter here meanwhile", path=folder,
@@ -693,9 +694,10 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             if not _within(folder, target):
                 raise UnsafeFileError(f"adapter {name!r} path {entry['path']!r} leaves the folder", path=manifest_file,
                                       hint="use a relative subfolder path without '..'")
-            if not (target / CONFIG_NAME).exists():
-                raise AdapterNotFoundError(f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}",
-                                           path=manifest_file, hint="save that adapter again or remove it from the manifest")
+            if not _has_config(target):
+                raise AdapterNotFoundError(
+                    f"the manifest lists adapter {name!r} but {target} holds no {CONFIG_NAME}", path=manifest_file,
+                    hint=_staging.missing_config_hint(target, "save that adapter again or remove it from the manifest"))
             twin = folders.setdefault(target.resolve(), name)  # one lookup per entry: linear in the entries
             if twin != name:  # SPEC 3.4: two entries never name the same folder
                 raise ConfigError(f"adapters {twin!r} and {name!r} have the same folder {entry['path']!r}",
@@ -703,10 +705,10 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                                   hint="give every adapter its own folder")
             found[name] = target
         return found
-    if (folder / CONFIG_NAME).exists():
+    if _has_config(folder):
         found[DEFAULT_ADAPTER] = folder
     if folder.is_dir():
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).exists()):
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _has_config(p)):
             if not _valid_name(sub.name):  # SPEC 3.5: skipped, with a warning
                 warnings.warn(f"{sub}: skipped, {sub.name!r} is not a valid adapter name", AdapterSpecWarning,
                               stacklevel=2)
@@ -717,6 +719,15 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
             found[sub.name] = sub
     if not found:
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,
-                                   hint="pass a folder written by save_pretrained or adapterspec")
+                                   hint=_staging.missing_config_hint(
+                                       folder, "pass a folder written by save_pretrained or adapterspec"))
     return found
+
+
+def _has_config(folder: Path) -> bool:
+    """Whether ``folder`` holds an adapter's config, after any save putting its files in one by one is done (it
+    moves the config aside first: listed meanwhile, the adapter was missing, or the folder refused)."""
+    if not (folder / CONFIG_NAME).exists():
+        _staging.await_save(folder)
+    return (folder / CONFIG_NAME).exists()
 
