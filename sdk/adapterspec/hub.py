@@ -28,6 +28,7 @@ request is bounded in time (see :mod:`adapterspec._hubsafety` and README's "Safe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
+from . import _snapshot, _staging
 from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
 from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
@@ -515,10 +517,24 @@ def resolve_for_validation(spec: str, *, revision: str | None = None, token: str
 
 
 # -- push --------------------------------------------------------------------------------------------
-def _upload_plan(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """Validate every adapter in ``folder``; return (name -> Adapter, name -> relative path, files to upload).
+def _copy_files(source: Path, target: Path, snapshot: _snapshot.Snapshot) -> None:
+    """Copy ``source``'s config and weights into ``target`` through ``snapshot`` (files of one save)."""
+    weights = SAFETENSORS_NAME if (source / SAFETENSORS_NAME).exists() or not (source / PICKLE_NAME).exists() \
+        else PICKLE_NAME
+    for name in (CONFIG_NAME, weights):
+        if name == weights and not (source / name).exists():
+            continue  # no weights: the validation of the copy says so
+        with open(target / name, "wb") as out:
+            shutil.copyfileobj(snapshot.open(name, source / name), out)  # held open until the snapshot ends
 
-    :raises AdapterSpecError: the first validation error (nothing is uploaded).
+
+def _upload_plan(folder: Path, stage: Path, *, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Copy every adapter of ``folder`` into ``stage`` and validate the copies: (name -> Adapter, name -> relative
+    path). Each adapter's config and weights are copied as one snapshot (from one save, whatever another process
+    saves there meanwhile: copied one after the other by path, they could pair one save's config with the next
+    save's weights), and what is validated is what is uploaded.
+
+    :raises AdapterSpecError: the first validation error, naming the file in ``folder`` (nothing is uploaded).
     """
     from .adapter import read_adapter, validate_adapter
     from .folder import list_adapters
@@ -527,20 +543,24 @@ def _upload_plan(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Any], d
         from .errors import FileFormatError
 
         raise FileFormatError("no such adapter folder", path=folder, hint="pass a folder written by save_adapter")
-    adapters, paths, files = {}, {}, []
+    adapters, paths = {}, {}
     for name, path in list_adapters(folder).items():
-        errors = validate_adapter(path, allow_pickle=allow_pickle)
-        if errors:
-            raise errors[0]
-        adapters[name] = read_adapter(path, allow_pickle=allow_pickle)
         rel = path.resolve().relative_to(folder.resolve()).as_posix()
+        copy = stage / rel
+        copy.mkdir(parents=True, exist_ok=True)
+        _snapshot.read_consistently(path, functools.partial(_copy_files, path, copy),
+                                    watch=(CONFIG_NAME, SAFETENSORS_NAME), in_progress=_staging.save_in_progress)
+        errors = validate_adapter(copy, allow_pickle=allow_pickle)
+        if errors:
+            error = errors[0]
+            if error.path and Path(error.path).is_relative_to(copy):  # name the user's file, not the copy
+                error.path = str(path / Path(error.path).relative_to(copy))
+            raise error
+        adapters[name] = read_adapter(copy, allow_pickle=allow_pickle)
         paths[name] = rel
-        prefix = "" if rel == "." else rel + "/"
-        weights = SAFETENSORS_NAME if (path / SAFETENSORS_NAME).exists() else PICKLE_NAME
-        files += [prefix + CONFIG_NAME, prefix + weights]
     if (folder / MANIFEST_NAME).exists():
-        files.append(MANIFEST_NAME)
-    return adapters, paths, files
+        shutil.copyfile(folder / MANIFEST_NAME, stage / MANIFEST_NAME)
+    return adapters, paths
 
 
 def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[str] = "default",
@@ -586,11 +606,8 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
             from .api import save_adapters
 
             folder = save_adapters(folder_or_model, Path(tmp) / "model", list(adapter_name))
-        adapters, paths, files = _upload_plan(folder, allow_pickle=allow_pickle)
         stage = Path(tmp) / "stage"
-        for rel in files:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / rel, stage / rel)
+        adapters, paths = _upload_plan(folder, stage, allow_pickle=allow_pickle)
         if model_card is None:
             from ._modelcard import build_model_card
 

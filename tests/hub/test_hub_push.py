@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,6 +53,45 @@ def test_one_invalid_adapter_refuses_the_whole_folder(hub, tmp_path: Path) -> No
     with pytest.raises(ShapeMismatchError):
         push_to_hub(several, "org/several")
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("layout", ["adapter", "root of several"])
+def test_a_save_during_the_push_never_mixes_two_saves(hub, make_lora, monkeypatch: pytest.MonkeyPatch,
+                                                      layout: str) -> None:
+    """Another save lands just after the push copied the config: the commit holds one save's config and weights
+    (the push used to copy them one after the other by path and sent save 1's config with save 2's weights,
+    which no check can tell from one save: the same shapes)."""
+    import shutil
+
+    from adapterspec import hub as hub_module
+
+    folder = make_lora("moving", offset=0.0)
+    if layout == "root of several":
+        adapterspec.write_adapter(folder / "fr", lora_config(), lora_tensors(5.0))
+    saved: list[Path] = []
+
+    def then_another_save(copy: Any) -> Any:
+        def copy_then_save(source: Any, target: Any, *args: Any) -> Any:
+            out = copy(source, target, *args)
+            if not saved and str(getattr(target, "name", target)).endswith("adapter_config.json"):
+                saved.append(adapterspec.write_adapter(folder, lora_config(3, lora_alpha=9), lora_tensors(1.0, r=3),
+                                                       overwrite=True))
+            return out
+        return copy_then_save
+
+    for copy in ("copyfile", "copyfileobj"):  # (by path, or from an open file)
+        monkeypatch.setattr(hub_module.shutil, copy, then_another_save(getattr(shutil, copy)))
+    commit = push_to_hub(folder, "org/moving")
+    assert saved  # the other save did land in the middle
+    files = hub.files("org/moving", commit.oid)
+    pushed = json.loads(files["adapter_config.json"])
+    from safetensors.numpy import load as load_bytes
+
+    weights = load_bytes(files["adapter_model.safetensors"])
+    r, offset = (3, 1.0) if pushed["r"] == 3 else (2, 0.0)
+    assert pushed["lora_alpha"] == (9 if r == 3 else 4)
+    expected = lora_tensors(offset, r)
+    assert sorted(weights) == sorted(expected) and all(np.array_equal(weights[k], expected[k]) for k in expected)
 
 
 def test_only_adapter_files_and_a_model_card_are_uploaded(hub, make_lora) -> None:
