@@ -12,7 +12,8 @@ a copy, its values are in those variables -- the forward pass and ``generate`` s
 the running copy: deleting its adapter then keeps it as the module's weights.
 
 The copies are frozen: training them in Keras is refused (typed), as are modules the backend cannot locate (a
-tied ``lm_head``: it is the embedding's matrix) and modules another adapter adapts.
+tied ``lm_head``: it is the embedding's matrix), an input embedding tied to the logits projection (one variable:
+the copy would run in the logits too, where PEFT keeps the base matrix) and modules another adapter adapts.
 
 >>> find_modules_to_save(model, cfg, LoadOptions())                         # doctest: +SKIP
 [('lm_head', [('weight', <Variable reverse_embeddings>, Layout(...))])]
@@ -166,8 +167,9 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
     Entries that match nothing are ignored, as PEFT does (it adds ``classifier`` and ``score`` for sequence
     classification whether or not they exist).
 
-    :raises UnsupportedError: training requested, a matched module the converter does not lay out plainly, or a
-        tied ``lm_head`` (its matrix is the embedding's).
+    :raises UnsupportedError: training requested, a matched module the converter does not lay out plainly, a
+        tied ``lm_head`` (its matrix is the embedding's), or an embedding tied to the logits projection (the copy
+        would change the logits too).
     """
     entries = config.get("modules_to_save") or []
     if isinstance(entries, str):
@@ -189,7 +191,18 @@ def find_modules_to_save(model: Any, config: AdapterConfig, sites: dict[str, Mod
     if chosen and trainable:
         raise UnsupportedError(f"the keras backend cannot train modules_to_save {chosen}", pointer="/modules_to_save",
                                hint="load it frozen (trainable=False), or train with the torch backend")
-    return [(module, module_params(module, by_module, sites)) for module in chosen]
+    found = [(module, module_params(module, by_module, sites)) for module in chosen]
+    tied = {id(layer.embeddings): layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if getattr(layer, "tie_weights", False) is True and getattr(layer, "embeddings", None) is not None}
+    for module, params in found:
+        shared = [tied[id(variable)] for _, variable, _ in params if id(variable) in tied]
+        if shared:  # the copy goes into the variables: the logits would read it too
+            raise UnsupportedError(
+                f"modules_to_save names {module!r}, whose matrix is also the logits projection of "
+                f"{shared[0].path!r} (tied weights): its copy would change the logits too, which PEFT's does not (it "
+                "swaps in the input embedding alone, the output layer keeps the base matrix)", key=module,
+                pointer="/modules_to_save", hint="load this adapter with the torch backend")
+    return found
 
 
 def converter_modules(model: Any) -> dict[str, list[tuple[str, Any, Any]]]:

@@ -278,12 +278,18 @@ def test_modules_to_save_switch_and_merge_like_peft(checkpoints: Any, token_ids:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("case", ["train", "tied-lm-head", "adapted-by-another", "saved-by-another"])
+@pytest.mark.parametrize("case", ["train", "tied-lm-head", "adapted-by-another", "saved-by-another",
+                                  "tied-embedding", "tied-embedding-gpt2"])
 def test_unsupported_modules_to_save_are_refused_and_change_nothing(case: str, checkpoints: Any,
                                                                     tmp_path: Path) -> None:
-    arch = "gemma" if case == "tied-lm-head" else "llama"
+    """``tied-embedding``: the copy of an input embedding whose matrix is also the logits projection went into that
+    one variable, so the logits ran it too; PEFT swaps in the input embedding alone (2.9 off, GPT-2 and Gemma)."""
+    arch = {"tied-lm-head": "gemma", "tied-embedding": "gemma", "tied-embedding-gpt2": "gpt2"}.get(case, "llama")
     model = keras_model(arch, checkpoints[arch])
     config: dict[str, Any] = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
+    if case.startswith("tied-embedding"):
+        config = {"peft_type": "LORA", "r": 2, "target_modules": ["c_attn" if arch == "gpt2" else "q_proj"],
+                  "modules_to_save": ["wte" if arch == "gpt2" else "embed_tokens"]}
     options: dict[str, Any] = {"trainable": False}
     if case == "train":
         options = {}
@@ -296,6 +302,8 @@ def test_unsupported_modules_to_save_are_refused_and_change_nothing(case: str, c
     with pytest.raises(UnsupportedError) as caught:
         adapterspec.inject_adapter(model, config, "new", **options)
     assert "lm_head" in (caught.value.key or "") or caught.value.pointer == "/modules_to_save"
+    if case.startswith("tied-embedding"):
+        assert "tied weights" in caught.value.message and "torch backend" in (caught.value.hint or "")
     assert_same_snapshot(before, snapshot(model))
 
 
