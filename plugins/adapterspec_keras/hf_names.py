@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["transformers_names"]
+__all__ = ["base_relative", "transformers_names"]
 
 #: the transformers auto classes tried for a ``model_type``, most specific first: keras-hub's converters read
 #: checkpoints of these task models (``ViTForImageClassification`` keys start with ``vit.``)
@@ -48,10 +48,7 @@ def _transforms(model_type: str) -> tuple[list[Any], list[Any]] | None:
         from transformers.models.auto import modeling_auto
 
         config = transformers.AutoConfig.for_model(model_type)
-        class_name = next((getattr(modeling_auto, m).get(model_type) for m in _AUTO_MAPPINGS
-                           if getattr(modeling_auto, m, {}).get(model_type)), None)
-        if isinstance(class_name, (tuple, list)):  # DeiT: (ForImageClassification, ...WithTeacher)
-            class_name = class_name[0]
+        class_name = _model_class(model_type)[0]
         if class_name is None or not hasattr(transformers, class_name):
             return None
         with torch.device("meta"), warnings.catch_warnings():
@@ -62,6 +59,34 @@ def _transforms(model_type: str) -> tuple[list[Any], list[Any]] | None:
         return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     return renamings, [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+
+@functools.lru_cache(maxsize=None)
+def _model_class(model_type: str) -> tuple[str | None, bool]:
+    """The transformers class whose renaming applies to ``model_type``'s checkpoints, and whether it is the base
+    model itself (no task model: its paths are relative to the base model, whatever their first segment)."""
+    if not _available():
+        return None, False
+    from transformers.models.auto import modeling_auto
+
+    for mapping in _AUTO_MAPPINGS:
+        class_name = getattr(modeling_auto, mapping, {}).get(model_type)
+        if class_name:
+            if isinstance(class_name, (tuple, list)):  # DeiT: (ForImageClassification, ...WithTeacher)
+                class_name = class_name[0]
+            return class_name, mapping == "MODEL_MAPPING_NAMES"
+    return None, False
+
+
+def base_relative(model_type: str | None) -> bool:
+    """Whether the module paths :func:`transformers_names` gives for ``model_type`` are the base model's own (its
+    only class is the base model): ``model.layer.0`` of DINOv3 is its encoder's ``model`` attribute, not the
+    ``base_model_prefix`` of a task model around it.
+
+    >>> base_relative("dinov3_vit"), base_relative("llama")               # doctest: +SKIP
+    (True, False)
+    """
+    return _model_class(model_type)[1] if model_type else False
 
 
 def transformers_names(model_type: str | None, paths: Iterable[str]) -> dict[str, list[str]]:

@@ -32,7 +32,7 @@ from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
 from .converters import backbone_of, converter_sites, head_sites, text_only
-from .hf_names import transformers_names
+from .hf_names import base_relative, transformers_names
 from .sites import ModuleSite, Piece, layer_site, model_layers, own_name, parameter_variables, resolve_layer
 
 __all__ = ["BASE_MODEL_PREFIX", "WRAPPED_PREFIX", "equivalent", "find_site", "spec_name", "spec_sites"]
@@ -73,11 +73,15 @@ def _layer_sites(model: Any) -> dict[str, ModuleSite]:
 # Spec names
 
 
-def spec_name(hf_path: str, prefix: str | None, task_model: bool) -> str:
-    """The spec path of a converter key: PEFT names modules relative to the model it wrapped."""
+def spec_name(hf_path: str, prefix: str | None, task_model: bool, *, relative: bool = False) -> str:
+    """The spec path of a converter key: PEFT names modules relative to the model it wrapped.
+
+    :param relative: ``hf_path`` is relative to the base model even if it starts with ``prefix`` (a path of
+        transformers' base model class, whose own submodule may carry the name of the prefix).
+    """
     if not prefix or hf_path.split(".")[0] == "lm_head":
         return hf_path
-    has = hf_path.startswith(prefix + ".")
+    has = hf_path.startswith(prefix + ".") and not relative
     if task_model:
         return hf_path if has else f"{prefix}.{hf_path}"
     return hf_path[len(prefix) + 1:] if has else hf_path
@@ -102,13 +106,14 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     # the same module under both its transformers module path and its checkpoint key (transformers 5 renames
     # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first
     aliases = transformers_names(model_type, hf_sites)
+    relative = base_relative(model_type)  # its renamed paths are the base model's own, whatever their first segment
     # a multimodal checkpoint's text part as transformers' text model names it, which PEFT adapts too (the
     # ``qwen3_5_text`` mapping loads ``model.language_model.layers.*`` as ``model.layers.*``): its load direction only
     text = transformers_names(f"{model_type}_text", hf_sites) if model_type and not text_only(model_type) else {}
     for hf_path, site in ordered:
         loaded = text.get(hf_path)
         for other in aliases.get(hf_path, [hf_path]) + ([loaded[0]] if loaded and loaded[1] == hf_path else []):
-            name = spec_name(other, prefix, task_model)
+            name = spec_name(other, prefix, task_model, relative=relative and other != hf_path)
             if name not in sites and (other == hf_path or other not in hf_sites):
                 sites[name] = ModuleSite(name, site.kind, site.in_features, site.out_features, site.pieces,
                                          site.source, site.refused, site.hf_conv1d, root=prefix or "")

@@ -464,6 +464,12 @@ def test_peft_lora_on_every_linear_layer_matches_peft(case: str, tmp_path: Path)
     if case in _TEXT_PART:  # named as keras-hub's converter reads the multimodal checkpoint
         modules = [m.replace("model.language_model.", "model.", 1) for m in modules]
     assert all(any(m == a or a.endswith("." + m) or m.endswith("." + a) for m in modules) for a in adapted)
+    # PEFT's "all-linear" lists full module paths: each is a site under its full path too (DINOv3's encoder is the
+    # base model's attribute ``model``, which was taken for the base-model prefix: "all-linear" matched nothing)
+    from adapterspec_keras.mapping import spec_sites
+
+    sites = spec_sites(keras_model)
+    assert not [a for a in adapted if a not in sites], sorted(a for a in adapted if a not in sites)[:4]
     actual = _run_keras(keras_model, kind)
     diff = float(np.abs(actual - expected).max())
     effect = float(np.abs(expected - base_expected).max())
