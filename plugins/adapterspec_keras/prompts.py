@@ -24,7 +24,8 @@ positions, the first ``n`` for the virtual tokens). Gemma / Gemma 2 prompts trai
 
 **P-tuning.** Its file holds the prompt encoder's output (SPEC.md 15.8), used exactly as prompt tuning's
 ``prompt_embeddings``: a loaded P-tuning adapter runs, trains (the prompt itself) and saves as a prompt; a
-fresh one, which would need PEFT's encoder (MLP/LSTM), is refused, as the torch backend does.
+fresh one, which would need PEFT's encoder (MLP/LSTM), is refused, as the torch backend does. So for prefix tuning
+with ``prefix_projection``: its file holds the projection MLP's output (SPEC.md 4.1.4); a fresh one is refused.
 
 Learned absolute position embeddings (GPT-2's ``wpe``) are patched to start after the virtual tokens, as
 transformers counts positions from the cache length (a prompt gets ``wpe[0 .. n-1]`` added).
@@ -32,8 +33,8 @@ transformers counts positions from the cache length (a prompt gets ``wpe[0 .. n-
 values go in front of it, the write index moves by ``num_virtual_tokens``, and the updated cache is handed
 back without them (greedy generation gives PEFT's tokens).
 Refused with :class:`~adapterspec.errors.UnsupportedError`, naming why: decoders without a cache
-interface, models with a vision encoder, ``prefix_projection``, encoder-decoder configs, and a fresh
-prompt initialised from text or vocabulary samples.
+interface, models with a vision encoder, encoder-decoder configs, a fresh prefix with ``prefix_projection``,
+and a fresh prompt initialised from text or vocabulary samples.
 
 >>> check_prompt_learning(model, prefix_config)                        # doctest: +SKIP
 """
@@ -131,9 +132,6 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
         raise UnsupportedError("the keras backend does not implement prompt learning with a classifier head saved "
                                "whole (task_type SEQ_CLS / TOKEN_CLS, modules_to_save; SPEC.md 15.9)",
                                pointer=f"/{field}", hint="load it with the torch backend (adapterspec_torch) or PEFT")
-    if config.get("prefix_projection"):
-        raise UnsupportedError("prefix_projection: PEFT does not save the projection MLP, only its input",
-                               pointer="/prefix_projection", hint="train the prefix without prefix_projection")
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise UnsupportedError("encoder-decoder prompt learning is not supported by the keras backend",
                                pointer="/num_transformer_submodules", hint="use a decoder-only causal LM")
@@ -198,6 +196,11 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
         raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
                                "and this backend does not implement; only saved P-tuning prompts are loaded",
                                pointer="/peft_type", hint="train P-tuning with PEFT, or add a PROMPT_TUNING adapter")
+    if config.get("prefix_projection") and initialize:  # the file holds the MLP's output (SPEC.md 4.1.4)
+        raise UnsupportedError("a fresh PREFIX_TUNING adapter with prefix_projection trains its prefix through an MLP "
+                               "that PEFT does not save and this backend does not implement; only saved prefixes "
+                               "(the MLP's output) load", pointer="/prefix_projection",
+                               hint="train it with PEFT, or set prefix_projection to false (the prefix trains directly)")
     if config.peft_type == "PROMPT_TUNING" and initialize and (config.get("prompt_tuning_init") or "RANDOM") != "RANDOM":
         raise UnsupportedError(f"prompt_tuning_init {config['prompt_tuning_init']!r} needs the tokenizer and PEFT's "
                                "initialisation", pointer="/prompt_tuning_init",

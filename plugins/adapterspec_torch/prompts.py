@@ -174,6 +174,11 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
         raise UnsupportedError("a fresh P_TUNING adapter trains a prompt encoder (MLP/LSTM) that PEFT does not save "
                                "and this backend does not implement; only saved P-tuning prompts are loaded",
                                pointer="/peft_type", hint="train P-tuning with PEFT, or add a PROMPT_TUNING adapter")
+    if config.get("prefix_projection") and options.initialize:  # the file holds the MLP's output (SPEC.md 4.1.4)
+        raise UnsupportedError("a fresh PREFIX_TUNING adapter with prefix_projection trains its prefix through an MLP "
+                               "that PEFT does not save and this backend does not implement; only saved prefixes "
+                               "(the MLP's output) load", pointer="/prefix_projection",
+                               hint="train it with PEFT, or set prefix_projection to false (the prefix trains directly)")
     config = check_prompt_learning(model, config)
     hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
     embeddings = hf.get_input_embeddings()

@@ -29,8 +29,9 @@ from keras_helpers import (  # noqa: E402
 )
 
 
-def _peft_prefix(folder: Path, out: Path, salt: int) -> Any:
-    pm = peft.get_peft_model(hf_model(folder), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+def _peft_prefix(folder: Path, out: Path, salt: int, **extra: Any) -> Any:
+    pm = peft.get_peft_model(hf_model(folder), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                                        **extra))
     with torch.no_grad():
         weight = pm.prompt_encoder["default"].embedding.weight
         weight.copy_(torch.from_numpy(unique_values(tuple(weight.shape), salt, scale=1.0)))
@@ -40,9 +41,14 @@ def _peft_prefix(folder: Path, out: Path, salt: int) -> Any:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("projection", [False, True], ids=["", "prefix_projection"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_peft_prefix_gives_peft_logits(arch: str, checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
-    pm = _peft_prefix(checkpoints[arch], tmp_path / "prefix", salt=3)
+def test_peft_prefix_gives_peft_logits(arch: str, projection: bool, checkpoints: Any, token_ids: np.ndarray,
+                                       tmp_path: Path) -> None:
+    """``prefix_projection``: PEFT saves its projection MLP's output (SPEC.md 4.1.4), which runs like any prefix (it
+    was refused, the message saying PEFT saved the MLP's input)."""
+    extra = {"prefix_projection": True, "encoder_hidden_size": 16} if projection else {}
+    pm = _peft_prefix(checkpoints[arch], tmp_path / "prefix", salt=3, **extra)
     padding = np.ones_like(token_ids)
     padding[1, :2] = 0  # left padding on the second row
     with torch.no_grad():
@@ -91,6 +97,7 @@ def test_prefix_tuning_is_refused_where_it_cannot_be_exact(checkpoints: Any) -> 
               "token_dim": 16, "num_attention_heads": 2}
     with pytest.raises(adapterspec.UnsupportedError, match="Phi3Decoder"):
         adapterspec.inject_adapter(model, config)
-    with pytest.raises(adapterspec.UnsupportedError, match="prefix_projection"):
-        adapterspec.inject_adapter(keras_model("llama", checkpoints["llama"]), dict(config, prefix_projection=True))
+    with pytest.raises(adapterspec.UnsupportedError, match="fresh PREFIX_TUNING adapter with prefix_projection"):
+        adapterspec.inject_adapter(keras_model("llama", checkpoints["llama"]),
+                                   dict(config, token_dim=32, prefix_projection=True))
     assert_same_snapshot(before, snapshot(model))

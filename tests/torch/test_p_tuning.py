@@ -83,3 +83,22 @@ def test_loaded_p_tuning_trains_and_saves_for_peft(llama: Any, token_inputs: Any
     loaded, said = peft_loads(llama, tmp_path / "ours", caplog)
     assert said == peft_loads(llama, tmp_path / "peft", caplog)[1]
     assert_close(logits(loaded, token_inputs), logits(model, token_inputs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_with_projection_round_trip(request: pytest.FixtureRequest, arch: str, token_inputs: Any,
+                                           tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Prefix tuning with ``prefix_projection`` is the same case (SPEC.md 4.1.4): PEFT saves the projection MLP's
+    output, which loads like any prefix; a fresh one, which trains through the MLP, is refused."""
+    from peft import PrefixTuningConfig
+
+    base = request.getfixturevalue(arch)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                encoder_hidden_size=16)
+    print(arch, round_trip(base, config, token_inputs, tmp_path, caplog))
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="prefix_projection") as info:
+        adapterspec.inject_adapter(model, config.to_dict())
+    assert info.value.pointer == "/prefix_projection"
+    assert_same_snapshot(model, before)
