@@ -139,8 +139,25 @@ class _Model:
             self._modules = dict(iter_modules(self.model))
         return self._modules.get(own)
 
+    def inside(self, spec_path: str) -> str | None:
+        """The path of a module the model holds ``spec_path`` as, under a prefix (a wrapper around the model the
+        adapter was made for: ``DataParallel``'s ``module``, a container), or ``None``."""
+        from .inject import iter_modules
 
-def _absent(key: str, module: str) -> TargetNotFoundError:
+        if self._modules is None:
+            self._modules = dict(iter_modules(self.model))
+        return next((path for path in self._modules if path.endswith("." + spec_path)), None)
+
+
+def _absent(key: str, module: str, lookup: _Model) -> TargetNotFoundError:
+    inside = lookup.inside(module)
+    if inside is not None:
+        prefix = inside[:-len(module) - 1]
+        return TargetNotFoundError(
+            f"the key names module {module!r}, which the model holds as {inside!r}: the model wraps the one the "
+            f"adapter was made for (in {prefix!r})", key=key,
+            hint=f"load into the wrapped model (model.get_submodule({prefix!r}), e.g. ddp_model.module), and wrap it "
+                 "(DataParallel, DistributedDataParallel) after loading")
     return TargetNotFoundError(f"the key names module {module!r}, which is not in the model", key=key,
                                hint="check the adapter was trained for this architecture (module names), "
                                     "or pass module_map")
@@ -221,7 +238,7 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
                 target: tuple[nn.Module, str] = (layer.base_layer, name.param.rpartition(".")[2])
             else:
                 found = lookup.find(module)
-                plan.errors.append(_absent(key, module) if found is None else
+                plan.errors.append(_absent(key, module, lookup) if found is None else
                                    _not_taken(key, module, "has no adapter of this adapter, so no base_layer"))
                 continue
         elif name.role in ("bias", "embedding"):
@@ -235,20 +252,20 @@ def plan_auxiliary(model: nn.Module, state: ModelState, adapter: Adapter, adapte
                     plan.errors.append(refused)
                     continue
             if found is None:
-                plan.errors.append(_absent(key, module))
+                plan.errors.append(_absent(key, module, lookup))
                 continue
             target = (unwrapped(found), name.param)
         elif name.role == "ignored":
             found = lookup.find(module)
             if found is None:
-                plan.errors.append(_absent(key, module))
+                plan.errors.append(_absent(key, module, lookup))
                 continue
             plan.keep[key] = _mirror(found, adapter_name, name.param)
             continue
         else:  # method tensors, trainable tokens, modules to save: the injected parameters take them all
             found = lookup.find(module)
             if found is None:
-                plan.errors.append(_absent(key, module))
+                plan.errors.append(_absent(key, module, lookup))
             elif name.role == "adapter" and (problem := _unsupported(unwrapped(found), module, config)) is not None:
                 plan.errors.append(problem)
             else:

@@ -89,6 +89,23 @@ def test_bad_folder_leaves_model_untouched(model_with_adapter: Any, good: Any, t
     assert adapterspec.active_adapters(model_with_adapter) == ["second"]
 
 
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, lambda m: torch.nn.Sequential(m)], ids=["DataParallel", "Sequential"])
+def test_a_wrapped_model_is_named_in_the_refusal(llama: Any, good: Any, wrap: Any) -> None:
+    """A model wrapped (DataParallel, a container) before loading holds the adapter's modules under a prefix: the
+    refusal names where they are and which model to load into (it said the adapter had another architecture)."""
+    wrapped = wrap(fresh(llama))
+    before = snapshot(wrapped)
+    with pytest.raises(adapterspec.TargetNotFoundError) as info:
+        adapterspec.load_adapter(wrapped, good)
+    prefix = "module" if isinstance(wrapped, torch.nn.DataParallel) else "0"
+    assert f"'{prefix}.model.layers.0.self_attn.q_proj'" in info.value.message
+    assert f"model.get_submodule({prefix!r})" in (info.value.hint or "")
+    assert_same_snapshot(wrapped, before)
+    inner = wrapped.get_submodule(prefix)
+    adapterspec.load_adapter(inner, good)  # as the hint says
+    assert adapterspec.active_adapters(inner) == ["default"]
+
+
 def test_unsupported_target_names_the_module(llama: Any, good: Any, tmp_path: Any) -> None:
     folder = tmp_path / "mlp"
     shutil.copytree(good, folder)
