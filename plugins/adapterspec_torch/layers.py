@@ -263,6 +263,21 @@ def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig
     return (kernel[0], kernel[1]) if kind == "conv2d" else (kernel[0], 1)
 
 
+#: The LyCORIS methods, whose training forward has PEFT's rank and module dropout.
+_LYCORIS = ("LOHA", "LOKR")
+
+
+def _rank_dropout(weight: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """PEFT's LyCORIS rank dropout of a delta weight: each output channel kept with probability ``1 - rank_dropout``
+    (one draw per channel from the CPU generator, as PEFT draws them), the kept ones rescaled by ``1 / share kept``
+    when ``rank_dropout_scale`` (LoHa always; its mask in the weight's dtype, LoKr's in float32)."""
+    drop = (torch.rand(weight.size(0)) > spec.rank_dropout).to(weight.dtype if spec.method == "LOHA" else torch.float32)
+    drop = drop.view(-1, *[1] * (weight.dim() - 1)).to(weight.device)
+    if spec.rank_dropout_scale:
+        drop = drop / drop.mean()
+    return (weight * drop).to(weight.dtype)  # PEFT's in-place product keeps the weight's dtype
+
+
 def _cp_weight(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """The CP reconstruction ``einsum("ijkl,ip,jr->prkl", core, left, right)`` of LoHa/LoKr's effective conv form."""
     return torch.einsum("i j k l, i p, j r -> p r k l", core, left, right)
@@ -373,6 +388,9 @@ class _Spec:
     lora_bias: bool = False
     feedforward: bool = False
     dropout: float = 0.0
+    rank_dropout: float = 0.0  # LOHA/LOKR: output channels of the delta dropped while training
+    module_dropout: float = 0.0  # LOHA/LOKR: the whole adapter skipped while training
+    rank_dropout_scale: bool = True  # LOHA always, LOKR when configured: the kept channels rescaled by 1/share
     names: dict[str, str] = field(default_factory=dict)  # spec parameter name -> attribute name
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to another layer's
@@ -482,6 +500,10 @@ class AdapterLayer(nn.Module):
             spec.use_dora, spec.lora_bias, spec.dropout = facts.use_dora, facts.lora_bias, facts.dropout
         elif method == "IA3":
             spec.feedforward = config.is_feedforward(path)
+        elif method in _LYCORIS:
+            spec.rank_dropout = float(config.get("rank_dropout") or 0.0)
+            spec.module_dropout = float(config.get("module_dropout") or 0.0)
+            spec.rank_dropout_scale = method == "LOHA" or bool(config.get("rank_dropout_scale"))
         elif method in oft.METHODS:
             spec.rotation = oft.settings(base, self.kind, config, path)
         elif method in adalora.METHODS:
@@ -920,7 +942,14 @@ class AdapterLayer(nn.Module):
                 result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
                                               spec.dropout, self.training)
             else:
+                lycoris_training = self.training and spec.method in _LYCORIS
+                # PEFT's LyCORIS layers toss the module-dropout coin for each active adapter at each training forward
+                # (module_dropout 0 too): the same draws keep the random stream -- every later dropout -- PEFT's
+                if lycoris_training and not bool(torch.rand(1) > spec.module_dropout):
+                    continue
                 delta = self.delta_weight(n)
+                if lycoris_training and spec.rank_dropout:
+                    delta = _rank_dropout(delta, spec)
                 x_in = x.to(delta.dtype)
                 if conv:
                     base = self.base_layer

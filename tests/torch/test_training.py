@@ -581,3 +581,39 @@ def test_autocast_training_steps_match_peft(llama: Any, token_inputs: dict[str, 
         results.append((loss.item(), grads))
     assert results[0][0] == results[1][0]
     assert len(results[0][1]) == len(results[1][1]) > 0 and results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("case", ["loha-rank", "loha-module", "lokr-rank", "lokr-rank-unscaled", "lokr-module"])
+def test_lycoris_dropouts_train_as_peft(llama: Any, token_inputs: dict[str, Any], tmp_path: Path, case: str) -> None:
+    """LoHa/LoKr ``rank_dropout`` and ``module_dropout`` in training mode: with one seed, each forward drops what
+    PEFT's drops (the same draws, in the same order), so losses and gradients are PEFT's to the bit; they were
+    ignored (every training forward gave the eval loss, gradients 40-600% off PEFT's)."""
+    from peft import LoHaConfig, LoKrConfig, PeftModel
+    from torch_helpers import peft_reference
+
+    method, kind = case.split("-", 1)
+    make = LoHaConfig if method == "loha" else LoKrConfig
+    field = "module_dropout" if kind == "module" else "rank_dropout"
+    extra = {"rank_dropout_scale": kind == "rank"} if method == "lokr" else {}
+    config = make(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False,
+                  **{field: 0.5 if kind == "module" else 0.3}, **extra)
+    peft_reference(llama, config, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(fresh(llama), str(tmp_path), is_trainable=True).train()
+    ours = fresh(llama).train()
+    adapterspec.load_adapter(ours, tmp_path, trainable=True)
+    results = []
+    for model in (ours, theirs):
+        torch.manual_seed(7)
+        losses = [model(**token_inputs, labels=token_inputs["input_ids"]).loss for _ in range(3)]
+        sum(losses).backward()
+        grads = sorted(p.grad.abs().sum().item() for p in model.parameters() if p.requires_grad)
+        results.append(([loss.item() for loss in losses], grads))
+    model.eval()
+    with torch.no_grad():
+        plain = model(**token_inputs, labels=token_inputs["input_ids"]).loss.item()
+    assert len(set(results[1][0])) > 1 and plain not in results[1][0]  # the dropout draws do change PEFT's forward
+    assert results[0][0] == results[1][0]
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    assert results[0][1] == results[1][1]
