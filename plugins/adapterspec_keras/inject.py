@@ -55,7 +55,7 @@ from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
-from .switch import ModelState, drop_state_if_empty, get_state, invalidate, note_caller
+from .switch import ModelState, drop_state_if_empty, get_state, invalidate, note_caller, park_inactive
 from .tying import check_tied_layer, tie, tie_rewrite, tied_heads, tied_layers
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -378,6 +378,7 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    park_inactive(state)  # (activating it, next, unfreezes it)
     guard_save(model)
     invalidate(model)
     return list(state.modules[adapter_name])
@@ -615,6 +616,7 @@ def _inject_prompt(model: Any, config: AdapterConfig, adapter_name: str, options
     except BaseException:
         _forget(model, state, adapter_name)
         raise
+    park_inactive(state)  # (activating it, next, unfreezes it)
     guard_save(model)
     invalidate(model)
     return []
@@ -795,6 +797,7 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
         bank, host = bank_host
         host._tracker.untrack(bank)
         bank.release()
+    state.parked.discard(adapter_name)
     if adapter_name in state.trainable:
         state.trainable.remove(adapter_name)
         if not state.trainable:

@@ -202,3 +202,51 @@ def test_merge_into_a_tied_weight_refuses(checkpoints: Any, token_ids: np.ndarra
             merge()
     assert_same_snapshot(before, snapshot(model))
     np.testing.assert_array_equal(keras_logits(model, token_ids), adapted)
+
+
+def test_only_the_active_adapters_train(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Adapters loaded trainable but not active are frozen (as PEFT's ``set_adapter`` freezes them) and the active
+    ones trainable. On JAX the gradient of a variable the forward did not use is zeros, and Adam moved the inactive
+    adapter anyway: trained, then switched away from, it moved as far as the one trained after it (0.014 in two
+    epochs). Switching which adapter trains needs a compile, as any change of ``trainable`` in Keras."""
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+              "init_lora_weights": False}
+    adapterspec.inject_adapter(model, config, "a")
+    adapterspec.inject_adapter(model, config, "b", activate=False)
+    user_frozen = keras_model("llama", checkpoints["llama"])  # a freeze of the user's own is kept
+    labels = np.roll(token_ids, -1, axis=1)
+
+    def trainable() -> set[str]:
+        return {v.path.split("/")[0] for v in model.trainable_variables}
+
+    def tensors(name: str) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in adapterspec.extract_adapter(model, name).load_tensors("numpy").items()}
+
+    def fit() -> None:
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(keras_inputs(token_ids), labels, epochs=2, batch_size=2, verbose=0)
+
+    assert trainable() == {"adapterspec_a"}
+    fit()
+    before = {name: tensors(name) for name in "ab"}
+    adapterspec.set_active_adapters(model, ["b"])
+    assert trainable() == {"adapterspec_b"}
+    fit()
+    after = {name: tensors(name) for name in "ab"}
+    assert all(np.array_equal(before["a"][k], after["a"][k]) for k in before["a"])  # untouched while inactive
+    assert max(np.abs(before["b"][k] - after["b"][k]).max() for k in before["b"]) > 1e-3  # it trained
+    adapterspec.set_active_adapters(model, ["a", "b"])
+    assert trainable() == {"adapterspec_a", "adapterspec_b"}
+
+    adapterspec.inject_adapter(user_frozen, config, "a")
+    adapterspec.inject_adapter(user_frozen, config, "b", activate=False)
+    user_frozen.trainable = False
+    adapterspec.set_active_adapters(user_frozen, ["b"])
+    adapterspec.set_active_adapters(user_frozen, ["a"])
+    assert user_frozen.trainable_variables == []
