@@ -617,3 +617,35 @@ def test_lycoris_dropouts_train_as_peft(llama: Any, token_inputs: dict[str, Any]
     assert results[0][0] == results[1][0]
     assert len(results[0][1]) == len(results[1][1]) > 0
     assert results[0][1] == results[1][1]
+
+
+def test_loha_effective_conv_gradients_are_the_true_ones() -> None:
+    """LoHa's effective (CP) form on a 3x3 convolution: autograd's gradients equal central differences in float64
+    for every factor. (PEFT 0.21's custom backward differs for ``hada_w1_a``/``hada_w2_a``: -2.8e-3 true, +4.3e-4
+    PEFT's; this backend does not copy it: SPEC.md 8.7.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).double()
+    adapterspec.inject_adapter(model, {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["0"],
+                                       "use_effective_conv2d": True})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("hada_t1" in n for n in params) and len(params) == 6
+    with torch.no_grad():
+        for i, p in enumerate(params.values()):
+            p.copy_(torch.sin(torch.arange(p.numel(), dtype=torch.float64) * 0.7 + i).reshape(p.shape) * 0.5)
+    x = torch.cos(torch.arange(2 * 3 * 6 * 6, dtype=torch.float64)).reshape(2, 3, 6, 6)
+
+    def loss() -> torch.Tensor:
+        return (model(x) ** 2).sum()
+
+    loss().backward()
+    for name, p in params.items():
+        for index in (0, p.numel() // 2, p.numel() - 1):
+            with torch.no_grad():
+                flat = p.view(-1)
+                flat[index] += 1e-6
+                up = loss().item()
+                flat[index] -= 2e-6
+                down = loss().item()
+                flat[index] += 1e-6
+            numeric = (up - down) / 2e-6
+            assert p.grad.view(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-7), (name, index)
