@@ -55,7 +55,16 @@ from . import vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
-from .switch import ModelState, drop_state_if_empty, get_state, invalidate, note_caller, park_inactive
+from .switch import (
+    ModelState,
+    drop_state_if_empty,
+    get_state,
+    invalidate,
+    note_caller,
+    note_patched,
+    park_inactive,
+    watch_compiled,
+)
 from .tying import check_tied_layer, tie, tie_rewrite, tied_heads, tied_layers
 
 __all__ = ["check_features", "expand_all_linear", "find_targets", "inject", "remove_adapter_modules", "resolve_module", "site_key",
@@ -720,6 +729,8 @@ def wrap(model: Any, layer: Any) -> None:
                                hint="load all adapters through the model that loaded the first one (adapter_name=... "
                                     "and set_active_adapters switch between them)")
     original = own if own is not None else type(layer).call.__get__(layer)
+    note_patched(layer)
+    watch_compiled()
     entries: list[tuple[AdapterLayer, Piece]] = []
     reversible = hasattr(layer, "tie_weights") and hasattr(layer, "logit_soft_cap")
 

@@ -6,7 +6,9 @@ Switching only changes which adapters each :class:`~adapterspec_keras.layers.Ada
 base weights are never copied. Compiled ``fit``/``predict``/``generate`` functions are dropped on every
 change, since Keras traces the Python-level adapter state into them: the model's own, and those of every
 Keras model an adapted layer was called under (a task model around an adapted backbone, a functional
-model wrapping it: Keras' call context names the outermost one). One case is out of reach and keeps the
+model wrapping it: Keras' call context names the outermost one); any other model holding an adapted layer (one
+compiled before the first load) remakes its functions at its next ``fit``/``predict``/``generate``
+(:func:`watch_compiled`). One case is out of reach and keeps the
 adapters it was traced with, so trace it again (``outer.make_predict_function(force=True)``, or set its
 ``predict_function``/``generate_function`` to ``None``) after a switch, merge or delete: a function traced
 outside Keras' ``fit``/``predict``/``generate`` -- a ``tf.function`` or ``jax.jit`` of your own.
@@ -41,8 +43,10 @@ __all__ = [
     "invalidate",
     "merge",
     "note_caller",
+    "note_patched",
     "set_active",
     "unmerge",
+    "watch_compiled",
 ]
 
 STATE_ATTR = "_adapterspec_state"
@@ -136,19 +140,72 @@ _COMPILED = ("train_function", "test_function", "predict_function", "generate_fu
 
 def invalidate(model: Any) -> None:
     """Drop Keras' compiled ``fit``/``evaluate``/``predict``/``generate`` functions so the next call retraces: those
-    of ``model``, its backbone, and every model its adapted layers were called under (:func:`note_caller`).
+    of ``model``, its backbone, and every model its adapted layers were called under (:func:`note_caller`); any other
+    model's are remade when it next asks for them (:func:`watch_compiled`).
 
     >>> import keras
     >>> invalidate(keras.Sequential())
     """
+    _CHANGES[0] += 1
     state = get_state(model)
     callers = list(state.callers) if state is not None else []
     for obj in (model, getattr(model, "backbone", None), *callers):
-        if obj is None:
-            continue
-        for attr in _COMPILED:
-            if obj.__dict__.get(attr) is not None:
-                object.__setattr__(obj, attr, None)
+        if obj is not None:
+            _drop_compiled(obj)
+
+
+def _drop_compiled(obj: Any) -> None:
+    for attr in _COMPILED:
+        if obj.__dict__.get(attr) is not None:
+            object.__setattr__(obj, attr, None)
+
+
+#: How many times any model's adapters changed (load, switch, merge, delete), and every Keras layer whose ``call``
+#: was patched for adapters, now or before.
+_CHANGES = [0]
+_PATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
+_SEEN_ATTR = "_adapterspec_changes_seen"
+
+#: (module, class, method): where Keras and keras-hub make (or return the cached) compiled function of each call.
+_MAKERS = (("keras", "Model", "make_train_function"), ("keras", "Model", "make_test_function"),
+           ("keras", "Model", "make_predict_function"), ("keras_hub.models", "CausalLM", "make_generate_function"))
+
+
+def note_patched(layer: Any) -> None:
+    """Remember ``layer``'s ``call`` was patched: a model holding it may keep a function compiled before."""
+    _PATCHED.add(layer)
+
+
+def watch_compiled() -> None:
+    """Have every Keras model remake a compiled function made before an adapter change, if it holds a layer that
+    runs (or ran) adapters (once per process; cheap after the first).
+
+    :func:`invalidate` drops the functions of the models it knows. A model it does not know -- one compiled before
+    the first load, around the adapted one (``task.predict`` then ``load_adapter(task.backbone, ...)``; a functional
+    wrapper) -- kept the function traced without the adapters on TensorFlow, which never runs the patched Python
+    again: ``predict`` gave the base's logits, ``generate`` the base's tokens and ``fit`` trained the frozen base, with
+    no error. Keras asks ``make_*_function`` at every ``fit``/``evaluate``/``predict`` call and keras-hub
+    ``make_generate_function`` at every ``generate``: there a model whose last look predates a change drops its
+    functions first when it holds such a layer.
+    """
+    for module_name, class_name, name in _MAKERS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        original = getattr(cls, name, None) if cls is not None else None
+        if original is not None and not getattr(original, "_adapterspec_fresh", False):
+            setattr(cls, name, _fresh(original))
+
+
+def _fresh(make: Any) -> Any:
+    @functools.wraps(make)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(_SEEN_ATTR) != _CHANGES[0]:
+            if _PATCHED and any(layer in _PATCHED for layer in self._flatten_layers(include_self=True)):
+                _drop_compiled(self)
+            object.__setattr__(self, _SEEN_ATTR, _CHANGES[0])
+        return make(self, *args, **kwargs)
+
+    method._adapterspec_fresh = True  # type: ignore[attr-defined]
+    return method
 
 
 @functools.cache
