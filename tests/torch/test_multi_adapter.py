@@ -118,6 +118,7 @@ def test_merge_several_and_unmerge_like_peft(llama: Any, token_inputs: Any, tmp_
         assert_close(restored[key], value, atol=fp32_tolerance(value, 4))  # two adds and two subtractions
 
     # set_active unmerges first (the hook contract)
+    adapterspec.set_active_adapters(model, ["a"])
     adapterspec.merge_adapters(model, ["a"])
     adapterspec.set_active_adapters(model, ["b"])
     reference.set_adapter("b")
@@ -302,3 +303,29 @@ def test_pickled_model_with_compiled_patterns_loads(llama: Any, token_inputs: An
     assert adapterspec.adapter_names(copy) == ["default"]
     adapterspec.delete_adapter(copy, "default")  # the copy's adapter is its own
     assert adapterspec.adapter_names(model) == ["default"]
+
+
+def test_merging_some_of_the_active_adapters_of_a_layer_refuses(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    """Two active adapters on one layer, one merged: a merged layer runs its base weight alone, as PEFT's, so the
+    other stopped there while listed active (PEFT: 0.14 off the unmerged outputs). Refused, nothing changed;
+    merging both, or one with the other inactive, works."""
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    a, b = _two_adapters(llama, tmp_path)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, a, "a")
+    adapterspec.load_adapter(model, b, "b")
+    adapterspec.set_active_adapters(model, ["a", "b"])
+    both = logits(model, token_inputs)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="would stop adapter 'b'") as info:
+        adapterspec.merge_adapters(model, ["a"])
+    assert info.value.key == "b" and "q_proj" in info.value.message
+    assert_same_snapshot(model, before)
+    adapterspec.merge_adapters(model, ["a", "b"])
+    assert_close(logits(model, token_inputs), both)
+    adapterspec.unmerge_adapters(model)
+    adapterspec.set_active_adapters(model, ["a"])
+    alone = logits(model, token_inputs)
+    adapterspec.merge_adapters(model, ["a"])  # "b" inactive: nothing stops
+    assert_close(logits(model, token_inputs), alone)
