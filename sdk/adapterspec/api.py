@@ -92,7 +92,8 @@ def model_lock(model: Any) -> threading.RLock:
 
     Every function of this module that changes or reads a model's adapters holds it, so calls from
     several threads on one model run one after another. Hold it yourself around a forward pass that
-    must not see another thread switch, merge, load or delete adapters halfway through.
+    must not see another thread switch, merge, load or delete adapters halfway through. It is the lock of the
+    object the adapters were loaded into: for adapters in ``task.backbone``, ``model_lock(task.backbone)``.
 
     >>> with model_lock(model):                                          # doctest: +SKIP
     ...     logits = model(inputs)
