@@ -94,8 +94,9 @@ def test_eight_threads_on_one_model_end_as_a_sequential_run(folders: list[Path],
         name = names[i]
         for last in [False] * (ROUNDS - 1) + [True]:
             adapterspec.load_adapter(model, folders[i], name, activate=False)
-            adapterspec.set_active_adapters(model, [name])
-            adapterspec.merge_adapters(model, name)
+            with adapterspec.model_lock(model):  # merging the active adapters: no other thread's switch in between
+                adapterspec.set_active_adapters(model, [name])
+                adapterspec.merge_adapters(model, name)
             adapterspec.unmerge_adapters(model)
             with adapterspec.model_lock(model):  # a step of several calls: no other thread's call in between
                 others = [n for n in adapterspec.adapter_names(model) if n != name]
