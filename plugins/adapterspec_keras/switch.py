@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from adapterspec import AdapterConfig
+from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
 __all__ = [
@@ -393,30 +394,17 @@ def merge(model: Any, adapter_names: list[str]) -> None:
 
     for layer in state.adapter_layers.values():
         layer.check_merge(todo)
-    _check_others_keep_running(state.active, state.merged, todo,
-                               [(layer.site.path, layer.adapter_names()) for layer in state.adapter_layers.values()
-                                if layer.site.kind not in ("saved", "parameters")  # (as torch: adapter layers)
-                                and any(n in todo for n in layer.adapter_names())])
+    refusal = merge_refusal(state.active, state.merged, todo,
+                            [(layer.site.path, layer.adapter_names()) for layer in state.adapter_layers.values()
+                             if layer.site.kind not in ("saved", "parameters")  # (as torch: adapter layers)
+                             and any(n in todo for n in layer.adapter_names())])
+    if refusal is not None:  # SPEC.md 8.9
+        raise refusal
     remember_base(state, todo)
     for layer in state.adapter_layers.values():
         layer.merge(todo)
     state.merged.extend(todo)
     invalidate(model)
-
-
-def _check_others_keep_running(active: list[str], merged: list[str], todo: list[str],
-                               layers: list[tuple[str, list[str]]]) -> None:
-    """Refuse to merge ``todo`` into a layer where another active adapter stays unmerged: PEFT's merged layer runs its
-    base weight alone, so that adapter would stop there while still listed active (this backend ran a DoRA on the
-    merged weight: 10 off the unmerged output, 7.6 off the torch backend's)."""
-    running = [n for n in active if n not in todo and n not in merged]
-    for path, names in layers:
-        other = next((n for n in running if n in names), None)
-        if other is not None:
-            raise UnsupportedError(
-                f"merging {list(todo)} into {path!r} would stop adapter {other!r} there, which is active and unmerged "
-                "(a merged layer runs its base weight alone)", key=other,
-                hint=f"merge every active adapter together, or deactivate {other!r} first (set_active_adapters)")
 
 
 def unmerge(model: Any) -> None:

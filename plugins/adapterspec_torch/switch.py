@@ -19,6 +19,7 @@ from typing import Any, Literal, overload
 import torch
 
 from adapterspec import AdapterConfig
+from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
 from .layers import ActiveSet, AdapterLayer, ModulesToSaveLayer
@@ -239,9 +240,11 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             if isinstance(layer, AdapterLayer):
                 layer.check_merge([name])
     _check_unshared(model, state, todo)
-    _check_others_keep_running(state.switch.names, state.merged, todo,
-                               [(own, layer.adapter_names()) for name in todo for own, layer in _wrappers(model, state, name)
-                                if isinstance(layer, AdapterLayer)])
+    refusal = merge_refusal(state.switch.names, state.merged, todo,
+                            [(own, layer.adapter_names()) for name in todo
+                             for own, layer in _wrappers(model, state, name) if isinstance(layer, AdapterLayer)])
+    if refusal is not None:  # SPEC.md 8.9
+        raise refusal
     for name in adapter_names:
         if name in state.merged:
             continue
@@ -250,21 +253,6 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             if isinstance(layer, (AdapterLayer, ModulesToSaveLayer, ParameterLayer)):
                 layer.merge([name])
         state.merged.append(name)
-
-
-def _check_others_keep_running(active: Sequence[str], merged: Sequence[str], todo: Sequence[str],
-                               layers: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """Refuse to merge ``todo`` into a layer where another active adapter stays unmerged: a merged layer runs its
-    base weight alone, as PEFT's, so that adapter would stop running while still listed active (PEFT: outputs 0.14
-    off the unmerged ones for two LoRAs, 0.59 with a DoRA; Keras ran a DoRA on the merged weight, 10 off)."""
-    running = [n for n in active if n not in todo and n not in merged]
-    for path, names in layers:
-        other = next((n for n in running if n in names), None)
-        if other is not None:
-            raise UnsupportedError(
-                f"merging {list(todo)} into {path!r} would stop adapter {other!r} there, which is active and unmerged "
-                "(a merged layer runs its base weight alone)", key=other,
-                hint=f"merge every active adapter together, or deactivate {other!r} first (set_active_adapters)")
 
 
 def _check_unshared(model: torch.nn.Module, state: ModelState, names: Sequence[str]) -> None:

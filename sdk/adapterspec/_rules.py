@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from . import _adalora, _lora_init, _oft, _vera
-from .errors import shorten
+from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
-__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries", "not_portable",
+__all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries",
+           "merge_refusal", "not_portable",
            "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
            "unsupported_features", "velora_state_size"]
 
@@ -318,3 +319,28 @@ def _rotation_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
                       "adapterspec readers (PEFT 0.21 builds it only with its CUDA extension and silently trains "
                       "one factor without it, whatever the config says)"))
     return found
+
+
+def merge_refusal(active: Iterable[str], merged: Iterable[str], todo: Iterable[str],
+                  layers: Iterable[tuple[str, Iterable[str]]]) -> UnsupportedError | None:
+    """The refusal of merging ``todo`` into a layer where another active adapter stays unmerged (SPEC.md 8.9): a
+    merged layer runs its base weight alone, as PEFT's, so that adapter would stop there while listed active (PEFT:
+    0.14 off the unmerged outputs for two LoRAs, 0.59 with a DoRA). ``layers``: (path, adapters it holds) of the
+    layers ``todo`` adapts; ``None`` when nothing would stop.
+
+    >>> merge_refusal(["a", "b"], [], ["a"], [("q", ["a", "b"])]).key
+    'b'
+    >>> merge_refusal(["a"], [], ["a"], [("q", ["a", "b"])]) is None
+    True
+    """
+    todo = list(todo)
+    merged = set(merged)
+    running = [n for n in active if n not in todo and n not in merged]
+    for path, names in layers:
+        other = next((n for n in running if n in set(names)), None)
+        if other is not None:
+            return UnsupportedError(
+                f"merging {todo} into {path!r} would stop adapter {other!r} there, which is active and unmerged "
+                "(a merged layer runs its base weight alone)", key=other,
+                hint=f"merge every active adapter together, or deactivate {other!r} first (set_active_adapters)")
+    return None
