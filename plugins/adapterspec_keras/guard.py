@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["guard_save", "holds_adapters", "unguard_save"]
+__all__ = ["guard_save", "holds_adapters", "unguard_save", "wrap_once"]
 
 
 def _refuse_save(*args: Any, **kwargs: Any) -> None:
@@ -118,25 +119,38 @@ def holds_adapters(model: Any) -> bool:
     return any(layer.__dict__.get("save_own_variables") is _refuse_save_variables for layer in layers)
 
 
-def _wrap(original: Any, refuse: Any) -> Any:
-    @functools.wraps(original)
-    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if holds_adapters(self):
-            refuse()
-        return original(self, *args, **kwargs)
+def wrap_once(module_name: str, class_path: str, name: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace method ``name`` of class ``class_path`` in the loaded module ``module_name`` by ``wrap(original)``,
+    once (a method adapterspec wrapped already is left; nothing when the module is not loaded or lacks it).
 
-    method._adapterspec_guard = True  # type: ignore[attr-defined]
-    return method
+    >>> wrap_once("no.such.module", "Model", "fit", lambda original: original)
+    """
+    cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_path.split("."),
+                           sys.modules.get(module_name))
+    original = getattr(cls, name, None) if cls is not None else None
+    if original is not None and not getattr(original, "_adapterspec_wrapped", False):
+        method = wrap(original)
+        method._adapterspec_wrapped = True
+        setattr(cls, name, method)
+
+
+def _refusing(refuse: Callable[[], None]) -> Callable[[Any], Any]:
+    def wrap(original: Any) -> Any:
+        @functools.wraps(original)
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if holds_adapters(self):
+                refuse()
+            return original(self, *args, **kwargs)
+
+        return method
+
+    return wrap
 
 
 def _guard_classes() -> None:
     """Wrap the whole-model operations of :data:`_WRAPPED` (once per class and method; cheap after the first)."""
     for (module_name, class_name, name), refuse in _WRAPPED.items():
-        cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_name.split("."),
-                               sys.modules.get(module_name))
-        original = cls.__dict__.get(name) if cls is not None else None
-        if original is not None and not getattr(original, "_adapterspec_guard", False):
-            setattr(cls, name, _wrap(original, refuse))
+        wrap_once(module_name, class_name, name, _refusing(refuse))
 
 
 def guard_save(model: Any, *, names: tuple[str, ...] = ("save", "save_own_variables")) -> None:

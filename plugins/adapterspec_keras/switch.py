@@ -34,6 +34,8 @@ from adapterspec import AdapterConfig
 from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
+from .guard import wrap_once
+
 __all__ = [
     "STATE_ATTR",
     "ModelState",
@@ -190,10 +192,7 @@ def watch_compiled() -> None:
     functions first when it holds such a layer.
     """
     for module_name, class_name, name in _MAKERS:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        original = getattr(cls, name, None) if cls is not None else None
-        if original is not None and not getattr(original, "_adapterspec_fresh", False):
-            setattr(cls, name, _fresh(original))
+        wrap_once(module_name, class_name, name, _fresh)
 
 
 def _fresh(make: Any) -> Any:
@@ -205,7 +204,6 @@ def _fresh(make: Any) -> Any:
             object.__setattr__(self, _SEEN_ATTR, _CHANGES[0])
         return make(self, *args, **kwargs)
 
-    method._adapterspec_fresh = True  # type: ignore[attr-defined]
     return method
 
 
