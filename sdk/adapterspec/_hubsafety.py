@@ -31,6 +31,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from ._safetensors import check_not_lfs_pointer
 from .errors import HubError, IntegrityError
 
 __all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "Watchdog", "check_cached", "fetch", "resolve_timeout", "watching"]
@@ -229,7 +230,18 @@ def fetch(repo_id: str, filename: str, *, revision: str, where: str, token: str 
     check_cached(path, filename, where, online=dog is not None, token=token, endpoint=endpoint)
     if dog is not None:
         dog.progress()  # hashing a large file is not a stall
+    check_not_pointer(path, filename, where)
     return path
+
+
+def check_not_pointer(path: Path, filename: str, where: str) -> None:
+    """Refuse a weights file that is a git-LFS pointer committed as a regular file (the Hub serves its text).
+
+    :raises FileFormatError: it is one (named by its ``hf://`` address ``where``).
+    """
+    if filename.endswith((".safetensors", ".bin")):
+        check_not_lfs_pointer(path, where=where, hint="the repo holds the pointer file itself, committed without "
+                              "git-lfs: push the weights file (adapterspec push, or huggingface_hub's upload_folder)")
 
 
 def check_cached(path: Path, filename: str, where: str, *, online: bool, token: str | bool | None = None,

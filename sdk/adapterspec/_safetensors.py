@@ -82,9 +82,34 @@ def read_header(path: Path, file: BinaryIO | None = None) -> Header:
             if _header_bytes(fh) != raw or (readable and at != size) or not _names(path, fh):
                 raise ValueError("the file changed while its header was read")
     except (SafetensorError, OSError, ValueError) as exc:
+        check_not_lfs_pointer(path, file)
         raise FileFormatError(f"not a valid safetensors file: {exc}", path=path,
                               hint="the file is truncated or corrupt; download or save it again") from None
     return Header(infos, metadata, raw, size, spans)
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_lfs_pointer(path: Path, file: BinaryIO | None = None, *, where: str | None = None,
+                          hint: str | None = None) -> None:
+    """Refuse a git-LFS pointer file -- what a clone without git-lfs holds in place of a large file.
+
+    :param where: the name the error gives the file (default: ``path``), e.g. its ``hf://`` address.
+    :raises FileFormatError: it is one; the message gives the pointer's ``oid`` and ``size``.
+    """
+    try:
+        with contextlib.nullcontext(file) if file is not None else open(path, "rb", buffering=0) as fh:
+            head = os.pread(fh.fileno(), 1024, 0)
+    except OSError:
+        return
+    if not head.startswith(_LFS_POINTER):
+        return
+    fields = dict(line.split(" ", 1) for line in head.decode("ascii", "replace").splitlines()[1:] if " " in line)
+    pointer = ", ".join(f"{k} {fields[k][:80]}" for k in ("oid", "size") if k in fields) or "no oid"
+    raise FileFormatError(f"a git-LFS pointer ({pointer}), not the tensors it stands for", path=where or path,
+                          hint=hint or "the repository was cloned without git-lfs: run 'git lfs install' and "
+                                       "'git lfs pull' in it, or load the adapter from the Hub by name (hf://org/name)")
 
 
 def _names(path: Path, fh: Any) -> bool:

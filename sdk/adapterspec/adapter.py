@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import _safetensors, _snapshot, _staging
-from ._safetensors import dtype_name
+from ._safetensors import check_not_lfs_pointer, dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
 from ._rules import not_portable
@@ -439,12 +439,14 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
             raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
                                   hint="save the adapter's weights next to its config")
         pickle_file = _inside(folder, folder / PICKLE_NAME)
+        pickle_fh = snapshot.open(PICKLE_NAME, pickle_file)
+        check_not_lfs_pointer(pickle_file, pickle_fh)  # not a pickle at all: allow_pickle would not help
         if not allow_pickle:
             raise UnsafeFileError(
                 f"only {PICKLE_NAME} (a pickle) is present; unpickling can run code", path=pickle_file,
                 hint="pass allow_pickle=True (--allow-pickle) if you trust the source; it is then read with "
                      "torch.load(weights_only=True)")
-        arrays = _load_pickle(pickle_file, snapshot.open(PICKLE_NAME, pickle_file))
+        arrays = _load_pickle(pickle_file, pickle_fh)
         infos = {k: TensorInfo(tuple(v.shape), dtype_name(v)) for k, v in arrays.items()}
         return Adapter(config, infos, {}, folder, None, arrays)
     resolved = _inside(folder, weights)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from . import _snapshot, _staging
-from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, fetch, watching
+from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, check_not_pointer, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
 from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
@@ -383,6 +383,7 @@ def _check_folder(ref: HubRef, folder: Path, files: list[str]) -> None:
         if path.exists():
             filename = path.relative_to(snapshot).as_posix()
             check_cached(path, filename, _file_url(ref, filename), online=False)
+            check_not_pointer(path, filename, _file_url(ref, filename))
 
 
 def download_adapter(repo_id_or_hf_url: str, *, subfolder: str | None = None, revision: str | None = None,

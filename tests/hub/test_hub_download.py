@@ -220,6 +220,24 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, make_lora, tmp_path: Path)
         download_adapter("org/fallback", cache_dir=tmp_path / "empty-cache")
 
 
+def test_lfs_pointer_committed_as_a_file_is_named_by_its_hub_address(hub, make_lora,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo whose weights file is a git-LFS pointer's text: refused online and from the cache, named hf://..."""
+    from adapterspec import FileFormatError
+
+    local = make_lora("pointer")
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 123456\n"
+    sha = hub.commit("org/pointer", {"adapter_config.json": (local / "adapter_config.json").read_bytes(),
+                               "adapter_model.safetensors": pointer})
+    want = r"hf://org/pointer/adapter_model.safetensors: a git-LFS pointer \(oid sha256:(ab){32}, size 123456\)"
+    with pytest.raises(FileFormatError, match=want) as info:
+        adapterspec.read_adapter(download_adapter("org/pointer"))
+    assert "push the weights file" in str(info.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the refused download left the files in the cache, under the commit
+    with pytest.raises(FileFormatError, match=want.replace("pointer/", f"pointer@{sha}/")):
+        download_adapter("org/pointer", revision=sha)
+
+
 def test_load_adapter_and_validate_resolve_hub_sources(hub, make_lora) -> None:
     """The core's resolve_source and the CLI's ``validate hf://...`` go through download_adapter."""
     from adapterspec.api import resolve_source

@@ -118,6 +118,22 @@ def test_truncated_safetensors(lora: Path, capsys: pytest.CaptureFixture[str]) -
     assert "adapter_model.safetensors: not a valid safetensors file" in out
 
 
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 40960\n")
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_git_lfs_pointer_is_named(lora: Path, capsys: pytest.CaptureFixture[str], weights: str) -> None:
+    """A clone without git-lfs holds pointer files: the refusal says so (not "corrupt" or "unsafe pickle")."""
+    (lora / "adapter_model.safetensors").unlink()
+    (lora / weights).write_bytes(LFS_POINTER)
+    code, out = run(capsys, str(lora))
+    assert code == 1
+    assert (f"{weights}: a git-LFS pointer (oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393, "
+            "size 40960), not the tensors it stands for") in out
+    assert "git lfs pull" in out
+
+
 def test_strict_reports_unknown_fields(lora: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edit_config(lora, use_doar=True)
     code, out = run(capsys, str(lora))
