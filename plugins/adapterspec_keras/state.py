@@ -52,7 +52,7 @@ from .bank import Ref
 from .layers import AdapterLayer, Layout
 from .mapping import equivalent, find_site, spec_sites
 from .sites import ModuleSite, keras_lora, model_layers
-from .switch import get_state
+from .switch import get_state, own_state
 
 __all__ = ["expected_params", "extract_state", "load_state"]
 
@@ -69,7 +69,7 @@ def _shared_of(layers: list[AdapterLayer], adapter_name: str) -> vera.Shared | N
 
 
 def _layers_of(model: Any, adapter_name: str) -> list[AdapterLayer]:
-    state = get_state(model)
+    state = own_state(model)
     if state is None or adapter_name not in state.names:
         loaded = state.names if state is not None else []
         hint = "load or inject it first"

@@ -33,6 +33,7 @@ __all__ = [
     "delete",
     "get_state",
     "merge",
+    "own_state",
     "require_state",
     "set_active",
     "unmerge",
@@ -107,12 +108,31 @@ def get_state(model: torch.nn.Module, *, create: bool = False) -> ModelState | N
     return state
 
 
+def own_state(model: torch.nn.Module) -> ModelState | None:
+    """``model``'s :class:`ModelState`, or ``None`` when neither it nor any module inside it has adapters.
+
+    :raises AdapterNotFoundError: ``model`` wraps the model the adapters were loaded into (DDP, ``torch.compile``,
+        a container): a call on the wrapper did nothing, silently (``adapter_names`` said ``[]``).
+    """
+    state = get_state(model)
+    if state is None:
+        for path, module in model.named_modules(remove_duplicate=True):
+            inner = get_state(module) if path else None
+            if inner is not None and inner.names:
+                raise AdapterNotFoundError(
+                    f"this {type(model).__name__} holds no adapters itself: it wraps the {type(module).__name__} "
+                    f"they were loaded into ({path!r}, adapters {inner.names})", key=path,
+                    hint=f"call this on model.get_submodule({path!r}), the model they were loaded into (DDP, "
+                         "torch.compile and containers wrap it)")
+    return state
+
+
 def require_state(model: torch.nn.Module, adapter_name: str) -> ModelState:
     """``model``'s state, checking that ``adapter_name`` is loaded.
 
-    :raises AdapterNotFoundError: it is not.
+    :raises AdapterNotFoundError: it is not (or ``model`` wraps the model that has it, :func:`own_state`).
     """
-    state = get_state(model)
+    state = own_state(model)
     if state is None or adapter_name not in state.configs:
         loaded = state.names if state is not None else []
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded (loaded: {loaded})",
@@ -136,7 +156,7 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     >>> adapter_names(model)                                            # doctest: +SKIP
     ['default', 'fr']
     """
-    state = get_state(model)
+    state = own_state(model)
     return list(state.names) if state is not None else []
 
 
@@ -146,7 +166,7 @@ def active_adapters(model: torch.nn.Module) -> list[str]:
     >>> active_adapters(model)                                          # doctest: +SKIP
     ['default']
     """
-    state = get_state(model)
+    state = own_state(model)
     return state.active if state is not None else []
 
 
@@ -159,7 +179,7 @@ def set_active(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
     names = tuple(dict.fromkeys(adapter_names))
-    state = get_state(model)
+    state = own_state(model)
     if state is None:
         if names:
             require_state(model, names[0])
@@ -229,7 +249,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
             raise UnsupportedError(f"the LoRA of {tied[0]!r} is tied to the input embedding's (ensure_weight_tying) and "
                                    "shares its weight: merging would add the delta twice, as PEFT 0.21 does",
                                    key=name, pointer="/ensure_weight_tying", hint="keep the adapter unmerged")
-    state = get_state(model)
+    state = own_state(model)
     if state is None:  # no adapter loaded, so none was named (require_state refuses every name)
         return
     from .identity import remember_base  # identity imports this module
@@ -294,7 +314,7 @@ def unmerge(model: torch.nn.Module) -> None:
 
     >>> unmerge(model)                                                  # doctest: +SKIP
     """
-    state = get_state(model)
+    state = own_state(model)
     if state is None or not state.merged:
         return
     seen = set()

@@ -3,6 +3,7 @@ delete -- and delete restores every layer exactly."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -285,9 +286,10 @@ def test_only_the_active_adapters_train(checkpoints: Any, token_ids: np.ndarray,
     def tensors(name: str) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in adapterspec.extract_adapter(model, name).load_tensors("numpy").items()}
 
-    def fit() -> None:
-        model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    def fit(compile: bool = True) -> None:
+        if compile:
+            model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(keras_inputs(token_ids), labels, epochs=2, batch_size=2, verbose=0)
 
     assert trainable() == {"adapterspec_a"}
@@ -295,6 +297,10 @@ def test_only_the_active_adapters_train(checkpoints: Any, token_ids: np.ndarray,
     before = {name: tensors(name) for name in "ab"}
     adapterspec.set_active_adapters(model, ["b"])
     assert trainable() == {"adapterspec_b"}
+    # the optimizer was built for "a": TF and torch raised Keras' ValueError, JAX trained "b" with "a"'s Adam moments
+    with pytest.raises(adapterspec.UnsupportedError, match=r"compiled for other trainable variables .*\['b'\].*compile\(\.\.\.\) again"):
+        fit(compile=False)
+    assert all(np.array_equal(before[n][k], tensors(n)[k]) for n in "ab" for k in before[n])
     fit()
     after = {name: tensors(name) for name in "ab"}
     assert all(np.array_equal(before["a"][k], after["a"][k]) for k in before["a"])  # untouched while inactive
@@ -329,3 +335,32 @@ def test_merging_some_of_the_active_adapters_of_a_layer_refuses(checkpoints: Any
     assert np.array_equal(keras_logits(model, token_ids), both)
     adapterspec.merge_adapters(model, ["fr", "de"])
     assert_near(keras_logits(model, token_ids), both)
+
+
+def test_calls_on_a_model_around_the_adapted_one_are_refused(checkpoints: Any, two_adapters: dict[str, Any],
+                                                             token_ids: np.ndarray) -> None:
+    """A keras-hub task around a backbone the adapters were loaded into (or any model holding it): every call on it
+    is refused with the inner model's place (they did nothing: ``adapter_names`` said ``[]``, ``merge_adapters``
+    left the weights), as in torch."""
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model.backbone, two_adapters["fr"], "fr")
+    before = snapshot(model.backbone)
+    calls = {
+        "adapter_names": lambda: adapterspec.adapter_names(model),
+        "active_adapters": lambda: adapterspec.active_adapters(model),
+        "set_active_adapters": lambda: adapterspec.set_active_adapters(model, []),
+        "disabled_adapters": lambda: adapterspec.disabled_adapters(model).__enter__(),
+        "merge_adapters": lambda: adapterspec.merge_adapters(model),
+        "unmerge_adapters": lambda: adapterspec.unmerge_adapters(model),
+        "unload": lambda: adapterspec.unload(model, merge=True),
+        "delete_adapter": lambda: adapterspec.delete_adapter(model, "fr"),
+        "extract_adapter": lambda: adapterspec.extract_adapter(model, "fr"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(adapterspec.AdapterNotFoundError) as info:
+            call()
+        assert re.search(r"wraps the Llama\d?Backbone they were loaded into \(model.backbone, adapters \['fr'\]\)",
+                         info.value.message), name
+        assert "call this on model.backbone" in (info.value.hint or ""), name
+    assert_same_snapshot(before, snapshot(model.backbone))
+    assert adapterspec.active_adapters(model.backbone) == ["fr"]  # as the hint says

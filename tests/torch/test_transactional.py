@@ -106,6 +106,40 @@ def test_a_wrapped_model_is_named_in_the_refusal(llama: Any, good: Any, wrap: An
     assert adapterspec.active_adapters(inner) == ["default"]
 
 
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, lambda m: torch.nn.Sequential(m),
+                                  lambda m: torch.compile(m, backend="eager")],
+                         ids=["DataParallel", "Sequential", "torch.compile"])
+def test_calls_on_a_wrapper_of_the_adapted_model_are_refused(llama: Any, good: Any, wrap: Any) -> None:
+    """Every model-level call on a module wrapping the adapted model (DDP, torch.compile, a container) is refused
+    with the inner model's place; they did nothing, silently: adapter_names said [], disabled_adapters ran the
+    adapter (0.45 from the base), merge_adapters and unload(merge=True) left the weights as they were."""
+    inner = fresh(llama)
+    adapterspec.load_adapter(inner, good)
+    wrapped = wrap(inner)
+    prefix = {torch.nn.DataParallel: "module", torch.nn.Sequential: "0"}.get(type(wrapped), "_orig_mod")
+    before = snapshot(inner)
+    calls = {
+        "adapter_names": lambda: adapterspec.adapter_names(wrapped),
+        "active_adapters": lambda: adapterspec.active_adapters(wrapped),
+        "set_active_adapters": lambda: adapterspec.set_active_adapters(wrapped, []),
+        "disabled_adapters": lambda: adapterspec.disabled_adapters(wrapped).__enter__(),
+        "merge_adapters": lambda: adapterspec.merge_adapters(wrapped),
+        "unmerge_adapters": lambda: adapterspec.unmerge_adapters(wrapped),
+        "unload": lambda: adapterspec.unload(wrapped, merge=True),
+        "delete_adapter": lambda: adapterspec.delete_adapter(wrapped, "default"),
+        "save_adapter": lambda: adapterspec.save_adapter(wrapped, "never-written"),
+        "extract_adapter": lambda: adapterspec.extract_adapter(wrapped),
+    }
+    for name, call in calls.items():
+        with pytest.raises(adapterspec.AdapterNotFoundError) as info:
+            call()
+        assert f"wraps the LlamaForCausalLM they were loaded into ({prefix!r}, adapters ['default'])" in info.value.message, name
+        assert f"model.get_submodule({prefix!r})" in (info.value.hint or ""), name
+    assert_same_snapshot(inner, before)
+    assert adapterspec.active_adapters(wrapped.get_submodule(prefix)) == ["default"]  # as the hint says
+    assert adapterspec.adapter_names(torch.nn.Linear(2, 2)) == []  # a model without adapters has none
+
+
 def test_unsupported_target_names_the_module(llama: Any, good: Any, tmp_path: Any) -> None:
     folder = tmp_path / "mlp"
     shutil.copytree(good, folder)
