@@ -44,6 +44,8 @@ from adapterspec.errors import AdapterSpecError, BackendError, FileFormatError, 
 
 __all__ = [
     "Layout",
+    "check_fsdp1_tensors",
+    "check_fsdp1_weight",
     "check_sharded_adapter",
     "fsdp_layouts",
     "gathered",
@@ -179,6 +181,58 @@ def check_sharded_adapter(base: nn.Module, kind: str | None, config: AdapterConf
                                    hint=hint)
     if config.get("bias", "none") != "none":
         raise UnsupportedError("bias training on a sharded model is not implemented", pointer="/bias", hint=hint)
+
+
+# -- FSDP1 (FullyShardedDataParallel): refused where its flat shards would make a result wrong ------------------
+_FSDP1_HINT = ("inject or load the adapter before wrapping the model in FullyShardedDataParallel (FSDP1 then shards, "
+               "gathers and reduces it like the base), or shard with FSDP2 (fully_shard), which adapters may also "
+               "join after sharding (SPEC.md 16)")
+
+
+def _fsdp1(tensor: Any) -> bool:
+    """Whether FSDP1 flattened ``tensor`` (a view of its ``FlatParameter``, or that parameter itself)."""
+    return bool(getattr(tensor, "_fsdp_flattened", False))
+
+
+def check_fsdp1_weight(base: nn.Module, key: str, doing: str) -> None:
+    """Refuse ``doing`` on a layer whose weight FSDP1 manages: ``"adapting"`` always -- an adapter added after
+    ``FullyShardedDataParallel`` is outside its flat parameters, so no process's gradient reaches another's (the
+    ranks' adapters drifted apart: 0.057 after 3 AdamW steps) -- and ``"merging"``/``"unmerging"`` while the weight
+    is this process's flat shard (outside ``summon_full_params``), which the delta does not fit.
+
+    :raises UnsupportedError: so (nothing has changed).
+    """
+    weight = getattr(base, "weight", None)
+    if not _fsdp1(weight):
+        return
+    if doing == "adapting":
+        raise UnsupportedError("FSDP1 (FullyShardedDataParallel) manages this layer: an adapter added now would be "
+                               "neither sharded nor reduced by it, so each process would train its own copy",
+                               key=key, hint=_FSDP1_HINT)
+    if cast(torch.Tensor, weight).dim() == 1:
+        raise UnsupportedError(f"{doing} into a weight FSDP1 (FullyShardedDataParallel) holds as this process's flat "
+                               "shard", key=key, hint="merge inside `with FullyShardedDataParallel.summon_full_params("
+                               "fsdp_model, writeback=True):` (every process), or before wrapping the model")
+
+
+def check_fsdp1_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to save adapter tensors that are FSDP1's flat shards (outside ``summon_full_params``): their shapes
+    are the shards', not the adapter's (the save failed with a ShapeMismatchError whose fix was wrong).
+
+    :raises UnsupportedError: a tensor FSDP1 flattened does not have the shape the config gives it.
+    """
+    flat = [key for key, tensor in tensors.items() if _fsdp1(tensor)]
+    if not flat:
+        return
+    from adapterspec._safetensors import dtype_name
+    from adapterspec.checks import TensorInfo, tensor_errors
+
+    if tensor_errors(config, {k: TensorInfo(tuple(t.shape), dtype_name(t)) for k, t in tensors.items()}):
+        raise UnsupportedError("FSDP1 (FullyShardedDataParallel) holds only this process's flat shard of the "
+                               "adapter's tensors", key=flat[0],
+                               hint="save inside `with FullyShardedDataParallel.summon_full_params(fsdp_model):` "
+                                    "(every process enters it; save on rank 0), or shard with FSDP2 (fully_shard), "
+                                    "whose adapters adapterspec gathers itself")
 
 
 def shard_adapter(weights: nn.Module, names: dict[str, str], layout: Layout) -> None:

@@ -441,6 +441,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
         for spec in targets:
             own = universe[spec][0]
             base = _unwrapped(universe[spec][1])
+            distributed.check_fsdp1_weight(base, spec, "adapting")
             layout = distributed.layout_of(base, fsdp) if fsdp is not None else None
             if layout is not None:  # SPEC.md 16
                 distributed.check_sharded_adapter(base, layer_kind(base), config, spec, layout)

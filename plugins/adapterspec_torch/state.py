@@ -205,10 +205,11 @@ def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, d
     >>> config, tensors = extract_state(model, "default")              # doctest: +SKIP
     """
     state = require_state(model, adapter_name)
-    tensors = {key: t.detach() if t.requires_grad else t for key, t in expected_params(model, adapter_name).items()}
-    from .distributed import gathered  # DTensors (SPEC.md 16) whole: every process of a sharded model runs this
+    from .distributed import check_fsdp1_tensors, gathered  # DTensors (SPEC.md 16) whole: every process of a sharded model runs this
 
-    tensors = gathered(tensors)
+    params = expected_params(model, adapter_name)
+    check_fsdp1_tensors(state.configs[adapter_name], params)
+    tensors = gathered({key: t.detach() if t.requires_grad else t for key, t in params.items()})
     for key, dtype in state.stored_dtypes.get(adapter_name, {}).items():
         if key not in tensors:
             continue

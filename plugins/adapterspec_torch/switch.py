@@ -255,9 +255,12 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     from .identity import remember_base  # identity imports this module
 
     todo = [name for name in adapter_names if name not in state.merged]
+    from .distributed import check_fsdp1_weight
+
     for name in todo:  # every layer's refusal first: a refused merge changes no weight
-        for _, layer in _wrappers(model, state, name):
+        for own, layer in _wrappers(model, state, name):
             if isinstance(layer, AdapterLayer):
+                check_fsdp1_weight(layer.base_layer, own, "merging")
                 layer.check_merge([name])
     _check_unshared(model, state, todo)
     refusal = merge_refusal(state.switch.names, state.merged, todo,
@@ -317,6 +320,12 @@ def unmerge(model: torch.nn.Module) -> None:
     state = own_state(model)
     if state is None or not state.merged:
         return
+    from .distributed import check_fsdp1_weight
+
+    for name in state.merged:  # every refusal first: a refused unmerge changes no weight
+        for own, layer in _wrappers(model, state, name):
+            if isinstance(layer, AdapterLayer):
+                check_fsdp1_weight(layer.base_layer, own, "unmerging")
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):

@@ -236,7 +236,49 @@ def train(workdir: Path, rank: int, order: str) -> dict[str, Any]:
     return {"saved": str(saved), "trainable": len(params)}
 
 
+def fsdp1(workdir: Path, rank: int) -> dict[str, Any]:
+    """FSDP1 (``FullyShardedDataParallel``): an adapter added after wrapping is refused (FSDP1 would neither shard
+    nor reduce it); one added before trains as FSDP1's own, but saving or merging its flat shards is refused outside
+    ``summon_full_params``, and works inside it."""
+    import adapterspec
+    from adapterspec.errors import UnsupportedError
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    spec = torch.load(workdir / "train.pt", weights_only=True)
+    config = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": TARGETS}
+    errors = []
+    model = base_model(workdir)
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    try:
+        adapterspec.inject_adapter(model, config)
+    except UnsupportedError as exc:
+        errors.append(str(exc))
+    names_after_refusal = adapterspec.adapter_names(model)
+
+    model = base_model(workdir)
+    adapterspec.inject_adapter(model, config)
+    _set_init(model, spec["init"])
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    x = spec["x"][0][rank]
+    with torch.no_grad():
+        before = wrapped(x)
+    for call in (lambda: adapterspec.save_adapter(model, workdir / f"fsdp1-flat-{rank}"),
+                 lambda: adapterspec.merge_adapters(model)):
+        try:
+            call()
+        except UnsupportedError as exc:
+            errors.append(str(exc))
+    with torch.no_grad():
+        after = wrapped(x)
+    with FSDP.summon_full_params(wrapped):
+        saved = str(adapterspec.save_adapter(model, workdir / "fsdp1-whole")) if rank == 0 else ""
+    dist.barrier()
+    return {"errors": errors, "names_after_refusal": names_after_refusal, "unchanged": bool(torch.equal(before, after)),
+            "saved": saved, "flat_written": (workdir / f"fsdp1-flat-{rank}").exists()}
+
+
 SCENARIOS = {
+    "fsdp1": fsdp1,
     "fsdp": lambda d, r: load_forward_save(d, r, "fsdp"),
     "tp": lambda d, r: load_forward_save(d, r, "tp"),
     "refuse-fsdp": lambda d, r: refusals(d, r, "fsdp"),

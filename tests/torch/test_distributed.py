@@ -34,7 +34,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(worker.__file__).resolve()
-RANK_SCENARIOS = ["fsdp", "tp", "refuse-fsdp", "refuse-tp", "train-before", "train-after", "train-tp"]
+RANK_SCENARIOS = ["fsdp", "tp", "refuse-fsdp", "refuse-tp", "train-before", "train-after", "train-tp", "fsdp1"]
 STEPS = 3
 
 
@@ -245,6 +245,23 @@ def test_unsupported_adapters_are_refused_on_sharded_models(two: dict[str, Any],
         if parallel == "tp":
             assert "dropout while training under tensor parallelism" in result["errors"][3]
         assert result["unchanged"] and result["names"] == []
+
+
+def test_fsdp1_adapters_are_refused_where_its_flat_shards_would_be_wrong(two: dict[str, Any]) -> None:
+    """FSDP1 was not recognised: an adapter loaded after wrapping trained per process (the ranks' adapters 0.057
+    apart after 3 AdamW steps); saving its flat shards failed with a wrong fix, a merge raised a raw RuntimeError and
+    changed the outputs (0.11). Now refused, the model unchanged; inside ``summon_full_params`` the save is whole."""
+    for result in two["results"]["fsdp1"]:
+        adding, saving, merging = result["errors"]
+        assert "FSDP1 (FullyShardedDataParallel) manages this layer" in adding and "layers.0.q_proj" in adding
+        assert "flat shard of the adapter's tensors" in saving and "summon_full_params" in saving
+        assert "merging into a weight FSDP1 (FullyShardedDataParallel) holds" in merging
+        assert result["names_after_refusal"] == [] and result["unchanged"] and not result["flat_written"]
+    saved = adapterspec.read_adapter(two["results"]["fsdp1"][0]["saved"]).load_tensors("torch")
+    init = two["init"]
+    assert sorted(saved) == sorted(init)
+    for key, value in init.items():
+        assert torch.equal(saved[key], value), key
 
 
 @pytest.mark.parametrize("order", ["before", "after", "tp"])
