@@ -13,6 +13,11 @@ its slice of each adapter tensor, laid out like the base weight it adapts:
 * a base ``Linear`` under ``RowwiseParallel`` (weight ``Shard(1)``): ``lora_A`` is ``Shard(1)``, ``lora_B``
   replicated; the ``[.., r]`` hidden is summed over the processes before ``lora_B``.
 
+Under either, the LoRA input and output take the layouts of the plan's style around the layer (:class:`TPStyle`:
+torch's or transformers' ``input_layouts``/``output_layouts``, e.g. sequence parallel), as the base's do.
+FSDP1 (``FullyShardedDataParallel``) shards adapters injected before it like its own parameters; one added after
+it, and a save or merge of its flat shards, are refused (:func:`check_fsdp1_weight`).
+
 Loading reads each process's slices straight from the safetensors file (``safe_open(...).get_slice``), never
 the whole adapter; saving gathers every tensor whole (``full_tensor()``, on every process) and one process
 (rank 0) writes the folder, the others get its outcome. Only plain LoRA (with or without ``lora_bias``) on
@@ -44,6 +49,7 @@ from adapterspec.errors import AdapterSpecError, BackendError, FileFormatError, 
 
 __all__ = [
     "Layout",
+    "TPStyle",
     "check_fsdp1_tensors",
     "check_fsdp1_weight",
     "check_sharded_adapter",
@@ -54,6 +60,7 @@ __all__ = [
     "read_slices",
     "shard_adapter",
     "sharded_forward",
+    "tp_style",
     "write_once",
 ]
 
@@ -73,6 +80,7 @@ class Layout:
     kind: str
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh
     placements: tuple[Any, ...]
+    style: TPStyle | None = None
 
     def placements_for(self, param: str) -> tuple[Any, ...]:
         """The placements of adapter parameter ``param`` (``"lora_A.weight"``...) on :attr:`mesh`."""
@@ -84,6 +92,58 @@ class Layout:
         if not sharded:
             return (Replicate(),)
         return (Shard(0) if self.kind == "colwise" else Shard(1),)
+
+
+@dataclass(frozen=True)
+class TPStyle:
+    """What a tensor-parallel plan does around a layer (torch's or transformers' ``ColwiseParallel`` /
+    ``RowwiseParallel``): the layout its input arrives in, the one the layer computes on, and its output's.
+
+    :param inputs: placements of the input as it arrives (sequence parallel: ``Shard(1)``).
+    :param desired: placements the layer computes on (colwise: replicated; rowwise: ``Shard(-1)``).
+    :param outputs: placements of the output it hands on.
+    :param local: whether it hands on the local tensor (``use_local_output``).
+    """
+
+    inputs: tuple[Any, ...]
+    desired: tuple[Any, ...]
+    outputs: tuple[Any, ...]
+    local: bool
+
+
+def _tuple(placements: Any) -> tuple[Any, ...]:
+    return tuple(placements) if isinstance(placements, (tuple, list)) else (placements,)
+
+
+def tp_style(base: nn.Module, kind: str) -> TPStyle | None:
+    """The :class:`TPStyle` of a layer ``parallelize_module`` (torch) or transformers' ``tp_plan`` prepared, read
+    from the hooks (torch: ``_prepare_input_fn``/``_prepare_output_fn`` partials) or the forward (transformers:
+    its ``TensorParallelLayer``); ``None`` when neither is there."""
+    import functools
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    found: dict[str, tuple[Any, ...]] = {}
+    for hook in (*base._forward_pre_hooks.values(), *base._forward_hooks.values()):
+        for cell in getattr(hook, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, functools.partial) and len(value.args) >= 2:
+                found[getattr(value.func, "__name__", "")] = value.args[:2]
+    if "_prepare_input_fn" in found and "_prepare_output_fn" in found:
+        inputs, desired = found["_prepare_input_fn"]
+        outputs, local = found["_prepare_output_fn"]
+        return TPStyle(_tuple(inputs), _tuple(desired), _tuple(outputs), bool(local))
+    forward = base.__dict__.get("forward")
+    for cell in getattr(forward, "__closure__", None) or ():
+        style = cell.cell_contents
+        if all(hasattr(style, a) for a in ("input_layouts", "output_layouts", "use_local_output")):
+            desired = (Replicate(),) if kind == "colwise" else (Shard(-1),)
+            return TPStyle(_tuple(style.input_layouts), desired, _tuple(style.output_layouts),
+                           bool(style.use_local_output))
+    return None
 
 
 def _dtensor_type() -> type | None:
@@ -155,7 +215,14 @@ def layout_of(base: nn.Module, fsdp: dict[int, Layout] | None = None) -> Layout 
     placements = tuple(cast(Any, weight).placements)
     mesh = cast(Any, weight).device_mesh
     if len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim in (0, 1):
-        return Layout("colwise" if placements[0].dim == 0 else "rowwise", mesh, placements)
+        kind = "colwise" if placements[0].dim == 0 else "rowwise"
+        style = tp_style(base, kind)
+        if style is None:
+            raise UnsupportedError(f"a {kind}-sharded weight without torch's or transformers' ColwiseParallel/"
+                                   "RowwiseParallel around its layer: the layouts of its input and output are unknown",
+                                   key=type(base).__qualname__,
+                                   hint="shard the layer with parallelize_module (ColwiseParallel/RowwiseParallel)")
+        return Layout(kind, mesh, placements, style)
     raise UnsupportedError(f"a weight sharded {list(placements)} is not a layout adapters are implemented for",
                            key=type(base).__qualname__,
                            hint="use ColwiseParallel/RowwiseParallel on a 1-D mesh, or FSDP2 (fully_shard)")
@@ -416,17 +483,31 @@ def _lora_fsdp(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
     return F.linear(F.linear(x, _whole(a)), _whole(b), _whole(bias) if bias is not None else None)
 
 
-def _lora_tp(layout: Layout, x: torch.Tensor, a: Any, b: Any, bias: Any) -> Any:
+def _lora_tp(layout: Layout, x: torch.Tensor, a: Any, b: Any, bias: Any, scaling: float) -> Any:
+    """The LoRA delta of a tensor-parallel layer, laid out as its plan lays out the base output: the input taken
+    as the plan takes it (``input_layouts``, e.g. sequence-sharded), computed on the layer's layout, handed on in
+    ``output_layouts``."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    mesh = layout.mesh
+    mesh, style = layout.mesh, layout.style
+    assert style is not None  # layout_of refuses a TP layer without one
+
+    def on(placements: tuple[Any, ...], ndim: int) -> list[Any]:
+        return [Shard(p.dim + ndim) if isinstance(p, Shard) and p.dim < 0 else p for p in placements]
+
     if not isinstance(x, DTensor):
-        x = DTensor.from_local(x, mesh, [Replicate() if layout.kind == "colwise" else Shard(x.dim() - 1)],
-                               run_check=False)
+        x = DTensor.from_local(x, mesh, on(style.inputs, x.dim()), run_check=False)
+    desired = on(style.desired, x.dim())
+    if list(cast(Any, x).placements) != desired:
+        x = cast(Any, x).redistribute(mesh, desired)
     hidden = F.linear(x, a)
     if layout.kind == "rowwise":
         hidden = cast(Any, hidden).redistribute(mesh, [Replicate()])  # the [.., r] partial sums, added up
-    return F.linear(hidden, b, bias)
+    delta: Any = F.linear(hidden, b, bias) * scaling
+    outputs = on(style.outputs, delta.dim())
+    if list(delta.placements) != outputs:
+        delta = delta.redistribute(mesh, outputs)
+    return delta
 
 
 def sharded_forward(layer: Any, x: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor:
@@ -461,7 +542,7 @@ def sharded_forward(layer: Any, x: torch.Tensor, args: Any, kwargs: Any) -> torc
             if dropping:
                 raise UnsupportedError("LoRA dropout while training under tensor parallelism is not implemented",
                                        key=name, hint="set lora_dropout to 0, or train with FSDP2")
-            delta = _lora_tp(layout, x_in, a, b, bias) * spec.scaling
+            delta = _lora_tp(layout, x_in, a, b, bias, spec.scaling)
             if not isinstance(result, DTensor):
                 delta = delta.to_local()
         result = result + delta

@@ -41,9 +41,9 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(FFN, HIDDEN, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
         head_dim = HIDDEN // HEADS
         q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        b, t = q.shape[:2]  # the whole sequence under sequence parallelism, whose x is this rank's part
         heads = q.shape[-1] // head_dim
         q, k, v = (z.view(b, t, heads, head_dim).transpose(1, 2) for z in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, heads * head_dim)
@@ -90,6 +90,45 @@ def _tp(model: nn.Module) -> None:
             "down_proj": RowwiseParallel()}
     for layer in model.layers:  # type: ignore[union-attr]
         parallelize_module(layer, mesh, plan)
+
+
+def _tp_plan(model: nn.Module, plan: str) -> None:
+    """Other plans torch's styles allow: ``"sequence"`` (sequence parallel, torchtitan's Llama plan: inputs and outputs
+    sharded on the sequence) or ``"replicated"`` (every output gathered whole, every input taken whole)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if plan == "sequence":
+        col, row = ColwiseParallel(input_layouts=Shard(1)), RowwiseParallel(output_layouts=Shard(1))
+    else:
+        col, row = ColwiseParallel(output_layouts=Replicate()), RowwiseParallel(input_layouts=Replicate())
+    styles = {"q_proj": col, "k_proj": col, "v_proj": col, "o_proj": row, "gate_proj": col, "up_proj": col,
+              "down_proj": row}
+    for layer in model.layers:  # type: ignore[union-attr]
+        parallelize_module(layer, mesh, styles)
+
+
+def tp_plans(workdir: Path, rank: int) -> dict[str, Any]:
+    """Load the PEFT folder into models under the other plans; each one's output, gathered whole."""
+    import adapterspec
+
+    x = torch.load(workdir / "inputs.pt", weights_only=True)[0][:, :4]
+    out = {}
+    for plan in ("sequence", "replicated"):
+        model = base_model(workdir)
+        _tp_plan(model, plan)
+        adapterspec.load_adapter(model, workdir / "peft", "default")
+        local = x.chunk(dist.get_world_size(), dim=1)[rank] if plan == "sequence" else x
+        with torch.no_grad():
+            y = model(local)
+        if plan == "sequence":
+            parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, y.contiguous())
+            y = torch.cat(parts, dim=1)
+        out[plan] = y
+    return out
 
 
 def _layouts(model: nn.Module) -> dict[str, Any]:
@@ -279,6 +318,7 @@ def fsdp1(workdir: Path, rank: int) -> dict[str, Any]:
 
 SCENARIOS = {
     "fsdp1": fsdp1,
+    "tp-plans": tp_plans,
     "fsdp": lambda d, r: load_forward_save(d, r, "fsdp"),
     "tp": lambda d, r: load_forward_save(d, r, "tp"),
     "refuse-fsdp": lambda d, r: refusals(d, r, "fsdp"),

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(worker.__file__).resolve()
-RANK_SCENARIOS = ["fsdp", "tp", "refuse-fsdp", "refuse-tp", "train-before", "train-after", "train-tp", "fsdp1"]
+RANK_SCENARIOS = ["fsdp", "tp", "refuse-fsdp", "refuse-tp", "train-before", "train-after", "train-tp", "fsdp1", "tp-plans"]
 STEPS = 3
 
 
@@ -245,6 +245,19 @@ def test_unsupported_adapters_are_refused_on_sharded_models(two: dict[str, Any],
         if parallel == "tp":
             assert "dropout while training under tensor parallelism" in result["errors"][3]
         assert result["unchanged"] and result["names"] == []
+
+
+@pytest.mark.parametrize("plan", ["sequence", "replicated"])
+def test_tensor_parallel_plans_with_other_layouts_equal_peft(two: dict[str, Any], plan: str) -> None:
+    """Plans whose layers take or hand on other layouts than the styles' defaults: sequence parallel
+    (``ColwiseParallel(input_layouts=Shard(1))``, ``RowwiseParallel(output_layouts=Shard(1))``) and replicated
+    outputs/inputs. The LoRA delta assumed the defaults: off PEFT by 1.45 silently, or a raw RuntimeError."""
+    x = torch.load(two["dir"] / "inputs.pt", weights_only=True)[0][:, :4]
+    with torch.no_grad():
+        want = two["refs"]["peft_model"](x)
+    for result in two["results"]["tp-plans"]:
+        assert result[plan].shape == want.shape
+        assert _max_diff(result[plan], want) < 1e-5, _max_diff(result[plan], want)
 
 
 def test_fsdp1_adapters_are_refused_where_its_flat_shards_would_be_wrong(two: dict[str, Any]) -> None:
