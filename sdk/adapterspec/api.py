@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import os
 import importlib.util
 import threading
 import warnings
@@ -432,14 +433,25 @@ def save_adapter(model: Any, path: str | Path, adapter_name: str = "default", *,
     config, tensors = _call("adapterspec_extract_state", model, adapter_name=adapter_name)
     tensors = hashing_ahead(tensors)  # the sha256 runs while the backend fingerprints the base
     config, metadata = _identified(model, adapter_name, config, base_model_name_or_path)
-    return _written(model, functools.partial(write_adapter, path, config, tensors, overwrite=overwrite,
+    return _written(model, path, functools.partial(write_adapter, path, config, tensors, overwrite=overwrite,
                                              durable=durable, metadata=metadata))
 
 
-def _written(model: Any, write: Callable[[], Path]) -> Path:
-    """``write()``, run where the backend says (one process of a sharded model, SPEC.md 16), else here."""
+def _written(model: Any, path: str | Path, write: Callable[[], Path]) -> Path:
+    """``write()`` into ``path``, run where the backend says (one process of a sharded model, SPEC.md 16), else here.
+
+    :raises UnsupportedError: the process that wrote (rank 0) was given another path than this one (each process
+        of a sharded model must name the same folder; this one's was never written).
+    """
     done = _hook().adapterspec_write(model=model, write=write)
-    return done if done is not None else write()
+    if done is None:
+        return write()
+    done = Path(done)
+    if os.path.abspath(done) != os.path.abspath(path):
+        raise UnsupportedError(f"the process that writes the sharded model's adapter wrote {str(done)!r}; this "
+                               "process asked for another folder, which was not written", path=path,
+                               hint="pass the same path to save_adapter on every process")
+    return done
 
 
 @_serialised
@@ -457,7 +469,7 @@ def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None
         tensors = hashing_ahead(tensors)
         config, metadata = _identified(model, name, config, base_model_name_or_path)
         states[name] = (config, tensors, metadata)
-    return _written(model, functools.partial(write_adapters, path, states, overwrite=overwrite, durable=durable))
+    return _written(model, path, functools.partial(write_adapters, path, states, overwrite=overwrite, durable=durable))
 
 
 @_serialised

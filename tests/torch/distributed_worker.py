@@ -175,11 +175,17 @@ def load_forward_save(workdir: Path, rank: int, parallel: str) -> dict[str, Any]
         again_error = ""
     except Exception as exc:  # noqa: BLE001 - its type is the result
         again_error = type(exc).__name__
+    try:  # a path of each process's own: rank 0 writes its own; the others are told theirs was not written
+        adapterspec.save_adapter(model, workdir / f"per-rank-{parallel}-{rank}")
+        per_rank = ""
+    except Exception as exc:  # noqa: BLE001 - its text is the result
+        per_rank = f"{type(exc).__name__}: {exc}"
     # our own save back in, under another name (its recorded fingerprint is checked against the sharded base)
     adapterspec.load_adapter(model, saved, "again", strict=True)
     with torch.no_grad():
         again = model(x)
-    return {"layouts": layouts, "out": out, "saved": str(saved), "again": again, "again_error": again_error}
+    return {"layouts": layouts, "out": out, "saved": str(saved), "again": again, "again_error": again_error,
+            "per_rank": per_rank}
 
 
 def refusals(workdir: Path, rank: int, parallel: str) -> dict[str, Any]:

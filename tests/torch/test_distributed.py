@@ -214,6 +214,15 @@ def test_sharded_save_is_the_single_process_save_byte_for_byte(two: dict[str, An
     assert list(ours) == list(single) and ours == single
 
 
+@pytest.mark.parametrize("parallel", ["fsdp", "tp"])
+def test_sharded_save_to_a_path_per_process_is_refused_where_not_written(two: dict[str, Any], parallel: str) -> None:
+    """Rank 0 writes; a process that named another folder returned rank 0's path as if its own were written."""
+    first, second = two["results"][parallel]
+    assert first["per_rank"] == ""
+    assert second["per_rank"].startswith("UnsupportedError") and "asked for another folder" in second["per_rank"]
+    assert (two["dir"] / f"per-rank-{parallel}-0").is_dir() and not (two["dir"] / f"per-rank-{parallel}-1").exists()
+
+
 def test_sharded_save_loads_in_peft_without_missing_keys(two: dict[str, Any]) -> None:
     """The folder saved from the sharded model loads in PEFT: no missing or unexpected key, the same outputs."""
     from peft import PeftModel, get_peft_model_state_dict
