@@ -330,3 +330,29 @@ def test_fit_trains_the_token_rows_and_peft_loads_the_result(checkpoints: Any, t
     got = keras_logits(model, ids)
     saved = adapterspec.save_adapter(model, tmp_path / "keras")
     assert_near(torch_logits(_peft_load(checkpoints["llama"], saved), ids), got)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_task_head_keras_hub_builds_afresh_is_named_in_the_refusal(tmp_path: Path) -> None:
+    """A SEQ_CLS adapter saves its ``classifier`` whole; keras-hub's ``BertTextClassifier`` builds its head afresh (its
+    converter ports the backbone only): refused naming the module and why (the fix said to add it to target_modules)."""
+    import keras_hub
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=128, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config).eval()
+    base.save_pretrained(tmp_path / "hf")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = keras_hub.models.BertTextClassifier.from_preset(str(tmp_path / "hf"), num_classes=3, preprocessor=None)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnexpectedTensorError) as caught:
+        adapterspec.load_adapter(model, tmp_path / "adapter")
+    assert caught.value.key in ("base_model.model.classifier.weight", "base_model.model.classifier.bias")
+    assert "module 'classifier', saved whole (modules_to_save), is not a module of this Keras model" in caught.value.message
+    assert "torch backend" in (caught.value.hint or "")
+    assert_same_snapshot(before, snapshot(model))
