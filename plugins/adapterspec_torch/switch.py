@@ -302,14 +302,15 @@ def _check_unshared(model: torch.nn.Module, state: ModelState, names: Sequence[s
 
 def _tied_pair(model: torch.nn.Module, layer: AdapterLayer, path: str, name: str) -> bool:
     """Whether the parameter at ``path`` is the base weight of another layer of adapter ``name`` tied to ``layer``
-    (trainable tokens on an embedding and its tied output layer: one set of rows, merged once)."""
+    (trainable tokens on an embedding and the layers tied to it -- its output layer; T5's and BART's encoder and
+    decoder embeddings, which share one weight: one set of rows, merged once)."""
     owner = path.rsplit(".", 1)[0]
     if not owner.endswith(".base_layer"):
         return False
     other = model.get_submodule(owner.rsplit(".", 1)[0])
     if not isinstance(other, AdapterLayer) or name not in other._specs or name not in layer._specs:
         return False
-    return other._specs[name].source is layer or layer._specs[name].source is other
+    return (other._specs[name].source or other) is (layer._specs[name].source or layer)
 
 
 def unmerge(model: torch.nn.Module) -> None:

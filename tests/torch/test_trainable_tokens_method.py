@@ -202,3 +202,52 @@ def test_a_linear_layer_with_bias_is_refused(tmp_path: Any) -> None:
     with pytest.raises(adapterspec.errors.UnsupportedError, match="bias"):
         adapterspec.load_adapter(model, tmp_path)
     assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("method", ["TRAINABLE_TOKENS", "LORA"])
+def test_token_rows_of_an_embedding_shared_by_encoder_and_decoder_merge_like_peft(arch: str, method: str,
+                                                                                tmp_path: Any) -> None:
+    """T5 and BART read one embedding weight in ``shared``, the encoder, the decoder and the tied ``lm_head``: PEFT
+    replaces the same rows in each and merges them into that weight; the merge was refused (the encoder's and the
+    decoder's embeddings, tied through ``shared``, were taken for an untied reader)."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    torch.manual_seed(0)
+    if arch == "t5":
+        base = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0)).eval()
+        embedding, query = "shared", "q"
+    else:
+        base = transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+        embedding, query = "shared", "q_proj"
+    config: Any = TrainableTokensConfig(task_type="SEQ_2_SEQ_LM", target_modules=[embedding], token_indices=[3, 17]) \
+        if method == "TRAINABLE_TOKENS" else \
+        LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=[query], trainable_token_indices=[3, 59])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = get_peft_model(fresh(base), config)
+    _fill(reference)
+    reference.save_pretrained(str(tmp_path))
+    inputs = {"input_ids": torch.arange(18).reshape(2, 9) * 7 % 128 + 1,
+              "decoder_input_ids": torch.arange(10).reshape(2, 5) * 5 % 128 + 1}
+    with torch.no_grad():
+        unmerged = reference(**inputs).logits
+        reference.merge_adapter()
+        merged = reference(**inputs).logits
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, unmerged)
+        adapterspec.merge_adapters(model)
+        assert torch.equal(model(**inputs).logits, merged)
+        adapterspec.unmerge_adapters(model)
+        assert torch.equal(model(**inputs).logits, unmerged)
+    adapterspec.delete_adapter(model, "default")
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    for key, value in before.items():
+        assert torch.allclose(after[key], value, rtol=0, atol=1e-6), key
