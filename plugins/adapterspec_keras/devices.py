@@ -102,6 +102,9 @@ def as_device(device: Any) -> str | None:
     except (ValueError, RuntimeError) as exc:  # a name the backend cannot parse, a platform it does not have
         raise UnsupportedError(f"{device!r} is not a {backend} device here ({exc})".split("\n")[0], key="device",
                                hint=_DEVICE_HINT) from exc
+    if kind == "meta":  # torch's device without memory: the adapter would compute on no values
+        raise UnsupportedError(f"{device!r} holds no values: an adapter there computes on uninitialised memory",
+                               key="device", hint=_DEVICE_HINT)
     if index >= count:
         raise UnsupportedError(f"{device!r}: this machine has {count} {kind} device(s) for {backend}", key="device",
                                hint=_DEVICE_HINT)
@@ -125,7 +128,7 @@ _DEVICES: dict[int, tuple[weakref.ref[Any], str | None]] = {}
 
 
 def device_of(variable: Any) -> str | None:
-    """The device a Keras variable lives on (TensorFlow backend: its ``tf.Variable``'s), else ``None``.
+    """The device a Keras variable lives on (TensorFlow: its ``tf.Variable``'s; torch: its tensor's), else ``None``.
 
     >>> import keras
     >>> device_of(keras.Variable(np.zeros(2))) is None or "CPU" in device_of(keras.Variable(np.zeros(2)))
@@ -137,6 +140,8 @@ def device_of(variable: Any) -> str | None:
         return known[1]
     value = getattr(variable, "value", None)
     device = getattr(value, "device", None)
+    if type(device).__module__ == "torch":  # Keras' torch backend: a torch.device
+        device = str(device)
     device = device if isinstance(device, str) and device else None
     try:
         ref = weakref.ref(variable, functools.partial(_forget, key))
@@ -158,6 +163,10 @@ def target_of(variable: Any, options: LoadOptions) -> tuple[str | None, str]:
     'float16'
     """
     device = str(options.device) if options.device is not None else device_of(variable)
+    if device == "meta":
+        raise UnsupportedError(f"the weights of {getattr(variable, 'path', variable)!r} are on torch's meta device "
+                               "(no values): an adapter there would compute on uninitialised memory", key="device",
+                               hint="load the model's weights first, or pass device='cpu' (or 'cuda')")
     own = str(getattr(variable, "dtype", "float32"))
     # a quantized kernel's int8 (or packed) dtype is no dtype to compute in: float32, as the torch backend's
     dtype = as_dtype(options.dtype) or (as_dtype(own) if own in _DTYPE_NAMES else None) or "float32"

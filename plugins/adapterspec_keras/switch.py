@@ -242,16 +242,33 @@ def _fresh(make: Any) -> Any:
     return method
 
 
+def _state_within(model: Any) -> ModelState | None:
+    """The state of ``model`` or of the one model inside it that has adapters (a task around its backbone)."""
+    state = get_state(model)
+    if state is None:
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            state = get_state(layer)
+            if state is not None:
+                break
+    return state
+
+
 def check_optimizer(model: Any) -> None:
     """Refuse to train ``model`` with an optimizer built for other trainable variables -- after a switch of the
-    active adapters (:func:`park_inactive`) without a new ``compile``.
+    active adapters (:func:`park_inactive`) without a new ``compile`` -- or with a trainable adapter merged.
 
     TensorFlow and torch raised Keras' own ``ValueError`` ("Unknown variable"); JAX's trainer passed the new
     adapter's gradients to the moments and iteration count of the old one, with no error: 0.017 from a compiled run
     after one epoch of Adam.
 
-    :raises UnsupportedError: the optimizer holds state for other variables than the model's trainable ones.
+    :raises UnsupportedError: the optimizer holds state for other variables than the model's trainable ones, or a
+        trainable adapter is merged (the forward skips it).
     """
+    state = _state_within(model)
+    merged = [name for name in state.merged if name in state.trainable] if state is not None else []
+    if merged:  # the forward skips a merged adapter: TF and torch raised raw errors, JAX trained nothing, silently
+        raise UnsupportedError(f"adapter {merged[0]!r} is merged: training cannot reach its variables", key=merged[0],
+                               hint="unmerge_adapters(model) before training")
     optimizer = getattr(model, "optimizer", None)
     known = getattr(optimizer, "_trainable_variables", None) if getattr(optimizer, "built", False) else None
     if known is None:
@@ -259,7 +276,6 @@ def check_optimizer(model: Any) -> None:
     now = model.trainable_variables
     if len(now) == len(known) and {id(v) for v in now} == {id(v) for v in known}:
         return
-    state = get_state(model)
     active = f" (active adapters now: {state.active})" if state is not None else ""
     raise UnsupportedError(f"model {model.name!r} was compiled for other trainable variables than it has now"
                            f"{active}; its optimizer holds the state of those", key=model.name,
@@ -397,7 +413,8 @@ def park_inactive(state: ModelState) -> None:
 
 
 def delete(model: Any, adapter_name: str) -> None:
-    """Remove an adapter; a Keras layer left without adapters gets its original ``call`` back.
+    """Remove an adapter; a Keras layer left without adapters gets its original ``call`` back. When it was the only
+    active one, the first adapter left becomes active (as PEFT's ``delete_adapter``).
 
     A merged adapter's delta stays in the base weights (``unload(merge=True)``).
 
@@ -410,9 +427,15 @@ def delete(model: Any, adapter_name: str) -> None:
     state = own_state(model)
     _check(state, [adapter_name])
     assert state is not None
+    was_active = adapter_name in state.active
     remove_adapter_modules(model, adapter_name)
     state.names.remove(adapter_name)
     state.active = [n for n in state.active if n != adapter_name]
+    if was_active and not state.active and state.names:  # the first one left, as PEFT and the torch backend
+        state.active = [state.names[0]]
+        for layer in state.adapter_layers.values():
+            layer.set_active(state.active)
+        park_inactive(state)
     if adapter_name in state.merged:  # its delta stays in the kernels: they are the base now, or unknown
         state.base_samples.clear()
     state.merged = [n for n in state.merged if n != adapter_name]

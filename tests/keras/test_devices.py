@@ -105,6 +105,32 @@ def test_unusable_dtype_or_device_is_refused_up_front(tmp_path: Path, option: st
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
 
 
+def test_meta_device_is_refused_on_every_backend(tmp_path: Path) -> None:
+    """torch's meta device holds no values: on Keras' torch backend the adapter loaded there and the forward ran on
+    uninitialised memory (outputs changing from run to run, once -2.7e33), the save raised a raw NotImplementedError."""
+    model = _model()
+    x = unique_values((3, 6), 5, scale=1.0)
+    before = keras.ops.convert_to_numpy(model(x))
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.load_adapter(model, _adapter(tmp_path), device="meta")
+    assert info.value.key == "device"
+    assert adapterspec.adapter_names(model) == [] and not _adapter_variables(model)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
+
+
+def test_adapters_go_to_their_kernels_device_by_default(tmp_path: Path) -> None:
+    """On the torch backend the kernel's device is a ``torch.device``, which was not read: the adapters went to Keras'
+    default device instead of their kernel's (on a GPU machine, a model built on the CPU got adapters on the GPU)."""
+    from adapterspec_keras.devices import device_of
+
+    model = _model()
+    adapterspec.load_adapter(model, _adapter(tmp_path))
+    kernel = next(v for v in model.weights if v.path.endswith("kernel"))
+    assert device_of(kernel) is not None or keras.backend.backend() == "jax"  # JAX: placed by its sharding
+    for variable in _adapter_variables(model):
+        assert device_of(variable) == device_of(kernel), variable.path
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu() is None, reason="needs a GPU the Keras backend can use")
 def test_gpu_placement(tmp_path: Path) -> None:

@@ -364,3 +364,39 @@ def test_calls_on_a_model_around_the_adapted_one_are_refused(checkpoints: Any, t
         assert "call this on model.backbone" in (info.value.hint or ""), name
     assert_same_snapshot(before, snapshot(model.backbone))
     assert adapterspec.active_adapters(model.backbone) == ["fr"]  # as the hint says
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_deleting_the_only_active_adapter_activates_the_first_left_as_peft(checkpoints: Any,
+                                                                           two_adapters: dict[str, Any],
+                                                                           token_ids: np.ndarray) -> None:
+    """PEFT's ``delete_adapter`` (and the torch backend) makes the first adapter left active; Keras left none, so the
+    model silently ran the base (0.096 off PEFT)."""
+    pm = two_adapters["peft"]
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, two_adapters["de"], "de", activate=False)
+    adapterspec.load_adapter(model, two_adapters["fr"], "fr")
+    adapterspec.delete_adapter(model, "fr")
+    assert adapterspec.active_adapters(model) == ["de"]
+    pm.base_model.set_adapter(["de"])
+    assert_near(keras_logits(model, token_ids), torch_logits(pm, token_ids))
+    pm.base_model.set_adapter(["default"])
+
+
+def test_training_a_merged_adapter_is_refused(checkpoints: Any, token_ids: np.ndarray) -> None:
+    """The forward skips a merged adapter: TensorFlow and torch raised raw errors ("No gradients provided"), JAX
+    trained nothing without a word."""
+    import keras
+
+    from keras_helpers import keras_inputs
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"],
+                                       "init_lora_weights": False})
+    adapterspec.merge_adapters(model)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="'default' is merged: training cannot reach") as info:
+        model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=1, batch_size=2, verbose=0)
+    assert "unmerge_adapters" in (info.value.hint or "")
+    assert_same_snapshot(before, snapshot(model))
