@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from adapterspec._rules import task_takes
+from adapterspec.errors import AdapterSpecError
 from adapterspec.identity import fingerprint, sample_indices
 
 from .devices import host_array
@@ -35,10 +37,11 @@ _TASKS = (("CausalLM", "CAUSAL_LM"), ("TextClassifier", "SEQ_CLS"), ("Seq2SeqLM"
 def task_type_of(model: Any) -> str | None:
     """PEFT's ``task_type`` for a keras-hub model (a ``CausalLM`` -> ``"CAUSAL_LM"``), or ``None``.
 
-    A backbone is ``"FEATURE_EXTRACTION"`` only when it reads token ids: PEFT's wrapper for that task passes
-    ``input_ids=`` and ``attention_mask=`` to the model, which an image backbone (ViT, DINOv2, Swin) cannot take,
-    so an image backbone's adapter records no task type (PEFT then wraps it in a plain ``PeftModel``, as its
-    image recipes do), as the torch backend's function of the same name.
+    A backbone is ``"FEATURE_EXTRACTION"`` only when it reads token ids and transformers' model of it takes what
+    PEFT's wrapper for that task passes (``input_ids=``, ``inputs_embeds=``; :func:`adapterspec._rules.task_takes`):
+    an image backbone (ViT, DINOv2, Swin) and a dual encoder (CLIP, SigLIP, MetaCLIP 2: transformers' forward has
+    no ``inputs_embeds``) record no task type (PEFT then wraps the model in a plain ``PeftModel``, as PEFT's own
+    save of a config without one), as the torch backend's function of the same name.
 
     >>> import keras
     >>> task_type_of(keras.Sequential()) is None
@@ -48,7 +51,7 @@ def task_type_of(model: Any) -> str | None:
     for name, task in _TASKS:
         cls = getattr(models, name, None)
         if cls is not None and isinstance(model, cls):
-            if task == "FEATURE_EXTRACTION" and not _reads_tokens(model):
+            if task == "FEATURE_EXTRACTION" and not (_reads_tokens(model) and _takes_embeddings(model)):
                 return None
             return task
     return None
@@ -66,6 +69,44 @@ def _reads_tokens(model: Any) -> bool:
                for each in inputs or ())
 
 
+
+
+def _takes_embeddings(backbone: Any) -> bool:
+    """Whether transformers' model of ``backbone`` takes ``inputs_embeds`` as PEFT's FEATURE_EXTRACTION wrapper passes
+    it. A dual encoder (a text and a vision tower: CLIP, SigLIP, MetaCLIP 2) does not; another backbone is asked
+    through transformers' class of the model type keras-hub's converter reads (``Blip2Model`` does not), where
+    keras-hub has a converter for it and transformers is installed."""
+    if getattr(backbone, "text_encoder", None) is not None and getattr(backbone, "vision_encoder", None) is not None:
+        return False
+    model_class = _transformers_class(backbone)
+    return model_class is None or task_takes("FEATURE_EXTRACTION", model_class)
+
+
+def _transformers_class(backbone: Any) -> type | None:
+    """transformers' bare model class of the model type keras-hub's converter reads for ``backbone``, or ``None``
+    (no converter, or no transformers)."""
+    from .converters import converter_sites
+    from .hf_names import _available
+
+    if not _available():
+        return None
+    try:
+        model_type = converter_sites(backbone)[1]
+    except AdapterSpecError:  # a converter that does not replay on it: nothing known
+        return None
+    if model_type is None:
+        return None
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    name = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
+    if isinstance(name, (tuple, list)):
+        name = name[0]
+    try:
+        found = getattr(transformers, name) if isinstance(name, str) else None
+    except (AttributeError, ImportError):  # a class whose own dependency is missing
+        return None
+    return found if isinstance(found, type) else None
 
 
 def _kernel_index(piece: Piece, pin: np.ndarray, pout: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapterspec._rules import task_takes
 from adapterspec.identity import fingerprint, sample_indices
 
 from .layers import AdapterLayer
@@ -35,9 +36,11 @@ _TASKS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), or ``None``.
 
-    A bare model is ``"FEATURE_EXTRACTION"`` only when its main input is ``input_ids``: PEFT's wrapper for that task
-    passes ``input_ids=`` and ``attention_mask=`` to the model, which an image model (``ViTModel``, ``SwinModel``)
-    cannot take, so an image model's adapter records no task type (PEFT then wraps it in a plain ``PeftModel``).
+    Only where PEFT's class for that task can call the model (:func:`adapterspec._rules.task_takes`): the
+    FEATURE_EXTRACTION wrapper passes ``input_ids=`` and ``inputs_embeds=`` to a bare model, which an image model
+    (``ViTModel``: its main input is ``pixel_values``) or a dual encoder (``CLIPModel``, ``SiglipModel``: their
+    forward has no ``inputs_embeds``) cannot take, so such a model's adapter records no task type (PEFT then wraps it in a plain ``PeftModel``, as
+    PEFT's own save of a config without one).
 
     >>> task_type_of(torch.nn.Linear(2, 2)) is None
     True
@@ -50,9 +53,7 @@ def task_type_of(model: nn.Module) -> str | None:
     for mapping, task in _TASKS:
         names = getattr(modeling_auto, mapping, {})
         if any(name == n or (isinstance(n, tuple) and name in n) for n in names.values()):
-            if task == "FEATURE_EXTRACTION" and getattr(model, "main_input_name", "input_ids") != "input_ids":
-                return None
-            return task
+            return task if task_takes(task, type(model)) else None
     return None
 
 

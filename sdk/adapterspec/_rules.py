@@ -12,6 +12,7 @@ the first in :func:`~adapterspec.config.validate_config` (``ConfigError``); read
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,8 +23,8 @@ from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries",
            "merge_refusal", "not_portable",
-           "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "training_refusals", "transformer_submodules",
-           "unsupported_features", "velora_state_size"]
+           "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "task_takes", "training_refusals",
+           "transformer_submodules", "unsupported_features", "velora_state_size"]
 
 #: The methods whose tensors and math the spec defines (SPEC.md 4.1, 6, 8). The schema recognises every
 #: other PEFT 0.21 method too ("recognised, not portable", SPEC.md 14): valid configs no v1 reader loads.
@@ -58,6 +59,49 @@ TASK_MODULES_TO_SAVE = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+
+#: The keywords other than the inputs (``input_ids``, ``inputs_embeds``) that PEFT 0.21.2's class for each
+#: ``task_type`` (``PeftModelForCausalLM``, ...) passes to the model's ``forward``, besides ``output_attentions``,
+#: ``output_hidden_states`` and ``return_dict``.
+_TASK_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "CAUSAL_LM": ("attention_mask", "labels"),
+    "SEQ_CLS": ("attention_mask", "labels"),
+    "TOKEN_CLS": ("attention_mask", "labels"),
+    "QUESTION_ANS": ("attention_mask", "start_positions", "end_positions"),
+    "SEQ_2_SEQ_LM": ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds",
+                     "labels"),
+    "FEATURE_EXTRACTION": ("attention_mask",),
+}
+_FLAGS = ("output_attentions", "output_hidden_states", "return_dict")
+
+
+def task_takes(task: str, model_class: type) -> bool:
+    """Whether PEFT's class for ``task`` can call a model of ``model_class`` (a transformers class). That class takes
+    ``input_ids`` first (a positional call binds the model's main input there), and passes ``input_ids=`` and
+    ``inputs_embeds=`` (which carries the prompt of prompt tuning): the model's main input must be ``input_ids`` and
+    its ``forward`` must name both -- one taken by ``**kwargs`` is passed on where the model gives it to a submodule
+    itself too (``CLIPModel``: "got multiple values for keyword argument 'inputs_embeds'"); the other keywords it
+    passes must be named or taken by ``**kwargs``. Where it cannot, a writer records no ``task_type``, as PEFT's
+    own save of a config without one: PEFT then wraps the model in a plain ``PeftModel``, which passes the caller's
+    arguments as they are (SPEC.md 9.1).
+
+    >>> class Clip:
+    ...     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs): ...
+    >>> task_takes("FEATURE_EXTRACTION", Clip)
+    False
+    """
+    if task not in _TASK_KEYWORDS:
+        return True
+    if getattr(model_class, "main_input_name", "input_ids") != "input_ids":
+        return False
+    try:
+        parameters = inspect.signature(getattr(model_class, "forward")).parameters
+    except (AttributeError, TypeError, ValueError):  # no signature to read: nothing tells against the task
+        return True
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {n for n, p in parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                           inspect.Parameter.KEYWORD_ONLY)}
+    return {"input_ids", "inputs_embeds"} <= named and (var_keyword or set(_TASK_KEYWORDS[task] + _FLAGS) <= named)
 
 
 def transformer_submodules(config: Mapping[str, Any]) -> int:

@@ -73,3 +73,31 @@ def test_encoder_decoder_backbone_task_type_matches_the_torch_backend() -> None:
                                                     num_heads=2))
     assert torch_task_type_of(hf) == "FEATURE_EXTRACTION"
     assert task_type_of(t5) == torch_task_type_of(hf)
+
+
+def test_dual_encoder_backbone_records_no_task_type_as_the_torch_backend() -> None:
+    """keras-hub's CLIP and SigLIP backbones read token ids but record no task type, as transformers' CLIPModel /
+    SiglipModel on the torch backend: PEFT's FEATURE_EXTRACTION wrapper passes ``inputs_embeds=``, which their
+    forward cannot take (PEFT failed on every folder saved with FEATURE_EXTRACTION)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from adapterspec_keras.identity import task_type_of
+    from adapterspec_torch.identity import task_type_of as torch_task_type_of
+
+    models = keras_hub.models
+    tower = dict(hidden_dim=8, num_layers=1, num_heads=2, intermediate_dim=16)
+    clip = models.CLIPBackbone(
+        vision_encoder=models.CLIPVisionEncoder(patch_size=4, image_shape=(8, 8, 3), **tower),
+        text_encoder=models.CLIPTextEncoder(vocabulary_size=16, embedding_dim=8, max_sequence_length=8, **tower),
+        projection_dim=8)
+    siglip = models.SigLIPBackbone(
+        vision_encoder=models.SigLIPVisionEncoder(patch_size=4, image_shape=(8, 8, 3), **tower),
+        text_encoder=models.SigLIPTextEncoder(vocabulary_size=16, embedding_dim=8, max_sequence_length=8, **tower))
+    hf_tower = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    hf_clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hf_tower, vocab_size=16), vision_config=dict(hf_tower, image_size=8, patch_size=4)))
+    hf_siglip = transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(hf_tower, vocab_size=16), vision_config=dict(hf_tower, image_size=8, patch_size=4)))
+    assert task_type_of(clip) is None and torch_task_type_of(hf_clip) is None
+    assert task_type_of(siglip) is None and torch_task_type_of(hf_siglip) is None
