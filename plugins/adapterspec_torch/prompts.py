@@ -27,7 +27,7 @@ from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._rules import prefix_key_value_sizes, transformer_submodules
-from adapterspec.errors import UnsupportedError
+from adapterspec.errors import ShapeMismatchError, UnsupportedError
 from adapterspec.naming import PROMPT_KEY
 
 from .devices import adapter_target_of
@@ -95,7 +95,29 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
         for field, value in prefix_key_value_sizes(data, token_dim, heads).items():
             if value != config.get(field):
                 changes[field] = value
-    return config.replace(**changes) if changes else config
+    config = config.replace(**changes) if changes else config
+    if config.peft_type != "PREFIX_TUNING":
+        _check_embedding_input(model, config)
+    return config
+
+
+def _check_embedding_input(model: nn.Module, config: AdapterConfig) -> None:
+    """Prompt tuning and P-tuning prepend the prompt to the input embeddings (SPEC.md 8.4): refused, typed, where the
+    model cannot take it -- an input embedding narrower or wider than ``token_dim`` (ELECTRA, ALBERT, OPT-350m
+    project the embedding to the hidden size, which PEFT's ``token_dim`` is). PEFT fails at the first forward.
+
+    :raises ShapeMismatchError: ``token_dim`` is not the input embedding's width (names ``/token_dim``).
+    """
+    hf: Any = model  # a transformers model (checked by the caller)
+    weight = getattr(hf.get_input_embeddings(), "weight", None)
+    width = int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    token_dim = int(config["token_dim"])
+    if width is not None and width != token_dim:
+        raise ShapeMismatchError(
+            f"token_dim {token_dim} (the prompt {PROMPT_KEY!r} is [{config['num_virtual_tokens']}, {token_dim}] per "
+            f"submodule) is not the width {width} of {type(model).__name__}'s input embedding, which the prompt is "
+            "prepended to (PEFT fails at the first forward too)", key=PROMPT_KEY, pointer="/token_dim",
+            hint=f"set token_dim to {width} for a new adapter; a saved one was trained for another model")
 
 
 #: model class -> whether its forward takes ``past_key_values`` (read at every forward of a prefix-tuned classifier).

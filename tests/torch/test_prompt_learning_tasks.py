@@ -413,3 +413,60 @@ def test_question_answering_round_trip(method: str, token_inputs: Any, tmp_path:
     again = run(loaded)
     for field in ("start_logits", "end_logits"):
         assert_close(getattr(again, field), getattr(theirs, field))
+
+
+def _projected_embedding(arch: str) -> Any:
+    """A model whose input embedding (16 wide) is projected to its hidden size (64): ELECTRA's and ALBERT's
+    ``embedding_size``, OPT-350m's ``word_embed_proj_dim``."""
+    import transformers
+
+    torch.manual_seed(11)
+    sizes: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                 max_position_embeddings=64, pad_token_id=0)
+    if arch == "opt":
+        config: Any = transformers.OPTConfig(**sizes, ffn_dim=128, word_embed_proj_dim=16)
+        return transformers.OPTForCausalLM(config).eval()
+    kind = {"electra": (transformers.ElectraConfig, transformers.ElectraForSequenceClassification),
+            "albert": (transformers.AlbertConfig, transformers.AlbertForSequenceClassification)}[arch]
+    config = kind[0](**sizes, intermediate_size=128, embedding_size=16, num_labels=LABELS)
+    return kind[1](config).eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+@pytest.mark.parametrize("arch", ["electra", "albert", "opt"])
+def test_prompt_wider_than_the_input_embedding_is_refused(arch: str, method: str, token_inputs: Any,
+                                                          tmp_path: Any) -> None:
+    """PEFT sizes the prompt by the hidden size (64), the input embedding it is prepended to is 16 wide: PEFT fails
+    at the first forward; the load is refused naming /token_dim and the prompt, the model unchanged (it loaded,
+    then the forward raised a RuntimeError from torch.cat)."""
+    from torch_helpers import peft_reference
+
+    base = _projected_embedding(arch)
+    task = "CAUSAL_LM" if arch == "opt" else "SEQ_CLS"
+    reference = peft_reference(base, _config(method, task), tmp_path)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"), torch.no_grad():
+        reference(**token_inputs)  # PEFT's own forward
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.ShapeMismatchError, match="width 16") as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert (info.value.pointer, info.value.key) == ("/token_dim", "prompt_embeddings")
+    assert_same_snapshot(model, before)
+    with pytest.raises(adapterspec.ShapeMismatchError, match="set token_dim to 16"):
+        adapterspec.inject_adapter(model, {"peft_type": "PROMPT_TUNING", "task_type": task, "num_virtual_tokens": 2})
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["electra", "opt"])
+def test_prompt_sized_to_the_input_embedding_is_peft_s(arch: str, token_inputs: Any, tmp_path: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A prompt as wide as the input embedding (token_dim 16 given) runs, as PEFT, both directions."""
+    from peft import PromptTuningConfig
+
+    task = "CAUSAL_LM" if arch == "opt" else "SEQ_CLS"
+    diffs = round_trip(_projected_embedding(arch), PromptTuningConfig(task_type=task, num_virtual_tokens=3,
+                                                                      token_dim=16), token_inputs, tmp_path, caplog)
+    print(arch, diffs)
+
