@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import re
+import threading
 import types
 import weakref
 from typing import Any, cast
@@ -96,7 +97,10 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
             if value != config.get(field):
                 changes[field] = value
     config = config.replace(**changes) if changes else config
-    if config.peft_type != "PREFIX_TUNING":
+    if config.peft_type == "PREFIX_TUNING":
+        if submodules == 1 and _takes_cache(model):
+            _check_cache_layout(model, config)
+    else:
         _check_embedding_input(model, config)
     return config
 
@@ -104,9 +108,12 @@ def check_prompt_learning(model: nn.Module, config: AdapterConfig) -> AdapterCon
 def _check_embedding_input(model: nn.Module, config: AdapterConfig) -> None:
     """Prompt tuning and P-tuning prepend the prompt to the input embeddings (SPEC.md 8.4): refused, typed, where the
     model cannot take it -- an input embedding narrower or wider than ``token_dim`` (ELECTRA, ALBERT, OPT-350m
-    project the embedding to the hidden size, which PEFT's ``token_dim`` is). PEFT fails at the first forward.
+    project the embedding to the hidden size, which PEFT's ``token_dim`` is), or a model that reads per-layer
+    inputs back from the embeddings as rows of its embedding table (Gemma 4's ``get_per_layer_inputs`` taking
+    ``inputs_embeds``), which virtual tokens are not. PEFT fails at the first forward on both.
 
     :raises ShapeMismatchError: ``token_dim`` is not the input embedding's width (names ``/token_dim``).
+    :raises UnsupportedError: the model reads its inputs back from the embeddings.
     """
     hf: Any = model  # a transformers model (checked by the caller)
     weight = getattr(hf.get_input_embeddings(), "weight", None)
@@ -118,6 +125,125 @@ def _check_embedding_input(model: nn.Module, config: AdapterConfig) -> None:
             f"submodule) is not the width {width} of {type(model).__name__}'s input embedding, which the prompt is "
             "prepended to (PEFT fails at the first forward too)", key=PROMPT_KEY, pointer="/token_dim",
             hint=f"set token_dim to {width} for a new adapter; a saved one was trained for another model")
+    for name, module in model.named_modules():
+        reader = getattr(type(module), "get_per_layer_inputs", None)
+        if reader is not None and getattr(module, "hidden_size_per_layer_input", None) \
+                and "inputs_embeds" in inspect.signature(reader).parameters:
+            raise UnsupportedError(
+                f"{config.peft_type} on {type(model).__name__}: {name or 'the model'} ({type(module).__name__}) reads "
+                "its per-layer inputs back from inputs_embeds as rows of its embedding table "
+                "(get_per_layer_inputs), which virtual tokens are not (PEFT fails at the first forward too)",
+                key=PROMPT_KEY, pointer="/peft_type", hint="use LoRA or PREFIX_TUNING on this model")
+
+
+#: transformers' cache layers that hold a standard attention layer's keys and values, which a prefix extends.
+_STANDARD_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+#: transformers' cache layers that keep nothing: their attention reads another layer's keys and values
+#: (``num_kv_shared_layers``), so what the prefix gives them is not read.
+_SHARING_LAYERS = ("DummyLayer",)
+
+#: Set while :func:`_probe_cache` runs the model: the prompt pre-hook leaves its inputs as they are.
+_PROBING = threading.local()
+
+
+def _check_cache_layout(model: nn.Module, config: AdapterConfig) -> None:
+    """Refuse, typed, a prefix the model's key/value cache cannot take (SPEC.md 10, check 20): the cache the model makes of
+    one token (:func:`_probe_cache`) is compared, layer by layer, with what the prefix cache gives each layer
+    (:func:`_prefix_layer_shapes`) -- as many layers, each a standard attention layer (transformers'
+    ``DynamicLayer`` / ``DynamicSlidingWindowLayer``: not linear attention, a state-space or convolution layer),
+    whose keys and values have the prefix's heads and head size (not Falcon's repeated or multi-query heads, nor
+    the compressed latents of multi-head latent attention). A layer the prefix gives nothing, or that reads another
+    layer's keys and values (``num_kv_shared_layers``), is not compared. Where the model cannot run one token on its own, nothing is known
+    and nothing is refused.
+
+    :raises UnsupportedError: the model keeps another kind of cache, or a layer that is not standard attention.
+    :raises ShapeMismatchError: the number of layers, or a layer's key/value heads or head sizes, differ.
+    """
+    written = _prefix_layer_shapes(model, config)
+    if not any(written):
+        raise UnsupportedError("no layer's key/value shape fits the prefix (token_dim / num_attention_heads)",
+                               key=PROMPT_KEY, pointer="/token_dim",
+                               hint="load the adapter into the model it was trained for")
+    cache = _probe_cache(model)
+    if cache is None:
+        return
+    where = type(model).__name__
+    layers = _cache_layers(cache)
+    if layers is None:
+        raise UnsupportedError(f"prefix tuning on {where}: it keeps a {type(cache).__name__}, not transformers' "
+                               "key/value cache a prefix is written into (PEFT fails at the first forward too)",
+                               key=PROMPT_KEY, pointer="/peft_type", hint="use LoRA or PROMPT_TUNING on this model")
+    if len(layers) != len(written):
+        raise ShapeMismatchError(f"the prefix {PROMPT_KEY!r} is for num_layers {len(written)} layers; {where} keeps "
+                                 f"a key/value cache for {len(layers)}", key=PROMPT_KEY, pointer="/num_layers",
+                                 hint="load the adapter into the model it was trained for")
+    heads, token_dim = int(config["num_attention_heads"]), int(config["token_dim"])
+    for index, ((kind, kept), given) in enumerate(zip(layers, written)):
+        if given is None or kind in _SHARING_LAYERS:
+            continue
+        if kind not in _STANDARD_LAYERS or kept is None:
+            raise UnsupportedError(
+                f"prefix tuning on {where}: layer {index} keeps a {kind}, not an attention layer's keys and values "
+                "(linear attention, a state-space or convolution layer), which a prefix cannot extend (PEFT fails "
+                "at the first forward too)", key=PROMPT_KEY, pointer="/peft_type",
+                hint="use LoRA or PROMPT_TUNING on this model")
+        if kept != (*given, *given):
+            key_heads, key_dim, value_heads, value_dim = kept
+            raise ShapeMismatchError(
+                f"the prefix {PROMPT_KEY!r} (num_attention_heads {heads}, token_dim {token_dim}) gives layer {index} "
+                f"keys and values of {given[0]} heads x {given[1]} channels; {where} keeps keys of {key_heads} x "
+                f"{key_dim} and values of {value_heads} x {value_dim} there (PEFT fails at the first forward too)",
+                key=PROMPT_KEY, pointer="/num_attention_heads" if given[0] != key_heads else "/token_dim",
+                hint="use LoRA or PROMPT_TUNING on this model; a prefix cannot take its keys and values")
+
+
+def _probe_cache(model: nn.Module) -> Any:
+    """The cache ``model``'s forward makes of one token (``use_cache=True``, no gradient, in eval mode, the prompt
+    pre-hook off), or ``None`` where it makes none or cannot run here (weights on the meta device, inputs it needs
+    besides ``input_ids``). The model is left as it was: each module's training mode and attributes (a model that
+    keeps something of its last call, as Qwen2-VL's ``rope_deltas``) are put back."""
+    hf: Any = model  # a transformers model (checked by the caller)
+    weight = getattr(hf.get_input_embeddings(), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        return None
+    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
+    _PROBING.active = True
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device), use_cache=True)
+    except Exception:  # noqa: BLE001 - a model that does not run on one token alone: its cache is not known here
+        return None
+    finally:
+        _PROBING.active = False
+        for module, attributes, buffers in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+    return getattr(output, "past_key_values", None)
+
+
+def _cache_layers(cache: Any) -> list[tuple[str, tuple[int, int, int, int] | None]] | None:
+    """Each layer of a cache: its kind (the cache layer's class) and (key heads, key head size, value heads, value
+    head size), ``None`` where it holds no keys and values; ``None`` for a cache of another kind."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(cache, (tuple, list)):  # the legacy form: a (keys, values) pair per layer
+        layers = [types.SimpleNamespace(keys=pair[0], values=pair[1]) for pair in cache]
+        kinds = [_STANDARD_LAYERS[0]] * len(layers)
+    elif isinstance(layers, (list, tuple)):
+        kinds = [type(layer).__name__ for layer in layers]
+    else:
+        return None
+    out: list[tuple[str, tuple[int, int, int, int] | None]] = []
+    for kind, layer in zip(kinds, layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == values.dim() == 4:
+            out.append((kind, (int(keys.shape[1]), int(keys.shape[3]), int(values.shape[1]), int(values.shape[3]))))
+        else:
+            out.append((kind, None))
+    return out
 
 
 #: model class -> whether its forward takes ``past_key_values`` (read at every forward of a prefix-tuned classifier).
@@ -261,7 +387,7 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     ``token_type_ids`` kept, zeros prepended for prompts; labels as given; ``...QuestionAnswering``'s drops
     ``token_type_ids`` and ``position_ids``; SPEC.md 15.9)."""
     state = get_state(model)
-    if state is None:
+    if state is None or getattr(_PROBING, "active", False):
         return None
     active = [n for n in state.switch.names if state.configs[n].is_prompt_learning]
     if not active:
@@ -338,7 +464,7 @@ def _prefix_cache(model: nn.Module, config: AdapterConfig, weight: torch.Tensor,
         return _encoder_decoder_cache(past)
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     if _HYBRID.search(model_type):
-        return _hybrid_cache(model, past)
+        return _hybrid_cache(model, config, past)
     return DynamicCache(past.permute([2, 0, 3, 1, 4]).split(2))  # type: ignore[no-untyped-call]  # unannotated in torch
 
 
@@ -366,13 +492,36 @@ def _layer_kv_shape(text: Any, index: int) -> tuple[int, int] | None:
     return int(heads), int(text.head_dim if sliding else global_head_dim)
 
 
-def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
+def _prefix_layer_shapes(model: nn.Module, config: AdapterConfig) -> list[tuple[int, int] | None]:
+    """The (key/value heads, head_dim) the prefix cache gives each of the ``num_layers`` layers, ``None`` for one it
+    gives nothing: the prefix's own (``num_attention_heads``, ``token_dim / num_attention_heads``) for each, except
+    on Gemma 2 / 3 text / 4 (:func:`_hybrid_cache`), where a layer whose key/value shape differs (Gemma 4) takes its
+    leading heads and channels, and one wider than the prefix or sharing another layer's keys and values
+    (``num_kv_shared_layers``) takes none."""
+    heads = int(config["num_attention_heads"])
+    full = (heads, int(config["token_dim"]) // heads)
+    count = int(config["num_layers"])
+    if not _HYBRID.search(str(getattr(getattr(model, "config", None), "model_type", ""))):
+        return [full] * count
+    text: Any = getattr(model, "config")
+    if hasattr(text, "get_text_config"):
+        text = text.get_text_config()
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    first_shared = int(getattr(text, "num_hidden_layers", count)) - shared
+    out: list[tuple[int, int] | None] = []
+    for index in range(count):
+        shape = None if shared > 0 and index >= first_shared else _layer_kv_shape(text, index) or full
+        out.append(shape if shape is not None and shape[0] <= full[0] and shape[1] <= full[1] else None)
+    return out
+
+
+def _hybrid_cache(model: nn.Module, config: AdapterConfig, past: torch.Tensor) -> Any:
     """PEFT 0.21.2's prefix cache for Gemma 2 / 3 text / 4 (transformers >= 4.56, SPEC.md 15.9): a
     ``DynamicCache(config=text config)`` -- full and sliding-window layers as the model declares them -- into
     which each layer's prefix keys and values are written with ``cache_position = 0 .. N-1``; where layers
     differ in key/value shape (Gemma 4) each takes the leading heads and channels of the prefix (sized for the
     widest), a layer wider than the prefix or sharing another layer's keys and values
-    (``num_kv_shared_layers``) gets none.
+    (``num_kv_shared_layers``) gets none (:func:`_prefix_layer_shapes`).
 
     :raises UnsupportedError: no layer takes the prefix (PEFT raises too).
     """
@@ -384,19 +533,12 @@ def _hybrid_cache(model: nn.Module, past: torch.Tensor) -> Any:
     cache = DynamicCache(config=text)
     position = torch.arange(past.shape[1], device=past.device)
     pairs = past.permute([2, 0, 3, 1, 4]).split(2)  # type: ignore[no-untyped-call]
-    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
-    first_shared = int(getattr(text, "num_hidden_layers", len(pairs))) - shared
     injected = 0
-    for index, pair in enumerate(pairs):
-        if shared > 0 and index >= first_shared:
+    for index, (pair, shape) in enumerate(zip(pairs, _prefix_layer_shapes(model, config))):
+        if shape is None:
             continue
-        keys, values = pair[0], pair[1]
-        shape = _layer_kv_shape(text, index)
-        if shape is not None:
-            heads, dim = shape
-            if heads > keys.shape[1] or dim > keys.shape[3]:
-                continue
-            keys, values = keys[:, :heads, :, :dim], values[:, :heads, :, :dim]
+        heads, dim = shape
+        keys, values = pair[0][:, :heads, :, :dim], pair[1][:, :heads, :, :dim]
         cache.update(keys, values, index, cache_kwargs={"cache_position": position})
         injected += 1
     if not injected:

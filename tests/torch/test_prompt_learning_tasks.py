@@ -8,6 +8,9 @@
   prepend the first half of the prompt to the encoder's input; ``generate()`` is refused typed.
 * Gemma 2 / Gemma 3 prefix tuning: the prefix written into a cache built from the model config (sliding
   window layers), inputs longer than the window; Gemma 4 is refused typed.
+* what PEFT loads and then fails on at the first forward is refused at load: a prompt wider than the input
+  embedding, a prefix the model's own key/value cache cannot take (linear-attention and state-space layers,
+  multi-query Falcon, DeepSeek's latent attention), a prompt on Gemma 4's per-layer inputs.
 """
 
 from __future__ import annotations
@@ -470,3 +473,133 @@ def test_prompt_sized_to_the_input_embedding_is_peft_s(arch: str, token_inputs: 
                                                                       token_dim=16), token_inputs, tmp_path, caplog)
     print(arch, diffs)
 
+
+#: Decoders whose key/value cache a prefix cannot extend (PEFT fails at their first forward): the extra config of
+#: each, the error and the field it names.
+_OTHER_CACHES: dict[str, tuple[dict[str, Any], type, str]] = {
+    "falcon": (dict(new_decoder_architecture=False, multi_query=True),  # one key/value head for 4 prefix heads
+               adapterspec.ShapeMismatchError, "/num_attention_heads"),
+    "deepseek_v2": (dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                         first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+                         qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, num_key_value_heads=4),
+                    adapterspec.ShapeMismatchError, "/num_attention_heads"),  # latents, keys and values differ
+    "deepseek_v3": (dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                         first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+                         qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, num_key_value_heads=4),
+                    adapterspec.ShapeMismatchError, "/num_attention_heads"),
+    "qwen3_next": (dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                   adapterspec.UnsupportedError, "/peft_type"),
+    "qwen3_5_text": (dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                          linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+                     adapterspec.UnsupportedError, "/peft_type"),
+    "jamba": (dict(num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                   expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2,
+                   mamba_dt_rank=4, use_mamba_kernels=False), adapterspec.UnsupportedError, "/peft_type"),
+    "lfm2": (dict(layer_types=["conv", "full_attention"]), adapterspec.UnsupportedError, "/peft_type"),
+    "falcon_h1": (dict(mamba_d_state=4, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_conv=2,
+                       mamba_expand=1, mamba_d_ssm=32, mamba_chunk_size=4, head_dim=8),
+                  adapterspec.UnsupportedError, "/peft_type"),
+}
+
+
+def _decoder(model_type: str, **extra: Any) -> Any:
+    import transformers
+
+    sizes: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    sizes.update(extra)
+    if model_type == "falcon":  # no num_key_value_heads: PEFT sizes the prefix by num_attention_heads
+        sizes = {k: v for k, v in sizes.items() if k not in ("num_key_value_heads", "intermediate_size")}
+    torch.manual_seed(12)
+    config = transformers.AutoConfig.for_model(model_type, **sizes)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", list(_OTHER_CACHES))
+def test_prefix_the_model_cache_cannot_take_is_refused_at_load(arch: str, token_inputs: Any, tmp_path: Any) -> None:
+    """The model's own cache (of one token) against the prefix, layer by layer: a linear-attention, state-space or
+    convolution layer, or keys/values of other heads or head sizes, are refused at load, naming the field and the
+    prompt, the model unchanged (they loaded, then the first forward raised inside transformers); PEFT's own forward
+    fails on each."""
+    from torch_helpers import peft_reference
+
+    extra, error, pointer = _OTHER_CACHES[arch]
+    base = _decoder(arch, **extra)
+    reference = peft_reference(base, _config("prefix", "CAUSAL_LM"), tmp_path)
+    with pytest.raises((RuntimeError, ValueError)), torch.no_grad():
+        reference(input_ids=token_inputs["input_ids"])
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(error) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert type(info.value) is error
+    assert (info.value.pointer, info.value.key) == (pointer, "prompt_embeddings")
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_prompt_on_per_layer_inputs_read_back_from_the_embeddings_is_refused(method: str, token_inputs: Any,
+                                                                            tmp_path: Any) -> None:
+    """Gemma 4 reads its per-layer inputs back from inputs_embeds as rows of its embedding table, which virtual
+    tokens are not: PEFT fails at the first forward; the load is refused, the model unchanged."""
+    from torch_helpers import peft_reference
+
+    base = _decoder("gemma4_text", head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                    global_head_dim=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128)
+    reference = peft_reference(base, _config(method, "CAUSAL_LM"), tmp_path)
+    with pytest.raises(RuntimeError, match="inputs_embeds"), torch.no_grad():
+        reference(**token_inputs)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="get_per_layer_inputs") as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.pointer == "/peft_type"
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", ["gemma3n_text", "falcon"])
+def test_prefix_the_model_cache_takes_is_peft_s(arch: str, token_inputs: Any, tmp_path: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Not refused where the cache takes the prefix: Gemma 3n's last layers read an earlier layer's keys and values
+    (their cache layers keep nothing: not compared); Falcon's new decoder architecture caches its 2 key/value heads
+    repeated to the 4 query heads, as PEFT's prefix (sized by num_attention_heads) has them."""
+    if arch == "falcon":
+        base = _decoder(arch, new_decoder_architecture=True, num_kv_heads=2)
+    else:
+        base = _decoder(arch, head_dim=8, sliding_window=4, vocab_size_per_layer_input=128, num_hidden_layers=4,
+                        hidden_size_per_layer_input=8, num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=2,
+                        intermediate_size=[64] * 4, activation_sparsity_pattern=[0.0] * 4,
+                        layer_types=["sliding_attention", "full_attention"] * 2)
+    print(arch, round_trip(base, _config("prefix", "CAUSAL_LM"), token_inputs, tmp_path, caplog))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefix_check_leaves_the_model_as_it_was(token_inputs: Any, tmp_path: Any) -> None:
+    """The check runs the model on one token: each module's training mode and what its forward keeps on the model
+    (as Qwen2-VL's rope_deltas) are put back; the prefix then gives PEFT's outputs."""
+    import transformers
+    from torch_helpers import assert_close, peft_reference
+
+    class Keeping(transformers.LlamaForCausalLM):  # type: ignore[misc]
+        def forward(self, input_ids: Any = None, past_key_values: Any = None, **kwargs: Any) -> Any:
+            self.last_length = input_ids.shape[1]
+            return super().forward(input_ids, past_key_values=past_key_values, **kwargs)
+
+    torch.manual_seed(13)
+    base = Keeping(tiny_llama_config()).eval()
+    reference = peft_reference(base, _config("prefix", "CAUSAL_LM"), tmp_path)
+    model = fresh(base)
+    model.train()
+    model.model.layers[1].eval()
+    modes = [m.training for m in model.modules()]
+    adapterspec.load_adapter(model, tmp_path)
+    assert "last_length" not in vars(model)
+    assert [m.training for m in model.modules()][:len(modes)] == modes
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(**token_inputs).logits, reference(**token_inputs).logits)
