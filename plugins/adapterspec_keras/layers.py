@@ -147,6 +147,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
             raise UnsupportedError(f"grouped convolution {piece.layer.path!r} cannot take an adapter", key=path,
                                    hint="exclude it with exclude_modules")
     if method == "LORA":
+        _check_lora_conv(site, path)
         if config.get("lora_bias") and site.kind == "embedding":
             raise UnsupportedError("lora_bias on an embedding is not defined by PEFT", key=path,
                                    hint="set lora_bias to false")
@@ -154,6 +155,22 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
             raise UnsupportedError(f"VeLoRA (velora_config) adapts linear layers only, not an {site.kind} "
                                    f"({layers()}); PEFT refuses it too", key=path, pointer="/velora_config",
                                    hint="set velora_config to null, or remove the module from target_modules")
+
+
+def _check_lora_conv(site: ModuleSite, path: str) -> None:
+    """Refuse LoRA (or DoRA) on a convolution that dilates its kernel: PEFT runs ``lora_A`` with the layer's kernel
+    size, strides and padding but without its dilation, so its unmerged and merged results differ (SPEC.md 8.1).
+    Dilation along an axis where the kernel has size 1 changes nothing and is accepted."""
+    for piece in site.pieces:
+        if piece.kind != "conv":
+            continue
+        layer = piece.layer
+        rates, kernel = tuple(layer.dilation_rate), tuple(layer.kernel_size)
+        if any(d != 1 and k != 1 for d, k in zip(rates, kernel)):
+            raise UnsupportedError(
+                f"LoRA on {type(layer).__name__} {layer.path!r} with dilation_rate={rates}: PEFT runs lora_A without "
+                "the layer's dilation, so the adapter's unmerged and merged results differ (SPEC.md 8.1: refused)",
+                key=path, hint="leave this layer out of target_modules (or exclude it with exclude_modules)")
 
 
 def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = False,

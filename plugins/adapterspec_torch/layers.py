@@ -139,9 +139,25 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
-    if kind in _CONV_KINDS and method == "LORA" and config.rank_for(path) % _conv(module).groups != 0:
-        raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={_conv(module).groups}",
+    if kind in _CONV_KINDS and method == "LORA":
+        _check_lora_conv(_conv(module), path, config)
+
+
+def _check_lora_conv(conv: nn.modules.conv._ConvNd, path: str, config: AdapterConfig) -> None:
+    """Refuse a LoRA (or DoRA) convolution whose unmerged form is not its merged one: PEFT's ``lora_A`` is a conv with
+    the base layer's kernel size, stride and padding but no dilation and zero padding (SPEC.md 8.1), so a base layer
+    that dilates its kernel, or pads otherwise, computes one thing merged and another unmerged (or fails)."""
+    if config.rank_for(path) % conv.groups != 0:
+        raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={conv.groups}",
                                key=path, hint="choose a rank divisible by groups, or do not target this layer")
+    dilated = any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size))
+    if dilated or conv.padding_mode != "zeros":
+        what = f"dilation={tuple(conv.dilation)}" if dilated else f"padding_mode={conv.padding_mode!r}"
+        raise UnsupportedError(
+            f"LoRA on a {type(conv).__qualname__} with {what}: PEFT runs lora_A without the layer's "
+            f"{'dilation' if dilated else 'padding mode'}, so the adapter's unmerged and merged results differ "
+            "(SPEC.md 8.1: refused)", key=path,
+            hint="leave this layer out of target_modules (or exclude it with exclude_modules)")
 
 
 # torch types a module's attributes as ``Tensor | Module`` (its ``__getattr__``): these give the attributes of

@@ -164,3 +164,45 @@ def test_conv_fingerprint_is_torchs(tmp_path: Path) -> None:
     kernel.assign(changed)
     with pytest.raises(adapterspec.BaseModelMismatchError):
         adapterspec.load_adapter(other, tmp_path / "torch", strict=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_on_a_dilated_conv_is_refused(dora: bool, tmp_path: Path) -> None:
+    """SPEC.md 8.1: PEFT's lora_A runs without the conv's dilation, so its unmerged and merged results differ. The
+    keras backend ran lora_A dilated (its own result, neither of PEFT's); now load and inject refuse the layer, naming
+    it, and leave the model as it was."""
+    from keras_helpers import assert_refused_unchanged
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=2, dilation=2)).eval()
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=dora))
+    pm.save_pretrained(tmp_path / "a")
+    image = keras.Input((6, 6, 3))
+    model = keras.Model(image, keras.layers.Conv2D(4, 3, padding="same", dilation_rate=2, name="conv")(image))
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path / "a", module_map={"0": "conv"}),
+                             adapterspec.UnsupportedError, "dilation_rate=(2, 2)")
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "r": 2, "target_modules": ["conv"], "use_dora": dora}),
+        adapterspec.UnsupportedError, "dilation")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dilation_along_a_kernel_of_one_loads_as_peft(tmp_path: Path) -> None:
+    """Dilation along an axis where the kernel has size 1 changes nothing: such a conv loads, equal to PEFT."""
+    from keras_helpers import fill_adapter_weights
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, (3, 1), padding=(1, 0), dilation=(1, 2))).eval()
+    sd = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    fill_adapter_weights(pm, scale=0.3)
+    pm.save_pretrained(tmp_path / "a")
+    x = unique_values((2, 5, 5, 3), 11, scale=1.0)
+    with torch.no_grad():
+        expected = pm(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)))).numpy().transpose(0, 2, 3, 1)
+    image = keras.Input((5, 5, 3))
+    model = keras.Model(image, keras.layers.Conv2D(4, (3, 1), padding="same", dilation_rate=(1, 2), name="conv")(image))
+    model.get_layer("conv").set_weights([np.transpose(sd["0.weight"], (2, 3, 1, 0)), sd["0.bias"]])
+    adapterspec.load_adapter(model, tmp_path / "a", module_map={"0": "conv"})
+    assert_near(keras.ops.convert_to_numpy(model(x)), expected)

@@ -154,6 +154,61 @@ def test_multihead_attention_reports_the_backend_refusal(tmp_path: Path) -> None
     assert_same_snapshot(model, before)
 
 
+class _OneConv(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.c = conv
+
+    def forward(self, x: Any) -> Any:
+        return self.c(x)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize(("make_conv", "needle"), [
+    # the shapes line up: it ran, and merging changed the output by 2.84
+    (lambda: torch.nn.Conv2d(8, 8, 3, stride=5, padding=1, dilation=2), "dilation=(2, 2)"),
+    # lora_A's output is larger than the layer's: the first forward raised torch's RuntimeError
+    (lambda: torch.nn.Conv1d(8, 8, 3, padding=2, dilation=2), "dilation=(2,)"),
+    (lambda: torch.nn.Conv3d(4, 4, (1, 3, 1), padding=(0, 1, 0), dilation=(1, 3, 1)), "dilation=(1, 3, 1)"),
+    # zero-padded lora_A under a circularly padded kernel: merged and unmerged differed by 2.6 (PEFT too)
+    (lambda: torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+], ids=["conv2d", "conv1d", "conv3d", "circular"])
+def test_lora_on_a_dilated_conv_is_refused(make_conv: Any, needle: str, dora: bool, tmp_path: Path) -> None:
+    """SPEC.md 8.1: PEFT's lora_A has the base layer's kernel size, stride and padding but no dilation (and zero
+    padding), so the unmerged and merged forms differ; load and inject refuse the layer, naming it."""
+    torch.manual_seed(0)
+    base = _OneConv(make_conv()).eval()
+    peft_reference(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c"], use_dora=dora), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "c" and needle in info.value.message
+    assert_same_snapshot(model, before)
+    with pytest.raises(UnsupportedError, match="dilation|padding_mode"):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "target_modules": ["c"], "use_dora": dora})
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_dilation_along_a_kernel_of_one_loads_as_peft(dora: bool, tmp_path: Path) -> None:
+    """Dilation along an axis where the kernel has size 1 changes nothing (PEFT's lora_A computes the layer's own
+    window): such a conv loads, unmerged and merged equal to PEFT's."""
+    torch.manual_seed(0)
+    base = _OneConv(torch.nn.Conv2d(4, 6, (3, 1), padding=(1, 0), dilation=(1, 2))).eval()
+    reference = peft_reference(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c"], use_dora=dora), tmp_path)
+    x = torch.sin(torch.arange(2 * 4 * 5 * 5, dtype=torch.float32)).reshape(2, 4, 5, 5)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        expected = reference(x)
+        assert (expected - base(x)).abs().max() > 1e-3
+        assert_close(model(x), expected, length=12)
+        reference.merge_adapter()
+        adapterspec.merge_adapters(model)
+        assert_close(model(x), reference(x), length=12)
+
+
 class _TwoLinears(torch.nn.Module):
     """Not a transformers model: ``all-linear`` has no output layer to leave out (PEFT's rule)."""
 
