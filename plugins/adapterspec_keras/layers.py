@@ -40,6 +40,7 @@ from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import factor_rank, frozen_params
+from adapterspec._merge import rounds_delta_first
 from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -155,6 +156,12 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
             raise UnsupportedError(f"VeLoRA (velora_config) adapts linear layers only, not an {site.kind} "
                                    f"({layers()}); PEFT refuses it too", key=path, pointer="/velora_config",
                                    hint="set velora_config to null, or remove the module from target_modules")
+
+
+def _rounded(delta: Any, piece: Piece) -> Any:
+    """``delta`` rounded to the piece's kernel dtype (and back to its own): PEFT's ``delta.to(weight.dtype)`` before
+    an add (:func:`adapterspec._merge.rounds_delta_first`)."""
+    return ops.cast(ops.cast(delta, piece.kernel_variable.dtype), delta.dtype)
 
 
 def _check_lora_conv(site: ModuleSite, path: str) -> None:
@@ -294,6 +301,8 @@ class _Slot:
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections
+    round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
+    round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
     def get(self, param: str) -> Any:
         """The parameter's current value (a slice of the bank's variable; differentiable)."""
@@ -494,6 +503,8 @@ class AdapterLayer:
             r = config.rank_for(path)
             slot = _Slot(path, "LORA", r, config.scaling_for(path), bool(config.get("use_dora")),
                          bool(config.get("lora_bias")), float(config.get("lora_dropout") or 0.0), False)
+            slot.round_merge = rounds_delta_first(config, embedding=site.kind == "embedding", unmerge=False)
+            slot.round_unmerge = rounds_delta_first(config, embedding=site.kind == "embedding", unmerge=True)
             init = config.get("init_lora_weights", True)
             if site.kind == "linear":
                 r = factor_rank(config, r, site.in_features, site.out_features)
@@ -1111,7 +1122,7 @@ class AdapterLayer:
         if slot.use_dora:
             new, self._dora_norms[(name, index)] = self._dora_rescaled(piece, slot, flat, ops.cast(base, dtype), delta)
         else:
-            new = flat + delta
+            new = flat + (_rounded(delta, piece) if slot.round_merge else delta)
         _ops.assign_kernel(piece, new)
 
     def _dora_rescaled(self, piece: Piece, slot: _Slot, flat: Any, base: Any, delta: Any, *,
@@ -1184,7 +1195,7 @@ class AdapterLayer:
                     magnitude = _ops.gather_out(piece, slot.get("lora_magnitude_vector"), self.site.out_features)
                     new = flat / ops.cast(magnitude / norm, flat.dtype)[None, :] - delta
                 else:
-                    new = flat - delta
+                    new = flat - (_rounded(delta, piece) if slot.round_unmerge else delta)
                 _ops.assign_kernel(piece, new)
                 if slot.lora_bias:
                     self._add_bias(piece, slot, sign=-1.0)

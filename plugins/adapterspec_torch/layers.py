@@ -34,6 +34,7 @@ from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import factor_rank, frozen_params
+from adapterspec._merge import rounds_delta_first
 from adapterspec._method_checks import factorization
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -413,6 +414,8 @@ class _Spec:
     index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
+    round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
+    round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
 
 class _Weights(nn.Module):
@@ -514,6 +517,9 @@ class AdapterLayer(nn.Module):
             spec.scaling = facts.scaling if facts.fixed else config.scaling_for(path)
         if method == "LORA":
             spec.use_dora, spec.lora_bias, spec.dropout = facts.use_dora, facts.lora_bias, facts.dropout
+            embedding = self.kind == "embedding"
+            spec.round_merge = rounds_delta_first(config, embedding=embedding, unmerge=False)
+            spec.round_unmerge = rounds_delta_first(config, embedding=embedding, unmerge=True)
         elif method == "IA3":
             spec.feedforward = config.is_feedforward(path)
         elif method in _LYCORIS:
@@ -1191,9 +1197,9 @@ class AdapterLayer(nn.Module):
                     weight.data = (self._dora_factor(name, norm) * (weight.data + delta)).to(orig_dtype)
                 elif spec.method in adalora.METHODS or spec.shared is not None:
                     weight.data += self.delta_weight(name)  # PEFT adds its float32 delta in place: one rounding
-                else:
+                else:  # PEFT adds the float32 delta in place (one rounding), or rounds it first (adapterspec._merge)
                     delta = self.delta_weight(name)
-                    weight.data += delta.to(orig_dtype)
+                    weight.data += delta.to(orig_dtype) if spec.round_merge else delta
                     if spec.method == "LORA" and spec.lora_bias:
                         base.bias.data += self._param(name, "lora_B.bias") * spec.scaling
                 self._merged.append(name)
@@ -1225,7 +1231,8 @@ class AdapterLayer(nn.Module):
                 elif spec.method in adalora.METHODS or spec.shared is not None:
                     weight.data -= self.delta_weight(name)  # as PEFT: in place, one rounding
                 else:
-                    weight.data -= self.delta_weight(name).to(orig_dtype)
+                    delta = self.delta_weight(name)
+                    weight.data -= delta.to(orig_dtype) if spec.round_unmerge else delta
                     if spec.method == "LORA" and spec.lora_bias:
                         base.bias.data -= self._param(name, "lora_B.bias") * spec.scaling
 
