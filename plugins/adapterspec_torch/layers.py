@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
@@ -101,6 +102,36 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+#: transformers' ``nn.Linear`` subclasses whose ``forward`` returns a tuple, not annotated as such: MoE routers that
+#: return their top-k scores with their logits (Llama 4). Others are found by their annotation (:func:`returns_tuple`).
+_TUPLE_LAYERS = frozenset({"Llama4Router", "PhimoeTopKRouter"})
+
+
+_RETURNS_TUPLE: dict[type, bool] = {}  # returns_tuple's answers (one class is asked once per adapted module)
+
+
+def returns_tuple(cls: type) -> bool:
+    """Whether layers of class ``cls`` return a tuple from ``forward`` rather than one tensor (an MoE router's scores
+    and logits), so that no adapter's term can be added to their output: a known router class
+    (``Llama4Router``, ``PhimoeTopKRouter``), or a ``forward`` annotated to return a tuple.
+
+    >>> class Router(torch.nn.Linear):
+    ...     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ...         return super().forward(x), x
+    >>> returns_tuple(Router), returns_tuple(torch.nn.Linear)
+    (True, False)
+    """
+    known = _RETURNS_TUPLE.get(cls)
+    if known is None:
+        annotation = getattr(getattr(cls, "forward", None), "__annotations__", {}).get("return")
+        if isinstance(annotation, str):
+            known = annotation.removeprefix("typing.").startswith(("tuple", "Tuple"))
+        else:
+            known = annotation is tuple or typing.get_origin(annotation) is tuple
+        known = _RETURNS_TUPLE[cls] = known or cls.__name__ in _TUPLE_LAYERS
+    return known
+
+
 def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None:
     """Refuse a layer this backend cannot adapt with ``config``'s method.
 
@@ -119,6 +150,13 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
             f"{method} cannot adapt a {type(module).__module__}.{type(module).__qualname__} layer "
             f"(this backend adapts: {', '.join(allowed) or 'nothing'})", key=path,
             hint="remove the module from target_modules (or exclude it with exclude_modules)")
+    if returns_tuple(type(module)):
+        raise UnsupportedError(
+            f"a {type(module).__module__}.{type(module).__qualname__} returns a tuple from its forward (an MoE "
+            "router's scores and logits), not one tensor an adapter's output could be added to; PEFT's forward "
+            "fails on it too", key=path,
+            hint="leave the router out of target_modules (or exclude it with exclude_modules); to adapt its weight, "
+                 "name the parameter in target_parameters (e.g. 'router.weight')")
     if method in oft.METHODS:
         oft.check(module, kind, path, config)
     if method in adalora.METHODS:
@@ -471,7 +509,7 @@ class AdapterLayer(nn.Module):
         self._modules["adapter_weights"] = weights
         self.__dict__.update(
             kind=kind, fan_in_fan_out=kind == "conv1d_hf", _specs={}, _switch=ActiveSet(), _plan_key=None,
-            _plan=([], [], [], []), _fast=None, _merged=[], _caches={}, _sharding=None)
+            _plan=([], [], [], []), _fast=None, _merged=[], _caches={}, _sharding=None, _path="")
 
     # -- attribute access falls through to the wrapped layer (weight, in_features, padding_idx...) --
     def __getattr__(self, name: str) -> Any:
@@ -498,6 +536,8 @@ class AdapterLayer(nn.Module):
         base = self._modules["base_layer"]
         if not checked:
             check_supported(base, path, config)
+        if not self._path:
+            self.__dict__["_path"] = path
         facts = _facts(config)
         method = facts.method
         ranked = method in ("LORA", "LOHA", "LOKR")
@@ -888,7 +928,7 @@ class AdapterLayer(nn.Module):
         a, b = params["lora_A_weight"], params["lora_B_weight"]
         if a.is_meta and not x.is_meta:
             self._check_placed((name,))
-        result: torch.Tensor = base(x, *args, **kwargs)
+        result: torch.Tensor = base(x, *args, **kwargs)  # a plain Linear / Conv1D (_fast_for): one tensor
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if result.dtype != a.dtype or b.dtype != a.dtype or not result.is_contiguous():  # autocast, mixed dtypes
@@ -917,7 +957,7 @@ class AdapterLayer(nn.Module):
         rotations = self._rotations(names) if not self._merged else []
         if rotations:
             return oft.forward(self._modules["base_layer"], self.kind, rotations, x, args, kwargs,
-                               training=self.training)
+                               training=self.training, output=self._tensor)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             out: torch.Tensor = self.base_layer(x, *args, **kwargs)
             return out
@@ -937,6 +977,8 @@ class AdapterLayer(nn.Module):
             result = self._tokens_forward(base_input, tokens)
         else:
             result = self.base_layer(base_input, *args, **kwargs)
+            if not isinstance(result, torch.Tensor):
+                self._not_a_tensor(result)
         if ia3_out:
             dtype, scaling = result.dtype, 1
             for n in ia3_out:
@@ -981,6 +1023,25 @@ class AdapterLayer(nn.Module):
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
         return result.to(result_dtype)
+
+    def _tensor(self, out: Any) -> torch.Tensor:
+        """``out``, the base layer's output, if it is one tensor (else :meth:`_not_a_tensor` raises)."""
+        if not isinstance(out, torch.Tensor):
+            self._not_a_tensor(out)
+        return out
+
+    def _not_a_tensor(self, out: Any) -> typing.NoReturn:
+        """Refuse to add an adapter's term to an output that is not one tensor: a layer whose ``forward`` returns a
+        tuple (an MoE router's scores and logits) that :func:`returns_tuple` could not tell at load.
+
+        :raises UnsupportedError: naming the module.
+        """
+        base = self._modules["base_layer"]
+        raise UnsupportedError(
+            f"this {type(base).__qualname__}'s forward returned a {type(out).__name__}, not one tensor: no adapter's "
+            "output can be added to it (PEFT's forward fails on it too)", key=self._path or None,
+            hint="leave this module out of target_modules (or exclude it with exclude_modules); to adapt its weight, "
+                 "name the parameter in target_parameters")
 
     def _rotations(self, names: tuple[str, ...]) -> list[tuple[oft.Rotation, dict[str, torch.Tensor]]]:
         """(layout, tensors) of the active OFT/BOFT adapters, in order.

@@ -14,7 +14,7 @@ calls them with its base layer and the tensors of its active OFT/BOFT adapters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -204,8 +204,11 @@ def _rotate_oft(spec: Rotation, vector: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[str, torch.Tensor]]],
-            x: torch.Tensor, args: Any, kwargs: Any, *, training: bool) -> torch.Tensor:
+            x: torch.Tensor, args: Any, kwargs: Any, *, training: bool,
+            output: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     """The base layer's output with the active OFT or BOFT ``adapters`` applied in order (PEFT's ``forward``).
+
+    :param output: applied to what the base layer returns (the caller's check that it is one tensor).
 
     >>> layer = torch.nn.Linear(4, 2)
     >>> spec = Rotation("OFT", blocks=2, block_size=2)
@@ -219,7 +222,7 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
             vector = params["oft_R.weight"]
             x = _rotate_oft(spec, vector, x.to(vector.dtype))
         out: torch.Tensor = base(x.to(previous), *args, **kwargs)
-        return out.to(previous)
+        return (out if output is None else output(out)).to(previous)
     weight = cast(torch.Tensor, base.weight)
     features = _features(base, kind)
     out_features = int(cast(nn.Linear, base).out_features if kind == "linear" else weight.shape[0])  # packed weights
@@ -233,6 +236,8 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
     bias = cast("torch.Tensor | None", base.bias)
     if kind == "linear":
         result: torch.Tensor = base(x @ total.to(previous), *args, **kwargs)
+        if output is not None:
+            result = output(result)
         if bias is not None:
             result = result - bias
         result = result * scale.squeeze(-1)

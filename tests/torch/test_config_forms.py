@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -312,3 +312,95 @@ def test_a_task_heads_are_saved_whole_even_when_the_config_lists_none(tmp_path: 
     assert torch.equal(load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))[
         f"base_model.model.{head}.weight"], head_weight)
     assert_close(outputs(_peft_loads(base, tmp_path / "saved")), expected)
+
+
+def _moe(model_type: str) -> Any:
+    import transformers
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=128, max_position_embeddings=64)
+    extra: dict[str, Any] = dict(num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=8,
+                                 interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=4) \
+        if model_type == "llama4_text" else dict(num_local_experts=4, num_experts_per_tok=2)
+    config = transformers.AutoConfig.for_model(model_type, **sizes, **extra)
+    torch.manual_seed(0)
+    if model_type == "llama4_text":
+        return transformers.Llama4ForCausalLM(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(("model_type", "make"), [
+    ("llama4_text", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["router", "q_proj"])),
+    ("llama4_text", lambda: peft.IA3Config(target_modules=["router", "q_proj"], feedforward_modules=[])),
+    ("llama4_text", lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["router", "q_proj"])),
+    ("phimoe", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["router", "q_proj"])),
+], ids=["llama4-lora", "llama4-ia3", "llama4-loha", "phimoe-lora"])
+def test_a_router_returning_a_tuple_is_refused_at_load(model_type: str, make: Any, tmp_path: Path) -> None:
+    """Llama 4's and PhiMoE's routers are nn.Linear subclasses whose forward returns a tuple (scores and logits):
+    PEFT loads an adapter on them and its forward fails; adapterspec loaded it too, and the first forward raised a raw
+    AttributeError ('tuple' object has no attribute 'dtype'). Now load and inject refuse the router, naming it."""
+    base = _moe(model_type)
+    peft_reference(base, make(), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "model.layers.0.feed_forward.router" if model_type == "llama4_text" else \
+        info.value.key == "model.layers.0.mlp.router"
+    assert "returns a tuple" in info.value.message and "target_parameters" in (info.value.hint or "")
+    assert_same_snapshot(model, before)
+    with pytest.raises(UnsupportedError, match="returns a tuple"):
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": "all-linear"})
+    assert_same_snapshot(model, before)
+
+
+class _Router(torch.nn.Linear):
+    """An nn.Linear subclass returning its logits with their top-1 index; annotated as such or not."""
+
+    def forward(self, x: Any) -> Any:
+        logits = super().forward(x)
+        return logits, logits.argmax(-1)
+
+
+class _AnnotatedRouter(_Router):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cast("tuple[torch.Tensor, torch.Tensor]", super().forward(x))
+
+
+class _Routed(torch.nn.Module):
+    def __init__(self, router: type[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(4, 4)
+        self.router = router(4, 3)
+
+    def forward(self, x: Any) -> Any:
+        return self.router(self.up(x))[0]
+
+
+def test_a_layer_annotated_to_return_a_tuple_is_refused_at_load(tmp_path: Path) -> None:
+    base = _Routed(_AnnotatedRouter)
+    peft_reference(base, peft.LoraConfig(r=2, target_modules=["up", "router"]), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError, match="returns a tuple") as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "router"
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: peft.LoraConfig(r=2, target_modules=["up", "router"]),
+    lambda: peft.LoraConfig(r=2, target_modules=["up", "router"], use_dora=True),
+    lambda: peft.IA3Config(target_modules=["up", "router"], feedforward_modules=["router"]),
+    lambda: peft.OFTConfig(r=2, oft_block_size=0, target_modules=["up", "router"]),
+], ids=["lora", "dora", "ia3", "oft"])
+def test_a_layer_found_to_return_a_tuple_at_the_first_forward_is_refused_there(make: Any, tmp_path: Path) -> None:
+    """Without a known class or an annotation the tuple shows at the first forward: an UnsupportedError naming the
+    module there, where a raw AttributeError / TypeError came from the adapter's arithmetic."""
+    base = _Routed(_Router)
+    peft_reference(base, make(), tmp_path)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    with pytest.raises(UnsupportedError, match="returned a tuple") as info:
+        model(torch.ones(2, 4))
+    assert info.value.key == "router"
