@@ -261,6 +261,25 @@ def unwrap(model: nn.Module, name: str) -> None:
 #: than silently run as plain LoRA.
 
 
+def _check_called(modules: dict[str, nn.Module], spec: str, own: str) -> None:
+    """Refuse to adapt a module its parent never calls: the ``out_proj`` of an ``nn.MultiheadAttention``, whose
+    forward passes ``out_proj.weight`` and ``out_proj.bias`` to ``F.multi_head_attention_forward`` itself. An
+    adapter there (any method, or ``target_parameters``) would change nothing unmerged and the output merged --
+    PEFT's too; its ``all-linear`` selects such a layer (SigLIP's pooling head).
+
+    :raises UnsupportedError: naming the module.
+    """
+    parent_name, _, child = own.rpartition(".")
+    parent = modules.get(parent_name)
+    if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        raise UnsupportedError(
+            f"this Linear is the out_proj of nn.MultiheadAttention {parent_name or '(the model)'!r}, whose forward "
+            "reads out_proj.weight and out_proj.bias itself and never calls out_proj: an adapter on it would change "
+            "nothing unmerged and the output once merged (PEFT's does the same)", key=spec,
+            hint=f"leave it out of target_modules / target_parameters; with target_modules 'all-linear' (which "
+                 f"selects every Linear, as PEFT's does) exclude it: exclude_modules=[{spec!r}]")
+
+
 def check_features(config: AdapterConfig) -> None:
     """Refuse config features (LoRA variants) whose math this backend does not implement.
 
@@ -422,6 +441,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                                    "adapter bookkeeping", key=spec,
                                    hint="load all adapters through the model that loaded the first one "
                                         "(adapter_name=... and set_active_adapters switch between them)")
+    for spec in [*targets, *parameters]:
+        _check_called(modules, spec, universe[spec][0])
     for spec in targets:
         module = universe[spec][1]
         if isinstance(module, ModulesToSaveLayer):

@@ -404,3 +404,68 @@ def test_a_layer_found_to_return_a_tuple_at_the_first_forward_is_refused_there(m
     with pytest.raises(UnsupportedError, match="returned a tuple") as info:
         model(torch.ones(2, 4))
     assert info.value.key == "router"
+
+
+class _Pooling(torch.nn.Module):
+    """nn.MultiheadAttention and a Linear head (SigLIP's pooling head): MHA's forward reads ``out_proj.weight`` and
+    ``out_proj.bias`` itself and never calls ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: Any) -> Any:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["out_proj", "head"]),
+    lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["out_proj"], use_dora=True),
+    lambda: peft.IA3Config(target_modules=["out_proj"], feedforward_modules=[]),
+    lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["out_proj"]),
+    lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["out_proj"]),
+    lambda: peft.OFTConfig(r=2, oft_block_size=0, target_modules=["out_proj"]),
+    lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["head"], target_parameters=["attn.out_proj.weight"]),
+], ids=["lora", "dora", "ia3", "loha", "lokr", "oft", "parameter"])
+def test_an_adapter_on_multihead_attention_s_out_proj_is_refused(make: Any, tmp_path: Path) -> None:
+    """PEFT adapts the out_proj Linear and its adapter does nothing unmerged, then changes the output once merged;
+    adapterspec did the same (unmerged effect 0.0, merged 0.62 from the unmerged output). Now load and inject refuse
+    the module, naming it, model unchanged."""
+    torch.manual_seed(0)
+    base = _Pooling().eval()
+    peft_reference(base, make(), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "attn.out_proj" and "MultiheadAttention" in info.value.message
+    assert "exclude_modules=['attn.out_proj']" in (info.value.hint or "")
+    assert_same_snapshot(model, before)
+
+
+def test_all_linear_selecting_an_out_proj_is_refused_until_excluded(tmp_path: Path) -> None:
+    """PEFT's all-linear selects MultiheadAttention's out_proj (as adapterspec expands it, SPEC.md 4.3): the load
+    or inject is refused, naming the module and the exclude_modules that fixes it; with it, the adapter equals
+    PEFT's, and out_proj saved whole (modules_to_save: MHA reads the running copy's weight) does too."""
+    torch.manual_seed(0)
+    base = _Pooling().eval()
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 4, "target_modules": "all-linear"})
+    assert info.value.key == "attn.out_proj" and "all-linear" in (info.value.hint or "")
+    assert_same_snapshot(model, before)
+    x = torch.sin(torch.arange(2 * 5 * 16, dtype=torch.float32)).reshape(2, 5, 16)
+    for i, config in enumerate([
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["attn.out_proj"]),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["head"], modules_to_save=["out_proj"])]):
+        folder = tmp_path / str(i)
+        reference = peft_reference(base, config, folder)
+        with torch.no_grad():
+            expected = reference(x)
+            assert (expected - base(x)).abs().max() > 1e-3
+        model = fresh(base)
+        adapterspec.load_adapter(model, folder)
+        with torch.no_grad():
+            assert_close(model(x), expected)
