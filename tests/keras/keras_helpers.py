@@ -170,12 +170,13 @@ def snapshot(model: Any) -> dict[str, Any]:
     from keras import ops
 
     layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    holder = next((layer for layer in layers if "_adapterspec_state" in layer.__dict__), model)  # a task's backbone
     return {
         "variables": [(id(v), v.path, v.trainable, ops.convert_to_numpy(v).copy()) for v in model.variables],
         "layers": [(id(layer), [id(s) for s in layer._layers], "call" in layer.__dict__, layer.trainable)
                    for layer in layers],
-        "adapters": adapterspec.adapter_names(model),
-        "active": adapterspec.active_adapters(model),
+        "adapters": adapterspec.adapter_names(holder),
+        "active": adapterspec.active_adapters(holder),
         "state": "_adapterspec_state" in model.__dict__,
     }
 
