@@ -190,7 +190,7 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
         refuse_unmapped(model)
         raise TargetNotFoundError(
             f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
-            f"(mapped modules: {_summary(sites)})", key=str(wanted),
+            f"(mapped modules: {_summary(sites)})", pointer="/target_modules",
             hint="check target_modules / layers_to_transform, or pass module_map for a hand-built model")
     return targets
 

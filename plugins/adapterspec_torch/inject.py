@@ -132,7 +132,8 @@ def find_targets(model: nn.Module, config: AdapterConfig, options: LoadOptions |
         found = [spec for spec, _, _ in universe if config.matches(spec)]
     if not found:
         raise TargetNotFoundError(
-            f"no module of the model matches target_modules={config.get('target_modules')!r}", key=None,
+            f"no module of the model matches target_modules={config.get('target_modules')!r}",
+            pointer="/target_modules",
             hint="check the adapter was trained for this architecture (module names), or pass module_map")
     return found
 

@@ -613,9 +613,8 @@ class AdapterConfig(Mapping[str, Any]):
         >>> cfg.for_model("llama")["target_modules"]
         ['q_proj', 'v_proj']
         """
-        if self.is_prompt_learning or self.peft_type not in ("LORA", "IA3", "LOHA", "LOKR", "ADALORA", "VERA",
-                                                             "LN_TUNING"):
-            return self
+        if self.is_prompt_learning or self.peft_type not in _target_tables()["target_modules"]:
+            return self  # PEFT has no per-architecture table for it (TRAINABLE_TOKENS: the backend's embedding)
         changes: dict[str, Any] = {}
         fields = ("target_modules", "feedforward_modules") if self.peft_type == "IA3" else ("target_modules",)
         for name in fields:

@@ -5,6 +5,7 @@ keys, no warning) with Keras' logits, a round trip is bit-exact; merge/unmerge, 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,29 @@ def test_peft_oft_adapter_gives_peft_logits_in_keras(case: str, checkpoints: Any
     assert_near(keras_logits(model, token_ids), got)
     with adapterspec.disabled_adapters(model):
         assert_near(keras_logits(model, token_ids), base)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["OFT", "BOFT"])
+def test_null_target_modules_take_peft_default_for_the_architecture(method: str, checkpoints: Any,
+                                                                    token_ids: np.ndarray, tmp_path: Path) -> None:
+    """PEFT's own method_comparison config boft/llama-3.2-3B-default has ``target_modules: null``: PEFT fills its
+    per-architecture table (OFT's and BOFT's copy LoRA's: llama -> q_proj, v_proj). It was a TargetNotFoundError
+    whose message began with a stray "None:" ("None: no module of this Llama3CausalLM matches ...")."""
+    config = _oft(r=32, oft_block_size=0, target_modules=None) if method == "OFT" else \
+        _boft(boft_block_num=0, target_modules=None)
+    _peft_adapter(checkpoints["llama"], tmp_path / "peft", config)
+    path = tmp_path / "peft" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "target_modules": None}))  # as in the published config
+    expected = torch_logits(_peft_load(checkpoints["llama"], tmp_path / "peft"), token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    modules = adapterspec.load_adapter(model, tmp_path / "peft")
+    assert sorted(modules) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert np.abs(expected - base).max() > 1e-2
+    assert_peft_close(keras_logits(model, token_ids), expected, base,
+                      torch_logits(hf_model(checkpoints["llama"]), token_ids))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

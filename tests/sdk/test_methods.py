@@ -181,10 +181,23 @@ def test_default_targets_are_peft_tables(model_type: str, peft_type: str, field:
 
 
 def test_spec_table_is_all_of_peft_tables() -> None:
+    """Every portable method whose PEFT tuner fills a null ``target_modules`` from a per-architecture table
+    (``target_module_mapping``; IA3 reads its two constants directly) has that table in the spec: OFT and
+    BOFT had none, so a null ``target_modules`` (PEFT's own boft/llama-3.2-3B-default) matched no module."""
     peft_constants = pytest.importorskip("peft.utils.constants")
-    for peft_type in ("LORA", "IA3", "LOHA", "LOKR"):
-        table = getattr(peft_constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_TARGET_MODULES_MAPPING")
-        assert {m: default_targets(peft_type, m) for m in table} == table
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tables = {"IA3": peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING}
+    for peft_type in PORTABLE - {"IA3"}:
+        table = getattr(PEFT_TYPE_TO_TUNER_MAPPING[peft_type], "target_module_mapping", None)
+        if table is not None:
+            tables[peft_type] = table
+    assert {"OFT", "BOFT", "LORA", "ADALORA", "VERA", "LN_TUNING"} <= set(tables)
+    for peft_type, table in tables.items():
+        assert table and {m: default_targets(peft_type, m) for m in table} == table, peft_type
+        needs = {"total_step": 10} if peft_type == "ADALORA" else {}  # PEFT refuses an AdaLoRA without it
+        assert AdapterConfig.from_dict({"peft_type": peft_type, **needs}).for_model("llama")["target_modules"] == \
+            table["llama"], peft_type
 
 
 def test_null_target_modules_resolved_for_the_model_type() -> None:

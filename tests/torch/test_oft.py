@@ -164,6 +164,31 @@ def test_unsupported_variants_are_refused(make_config: Any, needle: str, llama: 
     assert any(needle in str(e) for e in adapterspec.validate_adapter(tmp_path))
 
 
+@pytest.mark.parametrize("make_config", [
+    pytest.param(lambda c: c.OFTConfig(r=32, oft_block_size=0, target_modules=None), id="oft"),
+    pytest.param(lambda c: c.BOFTConfig(boft_block_size=4, boft_block_num=0, target_modules=None), id="boft"),
+])
+def test_null_target_modules_take_peft_default_for_the_architecture(make_config: Any, llama: Any, token_inputs: Any,
+                                                                    tmp_path: Any) -> None:
+    """PEFT's own method_comparison config boft/llama-3.2-3B-default has ``target_modules: null``: PEFT fills
+    its per-architecture table (OFT's and BOFT's copy LoRA's: llama -> q_proj, v_proj) and loads the folder.
+    It was a TargetNotFoundError ("no module of the model matches target_modules=None")."""
+    peft_reference(llama, make_config(peft), tmp_path, fill=_fill)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # PEFT writes the list it resolved
+    path.write_text(json.dumps({**config, "target_modules": None}))  # as in the published config
+    assert adapterspec.validate_adapter(tmp_path) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = logits(peft.PeftModel.from_pretrained(fresh(llama), str(tmp_path)).eval(), token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
+    model = fresh(llama)
+    modules = adapterspec.load_adapter(model, tmp_path)
+    assert sorted(modules) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert_close(logits(model, token_inputs), expected)
+
+
 def test_oft_on_a_larger_conv_kernel_is_refused(cnn: Any, tmp_path: Any) -> None:
     """PEFT's OFT Conv2d forward (unfold, rotate, overlap-add fold) disagrees with its own merge for k > 1."""
     from peft import OFTConfig

@@ -89,6 +89,18 @@ def test_bad_folder_leaves_model_untouched(model_with_adapter: Any, good: Any, t
     assert adapterspec.active_adapters(model_with_adapter) == ["second"]
 
 
+def test_targets_matching_nothing_are_named_by_their_field(llama: Any) -> None:
+    """As in the Keras backend (whose message began with the regex itself, or "None:" for a null list)."""
+    model = fresh(llama)
+    before = snapshot(model)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ".*nothing"}
+    with pytest.raises(adapterspec.TargetNotFoundError) as info:
+        adapterspec.inject_adapter(model, config)
+    assert info.value.pointer == "/target_modules"
+    assert str(info.value).startswith("/target_modules: no module of the model matches target_modules='.*nothing'")
+    assert_same_snapshot(model, before)
+
+
 @pytest.mark.parametrize("wrap", [torch.nn.DataParallel, lambda m: torch.nn.Sequential(m)], ids=["DataParallel", "Sequential"])
 def test_a_wrapped_model_is_named_in_the_refusal(llama: Any, good: Any, wrap: Any) -> None:
     """A model wrapped (DataParallel, a container) before loading holds the adapter's modules under a prefix: the
