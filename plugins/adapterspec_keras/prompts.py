@@ -160,7 +160,11 @@ def check_prompt_learning(model: Any, config: AdapterConfig) -> AdapterConfig:
 
 
 def _fill_sizes(model: Any, config: AdapterConfig, ifaces: list[Any], layers: list[Any]) -> AdapterConfig:
-    """The sizes ``config`` leaves null, from the backbone (PEFT's ``_prepare_prompt_learning_config``)."""
+    """The sizes ``config`` leaves null, from the backbone (PEFT's ``_prepare_prompt_learning_config``); for prefix
+    tuning on a backbone with ``num_key_value_heads`` (keras-hub's name of the transformers config field PEFT looks
+    for), ``token_dim`` and ``num_attention_heads`` from its key/value heads even when the config gives them, as
+    PEFT 0.21 recomputes them (SPEC.md 14.3; the torch backend reads the transformers config:
+    :func:`adapterspec._rules.prefix_key_value_sizes`)."""
     backbone = model.backbone
     if config.peft_type == "PREFIX_TUNING":
         heads, head_dim = ifaces[0].kv_shape(layers[0])
@@ -169,6 +173,8 @@ def _fill_sizes(model: Any, config: AdapterConfig, ifaces: list[Any], layers: li
         query_heads = getattr(backbone, "num_query_heads", None) or getattr(backbone, "num_heads", None)
         sizes = {"num_layers": len(layers), "token_dim": _hidden_dim(model), "num_attention_heads": query_heads}
     changes = {k: int(v) for k, v in sizes.items() if config.get(k) is None and v is not None}
+    if config.peft_type == "PREFIX_TUNING" and getattr(backbone, "num_key_value_heads", None) is not None:
+        changes |= {k: v for k, v in sizes.items() if k != "num_layers" and v != config.get(k)}
     return config.replace(**changes) if changes else config
 
 

@@ -188,16 +188,34 @@ def _prompt_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> 
         return [MissingTensorError(f"{config.peft_type} needs the tensor {PROMPT_KEY!r}", key=PROMPT_KEY,
                                    hint="save the adapter again")]
     if config.peft_type == "PREFIX_TUNING":
-        layers, dim = config.get("num_layers"), config.get("token_dim")
-        width = None if layers is None or dim is None else int(layers) * 2 * int(dim)
-        expected = (config["num_virtual_tokens"], width)
-        why = "[num_virtual_tokens, num_layers * 2 * token_dim]"
-    else:
-        expected = (config["num_virtual_tokens"] * transformer_submodules(config), config.get("token_dim"))
-        why = "[num_virtual_tokens * num_transformer_submodules, token_dim]"
+        return _prefix_errors(config, info)
+    expected = (config["num_virtual_tokens"] * transformer_submodules(config), config.get("token_dim"))
+    why = "[num_virtual_tokens * num_transformer_submodules, token_dim]"
     # a size left null is read from the base model at load (SPEC 14.3): here only the rest can be checked
     if len(info.shape) != 2 or any(want is not None and got != want for got, want in zip(info.shape, expected)):
         return [ShapeMismatchError(f"shape {list(info.shape)} disagrees with the config: must be {why} = "
                                    f"{list(expected)}", key=PROMPT_KEY,
                                    hint="fix num_virtual_tokens / num_layers / token_dim in the config")]
     return []
+
+
+def _prefix_errors(config: AdapterConfig, info: TensorInfo) -> list[AdapterSpecError]:
+    """Check 12 for prefix tuning, without the model: ``[num_virtual_tokens, num_layers * 2 * d]``.
+
+    ``d`` is the config's ``token_dim`` only on a model without ``num_key_value_heads``: on the others PEFT 0.21
+    recomputes it from the model's key/value heads even when the config gives it (SPEC.md 14.3; PEFT's own
+    method_comparison configs give the hidden size of a grouped-query model), so without the model only a
+    multiple of ``2 * num_layers`` can be required. The reader checks ``d`` against the model (check 20).
+    """
+    layers = config.get("num_layers")
+    step = None if layers is None else 2 * int(layers)
+    if len(info.shape) == 2 and info.shape[0] == config["num_virtual_tokens"] and \
+            (step is None or (info.shape[1] > 0 and info.shape[1] % step == 0)):
+        return []
+    nvt, dim = config["num_virtual_tokens"], config.get("token_dim")
+    known = "" if step is None or dim is None else \
+        f"; d = token_dim = {dim} gives [{nvt}, {step * int(dim)}], a model with num_key_value_heads sets d itself"
+    return [ShapeMismatchError(
+        f"shape {list(info.shape)} disagrees with the config: must be [num_virtual_tokens, num_layers * 2 * d] = "
+        f"[{nvt}, {layers if layers is not None else 'num_layers'} * 2 * d], d the model's key/value width{known}",
+        key=PROMPT_KEY, hint="fix num_virtual_tokens / num_layers / token_dim in the config")]

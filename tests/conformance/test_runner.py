@@ -227,3 +227,27 @@ def test_manifest_examples_are_cases(corpus: Corpus) -> None:
         assert case.data["multi"] is True and case.valid == case.data["source"].startswith("spec/v1/examples/manifest/valid/")  # type: ignore[attr-defined]
         assert "core" in case.profiles
     assert corpus.by_name("folder/manifest-example-missing-path").data["pointer"] == "/adapters/a"
+
+
+def test_reference_recomputes_prefix_sizes_on_a_gqa_model() -> None:
+    """SPEC 14.3: on a model with num_key_value_heads PEFT recomputes prefix tuning's token_dim and
+    num_attention_heads even when the config gives them (PEFT's method_comparison prefixtuning/llama-3.2-3B-*
+    configs give the hidden size and the attention heads): only the tensor is checked against the model's
+    key/value width. It was a ShapeMismatchError ("token_dim 16 but the model needs 8"), at validation already."""
+    import numpy as np
+
+    from adapterspec import Adapter
+    from adapterspec.conformance.reference_impl import check_against_model
+    from adapterspec.errors import ShapeMismatchError
+
+    model = {"dtype": "float32", "modules": {}, "decoder": {
+        "architecture": "llama", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32}}
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "num_layers": 2,
+              "token_dim": 16, "num_attention_heads": 4, "num_transformer_submodules": 1}
+    fits = np.arange(3 * 2 * 2 * 8, dtype=np.float32).reshape(3, 32)  # key/value width 2 heads x 4
+    check_against_model(Adapter.from_tensors(config, {"prompt_embeddings": fits}), model)
+    wide = Adapter.from_tensors(config, {"prompt_embeddings": np.concatenate([fits, fits], axis=1)})  # the config's
+    with pytest.raises(ShapeMismatchError) as info:
+        check_against_model(wide, model)
+    assert info.value.key == "prompt_embeddings" and "2 * 8]" in info.value.message

@@ -3,6 +3,7 @@ training in Keras and loading the result in PEFT, and clear refusals where it ca
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,42 @@ def test_peft_prefix_gives_peft_logits(arch: str, projection: bool, checkpoints:
 
     adapterspec.delete_adapter(model, "default")
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prefix_sizes_the_config_gives_are_recomputed_on_a_gqa_model(checkpoints: Any, token_ids: np.ndarray,
+                                                                    tmp_path: Path) -> None:
+    """PEFT's method_comparison prefixtuning/llama-3.2-3B-* configs give token_dim = the hidden size and
+    num_attention_heads = the attention heads of a grouped-query model; PEFT recomputes both from its key/value
+    heads (SPEC.md 14.3) and loads the folder. It was refused: check 12 on the config's sizes ("shape [3, 128]
+    disagrees with the config ... [3, 256]"), then "token_dim 64 is not key/value heads x head_dim"."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    _peft_prefix(checkpoints["llama"], tmp_path / "prefix", salt=5)
+    path = tmp_path / "prefix" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token_dim": 64, "num_attention_heads": 4}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch_logits(peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "prefix")
+                                .eval(), token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    assert adapterspec.load_adapter(model, tmp_path / "prefix") == []
+    assert_near(keras_logits(model, token_ids), expected)
+    assert np.abs(expected - base).max() > 1e-2
+
+    # laid out with the config's sizes, [3, 2 * 2 * 64]: not this model's prefix (PEFT refuses it too)
+    tensor = load_file(tmp_path / "prefix" / "adapter_model.safetensors")["prompt_embeddings"]
+    save_file({"prompt_embeddings": np.concatenate([tensor, tensor], axis=1)},
+              tmp_path / "prefix" / "adapter_model.safetensors")
+    other = keras_model("llama", checkpoints["llama"])
+    before = snapshot(other)
+    with pytest.raises(adapterspec.ShapeMismatchError) as info:
+        adapterspec.load_adapter(other, tmp_path / "prefix")
+    assert info.value.key == "prompt_embeddings" and "[3, 128]" in info.value.message
+    assert_same_snapshot(before, snapshot(other))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -338,7 +338,10 @@ def test_prompt_tuning_shape_uses_derived_submodules() -> None:
     only(errors_for(cfg, {"prompt_embeddings": (3, 16)}), ShapeMismatchError, "prompt_embeddings")
     prefix = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 16, "num_attention_heads": 2,
               "num_layers": 2}
-    only(errors_for(prefix, {"prompt_embeddings": (3, 32)}), ShapeMismatchError, "prompt_embeddings")
+    only(errors_for(prefix, {"prompt_embeddings": (3, 30)}), ShapeMismatchError, "prompt_embeddings")
+    only(errors_for(prefix, {"prompt_embeddings": (4, 64)}), ShapeMismatchError, "prompt_embeddings")
+    # d = 8, not token_dim: a model with num_key_value_heads sets it (SPEC 14.3), checked at load (check 20)
+    assert errors_for(prefix, {"prompt_embeddings": (3, 32)}) == []
 
 
 # -- check 13: dtypes --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ are reported as such (SPEC.md 14)."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -116,6 +117,44 @@ def test_prompt_sizes_filled_from_the_model(llama: Any, token_inputs: dict[str, 
         peft_reference(llama, make(), small)
         _edit(small, num_virtual_tokens=make().num_virtual_tokens + 1, **dict.fromkeys(dropped, ...))
         adapterspec.load_adapter(other, small)
+
+
+def test_prefix_sizes_the_config_gives_are_recomputed_on_a_gqa_model(llama: Any, token_inputs: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """PEFT's method_comparison prefixtuning/llama-3.2-3B-* configs give token_dim = the hidden size and
+    num_attention_heads = the attention heads of a grouped-query model; PEFT recomputes both from its key/value
+    heads (SPEC.md 14.3) and loads the tensor [3, 2 * 2 * 32]. It was refused by check 12 with the config's sizes
+    ("shape [3, 128] disagrees with the config ... [3, 256]"), by validate too."""
+    peft_reference(llama, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path)
+    _edit(tmp_path, token_dim=64, num_attention_heads=4)  # tiny Llama: hidden 64, 4 heads, 2 key/value heads of 16
+    expected = logits(_peft_loads(llama, tmp_path), token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
+    assert adapterspec.validate_adapter(tmp_path) == []
+    model = fresh(llama)
+    assert adapterspec.load_adapter(model, tmp_path) == []
+    assert_close(logits(model, token_inputs), expected)
+
+    # a tensor laid out with the config's sizes [3, 2 * 2 * 64] fits the config but not the model: PEFT refuses it too
+    from safetensors.torch import load_file, save_file
+
+    wide = tmp_path / "wide"
+    peft_reference(llama, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), wide)
+    _edit(wide, token_dim=64, num_attention_heads=4)
+    tensor = load_file(wide / "adapter_model.safetensors")["prompt_embeddings"]
+    save_file({"prompt_embeddings": torch.cat([tensor, tensor], dim=1)}, wide / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _peft_loads(llama, wide)
+    assert adapterspec.validate_adapter(wide) == []  # without the model: any key/value width
+    other = fresh(llama)
+    before = snapshot(other)
+    with pytest.raises(adapterspec.ShapeMismatchError) as info:
+        adapterspec.load_adapter(other, wide)
+    assert info.value.key == "prompt_embeddings" and "[3, 256]" in info.value.message
+    assert_same_snapshot(other, before)
+    bad = tmp_path / "bad"  # not [num_virtual_tokens, num_layers * 2 * d] for any d: refused without the model
+    shutil.copytree(wide, bad)
+    save_file({"prompt_embeddings": tensor[:, :-2].contiguous()}, bad / "adapter_model.safetensors")
+    assert [e.key for e in adapterspec.validate_adapter(bad)] == ["prompt_embeddings"]
 
 
 def test_not_portable_method_refused_at_load(llama: Any, tmp_path: Path) -> None:

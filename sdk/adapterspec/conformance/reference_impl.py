@@ -220,11 +220,14 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         if config.peft_type in ("PROMPT_TUNING", "P_TUNING"):  # P-tuning stores the encoder's output (SPEC 15.8)
             width = hidden
         else:
-            width = hidden // heads * (kv or heads) if hidden and heads else None
+            width = (decoder.get("head_dim") or hidden // heads) * (kv or heads) if hidden and heads else None
             if layers is not None and config.get("num_layers") not in (None, layers):
                 raise ShapeMismatchError(f"num_layers {config['num_layers']} but the model has {layers} layers",
                                          key=PROMPT_KEY, hint="the adapter was made for another model")
-        if width is not None and config.get("token_dim") not in (None, width):
+        # prefix tuning on a model with num_key_value_heads: PEFT recomputes token_dim from them, whatever the config
+        # gives (SPEC 14.3), so only the tensor is checked against the width
+        recomputed = config.peft_type == "PREFIX_TUNING" and kv is not None
+        if width is not None and not recomputed and config.get("token_dim") not in (None, width):
             raise ShapeMismatchError(f"token_dim {config['token_dim']} but the model needs {width}", key=PROMPT_KEY,
                                      hint="the adapter was made for another model")
         # sizes the config leaves null come from the model (SPEC 14.3): the tensor must fit them
