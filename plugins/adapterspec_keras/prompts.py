@@ -48,6 +48,7 @@ from typing import Any
 from keras import ops
 
 from adapterspec import AdapterConfig
+from adapterspec._rules import prompt_init_refusal
 from adapterspec.errors import UnsupportedError
 
 from ._ops import HALF
@@ -207,10 +208,9 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
                                "that PEFT does not save and this backend does not implement; only saved prefixes "
                                "(the MLP's output) load", pointer="/prefix_projection",
                                hint="train it with PEFT, or set prefix_projection to false (the prefix trains directly)")
-    if config.peft_type == "PROMPT_TUNING" and initialize and (config.get("prompt_tuning_init") or "RANDOM") != "RANDOM":
-        raise UnsupportedError(f"prompt_tuning_init {config['prompt_tuning_init']!r} needs the tokenizer and PEFT's "
-                               "initialisation", pointer="/prompt_tuning_init",
-                               hint="inject with prompt_tuning_init 'RANDOM', or load a trained adapter")
+    refusal = prompt_init_refusal(config) if initialize else None
+    if refusal is not None:  # exactly TEXT / SAMPLE_VOCAB: other values initialise at random in PEFT too
+        raise refusal
     if options.trainable:
         _ensure_slice_update_gradient()
     heads, head_dim = ifaces[0].kv_shape(layers[0])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._rules import prefix_key_value_sizes, transformer_submodules
+from adapterspec._rules import prefix_key_value_sizes, prompt_init_refusal, transformer_submodules
 from adapterspec.errors import ShapeMismatchError, UnsupportedError
 from adapterspec.naming import PROMPT_KEY
 
@@ -327,6 +327,9 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
                                "that PEFT does not save and this backend does not implement; only saved prefixes "
                                "(the MLP's output) load", pointer="/prefix_projection",
                                hint="train it with PEFT, or set prefix_projection to false (the prefix trains directly)")
+    refusal = prompt_init_refusal(config) if options.initialize else None
+    if refusal is not None:  # exactly TEXT / SAMPLE_VOCAB: other values initialise at random in PEFT too
+        raise refusal
     config = check_prompt_learning(model, config)
     hf: Any = model  # a transformers model, as checked above: methods nn.Module does not declare
     embeddings = hf.get_input_embeddings()

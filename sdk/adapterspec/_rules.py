@@ -22,7 +22,7 @@ from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries",
-           "merge_refusal", "not_portable",
+           "merge_refusal", "not_portable", "prompt_init_refusal",
            "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "task_takes", "training_refusals",
            "transformer_submodules", "unsupported_features", "velora_state_size"]
 
@@ -363,6 +363,25 @@ def _rotation_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
                       "adapterspec readers (PEFT 0.21 builds it only with its CUDA extension and silently trains "
                       "one factor without it, whatever the config says)"))
     return found
+
+
+def prompt_init_refusal(config: Mapping[str, Any]) -> UnsupportedError | None:
+    """The refusal of a fresh ``PROMPT_TUNING`` adapter PEFT would initialise from its tokenizer: ``prompt_tuning_init``
+    exactly ``"TEXT"`` or ``"SAMPLE_VOCAB"`` (PEFT compares the field with its ``str`` enum, so any other value --
+    ``"RANDOM"``, ``"PromptTuningInit.TEXT"`` as a published tutorial writes it -- initialises at random, as the
+    backends do; SPEC.md 4.1.5). ``None`` when the backends initialise it as PEFT does.
+
+    >>> prompt_init_refusal({"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "TEXT"}).pointer
+    '/prompt_tuning_init'
+    >>> prompt_init_refusal({"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "PromptTuningInit.TEXT"}) is None
+    True
+    """
+    value = config.get("prompt_tuning_init")
+    if config.get("peft_type") != "PROMPT_TUNING" or not isinstance(value, str) or value not in ("TEXT", "SAMPLE_VOCAB"):
+        return None
+    return UnsupportedError(f"prompt_tuning_init {value!r} needs the tokenizer and PEFT's initialisation",
+                            pointer="/prompt_tuning_init",
+                            hint="inject with prompt_tuning_init 'RANDOM', or load a trained adapter")
 
 
 def merge_refusal(active: Iterable[str], merged: Iterable[str], todo: Iterable[str],

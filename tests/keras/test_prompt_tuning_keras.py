@@ -94,6 +94,29 @@ def test_peft_prompt_tuning_gives_peft_logits(arch: str, checkpoints: Any, long_
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_prompt_tuning_init_as_the_enums_str_loads_as_in_peft(checkpoints: Any, long_ids: np.ndarray,
+                                                              tmp_path: Path) -> None:
+    """A published tutorial config has "prompt_tuning_init": "PromptTuningInit.TEXT" (the str() of PEFT's enum): PEFT
+    loads it (the field only matters at initialisation, where any value but exactly TEXT / SAMPLE_VOCAB is random).
+    It was a ConfigError ("is not one of ['RANDOM', 'SAMPLE_VOCAB', 'TEXT']"); a fresh one was refused."""
+    import json
+
+    _peft(checkpoints["llama"], _prompt_config(), tmp_path / "prompt", salt=7)
+    path = tmp_path / "prompt" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prompt_tuning_init": "PromptTuningInit.TEXT",
+                                "prompt_tuning_init_text": "Classify:"}))
+    pm = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), tmp_path / "prompt").eval()
+    _check_against_peft("llama", pm, tmp_path / "prompt", long_ids, checkpoints, skip=NVT)
+    model = keras_model("llama", checkpoints["llama"])
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "token_dim": 64,
+              "prompt_tuning_init": "PromptTuningInit.TEXT"}
+    adapterspec.inject_adapter(model, config)  # random, as PEFT initialises it
+    assert adapterspec.save_adapter(model, tmp_path / "ours") is not None
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["prompt_tuning_init"] == "PromptTuningInit.TEXT"  # kept as given, as PEFT keeps it
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3_text"])
 def test_peft_prefix_on_gemma_gives_peft_logits(arch: str, checkpoints: Any, long_ids: np.ndarray,
                                                 tmp_path: Path) -> None:

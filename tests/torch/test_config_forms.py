@@ -157,6 +157,59 @@ def test_prefix_sizes_the_config_gives_are_recomputed_on_a_gqa_model(llama: Any,
     assert [e.key for e in adapterspec.validate_adapter(bad)] == ["prompt_embeddings"]
 
 
+@pytest.mark.parametrize(("make", "changes"), [
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+     {"prompt_tuning_init": "PromptTuningInit.TEXT", "prompt_tuning_init_text": "Classify:"}),
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+     {"prompt_tuning_init": "PromptTuningInit.SAMPLE_VOCAB"}),
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), {"prompt_tuning_init": None}),
+    (lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+     {"encoder_reparameterization_type": "PromptEncoderReparameterizationType.LSTM"}),
+    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), {"init_weights": "ZERO"}),
+], ids=["prompt-init-enum-str", "prompt-init-enum-str-vocab", "prompt-init-null", "p-tuning-encoder-enum-str",
+        "prefix-init-other"])
+def test_init_fields_load_whatever_peft_loads(llama: Any, token_inputs: dict[str, Any], tmp_path: Path, make: Any,
+                                             changes: dict[str, Any]) -> None:
+    """PEFT compares these training-time fields with its str enums (or 'zero') and takes any other value for the
+    default; it loads them all and writes them back as given. A published tutorial config has
+    "prompt_tuning_init": "PromptTuningInit.TEXT" (the enum's str()): it was a ConfigError ("is not one of
+    ['RANDOM', 'SAMPLE_VOCAB', 'TEXT']")."""
+    peft_reference(llama, make(), tmp_path / "peft")
+    _edit(tmp_path / "peft", **changes)
+    expected = logits(_peft_loads(llama, tmp_path / "peft"), token_inputs)
+    assert adapterspec.validate_adapter(tmp_path / "peft") == []
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, token_inputs), expected)
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert {k: saved[k] for k in changes} == changes  # kept as given, as PEFT keeps them
+
+
+def test_enum_fields_peft_refuses_in_their_str_form_are_refused(llama: Any, tmp_path: Path) -> None:
+    """task_type and peft_type are checked by PEFT against the enums' values: "TaskType.CAUSAL_LM" is a ValueError,
+    "PeftType.PROMPT_TUNING" a KeyError. A fresh prompt with exactly "TEXT" needs PEFT's tokenizer initialisation:
+    refused (it was initialised at random, silently); "PromptTuningInit.TEXT" is random in PEFT too."""
+    peft_reference(llama, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path)
+    for field, value in (("task_type", "TaskType.CAUSAL_LM"), ("peft_type", "PeftType.PROMPT_TUNING")):
+        _edit(tmp_path, **{field: value})
+        with pytest.raises((ValueError, KeyError)):
+            _peft_loads(llama, tmp_path)
+        with pytest.raises(ConfigError) as info:
+            adapterspec.load_adapter(fresh(llama), tmp_path)
+        assert info.value.pointer == f"/{field}"
+        _edit(tmp_path, task_type="CAUSAL_LM", peft_type="PROMPT_TUNING")
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
+              "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Classify:", "tokenizer_name_or_path": "t"}
+    model = fresh(llama)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as refused:
+        adapterspec.inject_adapter(model, config)
+    assert refused.value.pointer == "/prompt_tuning_init"
+    assert_same_snapshot(model, before)
+    adapterspec.inject_adapter(model, {**config, "prompt_tuning_init": "PromptTuningInit.TEXT"})
+
+
 def test_not_portable_method_refused_at_load(llama: Any, tmp_path: Path) -> None:
     peft_reference(llama, peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)  # HRA stays not portable
     _peft_loads(llama, tmp_path)  # PEFT loads it
