@@ -33,6 +33,7 @@ from typing import Any
 
 from ._safetensors import check_not_lfs_pointer
 from .errors import HubError, IntegrityError
+from .spec import CONFIG_NAME, MANIFEST_NAME
 
 __all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "Watchdog", "check_cached", "fetch", "resolve_timeout", "watching"]
 
@@ -235,13 +236,21 @@ def fetch(repo_id: str, filename: str, *, revision: str, where: str, token: str 
 
 
 def check_not_pointer(path: Path, filename: str, where: str) -> None:
-    """Refuse a weights file that is a git-LFS pointer committed as a regular file (the Hub serves its text).
+    """Refuse a weights file, config or manifest that is a git-LFS pointer committed as a regular file (the Hub
+    serves its text; public adapter repos hold such ``adapter_config.json`` files too).
 
     :raises FileFormatError: it is one (named by its ``hf://`` address ``where``).
     """
-    if filename.endswith((".safetensors", ".bin")):
-        check_not_lfs_pointer(path, where=where, hint="the repo holds the pointer file itself, committed without "
-                              "git-lfs: push the weights file (adapterspec push, or huggingface_hub's upload_folder)")
+    name = filename.rsplit("/", 1)[-1]
+    what = "tensors" if name.endswith((".safetensors", ".bin")) else _JSON_FILES.get(name)
+    if what is not None:
+        check_not_lfs_pointer(path, where=where, what=what, hint="the repo holds the pointer file itself, committed "
+                              f"without git-lfs: push the {'weights' if what == 'tensors' else what} file "
+                              "(adapterspec push, or huggingface_hub's upload_folder)")
+
+
+#: The JSON files of an adapter folder, and what they hold (for the pointer refusal's message).
+_JSON_FILES = {CONFIG_NAME: "config", MANIFEST_NAME: "manifest"}
 
 
 def check_cached(path: Path, filename: str, where: str, *, online: bool, token: str | bool | None = None,

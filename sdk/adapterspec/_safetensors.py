@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, NamedTuple
 from safetensors import SafetensorError, safe_open
 
 from ._background import in_background
+from ._lfs import lfs_pointer_error
 from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
@@ -88,14 +89,12 @@ def read_header(path: Path, file: BinaryIO | None = None) -> Header:
     return Header(infos, metadata, raw, size, spans)
 
 
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
 def check_not_lfs_pointer(path: Path, file: BinaryIO | None = None, *, where: str | None = None,
-                          hint: str | None = None) -> None:
+                          hint: str | None = None, what: str = "tensors") -> None:
     """Refuse a git-LFS pointer file -- what a clone without git-lfs holds in place of a large file.
 
     :param where: the name the error gives the file (default: ``path``), e.g. its ``hf://`` address.
+    :param what: what the file should hold ("tensors"; "config", "manifest" for the JSON files).
     :raises FileFormatError: it is one; the message gives the pointer's ``oid`` and ``size``.
     """
     try:
@@ -103,13 +102,9 @@ def check_not_lfs_pointer(path: Path, file: BinaryIO | None = None, *, where: st
             head = os.pread(fh.fileno(), 1024, 0)
     except OSError:
         return
-    if not head.startswith(_LFS_POINTER):
-        return
-    fields = dict(line.split(" ", 1) for line in head.decode("ascii", "replace").splitlines()[1:] if " " in line)
-    pointer = ", ".join(f"{k} {fields[k][:80]}" for k in ("oid", "size") if k in fields) or "no oid"
-    raise FileFormatError(f"a git-LFS pointer ({pointer}), not the tensors it stands for", path=where or path,
-                          hint=hint or "the repository was cloned without git-lfs: run 'git lfs install' and "
-                                       "'git lfs pull' in it, or load the adapter from the Hub by name (hf://org/name)")
+    error = lfs_pointer_error(head, where or path, what, hint=hint)
+    if error is not None:
+        raise error
 
 
 def _names(path: Path, fh: Any) -> bool:

@@ -46,6 +46,7 @@ from ._rules import (
     unsupported_features,
     velora_state_size,
 )
+from ._lfs import lfs_pointer_error
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
 from .spec import SPEC_VERSION, check_version
@@ -720,6 +721,9 @@ def read_json_file(path: str | Path, *, what: str = "config", limit: int = MAX_C
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_members)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        pointer = lfs_pointer_error(raw, path, what)  # a clone without git-lfs: not a JSON typo
+        if pointer is not None:
+            raise pointer from None
         raise FileFormatError(f"not valid JSON: {str(exc)[:300]}", path=path, hint="fix the JSON syntax") from None
 
 

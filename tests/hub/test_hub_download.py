@@ -238,6 +238,24 @@ def test_lfs_pointer_committed_as_a_file_is_named_by_its_hub_address(hub, make_l
         download_adapter("org/pointer", revision=sha)
 
 
+def test_lfs_pointer_committed_as_the_config_is_named_by_its_hub_address(hub, make_lora) -> None:
+    """Public repos hold adapter_config.json files that are pointers: it read "not valid JSON ... fix the JSON
+    syntax" (the cache path named); now named by its hf:// address."""
+    from adapterspec import FileFormatError
+
+    local = make_lora("config-pointer")
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"cd" * 32 + b"\nsize 902\n"
+    sha = hub.commit("org/config-pointer", {"adapter_config.json": pointer,
+                                            "adapter_model.safetensors": (local / "adapter_model.safetensors").read_bytes()})
+    want = (r"hf://org/config-pointer/adapter_config.json: a git-LFS pointer \(oid sha256:(cd){32}, size 902\), "
+            "not the config it stands for")
+    with pytest.raises(FileFormatError, match=want) as info:
+        adapterspec.read_adapter(download_adapter("org/config-pointer"))
+    assert "push the config file" in str(info.value)
+    with pytest.raises(FileFormatError, match=want.replace("pointer/", f"pointer@{sha}/")):
+        download_adapter("org/config-pointer", revision=sha)
+
+
 def test_load_adapter_and_validate_resolve_hub_sources(hub, make_lora) -> None:
     """The core's resolve_source and the CLI's ``validate hf://...`` go through download_adapter."""
     from adapterspec.api import resolve_source

@@ -134,6 +134,25 @@ def test_git_lfs_pointer_is_named(lora: Path, capsys: pytest.CaptureFixture[str]
     assert "git lfs pull" in out
 
 
+@pytest.mark.parametrize(("name", "what"), [("adapter_config.json", "config"), ("adapterspec.json", "manifest")])
+def test_git_lfs_pointer_in_place_of_a_json_file_is_named(lora: Path, capsys: pytest.CaptureFixture[str],
+                                                          name: str, what: str) -> None:
+    """Public adapter repos hold adapter_config.json files that are pointers too: it read "not valid JSON: Expecting
+    value ... (fix: fix the JSON syntax)". The manifest the same way; the config file validated alone too."""
+    import adapterspec
+
+    (lora / name).write_bytes(LFS_POINTER)
+    want = (f"{name}: a git-LFS pointer (oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393, "
+            f"size 40960), not the {what} it stands for")
+    for target in (lora, lora / name):
+        code, out = run(capsys, str(target))
+        assert code == 1 and want in out and "git lfs pull" in out, out
+        assert "not valid JSON" not in out
+    with pytest.raises(adapterspec.errors.FileFormatError) as info:
+        (adapterspec.read_adapter if what == "config" else adapterspec.read_adapters)(lora)
+    assert info.value.path == str(lora / name) and f"not the {what} it stands for" in info.value.message
+
+
 def test_strict_reports_unknown_fields(lora: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edit_config(lora, use_doar=True)
     code, out = run(capsys, str(lora))
