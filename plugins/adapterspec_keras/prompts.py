@@ -48,7 +48,7 @@ from typing import Any
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._rules import prompt_init_refusal
+from adapterspec._rules import prompt_init_refusal, starts_at_zero
 from adapterspec.errors import UnsupportedError
 
 from ._ops import HALF
@@ -222,7 +222,7 @@ def inject_prefix(model: Any, state: Any, config: AdapterConfig, adapter_name: s
     device, dtype = target_of(ifaces[0].key_kernel(layers[0]), options)
     if options.dtype is None and dtype in HALF:
         dtype = "float32"  # SPEC.md 7.5: PEFT's prompt encoder is float32, cast to the base's dtype where used
-    init = ("normal", 1.0) if initialize else ("zeros",)  # PEFT: nn.Embedding init
+    init = ("normal", 1.0) if initialize and not starts_at_zero(config) else ("zeros",)  # PEFT: nn.Embedding init
     ref = bank.reserve("prompt_embeddings", shape, dtype, device, init, trainable=options.trainable)
     state.prompts[adapter_name] = PrefixSlot(bank, ref, Layout(shape, shape, (0, 1)), nvt, n_layers, heads, head_dim,
                                              method=config.peft_type, key_order=ifaces[0].key_order(layers[0]))

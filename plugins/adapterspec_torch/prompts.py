@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
-from adapterspec._rules import prefix_key_value_sizes, prompt_init_refusal, transformer_submodules
+from adapterspec._rules import prefix_key_value_sizes, prompt_init_refusal, starts_at_zero, transformer_submodules
 from adapterspec.errors import ShapeMismatchError, UnsupportedError
 from adapterspec.naming import PROMPT_KEY
 
@@ -341,7 +341,10 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
     tensor = torch.empty(_prompt_shape(config), device=device, dtype=dtype)
     if device.type != "meta":
         with torch.no_grad():
-            tensor.normal_()
+            if starts_at_zero(config):  # PEFT's init_weights "zero"; else nn.Embedding's normal start
+                tensor.zero_()
+            else:
+                tensor.normal_()
     prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
     if state.prompt_hook is None:
         state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)

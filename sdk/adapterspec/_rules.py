@@ -22,7 +22,7 @@ from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
 __all__ = ["NO_MODULES_TO_SAVE", "OFT_PEFT_VERSION", "PORTABLE_METHODS", "TASK_MODULES_TO_SAVE", "duplicate_entries",
-           "merge_refusal", "not_portable", "prompt_init_refusal",
+           "merge_refusal", "not_portable", "prompt_init_refusal", "starts_at_zero",
            "peft_fan_in_fan_out", "prefix_key_value_sizes", "rule_problems", "task_takes", "training_refusals",
            "transformer_submodules", "unsupported_features", "velora_state_size"]
 
@@ -382,6 +382,16 @@ def prompt_init_refusal(config: Mapping[str, Any]) -> UnsupportedError | None:
     return UnsupportedError(f"prompt_tuning_init {value!r} needs the tokenizer and PEFT's initialisation",
                             pointer="/prompt_tuning_init",
                             hint="inject with prompt_tuning_init 'RANDOM', or load a trained adapter")
+
+
+def starts_at_zero(config: Mapping[str, Any]) -> bool:
+    """Whether PEFT starts a fresh prefix-tuning prompt at zero: ``init_weights`` exactly ``"zero"`` (any other value
+    is nn.Embedding's random start; SPEC.md 4.1.4).
+
+    >>> starts_at_zero({"peft_type": "PREFIX_TUNING", "init_weights": "zero"}), starts_at_zero({"init_weights": "zero"})
+    (True, False)
+    """
+    return config.get("peft_type") == "PREFIX_TUNING" and config.get("init_weights") == "zero"
 
 
 def merge_refusal(active: Iterable[str], merged: Iterable[str], todo: Iterable[str],

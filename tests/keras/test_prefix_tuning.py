@@ -106,6 +106,20 @@ def test_prefix_sizes_the_config_gives_are_recomputed_on_a_gqa_model(checkpoints
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_fresh_prefix_with_init_weights_zero_starts_at_zero_as_in_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                       tmp_path: Path) -> None:
+    """PEFT starts the prefix at zero for exactly init_weights "zero" (it started at random here)."""
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "init_weights": "zero"}
+    reference = peft.get_peft_model(hf_model(checkpoints["llama"]), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero")).eval()
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.inject_adapter(model, config)
+    prompt = adapterspec.extract_adapter(model).load_tensors("numpy")["prompt_embeddings"]
+    assert prompt.shape == (3, 2 * 2 * 32) and not prompt.any()
+    assert_near(keras_logits(model, token_ids), torch_logits(reference, token_ids))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_prefix_trained_with_fit_loads_in_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
     model = keras_model("llama", checkpoints["llama"])
     config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_layers": 2,

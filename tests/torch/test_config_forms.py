@@ -210,6 +210,27 @@ def test_enum_fields_peft_refuses_in_their_str_form_are_refused(llama: Any, tmp_
     adapterspec.inject_adapter(model, {**config, "prompt_tuning_init": "PromptTuningInit.TEXT"})
 
 
+def test_a_fresh_prefix_with_init_weights_zero_starts_at_zero_as_in_peft(llama: Any, token_inputs: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    """PEFT starts the prefix at zero for exactly init_weights "zero" (it started at random here: logits 0.61 off PEFT's
+    prefix); a fresh one gives PEFT's logits then, and any other value stays random."""
+    from safetensors.torch import load_file
+
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3, "init_weights": "zero"}
+    reference = peft.get_peft_model(fresh(llama), peft.PrefixTuningConfig(**{k: v for k, v in config.items()
+                                                                            if k != "peft_type"})).eval()
+    model = fresh(llama)
+    adapterspec.inject_adapter(model, config)
+    adapterspec.save_adapter(model, tmp_path / "ours")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert ours.shape == (3, 2 * 2 * 32) and not ours.any()
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+    other = fresh(llama)
+    adapterspec.inject_adapter(other, {**config, "init_weights": "ZERO"})  # random in PEFT too
+    adapterspec.save_adapter(other, tmp_path / "random")
+    assert load_file(tmp_path / "random" / "adapter_model.safetensors")["prompt_embeddings"].abs().min() > 0
+
+
 def test_not_portable_method_refused_at_load(llama: Any, tmp_path: Path) -> None:
     peft_reference(llama, peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)  # HRA stays not portable
     _peft_loads(llama, tmp_path)  # PEFT loads it
