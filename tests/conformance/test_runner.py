@@ -88,16 +88,80 @@ class WrongErrors(ReferenceImplementation):
                 raise ValueError("bad dtype") from exc
             if case.id == "sha256-mismatch":  # a more specific class is fine... and this one is its parent
                 raise Refused("FileFormatError", message=str(exc)) from exc
+            if case.id == "lora-b-transposed":  # names lora_A; the message mentions the expected lora_B
+                raise Refused("ShapeMismatchError", key=case.key.replace("lora_B", "lora_A"),
+                              message=f"disagrees with {case.key}") from exc
             raise
 
 
 def test_error_class_and_key_are_checked(corpus: Corpus) -> None:
     report = run_suite(WrongErrors(), corpus, include=["^folder/"])
     failed = {r.name: r.message for r in report.results if r.status is Status.FAILED}
-    assert set(failed) == {"folder/missing-tensor", "folder/dtype-int32", "folder/sha256-mismatch"}
+    assert set(failed) == {"folder/missing-tensor", "folder/dtype-int32", "folder/sha256-mismatch",
+                           "folder/lora-b-transposed"}
     assert "must name key 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'" in failed["folder/missing-tensor"]
     assert "refused with ValueError: bad dtype; expected DTypeMismatchError" in failed["folder/dtype-int32"]
     assert "expected IntegrityError" in failed["folder/sha256-mismatch"]
+    # a key that is given is judged alone: the message is the fallback only for a refusal without one
+    assert "must name key 'base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight'; got key='base_model" \
+           ".model.model.layers.0.self_attn.v_proj.lora_A.weight'" in failed["folder/lora-b-transposed"]
+
+
+def _rewrite_metadata(path: Path, change: Any) -> None:
+    """Rewrite a safetensors file's ``__metadata__`` with ``change(metadata) -> metadata`` (the data unchanged)."""
+    import struct
+
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    metadata = change(dict(header.pop("__metadata__", {})))
+    raw = json.dumps({"__metadata__": metadata, **header} if metadata else header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+
+
+def _rewrite_config(path: Path, change: Any) -> None:
+    config = json.loads((path / "adapter_config.json").read_text("utf-8"))
+    (path / "adapter_config.json").write_text(json.dumps(change(config)), "utf-8")
+
+
+#: A writer breaking one MUST of SPEC.md 2.2, 4.1, 4.4 or 9 -> the runner's message naming the break.
+_BAD_WRITERS = {
+    "version-2": (lambda dst: _rewrite_metadata(dst / "adapter_model.safetensors",
+                                                lambda m: m | {"adapterspec_version": "2.0"}),
+                  "adapterspec_version '2.0'; a writer of spec 1.1 records '1.1' there"),
+    "zero-sha256": (lambda dst: _rewrite_metadata(dst / "adapter_model.safetensors",
+                                                  lambda m: m | {"adapterspec_sha256": "0" * 64}),
+                    "has adapterspec_sha256 '0000000000"),
+    "no-metadata": (lambda dst: _rewrite_metadata(dst / "adapter_model.safetensors", lambda m: {}),
+                    "adapterspec_version None"),
+    "patterns-reversed": (lambda dst: _rewrite_config(dst, lambda c: c | {
+        "rank_pattern": dict(reversed(list(c["rank_pattern"].items())))}),
+                          "rank_pattern: saved with its members in another order"),
+    "r-as-float": (lambda dst: _rewrite_config(dst, lambda c: c | {"r": float(c["r"])}),
+                   "/r: an integer field written as 4.0"),
+    "version-in-config": (lambda dst: _rewrite_config(dst, lambda c: c | {"adapterspec_version": "1.1"}),
+                          "adapterspec_version: written into adapter_config.json"),
+}
+
+
+class BadWriter(ReferenceImplementation):
+    """The reference, whose round trip then breaks one writer rule (:data:`_BAD_WRITERS`)."""
+
+    def __init__(self, how: str) -> None:
+        self.name, self.how = f"bad-writer-{how}", how
+
+    def roundtrip(self, case: Any, src: Path, dst: Path) -> None:
+        super().roundtrip(case, src, dst)
+        _BAD_WRITERS[self.how][0](dst)
+
+
+@pytest.mark.parametrize("how", sorted(_BAD_WRITERS))
+def test_roundtrip_judges_what_a_writer_must_write(corpus: Corpus, how: str) -> None:
+    report = run_suite(BadWriter(how), corpus, include=["^roundtrip/roundtrip-lora-pattern-order-f32$"])
+    (result,) = report.results
+    assert result.status is Status.FAILED and _BAD_WRITERS[how][1] in result.message, result.message
+    assert run_suite(ReferenceImplementation(), corpus, include=["^roundtrip/roundtrip-lora-pattern-order-f32$"]).ok
 
 
 def test_xfail(corpus: Corpus) -> None:

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import shutil
@@ -27,11 +29,12 @@ import numpy as np
 
 from . import _io
 from .cases import Case, Corpus, FolderCase, NumericCase, RoundtripCase, SchemaCase, load_corpus
+from ..spec import SPEC_VERSION
 from .contract import Refusal, Unsupported, call
 
 __all__ = ["CaseFailed", "Report", "Result", "Status", "compare_folders", "compare_outputs",
-           "config_differences", "error_is_a", "load_error_hierarchy", "run_case", "run_suite", "select",
-           "warning_matches"]
+           "config_differences", "error_is_a", "integers_written_as_floats", "load_error_hierarchy", "run_case",
+           "run_suite", "select", "warning_matches"]
 
 
 class Status(str, Enum):
@@ -172,14 +175,27 @@ class CaseFailed(AssertionError):
 
 
 def _names(refusal: Refusal, attr: str, expected: str | list[str] | None) -> bool:
-    """Whether the refusal names ``expected`` (one of them, for a list): as its key/pointer, or in its message."""
+    """Whether the refusal names ``expected`` (one of them, for a list) as its ``key`` / ``pointer``.
+
+    A refusal that carries the attribute is judged by it alone: naming another tensor or field fails, whatever
+    the message says. Only a refusal without it is judged by its message (the expected name appearing in it);
+    for the root pointer ``""``, a refusal without a pointer passes.
+
+    >>> _names(Refusal("ShapeMismatchError", key="m.lora_A.weight", message="see m.lora_B.weight"), "key",
+    ...        "m.lora_B.weight")
+    False
+    >>> _names(Refusal("ShapeMismatchError", message="m.lora_B.weight: [2, 4]"), "key", "m.lora_B.weight")
+    True
+    """
     if expected is None:
         return True
+    wanted = [expected] if isinstance(expected, str) else expected
     value = getattr(refusal, attr)
-    for want in [expected] if isinstance(expected, str) else expected:
-        if value == want or (attr == "pointer" and want == "" and value is None) or (want and want in refusal.message):
-            return True
-    return False
+    if value is not None:
+        return value in wanted
+    if attr == "pointer" and "" in wanted:
+        return True
+    return any(want and want in refusal.message for want in wanted)
 
 
 def _check_refusal(impl: Any, refusal: Refusal, error: str | None, key: str | list[str] | None, pointer: str | None,
@@ -298,10 +314,14 @@ def _numeric(impl: Any, case: NumericCase, hierarchy: Mapping[str, str | None], 
 
 
 #: Config fields a writer may add or change without changing the adapter (PEFT writes them on save).
+#: ``adapterspec_version`` is one of them in the source config (a spec 1.0 writer put it there), never in the
+#: saved one (SPEC.md 2.2: a 1.1 writer records it in the safetensors metadata only).
 INFORMATIONAL_FIELDS = frozenset({"inference_mode", "adapterspec_version", "peft_version", "base_model_name_or_path",
                                   "revision", "auto_mapping", "task_type"})
 #: List fields PEFT holds as sets (their order is not kept on save).
 SET_FIELDS = frozenset({"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"})
+#: Object fields whose member order is part of their meaning: the first matching key wins (SPEC.md 3.1, 4.4).
+ORDERED_FIELDS = ("rank_pattern", "alpha_pattern")
 
 
 def _schema_defaults(peft_type: str) -> dict[str, Any]:
@@ -312,16 +332,54 @@ def _schema_defaults(peft_type: str) -> dict[str, Any]:
     return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v}
 
 
+@functools.cache
+def _strict_integer_validator() -> Any:
+    """The config schema's validator with ``integer`` meaning a JSON integer as written (no fraction): JSON
+    Schema counts ``4.0`` as an integer, which readers accept and writers must not write (SPEC.md 4.1)."""
+    import jsonschema
+
+    from ..config import load_schema
+
+    schema = load_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    checker = cls.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
+    return jsonschema.validators.extend(cls, type_checker=checker)(schema)
+
+
+def integers_written_as_floats(config: Any) -> list[str]:
+    """The JSON pointers of the integer fields (per the spec's schema) ``config`` holds as numbers with a fraction
+    (``"r": 4.0``), sorted.
+
+    >>> integers_written_as_floats({"peft_type": "LORA", "r": 4.0, "lora_alpha": 8.0, "rank_pattern": {"q": 2.0}})
+    ['/r', '/rank_pattern/q']
+    """
+    found: set[str] = set()
+    pending = list(_strict_integer_validator().iter_errors(config))
+    while pending:
+        error = pending.pop()
+        pending.extend(error.context or ())
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        if error.validator == "type" and "integer" in types and isinstance(error.instance, float) \
+                and error.instance.is_integer():
+            found.add("".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path))
+    return sorted(found)
+
+
 def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
     """How ``saved`` differs from ``source`` beyond what a faithful writer may change (empty: equivalent).
 
     Every field of ``source`` must be in ``saved`` with an equal value (list fields PEFT holds as sets
-    compare as sets), except informational fields (:data:`INFORMATIONAL_FIELDS`); a field only in
-    ``saved`` must hold the schema's default.
+    compare as sets; ``rank_pattern`` and ``alpha_pattern`` keep their member order, SPEC.md 4.4), except
+    informational fields (:data:`INFORMATIONAL_FIELDS`); a field only in ``saved`` must hold the schema's
+    default. ``saved`` must hold no ``adapterspec_version`` (SPEC.md 2.2) and write integer fields as
+    integers (``4``, not ``4.0``: SPEC.md 4.1).
 
     >>> config_differences({"peft_type": "LORA", "r": 4, "target_modules": ["q", "v"]},
     ...                    {"peft_type": "LORA", "r": 4, "target_modules": ["v", "q"], "inference_mode": True})
     []
+    >>> [d.split(":")[0] for d in config_differences({"peft_type": "LORA", "r": 4, "rank_pattern": {"a": 2, "b": 3}},
+    ...     {"peft_type": "LORA", "r": 4.0, "rank_pattern": {"b": 3, "a": 2}, "adapterspec_version": "1.1"})]
+    ['rank_pattern', 'adapterspec_version', '/r']
     """
     def same(field_: str, a: Any, b: Any) -> bool:
         if field_ in SET_FIELDS and isinstance(a, list) and isinstance(b, list):
@@ -336,6 +394,9 @@ def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> l
             diffs.append(f"{k}: missing from the saved config (source: {v!r})")
         elif not same(k, v, saved[k]):
             diffs.append(f"{k}: saved {saved[k]!r}, source {v!r}")
+        elif k in ORDERED_FIELDS and isinstance(v, dict) and isinstance(saved[k], dict) and list(v) != list(saved[k]):
+            diffs.append(f"{k}: saved with its members in another order ({list(saved[k])}, source {list(v)}); the "
+                         "first matching key wins, so writers keep the order (SPEC 4.4)")
     defaults = _schema_defaults(str(source.get("peft_type")))
     for k, v in saved.items():
         if k in source or k in INFORMATIONAL_FIELDS:
@@ -344,18 +405,68 @@ def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> l
             diffs.append(f"{k}: added by the writer ({v!r}) and unknown to the schema")
         elif not same(k, defaults[k], v):
             diffs.append(f"{k}: added with {v!r}, not the default {defaults[k]!r}")
+    if "adapterspec_version" in saved:
+        diffs.append(f"adapterspec_version: written into adapter_config.json ({saved['adapterspec_version']!r}); a "
+                     "1.1 writer records it in the safetensors metadata only (SPEC 2.2)")
+    for pointer in integers_written_as_floats(saved):
+        value = _at(saved, pointer)
+        diffs.append(f"{pointer}: an integer field written as {value!r}; writers write integers without a fraction "
+                     "(SPEC 4.1)")
     return diffs
 
 
-def compare_folders(src: Path, dst: Path) -> None:
-    """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit and an equivalent config.
+def _at(document: Any, pointer: str) -> Any:
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    return document
+
+
+def _check_written_metadata(dst: Path, tensors: Mapping[str, _io.RawTensor], metadata: Mapping[str, str],
+                            spec_version: str) -> None:
+    """SPEC.md 9: a writer records ``adapterspec_version`` (this spec's, ``MAJOR.MINOR``) and the tensors'
+    ``adapterspec_sha256`` in the safetensors metadata."""
+    version = metadata.get("adapterspec_version")
+    match = re.fullmatch(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)", version) if isinstance(version, str) else None
+    major, minor = (int(p) for p in spec_version.split("."))
+    if match is None or int(match[1]) != major or int(match[2]) < minor:
+        raise CaseFailed(f"the saved safetensors metadata has adapterspec_version {version!r}; a writer of spec "
+                         f"{spec_version} records {spec_version!r} there (SPEC 2.2, 9)", metadata=dict(metadata))
+    digest = hashlib.sha256()
+    for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
+        digest.update(tensors[key].data)
+    checksum = metadata.get("adapterspec_sha256")
+    if checksum != digest.hexdigest():
+        raise CaseFailed(f"the saved safetensors metadata has adapterspec_sha256 {checksum!r}; the saved tensors' "
+                         f"is {digest.hexdigest()!r} (writers MUST record it, SPEC 9)", metadata=dict(metadata))
+
+
+def _read_back(dst: Path) -> None:
+    """Read the saved folder as a reader would (versions, checksum verified, every check without a model)."""
+    from .. import read_adapter
+    from ..errors import AdapterSpecError
+
+    try:
+        with warnings.catch_warnings():  # the reader's warnings are not the implementation's
+            warnings.simplefilter("ignore")
+            read_adapter(dst, verify=True)
+    except AdapterSpecError as exc:
+        raise CaseFailed(f"the saved folder does not read: {type(exc).__name__}: {exc}"[:400]) from exc
+
+
+def compare_folders(src: Path, dst: Path, spec_version: str | None = None) -> None:
+    """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit, an equivalent config
+    (:func:`config_differences`), and the metadata a writer records (``adapterspec_version`` and a right
+    ``adapterspec_sha256``), and reads back as a reader reads it (sha256 verified).
+
+    :param spec_version: the spec version the writer writes for (default: this package's, ``1.1``).
 
     >>> compare_folders(Path("adapter"), Path("saved"))                             # doctest: +SKIP
     """
     if not (dst / "adapter_config.json").exists() or not (dst / "adapter_model.safetensors").exists():
         raise CaseFailed(f"the saved folder lacks adapter_config.json or adapter_model.safetensors: {sorted(p.name for p in dst.iterdir()) if dst.exists() else 'no folder'}")
     a, _ = _io.read_raw(src / "adapter_model.safetensors")
-    b, _ = _io.read_raw(dst / "adapter_model.safetensors")
+    b, metadata = _io.read_raw(dst / "adapter_model.safetensors")
     if set(a) != set(b):
         raise CaseFailed(f"saved keys differ: missing {sorted(set(a) - set(b))}, unexpected {sorted(set(b) - set(a))}")
     for key in sorted(a):
@@ -369,6 +480,8 @@ def compare_folders(src: Path, dst: Path) -> None:
     diffs = config_differences(source, saved)
     if diffs:
         raise CaseFailed("saved config differs: " + "; ".join(diffs))
+    _check_written_metadata(dst, b, metadata, spec_version or SPEC_VERSION)
+    _read_back(dst)
 
 
 def _roundtrip(impl: Any, case: RoundtripCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
@@ -380,8 +493,18 @@ def _roundtrip(impl: Any, case: RoundtripCase, hierarchy: Mapping[str, str | Non
     _, refusal = _outcome(call, impl, "roundtrip", case, src, dst)
     if refusal is not None:
         raise CaseFailed(f"failed: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
-    compare_folders(src, dst)
+    compare_folders(src, dst, _corpus_spec_version(case.root))
     return "same tensors, equivalent config"
+
+
+@functools.cache
+def _corpus_spec_version(root: Path) -> str | None:
+    """The spec version ``corpus.json`` names (``None`` if it names none)."""
+    try:
+        version = json.loads((root / "corpus.json").read_text("utf-8")).get("spec_version")
+    except (OSError, ValueError):
+        return None
+    return version if isinstance(version, str) else None
 
 
 #: kind -> the judge of its cases (each takes its own Case subclass): a message, or a message and details.
