@@ -37,8 +37,8 @@ from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState
 
-__all__ = ["Override", "Target", "apply_overrides", "auxiliary_tensors", "embedding_modules", "fresh_bias_overrides",
-           "fresh_velora_state", "plan_auxiliary", "restore"]
+__all__ = ["Override", "Target", "absent_module", "apply_overrides", "auxiliary_tensors", "embedding_modules",
+           "fresh_bias_overrides", "fresh_velora_state", "plan_auxiliary", "restore"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -80,7 +80,8 @@ def _not_taken(key: str, module: str, why: str) -> UnexpectedTensorError:
                                  hint="check the config (target_modules, bias) matches the tensors")
 
 
-def _absent(key: str, module: str) -> TargetNotFoundError:
+def absent_module(key: str, module: str) -> TargetNotFoundError:
+    """Check 18: tensor ``key`` names ``module``, which the Keras model does not have."""
     return TargetNotFoundError(f"the key names module {module!r}, which has no counterpart in this Keras model",
                                key=key, hint="pass module_map={spec module path: keras layer path}")
 
@@ -90,13 +91,13 @@ def _bias_targets(site: ModuleSite, key: str, shape: tuple[int, ...]) -> list[Ta
     module = site.path
     if site.kind == "embedding" or not site.pieces:
         raise _not_taken(key, module, "has no bias")
+    biases = [piece.bias_variable for piece in site.pieces]
+    if all(b is None for b in biases):  # check 19 before 21, as on torch
+        raise _not_taken(key, module, f"has no bias (Keras layer(s) {[p.layer.path for p in site.pieces]})")
     if shape != (site.out_features,):
         raise ShapeMismatchError(f"shape {list(shape)} does not fit the bias of {module!r}: expected "
                                  f"[{site.out_features}]", key=key,
                                  hint="the adapter was trained for another base model (or a different size)")
-    biases = [piece.bias_variable for piece in site.pieces]
-    if all(b is None for b in biases):
-        raise _not_taken(key, module, f"has no bias (Keras layer(s) {[p.layer.path for p in site.pieces]})")
     targets = []
     for piece, bias in zip(site.pieces, biases):
         if bias is None or (piece.out_slice is None and tuple(int(d) for d in bias.shape) != piece.out_shape) or \
@@ -215,7 +216,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
     if name.param == "base_layer.bias":
         if owner is None:
             if find_site(sites(), module) is None:
-                raise _absent(key, module)
+                raise absent_module(key, module)
             raise _not_taken(key, module, "has no adapter of this adapter, so no base_layer")
         return _bias_targets(owner.site, key, shape)
     site = owner.site if owner is not None else find_site(sites(), module)
@@ -228,7 +229,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
         if refused is not None and (exists or module.rpartition(".")[2] not in EMBEDDING_NAMES):
             raise refused
         if site is None:
-            raise _absent(key, module)
+            raise absent_module(key, module)
         if name.param != "weight":
             raise UnsupportedError(f"{name.param!r} of an embedding saved whole ({module!r}): keras-hub's embedding "
                                    "layers have no such variable", key=key, hint="load this adapter with the torch backend")
@@ -237,7 +238,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
         return _bias_targets(site, key, shape)
     found = _converter_targets(model, module, name.param, key, shape)
     if found is None:
-        raise _absent(key, module)
+        raise absent_module(key, module)
     return found
 
 
@@ -352,7 +353,7 @@ def _bias_shape(model: Any, module: str, sites: Callable[[], dict[str, ModuleSit
     for param, variable, _ in converter_modules(model).get(module, []):
         if param == "bias":
             return tuple(int(d) for d in variable.shape)
-    raise _absent(make_key(module, "bias"), module)
+    raise absent_module(make_key(module, "bias"), module)
 
 
 def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: str, layers: list[Any]) -> None:

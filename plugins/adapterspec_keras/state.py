@@ -146,12 +146,16 @@ def _plan_other(model: Any, key: str, adapter: Adapter, by_path: dict[str, Adapt
         shape = tuple(int(d) for d in adapter.tensors[key].shape)
         aux_plan[key] = plan_auxiliary(model, key, name, shape, owner, sites, options)
         return None
-    if name.role == "modules_to_save":  # its module matched none the model has (find_modules_to_save)
-        raise UnexpectedTensorError(
-            f"module {name.module!r}, saved whole (modules_to_save), is not a module of this Keras model: keras-hub's "
-            "converter does not port it (a task head keras-hub builds afresh, e.g. a text classifier's), so no layer "
-            "holds PEFT's weights for it", key=key,
-            hint="load this adapter with the torch backend (keras-hub's head is not the one PEFT saved)")
+    if name.role == "modules_to_save" and find_site(sites(), name.module) is None:
+        from .modules_to_save import converter_modules
+
+        if name.module not in converter_modules(model):  # check 18 before 19, as on torch
+            raise TargetNotFoundError(
+                f"module {name.module!r}, saved whole (modules_to_save), is not a module of this Keras model: "
+                "keras-hub's converter does not port it (a task head keras-hub builds afresh, e.g. a text "
+                "classifier's), so no layer holds PEFT's weights for it", key=key,
+                hint="load this adapter with the torch backend (keras-hub's head is not the one PEFT saved), or "
+                     "pass module_map={spec module path: keras layer path}")
     if name.role != "adapter":
         raise UnexpectedTensorError(f"{name.role} tensors have no place in this adapter on the Keras model",
                                     key=key, hint="drop the tensor, or add its module to target_modules")

@@ -6,6 +6,10 @@ backend bugs the suite found are listed (as xfail, so the report still shows the
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from adapterspec.conformance import Corpus, Status, run_suite
@@ -86,3 +90,84 @@ def test_peft_driver_shows_where_peft_departs(corpus: Corpus) -> None:
     assert messages["folder/key-without-prefix"].startswith("loaded an adapter it must refuse")
     assert "saved as F32[2, 6], source BF16[2, 6]" in messages["roundtrip/roundtrip-lora-linear-bf16"]
     assert "the saved safetensors metadata has adapterspec_version None" in messages["roundtrip/roundtrip-lora-linear-f32"]
+
+
+# -- auxiliary tensors against the model: every implementation refuses them alike --------------------------
+
+_P = "base_model.model."
+_Q, _V = _P + "model.layers.0.self_attn.q_proj", _P + "model.layers.0.self_attn.v_proj"
+_LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+_TOKENS = _P + "model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+def _ramp(*shape: int, k: float = 1.0) -> Any:
+    import numpy as np
+
+    return np.sin(np.arange(math.prod(shape)) * 0.37 + k).reshape(shape).astype(np.float32)
+
+
+def _linear(i: int, o: int, bias: bool = False) -> dict[str, Any]:
+    return {"kind": "linear", "in_features": i, "out_features": o, "bias": bias}
+
+
+_ATTN = {"model.layers.0.self_attn.q_proj": _linear(8, 8), "model.layers.0.self_attn.v_proj": _linear(8, 4)}
+_VOCAB = _ATTN | {"model.embed_tokens": {"kind": "embedding", "num_embeddings": 10, "embedding_dim": 8}}
+_OTHER = _ATTN | {"model.other": _linear(8, 3, bias=True)}
+
+#: id -> (config, extra tensors beside q_proj's and v_proj's LoRA pairs, model modules, error, key). The answers
+#: are SPEC 10's checks in order: 18 (the module exists), 19 (it takes such a tensor), 20-21 (shapes).
+_AUXILIARY = {
+    "lm-head-not-in-model": (_LORA, {_P + "lm_head.weight": (10, 8)}, _ATTN, "TargetNotFoundError",
+                             _P + "lm_head.weight"),
+    "saved-module-not-in-model": (_LORA | {"modules_to_save": ["score"]}, {_P + "score.weight": (2, 8)}, _ATTN,
+                                  "TargetNotFoundError", _P + "score.weight"),
+    "bias-all-not-in-model": (_LORA | {"bias": "all"}, {_P + "model.other.bias": (3,)}, _ATTN, "TargetNotFoundError",
+                              _P + "model.other.bias"),
+    "bias-lora-only-layer-without-bias": (_LORA | {"bias": "lora_only"}, {f"{_Q}.base_layer.bias": (5,)}, _ATTN,
+                                          "UnexpectedTensorError", f"{_Q}.base_layer.bias"),
+    "saved-module-bias-absent": (_LORA | {"modules_to_save": ["q_proj"]}, {f"{_Q}.bias": (8,)}, _ATTN,
+                                 "UnexpectedTensorError", f"{_Q}.bias"),
+    "embedding-whole-shape": (_LORA, {_P + "model.embed_tokens.weight": (10, 4)}, _VOCAB, "ShapeMismatchError",
+                              _P + "model.embed_tokens.weight"),
+    "bias-all-shape": (_LORA | {"bias": "all"}, {_P + "model.other.bias": (4,)}, _OTHER, "ShapeMismatchError",
+                       _P + "model.other.bias"),
+    "token-index-outside": (_LORA | {"trainable_token_indices": [1, 12]}, {_TOKENS: (2, 8)}, _VOCAB,
+                            "ShapeMismatchError", _TOKENS),
+    "token-rows-missing": (_LORA | {"trainable_token_indices": [1, 2]}, {}, _VOCAB, "MissingTensorError", _TOKENS),
+}
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "torch", "keras"])
+def test_auxiliary_tensors_are_checked_against_the_model_alike(impl_name: str, tmp_path: Path) -> None:
+    import json
+    import warnings
+
+    from safetensors.numpy import save_file
+
+    from adapterspec.conformance import FolderCase, resolve_implementation
+    from adapterspec.conformance.contract import Refusal
+
+    pytest.importorskip({"reference": "numpy", "torch": "torch", "keras": "keras"}[impl_name])
+    impl = resolve_implementation(impl_name)
+    got = {}
+    for id_, (config, extra, modules, _, _) in _AUXILIARY.items():
+        folder = tmp_path / id_
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(config), "utf-8")
+        tensors = {f"{_Q}.lora_A.weight": _ramp(2, 8), f"{_Q}.lora_B.weight": _ramp(8, 2, k=2),
+                   f"{_V}.lora_A.weight": _ramp(2, 8, k=3), f"{_V}.lora_B.weight": _ramp(4, 2, k=4)}
+        if "modules_to_save" in config and "q_proj" in config["modules_to_save"]:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(_Q)}
+        tensors |= {k: _ramp(*shape, k=5) for k, shape in extra.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        case = FolderCase(id_, "", {"id": id_, "path": id_, "valid": False,
+                                    "model": {"dtype": "float32", "modules": modules}}, tmp_path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                impl.load_folder(case, folder)
+            got[id_] = ("loaded", None)
+        except Exception as exc:  # noqa: BLE001 - the refusal is what is compared
+            refusal = Refusal.from_exception(exc)
+            got[id_] = (refusal.error, refusal.key)
+    assert got == {id_: (error, key) for id_, (_, _, _, error, key) in _AUXILIARY.items()}

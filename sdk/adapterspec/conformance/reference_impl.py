@@ -34,9 +34,10 @@ from ..errors import (
     UnsupportedError,
 )
 from .._vera import shared_key
-from ..naming import PARAMETERS, PROMPT_KEY, make_key, parse_key
-from ..targets import is_all_linear, parameter_module, refuse_containers
+from ..naming import PARAMETERS, PROMPT_KEY, TRAINABLE_TOKENS_PARAM, make_key, parse_key
+from ..targets import is_all_linear, parameter_module, refuse_containers, token_indices
 from . import _io, reference
+from .reference_tokens import token_weight
 from .cases import FolderCase, NumericCase, RoundtripCase
 
 __all__ = ["ReferenceImplementation", "check_against_model", "module_tensors", "prefix_sizes", "replacements"]
@@ -250,7 +251,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
             raise TargetNotFoundError("target_modules is 'all-linear' but the model has no linear layer (PEFT raises "
                                       "too)", pointer="/target_modules", hint="list the modules to adapt")
         config = config.replace(target_modules=linear)
-    _token_modules(config, modules)  # each trainable-token target names a module (PEFT raises otherwise)
+    tokens = _token_modules(config, modules)  # each trainable-token target names a module (PEFT raises otherwise)
     refuse_containers(config.matches, modules, config.peft_type)  # PEFT refuses a selected container (SPEC 4.3)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in adapter.tensors.items():
@@ -272,6 +273,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         if path not in modules:
             raise TargetNotFoundError(f"the adapter has tensors for {path!r}, which the model does not have",
                                       key=path, hint="load it into the model it was trained for")
+    _check_auxiliary_modules(adapter, config, modules)
     for path in shapes:
         _check_supported(config, path, modules[path])
     for path in modules:
@@ -283,6 +285,7 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
         _check_layer(config, path, modules[path], params)
     _check_shared(adapter, config, [modules[path] for path in shapes])
     _check_saved_modules(adapter, config, modules)
+    _check_token_rows(adapter, config, modules, tokens)
 
 
 def _token_modules(config: AdapterConfig, modules: Mapping[str, Any]) -> list[str]:
@@ -344,17 +347,66 @@ def _check_shared(adapter: Adapter, config: AdapterConfig, adapted: list[Mapping
                                      hint="the adapter was made for another model")
 
 
+#: The roles of auxiliary tensors that replace a parameter of a module of the model (SPEC.md 5.3, 8.8).
+_REPLACING = ("modules_to_save", "embedding", "bias", "base_layer")
+
+
+def _module_params(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The parameters a described module has, with their shapes: ``weight``, and ``bias`` when it has one."""
+    params = {"weight": _weight_shape(spec)}
+    if spec["kind"] not in ("embedding", "experts") and spec.get("bias", True):
+        params["bias"] = (_in_out(spec)[1],)
+    return params
+
+
+def _check_auxiliary_modules(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check 18 for auxiliary tensors: the module whose parameter a tensor replaces (a module saved whole, an
+    embedding saved whole, a trained bias) is in the model, as for method tensors (the torch backend's answer)."""
+    for key in adapter.tensors:
+        name = parse_key(key, config.peft_type, config)
+        if name.role in _REPLACING and name.module not in modules:
+            raise TargetNotFoundError(f"the key names module {name.module!r}, which is not in the model", key=key,
+                                      hint="check the adapter was trained for this architecture (module names)")
+
+
 def _check_saved_modules(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]]) -> None:
-    """Check 21: the tensors of a module saved whole have the shapes of the module's own."""
+    """Checks 19 and 21 for auxiliary tensors: each replaces a parameter the module has (a bias of a layer without
+    one is unexpected), with that parameter's shape."""
     for key, info in adapter.tensors.items():
         name = parse_key(key, config.peft_type, config)
         spec = modules.get(name.module)
-        if name.role != "modules_to_save" or spec is None or name.param not in ("weight", "bias"):
+        if name.role not in _REPLACING or spec is None:
             continue
-        want = _weight_shape(spec) if name.param == "weight" else (_in_out(spec)[1],)
-        if tuple(info.shape) != tuple(want):
-            raise ShapeMismatchError(f"shape {list(info.shape)}: module {name.module!r} has {name.param} {list(want)}",
+        params = _module_params(spec)
+        param = name.param.removeprefix("base_layer.")
+        if param not in params:
+            raise UnexpectedTensorError(f"module {name.module!r} has no parameter {param!r}", key=key,
+                                        hint="check the config (modules_to_save, bias) matches the tensors")
+        if tuple(info.shape) != params[param]:
+            raise ShapeMismatchError(f"shape {list(info.shape)}: module {name.module!r} has {param} "
+                                     f"{list(params[param])}", key=key, hint="the adapter was made for another model")
+
+
+def _check_token_rows(adapter: Adapter, config: AdapterConfig, modules: Mapping[str, Mapping[str, Any]],
+                      paths: list[str]) -> None:
+    """LoRA's ``trainable_token_indices`` (SPEC.md 4.1.2): each embedding's rows are inside its weight, and its
+    ``trainable_tokens_delta`` is ``[len(indices), dim]``."""
+    for path in paths:
+        key = make_key(path, TRAINABLE_TOKENS_PARAM)
+        info = adapter.tensors.get(key)
+        if info is None:
+            raise MissingTensorError(f"trainable_token_indices names {path!r} but the file holds no rows for it",
+                                     key=key, hint="save the adapter again from the trained model")
+        rows = _token_rows(config, path)
+        weight = _weight_shape(modules[path])
+        if tuple(info.shape) != (len(rows), *weight[1:]) or any(not 0 <= i < weight[0] for i in rows):
+            raise ShapeMismatchError(f"shape {list(info.shape)}: rows {rows} of {path!r}'s {list(weight)} weight",
                                      key=key, hint="the adapter was made for another model")
+
+
+def _token_rows(config: Mapping[str, Any], path: str) -> list[int]:
+    """The rows ``trainable_token_indices`` re-trains in the module at ``path`` (an array: the input embedding's)."""
+    return [int(i) for i in token_indices(config, path) or []]
 
 
 def _decoder_modules(decoder: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -421,11 +473,14 @@ class ReferenceImplementation:
         tokens = set(_token_modules(adapter.config, case.modules))
         out = {}
         for path, x in inputs.items():
-            if path in tokens:
-                raise UnsupportedError("the reference implementation does not compute LoRA's trainable tokens",
-                                       key=path, pointer="/trainable_token_indices",
-                                       hint="check this case with the torch or Keras implementation")
             weights = {p: base.get(f"{path}.{p}") for p in ("weight", "bias")}
+            if path in tokens:  # the rows replace the weight's (SPEC 4.1.2, 15.2), under any adapter of the layer
+                if grouped.get(path):
+                    raise UnsupportedError("the reference implementation does not compute trainable tokens on a "
+                                           "layer the method adapts too", key=path, pointer="/trainable_token_indices",
+                                           hint="check this case with the torch or Keras implementation")
+                delta = {"trainable_tokens_delta": arrays[make_key(path, TRAINABLE_TOKENS_PARAM)]}
+                weights["weight"] = token_weight(weights["weight"], {"token_indices": _token_rows(config, path)}, delta)
             out[path] = reference.forward(case.modules[path], weights, x, config, path, grouped.get(path, {}))
         return out
 
