@@ -32,13 +32,16 @@ import adapterspec
 import adapterspec.errors
 import adapterspec.spec
 from adapterspec.conformance import reference
-from adapterspec.naming import PARAMETERS, SHARED_PARAMETERS
+from adapterspec.conformance.reference_impl import prefix_sizes
+from adapterspec.conformance.reference_tokens import token_weight
+from adapterspec.naming import BASE_LAYER_BIAS, PARAMETERS, SHARED_PARAMETERS, TRAINABLE_TOKENS_PARAM
+from adapterspec.targets import token_indices
 from adapterspec_torch.conformance import build_model
 
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.10.0"
+CORPUS_VERSION = "1.11.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -451,8 +454,9 @@ def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     config = case["config"]
-    if case["compute"] == "prefix_key_values":
-        return {"past_key_values": reference.prefix_key_values(config, f64(tensors["prompt_embeddings"]))}
+    if case["compute"] == "prefix_key_values":  # the sizes PEFT uses on the model (SPEC 14.3)
+        sizes = prefix_sizes(config, case["model"].get("decoder") or {})
+        return {"past_key_values": reference.prefix_key_values({**config, **sizes}, f64(tensors["prompt_embeddings"]))}
     if case["compute"] == "prompt_concat":
         return {"inputs_embeds": reference.prompt_concat(f64(tensors["prompt_embeddings"]), f64(inputs["inputs_embeds"]))}
     out = {}
@@ -462,8 +466,13 @@ def _reference(case: dict[str, Any], base: dict[str, torch.Tensor], inputs: dict
                if k.startswith(prefix) and k[len(prefix):] in PARAMETERS[config["peft_type"]]}
         if own:  # VeRA's shared projections (SPEC 15.5): every adapted module slices them
             own |= {p: f64(tensors[f"base_model.{p}"]) for p in SHARED_PARAMETERS.get(config["peft_type"], ())}
-        # tensors of modules to save replace the base module's (SPEC 8.8)
+        # tensors of modules to save and trained biases replace the base module's (SPEC 8.8)
         weights = {p: f64(tensors.get(prefix + p, base[f"{path}.{p}"])) for p in weight_shapes(spec)}
+        if prefix + BASE_LAYER_BIAS in tensors:
+            weights["bias"] = f64(tensors[prefix + BASE_LAYER_BIAS])
+        if prefix + TRAINABLE_TOKENS_PARAM in tensors:  # LoRA's trainable_token_indices: the rows replace W's
+            delta = {"trainable_tokens_delta": f64(tensors[prefix + TRAINABLE_TOKENS_PARAM])}
+            weights["weight"] = token_weight(weights["weight"], {"token_indices": token_indices(config, path)}, delta)
         out[path] = reference.forward(spec, weights, f64(inputs[path]), config, path, own)
     return out
 
@@ -533,6 +542,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
+    _mutation_numeric_cases_1_11()
     index = []
     for case in NUMERIC:
         cid, dtype, config = case["id"], case["dtype"], case["config"]
@@ -843,6 +853,7 @@ def generate_folders() -> list[dict[str, Any]]:
           "the metadata); still read", LORA_CFG | {"adapterspec_version": "1.0"}, lora_tensors(),
           {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
     _clarification_folders()
+    _mutation_folder_cases_1_11()
     return FOLDERS
 
 
@@ -1246,6 +1257,10 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          True, None, None),
         ("version-malformed", "adapterspec_version is 'MAJOR.MINOR'", LORA_MIN | {"adapterspec_version": "v1"},
          False, "/adapterspec_version", "VersionError"),
+        # corpus 1.11: the pattern is the whole string (SPEC 2.1), a trailing newline included
+        ("version-trailing-newline", "adapterspec_version '1.1\\n' is not a version: the pattern is the whole "
+         "string (Python's $ would match before the newline)", LORA_MIN | {"adapterspec_version": "1.1\n"}, False,
+         "/adapterspec_version", "VersionError"),
     ],
 }
 
@@ -1318,7 +1333,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
-                                            "P_TUNING", "ADALORA", "VERA")
+                                            "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING")
                 or config.get("use_dora"))
 
 
@@ -1499,6 +1514,109 @@ def _mutation_schema_cases() -> None:
          {"peft_type": "BOFT", "boft_block_size": 0, "boft_block_num": 0, "target_modules": ["q_proj"]}, False,
          "/boft_block_num", None),
     ]
+
+
+# -- corpus 1.11: cases that kill the mutants of an independent implementation ------------------------------
+# An implementation written from the spec alone (a mutation probe) passed corpus 1.10 with each of these rules
+# broken on its own; every case below fails such a single-rule copy (conformance_tests/README.md, section 8).
+
+def _mutation_numeric_cases_1_11() -> None:
+    q, v = linear(6, 5), linear(6, 3)
+    numeric("dora-rslora-f32", "DoRA with use_rslora: the norm of W + s B A uses s = alpha / sqrt(r), as the "
+            "update does", "LORA", "linear", "float32", {"layer": linear(6, 5)},
+            lora(4, 6, ["layer"], use_dora=True, use_rslora=True), ["dora", "rslora"])
+    numeric("ia3-feedforward-regex-f32", "IA3 with a string feedforward_modules: re.fullmatch'ed against the whole "
+            "path (not searched): 'mlp|.*\\.up_proj' makes up_proj feed-forward, not down_proj (which scales its "
+            "output)", "IA3", "linear", "float32",
+            {"layers.0.self_attn.q_proj": linear(6, 5), "layers.0.mlp.up_proj": linear(6, 4),
+             "layers.0.mlp.down_proj": linear(6, 4)},
+            {"peft_type": "IA3", "target_modules": ["q_proj", "up_proj", "down_proj"],
+             "feedforward_modules": r"mlp|.*\.up_proj"}, ["feedforward", "regex"])
+    numeric("lora-exclude-suffix-boundary-f32", "exclude_modules list entries match on '.' boundaries, as "
+            "target_modules entries: q_proj excludes layers.0.q_proj, not layers.0.xq_proj", "LORA", "linear",
+            "float32", {"layers.0.q_proj": q, "layers.0.xq_proj": q},
+            lora(2, 6, ["q_proj", "xq_proj"], exclude_modules=["q_proj"]), ["exclude_modules", "untargeted"])
+    numeric("lora-conv2d-bias-f32", "lora_bias on a Conv2d: lora_B (a 1x1 conv) has a bias, scaled like the rest "
+            "of the update", "LORA", "conv2d", "float32", {"conv": conv2d(3, 4, [3, 2], stride=[2, 1], padding=[1, 0])},
+            lora(2, 5, ["conv"], lora_bias=True), ["lora_bias"])
+    numeric("lora-alpha-zero-f32", "lora_alpha 0 is a value, not an absent field: q_proj's update is scaled by 0 "
+            "(its output is the base layer's), v_proj's by alpha_pattern's 6 / r", "LORA", "linear", "float32",
+            {"layers.0.q_proj": q, "layers.0.v_proj": v}, lora(2, 0, ["q_proj", "v_proj"], alpha_pattern={"v_proj": 6}),
+            ["alpha_pattern", "defaults"])
+    numeric("lora-default-r-f32", "a config without r nor lora_alpha: PEFT's defaults r = 8, lora_alpha = 8 (s = 1)",
+            "LORA", "linear", "float32", {"layer": linear(10, 9)},
+            {"peft_type": "LORA", "target_modules": ["layer"]}, ["defaults"])
+    numeric("prefix-tuning-gqa-config-heads-f32", "prefix tuning on a grouped-query-attention decoder whose config "
+            "gives the query heads (num_attention_heads 4): PEFT recomputes num_attention_heads = num_key_value_heads "
+            "= 2 and token_dim = head_dim * 2 even when the config gives them (SPEC 14.3)", "PREFIX_TUNING",
+            "decoder", "float32", {}, {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
+                                       "token_dim": 8, "num_attention_heads": 4, "num_layers": 2,
+                                       "num_transformer_submodules": 1}, ["gqa"], decoder=DECODER_GQA,
+            compute="prefix_key_values")
+    biased = {"layer": linear(6, 5), "other": linear(6, 3)}
+    numeric("lora-bias-all-f32", "bias 'all': the trained biases replace the base ones -- layer.base_layer.bias of "
+            "the adapted layer and other.bias of the untargeted one (SPEC 5.3, 8.8)", "LORA", "linear", "float32",
+            biased, lora(2, 6, ["layer"], bias="all"), ["bias"])
+    numeric("lora-bias-lora-only-f32", "bias 'lora_only': the adapted layer's trained bias (layer.base_layer.bias) "
+            "replaces its bias; the untargeted layer is unchanged", "LORA", "linear", "float32", biased,
+            lora(2, 6, ["layer"], bias="lora_only"), ["bias", "untargeted"])
+    numeric("lora-trainable-tokens-f32", "LoRA with trainable_token_indices [7, 2] (an array: the input embedding, "
+            "PEFT's fallback name embed_tokens in a model description): rows 7 and 2 of embed_tokens are replaced by "
+            "embed_tokens.token_adapter.trainable_tokens_delta; layer has LoRA", "LORA", "embedding", "float32",
+            {"embed_tokens": embedding(10, 4), "layer": linear(6, 5)},
+            lora(2, 4, ["layer"], trainable_token_indices=[7, 2]), ["trainable_tokens"])
+    numeric("lora-layers-pattern-list-f32", "layers_pattern as a list: the first pattern that gives an index decides "
+            "('blocks' matches no module, 'layers' gives model.layers.1.q_proj layer 1)", "LORA", "linear", "float32",
+            {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
+            lora(2, 6, ["q_proj"], layers_to_transform=[1], layers_pattern=["blocks", "layers"]),
+            ["layers_to_transform", "layers_pattern", "untargeted"])
+    numeric("adalora-alpha-zero-f32", "AdaLoRA with lora_alpha 0: PEFT's scaling is lora_alpha if positive, else "
+            "the rank r (init_r), so the update is B (A * E) * init_r / (init_r + 1e-5) (SPEC 15.4)", "ADALORA",
+            "linear", "float32", {"layer": linear(6, 5)},
+            {"peft_type": "ADALORA", "init_r": 3, "lora_alpha": 0, "total_step": 10, "target_modules": ["layer"]}, [])
+
+
+def _mutation_folder_cases_1_11() -> None:
+    t = lora_tensors()
+    for id_, what, adapters, error in (
+            ("manifest-duplicate-path", "two manifest entries name the same folder (a and b: path a)",
+             {"a": {"path": "a"}, "b": {"path": "a"}}, "ConfigError"),
+            ("manifest-missing-folder", "a manifest entry whose folder does not exist (b: path b)",
+             {"a": {"path": "a"}, "b": {"path": "b"}}, "AdapterNotFoundError")):
+        path = folder(id_, f"SPEC 3.4: {what}: {error}", valid=False, multi=True, error=error)
+        write_json(path / "adapterspec.json", {"adapterspec_version": "1.1", "adapters": adapters})
+        write_config(path / "a", LORA_CFG)
+        np_save(path / "a" / "adapter_model.safetensors", t)
+    path = plain("config-bom", "SPEC 3.1: adapter_config.json starts with a UTF-8 byte-order mark (not allowed): "
+                 "FileFormatError", LORA_CFG, t, valid=False, error="FileFormatError")
+    (path / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + (path / "adapter_config.json").read_bytes())
+    plain("metadata-version-trailing-newline", "SPEC 2.1: the safetensors metadata's adapterspec_version '1.1\\n': the "
+          "pattern is the whole string, so a trailing newline is no version (VersionError)", LORA_CFG, t,
+          {"format": "pt", "adapterspec_version": "1.1\n"}, valid=False, error="VersionError")
+    plain("embedding-saved-whole-not-in-model", "SPEC 5.4 step 4, check 18: lm_head.weight (an embedding name) for a "
+          "model without lm_head: the module is not in the model (TargetNotFoundError naming the key)", LORA_CFG, t |
+          {"base_model.model.lm_head.weight": det((10, 8), 5).astype(np.float32)}, valid=False,
+          error="TargetNotFoundError", key="base_model.model.lm_head.weight")
+    plain("modules-to-save-not-in-model", "check 18: the tensor of a module to save (score) the model does not have "
+          "(TargetNotFoundError, before check 19)", LORA_CFG | {"modules_to_save": ["score"]}, t |
+          {"base_model.model.score.weight": det((2, 8), 5).astype(np.float32)}, valid=False,
+          error="TargetNotFoundError", key="base_model.model.score.weight")
+    plain("bias-lora-only-layer-without-bias", "check 19: bias 'lora_only' with q_proj.base_layer.bias while q_proj has "
+          "no bias: UnexpectedTensorError (before the shape check 21)", LORA_CFG | {"bias": "lora_only"}, t |
+          {f"{Q}.base_layer.bias": det((5,), 5).astype(np.float32)}, valid=False, error="UnexpectedTensorError",
+          key=f"{Q}.base_layer.bias")
+    tokens = {"dtype": "float32", "modules": {"embed_tokens": embedding(10, 4)}}
+    plain("trainable-tokens-row-count", "check 16: trainable_tokens_delta has 3 rows for 2 token_indices",
+          {"peft_type": "TRAINABLE_TOKENS", "target_modules": ["embed_tokens"], "token_indices": [7, 2]},
+          {"base_model.model.embed_tokens.trainable_tokens_delta": det((3, 4), 1).astype(np.float32)}, valid=False,
+          error="ShapeMismatchError", key="base_model.model.embed_tokens.trainable_tokens_delta", model=tokens)
+    vocab = {"dtype": "float32", "modules": {"model.embed_tokens": embedding(10, 8),
+                                             "model.layers.0.self_attn.q_proj": linear(8, 8, bias=False)}}
+    delta = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    plain("lora-trainable-tokens-index-outside", "check 20: trainable_token_indices [1, 12] on an embedding of 10 rows",
+          LORA_CFG | {"target_modules": ["q_proj"], "trainable_token_indices": [1, 12]},
+          {f"{Q}.lora_A.weight": det((2, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, 2), 2).astype(np.float32),
+           delta: det((2, 8), 3).astype(np.float32)}, valid=False, error="ShapeMismatchError", key=delta, model=vocab)
 
 
 # -- the rest --------------------------------------------------------------------------------------------

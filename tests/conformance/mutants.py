@@ -14,9 +14,11 @@ True
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sys
 import tempfile
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from adapterspec import _safetensors, adapter, checks, config, folder, naming, read_adapter, spec, targets, write_adapter
+from adapterspec import (
+    _adalora, _safetensors, adapter, checks, config, folder, naming, read_adapter, spec, targets, write_adapter,
+)
 from adapterspec import _method_checks as method_checks
 from adapterspec._regex import Pattern
 from adapterspec.errors import DTypeMismatchError, FileFormatError, UnexpectedTensorError
@@ -128,7 +132,8 @@ class _Source:
 
 
 def _matches(*, exclude: bool = True, save: bool = True, regex: str = "fullmatch", exact: bool = True,
-             exact_skips_layers: bool = True, dot: bool = True, layers: bool = True) -> Callable[..., bool]:
+             exact_skips_layers: bool = True, dot: bool = True, layers: bool = True,
+             exclude_dot: bool = True) -> Callable[..., bool]:
     """``Targeting.matches`` (SPEC 4.3) with one step changed by the flag set to its wrong value."""
 
     def selects(selector: Any, path: str) -> bool:
@@ -137,7 +142,9 @@ def _matches(*, exclude: bool = True, save: bool = True, regex: str = "fullmatch
         return targets._selects(selector, path)
 
     def matches(self: targets.Targeting, path: str) -> bool:
-        if exclude and self.exclude is not None and selects(self.exclude, path):
+        if exclude and self.exclude is not None and (
+                selects(self.exclude, path) if exclude_dot or not isinstance(self.exclude, frozenset)
+                else path.endswith(tuple(self.exclude))):
             return False
         if save and any(pattern.match(path) for pattern in self.save):
             return False
@@ -309,6 +316,7 @@ def _lora_mutant(change: str) -> Callable[..., Any]:
              t: Mapping[str, Any]) -> tuple[Any, Any]:
         kind = module["kind"]
         s = reference.scaling(cfg, path)
+        weight = reference._initial_base(kind, weight, cfg, path)  # PiSSA / OLoRA residuals (SPEC 8.1)
         if kind == "embedding":
             a, b = reference._f64(t["lora_embedding_A"]), reference._f64(t["lora_embedding_B"])
             if change == "embedding-swapped":
@@ -332,9 +340,12 @@ def _lora_mutant(change: str) -> Callable[..., Any]:
                 adapted = (magnitude / np.linalg.norm(adapted))[:, None] * adapted
             elif change == "dora-norm-of-base":
                 adapted = (magnitude / np.linalg.norm(w, axis=1))[:, None] * adapted
+            elif change == "dora-norm-plain-scale":  # the norm of W + (alpha / r) B A, whatever use_rslora says
+                plain = w + reference.rank_and_alpha(cfg, path)[1] / r * delta
+                adapted = (magnitude / np.linalg.norm(plain, axis=1))[:, None] * adapted
             else:
                 adapted = (magnitude / np.linalg.norm(adapted, axis=1))[:, None] * adapted
-        if "lora_B.bias" in t:
+        if "lora_B.bias" in t and not (change == "conv-bias-ignored" and kind in ("conv1d", "conv2d")):
             extra = (1.0 if change == "bias-unscaled" else s) * reference._f64(t["lora_B.bias"])
             bias = extra if bias is None else reference._f64(bias) + extra
         if (change == "fan-in-fan-out" and kind == "gpt2_conv1d") or field_decides:
@@ -617,6 +628,59 @@ def _lokr_w1_flat(module: Any, weight: Any, cfg: Mapping[str, Any], path: str, t
     return weight + reference.scaling(cfg, path) * np.kron(w1, w2).reshape(np.shape(weight))
 
 
+def _feedforward_searched() -> list[Patch]:
+    """IA3's string feedforward_modules searched in the path instead of matched as a whole (SPEC 4.3)."""
+
+    def is_ff(cfg: Mapping[str, Any], path: str) -> bool:
+        entries = cfg.get("feedforward_modules") or []
+        if isinstance(entries, str):
+            return re.search(entries, path) is not None
+        return path.endswith(tuple(entries))
+
+    return [(reference, "_is_feedforward", is_ff), (config, "is_feedforward", is_ff)]
+
+
+def _alpha_zero_as_default() -> list[Patch]:
+    """lora_alpha 0 read as absent (a truth test): PEFT's default 8 instead."""
+    original = reference.rank_and_alpha
+
+    def rank_and_alpha(cfg: Mapping[str, Any], path: str) -> tuple[int, float]:
+        if cfg.get("lora_alpha") == 0:
+            cfg = {**cfg, "lora_alpha": 8}
+        return original(cfg, path)
+
+    return [(reference, "rank_and_alpha", rank_and_alpha)]
+
+
+def _prefix_config_heads_kept() -> list[Patch]:
+    """Prefix tuning laid out with the heads the config gives, not the model's key/value heads (SPEC 14.3)."""
+    original = reference_impl.prefix_sizes
+
+    def sizes(cfg: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[str, int]:
+        given = {k: int(cfg[k]) for k in ("token_dim", "num_attention_heads") if cfg.get(k) is not None}
+        return {**original(cfg, decoder), **given}
+
+    return [(reference_impl, "prefix_sizes", sizes)]
+
+
+def _bias_replacements_ignored() -> list[Patch]:
+    """Trained biases (``bias`` lora_only / all) not put in place of the base ones (SPEC 8.8)."""
+    original = reference_impl.replacements
+
+    def replacements(adapter_: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = adapter_.config
+        kept = {k: v for k, v in arrays.items() if naming.parse_key(k, cfg.peft_type, cfg).role != "bias"}
+        return original(adapter_, kept)
+
+    return [(reference_impl, "replacements", replacements)]
+
+
+def _bom_accepted() -> list[Patch]:
+    """adapter_config.json read with its byte-order mark skipped (SPEC 3.1: none allowed)."""
+    lenient = types.SimpleNamespace(**{**vars(json), "loads": lambda text, **kw: json.loads(text.lstrip("\ufeff"), **kw)})
+    return [(config, "json", lenient)]
+
+
 # -- the catalogue --------------------------------------------------------------------------------------
 
 def _m(id_: str, section: str, rule: str, patches: Callable[[], list[Patch]], *first: str,
@@ -836,6 +900,36 @@ MUTANTS: tuple[Mutant, ...] = (
        _errors_without("is not targeted by the config"), "untargeted", kinds=_LOADS),
     _m("model-shape-unchecked", "10", "shapes agree with the model's layers (check 20)",
        _no_check_against_model("shapes"), "shape-disagrees-with-model", kinds=_LOADS),
+    # corpus 1.11: the rules an independent implementation broke and still passed corpus 1.10
+    _m("bom-accepted", "3.1", "adapter_config.json has no byte-order mark (FileFormatError)", _bom_accepted,
+       "config-bom", kinds=_LOADS),
+    _m("alpha-zero-as-default", "4.1", "lora_alpha 0 is a value (the update is scaled by 0), not PEFT's default",
+       _alpha_zero_as_default, "alpha-zero", kinds=_LOADS),
+    _m("exclude-plain-suffix", "4.3", "exclude_modules list entries match on '.' boundaries (step 1)",
+       _targeting(exclude_dot=False), "exclude-suffix-boundary", kinds=_LOADS),
+    _m("feedforward-regex-search", "4.3", "a string feedforward_modules must match the WHOLE name",
+       _feedforward_searched, "feedforward-regex", kinds=_LOADS),
+    _m("layers-pattern-list-first-only", "4.3", "each layers_pattern of a list is tried, the first that gives an "
+       "index decides", _wrap(targets, "layer_index", lambda f: lambda path, layers_pattern=None: f(
+           path, layers_pattern[:1] if isinstance(layers_pattern, list) else layers_pattern)),
+       "layers-pattern-list", kinds=_LOADS),
+    _m("dora-norm-plain-scale", "8.2", "with use_rslora the DoRA norm is of W + (alpha / sqrt(r)) B A",
+       _math("_lora", _lora_mutant("dora-norm-plain-scale")), "dora-rslora", kinds=_LOADS),
+    _m("lora-conv-bias-ignored", "8.1", "lora_B.bias is added on convolutions too",
+       _math("_lora", _lora_mutant("conv-bias-ignored")), "conv2d-bias", kinds=_LOADS),
+    _m("bias-replacements-ignored", "8.8", "trained biases (bias lora_only / all) replace the base layers' biases",
+       _bias_replacements_ignored, "lora-bias-(all|lora-only)", kinds=_LOADS),
+    _m("trainable-token-rows-ignored", "4.1", "LoRA's trainable_token_indices rows replace the embedding's rows",
+       lambda: [(reference_impl, "token_weight", lambda weight, cfg, t: weight)], "lora-trainable-tokens",
+       kinds=_LOADS),
+    _m("prefix-config-heads-kept", "14.3", "prefix tuning on a GQA model uses the key/value heads, whatever the "
+       "config gives", _prefix_config_heads_kept, "prefix-tuning-gqa-config-heads", kinds=_LOADS),
+    _m("adalora-alpha-zero-literal", "15.4", "AdaLoRA: a lora_alpha <= 0 scales by the rank instead",
+       lambda: [(_adalora, "scaling", lambda cfg, module: float(cfg.get("lora_alpha", 8)))], "adalora-alpha-zero",
+       kinds=_LOADS),
+    _m("auxiliary-module-not-in-model-accepted", "10", "the module an auxiliary tensor replaces a parameter of "
+       "exists in the model (check 18)", lambda: [(reference_impl, "_check_auxiliary_modules", _returning(None))],
+       "not-in-model", kinds=_LOADS),
 )
 
 

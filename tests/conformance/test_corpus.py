@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from adapterspec.conformance import Corpus, FolderCase, NumericCase, SchemaCase,
 from adapterspec.conformance import _io, reference
 from adapterspec.conformance.check import MAX_CORPUS_BYTES
 from adapterspec.conformance.reference_impl import module_tensors, replacements
+from adapterspec.conformance.reference_tokens import token_weight
+from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
+from adapterspec.targets import token_indices
 
 
 def test_check_passes(corpus: Corpus) -> None:
@@ -72,15 +76,26 @@ def test_adapter_changes_every_targeted_output(corpus: Corpus) -> None:
         grouped = module_tensors(adapter, arrays)
         expected = _io.read_arrays(case.expected)
         base = _io.read_arrays(case.weights) | replacements(adapter, arrays)  # modules to save: replaced, not adapted
+        for path in case.modules:  # LoRA's token rows replace the embedding's (SPEC 4.1.2): not adapted either
+            delta = arrays.get(make_key(path, TRAINABLE_TOKENS_PARAM))
+            if delta is not None:
+                rows = token_indices(adapter.config, path)
+                base[f"{path}.weight"] = token_weight(base[f"{path}.weight"], {"token_indices": rows},
+                                                      {"trainable_tokens_delta": delta})
         inputs = _io.read_arrays(case.inputs)
         tol = case.tolerance
         for path, spec in case.modules.items():
             plain = reference.base_forward(spec, base[f"{path}.weight"], base.get(f"{path}.bias"), inputs[path])
             moved = np.max(np.abs(plain - expected[path]) / (tol.atol + tol.rtol * np.abs(expected[path])))
-            if path in grouped:
+            if path in grouped and not _scaled_by_zero(adapter.config, path):
                 assert moved > 10, (case.name, path, moved)
-            else:  # untargeted modules keep their output exactly
+            else:  # untargeted modules (and an update scaled by lora_alpha 0) keep their output exactly
                 assert moved == 0, (case.name, path, moved)
+
+
+def _scaled_by_zero(config: Any, path: str) -> bool:
+    """A LoRA module whose alpha is 0 (``numeric/lora-alpha-zero-f32``): its update is scaled away."""
+    return config.peft_type == "LORA" and config.scaling_for(path) == 0
 
 
 def _copy(corpus: Corpus, tmp_path: Path) -> Path:

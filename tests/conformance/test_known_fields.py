@@ -187,7 +187,7 @@ def test_a_changed_known_field_survives_a_round_trip_and_loads_in_peft(changed_c
     from safetensors.numpy import load_file
 
     from adapterspec.conformance.peft_driver import PeftImplementation
-    from adapterspec.conformance.runner import config_differences
+    from adapterspec.conformance.runner import config_differences, derived_sizes
 
     if name == "keras":
         pytest.importorskip("keras")
@@ -213,7 +213,8 @@ def test_a_changed_known_field_survives_a_round_trip_and_loads_in_peft(changed_c
         saved = json.loads((out / "adapter_config.json").read_text())
         resolved = field == "target_modules" and value == "all-linear" and isinstance(saved.get(field), list)
         derived = field in _FROM_THE_MODEL and case.method in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
-        diffs = config_differences({**changed, field: saved[field]} if resolved or derived else changed, saved)
+        diffs = config_differences({**changed, field: saved[field]} if resolved or derived else changed, saved,
+                                   derived_sizes(changed, case.model))
         before = load_file(str(case.adapter / "adapter_model.safetensors"))
         after = load_file(str(out / "adapter_model.safetensors"))
         if diffs:

@@ -23,7 +23,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "adalora-rank-pattern-disagrees", "lora-velora-with-dora",
                     "adalora-bias",
                     "vera-save-projection-false",
-                    "vera-projection-missing"}
+                    "vera-projection-missing",
+                    "trainable-tokens-row-count"}
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -33,12 +34,12 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     numeric_core = {f"numeric/{c.id}" for c in corpus.cases if isinstance(c, NumericCase)
                     and c.method in ("LORA", "IA3") and c.layer in ("linear", "embedding") and "dora" not in c.tags}
     assert numeric_core == {n for n in core if n.startswith("numeric/")}
-    assert len(numeric_core) == 29 and "numeric/lora-embedding-f32" in numeric_core
+    assert len(numeric_core) == 37 and "numeric/lora-embedding-f32" in numeric_core
     assert {f"roundtrip/roundtrip-{n.removeprefix('numeric/')}" for n in numeric_core} == \
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 251 and len(corpus.cases) == 370
+    assert len(core) == 276 and len(corpus.cases) == 404
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
@@ -84,9 +85,10 @@ def test_a_claimed_profile_needs_every_case_of_it(corpus: Corpus) -> None:
     assert run_suite(NoEmbedding(), corpus, include=numeric).ok  # no claim: unsupported is allowed
     lokr = [c.name for c in corpus.cases if c.kind == "numeric" and "LOKR" == c.data["method"]]
     report = run_suite(NoEmbedding(), corpus, profile="core")
-    assert report.by_status(Status.UNSUPPORTED) == ["numeric/lora-embedding-f32", "numeric/dora-embedding-f32", *lokr]
-    assert report.claim_problems() == ["profile 'core' claimed, but 1 of its cases are unsupported: "
-                                       "numeric/lora-embedding-f32"]
+    assert report.by_status(Status.UNSUPPORTED) == ["numeric/lora-embedding-f32", "numeric/dora-embedding-f32", *lokr,
+                                                    "numeric/lora-trainable-tokens-f32"]
+    assert report.claim_problems() == ["profile 'core' claimed, but 2 of its cases are unsupported: "
+                                       "numeric/lora-embedding-f32, numeric/lora-trainable-tokens-f32"]
     assert not report.ok
     # the same implementation can claim nothing more than what it does; the reference holds both profiles
     not_run = _not_schema_or_folder(corpus)

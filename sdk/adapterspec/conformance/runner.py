@@ -33,8 +33,8 @@ from ..spec import SPEC_VERSION
 from .contract import Refusal, Unsupported, call
 
 __all__ = ["CaseFailed", "Report", "Result", "Status", "compare_folders", "compare_outputs",
-           "config_differences", "error_is_a", "integers_written_as_floats", "load_error_hierarchy", "run_case",
-           "run_suite", "select", "warning_matches"]
+           "config_differences", "derived_sizes", "error_is_a", "integers_written_as_floats", "load_error_hierarchy",
+           "run_case", "run_suite", "select", "warning_matches"]
 
 
 class Status(str, Enum):
@@ -365,7 +365,8 @@ def integers_written_as_floats(config: Any) -> list[str]:
     return sorted(found)
 
 
-def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any],
+                       derived: Mapping[str, Any] | None = None) -> list[str]:
     """How ``saved`` differs from ``source`` beyond what a faithful writer may change (empty: equivalent).
 
     Every field of ``source`` must be in ``saved`` with an equal value (list fields PEFT holds as sets
@@ -373,6 +374,9 @@ def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> l
     informational fields (:data:`INFORMATIONAL_FIELDS`); a field only in ``saved`` must hold the schema's
     default. ``saved`` must hold no ``adapterspec_version`` (SPEC.md 2.2) and write integer fields as
     integers (``4``, not ``4.0``: SPEC.md 4.1).
+
+    :param derived: field -> the value the model gives it, which a writer may write instead of the source's
+        (prefix tuning's sizes on a model with key/value heads, as PEFT saves them: SPEC.md 14.3).
 
     >>> config_differences({"peft_type": "LORA", "r": 4, "target_modules": ["q", "v"]},
     ...                    {"peft_type": "LORA", "r": 4, "target_modules": ["v", "q"], "inference_mode": True})
@@ -392,7 +396,7 @@ def config_differences(source: Mapping[str, Any], saved: Mapping[str, Any]) -> l
             continue
         if k not in saved:
             diffs.append(f"{k}: missing from the saved config (source: {v!r})")
-        elif not same(k, v, saved[k]):
+        elif not same(k, v, saved[k]) and not (derived and k in derived and same(k, derived[k], saved[k])):
             diffs.append(f"{k}: saved {saved[k]!r}, source {v!r}")
         elif k in ORDERED_FIELDS and isinstance(v, dict) and isinstance(saved[k], dict) and list(v) != list(saved[k]):
             diffs.append(f"{k}: saved with its members in another order ({list(saved[k])}, source {list(v)}); the "
@@ -454,12 +458,14 @@ def _read_back(dst: Path) -> None:
         raise CaseFailed(f"the saved folder does not read: {type(exc).__name__}: {exc}"[:400]) from exc
 
 
-def compare_folders(src: Path, dst: Path, spec_version: str | None = None) -> None:
+def compare_folders(src: Path, dst: Path, spec_version: str | None = None,
+                    derived: Mapping[str, Any] | None = None) -> None:
     """Raise :class:`CaseFailed` unless ``dst`` holds ``src``'s tensors bit for bit, an equivalent config
     (:func:`config_differences`), and the metadata a writer records (``adapterspec_version`` and a right
     ``adapterspec_sha256``), and reads back as a reader reads it (sha256 verified).
 
     :param spec_version: the spec version the writer writes for (default: this package's, ``1.1``).
+    :param derived: config values the model gives, which the writer may write instead (:func:`config_differences`).
 
     >>> compare_folders(Path("adapter"), Path("saved"))                             # doctest: +SKIP
     """
@@ -477,7 +483,7 @@ def compare_folders(src: Path, dst: Path, spec_version: str | None = None) -> No
             raise CaseFailed(f"{key}: saved values differ from the source (max |diff| {diff.max():.3g}); a round trip must be exact")
     source = json.loads((src / "adapter_config.json").read_text("utf-8"))
     saved = json.loads((dst / "adapter_config.json").read_text("utf-8"))
-    diffs = config_differences(source, saved)
+    diffs = config_differences(source, saved, derived)
     if diffs:
         raise CaseFailed("saved config differs: " + "; ".join(diffs))
     _check_written_metadata(dst, b, metadata, spec_version or SPEC_VERSION)
@@ -493,8 +499,27 @@ def _roundtrip(impl: Any, case: RoundtripCase, hierarchy: Mapping[str, str | Non
     _, refusal = _outcome(call, impl, "roundtrip", case, src, dst)
     if refusal is not None:
         raise CaseFailed(f"failed: {refusal.error}: {refusal.message}"[:400], refusal=refusal.to_json())
-    compare_folders(src, dst, _corpus_spec_version(case.root))
+    source = json.loads((src / "adapter_config.json").read_text("utf-8"))
+    compare_folders(src, dst, _corpus_spec_version(case.root), derived_sizes(source, case.source.model))
     return "same tensors, equivalent config"
+
+
+def derived_sizes(config: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+    """Prefix tuning on a decoder with key/value heads: the ``token_dim`` and ``num_attention_heads`` PEFT recomputes
+    from the model and saves (SPEC.md 14.3), which a writer may write instead of the config's; ``{}`` otherwise.
+
+    >>> derived_sizes({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "token_dim": 8, "num_attention_heads": 4,
+    ...                "num_layers": 2}, {"decoder": {"hidden_size": 16, "num_attention_heads": 4,
+    ...                                               "num_key_value_heads": 2, "num_hidden_layers": 2}})
+    {'token_dim': 8, 'num_attention_heads': 2}
+    """
+    from .reference_impl import prefix_sizes
+
+    decoder = model.get("decoder") or {}
+    if config.get("peft_type") != "PREFIX_TUNING" or decoder.get("num_key_value_heads") is None:
+        return {}
+    sizes = prefix_sizes(config, decoder)
+    return {k: sizes[k] for k in ("token_dim", "num_attention_heads") if k in sizes}
 
 
 @functools.cache
