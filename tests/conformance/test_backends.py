@@ -137,8 +137,10 @@ _AUXILIARY = {
 }
 
 
-@pytest.mark.parametrize("impl_name", ["reference", "torch", "keras"])
-def test_auxiliary_tensors_are_checked_against_the_model_alike(impl_name: str, tmp_path: Path) -> None:
+def _verdicts(impl_name: str, folders: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]],
+              root: Path) -> dict[str, tuple[str, str | None]]:
+    """id -> (error class, key) of each folder ``(config, tensors, model)`` loaded by ``impl_name``, or ``("loaded",
+    None)``."""
     import json
     import warnings
 
@@ -149,19 +151,13 @@ def test_auxiliary_tensors_are_checked_against_the_model_alike(impl_name: str, t
 
     pytest.importorskip({"reference": "numpy", "torch": "torch", "keras": "keras"}[impl_name])
     impl = resolve_implementation(impl_name)
-    got = {}
-    for id_, (config, extra, modules, _, _) in _AUXILIARY.items():
-        folder = tmp_path / id_
+    got: dict[str, tuple[str, str | None]] = {}
+    for id_, (config, tensors, model) in folders.items():
+        folder = root / id_
         folder.mkdir()
         (folder / "adapter_config.json").write_text(json.dumps(config), "utf-8")
-        tensors = {f"{_Q}.lora_A.weight": _ramp(2, 8), f"{_Q}.lora_B.weight": _ramp(8, 2, k=2),
-                   f"{_V}.lora_A.weight": _ramp(2, 8, k=3), f"{_V}.lora_B.weight": _ramp(4, 2, k=4)}
-        if "modules_to_save" in config and "q_proj" in config["modules_to_save"]:
-            tensors = {k: v for k, v in tensors.items() if not k.startswith(_Q)}
-        tensors |= {k: _ramp(*shape, k=5) for k, shape in extra.items()}
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        case = FolderCase(id_, "", {"id": id_, "path": id_, "valid": False,
-                                    "model": {"dtype": "float32", "modules": modules}}, tmp_path)
+        case = FolderCase(id_, "", {"id": id_, "path": id_, "valid": False, "model": model}, root)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -170,4 +166,60 @@ def test_auxiliary_tensors_are_checked_against_the_model_alike(impl_name: str, t
         except Exception as exc:  # noqa: BLE001 - the refusal is what is compared
             refusal = Refusal.from_exception(exc)
             got[id_] = (refusal.error, refusal.key)
+    return got
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "torch", "keras"])
+def test_auxiliary_tensors_are_checked_against_the_model_alike(impl_name: str, tmp_path: Path) -> None:
+    folders = {}
+    for id_, (config, extra, modules, _, _) in _AUXILIARY.items():
+        tensors = {f"{_Q}.lora_A.weight": _ramp(2, 8), f"{_Q}.lora_B.weight": _ramp(8, 2, k=2),
+                   f"{_V}.lora_A.weight": _ramp(2, 8, k=3), f"{_V}.lora_B.weight": _ramp(4, 2, k=4)}
+        if "modules_to_save" in config and "q_proj" in config["modules_to_save"]:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(_Q)}
+        tensors |= {k: _ramp(*shape, k=5) for k, shape in extra.items()}
+        folders[id_] = (config, tensors, {"dtype": "float32", "modules": modules})
+    got = _verdicts(impl_name, folders, tmp_path)
     assert got == {id_: (error, key) for id_, (_, _, _, error, key) in _AUXILIARY.items()}
+
+
+_DECODER = {"dtype": "float32", "modules": {}, "decoder": {
+    "architecture": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "vocab_size": 32}}
+_LAYERS = {"self_attn.q_proj": (8, 8), "self_attn.k_proj": (8, 8), "self_attn.v_proj": (8, 8),
+           "self_attn.o_proj": (8, 8), "mlp.gate_proj": (8, 16), "mlp.up_proj": (8, 16), "mlp.down_proj": (16, 8)}
+
+
+def _decoder_lora(*names: str) -> dict[str, Any]:
+    return {f"{_P}model.layers.{i}.{name}.lora_{ab}.weight": _ramp(*shape, k=i)
+            for i in range(2) for name in names
+            for ab, shape in (("A", (2, _LAYERS[name][0])), ("B", (_LAYERS[name][1], 2)))}
+
+
+_LM_HEAD_LORA = {_P + "lm_head.lora_A.weight": _ramp(2, 8), _P + "lm_head.lora_B.weight": _ramp(32, 2)}
+#: id -> (config, tensors, error, key) on the LlamaForCausalLM a `decoder` description implies (conformance README,
+#: section 4): model.embed_tokens its input embedding, lm_head its output layer, which all-linear leaves out.
+_ON_A_DECODER = {
+    "embedding-saved-whole": ({"target_modules": ["q_proj"]}, _decoder_lora("self_attn.q_proj") | {
+        _P + "model.embed_tokens.weight": _ramp(32, 8)}, "loaded", None),
+    "output-layer-saved-whole": ({"target_modules": ["q_proj"]}, _decoder_lora("self_attn.q_proj") | {
+        _P + "lm_head.weight": _ramp(32, 8)}, "loaded", None),
+    "embedding-saved-whole-shape": ({"target_modules": ["q_proj"]}, _decoder_lora("self_attn.q_proj") | {
+        _P + "model.embed_tokens.weight": _ramp(30, 8)}, "ShapeMismatchError", _P + "model.embed_tokens.weight"),
+    "token-rows": ({"target_modules": ["q_proj"], "trainable_token_indices": [1, 3]}, _decoder_lora(
+        "self_attn.q_proj") | {_P + "model.embed_tokens.token_adapter.trainable_tokens_delta": _ramp(2, 8)},
+        "loaded", None),
+    "all-linear": ({"target_modules": "all-linear"}, _decoder_lora(*_LAYERS), "loaded", None),
+    "all-linear-output-layer": ({"target_modules": "all-linear"}, _decoder_lora(*_LAYERS) | _LM_HEAD_LORA,
+                                "UnexpectedTensorError", _P + "lm_head.lora_A.weight"),
+    "output-layer-targeted": ({"target_modules": ["q_proj", "lm_head"]}, _decoder_lora("self_attn.q_proj")
+                              | _LM_HEAD_LORA, "loaded", None),
+}
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "torch", "keras"])
+def test_a_decoder_description_is_llama_for_causal_lm(impl_name: str, tmp_path: Path) -> None:
+    folders = {id_: ({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config}, tensors, _DECODER)
+               for id_, (config, tensors, _, _) in _ON_A_DECODER.items()}
+    got = _verdicts(impl_name, folders, tmp_path)
+    assert got == {id_: (error, key) for id_, (_, _, error, key) in _ON_A_DECODER.items()}

@@ -244,9 +244,10 @@ def check_against_model(adapter: Adapter, model: Mapping[str, Any]) -> None:
     unresolved = config.get("target_modules") is None
     config = config.for_model(decoder.get("architecture"))  # a null target_modules: PEFT's default (SPEC 14.2)
     modules = model.get("modules") or _decoder_modules(decoder)
+    output = None if model.get("modules") else DECODER_OUTPUT_LAYER  # a `modules` description has no output layer
     expanded = is_all_linear(config.get("target_modules"))
-    if expanded:  # SPEC 4.3: a model description has no output layer
-        linear = [p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d")]
+    if expanded:  # SPEC 4.3: every linear layer but the model's output layer
+        linear = [p for p, m in modules.items() if m["kind"] in ("linear", "gpt2_conv1d") and p != output]
         if not linear:
             raise TargetNotFoundError("target_modules is 'all-linear' but the model has no linear layer (PEFT raises "
                                       "too)", pointer="/target_modules", hint="list the modules to adapt")
@@ -409,18 +410,33 @@ def _token_rows(config: Mapping[str, Any], path: str) -> list[int]:
     return [int(i) for i in token_indices(config, path) or []]
 
 
+#: The output layer of the model a ``decoder`` description implies (``LlamaForCausalLM.lm_head``, untied).
+DECODER_OUTPUT_LAYER = "lm_head"
+
+
 def _decoder_modules(decoder: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The linear layers of a Llama decoder described as the corpus describes one (``{}`` for other models)."""
+    """The layers of the transformers ``LlamaForCausalLM`` a ``decoder`` description implies (conformance_tests/
+    README.md, section 4; ``{}`` for other architectures): ``model.embed_tokens`` (its input embedding), each layer's
+    bias-free attention and MLP projections, and ``lm_head`` (its output layer). Its RMS norms are left out: no
+    model description kind is an RMS norm, and no case adapts one.
+
+    >>> sorted(_decoder_modules({"architecture": "llama", "hidden_size": 8, "intermediate_size": 16,
+    ...                          "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32}))[:3]
+    ['lm_head', 'model.embed_tokens', 'model.layers.0.mlp.down_proj']
+    """
     if decoder.get("architecture") != "llama":
         return {}
-    hidden, inter = decoder["hidden_size"], decoder["intermediate_size"]
-    head_dim = hidden // decoder["num_attention_heads"]
-    kv = head_dim * decoder.get("num_key_value_heads", decoder["num_attention_heads"])
-    sizes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
-             "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
-             "mlp.down_proj": (inter, hidden)}
-    return {f"model.layers.{i}.{name}": {"kind": "linear", "in_features": n_in, "out_features": n_out, "bias": False}
-            for i in range(decoder["num_hidden_layers"]) for name, (n_in, n_out) in sizes.items()}
+    hidden, inter, heads = decoder["hidden_size"], decoder["intermediate_size"], decoder["num_attention_heads"]
+    head_dim = decoder.get("head_dim") or hidden // heads  # transformers' LlamaConfig
+    kv = head_dim * (decoder.get("num_key_value_heads") or heads)
+    vocab = decoder.get("vocab_size", 32000)
+    sizes = {"self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv),
+             "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (heads * head_dim, hidden),
+             "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
+    layers = {f"model.layers.{i}.{name}": {"kind": "linear", "in_features": n_in, "out_features": n_out, "bias": False}
+              for i in range(decoder["num_hidden_layers"]) for name, (n_in, n_out) in sizes.items()}
+    return {"model.embed_tokens": {"kind": "embedding", "num_embeddings": vocab, "embedding_dim": hidden}, **layers,
+            DECODER_OUTPUT_LAYER: {"kind": "linear", "in_features": hidden, "out_features": vocab, "bias": False}}
 
 
 class ReferenceImplementation:
