@@ -86,9 +86,20 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_config(folder: Path, config: dict[str, Any] | str) -> None:
+    """PEFT's style, keys sorted -- except the members of rank_pattern / alpha_pattern, whose document order decides
+    which key wins (SPEC 3.1, 4.4): they are written in the order given."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = config if isinstance(config, str) else json.dumps(config, indent=2, sort_keys=True) + "\n"
+    text = config if isinstance(config, str) else json.dumps(_sorted_keys(config), indent=2) + "\n"
     (folder / "adapter_config.json").write_text(text, "utf-8")
+
+
+def _sorted_keys(value: Any, field: str | None = None) -> Any:
+    if isinstance(value, dict):
+        keys = list(value) if field in ("rank_pattern", "alpha_pattern") else sorted(value)
+        return {k: _sorted_keys(value[k], k if field is None else "") for k in keys}
+    if isinstance(value, list):
+        return [_sorted_keys(v, "") for v in value]
+    return value
 
 
 # -- layers --------------------------------------------------------------------------------------------
@@ -1572,6 +1583,12 @@ def _mutation_numeric_cases_1_11() -> None:
             {"model.layers.0.q_proj": q, "model.layers.1.q_proj": q},
             lora(2, 6, ["q_proj"], layers_to_transform=[1], layers_pattern=["blocks", "layers"]),
             ["layers_to_transform", "layers_pattern", "untargeted"])
+    numeric("lora-pattern-document-order-f32", "rank_pattern and alpha_pattern whose members are not in sorted order "
+            "(q_proj before layers\\.0\\.q_proj): the first key in document order wins for both layers (r 2, alpha 6); "
+            "sorted, layers.0.q_proj would take r 3 and alpha 12 -- and a writer MUST keep the order (SPEC 3.1)",
+            "LORA", "linear", "float32", {"layers.0.q_proj": q, "layers.1.q_proj": q},
+            lora(4, 8, ["q_proj"], rank_pattern={"q_proj": 2, r"layers\.0\.q_proj": 3},
+                 alpha_pattern={"q_proj": 6, r"layers\.0\.q_proj": 12}), ["rank_pattern", "alpha_pattern"])
     numeric("adalora-alpha-zero-f32", "AdaLoRA with lora_alpha 0: PEFT's scaling is lora_alpha if positive, else "
             "the rank r (init_r), so the update is B (A * E) * init_r / (init_r + 1e-5) (SPEC 15.4)", "ADALORA",
             "linear", "float32", {"layer": linear(6, 5)},

@@ -442,6 +442,20 @@ def _roundtrip_widens() -> list[Patch]:
     return [(reference_impl, "write_adapter", write)]
 
 
+def _roundtrip_sorts_patterns() -> list[Patch]:
+    """A writer that sorts the members of rank_pattern / alpha_pattern (as PEFT's sort_keys does)."""
+    original = write_adapter
+
+    def write(path: Any, cfg: Any, tensors: Mapping[str, Any], **kwargs: Any) -> Any:
+        data = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        for field in ("rank_pattern", "alpha_pattern"):
+            if isinstance(data.get(field), dict):
+                data[field] = dict(sorted(data[field].items()))
+        return original(path, data, tensors, **kwargs)
+
+    return [(reference_impl, "write_adapter", write)]
+
+
 def _modules_to_save_ignored() -> list[Patch]:
     return [(reference_impl, "replacements", _returning({}))]
 
@@ -922,6 +936,8 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("trainable-token-rows-ignored", "4.1", "LoRA's trainable_token_indices rows replace the embedding's rows",
        lambda: [(reference_impl, "token_weight", lambda weight, cfg, t: weight)], "lora-trainable-tokens",
        kinds=_LOADS),
+    _m("roundtrip-sorts-patterns", "4.4", "writers keep the member order of rank_pattern / alpha_pattern",
+       _roundtrip_sorts_patterns, "roundtrip/.*pattern-document-order", kinds=("roundtrip",)),
     _m("prefix-config-heads-kept", "14.3", "prefix tuning on a GQA model uses the key/value heads, whatever the "
        "config gives", _prefix_config_heads_kept, "prefix-tuning-gqa-config-heads", kinds=_LOADS),
     _m("adalora-alpha-zero-literal", "15.4", "AdaLoRA: a lora_alpha <= 0 scales by the rank instead",

@@ -34,12 +34,12 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     numeric_core = {f"numeric/{c.id}" for c in corpus.cases if isinstance(c, NumericCase)
                     and c.method in ("LORA", "IA3") and c.layer in ("linear", "embedding") and "dora" not in c.tags}
     assert numeric_core == {n for n in core if n.startswith("numeric/")}
-    assert len(numeric_core) == 37 and "numeric/lora-embedding-f32" in numeric_core
+    assert len(numeric_core) == 38 and "numeric/lora-embedding-f32" in numeric_core
     assert {f"roundtrip/roundtrip-{n.removeprefix('numeric/')}" for n in numeric_core} == \
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 276 and len(corpus.cases) == 404
+    assert len(core) == 278 and len(corpus.cases) == 406
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
