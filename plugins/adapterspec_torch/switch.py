@@ -12,9 +12,10 @@ are never copied.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 
@@ -113,9 +114,12 @@ def own_state(model: torch.nn.Module) -> ModelState | None:
 
     :raises AdapterNotFoundError: ``model`` wraps the model the adapters were loaded into (DDP, ``torch.compile``,
         a container): a call on the wrapper did nothing, silently (``adapter_names`` said ``[]``).
+    :raises UnsupportedError: ``model`` holds PEFT's own adapter layers (a ``PeftModel``): ``adapter_names`` said
+        ``[]``, ``merge_adapters`` did nothing.
     """
     state = get_state(model)
     if state is None:
+        peft_layer = _peft_layer_type()
         for path, module in model.named_modules(remove_duplicate=True):
             inner = get_state(module) if path else None
             if inner is not None and inner.names:
@@ -124,7 +128,19 @@ def own_state(model: torch.nn.Module) -> ModelState | None:
                     f"they were loaded into ({path!r}, adapters {inner.names})", key=path,
                     hint=f"call this on model.get_submodule({path!r}), the model they were loaded into (DDP, "
                          "torch.compile and containers wrap it)")
+            if peft_layer is not None and isinstance(module, peft_layer):
+                raise UnsupportedError(
+                    f"this model holds PEFT's own adapter layers ({path!r} is a {type(module).__module__}."
+                    f"{type(module).__qualname__}), which adapterspec does not drive", key=path,
+                    hint="use PEFT's own methods on it (set_adapter, merge_and_unload, save_pretrained), or load the "
+                         "folder PEFT saves into the base model with adapterspec.load_adapter")
     return state
+
+
+def _peft_layer_type() -> type | None:
+    """PEFT's ``BaseTunerLayer`` where PEFT is imported already (a model cannot hold its layers otherwise)."""
+    module = sys.modules.get("peft.tuners.tuners_utils")
+    return cast("type | None", getattr(module, "BaseTunerLayer", None)) if module is not None else None
 
 
 def require_state(model: torch.nn.Module, adapter_name: str) -> ModelState:

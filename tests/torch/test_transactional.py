@@ -152,6 +152,22 @@ def test_calls_on_a_wrapper_of_the_adapted_model_are_refused(llama: Any, good: A
     assert adapterspec.adapter_names(torch.nn.Linear(2, 2)) == []  # a model without adapters has none
 
 
+def test_calls_on_a_peft_model_are_refused(llama: Any, good: Any) -> None:
+    """A PeftModel holds PEFT's own layers, which adapterspec does not drive: ``adapter_names`` said ``[]`` and
+    ``merge_adapters`` did nothing; each call is refused, naming a PEFT layer, and PEFT's model is unchanged."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(fresh(llama), str(good))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    for call in (adapterspec.adapter_names, adapterspec.active_adapters, adapterspec.merge_adapters,
+                 lambda m: adapterspec.save_adapter(m, "never-written")):
+        with pytest.raises(adapterspec.UnsupportedError, match="PEFT's own adapter layers") as info:
+            call(peft_model)
+        assert "lora.layer.Linear" in info.value.message and "merge_and_unload" in (info.value.hint or "")
+    after = peft_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_unsupported_target_names_the_module(llama: Any, good: Any, tmp_path: Any) -> None:
     folder = tmp_path / "mlp"
     shutil.copytree(good, folder)
