@@ -746,6 +746,17 @@ class AdapterLayer(nn.Module):
         """The adapters this layer holds, in insertion order."""
         return list(self._specs)
 
+    def _check_not_training_merged(self) -> None:
+        """Refuse a training forward while a merged adapter's parameters require grad: the forward skips them, so
+        they would get no gradient (torch raised its raw "does not require grad", or the base trained alone).
+
+        :raises UnsupportedError: so.
+        """
+        for name in self._merged:
+            if any(getattr(p, "requires_grad", False) for p in self.adapter_params(name).values()):
+                raise UnsupportedError(f"adapter {name!r} is merged: training cannot reach its parameters",
+                                       key=name, hint="unmerge_adapters(model) before training (or freeze it)")
+
     def adapter_params(self, name: str) -> dict[str, nn.Parameter | PendingParam]:
         """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> parameter, for adapter ``name``
         (a :class:`PendingParam` for one injected without initialisation and not loaded yet)."""
@@ -959,6 +970,8 @@ class AdapterLayer(nn.Module):
             return oft.forward(self._modules["base_layer"], self.kind, rotations, x, args, kwargs,
                                training=self.training, output=self._tensor)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
+            if self._merged and self.training and torch.is_grad_enabled():
+                self._check_not_training_merged()
             out: torch.Tensor = self.base_layer(x, *args, **kwargs)
             return out
         previous_dtype = x.dtype

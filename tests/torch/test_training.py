@@ -64,6 +64,25 @@ def test_freeze_base_false_keeps_the_base_trainable(llama: Any) -> None:
     assert sum(1 for n in trainable if ".lora_" in n or "adapter_weights" in n) == 8
 
 
+def test_training_a_merged_adapter_is_refused(llama: Any) -> None:
+    """The forward skips a merged adapter: a training step raised torch's raw "does not require grad" (with a frozen
+    base), or trained the base alone (``freeze_base=False``), as in PEFT. Refused, as in Keras; eval and no_grad run."""
+    x = torch.arange(12).reshape(2, 6)
+    for freeze_base in (True, False):
+        model = fresh(llama)
+        adapterspec.inject_adapter(model, {**LORA, "init_lora_weights": False}, freeze_base=freeze_base)
+        adapterspec.merge_adapters(model)
+        model.train()
+        with pytest.raises(adapterspec.UnsupportedError, match="'default' is merged: training cannot reach") as info:
+            model(input_ids=x, labels=x).loss.backward()
+        assert "unmerge_adapters" in (info.value.hint or "")
+        with torch.no_grad():
+            model(input_ids=x)  # a forward without gradient runs
+        adapterspec.unmerge_adapters(model)
+        model(input_ids=x, labels=x).loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.adapter_params("default")["lora_A.weight"].grad is not None
+
+
 def test_frozen_flags_restored_only_after_the_last_trainable_adapter(llama: Any) -> None:
     model = fresh(llama)
     model.model.norm.weight.requires_grad_(False)
