@@ -26,7 +26,7 @@ import functools
 import sys
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -136,9 +136,8 @@ def own_state(model: Any) -> ModelState | None:
     """
     state = get_state(model)
     if state is None and hasattr(model, "_flatten_layers"):
-        for layer in model._flatten_layers(include_self=False, recursive=True):
-            inner = get_state(layer)
-            if inner is not None and inner.names:
+        for layer, inner in _inner_states(model):
+            if inner.names:
                 where = next((f"model.{_public(model, attr)}" for attr, value in vars(model).items() if value is layer),
                              f"the layer {layer.name!r}")
                 raise AdapterNotFoundError(
@@ -242,15 +241,17 @@ def _fresh(make: Any) -> Any:
     return method
 
 
+def _inner_states(model: Any) -> Iterator[tuple[Any, ModelState]]:
+    """Each layer inside ``model`` that holds adapter state (the model they were loaded into), with its state."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        state = get_state(layer)
+        if state is not None:
+            yield layer, state
+
+
 def _state_within(model: Any) -> ModelState | None:
     """The state of ``model`` or of the one model inside it that has adapters (a task around its backbone)."""
-    state = get_state(model)
-    if state is None:
-        for layer in model._flatten_layers(include_self=False, recursive=True):
-            state = get_state(layer)
-            if state is not None:
-                break
-    return state
+    return get_state(model) or next((state for _, state in _inner_states(model)), None)
 
 
 def check_optimizer(model: Any) -> None:
