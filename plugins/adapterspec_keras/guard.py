@@ -125,13 +125,23 @@ def wrap_once(module_name: str, class_path: str, name: str, wrap: Callable[[Any]
 
     >>> wrap_once("no.such.module", "Model", "fit", lambda original: original)
     """
-    cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_path.split("."),
-                           sys.modules.get(module_name))
+    key = (module_name, class_path, name)
+    if key in _DONE:  # every adapted layer asks: after the first, one set lookup
+        return
+    module = sys.modules.get(module_name)
+    if module is None:  # not imported yet: asked again at the next call
+        return
+    cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_path.split("."), module)
     original = getattr(cls, name, None) if cls is not None else None
     if original is not None and not getattr(original, "_adapterspec_wrapped", False):
         method = wrap(original)
         method._adapterspec_wrapped = True
         setattr(cls, name, method)
+    _DONE.add(key)
+
+
+#: The (module, class, method) triples :func:`wrap_once` has handled (wrapped, or absent from the loaded module).
+_DONE: set[tuple[str, str, str]] = set()
 
 
 def _refusing(refuse: Callable[[], None]) -> Callable[[Any], Any]:
