@@ -128,7 +128,7 @@ def wrap_once(module_name: str, class_path: str, name: str, wrap: Callable[[Any]
     key = (module_name, class_path, name)
     if key in _DONE:  # every adapted layer asks: after the first, one set lookup
         return
-    module = sys.modules.get(module_name)
+    module: Any = sys.modules.get(module_name)
     if module is None:  # not imported yet: asked again at the next call
         return
     cls = functools.reduce(lambda obj, attr: getattr(obj, attr, None), class_path.split("."), module)
