@@ -226,6 +226,11 @@ def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -
                           f"{_endpoint_name()} cannot be reached") from None
     except hf.HFValidationError as exc:
         raise HubError(f"not a valid Hub repo id or revision: {exc}", path=where, hint=_SOURCE_HELP) from None
+    except RuntimeError as exc:
+        failed = _failed_upload(ref, exc)
+        if failed is None:
+            raise
+        raise failed from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if getattr(exc, "response", None) is not None else "?"
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -240,6 +245,30 @@ def _hub_errors(ref: HubRef, *, plain: bool = False, action: str = "download") -
             raise _not_cached(ref, f"{_endpoint_name()} cannot be reached ({type(exc).__name__})") from None
         raise HubError(f"cannot reach {_endpoint_name()}: {exc}", path=where,
                        hint="check your connection, proxy and HF_ENDPOINT") from None
+
+
+_UPLOAD_WRAPPER = re.compile(r"^Error while uploading '(.*)' to the Hub\.$", re.DOTALL)
+
+
+def _failed_upload(ref: HubRef, exc: RuntimeError) -> HubError | None:
+    """The :class:`HubError` for huggingface_hub's ``RuntimeError("Error while uploading 'NAME' to the Hub.")``
+    (its wrapper around one file's LFS upload, sent before the commit), or ``None`` for a ``RuntimeError`` that is
+    not that wrapper around a Hub refusal or a transport failure (a bug somewhere: left as it is)."""
+    from huggingface_hub import errors as hf
+
+    cause, match = exc.__cause__, _UPLOAD_WRAPPER.match(str(exc))
+    if match is None or not isinstance(cause, (hf.HfHubHTTPError, *_redirect_errors(), *_network_errors())):
+        return None
+    retry = "then retry the push (the repo is unchanged)"
+    if isinstance(cause, hf.HfHubHTTPError):
+        status = cause.response.status_code if getattr(cause, "response", None) is not None else "?"
+        why = f"HTTP {status}: {' '.join(str(cause).split())[:300] or type(cause).__name__}"
+        hint = (f"pass token= with write rights to {ref.repo_id!r}, {retry}" if status in (401, 403)
+                else "retry the push; if it persists, check HF_ENDPOINT and the Hub's status (the repo is unchanged)")
+    else:
+        why = f"the connection broke ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})"
+        hint = f"check your connection, proxy and HF_ENDPOINT, {retry}"
+    return HubError(f"uploading {match.group(1)!r} failed: {why}; nothing was committed", path=ref.url, hint=hint)
 
 
 def _offline_error(ref: HubRef, action: str) -> HubError:
@@ -588,7 +617,8 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
     :param allow_pickle: push an adapter whose weights are only ``adapter_model.bin``.
     :returns: the commit URL (a :class:`huggingface_hub.CommitInfo`, a ``str`` with ``.oid``).
     :raises AdapterSpecError: the adapter is invalid (nothing uploaded).
-    :raises HubError: the Hub refused (no write access, repo missing with ``create_repo=False``, ...).
+    :raises HubError: the Hub refused (no write access, repo missing with ``create_repo=False``, ...), or
+        a file's upload failed (refused, connection broken: nothing committed).
 
     >>> push_to_hub(model, "org/my-lora", subfolder="fr", revision="v2")      # doctest: +SKIP
     'https://huggingface.co/org/my-lora/commit/...'

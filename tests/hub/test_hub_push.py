@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import hubserver
 import numpy as np
 import pytest
 from hubdata import TOKEN, lora_config, lora_tensors
@@ -195,3 +198,48 @@ def test_push_refused_offline_after_validation(hub, make_lora, tmp_path: Path,
     with pytest.raises(HubError, match=r"cannot upload: offline mode is on .*fix: unset HF_HUB_OFFLINE"):
         push_to_hub(make_lora("offline"), "org/offline")
     assert hub.requests == []
+
+
+def _refuse_lfs_put(handler: Any, oid: str, body: bytes) -> None:
+    raise hubserver._HubError(400, "content does not hash")
+
+
+def _drop_lfs_put(handler: Any, oid: str, body: bytes) -> None:
+    handler.close_connection = True
+    handler.connection.shutdown(2)  # the connection is cut mid-PUT, no response sent
+
+
+@pytest.mark.parametrize(("fault", "said"), [(_refuse_lfs_put, r"HTTP 400.*content does not hash"),
+                                             (_drop_lfs_put, r"failed: the connection broke \(RemoteProtocolError")])
+def test_an_interrupted_upload_is_a_hub_error_and_commits_nothing(hub, make_lora, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  fault: Any, said: str) -> None:
+    """huggingface_hub wraps a failed LFS upload in a bare RuntimeError("Error while uploading ..."): before,
+    push_to_hub raised it as such (after 23 s of retries for a dropped connection), naming neither the repo nor
+    what to do."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(hubserver._Handler, "_lfs_put", fault)
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # huggingface_hub's retries
+    folder = make_lora("cut")
+    with pytest.raises(HubError) as info:
+        push_to_hub(folder, "org/cut", subfolder="fr")
+    text = str(info.value)
+    assert info.value.path == "hf://org/cut/fr" and "'fr/adapter_model.safetensors'" in text
+    assert re.search(said, text) and "nothing was committed" in text and "retry the push" in text
+    assert len(hub.repos["org/cut"].commits) == 1  # the repo's initial commit only
+    assert main(["push", str(folder), "org/cut"]) == 1
+    assert "hf://org/cut: uploading 'adapter_model.safetensors' failed" in capsys.readouterr().err
+
+
+def test_a_runtime_error_of_another_cause_is_not_turned_into_a_hub_error(hub, make_lora,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import HfApi
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug, not the Hub") from KeyError("x")
+
+    monkeypatch.setattr(HfApi, "upload_folder", broken)
+    with pytest.raises(RuntimeError, match="a bug, not the Hub") as info:
+        push_to_hub(make_lora("bug"), "org/bug")
+    assert not isinstance(info.value, HubError)
