@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _safetensors, _snapshot, _staging
+from . import _access, _safetensors, _snapshot, _staging
 from ._safetensors import check_not_lfs_pointer, dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
@@ -385,13 +385,9 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     """Read the folder's config and weights as one snapshot (both from one save, whatever another process
     saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file."""
     folder = Path(source)
-    try:
-        if folder.is_file() and folder.name == CONFIG_NAME:
-            folder = folder.parent
-        is_dir = folder.is_dir()
-    except (OSError, ValueError):  # a name too long, a NUL byte...
-        is_dir = False
-    if not is_dir:
+    if folder.name == CONFIG_NAME and _access.is_file(folder):
+        folder = folder.parent
+    if not _access.is_dir(folder):  # a refused look-up says so (no permission), naming the folder that refuses
         raise FileFormatError("no such adapter folder", path=folder,
                               hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
     read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
@@ -427,15 +423,15 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     still reported before any error of the weights file.
     """
     config_file = folder / CONFIG_NAME
-    if not config_file.exists():
+    if not _access.exists(config_file):
         raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
             folder, "pass the adapter's own folder (use subfolder= for one of several)"))
     config_file = _inside(folder, config_file)
     config_fh = snapshot.open(CONFIG_NAME, config_file)
     weights = folder / SAFETENSORS_NAME
-    if not weights.exists():
+    if not _access.exists(weights):
         config = _read_config(config_file, config_fh, strict=strict)
-        if not (folder / PICKLE_NAME).exists():
+        if not _access.exists(folder / PICKLE_NAME):
             raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
                                   hint="save the adapter's weights next to its config")
         pickle_file = _inside(folder, folder / PICKLE_NAME)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from . import _access
 from ._lora_init import init_refusals, init_warnings
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
@@ -204,10 +205,8 @@ def _looks_local(text: str, path: Path) -> bool:
 
 
 def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # a name too long, a NUL byte
-        return False
+    """Whether ``path`` exists; a look-up refused by permissions raises (not "no such adapter folder")."""
+    return _access.exists(path)
 
 
 def _no_folder_hint(path: Path) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _access
 from ._jsonpos import member_position, syntax_error_position
 from .adapter import read_adapter, validate_adapter
 from ._rules import duplicate_entries, not_portable
@@ -221,19 +222,22 @@ def validate_targets(targets: Sequence[str], *, strict: bool = False, allow_pick
     for target in targets:
         try:
             path = _local(target)
+            is_file = _access.is_file(path)  # a look-up refused by permissions is reported, naming the folder
+            config_alone = is_file and path.name == CONFIG_NAME and not any(
+                _access.exists(path.parent / weights) for weights in (SAFETENSORS_NAME, PICKLE_NAME))
+            is_dir = not is_file and _access.is_dir(path)
         except AdapterSpecError as exc:
             results.append(Result(target, [_error(exc)]))
             continue
-        if path.is_file() and path.name == CONFIG_NAME and not any(
-                (path.parent / weights).exists() for weights in (SAFETENSORS_NAME, PICKLE_NAME)):
+        if config_alone:
             results.append(_validate_config_file(path, strict))  # a config alone, not an adapter folder
             continue
-        if path.is_file() and path.name in FOLDER_FILES:
-            path = path.parent
-        elif path.is_file() and path.suffix == ".json":
+        if is_file and path.name in FOLDER_FILES:
+            path, is_dir = path.parent, True
+        elif is_file and path.suffix == ".json":
             results.append(_validate_config_file(path, strict))
             continue
-        if path.is_dir():
+        if is_dir:
             if path.resolve() not in seen:
                 seen.add(path.resolve())
                 results.extend(_validate_folder(path, strict, allow_pickle))

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from . import _safetensors, _staging
+from . import _access, _safetensors, _staging
 from .adapter import Adapter, _tensor_infos, check_adapter_name
 from .checks import tensor_errors
 from .config import AdapterConfig, _validator, read_json_file
@@ -676,7 +676,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
     folder = Path(path)
     manifest_file = folder / MANIFEST_NAME
     found: dict[str, Path] = {}
-    if manifest_file.exists():
+    if _access.exists(manifest_file):  # a refused look-up says so (no permission), naming the folder that refuses
         manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
         if isinstance(manifest, dict):  # a VersionError before the schema's errors, as for a config
             check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
@@ -707,8 +707,8 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
         return found
     if _has_config(folder):
         found[DEFAULT_ADAPTER] = folder
-    if folder.is_dir():
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _has_config(p)):
+    if _access.is_dir(folder):
+        for sub in (p for p in _access.entries(folder) if _access.is_dir(p) and _has_config(p)):
             if not _valid_name(sub.name):  # SPEC 3.5: skipped, with a warning
                 warnings.warn(f"{sub}: skipped, {sub.name!r} is not a valid adapter name", AdapterSpecWarning,
                               stacklevel=2)
@@ -727,7 +727,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
 def _has_config(folder: Path) -> bool:
     """Whether ``folder`` holds an adapter's config, after any save putting its files in one by one is done (it
     moves the config aside first: listed meanwhile, the adapter was missing, or the folder refused)."""
-    if not (folder / CONFIG_NAME).exists():
+    if not _access.exists(folder / CONFIG_NAME):
         _staging.await_save(folder)
-    return (folder / CONFIG_NAME).exists()
+    return _access.exists(folder / CONFIG_NAME)
 

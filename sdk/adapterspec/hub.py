@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from . import _snapshot, _staging
+from . import _access, _snapshot, _staging
 from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, check_not_pointer, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
 from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
@@ -541,7 +541,7 @@ def resolve_for_validation(spec: str, *, revision: str | None = None, token: str
     >>> resolve_for_validation("hf://org/my-lora")                              # doctest: +SKIP
     PosixPath('~/.cache/huggingface/hub/models--org--my-lora/snapshots/<sha>')
     """
-    if not spec.startswith("hf://") and Path(spec).exists():
+    if not spec.startswith("hf://") and _access.exists(spec):
         return Path(spec)
     return download_adapters(spec, revision=revision, token=token, cache_dir=cache_dir, timeout=timeout)
 
@@ -569,7 +569,7 @@ def _upload_plan(folder: Path, stage: Path, *, allow_pickle: bool) -> tuple[dict
     from .adapter import read_adapter, validate_adapter
     from .folder import list_adapters
 
-    if not folder.is_dir():
+    if not _access.is_dir(folder):
         from .errors import FileFormatError
 
         raise FileFormatError("no such adapter folder", path=folder, hint="pass a folder written by save_adapter")
@@ -627,7 +627,7 @@ def push_to_hub(folder_or_model: Any, repo_id: str, *, adapter_name: str | list[
     with tempfile.TemporaryDirectory(prefix="adapterspec-push-") as tmp:
         if isinstance(folder_or_model, (str, os.PathLike)):
             folder = Path(folder_or_model)
-            if folder.is_file() and folder.name == CONFIG_NAME:
+            if folder.name == CONFIG_NAME and _access.is_file(folder):
                 folder = folder.parent
         elif isinstance(adapter_name, str):
             from .api import save_adapter

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +249,131 @@ def test_a_worker_process_removes_the_adapter_it_replaced_before_it_ends(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     loaded = adapterspec.read_adapter(folder).load_tensors()
     assert all(np.array_equal(loaded[k], v) for k, v in tensors(1.0).items())
+
+
+@pytest.fixture
+def reachable_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A folder an unprivileged user can reach: ``tmp_path`` itself, or (as root, whose ``tmp_path`` is private)
+    a fresh folder in ``/tmp``, every mode restored and removed afterwards."""
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(prefix="adapterspec-perm-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def _as_unprivileged(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
+    """Each call's outcome (``ok ...``, ``<ErrorClass>: <message>`` or ``RAW <class>: ...``) in a forked child run as
+    ``nobody`` (uid/gid 65534) when this is root -- root ignores file modes -- else as the current user."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            outcomes = {label: _outcome(call) for label, call in calls.items()}
+            with os.fdopen(write, "w") as out:
+                json.dump(outcomes, out)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+def _outcome(call: Callable[[], object]) -> str:
+    try:
+        result = call()
+    except adapterspec.AdapterSpecError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - what the test is about
+        return f"RAW {type(exc).__name__}: {exc}"
+    return f"ok {sorted(result) if isinstance(result, dict) else type(result).__name__}"
+
+
+def _cli(*argv: str) -> Callable[[], object]:
+    def run() -> object:
+        from adapterspec.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        if code != 0:
+            raise adapterspec.FileFormatError(f"exit {code}: {out.getvalue()} {err.getvalue()}".strip())
+        return {"exit 0": out.getvalue()}
+
+    return run
+
+
+def _raising(call: Callable[[], list[adapterspec.AdapterSpecError]]) -> Callable[[], object]:
+    def run() -> object:
+        errors = call()
+        if errors:
+            raise errors[0]
+        return errors
+
+    return run
+
+
+def _reads(path: Path) -> dict[str, Callable[[], object]]:
+    return {"read_adapter": lambda: adapterspec.read_adapter(path),
+            "validate_adapter": _raising(lambda: adapterspec.validate_adapter(path)),
+            "list_adapters": lambda: adapterspec.list_adapters(path),
+            "read_adapters": lambda: adapterspec.read_adapters(path),
+            "resolve_source": lambda: adapterspec.read_adapter(adapterspec.api.resolve_source(path)),
+            "cli validate": _cli("validate", str(path)),
+            "cli inspect": _cli("inspect", str(path))}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX file modes, fork and setuid")
+def test_a_folder_that_may_not_be_read_is_a_permission_error(reachable_tmp: Path) -> None:
+    """No permission on the way to an adapter is said as such, naming the folder that refuses and the fix: before,
+    list_adapters and read_adapters raised a bare PermissionError, read_adapter, validate_adapter and load_adapter
+    said 'no such adapter folder' about a folder that exists, and the CLI printed a traceback."""
+    base = reachable_tmp
+    unsearchable_parent = adapterspec.write_adapter(base / "p1" / "a", CONFIG, tensors())
+    unsearchable = adapterspec.write_adapter(base / "p2" / "a", CONFIG, tensors())
+    unlistable = adapterspec.write_adapter(base / "p3" / "a", CONFIG, tensors())
+    peft_layout = base / "p4" / "m"
+    for name in ("de", "fr"):
+        adapterspec.write_adapter(peft_layout / name, CONFIG, tensors())
+    several = adapterspec.write_adapters(base / "p5" / "m", {"default": (CONFIG, tensors()), "fr": (CONFIG, tensors(1.0))})
+    for command in ("validate", "inspect"):  # its lazy imports done here: the interpreter may be out of nobody's reach
+        _cli(command, str(unlistable))()
+    (base / "p1").chmod(0o600)
+    for folder, mode in [(unsearchable, 0o600), (unlistable, 0o311), (peft_layout / "fr", 0o600), (several / "fr", 0o600)]:
+        folder.chmod(mode)
+    calls = {f"{layout} {label}": call for layout, path in [("parent", unsearchable_parent), ("folder", unsearchable)]
+             for label, call in _reads(path).items()}
+    calls |= {f"unlistable {label}": call for label, call in _reads(unlistable).items()}
+    calls |= {f"peft {label}": call for label, call in _reads(peft_layout).items() if "adapters" in label}
+    calls |= {f"manifest {label}": call for label, call in _reads(several).items() if "adapters" in label}
+    outcomes = _as_unprivileged(calls)
+
+    search = "permission denied: the folder {} may not be searched (fix: get search (x) permission on {}"
+    for label, outcome in outcomes.items():
+        layout = label.split()[0]
+        if layout == "unlistable" and label.split(" ", 1)[1] not in ("list_adapters", "read_adapters", "cli validate"):
+            assert outcome.startswith("ok"), (label, outcome)  # its files are reached by name: it reads exactly
+            continue
+        assert outcome.startswith("FileFormatError: "), (label, outcome)
+        blocked = {"parent": base / "p1", "folder": unsearchable, "peft": peft_layout / "fr",
+                   "manifest": several / "fr"}.get(layout)
+        if blocked is None:
+            assert f"{unlistable}: permission denied: the folder cannot be listed (fix: get read permission on " \
+                   f"{unlistable}" in outcome, (label, outcome)
+        else:
+            assert search.format(blocked, blocked) in outcome, (label, outcome)
+    assert "peft list_adapters" in outcomes and len(outcomes) == 2 * 7 + 7 + 2 + 2
