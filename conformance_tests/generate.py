@@ -41,7 +41,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.11.0"
+CORPUS_VERSION = "1.12.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -867,6 +867,7 @@ def generate_folders() -> list[dict[str, Any]]:
           {"format": "pt", "adapterspec_version": "1.0"}, valid=True)
     _clarification_folders()
     _mutation_folder_cases_1_11()
+    _repeated_name_folders()
     return FOLDERS
 
 
@@ -1638,6 +1639,44 @@ def _mutation_folder_cases_1_11() -> None:
           LORA_CFG | {"target_modules": ["q_proj"], "trainable_token_indices": [1, 12]},
           {f"{Q}.lora_A.weight": det((2, 8), 1).astype(np.float32), f"{Q}.lora_B.weight": det((8, 2), 2).astype(np.float32),
            delta: det((2, 8), 3).astype(np.float32)}, valid=False, error="ShapeMismatchError", key=delta, model=vocab)
+
+
+def _write_header_members(path: Path, members: Any) -> None:
+    """Rewrite a safetensors file's JSON header as the members ``members(header)`` gives, in order: ``(name, JSON
+    text)`` pairs, so that a name may come twice (a dict cannot hold that)."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    raw = ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in members(json.loads(blob[8 : 8 + n]))) + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+
+
+def _repeated_name_folders() -> None:
+    """SPEC 11.2 (corpus 1.12): a name twice in the safetensors header, which the safetensors library and most JSON
+    parsers resolve silently to the last entry."""
+    t = lora_tensors()
+    a, b = f"{Q}.lora_A.weight", f"{Q}.lora_B.weight"
+
+    def entries(h: dict[str, Any], *first: tuple[str, Any]) -> list[tuple[str, str]]:
+        return [*((k, json.dumps(v, separators=(",", ":"))) for k, v in first),
+                *((k, json.dumps(v, separators=(",", ":"))) for k, v in h.items())]
+
+    path = plain("header-tensor-twice", "SPEC 11.2: the safetensors header declares q_proj's lora_A twice, the same "
+                 "entry both times: FileFormatError naming the tensor", LORA_CFG, t, valid=False,
+                 error="FileFormatError", key=a)
+    _write_header_members(path / "adapter_model.safetensors", lambda h: entries(h, (a, h[a])))
+    path = plain("header-tensor-twice-elsewhere", "SPEC 11.2: q_proj's lora_A declared first over lora_B's bytes "
+                 "with lora_B's shape, then as written (the safetensors library reads the last, another reader may "
+                 "read the first): FileFormatError naming the tensor", LORA_CFG, t, valid=False,
+                 error="FileFormatError", key=a)
+    _write_header_members(path / "adapter_model.safetensors",
+                          lambda h: entries(h, (a, h[a] | {"shape": h[b]["shape"], "data_offsets": h[b]["data_offsets"]})))
+    path = plain("header-metadata-member-twice", "SPEC 11.2: the safetensors metadata names adapterspec_version "
+                 "twice, '2.0' then '1.1' (the last is readable, the first a newer major): FileFormatError",
+                 LORA_CFG, t, valid=False, error="FileFormatError")
+    _write_header_members(path / "adapter_model.safetensors", lambda h: [
+        ("__metadata__", '{"adapterspec_version":"2.0","adapterspec_version":"1.1","format":"pt"}'),
+        *((k, json.dumps(v, separators=(",", ":"))) for k, v in h.items() if k != "__metadata__")])
 
 
 # -- the rest --------------------------------------------------------------------------------------------

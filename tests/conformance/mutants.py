@@ -946,6 +946,10 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("auxiliary-module-not-in-model-accepted", "10", "the module an auxiliary tensor replaces a parameter of "
        "exists in the model (check 18)", lambda: [(reference_impl, "_check_auxiliary_modules", _returning(None))],
        "not-in-model", kinds=_LOADS),
+    # corpus 1.12
+    _m("header-name-twice-accepted", "11.2", "no tensor and no metadata member is named twice in the safetensors "
+       "header (FileFormatError)", lambda: [(_safetensors, "_refuse_repeated_names", _returning(None))], "header-",
+       kinds=_LOADS),
 )
 
 

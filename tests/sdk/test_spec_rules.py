@@ -12,6 +12,7 @@ import doctest
 import importlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +412,63 @@ def test_cli_refuses_duplicate_keys_in_a_config_file(tmp_path: Path, capsys: pyt
     assert main(["validate", str(path), "--format", "json"]) == 1
     error = json.loads(capsys.readouterr().out)["results"][0]["errors"][0]
     assert error["type"] == "FileFormatError" and "'target_modules'" in error["message"]
+
+
+# -- check 6 and SPEC 11.2: no name twice in the safetensors header ----------------------------------
+def _rewrite_header(folder: Path, members: Callable[[dict[str, Any]], list[tuple[str, Any]]]) -> None:
+    """Write the weights' header as the members ``members(header)`` gives, in that order (a name may repeat; names
+    are written between quotes as they are, escapes included, and a ``str`` value as the JSON text it is)."""
+    path = folder / "adapter_model.safetensors"
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    text = "{" + ", ".join(f'"{k}": {v if isinstance(v, str) else json.dumps(v)}'
+                           for k, v in members(json.loads(blob[8:8 + n]))) + "}"
+    raw = text.encode() + b" " * (-len(text) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n:])
+
+
+A_KEY, B_KEY = key(Q, "lora_A.weight"), key(Q, "lora_B.weight")
+_DUPLICATES = {  # safetensors itself keeps the last of each and says nothing
+    "tensor twice, same entry": (lambda h: [("__metadata__", h["__metadata__"]), (A_KEY, h[A_KEY]), (B_KEY, h[B_KEY]),
+                                            (A_KEY, h[A_KEY])], A_KEY, f"declares tensor {A_KEY!r} twice"),
+    "tensor twice, first elsewhere": (lambda h: [("__metadata__", h["__metadata__"]),
+                                                 (A_KEY, h[A_KEY] | {"data_offsets": h[B_KEY]["data_offsets"],
+                                                                     "shape": h[B_KEY]["shape"][::-1]}),
+                                                 (A_KEY, h[A_KEY]), (B_KEY, h[B_KEY])], A_KEY,
+                                      f"declares tensor {A_KEY!r} twice"),
+    "tensor twice, spelled with escapes": (lambda h: [("__metadata__", h["__metadata__"]), (A_KEY, h[A_KEY]),
+                                                      (B_KEY, h[B_KEY]), (A_KEY.replace(".", "\\u002e"), json.dumps(
+                                                          h[A_KEY]).replace("data_offsets", "data\\u005foffsets"))],
+                                           A_KEY, f"declares tensor {A_KEY!r} twice"),
+    "metadata member twice": (lambda h: [("__metadata__", '{"format": "pt", "format": "pt"}'), (A_KEY, h[A_KEY]),
+                                         (B_KEY, h[B_KEY])], None, "__metadata__ names 'format' twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DUPLICATES))
+def test_a_name_twice_in_the_safetensors_header_is_refused(tmp_path: Path, case: str) -> None:
+    """Python's json and safetensors keep the last member of a name silently: the file read as the last entry
+    says (before: read_adapter loaded it, validate_adapter returned [])."""
+    members, where, said = _DUPLICATES[case]
+    folder = write_folder(tmp_path / "a", LORA, lora_tensors())
+    _rewrite_header(folder, members)
+    weights = folder / "adapter_model.safetensors"
+    errors = adapterspec.validate_adapter(folder)
+    assert [type(e) for e in errors] == [FileFormatError], errors
+    assert errors[0].key == where and errors[0].path == str(weights) and said in errors[0].message
+    assert "save the file again" in str(errors[0])
+    with pytest.raises(FileFormatError, match="twice"):
+        adapterspec.read_adapter(folder)
+
+
+def test_a_header_with_escapes_and_no_name_twice_is_read(tmp_path: Path) -> None:
+    """Escapes in the header (a quote in a metadata value, a name spelled with \\u) take the parse, not the count."""
+    folder = write_folder(tmp_path / "a", LORA, lora_tensors(), metadata={"format": "pt", "note": 'a "quoted" word'})
+    _rewrite_header(folder, lambda h: [(k.replace(".", "\\u002e"), v) for k, v in h.items()])
+    assert b"\\u002e" in (folder / "adapter_model.safetensors").read_bytes()
+    assert adapterspec.validate_adapter(folder) == []
+    loaded = adapterspec.read_adapter(folder).load_tensors()
+    assert all(np.array_equal(loaded[k], v) for k, v in lora_tensors().items()) and len(loaded) == 2
 
 
 # -- check 4: SPEC 4.2 rules beyond the schema -------------------------------------------------------
