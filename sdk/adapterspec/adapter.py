@@ -334,6 +334,25 @@ def _inside(folder: Path, file: Path) -> Path:
     return resolved
 
 
+def _refuse_dangling(folder: Path, file: Path) -> None:
+    """If ``file`` (found missing) is a symbolic link to nothing, say so: a :class:`FileFormatError` naming its
+    target, or an :class:`UnsafeFileError` if that target is outside ``folder`` (SPEC.md 11.3, even when missing).
+    Otherwise do nothing: the file is simply not there."""
+    try:
+        if not os.path.islink(file) or os.path.exists(file):
+            return
+        target, real = os.readlink(file), Path(os.path.realpath(file))
+        root = folder.resolve()
+    except (OSError, ValueError, RuntimeError):  # unreadable meanwhile, a loop: the caller's own error stands
+        return
+    if not any(real.is_relative_to(allowed) for allowed in (root, *_hub_blobs(root))):
+        raise UnsafeFileError(f"{file.name} leads outside the adapter folder (to {real}, which does not exist)",
+                              path=file, hint="replace the symlink with the file itself")
+    shown = repr(target) if os.path.isabs(target) else f"{target!r} ({real})"
+    raise FileFormatError(f"{file.name} is a dangling symbolic link: its target {shown} does not exist", path=file,
+                          hint="point the link at the file, or replace it with the file itself")
+
+
 def _hub_blobs(root: Path) -> list[Path]:
     """``<repo>/blobs`` if ``root`` (resolved) is in ``<repo>/snapshots/<revision>/`` of huggingface_hub's
     cache, whose files are links into ``blobs/``."""
@@ -424,6 +443,7 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     """
     config_file = folder / CONFIG_NAME
     if not _access.exists(config_file):
+        _refuse_dangling(folder, config_file)
         raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
             folder, "pass the adapter's own folder (use subfolder= for one of several)"))
     config_file = _inside(folder, config_file)
@@ -431,7 +451,9 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     weights = folder / SAFETENSORS_NAME
     if not _access.exists(weights):
         config = _read_config(config_file, config_fh, strict=strict)
+        _refuse_dangling(folder, weights)  # not a reason to read the pickle instead
         if not _access.exists(folder / PICKLE_NAME):
+            _refuse_dangling(folder, folder / PICKLE_NAME)
             raise FileFormatError(f"no {SAFETENSORS_NAME} in the folder", path=folder,
                                   hint="save the adapter's weights next to its config")
         pickle_file = _inside(folder, folder / PICKLE_NAME)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import _access, _safetensors, _staging
-from .adapter import Adapter, _tensor_infos, check_adapter_name
+from .adapter import Adapter, _refuse_dangling, _tensor_infos, check_adapter_name
 from .checks import tensor_errors
 from .config import AdapterConfig, _validator, read_json_file
 from .errors import (
@@ -705,6 +705,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                                   hint="give every adapter its own folder")
             found[name] = target
         return found
+    _refuse_dangling(folder, manifest_file)  # a manifest gone missing does not make the folder a PEFT layout
     if _has_config(folder):
         found[DEFAULT_ADAPTER] = folder
     if _access.is_dir(folder):
@@ -728,6 +729,7 @@ def _has_config(folder: Path) -> bool:
     """Whether ``folder`` holds an adapter's config, after any save putting its files in one by one is done (it
     moves the config aside first: listed meanwhile, the adapter was missing, or the folder refused)."""
     if not _access.exists(folder / CONFIG_NAME):
+        _refuse_dangling(folder, folder / CONFIG_NAME)
         _staging.await_save(folder)
     return _access.exists(folder / CONFIG_NAME)
 

@@ -549,10 +549,13 @@ def resolve_for_validation(spec: str, *, revision: str | None = None, token: str
 # -- push --------------------------------------------------------------------------------------------
 def _copy_files(source: Path, target: Path, snapshot: _snapshot.Snapshot) -> None:
     """Copy ``source``'s config and weights into ``target`` through ``snapshot`` (files of one save)."""
+    from .adapter import _refuse_dangling
+
     weights = SAFETENSORS_NAME if (source / SAFETENSORS_NAME).exists() or not (source / PICKLE_NAME).exists() \
         else PICKLE_NAME
     for name in (CONFIG_NAME, weights):
         if name == weights and not (source / name).exists():
+            _refuse_dangling(source, source / name)
             continue  # no weights: the validation of the copy says so
         with open(target / name, "wb") as out:
             shutil.copyfileobj(snapshot.open(name, source / name), out)  # held open until the snapshot ends

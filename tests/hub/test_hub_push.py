@@ -243,3 +243,14 @@ def test_a_runtime_error_of_another_cause_is_not_turned_into_a_hub_error(hub, ma
     with pytest.raises(RuntimeError, match="a bug, not the Hub") as info:
         push_to_hub(make_lora("bug"), "org/bug")
     assert not isinstance(info.value, HubError)
+
+
+def test_a_dangling_weights_link_is_refused_before_anything_is_sent(hub, make_lora) -> None:
+    folder = make_lora("dangling")
+    weights = folder / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to("moved.safetensors")
+    with pytest.raises(adapterspec.FileFormatError, match="adapter_model.safetensors is a dangling symbolic link: "
+                       r"its target 'moved.safetensors' \(.*moved.safetensors\) does not exist") as info:
+        push_to_hub(folder, "org/dangling")
+    assert info.value.path == str(weights) and hub.requests == []

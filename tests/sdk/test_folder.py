@@ -377,3 +377,44 @@ def test_a_folder_that_may_not_be_read_is_a_permission_error(reachable_tmp: Path
         else:
             assert search.format(blocked, blocked) in outcome, (label, outcome)
     assert "peft list_adapters" in outcomes and len(outcomes) == 2 * 7 + 7 + 2 + 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links")
+def test_a_dangling_link_is_said_to_be_one(tmp_path: Path) -> None:
+    """A file of the adapter that is a symbolic link to nothing is named as such, with its target: before, a
+    dangling adapter_model.safetensors (or config) read 'no adapter_model.safetensors in the folder', and a
+    dangling manifest made the folder a PEFT layout (its subfolders listed without it)."""
+    folder = adapterspec.write_adapter(tmp_path / "a", CONFIG, tensors())
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    weights.unlink()
+    weights.symlink_to("gone.safetensors")
+    with pytest.raises(adapterspec.FileFormatError) as info:
+        adapterspec.read_adapter(folder)
+    assert str(info.value) == (f"{weights}: adapter_model.safetensors is a dangling symbolic link: its target "
+                               f"'gone.safetensors' ({folder / 'gone.safetensors'}) does not exist (fix: point the "
+                               "link at the file, or replace it with the file itself)")
+    assert [str(e) for e in adapterspec.validate_adapter(folder)] == [str(info.value)]
+
+    config.unlink()
+    config.symlink_to(folder / "old" / "adapter_config.json")  # an absolute target: shown once
+    with pytest.raises(adapterspec.FileFormatError, match=r"adapter_config.json is a dangling symbolic link: its "
+                       rf"target '{folder}/old/adapter_config.json' does not exist \(fix"):
+        adapterspec.read_adapter(folder)
+    with pytest.raises(adapterspec.FileFormatError, match="adapter_config.json is a dangling symbolic link"):
+        adapterspec.list_adapters(folder)
+
+    outside = tmp_path / "elsewhere.json"
+    config.unlink()
+    config.symlink_to(outside)  # leads outside, to nothing: SPEC 11.3 still refuses it as unsafe
+    with pytest.raises(adapterspec.UnsafeFileError, match=r"leads outside the adapter folder \(to .*elsewhere.json, "
+                       "which does not exist\\)"):
+        adapterspec.read_adapter(folder)
+
+    several = adapterspec.write_adapters(tmp_path / "several", {"default": (CONFIG, tensors()), "fr": (CONFIG, tensors(1.0))})
+    manifest = several / "adapterspec.json"
+    manifest.unlink()
+    manifest.symlink_to("adapterspec.json.bak")
+    with pytest.raises(adapterspec.FileFormatError, match="adapterspec.json is a dangling symbolic link"):
+        adapterspec.list_adapters(several)
+    with pytest.raises(adapterspec.FileFormatError, match="adapterspec.json is a dangling symbolic link"):
+        adapterspec.read_adapters(several)
