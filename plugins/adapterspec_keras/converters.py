@@ -42,7 +42,7 @@ from .sites import (
     model_layers,
 )
 
-__all__ = ["backbone_of", "converter_sites", "head_sites", "text_only"]
+__all__ = ["backbone_of", "converter_sites", "head_sites", "multimodal", "text_only"]
 
 
 @dataclass
@@ -319,9 +319,10 @@ def text_only(model_type: str) -> bool:
     return model_type.endswith("_text")
 
 
-def _multimodal(backbone: Any) -> bool:
-    """A backbone holding an image or audio encoder (keras-hub's Gemma 3/3n/4 without one are text-only)."""
-    return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "audio_encoder"))
+def multimodal(backbone: Any) -> bool:
+    """A backbone holding an image or audio encoder (keras-hub's Gemma 3/3n/4 and Qwen3.5 without one are text-only;
+    PaliGemma's is its ``vit_encoder``)."""
+    return any(getattr(backbone, attr, None) is not None for attr in ("vision_encoder", "vit_encoder", "audio_encoder"))
 
 
 @contextlib.contextmanager
@@ -381,7 +382,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         # the model type porting the most weights fits best; on a tie, a multimodal backbone takes the
         # multimodal model type (gemma3 and gemma3_text record the same weights: the vision encoder's too), a
         # text-only one the shortest HF names ("model.layers...", not "model.language_model.layers...")
-        rank = (-len(loader.records), text_only(model_type) and _multimodal(backbone),
+        rank = (-len(loader.records), text_only(model_type) and multimodal(backbone),
                 sum(len(r.key) for r in loader.records))
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)

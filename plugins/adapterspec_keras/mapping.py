@@ -31,7 +31,7 @@ from typing import Any
 from adapterspec import LoadOptions
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
-from .converters import backbone_of, converter_sites, head_sites, text_only
+from .converters import backbone_of, converter_sites, head_sites, multimodal, text_only
 from .hf_names import base_relative, transformers_names
 from .sites import ModuleSite, Piece, layer_site, model_layers, own_name, parameter_variables, resolve_layer
 
@@ -104,9 +104,13 @@ def _builtin_sites(model: Any) -> dict[str, ModuleSite]:
     task_model = backbone is not model
     ordered = sorted(hf_sites.items(), key=lambda kv: kv[0].split(".")[0] == "lm_head")
     # the same module under both its transformers module path and its checkpoint key (transformers 5 renames
-    # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first
-    aliases = transformers_names(model_type, hf_sites)
-    relative = base_relative(model_type)  # its renamed paths are the base model's own, whatever their first segment
+    # checkpoint keys on load: PEFT writes whichever form its transformers used), the module path first: the path in
+    # the transformers class holding the Keras model's parts (a new adapter is saved under the first name). Without
+    # the checkpoint's image/audio encoder that is AutoModelForCausalLM's class (Qwen3.5's text model alone,
+    # ``model.layers.*``), else the multimodal class (``model.language_model.layers.*``)
+    text_part = bool(model_type) and not text_only(model_type or "") and not multimodal(backbone)
+    aliases = transformers_names(model_type, hf_sites, text_part=text_part)
+    relative = base_relative(model_type, text_part)  # renamed paths: the base model's own, whatever their first name
     # a multimodal checkpoint's text part as transformers' text model names it, which PEFT adapts too (the
     # ``qwen3_5_text`` mapping loads ``model.language_model.layers.*`` as ``model.layers.*``): its load direction only
     text = transformers_names(f"{model_type}_text", hf_sites) if model_type and not text_only(model_type) else {}

@@ -703,6 +703,178 @@ def test_peft_lora_on_every_linear_layer_of_a_multimodal_model_matches_peft(case
     assert all(effect > 10 * bound for effect in effects.values()), effects
 
 
+def _fill_new(variables: list[Any], salt: int = 30) -> None:
+    """Element-unique values for the adapter variables a Keras ``inject_adapter`` made (standing in for training)."""
+    for index, variable in enumerate(sorted(variables, key=lambda v: v.path)):
+        variable.assign(unique_values(tuple(variable.shape), salt + index, scale=0.05))
+
+
+def _suffixes(model: Any, left_out: str) -> list[str]:
+    """Every linear layer but ``lm_head`` and those under ``left_out`` (the SigLIP pooling head keras-hub does not
+    build), each by its shortest suffix of two or more names that fits no other module (Gemma 4's vision
+    ``self_attn.q_proj`` holds the layer ``q_proj.linear``): a suffix fits the module under either of its names."""
+    names = [n for n, _ in model.named_modules()]
+    chosen = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head") or \
+                (left_out and name.startswith(left_out)):
+            continue
+        parts = name.split(".")
+        for size in range(2, len(parts) + 1):
+            suffix = ".".join(parts[-size:])
+            fits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+            if all(isinstance(model.get_submodule(n), torch.nn.Linear) and not (left_out and n.startswith(left_out))
+                   for n in fits):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
+
+
+#: cases whose keras-hub model is one of several transformers classes of its checkpoint: the text part of a
+#: multimodal checkpoint (transformers' ``AutoModelForCausalLM`` of it, the text model), a multimodal model (its
+#: ``*ForConditionalGeneration``), T5Gemma 2 (its base model)
+_KERAS_MADE = [*_TEXT_PART, "t5gemma2", *MULTIMODAL]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", _KERAS_MADE)
+def test_lora_made_in_keras_loads_in_peft_on_the_class_holding_the_keras_models_parts(case: str,
+                                                                                       tmp_path: Path) -> None:
+    """A LoRA made in Keras (every linear layer, by their last names, element-unique values) is saved under the
+    module names of the transformers class holding the Keras model's parts (a text-only Qwen3.5 ``CausalLM``:
+    ``Qwen3_5ForCausalLM``, which ``AutoModelForCausalLM`` gives for the multimodal checkpoint, ``model.layers.*``;
+    a multimodal one: its ``*ForConditionalGeneration``), and PEFT loads it there with no missing key and no
+    warning, giving Keras' outputs. Before: the text-only Qwen3.5 saved ``model.language_model.layers.*``, which
+    PEFT did not find (a warning), running the base model (the whole effect, 7.8e-2, lost)."""
+    import copy
+    import warnings
+
+    import keras_hub
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    left_out = ""
+    if case in MULTIMODAL:
+        _, build, task, _, left_out = MULTIMODAL[case]
+        model = build(tmp_path / "hf")
+        keras_model = getattr(keras_hub.models, task).from_preset(str(tmp_path / "hf"), preprocessor=None)
+
+        def run_torch(m: Any) -> np.ndarray:
+            return _mm_torch(case, m)
+
+        def run_keras() -> np.ndarray:
+            return _mm_keras(case, keras_model)
+    else:
+        _, kind, build_case = CASES[case]
+        model = build_case(tmp_path / "hf")[0]
+        keras_model = _keras_model(case, kind, tmp_path / "hf")
+
+        def run_torch(m: Any) -> np.ndarray:
+            return _run_torch(m, kind)
+
+        def run_keras() -> np.ndarray:
+            return _run_keras(keras_model, kind)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": _suffixes(model, left_out)}
+    base_expected, base = run_torch(model), run_keras()
+    bound = 3 * float(np.abs(base - base_expected).max()) + 1e-5
+    before = {id(v) for v in keras_model.trainable_variables}
+    modules = adapterspec.inject_adapter(keras_model, config)
+    _fill_new([v for v in keras_model.trainable_variables if id(v) not in before])
+    actual = run_keras()
+    saved = adapterspec.save_adapter(keras_model, tmp_path / "keras")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), saved).eval()
+
+    said = [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not said, said
+    stored = load_file(saved / "adapter_model.safetensors")
+    assert sorted(get_peft_model_state_dict(reloaded)) == sorted(stored) and len(stored) == 2 * len(modules)
+    names = dict(model.named_modules())
+    assert all(m in names for m in modules), sorted(m for m in modules if m not in names)[:3]
+    expected = run_torch(reloaded)
+    diff, effect = float(np.abs(actual - expected).max()), float(np.abs(expected - base_expected).max())
+    print(f"KERAS-MADE {case}: modules={len(modules)} diff={diff:.2e} effect={effect:.2e} bound={bound:.1e}")
+    assert effect > 10 * bound, effect
+    assert diff <= bound, (diff, bound)
+
+
+def _qwen3_5_multimodal(folder: Path) -> Any:
+    """A tiny ``Qwen3_5ForConditionalGeneration`` (text model and vision tower), saved as it is for keras-hub."""
+    config = transformers.Qwen3_5Config(
+        text_config=dict(_Q35), tie_word_embeddings=False,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2))
+    torch.manual_seed(13)
+    model = transformers.Qwen3_5ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("text_names", [False, True], ids=["multimodal-names", "text-model-names"])
+def test_lora_made_in_keras_on_a_multimodal_qwen3_5_names_the_class_its_targets_name(text_names: bool,
+                                                                                      tmp_path: Path) -> None:
+    """A keras-hub Qwen3.5 with its vision encoder is transformers' ``Qwen3_5ForConditionalGeneration``
+    (``AutoModelForImageTextToText``: ``model.language_model.*``, ``model.visual.*``), while ``AutoModelForCausalLM``
+    of the same checkpoint is the text model alone (``model.layers.*``): a LoRA made in Keras by the layers' last
+    names is saved under the multimodal class' names (the one class holding every layer it may adapt), and PEFT
+    loads it there; ``target_modules`` naming the text model's modules (``model\\.layers\\..*\\.(q_proj|...)``)
+    saves those names, which PEFT loads on ``AutoModelForCausalLM``. Each with no missing key and no warning,
+    PEFT's logits (the text alone) Keras' within the bound."""
+    import warnings
+
+    import keras_hub
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = _qwen3_5_multimodal(tmp_path / "hf")
+    keras_model = keras_hub.models.Qwen3_5CausalLM.from_preset(str(tmp_path / "hf"), preprocessor=None)
+    assert keras_model.backbone.vision_encoder is not None
+
+    def run_keras() -> np.ndarray:  # the text alone: no image
+        from keras import ops
+
+        return np.asarray(ops.convert_to_numpy(keras_model({
+            "token_ids": _IDS.astype("int32"), "padding_mask": np.ones_like(_IDS, dtype="int32"),
+            "pixel_values": np.zeros((2, 0, 2, 4, 4, 3), "float32"), "image_grid_thw": np.zeros((2, 0, 3), "int32"),
+            "vision_indices": np.zeros((2, 0), "int32")})))
+
+    suffixes = _suffixes(model, "")
+    text = sorted({s.rsplit(".", 1)[-1] for s in suffixes if not s.startswith(("merger.", "attn.", "mlp.linear"))})
+    targets: Any = rf"model\.layers\..*\.({'|'.join(text)})" if text_names else suffixes
+    base_expected, base = _run_torch(model, "decoder"), run_keras()
+    bound = 3 * float(np.abs(base - base_expected).max()) + 1e-5
+    before = {id(v) for v in keras_model.trainable_variables}
+    modules = adapterspec.inject_adapter(keras_model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                       "target_modules": targets})
+    _fill_new([v for v in keras_model.trainable_variables if id(v) not in before])
+    actual = run_keras()
+    saved = adapterspec.save_adapter(keras_model, tmp_path / "keras")
+    auto = transformers.AutoModelForCausalLM if text_names else transformers.AutoModelForImageTextToText
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf = auto.from_pretrained(tmp_path / "hf").eval()
+        reloaded = peft.PeftModel.from_pretrained(hf, saved).eval()
+
+    assert type(hf).__name__ == ("Qwen3_5ForCausalLM" if text_names else "Qwen3_5ForConditionalGeneration")
+    said = [str(w.message) for w in caught if "adapter" in str(w.message)]
+    assert not said, said
+    stored = load_file(saved / "adapter_model.safetensors")
+    assert sorted(get_peft_model_state_dict(reloaded)) == sorted(stored) and len(stored) == 2 * len(modules)
+    assert len(modules) == (15 if text_names else 21)  # the text model's linear layers (and the vision tower's 6)
+    assert all(m.startswith("model.layers." if text_names else ("model.language_model.layers.", "model.visual."))
+               for m in modules), modules
+    expected = _run_torch(reloaded, "decoder")
+    diff, effect = float(np.abs(actual - expected).max()), float(np.abs(expected - base_expected).max())
+    print(f"KERAS-MADE multimodal qwen3_5 {'text' if text_names else 'multimodal'} names: modules={len(modules)} "
+          f"diff={diff:.2e} effect={effect:.2e} bound={bound:.1e}")
+    assert effect > 10 * bound, effect
+    assert diff <= bound, (diff, bound)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lora_bias_on_multimodal_gemma4s_kernel_reading_layers_is_refused_and_the_model_unchanged(tmp_path: Path) -> None:
     """keras-hub's Gemma 4 vision tower (``Gemma4ClippableEinsumDense`` reads ``self.dense.kernel``) and text MLP

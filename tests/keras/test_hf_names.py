@@ -59,6 +59,16 @@ def test_the_names_come_from_transformers_conversion_mapping() -> None:
     assert transformers_names(None, ["a.b"]) == {}
 
 
+def test_a_text_part_is_named_as_auto_model_for_causal_lm_names_it() -> None:
+    """A Keras model without the checkpoint's vision encoder is the class AutoModelForCausalLM gives: for Qwen3.5
+    the text model alone (``model.layers.*``, the module path first), for Gemma 3 the multimodal class all the same."""
+    up = "model.language_model.layers.0.mlp.up_proj"
+    assert transformers_names("qwen3_5", [up], text_part=True) == {up: ["model.layers.0.mlp.up_proj", up]}
+    assert transformers_names("qwen3_5_moe", [up], text_part=True) == {up: ["model.layers.0.mlp.up_proj", up]}
+    assert transformers_names("qwen3_5", [up])[up][0] == up  # with its vision tower: the multimodal class
+    assert transformers_names("gemma3", [up], text_part=True) == transformers_names("gemma3", [up])
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("model_type", sorted(_MODELS))
 @pytest.mark.parametrize("form", ["transformers5", "checkpoint"])
