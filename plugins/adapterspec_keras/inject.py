@@ -533,14 +533,21 @@ def _reach(model: Any, state: ModelState, config: AdapterConfig, sites: dict[str
     the adapter through their kernel (:func:`~adapterspec_keras.reach.read_through_kernel`), unless a kernel cannot
     carry it (:func:`~adapterspec_keras.reach.read_through_refusal`): refused, naming them and why. Layers the check
     could not decide (a multimodal model's parent that cannot run alone, a model that cannot run on its own) take it
-    through their kernel too, exact whether or not their ``call`` runs; one a kernel cannot carry is refused when
-    they sit inside another layer (it might read their kernel itself: the adapter would change nothing), warned
-    about when the model holds them directly (a container whose layers the user calls)."""
+    through their kernel too, exact whether or not their ``call`` runs; for one a kernel cannot carry, the whole
+    model is run on guessed sizes (one image and as many tokens as it takes: T5Gemma 2), and if that does not
+    decide it, it is refused when it sits inside another layer (it might read its kernel itself: the adapter
+    would change nothing), warned about when the model holds it directly (a container whose layers the user
+    calls)."""
     unused, unknown = reach_report(model, sites)
     why = {path: read_through_refusal(config, path, pieces, trainable)
            for path, pieces in [*unused.items(), *unknown.items()]}
     refuse({path: pieces for path, pieces in unused.items() if why[path]}, why, config.peft_type)
     undecided = [path for path in unknown if why[path]]
+    if undecided:  # the answer decides: the whole model on guessed sizes (one image, as many tokens as it takes)
+        never, still = reach_report(model, {path: sites[path] for path in undecided}, search=True)
+        refuse(never, why, config.peft_type)
+        unknown = {path: pieces for path, pieces in unknown.items() if path in still or path not in undecided}
+        undecided = [path for path in undecided if path in still]
     parents = parents_of(model) if undecided else {}
     nested = [path for path in undecided if any(parents.get(id(p.layer)) not in (None, model) for p in unknown[path])]
     if nested:

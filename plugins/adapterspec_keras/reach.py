@@ -20,7 +20,11 @@ adapter through its kernel too (exact whether or not its ``call`` runs); an adap
 refused on it when the layer sits inside another layer (whose ``call`` may read its kernel, as keras-hub's blocks
 do), and warned about when the model holds it directly (a container the user calls layers of). A forward of the
 whole model that fails on the dummy batch (a model that runs only through another method, keras-hub's Gemma 4
-assistant) leaves every layer unknown, with a warning.
+assistant) leaves every layer unknown, with a warning. Before an adapter a kernel cannot carry is refused on an
+unknown layer, the whole model is run once more on guessed sizes (``reach_report(search=True)``): one image (each
+open dimension of a float input 1) and 2, 4, 8, ... 256 tokens until it runs -- keras-hub's T5Gemma 2 takes
+images of open count and runs with as many image tokens as it puts per image; what that forward calls is reached,
+a layer whose kernel it reads without the call unreached, any other stays unknown.
 
 Whether a layer's ``call`` runs is a property of the model's structure, so the answer is remembered per model
 and layer: a later load that wraps only layers checked before runs no forward (the first load of a model pays
@@ -71,23 +75,22 @@ def _recording() -> Iterator[set[tuple[int, str]]]:
         _ENTERED.reset(token)
 
 
-def _dummy(tensor: Any) -> np.ndarray | None:
+def _dummy(tensor: Any, length: int = 2, image: int | None = None) -> np.ndarray | None:
+    """Zeros (ones for a mask) of ``tensor``'s shape: an open batch dimension 1, another open dimension ``length``
+    -- of a float input ``image``, or ``None`` (not guessed)."""
     dtype = str(tensor.dtype)
     shape = list(tensor.shape)
-    if any(d is None for d in shape[1:]) and "float" in dtype:
+    is_float = "float" in dtype
+    if any(d is None for d in shape[1:]) and is_float and image is None:
         return None
-    # two positions, not one: Keras warns of a softmax over an axis of size 1 (attention over one token)
-    shape = [1 if i == 0 and d is None else 2 if d is None else int(d) for i, d in enumerate(shape)]
+    size = image if is_float and image is not None else length
+    shape = [1 if i == 0 and d is None else size if d is None else int(d) for i, d in enumerate(shape)]
     name = str(getattr(tensor, "name", "") or "")
     return np.full(shape, 1 if "mask" in name else 0, dtype=dtype)
 
 
-def dummy_inputs(model: Any) -> tuple[Any, str | None]:
-    """A batch of one example (two tokens) for ``model``, or ``(None, why not)``.
-
-    >>> dummy_inputs(causal_lm)[0]["token_ids"].shape                    # doctest: +SKIP
-    (1, 2)
-    """
+def _made(model: Any, length: int, image: int | None) -> tuple[Any, str | None]:
+    """:func:`dummy_inputs` with open dimensions ``length`` (``image`` for a float input; ``None``: not guessed)."""
     from keras import tree
 
     if not getattr(model, "inputs", None):
@@ -97,10 +100,20 @@ def dummy_inputs(model: Any) -> tuple[Any, str | None]:
     structure = getattr(model, "_inputs_struct", None)
     if structure is None:
         structure = inputs[0] if len(inputs) == 1 else list(inputs)
-    made = tree.map_structure(_dummy, structure)
+    made = tree.map_structure(lambda t: _dummy(t, length, image), structure)
     if any(x is None for x in tree.flatten(made)):
         return None, f"{type(model).__name__} takes a float input of open size (an image?): its size is unknown"
     return made, None
+
+
+def dummy_inputs(model: Any) -> tuple[Any, str | None]:
+    """A batch of one example (two tokens) for ``model``, or ``(None, why not)``.
+
+    >>> dummy_inputs(causal_lm)[0]["token_ids"].shape                    # doctest: +SKIP
+    (1, 2)
+    """
+    # two positions, not one: Keras warns of a softmax over an axis of size 1 (attention over one token)
+    return _made(model, 2, None)
 
 
 #: model -> (the (layer id, role) pairs a forward checked, with a weak reference to each layer; those it entered)
@@ -142,7 +155,8 @@ def unreached(model: Any, sites: dict[str, ModuleSite]) -> dict[str, list[Piece]
     return reach_report(model, sites)[0]
 
 
-def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, list[Piece]], dict[str, list[Piece]]]:
+def reach_report(model: Any, sites: dict[str, ModuleSite], *,
+                 search: bool = False) -> tuple[dict[str, list[Piece]], dict[str, list[Piece]]]:
     """Run ``model`` once on :func:`dummy_inputs`: ``(unreached, unknown)``, the pieces of ``sites`` whose layer's
     ``call`` never ran, and those the check could not decide.
 
@@ -150,6 +164,10 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
     (:func:`_probe_parents`): unreached are the layers whose kernel it read without entering their ``call``,
     unknown the layers it neither called nor read, or whose parent could not run alone. A forward of the whole
     model that fails (a model that cannot run on its own) warns, and reports every layer unknown.
+
+    :param search: for the layers still undecided, run the whole model on guessed sizes (:func:`_searched`: one
+        image, and 2, 4, 8, ... tokens, until it runs), which costs up to :data:`_LENGTHS` forwards: asked for only
+        where the answer decides between loading and refusing.
 
     >>> reach_report(multimodal_gemma4, {"model.vision_tower.encoder.layers.0.mlp.up_proj.linear": site})
     ...                                                                   # doctest: +SKIP
@@ -169,13 +187,19 @@ def reach_report(model: Any, sites: dict[str, ModuleSite]) -> tuple[dict[str, li
                 except Exception as exc:  # noqa: BLE001 - the check cannot run: said, not hidden
                     # the model cannot run on its own (keras-hub's Gemma 4 assistant raises in call: it runs only
                     # through call_with_cache inside its target's generate): every layer is undecided
-                    warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the "
-                                  f"adapted layers: a forward on a dummy batch of two tokens failed "
-                                  f"({type(exc).__name__}: {exc}); an adapter on a Dense / EinsumDense runs "
-                                  "through its kernel (exact either way), where a kernel cannot carry it the "
-                                  "layer is not checked",
-                                  AdapterSpecWarning, stacklevel=3)
-                    return {}, {path: list(site.pieces) for path, site in sites.items()}
+                    if not search:
+                        warnings.warn(f"adapterspec could not check that {type(model).__name__}'s forward runs the "
+                                      f"adapted layers: a forward on a dummy batch of two tokens failed "
+                                      f"({type(exc).__name__}: {exc}); an adapter on a Dense / EinsumDense runs "
+                                      "through its kernel (exact either way), where a kernel cannot carry it the "
+                                      "layer is not checked",
+                                      AdapterSpecWarning, stacklevel=3)
+                        return {}, {path: list(site.pieces) for path, site in sites.items()}
+                    entered, decided = set(), {}
+        if search and len(decided) < len(pairs):
+            found = _searched(model, {pair: layer for pair, layer in pairs.items() if pair not in decided})
+            if found is not None:
+                entered, decided = entered | found[0], {**decided, **found[1]}
         _remember(model, decided, entered)
     unused: dict[str, list[Piece]] = {}
     unknown: dict[str, list[Piece]] = {}
@@ -220,6 +244,50 @@ def _probe_input(layer: Any) -> Any | None:
 _PROBE_DEPTH = 3
 
 
+#: the sizes :func:`_searched` tries for the open dimensions of a model's other inputs (tokens per sequence), with
+#: one image: a multimodal model runs only with as many image tokens as it puts per image (T5Gemma 2: 4 here, 256 in
+#: the released models)
+_LENGTHS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@contextlib.contextmanager
+def _kernel_reads(layers: list[Any]) -> Iterator[None]:
+    """While inside, reads of each layer's ``kernel`` are recorded (as the ``"kernel"`` role), no adapter added."""
+    watched = [layer for layer in layers if isinstance(getattr(type(layer), "kernel", None), property)
+               and not reads_through(layer)]
+    for layer in watched:
+        read_through_kernel(layer, [])
+    try:
+        yield
+    finally:
+        for layer in watched:
+            restore_kernel(layer)
+
+
+def _searched(model: Any, pairs: dict[tuple[int, str], Any]
+              ) -> tuple[set[tuple[int, str]], dict[tuple[int, str], Any]] | None:
+    """Run the whole model on one image (each open dimension of a float input 1) and the first of :data:`_LENGTHS`
+    for its other open dimensions that runs, recording calls and kernel reads; ``None``: none runs.
+
+    :returns: the pairs of ``pairs`` entered, and those decided: entered, or whose kernel was read without the
+        layer's ``call`` (a parent reading it itself). A layer neither called nor read stays undecided: the
+        guessed sizes may leave out a part of the model (no audio, say).
+    """
+    if _made(model, 2, 1)[0] is None:
+        return None
+    with _kernel_reads([layer for (_, role), layer in pairs.items() if role == "forward"]):
+        for length in _LENGTHS:
+            inputs, _ = _made(model, length, 1)
+            with _recording() as seen:
+                try:
+                    model(inputs, training=False)
+                except Exception:  # noqa: BLE001 - not these sizes: the next ones
+                    continue
+            decided = {pair: layer for pair, layer in pairs.items() if pair in seen or (pair[0], "kernel") in seen}
+            return {pair for pair in pairs if pair in seen}, decided
+    return None
+
+
 def _probe_parents(model: Any,
                    sites: dict[str, ModuleSite]) -> tuple[set[tuple[int, str]], dict[tuple[int, str], Any]]:
     """Run each wrapped layer's parent alone on :func:`_probe_input`, recording calls and kernel reads; a layer the
@@ -231,14 +299,10 @@ def _probe_parents(model: Any,
     """
     parents = parents_of(model)
     pending = [(p, p.layer) for site in sites.values() for p in site.pieces if p.role == "forward"]
-    watched = [p.layer for p, _ in pending if isinstance(getattr(type(p.layer), "kernel", None), property)
-               and not reads_through(p.layer)]
-    for layer in watched:  # its kernel reads are recorded (no adapter added: empty entries)
-        read_through_kernel(layer, [])
     probed: dict[int, set[tuple[int, str]] | None] = {}
     entered: set[tuple[int, str]] = set()
     decided: dict[tuple[int, str], Any] = {}
-    try:
+    with _kernel_reads([p.layer for p, _ in pending]):
         for _ in range(_PROBE_DEPTH):
             undecided = []
             for piece, holder in pending:
@@ -255,9 +319,6 @@ def _probe_parents(model: Any,
                 else:
                     undecided.append((piece, parent))
             pending = undecided
-    finally:
-        for layer in watched:
-            restore_kernel(layer)
     return entered, decided
 
 

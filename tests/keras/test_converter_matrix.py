@@ -943,6 +943,34 @@ def test_t5gemma2_adapter_under_the_checkpoint_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_t5gemma2_lora_bias_on_every_linear_layer_matches_peft(tmp_path: Path) -> None:
+    """``lora_bias`` (a bias of its own, which no kernel can carry: it needs each layer's call to run) on T5Gemma 2's
+    40 linear layers, text encoder, SigLIP tower and decoder. Its inputs hold images of open count, and its
+    attention and blocks take several inputs, so neither the model on two tokens nor a parent alone could run:
+    it was refused ("cannot check that T5Gemma2Backbone's forward runs the Keras layers of ..."), while PEFT runs
+    it. The check now runs the model on one image and as many tokens as it takes (4 here), which calls every one
+    of these layers: it loads, within 3x keras-hub's conversion error + 1e-5 of PEFT."""
+    model, _, targets = _t5gemma2(tmp_path / "hf")
+    base_expected = _run_torch(model, "seq2seq_images")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_bias=True,
+                                                            target_modules=targets))
+    fill_adapter_weights(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    expected = _run_torch(peft_model, "seq2seq_images")
+    keras_model = _keras_model("t5gemma2", "seq2seq_images", tmp_path / "hf")
+    conversion_error = float(np.abs(_run_keras(keras_model, "seq2seq_images") - base_expected).max())
+
+    modules = adapterspec.load_adapter(keras_model, tmp_path / "adapter")
+
+    assert len(modules) == 40
+    diff = float(np.abs(_run_keras(keras_model, "seq2seq_images") - expected).max())
+    effect = float(np.abs(expected - base_expected).max())
+    print(f"t5gemma2 lora_bias: conversion_error={conversion_error:.2e} diff={diff:.2e} effect={effect:.2e}")
+    assert effect > 10 * (3 * conversion_error + 1e-5)
+    assert diff <= 3 * conversion_error + 1e-5, (diff, conversion_error)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_head_the_converter_ports_itself_takes_an_adapter(tmp_path: Path) -> None:
     """keras-hub's converters port a task's head in ``convert_head`` (ViT's classifier; the Gemma 4 assistant's
     projections, in its matrix case): those layers are adapter sites too, named as on transformers' task model

@@ -25,6 +25,7 @@ from keras_helpers import (  # noqa: E402
     peft_adapted_modules,
     snapshot,
     torch_logits,
+    unique_values,
 )
 
 LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": False}
@@ -189,12 +190,16 @@ def _gemma4_logits(model: Any, ids: np.ndarray) -> np.ndarray:
 
 
 class _NeedsTwo(_ReadsKernel):
-    """``_ReadsKernel`` taking a second input: it cannot run alone, so ``gate`` and ``up`` stay undecided."""
+    """``_ReadsKernel`` taking a second input: it cannot run alone; and, like Gemma 4's vision tower pooling its
+    patches, it does not run on an image of one patch (the size the check guesses for an open image dimension): so
+    ``gate`` and ``up`` stay undecided."""
 
     def build(self, x_shape: Any, y_shape: Any) -> None:  # type: ignore[override]
         super().build(x_shape)
 
     def call(self, x: Any, y: Any) -> Any:  # type: ignore[override]
+        if x.shape[1] == 1:
+            raise ValueError("an image of one patch cannot be pooled")
         return super().call(x) + y
 
 
@@ -262,6 +267,56 @@ def test_a_layer_no_ancestor_can_run_alone_takes_a_plain_lora_through_its_kernel
         adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], lora_bias=True))
     assert_same_snapshot(before, snapshot(model))
     assert adapterspec.adapter_names(model) == []
+
+
+class _ImageTokens(_ReadsKernel):
+    """``_ReadsKernel`` on images of open count that takes the token ids too, and runs only when there are 4 tokens
+    per image (T5Gemma 2: ``vision_indices`` hold ``mm_tokens_per_image`` positions per image)."""
+
+    def build(self, x_shape: Any, ids_shape: Any) -> None:  # type: ignore[override]
+        super().build(x_shape)
+
+    def call(self, x: Any, ids: Any) -> Any:  # type: ignore[override]
+        if x.shape[1] is not None and ids.shape[1] is not None and ids.shape[1] != 4 * x.shape[1]:
+            raise ValueError("4 tokens per image")
+        return super().call(x)
+
+
+def test_a_model_of_open_image_count_runs_on_one_image_and_as_many_tokens_as_it_takes() -> None:
+    """T5Gemma 2's case: images of open count, and a block that needs two inputs (no ancestor runs alone), so
+    neither two tokens nor a parent alone ran it and lora_bias on a layer it calls (``gate``) was refused as
+    undecided, while PEFT runs it. The check now runs the model on one image with 2, 4, 8, ... tokens until it runs:
+    ``gate``'s call runs, and its lora_bias loads, exact; ``up``'s kernel is read by its parent without its call:
+    lora_bias there is refused as such (not as undecided), the model unchanged."""
+    images = keras.Input((None, 3), name="images")
+    ids = keras.Input((None,), dtype="int32", name="token_ids")
+    model = keras.Model({"images": images, "token_ids": ids}, _ImageTokens(name="mlp")(images, ids))
+    model.set_weights([np.sin(np.arange(w.size) + i).reshape(w.shape).astype("float32")
+                       for i, w in enumerate(model.get_weights())])
+    block = model.get_layer("mlp")
+    x = np.linspace(-1, 1, 12, dtype="float32").reshape(2, 2, 3)
+    inputs = {"images": x, "token_ids": np.zeros((2, 8), dtype="int32")}
+    w_gate, b_gate, w_up = (ops.convert_to_numpy(v) for v in (block.gate.kernel, block.gate.bias, block.up.kernel))
+    assert dummy_inputs(model)[0] is None
+    before = snapshot(model)
+
+    with pytest.raises(UnsupportedError, match=r"never runs the call of the Keras layers .*: mlp\.up -> mlp/up") \
+            as caught:
+        adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate", "up"], lora_bias=True))
+    assert "mlp.gate" not in str(caught.value)
+    assert_same_snapshot(before, snapshot(model))
+
+    known = {id(v) for v in model.trainable_variables}
+    assert adapterspec.inject_adapter(model, dict(LORA, target_modules=["gate"], lora_bias=True)) == ["mlp.gate"]
+    for i, variable in enumerate(sorted((v for v in model.trainable_variables if id(v) not in known),
+                                        key=lambda v: v.path)):
+        variable.assign(unique_values(tuple(variable.shape), i, scale=0.5))
+    tensors = dict(adapterspec.extract_adapter(model).load_tensors("numpy"))
+    a, b = tensors["base_model.model.mlp.gate.lora_A.weight"], tensors["base_model.model.mlp.gate.lora_B.weight"]
+    bias = tensors["base_model.model.mlp.gate.lora_B.bias"]
+    expected = (x @ w_gate + b_gate + 2.0 * ((x @ a.T) @ b.T + bias)) * (x @ w_up)  # lora_alpha / r = 2, as PEFT
+    assert np.abs(bias).min() > 1e-3
+    assert_near(ops.convert_to_numpy(model(inputs)), expected, length=3)
 
 
 class _StepOnly(keras.Model):
