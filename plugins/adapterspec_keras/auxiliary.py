@@ -37,8 +37,8 @@ from .layers import AdapterLayer
 from .sites import ModuleSite, Piece
 from .switch import ModelState
 
-__all__ = ["Override", "Target", "absent_module", "apply_overrides", "auxiliary_tensors", "embedding_modules",
-           "fresh_bias_overrides", "fresh_velora_state", "plan_auxiliary", "restore"]
+__all__ = ["Override", "Target", "absent_module", "absent_modules", "apply_overrides", "auxiliary_tensors",
+           "embedding_modules", "fresh_bias_overrides", "fresh_velora_state", "plan_auxiliary", "restore"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -80,10 +80,37 @@ def _not_taken(key: str, module: str, why: str) -> UnexpectedTensorError:
                                  hint="check the config (target_modules, bias) matches the tensors")
 
 
-def absent_module(key: str, module: str) -> TargetNotFoundError:
-    """Check 18: tensor ``key`` names ``module``, which the Keras model does not have."""
-    return TargetNotFoundError(f"the key names module {module!r}, which has no counterpart in this Keras model",
-                               key=key, hint="pass module_map={spec module path: keras layer path}")
+def absent_module(model: Any, key: str, module: str) -> TargetNotFoundError:
+    """Check 18: tensor ``key`` names ``module``, which the Keras model does not have (see :func:`absent_modules`)."""
+    return absent_modules(model, [module], key, f"the key names module {module!r}, which has")
+
+
+def absent_modules(model: Any, modules: list[str], key: str, what: str = "") -> TargetNotFoundError:
+    """Check 18: the adapter's ``modules`` (``key`` the first) have no counterpart in the Keras model.
+
+    On a keras-hub model whose converter ports none of their weights, keras-hub does not build them (XLM-RoBERTa's
+    and ESM's ``pooler.dense``, ESM's ``contact_head.regression``): a ``module_map`` helps only if the model has
+    them under other names, so the fix says that and the others (the torch backend; the adapter made without them).
+
+    :param what: the message's subject (default: ``"modules [...] of the adapter have"``).
+
+    >>> str(absent_modules(xlm_roberta, ["pooler.dense"], "pooler.dense"))          # doctest: +SKIP
+    "pooler.dense: modules ['pooler.dense'] of the adapter have no counterpart ... (XLMRobertaBackbone does not ..."
+    """
+    from .converters import backbone_of
+    from .modules_to_save import converter_modules
+
+    what = what or f"modules {modules} of the adapter have"
+    ported = converter_modules(model)
+    if not ported or any(module in ported for module in modules):  # no converter: the layers have other names
+        return TargetNotFoundError(f"{what} no counterpart in this Keras model", key=key,
+                                   hint="pass module_map={spec module path: keras layer path}")
+    return TargetNotFoundError(
+        f"{what} no counterpart in this Keras model: keras-hub's converter ports none of their weights "
+        f"({type(backbone_of(model)).__name__} does not build them)", key=key,
+        hint=f"if this Keras model has them under other names, pass module_map={{spec module path: keras layer "
+             f"path}}; else load this adapter with the torch backend, or make it without them (PEFT's "
+             f"exclude_modules={modules!r})")
 
 
 def _bias_targets(site: ModuleSite, key: str, shape: tuple[int, ...]) -> list[Target]:
@@ -216,7 +243,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
     if name.param == "base_layer.bias":
         if owner is None:
             if find_site(sites(), module) is None:
-                raise absent_module(key, module)
+                raise absent_module(model, key, module)
             raise _not_taken(key, module, "has no adapter of this adapter, so no base_layer")
         return _bias_targets(owner.site, key, shape)
     site = owner.site if owner is not None else find_site(sites(), module)
@@ -229,7 +256,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
         if refused is not None and (exists or module.rpartition(".")[2] not in EMBEDDING_NAMES):
             raise refused
         if site is None:
-            raise absent_module(key, module)
+            raise absent_module(model, key, module)
         if name.param != "weight":
             raise UnsupportedError(f"{name.param!r} of an embedding saved whole ({module!r}): keras-hub's embedding "
                                    "layers have no such variable", key=key, hint="load this adapter with the torch backend")
@@ -238,7 +265,7 @@ def plan_auxiliary(model: Any, key: str, name: TensorName, shape: tuple[int, ...
         return _bias_targets(site, key, shape)
     found = _converter_targets(model, module, name.param, key, shape)
     if found is None:
-        raise absent_module(key, module)
+        raise absent_module(model, key, module)
     return found
 
 
@@ -353,7 +380,7 @@ def _bias_shape(model: Any, module: str, sites: Callable[[], dict[str, ModuleSit
     for param, variable, _ in converter_modules(model).get(module, []):
         if param == "bias":
             return tuple(int(d) for d in variable.shape)
-    raise absent_module(make_key(module, "bias"), module)
+    raise absent_module(model, make_key(module, "bias"), module)
 
 
 def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: str, layers: list[Any]) -> None:

@@ -285,9 +285,10 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                 hint="the adapter was trained for another base model (or a different size)")
         plan[key] = entry
     if unmapped:
+        from .auxiliary import absent_modules
+
         mods = sorted(set(unmapped))
-        raise TargetNotFoundError(f"modules {mods} of the adapter have no counterpart in this Keras model",
-                                  key=mods[0], hint="pass module_map={spec module path: keras layer path}")
+        raise absent_modules(model, mods, mods[0])
     covered = {(id(holder), param) for holder, param, _ in plan.values()}
     for layer in layers:
         for param in layer.parameters(adapter_name)[1]:

@@ -971,6 +971,39 @@ def test_t5gemma2_lora_bias_on_every_linear_layer_matches_peft(tmp_path: Path) -
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_module_keras_hub_does_not_build_is_refused_with_both_fixes(tmp_path: Path) -> None:
+    """PEFT's ``all-linear`` on XLM-RoBERTa adapts ``pooler.dense``, which keras-hub's backbone does not build (its
+    converter ports no weight of it): refused, typed, naming it, the model unchanged -- and the fix says so: a
+    ``module_map`` only if the Keras model has the layer under another name, else the torch backend or the adapter
+    made without it (``exclude_modules``); before, the fix was "pass module_map=...", with no layer to map it to.
+    Made so, it loads."""
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    model = CASES["xlm-roberta"][2](tmp_path / "hf")[0]
+    keras_model = _keras_model("xlm-roberta", "encoder", tmp_path / "hf")
+    for name, extra in (("all", {}), ("excluded", {"exclude_modules": ["pooler.dense"]})):
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                **extra))
+        fill_adapter_weights(peft_model)
+        peft_model.save_pretrained(tmp_path / name)
+        model = peft_model.unload()
+    before = snapshot(keras_model)
+
+    with pytest.raises(TargetNotFoundError) as caught:
+        adapterspec.load_adapter(keras_model, tmp_path / "all")
+
+    message = str(caught.value)
+    assert caught.value.key == "pooler.dense", caught.value.key
+    assert "modules ['pooler.dense'] of the adapter have no counterpart in this Keras model: keras-hub's " \
+           "converter ports none of their weights (XLMRobertaBackbone does not build them)" in message, message
+    assert "if this Keras model has them under other names, pass module_map=" in message
+    assert "load this adapter with the torch backend, or make it without them (PEFT's " \
+           "exclude_modules=['pooler.dense'])" in message
+    assert_same_snapshot(before, snapshot(keras_model))
+    assert len(adapterspec.load_adapter(keras_model, tmp_path / "excluded")) == 12
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_head_the_converter_ports_itself_takes_an_adapter(tmp_path: Path) -> None:
     """keras-hub's converters port a task's head in ``convert_head`` (ViT's classifier; the Gemma 4 assistant's
     projections, in its matrix case): those layers are adapter sites too, named as on transformers' task model
