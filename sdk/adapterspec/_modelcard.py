@@ -30,6 +30,10 @@ __all__ = ["build_model_card", "card_tags"]
 _TASKS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation", "SEQ_CLS": "text-classification",
           "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering",
           "FEATURE_EXTRACTION": "feature-extraction"}
+#: The 🤗 Transformers class PEFT's wrapper of each task type loads the base with (the card's loading example).
+_AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                 "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEFAULT = "default"
 
@@ -92,7 +96,10 @@ def build_model_card(adapters: Mapping[str, Adapter], repo_id: str, *, paths: Ma
 
     paths = dict(paths or {name: "." if name == _DEFAULT else name for name in adapters})
     bases = sorted({b for b in (_base_model(a) for a in adapters.values()) if b})
-    tasks = sorted({_TASKS[t] for t in (a.config.get("task_type") for a in adapters.values()) if t in _TASKS})
+    task_types = {a.config.get("task_type") for a in adapters.values()}
+    tasks = sorted({_TASKS[t] for t in task_types if t in _TASKS})
+    # one task type: the class it loads the base with; none recorded, or several: a causal LM's (the common case)
+    auto = _AUTO_CLASSES.get(str(next(iter(task_types))) if len(task_types) == 1 else "", "AutoModelForCausalLM")
     data = ModelCardData(library_name="peft", base_model=(bases[0] if len(bases) == 1 else bases) or None,
                          pipeline_tag=tasks[0] if len(tasks) == 1 else None, tags=card_tags(adapters))
     rows = [_summary(name, paths[name], adapter) for name, adapter in adapters.items()]
@@ -114,8 +121,8 @@ def build_model_card(adapters: Mapping[str, Adapter], repo_id: str, *, paths: Ma
     sub = "/".join(p for p in (subfolder, None if first_path == "." else first_path) if p)
     sub_arg = f', subfolder="{sub}"' if sub else ""
     lines += ["", "## Load it", "", "With adapterspec, into a PyTorch (transformers) or a Keras model:", "", "```python",
-              "import adapterspec", "from transformers import AutoModelForCausalLM", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{base}")',
+              "import adapterspec", f"from transformers import {auto}", "",
+              f'model = {auto}.from_pretrained("{base}")',
               f'adapterspec.load_adapter(model, "{repo_id}"{sub_arg})',
               f'# or a Keras (keras-hub) model of the same architecture: adapterspec.load_adapter(keras_model, "{repo_id}"{sub_arg})',
               "```", "", "With PEFT:", "", "```python", "from peft import PeftModel", "",

@@ -144,6 +144,20 @@ def test_model_card_of_several_adapters_and_custom_card(hub, tmp_path: Path, mak
     assert hub.files("org/mine")["README.md"] == b"---\nlicense: mit\n---\n# My own card\n"
 
 
+@pytest.mark.parametrize(("task_type", "auto"), [("SEQ_CLS", "AutoModelForSequenceClassification"),
+                                                 ("SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM"),
+                                                 ("FEATURE_EXTRACTION", "AutoModel"),
+                                                 ("CAUSAL_LM", "AutoModelForCausalLM"),
+                                                 (None, "AutoModelForCausalLM")])
+def test_model_card_loads_the_base_with_the_task_types_class(tmp_path: Path, task_type, auto) -> None:
+    from adapterspec._modelcard import build_model_card
+
+    folder = adapterspec.write_adapter(tmp_path / "a", lora_config(task_type=task_type), lora_tensors())
+    text = str(build_model_card({"default": adapterspec.read_adapter(folder)}, "org/a"))
+    assert f"from transformers import {auto}\n" in text
+    assert f'model = {auto}.from_pretrained("tiny-org/tiny-llama")' in text
+
+
 def test_pushing_the_same_files_again_makes_no_commit(hub, make_lora) -> None:
     folder = make_lora("same")
     first = push_to_hub(folder, "org/same")
