@@ -59,6 +59,7 @@ class Snapshot:
         self.folder = folder
         self._dir: int | None = None
         self._opened: dict[str, tuple[BinaryIO, os.stat_result]] = {}
+        self._kept: list[BinaryIO] = []
         self._watch = [os.path.join(folder, name) for name in watch]
         if _DIR_FD:
             try:
@@ -86,6 +87,8 @@ class Snapshot:
         for fh, _ in self._opened.values():
             fh.close()
         self._opened.clear()
+        while self._kept:  # the read was not returned: nobody else will close them
+            self._kept.pop().close()
         if self._dir is not None:
             os.close(self._dir)
             self._dir = None
@@ -115,6 +118,19 @@ class Snapshot:
     def share(self, fh: BinaryIO) -> BinaryIO:
         """Another handle of the open file ``fh`` (sharing its position), which the caller closes."""
         return os.fdopen(os.dup(fh.fileno()), "rb", buffering=0)
+
+    def keep(self, fh: BinaryIO) -> BinaryIO:
+        """Another handle of the open file ``fh``, which outlives the snapshot when :func:`read_consistently`
+        returns this read (the caller then closes it), and is closed with the snapshot when the read is read again.
+
+        What is read through it later is the file of this snapshot, whatever is saved over its name meanwhile."""
+        kept = self.share(fh)
+        self._kept.append(kept)
+        return kept
+
+    def hand_over(self) -> None:
+        """The read is returned: the handles :meth:`keep` gave are the caller's to close from now on."""
+        self._kept.clear()
 
     def intact(self) -> bool:
         """Whether every file opened is still in place under its name."""
@@ -163,6 +179,7 @@ def read_consistently(folder: Path, read: Callable[[Snapshot], T], *, watch: tup
                     raise
                 continue
             if snapshot.intact():
+                snapshot.hand_over()
                 return result
     raise FileFormatError(f"the adapter changed under each of {ATTEMPTS} reads", path=folder,
                           hint="another process keeps saving here; read it when the save is done")

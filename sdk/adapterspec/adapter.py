@@ -95,6 +95,7 @@ class Adapter:
     _prefetched: Callable[[], tuple[Any, dict[str, tuple[int, int]]]] | None = field(default=None, init=False,
                                                                                   repr=False)  # prefetch()
     _identity: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False)  # of weights_file
+    _held: BinaryIO | None = field(default=None, init=False, repr=False)  # the file read, kept open (validate)
 
     @classmethod
     def from_tensors(cls, config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any]) -> Adapter:
@@ -159,6 +160,8 @@ class Adapter:
     def _weights(self) -> BinaryIO:
         """``weights_file``, open for reading: the very file that was read, not one saved over it since."""
         assert self.weights_file is not None
+        if self._held is not None:  # kept open since the read: that file, whatever is saved over its name
+            return os.fdopen(os.dup(self._held.fileno()), "rb", buffering=0)
         try:
             fh = open(self.weights_file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
         except OSError as exc:
@@ -400,9 +403,10 @@ def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
 
 
 def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool | Callable[[int], Any] = False,
-          check_tensors: bool = True, verify: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
+          check_tensors: bool = True, verify: bool = False, hold: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
     """Read the folder's config and weights as one snapshot (both from one save, whatever another process
-    saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file."""
+    saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file. ``hold`` keeps
+    the weights file read open in the adapter (``_held``, the caller closes it), for later reads of that file."""
     folder = Path(source)
     if folder.name == CONFIG_NAME and _access.is_file(folder):
         folder = folder.parent
@@ -410,7 +414,7 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
         raise FileFormatError("no such adapter folder", path=folder,
                               hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
     read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
-                             verify=verify)
+                             verify=verify, hold=hold)
     adapter = _snapshot.read_consistently(folder, read, watch=(CONFIG_NAME, SAFETENSORS_NAME),
                                           in_progress=_staging.save_in_progress)
     errors: list[AdapterSpecError] = [  # check 5 first: nothing else matters if no v1 reader can apply it
@@ -434,7 +438,7 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
 
 def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: bool, strict: bool,
                 prefetch: bool | Callable[[int], Any],
-                verify: bool) -> Adapter:
+                verify: bool, hold: bool = False) -> Adapter:
     """The adapter in ``folder``, its files opened through ``snapshot``.
 
     With ``prefetch``, a thread starts reading the tensor data as soon as the safetensors header is read, so
@@ -488,6 +492,8 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     adapter = Adapter(config, header.tensors, header.metadata, folder, resolved)
     adapter._header = header
     adapter._identity = _snapshot.file_id(os.fstat(fh.fileno()))
+    if hold:
+        adapter._held = snapshot.keep(fh)
     if verify:
         adapter._check_checksum(fh)  # before any read of the data is handed out
         read = read_ahead()
@@ -576,17 +582,22 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
     >>> validate_adapter("my-lora")                                   # doctest: +SKIP
     []
     """
-    try:
-        adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict)
+    try:  # the weights file read stays open: checks 7 and 14 read that file, whatever is saved over it meanwhile
+        adapter, errors = _open(source, allow_pickle=allow_pickle, strict=strict, hold=True)
     except AdapterSpecError as exc:
         return [exc]
-    if not strict:
-        notes = {pointer for pointer, _ in not_portable(adapter.config)}
-        for e in [e for e in errors if isinstance(e, UnsupportedError) and e.pointer in notes]:
-            errors.remove(e)
-            warnings.warn(f"{e.path}: not portable: {e.message} ({e.hint})", AdapterSpecWarning, stacklevel=2)
     try:
-        adapter.verify_checksum()
-    except FileFormatError as exc:  # IntegrityError, or a malformed checksum
-        errors.append(exc)
-    return errors + _nonfinite_errors(adapter)
+        if not strict:
+            notes = {pointer for pointer, _ in not_portable(adapter.config)}
+            for e in [e for e in errors if isinstance(e, UnsupportedError) and e.pointer in notes]:
+                errors.remove(e)
+                warnings.warn(f"{e.path}: not portable: {e.message} ({e.hint})", AdapterSpecWarning, stacklevel=2)
+        try:
+            adapter.verify_checksum()
+        except FileFormatError as exc:  # IntegrityError, or a malformed checksum
+            errors.append(exc)
+        return errors + _nonfinite_errors(adapter)
+    finally:
+        if adapter._held is not None:
+            adapter._held.close()
+            adapter._held = None
