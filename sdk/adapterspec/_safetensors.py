@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +33,7 @@ from .checks import TensorInfo
 from .errors import FileFormatError, UnsupportedError
 
 __all__ = ["DTYPE_BYTES", "Checksum", "Header", "check_unchanged", "dtype_name", "pinned_allocator", "read_buffer",
-           "read_buffer_in_background", "read_header", "save_file", "sha256_of_blob", "sha256_of_file", "start_checksum",
+           "read_buffer_in_background", "read_header", "read_metadata_value", "save_file", "sha256_of_blob", "sha256_of_file", "start_checksum",
            "views"]
 
 #: Bytes per element of each safetensors dtype the spec allows.
@@ -173,6 +174,28 @@ def _header_bytes(fh: Any) -> bytes:
 
 
 _MAX_HEADER = 100_000_000  # safetensors' own bound
+
+
+def read_metadata_value(path: Path, key: str) -> str | None:
+    """The string ``key`` of the ``__metadata__`` of the safetensors file at ``path``, from its header alone; ``None``
+    if it has none, or the file is not a regular file with a JSON header (nothing is validated: a read of the
+    adapter reports what is wrong with it). Never blocks on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        prefix = os.pread(fd, 8, 0)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else _MAX_HEADER + 1
+        metadata = json.loads(os.pread(fd, n, 8)).get("__metadata__") if n <= _MAX_HEADER else None
+    except (OSError, ValueError, AttributeError, RecursionError):  # not JSON, or JSON but not an object
+        return None
+    finally:
+        os.close(fd)
+    value = metadata.get(key) if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def check_unchanged(path: Path, header: Header, file: BinaryIO | None = None) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from .errors import AdapterSpecWarning
 
 __all__ = ["CREATE_LOCK", "NAME_MAX", "Lease", "await_save", "exclusive", "missing_config_hint", "owner_gone",
-           "remove_stale", "remove_tree", "save_in_progress", "staging_name"]
+           "remove_stale", "remove_tree", "save_in_progress", "set_save_in_progress", "staging_name"]
 
 #: The longest file name (in bytes) that Linux, macOS and Windows file systems take.
 NAME_MAX = 255
@@ -240,6 +240,31 @@ def save_in_progress(folder: Path) -> bool:
     """Whether a save is replacing ``folder``'s files one by one right now (its config is moved aside:
     a live owner's ``.adapter_config.json.<pid>-<random>.old`` is there)."""
     return any(not gone for _, gone in _configs_aside(folder))
+
+
+def set_save_in_progress(folder: Path) -> bool:
+    """Whether a save of several adapters is writing into ``folder`` right now: a live owner's
+    ``.adapterspec.json.<pid>-<random>.tmp`` is there (:func:`adapterspec.folder.write_adapters` holds one from its
+    first adapter to its manifest, which it writes last), or the staging of its manifest. Where there is no
+    ``flock`` (Windows), its owner's pid tells."""
+    from .spec import MANIFEST_NAME
+
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    for name in names:
+        pid = _stages(name, (MANIFEST_NAME,))
+        if pid is None:
+            continue
+        if fcntl is None:
+            if _pid_runs(pid):
+                return True
+            continue
+        with CREATE_LOCK:
+            if not owner_gone(folder / name, pid):
+                return True
+    return False
 
 
 def await_save(folder: Path, seconds: float = 5.0) -> None:

@@ -41,11 +41,12 @@ from .errors import (
     UnsafeFileError,
     UnsupportedError,
 )
-from .folder import hashing_ahead, list_adapters, write_adapter, write_adapters
+from .folder import hashing_ahead, list_adapters, read_set, write_adapter, write_adapters
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
 from .plugins import get_plugin_manager, plugin_names
+from .spec import METADATA_SAVE_ID
 
 __all__ = [
     "active_adapters",
@@ -565,5 +566,14 @@ def unload(model: Any, *, merge: bool = False) -> Any:
 
 
 def read_adapters(path: str | Path, **kwargs: Any) -> dict[str, Adapter]:
-    """Read every adapter of a multi-adapter folder: name -> :class:`Adapter` (``kwargs`` as :func:`read_adapter`)."""
-    return {name: read_adapter(folder, **kwargs) for name, folder in list_adapters(path).items()}
+    """Read every adapter of a multi-adapter folder: name -> :class:`Adapter` (``kwargs`` as :func:`read_adapter`).
+
+    The adapters are those of one save of the set: a save under way is waited for, and adapters of two saves (an
+    interrupted save) are refused with :class:`~adapterspec.errors.IntegrityError` (see :func:`write_adapters`).
+
+    >>> sorted(read_adapters("several"))                                 # doctest: +SKIP
+    ['default', 'fr']
+    """
+    adapters, _ = read_set(path, functools.partial(read_adapter, **kwargs),
+                           lambda adapter: adapter.metadata.get(METADATA_SAVE_ID))
+    return adapters

@@ -42,6 +42,7 @@ import errno
 import functools
 import json
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -49,12 +50,12 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
-from . import _access, _safetensors, _staging
+from . import _access, _safetensors, _snapshot, _staging
 from .adapter import Adapter, _refuse_dangling, _tensor_infos, check_adapter_name
 from .checks import tensor_errors
-from .config import AdapterConfig, _validator, read_json_file
+from .config import MAX_CONFIG_BYTES, AdapterConfig, _validator, read_json_file
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -62,6 +63,7 @@ from .errors import (
     AdapterSpecWarning,
     ConfigError,
     FileFormatError,
+    IntegrityError,
     TensorError,
     UnsafeFileError,
     WriteError,
@@ -71,6 +73,7 @@ from .spec import (
     CONFIG_NAME,
     MANIFEST_NAME,
     METADATA_FORMAT,
+    METADATA_SAVE_ID,
     METADATA_VERSION,
     PICKLE_NAME,
     SAFETENSORS_NAME,
@@ -78,9 +81,15 @@ from .spec import (
     check_version,
 )
 
-__all__ = ["checkpoint_adapters", "hashing_ahead", "list_adapters", "wait_for_removals", "write_adapter", "write_adapters"]
+__all__ = ["checkpoint_adapters", "hashing_ahead", "list_adapters", "read_set", "wait_for_removals", "write_adapter",
+           "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
+
+#: The field of a manifest entry recording the save that wrote the adapter (SPEC.md 3.4).
+SAVE_ID = "save_id"
+
+T = TypeVar("T")
 
 #: File names of the format, which no adapter (sub)folder may take.
 _RESERVED = frozenset({CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, MANIFEST_NAME, "README.md"})
@@ -134,8 +143,13 @@ def hashing_ahead(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, Any],
-             metadata: Mapping[str, str] | None, *, durable: bool = False) -> dict[str, Content]:
-    """The files of one adapter folder, checked: a folder that would not validate is never written."""
+             metadata: Mapping[str, str] | None, *, durable: bool = False,
+             save_id: str | None = None) -> dict[str, Content]:
+    """The files of one adapter folder, checked: a folder that would not validate is never written.
+
+    ``save_id``: the save of several adapters it is part of (:func:`write_adapters`); the metadata records that one
+    or none (an ``adapterspec_save_id`` the caller passes is dropped: an adapter saved alone is of no set's save).
+    """
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
     savable: dict[str, Any] | None = None
     checksum = None
@@ -155,7 +169,10 @@ def _prepare(config: AdapterConfig | Mapping[str, Any], tensors: Mapping[str, An
     if metadata is not None and not (isinstance(metadata, Mapping) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise FileFormatError("safetensors metadata must map strings to strings", hint="convert the values with str()")
-    meta = {**(metadata or {}), METADATA_FORMAT: "pt", METADATA_VERSION: SPEC_VERSION}
+    meta = {**{k: v for k, v in (metadata or {}).items() if k != METADATA_SAVE_ID}, METADATA_FORMAT: "pt",
+            METADATA_VERSION: SPEC_VERSION}
+    if save_id is not None:
+        meta[METADATA_SAVE_ID] = save_id
     return {
         SAFETENSORS_NAME: functools.partial(_safetensors.save_file, savable, metadata=meta, durable=durable,
                                             checksum=checksum),
@@ -235,7 +252,7 @@ def _install(files: Mapping[str, Content], folder: Path, *, overwrite: bool, dur
         raise AdapterExistsError("other saves keep creating and removing this folder", path=folder,
                                  hint="save when they are done, or choose another path")
     _staging.remove_stale(folder.parent, [folder.name])
-    _staging.remove_stale(folder, files)
+    _staging.remove_stale(folder, [*files, MANIFEST_NAME])  # the manifest's: a killed set save's marker too
 
 
 def _stage_and_swap(files: Mapping[str, Content], folder: Path, *, exists: bool, overwrite: bool,
@@ -561,30 +578,52 @@ def write_adapters(path: str | Path,
                    *, overwrite: bool = False, durable: bool = False) -> Path:
     """Write several adapters into one folder, PEFT's way, plus the manifest ``adapterspec.json``.
 
-    ``"default"`` goes to the root (if present), every other name to ``<path>/<name>/``.
+    ``"default"`` goes to the root (if present), every other name to ``<path>/<name>/``. Each adapter is
+    replaced atomically (old or new, see :func:`write_adapter`), one after the other; the set as a whole is one
+    save for its readers: every adapter's metadata and its manifest entry record this save's id, and the
+    manifest is written last (SPEC.md 3.4). A read meanwhile waits for the save (:func:`read_set`); a save that
+    fails or is killed half-way leaves adapters of two saves, which readers refuse
+    (:class:`~adapterspec.errors.IntegrityError`) until the set is saved again.
 
     :param adapters: name -> (config, tensors) or (config, tensors, safetensors metadata).
     :param durable: fsync every file before it appears (see :func:`write_adapter`).
     :raises UnsafeFileError: a name is not a safe folder name.
-    :raises WriteError: the file system failed (no space, no permission...): each adapter is the old or the new one.
+    :raises WriteError: the file system failed (no space, no permission...): each adapter is the old or the new one,
+        and the set is refused until it is saved again.
     """
     folder = Path(path)
     for name in adapters:
         if name in _RESERVED:  # the folder would collide with a file of the root adapter
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
+    save_id = secrets.token_hex(16)
     prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
-                                                   durable=durable)
+                                                   durable=durable, save_id=save_id)
                 for name, entry in adapters.items()}
-    entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name} for name in prepared}
-    with _write_errors_typed(folder):
-        for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: it has no subfolders yet
-            _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite,
-                     durable=durable)
-        manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
-        _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder,
-                 overwrite=True, durable=durable)
+    entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name, SAVE_ID: save_id} for name in prepared}
+    with _write_errors_typed(folder), _staging.Lease() as lease:
+        marker = _save_marker(folder, lease)
+        try:
+            for name in sorted(prepared, key=lambda n: n != DEFAULT_ADAPTER):  # the root first: no subfolders yet
+                _install(prepared[name], folder if name == DEFAULT_ADAPTER else folder / name, overwrite=overwrite,
+                         durable=durable)
+            manifest = {"adapterspec_version": SPEC_VERSION, "adapters": entries}
+            _install({MANIFEST_NAME: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}, folder,
+                     overwrite=True, durable=durable)
+        finally:
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    marker.unlink()
     return folder
+
+
+def _save_marker(folder: Path, lease: _staging.Lease) -> Path | None:
+    """Mark ``folder`` (when it exists already) as being saved into by this set's save, until the marker is
+    removed: a hidden ``.adapterspec.json.<pid>-<random>.tmp`` that ``lease`` locks (readers see a live save in
+    it, :func:`._staging.set_save_in_progress`; a killed save's is removed by the next save of a manifest)."""
+    if not folder.is_dir():
+        return None  # a new folder: no set of another save to read meanwhile
+    return _new_path(folder, MANIFEST_NAME, ".tmp", lease=lease)
 
 
 def _refuse_unsafe_entries(manifest: Any, manifest_file: Path) -> None:
@@ -664,6 +703,9 @@ def checkpoint_adapters(path: str | Path, names: Sequence[str]) -> dict[str, Pat
 def list_adapters(path: str | Path) -> dict[str, Path]:
     """The adapters in a folder: from its manifest, or else (PEFT folders) the root and its subfolders.
 
+    When the manifest records the save that wrote each adapter (SPEC.md 3.4), every adapter must record that save
+    too (or none): a folder holding adapters of two saves is refused. A save of the set under way is waited for.
+
     >>> list_adapters("several")                                           # doctest: +SKIP
     {'default': PosixPath('several'), 'fr': PosixPath('several/fr')}
 
@@ -672,12 +714,67 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
         entries with one folder, names differing only in case), with the JSON pointer.
     :raises AdapterNotFoundError: the manifest names a missing adapter, or the folder holds none.
     :raises UnsafeFileError: a manifest path leaves the folder.
+    :raises IntegrityError: adapters of two saves (one was interrupted), naming them.
+    """
+    return read_set(path, lambda folder: folder,
+                    lambda folder: _safetensors.read_metadata_value(folder / SAFETENSORS_NAME, METADATA_SAVE_ID))[0]
+
+
+def read_set(path: str | Path, read: Callable[[Path], T],
+             save_of: Callable[[T], str | None]) -> tuple[dict[str, T], bytes | None]:
+    """``read(folder)`` of each adapter of the folder ``path`` (name -> what it gives, as :func:`list_adapters` lists
+    them), all of one save; and the bytes of the manifest they were listed from and checked against (``None``: the
+    folder has none).
+
+    A manifest entry's ``save_id`` is compared with what ``save_of`` tells of that adapter's read (the
+    ``adapterspec_save_id`` of its metadata; ``None``: it records none -- saved alone, or by PEFT -- and is taken as
+    it is). Adapters of another save mean a save of the set is under way (:func:`write_adapters` marks the folder):
+    then the folder is read again, as :func:`._snapshot.read_consistently` reads one adapter again. Otherwise a save
+    was interrupted. A manifest without ``save_id`` (older writers) is read as before.
+
+    :raises IntegrityError: adapters of two saves and no save under way, naming the folder and those adapters.
+    :raises AdapterSpecError: whatever :func:`list_adapters` and ``read`` raise.
     """
     folder = Path(path)
+
+    def attempt(snapshot: _snapshot.Snapshot) -> tuple[dict[str, T], bytes | None]:
+        found, saves, raw = _listing(folder, snapshot)
+        got = {name: read(where) for name, where in found.items()}
+        _check_one_save(folder, saves, {name: save_of(got[name]) for name in saves})
+        return got, raw
+
+    return _snapshot.read_consistently(folder, attempt, watch=(MANIFEST_NAME,),
+                                       in_progress=_staging.set_save_in_progress)
+
+
+def _check_one_save(folder: Path, saves: Mapping[str, str], recorded: Mapping[str, str | None]) -> None:
+    """Refuse adapters recording another save than the manifest entry's (``saves``: name -> the entry's save id)."""
+    other = [name for name, save in saves.items() if recorded.get(name) not in (None, save)]
+    if not other:
+        return
+    same = [name for name in saves if name not in other]
+
+    def names(group: list[str]) -> str:
+        return f"{shorten(', '.join(map(repr, group)), 300, plain=True)} {'are' if len(group) > 1 else 'is'}"
+
+    raise IntegrityError(
+        f"the folder holds adapters of two saves: {names(other)} not of the save {MANIFEST_NAME} records"
+        f"{f' ({names(same)})' if same else ''}; a save of the set was interrupted", path=folder, key=other[0],
+        hint="save the set again (write_adapters / save_adapters); each adapter alone is intact")
+
+
+def _listing(folder: Path, snapshot: _snapshot.Snapshot) -> tuple[dict[str, Path], dict[str, str], bytes | None]:
+    """:func:`list_adapters`' list, the save id each manifest entry records (name -> id), and the manifest's bytes;
+    the manifest is read through ``snapshot`` (so a save replacing it meanwhile is seen)."""
     manifest_file = folder / MANIFEST_NAME
     found: dict[str, Path] = {}
     if _access.exists(manifest_file):  # a refused look-up says so (no permission), naming the folder that refuses
-        manifest = read_json_file(manifest_file, what="manifest")  # bounded, never blocks on a FIFO
+        if manifest_file.is_file():
+            fh = snapshot.open(MANIFEST_NAME, manifest_file)
+            manifest = read_json_file(manifest_file, what="manifest", file=fh)  # bounded, never blocks on a FIFO
+            raw: bytes | None = os.pread(fh.fileno(), MAX_CONFIG_BYTES, 0)
+        else:
+            manifest, raw = read_json_file(manifest_file, what="manifest"), None  # refused, saying what it is
         if isinstance(manifest, dict):  # a VersionError before the schema's errors, as for a config
             check_version(manifest.get("adapterspec_version"), path=str(manifest_file))
         errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
@@ -704,7 +801,8 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
                                   pointer=f"/adapters/{name}/path", path=manifest_file,
                                   hint="give every adapter its own folder")
             found[name] = target
-        return found
+        saves = {name: entry[SAVE_ID] for name, entry in manifest["adapters"].items() if SAVE_ID in entry}
+        return found, saves, raw
     _refuse_dangling(folder, manifest_file)  # a manifest gone missing does not make the folder a PEFT layout
     if _has_config(folder):
         found[DEFAULT_ADAPTER] = folder
@@ -712,7 +810,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
         for sub in (p for p in _access.entries(folder) if _access.is_dir(p) and _has_config(p)):
             if not _valid_name(sub.name):  # SPEC 3.5: skipped, with a warning
                 warnings.warn(f"{sub}: skipped, {sub.name!r} is not a valid adapter name", AdapterSpecWarning,
-                              stacklevel=2)
+                              stacklevel=6)  # list_adapters' or read_adapters' caller
                 continue
             if not _within(folder, sub):
                 raise UnsafeFileError(f"subfolder {sub.name!r} is a link leading outside the folder", path=sub,
@@ -722,7 +820,7 @@ def list_adapters(path: str | Path) -> dict[str, Path]:
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,
                                    hint=_staging.missing_config_hint(
                                        folder, "pass a folder written by save_pretrained or adapterspec"))
-    return found
+    return found, {}, None
 
 
 def _has_config(folder: Path) -> bool:

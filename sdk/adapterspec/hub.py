@@ -41,10 +41,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from . import _access, _snapshot, _staging
+from . import _access, _safetensors, _snapshot, _staging
 from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, check_not_pointer, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
-from .spec import CONFIG_NAME, MANIFEST_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from .spec import CONFIG_NAME, MANIFEST_NAME, METADATA_SAVE_ID, PICKLE_NAME, SAFETENSORS_NAME
 
 if TYPE_CHECKING:
     import argparse
@@ -565,34 +565,49 @@ def _upload_plan(folder: Path, stage: Path, *, allow_pickle: bool) -> tuple[dict
     """Copy every adapter of ``folder`` into ``stage`` and validate the copies: (name -> Adapter, name -> relative
     path). Each adapter's config and weights are copied as one snapshot (from one save, whatever another process
     saves there meanwhile: copied one after the other by path, they could pair one save's config with the next
-    save's weights), and what is validated is what is uploaded.
+    save's weights), the adapters and the manifest as one save of the set (:func:`adapterspec.folder.read_set`:
+    copied one after the other, they could be of two saves of it), and what is validated is what is uploaded.
 
     :raises AdapterSpecError: the first validation error, naming the file in ``folder`` (nothing is uploaded).
+    :raises IntegrityError: the folder holds adapters of two saves of its set (nothing is uploaded).
     """
     from .adapter import read_adapter, validate_adapter
-    from .folder import list_adapters
+    from .folder import read_set
 
     if not _access.is_dir(folder):
         from .errors import FileFormatError
 
         raise FileFormatError("no such adapter folder", path=folder, hint="pass a folder written by save_adapter")
-    adapters, paths = {}, {}
-    for name, path in list_adapters(folder).items():
-        rel = path.resolve().relative_to(folder.resolve()).as_posix()
-        copy = stage / rel
-        copy.mkdir(parents=True, exist_ok=True)
-        _snapshot.read_consistently(path, functools.partial(_copy_files, path, copy),
+    scratch = stage.parent / "copies"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def copy(path: Path) -> tuple[Path, Path]:
+        """(the adapter's folder, its copy): a fresh one for each read, as a set read again may list others."""
+        target = Path(tempfile.mkdtemp(dir=scratch))
+        _snapshot.read_consistently(path, functools.partial(_copy_files, path, target),
                                     watch=(CONFIG_NAME, SAFETENSORS_NAME), in_progress=_staging.save_in_progress)
-        errors = validate_adapter(copy, allow_pickle=allow_pickle)
+        return path, target
+
+    copies, manifest = read_set(folder, copy, lambda pair: _safetensors.read_metadata_value(
+        pair[1] / SAFETENSORS_NAME, METADATA_SAVE_ID))
+    stage.mkdir(parents=True, exist_ok=True)
+    adapters, paths = {}, {}
+    for name, (path, copied) in copies.items():
+        rel = path.resolve().relative_to(folder.resolve()).as_posix()
+        target = stage / rel
+        target.mkdir(parents=True, exist_ok=True)
+        for file in copied.iterdir():
+            os.replace(file, target / file.name)
+        errors = validate_adapter(target, allow_pickle=allow_pickle)
         if errors:
             error = errors[0]
-            if error.path and Path(error.path).is_relative_to(copy):  # name the user's file, not the copy
-                error.path = str(path / Path(error.path).relative_to(copy))
+            if error.path and Path(error.path).is_relative_to(target):  # name the user's file, not the copy
+                error.path = str(path / Path(error.path).relative_to(target))
             raise error
-        adapters[name] = read_adapter(copy, allow_pickle=allow_pickle)
+        adapters[name] = read_adapter(target, allow_pickle=allow_pickle)
         paths[name] = rel
-    if (folder / MANIFEST_NAME).exists():
-        shutil.copyfile(folder / MANIFEST_NAME, stage / MANIFEST_NAME)
+    if manifest is not None:  # the very manifest the copies were checked against
+        (stage / MANIFEST_NAME).write_bytes(manifest)
     return adapters, paths
 
 

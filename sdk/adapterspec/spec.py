@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_NAME",
     "MANIFEST_NAME",
     "METADATA_FORMAT",
+    "METADATA_SAVE_ID",
     "METADATA_SHA256",
     "METADATA_VERSION",
     "MAX_VERSION_LENGTH",
@@ -50,6 +51,8 @@ PEFT_PREFIX = "base_model.model."
 METADATA_FORMAT = "format"  # PEFT writes {"format": "pt"}; kept for compatibility
 METADATA_VERSION = "adapterspec_version"
 METADATA_SHA256 = "adapterspec_sha256"
+#: The save of several adapters this adapter was written by; the manifest's entry for it records the same (SPEC.md 3.4).
+METADATA_SAVE_ID = "adapterspec_save_id"
 
 #: The longest ``adapterspec_version`` accepted (the schemas' ``maxLength``): ``int()`` of a 5,000-digit
 #: minor would raise Python's integer-digit limit, and a junk megabyte would be echoed in the error.

@@ -271,3 +271,97 @@ def test_crash_at_every_step_leaves_old_or_new(tmp_path: Path, layout: str, monk
     assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
     if layout == "single":
         assert set(outcomes) == {"old", "new"}
+
+
+# -- a set of adapters saved together ---------------------------------------------------------
+SET_NAMES = ("default", "fr", "de")
+
+
+def _set_alphas(root: Path) -> dict[str, int]:
+    """name -> lora_alpha of each adapter ``read_adapters`` gives, after checking its tensors are its own save's."""
+    out = {}
+    for name, adapter in adapterspec.read_adapters(root, prefetch=True).items():
+        values = adapter.load_tensors("numpy")
+        old = adapter.config["lora_alpha"] == LORA_CONFIG["lora_alpha"]
+        expected = lora_tensors() if old else new_tensors()
+        assert all(np.array_equal(values[k], expected[k]) for k in expected), name
+        out[name] = adapter.config["lora_alpha"]
+    return out
+
+
+def _set_save_killed_after(root: Path, k: int) -> int:
+    """Fork; the child saves the new set over ``root`` and dies (``os._exit``, as SIGKILL) right after its k-th
+    adapter (or, k = 4, its manifest) is in place."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            install, count = folder_mod._install, [0]
+
+            def install_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+                install(*args, **kwargs)
+                count[0] += 1
+                if count[0] == k:
+                    os._exit(77)
+
+            folder_mod._install = install_then_die
+            adapterspec.write_adapters(root, {n: (NEW_CONFIG, new_tensors()) for n in SET_NAMES}, overwrite=True)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork (Linux)")
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_a_set_save_killed_midway_is_refused_not_read_as_a_mix(tmp_path: Path, k: int) -> None:
+    """write_adapters of three adapters over three, killed after the k-th adapter is in: the folder held e.g.
+    {'default': new, 'fr': old, 'de': old} and read_adapters / list_adapters / validate returned it silently (probe:
+    6 mixed sets in 30 random kills). Now the manifest (written last) records the save of each adapter, which
+    records it too: a set of two saves is refused with IntegrityError naming the folder and the adapters of the
+    other save, and saving the set again repairs it. k = 4: the manifest is in too, the set is the new one."""
+    root = adapterspec.write_adapters(tmp_path / "set", {n: (LORA_CONFIG, lora_tensors()) for n in SET_NAMES})
+    assert _set_alphas(root) == dict.fromkeys(SET_NAMES, LORA_CONFIG["lora_alpha"])
+    code = _set_save_killed_after(root, k)
+    STATS.count("atomic-crash")
+    if k == 4:
+        assert code == 77 and _set_alphas(root) == dict.fromkeys(SET_NAMES, NEW_CONFIG["lora_alpha"])
+        return
+    assert code == 77
+    installed = sorted(SET_NAMES[:k])  # the root first, then the subfolders in the order given
+    for read in (adapterspec.read_adapters, adapterspec.list_adapters):
+        with pytest.raises(adapterspec.IntegrityError) as caught:
+            read(root)
+        error = caught.value
+        assert error.path == str(root) and error.key == installed[0], error
+        assert all(repr(name) in error.message for name in installed), error.message
+        assert "interrupted" in error.message and "save the set again" in (error.hint or ""), error
+    from adapterspec.cli import main as cli
+
+    assert cli(["validate", str(root)]) == 1
+    adapterspec.write_adapters(root, {n: (NEW_CONFIG, new_tensors()) for n in SET_NAMES}, overwrite=True)
+    assert _set_alphas(root) == dict.fromkeys(SET_NAMES, NEW_CONFIG["lora_alpha"])
+    folder_mod.wait_for_removals()
+    assert _litter(tmp_path, root, *(root / n for n in SET_NAMES[1:])) == []
+
+
+def test_a_set_save_that_fails_midway_is_refused_not_read_as_a_mix(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception (a full disk) in the second adapter's install: the first is the new one, the others old; the
+    WriteError said so, but read_adapters returned the mix silently afterwards. Now it is refused."""
+    root = adapterspec.write_adapters(tmp_path / "set", {n: (LORA_CONFIG, lora_tensors()) for n in SET_NAMES})
+    install, count = folder_mod._install, [0]
+
+    def full_disk_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        count[0] += 1
+        if count[0] == 2:
+            raise OSError(28, "No space left on device")
+        return install(*args, **kwargs)
+
+    monkeypatch.setattr(folder_mod, "_install", full_disk_second)
+    with pytest.raises(adapterspec.WriteError):
+        adapterspec.write_adapters(root, {n: (NEW_CONFIG, new_tensors()) for n in SET_NAMES}, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(adapterspec.IntegrityError, match="'default'"):
+        adapterspec.read_adapters(root)
+    assert _litter(tmp_path, root, *(root / n for n in SET_NAMES[1:])) == []

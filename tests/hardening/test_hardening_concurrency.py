@@ -381,3 +381,68 @@ def test_validate_still_reports_a_corrupt_file_read_before_a_save(tmp_path: Path
     assert "does not match" in errors[0].message and errors[0].path == str(weights)
     monkeypatch.setattr(adapter_mod, "_open", read)
     assert adapterspec.validate_adapter(folder) == []  # the save that landed is valid
+
+
+# -- a set of adapters read while another process saves a new set over it --------------------------
+def _read_set(folder: Path) -> str:
+    """``"A"``/``"B"``: every adapter of ``read_adapters`` is that one; ``"mixed ..."`` otherwise."""
+    try:
+        adapters = adapterspec.read_adapters(folder, prefetch=True)
+    except adapterspec.AdapterSpecError as exc:
+        return f"refused {type(exc).__name__}: {exc.message[:60]}"
+    seen = {name: _which(a.config, a.load_tensors("numpy")) for name, a in adapters.items()}
+    return seen["default"] if len(set(seen.values())) == 1 and len(seen) == 2 else f"mixed {seen}"
+
+
+def _list_set(folder: Path) -> str:
+    """``list_adapters`` then each adapter's save as its metadata records it: one save, or ``"mixed ..."``."""
+    try:
+        found = adapterspec.list_adapters(folder)
+    except adapterspec.AdapterSpecError as exc:
+        return f"refused {type(exc).__name__}: {exc.message[:60]}"
+    return "listed" if sorted(found) == ["default", "fr"] else f"listed {sorted(found)}"
+
+
+def test_a_set_reader_sees_one_save_or_the_other(tmp_path: Path) -> None:
+    """A writer process saves sets A and B in turn (write_adapters, 'default' in the root and 'fr'): every
+    read_adapters meanwhile is all A or all B. It gave 'default' from one save and 'fr' from the other, with no
+    error (224 of 868 reads in 4 s; 252 of 814 in the probe)."""
+    folder = tmp_path / "set"
+    adapterspec.write_adapters(folder, {"default": ADAPTERS[0], "fr": ADAPTERS[0]})
+    seen: dict[str, int] = {}
+    for outcome in _reads_while_writing(folder, _read_set, multi=True):
+        seen[outcome] = seen.get(outcome, 0) + 1
+    STATS.count("concurrency", sum(seen.values()))
+    assert set(seen) == {"A", "B"}, seen  # no mix, no refusal
+    for outcome in _reads_while_writing(folder, _list_set, multi=True):
+        assert outcome == "listed", outcome  # a save under way is waited for, not refused
+
+
+def test_a_set_read_waits_for_a_set_save_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set save paused after its first adapter (the root) is in: a read meanwhile waits for it and gives the new
+    set (it gave the new 'default' with the old 'fr'), rather than refusing the set as interrupted."""
+    folder = tmp_path / "set"
+    adapterspec.write_adapters(folder, {"default": ADAPTERS[0], "fr": ADAPTERS[0]})
+    install, paused, go_on = folder_mod._install, threading.Event(), threading.Event()
+
+    def install_then_pause(*args: Any, **kwargs: Any) -> None:
+        install(*args, **kwargs)
+        if threading.current_thread().name == "saver" and not paused.is_set():
+            paused.set()
+            assert go_on.wait(20)
+
+    monkeypatch.setattr(folder_mod, "_install", install_then_pause)
+    saver = threading.Thread(target=adapterspec.write_adapters, name="saver", daemon=True,
+                             args=(folder, {"default": ADAPTERS[1], "fr": ADAPTERS[1]}), kwargs={"overwrite": True})
+    saver.start()
+    try:
+        assert paused.wait(20)
+        threading.Timer(0.3, go_on.set).start()
+        started = time.monotonic()
+        outcome = _read_set(folder)
+        waited = time.monotonic() - started
+    finally:
+        go_on.set()
+        saver.join(20)
+    STATS.count("concurrency")
+    assert outcome == "B" and waited >= 0.2, (outcome, waited)

@@ -268,3 +268,68 @@ def test_a_dangling_weights_link_is_refused_before_anything_is_sent(hub, make_lo
                        r"its target 'moved.safetensors' \(.*moved.safetensors\) does not exist") as info:
         push_to_hub(folder, "org/dangling")
     assert info.value.path == str(weights) and hub.requests == []
+
+
+def _set_files_saves(files: dict[str, bytes], names: dict[str, str]) -> set[str]:
+    """The saves the pushed manifest and each pushed adapter's metadata record (one element: one save)."""
+    import struct
+
+    manifest = json.loads(files["adapterspec.json"])
+    saves = {entry["save_id"] for entry in manifest["adapters"].values()}
+    for folder in names.values():
+        blob = files[f"{folder}adapter_model.safetensors"]
+        (n,) = struct.unpack("<Q", blob[:8])
+        saves.add(json.loads(blob[8:8 + n])["__metadata__"]["adapterspec_save_id"])
+    return saves
+
+
+def test_a_set_save_during_the_push_uploads_one_save(hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another save of the whole set lands just after the push copied the root adapter: the commit holds one save
+    of the set (the push copied the adapters one after the other and sent the old 'default' with the new 'fr' and
+    the new manifest, each valid alone)."""
+    import shutil
+
+    from adapterspec import hub as hub_module
+
+    def the_set(offset: float) -> dict[str, Any]:
+        return {"default": (lora_config(), lora_tensors(offset)), "fr": (lora_config(), lora_tensors(offset + 0.5))}
+
+    several = adapterspec.write_adapters(tmp_path / "several", the_set(0.0))
+    copyfileobj, saved, copies = shutil.copyfileobj, [], [0]
+
+    def save_then_copy(source: Any, target: Any, *args: Any) -> Any:
+        copies[0] += 1
+        if copies[0] == 3:  # the root's config and weights are copied: 'fr' is next
+            saved.append(adapterspec.write_adapters(several, the_set(3.0), overwrite=True))
+        return copyfileobj(source, target, *args)
+
+    monkeypatch.setattr(hub_module.shutil, "copyfileobj", save_then_copy)
+    commit = push_to_hub(several, "org/several")
+    assert saved  # the other save did land in the middle
+    files = hub.files("org/several", commit.oid)
+    from safetensors.numpy import load as load_bytes
+
+    for name, folder, offset in (("default", "", 3.0), ("fr", "fr/", 3.5)):  # the new set, both adapters
+        got = load_bytes(files[f"{folder}adapter_model.safetensors"])
+        assert all(np.array_equal(got[k], v) for k, v in lora_tensors(offset).items()), name
+    assert len(_set_files_saves(files, {"default": "", "fr": "fr/"})) == 1  # and the manifest of that save
+
+
+def test_a_set_of_two_saves_is_refused_and_nothing_uploaded(hub, tmp_path: Path) -> None:
+    """A set a killed save left with adapters of two saves (the new root, the old 'fr' and manifest) is refused
+    before anything is sent (it was uploaded as it was)."""
+    several = adapterspec.write_adapters(tmp_path / "several", {"default": (lora_config(), lora_tensors()),
+                                                                 "fr": (lora_config(), lora_tensors(1.0))})
+    old_manifest = (several / "adapterspec.json").read_bytes()
+    (several / "fr").rename(tmp_path / "old-fr")
+    adapterspec.write_adapters(several, {"default": (lora_config(), lora_tensors(2.0)),
+                                         "fr": (lora_config(), lora_tensors(3.0))}, overwrite=True)
+    import shutil
+
+    shutil.rmtree(several / "fr")
+    (tmp_path / "old-fr").rename(several / "fr")
+    (several / "adapterspec.json").write_bytes(old_manifest)
+    with pytest.raises(IntegrityError, match="two saves") as caught:
+        push_to_hub(several, "org/mixed")
+    assert caught.value.path == str(several) and caught.value.key == "default"
+    assert hub.requests == [] and "org/mixed" not in hub.repos

@@ -116,10 +116,19 @@ def test_several_adapters_with_manifest(tmp_path: Path) -> None:
     ia3_tensors = {"base_model.model.layers.0.q.ia3_l": np.linspace(0.5, 1.5, 5, dtype=np.float32).reshape(5, 1)}
     adapterspec.write_adapters(tmp_path / "m", {"default": (CONFIG, tensors()), "fr": (ia3, ia3_tensors)})
     manifest = json.loads((tmp_path / "m" / "adapterspec.json").read_text())
-    assert manifest == {"adapterspec_version": "1.1", "adapters": {"default": {"path": "."}, "fr": {"path": "fr"}}}
+    save = manifest["adapters"]["default"]["save_id"]  # SPEC 3.4: the save that wrote the set, in each adapter too
+    assert len(save) == 32 and int(save, 16) >= 0
+    assert manifest == {"adapterspec_version": "1.1", "adapters": {"default": {"path": ".", "save_id": save},
+                                                                   "fr": {"path": "fr", "save_id": save}}}
     found = adapterspec.list_adapters(tmp_path / "m")
     assert found == {"default": tmp_path / "m", "fr": tmp_path / "m" / "fr"}
-    assert adapterspec.read_adapters(tmp_path / "m")["fr"].config.peft_type == "IA3"
+    adapters = adapterspec.read_adapters(tmp_path / "m")
+    assert adapters["fr"].config.peft_type == "IA3"
+    assert {name: a.metadata["adapterspec_save_id"] for name, a in adapters.items()} == {"default": save, "fr": save}
+    adapterspec.write_adapters(tmp_path / "m", {"default": (CONFIG, tensors()), "fr": (ia3, ia3_tensors)},
+                               overwrite=True)
+    again = json.loads((tmp_path / "m" / "adapterspec.json").read_text())["adapters"]["fr"]["save_id"]
+    assert again != save and adapterspec.read_adapters(tmp_path / "m")["fr"].metadata["adapterspec_save_id"] == again
 
 
 def test_adapter_names_are_folder_safe(tmp_path: Path) -> None:
@@ -418,3 +427,79 @@ def test_a_dangling_link_is_said_to_be_one(tmp_path: Path) -> None:
         adapterspec.list_adapters(several)
     with pytest.raises(adapterspec.FileFormatError, match="adapterspec.json is a dangling symbolic link"):
         adapterspec.read_adapters(several)
+
+
+# -- the save of a set (SPEC 3.4 save_id) ---------------------------------------------------------------
+def _set(root: Path, offset: float = 0.0) -> Path:
+    return adapterspec.write_adapters(root, {"default": (CONFIG, tensors(offset)), "fr": (CONFIG, tensors(offset))},
+                                      overwrite=True)
+
+
+def _mix(root: Path) -> None:
+    """Make ``root`` a set of two saves, as a save killed after its first adapter leaves it: the root from a new
+    save, ``fr`` and the manifest from the old one."""
+    old_manifest = (root / "adapterspec.json").read_bytes()
+    old_fr = root.parent / "old-fr"
+    (root / "fr").rename(old_fr)
+    _set(root, 1.0)
+    folder_module._staging.remove_tree(root / "fr")
+    old_fr.rename(root / "fr")
+    (root / "adapterspec.json").write_bytes(old_manifest)
+
+
+def test_adapters_of_two_saves_are_refused_naming_them(tmp_path: Path) -> None:
+    """read_adapters / list_adapters / validate of a set whose root is of another save than its manifest: refused
+    with IntegrityError naming the folder and the adapter (they returned the mix, each adapter valid alone)."""
+    root = _set(tmp_path / "m")
+    _mix(root)
+    for read in (adapterspec.read_adapters, adapterspec.list_adapters):
+        with pytest.raises(adapterspec.IntegrityError) as caught:
+            read(root)
+        assert caught.value.path == str(root) and caught.value.key == "default"
+        assert caught.value.message == ("the folder holds adapters of two saves: 'default' is not of the save "
+                                        "adapterspec.json records ('fr' is); a save of the set was interrupted")
+        assert "save the set again" in (caught.value.hint or "")
+    assert adapterspec.validate_adapter(root) == [] and adapterspec.validate_adapter(root / "fr") == []  # each alone
+    from adapterspec.cli import main
+
+    assert main(["validate", str(root)]) == 1
+    _set(root, 1.0)  # the fix the hint gives
+    assert sorted(adapterspec.read_adapters(root)) == ["default", "fr"]
+
+
+def test_a_manifest_without_save_ids_reads_as_before(tmp_path: Path) -> None:
+    """Older writers' manifests (and PEFT folders, which have none) record no save: the same mix reads as before."""
+    root = _set(tmp_path / "m")
+    _mix(root)
+    manifest = json.loads((root / "adapterspec.json").read_text())
+    for entry in manifest["adapters"].values():
+        del entry["save_id"]
+    (root / "adapterspec.json").write_text(json.dumps(manifest))
+    assert sorted(adapterspec.read_adapters(root)) == ["default", "fr"]
+    (root / "adapterspec.json").unlink()
+    assert sorted(adapterspec.read_adapters(root)) == ["default", "fr"]
+
+
+def test_an_adapter_saved_alone_into_a_set_is_read_with_it(tmp_path: Path) -> None:
+    """write_adapter of one adapter of a set (or PEFT's save_pretrained) records no save of a set: the set reads,
+    with the new one. A save id the caller passes in the metadata is not written (it would claim a set's save)."""
+    root = _set(tmp_path / "m")
+    save = json.loads((root / "adapterspec.json").read_text())["adapters"]["fr"]["save_id"]
+    adapterspec.write_adapter(root / "fr", CONFIG, tensors(2.0), overwrite=True,
+                              metadata={"adapterspec_save_id": "f" * 32, "note": "kept"})
+    adapters = adapterspec.read_adapters(root)
+    assert "adapterspec_save_id" not in adapters["fr"].metadata and adapters["fr"].metadata["note"] == "kept"
+    np.testing.assert_array_equal(adapters["fr"].load_tensors()["base_model.model.layers.0.q.lora_A.weight"],
+                                  tensors(2.0)["base_model.model.layers.0.q.lora_A.weight"])
+    assert adapters["default"].metadata["adapterspec_save_id"] == save
+
+
+@pytest.mark.parametrize("value", [7, "", "x" * 129])
+def test_a_malformed_save_id_is_a_config_error(tmp_path: Path, value: object) -> None:
+    root = _set(tmp_path / "m")
+    manifest = json.loads((root / "adapterspec.json").read_text())
+    manifest["adapters"]["fr"]["save_id"] = value
+    (root / "adapterspec.json").write_text(json.dumps(manifest))
+    with pytest.raises(adapterspec.ConfigError) as caught:
+        adapterspec.list_adapters(root)
+    assert caught.value.pointer == "/adapters/fr/save_id"
