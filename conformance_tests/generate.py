@@ -30,6 +30,7 @@ import torch
 
 import adapterspec
 import adapterspec.errors
+import adapterspec.folder
 import adapterspec.spec
 from adapterspec.conformance import reference
 from adapterspec.conformance.reference_impl import prefix_sizes
@@ -41,7 +42,7 @@ from adapterspec_torch.conformance import build_model
 HERE = Path(__file__).resolve().parent
 V1 = HERE / "v1"
 SPEC_EXAMPLES = HERE.parent / "spec" / "v1" / "examples"
-CORPUS_VERSION = "1.12.0"
+CORPUS_VERSION = "1.13.0"
 GENERATED = ("schema", "folders", "numeric", "folders.json", "numeric.json", "roundtrip.json", "errors.json",
              "corpus.json")
 
@@ -704,8 +705,13 @@ def generate_folders() -> list[dict[str, Any]]:
           warnings_=[{"category": "AdapterSpecWarning"}])
     path = folder("multi-manifest", "two adapters with a manifest: 'default' in the root, 'fr' in fr/", valid=True,
                   multi=True)
-    adapterspec.write_adapters(path, {"default": (LORA_CFG, lora_tensors()),
-                                      "fr": (LORA_CFG | {"r": 4, "lora_alpha": 8}, lora_tensors(4))})
+    fresh_id = adapterspec.folder._new_save_id
+    adapterspec.folder._new_save_id = lambda: "0123456789abcdef" * 2  # the same bytes each run (SPEC 3.4 save_id)
+    try:
+        adapterspec.write_adapters(path, {"default": (LORA_CFG, lora_tensors()),
+                                          "fr": (LORA_CFG | {"r": 4, "lora_alpha": 8}, lora_tensors(4))})
+    finally:
+        adapterspec.folder._new_save_id = fresh_id
     canonical_metadata(path / "adapter_model.safetensors")
     canonical_metadata(path / "fr" / "adapter_model.safetensors")
     path = folder("multi-peft-layout", "two adapters in PEFT's layout (no manifest): the root and a subfolder",
@@ -868,6 +874,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _clarification_folders()
     _mutation_folder_cases_1_11()
     _repeated_name_folders()
+    _set_save_cases_1_13()
     return FOLDERS
 
 
@@ -1677,6 +1684,28 @@ def _repeated_name_folders() -> None:
     _write_header_members(path / "adapter_model.safetensors", lambda h: [
         ("__metadata__", '{"adapterspec_version":"2.0","adapterspec_version":"1.1","format":"pt"}'),
         *((k, json.dumps(v, separators=(",", ":"))) for k, v in h.items() if k != "__metadata__")])
+
+
+def _set_save_cases_1_13() -> None:
+    """SPEC 3.4 (one save of a set), check 17: adapters recording another save than their manifest entry."""
+    t = lora_tensors()
+    manifest_save, other_save = "1" * 32, "2" * 32
+    for id_, what, recorded, valid in (
+            ("manifest-two-saves", "the manifest records save_id 111... for 'default' and 'fr'; 'default' records "
+             "adapterspec_save_id 222... (a save of the set interrupted after its first adapter): IntegrityError",
+             {"default": other_save, "fr": manifest_save}, False),
+            ("manifest-save-id-adapter-saved-alone", "the manifest records save_id 111... for 'default' and 'fr'; "
+             "'fr' records no adapterspec_save_id (saved alone since, as PEFT saves): read as it is, valid",
+             {"default": manifest_save, "fr": None}, True)):
+        path = folder(id_, f"SPEC 3.4: {what}", valid=valid, multi=True,
+                      error=None if valid else "IntegrityError")
+        write_json(path / "adapterspec.json", {"adapterspec_version": "1.1", "adapters": {
+            "default": {"path": ".", "save_id": manifest_save}, "fr": {"path": "fr", "save_id": manifest_save}}})
+        for name, where in (("default", path), ("fr", path / "fr")):
+            save = recorded[name]
+            write_config(where, LORA_CFG)
+            np_save(where / "adapter_model.safetensors", t,
+                    {"format": "pt", **({"adapterspec_save_id": save} if save is not None else {})})
 
 
 # -- the rest --------------------------------------------------------------------------------------------

@@ -596,7 +596,7 @@ def write_adapters(path: str | Path,
         if name in _RESERVED:  # the folder would collide with a file of the root adapter
             raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
                                   hint="choose another adapter name")
-    save_id = secrets.token_hex(16)
+    save_id = _new_save_id()
     prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
                                                    durable=durable, save_id=save_id)
                 for name, entry in adapters.items()}
@@ -615,6 +615,11 @@ def write_adapters(path: str | Path,
                 with contextlib.suppress(OSError):
                     marker.unlink()
     return folder
+
+
+def _new_save_id() -> str:
+    """A fresh id for one save of several adapters: 128 random bits, in hexadecimal."""
+    return secrets.token_hex(16)
 
 
 def _save_marker(folder: Path, lease: _staging.Lease) -> Path | None:

@@ -702,6 +702,16 @@ def _m(id_: str, section: str, rule: str, patches: Callable[[], list[Patch]], *f
     return Mutant(id_, section, rule, patches, tuple(first), kinds, equivalent)
 
 
+def _saved_alone_refused() -> list[Patch]:
+    """Take an adapter recording no save (saved alone since, SPEC 3.4) for one of another save."""
+    check = folder._check_one_save
+
+    def refusing(where: Path, saves: Mapping[str, str], recorded: Mapping[str, str | None]) -> None:
+        check(where, saves, {name: recorded.get(name) or "none" for name in saves})
+
+    return [(folder, "_check_one_save", refusing)]
+
+
 MUTANTS: tuple[Mutant, ...] = (
     # 2 Versioning
     _m("version-newer-major-loaded", "2", "a newer major version is refused (VersionError)",
@@ -950,6 +960,12 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("header-name-twice-accepted", "11.2", "no tensor and no metadata member is named twice in the safetensors "
        "header (FileFormatError)", lambda: [(_safetensors, "_refuse_repeated_names", _returning(None))], "header-",
        kinds=_LOADS),
+    # corpus 1.13: one save of a set of adapters
+    _m("set-of-two-saves-accepted", "3.4", "adapters recording another save than their manifest entry's save_id are "
+       "refused (check 17)", lambda: [(folder, "_check_one_save", _returning(None))], "manifest-two-saves",
+       kinds=_LOADS),
+    _m("adapter-saved-alone-refused", "3.4", "an adapter recording no adapterspec_save_id is read as it is",
+       _saved_alone_refused, "manifest-save-id", kinds=_LOADS),
 )
 
 
