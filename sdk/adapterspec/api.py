@@ -45,7 +45,7 @@ from .folder import hashing_ahead, list_adapters, read_set, write_adapter, write
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
-from .plugins import get_plugin_manager, plugin_names
+from .plugins import DISABLE_ENV, broken_plugins, get_plugin_manager, plugin_names
 from .spec import METADATA_SAVE_ID
 
 __all__ = [
@@ -142,10 +142,19 @@ def backend_name(model: Any) -> str:
     """
     name: str | None = _hook().adapterspec_backend_name(model=model)
     if name is None:
+        what = f"{type(model).__module__}.{type(model).__qualname__}"
+        broken = broken_plugins()
+        if broken:  # one of them may be this model's backend
+            raise BackendError(
+                f"no adapterspec backend handles {what} objects (backends: {', '.join(plugin_names()) or 'none'}); "
+                f"{len(broken)} installed plugin(s) failed to load and may be the one: " + "; ".join(broken.values()),
+                key=sorted(broken)[0],
+                hint="install what the plugin needs (or reinstall it), or set "
+                     f"{DISABLE_ENV}={','.join(sorted(broken))} to leave it out")
         found = [f for f in _FRAMEWORKS if importlib.util.find_spec(f) is not None]
         missing = [f for f in _FRAMEWORKS if f not in found]
         raise BackendError(
-            f"no adapterspec backend handles {type(model).__module__}.{type(model).__qualname__} objects "
+            f"no adapterspec backend handles {what} objects "
             f"(backends: {', '.join(plugin_names()) or 'none'}; frameworks installed: {', '.join(found) or 'none'})",
             hint="pass a torch.nn.Module or a Keras model" + (
                 "; to install a framework: " + " or ".join(_FRAMEWORKS[f] for f in missing) if missing else
