@@ -45,7 +45,8 @@ from .folder import hashing_ahead, list_adapters, read_set, write_adapter, write
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
-from .plugins import DISABLE_ENV, broken_plugins, get_plugin_manager, plugin_names
+from ._dispatch import call_hook, check_result, unanswered
+from .plugins import DISABLE_ENV, broken_plugins, plugin_names
 from .spec import METADATA_SAVE_ID
 
 __all__ = [
@@ -77,10 +78,6 @@ _INJECTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 def _forget_injected(model: Any, adapter_name: str) -> None:
     with contextlib.suppress(TypeError):
         _INJECTED.get(model, set()).discard(adapter_name)
-
-
-def _hook() -> Any:  # pluggy's HookRelay: its hooks' results are Any
-    return get_plugin_manager().hook
 
 
 #: id(model) -> (a weak reference to it, its lock); an entry goes with its model. Keyed by identity, not by
@@ -140,7 +137,7 @@ def backend_name(model: Any) -> str:
 
     :raises BackendError: no installed backend claims it.
     """
-    name: str | None = _hook().adapterspec_backend_name(model=model)
+    name: str | None = call_hook("adapterspec_backend_name", model=model)
     if name is None:
         what = f"{type(model).__module__}.{type(model).__qualname__}"
         broken = broken_plugins()
@@ -166,11 +163,16 @@ def backend_name(model: Any) -> str:
 _FRAMEWORKS = {"torch": 'pip install "adapterspec[torch]"', "keras": 'pip install "adapterspec[keras]"'}
 
 
-def _call(hook: str, model: Any, **kwargs: Any) -> Any:
-    result = getattr(_hook(), hook)(model=model, **kwargs)
+def _call(hook: str, model: Any, *, checked: bool = True, **kwargs: Any) -> Any:
+    """The result of a hook every backend implements, for ``model`` (see :mod:`adapterspec._dispatch`).
+
+    :param checked: check the result's type (``False``: the caller checks it, to undo what the hook did first).
+    :raises BackendError: no backend claims the model, its plugin lacks the hook or returned ``None``, raised an
+        exception that is no :class:`AdapterSpecError`, or returned a result of the wrong type.
+    """
+    result = call_hook(hook, checked=checked, model=model, **kwargs)
     if result is None:  # no backend claims the model (raises), or the one that does lacks this hook
-        raise BackendError(f"the {backend_name(model)!r} backend does not implement {hook}",
-                           hint="upgrade the backend plugin")
+        raise unanswered(hook, model, backend_name(model))
     return result
 
 
@@ -278,11 +280,11 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
 def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle: bool, verify: bool,
           activate: bool, options: LoadOptions, strict: bool = False) -> list[str]:
     def allocate(nbytes: int) -> Any:  # the memory the file is read into, the backend's choice: pinned for a GPU
-        return _hook().adapterspec_read_buffer(model=model, nbytes=nbytes, options=options)
+        return call_hook("adapterspec_read_buffer", model=model, nbytes=nbytes, options=options)
 
     # a thread reads the file while the checks run and the backend injects the layers -- unless the backend
     # reads only its slices of each tensor (a sharded model, SPEC.md 16)
-    ahead = not _hook().adapterspec_reads_slices(model=model, options=options)
+    ahead = not call_hook("adapterspec_reads_slices", model=model, options=options)
     adapter = where if isinstance(where, Adapter) else read_adapter(where, allow_pickle=allow_pickle, verify=verify,
                                                                     check_tensors=False,
                                                                     prefetch=allocate if ahead else False)
@@ -294,9 +296,10 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
                 raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                          hint="delete_adapter() it first, or load under another adapter_name")
             previous = active_adapters(model)
-            modules = _call("adapterspec_inject", model, config=adapter.config, adapter_name=adapter_name,
-                            options=options)
+            modules = _call("adapterspec_inject", model, checked=False, config=adapter.config,
+                            adapter_name=adapter_name, options=options)
             try:
+                check_result("adapterspec_inject", modules, model=model)  # a wrong result: what it injected goes
                 _check_base(model, adapter, adapter_name, strict=strict)
                 _call("adapterspec_load_state", model, adapter=adapter, adapter_name=adapter_name, options=options)
                 if not adapter.tensors_checked and not _method_tensors_of(adapter, modules):
@@ -326,7 +329,7 @@ def _check_base(model: Any, adapter: Adapter, adapter_name: str, *, strict: bool
     recorded = adapter.metadata.get(FINGERPRINT_KEY)
     if recorded is None:
         return
-    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
+    identity = call_hook("adapterspec_base_identity", model=model, adapter_name=adapter_name) or {}
     where = str(adapter.weights_file or adapter.path or "the adapter")
     check_base(recorded, identity.get("fingerprint"), strict=strict, where=where,
                base_name=adapter.config.get("base_model_name_or_path"))
@@ -338,7 +341,7 @@ def _identified(model: Any, adapter_name: str, config: AdapterConfig,
     fingerprint (SPEC.md 9.1): the caller's name first, then the config's own, then the model's (an absent name
     is filled as PEFT's ``save_pretrained`` fills it, for loaded adapters too); ``task_type`` is filled only for
     an adapter :func:`inject_adapter` made (a loaded config keeps its own, as PEFT keeps it)."""
-    identity = _hook().adapterspec_base_identity(model=model, adapter_name=adapter_name) or {}
+    identity = call_hook("adapterspec_base_identity", model=model, adapter_name=adapter_name) or {}
     try:
         fresh = adapter_name in _INJECTED.get(model, ())
     except TypeError:
@@ -407,7 +410,13 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
                           freeze_base=freeze_base)
     _check_init(cfg, where=f"adapter {adapter_name!r}")
     # no garbage-collector pause (as for load_adapter): it is process-wide and stalled other threads' collections
-    modules = _call("adapterspec_inject", model, config=cfg, adapter_name=adapter_name, options=options)
+    modules = _call("adapterspec_inject", model, checked=False, config=cfg, adapter_name=adapter_name,
+                    options=options)
+    try:
+        check_result("adapterspec_inject", modules, model=model)
+    except BackendError:  # the plugin injected something and said otherwise: what it injected goes
+        _call("adapterspec_delete", model, adapter_name=adapter_name)
+        raise
     with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name
         _INJECTED.setdefault(model, set()).add(adapter_name)
     if activate:
@@ -452,7 +461,7 @@ def _written(model: Any, path: str | Path, write: Callable[[], Path]) -> Path:
     :raises UnsupportedError: the process that wrote (rank 0) was given another path than this one (each process
         of a sharded model must name the same folder; this one's was never written).
     """
-    done = _hook().adapterspec_write(model=model, write=write)
+    done = call_hook("adapterspec_write", model=model, write=write)
     if done is None:
         return write()
     done = Path(done)

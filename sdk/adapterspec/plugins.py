@@ -27,13 +27,14 @@ import functools
 import importlib.metadata
 import os
 import warnings
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import AdapterSpecWarning
 
-__all__ = ["DISABLE_ENV", "ENTRY_POINT_GROUP", "broken_plugins", "get_plugin_manager", "plugin_names"]
+__all__ = ["DISABLE_ENV", "ENTRY_POINT_GROUP", "broken_plugins", "describe_plugin", "get_plugin_manager", "plugin_names"]
 
 ENTRY_POINT_GROUP = "adapterspec"
 DISABLE_ENV = "ADAPTERSPEC_DISABLE_PLUGINS"
@@ -78,8 +79,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                               AdapterSpecWarning, stacklevel=4)
 
 
-def _dist_name(dist: importlib.metadata.Distribution) -> str:
-    """``name version`` of an installed distribution, as pip lists it."""
+def _dist_name(dist: Any) -> str:
+    """``name version`` of an installed distribution (or pluggy's facade of one), as pip lists it."""
     return f"{dist.metadata['Name'] or '?'} {dist.version}"
 
 
@@ -97,3 +98,18 @@ def broken_plugins() -> dict[str, str]:
     """
     get_plugin_manager()
     return dict(_BROKEN)
+
+
+def describe_plugin(name: str) -> str:
+    """How an error names a registered plugin: its name, and the entry point and distribution it came from.
+
+    >>> describe_plugin("torch")                                  # doctest: +SKIP
+    "plugin 'torch' (entry point adapterspec:torch = adapterspec_torch.plugin, from adapterspec 0.1.0)"
+    """
+    pm = get_plugin_manager()
+    plugin = pm.get_plugin(name)
+    for loaded, dist in pm.list_plugin_distinfo():
+        if loaded is plugin:
+            module = getattr(plugin, "__name__", type(plugin).__qualname__)
+            return f"plugin {name!r} (entry point {ENTRY_POINT_GROUP}:{name} = {module}, from {_dist_name(dist)})"
+    return f"plugin {name!r} (registered by hand, no entry point)"

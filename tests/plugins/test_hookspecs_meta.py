@@ -264,3 +264,179 @@ def test_unregistered_plugin_no_longer_claims(lora_folder: Path) -> None:
         pm.unregister(name="dummy-test")
     with pytest.raises(BackendError):
         adapterspec.load_adapter(DummyModel(["layers.0.q"]), lora_folder)
+
+
+# -- a plugin that misbehaves: its failure is a BackendError naming it, the hook and what it did ---------------
+
+class InjectRaises(DummyBackend):
+    @hookimpl
+    def adapterspec_inject(self, model: Any, config: Any, adapter_name: str, options: Any) -> list[str] | None:
+        if not self._owns(model):
+            return None
+        raise KeyError("q_proj")
+
+
+class LoadStateRaises(DummyBackend):
+    @hookimpl
+    def adapterspec_load_state(self, model: Any, adapter: Any, adapter_name: str, options: Any) -> list[str] | None:
+        if not self._owns(model):
+            return None
+        model.calls.append(("load_state", adapter_name))
+        if adapter_name == "bad":
+            raise ValueError("bad buffer")
+        return sorted(adapter.tensors)
+
+
+class BackendNameRaises(DummyBackend):
+    @hookimpl
+    def adapterspec_backend_name(self, model: Any) -> str | None:
+        raise RuntimeError("claim crashed")
+
+
+class ExtractRaises(DummyBackend):
+    @hookimpl
+    def adapterspec_extract_state(self, model: Any, adapter_name: str) -> tuple[Any, dict[str, Any]] | None:
+        if not self._owns(model):
+            return None
+        return model.adapters["missing"]  # type: ignore[no-any-return]
+
+
+class InjectReturnsStr(DummyBackend):
+    @hookimpl
+    def adapterspec_inject(self, model: Any, config: Any, adapter_name: str, options: Any) -> list[str] | None:
+        modules = super().adapterspec_inject(model, config, adapter_name, options)
+        return None if modules is None else modules[0]  # type: ignore[return-value]
+
+
+class LoadStateReturnsNone(DummyBackend):
+    @hookimpl
+    def adapterspec_load_state(self, model: Any, adapter: Any, adapter_name: str, options: Any) -> list[str] | None:
+        return None
+
+
+class ExtractReturnsStr(DummyBackend):
+    @hookimpl
+    def adapterspec_extract_state(self, model: Any, adapter_name: str) -> tuple[Any, dict[str, Any]] | None:
+        return ("not a config", {}) if self._owns(model) else None
+
+
+class NamesReturnStr(DummyBackend):
+    @hookimpl
+    def adapterspec_adapter_names(self, model: Any) -> list[str] | None:
+        return ",".join(model.adapters) if self._owns(model) else None  # type: ignore[return-value]
+
+
+class SetActiveReturnsFalse(DummyBackend):
+    @hookimpl
+    def adapterspec_set_active(self, model: Any, adapter_names: list[str]) -> bool | None:
+        if super().adapterspec_set_active(model, adapter_names) is None:
+            return None
+        return False
+
+
+class MergeMissing(DummyBackend):
+    adapterspec_merge = None  # type: ignore[assignment]  # this backend has no merge hook at all
+
+
+@pytest.fixture
+def register() -> Any:
+    """``register(backend)``: the backend registered as plugin 'misbehaving' until the test ends."""
+    pm = get_plugin_manager()
+
+    def add(backend: DummyBackend) -> None:
+        pm.register(backend, name="misbehaving")
+    try:
+        yield add
+    finally:
+        if pm.get_plugin("misbehaving") is not None:
+            pm.unregister(name="misbehaving")
+
+
+def _backend_error(call: Any) -> BackendError:
+    with pytest.raises(BackendError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize(("backend", "hook", "raised"), [
+    (InjectRaises, "adapterspec_inject", "KeyError: 'q_proj'"),
+    (BackendNameRaises, "adapterspec_backend_name", "RuntimeError: claim crashed"),
+])
+def test_an_exception_escaping_a_hook_is_a_backend_error(register: Any, lora_folder: Path, backend: type,
+                                                        hook: str, raised: str) -> None:
+    register(backend())
+    model = DummyModel(["layers.0.q"])
+    error = _backend_error(lambda: adapterspec.load_adapter(model, lora_folder))
+    assert str(error).startswith(f"plugin 'misbehaving' (registered by hand, no entry point): {hook} raised {raised}")
+    assert type(error.__cause__).__name__ == raised.split(":")[0]
+    assert "report it to the plugin's authors" in str(error)
+    assert model.adapters == {} and model.active == []
+
+
+def test_a_load_state_that_raises_rolls_back_and_names_the_plugin(register: Any, lora_folder: Path) -> None:
+    register(LoadStateRaises())
+    model = DummyModel(["layers.0.q"])
+    adapterspec.load_adapter(model, lora_folder, "keep")
+    model.calls.clear()
+    error = _backend_error(lambda: adapterspec.load_adapter(model, lora_folder, "bad"))
+    assert str(error).startswith("plugin 'misbehaving' (registered by hand, no entry point): adapterspec_load_state "
+                                 "raised ValueError: bad buffer")
+    assert isinstance(error.__cause__, ValueError) and str(error.__cause__) == "bad buffer"
+    assert model.calls == [("inject", "bad"), ("load_state", "bad"), ("delete", "bad"), ("set_active", ["keep"])]
+    assert adapterspec.adapter_names(model) == ["keep"] and adapterspec.active_adapters(model) == ["keep"]
+
+
+def test_an_exception_while_saving_names_the_plugin(register: Any, lora_folder: Path, tmp_path: Path) -> None:
+    register(ExtractRaises())
+    model = DummyModel(["layers.0.q"])
+    adapterspec.load_adapter(model, lora_folder)
+    error = _backend_error(lambda: adapterspec.save_adapter(model, tmp_path / "out"))
+    assert "adapterspec_extract_state raised KeyError: 'missing'" in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("backend", "call", "message"), [
+    (InjectReturnsStr, lambda m, folder, out: adapterspec.load_adapter(m, folder, "other"),
+     "adapterspec_inject returned 'layers.0.q' (a str); the hook returns a list of module paths (str)"),
+    (InjectReturnsStr, lambda m, folder, out: adapterspec.inject_adapter(
+        m, {"peft_type": "LORA", "r": 2, "target_modules": ["q"]}, "other"),
+     "adapterspec_inject returned 'layers.0.q' (a str); the hook returns a list of module paths (str)"),
+    (ExtractReturnsStr, lambda m, folder, out: adapterspec.save_adapter(m, out),
+     "adapterspec_extract_state returned ('not a config', {}) (a tuple); the hook returns "
+     "a tuple (AdapterConfig, dict of tensor key -> tensor)"),
+    (NamesReturnStr, lambda m, folder, out: adapterspec.adapter_names(m),
+     "adapterspec_adapter_names returned 'default' (a str); the hook returns a list of adapter names (str)"),
+    (SetActiveReturnsFalse, lambda m, folder, out: adapterspec.set_active_adapters(m, []),
+     "adapterspec_set_active returned False (a bool); the hook returns True"),
+    (LoadStateReturnsNone, lambda m, folder, out: adapterspec.load_adapter(m, folder, "other"),
+     "adapterspec_load_state returned None for a model its backend 'dummy' claims; the hook returns "
+     "a list of tensor keys (str)"),
+])
+def test_a_result_of_the_wrong_type_is_a_backend_error(register: Any, lora_folder: Path, tmp_path: Path,
+                                                      backend: type, call: Any, message: str) -> None:
+    register(DummyBackend())
+    model = DummyModel(["layers.0.q"])
+    adapterspec.load_adapter(model, lora_folder)  # the well-behaved backend loads one
+    get_plugin_manager().unregister(name="misbehaving")
+    register(backend())
+    error = _backend_error(lambda: call(model, lora_folder, tmp_path / "out"))
+    assert str(error).startswith(f"plugin 'misbehaving' (registered by hand, no entry point): {message}"), str(error)
+    assert list(model.adapters) == ["default"]  # a failed load was rolled back
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_backend_without_a_hook_is_said_not_to_implement_it(register: Any, lora_folder: Path) -> None:
+    register(MergeMissing())
+    model = DummyModel(["layers.0.q"])
+    adapterspec.load_adapter(model, lora_folder)
+    error = _backend_error(lambda: adapterspec.merge_adapters(model))
+    assert str(error) == ("the 'dummy' backend (plugin 'misbehaving' (registered by hand, no entry point)) does not "
+                          "implement adapterspec_merge (fix: upgrade the backend plugin)")
+
+
+def test_an_entry_point_plugin_is_named_with_its_distribution() -> None:
+    pytest.importorskip("torch")
+    from adapterspec.plugins import describe_plugin
+
+    assert re.fullmatch(r"plugin 'torch' \(entry point adapterspec:torch = adapterspec_torch\.plugin, "
+                        r"from adapterspec \S+\)", describe_plugin("torch")), describe_plugin("torch")

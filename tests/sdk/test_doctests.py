@@ -9,7 +9,7 @@ MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "a
            "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors",
            "adapterspec._jsonpos", "adapterspec._regex", "adapterspec._rules", "adapterspec._oft", "adapterspec._vera",
            "adapterspec._adalora", "adapterspec._moe",
-           "adapterspec._tying", "adapterspec._lfs"]
+           "adapterspec._tying", "adapterspec._lfs", "adapterspec._dispatch"]
 
 
 @pytest.mark.parametrize("name", MODULES)
