@@ -9,6 +9,8 @@ driver in another language would wrap its own library. Flags make it misbehave o
     python protocol_driver.py --crash-on ID    # exits in the middle of the case with this id
     python protocol_driver.py --hang-on ID     # never answers the case with this id
     python protocol_driver.py --no-warnings    # does not report warnings (nor say it does)
+    python protocol_driver.py --refuse-unsupported  # answers every case "refused" with UnsupportedError at /peft_type
+    python protocol_driver.py --wrong-id-on ID  # answers the case with this id under another request id
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> int:
     parser.add_argument("--crash-on", default=None)
     parser.add_argument("--hang-on", default=None)
     parser.add_argument("--no-warnings", action="store_true")
+    parser.add_argument("--refuse-unsupported", action="store_true")
+    parser.add_argument("--wrong-id-on", default=None)
     args = parser.parse_args()
     impl = TransposedB() if args.transpose_b else ReferenceImplementation()
     cases: dict[str, Any] = {}
@@ -68,6 +72,13 @@ def main() -> int:
                 return 3
             if cid is not None and cid == args.hang_on:
                 time.sleep(3600)
+            if cid is not None and cid == args.wrong_id_on:
+                reply["id"] = request["id"] + 100
+            if args.refuse_unsupported:
+                reply |= {"status": "refused", "error": "UnsupportedError", "key": None, "pointer": "/peft_type",
+                          "message": "not implemented here"}
+                print(json.dumps(reply), flush=True)
+                continue
             caught: list[warnings.WarningMessage] = []
             try:
                 with warnings.catch_warnings(record=True) as caught:

@@ -56,6 +56,30 @@ def test_a_hanging_driver_times_out(corpus: Corpus) -> None:
     assert "no reply to run_numeric within 3s" in report.results[0].message
 
 
+#: Cases where UnsupportedError is wrong (a folder to refuse otherwise, a config, a valid folder) and one that
+#: expects it (README section 2: "there, and only there" it is judged as a refusal).
+UNSUPPORTED_ERROR_CASES = ["^folder/missing-tensor$", "^schema/config-is-a-list$", "^folder/lora-peft-written$",
+                           "^folder/hra-not-portable$"]
+
+
+def test_a_refused_unsupported_error_reply_is_unsupported_where_the_case_does_not_expect_it(corpus: Corpus) -> None:
+    report = run_suite(_driver("--refuse-unsupported"), corpus, include=UNSUPPORTED_ERROR_CASES)
+    status = {r.name: r.status for r in report.results}
+    assert status == {"folder/missing-tensor": Status.UNSUPPORTED, "schema/config-is-a-list": Status.UNSUPPORTED,
+                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/hra-not-portable": Status.PASSED}
+    assert all(r.message == "not implemented here" for r in report.results if r.status is Status.UNSUPPORTED)
+
+
+def test_a_reply_with_another_id_fails_its_case_naming_the_ids(corpus: Corpus) -> None:
+    report = run_suite(_driver("--wrong-id-on", "lora-linear-f32", timeout=20.0), corpus,
+                       include=["^numeric/lora-linear-(f32|f16)$"])
+    status = {r.name: r.status for r in report.results}
+    assert status == {"numeric/lora-linear-f32": Status.FAILED, "numeric/lora-linear-f16": Status.PASSED}
+    message = report.results[0].message
+    assert "no reply" not in message
+    assert "the driver replied to run_numeric (request id 2) with id 102" in message, message
+
+
 def test_outputs_travel_inline_or_as_a_file(tmp_path: Path) -> None:
     from adapterspec.conformance import _io
 

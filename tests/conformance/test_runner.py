@@ -73,6 +73,31 @@ def test_unsupported_is_never_passed(corpus: Corpus) -> None:
     assert all(r.message.startswith("no ") for r in report.results if r.status is Status.UNSUPPORTED)
 
 
+class RefusesUnsupported:
+    """Refuses every config and folder with ``Refused("UnsupportedError")`` naming /peft_type (README section 2)."""
+
+    name = "refuses-unsupported"
+
+    def supports(self, case: Any) -> bool | str:
+        return True
+
+    def validate_config(self, config: Any) -> None:
+        raise Refused("UnsupportedError", pointer="/peft_type", message="not implemented here")
+
+    def load_folder(self, case: Any, path: Path) -> None:
+        self.validate_config(None)
+
+
+def test_refused_with_unsupported_error_is_unsupported_where_the_case_does_not_expect_it(corpus: Corpus) -> None:
+    include = ["^folder/missing-tensor$", "^schema/config-is-a-list$", "^folder/lora-peft-written$",
+               "^folder/hra-not-portable$"]
+    report = run_suite(RefusesUnsupported(), corpus, include=include)
+    status = {r.name: r.status for r in report.results}
+    assert status == {"folder/missing-tensor": Status.UNSUPPORTED, "schema/config-is-a-list": Status.UNSUPPORTED,
+                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/hra-not-portable": Status.PASSED}
+    assert all(r.message == "not implemented here" for r in report.results if r.status is Status.UNSUPPORTED)
+
+
 class WrongErrors(ReferenceImplementation):
     """Refuses everything it should, but with the wrong class, or without naming the key."""
 

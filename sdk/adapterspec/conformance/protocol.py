@@ -201,8 +201,11 @@ class ProcessImplementation:
             if not isinstance(reply, dict):
                 self._kill()
                 raise DriverError(f"the driver wrote a line that is not a JSON object: {line[:200]!r}")
-            if reply.get("id") == message["id"]:
-                return reply
+            if reply.get("id") != message["id"]:  # a reply carries its request's id; requests go one at a time
+                self._kill()
+                raise DriverError(f"the driver replied to {message['op']} (request id {message['id']}) with id "
+                                  f"{reply.get('id')!r}: a reply carries the id of the request it answers")
+            return reply
 
     def begin(self, corpus: Corpus) -> None:
         """Called by the runner before the first case: the driver starts (and gets the corpus path) on first use."""

@@ -216,17 +216,19 @@ def _check_refusal(impl: Any, refusal: Refusal, error: str | None, key: str | li
 def _outcome(fn: Any, *args: Any, expected: str | None = None) -> tuple[Any, Refusal | None]:
     """Run an implementation call: (its result, None) or (None, the refusal it raised).
 
-    An ``UnsupportedError`` means the implementation does not claim the case -- unless the case expects one
-    (a method the spec recognises but does not define: refusing it is the right answer).
+    An ``UnsupportedError`` -- raised, or a :class:`Refused` / protocol reply ``refused`` with that error -- means
+    the implementation does not claim the case, unless the case expects one (a method the spec recognises but does
+    not define: refusing it is the right answer). README section 2.
     """
     try:
         return fn(*args), None
     except (Unsupported, NotImplementedError, CaseFailed):
         raise
     except Exception as exc:  # noqa: BLE001 - any exception from the implementation is its refusal
-        if type(exc).__name__ == "UnsupportedError" and expected != "UnsupportedError":
-            raise Unsupported(str(exc)) from exc
-        return None, Refusal.from_exception(exc)
+        refusal = Refusal.from_exception(exc)
+        if refusal.error == "UnsupportedError" and expected != "UnsupportedError":
+            raise Unsupported(refusal.message or str(exc)) from exc
+        return None, refusal
 
 
 def _schema(impl: Any, case: SchemaCase, hierarchy: Mapping[str, str | None], workdir: Path) -> str:
