@@ -450,8 +450,7 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
         _refuse_dangling(folder, config_file)
         raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
             folder, "pass the adapter's own folder (use subfolder= for one of several)"))
-    config_file = _inside(folder, config_file)
-    config_fh = snapshot.open(CONFIG_NAME, config_file)
+    config_fh = snapshot.open(CONFIG_NAME, _inside(folder, config_file))  # named as given (a relative path stays so)
     weights = folder / SAFETENSORS_NAME
     if not _access.exists(weights):
         config = _read_config(config_file, config_fh, strict=strict)

@@ -146,3 +146,67 @@ def test_every_report_member_is_documented() -> None:
     members = set(schema["properties"]) | {m for d in schema["$defs"].values() for m in d["properties"]}
     missing = sorted(m for m in members if f"`{m}`" not in docs and f"`{m}[]`" not in docs)
     assert missing == []
+
+
+# -- docs/cli.md shows what the command prints: its examples are run here and compared -------------------------
+
+def _doc_block(heading: str, language: str = "") -> str:
+    """The first fenced block (```language) under ``heading`` in docs/cli.md."""
+    section = (REPO / "docs" / "cli.md").read_text("utf-8").split(heading, 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def _documented_folders(root: Path) -> None:
+    """The files the examples name, in ``root``: ``bad.json`` and ``configs/bad.json`` (r 0, lora_alpha '16'),
+    ``my-lora`` (a written LoRA adapter of 56 tensors) and ``warn/my-lora`` (a config field unknown to the spec)."""
+    (root / "configs").mkdir(parents=True)
+    for name in ("bad.json", "configs/bad.json"):
+        (root / name).write_text(BAD)
+    tensors = {}
+    for layer in range(28):
+        tensors[f"base_model.model.layers.{layer}.q.lora_A.weight"] = np.arange(8, dtype=np.float32).reshape(2, 4) + layer
+        tensors[f"base_model.model.layers.{layer}.q.lora_B.weight"] = np.arange(6, dtype=np.float32).reshape(3, 2) - layer
+    adapterspec.write_adapter(root / "my-lora", {"peft_type": "LORA", "target_modules": ["q"], "r": 2,
+                                                 "lora_alpha": 4}, tensors)
+    lora_folder(root / "warn" / "my-lora", use_future_thing=True)
+
+
+def test_the_documented_text_output_is_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _documented_folders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, "my-lora", "bad.json")
+    assert code == 1 and out == _doc_block("## `--format text` (default)")
+
+
+def test_the_documented_github_annotations_are_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _documented_folders(tmp_path)
+    monkeypatch.chdir(tmp_path / "warn")
+    (tmp_path / "warn" / "configs").mkdir()
+    (tmp_path / "warn" / "configs" / "bad.json").write_text(BAD)
+    _, out = run(capsys, "--format", "github", "configs/bad.json", "my-lora")
+    documented = _doc_block("## `--format github`").splitlines()
+    assert documented and set(documented) <= set(out.splitlines()), out
+
+
+def test_the_documented_json_report_is_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _documented_folders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    documented = json.loads(_doc_block("## `--format json`", "json"))
+    jsonschema.validate(documented, load_schema("validate_report"), cls=jsonschema.Draft202012Validator)
+    data = report(capsys, "bad.json")
+    assert {k: documented[k] for k in ("report_version", "adapterspec_version", "spec_version", "valid")} == {
+        "report_version": REPORT_VERSION, "adapterspec_version": adapterspec.__version__,
+        "spec_version": SPEC_VERSION, "valid": False}
+    assert data["results"][0]["errors"][0] == documented["results"][0]["errors"][0]
+    assert data["results"][0]["target"] == documented["results"][0]["target"]
+
+
+def test_the_documented_version_line_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    docs = (REPO / "docs" / "cli.md").read_text("utf-8")
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    printed = capsys.readouterr().out.strip()
+    assert f"spec version: `{printed}`." in docs, printed
