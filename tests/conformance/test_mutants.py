@@ -43,3 +43,11 @@ def test_readme_lists_every_mutant() -> None:
     text = README.read_text("utf-8")
     listed = set(re.findall(r"^\| [\d.]+ \| .* \| `([a-z0-9-]+)` \|", text, re.M))
     assert listed == {m.id for m in MUTANTS}
+
+
+def test_readmes_state_the_measured_mutant_count() -> None:
+    """Both READMEs give the figure test_mutant_is_killed measures: every live mutant killed."""
+    live, equivalent = len(LIVE), len(MUTANTS) - len(LIVE)
+    assert f"{live} of {live} mutants killed (100%); {equivalent} equivalent." in README.read_text("utf-8")
+    top = (README.parents[1] / "README.md").read_text("utf-8")
+    assert re.findall(r"\((\d+ of \d+) killed", top) == [f"{live} of {live}"]
