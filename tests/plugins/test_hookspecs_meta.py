@@ -440,3 +440,25 @@ def test_an_entry_point_plugin_is_named_with_its_distribution() -> None:
 
     assert re.fullmatch(r"plugin 'torch' \(entry point adapterspec:torch = adapterspec_torch\.plugin, "
                         r"from adapterspec \S+\)", describe_plugin("torch")), describe_plugin("torch")
+
+
+def test_every_adapter_attribute_the_contract_names_exists(lora_folder: Path) -> None:
+    """docs/plugins.md and the hookspecs name the ``Adapter`` attributes a backend uses: each exists."""
+    adapter = adapterspec.read_adapter(lora_folder)
+    text = DOCS.read_text("utf-8") + inspect.getsource(hookspecs)
+    named = set(re.findall(r"\b[aA]dapter\.([a-z_]+)\b", text))
+    assert named and sorted(n for n in named if not hasattr(adapter, n)) == []
+
+
+@pytest.mark.parametrize("framework", ["tf", "flax"])
+def test_load_tensors_gives_every_framework_for_a_folder_and_in_memory(lora_folder: Path, framework: str) -> None:
+    """docs/plugins.md 'Reading tensors': "tf" and "flax" work for an adapter read from a folder and for one built in
+    memory (extract_adapter's result), with the same values as "numpy"."""
+    pytest.importorskip("tensorflow" if framework == "tf" else "jax")
+    read = adapterspec.read_adapter(lora_folder)
+    built = adapterspec.Adapter.from_tensors(read.config, read.load_tensors("numpy"))
+    for adapter in (read, built):
+        tensors = adapter.load_tensors(framework)
+        assert sorted(tensors) == sorted(read.tensors)
+        for key, value in read.load_tensors("numpy").items():
+            np.testing.assert_array_equal(np.asarray(tensors[key]), value)
