@@ -378,3 +378,26 @@ def test_pattern_matching_rule_is_peft_rule():
         ours = next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), name)
         assert get_pattern_key(keys, name) == ours
     assert peft.__version__
+
+
+@pytest.mark.parametrize("path", [CONFIG_SCHEMA_PATH, MANIFEST_SCHEMA_PATH], ids=lambda p: p.name)
+def test_a_version_writers_must_write_is_the_spec_version(path: Path) -> None:
+    """A schema description that says what version writers MUST write says SPEC.md 2.2's (this spec's version)."""
+    from adapterspec.spec import SPEC_VERSION
+
+    descriptions: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            descriptions.extend(v for k, v in node.items() if k == "description" and isinstance(v, str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(path.read_text("utf-8")))
+    written = [re.findall(r'MUST write "(\d+\.\d+)"', d) for d in descriptions]
+    assert [v for found in written for v in found if v != SPEC_VERSION] == []
+    if path == MANIFEST_SCHEMA_PATH:
+        assert [v for found in written for v in found] == [SPEC_VERSION]
