@@ -228,7 +228,7 @@ def refuse_containers(matches: Callable[[str], bool], paths: Iterable[str], meth
 
     >>> refuse_containers(lambda p: p.endswith("attn"), ["layers.0.attn.q"], "LORA")
     Traceback (most recent call last):
-    adapterspec.errors.UnsupportedError: layers.0.attn: ...
+    adapterspec.errors.UnsupportedError: /target_modules: target_modules selects 'layers.0.attn', a module that ... (fix: ...)
     """
     for path in containers(paths):
         if matches(path):

@@ -31,8 +31,8 @@ def error_locations(config: Any, schema: str = "adapter_config") -> list[str]:
 
     :param schema: ``"adapter_config"`` or ``"manifest"``.
 
-    >>> error_locations({"peft_type": "LORA", "layers_to_transform": [-1]})
-    ['/layers_to_transform', '/layers_to_transform/0']
+    >>> error_locations({"peft_type": "LORA", "r": 0, "layers_to_transform": [-1]})
+    ['/layers_to_transform/0', '/r']
     >>> error_locations({"peft_type": "LORA"})
     []
     """
