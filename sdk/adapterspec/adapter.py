@@ -402,6 +402,20 @@ def _plain(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> bool:
                for key, info in tensors.items())
 
 
+def _not_a_folder(path: Path) -> FileFormatError:
+    """The refusal of a path that is no folder: a file (a config file alone, say) or nothing at all."""
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if is_file:
+        return FileFormatError("a file, not an adapter folder", path=path,
+                               hint=f"pass the folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}; check a config "
+                                    "file alone with validate_config or 'adapterspec validate'")
+    return FileFormatError("no such adapter folder", path=path,
+                           hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+
+
 def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: bool | Callable[[int], Any] = False,
           check_tensors: bool = True, verify: bool = False, hold: bool = False) -> tuple[Adapter, list[AdapterSpecError]]:
     """Read the folder's config and weights as one snapshot (both from one save, whatever another process
@@ -411,8 +425,7 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     if folder.name == CONFIG_NAME and _access.is_file(folder):
         folder = folder.parent
     if not _access.is_dir(folder):  # a refused look-up says so (no permission), naming the folder that refuses
-        raise FileFormatError("no such adapter folder", path=folder,
-                              hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+        raise _not_a_folder(folder)
     read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
                              verify=verify, hold=hold)
     adapter = _snapshot.read_consistently(folder, read, watch=(CONFIG_NAME, SAFETENSORS_NAME),

@@ -317,8 +317,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def inspect_adapter(target: str, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """What ``adapterspec inspect`` prints, as a dict (method, ranks, targets, counts, size, dtypes, base model)."""
-    adapter = read_adapter(_local(target), allow_pickle=allow_pickle)
+    """What ``adapterspec inspect`` prints, as a dict (method, ranks, targets, counts, size, dtypes, base model).
+
+    ``target`` is an adapter folder, a file of one (``adapter_config.json``, ``adapter_model.safetensors``,
+    ``adapter_model.bin``: it stands for its folder, as for ``validate``) or ``hf://org/name``.
+
+    :raises FileFormatError: ``target`` is another file (a config file alone: ``validate`` checks those).
+    """
+    path = _local(target)
+    if _is_file(path):
+        if path.name not in FOLDER_FILES - {MANIFEST_NAME}:
+            raise FileFormatError("a file, not an adapter folder", path=path, hint=INSPECT_TAKES)
+        path = path.parent
+    adapter = read_adapter(path, allow_pickle=allow_pickle)
     cfg = adapter.config
     modules = sorted({n.module for n in (parse_key(k, cfg.peft_type, cfg) for k in adapter.tensors) if n.role == "adapter"})
     info: dict[str, Any] = {
@@ -343,11 +354,26 @@ def inspect_adapter(target: str, *, allow_pickle: bool = False) -> dict[str, Any
     return info
 
 
+#: What ``adapterspec inspect`` takes, for its refusal of anything else.
+INSPECT_TAKES = (f"inspect takes an adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME}) or hf://org/name; "
+                 "check a config file alone with 'adapterspec validate'")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         info = inspect_adapter(args.path, allow_pickle=args.allow_pickle)
     except AdapterSpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if args.format == "json":  # the error as JSON on stdout, as validate's report gives it
+            print(json.dumps({"target": args.path, "ok": False, "error": _error(exc)}, indent=2))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.format == "json":
         print(json.dumps(info, indent=2))

@@ -210,3 +210,62 @@ def test_the_documented_version_line_is_printed(capsys: pytest.CaptureFixture[st
         main(["--version"])
     printed = capsys.readouterr().out.strip()
     assert f"spec version: `{printed}`." in docs, printed
+
+
+# -- adapterspec inspect: an error in the format asked for, and a file said to be a file ------------------------
+
+def test_inspect_json_reports_an_error_as_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nonexistent"
+    assert main(["inspect", "--format", "json", str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    data = json.loads(captured.out)
+    assert data == {"target": str(missing), "ok": False, "error": {
+        "type": "FileFormatError", "message": f"{missing}: no such adapter folder (fix: pass a folder holding "
+                                              "adapter_config.json and adapter_model.safetensors)",
+        "pointer": None, "key": None, "file": str(missing),
+        "hint": "pass a folder holding adapter_config.json and adapter_model.safetensors"}}
+
+
+def test_inspect_json_reports_a_config_error_at_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = lora_folder(tmp_path / "a")
+    (folder / "adapter_config.json").write_text(BAD)
+    assert main(["inspect", "--format", "json", str(folder)]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["type"], error["pointer"], error["line"], error["col"]) == ("ConfigError", "/r", 4, 3)
+
+
+def test_inspect_of_a_file_says_it_is_a_file_and_what_inspect_takes(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "bad.json").write_text(BAD)
+    assert main(["inspect", str(tmp_path / "configs" / "bad.json")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path}/configs/bad.json: a file, not an adapter folder (fix: inspect takes an adapter folder "
+        "(holding adapter_config.json and adapter_model.safetensors) or hf://org/name; check a config file alone "
+        "with 'adapterspec validate')\n")
+
+
+def test_inspect_of_a_file_of_an_adapter_folder_inspects_the_folder(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    folder = lora_folder(tmp_path / "a")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert main(["inspect", "--format", "json", str(folder / name)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["path"], info["tensors"], info["parameters"]) == (str(folder), 2, 8 + 6)
+
+
+def test_the_documented_inspect_error_is_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _documented_folders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    documented = json.loads(_doc_block("## `adapterspec inspect`", "json"))
+    assert main(["inspect", "--format", "json", "configs/bad.json"]) == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in printed.items() if k != "error"} == {k: v for k, v in documented.items() if k != "error"}
+    for member, value in documented["error"].items():
+        if isinstance(value, str) and "..." in value:  # the doc cuts a long text short
+            head, tail = value.split("...", 1)
+            assert printed["error"][member].startswith(head) and printed["error"][member].endswith(tail), member
+        else:
+            assert printed["error"][member] == value, member

@@ -503,3 +503,14 @@ def test_a_malformed_save_id_is_a_config_error(tmp_path: Path, value: object) ->
     with pytest.raises(adapterspec.ConfigError) as caught:
         adapterspec.list_adapters(root)
     assert caught.value.pointer == "/adapters/fr/save_id"
+
+
+def test_reading_a_file_that_is_no_adapter_folder_says_it_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(adapterspec.FileFormatError) as info:
+        adapterspec.read_adapter(tmp_path / "bad.json")
+    assert str(info.value) == (f"{tmp_path}/bad.json: a file, not an adapter folder (fix: pass the folder holding "
+                               "adapter_config.json and adapter_model.safetensors; check a config file alone with "
+                               "validate_config or 'adapterspec validate')")
+    with pytest.raises(adapterspec.FileFormatError, match="no such adapter folder"):
+        adapterspec.read_adapter(tmp_path / "nonexistent")
