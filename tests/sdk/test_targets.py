@@ -36,7 +36,7 @@ def spec_is_targeted(config: dict[str, Any], name: str) -> bool:
         return True
     if not any(name.endswith("." + t) for t in targets):
         return False
-    layers = config.get("layers_to_transform")
+    layers = None if config.get("peft_type") == "IA3" else config.get("layers_to_transform")
     if layers is None or layers == []:
         return True
     pattern = config.get("layers_pattern")
@@ -182,3 +182,40 @@ def test_layers_to_transform_written_as_integral_floats(layers: object, matched:
     config = adapterspec.AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"],
                                                   "layers_to_transform": layers})
     assert [i for i in range(4) if config.matches(f"model.layers.{i}.q")] == matched
+
+
+def _spec_is_targeted() -> Any:
+    """SPEC.md 4.3's ``is_targeted``, executed from the spec's own code block."""
+    from pathlib import Path
+
+    spec = (Path(__file__).resolve().parents[2] / "spec" / "v1" / "SPEC.md").read_text("utf-8")
+    code = spec.split("### 4.3 ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "SPEC.md 4.3", "exec"), namespace)  # noqa: S102 - our own spec
+    return namespace["is_targeted"]
+
+
+@pytest.mark.parametrize("method", ["LORA", "IA3", "LOHA", "LOKR"])
+def test_the_spec_code_selects_what_peft_selects_for_each_method(method: str) -> None:
+    """layers_to_transform restricts LoRA, LoHa and LoKr to its layers; IA3's PEFT config has no such field (it is
+    dropped as unknown, SPEC 2.5), so IA3 adapts every layer -- SPEC 4.3's code applied it to IA3 too."""
+    import warnings
+
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    data: dict[str, Any] = {"peft_type": method, "target_modules": ["q", "k"], "layers_to_transform": [1],
+                            "layers_pattern": "layers"}
+    if method == "IA3":
+        data["feedforward_modules"] = ["k"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT and the SDK warn of IA3's unknown field
+        peft_config = PeftConfig.from_peft_type(**data)
+        config = adapterspec.AdapterConfig.from_dict(data)
+    is_targeted = _spec_is_targeted()
+    names = [f"model.layers.{i}.{m}" for i in (0, 1, 2) for m in ("q", "k", "v")]
+    peft_selects = [n for n in names if check_target_module_exists(peft_config, n)]
+    assert [n for n in names if is_targeted(data, n)] == peft_selects
+    assert [n for n in names if config.matches(n)] == peft_selects
+    assert peft_selects == ([f"model.layers.{i}.{m}" for i in (0, 1, 2) for m in ("q", "k")] if method == "IA3"
+                            else ["model.layers.1.q", "model.layers.1.k"])
