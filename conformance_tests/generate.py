@@ -1338,8 +1338,10 @@ def _error_pointers(config: Any, reported: str | None) -> list[str]:
 #: What an implementation may claim (``--profile``); every case is in ``full``.
 PROFILES = {
     "core": "LoRA (without DoRA) and IA3 on Linear and Embedding layers, in float32, float16 and bfloat16, and "
-            "their round trips; every schema case; every folder rule (integrity, versions, names, manifests, "
-            "refusals, methods the spec does not define) on LoRA/IA3 folders",
+            "their round trips -- LoRA's init_lora_weights 'pissa' and 'olora' included (the reader rebuilds "
+            "PEFT's residual base: an SVD / a QR of each adapted weight, SPEC 8.1); every schema case; every folder "
+            "rule (integrity, versions, names, manifests, refusals, methods the spec does not define) on LoRA/IA3 "
+            "folders",
     "full": "every case: core plus DoRA, LoHa, LoKr, prefix and prompt tuning, Conv1d/Conv2d and GPT-2 Conv1D "
             "layers",
 }

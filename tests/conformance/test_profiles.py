@@ -140,3 +140,17 @@ def test_check_knows_profiles(corpus: Corpus, tmp_path: Path) -> None:
     del meta["profiles"]
     (root / "corpus.json").write_text(json.dumps(meta))
     assert any(p.startswith("corpus.json") and "'profiles' is a required property" in p for p in check_corpus(root))
+
+
+def test_the_core_description_names_the_initialisations_core_computes(corpus: Corpus) -> None:
+    """Core holds LoRA adapters whose init_lora_weights makes the reader rebuild PEFT's residual base (an SVD or a
+    QR of each adapted weight, SPEC 8.1): corpus.json's and the README's descriptions of core say so, since a
+    reader claiming core must compute them (an implementation reading 'LoRA on Linear' did not expect it)."""
+    inits = sorted({init for c in corpus.in_profile("core") if isinstance(c, NumericCase) and "init" in c.tags
+                    for init in ("pissa", "olora") if f"-{init}" in c.id})
+    assert inits == ["olora", "pissa"]
+    readme = (Path(__file__).resolve().parents[2] / "conformance_tests" / "README.md").read_text("utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `core` |")]
+    for description in (corpus.profiles["core"], row):
+        assert "init_lora_weights" in description and all(f"'{i}'" in description or f"`{i}`" in description
+                                                           for i in inits), description
