@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from . import _access
+from ._dispatch import call_hook, check_result, unanswered
 from ._lora_init import init_refusals, init_warnings
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
@@ -45,7 +46,6 @@ from .folder import hashing_ahead, list_adapters, read_set, write_adapter, write
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
-from ._dispatch import call_hook, check_result, unanswered
 from .plugins import DISABLE_ENV, broken_plugins, plugin_names
 from .spec import METADATA_SAVE_ID
 
@@ -145,7 +145,6 @@ def backend_name(model: Any) -> str:
             raise BackendError(
                 f"no adapterspec backend handles {what} objects (backends: {', '.join(plugin_names()) or 'none'}); "
                 f"{len(broken)} installed plugin(s) failed to load and may be the one: " + "; ".join(broken.values()),
-                key=sorted(broken)[0],
                 hint="install what the plugin needs (or reinstall it), or set "
                      f"{DISABLE_ENV}={','.join(sorted(broken))} to leave it out")
         found = [f for f in _FRAMEWORKS if importlib.util.find_spec(f) is not None]

@@ -19,6 +19,10 @@ Names used throughout:
 * *spec layout* -- tensors in the orientation SPEC.md fixes (PEFT/torch: ``lora_A`` is ``[r, in]``);
   a backend whose kernels are ``[in, out]`` transposes when loading and when extracting.
 
+A hook raises :mod:`adapterspec.errors` only and returns what its specification says: any other exception
+escaping it, or a result of another type, reaches the user as a :class:`~adapterspec.errors.BackendError` naming
+the plugin and the hook (:mod:`adapterspec._dispatch`).
+
 The hooks must be transactional: one that raises leaves the model exactly as it was.
 :func:`adapterspec.load_adapter` relies on that and on :func:`adapterspec_delete` to roll back an
 injection whose state failed to load.

@@ -100,7 +100,7 @@ def test_a_plugin_that_fails_to_import_is_skipped_with_a_warning(tmp_path: Path)
 def test_a_model_no_backend_claims_names_the_plugin_that_failed(tmp_path: Path) -> None:
     out = _probe(_sites(tmp_path))
     unclaimed = out["unclaimed"]
-    assert isinstance(unclaimed, str) and unclaimed.startswith("BackendError: badplug: no adapterspec backend handles "
+    assert isinstance(unclaimed, str) and unclaimed.startswith("BackendError: no adapterspec backend handles "
                                                                "builtins.object objects")
     for part in ("'badplug'", "adapterspec-bad", "ModuleNotFoundError: No module named 'nonexistent_framework_xyz'",
                  "ADAPTERSPEC_DISABLE_PLUGINS=badplug"):
