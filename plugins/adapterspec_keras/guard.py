@@ -8,6 +8,16 @@ model, without the adapter and without a warning. Every other way Keras saves (`
 too: a restore gave an untrained adapter (with ``BackupAndRestore``, beside the restored optimizer state).
 All of them call ``save_own_variables`` of every layer they save, so that method and ``save`` are shadowed on
 the instance by ones raising a typed error that says what to do; the shadows are removed with the last adapter.
+That shadow fires inside Keras' writer, after it has opened the file: a good ``model.weights.h5`` was left truncated
+and unloadable (``BackupAndRestore``'s last good backup destroyed). So the three functions that open a file to write a
+model (:data:`_FILES`; Keras' saving API and ``Model.save``/``save_weights`` call them by module attribute) refuse
+first, while the model or a layer inside it holds adapters, and the file is left as it was.
+
+Loading weights into a model whose adapter is merged replaced the merged kernel (base + delta) with the file's base,
+and the next unmerge subtracted the delta from it: the base stayed off by the delta, after ``unload`` too. The two
+functions that read a file's weights into a model (``load_weights``, ``keras.saving.load_weights``,
+``BackupAndRestore``'s restore) refuse before reading while an adapter inside is merged, or holds other values in the
+model's variables (:func:`~adapterspec_keras.switch.check_base_loadable`).
 
 Other whole-model operations go around the layers' ``call`` and would drop the adapter silently, so they refuse
 while any layer of the model holds one (:func:`holds_adapters`; Keras' and keras-hub's methods are wrapped once, at
@@ -29,8 +39,9 @@ adapterspec.errors.UnsupportedError: Keras is saving the variables of a model wi
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from adapterspec.errors import UnsupportedError
@@ -40,8 +51,8 @@ __all__ = ["guard_save", "holds_adapters", "unguard_save", "wrap_once"]
 
 def _refuse_save(*args: Any, **kwargs: Any) -> None:
     raise UnsupportedError(
-        "model.save() on a Keras model with adapterspec adapters writes a model that keras.saving.load_model "
-        "rebuilds without them (the base model alone, no warning)",
+        "model.save() / keras.saving.save_model on a Keras model with adapterspec adapters (or a model holding one) "
+        "writes a model that keras.saving.load_model rebuilds without them (the base model alone, no warning)",
         hint="save the adapter with adapterspec.save_adapter(model, folder) and the base as it came "
              "(its preset); for a merged model, adapterspec.unload(model, merge=True) first, then model.save()")
 
@@ -108,15 +119,19 @@ _WRAPPED = {
 }
 
 
-def holds_adapters(model: Any) -> bool:
+def holds_adapters(model: Any, *, skip: Collection[int] = ()) -> bool:
     """Whether ``model`` or a layer inside it holds adapterspec adapters (its saving is shadowed).
+
+    :param skip: ids of layers to leave out (Keras' ``objects_to_skip``: keras-hub's ``save_task_weights`` skips the
+        backbone's layers).
 
     >>> import keras
     >>> holds_adapters(keras.Sequential([keras.layers.Dense(2)]))
     False
     """
     layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
-    return any(layer.__dict__.get("save_own_variables") is _refuse_save_variables for layer in layers)
+    return any(layer.__dict__.get("save_own_variables") is _refuse_save_variables and id(layer) not in skip
+               for layer in layers)
 
 
 def wrap_once(module_name: str, class_path: str, name: str, wrap: Callable[[Any], Any]) -> None:
@@ -157,10 +172,75 @@ def _refusing(refuse: Callable[[], None]) -> Callable[[Any], Any]:
     return wrap
 
 
+def _check_save(model: Any, skip: Collection[int]) -> None:
+    if holds_adapters(model, skip=skip):
+        _refuse_save()
+
+
+def _check_save_weights(model: Any, skip: Collection[int]) -> None:
+    if holds_adapters(model, skip=skip):
+        _refuse_save_variables()
+
+
+def _check_load(model: Any, skip: Collection[int]) -> None:
+    from .switch import check_base_loadable  # switch imports this module
+
+    check_base_loadable(model, skip=skip)
+
+
+#: (module, module attribute, function) -> the check run before it: the functions of Keras 3 that open a file to
+#: write a model (each takes it as ``model``; ``keras.saving.save_model``/``save_weights``, ``Model.save``/
+#: ``save_weights`` and the callbacks reach them by module attribute, so wrapping them covers every caller), and
+#: those that read a file's weights into one (``load_weights`` of ``.keras``/``.weights.h5``/``.weights.json``, and
+#: of legacy ``.h5`` by order or by name; that file is opened to read, nothing written).
+_FILES: dict[tuple[str, str, str], Callable[[Any, Collection[int]], None]] = {
+    ("keras.src.saving", "saving_lib", "save_model"): _check_save,  # .keras zip, folder, hf://, file object
+    ("keras.src.legacy.saving", "legacy_h5_format", "save_model_to_hdf5"): _check_save,  # .h5
+    ("keras.src.saving", "saving_lib", "save_weights_only"): _check_save_weights,  # .weights.h5, .weights.json
+    ("keras.src.saving", "saving_lib", "load_weights_only"): _check_load,
+    ("keras.src.legacy.saving", "legacy_h5_format", "load_weights_from_hdf5_group"): _check_load,
+    ("keras.src.legacy.saving", "legacy_h5_format", "load_weights_from_hdf5_group_by_name"): _check_load,
+}
+
+
+def _checked_first(check: Callable[[Any, Collection[int]], None]) -> Callable[[Any], Any]:
+    """Wrap a Keras function taking ``model`` (and maybe ``objects_to_skip``) so that ``check`` runs before it."""
+    def wrap(original: Any) -> Any:
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def function(*args: Any, **kwargs: Any) -> Any:
+            try:
+                arguments = signature.bind(*args, **kwargs).arguments
+            except TypeError:  # Keras' own error for the call
+                return original(*args, **kwargs)
+            model = arguments.get("model")
+            if hasattr(model, "_flatten_layers"):
+                check(model, _skipped(arguments.get("objects_to_skip")))
+            return original(*args, **kwargs)
+
+        return function
+
+    return wrap
+
+
+def _skipped(objects: Any) -> set[int]:
+    """The ids of the layers Keras leaves out with ``objects_to_skip`` (it does not enter a skipped layer)."""
+    out: set[int] = set()
+    for obj in objects or ():
+        out.add(id(obj))
+        if hasattr(obj, "_flatten_layers"):
+            out.update(id(layer) for layer in obj._flatten_layers(include_self=False, recursive=True))
+    return out
+
+
 def _guard_classes() -> None:
-    """Wrap the whole-model operations of :data:`_WRAPPED` (once per class and method; cheap after the first)."""
+    """Wrap the whole-model operations of :data:`_WRAPPED` and the file writers and readers of :data:`_FILES` (once
+    per class or module and function; cheap after the first)."""
     for (module_name, class_name, name), refuse in _WRAPPED.items():
         wrap_once(module_name, class_name, name, _refusing(refuse))
+    for (module_name, attribute, name), check in _FILES.items():
+        wrap_once(module_name, attribute, name, _checked_first(check))
 
 
 def guard_save(model: Any, *, names: tuple[str, ...] = ("save", "save_own_variables")) -> None:

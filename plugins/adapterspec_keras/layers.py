@@ -715,6 +715,11 @@ class AdapterLayer:
         """The adapters whose deltas are in the base weights now, in merge order."""
         return list(self._merged)
 
+    def in_variables(self) -> list[str]:
+        """The adapters whose values are in the base variables now: merged ones, and those whose file gave the
+        module's base weight (:meth:`replace_base_weight`); a load of the variables would overwrite them."""
+        return [*self._merged, *(n for n in self._slots if n in self._base_saved and n not in self._merged)]
+
     def runs(self, piece: Piece | None = None) -> bool:
         """Whether any adapter takes part in the forward pass (active and not merged)."""
         return any(n not in self._merged for n in self._active)

@@ -389,6 +389,10 @@ class ModulesToSaveLayer:
         """The adapter whose copy was running when merged, if any."""
         return [self._merged] if self._merged is not None else []
 
+    def in_variables(self) -> list[str]:
+        """The adapter whose copy is in the module's variables now (running), if any."""
+        return [self._running] if self._running is not None else []
+
     def runs(self, piece: Any = None) -> bool:
         """Never in a patched ``call``: the copy is in the variables."""
         return False

@@ -427,6 +427,10 @@ class ParameterLayer:
         """The adapters whose deltas are in the variables now, in merge order."""
         return list(self._merged)
 
+    def in_variables(self) -> list[str]:
+        """The adapters whose values are in the variables now: the merged ones."""
+        return list(self._merged)
+
     def runs(self, piece: Any = None) -> bool:
         """Never in a patched layer ``call`` of :mod:`~adapterspec_keras.inject`: the holder's own patch runs it."""
         return False

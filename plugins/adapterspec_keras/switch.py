@@ -26,11 +26,12 @@ import functools
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from adapterspec import AdapterConfig
+from adapterspec._merge import base_load_refusal
 from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
@@ -41,6 +42,7 @@ __all__ = [
     "ModelState",
     "active_adapters",
     "adapter_names",
+    "check_base_loadable",
     "check_optimizer",
     "delete",
     "get_state",
@@ -504,3 +506,42 @@ def unmerge(model: Any) -> None:
 
     unmerged_base(state)
     invalidate(model)
+
+
+def check_base_loadable(model: Any, *, loading: str = "load_weights", skip: Collection[int] = ()) -> None:
+    """Refuse to read a file's weights into ``model`` while an adapter's values are in the variables of a layer of it
+    (the model the adapters were loaded into, a model around it, or a part of it holding an adapted layer): a merged
+    adapter, a module's copy saved whole (running in the module's variables), a base weight or other tensor the
+    adapter's file replaced. The file cannot hold the adapter (Keras' saving refuses while one is loaded), so the load
+    would put the base where the adapter's values are. Keras' ``load_weights`` paths ask before they read anything
+    (:mod:`~adapterspec_keras.guard`). As torch's function of the same name, which refuses a merged adapter only.
+
+    :param skip: ids of layers the load leaves out (Keras' ``objects_to_skip``).
+    :raises UnsupportedError: naming the module and the adapter (SDK ``base_load_refusal``); nothing read.
+
+    >>> import keras
+    >>> check_base_loadable(keras.Sequential([keras.layers.Dense(2)]))
+    """
+    from .inject import _PATCHED_BY  # inject imports this module
+
+    for layer in [model, *model._flatten_layers(include_self=False, recursive=True)]:
+        state = get_state(layer) or getattr(layer.__dict__.get("call"), _PATCHED_BY, None)
+        found = _held_in_variables(state) if state is not None and id(layer) not in skip else None
+        if found is not None:
+            raise base_load_refusal(loading, found[0], found[1], merged=found[2])
+
+
+def _held_in_variables(state: ModelState) -> tuple[str, str, bool] | None:
+    """(module path or tensor key, adapter, merged) of the first place an adapter's values are in the model's own
+    variables (a merged one first), or ``None``."""
+    layers = list(state.adapter_layers.values())
+    merged = next((each for each in layers if each.merged), None)
+    if merged is not None:
+        return merged.site.path, merged.merged[0], True
+    held = next((each for each in layers if each.in_variables()), None)
+    if held is not None:
+        return held.site.path, held.in_variables()[0], False
+    for name, overrides in state.base_weights.items():
+        for override in overrides:  # (PiSSA's residual is saved under no key: its variable then)
+            return (override.keys[0] if override.keys else override.variable.path), name, False
+    return None

@@ -23,7 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["rounds_delta_first"]
+from .errors import UnsupportedError
+
+__all__ = ["base_load_refusal", "rounds_delta_first"]
 
 
 def rounds_delta_first(config: Mapping[str, Any], *, embedding: bool, unmerge: bool) -> bool:
@@ -42,3 +44,29 @@ def rounds_delta_first(config: Mapping[str, Any], *, embedding: bool, unmerge: b
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         return False
     return unmerge or embedding or config.get("init_lora_weights") == "mica"
+
+
+def base_load_refusal(loading: str, path: str, adapter: str, *, merged: bool = True) -> UnsupportedError:
+    """The refusal of reading a file's weights into a model while adapter ``adapter``'s values are in the weights of
+    its module ``path`` (both backends: Keras' ``load_weights``, torch's ``load_state_dict``). Merged, the load would
+    replace the merged weight (base + delta) with the file's, and the next unmerge would subtract the delta from it:
+    the base off by the whole delta, after ``unload`` too (PEFT does the same, silently). Otherwise (``merged=False``;
+    Keras, whose files never hold an adapter: a module's copy saved whole running in its variables, a base weight or
+    bias the adapter's file replaced) the load would overwrite the adapter's values while it stays listed, and its
+    delete would give back the weights from before the load.
+
+    >>> base_load_refusal("load_weights", "fc1", "default").key
+    'fc1'
+    """
+    if merged:
+        return UnsupportedError(
+            f"{loading} into a model whose module {path!r} holds the merged adapter {adapter!r}: the file's weights "
+            "would replace the merged ones (base + delta), and unmerging would then subtract the delta from them, "
+            "leaving the base off by the whole delta", key=path,
+            hint="unmerge first (adapterspec.unmerge_adapters(model)), load the weights, then merge again if needed")
+    return UnsupportedError(
+        f"{loading} into a model whose module {path!r} holds adapter {adapter!r}'s values in its own weights (a module "
+        "it saves whole, running, or a base weight its file replaced): the file's weights would overwrite them while "
+        "the adapter stays listed, and deleting the adapter would give back the weights from before the load", key=path,
+        hint="delete the adapter first (adapterspec.delete_adapter or unload), load the weights, then load the adapter "
+             "again")

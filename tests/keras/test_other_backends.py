@@ -59,6 +59,10 @@ SUBSET = [
     "tests/keras/test_devices.py::test_adapters_go_to_their_kernels_device_by_default",
     "tests/keras/test_multi_adapter.py::test_deleting_the_only_active_adapter_activates_the_first_left_as_peft",
     "tests/keras/test_multi_adapter.py::test_training_a_merged_adapter_is_refused",
+    # a refused save leaves the file there byte for byte; a load into a merged adapter refused before it reads
+    "tests/keras/test_training.py::test_a_refused_save_leaves_the_existing_file_as_it_was[save_weights]",
+    "tests/keras/test_training.py::test_a_refused_checkpoint_during_fit_keeps_the_last_good_one[BackupAndRestore]",
+    "tests/keras/test_training.py::test_loading_weights_into_a_merged_adapter_is_refused[load_weights]",
 ]
 
 #: Keras imported with the requested backend before pytest runs: the run cannot silently fall back to TensorFlow.

@@ -110,18 +110,162 @@ def test_model_save_refuses_while_adapters_are_in(checkpoints: Any, tmp_path: Pa
 def test_every_keras_save_refuses_while_adapters_are_in(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path,
                                                         where: str, save: Any) -> None:
     """Each of Keras' saving paths walks the layers' ``save_own_variables``: with an adapter in, the file held the
-    base alone (a restore gave the base, or an untrained adapter), now the save refuses, typed. (Keras has opened
-    its file by then: what it leaves is incomplete -- no weights of the adapted layers on -- and fails to load;
-    ``save_to_preset`` refuses before it writes any file of the preset folder.)"""
+    base alone (a restore gave the base, or an untrained adapter), now the save refuses, typed, before it opens a
+    file (Keras had opened it when ``save_own_variables`` refused: an incomplete file was left, which failed to load;
+    test_a_refused_save_leaves_the_existing_file_as_it_was)."""
     model = keras_model("llama", checkpoints["llama"])
     adapterspec.inject_adapter(model if where == "task" else model.backbone, LORA)
     with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
         save(model, tmp_path)
-    assert not (tmp_path / "preset").exists()
+    assert not list(tmp_path.iterdir())
     adapterspec.delete_adapter(model if where == "task" else model.backbone, "default")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     save(model, tmp_path)  # Keras' own saving is back with the last adapter gone
     assert {p for p in tmp_path.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns}
+
+
+def _dense_model() -> Any:
+    """A two-layer functional model (the probe's): every Keras saving path runs on it in well under a second."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(4, name="fc2")(keras.layers.Dense(8, name="fc1")(inputs)))
+
+
+def _around(model: Any) -> Any:
+    """A functional model calling ``model``."""
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, model(inputs))
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+_LORA_FC1 = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc1"], "init_lora_weights": False}
+
+
+@pytest.mark.parametrize("save", [
+    lambda m, outer, path: m.save_weights(path / "m.weights.h5"),
+    lambda m, outer, path: keras.saving.save_weights(m, path / "m.weights.h5"),
+    lambda m, outer, path: m.save_weights(path / "m.weights.json", max_shard_size=1),
+    lambda m, outer, path: keras.saving.save_model(m, path / "m.keras"),
+    lambda m, outer, path: keras.saving.save_model(m, path / "m_folder", zipped=False),
+    lambda m, outer, path: keras.saving.save_model(m, path / "m.h5"),  # legacy HDF5: written silently before
+    lambda m, outer, path: outer.save(path / "outer.keras"),  # a model around the adapted one
+    lambda m, outer, path: outer.save(path / "outer.h5"),
+    lambda m, outer, path: outer.save_weights(path / "outer.weights.h5"),
+], ids=["save_weights", "keras.saving.save_weights", "save_weights-sharded", "save_model", "save_model-folder",
+        "save_model-h5", "outer-save", "outer-save-h5", "outer-save_weights"])
+def test_a_refused_save_leaves_the_existing_file_as_it_was(save: Any, tmp_path: Path) -> None:
+    """Keras opened the file for writing before the adapted layers' ``save_own_variables`` refused: a good
+    ``model.weights.h5`` of 16344 bytes was left 6144 bytes long and unloadable, a ``model.keras`` 17615 -> 2789, and
+    ``save_model`` to ``.h5`` wrote the adapted model without refusing. Every path refuses before it opens a file now:
+    what was there is byte for byte what it was, and nothing new is written."""
+    model = _dense_model()
+    outer = _around(model)
+    save(model, outer, tmp_path)  # the good files of the base model
+    good = _files(tmp_path)
+    assert good
+    adapterspec.inject_adapter(model, _LORA_FC1)
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        save(model, outer, tmp_path)
+    assert _files(tmp_path) == good
+    adapterspec.delete_adapter(model, "default")
+    (tmp_path / "again").mkdir()
+    save(model, outer, tmp_path / "again")  # Keras' own saving is back with the last adapter gone
+    assert _files(tmp_path / "again")
+
+
+@pytest.mark.parametrize("callback", [
+    lambda path: keras.callbacks.ModelCheckpoint(str(path / "latest.weights.h5"), save_weights_only=True),
+    lambda path: keras.callbacks.BackupAndRestore(str(path)),
+], ids=["ModelCheckpoint", "BackupAndRestore"])
+def test_a_refused_checkpoint_during_fit_keeps_the_last_good_one(callback: Any, tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_weights_only=True)`` and ``BackupAndRestore`` overwrite one file: the refused save left
+    it truncated (BackupAndRestore's last good backup destroyed). The refusal comes before the file is opened now."""
+    model = _dense_model()
+    model.save_weights(tmp_path / "latest.weights.h5")  # the previous run's checkpoint (BackupAndRestore's name)
+    good = _files(tmp_path)
+    adapterspec.inject_adapter(model, _LORA_FC1, trainable=True)
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.arange(32, dtype="float32").reshape(4, 8) / 32
+    with pytest.raises(adapterspec.UnsupportedError, match="save_adapter"):
+        model.fit(x, x[:, :4], epochs=1, verbose=0, callbacks=[callback(tmp_path)])
+    assert _files(tmp_path) == good
+
+
+@pytest.mark.parametrize("load", [
+    lambda m, outer, path: m.load_weights(path / "m.weights.h5"),
+    lambda m, outer, path: keras.saving.load_weights(m, path / "m.weights.h5"),
+    lambda m, outer, path: m.load_weights(path / "m.keras"),
+    lambda m, outer, path: m.load_weights(path / "m.h5"),  # legacy HDF5
+    lambda m, outer, path: outer.load_weights(path / "outer.weights.h5"),  # a model around the adapted one
+    lambda m, outer, path: m.get_layer("inner").load_weights(path / "inner.weights.h5"),  # a part of it
+    lambda m, outer, path: m.fit(np.zeros((2, 8)), np.zeros((2, 4)), epochs=1, verbose=0,
+                                 callbacks=[keras.callbacks.BackupAndRestore(str(path))]),  # restores at train begin
+], ids=["load_weights", "keras.saving.load_weights", "load_weights-keras", "load_weights-h5", "outer-load_weights",
+        "part-load_weights", "BackupAndRestore"])
+def test_loading_weights_into_a_merged_adapter_is_refused(load: Any, tmp_path: Path) -> None:
+    """A load replaced the merged kernel (base + delta) with the file's base, and the next unmerge subtracted the
+    delta from it: the base stayed 0.614 off, after ``unload`` too. Refused now before anything is read (the model
+    unchanged); unmerged, the same load runs and the base is the file's, exactly."""
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    inner = keras.Model(inputs, keras.layers.Dense(8, name="fc1")(inputs), name="inner")
+    model = keras.Model(inputs, keras.layers.Dense(4, name="fc2")(inner(inputs)))
+    outer = _around(model)
+    x = np.sin(np.arange(24, dtype="float32")).reshape(3, 8)
+    base = keras.ops.convert_to_numpy(model(x))
+    model.save_weights(tmp_path / "m.weights.h5")
+    model.save(tmp_path / "m.keras")
+    keras.saving.save_model(model, tmp_path / "m.h5")
+    outer.save_weights(tmp_path / "outer.weights.h5")
+    inner.save_weights(tmp_path / "inner.weights.h5")
+    model.save_weights(tmp_path / "latest.weights.h5")  # a BackupAndRestore backup
+    adapterspec.inject_adapter(model, _LORA_FC1, trainable=False)  # (a merged trainable one: fit refuses first)
+    model.compile(optimizer="sgd", loss="mse")
+    adapted = keras.ops.convert_to_numpy(model(x))
+    assert np.abs(adapted - base).max() > 0.1
+    adapterspec.merge_adapters(model)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match=r"fc1.*merged.*'default'") as caught:
+        load(model, outer, tmp_path)
+    assert "unmerge_adapters" in caught.value.hint
+    assert_same_snapshot(before, snapshot(model))
+    adapterspec.unmerge_adapters(model)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), adapted, atol=1e-6)
+    if "fit" not in load.__code__.co_names and "m.h5" not in load.__code__.co_consts:  # (legacy HDF5 counts the
+        load(model, outer, tmp_path)  # adapter's variables): unmerged, the load replaces the base alone
+    adapterspec.unload(model)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    {**LORA, "modules_to_save": ["lm_head"]},  # the copy runs in lm_head's variables
+    {**LORA, "init_lora_weights": "pissa"},  # the residual base is in the kernels
+], ids=["modules_to_save", "pissa"])
+def test_loading_weights_over_an_adapters_values_is_refused(config: dict[str, Any], checkpoints: Any,
+                                                            token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Unmerged too, an adapter can keep values in the model's own variables: the copy of a module it saves whole
+    (running in the module's variables) and PiSSA's residual base. A load overwrote them with the file's base while
+    the adapter stayed listed (modules_to_save: logits 8.8 off the adapted model's, silently) and the delete gave
+    back the weights from before the load. Refused now, before anything is read."""
+    from keras_helpers import assert_same_snapshot, snapshot
+
+    model = keras_model("llama", checkpoints["llama"])
+    model.save_weights(tmp_path / "base.weights.h5")
+    adapterspec.inject_adapter(model, config, trainable=False)
+    adapted = keras_logits(model, token_ids)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match="values in its own weights") as caught:
+        model.load_weights(tmp_path / "base.weights.h5")
+    assert "delete the adapter first" in caught.value.hint
+    assert_same_snapshot(before, snapshot(model))
+    np.testing.assert_array_equal(keras_logits(model, token_ids), adapted)
+    adapterspec.delete_adapter(model, "default")
+    model.load_weights(tmp_path / "base.weights.h5")  # the adapter gone: the load runs
 
 
 def test_copying_an_adapted_model_refuses_and_says_so(checkpoints: Any) -> None:
