@@ -8,6 +8,11 @@ and the shadow is removed with the last adapter. A model around the adapted one 
 same broken file, and neither is the instance shadowed: transformers' ``PreTrainedModel.save_pretrained`` itself is
 wrapped (once, at the first injection) by one that refuses while any of the model's modules holds an adapter.
 
+``load_state_dict`` into a model whose adapter is merged replaced the merged weight (base + delta) with the state
+dict's, and the next unmerge subtracted the delta from it: the base off by the delta, after ``unload`` too. So
+``torch.nn.Module.load_state_dict`` is wrapped too (once, at the first injection), to refuse before it loads anything
+while a module inside is merged (:func:`~adapterspec_torch.switch.check_base_loadable`), as Keras' ``load_weights``.
+
 >>> import torch
 >>> guard_save_pretrained(torch.nn.Linear(2, 2))  # not a transformers model: nothing to guard
 """
@@ -69,13 +74,32 @@ def _guard_transformers() -> None:
     base.save_pretrained = save_pretrained
 
 
+def _guard_load_state_dict() -> None:
+    """Wrap ``torch.nn.Module.load_state_dict`` (once) so that it refuses while an adapter inside is merged."""
+    original = nn.Module.__dict__["load_state_dict"]
+    if getattr(original, "_adapterspec_guard", False):
+        return
+
+    @functools.wraps(original)
+    def load_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        from .switch import check_base_loadable  # switch imports the layers, which import this module's users
+
+        check_base_loadable(self)
+        return original(self, *args, **kwargs)
+
+    load_state_dict._adapterspec_guard = True  # type: ignore[attr-defined]
+    nn.Module.load_state_dict = load_state_dict  # type: ignore[method-assign]
+
+
 def guard_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` (a transformers model's, and that of every transformers model around it or
-    inside it) refuse until :func:`unguard_save_pretrained`.
+    inside it) refuse until :func:`unguard_save_pretrained`; and any module's ``load_state_dict`` refuse while an
+    adapter inside it is merged.
 
     >>> guard_save_pretrained(model)                                      # doctest: +SKIP
     """
     _guard_transformers()
+    _guard_load_state_dict()
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
         object.__setattr__(model, "save_pretrained", _refuse_save_pretrained)
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, cast, overload
 import torch
 
 from adapterspec import AdapterConfig
+from adapterspec._merge import base_load_refusal
 from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
@@ -31,6 +32,7 @@ __all__ = [
     "ModelState",
     "active_adapters",
     "adapter_names",
+    "check_base_loadable",
     "delete",
     "get_state",
     "merge",
@@ -358,3 +360,21 @@ def unmerge(model: torch.nn.Module) -> None:
 def modules_to_save_layers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[ModulesToSaveLayer]:
     """The :class:`ModulesToSaveLayer` wrappers holding a copy for ``adapter_name``."""
     return [m for _, m in _wrappers(model, state, adapter_name) if isinstance(m, ModulesToSaveLayer)]
+
+
+def check_base_loadable(model: torch.nn.Module, *, loading: str = "load_state_dict") -> None:
+    """Refuse to read a state dict into ``model`` while an adapter is merged into a module of it (the model the
+    adapters were loaded into, a model around it, a part of it): the load would replace the merged weight (base +
+    delta), and the next unmerge would subtract the delta from what was loaded. ``load_state_dict`` asks before it
+    reads anything (:mod:`~adapterspec_torch.guard`). As Keras' function of the same name, which also refuses while a
+    module's copy or a replaced base weight is in the variables; here those are parameters of their own, which a state
+    dict of the adapted model restores under their own keys.
+
+    :raises UnsupportedError: naming the module and the adapter (SDK ``base_load_refusal``); nothing loaded.
+
+    >>> check_base_loadable(torch.nn.Linear(2, 2))
+    """
+    for path, module in model.named_modules():
+        merged = module.merged_adapters if isinstance(module, (AdapterLayer, ParameterLayer)) else []
+        if merged:
+            raise base_load_refusal(loading, path or type(module).__name__, merged[0])

@@ -510,6 +510,42 @@ def test_save_pretrained_of_a_model_around_or_inside_the_adapted_one_refuses(whe
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("where", ["model", "outer", "part"])
+def test_load_state_dict_into_a_merged_adapter_is_refused(where: str, llama: Any,
+                                                          token_inputs: dict[str, Any]) -> None:
+    """The adapted model's own state dict (taken unmerged: a training checkpoint) loaded while the adapter was
+    merged replaced the merged weights (base + delta) with the base, and the unmerge subtracted the delta from it:
+    the logits after ``unload`` stayed 0.51 off the base's (the adapter's effect: 0.69), silently. Refused now before
+    anything is loaded, on the model, a model around it and a part of it; unmerged, the load runs (PEFT loads
+    either way)."""
+    model = fresh(llama)
+    with torch.no_grad():
+        base = model(**token_inputs).logits
+    adapterspec.inject_adapter(model, {**LORA, "init_lora_weights": False}, trainable=False)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        adapted = model(**token_inputs).logits
+    assert (adapted - base).abs().max() > 0.01
+    adapterspec.merge_adapters(model)
+    outer = torch.nn.ModuleDict({"inner": model})
+    loading, state = {"model": (model, saved), "outer": (outer, {f"inner.{k}": v for k, v in saved.items()}),
+                      "part": (model.model.layers[0], {k[len("model.layers.0."):]: v for k, v in saved.items()
+                                                       if k.startswith("model.layers.0.")})}[where]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(adapterspec.UnsupportedError, match=r"load_state_dict.*q_proj.*merged adapter 'default'") \
+            as caught:
+        loading.load_state_dict(state)
+    assert "unmerge_adapters" in caught.value.hint
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    adapterspec.unmerge_adapters(model)
+    loading.load_state_dict(state)  # unmerged: the same load runs
+    with torch.no_grad():
+        assert (model(**token_inputs).logits - adapted).abs().max() <= 1e-5  # (the unmerge rounds: not bitwise)
+    adapterspec.unload(model)
+    with torch.no_grad():
+        assert (model(**token_inputs).logits - base).abs().max() <= 1e-5
+
+
 # -- TRL's SFTTrainer ------------------------------------------------------------------------------------
 def _tokenizer() -> Any:
     """A word-level tokenizer over the tiny Llama's 128 ids, built locally (SFTTrainer wants one; the dataset is
