@@ -685,6 +685,12 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str, options: 
             raise
     if freezing:
         freeze_base(model, state, adapter_name, before)
+    if options.trainable:  # gradient checkpointing: the inputs require grad, as PEFT makes them
+        from .checkpointing import require_input_grads, watch_checkpointing
+
+        state.trainable.append(adapter_name)
+        watch_checkpointing()
+        require_input_grads(model)
     guard_save_pretrained(model)
     return list(modules)
 
@@ -729,6 +735,11 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
     from .state import restore_base_weights
 
     _unfreeze_base(state, adapter_name)
+    if adapter_name in state.trainable:
+        from .checkpointing import release_input_grads
+
+        state.trainable.remove(adapter_name)
+        release_input_grads(model)
     restore_base_weights(model, adapter_name)
     config = state.configs.get(adapter_name)
     if config is not None and config.is_prompt_learning:

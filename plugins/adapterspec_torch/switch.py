@@ -70,6 +70,9 @@ class ModelState:
         save while merged, or after an unmerge that rounded differently, records the base (SPEC.md 9.1).
     :param tied: name -> {spec path of a layer tied to the input embedding: (the embedding's spec path, ``"targets"``
         or ``"modules_to_save"``)} for an adapter with ``ensure_weight_tying`` (SPEC.md 15.2).
+    :param trainable: adapters injected or loaded trainable.
+    :param input_grads: whether adapterspec made the input embeddings' output require grad for them (gradient
+        checkpointing, :mod:`~adapterspec_torch.checkpointing`), until the last one goes.
     """
 
     names: list[str] = field(default_factory=list)
@@ -87,6 +90,8 @@ class ModelState:
     stored_dtypes: dict[str, dict[str, torch.dtype]] = field(default_factory=dict)
     base_samples: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     tied: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
+    input_grads: bool = False
 
     @property
     def active(self) -> list[str]:

@@ -546,6 +546,61 @@ def test_load_state_dict_into_a_merged_adapter_is_refused(where: str, llama: Any
         assert (model(**token_inputs).logits - base).abs().max() <= 1e-5
 
 
+def _tiny_vit() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=16, patch_size=4, num_labels=3,
+                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+
+def _checkpointing_grads(model: torch.nn.Module, pixels: torch.Tensor) -> list[float]:
+    model.train()
+    model(pixel_values=pixels, labels=torch.tensor([0, 2])).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    return sorted(g.abs().sum().item() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["with-head", "adapter-only"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("order", ["checkpointing-first", "adapter-first"])
+def test_gradient_checkpointing_trains_the_adapter_as_peft(order: str, reentrant: bool, head: bool,
+                                                           tmp_path: Path) -> None:
+    """Reentrant checkpointing on a model whose main input is not ``input_ids`` (ViT): a checkpointed block whose
+    inputs do not require grad gives outputs that do not either, so the adapter inside got no gradient -- 0 of 8
+    LoRA tensors, the classifier in modules_to_save training alone (silently), or without it torch's raw
+    'element 0 of tensors does not require grad'. PEFT makes the input embeddings' outputs require grad when it wraps a
+    model with checkpointing on (8 of 8; enabled after, PEFT trains nothing either). Now in both orders every
+    gradient is PEFT's (its checkpointing-first model), to the bit; deleting the adapter takes the hooks away."""
+    from peft import LoraConfig, PeftModel
+    from torch_helpers import peft_reference
+
+    vit = _tiny_vit()
+    pixels = torch.sin(torch.arange(2 * 3 * 16 * 16, dtype=torch.float32)).reshape(2, 3, 16, 16)
+    enable = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    peft_reference(vit, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                   modules_to_save=["classifier"] if head else None), tmp_path)
+    theirs = fresh(vit)
+    theirs.gradient_checkpointing_enable(**enable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(theirs, str(tmp_path), is_trainable=True)
+    expected = _checkpointing_grads(theirs, pixels)
+    assert len(expected) == 8 + 2 * head
+
+    ours = fresh(vit)
+    if order == "checkpointing-first":
+        ours.gradient_checkpointing_enable(**enable)
+    adapterspec.load_adapter(ours, tmp_path, trainable=True)
+    if order == "adapter-first":
+        ours.gradient_checkpointing_enable(**enable)
+    assert _checkpointing_grads(ours, pixels) == expected
+    adapterspec.delete_adapter(ours, "default")
+    assert not getattr(ours, "_require_grads_hooks", None)  # (transformers' own: not made for a ViT)
+
+
 # -- TRL's SFTTrainer ------------------------------------------------------------------------------------
 def _tokenizer() -> Any:
     """A word-level tokenizer over the tiny Llama's 128 ids, built locally (SFTTrainer wants one; the dataset is
