@@ -715,6 +715,13 @@ def _check_trainable(state: ModelState, layer: Any, entries: list[tuple[AdapterL
                          "that should stay frozen without trainable=True")
 
 
+def _training(context: Any) -> bool:
+    """Whether Keras' call context says training -- or may: under ``keras.RematScope`` on JAX the flag is a traced
+    array (``jax.checkpoint`` traces every argument of the call), which has no truth value until it runs."""
+    training = getattr(context, "training", None)
+    return training if isinstance(training, bool) else training is not None
+
+
 #: The attribute of a patched ``call`` naming the :class:`ModelState` it runs (one layer, one model's adapters).
 _PATCHED_BY = "_adapterspec_state"
 
@@ -744,7 +751,7 @@ def wrap(model: Any, layer: Any) -> None:
     def patched(run: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             context = note_caller(state)
-            if state.trainable and getattr(context, "training", None):
+            if state.trainable and _training(context):
                 _check_trainable(state, layer, entries)
             return _dispatch(layer, run, entries, reversible, args, kwargs)
 
@@ -755,6 +762,8 @@ def wrap(model: Any, layer: Any) -> None:
     object.__setattr__(layer, "call", call)
     if quantization(layer):  # Layer.__call__ runs quantized_call, not call (SPEC.md 6.8)
         object.__setattr__(layer, "quantized_call", patched(type(layer).quantized_call.__get__(layer)))
+    if getattr(layer, "_remat_mode", None) is not None:
+        object.__setattr__(layer, "rematerialized_call", _fresh_remat(type(layer).rematerialized_call.__get__(layer)))
     state.originals[id(layer)] = (layer, own)
     state.entries[id(layer)] = entries
     guard_save(layer, names=("save_own_variables",))  # saving any model around it would drop the adapter
@@ -776,8 +785,20 @@ def unwrap(model: Any, layer: Any) -> None:
         object.__delattr__(layer, "call")
     else:
         object.__setattr__(layer, "call", own)
-    if "quantized_call" in layer.__dict__:
-        object.__delattr__(layer, "quantized_call")
+    for attr in ("quantized_call", "rematerialized_call"):
+        if attr in layer.__dict__:
+            object.__delattr__(layer, attr)
+
+
+def _fresh_remat(rematerialized_call: Any) -> Any:
+    """A layer made under ``keras.RematScope`` hands its ``call`` to ``jax.checkpoint``, which caches what it traced
+    by the function: a plain layer's bound ``call`` is a new object at each access, the patched one is not, so the
+    cached trace came back with the adapter's variables of an earlier trace (JAX: an escaped tracer, or ``fit`` that
+    never moved the adapter, silently). Each call gets a new function here, as a plain layer's."""
+    def remat(layer_call: Any, *args: Any, **kwargs: Any) -> Any:
+        return rematerialized_call(lambda *a, **k: layer_call(*a, **k), *args, **kwargs)
+
+    return remat
 
 
 def remove_adapter_modules(model: Any, adapter_name: str) -> None:
