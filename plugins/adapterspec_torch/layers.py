@@ -333,6 +333,27 @@ def _rank_dropout(weight: torch.Tensor, spec: _Spec) -> torch.Tensor:
     return (weight * drop).to(weight.dtype)  # PEFT's in-place product keeps the weight's dtype
 
 
+class _HadaWeight(torch.autograd.Function):
+    """LoHa's ``((w1a @ w1b) * (w2a @ w2b)) * scale`` with PEFT 0.21's backward (its ``HadaWeight``): the same
+    values as autograd's in float32, and PEFT's precision under autocast, where the backward recomputes the two
+    products from the float32 factors (autograd's reused the half-precision ones: gradients up to 2e-4 off PEFT's on
+    |g| 0.02). The effective-conv (CP) form keeps autograd: PEFT's custom backward there is not its gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b, scale)
+        return ((w1a @ w1b) * (w2a @ w2b)) * scale
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w1a, w1b, w2a, w2b, scale = ctx.saved_tensors
+        grad = grads[0] * scale
+        first = grad * (w2a @ w2b)
+        second = grad * (w1a @ w1b)
+        return first @ w1b.T, w1a.T @ first, second @ w2b.T, w2a.T @ second, None  # type: ignore[return-value]
+
+
 def _cp_weight(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """The CP reconstruction ``einsum("ijkl,ip,jr->prkl", core, left, right)`` of LoHa/LoKr's effective conv form."""
     return torch.einsum("i j k l, i p, j r -> p r k l", core, left, right)
@@ -844,8 +865,8 @@ class AdapterLayer(nn.Module):
                 weight = (_cp_weight(p("hada_t1"), p("hada_w1_a"), p("hada_w1_b"))
                           * _cp_weight(p("hada_t2"), p("hada_w2_a"), p("hada_w2_b"))) * torch.tensor(spec.scaling)
             else:
-                weight = ((p("hada_w1_a") @ p("hada_w1_b")) * (p("hada_w2_a") @ p("hada_w2_b"))) \
-                    * torch.tensor(spec.scaling)
+                weight = _HadaWeight.apply(  # type: ignore[no-untyped-call]  # unannotated in torch
+                    p("hada_w1_a"), p("hada_w1_b"), p("hada_w2_a"), p("hada_w2_b"), torch.tensor(spec.scaling))
             return weight.reshape(weight_shape(self._modules["base_layer"], self.kind))
         if spec.method == "LOKR":
             w1 = self._param(name, "lokr_w1") if self._has(name, "lokr_w1") else (
@@ -1035,6 +1056,8 @@ class AdapterLayer(nn.Module):
                 else:
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
+        if all(self._specs[n].method in _LYCORIS for n in additive):
+            result_dtype = previous_dtype  # PEFT's LoHa/LoKr layers cast back to the input's dtype, LoRA's to the base's
         return result.to(result_dtype)
 
     def _tensor(self, out: Any) -> torch.Tensor:

@@ -665,17 +665,22 @@ def test_sft_trainer_checkpoints_hold_the_adapter_and_resume_exactly(llama: Any,
     assert any(not torch.equal(expected[k], v) for k, v in after_four.items())
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "loha", "lokr"])
 def test_autocast_training_steps_match_peft(llama: Any, token_inputs: dict[str, Any], tmp_path: Path,
                                             method: str) -> None:
     """Under CPU autocast (bfloat16) the loss and every adapter gradient are PEFT's to the bit: IA3's Linear keeps
-    the base output's dtype as PEFT's does (it was cast back to float32, which moved gradients by 1.7e-5)."""
-    from peft import IA3Config, LoraConfig, PeftModel
+    the base output's dtype as PEFT's does (it was cast back to float32, which moved gradients by 1.7e-5); LoHa and
+    LoKr cast their output back to the input's dtype, as PEFT's do, and LoHa's weight takes PEFT's backward (the
+    products recomputed from the float32 factors): their gradients were up to 2e-4 off PEFT's on |g| 0.02."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel
     from torch_helpers import peft_reference
 
     config = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
               "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
-              "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
+              "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              "loha": LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+              "lokr": LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], decompose_both=True,
+                                 decompose_factor=4)}
     peft_reference(llama, config[method], tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
