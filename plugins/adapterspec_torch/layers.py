@@ -41,6 +41,7 @@ from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from . import adalora, oft, vera
+from .computed import check_writable, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 from .offload import check_not_offloaded, onloaded
 from .quantized import dense_weight, quantization, readable, weight_shape
@@ -316,6 +317,11 @@ def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig
     if all(k == 1 for k in kernel):
         return None
     return (kernel[0], kernel[1]) if kind == "conv2d" else (kernel[0], 1)
+
+
+def _writes_bias(spec: _Spec) -> bool:
+    """Whether merging ``spec``'s adapter writes the base layer's bias (IA3 on outputs, LoRA's ``lora_bias``)."""
+    return (spec.method == "IA3" and not spec.feedforward) or (spec.method == "LORA" and spec.lora_bias)
 
 
 #: The LyCORIS methods, whose training forward has PEFT's rank and module dropout.
@@ -1196,7 +1202,7 @@ class AdapterLayer(nn.Module):
         merged = list(self._merged)
         if merged:
             self.unmerge()
-        weight = _weight(self.base_layer).detach().clone()
+        weight = current(self._modules["base_layer"], "weight").detach().clone()
         if merged:
             self._caches["unmerged_base_weight"] = weight
             try:
@@ -1232,7 +1238,8 @@ class AdapterLayer(nn.Module):
         every layer first, so that a refusal leaves every weight as it was).
 
         :raises UnsupportedError: a sharded layer, a conv layer with groups > 1, lora_bias without a base bias,
-            or a quantized base weight (:func:`~adapterspec_torch.quantized.quantization`).
+            a quantized base weight (:func:`~adapterspec_torch.quantized.quantization`), or one computed at each
+            forward without an exact write (spectral norm: :func:`~adapterspec_torch.computed.check_writable`).
         """
         todo = [name for name in names if name in self._specs and name not in self._merged]
         if not todo:
@@ -1249,6 +1256,9 @@ class AdapterLayer(nn.Module):
         check_not_offloaded(base, todo[0], "merging")
         for name in todo:
             spec = self._specs[name]
+            check_writable(base, "weight", self._path or name, name)
+            if _writes_bias(spec) and getattr(base, "bias", None) is not None:
+                check_writable(base, "bias", self._path or name, name)
             if self.kind in _CONV_KINDS and _conv(base).groups > 1 and spec.method == "LORA":
                 raise UnsupportedError("merging LoRA into a conv layer with groups > 1 is not supported",
                                        key=name, hint="keep the adapter unmerged")
@@ -1258,7 +1268,9 @@ class AdapterLayer(nn.Module):
 
     def merge(self, names: Sequence[str]) -> None:
         """Add the deltas of ``names`` into the base weight in place (DoRA rescales by ``m / ||W + dW||``,
-        IA3 multiplies); already merged ones and ones this layer does not hold are skipped.
+        IA3 multiplies); already merged ones and ones this layer does not hold are skipped. A weight computed at
+        each forward (weight norm) is written back through what computes it (:func:`~adapterspec_torch.computed.
+        store`).
 
         :raises UnsupportedError: what :meth:`check_merge` refuses (then nothing changed).
         """
@@ -1269,10 +1281,11 @@ class AdapterLayer(nn.Module):
                 if name not in self._specs or name in self._merged:
                     continue
                 spec = self._specs[name]
-                weight = base.weight
+                weight = current(base, "weight")  # a computed weight: a new tensor, stored back below
                 orig_dtype = weight.dtype
+                bias: Any = getattr(base, "bias", None)  # an Embedding has none
                 if spec.rotation is not None:
-                    oft.merge(base, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                    oft.merge(weight, spec.rotation, {p: self._param(name, p) for p in spec.names})
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1281,9 +1294,9 @@ class AdapterLayer(nn.Module):
                         weight.data.index_copy_(0, index, rows.data.to(weight))
                 elif spec.method == "IA3":
                     weight.data = torch.mul(weight.data, self._ia3_for_weight(name)).to(orig_dtype)
-                    if not spec.feedforward and base.bias is not None:
-                        vector = self._param(name, "ia3_l").reshape(base.bias.shape)
-                        base.bias.data = torch.mul(base.bias.data, vector.data).to(base.bias.dtype)
+                    if not spec.feedforward and bias is not None:
+                        vector = self._param(name, "ia3_l").reshape(bias.shape)
+                        bias.data = torch.mul(bias.data, vector.data).to(bias.dtype)
                 elif spec.method == "LORA" and spec.use_dora:
                     delta = self.delta_weight(name)
                     unmerged = self._unmerged_weight()
@@ -1298,7 +1311,8 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     weight.data += delta.to(orig_dtype) if spec.round_merge else delta
                     if spec.method == "LORA" and spec.lora_bias:
-                        base.bias.data += self._param(name, "lora_B.bias") * spec.scaling
+                        bias.data += self._param(name, "lora_B.bias") * spec.scaling
+                self._store(weight, bias)
                 self._merged.append(name)
 
     def unmerge(self) -> None:
@@ -1308,19 +1322,20 @@ class AdapterLayer(nn.Module):
             while self._merged:
                 name = self._merged.pop()
                 spec = self._specs[name]
-                weight = base.weight
+                weight = current(base, "weight")  # a computed weight: a new tensor, stored back below
                 orig_dtype = weight.dtype
+                bias: Any = getattr(base, "bias", None)  # an Embedding has none
                 if spec.rotation is not None:
-                    oft.unmerge(base, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                    oft.unmerge(weight, spec.rotation, {p: self._param(name, p) for p in spec.names})
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:
                         weight.data.index_copy_(0, self._token_rows(name, weight.device)[1], rows)
                 elif spec.method == "IA3":
                     weight.data = torch.div(weight.data, self._ia3_for_weight(name) + 1e-8).to(orig_dtype)
-                    if not spec.feedforward and base.bias is not None:
-                        vector = self._param(name, "ia3_l").reshape(base.bias.shape)
-                        base.bias.data = torch.div(base.bias.data, vector.data + 1e-8).to(base.bias.dtype)
+                    if not spec.feedforward and bias is not None:
+                        vector = self._param(name, "ia3_l").reshape(bias.shape)
+                        bias.data = torch.div(bias.data, vector.data + 1e-8).to(bias.dtype)
                 elif spec.method == "LORA" and spec.use_dora:
                     delta = self.delta_weight(name)
                     norm = self._caches.pop(f"{name}-weight_norm")
@@ -1331,7 +1346,16 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     weight.data -= delta.to(orig_dtype) if spec.round_unmerge else delta
                     if spec.method == "LORA" and spec.lora_bias:
-                        base.bias.data -= self._param(name, "lora_B.bias") * spec.scaling
+                        bias.data -= self._param(name, "lora_B.bias") * spec.scaling
+                self._store(weight, bias)
+
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Write a merge's ``weight`` (and ``bias``) back where the base layer computes them at each forward
+        (:func:`~adapterspec_torch.computed.store`); a stored parameter was changed in place already."""
+        base = self._modules["base_layer"]
+        store(base, "weight", weight)
+        if bias is not None:
+            store(base, "bias", bias)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={self.adapter_names()}"

@@ -25,6 +25,8 @@ from adapterspec import AdapterConfig
 from adapterspec._oft import Rotation, block_sizes, param_shapes, rotation_of
 from adapterspec.errors import UnsupportedError
 
+from .computed import current
+
 __all__ = ["METHODS", "Rotation", "check", "forward", "initialise", "merge", "rotation", "settings", "shapes",
            "unmerge"]
 
@@ -223,7 +225,7 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
             x = _rotate_oft(spec, vector, x.to(vector.dtype))
         out: torch.Tensor = base(x.to(previous), *args, **kwargs)
         return (out if output is None else output(out)).to(previous)
-    weight = cast(torch.Tensor, base.weight)
+    weight = current(base, "weight")  # not base.weight: an old weight-norm hook sets that in base's forward only
     features = _features(base, kind)
     out_features = int(cast(nn.Linear, base).out_features if kind == "linear" else weight.shape[0])  # packed weights
     total = torch.eye(features, device=x.device, dtype=previous if kind == "linear" else x.dtype)
@@ -261,16 +263,15 @@ def _matrix_of(spec: Rotation, params: dict[str, torch.Tensor]) -> torch.Tensor:
     return rotation(spec, params)
 
 
-def merge(base: nn.Module, spec: Rotation, params: dict[str, torch.Tensor]) -> None:
-    """Rotate (and for BOFT scale) the base weight in place: ``W <- (R @ W.T).T`` (``* boft_s``).
+def merge(weight: torch.Tensor, spec: Rotation, params: dict[str, torch.Tensor]) -> None:
+    """Rotate (and for BOFT scale) the base weight ``weight`` in place: ``W <- (R @ W.T).T`` (``* boft_s``).
 
     >>> layer = torch.nn.Linear(4, 2)
     >>> before = layer.weight.detach().clone()
-    >>> merge(layer, Rotation("OFT", blocks=2, block_size=2), {"oft_R.weight": torch.zeros(2, 1)})
+    >>> merge(layer.weight, Rotation("OFT", blocks=2, block_size=2), {"oft_R.weight": torch.zeros(2, 1)})
     >>> layer.weight.equal(before)
     True
     """
-    weight = cast(torch.Tensor, base.weight)
     with torch.no_grad():
         matrix = _matrix_of(spec, params)
         flat = weight.data.view(weight.shape[0], -1)
@@ -281,18 +282,17 @@ def merge(base: nn.Module, spec: Rotation, params: dict[str, torch.Tensor]) -> N
         flat.copy_(result)
 
 
-def unmerge(base: nn.Module, spec: Rotation, params: dict[str, torch.Tensor]) -> None:
+def unmerge(weight: torch.Tensor, spec: Rotation, params: dict[str, torch.Tensor]) -> None:
     """Undo :func:`merge`: OFT multiplies by ``R``'s inverse (fp32), BOFT by ``R.T`` and ``1 / boft_s``, as PEFT does.
 
     >>> layer = torch.nn.Linear(4, 2)
     >>> before = layer.weight.detach().clone()
     >>> params = {"oft_R.weight": torch.tensor([[0.1], [0.2]])}
-    >>> merge(layer, Rotation("OFT", blocks=2, block_size=2), params)
-    >>> unmerge(layer, Rotation("OFT", blocks=2, block_size=2), params)
+    >>> merge(layer.weight, Rotation("OFT", blocks=2, block_size=2), params)
+    >>> unmerge(layer.weight, Rotation("OFT", blocks=2, block_size=2), params)
     >>> torch.allclose(layer.weight, before, atol=1e-6)
     True
     """
-    weight = cast(torch.Tensor, base.weight)
     with torch.no_grad():
         matrix = _matrix_of(spec, params)
         flat = weight.data.view(weight.shape[0], -1)
