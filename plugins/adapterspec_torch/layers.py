@@ -181,23 +181,42 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
                                hint="set lora_bias to false or do not target the embedding")
     if kind in _CONV_KINDS and method == "LORA":
         _check_lora_conv(_conv(module), path, config)
+    if kind in _CONV_KINDS and method in _ZERO_PADDED:
+        _check_padding_mode(_conv(module), path, method)
 
 
 def _check_lora_conv(conv: nn.modules.conv._ConvNd, path: str, config: AdapterConfig) -> None:
     """Refuse a LoRA (or DoRA) convolution whose unmerged form is not its merged one: PEFT's ``lora_A`` is a conv with
-    the base layer's kernel size, stride and padding but no dilation and zero padding (SPEC.md 8.1), so a base layer
-    that dilates its kernel, or pads otherwise, computes one thing merged and another unmerged (or fails)."""
+    the base layer's kernel size, stride and padding but no dilation (SPEC.md 8.1), so a base layer that dilates its
+    kernel computes one thing merged and another unmerged (or fails); the padding mode: :func:`_check_padding_mode`."""
     if config.rank_for(path) % conv.groups != 0:
         raise UnsupportedError(f"LoRA rank {config.rank_for(path)} is not divisible by the conv's groups={conv.groups}",
                                key=path, hint="choose a rank divisible by groups, or do not target this layer")
-    dilated = any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size))
-    if dilated or conv.padding_mode != "zeros":
-        what = f"dilation={tuple(conv.dilation)}" if dilated else f"padding_mode={conv.padding_mode!r}"
+    if any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size)):
         raise UnsupportedError(
-            f"LoRA on a {type(conv).__qualname__} with {what}: PEFT runs lora_A without the layer's "
-            f"{'dilation' if dilated else 'padding mode'}, so the adapter's unmerged and merged results differ "
-            "(SPEC.md 8.1: refused)", key=path,
+            f"LoRA on a {type(conv).__qualname__} with dilation={tuple(conv.dilation)}: PEFT runs lora_A without the "
+            "layer's dilation, so the adapter's unmerged and merged results differ (SPEC.md 8.1: refused)", key=path,
             hint="leave this layer out of target_modules (or exclude it with exclude_modules)")
+
+
+#: The methods whose unmerged term on a convolution is a convolution with zero padding -- PEFT's ``lora_A``, or the
+#: input convolved with the delta weight (LoHa, LoKr, AdaLoRA) -- and their names in messages.
+_ZERO_PADDED = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA"}
+
+
+def _check_padding_mode(conv: nn.modules.conv._ConvNd, path: str, method: str) -> None:
+    """Refuse a convolution that pads otherwise than with zeros (``padding_mode`` reflect, replicate, circular) for a
+    method whose unmerged term PEFT computes with zero padding: merged, the layer pads the input for the delta as for
+    its weight, so the two results differ (SPEC.md 8.1, 8.6, 8.7, 15.4). IA3 scales channels, which padding only
+    copies: it stays exact."""
+    if conv.padding_mode == "zeros":
+        return
+    term = "runs lora_A" if method == "LORA" else "convolves the input with the adapter's delta weight"
+    raise UnsupportedError(
+        f"{_ZERO_PADDED[method]} on a {type(conv).__qualname__} with padding_mode={conv.padding_mode!r}: PEFT {term} "
+        "with zero padding, not the layer's padding mode, so the adapter's unmerged and merged results differ "
+        "(SPEC.md 8.1: refused)", key=path,
+        hint="leave this layer out of target_modules (or exclude it with exclude_modules)")
 
 
 # torch types a module's attributes as ``Tensor | Module`` (its ``__getattr__``): these give the attributes of

@@ -303,6 +303,56 @@ def test_lora_on_a_dilated_conv_is_refused(make_conv: Any, needle: str, dora: bo
     assert_same_snapshot(model, before)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+@pytest.mark.parametrize(("make_config", "label"), [
+    # merged - unmerged on PEFT's reflect-padded conv: LoHa 36.3, LoKr 14.9, AdaLoRA 1.23 (the same layers loaded and
+    # merged here without a word)
+    (lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["c"]), "LoHa"),
+    (lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["c"]), "LoKr"),
+    (lambda: peft.AdaLoraConfig(r=2, init_r=2, total_step=10, target_modules=["c"]), "AdaLoRA"),
+], ids=["loha", "lokr", "adalora"])
+def test_a_zero_padded_delta_on_a_conv_with_another_padding_mode_is_refused(make_config: Any, label: str, mode: str,
+                                                                            tmp_path: Path) -> None:
+    """SPEC.md 8.6, 8.7, 15.4: PEFT's unmerged LoHa, LoKr and AdaLoRA convolve the input with the delta weight with
+    zero padding, whatever the layer's padding_mode, so merged and unmerged differ (as LoRA's lora_A, SPEC.md 8.1):
+    load and inject refuse the layer, naming it, the model unchanged. (IA3 scales channels, which padding copies:
+    its merge stays exact.)"""
+    torch.manual_seed(0)
+    base = _OneConv(torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode)).eval()
+    peft_reference(base, make_config(), tmp_path)
+    model = fresh(base)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, tmp_path)
+    assert info.value.key == "c" and f"{label} on a Conv2d with padding_mode={mode!r}" in info.value.message
+    assert_same_snapshot(model, before)
+    if label == "AdaLoRA":
+        return  # a new AdaLoRA adapter is refused as such (training AdaLoRA is not implemented)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    with pytest.raises(UnsupportedError, match=f"padding_mode={mode!r}"):
+        adapterspec.inject_adapter(model, config)
+    assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["input", "output"])
+def test_ia3_on_a_conv_with_another_padding_mode_loads_and_merges_as_peft(feedforward: bool, tmp_path: Path) -> None:
+    """IA3 scales the input (or output) channels, and padding copies values within a channel: its merge is exact on
+    a reflect-padded conv, which loads as in PEFT."""
+    torch.manual_seed(0)
+    base = _OneConv(torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")).eval()
+    reference = peft_reference(base, peft.IA3Config(target_modules=["c"], feedforward_modules=["c"] if feedforward
+                                                    else []), tmp_path)
+    x = torch.sin(torch.arange(2 * 4 * 5 * 5, dtype=torch.float32)).reshape(2, 4, 5, 5)
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        expected = reference(x)
+        assert (expected - base(x)).abs().max() > 1e-2
+        assert_close(model(x), expected, length=36)
+        adapterspec.merge_adapters(model)
+        assert_close(model(x), expected, length=36)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_dilation_along_a_kernel_of_one_loads_as_peft(dora: bool, tmp_path: Path) -> None:
     """Dilation along an axis where the kernel has size 1 changes nothing (PEFT's lora_A computes the layer's own
