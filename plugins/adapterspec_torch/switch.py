@@ -139,9 +139,27 @@ def own_state(model: torch.nn.Module) -> ModelState | None:
                 raise UnsupportedError(
                     f"this model holds PEFT's own adapter layers ({path!r} is a {type(module).__module__}."
                     f"{type(module).__qualname__}), which adapterspec does not drive", key=path,
-                    hint="use PEFT's own methods on it (set_adapter, merge_and_unload, save_pretrained), or load the "
-                         "folder PEFT saves into the base model with adapterspec.load_adapter")
+                    hint=_peft_layers_hint(model))
     return state
+
+
+def _peft_layers_hint(model: torch.nn.Module) -> str:
+    """The fix for a model holding PEFT's layers, by what put them there: a ``PeftModel``; diffusers' ``add_adapter``
+    (its models have ``save_lora_adapter``); transformers' ``add_adapter``; else PEFT's ``inject_adapter_in_model``."""
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    if peft_model is not None and isinstance(model, peft_model):
+        return ("use PEFT's own methods on it (set_adapter, merge_and_unload, save_pretrained), or load the folder "
+                "PEFT saves into the base model with adapterspec.load_adapter")
+    if callable(getattr(model, "save_lora_adapter", None)):
+        return ("use diffusers' own methods on it (set_adapters, fuse_lora, unload_lora; save_lora_adapter writes a "
+                "diffusers-format file, which adapterspec does not read), or load a PEFT-format adapter folder into "
+                "the model without these layers with adapterspec.load_adapter")
+    if type(model).__module__.startswith("transformers.") and callable(getattr(model, "add_adapter", None)):
+        return ("use transformers' adapter methods on it (set_adapter, disable_adapters; save_pretrained saves the "
+                "adapter as a PEFT-format folder), then load that folder into the base model with "
+                "adapterspec.load_adapter")
+    return ("use PEFT's functions on it (get_peft_model_state_dict gives its adapter's tensors), or load a PEFT-format "
+            "adapter folder into the model without these layers with adapterspec.load_adapter")
 
 
 def _peft_layer_type() -> type | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _access, _safetensors, _snapshot, _staging
+from . import _access, _foreign, _safetensors, _snapshot, _staging
 from ._safetensors import check_not_lfs_pointer, dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
@@ -408,10 +408,10 @@ def _not_a_folder(path: Path) -> FileFormatError:
         is_file = path.is_file()
     except (OSError, ValueError):
         is_file = False
-    if is_file:
-        return FileFormatError("a file, not an adapter folder", path=path,
-                               hint=f"pass the folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}; check a config "
-                                    "file alone with validate_config or 'adapterspec validate'")
+    if is_file:  # a diffusers/kohya LoRA file and a weights file are named as such
+        return _foreign.file_error(path, CONFIG_NAME, hint=f"pass the folder holding {CONFIG_NAME} and "
+                                   f"{SAFETENSORS_NAME}; check a config file alone with validate_config or "
+                                   "'adapterspec validate'")
     return FileFormatError("no such adapter folder", path=path,
                            hint=f"pass a folder holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
 
@@ -422,8 +422,8 @@ def _open(source: str | Path, *, allow_pickle: bool, strict: bool, prefetch: boo
     saves there meanwhile), and check them; ``verify`` also checks the sha256 of that same file. ``hold`` keeps
     the weights file read open in the adapter (``_held``, the caller closes it), for later reads of that file."""
     folder = Path(source)
-    if folder.name == CONFIG_NAME and _access.is_file(folder):
-        folder = folder.parent
+    if folder.name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME) and _access.is_file(folder):
+        folder = folder.parent  # a file of the folder stands for it (as in 'adapterspec validate')
     if not _access.is_dir(folder):  # a refused look-up says so (no permission), naming the folder that refuses
         raise _not_a_folder(folder)
     read = functools.partial(_read_files, folder, allow_pickle=allow_pickle, strict=strict, prefetch=prefetch,
@@ -461,8 +461,9 @@ def _read_files(folder: Path, snapshot: _snapshot.Snapshot, *, allow_pickle: boo
     config_file = folder / CONFIG_NAME
     if not _access.exists(config_file):
         _refuse_dangling(folder, config_file)
-        raise FileFormatError(f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
-            folder, "pass the adapter's own folder (use subfolder= for one of several)"))
+        raise _foreign.folder_error(folder, CONFIG_NAME) or FileFormatError(
+            f"no {CONFIG_NAME} in the folder", path=folder, hint=_staging.missing_config_hint(
+                folder, "pass the adapter's own folder (use subfolder= for one of several)"))
     config_fh = snapshot.open(CONFIG_NAME, _inside(folder, config_file))  # named as given (a relative path stays so)
     weights = folder / SAFETENSORS_NAME
     if not _access.exists(weights):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _access
+from . import _access, _foreign
 from ._jsonpos import member_position, syntax_error_position
 from .adapter import read_adapter, validate_adapter
 from ._rules import duplicate_entries, not_portable
@@ -243,8 +243,8 @@ def validate_targets(targets: Sequence[str], *, strict: bool = False, allow_pick
                 results.extend(_validate_folder(path, strict, allow_pickle))
         else:
             result = Result(target)
-            result.add_errors([FileFormatError("no such file or folder", path=path,
-                                               hint="check the path (a Hub repo is written hf://org/name)")])
+            result.add_errors([_foreign.file_error(path, CONFIG_NAME) if is_file else FileFormatError(
+                "no such file or folder", path=path, hint="check the path (a Hub repo is written hf://org/name)")])
             results.append(result)
     return results
 

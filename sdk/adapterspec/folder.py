@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from . import _access, _safetensors, _snapshot, _staging
+from . import _access, _foreign, _safetensors, _snapshot, _staging
 from .adapter import Adapter, _refuse_dangling, _tensor_infos, check_adapter_name
 from .checks import tensor_errors
 from .config import MAX_CONFIG_BYTES, AdapterConfig, _validator, read_json_file
@@ -822,6 +822,9 @@ def _listing(folder: Path, snapshot: _snapshot.Snapshot) -> tuple[dict[str, Path
                                       hint="replace the link with the adapter folder itself")
             found[sub.name] = sub
     if not found:
+        foreign = _foreign.folder_error(folder, CONFIG_NAME) if _access.is_dir(folder) else None
+        if foreign is not None:  # a diffusers/kohya LoRA file: say what it is, not "no adapter here"
+            raise foreign
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,
                                    hint=_staging.missing_config_hint(
                                        folder, "pass a folder written by save_pretrained or adapterspec"))

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
+from ._foreign import key_error
 from ._vera import SHARED, shared_key
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
@@ -282,6 +283,9 @@ def _unprefixed(key: str, peft_type: str) -> UnexpectedTensorError:
     if key == PROMPT_KEY:
         return UnexpectedTensorError(f"{PROMPT_KEY!r} is the tensor of prefix/prompt tuning, not of {peft_type}",
                                      key=key, hint="check peft_type in the config, or remove the tensor")
+    foreign = key_error(key, PEFT_PREFIX)  # a diffusers/kohya key: prefixing it would not make it load
+    if foreign is not None:
+        return foreign
     return UnexpectedTensorError(
         f"key does not start with {PEFT_PREFIX!r} (PEFT would only warn 'Found missing adapter keys' and leave "
         "the adapter at its random initialisation)",

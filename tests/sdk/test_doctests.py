@@ -10,7 +10,7 @@ MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "a
            "adapterspec._jsonpos", "adapterspec._regex", "adapterspec._rules", "adapterspec._oft", "adapterspec._vera",
            "adapterspec._adalora", "adapterspec._moe",
            "adapterspec._tying", "adapterspec._lfs", "adapterspec._dispatch",
-           "adapterspec.conformance.locations"]
+           "adapterspec.conformance.locations", "adapterspec._foreign"]
 
 
 @pytest.mark.parametrize("name", MODULES)

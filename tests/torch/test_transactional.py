@@ -168,6 +168,36 @@ def test_calls_on_a_peft_model_are_refused(llama: Any, good: Any) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class _Pipe(torch.nn.Module):
+    """A model with diffusers' adapter methods (its ``PeftAdapterMixin``): ``add_adapter`` puts PEFT's layers in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, 8, 3)
+
+    def save_lora_adapter(self, folder: str) -> None:  # diffusers writes pytorch_lora_weights.safetensors
+        raise AssertionError("not called")
+
+
+def test_a_model_adapted_by_its_library_gets_that_library_s_methods(llama: Any) -> None:
+    """A model holding PEFT's layers that is no PeftModel (diffusers' or transformers' add_adapter, PEFT's
+    inject_adapter_in_model): the hint named PeftModel's methods (merge_and_unload does not exist on such a model, and
+    a diffusers model's save_pretrained writes the whole model); it names the methods of the library that adapted it."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe = inject_adapter_in_model(LoraConfig(r=2, target_modules=["conv_in"]), _Pipe())
+    causal = fresh(llama)
+    causal.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    plain = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    for model, needles in ((pipe, ("diffusers' own methods", "save_lora_adapter", "fuse_lora")),
+                           (causal, ("transformers' adapter methods", "set_adapter", "save_pretrained saves")),
+                           (plain, ("PEFT's functions", "get_peft_model_state_dict"))):
+        with pytest.raises(adapterspec.UnsupportedError, match="PEFT's own adapter layers") as info:
+            adapterspec.adapter_names(model)
+        hint = info.value.hint or ""
+        assert all(needle in hint for needle in needles) and "merge_and_unload" not in hint, hint
+
+
 def test_unsupported_target_names_the_module(llama: Any, good: Any, tmp_path: Any) -> None:
     folder = tmp_path / "mlp"
     shutil.copytree(good, folder)
