@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 
 import torch
@@ -32,7 +33,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["check_writable", "computed_by", "current", "store"]
+__all__ = ["check_writable", "computed_by", "copy_module", "current", "store"]
 
 #: Readable names of torch's own parametrizations (classes private to torch.nn.utils.parametrizations).
 _NAMES = {"_WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
@@ -140,3 +141,25 @@ def store(module: nn.Module, name: str, value: torch.Tensor) -> None:
         cast(nn.Parameter, module._parameters[f"{name}_g"]).copy_(torch.norm_except_dim(value, 2, hook.dim))
         cast(nn.Parameter, module._parameters[f"{name}_v"]).copy_(value)
         setattr(module, name, hook.compute_weight(module))  # what the hook sets before each forward
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``. The old weight- and spectral-norm hooks leave the weight they compute as a plain
+    attribute, which torch refuses to copy once a forward with gradients made it (not a graph leaf: "Only Tensors
+    created explicitly by the user..."): the copy gets it detached, and its next forward computes it again.
+
+    >>> conv = torch.nn.utils.weight_norm(torch.nn.Conv1d(2, 3, 3))
+    >>> _ = conv(torch.ones(1, 2, 4))
+    >>> bool(torch.equal(copy_module(conv).weight, conv.weight))
+    True
+    """
+    computed = [(m, hook.name, m.__dict__[hook.name]) for m in module.modules()
+                for hook in m._forward_pre_hooks.values()
+                if isinstance(hook, (WeightNorm, SpectralNorm)) and isinstance(m.__dict__.get(hook.name), torch.Tensor)]
+    try:
+        for owner, name, value in computed:
+            owner.__dict__[name] = value.detach()
+        return copy.deepcopy(module)
+    finally:
+        for owner, name, value in computed:
+            owner.__dict__[name] = value

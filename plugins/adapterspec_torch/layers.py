@@ -21,7 +21,6 @@ one method on a module at a time; for one method this is PEFT's computation).
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import typing
@@ -41,7 +40,7 @@ from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from . import adalora, oft, vera
-from .computed import check_writable, current, store
+from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 from .offload import check_not_offloaded, onloaded
 from .quantized import dense_weight, quantization, readable, weight_shape
@@ -1429,7 +1428,7 @@ class ModulesToSaveLayer(nn.Module):
                                    hint="keep this module unquantized (e.g. bitsandbytes' llm_int8_skip_modules), "
                                         "or load the adapter onto the unquantized model")
         check_not_offloaded(self.original_module, name, "a module saved whole (modules_to_save)")
-        duplicate = copy.deepcopy(self.original_module)
+        duplicate = copy_module(self.original_module)  # copy.deepcopy, also of a module under an old weight-norm hook
         dtype = as_dtype(options.dtype)
         if options.device is not None or dtype is not None:
             duplicate.to(device=torch.device(options.device) if options.device is not None else None, dtype=dtype)

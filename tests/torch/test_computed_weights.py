@@ -213,3 +213,19 @@ def test_boft_on_a_conv_reads_the_weight_the_hook_computes(tmp_path: Path) -> No
     stale = _maker(WEIGHT_NORMS["weight_norm-hook"], run=False)()
     adapterspec.load_adapter(stale, tmp_path)
     assert_close(_run(stale), expected, length=36)
+
+
+def test_a_module_saved_whole_with_the_old_weight_norm_hook_is_copied(tmp_path: Path) -> None:
+    """modules_to_save of a module under the old weight-norm hook: torch cannot deep-copy the weight that hook left
+    from a forward with gradients (a raw RuntimeError 'Only Tensors created explicitly by the user...'; PEFT fails the
+    same way). The copy is made without it (its next forward computes it): the adapter runs as PEFT's on a module the
+    hook has run in eval mode."""
+    make = _maker(WEIGHT_NORMS["weight_norm-hook"])
+    expected = _saved(make, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["l"], modules_to_save=["c"]), tmp_path)
+    model = _maker(WEIGHT_NORMS["weight_norm-hook"], run=False)()
+    model(X)  # with gradients on: the hook's weight is no leaf
+    adapterspec.load_adapter(model, tmp_path)
+    assert_close(_run(model), expected, length=36)
+    model = adapterspec.unload(model, merge=True)
+    assert_close(_run(model), expected, length=36)
+    assert {"weight_g", "weight_v"} <= set(model.c._parameters)
