@@ -51,7 +51,7 @@ from .devices import target_of
 from .quantized import HINT as quantized_hint
 from .quantized import quantization
 from .sharding import Placement, param_sharding, placement_of
-from .sites import ModuleSite, Piece, keras_lora
+from .sites import UNADAPTABLE, ModuleSite, Piece, keras_lora
 
 __all__ = ["AdapterLayer", "Layout", "check_supported", "kernel_refusal", "layer_kind"]
 
@@ -88,6 +88,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     adapterspec.errors.UnsupportedError: model.embed_tokens: IA3 cannot adapt an embedding ...
     """
     method = config.peft_type
+    if site.kind == UNADAPTABLE:  # as the torch backend's check_supported
+        raise UnsupportedError(f"{method} {site.refused}", key=path,
+                               hint="remove the module from target_modules (or exclude it with exclude_modules)")
     if site.refused:
         raise UnsupportedError(f"{path}: {site.refused}", key=path,
                                hint="leave this module out of target_modules, or use the torch backend")

@@ -33,7 +33,8 @@ from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
 from .converters import backbone_of, converter_sites, head_sites, multimodal, text_only
 from .hf_names import base_relative, transformers_names
-from .sites import ModuleSite, Piece, layer_site, model_layers, own_name, parameter_variables, resolve_layer
+from .sites import (ModuleSite, Piece, layer_site, model_layers, own_name, parameter_variables, resolve_layer,
+                    unadaptable_site)
 
 __all__ = ["BASE_MODEL_PREFIX", "WRAPPED_PREFIX", "equivalent", "find_site", "spec_name", "spec_sites"]
 
@@ -63,7 +64,8 @@ WRAPPED_PREFIX: dict[str, str] = {
 def _layer_sites(model: Any) -> dict[str, ModuleSite]:
     sites: dict[str, ModuleSite] = {}
     for layer in model_layers(model):
-        site = layer_site(own_name(model, layer), layer)
+        path = own_name(model, layer)
+        site = layer_site(path, layer) or unadaptable_site(path, layer)  # the latter refused if a target names it
         if site is not None:
             sites.setdefault(site.path, site)
     return sites

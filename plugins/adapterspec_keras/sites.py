@@ -21,8 +21,8 @@ import numpy as np
 
 from adapterspec.errors import TargetNotFoundError
 
-__all__ = ["ModuleSite", "Piece", "base_variable", "keras_lora", "layer_kind", "layer_site", "model_layers", "own_name",
-           "parameter_variables", "resolve_layer"]
+__all__ = ["UNADAPTABLE", "ModuleSite", "Piece", "base_variable", "keras_lora", "layer_kind", "layer_site",
+           "model_layers", "own_name", "parameter_variables", "resolve_layer", "unadaptable_site"]
 
 
 @dataclass(eq=False)
@@ -268,6 +268,35 @@ def layer_site(path: str, layer: Any, *, reverse: bool = False, source: str = "l
                         np.arange(math.prod(out_shape)).reshape(out_shape))
     module_kind = {"embedding": "embedding", "conv": "conv"}.get(kind, "linear")
     return ModuleSite(path, module_kind, piece.n_in, piece.n_out, [piece], source)
+
+
+#: The kind of :func:`unadaptable_site`'s sites: a layer no adapter wraps, refused when a target names it.
+UNADAPTABLE = "unadaptable"
+
+#: What an adapter wraps (SPEC.md 12), as :func:`unadaptable_site`'s refusal names it.
+_ADAPTS = "Dense, EinsumDense, Embedding, Conv1D, Conv2D, Conv3D"
+
+
+def unadaptable_site(path: str, layer: Any) -> ModuleSite | None:
+    """The refused site of a layer with a kernel that no adapter wraps (a transposed, depthwise or separable
+    convolution; an ``EinsumDense`` whose equation it cannot follow), so that a target naming it is refused as the
+    torch backend refuses a ``ConvTranspose2d`` (``LORA cannot adapt a ... layer``), not said to match no layer;
+    ``None`` for a layer without a kernel (or one :func:`layer_site` takes).
+
+    >>> import keras
+    >>> layer = keras.layers.DepthwiseConv2D(3)
+    >>> layer.build((None, 5, 5, 2))
+    >>> unadaptable_site("c", layer).refused[:48]
+    'cannot adapt a keras.layers.DepthwiseConv2D laye'
+    """
+    if not any(hasattr(layer, name) for name in ("kernel", "depthwise_kernel", "pointwise_kernel")):
+        return None
+    name = type(layer).__name__
+    qualified = f"keras.layers.{name}" if getattr(_keras().layers, name, None) is type(layer) else \
+        f"{type(layer).__module__}.{type(layer).__qualname__}"
+    equation = f" with equation {layer.equation!r}" if layer_kind(layer) == "einsum" else ""
+    return ModuleSite(path, UNADAPTABLE, 0, 0, [], refused=f"cannot adapt a {qualified} layer{equation} (this "
+                                                               f"backend adapts: {_ADAPTS})")
 
 
 def model_layers(model: Any) -> list[Any]:

@@ -187,6 +187,39 @@ def test_lora_on_a_dilated_conv_is_refused(dora: bool, tmp_path: Path) -> None:
         adapterspec.UnsupportedError, "dilation")
 
 
+@pytest.mark.parametrize(("make", "shape"), [
+    (lambda: keras.layers.Conv2DTranspose(6, 3, strides=2, name="c"), (5, 5, 4)),
+    (lambda: keras.layers.Conv1DTranspose(6, 3, name="c"), (7, 4)),
+    (lambda: keras.layers.DepthwiseConv2D(3, name="c"), (7, 7, 4)),
+    (lambda: keras.layers.SeparableConv2D(6, 3, name="c"), (7, 7, 4)),
+    # kernel letter 'b' is an input and an output axis: no adapter follows that equation
+    (lambda: keras.layers.EinsumDense("abc,cb->ab", output_shape=5, name="c"), (5, 3)),
+], ids=["conv2d-transpose", "conv1d-transpose", "depthwise", "separable", "einsum-elementwise-axis"])
+@pytest.mark.parametrize("method", ["LORA", "IA3"])
+def test_a_layer_kind_no_adapter_wraps_is_refused_as_torch_refuses_it(make: Any, shape: tuple[int, ...],
+                                                                      method: str) -> None:
+    """A target naming a layer whose kind adapters cannot wrap said "TargetNotFoundError: target_modules ['c'] match
+    no layer of this Functional (mapped modules: none) (fix: pass module_map=...)": the layer was dropped before
+    matching. As the torch backend on a ConvTranspose2d, it is an UnsupportedError naming the module and its kind;
+    a name no layer has still finds none."""
+    from keras_helpers import assert_refused_unchanged
+
+    inputs = keras.Input(shape)
+    layer = make()
+    model = keras.Model(inputs, layer(inputs))
+    config: dict[str, Any] = {"peft_type": method, "target_modules": ["c"]}
+    if method == "IA3":
+        config["feedforward_modules"] = []
+    qualified = f"keras.layers.{type(layer).__name__}"
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), adapterspec.UnsupportedError,
+                             f"c: {method} cannot adapt a {qualified} layer")
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.inject_adapter(model, config)
+    assert info.value.key == "c" and "exclude_modules" in (info.value.hint or "")
+    with pytest.raises(adapterspec.TargetNotFoundError):
+        adapterspec.inject_adapter(model, {**config, "target_modules": ["d"]})
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_dilation_along_a_kernel_of_one_loads_as_peft(tmp_path: Path) -> None:
     """Dilation along an axis where the kernel has size 1 changes nothing: such a conv loads, equal to PEFT."""
