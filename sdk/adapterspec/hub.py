@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from . import _access, _safetensors, _snapshot, _staging
+from ._foreign import DIFFUSERS_FILE, FOREIGN_HINT
 from ._hubsafety import DEFAULT_TIMEOUT, TIMEOUT_ENV, check_cached, check_not_pointer, fetch, watching
 from .errors import AdapterSpecError, HubError, UnsafeFileError
 from .spec import CONFIG_NAME, MANIFEST_NAME, METADATA_SAVE_ID, PICKLE_NAME, SAFETENSORS_NAME
@@ -335,6 +336,9 @@ def _locate(ref: HubRef, files: set[str], read: Callable[[str], str]) -> tuple[s
     if found:
         raise HubError(f"no {CONFIG_NAME} in {where} of {ref.repo_id!r}; it holds adapters in: {', '.join(found[:10])}",
                        path=ref.url, hint="choose one with subfolder= (or hf://org/name/<subfolder>)")
+    if _join(sub, DIFFUSERS_FILE) in files:  # a Stable Diffusion LoRA repo: say what it holds (by name, not read)
+        raise HubError(f"no {CONFIG_NAME} in {where} of {ref.repo_id!r}: it holds {DIFFUSERS_FILE}, a diffusers-format "
+                       "LoRA file, not a PEFT-format adapter", path=ref.url, hint=FOREIGN_HINT)
     raise HubError(f"no adapter in {where} of {ref.repo_id!r} (no {CONFIG_NAME})", path=ref.url,
                    hint="check the repo id, subfolder and revision; push an adapter with `adapterspec push`")
 

@@ -108,6 +108,18 @@ def test_revision_and_commit_sha_load_the_right_files(hub, make_lora) -> None:
     assert hub.files("org/versions")["adapter_model.safetensors"] == (second / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_repo_holding_a_diffusers_lora_file_says_so(hub) -> None:
+    """A Stable Diffusion LoRA repo (diffusers' pytorch_lora_weights.safetensors, no adapter_config.json) said "no
+    adapter in the repo root (no adapter_config.json)": it names the file, and how to use it."""
+    hub.commit("org/sd-lora", {"pytorch_lora_weights.safetensors": b"not read", "README.md": b"# a LoRA"})
+    with pytest.raises(HubError) as info:
+        download_adapter("org/sd-lora")
+    assert info.value.message == ("no adapter_config.json in the repo root of 'org/sd-lora': it holds "
+                                  "pytorch_lora_weights.safetensors, a diffusers-format LoRA file, not a PEFT-format "
+                                  "adapter")
+    assert "load_lora_weights" in (info.value.hint or "")
+
+
 def test_subfolders_hold_separate_adapters(hub, make_lora) -> None:
     fr, de = make_lora("fr", 0.5), make_lora("de", 1.5)
     push_to_hub(fr, "org/langs", subfolder="fr")
