@@ -336,14 +336,12 @@ def test_validate_never_calls_a_valid_folder_invalid_while_it_is_saved_over(tmp_
     assert set(seen) == {"valid"} and seen["valid"] >= 5, seen
 
 
-def test_validate_judges_the_files_it_read_when_a_save_comes_between(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deterministic: a save lands right after validation has read the config and the header. The checksum and
-    the finite values are those of the file read (A's: valid), not the new one by path (a false error before)."""
+def _saved_over_after_read(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Make the adapter reader's ``_open`` save ``ADAPTERS[1]`` over ``folder`` right after each read of it (the
+    moment a concurrent save lands between validation's read and its checks); returns the original ``_open``."""
     from adapterspec import adapter as adapter_mod
 
-    folder = adapterspec.write_adapter(tmp_path / "a", *ADAPTERS[0])
-    read = adapter_mod._open
+    read: Callable[..., Any] = adapter_mod._open
 
     def read_then_saved_over(*args: Any, **kwargs: Any) -> Any:
         result = read(*args, **kwargs)
@@ -351,6 +349,17 @@ def test_validate_judges_the_files_it_read_when_a_save_comes_between(tmp_path: P
         return result
 
     monkeypatch.setattr(adapter_mod, "_open", read_then_saved_over)
+    return read
+
+
+def test_validate_judges_the_files_it_read_when_a_save_comes_between(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic: a save lands right after validation has read the config and the header. The checksum and
+    the finite values are those of the file read (A's: valid), not the new one by path (a false error before)."""
+    from adapterspec import adapter as adapter_mod
+
+    folder = adapterspec.write_adapter(tmp_path / "a", *ADAPTERS[0])
+    read = _saved_over_after_read(folder, monkeypatch)
     assert adapterspec.validate_adapter(folder) == []
     monkeypatch.setattr(adapter_mod, "_open", read)
     adapter = adapterspec.read_adapter(folder, prefetch=True)
@@ -368,14 +377,7 @@ def test_validate_still_reports_a_corrupt_file_read_before_a_save(tmp_path: Path
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    read = adapter_mod._open
-
-    def read_then_saved_over(*args: Any, **kwargs: Any) -> Any:
-        result = read(*args, **kwargs)
-        adapterspec.write_adapter(folder, *ADAPTERS[1], overwrite=True)
-        return result
-
-    monkeypatch.setattr(adapter_mod, "_open", read_then_saved_over)
+    read = _saved_over_after_read(folder, monkeypatch)
     errors = adapterspec.validate_adapter(folder)
     assert [type(e).__name__ for e in errors] == ["IntegrityError"], errors
     assert "does not match" in errors[0].message and errors[0].path == str(weights)
