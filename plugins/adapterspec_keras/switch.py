@@ -524,9 +524,13 @@ def check_base_loadable(model: Any, *, loading: str = "load_weights", skip: Coll
     """
     from .inject import _PATCHED_BY  # inject imports this module
 
+    judged: set[int] = set()  # every patched layer of a model names its one state: judge each state once
     for layer in [model, *model._flatten_layers(include_self=False, recursive=True)]:
         state = get_state(layer) or getattr(layer.__dict__.get("call"), _PATCHED_BY, None)
-        found = _held_in_variables(state) if state is not None and id(layer) not in skip else None
+        if state is None or id(layer) in skip or id(state) in judged:
+            continue
+        judged.add(id(state))
+        found = _held_in_variables(state)
         if found is not None:
             raise base_load_refusal(loading, found[0], found[1], merged=found[2])
 
