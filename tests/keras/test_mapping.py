@@ -86,10 +86,44 @@ def test_index_probes_survive_hooks_that_cast() -> None:
     hook = lambda x, shape: np.transpose(x.astype(np.float16))  # noqa: E731
     flat = converters._probe(hook, (5000, 3), (3, 5000))
     assert np.array_equal(flat, np.arange(15000).reshape(5000, 3).T)
-    rows, cols = np.divmod(flat, 3)
-    in_index, out_index = converters._decode(rows, cols, (0,), (1,), in_is_rows=False)
+    in_index, out_index = converters._decode(flat, 3, (0,), (1,), in_is_rows=False)
     assert np.array_equal(out_index, np.arange(5000)) and np.array_equal(in_index, np.arange(3))
     assert converters._probe(hook, (4999, 3), (3, 5000)) is None  # a wrong guess of the HF shape is refused
+
+
+def test_index_probes_take_one_pass_where_the_hook_keeps_integers() -> None:
+    """A hook that rearranges (keras-hub's transposes and reshapes) is probed once, over the indices themselves;
+    one that casts, or computes, goes digit by digit and gives what it gave before."""
+    calls: list[np.dtype] = []
+
+    def rearranging(x: np.ndarray, shape: list[int]) -> np.ndarray:
+        calls.append(x.dtype)
+        return np.reshape(np.transpose(x), shape)
+
+    flat = converters._probe(rearranging, (6, 20), (4, 5, 6))
+    assert calls == [np.dtype(np.int32)]  # one pass
+    assert np.array_equal(flat, np.arange(120).reshape(6, 20).T.reshape(4, 5, 6))
+    in_index, out_index = converters._decode(flat, 20, (0, 1), (2,), in_is_rows=False)
+    assert np.array_equal(in_index, np.arange(20).reshape(4, 5)) and np.array_equal(out_index, np.arange(6))
+    # to float32 and back: exact below 2**24, so still one pass
+    calls.clear()
+    to_float = lambda x, shape: rearranging(x, shape).astype(np.float32)  # noqa: E731
+    assert np.array_equal(converters._probe(to_float, (6, 20), (4, 5, 6)), flat) and len(calls) == 1
+    # arithmetic is no rearrangement: the digits' answer, as before this fast path
+    calls.clear()
+    doubled = lambda x, shape: rearranging(x, shape) * 2  # noqa: E731
+    assert np.array_equal(converters._probe(doubled, (6, 20), (4, 5, 6)), flat * 2)
+    assert calls[0] == np.dtype(np.int32) and all(c == np.dtype(np.float32) for c in calls[1:]) and len(calls) == 2
+    # a map that is no combination of an input and an output index does not decode
+    shuffled = np.random.default_rng(0).permutation(120).reshape(4, 5, 6)
+    assert converters._decode(shuffled, 20, (0, 1), (2,), in_is_rows=False) is None
+    swapped = flat.copy()
+    swapped[0, 0, 0], swapped[0, 0, 1] = swapped[0, 0, 1], swapped[0, 0, 0]
+    assert converters._decode(swapped, 20, (0, 1), (2,), in_is_rows=False) is None
+    # rows the input ([in, out], a transformers Conv1D): the same kernel decodes the other way
+    conv1d = converters._probe(lambda x, shape: x, (20, 6), (20, 6))
+    in_index, out_index = converters._decode(conv1d, 6, (0,), (1,), in_is_rows=True)
+    assert np.array_equal(in_index, np.arange(20)) and np.array_equal(out_index, np.arange(6))
 
 
 def test_deriving_the_mapping_changes_nothing(tmp_path: Path) -> None:
