@@ -494,8 +494,8 @@ def _decode(flat: np.ndarray, hf_columns: int, kin: tuple[int, ...], kout: tuple
     """
     grid = np.transpose(flat, kin + kout)  # a view: [*in axes, *out axes]
     in_shape, out_shape = grid.shape[: len(kin)], grid.shape[len(kin):]
-    at_first_out = grid[(Ellipsis, *(0,) * len(kout))] if kout else grid
-    at_first_in = grid[(0,) * len(kin)] if kin else grid
+    first_out: tuple[Any, ...] = (*(slice(None),) * len(kin), *(0,) * len(kout))
+    at_first_out, at_first_in = grid[first_out], grid[(0,) * len(kin)]
     if in_is_rows:
         in_index, out_index = at_first_out // hf_columns, at_first_in % hf_columns
         rebuilt = in_index.reshape(*in_shape, *(1,) * len(kout)) * hf_columns + out_index
