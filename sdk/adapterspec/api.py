@@ -307,11 +307,22 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
                     set_active_adapters(model, [adapter_name])
             except BaseException:
                 _call("adapterspec_delete", model, adapter_name=adapter_name)
-                _call("adapterspec_set_active", model, adapter_names=previous)
+                _restore_active(model, previous)
                 raise
     finally:
         adapter._prefetched = None  # a read the backend did not take (meta device, an error) is not kept
     return list(modules)
+
+
+def _restore_active(model: Any, previous: list[str]) -> None:
+    """Make ``previous`` the active set again after a refused load, if the rollback left another one.
+
+    Only then: a backend's ``set_active`` unmerges every merged adapter first (:func:`adapterspec_set_active`), so
+    calling it with the set the model has already took a merged adapter out of the base weights (and changed them by
+    the unmerge's rounding), and a refused load did not leave the model as it was.
+    """
+    if active_adapters(model) != previous:
+        _call("adapterspec_set_active", model, adapter_names=previous)
 
 
 def _check_init(config: AdapterConfig, *, where: str) -> None:

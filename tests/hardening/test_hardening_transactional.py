@@ -130,6 +130,7 @@ class TorchBackend:
             "trainable": [(n, p.requires_grad) for n, p in model.named_parameters()],
             "adapters": adapterspec.adapter_names(model),
             "active": adapterspec.active_adapters(model),
+            "merged": _torch_merged(model),
             "output": out,
         }
 
@@ -158,8 +159,28 @@ class KerasBackend:
             "trainable": [(v.path, v.trainable) for v in model.variables],
             "adapters": adapterspec.adapter_names(model),
             "active": adapterspec.active_adapters(model),
+            "merged": _keras_merged(model),
             "output": np.array(model(x)),
         }
+
+
+def _torch_merged(model: Any) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The model's merged adapters and each adapted layer's (name, merged adapters)."""
+    from adapterspec_torch.switch import get_state
+
+    state = get_state(model)
+    layers = [(n, list(m.merged_adapters)) for n, m in model.named_modules() if hasattr(m, "merged_adapters")]
+    return (list(state.merged) if state is not None else []), layers
+
+
+def _keras_merged(model: Any) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The model's merged adapters and each adapted layer's (path, merged adapters)."""
+    from adapterspec_keras.switch import get_state
+
+    state = get_state(model)
+    if state is None:
+        return [], []
+    return list(state.merged), sorted((layer.site.path, list(layer.merged)) for layer in state.adapter_layers.values())
 
 
 BACKENDS = {"torch": TorchBackend, "keras": KerasBackend}
@@ -182,6 +203,7 @@ def _assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert after["modules"] == before["modules"], "module/layer objects changed"
     assert after["adapters"] == before["adapters"] and after["active"] == before["active"]
     assert after["trainable"] == before["trainable"]
+    assert after["merged"] == before["merged"], "merged adapters changed"
     assert list(after["values"]) == list(before["values"]), "variables added or removed"
     for key, value in before["values"].items():
         assert np.array_equal(after["values"][key], value), f"{key} changed"
@@ -295,3 +317,71 @@ def test_malicious_pickle_never_reaches_the_model(backend: Any, loaded: tuple[An
     _assert_same(before, backend.snapshot(model))
     assert not marker.exists()
     STATS.count(f"transactional-{backend.name}", 2)
+
+
+@pytest.fixture
+def merged(loaded: tuple[Any, Path]) -> tuple[Any, Path]:
+    """The model with ``a`` loaded and merged into the base weights."""
+    model, good = loaded
+    adapterspec.merge_adapters(model)
+    return model, good
+
+
+@pytest.mark.parametrize("activate", [True, False], ids=["activate", "inactive"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_failed_load_keeps_a_merged_adapter_merged(backend: Any, merged: tuple[Any, Path], tmp_path: Path, case: str,
+                                                   activate: bool) -> None:
+    """The rollback restored the active set through the backend's set_active, which unmerges first: ``a`` came out
+    unmerged (its kernels changed by the refused load, 0.18 on the prober's torch model)."""
+    model, good = merged
+    source = BAD[case][0](tmp_path / "bad")
+    if source is None or isinstance(source, tuple):
+        source = tmp_path / "bad"
+    before = backend.snapshot(model)
+    assert before["merged"][0] == ["a"]
+    with pytest.raises(adapterspec.AdapterSpecError):
+        adapterspec.load_adapter(model, source, "b", activate=activate)
+    _assert_same(before, backend.snapshot(model))
+
+
+def test_failed_load_of_a_set_keeps_a_merged_adapter_merged(backend: Any, merged: tuple[Any, Path],
+                                                            tmp_path: Path) -> None:
+    """Adapters of a multi-adapter folder (read_adapters) loaded one by one: the one the model refuses leaves ``a``
+    merged and the adapters loaded before it as they were."""
+    model, _ = merged
+    wide = {**tensors(2), Q_A: np.arange(10, dtype=np.float32).reshape(2, 5) / 10}  # in_features 5: the model has 3
+    folder = adapterspec.write_adapters(tmp_path / "set", {"default": (CONFIG, tensors(1), None),
+                                                           "wide": (CONFIG, wide, None)})
+    adapters = adapterspec.read_adapters(folder)
+    adapterspec.load_adapter(model, adapters["default"], "c", activate=False)
+    before = backend.snapshot(model)
+    with pytest.raises(adapterspec.ShapeMismatchError):
+        adapterspec.load_adapter(model, adapters["wide"], "wide")
+    _assert_same(before, backend.snapshot(model))
+
+
+@pytest.mark.parametrize("config", [{**CONFIG, "target_modules": ["zz"]}, {**CONFIG, "r": 0}],
+                         ids=["no-target", "bad-config"])
+def test_refused_inject_keeps_a_merged_adapter_merged(backend: Any, merged: tuple[Any, Path],
+                                                      config: dict[str, Any]) -> None:
+    """inject_adapter's refusals (a target matching nothing, a bad config) leave ``a`` merged too."""
+    model, _ = merged
+    before = backend.snapshot(model)
+    with pytest.raises(adapterspec.AdapterSpecError):
+        adapterspec.inject_adapter(model, config, "b")
+    _assert_same(before, backend.snapshot(model))
+
+
+@pytest.mark.parametrize("case", ["in_features disagree with the model", "missing key", "module the model lacks"])
+def test_failed_trainable_load_keeps_the_trainable_flags(backend: Any, tmp_path: Path, case: str) -> None:
+    """A refused trainable load beside a trainable adapter ``a``: every variable's trainable flag, ``a``'s included,
+    is what it was (the base frozen for ``a`` stays frozen)."""
+    model = backend.model()
+    good = adapterspec.write_adapter(tmp_path / "good", CONFIG, tensors(0))
+    adapterspec.load_adapter(model, good, "a", trainable=True)
+    source = BAD[case][0](tmp_path / "bad")
+    before = backend.snapshot(model)
+    assert any(flag for _, flag in before["trainable"]) and not all(flag for _, flag in before["trainable"])
+    with pytest.raises(adapterspec.AdapterSpecError):
+        adapterspec.load_adapter(model, source, "b", trainable=True)
+    _assert_same(before, backend.snapshot(model))

@@ -52,6 +52,33 @@ def test_shape_mismatch_rolls_back(llama_with_adapter: Any, checkpoints: Any, to
            lambda: adapterspec.load_adapter(llama_with_adapter, folder, "de"), token_ids)
 
 
+def _merged_flags(model: Any) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The model's merged adapters, and each adapted module's."""
+    from adapterspec_keras.switch import get_state
+
+    state = get_state(model)
+    assert state is not None
+    return list(state.merged), sorted((layer.site.path, layer.merged) for layer in state.adapter_layers.values())
+
+
+@pytest.mark.parametrize("activate", [True, False], ids=["activate", "inactive"])
+def test_shape_mismatch_keeps_a_merged_adapter_merged(llama_with_adapter: Any, checkpoints: Any, token_ids: np.ndarray,
+                                                      tmp_path: Path, activate: bool) -> None:
+    """The rollback restored the active set with set_active, which unmerges first: "fr" came out unmerged (its delta
+    taken out of the kernels), silently. Now every variable is the same to the bit, "fr" merged, the logits equal."""
+    model = llama_with_adapter
+    adapterspec.merge_adapters(model)
+    tensors = _valid_tensors(checkpoints)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    tensors[key] = np.zeros((2, 129), np.float32)  # down_proj takes 128 inputs
+    folder = adapterspec.write_adapter(tmp_path / "bad", LORA, tensors)
+    flags = _merged_flags(model)
+    assert flags[0] == ["fr"] and all(merged == ["fr"] for _, merged in flags[1])
+    _fails(model, adapterspec.ShapeMismatchError, "down_proj",
+           lambda: adapterspec.load_adapter(model, folder, "de", activate=activate), token_ids)
+    assert _merged_flags(model) == flags
+
+
 def test_module_missing_from_the_keras_model_rolls_back(llama_with_adapter: Any, checkpoints: Any,
                                                         token_ids: np.ndarray, tmp_path: Path) -> None:
     tensors = _valid_tensors(checkpoints)

@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 
 import adapterspec  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from torch_helpers import assert_same_snapshot, fresh, peft_reference, snapshot  # noqa: E402
+from torch_helpers import assert_same_snapshot, fresh, logits, peft_reference, snapshot  # noqa: E402
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -38,6 +38,28 @@ def model_with_adapter(llama: Any, tmp_path: Any) -> Any:
     model = fresh(llama)
     adapterspec.load_adapter(model, tmp_path / "first", "first")
     return model
+
+
+@pytest.fixture
+def model_with_merged(llama: Any, tmp_path: Any) -> Any:
+    """A model whose LoRA ``first`` (non-zero B, on q_proj as the bad folders' adapter) is merged into the base."""
+    from peft import LoraConfig
+
+    peft_reference(llama, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                     init_lora_weights=False), tmp_path / "first")
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "first", "first")
+    adapterspec.merge_adapters(model)
+    return model
+
+
+def _merged_flags(model: Any) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The model's merged adapters, and each adapted module's."""
+    from adapterspec_torch.switch import get_state
+
+    state = get_state(model)
+    return (list(state.merged) if state is not None else [],
+            [(n, m.merged_adapters) for n, m in model.named_modules() if hasattr(m, "merged_adapters")])
 
 
 def _variant(good: Any, tmp_path: Any, edit: Any) -> Any:
@@ -87,6 +109,28 @@ def test_bad_folder_leaves_model_untouched(model_with_adapter: Any, good: Any, t
     # and the model still works with the good folder afterwards
     adapterspec.load_adapter(model_with_adapter, good, "second")
     assert adapterspec.active_adapters(model_with_adapter) == ["second"]
+
+
+@pytest.mark.parametrize("activate", [True, False], ids=["activate", "inactive"])
+@pytest.mark.parametrize(("edit", "error"), [(_drop_module, adapterspec.MissingTensorError),
+                                             (_widen, adapterspec.ShapeMismatchError),
+                                             (_extra_layer, adapterspec.TargetNotFoundError),
+                                             (_untargeted, adapterspec.UnexpectedTensorError)],
+                         ids=["missing", "shape", "absent-module", "untargeted"])
+def test_bad_folder_keeps_a_merged_adapter_merged(model_with_merged: Any, good: Any, tmp_path: Any, token_inputs: Any,
+                                                  edit: Any, error: type, activate: bool) -> None:
+    """The rollback restored the active set with set_active, which unmerges first: ``first`` came out unmerged
+    (its delta taken out of the base weights, 0.0088 on q_proj; it ran unmerged again, logits 1.5e-7 off), silently.
+    Now every weight is the same to the bit, ``first`` merged on every module, the logits equal."""
+    model = model_with_merged
+    bad = _variant(good, tmp_path, edit)
+    before, flags, out = snapshot(model), _merged_flags(model), logits(model, token_inputs)
+    assert flags[0] == ["first"] and flags[1] and all(merged == ["first"] for _, merged in flags[1])
+    with pytest.raises(error):
+        adapterspec.load_adapter(model, bad, "second", activate=activate)
+    assert_same_snapshot(model, before)
+    assert _merged_flags(model) == flags
+    assert torch.equal(logits(model, token_inputs), out)
 
 
 def test_targets_matching_nothing_are_named_by_their_field(llama: Any) -> None:
