@@ -408,7 +408,7 @@ def _not_a_folder(path: Path) -> FileFormatError:
         is_file = path.is_file()
     except (OSError, ValueError):
         is_file = False
-    if is_file:  # a diffusers/kohya LoRA file and a weights file are named as such
+    if is_file:  # a diffusers/kohya/mlx-lm LoRA file and a weights file are named as such
         return _foreign.file_error(path, CONFIG_NAME, hint=f"pass the folder holding {CONFIG_NAME} and "
                                    f"{SAFETENSORS_NAME}; check a config file alone with validate_config or "
                                    "'adapterspec validate'")

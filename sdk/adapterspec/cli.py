@@ -327,7 +327,7 @@ def inspect_adapter(target: str, *, allow_pickle: bool = False) -> dict[str, Any
     path = _local(target)
     if _is_file(path):
         if path.name not in FOLDER_FILES - {MANIFEST_NAME}:
-            raise _foreign.file_error(path, CONFIG_NAME, hint=INSPECT_TAKES)  # a diffusers/kohya file named so
+            raise _foreign.file_error(path, CONFIG_NAME, hint=INSPECT_TAKES)  # a diffusers/kohya/mlx-lm file named so
         path = path.parent
     adapter = read_adapter(path, allow_pickle=allow_pickle)
     cfg = adapter.config

@@ -46,6 +46,7 @@ from ._rules import (
     unsupported_features,
     velora_state_size,
 )
+from ._foreign import config_error
 from ._lfs import lfs_pointer_error
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
@@ -320,6 +321,9 @@ _VALID_LOCK = threading.Lock()
 
 def _validate(data: Mapping[str, Any], *, strict: bool, path: str | None) -> list[str]:
     check_version(data.get("adapterspec_version"), path=path)
+    foreign = config_error(data, path=path)  # mlx-lm's config: "add the field 'peft_type'" would load nothing
+    if foreign is not None:
+        raise foreign
     errors = config_errors(data, path=path)
     if errors:
         raise errors[0]

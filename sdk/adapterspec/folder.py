@@ -823,7 +823,7 @@ def _listing(folder: Path, snapshot: _snapshot.Snapshot) -> tuple[dict[str, Path
             found[sub.name] = sub
     if not found:
         foreign = _foreign.folder_error(folder, CONFIG_NAME) if _access.is_dir(folder) else None
-        if foreign is not None:  # a diffusers/kohya LoRA file: say what it is, not "no adapter here"
+        if foreign is not None:  # a diffusers/kohya/mlx-lm LoRA file: say what it is, not "no adapter here"
             raise foreign
         raise AdapterNotFoundError(f"no {CONFIG_NAME} in the folder or its subfolders", path=folder,
                                    hint=_staging.missing_config_hint(

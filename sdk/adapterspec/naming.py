@@ -185,7 +185,7 @@ def parse_key(key: str, peft_type: str, config: Mapping[str, Any] | None = None,
         if key == shared_key(param):
             return TensorName(key, "", param, "shared")
     if not key.startswith(PEFT_PREFIX):
-        raise _unprefixed(key, peft_type)
+        raise _unprefixed(key, peft_type, config, with_model)
     rest = key[len(PEFT_PREFIX):]
     name = _method_tensor(key, rest, peft_type)
     if name is None:
@@ -279,13 +279,22 @@ def _auxiliary(key: str, rest: str, config: Mapping[str, Any], with_model: bool)
     return None
 
 
-def _unprefixed(key: str, peft_type: str) -> UnexpectedTensorError:
+def _unprefixed(key: str, peft_type: str, config: Mapping[str, Any] | None,
+                with_model: bool) -> UnexpectedTensorError:
+    """The refusal of a key without :data:`PEFT_PREFIX`: prefixing it is the fix offered only where the prefixed
+    key is one of the method's (a diffusers/kohya/mlx-lm key is named as such; another says what else is wrong)."""
     if key == PROMPT_KEY:
         return UnexpectedTensorError(f"{PROMPT_KEY!r} is the tensor of prefix/prompt tuning, not of {peft_type}",
                                      key=key, hint="check peft_type in the config, or remove the tensor")
-    foreign = key_error(key, PEFT_PREFIX)  # a diffusers/kohya key: prefixing it would not make it load
+    foreign = key_error(key, PEFT_PREFIX)  # a diffusers/kohya/mlx-lm key: prefixing it would not make it load
     if foreign is not None:
         return foreign
+    try:
+        parse_key(PEFT_PREFIX + key, peft_type, config, with_model=with_model)
+    except UnexpectedTensorError as prefixed:
+        return UnexpectedTensorError(
+            f"key does not start with {PEFT_PREFIX!r}, nor would it be a {peft_type} tensor with it: "
+            f"{prefixed.message}", key=key, hint=prefixed.hint)
     return UnexpectedTensorError(
         f"key does not start with {PEFT_PREFIX!r} (PEFT would only warn 'Found missing adapter keys' and leave "
         "the adapter at its random initialisation)",
@@ -293,6 +302,9 @@ def _unprefixed(key: str, peft_type: str) -> UnexpectedTensorError:
 
 
 def _unaccounted(key: str, rest: str, peft_type: str) -> UnexpectedTensorError:
+    foreign = key_error(key, PEFT_PREFIX)  # a kohya or mlx-lm key prefixed: not to be saved whole
+    if foreign is not None:
+        return foreign
     expected = ", ".join(PARAMETERS.get(peft_type, ())) or "none"
     param = rest.rpartition(".")[2]
     if rest.endswith("." + TRAINABLE_TOKENS_PARAM):

@@ -141,3 +141,116 @@ def test_peft_keys_without_the_prefix_keep_their_hint(tmp_path: Path) -> None:
     first = adapterspec.validate_adapter(folder)[0]
     assert first.hint == "prefix every key with 'base_model.model.': 'base_model.model.model.q.lora_A.weight'"
     shutil.rmtree(folder)
+
+
+# -- mlx-lm adapters ----------------------------------------------------------------------------------------------
+#: The adapter_config.json mlx_lm.lora wrote for a real adapter (Rmonofee1122/mlx-data), paths shortened.
+MLX_CONFIG = {"adapter_path": "adapters", "batch_size": 1, "config": None, "data": "data", "fine_tune_type": "lora",
+              "grad_checkpoint": False, "iters": 3000, "learning_rate": 0.0001,
+              "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 10.0}, "lr_schedule": None,
+              "mask_prompt": False, "max_seq_length": 2048, "model": "models/Llama-3.3-Swallow-70B-v0.4",
+              "num_layers": 16, "optimizer": "adam", "optimizer_config": {"adam": {}, "adamw": {}},
+              "resume_adapter_file": None, "save_every": 100, "seed": 0, "steps_per_eval": 200,
+              "steps_per_report": 10, "test": False, "test_batches": 500, "train": True, "val_batches": 25}
+#: An older mlx-lm's config (before fine_tune_type): lora_layers and lora_parameters.
+OLD_MLX_CONFIG = {"model": "mlx-community/Mistral-7B-v0.1", "train": True, "data": "data", "seed": 0,
+                  "lora_layers": 16, "batch_size": 4, "iters": 1000, "adapter_path": "adapters",
+                  "lora_parameters": {"keys": ["self_attn.q_proj", "self_attn.v_proj"], "rank": 8, "alpha": 16.0,
+                                      "scale": 10.0, "dropout": 0.0}}
+Q = "model.layers.0.self_attn.q_proj"
+MLX = {f"{Q}.lora_a": (64, 8), f"{Q}.lora_b": (8, 64)}  # mlx-lm's LoRALinear: lora_a is [in, r]
+MLX_FIX = "mlx_lm.fuse --model <base model> --adapter-path"
+
+
+def _mlx_folder(path: Path, config: dict[str, object] | None = MLX_CONFIG) -> Path:
+    _save(path / "adapters.safetensors", MLX)
+    if config is not None:
+        (path / "adapter_config.json").write_text(json.dumps(config, indent=4))
+    return path
+
+
+@pytest.mark.parametrize("config", [MLX_CONFIG, OLD_MLX_CONFIG], ids=["fine_tune_type", "lora_parameters"])
+def test_an_mlx_lm_adapter_folder_is_named_as_such(config: dict[str, object], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "'peft_type' is a required property (fix: add the field 'peft_type')": adding it loads nothing (the
+    weights are adapters.safetensors, keys lora_a [in, r] / lora_b). read_adapter (load_adapter's reader), validate
+    (the folder, its config alone, the dict) and inspect name it an mlx-lm adapter, with mlx-lm's own tools as fix."""
+    folder = _mlx_folder(tmp_path / "adapter1", config)
+    marker = "fine_tune_type" if "fine_tune_type" in config else "lora_parameters"
+    with pytest.raises(adapterspec.ConfigError) as info:
+        adapterspec.read_adapter(folder)
+    error = info.value
+    assert error.pointer == f"/{marker}" and error.path == str(folder / "adapter_config.json")
+    assert error.message.startswith(f"an mlx-lm adapter config ({marker}), not a PEFT adapter_config.json"), error
+    assert "peft_type" in error.message and "add the field" not in (error.hint or "")
+    assert MLX_FIX in (error.hint or "") and "mlx_lm.load(" in (error.hint or "")
+    with pytest.raises(adapterspec.ConfigError) as again:
+        adapterspec.validate_config(config)
+    assert (again.value.pointer, again.value.message, again.value.hint) == (error.pointer, error.message, error.hint)
+    for target in (folder, folder / "adapter_config.json"):
+        code, out = _validate(capsys, target)
+        assert code == 1 and "an mlx-lm adapter config" in out and MLX_FIX in out and "add the field" not in out
+        assert out.count("mlx-lm adapter config") == 1, out  # the one problem, not the schema's list after it
+    assert main(["inspect", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "an mlx-lm adapter config" in err and MLX_FIX in err
+
+
+def test_a_peft_config_with_mlx_lm_fields_is_read_as_peft(tmp_path: Path) -> None:
+    """Only a config without peft_type is mlx-lm's: one with it (and a field mlx-lm also writes) is PEFT's."""
+    config = adapterspec.AdapterConfig.from_dict({**CONFIG, "lora_parameters": {"rank": 4}})
+    assert config.peft_type == "LORA"
+    with pytest.raises(adapterspec.ConfigError) as info:
+        adapterspec.validate_config({"r": 4, "target_modules": ["q"]})
+    assert info.value.hint == "add the field 'peft_type'"
+
+
+def test_mlx_lm_weights_without_their_config_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """adapters.safetensors alone (the folder, or the file given for it) is named an mlx-lm file with a key."""
+    folder = _mlx_folder(tmp_path / "weights_only", config=None)
+    for target, start in ((folder, "no adapter_config.json in the folder: it holds adapters.safetensors, an mlx-lm "),
+                          (folder / "adapters.safetensors", "an mlx-lm ")):
+        with pytest.raises(FileFormatError) as info:
+            adapterspec.read_adapter(target)
+        message = info.value.message
+        assert message.startswith(start) and f"(keys such as '{Q}.lora_a')" in message, message
+        assert "load_lora_weights" not in (info.value.hint or "") and MLX_FIX in (info.value.hint or "")
+        code, out = _validate(capsys, target)
+        assert code == 1 and "mlx-lm" in out and MLX_FIX in out
+    assert main(["inspect", str(folder / "adapters.safetensors")]) == 1
+    assert "an mlx-lm LoRA file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", ["", "base_model.model."], ids=["bare", "prefixed"])
+def test_mlx_lm_keys_under_a_peft_config_are_named_as_such(prefix: str, tmp_path: Path) -> None:
+    """mlx-lm's weights renamed adapter_model.safetensors next to a PEFT config: "prefix every key with
+    'base_model.model.'" was offered for keys that would not load prefixed either (lora_a is no PEFT suffix; a
+    prefixed one was told to go to modules_to_save)."""
+    folder = tmp_path / "renamed"
+    _save(folder / "adapter_model.safetensors", {prefix + key: shape for key, shape in MLX.items()})
+    (folder / "adapter_config.json").write_text(json.dumps({**CONFIG, "r": 8, "target_modules": ["q_proj"]}))
+    errors = adapterspec.validate_adapter(folder)
+    first = errors[0]
+    assert isinstance(first, UnexpectedTensorError) and first.key == f"{prefix}{Q}.lora_a"
+    assert first.message.startswith("an mlx-lm LoRA key (lora_a/lora_b, lora_a stored [in, r]), not PEFT's"), first
+    assert "prefix every key" not in (first.hint or "") and MLX_FIX in (first.hint or "")
+    assert "modules_to_save" not in (first.hint or "")
+
+
+def test_an_unprefixed_key_that_would_not_parse_prefixed_gets_no_prefix_hint(tmp_path: Path) -> None:
+    """Prefixing is offered only where the prefixed key is a tensor of the method; otherwise the error says what
+    else is wrong with it."""
+    folder = tmp_path / "bare"
+    _save(folder / "adapter_model.safetensors", {"model.q.lora_A.weight": (4, 8), "model.q.lora_B.weight": (8, 4),
+                                                 "model.q.scaling": (1,)})
+    (folder / "adapter_config.json").write_text(json.dumps({**CONFIG, "target_modules": ["q"]}))
+    errors = {e.key: e for e in adapterspec.validate_adapter(folder)}
+    assert errors["model.q.lora_A.weight"].hint == ("prefix every key with 'base_model.model.': "
+                                                    "'base_model.model.model.q.lora_A.weight'")
+    odd = errors["model.q.scaling"]
+    assert "prefix" not in (odd.hint or "") and odd.hint == "remove the tensor, or add its module to modules_to_save"
+    assert odd.message == ("key does not start with 'base_model.model.', nor would it be a LORA tensor with it: "
+                           "not a LORA parameter (expected a key ending in one of: lora_A.weight, lora_B.weight, "
+                           "lora_B.bias, lora_embedding_A, lora_embedding_B, lora_magnitude_vector, "
+                           "lora_velora_embed) nor an auxiliary tensor the config accounts for (modules_to_save, "
+                           "bias, trainable_token_indices)"), odd.message
