@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -41,6 +41,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import factor_rank, frozen_params
 from adapterspec._merge import rounds_delta_first
+from adapterspec._mix import TOKEN_ROWS, Running
 from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
@@ -708,6 +709,12 @@ class AdapterLayer:
     def layouts(self, name: str) -> dict[str, Layout]:
         """Spec parameter name -> its :class:`Layout`, for adapter ``name``."""
         return dict(self._slots[name].layouts)
+
+    def running_of(self, names: Sequence[str]) -> list[Running]:
+        """The adapters of ``names`` this layer holds, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
+        whether they may run together."""
+        return [Running(n, TOKEN_ROWS if slot.method == tokens.TOKENS else slot.method, slot.use_dora, slot.indices)
+                for n in names if (slot := self._slots.get(n)) is not None]
 
     def set_active(self, names: list[str]) -> None:
         """Run exactly these adapters (those this layer holds), in this order."""

@@ -29,6 +29,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._mix import SAVED_WHOLE, Running
 from adapterspec.errors import UnsupportedError
 
 from .bank import AdapterBank, GroupKey, Ref
@@ -397,17 +398,10 @@ class ModulesToSaveLayer:
         """Never in a patched ``call``: the copy is in the variables."""
         return False
 
-    def check_active(self, names: list[str]) -> None:
-        """Refuse, before anything changes, two active adapters with a copy here when one is LN tuning's (PEFT runs
-        one LN tuning adapter per layer at a time, SPEC.md 15.3).
-
-        :raises UnsupportedError: naming the module.
-        """
-        holders = [n for n in names if n in self._refs]
-        if len(holders) > 1 and any(self._prefixes[n] for n in holders):
-            raise UnsupportedError(f"LN tuning runs one adapter at a time on a layer: {holders} would all be active "
-                                   f"on {self.site.path!r}", key=self.site.path,
-                                   hint="activate one of them (set_active_adapters)")
+    def running_of(self, names: list[str]) -> list[Running]:
+        """The adapters of ``names`` holding a copy here, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
+        whether they may run together (one copy runs at a time; PEFT 0.21 refuses more, SPEC.md 15.3)."""
+        return [Running(n, SAVED_WHOLE) for n in names if n in self._refs]
 
     def check_merge(self, names: list[str]) -> None:
         """Refuse merging an LN tuning copy that is not the one running (PEFT merges one at a time; merging only

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from adapterspec import AdapterConfig
 from adapterspec._merge import base_load_refusal
+from adapterspec._mix import mix_refusal
 from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
@@ -43,6 +44,7 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "check_base_loadable",
+    "check_mix",
     "check_optimizer",
     "delete",
     "get_state",
@@ -371,7 +373,7 @@ def set_active(model: Any, adapter_names: list[str]) -> None:
     """Make exactly ``adapter_names`` active (several add up; ``[]`` disables), unmerging first.
 
     :raises AdapterNotFoundError: a name is not loaded (nothing changes).
-    :raises UnsupportedError: two LN tuning adapters would run on one layer (nothing changes).
+    :raises UnsupportedError: adapters that may not run together on one layer (:func:`check_mix`); nothing changes.
 
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
@@ -380,10 +382,7 @@ def set_active(model: Any, adapter_names: list[str]) -> None:
     if state is None:
         return
     active = list(dict.fromkeys(adapter_names))
-    for layer in state.adapter_layers.values():
-        check = getattr(layer, "check_active", None)  # LN tuning: one adapter per layer (SPEC.md 15.3)
-        if check is not None:
-            check(active)
+    check_mix(state, active)
     if state.merged:
         unmerge(model)
     state.active = active
@@ -391,6 +390,23 @@ def set_active(model: Any, adapter_names: list[str]) -> None:
         layer.set_active(state.active)
     park_inactive(state)
     invalidate(model)
+
+
+def check_mix(state: ModelState, names: list[str]) -> None:
+    """Refuse adapters ``names`` that may not run together on one of the model's layers (the SDK's
+    :func:`~adapterspec._mix.mix_refusal`, SPEC.md 8.9: IA3, OFT/BOFT or DoRA with another method, two copies of a
+    module saved whole -- LN tuning's too --, two adapters replacing one token row), before anything changes.
+
+    :raises UnsupportedError: naming the adapters and the module.
+    """
+    if len(names) < 2:
+        return
+    for layer in state.adapter_layers.values():
+        running_of = getattr(layer, "running_of", None)  # adapter layers and modules saved whole
+        if running_of is not None:
+            refusal = mix_refusal(layer.site.path, running_of(names))
+            if refusal is not None:
+                raise refusal
 
 
 def park_inactive(state: ModelState) -> None:
@@ -454,8 +470,9 @@ def merge(model: Any, adapter_names: list[str]) -> None:
     """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or what a layer cannot merge exactly
-        (:meth:`~adapterspec_keras.layers.AdapterLayer.check_merge`); nothing changes then.
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta), what a layer cannot merge exactly
+        (:meth:`~adapterspec_keras.layers.AdapterLayer.check_merge`), or adapters that may not run together on one
+        layer (:func:`check_mix`: the merged ones, those to merge and the active ones); nothing changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
@@ -484,6 +501,7 @@ def merge(model: Any, adapter_names: list[str]) -> None:
                              and any(n in todo for n in layer.adapter_names())])
     if refusal is not None:  # SPEC.md 8.9
         raise refusal
+    check_mix(state, list(dict.fromkeys([*state.active, *state.merged, *todo])))
     remember_base(state, todo)
     for layer in state.adapter_layers.values():
         layer.merge(todo)

@@ -8,7 +8,10 @@ canonical keys come from them directly.
 
 When one module holds adapters of several methods, a forward pass applies IA3's input scaling, the
 base layer, IA3's output scaling, then adds the LoRA/LoHa/LoKr terms in the active order (PEFT puts
-one method on a module at a time; for one method this is PEFT's computation).
+one method on a module at a time; for one method this is PEFT's computation). Mixes whose result would
+depend on the order -- IA3, OFT/BOFT or DoRA with another method, two copies of a module saved whole, two
+adapters replacing one token row -- are refused when activated or merged (``running_of`` feeds the SDK's
+:func:`~adapterspec._mix.mix_refusal`).
 
 >>> import torch
 >>> from adapterspec import AdapterConfig, LoadOptions
@@ -36,6 +39,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import factor_rank, frozen_params
 from adapterspec._merge import rounds_delta_first
 from adapterspec._method_checks import factorization
+from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
@@ -810,6 +814,12 @@ class AdapterLayer(nn.Module):
         return {param: params[attr] if attr in params else pending[attr]
                 for param, attr in self._specs[name].names.items()}
 
+    def running_of(self, names: Sequence[str]) -> list[Running]:
+        """The adapters of ``names`` this layer holds, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
+        whether they may run together."""
+        return [Running(n, TOKEN_ROWS if spec.method == TOKENS else spec.method, spec.use_dora, spec.indices)
+                for n in names if (spec := self._specs.get(n)) is not None]
+
     def set_active(self, names: Sequence[str]) -> None:
         """Run exactly these adapters (those this layer holds) in ``forward``.
 
@@ -1380,7 +1390,8 @@ class AdapterLayer(nn.Module):
 
 
 class ModulesToSaveLayer(nn.Module):
-    """A module saved whole: the original plus one copy per adapter; the first active adapter's copy runs.
+    """A module saved whole: the original plus one copy per adapter; the active adapter's copy runs (two adapters
+    with a copy are refused when activated together, :meth:`running_of`).
 
     :param original_module: the module as it was (kept, never modified).
 
@@ -1482,6 +1493,12 @@ class ModulesToSaveLayer(nn.Module):
         prefix = self._prefixes.get(name, "")
         return {prefix + key: value for key, value in self.modules_to_save[name].state_dict(keep_vars=True).items()}
 
+    def running_of(self, names: Sequence[str]) -> list[Running]:
+        """The adapters of ``names`` holding a copy here, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
+        whether they may run together (one copy runs at a time)."""
+        copies = self._modules["modules_to_save"]._modules
+        return [Running(n, SAVED_WHOLE) for n in names if n in copies]
+
     def set_active(self, names: Sequence[str]) -> None:
         """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
         self._switch.names = tuple(names)
@@ -1499,10 +1516,7 @@ class ModulesToSaveLayer(nn.Module):
         return self._active()[1]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        name, module = self._active()
-        if self._prefixes and sum(n in self.modules_to_save for n in self._switch.names) > 1:
-            raise UnsupportedError("LN tuning runs one adapter's copy of a layer at a time (PEFT 0.21 refuses more)",
-                                   key=name, hint="activate one LN tuning adapter")
+        name, module = self._active()  # one copy: two active ones are refused when activated (running_of)
         dtype = self._casts.get(name) if name is not None and self._casts else None
         if dtype is None:
             return module(*args, **kwargs)

@@ -21,6 +21,7 @@ import torch
 
 from adapterspec import AdapterConfig
 from adapterspec._merge import base_load_refusal
+from adapterspec._mix import mix_refusal
 from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError, UnsupportedError
 
@@ -33,6 +34,7 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "check_base_loadable",
+    "check_mix",
     "delete",
     "get_state",
     "merge",
@@ -215,7 +217,8 @@ def set_active(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     """Make exactly ``adapter_names`` active (several add up; ``[]`` disables), unmerging first.
 
     :raises AdapterNotFoundError: a name is not loaded (nothing changes).
-    :raises UnsupportedError: two prefix/prompt-tuning adapters at once.
+    :raises UnsupportedError: two prefix/prompt-tuning adapters at once, or adapters that may not run together on
+        one layer (:func:`check_mix`); nothing changes.
 
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
@@ -231,9 +234,26 @@ def set_active(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     if len(prompts) > 1:
         raise UnsupportedError(f"only one prefix/prompt-tuning adapter can be active at a time, got {prompts}",
                                key=prompts[1], hint="activate one of them (with any number of layer adapters)")
+    check_mix(state, names)
     if state.merged:
         unmerge(model)
     state.switch.names = names
+
+
+def check_mix(state: ModelState, names: Sequence[str]) -> None:
+    """Refuse adapters ``names`` that may not run together on one of the model's layers (the SDK's
+    :func:`~adapterspec._mix.mix_refusal`, SPEC.md 8.9: IA3, OFT/BOFT or DoRA with another method, two copies of a
+    module saved whole, two adapters replacing one token row), before anything changes.
+
+    :raises UnsupportedError: naming the adapters and the module.
+    """
+    if len(names) < 2:
+        return
+    for own, layer in state.wrappers.items():
+        if isinstance(layer, (AdapterLayer, ModulesToSaveLayer)):
+            refusal = mix_refusal(own, layer.running_of(names))
+            if refusal is not None:
+                raise refusal
 
 
 def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
@@ -275,8 +295,9 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
     """Add the adapters' weight deltas into the base weights, in place; the forward then skips them.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: prefix/prompt tuning (no weight delta), or what a layer cannot merge
-        (:meth:`~adapterspec_torch.layers.AdapterLayer.check_merge`); nothing changes then.
+    :raises UnsupportedError: prefix/prompt tuning (no weight delta), what a layer cannot merge
+        (:meth:`~adapterspec_torch.layers.AdapterLayer.check_merge`), or adapters that may not run together on one
+        layer (:func:`check_mix`: the merged ones, those to merge and the active ones); nothing changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
@@ -309,6 +330,7 @@ def merge(model: torch.nn.Module, adapter_names: Sequence[str]) -> None:
                              for own, layer in _wrappers(model, state, name) if isinstance(layer, AdapterLayer)])
     if refusal is not None:  # SPEC.md 8.9
         raise refusal
+    check_mix(state, list(dict.fromkeys([*state.switch.names, *state.merged, *todo])))
     for name in adapter_names:
         if name in state.merged:
             continue

@@ -400,3 +400,180 @@ def test_training_a_merged_adapter_is_refused(checkpoints: Any, token_ids: np.nd
         model.fit(keras_inputs(token_ids), np.roll(token_ids, -1, axis=1), epochs=1, batch_size=2, verbose=0)
     assert "unmerge_adapters" in (info.value.hint or "")
     assert_same_snapshot(before, snapshot(model))
+
+
+# -- which adapters may run together on one layer (SPEC.md 8.9), as the torch backend --------------------------
+
+_ROW_IDS = np.array([[1, 5, 7, 2, 9, 11, 3, 40, 5], [11, 9, 2, 7, 5, 1, 60, 70, 80]])  # rows 1, 2, 5, 7, 9, 11
+
+
+def _saved(checkpoint: Path, out: Path, config: Any, salt: int) -> Path:
+    """A PEFT adapter of ``checkpoint`` with element-unique values in every tensor (LoHa/LoKr factors, copies of
+    modules saved whole and token rows too), saved to ``out``."""
+    import warnings
+
+    import torch
+    from keras_helpers import hf_model, unique_values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(hf_model(checkpoint), config)
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(peft_model.named_parameters())):
+            shape, salt_i = tuple(param.shape), salt + index
+            if "ia3_l" in name:
+                value = unique_values(shape, salt_i, around=1.0, scale=0.3)
+            elif "lora_magnitude_vector" in name:
+                value = param.numpy() * unique_values(shape, salt_i, around=1.0, scale=0.2)
+            elif any(m in name for m in ("hada_", "lokr_", "modules_to_save", "trainable_tokens_delta")):
+                value = unique_values(shape, salt_i, scale=0.4)
+            elif "lora_" in name:
+                value = unique_values(shape, salt_i, scale=0.08)
+            else:
+                continue
+            param.copy_(torch.from_numpy(value))
+    peft_model.eval().save_pretrained(out)
+    return out
+
+
+def _peft(checkpoint: Path, folders: dict[str, Path], *, mixed: bool = False) -> Any:
+    import warnings
+
+    from keras_helpers import hf_model
+
+    names = list(folders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cls = peft.PeftMixedModel if mixed else peft.PeftModel
+        model = cls.from_pretrained(hf_model(checkpoint), str(folders[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval()
+
+
+def _ours(checkpoint: Path, folders: dict[str, Path]) -> Any:
+    model = keras_model("llama", checkpoint)
+    for name, folder in folders.items():
+        adapterspec.load_adapter(model, folder, adapter_name=name)
+    return model
+
+
+def _refused_at_activation_and_merge(model: Any, names: list[str], needle: str, module: str) -> None:
+    """``set_active_adapters(names)`` and ``merge_adapters(names)`` (from another active set) are refused, typed,
+    naming the adapters and the module, and change nothing."""
+    adapterspec.set_active_adapters(model, [names[0]])
+    before = snapshot(model)
+    for call in (lambda: adapterspec.set_active_adapters(model, names),
+                 lambda: adapterspec.merge_adapters(model, names)):
+        with pytest.raises(adapterspec.UnsupportedError, match=needle) as info:
+            call()
+        assert all(repr(n) in info.value.message for n in names), info.value.message
+        assert module in info.value.message and module in (info.value.key or "") and info.value.hint
+        assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("dora", [False, True])
+def test_ia3_with_another_method_on_one_layer_is_refused_at_activation(dora: bool, checkpoints: Any,
+                                                                       tmp_path: Path) -> None:
+    """PEFT refuses LoRA and IA3 together; Keras ran them (3.1e-2 off the torch backend, its merge 3.9e-2 off its
+    unmerged output in one order). Refused now, both orders, activated and merged; on disjoint layers they run
+    together, equal to PEFT's IA3 over the LoRA merged into the base."""
+    folder = checkpoints["llama"]
+    lora = _saved(folder, tmp_path / "lora", peft.LoraConfig(r=4, lora_alpha=8, use_dora=dora,
+                                                             target_modules=["q_proj", "v_proj", "down_proj"]), 0)
+    ia3 = _saved(folder, tmp_path / "ia3", peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                          feedforward_modules=["down_proj"]), 3000)
+    apart = _saved(folder, tmp_path / "apart", peft.IA3Config(target_modules=["k_proj", "up_proj"],
+                                                              feedforward_modules=["up_proj"]), 4000)
+    with pytest.raises(ValueError, match="different peft types"):
+        _peft(folder, {"lora": lora, "ia3": ia3})
+    model = _ours(folder, {"lora": lora, "ia3": ia3, "apart": apart})
+    for names in (["lora", "ia3"], ["ia3", "lora"]):
+        _refused_at_activation_and_merge(model, names, "IA3 adapter 'ia3' cannot run together", "v_proj")
+
+    merged = _peft(folder, {"lora": lora}).merge_and_unload()
+    reference = peft.PeftModel.from_pretrained(merged, str(apart)).eval()
+    for names in (["lora", "apart"], ["apart", "lora"]):
+        adapterspec.set_active_adapters(model, names)
+        assert_near(keras_logits(model, _ROW_IDS), torch_logits(reference, _ROW_IDS), msg=names)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_copies_of_a_module_saved_whole_are_refused_at_activation(checkpoints: Any, tmp_path: Path) -> None:
+    """Two adapters saving lm_head whole: PEFT raises 'Only one adapter can be set at a time'; Keras ran the first
+    active one's copy. Refused now, each alone equal to PEFT."""
+    folder = checkpoints["llama"]
+    a = _saved(folder, tmp_path / "a", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                       modules_to_save=["lm_head"]), 100)
+    c = _saved(folder, tmp_path / "c", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"],
+                                                       modules_to_save=["lm_head"]), 300)
+    reference = _peft(folder, {"a": a, "c": c})
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        reference.base_model.set_adapter(["a", "c"])
+    model = _ours(folder, {"a": a, "c": c})
+    for names in (["a", "c"], ["c", "a"]):
+        _refused_at_activation_and_merge(model, names, "runs one adapter at a time", "lm_head")
+    for name in ("a", "c"):
+        reference.base_model.set_adapter(name)
+        adapterspec.set_active_adapters(model, [name])
+        assert_near(keras_logits(model, _ROW_IDS), torch_logits(reference, _ROW_IDS), msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("form", ["trainable-tokens", "lora-token-indices"])
+def test_overlapping_token_rows_are_refused_disjoint_rows_compose_like_peft(form: str, checkpoints: Any,
+                                                                          tmp_path: Path) -> None:
+    """Two adapters replacing row 5 of embed_tokens: PEFT refuses; Keras let the last active one win. Refused now;
+    disjoint rows still run together, equal to PEFT's TRAINABLE_TOKENS composition in both orders."""
+    folder = checkpoints["llama"]
+
+    def config(rows: list[int], target: str) -> Any:
+        if form == "trainable-tokens":
+            return peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=rows)
+        return peft.LoraConfig(r=2, lora_alpha=4, target_modules=[target], trainable_token_indices=rows)
+
+    a = _saved(folder, tmp_path / "a", config([1, 5, 7], "q_proj"), 10)
+    b = _saved(folder, tmp_path / "b", config([2, 9], "v_proj"), 20)
+    c = _saved(folder, tmp_path / "c", config([5, 11], "k_proj"), 30)
+    model = _ours(folder, {"a": a, "b": b, "c": c})
+    for names in (["a", "c"], ["c", "a"]):
+        _refused_at_activation_and_merge(model, names, r"both replace rows \[5\]", "embed_tokens")
+    if form == "trainable-tokens":  # PEFT composes disjoint TRAINABLE_TOKENS rows (its LoRA form refuses any two)
+        reference = _peft(folder, {"a": a, "b": b})
+        for names in (["a", "b"], ["b", "a"]):
+            reference.base_model.set_adapter(names)
+            adapterspec.set_active_adapters(model, names)
+            assert_near(keras_logits(model, _ROW_IDS), torch_logits(reference, _ROW_IDS), msg=names)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("other", ["loha", "lokr"])
+def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_mixed(other: str, checkpoints: Any,
+                                                                                    tmp_path: Path) -> None:
+    """PEFT's PeftMixedModel nests its layers in load order (DoRA rescales a LoHa/LoKr loaded before it), Keras
+    applied the active order. Refused now (both load orders, both active orders); plain LoRA with LoHa/LoKr, and
+    DoRA with a LoHa/LoKr on other layers, equal PeftMixedModel in every order."""
+    folder = checkpoints["llama"]
+    make = peft.LoHaConfig if other == "loha" else peft.LoKrConfig
+    label = {"loha": "LoHa", "lokr": "LoKr"}[other]
+    folders = {
+        "dora": _saved(folder, tmp_path / "dora", peft.LoraConfig(r=3, lora_alpha=5, use_dora=True,
+                                                                  target_modules=["q_proj", "v_proj", "o_proj"]), 2000),
+        "lora": _saved(folder, tmp_path / "lora", peft.LoraConfig(r=4, lora_alpha=8,
+                                                                  target_modules=["q_proj", "v_proj"]), 0),
+        other: _saved(folder, tmp_path / other, make(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), 5000),
+        "apart": _saved(folder, tmp_path / "apart", make(r=2, alpha=4, target_modules=["k_proj", "up_proj"]), 6000),
+    }
+    for load in ([other, "dora"], ["dora", other]):
+        model = _ours(folder, {n: folders[n] for n in load})
+        for names in (load, load[::-1]):
+            _refused_at_activation_and_merge(model, names, f"DoRA adapter 'dora' cannot run together with {label} "
+                                                           f"adapter '{other}'", "q_proj")
+    for pair in ([other, "lora"], ["lora", other], ["dora", "apart"], ["apart", "dora"]):
+        reference = _peft(folder, {n: folders[n] for n in pair}, mixed=True)
+        model = _ours(folder, {n: folders[n] for n in pair})
+        for names in (pair, pair[::-1]):
+            reference.set_adapter(names)
+            adapterspec.set_active_adapters(model, names)
+            assert_near(keras_logits(model, _ROW_IDS), torch_logits(reference, _ROW_IDS), msg=names)

@@ -8,7 +8,7 @@ import pytest
 MODULES = ["adapterspec.targets", "adapterspec.config", "adapterspec.naming", "adapterspec.checks",
            "adapterspec.spec", "adapterspec.options", "adapterspec.adapter", "adapterspec.errors",
            "adapterspec._jsonpos", "adapterspec._regex", "adapterspec._rules", "adapterspec._oft", "adapterspec._vera",
-           "adapterspec._adalora", "adapterspec._moe",
+           "adapterspec._adalora", "adapterspec._moe", "adapterspec._mix",
            "adapterspec._tying", "adapterspec._lfs", "adapterspec._dispatch",
            "adapterspec.conformance.locations", "adapterspec._foreign"]
 

@@ -388,3 +388,171 @@ def test_merging_some_of_the_active_adapters_of_a_layer_refuses(llama: Any, toke
     alone = logits(model, token_inputs)
     adapterspec.merge_adapters(model, ["a"])  # "b" inactive: nothing stops
     assert_close(logits(model, token_inputs), alone)
+
+
+# -- which adapters may run together on one layer (SPEC.md 8.9) ------------------------------------------------
+
+_ROW_INPUTS = {"input_ids": torch.tensor([[1, 5, 7, 2, 9, 11, 3, 40, 5], [11, 9, 2, 7, 5, 1, 60, 70, 80]]),
+               "attention_mask": torch.ones(2, 9, dtype=torch.long)}  # hit the trainable rows 1, 2, 5, 7, 9, 11
+
+
+def _fill_rows(model: Any, salt: int) -> None:
+    """Element-unique adapter values, the trainable token rows too (PEFT starts them as the base rows)."""
+    from torch_helpers import unique_values
+
+    fill_adapter_weights(model, salt=salt, scale=0.08)
+    with torch.no_grad():
+        for index, (name, param) in enumerate(sorted(model.named_parameters())):
+            if "trainable_tokens_delta" in name:
+                param.copy_(unique_values(tuple(param.shape), salt + index, scale=0.5))
+
+
+def _saved(base: Any, tmp_path: Any, name: str, config: Any, salt: int) -> Any:
+    peft_reference(base, config, tmp_path / name, fill=lambda m: _fill_rows(m, salt))
+    return tmp_path / name
+
+
+def _ours(base: Any, folders: dict[str, Any]) -> Any:
+    model = fresh(base)
+    for name, folder in folders.items():
+        adapterspec.load_adapter(model, folder, name)
+    return model
+
+
+def _refused_at_activation_and_merge(model: Any, names: list[str], needle: str, module: str) -> None:
+    """``set_active_adapters(names)`` and ``merge_adapters(names)`` (from another active set) are refused, typed,
+    naming the adapters and the module, and change nothing."""
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    adapterspec.set_active_adapters(model, [names[0]])
+    before = snapshot(model)
+    for call in (lambda: adapterspec.set_active_adapters(model, names),
+                 lambda: adapterspec.merge_adapters(model, names)):
+        with pytest.raises(adapterspec.UnsupportedError, match=needle) as info:
+            call()
+        assert all(repr(n) in info.value.message for n in names), info.value.message
+        assert module in info.value.message and module in (info.value.key or "") and info.value.hint
+        assert_same_snapshot(model, before)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_ia3_with_another_method_on_one_layer_is_refused_at_activation(dora: bool, llama: Any, tmp_path: Any) -> None:
+    """PEFT refuses LoRA and IA3 together ('Cannot combine adapters with different peft types'; PeftMixedModel takes
+    no IA3); adapterspec ran them, its merge 3.9e-2 off its unmerged output in one order. Refused now, both orders,
+    when activated and when merged; on disjoint layers they still run together (each layer its own method): equal
+    to PEFT's IA3 over the LoRA merged into the base."""
+    from peft import IA3Config, LoraConfig, PeftModel
+
+    lora = _saved(llama, tmp_path, "lora", LoraConfig(r=4, lora_alpha=8, use_dora=dora,
+                                                      target_modules=["q_proj", "v_proj"]), 0)
+    ia3 = _saved(llama, tmp_path, "ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]), 3000)
+    apart = _saved(llama, tmp_path, "apart", IA3Config(target_modules=["k_proj", "down_proj"],
+                                                       feedforward_modules=["down_proj"]), 4000)
+    with pytest.raises(ValueError, match="different peft types"):
+        _peft_model(llama, {"lora": lora, "ia3": ia3})
+    model = _ours(llama, {"lora": lora, "ia3": ia3, "apart": apart})
+    for names in (["lora", "ia3"], ["ia3", "lora"]):
+        _refused_at_activation_and_merge(model, names, "IA3 adapter 'ia3' cannot run together", "v_proj")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(fresh(llama), str(lora)).merge_and_unload()
+        reference = PeftModel.from_pretrained(merged, str(apart)).eval()
+    expected = logits(reference, _ROW_INPUTS)
+    for names in (["lora", "apart"], ["apart", "lora"]):
+        adapterspec.set_active_adapters(model, names)
+        assert_close(logits(model, _ROW_INPUTS), expected)
+
+
+def test_two_copies_of_a_module_saved_whole_are_refused_at_activation(llama: Any, tmp_path: Any) -> None:
+    """Two adapters saving lm_head whole: PEFT raises 'Only one adapter can be set at a time for
+    ModulesToSaveWrapper'; adapterspec ran the first active one's copy (the two orders 9.87 apart). Refused now,
+    each alone equal to PEFT."""
+    from peft import LoraConfig
+
+    a = _saved(llama, tmp_path, "a", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                modules_to_save=["lm_head"]), 100)
+    c = _saved(llama, tmp_path, "c", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"],
+                                                modules_to_save=["lm_head"]), 300)
+    reference = _peft_model(llama, {"a": a, "c": c})
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        reference.base_model.set_adapter(["a", "c"])
+    model = _ours(llama, {"a": a, "c": c})
+    for names in (["a", "c"], ["c", "a"]):
+        _refused_at_activation_and_merge(model, names, "runs one adapter at a time", "lm_head")
+    for name in ("a", "c"):
+        reference.base_model.set_adapter(name)
+        adapterspec.set_active_adapters(model, [name])
+        assert_close(logits(model, _ROW_INPUTS), logits(reference, _ROW_INPUTS))
+
+
+@pytest.mark.parametrize("form", ["trainable-tokens", "lora-token-indices"])
+def test_overlapping_token_rows_are_refused_disjoint_rows_compose_like_peft(form: str, llama: Any,
+                                                                          tmp_path: Any) -> None:
+    """Two adapters replacing row 5 of embed_tokens: PEFT refuses; adapterspec let the last active one win (the two
+    orders 0.58 apart; LoRA's trainable_token_indices 0.71). Refused now; adapters with disjoint rows still run
+    together, equal to PEFT's TRAINABLE_TOKENS composition in both orders."""
+    from peft import LoraConfig, TrainableTokensConfig
+
+    def config(rows: list[int], target: str) -> Any:
+        if form == "trainable-tokens":
+            return TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=rows)
+        return LoraConfig(r=2, lora_alpha=4, target_modules=[target], trainable_token_indices=rows)
+
+    a = _saved(llama, tmp_path, "a", config([1, 5, 7], "q_proj"), 10)
+    b = _saved(llama, tmp_path, "b", config([2, 9], "v_proj"), 20)
+    c = _saved(llama, tmp_path, "c", config([5, 11], "k_proj"), 30)
+    model = _ours(llama, {"a": a, "b": b, "c": c})
+    for names in (["a", "c"], ["c", "a"]):
+        _refused_at_activation_and_merge(model, names, r"both replace rows \[5\]", "embed_tokens")
+    if form == "trainable-tokens":  # PEFT composes disjoint TRAINABLE_TOKENS rows (its LoRA form refuses any two)
+        reference = _peft_model(llama, {"a": a, "b": b})
+        for names in (["a", "b"], ["b", "a"]):
+            reference.base_model.set_adapter(names)
+            adapterspec.set_active_adapters(model, names)
+            assert_close(logits(model, _ROW_INPUTS), logits(reference, _ROW_INPUTS))
+
+
+def _mixed(base: Any, folders: dict[str, Any]) -> Any:
+    from peft import PeftMixedModel
+
+    names = list(folders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftMixedModel.from_pretrained(fresh(base), str(folders[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval()
+
+
+@pytest.mark.parametrize("other", ["loha", "lokr"])
+def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_mixed(other: str, llama: Any,
+                                                                                    tmp_path: Any) -> None:
+    """PEFT's PeftMixedModel nests its layers in load order, so DoRA rescales a LoHa/LoKr loaded before it and not
+    one loaded after it, whatever the active order; adapterspec applied the active order ([loha, dora] 3.40e-2 off
+    PeftMixedModel). Refused now (both load orders, both active orders); plain LoRA with LoHa/LoKr adds up, equal
+    to PeftMixedModel in every order, and so does DoRA with a LoHa/LoKr on other layers."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    make = LoHaConfig if other == "loha" else LoKrConfig
+    names_of = {"loha": "LoHa", "lokr": "LoKr"}
+    dora = _saved(llama, tmp_path, "dora", LoraConfig(r=3, lora_alpha=5, use_dora=True,
+                                                      target_modules=["q_proj", "v_proj", "o_proj"]), 2000)
+    lora = _saved(llama, tmp_path, "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 0)
+    added = _saved(llama, tmp_path, other, make(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), 5000)
+    apart = _saved(llama, tmp_path, "apart", make(r=2, alpha=4, target_modules=["k_proj", "up_proj"]), 6000)
+    for load in ([other, "dora"], ["dora", other]):
+        folders = {"dora": dora, other: added}
+        model = _ours(llama, {n: folders[n] for n in load})
+        for names in (load, load[::-1]):
+            _refused_at_activation_and_merge(model, names, f"DoRA adapter 'dora' cannot run together with "
+                                                           f"{names_of[other]} adapter '{other}'", "q_proj")
+    for pair in ((other, "lora"), ("lora", other), ("dora", "apart"), ("apart", "dora")):
+        folders = {"dora": dora, "lora": lora, other: added, "apart": apart}
+        reference = _mixed(llama, {n: folders[n] for n in pair})
+        model = _ours(llama, {n: folders[n] for n in pair})
+        for names in (list(pair), list(pair[::-1])):
+            reference.set_adapter(names)
+            adapterspec.set_active_adapters(model, names)
+            assert_close(logits(model, _ROW_INPUTS), logits(reference, _ROW_INPUTS))

@@ -206,9 +206,13 @@ def test_oft_and_lora_on_one_layer_refuse_to_run_together(llama: Any, token_inpu
     model = fresh(llama)
     adapterspec.load_adapter(model, tmp_path / "oft", "o")
     adapterspec.load_adapter(model, tmp_path / "lora", "l")
-    adapterspec.set_active_adapters(model, ["o", "l"])
-    with pytest.raises(UnsupportedError, match="cannot run together"):
-        logits(model, token_inputs)
+    before = snapshot(model)
+    for names in (["o", "l"], ["l", "o"]):  # refused when activated (it raised at the forward), nothing changed
+        with pytest.raises(UnsupportedError, match="cannot run together") as info:
+            adapterspec.set_active_adapters(model, names)
+        assert info.value.key == "model.layers.0.self_attn.q_proj" and "['o']" in info.value.message
+        assert_same_snapshot(model, before)
+    assert logits(model, token_inputs).shape == (2, 9, 128)
 
 
 def test_two_oft_adapters_compose_like_peft(llama: Any, token_inputs: Any, tmp_path: Any) -> None:

@@ -1,0 +1,45 @@
+"""Which adapters may run together on one layer (SPEC.md 8.9): the one rule both backends ask, in both orders."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running, mix_refusal
+
+LORA, DORA = Running("l", "LORA"), Running("d", "LORA", dora=True)
+LOHA, LOKR, ADALORA, VERA = Running("h", "LOHA"), Running("k", "LOKR"), Running("a", "ADALORA"), Running("v", "VERA")
+IA3, IA3_B = Running("i", "IA3"), Running("j", "IA3")
+OFT, BOFT = Running("o", "OFT"), Running("b", "BOFT")
+
+
+@pytest.mark.parametrize(("first", "second", "needle"), [
+    (Running("x", SAVED_WHOLE), Running("y", SAVED_WHOLE), "runs one adapter at a time"),
+    (LORA, IA3, "IA3 adapter 'i' cannot run together with LoRA adapter 'l'"),
+    (DORA, IA3, "IA3 adapter 'i' cannot run together with DoRA adapter 'd'"),
+    (LOHA, IA3, "IA3 adapter 'i' cannot run together with LoHa adapter 'h'"),
+    (Running("t", TOKEN_ROWS, rows=(3,)), IA3, "IA3 adapter 'i' cannot run together"),
+    (OFT, LORA, "cannot run together with \\['l'\\]"),
+    (OFT, BOFT, "cannot run together with each other"),
+    (DORA, LOHA, "DoRA adapter 'd' cannot run together with LoHa adapter 'h'"),
+    (DORA, LOKR, "with LoKr adapter 'k'"),
+    (DORA, ADALORA, "with AdaLoRA adapter 'a'"),
+    (DORA, VERA, "with VeRA adapter 'v'"),
+    (Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(11, 7, 5)), "rows \\[5, 7\\]"),
+])
+def test_refused_in_either_order_naming_the_module(first: Running, second: Running, needle: str) -> None:
+    for running in ([first, second], [second, first]):
+        refusal = mix_refusal("model.layers.0.q_proj", running)
+        assert refusal is not None and refusal.key == "model.layers.0.q_proj" and refusal.hint
+        assert "'model.layers.0.q_proj'" in refusal.message
+        assert re.search(needle, refusal.message), refusal.message
+
+
+@pytest.mark.parametrize("running", [
+    [LORA, DORA], [DORA, LORA], [LORA, LOHA, LOKR, ADALORA, VERA], [IA3, IA3_B], [OFT, Running("o2", "OFT")],
+    [Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(2, 9))],
+    [Running("t", TOKEN_ROWS, rows=(1,)), LORA, DORA], [DORA], [Running("x", SAVED_WHOLE)], [],
+])
+def test_defined_mixes_run(running: list[Running]) -> None:
+    assert mix_refusal("q_proj", running) is None
