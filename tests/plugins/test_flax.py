@@ -371,6 +371,25 @@ def test_switching_unmerges_first(saved: dict) -> None:
     assert_near(run_flax(model), saved["lora"][1])
 
 
+def test_merging_one_of_two_active_adapters_is_refused(saved: dict) -> None:
+    """SPEC 8.9, as the torch backend (``adapterspec.config.merge_refusal``): merging ``a`` alone while ``b`` is active
+    on the same layers would stop ``b`` there (PEFT's output then moves by the whole of ``b``); refused, nothing changes."""
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora"][0])
+    adapterspec.load_adapter(model, saved["lora2"][0], "second")
+    adapterspec.set_active_adapters(model, ["default", "second"])
+    kernel = np.asarray(model.layers[0].q_proj.base_layer.kernel[...])
+    both = run_flax(model)
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.merge_adapters(model, ["default"])
+    assert info.value.key == "second" and "layers.0.q_proj" in str(info.value)
+    np.testing.assert_array_equal(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]), kernel)
+    assert model.layers[0].q_proj.merged == () and adapterspec.active_adapters(model) == ["default", "second"]
+    np.testing.assert_array_equal(run_flax(model), both)
+    adapterspec.merge_adapters(model, ["default", "second"])  # both together: allowed, same output
+    assert_near(run_flax(model), both)
+
+
 # -- all or nothing --------------------------------------------------------------------------------------
 
 def test_failed_load_leaves_the_model_unchanged(saved: dict, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError
 
 from .graph import ModelState, get_state, iter_wrappers, set_node, set_state
@@ -109,13 +110,20 @@ def merge(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
     Already merged adapters are left as they are. All layers are computed before any is written.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: a ``lora_B`` bias meets a layer without bias.
+    :raises UnsupportedError: a ``lora_B`` bias meets a layer without bias, or another active adapter of a layer
+        would stop there (SPEC.md 8.9, :func:`adapterspec.config.merge_refusal`, as the torch backend); nothing
+        changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
     state = get_state(model)
     _require(state, adapter_names_)
     new = tuple(n for n in dict.fromkeys(adapter_names_) if n not in state.merged)
+    refusal = merge_refusal(state.active, state.merged, new, [
+        (dotted, list(wrapper.adapters.keys())) for dotted, _, wrapper in iter_wrappers(model)
+        if any(n in wrapper.adapters for n in new)])
+    if refusal is not None:
+        raise refusal
     plan = []
     for _, _, wrapper in iter_wrappers(model):
         here = tuple(n for n in new if n in wrapper.adapters)
