@@ -475,8 +475,7 @@ def test_conformance_suite_passes() -> None:
     if not (conformance.default_corpus_dir() / "numeric.json").exists():
         pytest.skip("no conformance corpus in this checkout")
     impl = conformance.resolve_implementation("flax")  # found through the plugin's hook
-    # SPEC 5.3: an embedding saved whole replaces the model's; this example backend refuses it (a known failure)
-    report = conformance.run_suite(impl, exclude=["^schema/"], xfail=["^folder/embedding-saved-whole(-gpt2)?$"])
+    report = conformance.run_suite(impl, exclude=["^schema/"])
     failed = [(r.name, r.message) for r in report.results if r.status.value == "failed"]
     assert not failed
     passed = set(report.by_status("passed"))
@@ -485,6 +484,36 @@ def test_conformance_suite_passes() -> None:
         assert {f"numeric/{method}", f"roundtrip/roundtrip-{method}"} <= passed, method
     unsupported = report.by_status("unsupported")
     assert "numeric/lora-conv2d-f32" in unsupported and "numeric/loha-linear-f32" in unsupported
+    # SPEC 5.3: an embedding saved whole replaces the model's, which this backend does not do (refused, typed)
+    assert {"folder/embedding-saved-whole", "folder/embedding-saved-whole-gpt2"} <= set(unsupported)
+
+
+@pytest.mark.parametrize("case", ["embedding-saved-whole", "embedding-saved-whole-gpt2"])
+def test_embedding_saved_whole_is_refused_as_unsupported(case: str) -> None:
+    """A valid adapter whose file holds an embedding saved whole (PEFT's save_embedding_layers, SPEC 5.3) asks the
+    backend to replace the model's embedding: UnsupportedError naming the tensor (it read UnexpectedTensorError
+    'the config does not target this module; fix target_modules or remove the tensor'), model unchanged."""
+    conformance = pytest.importorskip("adapterspec.conformance")
+    folder = conformance.default_corpus_dir() / "folders" / case
+    if not folder.exists():
+        pytest.skip("no conformance corpus in this checkout")
+    from adapterspec_flax.conformance import build_model
+
+    modules = {"model.layers.0.self_attn.q_proj": {"kind": "linear", "in_features": 8, "out_features": 8, "bias": False}}
+    if case.endswith("gpt2"):
+        modules |= {"transformer.wte": {"kind": "embedding", "num_embeddings": 10, "embedding_dim": 8},
+                    "lm_head": {"kind": "linear", "in_features": 8, "out_features": 10, "bias": False}}
+        keys = {"base_model.model.transformer.wte.weight", "base_model.model.lm_head.weight"}
+    else:
+        modules |= {"model.embed_tokens": {"kind": "embedding", "num_embeddings": 10, "embedding_dim": 8}}
+        keys = {"base_model.model.model.embed_tokens.weight"}
+    model = build_model({"dtype": "float32", "modules": modules})
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder)
+    assert info.value.key in keys and "embedding saved whole" in str(info.value)
+    assert "torch backend" in (info.value.hint or "")
+    assert adapterspec.adapter_names(model) == []
+    assert type(model["model"]["layers"]["0"]["self_attn"]["q_proj"]) is nnx.Linear
 
 
 @pytest.mark.parametrize("name", ["layers", "graph", "devices", "inject", "switch", "plugin", "conformance"])

@@ -98,6 +98,17 @@ def expected_params(model: nnx.Module, adapter_name: str) -> dict[str, Slot]:
     return slots
 
 
+#: The auxiliary tensors (SPEC.md 5.3, :class:`adapterspec.naming.TensorName`'s roles) that replace base-model weights,
+#: which this backend does not do, and what each one is.
+_REPLACING_ROLES = {
+    "base_layer": "the full weight of an adapted embedding (a resized vocabulary)",
+    "embedding": "an embedding saved whole (PEFT's save_embedding_layers)",
+    "modules_to_save": "a module saved whole (modules_to_save)",
+    "bias": "a trained base-layer bias (bias='lora_only' or 'all')",
+    "trainable_tokens": "trainable token rows (trainable_token_indices)",
+}
+
+
 def _refuse_unexpected(key: str, config: AdapterConfig, modules: set[str]) -> None:
     try:
         name = parse_key(key, config.peft_type, config)
@@ -107,10 +118,9 @@ def _refuse_unexpected(key: str, config: AdapterConfig, modules: set[str]) -> No
     if name.module not in modules:
         raise TargetNotFoundError(f"the file has tensors for module {name.module!r}, which the model does not have",
                                   key=key, hint="load the adapter into the model it was made for, or pass module_map")
-    if name.role in ("base_layer", "modules_to_save"):
-        raise UnsupportedError("the file replaces base-model weights (a resized embedding or a module saved "
-                               "whole), which the flax backend does not do", key=key,
-                               hint="load this adapter with the torch backend")
+    if name.role in _REPLACING_ROLES:
+        raise UnsupportedError(f"the file replaces base-model weights ({_REPLACING_ROLES[name.role]}), which the flax "
+                               "backend does not do", key=key, hint="load this adapter with the torch backend")
     raise UnexpectedTensorError(f"module {name.module!r} has no injected parameter for this tensor", key=key,
                                 hint="the config does not target this module; fix target_modules or remove the tensor")
 
@@ -127,7 +137,8 @@ def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: 
     :raises UnexpectedTensorError: a tensor has no injected parameter.
     :raises ShapeMismatchError: a tensor's shape does not fit its parameter.
     :raises TargetNotFoundError: a tensor is for a module the model does not have.
-    :raises UnsupportedError: the file holds base-layer or whole-module tensors.
+    :raises UnsupportedError: the file holds tensors that replace base-model weights (an embedding or module saved
+        whole, a resized embedding, a trained bias, token rows).
 
     >>> load_state(model, adapter, "default", LoadOptions())           # doctest: +SKIP
     """
