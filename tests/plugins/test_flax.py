@@ -8,6 +8,8 @@ give PEFT's outputs, and save back into folders PEFT loads with no missing or un
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 import warnings
@@ -435,6 +437,49 @@ def test_unsupported_and_unmatched_targets_change_nothing() -> None:
                                                "init_lora_weights": init})
         assert info.value.pointer == "/init_lora_weights"
     assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("field", ["target_modules", "feedforward_modules"])
+def test_null_targets_without_a_default_are_refused(saved: dict, tmp_path: Path, field: str) -> None:
+    """SPEC 14.2, as the torch backend (``AdapterConfig.for_model``): a null ``target_modules`` (IA3: or
+    ``feedforward_modules``) means PEFT's default for the model type, and an NNX model without ``config.model_type``
+    has none: UnsupportedError naming the field. IA3 with feedforward_modules null was injected (every module taken
+    for not feed-forward) and saved a config PEFT refuses ('Please specify `feedforward_modules`'); a PEFT file so
+    edited read ShapeMismatchError on o_proj's [1, 12] vector."""
+    model = flax_net()
+    config = ({"peft_type": "LORA", "target_modules": None} if field == "target_modules" else
+              {"peft_type": "IA3", "target_modules": ["q_proj", "o_proj"], "feedforward_modules": None})
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.inject_adapter(model, config)
+    assert info.value.pointer == f"/{field}" and "model type None" in str(info.value)
+    assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    source = saved["ia3" if field == "feedforward_modules" else "lora2"][0]
+    edited = json.loads((source / "adapter_config.json").read_text())
+    edited[field] = None
+    (folder / "adapter_config.json").write_text(json.dumps(edited))
+    (folder / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder)
+    assert info.value.pointer == f"/{field}"
+    assert type(model.layers[0].q_proj) is nnx.Linear and adapterspec.adapter_names(model) == []
+
+
+def test_null_target_modules_take_the_model_types_default(tmp_path: Path) -> None:
+    """A model that names its architecture (``model.config.model_type``, as transformers' models do) gets PEFT's
+    default targets (llama: q_proj, v_proj) and saves them, as the torch backend does."""
+    @dataclasses.dataclass(frozen=True)
+    class Config:  # static NNX data, as a port of a transformers model would hold its config
+        model_type: str = "llama"
+
+    model = flax_net()
+    model.config = Config()
+    modules = adapterspec.inject_adapter(model, {"peft_type": "LORA", "target_modules": None})
+    assert modules == ["layers.0.q_proj", "layers.1.q_proj"]
+    out = adapterspec.save_adapter(model, tmp_path / "defaults")
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] in (["q_proj", "v_proj"],
+                                                                                        ["v_proj", "q_proj"])
 
 
 def test_module_map_renames_spec_paths(saved: dict) -> None:

@@ -24,7 +24,7 @@ from .devices import place
 from .graph import Key, check_settable, get_state, iter_modules, set_node, set_state
 from .layers import WRAPPERS, AdaptedEmbed, AdaptedLinear, IA3Weights, LoraWeights, Weights
 
-__all__ = ["SUPPORTED_METHODS", "check_supported", "find_targets", "inject", "spec_names"]
+__all__ = ["SUPPORTED_METHODS", "check_supported", "find_targets", "inject", "model_type", "spec_names"]
 
 #: The methods this backend adapts layers with.
 SUPPORTED_METHODS = ("LORA", "IA3")
@@ -71,6 +71,17 @@ def check_supported(config: AdapterConfig) -> None:
     if isinstance(config.get("target_modules"), str) and config["target_modules"] == "all-linear":
         raise UnsupportedError("target_modules='all-linear' needs the model's output layer, which NNX does not name",
                                pointer="/target_modules", hint="list the modules, e.g. [\"q_proj\", \"v_proj\"]")
+
+
+def model_type(model: nnx.Module) -> str | None:
+    """The architecture the model names (``model.config.model_type``, as transformers' models and their ports do),
+    for PEFT's default targets (SPEC.md 14.2); ``None`` for a plain NNX model.
+
+    >>> model_type(nnx.Linear(2, 2, rngs=nnx.Rngs(0))) is None
+    True
+    """
+    found = getattr(getattr(model, "config", None), "model_type", None)
+    return found if isinstance(found, str) else None
 
 
 def spec_names(options: LoadOptions) -> Callable[[str], str]:
@@ -190,15 +201,18 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
 
     Each target (an ``nnx.Linear`` or ``nnx.Embed``) is replaced at its attribute path by an
     :class:`~adapterspec_flax.layers.AdaptedLinear` / :class:`~adapterspec_flax.layers.AdaptedEmbed`
-    holding it, unless already wrapped. New weights follow ``init_lora_weights`` (LoRA's B is zero)
+    holding it, unless already wrapped. A null ``target_modules`` (IA3: ``feedforward_modules``) is PEFT's default
+    for the model's type (SPEC.md 14.2), and the adapter keeps that config (it saves the modules). New weights follow ``init_lora_weights`` (LoRA's B is zero)
     or ``init_ia3_weights`` (ones) -- or are zeros when ``options.initialize`` is false (the file fills
     them next) -- in the layer's dtype and on its device unless ``options`` say otherwise.
 
     :returns: the spec module paths that received the adapter.
     :raises AdapterExistsError: ``adapter_name`` is loaded already.
     :raises TargetNotFoundError: no module matches.
-    :raises UnsupportedError: a target is not an ``nnx.Linear``/``nnx.Embed``, or the config asks for a
-        feature this backend lacks (the error's pointer names the field).
+    :raises UnsupportedError: a target is not an ``nnx.Linear``/``nnx.Embed``, the config asks for a
+        feature this backend lacks, or ``target_modules`` (IA3: ``feedforward_modules``) is null and PEFT has no
+        default for the model's type (:func:`model_type`; :meth:`AdapterConfig.for_model`) -- the error's pointer
+        names the field.
 
     >>> inject(model, cfg, "default", LoadOptions())                    # doctest: +SKIP
     ['model.layers.0.self_attn.q_proj', ...]
@@ -207,6 +221,7 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
     if adapter_name in state.names:
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
                                  hint="delete it first, or choose another adapter_name")
+    config = config.for_model(model_type(model))  # SPEC 14.2: PEFT's default for a null target_modules, as torch's
     check_supported(config)
     if _initialize(options) and config.peft_type == "LORA" and config["init_lora_weights"] == "orthogonal":
         raise UnsupportedError("a new adapter with init_lora_weights='orthogonal' (PEFT's orthogonal start) is not "
