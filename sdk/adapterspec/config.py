@@ -48,6 +48,7 @@ from ._rules import (
 )
 from ._foreign import config_error
 from ._lfs import lfs_pointer_error
+from ._merge import rounds_delta_first
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
 from .spec import SPEC_VERSION, check_version
@@ -63,6 +64,7 @@ __all__ = [
     "read_json_file",
     "schema_hint",
     "merge_refusal",
+    "rounds_delta_first",
     "training_refusals",
     "transformer_submodules",
     "unknown_fields_note",

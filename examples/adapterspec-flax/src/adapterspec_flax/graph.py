@@ -45,12 +45,15 @@ class ModelState:
     :param configs: the config each adapter was injected with, parallel to ``names``.
     :param active: the active adapters.
     :param merged: adapters whose deltas are in the base weights, in merge order.
+    :param stored: ``(adapter, canonical key, dtype name)`` of each tensor whose file stored it in float16/bfloat16
+        and that is held in float32 (SPEC.md 7.5): saved back in the file's dtype when that loses nothing.
     """
 
     names: tuple[str, ...] = ()
     configs: tuple[AdapterConfig, ...] = field(default=(), compare=False)
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
+    stored: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
 
     def config(self, name: str) -> AdapterConfig:
         """The config adapter ``name`` was injected with.

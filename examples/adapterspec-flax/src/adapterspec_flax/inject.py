@@ -9,6 +9,7 @@ Everything is checked and every new array built before the model is touched, so 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec.config import rounds_delta_first
 from adapterspec.errors import AdapterExistsError, TargetNotFoundError, UnsupportedError
 
 from .devices import place
@@ -147,6 +149,13 @@ def _rng(adapter_name: str, module: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(f"{adapter_name}/{module}".encode()))
 
 
+def _rounding(config: AdapterConfig, *, embedding: bool) -> tuple[bool, bool]:
+    """Whether PEFT rounds the delta to a half-precision weight first on a merge, and on an unmerge (SPEC.md 7.3,
+    :func:`adapterspec.config.rounds_delta_first`, one rule for every backend)."""
+    return (rounds_delta_first(config, embedding=embedding, unmerge=False),
+            rounds_delta_first(config, embedding=embedding, unmerge=True))
+
+
 def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_name: str,
                   options: LoadOptions) -> LoraWeights:
     r = config.rank_for(spec)
@@ -161,8 +170,9 @@ def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_na
         # PEFT: A zeros and B normal, or both normal with init_lora_weights=False
         a = rng.standard_normal((rows, r)) if init is False else np.zeros((rows, r))
         b = np.zeros((r, cols)) if init is None else rng.standard_normal((r, cols))
+        merge_first, unmerge_first = _rounding(config, embedding=True)
         return LoraWeights(spec, place(a, like, options), place(b, like, options), scaling=config.scaling_for(spec),
-                           trainable=options.trainable)
+                           trainable=options.trainable, round_merge=merge_first, round_unmerge=unmerge_first)
     like = base.kernel[...]
     fan_in, out = like.shape
     if init is None:
@@ -178,10 +188,12 @@ def _lora_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_na
     if config["use_dora"]:  # PEFT: the norm of each output's weights, the (zero or random) delta included
         magnitude = (np.zeros((out,)) if init is None
                      else np.linalg.norm(np.asarray(like, dtype=np.float64) + scaling * (a @ b), axis=0))
+    merge_first, unmerge_first = _rounding(config, embedding=False)
     return LoraWeights(
         spec, place(a, like, options), place(b, like, options), scaling=scaling,
         bias=None if bias is None else place(bias, like, options),
-        magnitude=None if magnitude is None else place(magnitude, like, options), trainable=options.trainable)
+        magnitude=None if magnitude is None else place(magnitude, like, options), trainable=options.trainable,
+        round_merge=merge_first, round_unmerge=unmerge_first)
 
 
 def _ia3_weights(config: AdapterConfig, spec: str, base: nnx.Module, adapter_name: str,
@@ -245,6 +257,5 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
         wrapper.adapters[adapter_name] = weights
         if is_new:
             set_node(model, path, wrapper)
-    set_state(model, type(state)(names=(*state.names, adapter_name), configs=(*state.configs, config),
-                                 active=state.active, merged=state.merged))
+    set_state(model, dataclasses.replace(state, names=(*state.names, adapter_name), configs=(*state.configs, config)))
     return [weights.module for _, _, _, weights in plan]

@@ -74,12 +74,18 @@ class LoraWeights(nnx.Module):
     :param bias: ``lora_B``'s bias ``[out]`` (``lora_bias``), or ``None``.
     :param magnitude: DoRA's magnitude vector ``[out]``, or ``None`` for plain LoRA.
     :param trainable: :class:`AdapterParam` variables if true, :class:`AdapterVariable` otherwise.
+    :param round_merge: a merge rounds the delta to the weight's dtype before adding it (else it adds the delta in the
+        adapter's dtype and rounds the sum once); ``round_unmerge``: likewise for an unmerge -- PEFT's rule,
+        :func:`adapterspec.config.rounds_delta_first` (a LoRA on a linear layer: ``False``, ``True``).
     """
 
     def __init__(self, module: str, lora_a: jax.Array, lora_b: jax.Array, *, scaling: float,
-                 bias: jax.Array | None = None, magnitude: jax.Array | None = None, trainable: bool = False) -> None:
+                 bias: jax.Array | None = None, magnitude: jax.Array | None = None, trainable: bool = False,
+                 round_merge: bool = False, round_unmerge: bool = True) -> None:
         self.module = module
         self.scaling = float(scaling)
+        self.round_merge = bool(round_merge)
+        self.round_unmerge = bool(round_unmerge)
         self.lora_A = _variable(lora_a, trainable)
         self.lora_B = _variable(lora_b, trainable)
         self.lora_B_bias = _variable(bias, trainable) if bias is not None else nnx.data(None)
@@ -91,13 +97,20 @@ class LoraWeights(nnx.Module):
         """Whether this is a DoRA adapter (it has a magnitude vector)."""
         return self.magnitude is not None
 
-    def delta(self, dtype: Any) -> jax.Array:
-        """``scaling * A @ B`` in kernel layout (``[in, out]``; ``[num_embeddings, features]`` on an embedding).
+    def delta(self, dtype: Any = None) -> jax.Array:
+        """``scaling * A @ B`` in kernel layout (``[in, out]``; ``[num_embeddings, features]`` on an embedding),
+        computed in the adapter's dtype and cast to ``dtype`` (``None``: left in the adapter's).
 
         >>> LoraWeights("q", jnp.ones((3, 1)), jnp.ones((1, 2)), scaling=2.0).delta(jnp.float32).tolist()
         [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
         """
-        return (self.scaling * (self.lora_A[...] @ self.lora_B[...])).astype(dtype)
+        delta = self.scaling * (self.lora_A[...] @ self.lora_B[...])
+        return delta if dtype is None else delta.astype(dtype)
+
+    def merge_delta(self, weight: jax.Array, *, unmerge: bool) -> jax.Array:
+        """The delta a merge adds to (``unmerge``: subtracts from) ``weight``: rounded to its dtype first, or in
+        the adapter's dtype for the sum to be rounded once (:attr:`round_merge` / :attr:`round_unmerge`, PEFT's)."""
+        return self.delta(weight.dtype if (self.round_unmerge if unmerge else self.round_merge) else None)
 
     def low_rank(self, x: jax.Array) -> jax.Array:
         """``B(A(x))`` without the scaling (``lora_B``'s bias included), in the adapter's dtype.
@@ -125,6 +138,14 @@ class IA3Weights(nnx.Module):
 Weights = LoraWeights | IA3Weights
 
 
+def _product(vectors: list[jax.Array]) -> jax.Array:
+    """The product of IA3 vectors, in their dtype (PEFT multiplies the active ones together first)."""
+    out = vectors[0]
+    for vector in vectors[1:]:
+        out = out * vector
+    return out
+
+
 def _live(layer: AdaptedLinear | AdaptedEmbed) -> list[Weights]:
     """The weights that take part in the forward pass: active, loaded here, not merged."""
     return [layer.adapters[n] for n in layer.active if n in layer.adapters and n not in layer.merged]
@@ -135,6 +156,8 @@ class AdaptedLinear(nnx.Module):
 
     Forward pass (PEFT's): feed-forward IA3 vectors scale the input, the others the output; then each
     live LoRA adds ``scaling * B(A(x))``, DoRA as in PEFT (``(m/||W + sBA|| - 1) * (base - bias) + m/||.|| * sBA x``).
+    As in PEFT, the input goes into each adapter in the adapter's dtype (float32 on a half-precision base, SPEC.md
+    7.5), the terms are added to the base output in that dtype, and the sum is cast to the base output's dtype once.
     Dropout is not applied (adapters loaded here are for inference).
     """
 
@@ -167,21 +190,27 @@ class AdaptedLinear(nnx.Module):
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         live = _live(self)
+        if not live:
+            out: jax.Array = self.base_layer(inputs, *args, **kwargs)
+            return out
         x = inputs
-        for w in live:
-            if isinstance(w, IA3Weights) and w.feedforward:
-                x = (x * w.ia3_l[...]).astype(inputs.dtype)
+        ia3_in = [w.ia3_l[...] for w in live if isinstance(w, IA3Weights) and w.feedforward]
+        if ia3_in:  # PEFT: the input in the vectors' dtype times their product, back in the input's dtype
+            scale = _product(ia3_in)
+            x = (x.astype(scale.dtype) * scale).astype(inputs.dtype)
         result = self.base_layer(x, *args, **kwargs)
+        ia3_out = [w.ia3_l[...] for w in live if isinstance(w, IA3Weights) and not w.feedforward]
+        if ia3_out:
+            result = (result * _product(ia3_out)).astype(result.dtype)
         dtype = result.dtype
-        for w in live:
-            if isinstance(w, IA3Weights) and not w.feedforward:
-                result = (result * w.ia3_l[...]).astype(dtype)
+        # the LoRA terms are added in the adapters' dtype (float32 on a half-precision base, SPEC.md 7.5) and the sum is
+        # cast back to the base output's dtype once, as PEFT's (and the torch backend's) forward does
         for w in live:
             if not isinstance(w, LoraWeights):
                 continue
             low_rank = w.low_rank(inputs)
             if not w.is_dora:
-                result = result + (low_rank * w.scaling).astype(dtype)
+                result = result + low_rank * w.scaling
                 continue
             weight = self.base_layer.kernel[...].astype(low_rank.dtype)
             norm = jax.lax.stop_gradient(jnp.linalg.norm(weight + w.delta(weight.dtype), axis=0))
@@ -189,8 +218,8 @@ class AdaptedLinear(nnx.Module):
             base_result = result
             if self.base_layer.bias is not None:
                 base_result = base_result - self.base_layer.bias[...]
-            result = result + ((scale - 1) * base_result + scale * low_rank * w.scaling).astype(dtype)
-        return result
+            result = result + ((scale - 1) * base_result + scale * low_rank * w.scaling)
+        return result.astype(dtype)
 
     def weight_variables(self) -> tuple[nnx.Variable, nnx.Variable | None]:
         """The base layer's kernel and bias variables (what merging writes)."""
@@ -206,28 +235,30 @@ class AdaptedLinear(nnx.Module):
         kernel = self.base_layer.kernel[...]
         bias = self.base_layer.bias[...] if self.base_layer.bias is not None else None
         unmerged = self.unmerged_state()[0]
+        # as PEFT (and the torch backend): computed in the adapter's dtype (float32 on a half-precision base) and
+        # rounded to the weight's once, but a plain LoRA's delta rounded first where PEFT rounds it (merge_delta)
         for name in names:
             w = self.adapters[name]
             if isinstance(w, IA3Weights):
-                l = w.ia3_l[...].astype(kernel.dtype)
-                kernel = kernel * (l[:, None] if w.feedforward else l[None, :])
+                l = w.ia3_l[...]
+                kernel = (kernel * (l[:, None] if w.feedforward else l[None, :])).astype(kernel.dtype)
                 if bias is not None and not w.feedforward:
-                    bias = bias * l.astype(bias.dtype)
+                    bias = (bias * l).astype(bias.dtype)
                 continue
-            delta = w.delta(kernel.dtype)
             if w.lora_B_bias is not None:
                 if bias is None:
                     raise UnsupportedError(
                         "cannot merge lora_B's bias into a layer without bias", key=w.module,
                         hint="keep the adapter unmerged (use_bias=False layers cannot take lora_bias)")
-                bias = bias + (w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
+                bias = (bias + w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
             if w.is_dora:
+                delta = w.delta()
                 # PEFT: the norm is that of the unmerged weight plus this delta
                 norm = jnp.linalg.norm(unmerged + delta, axis=0)
                 norms[name] = norm
                 kernel = ((w.magnitude[...] / norm)[None, :] * (kernel + delta)).astype(kernel.dtype)
             else:
-                kernel = kernel + delta
+                kernel = (kernel + w.merge_delta(kernel, unmerge=False)).astype(kernel.dtype)
         return kernel, bias, norms
 
     def unmerged_state(self) -> tuple[jax.Array, jax.Array | None]:
@@ -245,18 +276,18 @@ class AdaptedLinear(nnx.Module):
         for name in reversed(self.merged):
             w = self.adapters[name]
             if isinstance(w, IA3Weights):
-                l = w.ia3_l[...].astype(kernel.dtype) + IA3_UNMERGE_EPS
-                kernel = kernel / (l[:, None] if w.feedforward else l[None, :])
+                l = w.ia3_l[...] + IA3_UNMERGE_EPS
+                kernel = (kernel / (l[:, None] if w.feedforward else l[None, :])).astype(kernel.dtype)
                 if bias is not None and not w.feedforward:
-                    bias = bias / l.astype(bias.dtype)
+                    bias = (bias / l).astype(bias.dtype)
                 continue
-            delta = w.delta(kernel.dtype)
             if w.is_dora:
                 factor = w.magnitude[...] / w.merged_norm[...]
-                kernel = (kernel / factor[None, :]).astype(kernel.dtype)
-            kernel = kernel - delta
+                kernel = (kernel / factor[None, :] - w.delta()).astype(kernel.dtype)
+            else:
+                kernel = (kernel - w.merge_delta(kernel, unmerge=True)).astype(kernel.dtype)
             if w.lora_B_bias is not None and bias is not None:
-                bias = bias - (w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
+                bias = (bias - w.scaling * w.lora_B_bias[...]).astype(bias.dtype)
         return kernel, bias
 
 
@@ -289,12 +320,13 @@ class AdaptedEmbed(nnx.Module):
         return int(self.base_layer.features)
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        result = self.base_layer(inputs, *args, **kwargs)
-        for w in _live(self):
+        result: jax.Array = self.base_layer(inputs, *args, **kwargs)
+        dtype = result.dtype
+        for w in _live(self):  # added in the adapters' dtype, cast back once (PEFT's Embedding)
             assert isinstance(w, LoraWeights)
             after_a = jnp.take(w.lora_A[...], inputs, axis=0)
-            result = result + (after_a @ w.lora_B[...] * w.scaling).astype(result.dtype)
-        return result
+            result = result + after_a @ w.lora_B[...] * w.scaling
+        return result.astype(dtype)
 
     def attend(self, query: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The wrapped layer's ``attend``."""
@@ -308,14 +340,14 @@ class AdaptedEmbed(nnx.Module):
         """The embedding matrix with ``names`` merged in -- computed, not assigned."""
         table = self.base_layer.embedding[...]
         for name in names:
-            table = table + self.adapters[name].delta(table.dtype)
+            table = (table + self.adapters[name].merge_delta(table, unmerge=False)).astype(table.dtype)
         return table, None, {}
 
     def unmerged_state(self) -> tuple[jax.Array, None]:
         """The embedding matrix with every merged adapter subtracted -- no assignment."""
         table = self.base_layer.embedding[...]
         for name in reversed(self.merged):
-            table = table - self.adapters[name].delta(table.dtype)
+            table = (table - self.adapters[name].merge_delta(table, unmerge=True)).astype(table.dtype)
         return table, None
 
 

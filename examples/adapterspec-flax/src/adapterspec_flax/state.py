@@ -12,10 +12,12 @@ IA3 vectors are stored ``[out, 1]`` (``[1, in]`` feed-forward) and held flat.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,7 +33,7 @@ from adapterspec.errors import (
 from adapterspec.naming import make_key, parse_key
 
 from .devices import place
-from .graph import get_state, iter_modules, iter_wrappers
+from .graph import get_state, iter_modules, iter_wrappers, set_state
 from .inject import spec_names
 from .layers import AdaptedEmbed, IA3Weights, LoraWeights
 
@@ -52,6 +54,10 @@ class Slot:
     spec_shape: tuple[int, ...]
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_spec: Callable[[np.ndarray], np.ndarray]
+
+
+#: safetensors dtypes of half-precision tensors -> their NumPy/JAX names.
+_HALF = {"F16": "float16", "BF16": "bfloat16"}
 
 
 def _transposed(variable: nnx.Variable) -> Slot:
@@ -130,7 +136,7 @@ def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: 
 
     Names and shapes are checked from the header alone; the data is then read as NumPy
     (``adapter.load_tensors("numpy")``), transposed to Flax layout and put on each variable's device
-    in its dtype (or ``options``').
+    in its dtype (or ``options``'); a float16/bfloat16 tensor held in float32 is remembered, to be saved back so.
 
     :returns: the canonical keys loaded.
     :raises MissingTensorError: an injected parameter has no tensor in the file.
@@ -160,13 +166,30 @@ def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: 
     arrays = adapter.load_tensors("numpy")
     new = {key: place(slot.to_flax(np.asarray(arrays[key])), slot.variable.get_value(), options)
            for key, slot in slots.items()}
+    stored = tuple((adapter_name, key, _HALF[adapter.tensors[key].dtype]) for key in slots
+                   if adapter.tensors[key].dtype in _HALF and new[key].dtype == np.float32)
     for key, slot in slots.items():
         slot.variable.set_value(new[key])
+    if stored:  # SPEC.md 7.5: saved back in the file's dtype (the torch backend's stored_dtypes)
+        state = get_state(model)
+        set_state(model, dataclasses.replace(state, stored=(*state.stored, *stored)))
     return list(slots)
 
 
+def _as_stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    """``array`` in the dtype its file stored it in (``"bfloat16"``, ``"float16"``) when that loses nothing, else as is.
+
+    >>> _as_stored(np.array([1.5], np.float32), "bfloat16").dtype.name, _as_stored(np.array([0.1], np.float32), "float16").dtype.name
+    ('bfloat16', 'float32')
+    """
+    as_stored = array.astype(jnp.dtype(dtype))
+    return as_stored if np.array_equal(as_stored.astype(array.dtype), array) else array
+
+
 def extract_state(model: nnx.Module, adapter_name: str) -> tuple[AdapterConfig, dict[str, Any]]:
-    """``adapter_name``'s config and tensors, canonical keys, spec layout, as contiguous NumPy arrays.
+    """``adapter_name``'s config and tensors, canonical keys, spec layout, as contiguous NumPy arrays; a tensor its
+    file stored in float16/bfloat16 and held in float32 goes back in the file's dtype when that loses nothing
+    (SPEC.md 7.5: a load -> save round trip writes the stored values exactly).
 
     :raises AdapterNotFoundError: no such adapter.
 
@@ -175,4 +198,8 @@ def extract_state(model: nnx.Module, adapter_name: str) -> tuple[AdapterConfig, 
     slots = expected_params(model, adapter_name)
     tensors = {key: np.ascontiguousarray(slot.to_spec(np.asarray(jax.device_get(slot.variable.get_value()))))
                for key, slot in slots.items()}
-    return get_state(model).config(adapter_name), tensors
+    state = get_state(model)
+    for name, key, dtype in state.stored:
+        if name == adapter_name and key in tensors:
+            tensors[key] = _as_stored(tensors[key], dtype)
+    return state.config(adapter_name), tensors

@@ -10,7 +10,9 @@ The model's :class:`~adapterspec_flax.graph.ModelState` is the record; each wrap
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -24,9 +26,8 @@ from .layers import AdaptedEmbed, AdaptedLinear, DoraNorm
 __all__ = ["active_adapters", "adapter_names", "delete", "merge", "set_active", "unmerge"]
 
 
-def _replace(state: ModelState, **changes: object) -> ModelState:
-    fields = {"names": state.names, "configs": state.configs, "active": state.active, "merged": state.merged}
-    return ModelState(**{**fields, **changes})  # type: ignore[arg-type]
+def _replace(state: ModelState, **changes: Any) -> ModelState:
+    return dataclasses.replace(state, **changes)
 
 
 def _require(state: ModelState, names: Sequence[str]) -> None:
@@ -94,7 +95,8 @@ def delete(model: nnx.Module, adapter_name: str) -> None:
         state, names=state.names[:index] + state.names[index + 1:],
         configs=state.configs[:index] + state.configs[index + 1:],
         active=tuple(n for n in state.active if n != adapter_name),
-        merged=tuple(n for n in state.merged if n != adapter_name)))
+        merged=tuple(n for n in state.merged if n != adapter_name),
+        stored=tuple(entry for entry in state.stored if entry[0] != adapter_name)))
 
 
 def _assign(wrapper: AdaptedLinear | AdaptedEmbed, kernel: jax.Array, bias: jax.Array | None) -> None:
