@@ -35,7 +35,13 @@ from adapterspec.errors import (  # noqa: E402
 )
 from adapterspec.plugins import get_plugin_manager, plugin_names  # noqa: E402
 from tolerance import fp32_tolerance  # noqa: E402
-from adapterspec_flax.layers import AdaptedEmbed, AdaptedLinear, AdapterParam, AdapterVariable  # noqa: E402
+from adapterspec_flax.layers import (  # noqa: E402
+    AdaptedEmbed,
+    AdaptedLinear,
+    AdapterParam,
+    AdapterVariable,
+    FrozenParam,
+)
 
 VOCAB, DIM, HID = 16, 8, 12
 
@@ -253,6 +259,51 @@ def test_loaded_adapter_is_frozen_and_injected_one_trainable(saved: dict) -> Non
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     assert set(flat) == trainable
     assert np.abs(flat["layers.0.o_proj.adapters.fresh.lora_B"]).max() > 1e-3
+
+
+def _sgd_step(model: nnx.Module) -> None:
+    """One step of NNX's default training recipe: an optimizer and gradients over every ``nnx.Param``."""
+    import optax
+
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.mean(m(jnp.asarray(IDS)) ** 2), argnums=nnx.DiffState(0, nnx.Param))(model)
+    optimizer.update(model, grads)
+
+
+def test_freeze_base_leaves_the_base_out_of_training_until_the_last_trainer_goes(saved: dict) -> None:
+    """``freeze_base`` (the default with ``trainable``, PEFT's get_peft_model, SPEC's LoadOptions): every base
+    parameter stops being an ``nnx.Param`` -- the same Variable objects, now :class:`FrozenParam` -- so an optimizer
+    and ``nnx.grad`` over ``nnx.Param`` train the adapter alone; deleting the last adapter that froze them gives
+    their types back. It was ignored: one SGD step moved the base q_proj kernel by 1.4e-2 and the embedding by 2.6e-2
+    with freeze_base=True as with False."""
+    model = flax_net()
+    kernel_var, embed_var = model.layers[0].q_proj.kernel, model.embed.embedding
+    kernel, embedding = np.asarray(kernel_var[...]), np.asarray(embed_var[...])
+    before = {path: type(v) for path, v in nnx.to_flat_state(nnx.state(model))}
+    adapterspec.load_adapter(model, saved["lora"][0], trainable=True)
+    trainable = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert trainable == {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, AdapterParam))}
+    assert model.layers[0].q_proj.base_layer.kernel is kernel_var and isinstance(kernel_var, FrozenParam)
+    lora_b = np.asarray(model.layers[0].q_proj.adapters["default"].lora_B[...])
+    _sgd_step(model)
+    np.testing.assert_array_equal(np.asarray(kernel_var[...]), kernel)
+    np.testing.assert_array_equal(np.asarray(embed_var[...]), embedding)
+    assert np.abs(np.asarray(model.layers[0].q_proj.adapters["default"].lora_B[...]) - lora_b).max() > 1e-4
+
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["o_proj"]}, "second")
+    adapterspec.delete_adapter(model, "default")  # "second" froze the base too: it stays frozen
+    assert isinstance(kernel_var, FrozenParam) and isinstance(embed_var, FrozenParam)
+    adapterspec.delete_adapter(model, "second")
+    assert {path: type(v) for path, v in nnx.to_flat_state(nnx.state(model))} == before
+    assert model.layers[0].q_proj is not None and type(kernel_var) is nnx.Param and model.embed.embedding is embed_var
+
+    # freeze_base=False, and a frozen (not trainable) load, leave the base's variables as they are
+    for options in ({"trainable": True, "freeze_base": False}, {}):
+        model = flax_net()
+        adapterspec.load_adapter(model, saved["lora"][0], **options)
+        assert type(model.layers[0].q_proj.base_layer.kernel) is nnx.Param
+        adapterspec.unload(model)
+        assert {path: type(v) for path, v in nnx.to_flat_state(nnx.state(model))} == before
 
 
 # -- round trip: Flax -> save -> PEFT ------------------------------------------------------------------

@@ -47,6 +47,8 @@ class ModelState:
     :param merged: adapters whose deltas are in the base weights, in merge order.
     :param stored: ``(adapter, canonical key, dtype name)`` of each tensor whose file stored it in float16/bfloat16
         and that is held in float32 (SPEC.md 7.5): saved back in the file's dtype when that loses nothing.
+    :param freezers: adapters injected trainable with ``freeze_base``: the base parameters stay
+        :class:`~adapterspec_flax.layers.FrozenParam` while one is loaded.
     """
 
     names: tuple[str, ...] = ()
@@ -54,6 +56,7 @@ class ModelState:
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
     stored: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
+    freezers: tuple[str, ...] = ()
 
     def config(self, name: str) -> AdapterConfig:
         """The config adapter ``name`` was injected with.

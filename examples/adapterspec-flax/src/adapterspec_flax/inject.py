@@ -24,9 +24,20 @@ from adapterspec.errors import AdapterExistsError, TargetNotFoundError, Unsuppor
 
 from .devices import place
 from .graph import Key, check_settable, get_state, iter_modules, set_node, set_state
-from .layers import WRAPPERS, AdaptedEmbed, AdaptedLinear, IA3Weights, LoraWeights, Weights
+from .layers import (
+    WRAPPERS,
+    AdaptedEmbed,
+    AdaptedLinear,
+    AdapterParam,
+    FrozenParam,
+    IA3Weights,
+    LoraWeights,
+    Weights,
+    frozen_type,
+)
 
-__all__ = ["SUPPORTED_METHODS", "check_supported", "find_targets", "inject", "model_type", "spec_names"]
+__all__ = ["SUPPORTED_METHODS", "base_params", "check_supported", "find_targets", "inject", "model_type", "spec_names",
+           "thaw_base"]
 
 #: The methods this backend adapts layers with.
 SUPPORTED_METHODS = ("LORA", "IA3")
@@ -216,7 +227,10 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
     holding it, unless already wrapped. A null ``target_modules`` (IA3: ``feedforward_modules``) is PEFT's default
     for the model's type (SPEC.md 14.2), and the adapter keeps that config (it saves the modules). New weights follow ``init_lora_weights`` (LoRA's B is zero)
     or ``init_ia3_weights`` (ones) -- or are zeros when ``options.initialize`` is false (the file fills
-    them next) -- in the layer's dtype and on its device unless ``options`` say otherwise.
+    them next) -- in the layer's dtype (float32 on a half-precision layer, SPEC.md 7.5) and on its device unless
+    ``options`` say otherwise. With ``options.trainable`` and ``options.freeze_base`` (PEFT's ``get_peft_model``),
+    every base ``nnx.Param`` becomes a :class:`~adapterspec_flax.layers.FrozenParam` (the same variable object) until
+    the last adapter so injected is deleted: ``wrt=nnx.Param`` then trains the adapters alone.
 
     :returns: the spec module paths that received the adapter.
     :raises AdapterExistsError: ``adapter_name`` is loaded already.
@@ -239,6 +253,8 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
         raise UnsupportedError("a new adapter with init_lora_weights='orthogonal' (PEFT's orthogonal start) is not "
                                "implemented by the flax backend", pointer="/init_lora_weights",
                                hint="use true, false or \"gaussian\" (a trained adapter loads the same)")
+    freezing = bool(options.trainable and options.freeze_base)
+    frozen = base_params(model) if freezing else []
     plan: list[tuple[tuple[Key, ...], AdaptedLinear | AdaptedEmbed, bool, Weights]] = []
     for spec, path, node in find_targets(model, config, options):
         wrapper: Any = node if isinstance(node, (AdaptedLinear, AdaptedEmbed)) else None
@@ -257,5 +273,35 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
         wrapper.adapters[adapter_name] = weights
         if is_new:
             set_node(model, path, wrapper)
-    set_state(model, dataclasses.replace(state, names=(*state.names, adapter_name), configs=(*state.configs, config)))
+    for variable, frozen_class in frozen:
+        variable.__class__ = frozen_class
+    set_state(model, dataclasses.replace(state, names=(*state.names, adapter_name), configs=(*state.configs, config),
+                                         freezers=(*state.freezers, adapter_name) if freezing else state.freezers))
     return [weights.module for _, _, _, weights in plan]
+
+
+def base_params(model: nnx.Module) -> list[tuple[nnx.Variable[Any], type]]:
+    """Every ``nnx.Param`` of ``model`` that belongs to no adapter (each shared one once), with the
+    :class:`~adapterspec_flax.layers.FrozenParam` class it takes when frozen.
+
+    :raises UnsupportedError: a parameter's class cannot be switched (:func:`~adapterspec_flax.layers.frozen_type`).
+
+    >>> [type(v).__name__ for v, _ in base_params(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))]
+    ['Param', 'Param']
+    """
+    return [(node, frozen_type(type(node))) for _, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Param) and not isinstance(node, AdapterParam)]
+
+
+def thaw_base(model: nnx.Module) -> None:
+    """Give every :class:`~adapterspec_flax.layers.FrozenParam` of ``model`` its class back (the last adapter that
+    froze the base is gone).
+
+    >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> layer.kernel.__class__ = FrozenParam
+    >>> thaw_base(layer); type(layer.kernel).__name__
+    'Param'
+    """
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, FrozenParam):
+            node.__class__ = type(node).thawed

@@ -19,7 +19,8 @@ True
 
 from __future__ import annotations
 
-from typing import Any
+import types
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,12 @@ __all__ = [
     "AdapterParam",
     "AdapterVariable",
     "DoraNorm",
+    "FrozenParam",
     "IA3Weights",
     "LoraWeights",
     "WRAPPERS",
     "Weights",
+    "frozen_type",
 ]
 
 #: PEFT adds this to IA3 vectors before dividing them out of a merged weight.
@@ -54,6 +57,49 @@ class AdapterParam(nnx.Param):  # type: ignore[misc]
 
 class AdapterVariable(nnx.Variable):  # type: ignore[misc]
     """A frozen adapter tensor (the default when loading): not an ``nnx.Param``, so no optimizer updates it."""
+
+
+class FrozenParam(nnx.Variable[Any]):
+    """A base-model parameter frozen while a trainable adapter is loaded (``freeze_base``, PEFT's
+    ``get_peft_model``): not an ``nnx.Param``, so ``nnx.Optimizer(..., wrt=nnx.Param)`` and
+    ``nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`` leave it alone. The variable object stays the same (its
+    class is switched, so tied and held references still see one variable); :attr:`thawed` is the class it gets back.
+
+    >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> layer.kernel.__class__ = frozen_type(type(layer.kernel))
+    >>> sorted(nnx.state(layer, nnx.Param)), type(layer.kernel).thawed is nnx.Param
+    (['bias'], True)
+    """
+
+    __slots__ = ()
+    thawed: ClassVar[type] = nnx.Param
+
+
+_FROZEN: dict[type, type] = {nnx.Param: FrozenParam}
+
+
+def frozen_type(cls: type) -> type:
+    """The :class:`FrozenParam` class for parameters of class ``cls`` (an ``nnx.Param`` subclass), made once.
+
+    :raises UnsupportedError: ``cls`` adds slots of its own, so its objects cannot change class.
+
+    >>> frozen_type(nnx.Param) is FrozenParam
+    True
+    """
+    found = _FROZEN.get(cls)
+    if found is None:
+        namespace: dict[str, Any] = {"thawed": cls, "__module__": __name__, "__qualname__": f"Frozen{cls.__qualname__}"}
+        if cls.__dictoffset__ == 0:
+            namespace["__slots__"] = ()
+        found = types.new_class(f"Frozen{cls.__name__}", (FrozenParam,), exec_body=lambda ns: ns.update(namespace))
+        try:  # the layouts must agree for an object to change class
+            object.__setattr__(object.__new__(cls), "__class__", found)
+        except TypeError:
+            raise UnsupportedError(
+                f"parameters of class {cls.__qualname__} cannot be frozen (it adds slots of its own)",
+                hint="pass freeze_base=False and train with wrt=AdapterParam") from None
+        _FROZEN[cls] = found
+    return found
 
 
 class DoraNorm(nnx.Variable):  # type: ignore[misc]

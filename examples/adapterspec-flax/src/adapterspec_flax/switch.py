@@ -21,6 +21,7 @@ from adapterspec.config import merge_refusal
 from adapterspec.errors import AdapterNotFoundError
 
 from .graph import ModelState, get_state, iter_wrappers, set_node, set_state
+from .inject import thaw_base
 from .layers import AdaptedEmbed, AdaptedLinear, DoraNorm
 
 __all__ = ["active_adapters", "adapter_names", "delete", "merge", "set_active", "unmerge"]
@@ -72,7 +73,8 @@ def set_active(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
 
 
 def delete(model: nnx.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name``'s weights; a layer left without adapters is put back as the original object.
+    """Remove ``adapter_name``'s weights; a layer left without adapters is put back as the original object, and the
+    base parameters frozen for trainable adapters (``freeze_base``) get their class back with the last of them.
 
     A merged adapter's delta stays in the base weights (``unload(merge=True)``).
 
@@ -91,12 +93,15 @@ def delete(model: nnx.Module, adapter_name: str) -> None:
         if len(wrapper.adapters) == 0:
             set_node(model, path, wrapper.base_layer)
     index = state.names.index(adapter_name)
+    freezers = tuple(n for n in state.freezers if n != adapter_name)
+    if state.freezers and not freezers:
+        thaw_base(model)
     set_state(model, _replace(
         state, names=state.names[:index] + state.names[index + 1:],
         configs=state.configs[:index] + state.configs[index + 1:],
         active=tuple(n for n in state.active if n != adapter_name),
         merged=tuple(n for n in state.merged if n != adapter_name),
-        stored=tuple(entry for entry in state.stored if entry[0] != adapter_name)))
+        stored=tuple(entry for entry in state.stored if entry[0] != adapter_name), freezers=freezers))
 
 
 def _assign(wrapper: AdaptedLinear | AdaptedEmbed, kernel: jax.Array, bias: jax.Array | None) -> None:
