@@ -394,6 +394,41 @@ def test_jit_sees_switches(saved: dict) -> None:
         assert_near(np.asarray(forward(model, jnp.asarray(IDS))), run_flax(flax_net()))
 
 
+def test_every_switch_changes_the_graph_definition(saved: dict) -> None:
+    """What the README says of ``graphdef, state = nnx.split(model)`` once and ``jax.jit`` over the state: each switch
+    changes the graph definition, so the split must be taken again; the old one with the new state runs the old
+    structure (after a merge: the delta twice, 0.45 off PEFT on the probe's model), the new one PEFT's output."""
+    model = flax_net()
+
+    def forward(graphdef: Any, state: Any, ids: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(ids)
+
+    run = jax.jit(forward, static_argnums=0)
+    steps = {"load": lambda: adapterspec.load_adapter(model, saved["lora"][0]),
+             "load another": lambda: adapterspec.load_adapter(model, saved["lora2"][0], "second"),
+             "set active": lambda: adapterspec.set_active_adapters(model, "default"),
+             "merge": lambda: adapterspec.merge_adapters(model),
+             "unmerge": lambda: adapterspec.unmerge_adapters(model),
+             "delete": lambda: adapterspec.delete_adapter(model, "second"),
+             "inject": lambda: adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2,
+                                                                 "target_modules": ["o_proj"]}, "fresh"),
+             "unload": lambda: adapterspec.unload(model)}
+    graphdefs = {"before": nnx.split(model)[0]}
+    for step, change in steps.items():
+        previous = list(graphdefs.values())[-1]
+        change()
+        graphdefs[step] = nnx.split(model)[0]
+        assert graphdefs[step] != previous, step
+    model = flax_net()
+    adapterspec.load_adapter(model, saved["lora"][0])
+    graphdef, state = nnx.split(model)
+    assert_near(np.asarray(run(graphdef, state, jnp.asarray(IDS))), saved["lora"][1])
+    adapterspec.merge_adapters(model)
+    fresh, state = nnx.split(model)
+    assert_near(np.asarray(run(fresh, state, jnp.asarray(IDS))), saved["lora"][1])
+    assert np.abs(np.asarray(run(graphdef, state, jnp.asarray(IDS))) - saved["lora"][1]).max() > 1e-2  # stale
+
+
 def test_delete_restores_the_original_layer_objects(saved: dict) -> None:
     model = flax_net()
     originals = {"embed": model.embed, "q0": model.layers[0].q_proj, "o1": model.layers[1].o_proj}

@@ -4,7 +4,8 @@ A case's model is a tree of ``nnx.Dict`` holding ``nnx.Linear``/``nnx.Embed`` la
 module paths, base weights loaded from the case's file (torch layout, transposed into Flax kernels).
 Adapters go in through :func:`adapterspec.load_adapter` and come out through
 :func:`adapterspec.save_adapter` -- the public API only. Cases with other layer kinds (convolutions,
-GPT-2 ``Conv1D``, whole decoders) or methods are reported UNSUPPORTED.
+GPT-2 ``Conv1D``), whole decoders (prefix/prompt tuning, PEFT's default targets for a null ``target_modules``) or
+other methods are reported UNSUPPORTED.
 
 >>> from adapterspec.conformance.runner import run_suite                 # doctest: +SKIP
 >>> run_suite(FlaxImplementation()).counts()["failed"]                    # doctest: +SKIP
@@ -140,8 +141,10 @@ class FlaxImplementation:
         if source is None:
             return True
         model = getattr(source, "model", None) or {}
-        if model.get("decoder"):
-            return "whole decoders (prefix/prompt tuning) are not built by the flax driver"
+        decoder = model.get("decoder")
+        if decoder:  # prefix/prompt tuning, and PEFT's default targets for a null target_modules (SPEC 14.2)
+            return (f"the case's model is a whole {decoder.get('architecture', 'transformers')} decoder, which the flax "
+                    f"driver does not build (it builds {' and '.join(LAYER_KINDS)} layers at the case's module paths)")
         kinds = {m["kind"] for m in model.get("modules", {}).values()}
         if kinds - set(LAYER_KINDS):
             return f"layer kinds {sorted(kinds - set(LAYER_KINDS))} are not supported (only {', '.join(LAYER_KINDS)})"

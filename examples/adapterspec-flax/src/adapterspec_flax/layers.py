@@ -6,7 +6,11 @@ and one weights module per adapter in ``adapters`` (an ``nnx.Dict``). Tensors ar
 layout -- kernels are ``[in, out]`` -- so ``lora_A`` is ``[in, r]`` here and ``[r, in]`` in the file.
 
 Which adapters run is static module data (``active``, ``merged``): switching reassigns two tuples,
-never copies a weight, and ``nnx.jit`` retraces on the change.
+never copies a weight, and ``nnx.jit`` retraces on the change. A graph definition taken once
+(``graphdef, state = nnx.split(model)`` for a ``jax.jit`` over the state) is stale after
+``set_active_adapters``, ``disabled_adapters``, ``merge_adapters``, ``unmerge_adapters``, ``delete_adapter``,
+``unload``, ``load_adapter`` and ``inject_adapter``: split again after them (the old one with the new state runs the
+old structure on the new weights -- after a merge, the delta twice -- without an error).
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
