@@ -480,7 +480,8 @@ def test_switching_unmerges_first(saved: dict) -> None:
 
 def test_merging_one_of_two_active_adapters_is_refused(saved: dict) -> None:
     """SPEC 8.9, as the torch backend (``adapterspec.config.merge_refusal``): merging ``a`` alone while ``b`` is active
-    on the same layers would stop ``b`` there (PEFT's output then moves by the whole of ``b``); refused, nothing changes."""
+    on the same layers would stop ``b`` there (PEFT's output then moves by the whole of ``b``); refused, nothing
+    changes."""
     model = flax_net()
     adapterspec.load_adapter(model, saved["lora"][0])
     adapterspec.load_adapter(model, saved["lora2"][0], "second")
@@ -778,7 +779,8 @@ def test_embedding_saved_whole_is_refused_as_unsupported(case: str) -> None:
         pytest.skip("no conformance corpus in this checkout")
     from adapterspec_flax.conformance import build_model
 
-    modules = {"model.layers.0.self_attn.q_proj": {"kind": "linear", "in_features": 8, "out_features": 8, "bias": False}}
+    q_proj = {"kind": "linear", "in_features": 8, "out_features": 8, "bias": False}
+    modules: dict[str, Any] = {"model.layers.0.self_attn.q_proj": q_proj}
     if case.endswith("gpt2"):
         modules |= {"transformer.wte": {"kind": "embedding", "num_embeddings": 10, "embedding_dim": 8},
                     "lm_head": {"kind": "linear", "in_features": 8, "out_features": 10, "bias": False}}

@@ -143,8 +143,9 @@ class FlaxImplementation:
         model = getattr(source, "model", None) or {}
         decoder = model.get("decoder")
         if decoder:  # prefix/prompt tuning, and PEFT's default targets for a null target_modules (SPEC 14.2)
-            return (f"the case's model is a whole {decoder.get('architecture', 'transformers')} decoder, which the flax "
-                    f"driver does not build (it builds {' and '.join(LAYER_KINDS)} layers at the case's module paths)")
+            architecture = decoder.get("architecture", "transformers")
+            return (f"the case's model is a whole {architecture} decoder, which the flax driver does not build "
+                    f"(it builds {' and '.join(LAYER_KINDS)} layers at the case's module paths)")
         kinds = {m["kind"] for m in model.get("modules", {}).values()}
         if kinds - set(LAYER_KINDS):
             return f"layer kinds {sorted(kinds - set(LAYER_KINDS))} are not supported (only {', '.join(LAYER_KINDS)})"

@@ -225,12 +225,13 @@ def inject(model: nnx.Module, config: AdapterConfig, adapter_name: str, options:
     Each target (an ``nnx.Linear`` or ``nnx.Embed``) is replaced at its attribute path by an
     :class:`~adapterspec_flax.layers.AdaptedLinear` / :class:`~adapterspec_flax.layers.AdaptedEmbed`
     holding it, unless already wrapped. A null ``target_modules`` (IA3: ``feedforward_modules``) is PEFT's default
-    for the model's type (SPEC.md 14.2), and the adapter keeps that config (it saves the modules). New weights follow ``init_lora_weights`` (LoRA's B is zero)
-    or ``init_ia3_weights`` (ones) -- or are zeros when ``options.initialize`` is false (the file fills
-    them next) -- in the layer's dtype (float32 on a half-precision layer, SPEC.md 7.5) and on its device unless
-    ``options`` say otherwise. With ``options.trainable`` and ``options.freeze_base`` (PEFT's ``get_peft_model``),
-    every base ``nnx.Param`` becomes a :class:`~adapterspec_flax.layers.FrozenParam` (the same variable object) until
-    the last adapter so injected is deleted: ``wrt=nnx.Param`` then trains the adapters alone.
+    for the model's type (SPEC.md 14.2), and the adapter keeps that config (it saves the modules). New weights
+    follow ``init_lora_weights`` (LoRA's B is zero) or ``init_ia3_weights`` (ones) -- or are zeros when
+    ``options.initialize`` is false (the file fills them next) -- in the layer's dtype (float32 on a half-precision
+    layer, SPEC.md 7.5) and on its device unless ``options`` say otherwise. With ``options.trainable`` and
+    ``options.freeze_base`` (PEFT's ``get_peft_model``), every base ``nnx.Param`` becomes a
+    :class:`~adapterspec_flax.layers.FrozenParam` (the same variable object) until the last adapter so injected is
+    deleted: ``wrt=nnx.Param`` then trains the adapters alone.
 
     :returns: the spec module paths that received the adapter.
     :raises AdapterExistsError: ``adapter_name`` is loaded already.

@@ -179,8 +179,10 @@ def load_state(model: nnx.Module, adapter: Adapter, adapter_name: str, options: 
 def _as_stored(array: np.ndarray, dtype: str) -> np.ndarray:
     """``array`` in the dtype its file stored it in (``"bfloat16"``, ``"float16"``) when that loses nothing, else as is.
 
-    >>> _as_stored(np.array([1.5], np.float32), "bfloat16").dtype.name, _as_stored(np.array([0.1], np.float32), "float16").dtype.name
-    ('bfloat16', 'float32')
+    >>> _as_stored(np.array([1.5], np.float32), "bfloat16").dtype.name
+    'bfloat16'
+    >>> _as_stored(np.array([0.1], np.float32), "float16").dtype.name
+    'float32'
     """
     as_stored = array.astype(jnp.dtype(dtype))
     return as_stored if np.array_equal(as_stored.astype(array.dtype), array) else array
