@@ -34,6 +34,7 @@ from .config import AdapterConfig, read_json_file, unsupported_features
 from .errors import (
     AdapterSpecError,
     AdapterSpecWarning,
+    ConfigError,
     FileFormatError,
     IntegrityError,
     TensorError,
@@ -56,19 +57,27 @@ __all__ = ["Adapter", "check_adapter_name", "read_adapter", "validate_adapter"]
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow "x\n"
 
 
-def check_adapter_name(name: object) -> str:
+def check_adapter_name(name: object, *, from_caller: bool = False) -> str:
     """Refuse adapter names that are not safe as a folder name (``..``, ``a/b``, empty, too long).
+
+    :param from_caller: the caller passed the name (``load_adapter(adapter_name=...)``): refused with
+        :class:`~adapterspec.errors.ConfigError` (SPEC.md 3.3); a name read from a file is an
+        :class:`~adapterspec.errors.UnsafeFileError`.
 
     >>> check_adapter_name("fr-v2")
     'fr-v2'
     >>> check_adapter_name("../x")
     Traceback (most recent call last):
     adapterspec.errors.UnsafeFileError: adapter name '../x': must match ... (fix: ...)
+    >>> check_adapter_name("a/b", from_caller=True)
+    Traceback (most recent call last):
+    adapterspec.errors.ConfigError: adapter_name 'a/b': must match ... (fix: ...)
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise UnsafeFileError(
-            f"adapter name {name!r}: must match {_NAME_RE.pattern} (it becomes a folder name)",
-            hint="use letters, digits, '.', '_' and '-', starting with a letter or digit")
+        error = ConfigError if from_caller else UnsafeFileError
+        raise error(f"{'adapter_name' if from_caller else 'adapter name'} {name!r}: must match {_NAME_RE.pattern} "
+                    "(it becomes a folder name)", hint="use letters, digits, '.', '_' and '-', starting with a letter "
+                                                       "or digit")
     return name
 
 

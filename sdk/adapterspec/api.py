@@ -38,11 +38,12 @@ from .errors import (
     AdapterSpecError,
     AdapterSpecWarning,
     BackendError,
+    ConfigError,
     FileFormatError,
     UnsafeFileError,
     UnsupportedError,
 )
-from .folder import hashing_ahead, list_adapters, read_set, write_adapter, write_adapters
+from .folder import check_set_names, hashing_ahead, list_adapters, read_set, write_adapter, write_adapters
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
@@ -267,7 +268,7 @@ def load_adapter(model: Any, source: Adapter | str | Path, adapter_name: str = "
 
     >>> load_adapter(model, "./my-lora", device="cuda:0")               # doctest: +SKIP
     """
-    check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name, from_caller=True)
     backend_name(model)
     where = resolve_source(source, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
     with model_lock(model):
@@ -411,7 +412,7 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
 
     >>> inject_adapter(model, {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]})  # doctest: +SKIP
     """
-    check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name, from_caller=True)
     cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
     if adapter_name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}", key=adapter_name,
@@ -489,8 +490,11 @@ def save_adapters(model: Any, path: str | Path, adapter_names_: list[str] | None
 
     :param durable: fsync every file first (see :func:`save_adapter`).
     :param base_model_name_or_path: recorded in every config (see :func:`save_adapter`).
+    :raises ConfigError: two names differ only in letter case (``Fr`` and ``fr``: on macOS and Windows one folder
+        would replace the other, SPEC.md 3.3); nothing is written.
     """
     names = adapter_names_ if adapter_names_ is not None else adapter_names(model)
+    check_set_names(names)
     states = {}
     for name in names:
         config, tensors = _call("adapterspec_extract_state", model, adapter_name=name)
@@ -517,14 +521,30 @@ def set_active_adapters(model: Any, adapter_names_: str | list[str]) -> None:
     """Activate exactly these adapters (a name or a list; several add up; ``[]`` disables all).
 
     :raises AdapterNotFoundError: a name is not loaded (nothing changes).
+    :raises ConfigError: a name is given twice (PEFT would apply that adapter twice; nothing changes).
     """
-    names = [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+    names = _named_once([adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_))
     loaded = adapter_names(model)
     for name in names:
         if name not in loaded:
             raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (loaded: {loaded})", key=name,
                                        hint="load_adapter() it first")
     _call("adapterspec_set_active", model, adapter_names=names)
+
+
+def _named_once(names: list[str]) -> list[str]:
+    """``names``, refused when one is there twice: PEFT's ``set_adapter(['a', 'a'])`` applies ``a`` twice, which
+    no backend does (it dropped the second, silently).
+
+    :raises ConfigError: naming the adapter.
+    """
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"the list names adapter {name!r} twice (PEFT would apply it twice)", key=name,
+                              hint="name each adapter once")
+        seen.add(name)
+    return names
 
 
 @contextlib.contextmanager
@@ -558,8 +578,11 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
 
 @_serialised
 def merge_adapters(model: Any, adapter_names_: str | list[str] | None = None) -> None:
-    """Add adapters' deltas into the base weights in place (default: the active ones)."""
-    names = active_adapters(model) if adapter_names_ is None else (
+    """Add adapters' deltas into the base weights in place (default: the active ones).
+
+    :raises ConfigError: a name is given twice (nothing changes).
+    """
+    names = active_adapters(model) if adapter_names_ is None else _named_once(
         [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_))
     for name in names:
         if name not in adapter_names(model):

@@ -48,7 +48,7 @@ import stat
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -81,8 +81,8 @@ from .spec import (
     check_version,
 )
 
-__all__ = ["checkpoint_adapters", "hashing_ahead", "list_adapters", "read_set", "wait_for_removals", "write_adapter",
-           "write_adapters"]
+__all__ = ["check_set_names", "checkpoint_adapters", "hashing_ahead", "list_adapters", "read_set", "wait_for_removals",
+           "write_adapter", "write_adapters"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -588,17 +588,15 @@ def write_adapters(path: str | Path,
     :param adapters: name -> (config, tensors) or (config, tensors, safetensors metadata).
     :param durable: fsync every file before it appears (see :func:`write_adapter`).
     :raises UnsafeFileError: a name is not a safe folder name.
+    :raises ConfigError: two names differ only in letter case (SPEC.md 3.3); nothing is written.
     :raises WriteError: the file system failed (no space, no permission...): each adapter is the old or the new one,
         and the set is refused until it is saved again.
     """
     folder = Path(path)
-    for name in adapters:
-        if name in _RESERVED:  # the folder would collide with a file of the root adapter
-            raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
-                                  hint="choose another adapter name")
+    check_set_names(adapters)
     save_id = _new_save_id()
-    prepared = {check_adapter_name(name): _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None,
-                                                   durable=durable, save_id=save_id)
+    prepared = {name: _prepare(entry[0], entry[1], entry[2] if len(entry) > 2 else None, durable=durable,
+                               save_id=save_id)
                 for name, entry in adapters.items()}
     entries = {name: {"path": "." if name == DEFAULT_ADAPTER else name, SAVE_ID: save_id} for name in prepared}
     with _write_errors_typed(folder), _staging.Lease() as lease:
@@ -615,6 +613,46 @@ def write_adapters(path: str | Path,
                 with contextlib.suppress(OSError):
                     marker.unlink()
     return folder
+
+
+def check_set_names(names: Iterable[str]) -> None:
+    """Refuse names that cannot be the adapters of one folder (SPEC.md 3.3): each becomes a subfolder's name.
+
+    >>> check_set_names(["default", "fr"])
+    >>> check_set_names(["Fr", "fr"])
+    Traceback (most recent call last):
+    adapterspec.errors.ConfigError: fr: adapter names 'Fr' and 'fr' differ only in letter case ... (fix: ...)
+
+    :raises UnsafeFileError: a name is not a safe folder name, or is the name of a file of the format.
+    :raises ConfigError: two names differ only in letter case: on case-insensitive file systems (macOS, Windows) one
+        adapter's folder would replace the other's.
+    """
+    names = list(names)
+    for name in names:
+        check_adapter_name(name)
+        if name in _RESERVED:  # the folder would collide with a file of the root adapter
+            raise UnsafeFileError(f"adapter name {name!r} is the name of a file of the format", key=name,
+                                  hint="choose another adapter name")
+    twins = _case_twins(names)
+    if twins is not None:
+        raise _case_refusal(*twins, key=twins[1], hint="rename one of them (load it under another adapter_name), or "
+                                                        "save them into two folders")
+
+
+def _case_twins(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first two of ``names`` that differ only in letter case, or ``None``."""
+    lowered: dict[str, str] = {}
+    for name in names:
+        if name.lower() in lowered:
+            return lowered[name.lower()], name
+        lowered[name.lower()] = name
+    return None
+
+
+def _case_refusal(first: str, second: str, **where: Any) -> ConfigError:
+    """SPEC.md 3.3's refusal of two adapter names of one folder that differ only in letter case."""
+    return ConfigError(f"adapter names {first!r} and {second!r} differ only in letter case (their folders collide on "
+                       "case-insensitive file systems)", **where)
 
 
 def _new_save_id() -> str:
@@ -671,13 +709,9 @@ def _check_manifest_names(manifest: Mapping[str, Any], manifest_file: Path) -> N
         raise ConfigError(f"default adapter {default!r} is not listed in adapters "
                           f"({shorten(', '.join(names), 300, plain=True)})",
                           pointer="/default", path=manifest_file, hint="name a listed adapter, or remove 'default'")
-    lowered: dict[str, str] = {}
-    for name in names:
-        if name.lower() in lowered:
-            raise ConfigError(f"adapter names {lowered[name.lower()]!r} and {name!r} differ only in letter case "
-                              "(their folders collide on case-insensitive file systems)",
-                              pointer=f"/adapters/{name}", path=manifest_file, hint="rename one of them")
-        lowered[name.lower()] = name
+    twins = _case_twins(names)
+    if twins is not None:
+        raise _case_refusal(*twins, pointer=f"/adapters/{twins[1]}", path=manifest_file, hint="rename one of them")
 
 
 def checkpoint_adapters(path: str | Path, names: Sequence[str]) -> dict[str, Path]:

@@ -577,3 +577,27 @@ def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_m
             reference.set_adapter(names)
             adapterspec.set_active_adapters(model, names)
             assert_near(keras_logits(model, _ROW_IDS), torch_logits(reference, _ROW_IDS), msg=names)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_names_differing_in_case_or_given_twice_are_refused(checkpoints: Any, two_adapters: dict[str, Any],
+                                                            token_ids: np.ndarray, tmp_path: Path) -> None:
+    """As on torch (the SDK's rules): save_adapters wrote folders Fr/ and fr/ (one replaces the other on macOS and
+    Windows; read_adapters refused the set); set_active_adapters(['Fr', 'Fr']) dropped the duplicate (PEFT applies
+    the adapter twice). Both refused with ConfigError naming the name, nothing written or changed."""
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, two_adapters["fr"], "Fr")
+    adapterspec.load_adapter(model, two_adapters["de"], "fr", activate=False)
+    before = snapshot(model)
+    with pytest.raises(adapterspec.ConfigError, match="'Fr' and 'fr' differ only in letter case") as info:
+        adapterspec.save_adapters(model, tmp_path / "set")
+    assert info.value.key == "fr" and not (tmp_path / "set").exists()
+    with pytest.raises(adapterspec.ConfigError, match="'Fr' twice") as info:
+        adapterspec.set_active_adapters(model, ["Fr", "fr", "Fr"])
+    assert info.value.key == "Fr"
+    with pytest.raises(adapterspec.ConfigError, match="'Fr' twice"):
+        adapterspec.merge_adapters(model, ["Fr", "Fr"])
+    with pytest.raises(adapterspec.ConfigError, match="adapter_name 'a/b'"):
+        adapterspec.load_adapter(model, two_adapters["fr"], "a/b")
+    assert_same_snapshot(before, snapshot(model))
+    assert adapterspec.active_adapters(model) == ["Fr"]

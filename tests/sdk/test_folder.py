@@ -514,3 +514,13 @@ def test_reading_a_file_that_is_no_adapter_folder_says_it_is_a_file(tmp_path: Pa
                                "validate_config or 'adapterspec validate')")
     with pytest.raises(adapterspec.FileFormatError, match="no such adapter folder"):
         adapterspec.read_adapter(tmp_path / "nonexistent")
+
+
+def test_names_differing_only_in_case_are_refused_before_writing(tmp_path: Path) -> None:
+    """SPEC.md 3.3: writers must not put adapters whose names differ only in letter case into one folder (their
+    folders collide on case-insensitive file systems); write_adapters wrote both, which its readers then refused."""
+    for names in (("Fr", "fr"), ("default", "DEFAULT"), ("a", "x", "A")):
+        with pytest.raises(adapterspec.ConfigError, match=f"'{names[0]}' and '{names[-1]}' differ only in letter case") as info:
+            adapterspec.write_adapters(tmp_path / "m", {name: (CONFIG, tensors(i)) for i, name in enumerate(names)})
+        assert info.value.key == names[-1] and "rename one" in (info.value.hint or "")
+        assert not (tmp_path / "m").exists()

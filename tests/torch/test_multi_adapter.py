@@ -556,3 +556,66 @@ def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_m
             reference.set_adapter(names)
             adapterspec.set_active_adapters(model, names)
             assert_close(logits(model, _ROW_INPUTS), logits(reference, _ROW_INPUTS))
+
+
+def test_an_invalid_name_the_caller_passes_is_a_config_error(llama: Any, tmp_path: Any) -> None:
+    """SPEC.md 3.3: a name the caller passed is refused with ConfigError (UnsafeFileError is for names read from a
+    file); load_adapter and inject_adapter raised UnsafeFileError. Nothing changes."""
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    a, _ = _two_adapters(llama, tmp_path)
+    model = fresh(llama)
+    before = snapshot(model)
+    for name in ("a/b", "../x", "", ".", "x" * 129, "fr\n"):
+        with pytest.raises(adapterspec.ConfigError, match="adapter_name") as info:
+            adapterspec.load_adapter(model, a, adapter_name=name)
+        assert not isinstance(info.value, adapterspec.UnsafeFileError) and repr(name)[:20] in info.value.message
+        with pytest.raises(adapterspec.ConfigError, match="adapter_name"):
+            adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}, name)
+    assert_same_snapshot(model, before)
+
+
+def test_a_name_given_twice_is_refused(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    """``set_active_adapters(model, ['a', 'a'])``: PEFT's set_adapter applies LoRA 'a' twice (0.071 off 'a' alone
+    here); adapterspec dropped the duplicate, silently. Refused (ConfigError naming it), as is merging a list naming
+    one twice; nothing changes."""
+    from torch_helpers import assert_same_snapshot, snapshot
+
+    a, b = _two_adapters(llama, tmp_path)
+    reference = _peft_model(llama, {"a": a})
+    once = logits(reference, token_inputs)
+    reference.base_model.set_adapter(["a", "a"])
+    assert (logits(reference, token_inputs) - once).abs().max() > 0.05  # PEFT: twice (0.071)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, a, "a")
+    adapterspec.load_adapter(model, b, "b", activate=False)
+    before = snapshot(model)
+    for names in (["a", "a"], ["a", "b", "a"]):
+        with pytest.raises(adapterspec.ConfigError, match="'a' twice") as info:
+            adapterspec.set_active_adapters(model, names)
+        assert info.value.key == "a"
+        with pytest.raises(adapterspec.ConfigError, match="'a' twice"):
+            adapterspec.merge_adapters(model, names)
+    assert_same_snapshot(model, before)
+    assert_close(logits(model, token_inputs), once)
+
+
+def test_save_adapters_refuses_names_differing_only_in_case(llama: Any, tmp_path: Any) -> None:
+    """SPEC.md 3.3: two adapters of one folder must not have names that differ only in letter case (on macOS and
+    Windows one folder replaces the other). save_adapters wrote Fr/ and fr/, which read_adapters then refused;
+    now it refuses before writing anything."""
+    a, b = _two_adapters(llama, tmp_path)
+    for first, second in (("Fr", "fr"), ("default", "DEFAULT")):
+        model = fresh(llama)
+        adapterspec.load_adapter(model, a, first)
+        adapterspec.load_adapter(model, b, second)
+        target = tmp_path / f"set-{second}"
+        with pytest.raises(adapterspec.ConfigError, match=f"'{first}' and '{second}' differ only in letter case"):
+            adapterspec.save_adapters(model, target)
+        assert not target.exists()
+        target.mkdir()
+        with pytest.raises(adapterspec.ConfigError, match="differ only in letter case"):
+            adapterspec.save_adapters(model, target, overwrite=True)
+        assert list(target.iterdir()) == []
+        adapterspec.save_adapters(model, target, [first])  # one of them alone: fine
+        assert sorted(adapterspec.read_adapters(target)) == [first]
