@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig, LoadOptions
+from adapterspec._merge import replaced_tensor_refusal
 from adapterspec.config import velora_state_size
 from adapterspec.errors import ShapeMismatchError, TargetNotFoundError, UnexpectedTensorError, UnsupportedError
 from adapterspec.naming import EMBEDDING_NAMES, VELORA_STATE, TensorName, embedding_error, make_key
@@ -38,7 +39,8 @@ from .sites import ModuleSite, Piece
 from .switch import ModelState
 
 __all__ = ["Override", "Target", "absent_module", "absent_modules", "apply_overrides", "auxiliary_tensors",
-           "embedding_modules", "fresh_bias_overrides", "fresh_velora_state", "plan_auxiliary", "restore"]
+           "embedding_modules", "fresh_bias_overrides", "fresh_velora_state", "plan_auxiliary", "restore",
+           "restore_refusal"]
 
 #: (the variable's value, the file's tensor) -> the variable's new value.
 Writer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -403,15 +405,16 @@ def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: s
         state.auxiliary.setdefault(adapter_name, {})[make_key(layer.path_of(adapter_name), VELORA_STATE)] = value
 
 
-def restore(state: ModelState, adapter_name: str) -> None:
+def restore(state: ModelState, adapter_name: str, *, unloading: bool = False) -> None:
     """Give back the values ``adapter_name`` replaced and forget its tensors.
 
-    While any adapter is merged (``unload(merge=True)``), the replacements stay, as on torch. Where a later adapter
-    replaced a variable again, that adapter inherits the value to restore.
+    While ``unloading`` with any adapter merged (``unload(merge=True)``), the replacements stay, as on torch. Where a
+    later adapter replaced a variable again, that adapter inherits the value to restore. (``delete_adapter`` with
+    another adapter merged: :func:`restore_refusal` first.)
     """
     overrides = state.base_weights.pop(adapter_name, [])
     state.auxiliary.pop(adapter_name, None)
-    if state.merged:
+    if state.merged and unloading:
         return
     others = [o for overrides_ in state.base_weights.values() for o in overrides_]
     for override in overrides:
@@ -422,6 +425,31 @@ def restore(state: ModelState, adapter_name: str) -> None:
             override.variable.assign(override.old)
         if before is not None:
             before.superseded_by = override.superseded_by
+
+
+def restore_refusal(state: ModelState, adapter_name: str) -> UnsupportedError | None:
+    """Why the values ``adapter_name``'s file replaced cannot come back exactly now, or ``None``: one is in a layer a
+    merged adapter is merged into (a merge may have written into it -- IA3 scales the bias -- and restoring the old
+    value would drop that delta). The same rule as torch's function of the same name.
+
+    >>> restore_refusal(get_state(model), "v")                           # doctest: +SKIP
+    """
+    if not state.merged:
+        return None
+    merged: dict[int, tuple[str, str]] = {}  # id(variable) -> (module path, a merged adapter)
+    for layer in state.adapter_layers.values():
+        if layer.merged:
+            for piece in layer.site.pieces:
+                for variable in piece.layer.weights:
+                    merged.setdefault(id(variable), (layer.site.path, layer.merged[0]))
+    for override in state.base_weights.get(adapter_name, []):
+        if override.superseded_by is not None:
+            continue  # replaced again by a later adapter: that one inherits the value to restore
+        found = merged.get(id(override.variable))
+        if found is not None:
+            return replaced_tensor_refusal(adapter_name, override.keys[0] if override.keys else override.variable.path,
+                                           *found)
+    return None
 
 
 def auxiliary_tensors(state: ModelState, adapter_name: str) -> dict[str, np.ndarray]:

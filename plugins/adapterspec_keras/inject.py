@@ -801,8 +801,10 @@ def _fresh_remat(rematerialized_call: Any) -> Any:
     return remat
 
 
-def remove_adapter_modules(model: Any, adapter_name: str) -> None:
-    """Remove everything :func:`inject` added for ``adapter_name``, unwrapping layers left without adapters.
+def remove_adapter_modules(model: Any, adapter_name: str, *, unloading: bool = False) -> None:
+    """Remove everything :func:`inject` added for ``adapter_name``, unwrapping layers left without adapters (the base
+    tensors its file replaced come back: not while ``unloading`` with an adapter merged,
+    :func:`~adapterspec_keras.auxiliary.restore`).
 
     >>> remove_adapter_modules(model, "default")                         # doctest: +SKIP
     """
@@ -811,7 +813,7 @@ def remove_adapter_modules(model: Any, adapter_name: str) -> None:
         return
     from .auxiliary import restore
 
-    restore(state, adapter_name)  # the base tensors its file replaced (SPEC.md 8.8)
+    restore(state, adapter_name, unloading=unloading)  # the base tensors its file replaced (SPEC.md 8.8)
     for key, layer in list(state.adapter_layers.items()):
         if adapter_name in layer.adapter_names():
             layer.remove_adapter(adapter_name)

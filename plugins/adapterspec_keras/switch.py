@@ -431,23 +431,35 @@ def park_inactive(state: ModelState) -> None:
             state.parked.add(name)
 
 
-def delete(model: Any, adapter_name: str) -> None:
+def delete(model: Any, adapter_name: str, *, unloading: bool = False) -> None:
     """Remove an adapter; a Keras layer left without adapters gets its original ``call`` back. When it was the only
     active one, the first adapter left becomes active (as PEFT's ``delete_adapter``).
 
-    A merged adapter's delta stays in the base weights (``unload(merge=True)``).
+    The other adapters stay as they are: merged ones merged, their weights bit for bit; the base tensors the
+    adapter's file replaced come back (:func:`~adapterspec_keras.auxiliary.restore`). A merged adapter is unmerged
+    first, with every other merged one (:func:`unmerge`).
 
+    :param unloading: ``unload`` deletes every adapter: a merged adapter's delta then stays in the base weights
+        (``unload(merge=True)``), and while any adapter is merged, replaced base tensors stay too.
     :raises AdapterNotFoundError: no adapter of that name.
+    :raises UnsupportedError: (not ``unloading``) a base tensor the adapter's file replaced belongs to a layer a
+        merged adapter is merged into (:func:`~adapterspec_keras.auxiliary.restore_refusal`); nothing changed.
 
     >>> delete(model, "fr")                                             # doctest: +SKIP
     """
+    from .auxiliary import restore_refusal
     from .inject import remove_adapter_modules
 
     state = own_state(model)
     _check(state, [adapter_name])
     assert state is not None
+    if not unloading and adapter_name in state.merged:
+        unmerge(model)
+    refusal = None if unloading else restore_refusal(state, adapter_name)
+    if refusal is not None:
+        raise refusal
     was_active = adapter_name in state.active
-    remove_adapter_modules(model, adapter_name)
+    remove_adapter_modules(model, adapter_name, unloading=unloading)
     state.names.remove(adapter_name)
     state.active = [n for n in state.active if n != adapter_name]
     if was_active and not state.active and state.names:  # the first one left, as PEFT and the torch backend

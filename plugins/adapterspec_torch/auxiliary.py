@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from adapterspec import Adapter, AdapterConfig, LoadOptions
+from adapterspec._merge import replaced_tensor_refusal
 from adapterspec._method_checks import velora_state_error
 from adapterspec.config import velora_state_size
 from adapterspec.errors import (
@@ -60,6 +61,7 @@ __all__ = [
     "plan_auxiliary",
     "rank_errors",
     "restore",
+    "restore_refusal",
     "unwrapped",
 ]
 
@@ -429,16 +431,17 @@ def fresh_velora_state(state: ModelState, config: AdapterConfig, adapter_name: s
         state.extras.setdefault(adapter_name, {})[make_key(spec, VELORA_STATE)] = _as_loaded(value)
 
 
-def restore(model: nn.Module, state: ModelState, adapter_name: str) -> None:
+def restore(model: nn.Module, state: ModelState, adapter_name: str, *, unloading: bool = False) -> None:
     """Put back the parameters ``adapter_name`` replaced and forget its kept tensors.
 
-    While any adapter is merged (``unload(merge=True)`` deletes adapters with the active ones merged), the
-    replacements stay: the forward pass used them, whichever adapter was active, and the merged model keeps
+    While ``unloading`` with any adapter merged (``unload(merge=True)`` deletes adapters with the active ones merged),
+    the replacements stay: the forward pass used them, whichever adapter was active, and the merged model keeps
     what it computed. Where a later adapter replaced a parameter again, that adapter inherits the one to restore.
+    (``delete_adapter`` with another adapter merged: :func:`restore_refusal` first.)
     """
     overrides = state.base_weights.pop(adapter_name, [])
     state.extras.pop(adapter_name, None)
-    if state.merged:
+    if state.merged and unloading:
         return
     for override in overrides:
         for holder, attr in override.slots:
@@ -448,6 +451,29 @@ def restore(model: nn.Module, state: ModelState, adapter_name: str) -> None:
             for other in others:
                 if other.old is override.new:
                     other.old = override.old
+
+
+def restore_refusal(model: nn.Module, state: ModelState, adapter_name: str) -> UnsupportedError | None:
+    """Why the parameters ``adapter_name``'s file replaced cannot come back exactly now, or ``None``: one belongs
+    to a module a merged adapter is merged into (a merge may have written into it -- IA3 scales the bias -- and
+    restoring the old one would drop that delta). The same rule as Keras' function of the same name.
+
+    >>> restore_refusal(model, get_state(model), "v")                    # doctest: +SKIP
+    """
+    if not state.merged:
+        return None
+    merged: dict[int, tuple[str, str]] = {}  # id(parameter) -> (module path, a merged adapter)
+    for path, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ParameterLayer)) and module.merged_adapters:
+            for param in module.base_layer.parameters():
+                merged.setdefault(id(param), (path, module.merged_adapters[0]))
+    for override in state.base_weights.get(adapter_name, []):
+        if not any(holder._parameters.get(attr) is override.new for holder, attr in override.slots):
+            continue  # replaced again by a later adapter: that one inherits the parameter to restore
+        found = merged.get(id(override.new))
+        if found is not None:
+            return replaced_tensor_refusal(adapter_name, override.keys[0] if override.keys else found[0], *found)
+    return None
 
 
 def auxiliary_tensors(state: ModelState, adapter_name: str) -> dict[str, Any]:

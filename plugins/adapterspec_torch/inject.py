@@ -726,9 +726,10 @@ def _unfreeze_base(state: ModelState, adapter_name: str) -> None:
         state.frozen.clear()
 
 
-def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
+def remove_adapter_modules(model: nn.Module, adapter_name: str, *, unloading: bool = False) -> None:
     """Remove everything :func:`inject` added for ``adapter_name`` (layers, copies, prompts, hook), putting
-    back the original module objects (and base weights its file replaced) where nothing is left."""
+    back the original module objects (and base weights its file replaced: not while ``unloading`` with an adapter
+    merged, :func:`~adapterspec_torch.auxiliary.restore`) where nothing is left."""
     state = get_state(model)
     if state is None:
         return
@@ -740,7 +741,7 @@ def remove_adapter_modules(model: nn.Module, adapter_name: str) -> None:
 
         state.trainable.remove(adapter_name)
         release_input_grads(model)
-    restore_base_weights(model, adapter_name)
+    restore_base_weights(model, adapter_name, unloading=unloading)
     config = state.configs.get(adapter_name)
     if config is not None and config.is_prompt_learning:
         remove_prefix(model, state, adapter_name)

@@ -148,13 +148,13 @@ def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
 
 
 @hookimpl
-def adapterspec_delete(model: Any, adapter_name: str) -> bool | None:
+def adapterspec_delete(model: Any, adapter_name: str, unloading: bool) -> bool | None:
     """See :func:`adapterspec_torch.switch.delete`."""
     if not _owns(model):
         return None
     from .switch import delete
 
-    delete(model, adapter_name)
+    delete(model, adapter_name, unloading=unloading)
     return True
 
 

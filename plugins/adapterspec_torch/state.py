@@ -189,12 +189,12 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
     return list(expected) + list(plan.replace) + list(plan.keep)
 
 
-def restore_base_weights(model: nn.Module, adapter_name: str) -> None:
+def restore_base_weights(model: nn.Module, adapter_name: str, *, unloading: bool = False) -> None:
     """Give back the base-model parameters ``adapter_name``'s file replaced (:func:`adapterspec_torch.auxiliary.restore`).
 
-    A merged adapter keeps its weight (with its delta merged in): that is ``unload(merge=True)``.
+    While ``unloading`` with an adapter merged they stay (with any delta merged in): that is ``unload(merge=True)``.
     """
-    restore(model, require_state(model, adapter_name), adapter_name)
+    restore(model, require_state(model, adapter_name), adapter_name, unloading=unloading)
 
 
 def extract_state(model: nn.Module, adapter_name: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -260,22 +260,34 @@ def _wrappers(model: torch.nn.Module, state: ModelState, adapter_name: str) -> l
     return [(own, state.wrappers[own]) for own in state.modules.get(adapter_name, {}).values()]
 
 
-def delete(model: torch.nn.Module, adapter_name: str) -> None:
-    """Remove an adapter; a module left without adapters gets its original object back.
+def delete(model: torch.nn.Module, adapter_name: str, *, unloading: bool = False) -> None:
+    """Remove an adapter; a module left without adapters gets its original object back. If the adapter was the only
+    active one, the first remaining adapter becomes active (as in PEFT).
 
-    A merged adapter's delta stays in the base weights, and the copy of a module it saved whole that was
-    running when it was merged stays as that module (``unload(merge=True)``, PEFT's ``merge_and_unload``). If the adapter
-    was the only active one, the first remaining adapter becomes active (as in PEFT).
+    The other adapters stay as they are: merged ones merged, their weights bit for bit; the base tensors the
+    adapter's file replaced come back (:func:`~adapterspec_torch.auxiliary.restore`). A merged adapter is unmerged
+    first, with every other merged one (:func:`unmerge`).
 
+    :param unloading: ``unload`` deletes every adapter: a merged adapter's delta then stays in the base weights, and
+        the copy of a module it saved whole that was running when it was merged stays as that module (``unload(merge=
+        True)``, PEFT's ``merge_and_unload``); while any adapter is merged, replaced base tensors stay too.
     :raises AdapterNotFoundError: no adapter of that name.
+    :raises UnsupportedError: (not ``unloading``) a base tensor the adapter's file replaced belongs to a module a
+        merged adapter is merged into (:func:`~adapterspec_torch.auxiliary.restore_refusal`); nothing changed.
 
     >>> delete(model, "fr")                                             # doctest: +SKIP
     """
+    from .auxiliary import restore_refusal
     from .inject import remove_adapter_modules
 
     state = require_state(model, adapter_name)
+    if not unloading and adapter_name in state.merged:
+        unmerge(model)
+    refusal = None if unloading else restore_refusal(model, state, adapter_name)
+    if refusal is not None:
+        raise refusal
     was_active = adapter_name in state.switch.names
-    remove_adapter_modules(model, adapter_name)
+    remove_adapter_modules(model, adapter_name, unloading=unloading)
     state.names.remove(adapter_name)
     state.configs.pop(adapter_name)
     state.modules.pop(adapter_name, None)

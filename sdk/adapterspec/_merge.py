@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import UnsupportedError
 
-__all__ = ["base_load_refusal", "rounds_delta_first"]
+__all__ = ["base_load_refusal", "replaced_tensor_refusal", "rounds_delta_first"]
 
 
 def rounds_delta_first(config: Mapping[str, Any], *, embedding: bool, unmerge: bool) -> bool:
@@ -70,3 +70,17 @@ def base_load_refusal(loading: str, path: str, adapter: str, *, merged: bool = T
         "the adapter stays listed, and deleting the adapter would give back the weights from before the load", key=path,
         hint="delete the adapter first (adapterspec.delete_adapter or unload), load the weights, then load the adapter "
              "again")
+
+
+def replaced_tensor_refusal(adapter: str, key: str, module: str, merged: str) -> UnsupportedError:
+    """The refusal of deleting ``adapter`` while ``merged`` is merged into ``module``, whose base tensor ``key`` the
+    adapter's file replaced (both backends): the tensor before the adapter came cannot come back with the merged
+    delta in it, and putting it back would drop that delta (the merged model off by it, silently).
+
+    >>> replaced_tensor_refusal("v", "base_model.model.v_proj.base_layer.bias", "v_proj", "a").key
+    'base_model.model.v_proj.base_layer.bias'
+    """
+    return UnsupportedError(
+        f"deleting adapter {adapter!r} gives back the base tensor its file replaced, but adapter {merged!r} is merged "
+        f"into that module ({module!r}): the tensor from before cannot come back with the merged delta in it", key=key,
+        hint=f"unmerge first (adapterspec.unmerge_adapters(model)), delete {adapter!r}, then merge again if needed")

@@ -307,7 +307,7 @@ def _load(model: Any, where: Path | Adapter, adapter_name: str, *, allow_pickle:
                 if activate:
                     set_active_adapters(model, [adapter_name])
             except BaseException:
-                _call("adapterspec_delete", model, adapter_name=adapter_name)
+                _call("adapterspec_delete", model, adapter_name=adapter_name, unloading=False)
                 _restore_active(model, previous)
                 raise
     finally:
@@ -426,7 +426,7 @@ def inject_adapter(model: Any, config: AdapterConfig | Mapping[str, Any], adapte
     try:
         check_result("adapterspec_inject", modules, model=model)
     except BackendError:  # the plugin injected something and said otherwise: what it injected goes
-        _call("adapterspec_delete", model, adapter_name=adapter_name)
+        _call("adapterspec_delete", model, adapter_name=adapter_name, unloading=False)
         raise
     with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced records no base name
         _INJECTED.setdefault(model, set()).add(adapter_name)
@@ -567,12 +567,23 @@ def disabled_adapters(model: Any) -> Iterator[None]:
 
 @_serialised
 def delete_adapter(model: Any, adapter_name: str) -> None:
-    """Remove an adapter; when none is left on a layer, the layer is restored to the original object."""
+    """Remove an adapter; when none is left on a layer, the layer is restored to the original object.
+
+    The other adapters stay as they are: merged ones stay merged, their weights bit for bit (as in PEFT), and the
+    base tensors the adapter's file replaced (trained biases, embeddings) come back. Deleting a *merged* adapter
+    (PEFT refuses) first unmerges every merged adapter, as :func:`unmerge_adapters` does: the base weights are back
+    to floating-point rounding, and the other adapters run unmerged until merged again.
+
+    :raises AdapterNotFoundError: no adapter of that name is loaded.
+    :raises UnsupportedError: a base tensor the adapter's file replaced belongs to a module another, merged adapter
+        is merged into, so it cannot come back exactly; nothing changes (unmerge first).
+
+    >>> delete_adapter(model, "fr")                                       # doctest: +SKIP
+    """
     if adapter_name not in adapter_names(model):
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded", key=adapter_name,
                                    hint=f"loaded: {adapter_names(model)}")
-    unmerge_adapters(model)
-    _call("adapterspec_delete", model, adapter_name=adapter_name)
+    _call("adapterspec_delete", model, adapter_name=adapter_name, unloading=False)
     _forget_injected(model, adapter_name)
 
 
@@ -611,7 +622,7 @@ def unload(model: Any, *, merge: bool = False) -> Any:
     merged = active_adapters(model) if merge else []
     # the unmerged ones first: while merged adapters remain, a backend keeps what the forward pass used
     for name in sorted(adapter_names(model), key=lambda n: n in merged):
-        _call("adapterspec_delete", model, adapter_name=name)
+        _call("adapterspec_delete", model, adapter_name=name, unloading=True)
         _forget_injected(model, name)
     return model
 

@@ -139,16 +139,23 @@ def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
 
 
 @hookspec(firstresult=True)
-def adapterspec_delete(model: Any, adapter_name: str) -> bool | None:
+def adapterspec_delete(model: Any, adapter_name: str, unloading: bool) -> bool | None:
     """Remove ``adapter_name``'s layers and tensors from ``model``. Stops at first non-None result.
 
     When the last adapter on a module goes, the module is restored to the very object it was
-    before injection, so ``load`` followed by ``delete`` leaves the model as it was. A merged
-    adapter's delta stays in the base weights (that is how ``unload(merge=True)`` works);
-    :func:`adapterspec.delete_adapter` unmerges first when the user deletes a merged adapter.
+    before injection, so ``load`` followed by ``delete`` leaves the model as it was.
 
+    :param unloading: ``True`` from :func:`adapterspec.unload`, which deletes every adapter (the unmerged ones
+        first): a merged adapter's delta stays in the base weights, and while any adapter is merged so does whatever
+        else the forward pass used (the copy of a module saved whole that ran, base tensors an adapter's file
+        replaced) -- that is how ``unload(merge=True)`` works. ``False`` from :func:`adapterspec.delete_adapter` and
+        a failed load's rollback: the other adapters stay as they are (merged ones merged, their weights bit for
+        bit) and the base tensors the adapter's file replaced come back; deleting a merged adapter unmerges every
+        merged adapter first (as :func:`adapterspec_unmerge`).
     :returns: ``True``.
     :raises AdapterNotFoundError: no adapter of that name is loaded.
+    :raises UnsupportedError: (``unloading`` false) a base tensor the adapter's file replaced belongs to a module
+        another, merged adapter is merged into: it cannot come back exactly (nothing changes).
     """
 
 

@@ -500,3 +500,35 @@ def test_velora_refusals_are_peft_s(case: str, checkpoints: Any, tmp_path: Path)
         _edit(folder, lambda t: t.update({key: np.concatenate([t[key], t[key]])}))
         error = adapterspec.ShapeMismatchError
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), error, "velora")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_deleting_an_adapter_gives_its_biases_back_while_another_is_merged(checkpoints: Any, tmp_path: Path) -> None:
+    """As on torch: delete_adapter no longer unmerges the merged adapters to delete one that is not merged; the biases
+    the deleted adapter's file replaced come back bit for bit while 'a' stays merged. A replaced bias of a layer 'a'
+    is merged into cannot come back exactly: refused, nothing changed."""
+    from keras_helpers import snapshot
+
+    from adapterspec_keras.switch import own_state
+
+    _peft_adapter(checkpoints["qwen2"], tmp_path / "a", peft.LoraConfig(r=2, target_modules=["v_proj"]), salt=1)
+    for name, salt in (("q", 400), ("v", 600)):
+        _peft_adapter(checkpoints["qwen2"], tmp_path / name, peft.LoraConfig(
+            r=2, target_modules=[f"{name}_proj"], bias="lora_only"), salt=salt)
+    model = keras_model("qwen2", checkpoints["qwen2"])
+    base = {id_: (path, value) for id_, path, _, value in snapshot(model)["variables"]}
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    for name in ("q", "v"):
+        adapterspec.load_adapter(model, tmp_path / name, name, activate=False)
+    adapterspec.merge_adapters(model)
+    assert_refused_unchanged(model, lambda: adapterspec.delete_adapter(model, "v"), adapterspec.UnsupportedError,
+                             "adapter 'a' is merged into that module ('model.layers.0.self_attn.v_proj')")
+    merged = {id_: value for id_, _, _, value in snapshot(model)["variables"]}
+    adapterspec.delete_adapter(model, "q")
+    assert own_state(model).merged == ["a"]
+    restored = []
+    for id_, path, _, value in snapshot(model)["variables"]:
+        if id_ in base and not np.array_equal(value, merged[id_]):  # 'a' merged, "v"'s biases: as they were
+            assert "query/bias" in path and np.array_equal(value, base[id_][1]), path  # "q"'s: the base's again
+            restored.append(path)
+    assert len(restored) == 2, restored

@@ -601,3 +601,37 @@ def test_names_differing_in_case_or_given_twice_are_refused(checkpoints: Any, tw
         adapterspec.load_adapter(model, two_adapters["fr"], "a/b")
     assert_same_snapshot(before, snapshot(model))
     assert adapterspec.active_adapters(model) == ["Fr"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_deleting_an_unmerged_adapter_keeps_the_merged_ones_merged(checkpoints: Any, two_adapters: dict[str, Any],
+                                                                   token_ids: np.ndarray) -> None:
+    """As on torch: delete_adapter unmerged every merged adapter first, also to delete one that is not merged (PEFT
+    keeps them merged). Deleting unmerged adapters -- one on a layer of its own, one on a layer where 'fr' is merged
+    -- leaves 'fr' merged, every variable left bit for bit and the logits too; deleting the merged one unmerges it
+    (documented), the model then runs the adapter left as PEFT does."""
+    from adapterspec_keras.switch import own_state
+
+    pm = two_adapters["peft"]
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, two_adapters["fr"], "fr")  # q, v
+    adapterspec.load_adapter(model, two_adapters["de"], "de", activate=False)  # q (with 'fr'), o, up: DoRA
+    adapterspec.inject_adapter(model, {"peft_type": "LORA", "r": 2, "target_modules": ["down_proj"],
+                                       "init_lora_weights": False}, "x", activate=False)
+    adapterspec.merge_adapters(model, ["fr"])
+    before, out = snapshot(model), keras_logits(model, token_ids)
+    for name in ("x", "de"):
+        adapterspec.delete_adapter(model, name)
+        assert own_state(model).merged == ["fr"]
+        values = {id_: value for id_, _, _, value in before["variables"]}
+        after = snapshot(model)["variables"]
+        assert len(after) < len(values)
+        for id_, path, _, value in after:
+            assert np.array_equal(value, values[id_]), path
+        assert np.array_equal(keras_logits(model, token_ids), out)
+    adapterspec.load_adapter(model, two_adapters["de"], "de", activate=False)
+    adapterspec.delete_adapter(model, "fr")  # merged: unmerged first
+    assert own_state(model).merged == [] and adapterspec.active_adapters(model) == ["de"]
+    pm.base_model.set_adapter(["de"])
+    assert_near(keras_logits(model, token_ids), torch_logits(pm, token_ids))
+    pm.base_model.set_adapter(["default"])

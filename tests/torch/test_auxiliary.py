@@ -662,3 +662,42 @@ def _fill_biases(model: Any, salt: int) -> None:
         for index, (name, param) in enumerate(sorted(model.named_parameters())):
             if param.requires_grad and name.endswith("bias") and "lora_" not in name:
                 param.copy_(unique_values(tuple(param.shape), salt + index, scale=0.3))
+
+
+def test_deleting_an_adapter_gives_its_biases_back_while_another_is_merged(llama_bias: Any, tmp_path: Path,
+                                                                          token_inputs: dict[str, Any]) -> None:
+    """delete_adapter unmerged every merged adapter to delete one that is not merged. It no longer does: the merged
+    one stays merged (its weights bit for bit) and the biases the deleted adapter's file replaced come back (the
+    original objects). A replaced bias of a module a merged adapter is merged into cannot come back exactly: refused,
+    nothing changed; after unmerge_adapters the delete goes through."""
+    from peft import LoraConfig
+
+    _peft(llama_bias, LoraConfig(r=2, target_modules=["v_proj"]), tmp_path / "a", lambda m: _fill(m))
+    for name, target, salt in (("q", "q_proj", 400), ("v", "v_proj", 600)):
+        _peft(llama_bias, LoraConfig(r=2, target_modules=[target], bias="lora_only"), tmp_path / name,
+              lambda m, salt=salt: (fill_adapter_weights(m, salt=salt), _fill_biases(m, salt + 50)))
+    model = fresh(llama_bias)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    original = (q_proj.bias, q_proj.bias.detach().clone())
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "q", "q", activate=False)
+    adapterspec.load_adapter(model, tmp_path / "v", "v", activate=False)
+    assert not torch.equal(q_proj.bias, original[1])  # the file's bias, in place while "q" is loaded
+    adapterspec.merge_adapters(model)
+    merged_weight = model.model.layers[0].self_attn.v_proj.base_layer.weight.detach().clone()
+
+    before = snapshot(model)
+    with pytest.raises(adapterspec.UnsupportedError, match=r"'v'.*'a' is merged") as info:
+        adapterspec.delete_adapter(model, "v")
+    assert info.value.key == "base_model.model.model.layers.0.self_attn.v_proj.base_layer.bias"
+    assert "unmerge_adapters" in (info.value.hint or "")
+    assert_same_snapshot(model, before)
+
+    adapterspec.delete_adapter(model, "q")
+    assert model.model.layers[0].self_attn.q_proj.bias is original[0]
+    assert torch.equal(original[0], original[1])
+    assert model.model.layers[0].self_attn.v_proj.merged_adapters == ["a"]
+    assert torch.equal(model.model.layers[0].self_attn.v_proj.base_layer.weight, merged_weight)
+    adapterspec.unmerge_adapters(model)
+    adapterspec.delete_adapter(model, "v")
+    assert adapterspec.adapter_names(model) == ["a"]

@@ -619,3 +619,61 @@ def test_save_adapters_refuses_names_differing_only_in_case(llama: Any, tmp_path
         assert list(target.iterdir()) == []
         adapterspec.save_adapters(model, target, [first])  # one of them alone: fine
         assert sorted(adapterspec.read_adapters(target)) == [first]
+
+
+@pytest.mark.filterwarnings("ignore:Already unmerged")  # PEFT's unmerge of its layers without a merged adapter
+def test_deleting_an_unmerged_adapter_keeps_the_merged_ones_merged(llama: Any, token_inputs: Any,
+                                                                   tmp_path: Any) -> None:
+    """PEFT keeps merged adapters merged when another adapter is deleted; delete_adapter unmerged every merged adapter
+    first, also to delete an unrelated one (merged state lost silently, the base weights back only to rounding).
+    Deleting an adapter that is not merged -- on layers of its own, or on a layer where merged ones are -- leaves the
+    merged ones merged and every other weight bit for bit. Deleting a merged adapter (PEFT refuses) unmerges every
+    merged adapter first, as documented."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from adapterspec_torch.layers import AdapterLayer
+
+    a, b = _two_adapters(llama, tmp_path)  # a: q, v, down_proj; b: q, k, up_proj
+    for name, target, salt in (("c", "o_proj", 2000), ("d", "q_proj", 3000)):
+        peft_reference(llama, LoraConfig(r=2, lora_alpha=4, target_modules=[target]), tmp_path / name,
+                       fill=lambda m, salt=salt: fill_adapter_weights(m, salt=salt, scale=0.08))
+    folders = {"a": a, "b": b, "c": tmp_path / "c", "d": tmp_path / "d"}
+    reference = _peft_model(llama, folders)
+    reference.base_model.set_adapter(["a", "b"])
+    reference.merge_adapter(["a", "b"])
+    model = fresh(llama)
+    for name, folder in folders.items():
+        adapterspec.load_adapter(model, folder, name, activate=False)
+    adapterspec.set_active_adapters(model, ["a", "b"])
+    adapterspec.merge_adapters(model)
+
+    def merged(m: Any, kind: type) -> list[str]:
+        return sorted({n for layer in m.modules() if isinstance(layer, kind) for n in layer.merged_adapters})
+
+    def base(m: Any) -> dict[str, Any]:
+        return {k.replace(".base_layer", ""): v.clone() for k, v in m.state_dict().items() if "adapter_weights" not in k}
+
+    weights, out = base(model), logits(model, token_inputs)
+    for name in ("c", "d"):  # c: o_proj, a layer of its own; d: q_proj, where 'a' and 'b' are merged
+        reference.delete_adapter(name)
+        adapterspec.delete_adapter(model, name)
+        assert merged(model, AdapterLayer) == merged(reference, BaseTunerLayer) == ["a", "b"]
+        after = base(model)
+        assert list(after) == list(weights)
+        for key, value in weights.items():
+            assert torch.equal(after[key], value), key
+        assert torch.equal(logits(model, token_inputs), out)
+        assert_close(out, logits(reference, token_inputs))
+    assert adapterspec.active_adapters(model) == ["a", "b"]
+
+    with pytest.raises(ValueError, match="Cannot delete adapter"):  # PEFT refuses a merged one
+        reference.delete_adapter("a")
+    reference.unmerge_adapter()
+    reference.delete_adapter("a")
+    adapterspec.delete_adapter(model, "a")  # every merged adapter is unmerged first
+    assert merged(model, AdapterLayer) == [] and adapterspec.active_adapters(model) == ["b"]
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+    adapterspec.delete_adapter(model, "b")
+    for key, value in llama.state_dict().items():  # the base weights are back (to float rounding)
+        assert_close(model.state_dict()[key], value, atol=fp32_tolerance(value, 4))

@@ -35,7 +35,7 @@ def test_claims_torch_modules_only() -> None:
     assert plugin.adapterspec_backend_name(object()) is None
     for hook, kwargs in [("adapterspec_adapter_names", {}), ("adapterspec_active_adapters", {}),
                          ("adapterspec_set_active", {"adapter_names": []}), ("adapterspec_unmerge", {}),
-                         ("adapterspec_delete", {"adapter_name": "x"}), ("adapterspec_extract_state", {"adapter_name": "x"})]:
+                         ("adapterspec_delete", {"adapter_name": "x", "unloading": False}), ("adapterspec_extract_state", {"adapter_name": "x"})]:
         assert getattr(plugin, hook)(model=object(), **kwargs) is None
     assert plugin.adapterspec_adapter_names(model=torch.nn.Linear(2, 2)) == []
     assert [i.name for i in plugin.adapterspec_conformance_implementations()] == ["torch"]

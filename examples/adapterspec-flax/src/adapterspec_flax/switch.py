@@ -72,18 +72,24 @@ def set_active(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
     set_state(model, _replace(get_state(model), active=active))
 
 
-def delete(model: nnx.Module, adapter_name: str) -> None:
+def delete(model: nnx.Module, adapter_name: str, *, unloading: bool = False) -> None:
     """Remove ``adapter_name``'s weights; a layer left without adapters is put back as the original object, and the
     base parameters frozen for trainable adapters (``freeze_base``) get their class back with the last of them.
 
-    A merged adapter's delta stays in the base weights (``unload(merge=True)``).
+    The other adapters stay as they are (merged ones merged); a merged adapter is unmerged first, with every other
+    merged one.
 
+    :param unloading: ``unload`` deletes every adapter: a merged adapter's delta then stays in the base weights
+        (``unload(merge=True)``).
     :raises AdapterNotFoundError: no such adapter.
 
     >>> delete(model, "fr")                                             # doctest: +SKIP
     """
     state = get_state(model)
     _require(state, [adapter_name])
+    if not unloading and adapter_name in state.merged:
+        unmerge(model)
+        state = get_state(model)
     for _, path, wrapper in list(iter_wrappers(model)):
         if adapter_name not in wrapper.adapters:
             continue
