@@ -46,6 +46,7 @@ from adapterspec.naming import (
     parse_key,
 )
 
+from ._keys import slot
 from .layers import AdapterLayer, ModulesToSaveLayer, check_supported, linear_in_features
 from .parameters import ParameterLayer
 from .switch import ModelState
@@ -320,7 +321,7 @@ def _mirror(module: nn.Module, adapter_name: str, param: str) -> Callable[[Any],
         def live() -> Any:
             if isinstance(module, ModulesToSaveLayer):
                 source = module.original_module if which == "original_module" else \
-                    module.modules_to_save._modules.get(adapter_name)
+                    module.modules_to_save._modules.get(slot(adapter_name))
                 value = source.state_dict(keep_vars=True).get(inner) if source is not None else None
                 if value is not None:
                     return value.detach()

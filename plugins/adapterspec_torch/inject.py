@@ -28,6 +28,7 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
 from adapterspec.targets import is_all_linear
 
 from . import distributed
+from ._keys import slot
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
 from . import vera
@@ -471,7 +472,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             done[spec] = own
             layer.add_adapter(adapter_name, config, spec, options, checked=True, shared=shared)
             if layout is not None:
-                distributed.shard_adapter(cast(nn.Module, layer._modules["adapter_weights"]._modules[adapter_name]),
+                distributed.shard_adapter(cast(nn.Module, layer._modules["adapter_weights"]._modules[slot(adapter_name)]),
                                           layer._specs[adapter_name].names, layout)
                 layer.__dict__["_sharding"] = layout
         for spec in saved:
@@ -587,14 +588,14 @@ def _add_shared(model: nn.Module, config: AdapterConfig, adapter_name: str, opti
     if holder is None:
         holder = nn.ModuleDict()
         model.add_module(vera.SHARED_ATTR, holder)
-    holder[adapter_name] = shared
+    holder[slot(adapter_name)] = shared
     return shared
 
 
 def _remove_shared(model: nn.Module, adapter_name: str) -> None:
     holder = cast("nn.ModuleDict | None", model._modules.get(vera.SHARED_ATTR))
-    if holder is not None and adapter_name in holder:
-        del holder[adapter_name]
+    if holder is not None and slot(adapter_name) in holder:
+        del holder[slot(adapter_name)]
     if holder is not None and len(holder) == 0:
         del model._modules[vera.SHARED_ATTR]
 

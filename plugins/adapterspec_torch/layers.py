@@ -44,6 +44,7 @@ from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
 from . import adalora, oft, vera
+from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
 from .offload import check_not_offloaded, onloaded
@@ -639,7 +640,7 @@ class AdapterLayer(nn.Module):
                 params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=grad)
             else:
                 pending[attr] = PendingParam(shape, device, dtype, grad)
-        self._modules["adapter_weights"]._modules[name] = weights
+        self._modules["adapter_weights"]._modules[slot(name)] = weights
         self._specs[name] = spec
         self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
         if device.type != "meta" and options.initialize:
@@ -701,7 +702,7 @@ class AdapterLayer(nn.Module):
                 weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
             else:
                 weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))
-        self._modules["adapter_weights"]._modules[name] = weights
+        self._modules["adapter_weights"]._modules[slot(name)] = weights
         self._specs[name] = spec
         self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
 
@@ -723,7 +724,7 @@ class AdapterLayer(nn.Module):
         return weight
 
     def _initialise(self, name: str, config: AdapterConfig) -> None:
-        spec, w = self._specs[name], self.adapter_weights[name]
+        spec, w = self._specs[name], self.adapter_weights[slot(name)]
         p = {param: getattr(w, attr) for param, attr in spec.names.items()}
         if spec.method == "LORA":
             init = config.get("init_lora_weights", True)
@@ -782,8 +783,8 @@ class AdapterLayer(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s parameters; if it was merged, its delta stays in the base weight."""
-        if name in self.adapter_weights:
-            del self.adapter_weights[name]
+        if slot(name) in self.adapter_weights:
+            del self.adapter_weights[slot(name)]
         self._specs.pop(name, None)
         if name in self._merged:
             self._merged.remove(name)
@@ -809,7 +810,7 @@ class AdapterLayer(nn.Module):
     def adapter_params(self, name: str) -> dict[str, nn.Parameter | PendingParam]:
         """Spec parameter name (``"lora_A.weight"``, ``"ia3_l"``...) -> parameter, for adapter ``name``
         (a :class:`PendingParam` for one injected without initialisation and not loaded yet)."""
-        w = self.adapter_weights[name]
+        w = self.adapter_weights[slot(name)]
         params, pending = w._parameters, w.__dict__.get("pending") or {}
         return {param: params[attr] if attr in params else pending[attr]
                 for param, attr in self._specs[name].names.items()}
@@ -834,7 +835,7 @@ class AdapterLayer(nn.Module):
 
     # -- the math ---------------------------------------------------------------------
     def _param(self, name: str, param: str) -> torch.Tensor:
-        tensor: torch.Tensor = self.adapter_weights[name]._parameters[self._specs[name].names[param]]
+        tensor: torch.Tensor = self.adapter_weights[slot(name)]._parameters[self._specs[name].names[param]]
         return tensor
 
     def _check_placed(self, names: Sequence[str]) -> None:
@@ -845,7 +846,7 @@ class AdapterLayer(nn.Module):
         """
         weights = self._modules["adapter_weights"]._modules
         for name in names:
-            module = weights.get(name)
+            module = weights.get(slot(name))
             first = next(iter(module._parameters.values()), None) if module is not None else None
             if first is not None and first.is_meta:
                 raise UnsupportedError("this layer's adapter tensors are on the meta device (accelerate offloaded them: "
@@ -855,7 +856,7 @@ class AdapterLayer(nn.Module):
 
     def _params_of(self, name: str) -> dict[str, torch.Tensor]:
         """Spec parameter name -> tensor of adapter ``name`` (the parameters, loaded)."""
-        params = self.adapter_weights[name]._parameters
+        params = self.adapter_weights[slot(name)]._parameters
         return {param: params[attr] for param, attr in self._specs[name].names.items()}
 
     def _has(self, name: str, param: str) -> bool:
@@ -989,7 +990,7 @@ class AdapterLayer(nn.Module):
         (no intermediate ``B(A(x))``, product by the scale and sum as new tensors): PEFT's math, with one
         rounding less. Autograd records the in-place add (a Linear's backward needs its input, not its output)."""
         base = self._modules["base_layer"]
-        weights = cast(nn.Module, self._modules["adapter_weights"]._modules[name])
+        weights = cast(nn.Module, self._modules["adapter_weights"]._modules[slot(name)])
         params = cast("dict[str, torch.Tensor]", weights._parameters)  # A and B exist: _lora_plan checked the spec
         a, b = params["lora_A_weight"], params["lora_B_weight"]
         if a.is_meta and not x.is_meta:
@@ -1447,7 +1448,7 @@ class ModulesToSaveLayer(nn.Module):
         if dtype is not None and original is not None and dtype != original:
             self._casts[name] = dtype
         duplicate.requires_grad_(bool(options.trainable))
-        self.modules_to_save[name] = duplicate
+        self.modules_to_save[slot(name)] = duplicate
         if prefix:
             self._prefixes[name] = prefix
 
@@ -1455,14 +1456,14 @@ class ModulesToSaveLayer(nn.Module):
         """Drop adapter ``name``'s copy; if it was merged (:meth:`merge`), the copy becomes the original module
         (as PEFT's ``merge_and_unload`` keeps the trained copy)."""
         if name == self._merged:
-            kept = self.modules_to_save[name]
+            kept = self.modules_to_save[slot(name)]
             original = next((p.dtype for p in self.original_module.parameters() if p.is_floating_point()), None)
             if name in self._casts and original is not None:
                 kept.to(dtype=original)  # it computed in its own dtype; as the original it gets the original's
             self.original_module = kept
             self._merged = None
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
+        if slot(name) in self.modules_to_save:
+            del self.modules_to_save[slot(name)]
         self._casts.pop(name, None)
         self._prefixes.pop(name, None)
 
@@ -1486,18 +1487,18 @@ class ModulesToSaveLayer(nn.Module):
 
     def adapter_names(self) -> list[str]:
         """The adapters holding a copy, in insertion order."""
-        return list(self.modules_to_save.keys())
+        return [adapter_of(key) for key in self.modules_to_save.keys()]
 
     def adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state dict (parameter name -> tensor) for adapter ``name``."""
         prefix = self._prefixes.get(name, "")
-        return {prefix + key: value for key, value in self.modules_to_save[name].state_dict(keep_vars=True).items()}
+        return {prefix + key: value for key, value in self.modules_to_save[slot(name)].state_dict(keep_vars=True).items()}
 
     def running_of(self, names: Sequence[str]) -> list[Running]:
         """The adapters of ``names`` holding a copy here, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
         whether they may run together (one copy runs at a time)."""
         copies = self._modules["modules_to_save"]._modules
-        return [Running(n, SAVED_WHOLE) for n in names if n in copies]
+        return [Running(n, SAVED_WHOLE) for n in names if slot(n) in copies]
 
     def set_active(self, names: Sequence[str]) -> None:
         """Run the copy of the first active adapter that has one, else the original (the set is model-wide)."""
@@ -1506,7 +1507,7 @@ class ModulesToSaveLayer(nn.Module):
     def _active(self) -> tuple[str | None, nn.Module]:
         copies = self._modules["modules_to_save"]._modules
         for name in self._switch.names:
-            module = copies.get(name)
+            module = copies.get(slot(name))
             if module is not None:
                 return name, module
         return None, self._modules["original_module"]

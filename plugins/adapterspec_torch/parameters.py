@@ -35,6 +35,7 @@ from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._moe import MOE_RENAMED, check_moe_conversion
 from adapterspec.errors import TargetNotFoundError, UnsupportedError
 
+from ._keys import slot
 from .devices import UPCAST_DTYPES, adapter_target_of
 from .layers import ActiveSet
 
@@ -134,7 +135,7 @@ class ParameterLayer(nn.Module):
         return cast(nn.Module, self._modules["base_layer"])
 
     def _weights(self, name: str) -> nn.ParameterDict:
-        return cast(nn.ParameterDict, self.lora_weights[name])
+        return cast(nn.ParameterDict, self.lora_weights[slot(name)])
 
     # -- adapters -----------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, path: str, params: Sequence[str],
@@ -172,7 +173,7 @@ class ParameterLayer(nn.Module):
             weights[self._attr(target, "A")] = nn.Parameter(a, requires_grad=trainable)
             weights[self._attr(target, "B")] = nn.Parameter(b, requires_grad=trainable)
             targets.append(target)
-        self.lora_weights[name] = weights
+        self.lora_weights[slot(name)] = weights
         self._targets[name] = targets
 
     @staticmethod
@@ -182,8 +183,8 @@ class ParameterLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (a merged one's delta stays in the parameters)."""
         self._targets.pop(name, None)
-        if name in self.lora_weights:
-            del self.lora_weights[name]
+        if slot(name) in self.lora_weights:
+            del self.lora_weights[slot(name)]
         if name in self._merged:
             self._merged.remove(name)
 

@@ -31,6 +31,7 @@ from adapterspec._rules import prefix_key_value_sizes, prompt_init_refusal, star
 from adapterspec.errors import ShapeMismatchError, UnsupportedError
 from adapterspec.naming import PROMPT_KEY
 
+from ._keys import slot
 from .devices import adapter_target_of
 from .switch import ModelState, get_state
 
@@ -345,7 +346,7 @@ def inject_prefix(model: nn.Module, state: ModelState, config: AdapterConfig, ad
                 tensor.zero_()
             else:
                 tensor.normal_()
-    prompts[adapter_name] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
+    prompts[slot(adapter_name)] = nn.Parameter(tensor, requires_grad=bool(options.trainable))
     if state.prompt_hook is None:
         state.prompt_hook = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
     if config.peft_type == "PREFIX_TUNING" and not _takes_cache(model) and PREFIX_FORWARD not in vars(model):
@@ -415,7 +416,7 @@ def _prompt_pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         return None
     batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
     nvt = config["num_virtual_tokens"]
-    weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[name]
+    weight = cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[slot(name)]
     if config["num_transformer_submodules"] == 2:
         return _seq2seq_kwargs(model, config, weight, kwargs, batch)
     if config.get("task_type") == "QUESTION_ANS":  # PEFT's QA forward takes both by name and passes neither on
@@ -675,8 +676,8 @@ def _classify(model: nn.Module, config: AdapterConfig, cache: Any, *, input_ids:
 def remove_prefix(model: nn.Module, state: ModelState, adapter_name: str) -> None:
     """Remove the virtual tokens of ``adapter_name``, and the hook once no such adapter is left."""
     prompts = cast("nn.ParameterDict | None", model._modules.get(PROMPTS_ATTR))
-    if prompts is not None and adapter_name in prompts:
-        del prompts[adapter_name]
+    if prompts is not None and slot(adapter_name) in prompts:
+        del prompts[slot(adapter_name)]
     if prompts is not None and len(prompts) == 0:
         del model._modules[PROMPTS_ATTR]
     still = any(state.configs[n].is_prompt_learning for n in state.names if n != adapter_name)

@@ -24,6 +24,7 @@ from adapterspec._vera import SHARED, shared_key
 from adapterspec.naming import PROMPT_KEY, make_key
 
 from . import vera
+from ._keys import slot
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
 from .layers import AdapterLayer
 from .prompts import PROMPTS_ATTR
@@ -39,13 +40,13 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str
     out: dict[str, tuple[Any, Any, str]] = {}
     prompt = state.configs[adapter_name].is_prompt_learning
     if prompt:  # and the modules it saves whole (SPEC 15.9), under base_model.<module>
-        out[PROMPT_KEY] = (cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[adapter_name], None, "")
+        out[PROMPT_KEY] = (cast(nn.ParameterDict, model._modules[PROMPTS_ATTR])[slot(adapter_name)], None, "")
     wrappers = state.wrappers
     for spec, own in state.modules[adapter_name].items():
         prefix = make_key(spec, "", prompt_learning=prompt)
         layer = wrappers[own]
         if type(layer) is AdapterLayer:  # inlined adapter_params: this runs for every module of every load
-            weights = cast(nn.Module, layer._modules["adapter_weights"]._modules[adapter_name])
+            weights = cast(nn.Module, layer._modules["adapter_weights"]._modules[slot(adapter_name)])
             params, pending = weights._parameters, weights.__dict__["pending"]
             for param, attr in layer._specs[adapter_name].names.items():
                 out[prefix + param] = (params[attr], None, attr) if attr in params else (pending[attr], weights, attr)
@@ -53,8 +54,8 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str
             for param, tensor in layer.adapter_params(adapter_name).items():
                 out[prefix + param] = (tensor, None, "")
     holder = model._modules.get(vera.SHARED_ATTR)
-    if holder is not None and adapter_name in holder._modules:  # VeRA's projections, stored once (SPEC.md 15.5)
-        shared = cast(vera.Shared, holder._modules[adapter_name])
+    if holder is not None and slot(adapter_name) in holder._modules:  # VeRA's projections, stored once (SPEC.md 15.5)
+        shared = cast(vera.Shared, holder._modules[slot(adapter_name)])
         params, pending = shared._parameters, shared.__dict__["pending"]
         for name in SHARED:
             out[shared_key(name)] = (params[name], None, name) if name in params else (pending[name], shared, name)

@@ -28,6 +28,7 @@ from adapterspec._tying import EMBEDDING_LAYER_NAMES, is_tied, tie_rewrite
 from adapterspec.errors import UnexpectedTensorError, UnsupportedError
 from adapterspec.naming import make_key
 
+from ._keys import slot
 from .layers import AdapterLayer, ModulesToSaveLayer
 from .switch import ModelState
 
@@ -108,7 +109,7 @@ def tie(state: ModelState, adapter_name: str) -> None:
         if mode == "targets":
             assert isinstance(head_layer, AdapterLayer) and isinstance(source_layer, AdapterLayer)
             source = source_layer.adapter_params(adapter_name)
-            weights = head_layer.adapter_weights[adapter_name]
+            weights = head_layer.adapter_weights[slot(adapter_name)]
             names = head_layer._specs[adapter_name].names
             for param, _, source_param, _ in _lora_pairs(head, embedding):
                 tensor = source[source_param]
@@ -121,14 +122,14 @@ def tie(state: ModelState, adapter_name: str) -> None:
             assert isinstance(head_layer, AdapterLayer) and isinstance(source_layer, AdapterLayer)
             source_tensor = source_layer.adapter_params(adapter_name)[_DELTA]
             if isinstance(source_tensor, nn.Parameter):
-                weights = head_layer.adapter_weights[adapter_name]
+                weights = head_layer.adapter_weights[slot(adapter_name)]
                 attr = head_layer._specs[adapter_name].names[_DELTA]
                 weights.__dict__["pending"].pop(attr, None)
                 weights._parameters[attr] = source_tensor
         else:
             assert isinstance(head_layer, ModulesToSaveLayer) and isinstance(source_layer, ModulesToSaveLayer)
-            copy = head_layer.modules_to_save[adapter_name]
-            copy._parameters["weight"] = source_layer.modules_to_save[adapter_name]._parameters["weight"]
+            copy = head_layer.modules_to_save[slot(adapter_name)]
+            copy._parameters["weight"] = source_layer.modules_to_save[slot(adapter_name)]._parameters["weight"]
 
 
 def check_tied_layer(module: nn.Module, path: str, mode: str) -> None:

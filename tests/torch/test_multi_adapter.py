@@ -3,6 +3,7 @@ compared with PEFT doing the same operations on the same folders."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -13,7 +14,7 @@ peft = pytest.importorskip("peft")
 
 import adapterspec  # noqa: E402
 from tolerance import fp32_tolerance  # noqa: E402
-from torch_helpers import assert_close, fill_adapter_weights, fresh, logits, peft_reference  # noqa: E402
+from torch_helpers import assert_close, fill_adapter_weights, fresh, logits, peft_reference, unique_values  # noqa: E402
 
 
 def _two_adapters(base: Any, tmp_path: Any) -> tuple[Any, Any]:
@@ -677,3 +678,84 @@ def test_deleting_an_unmerged_adapter_keeps_the_merged_ones_merged(llama: Any, t
     adapterspec.delete_adapter(model, "b")
     for key, value in llama.state_dict().items():  # the base weights are back (to float rounding)
         assert_close(model.state_dict()[key], value, atol=fp32_tolerance(value, 4))
+
+
+def _dotted_cases() -> list[Any]:
+    from peft import LNTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+
+    return [
+        pytest.param(lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                        modules_to_save=["lm_head"], trainable_token_indices=[1, 5, 7]),
+                     id="lora-modules-to-save-tokens"),
+        pytest.param(lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"], use_dora=True), id="dora"),
+        pytest.param(lambda: LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.down_proj.weight"]),
+                     id="lora-parameters"),
+        pytest.param(lambda: VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), id="vera"),
+        pytest.param(lambda: LNTuningConfig(target_modules=["input_layernorm"]), id="ln-tuning"),
+        pytest.param(lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), id="prompt-tuning"),
+        pytest.param(lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), id="prefix-tuning"),
+    ]
+
+
+@pytest.mark.parametrize("make_config", _dotted_cases())
+def test_a_dotted_adapter_name_works_as_any_other(llama: Any, token_inputs: Any, tmp_path: Any,
+                                                   make_config: Any) -> None:
+    """SPEC.md 3.3 allows '.' in a name ('v1.2'); torch's module and parameter names split at dots. An adapter with
+    modules_to_save under such a name failed to load (BackendError wrapping torch's KeyError "module name can't
+    contain '.'"); a LoRA loaded, but model.load_state_dict(model.state_dict()) raised torch's raw RuntimeError
+    (unexpected key ...adapter_weights.v1.2.lora_A_weight). Now it works as the same adapter under 'v12', bit for
+    bit: outputs, switching, merging, the model's state dict (round trip into another model), the saved files,
+    delete -- and the name is 'v1.2' wherever adapterspec gives it back."""
+    from safetensors.torch import load_file
+    from torch_helpers import snapshot
+
+    def fill(model: Any) -> None:
+        fill_adapter_weights(model, salt=5, scale=0.08)
+        with torch.no_grad():
+            for i, (name, param) in enumerate(sorted(model.named_parameters())):
+                if "trainable_tokens_delta" in name or "ln_tuning_layers" in name or "prompt_encoder" in name:
+                    param.copy_(unique_values(tuple(param.shape), 50 + i, around=float("ln" in name), scale=0.3))
+
+    peft_reference(llama, make_config(), tmp_path / "peft", fill=fill)
+    _, other = _two_adapters(llama, tmp_path)
+    outputs, states = {}, {}
+    for name in ("v12", "v1.2"):
+        model = fresh(llama)
+        adapterspec.load_adapter(model, tmp_path / "peft", name)
+        adapterspec.load_adapter(model, other, f"{name}.b" if "." in name else f"{name}b", activate=False)
+        assert adapterspec.adapter_names(model)[0] == name and adapterspec.active_adapters(model) == [name]
+        held = {n for m in model.modules() if callable(getattr(type(m), "adapter_names", None)) for n in m.adapter_names()}
+        assert held <= set(adapterspec.adapter_names(model)), held  # never the key torch stores it under
+        outputs[name] = [logits(model, token_inputs)]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state)  # strict: every key back where it came from
+        states[name] = state
+        adapterspec.save_adapter(model, tmp_path / name, name)
+        adapterspec.set_active_adapters(model, [adapterspec.adapter_names(model)[1], name])
+        outputs[name].append(logits(model, token_inputs))
+        if not make_config().is_prompt_learning:
+            adapterspec.set_active_adapters(model, [name])
+            adapterspec.merge_adapters(model)
+            outputs[name].append(logits(model, token_inputs))
+            adapterspec.unmerge_adapters(model)
+        twin = fresh(llama)  # the same adapters, other values: the state dict gives them the first model's
+        adapterspec.inject_adapter(twin, json.loads((tmp_path / "peft" / "adapter_config.json").read_text()), name,
+                                   trainable=False)
+        adapterspec.load_adapter(twin, other, adapterspec.adapter_names(model)[1], activate=False)
+        twin.load_state_dict(state)
+        assert torch.equal(logits(twin, token_inputs), outputs[name][0])
+        before = snapshot(fresh(llama))
+        for each in list(adapterspec.adapter_names(model)):
+            adapterspec.delete_adapter(model, each)
+        assert [m for m, _ in snapshot(model)["modules"]] == [m for m, _ in before["modules"]]
+        for key, value in model.state_dict().items():  # merged and unmerged: the base to float rounding
+            assert_close(value, before["state"][key], atol=fp32_tolerance(value, 4))
+    for dotted, plain in zip(outputs["v1.2"], outputs["v12"]):
+        assert torch.equal(dotted, plain)
+    assert len(states["v1.2"]) == len(states["v12"]) and not any("v1.2." in key for key in states["v1.2"])
+    for (key, value), dotted_value in zip(states["v12"].items(), states["v1.2"].values()):
+        assert torch.equal(value, dotted_value), key
+    assert (tmp_path / "v12" / "adapter_config.json").read_text() == (tmp_path / "v1.2" / "adapter_config.json").read_text()
+    plain, dotted = load_file(tmp_path / "v12" / "adapter_model.safetensors"), load_file(
+        tmp_path / "v1.2" / "adapter_model.safetensors")
+    assert list(plain) == list(dotted) and all(torch.equal(plain[k], dotted[k]) for k in plain)
