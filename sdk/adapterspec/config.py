@@ -49,6 +49,7 @@ from ._rules import (
 from ._foreign import config_error
 from ._lfs import lfs_pointer_error
 from ._merge import rounds_delta_first
+from ._mix import Running, mix_refusal
 from .errors import ECHO_LIMIT, AdapterSpecWarning, ConfigError, FileFormatError, UnsupportedError, shorten
 from .naming import PROMPT_METHODS
 from .spec import SPEC_VERSION, check_version
@@ -56,6 +57,7 @@ from .targets import PatternTable, Targeting, is_feedforward, regex_problems
 
 __all__ = [
     "AdapterConfig",
+    "Running",
     "config_errors",
     "config_problems",
     "default_targets",
@@ -64,6 +66,7 @@ __all__ = [
     "read_json_file",
     "schema_hint",
     "merge_refusal",
+    "mix_refusal",
     "rounds_delta_first",
     "training_refusals",
     "transformer_submodules",

@@ -135,6 +135,8 @@ def adapterspec_set_active(model: Any, adapter_names: list[str]) -> bool | None:
 
     :returns: ``True``.
     :raises AdapterNotFoundError: a name is not loaded; nothing changes then.
+    :raises UnsupportedError: adapters without a defined result together on one layer (SPEC.md 8.9,
+        :func:`adapterspec.config.mix_refusal`); nothing changes then.
     """
 
 
@@ -168,7 +170,8 @@ def adapterspec_merge(model: Any, adapter_names: list[str]) -> bool | None:
 
     :returns: ``True``.
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: a method or layer cannot be merged.
+    :raises UnsupportedError: a method or layer cannot be merged, or adapters without a defined result together on
+        one layer would be merged or active (SPEC.md 8.9, :func:`adapterspec.config.mix_refusal`).
     """
 
 

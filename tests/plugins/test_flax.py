@@ -498,6 +498,32 @@ def test_merging_one_of_two_active_adapters_is_refused(saved: dict) -> None:
     assert_near(run_flax(model), both)
 
 
+
+@pytest.mark.parametrize("lora", ["lora", "dora"])
+def test_ia3_with_lora_on_one_layer_is_refused_as_the_sdk_rule(saved: dict, lora: str) -> None:
+    """SPEC 8.9, one SDK rule for every backend (``adapterspec.config.mix_refusal``): IA3 and LoRA/DoRA active or
+    merged together on one layer have no defined result (PEFT refuses adapters of different methods) and the torch and
+    Keras backends refuse them; the Flax backend ran them (IA3 scaling, then the LoRA term). Refused from
+    set_active_adapters and merge_adapters, both orders, nothing changed; IA3 with IA3 and LoRA with LoRA still run."""
+    model = flax_net()
+    adapterspec.load_adapter(model, saved[lora][0], lora)
+    adapterspec.load_adapter(model, saved["ia3"][0], "ia3")
+    kernel = np.asarray(model.layers[0].q_proj.base_layer.kernel[...])
+    alone = run_flax(model)
+    for names in ([lora, "ia3"], ["ia3", lora]):
+        for action in (adapterspec.set_active_adapters, adapterspec.merge_adapters):
+            with pytest.raises(UnsupportedError, match=f"IA3 adapter 'ia3' cannot run together with .*{lora!r}") \
+                    as info:
+                action(model, names)
+            assert info.value.key == "layers.0.o_proj"  # the first layer holding both, in graph order
+            assert adapterspec.active_adapters(model) == ["ia3"] and model.layers[0].q_proj.merged == ()
+            np.testing.assert_array_equal(np.asarray(model.layers[0].q_proj.base_layer.kernel[...]), kernel)
+            np.testing.assert_array_equal(run_flax(model), alone)
+    adapterspec.load_adapter(model, saved["ia3"][0], "ia3b")
+    adapterspec.set_active_adapters(model, ["ia3", "ia3b"])  # one method: vectors multiply, as PEFT's
+    assert adapterspec.active_adapters(model) == ["ia3", "ia3b"]
+
+
 # -- all or nothing --------------------------------------------------------------------------------------
 
 def test_failed_load_leaves_the_model_unchanged(saved: dict, tmp_path: Path) -> None:

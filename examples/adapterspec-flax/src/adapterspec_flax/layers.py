@@ -24,12 +24,14 @@ True
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adapterspec.config import Running
 from adapterspec.errors import UnsupportedError
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "WRAPPERS",
     "Weights",
     "frozen_type",
+    "running_of",
 ]
 
 #: PEFT adds this to IA3 vectors before dividing them out of a merged weight.
@@ -194,6 +197,17 @@ def _product(vectors: list[jax.Array]) -> jax.Array:
     for vector in vectors[1:]:
         out = out * vector
     return out
+
+
+def running_of(layer: AdaptedLinear | AdaptedEmbed, names: Sequence[str]) -> list[Running]:
+    """The adapters of ``names`` that ``layer`` holds, as the SDK's :func:`adapterspec.config.mix_refusal` judges
+    whether they may run together (the torch and Keras backends' ``running_of``).
+
+    >>> running_of(AdaptedLinear(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), ["default"])
+    []
+    """
+    return [Running(n, "IA3" if isinstance(w, IA3Weights) else "LORA", isinstance(w, LoraWeights) and w.is_dora)
+            for n in names if (w := layer.adapters.get(n)) is not None]
 
 
 def _live(layer: AdaptedLinear | AdaptedEmbed) -> list[Weights]:

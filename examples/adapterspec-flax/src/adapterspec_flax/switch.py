@@ -17,14 +17,14 @@ from typing import Any
 import jax
 from flax import nnx
 
-from adapterspec.config import merge_refusal
+from adapterspec.config import merge_refusal, mix_refusal
 from adapterspec.errors import AdapterNotFoundError
 
 from .graph import ModelState, get_state, iter_wrappers, set_node, set_state
 from .inject import thaw_base
-from .layers import AdaptedEmbed, AdaptedLinear, DoraNorm
+from .layers import AdaptedEmbed, AdaptedLinear, DoraNorm, running_of
 
-__all__ = ["active_adapters", "adapter_names", "delete", "merge", "set_active", "unmerge"]
+__all__ = ["active_adapters", "adapter_names", "check_mix", "delete", "merge", "set_active", "unmerge"]
 
 
 def _replace(state: ModelState, **changes: Any) -> ModelState:
@@ -60,16 +60,34 @@ def set_active(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
     """Make exactly ``adapter_names_`` active (several add up; ``[]`` disables); merged adapters are unmerged first.
 
     :raises AdapterNotFoundError: a name is not loaded; nothing changes.
+    :raises UnsupportedError: adapters that may not run together on one layer (:func:`check_mix`); nothing changes.
 
     >>> set_active(model, ["fr"])                                       # doctest: +SKIP
     """
     state = get_state(model)
     _require(state, adapter_names_)
-    unmerge(model)
     active = tuple(dict.fromkeys(adapter_names_))
+    check_mix(model, active)
+    unmerge(model)
     for _, _, wrapper in iter_wrappers(model):
         wrapper.active = active
     set_state(model, _replace(get_state(model), active=active))
+
+
+def check_mix(model: nnx.Module, names: Sequence[str]) -> None:
+    """Refuse adapters ``names`` that may not run together on one of the model's layers (the SDK's
+    :func:`adapterspec.config.mix_refusal`, SPEC.md 8.9: here IA3 with LoRA or DoRA), before anything changes.
+
+    :raises UnsupportedError: naming the adapters and the module.
+
+    >>> check_mix(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), ["a", "b"])
+    """
+    if len(names) < 2:
+        return
+    for dotted, _, wrapper in iter_wrappers(model):
+        refusal = mix_refusal(dotted, running_of(wrapper, names))
+        if refusal is not None:
+            raise refusal
 
 
 def delete(model: nnx.Module, adapter_name: str, *, unloading: bool = False) -> None:
@@ -123,9 +141,10 @@ def merge(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
     Already merged adapters are left as they are. All layers are computed before any is written.
 
     :raises AdapterNotFoundError: a name is not loaded.
-    :raises UnsupportedError: a ``lora_B`` bias meets a layer without bias, or another active adapter of a layer
-        would stop there (SPEC.md 8.9, :func:`adapterspec.config.merge_refusal`, as the torch backend); nothing
-        changes then.
+    :raises UnsupportedError: a ``lora_B`` bias meets a layer without bias, another active adapter of a layer
+        would stop there (SPEC.md 8.9, :func:`adapterspec.config.merge_refusal`, as the torch backend), or adapters
+        that may not run together on one layer (:func:`check_mix`: the merged ones, those to merge and the active
+        ones); nothing changes then.
 
     >>> merge(model, ["default"])                                       # doctest: +SKIP
     """
@@ -137,6 +156,7 @@ def merge(model: nnx.Module, adapter_names_: Sequence[str]) -> None:
         if any(n in wrapper.adapters for n in new)])
     if refusal is not None:
         raise refusal
+    check_mix(model, list(dict.fromkeys([*state.active, *state.merged, *new])))
     plan = []
     for _, _, wrapper in iter_wrappers(model):
         here = tuple(n for n in new if n in wrapper.adapters)
