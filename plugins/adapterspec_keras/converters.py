@@ -506,7 +506,8 @@ def _decode(flat: np.ndarray, hf_columns: int, kin: tuple[int, ...], kout: tuple
         return None
     if len(np.unique(in_index)) != in_index.size or len(np.unique(out_index)) != out_index.size:
         return None
-    return in_index.astype(np.int64), out_index.astype(np.int64)
+    # copies (a view would keep the whole probe alive in _PROBE_CACHE), 0-d arrays over no axes
+    return np.array(in_index, dtype=np.int64), np.array(out_index, dtype=np.int64)
 
 
 _PROBE_CACHE: dict[Any, tuple[np.ndarray, np.ndarray] | None] = {}

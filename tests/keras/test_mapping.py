@@ -126,6 +126,19 @@ def test_index_probes_take_one_pass_where_the_hook_keeps_integers() -> None:
     assert np.array_equal(in_index, np.arange(20)) and np.array_equal(out_index, np.arange(6))
 
 
+def test_decoding_a_kernel_without_input_or_output_axes_gives_arrays() -> None:
+    """An EinsumDense kernel with no input axis (``bt,h->bth``: kin is empty) or no output axis decodes to a 0-d
+    index array over the empty axes, as before the one-pass decoding (it gave a NumPy scalar, no ``np.ndarray``)."""
+    in_index, out_index = converters._decode(np.arange(5), 1, (), (0,), in_is_rows=False)
+    assert type(in_index) is np.ndarray and in_index.shape == () and int(in_index) == 0
+    assert type(out_index) is np.ndarray and np.array_equal(out_index, np.arange(5))
+    in_index, out_index = converters._decode(np.arange(5), 5, (0,), (), in_is_rows=False)
+    assert type(out_index) is np.ndarray and out_index.shape == () and int(out_index) == 0
+    assert type(in_index) is np.ndarray and np.array_equal(in_index, np.arange(5))
+    probe = np.arange(120, dtype=np.int64).reshape(20, 6)  # the indices are copies: the cache keeps no probe alive
+    assert not any(np.shares_memory(index, probe) for index in converters._decode(probe, 6, (0,), (1,), True))
+
+
 def test_deriving_the_mapping_changes_nothing(tmp_path: Path) -> None:
     """Mixtral's converter assigns expert weights itself: replaying it must not touch the model."""
     import keras_hub
