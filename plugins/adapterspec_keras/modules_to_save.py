@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -398,7 +399,7 @@ class ModulesToSaveLayer:
         """Never in a patched ``call``: the copy is in the variables."""
         return False
 
-    def running_of(self, names: list[str]) -> list[Running]:
+    def running_of(self, names: Sequence[str]) -> list[Running]:
         """The adapters of ``names`` holding a copy here, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
         whether they may run together (one copy runs at a time; PEFT 0.21 refuses more, SPEC.md 15.3)."""
         return [Running(n, SAVED_WHOLE) for n in names if n in self._refs]
