@@ -47,7 +47,7 @@ from .modules_to_save import site_key as saved_key
 from .ln_tuning import LN_PREFIX, find_ln_targets, split_norms
 from .ln_tuning import METHOD as LN_TUNING
 from .parameters import EXPERT_TABLE, ParameterLayer, ParameterTarget, find_parameter_targets
-from .quantized import HINT as QUANTIZED_HINT
+from .quantized import hint as quantized_hint
 from .quantized import quantization, refuse_unmapped
 from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
@@ -205,25 +205,31 @@ def _refuse_quantized_copies(model: Any, sites: dict[str, ModuleSite],
 
     :raises UnsupportedError: naming the module and the quantized layer.
     """
-    def quantized_layer(path: str) -> Any:
+    def quantized_layers(path: str) -> list[Any]:
         site = sites.get(path)
-        return next((piece.layer for piece in site.pieces if quantization(piece.layer)), None) if site else None
+        return [piece.layer for piece in site.pieces if quantization(piece.layer)] if site else []
 
     for path, _, _ in token_targets:
-        layer = quantized_layer(path)
-        if layer is not None:
-            raise UnsupportedError(f"trainable token rows replace rows of {type(layer).__name__} {layer.path!r}, which "
-                                   f"is quantized ({quantization(layer)})", key=path, hint=QUANTIZED_HINT)
+        layers = quantized_layers(path)
+        if layers:
+            raise UnsupportedError(f"trainable token rows replace rows of {type(layers[0]).__name__} "
+                                   f"{layers[0].path!r}, which is quantized ({quantization(layers[0])})", key=path,
+                                   hint=quantized_hint(layers))
     current = {id(variable) for variable in model.variables} if saved else set()
     for path, params in saved:
-        layer = quantized_layer(path)
+        layers = quantized_layers(path)
         stale = [v for _, v, _ in params if id(v) not in current or
                  not str(getattr(v, "dtype", "")).startswith(("float", "bfloat")) or "float8" in str(v.dtype)]
-        if layer is not None or stale:
-            where = layer.path if layer is not None else getattr(stale[0], "path", path)
+        if layers or stale:
+            where = layers[0].path if layers else _layer_path(stale[0]) or path
             raise UnsupportedError(f"a module saved whole (modules_to_save) cannot hold a quantized layer ({where!r}): "
                                    "the adapter's file carries its floating-point weights", key=path,
-                                   hint=QUANTIZED_HINT)
+                                   hint=quantized_hint(layers or [_layer_path(v) for v in stale]))
+
+
+def _layer_path(variable: Any) -> str:
+    """The path of the layer a Keras variable belongs to (``'a/b/kernel'`` -> ``'a/b'``)."""
+    return str(getattr(variable, "path", "")).rpartition("/")[0]
 
 
 def _summary(sites: dict[str, ModuleSite]) -> str:

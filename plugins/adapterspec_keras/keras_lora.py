@@ -45,6 +45,7 @@ from adapterspec.naming import make_key
 from .devices import host_array
 from .identity import task_type_of
 from .mapping import spec_sites
+from .quantized import packed, packed_hint, quantization
 from .sites import ModuleSite, Piece, keras_lora, model_layers, own_name
 
 __all__ = ["keras_lora_adapter"]
@@ -60,9 +61,10 @@ def keras_lora_adapter(model: Any, *, module_map: Mapping[str, Any] | None = Non
         map (as :class:`~adapterspec.LoadOptions`' ``module_map``).
     :param base_model_name_or_path: recorded in the config (a keras-hub model does not know its preset).
     :raises TargetNotFoundError: no layer of ``model`` has Keras' LoRA on.
-    :raises UnsupportedError: a layer with Keras' LoRA that no spec module maps to, a convolution, a quantized
-        kernel whose LoRA a converter fused with others, or two layers of one module with different scalings --
-        naming the layer.
+    :raises UnsupportedError: a layer with Keras' LoRA that no spec module maps to (an int4-packed one among them:
+        the converter's map reads kernel shapes, which packing changes; ``module_map`` maps it), a convolution, a
+        quantized kernel whose LoRA a converter fused with others, or two layers of one module with different
+        scalings -- naming the layer.
 
     >>> adapter = keras_lora_adapter(causal_lm)                           # doctest: +SKIP
     >>> adapter.config["r"], sorted(adapter.tensors)[:1]                  # doctest: +SKIP
@@ -75,7 +77,13 @@ def keras_lora_adapter(model: Any, *, module_map: Mapping[str, Any] | None = Non
     sites = spec_sites(model, LoadOptions(module_map=dict(module_map)) if module_map else None)
     chosen = {path: site for path, site in sites.items() if any(keras_lora(p.layer) for p in site.pieces)}
     covered = {id(p.layer) for site in chosen.values() for p in site.pieces}
-    missing = [layer for layer in native if id(layer) not in covered]
+    missing = sorted((layer for layer in native if id(layer) not in covered), key=lambda layer: not packed(layer))
+    if missing and packed(missing[0]):
+        raise UnsupportedError(
+            f"{type(missing[0]).__name__} {own_name(model, missing[0])!r} has Keras' LoRA on and is quantized "
+            f"{quantization(missing[0])}, its kernel stored packed, not in its shape: keras-hub's converter map, which "
+            "reads kernel shapes, does not find it, so the adapter would lose its delta",
+            key=own_name(model, missing[0]), hint=packed_hint("every layer with Keras' LoRA on", int8=False))
     if missing:
         raise UnsupportedError(
             f"{type(missing[0]).__name__} {own_name(model, missing[0])!r} has Keras' LoRA on but is no transformers "

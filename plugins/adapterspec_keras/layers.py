@@ -49,7 +49,7 @@ from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 from . import _ops, adalora, lycoris, oft, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
-from .quantized import HINT as quantized_hint
+from .quantized import hint as quantized_hint
 from .quantized import quantization
 from .sharding import Placement, param_sharding, placement_of
 from .sites import UNADAPTABLE, ModuleSite, Piece, keras_lora
@@ -112,12 +112,14 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     quantized, kinds = [p.layer for p in quantized_pieces], {p.kind for p in quantized_pieces}
     if quantized and (method in oft.METHODS or (method == "LORA" and config.get("use_dora")) or
                       kinds - {"dense", "einsum"}):
+        reads_kernel = method in oft.METHODS or (method == "LORA" and bool(config.get("use_dora")))
         reason = ("OFT rotates the kernel, whose values" if method in oft.METHODS else
-                  "DoRA's weight norm reads the kernel, whose values" if method == "LORA" and config.get("use_dora")
+                  "DoRA's weight norm reads the kernel, whose values" if reads_kernel
                   else f"a quantized {'/'.join(sorted(kinds - {'dense', 'einsum'}))} layer, which")
         raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} is quantized "
                                f"({quantization(quantized[0])}): {reason} the keras backend does not adapt (it runs "
-                               "adapters on quantized Dense and EinsumDense layers)", key=path, hint=quantized_hint)
+                               "adapters on quantized Dense and EinsumDense layers)", key=path,
+                               hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "

@@ -8,9 +8,11 @@ computing its own output, the adapter's part is computed in float32 unless asked
 kernel's values (DoRA's norm, OFT's rotated kernel, a parent that reads the kernel itself) or writes or copies
 them (a merge, the residual of ``init_lora_weights``, token rows, ``modules_to_save``), and quantized embeddings,
 are refused with a typed error before anything changes, and the base fingerprint (SPEC.md 9.1) of such a layer
-is unknown. A layer whose kernel no longer has its shape (int4
-packs two values a byte) is not found by the converters' maps: targets that miss for that reason are refused as
-quantized (:func:`refuse_unmapped`).
+is unknown. The fix offered (:func:`hint`) is the unquantized model, or one quantized without those layers: Keras'
+``model.quantize`` refuses a model that holds adapters (:mod:`.guard`), so an adapter cannot go on before it. A
+layer whose kernel is stored packed (int4 holds two values a byte) no longer has its shape and is not found by the
+converters' maps: targets that miss for that reason are refused as packed (:func:`refuse_unmapped`), with
+``module_map`` as the fix (:func:`packed_hint`), which adapts such a layer as any other quantized one.
 
 >>> import keras
 >>> quantization(keras.layers.Dense(2)) is None
@@ -19,15 +21,50 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from adapterspec.errors import UnsupportedError
 
-__all__ = ["HINT", "adapter_dtype", "quantization", "refuse_unmapped"]
+from .sites import _PACKED, layer_kind
 
-#: What a user can do about a quantized layer the backend cannot adapt as asked.
-HINT = ("load the adapter onto the model before model.quantize(...) (model.quantize leaves adapted layers as they "
-        "are), or use the torch backend, which also reads bitsandbytes' weights for DoRA")
+__all__ = ["adapter_dtype", "hint", "packed", "packed_hint", "quantization", "refuse_unmapped"]
+
+
+def packed_hint(targets: str = "every module the adapter targets", *, int8: bool = True) -> str:
+    """What a user can do about packed layers the converters' maps cannot find: name them in ``module_map`` (such a
+    layer then takes adapters as any other quantized one), or (``int8``) quantize int8, which keeps kernel shapes.
+
+    >>> packed_hint(int8=False)[:54]
+    'pass module_map={spec module path: keras layer path} n'
+    """
+    text = (f"pass module_map={{spec module path: keras layer path}} naming the Keras layer of {targets} (keras-hub's "
+            "Llama: {'model.layers.0.self_attn.q_proj': 'transformer_layer_0/self_attention/query', ...})")
+    return text + (", or quantize the unquantized model int8, whose layers the maps find" if int8 else "")
+
+
+def hint(layers: Sequence[Any], *, torch: bool = False) -> str:
+    """What a user can do about quantized ``layers`` (or their paths) whose kernel values an adapter reads, writes
+    or copies.
+
+    Keras' ``model.quantize`` refuses a model holding adapters, so the adapter goes onto the unquantized model, or
+    onto one quantized without those layers (``filters``). ``torch``: the torch backend runs the method on
+    bitsandbytes' quantized layers (DoRA, OFT, BOFT), so it is offered too.
+
+    >>> import keras
+    >>> layer = keras.layers.Dense(2, name="down")
+    >>> hint([layer]).split("adapters): ")[1]
+    "model.quantize(mode, filters=lambda layer: layer.path not in ['down'])"
+    """
+    paths = sorted({layer if isinstance(layer, str) else str(getattr(layer, "path", None) or layer.name)
+                    for layer in layers})
+    which = "this layer" if len(paths) == 1 else "these layers"
+    text = (f"load the adapter onto the unquantized model, or onto one quantized without {which} "
+            "and any other the adapter targets so, quantized before the load (model.quantize refuses a model holding "
+            f"adapters): model.quantize(mode, filters=lambda layer: layer.path not in {paths!r})")
+    if torch:
+        text += "; or use the torch backend, which runs DoRA, OFT and BOFT on bitsandbytes' 4-bit and 8-bit layers"
+    return text
 
 
 def quantization(layer: Any) -> str | None:
@@ -48,16 +85,31 @@ def adapter_dtype(layer: Any) -> str:
     return str(getattr(layer, "variable_dtype", None) or "float32")
 
 
-def refuse_unmapped(model: Any) -> None:
-    """Where targets are not found in a model with quantized layers, say that, not "no module matches".
+def packed(layer: Any) -> bool:
+    """Whether ``layer``'s kernel is stored packed (int4, GPTQ, AWQ), so that it no longer has its shape.
 
-    :raises UnsupportedError: a layer of ``model`` is quantized.
+    >>> import keras
+    >>> layer = keras.layers.Dense(4)
+    >>> layer.build((None, 8)); layer.quantize("int8"); packed(layer)
+    False
+    """
+    return quantization(layer) in _PACKED
+
+
+def refuse_unmapped(model: Any) -> None:
+    """Where targets are not found in a model with packed layers, say that, not "no module matches": the converters'
+    maps read kernel shapes, which packing changes. Layers quantized unpacked (int8, float8) keep their shapes and
+    are found; a target missing there is missing.
+
+    :raises UnsupportedError: a layer of ``model`` is packed, naming one that is no embedding where there is one.
     """
     flatten = getattr(model, "_flatten_layers", None)
     layers = list(flatten(include_self=False, recursive=True)) if callable(flatten) else []
-    quantized = [layer for layer in layers if quantization(layer)]
-    if quantized:
-        raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} and {len(quantized) - 1} more layers "
-                               f"of this {type(model).__name__} are quantized ({quantization(quantized[0])}) and the "
-                               "modules target_modules names were not found among them (the converters' maps read "
-                               "kernel shapes, which int4 packs)", key=quantized[0].path, hint=HINT)
+    found = sorted((layer for layer in layers if packed(layer)), key=lambda layer: layer_kind(layer) == "embedding")
+    if found:
+        first = found[0]
+        raise UnsupportedError(f"{type(first).__name__} {first.path!r} and {len(found) - 1} more layers of this "
+                               f"{type(model).__name__} are quantized {quantization(first)}, their kernels stored "
+                               "packed, not in their shape: the converters' maps, which read kernel shapes, do not "
+                               "find them, and the modules target_modules names were not found", key=first.path,
+                               hint=packed_hint())

@@ -6,6 +6,7 @@ before any kernel moves, as on torch."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -131,27 +132,85 @@ def test_peft_adapter_on_an_int8_keras_hub_model(method: str, checkpoints: dict[
     assert np.array_equal(keras_logits(quantized, token_ids), before)
 
 
-@pytest.mark.parametrize(("peft_config", "needle"), [
-    ({"use_dora": True}, "DoRA's weight norm reads the kernel"),
-    ({"init_lora_weights": "pissa"}, "not int8"),
-    ({"modules_to_save": ["lm_head"]}, "a module saved whole (modules_to_save) cannot hold a quantized layer"),
-    ({"modules_to_save": ["model.layers.1.mlp"]}, "a module saved whole (modules_to_save) cannot hold a quantized"),
-    ({"trainable_token_indices": [1, 5]}, "trainable token rows replace rows of ReversibleEmbedding"),
-])
-def test_what_reads_a_quantized_kernel_is_refused_unchanged(peft_config: dict[str, Any], needle: str,
-                                                            checkpoints: dict[str, Path], tmp_path: Path,
+#: (PEFT config, what the refusal says, the layers a model quantized without them loads the adapter onto)
+KERNEL_READERS = {
+    "dora": ({"use_dora": True}, "DoRA's weight norm reads the kernel", r"self_attention/(query|value)$"),
+    "pissa": ({"init_lora_weights": "pissa"}, "not int8", None),
+    "lm_head": ({"modules_to_save": ["lm_head"]}, "a module saved whole (modules_to_save) cannot hold a quantized",
+                r"^token_embedding$"),
+    "mlp": ({"modules_to_save": ["model.layers.1.mlp"]}, "cannot hold a quantized layer ('transformer_layer_1/",
+            r"^transformer_layer_1/feedforward_"),
+    "tokens": ({"trainable_token_indices": [1, 5]}, "trainable token rows replace rows of ReversibleEmbedding",
+               r"^token_embedding$"),
+    "embedding": ({"target_modules": ["embed_tokens", "q_proj"]}, "a quantized embedding layer", r"^token_embedding$"),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_READERS))
+def test_what_reads_a_quantized_kernel_is_refused_unchanged(case: str, checkpoints: dict[str, Path], tmp_path: Path,
                                                             llama_pair: tuple[Any, Any]) -> None:
+    """Refused naming the layer, the model unchanged; the fix offered is one that works: the unquantized model, or
+    one quantized without those layers (``model.quantize`` refuses a model holding adapters, so loading before
+    quantizing is no fix); the torch backend only where it runs the method on bitsandbytes' layers (DoRA)."""
     from peft import LoraConfig
 
+    peft_config, needle, skipped = KERNEL_READERS[case]
     _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
-                                  LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **peft_config))
+                                  LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **peft_config}))
     model = llama_pair[1]
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
                              needle)
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder)
+    hint = str(info.value.hint)
+    assert "before model.quantize" not in hint and "leaves adapted layers" not in hint
+    if skipped is not None:
+        named = re.findall(r"'([^']+)'", info.value.message)
+        assert "the unquantized model" in hint
+        assert "model.quantize(mode, filters=lambda layer: layer.path not in [" in hint
+        assert any(path in hint for path in named if "/" in path or path == "token_embedding"), (named, hint)
+        assert ("torch backend" in hint) == (case == "dora")
 
 
-def test_int4_kernels_are_refused_as_quantized(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """int4 packs two values a byte: the converters' maps do not find the layers, and the refusal says why."""
+@pytest.mark.parametrize("case", [c for c, (_, _, skipped) in KERNEL_READERS.items() if skipped])
+def test_following_the_quantized_refusals_hint_loads(case: str, checkpoints: dict[str, Path], tmp_path: Path,
+                                                     token_ids: Any) -> None:
+    """The hint's fix: the model quantized int8 without the layers the refusal names loads the adapter, and those
+    layers compute what they compute on the unquantized model with the adapter (to the bit: the same layers)."""
+    from peft import LoraConfig
+
+    peft_config, _, skipped = KERNEL_READERS[case]
+    _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
+                                  LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **peft_config}))
+    model, plain = keras_model("llama", checkpoints["llama"]), keras_model("llama", checkpoints["llama"])
+    model.quantize("int8", filters=lambda layer: not re.search(str(skipped), layer.path or ""))
+    left_out = [layer for layer in model._flatten_layers() if re.search(str(skipped), layer.path or "")]
+    assert left_out and not any(getattr(layer, "quantization_mode", None) for layer in left_out)
+    before = keras_logits(model, token_ids)
+    adapterspec.load_adapter(model, folder)
+    adapterspec.load_adapter(plain, folder)
+    assert float(np.abs(keras_logits(model, token_ids) - before).max()) > 1e-4
+    saved = adapterspec.extract_adapter(model).load_tensors()
+    stored = adapterspec.read_adapter(folder).load_tensors()
+    assert sorted(saved) == sorted(stored) and all(np.array_equal(saved[k], stored[k]) for k in stored)
+    if case == "dora":  # the unquantized query and value layers with DoRA: as on the unquantized model
+        x = unique_values((2, 5, 64), 3, scale=1.0)
+        for layer in left_out:
+            twin = next(t for t in plain._flatten_layers() if t.path == layer.path)
+            assert np.array_equal(np.asarray(layer(x)), np.asarray(twin(x)))
+
+
+def _int4_module_map() -> dict[str, str]:
+    """keras-hub's Llama layers of q_proj and v_proj, by the transformers module names."""
+    return {f"model.layers.{i}.self_attn.{m}_proj": f"transformer_layer_{i}/self_attention/{k}"
+            for i in (0, 1) for m, k in (("q", "query"), ("v", "value"))}
+
+
+def test_int4_kernels_are_refused_as_packed_and_module_map_loads(checkpoints: dict[str, Path], tmp_path: Path,
+                                                                 token_ids: Any) -> None:
+    """int4 packs two values a byte: the converters' maps do not find the layers, and the refusal says why and
+    offers module_map, with which the adapter loads: each adapted int4 layer adds the term it adds on the
+    unquantized model (quantizing after the load is no fix: model.quantize refuses a model holding adapters)."""
     from peft import LoraConfig
 
     _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
@@ -159,7 +218,34 @@ def test_int4_kernels_are_refused_as_quantized(checkpoints: dict[str, Path], tmp
     model = keras_model("llama", checkpoints["llama"])
     model.quantize("int4")
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
-                             "are quantized (int4)")
+                             "quantized int4")
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        adapterspec.load_adapter(model, folder)
+    assert "packed" in info.value.message and "Dense 'transformer_layer_" in info.value.message
+    assert "module_map=" in str(info.value.hint) and "before model.quantize" not in str(info.value.hint)
+    before = keras_logits(model, token_ids)
+    assert sorted(adapterspec.load_adapter(model, folder, module_map=_int4_module_map())) == sorted(_int4_module_map())
+    assert float(np.abs(keras_logits(model, token_ids) - before).max()) > 1e-3
+    plain = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(plain, folder)
+    x = unique_values((2, 5, 64), 3, scale=1.0)
+    for path in _int4_module_map().values():
+        q_layer = next(layer for layer in model._flatten_layers() if layer.path == path)
+        p_layer = next(layer for layer in plain._flatten_layers() if layer.path == path)
+        q_out, p_out = np.asarray(q_layer(x)), np.asarray(p_layer(x))
+        with adapterspec.disabled_adapters(model), adapterspec.disabled_adapters(plain):
+            q_base, p_base = np.asarray(q_layer(x)), np.asarray(p_layer(x))
+        assert float(np.abs(p_out - p_base).max()) > 1e-3
+        assert_near(q_out - q_base, p_out - p_base)
+
+
+def test_an_int8_model_names_a_missing_target_as_missing(llama_pair: tuple[Any, Any]) -> None:
+    """int8 keeps the kernels' shapes and the maps find every layer: a target that names no module is a
+    TargetNotFoundError, as on the unquantized model -- not blamed on the quantization."""
+    model = llama_pair[1]
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "r": 2, "target_modules": ["zz"]}), adapterspec.TargetNotFoundError,
+        "match no layer")
 
 
 def test_a_refused_merge_leaves_every_layer_unmerged() -> None:
