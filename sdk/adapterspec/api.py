@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from . import _access
-from ._dispatch import call_hook, check_result, unanswered
+from ._dispatch import call_hook, check_result, claimant, unanswered
 from ._lora_init import init_refusals, init_warnings
 from .adapter import Adapter, check_adapter_name, read_adapter
 from .config import AdapterConfig
@@ -47,7 +47,7 @@ from .folder import check_set_names, hashing_ahead, list_adapters, read_set, wri
 from .identity import FINGERPRINT_KEY, check_base
 from .naming import PARAMETERS, make_key
 from .options import LoadOptions, ModuleMap
-from .plugins import DISABLE_ENV, broken_plugins, plugin_names
+from .plugins import DISABLE_ENV, broken_plugins, get_plugin_manager, plugin_names
 from .spec import METADATA_SAVE_ID
 
 __all__ = [
@@ -583,8 +583,23 @@ def delete_adapter(model: Any, adapter_name: str) -> None:
     if adapter_name not in adapter_names(model):
         raise AdapterNotFoundError(f"no adapter named {adapter_name!r} is loaded", key=adapter_name,
                                    hint=f"loaded: {adapter_names(model)}")
+    if not _deletes_by_itself(model):
+        unmerge_adapters(model)  # a plugin of the older contract: its delete leaves a merged delta in the weights
     _call("adapterspec_delete", model, adapter_name=adapter_name, unloading=False)
     _forget_injected(model, adapter_name)
+
+
+def _deletes_by_itself(model: Any) -> bool:
+    """Whether the plugin claiming ``model`` implements ``adapterspec_delete`` with its ``unloading`` argument, so
+    that it unmerges what a delete needs itself (and keeps the other merged adapters merged).
+
+    A plugin written before the argument existed left a merged adapter's delta in the base weights on any delete
+    (``delete_adapter`` unmerged every adapter before calling it): for such a plugin it still does, so that deleting
+    a merged adapter never leaves its delta behind.
+    """
+    name = claimant(model)
+    return any(impl.plugin_name == name and "unloading" in impl.argnames
+               for impl in get_plugin_manager().hook.adapterspec_delete.get_hookimpls())
 
 
 @_serialised

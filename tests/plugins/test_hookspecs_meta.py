@@ -258,6 +258,37 @@ def test_load_adapter_rolls_back_through_delete(dummy_backend: None, lora_folder
     assert adapterspec.adapter_names(model) == ["keep"] and adapterspec.active_adapters(model) == ["keep"]
 
 
+class OlderDelete(DummyBackend):
+    """A plugin written before ``adapterspec_delete`` took ``unloading``: its delete leaves a merged delta in place."""
+
+    @hookimpl
+    def adapterspec_delete(self, model: Any, adapter_name: str) -> bool | None:  # type: ignore[override]
+        if not self._owns(model):
+            return None
+        model.calls.append(("delete", adapter_name))
+        del model.adapters[adapter_name]
+        model.active = [n for n in model.active if n != adapter_name]
+        return True
+
+
+def test_a_plugin_of_the_older_delete_contract_is_unmerged_first(lora_folder: Path) -> None:
+    """delete_adapter unmerges every adapter before an older plugin's delete (whose contract that was), so a merged
+    adapter never leaves its delta behind; a plugin taking ``unloading`` unmerges itself (no SDK unmerge)."""
+    pm = get_plugin_manager()
+    for plugin, expected in ((OlderDelete(), [("unmerge", None), ("delete", "a")]),
+                             (DummyBackend(), [("delete", "a")])):
+        pm.register(plugin, name="dummy-test")
+        try:
+            model = DummyModel(["layers.0.q"])
+            adapterspec.load_adapter(model, lora_folder, "a")
+            adapterspec.merge_adapters(model)
+            model.calls.clear()
+            adapterspec.delete_adapter(model, "a")
+            assert model.calls == expected and model.merged == []
+        finally:
+            pm.unregister(name="dummy-test")
+
+
 def test_unregistered_plugin_no_longer_claims(lora_folder: Path) -> None:
     pm = get_plugin_manager()
     pm.register(DummyBackend(), name="dummy-test")
