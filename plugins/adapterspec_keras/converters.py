@@ -422,10 +422,10 @@ def _probe(hook: Callable[..., Any] | None, hf_shape: tuple[int, ...], keras_sha
     """For each Keras kernel element, the flat index of the HF tensor element ``hook`` puts there, or ``None``
     if ``hook`` does not fit that HF shape.
 
-    The indices go through the hook once as integers (:func:`_probe_at_once`); where that does not come back a
-    rearrangement of them (a hook that casts to a float too narrow for them, or that takes floats only), they go
-    through as base-256 digits, so that hooks that cast keep them exact (keras-hub's Mistral converter casts to
-    float16; bfloat16 keeps integers below 256).
+    The indices go through the hook once as integers (:func:`_probe_at_once`); where that does not come back as
+    indices (a hook that casts to a float too narrow for them, takes floats only, computes, or gives a kernel of
+    another size than the HF weight, as a slice does), they go through as base-256 digits, so that hooks that cast
+    keep them exact (keras-hub's Mistral converter casts to float16; bfloat16 keeps integers below 256).
     """
     at_once = _probe_at_once(hook, hf_shape, keras_shape)
     return at_once if at_once is not None else _probe_by_digits(hook, hf_shape, keras_shape)
@@ -434,7 +434,8 @@ def _probe(hook: Callable[..., Any] | None, hf_shape: tuple[int, ...], keras_sha
 def _probe_at_once(hook: Callable[..., Any] | None, hf_shape: tuple[int, ...],
                    keras_shape: tuple[int, ...]) -> np.ndarray | None:
     """:func:`_probe` in one pass of the hook over the indices themselves (``int32`` where they fit), or ``None``
-    unless what comes back is exactly a rearrangement of them (each index once, as integers).
+    unless what comes back is indices: the same integer type, each in range (no cast can have changed them; what
+    they mean is :func:`_decode`'s check, or :func:`_solve_conv`'s), or floats that are exactly each index once.
 
     That is the answer the digit probe gives for such a hook, in a fraction of its time and memory (a Llama-7B
     ``gate_proj``: one pass over 45M ``int32`` indices, where the digits take four passes over ``float32``,

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from .errors import ConfigError, FileFormatError, UnexpectedTensorError
 
-__all__ = ["DIFFUSERS_FILE", "FOREIGN_HINT", "MLX_FILE", "MLX_HINT", "config_error", "file_error", "folder_error",
-           "foreign_format", "key_error"]
+__all__ = ["DIFFUSERS_FILE", "FOREIGN_HINT", "MLX_FILE", "MLX_HINT", "Format", "config_error", "file_error",
+           "folder_error", "foreign_format", "key_error"]
 
 #: The file diffusers' ``save_lora_weights`` and ``save_lora_adapter`` write.
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -90,7 +90,8 @@ def config_error(data: Mapping[str, Any], *, path: str | None = None) -> ConfigE
 
 
 def _first_foreign(keys: Iterable[str]) -> str | None:
-    """A diffusers/kohya key of ``keys``, a weight's rather than an ``.alpha`` where there is one."""
+    """A key of ``keys`` in another tool's format (diffusers, kohya, mlx-lm), a weight's rather than an ``.alpha``
+    where there is one."""
     found = [key for key in keys if foreign_format(key) is not None]
     return next((key for key in found if key.endswith(".weight")), found[0] if found else None)
 
