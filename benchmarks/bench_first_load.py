@@ -14,7 +14,8 @@ as Llama-7B's 11008 / 4096), a PEFT-written LoRA r=16 on all seven projections, 
 
 * torch: ``PeftModel.from_pretrained`` and ``adapterspec.load_adapter``, each into a fresh model (first load);
 * Keras (keras-hub ``Llama3CausalLM``): ``adapterspec.load_adapter``'s first load, the second load (after
-  ``delete_adapter``), and the process's peak resident memory before and after the first load.
+  ``delete_adapter``), and the process's peak resident memory before and after the first load (a high-water
+  mark of the whole process, torch's models included: its rise is a lower bound of what the first load took).
 
 A first load is one run per size (it cannot be repeated on the same model): expect noise of some 10%.
 """
