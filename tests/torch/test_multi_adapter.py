@@ -27,13 +27,15 @@ def _two_adapters(base: Any, tmp_path: Any) -> tuple[Any, Any]:
     return tmp_path / "a", tmp_path / "b"
 
 
-def _peft_model(base: Any, folders: dict[str, Any]) -> Any:
-    from peft import PeftModel
+def _peft_model(base: Any, folders: dict[str, Any], *, mixed: bool = False) -> Any:
+    """PEFT's model of ``base`` with ``folders`` loaded in order (``mixed``: a ``PeftMixedModel``)."""
+    from peft import PeftMixedModel, PeftModel
 
     names = list(folders)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(fresh(base), str(folders[names[0]]), adapter_name=names[0])
+        cls = PeftMixedModel if mixed else PeftModel
+        model = cls.from_pretrained(fresh(base), str(folders[names[0]]), adapter_name=names[0])
         for name in names[1:]:
             model.load_adapter(str(folders[name]), adapter_name=name)
     return model.eval()
@@ -515,18 +517,6 @@ def test_overlapping_token_rows_are_refused_disjoint_rows_compose_like_peft(form
             assert_close(logits(model, _ROW_INPUTS), logits(reference, _ROW_INPUTS))
 
 
-def _mixed(base: Any, folders: dict[str, Any]) -> Any:
-    from peft import PeftMixedModel
-
-    names = list(folders)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftMixedModel.from_pretrained(fresh(base), str(folders[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(folders[name]), adapter_name=name)
-    return model.eval()
-
-
 @pytest.mark.parametrize("other", ["loha", "lokr"])
 def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_mixed(other: str, llama: Any,
                                                                                     tmp_path: Any) -> None:
@@ -551,7 +541,7 @@ def test_dora_with_another_method_on_one_layer_is_refused_lora_stays_like_peft_m
                                                            f"{names_of[other]} adapter '{other}'", "q_proj")
     for pair in ((other, "lora"), ("lora", other), ("dora", "apart"), ("apart", "dora")):
         folders = {"dora": dora, "lora": lora, other: added, "apart": apart}
-        reference = _mixed(llama, {n: folders[n] for n in pair})
+        reference = _peft_model(llama, {n: folders[n] for n in pair}, mixed=True)
         model = _ours(llama, {n: folders[n] for n in pair})
         for names in (list(pair), list(pair[::-1])):
             reference.set_adapter(names)
