@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -201,37 +202,46 @@ def test_path_that_is_not_a_folder(tmp_path: Path, kind: str) -> None:
 CRASH_POINTS = ["_write_file", "_fsync_dir", "_exchange", "_link_or_copy", "rename", "replace", "link", "unlink", "rmtree"]
 
 
-def _crash_child(folder: Path, crash_at: int) -> int:
-    """Fork; the child saves the new adapter and dies (``os._exit``) at the ``crash_at``-th file-system step."""
+def _in_child(body: Callable[[], None]) -> int:
+    """Fork; the child runs ``body`` and leaves with ``os._exit`` (0 done, 1 raised; ``body`` may ``os._exit``
+    itself): no cleanup, no exception handlers -- like SIGKILL or a power cut. Returns the child's exit code."""
     pid = os.fork()
-    if pid == 0:  # child: no cleanup, no exception handlers -- like SIGKILL or a power cut
+    if pid == 0:
         try:
-            count = {"n": 0}
-
-            def hook(target: object, name: str) -> None:
-                original = getattr(target, name)
-
-                def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-                    count["n"] += 1
-                    if count["n"] == crash_at:
-                        os._exit(77)
-                    result = original(*args, **kwargs)
-                    return result
-
-                setattr(target, name, wrapper)
-
-            for name in CRASH_POINTS:
-                for target in (folder_mod, folder_mod.os, folder_mod.shutil, folder_mod.Path):
-                    if name in vars(target) if isinstance(target, type) else hasattr(target, name):
-                        if target is folder_mod.Path and name != "unlink":
-                            continue
-                        hook(target, name)
-            adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+            body()
             os._exit(0)
         except BaseException:  # noqa: BLE001
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _crash_child(folder: Path, crash_at: int) -> int:
+    """Fork; the child saves the new adapter and dies (``os._exit``) at the ``crash_at``-th file-system step."""
+    def body() -> None:
+        count = {"n": 0}
+
+        def hook(target: object, name: str) -> None:
+            original = getattr(target, name)
+
+            def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+                count["n"] += 1
+                if count["n"] == crash_at:
+                    os._exit(77)
+                result = original(*args, **kwargs)
+                return result
+
+            setattr(target, name, wrapper)
+
+        for name in CRASH_POINTS:
+            for target in (folder_mod, folder_mod.os, folder_mod.shutil, folder_mod.Path):
+                if name in vars(target) if isinstance(target, type) else hasattr(target, name):
+                    if target is folder_mod.Path and name != "unlink":
+                        continue
+                    hook(target, name)
+        adapterspec.write_adapter(folder, NEW_CONFIG, new_tensors(), overwrite=True)
+
+    return _in_child(body)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork (Linux)")
@@ -292,24 +302,19 @@ def _set_alphas(root: Path) -> dict[str, int]:
 def _set_save_killed_after(root: Path, k: int) -> int:
     """Fork; the child saves the new set over ``root`` and dies (``os._exit``, as SIGKILL) right after its k-th
     adapter (or, k = 4, its manifest) is in place."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            install, count = folder_mod._install, [0]
+    def body() -> None:
+        install, count = folder_mod._install, [0]
 
-            def install_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
-                install(*args, **kwargs)
-                count[0] += 1
-                if count[0] == k:
-                    os._exit(77)
+        def install_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+            install(*args, **kwargs)
+            count[0] += 1
+            if count[0] == k:
+                os._exit(77)
 
-            folder_mod._install = install_then_die
-            adapterspec.write_adapters(root, {n: (NEW_CONFIG, new_tensors()) for n in SET_NAMES}, overwrite=True)
-            os._exit(0)
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+        folder_mod._install = install_then_die
+        adapterspec.write_adapters(root, {n: (NEW_CONFIG, new_tensors()) for n in SET_NAMES}, overwrite=True)
+
+    return _in_child(body)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork (Linux)")
