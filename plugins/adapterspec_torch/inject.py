@@ -472,8 +472,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
             done[spec] = own
             layer.add_adapter(adapter_name, config, spec, options, checked=True, shared=shared)
             if layout is not None:
-                distributed.shard_adapter(cast(nn.Module, layer._modules["adapter_weights"]._modules[slot(adapter_name)]),
-                                          layer._specs[adapter_name].names, layout)
+                weights = cast(nn.Module, layer._modules["adapter_weights"]._modules[slot(adapter_name)])
+                distributed.shard_adapter(weights, layer._specs[adapter_name].names, layout)
                 layer.__dict__["_sharding"] = layout
         for spec in saved:
             own = universe[spec][0]

@@ -1492,7 +1492,8 @@ class ModulesToSaveLayer(nn.Module):
     def adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state dict (parameter name -> tensor) for adapter ``name``."""
         prefix = self._prefixes.get(name, "")
-        return {prefix + key: value for key, value in self.modules_to_save[slot(name)].state_dict(keep_vars=True).items()}
+        copy = self.modules_to_save[slot(name)]
+        return {prefix + key: value for key, value in copy.state_dict(keep_vars=True).items()}
 
     def running_of(self, names: Sequence[str]) -> list[Running]:
         """The adapters of ``names`` holding a copy here, as the SDK's :func:`~adapterspec._mix.mix_refusal` judges
