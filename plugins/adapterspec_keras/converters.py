@@ -29,7 +29,6 @@ import numpy as np
 from adapterspec.errors import UnsupportedError
 
 from .sites import (
-    _PACKED,
     ModuleSite,
     Piece,
     _axes,
@@ -40,6 +39,7 @@ from .sites import (
     layer_kind,
     layer_site,
     model_layers,
+    packed,
 )
 
 __all__ = ["backbone_of", "converter_sites", "head_sites", "multimodal", "text_only"]
@@ -339,7 +339,7 @@ def _base_weights() -> Iterator[None]:
     def reader(name: str, original: property) -> property:
         def read(layer: Any) -> Any:
             if (getattr(_REPLAYING, "loader", None) is not None and keras_lora(layer)
-                    and getattr(layer, "quantization_mode", None) not in _PACKED):
+                    and not packed(layer)):
                 return getattr(layer, "_" + name)
             return original.fget(layer)  # type: ignore[misc]
         return property(read, original.fset, original.fdel, original.__doc__)

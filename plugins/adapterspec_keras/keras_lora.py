@@ -45,8 +45,8 @@ from adapterspec.naming import make_key
 from .devices import host_array
 from .identity import task_type_of
 from .mapping import spec_sites
-from .quantized import packed, packed_hint, quantization
-from .sites import ModuleSite, Piece, keras_lora, model_layers, own_name
+from .quantized import packed_hint, quantization
+from .sites import ModuleSite, Piece, keras_lora, model_layers, own_name, packed
 
 __all__ = ["keras_lora_adapter"]
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from adapterspec.errors import UnsupportedError
 
-from .sites import _PACKED, layer_kind
+from .sites import layer_kind, packed
 
-__all__ = ["adapter_dtype", "hint", "packed", "packed_hint", "quantization", "refuse_unmapped"]
+__all__ = ["adapter_dtype", "hint", "packed_hint", "quantization", "refuse_unmapped"]
 
 
 def packed_hint(targets: str = "every module the adapter targets", *, int8: bool = True) -> str:
@@ -83,17 +83,6 @@ def adapter_dtype(layer: Any) -> str:
     """The dtype a quantized layer's adapter variables get without a ``dtype`` option: its variable dtype (the
     dtype of its float variables, float32 for Keras' quantization policies), not its kernel's int8."""
     return str(getattr(layer, "variable_dtype", None) or "float32")
-
-
-def packed(layer: Any) -> bool:
-    """Whether ``layer``'s kernel is stored packed (int4, GPTQ, AWQ), so that it no longer has its shape.
-
-    >>> import keras
-    >>> layer = keras.layers.Dense(4)
-    >>> layer.build((None, 8)); layer.quantize("int8"); packed(layer)
-    False
-    """
-    return quantization(layer) in _PACKED
 
 
 def refuse_unmapped(model: Any) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from adapterspec.errors import TargetNotFoundError
 
 __all__ = ["UNADAPTABLE", "ModuleSite", "Piece", "base_variable", "keras_lora", "layer_kind", "layer_site",
-           "model_layers", "own_name", "parameter_variables", "resolve_layer", "unadaptable_site"]
+           "model_layers", "own_name", "packed", "parameter_variables", "resolve_layer", "unadaptable_site"]
 
 
 @dataclass(eq=False)
@@ -177,13 +177,24 @@ def base_variable(layer: Any) -> Any:
     Keras' LoRA delta, a new tensor at each read; the variable is then ``_kernel``/``_embeddings``.
     """
     name = "embeddings" if layer_kind(layer) == "embedding" else "kernel"
-    if keras_lora(layer) and getattr(layer, "quantization_mode", None) not in _PACKED:
+    if keras_lora(layer) and not packed(layer):
         return getattr(layer, "_" + name)
     return getattr(layer, name)
 
 
 #: quantization modes whose stored kernel is packed: the ``kernel`` property unpacks it (a new tensor either way)
 _PACKED = ("int4", "gptq", "awq")
+
+
+def packed(layer: Any) -> bool:
+    """Whether ``layer``'s kernel is stored packed (int4, GPTQ, AWQ), so that it no longer has its shape.
+
+    >>> import keras
+    >>> layer = keras.layers.Dense(4)
+    >>> layer.build((None, 8)); layer.quantize("int8"); packed(layer)
+    False
+    """
+    return getattr(layer, "quantization_mode", None) in _PACKED
 
 
 def layer_kind(layer: Any) -> str | None:
