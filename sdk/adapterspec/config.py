@@ -112,7 +112,7 @@ def unknown_fields_note(unknown: list[str] | tuple[str, ...]) -> str:
     """The one wording of the note about fields the schema does not know (SPEC.md 2.5).
 
     >>> unknown_fields_note(["use_doar"])
-    'fields unknown to adapterspec 1.1 are kept but not acted on: use_doar'
+    'fields unknown to adapterspec 1.2 are kept but not acted on: use_doar'
     """
     return f"fields unknown to adapterspec {SPEC_VERSION} are kept but not acted on: {shorten(', '.join(unknown), 300, plain=True)}"
 

@@ -38,7 +38,7 @@ __all__ = [
     "check_version",
 ]
 
-SPEC_VERSION = "1.1"
+SPEC_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 CONFIG_NAME = "adapter_config.json"

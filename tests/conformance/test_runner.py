@@ -154,7 +154,7 @@ def _rewrite_config(path: Path, change: Any) -> None:
 _BAD_WRITERS = {
     "version-2": (lambda dst: _rewrite_metadata(dst / "adapter_model.safetensors",
                                                 lambda m: m | {"adapterspec_version": "2.0"}),
-                  "adapterspec_version '2.0'; a writer of spec 1.1 records '1.1' there"),
+                  "adapterspec_version '2.0'; a writer of spec 1.2 records '1.2' there"),
     "zero-sha256": (lambda dst: _rewrite_metadata(dst / "adapter_model.safetensors",
                                                   lambda m: m | {"adapterspec_sha256": "0" * 64}),
                     "has adapterspec_sha256 '0000000000"),

@@ -38,7 +38,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
         assert np.array_equal(loaded[key], value)
     # spec 1.1: the version is in the safetensors metadata only (PEFT warns about unknown config fields)
     assert adapter.config["r"] == 2 and "adapterspec_version" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.1"
+    assert adapter.metadata["format"] == "pt" and adapter.metadata["adapterspec_version"] == "1.2"
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["inference_mode"] is True and config["lora_dropout"] == 0.0  # PEFT defaults filled
 
@@ -118,7 +118,7 @@ def test_several_adapters_with_manifest(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "m" / "adapterspec.json").read_text())
     save = manifest["adapters"]["default"]["save_id"]  # SPEC 3.4: the save that wrote the set, in each adapter too
     assert len(save) == 32 and int(save, 16) >= 0
-    assert manifest == {"adapterspec_version": "1.1", "adapters": {"default": {"path": ".", "save_id": save},
+    assert manifest == {"adapterspec_version": "1.2", "adapters": {"default": {"path": ".", "save_id": save},
                                                                    "fr": {"path": "fr", "save_id": save}}}
     found = adapterspec.list_adapters(tmp_path / "m")
     assert found == {"default": tmp_path / "m", "fr": tmp_path / "m" / "fr"}

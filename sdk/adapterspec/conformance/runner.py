@@ -466,7 +466,7 @@ def compare_folders(src: Path, dst: Path, spec_version: str | None = None,
     (:func:`config_differences`), and the metadata a writer records (``adapterspec_version`` and a right
     ``adapterspec_sha256``), and reads back as a reader reads it (sha256 verified).
 
-    :param spec_version: the spec version the writer writes for (default: this package's, ``1.1``).
+    :param spec_version: the spec version the writer writes for (default: this package's, ``1.2``).
     :param derived: config values the model gives, which the writer may write instead (:func:`config_differences`).
 
     >>> compare_folders(Path("adapter"), Path("saved"))                             # doctest: +SKIP
