@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +50,51 @@ class _Record:
     key: str
     variable: Any
     hook: Callable[..., Any] | None
+
+
+class _PackedWeight:
+    """What reading ``kernel``/``embeddings`` of a layer stored packed (int4, GPTQ, AWQ: :func:`packed`) gives a
+    converter while it is replayed: the property unpacks the weight into a new tensor at each read, which no recorded
+    ``port_weight`` could be traced back to its layer, and unpacking every layer of a large model costs its size again.
+
+    This stand-in is the same object at each read of one layer's weight (so a record names its layer), has the
+    weight's logical shape and dtype, and unpacks the weight only when a converter uses its values.
+    """
+
+    def __init__(self, layer: Any, read: Callable[[], Any]) -> None:
+        self.layer = layer
+        self._read = read
+        self.shape = _unpacked_shape(layer, read)
+
+    @property
+    def dtype(self) -> Any:
+        return self._read().dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self._read(), dtype=dtype)
+
+    def assign(self, value: Any) -> _PackedWeight:
+        loader = getattr(_REPLAYING, "loader", None)
+        if loader is not None:
+            loader.note_assign(self, value)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._read(), name)
+
+
+def _unpacked_shape(layer: Any, read: Callable[[], Any]) -> tuple[int, ...]:
+    """The shape of a packed layer's weight as its property returns it, from the layer's own record of it where
+    Keras keeps one (int4 Dense and Embedding: ``_orig_output_dim``; EinsumDense: ``original_kernel_shape``), else
+    by unpacking it once."""
+    stored = getattr(layer, "_embeddings", None) if layer_kind(layer) == "embedding" else getattr(layer, "_kernel", None)
+    mode = getattr(layer, "quantization_mode", None)
+    if mode == "int4" and stored is not None and len(stored.shape) == 2 and isinstance(getattr(layer, "_orig_output_dim", None), int):
+        return (int(stored.shape[0]), int(layer._orig_output_dim))
+    original = getattr(layer, "original_kernel_shape", None) if mode == "int4" else None
+    if isinstance(original, (tuple, list)) and all(isinstance(d, int) for d in original):
+        return tuple(original)
+    return tuple(int(d) for d in read().shape)
 
 
 class _Opaque:
@@ -120,6 +165,8 @@ class _RecordingLoader(contextlib.AbstractContextManager["_RecordingLoader"]):
         #: itself (outside ``port_weight``) with the keys read before it (Swin: q, k, v then the fused kernel)
         self.reads: list[str] = []
         self.assigned: list[tuple[Any, list[str]]] = []
+        #: id(layer) -> the stand-in its packed weight property returned (:class:`_PackedWeight`), one per layer
+        self.packed: dict[int, _PackedWeight] = {}
 
     def port_weight(self, keras_variable: Any, hf_weight_key: str, hook_fn: Callable[..., Any] | None = None) -> None:
         self.records.append(_Record(hf_weight_key, keras_variable, hook_fn))
@@ -338,8 +385,13 @@ def _base_weights() -> Iterator[None]:
 
     def reader(name: str, original: property) -> property:
         def read(layer: Any) -> Any:
-            if (getattr(_REPLAYING, "loader", None) is not None and keras_lora(layer)
-                    and not packed(layer)):
+            loader = getattr(_REPLAYING, "loader", None)
+            if loader is not None and packed(layer):
+                stand_in = loader.packed.get(id(layer))
+                if stand_in is None:
+                    stand_in = loader.packed[id(layer)] = _PackedWeight(layer, lambda: original.fget(layer))  # type: ignore[misc]
+                return stand_in
+            if loader is not None and keras_lora(layer):
                 return getattr(layer, "_" + name)
             return original.fget(layer)  # type: ignore[misc]
         return property(read, original.fset, original.fdel, original.__doc__)
@@ -387,6 +439,7 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
         if best is None or rank < best[0]:
             best = (rank, loader.records, model_type)
             _FUSED[backbone] = loader.assigned
+            _PACKED_READS[backbone] = list(loader.packed.values())
     if best is None:
         first = failures[0][1]
         causes = "; ".join(f"model_type {t!r}: {type(e).__name__}: {e}" for t, e in failures)
@@ -396,6 +449,15 @@ def _record(backbone: Any) -> tuple[list[_Record], str] | None:
             hint="pass module_map={spec module path: keras layer path} for every target, and report this "
                  "converter to adapterspec") from first
     return best[1], best[2]
+
+
+def _with_packed(owners: dict[int, tuple[Any, str]], stand_ins: Iterable[_PackedWeight]) -> dict[int, tuple[Any, str]]:
+    """``owners`` with the stand-ins a replay read for packed weights (each its layer's, :class:`_PackedWeight`)."""
+    for stand_in in stand_ins:
+        kind = layer_kind(stand_in.layer)
+        if kind is not None and not (kind == "einsum" and not _einsum_supported(stand_in.layer)):
+            owners[id(stand_in)] = (stand_in.layer, kind)
+    return owners
 
 
 def _variable_owners(backbone: Any) -> dict[int, tuple[Any, str]]:
@@ -578,6 +640,8 @@ def _solve_conv(record: _Record, layer: Any) -> list[Piece] | None:
 
 #: per backbone, the variables its converter assigned itself and the HF keys it read for each (see _RecordingLoader)
 _FUSED: weakref.WeakKeyDictionary[Any, list[tuple[Any, list[str]]]] = weakref.WeakKeyDictionary()
+#: per backbone, the stand-ins of packed weights its converter's replay read (:class:`_PackedWeight`)
+_PACKED_READS: weakref.WeakKeyDictionary[Any, list[_PackedWeight]] = weakref.WeakKeyDictionary()
 
 _SITE_CACHE: weakref.WeakKeyDictionary[Any, tuple[dict[str, ModuleSite], str | None]] = weakref.WeakKeyDictionary()
 
@@ -601,7 +665,7 @@ def converter_sites(backbone: Any) -> tuple[dict[str, ModuleSite], str | None]:
         _SITE_CACHE[backbone] = result
         return result
     records, model_type = recorded
-    owners = _variable_owners(backbone)
+    owners = _with_packed(_variable_owners(backbone), _PACKED_READS.pop(backbone, []))
     sites = _solve_records(records, owners)
     _add_tied_head(backbone, sites)
     _add_fused(backbone, owners, sites, model_type)
@@ -663,7 +727,7 @@ def head_sites(model: Any) -> dict[str, ModuleSite]:
     sites: dict[str, ModuleSite] = {}
     for module, model_types in heads:
         loader = _RecordingLoader()
-        with _no_assign():
+        with _no_assign(), _base_weights():
             _REPLAYING.loader = loader
             try:
                 module.convert_head(model, loader, _ConfigProxy(backbone, model_types[0], module))
@@ -671,7 +735,7 @@ def head_sites(model: Any) -> dict[str, ModuleSite]:
                 continue
             finally:
                 _REPLAYING.loader = None
-        for path, site in _solve_records(loader.records, owners).items():
+        for path, site in _solve_records(loader.records, _with_packed(dict(owners), loader.packed.values())).items():
             sites.setdefault(path, site)
     _HEAD_CACHE[model] = sites
     return dict(sites)

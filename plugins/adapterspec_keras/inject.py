@@ -159,6 +159,11 @@ def _refuse_parameter_modules(paths: list[str], sites: dict[str, ModuleSite], mo
                 hint="adapt the router with LoRA target_parameters: ['gate.weight'] (SPEC.md 15.1)")
 
 
+def _mapped_layers(sites: dict[str, ModuleSite]) -> list[Any]:
+    """The Keras layers the sites found (each piece's layer)."""
+    return [piece.layer for site in sites.values() for piece in site.pieces]
+
+
 def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, allow_empty: bool = False,
            every_entry: bool = True) -> list[str]:
     """The targeted paths (see :func:`find_targets`).
@@ -181,13 +186,13 @@ def _match(model: Any, sites: dict[str, ModuleSite], config: AdapterConfig, *, a
     if every_entry and isinstance(wanted, (list, tuple, set)):
         missing = sorted(e for e in wanted if not any(_entry_matches(e, p) for p in sites))
         if missing:
-            refuse_unmapped(model)
+            refuse_unmapped(model, _mapped_layers(sites))
             raise TargetNotFoundError(
                 f"target_modules {missing} match no layer of this {type(model).__name__} "
                 f"(mapped modules: {_summary(sites)})", key=",".join(missing),
                 hint="pass module_map={spec module path: keras layer path} for them, or remove them from target_modules")
     if not targets and not allow_empty:  # allow_empty: target_parameters selects parameters (SPEC.md 15.1)
-        refuse_unmapped(model)
+        refuse_unmapped(model, _mapped_layers(sites))
         raise TargetNotFoundError(
             f"no module of this {type(model).__name__} matches target_modules={wanted!r} "
             f"(mapped modules: {_summary(sites)})", pointer="/target_modules",

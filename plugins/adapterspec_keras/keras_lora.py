@@ -61,8 +61,8 @@ def keras_lora_adapter(model: Any, *, module_map: Mapping[str, Any] | None = Non
         map (as :class:`~adapterspec.LoadOptions`' ``module_map``).
     :param base_model_name_or_path: recorded in the config (a keras-hub model does not know its preset).
     :raises TargetNotFoundError: no layer of ``model`` has Keras' LoRA on.
-    :raises UnsupportedError: a layer with Keras' LoRA that no spec module maps to (an int4-packed one among them:
-        the converter's map reads kernel shapes, which packing changes; ``module_map`` maps it), a convolution, a
+    :raises UnsupportedError: a layer with Keras' LoRA that no spec module maps to (a packed one the converter's map
+        did not find among them; ``module_map`` maps it), a convolution, a
         quantized kernel whose LoRA a converter fused with others, or two layers of one module with different
         scalings -- naming the layer.
 
@@ -81,8 +81,8 @@ def keras_lora_adapter(model: Any, *, module_map: Mapping[str, Any] | None = Non
     if missing and packed(missing[0]):
         raise UnsupportedError(
             f"{type(missing[0]).__name__} {own_name(model, missing[0])!r} has Keras' LoRA on and is quantized "
-            f"{quantization(missing[0])}, its kernel stored packed, not in its shape: keras-hub's converter map, which "
-            "reads kernel shapes, does not find it, so the adapter would lose its delta",
+            f"{quantization(missing[0])}, its kernel stored packed, not in its shape, and keras-hub's converter map did not "
+            "find it, so the adapter would lose its delta",
             key=own_name(model, missing[0]), hint=packed_hint("every layer with Keras' LoRA on", int8=False))
     if missing:
         raise UnsupportedError(

@@ -10,9 +10,10 @@ them (a merge, the residual of ``init_lora_weights``, token rows, ``modules_to_s
 are refused with a typed error before anything changes, and the base fingerprint (SPEC.md 9.1) of such a layer
 is unknown. The fix offered (:func:`hint`) is the unquantized model, or one quantized without those layers: Keras'
 ``model.quantize`` refuses a model that holds adapters (:mod:`.guard`), so an adapter cannot go on before it. A
-layer whose kernel is stored packed (int4 holds two values a byte) no longer has its shape and is not found by the
-converters' maps: targets that miss for that reason are refused as packed (:func:`refuse_unmapped`), with
-``module_map`` as the fix (:func:`packed_hint`), which adapts such a layer as any other quantized one.
+layer whose kernel is stored packed (int4 holds two values a byte) no longer has its shape, but the converters'
+maps find it all the same (:mod:`.converters` replays the converter on a stand-in of the unpacked weight's shape)
+and it takes an adapter as any other quantized layer; targets that miss a packed layer the maps did not find are
+refused as packed (:func:`refuse_unmapped`), with ``module_map`` as the fix (:func:`packed_hint`).
 
 >>> import keras
 >>> quantization(keras.layers.Dense(2)) is None
@@ -21,7 +22,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from adapterspec.errors import UnsupportedError
@@ -85,20 +86,25 @@ def adapter_dtype(layer: Any) -> str:
     return str(getattr(layer, "variable_dtype", None) or "float32")
 
 
-def refuse_unmapped(model: Any) -> None:
-    """Where targets are not found in a model with packed layers, say that, not "no module matches": the converters'
-    maps read kernel shapes, which packing changes. Layers quantized unpacked (int8, float8) keep their shapes and
-    are found; a target missing there is missing.
+def refuse_unmapped(model: Any, mapped: Iterable[Any] = ()) -> None:
+    """Where targets are not found in a model with packed layers the maps did not find, say that, not "no module
+    matches". The converters' maps find packed layers too (int4 Dense, EinsumDense, Embedding: the converter's
+    replay reads a stand-in of the packed weight's shape); one they miss (a weight unpacked by other means, a
+    converter that computes with it) has lost its shape. A target missing where every packed layer is ``mapped``
+    (the layers of the sites found) is missing.
 
-    :raises UnsupportedError: a layer of ``model`` is packed, naming one that is no embedding where there is one.
+    :raises UnsupportedError: a layer of ``model`` is packed and not mapped, naming one that is no embedding where
+        there is one.
     """
     flatten = getattr(model, "_flatten_layers", None)
     layers = list(flatten(include_self=False, recursive=True)) if callable(flatten) else []
-    found = sorted((layer for layer in layers if packed(layer)), key=lambda layer: layer_kind(layer) == "embedding")
+    known = {id(layer) for layer in mapped}
+    found = sorted((layer for layer in layers if packed(layer) and id(layer) not in known),
+                   key=lambda layer: layer_kind(layer) == "embedding")
     if found:
         first = found[0]
         raise UnsupportedError(f"{type(first).__name__} {first.path!r} and {len(found) - 1} more layers of this "
                                f"{type(model).__name__} are quantized {quantization(first)}, their kernels stored "
-                               "packed, not in their shape: the converters' maps, which read kernel shapes, do not "
-                               "find them, and the modules target_modules names were not found", key=first.path,
+                               "packed, not in their shape, and the converters' maps did not find them; the modules "
+                               "target_modules names were not found", key=first.path,
                                hint=packed_hint())

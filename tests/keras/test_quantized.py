@@ -216,26 +216,24 @@ def _int4_module_map() -> dict[str, str]:
             for i in (0, 1) for m, k in (("q", "query"), ("v", "value"))}
 
 
-def test_int4_kernels_are_refused_as_packed_and_module_map_loads(checkpoints: dict[str, Path], tmp_path: Path,
-                                                                 token_ids: Any) -> None:
-    """int4 packs two values a byte: the converters' maps do not find the layers, and the refusal says why and
-    offers module_map, with which the adapter loads: each adapted int4 layer adds the term it adds on the
-    unquantized model (quantizing after the load is no fix: model.quantize refuses a model holding adapters)."""
+def test_int4_kernels_are_found_by_the_converters_maps(checkpoints: dict[str, Path], tmp_path: Path,
+                                                      token_ids: Any) -> None:
+    """int4 packs two values a byte (the ``kernel`` property unpacks them into a new tensor at each read): the
+    converters' maps find the layers all the same, and each adapted int4 layer adds the term it adds on the
+    unquantized model -- the same model as with an explicit module_map (quantizing after the load is no fix:
+    model.quantize refuses a model holding adapters)."""
     from peft import LoraConfig
 
     _, folder = make_peft_adapter(checkpoints["llama"], tmp_path / "peft",
                                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model = keras_model("llama", checkpoints["llama"])
+    model, mapped = keras_model("llama", checkpoints["llama"]), keras_model("llama", checkpoints["llama"])
     model.quantize("int4")
-    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, folder), adapterspec.UnsupportedError,
-                             "quantized int4")
-    with pytest.raises(adapterspec.UnsupportedError) as info:
-        adapterspec.load_adapter(model, folder)
-    assert "packed" in info.value.message and "Dense 'transformer_layer_" in info.value.message
-    assert "module_map=" in str(info.value.hint) and "before model.quantize" not in str(info.value.hint)
+    mapped.quantize("int4")
     before = keras_logits(model, token_ids)
-    assert sorted(adapterspec.load_adapter(model, folder, module_map=_int4_module_map())) == sorted(_int4_module_map())
+    assert sorted(adapterspec.load_adapter(model, folder)) == sorted(_int4_module_map())
+    assert sorted(adapterspec.load_adapter(mapped, folder, module_map=_int4_module_map())) == sorted(_int4_module_map())
     assert float(np.abs(keras_logits(model, token_ids) - before).max()) > 1e-3
+    assert np.array_equal(keras_logits(model, token_ids), keras_logits(mapped, token_ids))
     plain = keras_model("llama", checkpoints["llama"])
     adapterspec.load_adapter(plain, folder)
     x = unique_values((2, 5, 64), 3, scale=1.0)
@@ -247,6 +245,32 @@ def test_int4_kernels_are_refused_as_packed_and_module_map_loads(checkpoints: di
             q_base, p_base = np.asarray(q_layer(x)), np.asarray(p_layer(x))
         assert float(np.abs(p_out - p_base).max()) > 1e-3
         assert_near(q_out - q_base, p_out - p_base)
+    saved = adapterspec.extract_adapter(model).load_tensors()
+    stored = adapterspec.read_adapter(folder).load_tensors()
+    assert sorted(saved) == sorted(stored) and all(np.array_equal(saved[k], stored[k]) for k in stored)
+    adapterspec.delete_adapter(model, "default")
+    assert np.array_equal(keras_logits(model, token_ids), before)
+
+
+def test_an_int4_model_names_a_missing_target_as_missing_and_an_unmapped_packed_layer_as_packed(
+        checkpoints: dict[str, Path]) -> None:
+    """The maps find int4 layers, so a target naming nothing on an int4 model is a TargetNotFoundError, not blamed
+    on the packing; a packed layer the maps did not find (``refuse_unmapped`` told which layers they found) is
+    named as packed, with module_map as the fix."""
+    from adapterspec_keras.quantized import refuse_unmapped
+
+    model = keras_model("llama", checkpoints["llama"])
+    model.quantize("int4")
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
+        model, {"peft_type": "LORA", "r": 2, "target_modules": ["zz"]}), adapterspec.TargetNotFoundError,
+        "match no layer")
+    packed_layers = [layer for layer in model._flatten_layers() if getattr(layer, "quantization_mode", None) == "int4"]
+    assert len(packed_layers) > 10
+    refuse_unmapped(model, packed_layers)  # every packed layer found: nothing to say
+    with pytest.raises(adapterspec.UnsupportedError) as info:
+        refuse_unmapped(model, packed_layers[1:])
+    assert repr(packed_layers[0].path) in info.value.message and "int4" in info.value.message
+    assert "module_map=" in str(info.value.hint)
 
 
 def test_an_int8_model_names_a_missing_target_as_missing(llama_pair: tuple[Any, Any]) -> None:
