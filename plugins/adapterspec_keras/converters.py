@@ -80,6 +80,8 @@ class _PackedWeight:
         return self
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle protocols and the like: not the weight's
+            raise AttributeError(name)
         return getattr(self._read(), name)
 
 
