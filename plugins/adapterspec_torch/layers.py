@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, oft, vera
+from . import adalora, oft, road, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -72,6 +72,7 @@ _SUPPORTED = {
     "BOFT": ("linear", "conv2d"),
     "ADALORA": adalora.KINDS,
     "VERA": vera.KINDS,
+    "ROAD": road.KINDS,
 }
 
 
@@ -166,6 +167,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         oft.check(module, kind, path, config)
     if method in adalora.METHODS:
         adalora.check(module, kind, path, config)
+    if method in road.METHODS:
+        road.check(module, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -296,6 +299,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return adalora.shapes(module, kind, config, path)
     if method in vera.METHODS and kind is not None:
         return vera.shapes(module, kind, config)
+    if method in road.METHODS:
+        return road.shapes(module, config)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -344,7 +349,8 @@ def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig
 
 def _writes_bias(spec: _Spec) -> bool:
     """Whether merging ``spec``'s adapter writes the base layer's bias (IA3 on outputs, LoRA's ``lora_bias``)."""
-    return (spec.method == "IA3" and not spec.feedforward) or (spec.method == "LORA" and spec.lora_bias)
+    return (spec.method == "IA3" and not spec.feedforward) or (spec.method == "LORA" and spec.lora_bias) \
+        or spec.road_settings is not None
 
 
 #: The LyCORIS methods, whose training forward has PEFT's rank and module dropout.
@@ -502,6 +508,7 @@ class _Spec:
     index: torch.Tensor | None = None  # TOKENS: ``indices`` as a tensor on the weight's device (cached)
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
+    road_settings: road.Road | None = None  # ROAD: variant and group size
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
@@ -626,6 +633,8 @@ class AdapterLayer(nn.Module):
                 raise UnsupportedError("a VeRA adapter needs its shared projections", key=path,
                                        hint="inject VeRA adapters with adapterspec.inject_adapter / load_adapter")
             spec.shared, spec.dropout = shared, float(config.get("vera_dropout") or 0.0)
+        elif method in road.METHODS:
+            spec.road_settings = road.settings(config)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
@@ -772,6 +781,8 @@ class AdapterLayer(nn.Module):
             adalora.initialise(p, config)
         elif spec.method in vera.METHODS:
             vera.initialise(p, config)
+        elif spec.method in road.METHODS:
+            road.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -1025,6 +1036,9 @@ class AdapterLayer(nn.Module):
         if rotations:
             return oft.forward(self._modules["base_layer"], self.kind, rotations, x, args, kwargs,
                                training=self.training, output=self._tensor)
+        roads = self._roads(names) if not self._merged else []
+        if roads:  # RoAd rotates the base layer's output (SPEC.md 17.1); mixes with other methods are refused
+            return road.forward(self._tensor(self.base_layer(x, *args, **kwargs)), roads)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             if self._merged and self.training and torch.is_grad_enabled():
                 self._check_not_training_merged()
@@ -1129,6 +1143,24 @@ class AdapterLayer(nn.Module):
                                    "on one layer (PEFT holds one method per layer)", key=found[0][0],
                                    hint="activate the rotation adapters without other methods' adapters")
         return [(cast(oft.Rotation, spec.rotation), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
+
+    def _roads(self, names: tuple[str, ...]) -> list[tuple[road.Road, torch.Tensor, torch.Tensor]]:
+        """(settings, theta, alpha) of the active RoAd adapters, in order (another method's active adapter on this
+        layer was refused when activated: :func:`~adapterspec._mix.mix_refusal`)."""
+        return [(spec.road_settings, self._param(n, "road_theta"), self._param(n, "road_alpha"))
+                for n in names if (spec := self._specs.get(n)) is not None and spec.road_settings is not None]
+
+    def check_unmerge(self) -> None:
+        """Refuse, before anything changes, an unmerge :meth:`unmerge` cannot do (a merged RoAd adapter whose matrix
+        is singular: :func:`~adapterspec_torch.road.check_invertible`).
+
+        :raises UnsupportedError: naming the adapter.
+        """
+        for name in self._merged:
+            spec = self._specs[name]
+            if spec.road_settings is not None:
+                road.check_invertible(spec.road_settings, self._param(name, "road_theta"), self._param(name, "road_alpha"),
+                                      name)
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
@@ -1315,6 +1347,9 @@ class AdapterLayer(nn.Module):
                 bias: Any = getattr(base, "bias", None)  # an Embedding has none
                 if spec.rotation is not None:
                     oft.merge(weight, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                elif spec.road_settings is not None:
+                    road.merge(weight, bias, spec.road_settings, self._param(name, "road_theta"),
+                               self._param(name, "road_alpha"))
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1356,6 +1391,9 @@ class AdapterLayer(nn.Module):
                 bias: Any = getattr(base, "bias", None)  # an Embedding has none
                 if spec.rotation is not None:
                     oft.unmerge(weight, spec.rotation, {p: self._param(name, p) for p in spec.names})
+                elif spec.road_settings is not None:
+                    road.unmerge(weight, bias, spec.road_settings, self._param(name, "road_theta"),
+                                 self._param(name, "road_alpha"))
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:

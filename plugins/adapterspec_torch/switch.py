@@ -402,6 +402,7 @@ def unmerge(model: torch.nn.Module) -> None:
         for own, layer in _wrappers(model, state, name):
             if isinstance(layer, AdapterLayer):
                 check_fsdp1_weight(layer.base_layer, own, "unmerging")
+                layer.check_unmerge()  # RoAd: a singular matrix cannot be undone
     seen = set()
     for name in reversed(state.merged):
         for model_name, layer in _wrappers(model, state, name):

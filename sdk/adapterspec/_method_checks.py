@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ._adalora import stored_rank
 from ._lora_init import factor_rank
+from ._road import length_problem as road_length_problem
 from ._vera import SHARED, shared_key
 from ._vera import rank as vera_rank
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
@@ -455,6 +456,27 @@ def _ln_tuning(config: AdapterConfig, module: str, p: Params) -> Errors:
     return []
 
 
+# -- RoAd (SPEC.md 17.1) --------------------------------------------------------------------------
+def _road(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``road_theta`` and ``road_alpha``: 1-D, the same length, a length the variant and group_size allow (the
+    layer's own length, from its output features, is checked where the model is known)."""
+    errors: Errors = [_missing(module, n, "RoAd stores road_theta and road_alpha per adapted module")
+                      for n in ("road_theta", "road_alpha") if n not in p]
+    hint = "save the adapter again with PEFT (SPEC.md 17.1)"
+    errors += _axes(module, p, {"road_theta": (1,), "road_alpha": (1,)}, hint)
+    if errors:
+        return errors
+    theta, alpha = p["road_theta"], p["road_alpha"]
+    if alpha.shape != theta.shape:
+        return [_shape(module, "road_alpha", alpha, f"must equal road_theta's shape {list(theta.shape)}", hint)]
+    problem = road_length_problem(config, theta.shape[0])
+    if problem is not None:
+        return [_shape(module, name, p[name], problem, "set variant and group_size to the ones the adapter was "
+                                                       "trained with, or save it again") for name in ("road_theta",
+                                                                                                      "road_alpha")]
+    return []
+
+
 METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LORA": _lora,
     "IA3": _ia3,
@@ -466,4 +488,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "VERA": _vera,
     "TRAINABLE_TOKENS": _trainable_tokens,
     "LN_TUNING": _ln_tuning,
+    "ROAD": _road,
 }

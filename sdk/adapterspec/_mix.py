@@ -27,9 +27,9 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 #: method, LoRA's ``trainable_token_indices``).
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
-_NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA",
+_NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
           SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
-_ROTATIONS = ("OFT", "BOFT")
+_ROTATIONS = ("OFT", "BOFT", "ROAD")  # RoAd rotates outputs: PEFT holds one method per layer, no PeftMixedModel
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA")  # methods that add a term to the layer's output
 
 
@@ -58,7 +58,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     defined (PEFT 0.21.2's, where PEFT runs them together: SPEC.md 8.9). Refused:
 
     * two copies of one module saved whole: one runs at a time (PEFT: "Only one adapter can be set at a time");
-    * OFT/BOFT with another method, or OFT with BOFT (PEFT holds one method per layer);
+    * OFT/BOFT/RoAd with another method, or two of them together (PEFT holds one method per layer; its
+      ``PeftMixedModel`` takes no BOFT or RoAd);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no IA3 (no defined result: a merge in one order differed from the unmerged output);
     * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA): DoRA rescales what ran before it on the

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _lora_init, _oft, _vera
+from . import _adalora, _lora_init, _oft, _road, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -42,6 +42,7 @@ PORTABLE_METHODS = frozenset({
     "VERA",
     "TRAINABLE_TOKENS",
     "LN_TUNING",
+    "ROAD",
 })
 
 
@@ -167,6 +168,7 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if config.get("peft_type") == "ADALORA":
         problems.extend(_adalora.rank_pattern_problems(config) + _adalora.schedule_problems(config))
     problems.extend(_oft.size_problems(config))
+    problems.extend(_road.config_problems(config))
     return problems
 
 

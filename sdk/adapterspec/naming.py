@@ -58,6 +58,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
     "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
+    "ROAD": ("road_theta", "road_alpha"),
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

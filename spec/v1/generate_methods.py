@@ -34,7 +34,8 @@ PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
             "ADALORA",  # SPEC.md 15.4
             "VERA",  # SPEC.md 15.5
             "TRAINABLE_TOKENS",  # SPEC.md 15.2
-            "LN_TUNING")  # SPEC.md 15.3
+            "LN_TUNING",  # SPEC.md 15.3
+            "ROAD")  # SPEC.md 17.1
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -50,6 +51,7 @@ DEFAULT_TABLES = {
     ("LN_TUNING", "target_modules"): "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
     ("OFT", "target_modules"): "TRANSFORMERS_MODELS_TO_OFT_TARGET_MODULES_MAPPING",
     ("BOFT", "target_modules"): "TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING",
+    ("ROAD", "target_modules"): "TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING",
 }
 
 
