@@ -415,6 +415,22 @@ def _vera_cases() -> None:
             ["shared", "fan_in_fan_out"])
 
 
+def _road_cases() -> None:
+    """RoAd (SPEC.md 17.1): pairs of a Linear's outputs rotated and scaled (R W, R b), each variant."""
+    numeric("road-1-linear-f32", "RoAd road_1 on a Linear 6->8 with bias, group_size 4: theta/alpha [out/2 = 4], "
+            "both halves of a group share its 2 angles; R rotates the bias too", "ROAD", "linear", "float32",
+            {"layer": linear(6, 8)}, {"peft_type": "ROAD", "variant": "road_1", "group_size": 4,
+                                      "target_modules": ["layer"]}, [])
+    numeric("road-2-linear-f32", "RoAd road_2 on two Linear layers (6->8 with bias, 8->4 without), group_size 4: "
+            "theta/alpha [out], one angle and scale per element", "ROAD", "linear", "float32",
+            {"a": linear(6, 8), "b": linear(8, 4, bias=False)},
+            {"peft_type": "ROAD", "variant": "road_2", "group_size": 4, "target_modules": ["a", "b"]}, [])
+    numeric("road-4-linear-f32", "RoAd road_4 on a Linear 6->8 with bias, group_size 8: theta/alpha [2 * out], the "
+            "first half of each group's 2g values gives cos, the second sin", "ROAD", "linear", "float32",
+            {"layer": linear(6, 8)}, {"peft_type": "ROAD", "variant": "road_4", "group_size": 8,
+                                      "target_modules": ["layer"]}, [])
+
+
 def _moe_cases() -> None:
     """The TRAINABLE_TOKENS method (SPEC.md 15.2): token rows of an embedding, and of a Linear output layer."""
     numeric("trainable-tokens-embedding-f32", "TRAINABLE_TOKENS on an Embedding 10x4: rows 7 and 2 are replaced by "
@@ -456,6 +472,10 @@ def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
         return det(shape, seed, scale=0.3, offset=1.2)
     if key.endswith("ia3_l"):
         return det(shape, seed, scale=0.5, offset=1.0)
+    if key.endswith("road_alpha"):  # RoAd's scales around 1, its angles (road_theta) around 0
+        return det(shape, seed, scale=0.3, offset=1.0)
+    if key.endswith("road_theta"):
+        return det(shape, seed, scale=0.8)
     if key == "prompt_embeddings":
         return det(shape, seed, scale=0.8)
     if ".hada_" in key or ".lokr_" in key:  # products of several factors: larger, so the update shows
@@ -551,6 +571,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _prompts_cases()
     _adalora_cases()
     _vera_cases()
+    _road_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -864,6 +885,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _prompts_folders()
     _adalora_folders()
     _vera_folders()
+    _road_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1088,6 +1110,24 @@ def _vera_folders() -> None:
     plain("vera-projection-missing", "base_model.vera_B is missing", vera,
           own | {"base_model.vera_A": det((2, 8), 3).astype(np.float32)}, valid=False, error="MissingTensorError",
           key="base_model.vera_B")
+
+
+def _road_folders() -> None:
+    """RoAd files (SPEC.md 17.1): a valid one; refusals before any model is involved."""
+    road = {"peft_type": "ROAD", "variant": "road_2", "group_size": 4, "target_modules": ["q_proj", "v_proj"]}
+    own = {f"{Q}.road_theta": det((8,), 1).astype(np.float32), f"{Q}.road_alpha": det((8,), 2, 0.3, 1.0).astype(np.float32),
+           f"{V}.road_theta": det((4,), 3).astype(np.float32), f"{V}.road_alpha": det((4,), 4, 0.3, 1.0).astype(np.float32)}
+    plain("road", "RoAd road_2 on q_proj (8 outputs) and v_proj (4): road_theta / road_alpha [out] each", road, own,
+          valid=True)
+    plain("road-alpha-missing", "RoAd: road_alpha of q_proj is missing", road,
+          {k: v for k, v in own.items() if k != f"{Q}.road_alpha"}, valid=False, error="MissingTensorError",
+          key=f"{Q}.road_alpha")
+    plain("road-length-not-a-group-multiple", "RoAd road_2 with group_size 4: a road_theta / road_alpha of 6 values "
+          "is no layer's (out is a multiple of group_size)", road,
+          own | {f"{Q}.road_theta": det((6,), 1).astype(np.float32), f"{Q}.road_alpha": det((6,), 2).astype(np.float32)},
+          valid=False, error="ShapeMismatchError", key=f"{Q}.road_theta")
+    plain("road-variant-unknown", "RoAd: variant 'road_3' (PEFT's config refuses it): ConfigError naming /variant",
+          road | {"variant": "road_3"}, own, valid=False, error="ConfigError", pointer="/variant")
 
 
 def _velora_folders() -> None:
@@ -1356,7 +1396,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
-                                            "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING")
+                                            "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD")
                 or config.get("use_dora"))
 
 

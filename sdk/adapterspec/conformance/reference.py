@@ -33,6 +33,7 @@ from .reference_adalora import adalora_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
 from .reference_parameters import expert_deltas
+from .reference_road import road_weights
 from .reference_tokens import token_weight
 from .reference_vera import vera_weight
 
@@ -254,6 +255,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return token_weight(weight, config, tensors), bias
     if method == "LN_TUNING":  # SPEC.md 15.3
         return ln_tuning_weights(weight, bias, tensors)
+    if method == "ROAD":  # SPEC.md 17.1: R W, R b
+        return road_weights(weight, bias, config, tensors)
     raise ValueError(f"{method} has no weight update")
 
 
@@ -279,7 +282,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -33,6 +33,7 @@ from ..errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
+from .. import _road
 from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, TRAINABLE_TOKENS_PARAM, make_key, parse_key
 from ..targets import is_all_linear, parameter_module, refuse_containers, token_indices
@@ -118,6 +119,7 @@ _SUPPORTED = {
     "VERA": ("linear", "gpt2_conv1d"),
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
+    "ROAD": ("linear",),  # SPEC.md 17.1
 }
 
 
@@ -181,6 +183,15 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
     elif method == "VERA":  # the shared projections are checked over all modules: _check_shared
         if tuple(shapes["vera_lambda_b"]) != (out,):
             raise refuse("vera_lambda_b", f"module {path!r} has {out} outputs")
+    elif method == "ROAD":  # SPEC.md 17.1: group_size divides the outputs; out/2, out or 2*out values
+        problem = _road.out_features_problem(config, out)
+        if problem is not None:
+            raise UnsupportedError(problem, key=path, pointer="/group_size", hint="do not target this layer")
+        length = _road.vector_length(_road.variant(config), out)
+        for param in ("road_theta", "road_alpha"):
+            if param in shapes and tuple(shapes[param]) != (length,):
+                raise refuse(param, f"module {path!r} has {out} outputs: variant {_road.variant(config)} stores "
+                                    f"[{length}]")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
