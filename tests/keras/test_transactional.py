@@ -124,6 +124,8 @@ def test_unmapped_target_is_an_error_naming_it(llama_with_adapter: Any, token_id
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 500]},
      adapterspec.ShapeMismatchError, "trainable_tokens_delta: token_indices \\[500\\] are outside"),
     ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3, 3]}, adapterspec.UnsupportedError, "/token_indices"),
+    ({"peft_type": "ROAD", "variant": "road_2", "group_size": 8, "target_modules": ["q_proj"]},
+     adapterspec.UnsupportedError, "ROAD is portable in the spec .*not implemented on Keras yet"),
     ({"peft_type": "LN_TUNING", "target_modules": ["input_layernorm"]},
      adapterspec.UnsupportedError, "/peft_type: the keras backend cannot train LN tuning copies"),
     ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "num_layers": 2, "token_dim": 32,
