@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, lycoris, oft, tokens, vera
+from . import _ops, adalora, lycoris, oft, road, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -120,15 +120,15 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                f"({quantization(quantized[0])}): {reason} the keras backend does not adapt (it runs "
                                "adapters on quantized Dense and EinsumDense layers)", key=path,
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
-    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS)
+    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA or VERA adapter, or the "
-                                              "torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA or ROAD adapter, "
+                                              "or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -142,6 +142,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         return
     if method in vera.METHODS:
         vera.check(site, path, config)
+        return
+    if method in road.METHODS:
+        road.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -307,6 +310,7 @@ class _Slot:
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections
+    road_settings: road.Road | None = None  # ROAD: variant and group size
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
@@ -544,6 +548,12 @@ class AdapterLayer:
                          shared=shared)
             layouts, keys = _vera_plan(config, site.in_features, site.out_features, dtype, device, trainable,
                                        initialize)
+        elif config.peft_type in road.METHODS:
+            road.check(site, path, config)
+            slot = _Slot(path, "ROAD", 0, 1.0, False, False, 0.0, False, road_settings=road.settings(config))
+            params = road.shapes(site, config)
+            layouts = MappingProxyType({p: Layout(shape, shape, (0,)) for p, shape in params.items()})
+            keys = _group_keys(layouts, road.inits(config) if initialize else None, dtype, device, trainable)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -780,6 +790,9 @@ class AdapterLayer:
             if slot.method in vera.METHODS:
                 result = self._apply_vera(piece, slot, x, result)
                 continue
+            if slot.road_settings is not None:  # RoAd rotates the output (mixes were refused when activated)
+                result = road.forward(self.site, piece, [(slot.road_settings, slot.get)], result)
+                continue
             result = self._apply_lora(piece, slot, x, result)
         return result
 
@@ -973,6 +986,9 @@ class AdapterLayer:
         if slot.rotation is not None:  # OFT/BOFT: R_p @ K (* boft_s) - K, for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat) - flat
+        if slot.road_settings is not None:  # RoAd: K @ R_p.T - K, for the kernel as it is now
+            flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
+            return road.merge_flat(self.site, piece, slot.road_settings, slot.get, flat) - flat
         if slot.method in adalora.METHODS and self.site.kind == "conv":
             return self._adalora_conv_flat(slot, piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.method in adalora.METHODS:
@@ -1054,7 +1070,19 @@ class AdapterLayer:
 
     def adds_only(self) -> bool:
         """Whether every running adapter only adds a term to the output (no DoRA, IA3, OFT/BOFT rescaling)."""
-        return all(slot.method != "IA3" and slot.rotation is None and not slot.use_dora for _, slot in self._running())
+        return all(slot.method != "IA3" and slot.rotation is None and slot.road_settings is None and not slot.use_dora
+                   for _, slot in self._running())
+
+    def check_unmerge(self) -> None:
+        """Refuse, before anything changes, an unmerge :meth:`unmerge` cannot do (a merged RoAd adapter whose matrix
+        is singular: :func:`~adapterspec_keras.road.check_invertible`).
+
+        :raises UnsupportedError: naming the adapter.
+        """
+        for name in self._merged:
+            slot = self._slots[name]
+            if slot.road_settings is not None:
+                road.check_invertible(slot.road_settings, slot.get("road_theta"), slot.get("road_alpha"), name)
 
     def check_merge(self, names: list[str]) -> None:
         """Refuse, before anything changes, a merge :meth:`merge` cannot do exactly.
@@ -1070,6 +1098,11 @@ class AdapterLayer:
                                    hint="run the adapter unmerged, or load it onto the unquantized model to merge")
         for name in names:
             slot = self._slots.get(name)
+            if slot is not None and name not in self._merged and slot.road_settings is not None:
+                for piece in self.site.pieces:
+                    why = road.bias_refusal(piece)
+                    if why:
+                        raise UnsupportedError(why, key=self.site.path, hint="keep the adapter unmerged")
             if slot is not None and name not in self._merged and slot.lora_bias:
                 for piece in self.site.pieces:
                     if _ops.bias_of(piece) is None:
@@ -1126,6 +1159,13 @@ class AdapterLayer:
         flat = _ops.flat_kernel(piece)
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
+            return
+        if slot.road_settings is not None:  # W <- R @ W, b <- R @ b in the kernel's dtype (PEFT's merge)
+            _ops.assign_kernel(piece, road.merge_flat(self.site, piece, slot.road_settings, slot.get, flat))
+            bias = _ops.bias_of(piece)
+            if bias is not None:
+                _ops.assign_bias(piece, road.merge_bias(self.site, piece, slot.road_settings, slot.get,
+                                                        ops.convert_to_tensor(bias)))
             return
         dtype = self._merge_dtype(slot, piece)
         flat = ops.cast(flat, dtype)
@@ -1187,7 +1227,11 @@ class AdapterLayer:
             _ops.assign_bias(piece, value / (scale + _IA3_EPS) if inverse else value * scale)
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide)."""
+        """Undo :meth:`merge` for every merged adapter, in reverse order (as PEFT: subtract, or divide).
+
+        :raises UnsupportedError: a merged RoAd adapter's matrix is singular (:meth:`check_unmerge`); nothing changed.
+        """
+        self.check_unmerge()
         while self._merged:
             name = self._merged.pop()
             slot = self._slots[name]
@@ -1199,6 +1243,14 @@ class AdapterLayer:
                 flat = _ops.flat_kernel(piece)
                 if slot.method == "IA3":
                     self._scale_piece(piece, slot, flat, inverse=True)
+                    continue
+                if slot.road_settings is not None:  # R^-1 (float32, rounded to the kernel's dtype), as PEFT
+                    settings = slot.road_settings
+                    _ops.assign_kernel(piece, road.unmerge_flat(self.site, piece, settings, slot.get, flat))
+                    bias = _ops.bias_of(piece)
+                    if bias is not None:
+                        _ops.assign_bias(piece, road.unmerge_bias(self.site, piece, settings, slot.get,
+                                                                  ops.convert_to_tensor(bias)))
                     continue
                 dtype = self._merge_dtype(slot, piece)
                 flat = ops.cast(flat, dtype)

@@ -530,6 +530,10 @@ def unmerge(model: Any) -> None:
     if state is None or not state.merged:
         return
     for layer in state.adapter_layers.values():
+        check = getattr(layer, "check_unmerge", None)
+        if check is not None:
+            check()  # RoAd: a singular matrix cannot be undone; refused before any layer changes
+    for layer in state.adapter_layers.values():
         layer.unmerge()
     state.merged = []
     from .identity import unmerged_base

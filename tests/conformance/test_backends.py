@@ -58,8 +58,7 @@ def test_keras_passes_what_it_claims(corpus: Corpus) -> None:
             "numeric/ln-tuning-layer-norm-f32", "roundtrip/roundtrip-ln-tuning-layer-norm-f32"} <= passed
     assert {"folder/lora-target-modules-null", "folder/ia3-targets-null"} <= passed  # PEFT's llama default
     assert "folder/embedding-saved-whole" in passed  # a base embedding a PEFT file replaces (SPEC 5.3, 8.8)
-    # RoAd (SPEC 17.1) is refused typed on Keras for now (UnsupportedError): its cases only
-    assert {n for n in report.by_status(Status.UNSUPPORTED) if "road" not in n} == set()
+    assert set(report.by_status(Status.UNSUPPORTED)) == set()
     assert not report.by_status(Status.FAILED)
 
 
