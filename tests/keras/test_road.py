@@ -313,3 +313,50 @@ def test_every_road_case_of_the_corpus_passes() -> None:
     names = {r.name: r.status for r in report.results}
     assert len(names) >= 9
     assert {n: s for n, s in names.items() if s is not Status.PASSED} == {}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bf16_model_keeps_the_adapter_in_float32_and_equals_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                 tmp_path: Path) -> None:
+    """On a bfloat16 keras-hub model the vectors stay float32 (SPEC.md 7.5), the rotation runs in float32 and is
+    rounded once (PEFT's cast to theta's dtype and back); the logits are PEFT's on its bfloat16 model within the
+    frameworks' own bfloat16 gap, merged too (R rounded to bfloat16, as PEFT's merge); saved back, the file's tensors."""
+    import keras_hub
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "peft"
+    _peft_folder(checkpoints["llama"], peft.RoadConfig(variant="road_2", group_size=8, target_modules=LLAMA), folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf: Any = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16)
+        hf.eval()
+        base_hf = torch_logits_float(hf, token_ids)
+        reference = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
+    plain = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None,
+                                                        dtype="bfloat16")
+    gap = float(np.abs(keras_logits(plain, token_ids).astype(np.float32) - base_hf).max())
+    model = keras_hub.models.Llama3CausalLM.from_preset(str(checkpoints["llama"]), preprocessor=None,
+                                                        dtype="bfloat16")
+    adapterspec.load_adapter(model, folder)
+    for roundings, merge in ((4, False), (16, True)):
+        if merge:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reference.merge_adapter()
+            adapterspec.merge_adapters(model)
+        want = torch_logits_float(reference, token_ids)
+        got = keras_logits(model, token_ids).astype(np.float32)
+        diff, step = float(np.abs(got - want).max()), 2.0 ** -8 * float(np.abs(want).max())
+        print(f"bfloat16 {'merged' if merge else 'unmerged'}: max abs diff vs PEFT {diff:.3g} (base gap {gap:.3g}, "
+              f"one rounding {step:.3g})")
+        assert float(np.abs(want - base_hf).max()) > 8 * step  # the adapter shows above the roundings
+        assert diff <= gap + roundings * step
+    saved = adapterspec.read_adapter(adapterspec.save_adapter(model, tmp_path / "keras")).load_tensors("numpy")
+    for key, value in adapterspec.read_adapter(folder).load_tensors("numpy").items():
+        assert saved[key].dtype == np.float32 and np.array_equal(saved[key], value), key
+
+
+def torch_logits_float(model: Any, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out: np.ndarray = model(input_ids=torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()
+    return out
