@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, oft, road, vera
+from . import adalora, miss, oft, road, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -73,6 +73,7 @@ _SUPPORTED = {
     "ADALORA": adalora.KINDS,
     "VERA": vera.KINDS,
     "ROAD": road.KINDS,
+    "MISS": miss.KINDS,
 }
 
 
@@ -169,6 +170,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         adalora.check(module, kind, path, config)
     if method in road.METHODS:
         road.check(module, path, config)
+    if method in miss.METHODS:
+        miss.check(module, kind, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -301,6 +304,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return vera.shapes(module, kind, config)
     if method in road.METHODS:
         return road.shapes(module, config)
+    if method in miss.METHODS and kind is not None:
+        return miss.shapes(module, kind, config, path)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -509,6 +514,7 @@ class _Spec:
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
     road_settings: road.Road | None = None  # ROAD: variant and group size
+    block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
@@ -635,6 +641,8 @@ class AdapterLayer(nn.Module):
             spec.shared, spec.dropout = shared, float(config.get("vera_dropout") or 0.0)
         elif method in road.METHODS:
             spec.road_settings = road.settings(config)
+        elif method in miss.METHODS:
+            spec.block = self._miss_block(miss.settings(config), path)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
@@ -783,6 +791,8 @@ class AdapterLayer(nn.Module):
             vera.initialise(p, config)
         elif spec.method in road.METHODS:
             road.initialise(p, config)
+        elif spec.method in miss.METHODS:
+            miss.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -1039,6 +1049,10 @@ class AdapterLayer(nn.Module):
         roads = self._roads(names) if not self._merged else []
         if roads:  # RoAd rotates the base layer's output (SPEC.md 17.1); mixes with other methods are refused
             return road.forward(self._tensor(self.base_layer(x, *args, **kwargs)), roads)
+        blocks = self._miss_blocks(names) if not self._merged else []
+        if blocks:
+            return miss.forward(self._modules["base_layer"], blocks, x, args, kwargs, training=self.training,
+                                output=self._tensor)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             if self._merged and self.training and torch.is_grad_enabled():
                 self._check_not_training_merged()
@@ -1161,6 +1175,35 @@ class AdapterLayer(nn.Module):
             if spec.road_settings is not None:
                 road.check_invertible(spec.road_settings, self._param(name, "road_theta"), self._param(name, "road_alpha"),
                                       name)
+    def _miss_block(self, block: miss.Block, path: str) -> miss.Block:
+        """``block``, if this layer's other MiSS adapters run in its mode: PEFT 0.21.2 sets a layer's mode once,
+        from its first MiSS adapter, and runs every later one in it (SPEC.md 17.1).
+
+        :raises UnsupportedError: another mode, naming ``/init_weights``.
+        """
+        other = next((s.block for s in self._specs.values() if s.block is not None and s.block.mode != block.mode),
+                     None)
+        if other is not None:
+            raise UnsupportedError(f"MiSS init_weights mode {block.mode!r} on a layer that holds a MiSS adapter of mode "
+                                   f"{other.mode!r}: PEFT 0.21.2 runs every MiSS adapter of a layer in the mode of the "
+                                   "first one, so its result is not defined", key=path, pointer="/init_weights",
+                                   hint="load MiSS adapters of one init_weights mode into one model")
+        return block
+
+    def _miss_blocks(self, names: tuple[str, ...]) -> list[tuple[miss.Block, dict[str, torch.Tensor]]]:
+        """(settings, tensors) of the active MiSS adapters, in order.
+
+        :raises UnsupportedError: they are active together with another method's adapter on this layer.
+        """
+        found = [(n, self._specs[n]) for n in names if n in self._specs and self._specs[n].block is not None]
+        if not found:
+            return []
+        others = [n for n in names if n in self._specs and self._specs[n].block is None]
+        if others:
+            raise UnsupportedError(f"MiSS adapters cannot run together with {others} on one layer (PEFT holds one "
+                                   "method per layer)", key=found[0][0],
+                                   hint="activate the MiSS adapters without other methods' adapters")
+        return [(cast(miss.Block, spec.block), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
@@ -1350,6 +1393,8 @@ class AdapterLayer(nn.Module):
                 elif spec.road_settings is not None:
                     road.merge(weight, bias, spec.road_settings, self._param(name, "road_theta"),
                                self._param(name, "road_alpha"))
+                elif spec.block is not None:
+                    miss.merge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1394,6 +1439,8 @@ class AdapterLayer(nn.Module):
                 elif spec.road_settings is not None:
                     road.unmerge(weight, bias, spec.road_settings, self._param(name, "road_theta"),
                                  self._param(name, "road_alpha"))
+                elif spec.block is not None:
+                    miss.unmerge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from . import _miss as miss_facts
 from ._adalora import stored_rank
 from ._lora_init import factor_rank
 from ._road import length_problem as road_length_problem
@@ -431,6 +432,26 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
+# -- MISS (SPEC.md 17.1) ------------------------------------------------------------------------
+def _miss_block(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``miss_block`` is ``[r, out]`` (plain), ``[r, mini_r]`` (``init_weights`` "mini") or ``[out/r, r, r]`` ("bat")."""
+    name = miss_facts.PARAM
+    if name not in p:
+        return [_missing(module, name, "MiSS stores miss_block per adapted module")]
+    info, r, kind = p[name], miss_facts.rank(config), miss_facts.mode(config)
+    hint = "save the adapter again, or check r, init_weights and mini_r"
+    if kind == miss_facts.BAT:
+        if len(info.shape) != 3 or info.shape[1:] != (r, r):
+            return [_shape(module, name, info, f"init_weights 'bat': must be [out/r, r, r] with r={r}", hint)]
+    elif kind == miss_facts.MINI:
+        if tuple(info.shape) != (r, miss_facts.mini_r(config)):
+            return [_shape(module, name, info, f"init_weights 'mini': must be [r, mini_r] = [{r}, "
+                                               f"{miss_facts.mini_r(config)}]", hint)]
+    elif len(info.shape) != 2 or info.shape[0] != r:
+        return [_shape(module, name, info, f"must be [r, out] with r={r}", hint)]
+    return []
+
+
 # -- TRAINABLE_TOKENS (SPEC.md 15.2) ---------------------------------------------------------
 def _trainable_tokens(config: AdapterConfig, module: str, p: Params) -> Errors:
     """``trainable_tokens_delta`` is ``[len(token_indices), dim]``: the rows it puts in the layer's weight."""
@@ -486,6 +507,7 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "BOFT": _boft,
     "ADALORA": _adalora,
     "VERA": _vera,
+    "MISS": _miss_block,
     "TRAINABLE_TOKENS": _trainable_tokens,
     "LN_TUNING": _ln_tuning,
     "ROAD": _road,

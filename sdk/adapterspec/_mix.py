@@ -28,8 +28,9 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
+          "MISS": "MiSS", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD")  # RoAd rotates outputs: PEFT holds one method per layer, no PeftMixedModel
+_ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.1)
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA")  # methods that add a term to the layer's output
 
 
@@ -60,6 +61,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     * two copies of one module saved whole: one runs at a time (PEFT: "Only one adapter can be set at a time");
     * OFT/BOFT/RoAd with another method, or two of them together (PEFT holds one method per layer; its
       ``PeftMixedModel`` takes no BOFT or RoAd);
+    * MiSS with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
+      ``PeftMixedModel`` takes no MiSS);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no IA3 (no defined result: a merge in one order differed from the unmerged output);
     * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA): DoRA rescales what ran before it on the
@@ -78,7 +81,7 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     """
     if len(running) < 2:
         return None
-    for check in (_copies, _rotations, _ia3, _dora, _rows):
+    for check in (_copies, _rotations, _alone, _ia3, _dora, _rows):
         refusal = check(path, running)
         if refusal is not None:
             return refusal
@@ -106,6 +109,18 @@ def _rotations(path: str, running: Sequence[Running]) -> UnsupportedError | None
         f"{', '.join(methods)} adapters {[e.name for e in found]} cannot run together with {others or 'each other'} "
         f"on {path!r} (PEFT holds one method per layer)", key=path,
         hint="activate the rotation adapters without other methods' adapters on this layer (set_active_adapters)")
+
+
+def _alone(path: str, running: Sequence[Running]) -> UnsupportedError | None:
+    found = next((entry for entry in running if entry.method in _ALONE), None)
+    other = next((entry for entry in running if found is not None and entry.method != found.method), None)
+    if found is None or other is None:
+        return None
+    return UnsupportedError(
+        f"{_label(found)} cannot run together with {_label(other)} on {path!r} (PEFT holds one method per layer: its "
+        f"PeftModel refuses adapters of different methods and its PeftMixedModel takes no {found.method})", key=path,
+        hint=f"activate {found.name!r} and {other.name!r} apart (set_active_adapters); adapters of one method run "
+             "together")
 
 
 def _ia3(path: str, running: Sequence[Running]) -> UnsupportedError | None:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _lora_init, _oft, _road, _vera
+from . import _adalora, _lora_init, _miss, _oft, _road, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -43,6 +43,7 @@ PORTABLE_METHODS = frozenset({
     "TRAINABLE_TOKENS",
     "LN_TUNING",
     "ROAD",
+    "MISS",  # SPEC.md 17.1
 })
 
 
@@ -246,6 +247,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.extend(_adalora.unsupported(config))
     if config.get("peft_type") == "VERA":
         found.extend(_vera.unsupported(config))
+    found.extend(_miss.unsupported(config))
     found.extend(_parameter_features(config))
     if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "
