@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, lycoris, oft, road, tokens, vera
+from . import _ops, adalora, lycoris, miss, oft, road, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -120,7 +120,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                f"({quantization(quantized[0])}): {reason} the keras backend does not adapt (it runs "
                                "adapters on quantized Dense and EinsumDense layers)", key=path,
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
-    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS)
+    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
+                   *miss.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -145,6 +146,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         return
     if method in road.METHODS:
         road.check(site, path, config)
+    if method in miss.METHODS:
+        miss.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -311,6 +314,7 @@ class _Slot:
     rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections
     road_settings: road.Road | None = None  # ROAD: variant and group size
+    block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
@@ -413,6 +417,14 @@ def _oft_plan(site: ModuleSite, config: AdapterConfig, path: str, dtype: str, de
     layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
     inits = oft.inits(config, params) if initialize else None
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _miss_plan(site: ModuleSite, config: AdapterConfig, path: str, dtype: str, device: str | None, trainable: bool,
+               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """A MiSS slot's layout (the file's, kept as it is) and bank group."""
+    params = miss.shapes(site, config, path)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    return layouts, _group_keys(layouts, miss.inits(config, params) if initialize else None, dtype, device, trainable)
 
 
 def _adalora_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kernel: tuple[int, ...], dtype: str,
@@ -554,6 +566,19 @@ class AdapterLayer:
             params = road.shapes(site, config)
             layouts = MappingProxyType({p: Layout(shape, shape, (0,)) for p, shape in params.items()})
             keys = _group_keys(layouts, road.inits(config) if initialize else None, dtype, device, trainable)
+        elif config.peft_type in miss.METHODS:
+            miss.check(site, path, config)
+            block = miss.settings(config)
+            other = next((s.block for s in self._slots.values() if s.block is not None and s.block.mode != block.mode),
+                         None)
+            if other is not None:  # as the torch backend's AdapterLayer._miss_block
+                raise UnsupportedError(f"MiSS init_weights mode {block.mode!r} on a layer that holds a MiSS adapter of "
+                                       f"mode {other.mode!r}: PEFT 0.21.2 runs every MiSS adapter of a layer in the "
+                                       "mode of the first one, so its result is not defined", key=path,
+                                       pointer="/init_weights",
+                                       hint="load MiSS adapters of one init_weights mode into one model")
+            slot = _Slot(path, "MISS", block.r, 1.0, False, False, block.dropout, False, block=block)
+            layouts, keys = _miss_plan(site, config, path, dtype, device, trainable, initialize)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -772,6 +797,9 @@ class AdapterLayer:
         rotations = self._rotations()
         if rotations:
             return self._apply_rotations(piece, rotations, x, result)
+        blocks = self._miss_slots()
+        if blocks:
+            return self._apply_miss(piece, blocks, x, result)
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
@@ -814,6 +842,47 @@ class AdapterLayer:
                                    key=self.site.path,
                                    hint="activate the rotation adapters without other methods' adapters")
         return found
+
+    def _miss_slots(self) -> list[_Slot]:
+        """The running MiSS adapters, in order.
+
+        :raises UnsupportedError: they run together with another method's adapter on this module (as the torch
+            backend: PEFT holds one method per layer).
+        """
+        running = [slot for _, slot in self._running()]
+        found = [slot for slot in running if slot.block is not None]
+        if found and len(found) != len(running):
+            others = sorted({slot.method for slot in running if slot.block is None})
+            raise UnsupportedError(f"MiSS adapters cannot run together with {others} on one layer (PEFT holds one "
+                                   "method per layer)", key=self.site.path,
+                                   hint="activate the MiSS adapters without other methods' adapters")
+        return found
+
+    def _apply_miss(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """MiSS unmerged: ``result + op(x, D)`` per block/mini adapter (``D`` its delta, :func:`miss.block_flat`;
+        ``miss_dropout`` on ``x`` while training), or bat's ``result + op(x, K' - K)``, ``K'`` the kernel each adapter
+        transformed in turn (:func:`miss.bat_flat`); a float32 adapter on a half-precision layer in float32."""
+        out_dtype = result.dtype
+        dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+            next(iter(slots[0].refs.values())).key.dtype == "float32" else out_dtype
+        x = ops.cast(x, dtype)
+        total = ops.cast(result, dtype)
+        if slots[0].block is not None and slots[0].block.mode == miss.BAT:
+            flat = ops.cast(_ops.flat_kernel(piece), dtype)
+            kernel = flat
+            for slot in slots:
+                kernel = kernel + miss.bat_flat(self.site, piece, slot.get, kernel)
+            part = self._base_linear(piece, x, dtype, kernel=_ops.kernel_from_flat(piece, kernel - flat))
+            return ops.cast(total + part, out_dtype)
+        for slot in slots:
+            assert slot.block is not None
+            dropped = x
+            if slot.dropout > 0 and _training():
+                assert slot.bank is not None
+                dropped = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
+            delta = miss.block_flat(self.site, piece, slot.block, slot.get, dtype)
+            total = total + self._base_linear(piece, dropped, dtype, kernel=_ops.kernel_from_flat(piece, delta))
+        return ops.cast(total, out_dtype)
 
     def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
@@ -989,6 +1058,12 @@ class AdapterLayer:
         if slot.road_settings is not None:  # RoAd: K @ R_p.T - K, for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return road.merge_flat(self.site, piece, slot.road_settings, slot.get, flat) - flat
+        if slot.block is not None and slot.block.mode == miss.BAT:  # for the kernel as it is now
+            flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
+            return miss.bat_flat(self.site, piece, slot.get, flat)
+        if slot.block is not None:
+            return miss.block_flat(self.site, piece, slot.block, slot.get,
+                                   piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.method in adalora.METHODS and self.site.kind == "conv":
             return self._adalora_conv_flat(slot, piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.method in adalora.METHODS:
@@ -1257,6 +1332,9 @@ class AdapterLayer:
                 if slot.rotation is not None:
                     new = oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
                     _ops.assign_kernel(piece, new)
+                    continue
+                if slot.block is not None and slot.block.mode == miss.BAT:
+                    _ops.assign_kernel(piece, miss.bat_flat(self.site, piece, slot.get, flat, reverse=True))
                     continue
                 delta = self.delta_weight(name, piece, dtype)
                 if slot.use_dora:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._miss import BAT, MINI, PARAM, block_shape, mini_r, mode, rank, starts_at_zero
+from adapterspec._miss import BAT, MINI, PARAM, Block, block_shape, mode, settings, starts_at_zero
 from adapterspec.errors import UnsupportedError
 
 from .computed import current
@@ -43,16 +42,6 @@ __all__ = ["KINDS", "METHODS", "Block", "check", "forward", "initialise", "merge
 METHODS = ("MISS",)
 #: The layer kinds PEFT's MiSS adapts (``nn.Linear`` only: PEFT raises TypeError on anything else).
 KINDS = ("linear",)
-
-
-@dataclass(frozen=True)
-class Block:
-    """What a layer needs to know about one MiSS adapter besides its tensor."""
-
-    mode: str  # adapterspec._miss.BLOCK, MINI or BAT
-    r: int
-    mini_r: int = 1
-    dropout: float = 0.0  # miss_dropout (block and mini modes, training only; PEFT's bat forward ignores it)
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -79,16 +68,6 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
         raise UnsupportedError(f"MiSS 'bat' computes with the base weight's values, and this layer's weight is "
                                f"quantized ({quantized})", key=path, pointer="/init_weights",
                                hint="load the adapter onto the unquantized model")
-
-
-def settings(config: AdapterConfig) -> Block:
-    """The :class:`Block` of ``config`` (the same on every layer).
-
-    >>> settings(AdapterConfig.from_dict({"peft_type": "MISS", "target_modules": ["q"], "r": 4,
-    ...                                   "init_weights": "mini", "mini_r": 2}))
-    Block(mode='mini', r=4, mini_r=2, dropout=0.0)
-    """
-    return Block(mode(config), rank(config), mini_r(config), float(config.get("miss_dropout") or 0.0))
 
 
 def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:

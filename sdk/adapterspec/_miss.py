@@ -14,12 +14,13 @@ exactly ``"mini"`` (an ``[r, mini_r]`` block repeated along the outputs), anythi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UnsupportedError
 
-__all__ = ["BAT", "BLOCK", "MINI", "PARAM", "PEFT_DEFAULT_MINI_R", "PEFT_DEFAULT_R", "block_shape", "mini_r", "mode",
-           "rank", "starts_at_zero", "unsupported"]
+__all__ = ["BAT", "BLOCK", "MINI", "PARAM", "PEFT_DEFAULT_MINI_R", "PEFT_DEFAULT_R", "Block", "block_shape", "mini_r",
+           "mode", "rank", "settings", "starts_at_zero", "unsupported"]
 
 #: The one tensor MiSS stores per adapted module.
 PARAM = "miss_block"
@@ -56,6 +57,25 @@ def mini_r(config: Mapping[str, Any]) -> int:
     """``mini_r`` (PEFT's default 1): the block's columns in MINI mode."""
     value = config.get("mini_r")
     return PEFT_DEFAULT_MINI_R if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Block:
+    """What a layer needs to know about one MiSS adapter besides its tensor (both backends use it)."""
+
+    mode: str  # BLOCK, MINI or BAT
+    r: int
+    mini_r: int = 1
+    dropout: float = 0.0  # miss_dropout (block and mini modes, training only; PEFT's bat forward ignores it)
+
+
+def settings(config: Mapping[str, Any]) -> Block:
+    """The :class:`Block` of ``config`` (the same on every layer).
+
+    >>> settings({"peft_type": "MISS", "r": 4, "init_weights": "mini", "mini_r": 2})
+    Block(mode='mini', r=4, mini_r=2, dropout=0.0)
+    """
+    return Block(mode(config), rank(config), mini_r(config), float(config.get("miss_dropout") or 0.0))
 
 
 def block_shape(in_features: int, out_features: int, config: Mapping[str, Any], path: str) -> tuple[int, ...]:
