@@ -429,6 +429,22 @@ def _road_cases() -> None:
             "first half of each group's 2g values gives cos, the second sin", "ROAD", "linear", "float32",
             {"layer": linear(6, 8)}, {"peft_type": "ROAD", "variant": "road_4", "group_size": 8,
                                       "target_modules": ["layer"]}, [])
+def _miss_cases() -> None:
+    """MiSS (SPEC.md 17.1): one block shared across the input's r-chunks; bat multiplies the weight's tiles."""
+    miss = {"peft_type": "MISS", "target_modules": ["layer"]}
+    numeric("miss-linear-f32", "MiSS on a Linear 8->6, r 4: the sum of the input's two 4-chunks times miss_block "
+            "[4, 6] is added (merged: W[o, j*4 + k] += B[k, o])", "MISS", "linear", "float32", {"layer": linear(8, 6)},
+            miss | {"r": 4}, [])
+    numeric("miss-linear-padded-f32", "MiSS on a Linear 7->5, r 3: the input is zero-padded to 9 features (3 chunks); "
+            "merged, the last chunk is cut at the weight's 7 columns", "MISS", "linear", "float32",
+            {"layer": linear(7, 5)}, miss | {"r": 3, "init_weights": False}, ["padding"])
+    numeric("miss-linear-mini-f32", "MiSS init_weights 'mini', r 3, mini_r 2 on a Linear 8->6: miss_block [3, 2] "
+            "repeated 3 times along the outputs", "MISS", "linear", "float32", {"layer": linear(8, 6)},
+            miss | {"r": 3, "init_weights": "mini", "mini_r": 2}, ["mini"])
+    numeric("miss-linear-bat-f32", "MiSS init_weights 'bat', r 2, on Linear 8->4 and 6->4: miss_block [out/2, 2, 2]; "
+            "each [2, 2] tile W[i, j] of the weight becomes W[i, j] + W[i, j] @ B_i + B_i", "MISS", "linear",
+            "float32", {"layers.0.q_proj": linear(8, 4), "layers.0.o_proj": linear(6, 4, bias=False)},
+            {"peft_type": "MISS", "r": 2, "init_weights": "bat", "target_modules": ["q_proj", "o_proj"]}, ["bat"])
 
 
 def _moe_cases() -> None:
@@ -572,6 +588,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _adalora_cases()
     _vera_cases()
     _road_cases()
+    _miss_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -886,6 +903,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _adalora_folders()
     _vera_folders()
     _road_folders()
+    _miss_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1128,6 +1146,26 @@ def _road_folders() -> None:
           valid=False, error="ShapeMismatchError", key=f"{Q}.road_theta")
     plain("road-variant-unknown", "RoAd: variant 'road_3' (PEFT's config refuses it): ConfigError naming /variant",
           road | {"variant": "road_3"}, own, valid=False, error="ConfigError", pointer="/variant")
+def _miss_folders() -> None:
+    """MiSS files (SPEC.md 17.1): a valid one per mode, and what a reader refuses."""
+    miss = {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    block = {f"{Q}.miss_block": det((4, 8), 1).astype(np.float32), f"{V}.miss_block": det((4, 4), 2).astype(np.float32)}
+    plain("miss", "MiSS (block mode) on q_proj and v_proj: miss_block [r, out] (no .weight suffix)", miss, block,
+          valid=True)
+    bat = {f"{Q}.miss_block": det((2, 4, 4), 3, 0.1).astype(np.float32),
+           f"{V}.miss_block": det((1, 4, 4), 4, 0.1).astype(np.float32)}
+    plain("miss-bat", "MiSS init_weights 'bat': miss_block [out / r, r, r]", miss | {"init_weights": "bat"}, bat,
+          valid=True)
+    plain("miss-bias", "MiSS with trained biases (bias all) is refused with UnsupportedError naming /bias",
+          miss | {"bias": "all"}, block, valid=False, error="UnsupportedError", pointer="/bias")
+    plain("miss-block-transposed", "a block-mode miss_block saved [out, r] instead of [r, out]", miss,
+          block | {f"{Q}.miss_block": det((8, 4), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{Q}.miss_block")
+    plain("miss-mode-shape", "init_weights 'bat' with block-mode tensors: miss_block must be [out / r, r, r]",
+          miss | {"init_weights": "bat"}, block, valid=False, error="ShapeMismatchError", key=[f"{Q}.miss_block",
+                                                                                         f"{V}.miss_block"])
+    # (a layer PEFT refuses -- bat's r not dividing its sizes -- is a refusal of the backend's, which a backend that
+    # implements no MiSS reports as its own /peft_type: tests/torch/test_miss.py and tests/keras/test_miss.py check it)
 
 
 def _velora_folders() -> None:
@@ -1309,6 +1347,9 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          False, "/layers_to_transform", None),
         ("vera-dropout-above-one", "VeRA's vera_dropout is a probability (PEFT's nn.Dropout refuses 2.0)",
          {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"], "vera_dropout": 2.0}, False, "/vera_dropout", None),
+        ("miss-dropout-above-one", "MiSS's miss_dropout is a probability (PEFT's nn.Dropout refuses 2.0, in every "
+         "mode)", {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj"], "miss_dropout": 2.0}, False,
+         "/miss_dropout", None),
     ],
     "document": [
         ("config-is-a-list", "a config is a JSON object", [LORA_MIN], False, "", None),
@@ -1396,7 +1437,8 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
     except (ValueError, FileNotFoundError):
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
-                                            "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD")
+                                            "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
+                                            "MISS")
                 or config.get("use_dora"))
 
 

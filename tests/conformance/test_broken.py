@@ -39,7 +39,8 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
         "boft-linear-f32", "boft-conv2d-f32")} | {"numeric/p-tuning-f32"} | {f"numeric/{i}" for i in (
         "vera-linear-f32", "vera-gpt2-conv1d-f32",  # VeRA: no alpha
         "trainable-tokens-embedding-f32", "trainable-tokens-linear-f32", "ln-tuning-layer-norm-f32",  # nor these
-        "road-1-linear-f32", "road-2-linear-f32", "road-4-linear-f32")}  # RoAd (SPEC 17.1): no alpha
+        "road-1-linear-f32", "road-2-linear-f32", "road-4-linear-f32")} | {  # RoAd (SPEC 17.1): no alpha
+        f"numeric/miss-linear{i}-f32" for i in ("", "-padded", "-mini", "-bat")}  # nor MiSS (SPEC 17.1)
 
 
 def test_accepting_a_truncated_file_fails_that_case(corpus: Corpus) -> None:

@@ -25,7 +25,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "vera-save-projection-false",
                     "vera-projection-missing",
                     "road", "road-alpha-missing", "road-length-not-a-group-multiple", "road-variant-unknown",
-                    "trainable-tokens-row-count"}
+                    "trainable-tokens-row-count",
+                    "miss", "miss-bat", "miss-bias", "miss-block-transposed", "miss-mode-shape"}  # SPEC 17.1
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -40,7 +41,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 283 and len(corpus.cases) == 421
+    assert len(core) == 284 and len(corpus.cases) == 435  # 411 + RoAd: 3 numeric, 3 round trips, 4 folders; + MiSS: 1 schema, 4 numeric, 4 round trips, 5 folders
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

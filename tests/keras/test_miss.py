@@ -186,3 +186,46 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(miss, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted >= 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("init", [True, "bat"])
+def test_one_training_step_equals_peft(init: Any, checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Loaded trainable, one SGD step on the same loss gives PEFT's blocks after its step (TensorFlow's tape; other
+    backends train through the same forward)."""
+    import keras
+    import torch
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the gradient tape of this test is TensorFlow's")
+    import tensorflow as tf
+    from keras_helpers import keras_inputs
+    from peft.utils import get_peft_model_state_dict
+
+    reference = _peft_adapter(checkpoints["llama"], tmp_path / "peft",
+                              peft.MissConfig(r=8, init_weights=init, target_modules=["q_proj", "up_proj"]))
+    weights = unique_values((2, 9, 128), 5, around=0.0, scale=1.0)
+    lr = 0.5
+    optimiser = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=lr)
+    logits = reference(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits
+    (logits * torch.from_numpy(weights)).sum().backward()
+    optimiser.step()
+    expected = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(reference).items()}
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    before = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    variables = model.trainable_variables
+    assert sum(int(np.prod(v.shape)) for v in variables) == reference.get_nb_trainable_parameters()[0]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(keras_inputs(token_ids), training=False) * weights)
+    for variable, grad in zip(variables, tape.gradient(loss, variables)):
+        variable.assign_sub(lr * grad)
+    after = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    assert set(after) == set(expected)
+    worst = 0.0
+    for key, value in expected.items():
+        assert np.abs(value - before[key]).max() > 1e-3, key  # the step moved it
+        worst = max(worst, float(np.abs(after[key] - value).max() / np.abs(value).max()))
+    print(f"blocks after one step: max relative diff vs PEFT {worst:.3g}")
+    assert worst < 1e-4

@@ -364,3 +364,68 @@ def test_docstring_examples() -> None:
     for module, least in ((miss, 8), (_miss, 5)):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
         assert result.failed == 0 and result.attempted >= least
+
+
+@pytest.mark.parametrize("init", [True, "bat"])
+def test_a_bfloat16_base_runs_like_peft(init: Any, llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    """On a bfloat16 base PEFT keeps the blocks in float32 (autocast_adapter_dtype) and computes the term (block
+    mode) or the transformed weight (bat) in float32: the same operations, the same bfloat16 logits."""
+    peft_reference(llama, peft.MissConfig(r=8, init_weights=init, target_modules=["q_proj", "up_proj"]), tmp_path,
+                   fill=_fill)
+    base = fresh(llama).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.PeftModel.from_pretrained(fresh(base), str(tmp_path)).eval()
+    model = fresh(base)
+    adapterspec.load_adapter(model, tmp_path)
+    blocks = [p for n, p in model.named_parameters() if "miss_block" in n]
+    assert blocks and all(p.dtype == torch.float32 for p in blocks)
+    expected = logits(reference, token_inputs)
+    assert (logits(model, token_inputs).float() - expected.float()).abs().max() <= 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    adapterspec.merge_adapters(model)
+    theirs = {k.replace(".base_layer.", "."): v for k, v in reference.base_model.model.state_dict().items()}
+    ours = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()}
+    assert {k for k in ours if "miss_block" not in k} == {k for k in theirs if "miss_block" not in k}
+    for name, value in ours.items():
+        if "miss_block" not in name:
+            assert torch.equal(value, theirs[name]), name  # PEFT's merge into bfloat16, bit for bit
+
+
+def test_switch_and_delete(llama: Any, token_inputs: Any, tmp_path: Any) -> None:
+    """Two MiSS adapters of one mode: each alone gives its PEFT logits; deleting both gives the base back."""
+    expected = {}
+    for name, salt, r in (("a", 0, 8), ("b", 5, 6)):
+        reference = peft_reference(llama, peft.MissConfig(r=r, target_modules=["q_proj", "down_proj"]),
+                                   tmp_path / name, fill=lambda m, s=salt: _fill(m, salt=s))
+        expected[name] = logits(reference, token_inputs)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "a", "a")
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    for name in ("b", "a", "b"):
+        adapterspec.set_active_adapters(model, [name])
+        assert_close(logits(model, token_inputs), expected[name])
+    adapterspec.delete_adapter(model, "a")
+    adapterspec.delete_adapter(model, "b")
+    assert_close(logits(model, token_inputs), logits(llama, token_inputs), atol=0)
+
+
+def test_null_target_modules_take_peft_default_for_the_architecture(llama: Any, token_inputs: Any,
+                                                                    tmp_path: Any) -> None:
+    """PEFT's MiSS table is a copy of LoRA's (llama: q_proj, v_proj); a null target_modules loads as PEFT loads it."""
+    import json
+
+    peft_reference(llama, peft.MissConfig(r=8), tmp_path, fill=_fill)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    path.write_text(json.dumps({**config, "target_modules": None}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = logits(peft.PeftModel.from_pretrained(fresh(llama), str(tmp_path)).eval(), token_inputs)
+    model = fresh(llama)
+    modules = adapterspec.load_adapter(model, tmp_path)
+    assert sorted(modules) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert_close(logits(model, token_inputs), expected)

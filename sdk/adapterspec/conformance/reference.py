@@ -36,6 +36,7 @@ from .reference_parameters import expert_deltas
 from .reference_road import road_weights
 from .reference_tokens import token_weight
 from .reference_vera import vera_weight
+from .reference_miss import miss_weight
 
 __all__ = [
     "adapted_weight",
@@ -257,6 +258,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return ln_tuning_weights(weight, bias, tensors)
     if method == "ROAD":  # SPEC.md 17.1: R W, R b
         return road_weights(weight, bias, config, tensors)
+    if method == "MISS":  # SPEC.md 17.1
+        return miss_weight(module, weight, config, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -282,7 +285,8 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
     if not tensors:
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
-    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD"):
+    if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
+                  "MISS"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -25,6 +25,7 @@ from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _oft
+from .. import _miss
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -120,6 +121,7 @@ _SUPPORTED = {
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
+    "MISS": ("linear",),  # SPEC.md 17.1
 }
 
 
@@ -203,6 +205,11 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             if param in shapes and tuple(shapes[param]) != shape:
                 raise refuse(param, f"the config's sizes give {list(shape)} for module {path!r} "
                                     f"({math.prod(fits)} input features)")
+    elif method == "MISS":  # the mode's shape on this layer; sizes PEFT refuses are UnsupportedError (SPEC.md 17.1)
+        block = _miss.block_shape(fits[0], out, config, path)
+        if _miss.PARAM in shapes and tuple(shapes[_miss.PARAM]) != block:
+            raise refuse(_miss.PARAM, f"module {path!r} takes {list(block)} ({config.get('init_weights', True)!r} "
+                                      f"mode)")
     else:  # LoHa/LoKr: the update must have the weight's size
         zero = {p: np.zeros(s) for p, s in shapes.items()}
         try:
