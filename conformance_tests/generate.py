@@ -445,6 +445,18 @@ def _miss_cases() -> None:
             "each [2, 2] tile W[i, j] of the weight becomes W[i, j] + W[i, j] @ B_i + B_i", "MISS", "linear",
             "float32", {"layers.0.q_proj": linear(8, 4), "layers.0.o_proj": linear(6, 4, bias=False)},
             {"peft_type": "MISS", "r": 2, "init_weights": "bat", "target_modules": ["q_proj", "o_proj"]}, ["bat"])
+def _hra_cases() -> None:
+    """HRA (SPEC.md 17.1): the weight times a product of Householder reflections of the input features."""
+    numeric("hra-linear-f32", "HRA on a Linear 8->5 with bias, r 3: W @ H, H = (I - 2 u1 u1^T)(I - 2 u2 u2^T)"
+            "(I - 2 u3 u3^T) of hra_u's normalised columns [8, 3]", "HRA", "linear", "float32",
+            {"layer": linear(8, 5)}, {"peft_type": "HRA", "r": 3, "target_modules": ["layer"]}, [])
+    numeric("hra-linear-gs-f32", "HRA with apply_GS: one reflection I - 2 Q Q^T across the Gram-Schmidt basis of "
+            "hra_u's 3 columns", "HRA", "linear", "float32", {"layer": linear(8, 5)},
+            {"peft_type": "HRA", "r": 3, "apply_GS": True, "target_modules": ["layer"]}, ["gram_schmidt"])
+    numeric("hra-conv2d-f32", "HRA on a 2x2 Conv2d 3->4 (padding 1): hra_u [in*k*k = 12, 2] reflects the flattened "
+            "kernel's columns in torch's (in, kh, kw) order", "HRA", "conv2d", "float32",
+            {"conv": conv2d(3, 4, [2, 2], padding=[1, 1])}, {"peft_type": "HRA", "r": 2, "target_modules": ["conv"]},
+            [])
 
 
 def _moe_cases() -> None:
@@ -482,6 +494,9 @@ def _ln_tuning_cases() -> None:
 
 
 def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    if key.endswith("hra_u"):  # a quadratic phase: det's columns (one frequency) span 2 dimensions, too few for GS
+        k = np.arange(math.prod(shape))
+        return np.sin(0.61 * k + 0.013 * k * k + 1.7 * seed + 0.3).reshape(shape)
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
     if key.endswith("lora_magnitude_vector"):
@@ -589,6 +604,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _vera_cases()
     _road_cases()
     _miss_cases()
+    _hra_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -858,10 +874,11 @@ def generate_folders() -> list[dict[str, Any]]:
           error="MissingTensorError")
 
     # -- spec 1.1: methods recognised but not portable, and the config forms PEFT accepts -----------------
-    plain("hra-not-portable", "HRA: a method the spec recognises but does not define; a reader refuses it "
-          "with UnsupportedError naming /peft_type (never a ConfigError: PEFT loads it)",
-          {"peft_type": "HRA", "r": 2, "target_modules": ["q_proj", "v_proj"]},
-          {f"{Q}.hra_u": det((8, 2), 1).astype(np.float32), f"{V}.hra_u": det((8, 2), 3).astype(np.float32)},
+    plain("fourierft-not-portable", "FourierFT: a method the spec recognises but does not define; a reader refuses "
+          "it with UnsupportedError naming /peft_type (never a ConfigError: PEFT loads it)",
+          {"peft_type": "FOURIERFT", "n_frequency": 4, "target_modules": ["q_proj", "v_proj"]},
+          {f"{Q}.fourierft_spectrum": det((4,), 1).astype(np.float32),
+           f"{V}.fourierft_spectrum": det((4,), 3).astype(np.float32)},
           valid=False, error="UnsupportedError", pointer="/peft_type")
     decoder_layers = [f"base_model.model.model.layers.{i}" for i in range(2)]
     plain("lora-target-modules-null", "target_modules null: PEFT's default for the model type (llama: q_proj, "
@@ -898,6 +915,7 @@ def generate_folders() -> list[dict[str, Any]]:
           lora_tensors(), {"format": "pt", "adapterspec_version": "1.1"}, valid=True,
           warnings_=[{"category": "AdapterSpecWarning", "pointer": "/adapterspec_version"}])
     _oft_folders()
+    _hra_folders()
     _embedding_names_folders()
     _prompts_folders()
     _adalora_folders()
@@ -1070,6 +1088,20 @@ def _embedding_names_folders() -> None:
           "transformers names embeddings): UnexpectedTensorError", LORA_CFG | {"target_modules": ["q_proj"]},
           lora_q | {"base_model.model.model.proj.weight": det((8, 8), 3).astype(np.float32)}, valid=False,
           error="UnexpectedTensorError", key="base_model.model.model.proj.weight", model=other)
+
+
+def _hra_folders() -> None:
+    """HRA (SPEC.md 17.1): a valid folder, and what a reader refuses before any model is involved."""
+    hra = {"peft_type": "HRA", "r": 2, "target_modules": ["q_proj", "v_proj"]}
+    tensors = {f"{Q}.hra_u": det((8, 2), 1).astype(np.float32), f"{V}.hra_u": det((8, 2), 3).astype(np.float32)}
+    plain("hra-valid", "HRA: hra_u [in_features, r] per adapted module", hra, tensors, valid=True)
+    plain("hra-bias", "HRA with bias 'hra_only' (trained base biases) is refused with UnsupportedError naming /bias",
+          hra | {"bias": "hra_only"}, tensors, valid=False, error="UnsupportedError", pointer="/bias")
+    plain("hra-rank-mismatch", "hra_u's second axis is the config's r", hra | {"r": 3}, tensors, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.hra_u")
+    plain("hra-transposed", "hra_u is [in_features, r]: a transposed one ([r, in]) does not have r columns",
+          hra, {f"{Q}.hra_u": tensors[f"{Q}.hra_u"], f"{V}.hra_u": np.ascontiguousarray(tensors[f"{V}.hra_u"].T)},
+          valid=False, error="ShapeMismatchError", key=f"{V}.hra_u")
 
 
 def _oft_folders() -> None:
@@ -1306,14 +1338,19 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("prompt-num-virtual-tokens-zero", "prompt tuning's num_virtual_tokens is >= 1",
          {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0, "token_dim": 8}, False, "/num_virtual_tokens", None),
         # spec 1.1: every PEFT 0.21 method is recognised; the ones the spec does not define are valid, not portable
-        ("hra-recognised", "HRA is recognised, not portable: its config is valid",
-         {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
+        ("fourierft-recognised", "FourierFT is recognised, not portable: its config is valid",
+         {"peft_type": "FOURIERFT", "n_frequency": 4, "target_modules": ["q_proj", "v_proj"]}, True, None, None),
         ("oft-recognised", "OFT is recognised (portable since spec 1.1, SPEC.md 15.6): its config is valid",
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
         ("ln-tuning-recognised", "LN tuning is recognised (portable since spec 1.1, SPEC.md 15.3): its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
-        ("hra-r-string", "a recognised method's fields have the types of PEFT's config class",
-         {"peft_type": "HRA", "r": "4", "target_modules": ["q_proj"]}, False, "/r", None),
+        ("hra-recognised", "HRA is recognised (portable since spec 1.2, SPEC.md 17.1): its config is valid",
+         {"peft_type": "HRA", "r": 4, "apply_GS": True, "target_modules": ["q_proj"]}, True, None, None),
+        ("hra-layers-pattern-alone", "HRA: a non-empty layers_pattern requires layers_to_transform (PEFT refuses it)",
+         {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"], "layers_pattern": "layers"}, False, "",
+         None),
+        ("fourierft-n-frequency-string", "a recognised method's fields have the types of PEFT's config class",
+         {"peft_type": "FOURIERFT", "n_frequency": "4", "target_modules": ["q_proj"]}, False, "/n_frequency", None),
         ("method-unknown", "a peft_type that is not one of PEFT 0.21's methods is refused",
          {"peft_type": "NOT_A_METHOD", "target_modules": ["q_proj"]}, False, "/peft_type", None),
         # spec 1.1: the config forms PEFT accepts
@@ -1438,7 +1475,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS")
+                                            "MISS", "HRA")
                 or config.get("use_dora"))
 
 

@@ -31,7 +31,7 @@ from . import distributed
 from ._keys import slot
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
-from . import vera
+from . import hra, vera
 from .layers import AdapterLayer, ModulesToSaveLayer, PendingParam, check_supported, layer_kind
 from .ln_tuning import LN_PREFIX
 from .ln_tuning import METHOD as LN_TUNING
@@ -397,6 +397,8 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                                "by the torch backend; its adapters load for inference and merging",
                                pointer="/peft_type", hint="train with PEFT's AdaLoRA (update_and_allocate), then "
                                                           "load the saved adapter without trainable")
+    if config.peft_type in hra.METHODS and options.initialize:  # SPEC.md 17.1: PEFT's GS init has no defined output
+        hra.check_inject(config, adapter_name)
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)
     universe = {spec: (own, module) for spec, own, module in universe_list}

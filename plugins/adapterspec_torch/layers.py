@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, miss, oft, road, vera
+from . import adalora, hra, miss, oft, road, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -74,6 +74,7 @@ _SUPPORTED = {
     "VERA": vera.KINDS,
     "ROAD": road.KINDS,
     "MISS": miss.KINDS,
+    "HRA": hra.KINDS,
 }
 
 
@@ -166,6 +167,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
                  "name the parameter in target_parameters (e.g. 'router.weight')")
     if method in oft.METHODS:
         oft.check(module, kind, path, config)
+    if method in hra.METHODS:
+        hra.check(module, kind, path, config)
     if method in adalora.METHODS:
         adalora.check(module, kind, path, config)
     if method in road.METHODS:
@@ -306,6 +309,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return road.shapes(module, config)
     if method in miss.METHODS and kind is not None:
         return miss.shapes(module, kind, config, path)
+    if method in hra.METHODS and kind is not None:
+        return hra.shapes(module, kind, config)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -515,6 +520,7 @@ class _Spec:
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections (held by the model, not the layer)
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
+    reflections: hra.Reflections | None = None  # HRA: its rank and apply_GS
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
@@ -631,6 +637,8 @@ class AdapterLayer(nn.Module):
             spec.rank_dropout_scale = method == "LOHA" or bool(config.get("rank_dropout_scale"))
         elif method in oft.METHODS:
             spec.rotation = oft.settings(base, self.kind, config, path)
+        elif method in hra.METHODS:
+            spec.reflections = hra.settings(config)
         elif method in adalora.METHODS:
             spec.scaling, spec.r = adalora.factors(config, path)
             spec.dropout = float(config.get("lora_dropout") or 0.0)
@@ -785,6 +793,8 @@ class AdapterLayer(nn.Module):
                 nn.init.zeros_(p["hada_w2_b"])
         elif spec.method in oft.METHODS:
             oft.initialise(p, config)
+        elif spec.method in hra.METHODS:
+            hra.initialise(p, config)
         elif spec.method in adalora.METHODS:
             adalora.initialise(p, config)
         elif spec.method in vera.METHODS:
@@ -1053,6 +1063,9 @@ class AdapterLayer(nn.Module):
         if blocks:
             return miss.forward(self._modules["base_layer"], blocks, x, args, kwargs, training=self.training,
                                 output=self._tensor)
+        reflections = self._reflections(names) if not self._merged else []
+        if reflections:
+            return hra.forward(self._modules["base_layer"], self.kind, reflections, x, args, kwargs)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             if self._merged and self.training and torch.is_grad_enabled():
                 self._check_not_training_merged()
@@ -1175,6 +1188,7 @@ class AdapterLayer(nn.Module):
             if spec.road_settings is not None:
                 road.check_invertible(spec.road_settings, self._param(name, "road_theta"), self._param(name, "road_alpha"),
                                       name)
+
     def _miss_block(self, block: miss.Block, path: str) -> miss.Block:
         """``block``, if this layer's other MiSS adapters run in its mode: PEFT 0.21.2 sets a layer's mode once,
         from its first MiSS adapter, and runs every later one in it (SPEC.md 17.1).
@@ -1204,6 +1218,21 @@ class AdapterLayer(nn.Module):
                                    "method per layer)", key=found[0][0],
                                    hint="activate the MiSS adapters without other methods' adapters")
         return [(cast(miss.Block, spec.block), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
+
+    def _reflections(self, names: tuple[str, ...]) -> list[tuple[hra.Reflections, torch.Tensor]]:
+        """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.1).
+
+        :raises UnsupportedError: they are active together with another method's adapter on this layer.
+        """
+        found = [(n, self._specs[n]) for n in names if n in self._specs and self._specs[n].reflections is not None]
+        if not found:
+            return []
+        others = [n for n in names if n in self._specs and self._specs[n].reflections is None]
+        if others:
+            raise UnsupportedError(f"HRA adapters cannot run together with {others} on one layer (PEFT holds one "
+                                   "method per layer)", key=found[0][0],
+                                   hint="activate the HRA adapters without other methods' adapters")
+        return [(cast(hra.Reflections, spec.reflections), self._param(n, hra.PARAM)) for n, spec in found]
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
@@ -1395,6 +1424,8 @@ class AdapterLayer(nn.Module):
                                self._param(name, "road_alpha"))
                 elif spec.block is not None:
                     miss.merge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
+                elif spec.reflections is not None:
+                    hra.merge(weight, spec.reflections, self._param(name, hra.PARAM))
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1441,6 +1472,8 @@ class AdapterLayer(nn.Module):
                                  self._param(name, "road_alpha"))
                 elif spec.block is not None:
                     miss.unmerge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
+                elif spec.reflections is not None:
+                    hra.unmerge(weight, spec.reflections, self._param(name, hra.PARAM))
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:

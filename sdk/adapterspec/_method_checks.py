@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from . import _miss as miss_facts
 from ._adalora import stored_rank
+from ._hra import PARAM as HRA_PARAM
+from ._hra import rank as hra_rank
 from ._lora_init import factor_rank
 from ._road import length_problem as road_length_problem
 from ._vera import SHARED, shared_key
@@ -340,6 +342,23 @@ def _boft(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
+# -- HRA (SPEC.md 17.1) -----------------------------------------------------------------------
+def _hra_check(config: AdapterConfig, module: str, p: Params) -> Errors:
+    """``hra_u`` is ``[F, r]``: one Householder vector per column, ``r`` the config's (HRA has no rank_pattern)."""
+    if HRA_PARAM not in p:
+        return [_missing(module, HRA_PARAM, "HRA stores hra_u per adapted module")]
+    info = p[HRA_PARAM]
+    if len(info.shape) != 2:
+        return [_shape(module, HRA_PARAM, info, "must have 2 axes [in_features, r]",
+                       "save the adapter again with PEFT (SPEC.md 17.1)")]
+    r = hra_rank(config)
+    if info.shape[1] != r:
+        return [ShapeMismatchError(f"rank {info.shape[1]} (axis 1) disagrees with the config's r={r} for module "
+                                   f"{module!r}", key=make_key(module, HRA_PARAM),
+                                   hint=f"set r to {info.shape[1]}, or save the adapter again")]
+    return []
+
+
 # -- AdaLoRA (SPEC.md 15.4) ------------------------------------------------------------------
 def _adalora(config: AdapterConfig, module: str, p: Params) -> Errors:
     """``lora_A`` ``[k, in]``, ``lora_B`` ``[out, k]``, ``lora_E`` ``[k, 1]``: ``k`` the ranks ``rank_pattern``
@@ -511,4 +530,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "TRAINABLE_TOKENS": _trainable_tokens,
     "LN_TUNING": _ln_tuning,
     "ROAD": _road,
+    "HRA": _hra_check,  # SPEC.md 17.1
 }

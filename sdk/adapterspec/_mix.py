@@ -29,7 +29,7 @@ TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
           "MISS": "MiSS", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
-_ROTATIONS = ("OFT", "BOFT", "ROAD")  # RoAd rotates outputs: PEFT holds one method per layer, no PeftMixedModel
+_ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
 _ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.1)
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA")  # methods that add a term to the layer's output
 
@@ -59,8 +59,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     defined (PEFT 0.21.2's, where PEFT runs them together: SPEC.md 8.9). Refused:
 
     * two copies of one module saved whole: one runs at a time (PEFT: "Only one adapter can be set at a time");
-    * OFT/BOFT/RoAd with another method, or two of them together (PEFT holds one method per layer; its
-      ``PeftMixedModel`` takes no BOFT or RoAd);
+    * OFT/BOFT/RoAd/HRA with another method, or two of them together (PEFT holds one method per layer; its
+      ``PeftMixedModel`` takes no BOFT, RoAd or HRA);
     * MiSS with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no MiSS);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its

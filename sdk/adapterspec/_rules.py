@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _lora_init, _miss, _oft, _road, _vera
+from . import _adalora, _hra, _lora_init, _miss, _oft, _road, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -44,6 +44,7 @@ PORTABLE_METHODS = frozenset({
     "LN_TUNING",
     "ROAD",
     "MISS",  # SPEC.md 17.1
+    "HRA",  # SPEC.md 17.1
 })
 
 
@@ -211,8 +212,8 @@ def duplicate_entries(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 def not_portable(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``[("/peft_type", reason)]`` when the config's method is recognised but its math is not in the spec.
 
-    >>> not_portable({"peft_type": "HRA"})[0][1]
-    'HRA is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
+    >>> not_portable({"peft_type": "FOURIERFT"})[0][1]
+    'FOURIERFT is recognised but not portable: the spec does not define its tensors or math yet (PEFT loads it)'
     >>> not_portable({"peft_type": "LORA"})
     []
     """
@@ -248,6 +249,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     if config.get("peft_type") == "VERA":
         found.extend(_vera.unsupported(config))
     found.extend(_miss.unsupported(config))
+    found.extend(_hra.unsupported(config))
     found.extend(_parameter_features(config))
     if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "

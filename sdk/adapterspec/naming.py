@@ -60,6 +60,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
+    "HRA": ("hra_u",),  # SPEC.md 17.1
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

@@ -26,7 +26,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "vera-projection-missing",
                     "road", "road-alpha-missing", "road-length-not-a-group-multiple", "road-variant-unknown",
                     "trainable-tokens-row-count",
-                    "miss", "miss-bat", "miss-bias", "miss-block-transposed", "miss-mode-shape"}  # SPEC 17.1
+                    "miss", "miss-bat", "miss-bias", "miss-block-transposed", "miss-mode-shape",  # SPEC 17
+                    "hra-valid", "hra-bias", "hra-rank-mismatch", "hra-transposed"}
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -41,7 +42,9 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
         {n for n in core if n.startswith("roundtrip/")}
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
-    assert len(core) == 284 and len(corpus.cases) == 435  # 411 + RoAd: 3 numeric, 3 round trips, 4 folders; + MiSS: 1 schema, 4 numeric, 4 round trips, 5 folders
+    # 411 in 1.13; 1.14 adds RoAd (3 numeric, 3 round trips, 4 folders), MiSS (1 schema, 4 numeric, 4 round trips,
+    # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core
+    assert len(core) == 286 and len(corpus.cases) == 447
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

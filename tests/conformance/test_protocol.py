@@ -59,14 +59,14 @@ def test_a_hanging_driver_times_out(corpus: Corpus) -> None:
 #: Cases where UnsupportedError is wrong (a folder to refuse otherwise, a config, a valid folder) and one that
 #: expects it (README section 2: "there, and only there" it is judged as a refusal).
 UNSUPPORTED_ERROR_CASES = ["^folder/missing-tensor$", "^schema/config-is-a-list$", "^folder/lora-peft-written$",
-                           "^folder/hra-not-portable$"]
+                           "^folder/fourierft-not-portable$"]
 
 
 def test_a_refused_unsupported_error_reply_is_unsupported_where_the_case_does_not_expect_it(corpus: Corpus) -> None:
     report = run_suite(_driver("--refuse-unsupported"), corpus, include=UNSUPPORTED_ERROR_CASES)
     status = {r.name: r.status for r in report.results}
     assert status == {"folder/missing-tensor": Status.UNSUPPORTED, "schema/config-is-a-list": Status.UNSUPPORTED,
-                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/hra-not-portable": Status.PASSED}
+                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/fourierft-not-portable": Status.PASSED}
     assert all(r.message == "not implemented here" for r in report.results if r.status is Status.UNSUPPORTED)
 
 

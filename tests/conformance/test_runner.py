@@ -90,11 +90,11 @@ class RefusesUnsupported:
 
 def test_refused_with_unsupported_error_is_unsupported_where_the_case_does_not_expect_it(corpus: Corpus) -> None:
     include = ["^folder/missing-tensor$", "^schema/config-is-a-list$", "^folder/lora-peft-written$",
-               "^folder/hra-not-portable$"]
+               "^folder/fourierft-not-portable$"]
     report = run_suite(RefusesUnsupported(), corpus, include=include)
     status = {r.name: r.status for r in report.results}
     assert status == {"folder/missing-tensor": Status.UNSUPPORTED, "schema/config-is-a-list": Status.UNSUPPORTED,
-                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/hra-not-portable": Status.PASSED}
+                      "folder/lora-peft-written": Status.UNSUPPORTED, "folder/fourierft-not-portable": Status.PASSED}
     assert all(r.message == "not implemented here" for r in report.results if r.status is Status.UNSUPPORTED)
 
 

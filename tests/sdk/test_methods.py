@@ -26,7 +26,7 @@ PORTABLE = {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR", "OF
             "VERA",
             "TRAINABLE_TOKENS",
             "LN_TUNING",
-            "ROAD", "MISS"}
+            "ROAD", "MISS", "HRA"}
 #: The few PEFT configs that need arguments: their __post_init__ refuses the defaults, or (prefix and prompt
 #: tuning, spec-required) PEFT cannot build the adapter without num_virtual_tokens (the tensor's shape).
 REQUIRED_ARGS: dict[str, dict[str, Any]] = {"ADALORA": {"total_step": 100}, "CPT": {"task_type": "CAUSAL_LM"},
@@ -120,13 +120,13 @@ def _folder(tmp_path: Path, config: dict[str, Any], tensors: dict[str, np.ndarra
     return tmp_path
 
 
-HRA = {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"]}  # a method that stays recognised, not portable
-HRA_TENSORS = {"base_model.model.l.0.q_proj.hra_u": np.arange(32, dtype=np.float32).reshape(8, 4)}
+FOURIERFT = {"peft_type": "FOURIERFT", "n_frequency": 4, "target_modules": ["q_proj"]}  # stays recognised, not portable
+FOURIERFT_TENSORS = {"base_model.model.l.0.q_proj.fourierft_spectrum": np.arange(4, dtype=np.float32)}
 
 
 def test_not_portable_folder_validates_with_a_note_and_fails_strict(tmp_path: Path) -> None:
-    folder = _folder(tmp_path / "hra", HRA, HRA_TENSORS)
-    with pytest.warns(AdapterSpecWarning, match="not portable: .*HRA is recognised but not portable"):
+    folder = _folder(tmp_path / "fourierft", FOURIERFT, FOURIERFT_TENSORS)
+    with pytest.warns(AdapterSpecWarning, match="not portable: .*FOURIERFT is recognised but not portable"):
         assert adapterspec.validate_adapter(folder) == []
     [error] = adapterspec.validate_adapter(folder, strict=True)
     assert isinstance(error, UnsupportedError) and error.pointer == "/peft_type"
@@ -134,33 +134,33 @@ def test_not_portable_folder_validates_with_a_note_and_fails_strict(tmp_path: Pa
 
 def test_not_portable_folder_with_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One not-portable folder among others: ok with the note (the others are still validated); --strict fails it."""
-    folder = _folder(tmp_path / "hra", HRA, HRA_TENSORS)
+    folder = _folder(tmp_path / "fourierft", FOURIERFT, FOURIERFT_TENSORS)
     lora = _folder(tmp_path / "lora", {"peft_type": "LORA", "r": 2, "target_modules": ["q"]},
                    {"base_model.model.l.q.lora_A.weight": np.ones((2, 4), np.float32),
                     "base_model.model.l.q.lora_B.weight": np.ones((4, 2), np.float32)})
     assert main(["validate", str(folder), str(lora)]) == 0
     out = capsys.readouterr().out
-    assert f"{folder}: ok (HRA, not portable)" in out and f"{lora}: ok (LORA, 2 tensors" in out
-    assert "warning: " in out and "HRA is recognised but not portable" in out and "2 valid, 0 invalid" in out
+    assert f"{folder}: ok (FOURIERFT, not portable)" in out and f"{lora}: ok (LORA, 2 tensors" in out
+    assert "warning: " in out and "FOURIERFT is recognised but not portable" in out and "2 valid, 0 invalid" in out
     assert main(["validate", "--strict", str(folder)]) == 1
     assert "error: " in capsys.readouterr().out
 
 
 def test_not_portable_method_is_refused_at_read_with_unsupported_error(tmp_path: Path) -> None:
-    folder = _folder(tmp_path / "hra", HRA, HRA_TENSORS)
+    folder = _folder(tmp_path / "fourierft", FOURIERFT, FOURIERFT_TENSORS)
     with pytest.raises(UnsupportedError) as info:
         adapterspec.read_adapter(folder)
     assert not isinstance(info.value, ConfigError)
     assert info.value.pointer == "/peft_type"
-    assert "HRA" in info.value.message and "PEFT loads it" in info.value.message
+    assert "FOURIERFT" in info.value.message and "PEFT loads it" in info.value.message
     assert "PeftModel.from_pretrained" in (info.value.hint or "")
 
 
 def test_not_portable_tensors_are_refused_typed_and_nothing_is_written(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedError, match="HRA is recognised but not portable"):
-        adapterspec.Adapter.from_tensors(HRA, HRA_TENSORS)
+    with pytest.raises(UnsupportedError, match="FOURIERFT is recognised but not portable"):
+        adapterspec.Adapter.from_tensors(FOURIERFT, FOURIERFT_TENSORS)
     with pytest.raises(UnsupportedError) as info:
-        adapterspec.write_adapter(tmp_path / "out", HRA, HRA_TENSORS)
+        adapterspec.write_adapter(tmp_path / "out", FOURIERFT, FOURIERFT_TENSORS)
     assert info.value.pointer == "/peft_type"
     assert list(tmp_path.iterdir()) == []
 

@@ -232,14 +232,14 @@ def test_a_fresh_prefix_with_init_weights_zero_starts_at_zero_as_in_peft(llama: 
 
 
 def test_not_portable_method_refused_at_load(llama: Any, tmp_path: Path) -> None:
-    peft_reference(llama, peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)  # HRA stays not portable
+    peft_reference(llama, peft.FourierFTConfig(n_frequency=4, target_modules=["q_proj", "v_proj"]), tmp_path)  # stays not portable
     _peft_loads(llama, tmp_path)  # PEFT loads it
     model = fresh(llama)
     before = snapshot(model)
     with pytest.raises(UnsupportedError) as info:
         adapterspec.load_adapter(model, tmp_path)
     assert not isinstance(info.value, ConfigError)
-    assert info.value.pointer == "/peft_type" and "HRA" in info.value.message and "PEFT" in info.value.message
+    assert info.value.pointer == "/peft_type" and "FOURIERFT" in info.value.message and "PEFT" in info.value.message
     assert_same_snapshot(model, before)
     with pytest.warns(adapterspec.AdapterSpecWarning, match="not portable"):
         assert adapterspec.validate_adapter(tmp_path) == []

@@ -30,6 +30,7 @@ import numpy as np
 
 from .._lora_init import base_init, residual
 from .reference_adalora import adalora_weight
+from .reference_hra import reflected_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
 from .reference_parameters import expert_deltas
@@ -248,6 +249,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return _lokr(module, weight, config, path, tensors), bias
     if method in ("OFT", "BOFT"):  # SPEC.md 15.6, 15.7
         return rotated_weight(module, weight, config, tensors), bias
+    if method == "HRA":  # SPEC.md 17.1
+        return reflected_weight(module, weight, config, tensors), bias
     if method == "ADALORA":  # SPEC.md 15.4
         return adalora_weight(module, weight, config, path, tensors), bias
     if method == "VERA":  # SPEC.md 15.5: ``tensors`` holds the shared vera_A / vera_B too
@@ -286,7 +289,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS"):
+                  "MISS", "HRA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

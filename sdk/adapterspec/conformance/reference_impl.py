@@ -24,8 +24,7 @@ from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
-from .. import _oft
-from .. import _miss
+from .. import _hra, _miss, _oft, _road
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -34,7 +33,6 @@ from ..errors import (
     UnexpectedTensorError,
     UnsupportedError,
 )
-from .. import _road
 from .._vera import shared_key
 from ..naming import PARAMETERS, PROMPT_KEY, TRAINABLE_TOKENS_PARAM, make_key, parse_key
 from ..targets import is_all_linear, parameter_module, refuse_containers, token_indices
@@ -122,6 +120,7 @@ _SUPPORTED = {
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
     "MISS": ("linear",),  # SPEC.md 17.1
+    "HRA": ("linear", "conv2d"),  # SPEC.md 17.1: square kernel, one stride and padding value (_check_supported)
 }
 
 
@@ -134,6 +133,10 @@ def _check_supported(config: AdapterConfig, path: str, spec: Mapping[str, Any]) 
     if method == "LORA" and kind == "embedding" and config.get("lora_bias"):
         raise UnsupportedError("lora_bias is not supported on embedding layers (as in PEFT)", key=path,
                                hint="set lora_bias to false or do not target the embedding")
+    if method == "HRA" and kind == "conv2d" and any(len(set(spec.get(f) or [1])) != 1 for f in
+                                                    ("kernel_size", "stride", "padding")):
+        raise UnsupportedError("HRA's unmerged convolution uses one kernel size, stride and padding value for both "
+                               "axes (SPEC.md 17.1)", key=path, hint="do not target this layer")
 
 
 def _lycoris_params(config: AdapterConfig, path: str, spec: Mapping[str, Any]) -> set[str]:
@@ -194,6 +197,10 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             if param in shapes and tuple(shapes[param]) != (length,):
                 raise refuse(param, f"module {path!r} has {out} outputs: variant {_road.variant(config)} stores "
                                     f"[{length}]")
+    elif method == "HRA":  # [F, r]: F the layer's input features (in * k * k), r the config's (SPEC.md 17.1)
+        hra_shape = _hra.param_shapes(math.prod(fits), config)[_hra.PARAM]
+        if tuple(shapes[_hra.PARAM]) != hra_shape:
+            raise refuse(_hra.PARAM, f"module {path!r} takes {list(hra_shape)} ({math.prod(fits)} input features, r)")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
