@@ -102,6 +102,8 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     'RandomUniform'
     """
     kind = init[0]
+    if kind == "uniform_pairs":  # HRA (SPEC.md 17.1): each value twice along the last axis
+        return _UniformPairs(init[1])
     if kind == "uniform":
         return keras.initializers.RandomUniform(-init[1], init[1])
     if kind == "normal":
@@ -109,6 +111,21 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     if kind == "constant":
         return keras.initializers.Constant(init[1])
     return kind  # "zeros", "ones"
+
+
+class _UniformPairs(keras.initializers.Initializer):  # type: ignore[misc]  # keras ships no types
+    """Uniform in ``[-bound, bound]`` with each value repeated twice along the last axis: PEFT's HRA start, whose
+    paired Householder vectors cancel (SPEC.md 17.1)."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Any:
+        half = keras.random.uniform((*shape[:-1], shape[-1] // 2), -self.bound, self.bound, dtype=dtype)
+        return ops.repeat(half, 2, axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"bound": self.bound}
 
 
 class AdapterBank(keras.layers.Layer):  # type: ignore[misc]  # keras ships no types: its classes are Any

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, lycoris, miss, oft, road, tokens, vera
+from . import _ops, adalora, hra, lycoris, miss, oft, road, tokens, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -110,10 +110,11 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
 
     quantized_pieces = [p for p in site.pieces if quantization(p.layer)]
     quantized, kinds = [p.layer for p in quantized_pieces], {p.kind for p in quantized_pieces}
-    if quantized and (method in oft.METHODS or (method == "LORA" and config.get("use_dora")) or
+    if quantized and (method in (*oft.METHODS, *hra.METHODS) or (method == "LORA" and config.get("use_dora")) or
                       kinds - {"dense", "einsum"}):
-        reads_kernel = method in oft.METHODS or (method == "LORA" and bool(config.get("use_dora")))
+        reads_kernel = method in (*oft.METHODS, *hra.METHODS) or (method == "LORA" and bool(config.get("use_dora")))
         reason = ("OFT rotates the kernel, whose values" if method in oft.METHODS else
+                  "HRA reflects the kernel, whose values" if method in hra.METHODS else
                   "DoRA's weight norm reads the kernel, whose values" if reads_kernel
                   else f"a quantized {'/'.join(sorted(kinds - {'dense', 'einsum'}))} layer, which")
         raise UnsupportedError(f"{type(quantized[0]).__name__} {quantized[0].path!r} is quantized "
@@ -121,7 +122,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                "adapters on quantized Dense and EinsumDense layers)", key=path,
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
-                   *miss.METHODS)
+                   *miss.METHODS, *hra.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -134,6 +135,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
         oft.check(site, path, config)
+        return
+    if method in hra.METHODS:
+        hra.check(site, path, config)
         return
     if method in lycoris.METHODS:
         lycoris.check(site, path, config)
@@ -201,7 +205,7 @@ def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = 
     >>> kernel_refusal("IA3", has_bias=True)
     'IA3 scales the output of a layer with a bias, which changes the bias too; a kernel cannot carry that'
     """
-    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS):
+    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *hra.METHODS):
         return f"{method} cannot run on a kernel its parent reads"
     if lora_bias:
         return "lora_bias adds a bias of its own, which a kernel cannot carry"
@@ -311,7 +315,7 @@ class _Slot:
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
-    rotation: oft.Rotation | None = None  # OFT/BOFT: block layout and options
+    rotation: oft.Rotation | hra.Reflections | None = None  # OFT/BOFT: block layout and options; HRA: r, apply_GS
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
@@ -407,6 +411,24 @@ def _lycoris_plan(config: AdapterConfig, path: str, n_in: int, n_out: int, kerne
     params = lycoris.shapes(config, path, n_in, n_out, kernel)
     layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
     inits = lycoris.inits(config, params) if initialize else None
+    return layouts, _group_keys(layouts, inits, dtype, device, trainable)
+
+
+def _rotated_flat(site: ModuleSite, piece: Piece,
+                  adapters: Sequence[tuple[oft.Rotation | hra.Reflections, Callable[[str], Any]]], flat: Any) -> Any:
+    """The piece's kernel with the running OFT/BOFT (:func:`oft.rotated_flat`) or HRA (:func:`hra.reflected_flat`)
+    adapters applied: they run alone, one method per layer."""
+    if isinstance(adapters[0][0], hra.Reflections):
+        return hra.reflected_flat(site, piece, [(s, g) for s, g in adapters if isinstance(s, hra.Reflections)], flat)
+    return oft.rotated_flat(site, piece, [(s, g) for s, g in adapters if isinstance(s, oft.Rotation)], flat)
+
+
+def _hra_plan(site: ModuleSite, config: AdapterConfig, dtype: str, device: str | None, trainable: bool,
+              initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
+    """An HRA slot's layout (the file's ``[F, r]``, kept as it is) and bank group (SPEC.md 17.1)."""
+    params = hra.shapes(site, config)
+    layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
+    inits = hra.inits(config, params) if initialize else None
     return layouts, _group_keys(layouts, inits, dtype, device, trainable)
 
 
@@ -540,6 +562,10 @@ class AdapterLayer:
                          False)
             layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
                                           dtype, device, trainable, initialize)
+        elif config.peft_type in hra.METHODS:  # SPEC.md 17.1: runs through the rotation paths (a kernel product)
+            hra.check(site, path, config, initialize=initialize)
+            slot = _Slot(path, "HRA", 0, 1.0, False, False, 0.0, False, rotation=hra.settings(config))
+            layouts, keys = _hra_plan(site, config, dtype, device, trainable, initialize)
         elif config.peft_type in oft.METHODS:
             oft.check(site, path, config, trainable=trainable)
             slot = _Slot(path, config.peft_type, 0, 1.0, False, False, 0.0, False,
@@ -892,7 +918,7 @@ class AdapterLayer:
         dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
             next(iter(slots[0].refs.values())).key.dtype == "float32" else out_dtype
         flat = ops.cast(_ops.flat_kernel(piece), dtype)
-        rotated = oft.rotated_flat(self.site, piece, [(s.rotation, s.get) for s in slots if s.rotation], flat)
+        rotated = _rotated_flat(self.site, piece, [(s.rotation, s.get) for s in slots if s.rotation], flat)
         part = self._base_linear(piece, ops.cast(x, dtype), dtype, kernel=_ops.kernel_from_flat(piece, rotated - flat))
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
 
@@ -1054,7 +1080,7 @@ class AdapterLayer:
             return self._lycoris_flat(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.rotation is not None:  # OFT/BOFT: R_p @ K (* boft_s) - K, for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
-            return oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat) - flat
+            return _rotated_flat(self.site, piece, [(slot.rotation, slot.get)], flat) - flat
         if slot.road_settings is not None:  # RoAd: K @ R_p.T - K, for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return road.merge_flat(self.site, piece, slot.road_settings, slot.get, flat) - flat
@@ -1120,7 +1146,7 @@ class AdapterLayer:
         rotations = self._rotations()
         if rotations:  # they run alone (PEFT holds one method per layer): R(W), as _apply_rotations
             base = ops.cast(_ops.flat_kernel(piece), dtype)
-            rotated = oft.rotated_flat(self.site, piece, [(s.rotation, s.get) for s in rotations if s.rotation], base)
+            rotated = _rotated_flat(self.site, piece, [(s.rotation, s.get) for s in rotations if s.rotation], base)
             return ops.cast(_ops.kernel_from_flat(piece, flat + rotated - base), out_dtype)
         rows = None
         for name, slot in running:
@@ -1245,7 +1271,7 @@ class AdapterLayer:
         dtype = self._merge_dtype(slot, piece)
         flat = ops.cast(flat, dtype)
         if slot.rotation is not None:
-            new = oft.merge_flat(self.site, piece, slot.rotation, slot.get, flat)
+            new = _rotated_flat(self.site, piece, [(slot.rotation, slot.get)], flat)
             _ops.assign_kernel(piece, new)
             return
         delta = self.delta_weight(name, piece, dtype)
@@ -1330,7 +1356,9 @@ class AdapterLayer:
                 dtype = self._merge_dtype(slot, piece)
                 flat = ops.cast(flat, dtype)
                 if slot.rotation is not None:
-                    new = oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
+                    new = hra.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat) \
+                        if isinstance(slot.rotation, hra.Reflections) else \
+                        oft.unmerge_flat(self.site, piece, slot.rotation, slot.get, flat)
                     _ops.assign_kernel(piece, new)
                     continue
                 if slot.block is not None and slot.block.mode == miss.BAT:
