@@ -1064,8 +1064,9 @@ class AdapterLayer(nn.Module):
             return miss.forward(self._modules["base_layer"], blocks, x, args, kwargs, training=self.training,
                                 output=self._tensor)
         reflections = self._reflections(names) if not self._merged else []
-        if reflections:
-            return hra.forward(self._modules["base_layer"], self.kind, reflections, x, args, kwargs)
+        if reflections:  # HRA reads the base weight and bias: accelerate's, where offloaded
+            with onloaded(self._modules["base_layer"]):
+                return hra.forward(self._modules["base_layer"], self.kind, reflections, x, args, kwargs)
         if self._merged or not (ia3_in or ia3_out or additive or tokens):
             if self._merged and self.training and torch.is_grad_enabled():
                 self._check_not_training_merged()

@@ -32,6 +32,7 @@ CONFIGS = {
     "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=[*ALL, "embed_tokens"], use_dora=True),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "hra": lambda: peft.HRAConfig(r=3, target_modules=["q_proj", "v_proj", "down_proj"]),  # odd r: random, not H = I
 }
 
 
