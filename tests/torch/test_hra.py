@@ -378,3 +378,29 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(hra, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0 and result.attempted >= 8
+
+
+def test_null_target_modules_take_peft_default_and_a_dtype_option_is_peft_s(llama: Any, token_inputs: Any,
+                                                                            tmp_path: Any) -> None:
+    """``target_modules: null`` resolves from PEFT's HRA table (llama: q_proj, v_proj); ``dtype=float64`` keeps the
+    adapter in float64 as PEFT's casts do (the weight product in hra_u's dtype, the output cast back)."""
+    peft_reference(llama, peft.HRAConfig(r=2, target_modules=None), tmp_path, fill=_fill)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": None}))
+    assert adapterspec.validate_adapter(tmp_path) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.PeftModel.from_pretrained(fresh(llama), str(tmp_path)).eval()
+    expected = logits(reference, token_inputs)
+    model = fresh(llama)
+    modules = adapterspec.load_adapter(model, tmp_path)
+    assert sorted(modules) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert_close(logits(model, token_inputs), expected)
+    wide = fresh(llama)
+    adapterspec.load_adapter(wide, tmp_path, dtype=torch.float64)
+    assert {p.dtype for n, p in wide.named_parameters() if "adapter_weights" in n} == {torch.float64}
+    for module in reference.modules():
+        if hasattr(module, "hra_u"):
+            module.hra_u.double()
+    assert_close(logits(wide, token_inputs), logits(reference, token_inputs))
