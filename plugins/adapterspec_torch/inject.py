@@ -22,6 +22,7 @@ from torch import nn
 
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import acted_init
+from adapterspec._vblora import topk_only
 from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, ShapeMismatchError, TargetNotFoundError, UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM, make_key
@@ -31,7 +32,7 @@ from . import distributed
 from ._keys import slot
 from .devices import adapter_target_of, check_options
 from .guard import guard_save_pretrained
-from . import hra, vera
+from . import hra, vblora, vera
 from .layers import AdapterLayer, ModulesToSaveLayer, PendingParam, check_supported, layer_kind
 from .ln_tuning import LN_PREFIX
 from .ln_tuning import METHOD as LN_TUNING
@@ -571,19 +572,28 @@ def _add_shared(model: nn.Module, config: AdapterConfig, adapter_name: str, opti
                 targets: list[nn.Module]) -> vera.Shared | None:
     """VeRA: the adapter's shared ``vera_A``/``vera_B`` (frozen), sized over its targets, kept on the model under
     :data:`~adapterspec_torch.vera.SHARED_ATTR` (``None`` for other methods)."""
-    if config.peft_type not in vera.METHODS:
+    if config.peft_type not in vera.METHODS + vblora.METHODS:
         return None
     bases = [t.base_layer if isinstance(t, AdapterLayer) else t for t in targets]
     kinds = [cast(str, layer_kind(b)) for b in bases]
     device, dtype = adapter_target_of(bases[0], options)
     shared = vera.Shared()
-    for name, shape in vera.shared_shapes(list(zip(bases, kinds)), config).items():
+    is_vblora = config.peft_type in vblora.METHODS  # VB-LoRA: the vector bank, trained (SPEC.md 17.1)
+    if is_vblora and options.initialize and topk_only(config):
+        raise UnsupportedError("a new VB-LoRA adapter with save_only_topk_weights true: adapterspec holds such an "
+                               "adapter as PEFT saves it (top-k indices and weights, for inference), and PEFT trains "
+                               "the full logits", pointer="/save_only_topk_weights",
+                               hint="inject with save_only_topk_weights false (train, then save with PEFT to keep "
+                                    "only the top-k)")
+    grad = is_vblora and bool(options.trainable)
+    sizes = vblora.shared_shapes(config) if is_vblora else vera.shared_shapes(list(zip(bases, kinds)), config)
+    for name, shape in sizes.items():
         if options.initialize:
             shared._parameters[name] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype),
-                                                    requires_grad=False)
+                                                    requires_grad=grad)
         else:
-            shared.__dict__["pending"][name] = PendingParam(shape, device, dtype, False)
-    if options.initialize and device.type != "meta":
+            shared.__dict__["pending"][name] = PendingParam(shape, device, dtype, grad)
+    if options.initialize and device.type != "meta" and not is_vblora:  # VB-LoRA: drawn with each module
         with torch.no_grad():
             vera.initialise_shared(cast("dict[str, torch.Tensor]", dict(shared._parameters)), config)
     holder = cast("nn.ModuleDict | None", model._modules.get(vera.SHARED_ATTR))

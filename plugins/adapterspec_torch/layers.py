@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, hra, miss, oft, road, vera
+from . import adalora, hra, miss, oft, road, vblora, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -75,6 +75,7 @@ _SUPPORTED = {
     "ROAD": road.KINDS,
     "MISS": miss.KINDS,
     "HRA": hra.KINDS,
+    "VBLORA": vblora.KINDS,
 }
 
 
@@ -175,6 +176,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         road.check(module, path, config)
     if method in miss.METHODS:
         miss.check(module, kind, path, config)
+    if method in vblora.METHODS:
+        vblora.check(module, kind, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -311,6 +314,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return miss.shapes(module, kind, config, path)
     if method in hra.METHODS and kind is not None:
         return hra.shapes(module, kind, config)
+    if method in vblora.METHODS and kind is not None:
+        return vblora.shapes(module, kind, config)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -521,6 +526,7 @@ class _Spec:
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     reflections: hra.Reflections | None = None  # HRA: its rank and apply_GS
+    config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.1)
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
@@ -651,20 +657,28 @@ class AdapterLayer(nn.Module):
             spec.road_settings = road.settings(config)
         elif method in miss.METHODS:
             spec.block = self._miss_block(miss.settings(config), path)
+        elif method in vblora.METHODS:
+            if shared is None:
+                raise UnsupportedError("a VB-LoRA adapter needs its shared vector bank", key=path,
+                                       hint="inject VB-LoRA adapters with adapterspec.inject_adapter / load_adapter")
+            spec.shared, spec.dropout = shared, float(config.get("vblora_dropout") or 0.0)
+            spec.config = config
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
         pending: dict[str, PendingParam] = {}
         weights.__dict__.update(training=self.training, pending=pending)
         params = weights._parameters
+        typed = vblora.dtypes(config) if method in vblora.METHODS else {}  # VB-LoRA's integer top-k indices
         for param, shape in shapes.items():
             attr = _ATTR.get(param) or param.replace(".", "_")
             spec.names[param] = attr
-            grad = trainable and param not in frozen
+            grad = trainable and param not in frozen and param not in typed
+            kind_dtype = typed.get(param, dtype)
             if options.initialize:
-                params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=grad)
+                params[attr] = nn.Parameter(torch.empty(shape, device=device, dtype=kind_dtype), requires_grad=grad)
             else:
-                pending[attr] = PendingParam(shape, device, dtype, grad)
+                pending[attr] = PendingParam(shape, device, kind_dtype, grad)
         self._modules["adapter_weights"]._modules[slot(name)] = weights
         self._specs[name] = spec
         self.__dict__["_plan_key"] = None  # plain attribute: skip nn.Module.__setattr__
@@ -803,6 +817,8 @@ class AdapterLayer(nn.Module):
             road.initialise(p, config)
         elif spec.method in miss.METHODS:
             miss.initialise(p, config)
+        elif spec.method in vblora.METHODS and spec.shared is not None:
+            vblora.initialise(p, spec.shared.tensors(), config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -902,6 +918,9 @@ class AdapterLayer(nn.Module):
         spec = self._specs[name]
         if spec.method in adalora.METHODS:
             return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling, spec.r)
+        if spec.method in vblora.METHODS and spec.shared is not None and spec.config is not None:
+            return vblora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors(),
+                                       spec.config)
         if spec.shared is not None:
             return vera.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors())
         if spec.method == "LORA":
@@ -1113,6 +1132,9 @@ class AdapterLayer(nn.Module):
             elif spec.method in adalora.METHODS:
                 result = result + adalora.output(self.base_layer, self.kind, self._params_of(n), spec.scaling, spec.r,
                                                  x, spec.dropout, self.training)
+            elif spec.method in vblora.METHODS and spec.shared is not None and spec.config is not None:
+                result = result + vblora.output(self._params_of(n), spec.shared.tensors(), spec.config, x,
+                                                spec.dropout, self.training)
             elif spec.shared is not None:
                 result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
                                               spec.dropout, self.training)

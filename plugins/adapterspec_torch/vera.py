@@ -58,8 +58,8 @@ class Shared(nn.Module):
         return param
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``{"vera_A": ..., "vera_B": ...}`` (loaded)."""
-        return {name: cast(torch.Tensor, self._parameters[name]) for name in SHARED}
+        """``{"vera_A": ..., "vera_B": ...}`` (VB-LoRA: ``{"vblora_vector_bank": ...}``), loaded."""
+        return {name: cast(torch.Tensor, value) for name, value in self._parameters.items()}
 
 
 def _in_out(module: nn.Module, kind: str) -> tuple[int, int]:

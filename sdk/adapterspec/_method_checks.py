@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import _miss as miss_facts
+from . import _vblora
 from ._adalora import stored_rank
 from ._hra import PARAM as HRA_PARAM
 from ._hra import rank as hra_rank
@@ -401,6 +402,8 @@ def shared_errors(config: AdapterConfig, shared: Params, modules: Mapping[str, P
     """The tensors a method stores once for all modules (SPEC.md 15.5): VeRA's ``base_model.vera_A`` ``[r, max_in]``
     and ``base_model.vera_B`` ``[max_out, r]``, ``max_out`` the longest ``vera_lambda_b``. Methods without
     shared tensors: none."""
+    if config.peft_type == "VBLORA":
+        return _vblora.shared_errors(config, shared)
     if config.peft_type != "VERA":
         return []
     hint = "save the adapter again with PEFT and save_projection true (SPEC.md 15.5)"
@@ -527,6 +530,7 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "ADALORA": _adalora,
     "VERA": _vera,
     "MISS": _miss_block,
+    "VBLORA": _vblora.module_errors,
     "TRAINABLE_TOKENS": _trainable_tokens,
     "LN_TUNING": _ln_tuning,
     "ROAD": _road,

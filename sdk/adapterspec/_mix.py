@@ -28,10 +28,10 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          "MISS": "MiSS", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
+          "MISS": "MiSS", "VBLORA": "VB-LoRA", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
-_ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.1)
-_ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA")  # methods that add a term to the layer's output
+_ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.2)
+_ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA")  # methods that add a term to the layer's output
 
 
 class Running(NamedTuple):

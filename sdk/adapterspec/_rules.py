@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _hra, _lora_init, _miss, _oft, _road, _vera
+from . import _adalora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -45,6 +45,7 @@ PORTABLE_METHODS = frozenset({
     "ROAD",
     "MISS",  # SPEC.md 17.1
     "HRA",  # SPEC.md 17.1
+    "VBLORA",
 })
 
 
@@ -250,6 +251,8 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.extend(_vera.unsupported(config))
     found.extend(_miss.unsupported(config))
     found.extend(_hra.unsupported(config))
+    if config.get("peft_type") == "VBLORA":
+        found.extend(_vblora.unsupported(config))
     found.extend(_parameter_features(config))
     if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "
@@ -278,11 +281,17 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         found.append(("/target_parameters", "MiCA (init_lora_weights 'mica') on parameters (target_parameters): PEFT "
                                             "0.21.2 has no MiCA variant for them, so which tensors it trains is "
                                             "undefined", "train with PEFT, or load the adapter without trainable"))
+    if config.get("peft_type") == "VBLORA" and _vblora.topk_only(config):
+        found.append(("/save_only_topk_weights", "a VB-LoRA adapter saved with save_only_topk_weights keeps only the "
+                                                 "top-k of its logits (the rest are -inf): PEFT refuses to train it "
+                                                 "('Found infinity values in VB-LoRA logits')",
+                      "load it without trainable (inference, merging), or train from an adapter saved with "
+                      "save_only_topk_weights false"))
     return found
 
 
 #: The methods whose PEFT model sets ``fan_in_fan_out`` from each layer it adapts (LoRA, AdaLoRA, IA3, VeRA).
-_FAN_IN_FAN_OUT_METHODS = frozenset({"LORA", "ADALORA", "IA3", "VERA"})
+_FAN_IN_FAN_OUT_METHODS = frozenset({"LORA", "ADALORA", "IA3", "VERA", "VBLORA"})
 
 
 def peft_fan_in_fan_out(config: Mapping[str, Any], kinds: Iterable[str | None]) -> bool | None:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from . import _vblora
 from ._method_checks import METHOD_CHECKS, shared_errors
 from ._rules import not_portable
 from .config import AdapterConfig, transformer_submodules
@@ -91,6 +92,8 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
 
 def _dtype_error(key: str, name: TensorName | None, info: TensorInfo) -> DTypeMismatchError | None:
     """Check 13 (SPEC.md 7.1): floating point everywhere; integers and booleans only in modules to save."""
+    if name is not None and name.role == "adapter" and name.param in _vblora.INDICES:
+        return None  # integer top-k indices: their dtype is checked with the module (SPEC.md 17.1)
     buffers = name is not None and name.role in ("modules_to_save", "ignored")
     allowed = ALLOWED_DTYPES | BUFFER_DTYPES if buffers else ALLOWED_DTYPES
     if info.dtype in allowed:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
 from ._foreign import key_error
+from . import _vblora
 from ._vera import SHARED, shared_key
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
@@ -57,6 +58,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
     "MISS": ("miss_block",),  # SPEC.md 17.1
+    "VBLORA": _vblora.PARAMETERS,
     "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
@@ -69,6 +71,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
 #: The tensors a method stores once for all modules (SPEC.md 15.5), keyed ``base_model.<name>`` (role "shared").
 SHARED_PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "VERA": SHARED,
+    "VBLORA": _vblora.SHARED,
 }
 
 #: The single key of prefix and prompt tuning.

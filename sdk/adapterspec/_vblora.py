@@ -1,0 +1,173 @@
+"""VB-LoRA's config facts, its tensor names and their checks (SPEC.md 17.1).
+
+VB-LoRA stores one vector bank per adapter, shared by every adapted module: ``base_model.vblora_vector_bank``
+``[num_vectors, vector_length]`` (naming role ``"shared"``, as VeRA's projections). Each adapted module stores
+either its logits over the bank (``save_only_topk_weights`` false): ``vblora_logits_A`` ``[r, in/L, N]`` and
+``vblora_logits_B`` ``[out/L, r, N]`` (``L`` = ``vector_length``, ``N`` = ``num_vectors``), or only their top-k
+(``save_only_topk_weights`` true): ``<logits>_topk_indices`` ``[..., topk]`` in PEFT's smallest integer dtype for
+``N`` and ``<logits>_topk_weights`` ``[..., topk - 1]`` (the softmax of the top-k logits, last one left out).
+
+>>> shared_key("vblora_vector_bank")
+'base_model.vblora_vector_bank'
+>>> index_dtype(256), index_dtype(255)
+('I16', 'U8')
+>>> per_module({"save_only_topk_weights": True})[:2]
+('vblora_logits_A_topk_indices', 'vblora_logits_A_topk_weights')
+>>> unsupported({"peft_type": "VBLORA", "bias": "all"})[0][0]
+'/bias'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._vera import shared_key
+from .errors import AdapterSpecError, DTypeMismatchError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from .spec import PEFT_PREFIX
+
+if TYPE_CHECKING:
+    from .checks import TensorInfo
+
+__all__ = ["DEFAULTS", "FULL", "INDICES", "PARAMETERS", "SHARED", "TOPK", "index_dtype", "make_key", "module_errors",
+           "per_module", "settings", "shared_errors", "shared_key", "topk_only", "unsupported"]
+
+#: The shared vector bank's parameter name (key ``base_model.vblora_vector_bank``).
+SHARED = ("vblora_vector_bank",)
+#: Per-module tensors of the full form (``save_only_topk_weights`` false).
+FULL = ("vblora_logits_A", "vblora_logits_B")
+#: Per-module tensors of the top-k form (``save_only_topk_weights`` true).
+TOPK = ("vblora_logits_A_topk_indices", "vblora_logits_A_topk_weights",
+        "vblora_logits_B_topk_indices", "vblora_logits_B_topk_weights")
+#: The integer tensors (their dtype is checked here, not by the generic float-only check 13).
+INDICES = ("vblora_logits_A_topk_indices", "vblora_logits_B_topk_indices")
+#: Every per-module parameter name VB-LoRA files use.
+PARAMETERS = FULL + TOPK
+#: PEFT 0.21.2's ``VBLoRAConfig`` defaults of the fields the math reads.
+DEFAULTS = {"r": 4, "num_vectors": 256, "vector_length": 256, "topk": 2}
+
+
+def settings(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """``(r, num_vectors, vector_length, topk)`` with PEFT's defaults for null or absent fields."""
+    def get(field: str) -> int:
+        value = config.get(field)
+        return DEFAULTS[field] if value is None else int(value)
+    return get("r"), get("num_vectors"), get("vector_length"), get("topk")
+
+
+def topk_only(config: Mapping[str, Any]) -> bool:
+    """``save_only_topk_weights`` (PEFT's truth test: null is false)."""
+    return bool(config.get("save_only_topk_weights"))
+
+
+def per_module(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The parameter names each adapted module stores, for the config's ``save_only_topk_weights``."""
+    return TOPK if topk_only(config) else FULL
+
+
+def index_dtype(num_vectors: int) -> str:
+    """The safetensors dtype PEFT 0.21.2 stores top-k indices in: the smallest of U8/I16/I32/I64 for ``num_vectors``
+    (``_get_adapter_state_dict``: ``< 2**8`` uint8, ``< 2**15`` int16, ``< 2**31`` int32, else int64)."""
+    if num_vectors < 2**8:
+        return "U8"
+    if num_vectors < 2**15:
+        return "I16"
+    if num_vectors < 2**31:
+        return "I32"
+    return "I64"
+
+
+def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(pointer, reason)`` for each VB-LoRA config adapterspec readers refuse (SPEC.md 17.1)."""
+    found = []
+    if config.get("bias", "none") not in (None, "none"):
+        found.append(("/bias", f"VB-LoRA with bias {config.get('bias')!r} (trained base biases) is not supported by "
+                               "adapterspec readers"))
+    r, num_vectors, vector_length, topk = settings(config)
+    for field, value in (("r", r), ("num_vectors", num_vectors), ("vector_length", vector_length), ("topk", topk)):
+        if value <= 0:
+            found.append((f"/{field}", f"VB-LoRA's {field} must be a positive integer, not {value} (PEFT refuses it)"))
+    if 0 < num_vectors < topk:
+        found.append(("/topk", f"topk {topk} is more than num_vectors {num_vectors}: the top-k of the logits over "
+                               "the bank is undefined (PEFT's forward fails)"))
+    return found
+
+
+def make_key(module: str, param: str) -> str:
+    """``base_model.model.<module>.<param>`` (:func:`adapterspec.naming.make_key`, without importing it: naming
+    imports this module)."""
+    return f"{PEFT_PREFIX}{module}.{param}"
+
+
+def _shape(key: str, info: TensorInfo, message: str, hint: str) -> ShapeMismatchError:
+    return ShapeMismatchError(f"shape {list(info.shape)}: {message}", key=key, hint=hint)
+
+
+def module_errors(config: Mapping[str, Any], module: str, p: Mapping[str, TensorInfo]) -> list[AdapterSpecError]:
+    """Check 9-11 of one module: the form's tensors present and the other form's absent, ``[r, in/L, N]`` /
+    ``[out/L, r, N]`` logits or ``[..., topk]`` indices (PEFT's integer dtype) with ``[..., topk - 1]`` weights."""
+    r, num_vectors, _, topk = settings(config)
+    wanted = per_module(config)
+    hint = "save the adapter again with PEFT (SPEC.md 17.1)"
+    flag = "true" if topk_only(config) else "false"
+    errors: list[AdapterSpecError] = [
+        UnexpectedTensorError(f"save_only_topk_weights is {flag}: PEFT stores {', '.join(wanted)} per module, "
+                              "not this tensor", key=make_key(module, n),
+                              hint=f"set save_only_topk_weights to {'false' if flag == 'true' else 'true'}, or "
+                                   "save the adapter again with PEFT")
+        for n in sorted(p) if n not in wanted]
+    errors += [MissingTensorError(f"missing (VB-LoRA with save_only_topk_weights {flag} stores {', '.join(wanted)} "
+                                  "per adapted module)", key=make_key(module, n), hint=hint)
+               for n in wanted if n not in p]
+    if errors:
+        return errors
+    if not topk_only(config):
+        for name, rank_axis in (("vblora_logits_A", 0), ("vblora_logits_B", 1)):
+            info = p[name]
+            if len(info.shape) != 3:
+                errors.append(_shape(make_key(module, name), info, "must have 3 axes", hint))
+            elif info.shape[rank_axis] != r:
+                errors.append(ShapeMismatchError(f"rank {info.shape[rank_axis]} (axis {rank_axis}) disagrees with the "
+                                                 f"config's r={r} for module {module!r}", key=make_key(module, name),
+                                                 hint=f"set r to {info.shape[rank_axis]}, or {hint}"))
+            elif info.shape[2] != num_vectors:
+                errors.append(_shape(make_key(module, name), info, f"axis 2 must be num_vectors={num_vectors} (one "
+                                     "logit per vector of the bank)", f"set num_vectors to {info.shape[2]}, or {hint}"))
+        return errors
+    wanted_dtype = index_dtype(num_vectors)
+    for logits, rank_axis in (("vblora_logits_A", 0), ("vblora_logits_B", 1)):
+        indices, weights = p[logits + "_topk_indices"], p[logits + "_topk_weights"]
+        i_key, w_key = make_key(module, logits + "_topk_indices"), make_key(module, logits + "_topk_weights")
+        if indices.dtype != wanted_dtype:
+            errors.append(DTypeMismatchError(f"dtype {indices.dtype}: PEFT stores the top-k indices of "
+                                             f"num_vectors={num_vectors} vectors as {wanted_dtype}", key=i_key,
+                                             hint=f"store the indices as {wanted_dtype}, or save the adapter again "
+                                                  "with PEFT"))
+        if weights.dtype not in ("F64", "F32", "F16", "BF16"):
+            errors.append(DTypeMismatchError(f"dtype {weights.dtype} is not allowed for this tensor (allowed: BF16, "
+                                             "F16, F32, F64)", key=w_key, hint="store the tensor as F32, F16 or BF16"))
+        if len(indices.shape) != 3 or indices.shape[2] != topk:
+            errors.append(_shape(i_key, indices, f"must be [{'r, in/L' if rank_axis == 0 else 'out/L, r'}, topk] "
+                                 f"with topk={topk}", f"set topk to the last axis, or {hint}"))
+        elif indices.shape[rank_axis] != r:
+            errors.append(ShapeMismatchError(f"rank {indices.shape[rank_axis]} (axis {rank_axis}) disagrees with the "
+                                             f"config's r={r} for module {module!r}", key=i_key,
+                                             hint=f"set r to {indices.shape[rank_axis]}, or {hint}"))
+        elif tuple(weights.shape) != (*indices.shape[:2], topk - 1):
+            errors.append(_shape(w_key, weights, f"must be [{indices.shape[0]}, {indices.shape[1]}, {topk - 1}]: the "
+                                 "indices' first two axes and topk - 1 weights (the last is 1 minus their sum)", hint))
+    return errors
+
+
+def shared_errors(config: Mapping[str, Any], shared: Mapping[str, TensorInfo]) -> list[AdapterSpecError]:
+    """The vector bank: present, ``[num_vectors, vector_length]``, floating point."""
+    _, num_vectors, vector_length, _ = settings(config)
+    info = shared.get("vblora_vector_bank")
+    key = shared_key("vblora_vector_bank")
+    if info is None:
+        return [MissingTensorError("missing (VB-LoRA stores its vector bank once per adapter)", key=key,
+                                   hint="save the adapter again with PEFT (SPEC.md 17.1)")]
+    if tuple(info.shape) != (num_vectors, vector_length):
+        return [_shape(key, info, f"must be [num_vectors, vector_length] = [{num_vectors}, {vector_length}]",
+                       "set num_vectors and vector_length to the bank's shape, or save the adapter again")]
+    return []
