@@ -457,6 +457,35 @@ def _hra_cases() -> None:
             "kernel's columns in torch's (in, kh, kw) order", "HRA", "conv2d", "float32",
             {"conv": conv2d(3, 4, [2, 2], padding=[1, 1])}, {"peft_type": "HRA", "r": 2, "target_modules": ["conv"]},
             [])
+def _vblora_cases() -> None:
+    """VB-LoRA (SPEC.md 17.1): one bank [N, L] stored once; per module logits (or their top-k) mix its vectors."""
+    numeric("vblora-linear-f32", "VB-LoRA on two Linear layers (8->4, 4->8), N=6 vectors of L=4, r=2, topk=2: "
+            "logits_A [r, in/L, N], logits_B [out/L, r, N]; A = mix(logits_A).reshape(r, in), B = "
+            "mix(logits_B).transpose(1, 2).reshape(out, r)", "VBLORA", "linear", "float32",
+            {"a": linear(8, 4), "b": linear(4, 8)},
+            {"peft_type": "VBLORA", "r": 2, "num_vectors": 6, "vector_length": 4, "topk": 2,
+             "target_modules": ["a", "b"]}, ["shared"])
+    numeric("vblora-gpt2-conv1d-topk-f32", "VB-LoRA on GPT-2 Conv1D layers (weights [in, out]) saved with "
+            "save_only_topk_weights: U8 _topk_indices [..., 3] and _topk_weights [..., 2] (the last weight is 1 - "
+            "their sum), N=7, L=4", "VBLORA", "gpt2_conv1d", "float32",
+            {"h.0.attn.c_attn": gpt2(8, 12), "h.0.mlp.c_proj": gpt2(4, 8)},
+            {"peft_type": "VBLORA", "r": 2, "num_vectors": 7, "vector_length": 4, "topk": 3,
+             "save_only_topk_weights": True, "fan_in_fan_out": True, "target_modules": ["c_attn", "c_proj"]},
+            ["shared", "fan_in_fan_out"], float64_tolerance=1e-6)  # PEFT takes log(w) in float32: one ulp apart
+
+
+def _vblora_stored(key: str, shape: tuple[int, ...], seed: int, dtype: str,
+                   config: dict[str, Any]) -> torch.Tensor | None:
+    """VB-LoRA's top-k tensors (SPEC.md 17.1): distinct in-range indices in PEFT's integer dtype, and positive
+    weights whose sum stays below 1 (``None`` for other tensors)."""
+    if key.endswith("_topk_indices"):
+        n, k = int(config["num_vectors"]), shape[-1]
+        rows = np.arange(math.prod(shape[:-1]))[:, None]
+        values = (rows * 2 + seed + np.arange(k)[None, :] * (n // k)) % n
+        return torch.from_numpy(values.reshape(shape).astype(np.uint8 if n < 2**8 else np.int16))
+    if key.endswith("_topk_weights"):
+        return stored(det(shape, seed, scale=0.08, offset=0.8 / (shape[-1] + 1)), dtype)
+    return None
 
 
 def _moe_cases() -> None:
@@ -605,6 +634,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _road_cases()
     _miss_cases()
     _hra_cases()
+    _vblora_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -615,7 +645,8 @@ def generate_numeric() -> list[dict[str, Any]]:
         folder = V1 / "numeric" / cid
         spec_model = case["model"]
         shapes = peft_state_shapes(spec_model, config)
-        tensors = {k: stored(_fill(k, s, i), dtype) for i, (k, s) in enumerate(sorted(shapes.items()))}
+        tensors = {k: _vblora_stored(k, s, i, dtype, config) if k.endswith(("_topk_indices", "_topk_weights"))
+                   else stored(_fill(k, s, i), dtype) for i, (k, s) in enumerate(sorted(shapes.items()))}
         write_config(folder / "adapter", config)
         save_tensors(folder / "adapter" / "adapter_model.safetensors", tensors, {"format": "pt"})
         base: dict[str, torch.Tensor] = {}
@@ -922,6 +953,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _vera_folders()
     _road_folders()
     _miss_folders()
+    _vblora_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1198,6 +1230,37 @@ def _miss_folders() -> None:
                                                                                          f"{V}.miss_block"])
     # (a layer PEFT refuses -- bat's r not dividing its sizes -- is a refusal of the backend's, which a backend that
     # implements no MiSS reports as its own /peft_type: tests/torch/test_miss.py and tests/keras/test_miss.py check it)
+def _vblora_folders() -> None:
+    """VB-LoRA files (SPEC.md 17.1): both saved forms load; a reader refuses the wrong form, the wrong index dtype
+    and a missing bank (a vector_length not dividing a layer: tests/torch/test_vblora.py -- a backend without
+    VB-LoRA refuses that folder for its method first)."""
+    vb = {"peft_type": "VBLORA", "r": 2, "num_vectors": 5, "vector_length": 4, "topk": 2,
+          "target_modules": ["q_proj", "v_proj"]}
+    bank = {"base_model.vblora_vector_bank": det((5, 4), 9).astype(np.float32)}
+    full = {f"{Q}.vblora_logits_A": det((2, 2, 5), 1).astype(np.float32),
+            f"{Q}.vblora_logits_B": det((2, 2, 5), 2).astype(np.float32),
+            f"{V}.vblora_logits_A": det((2, 2, 5), 3).astype(np.float32),
+            f"{V}.vblora_logits_B": det((1, 2, 5), 4).astype(np.float32)}
+    topk = {}
+    for module, a_rows, b_rows in ((Q, 2, 2), (V, 2, 1)):
+        for name, shape in (("A", (2, a_rows)), ("B", (b_rows, 2))):
+            topk[f"{module}.vblora_logits_{name}_topk_indices"] = \
+                ((np.arange(math.prod(shape))[:, None] + np.array([[0, 2]])) % 5).reshape(*shape, 2).astype(np.uint8)
+            topk[f"{module}.vblora_logits_{name}_topk_weights"] = det((*shape, 1), 5, 0.1, 0.7).astype(np.float32)
+    plain("vblora", "VB-LoRA with its logits: base_model.vblora_vector_bank [5, 4] once (role shared), "
+          "vblora_logits_A [r, in/4, 5] and vblora_logits_B [out/4, r, 5] per module", vb, full | bank, valid=True)
+    plain("vblora-topk", "VB-LoRA saved with save_only_topk_weights: U8 _topk_indices [..., 2] and _topk_weights "
+          "[..., 1] per logits tensor (the one integer adapter tensor)", vb | {"save_only_topk_weights": True},
+          topk | bank, valid=True)
+    plain("vblora-topk-indices-i64", "save_only_topk_weights with the indices as I64: PEFT writes U8 for 5 vectors "
+          "(a reader takes exactly that dtype, so a save gives the same bytes)", vb | {"save_only_topk_weights": True},
+          topk | bank | {f"{Q}.vblora_logits_A_topk_indices": topk[f"{Q}.vblora_logits_A_topk_indices"].astype(np.int64)},
+          valid=False, error="DTypeMismatchError", key=f"{Q}.vblora_logits_A_topk_indices")
+    plain("vblora-other-form", "save_only_topk_weights true but the file holds the logits: UnexpectedTensorError "
+          "naming a logits key", vb | {"save_only_topk_weights": True}, full | bank, valid=False,
+          error="UnexpectedTensorError", key=sorted(full))
+    plain("vblora-bank-missing", "base_model.vblora_vector_bank is missing", vb, full, valid=False,
+          error="MissingTensorError", key="base_model.vblora_vector_bank")
 
 
 def _velora_folders() -> None:
@@ -1475,7 +1538,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS", "HRA")
+                                            "MISS", "HRA", "VBLORA")
                 or config.get("use_dora"))
 
 

@@ -116,15 +116,16 @@ def initialise(params: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
 
 def _logits(params: dict[str, torch.Tensor], name: str, num_vectors: int) -> torch.Tensor:
     """``name``'s logits: stored, or rebuilt from its top-k as PEFT's loader does (``log`` of the weights, the last
-    one ``1 - sum``, scattered at the indices into ``-inf``)."""
+    one ``1 - sum``, in float32, scattered at the indices into a float32 ``-inf`` matrix), in the weights' dtype."""
     if name in params:
         return params[name]
-    weights = params[name + "_topk_weights"]
+    stored = params[name + "_topk_weights"]
+    weights = stored.float()  # PEFT reads F32 top-k weights only (SPEC.md 17.1): exact when they are
     indices = params[name + "_topk_indices"].to(torch.long)
     weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
     logits = torch.log(weights)
-    dense = torch.full((*logits.shape[:-1], num_vectors), float("-inf"), dtype=logits.dtype, device=logits.device)
-    return dense.scatter(-1, indices, logits)
+    dense = torch.full((*logits.shape[:-1], num_vectors), float("-inf"), dtype=torch.float32, device=logits.device)
+    return dense.scatter(-1, indices, logits).to(stored.dtype)
 
 
 def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:

@@ -143,9 +143,10 @@ def module_errors(config: Mapping[str, Any], module: str, p: Mapping[str, Tensor
                                              f"num_vectors={num_vectors} vectors as {wanted_dtype}", key=i_key,
                                              hint=f"store the indices as {wanted_dtype}, or save the adapter again "
                                                   "with PEFT"))
-        if weights.dtype not in ("F64", "F32", "F16", "BF16"):
-            errors.append(DTypeMismatchError(f"dtype {weights.dtype} is not allowed for this tensor (allowed: BF16, "
-                                             "F16, F32, F64)", key=w_key, hint="store the tensor as F32, F16 or BF16"))
+        if weights.dtype != "F32":
+            errors.append(DTypeMismatchError(f"dtype {weights.dtype}: the top-k weights must be F32 (PEFT 0.21.2's "
+                                             "loader scatters them into a float32 matrix and fails on any other "
+                                             "dtype)", key=w_key, hint="store the top-k weights as F32"))
         if len(indices.shape) != 3 or indices.shape[2] != topk:
             errors.append(_shape(i_key, indices, f"must be [{'r, in/L' if rank_axis == 0 else 'out/L, r'}, topk] "
                                  f"with topk={topk}", f"set topk to the last axis, or {hint}"))

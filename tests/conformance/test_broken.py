@@ -41,7 +41,8 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
         "trainable-tokens-embedding-f32", "trainable-tokens-linear-f32", "ln-tuning-layer-norm-f32",  # nor these
         "road-1-linear-f32", "road-2-linear-f32", "road-4-linear-f32")} | {  # RoAd (SPEC 17.1): no alpha
         f"numeric/miss-linear{i}-f32" for i in ("", "-padded", "-mini", "-bat")} | {  # nor MiSS (SPEC 17.1)
-        f"numeric/{i}" for i in ("hra-linear-f32", "hra-linear-gs-f32", "hra-conv2d-f32")}  # HRA: no alpha
+        f"numeric/{i}" for i in ("hra-linear-f32", "hra-linear-gs-f32", "hra-conv2d-f32")} | {
+        "numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32"}  # HRA, VB-LoRA: no alpha
 
 
 def test_accepting_a_truncated_file_fails_that_case(corpus: Corpus) -> None:

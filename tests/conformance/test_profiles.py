@@ -27,7 +27,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "road", "road-alpha-missing", "road-length-not-a-group-multiple", "road-variant-unknown",
                     "trainable-tokens-row-count",
                     "miss", "miss-bat", "miss-bias", "miss-block-transposed", "miss-mode-shape",  # SPEC 17
-                    "hra-valid", "hra-bias", "hra-rank-mismatch", "hra-transposed"}
+                    "hra-valid", "hra-bias", "hra-rank-mismatch", "hra-transposed",
+                    "vblora", "vblora-topk", "vblora-topk-indices-i64", "vblora-other-form", "vblora-bank-missing"}
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -43,8 +44,9 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     assert {c.name for c in corpus.cases if c.kind == "schema"} <= core
     assert {c.id for c in corpus.cases if c.kind == "folder" and c.name not in core} == NOT_CORE_FOLDERS
     # 411 in 1.13; 1.14 adds RoAd (3 numeric, 3 round trips, 4 folders), MiSS (1 schema, 4 numeric, 4 round trips,
-    # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core
-    assert len(core) == 286 and len(corpus.cases) == 447
+    # 5 folders), HRA (2 schema, 3 numeric, 3 round trips, 4 folders) and VB-LoRA (2 numeric, 2 round trips,
+    # 5 folders); schema cases are core
+    assert len(core) == 286 and len(corpus.cases) == 456
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

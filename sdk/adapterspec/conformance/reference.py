@@ -36,6 +36,7 @@ from .reference_ln_tuning import ln_tuning_weights
 from .reference_parameters import expert_deltas
 from .reference_road import road_weights
 from .reference_tokens import token_weight
+from .reference_vblora import vblora_weight
 from .reference_vera import vera_weight
 from .reference_miss import miss_weight
 
@@ -255,6 +256,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return adalora_weight(module, weight, config, path, tensors), bias
     if method == "VERA":  # SPEC.md 15.5: ``tensors`` holds the shared vera_A / vera_B too
         return vera_weight(module, weight, tensors), bias
+    if method == "VBLORA":  # SPEC.md 17.1: ``tensors`` holds the shared vblora_vector_bank too
+        return vblora_weight(module, weight, config, tensors), bias
     if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
         return token_weight(weight, config, tensors), bias
     if method == "LN_TUNING":  # SPEC.md 15.3
@@ -289,7 +292,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA"):
+                  "MISS", "HRA", "VBLORA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

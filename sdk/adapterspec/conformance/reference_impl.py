@@ -116,6 +116,7 @@ _SUPPORTED = {
     "BOFT": ("linear", "conv2d"),
     "ADALORA": ("linear", "gpt2_conv1d", "conv2d"),
     "VERA": ("linear", "gpt2_conv1d"),
+    "VBLORA": ("linear", "gpt2_conv1d"),  # SPEC.md 17.1
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
@@ -201,6 +202,18 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
         hra_shape = _hra.param_shapes(math.prod(fits), config)[_hra.PARAM]
         if tuple(shapes[_hra.PARAM]) != hra_shape:
             raise refuse(_hra.PARAM, f"module {path!r} takes {list(hra_shape)} ({math.prod(fits)} input features, r)")
+    elif method == "VBLORA":  # SPEC.md 17.1: in / L and out / L of this layer (the bank: the SDK's checks)
+        length = int(config.get("vector_length") or 256)
+        for size in (fits[0], out):
+            if size % length:
+                raise UnsupportedError(f"{size} features of module {path!r} are not divisible by vector_length "
+                                       f"{length} (PEFT refuses it)", key=path, pointer="/vector_length",
+                                       hint="do not target this layer")
+        for param, axis, want in (("vblora_logits_A", 1, fits[0] // length), ("vblora_logits_B", 0, out // length),
+                                  ("vblora_logits_A_topk_indices", 1, fits[0] // length),
+                                  ("vblora_logits_B_topk_indices", 0, out // length)):
+            if param in shapes and shapes[param][axis] != want:
+                raise refuse(param, f"module {path!r} takes {want} vectors of length {length} on axis {axis}")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out

@@ -1,0 +1,89 @@
+"""VB-LoRA config rules, tensor checks of both saved forms, the shared bank's naming and refused variants
+(SPEC.md 17.1), without a framework."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from adapterspec._rules import PORTABLE_METHODS, training_refusals, unsupported_features
+from adapterspec._vblora import index_dtype
+from adapterspec.checks import TensorInfo, tensor_errors
+from adapterspec.config import AdapterConfig
+from adapterspec.errors import DTypeMismatchError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from adapterspec.naming import parse_key
+
+VB = {"peft_type": "VBLORA", "r": 2, "num_vectors": 5, "vector_length": 4, "topk": 2, "target_modules": ["q"]}
+Q = "base_model.model.l.q"
+BANK = "base_model.vblora_vector_bank"
+FULL = {f"{Q}.vblora_logits_A": TensorInfo((2, 3, 5), "F32"), f"{Q}.vblora_logits_B": TensorInfo((2, 2, 5), "F32"),
+        BANK: TensorInfo((5, 4), "F32")}
+TOPK = {f"{Q}.vblora_logits_A_topk_indices": TensorInfo((2, 3, 2), "U8"),
+        f"{Q}.vblora_logits_A_topk_weights": TensorInfo((2, 3, 1), "F32"),
+        f"{Q}.vblora_logits_B_topk_indices": TensorInfo((2, 2, 2), "U8"),
+        f"{Q}.vblora_logits_B_topk_weights": TensorInfo((2, 2, 1), "F32"), BANK: TensorInfo((5, 4), "F32")}
+
+
+def _errors(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Any]:
+    return tensor_errors(AdapterConfig.from_dict(config), tensors)
+
+
+def test_both_forms_pass_and_the_bank_is_shared() -> None:
+    assert "VBLORA" in PORTABLE_METHODS
+    assert _errors(VB, FULL) == []
+    assert _errors(VB | {"save_only_topk_weights": True}, TOPK) == []
+    name = parse_key(BANK, "VBLORA")
+    assert (name.module, name.param, name.role) == ("", "vblora_vector_bank", "shared")
+    assert parse_key(f"{Q}.vblora_logits_A_topk_indices", "VBLORA").param == "vblora_logits_A_topk_indices"
+
+
+def test_index_dtype_is_peft_choice() -> None:
+    assert [index_dtype(n) for n in (1, 255, 256, 2**15 - 1, 2**15, 2**31)] == ["U8", "U8", "I16", "I16", "I32", "I64"]
+
+
+@pytest.mark.parametrize(("change", "error", "key"), [
+    ({f"{Q}.vblora_logits_A": TensorInfo((3, 2, 5), "F32")}, ShapeMismatchError, f"{Q}.vblora_logits_A"),  # rank axis
+    ({f"{Q}.vblora_logits_B": TensorInfo((2, 2, 6), "F32")}, ShapeMismatchError, f"{Q}.vblora_logits_B"),  # N
+    ({f"{Q}.vblora_logits_B": TensorInfo((2, 5), "F32")}, ShapeMismatchError, f"{Q}.vblora_logits_B"),  # axes
+    ({BANK: TensorInfo((4, 5), "F32")}, ShapeMismatchError, BANK),  # transposed bank
+    ({f"{Q}.vblora_logits_A": TensorInfo((2, 3, 5), "I32")}, Exception, f"{Q}.vblora_logits_A"),  # float only
+])
+def test_full_form_problems_name_the_tensor(change: dict[str, TensorInfo], error: type, key: str) -> None:
+    errors = _errors(VB, FULL | change)
+    assert any(isinstance(e, error) and e.key == key for e in errors), errors
+
+
+def test_missing_and_other_form_tensors() -> None:
+    errors = _errors(VB, {k: v for k, v in FULL.items() if k != BANK})
+    assert any(isinstance(e, MissingTensorError) and e.key == BANK for e in errors)
+    errors = _errors(VB, {k: v for k, v in FULL.items() if not k.endswith("_B")})
+    assert any(isinstance(e, MissingTensorError) and e.key == f"{Q}.vblora_logits_B" for e in errors)
+    errors = _errors(VB, FULL | TOPK)  # top-k tensors with save_only_topk_weights false
+    assert any(isinstance(e, UnexpectedTensorError) and "save_only_topk_weights" in str(e) for e in errors)
+    errors = _errors(VB | {"save_only_topk_weights": True}, FULL)
+    assert {e.key for e in errors if isinstance(e, UnexpectedTensorError)} == {f"{Q}.vblora_logits_A",
+                                                                                f"{Q}.vblora_logits_B"}
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({f"{Q}.vblora_logits_A_topk_indices": TensorInfo((2, 3, 2), "I64")}, DTypeMismatchError),  # not PEFT's U8
+    ({f"{Q}.vblora_logits_A_topk_indices": TensorInfo((2, 3, 2), "F32")}, DTypeMismatchError),
+    ({f"{Q}.vblora_logits_A_topk_weights": TensorInfo((2, 3, 1), "BF16")}, DTypeMismatchError),  # PEFT: F32 only
+    ({f"{Q}.vblora_logits_A_topk_indices": TensorInfo((2, 3, 3), "U8")}, ShapeMismatchError),  # topk
+    ({f"{Q}.vblora_logits_A_topk_weights": TensorInfo((2, 3, 2), "F32")}, ShapeMismatchError),  # topk - 1
+    ({f"{Q}.vblora_logits_B_topk_indices": TensorInfo((2, 3, 2), "U8")}, ShapeMismatchError),  # rank axis 1
+])
+def test_topk_form_problems_name_the_tensor(change: dict[str, TensorInfo], error: type) -> None:
+    errors = _errors(VB | {"save_only_topk_weights": True}, TOPK | change)
+    assert any(isinstance(e, error) and e.key in change for e in errors), errors
+
+
+@pytest.mark.parametrize(("field", "value"), [("bias", "all"), ("r", 0), ("topk", 6), ("vector_length", -1)])
+def test_refused_variants_name_the_field(field: str, value: Any) -> None:
+    assert any(p == f"/{field}" for p, _ in unsupported_features(VB | {field: value}))
+
+
+def test_training_refused_for_the_topk_form_only() -> None:
+    assert training_refusals(VB) == []
+    assert [p for p, _, _ in training_refusals(VB | {"save_only_topk_weights": True})] == ["/save_only_topk_weights"]
