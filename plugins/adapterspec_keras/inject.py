@@ -51,7 +51,7 @@ from .quantized import hint as quantized_hint
 from .quantized import quantization, refuse_unmapped
 from .tokens import METHOD as TOKEN_METHOD
 from .tokens import DELTA, find_token_targets, method_token_targets
-from . import vera
+from . import vblora, vera
 from .sites import ModuleSite, Piece, model_layers
 from .reach import (note_entry, parents_of, reach_report, read_through_kernel, read_through_refusal, reads_through,
                     refuse, restore_kernel)
@@ -472,11 +472,16 @@ def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSi
                 options: LoadOptions) -> vera.Shared | None:
     """VeRA: the adapter's shared ``vera_A``/``vera_B`` (frozen rows of its bank), sized over its targets, in the
     dtype its other tensors get (``None`` for other methods)."""
-    if config.peft_type not in vera.METHODS:
+    if config.peft_type not in vera.METHODS + vblora.METHODS:
         return None
     device, dtype = target_of(targets[0].pieces[0].kernel_variable, options)
     if options.dtype is None and dtype in ("float16", "bfloat16"):
         dtype = "float32"  # SPEC.md 7.5, as AdapterLayer.add_adapter
+    if config.peft_type in vblora.METHODS:  # VB-LoRA's vector bank: trained with the logits (SPEC.md 17.1)
+        for site in targets:
+            vblora.check(site, site.path, config)
+        return vblora.reserve(bank, config, dtype, device, bool(getattr(options, "initialize", True)),
+                              bool(options.trainable))
     return vera.reserve(bank, config, [(site.in_features, site.out_features) for site in targets], dtype, device,
                         bool(getattr(options, "initialize", True)))
 

@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, hra, lycoris, miss, oft, road, tokens, vera
+from . import _ops, adalora, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -122,7 +122,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                "adapters on quantized Dense and EinsumDense layers)", key=path,
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
-                   *miss.METHODS, *hra.METHODS)
+                   *miss.METHODS, *hra.METHODS,
+                   *vblora.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -152,6 +153,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         road.check(site, path, config)
     if method in miss.METHODS:
         miss.check(site, path, config)
+    if method in vblora.METHODS:
+        vblora.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -205,7 +208,8 @@ def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = 
     >>> kernel_refusal("IA3", has_bias=True)
     'IA3 scales the output of a layer with a bias, which changes the bias too; a kernel cannot carry that'
     """
-    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *hra.METHODS):
+    if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *hra.METHODS,
+                      *vblora.METHODS):
         return f"{method} cannot run on a kernel its parent reads"
     if lora_bias:
         return "lora_bias adds a bias of its own, which a kernel cannot carry"
@@ -316,9 +320,10 @@ class _Slot:
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
     rotation: oft.Rotation | hra.Reflections | None = None  # OFT/BOFT: block layout and options; HRA: r, apply_GS
-    shared: vera.Shared | None = None  # VERA: the adapter's shared projections
+    shared: vera.Shared | None = None  # VERA: the adapter's shared projections; VBLORA: its vector bank
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
+    config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
@@ -605,6 +610,16 @@ class AdapterLayer:
                                        hint="load MiSS adapters of one init_weights mode into one model")
             slot = _Slot(path, "MISS", block.r, 1.0, False, False, block.dropout, False, block=block)
             layouts, keys = _miss_plan(site, config, path, dtype, device, trainable, initialize)
+        elif config.peft_type in vblora.METHODS:
+            vblora.check(site, path, config)
+            if shared is None:
+                raise UnsupportedError("a VB-LoRA adapter needs its shared vector bank", key=path,
+                                       hint="inject VB-LoRA adapters with adapterspec.inject_adapter / load_adapter")
+            slot = _Slot(path, "VBLORA", 0, 1.0, False, False, float(config.get("vblora_dropout") or 0.0), False,
+                         shared=shared, config=config)
+            params = vblora.shapes(config, site.in_features, site.out_features)
+            layouts = MappingProxyType({param: Layout(shape, shape, (0, 1, 2)) for param, shape in params.items()})
+            keys = _group_keys(layouts, vblora.inits(config) if initialize else None, dtype, device, trainable)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -841,7 +856,7 @@ class AdapterLayer:
             if slot.method in adalora.METHODS:
                 result = self._apply_adalora(piece, slot, x, result)
                 continue
-            if slot.method in vera.METHODS:
+            if slot.method in vera.METHODS or slot.method in vblora.METHODS:
                 result = self._apply_vera(piece, slot, x, result)
                 continue
             if slot.road_settings is not None:  # RoAd rotates the output (mixes were refused when activated)
@@ -967,7 +982,10 @@ class AdapterLayer:
         (``[r, n_out]``), in ``dtype``."""
         assert slot.shared is not None
         site = self.site
-        a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)
+        if slot.config is not None and slot.method in vblora.METHODS:  # A.T, B.T mixed from the bank (SPEC.md 17.1)
+            a, b = vblora.views(slot.get, slot.shared, slot.config, dtype)
+        else:
+            a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)
         return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
 
     def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
@@ -1095,7 +1113,7 @@ class AdapterLayer:
         if slot.method in adalora.METHODS:
             a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
             return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)
-        if slot.method in vera.METHODS:
+        if slot.method in vera.METHODS or slot.method in vblora.METHODS:
             a, b = self._vera_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
             return _ops.lora_delta_flat(piece, a, b)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)

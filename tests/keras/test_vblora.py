@@ -1,16 +1,21 @@
-"""VB-LoRA (SPEC.md 17.1) on Keras: not implemented yet, so refused typed with the model unchanged.
+"""VB-LoRA (SPEC.md 17.1) on keras-hub models, exact against PEFT 0.21 (fp32) in both directions; the vector bank
+stored once; the top-k form and the layers PEFT refuses refused typed, with the model unchanged.
 
-The spec makes VB-LoRA portable and the torch backend computes it (tests/torch/test_vblora.py); the keras backend
-refuses a PEFT VB-LoRA folder of either saved form, and a new VB-LoRA adapter, with an UnsupportedError naming the
-module and saying PEFT and the torch backend load it -- never a partial or approximate load.
+Each case: a PEFT VB-LoRA model with element-unique logits and bank is saved (logits form). A keras-hub model
+converted from the same checkpoint loads the folder and gives PEFT's logits within the base conversion error;
+``save_adapter`` writes bit-identical tensors (the bank once) that PEFT loads with no warning of its own; merging
+gives PEFT's merged logits, unmerging the unmerged ones. The top-k form (integer indices) is torch-only.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -19,26 +24,134 @@ pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
 from adapterspec.errors import UnsupportedError  # noqa: E402
-from keras_helpers import assert_refused_unchanged, hf_model, keras_model  # noqa: E402
+from keras_helpers import (  # noqa: E402
+    assert_near,
+    assert_peft_close,
+    assert_refused_unchanged,
+    hf_model,
+    keras_logits,
+    keras_model,
+    peft_load_exactly,
+    torch_logits,
+    unique_values,
+)
 
-FIELDS = dict(r=2, num_vectors=8, vector_length=16, topk=2, target_modules=["q_proj", "v_proj", "down_proj"])
+GPT2 = ["c_attn", "c_proj", "c_fc"]
+BANK = "base_model.vblora_vector_bank"
 
 
-@pytest.mark.parametrize("topk_only", [False, True], ids=["logits", "topk"])
-def test_a_peft_folder_is_refused_unchanged(topk_only: bool, checkpoints: Any, tmp_path: Path) -> None:
+def _fill(model: Any) -> None:
+    """Element-unique logits (spread: distinct top-k) and bank: a transpose or a swapped key shows."""
+    with torch.no_grad():
+        for index, (name, tensor) in enumerate(sorted(model.named_parameters())):
+            shape = tuple(tensor.shape)
+            if "vblora_logits" in name:
+                tensor.copy_(torch.from_numpy(unique_values(shape, index, scale=2.0)))
+            elif "vblora_vector_bank" in name:
+                tensor.copy_(torch.from_numpy(unique_values(shape, index, scale=0.4)))
+
+
+def _peft_folder(checkpoint: Path, config: Any, folder: Path) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = peft.get_peft_model(hf_model(checkpoints["llama"]),
-                                        peft.VBLoRAConfig(**FIELDS, save_only_topk_weights=topk_only))
-        reference.save_pretrained(str(tmp_path))
-    assert adapterspec.validate_adapter(tmp_path) == []
+        model = peft.get_peft_model(hf_model(checkpoint), config)
+        _fill(model)
+        model.eval()
+        model.save_pretrained(str(folder))
+    return model
+
+
+CASES: dict[str, tuple[str, Callable[[], Any]]] = {
+    "llama": ("llama", lambda: peft.VBLoRAConfig(r=3, num_vectors=12, vector_length=16, topk=3,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gpt2-fused-c_attn": ("gpt2", lambda: peft.VBLoRAConfig(r=2, num_vectors=10, vector_length=16, topk=2,
+                                                            target_modules=GPT2)),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_vblora_gives_peft_logits_in_keras_and_round_trips(case: str, checkpoints: Any, token_ids: np.ndarray,
+                                                                tmp_path: Path) -> None:
+    arch, make_config = CASES[case]
+    reference = _peft_folder(checkpoints[arch], make_config(), tmp_path / "peft")
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    theirs = adapterspec.read_adapter(tmp_path / "peft")
+    assert BANK in theirs.tensors
+    _, said_peft = peft_load_exactly(checkpoints[arch], tmp_path / "peft")
+    expected = torch_logits(reference, token_ids)
+    base_torch = torch_logits(hf_model(checkpoints[arch]), token_ids)
+    model = keras_model(arch, checkpoints[arch])
+    base = keras_logits(model, token_ids)
+    assert np.abs(expected - base_torch).max() > 1e-2  # the adapter changes the output: the comparison means something
+
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    got = keras_logits(model, token_ids)
+    assert_peft_close(got, expected, base, base_torch)
+    with adapterspec.disabled_adapters(model):
+        assert np.abs(keras_logits(model, token_ids) - base).max() == 0.0
+
+    # Keras saves exactly PEFT's tensors (the bank once) and config; PEFT loads them cleanly, same logits
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    ours = adapterspec.read_adapter(saved)
+    assert set(ours.tensors) == set(theirs.tensors)
+    ours_np, theirs_np = ours.load_tensors("numpy"), theirs.load_tensors("numpy")
+    for key in theirs_np:
+        assert ours_np[key].dtype == theirs_np[key].dtype and np.array_equal(ours_np[key], theirs_np[key]), key
+    ours_config = json.loads((saved / "adapter_config.json").read_text())
+    assert {k: v for k, v in ours_config.items() if k in peft_config} == peft_config
+    reloaded, said_ours = peft_load_exactly(checkpoints[arch], saved)
+    assert said_ours == said_peft  # no warning of its own
+    assert np.array_equal(torch_logits(reloaded, token_ids), expected)
+
+    # merged: PEFT's merged logits; unmerged: back to the unmerged forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    merged_expected = torch_logits(reference, token_ids)
+    adapterspec.merge_adapters(model)
+    assert_peft_close(keras_logits(model, token_ids), merged_expected, base, base_torch)
+    adapterspec.unmerge_adapters(model)
+    assert_near(keras_logits(model, token_ids), got)
+
+    adapterspec.delete_adapter(model, "default")
+    assert adapterspec.adapter_names(model) == []
+    assert_near(keras_logits(model, token_ids), base)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_adapter_made_in_keras_loads_in_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """A VB-LoRA injected on Keras (Keras' draws of PEFT's distributions) saves its bank once; PEFT loads the folder
+    with nothing missing or unexpected and gives Keras' logits."""
+    fields = dict(r=2, num_vectors=8, vector_length=16, topk=2, target_modules=GPT2)
+    model = keras_model("gpt2", checkpoints["gpt2"])
+    adapterspec.inject_adapter(model, {"peft_type": "VBLORA", **fields, "init_vector_bank_bound": 0.5,
+                                       "init_logits_std": 1.0}, trainable=True)
+    adapterspec.set_active_adapters(model, ["default"])
+    got = keras_logits(model, token_ids)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    assert tuple(adapterspec.read_adapter(saved).tensors[BANK].shape) == (8, 16)
+    reloaded, _ = peft_load_exactly(checkpoints["gpt2"], saved)
+    base = keras_logits(keras_model("gpt2", checkpoints["gpt2"]), token_ids)
+    base_torch = torch_logits(hf_model(checkpoints["gpt2"]), token_ids)
+    assert np.abs(got - base).max() > 1e-3
+    assert_peft_close(got, torch_logits(reloaded, token_ids), base, base_torch)
+
+
+def test_the_topk_form_is_refused_unchanged(checkpoints: Any, tmp_path: Path) -> None:
+    _peft_folder(checkpoints["llama"], peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=2,
+                                                          target_modules=["q_proj"], save_only_topk_weights=True),
+                 tmp_path)
     model = keras_model("llama", checkpoints["llama"])
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), UnsupportedError,
-                             "not implemented on Keras")
+                             "/save_only_topk_weights")
 
 
-def test_a_new_adapter_is_refused_unchanged(checkpoints: Any) -> None:
+def test_embeddings_and_undividable_sizes_are_refused_as_in_peft(checkpoints: Any) -> None:
     model = keras_model("llama", checkpoints["llama"])
-    config = {"peft_type": "VBLORA", **FIELDS}
+    config = {"peft_type": "VBLORA", "r": 2, "num_vectors": 4, "vector_length": 16, "target_modules": ["embed_tokens"]}
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError,
-                             "the torch backend")
+                             "model.embed_tokens")
+    config = {**config, "vector_length": 48, "target_modules": ["q_proj"]}
+    assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError,
+                             "/vector_length")
