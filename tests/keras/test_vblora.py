@@ -155,3 +155,42 @@ def test_embeddings_and_undividable_sizes_are_refused_as_in_peft(checkpoints: An
     config = {**config, "vector_length": 48, "target_modules": ["q_proj"]}
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(model, config), UnsupportedError,
                              "/vector_length")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_one_training_step_equals_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Loaded trainable (TensorFlow), one SGD step on the same loss gives PEFT's bank and logits after its step: the
+    gradients flow through the top-k softmax and the bank's gather as in PEFT."""
+    import tensorflow as tf
+    from keras_helpers import keras_inputs
+    from peft.utils import get_peft_model_state_dict
+
+    if not hasattr(tf, "GradientTape") or __import__("keras").backend.backend() != "tensorflow":
+        pytest.skip("the step is taken with TensorFlow's GradientTape")
+    config = peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=3, target_modules=["q_proj", "down_proj"])
+    reference = _peft_folder(checkpoints["llama"], config, tmp_path / "peft")
+    weights = unique_values((2, 9, 128), 5, around=0.0, scale=1.0)
+    lr = 0.5
+    optimiser = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=lr)
+    out = reference(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits
+    (out * torch.from_numpy(weights)).sum().backward()
+    optimiser.step()
+    expected = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(reference).items()}
+
+    model = keras_model("llama", checkpoints["llama"])
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    before = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    variables = model.trainable_variables
+    assert variables
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(keras_inputs(token_ids), training=False) * weights)
+    for variable, grad in zip(variables, tape.gradient(loss, variables)):
+        variable.assign_sub(lr * grad)
+    after = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    assert set(after) == set(expected)
+    worst = 0.0
+    for key, value in expected.items():
+        assert np.abs(value - before[key]).max() > 1e-6, key  # the step moved the bank and every logits tensor
+        worst = max(worst, float(np.abs(after[key] - value).max() / np.abs(value - before[key]).max()))
+    print(f"bank and logits after one step: max diff vs PEFT {worst:.3g} of the step")
+    assert worst < 1e-3

@@ -299,3 +299,31 @@ def test_bf16_model_unmerged_and_merged_equal_peft(llama: Any, token_inputs: Any
         reference.merge_adapter()
     adapterspec.merge_adapters(model)
     assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
+
+
+def test_one_training_step_equals_peft(llama: Any, token_inputs: Any, tmp_path: Path) -> None:
+    """Loaded trainable, the loss's gradients on the bank and the logits are PEFT's (same forward, same backward
+    through the top-k softmax), and the trainable parameters are PEFT's."""
+    from peft import PeftModel
+
+    fields = dict(r=2, num_vectors=8, vector_length=16, topk=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    _peft_folder(llama, _config(**fields), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(llama), str(tmp_path), is_trainable=True)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path, trainable=True)
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in ours.values()) == sum(p.numel() for p in theirs.values())
+    for net in (model, reference):
+        out = net(**token_inputs).logits
+        (out.float() ** 2).mean().backward()
+    mine = {n.replace(".adapter_weights.default.", ".").replace("adapterspec_shared.default.", ""): p
+            for n, p in ours.items()}
+    peft = {"vblora_vector_bank" if "vblora_vector_bank" in n else  # PEFT names the shared bank under a layer
+            n.removeprefix("base_model.model.").removesuffix(".default"): p for n, p in theirs.items()}
+    assert sorted(mine) == sorted(peft)
+    assert mine["vblora_vector_bank"].grad.abs().max() > 0
+    for name, param in peft.items():
+        assert_close(mine[name].grad, param.grad)
