@@ -32,6 +32,7 @@ from keras import ops
 from adapterspec import AdapterConfig, LoadOptions
 from adapterspec._lora_init import acted_init
 from adapterspec._moe import check_moe_conversion
+from adapterspec._vblora import topk_only
 from adapterspec.config import peft_fan_in_fan_out, training_refusals, unsupported_features
 from adapterspec.errors import AdapterExistsError, AdapterSpecWarning, TargetNotFoundError, UnsupportedError
 from adapterspec.targets import is_all_linear, refuse_containers
@@ -480,6 +481,12 @@ def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSi
     if config.peft_type in vblora.METHODS:  # VB-LoRA's vector bank: trained with the logits (SPEC.md 17.1)
         for site in targets:
             vblora.check(site, site.path, config)
+        if topk_only(config) and bool(getattr(options, "initialize", True)):
+            raise UnsupportedError("a new VB-LoRA adapter with save_only_topk_weights true: adapterspec holds such an "
+                                   "adapter as PEFT saves it (top-k indices and weights, for inference), and PEFT "
+                                   "trains the full logits", pointer="/save_only_topk_weights",
+                                   hint="inject with save_only_topk_weights false (train, then save with PEFT to "
+                                        "keep only the top-k)")
         return vblora.reserve(bank, config, dtype, device, bool(getattr(options, "initialize", True)),
                               bool(options.trainable))
     return vera.reserve(bank, config, [(site.in_features, site.out_features) for site in targets], dtype, device,

@@ -619,7 +619,9 @@ class AdapterLayer:
                          shared=shared, config=config)
             params = vblora.shapes(config, site.in_features, site.out_features)
             layouts = MappingProxyType({param: Layout(shape, shape, (0, 1, 2)) for param, shape in params.items()})
-            keys = _group_keys(layouts, vblora.inits(config) if initialize else None, dtype, device, trainable)
+            keys = dict(_group_keys(layouts, vblora.inits(config) if initialize else None, dtype, device, trainable))
+            for param, kind in vblora.dtypes(config).items():  # the top-k form's integer indices, frozen
+                keys[param] = keys[param]._replace(dtype=kind, trainable=False)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)

@@ -9,9 +9,9 @@ gives ``(A.T, B.T)`` (``[in, r]``, ``[r, out]``) so that ``x @ first @ second`` 
 torch backend's module of the same name computes the same on torch layers.
 
 This backend adapts Dense and EinsumDense layers (an ``nn.Linear`` or a transformers ``Conv1D``, GPT-2's fused
-``c_attn`` included); embeddings and convolutions are refused, as PEFT refuses them. It holds the full form only:
-an adapter saved with ``save_only_topk_weights`` (integer top-k indices) is refused typed (:func:`check`) -- PEFT
-and the torch backend load it. A new adapter's bank and logits are drawn from Keras' generator with PEFT's
+``c_attn`` included); embeddings and convolutions are refused, as PEFT refuses them. An adapter saved with
+``save_only_topk_weights`` is held as stored (the integer indices frozen in PEFT's dtype, the weights), for
+inference and merging; its logits are PEFT's loader's (``log`` of the weights in float32). A new adapter's bank and logits are drawn from Keras' generator with PEFT's
 distributions (``U(-bound, bound)``, ``N(0, std)``), not torch's stream (SPEC.md 17.1: reproducible on torch only).
 
 >>> from adapterspec import AdapterConfig
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import settings, topk_only
+from adapterspec._vblora import index_dtype, settings, topk_only
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
@@ -38,29 +38,25 @@ from .vera import Shared
 if TYPE_CHECKING:
     from .bank import AdapterBank, GroupKey
 
-__all__ = ["METHODS", "check", "inits", "reserve", "shapes", "views"]
+__all__ = ["METHODS", "check", "dtypes", "inits", "reserve", "shapes", "views"]
 
 #: The methods this module computes.
 METHODS = ("VBLORA",)
+
+_KERAS_INDEX = {"U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64"}
 
 
 def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     """Refuse what this backend does not compute exactly for VB-LoRA.
 
     :raises UnsupportedError: an embedding, a logits projection or a convolution (PEFT's VB-LoRA adapts Linear and
-        Conv1D only); sizes not divisible by ``vector_length`` (PEFT refuses them, ``/vector_length``); the top-k
-        form (``/save_only_topk_weights``).
+        Conv1D only); sizes not divisible by ``vector_length`` (PEFT refuses them, ``/vector_length``).
     """
     if site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces):
         layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
         raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with VBLORA (module on "
                                f"{layers}; PEFT's VB-LoRA adapts Linear and Conv1D)", key=path,
                                hint="remove the module from target_modules, or use the torch backend")
-    if topk_only(config):
-        raise UnsupportedError("the keras backend holds VB-LoRA adapters with their logits only, not one saved with "
-                               "save_only_topk_weights (integer top-k indices); PEFT and the torch backend load it",
-                               key=path, pointer="/save_only_topk_weights",
-                               hint="load this adapter with the torch backend or PEFT")
     length = settings(config)[2]
     for what, size in (("in_features", site.in_features), ("out_features", site.out_features)):
         if size % length:
@@ -71,10 +67,23 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
 
 
 def shapes(config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
-    """The logits ``[r, in/L, N]`` and ``[out/L, r, N]``."""
-    r, num_vectors, length, _ = settings(config)
-    return {"vblora_logits_A": (r, in_features // length, num_vectors),
-            "vblora_logits_B": (out_features // length, r, num_vectors)}
+    """The logits ``[r, in/L, N]`` and ``[out/L, r, N]``, or (``save_only_topk_weights``) their ``_topk_indices``
+    ``[..., topk]`` and ``_topk_weights`` ``[..., topk - 1]``."""
+    r, num_vectors, length, topk = settings(config)
+    a, b = (r, in_features // length), (out_features // length, r)
+    if not topk_only(config):
+        return {"vblora_logits_A": (*a, num_vectors), "vblora_logits_B": (*b, num_vectors)}
+    return {"vblora_logits_A_topk_indices": (*a, topk), "vblora_logits_A_topk_weights": (*a, topk - 1),
+            "vblora_logits_B_topk_indices": (*b, topk), "vblora_logits_B_topk_weights": (*b, topk - 1)}
+
+
+def dtypes(config: AdapterConfig) -> dict[str, str]:
+    """The tensors not in the adapter's float dtype: the top-k indices, in PEFT's integer dtype for ``num_vectors``
+    (held frozen, as stored)."""
+    if not topk_only(config):
+        return {}
+    dtype = _KERAS_INDEX[index_dtype(settings(config)[1])]
+    return {"vblora_logits_A_topk_indices": dtype, "vblora_logits_B_topk_indices": dtype}
 
 
 def _std(config: AdapterConfig) -> float:
@@ -110,12 +119,28 @@ def _mix(logits: Any, vectors: Any, topk: int) -> Any:
     return ops.sum(ops.expand_dims(weights, -1) * ops.take(vectors, indices, axis=0), axis=-2)
 
 
+def _mix_topk(get: Callable[[str], Any], name: str, vectors: Any, topk: int) -> Any:
+    """The top-k form's mix, as PEFT's loader rebuilds it: ``log`` of the weights (the last ``1 - sum``) in float32
+    are the only finite logits, so PEFT's top-k of them is their descending order (:func:`ops.top_k` over the k)."""
+    weights = ops.cast(get(name + "_topk_weights"), "float32")
+    weights = ops.concatenate([weights, 1 - ops.sum(weights, axis=-1, keepdims=True)], axis=-1)
+    logits = ops.log(weights)
+    top, order = ops.top_k(logits, topk)
+    indices = ops.take_along_axis(ops.cast(get(name + "_topk_indices"), "int32"), order, axis=-1)
+    mixed = ops.softmax(ops.cast(top, vectors.dtype), axis=-1)
+    return ops.sum(ops.expand_dims(mixed, -1) * ops.take(vectors, indices, axis=0), axis=-2)
+
+
 def views(get: Callable[[str], Any], shared: Shared, config: AdapterConfig, dtype: Any) -> tuple[Any, Any]:
     """``(A.T, B.T)`` in ``dtype``: ``[in, r]`` and ``[r, out]`` (PEFT's ``_get_lora_matrices``, computed in the
     adapter's dtype and cast)."""
     r, _, _, topk = settings(config)
     vectors = shared.get("vblora_vector_bank")
-    logits_a, logits_b = get("vblora_logits_A"), get("vblora_logits_B")
-    a = ops.reshape(_mix(logits_a, vectors, topk), (r, -1))  # [r, in/L, L] -> [r, in]
-    b = ops.reshape(ops.transpose(_mix(logits_b, vectors, topk), (0, 2, 1)), (-1, r))  # -> [out, r]
+    if topk_only(config):
+        mix_a, mix_b = (_mix_topk(get, name, vectors, topk) for name in ("vblora_logits_A", "vblora_logits_B"))
+    else:
+        mix_a = _mix(get("vblora_logits_A"), vectors, topk)
+        mix_b = _mix(get("vblora_logits_B"), vectors, topk)
+    a = ops.reshape(mix_a, (r, -1))  # [r, in/L, L] -> [r, in]
+    b = ops.reshape(ops.transpose(mix_b, (0, 2, 1)), (-1, r))  # -> [out, r]
     return ops.cast(ops.transpose(a), dtype), ops.cast(ops.transpose(b), dtype)
