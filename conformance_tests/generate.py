@@ -458,7 +458,7 @@ def _hra_cases() -> None:
             {"conv": conv2d(3, 4, [2, 2], padding=[1, 1])}, {"peft_type": "HRA", "r": 2, "target_modules": ["conv"]},
             [])
 def _vblora_cases() -> None:
-    """VB-LoRA (SPEC.md 17.1): one bank [N, L] stored once; per module logits (or their top-k) mix its vectors."""
+    """VB-LoRA (SPEC.md 17.4): one bank [N, L] stored once; per module logits (or their top-k) mix its vectors."""
     numeric("vblora-linear-f32", "VB-LoRA on two Linear layers (8->4, 4->8), N=6 vectors of L=4, r=2, topk=2: "
             "logits_A [r, in/L, N], logits_B [out/L, r, N]; A = mix(logits_A).reshape(r, in), B = "
             "mix(logits_B).transpose(1, 2).reshape(out, r)", "VBLORA", "linear", "float32",
@@ -476,7 +476,7 @@ def _vblora_cases() -> None:
 
 def _vblora_stored(key: str, shape: tuple[int, ...], seed: int, dtype: str,
                    config: dict[str, Any]) -> torch.Tensor | None:
-    """VB-LoRA's top-k tensors (SPEC.md 17.1): distinct in-range indices in PEFT's integer dtype, and positive
+    """VB-LoRA's top-k tensors (SPEC.md 17.4): distinct in-range indices in PEFT's integer dtype, and positive
     weights whose sum stays below 1 (``None`` for other tensors)."""
     if key.endswith("_topk_indices"):
         n, k = int(config["num_vectors"]), shape[-1]
@@ -1231,7 +1231,7 @@ def _miss_folders() -> None:
     # (a layer PEFT refuses -- bat's r not dividing its sizes -- is a refusal of the backend's, which a backend that
     # implements no MiSS reports as its own /peft_type: tests/torch/test_miss.py and tests/keras/test_miss.py check it)
 def _vblora_folders() -> None:
-    """VB-LoRA files (SPEC.md 17.1): both saved forms load; a reader refuses the wrong form, the wrong index dtype
+    """VB-LoRA files (SPEC.md 17.4): both saved forms load; a reader refuses the wrong form, the wrong index dtype
     and a missing bank (a vector_length not dividing a layer: tests/torch/test_vblora.py -- a backend without
     VB-LoRA refuses that folder for its method first)."""
     vb = {"peft_type": "VBLORA", "r": 2, "num_vectors": 5, "vector_length": 4, "topk": 2,

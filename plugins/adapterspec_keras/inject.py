@@ -478,7 +478,7 @@ def _add_shared(config: AdapterConfig, bank: AdapterBank, targets: list[ModuleSi
     device, dtype = target_of(targets[0].pieces[0].kernel_variable, options)
     if options.dtype is None and dtype in ("float16", "bfloat16"):
         dtype = "float32"  # SPEC.md 7.5, as AdapterLayer.add_adapter
-    if config.peft_type in vblora.METHODS:  # VB-LoRA's vector bank: trained with the logits (SPEC.md 17.1)
+    if config.peft_type in vblora.METHODS:  # VB-LoRA's vector bank: trained with the logits (SPEC.md 17.4)
         for site in targets:
             vblora.check(site, site.path, config)
         if topk_only(config) and bool(getattr(options, "initialize", True)):

@@ -984,7 +984,7 @@ class AdapterLayer:
         (``[r, n_out]``), in ``dtype``."""
         assert slot.shared is not None
         site = self.site
-        if slot.config is not None and slot.method in vblora.METHODS:  # A.T, B.T mixed from the bank (SPEC.md 17.1)
+        if slot.config is not None and slot.method in vblora.METHODS:  # A.T, B.T mixed from the bank (SPEC.md 17.4)
             a, b = vblora.views(slot.get, slot.shared, slot.config, dtype)
         else:
             a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)

@@ -1,4 +1,4 @@
-"""VB-LoRA (SPEC.md 17.1) on Keras layers: LoRA factors mixed from one vector bank shared by all modules, PEFT 0.21's
+"""VB-LoRA (SPEC.md 17.4) on Keras layers: LoRA factors mixed from one vector bank shared by all modules, PEFT 0.21's
 math.
 
 The bank ``[N, L]`` (``base_model.vblora_vector_bank``) is one row of the adapter's bank held by a
@@ -12,7 +12,7 @@ This backend adapts Dense and EinsumDense layers (an ``nn.Linear`` or a transfor
 ``c_attn`` included); embeddings and convolutions are refused, as PEFT refuses them. An adapter saved with
 ``save_only_topk_weights`` is held as stored (the integer indices frozen in PEFT's dtype, the weights), for
 inference and merging; its logits are PEFT's loader's (``log`` of the weights in float32). A new adapter's bank and logits are drawn from Keras' generator with PEFT's
-distributions (``U(-bound, bound)``, ``N(0, std)``), not torch's stream (SPEC.md 17.1: reproducible on torch only).
+distributions (``U(-bound, bound)``, ``N(0, std)``), not torch's stream (SPEC.md 17.4: reproducible on torch only).
 
 >>> from adapterspec import AdapterConfig
 >>> cfg = AdapterConfig.from_dict({"peft_type": "VBLORA", "target_modules": ["q"], "r": 2, "num_vectors": 6,

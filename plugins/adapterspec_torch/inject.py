@@ -578,7 +578,7 @@ def _add_shared(model: nn.Module, config: AdapterConfig, adapter_name: str, opti
     kinds = [cast(str, layer_kind(b)) for b in bases]
     device, dtype = adapter_target_of(bases[0], options)
     shared = vera.Shared()
-    is_vblora = config.peft_type in vblora.METHODS  # VB-LoRA: the vector bank, trained (SPEC.md 17.1)
+    is_vblora = config.peft_type in vblora.METHODS  # VB-LoRA: the vector bank, trained (SPEC.md 17.4)
     if is_vblora and options.initialize and topk_only(config):
         raise UnsupportedError("a new VB-LoRA adapter with save_only_topk_weights true: adapterspec holds such an "
                                "adapter as PEFT saves it (top-k indices and weights, for inference), and PEFT trains "

@@ -526,7 +526,7 @@ class _Spec:
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     reflections: hra.Reflections | None = None  # HRA: its rank and apply_GS
-    config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.1)
+    config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 

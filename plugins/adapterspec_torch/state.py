@@ -57,7 +57,7 @@ def _slots(model: nn.Module, adapter_name: str) -> dict[str, tuple[Any, Any, str
     if holder is not None and slot(adapter_name) in holder._modules:  # VeRA's projections, stored once (SPEC.md 15.5)
         shared = cast(vera.Shared, holder._modules[slot(adapter_name)])
         params, pending = shared._parameters, shared.__dict__["pending"]
-        for name in SHARED_PARAMETERS[state.configs[adapter_name].peft_type]:  # VeRA, VB-LoRA (SPEC.md 17.1)
+        for name in SHARED_PARAMETERS[state.configs[adapter_name].peft_type]:  # VeRA, VB-LoRA (SPEC.md 17.4)
             out[shared_key(name)] = (params[name], None, name) if name in params else (pending[name], shared, name)
     return out
 

@@ -1,4 +1,4 @@
-"""VB-LoRA (SPEC.md 17.1): LoRA factors mixed from one vector bank shared by all modules, PEFT 0.21's math.
+"""VB-LoRA (SPEC.md 17.4): LoRA factors mixed from one vector bank shared by all modules, PEFT 0.21's math.
 
 The bank ``[N, L]`` (``base_model.vblora_vector_bank``) is held once per adapter by the model's
 :class:`~adapterspec_torch.vera.Shared` holder (the mechanism VeRA's projections use). Each module's logits
@@ -120,7 +120,7 @@ def _logits(params: dict[str, torch.Tensor], name: str, num_vectors: int) -> tor
     if name in params:
         return params[name]
     stored = params[name + "_topk_weights"]
-    weights = stored.float()  # PEFT reads F32 top-k weights only (SPEC.md 17.1): exact when they are
+    weights = stored.float()  # PEFT reads F32 top-k weights only (SPEC.md 17.4): exact when they are
     indices = params[name + "_topk_indices"].to(torch.long)
     weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
     logits = torch.log(weights)

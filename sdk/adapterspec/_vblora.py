@@ -1,4 +1,4 @@
-"""VB-LoRA's config facts, its tensor names and their checks (SPEC.md 17.1).
+"""VB-LoRA's config facts, its tensor names and their checks (SPEC.md 17.4).
 
 VB-LoRA stores one vector bank per adapter, shared by every adapted module: ``base_model.vblora_vector_bank``
 ``[num_vectors, vector_length]`` (naming role ``"shared"``, as VeRA's projections). Each adapted module stores
@@ -78,7 +78,7 @@ def index_dtype(num_vectors: int) -> str:
 
 
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(pointer, reason)`` for each VB-LoRA config adapterspec readers refuse (SPEC.md 17.1)."""
+    """``(pointer, reason)`` for each VB-LoRA config adapterspec readers refuse (SPEC.md 17.4)."""
     found = []
     if config.get("bias", "none") not in (None, "none"):
         found.append(("/bias", f"VB-LoRA with bias {config.get('bias')!r} (trained base biases) is not supported by "
@@ -108,7 +108,7 @@ def module_errors(config: Mapping[str, Any], module: str, p: Mapping[str, Tensor
     ``[out/L, r, N]`` logits or ``[..., topk]`` indices (PEFT's integer dtype) with ``[..., topk - 1]`` weights."""
     r, num_vectors, _, topk = settings(config)
     wanted = per_module(config)
-    hint = "save the adapter again with PEFT (SPEC.md 17.1)"
+    hint = "save the adapter again with PEFT (SPEC.md 17.4)"
     flag = "true" if topk_only(config) else "false"
     errors: list[AdapterSpecError] = [
         UnexpectedTensorError(f"save_only_topk_weights is {flag}: PEFT stores {', '.join(wanted)} per module, "
@@ -167,7 +167,7 @@ def shared_errors(config: Mapping[str, Any], shared: Mapping[str, TensorInfo]) -
     key = shared_key("vblora_vector_bank")
     if info is None:
         return [MissingTensorError("missing (VB-LoRA stores its vector bank once per adapter)", key=key,
-                                   hint="save the adapter again with PEFT (SPEC.md 17.1)")]
+                                   hint="save the adapter again with PEFT (SPEC.md 17.4)")]
     if tuple(info.shape) != (num_vectors, vector_length):
         return [_shape(key, info, f"must be [num_vectors, vector_length] = [{num_vectors}, {vector_length}]",
                        "set num_vectors and vector_length to the bank's shape, or save the adapter again")]

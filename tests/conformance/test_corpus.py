@@ -58,7 +58,7 @@ def test_numeric_values_are_element_unique(corpus: Corpus, dtype: str) -> None:
         if not isinstance(case, NumericCase) or case.dtype != dtype:
             continue
         for key, value in _io.read_arrays(case.adapter / "adapter_model.safetensors").items():
-            if value.size >= 4 and not key.endswith("_topk_indices"):  # VB-LoRA's integer indices (SPEC 17.1)
+            if value.size >= 4 and not key.endswith("_topk_indices"):  # VB-LoRA's integer indices (SPEC 17.4)
                 share = len(np.unique(value)) / value.size
                 assert share > (0.9 if dtype == "float32" else 0.5), (case.name, key, share)
 

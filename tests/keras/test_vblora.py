@@ -1,4 +1,4 @@
-"""VB-LoRA (SPEC.md 17.1) on keras-hub models, exact against PEFT 0.21 (fp32) in both directions; the vector bank
+"""VB-LoRA (SPEC.md 17.4) on keras-hub models, exact against PEFT 0.21 (fp32) in both directions; the vector bank
 stored once; the top-k form and the layers PEFT refuses refused typed, with the model unchanged.
 
 Each case: a PEFT VB-LoRA model with element-unique logits and bank is saved (logits form). A keras-hub model

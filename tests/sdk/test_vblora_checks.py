@@ -1,5 +1,5 @@
 """VB-LoRA config rules, tensor checks of both saved forms, the shared bank's naming and refused variants
-(SPEC.md 17.1), without a framework."""
+(SPEC.md 17.4), without a framework."""
 
 from __future__ import annotations
 

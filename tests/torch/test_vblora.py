@@ -1,4 +1,4 @@
-"""VB-LoRA (SPEC.md 17.1) exact against PEFT 0.21 in both saved forms; the vector bank stored once; refusals typed.
+"""VB-LoRA (SPEC.md 17.4) exact against PEFT 0.21 in both saved forms; the vector bank stored once; refusals typed.
 
 Each case: a PEFT VB-LoRA model with element-unique logits and bank is saved (logits, or with
 ``save_only_topk_weights`` their top-k indices and weights); ``adapterspec.load_adapter`` gives the outputs of PEFT's

@@ -256,7 +256,7 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return adalora_weight(module, weight, config, path, tensors), bias
     if method == "VERA":  # SPEC.md 15.5: ``tensors`` holds the shared vera_A / vera_B too
         return vera_weight(module, weight, tensors), bias
-    if method == "VBLORA":  # SPEC.md 17.1: ``tensors`` holds the shared vblora_vector_bank too
+    if method == "VBLORA":  # SPEC.md 17.4: ``tensors`` holds the shared vblora_vector_bank too
         return vblora_weight(module, weight, config, tensors), bias
     if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
         return token_weight(weight, config, tensors), bias

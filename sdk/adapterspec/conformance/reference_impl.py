@@ -116,7 +116,7 @@ _SUPPORTED = {
     "BOFT": ("linear", "conv2d"),
     "ADALORA": ("linear", "gpt2_conv1d", "conv2d"),
     "VERA": ("linear", "gpt2_conv1d"),
-    "VBLORA": ("linear", "gpt2_conv1d"),  # SPEC.md 17.1
+    "VBLORA": ("linear", "gpt2_conv1d"),  # SPEC.md 17.4
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
@@ -202,7 +202,7 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
         hra_shape = _hra.param_shapes(math.prod(fits), config)[_hra.PARAM]
         if tuple(shapes[_hra.PARAM]) != hra_shape:
             raise refuse(_hra.PARAM, f"module {path!r} takes {list(hra_shape)} ({math.prod(fits)} input features, r)")
-    elif method == "VBLORA":  # SPEC.md 17.1: in / L and out / L of this layer (the bank: the SDK's checks)
+    elif method == "VBLORA":  # SPEC.md 17.4: in / L and out / L of this layer (the bank: the SDK's checks)
         length = int(config.get("vector_length") or 256)
         for size in (fits[0], out):
             if size % length:

@@ -1,4 +1,4 @@
-"""VB-LoRA in float64 NumPy (SPEC.md 17.1): ``W + B @ A``, A and B mixed from the shared bank by top-k logits.
+"""VB-LoRA in float64 NumPy (SPEC.md 17.4): ``W + B @ A``, A and B mixed from the shared bank by top-k logits.
 
 A module's tensors here include the adapter's shared ``vblora_vector_bank`` (``[N, L]``). The logits are stored, or
 rebuilt from ``_topk_indices`` / ``_topk_weights`` as PEFT's loader does.
@@ -25,7 +25,7 @@ Array = np.ndarray
 def _logits(tensors: Mapping[str, Any], name: str, num_vectors: int) -> Array:
     if name in tensors:
         return np.asarray(tensors[name], dtype=np.float64)
-    weights = np.asarray(tensors[name + "_topk_weights"], dtype=np.float32)  # PEFT: float32 (SPEC.md 17.1)
+    weights = np.asarray(tensors[name + "_topk_weights"], dtype=np.float32)  # PEFT: float32 (SPEC.md 17.4)
     indices = np.asarray(tensors[name + "_topk_indices"]).astype(np.int64)
     if indices.min(initial=0) < 0 or indices.max(initial=0) >= num_vectors:
         raise ValueError(f"{name}_topk_indices: an index is outside the bank's {num_vectors} vectors")
