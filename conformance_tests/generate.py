@@ -429,8 +429,15 @@ def _road_cases() -> None:
             "first half of each group's 2g values gives cos, the second sin", "ROAD", "linear", "float32",
             {"layer": linear(6, 8)}, {"peft_type": "ROAD", "variant": "road_4", "group_size": 8,
                                       "target_modules": ["layer"]}, [])
+    numeric("road-4-linear-groups-f32", "RoAd road_4 on a Linear 6->8 with bias, group_size 4 (two groups): "
+            "theta/alpha [16] read as [out/g = 2, 2, g = 4]: group k's first 4 values give cos, its next 4 sin",
+            "ROAD", "linear", "float32", {"layer": linear(6, 8)},
+            {"peft_type": "ROAD", "variant": "road_4", "group_size": 4, "target_modules": ["layer"]}, ["groups"])
+    numeric("road-2-linear-bf16", "RoAd road_2 on a Linear 6->8 with bias, group_size 4, in bfloat16", "ROAD",
+            "linear", "bfloat16", {"layer": linear(6, 8)},
+            {"peft_type": "ROAD", "variant": "road_2", "group_size": 4, "target_modules": ["layer"]}, [])
 def _miss_cases() -> None:
-    """MiSS (SPEC.md 17.1): one block shared across the input's r-chunks; bat multiplies the weight's tiles."""
+    """MiSS (SPEC.md 17.2): one block shared across the input's r-chunks; bat multiplies the weight's tiles."""
     miss = {"peft_type": "MISS", "target_modules": ["layer"]}
     numeric("miss-linear-f32", "MiSS on a Linear 8->6, r 4: the sum of the input's two 4-chunks times miss_block "
             "[4, 6] is added (merged: W[o, j*4 + k] += B[k, o])", "MISS", "linear", "float32", {"layer": linear(8, 6)},
@@ -445,8 +452,13 @@ def _miss_cases() -> None:
             "each [2, 2] tile W[i, j] of the weight becomes W[i, j] + W[i, j] @ B_i + B_i", "MISS", "linear",
             "float32", {"layers.0.q_proj": linear(8, 4), "layers.0.o_proj": linear(6, 4, bias=False)},
             {"peft_type": "MISS", "r": 2, "init_weights": "bat", "target_modules": ["q_proj", "o_proj"]}, ["bat"])
+    numeric("miss-linear-null-init-f32", "SPEC 4.1, 17.2: MiSS with init_weights null is block mode (PEFT compares "
+            "it with 'bat' and 'mini'): a [4, 6] miss_block on a Linear 8->6, r 4", "MISS", "linear", "float32",
+            {"layer": linear(8, 6)}, miss | {"r": 4, "init_weights": None}, ["null"])
+    numeric("miss-linear-f16", "MiSS on a Linear 16->6, r 4 (the sum of 4 chunks), in float16", "MISS", "linear",
+            "float16", {"layer": linear(16, 6)}, miss | {"r": 4}, [])
 def _hra_cases() -> None:
-    """HRA (SPEC.md 17.1): the weight times a product of Householder reflections of the input features."""
+    """HRA (SPEC.md 17.3): the weight times a product of Householder reflections of the input features."""
     numeric("hra-linear-f32", "HRA on a Linear 8->5 with bias, r 3: W @ H, H = (I - 2 u1 u1^T)(I - 2 u2 u2^T)"
             "(I - 2 u3 u3^T) of hra_u's normalised columns [8, 3]", "HRA", "linear", "float32",
             {"layer": linear(8, 5)}, {"peft_type": "HRA", "r": 3, "target_modules": ["layer"]}, [])
@@ -457,6 +469,15 @@ def _hra_cases() -> None:
             "kernel's columns in torch's (in, kh, kw) order", "HRA", "conv2d", "float32",
             {"conv": conv2d(3, 4, [2, 2], padding=[1, 1])}, {"peft_type": "HRA", "r": 2, "target_modules": ["conv"]},
             [])
+    numeric("hra-linear-null-booleans-f32", "SPEC 4.1: HRA with apply_GS and init_weights null reads them as false "
+            "(PEFT's truth tests): the product of the 3 reflections, not Gram-Schmidt", "HRA", "linear", "float32",
+            {"layer": linear(8, 5)},
+            {"peft_type": "HRA", "r": 3, "apply_GS": None, "init_weights": None, "target_modules": ["layer"]}, ["null"])
+    numeric("hra-linear-f16", "HRA on a Linear 8->5 with bias, r 3, in float16 (hra_u too: PEFT computes H and "
+            "W @ H in hra_u's dtype)", "HRA", "linear", "float16", {"layer": linear(8, 5)},
+            {"peft_type": "HRA", "r": 3, "target_modules": ["layer"]}, [])
+
+
 def _vblora_cases() -> None:
     """VB-LoRA (SPEC.md 17.4): one bank [N, L] stored once; per module logits (or their top-k) mix its vectors."""
     numeric("vblora-linear-f32", "VB-LoRA on two Linear layers (8->4, 4->8), N=6 vectors of L=4, r=2, topk=2: "
@@ -1123,7 +1144,7 @@ def _embedding_names_folders() -> None:
 
 
 def _hra_folders() -> None:
-    """HRA (SPEC.md 17.1): a valid folder, and what a reader refuses before any model is involved."""
+    """HRA (SPEC.md 17.3): a valid folder, and what a reader refuses before any model is involved."""
     hra = {"peft_type": "HRA", "r": 2, "target_modules": ["q_proj", "v_proj"]}
     tensors = {f"{Q}.hra_u": det((8, 2), 1).astype(np.float32), f"{V}.hra_u": det((8, 2), 3).astype(np.float32)}
     plain("hra-valid", "HRA: hra_u [in_features, r] per adapted module", hra, tensors, valid=True)
@@ -1134,6 +1155,13 @@ def _hra_folders() -> None:
     plain("hra-transposed", "hra_u is [in_features, r]: a transposed one ([r, in]) does not have r columns",
           hra, {f"{Q}.hra_u": tensors[f"{Q}.hra_u"], f"{V}.hra_u": np.ascontiguousarray(tensors[f"{V}.hra_u"].T)},
           valid=False, error="ShapeMismatchError", key=f"{V}.hra_u")
+    plain("hra-null-booleans", "SPEC 4.1: HRA's apply_GS and init_weights may be null, read as false (PEFT's truth "
+          "tests)", hra | {"apply_GS": None, "init_weights": None}, tensors, valid=True)
+    plain("hra-gs-rank-above-features", "SPEC 17.3: apply_GS with r 9 above q_proj's 8 input features: Gram-Schmidt "
+          "normalises a column that is zero up to rounding (PEFT's output is rounding noise): UnsupportedError naming "
+          "/r and the module", hra | {"r": 9, "apply_GS": True, "target_modules": ["q_proj"]},
+          {f"{Q}.hra_u": det((8, 9), 5).astype(np.float32)}, valid=False, error="UnsupportedError",
+          key="model.layers.0.self_attn.q_proj", pointer="/r")
 
 
 def _oft_folders() -> None:
@@ -1207,11 +1235,19 @@ def _road_folders() -> None:
     plain("road-length-not-a-group-multiple", "RoAd road_2 with group_size 4: a road_theta / road_alpha of 6 values "
           "is no layer's (out is a multiple of group_size)", road,
           own | {f"{Q}.road_theta": det((6,), 1).astype(np.float32), f"{Q}.road_alpha": det((6,), 2).astype(np.float32)},
-          valid=False, error="ShapeMismatchError", key=f"{Q}.road_theta")
+          valid=False, error="ShapeMismatchError", key=[f"{Q}.road_theta", f"{Q}.road_alpha"])
     plain("road-variant-unknown", "RoAd: variant 'road_3' (PEFT's config refuses it): ConfigError naming /variant",
           road | {"variant": "road_3"}, own, valid=False, error="ConfigError", pointer="/variant")
+    plain("road-group-size-not-dividing", "RoAd road_2 with group_size 8 on v_proj (4 outputs): PEFT refuses the "
+          "layer; the refusal (check 18, UnsupportedError naming the module and /group_size) comes before the lengths "
+          "are compared (v_proj's 8 values are a multiple of group_size, not its 4 outputs)", road | {"group_size": 8},
+          own | {f"{V}.road_theta": det((8,), 3).astype(np.float32),
+                 f"{V}.road_alpha": det((8,), 4, 0.3, 1.0).astype(np.float32)},
+          valid=False, error="UnsupportedError", key="model.layers.0.self_attn.v_proj", pointer="/group_size")
+    plain("road-init-weights-null", "SPEC 4.1: RoAd's init_weights may be null (PEFT tests 'is False': null acts as "
+          "true; it only matters for a new adapter)", road | {"init_weights": None}, own, valid=True)
 def _miss_folders() -> None:
-    """MiSS files (SPEC.md 17.1): a valid one per mode, and what a reader refuses."""
+    """MiSS files (SPEC.md 17.2): a valid one per mode, and what a reader refuses."""
     miss = {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj", "v_proj"]}
     block = {f"{Q}.miss_block": det((4, 8), 1).astype(np.float32), f"{V}.miss_block": det((4, 4), 2).astype(np.float32)}
     plain("miss", "MiSS (block mode) on q_proj and v_proj: miss_block [r, out] (no .weight suffix)", miss, block,
@@ -1220,6 +1256,8 @@ def _miss_folders() -> None:
            f"{V}.miss_block": det((1, 4, 4), 4, 0.1).astype(np.float32)}
     plain("miss-bat", "MiSS init_weights 'bat': miss_block [out / r, r, r]", miss | {"init_weights": "bat"}, bat,
           valid=True)
+    plain("miss-init-weights-null", "SPEC 4.1, 17.2: MiSS's init_weights may be null: block mode (PEFT compares it "
+          "with 'bat' and 'mini')", miss | {"init_weights": None}, block, valid=True)
     plain("miss-bias", "MiSS with trained biases (bias all) is refused with UnsupportedError naming /bias",
           miss | {"bias": "all"}, block, valid=False, error="UnsupportedError", pointer="/bias")
     plain("miss-block-transposed", "a block-mode miss_block saved [out, r] instead of [r, out]", miss,
@@ -1407,11 +1445,25 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "target_modules": ["q_proj"]}, True, None, None),
         ("ln-tuning-recognised", "LN tuning is recognised (portable since spec 1.1, SPEC.md 15.3): its config is valid",
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
-        ("hra-recognised", "HRA is recognised (portable since spec 1.2, SPEC.md 17.1): its config is valid",
+        ("hra-recognised", "HRA is recognised (portable since spec 1.2, SPEC.md 17.3): its config is valid",
          {"peft_type": "HRA", "r": 4, "apply_GS": True, "target_modules": ["q_proj"]}, True, None, None),
         ("hra-layers-pattern-alone", "HRA: a non-empty layers_pattern requires layers_to_transform (PEFT refuses it)",
          {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"], "layers_pattern": "layers"}, False, "",
          None),
+        ("config-hra-null-booleans", "HRA's apply_GS and init_weights may be null, read as false (PEFT's truth tests, "
+         "SPEC 4.1)", {"peft_type": "HRA", "r": 4, "apply_GS": None, "init_weights": None,
+                       "target_modules": ["q_proj"]}, True, None, None),
+        ("config-road-init-weights-null", "RoAd's init_weights may be null (PEFT tests 'is False': null acts as true, "
+         "SPEC 4.1)", {"peft_type": "ROAD", "group_size": 4, "init_weights": None, "target_modules": ["q_proj"]},
+         True, None, None),
+        ("config-miss-init-weights-null", "MiSS's init_weights may be null: block mode (SPEC 17.2)",
+         {"peft_type": "MISS", "r": 4, "init_weights": None, "target_modules": ["q_proj"]}, True, None, None),
+        ("miss-regex-layers-pattern", "MiSS: layers_pattern must be null with a regex target_modules (PEFT's "
+         "MissConfig raises)", {"peft_type": "MISS", "r": 4, "target_modules": ".*q_proj", "layers_pattern": "layers"},
+         False, "/layers_pattern", None),
+        ("hra-regex-layers-to-transform", "HRA: layers_to_transform must be null with a regex target_modules (PEFT's "
+         "HRAConfig raises)", {"peft_type": "HRA", "r": 4, "target_modules": ".*q_proj", "layers_to_transform": [0]},
+         False, "/layers_to_transform", None),
         ("fourierft-n-frequency-string", "a recognised method's fields have the types of PEFT's config class",
          {"peft_type": "FOURIERFT", "n_frequency": "4", "target_modules": ["q_proj"]}, False, "/n_frequency", None),
         ("method-unknown", "a peft_type that is not one of PEFT 0.21's methods is refused",

@@ -102,7 +102,7 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
     'RandomUniform'
     """
     kind = init[0]
-    if kind == "uniform_pairs":  # HRA (SPEC.md 17.1): each value twice along the last axis
+    if kind == "uniform_pairs":  # HRA (SPEC.md 17.3): each value twice along the last axis
         return _UniformPairs(init[1])
     if kind == "uniform":
         return keras.initializers.RandomUniform(-init[1], init[1])
@@ -115,7 +115,7 @@ def make_initializer(init: tuple[Any, ...]) -> Any:
 
 class _UniformPairs(keras.initializers.Initializer):  # type: ignore[misc]  # keras ships no types
     """Uniform in ``[-bound, bound]`` with each value repeated twice along the last axis: PEFT's HRA start, whose
-    paired Householder vectors cancel (SPEC.md 17.1)."""
+    paired Householder vectors cancel (SPEC.md 17.3)."""
 
     def __init__(self, bound: float) -> None:
         self.bound = bound

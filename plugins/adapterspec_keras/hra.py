@@ -1,4 +1,4 @@
-"""HRA, Householder reflection adaptation (SPEC.md 17.1), on Keras layers: PEFT 0.21's math (the mirror of
+"""HRA, Householder reflection adaptation (SPEC.md 17.3), on Keras layers: PEFT 0.21's math (the mirror of
 :mod:`adapterspec_torch.hra`, function for function where Keras allows).
 
 An adapter's ``hra_u`` ``[F, r]`` (kept in the file's layout) gives an orthogonal ``H`` ``[F, F]`` over the module's
@@ -28,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._hra import PARAM, Reflections, inject_refusal, param_shapes, reflections_of
+from adapterspec._hra import PARAM, Reflections, inject_refusal, layer_refusal, param_shapes, reflections_of
 from adapterspec.errors import UnsupportedError
 
 from .oft import feature_index, features
@@ -47,7 +47,8 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, initialize: boo
     :param initialize: a fresh adapter (:func:`adapterspec._hra.inject_refusal` applies).
     :raises UnsupportedError: an embedding, a logits projection, a transformers ``Conv1D`` (GPT-2; PEFT refuses it
         too), a 1-D/3-D/grouped/dilated/unevenly strided or non-square convolution, a piece seeing only part of the
-        module's inputs (naming the module), or a fresh ``apply_GS`` adapter at PEFT's identity start.
+        module's inputs (naming the module), apply_GS with r above the input features (naming /r), or a fresh
+        ``apply_GS`` adapter at PEFT's identity start.
     """
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
     kinds = {piece.kind for piece in site.pieces}
@@ -79,7 +80,9 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, initialize: boo
                 raise UnsupportedError(f"HRA reflects all {site.in_features} input features of the module; "
                                        f"{type(piece.layer).__name__} {piece.layer.path!r} sees {piece.n_in} of them",
                                        key=path, hint="do not target this module, or use the torch backend")
-    refusal = inject_refusal(config) if initialize else None
+    refusal = layer_refusal(features(site), config)  # SPEC.md 17.3: apply_GS with r above F has no defined result
+    if refusal is None and initialize:
+        refusal = inject_refusal(config)
     if refusal is not None:
         pointer, reason, hint = refusal
         raise UnsupportedError(reason, key=path, pointer=pointer, hint=hint)
@@ -106,7 +109,7 @@ def inits(config: AdapterConfig, params: Mapping[str, tuple[int, ...]]) -> dict[
     ``r/2`` columns each repeated twice (``("uniform_pairs", 1/sqrt(r/2))``), else of all ``r``."""
     out: dict[str, tuple[Any, ...]] = {}
     for param, (_, r) in params.items():
-        if config.get("init_weights", True) is not False and r % 2 == 0:
+        if config.get("init_weights", True) and r % 2 == 0:  # PEFT: a truth test (null: false, SPEC 4.1)
             out[param] = ("uniform_pairs", 1 / math.sqrt(r // 2))
         else:
             out[param] = ("uniform", 1 / math.sqrt(r))

@@ -430,7 +430,7 @@ def _rotated_flat(site: ModuleSite, piece: Piece,
 
 def _hra_plan(site: ModuleSite, config: AdapterConfig, dtype: str, device: str | None, trainable: bool,
               initialize: bool) -> tuple[Mapping[str, Layout], Mapping[str, GroupKey]]:
-    """An HRA slot's layout (the file's ``[F, r]``, kept as it is) and bank group (SPEC.md 17.1)."""
+    """An HRA slot's layout (the file's ``[F, r]``, kept as it is) and bank group (SPEC.md 17.3)."""
     params = hra.shapes(site, config)
     layouts = MappingProxyType({param: Layout(shape, shape, tuple(range(len(shape)))) for param, shape in params.items()})
     inits = hra.inits(config, params) if initialize else None
@@ -567,7 +567,7 @@ class AdapterLayer:
                          False)
             layouts, keys = _lycoris_plan(config, path, site.in_features, site.out_features, site.conv_spatial,
                                           dtype, device, trainable, initialize)
-        elif config.peft_type in hra.METHODS:  # SPEC.md 17.1: runs through the rotation paths (a kernel product)
+        elif config.peft_type in hra.METHODS:  # SPEC.md 17.3: runs through the rotation paths (a kernel product)
             hra.check(site, path, config, initialize=initialize)
             slot = _Slot(path, "HRA", 0, 1.0, False, False, 0.0, False, rotation=hra.settings(config))
             layouts, keys = _hra_plan(site, config, dtype, device, trainable, initialize)

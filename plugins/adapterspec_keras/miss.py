@@ -1,4 +1,4 @@
-"""MiSS (``MISS``, formerly Bone; SPEC.md 17.1) on Keras layers, PEFT 0.21.2's math (the mirror of
+"""MiSS (``MISS``, formerly Bone; SPEC.md 17.2) on Keras layers, PEFT 0.21.2's math (the mirror of
 :mod:`adapterspec_torch.miss`, function for function where Keras allows).
 
 In Keras' flat kernel ``K = W.T`` (``[n_in, n_out]``, see :func:`adapterspec_keras._ops.flat_kernel``):

@@ -1,4 +1,4 @@
-"""HRA, Householder reflection adaptation (SPEC.md 17.1): PEFT 0.21's math on ``nn.Linear`` and ``nn.Conv2d``.
+"""HRA, Householder reflection adaptation (SPEC.md 17.3): PEFT 0.21's math on ``nn.Linear`` and ``nn.Conv2d``.
 
 An adapter's ``hra_u`` ``[F, r]`` gives an orthogonal ``H`` ``[F, F]``: the product of the ``r`` reflections
 ``I - 2 u_i u_i^T`` of its normalised columns, or with ``apply_GS`` the one reflection ``I - 2 Q Q^T`` across the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._hra import PARAM, Reflections, inject_refusal, param_shapes, reflections_of
+from adapterspec._hra import PARAM, Reflections, inject_refusal, layer_refusal, param_shapes, reflections_of
 from adapterspec.errors import UnsupportedError
 
 from .computed import current
@@ -80,6 +80,10 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
                                    "square kernel, one stride and padding value, zero padding, no groups or dilation "
                                    "(its merged weight would compute something else, or PEFT fails)", key=path,
                                    hint="do not target this layer")
+    refusal = layer_refusal(features(module, kind), config)
+    if refusal is not None:  # SPEC.md 17.3: apply_GS with r above F has no defined result
+        pointer, reason, hint = refusal
+        raise UnsupportedError(reason, key=path, pointer=pointer, hint=hint)
 
 
 def check_inject(config: AdapterConfig, path: str) -> None:
@@ -115,7 +119,7 @@ def initialise(params: dict[str, torch.Tensor], config: AdapterConfig) -> None:
     """
     tensor = params[PARAM]
     rows, r = tensor.shape
-    if config.get("init_weights", True) is not False and r % 2 == 0:
+    if config.get("init_weights", True) and r % 2 == 0:  # PEFT: a truth test (null: false, SPEC 4.1)
         half = torch.zeros(rows, r // 2)
         nn.init.kaiming_uniform_(half, a=math.sqrt(5))
         value = torch.repeat_interleave(half, 2, dim=1)

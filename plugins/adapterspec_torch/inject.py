@@ -398,7 +398,7 @@ def _inject_layers(model: nn.Module, state: ModelState, config: AdapterConfig, a
                                "by the torch backend; its adapters load for inference and merging",
                                pointer="/peft_type", hint="train with PEFT's AdaLoRA (update_and_allocate), then "
                                                           "load the saved adapter without trainable")
-    if config.peft_type in hra.METHODS and options.initialize:  # SPEC.md 17.1: PEFT's GS init has no defined output
+    if config.peft_type in hra.METHODS and options.initialize:  # SPEC.md 17.3: PEFT's GS init has no defined output
         hra.check_inject(config, adapter_name)
     modules = dict(iter_modules(model))
     universe_list = _universe(model, options, modules)

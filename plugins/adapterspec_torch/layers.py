@@ -1214,7 +1214,7 @@ class AdapterLayer(nn.Module):
 
     def _miss_block(self, block: miss.Block, path: str) -> miss.Block:
         """``block``, if this layer's other MiSS adapters run in its mode: PEFT 0.21.2 sets a layer's mode once,
-        from its first MiSS adapter, and runs every later one in it (SPEC.md 17.1).
+        from its first MiSS adapter, and runs every later one in it (SPEC.md 17.2).
 
         :raises UnsupportedError: another mode, naming ``/init_weights``.
         """
@@ -1243,7 +1243,7 @@ class AdapterLayer(nn.Module):
         return [(cast(miss.Block, spec.block), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
 
     def _reflections(self, names: tuple[str, ...]) -> list[tuple[hra.Reflections, torch.Tensor]]:
-        """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.1).
+        """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.3).
 
         :raises UnsupportedError: they are active together with another method's adapter on this layer.
         """

@@ -1,4 +1,4 @@
-"""MiSS (``MISS``, formerly Bone; SPEC.md 17.1): a block shared across the input's chunks, PEFT 0.21.2's math.
+"""MiSS (``MISS``, formerly Bone; SPEC.md 17.2): a block shared across the input's chunks, PEFT 0.21.2's math.
 
 Three modes, picked by ``init_weights`` (:func:`adapterspec._miss.mode`):
 

@@ -1,4 +1,4 @@
-"""HRA, Householder reflection adaptation (SPEC.md 17.1): config facts, tensor shapes and the refusals, one rule
+"""HRA, Householder reflection adaptation (SPEC.md 17.3): config facts, tensor shapes and the refusals, one rule
 for every backend.
 
 An HRA adapter stores one tensor per adapted module, ``<module>.hra_u`` ``[F, r]``: ``F`` the input features
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHOD", "PARAM", "PEFT_DEFAULT_R", "Reflections", "inject_refusal", "param_shapes", "rank",
-           "reflections_of", "unsupported"]
+__all__ = ["METHOD", "PARAM", "PEFT_DEFAULT_R", "Reflections", "inject_refusal", "layer_refusal", "param_shapes",
+           "rank", "reflections_of", "unsupported"]
 
 #: The method's ``peft_type``.
 METHOD = "HRA"
@@ -62,8 +62,30 @@ def param_shapes(features: int, config: Mapping[str, Any]) -> dict[str, tuple[in
     return {PARAM: (int(features), rank(config))}
 
 
+def layer_refusal(features: int, config: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """``(pointer, reason, hint)`` when ``config`` has no defined result on a layer of ``features`` input features
+    (``F``), else ``None`` (SPEC.md 17.3).
+
+    With ``apply_GS``, Gram-Schmidt over ``r > F`` columns of ``F`` values reaches a column that is zero up to
+    rounding and divides by its norm: PEFT 0.21.2 returns no NaN but rounding noise (measured: a Linear 4->3 with
+    ``r`` 5 or 6 gives outputs of the size of the weights that depend on float rounding). Without ``apply_GS`` any
+    ``r`` is a product of reflections (defined).
+
+    >>> layer_refusal(4, {"peft_type": "HRA", "r": 5, "apply_GS": True})[0]
+    '/r'
+    >>> layer_refusal(4, {"peft_type": "HRA", "r": 4, "apply_GS": True}), layer_refusal(4, {"r": 5})
+    (None, None)
+    """
+    r = rank(config)
+    if not config.get("apply_GS") or r <= features:
+        return None
+    return ("/r", f"HRA with apply_GS and r={r} above the layer's {features} input features: Gram-Schmidt then "
+                  "normalises a column that is zero up to rounding, so PEFT's output is rounding noise",
+            f"use r <= {features} with apply_GS, or apply_GS false, or do not target this layer")
+
+
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(pointer, reason)`` for each HRA variant adapterspec readers refuse (SPEC.md 17.1).
+    """``(pointer, reason)`` for each HRA variant adapterspec readers refuse (SPEC.md 17.3).
 
     >>> unsupported({"peft_type": "HRA", "r": 0})[0]
     ('/r', 'HRA with r=0: PEFT refuses to build the layers (r must be a positive integer)')
@@ -94,7 +116,7 @@ def inject_refusal(config: Mapping[str, Any]) -> tuple[str, str, str] | None:
     >>> inject_refusal({"peft_type": "HRA", "r": 2}) is None
     True
     """
-    if config.get("peft_type") != METHOD or not config.get("apply_GS") or config.get("init_weights", True) is False \
+    if config.get("peft_type") != METHOD or not config.get("apply_GS") or not config.get("init_weights", True) \
             or rank(config) % 2:
         return None
     return ("/apply_GS", "a fresh HRA adapter with apply_GS and init_weights true (even r): PEFT repeats each column "

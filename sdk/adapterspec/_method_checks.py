@@ -343,7 +343,7 @@ def _boft(config: AdapterConfig, module: str, p: Params) -> Errors:
     return errors
 
 
-# -- HRA (SPEC.md 17.1) -----------------------------------------------------------------------
+# -- HRA (SPEC.md 17.3) -----------------------------------------------------------------------
 def _hra_check(config: AdapterConfig, module: str, p: Params) -> Errors:
     """``hra_u`` is ``[F, r]``: one Householder vector per column, ``r`` the config's (HRA has no rank_pattern)."""
     if HRA_PARAM not in p:
@@ -351,7 +351,7 @@ def _hra_check(config: AdapterConfig, module: str, p: Params) -> Errors:
     info = p[HRA_PARAM]
     if len(info.shape) != 2:
         return [_shape(module, HRA_PARAM, info, "must have 2 axes [in_features, r]",
-                       "save the adapter again with PEFT (SPEC.md 17.1)")]
+                       "save the adapter again with PEFT (SPEC.md 17.3)")]
     r = hra_rank(config)
     if info.shape[1] != r:
         return [ShapeMismatchError(f"rank {info.shape[1]} (axis 1) disagrees with the config's r={r} for module "
@@ -454,7 +454,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-# -- MISS (SPEC.md 17.1) ------------------------------------------------------------------------
+# -- MISS (SPEC.md 17.2) ------------------------------------------------------------------------
 def _miss_block(config: AdapterConfig, module: str, p: Params) -> Errors:
     """``miss_block`` is ``[r, out]`` (plain), ``[r, mini_r]`` (``init_weights`` "mini") or ``[out/r, r, r]`` ("bat")."""
     name = miss_facts.PARAM
@@ -534,5 +534,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "TRAINABLE_TOKENS": _trainable_tokens,
     "LN_TUNING": _ln_tuning,
     "ROAD": _road,
-    "HRA": _hra_check,  # SPEC.md 17.1
+    "HRA": _hra_check,  # SPEC.md 17.3
 }

@@ -1,4 +1,4 @@
-"""MiSS (``MISS``, formerly Bone; SPEC.md 17.1): its three modes, ``miss_block``'s shape in each, the layers PEFT
+"""MiSS (``MISS``, formerly Bone; SPEC.md 17.2): its three modes, ``miss_block``'s shape in each, the layers PEFT
 0.21.2 refuses -- one rule for every backend.
 
 PEFT's ``init_weights`` picks the mode: exactly ``"bat"`` (the block multiplies the base weight's ``[r, r]`` tiles),
@@ -113,7 +113,7 @@ def block_shape(in_features: int, out_features: int, config: Mapping[str, Any], 
 
 
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(pointer, reason)`` for each MiSS variant adapterspec readers refuse (SPEC.md 17.1).
+    """``(pointer, reason)`` for each MiSS variant adapterspec readers refuse (SPEC.md 17.2).
 
     >>> unsupported({"peft_type": "MISS", "bias": "all"})[0][0]
     '/bias'

@@ -43,9 +43,9 @@ PORTABLE_METHODS = frozenset({
     "TRAINABLE_TOKENS",
     "LN_TUNING",
     "ROAD",
-    "MISS",  # SPEC.md 17.1
-    "HRA",  # SPEC.md 17.1
-    "VBLORA",
+    "MISS",  # SPEC.md 17.2
+    "HRA",  # SPEC.md 17.3
+    "VBLORA",  # SPEC.md 17.4
 })
 
 

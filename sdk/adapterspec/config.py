@@ -455,7 +455,13 @@ def _null_reads_false(peft_type: str) -> frozenset[str]:
     """
     schema = load_schema()
     props = {**schema["properties"], **schema["$defs"].get(peft_type, {}).get("properties", {})}
-    return frozenset(k for k, v in props.items() if isinstance(v, dict) and v.get("type") == ["boolean", "null"])
+    return frozenset(k for k, v in props.items() if isinstance(v, dict) and v.get("type") == ["boolean", "null"]
+                     and k not in _NULL_READS_TRUE.get(peft_type, ()))
+
+
+#: Nullable boolean fields PEFT reads with ``is False`` rather than a truth test: null acts as true (SPEC 4.1.1).
+#: RoAd's ``init_weights`` (``reset_parameters``: ``if init_weights is False``: a null one starts at the identity).
+_NULL_READS_TRUE: Mapping[str, frozenset[str]] = {"ROAD": frozenset({"init_weights"})}
 
 
 #: The fields :func:`~adapterspec.targets.module_matches` reads: configs equal in these target the same modules.
@@ -510,6 +516,10 @@ class AdapterConfig(Mapping[str, Any]):
             if isinstance(method, str) else []
         if nulls:  # SPEC 4.1.1: a null boolean reads as false (PEFT's truth test); written back as null
             self._acting = {**self._acting, **dict.fromkeys(nulls, False)}
+        trues = [k for k in _NULL_READS_TRUE.get(method, ()) if k in self._acting and self._acting[k] is None] \
+            if isinstance(method, str) else []
+        if trues:  # SPEC 4.1.1: PEFT tests these with ``is False``, so null acts as true; written back as null
+            self._acting = {**self._acting, **dict.fromkeys(trues, True)}
         saved = self._acting.get("modules_to_save")
         task = self._acting.get("task_type")
         heads = [n for n in TASK_MODULES_TO_SAVE.get(task if isinstance(task, str) else "", ()) if n not in (saved or ())] \

@@ -57,12 +57,12 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "BOFT": ("boft_R", "boft_s"),
     "ADALORA": ("lora_A", "lora_B", "lora_E"),
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
-    "MISS": ("miss_block",),  # SPEC.md 17.1
+    "MISS": ("miss_block",),  # SPEC.md 17.2
     "VBLORA": _vblora.PARAMETERS,
     "TRAINABLE_TOKENS": ("trainable_tokens_delta",),
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
-    "HRA": ("hra_u",),  # SPEC.md 17.1
+    "HRA": ("hra_u",),  # SPEC.md 17.3
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

@@ -39,9 +39,12 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
         "boft-linear-f32", "boft-conv2d-f32")} | {"numeric/p-tuning-f32"} | {f"numeric/{i}" for i in (
         "vera-linear-f32", "vera-gpt2-conv1d-f32",  # VeRA: no alpha
         "trainable-tokens-embedding-f32", "trainable-tokens-linear-f32", "ln-tuning-layer-norm-f32",  # nor these
-        "road-1-linear-f32", "road-2-linear-f32", "road-4-linear-f32")} | {  # RoAd (SPEC 17.1): no alpha
-        f"numeric/miss-linear{i}-f32" for i in ("", "-padded", "-mini", "-bat")} | {  # nor MiSS (SPEC 17.1)
-        f"numeric/{i}" for i in ("hra-linear-f32", "hra-linear-gs-f32", "hra-conv2d-f32")} | {
+        "road-1-linear-f32", "road-2-linear-f32", "road-4-linear-f32", "road-4-linear-groups-f32",
+        "road-2-linear-bf16")} | {  # RoAd (SPEC 17.1): no alpha
+        f"numeric/miss-linear{i}" for i in ("-f32", "-padded-f32", "-mini-f32", "-bat-f32", "-null-init-f32",
+                                            "-f16")} | {  # nor MiSS (SPEC 17.2)
+        f"numeric/{i}" for i in ("hra-linear-f32", "hra-linear-gs-f32", "hra-conv2d-f32", "hra-linear-null-booleans-f32",
+                                 "hra-linear-f16")} | {
         "numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32"}  # HRA, VB-LoRA: no alpha
 
 

@@ -1,4 +1,4 @@
-"""HRA (SPEC.md 17.1) on keras-hub models, exact against PEFT 0.21 (fp32): a folder PEFT saved loads and gives PEFT's
+"""HRA (SPEC.md 17.3) on keras-hub models, exact against PEFT 0.21 (fp32): a folder PEFT saved loads and gives PEFT's
 logits (Householder products, Gram-Schmidt), a folder Keras saves holds PEFT's tensors bit for bit and loads in PEFT
 (no missing/unexpected keys, no warning) with Keras' logits; merge/unmerge (reverse reflections), switching, training
 and the refusals (embeddings, GPT-2 Conv1D, bias, HRA with another method on one layer)."""

@@ -1,4 +1,4 @@
-"""MiSS (SPEC.md 17.1) on keras-hub models against PEFT 0.21.2 (fp32): a folder PEFT saved loads and gives PEFT's
+"""MiSS (SPEC.md 17.2) on keras-hub models against PEFT 0.21.2 (fp32): a folder PEFT saved loads and gives PEFT's
 logits in each mode (block, padded block, mini, bat), Keras saves PEFT's tensors bit for bit and PEFT loads them;
 merge/unmerge, two adapters together, the mode rule, and the refusals (a GPT-2 Conv1D, sizes PEFT refuses, bias)."""
 

@@ -1,9 +1,10 @@
-"""HRA's SDK rules (SPEC.md 17.1): the hra_u tensor against the config, the refusals naming their field, the mix
+"""HRA's SDK rules (SPEC.md 17.3): the hra_u tensor against the config, the refusals naming their field, the mix
 rule, and the float64 reference against PEFT's own get_delta_weight."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,3 +100,54 @@ def test_docstring_examples() -> None:
     for module in (_hra, reference_hra):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted >= 2
+
+
+def test_null_booleans_read_as_false() -> None:
+    """SPEC 4.1 (1.2): PEFT reads apply_GS and init_weights with truth tests: null is false (the schema accepts it)."""
+    from adapterspec import _hra
+
+    cfg = adapterspec.AdapterConfig.from_dict({"peft_type": "HRA", "r": 2, "target_modules": ["q"], "apply_GS": None,
+                                               "init_weights": None})
+    assert cfg.get("apply_GS") is False and cfg.get("init_weights") is False
+    assert _hra.reflections_of(cfg).apply_gs is False and _hra.inject_refusal(cfg) is None
+    assert cfg.to_dict()["apply_GS"] is None
+
+
+@pytest.mark.parametrize("field", [{"layers_to_transform": [0]}, {"layers_pattern": "layers", "layers_to_transform": None}])
+def test_regex_target_modules_take_no_layer_fields(field: dict[str, object]) -> None:
+    """PEFT's HRAConfig raises on layers_to_transform / layers_pattern with a string target_modules (SPEC 4.2)."""
+    from adapterspec.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        adapterspec.AdapterConfig.from_dict({"peft_type": "HRA", "r": 2, "target_modules": ".*q", **field})
+    assert info.value.pointer in {"/layers_to_transform", "/layers_pattern", ""}
+    if field.get("layers_to_transform"):  # a list target_modules takes them
+        adapterspec.AdapterConfig.from_dict({"peft_type": "HRA", "r": 2, "target_modules": ["q"], **field})
+
+
+@pytest.mark.parametrize(("r", "apply_gs", "refused"), [(5, True, True), (4, True, False), (9, False, False)])
+def test_gram_schmidt_beyond_the_input_features_is_refused(r: int, apply_gs: bool, refused: bool) -> None:
+    """SPEC 17.3: apply_GS with r > F has no defined result (PEFT: rounding noise): UnsupportedError naming /r."""
+    from adapterspec import _hra
+
+    refusal = _hra.layer_refusal(4, {"peft_type": "HRA", "r": r, "apply_GS": apply_gs})
+    assert (refusal is not None) == refused
+    if refusal is not None:
+        assert refusal[0] == "/r"
+
+
+def test_peft_gram_schmidt_beyond_the_input_features_is_rounding_noise() -> None:
+    """The measurement behind the refusal: PEFT's apply_GS H for r > F depends on float rounding (float32 and
+    float64 disagree far beyond their rounding), while r = F agrees to rounding."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import HRAConfig
+    from peft.tuners.hra.layer import HRALinear
+
+    def h(r: int, dtype: Any) -> Any:
+        torch.manual_seed(0)
+        layer = HRALinear(torch.nn.Linear(4, 3), "a", HRAConfig(r=r, apply_GS=True, init_weights=False), r=r)
+        return layer.to(dtype).get_delta_weight("a").double()
+
+    assert (h(4, torch.float32) - h(4, torch.float64)).abs().max() < 1e-5
+    assert (h(6, torch.float32) - h(6, torch.float64)).abs().max() > 1e-2

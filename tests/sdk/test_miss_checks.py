@@ -1,4 +1,4 @@
-"""MiSS tensor checks, modes and refused variants (SPEC.md 17.1), without a framework."""
+"""MiSS tensor checks, modes and refused variants (SPEC.md 17.2), without a framework."""
 
 from __future__ import annotations
 
@@ -78,3 +78,22 @@ def test_miss_runs_with_miss_only() -> None:
     for other in ("LORA", "LOHA", "VERA", "ADALORA", "IA3"):
         refusal = mix_refusal("q", [Running("a", "MISS"), Running("b", other)])
         assert refusal is not None and refusal.key == "q" and "cannot run together" in refusal.message
+
+
+def test_null_init_weights_is_block_mode_in_the_schema_and_the_config() -> None:
+    """SPEC 4.1, 17.2 (1.2): PEFT compares init_weights with 'bat' / 'mini' (null: block) and tests its truth for the
+    start (null: PEFT's random start); the schema accepts null and the config writes it back."""
+    cfg = AdapterConfig.from_dict(MISS | {"init_weights": None})
+    assert _miss.mode(cfg) == _miss.BLOCK and not _miss.starts_at_zero(cfg)
+    assert cfg.to_dict()["init_weights"] is None
+
+
+@pytest.mark.parametrize(("field", "pointer"), [({"layers_to_transform": [0]}, "/layers_to_transform"),
+                                                ({"layers_pattern": "layers"}, "/layers_pattern")])
+def test_regex_target_modules_take_no_layer_fields(field: dict[str, Any], pointer: str) -> None:
+    """PEFT's MissConfig raises on layers_to_transform / layers_pattern with a string target_modules (SPEC 4.2)."""
+    from adapterspec.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        AdapterConfig.from_dict(MISS | {"target_modules": ".*q", **field})
+    assert info.value.pointer == pointer

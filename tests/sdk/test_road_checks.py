@@ -62,3 +62,11 @@ def test_config_values_peft_refuses(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as info:
         adapterspec.AdapterConfig.from_dict({"peft_type": "ROAD", "target_modules": ["q"], **bad})
     assert info.value.pointer == "/" + next(iter(bad))
+
+
+def test_null_init_weights_acts_as_true_and_is_written_back() -> None:
+    """SPEC 4.1 (1.2): PEFT tests RoAd's init_weights with ``is False``, so null starts at the identity (as true);
+    the schema accepts it and the config writes the null back."""
+    cfg = adapterspec.AdapterConfig.from_dict({"peft_type": "ROAD", "target_modules": ["q"], "init_weights": None})
+    assert cfg.get("init_weights") is True
+    assert cfg.to_dict()["init_weights"] is None

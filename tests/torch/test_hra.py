@@ -1,4 +1,4 @@
-"""HRA (SPEC.md 17.1) exact against PEFT 0.21 in both directions, merge and unmerge included; refusals typed.
+"""HRA (SPEC.md 17.3) exact against PEFT 0.21 in both directions, merge and unmerge included; refusals typed.
 
 Each case: a PEFT model with element-unique Householder vectors is saved; ``adapterspec.load_adapter`` gives PEFT's
 outputs on a fresh copy of the base; ``save_adapter`` writes byte-equal tensors that PEFT loads with nothing

@@ -1,4 +1,4 @@
-"""MiSS (SPEC.md 17.1) exact against PEFT 0.21.2 in both directions, its three modes, merge included; refusals typed.
+"""MiSS (SPEC.md 17.2) exact against PEFT 0.21.2 in both directions, its three modes, merge included; refusals typed.
 
 Each case: a PEFT model with element-unique ``miss_block`` values is saved; ``adapterspec.load_adapter`` gives
 PEFT's outputs on a fresh copy of the base; ``save_adapter`` writes byte-equal tensors that PEFT loads with nothing

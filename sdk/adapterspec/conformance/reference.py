@@ -250,7 +250,7 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return _lokr(module, weight, config, path, tensors), bias
     if method in ("OFT", "BOFT"):  # SPEC.md 15.6, 15.7
         return rotated_weight(module, weight, config, tensors), bias
-    if method == "HRA":  # SPEC.md 17.1
+    if method == "HRA":  # SPEC.md 17.3
         return reflected_weight(module, weight, config, tensors), bias
     if method == "ADALORA":  # SPEC.md 15.4
         return adalora_weight(module, weight, config, path, tensors), bias
@@ -264,7 +264,7 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return ln_tuning_weights(weight, bias, tensors)
     if method == "ROAD":  # SPEC.md 17.1: R W, R b
         return road_weights(weight, bias, config, tensors)
-    if method == "MISS":  # SPEC.md 17.1
+    if method == "MISS":  # SPEC.md 17.2
         return miss_weight(module, weight, config, tensors), bias
     raise ValueError(f"{method} has no weight update")
 

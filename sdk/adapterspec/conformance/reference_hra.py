@@ -1,4 +1,4 @@
-"""HRA in float64 NumPy (SPEC.md 17.1): the effective weight ``W_flat @ H``.
+"""HRA in float64 NumPy (SPEC.md 17.3): the effective weight ``W_flat @ H``.
 
 ``H`` is the product of the reflections ``I - 2 u_i u_i^T`` of ``hra_u``'s normalised columns, in column order,
 or with ``apply_GS`` the one reflection ``I - 2 Q Q^T`` across the Gram-Schmidt basis ``Q`` of the columns.

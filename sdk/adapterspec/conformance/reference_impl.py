@@ -120,8 +120,8 @@ _SUPPORTED = {
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
-    "MISS": ("linear",),  # SPEC.md 17.1
-    "HRA": ("linear", "conv2d"),  # SPEC.md 17.1: square kernel, one stride and padding value (_check_supported)
+    "MISS": ("linear",),  # SPEC.md 17.2
+    "HRA": ("linear", "conv2d"),  # SPEC.md 17.3: square kernel, one stride and padding value (_check_supported)
 }
 
 
@@ -137,7 +137,7 @@ def _check_supported(config: AdapterConfig, path: str, spec: Mapping[str, Any]) 
     if method == "HRA" and kind == "conv2d" and any(len(set(spec.get(f) or [1])) != 1 for f in
                                                     ("kernel_size", "stride", "padding")):
         raise UnsupportedError("HRA's unmerged convolution uses one kernel size, stride and padding value for both "
-                               "axes (SPEC.md 17.1)", key=path, hint="do not target this layer")
+                               "axes (SPEC.md 17.3)", key=path, hint="do not target this layer")
 
 
 def _lycoris_params(config: AdapterConfig, path: str, spec: Mapping[str, Any]) -> set[str]:
@@ -198,7 +198,10 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             if param in shapes and tuple(shapes[param]) != (length,):
                 raise refuse(param, f"module {path!r} has {out} outputs: variant {_road.variant(config)} stores "
                                     f"[{length}]")
-    elif method == "HRA":  # [F, r]: F the layer's input features (in * k * k), r the config's (SPEC.md 17.1)
+    elif method == "HRA":  # [F, r]: F the layer's input features (in * k * k), r the config's (SPEC.md 17.3)
+        refusal = _hra.layer_refusal(math.prod(fits), config)
+        if refusal is not None:  # check 18 before the shapes: apply_GS with r above F has no defined result
+            raise UnsupportedError(refusal[1], key=path, pointer=refusal[0], hint=refusal[2])
         hra_shape = _hra.param_shapes(math.prod(fits), config)[_hra.PARAM]
         if tuple(shapes[_hra.PARAM]) != hra_shape:
             raise refuse(_hra.PARAM, f"module {path!r} takes {list(hra_shape)} ({math.prod(fits)} input features, r)")
@@ -225,7 +228,7 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             if param in shapes and tuple(shapes[param]) != shape:
                 raise refuse(param, f"the config's sizes give {list(shape)} for module {path!r} "
                                     f"({math.prod(fits)} input features)")
-    elif method == "MISS":  # the mode's shape on this layer; sizes PEFT refuses are UnsupportedError (SPEC.md 17.1)
+    elif method == "MISS":  # the mode's shape on this layer; sizes PEFT refuses are UnsupportedError (SPEC.md 17.2)
         block = _miss.block_shape(fits[0], out, config, path)
         if _miss.PARAM in shapes and tuple(shapes[_miss.PARAM]) != block:
             raise refuse(_miss.PARAM, f"module {path!r} takes {list(block)} ({config.get('init_weights', True)!r} "

@@ -1,4 +1,4 @@
-"""MiSS in float64 NumPy (SPEC.md 17.1): the weight a block/mini or bat adapter gives a Linear layer.
+"""MiSS in float64 NumPy (SPEC.md 17.2): the weight a block/mini or bat adapter gives a Linear layer.
 
 Block and mini add ``B[c % r, o]`` to ``W[o, c]`` (the unmerged chunk sum is the same product); bat turns every
 ``[r, r]`` tile into ``W[i, j] + W[i, j] @ B_i + B_i``.

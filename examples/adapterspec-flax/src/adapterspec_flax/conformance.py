@@ -27,6 +27,19 @@ LAYER_KINDS = ("linear", "embedding")
 METHODS = ("LORA", "IA3")
 
 
+def _folder_method(path: Path) -> str | None:
+    """The ``peft_type`` of a folder case's adapter when it is a portable method (SPEC 14.1), else ``None``."""
+    import json
+
+    from adapterspec._rules import PORTABLE_METHODS
+
+    try:
+        method = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) and method in PORTABLE_METHODS else None
+
+
 def build_model(model: Mapping[str, Any]) -> Any:
     """An NNX module holding a case's layers at their module paths (nested ``nnx.Dict``), in its dtype.
 
@@ -150,6 +163,8 @@ class FlaxImplementation:
         if kinds - set(LAYER_KINDS):
             return f"layer kinds {sorted(kinds - set(LAYER_KINDS))} are not supported (only {', '.join(LAYER_KINDS)})"
         method = source.data.get("method")
+        if method is None and case.kind == "folder" and case.error == "UnsupportedError" and case.key is not None:
+            method = _folder_method(case.path)  # a layer's refusal (check 18) of a method this backend lacks
         if method is not None and method.upper() not in METHODS:
             return f"{method} is not implemented by the flax backend"
         return True
