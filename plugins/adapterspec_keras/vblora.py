@@ -23,13 +23,13 @@ distributions (``U(-bound, bound)``, ``N(0, std)``), not torch's stream (SPEC.md
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import index_dtype, settings, topk_only
+from adapterspec._vblora import index_dtype, settings, topk_only, topk_weight_errors
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
@@ -38,7 +38,7 @@ from .vera import Shared
 if TYPE_CHECKING:
     from .bank import AdapterBank, GroupKey
 
-__all__ = ["METHODS", "check", "dtypes", "inits", "reserve", "shapes", "views"]
+__all__ = ["METHODS", "check", "check_topk_weights", "dtypes", "inits", "reserve", "shapes", "views"]
 
 #: The methods this module computes.
 METHODS = ("VBLORA",)
@@ -64,6 +64,19 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                    "refuses it)", key=path, pointer="/vector_length",
                                    hint="pick a vector_length dividing every adapted layer's sizes, or do not "
                                         "target this layer")
+
+
+def check_topk_weights(config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
+    """Refuse top-k weights that are negative or sum above 1 in a row (SPEC.md 17.4), before anything is assigned:
+    PEFT's loader computes NaN on them. The other backend's ``check_topk_weights`` refuses the same.
+
+    :raises TensorError: naming the weights' key (:func:`adapterspec._vblora.topk_weight_errors`).
+    """
+    if config.peft_type not in METHODS:
+        return
+    errors = topk_weight_errors(config, tensors)
+    if errors:
+        raise errors[0]
 
 
 def shapes(config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from adapterspec.errors import AdapterSpecError, MissingTensorError, ShapeMismat
 from adapterspec._vera import shared_key
 from adapterspec.naming import PROMPT_KEY, SHARED_PARAMETERS, make_key
 
-from . import vera
+from . import vblora, vera
 from ._keys import slot
 from .auxiliary import AuxiliaryPlan, apply_overrides, auxiliary_tensors, plan_auxiliary, rank_errors, restore
 from .layers import AdapterLayer
@@ -167,6 +167,7 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
         tensors = read_slices(adapter, sharded, read_to)
     else:
         tensors, read_to = _read(adapter, targets)
+        vblora.check_topk_weights(adapter.config, tensors)  # SPEC.md 17.4: before anything is assigned
     check_tied_tensors(state, adapter_name, tensors)  # SPEC.md 15.2
     stored = {}
     with torch.no_grad():

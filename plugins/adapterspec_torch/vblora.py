@@ -21,18 +21,20 @@ adapter's tensors and the bank.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import index_dtype, settings, topk_only
+from adapterspec._vblora import index_dtype, settings, topk_only, topk_weight_errors
 from adapterspec.errors import UnsupportedError
 
 from .quantized import quantization, weight_shape
 
-__all__ = ["KINDS", "METHODS", "check", "delta_weight", "dtypes", "initialise", "matrices", "output", "shapes",
-           "shared_shapes"]
+__all__ = ["KINDS", "METHODS", "check", "check_topk_weights", "delta_weight", "dtypes", "initialise", "matrices",
+           "output", "shapes", "shared_shapes"]
 
 #: The methods this module computes.
 METHODS = ("VBLORA",)
@@ -69,6 +71,19 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
                                    "refuses it)", key=path, pointer="/vector_length",
                                    hint="pick a vector_length dividing every adapted layer's sizes, or do not "
                                         "target this layer")
+
+
+def check_topk_weights(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse top-k weights that are negative or sum above 1 in a row (SPEC.md 17.4), before anything is assigned:
+    PEFT's loader computes NaN on them. The other backend's ``check_topk_weights`` refuses the same.
+
+    :raises TensorError: naming the weights' key (:func:`adapterspec._vblora.topk_weight_errors`).
+    """
+    if config.peft_type not in METHODS:
+        return
+    errors = topk_weight_errors(config, {k: v.detach().float().cpu().numpy() for k, v in tensors.items() if k.endswith("_topk_weights")})
+    if errors:
+        raise errors[0]
 
 
 def shapes(module: nn.Module, kind: str, config: AdapterConfig) -> dict[str, tuple[int, ...]]:

@@ -15,6 +15,8 @@ either its logits over the bank (``save_only_topk_weights`` false): ``vblora_log
 ('vblora_logits_A_topk_indices', 'vblora_logits_A_topk_weights')
 >>> unsupported({"peft_type": "VBLORA", "bias": "all"})[0][0]
 '/bias'
+>>> [e.key for e in topk_weight_errors({"save_only_topk_weights": True}, {"m.vblora_logits_A_topk_weights": [[[0.7, 0.4]]]})]
+['m.vblora_logits_A_topk_weights']
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ._vera import shared_key
-from .errors import AdapterSpecError, DTypeMismatchError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
+from .errors import (AdapterSpecError, DTypeMismatchError, MissingTensorError, ShapeMismatchError, TensorError,
+                     UnexpectedTensorError)
 from .spec import PEFT_PREFIX
 
 if TYPE_CHECKING:
     from .checks import TensorInfo
 
-__all__ = ["DEFAULTS", "FULL", "INDICES", "PARAMETERS", "SHARED", "TOPK", "index_dtype", "make_key", "module_errors",
-           "per_module", "settings", "shared_errors", "shared_key", "topk_only", "unsupported"]
+__all__ = ["DEFAULTS", "FULL", "INDICES", "PARAMETERS", "SHARED", "TOPK", "WEIGHTS", "index_dtype", "make_key", "module_errors",
+           "per_module", "settings", "shared_errors", "shared_key", "topk_only", "topk_weight_errors", "unsupported"]
 
 #: The shared vector bank's parameter name (key ``base_model.vblora_vector_bank``).
 SHARED = ("vblora_vector_bank",)
@@ -172,3 +177,42 @@ def shared_errors(config: Mapping[str, Any], shared: Mapping[str, TensorInfo]) -
         return [_shape(key, info, f"must be [num_vectors, vector_length] = [{num_vectors}, {vector_length}]",
                        "set num_vectors and vector_length to the bank's shape, or save the adapter again")]
     return []
+
+
+#: The top-k weights' parameter names (their values are checked by :func:`topk_weight_errors`).
+WEIGHTS = ("vblora_logits_A_topk_weights", "vblora_logits_B_topk_weights")
+
+
+def topk_weight_errors(config: Mapping[str, Any], arrays: Mapping[str, Any],
+                       path: str | None = None) -> list[AdapterSpecError]:
+    """The values of the top-k weights (SPEC.md 17.4): none negative, and per row a sum of at most 1.
+
+    PEFT's loader rebuilds the last weight as ``1 - sum`` and takes ``log`` of every weight in float32: a negative
+    weight or a sum above 1 gives ``log`` of a negative number, NaN in every output. A sum of exactly 1 (a last
+    weight of 0, ``log`` -inf) is valid: that vector contributes nothing. The sum is taken in float32, as PEFT's.
+    ``arrays``: key -> array (anything :func:`numpy.asarray` reads); other keys are skipped, and nothing is checked
+    for the logits form.
+
+    :returns: one :class:`~adapterspec.errors.TensorError` per tensor, naming its key.
+    """
+    if not topk_only(config):
+        return []
+    errors: list[AdapterSpecError] = []
+    for key in sorted(arrays):
+        if key.rpartition(".")[2] not in WEIGHTS:
+            continue
+        values = np.asarray(arrays[key], dtype=np.float32)
+        if values.size == 0:
+            continue
+        last = np.float32(1) - values.sum(axis=-1, dtype=np.float32)
+        if (values < 0).any():
+            problem = f"holds a negative top-k weight ({float(values[values < 0].flat[0])})"
+        elif (last < 0).any():
+            problem = f"holds top-k weights whose sum is {float(1 - last[last < 0].flat[0])}, above 1"
+        else:
+            continue
+        errors.append(TensorError(
+            f"{problem}: PEFT's loader takes log(w) of the weights and of 1 minus their sum, and computes NaN",
+            key=key, path=path, hint="store the softmax of the top-k logits (each row of weights sums to at most "
+                                     "1), or save the adapter again with PEFT"))
+    return errors

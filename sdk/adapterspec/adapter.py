@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _access, _foreign, _safetensors, _snapshot, _staging
+from . import _access, _foreign, _safetensors, _snapshot, _staging, _vblora
 from ._safetensors import check_not_lfs_pointer, dtype_name
 from ._finite import nonfinite_arrays, nonfinite_keys
 from .checks import ALLOWED_DTYPES, TensorInfo, tensor_errors
@@ -562,6 +562,18 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
             for key in keys]
 
 
+def _topk_weight_value_errors(adapter: Adapter) -> list[AdapterSpecError]:
+    """VB-LoRA's top-k weights: none negative, each row's sum at most 1 (SPEC.md 17.4; reads the data)."""
+    if adapter.config.get("peft_type") != "VBLORA" or not _vblora.topk_only(adapter.config):
+        return []
+    try:
+        arrays = adapter.load_tensors("numpy")
+    except AdapterSpecError as exc:
+        return [exc]
+    where = adapter.weights_file or adapter.path
+    return _vblora.topk_weight_errors(adapter.config, arrays, path=None if where is None else str(where))
+
+
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
                  verify: bool = False, prefetch: bool | Callable[[int], Any] = False, check_tensors: bool = True) -> Adapter:
     """Read and check an adapter folder (config and tensor headers; no tensor data).
@@ -618,7 +630,7 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
             adapter.verify_checksum()
         except FileFormatError as exc:  # IntegrityError, or a malformed checksum
             errors.append(exc)
-        return errors + _nonfinite_errors(adapter)
+        return errors + _nonfinite_errors(adapter) + _topk_weight_value_errors(adapter)
     finally:
         if adapter._held is not None:
             adapter._held.close()

@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
-from adapterspec.errors import UnsupportedError  # noqa: E402
+from adapterspec.errors import TensorError, UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     assert_near,
     assert_peft_close,
@@ -212,3 +212,17 @@ def test_one_training_step_equals_peft(checkpoints: Any, token_ids: np.ndarray, 
         worst = max(worst, float(np.abs(after[key] - value).max() / np.abs(value - before[key]).max()))
     print(f"bank and logits after one step: max diff vs PEFT {worst:.3g} of the step")
     assert worst < 1e-3
+
+
+def test_topk_weights_summing_above_one_are_refused_unchanged(checkpoints: Any, tmp_path: Path) -> None:
+    """PEFT's loader computes log(1 - sum) = NaN for them (SPEC.md 17.4): refused before anything is assigned."""
+    from safetensors.numpy import load_file, save_file
+
+    config = dict(r=2, num_vectors=8, vector_length=16, topk=2, target_modules=["q_proj"], save_only_topk_weights=True)
+    _peft_folder(checkpoints["llama"], peft.VBLoRAConfig(**config), tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_A_topk_weights"
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[key] = np.full_like(tensors[key], 1.25)
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, key)

@@ -87,3 +87,37 @@ def test_refused_variants_name_the_field(field: str, value: Any) -> None:
 def test_training_refused_for_the_topk_form_only() -> None:
     assert training_refusals(VB) == []
     assert [p for p, _, _ in training_refusals(VB | {"save_only_topk_weights": True})] == ["/save_only_topk_weights"]
+
+
+def test_topk_weights_negative_or_summing_above_one_are_refused_naming_the_key(tmp_path: Any) -> None:
+    """PEFT's loader takes log(w) and log(1 - sum(w)) in float32: NaN for either. A sum of exactly 1 stays valid."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import adapterspec
+    from adapterspec._vblora import topk_weight_errors
+    from adapterspec.errors import TensorError
+
+    config = {"save_only_topk_weights": True}
+    key = "m.vblora_logits_A_topk_weights"
+    assert topk_weight_errors(config, {key: np.array([[[0.25, 0.75]]], np.float32)}) == []  # sum exactly 1
+    assert topk_weight_errors({}, {key: np.array([[[0.7, 0.4]]], np.float32)}) == []  # the logits form: not read
+    for bad, needle in (([[[0.7, 0.4]]], "above 1"), ([[[-0.1, 0.4]]], "negative")):
+        errors = topk_weight_errors(config, {key: np.array(bad, np.float32), "m.other": np.ones(2)})
+        assert [(type(e), e.key) for e in errors] == [(TensorError, key)] and needle in str(errors[0])
+    # through validate_adapter, on a folder PEFT could have written but for the weights
+    prefix = "base_model.model.q."
+    config = {"peft_type": "VBLORA", "r": 1, "num_vectors": 4, "vector_length": 2, "topk": 3,
+              "save_only_topk_weights": True, "target_modules": ["q"]}
+    tensors = {"base_model.vblora_vector_bank": np.arange(8, dtype=np.float32).reshape(4, 2),
+               prefix + "vblora_logits_A_topk_indices": np.array([[[0, 1, 2]]], np.uint8),
+               prefix + "vblora_logits_A_topk_weights": np.array([[[0.5, 0.25]]], np.float32),
+               prefix + "vblora_logits_B_topk_indices": np.array([[[3, 1, 2]]], np.uint8),
+               prefix + "vblora_logits_B_topk_weights": np.array([[[0.5, 0.5]]], np.float32)}
+    (tmp_path / "adapter_config.json").write_text(__import__("json").dumps(config))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    assert adapterspec.validate_adapter(tmp_path) == []
+    tensors[prefix + "vblora_logits_B_topk_weights"] = np.array([[[0.5, 0.5625]]], np.float32)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    errors = adapterspec.validate_adapter(tmp_path)
+    assert [(type(e), e.key) for e in errors] == [(TensorError, prefix + "vblora_logits_B_topk_weights")]

@@ -24,6 +24,7 @@ from adapterspec.errors import (  # noqa: E402
     DTypeMismatchError,
     MissingTensorError,
     ShapeMismatchError,
+    TensorError,
     UnexpectedTensorError,
     UnsupportedError,
 )
@@ -327,3 +328,15 @@ def test_one_training_step_equals_peft(llama: Any, token_inputs: Any, tmp_path: 
     assert mine["vblora_vector_bank"].grad.abs().max() > 0
     for name, param in peft.items():
         assert_close(mine[name].grad, param.grad)
+
+
+def test_topk_weights_summing_above_one_are_refused_unchanged(llama: Any, tmp_path: Path) -> None:
+    """PEFT's loader computes log(1 - sum) = NaN for them (SPEC.md 17.4); a sum of exactly 1 loads."""
+    _small(llama, tmp_path, save_only_topk_weights=True)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_A_topk_weights"
+    _edit(tmp_path, lambda t: t.update({key: torch.full_like(t[key], 1.0).contiguous()}))
+    assert adapterspec.validate_adapter(tmp_path) == []
+    adapterspec.load_adapter(fresh(llama), tmp_path)
+    _edit(tmp_path, lambda t: t.update({key: torch.full_like(t[key], 1.25).contiguous()}))
+    assert [e.key for e in adapterspec.validate_adapter(tmp_path)] == [key]
+    _refused(llama, tmp_path, TensorError, key)
