@@ -1299,6 +1299,31 @@ def _vblora_folders() -> None:
           error="UnexpectedTensorError", key=sorted(full))
     plain("vblora-bank-missing", "base_model.vblora_vector_bank is missing", vb, full, valid=False,
           error="MissingTensorError", key="base_model.vblora_vector_bank")
+    plain("vblora-bank-shape", "base_model.vblora_vector_bank saved [L, N] = [4, 5] instead of [num_vectors, "
+          "vector_length] = [5, 4]", vb, full | {"base_model.vblora_vector_bank": det((4, 5), 9).astype(np.float32)},
+          valid=False, error="ShapeMismatchError", key="base_model.vblora_vector_bank")
+    weights = f"{Q}.vblora_logits_A_topk_weights"
+    plain("vblora-topk-weights-f16", "save_only_topk_weights with a _topk_weights tensor in F16: the top-k weights are "
+          "F32 only (PEFT's loader fails on others)", vb | {"save_only_topk_weights": True},
+          topk | bank | {weights: topk[weights].astype(np.float16)}, valid=False, error="DTypeMismatchError",
+          key=weights)
+    plain("vblora-topk-tensors-full-form", "save_only_topk_weights false but the file holds the top-k tensors: "
+          "UnexpectedTensorError naming a top-k key", vb, topk | bank, valid=False, error="UnexpectedTensorError",
+          key=sorted(topk))
+    # the index dtype at its first boundary: 256 vectors no longer fit U8 (PEFT: num_vectors < 2**8 -> uint8)
+    vb256 = vb | {"num_vectors": 256, "save_only_topk_weights": True}
+    bank256 = {"base_model.vblora_vector_bank": det((256, 4), 9).astype(np.float32)}
+    topk256 = {k: (v.astype(np.int16) * 50 if k.endswith("_indices") else v) for k, v in topk.items()}
+    plain("vblora-topk-256-i16", "save_only_topk_weights with num_vectors 256: the indices are I16 (256 is not "
+          "below 2**8)", vb256, topk256 | bank256, valid=True)
+    index = f"{Q}.vblora_logits_A_topk_indices"
+    plain("vblora-topk-256-u8", "num_vectors 256 with U8 indices: PEFT writes I16 from 256 vectors on",
+          vb256, topk256 | bank256 | {index: topk256[index].astype(np.uint8)}, valid=False,
+          error="DTypeMismatchError", key=index)
+    plain("vblora-topk-above-num-vectors", "topk 6 with num_vectors 5: the top-k over the bank is undefined (PEFT's "
+          "forward fails)", vb | {"topk": 6}, full | bank, valid=False, error="UnsupportedError", pointer="/topk")
+    plain("vblora-bias", "VB-LoRA with bias 'vblora_only' (trained base biases): refused naming the field",
+          vb | {"bias": "vblora_only"}, full | bank, valid=False, error="UnsupportedError", pointer="/bias")
 
 
 def _velora_folders() -> None:
