@@ -226,3 +226,20 @@ def test_topk_weights_summing_above_one_are_refused_unchanged(checkpoints: Any, 
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     model = keras_model("llama", checkpoints["llama"])
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, key)
+
+
+def test_a_file_whose_vector_length_does_not_divide_a_layer_is_refused_naming_the_field(checkpoints: Any,
+                                                                                       tmp_path: Path) -> None:
+    """Check 18 (/vector_length) comes before check 20 (the axes in / L, out / L), as on torch (SPEC.md 17.4)."""
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "VBLORA", "r": 2, "num_vectors": 4,
+                                                               "vector_length": 48, "target_modules": ["q_proj"]}))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{key}.vblora_logits_A": torch.ones(2, 1, 4), f"{key}.vblora_logits_B": torch.ones(1, 2, 4),
+               "base_model.vblora_vector_bank": torch.ones(4, 48)}, tmp_path / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    model = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), UnsupportedError,
+                             "/vector_length")
