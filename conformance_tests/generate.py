@@ -1324,6 +1324,13 @@ def _vblora_folders() -> None:
           "forward fails)", vb | {"topk": 6}, full | bank, valid=False, error="UnsupportedError", pointer="/topk")
     plain("vblora-bias", "VB-LoRA with bias 'vblora_only' (trained base biases): refused naming the field",
           vb | {"bias": "vblora_only"}, full | bank, valid=False, error="UnsupportedError", pointer="/bias")
+    past = f"{V}.vblora_logits_B_topk_indices"
+    beyond = topk[past].copy()
+    beyond[-1, -1, -1] = 5
+    plain("vblora-topk-index-out-of-range", "save_only_topk_weights with a top-k index 5 of a bank of 5 vectors: "
+          "TensorError naming the indices (PEFT's loader fails on it; a gather might clamp it silently)",
+          vb | {"save_only_topk_weights": True}, topk | bank | {past: beyond},
+          valid=False, error="TensorError", key=past)
 
 
 def _velora_folders() -> None:

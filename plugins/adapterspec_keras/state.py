@@ -303,7 +303,7 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
     for key, layer in base_plan.items():
         layer.check_base_weight(tuple(adapter.tensors[key].shape), key)
     arrays = adapter.load_tensors("numpy")  # the contract: tensors come through the Adapter
-    vblora.check_topk_weights(adapter.config, arrays)  # SPEC.md 17.4: before anything is assigned
+    vblora.check_values(adapter.config, arrays)  # SPEC.md 17.4: index and weight values, before anything is assigned
     if state is not None:
         check_tied_tensors(state, adapter_name, arrays)  # SPEC.md 15.2, before anything is assigned
     fill = _check_tied(plan, arrays, adapter_name, layers)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import index_dtype, settings, topk_only, topk_weight_errors
+from adapterspec._vblora import index_dtype, settings, topk_only, value_errors
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
@@ -38,7 +38,7 @@ from .vera import Shared
 if TYPE_CHECKING:
     from .bank import AdapterBank, GroupKey
 
-__all__ = ["METHODS", "check", "check_topk_weights", "dtypes", "inits", "reserve", "shapes", "views"]
+__all__ = ["METHODS", "check", "check_values", "dtypes", "inits", "reserve", "shapes", "views"]
 
 #: The methods this module computes.
 METHODS = ("VBLORA",)
@@ -66,15 +66,17 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                         "target this layer")
 
 
-def check_topk_weights(config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
-    """Refuse top-k weights that are negative or sum above 1 in a row (SPEC.md 17.4), before anything is assigned:
-    PEFT's loader computes NaN on them. The other backend's ``check_topk_weights`` refuses the same.
+def check_values(config: AdapterConfig, arrays: Mapping[str, Any]) -> None:
+    """Refuse top-k indices outside the bank or repeated in a row, and top-k weights that are negative or sum above 1
+    in a row (SPEC.md 17.4), before anything is assigned: a gather on JAX clamps an index past the bank (another mix,
+    silently), PEFT's loader keeps one of repeated weights and computes NaN on such weights. The torch backend's
+    ``check_values`` refuses the same.
 
-    :raises TensorError: naming the weights' key (:func:`adapterspec._vblora.topk_weight_errors`).
+    :raises TensorError: naming the tensor's key (:func:`adapterspec._vblora.value_errors`).
     """
     if config.peft_type not in METHODS:
         return
-    errors = topk_weight_errors(config, tensors)
+    errors = value_errors(config, arrays)
     if errors:
         raise errors[0]
 

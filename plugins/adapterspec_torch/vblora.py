@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import index_dtype, settings, topk_only, topk_weight_errors
+from adapterspec._vblora import INDICES, WEIGHTS, index_dtype, settings, topk_only, value_errors
 from adapterspec.errors import UnsupportedError
 
 from .quantized import quantization, weight_shape
 
-__all__ = ["KINDS", "METHODS", "check", "check_topk_weights", "delta_weight", "dtypes", "initialise", "matrices",
+__all__ = ["KINDS", "METHODS", "check", "check_values", "delta_weight", "dtypes", "initialise", "matrices",
            "output", "shapes", "shared_shapes"]
 
 #: The methods this module computes.
@@ -73,15 +73,19 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
                                         "target this layer")
 
 
-def check_topk_weights(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Refuse top-k weights that are negative or sum above 1 in a row (SPEC.md 17.4), before anything is assigned:
-    PEFT's loader computes NaN on them. The other backend's ``check_topk_weights`` refuses the same.
+def check_values(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse top-k indices outside the bank or repeated in a row, and top-k weights that are negative or sum above 1
+    in a row (SPEC.md 17.4), before anything is assigned: torch would raise an untyped ``IndexError`` at the first
+    forward, PEFT's loader keeps one of repeated weights and computes NaN on such weights. The Keras backend's
+    ``check_values`` refuses the same.
 
-    :raises TensorError: naming the weights' key (:func:`adapterspec._vblora.topk_weight_errors`).
+    :raises TensorError: naming the tensor's key (:func:`adapterspec._vblora.value_errors`).
     """
-    if config.peft_type not in METHODS:
+    if config.peft_type not in METHODS or not topk_only(config):
         return
-    errors = topk_weight_errors(config, {k: v.detach().float().cpu().numpy() for k, v in tensors.items() if k.endswith("_topk_weights")})
+    arrays = {k: (t.detach().float() if k.rpartition(".")[2] in WEIGHTS else t.detach()).cpu().numpy()
+              for k, t in tensors.items() if k.rpartition(".")[2] in (*INDICES, *WEIGHTS) and t.device.type != "meta"}
+    errors = value_errors(config, arrays)
     if errors:
         raise errors[0]
 

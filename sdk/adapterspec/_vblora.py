@@ -34,8 +34,9 @@ from .spec import PEFT_PREFIX
 if TYPE_CHECKING:
     from .checks import TensorInfo
 
-__all__ = ["DEFAULTS", "FULL", "INDICES", "PARAMETERS", "SHARED", "TOPK", "WEIGHTS", "index_dtype", "make_key", "module_errors",
-           "per_module", "settings", "shared_errors", "shared_key", "topk_only", "topk_weight_errors", "unsupported"]
+__all__ = ["DEFAULTS", "FULL", "INDICES", "PARAMETERS", "SHARED", "TOPK", "WEIGHTS", "index_dtype", "index_errors",
+           "make_key", "module_errors", "per_module", "settings", "shared_errors", "shared_key", "topk_only",
+           "topk_weight_errors", "unsupported", "value_errors"]
 
 #: The shared vector bank's parameter name (key ``base_model.vblora_vector_bank``).
 SHARED = ("vblora_vector_bank",)
@@ -179,6 +180,50 @@ def shared_errors(config: Mapping[str, Any], shared: Mapping[str, TensorInfo]) -
     return []
 
 
+def index_errors(config: Mapping[str, Any], arrays: Mapping[str, Any],
+                 path: str | None = None) -> list[AdapterSpecError]:
+    """The values of the top-k indices (SPEC.md 17.4): each in ``[0, num_vectors)`` and distinct within its row,
+    as PEFT's ``topk`` gives them -- a row of one index repeated is the exception: PEFT's loader keeps one of its
+    weights, whose softmax alone is 1, and the stored weights sum to 1, so every mix is that one vector. ``arrays``: key -> array (anything :func:`numpy.asarray` reads); keys of other
+    tensors are skipped, and nothing is checked for the logits form.
+
+    Out of range, PEFT's loader fails (``scatter``'s index error) and a backend would fail at the first forward or
+    (a gather that clamps) compute another mix silently; a repeated index in a row makes PEFT's ``scatter`` keep
+    one of the repeated weights, which one unspecified by torch, where a mix of the stored weights counts each.
+
+    :returns: one :class:`~adapterspec.errors.TensorError` per tensor, naming its key.
+    """
+    if not topk_only(config):
+        return []
+    num_vectors = settings(config)[1]
+    errors: list[AdapterSpecError] = []
+    for key in sorted(arrays):
+        if key.rpartition(".")[2] not in INDICES:
+            continue
+        values = np.asarray(arrays[key])
+        if values.size == 0:
+            continue
+        bad = values[(values < 0) | (values >= num_vectors)]
+        if bad.size:
+            errors.append(TensorError(
+                f"holds top-k index {int(bad.flat[0])}, outside [0, num_vectors={num_vectors}) ({bad.size} such "
+                "value(s)): it names no vector of the bank (PEFT's loader fails on it)", key=key, path=path,
+                hint="store indices of the bank's vectors (0 to num_vectors - 1), or save the adapter again with "
+                     "PEFT"))
+            continue
+        ordered = np.sort(values.reshape(-1, values.shape[-1]), axis=-1)
+        repeated = ordered[:, 1:] == ordered[:, :-1]
+        mixed = repeated.any(axis=1) & (ordered[:, 0] != ordered[:, -1])  # a repeat beside another index
+        if mixed.any():
+            row = ordered[mixed][0]
+            errors.append(TensorError(
+                f"repeats a top-k index beside another in a row ({row.tolist()} sorted): PEFT's topk gives distinct "
+                "indices, and its loader's scatter keeps one of the repeated weights (which one, torch leaves "
+                "unspecified), so the mix differs from the stored weights'", key=key, path=path,
+                hint="store distinct indices in each row, or save the adapter again with PEFT"))
+    return errors
+
+
 #: The top-k weights' parameter names (their values are checked by :func:`topk_weight_errors`).
 WEIGHTS = ("vblora_logits_A_topk_weights", "vblora_logits_B_topk_weights")
 
@@ -216,3 +261,9 @@ def topk_weight_errors(config: Mapping[str, Any], arrays: Mapping[str, Any],
             key=key, path=path, hint="store the softmax of the top-k logits (each row of weights sums to at most "
                                      "1), or save the adapter again with PEFT"))
     return errors
+
+
+def value_errors(config: Mapping[str, Any], arrays: Mapping[str, Any], path: str | None = None) -> list[AdapterSpecError]:
+    """Every value of the top-k tensors the spec constrains (SPEC.md 17.4): the indices (:func:`index_errors`) and the
+    weights (:func:`topk_weight_errors`); the one check validation and both backends' loads run."""
+    return [*index_errors(config, arrays, path), *topk_weight_errors(config, arrays, path)]

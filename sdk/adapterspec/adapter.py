@@ -562,8 +562,8 @@ def _nonfinite_errors(adapter: Adapter) -> list[AdapterSpecError]:
             for key in keys]
 
 
-def _topk_weight_value_errors(adapter: Adapter) -> list[AdapterSpecError]:
-    """VB-LoRA's top-k weights: none negative, each row's sum at most 1 (SPEC.md 17.4; reads the data)."""
+def _value_errors(adapter: Adapter) -> list[AdapterSpecError]:
+    """Tensor values the spec constrains beyond finiteness: VB-LoRA's top-k indices and weights (SPEC.md 17.4)."""
     if adapter.config.get("peft_type") != "VBLORA" or not _vblora.topk_only(adapter.config):
         return []
     try:
@@ -571,7 +571,7 @@ def _topk_weight_value_errors(adapter: Adapter) -> list[AdapterSpecError]:
     except AdapterSpecError as exc:
         return [exc]
     where = adapter.weights_file or adapter.path
-    return _vblora.topk_weight_errors(adapter.config, arrays, path=None if where is None else str(where))
+    return _vblora.value_errors(adapter.config, arrays, path=None if where is None else str(where))
 
 
 def read_adapter(source: str | Path, *, allow_pickle: bool = False, strict: bool = False,
@@ -630,7 +630,7 @@ def validate_adapter(source: str | Path, *, allow_pickle: bool = False, strict: 
             adapter.verify_checksum()
         except FileFormatError as exc:  # IntegrityError, or a malformed checksum
             errors.append(exc)
-        return errors + _nonfinite_errors(adapter) + _topk_weight_value_errors(adapter)
+        return errors + _nonfinite_errors(adapter) + _value_errors(adapter)
     finally:
         if adapter._held is not None:
             adapter._held.close()

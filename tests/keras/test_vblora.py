@@ -165,6 +165,30 @@ def test_training_the_topk_form_is_refused_unchanged(checkpoints: Any, tmp_path:
                              UnsupportedError, "/save_only_topk_weights")
 
 
+@pytest.mark.parametrize(("value", "needle"), [(8, "outside [0, num_vectors=8)"),
+                                               ("repeat", "repeats a top-k index beside another")])
+def test_topk_indices_out_of_range_or_repeated_are_refused_unchanged(checkpoints: Any, tmp_path: Path, value: Any,
+                                                                     needle: str) -> None:
+    """An index past the bank (PEFT's loader fails; JAX's gather would clamp it silently) or repeated in a row (PEFT
+    keeps one of the weights; topk 3) is refused at load naming the key, the model unchanged, as on torch."""
+    from safetensors.numpy import load_file, save_file
+
+    config = dict(r=2, num_vectors=8, vector_length=16, topk=3, target_modules=["q_proj", "v_proj"],
+                  save_only_topk_weights=True)
+    _peft_folder(checkpoints["llama"], peft.VBLoRAConfig(**config), tmp_path)
+    index = "base_model.model.model.layers.1.self_attn.v_proj.vblora_logits_B_topk_indices"
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    if value == "repeat":
+        tensors[index][0, 1, 1] = tensors[index][0, 1, 0]
+    else:
+        tensors[index][-1, -1, -1] = value
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, needle)
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, index)
+    assert adapterspec.adapter_names(model) == []
+
+
 def test_embeddings_and_undividable_sizes_are_refused_as_in_peft(checkpoints: Any) -> None:
     model = keras_model("llama", checkpoints["llama"])
     config = {"peft_type": "VBLORA", "r": 2, "num_vectors": 4, "vector_length": 16, "target_modules": ["embed_tokens"]}

@@ -121,3 +121,23 @@ def test_topk_weights_negative_or_summing_above_one_are_refused_naming_the_key(t
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
     errors = adapterspec.validate_adapter(tmp_path)
     assert [(type(e), e.key) for e in errors] == [(TensorError, prefix + "vblora_logits_B_topk_weights")]
+def test_topk_index_values_out_of_range_or_repeated_are_tensor_errors() -> None:
+    """PEFT's topk gives distinct indices of the bank; any other value is refused naming the tensor (SPEC.md 17.4)."""
+    import numpy as np
+
+    from adapterspec._vblora import index_errors
+    from adapterspec.errors import TensorError
+
+    config = VB | {"save_only_topk_weights": True}
+    a, b = f"{Q}.vblora_logits_A_topk_indices", f"{Q}.vblora_logits_B_topk_indices"
+    good = np.array([[[0, 4], [3, 1], [2, 0]]] * 2, np.uint8)
+    assert index_errors(config, {a: good, b: good[:, :2]}) == []
+    assert index_errors(VB, {a: good + 9}) == []  # the logits form stores no indices
+    for values, needle in ((good + 1, "index 5, outside [0, num_vectors=5)"),
+                           (good.astype(np.int16) - 1, "index -1, outside"),
+                           (np.array([[[1, 1, 3]]], np.uint8), "repeats a top-k index beside another")):
+        errors = index_errors(config, {a: values, b: good, f"{Q}.vblora_logits_A_topk_weights": good}, path="f")
+        assert [(type(e), e.key) for e in errors] == [(TensorError, a)]
+        assert needle in errors[0].message and "fix:" in str(errors[0])
+    # one index repeated across a whole row: PEFT's mix is that vector, as the stored weights' (they sum to 1)
+    assert index_errors(config, {a: np.array([[[1, 1], [2, 0]]], np.uint8)}) == []

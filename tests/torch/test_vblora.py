@@ -262,6 +262,46 @@ def test_the_other_form_and_wrong_index_dtype_are_refused(llama: Any, tmp_path: 
     _refused(llama, tmp_path / "topk", DTypeMismatchError, index)
 
 
+@pytest.mark.parametrize(("value", "needle"), [(8, "outside [0, num_vectors=8)"), (255, "index 255"),
+                                               ("repeat", "repeats a top-k index beside another")])
+def test_topk_indices_out_of_range_or_repeated_are_refused(llama: Any, tmp_path: Path, value: Any,
+                                                           needle: str) -> None:
+    """PEFT's loader fails on an index past the bank (scatter); torch would fail at the first forward, a clamping
+    gather compute another mix: refused at load naming the key, the model unchanged; validate reports it too. A
+    row repeating an index beside another (topk 3): PEFT's scatter keeps one of the repeated weights."""
+    _peft_folder(llama, _config(r=2, num_vectors=8, vector_length=16, topk=3, target_modules=["q_proj", "v_proj"],
+                                save_only_topk_weights=True), tmp_path)
+    index = "base_model.model.model.layers.1.self_attn.v_proj.vblora_logits_B_topk_indices"
+
+    def change(t: dict[str, Any]) -> None:
+        if value == "repeat":
+            t[index][0, 1, 1] = t[index][0, 1, 0]
+        else:
+            t[index][-1, -1, -1] = value
+    _edit(tmp_path, change)
+    errors = adapterspec.validate_adapter(tmp_path)
+    assert [(type(e), e.key) for e in errors] == [(TensorError, index)] and needle in str(errors[0])
+    _refused(llama, tmp_path, TensorError, needle)
+    _refused(llama, tmp_path, TensorError, index)
+
+
+def test_a_row_of_one_repeated_index_loads_as_peft(llama: Any, token_inputs: Any, tmp_path: Path) -> None:
+    """topk 2, a row [i, i]: PEFT's loader keeps one weight, its softmax alone 1: the mix is vector i, as the stored
+    weights' (summing to 1). Valid; the logits are PEFT's."""
+    from peft import PeftModel
+
+    _small(llama, tmp_path, save_only_topk_weights=True)
+    index = "base_model.model.model.layers.1.self_attn.v_proj.vblora_logits_B_topk_indices"
+    _edit(tmp_path, lambda t: t[index][0, 1].fill_(int(t[index][0, 1, 0])))
+    assert adapterspec.validate_adapter(tmp_path) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(llama), str(tmp_path)).eval()
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path)
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+
+
 def test_vector_length_not_dividing_a_layer_is_refused(llama: Any, tmp_path: Path) -> None:
     """PEFT refuses in/out features not divisible by vector_length; so does adapterspec, naming the field."""
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "VBLORA", "r": 2, "num_vectors": 4,

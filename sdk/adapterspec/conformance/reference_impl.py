@@ -25,6 +25,7 @@ from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _hra, _miss, _oft, _road
+from .. import _vblora
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -499,6 +500,10 @@ class ReferenceImplementation:
         # its warnings reach the runner, which checks the ones a case expects
         adapter = read_adapter(path, allow_pickle=bool(options.get("allow_pickle")), verify=bool(options.get("verify")))
         check_against_model(adapter, model)
+        if adapter.config.get("peft_type") == "VBLORA":  # SPEC.md 17.4: the top-k indices' and weights' values
+            errors = _vblora.value_errors(adapter.config, adapter.load_tensors("numpy"))
+            if errors:
+                raise errors[0]
         return adapter
 
     def load_folder(self, case: FolderCase, path: Path) -> None:
