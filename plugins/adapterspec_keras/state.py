@@ -273,6 +273,11 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
             entry = (owner, name, owned)
         holder, param, layout = entry
         if tuple(info.shape) != layout.spec_shape:
+            if isinstance(holder, vera.Shared) and param in vblora.SHARED:  # SPEC.md 17.4
+                raise ShapeMismatchError(
+                    f"shape {list(info.shape)} does not fit this model's VB-LoRA vector bank: expected "
+                    f"{list(layout.spec_shape)} (num_vectors, vector_length)", key=key,
+                    hint="set num_vectors and vector_length to the bank's shape, or save the adapter again with PEFT")
             if isinstance(holder, vera.Shared):
                 raise ShapeMismatchError(
                     f"shape {list(info.shape)} does not fit this model's VeRA projection: expected "
@@ -297,6 +302,9 @@ def load_state(model: Any, adapter: Adapter, adapter_name: str, options: LoadOpt
                                          key=make_key(layer.path_of(adapter_name), param),
                                          hint="the adapter file is incomplete, or targets other modules")
     for param in shared.layouts if shared is not None else ():
+        if (id(shared), param) not in covered and param in vblora.SHARED:  # SPEC.md 17.4
+            raise MissingTensorError(f"the file has no shared VB-LoRA vector bank {param!r}", key=shared_key(param),
+                                     hint="save the adapter again with PEFT (it stores the bank once per adapter)")
         if (id(shared), param) not in covered:
             raise MissingTensorError(f"the file has no shared VeRA projection {param!r}", key=shared_key(param),
                                      hint="save the adapter again with save_projection true (PEFT's default)")

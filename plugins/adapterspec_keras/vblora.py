@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from keras import ops
 
 from adapterspec import AdapterConfig
-from adapterspec._vblora import index_dtype, settings, topk_only, value_errors
+from adapterspec._vblora import SHARED, index_dtype, settings, topk_only, value_errors
 from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite
@@ -38,7 +38,7 @@ from .vera import Shared
 if TYPE_CHECKING:
     from .bank import AdapterBank, GroupKey
 
-__all__ = ["METHODS", "check", "check_values", "dtypes", "inits", "reserve", "shapes", "views"]
+__all__ = ["METHODS", "SHARED", "check", "check_values", "dtypes", "inits", "reserve", "shapes", "views"]
 
 #: The methods this module computes.
 METHODS = ("VBLORA",)

@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import adapterspec  # noqa: E402
-from adapterspec.errors import TensorError, UnsupportedError  # noqa: E402
+from adapterspec.errors import MissingTensorError, ShapeMismatchError, TensorError, UnsupportedError  # noqa: E402
 from keras_helpers import (  # noqa: E402
     assert_near,
     assert_peft_close,
@@ -187,6 +187,34 @@ def test_topk_indices_out_of_range_or_repeated_are_refused_unchanged(checkpoints
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, needle)
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), TensorError, index)
     assert adapterspec.adapter_names(model) == []
+
+
+def test_a_bank_of_another_shape_is_refused_naming_the_bank(checkpoints: Any, tmp_path: Path) -> None:
+    """A transposed bank: ShapeMismatchError naming the key (the SDK's check); the backend's own comparison (its
+    load_state, the file's checks left to it) names VB-LoRA's vector bank, not VeRA's projections."""
+    from adapterspec import LoadOptions
+    from adapterspec.checks import TensorInfo
+    from adapterspec_keras.state import load_state
+    from safetensors.numpy import load_file, save_file
+
+    config = dict(r=2, num_vectors=8, vector_length=16, topk=2, target_modules=["q_proj", "v_proj"])
+    _peft_folder(checkpoints["llama"], peft.VBLoRAConfig(**config), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[BANK] = np.ascontiguousarray(tensors[BANK].T)
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = keras_model("llama", checkpoints["llama"])
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), ShapeMismatchError, BANK)
+    adapterspec.inject_adapter(model, {"peft_type": "VBLORA", **config})
+    saved_config = adapterspec.AdapterConfig.from_dict(json.loads((tmp_path / "adapter_config.json").read_text()))
+    infos = {k: TensorInfo(tuple(v.shape), "F32") for k, v in tensors.items()}
+    unchecked = adapterspec.Adapter(saved_config, infos, arrays=tensors)  # the SDK's checks not run
+    with pytest.raises(ShapeMismatchError) as info:
+        load_state(model, unchecked, "default", LoadOptions())
+    assert info.value.key == BANK and "VeRA" not in str(info.value)
+    assert "VB-LoRA vector bank: expected [8, 16] (num_vectors, vector_length)" in str(info.value)
+    del tensors[BANK], infos[BANK]
+    with pytest.raises(MissingTensorError, match="no shared VB-LoRA vector bank"):
+        load_state(model, adapterspec.Adapter(saved_config, infos, arrays=tensors), "default", LoadOptions())
 
 
 def test_embeddings_and_undividable_sizes_are_refused_as_in_peft(checkpoints: Any) -> None:
