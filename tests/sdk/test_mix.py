@@ -12,6 +12,7 @@ LORA, DORA = Running("l", "LORA"), Running("d", "LORA", dora=True)
 LOHA, LOKR, ADALORA, VERA = Running("h", "LOHA"), Running("k", "LOKR"), Running("a", "ADALORA"), Running("v", "VERA")
 IA3, IA3_B = Running("i", "IA3"), Running("j", "IA3")
 OFT, BOFT = Running("o", "OFT"), Running("b", "BOFT")
+VBLORA, VBLORA_B = Running("vb", "VBLORA"), Running("vc", "VBLORA")  # SPEC.md 17.4: an added term, as VeRA
 
 
 @pytest.mark.parametrize(("first", "second", "needle"), [
@@ -26,6 +27,12 @@ OFT, BOFT = Running("o", "OFT"), Running("b", "BOFT")
     (DORA, LOKR, "with LoKr adapter 'k'"),
     (DORA, ADALORA, "with AdaLoRA adapter 'a'"),
     (DORA, VERA, "with VeRA adapter 'v'"),
+    (DORA, VBLORA, "DoRA adapter 'd' cannot run together with VB-LoRA adapter 'vb'"),
+    (VBLORA, IA3, "IA3 adapter 'i' cannot run together with VB-LoRA adapter 'vb'"),
+    (VBLORA, OFT, "OFT adapters \\['o'\\] cannot run together with \\['vb'\\]"),
+    (VBLORA, Running("r", "ROAD"), "ROAD adapters \\['r'\\] cannot run together with \\['vb'\\]"),
+    (VBLORA, Running("hr", "HRA"), "HRA adapters \\['hr'\\] cannot run together with \\['vb'\\]"),
+    (VBLORA, Running("m", "MISS"), "MiSS adapter 'm' cannot run together with VB-LoRA adapter 'vb'"),
     (Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(11, 7, 5)), "rows \\[5, 7\\]"),
 ])
 def test_refused_in_either_order_naming_the_module(first: Running, second: Running, needle: str) -> None:
@@ -37,7 +44,8 @@ def test_refused_in_either_order_naming_the_module(first: Running, second: Runni
 
 
 @pytest.mark.parametrize("running", [
-    [LORA, DORA], [DORA, LORA], [LORA, LOHA, LOKR, ADALORA, VERA], [IA3, IA3_B], [OFT, Running("o2", "OFT")],
+    [LORA, DORA], [DORA, LORA], [LORA, LOHA, LOKR, ADALORA, VERA], [IA3, IA3_B],
+    [VBLORA, VBLORA_B], [VBLORA, LORA, LOHA, LOKR, ADALORA, VERA], [LORA, VBLORA], [OFT, Running("o2", "OFT")],
     [Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(2, 9))],
     [Running("t", TOKEN_ROWS, rows=(1,)), LORA, DORA], [DORA], [Running("x", SAVED_WHOLE)], [],
 ])
