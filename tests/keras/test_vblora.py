@@ -295,3 +295,40 @@ def test_a_file_whose_vector_length_does_not_divide_a_layer_is_refused_naming_th
     model = keras_model("llama", checkpoints["llama"])
     assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), UnsupportedError,
                              "/vector_length")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_vblora_adapters_and_vblora_with_lora_run_together_as_peft(checkpoints: Any, token_ids: np.ndarray,
+                                                                       tmp_path: Path) -> None:
+    """Two VB-LoRA adapters active (each its own bank; one of the top-k form): PEFT's PeftModel with both active.
+    VB-LoRA with LoRA on one layer: PEFT's PeftMixedModel takes no VB-LoRA, so PEFT's reference is the VB-LoRA
+    merged into the base (merge_and_unload) under the LoRA adapter -- the sum of the two added terms (SPEC.md 8.9)."""
+    checkpoint = checkpoints["llama"]
+    _peft_folder(checkpoint, peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=2,
+                                               target_modules=["q_proj", "v_proj"]), tmp_path / "a")
+    _peft_folder(checkpoint, peft.VBLoRAConfig(r=3, num_vectors=10, vector_length=16, topk=3,
+                                               target_modules=["q_proj", "down_proj"], save_only_topk_weights=True),
+                 tmp_path / "b")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.get_peft_model(hf_model(checkpoint), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                                         target_modules=["q_proj"]))
+        lora.save_pretrained(str(tmp_path / "l"))
+        reference = peft.PeftModel.from_pretrained(hf_model(checkpoint), str(tmp_path / "a"), adapter_name="a").eval()
+        reference.load_adapter(str(tmp_path / "b"), adapter_name="b")
+        reference.base_model.set_adapter(["a", "b"])
+        both = torch_logits(reference, token_ids)
+        merged = peft.PeftModel.from_pretrained(hf_model(checkpoint), str(tmp_path / "a")).merge_and_unload()
+        with_lora = torch_logits(peft.PeftModel.from_pretrained(merged, str(tmp_path / "l")).eval(), token_ids)
+    base_torch = torch_logits(hf_model(checkpoint), token_ids)
+    model = keras_model("llama", checkpoint)
+    base = keras_logits(model, token_ids)
+    for name in ("a", "b", "l"):
+        adapterspec.load_adapter(model, tmp_path / name, adapter_name=name)
+    adapterspec.set_active_adapters(model, ["a", "b"])
+    assert np.abs(both - base_torch).max() > 1e-2
+    assert_peft_close(keras_logits(model, token_ids), both, base, base_torch)
+    adapterspec.set_active_adapters(model, ["a", "l"])
+    assert np.abs(with_lora - both).max() > 1e-2
+    assert_peft_close(keras_logits(model, token_ids), with_lora, base, base_torch)

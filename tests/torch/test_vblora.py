@@ -188,6 +188,26 @@ def test_two_adapters_switch_and_run_together(llama: Any, token_inputs: Any, tmp
     assert_close(logits(model, token_inputs), logits(reference, token_inputs))
 
 
+def test_vblora_with_lora_on_one_layer_adds_both_terms(llama: Any, token_inputs: Any, tmp_path: Path) -> None:
+    """PEFT's PeftMixedModel takes no VB-LoRA: its reference is the VB-LoRA merged into the base (merge_and_unload)
+    under the LoRA adapter -- the sum of the two added terms (SPEC.md 8.9)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    _small(llama, tmp_path / "a")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(fresh(llama), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                target_modules=["q_proj"])).save_pretrained(str(tmp_path / "l"))
+        merged = PeftModel.from_pretrained(fresh(llama), str(tmp_path / "a")).merge_and_unload()
+        reference = PeftModel.from_pretrained(merged, str(tmp_path / "l")).eval()
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "a", adapter_name="a")
+    adapterspec.load_adapter(model, tmp_path / "l", adapter_name="l")
+    adapterspec.set_active_adapters(model, ["a", "l"])
+    assert_close(logits(model, token_inputs), logits(reference, token_inputs))
+
+
 def _refused(base: Any, folder: Path, error: type[Exception], needle: str, **kwargs: Any) -> None:
     model = fresh(base)
     before = snapshot(model)
