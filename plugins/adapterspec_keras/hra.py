@@ -31,7 +31,7 @@ from adapterspec import AdapterConfig
 from adapterspec._hra import PARAM, Reflections, inject_refusal, layer_refusal, param_shapes, reflections_of
 from adapterspec.errors import UnsupportedError
 
-from .oft import feature_index, features
+from .oft import check_site, feature_index, features
 from .sites import ModuleSite, Piece
 
 __all__ = ["METHODS", "PARAM", "Reflections", "check", "inits", "matrix", "merge_flat", "reflected_flat", "settings",
@@ -50,36 +50,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, initialize: boo
         module's inputs (naming the module), apply_GS with r above the input features (naming /r), or a fresh
         ``apply_GS`` adapter at PEFT's identity start.
     """
-    layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-    kinds = {piece.kind for piece in site.pieces}
-    if site.kind == "conv":
-        layer = site.pieces[0].layer
-        kernel = site.conv_spatial
-        odd = [f"{name}={value}" for name, value, ok in (
-            ("rank", len(kernel), len(kernel) == 2), ("groups", getattr(layer, "groups", 1),
-                                                       getattr(layer, "groups", 1) == 1),
-            ("dilation_rate", tuple(layer.dilation_rate), set(layer.dilation_rate) == {1}),
-            ("kernel_size", kernel, len(set(kernel)) == 1), ("strides", tuple(layer.strides),
-                                                             len(set(layer.strides)) == 1)) if not ok]
-        if len(site.pieces) != 1 or odd:
-            raise UnsupportedError(f"HRA on a convolution with {', '.join(odd) or 'several layers'} ({layers}): "
-                                   "PEFT's unmerged HRA convolution uses one square 2-D kernel, one stride, no "
-                                   "groups or dilation", key=path, hint="do not target this layer")
-    elif site.hf_conv1d:
-        raise UnsupportedError(f"HRA cannot adapt a transformers Conv1D module (GPT-2's, weight stored [in, out]; "
-                               f"module on {layers}): PEFT's HRA adapts nn.Linear and nn.Conv2d only, so PEFT could "
-                               "not load the adapter", key=path,
-                               hint="remove the module from target_modules, or use LoRA/IA3 on this model")
-    elif site.kind != "linear" or not kinds <= {"dense", "einsum"}:
-        raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense and 2-D convolution layers with HRA "
-                               f"(module on {layers})", key=path,
-                               hint="remove the module from target_modules (or exclude it with exclude_modules)")
-    else:
-        for piece in site.pieces:
-            if sorted(piece.in_index.ravel().tolist()) != list(range(site.in_features)):
-                raise UnsupportedError(f"HRA reflects all {site.in_features} input features of the module; "
-                                       f"{type(piece.layer).__name__} {piece.layer.path!r} sees {piece.n_in} of them",
-                                       key=path, hint="do not target this module, or use the torch backend")
+    check_site(site, path, "HRA", "reflects")
     refusal = layer_refusal(features(site), config)  # SPEC.md 17.3: apply_GS with r above F has no defined result
     if refusal is None and initialize:
         refusal = inject_refusal(config)

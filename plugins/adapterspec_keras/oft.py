@@ -33,7 +33,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import ModuleSite, Piece
 
-__all__ = ["METHODS", "Rotation", "check", "feature_index", "features", "inits", "merge_flat", "rotated_flat",
+__all__ = ["METHODS", "Rotation", "check", "check_site", "feature_index", "features", "inits", "merge_flat", "rotated_flat",
            "rotation", "settings", "shapes", "shapes_for", "unmerge_flat"]
 
 #: The methods this module computes.
@@ -47,15 +47,15 @@ def features(site: ModuleSite) -> int:
         else int(site.in_features)
 
 
-def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
-    """Refuse a module the OFT/BOFT math of this backend does not cover exactly (the torch backend's ``check``).
 
-    :raises UnsupportedError: an embedding, a logits projection, a transformers ``Conv1D`` (GPT-2; PEFT refuses it
-        too), a 1-D/3-D/grouped/dilated/strided-unevenly
-        convolution, an OFT convolution larger than 1x1, a piece seeing only part of the module's inputs (naming
-        the module), a block layout PEFT refuses, or training with ``module_dropout``/``boft_dropout``.
+def check_site(site: ModuleSite, path: str, method: str, verb: str) -> None:
+    """Refuse a module whose input-side transform (OFT's and BOFT's rotation, HRA's reflections: ``verb``) PEFT does
+    not compute exactly as a Keras layer holds it. One check for the three methods, as their PEFT layers share it.
+
+    :raises UnsupportedError: naming the module: a 1-D/3-D/grouped/dilated/unevenly strided or non-square
+        convolution, or one split over several layers; a transformers ``Conv1D`` (GPT-2; PEFT refuses it too); a
+        layer other than Dense/EinsumDense/Conv2D; a piece seeing only part of the module's inputs.
     """
-    method = config.peft_type
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
     kinds = {piece.kind for piece in site.pieces}
     if site.kind == "conv":
@@ -69,13 +69,8 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
                                                              len(set(layer.strides)) == 1)) if not ok]
         if len(site.pieces) != 1 or odd:
             raise UnsupportedError(f"{method} on a convolution with {', '.join(odd) or 'several layers'} ({layers}): "
-                                   "PEFT builds the rotated convolution from one square 2-D kernel, one stride, no "
-                                   "groups or dilation", key=path, hint="do not target this layer")
-        if method == "OFT" and kernel != (1, 1):
-            raise UnsupportedError(
-                f"OFT on a Conv2D with kernel {kernel} ({layers}): PEFT 0.21's unmerged forward (unfold, rotate, "
-                "fold with overlap-add) differs from its merged weight for kernels larger than 1x1, so no exact "
-                "result exists", key=path, hint="target 1x1 convolutions and linear layers only")
+                                   f"PEFT's {method} convolution uses one square 2-D kernel, one stride, no groups or "
+                                   "dilation", key=path, hint="do not target this layer")
     elif site.hf_conv1d:
         raise UnsupportedError(f"{method} cannot adapt a transformers Conv1D module (GPT-2's, weight stored [in, out]; "
                                f"module on {layers}): PEFT's {method} adapts nn.Linear and nn.Conv2d only, so PEFT could "
@@ -88,9 +83,27 @@ def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool
     else:
         for piece in site.pieces:
             if sorted(piece.in_index.ravel().tolist()) != list(range(site.in_features)):
-                raise UnsupportedError(f"{method} rotates all {site.in_features} input features of the module; "
+                raise UnsupportedError(f"{method} {verb} all {site.in_features} input features of the module; "
                                        f"{type(piece.layer).__name__} {piece.layer.path!r} sees {piece.n_in} of them",
                                        key=path, hint="do not target this module, or use the torch backend")
+
+
+def check(site: ModuleSite, path: str, config: AdapterConfig, *, trainable: bool = False) -> None:
+    """Refuse a module the OFT/BOFT math of this backend does not cover exactly (the torch backend's ``check``).
+
+    :raises UnsupportedError: an embedding, a logits projection, a transformers ``Conv1D`` (GPT-2; PEFT refuses it
+        too), a 1-D/3-D/grouped/dilated/strided-unevenly
+        convolution, an OFT convolution larger than 1x1, a piece seeing only part of the module's inputs (naming
+        the module), a block layout PEFT refuses, or training with ``module_dropout``/``boft_dropout``.
+    """
+    method = config.peft_type
+    check_site(site, path, method, "rotates")
+    if method == "OFT" and site.kind == "conv" and site.conv_spatial != (1, 1):
+        layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
+        raise UnsupportedError(
+            f"OFT on a Conv2D with kernel {site.conv_spatial} ({layers}): PEFT 0.21's unmerged forward (unfold, rotate, "
+            "fold with overlap-add) differs from its merged weight for kernels larger than 1x1, so no exact "
+            "result exists", key=path, hint="target 1x1 convolutions and linear layers only")
     block_sizes(features(site), config, path)
     if trainable:
         field = "module_dropout" if method == "OFT" else "boft_dropout"

@@ -29,6 +29,7 @@ from adapterspec._hra import PARAM, Reflections, inject_refusal, layer_refusal, 
 from adapterspec.errors import UnsupportedError
 
 from .computed import current
+from .oft import features
 from .quantized import quantization
 
 __all__ = ["KINDS", "METHODS", "PARAM", "Reflections", "check", "check_inject", "features", "forward", "initialise",
@@ -38,14 +39,6 @@ __all__ = ["KINDS", "METHODS", "PARAM", "Reflections", "check", "check_inject", 
 METHODS = ("HRA",)
 #: The layer kinds it adapts (PEFT 0.21 adapts ``nn.Linear`` and ``nn.Conv2d`` only).
 KINDS = ("linear", "conv2d")
-
-
-def features(module: nn.Module, kind: str) -> int:
-    """``F``: ``in_features``, or ``in_channels * k * k`` for a ``k x k`` Conv2d (PEFT's ``hra_u`` rows)."""
-    if kind == "linear":
-        return int(cast(nn.Linear, module).in_features)
-    conv = cast(nn.Conv2d, module)
-    return int(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[0])
 
 
 def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig) -> None:

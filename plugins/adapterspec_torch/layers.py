@@ -1227,35 +1227,29 @@ class AdapterLayer(nn.Module):
                                    hint="load MiSS adapters of one init_weights mode into one model")
         return block
 
-    def _miss_blocks(self, names: tuple[str, ...]) -> list[tuple[miss.Block, dict[str, torch.Tensor]]]:
-        """(settings, tensors) of the active MiSS adapters, in order.
+    def _alone(self, names: tuple[str, ...], field: str, label: str) -> list[tuple[str, _Spec]]:
+        """The active adapters of ``names`` whose spec sets ``field`` (a method PEFT runs on a layer by itself: MiSS,
+        HRA), in order, with their specs.
 
         :raises UnsupportedError: they are active together with another method's adapter on this layer.
         """
-        found = [(n, self._specs[n]) for n in names if n in self._specs and self._specs[n].block is not None]
-        if not found:
-            return []
-        others = [n for n in names if n in self._specs and self._specs[n].block is None]
-        if others:
-            raise UnsupportedError(f"MiSS adapters cannot run together with {others} on one layer (PEFT holds one "
+        found = [(n, self._specs[n]) for n in names if n in self._specs and getattr(self._specs[n], field) is not None]
+        others = [n for n in names if n in self._specs and getattr(self._specs[n], field) is None]
+        if found and others:
+            raise UnsupportedError(f"{label} adapters cannot run together with {others} on one layer (PEFT holds one "
                                    "method per layer)", key=found[0][0],
-                                   hint="activate the MiSS adapters without other methods' adapters")
-        return [(cast(miss.Block, spec.block), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
+                                   hint=f"activate the {label} adapters without other methods' adapters")
+        return found
+
+    def _miss_blocks(self, names: tuple[str, ...]) -> list[tuple[miss.Block, dict[str, torch.Tensor]]]:
+        """(settings, tensors) of the active MiSS adapters, in order (:meth:`_alone`)."""
+        return [(cast(miss.Block, spec.block), {p: self._param(n, p) for p in spec.names})
+                for n, spec in self._alone(names, "block", "MiSS")]
 
     def _reflections(self, names: tuple[str, ...]) -> list[tuple[hra.Reflections, torch.Tensor]]:
-        """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.3).
-
-        :raises UnsupportedError: they are active together with another method's adapter on this layer.
-        """
-        found = [(n, self._specs[n]) for n in names if n in self._specs and self._specs[n].reflections is not None]
-        if not found:
-            return []
-        others = [n for n in names if n in self._specs and self._specs[n].reflections is None]
-        if others:
-            raise UnsupportedError(f"HRA adapters cannot run together with {others} on one layer (PEFT holds one "
-                                   "method per layer)", key=found[0][0],
-                                   hint="activate the HRA adapters without other methods' adapters")
-        return [(cast(hra.Reflections, spec.reflections), self._param(n, hra.PARAM)) for n, spec in found]
+        """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.3; :meth:`_alone`)."""
+        return [(cast(hra.Reflections, spec.reflections), self._param(n, hra.PARAM))
+                for n, spec in self._alone(names, "reflections", "HRA")]
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""

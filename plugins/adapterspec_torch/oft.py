@@ -27,7 +27,7 @@ from adapterspec.errors import UnsupportedError
 
 from .computed import current
 
-__all__ = ["METHODS", "Rotation", "check", "forward", "initialise", "merge", "rotation", "settings", "shapes",
+__all__ = ["METHODS", "Rotation", "check", "features", "forward", "initialise", "merge", "rotation", "settings", "shapes",
            "unmerge"]
 
 #: The methods this module computes.
@@ -36,8 +36,9 @@ METHODS = ("OFT", "BOFT")
 _LAYERS = ("linear", "conv2d")
 
 
-def _features(module: nn.Module, kind: str) -> int:
-    """The dimension rotated: ``in_features``, or ``in_channels * k * k`` for a Conv2d (PEFT's ``conv_filter_dim``)."""
+def features(module: nn.Module, kind: str) -> int:
+    """The dimension rotated (OFT, BOFT) or reflected (HRA): ``in_features``, or ``in_channels * k * k`` for a ``k x k``
+    Conv2d (PEFT's ``conv_filter_dim``, HRA's ``hra_u`` rows)."""
     if kind == "linear":
         return int(cast(nn.Linear, module).in_features)
     conv = cast(nn.Conv2d, module)
@@ -46,7 +47,7 @@ def _features(module: nn.Module, kind: str) -> int:
 
 def _sizes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> tuple[int, int]:
     """(number of blocks, block size) of ``config`` on this layer, as PEFT 0.21 decides them."""
-    return block_sizes(_features(module, kind), config, path)
+    return block_sizes(features(module, kind), config, path)
 
 
 def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig) -> None:
@@ -93,7 +94,7 @@ def settings(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> 
     ...     {"peft_type": "BOFT", "target_modules": ["q"], "boft_block_size": 2}), "q").blocks
     4
     """
-    return rotation_of(_features(module, kind), config, path)
+    return rotation_of(features(module, kind), config, path)
 
 
 def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> dict[str, tuple[int, ...]]:
@@ -105,7 +106,7 @@ def shapes(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> di
     {'boft_R': (1, 4, 2, 2), 'boft_s': (3, 1)}
     """
     out = int(cast(nn.Linear, module).out_features if kind == "linear" else cast(nn.Conv2d, module).out_channels)
-    return param_shapes(_features(module, kind), out, config, path, conv=kind != "linear")
+    return param_shapes(features(module, kind), out, config, path, conv=kind != "linear")
 
 
 def initialise(params: dict[str, torch.Tensor], config: AdapterConfig) -> None:
@@ -226,9 +227,9 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
         out: torch.Tensor = base(x.to(previous), *args, **kwargs)
         return (out if output is None else output(out)).to(previous)
     weight = current(base, "weight")  # not base.weight: an old weight-norm hook sets that in base's forward only
-    features = _features(base, kind)
+    count = features(base, kind)
     out_features = int(cast(nn.Linear, base).out_features if kind == "linear" else weight.shape[0])  # packed weights
-    total = torch.eye(features, device=x.device, dtype=previous if kind == "linear" else x.dtype)
+    total = torch.eye(count, device=x.device, dtype=previous if kind == "linear" else x.dtype)
     scale = torch.ones((out_features, 1), device=x.device, dtype=total.dtype)
     for spec, params in adapters:
         matrix = rotation(spec, params, training=training).to(x)
@@ -248,7 +249,7 @@ def forward(base: nn.Module, kind: str, adapters: Sequence[tuple[Rotation, dict[
         return result.to(previous)
     conv = cast(nn.Conv2d, base)
     x = x.to(weight.dtype)
-    rotated = torch.mm(total, weight.reshape(out_features, features).transpose(0, 1)).transpose(0, 1)
+    rotated = torch.mm(total, weight.reshape(out_features, count).transpose(0, 1)).transpose(0, 1)
     rotated = (rotated * scale).reshape(weight.shape)
     result = F.conv2d(x.to(rotated.dtype), rotated, bias=None if bias is None else bias.to(rotated.dtype),
                       padding=conv.padding[0], stride=conv.stride[0])
