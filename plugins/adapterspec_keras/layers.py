@@ -130,8 +130,8 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint="load this adapter with the torch backend or PEFT")
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA or ROAD adapter, "
-                                              "or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA or "
+                                              "VBLORA adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -843,6 +843,7 @@ class AdapterLayer:
         blocks = self._miss_slots()
         if blocks:
             return self._apply_miss(piece, blocks, x, result)
+        self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
@@ -861,14 +862,14 @@ class AdapterLayer:
             if slot.method in vera.METHODS or slot.method in vblora.METHODS:
                 result = self._apply_vera(piece, slot, x, result)
                 continue
-            if slot.road_settings is not None:  # RoAd rotates the output (mixes were refused when activated)
+            if slot.road_settings is not None:  # RoAd rotates the output
                 result = road.forward(self.site, piece, [(slot.road_settings, slot.get)], result)
                 continue
             result = self._apply_lora(piece, slot, x, result)
         return result
 
     def _rotations(self) -> list[_Slot]:
-        """The running OFT/BOFT adapters, in order.
+        """The running OFT/BOFT/HRA adapters, in order.
 
         :raises UnsupportedError: they run together with another method's adapter on this module (as the torch
             backend: PEFT holds one method per layer).
@@ -886,20 +887,25 @@ class AdapterLayer:
                                    hint="activate the rotation adapters without other methods' adapters")
         return found
 
-    def _miss_slots(self) -> list[_Slot]:
-        """The running MiSS adapters, in order.
+    def _alone(self, field: str, label: str) -> list[_Slot]:
+        """The running adapters whose slot sets ``field`` (a method PEFT runs on a layer by itself: MiSS, RoAd), in
+        order (the torch backend's ``AdapterLayer._alone``).
 
-        :raises UnsupportedError: they run together with another method's adapter on this module (as the torch
-            backend: PEFT holds one method per layer).
+        :raises UnsupportedError: they run together with another method's adapter on this module (PEFT holds one
+            method per layer; mixes are refused when activated, :func:`adapterspec._mix.mix_refusal`).
         """
         running = [slot for _, slot in self._running()]
-        found = [slot for slot in running if slot.block is not None]
+        found = [slot for slot in running if getattr(slot, field) is not None]
         if found and len(found) != len(running):
-            others = sorted({slot.method for slot in running if slot.block is None})
-            raise UnsupportedError(f"MiSS adapters cannot run together with {others} on one layer (PEFT holds one "
+            others = sorted({slot.method for slot in running if getattr(slot, field) is None})
+            raise UnsupportedError(f"{label} adapters cannot run together with {others} on one layer (PEFT holds one "
                                    "method per layer)", key=self.site.path,
-                                   hint="activate the MiSS adapters without other methods' adapters")
+                                   hint=f"activate the {label} adapters without other methods' adapters")
         return found
+
+    def _miss_slots(self) -> list[_Slot]:
+        """The running MiSS adapters, in order (:meth:`_alone`)."""
+        return self._alone("block", "MiSS")
 
     def _apply_miss(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """MiSS unmerged: ``result + op(x, D)`` per block/mini adapter (``D`` its delta, :func:`miss.block_flat`;

@@ -1195,10 +1195,9 @@ class AdapterLayer(nn.Module):
         return [(cast(oft.Rotation, spec.rotation), {p: self._param(n, p) for p in spec.names}) for n, spec in found]
 
     def _roads(self, names: tuple[str, ...]) -> list[tuple[road.Road, torch.Tensor, torch.Tensor]]:
-        """(settings, theta, alpha) of the active RoAd adapters, in order (another method's active adapter on this
-        layer was refused when activated: :func:`~adapterspec._mix.mix_refusal`)."""
-        return [(spec.road_settings, self._param(n, "road_theta"), self._param(n, "road_alpha"))
-                for n in names if (spec := self._specs.get(n)) is not None and spec.road_settings is not None]
+        """(settings, theta, alpha) of the active RoAd adapters, in order (:meth:`_alone`)."""
+        return [(cast(road.Road, spec.road_settings), self._param(n, "road_theta"), self._param(n, "road_alpha"))
+                for n, spec in self._alone(names, "road_settings", "RoAd")]
 
     def check_unmerge(self) -> None:
         """Refuse, before anything changes, an unmerge :meth:`unmerge` cannot do (a merged RoAd adapter whose matrix
@@ -1229,7 +1228,7 @@ class AdapterLayer(nn.Module):
 
     def _alone(self, names: tuple[str, ...], field: str, label: str) -> list[tuple[str, _Spec]]:
         """The active adapters of ``names`` whose spec sets ``field`` (a method PEFT runs on a layer by itself: MiSS,
-        HRA), in order, with their specs.
+        HRA, RoAd), in order, with their specs.
 
         :raises UnsupportedError: they are active together with another method's adapter on this layer.
         """

@@ -167,7 +167,7 @@ def load_state(model: nn.Module, adapter: Adapter, adapter_name: str, options: L
         tensors = read_slices(adapter, sharded, read_to)
     else:
         tensors, read_to = _read(adapter, targets)
-        vblora.check_values(adapter.config, tensors)  # SPEC.md 17.4: index and weight values, before anything is assigned
+    vblora.check_values(adapter.config, tensors)  # SPEC.md 17.4: index and weight values, before anything is assigned
     check_tied_tensors(state, adapter_name, tensors)  # SPEC.md 15.2
     stored = {}
     with torch.no_grad():

@@ -211,6 +211,8 @@ def index_errors(config: Mapping[str, Any], arrays: Mapping[str, Any],
                 hint="store indices of the bank's vectors (0 to num_vectors - 1), or save the adapter again with "
                      "PEFT"))
             continue
+        if values.ndim == 0:  # a shape check 10 refuses (validation reports every error together)
+            continue
         ordered = np.sort(values.reshape(-1, values.shape[-1]), axis=-1)
         repeated = ordered[:, 1:] == ordered[:, :-1]
         mixed = repeated.any(axis=1) & (ordered[:, 0] != ordered[:, -1])  # a repeat beside another index
@@ -247,7 +249,7 @@ def topk_weight_errors(config: Mapping[str, Any], arrays: Mapping[str, Any],
         if key.rpartition(".")[2] not in WEIGHTS:
             continue
         values = np.asarray(arrays[key], dtype=np.float32)
-        if values.size == 0:
+        if values.size == 0 or values.ndim == 0:  # a 0-d tensor: a shape check 10 refuses
             continue
         last = np.float32(1) - values.sum(axis=-1, dtype=np.float32)
         if (values < 0).any():

@@ -93,7 +93,7 @@ def tensor_errors(config: AdapterConfig, tensors: Mapping[str, TensorInfo]) -> l
 def _dtype_error(key: str, name: TensorName | None, info: TensorInfo) -> DTypeMismatchError | None:
     """Check 13 (SPEC.md 7.1): floating point everywhere; integers and booleans only in modules to save."""
     if name is not None and name.role == "adapter" and name.param in _vblora.INDICES:
-        return None  # integer top-k indices: their dtype is checked with the module (SPEC.md 17.1)
+        return None  # integer top-k indices: their dtype is checked with the module (SPEC.md 17.4)
     buffers = name is not None and name.role in ("modules_to_save", "ignored")
     allowed = ALLOWED_DTYPES | BUFFER_DTYPES if buffers else ALLOWED_DTYPES
     if info.dtype in allowed:

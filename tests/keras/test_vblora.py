@@ -227,6 +227,17 @@ def test_embeddings_and_undividable_sizes_are_refused_as_in_peft(checkpoints: An
                              "/vector_length")
 
 
+def test_a_quantized_layer_is_refused_as_on_torch(checkpoints: Any, tmp_path: Path) -> None:
+    """PEFT 0.21 has no quantized VB-LoRA layer and the torch backend refuses one: so does this backend (it ran the
+    adapter on an int8 Dense), model unchanged."""
+    _peft_folder(checkpoints["llama"], peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=2,
+                                                         target_modules=["q_proj"]), tmp_path)
+    model = keras_model("llama", checkpoints["llama"])
+    model.quantize("int8")
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path), UnsupportedError,
+                             "quantized layer (int8")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_one_training_step_equals_peft(checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
     """Loaded trainable (TensorFlow), one SGD step on the same loss gives PEFT's bank and logits after its step: the

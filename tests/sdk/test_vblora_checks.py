@@ -121,6 +121,33 @@ def test_topk_weights_negative_or_summing_above_one_are_refused_naming_the_key(t
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
     errors = adapterspec.validate_adapter(tmp_path)
     assert [(type(e), e.key) for e in errors] == [(TensorError, prefix + "vblora_logits_B_topk_weights")]
+
+
+def test_zero_dimensional_topk_tensors_are_shape_errors_not_crashes(tmp_path: Any) -> None:
+    """validate_adapter reads the top-k values after the shape checks: a 0-d indices or weights tensor is reported
+    as the ShapeMismatchError it is (it raised a bare IndexError from the value check)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import adapterspec
+
+    prefix = "base_model.model.q."
+    config = {"peft_type": "VBLORA", "r": 1, "num_vectors": 4, "vector_length": 2, "topk": 3,
+              "save_only_topk_weights": True, "target_modules": ["q"]}
+    tensors = {"base_model.vblora_vector_bank": np.arange(8, dtype=np.float32).reshape(4, 2),
+               prefix + "vblora_logits_A_topk_indices": np.array(1, np.uint8),
+               prefix + "vblora_logits_A_topk_weights": np.array(0.5, np.float32),
+               prefix + "vblora_logits_B_topk_indices": np.array([[[3, 1, 2]]], np.uint8),
+               prefix + "vblora_logits_B_topk_weights": np.array([[[0.5, 0.25]]], np.float32)}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    errors = adapterspec.validate_adapter(tmp_path)
+    assert errors and all(isinstance(e, ShapeMismatchError) for e in errors)
+    assert {e.key for e in errors} <= {prefix + "vblora_logits_A_topk_indices", prefix + "vblora_logits_A_topk_weights"}
+
+
 def test_topk_index_values_out_of_range_or_repeated_are_tensor_errors() -> None:
     """PEFT's topk gives distinct indices of the bank; any other value is refused naming the tensor (SPEC.md 17.4)."""
     import numpy as np
