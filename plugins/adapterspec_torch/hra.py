@@ -29,7 +29,7 @@ from adapterspec._hra import PARAM, Reflections, inject_refusal, layer_refusal, 
 from adapterspec.errors import UnsupportedError
 
 from .computed import current
-from .oft import features
+from .oft import check_conv, features
 from .quantized import quantization
 
 __all__ = ["KINDS", "METHODS", "PARAM", "Reflections", "check", "check_inject", "features", "forward", "initialise",
@@ -61,18 +61,7 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
         raise UnsupportedError(f"HRA multiplies the base weight by its reflections, and this layer's weight is "
                                f"quantized ({quantized})", key=path, hint="load the adapter onto the unquantized model")
     if kind == "conv2d":
-        conv = cast(nn.Conv2d, module)
-        odd = [f"{name}={value}" for name, value, ok in (
-            ("groups", conv.groups, conv.groups == 1), ("dilation", conv.dilation, set(conv.dilation) == {1}),
-            ("kernel_size", conv.kernel_size, len(set(conv.kernel_size)) == 1),
-            ("stride", conv.stride, len(set(conv.stride)) == 1),
-            ("padding", conv.padding, not isinstance(conv.padding, str) and len(set(conv.padding)) == 1),
-            ("padding_mode", conv.padding_mode, conv.padding_mode == "zeros")) if not ok]
-        if odd:
-            raise UnsupportedError(f"HRA on a Conv2d with {', '.join(odd)}: PEFT's unmerged HRA convolution uses a "
-                                   "square kernel, one stride and padding value, zero padding, no groups or dilation "
-                                   "(its merged weight would compute something else, or PEFT fails)", key=path,
-                                   hint="do not target this layer")
+        check_conv(cast(nn.Conv2d, module), path, "HRA")
     refusal = layer_refusal(features(module, kind), config)
     if refusal is not None:  # SPEC.md 17.3: apply_GS with r above F has no defined result
         pointer, reason, hint = refusal

@@ -27,7 +27,7 @@ from adapterspec.errors import UnsupportedError
 
 from .computed import current
 
-__all__ = ["METHODS", "Rotation", "check", "features", "forward", "initialise", "merge", "rotation", "settings", "shapes",
+__all__ = ["METHODS", "Rotation", "check", "check_conv", "features", "forward", "initialise", "merge", "rotation", "settings", "shapes",
            "unmerge"]
 
 #: The methods this module computes.
@@ -73,17 +73,29 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
                 f"OFT on a Conv2d with kernel {tuple(conv.kernel_size)}: PEFT 0.21's unmerged forward (unfold, rotate, "
                 "fold with overlap-add) differs from its merged weight for kernels larger than 1x1, so no exact "
                 "result exists", key=path, hint="target 1x1 convolutions and linear layers only")
-        odd = [f"{name}={value}" for name, value, ok in (
-            ("groups", conv.groups, conv.groups == 1), ("dilation", conv.dilation, set(conv.dilation) == {1}),
-            ("kernel_size", conv.kernel_size, len(set(conv.kernel_size)) == 1),
-            ("stride", conv.stride, len(set(conv.stride)) == 1),
-            ("padding", conv.padding, not isinstance(conv.padding, str) and len(set(conv.padding)) == 1),
-            ("padding_mode", conv.padding_mode, conv.padding_mode == "zeros")) if not ok]
-        if odd:
-            raise UnsupportedError(f"{method} on a Conv2d with {', '.join(odd)}: PEFT builds the rotated convolution "
-                                   "from square kernels, one stride/padding value, zero padding, no groups or dilation",
-                                   key=path, hint="do not target this layer")
+        check_conv(conv, path, method)
     _sizes(module, kind, config, path)
+
+
+
+def check_conv(conv: nn.Conv2d, path: str, method: str) -> None:
+    """Refuse a Conv2d whose input-side transform (OFT's and BOFT's rotation, HRA's reflections) PEFT computes from
+    one square kernel, one stride and padding value, zero padding, no groups or dilation (the Keras backend's
+    ``oft.check_site``).
+
+    :raises UnsupportedError: naming the module and what differs.
+    """
+    odd = [f"{name}={value}" for name, value, ok in (
+        ("groups", conv.groups, conv.groups == 1), ("dilation", conv.dilation, set(conv.dilation) == {1}),
+        ("kernel_size", conv.kernel_size, len(set(conv.kernel_size)) == 1),
+        ("stride", conv.stride, len(set(conv.stride)) == 1),
+        ("padding", conv.padding, not isinstance(conv.padding, str) and len(set(conv.padding)) == 1),
+        ("padding_mode", conv.padding_mode, conv.padding_mode == "zeros")) if not ok]
+    if odd:
+        raise UnsupportedError(f"{method} on a Conv2d with {', '.join(odd)}: PEFT's {method} convolution uses a square "
+                               "kernel, one stride and padding value, zero padding, no groups or dilation (otherwise "
+                               "its merged weight computes something else, or PEFT fails)", key=path,
+                               hint="do not target this layer")
 
 
 def settings(module: nn.Module, kind: str, config: AdapterConfig, path: str) -> Rotation:
