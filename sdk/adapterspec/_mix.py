@@ -28,9 +28,10 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          "MISS": "MiSS", "VBLORA": "VB-LoRA", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
+          "MISS": "MiSS", "VBLORA": "VB-LoRA", "C3A": "C3A", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
-_ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.2)
+_ALONE = ("MISS", "C3A")  # methods PEFT runs on no layer together with another method (SPEC.md 17.2, 17.7)
+_SINGLE = ("C3A",)  # methods whose PEFT forward chains two adapters of the method on one layer (SPEC.md 17.7)
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA")  # methods that add a term to the layer's output
 
 
@@ -63,6 +64,9 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
       ``PeftMixedModel`` takes no BOFT, RoAd or HRA);
     * MiSS with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no MiSS);
+    * C3A with another method (as MiSS), or two C3A adapters together: PEFT 0.21.2's C3A forward feeds each active
+      adapter's term into the next one (its loop reassigns ``x``), so its unmerged result is no sum of the adapters
+      and differs from its merged one (and fails where the layer's input and output sizes differ);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no IA3 (no defined result: a merge in one order differed from the unmerged output);
     * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA): DoRA rescales what ran before it on the
@@ -81,7 +85,7 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     """
     if len(running) < 2:
         return None
-    for check in (_copies, _rotations, _alone, _ia3, _dora, _rows):
+    for check in (_copies, _rotations, _alone, _single, _ia3, _dora, _rows):
         refusal = check(path, running)
         if refusal is not None:
             return refusal
@@ -119,8 +123,20 @@ def _alone(path: str, running: Sequence[Running]) -> UnsupportedError | None:
     return UnsupportedError(
         f"{_label(found)} cannot run together with {_label(other)} on {path!r} (PEFT holds one method per layer: its "
         f"PeftModel refuses adapters of different methods and its PeftMixedModel takes no {found.method})", key=path,
-        hint=f"activate {found.name!r} and {other.name!r} apart (set_active_adapters); adapters of one method run "
-             "together")
+        hint=f"activate {found.name!r} and {other.name!r} apart (set_active_adapters)"
+             + ("" if found.method in _SINGLE else "; adapters of one method run together"))
+
+
+def _single(path: str, running: Sequence[Running]) -> UnsupportedError | None:
+    found = [entry for entry in running if entry.method in _SINGLE]
+    if len(found) < 2:
+        return None
+    return UnsupportedError(
+        f"{_label(found[0])} cannot run together with {_label(found[1])} on {path!r}: PEFT 0.21.2's {found[0].method} "
+        "forward feeds each active adapter's term into the next one, so its unmerged result differs from its merged "
+        "one (and fails where the layer's input and output sizes differ)", key=path,
+        hint=f"activate {found[0].name!r} and {found[1].name!r} apart (set_active_adapters), or combine them into one "
+             "adapter (their kernels add: delta is linear in c3a_kernel)")
 
 
 def _ia3(path: str, running: Sequence[Running]) -> UnsupportedError | None:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
+from . import _adalora, _c3a, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -46,6 +46,7 @@ PORTABLE_METHODS = frozenset({
     "MISS",  # SPEC.md 17.2
     "HRA",  # SPEC.md 17.3
     "VBLORA",  # SPEC.md 17.4
+    "C3A",  # SPEC.md 17.7
 })
 
 
@@ -251,6 +252,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.extend(_vera.unsupported(config))
     found.extend(_miss.unsupported(config))
     found.extend(_hra.unsupported(config))
+    found.extend(_c3a.unsupported(config))
     if config.get("peft_type") == "VBLORA":
         found.extend(_vblora.unsupported(config))
     found.extend(_parameter_features(config))

@@ -63,6 +63,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
     "HRA": ("hra_u",),  # SPEC.md 17.3
+    "C3A": ("c3a_kernel",),  # SPEC.md 17.7
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

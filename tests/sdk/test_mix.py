@@ -51,3 +51,19 @@ def test_refused_in_either_order_naming_the_module(first: Running, second: Runni
 ])
 def test_defined_mixes_run(running: list[Running]) -> None:
     assert mix_refusal("q_proj", running) is None
+
+
+C3A, C3A_B = Running("c", "C3A"), Running("c2", "C3A")  # SPEC.md 17.7
+
+
+@pytest.mark.parametrize("other", [LORA, DORA, LOHA, LOKR, ADALORA, VERA, VBLORA, IA3, OFT, BOFT, Running("r", "ROAD"),
+                                   Running("hr", "HRA"), Running("m", "MISS"), Running("x", SAVED_WHOLE),
+                                   Running("t", TOKEN_ROWS, rows=(3,)), C3A_B])
+def test_c3a_runs_alone(other: Running) -> None:
+    """C3A runs with no other method on a layer (PEFT: one method per layer) and with no second C3A adapter (PEFT's
+    forward chains them: measured unmerged vs merged 8e-4 on a Llama q_proj), in either order."""
+    for running in ([C3A, other], [other, C3A]):
+        refusal = mix_refusal("model.layers.0.q_proj", running)
+        assert refusal is not None and refusal.key == "model.layers.0.q_proj" and refusal.hint
+        assert ("C3A" in refusal.message or "'c'" in refusal.message) and "'model.layers.0.q_proj'" in refusal.message
+    assert mix_refusal("q_proj", [C3A]) is None

@@ -39,6 +39,7 @@ from .reference_tokens import token_weight
 from .reference_vblora import vblora_weight
 from .reference_vera import vera_weight
 from .reference_miss import miss_weight
+from .reference_c3a import c3a_weight
 
 __all__ = [
     "adapted_weight",
@@ -266,6 +267,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return road_weights(weight, bias, config, tensors)
     if method == "MISS":  # SPEC.md 17.2
         return miss_weight(module, weight, config, tensors), bias
+    if method == "C3A":  # SPEC.md 17.7
+        return c3a_weight(module, weight, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -292,7 +295,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA", "VBLORA"):
+                  "MISS", "HRA", "VBLORA", "C3A"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

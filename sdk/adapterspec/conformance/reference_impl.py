@@ -24,7 +24,7 @@ from .. import list_adapters, read_adapter, validate_config, write_adapter
 from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
-from .. import _hra, _miss, _oft, _road
+from .. import _c3a, _hra, _miss, _oft, _road
 from .. import _vblora
 from .._method_checks import factorization
 from ..errors import (
@@ -122,6 +122,7 @@ _SUPPORTED = {
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
     "MISS": ("linear",),  # SPEC.md 17.2
+    "C3A": ("linear",),  # SPEC.md 17.7
     "HRA": ("linear", "conv2d"),  # SPEC.md 17.3: square kernel, one stride and padding value (_check_supported)
 }
 
@@ -229,6 +230,10 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
             if param in shapes and tuple(shapes[param]) != shape:
                 raise refuse(param, f"the config's sizes give {list(shape)} for module {path!r} "
                                     f"({math.prod(fits)} input features)")
+    elif method == "C3A":  # [out/b, in/b, b]; a block size not dividing both sizes is UnsupportedError (SPEC.md 17.7)
+        kernel = _c3a.kernel_shape(fits[0], out, config, path)
+        if _c3a.PARAM in shapes and tuple(shapes[_c3a.PARAM]) != kernel:
+            raise refuse(_c3a.PARAM, f"module {path!r} takes {list(kernel)} (block size {kernel[2]})")
     elif method == "MISS":  # the mode's shape on this layer; sizes PEFT refuses are UnsupportedError (SPEC.md 17.2)
         block = _miss.block_shape(fits[0], out, config, path)
         if _miss.PARAM in shapes and tuple(shapes[_miss.PARAM]) != block:
