@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, hra, miss, oft, road, vblora, vera
+from . import adalora, c3a, hra, miss, oft, road, vblora, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -76,6 +76,7 @@ _SUPPORTED = {
     "MISS": miss.KINDS,
     "HRA": hra.KINDS,
     "VBLORA": vblora.KINDS,
+    "C3A": c3a.KINDS,  # SPEC.md 17.7
 }
 
 
@@ -178,6 +179,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         miss.check(module, kind, path, config)
     if method in vblora.METHODS:
         vblora.check(module, kind, path, config)
+    if method in c3a.METHODS:
+        c3a.check(module, kind, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -316,6 +319,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return hra.shapes(module, kind, config)
     if method in vblora.METHODS and kind is not None:
         return vblora.shapes(module, kind, config)
+    if method in c3a.METHODS and kind is not None:
+        return c3a.shapes(module, kind, config, path)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -526,6 +531,7 @@ class _Spec:
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     reflections: hra.Reflections | None = None  # HRA: its rank and apply_GS
+    circulant: bool | None = None  # C3A: set (True) for a C3A adapter, the field AdapterLayer._alone reads
     config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
@@ -645,6 +651,8 @@ class AdapterLayer(nn.Module):
             spec.rotation = oft.settings(base, self.kind, config, path)
         elif method in hra.METHODS:
             spec.reflections = hra.settings(config)
+        elif method in c3a.METHODS:
+            spec.circulant = True
         elif method in adalora.METHODS:
             spec.scaling, spec.r = adalora.factors(config, path)
             spec.dropout = float(config.get("lora_dropout") or 0.0)
@@ -809,6 +817,8 @@ class AdapterLayer(nn.Module):
             oft.initialise(p, config)
         elif spec.method in hra.METHODS:
             hra.initialise(p, config)
+        elif spec.method in c3a.METHODS:
+            c3a.initialise(p, config, *_in_out(self._modules["base_layer"], self.kind))
         elif spec.method in adalora.METHODS:
             adalora.initialise(p, config)
         elif spec.method in vera.METHODS:
@@ -1082,6 +1092,9 @@ class AdapterLayer(nn.Module):
         if blocks:
             return miss.forward(self._modules["base_layer"], blocks, x, args, kwargs, training=self.training,
                                 output=self._tensor)
+        kernels = self._c3a_kernels(names) if not self._merged else []
+        if kernels:  # SPEC.md 17.7: PEFT's float32 FFT term; other methods and a second C3A adapter are refused
+            return c3a.forward(self._modules["base_layer"], kernels, x, args, kwargs, output=self._tensor)
         reflections = self._reflections(names) if not self._merged else []
         if reflections:  # HRA reads the base weight and bias: accelerate's, where offloaded
             with onloaded(self._modules["base_layer"]):
@@ -1249,6 +1262,10 @@ class AdapterLayer(nn.Module):
         """(spec, hra_u) of the active HRA adapters, in order (SPEC.md 17.3; :meth:`_alone`)."""
         return [(cast(hra.Reflections, spec.reflections), self._param(n, hra.PARAM))
                 for n, spec in self._alone(names, "reflections", "HRA")]
+
+    def _c3a_kernels(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """``c3a_kernel`` of the active C3A adapters, in order (SPEC.md 17.7; :meth:`_alone`)."""
+        return [self._param(n, c3a.PARAM) for n, _ in self._alone(names, "circulant", "C3A")]
 
     def _tokens_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's output with the token rows of ``names`` in its weight (PEFT's ``TrainableTokensLayer``)."""
@@ -1442,6 +1459,8 @@ class AdapterLayer(nn.Module):
                     miss.merge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
                 elif spec.reflections is not None:
                     hra.merge(weight, spec.reflections, self._param(name, hra.PARAM))
+                elif spec.circulant:
+                    c3a.merge(weight, self._param(name, c3a.PARAM))
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1490,6 +1509,8 @@ class AdapterLayer(nn.Module):
                     miss.unmerge(weight, spec.block, {p: self._param(name, p) for p in spec.names})
                 elif spec.reflections is not None:
                     hra.unmerge(weight, spec.reflections, self._param(name, hra.PARAM))
+                elif spec.circulant:
+                    c3a.unmerge(weight, self._param(name, c3a.PARAM))
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .checks import TensorInfo
     from .config import AdapterConfig
 
-__all__ = ["INITS", "METHOD", "PARAM", "PEFT_DEFAULT_BLOCK_SIZE", "block_size_for", "inject_refusal", "kernel_shape",
+__all__ = ["INITS", "METHOD", "PARAM", "PEFT_DEFAULT_BLOCK_SIZE", "block_size_for", "kernel_shape",
            "module_errors", "unsupported"]
 
 #: The method's ``peft_type``.
@@ -107,22 +107,6 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
             found.append(("/block_size_pattern", f"C3A block_size_pattern key {key!r} is not a regular expression "
                                                  f"({exc}); PEFT 0.21.2 fails on it"))
     return found
-
-
-def inject_refusal(config: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    """``(pointer, reason, hint)`` when a *fresh* C3A adapter of ``config`` cannot be drawn as PEFT draws it.
-
-    The schema already limits ``init_weights`` to :data:`INITS` (PEFT raises on anything else, at load too); this
-    is the one place a fresh adapter needs more: nothing today, kept for the backends' one call.
-
-    >>> inject_refusal({"peft_type": "C3A", "init_weights": "gaussian"}) is None
-    True
-    """
-    value = config.get("init_weights", "xavier_uniform")
-    if config.get("peft_type") != METHOD or value in INITS:
-        return None
-    return ("/init_weights", f"C3A init_weights {value!r}: PEFT 0.21.2 knows only {list(INITS)}",
-            "set init_weights to one of those")
 
 
 def module_errors(config: AdapterConfig, module: str, p: Mapping[str, TensorInfo]) -> list[AdapterSpecError]:
