@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, hra, lycoris, miss, oft, road, tokens, vblora, vera
+from . import _ops, adalora, c3a, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -123,15 +123,15 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
                    *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS)
+                   *vblora.METHODS, *c3a.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA or "
-                                              "VBLORA adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA, "
+                                              "VBLORA or C3A adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -155,6 +155,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         miss.check(site, path, config)
     if method in vblora.METHODS:
         vblora.check(site, path, config)
+        return
+    if method in c3a.METHODS:
+        c3a.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -323,6 +326,7 @@ class _Slot:
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections; VBLORA: its vector bank
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
+    circulant: bool | None = None  # C3A: set (True) for a C3A adapter, the field AdapterLayer._alone reads
     config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
@@ -610,6 +614,13 @@ class AdapterLayer:
                                        hint="load MiSS adapters of one init_weights mode into one model")
             slot = _Slot(path, "MISS", block.r, 1.0, False, False, block.dropout, False, block=block)
             layouts, keys = _miss_plan(site, config, path, dtype, device, trainable, initialize)
+        elif config.peft_type in c3a.METHODS:
+            c3a.check(site, path, config)
+            slot = _Slot(path, "C3A", 0, 1.0, False, False, 0.0, False, circulant=True)
+            params = c3a.shapes(site, config, path)
+            layouts = MappingProxyType({p: Layout(shape, shape, (0, 1, 2)) for p, shape in params.items()})
+            keys = _group_keys(layouts, c3a.inits(config, params, site.in_features, site.out_features)
+                               if initialize else None, dtype, device, trainable)
         elif config.peft_type in vblora.METHODS:
             vblora.check(site, path, config)
             if shared is None:
@@ -843,6 +854,9 @@ class AdapterLayer:
         blocks = self._miss_slots()
         if blocks:
             return self._apply_miss(piece, blocks, x, result)
+        kernels = self._alone("circulant", "C3A")
+        if kernels:  # SPEC.md 17.7: other methods and a second C3A adapter are refused
+            return self._apply_c3a(piece, kernels, x, result)
         self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
@@ -932,6 +946,16 @@ class AdapterLayer:
             delta = miss.block_flat(self.site, piece, slot.block, slot.get, dtype)
             total = total + self._base_linear(piece, dropped, dtype, kernel=_ops.kernel_from_flat(piece, delta))
         return ops.cast(total, out_dtype)
+
+    def _apply_c3a(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """C3A unmerged (the torch backend's ``c3a.forward``): ``result + op(x, D / in)`` in float32 (PEFT's float32
+        term), cast to the output's dtype; one adapter (PEFT's forward chains a second one: refused)."""
+        if len(slots) != 1:
+            raise UnsupportedError("two C3A adapters cannot run together on one layer (PEFT 0.21.2's forward chains "
+                                   "them)", key=self.site.path, hint="activate one C3A adapter per layer")
+        term = c3a.term_flat(self.site, piece, slots[0].get)
+        part = self._base_linear(piece, ops.cast(x, "float32"), "float32", kernel=_ops.kernel_from_flat(piece, term))
+        return result + ops.cast(part, result.dtype)
 
     def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
@@ -1113,6 +1137,8 @@ class AdapterLayer:
         if slot.block is not None and slot.block.mode == miss.BAT:  # for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return miss.bat_flat(self.site, piece, slot.get, flat)
+        if slot.circulant:  # C3A: D rounded to the kernel's dtype, divided by in (PEFT's get_delta_weight)
+            return c3a.delta_flat(self.site, piece, slot.get, piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.block is not None:
             return miss.block_flat(self.site, piece, slot.block, slot.get,
                                    piece.kernel_variable.dtype if dtype is None else dtype)

@@ -134,7 +134,8 @@ def circulant(kernel: torch.Tensor) -> torch.Tensor:
     x = torch.eye(n * b, dtype=kernel.dtype, device=kernel.device)
     x = x.reshape(*x.shape[:-1], n, b)
     x = torch.einsum("...nb,mnb->...mb", ifft(x), fft(kernel))
-    return fft(x).real.flatten(start_dim=1).T
+    out: torch.Tensor = fft(x).real.flatten(start_dim=1).T
+    return out
 
 
 def delta_weight(weight: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -162,9 +163,11 @@ def forward(base: nn.Module, adapters: Sequence[torch.Tensor], x: torch.Tensor, 
     out = base(x, *args, **kwargs)
     result = out if output is None else output(out)
     x32 = x.to(torch.float32)
-    term = _BlockCircularConvolution.apply(x32, adapters[0].to(torch.float32)) / x32.size(-1)
-    result = result + term.to(result.dtype)
-    return result.to(previous)
+    conv: torch.Tensor = _BlockCircularConvolution.apply(  # type: ignore[no-untyped-call]  # unannotated in torch
+        x32, adapters[0].to(torch.float32))
+    result = result + (conv / x32.size(-1)).to(result.dtype)
+    final: torch.Tensor = result.to(previous)
+    return final
 
 
 def merge(weight: torch.Tensor, kernel: torch.Tensor) -> None:
