@@ -495,6 +495,46 @@ def _vblora_cases() -> None:
             ["shared", "fan_in_fan_out"], float64_tolerance=1e-6)  # PEFT takes log(w) in float32: one ulp apart
 
 
+def _c3a_cases() -> None:
+    """C3A (SPEC.md 17.7): block-circulant updates of Linear layers, the block size per module."""
+    numeric("c3a-linear-f32", "C3A on Linear 8->4 (block_size 2: c3a_kernel [2, 4, 2]) and 6->6 with bias "
+            "(block_size_pattern {'v': 3}: [2, 2, 3]); W[i*b + p, j*b + q] += kernel[i, j, (q - p) mod b] / in. PEFT "
+            "computes the term in float32 whatever the dtype: its float64 run agrees to float32 rounding",
+            "C3A", "linear", "float32", {"layers.0.q": linear(8, 4, bias=False), "layers.0.v": linear(6, 6)},
+            {"peft_type": "C3A", "block_size": 2, "block_size_pattern": {"v": 3},
+             "target_modules": ["q", "v"]}, ["block_size_pattern"], float64_tolerance=1e-6)
+    numeric("c3a-linear-f16", "C3A on a Linear 8->4 with bias, block_size 4 (c3a_kernel [1, 2, 4]), in float16 (PEFT "
+            "computes the term in float32 and rounds it to float16)", "C3A", "linear", "float16",
+            {"layer": linear(8, 4)}, {"peft_type": "C3A", "block_size": 4, "target_modules": ["layer"]}, [],
+            float64_tolerance=1e-6)
+
+
+def _c3a_folders() -> None:
+    """C3A (SPEC.md 17.7): c3a_kernel [out/b, in/b, b]; what readers refuse, with and without the model."""
+    c3a = {"peft_type": "C3A", "block_size": 4, "target_modules": ["q_proj", "v_proj"]}
+    tensors = {f"{Q}.c3a_kernel": det((2, 2, 4), 1).astype(np.float32),
+               f"{V}.c3a_kernel": det((1, 2, 4), 2).astype(np.float32)}
+    plain("c3a-valid", "C3A on q_proj (8->8) and v_proj (8->4), block_size 4: c3a_kernel [out/4, in/4, 4]", c3a, tensors,
+          valid=True)
+    plain("c3a-bias", "C3A with bias 'c3a_only' (trained base biases) is refused with UnsupportedError naming /bias",
+          c3a | {"bias": "c3a_only"}, tensors, valid=False, error="UnsupportedError", pointer="/bias")
+    plain("c3a-block-size-mismatch", "c3a_kernel's last axis is the module's block size: a config saying 2 for "
+          "kernels of 4", c3a | {"block_size": 2}, tensors, valid=False, error="ShapeMismatchError",
+          key=[f"{Q}.c3a_kernel", f"{V}.c3a_kernel"])
+    plain("c3a-pattern-block-size", "SPEC 17.7: block_size_pattern {'v_proj': 2} gives v_proj [2, 4, 2] (PEFT's "
+          "re.match('.*\\.v_proj$')) while q_proj keeps block_size 4", c3a | {"block_size_pattern": {"v_proj": 2}},
+          {f"{Q}.c3a_kernel": tensors[f"{Q}.c3a_kernel"], f"{V}.c3a_kernel": det((2, 4, 2), 3).astype(np.float32)},
+          valid=True)
+    plain("c3a-block-size-not-dividing", "SPEC 17.7: block_size 16 does not divide v_proj's 4 outputs (PEFT refuses "
+          "the layer): UnsupportedError naming /block_size and the module", c3a | {"block_size": 16,
+                                                                                  "target_modules": ["v_proj"]},
+          {f"{V}.c3a_kernel": det((1, 1, 16), 4).astype(np.float32)}, valid=False, error="UnsupportedError",
+          key="model.layers.0.self_attn.v_proj", pointer="/block_size")
+    plain("c3a-pattern-not-a-regex", "SPEC 17.7: a block_size_pattern key that is no regular expression (PEFT's "
+          "re.match raises): UnsupportedError naming /block_size_pattern", c3a | {"block_size_pattern": {"q_proj(": 4}},
+          tensors, valid=False, error="UnsupportedError", pointer="/block_size_pattern")
+
+
 def _vblora_stored(key: str, shape: tuple[int, ...], seed: int, dtype: str,
                    config: dict[str, Any]) -> torch.Tensor | None:
     """VB-LoRA's top-k tensors (SPEC.md 17.4): distinct in-range indices in PEFT's integer dtype, and positive
@@ -656,6 +696,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _miss_cases()
     _hra_cases()
     _vblora_cases()
+    _c3a_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -975,6 +1016,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _road_folders()
     _miss_folders()
     _vblora_folders()
+    _c3a_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1534,6 +1576,16 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("miss-dropout-above-one", "MiSS's miss_dropout is a probability (PEFT's nn.Dropout refuses 2.0, in every "
          "mode)", {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj"], "miss_dropout": 2.0}, False,
          "/miss_dropout", None),
+        ("c3a-init-weights-unknown", "C3A's init_weights is true, false, 'gaussian', 'kaiming_uniform' or "
+         "'xavier_uniform' (PEFT raises on others, at load too)", {"peft_type": "C3A", "block_size": 4,
+                                                                   "target_modules": ["q_proj"],
+                                                                   "init_weights": "orthogonal"}, False,
+         "/init_weights", None),
+        ("c3a-block-size-zero", "C3A's block_size is a positive integer (PEFT refuses 0)",
+         {"peft_type": "C3A", "block_size": 0, "target_modules": ["q_proj"]}, False, "/block_size", None),
+        ("c3a-block-size-pattern-null", "C3A's block_size_pattern is an object (PEFT fails on null)",
+         {"peft_type": "C3A", "block_size": 4, "target_modules": ["q_proj"], "block_size_pattern": None}, False,
+         "/block_size_pattern", None),
     ],
     "document": [
         ("config-is-a-list", "a config is a JSON object", [LORA_MIN], False, "", None),
@@ -1622,7 +1674,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS", "HRA", "VBLORA")
+                                            "MISS", "HRA", "VBLORA", "C3A")
                 or config.get("use_dora"))
 
 

@@ -43,10 +43,19 @@ def _pattern(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _matches(key: str, path: str) -> bool:
+    """PEFT's ``re.match(rf".*\\.{key}$", path)``; a key that is no regular expression matches nothing here
+    (:func:`unsupported` refuses the config naming it)."""
+    try:
+        return re.match(rf".*\.{key}$", path) is not None
+    except re.error:
+        return False
+
+
 def _source(config: Mapping[str, Any], path: str) -> tuple[int, str]:
     """The block size of ``path`` and the field that set it (``/block_size`` or ``/block_size_pattern``)."""
     pattern = _pattern(config)
-    key = next((k for k in pattern if re.match(rf".*\.{k}$", path)), path)
+    key = next((k for k in pattern if _matches(k, path)), path)
     if key in pattern:
         return int(pattern[key]), "/block_size_pattern"
     value = config.get("block_size", PEFT_DEFAULT_BLOCK_SIZE)

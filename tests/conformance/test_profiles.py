@@ -52,7 +52,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core; then SPEC 17's
     # gaps: 5 schema, 5 folders, 6 numeric (road_4 with two groups, bf16/f16 per method, null booleans), 6 round trips;
     # VB-LoRA: 2 numeric, 2 round trips, 13 folders
-    assert len(core) == 291 and len(corpus.cases) == 486
+    assert len(core) == 294 and len(corpus.cases) == 499
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
