@@ -6,7 +6,8 @@ update ``C`` with ``C[i*b + p, j*b + q] = kernel[i, j, (q - p) mod b]``. In Kera
 (``[n_in, n_out]``, see :func:`adapterspec_keras._ops.flat_kernel``) that is ``D[j*b + q, i*b + p]``; each piece takes
 its rows and columns of ``D``. Unmerged, the layer adds its own contraction of the float32 input with ``D / in`` in
 float32 (PEFT's FFT product computes the same sums: equal within float32 rounding, not bit for bit), cast to the
-output's dtype; merged, the kernel gets ``D`` rounded to its dtype, divided by ``in`` (PEFT's ``get_delta_weight``).
+output's dtype, with the gradients of PEFT's hand-written backward (its input gradient is not the forward's:
+:func:`backward_flat`); merged, the kernel gets ``D`` rounded to its dtype, divided by ``in`` (PEFT's ``get_delta_weight``).
 
 This backend adapts Dense/EinsumDense modules (PEFT's C3A adapts ``nn.Linear`` only). A fresh adapter draws PEFT's
 distributions from Keras' random numbers, not torch's.
@@ -32,7 +33,7 @@ from adapterspec.errors import UnsupportedError
 from .quantized import quantization
 from .sites import ModuleSite, Piece
 
-__all__ = ["METHODS", "PARAM", "check", "circulant_flat", "delta_flat", "inits", "shapes", "shapes_for", "term_flat"]
+__all__ = ["METHODS", "PARAM", "backward_flat", "check", "circulant_flat", "delta_flat", "inits", "shapes", "shapes_for", "term_flat"]
 
 #: The methods this module computes.
 METHODS = ("C3A",)
@@ -99,13 +100,18 @@ def _gather(index: np.ndarray, value: Any, axis: int = 0) -> Any:
     return ops.take(value, index, axis=axis)
 
 
-def circulant_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any]) -> Any:
+def circulant_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any], *, backward: bool = False) -> Any:
     """The piece's ``[n_in, n_out]`` rows and columns of ``D = C.T`` in float32 (PEFT's ``get_circulant_fast``,
-    transposed, by a gather instead of FFTs): ``D[j*b + q, i*b + p] = kernel[i, j, (q - p) mod b]``."""
+    transposed, by a gather instead of FFTs): ``D[j*b + q, i*b + p] = kernel[i, j, (q - p) mod b]``.
+
+    :param backward: instead, the matrix of PEFT's ``BlockCircularConvolution.backward`` for the input gradient,
+        ``kernel[i, j, (p + q) mod b]`` (not ``D``'s transpose: PEFT's input gradient is not its forward's, SPEC.md
+        17.7; the kernel's gradient is).
+    """
     kernel = ops.cast(get(PARAM), "float32")
     m, n, b = (int(s) for s in kernel.shape)
     p = np.arange(b)
-    index = (p[None, :] - p[:, None]) % b  # [p, q] -> (q - p) mod b
+    index = (p[:, None] + p[None, :]) % b if backward else (p[None, :] - p[:, None]) % b  # [p, q] -> (q - p) mod b
     blocks = ops.take(kernel, index.ravel(), axis=2)  # [m, n, p*q]
     blocks = ops.reshape(blocks, (m, n, b, b))  # [i, j, p, q]
     full = ops.reshape(ops.transpose(blocks, (1, 3, 0, 2)), (n * b, m * b))  # [j*b + q, i*b + p]
@@ -115,6 +121,14 @@ def circulant_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any]) ->
 def term_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any]) -> Any:
     """The float32 kernel of the unmerged term (PEFT's forward: ``conv(x) / in`` in float32): ``D / in``."""
     return circulant_flat(site, piece, get) / float(site.in_features)
+
+
+def backward_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any]) -> Any:
+    """The float32 ``[n_in, n_out]`` kernel whose contraction's input gradient is PEFT's (``g @ F / in``, ``F`` of
+    :func:`circulant_flat` with ``backward``), with no gradient to ``c3a_kernel``: the torch backend's copy of PEFT's
+    ``BlockCircularConvolution.backward``, for a layer computing ``op(sg(x), D / in) + t - sg(t)``, ``t = op(x, this)``
+    (the value PEFT's forward gives, the gradients PEFT's backward gives)."""
+    return ops.stop_gradient(circulant_flat(site, piece, get, backward=True) / float(site.in_features))
 
 
 def delta_flat(site: ModuleSite, piece: Piece, get: Callable[[str], Any], dtype: Any) -> Any:

@@ -949,13 +949,17 @@ class AdapterLayer:
 
     def _apply_c3a(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """C3A unmerged (the torch backend's ``c3a.forward``): ``result + op(x, D / in)`` in float32 (PEFT's float32
-        term), cast to the output's dtype; one adapter (PEFT's forward chains a second one: refused)."""
+        term), cast to the output's dtype, the input's gradient PEFT's backward's (:func:`c3a.backward_flat`); one
+        adapter (PEFT's forward chains a second one: refused)."""
         if len(slots) != 1:
             raise UnsupportedError("two C3A adapters cannot run together on one layer (PEFT 0.21.2's forward chains "
                                    "them)", key=self.site.path, hint="activate one C3A adapter per layer")
+        x32 = ops.cast(x, "float32")
         term = c3a.term_flat(self.site, piece, slots[0].get)
-        part = self._base_linear(piece, ops.cast(x, "float32"), "float32", kernel=_ops.kernel_from_flat(piece, term))
-        return result + ops.cast(part, result.dtype)
+        part = self._base_linear(piece, ops.stop_gradient(x32), "float32", kernel=_ops.kernel_from_flat(piece, term))
+        back = self._base_linear(piece, x32, "float32",  # PEFT's input gradient; t - sg(t) adds an exact zero
+                                 kernel=_ops.kernel_from_flat(piece, c3a.backward_flat(self.site, piece, slots[0].get)))
+        return result + ops.cast(part + (back - ops.stop_gradient(back)), result.dtype)
 
     def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as

@@ -146,3 +146,46 @@ def test_adapter_made_in_keras_loads_in_peft(llama: Any, checkpoints: Any, token
     peft_model, _ = peft_load_exactly(checkpoints["llama"], saved)
     assert_near(got, torch_logits(peft_model, token_ids))
     adapterspec.delete_adapter(model, "default")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_one_training_step_equals_peft(llama: Any, checkpoints: Any, token_ids: np.ndarray, tmp_path: Path) -> None:
+    """Loaded trainable, one SGD step on the same loss gives PEFT's kernels after its step (PEFT's hand-written FFT
+    backward vs Keras' gradient of the gathered circulant; TensorFlow's tape)."""
+    import keras
+    import torch
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the gradient tape of this test is TensorFlow's")
+    import tensorflow as tf
+    from keras_helpers import keras_inputs
+    from peft.utils import get_peft_model_state_dict
+
+    model, _, _ = llama
+    reference = _peft_adapter(checkpoints["llama"], tmp_path / "peft",
+                              peft.C3AConfig(block_size=16, target_modules=["q_proj", "up_proj"]))
+    weights = unique_values((2, 9, 128), 5, around=0.0, scale=1.0)
+    lr = 0.5
+    optimiser = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=lr)
+    logits = reference(input_ids=torch.from_numpy(np.asarray(token_ids, dtype=np.int64))).logits
+    (logits * torch.from_numpy(weights)).sum().backward()
+    optimiser.step()
+    expected = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(reference).items()}
+
+    adapterspec.load_adapter(model, tmp_path / "peft", trainable=True)
+    before = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    variables = model.trainable_variables
+    assert sum(int(np.prod(v.shape)) for v in variables) == reference.get_nb_trainable_parameters()[0]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(keras_inputs(token_ids), training=False) * weights)
+    for variable, grad in zip(variables, tape.gradient(loss, variables)):
+        variable.assign_sub(lr * grad)
+    after = adapterspec.extract_adapter(model, "default").load_tensors("numpy")
+    adapterspec.delete_adapter(model, "default")
+    assert set(after) == set(expected)
+    worst = 0.0
+    for key, value in expected.items():
+        assert np.abs(value - before[key]).max() > 1e-3, key  # the step moved it
+        worst = max(worst, float(np.abs(after[key] - value).max() / np.abs(value).max()))
+    print(f"kernels after one step: max relative diff vs PEFT {worst:.3g}")
+    assert worst < 1e-4
