@@ -28,9 +28,9 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          "MISS": "MiSS", "VBLORA": "VB-LoRA", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
+          "MISS": "MiSS", "VBLORA": "VB-LoRA", "GRALORA": "GraLoRA", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
-_ALONE = ("MISS",)  # methods PEFT runs on no layer together with another method (SPEC.md 17.2)
+_ALONE = ("MISS", "GRALORA")  # methods PEFT runs on no layer together with another method (SPEC.md 17.2, 17.5)
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA")  # methods that add a term to the layer's output
 
 
@@ -61,8 +61,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     * two copies of one module saved whole: one runs at a time (PEFT: "Only one adapter can be set at a time");
     * OFT/BOFT/RoAd/HRA with another method, or two of them together (PEFT holds one method per layer; its
       ``PeftMixedModel`` takes no BOFT, RoAd or HRA);
-    * MiSS with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
-      ``PeftMixedModel`` takes no MiSS);
+    * MiSS or GraLoRA with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
+      ``PeftMixedModel`` takes neither);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no IA3 (no defined result: a merge in one order differed from the unmerged output);
     * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA): DoRA rescales what ran before it on the
