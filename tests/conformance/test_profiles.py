@@ -33,7 +33,9 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "vblora", "vblora-topk", "vblora-topk-indices-i64", "vblora-other-form", "vblora-bank-missing",
                     "vblora-bank-shape", "vblora-topk-weights-f16", "vblora-topk-tensors-full-form", "vblora-topk-256-i16",
                     "vblora-topk-256-u8", "vblora-topk-above-num-vectors", "vblora-bias",
-                    "vblora-topk-index-out-of-range"}
+                    "vblora-topk-index-out-of-range",
+                    "gralora", "gralora-hybrid", "gralora-bias", "gralora-rank-mismatch", "gralora-hybrid-missing",
+                    "gralora-hybrid-unexpected", "gralora-r-not-divisible"}  # SPEC 17.5
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -52,7 +54,7 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core; then SPEC 17's
     # gaps: 5 schema, 5 folders, 6 numeric (road_4 with two groups, bf16/f16 per method, null booleans), 6 round trips;
     # VB-LoRA: 2 numeric, 2 round trips, 13 folders
-    assert len(core) == 291 and len(corpus.cases) == 486
+    assert len(core) == 293 and len(corpus.cases) == 501  # + GraLoRA: 2 schema, 3 numeric, 3 round trips, 7 folders
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
