@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, hra, lycoris, miss, oft, road, tokens, vblora, vera
+from . import _ops, adalora, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -123,15 +123,15 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
                    *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS)
+                   *vblora.METHODS, *gralora.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
                                hint="load this adapter with the torch backend or PEFT")
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
-                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA or "
-                                              "VBLORA adapter, or the torch backend")
+                               key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA, "
+                                              "VBLORA or GRALORA adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -155,6 +155,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         miss.check(site, path, config)
     if method in vblora.METHODS:
         vblora.check(site, path, config)
+        return
+    if method in gralora.METHODS:
+        gralora.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -324,6 +327,7 @@ class _Slot:
     road_settings: road.Road | None = None  # ROAD: variant and group size
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
+    granular: gralora.Granular | None = None  # GRALORA: r, gralora_k, hybrid_r, scaling, dropout (SPEC.md 17.5)
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
@@ -622,6 +626,14 @@ class AdapterLayer:
             keys = dict(_group_keys(layouts, vblora.inits(config) if initialize else None, dtype, device, trainable))
             for param, kind in vblora.dtypes(config).items():  # the top-k form's integer indices, frozen
                 keys[param] = keys[param]._replace(dtype=kind, trainable=False)
+        elif config.peft_type in gralora.METHODS:
+            gralora.check(site, path, config)
+            granular = gralora.settings(config)
+            slot = _Slot(path, "GRALORA", granular.r, granular.scaling, False, False, granular.dropout, False,
+                         granular=granular)
+            params = gralora.shapes(site, config, path)
+            layouts = MappingProxyType({p: Layout(shape, shape, tuple(range(len(shape)))) for p, shape in params.items()})
+            keys = _group_keys(layouts, gralora.inits(config, params) if initialize else None, dtype, device, trainable)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -843,6 +855,9 @@ class AdapterLayer:
         blocks = self._miss_slots()
         if blocks:
             return self._apply_miss(piece, blocks, x, result)
+        granular = self._alone("granular", "GraLoRA")  # SPEC.md 17.5: GraLoRA runs beside no other method
+        if granular:
+            return self._apply_gralora(piece, granular, x, result)
         self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
@@ -932,6 +947,21 @@ class AdapterLayer:
             delta = miss.block_flat(self.site, piece, slot.block, slot.get, dtype)
             total = total + self._base_linear(piece, dropped, dtype, kernel=_ops.kernel_from_flat(piece, delta))
         return ops.cast(total, out_dtype)
+
+    def _apply_gralora(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """GraLoRA unmerged: each adapter's terms added in the active order (:func:`gralora.output`, PEFT's dtypes;
+        ``gralora_dropout`` while training, one draw per term)."""
+        training = _training()
+        for slot in slots:
+            assert slot.granular is not None and slot.bank is not None
+            dropout = None
+            if slot.dropout > 0 and training:
+                seed = slot.bank.seed
+
+                def dropout(value: Any, rate: float = slot.dropout, seed: Any = seed) -> Any:
+                    return keras.random.dropout(value, rate, seed=seed)
+            result = gralora.output(self.site, piece, slot.granular, slot.get, x, result, dropout=dropout)
+        return result
 
     def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
@@ -1113,6 +1143,9 @@ class AdapterLayer:
         if slot.block is not None and slot.block.mode == miss.BAT:  # for the kernel as it is now
             flat = ops.cast(_ops.flat_kernel(piece), piece.kernel_variable.dtype if dtype is None else dtype)
             return miss.bat_flat(self.site, piece, slot.get, flat)
+        if slot.granular is not None:  # PEFT's get_delta_weight (SPEC.md 17.5)
+            return gralora.delta_flat(self.site, piece, slot.granular, slot.get,
+                                      piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.block is not None:
             return miss.block_flat(self.site, piece, slot.block, slot.get,
                                    piece.kernel_variable.dtype if dtype is None else dtype)
