@@ -535,6 +535,24 @@ def _c3a_folders() -> None:
           tensors, valid=False, error="UnsupportedError", pointer="/block_size_pattern")
 
 
+def _gralora_cases() -> None:
+    """GraLoRA (SPEC.md 17.5): a k x k grid of rank-r/k blocks, optionally beside a plain LoRA pair."""
+    numeric("gralora-linear-f32", "GraLoRA on a Linear 8->6 with bias, r 4, gralora_k 2, alpha 6: gralora_A [2, 4, 4], "
+            "gralora_B [2, 4, 3]; input block n reaches output block j through A[n]'s j-th rank slice and B[j]'s n-th",
+            "GRALORA", "linear", "float32", {"layer": linear(8, 6)},
+            {"peft_type": "GRALORA", "r": 4, "gralora_k": 2, "alpha": 6, "target_modules": ["layer"]}, [])
+    numeric("gralora-linear-hybrid-k3-f32", "GraLoRA with gralora_k 3 (r 3) and hybrid_r 2 on a Linear 9->6: the "
+            "hybrid pair B_general @ A_general ([6, 2] @ [2, 9]) is added, both scaled by alpha / (r + hybrid_r)",
+            "GRALORA", "linear", "float32", {"layer": linear(9, 6)},
+            {"peft_type": "GRALORA", "r": 3, "gralora_k": 3, "hybrid_r": 2, "alpha": 4, "target_modules": ["layer"]},
+            ["hybrid"])
+    numeric("gralora-gpt2-conv1d-f32", "GraLoRA on GPT-2 Conv1D layers (weights [in, out], fan_in_fan_out true): "
+            "the blocks keep PEFT's [k, in/k, r] / [k, r, out/k] layout", "GRALORA", "gpt2_conv1d", "float32",
+            {"h.0.attn.c_attn": gpt2(8, 12), "h.0.mlp.c_proj": gpt2(4, 8)},
+            {"peft_type": "GRALORA", "r": 2, "gralora_k": 2, "hybrid_r": 1, "alpha": 3, "fan_in_fan_out": True,
+             "target_modules": ["c_attn", "c_proj"]}, ["hybrid", "fan_in_fan_out"])
+
+
 def _vblora_stored(key: str, shape: tuple[int, ...], seed: int, dtype: str,
                    config: dict[str, Any]) -> torch.Tensor | None:
     """VB-LoRA's top-k tensors (SPEC.md 17.4): distinct in-range indices in PEFT's integer dtype, and positive
@@ -697,6 +715,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _hra_cases()
     _vblora_cases()
     _c3a_cases()
+    _gralora_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -1017,6 +1036,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _miss_folders()
     _vblora_folders()
     _c3a_folders()
+    _gralora_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1310,6 +1330,37 @@ def _miss_folders() -> None:
                                                                                          f"{V}.miss_block"])
     # (a layer PEFT refuses -- bat's r not dividing its sizes -- is a refusal of the backend's, which a backend that
     # implements no MiSS reports as its own /peft_type: tests/torch/test_miss.py and tests/keras/test_miss.py check it)
+def _gralora_folders() -> None:
+    """GraLoRA files (SPEC.md 17.5): valid ones, and what a reader refuses (gralora_k not dividing a layer is the
+    backend's refusal: tests/torch/test_gralora.py)."""
+    gr = {"peft_type": "GRALORA", "r": 4, "gralora_k": 2, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    blocks = {f"{Q}.gralora_A": det((2, 4, 4), 1).astype(np.float32), f"{Q}.gralora_B": det((2, 4, 4), 2).astype(np.float32),
+              f"{V}.gralora_A": det((2, 4, 4), 3).astype(np.float32), f"{V}.gralora_B": det((2, 4, 2), 4).astype(np.float32)}
+    hybrid = {f"{Q}.gralora_A_general.weight": det((1, 8), 5).astype(np.float32),
+              f"{Q}.gralora_B_general.weight": det((8, 1), 6).astype(np.float32),
+              f"{V}.gralora_A_general.weight": det((1, 8), 7).astype(np.float32),
+              f"{V}.gralora_B_general.weight": det((4, 1), 8).astype(np.float32)}
+    plain("gralora", "GraLoRA on q_proj and v_proj: gralora_A [k, in/k, r], gralora_B [k, r, out/k] (no .weight "
+          "suffix)", gr, blocks, valid=True)
+    plain("gralora-hybrid", "GraLoRA with hybrid_r 1: gralora_A_general.weight [1, in] and gralora_B_general.weight "
+          "[out, 1] beside the blocks", gr | {"hybrid_r": 1}, blocks | hybrid, valid=True)
+    plain("gralora-bias", "GraLoRA with trained biases (bias gralora_only) is refused with UnsupportedError naming "
+          "/bias", gr | {"bias": "gralora_only"}, blocks, valid=False, error="UnsupportedError", pointer="/bias")
+    plain("gralora-rank-mismatch", "r 2 (alpha 4) in the config, blocks of rank 4 in the file: the rank axes "
+          "disagree", gr | {"r": 2, "alpha": 4}, blocks, valid=False, error="ShapeMismatchError",
+          key=[f"{Q}.gralora_A", f"{Q}.gralora_B", f"{V}.gralora_A", f"{V}.gralora_B"])
+    plain("gralora-hybrid-missing", "hybrid_r 1 but the file holds only the blocks: MissingTensorError naming the "
+          "hybrid pair", gr | {"hybrid_r": 1}, blocks, valid=False, error="MissingTensorError",
+          key=[f"{Q}.gralora_A_general.weight", f"{Q}.gralora_B_general.weight", f"{V}.gralora_A_general.weight",
+               f"{V}.gralora_B_general.weight"])
+    plain("gralora-hybrid-unexpected", "hybrid_r 0 but the file holds a hybrid pair: UnexpectedTensorError",
+          gr, blocks | hybrid, valid=False, error="UnexpectedTensorError",
+          key=[f"{Q}.gralora_A_general.weight", f"{Q}.gralora_B_general.weight", f"{V}.gralora_A_general.weight",
+               f"{V}.gralora_B_general.weight"])
+    plain("gralora-r-not-divisible", "r 3 with gralora_k 2 (PEFT's GraloraConfig refuses it): ConfigError naming /r",
+          gr | {"r": 3}, blocks, valid=False, error="ConfigError", pointer="/r")
+
+
 def _vblora_folders() -> None:
     """VB-LoRA files (SPEC.md 17.4): both saved forms load; a reader refuses the wrong form, the wrong index dtype
     and a missing bank (a vector_length not dividing a layer: tests/torch/test_vblora.py -- a backend without
@@ -1573,6 +1624,10 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          False, "/layers_to_transform", None),
         ("vera-dropout-above-one", "VeRA's vera_dropout is a probability (PEFT's nn.Dropout refuses 2.0)",
          {"peft_type": "VERA", "r": 4, "target_modules": ["q_proj"], "vera_dropout": 2.0}, False, "/vera_dropout", None),
+        ("gralora-k-zero", "GraLoRA's gralora_k is a positive block count (PEFT's GraloraConfig refuses 0)",
+         {"peft_type": "GRALORA", "r": 4, "gralora_k": 0, "target_modules": ["q_proj"]}, False, "/gralora_k", None),
+        ("gralora-hybrid-r-negative", "GraLoRA's hybrid_r is a rank, 0 or more (PEFT's layer refuses -1)",
+         {"peft_type": "GRALORA", "r": 4, "hybrid_r": -1, "target_modules": ["q_proj"]}, False, "/hybrid_r", None),
         ("miss-dropout-above-one", "MiSS's miss_dropout is a probability (PEFT's nn.Dropout refuses 2.0, in every "
          "mode)", {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj"], "miss_dropout": 2.0}, False,
          "/miss_dropout", None),
@@ -1674,7 +1729,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS", "HRA", "VBLORA", "C3A")
+                                            "MISS", "HRA", "VBLORA", "C3A", "GRALORA")
                 or config.get("use_dora"))
 
 

@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, c3a, hra, lycoris, miss, oft, road, tokens, vblora, vera
+from . import _ops, adalora, c3a, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -123,7 +123,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
                    *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS, *c3a.METHODS)
+                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -131,7 +131,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA, "
-                                              "VBLORA or C3A adapter, or the torch backend")
+                                              "VBLORA, C3A or GRALORA adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -158,6 +158,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         return
     if method in c3a.METHODS:
         c3a.check(site, path, config)
+        return
+    if method in gralora.METHODS:
+        gralora.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -328,6 +331,7 @@ class _Slot:
     block: miss.Block | None = None  # MISS: mode, r, mini_r, dropout
     circulant: bool | None = None  # C3A: set (True) for a C3A adapter, the field AdapterLayer._alone reads
     config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
+    granular: gralora.Granular | None = None  # GRALORA: r, gralora_k, hybrid_r, scaling, dropout (SPEC.md 17.5)
     round_merge: bool = False  # PEFT rounds the delta to the kernel's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, rounded once)
 
@@ -633,6 +637,14 @@ class AdapterLayer:
             keys = dict(_group_keys(layouts, vblora.inits(config) if initialize else None, dtype, device, trainable))
             for param, kind in vblora.dtypes(config).items():  # the top-k form's integer indices, frozen
                 keys[param] = keys[param]._replace(dtype=kind, trainable=False)
+        elif config.peft_type in gralora.METHODS:
+            gralora.check(site, path, config)
+            granular = gralora.settings(config)
+            slot = _Slot(path, "GRALORA", granular.r, granular.scaling, False, False, granular.dropout, False,
+                         granular=granular)
+            params = gralora.shapes(site, config, path)
+            layouts = MappingProxyType({p: Layout(shape, shape, tuple(range(len(shape)))) for p, shape in params.items()})
+            keys = _group_keys(layouts, gralora.inits(config, params) if initialize else None, dtype, device, trainable)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -857,6 +869,9 @@ class AdapterLayer:
         kernels = self._alone("circulant", "C3A")
         if kernels:  # SPEC.md 17.7: other methods and a second C3A adapter are refused
             return self._apply_c3a(piece, kernels, x, result)
+        granular = self._alone("granular", "GraLoRA")  # SPEC.md 17.5: GraLoRA runs beside no other method
+        if granular:
+            return self._apply_gralora(piece, granular, x, result)
         self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
         for name, slot in self._running():
             if slot.method == tokens.TOKENS:
@@ -960,6 +975,21 @@ class AdapterLayer:
         back = self._base_linear(piece, x32, "float32",  # PEFT's input gradient; t - sg(t) adds an exact zero
                                  kernel=_ops.kernel_from_flat(piece, c3a.backward_flat(self.site, piece, slots[0].get)))
         return result + ops.cast(part + (back - ops.stop_gradient(back)), result.dtype)
+
+    def _apply_gralora(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """GraLoRA unmerged: each adapter's terms added in the active order (:func:`gralora.output`, PEFT's dtypes;
+        ``gralora_dropout`` while training, one draw per term)."""
+        training = _training()
+        for slot in slots:
+            assert slot.granular is not None and slot.bank is not None
+            dropout = None
+            if slot.dropout > 0 and training:
+                seed = slot.bank.seed
+
+                def dropout(value: Any, rate: float = slot.dropout, seed: Any = seed) -> Any:
+                    return keras.random.dropout(value, rate, seed=seed)
+            result = gralora.output(self.site, piece, slot.granular, slot.get, x, result, dropout=dropout)
+        return result
 
     def _apply_rotations(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """OFT/BOFT unmerged: the layer's contraction with its rotated (BOFT: and scaled) kernel, computed as
@@ -1143,6 +1173,9 @@ class AdapterLayer:
             return miss.bat_flat(self.site, piece, slot.get, flat)
         if slot.circulant:  # C3A: D rounded to the kernel's dtype, divided by in (PEFT's get_delta_weight)
             return c3a.delta_flat(self.site, piece, slot.get, piece.kernel_variable.dtype if dtype is None else dtype)
+        if slot.granular is not None:  # PEFT's get_delta_weight (SPEC.md 17.5)
+            return gralora.delta_flat(self.site, piece, slot.granular, slot.get,
+                                      piece.kernel_variable.dtype if dtype is None else dtype)
         if slot.block is not None:
             return miss.block_flat(self.site, piece, slot.block, slot.get,
                                    piece.kernel_variable.dtype if dtype is None else dtype)

@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, c3a, hra, miss, oft, road, vblora, vera
+from . import adalora, c3a, gralora, hra, miss, oft, road, vblora, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -77,6 +77,7 @@ _SUPPORTED = {
     "HRA": hra.KINDS,
     "VBLORA": vblora.KINDS,
     "C3A": c3a.KINDS,  # SPEC.md 17.7
+    "GRALORA": gralora.KINDS,  # SPEC.md 17.5
 }
 
 
@@ -181,6 +182,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         vblora.check(module, kind, path, config)
     if method in c3a.METHODS:
         c3a.check(module, kind, path, config)
+    if method in gralora.METHODS:
+        gralora.check(module, kind, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -321,6 +324,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return vblora.shapes(module, kind, config)
     if method in c3a.METHODS and kind is not None:
         return c3a.shapes(module, kind, config, path)
+    if method in gralora.METHODS and kind is not None:
+        return gralora.shapes(module, kind, config, path)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -533,6 +538,7 @@ class _Spec:
     reflections: hra.Reflections | None = None  # HRA: its rank and apply_GS
     circulant: bool | None = None  # C3A: set (True) for a C3A adapter, the field AdapterLayer._alone reads
     config: AdapterConfig | None = None  # VBLORA: r, num_vectors, vector_length, topk (SPEC.md 17.4)
+    granular: gralora.Granular | None = None  # GRALORA: r, gralora_k, hybrid_r, scaling, dropout (SPEC.md 17.5)
     round_merge: bool = False  # PEFT rounds the delta to the weight's dtype before a merge adds it (SPEC.md 7.3)
     round_unmerge: bool = False  # ... before an unmerge subtracts it (else: the float32 delta, in place)
 
@@ -671,6 +677,8 @@ class AdapterLayer(nn.Module):
                                        hint="inject VB-LoRA adapters with adapterspec.inject_adapter / load_adapter")
             spec.shared, spec.dropout = shared, float(config.get("vblora_dropout") or 0.0)
             spec.config = config
+        elif method in gralora.METHODS:
+            spec.granular = gralora.settings(config)
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
@@ -829,6 +837,8 @@ class AdapterLayer(nn.Module):
             miss.initialise(p, config)
         elif spec.method in vblora.METHODS and spec.shared is not None:
             vblora.initialise(p, spec.shared.tensors(), config)
+        elif spec.method in gralora.METHODS:
+            gralora.initialise(p, config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -931,6 +941,8 @@ class AdapterLayer(nn.Module):
         if spec.method in vblora.METHODS and spec.shared is not None and spec.config is not None:
             return vblora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors(),
                                        spec.config)
+        if spec.granular is not None:
+            return gralora.delta_weight(self.kind, spec.granular, self._params_of(name))
         if spec.shared is not None:
             return vera.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.shared.tensors())
         if spec.method == "LORA":
@@ -1104,6 +1116,8 @@ class AdapterLayer(nn.Module):
                 self._check_not_training_merged()
             out: torch.Tensor = self.base_layer(x, *args, **kwargs)
             return out
+        if additive and any(self._specs[n].granular is not None for n in additive):
+            self._alone(names, "granular", "GraLoRA")  # SPEC.md 17.5: GraLoRA runs beside no other method
         previous_dtype = x.dtype
         conv = self.kind in _CONV_KINDS
         base_input = x
@@ -1148,6 +1162,8 @@ class AdapterLayer(nn.Module):
             elif spec.method in vblora.METHODS and spec.shared is not None and spec.config is not None:
                 result = result + vblora.output(self._params_of(n), spec.shared.tensors(), spec.config, x,
                                                 spec.dropout, self.training)
+            elif spec.granular is not None:
+                result = gralora.output(spec.granular, self._params_of(n), x, result, training=self.training)
             elif spec.shared is not None:
                 result = result + vera.output(self.base_layer, self.kind, self._params_of(n), spec.shared.tensors(), x,
                                               spec.dropout, self.training)
@@ -1168,7 +1184,7 @@ class AdapterLayer(nn.Module):
                 else:
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
-        if all(self._specs[n].method in _LYCORIS for n in additive):
+        if all(self._specs[n].method in _LYCORIS or self._specs[n].granular is not None for n in additive):
             result_dtype = previous_dtype  # PEFT's LoHa/LoKr layers cast back to the input's dtype, LoRA's to the base's
         return result.to(result_dtype)
 
@@ -1480,7 +1496,7 @@ class AdapterLayer(nn.Module):
                     norm = self._norm_of(unmerged, lora_part, 1).detach()
                     self._caches[f"{name}-weight_norm"] = norm
                     weight.data = (self._dora_factor(name, norm) * (weight.data + delta)).to(orig_dtype)
-                elif spec.method in adalora.METHODS or spec.shared is not None:
+                elif spec.method in adalora.METHODS or spec.shared is not None or spec.granular is not None:
                     weight.data += self.delta_weight(name)  # PEFT adds its float32 delta in place: one rounding
                 else:  # PEFT adds the float32 delta in place (one rounding), or rounds it first (adapterspec._merge)
                     delta = self.delta_weight(name)
@@ -1524,7 +1540,7 @@ class AdapterLayer(nn.Module):
                     delta = self.delta_weight(name)
                     norm = self._caches.pop(f"{name}-weight_norm")
                     weight.data = (weight.data / self._dora_factor(name, norm) - delta).to(orig_dtype)
-                elif spec.method in adalora.METHODS or spec.shared is not None:
+                elif spec.method in adalora.METHODS or spec.shared is not None or spec.granular is not None:
                     weight.data -= self.delta_weight(name)  # as PEFT: in place, one rounding
                 else:
                     delta = self.delta_weight(name)

@@ -28,9 +28,10 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          "MISS": "MiSS", "VBLORA": "VB-LoRA", "C3A": "C3A", SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
+          "MISS": "MiSS", "VBLORA": "VB-LoRA", "GRALORA": "GraLoRA", "C3A": "C3A", SAVED_WHOLE: "modules_to_save",
+          TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
-_ALONE = ("MISS", "C3A")  # methods PEFT runs on no layer together with another method (SPEC.md 17.2, 17.7)
+_ALONE = ("MISS", "GRALORA", "C3A")  # methods PEFT runs on no layer with another method (SPEC.md 17.2, 17.5, 17.7)
 _SINGLE = ("C3A",)  # methods whose PEFT forward chains two adapters of the method on one layer (SPEC.md 17.7)
 _ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA")  # methods that add a term to the layer's output
 
@@ -62,8 +63,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
     * two copies of one module saved whole: one runs at a time (PEFT: "Only one adapter can be set at a time");
     * OFT/BOFT/RoAd/HRA with another method, or two of them together (PEFT holds one method per layer; its
       ``PeftMixedModel`` takes no BOFT, RoAd or HRA);
-    * MiSS with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
-      ``PeftMixedModel`` takes no MiSS);
+    * MiSS or GraLoRA with another method (PEFT's ``PeftModel`` refuses adapters of different methods and its
+      ``PeftMixedModel`` takes neither);
     * C3A with another method (as MiSS), or two C3A adapters together: PEFT 0.21.2's C3A forward feeds each active
       adapter's term into the next one (its loop reassigns ``x``), so its unmerged result is no sum of the adapters
       and differs from its merged one (and fails where the layer's input and output sizes differ);

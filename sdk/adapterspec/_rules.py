@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _c3a, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
+from . import _adalora, _c3a, _gralora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -46,6 +46,7 @@ PORTABLE_METHODS = frozenset({
     "MISS",  # SPEC.md 17.2
     "HRA",  # SPEC.md 17.3
     "VBLORA",  # SPEC.md 17.4
+    "GRALORA",  # SPEC.md 17.5
     "C3A",  # SPEC.md 17.7
 })
 
@@ -173,6 +174,7 @@ def rule_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         problems.extend(_adalora.rank_pattern_problems(config) + _adalora.schedule_problems(config))
     problems.extend(_oft.size_problems(config))
     problems.extend(_road.config_problems(config))
+    problems.extend(_gralora.config_problems(config))
     return problems
 
 
@@ -252,6 +254,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         found.extend(_vera.unsupported(config))
     found.extend(_miss.unsupported(config))
     found.extend(_hra.unsupported(config))
+    found.extend(_gralora.unsupported(config))
     found.extend(_c3a.unsupported(config))
     if config.get("peft_type") == "VBLORA":
         found.extend(_vblora.unsupported(config))
@@ -293,7 +296,7 @@ def training_refusals(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
 
 #: The methods whose PEFT model sets ``fan_in_fan_out`` from each layer it adapts (LoRA, AdaLoRA, IA3, VeRA).
-_FAN_IN_FAN_OUT_METHODS = frozenset({"LORA", "ADALORA", "IA3", "VERA", "VBLORA"})
+_FAN_IN_FAN_OUT_METHODS = frozenset({"LORA", "ADALORA", "IA3", "VERA", "VBLORA", "GRALORA"})
 
 
 def peft_fan_in_fan_out(config: Mapping[str, Any], kinds: Iterable[str | None]) -> bool | None:

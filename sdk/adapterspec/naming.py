@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
 from ._foreign import key_error
-from . import _vblora
+from . import _gralora, _vblora
 from ._vera import SHARED, shared_key
 from .errors import UnexpectedTensorError
 from .spec import PEFT_PREFIX
@@ -63,6 +63,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
     "HRA": ("hra_u",),  # SPEC.md 17.3
+    "GRALORA": _gralora.PARAMETERS,  # SPEC.md 17.5
     "C3A": ("c3a_kernel",),  # SPEC.md 17.7
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),

@@ -59,6 +59,8 @@ def test_keras_passes_what_it_claims(corpus: Corpus) -> None:
     assert {"folder/lora-target-modules-null", "folder/ia3-targets-null"} <= passed  # PEFT's llama default
     assert "folder/embedding-saved-whole" in passed  # a base embedding a PEFT file replaces (SPEC 5.3, 8.8)
     assert {"numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32", "folder/vblora-topk"} <= passed
+    assert {"numeric/gralora-linear-f32", "numeric/gralora-linear-hybrid-k3-f32", "numeric/gralora-gpt2-conv1d-f32",
+            "folder/gralora-hybrid"} <= passed  # SPEC 17.5
     assert set(report.by_status(Status.UNSUPPORTED)) == set()
     assert not report.by_status(Status.FAILED)
 

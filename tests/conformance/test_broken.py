@@ -27,7 +27,7 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
     # scale 1 anyway: r = lora_alpha = 8 (PEFT's defaults), AdaLoRA's lora_alpha 0 (it scales by init_r)
     unscaled = {"numeric/lora-default-r-f32", "numeric/adalora-alpha-zero-f32"}
     scaled = {c.name for c in corpus.cases if isinstance(c, NumericCase)
-              and c.method in ("LORA", "LOHA", "LOKR", "ADALORA")} - unscaled
+              and c.method in ("LORA", "LOHA", "LOKR", "ADALORA", "GRALORA")} - unscaled  # GraLoRA: alpha/(r+hybrid_r)
     assert _failed(report) == scaled
     assert "numeric/rslora-patterns-f32" in scaled and "numeric/lokr-linear-bf16" in scaled
     # IA3, prompt learning, OFT and BOFT have no alpha: they still pass

@@ -30,6 +30,7 @@ import numpy as np
 
 from .._lora_init import base_init, residual
 from .reference_adalora import adalora_weight
+from .reference_gralora import gralora_weight
 from .reference_hra import reflected_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
@@ -259,6 +260,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return vera_weight(module, weight, tensors), bias
     if method == "VBLORA":  # SPEC.md 17.4: ``tensors`` holds the shared vblora_vector_bank too
         return vblora_weight(module, weight, config, tensors), bias
+    if method == "GRALORA":  # SPEC.md 17.5
+        return gralora_weight(module, weight, config, tensors), bias
     if method == "TRAINABLE_TOKENS":  # SPEC.md 15.2
         return token_weight(weight, config, tensors), bias
     if method == "LN_TUNING":  # SPEC.md 15.3
@@ -295,7 +298,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA", "VBLORA", "C3A"):
+                  "MISS", "HRA", "VBLORA", "C3A", "GRALORA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

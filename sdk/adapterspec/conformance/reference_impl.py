@@ -25,7 +25,7 @@ from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _c3a, _hra, _miss, _oft, _road
-from .. import _vblora
+from .. import _gralora, _vblora
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -118,6 +118,7 @@ _SUPPORTED = {
     "ADALORA": ("linear", "gpt2_conv1d", "conv2d"),
     "VERA": ("linear", "gpt2_conv1d"),
     "VBLORA": ("linear", "gpt2_conv1d"),  # SPEC.md 17.4
+    "GRALORA": ("linear", "gpt2_conv1d"),  # SPEC.md 17.5
     "TRAINABLE_TOKENS": ("embedding", "linear"),  # SPEC.md 15.2
     "LN_TUNING": ("layer_norm", "linear"),  # SPEC.md 15.3
     "ROAD": ("linear",),  # SPEC.md 17.1
@@ -219,6 +220,11 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
                                   ("vblora_logits_B_topk_indices", 0, out // length)):
             if param in shapes and shapes[param][axis] != want:
                 raise refuse(param, f"module {path!r} takes {want} vectors of length {length} on axis {axis}")
+    elif method == "GRALORA":  # SPEC.md 17.5: gralora_k divides this layer's sizes (check 18), then the shapes
+        expected = _gralora.param_shapes(fits[0], out, config, path)
+        for param, shape in expected.items():
+            if param in shapes and tuple(shapes[param]) != shape:
+                raise refuse(param, f"module {path!r} ({fits[0]} inputs, {out} outputs) takes {list(shape)}")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
