@@ -6,7 +6,9 @@ other Keras backends where the packages are there, with ``KERAS_BACKEND`` set by
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,29 @@ pytest.importorskip("keras")
 pytest.importorskip("keras_hub")
 
 from keras_helpers import ARCHS, build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deleted_variables_skip_the_full_collection() -> Iterator[None]:
+    """Keras' ``Layer.__delattr__`` runs a full ``gc.collect()`` for each variable it deletes (``model.quantize``
+    deletes every kernel it replaces). In the suite's process, which holds every imported framework and the garbage
+    of earlier tests, each takes seconds: tests/keras/test_quantized.py took 500 s of a 42-minute run, one
+    ``quantize`` of the tiny Llama 78 s. The tests skip that collection (its purpose: freeing device buffers a
+    moment earlier); Python's own generational collection runs as before."""
+    from keras.src.layers.layer import Layer
+
+    original = Layer.__delattr__
+
+    def __delattr__(self: Any, name: str) -> None:  # noqa: N807 -- the method it replaces
+        collect, gc.collect = gc.collect, lambda generation=2: 0
+        try:
+            original(self, name)
+        finally:
+            gc.collect = collect
+
+    Layer.__delattr__ = __delattr__  # type: ignore[method-assign]
+    yield
+    Layer.__delattr__ = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
