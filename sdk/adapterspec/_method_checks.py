@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import _miss as miss_facts
-from . import _vblora
+from . import _delora, _vblora
 from ._adalora import stored_rank
 from ._hra import PARAM as HRA_PARAM
 from ._hra import rank as hra_rank
@@ -535,4 +535,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "LN_TUNING": _ln_tuning,
     "ROAD": _road,
     "HRA": _hra_check,  # SPEC.md 17.3
+    "DELORA": _delora.module_errors,  # SPEC.md 17.6
 }

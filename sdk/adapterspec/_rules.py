@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
+from . import _adalora, _delora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -46,6 +46,7 @@ PORTABLE_METHODS = frozenset({
     "MISS",  # SPEC.md 17.2
     "HRA",  # SPEC.md 17.3
     "VBLORA",  # SPEC.md 17.4
+    "DELORA",  # SPEC.md 17.6
 })
 
 
@@ -253,6 +254,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     found.extend(_hra.unsupported(config))
     if config.get("peft_type") == "VBLORA":
         found.extend(_vblora.unsupported(config))
+    found.extend(_delora.unsupported(config))  # SPEC.md 17.6
     found.extend(_parameter_features(config))
     if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "

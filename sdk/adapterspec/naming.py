@@ -63,6 +63,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "LN_TUNING": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "ROAD": ("road_theta", "road_alpha"),
     "HRA": ("hra_u",),  # SPEC.md 17.3
+    "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),  # SPEC.md 17.6 (_delora.PARAMETERS)
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

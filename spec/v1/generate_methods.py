@@ -35,7 +35,8 @@ PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
             "VERA",  # SPEC.md 15.5
             "TRAINABLE_TOKENS",  # SPEC.md 15.2
             "LN_TUNING",  # SPEC.md 15.3
-            "ROAD", "MISS", "HRA", "VBLORA")  # SPEC.md 17
+            "ROAD", "MISS", "HRA", "VBLORA",  # SPEC.md 17
+            "DELORA")  # SPEC.md 17.6
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -55,6 +56,7 @@ DEFAULT_TABLES = {
     ("MISS", "target_modules"): "TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING",
     ("HRA", "target_modules"): "TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING",
     ("VBLORA", "target_modules"): "TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING",
+    ("DELORA", "target_modules"): "TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING",
 }
 
 

@@ -26,7 +26,8 @@ PORTABLE = {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR", "OF
             "VERA",
             "TRAINABLE_TOKENS",
             "LN_TUNING",
-            "ROAD", "MISS", "HRA", "VBLORA"}
+            "ROAD", "MISS", "HRA", "VBLORA",
+            "DELORA"}  # SPEC.md 17.6
 #: The few PEFT configs that need arguments: their __post_init__ refuses the defaults, or (prefix and prompt
 #: tuning, spec-required) PEFT cannot build the adapter without num_virtual_tokens (the tensor's shape).
 REQUIRED_ARGS: dict[str, dict[str, Any]] = {"ADALORA": {"total_step": 100}, "CPT": {"task_type": "CAUSAL_LM"},
