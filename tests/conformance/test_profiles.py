@@ -33,7 +33,10 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "vblora", "vblora-topk", "vblora-topk-indices-i64", "vblora-other-form", "vblora-bank-missing",
                     "vblora-bank-shape", "vblora-topk-weights-f16", "vblora-topk-tensors-full-form", "vblora-topk-256-i16",
                     "vblora-topk-256-u8", "vblora-topk-above-num-vectors", "vblora-bias",
-                    "vblora-topk-index-out-of-range"}
+                    "vblora-topk-index-out-of-range",
+                    "delora-valid", "delora-init-weights-null", "delora-bias", "delora-rank-pattern-zero",  # SPEC 17.6
+                    "delora-rank-mismatch", "delora-b-transposed", "delora-w-norm-missing", "delora-w-norm-shape",
+                    "delora-lambda-shape"}
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -51,8 +54,8 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # 411 in 1.13; 1.14 adds RoAd (3 numeric, 3 round trips, 4 folders), MiSS (1 schema, 4 numeric, 4 round trips,
     # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core; then SPEC 17's
     # gaps: 5 schema, 5 folders, 6 numeric (road_4 with two groups, bf16/f16 per method, null booleans), 6 round trips;
-    # VB-LoRA: 2 numeric, 2 round trips, 13 folders
-    assert len(core) == 291 and len(corpus.cases) == 486
+    # VB-LoRA: 2 numeric, 2 round trips, 13 folders; DeLoRA (SPEC 17.6): 4 schema, 3 numeric, 3 round trips, 9 folders
+    assert len(core) == 295 and len(corpus.cases) == 505
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

@@ -30,6 +30,7 @@ import numpy as np
 
 from .._lora_init import base_init, residual
 from .reference_adalora import adalora_weight
+from .reference_delora import delora_weight
 from .reference_hra import reflected_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
@@ -266,6 +267,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return road_weights(weight, bias, config, tensors)
     if method == "MISS":  # SPEC.md 17.2
         return miss_weight(module, weight, config, tensors), bias
+    if method == "DELORA":  # SPEC.md 17.6
+        return delora_weight(module, weight, config, path, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -292,7 +295,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA", "VBLORA"):
+                  "MISS", "HRA", "VBLORA", "DELORA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

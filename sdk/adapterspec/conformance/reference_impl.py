@@ -25,7 +25,7 @@ from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _hra, _miss, _oft, _road
-from .. import _vblora
+from .. import _delora, _vblora
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -123,6 +123,7 @@ _SUPPORTED = {
     "ROAD": ("linear",),  # SPEC.md 17.1
     "MISS": ("linear",),  # SPEC.md 17.2
     "HRA": ("linear", "conv2d"),  # SPEC.md 17.3: square kernel, one stride and padding value (_check_supported)
+    "DELORA": ("linear",),  # SPEC.md 17.6
 }
 
 
@@ -218,6 +219,11 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
                                   ("vblora_logits_B_topk_indices", 0, out // length)):
             if param in shapes and shapes[param][axis] != want:
                 raise refuse(param, f"module {path!r} takes {want} vectors of length {length} on axis {axis}")
+    elif method == "DELORA":  # SPEC.md 17.6: A [r, in], B [out, r], w_norm [in] of this layer
+        expected = _delora.param_shapes(fits[0], out, _delora.rank_for(config, path))
+        for param, shape in expected.items():
+            if param in shapes and tuple(shapes[param]) != shape:
+                raise refuse(param, f"module {path!r} takes {list(shape)} ({fits[0]} input features, {out} outputs)")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
