@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -273,6 +274,29 @@ def test_refusals_are_typed_and_change_nothing(saved: tuple[Any, Path], llama: A
             adapterspec.inject_adapter(model, {"peft_type": "DELORA", "r": 2, "target_modules": [target]})
         assert refused.value.key is not None and refused.value.key.endswith(target)
         assert_same_snapshot(model, before)
+
+
+def test_reference_equals_peft_float64() -> None:
+    """The NumPy reference against PEFT's own DeloraLinear in float64, a tiny A row included (the 1e-4 clamp)."""
+    from peft import DeloraConfig, get_peft_model
+
+    from adapterspec.conformance.reference_delora import delora_weight
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False)).double()
+    peft_model = get_peft_model(model, DeloraConfig(r=3, target_modules=["0"], init_weights=False))
+    layer = peft_model.base_model.model[0]
+    with torch.no_grad():
+        layer.delora_A["default"][1].mul_(1e-5)  # its norm below 1e-4: the clamp decides
+        layer.delora_lambda["default"].fill_(2.5)
+    tensors = {name: getattr(layer, name)["default"].detach().double().numpy()
+               for name in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
+    weight = layer.base_layer.weight.detach().numpy()
+    ours = delora_weight({"kind": "linear"}, weight, {"peft_type": "DELORA", "r": 3, "target_modules": ["0"]}, "0", tensors)
+    x = np.linspace(-1, 1, 12).reshape(2, 6)
+    with torch.no_grad():
+        expected = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(x @ ours.T, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_docstring_examples() -> None:
