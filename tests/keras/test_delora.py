@@ -146,6 +146,28 @@ def test_adapter_made_in_keras_loads_in_peft(checkpoints: Any, token_ids: np.nda
     assert trainable == theirs.get_nb_trainable_parameters()[0]  # A, B, lambda; w_norm is a buffer
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_delora_adapters_active_give_peft_s_logits(saved: Path, checkpoints: Any, token_ids: np.ndarray,
+                                                       tmp_path: Path) -> None:
+    """Two DeLoRA adapters active on shared layers: PEFT's PeftModel with both active (their terms summed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.PeftModel.from_pretrained(hf_model(checkpoints["llama"]), str(saved)).eval()
+        reference.add_adapter("b", peft.DeloraConfig(r=2, target_modules=["q_proj", "up_proj"], init_weights=False))
+        reference.save_pretrained(str(tmp_path))
+        alone = torch_logits(reference, token_ids)
+        reference.base_model.set_adapter(["default", "b"])
+    expected = torch_logits(reference, token_ids)
+    assert np.abs(expected - alone).max() > 1e-3  # "b" changes the output: the comparison means something
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    adapterspec.load_adapter(model, saved)
+    adapterspec.load_adapter(model, tmp_path / "b", "b")
+    adapterspec.set_active_adapters(model, ["default", "b"])
+    assert_peft_close(keras_logits(model, token_ids), expected, base, torch_logits(hf_model(checkpoints["llama"]),
+                                                                                     token_ids))
+
+
 def test_gpt2_conv1d_is_refused_as_peft_refuses(checkpoints: Any) -> None:
     with pytest.raises(TypeError):
         peft.get_peft_model(hf_model(checkpoints["gpt2"]), peft.DeloraConfig(r=2, target_modules=["c_attn"]))
