@@ -628,7 +628,7 @@ class AdapterLayer:
         elif config.peft_type in delora.METHODS:  # SPEC.md 17.6: runs through the VeRA paths (views)
             delora.check(site, path, config)
             slot = _Slot(path, "DELORA", delora.rank(config, path), 1.0, False, False,
-                         float(config.get("module_dropout") or 0.0), False)
+                         max(float(config.get("module_dropout") or 0.0), 0.0), False)  # PEFT: p <= 0 no dropout
             slot.round_merge = True  # PEFT rounds the delta to the weight's dtype before a merge adds it, not an unmerge
             params = delora.shapes(config, path, site.in_features, site.out_features)
             layouts = MappingProxyType({param: Layout(shape[::-1], shape, (1, 0)) if len(shape) == 2

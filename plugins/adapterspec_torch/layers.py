@@ -669,7 +669,7 @@ class AdapterLayer(nn.Module):
             spec.shared, spec.dropout = shared, float(config.get("vblora_dropout") or 0.0)
             spec.config = config
         elif method in delora.METHODS:  # SPEC.md 17.6: PEFT rounds the delta before a merge adds it, not an unmerge
-            spec.r, spec.dropout = delora.rank(config, path), float(config.get("module_dropout") or 0.0)
+            spec.r, spec.dropout = delora.rank(config, path), max(float(config.get("module_dropout") or 0.0), 0.0)
             spec.round_merge = True
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)

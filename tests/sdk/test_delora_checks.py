@@ -33,7 +33,7 @@ def test_schema_refuses_what_peft_cannot_load(fields: dict[str, Any], pointer: s
 
 
 def test_config_forms_peft_loads() -> None:
-    config = AdapterConfig.from_dict({**BASE, "init_weights": None, "delora_lambda": 2.5,
+    config = AdapterConfig.from_dict({**BASE, "init_weights": None, "delora_lambda": 2.5, "module_dropout": -0.5,
                                       "rank_pattern": {"v_proj": 3}, "lambda_pattern": {"v_proj": 4}})
     assert config["init_weights"] is False  # PEFT tests 'is True': null acts as false
     assert rank_for(config, "model.layers.0.self_attn.v_proj") == 3 and rank_for(config, "q_proj") == 2

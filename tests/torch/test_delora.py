@@ -135,7 +135,8 @@ def test_inject_draws_peft_s_values_and_trains_what_peft_trains(init_weights: bo
     from peft import get_peft_model
 
     config = {"peft_type": "DELORA", "r": 3, "target_modules": ["q_proj", "up_proj"], "delora_lambda": 7,
-              "lambda_pattern": {"up_proj": 2.5}, "init_weights": init_weights}
+              "lambda_pattern": {"up_proj": 2.5}, "init_weights": init_weights,
+              "module_dropout": -0.5}  # PEFT: p <= 0 is no dropout (nn.Identity), not an error
     torch.manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -152,6 +153,8 @@ def test_inject_draws_peft_s_values_and_trains_what_peft_trains(init_weights: bo
     for key, value in theirs.items():
         assert torch.equal(ours[key], value), key
     assert_close(logits(model, token_inputs), logits(reference.eval(), token_inputs))
+    assert_close(logits(model.train(), token_inputs), logits(reference.train(), token_inputs))
+    model.eval()
     if init_weights:
         assert_close(logits(model, token_inputs), logits(llama, token_inputs), atol=0)
 
