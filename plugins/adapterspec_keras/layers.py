@@ -1005,7 +1005,7 @@ class AdapterLayer:
 
     def _vera_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         """The piece's rows of ``A[:, :in].T * lambda_d`` (``[n_in, r]``) and columns of ``B[:out].T * lambda_b``
-        (``[r, n_out]``), in ``dtype``."""
+        (``[r, n_out]``), in ``dtype`` (VB-LoRA: ``A.T``, ``B.T`` mixed from its bank; DeLoRA: :func:`delora.views`)."""
         site = self.site
         if slot.method in delora.METHODS:  # (w_norm * A.T * s, B.T): SPEC.md 17.6
             a, b = delora.views(slot.get, slot.rank, dtype)
