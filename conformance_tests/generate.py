@@ -553,6 +553,22 @@ def _gralora_cases() -> None:
              "target_modules": ["c_attn", "c_proj"]}, ["hybrid", "fan_in_fan_out"])
 
 
+def _delora_cases() -> None:
+    """DeLoRA (SPEC.md 17.6): W + B diag(lambda / r / (|A_i| |B^i|)) A, the input columns scaled by w_norm."""
+    numeric("delora-linear-f32", "DeLoRA on two Linear layers (8->6 with bias, r 3; 6->4, r 2 from rank_pattern): "
+            "delta = B @ diag(lambda / r / (|A_i| |B^i|)) @ A * w_norm[None, :] (the stored w_norm, not the base's "
+            "norms; r the module's rank)", "DELORA", "linear", "float32", {"a": linear(8, 6), "b": linear(6, 4, bias=False)},
+            {"peft_type": "DELORA", "r": 3, "rank_pattern": {"b": 2}, "target_modules": ["a", "b"]}, ["rank_pattern"])
+    numeric("delora-linear-null-init-f32", "SPEC 4.1: DeLoRA with init_weights null (PEFT tests 'is True': only a new "
+            "adapter's start differs) and delora_lambda 2.5 (a number; the stored delora_lambda tensor is what runs)",
+            "DELORA", "linear", "float32", {"layer": linear(8, 5)},
+            {"peft_type": "DELORA", "r": 2, "delora_lambda": 2.5, "init_weights": None, "target_modules": ["layer"]},
+            ["null"])
+    numeric("delora-linear-f16", "DeLoRA on a Linear 8->6 with bias, r 3, in float16 (PEFT reads the float16 adapter "
+            "tensors as float32, autocast_adapter_dtype, and sums the term into a float16 zero tensor)", "DELORA", "linear", "float16",
+            {"layer": linear(8, 6)}, {"peft_type": "DELORA", "r": 3, "target_modules": ["layer"]}, [])
+
+
 def _vblora_stored(key: str, shape: tuple[int, ...], seed: int, dtype: str,
                    config: dict[str, Any]) -> torch.Tensor | None:
     """VB-LoRA's top-k tensors (SPEC.md 17.4): distinct in-range indices in PEFT's integer dtype, and positive
@@ -607,6 +623,10 @@ def _fill(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
         return np.sin(0.61 * k + 0.013 * k * k + 1.7 * seed + 0.3).reshape(shape)
     if key.endswith("boft_s"):
         return det(shape, seed, scale=0.3, offset=1.0)
+    if key.endswith("delora_w_norm"):  # DeLoRA's column norms (positive) and its bound
+        return det(shape, seed, scale=0.3, offset=1.0)
+    if key.endswith("delora_lambda"):
+        return det(shape, seed, scale=0.5, offset=2.0)
     if key.endswith("lora_magnitude_vector"):
         return det(shape, seed, scale=0.3, offset=1.2)
     if key.endswith("ia3_l"):
@@ -716,6 +736,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _vblora_cases()
     _c3a_cases()
     _gralora_cases()
+    _delora_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -1037,6 +1058,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _vblora_folders()
     _c3a_folders()
     _gralora_folders()
+    _delora_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1361,6 +1383,41 @@ def _gralora_folders() -> None:
           gr | {"r": 3}, blocks, valid=False, error="ConfigError", pointer="/r")
 
 
+def _delora_folders() -> None:
+    """DeLoRA (SPEC.md 17.6): a valid folder, and what a reader refuses before any model is involved."""
+    de = {"peft_type": "DELORA", "r": 2, "target_modules": ["q_proj", "v_proj"]}
+    tensors = {f"{Q}.delora_A": det((2, 8), 1).astype(np.float32), f"{Q}.delora_B": det((8, 2), 2).astype(np.float32),
+               f"{Q}.delora_lambda": np.array([3.0], dtype=np.float32),
+               f"{Q}.delora_w_norm": det((8,), 3, 0.3, 1.0).astype(np.float32),
+               f"{V}.delora_A": det((2, 8), 4).astype(np.float32), f"{V}.delora_B": det((4, 2), 5).astype(np.float32),
+               f"{V}.delora_lambda": np.array([2.0], dtype=np.float32),
+               f"{V}.delora_w_norm": det((8,), 6, 0.3, 1.0).astype(np.float32)}
+    plain("delora-valid", "DeLoRA: delora_A [r, in], delora_B [out, r], delora_lambda [1], delora_w_norm [in] (PEFT's "
+          "saved buffer) per adapted module", de, tensors, valid=True)
+    plain("delora-init-weights-null", "SPEC 4.1, 17.6: DeLoRA's init_weights may be null (PEFT tests 'is True')",
+          de | {"init_weights": None}, tensors, valid=True)
+    plain("delora-bias", "DeLoRA with bias 'delora_only' (trained base biases) is refused with UnsupportedError "
+          "naming /bias", de | {"bias": "delora_only"}, tensors, valid=False, error="UnsupportedError", pointer="/bias")
+    plain("delora-rank-pattern-zero", "a rank_pattern value of 0: PEFT's layers refuse it, UnsupportedError naming "
+          "the entry", de | {"rank_pattern": {"v_proj": 0}}, tensors, valid=False, error="UnsupportedError",
+          pointer="/rank_pattern/v_proj")
+    plain("delora-rank-mismatch", "delora_A's first axis is the module's rank (r, or rank_pattern's)",
+          de | {"rank_pattern": {"v_proj": 3}}, tensors, valid=False, error="ShapeMismatchError", key=f"{V}.delora_A")
+    plain("delora-b-transposed", "delora_B is [out, r]: one saved [r, out] does not share delora_A's rank axis", de,
+          tensors | {f"{V}.delora_B": np.ascontiguousarray(tensors[f"{V}.delora_B"].T)}, valid=False,
+          error="ShapeMismatchError", key=f"{V}.delora_B")
+    plain("delora-w-norm-missing", "delora_w_norm is saved (PEFT's persistent buffer): without it the forward is not "
+          "determined (a reader may not recompute it from the base)",
+          de, {k: v for k, v in tensors.items() if k != f"{Q}.delora_w_norm"}, valid=False,
+          error="MissingTensorError", key=f"{Q}.delora_w_norm")
+    plain("delora-w-norm-shape", "delora_w_norm is [in_features], delora_A's axis 1", de,
+          tensors | {f"{Q}.delora_w_norm": det((4,), 3, 0.3, 1.0).astype(np.float32)}, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.delora_w_norm")
+    plain("delora-lambda-shape", "delora_lambda is [1], one bound per module", de,
+          tensors | {f"{Q}.delora_lambda": np.array([3.0, 1.0], dtype=np.float32)}, valid=False,
+          error="ShapeMismatchError", key=f"{Q}.delora_lambda")
+
+
 def _vblora_folders() -> None:
     """VB-LoRA files (SPEC.md 17.4): both saved forms load; a reader refuses the wrong form, the wrong index dtype
     and a missing bank (a vector_length not dividing a layer: tests/torch/test_vblora.py -- a backend without
@@ -1572,6 +1629,18 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
         ("hra-recognised", "HRA is recognised (portable since spec 1.2, SPEC.md 17.3): its config is valid",
          {"peft_type": "HRA", "r": 4, "apply_GS": True, "target_modules": ["q_proj"]}, True, None, None),
+        ("delora-recognised", "DeLoRA is recognised (portable since spec 1.2, SPEC.md 17.6): its config is valid",
+         {"peft_type": "DELORA", "r": 4, "delora_lambda": 2.5, "lambda_pattern": {"v_proj": 3},
+          "target_modules": ["q_proj", "v_proj"]}, True, None, None),
+        ("config-delora-init-weights-null", "DeLoRA's init_weights may be null (PEFT tests 'is True': null acts as "
+         "false, SPEC 4.1)", {"peft_type": "DELORA", "r": 4, "init_weights": None, "target_modules": ["q_proj"]},
+         True, None, None),
+        ("delora-rank-pattern-null", "DeLoRA's rank_pattern is an object (PEFT 0.21.2 calls .keys() on it: null fails)",
+         {"peft_type": "DELORA", "r": 4, "rank_pattern": None, "target_modules": ["q_proj"]}, False,
+         "/rank_pattern", None),
+        ("delora-module-dropout-above-one", "DeLoRA's module_dropout is a probability (PEFT's nn.Dropout raises above 1)",
+         {"peft_type": "DELORA", "r": 4, "module_dropout": 1.5, "target_modules": ["q_proj"]}, False,
+         "/module_dropout", None),
         ("hra-layers-pattern-alone", "HRA: a non-empty layers_pattern requires layers_to_transform (PEFT refuses it)",
          {"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"], "layers_pattern": "layers"}, False, "",
          None),
@@ -1729,7 +1798,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS", "HRA", "VBLORA", "C3A", "GRALORA")
+                                            "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA")
                 or config.get("use_dora"))
 
 

@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, c3a, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
+from . import _ops, adalora, c3a, delora, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -123,7 +123,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
                    *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS)
+                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS, *delora.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -131,7 +131,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA, "
-                                              "VBLORA, C3A or GRALORA adapter, or the torch backend")
+                                              "VBLORA, C3A, GRALORA or DELORA adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -161,6 +161,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         return
     if method in gralora.METHODS:
         gralora.check(site, path, config)
+        return
+    if method in delora.METHODS:
+        delora.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -215,7 +218,7 @@ def kernel_refusal(method: str, *, lora_bias: bool = False, feedforward: bool = 
     'IA3 scales the output of a layer with a bias, which changes the bias too; a kernel cannot carry that'
     """
     if method not in ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *hra.METHODS,
-                      *vblora.METHODS):
+                      *vblora.METHODS, *delora.METHODS):
         return f"{method} cannot run on a kernel its parent reads"
     if lora_bias:
         return "lora_bias adds a bias of its own, which a kernel cannot carry"
@@ -645,6 +648,18 @@ class AdapterLayer:
             params = gralora.shapes(site, config, path)
             layouts = MappingProxyType({p: Layout(shape, shape, tuple(range(len(shape)))) for p, shape in params.items()})
             keys = _group_keys(layouts, gralora.inits(config, params) if initialize else None, dtype, device, trainable)
+        elif config.peft_type in delora.METHODS:  # SPEC.md 17.6: runs through the VeRA paths (views)
+            delora.check(site, path, config)
+            slot = _Slot(path, "DELORA", delora.rank(config, path), 1.0, False, False,
+                         max(float(config.get("module_dropout") or 0.0), 0.0), False)  # PEFT: p <= 0 no dropout
+            slot.round_merge = True  # PEFT rounds the delta to the weight's dtype before a merge adds it, not an unmerge
+            params = delora.shapes(config, path, site.in_features, site.out_features)
+            layouts = MappingProxyType({param: Layout(shape[::-1], shape, (1, 0)) if len(shape) == 2
+                                        else Layout(shape, shape, (0,)) for param, shape in params.items()})
+            keys = dict(_group_keys(layouts, delora.inits(config, path, site.in_features) if initialize else None,
+                                    dtype, device, trainable))
+            for param in delora.FROZEN:  # w_norm: a PEFT buffer, never trained
+                keys[param] = keys[param]._replace(trainable=False)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -710,6 +725,9 @@ class AdapterLayer:
         if slot.use_dora:
             assert slot.bank is not None
             slot.bank.assign(slot.refs["lora_magnitude_vector"], self._weight_norm(slot, scaling=slot.scaling))
+        if slot.method in delora.METHODS:  # PEFT: the base weight's column norms when the adapter is made
+            assert slot.bank is not None
+            slot.bank.assign(slot.refs["delora_w_norm"], delora.w_norm(self.site))
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (its variables go with its bank); a merged one's delta stays in the base weights."""
@@ -888,7 +906,7 @@ class AdapterLayer:
             if slot.method in adalora.METHODS:
                 result = self._apply_adalora(piece, slot, x, result)
                 continue
-            if slot.method in vera.METHODS or slot.method in vblora.METHODS:
+            if slot.method in vera.METHODS or slot.method in vblora.METHODS or slot.method in delora.METHODS:
                 result = self._apply_vera(piece, slot, x, result)
                 continue
             if slot.road_settings is not None:  # RoAd rotates the output
@@ -1045,9 +1063,12 @@ class AdapterLayer:
 
     def _vera_views(self, piece: Piece, slot: _Slot, dtype: Any) -> tuple[Any, Any]:
         """The piece's rows of ``A[:, :in].T * lambda_d`` (``[n_in, r]``) and columns of ``B[:out].T * lambda_b``
-        (``[r, n_out]``), in ``dtype``."""
-        assert slot.shared is not None
+        (``[r, n_out]``), in ``dtype`` (VB-LoRA: ``A.T``, ``B.T`` mixed from its bank; DeLoRA: :func:`delora.views`)."""
         site = self.site
+        if slot.method in delora.METHODS:  # (w_norm * A.T * s, B.T): SPEC.md 17.6
+            a, b = delora.views(slot.get, slot.rank, dtype)
+            return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
+        assert slot.shared is not None
         if slot.config is not None and slot.method in vblora.METHODS:  # A.T, B.T mixed from the bank (SPEC.md 17.4)
             a, b = vblora.views(slot.get, slot.shared, slot.config, dtype)
         else:
@@ -1184,7 +1205,7 @@ class AdapterLayer:
         if slot.method in adalora.METHODS:
             a, b = self._adalora_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
             return adalora.divide(_ops.lora_delta_flat(piece, a, b), slot.scaling, slot.rank)
-        if slot.method in vera.METHODS or slot.method in vblora.METHODS:
+        if slot.method in vera.METHODS or slot.method in vblora.METHODS or slot.method in delora.METHODS:
             a, b = self._vera_views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)
             return _ops.lora_delta_flat(piece, a, b)
         a, b = self._views(piece, slot, piece.kernel_variable.dtype if dtype is None else dtype)

@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, c3a, gralora, hra, miss, oft, road, vblora, vera
+from . import adalora, c3a, delora, gralora, hra, miss, oft, road, vblora, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -78,6 +78,7 @@ _SUPPORTED = {
     "VBLORA": vblora.KINDS,
     "C3A": c3a.KINDS,  # SPEC.md 17.7
     "GRALORA": gralora.KINDS,  # SPEC.md 17.5
+    "DELORA": delora.KINDS,  # SPEC.md 17.6
 }
 
 
@@ -184,6 +185,8 @@ def check_supported(module: nn.Module, path: str, config: AdapterConfig) -> None
         c3a.check(module, kind, path, config)
     if method in gralora.METHODS:
         gralora.check(module, kind, path, config)
+    if method in delora.METHODS:
+        delora.check(module, kind, path, config)
     if method == "LORA" and config.get("velora_config") is not None and kind not in _LINEAR_KINDS:
         raise UnsupportedError(f"VeLoRA (velora_config) adapts Linear layers only, not a {type(module).__qualname__}; "
                                "PEFT refuses it too", key=path, pointer="/velora_config",
@@ -326,6 +329,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return c3a.shapes(module, kind, config, path)
     if method in gralora.METHODS and kind is not None:
         return gralora.shapes(module, kind, config, path)
+    if method in delora.METHODS:
+        return delora.shapes(module, config, path)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -679,9 +684,14 @@ class AdapterLayer(nn.Module):
             spec.config = config
         elif method in gralora.METHODS:
             spec.granular = gralora.settings(config)
+        elif method in delora.METHODS:  # SPEC.md 17.6: PEFT rounds the delta before a merge adds it, not an unmerge
+            spec.r, spec.dropout = delora.rank(config, path), max(float(config.get("module_dropout") or 0.0), 0.0)
+            spec.round_merge = True
         weights = _new_module(_Weights)
         trainable = bool(options.trainable)
         frozen = frozen_params(config) if method == "LORA" else frozenset()  # MiCA: PEFT never trains lora_B
+        if method in delora.METHODS:
+            frozen = delora.FROZEN  # DeLoRA's w_norm: a PEFT buffer
         pending: dict[str, PendingParam] = {}
         weights.__dict__.update(training=self.training, pending=pending)
         params = weights._parameters
@@ -839,6 +849,9 @@ class AdapterLayer(nn.Module):
             vblora.initialise(p, spec.shared.tensors(), config)
         elif spec.method in gralora.METHODS:
             gralora.initialise(p, config)
+        elif spec.method in delora.METHODS:
+            with onloaded(self._modules["base_layer"]):  # w_norm reads the base weight (accelerate's, offloaded)
+                delora.initialise(p, _weight(self._modules["base_layer"]), config, self._path)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -936,6 +949,8 @@ class AdapterLayer(nn.Module):
         LoHa/LoKr: their reconstructed weight. IA3 scales instead (see :meth:`merge`).
         """
         spec = self._specs[name]
+        if spec.method in delora.METHODS:
+            return delora.delta_weight(self._params_of(name), spec.r)
         if spec.method in adalora.METHODS:
             return adalora.delta_weight(self.base_layer, self.kind, self._params_of(name), spec.scaling, spec.r)
         if spec.method in vblora.METHODS and spec.shared is not None and spec.config is not None:
@@ -1148,9 +1163,14 @@ class AdapterLayer(nn.Module):
         if not additive:
             return result
         result_dtype = result.dtype
+        deloras = [n for n in additive if self._specs[n].method in delora.METHODS]
         for n in additive:
             spec = self._specs[n]
-            if spec.method == "LORA":
+            if spec.method in delora.METHODS:
+                if n == deloras[0]:  # PEFT sums a layer's DeLoRA terms in the output's dtype, then adds them once
+                    result = delora.output([(self._params_of(d), self._specs[d].r, self._specs[d].dropout)
+                                            for d in deloras], x, result, self.training)
+            elif spec.method == "LORA":
                 if self.kind == "embedding":
                     result = self._embedding_lora(n, spec, x, result)
                 else:

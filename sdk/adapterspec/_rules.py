@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _adalora, _c3a, _gralora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
+from . import _adalora, _c3a, _delora, _gralora, _hra, _lora_init, _miss, _oft, _road, _vblora, _vera
 from .errors import UnsupportedError, shorten
 from .naming import VELORA_GROUPS
 
@@ -47,6 +47,7 @@ PORTABLE_METHODS = frozenset({
     "HRA",  # SPEC.md 17.3
     "VBLORA",  # SPEC.md 17.4
     "GRALORA",  # SPEC.md 17.5
+    "DELORA",  # SPEC.md 17.6
     "C3A",  # SPEC.md 17.7
 })
 
@@ -258,6 +259,7 @@ def unsupported_features(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     found.extend(_c3a.unsupported(config))
     if config.get("peft_type") == "VBLORA":
         found.extend(_vblora.unsupported(config))
+    found.extend(_delora.unsupported(config))  # SPEC.md 17.6
     found.extend(_parameter_features(config))
     if config.get("peft_type") in NO_MODULES_TO_SAVE and config.get("modules_to_save"):
         found.append(("/modules_to_save", f"{config.get('peft_type')} has no modules_to_save (PEFT 0.21 drops the "

@@ -385,7 +385,7 @@ def _check_json_value(data: Any, path: str | None) -> None:
 
 
 #: Config fields whose members' order means something: the first matching key wins (SPEC.md 4.4).
-ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern"})
+ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern", "lambda_pattern"})  # lambda_pattern: DeLoRA
 
 
 def _sorted_keys(value: Any, *, keep: bool = False) -> Any:

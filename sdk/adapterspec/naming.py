@@ -65,6 +65,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "HRA": ("hra_u",),  # SPEC.md 17.3
     "GRALORA": _gralora.PARAMETERS,  # SPEC.md 17.5
     "C3A": ("c3a_kernel",),  # SPEC.md 17.7
+    "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),  # SPEC.md 17.6 (_delora.PARAMETERS)
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

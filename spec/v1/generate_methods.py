@@ -37,6 +37,7 @@ PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
             "LN_TUNING",  # SPEC.md 15.3
             "ROAD", "MISS", "HRA", "VBLORA",  # SPEC.md 17
             "GRALORA",  # SPEC.md 17.5
+            "DELORA",  # SPEC.md 17.6
             "C3A")  # SPEC.md 17.7
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
@@ -59,6 +60,7 @@ DEFAULT_TABLES = {
     ("VBLORA", "target_modules"): "TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING",
     ("GRALORA", "target_modules"): "TRANSFORMERS_MODELS_TO_GRALORA_TARGET_MODULES_MAPPING",
     ("C3A", "target_modules"): "TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING",
+    ("DELORA", "target_modules"): "TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING",
 }
 
 

@@ -13,6 +13,7 @@ LOHA, LOKR, ADALORA, VERA = Running("h", "LOHA"), Running("k", "LOKR"), Running(
 IA3, IA3_B = Running("i", "IA3"), Running("j", "IA3")
 OFT, BOFT = Running("o", "OFT"), Running("b", "BOFT")
 VBLORA, VBLORA_B = Running("vb", "VBLORA"), Running("vc", "VBLORA")  # SPEC.md 17.4: an added term, as VeRA
+DELORA, DELORA_B = Running("de", "DELORA"), Running("df", "DELORA")  # SPEC.md 17.6: an added term too
 
 
 @pytest.mark.parametrize(("first", "second", "needle"), [
@@ -33,6 +34,11 @@ VBLORA, VBLORA_B = Running("vb", "VBLORA"), Running("vc", "VBLORA")  # SPEC.md 1
     (VBLORA, Running("r", "ROAD"), "ROAD adapters \\['r'\\] cannot run together with \\['vb'\\]"),
     (VBLORA, Running("hr", "HRA"), "HRA adapters \\['hr'\\] cannot run together with \\['vb'\\]"),
     (VBLORA, Running("m", "MISS"), "MiSS adapter 'm' cannot run together with VB-LoRA adapter 'vb'"),
+    (DORA, DELORA, "DoRA adapter 'd' cannot run together with DeLoRA adapter 'de'"),
+    (DELORA, IA3, "IA3 adapter 'i' cannot run together with DeLoRA adapter 'de'"),
+    (DELORA, BOFT, "BOFT adapters \\['b'\\] cannot run together with \\['de'\\]"),
+    (DELORA, Running("hr", "HRA"), "HRA adapters \\['hr'\\] cannot run together with \\['de'\\]"),
+    (DELORA, Running("m", "MISS"), "MiSS adapter 'm' cannot run together with DeLoRA adapter 'de'"),
     (Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(11, 7, 5)), "rows \\[5, 7\\]"),
 ])
 def test_refused_in_either_order_naming_the_module(first: Running, second: Running, needle: str) -> None:
@@ -46,6 +52,7 @@ def test_refused_in_either_order_naming_the_module(first: Running, second: Runni
 @pytest.mark.parametrize("running", [
     [LORA, DORA], [DORA, LORA], [LORA, LOHA, LOKR, ADALORA, VERA], [IA3, IA3_B],
     [VBLORA, VBLORA_B], [VBLORA, LORA, LOHA, LOKR, ADALORA, VERA], [LORA, VBLORA], [OFT, Running("o2", "OFT")],
+    [DELORA, DELORA_B], [DELORA, LORA, LOHA, LOKR, ADALORA, VERA, VBLORA],
     [Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(2, 9))],
     [Running("t", TOKEN_ROWS, rows=(1,)), LORA, DORA], [DORA], [Running("x", SAVED_WHOLE)], [],
 ])

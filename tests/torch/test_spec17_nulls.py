@@ -22,6 +22,7 @@ CONFIGS = {
     "ROAD": {"peft_type": "ROAD", "variant": "road_2", "group_size": 8, "target_modules": ["q_proj", "v_proj"]},
     "MISS": {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj", "v_proj"]},
     "HRA": {"peft_type": "HRA", "r": 4, "apply_GS": None, "target_modules": ["q_proj", "v_proj"]},
+    "DELORA": {"peft_type": "DELORA", "r": 4, "target_modules": ["q_proj", "v_proj"]},  # SPEC 17.6: 'is True'
 }
 
 

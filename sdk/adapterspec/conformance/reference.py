@@ -31,6 +31,7 @@ import numpy as np
 from .._lora_init import base_init, residual
 from .reference_adalora import adalora_weight
 from .reference_gralora import gralora_weight
+from .reference_delora import delora_weight
 from .reference_hra import reflected_weight
 from .reference_oft import rotated_weight
 from .reference_ln_tuning import ln_tuning_weights
@@ -272,6 +273,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return miss_weight(module, weight, config, tensors), bias
     if method == "C3A":  # SPEC.md 17.7
         return c3a_weight(module, weight, tensors), bias
+    if method == "DELORA":  # SPEC.md 17.6
+        return delora_weight(module, weight, config, path, tensors), bias
     raise ValueError(f"{method} has no weight update")
 
 
@@ -298,7 +301,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA", "VBLORA", "C3A", "GRALORA"):
+                  "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":
