@@ -29,8 +29,11 @@ demo: setup
 typecheck: setup
 	$(PY) -m mypy
 
+# the suite on TEST_WORKERS processes (pytest-xdist; CI has 2 cores): TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
+
 test: setup typecheck
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 bench: setup
 	$(PY) benchmarks/bench_load.py --backends torch,keras --repeats 21
