@@ -551,6 +551,11 @@ def _gralora_cases() -> None:
             {"h.0.attn.c_attn": gpt2(8, 12), "h.0.mlp.c_proj": gpt2(4, 8)},
             {"peft_type": "GRALORA", "r": 2, "gralora_k": 2, "hybrid_r": 1, "alpha": 3, "fan_in_fan_out": True,
              "target_modules": ["c_attn", "c_proj"]}, ["hybrid", "fan_in_fan_out"])
+    numeric("gralora-linear-hybrid-bf16", "GraLoRA with hybrid_r 1 on a bfloat16 Linear 8->6 (r 4, gralora_k 2, float "
+            "alpha 5.5): x cast to the adapter's dtype, each term cast to the output's before it is scaled",
+            "GRALORA", "linear", "bfloat16", {"layer": linear(8, 6)},
+            {"peft_type": "GRALORA", "r": 4, "gralora_k": 2, "hybrid_r": 1, "alpha": 5.5, "target_modules": ["layer"]},
+            ["hybrid"])
 
 
 def _delora_cases() -> None:
@@ -1353,8 +1358,8 @@ def _miss_folders() -> None:
     # (a layer PEFT refuses -- bat's r not dividing its sizes -- is a refusal of the backend's, which a backend that
     # implements no MiSS reports as its own /peft_type: tests/torch/test_miss.py and tests/keras/test_miss.py check it)
 def _gralora_folders() -> None:
-    """GraLoRA files (SPEC.md 17.5): valid ones, and what a reader refuses (gralora_k not dividing a layer is the
-    backend's refusal: tests/torch/test_gralora.py)."""
+    """GraLoRA files (SPEC.md 17.5): valid ones, and what a reader refuses (gralora_k not dividing a layer: check 18's
+    refusal, before any shape is compared with the layer)."""
     gr = {"peft_type": "GRALORA", "r": 4, "gralora_k": 2, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     blocks = {f"{Q}.gralora_A": det((2, 4, 4), 1).astype(np.float32), f"{Q}.gralora_B": det((2, 4, 4), 2).astype(np.float32),
               f"{V}.gralora_A": det((2, 4, 4), 3).astype(np.float32), f"{V}.gralora_B": det((2, 4, 2), 4).astype(np.float32)}
@@ -1381,6 +1386,27 @@ def _gralora_folders() -> None:
                f"{V}.gralora_B_general.weight"])
     plain("gralora-r-not-divisible", "r 3 with gralora_k 2 (PEFT's GraloraConfig refuses it): ConfigError naming /r",
           gr | {"r": 3}, blocks, valid=False, error="ConfigError", pointer="/r")
+    wide = {f"{Q}.gralora_A_general.weight": det((2, 8), 5).astype(np.float32),
+            f"{Q}.gralora_B_general.weight": det((8, 2), 6).astype(np.float32),
+            f"{V}.gralora_A_general.weight": det((2, 8), 7).astype(np.float32),
+            f"{V}.gralora_B_general.weight": det((4, 2), 8).astype(np.float32)}
+    plain("gralora-hybrid-rank-mismatch", "SPEC 17.5: hybrid_r 1 in the config, a hybrid pair of rank 2 in the file "
+          "(the blocks are right): the pair's rank axes must be hybrid_r (check 10; PEFT's load_state_dict refuses "
+          "the sizes)", gr | {"hybrid_r": 1}, blocks | wide, valid=False, error="ShapeMismatchError",
+          key=sorted(wide))
+    plain("gralora-exclude-modules-unknown", "SPEC 4.3/17.5: GraloraConfig has no exclude_modules; PEFT drops it "
+          "(with a warning) and adapts v_proj too, so the file with both modules' blocks is valid",
+          gr | {"exclude_modules": ["v_proj"]}, blocks, valid=True)
+    uneven = {"dtype": "float32", "modules": {"model.layers.0.self_attn.q_proj": linear(6, 6, bias=False),
+                                              "model.layers.0.self_attn.v_proj": linear(6, 4, bias=False)}}
+    plain("gralora-k-not-dividing", "SPEC 17.5: gralora_k 3 divides q_proj's 6 -> 6 but not v_proj's 4 outputs (PEFT's "
+          "layer refuses it): UnsupportedError naming v_proj and /gralora_k, check 18's refusal, before check 20 "
+          "compares v_proj's blocks (shaped for 3 outputs) with the layer",
+          {"peft_type": "GRALORA", "r": 3, "gralora_k": 3, "alpha": 6, "target_modules": ["q_proj", "v_proj"]},
+          {f"{Q}.gralora_A": det((3, 2, 3), 1).astype(np.float32), f"{Q}.gralora_B": det((3, 3, 2), 2).astype(np.float32),
+           f"{V}.gralora_A": det((3, 2, 3), 3).astype(np.float32), f"{V}.gralora_B": det((3, 3, 1), 4).astype(np.float32)},
+          model=uneven, valid=False, error="UnsupportedError", key="model.layers.0.self_attn.v_proj",
+          pointer="/gralora_k")
 
 
 def _delora_folders() -> None:
@@ -1697,6 +1723,14 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          {"peft_type": "GRALORA", "r": 4, "gralora_k": 0, "target_modules": ["q_proj"]}, False, "/gralora_k", None),
         ("gralora-hybrid-r-negative", "GraLoRA's hybrid_r is a rank, 0 or more (PEFT's layer refuses -1)",
          {"peft_type": "GRALORA", "r": 4, "hybrid_r": -1, "target_modules": ["q_proj"]}, False, "/hybrid_r", None),
+        ("config-gralora-null-booleans", "GraLoRA's fan_in_fan_out and init_weights may be null, read as false "
+         "(PEFT's truth tests, SPEC 4.1); alpha may be a float (PEFT divides it by r + hybrid_r) and a negative "
+         "gralora_dropout means none (PEFT's '> 0.0' test)",
+         {"peft_type": "GRALORA", "r": 4, "alpha": 6.5, "gralora_dropout": -0.5, "fan_in_fan_out": None,
+          "init_weights": None, "target_modules": ["q_proj"]}, True, None, None),
+        ("gralora-dropout-above-one", "GraLoRA's gralora_dropout is at most 1 (PEFT's nn.Dropout refuses 1.5)",
+         {"peft_type": "GRALORA", "r": 4, "gralora_dropout": 1.5, "target_modules": ["q_proj"]}, False,
+         "/gralora_dropout", None),
         ("miss-dropout-above-one", "MiSS's miss_dropout is a probability (PEFT's nn.Dropout refuses 2.0, in every "
          "mode)", {"peft_type": "MISS", "r": 4, "target_modules": ["q_proj"], "miss_dropout": 2.0}, False,
          "/miss_dropout", None),

@@ -10,6 +10,8 @@ The layer adds ``alpha / (r + hybrid_r)`` times both terms to the base output (P
 {'gralora_A': (2, 4, 4), 'gralora_B': (2, 4, 6), 'gralora_A_general.weight': (1, 8), 'gralora_B_general.weight': (12, 1)}
 >>> settings({"peft_type": "GRALORA", "r": 4, "alpha": 10, "hybrid_r": 1})
 Granular(r=4, k=2, hybrid_r=1, scaling=2.0, dropout=0.0)
+>>> settings({"peft_type": "GRALORA", "r": 4, "alpha": 6.5, "gralora_dropout": -0.5})  # PEFT: 6.5 / 4, no dropout
+Granular(r=4, k=2, hybrid_r=0, scaling=1.625, dropout=0.0)
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def _get(config: Mapping[str, Any], field: str) -> Any:
 def settings(config: Mapping[str, Any]) -> Granular:
     """The :class:`Granular` of ``config`` (the same on every layer: GraLoRA has no rank or alpha pattern)."""
     r, hybrid_r = int(_get(config, "r")), int(_get(config, "hybrid_r"))
-    return Granular(r, int(_get(config, "gralora_k")), hybrid_r, float(_get(config, "alpha")) / (r + hybrid_r),
-                    float(_get(config, "gralora_dropout")))
+    dropout = float(_get(config, "gralora_dropout"))  # PEFT adds nn.Dropout only above 0: a negative one is none
+    return Granular(r, int(_get(config, "gralora_k")), hybrid_r, _get(config, "alpha") / (r + hybrid_r),
+                    dropout if dropout > 0.0 else 0.0)
 
 
 def config_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:

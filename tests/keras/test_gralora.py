@@ -179,6 +179,32 @@ def test_two_gralora_adapters_together_and_a_keras_made_one(llama: Any, checkpoi
     assert_near(keras_logits(llama, token_ids), base)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_float_alpha_null_booleans_negative_dropout_as_peft(llama: Any, checkpoints: Any, token_ids: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    """A config PEFT takes as written (SPEC.md 4.1, 17.5): alpha 5.5, null fan_in_fan_out and init_weights,
+    gralora_dropout -0.5 load with PEFT's logits; a new adapter with a null init_weights draws B (PEFT's truth
+    test), unlike true."""
+    folder = checkpoints["llama"]
+    fields = dict(r=4, gralora_k=2, hybrid_r=1, alpha=5.5, gralora_dropout=-0.5, target_modules=["q_proj", "up_proj"])
+    reference = _peft_folder(folder, peft.GraloraConfig(**fields), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config | {"fan_in_fan_out": None,
+                                                                             "init_weights": None}))
+    base = keras_logits(llama, token_ids)
+    adapterspec.load_adapter(llama, tmp_path / "a")
+    assert_peft_close(keras_logits(llama, token_ids), torch_logits(reference, token_ids), base,
+                      torch_logits(hf_model(folder), token_ids))
+    adapterspec.delete_adapter(llama, "default")
+    for init, drawn in ((None, True), (True, False)):
+        adapterspec.inject_adapter(llama, {"peft_type": "GRALORA", "r": 4, "hybrid_r": 1, "init_weights": init,
+                                           "target_modules": ["q_proj"]})
+        tensors = adapterspec.extract_adapter(llama, "default").load_tensors("numpy")
+        assert all(bool(np.any(v)) == drawn for k, v in tensors.items() if "_B" in k), init
+        adapterspec.delete_adapter(llama, "default")
+    assert_near(keras_logits(llama, token_ids), base)
+
+
 @pytest.mark.parametrize(("arch", "config", "needle"), [
     ("llama", {"target_modules": ["embed_tokens"]}, "Dense/EinsumDense"),
     ("gpt2", {"target_modules": ["wte"]}, "Dense/EinsumDense"),

@@ -113,8 +113,8 @@ def test_bf16_unmerged_and_merged_bit_equal_peft(llama: Any, token_inputs: Any, 
     assert torch.equal(logits(model, token_inputs), logits(reference, token_inputs))
 
 
-@pytest.mark.parametrize("init_weights", [True, False])
-def test_a_new_adapter_is_peft_init_and_trains_peft_parameters(llama: Any, init_weights: bool) -> None:
+@pytest.mark.parametrize("init_weights", [True, False, None])  # None: PEFT's truth test, B drawn as for false
+def test_a_new_adapter_is_peft_init_and_trains_peft_parameters(llama: Any, init_weights: bool | None) -> None:
     """Injected under the same torch seed, every tensor is PEFT's bit for bit (PEFT's draw order, the hybrid
     nn.Linear's own draws included); the trainable parameter count is PEFT's."""
     from peft import GraloraConfig, get_peft_model
@@ -172,6 +172,29 @@ def test_training_gradients_and_two_adapters_equal_peft(llama: Any, token_inputs
     adapterspec.load_adapter(model, tmp_path / "b", adapter_name="b")
     adapterspec.set_active_adapters(model, ["a", "b"])
     assert_close(logits(model, token_inputs), logits(both, token_inputs))
+
+
+def test_float_alpha_null_booleans_negative_dropout_train_as_peft(llama: Any, token_inputs: Any,
+                                                                  tmp_path: Path) -> None:
+    """A config PEFT takes as written (SPEC.md 4.1, 17.5): alpha 5.5 (scaling 5.5 / 5), null fan_in_fan_out and
+    init_weights, gralora_dropout -0.5 (PEFT: no dropout, also while training): loaded trainable and in training
+    mode, the outputs are PEFT's."""
+    from peft import PeftModel
+
+    fields = dict(r=4, gralora_k=2, hybrid_r=1, alpha=5.5, gralora_dropout=-0.5, target_modules=["q_proj", "v_proj"])
+    _peft_folder(llama, tmp_path / "a", **fields)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config |= {"fan_in_fan_out": None, "init_weights": None}
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(fresh(llama), str(tmp_path / "a"), is_trainable=True).train()
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "a", trainable=True)
+    model.train()
+    expected = logits(reference, token_inputs)
+    assert (expected - logits(llama, token_inputs)).abs().max() > 1e-2
+    assert_close(logits(model, token_inputs), expected)
 
 
 def _refused(base: Any, folder: Path, error: type[Exception], needle: str) -> None:
