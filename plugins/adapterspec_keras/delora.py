@@ -32,7 +32,7 @@ from adapterspec._delora import CLAMP, FROZEN, lambda_for, param_shapes, rank_fo
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
-from .quantized import quantization
+from .quantized import refuse_quantized
 from .sites import ModuleSite
 
 __all__ = ["FROZEN", "METHODS", "check", "inits", "rank", "shapes", "views", "w_norm"]
@@ -49,11 +49,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         ``nn.Linear`` only), a piece seeing only part of the module's inputs (``w_norm`` scales all of them).
     """
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-    quantized = next((mode for mode in (quantization(p.layer) for p in site.pieces) if mode is not None), None)
-    if quantized is not None:
-        raise UnsupportedError(f"DeLoRA cannot adapt a quantized layer ({quantized}; module on {layers}): PEFT 0.21 "
-                               "has no quantized DeLoRA layer", key=path,
-                               hint="load the adapter onto the unquantized model, or quantize without this layer")
+    refuse_quantized([p.layer for p in site.pieces], path, "DeLoRA")
     if site.hf_conv1d:
         raise UnsupportedError(f"DeLoRA cannot adapt a transformers Conv1D module (GPT-2's, weight stored [in, out]; "
                                f"module on {layers}): PEFT's DeLoRA adapts nn.Linear only, so PEFT could not load the "

@@ -37,7 +37,7 @@ from adapterspec._gralora import Granular, param_shapes, settings
 from adapterspec.errors import UnsupportedError
 
 from . import _ops
-from .quantized import quantization
+from .quantized import refuse_quantized
 from .sites import ModuleSite, Piece
 
 __all__ = ["METHODS", "Granular", "check", "delta_flat", "general_views", "inits", "output", "settings", "shapes",
@@ -57,11 +57,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         ``gralora_k`` does not divide (``/gralora_k``).
     """
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-    quantized = next((mode for mode in (quantization(p.layer) for p in site.pieces) if mode is not None), None)
-    if quantized is not None:
-        raise UnsupportedError(f"GraLoRA cannot adapt a quantized layer ({quantized}; module on {layers}): PEFT 0.21 "
-                               "has no quantized GraLoRA layer", key=path,
-                               hint="load the adapter onto the unquantized model")
+    refuse_quantized([p.layer for p in site.pieces], path, "GraLoRA")
     if site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces):
         raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with GRALORA (module on "
                                f"{layers}; PEFT's GraLoRA adapts Linear and Conv1D only)", key=path,

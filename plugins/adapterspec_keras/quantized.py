@@ -29,7 +29,7 @@ from adapterspec.errors import UnsupportedError
 
 from .sites import layer_kind, packed
 
-__all__ = ["adapter_dtype", "hint", "packed_hint", "quantization", "refuse_unmapped"]
+__all__ = ["adapter_dtype", "hint", "packed_hint", "quantization", "refuse_quantized", "refuse_unmapped"]
 
 
 def packed_hint(targets: str = "every module the adapter targets", *, int8: bool = True) -> str:
@@ -78,6 +78,20 @@ def quantization(layer: Any) -> str | None:
     """
     mode = getattr(layer, "quantization_mode", None)
     return str(mode) if mode else None
+
+
+def refuse_quantized(layers: Sequence[Any], path: str, method: str) -> None:
+    """Refuse ``method`` on a module whose Keras layers (``layers``) include a quantized one: PEFT 0.21 has no
+    quantized layer of that method (VB-LoRA, GraLoRA, DeLoRA); the torch backend's ``refuse_quantized`` says the same.
+
+    :raises UnsupportedError: naming ``path`` and the layers.
+    """
+    mode = next((mode for mode in map(quantization, layers) if mode is not None), None)
+    if mode is not None:
+        names = ", ".join(f"{type(layer).__name__} {layer.path!r}" for layer in layers)
+        raise UnsupportedError(f"{method} cannot adapt a quantized layer ({mode}; module on {names}): PEFT 0.21 has no "
+                               f"quantized {method} layer", key=path,
+                               hint="load the adapter onto the unquantized model, or quantize without this layer")
 
 
 def adapter_dtype(layer: Any) -> str:

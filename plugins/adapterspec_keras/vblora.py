@@ -32,7 +32,7 @@ from adapterspec import AdapterConfig
 from adapterspec._vblora import SHARED, index_dtype, settings, topk_only, value_errors
 from adapterspec.errors import UnsupportedError
 
-from .quantized import quantization
+from .quantized import refuse_quantized
 from .sites import ModuleSite
 from .vera import Shared
 
@@ -55,11 +55,7 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         layer (as the torch backend: PEFT's VB-LoRA has no quantized layers).
     """
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
-    quantized = next((mode for mode in (quantization(p.layer) for p in site.pieces) if mode is not None), None)
-    if quantized is not None:
-        raise UnsupportedError(f"VB-LoRA cannot adapt a quantized layer ({quantized}; module on {layers}): PEFT 0.21 "
-                               "has no quantized VB-LoRA layer", key=path,
-                               hint="load the adapter onto the unquantized model, or quantize without this layer")
+    refuse_quantized([p.layer for p in site.pieces], path, "VB-LoRA")
     if site.kind != "linear" or any(piece.kind not in ("dense", "einsum") for piece in site.pieces):
         raise UnsupportedError(f"the keras backend adapts only Dense/EinsumDense layers with VBLORA (module on "
                                f"{layers}; PEFT's VB-LoRA adapts Linear and Conv1D)", key=path,

@@ -25,7 +25,7 @@ from adapterspec import AdapterConfig
 from adapterspec._delora import CLAMP, FROZEN, lambda_for, param_shapes, rank_for
 from adapterspec.errors import UnsupportedError
 
-from .quantized import quantization
+from .quantized import refuse_quantized
 
 __all__ = ["FROZEN", "KINDS", "METHODS", "check", "delta_weight", "initialise", "output", "rank", "shapes"]
 
@@ -43,10 +43,7 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
     """
     if kind not in KINDS:
         return
-    quantized = quantization(module)
-    if quantized is not None:
-        raise UnsupportedError(f"DeLoRA cannot adapt a quantized layer ({quantized}): PEFT 0.21 has no quantized "
-                               "DeLoRA layer", key=path, hint="load the adapter onto the unquantized model")
+    refuse_quantized(module, path, "DeLoRA")
 
 
 def rank(config: AdapterConfig, path: str) -> int:

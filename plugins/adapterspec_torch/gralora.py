@@ -27,7 +27,7 @@ from adapterspec import AdapterConfig
 from adapterspec._gralora import Granular, param_shapes, settings
 from adapterspec.errors import UnsupportedError
 
-from .quantized import quantization, weight_shape
+from .quantized import refuse_quantized, weight_shape
 
 __all__ = ["KINDS", "METHODS", "Granular", "check", "delta_weight", "initialise", "output", "settings", "shapes"]
 
@@ -50,10 +50,7 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
     """
     if kind not in KINDS:
         return
-    quantized = quantization(module)
-    if quantized is not None:
-        raise UnsupportedError(f"GraLoRA cannot adapt a quantized layer ({quantized}): PEFT 0.21 has no quantized "
-                               "GraLoRA layer", key=path, hint="load the adapter onto the unquantized model")
+    refuse_quantized(module, path, "GraLoRA")
     param_shapes(*_in_out(module, kind), config, path)
 
 

@@ -33,7 +33,7 @@ from adapterspec.errors import UnsupportedError
 
 from .devices import FLOAT8_DTYPES
 
-__all__ = ["dense_weight", "quantization", "readable", "weight_quantization", "weight_shape"]
+__all__ = ["dense_weight", "quantization", "readable", "refuse_quantized", "weight_quantization", "weight_shape"]
 
 #: The packages whose tensor subclasses hold a quantized weight that reports a floating dtype (torchao's
 #: ``AffineQuantizedTensor`` says bfloat16) -- its elements are not the weight's values.
@@ -67,6 +67,18 @@ def _weight_of(module: nn.Module) -> Any:
 def quantization(module: nn.Module) -> str | None:
     """:func:`weight_quantization` of ``module``'s ``weight`` (``None`` for a layer without one)."""
     return weight_quantization(_weight_of(module))
+
+
+def refuse_quantized(module: nn.Module, path: str, method: str) -> None:
+    """Refuse ``method`` on a quantized ``module``: PEFT 0.21 has no quantized layer of that method (VB-LoRA,
+    GraLoRA, DeLoRA); the Keras backend's :func:`adapterspec_keras.quantized.refuse_quantized` says the same.
+
+    :raises UnsupportedError: naming ``path``.
+    """
+    mode = quantization(module)
+    if mode is not None:
+        raise UnsupportedError(f"{method} cannot adapt a quantized layer ({mode}): PEFT 0.21 has no quantized {method} "
+                               "layer", key=path, hint="load the adapter onto the unquantized model")
 
 
 def dense_weight(module: nn.Module, path: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ from adapterspec import AdapterConfig
 from adapterspec._vblora import INDICES, WEIGHTS, index_dtype, settings, topk_only, value_errors
 from adapterspec.errors import UnsupportedError
 
-from .quantized import quantization, weight_shape
+from .quantized import refuse_quantized, weight_shape
 
 __all__ = ["KINDS", "METHODS", "check", "check_values", "delta_weight", "dtypes", "initialise", "matrices",
            "output", "shapes", "shared_shapes"]
@@ -59,10 +59,7 @@ def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig)
     """
     if kind not in KINDS:
         return
-    quantized = quantization(module)
-    if quantized is not None:
-        raise UnsupportedError(f"VB-LoRA cannot adapt a quantized layer ({quantized}): PEFT 0.21 has no quantized "
-                               "VB-LoRA layer", key=path, hint="load the adapter onto the unquantized model")
+    refuse_quantized(module, path, "VB-LoRA")
     in_f, out_f = _in_out(module, kind)
     length = settings(config)[2]
     for what, size in (("in_features", in_f), ("out_features", out_f)):
