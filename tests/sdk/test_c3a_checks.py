@@ -64,6 +64,11 @@ def test_kernel_shape_refusals_name_the_field() -> None:
     ({"block_size": 0}, "/block_size"),
     ({"block_size_pattern": None}, "/block_size_pattern"),
     ({"block_size_pattern": {"q": 1.5}}, "/block_size_pattern/q"),
+    ({"block_size_pattern": {"": 2}}, "/block_size_pattern"),  # SPEC.md 11.8: keys bounded as rank_pattern's
+    ({"block_size_pattern": {"q" * 4097: 2}}, "/block_size_pattern"),
+    ({"target_modules": "q" * 65537}, "/target_modules"),
+    ({"target_modules": ["q" * 1025]}, "/target_modules/0"),
+    ({"layers_to_transform": [0], "layers_pattern": "l" * 4097}, "/layers_pattern"),
 ])
 def test_schema_refuses_what_peft_cannot_load(change: dict[str, Any], pointer: str) -> None:
     config = {"peft_type": "C3A", "block_size": 4, "target_modules": ["q"]} | change
