@@ -87,8 +87,9 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_config(folder: Path, config: dict[str, Any] | str) -> None:
-    """PEFT's style, keys sorted -- except the members of rank_pattern / alpha_pattern, whose document order decides
-    which key wins (SPEC 3.1, 4.4): they are written in the order given."""
+    """PEFT's style, keys sorted -- except the members of the ordered fields (``adapterspec.config.ORDERED_FIELDS``:
+    rank_pattern, alpha_pattern, DeLoRA's lambda_pattern, C3A's block_size_pattern), whose document order decides
+    which key wins (SPEC 3.1, 4.4, 17.7): they are written in the order given."""
     folder.mkdir(parents=True, exist_ok=True)
     text = config if isinstance(config, str) else json.dumps(_sorted_keys(config), indent=2) + "\n"
     (folder / "adapter_config.json").write_text(text, "utf-8")
@@ -96,7 +97,7 @@ def write_config(folder: Path, config: dict[str, Any] | str) -> None:
 
 def _sorted_keys(value: Any, field: str | None = None) -> Any:
     if isinstance(value, dict):
-        keys = list(value) if field in ("rank_pattern", "alpha_pattern") else sorted(value)
+        keys = list(value) if field in adapterspec.config.ORDERED_FIELDS else sorted(value)
         return {k: _sorted_keys(value[k], k if field is None else "") for k in keys}
     if isinstance(value, list):
         return [_sorted_keys(v, "") for v in value]
@@ -507,6 +508,29 @@ def _c3a_cases() -> None:
             "computes the term in float32 and rounds it to float16)", "C3A", "linear", "float16",
             {"layer": linear(8, 4)}, {"peft_type": "C3A", "block_size": 4, "target_modules": ["layer"]}, [],
             float64_tolerance=1e-6)
+    eight = {"layers.0.q": linear(8, 8, bias=False), "layers.0.v": linear(8, 8), "layers.1.o": linear(8, 8)}
+    numeric("c3a-pattern-order-f32", "SPEC 17.7: block_size_pattern {'layers.0.v': 8, 'v': 4, '[qv]': 1, "
+            "'layers.1.o': 8} in this (unsorted) order, PEFT 0.21.2's choice key by key: layers.0.v takes 4 (the exact "
+            "name 'layers.0.v' needs a dot before it as a pattern and is looked up only when no key matched; 'v' "
+            "comes before '[qv]'), layers.0.q 1, layers.1.o 8 (its exact name, no key matching). Sorted keys, the "
+            "last match, the exact name first, re.match(k) or rank_pattern's (.*\\.)?(k)$ give other block sizes",
+            "C3A", "linear", "float32", eight,
+            {"peft_type": "C3A", "block_size": 2, "target_modules": ["q", "v", "o"],
+             "block_size_pattern": {"layers.0.v": 8, "v": 4, "[qv]": 1, "layers.1.o": 8}},
+            ["block_size_pattern", "order"], float64_tolerance=1e-6)
+    numeric("c3a-pattern-alternation-f32", "SPEC 17.7: the key 'q|v' is spliced without a group, '.*\\.q|v$': "
+            "layers.0.q and layers.0.q_x take 4 ('.*\\.q' is not anchored at the end), layers.0.v keeps block_size 2 "
+            "('v$' must match the whole path)", "C3A", "linear", "float32",
+            {"layers.0.q": linear(8, 8), "layers.0.q_x": linear(8, 8, bias=False), "layers.0.v": linear(8, 8)},
+            {"peft_type": "C3A", "block_size": 2, "target_modules": ["q", "q_x", "v"],
+             "block_size_pattern": {"q|v": 4}}, ["block_size_pattern"], float64_tolerance=1e-6)
+    numeric("c3a-pattern-escaped-whole-path-f32", "SPEC 17.7: a key naming a whole path, escaped "
+            "('layers\\.0\\.v'), matches nothing (a dot is required before it; it is no exact name): layers.0.v "
+            "keeps block_size 2, while 'layers\\.1\\.v' gives h.layers.1.v 4", "C3A", "linear", "float32",
+            {"layers.0.v": linear(8, 8), "h.layers.1.v": linear(8, 8, bias=False)},
+            {"peft_type": "C3A", "block_size": 2, "target_modules": ["v"],
+             "block_size_pattern": {"layers\\.0\\.v": 4, "layers\\.1\\.v": 4}}, ["block_size_pattern"],
+            float64_tolerance=1e-6)
 
 
 def _c3a_folders() -> None:
@@ -530,9 +554,11 @@ def _c3a_folders() -> None:
                                                                                   "target_modules": ["v_proj"]},
           {f"{V}.c3a_kernel": det((1, 1, 16), 4).astype(np.float32)}, valid=False, error="UnsupportedError",
           key="model.layers.0.self_attn.v_proj", pointer="/block_size")
-    plain("c3a-pattern-not-a-regex", "SPEC 17.7: a block_size_pattern key that is no regular expression (PEFT's "
-          "re.match raises): UnsupportedError naming /block_size_pattern", c3a | {"block_size_pattern": {"q_proj(": 4}},
-          tensors, valid=False, error="UnsupportedError", pointer="/block_size_pattern")
+    plain("c3a-pattern-not-a-regex", "SPEC 17.7: a block_size_pattern key that does not compile spliced ('.*\\.q_proj($'), "
+          "reached by the targeted modules (PEFT's re.match raises there): UnsupportedError naming /block_size_pattern "
+          "and a module that reaches it (check 18)", c3a | {"block_size_pattern": {"q_proj(": 4}}, tensors,
+          valid=False, error="UnsupportedError", pointer="/block_size_pattern",
+          key=["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"])
 
 
 def _gralora_cases() -> None:

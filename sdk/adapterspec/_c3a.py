@@ -44,16 +44,24 @@ def _pattern(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _matches(key: str, path: str) -> bool:
-    """PEFT's ``re.match(rf".*\\.{key}$", path)``; a key that is no regular expression matches nothing here
-    (:func:`unsupported` refuses the config naming it)."""
+    """PEFT's ``re.match(rf".*\\.{key}$", path)``: the key spliced in without a group (``q|v`` reads ``.*\\.q`` or
+    ``v$``; ``?proj`` and ``*`` compile spliced).
+
+    :raises UnsupportedError: the spliced pattern does not compile (PEFT's ``re.match`` raises ``re.error`` when a
+        module reaches the key), naming ``path`` and ``/block_size_pattern``.
+    """
     try:
         return re.match(rf".*\.{key}$", path) is not None
-    except re.error:
-        return False
+    except re.error as exc:
+        raise UnsupportedError(f"C3A block_size_pattern key {key!r} is reached by this module and is not a regular "
+                               f"expression once spliced into PEFT's '.*\\.<key>$' ({exc}): PEFT 0.21.2 fails to "
+                               "load", key=path, pointer="/block_size_pattern",
+                               hint="fix or remove the key (Python re syntax)") from None
 
 
 def _source(config: Mapping[str, Any], path: str) -> tuple[int, str]:
-    """The block size of ``path`` and the field that set it (``/block_size`` or ``/block_size_pattern``)."""
+    """The block size of ``path`` and the field that set it (``/block_size`` or ``/block_size_pattern``); the keys
+    are tried lazily in the file's order, as PEFT's ``next(filter(...))`` tries them."""
     pattern = _pattern(config)
     key = next((k for k in pattern if _matches(k, path)), path)
     if key in pattern:
@@ -67,6 +75,9 @@ def block_size_for(config: Mapping[str, Any], path: str) -> int:
     ``block_size_pattern`` key ``k`` (in the file's order) with ``re.match(rf".*\\.{k}$", path)``; else the entry named
     exactly ``path``; else ``block_size``. A key matches only after a dot (PEFT's pattern), so a key naming the whole
     path from its first character is found by the exact lookup only.
+
+    :raises UnsupportedError: a key this module reaches (no earlier key matched) does not compile spliced: PEFT
+        fails the load there, and only there (a bad key after one matching every module never fails).
 
     >>> cfg = {"block_size": 4, "block_size_pattern": {"v_proj": 2, "model.q": 8}}
     >>> block_size_for(cfg, "layers.0.v_proj"), block_size_for(cfg, "model.q"), block_size_for(cfg, "x.k")
@@ -95,12 +106,13 @@ def kernel_shape(in_features: int, out_features: int, config: Mapping[str, Any],
 
 
 def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(pointer, reason)`` for each C3A config adapterspec readers refuse (SPEC.md 17.7): trained base biases,
-    a ``block_size_pattern`` key that is no regular expression (PEFT's ``re.match`` raises on it).
+    """``(pointer, reason)`` for each C3A config adapterspec readers refuse (SPEC.md 17.7): trained base biases.
+    A ``block_size_pattern`` key that does not compile is refused per module, where a module reaches it
+    (:func:`block_size_for`), as PEFT fails there.
 
-    >>> unsupported({"peft_type": "C3A", "block_size_pattern": {"q(": 4}})[0][0]
-    '/block_size_pattern'
-    >>> unsupported({"peft_type": "C3A", "block_size": 4})
+    >>> unsupported({"peft_type": "C3A", "bias": "all"})[0][0]
+    '/bias'
+    >>> unsupported({"peft_type": "C3A", "block_size": 4, "block_size_pattern": {"q(": 4}})
     []
     """
     if config.get("peft_type") != METHOD:
@@ -109,12 +121,6 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     if config.get("bias", "none") not in (None, "none"):
         found.append(("/bias", f"C3A with bias {config.get('bias')!r} (trained base biases) is not supported by "
                                "adapterspec readers"))
-    for key in _pattern(config):
-        try:
-            re.compile(rf".*\.{key}$")
-        except re.error as exc:
-            found.append(("/block_size_pattern", f"C3A block_size_pattern key {key!r} is not a regular expression "
-                                                 f"({exc}); PEFT 0.21.2 fails on it"))
     return found
 
 
@@ -133,7 +139,10 @@ def module_errors(config: AdapterConfig, module: str, p: Mapping[str, TensorInfo
         return [MissingTensorError("missing (C3A stores c3a_kernel per adapted module)", key=key,
                                    hint="save the adapter again; a complete adapter has this tensor")]
     shape = tuple(p[PARAM].shape)
-    b = block_size_for(config, module)
+    try:
+        b = block_size_for(config, module)
+    except UnsupportedError as exc:  # the module reaches a key that does not compile (PEFT fails there)
+        return [exc]
     if len(shape) != 3 or shape[2] != b:
         return [ShapeMismatchError(f"shape {list(shape)}: must be [out/b, in/b, b] with the block size b={b} of this "
                                    "module (block_size, block_size_pattern)", key=key,

@@ -384,8 +384,8 @@ def _check_json_value(data: Any, path: str | None) -> None:
             raise ConfigError(problem, pointer=pointer, path=path, hint="use plain JSON values (see spec/v1/SPEC.md)")
 
 
-#: Config fields whose members' order means something: the first matching key wins (SPEC.md 4.4).
-ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern", "lambda_pattern"})  # lambda_pattern: DeLoRA
+#: Config fields whose members' order means something: the first matching key wins (SPEC.md 4.4, 17.7).
+ORDERED_FIELDS = frozenset({"rank_pattern", "alpha_pattern", "lambda_pattern", "block_size_pattern"})  # DeLoRA, C3A
 
 
 def _sorted_keys(value: Any, *, keep: bool = False) -> Any:
@@ -604,8 +604,9 @@ class AdapterConfig(Mapping[str, Any]):
 
     def to_json(self) -> str:
         """:meth:`to_dict` as PEFT formats it: ``indent=2``, sorted keys, trailing newline -- except the keys of
-        ``rank_pattern`` and ``alpha_pattern``, which keep their order: the first matching key wins (SPEC.md
-        4.4), so sorting them can change a module's rank or alpha.
+        :data:`ORDERED_FIELDS` (``rank_pattern``, ``alpha_pattern``, DeLoRA's ``lambda_pattern``, C3A's
+        ``block_size_pattern``), which keep their order: the first matching key wins (SPEC.md 4.4, 17.6, 17.7), so
+        sorting them can change a module's rank, alpha, lambda or block size.
 
         >>> cfg = AdapterConfig.from_dict({"peft_type": "LORA", "target_modules": ["q", "v"],
         ...                                "alpha_pattern": {"v": 40, ".*": 5}})

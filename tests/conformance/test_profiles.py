@@ -59,11 +59,12 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # 411 in 1.13; 1.14 adds RoAd (3 numeric, 3 round trips, 4 folders), MiSS (1 schema, 4 numeric, 4 round trips,
     # 5 folders) and HRA (2 schema, 3 numeric, 3 round trips, 4 folders); schema cases are core; then SPEC 17's
     # gaps: 5 schema, 5 folders, 6 numeric (road_4 with two groups, bf16/f16 per method, null booleans), 6 round trips;
-    # VB-LoRA: 2 numeric, 2 round trips, 13 folders; C3A (SPEC 17.7): 3 schema, 2 numeric, 2 round trips, 6 folders;
+    # VB-LoRA: 2 numeric, 2 round trips, 13 folders; C3A (SPEC 17.7): 3 schema, 5 numeric (block_size_pattern order,
+    # alternation, escaped whole path), 5 round trips, 6 folders;
     # GraLoRA (SPEC 17.5): 2 schema, 3 numeric, 3 round trips, 7 folders; then the gaps of a GraLoRA written from
     # SPEC 17.5 alone: 2 schema, 1 numeric (bf16), 1 round trip, 3 folders
     # DeLoRA (SPEC 17.6): 4 schema, 3 numeric, 3 round trips, 9 folders
-    assert len(core) == 302 and len(corpus.cases) == 540
+    assert len(core) == 302 and len(corpus.cases) == 546
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

@@ -97,6 +97,32 @@ def test_peft_c3a_adapter_gives_peft_logits_in_keras(llama: Any, checkpoints: An
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_block_size_pattern_order_and_lazy_keys_as_peft(llama: Any, checkpoints: Any, token_ids: np.ndarray,
+                                                        tmp_path: Path) -> None:
+    """The first block_size_pattern key in the file's order wins, a key that does not compile fails only where a
+    module reaches it (PEFT 0.21.2's lazy next(filter(...))), and save_adapter keeps the members' order (PEFT's own
+    save sorts them)."""
+    import json
+
+    model, base, base_torch = llama
+    pattern = {"v_proj": 8, ".*_proj": 16, "q_proj(": 4}
+    peft_model = _peft_adapter(checkpoints["llama"], tmp_path / "peft",
+                               peft.C3AConfig(block_size=32, target_modules=["q_proj", "v_proj"],
+                                              block_size_pattern=pattern))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"block_size_pattern": pattern}))  # PEFT wrote them sorted
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_peft_close(keras_logits(model, token_ids), torch_logits(peft_model, token_ids), base, base_torch)
+    saved = adapterspec.save_adapter(model, tmp_path / "keras")
+    assert list(json.loads((saved / "adapter_config.json").read_text())["block_size_pattern"]) == list(pattern)
+    adapterspec.delete_adapter(model, "default")
+    config_path.write_text(json.dumps(config | {"block_size_pattern": {"q_proj(": 4, **pattern}}))
+    assert_refused_unchanged(model, lambda: adapterspec.load_adapter(model, tmp_path / "peft"), UnsupportedError,
+                             "/block_size_pattern")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_refusals_leave_the_model_unchanged(llama: Any, checkpoints: Any, tmp_path: Path) -> None:
     model, _, _ = llama
     _peft_adapter(checkpoints["llama"], tmp_path / "bias", peft.C3AConfig(block_size=16, target_modules=["q_proj"],

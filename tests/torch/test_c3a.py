@@ -146,6 +146,35 @@ def test_refusals_name_the_field(llama: Any, gpt2: Any, tmp_path: Any) -> None:
     assert key in str(error) or "k_proj" in str(error)
 
 
+def test_block_size_pattern_order_and_lazy_keys_as_peft(llama: Any, tmp_path: Any, token_inputs: Any) -> None:
+    """block_size_pattern as PEFT 0.21.2 reads it: the first key in the file's order wins ({"v_proj": 8, ".*_proj":
+    16}: v_proj 8, q_proj 16); a key that does not compile fails only where a module reaches it ("q_proj(" after
+    ".*_proj" loads in PEFT, first it raises). PEFT's save sorts the members (".*_proj" first: v_proj would reload
+    as 16); save_adapter keeps the order it loaded, and PEFT reloads that file with the same outputs."""
+    from peft import C3AConfig, PeftModel
+
+    pattern = {"v_proj": 8, ".*_proj": 16, "q_proj(": 4}
+    reference = peft_reference(llama, C3AConfig(block_size=32, target_modules=["q_proj", "v_proj"],
+                                                block_size_pattern=pattern), tmp_path / "peft", fill=_fill)
+    assert reference.base_model.model.model.layers[0].self_attn.v_proj.block_size["default"] == 8
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert list(config["block_size_pattern"]) == sorted(pattern)  # PEFT's save sorts them
+    config_path.write_text(json.dumps(config | {"block_size_pattern": pattern}))  # the in-memory order
+    expected = logits(reference, token_inputs)
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, token_inputs), expected, atol=1e-6)
+    saved = adapterspec.save_adapter(model, tmp_path / "ours")
+    assert list(json.loads((saved / "adapter_config.json").read_text())["block_size_pattern"]) == list(pattern)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = PeftModel.from_pretrained(fresh(llama), str(saved)).eval()
+    assert_close(logits(reloaded, token_inputs), expected, atol=1e-6)
+    config_path.write_text(json.dumps(config | {"block_size_pattern": {"q_proj(": 4, **pattern}}))
+    _refused(llama, tmp_path / "peft", "/block_size_pattern")
+
+
 def test_two_c3a_adapters_or_c3a_with_lora_on_one_layer_are_refused(llama: Any, token_inputs: Any,
                                                                     tmp_path: Any) -> None:
     """PEFT's C3A forward feeds one active adapter's term into the next (its unmerged result differs from its merged

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _io
 from .cases import Case, Corpus, FolderCase, NumericCase, RoundtripCase, SchemaCase, load_corpus
+from ..config import ORDERED_FIELDS
 from ..spec import SPEC_VERSION
 from .contract import Refusal, Unsupported, call
 
@@ -322,8 +323,6 @@ INFORMATIONAL_FIELDS = frozenset({"inference_mode", "adapterspec_version", "peft
                                   "revision", "auto_mapping", "task_type"})
 #: List fields PEFT holds as sets (their order is not kept on save).
 SET_FIELDS = frozenset({"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"})
-#: Object fields whose member order is part of their meaning: the first matching key wins (SPEC.md 3.1, 4.4).
-ORDERED_FIELDS = ("rank_pattern", "alpha_pattern")
 
 
 def _schema_defaults(peft_type: str) -> dict[str, Any]:
