@@ -46,10 +46,12 @@ def check(site: ModuleSite, path: str, config: AdapterConfig) -> None:
 
     :raises UnsupportedError: naming the module: a quantized layer (PEFT 0.21 has no quantized DeLoRA layer), a
         transformers ``Conv1D`` (GPT-2), an embedding, a convolution or another layer kind (PEFT adapts
-        ``nn.Linear`` only), a piece seeing only part of the module's inputs (``w_norm`` scales all of them).
+        ``nn.Linear`` only), a piece seeing only part of the module's inputs (``w_norm`` scales all of them), a
+        ``lambda_pattern`` key this module reaches that does not compile (naming ``/lambda_pattern/<key>``).
     """
     layers = ", ".join(f"{type(p.layer).__name__} {p.layer.path!r}" for p in site.pieces)
     refuse_quantized([p.layer for p in site.pieces], path, "DeLoRA")
+    lambda_for(config, path)  # PEFT matches lambda_pattern at every load: a key this module reaches must compile
     if site.hf_conv1d:
         raise UnsupportedError(f"DeLoRA cannot adapt a transformers Conv1D module (GPT-2's, weight stored [in, out]; "
                                f"module on {layers}): PEFT's DeLoRA adapts nn.Linear only, so PEFT could not load the "

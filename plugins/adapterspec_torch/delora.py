@@ -37,13 +37,15 @@ KINDS = ("linear",)
 
 def check(module: nn.Module, kind: str | None, path: str, config: AdapterConfig) -> None:
     """Refuse a quantized Linear: PEFT 0.21 has no quantized DeLoRA layer (its ``w_norm`` would be the norm of the
-    quantized integers).
+    quantized integers), and a ``lambda_pattern`` key this module reaches that does not compile (PEFT's
+    ``get_pattern_key`` raises there).
 
-    :raises UnsupportedError: naming ``path``.
+    :raises UnsupportedError: naming ``path`` (and ``/lambda_pattern/<key>``).
     """
     if kind not in KINDS:
         return
     refuse_quantized(module, path, "DeLoRA")
+    lambda_for(config, path)  # PEFT matches lambda_pattern at every load: a key this module reaches must compile
 
 
 def rank(config: AdapterConfig, path: str) -> int:

@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError
+from ._regex import compile_pattern
+from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnsupportedError
 from .naming import make_key
-from .targets import pattern_value
+from .targets import PatternTable, regex_problem
 
 if TYPE_CHECKING:
     from .checks import TensorInfo
@@ -45,23 +46,74 @@ PEFT_DEFAULT_LAMBDA = 15
 CLAMP = 1e-4
 
 
+def _pointer(field: str, key: Any) -> str:
+    return f"/{field}/" + str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _patterns(config: Mapping[str, Any], field: str) -> Mapping[str, Any]:
+    value = config.get(field)
+    return value if isinstance(value, Mapping) else {}
+
+
 def rank_for(config: Mapping[str, Any], path: str) -> int:
     """The rank of module ``path``: ``rank_pattern``'s first matching key (PEFT's ``get_pattern_key``), else ``r``.
 
-    >>> rank_for({"r": 4, "rank_pattern": {"v_proj": 2}}, "model.layers.0.v_proj")
+    :raises UnsupportedError: the value this module takes from ``rank_pattern`` is below 1 (PEFT's ``update_layer``
+        refuses it there, and only there: a key no module reaches loads), naming ``path`` and
+        ``/rank_pattern/<key>``.
+
+    >>> rank_for({"r": 4, "rank_pattern": {"v_proj": 2, "nothing": 0}}, "model.layers.0.v_proj")
     2
+    >>> rank_for({"r": 4, "rank_pattern": {"v_proj": 0}}, "model.layers.0.v_proj")
+    Traceback (most recent call last):
+    adapterspec.errors.UnsupportedError: /rank_pattern/v_proj: ...
     """
-    r = config.get("r")
-    default = PEFT_DEFAULT_R if r is None else r
-    return int(pattern_value(config.get("rank_pattern"), path, default=default))
+    patterns = _patterns(config, "rank_pattern")
+    index = PatternTable(patterns).index(path)
+    if index is None:
+        r = config.get("r")
+        return PEFT_DEFAULT_R if r is None else int(r)
+    key = list(patterns)[index]
+    value = patterns[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UnsupportedError(f"DeLoRA rank_pattern value {value!r} for module {path!r}: PEFT's layers refuse it (a "
+                               "positive integer rank)", key=path, pointer=_pointer("rank_pattern", key),
+                               hint="give the module a rank of at least 1, or do not target it")
+    return value
+
+
+def _lambda_key(config: Mapping[str, Any], path: str) -> str | None:
+    """The first ``lambda_pattern`` key (file order) with ``re.match(rf"(.*\\.)?({key})$", path)``, tried lazily as
+    PEFT's ``get_pattern_key`` tries them: a key after the one that matched is never compiled (PEFT compiles
+    ``rank_pattern``/``alpha_pattern`` keys for every targeted module, ``lambda_pattern``'s only here)."""
+    for key in _patterns(config, "lambda_pattern"):
+        pattern = rf"(.*\.)?({key})$"
+        problem = regex_problem(pattern)
+        if problem:
+            raise UnsupportedError(f"DeLoRA lambda_pattern key {key!r} is reached by module {path!r} and cannot be "
+                                   f"used: {problem} (PEFT 0.21.2 fails to load where re.match raises)", key=path,
+                                   pointer=_pointer("lambda_pattern", key),
+                                   hint="fix or remove the key (Python re syntax, SPEC.md 4.5)")
+        if compile_pattern(pattern).match(path):
+            return key
+    return None
 
 
 def lambda_for(config: Mapping[str, Any], path: str) -> float:
     """The starting ``delora_lambda`` of a *new* adapter's module ``path``: ``lambda_pattern``'s first matching key,
-    else ``delora_lambda``. A loaded adapter's bound is its stored ``delora_lambda`` tensor, never this."""
+    else ``delora_lambda``. A loaded adapter's bound is its stored ``delora_lambda`` tensor, never this.
+
+    :raises UnsupportedError: a key this module reaches (no earlier key matched) is not a usable regular expression,
+        naming ``path`` and ``/lambda_pattern/<key>`` (PEFT fails the load there, and only there).
+
+    >>> lambda_for({"lambda_pattern": {"q|v": 1, "(": 3}}, "model.v")
+    1.0
+    """
+    key = _lambda_key(config, path)
+    if key is not None:
+        return float(_patterns(config, "lambda_pattern")[key])
     value = config.get("delora_lambda")
-    default = PEFT_DEFAULT_LAMBDA if value is None else value
-    return float(pattern_value(config.get("lambda_pattern"), path, default=default))
+    return float(PEFT_DEFAULT_LAMBDA if value is None else value)
 
 
 def param_shapes(in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
@@ -75,8 +127,8 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     >>> unsupported({"peft_type": "DELORA", "r": 0})[0]
     ('/r', 'DeLoRA with r=0: PEFT refuses it (r must be a positive integer)')
-    >>> unsupported({"peft_type": "DELORA", "rank_pattern": {"q": -1}})[0][0]
-    '/rank_pattern/q'
+    >>> unsupported({"peft_type": "DELORA", "rank_pattern": {"q": -1}})  # refused where a module takes it: rank_for
+    []
     >>> unsupported({"peft_type": "DELORA", "r": 4})
     []
     """
@@ -86,12 +138,6 @@ def unsupported(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     r = config.get("r", PEFT_DEFAULT_R)
     if isinstance(r, int) and not isinstance(r, bool) and r <= 0:
         found.append(("/r", f"DeLoRA with r={r}: PEFT refuses it (r must be a positive integer)"))
-    patterns = config.get("rank_pattern")
-    for key, value in (patterns.items() if isinstance(patterns, Mapping) else ()):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            pointer = "/rank_pattern/" + str(key).replace("~", "~0").replace("/", "~1")
-            found.append((pointer, f"DeLoRA rank_pattern value {value!r}: PEFT's layers refuse it (a positive "
-                                   "integer rank)"))
     lambdas = config.get("lambda_pattern")
     for key, value in (lambdas.items() if isinstance(lambdas, Mapping) else ()):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -129,9 +175,13 @@ def module_errors(config: Mapping[str, Any], module: str, p: Mapping[str, Tensor
         errors.append(_shape(module, "delora_lambda", lam, "must be [1] (one bound per module)"))
     if errors:
         return errors
-    r = rank_for(config, module)
+    try:
+        r = rank_for(config, module)
+        lambda_for(config, module)  # PEFT matches lambda_pattern at every load (a reached bad key fails there)
+    except UnsupportedError as exc:
+        return [exc]
     if a.shape[0] != r:
-        source = "rank_pattern" if pattern_value(config.get("rank_pattern"), module, default=None) is not None else "r"
+        source = "rank_pattern" if PatternTable(_patterns(config, "rank_pattern")).index(module) is not None else "r"
         errors.append(ShapeMismatchError(f"rank {a.shape[0]} disagrees with the config's {source}={r} for module "
                                          f"{module!r}", key=make_key(module, "delora_A"),
                                          hint=f"set {source} to {a.shape[0]} for this module, or save the adapter "

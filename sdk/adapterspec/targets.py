@@ -386,7 +386,6 @@ _REGEX_FIELDS: tuple[tuple[str, str], ...] = (
     ("layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\."),
     ("rank_pattern", r"(.*\.)?({})$"),
     ("alpha_pattern", r"(.*\.)?({})$"),
-    ("lambda_pattern", r"(.*\.)?({})$"),  # DeLoRA (SPEC.md 17.6)
 )
 
 
@@ -399,7 +398,7 @@ def _regexes(config: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             values = [("", value)] if isinstance(value, str) else []  # lists match by plain suffix
         elif isinstance(value, str):
             values = [("", value)]
-        elif isinstance(value, Mapping):  # rank_pattern / alpha_pattern / lambda_pattern: the keys are patterns
+        elif isinstance(value, Mapping):  # rank_pattern / alpha_pattern: the keys are patterns (lambda_pattern: lazy, _delora)
             values = [("/" + k.replace("~", "~0").replace("/", "~1"), k) for k in value if isinstance(k, str)]
         elif isinstance(value, Sequence):
             values = [(f"/{i}", v) for i, v in enumerate(value) if isinstance(v, str)]

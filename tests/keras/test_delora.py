@@ -174,3 +174,37 @@ def test_gpt2_conv1d_is_refused_as_peft_refuses(checkpoints: Any) -> None:
     model = keras_model("gpt2", checkpoints["gpt2"])
     assert_refused_unchanged(model, lambda: adapterspec.inject_adapter(
         model, {"peft_type": "DELORA", "r": 2, "target_modules": ["c_fc"]}), UnsupportedError, "Conv1D")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_unused_zero_rank_and_unreached_bad_lambda_key_load_as_peft(saved: Path, checkpoints: Any,
+                                                                  token_ids: np.ndarray, tmp_path: Path) -> None:
+    """PEFT 0.21.2 loads rank_pattern {"nothing": 0} and a lambda_pattern key that does not compile after one every
+    module matches (get_pattern_key is lazy): Keras loads that folder with PEFT's logits, and starts a new adapter
+    with PEFT's bounds; a key q_proj reaches first, or a zero rank a module takes, is refused naming the entry."""
+    config = json.loads((saved / "adapter_config.json").read_text())
+    lambdas = {"q_proj|v_proj": 3, "down_proj": 5, "(": 1}
+    changed = {**config, "rank_pattern": {"down_proj": 2, "nothing": 0}, "lambda_pattern": lambdas}
+
+    def folder(name: str, cfg: dict[str, Any]) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes((saved / "adapter_model.safetensors").read_bytes())
+        return tmp_path / name
+
+    reference, _ = peft_load_exactly(checkpoints["llama"], folder("ok", changed))
+    expected = torch_logits(reference, token_ids)
+    model = keras_model("llama", checkpoints["llama"])
+    base = keras_logits(model, token_ids)
+    base_torch = torch_logits(hf_model(checkpoints["llama"]), token_ids)
+    for name, cfg, needle in (("late", {**config, "lambda_pattern": {"v_proj": 1, "(": 3}}, "/lambda_pattern/("),
+                              ("zero", {**config, "rank_pattern": {"down_proj": 0}}, "/rank_pattern/down_proj")):
+        where = folder(name, cfg)
+        assert_refused_unchanged(model, lambda w=where: adapterspec.load_adapter(model, w), UnsupportedError, needle)
+    adapterspec.load_adapter(model, tmp_path / "ok")
+    assert_peft_close(keras_logits(model, token_ids), expected, base, base_torch)
+    adapterspec.delete_adapter(model, "default")
+    adapterspec.inject_adapter(model, changed)
+    tensors = adapterspec.read_adapter(adapterspec.save_adapter(model, tmp_path / "new")).load_tensors("numpy")
+    bounds = {k.split(".")[-2]: float(v[0]) for k, v in tensors.items() if k.endswith("delora_lambda")}
+    assert bounds == {"q_proj": 3.0, "v_proj": 3.0, "down_proj": 5.0}  # PEFT's get_pattern_key, first key wins

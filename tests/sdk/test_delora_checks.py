@@ -11,7 +11,7 @@ from adapterspec import AdapterConfig
 from adapterspec._delora import lambda_for, module_errors, rank_for, unsupported
 from adapterspec._rules import unsupported_features
 from adapterspec.checks import TensorInfo
-from adapterspec.errors import ConfigError, MissingTensorError, ShapeMismatchError
+from adapterspec.errors import ConfigError, MissingTensorError, ShapeMismatchError, UnsupportedError
 
 BASE = {"peft_type": "DELORA", "r": 2, "target_modules": ["q_proj"]}
 
@@ -42,7 +42,7 @@ def test_config_forms_peft_loads() -> None:
 
 
 @pytest.mark.parametrize(("fields", "pointer"), [
-    ({"r": 0}, "/r"), ({"rank_pattern": {"v_proj": 0}}, "/rank_pattern/v_proj"), ({"bias": "all"}, "/bias"),
+    ({"r": 0}, "/r"), ({"bias": "all"}, "/bias"),
     ({"bias": "delora_only"}, "/bias"), ({"bias": "lora_only"}, "/bias"),  # PEFT loads any string: not a ConfigError
 ])
 def test_refusals_name_the_field(fields: dict[str, Any], pointer: str) -> None:
@@ -67,3 +67,38 @@ def test_module_checks(shapes: dict[str, tuple[int, ...]], error: type[Exception
         return
     assert errors and isinstance(errors[0], error)
     assert errors[0].key == f"base_model.model.model.layers.0.self_attn.q_proj.{param}"
+
+
+def test_rank_and_lambda_patterns_refused_only_where_a_module_reaches_them() -> None:
+    """PEFT 0.21.2 (probed): rank_pattern {"nothing": 0} loads (update_layer refuses only a rank some layer takes);
+    lambda_pattern keys are matched by get_pattern_key alone, lazily in file order: {"q_proj|v_proj": 1, "(": 3}
+    loads, {"v_proj": 1, "(": 3} fails on q_proj with re.error. rank_pattern keys must all compile (PEFT's warning
+    loop compiles each against every targeted module)."""
+    config = AdapterConfig.from_dict({**BASE, "rank_pattern": {"nothing": 0, "v_proj": -1},
+                                      "lambda_pattern": {"v_proj": 2, "q_proj|v_proj": 1, "(": 3}})
+    assert unsupported_features(dict(config)) == []
+    q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    assert rank_for(config, q) == 2 and lambda_for(config, q) == 1.0 and lambda_for(config, v) == 2.0
+    assert module_errors(config, q, _info()) == []
+    for path, param, pointer in ((v, "rank_pattern", "/rank_pattern/v_proj"),):
+        errors = module_errors(config, path, _info())
+        assert [(type(e), e.key, e.pointer) for e in errors] == [(UnsupportedError, path, pointer)], param
+    late = AdapterConfig.from_dict({**BASE, "lambda_pattern": {"v_proj": 1, "(": 3}})
+    with pytest.raises(UnsupportedError) as info:
+        lambda_for(late, q)
+    assert (info.value.key, info.value.pointer) == (q, "/lambda_pattern/(")
+    assert [(e.key, e.pointer) for e in module_errors(late, q, _info())] == [(q, "/lambda_pattern/(")]
+    assert module_errors(late, v, _info()) == []
+    with pytest.raises(ConfigError) as bad_rank:  # rank_pattern: PEFT compiles every key (its warning loop)
+        AdapterConfig.from_dict({**BASE, "rank_pattern": {"q_proj": 2, "(": 3}})
+    assert bad_rank.value.pointer == "/rank_pattern/("
+
+
+@pytest.mark.parametrize("layers_pattern", [None, [], ""])
+def test_string_target_modules_with_an_empty_layers_pattern_is_valid(layers_pattern: Any) -> None:
+    """PEFT's DeloraConfig refuses layers_to_transform with a string target_modules, and a non-empty layers_pattern
+    without layers_to_transform; it loads {"target_modules": ".*q_proj", "layers_pattern": []} (or "")."""
+    AdapterConfig.from_dict({**BASE, "target_modules": ".*q_proj", "layers_pattern": layers_pattern})
+    for bad in ({"layers_pattern": ["layers"]}, {"layers_to_transform": [0]}):
+        with pytest.raises(ConfigError):
+            AdapterConfig.from_dict({**BASE, "target_modules": ".*q_proj", **bad})

@@ -258,6 +258,8 @@ def test_refusals_are_typed_and_change_nothing(saved: tuple[Any, Path], llama: A
          "delora_lambda"),
         ("bias", {**config, "bias": "delora_only"}, tensors, UnsupportedError, "/bias"),
         ("r0", {**config, "rank_pattern": {"down_proj": 0}}, tensors, UnsupportedError, "/rank_pattern/down_proj"),
+        ("lambda-key", {**config, "lambda_pattern": {"v_proj": 1, "(": 3}}, tensors, UnsupportedError,
+         "/lambda_pattern/("),  # q_proj reaches "(": PEFT's get_pattern_key raises re.error there
     ]
     for name, cfg, changed, error, needle in cases:
         where = _folder(tmp_path, name, cfg, changed)
@@ -277,6 +279,37 @@ def test_refusals_are_typed_and_change_nothing(saved: tuple[Any, Path], llama: A
             adapterspec.inject_adapter(model, {"peft_type": "DELORA", "r": 2, "target_modules": [target]})
         assert refused.value.key is not None and refused.value.key.endswith(target)
         assert_same_snapshot(model, before)
+
+
+def test_unused_zero_rank_and_unreached_bad_lambda_key_load_as_peft(llama: Any, token_inputs: Any,
+                                                                  tmp_path: Path) -> None:
+    """PEFT 0.21.2 loads rank_pattern {"nothing": 0} (update_layer refuses only a rank a layer takes) and a
+    lambda_pattern key that does not compile after one matching every module (get_pattern_key is lazy; PEFT's save
+    sorts the keys, so the file is written back in the in-memory order as PEFT's load reads it): same logits,
+    and a new adapter starts with PEFT's bounds."""
+    from peft import PeftModel
+
+    lambdas = {"q_proj|v_proj": 3, "down_proj": 5, "(": 1}
+    config = _config(rank_pattern={"down_proj": 2, "nothing": 0}, lambda_pattern=lambdas)
+    reference = peft_reference(llama, config, tmp_path / "peft", fill=_fill)
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"lambda_pattern": lambdas}))
+    expected = logits(reference, token_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(logits(PeftModel.from_pretrained(fresh(llama), str(tmp_path / "peft")).eval(), token_inputs),
+                     expected, atol=0)
+    assert adapterspec.validate_adapter(tmp_path / "peft") == []
+    model = fresh(llama)
+    adapterspec.load_adapter(model, tmp_path / "peft")
+    assert_close(logits(model, token_inputs), expected)
+    new = fresh(llama)
+    adapterspec.inject_adapter(new, json.loads(config_path.read_text()))
+    theirs = peft.get_peft_model(fresh(llama), _config(rank_pattern={"down_proj": 2, "nothing": 0},
+                                                       lambda_pattern=lambdas))
+    bounds = {k.replace(".default", ""): float(v) for k, v in theirs.state_dict().items() if "delora_lambda" in k}
+    ours = {k: float(v) for k, v in new.state_dict().items() if "delora_lambda" in k}
+    assert sorted(bounds.values()) == sorted(ours.values()) and set(bounds.values()) == {3.0, 5.0}
 
 
 def test_reference_equals_peft_float64() -> None:
