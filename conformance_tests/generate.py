@@ -1452,7 +1452,18 @@ def _delora_folders() -> None:
           "naming /bias", de | {"bias": "delora_only"}, tensors, valid=False, error="UnsupportedError", pointer="/bias")
     plain("delora-rank-pattern-zero", "a rank_pattern value of 0: PEFT's layers refuse it, UnsupportedError naming "
           "the entry", de | {"rank_pattern": {"v_proj": 0}}, tensors, valid=False, error="UnsupportedError",
-          pointer="/rank_pattern/v_proj")
+          pointer="/rank_pattern/v_proj", key="model.layers.0.self_attn.v_proj")
+    plain("delora-rank-pattern-zero-unused", "SPEC 17.6: a rank_pattern value of 0 no module takes loads (PEFT's "
+          "update_layer refuses only a rank a layer uses; its config checks r alone)",
+          de | {"rank_pattern": {"nothing": 0}}, tensors, valid=True)
+    plain("delora-lambda-pattern-unreached-bad-key", "SPEC 4.2 rule 1, 17.6: lambda_pattern keys are tried in the "
+          "file's order and compiled only when a module reaches them (PEFT's get_pattern_key): '(' after "
+          "'q_proj|v_proj', which every module matches, loads", de | {"lambda_pattern": {"q_proj|v_proj": 3, "(": 1}},
+          tensors, valid=True)
+    plain("delora-lambda-pattern-reached-bad-key", "SPEC 4.2 rule 1, 17.6: a lambda_pattern key that does not compile, "
+          "reached by q_proj ('v_proj' first matches only v_proj): PEFT's re.match raises there, UnsupportedError "
+          "naming the module and the key", de | {"lambda_pattern": {"v_proj": 1, "(": 3}}, tensors, valid=False,
+          error="UnsupportedError", pointer="/lambda_pattern/(", key="model.layers.0.self_attn.q_proj")
     plain("delora-rank-mismatch", "delora_A's first axis is the module's rank (r, or rank_pattern's)",
           de | {"rank_pattern": {"v_proj": 3}}, tensors, valid=False, error="ShapeMismatchError", key=f"{V}.delora_A")
     plain("delora-b-transposed", "delora_B is [out, r]: one saved [r, out] does not share delora_A's rank axis", de,
@@ -1690,6 +1701,12 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
         ("delora-rank-pattern-null", "DeLoRA's rank_pattern is an object (PEFT 0.21.2 calls .keys() on it: null fails)",
          {"peft_type": "DELORA", "r": 4, "rank_pattern": None, "target_modules": ["q_proj"]}, False,
          "/rank_pattern", None),
+        ("config-delora-regex-empty-layers-pattern", "DeLoRA: a string target_modules needs only layers_to_transform "
+         "null (PEFT's DeloraConfig); an empty layers_pattern loads", {"peft_type": "DELORA", "r": 4,
+         "target_modules": ".*q_proj", "layers_pattern": []}, True, None, None),
+        ("delora-regex-layers-pattern", "DeLoRA: a non-empty layers_pattern with a string target_modules is refused "
+         "(it needs layers_to_transform, which must be null then)", {"peft_type": "DELORA", "r": 4,
+         "target_modules": ".*q_proj", "layers_pattern": "layers"}, False, "", None),
         ("delora-module-dropout-above-one", "DeLoRA's module_dropout is a probability (PEFT's nn.Dropout raises above 1)",
          {"peft_type": "DELORA", "r": 4, "module_dropout": 1.5, "target_modules": ["q_proj"]}, False,
          "/module_dropout", None),
