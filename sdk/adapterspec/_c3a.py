@@ -14,12 +14,13 @@ matches it). Block ``(i, j)`` of the layer's ``[out, in]`` update is the circula
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterSpecError, MissingTensorError, ShapeMismatchError, UnsupportedError
+from ._regex import compile_pattern
 from .naming import make_key
+from .targets import regex_problem
 
 if TYPE_CHECKING:
     from .checks import TensorInfo
@@ -47,16 +48,20 @@ def _matches(key: str, path: str) -> bool:
     """PEFT's ``re.match(rf".*\\.{key}$", path)``: the key spliced in without a group (``q|v`` reads ``.*\\.q`` or
     ``v$``; ``?proj`` and ``*`` compile spliced).
 
+    Matched in linear time (SPEC.md 11.5), as every config pattern: a key is attacker-controlled text.
+
     :raises UnsupportedError: the spliced pattern does not compile (PEFT's ``re.match`` raises ``re.error`` when a
-        module reaches the key), naming ``path`` and ``/block_size_pattern``.
+        module reaches the key) or uses what has no linear-time match (a backreference), naming ``path`` and
+        ``/block_size_pattern``.
     """
-    try:
-        return re.match(rf".*\.{key}$", path) is not None
-    except re.error as exc:
-        raise UnsupportedError(f"C3A block_size_pattern key {key!r} is reached by this module and is not a regular "
-                               f"expression once spliced into PEFT's '.*\\.<key>$' ({exc}): PEFT 0.21.2 fails to "
-                               "load", key=path, pointer="/block_size_pattern",
-                               hint="fix or remove the key (Python re syntax)") from None
+    pattern = rf".*\.{key}$"
+    problem = regex_problem(pattern)
+    if problem:
+        raise UnsupportedError(f"C3A block_size_pattern key {key!r} is reached by this module and cannot be used once "
+                               f"spliced into PEFT's '.*\\.<key>$': {problem} (PEFT 0.21.2 fails to load where "
+                               "re.match raises)", key=path, pointer="/block_size_pattern",
+                               hint="fix or remove the key (Python re syntax, SPEC.md 4.5)")
+    return compile_pattern(pattern).match(path)
 
 
 def _source(config: Mapping[str, Any], path: str) -> tuple[int, str]:

@@ -420,3 +420,21 @@ def test_regex_bombs_through_torch_inject_and_load(tmp_path: Path) -> None:
     assert adapterspec.read_adapter(tmp_path / "a").tensors[
         f"base_model.model.{name}.q_proj.lora_A.weight"].shape == (2, 3)  # the bomb matched no module: r
     STATS.count("regex-budget", 3)
+
+
+@pytest.mark.parametrize(("field", "wrap"), [("block_size_pattern", "C3A"), ("lambda_pattern", "DELORA")])
+def test_regex_bombs_as_lazily_matched_pattern_keys_finish(field: str, wrap: str) -> None:
+    """C3A's ``block_size_pattern`` and DeLoRA's ``lambda_pattern`` keys are matched only where a module reaches them
+    (PEFT's lazy ``re.match``), outside the config check's regex pass: each bomb as a key, on every path it backtracks
+    on, finishes (``re`` took 2.6 s on an 18-character path for ``(.|.|.)*Z`` and ran past 60 s on a module name)."""
+    from adapterspec import _c3a, _delora
+
+    outcomes = []
+    for label, bomb in {**REGEX_BOMBS, "alternation star": "(.|.|.)*Z"}.items():
+        config = {"peft_type": wrap, field: {bomb: 2}}
+        call = _c3a.block_size_for if wrap == "C3A" else _delora.lambda_for
+        for path in BOMB_PATHS:
+            outcomes.append(probe(f"{field} {label}", lambda c=config, p=path: call(c, p), seconds=5))
+    expect_clean(outcomes)
+    assert all(o.kind == "ok" for o in outcomes), [o for o in outcomes if o.kind != "ok"][:3]
+    STATS.count("regex-budget", len(outcomes))
