@@ -1204,8 +1204,10 @@ class AdapterLayer(nn.Module):
                 else:
                     delta_out = F.linear(x_in, delta)
                 result = result + delta_out
-        if all(self._specs[n].method in _LYCORIS or self._specs[n].granular is not None for n in additive):
-            result_dtype = previous_dtype  # PEFT's LoHa/LoKr layers cast back to the input's dtype, LoRA's to the base's
+        if all(self._specs[n].method in _LYCORIS or self._specs[n].granular is not None
+               or self._specs[n].method in delora.METHODS for n in additive):
+            result_dtype = previous_dtype  # PEFT's LoHa/LoKr/GraLoRA/DeLoRA layers cast back to the input's dtype, LoRA's
+            # to the base's (they differ under autocast: a float32 input, a bfloat16 base output)
         return result.to(result_dtype)
 
     def _tensor(self, out: Any) -> torch.Tensor:
