@@ -891,7 +891,9 @@ class AdapterLayer:
         if granular:
             return self._apply_gralora(piece, granular, x, result)
         self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
-        for name, slot in self._running():
+        running = self._running()
+        deloras = [slot for _, slot in running if slot.method in delora.METHODS]
+        for name, slot in running:
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
                 continue
@@ -906,7 +908,11 @@ class AdapterLayer:
             if slot.method in adalora.METHODS:
                 result = self._apply_adalora(piece, slot, x, result)
                 continue
-            if slot.method in vera.METHODS or slot.method in vblora.METHODS or slot.method in delora.METHODS:
+            if slot.method in delora.METHODS:
+                if slot is deloras[0]:  # PEFT sums a layer's DeLoRA terms in the output's dtype, then adds them once
+                    result = self._apply_delora(piece, deloras, x, result)
+                continue
+            if slot.method in vera.METHODS or slot.method in vblora.METHODS:
                 result = self._apply_vera(piece, slot, x, result)
                 continue
             if slot.road_settings is not None:  # RoAd rotates the output
@@ -1088,6 +1094,25 @@ class AdapterLayer:
             x = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
         part = _ops.expand_out(piece, _ops.contract_in(piece, x, a), b)
         return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+
+    def _apply_delora(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
+        """DeLoRA unmerged (the torch backend's ``delora.output``, PEFT's ``DeloraLinear.forward``): each running
+        adapter's term (through the VeRA views: ``w_norm`` and the bound folded into the factors) added in the active
+        order into a zero tensor of the output's dtype, rounded to it at each step (PEFT's ``add_out += h``), then
+        added to the base output once; a float32 adapter on a half-precision layer computes its term in float32."""
+        out_dtype = result.dtype
+        add = ops.zeros_like(result)
+        for slot in slots:
+            dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
+                next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+            a, b = self._vera_views(piece, slot, dtype)
+            xs = ops.cast(x, dtype)
+            if slot.dropout > 0 and _training():
+                assert slot.bank is not None
+                xs = keras.random.dropout(xs, slot.dropout, seed=slot.bank.seed)
+            part = _ops.expand_out(piece, _ops.contract_in(piece, xs, a), b)
+            add = ops.cast(ops.cast(add, dtype) + part, out_dtype)
+        return result + add
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
         """The piece's ``[n_in, n_out]`` share of a LoHa/LoKr ``ΔW`` (computed ``[out, in]`` over the module;
