@@ -41,7 +41,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "gralora-exclude-modules-unknown", "gralora-k-not-dividing",  # SPEC 17.5
                     "delora-valid", "delora-init-weights-null", "delora-bias", "delora-rank-pattern-zero",  # SPEC 17.6
                     "delora-rank-mismatch", "delora-b-transposed", "delora-w-norm-missing", "delora-w-norm-shape",
-                    "delora-lambda-shape"}
+                    "delora-lambda-shape",
+                    "beft-valid", "beft-init-weights-null", "beft-bias-flat", "beft-bias-two-rows"}  # SPEC 17.8
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -62,8 +63,9 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # VB-LoRA: 2 numeric, 2 round trips, 13 folders; C3A (SPEC 17.7): 3 schema, 2 numeric, 2 round trips, 6 folders;
     # GraLoRA (SPEC 17.5): 2 schema, 3 numeric, 3 round trips, 7 folders; then the gaps of a GraLoRA written from
     # SPEC 17.5 alone: 2 schema, 1 numeric (bf16), 1 round trip, 3 folders
-    # DeLoRA (SPEC 17.6): 4 schema, 3 numeric, 3 round trips, 9 folders
-    assert len(core) == 302 and len(corpus.cases) == 540
+    # DeLoRA (SPEC 17.6): 4 schema, 3 numeric, 3 round trips, 9 folders; BEFT (SPEC 17.8): 3 schema, 2 numeric,
+    # 2 round trips, 4 folders
+    assert len(core) == 305 and len(corpus.cases) == 551
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles
