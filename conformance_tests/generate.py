@@ -533,6 +533,33 @@ def _c3a_cases() -> None:
             float64_tolerance=1e-6)
 
 
+def _beft_cases() -> None:
+    """BEFT (SPEC.md 17.8): the layer's bias plus beft_bias (a zero bias where the layer has none)."""
+    numeric("beft-linear-f32", "BEFT on two Linear layers (8->6 with bias, 6->4 without): y = x W^T + b + "
+            "beft_bias.flatten() (beft_bias [1, out]; b zero where the layer has none)", "BEFT", "linear", "float32",
+            {"a": linear(8, 6), "b": linear(6, 4, bias=False)}, {"peft_type": "BEFT", "target_modules": ["a", "b"]},
+            [])
+    numeric("beft-linear-f16", "BEFT on a Linear 8->6 with bias in float16 (PEFT reads the float16 beft_bias as "
+            "float32, autocast_adapter_dtype, adds it to the float16 output and rounds the sum to float16)", "BEFT",
+            "linear", "float16", {"layer": linear(8, 6)},
+            {"peft_type": "BEFT", "init_weights": None, "target_modules": ["layer"]}, ["null"])
+
+
+def _beft_folders() -> None:
+    """BEFT (SPEC.md 17.8): beft_bias [1, out] per adapted module; what readers refuse before any model is involved."""
+    be = {"peft_type": "BEFT", "target_modules": ["q_proj", "v_proj"]}
+    tensors = {f"{Q}.beft_bias": det((1, 8), 1).astype(np.float32), f"{V}.beft_bias": det((1, 4), 2).astype(np.float32)}
+    plain("beft-valid", "BEFT: beft_bias [1, out] per adapted Linear layer", be, tensors, valid=True)
+    plain("beft-init-weights-null", "SPEC 4.1, 17.8: BEFT's init_weights may be null (PEFT's truth test: a new "
+          "adapter keeps its standard-normal draw)", be | {"init_weights": None}, tensors, valid=True)
+    plain("beft-bias-flat", "beft_bias is [1, out]: a flat [out] vector is refused", be,
+          tensors | {f"{V}.beft_bias": det((4,), 2).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{V}.beft_bias")
+    plain("beft-bias-two-rows", "beft_bias is [1, out]: one row per module, not [2, out]", be,
+          tensors | {f"{Q}.beft_bias": det((2, 8), 1).astype(np.float32)}, valid=False, error="ShapeMismatchError",
+          key=f"{Q}.beft_bias")
+
+
 def _c3a_folders() -> None:
     """C3A (SPEC.md 17.7): c3a_kernel [out/b, in/b, b]; what readers refuse, with and without the model."""
     c3a = {"peft_type": "C3A", "block_size": 4, "target_modules": ["q_proj", "v_proj"]}
@@ -768,6 +795,7 @@ def generate_numeric() -> list[dict[str, Any]]:
     _c3a_cases()
     _gralora_cases()
     _delora_cases()
+    _beft_cases()
     _moe_cases()
     _ln_tuning_cases()
     _target_parameters_cases()
@@ -1090,6 +1118,7 @@ def generate_folders() -> list[dict[str, Any]]:
     _c3a_folders()
     _gralora_folders()
     _delora_folders()
+    _beft_folders()
     _velora_folders()
     _init_folders()
     _manifest_examples()
@@ -1692,6 +1721,12 @@ SCHEMA_EXTRA: dict[str, list[tuple[str, str, Any, bool, str | None, str | None]]
          {"peft_type": "LN_TUNING", "target_modules": None}, True, None, None),
         ("hra-recognised", "HRA is recognised (portable since spec 1.2, SPEC.md 17.3): its config is valid",
          {"peft_type": "HRA", "r": 4, "apply_GS": True, "target_modules": ["q_proj"]}, True, None, None),
+        ("beft-recognised", "BEFT is recognised (portable since spec 1.2, SPEC.md 17.8): its config is valid",
+         {"peft_type": "BEFT", "init_weights": False, "target_modules": ["v_proj"]}, True, None, None),
+        ("config-beft-init-weights-null", "BEFT's init_weights may be null (PEFT's truth test: null acts as false, "
+         "SPEC 4.1)", {"peft_type": "BEFT", "init_weights": None, "target_modules": ["v_proj"]}, True, None, None),
+        ("beft-init-weights-string", "BEFT's init_weights is a boolean (or null)",
+         {"peft_type": "BEFT", "init_weights": "zeros", "target_modules": ["v_proj"]}, False, "/init_weights", None),
         ("delora-recognised", "DeLoRA is recognised (portable since spec 1.2, SPEC.md 17.6): its config is valid",
          {"peft_type": "DELORA", "r": 4, "delora_lambda": 2.5, "lambda_pattern": {"v_proj": 3},
           "target_modules": ["q_proj", "v_proj"]}, True, None, None),
@@ -1875,7 +1910,7 @@ def _folder_in_core(entry: dict[str, Any]) -> bool:
         return True  # invalid JSON, or a manifest folder without a root adapter: rules every reader applies
     return not (config.get("peft_type") in ("LOHA", "LOKR", "PREFIX_TUNING", "PROMPT_TUNING", "OFT", "BOFT",
                                             "P_TUNING", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                                            "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA")
+                                            "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA", "BEFT")
                 or config.get("use_dora"))
 
 

@@ -43,7 +43,7 @@ from adapterspec._mix import SAVED_WHOLE, TOKEN_ROWS, Running
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import adalora, c3a, delora, gralora, hra, miss, oft, road, vblora, vera
+from . import adalora, beft, c3a, delora, gralora, hra, miss, oft, road, vblora, vera
 from ._keys import adapter_of, slot
 from .computed import check_writable, copy_module, current, store
 from .devices import UPCAST_DTYPES, adapter_target_of, as_dtype
@@ -79,6 +79,7 @@ _SUPPORTED = {
     "C3A": c3a.KINDS,  # SPEC.md 17.7
     "GRALORA": gralora.KINDS,  # SPEC.md 17.5
     "DELORA": delora.KINDS,  # SPEC.md 17.6
+    "BEFT": beft.KINDS,  # SPEC.md 17.8
 }
 
 
@@ -331,6 +332,8 @@ def param_shapes(module: nn.Module, config: AdapterConfig, path: str, *,
         return gralora.shapes(module, kind, config, path)
     if method in delora.METHODS:
         return delora.shapes(module, config, path)
+    if method in beft.METHODS:
+        return beft.shapes(module, config, path)
     shape = weight_shape(module, kind)
     effective = _effective_kernel(module, kind, config)
     if method == "LOHA":
@@ -380,7 +383,7 @@ def _effective_kernel(module: nn.Module, kind: str | None, config: AdapterConfig
 def _writes_bias(spec: _Spec) -> bool:
     """Whether merging ``spec``'s adapter writes the base layer's bias (IA3 on outputs, LoRA's ``lora_bias``)."""
     return (spec.method == "IA3" and not spec.feedforward) or (spec.method == "LORA" and spec.lora_bias) \
-        or spec.road_settings is not None
+        or spec.road_settings is not None or spec.method in beft.METHODS
 
 
 #: The LyCORIS methods, whose training forward has PEFT's rank and module dropout.
@@ -852,6 +855,8 @@ class AdapterLayer(nn.Module):
         elif spec.method in delora.METHODS:
             with onloaded(self._modules["base_layer"]):  # w_norm reads the base weight (accelerate's, offloaded)
                 delora.initialise(p, _weight(self._modules["base_layer"]), config, self._path)
+        elif spec.method in beft.METHODS:  # SPEC.md 17.8: rounded through the base weight's dtype as PEFT's
+            beft.initialise(p, self._modules["base_layer"]._parameters.get("weight"), config)
         elif spec.method == "LOKR":
             init = config.get("init_weights", True)
             for tensor in p.values():
@@ -1164,9 +1169,13 @@ class AdapterLayer(nn.Module):
             return result
         result_dtype = result.dtype
         deloras = [n for n in additive if self._specs[n].method in delora.METHODS]
+        befts = [n for n in additive if self._specs[n].method in beft.METHODS]
         for n in additive:
             spec = self._specs[n]
-            if spec.method in delora.METHODS:
+            if spec.method in beft.METHODS:
+                if n == befts[0]:  # SPEC.md 17.8: PEFT sums a layer's BEFT biases, then adds them once
+                    result = beft.output([self._param(b, beft.PARAM) for b in befts], result)
+            elif spec.method in delora.METHODS:
                 if n == deloras[0]:  # PEFT sums a layer's DeLoRA terms in the output's dtype, then adds them once
                     result = delora.output([(self._params_of(d), self._specs[d].r, self._specs[d].dropout)
                                             for d in deloras], x, result, self.training)
@@ -1469,6 +1478,8 @@ class AdapterLayer(nn.Module):
             if spec.method == "LORA" and spec.lora_bias and base.bias is None:
                 raise UnsupportedError("lora_bias cannot be merged: the base layer has no bias",
                                        key=name, hint="keep the adapter unmerged")
+            if spec.method in beft.METHODS:
+                beft.check_merge(base, self._path or name)
 
     def merge(self, names: Sequence[str]) -> None:
         """Add the deltas of ``names`` into the base weight in place (DoRA rescales by ``m / ||W + dW||``,
@@ -1499,6 +1510,8 @@ class AdapterLayer(nn.Module):
                     hra.merge(weight, spec.reflections, self._param(name, hra.PARAM))
                 elif spec.circulant:
                     c3a.merge(weight, self._param(name, c3a.PARAM))
+                elif spec.method in beft.METHODS:  # SPEC.md 17.8: the bias only
+                    beft.merge(bias, self._param(name, beft.PARAM))
                 elif spec.method == TOKENS:
                     tied = spec.source is not None and spec.source.base_layer.weight is weight
                     if not tied:  # a tied layer's rows are in the shared weight once its source merged them
@@ -1549,6 +1562,8 @@ class AdapterLayer(nn.Module):
                     hra.unmerge(weight, spec.reflections, self._param(name, hra.PARAM))
                 elif spec.circulant:
                     c3a.unmerge(weight, self._param(name, c3a.PARAM))
+                elif spec.method in beft.METHODS:
+                    beft.unmerge(bias, self._param(name, beft.PARAM))
                 elif spec.method == TOKENS:
                     rows = self._caches.pop(f"{name}-rows", None)
                     if rows is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import _miss as miss_facts
-from . import _c3a, _delora, _gralora, _vblora
+from . import _beft, _c3a, _delora, _gralora, _vblora
 from ._adalora import stored_rank
 from ._hra import PARAM as HRA_PARAM
 from ._hra import rank as hra_rank
@@ -538,4 +538,5 @@ METHOD_CHECKS: Mapping[str, Callable[[AdapterConfig, str, Params], Errors]] = {
     "C3A": _c3a.module_errors,  # SPEC.md 17.7
     "GRALORA": _gralora.module_errors,  # SPEC.md 17.5
     "DELORA": _delora.module_errors,  # SPEC.md 17.6
+    "BEFT": _beft.module_errors,  # SPEC.md 17.8
 }

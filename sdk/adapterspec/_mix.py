@@ -28,12 +28,13 @@ SAVED_WHOLE = "MODULES_TO_SAVE"
 TOKEN_ROWS = "TRAINABLE_TOKENS"
 
 _NAMES = {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "ROAD": "RoAd",
-          "MISS": "MiSS", "VBLORA": "VB-LoRA", "GRALORA": "GraLoRA", "DELORA": "DeLoRA", "C3A": "C3A",
+          "MISS": "MiSS", "VBLORA": "VB-LoRA", "GRALORA": "GraLoRA", "DELORA": "DeLoRA", "C3A": "C3A", "BEFT": "BEFT",
           SAVED_WHOLE: "modules_to_save", TOKEN_ROWS: "trainable-tokens"}
 _ROTATIONS = ("OFT", "BOFT", "ROAD", "HRA")  # rotations: PEFT holds one method per layer, no PeftMixedModel
 _ALONE = ("MISS", "GRALORA", "C3A")  # methods PEFT runs on no layer with another method (SPEC.md 17.2, 17.5, 17.7)
 _SINGLE = ("C3A",)  # methods whose PEFT forward chains two adapters of the method on one layer (SPEC.md 17.7)
-_ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA", "DELORA")  # methods that add a term to the layer's output
+_ADDED = ("LORA", "LOHA", "LOKR", "ADALORA", "VERA", "VBLORA", "DELORA",
+          "BEFT")  # methods that add a term to the layer's output (BEFT: a bias, SPEC.md 17.8)
 
 
 class Running(NamedTuple):
@@ -70,7 +71,8 @@ def mix_refusal(path: str, running: Sequence[Running]) -> UnsupportedError | Non
       and differs from its merged one (and fails where the layer's input and output sizes differ);
     * IA3 with another method: PEFT's ``PeftModel`` refuses adapters of different methods and its
       ``PeftMixedModel`` takes no IA3 (no defined result: a merge in one order differed from the unmerged output);
-    * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA, VB-LoRA, DeLoRA): DoRA rescales what ran
+    * DoRA with another method that adds a term (LoHa, LoKr, AdaLoRA, VeRA, VB-LoRA, DeLoRA,
+      BEFT): DoRA rescales what ran
       before it on the layer, and PEFT's ``PeftMixedModel`` nests its layers in load order and merges the outermost first, so its
       unmerged result depends on the load order and its merged one differs from it (LoRA and DoRA adapters together
       are one PEFT layer, applied in the active order: allowed);

@@ -49,6 +49,7 @@ PORTABLE_METHODS = frozenset({
     "GRALORA",  # SPEC.md 17.5
     "DELORA",  # SPEC.md 17.6
     "C3A",  # SPEC.md 17.7
+    "BEFT",  # SPEC.md 17.8
 })
 
 

@@ -66,6 +66,7 @@ PARAMETERS: Mapping[str, tuple[str, ...]] = {
     "GRALORA": _gralora.PARAMETERS,  # SPEC.md 17.5
     "C3A": ("c3a_kernel",),  # SPEC.md 17.7
     "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),  # SPEC.md 17.6 (_delora.PARAMETERS)
+    "BEFT": ("beft_bias",),  # SPEC.md 17.8 (_beft.PARAMETERS)
     "PREFIX_TUNING": (),
     "PROMPT_TUNING": (),
     "P_TUNING": (),

@@ -38,7 +38,8 @@ PORTABLE = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR",
             "ROAD", "MISS", "HRA", "VBLORA",  # SPEC.md 17
             "GRALORA",  # SPEC.md 17.5
             "DELORA",  # SPEC.md 17.6
-            "C3A")  # SPEC.md 17.7
+            "C3A",  # SPEC.md 17.7
+            "BEFT")  # SPEC.md 17.8
 #: Fields of every config: top-level properties of the schema, not repeated per method.
 COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
           "auto_mapping", "modules_to_save"}
@@ -61,6 +62,7 @@ DEFAULT_TABLES = {
     ("GRALORA", "target_modules"): "TRANSFORMERS_MODELS_TO_GRALORA_TARGET_MODULES_MAPPING",
     ("C3A", "target_modules"): "TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING",
     ("DELORA", "target_modules"): "TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING",
+    ("BEFT", "target_modules"): "TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING",
 }
 
 

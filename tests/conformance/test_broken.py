@@ -47,7 +47,8 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
                                  "hra-linear-f16")} | {
         "numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32",  # HRA, VB-LoRA: no alpha
         "numeric/c3a-linear-f32", "numeric/c3a-linear-f16"} | {  # nor C3A (SPEC 17.7)
-        f"numeric/delora-linear{i}" for i in ("-f32", "-null-init-f32", "-f16")}  # nor DeLoRA (SPEC 17.6)
+        f"numeric/delora-linear{i}" for i in ("-f32", "-null-init-f32", "-f16")} | {  # nor DeLoRA (SPEC 17.6)
+        "numeric/beft-linear-f32", "numeric/beft-linear-f16"}  # nor BEFT (SPEC 17.8)
 
 
 def test_accepting_a_truncated_file_fails_that_case(corpus: Corpus) -> None:

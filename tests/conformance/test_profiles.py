@@ -42,7 +42,8 @@ NOT_CORE_FOLDERS = {"dora", "dora-without-magnitude", "lora-init-mica-dora", "lo
                     "delora-valid", "delora-init-weights-null", "delora-bias", "delora-rank-pattern-zero",  # SPEC 17.6
                     "delora-rank-mismatch", "delora-b-transposed", "delora-w-norm-missing", "delora-w-norm-shape",
                     "delora-lambda-shape", "delora-rank-pattern-zero-unused", "delora-lambda-pattern-unreached-bad-key",
-                    "delora-lambda-pattern-reached-bad-key"}
+                    "delora-lambda-pattern-reached-bad-key",
+                    "beft-valid", "beft-init-weights-null", "beft-bias-flat", "beft-bias-two-rows"}  # SPEC 17.8
 
 
 def test_every_case_names_its_profiles(corpus: Corpus) -> None:
@@ -66,7 +67,8 @@ def test_every_case_names_its_profiles(corpus: Corpus) -> None:
     # SPEC 17.5 alone: 2 schema, 1 numeric (bf16), 1 round trip, 3 folders
     # DeLoRA (SPEC 17.6): 4 schema, 3 numeric, 3 round trips, 9 folders; then the gaps of a DeLoRA written from
     # SPEC 17.6 alone: 2 schema (string target_modules with layers_pattern), 3 folders (rank 0 unused, lambda keys)
-    assert len(core) == 304 and len(corpus.cases) == 551
+    # BEFT (SPEC 17.8): 3 schema, 2 numeric, 2 round trips, 4 folders
+    assert len(core) == 307 and len(corpus.cases) == 562
     for case in corpus.cases:
         if isinstance(case, RoundtripCase):
             assert case.source is not None and case.profiles == case.source.profiles

@@ -29,7 +29,8 @@ PORTABLE = {"LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LOHA", "LOKR", "OF
             "ROAD", "MISS", "HRA", "VBLORA",
             "GRALORA",  # SPEC.md 17.5
             "DELORA",  # SPEC.md 17.6
-            "C3A"}  # SPEC.md 17.7
+            "C3A",
+            "BEFT"}  # SPEC.md 17.8  # SPEC.md 17.7
 #: The few PEFT configs that need arguments: their __post_init__ refuses the defaults, or (prefix and prompt
 #: tuning, spec-required) PEFT cannot build the adapter without num_virtual_tokens (the tensor's shape).
 REQUIRED_ARGS: dict[str, dict[str, Any]] = {"ADALORA": {"total_step": 100}, "CPT": {"task_type": "CAUSAL_LM"},

@@ -14,6 +14,7 @@ IA3, IA3_B = Running("i", "IA3"), Running("j", "IA3")
 OFT, BOFT = Running("o", "OFT"), Running("b", "BOFT")
 VBLORA, VBLORA_B = Running("vb", "VBLORA"), Running("vc", "VBLORA")  # SPEC.md 17.4: an added term, as VeRA
 DELORA, DELORA_B = Running("de", "DELORA"), Running("df", "DELORA")  # SPEC.md 17.6: an added term too
+BEFT, BEFT_B = Running("be", "BEFT"), Running("bf", "BEFT")  # SPEC.md 17.8: an added bias
 
 
 @pytest.mark.parametrize(("first", "second", "needle"), [
@@ -39,6 +40,10 @@ DELORA, DELORA_B = Running("de", "DELORA"), Running("df", "DELORA")  # SPEC.md 1
     (DELORA, BOFT, "BOFT adapters \\['b'\\] cannot run together with \\['de'\\]"),
     (DELORA, Running("hr", "HRA"), "HRA adapters \\['hr'\\] cannot run together with \\['de'\\]"),
     (DELORA, Running("m", "MISS"), "MiSS adapter 'm' cannot run together with DeLoRA adapter 'de'"),
+    (DORA, BEFT, "DoRA adapter 'd' cannot run together with BEFT adapter 'be'"),
+    (BEFT, IA3, "IA3 adapter 'i' cannot run together with BEFT adapter 'be'"),
+    (BEFT, Running("r", "ROAD"), "ROAD adapters \\['r'\\] cannot run together with \\['be'\\]"),
+    (BEFT, Running("c", "C3A"), "C3A adapter 'c' cannot run together with BEFT adapter 'be'"),
     (Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(11, 7, 5)), "rows \\[5, 7\\]"),
 ])
 def test_refused_in_either_order_naming_the_module(first: Running, second: Running, needle: str) -> None:
@@ -53,6 +58,7 @@ def test_refused_in_either_order_naming_the_module(first: Running, second: Runni
     [LORA, DORA], [DORA, LORA], [LORA, LOHA, LOKR, ADALORA, VERA], [IA3, IA3_B],
     [VBLORA, VBLORA_B], [VBLORA, LORA, LOHA, LOKR, ADALORA, VERA], [LORA, VBLORA], [OFT, Running("o2", "OFT")],
     [DELORA, DELORA_B], [DELORA, LORA, LOHA, LOKR, ADALORA, VERA, VBLORA],
+    [BEFT, BEFT_B], [BEFT, LORA, LOHA, LOKR, ADALORA, VERA, VBLORA, DELORA],
     [Running("t", TOKEN_ROWS, rows=(1, 5, 7)), Running("u", TOKEN_ROWS, rows=(2, 9))],
     [Running("t", TOKEN_ROWS, rows=(1,)), LORA, DORA], [DORA], [Running("x", SAVED_WHOLE)], [],
 ])

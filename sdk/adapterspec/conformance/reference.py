@@ -42,6 +42,7 @@ from .reference_vblora import vblora_weight
 from .reference_vera import vera_weight
 from .reference_miss import miss_weight
 from .reference_c3a import c3a_weight
+from .reference_beft import beft_bias
 
 __all__ = [
     "adapted_weight",
@@ -275,6 +276,8 @@ def adapted_weight(module: Mapping[str, Any], weight: Any, bias: Any, config: Ma
         return c3a_weight(module, weight, tensors), bias
     if method == "DELORA":  # SPEC.md 17.6
         return delora_weight(module, weight, config, path, tensors), bias
+    if method == "BEFT":  # SPEC.md 17.8: the bias only
+        return weight, beft_bias(bias, tensors)
     raise ValueError(f"{method} has no weight update")
 
 
@@ -301,7 +304,7 @@ def forward(module: Mapping[str, Any], base: Mapping[str, Any], x: Any, config: 
         return base_forward(module, weight, bias, x)
     method = config["peft_type"]
     if method in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "TRAINABLE_TOKENS", "LN_TUNING", "ROAD",
-                  "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA"):
+                  "MISS", "HRA", "VBLORA", "C3A", "GRALORA", "DELORA", "BEFT"):
         weight, bias = adapted_weight(module, weight, bias, config, path, tensors)
         return base_forward(module, weight, bias, x)
     if method == "IA3":

@@ -25,7 +25,7 @@ from ..adapter import Adapter
 from ..config import AdapterConfig
 from .._rules import prefix_key_value_sizes, transformer_submodules
 from .. import _c3a, _hra, _miss, _oft, _road
-from .. import _delora, _gralora, _vblora
+from .. import _beft, _delora, _gralora, _vblora
 from .._method_checks import factorization
 from ..errors import (
     MissingTensorError,
@@ -126,6 +126,7 @@ _SUPPORTED = {
     "C3A": ("linear",),  # SPEC.md 17.7
     "HRA": ("linear", "conv2d"),  # SPEC.md 17.3: square kernel, one stride and padding value (_check_supported)
     "DELORA": ("linear",),  # SPEC.md 17.6
+    "BEFT": ("linear",),  # SPEC.md 17.8
 }
 
 
@@ -231,6 +232,10 @@ def _check_layer(config: AdapterConfig, path: str, spec: Mapping[str, Any], shap
         for param, shape in expected.items():
             if param in shapes and tuple(shapes[param]) != shape:
                 raise refuse(param, f"module {path!r} takes {list(shape)} ({fits[0]} input features, {out} outputs)")
+    elif method == "BEFT":  # SPEC.md 17.8: beft_bias [1, out] of this layer
+        for param, shape in _beft.param_shapes(out).items():
+            if param in shapes and tuple(shapes[param]) != shape:
+                raise refuse(param, f"module {path!r} takes {list(shape)} ({out} outputs)")
     elif method == "IA3":
         size = math.prod(shapes["ia3_l"])
         want = fits[0] if config.is_feedforward(path) else out
