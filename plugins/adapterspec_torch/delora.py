@@ -62,12 +62,12 @@ def shapes(module: nn.Module, config: AdapterConfig, path: str) -> dict[str, tup
     return param_shapes(linear.in_features, linear.out_features, rank(config, path))
 
 
-def _kaiming(tensor: torch.Tensor, through: torch.dtype) -> None:
+def _kaiming(tensor: torch.Tensor) -> None:
     """``nn.init.kaiming_uniform_(a=sqrt(5))``, drawn in float32 on the CPU as PEFT draws it (same values under the
-    same seed whatever the tensor's device), rounded through ``through`` (see :func:`initialise`)."""
+    same seed whatever the tensor's device)."""
     values = torch.empty(tuple(tensor.shape))
     nn.init.kaiming_uniform_(values, a=math.sqrt(5))
-    tensor.copy_(values.to(through))
+    tensor.copy_(values)
 
 
 def initialise(params: Mapping[str, torch.Tensor], weight: torch.Tensor, config: AdapterConfig, path: str) -> None:
@@ -75,15 +75,14 @@ def initialise(params: Mapping[str, torch.Tensor], weight: torch.Tensor, config:
     kaiming-uniform too (false, or null: PEFT tests ``is True``), ``delora_lambda`` filled with ``lambda_pattern``'s
     or ``delora_lambda``, ``delora_w_norm`` the column norms of the base ``weight`` now, in its dtype.
 
-    PEFT then casts the new tensors to a floating base weight's dtype and its ``autocast_adapter_dtype`` back to
-    float32: on a float16/bfloat16 base the values are rounded to that dtype, here too."""
-    through = weight.dtype if weight.is_floating_point() else torch.float32
-    _kaiming(params["delora_A"], through)
+    (On a float16/bfloat16 base the layer then rounds them to that dtype, as PEFT's move to the base's dtype
+    does: :meth:`~adapterspec_torch.layers.AdapterLayer._initialise`.)"""
+    _kaiming(params["delora_A"])
     if config.get("init_weights", True) is True:
         nn.init.zeros_(params["delora_B"])
     else:
-        _kaiming(params["delora_B"], through)
-    params["delora_lambda"].copy_(torch.full((1,), lambda_for(config, path)).to(through))
+        _kaiming(params["delora_B"])
+    params["delora_lambda"].fill_(lambda_for(config, path))
     params["delora_w_norm"].copy_(torch.norm(weight.detach(), dim=0))
 
 

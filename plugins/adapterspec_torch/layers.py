@@ -247,6 +247,24 @@ def _check_padding_mode(conv: nn.modules.conv._ConvNd, path: str, method: str) -
 
 # torch types a module's attributes as ``Tensor | Module`` (its ``__getattr__``): these give the attributes of
 # the layer class layer_kind's isinstance checks found.
+def _peft_move_dtype(base: nn.Module) -> torch.dtype | None:
+    """The dtype PEFT's ``_move_adapter_to_device_of_base_layer`` casts a new adapter's tensors to: that of the
+    base layer's ``weight`` (or GPTQ ``qweight``; a ``MultiheadAttention``'s ``out_proj``), a bitsandbytes 4-bit
+    layer's ``compute_dtype``; ``None`` where it is not a floating dtype (no cast)."""
+    if isinstance(base, nn.MultiheadAttention):
+        base = base.out_proj
+    dtype = None
+    for attr in ("weight", "qweight"):
+        weight = getattr(base, attr, None)
+        if weight is not None:
+            dtype = weight.dtype
+            break
+    compute = getattr(base, "compute_dtype", None)
+    if isinstance(compute, torch.dtype):
+        dtype = compute
+    return dtype if dtype is not None and (dtype.is_floating_point or dtype.is_complex) else None
+
+
 def _weight(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, module.weight)
 
@@ -820,9 +838,6 @@ class AdapterLayer(nn.Module):
                     nn.init.zeros_(b)
                     if "lora_B.bias" in p:
                         nn.init.zeros_(p["lora_B.bias"])
-            if spec.use_dora:
-                p["lora_magnitude_vector"].copy_(self._weight_norm(name, detach=True).reshape(
-                    p["lora_magnitude_vector"].shape))
         elif spec.method == "IA3":
             if config.get("init_ia3_weights", True):
                 nn.init.ones_(p["ia3_l"])
@@ -865,6 +880,39 @@ class AdapterLayer(nn.Module):
                 nn.init.zeros_(p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_b"])
             elif init:
                 nn.init.zeros_(p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"])
+        through = _peft_move_dtype(self._modules["base_layer"])
+        if through in UPCAST_DTYPES:
+            # PEFT's _move_adapter_to_device_of_base_layer casts every new tensor of the adapter (VeRA's shared
+            # projections and VB-LoRA's vector bank too) to the base weight's dtype, and autocast_adapter_dtype
+            # casts them back to float32: the start values are the draws rounded to that dtype (SPEC.md 7.5).
+            shared = list(spec.shared.tensors().values()) if spec.shared is not None else []
+            for tensor in [*p.values(), *shared]:
+                if tensor.is_floating_point() and tensor.dtype != through and tensor.device.type != "meta":
+                    tensor.copy_(tensor.to(through))
+        if spec.method == "LORA" and spec.use_dora:
+            p["lora_magnitude_vector"].copy_(self._dora_start(name, through).reshape(
+                p["lora_magnitude_vector"].shape))
+
+    def _dora_start(self, name: str, through: torch.dtype | None) -> torch.Tensor:
+        """A new DoRA magnitude as PEFT's ``DoraLinearLayer.update_layer`` computes it: after the move, so on a
+        float16/bfloat16 base from ``B @ A`` in that dtype (float16: in float32, then rounded) and the base
+        weight in its own dtype; else :meth:`_weight_norm`."""
+        if through not in UPCAST_DTYPES:
+            return self._weight_norm(name, detach=True)
+        embedding = self.kind == "embedding"
+        a = self._param(name, "lora_embedding_A" if embedding else "lora_A.weight").to(through)
+        b = self._param(name, "lora_embedding_B" if embedding else "lora_B.weight").to(through)
+        if through == torch.float16:
+            a, b = a.float(), b.float()
+        with onloaded(self._modules["base_layer"]):
+            weight = dense_weight(self.base_layer, name)
+            if self.kind in _CONV_KINDS:
+                r = a.shape[0]
+                lora_weight = torch.mm(b.view([-1, r]), a.view([r, -1])).reshape(weight.shape)
+            else:
+                lora_weight = b @ a
+            norm = self._norm_of(weight, lora_weight.to(through), self._specs[name].scaling)
+        return norm.detach()
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s parameters; if it was merged, its delta stays in the base weight."""
