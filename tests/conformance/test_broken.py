@@ -45,8 +45,9 @@ def test_ignoring_alpha_fails_every_scaled_case(corpus: Corpus) -> None:
                                             "-f16")} | {  # nor MiSS (SPEC 17.2)
         f"numeric/{i}" for i in ("hra-linear-f32", "hra-linear-gs-f32", "hra-conv2d-f32", "hra-linear-null-booleans-f32",
                                  "hra-linear-f16")} | {
-        "numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32",  # HRA, VB-LoRA: no alpha
-        "numeric/c3a-linear-f32", "numeric/c3a-linear-f16"} | {  # nor C3A (SPEC 17.7)
+        "numeric/vblora-linear-f32", "numeric/vblora-gpt2-conv1d-topk-f32"} | {  # HRA, VB-LoRA: no alpha
+        f"numeric/c3a-{i}" for i in ("linear-f32", "linear-f16", "pattern-order-f32", "pattern-alternation-f32",
+                                     "pattern-escaped-whole-path-f32")} | {  # nor C3A (SPEC 17.7)
         f"numeric/delora-linear{i}" for i in ("-f32", "-null-init-f32", "-f16")} | {  # nor DeLoRA (SPEC 17.6)
         "numeric/beft-linear-f32", "numeric/beft-linear-f16"}  # nor BEFT (SPEC 17.8)
 
