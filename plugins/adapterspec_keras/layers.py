@@ -46,7 +46,7 @@ from adapterspec._rules import PORTABLE_METHODS
 from adapterspec.errors import UnsupportedError
 from adapterspec.naming import TRAINABLE_TOKENS_PARAM
 
-from . import _ops, adalora, c3a, delora, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
+from . import _ops, adalora, beft, c3a, delora, gralora, hra, lycoris, miss, oft, road, tokens, vblora, vera
 from .bank import AdapterBank, GroupKey, Ref
 from .devices import target_of
 from .quantized import hint as quantized_hint
@@ -123,7 +123,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
     implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
                    *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS, *delora.METHODS)
+                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS, *delora.METHODS, *beft.METHODS)
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -131,7 +131,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
     if method not in implemented:
         raise UnsupportedError(f"the keras backend does not implement {method} adapters (module on {layers()})",
                                key=path, hint="use a LORA, IA3, LOHA, LOKR, OFT, BOFT, ADALORA, VERA, ROAD, MISS, HRA, "
-                                              "VBLORA, C3A, GRALORA or DELORA adapter, or the torch backend")
+                                              "VBLORA, C3A, GRALORA, DELORA or BEFT adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
     if method in oft.METHODS:
@@ -164,6 +164,9 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
         return
     if method in delora.METHODS:
         delora.check(site, path, config)
+        return
+    if method in beft.METHODS:
+        beft.check(site, path, config)
         return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
@@ -660,6 +663,12 @@ class AdapterLayer:
                                     dtype, device, trainable))
             for param in delora.FROZEN:  # w_norm: a PEFT buffer, never trained
                 keys[param] = keys[param]._replace(trainable=False)
+        elif config.peft_type in beft.METHODS:  # SPEC.md 17.8: a bias added to the output, merged into the base bias
+            beft.check(site, path, config)
+            slot = _Slot(path, "BEFT", 0, 1.0, False, False, 0.0, False)
+            params = beft.shapes(config, path, site.out_features)
+            layouts = MappingProxyType({p: Layout(shape, shape, (0, 1)) for p, shape in params.items()})
+            keys = _group_keys(layouts, beft.inits(config) if initialize else None, dtype, device, trainable)
         else:
             feedforward = config.is_feedforward(path)
             slot = _Slot(path, "IA3", 0, 1.0, False, False, 0.0, feedforward)
@@ -728,6 +737,13 @@ class AdapterLayer:
         if slot.method in delora.METHODS:  # PEFT: the base weight's column norms when the adapter is made
             assert slot.bank is not None
             slot.bank.assign(slot.refs["delora_w_norm"], delora.w_norm(self.site))
+        if slot.method in beft.METHODS:  # PEFT casts the draw to a floating base weight's dtype (SPEC.md 17.8)
+            assert slot.bank is not None
+            kernel = self.site.pieces[0].kernel_variable.dtype
+            if _ops.dtype_name(self.site.pieces[0].kernel_variable) in _UPCAST:
+                drawn = slot.get(beft.PARAM)
+                slot.bank.assign(slot.refs[beft.PARAM],
+                                 ops.convert_to_numpy(ops.cast(ops.cast(drawn, kernel), "float32")))
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (its variables go with its bank); a merged one's delta stays in the base weights."""
@@ -893,7 +909,12 @@ class AdapterLayer:
         self._alone("road_settings", "RoAd")  # RoAd runs alone: refused beside another method
         running = self._running()
         deloras = [slot for _, slot in running if slot.method in delora.METHODS]
+        befts = [slot for _, slot in running if slot.method in beft.METHODS]
         for name, slot in running:
+            if slot.method in beft.METHODS:
+                if slot is befts[0]:  # SPEC.md 17.8: PEFT sums a layer's BEFT biases, then adds them once
+                    result = beft.output(piece, [s.get(beft.PARAM) for s in befts], self.site.out_features, result)
+                continue
             if slot.method == tokens.TOKENS:
                 result = tokens.apply_rows(piece, x, result, self._token_rows(slot, name), slot.indices)
                 continue
@@ -1339,6 +1360,9 @@ class AdapterLayer:
                     why = road.bias_refusal(piece)
                     if why:
                         raise UnsupportedError(why, key=self.site.path, hint="keep the adapter unmerged")
+            if slot is not None and name not in self._merged and slot.method in beft.METHODS:
+                for piece in self.site.pieces:
+                    beft.check_merge(piece, self.site.path)
             if slot is not None and name not in self._merged and slot.lora_bias:
                 for piece in self.site.pieces:
                     if _ops.bias_of(piece) is None:
@@ -1392,6 +1416,9 @@ class AdapterLayer:
                 rows = np.asarray(ops.convert_to_numpy(self._token_rows(slot, name)))
                 slot.saved_rows[index] = tokens.merge_rows(piece, rows, slot.indices)
             return  # tied: the embedding's merge wrote the rows into the shared matrix
+        if slot.method in beft.METHODS:  # SPEC.md 17.8: the bias only
+            beft.merge(piece, slot.get(beft.PARAM), self.site.out_features)
+            return
         flat = _ops.flat_kernel(piece)
         if slot.method == "IA3":
             self._scale_piece(piece, slot, flat, inverse=False)
@@ -1475,6 +1502,9 @@ class AdapterLayer:
                 if slot.method == tokens.TOKENS:
                     if i in slot.saved_rows:
                         tokens.unmerge_rows(piece, slot.saved_rows.pop(i), slot.indices)
+                    continue
+                if slot.method in beft.METHODS:
+                    beft.unmerge(piece, slot.get(beft.PARAM), self.site.out_features)
                     continue
                 flat = _ops.flat_kernel(piece)
                 if slot.method == "IA3":

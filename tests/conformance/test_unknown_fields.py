@@ -97,8 +97,6 @@ def test_fields_a_method_does_not_know_change_no_output(with_foreign_fields: Cor
             warnings.simplefilter("ignore")  # the unknown-fields note
             result = run_case(impl, case, work)
         count += 1
-        if name == "keras" and result.status is Status.UNSUPPORTED and case.name.startswith("numeric/beft-"):
-            continue  # BEFT (SPEC 17.8) is not implemented on Keras yet: refused typed
         if result.status not in allowed:
             failures[case.name] = f"{result.status.value}: {result.message}"
     assert count >= 70
