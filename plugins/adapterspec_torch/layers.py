@@ -814,23 +814,24 @@ class AdapterLayer(nn.Module):
         p = {param: getattr(w, attr) for param, attr in spec.names.items()}
         if spec.method == "LORA":
             init = config.get("init_lora_weights", True)
+            # PEFT's update_layer draws what its layers' constructors draw (torch.randn for an embedding's pair, the
+            # nn.Linear / nn.ConvNd defaults otherwise) whatever init_lora_weights says; reset_lora_parameters then
+            # draws again unless it is false: the same draws in the same order give PEFT's values under one seed
             if self.kind == "embedding":
                 a, b = p["lora_embedding_A"], p["lora_embedding_B"]
-                if init is False:
-                    a.normal_()
-                    b.normal_()
-                else:
+                a.normal_()
+                b.normal_()
+                if init is not False:
                     nn.init.zeros_(a)
                     nn.init.normal_(b)
             else:
                 a, b = p["lora_A.weight"], p["lora_B.weight"]
-                if init is False:  # the framework default init of the two layers
-                    _kaiming(a)
-                    _kaiming(b)
-                    if "lora_B.bias" in p:
-                        bound = 1 / math.sqrt(math.prod(b.shape[1:])) if b.numel() else 0
-                        nn.init.uniform_(p["lora_B.bias"], -bound, bound)
-                else:
+                _kaiming(a)
+                _kaiming(b)
+                if "lora_B.bias" in p:
+                    bound = 1 / math.sqrt(math.prod(b.shape[1:])) if b.numel() else 0
+                    nn.init.uniform_(p["lora_B.bias"], -bound, bound)
+                if init is not False:
                     if isinstance(init, str) and init.lower() == "gaussian":
                         nn.init.normal_(a, std=1 / spec.r)
                     else:

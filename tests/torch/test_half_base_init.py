@@ -91,3 +91,29 @@ def test_new_conv_lora_on_bfloat16_base_starts_from_peft_values(use_dora: bool) 
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+
+
+#: LoRA's inits that reset A and B after the layers' constructors drew (PEFT's update_layer always builds
+#: nn.Linear / nn.ConvNd or torch.randn pairs, then reset_lora_parameters draws again unless init is false)
+RESET_INITS: dict[str, dict[str, Any]] = {
+    "default": dict(r=4, target_modules=T),
+    "gaussian": dict(r=4, init_lora_weights="gaussian", target_modules=T),
+    "dora-default": dict(r=4, use_dora=True, target_modules=T),
+    "bias-default": dict(r=4, lora_bias=True, target_modules=T),
+    "embedding-default": dict(r=4, target_modules=["embed_tokens"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESET_INITS))
+def test_new_lora_with_a_reset_init_starts_from_peft_values(case: str, llama: Any) -> None:
+    """float32 too: a default LoRA's lora_A was one kaiming draw where PEFT's is the third (its nn.Linear pair's
+    constructors draw first): 0.25 apart under one seed, gaussian 1.1 (training from there is not PEFT's run)."""
+    reference, model, theirs, ours = _both(fresh(llama), "LORA", RESET_INITS[case])
+    assert sorted(ours) == sorted(theirs)
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), key
+    conv = _Conv().eval()
+    reference, model, theirs, ours = _both(conv, "LORA", dict(r=4, target_modules=["conv"], **(
+        {"use_dora": True} if "dora" in case else {})))
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), key
