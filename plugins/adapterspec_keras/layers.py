@@ -1102,37 +1102,34 @@ class AdapterLayer:
             a, b = vera.views(slot.get, slot.shared, site.in_features, site.out_features, dtype)
         return _ops.gather_in(piece, a, site.in_features), _ops.gather_out(piece, b, site.out_features)
 
-    def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
-        """VeRA unmerged: ``result + lambda_b * (lambda_d * (dropout(x) @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the
-        scales folded into the factors); a float32 adapter on a half-precision layer in float32."""
-        out_dtype = result.dtype
+    def _vera_term(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> tuple[Any, str]:
+        """The term of a VeRA-path adapter (VeRA, VB-LoRA, DeLoRA) on this piece, ``dropout(x) @ A.T @ B.T`` through
+        :meth:`_vera_views`, and the dtype it is computed in: float32 for a float32 adapter on a half-precision layer,
+        else the output's."""
         dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
-            next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
+            next(iter(slot.refs.values())).key.dtype == "float32" else _ops.dtype_name(result)
         a, b = self._vera_views(piece, slot, dtype)
         x = ops.cast(x, dtype)
         if slot.dropout > 0 and _training():
             assert slot.bank is not None
             x = keras.random.dropout(x, slot.dropout, seed=slot.bank.seed)
-        part = _ops.expand_out(piece, _ops.contract_in(piece, x, a), b)
-        return ops.cast(ops.cast(result, dtype) + part, out_dtype)
+        return _ops.expand_out(piece, _ops.contract_in(piece, x, a), b), dtype
+
+    def _apply_vera(self, piece: Piece, slot: _Slot, x: Any, result: Any) -> Any:
+        """VeRA unmerged: ``result + lambda_b * (lambda_d * (dropout(x) @ A.T)) @ B.T`` (PEFT's ``vera.Linear``, the
+        scales folded into the factors), added in the term's dtype (:meth:`_vera_term`), then cast back."""
+        part, dtype = self._vera_term(piece, slot, x, result)
+        return ops.cast(ops.cast(result, dtype) + part, result.dtype)
 
     def _apply_delora(self, piece: Piece, slots: list[_Slot], x: Any, result: Any) -> Any:
         """DeLoRA unmerged (the torch backend's ``delora.output``, PEFT's ``DeloraLinear.forward``): each running
-        adapter's term (through the VeRA views: ``w_norm`` and the bound folded into the factors) added in the active
+        adapter's term (:meth:`_vera_term`: ``w_norm`` and the bound folded into the factors) added in the active
         order into a zero tensor of the output's dtype, rounded to it at each step (PEFT's ``add_out += h``), then
-        added to the base output once; a float32 adapter on a half-precision layer computes its term in float32."""
-        out_dtype = result.dtype
+        added to the base output once."""
         add = ops.zeros_like(result)
         for slot in slots:
-            dtype = "float32" if _ops.dtype_name(result) in _UPCAST and \
-                next(iter(slot.refs.values())).key.dtype == "float32" else out_dtype
-            a, b = self._vera_views(piece, slot, dtype)
-            xs = ops.cast(x, dtype)
-            if slot.dropout > 0 and _training():
-                assert slot.bank is not None
-                xs = keras.random.dropout(xs, slot.dropout, seed=slot.bank.seed)
-            part = _ops.expand_out(piece, _ops.contract_in(piece, xs, a), b)
-            add = ops.cast(ops.cast(add, dtype) + part, out_dtype)
+            part, dtype = self._vera_term(piece, slot, x, result)
+            add = ops.cast(ops.cast(add, dtype) + part, result.dtype)
         return result + add
 
     def _lycoris_flat(self, piece: Piece, slot: _Slot, dtype: Any) -> Any:
