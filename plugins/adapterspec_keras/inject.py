@@ -355,7 +355,8 @@ def inject(model: Any, config: AdapterConfig, adapter_name: str, options: LoadOp
             if config.peft_type == TOKEN_METHOD:
                 layer.add_tokens(adapter_name, indices, options, bank,
                                  source=token_layers[source] if source is not None else None, param=DELTA,
-                                 saved_when_tied=True)
+                                 saved_when_tied=True,  # PEFT: init_weights false (or null: a truth test) draws randn
+                                 random_rows=not config.get("init_weights", True))
             else:
                 layer.add_tokens(adapter_name, indices, options, bank,
                                  source=token_layers[source] if source is not None else None)

@@ -331,6 +331,7 @@ class _Slot:
     indices: tuple[int, ...] = ()  # TOKENS: the rows replaced
     source: AdapterLayer | None = None  # TOKENS: the layer holding the rows, when tied to its matrix
     saved_rows: dict[int, np.ndarray] = field(default_factory=dict)  # TOKENS merged: piece -> the base rows
+    random_rows: bool = False  # TOKENS: a new adapter's rows start as normals, not the base rows (init_weights false)
     rotation: oft.Rotation | hra.Reflections | None = None  # OFT/BOFT: block layout and options; HRA: r, apply_GS
     shared: vera.Shared | None = None  # VERA: the adapter's shared projections; VBLORA: its vector bank
     road_settings: road.Road | None = None  # ROAD: variant and group size
@@ -684,13 +685,14 @@ class AdapterLayer:
 
     def add_tokens(self, name: str, indices: list[int], options: LoadOptions, bank: AdapterBank, *,
                    source: AdapterLayer | None = None, param: str = TRAINABLE_TOKENS_PARAM,
-                   saved_when_tied: bool = False) -> None:
+                   saved_when_tied: bool = False, random_rows: bool = False) -> None:
         """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active, rows
         ``indices`` of the module's matrix are the adapter's ``[len(indices), dim]`` tensor (PEFT's
         ``TrainableTokensLayer``; an embedding, or an output layer, see :mod:`adapterspec_keras.tokens`).
 
         The rows start as a copy of the current ones (PEFT's init, :meth:`finish_init`) unless
-        ``options.initialize`` is false.
+        ``options.initialize`` is false; ``random_rows`` (the ``TRAINABLE_TOKENS`` method's ``init_weights`` false or
+        null): standard normals, PEFT's distribution from Keras' generator (the torch backend's ``add_tokens``).
 
         :param source: the layer holding the rows, for an output layer tied to its embedding (no tensor of its own).
         :param param: the tensor's name under the module (the ``TRAINABLE_TOKENS`` method stores
@@ -710,8 +712,9 @@ class AdapterLayer:
                 dtype = "float32"
             shape = tokens.row_shape(site, len(indices))
             layouts[param] = Layout(shape, shape, (0, 1))
-            slot.refs = bank.reserve_keys(_group_keys(layouts, {param: ("zeros",)}, dtype, device,
-                                                      bool(options.trainable)))
+            slot.refs = bank.reserve_keys(_group_keys(layouts, {param: ("normal", 1.0) if random_rows else ("zeros",)},
+                                                      dtype, device, bool(options.trainable)))
+            slot.random_rows = random_rows
         elif saved_when_tied:
             owner = source._slots[name]
             layouts, slot.refs = dict(owner.layouts), dict(owner.refs)
@@ -726,7 +729,7 @@ class AdapterLayer:
         """After the bank is materialized: DoRA's magnitude starts as ``||W||`` per output (B is zero); token rows
         as the base rows."""
         slot = self._slots[name]
-        if slot.method == tokens.TOKENS and slot.source is None:
+        if slot.method == tokens.TOKENS and slot.source is None and not slot.random_rows:
             assert slot.bank is not None
             flat = np.asarray(ops.convert_to_numpy(_ops.flat_kernel(self.site.pieces[0])))
             base = flat[list(slot.indices)] if self.site.kind == "embedding" else flat[:, list(slot.indices)].T

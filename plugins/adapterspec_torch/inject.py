@@ -557,7 +557,8 @@ def _inject_token_method(model: nn.Module, state: ModelState, config: AdapterCon
             source_layer = state.wrappers[universe[source][0]] if source is not None else None
             assert source_layer is None or isinstance(source_layer, AdapterLayer)
             layer.add_tokens(adapter_name, indices, options, source=source_layer, param=DELTA,
-                             saved_when_tied=True)
+                             saved_when_tied=True,  # PEFT: init_weights false (or null: a truth test) draws randn
+                             random_rows=not config.get("init_weights", True))
             if source is not None:
                 state.tied.setdefault(adapter_name, {})[spec] = (source, "tokens")
     except BaseException:

@@ -739,12 +739,14 @@ class AdapterLayer(nn.Module):
 
     def add_tokens(self, name: str, indices: Sequence[int], options: LoadOptions, *,
                    source: AdapterLayer | None = None, param: str = TRAINABLE_TOKENS_PARAM,
-                   saved_when_tied: bool = False) -> None:
+                   saved_when_tied: bool = False, random_rows: bool = False) -> None:
         """Trainable token rows for adapter ``name`` (LoRA's ``trainable_token_indices``): while it is active,
         rows ``indices`` of the weight are replaced by the adapter's ``[len(indices), dim]`` tensor (PEFT's
         ``TrainableTokensLayer``; an embedding, or an output layer whose weight is tied to one).
 
-        The rows start as a copy of the current ones (PEFT's init) unless ``options.initialize`` is false.
+        The rows start as a copy of the current ones (PEFT's init) unless ``options.initialize`` is false;
+        ``random_rows`` (the ``TRAINABLE_TOKENS`` method's ``init_weights`` false or null): standard normals drawn in
+        the weight's dtype, as PEFT's ``torch.randn(..., dtype=weight.dtype)``.
 
         :param source: the layer whose rows these are, for a layer tied to it (no tensor of its own).
         :param param: the tensor's name under the module (the ``TRAINABLE_TOKENS`` method stores
@@ -784,7 +786,8 @@ class AdapterLayer(nn.Module):
                 rows = torch.empty(shape, device=device, dtype=dtype)
                 if device.type != "meta" and _weight(base).device.type != "meta":
                     with torch.no_grad():
-                        rows.copy_(_weight(base)[list(spec.indices)])
+                        rows.copy_(torch.randn(shape, dtype=_weight(base).dtype, device=_weight(base).device)
+                                   if random_rows else _weight(base)[list(spec.indices)])
                 weights._parameters[attr] = nn.Parameter(rows, requires_grad=bool(options.trainable))
             else:
                 weights.__dict__["pending"][attr] = PendingParam(shape, device, dtype, bool(options.trainable))

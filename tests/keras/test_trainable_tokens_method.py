@@ -261,3 +261,21 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(tokens, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("init", [True, False, None])
+def test_new_adapter_rows_start_as_peft_s_init_weights_says(init: Any, checkpoints: Any, tmp_path: Path) -> None:
+    """init_weights true: the rows start as the current ones (the identity); false or null (PEFT's truth test):
+    standard normals (PEFT's torch.randn, here from Keras' generator), as the torch backend. Both had copied the rows."""
+    model = keras_model("llama", checkpoints["llama"])
+    indices = [1, 5, 9, 11]
+    adapterspec.inject_adapter(model, {"peft_type": "TRAINABLE_TOKENS", "token_indices": indices,
+                                       "init_weights": init})
+    adapterspec.save_adapter(model, tmp_path / "new")
+    (rows,) = adapterspec.read_adapter(tmp_path / "new").load_tensors("numpy").values()
+    base = np.asarray(model.backbone.token_embedding.embeddings)[indices]
+    if init:
+        assert np.array_equal(rows, base)
+    else:
+        assert rows.shape == base.shape and not np.allclose(rows, base)
+        assert 0.5 < float(rows.std()) < 1.5  # N(0, 1) rows, not the small base embeddings

@@ -117,3 +117,19 @@ def test_new_lora_with_a_reset_init_starts_from_peft_values(case: str, llama: An
         {"use_dora": True} if "dora" in case else {})))
     for key, tensor in theirs.items():
         assert torch.equal(ours[key], tensor), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("init", [False, None])
+def test_new_trainable_tokens_with_random_rows_start_from_peft_values(dtype: str, init: Any, llama: Any) -> None:
+    """The TRAINABLE_TOKENS method with init_weights false (or null: PEFT's truth test) starts from torch.randn rows
+    drawn in the weight's dtype, as PEFT's; ours had copied the current rows (the identity start of init true):
+    2.8 apart under one seed, and the logits of the chosen tokens differed."""
+    fields = dict(token_indices=[1, 5, 9], init_weights=init, target_modules=["embed_tokens"])
+    reference, model, theirs, ours = _both(fresh(llama).to(getattr(torch, dtype)), "TRAINABLE_TOKENS", fields)
+    assert sorted(ours) == sorted(theirs)
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), key
+    ids = torch.tensor([[1, 2, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
