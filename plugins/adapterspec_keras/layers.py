@@ -62,6 +62,10 @@ _IA3_EPS = 1e-8
 #: Kernel dtypes whose adapters are kept in float32 unless a dtype is given (SPEC.md 7.5).
 _UPCAST = ("float16", "bfloat16")
 
+#: The method modules whose ``check`` is the whole of a site's method-specific refusals (RoAd and MiSS go on to
+#: the generic checks below theirs, in :func:`check_supported`).
+_OWN_CHECKS: tuple[Any, ...] = (oft, hra, lycoris, adalora, vera, vblora, c3a, gralora, delora, beft)
+
 
 def layer_kind(layer: Any) -> str | None:
     """``"dense"``, ``"einsum"``, ``"embedding"``, ``"conv"`` (what an adapter can wrap), or ``None``.
@@ -121,9 +125,7 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                f"({quantization(quantized[0])}): {reason} the keras backend does not adapt (it runs "
                                "adapters on quantized Dense and EinsumDense layers)", key=path,
                                hint=quantized_hint(quantized, torch=reads_kernel and not kinds - {"dense", "einsum"}))
-    implemented = ("LORA", "IA3", *lycoris.METHODS, *oft.METHODS, *adalora.METHODS, *vera.METHODS, *road.METHODS,
-                   *miss.METHODS, *hra.METHODS,
-                   *vblora.METHODS, *c3a.METHODS, *gralora.METHODS, *delora.METHODS, *beft.METHODS)
+    implemented = ("LORA", "IA3", *road.METHODS, *miss.METHODS, *(m for module in _OWN_CHECKS for m in module.METHODS))
     if method not in implemented and method in PORTABLE_METHODS:
         raise UnsupportedError(f"{method} is portable in the spec (SPEC.md 15), not implemented on Keras yet; PEFT and "
                                f"the torch backend load it (module on {layers()})", key=path,
@@ -134,40 +136,14 @@ def check_supported(site: ModuleSite, path: str, config: AdapterConfig) -> None:
                                               "VBLORA, C3A, GRALORA, DELORA or BEFT adapter, or the torch backend")
     if any(piece.out_slice is not None for piece in site.pieces):
         _check_fused(site, path, config, layers())
-    if method in oft.METHODS:
-        oft.check(site, path, config)
-        return
-    if method in hra.METHODS:
-        hra.check(site, path, config)
-        return
-    if method in lycoris.METHODS:
-        lycoris.check(site, path, config)
-        return
-    if method in adalora.METHODS:
-        adalora.check(site, path, config)
-        return
-    if method in vera.METHODS:
-        vera.check(site, path, config)
+    own = next((module for module in _OWN_CHECKS if method in module.METHODS), None)
+    if own is not None:  # the method's own module decides alone
+        own.check(site, path, config)
         return
     if method in road.METHODS:
         road.check(site, path, config)
     if method in miss.METHODS:
         miss.check(site, path, config)
-    if method in vblora.METHODS:
-        vblora.check(site, path, config)
-        return
-    if method in c3a.METHODS:
-        c3a.check(site, path, config)
-        return
-    if method in gralora.METHODS:
-        gralora.check(site, path, config)
-        return
-    if method in delora.METHODS:
-        delora.check(site, path, config)
-        return
-    if method in beft.METHODS:
-        beft.check(site, path, config)
-        return
     if method == "IA3" and site.kind == "embedding":
         raise UnsupportedError(f"IA3 cannot adapt an embedding ({layers()}); PEFT cannot either", key=path,
                                hint="remove the module from target_modules")
